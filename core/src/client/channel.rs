@@ -1,0 +1,135 @@
+//! One channel's state as the client sees it.
+
+use crate::auth::NONCE_LEN;
+use crate::Instant;
+use std::fmt;
+use std::time::Duration;
+
+/// Names a channel and which connection of it: `slot` is stable, `gen`
+/// changes on every reconnect, so events from an old connection are ignored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId {
+    /// Which of the session's channels.
+    pub slot: u16,
+    /// Which connection attempt of that channel.
+    pub gen: u32,
+}
+
+impl fmt::Debug for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ch{}.{}", self.slot, self.gen)
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ChanState {
+    /// Not connected; may connect at `retry_at` (if it may lead or a
+    /// session exists).
+    Idle { retry_at: Instant },
+    /// Waiting for the driver to report the transport connected.
+    Connecting { since: Instant },
+    /// Hello sent.
+    AwaitChallenge {
+        since: Instant,
+        nonce: [u8; NONCE_LEN],
+        session_id: u64,
+    },
+    /// Auth sent.
+    AwaitWelcome { since: Instant, session_id: u64 },
+    /// Carrying requests.
+    Ready,
+}
+
+/// Smoothed RTT as in RFC 6298.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RttEstimator {
+    srtt: Option<Duration>,
+    rttvar: Duration,
+}
+
+impl RttEstimator {
+    pub(crate) fn sample(&mut self, rtt: Duration) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(rtt);
+                self.rttvar = rtt / 2;
+            }
+            Some(srtt) => {
+                let delta = srtt.abs_diff(rtt);
+                self.rttvar = (self.rttvar * 3 + delta) / 4;
+                self.srtt = Some((srtt * 7 + rtt) / 8);
+            }
+        }
+    }
+
+    pub(crate) fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// How long to wait for an answer before resending.
+    pub(crate) fn rto(&self, min: Duration, max: Duration) -> Duration {
+        match self.srtt {
+            None => min,
+            Some(srtt) => (srtt + self.rttvar * 4).clamp(min, max),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Channel {
+    pub(crate) gen: u32,
+    pub(crate) state: ChanState,
+    pub(crate) inflight: u32,
+    pub(crate) last_rx: Instant,
+    pub(crate) ping: Option<(u64, Instant)>,
+    pub(crate) rtt: RttEstimator,
+    pub(crate) failures: u32,
+}
+
+impl Channel {
+    pub(crate) fn new() -> Self {
+        Channel {
+            gen: 0,
+            state: ChanState::Idle {
+                retry_at: Instant::ZERO,
+            },
+            inflight: 0,
+            last_rx: Instant::ZERO,
+            ping: None,
+            rtt: RttEstimator::default(),
+            failures: 0,
+        }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        matches!(self.state, ChanState::Ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rto_tracks_rtt_within_bounds() {
+        let mut r = RttEstimator::default();
+        let (min, max) = (Duration::from_millis(10), Duration::from_secs(1));
+        assert_eq!(r.rto(min, max), min);
+        for _ in 0..20 {
+            r.sample(Duration::from_millis(50));
+        }
+        let rto = r.rto(min, max);
+        assert!(
+            rto >= Duration::from_millis(50) && rto < Duration::from_millis(80),
+            "{rto:?}"
+        );
+        r.sample(Duration::from_secs(30));
+        assert_eq!(r.rto(min, max), max);
+    }
+}

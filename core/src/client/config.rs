@@ -1,0 +1,109 @@
+//! Client engine configuration.
+
+use crate::auth::Key;
+use std::time::Duration;
+
+/// How requests are spread over live channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// Send to the channel with the fewest requests outstanding (default):
+    /// a slow or stalled channel stops attracting work by itself.
+    #[default]
+    LeastInflight,
+    /// Rotate through live channels.
+    RoundRobin,
+    /// Send to the channel with the lowest smoothed round-trip time.
+    LowestLatency,
+}
+
+/// Safety mechanisms that tests switch off to prove the invariant checker
+/// notices their absence. Never set in production.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sabotage {
+    /// Never resend an unanswered request.
+    pub no_resend: bool,
+    /// Send FLUSH without waiting for the writes it covers.
+    pub no_flush_barrier: bool,
+    /// Forget unflushed data instead of replaying it after a server restart.
+    pub no_replay: bool,
+}
+
+/// Everything the client engine needs; defaults suit production.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Export to open.
+    pub export: String,
+    /// Which pre-shared key this is.
+    pub key_id: String,
+    /// The pre-shared key.
+    pub key: Key,
+    /// Channels per session.
+    pub channels: usize,
+    /// Channel selection.
+    pub policy: Policy,
+    /// Most frontend requests held at once (submitted, not completed).
+    pub max_queued: usize,
+    /// Most payload bytes held for frontend requests at once.
+    pub max_journal_bytes: u64,
+    /// Most requests on the wire at once (the server may lower it).
+    pub max_inflight: u32,
+    /// Acknowledged but unflushed data kept to replay after a server power
+    /// loss. Reaching half of it triggers a FLUSH; reaching all of it holds
+    /// new writes back.
+    pub max_dirty_bytes: u64,
+    /// Probe a channel after this much silence.
+    pub keepalive_interval: Duration,
+    /// Declare a channel dead after this much silence while something is
+    /// outstanding on it.
+    pub channel_timeout: Duration,
+    /// A channel must finish its handshake within this.
+    pub handshake_timeout: Duration,
+    /// Lower bound on how long a request waits before it is resent.
+    pub resend_min: Duration,
+    /// Upper bound on the same.
+    pub resend_max: Duration,
+    /// First reconnect delay; doubles per failure up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// Fail a request not completed within this. `None` (default) waits
+    /// forever, as a disk does.
+    pub io_timeout: Option<Duration>,
+    /// Seed for nonces and jitter (OS randomness in production).
+    pub rng_seed: [u8; 32],
+    #[doc(hidden)]
+    pub sabotage: Sabotage,
+}
+
+impl ClientConfig {
+    /// Production defaults for one export and key.
+    pub fn new(
+        export: impl Into<String>,
+        key_id: impl Into<String>,
+        key: Key,
+        rng_seed: [u8; 32],
+    ) -> Self {
+        ClientConfig {
+            export: export.into(),
+            key_id: key_id.into(),
+            key,
+            channels: 4,
+            policy: Policy::default(),
+            max_queued: 1024,
+            max_journal_bytes: 64 << 20,
+            max_inflight: 256,
+            max_dirty_bytes: 64 << 20,
+            keepalive_interval: Duration::from_millis(200),
+            channel_timeout: Duration::from_millis(800),
+            handshake_timeout: Duration::from_secs(2),
+            resend_min: Duration::from_millis(200),
+            resend_max: Duration::from_secs(2),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_secs(2),
+            io_timeout: None,
+            rng_seed,
+            sabotage: Sabotage::default(),
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! Every request from submission until its final answer: the journal. Ids
+//! are never reused; the smallest id still here is the floor the server may
+//! forget below.
+
+use super::channel::ChannelId;
+use crate::wire::Op;
+use crate::Instant;
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EntryState {
+    /// Waiting for a channel (or, for a FLUSH, for the writes it covers).
+    Queued,
+    /// On the wire; resend at `resend_at` if still unanswered.
+    Sent {
+        ch: ChannelId,
+        at: Instant,
+        resend_at: Instant,
+    },
+}
+
+/// Who gets the completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The frontend's tag.
+    User(u64),
+    /// A FLUSH the engine issued to shrink the dirty window.
+    DirtyFlush,
+    /// A rewrite of unflushed data after a server restart.
+    Replay,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) origin: Origin,
+    pub(crate) op: Op,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    pub(crate) flags: u16,
+    pub(crate) payload: Bytes,
+    pub(crate) state: EntryState,
+    /// Times sent in the current server session.
+    pub(crate) sends: u32,
+    /// Channel slots tried since the last success (bit per slot).
+    pub(crate) tried: u64,
+    /// For a FLUSH: the dirty generation when first sent this session.
+    pub(crate) cover_gen: Option<u64>,
+    /// When the IO timeout fails it, if one is configured.
+    pub(crate) io_deadline: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Journal {
+    pub(crate) entries: BTreeMap<u64, Entry>,
+    /// Ready to send, oldest first (may hold ids no longer Queued; skipped).
+    queue: VecDeque<u64>,
+    /// Replays go before everything else.
+    replay_queue: VecDeque<u64>,
+    /// Unresolved mutations, for FLUSH ordering.
+    mutations: BTreeSet<u64>,
+    /// FLUSHes waiting for earlier mutations.
+    held_flushes: BTreeSet<u64>,
+    resend_timers: BTreeSet<(Instant, u64)>,
+    io_deadlines: BTreeSet<(Instant, u64)>,
+    next_id: u64,
+    user_count: usize,
+    user_bytes: u64,
+    sent: usize,
+    replays: usize,
+}
+
+impl Journal {
+    pub(crate) fn new() -> Self {
+        Journal {
+            next_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// Smallest unresolved id: every id below is final for the client.
+    pub(crate) fn floor(&self) -> u64 {
+        self.entries.keys().next().copied().unwrap_or(self.next_id)
+    }
+
+    pub(crate) fn user_count(&self) -> usize {
+        self.user_count
+    }
+
+    pub(crate) fn user_bytes(&self) -> u64 {
+        self.user_bytes
+    }
+
+    pub(crate) fn sent(&self) -> usize {
+        self.sent
+    }
+
+    pub(crate) fn replays_pending(&self) -> usize {
+        self.replays
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn has_dirty_flush(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.origin == Origin::DirtyFlush)
+    }
+
+    pub(crate) fn insert(&mut self, entry: Entry) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Origin::User(_) = entry.origin {
+            self.user_count += 1;
+            self.user_bytes += entry.payload.len() as u64;
+        }
+        if entry.op.mutates() {
+            self.mutations.insert(id);
+        }
+        if let Some(d) = entry.io_deadline {
+            self.io_deadlines.insert((d, id));
+        }
+        if entry.origin == Origin::Replay {
+            self.replays += 1;
+            self.replay_queue.push_back(id);
+        } else {
+            self.queue.push_back(id);
+        }
+        self.entries.insert(id, entry);
+        id
+    }
+
+    /// Removes a resolved entry and all its bookkeeping.
+    pub(crate) fn remove(&mut self, id: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&id)?;
+        self.leave_sent(id, &entry);
+        if let Origin::User(_) = entry.origin {
+            self.user_count -= 1;
+            self.user_bytes -= entry.payload.len() as u64;
+        }
+        if entry.origin == Origin::Replay {
+            self.replays -= 1;
+        }
+        self.mutations.remove(&id);
+        self.held_flushes.remove(&id);
+        if let Some(d) = entry.io_deadline {
+            self.io_deadlines.remove(&(d, id));
+        }
+        Some(entry)
+    }
+
+    fn leave_sent(&mut self, id: u64, entry: &Entry) {
+        if let EntryState::Sent { resend_at, .. } = entry.state {
+            self.resend_timers.remove(&(resend_at, id));
+            self.sent -= 1;
+        }
+    }
+
+    /// Puts a sent entry back at the front of its queue (failover, corrupt
+    /// answer, server restart). Returns the channel it was on.
+    pub(crate) fn requeue(&mut self, id: u64) -> Option<ChannelId> {
+        let entry = self.entries.get(&id)?.clone();
+        let EntryState::Sent { ch, .. } = entry.state else {
+            return None;
+        };
+        self.leave_sent(id, &entry);
+        let e = self.entries.get_mut(&id).unwrap();
+        e.state = EntryState::Queued;
+        if e.origin == Origin::Replay {
+            self.replay_queue.push_front(id);
+        } else {
+            self.queue.push_front(id);
+        }
+        Some(ch)
+    }
+
+    pub(crate) fn mark_sent(&mut self, id: u64, ch: ChannelId, at: Instant, resend_at: Instant) {
+        let e = self
+            .entries
+            .get_mut(&id)
+            .expect("sending a journaled entry");
+        debug_assert_eq!(e.state, EntryState::Queued);
+        e.state = EntryState::Sent { ch, at, resend_at };
+        e.sends += 1;
+        e.tried |= 1 << (ch.slot % 64);
+        self.resend_timers.insert((resend_at, id));
+        self.sent += 1;
+    }
+
+    /// Moves a sent entry to another channel (aging resend).
+    pub(crate) fn resent(
+        &mut self,
+        id: u64,
+        ch: ChannelId,
+        at: Instant,
+        resend_at: Instant,
+    ) -> Option<ChannelId> {
+        let e = self.entries.get(&id)?;
+        let EntryState::Sent {
+            ch: old,
+            resend_at: old_at,
+            ..
+        } = e.state
+        else {
+            return None;
+        };
+        self.resend_timers.remove(&(old_at, id));
+        let e = self.entries.get_mut(&id).unwrap();
+        e.state = EntryState::Sent { ch, at, resend_at };
+        e.sends += 1;
+        e.tried |= 1 << (ch.slot % 64);
+        self.resend_timers.insert((resend_at, id));
+        Some(old)
+    }
+
+    /// The next id to send, honouring the replay gate and FLUSH barriers.
+    /// `flush_barrier` false sends FLUSH at once (test sabotage only).
+    pub(crate) fn next_to_send(&mut self, flush_barrier: bool) -> Option<u64> {
+        loop {
+            let from_replay = !self.replay_queue.is_empty();
+            if !from_replay && self.replays > 0 {
+                // Replays in flight: everything else waits behind them.
+                return None;
+            }
+            let q = if from_replay {
+                &mut self.replay_queue
+            } else {
+                &mut self.queue
+            };
+            let id = q.pop_front()?;
+            let Some(e) = self.entries.get(&id) else {
+                continue;
+            };
+            if e.state != EntryState::Queued {
+                continue;
+            }
+            if flush_barrier && e.op == Op::Flush && self.mutations.range(..id).next().is_some() {
+                self.held_flushes.insert(id);
+                continue;
+            }
+            return Some(id);
+        }
+    }
+
+    /// Gives back an id `next_to_send` returned that could not be sent.
+    pub(crate) fn unpop(&mut self, id: u64) {
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.origin == Origin::Replay)
+        {
+            self.replay_queue.push_front(id);
+        } else {
+            self.queue.push_front(id);
+        }
+    }
+
+    /// After a mutation resolved: FLUSHes no longer waiting on anything.
+    pub(crate) fn release_flushes(&mut self) {
+        let first_mutation = self.mutations.first().copied().unwrap_or(u64::MAX);
+        let ready: Vec<u64> = self.held_flushes.range(..first_mutation).copied().collect();
+        for id in ready.into_iter().rev() {
+            self.held_flushes.remove(&id);
+            self.queue.push_front(id);
+        }
+    }
+
+    pub(crate) fn next_resend(&self) -> Option<Instant> {
+        self.resend_timers.first().map(|(t, _)| *t)
+    }
+
+    pub(crate) fn next_io_deadline(&self) -> Option<Instant> {
+        self.io_deadlines.first().map(|(t, _)| *t)
+    }
+
+    pub(crate) fn pop_due_resend(&mut self, now: Instant) -> Option<u64> {
+        let (t, id) = *self.resend_timers.first()?;
+        (t <= now).then_some(id)
+    }
+
+    pub(crate) fn pop_due_deadline(&mut self, now: Instant) -> Option<u64> {
+        let (t, id) = *self.io_deadlines.first()?;
+        if t > now {
+            return None;
+        }
+        self.io_deadlines.pop_first();
+        Some(id)
+    }
+
+    /// Parks a resend timer forever (used when resending is sabotaged).
+    pub(crate) fn park_resend(&mut self, id: u64) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            if let EntryState::Sent { ch, at, resend_at } = e.state {
+                self.resend_timers.remove(&(resend_at, id));
+                e.state = EntryState::Sent {
+                    ch,
+                    at,
+                    resend_at: Instant::FAR_FUTURE,
+                };
+                self.resend_timers.insert((Instant::FAR_FUTURE, id));
+            }
+        }
+    }
+
+    /// Ids on the wire via channel `slot`.
+    pub(crate) fn sent_on(&self, slot: u16) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e.state, EntryState::Sent { ch, .. } if ch.slot == slot))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Every id on the wire.
+    pub(crate) fn all_sent(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e.state, EntryState::Sent { .. }))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A new server session began: send counts and FLUSH coverage restart.
+    pub(crate) fn new_server_session(&mut self) {
+        for e in self.entries.values_mut() {
+            e.sends = 0;
+            e.tried = 0;
+            e.cover_gen = None;
+        }
+    }
+
+    /// Removes replays not yet acknowledged (the server restarted again).
+    pub(crate) fn take_replays(&mut self) -> Vec<Entry> {
+        let ids: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.origin == Origin::Replay)
+            .map(|(id, _)| *id)
+            .collect();
+        self.replay_queue.clear();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+}

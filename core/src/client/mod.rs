@@ -1,0 +1,1203 @@
+//! The client engine: one session over several channels to one export.
+//!
+//! It journals every request until answered, ages and resends unanswered
+//! ones on other channels, discards duplicate answers, keeps channels alive
+//! and reconnects them with seeded backoff, detects server restarts by boot
+//! id and replays both unacknowledged requests and acknowledged-but-unflushed
+//! data, holds each FLUSH until the writes it covers are acknowledged, and
+//! bounds its memory by back-pressure at [`ClientEngine::submit`].
+
+mod channel;
+mod config;
+mod dirty;
+mod journal;
+
+pub use channel::ChannelId;
+pub use config::{ClientConfig, Policy, Sabotage};
+
+use crate::auth::{self, NONCE_LEN};
+use crate::rng::{SecretRng, SplitMix64};
+use crate::wire::{self, *};
+use crate::Instant;
+use bytes::Bytes;
+use channel::{ChanState, Channel};
+use dirty::{Content, DirtyWindow, Extent};
+use journal::{Entry, EntryState, Journal, Origin};
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+
+/// A block IO from the frontend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoRequest {
+    /// What to do.
+    pub op: Op,
+    /// Byte offset (0 for FLUSH).
+    pub offset: u64,
+    /// Byte length (0 for FLUSH).
+    pub len: u32,
+    /// Durable before completion.
+    pub fua: bool,
+    /// For WRITE_ZEROES: keep the range allocated.
+    pub no_unmap: bool,
+    /// For WRITE: exactly `len` bytes.
+    pub data: Bytes,
+}
+
+impl IoRequest {
+    /// A read.
+    pub fn read(offset: u64, len: u32) -> Self {
+        IoRequest {
+            op: Op::Read,
+            offset,
+            len,
+            fua: false,
+            no_unmap: false,
+            data: Bytes::new(),
+        }
+    }
+    /// A write.
+    pub fn write(offset: u64, data: Bytes, fua: bool) -> Self {
+        IoRequest {
+            op: Op::Write,
+            offset,
+            len: data.len() as u32,
+            fua,
+            no_unmap: false,
+            data,
+        }
+    }
+    /// A flush.
+    pub fn flush() -> Self {
+        IoRequest {
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            fua: false,
+            no_unmap: false,
+            data: Bytes::new(),
+        }
+    }
+    /// A trim.
+    pub fn trim(offset: u64, len: u32) -> Self {
+        IoRequest {
+            op: Op::Trim,
+            offset,
+            len,
+            fua: false,
+            no_unmap: false,
+            data: Bytes::new(),
+        }
+    }
+    /// Write zeroes.
+    pub fn write_zeroes(offset: u64, len: u32, fua: bool) -> Self {
+        IoRequest {
+            op: Op::WriteZeroes,
+            offset,
+            len,
+            fua,
+            no_unmap: false,
+            data: Bytes::new(),
+        }
+    }
+}
+
+/// Why submit refused an IO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The journal or dirty window is full: retry after a completion.
+    Busy,
+    /// The request is inconsistent (the message says how).
+    Invalid(&'static str),
+}
+
+impl fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubmitError::Busy => f.write_str("client queue full, retry after a completion"),
+            SubmitError::Invalid(why) => write!(f, "invalid request: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// What went wrong with one IO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoErrorKind {
+    /// The server's backend reported a media error.
+    Media,
+    /// The backend is full.
+    NoSpace,
+    /// Past the end of the export.
+    OutOfRange,
+    /// The export is read-only.
+    ReadOnly,
+    /// Misaligned, too long, or otherwise refused by the server.
+    Invalid,
+    /// Not supported by this export.
+    Unsupported,
+    /// Not completed within the configured IO timeout.
+    TimedOut,
+    /// The server answered with a status this version does not know.
+    Unknown(u32),
+}
+
+/// A failed IO, with enough context to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoError {
+    /// What went wrong.
+    pub kind: IoErrorKind,
+    /// The export.
+    pub export: String,
+    /// The operation.
+    pub op: Op,
+    /// Its byte offset.
+    pub offset: u64,
+    /// Its byte length.
+    pub len: u32,
+}
+
+impl fmt::Display for IoError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} of {} bytes at offset {} on export {:?} failed: {:?}",
+            self.op, self.len, self.offset, self.export, self.kind
+        )
+    }
+}
+
+impl std::error::Error for IoError {}
+
+/// The final answer to one submitted IO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The frontend's tag from [`ClientEngine::submit`].
+    pub user: u64,
+    /// Read data (empty for other ops), or the error.
+    pub result: Result<Bytes, IoError>,
+}
+
+/// Things worth logging; none needs an answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A channel finished its handshake.
+    ChannelUp {
+        /// Which.
+        ch: ChannelId,
+        /// The session it joined.
+        session_id: u64,
+    },
+    /// A channel failed; its requests moved to others.
+    ChannelDown {
+        /// Which.
+        ch: ChannelId,
+        /// Why.
+        reason: String,
+        /// Requests moved off it.
+        moved: usize,
+    },
+    /// A new server session began.
+    SessionStarted {
+        /// The session.
+        session_id: u64,
+        /// The server's boot id.
+        boot_id: u64,
+        /// True if an earlier session was lost (server restarted or expired).
+        replaced: bool,
+        /// Unflushed extents rewritten because the server restarted.
+        replay_extents: usize,
+    },
+    /// The server refused us or failed to prove it knows the key.
+    AuthFailed {
+        /// On which channel.
+        ch: ChannelId,
+        /// Detail.
+        detail: String,
+    },
+    /// The server refused the handshake for another reason.
+    Rejected {
+        /// On which channel.
+        ch: ChannelId,
+        /// Code.
+        code: RejectCode,
+        /// Server's message.
+        message: String,
+    },
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone)]
+pub enum ClientAction {
+    /// Open a transport connection for this channel, then call
+    /// [`ClientEngine::channel_connected`] or [`ClientEngine::channel_closed`].
+    Connect(ChannelId),
+    /// Close this connection (send what is queued first).
+    Close(ChannelId),
+    /// Send a frame.
+    Send(ChannelId, OutFrame),
+    /// An IO finished.
+    Complete(Completion),
+    /// Something to log.
+    Notice(Notice),
+}
+
+/// The export as the server described it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Alignment of offsets and lengths.
+    pub block_size: u32,
+    /// Largest single request.
+    pub max_payload: u32,
+    /// EXPORT_* flags.
+    pub flags: u32,
+}
+
+/// Counters for status output and the simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// IOs accepted.
+    pub submitted: u64,
+    /// IOs completed successfully.
+    pub completed: u64,
+    /// IOs completed with an error.
+    pub failed: u64,
+    /// Requests resent because they aged past their deadline.
+    pub resends: u64,
+    /// Requests moved off a failed channel.
+    pub failovers: u64,
+    /// Answers for requests already answered, dropped.
+    pub duplicates_dropped: u64,
+    /// Frames from the server that failed checksums.
+    pub corrupt_frames: u64,
+    /// Channels declared failed.
+    pub channel_failures: u64,
+    /// Channel handshakes completed.
+    pub handshakes: u64,
+    /// Server sessions lost and replaced.
+    pub session_resets: u64,
+    /// Unflushed extents rewritten after server restarts.
+    pub replayed_extents: u64,
+    /// Keep-alive probes sent.
+    pub pings: u64,
+    /// FLUSHes issued to bound the dirty window.
+    pub dirty_flushes: u64,
+    /// Submissions refused with Busy.
+    pub busy: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    id: u64,
+    boot_id: u64,
+    info: ExportInfo,
+    max_inflight: u32,
+}
+
+/// The sans-IO client.
+#[derive(Debug)]
+pub struct ClientEngine {
+    config: ClientConfig,
+    secret: SecretRng,
+    jitter: SplitMix64,
+    channels: Vec<Channel>,
+    journal: Journal,
+    dirty: DirtyWindow,
+    session: Option<Session>,
+    /// Boot id of the last server session we had, to tell a restart from
+    /// an expired session.
+    last_boot: Option<u64>,
+    /// Counts server sessions; orders dirty data across them.
+    epoch: u64,
+    /// The channel creating a new session (only one may).
+    leader: Option<u16>,
+    rr_cursor: usize,
+    next_ping: u64,
+    actions: VecDeque<ClientAction>,
+    stats: ClientStats,
+    closing: bool,
+}
+
+impl ClientEngine {
+    /// A client that will connect all its channels on the first
+    /// [`ClientEngine::handle_timeout`] or submit.
+    pub fn new(config: ClientConfig) -> Self {
+        assert!((1..=64).contains(&config.channels), "1 to 64 channels");
+        let mut seed = [0u8; 8];
+        let mut secret = SecretRng::new(config.rng_seed);
+        secret.fill(&mut seed);
+        ClientEngine {
+            jitter: SplitMix64::new(u64::from_le_bytes(seed)),
+            secret,
+            channels: (0..config.channels).map(|_| Channel::new()).collect(),
+            journal: Journal::new(),
+            dirty: DirtyWindow::default(),
+            session: None,
+            last_boot: None,
+            epoch: 0,
+            leader: None,
+            rr_cursor: 0,
+            next_ping: 1,
+            actions: VecDeque::new(),
+            stats: ClientStats::default(),
+            closing: false,
+            config,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// The export, once a session exists.
+    pub fn export_info(&self) -> Option<ExportInfo> {
+        self.session.map(|s| s.info)
+    }
+
+    /// The current server session id and boot id.
+    pub fn session(&self) -> Option<(u64, u64)> {
+        self.session.map(|s| (s.id, s.boot_id))
+    }
+
+    /// Channels currently able to carry requests.
+    pub fn ready_channels(&self) -> usize {
+        self.channels.iter().filter(|c| c.is_ready()).count()
+    }
+
+    /// Requests journaled (frontend and internal).
+    pub fn journal_len(&self) -> usize {
+        self.journal.len()
+    }
+
+    /// Payload bytes journaled for frontend requests.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.user_bytes()
+    }
+
+    /// Requests on the wire.
+    pub fn inflight(&self) -> usize {
+        self.journal.sent()
+    }
+
+    /// Rewrites of unflushed data still outstanding after a server restart
+    /// (all other requests wait for them).
+    pub fn replays_pending(&self) -> usize {
+        self.journal.replays_pending()
+    }
+
+    /// Acknowledged, unflushed data held for replay.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty.bytes()
+    }
+
+    /// Per channel: (id, ready, requests in flight, smoothed RTT).
+    pub fn channel_summary(&self) -> Vec<(ChannelId, bool, u32, Option<Duration>)> {
+        self.channels
+            .iter()
+            .enumerate()
+            .map(|(slot, c)| {
+                (
+                    ChannelId {
+                        slot: slot as u16,
+                        gen: c.gen,
+                    },
+                    c.is_ready(),
+                    c.inflight,
+                    c.rtt.srtt(),
+                )
+            })
+            .collect()
+    }
+
+    /// The next action for the driver, in order.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<ClientAction> {
+        self.actions.pop_front()
+    }
+
+    /// Submits an IO; its [`Completion`] carries `user`.
+    pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) -> Result<(), SubmitError> {
+        if self.closing {
+            return Err(SubmitError::Invalid("client is closing"));
+        }
+        match io.op {
+            Op::Flush if io.len != 0 || io.offset != 0 => {
+                return Err(SubmitError::Invalid("flush has no range"))
+            }
+            Op::Flush => {}
+            _ if io.len == 0 => return Err(SubmitError::Invalid("zero-length request")),
+            Op::Write if io.data.len() != io.len as usize => {
+                return Err(SubmitError::Invalid("write data length differs from len"))
+            }
+            Op::Read | Op::Trim | Op::WriteZeroes if !io.data.is_empty() => {
+                return Err(SubmitError::Invalid("only writes carry data"))
+            }
+            _ => {}
+        }
+        if let Some(s) = self.session {
+            if io.len > s.info.max_payload {
+                return Err(SubmitError::Invalid("longer than the server's max payload"));
+            }
+        }
+        if self.journal.user_count() >= self.config.max_queued
+            || self.journal.user_bytes() + io.data.len() as u64 > self.config.max_journal_bytes
+            || (io.op.mutates() && self.dirty.bytes() >= self.config.max_dirty_bytes)
+        {
+            self.stats.busy += 1;
+            self.maybe_flush_dirty();
+            return Err(SubmitError::Busy);
+        }
+        let mut flags = 0;
+        if io.fua {
+            flags |= FLAG_FUA;
+        }
+        if io.no_unmap {
+            flags |= FLAG_NO_UNMAP;
+        }
+        self.journal.insert(Entry {
+            origin: Origin::User(user),
+            op: io.op,
+            offset: io.offset,
+            len: io.len,
+            flags,
+            payload: io.data,
+            state: EntryState::Queued,
+            sends: 0,
+            tried: 0,
+            cover_gen: None,
+            io_deadline: self.config.io_timeout.map(|t| now + t),
+        });
+        self.stats.submitted += 1;
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Leaves the session for good: the server frees its state. Pending IO
+    /// is abandoned (the caller should drain first).
+    pub fn close(&mut self, now: Instant) {
+        self.closing = true;
+        if let Some(slot) = self.channels.iter().position(Channel::is_ready) {
+            let ch = self.id_of(slot);
+            self.send_msg(ch, &Message::Goodbye);
+        }
+        for slot in 0..self.channels.len() {
+            if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
+                let ch = self.id_of(slot);
+                self.actions.push_back(ClientAction::Close(ch));
+                self.channels[slot].state = ChanState::Idle {
+                    retry_at: Instant::FAR_FUTURE,
+                };
+            }
+        }
+        let _ = now;
+    }
+
+    /// The driver connected the transport for `ch`.
+    pub fn channel_connected(&mut self, ch: ChannelId, now: Instant) {
+        let Some(slot) = self.current(ch) else { return };
+        if !matches!(self.channels[slot].state, ChanState::Connecting { .. }) {
+            return;
+        }
+        let mut nonce = [0u8; NONCE_LEN];
+        self.secret.fill(&mut nonce);
+        let session_id = self.session.map_or(0, |s| s.id);
+        self.channels[slot].state = ChanState::AwaitChallenge {
+            since: now,
+            nonce,
+            session_id,
+        };
+        self.channels[slot].last_rx = now;
+        let hello = Hello {
+            version_min: u16::from(VERSION),
+            version_max: u16::from(VERSION),
+            features: 0,
+            session_id,
+            client_nonce: nonce,
+            key_id: self.config.key_id.clone(),
+            export: self.config.export.clone(),
+        };
+        self.send_msg(ch, &Message::Hello(hello));
+    }
+
+    /// The transport for `ch` closed or could not connect.
+    pub fn channel_closed(&mut self, ch: ChannelId, now: Instant) {
+        if let Some(slot) = self.current(ch) {
+            if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
+                // Refused or reset: back off, or a down server gets hammered.
+                self.fail_channel(slot, "connection closed".into(), now, true);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// One whole frame arrived on `ch`.
+    pub fn handle_frame(&mut self, ch: ChannelId, frame: Bytes, now: Instant) {
+        let Some(slot) = self.current(ch) else { return };
+        if matches!(
+            self.channels[slot].state,
+            ChanState::Idle { .. } | ChanState::Connecting { .. }
+        ) {
+            return;
+        }
+        self.channels[slot].last_rx = now;
+        match wire::decode(frame) {
+            Ok(msg) => self.handle_message(slot, msg, now),
+            Err(DecodeError::PayloadChecksum {
+                kind: Kind::Reply,
+                id,
+            }) => {
+                // The id is trustworthy, the data is not: ask again.
+                self.stats.corrupt_frames += 1;
+                if let Some(old) = self.journal.requeue(id) {
+                    self.release_inflight(old);
+                }
+            }
+            Err(e) => {
+                self.stats.corrupt_frames += 1;
+                self.fail_channel(slot, format!("bad frame: {e}"), now, true);
+            }
+        }
+        self.pump(now);
+    }
+
+    /// When to call [`ClientEngine::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = [self.journal.next_resend(), self.journal.next_io_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for (slot, c) in self.channels.iter().enumerate() {
+            match &c.state {
+                ChanState::Idle { retry_at } => {
+                    if *retry_at != Instant::FAR_FUTURE && self.may_connect(slot) {
+                        consider(*retry_at);
+                    }
+                }
+                ChanState::Connecting { since }
+                | ChanState::AwaitChallenge { since, .. }
+                | ChanState::AwaitWelcome { since, .. } => {
+                    consider(*since + self.config.handshake_timeout)
+                }
+                ChanState::Ready => {
+                    if c.ping.is_none() {
+                        consider(c.last_rx + self.config.keepalive_interval);
+                    }
+                    if c.ping.is_some() || c.inflight > 0 {
+                        consider(c.last_rx + self.config.channel_timeout);
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    /// Time passed: run whatever timers are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for slot in 0..self.channels.len() {
+            self.channel_timers(slot, now);
+        }
+        while let Some(id) = self.journal.pop_due_deadline(now) {
+            self.fail_entry(id, IoErrorKind::TimedOut);
+        }
+        while let Some(id) = self.journal.pop_due_resend(now) {
+            self.age(id, now);
+        }
+        self.pump(now);
+    }
+
+    fn channel_timers(&mut self, slot: usize, now: Instant) {
+        let c = &self.channels[slot];
+        match c.state.clone() {
+            ChanState::Idle { retry_at } => {
+                if retry_at <= now && self.may_connect(slot) {
+                    self.connect(slot, now);
+                }
+            }
+            ChanState::Connecting { since }
+            | ChanState::AwaitChallenge { since, .. }
+            | ChanState::AwaitWelcome { since, .. } => {
+                if now - since >= self.config.handshake_timeout {
+                    self.fail_channel(slot, "handshake timed out".into(), now, true);
+                }
+            }
+            ChanState::Ready => {
+                let silent = now - c.last_rx;
+                if (c.ping.is_some() || c.inflight > 0) && silent >= self.config.channel_timeout {
+                    let why = format!("silent for {} ms", silent.as_millis());
+                    self.fail_channel(slot, why, now, true);
+                } else if c.ping.is_none() && silent >= self.config.keepalive_interval {
+                    let token = self.next_ping;
+                    self.next_ping += 1;
+                    self.channels[slot].ping = Some((token, now));
+                    self.stats.pings += 1;
+                    let ch = self.id_of(slot);
+                    self.send_msg(ch, &Message::Ping { token });
+                }
+            }
+        }
+    }
+
+    /// A request aged past its deadline: send it again, elsewhere if we can.
+    fn age(&mut self, id: u64, now: Instant) {
+        if self.config.sabotage.no_resend {
+            self.journal.park_resend(id);
+            return;
+        }
+        let tried = self.journal.entries[&id].tried;
+        let Some(slot) = self.pick_channel(tried) else {
+            // Nowhere to send it: wait for a channel, keep it journaled.
+            if let Some(old) = self.journal.requeue(id) {
+                self.release_inflight(old);
+            }
+            return;
+        };
+        self.stats.resends += 1;
+        let ch = self.id_of(slot);
+        let sends = self.journal.entries[&id].sends;
+        let resend_at = now + self.rto(slot, sends + 1);
+        if let Some(old) = self.journal.resent(id, ch, now, resend_at) {
+            self.release_inflight(old);
+        }
+        self.channels[slot].inflight += 1;
+        self.transmit(id, ch);
+    }
+
+    fn rto(&self, slot: usize, sends: u32) -> Duration {
+        let base = self.channels[slot]
+            .rtt
+            .rto(self.config.resend_min, self.config.resend_max);
+        let factor = 1u32 << sends.saturating_sub(1).min(16);
+        (base * factor).min(self.config.resend_max)
+    }
+
+    fn handle_message(&mut self, slot: usize, msg: Message, now: Instant) {
+        let state = self.channels[slot].state.clone();
+        match (state, msg) {
+            (ChanState::Ready, Message::Reply(reply)) => self.on_reply(slot, reply, now),
+            (ChanState::Ready, Message::Pong { token }) => {
+                let c = &mut self.channels[slot];
+                if let Some((t, sent)) = c.ping {
+                    if t == token {
+                        c.rtt.sample(now - sent);
+                        c.ping = None;
+                    }
+                }
+            }
+            (
+                ChanState::AwaitChallenge {
+                    nonce, session_id, ..
+                },
+                Message::Challenge(ch),
+            ) => self.on_challenge(slot, nonce, session_id, ch, now),
+            (ChanState::AwaitWelcome { session_id, .. }, Message::Welcome(w)) => {
+                self.on_welcome(slot, session_id, w, now)
+            }
+            (
+                ChanState::AwaitChallenge { session_id, .. }
+                | ChanState::AwaitWelcome { session_id, .. },
+                Message::Reject(r),
+            ) => self.on_reject(slot, session_id, r, now),
+            (_, other) => {
+                let why = format!("unexpected {:?} from server", other.kind());
+                self.fail_channel(slot, why, now, true)
+            }
+        }
+    }
+
+    fn on_challenge(
+        &mut self,
+        slot: usize,
+        nonce: [u8; NONCE_LEN],
+        session_id: u64,
+        c: Challenge,
+        now: Instant,
+    ) {
+        let transcript = auth::Transcript {
+            key_id: &self.config.key_id,
+            export: &self.config.export,
+            session_id,
+            client_nonce: &nonce,
+            server_nonce: &c.server_nonce,
+            boot_id: c.boot_id,
+        };
+        let expected = auth::server_proof(&self.config.key, &transcript);
+        let ch = self.id_of(slot);
+        if c.version != u16::from(VERSION) || !auth::proofs_equal(&expected, &c.server_proof) {
+            let detail = "server could not prove it holds our key".to_string();
+            self.actions
+                .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
+            return self.fail_channel(slot, "server authentication failed".into(), now, true);
+        }
+        let client_proof = auth::client_proof(&self.config.key, &transcript);
+        self.channels[slot].state = ChanState::AwaitWelcome {
+            since: now,
+            session_id,
+        };
+        self.send_msg(ch, &Message::Auth(Auth { client_proof }));
+    }
+
+    fn on_reject(&mut self, slot: usize, asked: u64, r: Reject, now: Instant) {
+        let ch = self.id_of(slot);
+        match r.code {
+            RejectCode::SessionUnknown => {
+                // The server restarted or expired our session: start a new
+                // one from this channel, at once.
+                if self.session.is_some_and(|s| s.id == asked) {
+                    self.lose_session(now);
+                }
+                self.fail_channel(slot, "session unknown to server".into(), now, false);
+                self.channels[slot].failures = 0;
+                self.channels[slot].state = ChanState::Idle { retry_at: now };
+                return;
+            }
+            RejectCode::AuthFailed => {
+                let detail = format!("server refused our key: {}", r.message);
+                self.actions
+                    .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
+            }
+            code => {
+                let message = r.message.clone();
+                self.actions
+                    .push_back(ClientAction::Notice(Notice::Rejected { ch, code, message }));
+            }
+        }
+        self.fail_channel(slot, format!("rejected: {:?}", r.code), now, true);
+    }
+
+    fn on_welcome(&mut self, slot: usize, asked: u64, w: Welcome, now: Instant) {
+        let current = self.session.map(|s| s.id);
+        if asked != 0 && (w.session_id != asked || current != Some(asked)) {
+            // Joined a session we no longer use: leave it.
+            return self.fail_channel(slot, "joined a stale session".into(), now, false);
+        }
+        if asked == 0 {
+            if current.is_some() {
+                let ch = self.id_of(slot);
+                self.send_msg(ch, &Message::Goodbye);
+                return self.fail_channel(slot, "second session refused".into(), now, false);
+            }
+            self.start_session(w.clone(), now);
+        }
+        let c = &mut self.channels[slot];
+        c.state = ChanState::Ready;
+        c.failures = 0;
+        c.last_rx = now;
+        c.ping = None;
+        c.inflight = 0;
+        self.stats.handshakes += 1;
+        let ch = self.id_of(slot);
+        self.actions
+            .push_back(ClientAction::Notice(Notice::ChannelUp {
+                ch,
+                session_id: w.session_id,
+            }));
+    }
+
+    fn start_session(&mut self, w: Welcome, now: Instant) {
+        let replaced = self.last_boot.is_some();
+        let restarted = self.last_boot.is_some_and(|b| b != w.boot_id);
+        self.leader = None;
+        self.epoch += 1;
+        self.session = Some(Session {
+            id: w.session_id,
+            boot_id: w.boot_id,
+            info: ExportInfo {
+                size: w.export_size,
+                block_size: w.block_size,
+                max_payload: w.max_payload,
+                flags: w.export_flags,
+            },
+            max_inflight: w.max_inflight.min(self.config.max_inflight).max(1),
+        });
+        self.last_boot = Some(w.boot_id);
+        let mut replay_extents = 0;
+        if replaced {
+            self.stats.session_resets += 1;
+            self.journal.new_server_session();
+            if restarted {
+                replay_extents = self.schedule_replay(w.max_payload);
+            }
+        }
+        self.actions
+            .push_back(ClientAction::Notice(Notice::SessionStarted {
+                session_id: w.session_id,
+                boot_id: w.boot_id,
+                replaced,
+                replay_extents,
+            }));
+        // Channels that waited for a session may now connect.
+        for c in &mut self.channels {
+            if let ChanState::Idle { retry_at } = &mut c.state {
+                *retry_at = (*retry_at).min(now);
+            }
+        }
+    }
+
+    /// The server lost power or restarted: rewrite what it acknowledged but
+    /// had not made durable, before anything else.
+    fn schedule_replay(&mut self, max_payload: u32) -> usize {
+        let unacked: Vec<Extent> = self
+            .journal
+            .take_replays()
+            .into_iter()
+            .map(|e| Extent {
+                offset: e.offset,
+                len: u64::from(e.len),
+                data: (e.op == Op::Write).then_some(e.payload),
+            })
+            .collect();
+        if self.config.sabotage.no_replay {
+            self.dirty.take_replay(Vec::new());
+            return 0;
+        }
+        let extents = self.dirty.take_replay(unacked);
+        let mut count = 0;
+        for ext in extents {
+            let mut at = 0u64;
+            while at < ext.len {
+                let len = (ext.len - at).min(u64::from(max_payload)) as u32;
+                let (op, payload) = match &ext.data {
+                    Some(d) => (Op::Write, d.slice(at as usize..at as usize + len as usize)),
+                    None => (Op::WriteZeroes, Bytes::new()),
+                };
+                self.journal.insert(Entry {
+                    origin: Origin::Replay,
+                    op,
+                    offset: ext.offset + at,
+                    len,
+                    flags: 0,
+                    payload,
+                    state: EntryState::Queued,
+                    sends: 0,
+                    tried: 0,
+                    cover_gen: None,
+                    io_deadline: None,
+                });
+                at += u64::from(len);
+                count += 1;
+            }
+        }
+        self.stats.replayed_extents += count as u64;
+        count
+    }
+
+    /// Our session is gone: every channel in it is useless.
+    fn lose_session(&mut self, now: Instant) {
+        self.session = None;
+        for id in self.journal.all_sent() {
+            self.journal.requeue(id);
+        }
+        for slot in 0..self.channels.len() {
+            self.channels[slot].inflight = 0;
+            if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
+                let ch = self.id_of(slot);
+                self.actions.push_back(ClientAction::Close(ch));
+                self.channels[slot].state = ChanState::Idle { retry_at: now };
+            }
+        }
+    }
+
+    fn on_reply(&mut self, slot: usize, reply: Reply, now: Instant) {
+        let Some(entry) = self.journal.entries.get(&reply.id) else {
+            self.stats.duplicates_dropped += 1;
+            return;
+        };
+        if reply.status == Status::Corrupt {
+            // Our copy was damaged in transit and not executed.
+            if let Some(old) = self.journal.requeue(reply.id) {
+                self.release_inflight(old);
+            }
+            return;
+        }
+        if entry.op == Op::Read
+            && reply.status == Status::Ok
+            && reply.payload.len() != entry.len as usize
+        {
+            self.fail_channel(slot, "read reply of the wrong length".into(), now, true);
+            return;
+        }
+        if let EntryState::Sent { ch, at, .. } = entry.state {
+            if entry.sends == 1 && ch.slot as usize == slot {
+                self.channels[slot].rtt.sample(now - at);
+            }
+        }
+        let entry = self.journal.remove(reply.id).expect("looked up above");
+        if let EntryState::Sent { ch, .. } = entry.state {
+            self.release_inflight(ch);
+        }
+        if entry.op.mutates() {
+            self.journal.release_flushes();
+        }
+        if reply.status == Status::Ok {
+            self.record_success(&entry, reply.exec_seq);
+        }
+        let result = match reply.status {
+            Status::Ok => Ok(reply.payload),
+            other => Err(status_kind(other)),
+        };
+        self.finish(entry, result);
+    }
+
+    fn record_success(&mut self, entry: &Entry, exec_seq: u64) {
+        if entry.op.mutates() && !self.config.sabotage.no_replay {
+            let content = if entry.flags & FLAG_FUA != 0 {
+                Content::Durable
+            } else if entry.op == Op::Write {
+                Content::Data(entry.payload.clone())
+            } else {
+                Content::Zero
+            };
+            self.dirty.acknowledged(
+                self.epoch,
+                exec_seq,
+                entry.offset,
+                u64::from(entry.len),
+                content,
+            );
+        } else if entry.op == Op::Flush {
+            if let Some(gen) = entry.cover_gen {
+                self.dirty.flushed(gen);
+            }
+        }
+    }
+
+    fn finish(&mut self, entry: Entry, result: Result<Bytes, IoErrorKind>) {
+        let Origin::User(user) = entry.origin else {
+            return;
+        };
+        let result = result.map_err(|kind| IoError {
+            kind,
+            export: self.config.export.clone(),
+            op: entry.op,
+            offset: entry.offset,
+            len: entry.len,
+        });
+        if result.is_ok() {
+            self.stats.completed += 1;
+        } else {
+            self.stats.failed += 1;
+        }
+        self.actions
+            .push_back(ClientAction::Complete(Completion { user, result }));
+    }
+
+    fn fail_entry(&mut self, id: u64, kind: IoErrorKind) {
+        if let Some(entry) = self.journal.remove(id) {
+            if let EntryState::Sent { ch, .. } = entry.state {
+                self.release_inflight(ch);
+            }
+            if entry.op.mutates() {
+                self.journal.release_flushes();
+            }
+            self.finish(entry, Err(kind));
+        }
+    }
+
+    fn release_inflight(&mut self, ch: ChannelId) {
+        if let Some(c) = self.channels.get_mut(ch.slot as usize) {
+            if c.gen == ch.gen {
+                c.inflight = c.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Closes a channel, moves its requests to the others, and schedules a
+    /// reconnect (with backoff when `backoff`).
+    fn fail_channel(&mut self, slot: usize, reason: String, now: Instant, backoff: bool) {
+        let ch = self.id_of(slot);
+        self.stats.channel_failures += 1;
+        let moved = self.journal.sent_on(slot as u16);
+        for id in &moved {
+            self.journal.requeue(*id);
+        }
+        self.stats.failovers += moved.len() as u64;
+        if self.leader == Some(slot as u16) {
+            self.leader = None;
+        }
+        let c = &mut self.channels[slot];
+        c.inflight = 0;
+        c.ping = None;
+        c.failures = c.failures.saturating_add(1);
+        let delay = if backoff {
+            self.backoff(slot)
+        } else {
+            Duration::ZERO
+        };
+        self.channels[slot].state = ChanState::Idle {
+            retry_at: now + delay,
+        };
+        self.actions.push_back(ClientAction::Close(ch));
+        let notice = Notice::ChannelDown {
+            ch,
+            reason,
+            moved: moved.len(),
+        };
+        self.actions.push_back(ClientAction::Notice(notice));
+    }
+
+    /// Exponential backoff with jitter drawn from the seeded generator.
+    fn backoff(&mut self, slot: usize) -> Duration {
+        let exp = self.channels[slot].failures.saturating_sub(1).min(20);
+        let ceiling = self
+            .config
+            .reconnect_min
+            .saturating_mul(1 << exp)
+            .min(self.config.reconnect_max);
+        let nanos = ceiling.as_nanos() as u64;
+        Duration::from_nanos(nanos / 2 + self.jitter.below(nanos / 2 + 1))
+    }
+
+    fn may_connect(&self, slot: usize) -> bool {
+        !self.closing && (self.session.is_some() || self.leader.is_none_or(|l| l as usize == slot))
+    }
+
+    fn connect(&mut self, slot: usize, now: Instant) {
+        if self.session.is_none() {
+            self.leader = Some(slot as u16);
+        }
+        let c = &mut self.channels[slot];
+        c.gen = c.gen.wrapping_add(1);
+        c.state = ChanState::Connecting { since: now };
+        let ch = self.id_of(slot);
+        self.actions.push_back(ClientAction::Connect(ch));
+    }
+
+    fn id_of(&self, slot: usize) -> ChannelId {
+        ChannelId {
+            slot: slot as u16,
+            gen: self.channels[slot].gen,
+        }
+    }
+
+    /// The slot of `ch` if it names the channel's current connection.
+    fn current(&self, ch: ChannelId) -> Option<usize> {
+        let slot = ch.slot as usize;
+        (self.channels.get(slot)?.gen == ch.gen).then_some(slot)
+    }
+
+    /// Chooses a ready channel, avoiding the `tried` slots if possible.
+    fn pick_channel(&mut self, tried: u64) -> Option<usize> {
+        let n = self.channels.len();
+        let start = self.rr_cursor;
+        let ready = |c: &Channel| c.is_ready();
+        let candidates = |avoid: u64| {
+            (0..n)
+                .map(move |i| (start + i) % n)
+                .filter(move |s| avoid & (1 << s) == 0)
+        };
+        let choose = |this: &Self, avoid: u64| -> Option<usize> {
+            let mut it = candidates(avoid).filter(|s| ready(&this.channels[*s]));
+            match this.config.policy {
+                Policy::RoundRobin => it.next(),
+                Policy::LeastInflight => it.min_by_key(|s| this.channels[*s].inflight),
+                Policy::LowestLatency => it.min_by_key(|s| {
+                    let c = &this.channels[*s];
+                    (c.rtt.srtt().unwrap_or(Duration::ZERO), c.inflight)
+                }),
+            }
+        };
+        let slot = choose(self, tried).or_else(|| choose(self, 0))?;
+        self.rr_cursor = (slot + 1) % n;
+        Some(slot)
+    }
+
+    /// Sends whatever may go now.
+    fn pump(&mut self, now: Instant) {
+        if self.session.is_none() && !self.closing {
+            for slot in 0..self.channels.len() {
+                if let ChanState::Idle { retry_at } = self.channels[slot].state {
+                    if retry_at <= now && self.may_connect(slot) {
+                        self.connect(slot, now);
+                    }
+                }
+            }
+        }
+        let Some(session) = self.session else { return };
+        let barrier = !self.config.sabotage.no_flush_barrier;
+        while self.journal.sent() < session.max_inflight as usize {
+            let Some(id) = self.journal.next_to_send(barrier) else {
+                break;
+            };
+            let tried = self.journal.entries[&id].tried;
+            let Some(slot) = self.pick_channel(tried) else {
+                self.journal.unpop(id);
+                break;
+            };
+            let ch = self.id_of(slot);
+            let sends = self.journal.entries[&id].sends;
+            let resend_at = now + self.rto(slot, sends + 1);
+            let e = self.journal.entries.get_mut(&id).unwrap();
+            if e.op == Op::Flush && e.cover_gen.is_none() {
+                e.cover_gen = Some(self.dirty.gen());
+            }
+            self.journal.mark_sent(id, ch, now, resend_at);
+            self.channels[slot].inflight += 1;
+            self.transmit(id, ch);
+        }
+        self.maybe_flush_dirty();
+    }
+
+    /// Keeps the dirty window from filling: past half of it, flush.
+    fn maybe_flush_dirty(&mut self) {
+        if self.dirty.bytes() * 2 < self.config.max_dirty_bytes || self.journal.has_dirty_flush() {
+            return;
+        }
+        self.stats.dirty_flushes += 1;
+        self.journal.insert(Entry {
+            origin: Origin::DirtyFlush,
+            op: Op::Flush,
+            offset: 0,
+            len: 0,
+            flags: 0,
+            payload: Bytes::new(),
+            state: EntryState::Queued,
+            sends: 0,
+            tried: 0,
+            cover_gen: None,
+            io_deadline: None,
+        });
+    }
+
+    fn transmit(&mut self, id: u64, ch: ChannelId) {
+        let e = &self.journal.entries[&id];
+        let req = Request {
+            op: e.op,
+            id,
+            floor: self.journal.floor(),
+            offset: e.offset,
+            length: e.len,
+            flags: e.flags,
+            remote: None,
+            payload: e.payload.clone(),
+        };
+        self.send_msg(ch, &Message::Request(req));
+    }
+
+    fn send_msg(&mut self, ch: ChannelId, msg: &Message) {
+        self.actions
+            .push_back(ClientAction::Send(ch, wire::encode(msg)));
+    }
+}
+
+fn status_kind(status: Status) -> IoErrorKind {
+    match status {
+        Status::Io => IoErrorKind::Media,
+        Status::NoSpace => IoErrorKind::NoSpace,
+        Status::OutOfRange => IoErrorKind::OutOfRange,
+        Status::ReadOnly => IoErrorKind::ReadOnly,
+        Status::Invalid => IoErrorKind::Invalid,
+        Status::Unsupported => IoErrorKind::Unsupported,
+        Status::Ok | Status::Corrupt => IoErrorKind::Unknown(status.code()),
+        Status::Other(c) => IoErrorKind::Unknown(c),
+    }
+}

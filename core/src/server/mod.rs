@@ -1,0 +1,790 @@
+//! The server engine: handshakes and authentication, sessions over many
+//! channels, exactly-once execution, and validation. Backend IO leaves as
+//! [`BackendRequest`] actions and comes back through
+//! [`ServerEngine::backend_complete`].
+
+mod config;
+mod overlap;
+mod session;
+
+pub use config::{ExportConfig, ServerConfig};
+pub use session::ConnId;
+
+use crate::auth::{self, NONCE_LEN};
+use crate::rng::SecretRng;
+use crate::wire::{self, *};
+use crate::Instant;
+use bytes::Bytes;
+use overlap::OverlapGate;
+use session::{Admission, Session};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// How often the engine wants a wake-up to sweep its timers while it has
+/// connections or sessions. Its timers are all seconds long.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Identifies one backend operation until it completes.
+pub type OpToken = u64;
+
+/// A backend operation to perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendOp {
+    /// Read `len` bytes at `offset`.
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u32,
+    },
+    /// Write `data` at `offset`.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data.
+        data: Bytes,
+        /// Durable before completion.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate; the range must read back as zeroes.
+    Trim {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u32,
+        /// Durable before completion.
+        fua: bool,
+    },
+    /// Write zeroes.
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Byte count.
+        len: u32,
+        /// Durable before completion.
+        fua: bool,
+        /// The range may be deallocated.
+        may_unmap: bool,
+    },
+}
+
+/// A backend operation and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRequest {
+    /// Pass back to [`ServerEngine::backend_complete`].
+    pub token: OpToken,
+    /// Index into [`ServerConfig::exports`].
+    pub export: usize,
+    /// What to do.
+    pub op: BackendOp,
+    /// The session that asked.
+    pub session_id: u64,
+    /// The request id within that session.
+    pub request_id: u64,
+}
+
+/// Why the engine closes a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A frame failed to decode.
+    BadFrame(DecodeError),
+    /// A message not allowed in the connection's state.
+    ProtocolViolation(&'static str),
+    /// The handshake was refused (the Reject frame precedes the close).
+    Rejected(RejectCode),
+    /// No handshake within the timeout.
+    HandshakeTimeout,
+    /// Silent past the idle timeout.
+    Idle,
+    /// The session ended (Goodbye or expiry).
+    SessionEnded,
+}
+
+/// What the driver must do next.
+#[derive(Debug, Clone)]
+pub enum ServerAction {
+    /// Send this frame on the connection.
+    Send {
+        /// Where.
+        conn: ConnId,
+        /// What.
+        frame: OutFrame,
+    },
+    /// Send whatever is queued for the connection, then close it.
+    Close {
+        /// Which.
+        conn: ConnId,
+        /// Why (for logs).
+        reason: CloseReason,
+    },
+    /// Perform a backend operation.
+    Backend(BackendRequest),
+}
+
+/// Counters for `braid status` and the simulator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Connections accepted.
+    pub connections: u64,
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Handshakes refused for a bad key or proof.
+    pub auth_failures: u64,
+    /// Sessions created.
+    pub sessions_created: u64,
+    /// Sessions whose state was freed.
+    pub sessions_freed: u64,
+    /// Requests received (every copy).
+    pub requests: u64,
+    /// Backend operations issued.
+    pub backend_ops: u64,
+    /// Resent requests answered from the result cache.
+    pub recorded_replies: u64,
+    /// Resent requests joined to one still executing.
+    pub joined: u64,
+    /// Stale copies dropped (id below the client's floor).
+    pub stale_dropped: u64,
+    /// Requests whose payload failed its checksum (answered Corrupt).
+    pub corrupt_payloads: u64,
+    /// Connections closed for bad frames or protocol violations.
+    pub protocol_errors: u64,
+    /// Requests answered with an error status.
+    pub error_replies: u64,
+}
+
+#[derive(Debug)]
+enum ConnState {
+    AwaitHello,
+    AwaitAuth {
+        hello: Hello,
+        export: usize,
+        key: usize,
+        server_nonce: [u8; NONCE_LEN],
+    },
+    Bound {
+        session_id: u64,
+    },
+    Closed,
+}
+
+#[derive(Debug)]
+struct Conn {
+    state: ConnState,
+    opened: Instant,
+    last_rx: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct OpInfo {
+    session_id: u64,
+    request_id: u64,
+    op: Op,
+    export: usize,
+    mutation_range: Option<(u64, u64)>,
+}
+
+/// The sans-IO server.
+#[derive(Debug)]
+pub struct ServerEngine {
+    config: ServerConfig,
+    rng: SecretRng,
+    conns: BTreeMap<ConnId, Conn>,
+    sessions: BTreeMap<u64, Session>,
+    ops: BTreeMap<OpToken, OpInfo>,
+    gates: Vec<OverlapGate<BackendRequest>>,
+    next_token: OpToken,
+    actions: VecDeque<ServerAction>,
+    stats: ServerStats,
+    next_sweep: Option<Instant>,
+}
+
+impl ServerEngine {
+    /// A server with no connections yet.
+    pub fn new(config: ServerConfig) -> Self {
+        let gates = config
+            .exports
+            .iter()
+            .map(|_| OverlapGate::default())
+            .collect();
+        ServerEngine {
+            rng: SecretRng::new(config.rng_seed),
+            config,
+            conns: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            ops: BTreeMap::new(),
+            gates,
+            next_token: 1,
+            actions: VecDeque::new(),
+            stats: ServerStats::default(),
+            next_sweep: None,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Total cached request results across sessions (bounded by
+    /// sessions × id window).
+    pub fn cached_results(&self) -> usize {
+        self.sessions.values().map(Session::cached).sum()
+    }
+
+    /// Backend operations not yet completed.
+    pub fn backend_inflight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// The next action for the driver, in order.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<ServerAction> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`ServerEngine::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// A transport connection was accepted.
+    pub fn connection_opened(&mut self, conn: ConnId, now: Instant) {
+        self.stats.connections += 1;
+        self.conns.insert(
+            conn,
+            Conn {
+                state: ConnState::AwaitHello,
+                opened: now,
+                last_rx: now,
+            },
+        );
+        self.arm_sweep(now);
+    }
+
+    /// The transport connection is gone (reset, EOF, or after our Close).
+    pub fn connection_closed(&mut self, conn: ConnId, now: Instant) {
+        if let Some(c) = self.conns.remove(&conn) {
+            if let ConnState::Bound { session_id } = c.state {
+                self.unbind(conn, session_id, now);
+            }
+        }
+    }
+
+    /// One whole frame arrived on `conn`.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: Bytes, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if matches!(c.state, ConnState::Closed) {
+            return;
+        }
+        c.last_rx = now;
+        match wire::decode(frame) {
+            Ok(msg) => self.handle_message(conn, msg, now),
+            Err(DecodeError::PayloadChecksum { kind, id })
+                if matches!(c.state, ConnState::Bound { .. })
+                    && matches!(
+                        kind,
+                        Kind::Read | Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::Flush
+                    ) =>
+            {
+                // The header (and so the id) is sound: ask for the request
+                // again rather than execute damaged data.
+                self.stats.corrupt_payloads += 1;
+                self.send(conn, &reply(id, Status::Corrupt, 0, Bytes::new()));
+            }
+            Err(e) => self.close(conn, CloseReason::BadFrame(e), now),
+        }
+    }
+
+    /// The backend finished the operation `token`. `data` is the read data
+    /// (empty for everything else).
+    pub fn backend_complete(
+        &mut self,
+        token: OpToken,
+        result: Result<Bytes, Status>,
+        now: Instant,
+    ) {
+        let Some(info) = self.ops.remove(&token) else {
+            return;
+        };
+        if let Some(_range) = info.mutation_range {
+            let released = self.gates[info.export].finish(token, |r| r.token);
+            for req in released {
+                self.stats.backend_ops += 1;
+                self.actions.push_back(ServerAction::Backend(req));
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&info.session_id) else {
+            return;
+        };
+        session.ops_in_backend -= 1;
+        let (status, data) = match result {
+            Ok(data) => (Status::Ok, data),
+            Err(status) => (status, Bytes::new()),
+        };
+        if status != Status::Ok {
+            self.stats.error_replies += 1;
+        }
+        let (exec_seq, preferred) = session.complete(info.request_id, info.op, status);
+        let target = preferred.and_then(|p| session.route(Some(p)));
+        let leaving = session.leaving && session.ops_in_backend == 0;
+        if let Some(conn) = target {
+            self.send(conn, &reply(info.request_id, status, exec_seq, data));
+        }
+        if leaving {
+            self.free_session(info.session_id, now);
+        }
+    }
+
+    /// Sweeps timers: handshake and idle timeouts, lingering sessions.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let handshake_deadline = self.config.handshake_timeout;
+        let idle = self.config.idle_timeout;
+        let expired: Vec<(ConnId, CloseReason)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| match c.state {
+                ConnState::AwaitHello | ConnState::AwaitAuth { .. }
+                    if now - c.opened >= handshake_deadline =>
+                {
+                    Some((*id, CloseReason::HandshakeTimeout))
+                }
+                ConnState::Bound { .. } if now - c.last_rx >= idle => {
+                    Some((*id, CloseReason::Idle))
+                }
+                _ => None,
+            })
+            .collect();
+        for (conn, reason) in expired {
+            self.close(conn, reason, now);
+        }
+        let linger = self.config.session_linger;
+        let gone: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.ops_in_backend == 0)
+            .filter(|s| s.orphaned_since.is_some_and(|t| now - t >= linger))
+            .map(|s| s.id)
+            .collect();
+        for id in gone {
+            self.free_session(id, now);
+        }
+        self.next_sweep = None;
+        self.arm_sweep(now);
+    }
+
+    fn arm_sweep(&mut self, now: Instant) {
+        if self.next_sweep.is_none() && (!self.conns.is_empty() || !self.sessions.is_empty()) {
+            self.next_sweep = Some(now + SWEEP_INTERVAL);
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, msg: &Message) {
+        self.actions.push_back(ServerAction::Send {
+            conn,
+            frame: wire::encode(msg),
+        });
+    }
+
+    fn close(&mut self, conn: ConnId, reason: CloseReason, now: Instant) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if matches!(
+            reason,
+            CloseReason::BadFrame(_) | CloseReason::ProtocolViolation(_)
+        ) {
+            self.stats.protocol_errors += 1;
+        }
+        let old = std::mem::replace(&mut c.state, ConnState::Closed);
+        if let ConnState::Bound { session_id } = old {
+            self.unbind(conn, session_id, now);
+        }
+        self.actions.push_back(ServerAction::Close { conn, reason });
+    }
+
+    fn reject(&mut self, conn: ConnId, code: RejectCode, message: &str, now: Instant) {
+        if code == RejectCode::AuthFailed {
+            self.stats.auth_failures += 1;
+        }
+        self.send(
+            conn,
+            &Message::Reject(Reject {
+                code,
+                message: message.to_string(),
+            }),
+        );
+        self.close(conn, CloseReason::Rejected(code), now);
+    }
+
+    fn unbind(&mut self, conn: ConnId, session_id: u64, now: Instant) {
+        if let Some(s) = self.sessions.get_mut(&session_id) {
+            s.conns.retain(|c| *c != conn);
+            if s.conns.is_empty() {
+                s.orphaned_since = Some(now);
+            }
+        }
+    }
+
+    fn free_session(&mut self, id: u64, now: Instant) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.stats.sessions_freed += 1;
+        for conn in s.conns {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.state = ConnState::Closed;
+                self.actions.push_back(ServerAction::Close {
+                    conn,
+                    reason: CloseReason::SessionEnded,
+                });
+            }
+        }
+        let _ = now;
+    }
+
+    fn handle_message(&mut self, conn: ConnId, msg: Message, now: Instant) {
+        let state = &self.conns[&conn].state;
+        match (state, msg) {
+            (ConnState::AwaitHello, Message::Hello(hello)) => self.on_hello(conn, hello, now),
+            (ConnState::AwaitAuth { .. }, Message::Auth(auth)) => self.on_auth(conn, auth, now),
+            (ConnState::Bound { session_id }, Message::Request(req)) => {
+                let sid = *session_id;
+                self.on_request(conn, sid, req)
+            }
+            (ConnState::Bound { .. }, Message::Ping { token }) => {
+                self.send(conn, &Message::Pong { token })
+            }
+            (ConnState::Bound { session_id }, Message::Goodbye) => {
+                let sid = *session_id;
+                self.on_goodbye(sid, now)
+            }
+            (_, other) => {
+                let what = match other.kind() {
+                    Kind::Hello => "Hello after the handshake began",
+                    Kind::Auth => "Auth without a Challenge",
+                    Kind::Challenge | Kind::Welcome | Kind::Reject | Kind::Reply | Kind::Pong => {
+                        "server-to-client message sent by the client"
+                    }
+                    _ => "request before the handshake finished",
+                };
+                self.close(conn, CloseReason::ProtocolViolation(what), now)
+            }
+        }
+    }
+
+    fn on_hello(&mut self, conn: ConnId, hello: Hello, now: Instant) {
+        if hello.version_min > u16::from(VERSION) || hello.version_max < u16::from(VERSION) {
+            return self.reject(
+                conn,
+                RejectCode::VersionMismatch,
+                "this server speaks version 1",
+                now,
+            );
+        }
+        let Some(export) = self
+            .config
+            .exports
+            .iter()
+            .position(|e| e.name == hello.export)
+        else {
+            return self.reject(conn, RejectCode::NoSuchExport, "no such export", now);
+        };
+        let Some(key) = self
+            .config
+            .keys
+            .iter()
+            .position(|(id, _)| *id == hello.key_id)
+        else {
+            return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
+        };
+        if let Some(code) = self.check_join(hello.session_id, export) {
+            return self.reject(conn, code, "cannot join that session", now);
+        }
+        let mut server_nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut server_nonce);
+        let transcript = auth::Transcript {
+            key_id: &hello.key_id,
+            export: &hello.export,
+            session_id: hello.session_id,
+            client_nonce: &hello.client_nonce,
+            server_nonce: &server_nonce,
+            boot_id: self.config.boot_id,
+        };
+        let server_proof = auth::server_proof(&self.config.keys[key].1, &transcript);
+        self.send(
+            conn,
+            &Message::Challenge(Challenge {
+                version: u16::from(VERSION),
+                // No optional feature (RDMA) is offered by this engine yet.
+                features: 0,
+                boot_id: self.config.boot_id,
+                server_nonce,
+                server_proof,
+            }),
+        );
+        self.conns.get_mut(&conn).unwrap().state = ConnState::AwaitAuth {
+            hello,
+            export,
+            key,
+            server_nonce,
+        };
+    }
+
+    /// Whether a channel may join `session_id` (0: create) on `export`.
+    fn check_join(&self, session_id: u64, export: usize) -> Option<RejectCode> {
+        if session_id == 0 {
+            return (self.sessions.len() >= self.config.max_sessions).then_some(RejectCode::Busy);
+        }
+        match self.sessions.get(&session_id) {
+            Some(s) if s.export == export && !s.leaving => {
+                (s.conns.len() >= self.config.max_channels_per_session).then_some(RejectCode::Busy)
+            }
+            _ => Some(RejectCode::SessionUnknown),
+        }
+    }
+
+    fn on_auth(&mut self, conn: ConnId, auth_msg: Auth, now: Instant) {
+        let c = self.conns.get_mut(&conn).unwrap();
+        let ConnState::AwaitAuth {
+            hello,
+            export,
+            key,
+            server_nonce,
+        } = std::mem::replace(&mut c.state, ConnState::AwaitHello)
+        else {
+            unreachable!("on_auth is only called in AwaitAuth")
+        };
+        let transcript = auth::Transcript {
+            key_id: &hello.key_id,
+            export: &hello.export,
+            session_id: hello.session_id,
+            client_nonce: &hello.client_nonce,
+            server_nonce: &server_nonce,
+            boot_id: self.config.boot_id,
+        };
+        let expected = auth::client_proof(&self.config.keys[key].1, &transcript);
+        if !auth::proofs_equal(&expected, &auth_msg.client_proof) {
+            return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
+        }
+        // The session may have gone while the proof was in flight.
+        if let Some(code) = self.check_join(hello.session_id, export) {
+            return self.reject(conn, code, "cannot join that session", now);
+        }
+        let (session_id, resumed) = if hello.session_id == 0 {
+            let mut id = 0;
+            while id == 0 || self.sessions.contains_key(&id) {
+                id = self.rng.next_u64();
+            }
+            self.sessions.insert(id, Session::new(id, export));
+            self.stats.sessions_created += 1;
+            (id, false)
+        } else {
+            (hello.session_id, true)
+        };
+        let session = self.sessions.get_mut(&session_id).unwrap();
+        session.conns.push(conn);
+        session.orphaned_since = None;
+        self.conns.get_mut(&conn).unwrap().state = ConnState::Bound { session_id };
+        self.stats.handshakes += 1;
+        let e = &self.config.exports[export];
+        let mut export_flags = EXPORT_SEND_FLUSH | EXPORT_SEND_FUA;
+        if e.read_only {
+            export_flags |= EXPORT_READ_ONLY;
+        }
+        if e.trim {
+            export_flags |= EXPORT_TRIM;
+        }
+        if e.write_zeroes {
+            export_flags |= EXPORT_WRITE_ZEROES;
+        }
+        let welcome = Welcome {
+            session_id,
+            boot_id: self.config.boot_id,
+            export_size: e.size,
+            block_size: e.block_size,
+            max_payload: self.config.max_payload,
+            max_inflight: self.config.max_inflight,
+            id_window: self.config.id_window,
+            export_flags,
+            flags: if resumed { WELCOME_RESUMED } else { 0 },
+        };
+        self.send(conn, &Message::Welcome(welcome));
+    }
+
+    fn on_goodbye(&mut self, session_id: u64, now: Instant) {
+        let Some(s) = self.sessions.get_mut(&session_id) else {
+            return;
+        };
+        s.leaving = true;
+        if s.ops_in_backend == 0 {
+            self.free_session(session_id, now);
+        }
+    }
+
+    fn on_request(&mut self, conn: ConnId, session_id: u64, req: Request) {
+        self.stats.requests += 1;
+        let window = self.config.id_window;
+        let session = self
+            .sessions
+            .get_mut(&session_id)
+            .expect("bound connections have a session");
+        let mut admission = session.admit(req.id, req.floor, req.op, conn, window);
+        if self.config.sabotage_no_dedup
+            && matches!(admission, Admission::Joined | Admission::Recorded { .. })
+        {
+            admission = Admission::Execute;
+        }
+        match admission {
+            Admission::Stale => self.stats.stale_dropped += 1,
+            Admission::Joined => self.stats.joined += 1,
+            Admission::OutOfWindow => {
+                self.stats.error_replies += 1;
+                self.send(conn, &reply(req.id, Status::Invalid, 0, Bytes::new()));
+            }
+            Admission::Recorded { status, exec_seq } => {
+                self.stats.recorded_replies += 1;
+                self.send(conn, &reply(req.id, status, exec_seq, Bytes::new()));
+            }
+            Admission::Execute => {
+                let export = session.export;
+                if let Err(status) = validate(&self.config, export, &req) {
+                    session.record(req.id, status, 0);
+                    self.stats.error_replies += 1;
+                    self.send(conn, &reply(req.id, status, 0, Bytes::new()));
+                    return;
+                }
+                session.ops_in_backend += 1;
+                self.issue(session_id, export, req);
+            }
+        }
+    }
+
+    fn issue(&mut self, session_id: u64, export: usize, req: Request) {
+        let token = self.next_token;
+        self.next_token += 1;
+        let fua = req.flags & FLAG_FUA != 0;
+        let len = req.length;
+        let op = match req.op {
+            Op::Read => BackendOp::Read {
+                offset: req.offset,
+                len,
+            },
+            Op::Write => BackendOp::Write {
+                offset: req.offset,
+                data: req.payload,
+                fua,
+            },
+            Op::Flush => BackendOp::Flush,
+            Op::Trim => BackendOp::Trim {
+                offset: req.offset,
+                len,
+                fua,
+            },
+            Op::WriteZeroes => BackendOp::WriteZeroes {
+                offset: req.offset,
+                len,
+                fua,
+                may_unmap: req.flags & FLAG_NO_UNMAP == 0,
+            },
+        };
+        let mutation_range = req
+            .op
+            .mutates()
+            .then(|| (req.offset, req.offset + u64::from(len)));
+        self.ops.insert(
+            token,
+            OpInfo {
+                session_id,
+                request_id: req.id,
+                op: req.op,
+                export,
+                mutation_range,
+            },
+        );
+        let backend = BackendRequest {
+            token,
+            export,
+            op,
+            session_id,
+            request_id: req.id,
+        };
+        let ready = match mutation_range {
+            Some((start, end)) => self.gates[export].admit(token, start, end, backend),
+            None => Some(backend),
+        };
+        if let Some(backend) = ready {
+            self.stats.backend_ops += 1;
+            self.actions.push_back(ServerAction::Backend(backend));
+        }
+    }
+}
+
+fn reply(id: u64, status: Status, exec_seq: u64, payload: Bytes) -> Message {
+    Message::Reply(Reply {
+        id,
+        status,
+        exec_seq,
+        payload,
+    })
+}
+
+/// Range, alignment, size and permission checks, in the order a client
+/// would want them reported.
+fn validate(config: &ServerConfig, export: usize, req: &Request) -> Result<(), Status> {
+    let e = &config.exports[export];
+    if req.remote.is_some() {
+        // RDMA data movement was not negotiated on this transport.
+        return Err(Status::Invalid);
+    }
+    if req.op == Op::Flush {
+        return if req.offset == 0 && req.length == 0 {
+            Ok(())
+        } else {
+            Err(Status::Invalid)
+        };
+    }
+    let block = u64::from(e.block_size);
+    if req.length == 0 || req.offset % block != 0 || u64::from(req.length) % block != 0 {
+        return Err(Status::Invalid);
+    }
+    if req.length > config.max_payload {
+        return Err(Status::Invalid);
+    }
+    if req
+        .offset
+        .checked_add(u64::from(req.length))
+        .is_none_or(|end| end > e.size)
+    {
+        return Err(Status::OutOfRange);
+    }
+    if req.op == Op::Write && req.payload.len() != req.length as usize {
+        return Err(Status::Invalid);
+    }
+    if req.op.mutates() && e.read_only {
+        return Err(Status::ReadOnly);
+    }
+    match req.op {
+        Op::Trim if !e.trim => Err(Status::Unsupported),
+        Op::WriteZeroes if !e.write_zeroes => Err(Status::Unsupported),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,434 @@
+//! The invariants of `shared/guide/semantics.md`, checked against a model
+//! of every IO: which values each sector may hold, which are durable, and
+//! which request copies the backend executed.
+
+use super::pattern::{sector_tag, SectorContent, SECTOR};
+use crate::wire::Op;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+
+/// A broken promise, with what is needed to understand it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    /// A read returned a value it may not (invariant 1).
+    ReadMismatch {
+        /// The read.
+        op: u64,
+        /// The sector.
+        sector: u64,
+        /// What came back.
+        got: SectorContent,
+        /// What could have.
+        allowed: Vec<SectorContent>,
+    },
+    /// The backend executed one request id twice in a session (invariant 2).
+    DoubleExecution {
+        /// Server boot.
+        boot: u64,
+        /// Session.
+        session: u64,
+        /// Request id.
+        request: u64,
+    },
+    /// A write's copy landed after a newer acknowledged write (invariant 2).
+    StaleApply {
+        /// The sector.
+        sector: u64,
+        /// The stale write's tag.
+        tag: u64,
+        /// The newer write it overwrote.
+        newer: u64,
+    },
+    /// After power loss a sector holds less than what was made durable
+    /// (invariant 3).
+    Durability {
+        /// The sector.
+        sector: u64,
+        /// What the media held.
+        got: SectorContent,
+        /// What it could have.
+        allowed: Vec<SectorContent>,
+    },
+    /// IO still outstanding after faults healed (invariant 4).
+    Liveness {
+        /// How many.
+        outstanding: usize,
+    },
+    /// An IO failed though no fault outlasted the IO timeout (invariant 5).
+    UnexpectedError {
+        /// The IO.
+        op: u64,
+        /// Its error.
+        error: String,
+    },
+    /// A configured bound was exceeded (invariant 6).
+    Bound {
+        /// Which resource.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// The bound.
+        bound: u64,
+    },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::ReadMismatch { op, sector, got, allowed } => {
+                write!(f, "read correctness: IO {op} saw {got:?} in sector {sector}, allowed {allowed:?}")
+            }
+            Violation::DoubleExecution { boot, session, request } => write!(
+                f,
+                "exactly-once: request {request} of session {session:#x} (boot {boot:#x}) executed twice"
+            ),
+            Violation::StaleApply { sector, tag, newer } => write!(
+                f,
+                "exactly-once: stale copy of write {tag} landed on sector {sector} after newer write {newer}"
+            ),
+            Violation::Durability { sector, got, allowed } => {
+                write!(f, "durability: after power loss sector {sector} holds {got:?}, allowed {allowed:?}")
+            }
+            Violation::Liveness { outstanding } => {
+                write!(f, "liveness: {outstanding} IOs still outstanding after faults healed")
+            }
+            Violation::UnexpectedError { op, error } => {
+                write!(f, "no error for transient faults: IO {op} failed: {error}")
+            }
+            Violation::Bound { what, value, bound } => write!(f, "bounded resources: {what} = {value} > {bound}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OpRec {
+    op: Op,
+    first: u64,
+    count: u64,
+    content: SectorContent,
+    submit: u64,
+    ack: Option<u64>,
+    failed: bool,
+    /// Reads: the possible values of each sector at submission.
+    snapshot: Vec<Vec<SectorContent>>,
+    /// Flushes: the possible values of every sector at submission, and the
+    /// mutations then in flight, which the FLUSH also covers (braid's FLUSH
+    /// waits for every mutation submitted before it).
+    flush_base: Vec<Vec<Possible>>,
+    flush_covers: Vec<u64>,
+}
+
+/// (op, content, acknowledged at)
+type Possible = (u64, SectorContent, u64);
+
+#[derive(Debug, Clone)]
+struct SectorModel {
+    possible: Vec<Possible>,
+    /// Writes to this sector not yet known to be irrelevant.
+    history: Vec<u64>,
+    durable: Vec<SectorContent>,
+    durable_tick: u64,
+}
+
+/// The model and its checks.
+#[derive(Debug)]
+pub struct Checker {
+    tick: u64,
+    ops: BTreeMap<u64, OpRec>,
+    sectors: Vec<SectorModel>,
+    executed: HashSet<(u64, u64, u64)>,
+    reads_outstanding: BTreeSet<(u64, u64)>,
+    violations: Vec<Violation>,
+    /// Errors are expected (injected disk errors, finite IO timeout).
+    pub errors_allowed: bool,
+}
+
+impl Checker {
+    /// A model of a zeroed disk of `sectors` sectors.
+    pub fn new(sectors: u64) -> Self {
+        let s = SectorModel {
+            possible: vec![(0, SectorContent::Zero, 0)],
+            history: Vec::new(),
+            durable: vec![SectorContent::Zero],
+            durable_tick: 0,
+        };
+        Checker {
+            tick: 1,
+            ops: BTreeMap::new(),
+            sectors: vec![s; sectors as usize],
+            executed: HashSet::new(),
+            reads_outstanding: BTreeSet::new(),
+            violations: Vec::new(),
+            errors_allowed: false,
+        }
+    }
+
+    /// Violations found so far.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// Records a violation found outside the model (liveness, bounds).
+    pub fn report(&mut self, v: Violation) {
+        if self.violations.len() < 100 {
+            self.violations.push(v);
+        }
+    }
+
+    /// IOs submitted and not completed.
+    pub fn outstanding(&self) -> usize {
+        self.ops
+            .values()
+            .filter(|o| o.ack.is_none() && !o.failed)
+            .count()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// The frontend submitted IO `op` (data writes carry tag `op`).
+    pub fn submit(&mut self, id: u64, op: Op, offset: u64, len: u32) {
+        let tick = self.next_tick();
+        let first = offset / SECTOR as u64;
+        let count = u64::from(len) / SECTOR as u64;
+        let content = match op {
+            Op::Write => SectorContent::Tag(id),
+            _ => SectorContent::Zero,
+        };
+        let mut snapshot = Vec::new();
+        let mut flush_base = Vec::new();
+        let mut flush_covers = Vec::new();
+        match op {
+            Op::Read => {
+                self.reads_outstanding.insert((tick, id));
+                snapshot = (first..first + count)
+                    .map(|s| self.possible_contents(s))
+                    .collect();
+            }
+            Op::Flush => {
+                flush_base = self.sectors.iter().map(|m| m.possible.clone()).collect();
+                flush_covers = self
+                    .ops
+                    .iter()
+                    .filter(|(_, o)| o.op.mutates() && o.ack.is_none() && !o.failed)
+                    .map(|(id, _)| *id)
+                    .collect();
+            }
+            _ => {}
+        }
+        if op.mutates() {
+            for s in first..first + count {
+                self.sectors[s as usize].history.push(id);
+            }
+        }
+        let rec = OpRec {
+            op,
+            first,
+            count,
+            content,
+            submit: tick,
+            ack: None,
+            failed: false,
+            snapshot,
+            flush_base,
+            flush_covers,
+        };
+        self.ops.insert(id, rec);
+    }
+
+    fn possible_contents(&self, sector: u64) -> Vec<SectorContent> {
+        let mut v: Vec<SectorContent> = self.sectors[sector as usize]
+            .possible
+            .iter()
+            .map(|p| p.1)
+            .collect();
+        v.dedup();
+        v
+    }
+
+    /// IO `id` completed; `result` is the read data or an error text.
+    pub fn complete(&mut self, id: u64, result: Result<&[u8], String>, fua: bool) {
+        let tick = self.next_tick();
+        let Some(rec) = self.ops.get(&id).cloned() else {
+            return;
+        };
+        if rec.op == Op::Read {
+            self.reads_outstanding.remove(&(rec.submit, id));
+        }
+        let data = match result {
+            Ok(d) => d,
+            Err(error) => {
+                if !self.errors_allowed {
+                    self.report(Violation::UnexpectedError { op: id, error });
+                }
+                self.ops.get_mut(&id).unwrap().failed = true;
+                return;
+            }
+        };
+        self.ops.get_mut(&id).unwrap().ack = Some(tick);
+        match rec.op {
+            Op::Read => self.check_read(id, &rec, data),
+            Op::Flush => {
+                self.flushed(&rec);
+                self.ops.remove(&id);
+            }
+            _ => {
+                for s in rec.first..rec.first + rec.count {
+                    let m = &mut self.sectors[s as usize];
+                    m.possible.retain(|p| p.2 > rec.submit);
+                    m.possible.push((id, rec.content, tick));
+                    if fua && rec.submit > m.durable_tick {
+                        m.durable = m.possible.iter().map(|p| p.1).collect();
+                        m.durable_tick = rec.submit;
+                    }
+                }
+            }
+        }
+        self.prune();
+    }
+
+    /// What a completed FLUSH made durable: per sector, the values the
+    /// writes submitted before it can have left, in flight ones included.
+    fn flushed(&mut self, rec: &OpRec) {
+        let mut base = rec.flush_base.clone();
+        for w in &rec.flush_covers {
+            let Some(o) = self.ops.get(w) else { continue };
+            // A covered write the FLUSH overtook still counts as covered:
+            // that is the promise being checked.
+            let ack = o.ack.unwrap_or(u64::MAX);
+            for s in o.first..o.first + o.count {
+                base[s as usize].push((*w, o.content, ack));
+            }
+        }
+        for (s, mut vals) in base.into_iter().enumerate() {
+            let m = &mut self.sectors[s];
+            if rec.submit <= m.durable_tick {
+                continue;
+            }
+            let covered: Vec<Possible> = vals.clone();
+            let submit_of =
+                |op: u64, ops: &BTreeMap<u64, OpRec>| ops.get(&op).map_or(0, |o| o.submit);
+            // Drop values certainly overwritten by a covered write that
+            // started after they were acknowledged.
+            vals.retain(|v| {
+                !rec.flush_covers.iter().any(|w| {
+                    covered.iter().any(|c| c.0 == *w) && submit_of(*w, &self.ops) > v.2 && *w != v.0
+                })
+            });
+            m.durable = vals.iter().map(|v| v.1).collect();
+            m.durable_tick = rec.submit;
+        }
+    }
+
+    fn check_read(&mut self, id: u64, rec: &OpRec, data: &[u8]) {
+        for (i, s) in (rec.first..rec.first + rec.count).enumerate() {
+            let got = sector_tag(&data[i * SECTOR..(i + 1) * SECTOR], s);
+            let mut allowed = rec.snapshot[i].clone();
+            for w in &self.sectors[s as usize].history {
+                let o = &self.ops[w];
+                if o.failed || o.ack.is_none_or(|a| a > rec.submit) {
+                    allowed.push(o.content);
+                }
+            }
+            if !allowed.contains(&got) {
+                allowed.dedup();
+                self.report(Violation::ReadMismatch {
+                    op: id,
+                    sector: s,
+                    got,
+                    allowed,
+                });
+            }
+        }
+        self.ops.remove(&id);
+    }
+
+    /// Forgets writes no outstanding read or durability check can need.
+    fn prune(&mut self) {
+        if self.tick % 64 != 0 {
+            return;
+        }
+        let oldest_read = self.reads_outstanding.first().map_or(u64::MAX, |r| r.0);
+        let ops = &self.ops;
+        let mut live: HashSet<u64> = HashSet::new();
+        for m in &mut self.sectors {
+            m.history.retain(|w| {
+                let o = &ops[w];
+                let needed = o.failed
+                    || o.ack
+                        .is_none_or(|a| a >= oldest_read || a >= m.durable_tick);
+                needed
+            });
+            live.extend(m.history.iter().copied());
+            live.extend(m.possible.iter().map(|p| p.0));
+        }
+        self.ops
+            .retain(|id, o| live.contains(id) || o.op == Op::Read || o.op == Op::Flush);
+    }
+
+    /// The backend is about to execute a mutation: check exactly-once, and
+    /// that a data write is not a stale copy of an acknowledged one.
+    pub fn backend_mutation(
+        &mut self,
+        boot: u64,
+        session: u64,
+        request: u64,
+        offset: u64,
+        data: Option<&[u8]>,
+    ) {
+        if !self.executed.insert((boot, session, request)) {
+            self.report(Violation::DoubleExecution {
+                boot,
+                session,
+                request,
+            });
+        }
+        let Some(data) = data else { return };
+        let first = offset / SECTOR as u64;
+        for (i, chunk) in data.chunks(SECTOR).enumerate() {
+            let s = first + i as u64;
+            let SectorContent::Tag(tag) = sector_tag(chunk, s) else {
+                continue;
+            };
+            let Some(acked) = self.ops.get(&tag).and_then(|o| o.ack) else {
+                continue;
+            };
+            let newer = self.sectors[s as usize].history.iter().copied().find(|w| {
+                let o = &self.ops[w];
+                o.submit > acked && o.ack.is_some()
+            });
+            if let Some(newer) = newer {
+                self.report(Violation::StaleApply {
+                    sector: s,
+                    tag,
+                    newer,
+                });
+            }
+        }
+    }
+
+    /// The server lost power; `media` is what its disk kept.
+    pub fn power_lost(&mut self, media: &[u8]) {
+        for s in 0..self.sectors.len() {
+            let got = sector_tag(&media[s * SECTOR..(s + 1) * SECTOR], s as u64);
+            let m = &self.sectors[s];
+            let mut allowed = m.durable.clone();
+            for w in &m.history {
+                let o = &self.ops[w];
+                if o.failed || o.ack.is_none_or(|a| a > m.durable_tick) {
+                    allowed.push(o.content);
+                }
+            }
+            if !allowed.contains(&got) {
+                allowed.dedup();
+                self.report(Violation::Durability {
+                    sector: s as u64,
+                    got,
+                    allowed,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! A seeded, single-threaded world for the engines: a client and a server
+//! joined by lossy links, an in-memory disk with a volatile cache, crashes,
+//! power loss, and a checker of the invariants in
+//! `shared/guide/semantics.md`. Every run is a pure function of its seed.
+//!
+//! It drives the engines exactly as a production driver does (actions out,
+//! events and time in), with the network and disk replaced by models.
+
+mod checker;
+mod disk;
+mod pattern;
+mod world;
+
+pub use checker::{Checker, Violation};
+pub use disk::MemDisk;
+pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
+pub use world::{FaultRates, Report, World, WorldConfig};

@@ -1,0 +1,848 @@
+//! The event loop of the in-memory world.
+
+use super::checker::{Checker, Violation};
+use super::disk::MemDisk;
+use super::pattern::{stamp, SECTOR};
+use crate::auth::Key;
+use crate::client::{
+    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, IoRequest, Policy, Sabotage,
+};
+use crate::rng::SplitMix64;
+use crate::server::{
+    BackendOp, BackendRequest, ConnId, ExportConfig, ServerAction, ServerConfig, ServerEngine,
+    ServerStats,
+};
+use crate::Instant;
+use bytes::Bytes;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::time::Duration;
+
+/// How often each fault happens. Per-frame rates are probabilities; the
+/// rest are expected events per virtual second.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultRates {
+    /// A frame vanishes.
+    pub loss: f64,
+    /// A frame arrives twice.
+    pub duplicate: f64,
+    /// One bit of a frame flips.
+    pub corrupt: f64,
+    /// A channel's connection is reset.
+    pub kill_channel_per_sec: f64,
+    /// A channel silently stops delivering (both ways).
+    pub blackhole_per_sec: f64,
+    /// The server becomes unreachable for a while.
+    pub partition_per_sec: f64,
+    /// The server process crashes and restarts (disk cache survives).
+    pub crash_per_sec: f64,
+    /// The server loses power (disk cache lost).
+    pub power_loss_per_sec: f64,
+    /// The disk stalls for a while.
+    pub disk_stall_per_sec: f64,
+    /// Longest outage (partition, server downtime, disk stall).
+    pub outage_max: Duration,
+}
+
+impl FaultRates {
+    /// No faults at all.
+    pub fn none() -> Self {
+        FaultRates {
+            loss: 0.0,
+            duplicate: 0.0,
+            corrupt: 0.0,
+            kill_channel_per_sec: 0.0,
+            blackhole_per_sec: 0.0,
+            partition_per_sec: 0.0,
+            crash_per_sec: 0.0,
+            power_loss_per_sec: 0.0,
+            disk_stall_per_sec: 0.0,
+            outage_max: Duration::from_millis(500),
+        }
+    }
+
+    /// Every fault class at once, often.
+    pub fn all() -> Self {
+        FaultRates {
+            loss: 0.01,
+            duplicate: 0.01,
+            corrupt: 0.005,
+            kill_channel_per_sec: 1.0,
+            blackhole_per_sec: 0.5,
+            partition_per_sec: 0.2,
+            crash_per_sec: 0.2,
+            power_loss_per_sec: 0.2,
+            disk_stall_per_sec: 0.3,
+            outage_max: Duration::from_millis(800),
+        }
+    }
+}
+
+/// The shape of one run.
+#[derive(Debug, Clone)]
+pub struct WorldConfig {
+    /// Everything random in the run derives from this.
+    pub seed: u64,
+    /// Channels per session.
+    pub channels: usize,
+    /// Disk size in sectors (small, so IOs overlap).
+    pub disk_sectors: u64,
+    /// IOs the workload keeps outstanding.
+    pub queue_depth: usize,
+    /// Largest IO in sectors.
+    pub io_sectors_max: u64,
+    /// Workload and faults run this long...
+    pub run_for: Duration,
+    /// ...then faults heal and every IO must finish within this.
+    pub heal_within: Duration,
+    /// Faults.
+    pub faults: FaultRates,
+    /// One-way link delay range.
+    pub link_delay: (Duration, Duration),
+    /// Disk latency range.
+    pub disk_latency: (Duration, Duration),
+    /// Channel selection.
+    pub policy: Policy,
+    /// Client dirty window.
+    pub max_dirty_bytes: u64,
+    /// Test-only client sabotage.
+    pub sabotage: Sabotage,
+    /// Test-only server sabotage.
+    pub no_dedup: bool,
+}
+
+impl WorldConfig {
+    /// A busy 4-channel workload under every fault class.
+    pub fn new(seed: u64) -> Self {
+        WorldConfig {
+            seed,
+            channels: 4,
+            disk_sectors: 128,
+            queue_depth: 16,
+            io_sectors_max: 8,
+            run_for: Duration::from_secs(5),
+            heal_within: Duration::from_secs(30),
+            faults: FaultRates::all(),
+            link_delay: (Duration::from_micros(20), Duration::from_micros(400)),
+            disk_latency: (Duration::from_micros(10), Duration::from_micros(300)),
+            policy: Policy::LeastInflight,
+            max_dirty_bytes: 32 * 1024,
+            sabotage: Sabotage::default(),
+            no_dedup: false,
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// Broken invariants (empty is a pass).
+    pub violations: Vec<Violation>,
+    /// IOs completed.
+    pub ios: u64,
+    /// Faults injected, by class.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Client counters.
+    pub client: ClientStats,
+    /// Server counters, summed over restarts.
+    pub server: ServerStats,
+    /// Hash of everything that happened, in order (determinism check).
+    pub trace_hash: u64,
+    /// Virtual time simulated.
+    pub virtual_time: Duration,
+}
+
+#[derive(Debug)]
+enum Ev {
+    ClientTimer,
+    ServerTimer,
+    Connected { ch: ChannelId, boot: u64 },
+    ToServer { conn: ConnId, frame: Bytes },
+    ToClient { conn: ConnId, frame: Bytes },
+    ServerSideClosed { conn: ConnId, boot: u64 },
+    ClientSideClosed { ch: ChannelId },
+    DiskDone { token: u64, boot: u64 },
+    FaultTick,
+    ServerStart,
+    PartitionEnds,
+    DiskStallEnds,
+    HealAll,
+}
+
+impl Ev {
+    fn code(&self) -> u64 {
+        match self {
+            Ev::ClientTimer => 1,
+            Ev::ServerTimer => 2,
+            Ev::Connected { .. } => 3,
+            Ev::ToServer { .. } => 4,
+            Ev::ToClient { .. } => 5,
+            Ev::ServerSideClosed { .. } => 6,
+            Ev::ClientSideClosed { .. } => 7,
+            Ev::DiskDone { .. } => 8,
+            Ev::FaultTick => 9,
+            Ev::ServerStart => 10,
+            Ev::PartitionEnds => 11,
+            Ev::DiskStallEnds => 12,
+            Ev::HealAll => 13,
+        }
+    }
+}
+
+struct Scheduled {
+    at: Instant,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct Link {
+    ch: ChannelId,
+    blackholed: bool,
+    closing: bool,
+}
+
+const FAULT_TICK: Duration = Duration::from_millis(50);
+const KEY_ID: &str = "sim";
+const EXPORT: &str = "disk0";
+
+/// One seeded run.
+pub struct World {
+    cfg: WorldConfig,
+    rng: SplitMix64,
+    now: Instant,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    client: ClientEngine,
+    server: ServerEngine,
+    server_stats: ServerStats,
+    server_up: bool,
+    boot: u64,
+    disk: MemDisk,
+    disk_ops: BTreeMap<u64, BackendRequest>,
+    disk_stalled_until: Instant,
+    links: BTreeMap<ConnId, Link>,
+    by_ch: BTreeMap<ChannelId, ConnId>,
+    next_conn: ConnId,
+    partitioned: bool,
+    faulty: bool,
+    checker: Checker,
+    next_op: u64,
+    outstanding: BTreeMap<u64, IoRequest>,
+    client_timer: Option<Instant>,
+    server_timer: Option<Instant>,
+    faults: BTreeMap<&'static str, u64>,
+    ios: u64,
+    hash: u64,
+}
+
+impl World {
+    /// Builds the world for `cfg`; nothing runs until [`World::run`].
+    pub fn new(cfg: WorldConfig) -> Self {
+        let mut rng = SplitMix64::new(cfg.seed);
+        let mut seed32 = || {
+            let mut s = [0u8; 32];
+            for chunk in s.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+            s
+        };
+        let (client_seed, server_seed) = (seed32(), seed32());
+        let key = Key::new(b"simulated pre-shared key".to_vec());
+        let mut cc = ClientConfig::new(EXPORT, KEY_ID, key.clone(), client_seed);
+        cc.channels = cfg.channels;
+        cc.policy = cfg.policy;
+        cc.max_dirty_bytes = cfg.max_dirty_bytes;
+        cc.max_queued = cfg.queue_depth.max(1);
+        cc.sabotage = cfg.sabotage;
+        let boot = rng.next_u64();
+        let server = ServerEngine::new(Self::server_config(&cfg, boot, server_seed, key));
+        let disk = MemDisk::new(cfg.disk_sectors * SECTOR as u64);
+        let checker = Checker::new(cfg.disk_sectors);
+        World {
+            rng,
+            now: Instant::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            client: ClientEngine::new(cc),
+            server,
+            server_stats: ServerStats::default(),
+            server_up: true,
+            boot,
+            disk,
+            disk_ops: BTreeMap::new(),
+            disk_stalled_until: Instant::ZERO,
+            links: BTreeMap::new(),
+            by_ch: BTreeMap::new(),
+            next_conn: 1,
+            partitioned: false,
+            faulty: true,
+            checker,
+            next_op: 1,
+            outstanding: BTreeMap::new(),
+            client_timer: None,
+            server_timer: None,
+            faults: BTreeMap::new(),
+            ios: 0,
+            hash: 0xcbf2_9ce4_8422_2325,
+            cfg,
+        }
+    }
+
+    fn server_config(cfg: &WorldConfig, boot: u64, seed: [u8; 32], key: Key) -> ServerConfig {
+        let export = ExportConfig::new(EXPORT, cfg.disk_sectors * SECTOR as u64);
+        let mut sc = ServerConfig::new(boot, seed, vec![(KEY_ID.to_string(), key)], vec![export]);
+        sc.sabotage_no_dedup = cfg.no_dedup;
+        sc
+    }
+
+    /// Makes IO errors acceptable (for scenarios that inject disk errors).
+    pub fn allow_errors(&mut self) {
+        self.checker.errors_allowed = true;
+    }
+
+    /// Byte ranges of the disk that fail every access.
+    pub fn set_bad_ranges(&mut self, ranges: Vec<(u64, u64)>) {
+        self.disk.bad_ranges = ranges;
+    }
+
+    fn mix(&mut self, v: u64) {
+        self.hash = (self.hash ^ v).wrapping_mul(0x0100_0000_01b3);
+    }
+
+    fn schedule(&mut self, after: Duration, ev: Ev) {
+        self.seq += 1;
+        let at = self.now + after;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn between(&mut self, (lo, hi): (Duration, Duration)) -> Duration {
+        let span = hi.saturating_sub(lo).as_nanos() as u64;
+        lo + Duration::from_nanos(self.rng.below(span + 1))
+    }
+
+    fn count_fault(&mut self, what: &'static str) {
+        *self.faults.entry(what).or_default() += 1;
+    }
+
+    /// Runs the workload under faults, heals, and checks liveness.
+    pub fn run(mut self) -> Report {
+        let end = self.now + self.cfg.run_for;
+        let deadline = end + self.cfg.heal_within;
+        self.schedule(Duration::ZERO, Ev::ClientTimer);
+        self.schedule(FAULT_TICK, Ev::FaultTick);
+        self.schedule(self.cfg.run_for, Ev::HealAll);
+        self.client_timer = Some(self.now);
+        self.fill_queue();
+        while let Some(Reverse(s)) = self.queue.pop() {
+            if s.at > deadline {
+                break;
+            }
+            self.now = s.at;
+            self.mix(s.at.as_nanos());
+            self.mix(s.ev.code());
+            self.dispatch(s.ev);
+            self.drain();
+            self.check_bounds();
+            if !self.faulty && self.outstanding.is_empty() {
+                break;
+            }
+        }
+        let outstanding = self.outstanding.len();
+        if outstanding > 0 {
+            self.checker.report(Violation::Liveness { outstanding });
+        }
+        let mut server = self.server_stats.clone();
+        add_stats(&mut server, self.server.stats());
+        Report {
+            seed: self.cfg.seed,
+            violations: self.checker.violations().to_vec(),
+            ios: self.ios,
+            faults: self.faults,
+            client: self.client.stats().clone(),
+            server,
+            trace_hash: self.hash,
+            virtual_time: self.now - Instant::ZERO,
+        }
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::ClientTimer => {
+                self.client_timer = None;
+                self.client.handle_timeout(self.now);
+            }
+            Ev::ServerTimer => {
+                self.server_timer = None;
+                if self.server_up {
+                    self.server.handle_timeout(self.now);
+                }
+            }
+            Ev::Connected { ch, boot } => {
+                if !self.server_up || boot != self.boot || self.partitioned {
+                    self.client.channel_closed(ch, self.now);
+                    return;
+                }
+                let conn = self.next_conn;
+                self.next_conn += 1;
+                self.links.insert(
+                    conn,
+                    Link {
+                        ch,
+                        blackholed: false,
+                        closing: false,
+                    },
+                );
+                self.by_ch.insert(ch, conn);
+                self.server.connection_opened(conn, self.now);
+                self.client.channel_connected(ch, self.now);
+            }
+            Ev::ToServer { conn, frame } => {
+                if self.server_up && self.links.contains_key(&conn) {
+                    self.mix(frame.len() as u64);
+                    self.server.handle_frame(conn, frame, self.now);
+                }
+            }
+            Ev::ToClient { conn, frame } => {
+                if let Some(link) = self.links.get(&conn) {
+                    let ch = link.ch;
+                    self.mix(frame.len() as u64);
+                    self.client.handle_frame(ch, frame, self.now);
+                }
+            }
+            Ev::ServerSideClosed { conn, boot } => {
+                if self.server_up && boot == self.boot {
+                    self.server.connection_closed(conn, self.now);
+                }
+                self.remove_link(conn);
+            }
+            Ev::ClientSideClosed { ch } => {
+                if let Some(conn) = self.by_ch.get(&ch).copied() {
+                    self.remove_link(conn);
+                }
+                self.client.channel_closed(ch, self.now);
+            }
+            Ev::DiskDone { token, boot } => {
+                if boot == self.boot && self.server_up {
+                    self.finish_disk_op(token);
+                }
+            }
+            Ev::FaultTick => self.fault_tick(),
+            Ev::ServerStart => self.start_server(),
+            Ev::PartitionEnds => self.partitioned = false,
+            Ev::DiskStallEnds => {}
+            Ev::HealAll => {
+                self.faulty = false;
+                self.partitioned = false;
+                self.disk_stalled_until = self.now;
+                if !self.server_up {
+                    self.start_server();
+                }
+            }
+        }
+    }
+
+    fn remove_link(&mut self, conn: ConnId) {
+        if let Some(link) = self.links.remove(&conn) {
+            self.by_ch.remove(&link.ch);
+        }
+    }
+
+    /// Processes every action both engines have queued, until both are
+    /// quiet, then re-arms their timers.
+    fn drain(&mut self) {
+        loop {
+            let mut any = false;
+            while let Some(a) = self.client.poll_action() {
+                any = true;
+                self.client_action(a);
+            }
+            while self.server_up {
+                let Some(a) = self.server.poll_action() else {
+                    break;
+                };
+                any = true;
+                self.server_action(a);
+            }
+            if !any {
+                break;
+            }
+        }
+        if self.faulty {
+            self.fill_queue();
+            while let Some(a) = self.client.poll_action() {
+                self.client_action(a);
+            }
+        }
+        if let Some(t) = self.client.poll_timeout() {
+            if self.client_timer.is_none_or(|c| t < c) {
+                self.client_timer = Some(t);
+                let after = t - self.now;
+                self.schedule(after, Ev::ClientTimer);
+            }
+        }
+        if self.server_up {
+            if let Some(t) = self.server.poll_timeout() {
+                if self.server_timer.is_none_or(|c| t < c) {
+                    self.server_timer = Some(t);
+                    let after = t - self.now;
+                    self.schedule(after, Ev::ServerTimer);
+                }
+            }
+        }
+    }
+
+    fn client_action(&mut self, a: ClientAction) {
+        match a {
+            ClientAction::Connect(ch) => {
+                let delay = self.between(self.cfg.link_delay) * 2;
+                let boot = self.boot;
+                self.schedule(delay, Ev::Connected { ch, boot });
+            }
+            ClientAction::Close(ch) => {
+                if let Some(conn) = self.by_ch.get(&ch).copied() {
+                    let link = self.links.get_mut(&conn).unwrap();
+                    if !link.closing {
+                        link.closing = true;
+                        // After every frame already in flight.
+                        let after = self.cfg.link_delay.1 + Duration::from_micros(1);
+                        let boot = self.boot;
+                        self.schedule(after, Ev::ServerSideClosed { conn, boot });
+                    }
+                }
+            }
+            ClientAction::Send(ch, frame) => {
+                let Some(conn) = self.by_ch.get(&ch).copied() else {
+                    return;
+                };
+                if self.links[&conn].closing {
+                    return;
+                }
+                self.transmit(conn, frame.to_bytes(), true);
+            }
+            ClientAction::Complete(c) => {
+                let io = self
+                    .outstanding
+                    .remove(&c.user)
+                    .expect("completion for a submitted IO");
+                self.ios += 1;
+                self.mix(c.user);
+                let result = c.result.as_ref().map(|b| &b[..]).map_err(|e| e.to_string());
+                self.mix(result.is_ok() as u64);
+                self.checker.complete(c.user, result, io.fua);
+            }
+            ClientAction::Notice(_) => {}
+        }
+    }
+
+    fn server_action(&mut self, a: ServerAction) {
+        match a {
+            ServerAction::Send { conn, frame } => {
+                if self.links.get(&conn).is_some_and(|l| !l.closing) {
+                    self.transmit(conn, frame.to_bytes(), false);
+                }
+            }
+            ServerAction::Close { conn, .. } => {
+                if let Some(link) = self.links.get_mut(&conn) {
+                    if !link.closing {
+                        link.closing = true;
+                        let ch = link.ch;
+                        let after = self.cfg.link_delay.1 + Duration::from_micros(1);
+                        self.schedule(after, Ev::ClientSideClosed { ch });
+                    }
+                }
+                self.server.connection_closed(conn, self.now);
+            }
+            ServerAction::Backend(req) => {
+                let mut latency = self.between(self.cfg.disk_latency);
+                if self.disk_stalled_until > self.now {
+                    latency += self.disk_stalled_until - self.now;
+                }
+                let (token, boot) = (req.token, self.boot);
+                self.disk_ops.insert(token, req);
+                self.schedule(latency, Ev::DiskDone { token, boot });
+            }
+        }
+    }
+
+    /// Puts a frame on a link, through the per-frame faults.
+    fn transmit(&mut self, conn: ConnId, mut frame: Bytes, to_server: bool) {
+        if self.links[&conn].blackholed || self.partitioned {
+            return;
+        }
+        let f = &self.cfg.faults;
+        let (loss, dup, corrupt) = if self.faulty {
+            (f.loss, f.duplicate, f.corrupt)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
+        if self.rng.chance(loss) {
+            self.count_fault("frame lost");
+            return;
+        }
+        if self.rng.chance(corrupt) {
+            self.count_fault("frame corrupted");
+            let mut v = frame.to_vec();
+            let bit = self.rng.below(v.len() as u64 * 8);
+            v[(bit / 8) as usize] ^= 1 << (bit % 8);
+            frame = Bytes::from(v);
+        }
+        let copies = if self.rng.chance(dup) {
+            self.count_fault("frame duplicated");
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.between(self.cfg.link_delay);
+            let ev = if to_server {
+                Ev::ToServer {
+                    conn,
+                    frame: frame.clone(),
+                }
+            } else {
+                Ev::ToClient {
+                    conn,
+                    frame: frame.clone(),
+                }
+            };
+            self.schedule(delay, ev);
+        }
+    }
+
+    fn finish_disk_op(&mut self, token: u64) {
+        let Some(req) = self.disk_ops.remove(&token) else {
+            return;
+        };
+        let result = self.apply(&req);
+        self.server.backend_complete(token, result, self.now);
+    }
+
+    fn apply(&mut self, req: &BackendRequest) -> Result<Bytes, crate::wire::Status> {
+        match &req.op {
+            BackendOp::Write { offset, data, .. } => self.checker.backend_mutation(
+                self.boot,
+                req.session_id,
+                req.request_id,
+                *offset,
+                Some(data),
+            ),
+            BackendOp::Trim { offset, .. } | BackendOp::WriteZeroes { offset, .. } => self
+                .checker
+                .backend_mutation(self.boot, req.session_id, req.request_id, *offset, None),
+            _ => {}
+        }
+        self.disk.apply(&req.op)
+    }
+
+    fn fill_queue(&mut self) {
+        while self.faulty && self.outstanding.len() < self.cfg.queue_depth {
+            let io = self.next_io();
+            let id = self.next_op;
+            match self.client.submit(id, io.clone(), self.now) {
+                Ok(()) => {
+                    self.next_op += 1;
+                    self.checker.submit(id, io.op, io.offset, io.len);
+                    self.outstanding.insert(id, io);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn next_io(&mut self) -> IoRequest {
+        let sectors = self.cfg.disk_sectors;
+        let count = 1 + self.rng.below(self.cfg.io_sectors_max.min(sectors));
+        let first = self.rng.below(sectors - count + 1);
+        let (offset, len) = (first * SECTOR as u64, (count as usize * SECTOR) as u32);
+        match self.rng.below(100) {
+            0..=39 => IoRequest::read(offset, len),
+            40..=69 => IoRequest::write(offset, stamp(self.next_op, first, count), false),
+            70..=77 => IoRequest::write(offset, stamp(self.next_op, first, count), true),
+            78..=85 => IoRequest::flush(),
+            86..=92 => IoRequest::trim(offset, len),
+            _ => IoRequest::write_zeroes(offset, len, self.rng.chance(0.3)),
+        }
+    }
+
+    fn fault_tick(&mut self) {
+        if !self.faulty {
+            return;
+        }
+        self.schedule(FAULT_TICK, Ev::FaultTick);
+        let f = self.cfg.faults.clone();
+        let p = |rate: f64| rate * FAULT_TICK.as_secs_f64();
+        let outage = (Duration::from_millis(1), f.outage_max);
+        if self.rng.chance(p(f.kill_channel_per_sec)) {
+            if let Some(conn) = self.pick_link() {
+                self.count_fault("channel reset");
+                let ch = self.links[&conn].ch;
+                self.links.get_mut(&conn).unwrap().closing = true;
+                let boot = self.boot;
+                let a = self.between(self.cfg.link_delay);
+                let b = self.between(self.cfg.link_delay);
+                self.schedule(a, Ev::ServerSideClosed { conn, boot });
+                self.schedule(b, Ev::ClientSideClosed { ch });
+            }
+        }
+        if self.rng.chance(p(f.blackhole_per_sec)) {
+            if let Some(conn) = self.pick_link() {
+                self.count_fault("channel black-holed");
+                self.links.get_mut(&conn).unwrap().blackholed = true;
+            }
+        }
+        if self.server_up && !self.partitioned && self.rng.chance(p(f.partition_per_sec)) {
+            self.count_fault("partition");
+            self.partitioned = true;
+            let d = self.between(outage);
+            self.schedule(d, Ev::PartitionEnds);
+        }
+        if self.rng.chance(p(f.disk_stall_per_sec)) {
+            self.count_fault("disk stall");
+            let d = self.between(outage);
+            self.disk_stalled_until = self.disk_stalled_until.max(self.now + d);
+            self.schedule(d, Ev::DiskStallEnds);
+        }
+        if self.server_up && self.rng.chance(p(f.crash_per_sec)) {
+            self.count_fault("server crash");
+            self.stop_server(false);
+        } else if self.server_up && self.rng.chance(p(f.power_loss_per_sec)) {
+            self.count_fault("power loss");
+            self.stop_server(true);
+        }
+    }
+
+    fn pick_link(&mut self) -> Option<ConnId> {
+        let open: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.closing)
+            .map(|(c, _)| *c)
+            .collect();
+        if open.is_empty() {
+            return None;
+        }
+        Some(open[self.rng.below(open.len() as u64) as usize])
+    }
+
+    /// The server process dies. Backend operations in flight may or may not
+    /// have reached the disk; with `power`, the disk cache is lost too.
+    fn stop_server(&mut self, power: bool) {
+        for (_, req) in std::mem::take(&mut self.disk_ops) {
+            if req.op != BackendOp::Flush && self.rng.chance(0.5) {
+                let _ = self.apply(&req);
+            }
+        }
+        if power {
+            self.disk.lose_power();
+            self.checker.power_lost(self.disk.media());
+        }
+        let conns: Vec<ConnId> = self.links.keys().copied().collect();
+        for conn in conns {
+            let ch = self.links[&conn].ch;
+            self.links.get_mut(&conn).unwrap().closing = true;
+            let d = self.between(self.cfg.link_delay);
+            self.schedule(d, Ev::ClientSideClosed { ch });
+        }
+        add_stats(&mut self.server_stats, self.server.stats());
+        self.server_up = false;
+        self.server_timer = None;
+        let down = self.between((Duration::from_millis(1), self.cfg.faults.outage_max));
+        self.schedule(down, Ev::ServerStart);
+    }
+
+    fn start_server(&mut self) {
+        if self.server_up {
+            return;
+        }
+        self.boot = self.rng.next_u64();
+        let mut seed = [0u8; 32];
+        for chunk in seed.chunks_mut(8) {
+            chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        }
+        let key = Key::new(b"simulated pre-shared key".to_vec());
+        self.server = ServerEngine::new(Self::server_config(&self.cfg, self.boot, seed, key));
+        self.server_up = true;
+    }
+
+    fn check_bounds(&mut self) {
+        let cc = self.client.config();
+        let checks = [
+            (
+                "client journaled IOs",
+                self.outstanding.len() as u64,
+                cc.max_queued as u64,
+            ),
+            (
+                "client requests in flight",
+                self.client.inflight() as u64,
+                u64::from(cc.max_inflight),
+            ),
+            (
+                "client journal bytes",
+                self.client.journal_bytes(),
+                cc.max_journal_bytes,
+            ),
+            (
+                "client dirty bytes",
+                self.client.dirty_bytes(),
+                cc.max_dirty_bytes + cc.max_journal_bytes,
+            ),
+        ];
+        for (what, value, bound) in checks {
+            if value > bound {
+                self.checker.report(Violation::Bound { what, value, bound });
+            }
+        }
+        if self.server_up {
+            let sc = self.server.config();
+            let bound = self.server.session_count() as u64 * u64::from(sc.id_window);
+            let value = self.server.cached_results() as u64;
+            if value > bound {
+                self.checker.report(Violation::Bound {
+                    what: "server cached results",
+                    value,
+                    bound,
+                });
+            }
+        }
+    }
+}
+
+fn add_stats(total: &mut ServerStats, s: &ServerStats) {
+    total.connections += s.connections;
+    total.handshakes += s.handshakes;
+    total.auth_failures += s.auth_failures;
+    total.sessions_created += s.sessions_created;
+    total.sessions_freed += s.sessions_freed;
+    total.requests += s.requests;
+    total.backend_ops += s.backend_ops;
+    total.recorded_replies += s.recorded_replies;
+    total.joined += s.joined;
+    total.stale_dropped += s.stale_dropped;
+    total.corrupt_payloads += s.corrupt_payloads;
+    total.protocol_errors += s.protocol_errors;
+    total.error_replies += s.error_replies;
+}
