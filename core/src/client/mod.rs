@@ -1021,9 +1021,6 @@ impl ClientEngine {
             self.journal.requeue(*id);
         }
         self.stats.failovers += moved.len() as u64;
-        if self.leader == Some(slot as u16) {
-            self.leader = None;
-        }
         let c = &mut self.channels[slot];
         c.inflight = 0;
         c.ping = None;
@@ -1033,9 +1030,18 @@ impl ClientEngine {
         } else {
             Duration::ZERO
         };
-        self.channels[slot].state = ChanState::Idle {
-            retry_at: now + delay,
-        };
+        let retry_at = now + delay;
+        self.channels[slot].state = ChanState::Idle { retry_at };
+        if self.leader == Some(slot as u16) {
+            self.leader = None;
+            // A failed session attempt holds every channel back, or each
+            // would try at once in turn against a server that refused us.
+            for c in &mut self.channels {
+                if let ChanState::Idle { retry_at: r } = &mut c.state {
+                    *r = (*r).max(retry_at);
+                }
+            }
+        }
         self.actions.push_back(ClientAction::Close(ch));
         let notice = Notice::ChannelDown {
             ch,
@@ -1113,7 +1119,7 @@ impl ClientEngine {
 
     /// Sends whatever may go now.
     fn pump(&mut self, now: Instant) {
-        if self.session.is_none() && !self.closing {
+        if !self.closing {
             for slot in 0..self.channels.len() {
                 if let ChanState::Idle { retry_at } = self.channels[slot].state {
                     if retry_at <= now && self.may_connect(slot) {

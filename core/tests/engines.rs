@@ -1,0 +1,585 @@
+//! The engines against each other over perfect in-memory links, one step at
+//! a time, and against a hand-driven peer for the paths a well-behaved
+//! engine never takes: wrong keys, replayed handshakes, garbage, and
+//! requests the export must refuse.
+
+use braid_core::auth::Key;
+use braid_core::client::*;
+use braid_core::server::*;
+use braid_core::wire::{self, *};
+use braid_core::Instant;
+use bytes::Bytes;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn server_config() -> ServerConfig {
+    let mut ro = ExportConfig::new("ro", MIB);
+    ro.read_only = true;
+    let mut plain = ExportConfig::new("plain", MIB);
+    plain.trim = false;
+    ServerConfig::new(
+        0xB007,
+        [7; 32],
+        vec![
+            ("alice".into(), Key::new(*b"alice's key")),
+            ("bob".into(), Key::new(*b"bob's key")),
+        ],
+        vec![ExportConfig::new("disk0", MIB), ro, plain],
+    )
+}
+
+fn client_config(export: &str, key_id: &str, key: &[u8]) -> ClientConfig {
+    let mut c = ClientConfig::new(export, key_id, Key::new(key.to_vec()), [9; 32]);
+    c.channels = 2;
+    c
+}
+
+/// A client and a server joined by perfect links; the clock moves only
+/// when a test says so.
+struct Pair {
+    client: ClientEngine,
+    server: ServerEngine,
+    now: Instant,
+    conns: BTreeMap<ChannelId, ConnId>,
+    chans: BTreeMap<ConnId, ChannelId>,
+    next_conn: ConnId,
+    to_server: VecDeque<(ConnId, Bytes)>,
+    to_client: VecDeque<(ChannelId, Bytes)>,
+    completions: Vec<Completion>,
+    notices: Vec<Notice>,
+    disk: Vec<u8>,
+}
+
+impl Pair {
+    fn new(client: ClientConfig) -> Self {
+        Pair {
+            client: ClientEngine::new(client),
+            server: ServerEngine::new(server_config()),
+            now: Instant::ZERO,
+            conns: BTreeMap::new(),
+            chans: BTreeMap::new(),
+            next_conn: 1,
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            completions: Vec::new(),
+            notices: Vec::new(),
+            disk: vec![0; MIB as usize],
+        }
+    }
+
+    /// Runs until neither side has anything to do (bounded, so a livelock
+    /// fails the test instead of hanging it).
+    fn drive(&mut self) {
+        self.client.handle_timeout(self.now);
+        for _ in 0..10_000 {
+            let mut busy = false;
+            while let Some(a) = self.client.poll_action() {
+                busy = true;
+                match a {
+                    ClientAction::Connect(ch) => {
+                        let conn = self.next_conn;
+                        self.next_conn += 1;
+                        self.conns.insert(ch, conn);
+                        self.chans.insert(conn, ch);
+                        self.server.connection_opened(conn, self.now);
+                        self.client.channel_connected(ch, self.now);
+                    }
+                    ClientAction::Close(ch) => {
+                        if let Some(conn) = self.conns.remove(&ch) {
+                            // A graceful close: what was sent arrives first.
+                            while let Some((c, f)) = self.to_server.pop_front() {
+                                self.server.handle_frame(c, f, self.now);
+                            }
+                            self.chans.remove(&conn);
+                            self.server.connection_closed(conn, self.now);
+                        }
+                    }
+                    ClientAction::Send(ch, f) => {
+                        if let Some(conn) = self.conns.get(&ch) {
+                            self.to_server.push_back((*conn, f.to_bytes()));
+                        }
+                    }
+                    ClientAction::Complete(c) => self.completions.push(c),
+                    ClientAction::Notice(n) => self.notices.push(n),
+                }
+            }
+            while let Some(a) = self.server.poll_action() {
+                busy = true;
+                match a {
+                    ServerAction::Send { conn, frame } => {
+                        if let Some(ch) = self.chans.get(&conn) {
+                            self.to_client.push_back((*ch, frame.to_bytes()));
+                        }
+                    }
+                    ServerAction::Close { conn, .. } => {
+                        if let Some(ch) = self.chans.remove(&conn) {
+                            self.conns.remove(&ch);
+                            // Deliver what was sent before the close first.
+                            while let Some((c, f)) = self.to_client.pop_front() {
+                                self.client.handle_frame(c, f, self.now);
+                            }
+                            self.client.channel_closed(ch, self.now);
+                        }
+                        self.server.connection_closed(conn, self.now);
+                    }
+                    ServerAction::Backend(req) => {
+                        let result = self.apply(&req.op);
+                        self.server.backend_complete(req.token, result, self.now);
+                    }
+                }
+            }
+            if let Some((conn, f)) = self.to_server.pop_front() {
+                busy = true;
+                self.server.handle_frame(conn, f, self.now);
+            }
+            if let Some((ch, f)) = self.to_client.pop_front() {
+                busy = true;
+                self.client.handle_frame(ch, f, self.now);
+            }
+            if !busy {
+                if self.client.poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.client.handle_timeout(self.now);
+                    continue;
+                }
+                return;
+            }
+        }
+        panic!("the engines never went quiet");
+    }
+
+    fn apply(&mut self, op: &BackendOp) -> Result<Bytes, Status> {
+        match op {
+            BackendOp::Read { offset, len } => Ok(Bytes::copy_from_slice(
+                &self.disk[*offset as usize..(*offset + u64::from(*len)) as usize],
+            )),
+            BackendOp::Write { offset, data, .. } => {
+                self.disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                Ok(Bytes::new())
+            }
+            BackendOp::Trim { offset, len, .. } | BackendOp::WriteZeroes { offset, len, .. } => {
+                self.disk[*offset as usize..(*offset + u64::from(*len)) as usize].fill(0);
+                Ok(Bytes::new())
+            }
+            BackendOp::Flush => Ok(Bytes::new()),
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now = self.now + by;
+        self.server.handle_timeout(self.now);
+        self.drive();
+    }
+
+    fn io(&mut self, user: u64, io: IoRequest) -> Result<Bytes, IoError> {
+        self.client.submit(user, io, self.now).expect("accepted");
+        self.drive();
+        let pos = self
+            .completions
+            .iter()
+            .position(|c| c.user == user)
+            .expect("completed");
+        self.completions.remove(pos).result
+    }
+}
+
+#[test]
+fn handshake_brings_every_channel_up_in_one_session() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 2);
+    assert_eq!(p.server.session_count(), 1);
+    assert_eq!(p.server.stats().handshakes, 2);
+    let info = p.client.export_info().unwrap();
+    assert_eq!((info.size, info.block_size), (MIB, 512));
+    assert!(p.notices.iter().any(|n| matches!(
+        n,
+        Notice::SessionStarted {
+            replaced: false,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn data_written_reads_back_and_every_op_works() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let data = Bytes::from(vec![0xAB; 4096]);
+    p.io(1, IoRequest::write(8192, data.clone(), false))
+        .unwrap();
+    assert_eq!(p.io(2, IoRequest::read(8192, 4096)).unwrap(), data);
+    p.io(3, IoRequest::flush()).unwrap();
+    p.io(4, IoRequest::trim(8192, 1024)).unwrap();
+    p.io(5, IoRequest::write_zeroes(9216, 512, true)).unwrap();
+    let back = p.io(6, IoRequest::read(8192, 4096)).unwrap();
+    assert!(back[..1536].iter().all(|b| *b == 0));
+    assert!(back[1536..].iter().all(|b| *b == 0xAB));
+    assert_eq!(p.client.stats().completed, 6);
+}
+
+#[test]
+fn refused_requests_fail_with_clear_errors_and_the_session_goes_on() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let past_end = p.io(1, IoRequest::read(MIB, 512)).unwrap_err();
+    assert_eq!(past_end.kind, IoErrorKind::OutOfRange);
+    assert_eq!((past_end.export.as_str(), past_end.offset), ("disk0", MIB));
+    assert!(
+        past_end.to_string().contains("offset 1048576"),
+        "{past_end}"
+    );
+    assert_eq!(
+        p.io(2, IoRequest::read(100, 512)).unwrap_err().kind,
+        IoErrorKind::Invalid
+    );
+    assert_eq!(
+        p.io(3, IoRequest::read(u64::MAX - 511, 512))
+            .unwrap_err()
+            .kind,
+        IoErrorKind::OutOfRange
+    );
+    assert!(
+        p.io(4, IoRequest::read(0, 512)).is_ok(),
+        "the session survives"
+    );
+    assert_eq!(
+        p.client.submit(5, IoRequest::read(0, 0), p.now),
+        Err(SubmitError::Invalid("zero-length request"))
+    );
+    assert_eq!(
+        p.client.submit(6, IoRequest::read(0, 2 << 20), p.now),
+        Err(SubmitError::Invalid("longer than the server's max payload"))
+    );
+}
+
+#[test]
+fn read_only_and_unsupported_ops_are_refused() {
+    let mut p = Pair::new(client_config("ro", "alice", b"alice's key"));
+    p.drive();
+    let e = p
+        .io(1, IoRequest::write(0, Bytes::from(vec![1; 512]), false))
+        .unwrap_err();
+    assert_eq!(e.kind, IoErrorKind::ReadOnly);
+    assert!(p.io(2, IoRequest::read(0, 512)).is_ok());
+
+    let mut p = Pair::new(client_config("plain", "alice", b"alice's key"));
+    p.drive();
+    assert_eq!(
+        p.io(1, IoRequest::trim(0, 512)).unwrap_err().kind,
+        IoErrorKind::Unsupported
+    );
+}
+
+#[test]
+fn wrong_key_is_refused_and_retried_with_backoff() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"not alice's key"));
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 0);
+    // The server's proof fails the client's check before the client proves
+    // anything, so the client refuses to talk to it.
+    assert!(p
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::AuthFailed { .. })));
+    assert_eq!(p.server.session_count(), 0);
+    let attempts = p.server.stats().connections;
+    p.advance(Duration::from_millis(5));
+    assert_eq!(
+        p.server.stats().connections,
+        attempts,
+        "no retry before the backoff"
+    );
+    p.advance(Duration::from_millis(100));
+    assert!(
+        p.server.stats().connections > attempts,
+        "retried after the backoff"
+    );
+}
+
+#[test]
+fn unknown_key_id_and_unknown_export_are_refused() {
+    let mut p = Pair::new(client_config("disk0", "mallory", b"whatever"));
+    p.drive();
+    assert!(p
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::AuthFailed { .. })));
+    eprintln!("{:#?}", p.notices);
+    assert_eq!(p.server.stats().auth_failures, 1);
+    let mut p = Pair::new(client_config("nope", "alice", b"alice's key"));
+    p.drive();
+    assert!(p.notices.iter().any(|n| matches!(
+        n,
+        Notice::Rejected {
+            code: RejectCode::NoSuchExport,
+            ..
+        }
+    )));
+}
+
+/// Runs a handshake by hand so a test can record and replay it.
+fn hello(
+    server: &mut ServerEngine,
+    conn: ConnId,
+    nonce: [u8; 16],
+    now: Instant,
+) -> Option<Challenge> {
+    server.connection_opened(conn, now);
+    let msg = Message::Hello(Hello {
+        version_min: 1,
+        version_max: 1,
+        features: 0,
+        session_id: 0,
+        client_nonce: nonce,
+        key_id: "alice".into(),
+        export: "disk0".into(),
+    });
+    server.handle_frame(conn, wire::encode(&msg).to_bytes(), now);
+    match server.poll_action() {
+        Some(ServerAction::Send { frame, .. }) => match wire::decode(frame.to_bytes()).unwrap() {
+            Message::Challenge(c) => Some(c),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn drain(server: &mut ServerEngine) -> Vec<Message> {
+    let mut out = Vec::new();
+    while let Some(a) = server.poll_action() {
+        if let ServerAction::Send { frame, .. } = a {
+            out.push(wire::decode(frame.to_bytes()).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn a_recorded_handshake_cannot_be_replayed() {
+    let mut server = ServerEngine::new(server_config());
+    let key = Key::new(*b"alice's key");
+    let nonce = [5; 16];
+    let now = Instant::ZERO;
+    let c1 = hello(&mut server, 1, nonce, now).unwrap();
+    let t = braid_core::auth::Transcript {
+        key_id: "alice",
+        export: "disk0",
+        session_id: 0,
+        client_nonce: &nonce,
+        server_nonce: &c1.server_nonce,
+        boot_id: c1.boot_id,
+    };
+    let recorded = wire::encode(&Message::Auth(Auth {
+        client_proof: braid_core::auth::client_proof(&key, &t),
+    }));
+    server.handle_frame(1, recorded.to_bytes(), now);
+    assert!(
+        drain(&mut server)
+            .iter()
+            .any(|m| matches!(m, Message::Welcome(_))),
+        "the genuine handshake works"
+    );
+
+    // An eavesdropper replays the same HELLO and AUTH on a new connection.
+    let c2 = hello(&mut server, 2, nonce, now).unwrap();
+    assert_ne!(c1.server_nonce, c2.server_nonce, "every challenge is fresh");
+    server.handle_frame(2, recorded.to_bytes(), now);
+    let replies = drain(&mut server);
+    assert!(
+        replies
+            .iter()
+            .any(|m| matches!(m, Message::Reject(r) if r.code == RejectCode::AuthFailed)),
+        "{replies:?}"
+    );
+    assert_eq!(server.stats().auth_failures, 1);
+    assert_eq!(server.session_count(), 1);
+}
+
+#[test]
+fn garbage_on_one_connection_leaves_other_sessions_alone() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let before = p.server.stats().protocol_errors;
+    for (conn, junk) in [
+        (900, &b"GET / HTTP/1.1\r\n\r\n"[..]),
+        (901, &[0u8; 64][..]),
+        (902, b"BRD1"),
+    ] {
+        p.server.connection_opened(conn, p.now);
+        p.server
+            .handle_frame(conn, Bytes::copy_from_slice(junk), p.now);
+    }
+    // A request before any handshake.
+    p.server.connection_opened(903, p.now);
+    let early = Message::Request(Request {
+        op: Op::Read,
+        id: 1,
+        floor: 1,
+        offset: 0,
+        length: 512,
+        flags: 0,
+        remote: None,
+        payload: Bytes::new(),
+    });
+    p.server
+        .handle_frame(903, wire::encode(&early).to_bytes(), p.now);
+    let mut closed = Vec::new();
+    while let Some(a) = p.server.poll_action() {
+        if let ServerAction::Close { conn, .. } = a {
+            closed.push(conn);
+        }
+    }
+    closed.sort();
+    assert_eq!(closed, vec![900, 901, 902, 903]);
+    assert_eq!(p.server.stats().protocol_errors, before + 4);
+    assert!(
+        p.io(1, IoRequest::read(0, 512)).is_ok(),
+        "the real session is untouched"
+    );
+}
+
+#[test]
+fn half_open_connections_are_closed_after_the_handshake_timeout() {
+    let mut server = ServerEngine::new(server_config());
+    server.connection_opened(1, Instant::ZERO);
+    server.handle_timeout(Instant::ZERO + Duration::from_secs(5));
+    assert!(server.poll_action().is_none());
+    server.handle_timeout(Instant::ZERO + Duration::from_secs(11));
+    assert!(matches!(
+        server.poll_action(),
+        Some(ServerAction::Close {
+            conn: 1,
+            reason: CloseReason::HandshakeTimeout
+        })
+    ));
+}
+
+#[test]
+fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    p.client.close(p.now);
+    p.drive();
+    assert_eq!(p.server.session_count(), 0);
+    assert_eq!(p.server.stats().sessions_freed, 1);
+
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    // The client vanishes without a word.
+    let conns: Vec<ConnId> = p.chans.keys().copied().collect();
+    for c in conns {
+        p.server.connection_closed(c, p.now);
+    }
+    p.now = p.now + Duration::from_secs(299);
+    p.server.handle_timeout(p.now);
+    assert_eq!(p.server.session_count(), 1, "kept for its client to return");
+    p.now = p.now + Duration::from_secs(2);
+    p.server.handle_timeout(p.now);
+    assert_eq!(p.server.session_count(), 0);
+}
+
+#[test]
+fn a_quiet_channel_is_pinged_and_a_silent_one_declared_dead() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    p.advance(Duration::from_millis(250));
+    assert!(p.client.stats().pings >= 2, "one ping per quiet channel");
+    assert_eq!(p.client.ready_channels(), 2, "pongs keep them alive");
+    // Now the server goes silent: frames to it vanish.
+    let pings = p.client.stats().pings;
+    p.now = p.now + Duration::from_millis(250);
+    p.client.handle_timeout(p.now);
+    while let Some(a) = p.client.poll_action() {
+        assert!(!matches!(a, ClientAction::Complete(_)));
+    }
+    assert!(p.client.stats().pings > pings);
+    p.now = p.now + Duration::from_millis(900);
+    p.client.handle_timeout(p.now);
+    assert_eq!(p.client.ready_channels(), 0);
+    assert_eq!(p.client.stats().channel_failures, 2);
+}
+
+#[test]
+fn back_pressure_refuses_io_beyond_the_journal_bound() {
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.max_queued = 3;
+    let mut client = ClientEngine::new(cfg);
+    let now = Instant::ZERO;
+    for user in 0..3 {
+        client.submit(user, IoRequest::read(0, 512), now).unwrap();
+    }
+    assert_eq!(
+        client.submit(3, IoRequest::read(0, 512), now),
+        Err(SubmitError::Busy)
+    );
+    assert_eq!(client.journal_len(), 3, "no channel is up: nothing grows");
+}
+
+#[test]
+fn an_io_timeout_fails_io_with_an_error_instead_of_hanging() {
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.io_timeout = Some(Duration::from_secs(5));
+    let mut client = ClientEngine::new(cfg);
+    client
+        .submit(1, IoRequest::read(0, 512), Instant::ZERO)
+        .unwrap();
+    let later = Instant::ZERO + Duration::from_secs(6);
+    client.handle_timeout(later);
+    let done: Vec<Completion> = std::iter::from_fn(|| client.poll_action())
+        .filter_map(|a| {
+            if let ClientAction::Complete(c) = a {
+                Some(c)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        done[0].result.as_ref().unwrap_err().kind,
+        IoErrorKind::TimedOut
+    );
+}
+
+#[test]
+fn server_restart_is_detected_and_unflushed_data_replayed() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let data = Bytes::from(vec![0x5A; 1024]);
+    p.io(1, IoRequest::write(0, data.clone(), false)).unwrap();
+    assert_eq!(p.client.dirty_bytes(), 1024);
+    // Power loss: a new server process, and the unflushed write is gone.
+    let conns: Vec<(ConnId, ChannelId)> = p.chans.iter().map(|(c, ch)| (*c, *ch)).collect();
+    p.chans.clear();
+    p.conns.clear();
+    let mut cfg = server_config();
+    cfg.boot_id = 0xB008;
+    p.server = ServerEngine::new(cfg);
+    p.disk[..1024].fill(0);
+    for (_, ch) in conns {
+        p.client.channel_closed(ch, p.now);
+    }
+    p.advance(Duration::from_millis(100));
+    assert_eq!(p.client.ready_channels(), 2);
+    assert!(p.notices.iter().any(|n| matches!(
+        n,
+        Notice::SessionStarted {
+            replaced: true,
+            replay_extents: 1,
+            ..
+        }
+    )));
+    assert_eq!(
+        p.io(2, IoRequest::read(0, 1024)).unwrap(),
+        data,
+        "nothing acknowledged was lost"
+    );
+    p.io(3, IoRequest::flush()).unwrap();
+    assert_eq!(
+        p.client.dirty_bytes(),
+        0,
+        "a completed flush empties the dirty window"
+    );
+}
