@@ -1,1 +1,227 @@
-fn main() {}
+//! Engine and codec CPU cost per 4 KiB IO (`cargo xtask bench`).
+//!
+//! The engine round trip runs one IO through client submit, the request
+//! frame, server admission and backend dispatch, the reply frame and the
+//! client completion, with the backend answering at once. It measures the
+//! protocol's CPU cost, not IO: the only data copies are the checksum passes
+//! and the one concatenation a transport would do when reading a frame.
+
+use braid_core::auth::Key;
+use braid_core::client::{ClientAction, ClientConfig, ClientEngine, IoRequest};
+use braid_core::server::{BackendOp, ExportConfig, ServerAction, ServerConfig, ServerEngine};
+use braid_core::wire::{decode, encode, Message, Op, Request};
+use braid_core::Instant;
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::hint::black_box;
+
+const BLOCK: usize = 4096;
+
+fn codec(c: &mut Criterion) {
+    let req = Message::Request(Request {
+        op: Op::Write,
+        id: 1,
+        floor: 1,
+        offset: 4096,
+        length: BLOCK as u32,
+        flags: 0,
+        remote: None,
+        payload: Bytes::from(vec![7u8; BLOCK]),
+    });
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode write 4k", |b| {
+        b.iter(|| black_box(encode(black_box(&req))))
+    });
+    let bytes = encode(&req).to_bytes();
+    g.bench_function("decode write 4k", |b| {
+        b.iter(|| black_box(decode(black_box(bytes.clone())).unwrap()))
+    });
+    let read = Message::Request(Request {
+        op: Op::Read,
+        payload: Bytes::new(),
+        ..match &req {
+            Message::Request(r) => r.clone(),
+            _ => unreachable!(),
+        }
+    });
+    g.bench_function("encode+decode read header", |b| {
+        b.iter(|| black_box(decode(encode(black_box(&read)).to_bytes()).unwrap()))
+    });
+    g.finish();
+}
+
+struct Connected {
+    client: ClientEngine,
+    server: ServerEngine,
+    now: Instant,
+}
+
+/// A client and server with one channel, handshake done.
+fn connected() -> Connected {
+    let key = Key::new(*b"bench key");
+    let mut cc = ClientConfig::new("disk0", "bench", key.clone(), [1; 32]);
+    cc.channels = 1;
+    let sc = ServerConfig::new(
+        1,
+        [2; 32],
+        vec![("bench".into(), key)],
+        vec![ExportConfig::new("disk0", 1 << 30)],
+    );
+    let mut p = Connected {
+        client: ClientEngine::new(cc),
+        server: ServerEngine::new(sc),
+        now: Instant::ZERO,
+    };
+    p.client.handle_timeout(p.now);
+    for _ in 0..10 {
+        while let Some(a) = p.client.poll_action() {
+            match a {
+                ClientAction::Connect(ch) => {
+                    p.server.connection_opened(1, p.now);
+                    p.client.channel_connected(ch, p.now);
+                }
+                ClientAction::Send(_, f) => p.server.handle_frame(1, f.to_bytes(), p.now),
+                _ => {}
+            }
+        }
+        while let Some(a) = p.server.poll_action() {
+            if let ServerAction::Send { frame, .. } = a {
+                let ch = p.client.channel_summary()[0].0;
+                p.client.handle_frame(ch, frame.to_bytes(), p.now);
+            }
+        }
+    }
+    assert_eq!(p.client.ready_channels(), 1);
+    p
+}
+
+/// One IO all the way through both engines.
+fn round_trip(p: &mut Connected, user: u64, io: IoRequest, read_data: &Bytes) {
+    p.client.submit(user, io, p.now).unwrap();
+    let ch = p.client.channel_summary()[0].0;
+    let mut done = false;
+    while !done {
+        while let Some(a) = p.client.poll_action() {
+            match a {
+                ClientAction::Send(_, f) => p.server.handle_frame(1, f.to_bytes(), p.now),
+                ClientAction::Complete(c) => {
+                    black_box(c);
+                    done = true;
+                }
+                _ => {}
+            }
+        }
+        while let Some(a) = p.server.poll_action() {
+            match a {
+                ServerAction::Send { frame, .. } => {
+                    p.client.handle_frame(ch, frame.to_bytes(), p.now)
+                }
+                ServerAction::Backend(req) => {
+                    let data = if matches!(req.op, BackendOp::Read { .. }) {
+                        read_data.clone()
+                    } else {
+                        Bytes::new()
+                    };
+                    p.server.backend_complete(req.token, Ok(data), p.now);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn engines(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engine round trip");
+    g.throughput(Throughput::Elements(1));
+    let data = Bytes::from(vec![9u8; BLOCK]);
+    let mut p = connected();
+    let mut user = 0;
+    g.bench_function("read 4k", |b| {
+        b.iter(|| {
+            user += 1;
+            round_trip(
+                &mut p,
+                user,
+                IoRequest::read((user % 1000) * 4096, BLOCK as u32),
+                &data,
+            )
+        })
+    });
+    // Writes fill the dirty window, whose internal FLUSH is part of the cost.
+    g.bench_function("write 4k", |b| {
+        b.iter(|| {
+            user += 1;
+            round_trip(
+                &mut p,
+                user,
+                IoRequest::write((user % 1000) * 4096, data.clone(), false),
+                &data,
+            )
+        })
+    });
+    g.bench_function("write 4k fua", |b| {
+        b.iter(|| {
+            user += 1;
+            round_trip(
+                &mut p,
+                user,
+                IoRequest::write((user % 1000) * 4096, data.clone(), true),
+                &data,
+            )
+        })
+    });
+    g.finish();
+
+    // Many IOs in flight at once: the journal and the server's result cache
+    // hold 128 entries while the batch completes.
+    let mut g = c.benchmark_group("engine batch of 128 reads");
+    g.throughput(Throughput::Elements(128));
+    g.bench_function("qd128 read 4k", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                let ch = p.client.channel_summary()[0].0;
+                for _ in 0..128 {
+                    user += 1;
+                    p.client
+                        .submit(
+                            user,
+                            IoRequest::read((user % 1000) * 4096, BLOCK as u32),
+                            p.now,
+                        )
+                        .unwrap();
+                }
+                let mut left = 128;
+                while left > 0 {
+                    while let Some(a) = p.client.poll_action() {
+                        match a {
+                            ClientAction::Send(_, f) => {
+                                p.server.handle_frame(1, f.to_bytes(), p.now)
+                            }
+                            ClientAction::Complete(_) => left -= 1,
+                            _ => {}
+                        }
+                    }
+                    while let Some(a) = p.server.poll_action() {
+                        match a {
+                            ServerAction::Send { frame, .. } => {
+                                p.client.handle_frame(ch, frame.to_bytes(), p.now)
+                            }
+                            ServerAction::Backend(req) => {
+                                p.server
+                                    .backend_complete(req.token, Ok(data.clone()), p.now)
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, engines);
+criterion_main!(benches);

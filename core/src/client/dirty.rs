@@ -46,6 +46,11 @@ pub(crate) struct Extent {
     pub(crate) data: Option<Bytes>,
 }
 
+/// What one entry costs beyond its data. Counting it keeps the window
+/// bounded even under FUA-only or trim-only traffic, whose entries hold no
+/// data but must stay until a FLUSH (they mask older data on replay).
+const ENTRY_COST: u64 = 64;
+
 #[derive(Debug, Default)]
 pub(crate) struct DirtyWindow {
     /// Keyed by (server session epoch, exec sequence): the order the server
@@ -56,7 +61,7 @@ pub(crate) struct DirtyWindow {
 }
 
 impl DirtyWindow {
-    /// Bytes of data held.
+    /// Memory held: data plus a fixed cost per entry.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
@@ -82,9 +87,7 @@ impl DirtyWindow {
         content: Content,
     ) {
         self.gen += 1;
-        if let Content::Data(d) = &content {
-            self.bytes += d.len() as u64;
-        }
+        self.bytes += cost(&content);
         self.entries.insert(
             (epoch, exec_seq),
             DirtyEntry {
@@ -103,9 +106,7 @@ impl DirtyWindow {
         self.entries.retain(|_, e| {
             let keep = e.gen > gen;
             if !keep {
-                if let Content::Data(d) = &e.content {
-                    freed += d.len() as u64;
-                }
+                freed += cost(&e.content);
             }
             keep
         });
@@ -148,6 +149,14 @@ impl DirtyWindow {
     }
 }
 
+fn cost(content: &Content) -> u64 {
+    ENTRY_COST
+        + match content {
+            Content::Data(d) => d.len() as u64,
+            _ => 0,
+        }
+}
+
 /// Lays `content` over `[start, end)`, trimming whatever it covers.
 fn overwrite(map: &mut BTreeMap<u64, (u64, Content)>, start: u64, end: u64, content: Content) {
     let covered: Vec<u64> = map
@@ -184,7 +193,7 @@ mod tests {
         w.acknowledged(0, 1, 0, 8, data(b'A', 8));
         w.acknowledged(0, 3, 10, 4, Content::Durable);
         w.acknowledged(0, 4, 14, 2, Content::Zero);
-        assert_eq!(w.bytes(), 16);
+        assert_eq!(w.bytes(), 16 + 4 * ENTRY_COST);
         let ext = w.take_replay(vec![]);
         assert_eq!(
             ext,
@@ -217,7 +226,7 @@ mod tests {
         let gen = w.gen();
         w.acknowledged(0, 2, 8, 4, data(2, 4));
         w.flushed(gen);
-        assert_eq!(w.bytes(), 4);
+        assert_eq!(w.bytes(), 4 + ENTRY_COST);
         assert_eq!(w.take_replay(vec![]).len(), 1);
     }
 }

@@ -112,23 +112,32 @@ impl fmt::Debug for OutFrame {
     }
 }
 
-/// Accumulates a body in a fixed buffer; handshake bodies that do not fit
-/// spill to the heap.
+/// Accumulates a body: IO bodies (at most 48 bytes) stay on the stack;
+/// the longer handshake bodies spill to the heap.
 struct BodyWriter {
-    buf: [u8; MAX_BODY_LEN],
+    buf: [u8; REQUEST_BODY_LEN_REMOTE],
     len: usize,
+    spill: Vec<u8>,
 }
 
 impl BodyWriter {
     fn new() -> Self {
         BodyWriter {
-            buf: [0; MAX_BODY_LEN],
+            buf: [0; REQUEST_BODY_LEN_REMOTE],
             len: 0,
+            spill: Vec::new(),
         }
     }
     fn put(&mut self, bytes: &[u8]) {
-        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
+        if self.spill.is_empty() && self.len + bytes.len() <= self.buf.len() {
+            self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+            self.len += bytes.len();
+        } else {
+            if self.spill.is_empty() {
+                self.spill.extend_from_slice(&self.buf[..self.len]);
+            }
+            self.spill.extend_from_slice(bytes);
+        }
     }
     fn u8(&mut self, v: u8) {
         self.put(&[v]);
@@ -148,7 +157,11 @@ impl BodyWriter {
         self.put(bytes);
     }
     fn body(&self) -> &[u8] {
-        &self.buf[..self.len]
+        if self.spill.is_empty() {
+            &self.buf[..self.len]
+        } else {
+            &self.spill
+        }
     }
 }
 
