@@ -312,3 +312,59 @@ fn without_the_flush_barrier_the_checker_fails() {
         |v| matches!(v, Violation::Durability { .. }),
     );
 }
+
+mod shapes {
+    use super::*;
+    use braid_core::client::Policy;
+    use proptest::prelude::*;
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        prop_oneof![
+            Just(Policy::LeastInflight),
+            Just(Policy::RoundRobin),
+            Just(Policy::LowestLatency)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Any shape of world, not just the default one, keeps every
+        /// invariant: proptest shrinks a failure to the smallest shape.
+        #[test]
+        fn invariants_hold_for_any_world_shape(
+            seed in any::<u64>(),
+            channels in 1usize..8,
+            queue_depth in 1usize..48,
+            disk_sectors in 16u64..512,
+            io_sectors_max in 1u64..16,
+            policy in policy(),
+            fault_scale in 0.0f64..2.0,
+            dirty_kib in 4u64..256,
+        ) {
+            let all = FaultRates::all();
+            let report = run(seed, |c| {
+                c.channels = channels;
+                c.queue_depth = queue_depth;
+                c.disk_sectors = disk_sectors;
+                c.io_sectors_max = io_sectors_max;
+                c.policy = policy;
+                c.max_dirty_bytes = dirty_kib * 1024;
+                c.run_for = Duration::from_secs(2);
+                c.faults = FaultRates {
+                    loss: all.loss * fault_scale,
+                    duplicate: all.duplicate * fault_scale,
+                    corrupt: all.corrupt * fault_scale,
+                    kill_channel_per_sec: all.kill_channel_per_sec * fault_scale,
+                    blackhole_per_sec: all.blackhole_per_sec * fault_scale,
+                    partition_per_sec: all.partition_per_sec * fault_scale,
+                    crash_per_sec: all.crash_per_sec * fault_scale,
+                    power_loss_per_sec: all.power_loss_per_sec * fault_scale,
+                    disk_stall_per_sec: all.disk_stall_per_sec * fault_scale,
+                    outage_max: all.outage_max,
+                };
+            });
+            prop_assert!(report.violations.is_empty(), "seed {}: {}", seed, report.violations[0]);
+        }
+    }
+}

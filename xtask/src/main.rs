@@ -1,1 +1,121 @@
-fn main() {}
+//! `cargo xtask <command>`: the project's workflows in one place.
+//! Standard library only, so it builds in seconds on a fresh machine.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  ci        everything CI checks: format, lints, build of every crate and
+            target, and the whole test suite (release mode, since the
+            simulation sweeps are CPU-bound)
+  test      the test suite only (cargo nextest if installed, else cargo test);
+            extra arguments go to the test runner
+  bench     criterion benchmarks of the codec and engines; extra arguments
+            go to criterion (e.g. `cargo xtask bench -- round`)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = match args.split_first() {
+        Some((c, r)) => (c.as_str(), r.to_vec()),
+        None => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cmd {
+        "ci" => ci(),
+        "test" => test(&rest),
+        "bench" => bench(&rest),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(what: &str, mut cmd: Command) -> Result<(), String> {
+    let start = Instant::now();
+    eprintln!("==> {what}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{what}: could not start: {e}"))?;
+    eprintln!(
+        "<== {what}: {} in {:.1}s",
+        if status.success() { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn has_nextest() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ci() -> Result<(), String> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run("format check", fmt)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy", clippy)?;
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--all-targets", "--release"]);
+    run("build every crate and target", build)?;
+    test(&[])
+}
+
+fn test(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    if has_nextest() {
+        cmd.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--release",
+            "--no-fail-fast",
+        ]);
+    } else {
+        eprintln!("(cargo-nextest not installed: using cargo test)");
+        cmd.args(["test", "--workspace", "--release", "--no-fail-fast"]);
+    }
+    cmd.args(extra);
+    run("tests", cmd)
+}
+
+fn bench(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);
+    cmd.args(extra);
+    run("benchmarks", cmd)
+}

@@ -355,11 +355,12 @@ impl Checker {
         let mut live: HashSet<u64> = HashSet::new();
         for m in &mut self.sectors {
             m.history.retain(|w| {
+                // Still needed by an outstanding read, or by a durability
+                // check (acknowledged after the last durable point).
                 let o = &ops[w];
-                let needed = o.failed
+                o.failed
                     || o.ack
-                        .is_none_or(|a| a >= oldest_read || a >= m.durable_tick);
-                needed
+                        .is_none_or(|a| a >= oldest_read || a >= m.durable_tick)
             });
             live.extend(m.history.iter().copied());
             live.extend(m.possible.iter().map(|p| p.0));
