@@ -3,10 +3,12 @@
 //! [`BackendRequest`] actions and comes back through
 //! [`ServerEngine::backend_complete`].
 
+mod backend;
 mod config;
 mod overlap;
 mod session;
 
+pub use backend::Backend;
 pub use config::{ExportConfig, ServerConfig};
 pub use session::ConnId;
 

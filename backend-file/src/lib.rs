@@ -1,0 +1,16 @@
+//! braid's storage backend: each export is a regular file or a raw block
+//! device.
+//!
+//! Durability follows the protocol exactly: a WRITE returns once the kernel
+//! has the data; FUA uses `pwritev2(RWF_DSYNC)` so only that write is made
+//! durable (falling back to write + `fdatasync`); FLUSH is `fdatasync`.
+//! TRIM punches a hole (reads return zeroes, as braid defines TRIM) and
+//! WRITE_ZEROES uses `FALLOCATE_FL_ZERO_RANGE`; both fall back to writing
+//! zeroes where the filesystem or device cannot. Errors map to protocol
+//! statuses: ENOSPC fails only that request with NO_SPACE.
+
+#![deny(missing_docs)]
+
+mod file;
+
+pub use file::{ExportFile, FileBackend, OpenOptions};

@@ -1,0 +1,355 @@
+//! The client driver: runs a [`ClientEngine`] over TCP channels to one
+//! server and offers an async `io()` to frontends.
+
+use crate::clock::Clock;
+use crate::conn::{self, ConnEvent, Outgoing};
+use braid_core::client::{
+    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError, IoRequest, Notice,
+    SubmitError,
+};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+/// A snapshot of the client for status output.
+#[derive(Debug, Clone, Default)]
+pub struct ClientStatus {
+    /// Counters.
+    pub stats: ClientStats,
+    /// Per channel: id, ready, requests in flight, smoothed RTT.
+    pub channels: Vec<(ChannelId, bool, u32, Option<Duration>)>,
+    /// Requests journaled.
+    pub journaled: usize,
+    /// Unflushed data held for replay.
+    pub dirty_bytes: u64,
+    /// Current session and server boot id.
+    pub session: Option<(u64, u64)>,
+}
+
+/// Why [`Client::connect`] gave up.
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    /// Where we tried.
+    pub addr: String,
+    /// What the last attempt said.
+    pub detail: String,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "no session with braid server {}: {}", self.addr, self.detail)
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+type Reply = oneshot::Sender<Result<Bytes, IoError>>;
+
+enum Cmd {
+    Io(IoRequest, Reply),
+    Close(oneshot::Sender<()>),
+}
+
+enum Event {
+    Up(ChannelId, mpsc::UnboundedSender<Outgoing>),
+    Failed(ChannelId, String),
+}
+
+/// A braid volume: cheap to clone, usable from many tasks at once.
+#[derive(Clone)]
+pub struct Client {
+    cmds: mpsc::Sender<Cmd>,
+    info: ExportInfo,
+    status: Arc<Mutex<ClientStatus>>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("info", &self.info).finish()
+    }
+}
+
+impl Client {
+    /// Connects to the server at `addr` (host:port) and waits until the
+    /// session is up or `wait` has passed. Once connected, the client
+    /// reconnects and fails over by itself for as long as it lives.
+    pub async fn connect(addr: impl Into<String>, config: ClientConfig, wait: Duration) -> Result<Client, ConnectError> {
+        let addr = addr.into();
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let status = Arc::new(Mutex::new(ClientStatus::default()));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let last_error = Arc::new(Mutex::new(String::from("no answer yet")));
+        let driver = Driver {
+            engine: ClientEngine::new(config),
+            addr: addr.clone(),
+            clock: Clock::new(),
+            writers: HashMap::new(),
+            waiters: HashMap::new(),
+            held: VecDeque::new(),
+            next_user: 1,
+            status: status.clone(),
+            ready: Some(ready_tx),
+            last_error: last_error.clone(),
+        };
+        tokio::spawn(driver.run(cmd_rx));
+        match tokio::time::timeout(wait, ready_rx).await {
+            Ok(Ok(info)) => Ok(Client { cmds: cmd_tx, info, status }),
+            _ => {
+                let detail = last_error.lock().unwrap().clone();
+                let _ = cmd_tx.send(Cmd::Close(oneshot::channel().0)).await;
+                Err(ConnectError { addr, detail })
+            }
+        }
+    }
+
+    /// The export as the server described it.
+    pub fn info(&self) -> ExportInfo {
+        self.info
+    }
+
+    /// One IO. Waits (rather than fails) through transient faults.
+    pub async fn io(&self, io: IoRequest) -> Result<Bytes, IoError> {
+        // Only reachable if the driver task is gone (the client was closed).
+        let gone = IoError {
+            kind: braid_core::client::IoErrorKind::Unknown(0),
+            export: String::new(),
+            op: io.op,
+            offset: io.offset,
+            len: io.len,
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Io(io, tx)).await.is_err() {
+            return Err(gone);
+        }
+        rx.await.unwrap_or(Err(gone))
+    }
+
+    /// A fresh snapshot.
+    pub fn status(&self) -> ClientStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Leaves the session for good (the server frees it).
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Driver {
+    engine: ClientEngine,
+    addr: String,
+    clock: Clock,
+    writers: HashMap<ChannelId, mpsc::UnboundedSender<Outgoing>>,
+    waiters: HashMap<u64, Reply>,
+    /// Submissions the engine refused with Busy, retried after completions.
+    held: VecDeque<(u64, IoRequest)>,
+    next_user: u64,
+    status: Arc<Mutex<ClientStatus>>,
+    ready: Option<oneshot::Sender<ExportInfo>>,
+    last_error: Arc<Mutex<String>>,
+}
+
+/// Submissions held beyond the engine's own bound before callers wait.
+const HELD_MAX: usize = 64;
+
+impl Driver {
+    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ChannelId>>();
+        self.engine.handle_timeout(self.clock.now());
+        let mut closing: Option<oneshot::Sender<()>> = None;
+        loop {
+            self.process(&ev_tx, &conn_tx);
+            if let Some(done) = closing.take() {
+                let _ = done.send(());
+                return;
+            }
+            let deadline = self.clock.deadline(self.engine.poll_timeout());
+            let accepting = self.held.len() < HELD_MAX;
+            tokio::select! {
+                cmd = cmds.recv(), if accepting => match cmd {
+                    Some(Cmd::Io(io, reply)) => self.submit(io, reply),
+                    Some(Cmd::Close(done)) => {
+                        self.engine.close(self.clock.now());
+                        closing = Some(done);
+                    }
+                    None => {
+                        self.engine.close(self.clock.now());
+                        closing = Some(oneshot::channel().0);
+                    }
+                },
+                Some(ev) = conn_rx.recv() => self.conn_event(ev),
+                Some(ev) = ev_rx.recv() => self.event(ev),
+                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(self.clock.now()),
+            }
+            while let Ok(ev) = conn_rx.try_recv() {
+                self.conn_event(ev);
+            }
+        }
+    }
+
+    fn submit(&mut self, io: IoRequest, reply: Reply) {
+        let user = self.next_user;
+        self.next_user += 1;
+        self.waiters.insert(user, reply);
+        if self.held.is_empty() {
+            match self.engine.submit(user, io.clone(), self.clock.now()) {
+                Ok(()) => return,
+                Err(SubmitError::Busy) => {}
+                Err(SubmitError::Invalid(why)) => {
+                    tracing::warn!(why, "IO refused");
+                    let err = IoError {
+                        kind: braid_core::client::IoErrorKind::Invalid,
+                        export: self.engine.config().export.clone(),
+                        op: io.op,
+                        offset: io.offset,
+                        len: io.len,
+                    };
+                    if let Some(w) = self.waiters.remove(&user) {
+                        let _ = w.send(Err(err));
+                    }
+                    return;
+                }
+            }
+        }
+        self.held.push_back((user, io));
+    }
+
+    fn retry_held(&mut self) {
+        while let Some((user, io)) = self.held.pop_front() {
+            match self.engine.submit(user, io.clone(), self.clock.now()) {
+                Ok(()) => {}
+                Err(SubmitError::Busy) => {
+                    self.held.push_front((user, io));
+                    return;
+                }
+                Err(SubmitError::Invalid(_)) => {
+                    let err = IoError {
+                        kind: braid_core::client::IoErrorKind::Invalid,
+                        export: self.engine.config().export.clone(),
+                        op: io.op,
+                        offset: io.offset,
+                        len: io.len,
+                    };
+                    if let Some(w) = self.waiters.remove(&user) {
+                        let _ = w.send(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    fn conn_event(&mut self, ev: ConnEvent<ChannelId>) {
+        match ev {
+            ConnEvent::Frame(ch, frame) => self.engine.handle_frame(ch, frame, self.clock.now()),
+            ConnEvent::Closed(ch, why) => {
+                tracing::debug!(%ch, why, "channel connection closed");
+                if self.writers.remove(&ch).is_some() {
+                    self.engine.channel_closed(ch, self.clock.now());
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Up(ch, writer) => {
+                self.writers.insert(ch, writer);
+                self.engine.channel_connected(ch, self.clock.now());
+            }
+            Event::Failed(ch, why) => {
+                *self.last_error.lock().unwrap() = why.clone();
+                tracing::debug!(%ch, why, "connect failed");
+                self.engine.channel_closed(ch, self.clock.now());
+            }
+        }
+    }
+
+    fn process(&mut self, ev_tx: &mpsc::UnboundedSender<Event>, conn_tx: &mpsc::UnboundedSender<ConnEvent<ChannelId>>) {
+        let mut completed = false;
+        while let Some(action) = self.engine.poll_action() {
+            match action {
+                ClientAction::Connect(ch) => self.connect(ch, ev_tx.clone(), conn_tx.clone()),
+                ClientAction::Close(ch) => {
+                    if let Some(w) = self.writers.remove(&ch) {
+                        let _ = w.send(Outgoing::Close);
+                    }
+                }
+                ClientAction::Send(ch, frame) => {
+                    if let Some(w) = self.writers.get(&ch) {
+                        let _ = w.send(Outgoing::Frame(frame));
+                    }
+                }
+                ClientAction::Complete(c) => {
+                    completed = true;
+                    if let Some(w) = self.waiters.remove(&c.user) {
+                        let _ = w.send(c.result);
+                    }
+                }
+                ClientAction::Notice(n) => self.notice(n),
+            }
+            if completed && !self.held.is_empty() {
+                completed = false;
+                self.retry_held();
+            }
+        }
+        let mut s = self.status.lock().unwrap();
+        s.stats.clone_from(self.engine.stats());
+        s.channels = self.engine.channel_summary();
+        s.journaled = self.engine.journal_len();
+        s.dirty_bytes = self.engine.dirty_bytes();
+        s.session = self.engine.session();
+    }
+
+    fn notice(&mut self, n: Notice) {
+        match &n {
+            Notice::SessionStarted { session_id, boot_id, replaced, replay_extents } => {
+                tracing::info!(session = format_args!("{session_id:#x}"), boot = format_args!("{boot_id:#x}"), replaced, replay_extents, "session started");
+                if let (Some(tx), Some(info)) = (self.ready.take(), self.engine.export_info()) {
+                    let _ = tx.send(info);
+                }
+            }
+            Notice::ChannelUp { ch, .. } => tracing::debug!(%ch, "channel up"),
+            Notice::ChannelDown { ch, reason, moved } => {
+                *self.last_error.lock().unwrap() = reason.clone();
+                tracing::info!(%ch, reason, moved, "channel down");
+            }
+            Notice::AuthFailed { ch, detail } => {
+                *self.last_error.lock().unwrap() = detail.clone();
+                tracing::error!(%ch, detail, "authentication failed");
+            }
+            Notice::Rejected { ch, code, message } => {
+                *self.last_error.lock().unwrap() = format!("{code:?}: {message}");
+                tracing::error!(%ch, ?code, message, "server refused the channel");
+            }
+        }
+    }
+
+    fn connect(&self, ch: ChannelId, ev_tx: mpsc::UnboundedSender<Event>, conn_tx: mpsc::UnboundedSender<ConnEvent<ChannelId>>) {
+        let addr = self.addr.clone();
+        let timeout = self.engine.config().handshake_timeout;
+        let max_payload = (64 << 20) + 4096;
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let writer = conn::spawn(stream, ch, max_payload, conn_tx);
+                    let _ = ev_tx.send(Event::Up(ch, writer));
+                }
+                Ok(Err(e)) => {
+                    let _ = ev_tx.send(Event::Failed(ch, format!("connect {addr}: {e}")));
+                }
+                Err(_) => {
+                    let _ = ev_tx.send(Event::Failed(ch, format!("connect {addr}: timed out")));
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! One transport connection: a reader task that splits the stream into
+//! frames, and a writer task that sends frames in batches.
+
+use braid_core::wire::{FrameReader, OutFrame};
+use bytes::Bytes;
+use std::io::IoSlice;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// What the engine task hears from a connection.
+#[derive(Debug)]
+pub(crate) enum ConnEvent<K> {
+    Frame(K, Bytes),
+    Closed(K, String),
+}
+
+/// What the engine task tells a connection's writer.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Frame(OutFrame),
+    /// Send what is queued, then close.
+    Close,
+}
+
+/// Most frames gathered into one vectored write.
+const BATCH: usize = 64;
+
+/// Starts the reader and writer of `stream`; returns the writer's queue.
+pub(crate) fn spawn<S, K>(
+    stream: S,
+    key: K,
+    max_payload: usize,
+    events: mpsc::UnboundedSender<ConnEvent<K>>,
+) -> mpsc::UnboundedSender<Outgoing>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+    K: Copy + Send + std::fmt::Debug + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let reader_events = events.clone();
+    let reader = tokio::spawn(async move {
+        let mut frames = FrameReader::new(max_payload);
+        let why = loop {
+            match rd.read_buf(frames.buffer()).await {
+                Ok(0) => break "closed by peer".to_string(),
+                Ok(_) => {}
+                Err(e) => break format!("read: {e}"),
+            }
+            let mut failed = None;
+            loop {
+                match frames.next_frame() {
+                    Ok(Some(frame)) => {
+                        if reader_events.send(ConnEvent::Frame(key, frame)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(format!("bad frame: {e}"));
+                        break;
+                    }
+                }
+            }
+            if let Some(why) = failed {
+                break why;
+            }
+        };
+        let _ = reader_events.send(ConnEvent::Closed(key, why));
+    });
+    tokio::spawn(async move {
+        let mut batch: Vec<OutFrame> = Vec::with_capacity(BATCH);
+        let mut closing = false;
+        let why = loop {
+            match rx.recv().await {
+                Some(Outgoing::Frame(f)) => batch.push(f),
+                Some(Outgoing::Close) | None => closing = true,
+            }
+            while !closing && batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(Outgoing::Frame(f)) => batch.push(f),
+                    Ok(Outgoing::Close) => closing = true,
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = write_all_frames(&mut wr, &batch).await {
+                break format!("write: {e}");
+            }
+            batch.clear();
+            if closing {
+                let _ = wr.shutdown().await;
+                break "closed".to_string();
+            }
+        };
+        reader.abort();
+        let _ = events.send(ConnEvent::Closed(key, why));
+    });
+    tx
+}
+
+/// Writes every frame, header and payload as separate slices of one
+/// vectored write, resuming after partial writes.
+async fn write_all_frames<W: AsyncWrite + Unpin>(wr: &mut W, frames: &[OutFrame]) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
+    for f in frames {
+        parts.push(f.head());
+        if !f.payload.is_empty() {
+            parts.push(&f.payload);
+        }
+    }
+    let mut first = 0;
+    let mut offset = 0;
+    while first < parts.len() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - first);
+        slices.push(IoSlice::new(&parts[first][offset..]));
+        for p in &parts[first + 1..] {
+            slices.push(IoSlice::new(p));
+        }
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = parts[first].len() - offset;
+            if n >= left {
+                n -= left;
+                first += 1;
+                offset = 0;
+            } else {
+                offset += n;
+                n = 0;
+            }
+        }
+    }
+    wr.flush().await
+}

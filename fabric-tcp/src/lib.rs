@@ -1,0 +1,18 @@
+//! braid over TCP: drivers that run the sans-IO engines on tokio.
+//!
+//! Each engine lives in one task that owns it; connection tasks feed it
+//! frames and write what it emits, with vectored writes so payloads are
+//! never copied into frames. Backend operations run on tokio's blocking
+//! pool, so one slow IO never holds up another. Nothing here decides
+//! protocol behaviour: that is all in `braid-core`.
+
+#![deny(missing_docs)]
+
+mod clock;
+mod conn;
+
+pub mod client;
+pub mod server;
+
+pub use client::{Client, ClientStatus, ConnectError};
+pub use server::{ServerStatus, Server};

@@ -1,0 +1,165 @@
+//! The server driver: accepts TCP connections and runs a
+//! [`ServerEngine`] and a [`Backend`] behind them.
+
+use crate::clock::Clock;
+use crate::conn::{self, ConnEvent, Outgoing};
+use braid_core::server::{Backend, ConnId, ServerAction, ServerEngine, ServerStats};
+use braid_core::wire::Status;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A snapshot of the server for `braid status`.
+#[derive(Debug, Clone, Default)]
+pub struct ServerStatus {
+    /// Counters.
+    pub stats: ServerStats,
+    /// Live sessions.
+    pub sessions: usize,
+    /// Open connections.
+    pub connections: usize,
+    /// Backend operations running.
+    pub backend_inflight: usize,
+}
+
+enum Event {
+    BackendDone(u64, Result<Bytes, Status>),
+}
+
+/// A running server.
+pub struct Server {
+    status: Arc<Mutex<ServerStatus>>,
+    local_addr: SocketAddr,
+}
+
+impl Server {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A fresh snapshot.
+    pub fn status(&self) -> ServerStatus {
+        self.status.lock().unwrap().clone()
+    }
+
+    /// Serves `listener` until `shutdown` completes, then stops accepting,
+    /// lets backend operations in flight finish and their replies go out,
+    /// and returns.
+    pub async fn run(
+        listener: TcpListener,
+        mut engine: ServerEngine,
+        backend: Arc<dyn Backend>,
+        shutdown: impl Future<Output = ()>,
+        on_start: impl FnOnce(Server),
+    ) -> std::io::Result<()> {
+        let status = Arc::new(Mutex::new(ServerStatus::default()));
+        on_start(Server { status: status.clone(), local_addr: listener.local_addr()? });
+        let clock = Clock::new();
+        let max_payload = engine.config().max_payload as usize + 4096;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+        let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ConnId>>();
+        let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
+        let mut next_conn: ConnId = 1;
+        let mut draining = false;
+        tokio::pin!(shutdown);
+        loop {
+            let deadline = clock.deadline(engine.poll_timeout());
+            tokio::select! {
+                accepted = listener.accept(), if !draining => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let conn = next_conn;
+                        next_conn += 1;
+                        tracing::debug!(conn, %peer, "connection accepted");
+                        writers.insert(conn, conn::spawn(stream, conn, max_payload, conn_tx.clone()));
+                        engine.connection_opened(conn, clock.now());
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: keep serving the
+                        // sessions we have, try again shortly.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
+                Some(ev) = rx.recv() => handle(&mut engine, ev, &clock),
+                _ = tokio::time::sleep_until(deadline) => engine.handle_timeout(clock.now()),
+                _ = &mut shutdown, if !draining => {
+                    tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
+                    draining = true;
+                }
+            }
+            while let Ok(ev) = conn_rx.try_recv() {
+                handle_conn(&mut engine, &mut writers, ev, &clock);
+            }
+            while let Ok(ev) = rx.try_recv() {
+                handle(&mut engine, ev, &clock);
+            }
+            while let Some(action) = engine.poll_action() {
+                match action {
+                    ServerAction::Send { conn, frame } => {
+                        if let Some(w) = writers.get(&conn) {
+                            let _ = w.send(Outgoing::Frame(frame));
+                        }
+                    }
+                    ServerAction::Close { conn, reason } => {
+                        tracing::debug!(conn, ?reason, "closing connection");
+                        if let Some(w) = writers.remove(&conn) {
+                            let _ = w.send(Outgoing::Close);
+                        }
+                    }
+                    ServerAction::Backend(req) => {
+                        let backend = backend.clone();
+                        let tx = tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let result = backend.execute(req.export, &req.op);
+                            let _ = tx.send(Event::BackendDone(req.token, result));
+                        });
+                    }
+                }
+            }
+            {
+                let mut s = status.lock().unwrap();
+                s.stats.clone_from(engine.stats());
+                s.sessions = engine.session_count();
+                s.connections = engine.connection_count();
+                s.backend_inflight = engine.backend_inflight();
+            }
+            if draining && engine.backend_inflight() == 0 {
+                for (_, w) in writers.drain() {
+                    let _ = w.send(Outgoing::Close);
+                }
+                // Let the writers flush their last replies.
+                tokio::task::yield_now().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn handle_conn(
+    engine: &mut ServerEngine,
+    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    ev: ConnEvent<ConnId>,
+    clock: &Clock,
+) {
+    match ev {
+        ConnEvent::Frame(conn, frame) => engine.handle_frame(conn, frame, clock.now()),
+        ConnEvent::Closed(conn, why) => {
+            tracing::debug!(conn, why, "connection closed");
+            writers.remove(&conn);
+            engine.connection_closed(conn, clock.now());
+        }
+    }
+}
+
+fn handle(engine: &mut ServerEngine, ev: Event, clock: &Clock) {
+    match ev {
+        Event::BackendDone(token, result) => engine.backend_complete(token, result, clock.now()),
+    }
+}

@@ -1,0 +1,124 @@
+//! The drivers over real loopback sockets and a real file.
+
+use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
+use braid_core::auth::Key;
+use braid_core::client::{ClientConfig, IoRequest};
+use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
+use braid_fabric_tcp::{Client, Server};
+use bytes::Bytes;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const SIZE: u64 = 64 << 20;
+
+/// Starts a server on `addr` over the file at `path`; returns its address
+/// and a trigger that shuts it down.
+async fn start_server(addr: &str, path: &Path, boot_id: u64) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let file = ExportFile::open(path, &OpenOptions { create_size: Some(SIZE), ..Default::default() }).unwrap();
+    let backend = Arc::new(FileBackend::new(vec![file]));
+    let config = ServerConfig::new(
+        boot_id,
+        [boot_id as u8; 32],
+        vec![("test".into(), Key::new(*b"test key"))],
+        vec![ExportConfig::new("disk0", SIZE)],
+    );
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        Server::run(listener, ServerEngine::new(config), backend, async { let _ = stop_rx.await; }, |_s: Server| {})
+            .await
+            .unwrap();
+    });
+    (local, stop_tx, task)
+}
+
+fn client_config(key: &[u8]) -> ClientConfig {
+    ClientConfig::new("disk0", "test", Key::new(key.to_vec()), [3; 32])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_flows_over_four_tcp_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let client = Client::connect(addr.to_string(), client_config(b"test key"), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(client.info().size, SIZE);
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let data = Bytes::from(vec![i as u8; 4096]);
+            c.io(IoRequest::write(i * 4096, data.clone(), false)).await.unwrap();
+            assert_eq!(c.io(IoRequest::read(i * 4096, 4096)).await.unwrap(), data);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    client.io(IoRequest::flush()).await.unwrap();
+    // connect() returns once the first channel has a session; the other
+    // three join right after.
+    let all_up = async {
+        while client.status().channels.iter().filter(|c| c.1).count() < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), all_up).await.expect("all 4 channels join the session");
+    let status = client.status();
+    assert_eq!(status.stats.completed, 129);
+    let past_end = client.io(IoRequest::read(SIZE, 512)).await.unwrap_err();
+    assert!(past_end.to_string().contains("OutOfRange"), "{past_end}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_is_invisible_to_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d");
+    let (addr, stop, task) = start_server("127.0.0.1:0", &path, 1).await;
+    let client = Client::connect(addr.to_string(), client_config(b"test key"), Duration::from_secs(5)).await.unwrap();
+    let before = Bytes::from(vec![0x11; 8192]);
+    client.io(IoRequest::write(0, before.clone(), false)).await.unwrap();
+
+    // IO keeps being submitted while the server goes away and comes back.
+    let writer = {
+        let c = client.clone();
+        tokio::spawn(async move {
+            for i in 1..200u64 {
+                let data = Bytes::from(vec![i as u8; 4096]);
+                c.io(IoRequest::write(i * 4096 + 65536, data, false)).await.unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_addr, _stop2, _task2) = start_server(&addr.to_string(), &path, 2).await;
+    writer.await.unwrap();
+    assert_eq!(client.io(IoRequest::read(0, 8192)).await.unwrap(), before);
+    for i in 1..200u64 {
+        let back = client.io(IoRequest::read(i * 4096 + 65536, 4096)).await.unwrap();
+        assert!(back.iter().all(|b| *b == i as u8), "block {i}");
+    }
+    let s = client.status();
+    assert!(s.stats.session_resets >= 1, "{:?}", s.stats);
+    assert_eq!(s.stats.failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_key_is_a_clear_connect_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let err = Client::connect(addr.to_string(), client_config(b"wrong"), Duration::from_millis(500)).await.unwrap_err();
+    assert!(err.to_string().contains("key"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_server_is_a_clear_connect_error() {
+    let err = Client::connect("127.0.0.1:1", client_config(b"test key"), Duration::from_millis(300)).await.unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
