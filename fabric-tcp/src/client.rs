@@ -273,39 +273,48 @@ impl Driver {
     }
 
     fn process(&mut self, ev_tx: &mpsc::UnboundedSender<Event>, conn_tx: &mpsc::UnboundedSender<ConnEvent<ChannelId>>) {
-        let mut completed = false;
-        while let Some(action) = self.engine.poll_action() {
-            match action {
-                ClientAction::Connect(ch) => self.connect(ch, ev_tx.clone(), conn_tx.clone()),
-                ClientAction::Close(ch) => {
-                    if let Some(w) = self.writers.remove(&ch) {
-                        let _ = w.send(Outgoing::Close);
+        let mut completions = Vec::new();
+        loop {
+            while let Some(action) = self.engine.poll_action() {
+                match action {
+                    ClientAction::Connect(ch) => self.connect(ch, ev_tx.clone(), conn_tx.clone()),
+                    ClientAction::Close(ch) => {
+                        if let Some(w) = self.writers.remove(&ch) {
+                            let _ = w.send(Outgoing::Close);
+                        }
                     }
-                }
-                ClientAction::Send(ch, frame) => {
-                    if let Some(w) = self.writers.get(&ch) {
-                        let _ = w.send(Outgoing::Frame(frame));
+                    ClientAction::Send(ch, frame) => {
+                        if let Some(w) = self.writers.get(&ch) {
+                            let _ = w.send(Outgoing::Frame(frame));
+                        }
                     }
+                    ClientAction::Complete(c) => completions.push(c),
+                    ClientAction::Notice(n) => self.notice(n),
                 }
-                ClientAction::Complete(c) => {
-                    completed = true;
-                    if let Some(w) = self.waiters.remove(&c.user) {
-                        let _ = w.send(c.result);
-                    }
-                }
-                ClientAction::Notice(n) => self.notice(n),
             }
-            if completed && !self.held.is_empty() {
-                completed = false;
+            // Completions made room: submissions held back may go now.
+            let before = self.held.len();
+            if !completions.is_empty() && before > 0 {
                 self.retry_held();
             }
+            if self.held.len() == before {
+                break;
+            }
         }
-        let mut s = self.status.lock().unwrap();
-        s.stats.clone_from(self.engine.stats());
-        s.channels = self.engine.channel_summary();
-        s.journaled = self.engine.journal_len();
-        s.dirty_bytes = self.engine.dirty_bytes();
-        s.session = self.engine.session();
+        {
+            // The snapshot is fresh before any caller hears of its IO.
+            let mut s = self.status.lock().unwrap();
+            s.stats.clone_from(self.engine.stats());
+            s.channels = self.engine.channel_summary();
+            s.journaled = self.engine.journal_len();
+            s.dirty_bytes = self.engine.dirty_bytes();
+            s.session = self.engine.session();
+        }
+        for c in completions {
+            if let Some(w) = self.waiters.remove(&c.user) {
+                let _ = w.send(c.result);
+            }
+        }
     }
 
     fn notice(&mut self, n: Notice) {
