@@ -49,14 +49,16 @@ impl ExportFile {
         let meta = file.metadata().map_err(|e| with_path(e, &path, "stat"))?;
         let is_block_device = meta.file_type().is_block_device();
         let mut size = if is_block_device {
-            file.seek(SeekFrom::End(0)).map_err(|e| with_path(e, &path, "size"))?
+            file.seek(SeekFrom::End(0))
+                .map_err(|e| with_path(e, &path, "size"))?
         } else {
             meta.len()
         };
         if let Some(want) = opts.create_size {
             if !is_block_device && size < want && !opts.read_only {
                 // set_len makes the file sparse: no blocks until written.
-                file.set_len(want).map_err(|e| with_path(e, &path, "resize"))?;
+                file.set_len(want)
+                    .map_err(|e| with_path(e, &path, "resize"))?;
                 size = want;
             }
         }
@@ -121,7 +123,9 @@ impl ExportFile {
                     let other = mode ^ (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE);
                     match fallocate(&self.file, other, offset, u64::from(len)) {
                         Ok(()) => done = true,
-                        Err(e) if unsupported(&e) => self.no_fallocate.store(true, Ordering::Relaxed),
+                        Err(e) if unsupported(&e) => {
+                            self.no_fallocate.store(true, Ordering::Relaxed)
+                        }
                         Err(e) => return Err(e),
                     }
                 }
@@ -148,12 +152,21 @@ impl ExportFile {
     pub fn execute(&self, op: &BackendOp) -> io::Result<Bytes> {
         match op {
             BackendOp::Read { offset, len } => self.read(*offset, *len),
-            BackendOp::Write { offset, data, fua } => self.write(*offset, data, *fua).map(|_| Bytes::new()),
-            BackendOp::Flush => self.file.sync_data().map(|_| Bytes::new()),
-            BackendOp::Trim { offset, len, fua } => self.zero(*offset, *len, true, *fua).map(|_| Bytes::new()),
-            BackendOp::WriteZeroes { offset, len, fua, may_unmap } => {
-                self.zero(*offset, *len, *may_unmap, *fua).map(|_| Bytes::new())
+            BackendOp::Write { offset, data, fua } => {
+                self.write(*offset, data, *fua).map(|_| Bytes::new())
             }
+            BackendOp::Flush => self.file.sync_data().map(|_| Bytes::new()),
+            BackendOp::Trim { offset, len, fua } => {
+                self.zero(*offset, *len, true, *fua).map(|_| Bytes::new())
+            }
+            BackendOp::WriteZeroes {
+                offset,
+                len,
+                fua,
+                may_unmap,
+            } => self
+                .zero(*offset, *len, *may_unmap, *fua)
+                .map(|_| Bytes::new()),
         }
     }
 }
@@ -163,18 +176,30 @@ fn with_path(e: io::Error, path: &Path, what: &str) -> io::Error {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+    )
 }
 
 fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     let mut written = 0usize;
     while written < data.len() {
         let rest = &data[written..];
-        let iov = libc::iovec { iov_base: rest.as_ptr() as *mut libc::c_void, iov_len: rest.len() };
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
         // SAFETY: iov points into `data`, which outlives the call; the fd is
         // open for the duration (borrowed from `file`).
         let n = unsafe {
-            libc::pwritev2(file.as_raw_fd(), &iov, 1, (offset + written as u64) as libc::off_t, libc::RWF_DSYNC)
+            libc::pwritev2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                (offset + written as u64) as libc::off_t,
+                libc::RWF_DSYNC,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -184,7 +209,10 @@ fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev2 wrote nothing"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev2 wrote nothing",
+            ));
         }
         written += n as usize;
     }
@@ -194,7 +222,14 @@ fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on a borrowed, open fd; no memory is passed.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             return Ok(());
         }
@@ -234,7 +269,9 @@ impl FileBackend {
 
 impl Backend for FileBackend {
     fn execute(&self, export: usize, op: &BackendOp) -> Result<Bytes, Status> {
-        let Some(f) = self.exports.get(export) else { return Err(Status::Invalid) };
+        let Some(f) = self.exports.get(export) else {
+            return Err(Status::Invalid);
+        };
         f.execute(op).map_err(|e| {
             let status = status_of(&e);
             tracing::warn!(export = %f.path.display(), ?op, error = %e, ?status, "backend operation failed");
@@ -249,8 +286,14 @@ mod tests {
 
     fn export(size: u64) -> (tempfile::TempDir, ExportFile) {
         let dir = tempfile::tempdir().unwrap();
-        let f = ExportFile::open(dir.path().join("disk"), &OpenOptions { create_size: Some(size), ..Default::default() })
-            .unwrap();
+        let f = ExportFile::open(
+            dir.path().join("disk"),
+            &OpenOptions {
+                create_size: Some(size),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         (dir, f)
     }
 
@@ -267,16 +310,57 @@ mod tests {
     fn every_op_does_what_the_protocol_says() {
         let (_dir, f) = export(1 << 20);
         let data = Bytes::from(vec![0xCD; 8192]);
-        f.execute(&BackendOp::Write { offset: 4096, data: data.clone(), fua: false }).unwrap();
-        f.execute(&BackendOp::Write { offset: 16384, data: data.clone(), fua: true }).unwrap();
+        f.execute(&BackendOp::Write {
+            offset: 4096,
+            data: data.clone(),
+            fua: false,
+        })
+        .unwrap();
+        f.execute(&BackendOp::Write {
+            offset: 16384,
+            data: data.clone(),
+            fua: true,
+        })
+        .unwrap();
         f.execute(&BackendOp::Flush).unwrap();
-        assert_eq!(f.execute(&BackendOp::Read { offset: 4096, len: 8192 }).unwrap(), data);
-        f.execute(&BackendOp::Trim { offset: 4096, len: 4096, fua: false }).unwrap();
-        f.execute(&BackendOp::WriteZeroes { offset: 16384, len: 512, fua: true, may_unmap: false }).unwrap();
-        let back = f.execute(&BackendOp::Read { offset: 4096, len: 8192 }).unwrap();
-        assert!(back[..4096].iter().all(|b| *b == 0), "trim reads back as zeroes");
+        assert_eq!(
+            f.execute(&BackendOp::Read {
+                offset: 4096,
+                len: 8192
+            })
+            .unwrap(),
+            data
+        );
+        f.execute(&BackendOp::Trim {
+            offset: 4096,
+            len: 4096,
+            fua: false,
+        })
+        .unwrap();
+        f.execute(&BackendOp::WriteZeroes {
+            offset: 16384,
+            len: 512,
+            fua: true,
+            may_unmap: false,
+        })
+        .unwrap();
+        let back = f
+            .execute(&BackendOp::Read {
+                offset: 4096,
+                len: 8192,
+            })
+            .unwrap();
+        assert!(
+            back[..4096].iter().all(|b| *b == 0),
+            "trim reads back as zeroes"
+        );
         assert!(back[4096..].iter().all(|b| *b == 0xCD));
-        let back = f.execute(&BackendOp::Read { offset: 16384, len: 1024 }).unwrap();
+        let back = f
+            .execute(&BackendOp::Read {
+                offset: 16384,
+                len: 1024,
+            })
+            .unwrap();
         assert!(back[..512].iter().all(|b| *b == 0));
         assert!(back[512..].iter().all(|b| *b == 0xCD));
     }
@@ -285,20 +369,45 @@ mod tests {
     fn a_read_only_export_refuses_writes_with_read_only() {
         let (dir, f) = export(1 << 20);
         drop(f);
-        let ro = ExportFile::open(dir.path().join("disk"), &OpenOptions { read_only: true, ..Default::default() }).unwrap();
+        let ro = ExportFile::open(
+            dir.path().join("disk"),
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let backend = FileBackend::new(vec![ro]);
-        let op = BackendOp::Write { offset: 0, data: Bytes::from(vec![1; 512]), fua: false };
+        let op = BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![1; 512]),
+            fua: false,
+        };
         assert_eq!(backend.execute(0, &op), Err(Status::ReadOnly));
-        assert!(backend.execute(0, &BackendOp::Read { offset: 0, len: 512 }).is_ok());
+        assert!(backend
+            .execute(
+                0,
+                &BackendOp::Read {
+                    offset: 0,
+                    len: 512
+                }
+            )
+            .is_ok());
     }
 
     #[test]
     fn a_full_filesystem_fails_only_that_request_with_no_space() {
         // A tiny tmpfs is not available unprivileged everywhere; /dev/full
         // reports ENOSPC on every write, which is what a full disk does.
-        let Ok(full) = ExportFile::open("/dev/full", &OpenOptions::default()) else { return };
+        let Ok(full) = ExportFile::open("/dev/full", &OpenOptions::default()) else {
+            return;
+        };
         let backend = FileBackend::new(vec![full]);
-        let op = BackendOp::Write { offset: 0, data: Bytes::from(vec![1; 512]), fua: false };
+        let op = BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![1; 512]),
+            fua: false,
+        };
         assert_eq!(backend.execute(0, &op), Err(Status::NoSpace));
     }
 }

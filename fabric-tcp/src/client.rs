@@ -4,8 +4,8 @@
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent, Outgoing};
 use braid_core::client::{
-    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError, IoRequest, Notice,
-    SubmitError,
+    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
+    IoRequest, Notice, SubmitError,
 };
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -41,7 +41,11 @@ pub struct ConnectError {
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "no session with braid server {}: {}", self.addr, self.detail)
+        write!(
+            f,
+            "no session with braid server {}: {}",
+            self.addr, self.detail
+        )
     }
 }
 
@@ -77,7 +81,11 @@ impl Client {
     /// Connects to the server at `addr` (host:port) and waits until the
     /// session is up or `wait` has passed. Once connected, the client
     /// reconnects and fails over by itself for as long as it lives.
-    pub async fn connect(addr: impl Into<String>, config: ClientConfig, wait: Duration) -> Result<Client, ConnectError> {
+    pub async fn connect(
+        addr: impl Into<String>,
+        config: ClientConfig,
+        wait: Duration,
+    ) -> Result<Client, ConnectError> {
         let addr = addr.into();
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(ClientStatus::default()));
@@ -97,7 +105,11 @@ impl Client {
         };
         tokio::spawn(driver.run(cmd_rx));
         match tokio::time::timeout(wait, ready_rx).await {
-            Ok(Ok(info)) => Ok(Client { cmds: cmd_tx, info, status }),
+            Ok(Ok(info)) => Ok(Client {
+                cmds: cmd_tx,
+                info,
+                status,
+            }),
             _ => {
                 let detail = last_error.lock().unwrap().clone();
                 let _ = cmd_tx.send(Cmd::Close(oneshot::channel().0)).await;
@@ -272,7 +284,11 @@ impl Driver {
         }
     }
 
-    fn process(&mut self, ev_tx: &mpsc::UnboundedSender<Event>, conn_tx: &mpsc::UnboundedSender<ConnEvent<ChannelId>>) {
+    fn process(
+        &mut self,
+        ev_tx: &mpsc::UnboundedSender<Event>,
+        conn_tx: &mpsc::UnboundedSender<ConnEvent<ChannelId>>,
+    ) {
         let mut completions = Vec::new();
         loop {
             while let Some(action) = self.engine.poll_action() {
@@ -319,8 +335,19 @@ impl Driver {
 
     fn notice(&mut self, n: Notice) {
         match &n {
-            Notice::SessionStarted { session_id, boot_id, replaced, replay_extents } => {
-                tracing::info!(session = format_args!("{session_id:#x}"), boot = format_args!("{boot_id:#x}"), replaced, replay_extents, "session started");
+            Notice::SessionStarted {
+                session_id,
+                boot_id,
+                replaced,
+                replay_extents,
+            } => {
+                tracing::info!(
+                    session = format_args!("{session_id:#x}"),
+                    boot = format_args!("{boot_id:#x}"),
+                    replaced,
+                    replay_extents,
+                    "session started"
+                );
                 if let (Some(tx), Some(info)) = (self.ready.take(), self.engine.export_info()) {
                     let _ = tx.send(info);
                 }
@@ -341,7 +368,12 @@ impl Driver {
         }
     }
 
-    fn connect(&self, ch: ChannelId, ev_tx: mpsc::UnboundedSender<Event>, conn_tx: mpsc::UnboundedSender<ConnEvent<ChannelId>>) {
+    fn connect(
+        &self,
+        ch: ChannelId,
+        ev_tx: mpsc::UnboundedSender<Event>,
+        conn_tx: mpsc::UnboundedSender<ConnEvent<ChannelId>>,
+    ) {
         let addr = self.addr.clone();
         let timeout = self.engine.config().handshake_timeout;
         let max_payload = (64 << 20) + 4096;

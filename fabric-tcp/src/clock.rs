@@ -10,7 +10,9 @@ pub(crate) struct Clock {
 
 impl Clock {
     pub(crate) fn new() -> Self {
-        Clock { start: tokio::time::Instant::now() }
+        Clock {
+            start: tokio::time::Instant::now(),
+        }
     }
 
     pub(crate) fn now(&self) -> braid_core::Instant {
@@ -21,7 +23,9 @@ impl Clock {
     /// When to wake for an engine deadline (far off for "never").
     pub(crate) fn deadline(&self, at: Option<braid_core::Instant>) -> tokio::time::Instant {
         match at {
-            Some(t) if t != braid_core::Instant::FAR_FUTURE => self.start + Duration::from_nanos(t.as_nanos()),
+            Some(t) if t != braid_core::Instant::FAR_FUTURE => {
+                self.start + Duration::from_nanos(t.as_nanos())
+            }
             _ => tokio::time::Instant::now() + Duration::from_secs(3600),
         }
     }

@@ -100,7 +100,10 @@ where
 
 /// Writes every frame, header and payload as separate slices of one
 /// vectored write, resuming after partial writes.
-async fn write_all_frames<W: AsyncWrite + Unpin>(wr: &mut W, frames: &[OutFrame]) -> std::io::Result<()> {
+async fn write_all_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frames: &[OutFrame],
+) -> std::io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
     for f in frames {
         parts.push(f.head());

@@ -15,4 +15,4 @@ pub mod client;
 pub mod server;
 
 pub use client::{Client, ClientStatus, ConnectError};
-pub use server::{ServerStatus, Server};
+pub use server::{Server, ServerStatus};

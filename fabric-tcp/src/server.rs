@@ -58,7 +58,10 @@ impl Server {
         on_start: impl FnOnce(Server),
     ) -> std::io::Result<()> {
         let status = Arc::new(Mutex::new(ServerStatus::default()));
-        on_start(Server { status: status.clone(), local_addr: listener.local_addr()? });
+        on_start(Server {
+            status: status.clone(),
+            local_addr: listener.local_addr()?,
+        });
         let clock = Clock::new();
         let max_payload = engine.config().max_payload as usize + 4096;
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();

@@ -17,8 +17,19 @@ const SIZE: u64 = 64 << 20;
 
 /// Starts a server on `addr` over the file at `path`; returns its address
 /// and a trigger that shuts it down.
-async fn start_server(addr: &str, path: &Path, boot_id: u64) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let file = ExportFile::open(path, &OpenOptions { create_size: Some(SIZE), ..Default::default() }).unwrap();
+async fn start_server(
+    addr: &str,
+    path: &Path,
+    boot_id: u64,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let file = ExportFile::open(
+        path,
+        &OpenOptions {
+            create_size: Some(SIZE),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let backend = Arc::new(FileBackend::new(vec![file]));
     let config = ServerConfig::new(
         boot_id,
@@ -30,9 +41,17 @@ async fn start_server(addr: &str, path: &Path, boot_id: u64) -> (SocketAddr, one
     let local = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        Server::run(listener, ServerEngine::new(config), backend, async { let _ = stop_rx.await; }, |_s: Server| {})
-            .await
-            .unwrap();
+        Server::run(
+            listener,
+            ServerEngine::new(config),
+            backend,
+            async {
+                let _ = stop_rx.await;
+            },
+            |_s: Server| {},
+        )
+        .await
+        .unwrap();
     });
     (local, stop_tx, task)
 }
@@ -45,14 +64,22 @@ fn client_config(key: &[u8]) -> ClientConfig {
 async fn io_flows_over_four_tcp_channels() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let client = Client::connect(addr.to_string(), client_config(b"test key"), Duration::from_secs(5)).await.unwrap();
+    let client = Client::connect(
+        addr.to_string(),
+        client_config(b"test key"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     assert_eq!(client.info().size, SIZE);
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let c = client.clone();
         tasks.push(tokio::spawn(async move {
             let data = Bytes::from(vec![i as u8; 4096]);
-            c.io(IoRequest::write(i * 4096, data.clone(), false)).await.unwrap();
+            c.io(IoRequest::write(i * 4096, data.clone(), false))
+                .await
+                .unwrap();
             assert_eq!(c.io(IoRequest::read(i * 4096, 4096)).await.unwrap(), data);
         }));
     }
@@ -67,7 +94,9 @@ async fn io_flows_over_four_tcp_channels() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), all_up).await.expect("all 4 channels join the session");
+    tokio::time::timeout(Duration::from_secs(5), all_up)
+        .await
+        .expect("all 4 channels join the session");
     let status = client.status();
     assert_eq!(status.stats.completed, 129);
     let past_end = client.io(IoRequest::read(SIZE, 512)).await.unwrap_err();
@@ -79,9 +108,18 @@ async fn a_server_restart_is_invisible_to_the_client() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
     let (addr, stop, task) = start_server("127.0.0.1:0", &path, 1).await;
-    let client = Client::connect(addr.to_string(), client_config(b"test key"), Duration::from_secs(5)).await.unwrap();
+    let client = Client::connect(
+        addr.to_string(),
+        client_config(b"test key"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let before = Bytes::from(vec![0x11; 8192]);
-    client.io(IoRequest::write(0, before.clone(), false)).await.unwrap();
+    client
+        .io(IoRequest::write(0, before.clone(), false))
+        .await
+        .unwrap();
 
     // IO keeps being submitted while the server goes away and comes back.
     let writer = {
@@ -89,7 +127,9 @@ async fn a_server_restart_is_invisible_to_the_client() {
         tokio::spawn(async move {
             for i in 1..200u64 {
                 let data = Bytes::from(vec![i as u8; 4096]);
-                c.io(IoRequest::write(i * 4096 + 65536, data, false)).await.unwrap();
+                c.io(IoRequest::write(i * 4096 + 65536, data, false))
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -101,7 +141,10 @@ async fn a_server_restart_is_invisible_to_the_client() {
     writer.await.unwrap();
     assert_eq!(client.io(IoRequest::read(0, 8192)).await.unwrap(), before);
     for i in 1..200u64 {
-        let back = client.io(IoRequest::read(i * 4096 + 65536, 4096)).await.unwrap();
+        let back = client
+            .io(IoRequest::read(i * 4096 + 65536, 4096))
+            .await
+            .unwrap();
         assert!(back.iter().all(|b| *b == i as u8), "block {i}");
     }
     let s = client.status();
@@ -113,12 +156,24 @@ async fn a_server_restart_is_invisible_to_the_client() {
 async fn a_wrong_key_is_a_clear_connect_error() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let err = Client::connect(addr.to_string(), client_config(b"wrong"), Duration::from_millis(500)).await.unwrap_err();
+    let err = Client::connect(
+        addr.to_string(),
+        client_config(b"wrong"),
+        Duration::from_millis(500),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("key"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_server_is_a_clear_connect_error() {
-    let err = Client::connect("127.0.0.1:1", client_config(b"test key"), Duration::from_millis(300)).await.unwrap_err();
+    let err = Client::connect(
+        "127.0.0.1:1",
+        client_config(b"test key"),
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
 }

@@ -736,7 +736,12 @@ impl ClientEngine {
             let detail = "server could not prove it holds our key".to_string();
             self.actions
                 .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
-            return self.fail_channel(slot, "authentication failed: the server does not hold our key for this key id".into(), now, true);
+            return self.fail_channel(
+                slot,
+                "authentication failed: the server does not hold our key for this key id".into(),
+                now,
+                true,
+            );
         }
         let client_proof = auth::client_proof(&self.config.key, &transcript);
         self.channels[slot].state = ChanState::AwaitWelcome {
@@ -771,7 +776,12 @@ impl ClientEngine {
                     .push_back(ClientAction::Notice(Notice::Rejected { ch, code, message }));
             }
         }
-        self.fail_channel(slot, format!("server refused the handshake: {:?} ({})", r.code, r.message), now, true);
+        self.fail_channel(
+            slot,
+            format!("server refused the handshake: {:?} ({})", r.code, r.message),
+            now,
+            true,
+        );
     }
 
     fn on_welcome(&mut self, slot: usize, asked: u64, w: Welcome, now: Instant) {

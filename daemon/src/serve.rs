@@ -1,0 +1,162 @@
+//! `braid serve`: exports files or block devices to braid clients.
+
+use crate::config::{self, ExportSpec, FileConfig};
+use crate::status;
+use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
+use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
+use braid_fabric_tcp::Server;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug, Default)]
+pub(crate) struct ServeArgs {
+    /// TOML configuration file (flags override it).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7410].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory for default exports, the key file and the control socket
+    /// [default: $STATE_DIRECTORY, else $XDG_DATA_HOME/braid, else ~/.local/share/braid].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Pre-shared keys [default: DATA_DIR/keys.toml, created if missing].
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Export NAME=PATH[,size=SIZE][,ro][,direct]; repeatable. With none,
+    /// a 1 GiB sparse file DATA_DIR/disk0.img is served as "disk0".
+    #[arg(long = "export")]
+    exports: Vec<String>,
+    /// Control socket for `braid status` [default: DATA_DIR/control.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
+    let file = match &args.config {
+        Some(p) => config::load(p)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(config::default_data_dir);
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let listen = args
+        .listen
+        .or_else(|| file.listen.as_ref().and_then(|l| l.first().cloned()))
+        .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string());
+    let key_file = args
+        .key_file
+        .or(file.key_file)
+        .unwrap_or_else(|| data_dir.join("keys.toml"));
+    if !key_file.exists() {
+        config::create_key_file(&key_file)?;
+        tracing::info!(path = %key_file.display(), "created a new key file");
+    }
+    let keys = config::read_keys(&key_file)?;
+    let mut specs: Vec<ExportSpec> = file.export;
+    for e in &args.exports {
+        specs.push(ExportSpec::parse_flag(e)?);
+    }
+    let defaulted = specs.is_empty();
+    if defaulted {
+        specs.push(ExportSpec {
+            name: config::DEFAULT_EXPORT.into(),
+            path: data_dir.join("disk0.img"),
+            size: Some(config::DEFAULT_EXPORT_SIZE.to_string()),
+            read_only: false,
+            direct: false,
+        });
+    }
+    let mut files = Vec::new();
+    let mut exports = Vec::new();
+    for spec in &specs {
+        if exports.iter().any(|e: &ExportConfig| e.name == spec.name) {
+            return Err(format!("export {:?} is configured twice", spec.name));
+        }
+        let create_size = spec.size.as_deref().map(config::parse_size).transpose()?;
+        let opts = OpenOptions {
+            create_size,
+            read_only: spec.read_only,
+            direct: spec.direct,
+        };
+        let f = ExportFile::open(&spec.path, &opts)
+            .map_err(|e| format!("export {:?}: {e}", spec.name))?;
+        let size = f.size() - f.size() % 512;
+        if size == 0 {
+            return Err(format!(
+                "export {:?}: {} is empty (give it a size)",
+                spec.name,
+                spec.path.display()
+            ));
+        }
+        let mut e = ExportConfig::new(spec.name.clone(), size);
+        e.read_only = spec.read_only;
+        exports.push(e);
+        files.push(f);
+    }
+    let boot_id = u64::from_le_bytes(config::random_bytes().map_err(|e| e.to_string())?);
+    let seed = config::random_bytes().map_err(|e| e.to_string())?;
+    let server_config = ServerConfig::new(boot_id, seed, keys.clone(), exports.clone());
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let control = args
+        .control
+        .or(file.control)
+        .unwrap_or_else(|| data_dir.join("control.sock"));
+
+    println!("braid serving {} export(s) on {local}", exports.len());
+    for (e, f) in exports.iter().zip(&files) {
+        let kind = if f.is_block_device() {
+            "block device"
+        } else {
+            "file"
+        };
+        let ro = if e.read_only { ", read-only" } else { "" };
+        println!(
+            "  {:<10} {:>10}  {} ({kind}{ro})",
+            e.name,
+            config::human_size(e.size),
+            f.path().display()
+        );
+    }
+    println!(
+        "key file: {} (key id {:?}; clients need a copy)",
+        key_file.display(),
+        keys[0].0
+    );
+    let key_arg = format!("--key-file {}", key_file.display());
+    println!("try:      braid bench  --server {local} {key_arg}");
+    println!("          braid verify --server {local} {key_arg}");
+    println!("status:   braid status --control {}", control.display());
+
+    let backend = Arc::new(FileBackend::new(files));
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
+        }
+    };
+    let export_info: Vec<(String, u64)> =
+        exports.iter().map(|e| (e.name.clone(), e.size)).collect();
+    Server::run(
+        listener,
+        ServerEngine::new(server_config),
+        backend,
+        shutdown,
+        move |server| {
+            status::serve_control(control, server, export_info);
+        },
+    )
+    .await
+    .map_err(|e| format!("server: {e}"))?;
+    println!("braid serve: drained and stopped");
+    Ok(())
+}

@@ -1,0 +1,109 @@
+//! `braid status` and the control socket that answers it.
+
+use braid_fabric_tcp::Server;
+use clap::Args;
+use std::path::PathBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Answers every connection to `path` with a JSON status document.
+pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String, u64)>) {
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no control socket: braid status will not work");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let doc = document(&server, &exports);
+            let _ = stream.write_all(doc.to_string().as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+}
+
+fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
+    let s = server.status();
+    let st = &s.stats;
+    serde_json::json!({
+        "role": "server",
+        "listen": server.local_addr().to_string(),
+        "exports": exports.iter().map(|(n, size)| serde_json::json!({"name": n, "size": size})).collect::<Vec<_>>(),
+        "sessions": s.sessions,
+        "connections": s.connections,
+        "backend_inflight": s.backend_inflight,
+        "requests": st.requests,
+        "backend_ops": st.backend_ops,
+        "recorded_replies": st.recorded_replies,
+        "joined": st.joined,
+        "stale_dropped": st.stale_dropped,
+        "corrupt_payloads": st.corrupt_payloads,
+        "protocol_errors": st.protocol_errors,
+        "auth_failures": st.auth_failures,
+        "error_replies": st.error_replies,
+        "handshakes": st.handshakes,
+        "sessions_created": st.sessions_created,
+        "sessions_freed": st.sessions_freed,
+    })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// The daemon's control socket [default: DATA_DIR/control.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Print the raw JSON document.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
+    let path = args
+        .control
+        .unwrap_or_else(|| crate::config::default_data_dir().join("control.sock"));
+    let mut stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+        format!(
+            "control socket {}: {e} (is braid serve running?)",
+            path.display()
+        )
+    })?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| format!("control socket: {e}"))?;
+    if args.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("control socket sent bad JSON: {e}"))?;
+    println!("braid server on {}", v["listen"].as_str().unwrap_or("?"));
+    for e in v["exports"].as_array().into_iter().flatten() {
+        println!(
+            "  export {:<10} {}",
+            e["name"].as_str().unwrap_or("?"),
+            crate::config::human_size(e["size"].as_u64().unwrap_or(0))
+        );
+    }
+    let rows = [
+        ("sessions", "sessions"),
+        ("connections (channels)", "connections"),
+        ("requests received", "requests"),
+        ("backend operations", "backend_ops"),
+        ("backend operations running", "backend_inflight"),
+        ("resent requests answered from cache", "recorded_replies"),
+        ("resent requests joined in flight", "joined"),
+        ("stale duplicates dropped", "stale_dropped"),
+        ("corrupt payloads refused", "corrupt_payloads"),
+        ("error replies", "error_replies"),
+        ("protocol errors (connections closed)", "protocol_errors"),
+        ("authentication failures", "auth_failures"),
+    ];
+    for (label, key) in rows {
+        println!("  {label:<38} {}", v[key].as_u64().unwrap_or(0));
+    }
+    Ok(())
+}
