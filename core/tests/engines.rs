@@ -604,3 +604,39 @@ fn fua_only_traffic_keeps_the_dirty_window_bounded() {
         "durable-mask entries are flushed away too"
     );
 }
+
+mod arbitrary_input {
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+        /// The same harness `cargo fuzz run server_frames` drives: garbage,
+        /// checksummed garbage, requests, closes, time and backend results
+        /// in any order never panic the server or break its bounds.
+        #[test]
+        fn the_server_survives_arbitrary_input(data in prop::collection::vec(any::<u8>(), 0..1500)) {
+            braid_core::testkit::exercise_server(&data);
+        }
+    }
+
+    #[test]
+    fn random_input_reaches_authenticated_request_handling() {
+        use braid_core::rng::SplitMix64;
+        let mut rng = SplitMix64::new(1);
+        let (mut handshakes, mut requests, mut backend, mut rejected) = (0, 0, 0, 0);
+        for _ in 0..2000 {
+            let len = rng.below(1500) as usize;
+            let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            let s = braid_core::testkit::exercise_server(&data);
+            handshakes += s.handshakes;
+            requests += s.requests;
+            backend += s.backend_ops;
+            rejected += s.protocol_errors;
+        }
+        assert!(
+            handshakes > 0 && requests > 0 && backend > 0 && rejected > 0,
+            "{handshakes} {requests} {backend} {rejected}"
+        );
+    }
+}

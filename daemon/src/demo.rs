@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
+    /// Run the engines in-process over a simulated network and disk
+    /// instead, many seeded runs (every fault class, replayable).
+    #[arg(long)]
+    pub(crate) simulated: bool,
     /// Seed of the first run; every run replays exactly from its seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,

@@ -4,8 +4,10 @@ mod bench;
 mod client_args;
 mod config;
 mod demo;
+mod faultproxy;
 mod histogram;
 mod serve;
+mod soak;
 mod status;
 mod verify;
 
@@ -31,17 +33,25 @@ enum Cmd {
     Verify(verify::VerifyArgs),
     /// Show a running server's sessions and counters.
     Status(status::StatusArgs),
-    /// Run a client and a server under every fault class, verify every IO,
-    /// and report what happened (in-process simulated network and disk).
+    /// Start a server, a fault proxy and a verifying client; reset, black-hole
+    /// and corrupt channels and kill -9 the server under live IO; report.
     Demo(demo::DemoArgs),
+    /// Long fault-injection run against real processes (see `braid demo`).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo and the soak narrate for themselves; the server logs its
+    // lifecycle.
+    let default_filter = match cli.command {
+        Cmd::Demo(_) | Cmd::Soak(_) => "error",
+        _ => "warn,braid=info,braid_fabric_tcp=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,braid=info".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -56,7 +66,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Demo(args) => return demo::run(args),
+        Cmd::Demo(args) if args.simulated => return demo::run(args),
+        Cmd::Demo(_) => runtime.block_on(soak::demo()),
+        Cmd::Soak(args) => runtime.block_on(soak::run(args)),
         Cmd::Serve(args) => runtime.block_on(serve::run(args)),
         Cmd::Bench(args) => runtime.block_on(bench::run(args)),
         Cmd::Verify(args) => runtime.block_on(verify::run(args)),

@@ -108,9 +108,15 @@ fn check(data: &[u8], run: u64, block: u64, expected: u64) -> Result<(), String>
     Ok(())
 }
 
+/// Latency is kept as the worst IO per 10 ms of completion time, so a
+/// caller can ask how long IO stalled around any moment.
+const BUCKET_MS: u64 = 10;
+
 /// Counters a caller can watch while verification runs.
 #[derive(Default)]
 pub(crate) struct Progress {
+    pub(crate) started: Mutex<Option<Instant>>,
+    worst_per_bucket: Mutex<Vec<u64>>,
     pub(crate) reads: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) flushes: AtomicU64,
@@ -121,6 +127,54 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    fn observe(&self, submitted: Instant) {
+        let done = Instant::now();
+        let start = *self.started.lock().unwrap().get_or_insert(submitted);
+        let bucket =
+            (done.saturating_duration_since(start).as_millis() as u64 / BUCKET_MS) as usize;
+        let latency = done.saturating_duration_since(submitted).as_nanos() as u64;
+        let mut w = self.worst_per_bucket.lock().unwrap();
+        if w.len() <= bucket {
+            w.resize(bucket + 1, 0);
+        }
+        w[bucket] = w[bucket].max(latency);
+    }
+
+    /// The slowest IO that completed between `from` and `to`.
+    pub(crate) fn worst_between(&self, from: Instant, to: Instant) -> Duration {
+        let Some(start) = *self.started.lock().unwrap() else {
+            return Duration::ZERO;
+        };
+        let b = |t: Instant| {
+            (t.saturating_duration_since(start).as_millis() as u64 / BUCKET_MS) as usize
+        };
+        let w = self.worst_per_bucket.lock().unwrap();
+        let hi = b(to).min(w.len().saturating_sub(1));
+        let worst = w
+            .get(b(from)..=hi)
+            .map_or(0, |s| s.iter().copied().max().unwrap_or(0));
+        Duration::from_nanos(worst)
+    }
+
+    /// The slowest IO of the whole run.
+    pub(crate) fn worst(&self) -> Duration {
+        Duration::from_nanos(
+            self.worst_per_bucket
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0),
+        )
+    }
+
+    pub(crate) fn ios(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+            + self.writes.load(Ordering::Relaxed)
+            + self.flushes.load(Ordering::Relaxed)
+    }
+
     fn problem(&self, p: String) {
         let mut v = self.first_problems.lock().unwrap();
         if v.len() < 10 {
@@ -132,6 +186,11 @@ impl Progress {
 /// Runs the verifying workload until `progress.stop` is set.
 pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: Arc<Progress>) {
     let run = u64::from_le_bytes(crate::config::random_bytes().unwrap_or([7; 8]));
+    progress
+        .started
+        .lock()
+        .unwrap()
+        .get_or_insert_with(Instant::now);
     // Per block: last acknowledged generation, and whether an IO is on it.
     let state = Arc::new(Mutex::new(vec![(0u64, false); blocks as usize]));
     let mut workers = Vec::new();
@@ -143,7 +202,10 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
             while !progress.stop.load(Ordering::Relaxed) {
                 ops += 1;
                 if ops % 97 == 0 {
-                    match client.io(IoRequest::flush()).await {
+                    let t = Instant::now();
+                    let r = client.io(IoRequest::flush()).await;
+                    progress.observe(t);
+                    match r {
                         Ok(_) => progress.flushes.fetch_add(1, Ordering::Relaxed),
                         Err(e) => {
                             progress.problem(format!("flush failed: {e}"));
@@ -174,14 +236,16 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
                 if rng.chance(0.4) {
                     let generation = acked + 1;
                     let fua = rng.chance(0.1);
-                    match client
+                    let t = Instant::now();
+                    let r = client
                         .io(IoRequest::write(
                             offset,
                             block_data(run, block, generation),
                             fua,
                         ))
-                        .await
-                    {
+                        .await;
+                    progress.observe(t);
+                    match r {
                         Ok(_) => {
                             state.lock().unwrap()[block as usize].0 = generation;
                             progress.writes.fetch_add(1, Ordering::Relaxed);
@@ -192,7 +256,10 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
                         }
                     }
                 } else {
-                    match client.io(IoRequest::read(offset, BLOCK as u32)).await {
+                    let t = Instant::now();
+                    let r = client.io(IoRequest::read(offset, BLOCK as u32)).await;
+                    progress.observe(t);
+                    match r {
                         Ok(data) => {
                             progress.reads.fetch_add(1, Ordering::Relaxed);
                             if let Err(p) = check(&data, run, block, acked) {

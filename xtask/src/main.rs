@@ -15,6 +15,9 @@ commands:
             extra arguments go to the test runner
   bench     criterion benchmarks of the codec and engines; extra arguments
             go to criterion (e.g. `cargo xtask bench -- round`)
+  soak      real braid processes under a fault proxy and kill -9, with the
+            verifier throughout: `cargo xtask soak [--duration SECS]
+            [--seed S] [--measure-failover N]`
 ";
 
 fn main() -> ExitCode {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "test" => test(&rest),
         "bench" => bench(&rest),
+        "soak" => soak(&rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -92,7 +96,8 @@ fn ci() -> Result<(), String> {
     let mut build = cargo();
     build.args(["build", "--workspace", "--all-targets", "--release"]);
     run("build every crate and target", build)?;
-    test(&[])
+    test(&[])?;
+    soak(&["--duration".into(), "20".into()])
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
@@ -111,6 +116,21 @@ fn test(extra: &[String]) -> Result<(), String> {
     }
     cmd.args(extra);
     run("tests", cmd)
+}
+
+fn soak(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "braid",
+        "--",
+        "soak",
+    ]);
+    cmd.args(extra);
+    run("soak", cmd)
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {

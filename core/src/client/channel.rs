@@ -90,6 +90,10 @@ pub(crate) struct Channel {
     pub(crate) ping: Option<(u64, Instant)>,
     pub(crate) rtt: RttEstimator,
     pub(crate) failures: u32,
+    /// A request aged out here with nothing heard since it was sent: avoid
+    /// the channel until it speaks again (otherwise least-in-flight, seeing
+    /// its count drop as requests move away, would send it more).
+    pub(crate) suspect: bool,
 }
 
 impl Channel {
@@ -104,6 +108,7 @@ impl Channel {
             ping: None,
             rtt: RttEstimator::default(),
             failures: 0,
+            suspect: false,
         }
     }
 

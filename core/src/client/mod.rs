@@ -549,6 +549,7 @@ impl ClientEngine {
             return;
         }
         self.channels[slot].last_rx = now;
+        self.channels[slot].suspect = false;
         match wire::decode(frame) {
             Ok(msg) => self.handle_message(slot, msg, now),
             Err(DecodeError::PayloadChecksum {
@@ -653,7 +654,15 @@ impl ClientEngine {
             self.journal.park_resend(id);
             return;
         }
-        let tried = self.journal.entries[&id].tried;
+        let entry = &self.journal.entries[&id];
+        let tried = entry.tried;
+        if let EntryState::Sent { ch, at, .. } = entry.state {
+            if let Some(old) = self.current(ch) {
+                if self.channels[old].last_rx < at {
+                    self.channels[old].suspect = true;
+                }
+            }
+        }
         let Some(slot) = self.pick_channel(tried) else {
             // Nowhere to send it: wait for a channel, keep it journaled.
             if let Some(old) = self.journal.requeue(id) {
@@ -663,8 +672,14 @@ impl ClientEngine {
         };
         self.stats.resends += 1;
         let ch = self.id_of(slot);
-        let sends = self.journal.entries[&id].sends;
-        let resend_at = now + self.rto(slot, sends + 1);
+        // Back off only when trying a channel again; a fresh channel gets
+        // its ordinary timeout.
+        let sends = if tried & (1 << slot) != 0 {
+            self.journal.entries[&id].sends + 1
+        } else {
+            1
+        };
+        let resend_at = now + self.rto(slot, sends);
         if let Some(old) = self.journal.resent(id, ch, now, resend_at) {
             self.release_inflight(old);
         }
@@ -800,6 +815,7 @@ impl ClientEngine {
         }
         let c = &mut self.channels[slot];
         c.state = ChanState::Ready;
+        c.suspect = false;
         c.failures = 0;
         c.last_rx = now;
         c.ping = None;
@@ -1105,7 +1121,9 @@ impl ClientEngine {
     fn pick_channel(&mut self, tried: u64) -> Option<usize> {
         let n = self.channels.len();
         let start = self.rr_cursor;
-        let ready = |c: &Channel| c.is_ready();
+        // Suspect channels only when nothing else is ready.
+        let any_trusted = self.channels.iter().any(|c| c.is_ready() && !c.suspect);
+        let ready = move |c: &Channel| c.is_ready() && !(any_trusted && c.suspect);
         let candidates = |avoid: u64| {
             (0..n)
                 .map(move |i| (start + i) % n)

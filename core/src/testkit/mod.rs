@@ -8,10 +8,12 @@
 
 mod checker;
 mod disk;
+mod fuzz;
 mod pattern;
 mod world;
 
 pub use checker::{Checker, Violation};
 pub use disk::MemDisk;
+pub use fuzz::exercise_server;
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
 pub use world::{FaultRates, Report, World, WorldConfig};
