@@ -2,7 +2,7 @@
 
 use crate::config;
 use braid_core::client::{ClientConfig, Policy};
-use braid_fabric_tcp::Client;
+use braid_fabric_tcp::{Client, ClientSecurity};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -41,6 +41,18 @@ pub(crate) struct ClientArgs {
     /// a disk).
     #[arg(long)]
     pub(crate) io_timeout: Option<f64>,
+    /// Use TLS, trusting this CA or the server's self-signed certificate.
+    #[arg(long)]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Name expected on the server's certificate [default: host of --server].
+    #[arg(long)]
+    pub(crate) tls_name: Option<String>,
+    /// Client certificate (PEM), for servers that require one.
+    #[arg(long, requires = "tls_client_key")]
+    pub(crate) tls_client_cert: Option<PathBuf>,
+    /// Client certificate's private key (PEM).
+    #[arg(long, requires = "tls_client_cert")]
+    pub(crate) tls_client_key: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -59,9 +71,34 @@ impl ClientArgs {
             PolicyArg::LowestLatency => Policy::LowestLatency,
         };
         c.io_timeout = self.io_timeout.map(Duration::from_secs_f64);
-        Client::connect(self.server.clone(), c, Duration::from_secs(10))
-            .await
-            .map_err(|e| e.to_string())
+        Client::connect(
+            self.server.clone(),
+            self.security()?,
+            c,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    fn security(&self) -> Result<ClientSecurity, String> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(ClientSecurity::Plain);
+        };
+        let host = self
+            .server
+            .rsplit_once(':')
+            .map_or(self.server.as_str(), |(h, _)| h);
+        let name = self
+            .tls_name
+            .clone()
+            .unwrap_or_else(|| host.trim_matches(|c| c == '[' || c == ']').to_string());
+        let client = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let (connector, name) = braid_fabric_tcp::tls::connector(ca, &name, client)?;
+        Ok(ClientSecurity::Tls(connector, name))
     }
 }
 

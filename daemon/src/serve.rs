@@ -4,7 +4,7 @@ use crate::config::{self, ExportSpec, FileConfig};
 use crate::status;
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_fabric_tcp::Server;
+use braid_fabric_tcp::{Server, ServerSecurity};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,6 +31,19 @@ pub(crate) struct ServeArgs {
     /// Control socket for `braid status` [default: DATA_DIR/control.sock].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Serve over TLS. Without --tls-cert, a self-signed certificate for
+    /// localhost and the listen address is created in DATA_DIR on first use.
+    #[arg(long)]
+    tls: bool,
+    /// TLS certificate chain (PEM); implies --tls.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM); implies --tls.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
@@ -110,6 +123,35 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .or(file.control)
         .unwrap_or_else(|| data_dir.join("control.sock"));
 
+    let mut tls_hint = String::new();
+    let security = if args.tls || args.tls_cert.is_some() || args.tls_client_ca.is_some() {
+        let (cert, key) = match (args.tls_cert, args.tls_key) {
+            (Some(c), Some(k)) => (c, k),
+            _ => {
+                let (c, k) = (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem"));
+                if !c.exists() {
+                    let names = vec!["localhost".to_string(), local.ip().to_string()];
+                    braid_fabric_tcp::tls::generate_self_signed(&names, &c, &k)?;
+                    tracing::info!(cert = %c.display(), "created a self-signed TLS certificate");
+                }
+                (c, k)
+            }
+        };
+        tls_hint = format!(" --tls-ca {}", cert.display());
+        if let Some(ca) = &args.tls_client_ca {
+            tls_hint.push_str(&format!(
+                " --tls-client-cert CERT --tls-client-key KEY (signed by {})",
+                ca.display()
+            ));
+        }
+        ServerSecurity::Tls(braid_fabric_tcp::tls::acceptor(
+            &cert,
+            &key,
+            args.tls_client_ca.as_deref(),
+        )?)
+    } else {
+        ServerSecurity::Plain
+    };
     println!("braid serving {} export(s) on {local}", exports.len());
     for (e, f) in exports.iter().zip(&files) {
         let kind = if f.is_block_device() {
@@ -130,7 +172,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         key_file.display(),
         keys[0].0
     );
-    let key_arg = format!("--key-file {}", key_file.display());
+    let key_arg = format!("--key-file {}{tls_hint}", key_file.display());
     println!("try:      braid bench  --server {local} {key_arg}");
     println!("          braid verify --server {local} {key_arg}");
     println!("status:   braid status --control {}", control.display());
@@ -148,6 +190,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
     Server::run(
         listener,
+        security,
         ServerEngine::new(server_config),
         backend,
         shutdown,

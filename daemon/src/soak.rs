@@ -106,6 +106,10 @@ impl Rig {
             channels: 4,
             policy: PolicyArg::LeastInflight,
             io_timeout: None,
+            tls_ca: None,
+            tls_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
         };
         let client = args.connect().await?;
         let progress = Arc::new(Progress::default());

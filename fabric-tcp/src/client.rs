@@ -3,6 +3,7 @@
 
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent, Outgoing};
+use crate::ClientSecurity;
 use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
     IoRequest, Notice, SubmitError,
@@ -83,6 +84,7 @@ impl Client {
     /// reconnects and fails over by itself for as long as it lives.
     pub async fn connect(
         addr: impl Into<String>,
+        security: ClientSecurity,
         config: ClientConfig,
         wait: Duration,
     ) -> Result<Client, ConnectError> {
@@ -94,6 +96,7 @@ impl Client {
         let driver = Driver {
             engine: ClientEngine::new(config),
             addr: addr.clone(),
+            security,
             clock: Clock::new(),
             writers: HashMap::new(),
             waiters: HashMap::new(),
@@ -157,6 +160,7 @@ impl Client {
 struct Driver {
     engine: ClientEngine,
     addr: String,
+    security: ClientSecurity,
     clock: Clock,
     writers: HashMap<ChannelId, mpsc::UnboundedSender<Outgoing>>,
     waiters: HashMap<u64, Reply>,
@@ -264,7 +268,7 @@ impl Driver {
             ConnEvent::Closed(ch, why) => {
                 tracing::debug!(%ch, why, "channel connection closed");
                 if self.writers.remove(&ch).is_some() {
-                    self.engine.channel_closed(ch, self.clock.now());
+                    self.engine.channel_failed(ch, why, self.clock.now());
                 }
             }
         }
@@ -279,7 +283,7 @@ impl Driver {
             Event::Failed(ch, why) => {
                 *self.last_error.lock().unwrap() = why.clone();
                 tracing::debug!(%ch, why, "connect failed");
-                self.engine.channel_closed(ch, self.clock.now());
+                self.engine.channel_failed(ch, why, self.clock.now());
             }
         }
     }
@@ -377,11 +381,34 @@ impl Driver {
         let addr = self.addr.clone();
         let timeout = self.engine.config().handshake_timeout;
         let max_payload = (64 << 20) + 4096;
+        let security = self.security.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
-                    let writer = conn::spawn(stream, ch, max_payload, conn_tx);
+                    let writer = match security {
+                        ClientSecurity::Plain => conn::spawn(stream, ch, max_payload, conn_tx),
+                        #[cfg(feature = "tls")]
+                        ClientSecurity::Tls(connector, name) => {
+                            match tokio::time::timeout(timeout, connector.connect(name, stream))
+                                .await
+                            {
+                                Ok(Ok(tls)) => conn::spawn(tls, ch, max_payload, conn_tx),
+                                Ok(Err(e)) => {
+                                    let _ = ev_tx
+                                        .send(Event::Failed(ch, format!("TLS with {addr}: {e}")));
+                                    return;
+                                }
+                                Err(_) => {
+                                    let _ = ev_tx.send(Event::Failed(
+                                        ch,
+                                        format!("TLS with {addr}: timed out"),
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     let _ = ev_tx.send(Event::Up(ch, writer));
                 }
                 Ok(Err(e)) => {

@@ -13,6 +13,30 @@ mod conn;
 
 pub mod client;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{Client, ClientStatus, ConnectError};
 pub use server::{Server, ServerStatus};
+
+/// How a server protects its channels.
+#[derive(Clone, Default)]
+pub enum ServerSecurity {
+    /// Plain TCP (the pre-shared-key session auth still applies).
+    #[default]
+    Plain,
+    /// TLS on every channel.
+    #[cfg(feature = "tls")]
+    Tls(tls::TlsAcceptor),
+}
+
+/// How a client protects its channels.
+#[derive(Clone, Default)]
+pub enum ClientSecurity {
+    /// Plain TCP (the pre-shared-key session auth still applies).
+    #[default]
+    Plain,
+    /// TLS, expecting this name on the server's certificate.
+    #[cfg(feature = "tls")]
+    Tls(tls::TlsConnector, rustls::pki_types::ServerName<'static>),
+}

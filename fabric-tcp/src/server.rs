@@ -3,6 +3,7 @@
 
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent, Outgoing};
+use crate::ServerSecurity;
 use braid_core::server::{Backend, ConnId, ServerAction, ServerEngine, ServerStats};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -28,6 +29,9 @@ pub struct ServerStatus {
 
 enum Event {
     BackendDone(u64, Result<Bytes, Status>),
+    /// A TLS handshake finished: the connection's writer.
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Secured(ConnId, mpsc::UnboundedSender<Outgoing>),
 }
 
 /// A running server.
@@ -52,6 +56,7 @@ impl Server {
     /// and returns.
     pub async fn run(
         listener: TcpListener,
+        security: ServerSecurity,
         mut engine: ServerEngine,
         backend: Arc<dyn Backend>,
         shutdown: impl Future<Output = ()>,
@@ -79,8 +84,33 @@ impl Server {
                         let conn = next_conn;
                         next_conn += 1;
                         tracing::debug!(conn, %peer, "connection accepted");
-                        writers.insert(conn, conn::spawn(stream, conn, max_payload, conn_tx.clone()));
                         engine.connection_opened(conn, clock.now());
+                        match &security {
+                            ServerSecurity::Plain => {
+                                writers.insert(conn, conn::spawn(stream, conn, max_payload, conn_tx.clone()));
+                            }
+                            #[cfg(feature = "tls")]
+                            ServerSecurity::Tls(acceptor) => {
+                                // Off the engine loop: a slow or hostile TLS
+                                // handshake holds up nobody else.
+                                let (acceptor, tx, conn_tx) = (acceptor.clone(), tx.clone(), conn_tx.clone());
+                                let limit = engine.config().handshake_timeout;
+                                tokio::spawn(async move {
+                                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                        Ok(Ok(tls)) => {
+                                            let w = conn::spawn(tls, conn, max_payload, conn_tx);
+                                            let _ = tx.send(Event::Secured(conn, w));
+                                        }
+                                        Ok(Err(e)) => {
+                                            let _ = conn_tx.send(ConnEvent::Closed(conn, format!("TLS: {e}")));
+                                        }
+                                        Err(_) => {
+                                            let _ = conn_tx.send(ConnEvent::Closed(conn, "TLS handshake timed out".into()));
+                                        }
+                                    }
+                                });
+                            }
+                        }
                     }
                     Err(e) => {
                         // Out of descriptors and the like: keep serving the
@@ -90,7 +120,7 @@ impl Server {
                     }
                 },
                 Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
-                Some(ev) = rx.recv() => handle(&mut engine, ev, &clock),
+                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock),
                 _ = tokio::time::sleep_until(deadline) => engine.handle_timeout(clock.now()),
                 _ = &mut shutdown, if !draining => {
                     tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
@@ -101,7 +131,7 @@ impl Server {
                 handle_conn(&mut engine, &mut writers, ev, &clock);
             }
             while let Ok(ev) = rx.try_recv() {
-                handle(&mut engine, ev, &clock);
+                handle(&mut engine, &mut writers, ev, &clock);
             }
             while let Some(action) = engine.poll_action() {
                 match action {
@@ -161,8 +191,16 @@ fn handle_conn(
     }
 }
 
-fn handle(engine: &mut ServerEngine, ev: Event, clock: &Clock) {
+fn handle(
+    engine: &mut ServerEngine,
+    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    ev: Event,
+    clock: &Clock,
+) {
     match ev {
         Event::BackendDone(token, result) => engine.backend_complete(token, result, clock.now()),
+        Event::Secured(conn, writer) => {
+            writers.insert(conn, writer);
+        }
     }
 }

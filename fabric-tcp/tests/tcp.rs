@@ -4,7 +4,7 @@ use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::auth::Key;
 use braid_core::client::{ClientConfig, IoRequest};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_fabric_tcp::{Client, Server};
+use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
 use bytes::Bytes;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,6 +21,15 @@ async fn start_server(
     addr: &str,
     path: &Path,
     boot_id: u64,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_secure_server(addr, path, boot_id, ServerSecurity::Plain).await
+}
+
+async fn start_secure_server(
+    addr: &str,
+    path: &Path,
+    boot_id: u64,
+    security: ServerSecurity,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let file = ExportFile::open(
         path,
@@ -43,6 +52,7 @@ async fn start_server(
     let task = tokio::spawn(async move {
         Server::run(
             listener,
+            security,
             ServerEngine::new(config),
             backend,
             async {
@@ -66,6 +76,7 @@ async fn io_flows_over_four_tcp_channels() {
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
     let client = Client::connect(
         addr.to_string(),
+        ClientSecurity::Plain,
         client_config(b"test key"),
         Duration::from_secs(5),
     )
@@ -110,6 +121,7 @@ async fn a_server_restart_is_invisible_to_the_client() {
     let (addr, stop, task) = start_server("127.0.0.1:0", &path, 1).await;
     let client = Client::connect(
         addr.to_string(),
+        ClientSecurity::Plain,
         client_config(b"test key"),
         Duration::from_secs(5),
     )
@@ -158,6 +170,7 @@ async fn a_wrong_key_is_a_clear_connect_error() {
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
     let err = Client::connect(
         addr.to_string(),
+        ClientSecurity::Plain,
         client_config(b"wrong"),
         Duration::from_millis(500),
     )
@@ -170,10 +183,121 @@ async fn a_wrong_key_is_a_clear_connect_error() {
 async fn no_server_is_a_clear_connect_error() {
     let err = Client::connect(
         "127.0.0.1:1",
+        ClientSecurity::Plain,
         client_config(b"test key"),
         Duration::from_millis(300),
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+}
+
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use braid_fabric_tcp::tls;
+
+    fn cert(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        tls::generate_self_signed(&["localhost".into(), "127.0.0.1".into()], &c, &k).unwrap();
+        (c, k)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn io_flows_over_tls_and_an_untrusted_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = cert(dir.path(), "server");
+        let acceptor = tls::acceptor(&c, &k, None).unwrap();
+        let (addr, _stop, _task) = start_secure_server(
+            "127.0.0.1:0",
+            &dir.path().join("d"),
+            1,
+            ServerSecurity::Tls(acceptor),
+        )
+        .await;
+        let (connector, name) = tls::connector(&c, "localhost", None).unwrap();
+        let security = ClientSecurity::Tls(connector, name);
+        let client = Client::connect(
+            addr.to_string(),
+            security,
+            client_config(b"test key"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let data = Bytes::from(vec![0x7E; 65536]);
+        client
+            .io(IoRequest::write(0, data.clone(), true))
+            .await
+            .unwrap();
+        assert_eq!(client.io(IoRequest::read(0, 65536)).await.unwrap(), data);
+
+        // A client trusting some other certificate refuses this server.
+        let (other, _) = cert(dir.path(), "other");
+        let (connector, name) = tls::connector(&other, "localhost", None).unwrap();
+        let security = ClientSecurity::Tls(connector, name);
+        let err = Client::connect(
+            addr.to_string(),
+            security,
+            client_config(b"test key"),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_certificates_can_be_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sc, sk) = cert(dir.path(), "server");
+        let (cc, ck) = cert(dir.path(), "client");
+        let acceptor = tls::acceptor(&sc, &sk, Some(&cc)).unwrap();
+        let (addr, _stop, _task) = start_secure_server(
+            "127.0.0.1:0",
+            &dir.path().join("d"),
+            1,
+            ServerSecurity::Tls(acceptor),
+        )
+        .await;
+        let (connector, name) = tls::connector(&sc, "localhost", None).unwrap();
+        let without = ClientSecurity::Tls(connector, name);
+        assert!(
+            Client::connect(
+                addr.to_string(),
+                without,
+                client_config(b"test key"),
+                Duration::from_millis(500)
+            )
+            .await
+            .is_err(),
+            "no client certificate, no session"
+        );
+        let (connector, name) = tls::connector(&sc, "localhost", Some((&cc, &ck))).unwrap();
+        let with = ClientSecurity::Tls(connector, name);
+        let client = Client::connect(
+            addr.to_string(),
+            with,
+            client_config(b"test key"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        client.io(IoRequest::read(0, 4096)).await.unwrap();
+        // TLS does not replace the session key: a wrong key still fails.
+        let (connector, name) = tls::connector(&sc, "localhost", Some((&cc, &ck))).unwrap();
+        let wrong_key = ClientSecurity::Tls(connector, name);
+        let err = Client::connect(
+            addr.to_string(),
+            wrong_key,
+            client_config(b"wrong"),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
+    }
 }

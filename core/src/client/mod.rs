@@ -530,10 +530,16 @@ impl ClientEngine {
 
     /// The transport for `ch` closed or could not connect.
     pub fn channel_closed(&mut self, ch: ChannelId, now: Instant) {
+        self.channel_failed(ch, "connection closed", now);
+    }
+
+    /// The transport for `ch` closed or could not connect, for `reason`
+    /// (reported in the channel-down notice).
+    pub fn channel_failed(&mut self, ch: ChannelId, reason: impl Into<String>, now: Instant) {
         if let Some(slot) = self.current(ch) {
             if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
                 // Refused or reset: back off, or a down server gets hammered.
-                self.fail_channel(slot, "connection closed".into(), now, true);
+                self.fail_channel(slot, reason.into(), now, true);
             }
         }
         self.pump(now);
