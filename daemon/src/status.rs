@@ -32,6 +32,14 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
         "listen": server.local_addr().to_string(),
         "exports": exports.iter().map(|(n, size)| serde_json::json!({"name": n, "size": size})).collect::<Vec<_>>(),
         "sessions": s.sessions,
+        "session_list": s.session_list.iter().map(|x| serde_json::json!({
+            "id": format!("{:#018x}", x.id),
+            "export": x.export,
+            "channels": x.channels,
+            "cached_results": x.cached_results,
+            "backend_inflight": x.backend_inflight,
+            "orphaned": x.orphaned,
+        })).collect::<Vec<_>>(),
         "connections": s.connections,
         "backend_inflight": s.backend_inflight,
         "requests": st.requests,
@@ -104,6 +112,21 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     ];
     for (label, key) in rows {
         println!("  {label:<38} {}", v[key].as_u64().unwrap_or(0));
+    }
+    for x in v["session_list"].as_array().into_iter().flatten() {
+        println!(
+            "  session {} export {} channels {} remembered results {} backend ops {}{}",
+            x["id"].as_str().unwrap_or("?"),
+            x["export"].as_str().unwrap_or("?"),
+            x["channels"],
+            x["cached_results"],
+            x["backend_inflight"],
+            if x["orphaned"].as_bool() == Some(true) {
+                " (orphaned: waiting for its client)"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }

@@ -4,7 +4,9 @@
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent, Outgoing};
 use crate::ServerSecurity;
-use braid_core::server::{Backend, ConnId, ServerAction, ServerEngine, ServerStats};
+use braid_core::server::{
+    Backend, ConnId, ServerAction, ServerEngine, ServerStats, SessionSummary,
+};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -25,6 +27,8 @@ pub struct ServerStatus {
     pub connections: usize,
     /// Backend operations running.
     pub backend_inflight: usize,
+    /// Per session.
+    pub session_list: Vec<SessionSummary>,
 }
 
 enum Event {
@@ -74,6 +78,7 @@ impl Server {
         let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
         let mut next_conn: ConnId = 1;
         let mut draining = false;
+        let mut last_list = tokio::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
             let deadline = clock.deadline(engine.poll_timeout());
@@ -162,6 +167,12 @@ impl Server {
                 s.sessions = engine.session_count();
                 s.connections = engine.connection_count();
                 s.backend_inflight = engine.backend_inflight();
+                // The per-session list allocates: refresh it at most every
+                // 100 ms rather than per event.
+                if last_list.elapsed() >= std::time::Duration::from_millis(100) {
+                    s.session_list = engine.sessions();
+                    last_list = tokio::time::Instant::now();
+                }
             }
             if draining && engine.backend_inflight() == 0 {
                 for (_, w) in writers.drain() {

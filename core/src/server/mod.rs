@@ -125,6 +125,23 @@ pub enum ServerAction {
     Backend(BackendRequest),
 }
 
+/// A session as status output shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Session id.
+    pub id: u64,
+    /// Export name.
+    pub export: String,
+    /// Channels bound to it now.
+    pub channels: usize,
+    /// Request results remembered for exactly-once answers.
+    pub cached_results: usize,
+    /// Backend operations running for it.
+    pub backend_inflight: usize,
+    /// No channel left; kept for its client to come back.
+    pub orphaned: bool,
+}
+
 /// Counters for `braid status` and the simulator.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServerStats {
@@ -242,6 +259,21 @@ impl ServerEngine {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// One line per session for status output.
+    pub fn sessions(&self) -> Vec<SessionSummary> {
+        self.sessions
+            .values()
+            .map(|s| SessionSummary {
+                id: s.id,
+                export: self.config.exports[s.export].name.clone(),
+                channels: s.conns.len(),
+                cached_results: s.cached(),
+                backend_inflight: s.ops_in_backend,
+                orphaned: s.orphaned_since.is_some(),
+            })
+            .collect()
     }
 
     /// Total cached request results across sessions (bounded by
