@@ -15,6 +15,8 @@ commands:
             extra arguments go to the test runner
   bench     criterion benchmarks of the codec and engines; extra arguments
             go to criterion (e.g. `cargo xtask bench -- round`)
+  sim       seeded simulation sweeps with invariant checks; arguments go
+            to the runner (`cargo xtask sim --help`)
   soak      real braid processes under a fault proxy and kill -9, with the
             verifier throughout: `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "bench" => bench(&rest),
         "soak" => soak(&rest),
+        "sim" => sim(&rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -97,7 +100,15 @@ fn ci() -> Result<(), String> {
     build.args(["build", "--workspace", "--all-targets", "--release"]);
     run("build every crate and target", build)?;
     test(&[])?;
-    soak(&["--duration".into(), "20".into()])
+    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    sim(&args(&[
+        "--seeds",
+        "300",
+        "--virtual-secs",
+        "5",
+        "--check-determinism",
+    ]))?;
+    soak(&args(&["--duration", "20"]))
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
@@ -116,6 +127,22 @@ fn test(extra: &[String]) -> Result<(), String> {
     }
     cmd.args(extra);
     run("tests", cmd)
+}
+
+fn sim(extra: &[String]) -> Result<(), String> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "braid-sim-tests",
+        "--bin",
+        "sim",
+        "--",
+    ]);
+    cmd.args(extra);
+    run("simulation sweep", cmd)
 }
 
 fn soak(extra: &[String]) -> Result<(), String> {
