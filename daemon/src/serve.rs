@@ -31,6 +31,10 @@ pub(crate) struct ServeArgs {
     /// Control socket for `braid status` [default: DATA_DIR/control.sock].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Runtime threads for connections and TLS (the protocol engine is one
+    /// task; backend IO has its own thread pool).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
     /// Serve over TLS. Without --tls-cert, a self-signed certificate for
     /// localhost and the listen address is created in DATA_DIR on first use.
     #[arg(long)]
