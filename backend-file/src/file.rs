@@ -33,6 +33,9 @@ pub struct ExportFile {
     no_fallocate: AtomicBool,
     /// O_DIRECT: buffers must be aligned.
     direct: bool,
+    /// Set once RWF_NOWAIT proved unsupported for reads / writes here.
+    no_nowait_read: AtomicBool,
+    no_nowait_write: AtomicBool,
 }
 
 /// Alignment O_DIRECT needs on every device we meet (logical block sizes
@@ -85,6 +88,8 @@ impl ExportFile {
             no_dsync_write: AtomicBool::new(false),
             no_fallocate: AtomicBool::new(false),
             direct: opts.direct,
+            no_nowait_read: AtomicBool::new(false),
+            no_nowait_write: AtomicBool::new(false),
         })
     }
 
@@ -181,6 +186,58 @@ impl ExportFile {
         Ok(())
     }
 
+    /// Performs `op` if the kernel can do it without blocking: a buffered
+    /// read whose data is all in the page cache, or a buffered write that
+    /// needs no writeback throttling (`RWF_NOWAIT`). `None`: use
+    /// [`ExportFile::execute`] on a thread that may block.
+    pub fn try_execute_now(&self, op: &BackendOp) -> Option<io::Result<Bytes>> {
+        // O_DIRECT IO waits for the device even with RWF_NOWAIT; and a large
+        // copy, though it cannot block, would hold the caller's loop as long
+        // as a slow IO (measured: 1 MiB reads inline lost 25% throughput).
+        const INLINE_MAX: u32 = 64 * 1024;
+        let len = match op {
+            BackendOp::Read { len, .. } => *len,
+            BackendOp::Write { data, .. } => data.len() as u32,
+            _ => return None,
+        };
+        if self.direct || len > INLINE_MAX {
+            return None;
+        }
+        let (result, unsupported_flag) = match op {
+            BackendOp::Read { offset, len } if !self.no_nowait_read.load(Ordering::Relaxed) => {
+                let mut buf = vec![0u8; *len as usize];
+                let r = pread_nowait(&self.file, &mut buf, *offset);
+                match r {
+                    // Partly cached: the pool redoes the whole read.
+                    Ok(n) if n == buf.len() => return Some(Ok(Bytes::from(buf))),
+                    Ok(_) => return None,
+                    Err(e) => (e, &self.no_nowait_read),
+                }
+            }
+            BackendOp::Write {
+                offset,
+                data,
+                fua: false,
+            } if !self.no_nowait_write.load(Ordering::Relaxed) => {
+                match pwrite_nowait(&self.file, data, *offset) {
+                    Ok(n) if n == data.len() => return Some(Ok(Bytes::new())),
+                    // A short write: the pool writes it all again (same data).
+                    Ok(_) => return None,
+                    Err(e) => (e, &self.no_nowait_write),
+                }
+            }
+            _ => return None,
+        };
+        if result.raw_os_error() == Some(libc::EAGAIN) {
+            return None;
+        }
+        if unsupported(&result) {
+            unsupported_flag.store(true, Ordering::Relaxed);
+            return None;
+        }
+        Some(Err(result))
+    }
+
     /// Performs one operation.
     pub fn execute(&self, op: &BackendOp) -> io::Result<Bytes> {
         match op {
@@ -252,6 +309,61 @@ fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// `preadv2` with RWF_NOWAIT: EAGAIN rather than wait for the disk.
+fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    retry_eintr(|| {
+        // SAFETY: iov points into `buf`, valid and exclusively borrowed for
+        // the call; the fd is open (borrowed from `file`).
+        unsafe {
+            libc::preadv2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        }
+    })
+}
+
+/// `pwritev2` with RWF_NOWAIT: EAGAIN rather than wait for writeback.
+fn pwrite_nowait(file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+    // The kernel only reads through this iovec; iovec has no const form.
+    let iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    retry_eintr(|| {
+        // SAFETY: iov points into `data`, valid for the call; the fd is open.
+        unsafe {
+            libc::pwritev2(
+                file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        }
+    })
+}
+
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on a borrowed, open fd; no memory is passed.
@@ -305,12 +417,19 @@ impl Backend for FileBackend {
         let Some(f) = self.exports.get(export) else {
             return Err(Status::Invalid);
         };
-        f.execute(op).map_err(|e| {
-            let status = status_of(&e);
-            tracing::warn!(export = %f.path.display(), ?op, error = %e, ?status, "backend operation failed");
-            status
-        })
+        f.execute(op).map_err(|e| failed(f, op, &e))
     }
+
+    fn try_execute_now(&self, export: usize, op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        let f = self.exports.get(export)?;
+        Some(f.try_execute_now(op)?.map_err(|e| failed(f, op, &e)))
+    }
+}
+
+fn failed(f: &ExportFile, op: &BackendOp, e: &io::Error) -> Status {
+    let status = status_of(e);
+    tracing::warn!(export = %f.path.display(), ?op, error = %e, ?status, "backend operation failed");
+    status
 }
 
 #[cfg(test)]
@@ -445,6 +564,50 @@ mod tests {
             .unwrap()
             .iter()
             .all(|b| *b == 0));
+    }
+
+    #[test]
+    fn cached_data_is_served_without_blocking_and_the_rest_is_deferred() {
+        let (_dir, f) = export(1 << 20);
+        let data = Bytes::from(vec![0x5A; 4096]);
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: data.clone(),
+            fua: false,
+        })
+        .unwrap();
+        // Just written, so in the page cache: served inline (or, where the
+        // kernel lacks RWF_NOWAIT, deferred; never wrong).
+        if let Some(r) = f.try_execute_now(&BackendOp::Read {
+            offset: 0,
+            len: 4096,
+        }) {
+            assert_eq!(r.unwrap(), data);
+        }
+        // Durability needs a thread that may block: never inline.
+        assert!(f.try_execute_now(&BackendOp::Flush).is_none());
+        assert!(f
+            .try_execute_now(&BackendOp::Write {
+                offset: 0,
+                data: data.clone(),
+                fua: true
+            })
+            .is_none());
+        if let Some(r) = f.try_execute_now(&BackendOp::Write {
+            offset: 8192,
+            data: data.clone(),
+            fua: false,
+        }) {
+            r.unwrap();
+            assert_eq!(
+                f.execute(&BackendOp::Read {
+                    offset: 8192,
+                    len: 4096
+                })
+                .unwrap(),
+                data
+            );
+        }
     }
 
     #[test]

@@ -152,6 +152,12 @@ impl Server {
                         }
                     }
                     ServerAction::Backend(req) => {
+                        // Cached reads and unthrottled writes finish here and
+                        // now; anything that might block goes to the pool.
+                        if let Some(result) = backend.try_execute_now(req.export, &req.op) {
+                            engine.backend_complete(req.token, result, clock.now());
+                            continue;
+                        }
                         let backend = backend.clone();
                         let tx = tx.clone();
                         tokio::task::spawn_blocking(move || {

@@ -13,4 +13,11 @@ pub trait Backend: Send + Sync + 'static {
     /// FLUSH and FUA, durable). Returns read data (empty for other ops) or
     /// the status to report.
     fn execute(&self, export: usize, op: &BackendOp) -> Result<Bytes, Status>;
+
+    /// Performs `op` only if it can finish without blocking (data in the
+    /// page cache, no writeback throttling); `None` means "hand it to the
+    /// thread pool". Drivers call it inline, so it must never block.
+    fn try_execute_now(&self, _export: usize, _op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        None
+    }
 }
