@@ -8,6 +8,7 @@ use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
     IoRequest, Notice, SubmitError,
 };
+use braid_core::wire::RejectCode;
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -62,6 +63,9 @@ enum Cmd {
 enum Event {
     Up(ChannelId, mpsc::UnboundedSender<Outgoing>),
     Failed(ChannelId, String),
+    /// Failed in a way retrying will not cure (a TLS certificate problem).
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    Refused(ChannelId, String),
 }
 
 /// A braid volume: cheap to clone, usable from many tasks at once.
@@ -108,11 +112,17 @@ impl Client {
         };
         tokio::spawn(driver.run(cmd_rx));
         match tokio::time::timeout(wait, ready_rx).await {
-            Ok(Ok(info)) => Ok(Client {
+            Ok(Ok(Ok(info))) => Ok(Client {
                 cmds: cmd_tx,
                 info,
                 status,
             }),
+            // Refused for good (wrong key, no such export): say so now
+            // rather than retry until the wait runs out.
+            Ok(Ok(Err(detail))) => {
+                let _ = cmd_tx.send(Cmd::Close(oneshot::channel().0)).await;
+                Err(ConnectError { addr, detail })
+            }
             _ => {
                 let detail = last_error.lock().unwrap().clone();
                 let _ = cmd_tx.send(Cmd::Close(oneshot::channel().0)).await;
@@ -168,7 +178,9 @@ struct Driver {
     held: VecDeque<(u64, IoRequest)>,
     next_user: u64,
     status: Arc<Mutex<ClientStatus>>,
-    ready: Option<oneshot::Sender<ExportInfo>>,
+    /// Answers `connect`: the export once a session exists, or why the
+    /// server refused us for good.
+    ready: Option<oneshot::Sender<Result<ExportInfo, String>>>,
     last_error: Arc<Mutex<String>>,
 }
 
@@ -280,6 +292,13 @@ impl Driver {
                 self.writers.insert(ch, writer);
                 self.engine.channel_connected(ch, self.clock.now());
             }
+            Event::Refused(ch, why) => {
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(Err(why.clone()));
+                }
+                *self.last_error.lock().unwrap() = why.clone();
+                self.engine.channel_failed(ch, why, self.clock.now());
+            }
             Event::Failed(ch, why) => {
                 *self.last_error.lock().unwrap() = why.clone();
                 tracing::debug!(%ch, why, "connect failed");
@@ -353,7 +372,7 @@ impl Driver {
                     "session started"
                 );
                 if let (Some(tx), Some(info)) = (self.ready.take(), self.engine.export_info()) {
-                    let _ = tx.send(info);
+                    let _ = tx.send(Ok(info));
                 }
             }
             Notice::ChannelUp { ch, .. } => tracing::debug!(%ch, "channel up"),
@@ -364,10 +383,21 @@ impl Driver {
             Notice::AuthFailed { ch, detail } => {
                 *self.last_error.lock().unwrap() = detail.clone();
                 tracing::error!(%ch, detail, "authentication failed");
+                if let Some(tx) = self.ready.take() {
+                    let _ = tx.send(Err(detail.clone()));
+                }
             }
             Notice::Rejected { ch, code, message } => {
-                *self.last_error.lock().unwrap() = format!("{code:?}: {message}");
+                let detail = format!("server refused: {code:?}: {message}");
+                *self.last_error.lock().unwrap() = detail.clone();
                 tracing::error!(%ch, ?code, message, "server refused the channel");
+                let for_good =
+                    matches!(code, RejectCode::NoSuchExport | RejectCode::VersionMismatch);
+                if for_good {
+                    if let Some(tx) = self.ready.take() {
+                        let _ = tx.send(Err(detail));
+                    }
+                }
             }
         }
     }
@@ -395,8 +425,9 @@ impl Driver {
                             {
                                 Ok(Ok(tls)) => conn::spawn(tls, ch, max_payload, conn_tx),
                                 Ok(Err(e)) => {
-                                    let _ = ev_tx
-                                        .send(Event::Failed(ch, format!("TLS with {addr}: {e}")));
+                                    // A certificate problem does not fix itself.
+                                    let why = format!("TLS with {addr}: {e}");
+                                    let _ = ev_tx.send(Event::Refused(ch, why));
                                     return;
                                 }
                                 Err(_) => {

@@ -172,7 +172,7 @@ async fn a_wrong_key_is_a_clear_connect_error() {
         addr.to_string(),
         ClientSecurity::Plain,
         client_config(b"wrong"),
-        Duration::from_millis(500),
+        Duration::from_secs(5),
     )
     .await
     .unwrap_err();
@@ -243,7 +243,7 @@ mod tls {
             addr.to_string(),
             security,
             client_config(b"test key"),
-            Duration::from_millis(500),
+            Duration::from_secs(5),
         )
         .await
         .unwrap_err();
@@ -270,7 +270,7 @@ mod tls {
                 addr.to_string(),
                 without,
                 client_config(b"test key"),
-                Duration::from_millis(500)
+                Duration::from_secs(5)
             )
             .await
             .is_err(),
@@ -294,7 +294,7 @@ mod tls {
             addr.to_string(),
             wrong_key,
             client_config(b"wrong"),
-            Duration::from_millis(500),
+            Duration::from_secs(5),
         )
         .await
         .unwrap_err();
