@@ -2,7 +2,7 @@
 //! server and offers an async `io()` to frontends.
 
 use crate::clock::Clock;
-use crate::conn::{self, ConnEvent, Outgoing};
+use crate::conn::{self, ConnEvent};
 use crate::ClientSecurity;
 use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
@@ -61,7 +61,7 @@ enum Cmd {
 }
 
 enum Event {
-    Up(ChannelId, mpsc::UnboundedSender<Outgoing>),
+    Up(ChannelId, conn::Writer),
     Failed(ChannelId, String),
     /// Failed in a way retrying will not cure (a TLS certificate problem).
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
@@ -172,7 +172,7 @@ struct Driver {
     addr: String,
     security: ClientSecurity,
     clock: Clock,
-    writers: HashMap<ChannelId, mpsc::UnboundedSender<Outgoing>>,
+    writers: HashMap<ChannelId, conn::Writer>,
     waiters: HashMap<u64, Reply>,
     /// Submissions the engine refused with Busy, retried after completions.
     held: VecDeque<(u64, IoRequest)>,
@@ -319,12 +319,13 @@ impl Driver {
                     ClientAction::Connect(ch) => self.connect(ch, ev_tx.clone(), conn_tx.clone()),
                     ClientAction::Close(ch) => {
                         if let Some(w) = self.writers.remove(&ch) {
-                            let _ = w.send(Outgoing::Close);
+                            w.close();
                         }
                     }
                     ClientAction::Send(ch, frame) => {
                         if let Some(w) = self.writers.get(&ch) {
-                            let _ = w.send(Outgoing::Frame(frame));
+                            // The client bounds what it has in flight itself.
+                            let _ = w.send(frame);
                         }
                     }
                     ClientAction::Complete(c) => completions.push(c),
@@ -417,13 +418,17 @@ impl Driver {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     let writer = match security {
-                        ClientSecurity::Plain => conn::spawn(stream, ch, max_payload, conn_tx),
+                        ClientSecurity::Plain => {
+                            conn::spawn(stream, ch, max_payload, usize::MAX, conn_tx)
+                        }
                         #[cfg(feature = "tls")]
                         ClientSecurity::Tls(connector, name) => {
                             match tokio::time::timeout(timeout, connector.connect(name, stream))
                                 .await
                             {
-                                Ok(Ok(tls)) => conn::spawn(tls, ch, max_payload, conn_tx),
+                                Ok(Ok(tls)) => {
+                                    conn::spawn(tls, ch, max_payload, usize::MAX, conn_tx)
+                                }
                                 Ok(Err(e)) => {
                                     // A certificate problem does not fix itself.
                                     let why = format!("TLS with {addr}: {e}");

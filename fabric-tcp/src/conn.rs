@@ -4,6 +4,8 @@
 use braid_core::wire::{FrameReader, OutFrame};
 use bytes::Bytes;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -25,19 +27,53 @@ pub(crate) enum Outgoing {
 /// Most frames gathered into one vectored write.
 const BATCH: usize = 64;
 
-/// Starts the reader and writer of `stream`; returns the writer's queue.
+/// A connection's outgoing queue, which knows how many bytes it holds, so
+/// a peer that stops reading cannot make it grow without bound.
+#[derive(Debug, Clone)]
+pub(crate) struct Writer {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Writer {
+    /// Queues a frame; false if the peer is too far behind (or gone).
+    pub(crate) fn send(&self, frame: OutFrame) -> bool {
+        let n = frame.len();
+        if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.limit {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            return false;
+        }
+        self.tx.send(Outgoing::Frame(frame)).is_ok()
+    }
+
+    /// Sends what is queued, then closes.
+    pub(crate) fn close(&self) {
+        let _ = self.tx.send(Outgoing::Close);
+    }
+}
+
+/// Starts the reader and writer of `stream`; returns the writer's queue,
+/// which refuses frames past `queue_limit` unsent bytes.
 pub(crate) fn spawn<S, K>(
     stream: S,
     key: K,
     max_payload: usize,
+    queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
-) -> mpsc::UnboundedSender<Outgoing>
+) -> Writer
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
     K: Copy + Send + std::fmt::Debug + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer = Writer {
+        tx,
+        queued: queued.clone(),
+        limit: queue_limit,
+    };
     let reader_events = events.clone();
     let reader = tokio::spawn(async move {
         let mut frames = FrameReader::new(max_payload);
@@ -86,6 +122,7 @@ where
             if let Err(e) = write_all_frames(&mut wr, &batch).await {
                 break format!("write: {e}");
             }
+            queued.fetch_sub(batch.iter().map(OutFrame::len).sum(), Ordering::Relaxed);
             batch.clear();
             if closing {
                 let _ = wr.shutdown().await;
@@ -95,7 +132,7 @@ where
         reader.abort();
         let _ = events.send(ConnEvent::Closed(key, why));
     });
-    tx
+    writer
 }
 
 /// Writes every frame, header and payload as separate slices of one

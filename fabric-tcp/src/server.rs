@@ -2,7 +2,7 @@
 //! [`ServerEngine`] and a [`Backend`] behind them.
 
 use crate::clock::Clock;
-use crate::conn::{self, ConnEvent, Outgoing};
+use crate::conn::{self, ConnEvent};
 use crate::ServerSecurity;
 use braid_core::server::{
     Backend, ConnId, ServerAction, ServerEngine, ServerStats, SessionSummary,
@@ -31,11 +31,15 @@ pub struct ServerStatus {
     pub session_list: Vec<SessionSummary>,
 }
 
+/// Unsent reply bytes one connection may hold before the server decides
+/// its peer stopped reading (a few max-size replies in flight, with room).
+const SEND_QUEUE_MAX: usize = 64 << 20;
+
 enum Event {
     BackendDone(u64, Result<Bytes, Status>),
     /// A TLS handshake finished: the connection's writer.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    Secured(ConnId, mpsc::UnboundedSender<Outgoing>),
+    Secured(ConnId, conn::Writer),
 }
 
 /// A running server.
@@ -75,7 +79,7 @@ impl Server {
         let max_payload = engine.config().max_payload as usize + 4096;
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ConnId>>();
-        let mut writers: HashMap<ConnId, mpsc::UnboundedSender<Outgoing>> = HashMap::new();
+        let mut writers: HashMap<ConnId, conn::Writer> = HashMap::new();
         let mut next_conn: ConnId = 1;
         let mut draining = false;
         let mut last_list = tokio::time::Instant::now();
@@ -92,7 +96,7 @@ impl Server {
                         engine.connection_opened(conn, clock.now());
                         match &security {
                             ServerSecurity::Plain => {
-                                writers.insert(conn, conn::spawn(stream, conn, max_payload, conn_tx.clone()));
+                                writers.insert(conn, conn::spawn(stream, conn, max_payload, SEND_QUEUE_MAX, conn_tx.clone()));
                             }
                             #[cfg(feature = "tls")]
                             ServerSecurity::Tls(acceptor) => {
@@ -103,7 +107,7 @@ impl Server {
                                 tokio::spawn(async move {
                                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                                         Ok(Ok(tls)) => {
-                                            let w = conn::spawn(tls, conn, max_payload, conn_tx);
+                                            let w = conn::spawn(tls, conn, max_payload, SEND_QUEUE_MAX, conn_tx);
                                             let _ = tx.send(Event::Secured(conn, w));
                                         }
                                         Ok(Err(e)) => {
@@ -142,13 +146,23 @@ impl Server {
                 match action {
                     ServerAction::Send { conn, frame } => {
                         if let Some(w) = writers.get(&conn) {
-                            let _ = w.send(Outgoing::Frame(frame));
+                            if !w.send(frame) {
+                                // The peer stopped reading: its replies would
+                                // pile up here. Its client resends elsewhere.
+                                tracing::warn!(
+                                    conn,
+                                    "closing a connection that stopped reading its replies"
+                                );
+                                w.close();
+                                writers.remove(&conn);
+                                engine.connection_closed(conn, clock.now());
+                            }
                         }
                     }
                     ServerAction::Close { conn, reason } => {
                         tracing::debug!(conn, ?reason, "closing connection");
                         if let Some(w) = writers.remove(&conn) {
-                            let _ = w.send(Outgoing::Close);
+                            w.close();
                         }
                     }
                     ServerAction::Backend(req) => {
@@ -182,7 +196,7 @@ impl Server {
             }
             if draining && engine.backend_inflight() == 0 {
                 for (_, w) in writers.drain() {
-                    let _ = w.send(Outgoing::Close);
+                    w.close();
                 }
                 // Let the writers flush their last replies.
                 tokio::task::yield_now().await;
@@ -194,7 +208,7 @@ impl Server {
 
 fn handle_conn(
     engine: &mut ServerEngine,
-    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    writers: &mut HashMap<ConnId, conn::Writer>,
     ev: ConnEvent<ConnId>,
     clock: &Clock,
 ) {
@@ -210,7 +224,7 @@ fn handle_conn(
 
 fn handle(
     engine: &mut ServerEngine,
-    writers: &mut HashMap<ConnId, mpsc::UnboundedSender<Outgoing>>,
+    writers: &mut HashMap<ConnId, conn::Writer>,
     ev: Event,
     clock: &Clock,
 ) {

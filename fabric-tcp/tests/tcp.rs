@@ -301,3 +301,106 @@ mod tls {
         assert!(err.to_string().contains("key"), "{err}");
     }
 }
+
+/// A peer that authenticates, floods large reads and never reads the
+/// replies is cut off; everyone else keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
+    use braid_core::wire::{self, Auth, Hello, Message, Op, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let nonce = [4u8; 16];
+    let hello = Message::Hello(Hello {
+        version_min: 1,
+        version_max: 1,
+        features: 0,
+        session_id: 0,
+        client_nonce: nonce,
+        key_id: "test".into(),
+        export: "disk0".into(),
+    });
+    sock.write_all(&wire::encode(&hello).to_bytes())
+        .await
+        .unwrap();
+    let mut reader = wire::FrameReader::new(1 << 20);
+    let challenge = loop {
+        if let Some(f) = reader.next_frame().unwrap() {
+            break wire::decode(f).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        let n = sock.read(&mut buf).await.unwrap();
+        reader.extend(&buf[..n]);
+    };
+    let Message::Challenge(c) = challenge else {
+        panic!("expected a challenge")
+    };
+    let t = braid_core::auth::Transcript {
+        key_id: "test",
+        export: "disk0",
+        session_id: 0,
+        client_nonce: &nonce,
+        server_nonce: &c.server_nonce,
+        boot_id: c.boot_id,
+    };
+    let proof = braid_core::auth::client_proof(&Key::new(*b"test key"), &t);
+    sock.write_all(
+        &wire::encode(&Message::Auth(Auth {
+            client_proof: proof,
+        }))
+        .to_bytes(),
+    )
+    .await
+    .unwrap();
+    // 400 reads of 1 MiB, never reading a byte back: far past the send
+    // queue bound.
+    let mut cut_off = false;
+    for id in 1..=400u64 {
+        let req = Message::Request(Request {
+            op: Op::Read,
+            id,
+            floor: 1,
+            offset: 0,
+            length: 1 << 20,
+            flags: 0,
+            remote: None,
+            payload: Bytes::new(),
+        });
+        if sock
+            .write_all(&wire::encode(&req).to_bytes())
+            .await
+            .is_err()
+        {
+            cut_off = true;
+            break;
+        }
+    }
+    // Meanwhile a polite client is served normally.
+    let client = Client::connect(
+        addr.to_string(),
+        ClientSecurity::Plain,
+        client_config(b"test key"),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let data = Bytes::from(vec![9; 4096]);
+    client
+        .io(IoRequest::write(4096, data.clone(), false))
+        .await
+        .unwrap();
+    assert_eq!(client.io(IoRequest::read(4096, 4096)).await.unwrap(), data);
+    if !cut_off {
+        // Drain: the server must have closed us, so this ends (bounded).
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut buf = vec![0u8; 1 << 20];
+            while sock.read(&mut buf).await.map(|n| n > 0).unwrap_or(false) {}
+        })
+        .await;
+        assert!(
+            drained.is_ok(),
+            "the server never closed the peer that stopped reading"
+        );
+    }
+}

@@ -171,6 +171,9 @@ pub struct ServerStats {
     pub protocol_errors: u64,
     /// Requests answered with an error status.
     pub error_replies: u64,
+    /// Requests dropped because their session already had twice
+    /// `max_inflight` executing (the client resends them).
+    pub overload_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -700,6 +703,16 @@ impl ServerEngine {
             }
             Admission::Execute => {
                 let export = session.export;
+                // A client that ignores max_inflight could otherwise pin
+                // the server's memory. Twice the limit leaves room for
+                // requests a client's IO timeout abandoned while they ran.
+                // Dropped and forgotten, not refused: an honest client
+                // resends after aging, so overload never becomes an error.
+                if session.ops_in_backend >= 2 * self.config.max_inflight as usize {
+                    session.forget(req.id);
+                    self.stats.overload_dropped += 1;
+                    return;
+                }
                 if let Err(status) = validate(&self.config, export, &req) {
                     session.record(req.id, status, 0);
                     self.stats.error_replies += 1;

@@ -113,6 +113,12 @@ impl Session {
         }
     }
 
+    /// Forgets an admitted request that was not executed, so a later copy
+    /// is treated as new.
+    pub(crate) fn forget(&mut self, id: u64) {
+        self.entries.remove(&id);
+    }
+
     /// Records a result decided without the backend (validation errors).
     pub(crate) fn record(&mut self, id: u64, status: Status, exec_seq: u64) {
         if let Some(e) = self.entries.get_mut(&id) {

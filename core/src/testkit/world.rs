@@ -847,4 +847,5 @@ fn add_stats(total: &mut ServerStats, s: &ServerStats) {
     total.corrupt_payloads += s.corrupt_payloads;
     total.protocol_errors += s.protocol_errors;
     total.error_replies += s.error_replies;
+    total.overload_dropped += s.overload_dropped;
 }
