@@ -31,6 +31,10 @@ pub(crate) struct ServeArgs {
     /// Control socket for `braid status` [default: DATA_DIR/control.sock].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Also serve every export over the NBD protocol on this address (for
+    /// qemu, nbd-client, libnbd's tools, fio), e.g. 127.0.0.1:10809.
+    #[arg(long)]
+    nbd: Option<String>,
     /// Runtime threads for connections and TLS (the protocol engine is one
     /// task; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
@@ -182,6 +186,35 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     println!("status:   braid status --control {}", control.display());
 
     let backend = Arc::new(FileBackend::new(files));
+    if let Some(nbd_addr) = &args.nbd {
+        let listener = tokio::net::TcpListener::bind(nbd_addr)
+            .await
+            .map_err(|e| format!("NBD listen on {nbd_addr}: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
+            .iter()
+            .enumerate()
+            .map(|(i, e)| braid_frontend_nbd::NbdExport {
+                name: e.name.clone(),
+                size: e.size,
+                read_only: e.read_only,
+                backend_index: i,
+            })
+            .collect();
+        println!(
+            "nbd:      nbd://{local}/{} (qemu-img info nbd://{local}/{})",
+            exports[0].name, exports[0].name
+        );
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                braid_frontend_nbd::serve(listener, nbd_exports, backend, std::future::pending())
+                    .await
+            {
+                tracing::error!(error = %e, "NBD listener failed");
+            }
+        });
+    }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
