@@ -227,29 +227,12 @@ impl Driver {
         let user = self.next_user;
         self.next_user += 1;
         self.waiters.insert(user, reply);
-        if self.held.is_empty() {
-            match self.engine.submit(user, io.clone(), self.clock.now()) {
-                Ok(()) => return,
-                Err(SubmitError::Busy) => {}
-                Err(SubmitError::Invalid(why)) => {
-                    tracing::warn!(why, "IO refused");
-                    let err = IoError {
-                        kind: braid_core::client::IoErrorKind::Invalid,
-                        export: self.engine.config().export.clone(),
-                        op: io.op,
-                        offset: io.offset,
-                        len: io.len,
-                    };
-                    if let Some(w) = self.waiters.remove(&user) {
-                        let _ = w.send(Err(err));
-                    }
-                    return;
-                }
-            }
-        }
+        // Behind anything already held back, in submission order.
         self.held.push_back((user, io));
+        self.retry_held();
     }
 
+    /// Submits held IOs in order until the engine says Busy.
     fn retry_held(&mut self) {
         while let Some((user, io)) = self.held.pop_front() {
             match self.engine.submit(user, io.clone(), self.clock.now()) {
@@ -258,7 +241,8 @@ impl Driver {
                     self.held.push_front((user, io));
                     return;
                 }
-                Err(SubmitError::Invalid(_)) => {
+                Err(SubmitError::Invalid(why)) => {
+                    tracing::warn!(why, "IO refused");
                     let err = IoError {
                         kind: braid_core::client::IoErrorKind::Invalid,
                         export: self.engine.config().export.clone(),
