@@ -647,42 +647,16 @@ fn a_client_ignoring_max_inflight_cannot_pin_server_memory() {
     cfg.max_inflight = 4;
     let mut server = ServerEngine::new(cfg);
     let now = Instant::ZERO;
-    // Authenticate by hand, then flood reads the backend never finishes.
+    // Authenticate, then flood reads the backend never finishes.
     server.connection_opened(1, now);
-    let nonce = [1u8; 16];
-    let hello = Message::Hello(Hello {
-        version_min: 1,
-        version_max: 1,
-        features: 0,
-        session_id: 0,
-        client_nonce: nonce,
-        key_id: "alice".into(),
-        export: "disk0".into(),
-    });
-    server.handle_frame(1, wire::encode(&hello).to_bytes(), now);
-    let Some(ServerAction::Send { frame, .. }) = server.poll_action() else {
-        panic!("no challenge")
-    };
-    let Message::Challenge(c) = wire::decode(frame.to_bytes()).unwrap() else {
-        panic!("not a challenge")
-    };
-    let t = braid_core::auth::Transcript {
-        key_id: "alice",
-        export: "disk0",
-        session_id: 0,
-        client_nonce: &nonce,
-        server_nonce: &c.server_nonce,
-        boot_id: c.boot_id,
-    };
-    let proof = braid_core::auth::client_proof(&Key::new(*b"alice's key"), &t);
-    server.handle_frame(
+    assert!(braid_core::testkit::authenticate(
+        &mut server,
         1,
-        wire::encode(&Message::Auth(Auth {
-            client_proof: proof,
-        }))
-        .to_bytes(),
-        now,
-    );
+        "alice",
+        &Key::new(*b"alice's key"),
+        "disk0",
+        now
+    ));
     while server.poll_action().is_some() {}
     for id in 1..=100u64 {
         let req = Message::Request(Request {

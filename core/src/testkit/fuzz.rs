@@ -5,7 +5,7 @@
 //! several connections, with backend completions and time interleaved. A
 //! genuine handshake can be performed first so request handling is reached.
 
-use crate::auth::{self, Key};
+use crate::auth::Key;
 use crate::server::{ExportConfig, ServerAction, ServerConfig, ServerEngine};
 use crate::wire::{self, Message, Op, Status, MAGIC, VERSION};
 use crate::Instant;
@@ -29,48 +29,6 @@ fn framed(kind: u8, body: &[u8], payload: &[u8]) -> Bytes {
     Bytes::from(f)
 }
 
-/// Completes a real handshake on `conn`; returns whether it worked.
-fn handshake(server: &mut ServerEngine, conn: u64, now: Instant) -> bool {
-    let nonce = [9u8; 16];
-    let hello = Message::Hello(wire::Hello {
-        version_min: 1,
-        version_max: 1,
-        features: 0,
-        session_id: 0,
-        client_nonce: nonce,
-        key_id: "fuzz".into(),
-        export: "disk0".into(),
-    });
-    server.handle_frame(conn, wire::encode(&hello).to_bytes(), now);
-    let mut challenge = None;
-    while let Some(a) = server.poll_action() {
-        if let ServerAction::Send { frame, .. } = a {
-            if let Ok(Message::Challenge(c)) = wire::decode(frame.to_bytes()) {
-                challenge = Some(c);
-            }
-        }
-    }
-    let Some(c) = challenge else { return false };
-    let t = auth::Transcript {
-        key_id: "fuzz",
-        export: "disk0",
-        session_id: 0,
-        client_nonce: &nonce,
-        server_nonce: &c.server_nonce,
-        boot_id: c.boot_id,
-    };
-    let proof = auth::client_proof(&Key::new(KEY.to_vec()), &t);
-    server.handle_frame(
-        conn,
-        wire::encode(&Message::Auth(wire::Auth {
-            client_proof: proof,
-        }))
-        .to_bytes(),
-        now,
-    );
-    true
-}
-
 /// Feeds `data` to a fresh server engine. Panics only if the engine does
 /// (or breaks a bound it promises). Returns the server's counters, so tests
 /// can check the input reached deep states.
@@ -90,8 +48,9 @@ pub fn exercise_server(data: &[u8]) -> crate::server::ServerStats {
         server.connection_opened(c, now);
     }
     if data.first().is_some_and(|b| b & 1 == 1) {
-        handshake(&mut server, 1, now);
-        handshake(&mut server, 2, now);
+        let key = Key::new(KEY.to_vec());
+        super::authenticate(&mut server, 1, "fuzz", &key, "disk0", now);
+        super::authenticate(&mut server, 2, "fuzz", &key, "disk0", now);
     }
     let mut pending = Vec::new();
     let mut rest = data.get(1..).unwrap_or_default();

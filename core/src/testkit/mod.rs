@@ -9,11 +9,13 @@
 mod checker;
 mod disk;
 mod fuzz;
+mod handshake;
 mod pattern;
 mod world;
 
 pub use checker::{Checker, Violation};
 pub use disk::MemDisk;
 pub use fuzz::exercise_server;
+pub use handshake::authenticate;
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
 pub use world::{FaultRates, Report, World, WorldConfig};
