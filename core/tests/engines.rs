@@ -460,7 +460,7 @@ fn half_open_connections_are_closed_after_the_handshake_timeout() {
 fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();
-    p.client.close(p.now);
+    p.client.close();
     p.drive();
     assert_eq!(p.server.session_count(), 0);
     assert_eq!(p.server.stats().sessions_freed, 1);

@@ -107,6 +107,10 @@ impl Client {
             held: VecDeque::new(),
             next_user: 1,
             status: status.clone(),
+            // Long ago: the first snapshot includes the channels.
+            channels_refreshed: tokio::time::Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(tokio::time::Instant::now),
             ready: Some(ready_tx),
             last_error: last_error.clone(),
         };
@@ -178,6 +182,7 @@ struct Driver {
     held: VecDeque<(u64, IoRequest)>,
     next_user: u64,
     status: Arc<Mutex<ClientStatus>>,
+    channels_refreshed: tokio::time::Instant,
     /// Answers `connect`: the export once a session exists, or why the
     /// server refused us for good.
     ready: Option<oneshot::Sender<Result<ExportInfo, String>>>,
@@ -205,11 +210,11 @@ impl Driver {
                 cmd = cmds.recv(), if accepting => match cmd {
                     Some(Cmd::Io(io, reply)) => self.submit(io, reply),
                     Some(Cmd::Close(done)) => {
-                        self.engine.close(self.clock.now());
+                        self.engine.close();
                         closing = Some(done);
                     }
                     None => {
-                        self.engine.close(self.clock.now());
+                        self.engine.close();
                         closing = Some(oneshot::channel().0);
                     }
                 },
@@ -329,7 +334,12 @@ impl Driver {
             // The snapshot is fresh before any caller hears of its IO.
             let mut s = self.status.lock().unwrap();
             s.stats.clone_from(self.engine.stats());
-            s.channels = self.engine.channel_summary();
+            // The channel list allocates: refresh it at most every 100 ms,
+            // as the server does its session list, not on every event.
+            if self.channels_refreshed.elapsed() >= Duration::from_millis(100) {
+                s.channels = self.engine.channel_summary();
+                self.channels_refreshed = tokio::time::Instant::now();
+            }
             s.journaled = self.engine.journal_len();
             s.dirty_bytes = self.engine.dirty_bytes();
             s.session = self.engine.session();

@@ -68,6 +68,9 @@ pub(crate) struct Journal {
     user_bytes: u64,
     sent: usize,
     replays: usize,
+    /// FLUSHes the engine issued for the dirty window (counted, because
+    /// pump asks on every call once the window is half full).
+    dirty_flushes: usize,
 }
 
 impl Journal {
@@ -104,9 +107,7 @@ impl Journal {
     }
 
     pub(crate) fn has_dirty_flush(&self) -> bool {
-        self.entries
-            .values()
-            .any(|e| e.origin == Origin::DirtyFlush)
+        self.dirty_flushes > 0
     }
 
     pub(crate) fn insert(&mut self, entry: Entry) -> u64 {
@@ -121,6 +122,9 @@ impl Journal {
         }
         if let Some(d) = entry.io_deadline {
             self.io_deadlines.insert((d, id));
+        }
+        if entry.origin == Origin::DirtyFlush {
+            self.dirty_flushes += 1;
         }
         if entry.origin == Origin::Replay {
             self.replays += 1;
@@ -139,6 +143,9 @@ impl Journal {
         if let Origin::User(_) = entry.origin {
             self.user_count -= 1;
             self.user_bytes -= entry.payload.len() as u64;
+        }
+        if entry.origin == Origin::DirtyFlush {
+            self.dirty_flushes -= 1;
         }
         if entry.origin == Origin::Replay {
             self.replays -= 1;

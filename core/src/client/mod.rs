@@ -483,7 +483,7 @@ impl ClientEngine {
 
     /// Leaves the session for good: the server frees its state. Pending IO
     /// is abandoned (the caller should drain first).
-    pub fn close(&mut self, now: Instant) {
+    pub fn close(&mut self) {
         self.closing = true;
         if let Some(slot) = self.channels.iter().position(Channel::is_ready) {
             let ch = self.id_of(slot);
@@ -498,7 +498,6 @@ impl ClientEngine {
                 };
             }
         }
-        let _ = now;
     }
 
     /// The driver connected the transport for `ch`.

@@ -352,12 +352,13 @@ impl ServerEngine {
     }
 
     /// The backend finished the operation `token`. `data` is the read data
-    /// (empty for everything else).
+    /// (empty for everything else). Like every input, it takes the time, so
+    /// drivers need not change when the engine starts using it.
     pub fn backend_complete(
         &mut self,
         token: OpToken,
         result: Result<Bytes, Status>,
-        now: Instant,
+        _now: Instant,
     ) {
         let Some(info) = self.ops.remove(&token) else {
             return;
@@ -387,7 +388,7 @@ impl ServerEngine {
             self.send(conn, &reply(info.request_id, status, exec_seq, data));
         }
         if leaving {
-            self.free_session(info.session_id, now);
+            self.free_session(info.session_id);
         }
     }
 
@@ -422,7 +423,7 @@ impl ServerEngine {
             .map(|s| s.id)
             .collect();
         for id in gone {
-            self.free_session(id, now);
+            self.free_session(id);
         }
         self.next_sweep = None;
         self.arm_sweep(now);
@@ -481,7 +482,7 @@ impl ServerEngine {
         }
     }
 
-    fn free_session(&mut self, id: u64, now: Instant) {
+    fn free_session(&mut self, id: u64) {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
@@ -495,7 +496,6 @@ impl ServerEngine {
                 });
             }
         }
-        let _ = now;
     }
 
     fn handle_message(&mut self, conn: ConnId, msg: Message, now: Instant) {
@@ -512,7 +512,7 @@ impl ServerEngine {
             }
             (ConnState::Bound { session_id }, Message::Goodbye) => {
                 let sid = *session_id;
-                self.on_goodbye(sid, now)
+                self.on_goodbye(sid)
             }
             (_, other) => {
                 let what = match other.kind() {
@@ -667,13 +667,13 @@ impl ServerEngine {
         self.send(conn, &Message::Welcome(welcome));
     }
 
-    fn on_goodbye(&mut self, session_id: u64, now: Instant) {
+    fn on_goodbye(&mut self, session_id: u64) {
         let Some(s) = self.sessions.get_mut(&session_id) else {
             return;
         };
         s.leaving = true;
         if s.ops_in_backend == 0 {
-            self.free_session(session_id, now);
+            self.free_session(session_id);
         }
     }
 

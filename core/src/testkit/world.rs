@@ -167,7 +167,6 @@ enum Ev {
     FaultTick,
     ServerStart,
     PartitionEnds,
-    DiskStallEnds,
     HealAll,
 }
 
@@ -185,7 +184,6 @@ impl Ev {
             Ev::FaultTick => 9,
             Ev::ServerStart => 10,
             Ev::PartitionEnds => 11,
-            Ev::DiskStallEnds => 12,
             Ev::HealAll => 13,
         }
     }
@@ -452,7 +450,6 @@ impl World {
             Ev::FaultTick => self.fault_tick(),
             Ev::ServerStart => self.start_server(),
             Ev::PartitionEnds => self.partitioned = false,
-            Ev::DiskStallEnds => {}
             Ev::HealAll => {
                 self.faulty = false;
                 self.partitioned = false;
@@ -723,7 +720,6 @@ impl World {
             self.count_fault("disk stall");
             let d = self.between(outage);
             self.disk_stalled_until = self.disk_stalled_until.max(self.now + d);
-            self.schedule(d, Ev::DiskStallEnds);
         }
         if self.server_up && self.rng.chance(p(f.crash_per_sec)) {
             self.count_fault("server crash");
