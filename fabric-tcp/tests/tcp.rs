@@ -70,14 +70,24 @@ fn client_config(key: &[u8]) -> ClientConfig {
     ClientConfig::new("disk0", "test", Key::new(key.to_vec()), [3; 32])
 }
 
+/// A client of export disk0 with the test key id and `key`.
+async fn connect(
+    addr: impl ToString,
+    security: ClientSecurity,
+    key: &[u8],
+    wait: Duration,
+) -> Result<Client, braid_fabric_tcp::ConnectError> {
+    Client::connect(addr.to_string(), security, client_config(key), wait).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn io_flows_over_four_tcp_channels() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let client = Client::connect(
+    let client = connect(
         addr.to_string(),
         ClientSecurity::Plain,
-        client_config(b"test key"),
+        b"test key",
         Duration::from_secs(5),
     )
     .await
@@ -119,10 +129,10 @@ async fn a_server_restart_is_invisible_to_the_client() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
     let (addr, stop, task) = start_server("127.0.0.1:0", &path, 1).await;
-    let client = Client::connect(
+    let client = connect(
         addr.to_string(),
         ClientSecurity::Plain,
-        client_config(b"test key"),
+        b"test key",
         Duration::from_secs(5),
     )
     .await
@@ -168,10 +178,10 @@ async fn a_server_restart_is_invisible_to_the_client() {
 async fn a_wrong_key_is_a_clear_connect_error() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let err = Client::connect(
+    let err = connect(
         addr.to_string(),
         ClientSecurity::Plain,
-        client_config(b"wrong"),
+        b"wrong",
         Duration::from_secs(5),
     )
     .await
@@ -181,10 +191,10 @@ async fn a_wrong_key_is_a_clear_connect_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_server_is_a_clear_connect_error() {
-    let err = Client::connect(
+    let err = connect(
         "127.0.0.1:1",
         ClientSecurity::Plain,
-        client_config(b"test key"),
+        b"test key",
         Duration::from_millis(300),
     )
     .await
@@ -196,6 +206,12 @@ async fn no_server_is_a_clear_connect_error() {
 mod tls {
     use super::*;
     use braid_fabric_tcp::tls;
+
+    /// TLS that trusts `ca` and expects the name localhost.
+    fn trusting(ca: &Path, client: Option<(&Path, &Path)>) -> ClientSecurity {
+        let (connector, name) = tls::connector(ca, "localhost", client).unwrap();
+        ClientSecurity::Tls(connector, name)
+    }
 
     fn cert(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
         let (c, k) = (
@@ -218,12 +234,11 @@ mod tls {
             ServerSecurity::Tls(acceptor),
         )
         .await;
-        let (connector, name) = tls::connector(&c, "localhost", None).unwrap();
-        let security = ClientSecurity::Tls(connector, name);
-        let client = Client::connect(
+        let security = trusting(&c, None);
+        let client = connect(
             addr.to_string(),
             security,
-            client_config(b"test key"),
+            b"test key",
             Duration::from_secs(5),
         )
         .await
@@ -237,12 +252,11 @@ mod tls {
 
         // A client trusting some other certificate refuses this server.
         let (other, _) = cert(dir.path(), "other");
-        let (connector, name) = tls::connector(&other, "localhost", None).unwrap();
-        let security = ClientSecurity::Tls(connector, name);
-        let err = Client::connect(
+        let security = trusting(&other, None);
+        let err = connect(
             addr.to_string(),
             security,
-            client_config(b"test key"),
+            b"test key",
             Duration::from_secs(5),
         )
         .await
@@ -263,37 +277,29 @@ mod tls {
             ServerSecurity::Tls(acceptor),
         )
         .await;
-        let (connector, name) = tls::connector(&sc, "localhost", None).unwrap();
-        let without = ClientSecurity::Tls(connector, name);
+        let without = trusting(&sc, None);
         assert!(
-            Client::connect(
+            connect(
                 addr.to_string(),
                 without,
-                client_config(b"test key"),
+                b"test key",
                 Duration::from_secs(5)
             )
             .await
             .is_err(),
             "no client certificate, no session"
         );
-        let (connector, name) = tls::connector(&sc, "localhost", Some((&cc, &ck))).unwrap();
-        let with = ClientSecurity::Tls(connector, name);
-        let client = Client::connect(
-            addr.to_string(),
-            with,
-            client_config(b"test key"),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
+        let with = trusting(&sc, Some((&cc, &ck)));
+        let client = connect(addr.to_string(), with, b"test key", Duration::from_secs(5))
+            .await
+            .unwrap();
         client.io(IoRequest::read(0, 4096)).await.unwrap();
         // TLS does not replace the session key: a wrong key still fails.
-        let (connector, name) = tls::connector(&sc, "localhost", Some((&cc, &ck))).unwrap();
-        let wrong_key = ClientSecurity::Tls(connector, name);
-        let err = Client::connect(
+        let wrong_key = trusting(&sc, Some((&cc, &ck)));
+        let err = connect(
             addr.to_string(),
             wrong_key,
-            client_config(b"wrong"),
+            b"wrong",
             Duration::from_secs(5),
         )
         .await
@@ -377,10 +383,10 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
         }
     }
     // Meanwhile a polite client is served normally.
-    let client = Client::connect(
+    let client = connect(
         addr.to_string(),
         ClientSecurity::Plain,
-        client_config(b"test key"),
+        b"test key",
         Duration::from_secs(5),
     )
     .await
