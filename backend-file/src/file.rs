@@ -1,4 +1,4 @@
-use braid_core::server::{Backend, BackendOp};
+use braid_core::server::{Backend, BackendOp, Extent};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::fs::File;
@@ -145,7 +145,14 @@ impl ExportFile {
         Ok(())
     }
 
-    fn zero(&self, offset: u64, len: u32, punch: bool, fua: bool) -> io::Result<()> {
+    fn zero(
+        &self,
+        offset: u64,
+        len: u32,
+        punch: bool,
+        fua: bool,
+        fast_only: bool,
+    ) -> io::Result<()> {
         let mode = if punch {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
@@ -168,6 +175,9 @@ impl ExportFile {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if !done && fast_only {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
         if !done {
             const CHUNK: usize = 1 << 20;
@@ -246,18 +256,84 @@ impl ExportFile {
                 self.write(*offset, data, *fua).map(|_| Bytes::new())
             }
             BackendOp::Flush => self.file.sync_data().map(|_| Bytes::new()),
-            BackendOp::Trim { offset, len, fua } => {
-                self.zero(*offset, *len, true, *fua).map(|_| Bytes::new())
-            }
+            BackendOp::Trim { offset, len, fua } => self
+                .zero(*offset, *len, true, *fua, false)
+                .map(|_| Bytes::new()),
             BackendOp::WriteZeroes {
                 offset,
                 len,
                 fua,
                 may_unmap,
+                fast_only,
             } => self
-                .zero(*offset, *len, *may_unmap, *fua)
+                .zero(*offset, *len, *may_unmap, *fua, *fast_only)
                 .map(|_| Bytes::new()),
         }
+    }
+}
+
+impl ExportFile {
+    /// Holes and data in `[offset, offset + len)` from `SEEK_DATA` and
+    /// `SEEK_HOLE`. Block devices and filesystems without them report all
+    /// data, which is what the kernel's generic fallback answers anyway.
+    pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        if self.is_block_device {
+            return Ok(vec![Extent {
+                len: end - offset,
+                hole: false,
+            }]);
+        }
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = match lseek(&self.file, at, libc::SEEK_DATA) {
+                Ok(d) => d.min(end),
+                // No data from here to EOF.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) if unsupported(&e) => {
+                    push_extent(&mut extents, end - at, false);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            if data > at {
+                push_extent(&mut extents, data - at, true);
+                at = data;
+                continue;
+            }
+            let hole = match lseek(&self.file, at, libc::SEEK_HOLE) {
+                Ok(h) => h.min(end),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) => return Err(e),
+            };
+            // SEEK_HOLE never returns `at` itself here (SEEK_DATA just said
+            // `at` is data), but guard against a racing punch all the same.
+            let next = hole.max(at + 1).min(end);
+            push_extent(&mut extents, next - at, false);
+            at = next;
+        }
+        Ok(extents)
+    }
+}
+
+fn push_extent(extents: &mut Vec<Extent>, len: u64, hole: bool) {
+    match extents.last_mut() {
+        Some(last) if last.hole == hole => last.len += len,
+        _ => extents.push(Extent { len, hole }),
+    }
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: plain syscall on a borrowed, open fd; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u64)
     }
 }
 
@@ -389,7 +465,9 @@ fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Resul
 fn status_of(e: &io::Error) -> Status {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => Status::NoSpace,
+        Some(libc::EFBIG) => Status::NoSpace,
         Some(libc::EROFS) | Some(libc::EBADF) => Status::ReadOnly,
+        Some(libc::EOPNOTSUPP) => Status::Unsupported,
         _ => Status::Io,
     }
 }
@@ -424,6 +502,16 @@ impl Backend for FileBackend {
         let f = self.exports.get(export)?;
         Some(f.try_execute_now(op)?.map_err(|e| failed(f, op, &e)))
     }
+
+    fn allocation(&self, export: usize, offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
+        let Some(f) = self.exports.get(export) else {
+            return Err(Status::Invalid);
+        };
+        f.allocation(offset, len).map_err(|e| {
+            tracing::warn!(export = %f.path.display(), offset, len, error = %e, "allocation map failed");
+            status_of(&e)
+        })
+    }
 }
 
 fn failed(f: &ExportFile, op: &BackendOp, e: &io::Error) -> Status {
@@ -456,6 +544,76 @@ mod tests {
         assert_eq!(f.size(), 1 << 30);
         let meta = std::fs::metadata(dir.path().join("disk")).unwrap();
         assert!(meta.blocks() * 512 < 1 << 20, "sparse: no blocks allocated");
+    }
+
+    #[test]
+    fn allocation_reports_holes_and_data_of_a_sparse_file() {
+        let (_dir, f) = export(1 << 20);
+        assert_eq!(
+            f.allocation(0, 1 << 20).unwrap(),
+            vec![Extent {
+                len: 1 << 20,
+                hole: true
+            }]
+        );
+        f.execute(&BackendOp::Write {
+            offset: 256 << 10,
+            data: Bytes::from(vec![1u8; 64 << 10]),
+            fua: false,
+        })
+        .unwrap();
+        let map = f.allocation(0, 1 << 20).unwrap();
+        assert_eq!(map.iter().map(|e| e.len).sum::<u64>(), 1 << 20);
+        let data: Vec<_> = map.iter().filter(|e| !e.hole).collect();
+        assert_eq!(data.len(), 1, "one data run in {map:?}");
+        // The filesystem may round the data run out to its block size.
+        let start: u64 = map.iter().take_while(|e| e.hole).map(|e| e.len).sum();
+        assert!(
+            start <= 256 << 10 && start + data[0].len >= 320 << 10,
+            "{map:?}"
+        );
+        // A window inside the data run is all data; past the end is nothing.
+        assert_eq!(
+            f.allocation(260 << 10, 4096).unwrap(),
+            vec![Extent {
+                len: 4096,
+                hole: false
+            }]
+        );
+        assert!(f.allocation(1 << 20, 4096).unwrap().is_empty());
+        // Trim makes it a hole again.
+        f.execute(&BackendOp::Trim {
+            offset: 256 << 10,
+            len: 64 << 10,
+            fua: false,
+        })
+        .unwrap();
+        assert!(f.allocation(0, 1 << 20).unwrap().iter().all(|e| e.hole));
+    }
+
+    #[test]
+    fn fast_only_zeroing_never_falls_back_to_writing() {
+        let (_dir, f) = export(1 << 20);
+        // Pretend fallocate is unsupported, as on a filesystem without it.
+        f.no_fallocate.store(true, Ordering::Relaxed);
+        let fast = BackendOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            fua: false,
+            may_unmap: true,
+            fast_only: true,
+        };
+        let e = f.execute(&fast).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+        assert_eq!(status_of(&e), Status::Unsupported);
+        let slow = BackendOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            fua: false,
+            may_unmap: true,
+            fast_only: false,
+        };
+        f.execute(&slow).unwrap();
     }
 
     #[test]
@@ -494,6 +652,7 @@ mod tests {
             len: 512,
             fua: true,
             may_unmap: false,
+            fast_only: false,
         })
         .unwrap();
         let back = f
@@ -554,6 +713,7 @@ mod tests {
             len: 4096,
             fua: false,
             may_unmap: false,
+            fast_only: false,
         })
         .unwrap();
         assert!(f

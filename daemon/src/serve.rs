@@ -31,10 +31,12 @@ pub(crate) struct ServeArgs {
     /// Control socket for `braid status` [default: DATA_DIR/control.sock].
     #[arg(long)]
     control: Option<PathBuf>,
-    /// Also serve every export over the NBD protocol on this address (for
-    /// qemu, nbd-client, libnbd's tools, fio), e.g. 127.0.0.1:10809.
+    /// Also serve every export over the NBD protocol (for qemu, nbd-client,
+    /// libnbd's tools, fio) on this TCP address (e.g. 127.0.0.1:10809) or
+    /// unix socket path; repeatable. With TLS on, NBD clients must use
+    /// STARTTLS (the spec's FORCEDTLS mode).
     #[arg(long)]
-    nbd: Option<String>,
+    nbd: Vec<String>,
     /// Runtime threads for connections and TLS (the protocol engine is one
     /// task; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
@@ -186,11 +188,13 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     println!("status:   braid status --control {}", control.display());
 
     let backend = Arc::new(FileBackend::new(files));
-    if let Some(nbd_addr) = &args.nbd {
-        let listener = tokio::net::TcpListener::bind(nbd_addr)
+    let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
+    let mut nbd_tasks = Vec::new();
+    for nbd_addr in &args.nbd {
+        let listener = braid_frontend_nbd::NbdListener::bind(nbd_addr)
             .await
             .map_err(|e| format!("NBD listen on {nbd_addr}: {e}"))?;
-        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let uri = listener.uri(&exports[0].name).map_err(|e| e.to_string())?;
         let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
             .iter()
             .enumerate()
@@ -201,19 +205,21 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 backend_index: i,
             })
             .collect();
-        println!(
-            "nbd:      nbd://{local}/{} (qemu-img info nbd://{local}/{})",
-            exports[0].name, exports[0].name
-        );
-        let backend = backend.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                braid_frontend_nbd::serve(listener, nbd_exports, backend, std::future::pending())
-                    .await
-            {
+        let mut nbd_config = braid_frontend_nbd::NbdConfig::new(nbd_exports);
+        if let ServerSecurity::Tls(acceptor) = &security {
+            nbd_config = nbd_config.with_tls(acceptor.clone(), true);
+        }
+        println!("nbd:      {uri} (try: qemu-img info {uri})");
+        let target = Arc::new(braid_frontend_nbd::BackendTarget(backend.clone()));
+        let mut stopped = nbd_stopped.clone();
+        nbd_tasks.push(tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = braid_frontend_nbd::serve(listener, nbd_config, target, stop).await {
                 tracing::error!(error = %e, "NBD listener failed");
             }
-        });
+        }));
     }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -237,6 +243,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     )
     .await
     .map_err(|e| format!("server: {e}"))?;
+    // NBD connections drain too: in-flight requests finish, then close.
+    let _ = nbd_stop.send(true);
+    for t in nbd_tasks {
+        let _ = t.await;
+    }
     println!("braid serve: drained and stopped");
     Ok(())
 }

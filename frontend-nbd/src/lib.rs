@@ -1,21 +1,40 @@
-//! The NBD protocol in front of braid exports, so the NBD ecosystem (qemu,
-//! the kernel's nbd-client, libnbd's tools, fio) reaches braid storage.
+//! The NBD protocol in front of braid storage, so the NBD ecosystem (qemu,
+//! the kernel's nbd-client, libnbd's tools, fio) reaches it.
 //!
-//! This serves a server's exports directly over NBD (fixed newstyle
-//! negotiation with EXPORT_NAME, INFO, GO, LIST and ABORT; simple replies;
-//! READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, CACHE and DISC with FUA). The
-//! spec (NetworkBlockDevice/nbd doc/proto.md), not any one peer, decides
-//! behaviour; each choice below names its clause.
+//! Two uses of one adapter: `braid serve --nbd` puts a server's own
+//! exports behind NBD ([`BackendTarget`]); `braid attach --nbd` puts a
+//! braid volume, with its failover, behind a local NBD socket (its own
+//! [`Target`]). Fixed newstyle negotiation with EXPORT_NAME, INFO, GO,
+//! LIST, ABORT, STARTTLS, STRUCTURED_REPLY and LIST/SET_META_CONTEXT
+//! (`base:allocation`); READ, WRITE, FLUSH, TRIM, WRITE_ZEROES (with
+//! FAST_ZERO), CACHE, BLOCK_STATUS and DISC, with FUA. The spec
+//! (NetworkBlockDevice/nbd doc/proto.md), not any one peer, decides
+//! behaviour; each choice names its clause. docs/CONFORMANCE.md lists
+//! every MUST and SHOULD with its status.
 
 #![deny(missing_docs)]
 
+mod listener;
+mod negotiate;
 mod proto;
-mod session;
+mod target;
+mod transmit;
 
-use braid_core::server::Backend;
+pub use listener::NbdListener;
+pub use target::{BackendTarget, Completion, ExtentsCompletion, Target};
+
 use std::future::Future;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Any byte stream a connection runs over: TCP, a unix socket, or TLS on
+/// either after STARTTLS.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+pub(crate) type BoxStream = Box<dyn Stream>;
 
 /// One export as NBD clients see it.
 #[derive(Debug, Clone)]
@@ -27,38 +46,103 @@ pub struct NbdExport {
     pub size: u64,
     /// Refuse writes.
     pub read_only: bool,
-    /// Index of the export in the backend.
+    /// Index of the export in the target.
     pub backend_index: usize,
 }
 
-/// Serves `exports` over NBD on `listener` until `shutdown` completes. Each
+/// What an NBD server offers.
+#[derive(Clone)]
+pub struct NbdConfig {
+    /// The exports, the first being the default.
+    pub exports: Vec<NbdExport>,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_required: bool,
+}
+
+impl NbdConfig {
+    /// Plain NBD (STARTTLS is refused with ERR_POLICY).
+    pub fn new(exports: Vec<NbdExport>) -> Self {
+        NbdConfig {
+            exports,
+            #[cfg(feature = "tls")]
+            tls: None,
+            tls_required: false,
+        }
+    }
+
+    /// Offers STARTTLS with this acceptor. With `required` the server runs
+    /// in the spec's FORCEDTLS mode: every option but STARTTLS and ABORT is
+    /// refused with ERR_TLS_REQD until TLS is up.
+    #[cfg(feature = "tls")]
+    pub fn with_tls(mut self, acceptor: tokio_rustls::TlsAcceptor, required: bool) -> Self {
+        self.tls = Some(acceptor);
+        self.tls_required = required;
+        self
+    }
+}
+
+/// How long a shutdown waits for connections to finish what is in flight.
+const DRAIN_MAX: Duration = Duration::from_secs(30);
+
+/// Serves NBD on `listener` until `shutdown` completes, then lets every
+/// connection finish its in-flight requests (up to 30 s) and returns. Each
 /// connection is independent: a misbehaving client loses only its own.
 pub async fn serve(
-    listener: TcpListener,
-    exports: Vec<NbdExport>,
-    backend: Arc<dyn Backend>,
+    listener: NbdListener,
+    config: NbdConfig,
+    target: Arc<dyn Target>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let exports = Arc::new(exports);
+    let config = Arc::new(config);
+    let (down_tx, down_rx) = watch::channel(false);
+    let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (exports, backend) = (exports.clone(), backend.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = session::run(stream, exports, backend).await {
+                    let (config, target, down) = (config.clone(), target.clone(), down_rx.clone());
+                    sessions.spawn(async move {
+                        if let Err(e) = run(stream, &config, target, down).await {
                             tracing::debug!(%peer, error = %e, "NBD connection ended");
                         }
                     });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "NBD accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            _ = &mut shutdown => break,
         }
     }
+    let _ = down_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_MAX, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = sessions.len(),
+            "NBD connections still busy after the drain limit; closing them"
+        );
+    }
+    Ok(())
+}
+
+async fn run(
+    stream: BoxStream,
+    config: &NbdConfig,
+    target: Arc<dyn Target>,
+    down: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let shutting_down = || *down.borrow();
+    let Some(negotiated) =
+        negotiate::negotiate(stream, config, target.fast_zero(), &shutting_down).await?
+    else {
+        return Ok(());
+    };
+    transmit::transmit(negotiated, target, down).await
 }

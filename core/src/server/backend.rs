@@ -20,4 +20,21 @@ pub trait Backend: Send + Sync + 'static {
     fn try_execute_now(&self, _export: usize, _op: &BackendOp) -> Option<Result<Bytes, Status>> {
         None
     }
+
+    /// Which parts of `[offset, offset + len)` are holes, as consecutive
+    /// extents from `offset` that cover at least one byte and at most `len`.
+    /// A backend that cannot tell reports everything allocated, which is
+    /// always true enough: a hole is only a promise that reads return zeroes.
+    fn allocation(&self, _export: usize, _offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
+        Ok(vec![Extent { len, hole: false }])
+    }
+}
+
+/// A run of bytes with one allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in the run.
+    pub len: u64,
+    /// Not allocated: reads return zeroes and writes may need new space.
+    pub hole: bool,
 }

@@ -8,7 +8,7 @@ mod config;
 mod overlap;
 mod session;
 
-pub use backend::Backend;
+pub use backend::{Backend, Extent};
 pub use config::{ExportConfig, ServerConfig};
 pub use session::ConnId;
 
@@ -69,6 +69,10 @@ pub enum BackendOp {
         fua: bool,
         /// The range may be deallocated.
         may_unmap: bool,
+        /// Fail with [`Status::Unsupported`] rather than fall back to
+        /// writing zero blocks (NBD's FAST_ZERO: the caller would rather
+        /// copy the data itself than wait for a slow zeroing).
+        fast_only: bool,
     },
 }
 
@@ -751,6 +755,7 @@ impl ServerEngine {
                 len,
                 fua,
                 may_unmap: req.flags & FLAG_NO_UNMAP == 0,
+                fast_only: false,
             },
         };
         let mutation_range = req

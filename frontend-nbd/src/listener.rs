@@ -1,0 +1,73 @@
+//! Where NBD clients connect: TCP (port 10809 by convention) or a unix
+//! socket (`nbd+unix://`, `nbd-client -unix`).
+
+use crate::BoxStream;
+use std::io;
+use std::path::Path;
+use tokio::net::{TcpListener, UnixListener};
+
+/// A bound NBD listening socket.
+pub enum NbdListener {
+    /// TCP; connections get TCP_NODELAY.
+    Tcp(TcpListener),
+    /// A unix stream socket.
+    Unix(UnixListener),
+}
+
+impl NbdListener {
+    /// Binds `addr`: a path if it contains a `/` (an old socket file there
+    /// is replaced), else a TCP host:port.
+    pub async fn bind(addr: &str) -> io::Result<NbdListener> {
+        if addr.contains('/') {
+            let path = Path::new(addr);
+            if path.exists() {
+                // Only a socket may be replaced: never delete a user's file.
+                use std::os::unix::fs::FileTypeExt;
+                if !std::fs::metadata(path)?.file_type().is_socket() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{addr} exists and is not a socket"),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            return Ok(NbdListener::Unix(UnixListener::bind(path)?));
+        }
+        Ok(NbdListener::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    /// An NBD URI for an export on this listener.
+    pub fn uri(&self, export: &str) -> io::Result<String> {
+        Ok(match self {
+            NbdListener::Tcp(l) => format!("nbd://{}/{export}", l.local_addr()?),
+            NbdListener::Unix(l) => {
+                let addr = l.local_addr()?;
+                let path = addr.as_pathname().map(|p| p.display().to_string());
+                format!(
+                    "nbd+unix:///{export}?socket={}",
+                    path.unwrap_or_else(|| "?".into())
+                )
+            }
+        })
+    }
+
+    pub(crate) async fn accept(&self) -> io::Result<(BoxStream, String)> {
+        match self {
+            NbdListener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                Ok((Box::new(s), peer.to_string()))
+            }
+            NbdListener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Box::new(s), "unix".into()))
+            }
+        }
+    }
+}
+
+impl From<TcpListener> for NbdListener {
+    fn from(l: TcpListener) -> Self {
+        NbdListener::Tcp(l)
+    }
+}

@@ -1,0 +1,52 @@
+//! Where NBD requests go: a server's own backend, or (for `braid attach`)
+//! a braid volume reached over the network.
+
+use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::wire::Status;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Called once with an operation's result, from any thread.
+pub type Completion = Box<dyn FnOnce(Result<Bytes, Status>) + Send>;
+/// Called once with an allocation map, from any thread.
+pub type ExtentsCompletion = Box<dyn FnOnce(Result<Vec<Extent>, Status>) + Send>;
+
+/// Storage behind NBD exports. Calls must not block: the transmission loop
+/// of a connection calls them inline and hands results back through the
+/// completion, so one slow IO never holds up the next request.
+pub trait Target: Send + Sync + 'static {
+    /// Runs `op` on export `export`.
+    fn submit(&self, export: usize, op: BackendOp, done: Completion);
+
+    /// The allocation map of `[offset, offset + len)` (see
+    /// [`Backend::allocation`]).
+    fn allocation(&self, export: usize, offset: u64, len: u64, done: ExtentsCompletion);
+
+    /// Whether WRITE_ZEROES can honour FAST_ZERO (fail at once with
+    /// `Unsupported` rather than write zeroes slowly).
+    fn fast_zero(&self) -> bool;
+}
+
+/// A local [`Backend`]: what `braid serve --nbd` uses. Operations the
+/// backend can finish without blocking run inline; the rest go to tokio's
+/// blocking pool, as in the braid server driver.
+pub struct BackendTarget(pub Arc<dyn Backend>);
+
+impl Target for BackendTarget {
+    fn submit(&self, export: usize, op: BackendOp, done: Completion) {
+        if let Some(result) = self.0.try_execute_now(export, &op) {
+            return done(result);
+        }
+        let backend = self.0.clone();
+        tokio::task::spawn_blocking(move || done(backend.execute(export, &op)));
+    }
+
+    fn allocation(&self, export: usize, offset: u64, len: u64, done: ExtentsCompletion) {
+        let backend = self.0.clone();
+        tokio::task::spawn_blocking(move || done(backend.allocation(export, offset, len)));
+    }
+
+    fn fast_zero(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,450 @@
+//! The transmission phase: requests are read in order, run concurrently
+//! and answered as they finish, in simple or structured replies.
+
+use crate::negotiate::{protocol_error, Negotiated};
+use crate::proto::*;
+use crate::target::Target;
+use crate::NbdExport;
+use braid_core::server::{BackendOp, Extent};
+use braid_core::wire::Status;
+use bytes::{BufMut, Bytes, BytesMut};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// Bytes of requests and replies one connection may have in flight (in
+/// KiB permits). A client that pipelines more waits for answers, so no
+/// client can make the server buffer without bound.
+const INFLIGHT_KIB: u32 = 64 * 1024;
+
+/// One reply, ready to send: a header and an optional payload sent after
+/// it without copying.
+struct Reply {
+    head: BytesMut,
+    data: Bytes,
+}
+
+/// How one request's replies are framed.
+#[derive(Clone, Copy)]
+struct Replier {
+    handle: u64,
+    structured: bool,
+}
+
+impl Replier {
+    fn simple(self, error: u32, data: Bytes) -> Reply {
+        let mut head = BytesMut::with_capacity(16);
+        head.put_u32(SIMPLE_REPLY_MAGIC);
+        head.put_u32(error);
+        head.put_u64(self.handle);
+        Reply { head, data }
+    }
+
+    fn chunk(self, ty: u16, payload_len: usize, extra: usize) -> BytesMut {
+        let mut head = BytesMut::with_capacity(20 + extra);
+        head.put_u32(STRUCTURED_REPLY_MAGIC);
+        head.put_u16(REPLY_FLAG_DONE);
+        head.put_u16(ty);
+        head.put_u64(self.handle);
+        head.put_u32(payload_len as u32);
+        head
+    }
+
+    fn ok(self) -> Reply {
+        // "If structured replies have been negotiated, a simple reply MAY
+        // be used as a reply to any request other than READ" without data.
+        self.simple(0, Bytes::new())
+    }
+
+    fn error(self, error: u32, message: &str) -> Reply {
+        if !self.structured {
+            return self.simple(error, Bytes::new());
+        }
+        // "The server SHOULD prefer sending errors via a structured reply,
+        // as the error can then be accompanied by a string."
+        let msg = &message.as_bytes()[..message.len().min(STRING_MAX)];
+        let mut head = self.chunk(REPLY_TYPE_ERROR, 6 + msg.len(), 6 + msg.len());
+        head.put_u32(error);
+        head.put_u16(msg.len() as u16);
+        head.put_slice(msg);
+        Reply {
+            head,
+            data: Bytes::new(),
+        }
+    }
+
+    fn read_data(self, offset: u64, data: Bytes) -> Reply {
+        if !self.structured {
+            return self.simple(0, data);
+        }
+        if data.is_empty() {
+            // Nothing to cover: a zero-length read.
+            let head = self.chunk(REPLY_TYPE_NONE, 0, 0);
+            return Reply { head, data };
+        }
+        // One content chunk, marked final: nothing can fail once the data
+        // is in hand.
+        let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + data.len(), 8);
+        head.put_u64(offset);
+        Reply { head, data }
+    }
+
+    fn block_status(self, extents: &[Extent], req_one: bool, len: u32) -> Reply {
+        let mut descriptors: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0u64;
+        for e in extents {
+            let n = e.len.min(u64::from(len) - covered) as u32;
+            if n == 0 {
+                break;
+            }
+            // Holes in a file read as zeroes (the backend contract).
+            let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+            descriptors.push((n, flags));
+            covered += u64::from(n);
+            if req_one || descriptors.len() == EXTENTS_MAX {
+                break;
+            }
+        }
+        if descriptors.is_empty() {
+            // "The server MUST return at least one status descriptor"; 0 is
+            // always a safe status.
+            descriptors.push((len, 0));
+        }
+        let payload = 4 + 8 * descriptors.len();
+        let mut head = self.chunk(REPLY_TYPE_BLOCK_STATUS, payload, payload);
+        head.put_u32(BASE_ALLOCATION_ID);
+        for (n, flags) in descriptors {
+            head.put_u32(n);
+            head.put_u32(flags);
+        }
+        Reply {
+            head,
+            data: Bytes::new(),
+        }
+    }
+}
+
+fn errno(status: Status) -> u32 {
+    match status {
+        Status::Ok => 0,
+        Status::NoSpace => ENOSPC,
+        Status::ReadOnly => EPERM,
+        Status::Invalid | Status::OutOfRange => EINVAL,
+        Status::Unsupported => ENOTSUP,
+        _ => EIO,
+    }
+}
+
+fn cmd_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        _ => "unknown command",
+    }
+}
+
+/// A request header.
+struct Request {
+    flags: u16,
+    cmd: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// What to do with a request that passed the checks.
+enum Action {
+    /// Answer success at once (CACHE, zero-length IO).
+    Done,
+    Io(BackendOp),
+    BlockStatus {
+        req_one: bool,
+    },
+}
+
+pub(crate) async fn transmit(
+    n: Negotiated,
+    target: Arc<dyn Target>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let Negotiated {
+        stream,
+        export,
+        structured,
+        block_status,
+    } = n;
+    let fast_zero = target.fast_zero();
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(128 * 1024, rd);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
+        while let Some(r) = rx.recv().await {
+            wr.write_all(&r.head).await?;
+            wr.write_all(&r.data).await?;
+            // Batch whatever else is ready into the same write.
+            while let Ok(r) = rx.try_recv() {
+                wr.write_all(&r.head).await?;
+                wr.write_all(&r.data).await?;
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await
+    });
+    let budget = Arc::new(Semaphore::new(INFLIGHT_KIB as usize));
+    let ended = loop {
+        let mut h = [0u8; 28];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut h) => r,
+            // "On a server shutdown, the server SHOULD wait for inflight
+            // requests to be serviced": stop taking new ones and drain.
+            _ = shutdown.wait_for(|down| *down) => break Ok(()),
+        };
+        if let Err(e) = read {
+            break if e.kind() == io::ErrorKind::UnexpectedEof {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
+        if magic != REQUEST_MAGIC {
+            // Cannot find the next request: a hard disconnect.
+            break Err(protocol_error(format!("bad request magic {magic:#x}")));
+        }
+        let req = Request {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            cmd: u16::from_be_bytes([h[6], h[7]]),
+            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            len: u32::from_be_bytes(h[24..28].try_into().unwrap()),
+        };
+        let replier = Replier {
+            handle: req.handle,
+            structured,
+        };
+        let mut payload = Bytes::new();
+        if req.cmd == CMD_WRITE {
+            if req.len > BLOCK_MAX {
+                // Skip the data to stay in step, then refuse: the client
+                // keeps its connection.
+                let skipped = tokio::io::copy(
+                    &mut (&mut rd).take(u64::from(req.len)),
+                    &mut tokio::io::sink(),
+                )
+                .await;
+                match skipped {
+                    Ok(n) if n == u64::from(req.len) => {}
+                    Ok(_) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+                let msg = format!(
+                    "export {}: WRITE of {} bytes is over the {BLOCK_MAX}-byte maximum",
+                    export.name, req.len
+                );
+                let _ = tx.send(replier.error(EINVAL, &msg));
+                continue;
+            }
+            let mut buf = BytesMut::zeroed(req.len as usize);
+            if let Err(e) = rd.read_exact(&mut buf).await {
+                break Err(e);
+            }
+            payload = buf.freeze();
+        }
+        if req.cmd == CMD_DISC {
+            // "The server MUST handle all outstanding requests" and close.
+            break Ok(());
+        }
+        let action = match check(&export, &req, structured, block_status, fast_zero) {
+            Ok(a) => a,
+            Err((error, why)) => {
+                let msg = format!(
+                    "export {}: {} at offset {} length {}: {why}",
+                    export.name,
+                    cmd_name(req.cmd),
+                    req.offset,
+                    req.len
+                );
+                tracing::debug!(handle = req.handle, error, "{msg}");
+                let _ = tx.send(replier.error(error, &msg));
+                continue;
+            }
+        };
+        let op = match action {
+            Action::Done => {
+                let _ = tx.send(if req.cmd == CMD_READ {
+                    replier.read_data(req.offset, Bytes::new())
+                } else {
+                    replier.ok()
+                });
+                continue;
+            }
+            Action::Io(BackendOp::Write { offset, fua, .. }) => BackendOp::Write {
+                offset,
+                data: payload,
+                fua,
+            },
+            Action::Io(op) => op,
+            Action::BlockStatus { req_one } => {
+                let tx = tx.clone();
+                let (name, offset, len) = (export.name.clone(), req.offset, req.len);
+                target.allocation(
+                    export.backend_index,
+                    offset,
+                    u64::from(len),
+                    Box::new(move |result| {
+                        let _ = tx.send(match result {
+                            Ok(extents) => replier.block_status(&extents, req_one, len),
+                            Err(status) => replier.error(
+                                errno(status),
+                                &format!(
+                                    "export {name}: BLOCK_STATUS at offset {offset}: {status:?}"
+                                ),
+                            ),
+                        });
+                    }),
+                );
+                continue;
+            }
+        };
+        let kib = (req.len / 1024).clamp(1, INFLIGHT_KIB);
+        let permit = match budget.clone().acquire_many_owned(kib).await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        let tx = tx.clone();
+        let name = export.name.clone();
+        let (cmd, offset, len) = (req.cmd, req.offset, req.len);
+        target.submit(
+            export.backend_index,
+            op,
+            Box::new(move |result| {
+                let reply = match result {
+                    Ok(data) if cmd == CMD_READ => replier.read_data(offset, data),
+                    Ok(_) => replier.ok(),
+                    Err(status) => replier.error(
+                        errno(status),
+                        &format!(
+                            "export {name}: {} at offset {offset} length {len}: {status:?}",
+                            cmd_name(cmd)
+                        ),
+                    ),
+                };
+                let _ = tx.send(reply);
+                drop(permit);
+            }),
+        );
+    };
+    // Every completion holds a sender: the writer ends after the last
+    // outstanding request is answered.
+    drop(tx);
+    let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+    ended.and(written)
+}
+
+/// Validates a request against the export and what was negotiated. The
+/// error is the spec's errno with a reason for humans.
+fn check(
+    e: &NbdExport,
+    r: &Request,
+    structured: bool,
+    block_status: bool,
+    fast_zero: bool,
+) -> Result<Action, (u32, &'static str)> {
+    // "The server SHOULD return EINVAL if it receives an unknown command
+    // flag ... or a flag not documented as applicable to the command."
+    // FUA "is valid for all commands".
+    let allowed = CMD_FLAG_FUA
+        | match r.cmd {
+            CMD_READ if structured => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES if fast_zero => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    if !matches!(
+        r.cmd,
+        CMD_READ
+            | CMD_WRITE
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_CACHE
+            | CMD_WRITE_ZEROES
+            | CMD_BLOCK_STATUS
+    ) {
+        return Err((EINVAL, "unknown command"));
+    }
+    if r.flags & !allowed != 0 {
+        return Err((EINVAL, "flag not valid for this command"));
+    }
+    let fua = r.flags & CMD_FLAG_FUA != 0;
+    if r.cmd == CMD_FLUSH {
+        // "length and offset are reserved, and MUST be set to all-zero."
+        if r.offset != 0 || r.len != 0 {
+            return Err((EINVAL, "FLUSH with nonzero offset or length"));
+        }
+        return Ok(Action::Io(BackendOp::Flush));
+    }
+    if r.cmd == CMD_BLOCK_STATUS && !block_status {
+        // "A client MUST NOT use BLOCK_STATUS unless it selected a nonzero
+        // number of metadata contexts ... Servers SHOULD reply EINVAL."
+        return Err((EINVAL, "no metadata context was selected"));
+    }
+    let mutates = matches!(r.cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if mutates && e.read_only {
+        // "SHOULD return EPERM if it receives a write or trim request on a
+        // read-only export."
+        return Err((EPERM, "export is read-only"));
+    }
+    let end = r.offset.checked_add(u64::from(r.len));
+    if end.is_none_or(|end| end > e.size) {
+        // "SHOULD return ENOSPC if it receives a write request including
+        // one or more sectors beyond the size of the device"; EINVAL for
+        // the rest.
+        return Err(if matches!(r.cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
+            (ENOSPC, "past the end of the export")
+        } else {
+            (EINVAL, "past the end of the export")
+        });
+    }
+    if r.cmd != CMD_WRITE && r.len > BLOCK_MAX && r.cmd != CMD_BLOCK_STATUS {
+        return Err((EINVAL, "longer than the advertised maximum block size"));
+    }
+    if r.len == 0 {
+        // Zero-length requests are unspecified; a no-op success harms no
+        // one. BLOCK_STATUS must describe at least one byte.
+        return if r.cmd == CMD_BLOCK_STATUS {
+            Err((EINVAL, "zero-length BLOCK_STATUS"))
+        } else {
+            Ok(Action::Done)
+        };
+    }
+    let (offset, len) = (r.offset, r.len);
+    Ok(match r.cmd {
+        CMD_READ => Action::Io(BackendOp::Read { offset, len }),
+        CMD_WRITE => Action::Io(BackendOp::Write {
+            offset,
+            data: Bytes::new(),
+            fua,
+        }),
+        CMD_TRIM => Action::Io(BackendOp::Trim { offset, len, fua }),
+        CMD_WRITE_ZEROES => Action::Io(BackendOp::WriteZeroes {
+            offset,
+            len,
+            fua,
+            may_unmap: r.flags & CMD_FLAG_NO_HOLE == 0,
+            fast_only: r.flags & CMD_FLAG_FAST_ZERO != 0,
+        }),
+        // A hint; the page cache does this for us.
+        CMD_CACHE => Action::Done,
+        _ => Action::BlockStatus {
+            req_one: r.flags & CMD_FLAG_REQ_ONE != 0,
+        },
+    })
+}
