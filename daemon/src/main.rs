@@ -1,8 +1,10 @@
 //! The `braid` command.
 
+mod attach;
 mod bench;
 mod client_args;
 mod config;
+mod control;
 mod demo;
 mod faultproxy;
 mod histogram;
@@ -31,7 +33,12 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Write and check a verifiable pattern; exits 1 on any mismatch.
     Verify(verify::VerifyArgs),
-    /// Show a running server's sessions and counters.
+    /// Expose a braid volume as a local NBD server (for nbd-client, qemu),
+    /// with braid's failover underneath.
+    Attach(attach::AttachArgs),
+    /// Ask a running `braid attach` to finish in-flight IO and leave.
+    Detach(attach::DetachArgs),
+    /// Show a running server's sessions or an attached volume's channels.
     Status(status::StatusArgs),
     /// Start a server, a fault proxy and a verifying client; reset, black-hole
     /// and corrupt channels and kill -9 the server under live IO; report.
@@ -85,6 +92,8 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => runtime.block_on(bench::run(args)),
         Cmd::Verify(args) => runtime.block_on(verify::run(args)),
         Cmd::Status(args) => runtime.block_on(status::run(args)),
+        Cmd::Attach(args) => runtime.block_on(attach::run(args)),
+        Cmd::Detach(args) => runtime.block_on(attach::detach(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -199,10 +199,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             .iter()
             .enumerate()
             .map(|(i, e)| braid_frontend_nbd::NbdExport {
-                name: e.name.clone(),
-                size: e.size,
                 read_only: e.read_only,
-                backend_index: i,
+                ..braid_frontend_nbd::NbdExport::new(e.name.clone(), e.size, i)
             })
             .collect();
         let mut nbd_config = braid_frontend_nbd::NbdConfig::new(nbd_exports);

@@ -3,23 +3,13 @@
 use braid_fabric_tcp::Server;
 use clap::Args;
 use std::path::PathBuf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Answers every connection to `path` with a JSON status document.
+/// Answers `status` on the server's control socket.
 pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String, u64)>) {
-    let _ = std::fs::remove_file(&path);
-    let listener = match tokio::net::UnixListener::bind(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "no control socket: braid status will not work");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let doc = document(&server, &exports);
-            let _ = stream.write_all(doc.to_string().as_bytes()).await;
-            let _ = stream.shutdown().await;
+    crate::control::serve(path, move |command| match command {
+        "status" => document(&server, &exports),
+        other => {
+            serde_json::json!({"error": format!("unknown command {other:?} (a server answers: status)")})
         }
     });
 }
@@ -59,7 +49,8 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {
-    /// The daemon's control socket [default: DATA_DIR/control.sock].
+    /// The control socket of `braid serve` or `braid attach`
+    /// [default: DATA_DIR/control.sock].
     #[arg(long)]
     control: Option<PathBuf>,
     /// Print the raw JSON document.
@@ -71,23 +62,15 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     let path = args
         .control
         .unwrap_or_else(|| crate::config::default_data_dir().join("control.sock"));
-    let mut stream = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-        format!(
-            "control socket {}: {e} (is braid serve running?)",
-            path.display()
-        )
-    })?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .await
-        .map_err(|e| format!("control socket: {e}"))?;
+    let v = crate::control::request(&path, "status").await?;
     if args.json {
-        println!("{text}");
+        println!("{v}");
         return Ok(());
     }
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("control socket sent bad JSON: {e}"))?;
+    if v["role"] == "client" {
+        crate::attach::print_status(&v);
+        return Ok(());
+    }
     println!("braid server on {}", v["listen"].as_str().unwrap_or("?"));
     for e in v["exports"].as_array().into_iter().flatten() {
         println!(

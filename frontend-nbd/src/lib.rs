@@ -48,6 +48,24 @@ pub struct NbdExport {
     pub read_only: bool,
     /// Index of the export in the target.
     pub backend_index: usize,
+    /// Alignment every offset and length must have (a power of two).
+    pub block_min: u32,
+    /// Longest READ or WRITE accepted.
+    pub block_max: u32,
+}
+
+impl NbdExport {
+    /// A writable export taking any alignment and requests up to 32 MiB.
+    pub fn new(name: impl Into<String>, size: u64, backend_index: usize) -> Self {
+        NbdExport {
+            name: name.into(),
+            size,
+            read_only: false,
+            backend_index,
+            block_min: 1,
+            block_max: 32 << 20,
+        }
+    }
 }
 
 /// What an NBD server offers.

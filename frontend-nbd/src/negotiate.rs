@@ -208,13 +208,13 @@ pub(crate) async fn negotiate(
                     d.put_slice(e.name.as_bytes());
                     reply(&mut s, option, REP_INFO, &d).await?;
                 }
-                // Sent whether asked for or not: with a minimum of 1 a client
-                // that ignores it cannot break a constraint.
+                // Sent whether asked for or not (the spec allows it); a
+                // client that ignores it gets EINVAL for what breaks it.
                 let mut bs = BytesMut::new();
                 bs.put_u16(INFO_BLOCK_SIZE);
-                bs.put_u32(BLOCK_MIN);
-                bs.put_u32(BLOCK_PREFERRED);
-                bs.put_u32(BLOCK_MAX);
+                bs.put_u32(e.block_min);
+                bs.put_u32(BLOCK_PREFERRED.max(e.block_min));
+                bs.put_u32(e.block_max);
                 reply(&mut s, option, REP_INFO, &bs).await?;
                 reply(&mut s, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {

@@ -87,10 +87,8 @@ pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 pub(crate) const OPT_LEN_MAX: u32 = 64 * 1024;
 /// Longest string the spec allows (names, queries).
 pub(crate) const STRING_MAX: usize = 4096;
-/// Block sizes advertised: minimum, preferred, maximum.
-pub(crate) const BLOCK_MIN: u32 = 1;
+/// Preferred block size advertised (the page size: no read-modify-write).
 pub(crate) const BLOCK_PREFERRED: u32 = 4096;
-pub(crate) const BLOCK_MAX: u32 = 32 << 20;
 /// Extents per BLOCK_STATUS reply: enough for a whole request in one
 /// answer almost always, small enough that a fragmented file cannot make
 /// one reply huge (the spec lets the server answer a prefix).

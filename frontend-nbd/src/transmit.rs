@@ -231,7 +231,7 @@ pub(crate) async fn transmit(
         };
         let mut payload = Bytes::new();
         if req.cmd == CMD_WRITE {
-            if req.len > BLOCK_MAX {
+            if req.len > export.block_max {
                 // Skip the data to stay in step, then refuse: the client
                 // keeps its connection.
                 let skipped = tokio::io::copy(
@@ -245,8 +245,8 @@ pub(crate) async fn transmit(
                     Err(e) => break Err(e),
                 }
                 let msg = format!(
-                    "export {}: WRITE of {} bytes is over the {BLOCK_MAX}-byte maximum",
-                    export.name, req.len
+                    "export {}: WRITE of {} bytes is over the {}-byte maximum",
+                    export.name, req.len, export.block_max
                 );
                 let _ = tx.send(replier.error(EINVAL, &msg));
                 continue;
@@ -313,7 +313,11 @@ pub(crate) async fn transmit(
                 continue;
             }
         };
-        let kib = (req.len / 1024).clamp(1, INFLIGHT_KIB);
+        let kib = if matches!(req.cmd, CMD_READ | CMD_WRITE) {
+            (req.len / 1024).clamp(1, INFLIGHT_KIB)
+        } else {
+            1
+        };
         let permit = match budget.clone().acquire_many_owned(kib).await {
             Ok(p) => p,
             Err(_) => break Ok(()),
@@ -413,8 +417,17 @@ fn check(
             (EINVAL, "past the end of the export")
         });
     }
-    if r.cmd != CMD_WRITE && r.len > BLOCK_MAX && r.cmd != CMD_BLOCK_STATUS {
+    // The maximum block size bounds payloads (READ, WRITE); TRIM,
+    // WRITE_ZEROES, CACHE and BLOCK_STATUS may be longer.
+    if r.cmd == CMD_READ && r.len > e.block_max {
         return Err((EINVAL, "longer than the advertised maximum block size"));
+    }
+    // "If a client sends a request that is not aligned to the minimum block
+    // size, the server SHOULD report EINVAL." BLOCK_STATUS only reads
+    // metadata, so any range is fine.
+    let misaligned = (r.offset | u64::from(r.len)) & u64::from(e.block_min - 1) != 0;
+    if misaligned && r.cmd != CMD_BLOCK_STATUS {
+        return Err((EINVAL, "not aligned to the minimum block size"));
     }
     if r.len == 0 {
         // Zero-length requests are unspecified; a no-op success harms no

@@ -199,3 +199,44 @@ async fn qemu_tools_read_write_and_copy_through_braid() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn block_size_constraints_are_advertised_and_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    start_with(dir.path(), listener.into(), |mut c| {
+        c.exports[0].block_min = 512;
+        c.exports[0].block_max = 64 << 10;
+        c
+    });
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    greet(&mut s).await;
+    option(&mut s, 6, &go_data("disk0")).await;
+    let mut block_size = None;
+    loop {
+        let (_, ty, d) = option_reply(&mut s).await;
+        if ty == 1 {
+            break;
+        }
+        if u16::from_be_bytes([d[0], d[1]]) == 3 {
+            let at = |i: usize| u32::from_be_bytes(d[i..i + 4].try_into().unwrap());
+            block_size = Some((at(2), at(6), at(10)));
+        }
+    }
+    assert_eq!(block_size, Some((512, 4096, 64 << 10)));
+    go(&mut s, "disk0").await;
+    // Misaligned: EINVAL (SHOULD); over the maximum: EINVAL, and a write's
+    // data is skipped so the connection stays in step.
+    request(&mut s, 0, 0, 1, 100, 512, &[]).await;
+    assert_eq!(reply(&mut s, 0).await.1, 22);
+    request(&mut s, 0, 0, 2, 0, 128 << 10, &[]).await;
+    assert_eq!(reply(&mut s, 0).await.1, 22);
+    request(&mut s, 1, 0, 3, 0, 128 << 10, &vec![1; 128 << 10]).await;
+    assert_eq!(reply(&mut s, 0).await.1, 22);
+    // TRIM and WRITE_ZEROES may exceed the maximum block size.
+    request(&mut s, 6, 0, 4, 0, 1 << 20, &[]).await;
+    assert_eq!(reply(&mut s, 0).await.1, 0);
+    request(&mut s, 0, 0, 5, 512, 512, &[]).await;
+    assert_eq!(reply(&mut s, 512).await, (5, 0, vec![0; 512]));
+}

@@ -37,17 +37,10 @@ pub fn exports(dir: &std::path::Path) -> (Arc<FileBackend>, Vec<NbdExport>) {
         open("ro", true),
     ]));
     let exports = vec![
+        NbdExport::new("disk0", SIZE, 0),
         NbdExport {
-            name: "disk0".into(),
-            size: SIZE,
-            read_only: false,
-            backend_index: 0,
-        },
-        NbdExport {
-            name: "ro".into(),
-            size: SIZE,
             read_only: true,
-            backend_index: 1,
+            ..NbdExport::new("ro", SIZE, 1)
         },
     ];
     (backend, exports)

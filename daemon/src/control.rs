@@ -1,0 +1,69 @@
+//! The control socket of a long-running `braid` process: one command line
+//! in, one JSON document out. `braid status` and `braid detach` use it.
+
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// Answers commands on `path` with `handler(command)`. A missing socket
+/// only costs `braid status`, so failing to bind is a warning.
+pub(crate) fn serve(
+    path: PathBuf,
+    handler: impl Fn(&str) -> serde_json::Value + Send + Sync + 'static,
+) {
+    // Only a socket may be replaced (a stale one from a killed daemon).
+    if std::fs::symlink_metadata(&path)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no control socket: braid status will not work");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            // A peer that sends nothing gets the status after a short wait.
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                BufReader::new(rd.take(256)).read_line(&mut line),
+            )
+            .await;
+            let command = match read {
+                Ok(Ok(_)) => line.trim().to_string(),
+                _ => "status".to_string(),
+            };
+            let doc = handler(if command.is_empty() {
+                "status"
+            } else {
+                &command
+            });
+            let _ = wr.write_all(doc.to_string().as_bytes()).await;
+            let _ = wr.shutdown().await;
+        }
+    });
+}
+
+/// Sends `command` to the process behind `path` and returns its answer.
+pub(crate) async fn request(path: &Path, command: &str) -> Result<serde_json::Value, String> {
+    let mut stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+        format!(
+            "control socket {}: {e} (is the braid daemon running?)",
+            path.display()
+        )
+    })?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .await
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("control socket sent bad JSON: {e}"))
+}
