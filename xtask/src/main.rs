@@ -1,6 +1,9 @@
 //! `cargo xtask <command>`: the project's workflows in one place.
 //! Standard library only, so it builds in seconds on a fresh machine.
 
+mod conformance;
+
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -17,6 +20,10 @@ commands:
             go to criterion (e.g. `cargo xtask bench -- round`)
   sim       seeded simulation sweeps with invariant checks; arguments go
             to the runner (`cargo xtask sim --help`)
+  conformance
+            braid's NBD face against nbdinfo, nbdsh, qemu-img, qemu-io,
+            nbdcopy, fio and (in ../shared/tools/vmlab) the kernel's
+            nbd-client: `cargo xtask conformance [--host-only|--vm-only]`
   soak      real braid processes under a fault proxy and kill -9, with the
             verifier throughout: `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
@@ -37,6 +44,7 @@ fn main() -> ExitCode {
         "bench" => bench(&rest),
         "soak" => soak(&rest),
         "sim" => sim(&rest),
+        "conformance" => conformance(&rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -165,4 +173,30 @@ fn bench(extra: &[String]) -> Result<(), String> {
     cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);
     cmd.args(extra);
     run("benchmarks", cmd)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+fn conformance(extra: &[String]) -> Result<(), String> {
+    // The same build as `ci`, so after it this is a no-op (building only
+    // the braid package would unify features differently and rebuild).
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--all-targets", "--release"]);
+    run("build braid", build)?;
+    let root = root();
+    let braid = conformance::braid_binary(&root);
+    let start = Instant::now();
+    eprintln!("==> conformance");
+    let result = conformance::run(extra, &root, &braid);
+    eprintln!(
+        "<== conformance: {} in {:.1}s",
+        if result.is_ok() { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    result
 }

@@ -1,0 +1,624 @@
+//! `cargo xtask conformance`: braid's NBD face against real NBD clients.
+//!
+//! Host part: a `braid serve --nbd` (TCP and unix socket), a TLS-only one
+//! (STARTTLS), and a `braid attach --nbd` volume on top of the first, each
+//! driven by nbdinfo, a scripted libnbd session (conformance/nbdsh_session.py),
+//! qemu-img, qemu-io, nbdcopy and fio with verification. VM part: the
+//! kernel's nbd-client in `../shared/tools/vmlab`: mkfs.ext4, mount, write,
+//! fsck, straight to `braid serve` and through `braid attach` with the
+//! server killed under it. Every row names the spec clause it checks; the
+//! run fails on any failed row. Missing tools fail the run under CI (the
+//! `CI` environment variable) and are skipped elsewhere.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "usage: cargo xtask conformance [--host-only | --vm-only]";
+
+/// How a row ended.
+#[derive(PartialEq)]
+enum Verdict {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+struct Report {
+    rows: Vec<(String, String, String, Verdict)>,
+}
+
+impl Report {
+    fn add(&mut self, target: &str, clause: &str, what: &str, v: Verdict) {
+        let (tag, why) = match &v {
+            Verdict::Pass => ("PASS", String::new()),
+            Verdict::Fail(w) => (
+                "FAIL",
+                format!("\n        {}", w.trim().replace('\n', "\n        ")),
+            ),
+            Verdict::Skip(w) => ("SKIP", format!(" ({w})")),
+        };
+        println!("{tag}  {target:<12} {clause}: {what}{why}");
+        self.rows
+            .push((target.into(), clause.into(), what.into(), v));
+    }
+
+    fn failed(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| matches!(r.3, Verdict::Fail(_)))
+            .count()
+    }
+}
+
+/// A child process killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> Result<Output, String> {
+    cmd.stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd`; passes if it succeeds and `check` accepts its output.
+fn verdict(cmd: &mut Command, check: impl Fn(&str) -> Result<(), String>) -> Verdict {
+    match output(cmd) {
+        Err(e) => Verdict::Fail(e),
+        Ok(o) if !o.status.success() => {
+            Verdict::Fail(format!("{cmd:?} exited {}:\n{}", o.status, text(&o)))
+        }
+        Ok(o) => match check(&text(&o)) {
+            Ok(()) => Verdict::Pass,
+            Err(e) => Verdict::Fail(format!("{e}\n{}", text(&o))),
+        },
+    }
+}
+
+fn contains_all(out: &str, needles: &[&str]) -> Result<(), String> {
+    match needles.iter().find(|n| !out.contains(*n)) {
+        Some(n) => Err(format!("output lacks {n:?}")),
+        None => Ok(()),
+    }
+}
+
+fn wait_for(path: &Path, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: {} never appeared", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(10809)
+}
+
+/// Deterministic, incompressible test data.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn spawn(braid: &Path, args: &[String], log: &Path, name: &'static str) -> Result<Daemon, String> {
+    let log = fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let child = Command::new(braid)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("{name}: {e}"))?;
+    Ok(Daemon(child))
+}
+
+pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
+    let (mut host, mut vm) = (true, true);
+    for a in args {
+        match a.as_str() {
+            "--host-only" => vm = false,
+            "--vm-only" => host = false,
+            _ => return Err(USAGE.into()),
+        }
+    }
+    let mut report = Report { rows: Vec::new() };
+    let work = root.join("target").join("conformance");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+    if host {
+        host_checks(&mut report, root, braid, &work)?;
+    }
+    if vm {
+        vm_checks(&mut report, root, braid, &work)?;
+    }
+    let (pass, skip) = (
+        report.rows.iter().filter(|r| r.3 == Verdict::Pass).count(),
+        report
+            .rows
+            .iter()
+            .filter(|r| matches!(r.3, Verdict::Skip(_)))
+            .count(),
+    );
+    println!(
+        "\nconformance: {pass} passed, {} failed, {skip} skipped",
+        report.failed()
+    );
+    if report.failed() > 0 {
+        return Err(format!("{} conformance checks failed", report.failed()));
+    }
+    Ok(())
+}
+
+/// Tools a host row needs; missing ones skip the row (fail it in CI).
+fn need(report: &mut Report, tools: &[&str], target: &str, clause: &str, what: &str) -> bool {
+    if let Some(t) = tools.iter().find(|t| !have(t)) {
+        let v = if in_ci() {
+            Verdict::Fail(format!("{t} not installed (CI installs it)"))
+        } else {
+            Verdict::Skip(format!(
+                "{t} not installed; `../shared/tools/peerbench --install-only`"
+            ))
+        };
+        report.add(target, clause, what, v);
+        return false;
+    }
+    true
+}
+
+fn host_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Result<(), String> {
+    let dir = work.join("host");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let ro = dir.join("ro.img");
+    fs::write(&ro, pattern(16 << 20, 9)).map_err(|e| e.to_string())?;
+    let (braid_port, nbd_port) = (free_port(), free_port());
+    let unix = dir.join("nbd.sock");
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let _server = spawn(
+        braid,
+        &s(&[
+            "serve",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{braid_port}"),
+            "--export",
+            &format!("disk0={},size=64M", dir.join("disk0.img").display()),
+            "--export",
+            &format!("ro={},ro", ro.display()),
+            "--nbd",
+            &format!("127.0.0.1:{nbd_port}"),
+            "--nbd",
+            &unix.display().to_string(),
+        ]),
+        &dir.join("serve.log"),
+        "braid serve",
+    )?;
+    wait_for(&unix, "braid serve")?;
+    let attach_sock = dir.join("attach.sock");
+    let _attach = spawn(
+        braid,
+        &s(&[
+            "attach",
+            "--server",
+            &format!("127.0.0.1:{braid_port}"),
+            "--key-file",
+            &dir.join("keys.toml").display().to_string(),
+            "--nbd",
+            &attach_sock.display().to_string(),
+            "--control",
+            &dir.join("attach.ctl").display().to_string(),
+        ]),
+        &dir.join("attach.log"),
+        "braid attach",
+    )?;
+    wait_for(&attach_sock, "braid attach")?;
+
+    let tcp = format!("nbd://127.0.0.1:{nbd_port}");
+    let targets = [
+        (
+            "serve/tcp",
+            format!("{tcp}/disk0"),
+            Some(format!("{tcp}/ro")),
+        ),
+        (
+            "serve/unix",
+            format!("nbd+unix:///disk0?socket={}", unix.display()),
+            None,
+        ),
+        (
+            "attach/unix",
+            format!("nbd+unix:///disk0?socket={}", attach_sock.display()),
+            None,
+        ),
+    ];
+
+    let (clause, what) = ("NBD_OPT_LIST", "nbdinfo --list names every export");
+    if need(report, &["nbdinfo"], "serve/tcp", clause, what) {
+        let v = verdict(Command::new("nbdinfo").args(["--list", &tcp]), |o| {
+            contains_all(
+                o,
+                &["export=\"disk0\"", "export=\"ro\"", "is_read_only: true"],
+            )
+        });
+        report.add("serve/tcp", clause, what, v);
+    }
+
+    for (target, uri, ro_uri) in &targets {
+        let (clause, what) = (
+            "NBD_OPT_GO / NBD_INFO_EXPORT / NBD_INFO_BLOCK_SIZE",
+            "nbdinfo --json: size, flags, contexts",
+        );
+        if need(report, &["nbdinfo"], target, clause, what) {
+            let v = verdict(Command::new("nbdinfo").args(["--json", uri]), |o| {
+                contains_all(
+                    o,
+                    &[
+                        "\"export-size\": 67108864",
+                        "\"structured\": true",
+                        "\"base:allocation\"",
+                        "\"can_multi_conn\": true",
+                        "\"can_flush\": true",
+                        "\"can_fua\": true",
+                    ],
+                )
+            });
+            report.add(target, clause, what, v);
+        }
+
+        let script = root.join("xtask/conformance/nbdsh_session.py");
+        let what = "scripted libnbd session";
+        if need(
+            report,
+            &["/usr/bin/python3", "nbdsh"],
+            target,
+            "libnbd",
+            what,
+        ) {
+            let mut cmd = Command::new("/usr/bin/python3");
+            cmd.arg(&script).arg(uri);
+            if let Some(r) = ro_uri {
+                cmd.arg(r);
+            }
+            match output(&mut cmd) {
+                Err(e) => report.add(target, "libnbd", what, Verdict::Fail(e)),
+                Ok(o) => {
+                    let out = text(&o);
+                    let mut rows = 0;
+                    for line in out.lines() {
+                        let (v, rest) = if let Some(r) = line.strip_prefix("ok ") {
+                            (Verdict::Pass, r)
+                        } else if let Some(r) = line.strip_prefix("FAIL ") {
+                            (Verdict::Fail(r.to_string()), r)
+                        } else {
+                            continue;
+                        };
+                        rows += 1;
+                        let (clause, what) = rest.split_once(": ").unwrap_or((rest, ""));
+                        let what = what.split(": ").next().unwrap_or(what);
+                        report.add(target, clause, &format!("nbdsh: {what}"), v);
+                    }
+                    if rows == 0 || (!o.status.success() && report.failed() == 0) {
+                        report.add(target, "libnbd", what, Verdict::Fail(out));
+                    }
+                }
+            }
+        }
+
+        qemu_checks(report, target, uri, &dir)?;
+        copy_checks(report, target, uri, &dir)?;
+    }
+
+    tls_checks(report, braid, work)?;
+    Ok(())
+}
+
+fn qemu_checks(report: &mut Report, target: &str, uri: &str, dir: &Path) -> Result<(), String> {
+    let (clause, what) = ("NBD_OPT_GO", "qemu-img info reports the size");
+    if need(report, &["qemu-img"], target, clause, what) {
+        let v = verdict(
+            Command::new("qemu-img").args(["info", "--output=json", uri]),
+            |o| contains_all(o, &["\"virtual-size\": 67108864"]),
+        );
+        report.add(target, clause, what, v);
+    }
+    let (clause, what) = (
+        "NBD_CMD_WRITE / READ / TRIM / WRITE_ZEROES / FLUSH",
+        "qemu-io pattern write, read, discard, write -z, flush",
+    );
+    if need(report, &["qemu-io"], target, clause, what) {
+        let v = verdict(
+            Command::new("qemu-io").args([
+                "-f",
+                "raw",
+                uri,
+                "-c",
+                "write -P 0x5c 32M 1M",
+                "-c",
+                "read -P 0x5c 32M 1M",
+                "-c",
+                "discard 32M 256k",
+                "-c",
+                "read -P 0 32M 256k",
+                "-c",
+                "write -z 33M 4k",
+                "-c",
+                "read -P 0 33M 4k",
+                "-c",
+                "read -P 0x5c 33816576 512k",
+                "-c",
+                "flush",
+            ]),
+            |o| {
+                if o.contains("Pattern verification failed") || o.contains("failed:") {
+                    Err("pattern mismatch".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        report.add(target, clause, what, v);
+    }
+    // As large as the export, so compare sees no size mismatch and every
+    // byte other checks wrote is overwritten.
+    let src = dir.join("src.img");
+    fs::write(&src, pattern(64 << 20, 0x5eed)).map_err(|e| e.to_string())?;
+    let (clause, what) = (
+        "NBD_CMD_WRITE / NBD_CMD_READ / NBD_CMD_BLOCK_STATUS",
+        "qemu-img convert in and out, qemu-img compare",
+    );
+    if need(report, &["qemu-img"], target, clause, what) {
+        let src_s = src.display().to_string();
+        let out = dir.join("qemu-out.img");
+        let out_s = out.display().to_string();
+        let steps: [&[&str]; 3] = [
+            &["convert", "-n", "-f", "raw", "-O", "raw", &src_s, uri],
+            &["compare", "-f", "raw", "-F", "raw", &src_s, uri],
+            &["convert", "-f", "raw", "-O", "raw", uri, &out_s],
+        ];
+        let mut v = Verdict::Pass;
+        for step in steps {
+            if let Verdict::Fail(e) = verdict(Command::new("qemu-img").args(step), |_| Ok(())) {
+                v = Verdict::Fail(e);
+                break;
+            }
+        }
+        if v == Verdict::Pass {
+            v = same_prefix(&src, &out, 64 << 20);
+        }
+        report.add(target, clause, what, v);
+    }
+    Ok(())
+}
+
+/// Passes if `copy` starts with `src` and has `size` bytes.
+fn same_prefix(src: &Path, copy: &Path, size: u64) -> Verdict {
+    let (a, b) = match (fs::read(src), fs::read(copy)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return Verdict::Fail(e.to_string()),
+    };
+    if b.len() as u64 != size {
+        return Verdict::Fail(format!("copy is {} bytes, want {size}", b.len()));
+    }
+    if b[..a.len()] != a[..] {
+        return Verdict::Fail("copy differs from the source".into());
+    }
+    Verdict::Pass
+}
+
+fn copy_checks(report: &mut Report, target: &str, uri: &str, dir: &Path) -> Result<(), String> {
+    let src = dir.join("src.img");
+    let (clause, what) = (
+        "NBD_CMD_WRITE / READ / BLOCK_STATUS, multi-conn",
+        "nbdcopy file to export and back, byte for byte",
+    );
+    if need(report, &["nbdcopy"], target, clause, what) {
+        let back = dir.join("nbdcopy-back.img");
+        let _ = fs::remove_file(&back);
+        let mut v = verdict(Command::new("nbdcopy").arg(&src).arg(uri), |_| Ok(()));
+        if v == Verdict::Pass {
+            v = verdict(Command::new("nbdcopy").arg(uri).arg(&back), |_| Ok(()));
+        }
+        if v == Verdict::Pass {
+            v = same_prefix(&src, &back, 64 << 20);
+        }
+        report.add(target, clause, what, v);
+    }
+    let (clause, what) = (
+        "Ordering of messages and writes",
+        "fio nbd engine: random writes at QD16, every block verified",
+    );
+    if need(report, &["fio"], target, clause, what) {
+        let v = verdict(
+            Command::new("fio").args([
+                "--name=conformance",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=16m",
+                "--offset=40m",
+                "--iodepth=16",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--output-format=terse",
+            ]),
+            |o| {
+                if o.contains("verify:") || o.contains("bad magic") {
+                    Err("fio reported a verification failure".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        report.add(target, clause, what, v);
+    }
+    Ok(())
+}
+
+fn tls_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), String> {
+    let target = "serve/tls";
+    let (clause, what) = (
+        "TLS: FORCEDTLS mode, NBD_OPT_STARTTLS",
+        "nbdinfo over nbds:// works; plain nbd:// is refused",
+    );
+    if !need(report, &["nbdinfo"], target, clause, what) {
+        return Ok(());
+    }
+    let dir = work.join("tls");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let nbd_port = free_port();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let _server = spawn(
+        braid,
+        &s(&[
+            "serve",
+            "--tls",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--export",
+            &format!("disk0={},size=64M", dir.join("disk0.img").display()),
+            "--nbd",
+            &format!("127.0.0.1:{nbd_port}"),
+        ]),
+        &dir.join("serve.log"),
+        "braid serve --tls",
+    )?;
+    wait_for(&dir.join("tls-cert.pem"), "braid serve --tls")?;
+    // libnbd (GnuTLS) wants a directory holding ca-cert.pem: the server's
+    // self-signed certificate is its own CA.
+    let certs = dir.join("client-certs");
+    fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
+    fs::copy(dir.join("tls-cert.pem"), certs.join("ca-cert.pem")).map_err(|e| e.to_string())?;
+    // The NBD listener comes up just after the certificate is written.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_err() {
+        if Instant::now() > deadline {
+            return Err("braid serve --tls: NBD port never opened".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tls_uri = format!(
+        "nbds://localhost:{nbd_port}/disk0?tls-certificates={}",
+        certs.display()
+    );
+    let mut v = verdict(Command::new("nbdinfo").args(["--json", &tls_uri]), |o| {
+        contains_all(o, &["\"TLS\": true", "\"export-size\": 67108864"])
+    });
+    if v == Verdict::Pass {
+        let plain =
+            output(Command::new("nbdinfo").arg(format!("nbd://localhost:{nbd_port}/disk0")))?;
+        if plain.status.success() {
+            v = Verdict::Fail("a plain-text client got in to a TLS-only server".into());
+        }
+    }
+    report.add(target, clause, what, v);
+    Ok(())
+}
+
+fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Result<(), String> {
+    let target = "vm/kernel";
+    let vmlab = root.join("../shared/tools/vmlab");
+    let (clause, what) = (
+        "kernel nbd-client",
+        "mkfs.ext4, mount, write, fsck: via serve --nbd (TCP) and via attach (unix) across a server kill -9",
+    );
+    if !vmlab.exists() {
+        let v = if in_ci() {
+            Verdict::Fail(format!("{} not found", vmlab.display()))
+        } else {
+            Verdict::Skip(format!("{} not found", vmlab.display()))
+        };
+        report.add(target, clause, what, v);
+        return Ok(());
+    }
+    let dir = work.join("vm");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let script = root.join("xtask/conformance/kernel_nbd.sh");
+    eprintln!("==> booting the VM for the kernel nbd-client checks (about a minute under TCG)");
+    let o = output(
+        Command::new(&vmlab)
+            .arg("run")
+            .arg(root)
+            .arg("bash")
+            .arg(&script)
+            .arg(braid)
+            .arg(&dir)
+            .env("VMLAB_TIMEOUT", "900"),
+    )?;
+    let out = text(&o);
+    let mut rows = 0;
+    for line in out.lines() {
+        if let Some(r) = line.strip_prefix("ok ") {
+            rows += 1;
+            report.add(target, "kernel nbd-client", r, Verdict::Pass);
+        } else if let Some(r) = line.strip_prefix("FAIL ") {
+            rows += 1;
+            report.add(target, "kernel nbd-client", r, Verdict::Fail(String::new()));
+        }
+    }
+    if !o.status.success() || rows == 0 {
+        report.add(
+            target,
+            clause,
+            what,
+            Verdict::Fail(format!("vmlab exited {}:\n{}", o.status, tail(&out, 60))),
+        );
+    }
+    Ok(())
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The braid binary `cargo xtask conformance` tests.
+pub(crate) fn braid_binary(root: &Path) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    dir.join("release").join("braid")
+}
