@@ -54,7 +54,9 @@ pub(crate) fn transmission_flags(e: &NbdExport, structured: bool, fast_zero: boo
         // condition for CAN_MULTI_CONN.
         | TFLAG_CAN_MULTI_CONN;
     if e.read_only {
-        f |= TFLAG_READ_ONLY;
+        // Nothing that writes is offered (and all of it is refused with
+        // EPERM if sent anyway).
+        f = (f | TFLAG_READ_ONLY) & !(TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES);
     }
     // "The server MUST set SEND_DF if READ supports DF, and MUST leave it
     // clear if structured replies have not been negotiated." Every read is
@@ -62,7 +64,7 @@ pub(crate) fn transmission_flags(e: &NbdExport, structured: bool, fast_zero: boo
     if structured {
         f |= TFLAG_SEND_DF;
     }
-    if fast_zero {
+    if fast_zero && !e.read_only {
         f |= TFLAG_SEND_FAST_ZERO;
     }
     f

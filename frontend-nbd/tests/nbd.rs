@@ -240,3 +240,89 @@ async fn block_size_constraints_are_advertised_and_enforced() {
     request(&mut s, 0, 0, 5, 512, 512, &[]).await;
     assert_eq!(reply(&mut s, 512).await, (5, 0, vec![0; 512]));
 }
+
+/// EXPORT_NAME: the default (empty) name, the 124 zero bytes unless
+/// NO_ZEROES, and an unknown client flag closing the connection.
+#[tokio::test]
+async fn export_name_and_client_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path()).await;
+    for (client_flags, zeroes) in [(1u32, 124usize), (3, 0)] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut greeting = [0u8; 18];
+        s.read_exact(&mut greeting).await.unwrap();
+        s.write_u32(client_flags).await.unwrap();
+        option(&mut s, 1, b"").await; // the default export
+        assert_eq!(s.read_u64().await.unwrap(), SIZE, "disk0 is the default");
+        let flags = s.read_u16().await.unwrap();
+        assert_eq!(flags & 3, 1, "has flags, writable");
+        let mut pad = vec![0u8; zeroes];
+        s.read_exact(&mut pad).await.unwrap();
+        assert!(pad.iter().all(|b| *b == 0));
+        // The very next bytes are a reply to our first request.
+        request(&mut s, 0, 0, 9, 0, 512, &[]).await;
+        assert_eq!(reply(&mut s, 512).await.0, 9);
+    }
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut greeting = [0u8; 18];
+    s.read_exact(&mut greeting).await.unwrap();
+    s.write_u32(1 << 7).await.unwrap();
+    assert_eq!(
+        s.read(&mut [0u8; 1]).await.unwrap_or(0),
+        0,
+        "unknown flag: closed"
+    );
+}
+
+/// On shutdown the server stops taking requests, answers everything in
+/// flight, then closes (the spec's SHOULD; braid serve does this on SIGTERM).
+#[tokio::test]
+async fn shutdown_answers_in_flight_requests_before_closing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, exports) = exports(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(braid_frontend_nbd::serve(
+        listener.into(),
+        braid_frontend_nbd::NbdConfig::new(exports),
+        std::sync::Arc::new(braid_frontend_nbd::BackendTarget(backend)),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    for h in 0..32u64 {
+        request(&mut s, 1, 1, h, h * 65536, 65536, &vec![h as u8; 65536]).await;
+    }
+    // Let the server read them all before asking it to stop.
+    request(&mut s, 3, 0, 99, 0, 0, &[]).await;
+    let mut seen = 0;
+    let mut flushed = false;
+    while !flushed {
+        let (h, e, _) = reply(&mut s, 0).await;
+        assert_eq!(e, 0);
+        flushed = h == 99;
+        seen += 1;
+    }
+    for h in 100..108u64 {
+        request(&mut s, 1, 1, h, h * 65536, 65536, &vec![1; 65536]).await;
+    }
+    tokio::task::yield_now().await;
+    stop.send(()).unwrap();
+    // Whatever the server took in is answered; then the connection closes.
+    loop {
+        let mut magic = [0u8; 4];
+        match s.read_exact(&mut magic).await {
+            Ok(_) => {
+                let mut rest = [0u8; 12];
+                s.read_exact(&mut rest).await.unwrap();
+                assert_eq!(&rest[..4], &[0, 0, 0, 0], "no error");
+                seen += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(seen >= 33, "all requests before the flush were answered");
+    server.await.unwrap().unwrap();
+}

@@ -12,8 +12,9 @@ usage: cargo xtask <command>
 
 commands:
   ci        everything CI checks: format, lints, build of every crate and
-            target, and the whole test suite (release mode, since the
-            simulation sweeps are CPU-bound)
+            target, the whole test suite (release mode, since the
+            simulation sweeps are CPU-bound), NBD conformance (host and
+            VM), a simulation sweep and a short soak
   test      the test suite only (cargo nextest if installed, else cargo test);
             extra arguments go to the test runner
   bench     criterion benchmarks of the codec and engines; extra arguments
@@ -108,6 +109,7 @@ fn ci() -> Result<(), String> {
     build.args(["build", "--workspace", "--all-targets", "--release"]);
     run("build every crate and target", build)?;
     test(&[])?;
+    conformance(&[])?;
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     sim(&args(&[
         "--seeds",
