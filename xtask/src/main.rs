@@ -2,6 +2,7 @@
 //! Standard library only, so it builds in seconds on a fresh machine.
 
 mod conformance;
+mod peers;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -18,7 +19,10 @@ commands:
   test      the test suite only (cargo nextest if installed, else cargo test);
             extra arguments go to the test runner
   bench     criterion benchmarks of the codec and engines; extra arguments
-            go to criterion (e.g. `cargo xtask bench -- round`)
+            go to criterion (e.g. `cargo xtask bench -- round`).
+            `cargo xtask bench --peers [--runtime S] [--only braid,nbdkit]
+            [--transport tcp|unix|both]`: braid's NBD face against nbdkit,
+            qemu-nbd and nbd-server with ../shared/tools/peerbench (fio)
   sim       seeded simulation sweeps with invariant checks; arguments go
             to the runner (`cargo xtask sim --help`)
   conformance
@@ -171,6 +175,13 @@ fn soak(extra: &[String]) -> Result<(), String> {
 }
 
 fn bench(extra: &[String]) -> Result<(), String> {
+    if extra.iter().any(|a| a == "--peers") {
+        let mut build = cargo();
+        build.args(["build", "--release", "--package", "braid"]);
+        run("build braid", build)?;
+        let root = root();
+        return peers::run(extra, &root, &conformance::braid_binary(&root));
+    }
     let mut cmd = cargo();
     cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);
     cmd.args(extra);
