@@ -36,6 +36,20 @@ pub struct ExportFile {
     /// Set once RWF_NOWAIT proved unsupported for reads / writes here.
     no_nowait_read: AtomicBool,
     no_nowait_write: AtomicBool,
+    /// On tmpfs or ramfs: the page cache is the medium, so no IO ever waits
+    /// for a device. These filesystems refuse RWF_NOWAIT (EOPNOTSUPP), yet
+    /// every read and write of theirs can run inline.
+    memory_backed: bool,
+}
+
+/// Whether `file` lives on a filesystem with no device under it.
+fn on_memory_filesystem(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6u32 as libc::c_long;
+    // SAFETY: fstatfs writes into the zeroed struct we own; the fd is open.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    r == 0 && matches!(st.f_type as libc::c_long, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 /// Alignment O_DIRECT needs on every device we meet (logical block sizes
@@ -80,6 +94,7 @@ impl ExportFile {
                 size = want;
             }
         }
+        let memory_backed = !is_block_device && on_memory_filesystem(&file);
         Ok(ExportFile {
             file,
             path,
@@ -90,6 +105,7 @@ impl ExportFile {
             direct: opts.direct,
             no_nowait_read: AtomicBool::new(false),
             no_nowait_write: AtomicBool::new(false),
+            memory_backed,
         })
     }
 
@@ -208,11 +224,18 @@ impl ExportFile {
         let len = match op {
             BackendOp::Read { len, .. } => *len,
             BackendOp::Write { data, .. } => data.len() as u32,
+            // Nothing on tmpfs waits for a device: FLUSH, TRIM and zeroing
+            // are page-cache operations.
+            _ if self.memory_backed => 0,
             _ => return None,
         };
         if self.direct || len > INLINE_MAX {
             return None;
         }
+        if self.memory_backed {
+            return Some(self.execute(op));
+        }
+
         let (result, unsupported_flag) = match op {
             BackendOp::Read { offset, len } if !self.no_nowait_read.load(Ordering::Relaxed) => {
                 let mut buf = vec![0u8; *len as usize];
@@ -589,6 +612,50 @@ mod tests {
         })
         .unwrap();
         assert!(f.allocation(0, 1 << 20).unwrap().iter().all(|e| e.hole));
+    }
+
+    #[test]
+    fn on_tmpfs_every_small_operation_runs_inline() {
+        let dir = std::path::Path::new("/dev/shm");
+        let probe = tempfile::tempdir_in(dir);
+        let Ok(probe) = probe else {
+            eprintln!("skipping: no /dev/shm");
+            return;
+        };
+        let path = probe.path().join("disk");
+        let f = ExportFile::open(
+            &path,
+            &OpenOptions {
+                create_size: Some(1 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        if !on_memory_filesystem(&f.file) {
+            eprintln!("skipping: /dev/shm is not tmpfs here");
+            return;
+        }
+        let write = BackendOp::Write {
+            offset: 4096,
+            data: Bytes::from(vec![9u8; 4096]),
+            fua: true,
+        };
+        assert!(f.try_execute_now(&write).unwrap().is_ok());
+        let read = BackendOp::Read {
+            offset: 4096,
+            len: 4096,
+        };
+        assert_eq!(
+            &f.try_execute_now(&read).unwrap().unwrap()[..],
+            &[9u8; 4096][..]
+        );
+        assert!(f.try_execute_now(&BackendOp::Flush).unwrap().is_ok());
+        // Large copies still leave the caller's loop free.
+        let big = BackendOp::Read {
+            offset: 0,
+            len: 1 << 20,
+        };
+        assert!(f.try_execute_now(&big).is_none());
     }
 
     #[test]

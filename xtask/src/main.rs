@@ -177,7 +177,7 @@ fn soak(extra: &[String]) -> Result<(), String> {
 fn bench(extra: &[String]) -> Result<(), String> {
     if extra.iter().any(|a| a == "--peers") {
         let mut build = cargo();
-        build.args(["build", "--release", "--package", "braid"]);
+        build.args(["build", "--workspace", "--all-targets", "--release"]);
         run("build braid", build)?;
         let root = root();
         return peers::run(extra, &root, &conformance::braid_binary(&root));

@@ -14,11 +14,34 @@ const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--only S
 
 const SERVERS: [&str; 4] = ["braid", "nbdkit", "qemu-nbd", "nbd-server"];
 
-struct Killed(Child);
+/// A server under test, stopped when dropped: our child, or (nbd-server,
+/// which serves more than one client only as a daemon) a pid from its
+/// pid file.
+enum Killed {
+    Child(Child),
+    Daemon(u32),
+}
+
+impl Killed {
+    fn pid(&self) -> u32 {
+        match self {
+            Killed::Child(c) => c.id(),
+            Killed::Daemon(pid) => *pid,
+        }
+    }
+}
+
 impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        match self {
+            Killed::Child(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Killed::Daemon(pid) => {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
     }
 }
 
@@ -97,7 +120,7 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
             )
             .map_err(|e| e.to_string())?;
             let mut c = Command::new("nbd-server");
-            c.args(["-d", "-C"]).arg(&conf);
+            c.arg("-C").arg(&conf).arg("-p").arg(sdir.join("pid"));
             c
         }
         other => return Err(format!("unknown server {other}")),
@@ -114,7 +137,26 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         .map_err(|e| {
             format!("{server}: {e} (install peers with ../shared/tools/peerbench --install-only)")
         })?;
-    let killed = Killed(child);
+    let killed = if server == "nbd-server" {
+        // It forks into the background; the pid file names the daemon.
+        let mut child = child;
+        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = fs::read_to_string(sdir.join("pid"))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break Killed::Daemon(pid);
+            }
+            if Instant::now() > deadline {
+                return Err("nbd-server wrote no pid file".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    } else {
+        Killed::Child(child)
+    };
     // Ready when an NBD client gets through the handshake.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -208,7 +250,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             let (daemon, uri) = start(server, unix, &dir, braid)?;
             let out = Command::new(&peerbench)
                 .args(["--runtime", &runtime, "--jobs", "4", "--server-pid"])
-                .arg(daemon.0.id().to_string())
+                .arg(daemon.pid().to_string())
                 .arg(&uri)
                 .stderr(Stdio::inherit())
                 .output()
