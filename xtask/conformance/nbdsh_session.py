@@ -1,5 +1,6 @@
-# One scripted libnbd session per export URI, run by `cargo xtask
-# conformance` as: /usr/bin/python3 nbdsh_session.py URI [RO_URI]
+# One scripted nbdsh session per export URI, run by `cargo xtask
+# conformance` inside nbdsh (with sys.argv = [script, URI, RO_URI?]); plain
+# `/usr/bin/python3 nbdsh_session.py URI [RO_URI]` runs it the same way.
 #
 # Every check prints "ok <clause>: <what>" or "FAIL <clause>: <what>: <why>"
 # and the script exits 1 if any failed. Clauses name sections of the NBD

@@ -314,11 +314,19 @@ fn host_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> R
             "libnbd",
             what,
         ) {
-            let mut cmd = Command::new("/usr/bin/python3");
-            cmd.arg(&script).arg(uri);
+            // nbdsh runs the script; it runs `python3` from PATH, which must
+            // be the system one that has libnbd's module (not a pyenv shim).
+            let mut argv = format!("['nbdsh_session.py', {uri:?}");
             if let Some(r) = ro_uri {
-                cmd.arg(r);
+                argv.push_str(&format!(", {r:?}"));
             }
+            let code = format!(
+                "import sys; sys.argv = {argv}]; exec(compile(open({:?}).read(), 'nbdsh_session.py', 'exec'))",
+                script.display().to_string()
+            );
+            let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+            let mut cmd = Command::new("nbdsh");
+            cmd.env("PATH", path).args(["-c", &code]);
             match output(&mut cmd) {
                 Err(e) => report.add(target, "libnbd", what, Verdict::Fail(e)),
                 Ok(o) => {

@@ -110,7 +110,8 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         "nbd-server" => {
             let conf = sdir.join("nbd-server.conf");
             let listen = if unix {
-                format!("unixsock = {addr}\nport = 0\n")
+                // port = 0 would mean inetd mode: give it an unused one.
+                format!("unixsock = {addr}\nlistenaddr = 127.0.0.1\nport = {port}\n")
             } else {
                 format!("listenaddr = 127.0.0.1\nport = {port}\n")
             };
