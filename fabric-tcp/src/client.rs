@@ -206,7 +206,16 @@ impl Driver {
             }
             let deadline = self.clock.deadline(self.engine.poll_timeout());
             let accepting = self.held.len() < HELD_MAX;
+            // Biased, in a fixed order, so a seed replays exactly under the
+            // simulator (an unbiased select draws from tokio's own RNG):
+            // timers first, then what the network and connection tasks
+            // said, then new IO. Nothing starves: timers fire only when
+            // due, and completions only arrive for IO already submitted.
             tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(self.clock.now()),
+                Some(ev) = ev_rx.recv() => self.event(ev),
+                Some(ev) = conn_rx.recv() => self.conn_event(ev),
                 cmd = cmds.recv(), if accepting => match cmd {
                     Some(Cmd::Io(io, reply)) => self.submit(io, reply),
                     Some(Cmd::Close(done)) => {
@@ -218,9 +227,6 @@ impl Driver {
                         closing = Some(oneshot::channel().0);
                     }
                 },
-                Some(ev) = conn_rx.recv() => self.conn_event(ev),
-                Some(ev) = ev_rx.recv() => self.event(ev),
-                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(self.clock.now()),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 self.conn_event(ev);

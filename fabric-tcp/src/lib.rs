@@ -7,6 +7,10 @@
 //! protocol behaviour: that is all in `braid-core`.
 
 #![deny(missing_docs)]
+// Under madsim, spawn_blocking runs the closure as a simulated task (the
+// simulated disk never blocks); madsim marks it deprecated to warn users
+// whose closures really would block.
+#![cfg_attr(madsim, allow(deprecated))]
 
 mod clock;
 mod conn;

@@ -86,7 +86,14 @@ impl Server {
         tokio::pin!(shutdown);
         loop {
             let deadline = clock.deadline(engine.poll_timeout());
+            // Biased, in a fixed order, so a seed replays exactly under the
+            // simulator: timers (only when due), new connections (rare,
+            // and never kept waiting behind a busy client), shutdown,
+            // finished backend operations, then frames. Frames cannot
+            // starve: everything ahead of them is bounded by them.
             tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(deadline) => engine.handle_timeout(clock.now()),
                 accepted = listener.accept(), if !draining => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
@@ -128,13 +135,12 @@ impl Server {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
-                Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
-                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock),
-                _ = tokio::time::sleep_until(deadline) => engine.handle_timeout(clock.now()),
                 _ = &mut shutdown, if !draining => {
                     tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
                     draining = true;
                 }
+                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock),
+                Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 handle_conn(&mut engine, &mut writers, ev, &clock);

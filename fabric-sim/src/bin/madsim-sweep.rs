@@ -1,0 +1,233 @@
+//! Seeded sweeps of the madsim world: `cargo xtask sim --madsim [--seeds N
+//! | --seed S] [--scenario X] [--virtual-secs T] [--check-determinism]`.
+
+#[cfg(not(madsim))]
+fn main() {
+    eprintln!(
+        "madsim-sweep must be built with --cfg madsim: use `cargo xtask sim --madsim`, which sets \
+         RUSTFLAGS=\"--cfg madsim\" and CARGO_TARGET_DIR=target/madsim"
+    );
+    std::process::exit(2);
+}
+
+#[cfg(madsim)]
+fn main() {
+    std::process::exit(sweep::main());
+}
+
+#[cfg(madsim)]
+mod sweep {
+    use braid_fabric_sim::{run_sabotaged, Report, Sabotage, Scenario};
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    const USAGE: &str =
+        "usage: madsim-sweep [--seeds N [--first F] | --seed S] [--scenario NAME|all] \
+                         [--virtual-secs T] [--check-determinism] [--jobs J] \
+                         [--sabotage no-replay|no-dedup --expect-violation] [--list]";
+
+    fn die(msg: &str) -> ! {
+        eprintln!("{msg}\n{USAGE}");
+        std::process::exit(2)
+    }
+
+    pub(crate) fn main() -> i32 {
+        let mut seeds: Vec<u64> = Vec::new();
+        let (mut count, mut first) = (20u64, 1u64);
+        let mut scenarios: Vec<Scenario> = Scenario::ALL.to_vec();
+        let mut secs = 10u64;
+        let mut determinism = false;
+        let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut sabotage = None;
+        let mut expect_violation = false;
+        let mut args = std::env::args().skip(1);
+        let num = |v: Option<String>| -> u64 {
+            v.and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| die("expected a number"))
+        };
+        while let Some(a) = args.next() {
+            match a.as_str() {
+                "--seeds" => count = num(args.next()),
+                "--first" => first = num(args.next()),
+                "--seed" => seeds.push(num(args.next())),
+                "--virtual-secs" => secs = num(args.next()),
+                "--check-determinism" => determinism = true,
+                "--jobs" => jobs = num(args.next()).max(1) as usize,
+                "--expect-violation" => expect_violation = true,
+                "--sabotage" => {
+                    let name = args
+                        .next()
+                        .unwrap_or_else(|| die("--sabotage needs a name"));
+                    sabotage = Some(
+                        Sabotage::parse(&name)
+                            .unwrap_or_else(|| die(&format!("no sabotage {name:?}"))),
+                    );
+                }
+                "--scenario" => {
+                    let name = args
+                        .next()
+                        .unwrap_or_else(|| die("--scenario needs a name"));
+                    if name != "all" {
+                        scenarios = vec![Scenario::parse(&name)
+                            .unwrap_or_else(|| die(&format!("no scenario {name:?}")))];
+                    }
+                }
+                "--list" => {
+                    for s in Scenario::ALL {
+                        println!("{}", s.name());
+                    }
+                    return 0;
+                }
+                _ => die(&format!("unknown argument {a:?}")),
+            }
+        }
+        if seeds.is_empty() {
+            seeds = (first..first + count).collect();
+        }
+        // A panicking run is reported with its seed in the summary; the
+        // default hook's backtrace per run would bury it.
+        std::panic::set_hook(Box::new(|_| {}));
+        let runs: Vec<(Scenario, u64)> = seeds
+            .iter()
+            .flat_map(|s| scenarios.iter().map(move |sc| (*sc, *s)))
+            .collect();
+        println!(
+            "madsim sweep: {} runs ({} seeds x {} scenarios) x {secs} virtual s, real fabric-tcp drivers{}",
+            runs.len(),
+            seeds.len(),
+            scenarios.len(),
+            if determinism { ", each run twice" } else { "" }
+        );
+        let started = Instant::now();
+        let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
+        let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut longest = Duration::ZERO;
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Report, Vec<String>)>();
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                let (tx, next, runs) = (tx.clone(), &next, &runs);
+                scope.spawn(move || loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(scenario, seed)) = runs.get(i) else {
+                        break;
+                    };
+                    let report = catch(scenario, seed, secs, sabotage);
+                    let mut problems = report.violations.clone();
+                    if determinism && problems.is_empty() {
+                        let again = catch(scenario, seed, secs, sabotage);
+                        if (again.trace_hash, again.ios) != (report.trace_hash, report.ios) {
+                            problems.push(format!(
+                                "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs",
+                                report.trace_hash, report.ios, again.trace_hash, again.ios
+                            ));
+                        }
+                    }
+                    if tx.send((i, report, problems)).is_err() {
+                        break;
+                    }
+                });
+            }
+            drop(tx);
+            for (done, (i, report, problems)) in rx.iter().enumerate() {
+                totals.0 += report.ios;
+                totals.1 += report.resends;
+                totals.2 += report.failovers;
+                totals.3 += report.duplicates_dropped;
+                totals.4 += report.session_resets;
+                totals.5 += report.replayed_extents;
+                longest = longest.max(report.longest_io);
+                for (k, v) in &report.faults {
+                    *faults.entry(k).or_insert(0) += v;
+                }
+                if !problems.is_empty() {
+                    failures.push((i, report, problems));
+                }
+                let done = done + 1;
+                let width = 30;
+                let filled = done * width / runs.len();
+                print!(
+                    "\r[{}{}] {done}/{} runs, {} violations, {:.0}s",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    runs.len(),
+                    failures.len(),
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = std::io::stdout().flush();
+            }
+        });
+        failures.sort_by_key(|f| f.0);
+        println!();
+        let wall = started.elapsed().as_secs_f64();
+        let virtual_total = runs.len() as f64 * secs as f64 * if determinism { 2.0 } else { 1.0 };
+        println!("IOs checked              {}", totals.0);
+        for (k, v) in &faults {
+            println!("fault: {k:<19} {v}");
+        }
+        println!("requests resent          {}", totals.1);
+        println!("requests failed over     {}", totals.2);
+        println!("duplicates dropped       {}", totals.3);
+        println!("sessions replaced        {}", totals.4);
+        println!("extents replayed         {}", totals.5);
+        println!("slowest IO               {longest:?} (virtual)");
+        println!(
+            "speed                    {:.1} simulated s per wall s, {:.0} runs/min",
+            virtual_total / wall,
+            runs.len() as f64 * 60.0 / wall
+        );
+        println!("violations               {}", failures.len());
+        for (_, r, problems) in &failures {
+            println!("\nFAILED scenario {} seed {}:", r.scenario.name(), r.seed);
+            for p in problems.iter().take(if expect_violation { 2 } else { 5 }) {
+                println!("  {p}");
+            }
+            println!(
+                "  replay: cargo xtask sim --madsim --scenario {} --seed {} --virtual-secs {secs}",
+                r.scenario.name(),
+                r.seed
+            );
+        }
+        if expect_violation {
+            // Teeth: with a safety mechanism off, the sweep must notice.
+            if failures.is_empty() {
+                println!("expected a violation with {sabotage:?} switched off, found none");
+                return 1;
+            }
+            println!("as expected, switching off {sabotage:?} was caught");
+            return 0;
+        }
+        i32::from(!failures.is_empty())
+    }
+
+    /// A run that panics (a deadlock hitting the time limit, a driver
+    /// bug) is a failed run, not a failed sweep.
+    fn catch(scenario: Scenario, seed: u64, secs: u64, sabotage: Option<Sabotage>) -> Report {
+        std::panic::catch_unwind(|| run_sabotaged(scenario, seed, secs, sabotage)).unwrap_or_else(
+            |e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Report {
+                    seed,
+                    scenario,
+                    ios: 0,
+                    media_errors: 0,
+                    violations: vec![format!("panicked: {msg}")],
+                    faults: BTreeMap::new(),
+                    resends: 0,
+                    failovers: 0,
+                    duplicates_dropped: 0,
+                    session_resets: 0,
+                    replayed_extents: 0,
+                    longest_io: Duration::ZERO,
+                    trace_hash: 0,
+                }
+            },
+        )
+    }
+}

@@ -1,0 +1,137 @@
+//! A checked workload on the client node: workers own disjoint block
+//! ranges, so each knows exactly what every read must return: the last
+//! write, trim or write-zeroes it saw acknowledged. braid promises that an
+//! acknowledged write survives server crashes and power loss (the client
+//! replays its unflushed window), so this holds through every fault.
+
+use braid_core::client::{IoErrorKind, IoRequest};
+use braid_core::rng::SplitMix64;
+use braid_fabric_tcp::Client;
+use bytes::Bytes;
+use std::time::Duration;
+
+pub(crate) const BLOCK: u64 = 4096;
+
+/// What a worker did and saw.
+#[derive(Default)]
+pub(crate) struct Outcome {
+    pub ios: u64,
+    /// Errors where none may happen.
+    pub violations: Vec<String>,
+    /// Errors expected from media faults.
+    pub media_errors: u64,
+    /// Longest time one IO took, in virtual time.
+    pub longest: Duration,
+    /// Folded over every completion: equal seeds give equal traces.
+    pub trace: u64,
+}
+
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x0100_0000_01b3).rotate_left(17)
+}
+
+/// Block content for (block, generation); generation 0 is zeroes.
+fn content(block: u64, generation: u64, blocks: u64) -> Vec<u8> {
+    if generation == 0 {
+        return vec![0; (blocks * BLOCK) as usize];
+    }
+    let mut v = Vec::with_capacity((blocks * BLOCK) as usize);
+    for b in block..block + blocks {
+        for _ in 0..BLOCK / 16 {
+            v.extend_from_slice(&b.to_le_bytes());
+            v.extend_from_slice(&generation.to_le_bytes());
+        }
+    }
+    v
+}
+
+/// One worker: `first..first + count` blocks are its own; `bad` blocks
+/// fail with media errors (and are never checked).
+pub(crate) async fn worker(
+    client: Client,
+    id: u64,
+    first: u64,
+    count: u64,
+    bad: Vec<u64>,
+    seed: u64,
+    until: tokio::time::Instant,
+) -> Outcome {
+    let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    // Generation per block; a block's generation names its content.
+    let mut model = vec![0u64; count as usize];
+    let mut next_generation = 1u64;
+    let mut out = Outcome::default();
+    let start = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < until {
+        let n = 1 + rng.below(4).min(count - 1);
+        let at = rng.below(count - n + 1);
+        let (offset, len) = ((first + at) * BLOCK, (n * BLOCK) as u32);
+        let touches_bad = (first + at..first + at + n).any(|b| bad.contains(&b));
+        let roll = rng.below(100);
+        let (io, effect) = match roll {
+            0..=39 => (IoRequest::read(offset, len), None),
+            40..=74 => {
+                let generation = next_generation;
+                next_generation += 1;
+                // A write's content is generation-stamped per block.
+                let mut data = Vec::with_capacity(len as usize);
+                for b in 0..n {
+                    data.extend(content(first + at + b, generation, 1));
+                }
+                let fua = rng.chance(0.2);
+                (
+                    IoRequest::write(offset, Bytes::from(data), fua),
+                    Some(generation),
+                )
+            }
+            75..=84 => (IoRequest::flush(), None),
+            85..=92 => (IoRequest::trim(offset, len), Some(0)),
+            _ => (
+                IoRequest::write_zeroes(offset, len, rng.chance(0.3)),
+                Some(0),
+            ),
+        };
+        let op = io.op;
+        let expect_error = touches_bad && !(75..=84).contains(&roll);
+        let began = tokio::time::Instant::now();
+        let result = client.io(io).await;
+        out.longest = out.longest.max(began.elapsed());
+        out.ios += 1;
+        let since = began.duration_since(start).as_nanos() as u64;
+        out.trace = mix(mix(out.trace, since), roll ^ (at << 8) ^ (n << 40));
+        match result {
+            Ok(data) => {
+                if expect_error {
+                    out.violations.push(format!(
+                        "worker {id}: {op:?} at {offset} touching a bad range succeeded"
+                    ));
+                }
+                if let Some(generation) = effect {
+                    for b in 0..n {
+                        model[(at + b) as usize] = generation;
+                    }
+                } else if roll < 40 && !touches_bad {
+                    for b in 0..n {
+                        let want = content(first + at + b, model[(at + b) as usize], 1);
+                        let got = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+                        if got != &want[..] {
+                            out.violations.push(format!(
+                                "worker {id}: block {} read back something other than generation {}",
+                                first + at + b,
+                                model[(at + b) as usize]
+                            ));
+                        }
+                    }
+                    out.trace = mix(out.trace, data.iter().map(|x| u64::from(*x)).sum());
+                }
+            }
+            // The disk checks the whole range before changing anything, so
+            // a failed mutation leaves the model as it was.
+            Err(e) if expect_error && e.kind == IoErrorKind::Media => out.media_errors += 1,
+            Err(e) => out
+                .violations
+                .push(format!("worker {id}: error surfaced: {e}")),
+        }
+    }
+    out
+}

@@ -1,0 +1,411 @@
+//! One simulated run: a server node and a client node on madsim, the real
+//! fabric-tcp drivers on both, a fault plan from the seed, and the checks.
+
+use crate::disk::SimDisk;
+use crate::workload::{worker, Outcome, BLOCK};
+use braid_core::auth::Key;
+use braid_core::client::ClientConfig;
+use braid_core::rng::SplitMix64;
+use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
+use braid_core::testkit::MemDisk;
+use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
+use madsim::net::NetSim;
+use madsim::runtime::{Handle, Runtime};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SIZE: u64 = 8 << 20;
+const WORKERS: u64 = 8;
+const PORT: u16 = 7410;
+const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+/// An IO slower than this is a liveness violation (braid's default IO
+/// timeout is infinite, so nothing else would notice).
+const STALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// What the fault plan may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// No faults: the baseline every fault run is compared with.
+    Steady,
+    /// Both directions between client and server cut, then restored.
+    Partitions,
+    /// Server process killed and restarted; its disk keeps the page cache.
+    ServerCrash,
+    /// Server killed with its disk's volatile cache lost, then restarted.
+    PowerLoss,
+    /// The server stops running (a long GC pause, a stuck disk), then goes on.
+    Stalls,
+    /// A few blocks fail every access with a media error.
+    DiskErrors,
+    /// Every fault above, mixed.
+    AllFaults,
+}
+
+impl Scenario {
+    /// Every scenario.
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Steady,
+        Scenario::Partitions,
+        Scenario::ServerCrash,
+        Scenario::PowerLoss,
+        Scenario::Stalls,
+        Scenario::DiskErrors,
+        Scenario::AllFaults,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Steady => "steady",
+            Scenario::Partitions => "partitions",
+            Scenario::ServerCrash => "server-crash",
+            Scenario::PowerLoss => "power-loss",
+            Scenario::Stalls => "stalls",
+            Scenario::DiskErrors => "disk-errors",
+            Scenario::AllFaults => "all-faults",
+        }
+    }
+
+    /// By name.
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// A safety mechanism switched off, to show the checks catch its absence
+/// (test-only; production has no such switch in its configuration files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    /// The client forgets unflushed writes instead of replaying them after
+    /// a server restart.
+    NoReplay,
+    /// The server executes a resent request again instead of answering it
+    /// from its session's record.
+    NoDedup,
+}
+
+impl Sabotage {
+    /// By name: `no-replay`, `no-dedup`.
+    pub fn parse(name: &str) -> Option<Sabotage> {
+        match name {
+            "no-replay" => Some(Sabotage::NoReplay),
+            "no-dedup" => Some(Sabotage::NoDedup),
+            _ => None,
+        }
+    }
+}
+
+/// What one seed did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The seed.
+    pub seed: u64,
+    /// The scenario.
+    pub scenario: Scenario,
+    /// IOs completed.
+    pub ios: u64,
+    /// Media errors surfaced where the disk had bad blocks (expected).
+    pub media_errors: u64,
+    /// Broken promises; empty on a good run.
+    pub violations: Vec<String>,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Requests resent after aging out.
+    pub resends: u64,
+    /// Requests moved off failed channels.
+    pub failovers: u64,
+    /// Duplicate answers dropped.
+    pub duplicates_dropped: u64,
+    /// Server sessions lost and replaced.
+    pub session_resets: u64,
+    /// Unflushed extents replayed after restarts.
+    pub replayed_extents: u64,
+    /// The slowest IO, in virtual time.
+    pub longest_io: Duration,
+    /// A digest of every completion and its virtual time: equal seeds give
+    /// equal hashes.
+    pub trace_hash: u64,
+}
+
+/// Runs `scenario` for `virtual_secs` of simulated time from `seed`.
+///
+/// Each run gets a thread of its own: std's `HashMap` seeds its hasher
+/// from per-thread keys drawn once, so a second run on the same thread
+/// would iterate maps in another order and stop being a replay.
+pub fn run(scenario: Scenario, seed: u64, virtual_secs: u64) -> Report {
+    run_sabotaged(scenario, seed, virtual_secs, None)
+}
+
+/// [`run`] with one safety mechanism switched off.
+pub fn run_sabotaged(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: u64,
+    sabotage: Option<Sabotage>,
+) -> Report {
+    let run = move || {
+        let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
+        // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
+        rt.set_time_limit(Duration::from_secs(virtual_secs + 300));
+        rt.block_on(simulate(scenario, seed, virtual_secs, sabotage))
+    };
+    match std::thread::spawn(run).join() {
+        Ok(report) => report,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn seed_bytes(seed: u64, salt: u64) -> [u8; 32] {
+    let mut rng = SplitMix64::new(seed ^ salt);
+    let mut out = [0u8; 32];
+    for chunk in out.chunks_mut(8) {
+        chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out
+}
+
+async fn simulate(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: u64,
+    sabotage: Option<Sabotage>,
+) -> Report {
+    let handle = Handle::current();
+    let mut rng = SplitMix64::new(seed ^ 0x5eed_fa17);
+    let mut disk = MemDisk::new(SIZE);
+    let mut bad = Vec::new();
+    if scenario == Scenario::DiskErrors {
+        for _ in 0..3 {
+            let b = rng.below(SIZE / BLOCK);
+            bad.push(b);
+            disk.bad_ranges.push((b * BLOCK, (b + 1) * BLOCK));
+        }
+    }
+    let disk = Arc::new(Mutex::new(disk));
+    let key = Key::new(seed_bytes(seed, 1).to_vec());
+
+    let boots = Arc::new(AtomicU64::new(0));
+    let server = {
+        let (disk, key, boots) = (disk.clone(), key.clone(), boots.clone());
+        handle
+            .create_node()
+            .name("server")
+            .ip(SERVER_IP)
+            .init(move || {
+                let (disk, key) = (disk.clone(), key.clone());
+                let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    let mut config = ServerConfig::new(
+                        seed.rotate_left(17) ^ boot,
+                        seed_bytes(seed, 2 + boot),
+                        vec![("sim".into(), key)],
+                        vec![ExportConfig::new("disk0", SIZE)],
+                    );
+                    config.sabotage_no_dedup = sabotage == Some(Sabotage::NoDedup);
+                    let listener = tokio::net::TcpListener::bind(SocketAddr::new(SERVER_IP, PORT))
+                        .await
+                        .expect("bind the simulated server");
+                    let _ = Server::run(
+                        listener,
+                        ServerSecurity::Plain,
+                        ServerEngine::new(config),
+                        Arc::new(SimDisk(disk)),
+                        std::future::pending(),
+                        |_| {},
+                    )
+                    .await;
+                }
+            })
+            .build()
+    };
+
+    let client_node = handle.create_node().name("client").ip(CLIENT_IP).build();
+    let work = {
+        let bad = bad.clone();
+        client_node.spawn(async move {
+            let mut config = ClientConfig::new("disk0", "sim", key, seed_bytes(seed, 0));
+            config.sabotage.no_replay = sabotage == Some(Sabotage::NoReplay);
+            let client = Client::connect(
+                SocketAddr::new(SERVER_IP, PORT).to_string(),
+                ClientSecurity::Plain,
+                config,
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let until = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
+            let per = SIZE / BLOCK / WORKERS;
+            let tasks: Vec<_> = (0..WORKERS)
+                .map(|w| {
+                    tokio::spawn(worker(
+                        client.clone(),
+                        w,
+                        w * per,
+                        per,
+                        bad.clone(),
+                        seed,
+                        until,
+                    ))
+                })
+                .collect();
+            let mut outcomes = Vec::new();
+            for t in tasks {
+                outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+            }
+            let status = client.status();
+            client.close().await;
+            Ok::<_, String>((outcomes, status))
+        })
+    };
+
+    let faults = inject(
+        scenario,
+        &mut rng,
+        &handle,
+        server.id(),
+        client_node.id(),
+        &disk,
+        virtual_secs,
+    )
+    .await;
+
+    let mut report = Report {
+        seed,
+        scenario,
+        ios: 0,
+        media_errors: 0,
+        violations: Vec::new(),
+        faults,
+        resends: 0,
+        failovers: 0,
+        duplicates_dropped: 0,
+        session_resets: 0,
+        replayed_extents: 0,
+        longest_io: Duration::ZERO,
+        trace_hash: 0,
+    };
+    match work.await {
+        Ok(Ok((outcomes, status))) => {
+            let mut hash = 0xcbf2_9ce4_8422_2325u64;
+            for o in outcomes {
+                let Outcome {
+                    ios,
+                    violations,
+                    media_errors,
+                    longest,
+                    trace,
+                } = o;
+                report.ios += ios;
+                report.media_errors += media_errors;
+                report.violations.extend(violations);
+                report.longest_io = report.longest_io.max(longest);
+                hash = (hash ^ trace).wrapping_mul(0x0100_0000_01b3);
+            }
+            let st = status.stats;
+            report.resends = st.resends;
+            report.failovers = st.failovers;
+            report.duplicates_dropped = st.duplicates_dropped;
+            report.session_resets = st.session_resets;
+            report.replayed_extents = st.replayed_extents;
+            report.trace_hash = hash ^ report.ios;
+            if report.longest_io > STALL_LIMIT {
+                report.violations.push(format!(
+                    "liveness: an IO took {:?} of virtual time",
+                    report.longest_io
+                ));
+            }
+            if report.ios == 0 {
+                report.violations.push("liveness: no IO completed".into());
+            }
+        }
+        Ok(Err(e)) => report.violations.push(format!("client: {e}")),
+        Err(e) => report.violations.push(format!("client node: {e}")),
+    }
+    report
+}
+
+/// Draws and applies faults until two seconds before the end (so the last
+/// one heals while the workload still runs); returns what it did.
+async fn inject(
+    scenario: Scenario,
+    rng: &mut SplitMix64,
+    handle: &Handle,
+    server: madsim::task::NodeId,
+    client: madsim::task::NodeId,
+    disk: &Arc<Mutex<MemDisk>>,
+    virtual_secs: u64,
+) -> BTreeMap<&'static str, u64> {
+    let mut faults = BTreeMap::new();
+    let net = NetSim::current();
+    let end = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
+    let quiet = Duration::from_secs(2);
+    let ms =
+        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
+    loop {
+        tokio::time::sleep(ms(rng, 300, 2000)).await;
+        if tokio::time::Instant::now() + quiet >= end {
+            break;
+        }
+        let kinds: &[&'static str] = match scenario {
+            Scenario::Steady | Scenario::DiskErrors => &[],
+            Scenario::Partitions => &["partition", "one-way loss"],
+            Scenario::ServerCrash => &["server crash + restart"],
+            Scenario::PowerLoss => &["power loss + restart"],
+            Scenario::Stalls => &["server stall"],
+            Scenario::AllFaults => &[
+                "partition",
+                "one-way loss",
+                "server crash + restart",
+                "power loss + restart",
+                "server stall",
+            ],
+        };
+        if kinds.is_empty() {
+            continue;
+        }
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        *faults.entry(kind).or_insert(0) += 1;
+        match kind {
+            "partition" => {
+                net.clog_link(client, server);
+                net.clog_link(server, client);
+                tokio::time::sleep(ms(rng, 200, 3000)).await;
+                net.unclog_link(client, server);
+                net.unclog_link(server, client);
+            }
+            "one-way loss" => {
+                // Either direction: requests held back on the way in can
+                // arrive after the client gave up on their channel.
+                let (from, to) = if rng.chance(0.5) {
+                    (server, client)
+                } else {
+                    (client, server)
+                };
+                net.clog_link(from, to);
+                tokio::time::sleep(ms(rng, 200, 2000)).await;
+                net.unclog_link(from, to);
+            }
+            "server crash + restart" => {
+                handle.kill(server);
+                tokio::time::sleep(ms(rng, 50, 1500)).await;
+                handle.restart(server);
+            }
+            "power loss + restart" => {
+                handle.kill(server);
+                disk.lock().unwrap().lose_power();
+                tokio::time::sleep(ms(rng, 50, 1500)).await;
+                handle.restart(server);
+            }
+            _ => {
+                handle.pause(server);
+                tokio::time::sleep(ms(rng, 100, 2500)).await;
+                handle.resume(server);
+            }
+        }
+    }
+    faults
+}
