@@ -20,6 +20,8 @@ pub(crate) struct Outcome {
     pub violations: Vec<String>,
     /// Errors expected from media faults.
     pub media_errors: u64,
+    /// NO_SPACE errors while the disk was full (expected then).
+    pub no_space_errors: u64,
     /// Longest time one IO took, in virtual time.
     pub longest: Duration,
     /// Folded over every completion: equal seeds give equal traces.
@@ -53,6 +55,7 @@ pub(crate) async fn worker(
     first: u64,
     count: u64,
     bad: Vec<u64>,
+    may_fill: bool,
     seed: u64,
     until: tokio::time::Instant,
 ) -> Outcome {
@@ -128,6 +131,11 @@ pub(crate) async fn worker(
             // The disk checks the whole range before changing anything, so
             // a failed mutation leaves the model as it was.
             Err(e) if expect_error && e.kind == IoErrorKind::Media => out.media_errors += 1,
+            // A full disk fails that one mutation and changes nothing; the
+            // error is the disk's, so it must reach the caller.
+            Err(e) if may_fill && effect.is_some() && e.kind == IoErrorKind::NoSpace => {
+                out.no_space_errors += 1
+            }
             Err(e) => out
                 .violations
                 .push(format!("worker {id}: error surfaced: {e}")),

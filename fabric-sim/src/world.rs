@@ -13,7 +13,7 @@ use madsim::net::NetSim;
 use madsim::runtime::{Handle, Runtime};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +21,6 @@ const SIZE: u64 = 8 << 20;
 const WORKERS: u64 = 8;
 const PORT: u16 = 7410;
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
-const CLIENT_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
 /// An IO slower than this is a liveness violation (braid's default IO
 /// timeout is infinite, so nothing else would notice).
 const STALL_LIMIT: Duration = Duration::from_secs(30);
@@ -41,20 +40,30 @@ pub enum Scenario {
     Stalls,
     /// A few blocks fail every access with a media error.
     DiskErrors,
+    /// The server's disk fills up for a while, then has room again.
+    DiskFull,
+    /// The client process stops (a stopped or starved daemon), then goes on.
+    ClientStall,
     /// Every fault above, mixed.
     AllFaults,
+    /// Three client nodes, two exports (two clients share one), every
+    /// fault mixed.
+    ManyClients,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Steady,
         Scenario::Partitions,
         Scenario::ServerCrash,
         Scenario::PowerLoss,
         Scenario::Stalls,
         Scenario::DiskErrors,
+        Scenario::DiskFull,
+        Scenario::ClientStall,
         Scenario::AllFaults,
+        Scenario::ManyClients,
     ];
 
     /// Its name on the command line.
@@ -66,7 +75,10 @@ impl Scenario {
             Scenario::PowerLoss => "power-loss",
             Scenario::Stalls => "stalls",
             Scenario::DiskErrors => "disk-errors",
+            Scenario::DiskFull => "disk-full",
+            Scenario::ClientStall => "client-stall",
             Scenario::AllFaults => "all-faults",
+            Scenario::ManyClients => "many-clients",
         }
     }
 
@@ -110,6 +122,8 @@ pub struct Report {
     pub ios: u64,
     /// Media errors surfaced where the disk had bad blocks (expected).
     pub media_errors: u64,
+    /// NO_SPACE errors surfaced while the disk was full (expected).
+    pub no_space_errors: u64,
     /// Broken promises; empty on a good run.
     pub violations: Vec<String>,
     /// Faults injected, by kind.
@@ -168,6 +182,39 @@ fn seed_bytes(seed: u64, salt: u64) -> [u8; 32] {
     out
 }
 
+/// One client node: which export it opens and which blocks its workers own.
+struct ClientSpec {
+    export: usize,
+    first_block: u64,
+    blocks: u64,
+}
+
+/// The layout of a scenario: exports, and client nodes over them.
+fn layout(scenario: Scenario) -> (usize, Vec<ClientSpec>) {
+    let blocks = SIZE / BLOCK;
+    if scenario == Scenario::ManyClients {
+        // Two clients share disk0 (halves of it), a third has disk1.
+        let half = blocks / 2;
+        let spec = |export, first_block, blocks| ClientSpec {
+            export,
+            first_block,
+            blocks,
+        };
+        return (
+            2,
+            vec![spec(0, 0, half), spec(0, half, half), spec(1, 0, blocks)],
+        );
+    }
+    (
+        1,
+        vec![ClientSpec {
+            export: 0,
+            first_block: 0,
+            blocks,
+        }],
+    )
+}
+
 async fn simulate(
     scenario: Scenario,
     seed: u64,
@@ -176,34 +223,45 @@ async fn simulate(
 ) -> Report {
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x5eed_fa17);
-    let mut disk = MemDisk::new(SIZE);
+    let (export_count, clients) = layout(scenario);
+    let mut disks: Vec<MemDisk> = (0..export_count).map(|_| MemDisk::new(SIZE)).collect();
+    // Bad blocks, as block numbers within export 0.
     let mut bad = Vec::new();
     if scenario == Scenario::DiskErrors {
         for _ in 0..3 {
             let b = rng.below(SIZE / BLOCK);
             bad.push(b);
-            disk.bad_ranges.push((b * BLOCK, (b + 1) * BLOCK));
+            disks[0].bad_ranges.push((b * BLOCK, (b + 1) * BLOCK));
         }
     }
-    let disk = Arc::new(Mutex::new(disk));
+    let disks: Vec<Arc<Mutex<MemDisk>>> =
+        disks.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
+    let full = Arc::new(AtomicBool::new(false));
+    let may_fill = matches!(
+        scenario,
+        Scenario::DiskFull | Scenario::AllFaults | Scenario::ManyClients
+    );
     let key = Key::new(seed_bytes(seed, 1).to_vec());
 
     let boots = Arc::new(AtomicU64::new(0));
     let server = {
-        let (disk, key, boots) = (disk.clone(), key.clone(), boots.clone());
+        let (disks, full, key, boots) = (disks.clone(), full.clone(), key.clone(), boots.clone());
         handle
             .create_node()
             .name("server")
             .ip(SERVER_IP)
             .init(move || {
-                let (disk, key) = (disk.clone(), key.clone());
+                let (disks, full, key) = (disks.clone(), full.clone(), key.clone());
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
+                    let exports = (0..disks.len())
+                        .map(|i| ExportConfig::new(format!("disk{i}"), SIZE))
+                        .collect();
                     let mut config = ServerConfig::new(
                         seed.rotate_left(17) ^ boot,
                         seed_bytes(seed, 2 + boot),
                         vec![("sim".into(), key)],
-                        vec![ExportConfig::new("disk0", SIZE)],
+                        exports,
                     );
                     config.sabotage_no_dedup = sabotage == Some(Sabotage::NoDedup);
                     let listener = tokio::net::TcpListener::bind(SocketAddr::new(SERVER_IP, PORT))
@@ -213,7 +271,7 @@ async fn simulate(
                         listener,
                         ServerSecurity::Plain,
                         ServerEngine::new(config),
-                        Arc::new(SimDisk(disk)),
+                        Arc::new(SimDisk { disks, full }),
                         std::future::pending(),
                         |_| {},
                     )
@@ -223,11 +281,30 @@ async fn simulate(
             .build()
     };
 
-    let client_node = handle.create_node().name("client").ip(CLIENT_IP).build();
-    let work = {
-        let bad = bad.clone();
-        client_node.spawn(async move {
-            let mut config = ClientConfig::new("disk0", "sim", key, seed_bytes(seed, 0));
+    let mut client_nodes = Vec::new();
+    let mut works = Vec::new();
+    let workers_each = WORKERS / clients.len() as u64;
+    for (c, spec) in clients.iter().enumerate() {
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2 + c as u8));
+        let node = handle
+            .create_node()
+            .name(format!("client{c}"))
+            .ip(ip)
+            .build();
+        let bad: Vec<u64> = if spec.export == 0 {
+            bad.clone()
+        } else {
+            Vec::new()
+        };
+        let (key, export, first, blocks) =
+            (key.clone(), spec.export, spec.first_block, spec.blocks);
+        works.push(node.spawn(async move {
+            let mut config = ClientConfig::new(
+                format!("disk{export}"),
+                "sim",
+                key,
+                seed_bytes(seed, 100 + c as u64),
+            );
             config.sabotage.no_replay = sabotage == Some(Sabotage::NoReplay);
             let client = Client::connect(
                 SocketAddr::new(SERVER_IP, PORT).to_string(),
@@ -238,15 +315,16 @@ async fn simulate(
             .await
             .map_err(|e| e.to_string())?;
             let until = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
-            let per = SIZE / BLOCK / WORKERS;
-            let tasks: Vec<_> = (0..WORKERS)
+            let per = blocks / workers_each;
+            let tasks: Vec<_> = (0..workers_each)
                 .map(|w| {
                     tokio::spawn(worker(
                         client.clone(),
-                        w,
-                        w * per,
+                        (c as u64) << 8 | w,
+                        first + w * per,
                         per,
                         bad.clone(),
+                        may_fill,
                         seed,
                         until,
                     ))
@@ -259,16 +337,19 @@ async fn simulate(
             let status = client.status();
             client.close().await;
             Ok::<_, String>((outcomes, status))
-        })
-    };
+        }));
+        client_nodes.push(node);
+    }
+    let client_ids: Vec<_> = client_nodes.iter().map(|n| n.id()).collect();
 
     let faults = inject(
         scenario,
         &mut rng,
         &handle,
         server.id(),
-        client_node.id(),
-        &disk,
+        &client_ids,
+        &disks,
+        &full,
         virtual_secs,
     )
     .await;
@@ -278,6 +359,7 @@ async fn simulate(
         scenario,
         ios: 0,
         media_errors: 0,
+        no_space_errors: 0,
         violations: Vec::new(),
         faults,
         resends: 0,
@@ -288,42 +370,46 @@ async fn simulate(
         longest_io: Duration::ZERO,
         trace_hash: 0,
     };
-    match work.await {
-        Ok(Ok((outcomes, status))) => {
-            let mut hash = 0xcbf2_9ce4_8422_2325u64;
-            for o in outcomes {
-                let Outcome {
-                    ios,
-                    violations,
-                    media_errors,
-                    longest,
-                    trace,
-                } = o;
-                report.ios += ios;
-                report.media_errors += media_errors;
-                report.violations.extend(violations);
-                report.longest_io = report.longest_io.max(longest);
-                hash = (hash ^ trace).wrapping_mul(0x0100_0000_01b3);
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for (c, work) in works.into_iter().enumerate() {
+        match work.await {
+            Ok(Ok((outcomes, status))) => {
+                for o in outcomes {
+                    let Outcome {
+                        ios,
+                        violations,
+                        media_errors,
+                        no_space_errors,
+                        longest,
+                        trace,
+                    } = o;
+                    report.ios += ios;
+                    report.media_errors += media_errors;
+                    report.no_space_errors += no_space_errors;
+                    report.violations.extend(violations);
+                    report.longest_io = report.longest_io.max(longest);
+                    hash = (hash ^ trace).wrapping_mul(0x0100_0000_01b3);
+                }
+                let st = status.stats;
+                report.resends += st.resends;
+                report.failovers += st.failovers;
+                report.duplicates_dropped += st.duplicates_dropped;
+                report.session_resets += st.session_resets;
+                report.replayed_extents += st.replayed_extents;
             }
-            let st = status.stats;
-            report.resends = st.resends;
-            report.failovers = st.failovers;
-            report.duplicates_dropped = st.duplicates_dropped;
-            report.session_resets = st.session_resets;
-            report.replayed_extents = st.replayed_extents;
-            report.trace_hash = hash ^ report.ios;
-            if report.longest_io > STALL_LIMIT {
-                report.violations.push(format!(
-                    "liveness: an IO took {:?} of virtual time",
-                    report.longest_io
-                ));
-            }
-            if report.ios == 0 {
-                report.violations.push("liveness: no IO completed".into());
-            }
+            Ok(Err(e)) => report.violations.push(format!("client {c}: {e}")),
+            Err(e) => report.violations.push(format!("client node {c}: {e}")),
         }
-        Ok(Err(e)) => report.violations.push(format!("client: {e}")),
-        Err(e) => report.violations.push(format!("client node: {e}")),
+    }
+    report.trace_hash = hash ^ report.ios;
+    if report.longest_io > STALL_LIMIT {
+        report.violations.push(format!(
+            "liveness: an IO took {:?} of virtual time",
+            report.longest_io
+        ));
+    }
+    if report.ios == 0 {
+        report.violations.push("liveness: no IO completed".into());
     }
     report
 }
@@ -335,8 +421,9 @@ async fn inject(
     rng: &mut SplitMix64,
     handle: &Handle,
     server: madsim::task::NodeId,
-    client: madsim::task::NodeId,
-    disk: &Arc<Mutex<MemDisk>>,
+    clients: &[madsim::task::NodeId],
+    disks: &[Arc<Mutex<MemDisk>>],
+    full: &AtomicBool,
     virtual_secs: u64,
 ) -> BTreeMap<&'static str, u64> {
     let mut faults = BTreeMap::new();
@@ -356,18 +443,24 @@ async fn inject(
             Scenario::ServerCrash => &["server crash + restart"],
             Scenario::PowerLoss => &["power loss + restart"],
             Scenario::Stalls => &["server stall"],
-            Scenario::AllFaults => &[
+            Scenario::DiskFull => &["disk full"],
+            Scenario::ClientStall => &["client stall"],
+            Scenario::AllFaults | Scenario::ManyClients => &[
                 "partition",
                 "one-way loss",
                 "server crash + restart",
                 "power loss + restart",
                 "server stall",
+                "disk full",
+                "client stall",
             ],
         };
         if kinds.is_empty() {
             continue;
         }
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        // Link faults and client stalls hit one client (of several).
+        let client = clients[rng.below(clients.len() as u64) as usize];
         *faults.entry(kind).or_insert(0) += 1;
         match kind {
             "partition" => {
@@ -396,9 +489,21 @@ async fn inject(
             }
             "power loss + restart" => {
                 handle.kill(server);
-                disk.lock().unwrap().lose_power();
+                for disk in disks {
+                    disk.lock().unwrap().lose_power();
+                }
                 tokio::time::sleep(ms(rng, 50, 1500)).await;
                 handle.restart(server);
+            }
+            "disk full" => {
+                full.store(true, Ordering::SeqCst);
+                tokio::time::sleep(ms(rng, 100, 1500)).await;
+                full.store(false, Ordering::SeqCst);
+            }
+            "client stall" => {
+                handle.pause(client);
+                tokio::time::sleep(ms(rng, 100, 2500)).await;
+                handle.resume(client);
             }
             _ => {
                 handle.pause(server);

@@ -102,6 +102,7 @@ mod sweep {
         let started = Instant::now();
         let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
         let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut expected_errors = (0u64, 0u64);
         let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut longest = Duration::ZERO;
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -133,6 +134,8 @@ mod sweep {
             drop(tx);
             for (done, (i, report, problems)) in rx.iter().enumerate() {
                 totals.0 += report.ios;
+                expected_errors.0 += report.media_errors;
+                expected_errors.1 += report.no_space_errors;
                 totals.1 += report.resends;
                 totals.2 += report.failovers;
                 totals.3 += report.duplicates_dropped;
@@ -167,6 +170,10 @@ mod sweep {
         for (k, v) in &faults {
             println!("fault: {k:<19} {v}");
         }
+        println!(
+            "expected errors          {} media (bad blocks), {} no space (disk full)",
+            expected_errors.0, expected_errors.1
+        );
         println!("requests resent          {}", totals.1);
         println!("requests failed over     {}", totals.2);
         println!("duplicates dropped       {}", totals.3);
@@ -217,6 +224,7 @@ mod sweep {
                     scenario,
                     ios: 0,
                     media_errors: 0,
+                    no_space_errors: 0,
                     violations: vec![format!("panicked: {msg}")],
                     faults: BTreeMap::new(),
                     resends: 0,
