@@ -47,18 +47,30 @@ fn content(block: u64, generation: u64, blocks: u64) -> Vec<u8> {
     v
 }
 
-/// One worker: `first..first + count` blocks are its own; `bad` blocks
-/// fail with media errors (and are never checked).
-pub(crate) async fn worker(
-    client: Client,
-    id: u64,
-    first: u64,
-    count: u64,
-    bad: Vec<u64>,
-    may_fill: bool,
-    seed: u64,
-    until: tokio::time::Instant,
-) -> Outcome {
+/// What one worker does: blocks `first..first + count` are its own; `bad`
+/// blocks fail with media errors (and are never checked); with `may_fill`
+/// the disk may be full for a while.
+pub(crate) struct Plan {
+    pub id: u64,
+    pub first: u64,
+    pub count: u64,
+    pub bad: Vec<u64>,
+    pub may_fill: bool,
+    pub seed: u64,
+    pub until: tokio::time::Instant,
+}
+
+/// Runs one worker's plan to its end.
+pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
+    let Plan {
+        id,
+        first,
+        count,
+        bad,
+        may_fill,
+        seed,
+        until,
+    } = plan;
     let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     // Generation per block; a block's generation names its content.
     let mut model = vec![0u64; count as usize];

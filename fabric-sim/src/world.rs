@@ -2,7 +2,7 @@
 //! fabric-tcp drivers on both, a fault plan from the seed, and the checks.
 
 use crate::disk::SimDisk;
-use crate::workload::{worker, Outcome, BLOCK};
+use crate::workload::{worker, Outcome, Plan, BLOCK};
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
@@ -318,16 +318,16 @@ async fn simulate(
             let per = blocks / workers_each;
             let tasks: Vec<_> = (0..workers_each)
                 .map(|w| {
-                    tokio::spawn(worker(
-                        client.clone(),
-                        (c as u64) << 8 | w,
-                        first + w * per,
-                        per,
-                        bad.clone(),
+                    let plan = Plan {
+                        id: (c as u64) << 8 | w,
+                        first: first + w * per,
+                        count: per,
+                        bad: bad.clone(),
                         may_fill,
                         seed,
                         until,
-                    ))
+                    };
+                    tokio::spawn(worker(client.clone(), plan))
                 })
                 .collect();
             let mut outcomes = Vec::new();
@@ -342,17 +342,14 @@ async fn simulate(
     }
     let client_ids: Vec<_> = client_nodes.iter().map(|n| n.id()).collect();
 
-    let faults = inject(
-        scenario,
-        &mut rng,
-        &handle,
-        server.id(),
-        &client_ids,
-        &disks,
-        &full,
-        virtual_secs,
-    )
-    .await;
+    let targets = Targets {
+        handle: &handle,
+        server: server.id(),
+        clients: &client_ids,
+        disks: &disks,
+        full: &full,
+    };
+    let faults = inject(scenario, &mut rng, &targets, virtual_secs).await;
 
     let mut report = Report {
         seed,
@@ -414,18 +411,31 @@ async fn simulate(
     report
 }
 
+/// What faults act on.
+#[derive(Clone, Copy)]
+struct Targets<'a> {
+    handle: &'a Handle,
+    server: madsim::task::NodeId,
+    clients: &'a [madsim::task::NodeId],
+    disks: &'a [Arc<Mutex<MemDisk>>],
+    full: &'a AtomicBool,
+}
+
 /// Draws and applies faults until two seconds before the end (so the last
 /// one heals while the workload still runs); returns what it did.
 async fn inject(
     scenario: Scenario,
     rng: &mut SplitMix64,
-    handle: &Handle,
-    server: madsim::task::NodeId,
-    clients: &[madsim::task::NodeId],
-    disks: &[Arc<Mutex<MemDisk>>],
-    full: &AtomicBool,
+    targets: &Targets<'_>,
     virtual_secs: u64,
 ) -> BTreeMap<&'static str, u64> {
+    let Targets {
+        handle,
+        server,
+        clients,
+        disks,
+        full,
+    } = *targets;
     let mut faults = BTreeMap::new();
     let net = NetSim::current();
     let end = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
