@@ -33,6 +33,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "deep-queue",
         "every fault class at queue depth 64 over a small disk",
     ),
+    (
+        "clock-skew",
+        "every fault class with the server's clock up to an hour ahead, running 10% fast or slow",
+    ),
 ];
 
 /// The world for `name` and `seed`, running `virtual_secs` of faulty
@@ -88,6 +92,13 @@ pub fn scenario(name: &str, seed: u64, virtual_secs: f64) -> Option<WorldConfig>
         "deep-queue" => {
             c.queue_depth = 64;
             c.disk_sectors = 64;
+        }
+        "clock-skew" => {
+            // Drawn from the seed, apart from the world's own stream.
+            let mut rng = braid_core::rng::SplitMix64::new(seed ^ 0xc10c_5ce3);
+            let offset = Duration::from_millis(rng.below(3_600_000));
+            let rate = 0.9 + rng.below(2001) as f64 / 10_000.0;
+            c.server_clock = (offset, rate);
         }
         _ => return None,
     }

@@ -109,6 +109,10 @@ pub struct WorldConfig {
     pub sabotage: Sabotage,
     /// Test-only server sabotage.
     pub no_dedup: bool,
+    /// The server's clock against the client's: it starts `offset` ahead
+    /// and runs `rate` times as fast (1.0: no skew). braid's frames carry
+    /// no timestamps, so each side's timers must work on its own clock.
+    pub server_clock: (Duration, f64),
 }
 
 impl WorldConfig {
@@ -129,6 +133,7 @@ impl WorldConfig {
             max_dirty_bytes: 32 * 1024,
             sabotage: Sabotage::default(),
             no_dedup: false,
+            server_clock: (Duration::ZERO, 1.0),
         }
     }
 }
@@ -227,6 +232,8 @@ pub struct World {
     cfg: WorldConfig,
     rng: SplitMix64,
     now: Instant,
+    /// `now` as the server's skewed clock reads it.
+    server_now: Instant,
     seq: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     client: ClientEngine,
@@ -253,6 +260,21 @@ pub struct World {
 }
 
 impl World {
+    /// World time `world` as the server's clock reads it.
+    fn server_clock(&self, world: Instant) -> Instant {
+        let (offset, rate) = self.cfg.server_clock;
+        Instant::from_nanos(offset.as_nanos() as u64 + (world.as_nanos() as f64 * rate) as u64)
+    }
+
+    /// The world time at which the server's clock reads `t` (never early:
+    /// a timer that fired before its deadline would do nothing and be
+    /// scheduled again at once, forever).
+    fn world_time_of_server(&self, t: Instant) -> Instant {
+        let (offset, rate) = self.cfg.server_clock;
+        let since = t.as_nanos().saturating_sub(offset.as_nanos() as u64);
+        Instant::from_nanos(((since as f64 / rate).ceil() as u64).saturating_add(1))
+    }
+
     /// Builds the world for `cfg`; nothing runs until [`World::run`].
     pub fn new(cfg: WorldConfig) -> Self {
         let mut rng = SplitMix64::new(cfg.seed);
@@ -264,6 +286,7 @@ impl World {
             s
         };
         let (client_seed, server_seed) = (seed32(), seed32());
+        let server_start = Instant::from_nanos(cfg.server_clock.0.as_nanos() as u64);
         let key = Key::new(b"simulated pre-shared key".to_vec());
         let mut cc = ClientConfig::new(EXPORT, KEY_ID, key.clone(), client_seed);
         cc.channels = cfg.channels;
@@ -278,6 +301,7 @@ impl World {
         World {
             rng,
             now: Instant::ZERO,
+            server_now: server_start,
             seq: 0,
             queue: BinaryHeap::new(),
             client: ClientEngine::new(cc),
@@ -359,6 +383,7 @@ impl World {
                 break;
             }
             self.now = s.at;
+            self.server_now = self.server_clock(self.now);
             self.mix(s.at.as_nanos());
             self.mix(s.ev.code());
             self.dispatch(s.ev);
@@ -395,7 +420,7 @@ impl World {
             Ev::ServerTimer => {
                 self.server_timer = None;
                 if self.server_up {
-                    self.server.handle_timeout(self.now);
+                    self.server.handle_timeout(self.server_now);
                 }
             }
             Ev::Connected { ch, boot } => {
@@ -414,13 +439,13 @@ impl World {
                     },
                 );
                 self.by_ch.insert(ch, conn);
-                self.server.connection_opened(conn, self.now);
+                self.server.connection_opened(conn, self.server_now);
                 self.client.channel_connected(ch, self.now);
             }
             Ev::ToServer { conn, frame } => {
                 if self.server_up && self.links.contains_key(&conn) {
                     self.mix(frame.len() as u64);
-                    self.server.handle_frame(conn, frame, self.now);
+                    self.server.handle_frame(conn, frame, self.server_now);
                 }
             }
             Ev::ToClient { conn, frame } => {
@@ -432,7 +457,7 @@ impl World {
             }
             Ev::ServerSideClosed { conn, boot } => {
                 if self.server_up && boot == self.boot {
-                    self.server.connection_closed(conn, self.now);
+                    self.server.connection_closed(conn, self.server_now);
                 }
                 self.remove_link(conn);
             }
@@ -504,7 +529,7 @@ impl World {
             if let Some(t) = self.server.poll_timeout() {
                 if self.server_timer.is_none_or(|c| t < c) {
                     self.server_timer = Some(t);
-                    let after = t - self.now;
+                    let after = self.world_time_of_server(t).saturating_since(self.now);
                     self.schedule(after, Ev::ServerTimer);
                 }
             }
@@ -570,7 +595,7 @@ impl World {
                         self.schedule(after, Ev::ClientSideClosed { ch });
                     }
                 }
-                self.server.connection_closed(conn, self.now);
+                self.server.connection_closed(conn, self.server_now);
             }
             ServerAction::Backend(req) => {
                 let mut latency = self.between(self.cfg.disk_latency);
@@ -634,7 +659,7 @@ impl World {
             return;
         };
         let result = self.apply(&req);
-        self.server.backend_complete(token, result, self.now);
+        self.server.backend_complete(token, result, self.server_now);
     }
 
     fn apply(&mut self, req: &BackendRequest) -> Result<Bytes, crate::wire::Status> {
