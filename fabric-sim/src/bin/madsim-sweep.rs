@@ -105,6 +105,7 @@ mod sweep {
         let mut expected_errors = (0u64, 0u64);
         let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
         let mut longest = Duration::ZERO;
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
         let next = std::sync::atomic::AtomicUsize::new(0);
         let (tx, rx) = std::sync::mpsc::channel::<(usize, Report, Vec<String>)>();
         std::thread::scope(|scope| {
@@ -149,15 +150,21 @@ mod sweep {
                     failures.push((i, report, problems));
                 }
                 let done = done + 1;
+                // A bar on a terminal; in a log, a line per tenth.
+                if !tty && done * 10 / runs.len() == (done - 1) * 10 / runs.len() {
+                    continue;
+                }
                 let width = 30;
                 let filled = done * width / runs.len();
                 print!(
-                    "\r[{}{}] {done}/{} runs, {} violations, {:.0}s",
+                    "{}[{}{}] {done}/{} runs, {} violations, {:.0}s{}",
+                    if tty { "\r" } else { "" },
                     "#".repeat(filled),
                     " ".repeat(width - filled),
                     runs.len(),
                     failures.len(),
-                    started.elapsed().as_secs_f64()
+                    started.elapsed().as_secs_f64(),
+                    if tty { "" } else { "\n" },
                 );
                 let _ = std::io::stdout().flush();
             }
