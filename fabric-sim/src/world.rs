@@ -145,6 +145,28 @@ pub struct Report {
     pub trace_hash: u64,
 }
 
+impl Report {
+    /// A run that did nothing yet.
+    pub fn empty(seed: u64, scenario: Scenario) -> Report {
+        Report {
+            seed,
+            scenario,
+            ios: 0,
+            media_errors: 0,
+            no_space_errors: 0,
+            violations: Vec::new(),
+            faults: BTreeMap::new(),
+            resends: 0,
+            failovers: 0,
+            duplicates_dropped: 0,
+            session_resets: 0,
+            replayed_extents: 0,
+            longest_io: Duration::ZERO,
+            trace_hash: 0,
+        }
+    }
+}
+
 /// Runs `scenario` for `virtual_secs` of simulated time from `seed`.
 ///
 /// Each run gets a thread of its own: std's `HashMap` seeds its hasher
@@ -352,20 +374,8 @@ async fn simulate(
     let faults = inject(scenario, &mut rng, &targets, virtual_secs).await;
 
     let mut report = Report {
-        seed,
-        scenario,
-        ios: 0,
-        media_errors: 0,
-        no_space_errors: 0,
-        violations: Vec::new(),
         faults,
-        resends: 0,
-        failovers: 0,
-        duplicates_dropped: 0,
-        session_resets: 0,
-        replayed_extents: 0,
-        longest_io: Duration::ZERO,
-        trace_hash: 0,
+        ..Report::empty(seed, scenario)
     };
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for (c, work) in works.into_iter().enumerate() {

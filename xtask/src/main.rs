@@ -112,9 +112,7 @@ fn ci() -> Result<(), String> {
         "warnings",
     ]);
     run("clippy", clippy)?;
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--all-targets", "--release"]);
-    run("build every crate and target", build)?;
+    build_like_ci()?;
     test(&[])?;
     conformance(&[])?;
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -204,9 +202,7 @@ fn soak(extra: &[String]) -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     if extra.iter().any(|a| a == "--peers") {
-        let mut build = cargo();
-        build.args(["build", "--workspace", "--all-targets", "--release"]);
-        run("build braid", build)?;
+        build_like_ci()?;
         let root = root();
         return peers::run(extra, &root, &conformance::braid_binary(&root));
     }
@@ -224,11 +220,7 @@ fn root() -> PathBuf {
 }
 
 fn conformance(extra: &[String]) -> Result<(), String> {
-    // The same build as `ci`, so after it this is a no-op (building only
-    // the braid package would unify features differently and rebuild).
-    let mut build = cargo();
-    build.args(["build", "--workspace", "--all-targets", "--release"]);
-    run("build braid", build)?;
+    build_like_ci()?;
     let root = root();
     let braid = conformance::braid_binary(&root);
     let start = Instant::now();
@@ -263,4 +255,12 @@ fn madsim_sim(extra: &[String]) -> Result<(), String> {
         ])
         .args(rest);
     run("madsim sweep (real fabric-tcp drivers)", cmd)
+}
+
+/// The release build `ci` makes, so after `ci` it is a no-op (building
+/// only the braid package would unify features differently and rebuild).
+fn build_like_ci() -> Result<(), String> {
+    let mut build = cargo();
+    build.args(["build", "--workspace", "--all-targets", "--release"]);
+    run("build every crate and target", build)
 }

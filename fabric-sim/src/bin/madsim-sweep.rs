@@ -227,20 +227,8 @@ mod sweep {
                     .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
                 Report {
-                    seed,
-                    scenario,
-                    ios: 0,
-                    media_errors: 0,
-                    no_space_errors: 0,
                     violations: vec![format!("panicked: {msg}")],
-                    faults: BTreeMap::new(),
-                    resends: 0,
-                    failovers: 0,
-                    duplicates_dropped: 0,
-                    session_resets: 0,
-                    replayed_extents: 0,
-                    longest_io: Duration::ZERO,
-                    trace_hash: 0,
+                    ..Report::empty(seed, scenario)
                 }
             },
         )
