@@ -186,7 +186,9 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     };
     let target: Arc<dyn Target> = Arc::new(VolumeTarget {
         client: client.clone(),
-        max_part: info.max_payload - info.max_payload % info.block_size,
+        // Whole blocks, and at least one (a server that allowed less
+        // would accept no request at all).
+        max_part: (info.max_payload - info.max_payload % info.block_size).max(info.block_size),
     });
     let stop = Arc::new(Notify::new());
     let mut uris = Vec::new();

@@ -31,7 +31,12 @@ impl NbdListener {
                 }
                 std::fs::remove_file(path)?;
             }
-            return Ok(NbdListener::Unix(UnixListener::bind(path)?));
+            let listener = UnixListener::bind(path)?;
+            // NBD has no authentication: whoever can connect can read and
+            // write every export. Owner and group only.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            return Ok(NbdListener::Unix(listener));
         }
         Ok(NbdListener::Tcp(TcpListener::bind(addr).await?))
     }

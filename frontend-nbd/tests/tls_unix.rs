@@ -34,6 +34,9 @@ async fn a_unix_socket_serves_like_tcp_and_replaces_only_a_stale_socket() {
         listener.uri("disk0").unwrap(),
         format!("nbd+unix:///disk0?socket={}", path.display())
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660, "no NBD access for other users");
     start_with(dir.path(), listener, |c| c);
     let mut s = UnixStream::connect(&path).await.unwrap();
     greet(&mut s).await;
