@@ -42,6 +42,8 @@ pub enum Scenario {
     DiskErrors,
     /// The server's disk fills up for a while, then has room again.
     DiskFull,
+    /// The server's disk answers in tens to hundreds of ms for a while.
+    SlowDisk,
     /// The client process stops (a stopped or starved daemon), then goes on.
     ClientStall,
     /// Every fault above, mixed.
@@ -53,7 +55,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 10] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Steady,
         Scenario::Partitions,
         Scenario::ServerCrash,
@@ -61,6 +63,7 @@ impl Scenario {
         Scenario::Stalls,
         Scenario::DiskErrors,
         Scenario::DiskFull,
+        Scenario::SlowDisk,
         Scenario::ClientStall,
         Scenario::AllFaults,
         Scenario::ManyClients,
@@ -76,6 +79,7 @@ impl Scenario {
             Scenario::Stalls => "stalls",
             Scenario::DiskErrors => "disk-errors",
             Scenario::DiskFull => "disk-full",
+            Scenario::SlowDisk => "slow-disk",
             Scenario::ClientStall => "client-stall",
             Scenario::AllFaults => "all-faults",
             Scenario::ManyClients => "many-clients",
@@ -259,6 +263,7 @@ async fn simulate(
     let disks: Vec<Arc<Mutex<MemDisk>>> =
         disks.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
     let full = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
     let may_fill = matches!(
         scenario,
         Scenario::DiskFull | Scenario::AllFaults | Scenario::ManyClients
@@ -267,13 +272,20 @@ async fn simulate(
 
     let boots = Arc::new(AtomicU64::new(0));
     let server = {
-        let (disks, full, key, boots) = (disks.clone(), full.clone(), key.clone(), boots.clone());
+        let (disks, full, slow, key, boots) = (
+            disks.clone(),
+            full.clone(),
+            slow.clone(),
+            key.clone(),
+            boots.clone(),
+        );
         handle
             .create_node()
             .name("server")
             .ip(SERVER_IP)
             .init(move || {
-                let (disks, full, key) = (disks.clone(), full.clone(), key.clone());
+                let (disks, full, slow, key) =
+                    (disks.clone(), full.clone(), slow.clone(), key.clone());
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
                     let exports = (0..disks.len())
@@ -293,7 +305,12 @@ async fn simulate(
                         listener,
                         ServerSecurity::Plain,
                         ServerEngine::new(config),
-                        Arc::new(SimDisk { disks, full }),
+                        Arc::new(SimDisk {
+                            disks,
+                            full,
+                            slow,
+                            rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
+                        }),
                         std::future::pending(),
                         |_| {},
                     )
@@ -370,6 +387,7 @@ async fn simulate(
         clients: &client_ids,
         disks: &disks,
         full: &full,
+        slow: &slow,
     };
     let faults = inject(scenario, &mut rng, &targets, virtual_secs).await;
 
@@ -429,6 +447,7 @@ struct Targets<'a> {
     clients: &'a [madsim::task::NodeId],
     disks: &'a [Arc<Mutex<MemDisk>>],
     full: &'a AtomicBool,
+    slow: &'a AtomicBool,
 }
 
 /// Draws and applies faults until two seconds before the end (so the last
@@ -445,6 +464,7 @@ async fn inject(
         clients,
         disks,
         full,
+        slow,
     } = *targets;
     let mut faults = BTreeMap::new();
     let net = NetSim::current();
@@ -464,6 +484,7 @@ async fn inject(
             Scenario::PowerLoss => &["power loss + restart"],
             Scenario::Stalls => &["server stall"],
             Scenario::DiskFull => &["disk full"],
+            Scenario::SlowDisk => &["disk latency spike"],
             Scenario::ClientStall => &["client stall"],
             Scenario::AllFaults | Scenario::ManyClients => &[
                 "partition",
@@ -472,6 +493,7 @@ async fn inject(
                 "power loss + restart",
                 "server stall",
                 "disk full",
+                "disk latency spike",
                 "client stall",
             ],
         };
@@ -519,6 +541,11 @@ async fn inject(
                 full.store(true, Ordering::SeqCst);
                 tokio::time::sleep(ms(rng, 100, 1500)).await;
                 full.store(false, Ordering::SeqCst);
+            }
+            "disk latency spike" => {
+                slow.store(true, Ordering::SeqCst);
+                tokio::time::sleep(ms(rng, 300, 2500)).await;
+                slow.store(false, Ordering::SeqCst);
             }
             "client stall" => {
                 handle.pause(client);

@@ -172,6 +172,15 @@ impl Server {
                         }
                     }
                     ServerAction::Backend(req) => {
+                        if let Some(delay) = backend.latency(req.export, &req.op) {
+                            let (backend, tx) = (backend.clone(), tx.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let result = backend.execute(req.export, &req.op);
+                                let _ = tx.send(Event::BackendDone(req.token, result));
+                            });
+                            continue;
+                        }
                         // Cached reads and unthrottled writes finish here and
                         // now; anything that might block goes to the pool.
                         if let Some(result) = backend.try_execute_now(req.export, &req.op) {

@@ -6,6 +6,7 @@
 use super::BackendOp;
 use crate::wire::Status;
 use bytes::Bytes;
+use std::time::Duration;
 
 /// Storage behind the exports, indexed like [`super::ServerConfig::exports`].
 pub trait Backend: Send + Sync + 'static {
@@ -18,6 +19,14 @@ pub trait Backend: Send + Sync + 'static {
     /// page cache, no writeback throttling); `None` means "hand it to the
     /// thread pool". Drivers call it inline, so it must never block.
     fn try_execute_now(&self, _export: usize, _op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        None
+    }
+
+    /// How long the medium holds `op` before it runs, for backends that
+    /// model a device rather than drive one (the simulator's disk: its
+    /// driver waits on the simulated clock). Real backends spend their
+    /// time inside `execute` and return `None`.
+    fn latency(&self, _export: usize, _op: &BackendOp) -> Option<Duration> {
         None
     }
 
