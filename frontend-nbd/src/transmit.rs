@@ -11,12 +11,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of requests and replies one connection may have in flight (in
 /// KiB permits). A client that pipelines more waits for answers, so no
 /// client can make the server buffer without bound.
 const INFLIGHT_KIB: u32 = 64 * 1024;
+/// What any request counts against that budget at least, so a client also
+/// cannot queue unbounded numbers of small or data-less requests (at most
+/// 4096 in flight per connection).
+const REQUEST_MIN_KIB: u32 = 16;
 
 /// One reply, ready to send: a header and an optional payload sent after
 /// it without copying.
@@ -182,14 +186,16 @@ pub(crate) async fn transmit(
     let fast_zero = target.fast_zero();
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-        while let Some(r) = rx.recv().await {
+        // Each reply's budget goes back once it is written (the permit is
+        // dropped at the end of its iteration).
+        while let Some((r, _budget)) = rx.recv().await {
             wr.write_all(&r.head).await?;
             wr.write_all(&r.data).await?;
             // Batch whatever else is ready into the same write.
-            while let Ok(r) = rx.try_recv() {
+            while let Ok((r, _budget)) = rx.try_recv() {
                 wr.write_all(&r.head).await?;
                 wr.write_all(&r.data).await?;
             }
@@ -229,6 +235,17 @@ pub(crate) async fn transmit(
             handle: req.handle,
             structured,
         };
+        // Budget is taken before the payload is read and given back only
+        // once the reply is written: a client that floods requests, or
+        // stops reading replies, stalls its own connection, not the server.
+        let kib = if matches!(req.cmd, CMD_READ | CMD_WRITE) && req.len <= export.block_max {
+            (req.len / 1024).clamp(REQUEST_MIN_KIB, INFLIGHT_KIB)
+        } else {
+            REQUEST_MIN_KIB
+        };
+        let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
+            break Ok(());
+        };
         let mut payload = Bytes::new();
         if req.cmd == CMD_WRITE {
             if req.len > export.block_max {
@@ -248,7 +265,7 @@ pub(crate) async fn transmit(
                     "export {}: WRITE of {} bytes is over the {}-byte maximum",
                     export.name, req.len, export.block_max
                 );
-                let _ = tx.send(replier.error(EINVAL, &msg));
+                let _ = tx.send((replier.error(EINVAL, &msg), permit));
                 continue;
             }
             let mut buf = BytesMut::zeroed(req.len as usize);
@@ -272,17 +289,18 @@ pub(crate) async fn transmit(
                     req.len
                 );
                 tracing::debug!(handle = req.handle, error, "{msg}");
-                let _ = tx.send(replier.error(error, &msg));
+                let _ = tx.send((replier.error(error, &msg), permit));
                 continue;
             }
         };
         let op = match action {
             Action::Done => {
-                let _ = tx.send(if req.cmd == CMD_READ {
+                let reply = if req.cmd == CMD_READ {
                     replier.read_data(req.offset, Bytes::new())
                 } else {
                     replier.ok()
-                });
+                };
+                let _ = tx.send((reply, permit));
                 continue;
             }
             Action::Io(BackendOp::Write { offset, fua, .. }) => BackendOp::Write {
@@ -299,7 +317,7 @@ pub(crate) async fn transmit(
                     offset,
                     u64::from(len),
                     Box::new(move |result| {
-                        let _ = tx.send(match result {
+                        let reply = match result {
                             Ok(extents) => replier.block_status(&extents, req_one, len),
                             Err(status) => replier.error(
                                 errno(status),
@@ -307,20 +325,12 @@ pub(crate) async fn transmit(
                                     "export {name}: BLOCK_STATUS at offset {offset}: {status:?}"
                                 ),
                             ),
-                        });
+                        };
+                        let _ = tx.send((reply, permit));
                     }),
                 );
                 continue;
             }
-        };
-        let kib = if matches!(req.cmd, CMD_READ | CMD_WRITE) {
-            (req.len / 1024).clamp(1, INFLIGHT_KIB)
-        } else {
-            1
-        };
-        let permit = match budget.clone().acquire_many_owned(kib).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
         };
         let tx = tx.clone();
         let name = export.name.clone();
@@ -340,8 +350,7 @@ pub(crate) async fn transmit(
                         ),
                     ),
                 };
-                let _ = tx.send(reply);
-                drop(permit);
+                let _ = tx.send((reply, permit));
             }),
         );
     };

@@ -326,3 +326,99 @@ async fn shutdown_answers_in_flight_requests_before_closing() {
     assert!(seen >= 33, "all requests before the flush were answered");
     server.await.unwrap().unwrap();
 }
+
+/// A target that holds every completion until told to let go, and notes
+/// whether more requests were ever outstanding than the budget allows.
+#[derive(Default)]
+struct Holding {
+    held: std::sync::Mutex<Vec<braid_frontend_nbd::Completion>>,
+    submitted: std::sync::atomic::AtomicUsize,
+    released: std::sync::atomic::AtomicBool,
+    most_outstanding: std::sync::atomic::AtomicUsize,
+}
+
+impl braid_frontend_nbd::Target for Holding {
+    fn submit(
+        &self,
+        _export: usize,
+        _op: braid_core::server::BackendOp,
+        done: braid_frontend_nbd::Completion,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.submitted.fetch_add(1, SeqCst);
+        if self.released.load(SeqCst) {
+            return done(Ok(bytes::Bytes::from(vec![0u8; 4096])));
+        }
+        let mut held = self.held.lock().unwrap();
+        held.push(done);
+        self.most_outstanding.fetch_max(held.len(), SeqCst);
+    }
+
+    fn allocation(
+        &self,
+        _export: usize,
+        _offset: u64,
+        len: u64,
+        done: braid_frontend_nbd::ExtentsCompletion,
+    ) {
+        done(Ok(vec![braid_core::server::Extent { len, hole: false }]))
+    }
+
+    fn fast_zero(&self) -> bool {
+        false
+    }
+}
+
+/// A client that pipelines far more than it lets the server answer cannot
+/// make the server take them all in: reading stops at the per-connection
+/// budget (4096 small requests) until replies go out.
+#[tokio::test]
+async fn a_flooding_client_is_held_to_the_in_flight_budget() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let target = std::sync::Arc::new(Holding::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = braid_frontend_nbd::NbdConfig::new(vec![braid_frontend_nbd::NbdExport::new(
+        "disk0", SIZE, 0,
+    )]);
+    tokio::spawn(braid_frontend_nbd::serve(
+        listener.into(),
+        config,
+        target.clone(),
+        std::future::pending(),
+    ));
+    let (s, _, _) = connect(addr, "disk0").await;
+    let (mut rd, mut wr) = s.into_split();
+    const N: u64 = 5000;
+    let flood = tokio::spawn(async move {
+        for h in 0..N {
+            request(&mut wr, 0, 0, h, (h % 4096) * 4096, 4096, &[]).await;
+        }
+        wr
+    });
+    // The server takes requests in until its budget is spent...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while target.submitted.load(SeqCst) < 4096 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never arrived"
+        );
+        tokio::task::yield_now().await;
+    }
+    // ...then answers everything once the target lets go.
+    target.released.store(true, SeqCst);
+    let held: Vec<_> = std::mem::take(&mut *target.held.lock().unwrap());
+    for done in held {
+        done(Ok(bytes::Bytes::from(vec![0u8; 4096])));
+    }
+    for _ in 0..N {
+        assert_eq!(reply(&mut rd, 4096).await.1, 0);
+    }
+    let _wr = flood.await.unwrap();
+    assert_eq!(target.submitted.load(SeqCst), N as usize);
+    assert!(
+        target.most_outstanding.load(SeqCst) <= 4096,
+        "{} requests were taken in at once",
+        target.most_outstanding.load(SeqCst)
+    );
+}

@@ -144,7 +144,7 @@ pub async fn go(s: &mut (impl Io + ?Sized), name: &str) -> (u64, u16) {
 }
 
 pub async fn request(
-    s: &mut (impl Io + ?Sized),
+    s: &mut (impl AsyncWrite + Unpin + ?Sized),
     cmd: u16,
     flags: u16,
     handle: u64,
@@ -164,7 +164,10 @@ pub async fn request(
 }
 
 /// (handle, error); reads `data_len` bytes of data on success.
-pub async fn reply(s: &mut (impl Io + ?Sized), data_len: usize) -> (u64, u32, Vec<u8>) {
+pub async fn reply(
+    s: &mut (impl AsyncRead + Unpin + ?Sized),
+    data_len: usize,
+) -> (u64, u32, Vec<u8>) {
     assert_eq!(
         s.read_u32().await.unwrap(),
         0x6744_6698,
