@@ -8,9 +8,7 @@ use braid_core::client::{IoError, IoErrorKind, IoRequest};
 use braid_core::server::{BackendOp, Extent};
 use braid_core::wire::{Op, Status, EXPORT_READ_ONLY};
 use braid_fabric_tcp::Client;
-use braid_frontend_nbd::{
-    Completion, ExtentsCompletion, NbdConfig, NbdExport, NbdListener, Target,
-};
+use braid_frontend_nbd::{Completion, ExtentsCompletion, NbdConfig, NbdExport, Target};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
 use std::path::PathBuf;
@@ -195,23 +193,11 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     let mut tasks = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for addr in &nbd_addrs {
-        let listener = NbdListener::bind(addr)
-            .await
-            .map_err(|e| format!("NBD listen on {addr}: {e}"))?;
-        uris.push(listener.uri(&export).map_err(|e| e.to_string())?);
-        let (config, target, mut stopped) = (
-            NbdConfig::new(vec![nbd_export.clone()]),
-            target.clone(),
-            stop_rx.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let until = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = braid_frontend_nbd::serve(listener, config, target, until).await {
-                tracing::error!(error = %e, "NBD listener failed");
-            }
-        }));
+        let config = NbdConfig::new(vec![nbd_export.clone()]);
+        let (uri, task) =
+            crate::nbd::start(addr, &export, config, target.clone(), stop_rx.clone()).await?;
+        uris.push(uri);
+        tasks.push(task);
     }
     println!(
         "braid volume {export:?} ({}) from {} attached",

@@ -8,6 +8,7 @@ mod control;
 mod demo;
 mod faultproxy;
 mod histogram;
+mod nbd;
 mod serve;
 mod soak;
 mod status;

@@ -190,34 +190,30 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let backend = Arc::new(FileBackend::new(files));
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
     let mut nbd_tasks = Vec::new();
+    let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
+        .iter()
+        .enumerate()
+        .map(|(i, e)| braid_frontend_nbd::NbdExport {
+            read_only: e.read_only,
+            ..braid_frontend_nbd::NbdExport::new(e.name.clone(), e.size, i)
+        })
+        .collect();
+    let mut nbd_config = braid_frontend_nbd::NbdConfig::new(nbd_exports);
+    if let ServerSecurity::Tls(acceptor) = &security {
+        nbd_config = nbd_config.with_tls(acceptor.clone(), true);
+    }
+    let nbd_target = Arc::new(braid_frontend_nbd::BackendTarget(backend.clone()));
     for nbd_addr in &args.nbd {
-        let listener = braid_frontend_nbd::NbdListener::bind(nbd_addr)
-            .await
-            .map_err(|e| format!("NBD listen on {nbd_addr}: {e}"))?;
-        let uri = listener.uri(&exports[0].name).map_err(|e| e.to_string())?;
-        let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
-            .iter()
-            .enumerate()
-            .map(|(i, e)| braid_frontend_nbd::NbdExport {
-                read_only: e.read_only,
-                ..braid_frontend_nbd::NbdExport::new(e.name.clone(), e.size, i)
-            })
-            .collect();
-        let mut nbd_config = braid_frontend_nbd::NbdConfig::new(nbd_exports);
-        if let ServerSecurity::Tls(acceptor) = &security {
-            nbd_config = nbd_config.with_tls(acceptor.clone(), true);
-        }
+        let (uri, task) = crate::nbd::start(
+            nbd_addr,
+            &exports[0].name,
+            nbd_config.clone(),
+            nbd_target.clone(),
+            nbd_stopped.clone(),
+        )
+        .await?;
         println!("nbd:      {uri} (try: qemu-img info {uri})");
-        let target = Arc::new(braid_frontend_nbd::BackendTarget(backend.clone()));
-        let mut stopped = nbd_stopped.clone();
-        nbd_tasks.push(tokio::spawn(async move {
-            let stop = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            if let Err(e) = braid_frontend_nbd::serve(listener, nbd_config, target, stop).await {
-                tracing::error!(error = %e, "NBD listener failed");
-            }
-        }));
+        nbd_tasks.push(task);
     }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

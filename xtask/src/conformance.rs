@@ -10,6 +10,7 @@
 //! run fails on any failed row. Missing tools fail the run under CI (the
 //! `CI` environment variable) and are skipped elsewhere.
 
+use crate::free_port;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -118,13 +119,6 @@ fn wait_for(path: &Path, what: &str) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(10809)
 }
 
 /// Deterministic, incompressible test data.

@@ -264,3 +264,11 @@ fn build_like_ci() -> Result<(), String> {
     build.args(["build", "--workspace", "--all-targets", "--release"]);
     run("build every crate and target", build)
 }
+
+/// A TCP port nothing listens on right now (for servers the checks start).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(10809)
+}

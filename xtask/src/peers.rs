@@ -4,6 +4,7 @@
 //! by `../shared/tools/peerbench` (fio's nbd engine). Prints one table with
 //! braid's ratio to the best peer per workload.
 
+use crate::free_port;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -43,13 +44,6 @@ impl Drop for Killed {
             }
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(10809)
 }
 
 /// Starts `server` on a fresh 1 GiB file; returns it and its URI.
