@@ -1,3 +1,4 @@
+use crate::lock::{lock, LockMode};
 use braid_core::server::{Backend, BackendOp, Extent};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -18,6 +19,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Bypass the page cache (O_DIRECT).
     pub direct: bool,
+    /// Skip the lock that keeps other processes (and other exports) off the
+    /// file; only for read-only exports of files someone else may write.
+    pub shared: bool,
 }
 
 /// One open export.
@@ -78,6 +82,20 @@ impl ExportFile {
             o.custom_flags(libc::O_DIRECT);
         }
         let mut file = o.open(&path).map_err(|e| with_path(e, &path, "open"))?;
+        if opts.shared && !opts.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: only a read-only export may be shared", path.display()),
+            ));
+        }
+        if !opts.shared {
+            let mode = if opts.read_only {
+                LockMode::Shared
+            } else {
+                LockMode::Exclusive
+            };
+            lock(&file, &path, mode)?;
+        }
         let meta = file.metadata().map_err(|e| with_path(e, &path, "stat"))?;
         let is_block_device = meta.file_type().is_block_device();
         let mut size = if is_block_device {

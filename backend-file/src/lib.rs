@@ -12,5 +12,6 @@
 #![deny(missing_docs)]
 
 mod file;
+pub mod lock;
 
 pub use file::{ExportFile, FileBackend, OpenOptions};

@@ -23,6 +23,10 @@ pub(crate) struct AttachArgs {
     /// host:port; repeatable [default: DATA_DIR/EXPORT.nbd.sock].
     #[arg(long)]
     nbd: Vec<String>,
+    /// Allow --nbd on a TCP address other machines reach (NBD has no
+    /// authentication: anyone who connects reads and writes the volume).
+    #[arg(long)]
+    nbd_allow_insecure: bool,
     /// Control socket for `braid status` and `braid detach`
     /// [default: DATA_DIR/EXPORT.attach.sock].
     #[arg(long)]
@@ -160,10 +164,16 @@ impl Target for VolumeTarget {
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
-    let client = args.client.connect().await?;
-    let info = client.info();
     let export = args.client.export.clone();
     let data_dir = crate::config::default_data_dir();
+    let control = args
+        .control
+        .unwrap_or_else(|| data_dir.join(format!("{export}.attach.sock")));
+    // Before connecting: a second attach of one volume must not take the
+    // first one's sockets over.
+    crate::control::ensure_unused(&control)?;
+    let client = args.client.connect().await?;
+    let info = client.info();
     let nbd_addrs = if args.nbd.is_empty() {
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
@@ -174,9 +184,6 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     } else {
         args.nbd.clone()
     };
-    let control = args
-        .control
-        .unwrap_or_else(|| data_dir.join(format!("{export}.attach.sock")));
     let nbd_export = NbdExport {
         read_only: info.flags & EXPORT_READ_ONLY != 0,
         block_min: info.block_size,
@@ -194,8 +201,15 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for addr in &nbd_addrs {
         let config = NbdConfig::new(vec![nbd_export.clone()]);
-        let (uri, task) =
-            crate::nbd::start(addr, &export, config, target.clone(), stop_rx.clone()).await?;
+        let (uri, task) = crate::nbd::start(
+            addr,
+            &export,
+            config,
+            target.clone(),
+            args.nbd_allow_insecure,
+            stop_rx.clone(),
+        )
+        .await?;
         uris.push(uri);
         tasks.push(task);
     }

@@ -15,6 +15,8 @@ pub(crate) const DEFAULT_KEY_ID: &str = "default";
 /// The export `braid serve` creates when none is configured.
 pub(crate) const DEFAULT_EXPORT: &str = "disk0";
 pub(crate) const DEFAULT_EXPORT_SIZE: u64 = 1 << 30;
+/// The block size every export is served with; sizes are whole blocks.
+pub(crate) const EXPORT_BLOCK_SIZE: u32 = 512;
 
 /// `/etc/braid/braid.toml` and friends.
 #[derive(Debug, Default, Deserialize)]
@@ -28,6 +30,11 @@ pub(crate) struct FileConfig {
     pub(crate) key_file: Option<PathBuf>,
     /// Unix socket answering `braid status`.
     pub(crate) control: Option<PathBuf>,
+    /// Also serve every export over NBD on these addresses (as --nbd).
+    pub(crate) nbd: Option<Vec<String>>,
+    /// As --nbd-allow-insecure: NBD without TLS on a network address.
+    #[serde(default)]
+    pub(crate) nbd_allow_insecure: bool,
     /// Exports.
     #[serde(default)]
     pub(crate) export: Vec<ExportSpec>,
@@ -44,10 +51,13 @@ pub(crate) struct ExportSpec {
     pub(crate) read_only: bool,
     #[serde(default)]
     pub(crate) direct: bool,
+    /// Skip the exclusive lock (read-only exports of files others write).
+    #[serde(default)]
+    pub(crate) shared: bool,
 }
 
 impl ExportSpec {
-    /// `NAME=PATH[,size=SIZE][,ro][,direct]` from the command line.
+    /// `NAME=PATH[,size=SIZE][,ro][,direct][,shared]` from the command line.
     pub(crate) fn parse_flag(s: &str) -> Result<Self, String> {
         let (name, rest) = s
             .split_once('=')
@@ -60,25 +70,81 @@ impl ExportSpec {
             size: None,
             read_only: false,
             direct: false,
+            shared: false,
         };
         for p in parts {
             match p.split_once('=') {
                 Some(("size", v)) => spec.size = Some(v.to_string()),
                 None if p == "ro" => spec.read_only = true,
                 None if p == "direct" => spec.direct = true,
+                None if p == "shared" => spec.shared = true,
                 _ => return Err(format!("export {s:?}: unknown option {p:?}")),
             }
         }
         if spec.name.is_empty() || spec.path.as_os_str().is_empty() {
             return Err(format!("export {s:?}: name and path must not be empty"));
         }
+        spec.check()?;
         Ok(spec)
+    }
+
+    /// What can be refused before any file is touched.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.shared && !self.read_only {
+            return Err(format!(
+                "export {:?}: 'shared' skips the exclusive lock, so it needs 'ro' (read_only = true): two writers corrupt a disk",
+                self.name
+            ));
+        }
+        self.create_size().map(|_| ())
+    }
+
+    /// The size to create the file with, a whole number of blocks.
+    pub(crate) fn create_size(&self) -> Result<Option<u64>, String> {
+        let Some(text) = self.size.as_deref() else {
+            return Ok(None);
+        };
+        let size = parse_size(text).map_err(|e| format!("export {:?}: {e}", self.name))?;
+        let block = u64::from(EXPORT_BLOCK_SIZE);
+        if size == 0 || size % block != 0 {
+            let down = size / block * block;
+            let up = down + block;
+            return Err(format!(
+                "export {:?}: size {text} ({size} bytes) is not a whole number of {block}-byte blocks; use {}{up}",
+                self.name,
+                if down > 0 { format!("{down} or ") } else { String::new() },
+            ));
+        }
+        Ok(Some(size))
     }
 }
 
 pub(crate) fn load(path: &Path) -> Result<FileConfig, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
     toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+/// Locks `DATA_DIR/serve.lock` for as long as the returned file lives and
+/// writes our pid into it for people reading the directory.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<fs::File, String> {
+    let path = dir.join("serve.lock");
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("data dir lock {}: {e}", path.display()))?;
+    braid_backend_file::lock::lock(&f, &path, braid_backend_file::lock::LockMode::Exclusive)
+        .map_err(|e| {
+            format!(
+                "data dir {}: {e} (another braid serve uses it; give this one its own --data-dir)",
+                dir.display()
+            )
+        })?;
+    let _ = f.set_len(0);
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
 }
 
 /// `$STATE_DIRECTORY` (systemd's StateDirectory=), else the XDG data dir.

@@ -4,6 +4,46 @@
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
+/// Fails if a live process answers on `path`: taking its socket over would
+/// leave it unreachable by `braid status`. A stale socket (its owner died)
+/// is fine; `serve` replaces it.
+pub(crate) fn ensure_unused(path: &Path) -> Result<(), String> {
+    let Ok(stream) = std::os::unix::net::UnixStream::connect(path) else {
+        return Ok(());
+    };
+    let who = peer_pid(&stream).map_or_else(
+        || "another process".to_string(),
+        |pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!("{name} (pid {pid})")
+        },
+    );
+    Err(format!(
+        "socket {} is in use by {who}; stop it, or give this one a path of its own",
+        path.display()
+    ))
+}
+
+fn peer_pid(stream: &std::os::unix::net::UnixStream) -> Option<i32> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a zeroed ucred is valid; getsockopt writes at most `len` bytes into it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the fd is a connected unix socket owned by `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
 /// Answers commands on `path` with `handler(command)`. A missing socket
 /// only costs `braid status`, so failing to bind is a warning.
 pub(crate) fn serve(

@@ -37,6 +37,10 @@ pub(crate) struct ServeArgs {
     /// STARTTLS (the spec's FORCEDTLS mode).
     #[arg(long)]
     nbd: Vec<String>,
+    /// Allow --nbd on an address other machines reach without TLS. NBD has
+    /// no authentication: anyone who connects reads and writes every export.
+    #[arg(long)]
+    nbd_allow_insecure: bool,
     /// Runtime threads for connections and TLS (the protocol engine is one
     /// task; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
@@ -67,6 +71,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .unwrap_or_else(config::default_data_dir);
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    // Held until exit: a second `braid serve` on this data dir would write
+    // the same default export and take over the control socket.
+    let _data_dir_lock = config::lock_data_dir(&data_dir)?;
     let listen = args
         .listen
         .or_else(|| file.listen.as_ref().and_then(|l| l.first().cloned()))
@@ -81,6 +88,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     }
     let keys = config::read_keys(&key_file)?;
     let mut specs: Vec<ExportSpec> = file.export;
+    for spec in &specs {
+        spec.check()?;
+    }
     for e in &args.exports {
         specs.push(ExportSpec::parse_flag(e)?);
     }
@@ -92,6 +102,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             size: Some(config::DEFAULT_EXPORT_SIZE.to_string()),
             read_only: false,
             direct: false,
+            shared: false,
         });
     }
     let mut files = Vec::new();
@@ -100,15 +111,24 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         if exports.iter().any(|e: &ExportConfig| e.name == spec.name) {
             return Err(format!("export {:?} is configured twice", spec.name));
         }
-        let create_size = spec.size.as_deref().map(config::parse_size).transpose()?;
         let opts = OpenOptions {
-            create_size,
+            create_size: spec.create_size()?,
             read_only: spec.read_only,
             direct: spec.direct,
+            shared: spec.shared,
         };
         let f = ExportFile::open(&spec.path, &opts)
             .map_err(|e| format!("export {:?}: {e}", spec.name))?;
-        let size = f.size() - f.size() % 512;
+        let block = u64::from(config::EXPORT_BLOCK_SIZE);
+        let size = f.size() - f.size() % block;
+        if size != f.size() {
+            tracing::warn!(
+                export = %spec.name,
+                path = %spec.path.display(),
+                "the last {} bytes are not a whole {block}-byte block and are not exported",
+                f.size() - size
+            );
+        }
         if size == 0 {
             return Err(format!(
                 "export {:?}: {} is empty (give it a size)",
@@ -132,6 +152,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .control
         .or(file.control)
         .unwrap_or_else(|| data_dir.join("control.sock"));
+    crate::control::ensure_unused(&control)?;
 
     let mut tls_hint = String::new();
     let security = if args.tls || args.tls_cert.is_some() || args.tls_client_ca.is_some() {
@@ -160,6 +181,13 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             args.tls_client_ca.as_deref(),
         )?)
     } else {
+        if !local.ip().is_loopback() {
+            tracing::warn!(
+                %local,
+                "serving without TLS on an address other machines reach: the handshake is \
+                 authenticated, but an on-path attacker can change data after it (use --tls)"
+            );
+        }
         ServerSecurity::Plain
     };
     println!("braid serving {} export(s) on {local}", exports.len());
@@ -203,12 +231,14 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         nbd_config = nbd_config.with_tls(acceptor.clone(), true);
     }
     let nbd_target = Arc::new(braid_frontend_nbd::BackendTarget(backend.clone()));
-    for nbd_addr in &args.nbd {
+    let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
+    for nbd_addr in args.nbd.iter().chain(file.nbd.iter().flatten()) {
         let (uri, task) = crate::nbd::start(
             nbd_addr,
             &exports[0].name,
             nbd_config.clone(),
             nbd_target.clone(),
+            nbd_allow_insecure,
             nbd_stopped.clone(),
         )
         .await?;

@@ -98,6 +98,11 @@ impl NbdConfig {
         self.tls_required = required;
         self
     }
+
+    /// Whether every client must speak TLS before it sees an export.
+    pub fn has_tls(&self) -> bool {
+        self.tls_required
+    }
 }
 
 /// How long a shutdown waits for connections to finish what is in flight.

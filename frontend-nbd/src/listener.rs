@@ -41,6 +41,15 @@ impl NbdListener {
         Ok(NbdListener::Tcp(TcpListener::bind(addr).await?))
     }
 
+    /// Whether clients on other machines can reach it: a TCP address that
+    /// is not loopback (`0.0.0.0` included). NBD has no authentication.
+    pub fn reachable_from_network(&self) -> bool {
+        match self {
+            NbdListener::Tcp(l) => l.local_addr().is_ok_and(|a| !a.ip().is_loopback()),
+            NbdListener::Unix(_) => false,
+        }
+    }
+
     /// An NBD URI for an export on this listener.
     pub fn uri(&self, export: &str) -> io::Result<String> {
         Ok(match self {
