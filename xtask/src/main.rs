@@ -13,8 +13,9 @@ usage: cargo xtask <command>
 
 commands:
   ci        everything CI checks: format, lints, build of every crate and
-            target, the whole test suite (release mode, since the
-            simulation sweeps are CPU-bound), NBD conformance (host and
+            target, the whole test suite (the `sim` profile: release
+            speed for the CPU-bound sweeps, with debug assertions and
+            overflow checks on), NBD conformance (host and
             VM), a simulation sweep and a short soak
   test      the test suite only (cargo nextest if installed, else cargo test);
             extra arguments go to the test runner
@@ -36,6 +37,11 @@ commands:
             verifier throughout: `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
 ";
+
+/// The cargo profile of tests, sweeps, conformance and soak (Cargo.toml):
+/// optimized, with debug assertions and overflow checks, so a broken
+/// invariant stops the run where it breaks instead of wrapping silently.
+const CHECKED: &str = "sim";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -106,7 +112,8 @@ fn ci() -> Result<(), String> {
         "clippy",
         "--workspace",
         "--all-targets",
-        "--release",
+        "--profile",
+        CHECKED,
         "--",
         "-D",
         "warnings",
@@ -155,12 +162,19 @@ fn test(extra: &[String]) -> Result<(), String> {
             "nextest",
             "run",
             "--workspace",
-            "--release",
+            "--cargo-profile",
+            CHECKED,
             "--no-fail-fast",
         ]);
     } else {
         eprintln!("(cargo-nextest not installed: using cargo test)");
-        cmd.args(["test", "--workspace", "--release", "--no-fail-fast"]);
+        cmd.args([
+            "test",
+            "--workspace",
+            "--profile",
+            CHECKED,
+            "--no-fail-fast",
+        ]);
     }
     cmd.args(extra);
     run("tests", cmd)
@@ -173,7 +187,8 @@ fn sim(extra: &[String]) -> Result<(), String> {
     let mut cmd = cargo();
     cmd.args([
         "run",
-        "--release",
+        "--profile",
+        CHECKED,
         "--quiet",
         "--package",
         "braid-sim-tests",
@@ -189,7 +204,8 @@ fn soak(extra: &[String]) -> Result<(), String> {
     let mut cmd = cargo();
     cmd.args([
         "run",
-        "--release",
+        "--profile",
+        CHECKED,
         "--quiet",
         "--package",
         "braid",
@@ -202,9 +218,10 @@ fn soak(extra: &[String]) -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     if extra.iter().any(|a| a == "--peers") {
-        build_like_ci()?;
+        // Speed is measured as users build it: release, assertions off.
+        build_workspace("release")?;
         let root = root();
-        return peers::run(extra, &root, &conformance::braid_binary(&root));
+        return peers::run(extra, &root, &conformance::braid_binary(&root, "release"));
     }
     let mut cmd = cargo();
     cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);
@@ -222,7 +239,7 @@ fn root() -> PathBuf {
 fn conformance(extra: &[String]) -> Result<(), String> {
     build_like_ci()?;
     let root = root();
-    let braid = conformance::braid_binary(&root);
+    let braid = conformance::braid_binary(&root, CHECKED);
     let start = Instant::now();
     eprintln!("==> conformance");
     let result = conformance::run(extra, &root, &braid);
@@ -245,7 +262,8 @@ fn madsim_sim(extra: &[String]) -> Result<(), String> {
         .env("CARGO_TARGET_DIR", root().join("target").join("madsim"))
         .args([
             "run",
-            "--release",
+            "--profile",
+            CHECKED,
             "--quiet",
             "--package",
             "braid-fabric-sim",
@@ -257,11 +275,21 @@ fn madsim_sim(extra: &[String]) -> Result<(), String> {
     run("madsim sweep (real fabric-tcp drivers)", cmd)
 }
 
-/// The release build `ci` makes, so after `ci` it is a no-op (building
-/// only the braid package would unify features differently and rebuild).
+/// The build `ci` makes, so after `ci` it is a no-op (building only the
+/// braid package would unify features differently and rebuild).
 fn build_like_ci() -> Result<(), String> {
+    build_workspace(CHECKED)
+}
+
+fn build_workspace(profile: &str) -> Result<(), String> {
     let mut build = cargo();
-    build.args(["build", "--workspace", "--all-targets", "--release"]);
+    build.args([
+        "build",
+        "--workspace",
+        "--all-targets",
+        "--profile",
+        profile,
+    ]);
     run("build every crate and target", build)
 }
 

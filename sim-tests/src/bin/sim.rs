@@ -5,7 +5,7 @@
 use braid_core::testkit::Report;
 use braid_sim_tests::{run, scenario, SCENARIOS};
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -151,25 +151,37 @@ fn main() -> ExitCode {
             })
         })
         .collect();
+    // A bar on a terminal; in a log (CI), a line per tenth of the sweep.
+    let tty = std::io::stderr().is_terminal();
+    let mut last_tenth = 0;
     while done.load(Ordering::Relaxed) < args.count {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let d = done.load(Ordering::Relaxed);
+        let tenth = d * 10 / args.count.max(1);
+        if !tty && tenth == last_tenth {
+            continue;
+        }
+        last_tenth = tenth;
         let width = 40;
         let filled = (d * width / args.count.max(1)) as usize;
         eprint!(
-            "\r[{}{}] {d}/{} seeds  {:.0}s  failing: {}   ",
+            "{}[{}{}] {d}/{} seeds  {:.0}s  failing: {}   {}",
+            if tty { "\r" } else { "" },
             "#".repeat(filled),
             ".".repeat(width as usize - filled),
             args.count,
             started.elapsed().as_secs_f64(),
-            bad.load(Ordering::Relaxed)
+            bad.load(Ordering::Relaxed),
+            if tty { "" } else { "\n" },
         );
         let _ = std::io::stderr().flush();
     }
     for w in workers {
         let _ = w.join();
     }
-    eprintln!();
+    if tty {
+        eprintln!();
+    }
     let wall = started.elapsed().as_secs_f64();
     let mut outcomes = std::mem::take(&mut *results.lock().unwrap());
     outcomes.sort_by_key(|o| o.report.seed);
