@@ -71,8 +71,8 @@ fn connected() -> Connected {
         vec![ExportConfig::new("disk0", 1 << 30)],
     );
     let mut p = Connected {
-        client: ClientEngine::new(cc),
-        server: ServerEngine::new(sc),
+        client: ClientEngine::new(cc).expect("a valid config"),
+        server: ServerEngine::new(sc).expect("a valid config"),
         now: Instant::ZERO,
         ch: ChannelId { slot: 0, gen: 0 },
     };

@@ -55,8 +55,8 @@ struct Pair {
 impl Pair {
     fn new(client: ClientConfig) -> Self {
         Pair {
-            client: ClientEngine::new(client),
-            server: ServerEngine::new(server_config()),
+            client: ClientEngine::new(client).expect("a valid config"),
+            server: ServerEngine::new(server_config()).expect("a valid config"),
             now: Instant::ZERO,
             conns: BTreeMap::new(),
             chans: BTreeMap::new(),
@@ -358,7 +358,7 @@ fn drain(server: &mut ServerEngine) -> Vec<Message> {
 
 #[test]
 fn a_recorded_handshake_cannot_be_replayed() {
-    let mut server = ServerEngine::new(server_config());
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
     let key = Key::new(*b"alice's key");
     let nonce = [5; 16];
     let now = Instant::ZERO;
@@ -442,7 +442,7 @@ fn garbage_on_one_connection_leaves_other_sessions_alone() {
 
 #[test]
 fn half_open_connections_are_closed_after_the_handshake_timeout() {
-    let mut server = ServerEngine::new(server_config());
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
     server.connection_opened(1, Instant::ZERO);
     server.handle_timeout(Instant::ZERO + Duration::from_secs(5));
     assert!(server.poll_action().is_none());
@@ -505,7 +505,7 @@ fn a_quiet_channel_is_pinged_and_a_silent_one_declared_dead() {
 fn back_pressure_refuses_io_beyond_the_journal_bound() {
     let mut cfg = client_config("disk0", "alice", b"alice's key");
     cfg.max_queued = 3;
-    let mut client = ClientEngine::new(cfg);
+    let mut client = ClientEngine::new(cfg).expect("a valid config");
     let now = Instant::ZERO;
     for user in 0..3 {
         client.submit(user, IoRequest::read(0, 512), now).unwrap();
@@ -521,7 +521,7 @@ fn back_pressure_refuses_io_beyond_the_journal_bound() {
 fn an_io_timeout_fails_io_with_an_error_instead_of_hanging() {
     let mut cfg = client_config("disk0", "alice", b"alice's key");
     cfg.io_timeout = Some(Duration::from_secs(5));
-    let mut client = ClientEngine::new(cfg);
+    let mut client = ClientEngine::new(cfg).expect("a valid config");
     client
         .submit(1, IoRequest::read(0, 512), Instant::ZERO)
         .unwrap();
@@ -556,7 +556,7 @@ fn server_restart_is_detected_and_unflushed_data_replayed() {
     p.conns.clear();
     let mut cfg = server_config();
     cfg.boot_id = 0xB008;
-    p.server = ServerEngine::new(cfg);
+    p.server = ServerEngine::new(cfg).expect("a valid config");
     p.disk[..1024].fill(0);
     for (_, ch) in conns {
         p.client.channel_closed(ch, p.now);
@@ -645,7 +645,7 @@ mod arbitrary_input {
 fn a_client_ignoring_max_inflight_cannot_pin_server_memory() {
     let mut cfg = server_config();
     cfg.max_inflight = 4;
-    let mut server = ServerEngine::new(cfg);
+    let mut server = ServerEngine::new(cfg).expect("a valid config");
     let now = Instant::ZERO;
     // Authenticate, then flood reads the backend never finishes.
     server.connection_opened(1, now);

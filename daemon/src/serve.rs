@@ -258,7 +258,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     Server::run(
         listener,
         security,
-        ServerEngine::new(server_config),
+        ServerEngine::new(server_config).map_err(|e| e.to_string())?,
         backend,
         shutdown,
         move |server| {

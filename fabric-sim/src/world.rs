@@ -304,7 +304,7 @@ async fn simulate(
                     let _ = Server::run(
                         listener,
                         ServerSecurity::Plain,
-                        ServerEngine::new(config),
+                        ServerEngine::new(config).expect("a valid config"),
                         Arc::new(SimDisk {
                             disks,
                             full,

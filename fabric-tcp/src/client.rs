@@ -8,7 +8,7 @@ use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
     IoRequest, Notice, SubmitError,
 };
-use braid_core::wire::RejectCode;
+use braid_core::wire::{self, RejectCode};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -97,8 +97,12 @@ impl Client {
         let status = Arc::new(Mutex::new(ClientStatus::default()));
         let (ready_tx, ready_rx) = oneshot::channel();
         let last_error = Arc::new(Mutex::new(String::from("no answer yet")));
+        let engine = ClientEngine::new(config).map_err(|e| ConnectError {
+            addr: addr.clone(),
+            detail: e.to_string(),
+        })?;
         let driver = Driver {
-            engine: ClientEngine::new(config),
+            engine,
             addr: addr.clone(),
             security,
             clock: Clock::new(),
@@ -411,7 +415,15 @@ impl Driver {
     ) {
         let addr = self.addr.clone();
         let timeout = self.engine.config().handshake_timeout;
-        let max_payload = (64 << 20) + 4096;
+        // Replies carry at most the negotiated payload, never more than the
+        // wire format's cap.
+        let max_payload = wire::MAX_PAYLOAD_LEN as usize;
+        // The engine never has more than its journal's bytes to send; a
+        // channel queueing twice that is stuck, and closing it fails over.
+        let cfg = self.engine.config();
+        let queue_limit = 2
+            * (cfg.max_journal_bytes as usize
+                + cfg.max_queued * (wire::PREFIX_LEN + wire::MAX_BODY_LEN));
         let security = self.security.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
@@ -419,7 +431,7 @@ impl Driver {
                     let _ = stream.set_nodelay(true);
                     let writer = match security {
                         ClientSecurity::Plain => {
-                            conn::spawn(stream, ch, max_payload, usize::MAX, conn_tx)
+                            conn::spawn(stream, ch, max_payload, queue_limit, conn_tx)
                         }
                         #[cfg(feature = "tls")]
                         ClientSecurity::Tls(connector, name) => {
@@ -427,7 +439,7 @@ impl Driver {
                                 .await
                             {
                                 Ok(Ok(tls)) => {
-                                    conn::spawn(tls, ch, max_payload, usize::MAX, conn_tx)
+                                    conn::spawn(tls, ch, max_payload, queue_limit, conn_tx)
                                 }
                                 Ok(Err(e)) => {
                                     // A certificate problem does not fix itself.

@@ -34,6 +34,8 @@ pub struct ServerStatus {
 /// Unsent reply bytes one connection may hold before the server decides
 /// its peer stopped reading (a few max-size replies in flight, with room).
 const SEND_QUEUE_MAX: usize = 64 << 20;
+/// How far past `max_payload` a request may be and still get an answer.
+const OVERSIZE_ANSWERED: usize = 4096;
 
 enum Event {
     BackendDone(u64, Result<Bytes, Status>),
@@ -76,7 +78,9 @@ impl Server {
             local_addr: listener.local_addr()?,
         });
         let clock = Clock::new();
-        let max_payload = engine.config().max_payload as usize + 4096;
+        // A request a little over the limit still decodes, so its sender
+        // gets INVALID for that request instead of losing the channel.
+        let max_payload = engine.config().max_payload as usize + OVERSIZE_ANSWERED;
         let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ConnId>>();
         let mut writers: HashMap<ConnId, conn::Writer> = HashMap::new();

@@ -53,7 +53,7 @@ async fn start_secure_server(
         Server::run(
             listener,
             security,
-            ServerEngine::new(config),
+            ServerEngine::new(config).expect("a valid config"),
             backend,
             async {
                 let _ = stop_rx.await;

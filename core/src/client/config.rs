@@ -1,6 +1,8 @@
 //! Client engine configuration.
 
 use crate::auth::Key;
+use crate::limits::{self, Checks, ConfigError, MAX_CHANNELS, RESEND_MIN_FLOOR, TIMER_MAX};
+use crate::wire::MAX_NAME_LEN;
 use std::time::Duration;
 
 /// How requests are spread over live channels.
@@ -105,5 +107,67 @@ impl ClientConfig {
             rng_seed,
             sabotage: Sabotage::default(),
         }
+    }
+}
+
+impl ClientConfig {
+    /// Refuses a configuration the engine cannot run with; the error names
+    /// the field. [`crate::client::ClientEngine::new`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut c = Checks::new("client");
+        let ms = Duration::from_millis(1);
+        c.require(
+            !self.export.is_empty() && self.export.len() <= MAX_NAME_LEN,
+            "export",
+            || format!("must be 1 to {MAX_NAME_LEN} bytes"),
+        );
+        c.require(
+            !self.key_id.is_empty() && self.key_id.len() <= MAX_NAME_LEN,
+            "key_id",
+            || format!("must be 1 to {MAX_NAME_LEN} bytes"),
+        );
+        c.require(
+            (1..=MAX_CHANNELS).contains(&self.channels),
+            "channels",
+            || format!("{} is outside 1 to {MAX_CHANNELS}", self.channels),
+        );
+        c.require(self.max_queued >= 1, "max_queued", || {
+            "must be at least 1".into()
+        });
+        c.require(self.max_journal_bytes >= 4096, "max_journal_bytes", || {
+            format!("{} cannot hold one 4 KiB write", self.max_journal_bytes)
+        });
+        c.require(self.max_inflight >= 1, "max_inflight", || {
+            "0 would never send a request".into()
+        });
+        c.require(self.max_dirty_bytes >= 4096, "max_dirty_bytes", || {
+            format!("{} cannot hold one 4 KiB write", self.max_dirty_bytes)
+        });
+        c.duration(self.keepalive_interval, "keepalive_interval", ms, TIMER_MAX);
+        c.duration(self.channel_timeout, "channel_timeout", ms, TIMER_MAX);
+        c.require(
+            self.channel_timeout > self.keepalive_interval,
+            "channel_timeout",
+            || {
+                format!(
+                    "{:?} must exceed keepalive_interval ({:?}), or a quiet channel dies before its probe is answered",
+                    self.channel_timeout, self.keepalive_interval
+                )
+            },
+        );
+        c.duration(self.handshake_timeout, "handshake_timeout", ms, TIMER_MAX);
+        c.duration(self.resend_min, "resend_min", RESEND_MIN_FLOOR, TIMER_MAX);
+        c.duration(self.resend_max, "resend_max", self.resend_min, TIMER_MAX);
+        c.duration(self.reconnect_min, "reconnect_min", ms, TIMER_MAX);
+        c.duration(
+            self.reconnect_max,
+            "reconnect_max",
+            self.reconnect_min,
+            TIMER_MAX,
+        );
+        if let Some(t) = self.io_timeout {
+            c.duration(t, "io_timeout", ms, limits::TIMER_MAX * 365);
+        }
+        c.finish()
     }
 }

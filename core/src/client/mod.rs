@@ -16,6 +16,7 @@ pub use channel::ChannelId;
 pub use config::{ClientConfig, Policy, Sabotage};
 
 use crate::auth::{self, NONCE_LEN};
+use crate::limits::ConfigError;
 use crate::rng::{SecretRng, SplitMix64};
 use crate::wire::{self, *};
 use crate::Instant;
@@ -323,13 +324,13 @@ pub struct ClientEngine {
 
 impl ClientEngine {
     /// A client that will connect all its channels on the first
-    /// [`ClientEngine::handle_timeout`] or submit.
-    pub fn new(config: ClientConfig) -> Self {
-        assert!((1..=64).contains(&config.channels), "1 to 64 channels");
+    /// [`ClientEngine::handle_timeout`] or submit, if `config` is sound.
+    pub fn new(config: ClientConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
         let mut seed = [0u8; 8];
         let mut secret = SecretRng::new(config.rng_seed);
         secret.fill(&mut seed);
-        ClientEngine {
+        Ok(ClientEngine {
             jitter: SplitMix64::new(u64::from_le_bytes(seed)),
             secret,
             channels: (0..config.channels).map(|_| Channel::new()).collect(),
@@ -345,7 +346,7 @@ impl ClientEngine {
             stats: ClientStats::default(),
             closing: false,
             config,
-        }
+        })
     }
 
     /// The configuration in force.

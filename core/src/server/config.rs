@@ -1,6 +1,8 @@
 //! Server engine configuration.
 
 use crate::auth::Key;
+use crate::limits::{Checks, ConfigError, BLOCK_SIZE_MAX, BLOCK_SIZE_MIN, TIMER_MAX};
+use crate::wire::{MAX_NAME_LEN, MAX_PAYLOAD_LEN};
 use std::time::Duration;
 
 /// One exported device.
@@ -93,5 +95,101 @@ impl ServerConfig {
             session_linger: Duration::from_secs(300),
             sabotage_no_dedup: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Refuses a configuration the engine cannot run with; the error names
+    /// the field. [`crate::server::ServerEngine::new`] calls it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut c = Checks::new("server");
+        let ms = Duration::from_millis(1);
+        c.require(!self.keys.is_empty(), "keys", || {
+            "no key: nobody could connect".into()
+        });
+        for (id, _) in &self.keys {
+            c.require(!id.is_empty() && id.len() <= MAX_NAME_LEN, "keys", || {
+                format!("key id {id:?} must be 1 to {MAX_NAME_LEN} bytes")
+            });
+        }
+        c.require(!self.exports.is_empty(), "exports", || {
+            "no export to serve".into()
+        });
+        for (i, e) in self.exports.iter().enumerate() {
+            c.require(
+                !e.name.is_empty() && e.name.len() <= MAX_NAME_LEN,
+                "exports.name",
+                || {
+                    format!(
+                        "export {i} name {:?} must be 1 to {MAX_NAME_LEN} bytes",
+                        e.name
+                    )
+                },
+            );
+            c.require(
+                !self.exports[..i].iter().any(|o| o.name == e.name),
+                "exports.name",
+                || format!("export {:?} is configured twice", e.name),
+            );
+            c.require(
+                e.block_size.is_power_of_two()
+                    && (BLOCK_SIZE_MIN..=BLOCK_SIZE_MAX).contains(&e.block_size),
+                "exports.block_size",
+                || {
+                    format!(
+                        "export {:?}: {} is not a power of two from {BLOCK_SIZE_MIN} to {BLOCK_SIZE_MAX}",
+                        e.name, e.block_size
+                    )
+                },
+            );
+            c.require(
+                e.block_size == 0 || e.size % u64::from(e.block_size) == 0,
+                "exports.size",
+                || {
+                    format!(
+                        "export {:?}: {} bytes is not a whole number of {}-byte blocks",
+                        e.name, e.size, e.block_size
+                    )
+                },
+            );
+            c.require(e.block_size <= self.max_payload, "max_payload", || {
+                format!(
+                    "{} is smaller than export {:?}'s block size {}: no request would fit",
+                    self.max_payload, e.name, e.block_size
+                )
+            });
+        }
+        c.require(self.max_sessions >= 1, "max_sessions", || {
+            "must be at least 1".into()
+        });
+        c.require(
+            self.max_channels_per_session >= 1,
+            "max_channels_per_session",
+            || "must be at least 1".into(),
+        );
+        c.require(self.max_inflight >= 1, "max_inflight", || {
+            "0 would refuse every request".into()
+        });
+        c.require(self.max_payload <= MAX_PAYLOAD_LEN, "max_payload", || {
+            format!(
+                "{} exceeds the wire format's {MAX_PAYLOAD_LEN}",
+                self.max_payload
+            )
+        });
+        c.require(self.id_window >= self.max_inflight, "id_window", || {
+            format!(
+                "{} is below max_inflight ({}): a client with that many requests out would be refused",
+                self.id_window, self.max_inflight
+            )
+        });
+        c.duration(self.handshake_timeout, "handshake_timeout", ms, TIMER_MAX);
+        c.duration(self.idle_timeout, "idle_timeout", ms, TIMER_MAX);
+        c.duration(
+            self.session_linger,
+            "session_linger",
+            Duration::ZERO,
+            TIMER_MAX,
+        );
+        c.finish()
     }
 }

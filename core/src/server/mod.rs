@@ -13,6 +13,7 @@ pub use config::{ExportConfig, ServerConfig};
 pub use session::ConnId;
 
 use crate::auth::{self, NONCE_LEN};
+use crate::limits::ConfigError;
 use crate::rng::SecretRng;
 use crate::wire::{self, *};
 use crate::Instant;
@@ -227,14 +228,15 @@ pub struct ServerEngine {
 }
 
 impl ServerEngine {
-    /// A server with no connections yet.
-    pub fn new(config: ServerConfig) -> Self {
+    /// A server with no connections yet, if `config` is sound.
+    pub fn new(config: ServerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
         let gates = config
             .exports
             .iter()
             .map(|_| OverlapGate::default())
             .collect();
-        ServerEngine {
+        Ok(ServerEngine {
             rng: SecretRng::new(config.rng_seed),
             config,
             conns: BTreeMap::new(),
@@ -245,7 +247,7 @@ impl ServerEngine {
             actions: VecDeque::new(),
             stats: ServerStats::default(),
             next_sweep: None,
-        }
+        })
     }
 
     /// The configuration in force.

@@ -41,7 +41,7 @@ pub fn exercise_server(data: &[u8]) -> crate::server::ServerStats {
     );
     cfg.id_window = 64;
     let window = cfg.id_window as usize;
-    let mut server = ServerEngine::new(cfg);
+    let mut server = ServerEngine::new(cfg).expect("a valid config");
     let mut now = Instant::ZERO;
     let conns = [1u64, 2, 3];
     for c in conns {

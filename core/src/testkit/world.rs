@@ -295,7 +295,8 @@ impl World {
         cc.max_queued = cfg.queue_depth.max(1);
         cc.sabotage = cfg.sabotage;
         let boot = rng.next_u64();
-        let server = ServerEngine::new(Self::server_config(&cfg, boot, server_seed, key));
+        let server = ServerEngine::new(Self::server_config(&cfg, boot, server_seed, key))
+            .expect("a valid config");
         let disk = MemDisk::new(cfg.disk_sectors * SECTOR as u64);
         let checker = Checker::new(cfg.disk_sectors);
         World {
@@ -304,7 +305,7 @@ impl World {
             server_now: server_start,
             seq: 0,
             queue: BinaryHeap::new(),
-            client: ClientEngine::new(cc),
+            client: ClientEngine::new(cc).expect("a valid config"),
             server,
             server_stats: ServerStats::default(),
             server_up: true,
@@ -804,7 +805,8 @@ impl World {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
         let key = Key::new(b"simulated pre-shared key".to_vec());
-        self.server = ServerEngine::new(Self::server_config(&self.cfg, self.boot, seed, key));
+        self.server = ServerEngine::new(Self::server_config(&self.cfg, self.boot, seed, key))
+            .expect("a valid config");
         self.server_up = true;
     }
 
