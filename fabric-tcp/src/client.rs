@@ -204,6 +204,7 @@ impl Driver {
         let mut closing: Option<oneshot::Sender<()>> = None;
         loop {
             self.process(&ev_tx, &conn_tx);
+            crate::check_engine("client", || self.engine.check());
             if let Some(done) = closing.take() {
                 let _ = done.send(());
                 return;

@@ -21,6 +21,18 @@ pub mod server;
 pub mod tls;
 
 pub use client::{Client, ClientStatus, ConnectError};
+
+/// In checked builds (tests, sweeps, the madsim world, soak: the `sim`
+/// profile), the engine's own consistency check after every step of its
+/// driver loop, so the real drivers are held to what the engine-level
+/// simulator checks. Release builds skip it: it costs O(state) per event.
+fn check_engine(engine: &str, check: impl FnOnce() -> Result<(), String>) {
+    if cfg!(debug_assertions) {
+        if let Err(e) = check() {
+            panic!("{engine} engine inconsistent: {e}");
+        }
+    }
+}
 pub use server::{Server, ServerStatus};
 
 /// How a server protects its channels.

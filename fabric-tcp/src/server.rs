@@ -89,6 +89,7 @@ impl Server {
         let mut last_list = tokio::time::Instant::now();
         tokio::pin!(shutdown);
         loop {
+            crate::check_engine("server", || engine.check());
             let deadline = clock.deadline(engine.poll_timeout());
             // Biased, in a fixed order, so a seed replays exactly under the
             // simulator: timers (only when due), new connections (rare,

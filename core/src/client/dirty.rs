@@ -77,6 +77,29 @@ impl DirtyWindow {
         self.entries.is_empty()
     }
 
+    /// The byte total matches the entries, and no entry is from a later
+    /// generation than the window has counted.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let bytes: u64 = self.entries.values().map(|e| cost(&e.content)).sum();
+        if bytes != self.bytes {
+            return Err(format!(
+                "dirty window: bytes is {}, entries say {bytes}",
+                self.bytes
+            ));
+        }
+        if let Some(e) = self
+            .entries
+            .values()
+            .find(|e| e.gen > self.gen || e.gen == 0)
+        {
+            return Err(format!(
+                "dirty window: entry of generation {} (window at {})",
+                e.gen, self.gen
+            ));
+        }
+        Ok(())
+    }
+
     /// Records an acknowledged mutation.
     pub(crate) fn acknowledged(
         &mut self,

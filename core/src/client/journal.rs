@@ -338,6 +338,102 @@ impl Journal {
         }
     }
 
+    /// Verifies every count and index against the entries themselves: the
+    /// counters match, every timer points at a live entry with that very
+    /// deadline, and every queued entry can still be reached (an entry in
+    /// no queue would never be sent: a hang). O(entries); for simulators.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let user: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| matches!(e.origin, Origin::User(_)))
+            .collect();
+        let count = |f: &dyn Fn(&Entry) -> bool| self.entries.values().filter(|e| f(e)).count();
+        let expect = |what: &str, counted: u64, kept: u64| {
+            if counted == kept {
+                Ok(())
+            } else {
+                Err(format!("journal: {what} is {kept}, entries say {counted}"))
+            }
+        };
+        expect("user_count", user.len() as u64, self.user_count as u64)?;
+        let bytes: u64 = user.iter().map(|e| e.payload.len() as u64).sum();
+        expect("user_bytes", bytes, self.user_bytes)?;
+        let sent = count(&|e| matches!(e.state, EntryState::Sent { .. }));
+        expect("sent", sent as u64, self.sent as u64)?;
+        let replays = count(&|e| e.origin == Origin::Replay);
+        expect("replays", replays as u64, self.replays as u64)?;
+        let dirty = count(&|e| e.origin == Origin::DirtyFlush);
+        expect("dirty_flushes", dirty as u64, self.dirty_flushes as u64)?;
+        expect(
+            "resend timers",
+            sent as u64,
+            self.resend_timers.len() as u64,
+        )?;
+        for &(at, id) in &self.resend_timers {
+            match self.entries.get(&id).map(|e| e.state) {
+                Some(EntryState::Sent { resend_at, .. }) if resend_at == at => {}
+                other => {
+                    return Err(format!(
+                        "journal: resend timer {at:?} of {id} points at {other:?}"
+                    ))
+                }
+            }
+        }
+        for &(at, id) in &self.io_deadlines {
+            if self.entries.get(&id).and_then(|e| e.io_deadline) != Some(at) {
+                return Err(format!(
+                    "journal: IO deadline {at:?} of {id} points at no such entry"
+                ));
+            }
+        }
+        let queued: BTreeSet<u64> = self
+            .queue
+            .iter()
+            .chain(&self.held_flushes)
+            .copied()
+            .collect();
+        let replay_queued: BTreeSet<u64> = self.replay_queue.iter().copied().collect();
+        let mutations = count(&|e| e.op.mutates());
+        expect("mutations", mutations as u64, self.mutations.len() as u64)?;
+        for (&id, e) in &self.entries {
+            if id >= self.next_id {
+                return Err(format!(
+                    "journal: id {id} not below next_id {}",
+                    self.next_id
+                ));
+            }
+            if e.op.mutates() != self.mutations.contains(&id) {
+                return Err(format!("journal: {id} ({:?}) misfiled in mutations", e.op));
+            }
+            if e.state == EntryState::Queued {
+                let reachable = if e.origin == Origin::Replay {
+                    replay_queued.contains(&id)
+                } else {
+                    queued.contains(&id)
+                };
+                if !reachable {
+                    return Err(format!(
+                        "journal: queued {id} ({:?}) is in no queue: it would never be sent",
+                        e.op
+                    ));
+                }
+            }
+        }
+        for id in &self.held_flushes {
+            match self.entries.get(id) {
+                Some(e) if e.op == Op::Flush && e.state == EntryState::Queued => {}
+                other => return Err(format!("journal: held FLUSH {id} is {other:?}")),
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "testkit")]
+    pub(crate) fn corrupt_for_test(&mut self) {
+        self.user_count += 1;
+    }
+
     /// Removes replays not yet acknowledged (the server restarted again).
     pub(crate) fn take_replays(&mut self) -> Vec<Entry> {
         let ids: Vec<u64> = self

@@ -419,6 +419,57 @@ impl ClientEngine {
             .collect()
     }
 
+    /// Verifies the engine's internal invariants: the journal's counters
+    /// and indexes, the dirty window's byte total, and that each channel's
+    /// in-flight count is exactly the requests on the wire through its
+    /// current connection, which must be ready. O(journal); simulators call
+    /// it after every step, production code never.
+    pub fn check(&self) -> Result<(), String> {
+        self.journal.check()?;
+        self.dirty.check()?;
+        let mut on_wire = vec![0u32; self.channels.len()];
+        for (id, e) in &self.journal.entries {
+            if let EntryState::Sent { ch, .. } = e.state {
+                let c = self
+                    .channels
+                    .get(ch.slot as usize)
+                    .ok_or_else(|| format!("request {id} sent on {ch}, which does not exist"))?;
+                if c.gen != ch.gen || !c.is_ready() {
+                    return Err(format!(
+                        "request {id} sent on {ch}, but that slot is at gen {} in {:?}",
+                        c.gen, c.state
+                    ));
+                }
+                on_wire[ch.slot as usize] += 1;
+            }
+        }
+        for (slot, c) in self.channels.iter().enumerate() {
+            if c.inflight != on_wire[slot] {
+                return Err(format!(
+                    "channel {slot}: inflight is {}, the journal has {} on it",
+                    c.inflight, on_wire[slot]
+                ));
+            }
+        }
+        if let Some(s) = &self.session {
+            if self.journal.sent() > s.max_inflight as usize {
+                return Err(format!(
+                    "{} requests on the wire, the session allows {}",
+                    self.journal.sent(),
+                    s.max_inflight
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Breaks one journal counter, so tests can see [`ClientEngine::check`] fire.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    pub fn corrupt_for_test(&mut self) {
+        self.journal.corrupt_for_test();
+    }
+
     /// The next action for the driver, in order.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<ClientAction> {
@@ -1038,7 +1089,8 @@ impl ClientEngine {
     fn release_inflight(&mut self, ch: ChannelId) {
         if let Some(c) = self.channels.get_mut(ch.slot as usize) {
             if c.gen == ch.gen {
-                c.inflight = c.inflight.saturating_sub(1);
+                debug_assert!(c.inflight > 0, "{ch}: a release without a send");
+                c.inflight -= 1;
             }
         }
     }

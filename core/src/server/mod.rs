@@ -296,6 +296,115 @@ impl ServerEngine {
         self.ops.len()
     }
 
+    /// Verifies the engine's internal invariants: each session's backend
+    /// count is exactly its operations in the backend, every executing
+    /// request has its operation, connections and sessions point at each
+    /// other, the overlap gates hold exactly the mutations in the backend,
+    /// and every bound holds. O(state); simulators call it after every step.
+    pub fn check(&self) -> Result<(), String> {
+        use std::collections::BTreeSet;
+        if self.sessions.len() > self.config.max_sessions {
+            return Err(format!(
+                "{} sessions, max_sessions is {}",
+                self.sessions.len(),
+                self.config.max_sessions
+            ));
+        }
+        let in_backend: BTreeSet<(u64, u64)> = self
+            .ops
+            .values()
+            .map(|o| (o.session_id, o.request_id))
+            .collect();
+        for s in self.sessions.values() {
+            s.check(self.config.id_window)?;
+            let ops = self.ops.values().filter(|o| o.session_id == s.id).count();
+            if ops != s.ops_in_backend {
+                return Err(format!(
+                    "session {:#x}: ops_in_backend is {}, the backend has {ops}",
+                    s.id, s.ops_in_backend
+                ));
+            }
+            if let Some(id) = s
+                .in_progress()
+                .find(|id| !in_backend.contains(&(s.id, *id)))
+            {
+                return Err(format!(
+                    "session {:#x}: request {id} in progress with nothing in the backend",
+                    s.id
+                ));
+            }
+            if s.conns.len() > self.config.max_channels_per_session {
+                return Err(format!("session {:#x}: {} channels", s.id, s.conns.len()));
+            }
+            for c in &s.conns {
+                match self.conns.get(c).map(|c| &c.state) {
+                    Some(ConnState::Bound { session_id }) if *session_id == s.id => {}
+                    other => {
+                        return Err(format!(
+                            "session {:#x} lists conn {c}, which is {other:?}",
+                            s.id
+                        ))
+                    }
+                }
+            }
+        }
+        for (id, c) in &self.conns {
+            if let ConnState::Bound { session_id } = c.state {
+                if !self
+                    .sessions
+                    .get(&session_id)
+                    .is_some_and(|s| s.conns.contains(id))
+                {
+                    return Err(format!(
+                        "conn {id} bound to session {session_id:#x}, which does not list it"
+                    ));
+                }
+            }
+        }
+        if let Some(o) = self
+            .ops
+            .values()
+            .find(|o| !self.sessions.contains_key(&o.session_id))
+        {
+            return Err(format!("backend op of freed session {:#x}", o.session_id));
+        }
+        for (export, gate) in self.gates.iter().enumerate() {
+            let (running, waiting) = gate.census();
+            let mut admitted = 0;
+            for token in running {
+                admitted += 1;
+                if !self
+                    .ops
+                    .get(&token)
+                    .is_some_and(|o| o.mutation_range.is_some())
+                {
+                    return Err(format!("export {export}: gate runs token {token}, which is no mutation in the backend"));
+                }
+            }
+            let mutations = self
+                .ops
+                .values()
+                .filter(|o| o.export == export && o.mutation_range.is_some())
+                .count();
+            if admitted + waiting != mutations {
+                return Err(format!(
+                    "export {export}: gate holds {admitted} running and {waiting} waiting, the backend has {mutations} mutations"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Breaks one session's backend counter, so tests can see
+    /// [`ServerEngine::check`] fire.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    pub fn corrupt_for_test(&mut self) {
+        if let Some(s) = self.sessions.values_mut().next() {
+            s.ops_in_backend += 1;
+        }
+    }
+
     /// The next action for the driver, in order.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<ServerAction> {

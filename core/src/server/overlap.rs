@@ -75,6 +75,11 @@ impl<T> OverlapGate<T> {
         released
     }
 
+    /// Tokens admitted and not finished, and how many wait.
+    pub(crate) fn census(&self) -> (impl Iterator<Item = u64> + '_, usize) {
+        (self.running.iter().map(|r| r.0), self.waiting.len())
+    }
+
     #[cfg(test)]
     pub(crate) fn is_idle(&self) -> bool {
         self.running.is_empty() && self.waiting.is_empty()

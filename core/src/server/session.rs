@@ -150,6 +150,35 @@ impl Session {
         (exec_seq, reply_to)
     }
 
+    /// Every remembered id is at or above the floor and inside the window.
+    pub(crate) fn check(&self, window: u32) -> Result<(), String> {
+        if let Some((&lo, _)) = self.entries.first_key_value() {
+            if lo < self.floor {
+                return Err(format!(
+                    "session {:#x}: id {lo} kept below floor {}",
+                    self.id, self.floor
+                ));
+            }
+        }
+        if let Some((&hi, _)) = self.entries.last_key_value() {
+            if hi - self.floor >= u64::from(window) {
+                return Err(format!(
+                    "session {:#x}: id {hi} outside the window above {}",
+                    self.id, self.floor
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ids executing now (their reply goes out on completion).
+    pub(crate) fn in_progress(&self) -> impl Iterator<Item = u64> + '_ {
+        self.entries
+            .iter()
+            .filter(|(_, e)| matches!(e.state, EntryState::InProgress { .. }))
+            .map(|(id, _)| *id)
+    }
+
     /// Number of remembered request results (bounded by the id window).
     pub(crate) fn cached(&self) -> usize {
         self.entries.len()

@@ -61,6 +61,14 @@ pub enum Violation {
         /// Its error.
         error: String,
     },
+    /// An engine's own consistency check failed (its `check()`): a counter,
+    /// index or timer disagrees with the state it summarizes.
+    Internal {
+        /// Which engine.
+        engine: &'static str,
+        /// What disagreed.
+        what: String,
+    },
     /// A configured bound was exceeded (invariant 6).
     Bound {
         /// Which resource.
@@ -95,6 +103,7 @@ impl fmt::Display for Violation {
             Violation::UnexpectedError { op, error } => {
                 write!(f, "no error for transient faults: IO {op} failed: {error}")
             }
+            Violation::Internal { engine, what } => write!(f, "internal consistency ({engine}): {what}"),
             Violation::Bound { what, value, bound } => write!(f, "bounded resources: {what} = {value} > {bound}"),
         }
     }

@@ -40,6 +40,7 @@ pub fn exercise_server(data: &[u8]) -> crate::server::ServerStats {
         vec![ExportConfig::new("disk0", 1 << 20)],
     );
     cfg.id_window = 64;
+    cfg.max_inflight = 32;
     let window = cfg.id_window as usize;
     let mut server = ServerEngine::new(cfg).expect("a valid config");
     let mut now = Instant::ZERO;
@@ -137,6 +138,9 @@ pub fn exercise_server(data: &[u8]) -> crate::server::ServerStats {
             }
         }
         assert!(server.cached_results() <= server.session_count().max(1) * window);
+        if let Err(e) = server.check() {
+            panic!("server inconsistent after arbitrary input: {e}");
+        }
     }
     server.stats().clone()
 }

@@ -390,6 +390,7 @@ impl World {
             self.dispatch(s.ev);
             self.drain();
             self.check_bounds();
+            self.check_engines();
             if !self.faulty && self.outstanding.is_empty() {
                 break;
             }
@@ -808,6 +809,25 @@ impl World {
         self.server = ServerEngine::new(Self::server_config(&self.cfg, self.boot, seed, key))
             .expect("a valid config");
         self.server_up = true;
+    }
+
+    /// Each engine's own consistency check, after every step: a broken
+    /// counter is caught where it broke, not when the damage shows.
+    fn check_engines(&mut self) {
+        if let Err(what) = self.client.check() {
+            self.checker.report(Violation::Internal {
+                engine: "client",
+                what,
+            });
+        }
+        if self.server_up {
+            if let Err(what) = self.server.check() {
+                self.checker.report(Violation::Internal {
+                    engine: "server",
+                    what,
+                });
+            }
+        }
     }
 
     fn check_bounds(&mut self) {
