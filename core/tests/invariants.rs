@@ -4,7 +4,7 @@
 //! replays it.
 
 use braid_core::client::Sabotage;
-use braid_core::testkit::{FaultRates, Report, Violation, World, WorldConfig};
+use braid_core::testkit::{FaultRates, Report, Sabotage as Off, Violation, World, WorldConfig};
 use std::time::Duration;
 
 fn run(seed: u64, shape: impl Fn(&mut WorldConfig)) -> Report {
@@ -310,6 +310,55 @@ fn without_the_flush_barrier_the_checker_fails() {
             }
         },
         |v| matches!(v, Violation::Durability { .. }),
+    );
+}
+
+// The mechanisms below were found missing when the checker began to hold
+// a sector to what a read saw (and the simulated disk to land writes at a
+// random moment before their completion). The client's overlap order makes
+// the server's overlap gate and the FLUSH frontier redundant for a braid
+// client, so each of those two is shown needed with the order off too
+// (seeds found by `cargo xtask sim --scenario deep-queue --sabotage ...`).
+
+fn deep_queue(c: &mut WorldConfig) {
+    c.queue_depth = 64;
+    c.disk_sectors = 64;
+    c.run_for = Duration::from_secs(5);
+}
+
+#[test]
+fn without_the_restart_gate_the_checker_fails() {
+    teeth(
+        60..66,
+        deep_queue,
+        |c| Off::NoRestartGate.apply(c),
+        |v| matches!(v, Violation::ReadMismatch { .. }),
+    );
+}
+
+#[test]
+fn without_overlap_order_at_either_end_the_checker_fails() {
+    teeth(
+        0..4,
+        deep_queue,
+        |c| {
+            Off::NoOverlapOrder.apply(c);
+            Off::NoOverlapGate.apply(c);
+        },
+        |v| matches!(v, Violation::ReadMismatch { .. }),
+    );
+}
+
+#[test]
+fn without_overlap_order_or_the_flush_frontier_the_checker_fails() {
+    teeth(
+        0..8,
+        deep_queue,
+        |c| {
+            Off::NoOverlapOrder.apply(c);
+            Off::NoFlushFrontier.apply(c);
+        },
+        |v| matches!(v, Violation::ReadMismatch { .. }),
     );
 }
 

@@ -2,7 +2,8 @@
 //! the seed and the virtual run time; `cargo xtask sim` sweeps them, and the
 //! tests pin the seeds of every bug found.
 
-use braid_core::testkit::{FaultRates, WorldConfig};
+use braid_core::client::Policy;
+use braid_core::testkit::{FaultRates, Sabotage, WorldConfig};
 use std::time::Duration;
 
 /// Every scenario, with what it stresses.
@@ -32,6 +33,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "deep-queue",
         "every fault class at queue depth 64 over a small disk",
+    ),
+    (
+        "swarm",
+        "the whole shape drawn from the seed: channels, queue depth, disk size, timers, server limits, latencies, and which fault classes are on at what rates",
     ),
     (
         "clock-skew",
@@ -93,6 +98,7 @@ pub fn scenario(name: &str, seed: u64, virtual_secs: f64) -> Option<WorldConfig>
             c.queue_depth = 64;
             c.disk_sectors = 64;
         }
+        "swarm" => c = swarm(seed, virtual_secs),
         "clock-skew" => {
             // Drawn from the seed, apart from the world's own stream.
             let mut rng = braid_core::rng::SplitMix64::new(seed ^ 0xc10c_5ce3);
@@ -121,7 +127,20 @@ pub fn bad_ranges(name: &str) -> Vec<(u64, u64)> {
 
 /// Builds and runs one seed of a scenario.
 pub fn run(name: &str, seed: u64, virtual_secs: f64) -> Option<braid_core::testkit::Report> {
-    let cfg = scenario(name, seed, virtual_secs)?;
+    run_sabotaged(name, seed, virtual_secs, &[])
+}
+
+/// [`run`] with safety mechanisms switched off.
+pub fn run_sabotaged(
+    name: &str,
+    seed: u64,
+    virtual_secs: f64,
+    sabotage: &[Sabotage],
+) -> Option<braid_core::testkit::Report> {
+    let mut cfg = scenario(name, seed, virtual_secs)?;
+    for s in sabotage {
+        s.apply(&mut cfg);
+    }
     let mut world = braid_core::testkit::World::new(cfg);
     if expects_errors(name) {
         world.allow_errors();
@@ -129,3 +148,114 @@ pub fn run(name: &str, seed: u64, virtual_secs: f64) -> Option<braid_core::testk
     }
     Some(world.run())
 }
+
+/// A world whose every knob is drawn from the seed, as TigerBeetle's VOPR
+/// draws its cluster: sweeps then cover shapes nobody wrote down. The draw
+/// uses a stream of its own, so the world's stream is untouched.
+pub fn swarm(seed: u64, virtual_secs: f64) -> WorldConfig {
+    let mut rng = braid_core::rng::SplitMix64::new(seed ^ 0x5a4d_5741_524d);
+    let mut c = WorldConfig::new(seed);
+    c.run_for = Duration::from_secs_f64(virtual_secs);
+    c.ios_max = 20_000 * virtual_secs.ceil() as u64;
+    let mut pick = |choices: &[u64]| choices[rng.below(choices.len() as u64) as usize];
+    c.channels = pick(&[1, 2, 3, 4, 6, 8]) as usize;
+    c.queue_depth = pick(&[1, 2, 4, 8, 16, 32, 64, 128]) as usize;
+    c.disk_sectors = pick(&[16, 32, 64, 128, 256, 1024]);
+    c.io_sectors_max = pick(&[1, 2, 4, 8, 16]).min(c.disk_sectors);
+    c.max_dirty_bytes = 4096 << pick(&[0, 1, 2, 3, 4, 5]);
+    c.server_max_inflight = pick(&[1, 2, 4, 8, 16, 64, 256]) as u32;
+    c.server_max_payload = if pick(&[0, 1]) == 0 {
+        (c.io_sectors_max * SECTOR_BYTES) as u32
+    } else {
+        1 << 20
+    };
+    c.policy = match pick(&[0, 1, 2]) {
+        0 => Policy::LeastInflight,
+        1 => Policy::RoundRobin,
+        _ => Policy::LowestLatency,
+    };
+    let us = Duration::from_micros;
+    let lo = us(pick(&[1, 20, 100, 500]));
+    c.link_delay = (lo, lo + us(pick(&[0, 50, 400, 2_000, 5_000])));
+    let lo = us(pick(&[1, 10, 100, 1_000]));
+    c.disk_latency = (lo, lo + us(pick(&[0, 100, 300, 2_000, 5_000])));
+    let ms = Duration::from_millis;
+    c.keepalive_interval = ms(pick(&[50, 100, 200, 500]));
+    c.channel_timeout = c.keepalive_interval * pick(&[2, 3, 4, 6]) as u32;
+    c.resend_min = ms(pick(&[20, 50, 200, 500]));
+    c.resend_max = c.resend_min * pick(&[1, 2, 4, 10]) as u32;
+    // Each fault class on or off, and if on, at a drawn rate.
+    let mut rate = |max: f64| {
+        if rng.chance(0.5) {
+            max * (1 + rng.below(100)) as f64 / 100.0
+        } else {
+            0.0
+        }
+    };
+    c.faults = FaultRates {
+        loss: rate(0.05),
+        duplicate: rate(0.05),
+        corrupt: rate(0.02),
+        kill_channel_per_sec: rate(3.0),
+        blackhole_per_sec: rate(2.0),
+        partition_per_sec: rate(1.0),
+        crash_per_sec: rate(1.0),
+        power_loss_per_sec: rate(1.0),
+        disk_stall_per_sec: rate(2.0),
+        outage_max: ms(50 + rng.below(1_450)),
+    };
+    if rng.chance(0.3) {
+        let offset = ms(rng.below(3_600_000));
+        let rate = 0.9 + rng.below(2001) as f64 / 10_000.0;
+        c.server_clock = (offset, rate);
+    }
+    c
+}
+
+/// One line naming every drawn knob of a world, printed with its seed.
+pub fn describe(c: &WorldConfig) -> String {
+    let f = &c.faults;
+    let mut on = Vec::new();
+    for (name, r) in [
+        ("loss", f.loss),
+        ("dup", f.duplicate),
+        ("corrupt", f.corrupt),
+        ("kill/s", f.kill_channel_per_sec),
+        ("blackhole/s", f.blackhole_per_sec),
+        ("partition/s", f.partition_per_sec),
+        ("crash/s", f.crash_per_sec),
+        ("power/s", f.power_loss_per_sec),
+        ("stall/s", f.disk_stall_per_sec),
+    ] {
+        if r > 0.0 {
+            on.push(format!("{name}={r:.3}"));
+        }
+    }
+    format!(
+        "channels={} qd={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
+         server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
+         keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}]",
+        c.channels,
+        c.queue_depth,
+        c.disk_sectors,
+        c.io_sectors_max,
+        c.max_dirty_bytes,
+        c.policy,
+        c.server_max_inflight,
+        c.server_max_payload,
+        c.link_delay.0,
+        c.link_delay.1,
+        c.disk_latency.0,
+        c.disk_latency.1,
+        c.keepalive_interval,
+        c.channel_timeout,
+        c.resend_min,
+        c.resend_max,
+        f.outage_max,
+        c.server_clock.0,
+        c.server_clock.1,
+        on.join(" ")
+    )
+}
+
+const SECTOR_BYTES: u64 = braid_core::testkit::SECTOR as u64;

@@ -27,7 +27,35 @@ fn disk_errors_surface_as_errors_and_nothing_else() {
 
 /// Seeds that found bugs during development, with what they found. Each
 /// must stay clean.
-const REGRESSIONS: &[(&str, u64, f64, &str)] = &[];
+const REGRESSIONS: &[(&str, u64, f64, &str)] = &[
+    // Found once the checker held a sector to what a read saw and the disk
+    // landed writes before completing them. A read saw an unanswered
+    // write; power loss took it; a new read ran before its resend landed.
+    (
+        "all-faults",
+        190,
+        5.0,
+        "read older than an earlier read (restart gate)",
+    ),
+    ("all-faults", 21, 5.0, "read older than an earlier read"),
+    ("all-faults", 156, 5.0, "read older than an earlier read"),
+    ("all-faults", 249, 5.0, "read older than an earlier read"),
+    // Two overlapping writes executed in one order, answered in the
+    // other; a FLUSH freed the later one only, and replay put the earlier
+    // one over it (flush frontier, overlap order).
+    (
+        "deep-queue",
+        64,
+        5.0,
+        "replay put older data over flushed data",
+    ),
+    ("deep-queue", 5, 5.0, "read older than an earlier read"),
+    ("deep-queue", 15, 5.0, "read older than an earlier read"),
+    ("deep-queue", 81, 5.0, "read older than an earlier read"),
+    ("deep-queue", 102, 5.0, "read older than an earlier read"),
+    ("deep-queue", 108, 5.0, "read older than an earlier read"),
+    ("deep-queue", 118, 5.0, "read older than an earlier read"),
+];
 
 #[test]
 fn pinned_regression_seeds_stay_fixed() {

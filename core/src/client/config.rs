@@ -29,6 +29,14 @@ pub struct Sabotage {
     pub no_flush_barrier: bool,
     /// Forget unflushed data instead of replaying it after a server restart.
     pub no_replay: bool,
+    /// Send overlapping mutations together instead of one at a time.
+    pub no_overlap_order: bool,
+    /// After a server restart, let new IO run beside the resends of
+    /// mutations it left unanswered.
+    pub no_restart_gate: bool,
+    /// Free only what a FLUSH covered by acknowledgement, not what the
+    /// server executed before it.
+    pub no_flush_frontier: bool,
 }
 
 /// Everything the client engine needs; defaults suit production.

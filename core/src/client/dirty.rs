@@ -58,6 +58,9 @@ pub(crate) struct DirtyWindow {
     entries: BTreeMap<(u64, u64), DirtyEntry>,
     bytes: u64,
     gen: u64,
+    /// Every mutation executed at or before this (epoch, exec sequence) is
+    /// durable: a completed FLUSH covered it.
+    durable_through: (u64, u64),
 }
 
 impl DirtyWindow {
@@ -110,6 +113,12 @@ impl DirtyWindow {
         content: Content,
     ) {
         self.gen += 1;
+        if (epoch, exec_seq) <= self.durable_through {
+            // Its answer was late: a FLUSH that covers a mutation executed
+            // after it already completed, so it is on stable storage, and
+            // replaying it would put older data over newer.
+            return;
+        }
         self.bytes += cost(&content);
         self.entries.insert(
             (epoch, exec_seq),
@@ -123,11 +132,27 @@ impl DirtyWindow {
     }
 
     /// A FLUSH first sent at generation `gen` completed: everything
-    /// acknowledged before it is durable.
-    pub(crate) fn flushed(&mut self, gen: u64) {
+    /// acknowledged before it is durable, and so is everything the server
+    /// executed before any of those (answers arrive out of order: a
+    /// mutation executed earlier may be acknowledged later, and keeping it
+    /// would replay it over the newer data the FLUSH made durable).
+    /// `frontier` false frees by acknowledgement only (test sabotage).
+    pub(crate) fn flushed(&mut self, gen: u64, frontier: bool) {
+        let frontier = if frontier {
+            self.entries
+                .iter()
+                .filter(|(_, e)| e.gen <= gen)
+                .map(|(k, _)| *k)
+                .next_back()
+                .unwrap_or_default()
+                .max(self.durable_through)
+        } else {
+            (0, 0)
+        };
+        self.durable_through = frontier;
         let mut freed = 0;
-        self.entries.retain(|_, e| {
-            let keep = e.gen > gen;
+        self.entries.retain(|k, e| {
+            let keep = e.gen > gen && *k > frontier;
             if !keep {
                 freed += cost(&e.content);
             }
@@ -209,6 +234,28 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_covers_what_executed_before_what_it_covers() {
+        let mut w = DirtyWindow::default();
+        // The server ran B (seq 1) then A (seq 2) on one range; A's answer
+        // came first, then a FLUSH was sent, then B's answer.
+        w.acknowledged(0, 2, 0, 8, data(b'A', 8));
+        let flush_gen = w.gen();
+        w.acknowledged(0, 1, 0, 8, data(b'B', 8));
+        w.flushed(flush_gen, true);
+        // B executed before A, which the FLUSH covered: both are durable,
+        // and replaying B would put it over A.
+        assert!(w.take_replay(Vec::new()).is_empty());
+        // A late answer below the durable point is not kept either.
+        let mut w = DirtyWindow::default();
+        w.acknowledged(0, 2, 0, 8, data(b'A', 8));
+        let g = w.gen();
+        w.flushed(g, true);
+        w.acknowledged(0, 1, 0, 8, data(b'B', 8));
+        assert!(w.is_empty());
+        w.check().unwrap();
+    }
+
+    #[test]
     fn replay_follows_execution_order_and_durable_writes_mask_older_data() {
         let mut w = DirtyWindow::default();
         // Acknowledged out of execution order: seq 2 arrives first.
@@ -248,7 +295,7 @@ mod tests {
         w.acknowledged(0, 1, 0, 4, data(1, 4));
         let gen = w.gen();
         w.acknowledged(0, 2, 8, 4, data(2, 4));
-        w.flushed(gen);
+        w.flushed(gen, true);
         assert_eq!(w.bytes(), 4 + ENTRY_COST);
         assert_eq!(w.take_replay(vec![]).len(), 1);
     }

@@ -8,6 +8,14 @@ use crate::Instant;
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+/// Which queue an entry waits in, and which may be sent now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Replay,
+    Gating,
+    Normal,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EntryState {
     /// Waiting for a channel (or, for a FLUSH, for the writes it covers).
@@ -46,6 +54,9 @@ pub(crate) struct Entry {
     pub(crate) tried: u64,
     /// For a FLUSH: the dirty generation when first sent this session.
     pub(crate) cover_gen: Option<u64>,
+    /// A mutation left unanswered by a server that restarted: it must
+    /// complete, right after the replay, before anything else is sent.
+    pub(crate) gating: bool,
     /// When the IO timeout fails it, if one is configured.
     pub(crate) io_deadline: Option<Instant>,
 }
@@ -57,10 +68,14 @@ pub(crate) struct Journal {
     queue: VecDeque<u64>,
     /// Replays go before everything else.
     replay_queue: VecDeque<u64>,
+    /// Then mutations a restarted server left unanswered.
+    gating_queue: VecDeque<u64>,
     /// Unresolved mutations, for FLUSH ordering.
     mutations: BTreeSet<u64>,
     /// FLUSHes waiting for earlier mutations.
     held_flushes: BTreeSet<u64>,
+    /// Mutations waiting for an earlier overlapping one to be answered.
+    held_overlaps: BTreeSet<u64>,
     resend_timers: BTreeSet<(Instant, u64)>,
     io_deadlines: BTreeSet<(Instant, u64)>,
     next_id: u64,
@@ -68,6 +83,8 @@ pub(crate) struct Journal {
     user_bytes: u64,
     sent: usize,
     replays: usize,
+    /// Entries with `gating` set.
+    gating: usize,
     /// FLUSHes the engine issued for the dirty window (counted, because
     /// pump asks on every call once the window is half full).
     dirty_flushes: usize,
@@ -128,12 +145,70 @@ impl Journal {
         }
         if entry.origin == Origin::Replay {
             self.replays += 1;
-            self.replay_queue.push_back(id);
-        } else {
-            self.queue.push_back(id);
         }
+        if entry.gating {
+            self.gating += 1;
+        }
+        let class = Self::class_of(&entry);
         self.entries.insert(id, entry);
+        self.queue_of(class).push_back(id);
         id
+    }
+
+    fn class_of(e: &Entry) -> Phase {
+        if e.origin == Origin::Replay {
+            Phase::Replay
+        } else if e.gating {
+            Phase::Gating
+        } else {
+            Phase::Normal
+        }
+    }
+
+    fn queue_of(&mut self, class: Phase) -> &mut VecDeque<u64> {
+        match class {
+            Phase::Replay => &mut self.replay_queue,
+            Phase::Gating => &mut self.gating_queue,
+            Phase::Normal => &mut self.queue,
+        }
+    }
+
+    /// Which entries may be sent now: replays first, then what a restarted
+    /// server left unanswered, then everything else.
+    fn phase(&self) -> Phase {
+        if self.replays > 0 {
+            Phase::Replay
+        } else if self.gating > 0 {
+            Phase::Gating
+        } else {
+            Phase::Normal
+        }
+    }
+
+    /// The server restarted: every unanswered mutation must be answered
+    /// before any other request is sent. A read may have seen one of them
+    /// land before the restart; if the restart lost it (power) and a new
+    /// read ran before its resend landed, that read would see older data
+    /// than the first one did.
+    pub(crate) fn gate_unresolved_mutations(&mut self) {
+        let ids: Vec<u64> = self
+            .mutations
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.entries
+                    .get(id)
+                    .is_some_and(|e| e.origin != Origin::Replay && !e.gating)
+            })
+            .collect();
+        for id in ids {
+            let e = self.entries.get_mut(&id).expect("listed above");
+            e.gating = true;
+            self.gating += 1;
+            if e.state == EntryState::Queued && !self.held_overlaps.contains(&id) {
+                self.gating_queue.push_back(id);
+            }
+        }
     }
 
     /// Removes a resolved entry and all its bookkeeping.
@@ -150,8 +225,12 @@ impl Journal {
         if entry.origin == Origin::Replay {
             self.replays -= 1;
         }
+        if entry.gating {
+            self.gating -= 1;
+        }
         self.mutations.remove(&id);
         self.held_flushes.remove(&id);
+        self.held_overlaps.remove(&id);
         if let Some(d) = entry.io_deadline {
             self.io_deadlines.remove(&(d, id));
         }
@@ -175,11 +254,8 @@ impl Journal {
         self.leave_sent(id, &entry);
         let e = self.entries.get_mut(&id).unwrap();
         e.state = EntryState::Queued;
-        if e.origin == Origin::Replay {
-            self.replay_queue.push_front(id);
-        } else {
-            self.queue.push_front(id);
-        }
+        let class = Self::class_of(e);
+        self.queue_of(class).push_front(id);
         Some(ch)
     }
 
@@ -222,55 +298,72 @@ impl Journal {
         Some(old)
     }
 
-    /// The next id to send, honouring the replay gate and FLUSH barriers.
-    /// `flush_barrier` false sends FLUSH at once (test sabotage only).
-    pub(crate) fn next_to_send(&mut self, flush_barrier: bool) -> Option<u64> {
+    /// The next id to send, honouring the replay gate, FLUSH barriers and
+    /// the one-at-a-time rule for overlapping mutations.
+    /// `flush_barrier` and `overlap_order` false skip those rules (test
+    /// sabotage only).
+    pub(crate) fn next_to_send(&mut self, flush_barrier: bool, overlap_order: bool) -> Option<u64> {
+        let phase = self.phase();
         loop {
-            let from_replay = !self.replay_queue.is_empty();
-            if !from_replay && self.replays > 0 {
-                // Replays in flight: everything else waits behind them.
-                return None;
-            }
-            let q = if from_replay {
-                &mut self.replay_queue
-            } else {
-                &mut self.queue
-            };
-            let id = q.pop_front()?;
+            let id = self.queue_of(phase).pop_front()?;
             let Some(e) = self.entries.get(&id) else {
                 continue;
             };
-            if e.state != EntryState::Queued {
+            if e.state != EntryState::Queued || Self::class_of(e) != phase {
                 continue;
             }
             if flush_barrier && e.op == Op::Flush && self.mutations.range(..id).next().is_some() {
                 self.held_flushes.insert(id);
                 continue;
             }
+            if overlap_order && e.op.mutates() && self.overlaps_earlier_mutation(id, e) {
+                self.held_overlaps.insert(id);
+                continue;
+            }
             return Some(id);
         }
     }
 
-    /// Gives back an id `next_to_send` returned that could not be sent.
-    pub(crate) fn unpop(&mut self, id: u64) {
-        if self
-            .entries
-            .get(&id)
-            .is_some_and(|e| e.origin == Origin::Replay)
-        {
-            self.replay_queue.push_front(id);
-        } else {
-            self.queue.push_front(id);
+    /// Whether an earlier mutation of an overlapping range is unanswered.
+    /// Overlapping mutations go out one at a time, so the order the server
+    /// applies them in is the order they were submitted, which the client
+    /// knows even when a restart loses the answers: replay and resend can
+    /// then restore exactly what reads saw. Replays never wait here: they
+    /// are disjoint and go before everything else.
+    fn overlaps_earlier_mutation(&self, id: u64, e: &Entry) -> bool {
+        if e.origin == Origin::Replay {
+            return false;
         }
+        let (start, end) = (e.offset, e.offset + u64::from(e.len));
+        self.mutations.range(..id).any(|m| {
+            self.entries.get(m).is_some_and(|o| {
+                o.origin != Origin::Replay && o.offset < end && start < o.offset + u64::from(o.len)
+            })
+        })
     }
 
-    /// After a mutation resolved: FLUSHes no longer waiting on anything.
-    pub(crate) fn release_flushes(&mut self) {
+    /// Gives back an id `next_to_send` returned that could not be sent.
+    pub(crate) fn unpop(&mut self, id: u64) {
+        let class = self.entries.get(&id).map_or(Phase::Normal, Self::class_of);
+        self.queue_of(class).push_front(id);
+    }
+
+    /// After a mutation resolved: FLUSHes and overlapping mutations that
+    /// may no longer wait on it go back to the front of their queues (in
+    /// id order; `next_to_send` checks them again).
+    pub(crate) fn release_held(&mut self) {
         let first_mutation = self.mutations.first().copied().unwrap_or(u64::MAX);
-        let ready: Vec<u64> = self.held_flushes.range(..first_mutation).copied().collect();
+        let mut ready: Vec<u64> = self.held_flushes.range(..first_mutation).copied().collect();
+        for id in &ready {
+            self.held_flushes.remove(id);
+        }
+        ready.extend(std::mem::take(&mut self.held_overlaps));
+        ready.sort_unstable();
         for id in ready.into_iter().rev() {
-            self.held_flushes.remove(&id);
-            self.queue.push_front(id);
+            if let Some(e) = self.entries.get(&id) {
+                let class = Self::class_of(e);
+                self.queue_of(class).push_front(id);
+            }
         }
     }
 
@@ -387,13 +480,20 @@ impl Journal {
                 ));
             }
         }
-        let queued: BTreeSet<u64> = self
-            .queue
+        let held: BTreeSet<u64> = self
+            .held_flushes
             .iter()
-            .chain(&self.held_flushes)
+            .chain(&self.held_overlaps)
             .copied()
             .collect();
-        let replay_queued: BTreeSet<u64> = self.replay_queue.iter().copied().collect();
+        let in_queue = |q: &VecDeque<u64>| -> BTreeSet<u64> { q.iter().copied().collect() };
+        let (normal, replay, gating) = (
+            in_queue(&self.queue),
+            in_queue(&self.replay_queue),
+            in_queue(&self.gating_queue),
+        );
+        let gating_count = count(&|e| e.gating);
+        expect("gating", gating_count as u64, self.gating as u64)?;
         let mutations = count(&|e| e.op.mutates());
         expect("mutations", mutations as u64, self.mutations.len() as u64)?;
         for (&id, e) in &self.entries {
@@ -407,11 +507,12 @@ impl Journal {
                 return Err(format!("journal: {id} ({:?}) misfiled in mutations", e.op));
             }
             if e.state == EntryState::Queued {
-                let reachable = if e.origin == Origin::Replay {
-                    replay_queued.contains(&id)
-                } else {
-                    queued.contains(&id)
-                };
+                let reachable = held.contains(&id)
+                    || match Self::class_of(e) {
+                        Phase::Replay => replay.contains(&id),
+                        Phase::Gating => gating.contains(&id),
+                        Phase::Normal => normal.contains(&id),
+                    };
                 if !reachable {
                     return Err(format!(
                         "journal: queued {id} ({:?}) is in no queue: it would never be sent",

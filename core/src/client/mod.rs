@@ -526,6 +526,7 @@ impl ClientEngine {
             sends: 0,
             tried: 0,
             cover_gen: None,
+            gating: false,
             io_deadline: self.config.io_timeout.map(|t| now + t),
         });
         self.stats.submitted += 1;
@@ -909,6 +910,9 @@ impl ClientEngine {
             self.journal.new_server_session();
             if restarted {
                 replay_extents = self.schedule_replay(w.max_payload);
+                if !self.config.sabotage.no_restart_gate {
+                    self.journal.gate_unresolved_mutations();
+                }
             }
         }
         self.actions
@@ -964,6 +968,7 @@ impl ClientEngine {
                     sends: 0,
                     tried: 0,
                     cover_gen: None,
+                    gating: false,
                     io_deadline: None,
                 });
                 at += u64::from(len);
@@ -1019,7 +1024,7 @@ impl ClientEngine {
             self.release_inflight(ch);
         }
         if entry.op.mutates() {
-            self.journal.release_flushes();
+            self.journal.release_held();
         }
         if reply.status == Status::Ok {
             self.record_success(&entry, reply.exec_seq);
@@ -1049,7 +1054,8 @@ impl ClientEngine {
             );
         } else if entry.op == Op::Flush {
             if let Some(gen) = entry.cover_gen {
-                self.dirty.flushed(gen);
+                self.dirty
+                    .flushed(gen, !self.config.sabotage.no_flush_frontier);
             }
         }
     }
@@ -1080,7 +1086,7 @@ impl ClientEngine {
                 self.release_inflight(ch);
             }
             if entry.op.mutates() {
-                self.journal.release_flushes();
+                self.journal.release_held();
             }
             self.finish(entry, Err(kind));
         }
@@ -1216,8 +1222,9 @@ impl ClientEngine {
         }
         let Some(session) = self.session else { return };
         let barrier = !self.config.sabotage.no_flush_barrier;
+        let overlap_order = !self.config.sabotage.no_overlap_order;
         while self.journal.sent() < session.max_inflight as usize {
-            let Some(id) = self.journal.next_to_send(barrier) else {
+            let Some(id) = self.journal.next_to_send(barrier, overlap_order) else {
                 break;
             };
             let tried = self.journal.entries[&id].tried;
@@ -1256,6 +1263,7 @@ impl ClientEngine {
             sends: 0,
             tried: 0,
             cover_gen: None,
+            gating: false,
             io_deadline: None,
         });
     }

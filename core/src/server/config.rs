@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// suppression), to prove the invariant checker notices.
     #[doc(hidden)]
     pub sabotage_no_dedup: bool,
+    /// Test-only: run overlapping mutations in any order (no overlap gate).
+    #[doc(hidden)]
+    pub sabotage_no_overlap_gate: bool,
 }
 
 impl ServerConfig {
@@ -94,6 +97,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(30),
             session_linger: Duration::from_secs(300),
             sabotage_no_dedup: false,
+            sabotage_no_overlap_gate: false,
         }
     }
 }

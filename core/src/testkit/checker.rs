@@ -150,6 +150,9 @@ pub struct Checker {
     violations: Vec<Violation>,
     /// Errors are expected (injected disk errors, finite IO timeout).
     pub errors_allowed: bool,
+    /// `BRAID_TRACE_SECTOR=N`: print every event touching sector N (to
+    /// explain a violation found by a sweep).
+    trace_sector: Option<u64>,
 }
 
 impl Checker {
@@ -169,6 +172,9 @@ impl Checker {
             reads_outstanding: BTreeSet::new(),
             violations: Vec::new(),
             errors_allowed: false,
+            trace_sector: std::env::var("BRAID_TRACE_SECTOR")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         }
     }
 
@@ -197,11 +203,30 @@ impl Checker {
         self.tick
     }
 
+    fn traces(&self, first: u64, count: u64) -> bool {
+        self.trace_sector
+            .is_some_and(|t| t >= first && t < first + count)
+    }
+
+    /// Prints a line about the traced sector (see `BRAID_TRACE_SECTOR`).
+    pub fn trace(&self, what: std::fmt::Arguments<'_>) {
+        if let Some(t) = self.trace_sector {
+            let possible = self.sectors.get(t as usize).map(|m| m.possible.clone());
+            eprintln!(
+                "tick {} sector {t}: {what}   possible now {possible:?}",
+                self.tick
+            );
+        }
+    }
+
     /// The frontend submitted IO `op` (data writes carry tag `op`).
     pub fn submit(&mut self, id: u64, op: Op, offset: u64, len: u32) {
         let tick = self.next_tick();
         let first = offset / SECTOR as u64;
         let count = u64::from(len) / SECTOR as u64;
+        if self.traces(first, count) || op == Op::Flush {
+            self.trace(format_args!("submit {id} {op:?}"));
+        }
         let content = match op {
             Op::Write => SectorContent::Tag(id),
             _ => SectorContent::Zero,
@@ -265,6 +290,20 @@ impl Checker {
         };
         if rec.op == Op::Read {
             self.reads_outstanding.remove(&(rec.submit, id));
+        }
+        if self.traces(rec.first, rec.count) || rec.op == Op::Flush {
+            let got = match (&result, self.trace_sector) {
+                (Ok(d), Some(t)) if rec.op == Op::Read => {
+                    let i = (t - rec.first) as usize;
+                    format!("{:?}", sector_tag(&d[i * SECTOR..(i + 1) * SECTOR], t))
+                }
+                (Ok(_), _) => "ok".into(),
+                (Err(e), _) => e.clone(),
+            };
+            self.trace(format_args!(
+                "complete {id} {:?} (submitted tick {}) -> {got}",
+                rec.op, rec.submit
+            ));
         }
         let data = match result {
             Ok(d) => d,
@@ -341,7 +380,9 @@ impl Checker {
                     allowed.push(o.content);
                 }
             }
-            if !allowed.contains(&got) {
+            if allowed.contains(&got) {
+                self.observed(s, got, rec.submit);
+            } else {
                 allowed.dedup();
                 self.report(Violation::ReadMismatch {
                     op: id,
@@ -352,6 +393,19 @@ impl Checker {
             }
         }
         self.ops.remove(&id);
+    }
+
+    /// A read submitted at `submit` saw `got` in `sector`. Every write
+    /// acknowledged before then had landed before the read looked, so the
+    /// ones it did not see were overwritten, for good: a later read may
+    /// see `got` or a write that could still land after the read (one not
+    /// yet acknowledged when the read was submitted), never one of those.
+    /// Without this narrowing, two overlapping writes that land in one
+    /// order and are replayed in the other after a power loss would go
+    /// unnoticed.
+    fn observed(&mut self, sector: u64, got: SectorContent, submit: u64) {
+        let m = &mut self.sectors[sector as usize];
+        m.possible.retain(|p| p.2 > submit || p.1 == got);
     }
 
     /// Forgets writes no outstanding read or durability check can need.
@@ -397,6 +451,14 @@ impl Checker {
         }
         let Some(data) = data else { return };
         let first = offset / SECTOR as u64;
+        if self.traces(first, (data.len() / SECTOR) as u64) {
+            let t = self.trace_sector.unwrap_or(0);
+            let i = (t - first) as usize;
+            let tag = sector_tag(&data[i * SECTOR..(i + 1) * SECTOR], t);
+            self.trace(format_args!(
+                "backend lands request {request} of session {session:#x} carrying {tag:?}"
+            ));
+        }
         for (i, chunk) in data.chunks(SECTOR).enumerate() {
             let s = first + i as u64;
             let SectorContent::Tag(tag) = sector_tag(chunk, s) else {
@@ -421,6 +483,10 @@ impl Checker {
 
     /// The server lost power; `media` is what its disk kept.
     pub fn power_lost(&mut self, media: &[u8]) {
+        if let Some(t) = self.trace_sector {
+            let got = sector_tag(&media[t as usize * SECTOR..(t as usize + 1) * SECTOR], t);
+            self.trace(format_args!("POWER LOSS: media holds {got:?}"));
+        }
         for s in 0..self.sectors.len() {
             let got = sector_tag(&media[s * SECTOR..(s + 1) * SECTOR], s as u64);
             let m = &self.sectors[s];

@@ -11,6 +11,7 @@ mod disk;
 mod fuzz;
 mod handshake;
 mod pattern;
+mod sabotage;
 mod world;
 
 pub use checker::{Checker, Violation};
@@ -18,4 +19,5 @@ pub use disk::MemDisk;
 pub use fuzz::exercise_server;
 pub use handshake::authenticate;
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
+pub use sabotage::Sabotage;
 pub use world::{FaultRates, Report, World, WorldConfig};

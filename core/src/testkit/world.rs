@@ -109,6 +109,24 @@ pub struct WorldConfig {
     pub sabotage: Sabotage,
     /// Test-only server sabotage.
     pub no_dedup: bool,
+    /// Test-only: the server runs overlapping mutations in any order.
+    pub no_overlap_gate: bool,
+    /// The workload stops submitting after this many IOs (faults go on
+    /// until `run_for`): bounds the work of a run whose drawn latencies are
+    /// tiny, as the VOPR bounds its runs by ticks.
+    pub ios_max: u64,
+    /// Client timers: keep-alive, dead-channel timeout, resend bounds.
+    pub keepalive_interval: Duration,
+    /// See `keepalive_interval`.
+    pub channel_timeout: Duration,
+    /// See `keepalive_interval`.
+    pub resend_min: Duration,
+    /// See `keepalive_interval`.
+    pub resend_max: Duration,
+    /// The server's limit on requests in flight per session.
+    pub server_max_inflight: u32,
+    /// The server's payload limit (at least the largest IO).
+    pub server_max_payload: u32,
     /// The server's clock against the client's: it starts `offset` ahead
     /// and runs `rate` times as fast (1.0: no skew). braid's frames carry
     /// no timestamps, so each side's timers must work on its own clock.
@@ -118,6 +136,7 @@ pub struct WorldConfig {
 impl WorldConfig {
     /// A busy 4-channel workload under every fault class.
     pub fn new(seed: u64) -> Self {
+        let defaults = ClientConfig::new(EXPORT, KEY_ID, Key::new(Vec::new()), [0; 32]);
         WorldConfig {
             seed,
             channels: 4,
@@ -133,6 +152,14 @@ impl WorldConfig {
             max_dirty_bytes: 32 * 1024,
             sabotage: Sabotage::default(),
             no_dedup: false,
+            no_overlap_gate: false,
+            ios_max: u64::MAX,
+            keepalive_interval: defaults.keepalive_interval,
+            channel_timeout: defaults.channel_timeout,
+            resend_min: defaults.resend_min,
+            resend_max: defaults.resend_max,
+            server_max_inflight: 256,
+            server_max_payload: 1 << 20,
             server_clock: (Duration::ZERO, 1.0),
         }
     }
@@ -168,6 +195,7 @@ enum Ev {
     ToClient { conn: ConnId, frame: Bytes },
     ServerSideClosed { conn: ConnId, boot: u64 },
     ClientSideClosed { ch: ChannelId },
+    DiskLand { token: u64, boot: u64 },
     DiskDone { token: u64, boot: u64 },
     FaultTick,
     ServerStart,
@@ -190,6 +218,7 @@ impl Ev {
             Ev::ServerStart => 10,
             Ev::PartitionEnds => 11,
             Ev::HealAll => 13,
+            Ev::DiskLand { .. } => 14,
         }
     }
 }
@@ -217,6 +246,15 @@ impl Ord for Scheduled {
     }
 }
 
+/// A backend operation between its start and its completion. It takes
+/// effect on the disk (lands) at a random moment in between, as on a real
+/// device: two overlapping writes in flight together may land in one
+/// order and complete in the other.
+struct DiskOp {
+    req: BackendRequest,
+    landed: Option<Result<Bytes, crate::wire::Status>>,
+}
+
 struct Link {
     ch: ChannelId,
     blackholed: bool,
@@ -242,7 +280,8 @@ pub struct World {
     server_up: bool,
     boot: u64,
     disk: MemDisk,
-    disk_ops: BTreeMap<u64, BackendRequest>,
+    /// Backend operations in flight, with their result once they landed.
+    disk_ops: BTreeMap<u64, DiskOp>,
     disk_stalled_until: Instant,
     links: BTreeMap<ConnId, Link>,
     by_ch: BTreeMap<ChannelId, ConnId>,
@@ -294,6 +333,10 @@ impl World {
         cc.max_dirty_bytes = cfg.max_dirty_bytes;
         cc.max_queued = cfg.queue_depth.max(1);
         cc.sabotage = cfg.sabotage;
+        cc.keepalive_interval = cfg.keepalive_interval;
+        cc.channel_timeout = cfg.channel_timeout;
+        cc.resend_min = cfg.resend_min;
+        cc.resend_max = cfg.resend_max;
         let boot = rng.next_u64();
         let server = ServerEngine::new(Self::server_config(&cfg, boot, server_seed, key))
             .expect("a valid config");
@@ -334,6 +377,9 @@ impl World {
         let export = ExportConfig::new(EXPORT, cfg.disk_sectors * SECTOR as u64);
         let mut sc = ServerConfig::new(boot, seed, vec![(KEY_ID.to_string(), key)], vec![export]);
         sc.sabotage_no_dedup = cfg.no_dedup;
+        sc.sabotage_no_overlap_gate = cfg.no_overlap_gate;
+        sc.max_inflight = cfg.server_max_inflight;
+        sc.max_payload = cfg.server_max_payload;
         sc
     }
 
@@ -468,6 +514,11 @@ impl World {
                     self.remove_link(conn);
                 }
                 self.client.channel_closed(ch, self.now);
+            }
+            Ev::DiskLand { token, boot } => {
+                if boot == self.boot && self.server_up {
+                    self.land_disk_op(token);
+                }
             }
             Ev::DiskDone { token, boot } => {
                 if boot == self.boot && self.server_up {
@@ -605,7 +656,9 @@ impl World {
                     latency += self.disk_stalled_until - self.now;
                 }
                 let (token, boot) = (req.token, self.boot);
-                self.disk_ops.insert(token, req);
+                let lands = Duration::from_nanos(self.rng.below(latency.as_nanos() as u64 + 1));
+                self.disk_ops.insert(token, DiskOp { req, landed: None });
+                self.schedule(lands, Ev::DiskLand { token, boot });
                 self.schedule(latency, Ev::DiskDone { token, boot });
             }
         }
@@ -656,11 +709,26 @@ impl World {
         }
     }
 
-    fn finish_disk_op(&mut self, token: u64) {
-        let Some(req) = self.disk_ops.remove(&token) else {
+    fn land_disk_op(&mut self, token: u64) {
+        let Some(req) = self.disk_ops.get(&token).map(|o| o.req.clone()) else {
             return;
         };
         let result = self.apply(&req);
+        if let Some(op) = self.disk_ops.get_mut(&token) {
+            op.landed = Some(result);
+        }
+    }
+
+    fn finish_disk_op(&mut self, token: u64) {
+        // Landing is scheduled no later than completion, and events at one
+        // instant run in the order scheduled.
+        let Some(DiskOp {
+            landed: Some(result),
+            ..
+        }) = self.disk_ops.remove(&token)
+        else {
+            unreachable!("disk op {token} completes before it landed");
+        };
         self.server.backend_complete(token, result, self.server_now);
     }
 
@@ -673,16 +741,32 @@ impl World {
                 *offset,
                 Some(data),
             ),
-            BackendOp::Trim { offset, .. } | BackendOp::WriteZeroes { offset, .. } => self
-                .checker
-                .backend_mutation(self.boot, req.session_id, req.request_id, *offset, None),
+            BackendOp::Trim { offset, len, .. } | BackendOp::WriteZeroes { offset, len, .. } => {
+                self.checker.trace(format_args!(
+                    "backend lands zeroing request {} of session {:#x} at sectors {}..{}",
+                    req.request_id,
+                    req.session_id,
+                    offset / SECTOR as u64,
+                    (offset + u64::from(*len)) / SECTOR as u64
+                ));
+                self.checker.backend_mutation(
+                    self.boot,
+                    req.session_id,
+                    req.request_id,
+                    *offset,
+                    None,
+                )
+            }
             _ => {}
         }
         self.disk.apply(&req.op)
     }
 
     fn fill_queue(&mut self) {
-        while self.faulty && self.outstanding.len() < self.cfg.queue_depth {
+        while self.faulty
+            && self.outstanding.len() < self.cfg.queue_depth
+            && self.next_op <= self.cfg.ios_max
+        {
             let io = self.next_io();
             let id = self.next_op;
             match self.client.submit(id, io.clone(), self.now) {
@@ -750,6 +834,7 @@ impl World {
         }
         if self.server_up && self.rng.chance(p(f.crash_per_sec)) {
             self.count_fault("server crash");
+            self.checker.trace(format_args!("SERVER CRASH"));
             self.stop_server(false);
         } else if self.server_up && self.rng.chance(p(f.power_loss_per_sec)) {
             self.count_fault("power loss");
@@ -773,9 +858,9 @@ impl World {
     /// The server process dies. Backend operations in flight may or may not
     /// have reached the disk; with `power`, the disk cache is lost too.
     fn stop_server(&mut self, power: bool) {
-        for (_, req) in std::mem::take(&mut self.disk_ops) {
-            if req.op != BackendOp::Flush && self.rng.chance(0.5) {
-                let _ = self.apply(&req);
+        for (_, op) in std::mem::take(&mut self.disk_ops) {
+            if op.landed.is_none() && op.req.op != BackendOp::Flush && self.rng.chance(0.5) {
+                let _ = self.apply(&op.req);
             }
         }
         if power {

@@ -3,7 +3,8 @@
 //! command that replays it.
 
 use braid_core::testkit::Report;
-use braid_sim_tests::{run, scenario, SCENARIOS};
+use braid_core::testkit::Sabotage;
+use braid_sim_tests::{describe, run_sabotaged, scenario, SCENARIOS};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -14,7 +15,7 @@ use std::time::Instant;
 const USAGE: &str = "\
 usage: cargo xtask sim [--seeds N | --seed S] [--first F] [--scenario NAME]
                        [--virtual-secs T] [--check-determinism] [--jobs J]
-                       [--list]
+                       [--sabotage NAME --expect-violation] [--list]
 
   --seeds N            sweep N seeds (default 100), starting at --first (default 0)
   --seed S             run one seed (replay)
@@ -22,6 +23,9 @@ usage: cargo xtask sim [--seeds N | --seed S] [--first F] [--scenario NAME]
   --virtual-secs T     simulated seconds of faulty workload per seed (default 10)
   --check-determinism  run every seed twice and compare trace hashes
   --jobs J             worker threads (default: every core)
+  --sabotage A[,B]     switch safety mechanisms off (--list names them)
+  --expect-violation   succeed only if some seed finds a violation (with
+                       --sabotage: the checks notice the missing mechanism)
 ";
 
 struct Args {
@@ -31,6 +35,8 @@ struct Args {
     virtual_secs: f64,
     determinism: bool,
     jobs: usize,
+    sabotage: Vec<Sabotage>,
+    expect_violation: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -40,6 +46,8 @@ fn parse() -> Result<Args, String> {
         scenario: "all-faults".into(),
         virtual_secs: 10.0,
         determinism: false,
+        sabotage: Vec::new(),
+        expect_violation: false,
         jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -62,6 +70,15 @@ fn parse() -> Result<Args, String> {
                     .map_err(|e| format!("--virtual-secs: {e}"))?
             }
             "--check-determinism" => a.determinism = true,
+            "--expect-violation" => a.expect_violation = true,
+            "--sabotage" => {
+                for name in value()?.split(',') {
+                    a.sabotage.push(
+                        Sabotage::parse(name)
+                            .ok_or_else(|| format!("no sabotage {name:?} (--list names them)"))?,
+                    );
+                }
+            }
             "--jobs" => {
                 a.jobs = value()?
                     .parse::<usize>()
@@ -69,8 +86,13 @@ fn parse() -> Result<Args, String> {
                     .max(1)
             }
             "--list" => {
+                println!("scenarios:");
                 for (name, what) in SCENARIOS {
-                    println!("{name:<14} {what}");
+                    println!("  {name:<14} {what}");
+                }
+                println!("sabotage (--sabotage):");
+                for s in Sabotage::ALL {
+                    println!("  {}", s.name());
                 }
                 std::process::exit(0);
             }
@@ -104,7 +126,7 @@ fn main() -> ExitCode {
         }
     };
     println!(
-        "SEED={}..{} scenario={} virtual_secs={} jobs={}{}",
+        "SEED={}..{} scenario={} virtual_secs={} jobs={}{}{}",
         args.first,
         args.first + args.count,
         args.scenario,
@@ -114,8 +136,13 @@ fn main() -> ExitCode {
             " check-determinism"
         } else {
             ""
-        }
+        },
+        sabotage_flag(&args.sabotage, " sabotage=")
     );
+    if args.count == 1 {
+        let c = scenario(&args.scenario, args.first, args.virtual_secs).expect("checked");
+        println!("world: {}", describe(&c));
+    }
     let next = Arc::new(AtomicU64::new(args.first));
     let done = Arc::new(AtomicU64::new(0));
     let bad = Arc::new(AtomicU64::new(0));
@@ -126,15 +153,23 @@ fn main() -> ExitCode {
         .map(|_| {
             let (next, done, bad, results) =
                 (next.clone(), done.clone(), bad.clone(), results.clone());
-            let (name, secs, det) = (args.scenario.clone(), args.virtual_secs, args.determinism);
+            let (name, secs, det, sabotage) = (
+                args.scenario.clone(),
+                args.virtual_secs,
+                args.determinism,
+                args.sabotage.clone(),
+            );
             std::thread::spawn(move || loop {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
                 if seed >= end {
                     return;
                 }
-                let report = run(&name, seed, secs).expect("scenario checked above");
+                let run = |seed| {
+                    run_sabotaged(&name, seed, secs, &sabotage).expect("scenario checked above")
+                };
+                let report = run(seed);
                 let nondeterministic = if det {
-                    let again = run(&name, seed, secs).expect("scenario checked above");
+                    let again = run(seed);
                     (again.trace_hash != report.trace_hash)
                         .then_some((report.trace_hash, again.trace_hash))
                 } else {
@@ -233,6 +268,19 @@ fn main() -> ExitCode {
             .map(|o| o.report.violations.len())
             .sum::<usize>()
     );
+    if args.expect_violation {
+        return if failing.is_empty() {
+            println!("expected a violation, found none");
+            ExitCode::FAILURE
+        } else {
+            println!(
+                "as expected, {} of {} seeds found a violation",
+                failing.len(),
+                outcomes.len()
+            );
+            ExitCode::SUCCESS
+        };
+    }
     if failing.is_empty() {
         return ExitCode::SUCCESS;
     }
@@ -244,10 +292,23 @@ fn main() -> ExitCode {
         for v in o.report.violations.iter().take(3) {
             println!("seed {seed}: {v}");
         }
+        if let Some(c) = scenario(&args.scenario, seed, args.virtual_secs) {
+            println!("  world: {}", describe(&c));
+        }
         println!(
-            "  replay: cargo xtask sim --seed {seed} --scenario {} --virtual-secs {}",
-            args.scenario, args.virtual_secs
+            "  replay: cargo xtask sim --seed {seed} --scenario {} --virtual-secs {}{}",
+            args.scenario,
+            args.virtual_secs,
+            sabotage_flag(&args.sabotage, " --sabotage ")
         );
     }
     ExitCode::FAILURE
+}
+
+fn sabotage_flag(list: &[Sabotage], prefix: &str) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let names: Vec<&str> = list.iter().map(|s| s.name()).collect();
+    format!("{prefix}{}", names.join(","))
 }

@@ -1,0 +1,75 @@
+//! The safety mechanisms a simulation can switch off, one vocabulary for
+//! both levels (the engine-level world here and the real drivers on
+//! madsim), so a sweep at either level names them the same way and proves
+//! its checks notice each one missing.
+
+use super::world::WorldConfig;
+
+/// A safety mechanism, named for what goes missing when it is switched off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sabotage {
+    /// The server executes every copy of a request.
+    NoDedup,
+    /// The client never resends an unanswered request.
+    NoResend,
+    /// The client forgets unflushed data after a server restart.
+    NoReplay,
+    /// The client sends a FLUSH without waiting for the writes it covers.
+    NoFlushBarrier,
+    /// The client sends overlapping mutations together.
+    NoOverlapOrder,
+    /// After a server restart, new IO runs beside the resends of mutations
+    /// the server left unanswered.
+    NoRestartGate,
+    /// A completed FLUSH frees only what it covered by acknowledgement.
+    NoFlushFrontier,
+    /// The server runs overlapping mutations in any order.
+    NoOverlapGate,
+}
+
+impl Sabotage {
+    /// Every mechanism.
+    pub const ALL: [Sabotage; 8] = [
+        Sabotage::NoDedup,
+        Sabotage::NoResend,
+        Sabotage::NoReplay,
+        Sabotage::NoFlushBarrier,
+        Sabotage::NoOverlapOrder,
+        Sabotage::NoRestartGate,
+        Sabotage::NoFlushFrontier,
+        Sabotage::NoOverlapGate,
+    ];
+
+    /// The command-line name (`no-dedup`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Sabotage::NoDedup => "no-dedup",
+            Sabotage::NoResend => "no-resend",
+            Sabotage::NoReplay => "no-replay",
+            Sabotage::NoFlushBarrier => "no-flush-barrier",
+            Sabotage::NoOverlapOrder => "no-overlap-order",
+            Sabotage::NoRestartGate => "no-restart-gate",
+            Sabotage::NoFlushFrontier => "no-flush-frontier",
+            Sabotage::NoOverlapGate => "no-overlap-gate",
+        }
+    }
+
+    /// By command-line name.
+    pub fn parse(name: &str) -> Option<Sabotage> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Switches the mechanism off in an engine-level world.
+    pub fn apply(self, c: &mut WorldConfig) {
+        match self {
+            Sabotage::NoDedup => c.no_dedup = true,
+            Sabotage::NoResend => c.sabotage.no_resend = true,
+            Sabotage::NoReplay => c.sabotage.no_replay = true,
+            Sabotage::NoFlushBarrier => c.sabotage.no_flush_barrier = true,
+            Sabotage::NoOverlapOrder => c.sabotage.no_overlap_order = true,
+            Sabotage::NoRestartGate => c.sabotage.no_restart_gate = true,
+            Sabotage::NoFlushFrontier => c.sabotage.no_flush_frontier = true,
+            Sabotage::NoOverlapGate => c.no_overlap_gate = true,
+        }
+    }
+}
