@@ -51,6 +51,10 @@ impl Backend for SimDisk {
         Some(Duration::from_micros(micros))
     }
 
+    fn completion_delay(&self, _export: usize, _op: &BackendOp) -> Duration {
+        Duration::from_micros(self.rng.lock().unwrap().below(300))
+    }
+
     fn try_execute_now(&self, export: usize, op: &BackendOp) -> Option<Result<Bytes, Status>> {
         // Reached only when `latency` said none: memory never blocks.
         Some(self.execute(export, op))

@@ -31,4 +31,5 @@ mod workload;
 mod world;
 
 #[cfg(madsim)]
-pub use world::{run, run_sabotaged, Report, Sabotage, Scenario};
+pub use braid_core::testkit::Sabotage;
+pub use world::{run, run_sabotaged, Report, Scenario};

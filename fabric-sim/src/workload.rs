@@ -155,3 +155,64 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
     }
     out
 }
+
+/// Sectors of the zone every shared worker of one client writes and reads
+/// at once (the last blocks of the export).
+pub(crate) const SHARED_ZONE_BLOCKS: u64 = 8;
+
+/// One worker of several that share a zone: their IOs overlap while in
+/// flight, as a filesystem's or database's do with O_DIRECT, so what a read
+/// may return is judged by the engine-level checker's model of every IO
+/// (acknowledged, in flight, and what earlier reads saw).
+pub(crate) struct SharedPlan {
+    pub id: u64,
+    /// First byte of the zone on the export.
+    pub zone_start: u64,
+    pub checker: std::sync::Arc<std::sync::Mutex<braid_core::testkit::Checker>>,
+    /// Numbers IOs across the workers of one zone (the checker's ids).
+    pub next_io: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub seed: u64,
+    pub until: tokio::time::Instant,
+}
+
+pub(crate) async fn shared_worker(client: Client, plan: SharedPlan) -> Outcome {
+    use braid_core::testkit::{stamp, SECTOR};
+    use std::sync::atomic::Ordering;
+    let sectors = SHARED_ZONE_BLOCKS * BLOCK / SECTOR as u64;
+    let mut rng = SplitMix64::new(plan.seed ^ plan.id.wrapping_mul(0xa076_1d64_78bd_642f));
+    let mut out = Outcome::default();
+    let start = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < plan.until {
+        let io_id = plan.next_io.fetch_add(1, Ordering::Relaxed);
+        let count = 1 + rng.below(8);
+        let first = rng.below(sectors - count + 1);
+        let (rel, len) = (first * SECTOR as u64, (count as usize * SECTOR) as u32);
+        let offset = plan.zone_start + rel;
+        let roll = rng.below(100);
+        let io = match roll {
+            0..=39 => IoRequest::read(offset, len),
+            40..=69 => IoRequest::write(offset, stamp(io_id, first, count), false),
+            70..=77 => IoRequest::write(offset, stamp(io_id, first, count), true),
+            78..=85 => IoRequest::flush(),
+            86..=92 => IoRequest::trim(offset, len),
+            _ => IoRequest::write_zeroes(offset, len, rng.chance(0.3)),
+        };
+        let (op, fua) = (io.op, io.fua);
+        let (c_off, c_len) = if op == braid_core::wire::Op::Flush {
+            (0, 0)
+        } else {
+            (rel, len)
+        };
+        plan.checker.lock().unwrap().submit(io_id, op, c_off, c_len);
+        let result = client.io(io).await;
+        out.ios += 1;
+        let since = tokio::time::Instant::now().duration_since(start).as_nanos() as u64;
+        out.trace = mix(mix(out.trace, since), roll ^ (first << 8) ^ (count << 40));
+        let mut checker = plan.checker.lock().unwrap();
+        match &result {
+            Ok(data) => checker.complete(io_id, Ok(&data[..]), fua),
+            Err(e) => checker.complete(io_id, Err(e.to_string()), fua),
+        }
+    }
+    out
+}

@@ -2,12 +2,14 @@
 //! fabric-tcp drivers on both, a fault plan from the seed, and the checks.
 
 use crate::disk::SimDisk;
-use crate::workload::{worker, Outcome, Plan, BLOCK};
+use crate::workload::{
+    shared_worker, worker, Outcome, Plan, SharedPlan, BLOCK, SHARED_ZONE_BLOCKS,
+};
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_core::testkit::MemDisk;
+use braid_core::testkit::{MemDisk, Sabotage};
 use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, Runtime};
@@ -19,6 +21,8 @@ use std::time::Duration;
 
 const SIZE: u64 = 8 << 20;
 const WORKERS: u64 = 8;
+/// Workers of one client overlapping in its shared zone.
+const SHARED_WORKERS: u64 = 16;
 const PORT: u16 = 7410;
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
 /// An IO slower than this is a liveness violation (braid's default IO
@@ -92,29 +96,6 @@ impl Scenario {
     }
 }
 
-/// A safety mechanism switched off, to show the checks catch its absence
-/// (test-only; production has no such switch in its configuration files).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sabotage {
-    /// The client forgets unflushed writes instead of replaying them after
-    /// a server restart.
-    NoReplay,
-    /// The server executes a resent request again instead of answering it
-    /// from its session's record.
-    NoDedup,
-}
-
-impl Sabotage {
-    /// By name: `no-replay`, `no-dedup`.
-    pub fn parse(name: &str) -> Option<Sabotage> {
-        match name {
-            "no-replay" => Some(Sabotage::NoReplay),
-            "no-dedup" => Some(Sabotage::NoDedup),
-            _ => None,
-        }
-    }
-}
-
 /// What one seed did.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -177,16 +158,17 @@ impl Report {
 /// from per-thread keys drawn once, so a second run on the same thread
 /// would iterate maps in another order and stop being a replay.
 pub fn run(scenario: Scenario, seed: u64, virtual_secs: u64) -> Report {
-    run_sabotaged(scenario, seed, virtual_secs, None)
+    run_sabotaged(scenario, seed, virtual_secs, &[])
 }
 
-/// [`run`] with one safety mechanism switched off.
+/// [`run`] with safety mechanisms switched off.
 pub fn run_sabotaged(
     scenario: Scenario,
     seed: u64,
     virtual_secs: u64,
-    sabotage: Option<Sabotage>,
+    sabotage: &[Sabotage],
 ) -> Report {
+    let sabotage = sabotage.to_vec();
     let run = move || {
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
@@ -208,11 +190,13 @@ fn seed_bytes(seed: u64, salt: u64) -> [u8; 32] {
     out
 }
 
-/// One client node: which export it opens and which blocks its workers own.
+/// One client node: which export it opens, which blocks its workers own,
+/// and where the zone its shared workers overlap in starts, if it has one.
 struct ClientSpec {
     export: usize,
     first_block: u64,
     blocks: u64,
+    shared_zone: Option<u64>,
 }
 
 /// The layout of a scenario: exports, and client nodes over them.
@@ -225,6 +209,7 @@ fn layout(scenario: Scenario) -> (usize, Vec<ClientSpec>) {
             export,
             first_block,
             blocks,
+            shared_zone: None,
         };
         return (
             2,
@@ -236,7 +221,8 @@ fn layout(scenario: Scenario) -> (usize, Vec<ClientSpec>) {
         vec![ClientSpec {
             export: 0,
             first_block: 0,
-            blocks,
+            blocks: blocks - SHARED_ZONE_BLOCKS,
+            shared_zone: Some((blocks - SHARED_ZONE_BLOCKS) * BLOCK),
         }],
     )
 }
@@ -245,7 +231,7 @@ async fn simulate(
     scenario: Scenario,
     seed: u64,
     virtual_secs: u64,
-    sabotage: Option<Sabotage>,
+    sabotage: Vec<Sabotage>,
 ) -> Report {
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x5eed_fa17);
@@ -272,20 +258,26 @@ async fn simulate(
 
     let boots = Arc::new(AtomicU64::new(0));
     let server = {
-        let (disks, full, slow, key, boots) = (
+        let (disks, full, slow, key, boots, sabotage) = (
             disks.clone(),
             full.clone(),
             slow.clone(),
             key.clone(),
             boots.clone(),
+            sabotage.clone(),
         );
         handle
             .create_node()
             .name("server")
             .ip(SERVER_IP)
             .init(move || {
-                let (disks, full, slow, key) =
-                    (disks.clone(), full.clone(), slow.clone(), key.clone());
+                let (disks, full, slow, key, sabotage) = (
+                    disks.clone(),
+                    full.clone(),
+                    slow.clone(),
+                    key.clone(),
+                    sabotage.clone(),
+                );
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
                     let exports = (0..disks.len())
@@ -297,7 +289,9 @@ async fn simulate(
                         vec![("sim".into(), key)],
                         exports,
                     );
-                    config.sabotage_no_dedup = sabotage == Some(Sabotage::NoDedup);
+                    for s in &sabotage {
+                        s.apply_server(&mut config);
+                    }
                     let listener = tokio::net::TcpListener::bind(SocketAddr::new(SERVER_IP, PORT))
                         .await
                         .expect("bind the simulated server");
@@ -335,8 +329,16 @@ async fn simulate(
         } else {
             Vec::new()
         };
-        let (key, export, first, blocks) =
-            (key.clone(), spec.export, spec.first_block, spec.blocks);
+        let sabotage = sabotage.clone();
+        let (key, export, first, blocks, zone) = (
+            key.clone(),
+            spec.export,
+            spec.first_block,
+            spec.blocks,
+            spec.shared_zone,
+        );
+        // Media errors and a full disk are expected where injected.
+        let errors_expected = may_fill || scenario == Scenario::DiskErrors;
         works.push(node.spawn(async move {
             let mut config = ClientConfig::new(
                 format!("disk{export}"),
@@ -344,7 +346,9 @@ async fn simulate(
                 key,
                 seed_bytes(seed, 100 + c as u64),
             );
-            config.sabotage.no_replay = sabotage == Some(Sabotage::NoReplay);
+            for s in &sabotage {
+                s.apply_client(&mut config);
+            }
             let client = Client::connect(
                 SocketAddr::new(SERVER_IP, PORT).to_string(),
                 ClientSecurity::Plain,
@@ -369,9 +373,45 @@ async fn simulate(
                     tokio::spawn(worker(client.clone(), plan))
                 })
                 .collect();
+            let checker = zone.map(|_| {
+                let sectors = SHARED_ZONE_BLOCKS * BLOCK / braid_core::testkit::SECTOR as u64;
+                let mut c = braid_core::testkit::Checker::new(sectors);
+                c.errors_allowed = errors_expected;
+                Arc::new(Mutex::new(c))
+            });
+            let next_io = Arc::new(AtomicU64::new(1));
+            let shared: Vec<_> = zone
+                .zip(checker.clone())
+                .map(|(zone_start, checker)| {
+                    (0..SHARED_WORKERS)
+                        .map(|w| {
+                            let plan = SharedPlan {
+                                id: (c as u64) << 8 | 0x80 | w,
+                                zone_start,
+                                checker: checker.clone(),
+                                next_io: next_io.clone(),
+                                seed,
+                                until,
+                            };
+                            tokio::spawn(shared_worker(client.clone(), plan))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let mut outcomes = Vec::new();
-            for t in tasks {
+            for t in tasks.into_iter().chain(shared) {
                 outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+            }
+            if let Some(checker) = checker {
+                let checker = checker.lock().unwrap();
+                outcomes.push(Outcome {
+                    violations: checker
+                        .violations()
+                        .iter()
+                        .map(|v| format!("shared zone: {v}"))
+                        .collect(),
+                    ..Outcome::default()
+                });
             }
             let status = client.status();
             client.close().await;

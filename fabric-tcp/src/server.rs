@@ -179,9 +179,13 @@ impl Server {
                     ServerAction::Backend(req) => {
                         if let Some(delay) = backend.latency(req.export, &req.op) {
                             let (backend, tx) = (backend.clone(), tx.clone());
+                            let reported = backend.completion_delay(req.export, &req.op);
                             tokio::spawn(async move {
                                 tokio::time::sleep(delay).await;
                                 let result = backend.execute(req.export, &req.op);
+                                if !reported.is_zero() {
+                                    tokio::time::sleep(reported).await;
+                                }
                                 let _ = tx.send(Event::BackendDone(req.token, result));
                             });
                             continue;

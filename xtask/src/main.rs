@@ -130,6 +130,16 @@ fn ci() -> Result<(), String> {
         "5",
         "--check-determinism",
     ]))?;
+    // Swarm: the world's whole shape drawn from each seed.
+    sim(&args(&[
+        "--scenario",
+        "swarm",
+        "--seeds",
+        "200",
+        "--virtual-secs",
+        "3",
+        "--check-determinism",
+    ]))?;
     // The real fabric-tcp drivers on madsim: every scenario, replayed twice,
     // and each of two safety mechanisms switched off must be caught.
     sim(&args(&[

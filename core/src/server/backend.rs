@@ -30,6 +30,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// For backends that model a device: how long after `op` took effect
+    /// its completion is reported (used only with [`Backend::latency`]).
+    /// A device's queue reports completions out of order, so two
+    /// overlapping writes in flight together may land in one order and
+    /// complete in the other; the simulator must be able to show that.
+    fn completion_delay(&self, _export: usize, _op: &BackendOp) -> Duration {
+        Duration::ZERO
+    }
+
     /// Which parts of `[offset, offset + len)` are holes, as consecutive
     /// extents from `offset` that cover at least one byte and at most `len`.
     /// A backend that cannot tell reports everything allocated, which is

@@ -4,6 +4,8 @@
 //! its checks notice each one missing.
 
 use super::world::WorldConfig;
+use crate::client::ClientConfig;
+use crate::server::ServerConfig;
 
 /// A safety mechanism, named for what goes missing when it is switched off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,13 +65,36 @@ impl Sabotage {
     pub fn apply(self, c: &mut WorldConfig) {
         match self {
             Sabotage::NoDedup => c.no_dedup = true,
-            Sabotage::NoResend => c.sabotage.no_resend = true,
-            Sabotage::NoReplay => c.sabotage.no_replay = true,
-            Sabotage::NoFlushBarrier => c.sabotage.no_flush_barrier = true,
-            Sabotage::NoOverlapOrder => c.sabotage.no_overlap_order = true,
-            Sabotage::NoRestartGate => c.sabotage.no_restart_gate = true,
-            Sabotage::NoFlushFrontier => c.sabotage.no_flush_frontier = true,
             Sabotage::NoOverlapGate => c.no_overlap_gate = true,
+            client_side => client_side.switch_off(&mut c.sabotage),
+        }
+    }
+
+    /// Switches the mechanism off in a client configuration (no effect
+    /// for a server-side one).
+    pub fn apply_client(self, c: &mut ClientConfig) {
+        self.switch_off(&mut c.sabotage);
+    }
+
+    fn switch_off(self, s: &mut crate::client::Sabotage) {
+        match self {
+            Sabotage::NoResend => s.no_resend = true,
+            Sabotage::NoReplay => s.no_replay = true,
+            Sabotage::NoFlushBarrier => s.no_flush_barrier = true,
+            Sabotage::NoOverlapOrder => s.no_overlap_order = true,
+            Sabotage::NoRestartGate => s.no_restart_gate = true,
+            Sabotage::NoFlushFrontier => s.no_flush_frontier = true,
+            Sabotage::NoDedup | Sabotage::NoOverlapGate => {}
+        }
+    }
+
+    /// Switches the mechanism off in a server configuration (no effect
+    /// for a client-side one).
+    pub fn apply_server(self, c: &mut ServerConfig) {
+        match self {
+            Sabotage::NoDedup => c.sabotage_no_dedup = true,
+            Sabotage::NoOverlapGate => c.sabotage_no_overlap_gate = true,
+            _ => {}
         }
     }
 }

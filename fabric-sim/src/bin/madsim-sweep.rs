@@ -25,7 +25,7 @@ mod sweep {
     const USAGE: &str =
         "usage: madsim-sweep [--seeds N [--first F] | --seed S] [--scenario NAME|all] \
                          [--virtual-secs T] [--check-determinism] [--jobs J] \
-                         [--sabotage no-replay|no-dedup --expect-violation] [--list]";
+                         [--sabotage NAME[,NAME] --expect-violation] [--list]";
 
     fn die(msg: &str) -> ! {
         eprintln!("{msg}\n{USAGE}");
@@ -39,7 +39,7 @@ mod sweep {
         let mut secs = 10u64;
         let mut determinism = false;
         let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut sabotage = None;
+        let mut sabotage: Vec<Sabotage> = Vec::new();
         let mut expect_violation = false;
         let mut args = std::env::args().skip(1);
         let num = |v: Option<String>| -> u64 {
@@ -59,10 +59,12 @@ mod sweep {
                     let name = args
                         .next()
                         .unwrap_or_else(|| die("--sabotage needs a name"));
-                    sabotage = Some(
-                        Sabotage::parse(&name)
-                            .unwrap_or_else(|| die(&format!("no sabotage {name:?}"))),
-                    );
+                    for name in name.split(',') {
+                        sabotage.push(
+                            Sabotage::parse(name)
+                                .unwrap_or_else(|| die(&format!("no sabotage {name:?}"))),
+                        );
+                    }
                 }
                 "--scenario" => {
                     let name = args
@@ -110,7 +112,7 @@ mod sweep {
         let (tx, rx) = std::sync::mpsc::channel::<(usize, Report, Vec<String>)>();
         std::thread::scope(|scope| {
             for _ in 0..jobs {
-                let (tx, next, runs) = (tx.clone(), &next, &runs);
+                let (tx, next, runs, sabotage) = (tx.clone(), &next, &runs, &sabotage);
                 scope.spawn(move || loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&(scenario, seed)) = runs.get(i) else {
@@ -218,7 +220,7 @@ mod sweep {
 
     /// A run that panics (a deadlock hitting the time limit, a driver
     /// bug) is a failed run, not a failed sweep.
-    fn catch(scenario: Scenario, seed: u64, secs: u64, sabotage: Option<Sabotage>) -> Report {
+    fn catch(scenario: Scenario, seed: u64, secs: u64, sabotage: &[Sabotage]) -> Report {
         std::panic::catch_unwind(|| run_sabotaged(scenario, seed, secs, sabotage)).unwrap_or_else(
             |e| {
                 let msg = e
