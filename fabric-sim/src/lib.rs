@@ -32,4 +32,5 @@ mod world;
 
 #[cfg(madsim)]
 pub use braid_core::testkit::Sabotage;
+#[cfg(madsim)]
 pub use world::{run, run_sabotaged, Report, Scenario};
