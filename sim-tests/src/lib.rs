@@ -137,7 +137,47 @@ pub fn run_sabotaged(
     virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Option<braid_core::testkit::Report> {
+    run_with(name, seed, virtual_secs, sabotage, false)
+}
+
+/// Where two runs of a seed first differ: runs it twice recording every
+/// step, and names the step, its virtual time and each run's event there.
+/// `None` if the recordings agree.
+pub fn divergence(
+    name: &str,
+    seed: u64,
+    virtual_secs: f64,
+    sabotage: &[Sabotage],
+) -> Option<String> {
+    let a = run_with(name, seed, virtual_secs, sabotage, true)?;
+    let b = run_with(name, seed, virtual_secs, sabotage, true)?;
+    let (i, x, y) = braid_core::testkit::first_divergence(&a.steps, &b.steps)?;
+    let show = |s: Option<braid_core::testkit::Step>| match s {
+        Some(s) => format!(
+            "{} at {:.6}s (hash {:#x})",
+            s.event,
+            s.at_nanos as f64 / 1e9,
+            s.hash
+        ),
+        None => "the run had ended".to_string(),
+    };
+    Some(format!(
+        "runs diverge at step {i} of {}: first run {}, second run {}",
+        a.steps.len().max(b.steps.len()),
+        show(x),
+        show(y)
+    ))
+}
+
+fn run_with(
+    name: &str,
+    seed: u64,
+    virtual_secs: f64,
+    sabotage: &[Sabotage],
+    record_steps: bool,
+) -> Option<braid_core::testkit::Report> {
     let mut cfg = scenario(name, seed, virtual_secs)?;
+    cfg.record_steps = record_steps;
     for s in sabotage {
         s.apply(&mut cfg);
     }

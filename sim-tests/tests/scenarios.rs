@@ -68,3 +68,33 @@ fn pinned_regression_seeds_stay_fixed() {
         );
     }
 }
+
+#[test]
+fn a_divergence_is_reported_at_its_first_step() {
+    use braid_core::testkit::{first_divergence, World};
+    let record = || {
+        let mut c = braid_sim_tests::scenario("all-faults", 11, 1.0).unwrap();
+        c.record_steps = true;
+        World::new(c).run()
+    };
+    let (a, mut b) = (record(), record());
+    assert!(a.steps.len() > 100, "a run has steps");
+    assert_eq!(first_divergence(&a.steps, &b.steps), None, "a seed replays");
+    assert_eq!(
+        braid_sim_tests::divergence("all-faults", 11, 1.0, &[]),
+        None
+    );
+    // A run that went another way from step 57 on is reported there.
+    let i = 57;
+    for s in &mut b.steps[i..] {
+        s.hash ^= 1;
+    }
+    let (at, x, y) = first_divergence(&a.steps, &b.steps).unwrap();
+    assert_eq!(at, i);
+    assert_ne!(x, y);
+    b.steps.truncate(i);
+    assert_eq!(
+        first_divergence(&a.steps, &b.steps).map(|d| (d.0, d.2)),
+        Some((i, None))
+    );
+}

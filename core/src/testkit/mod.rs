@@ -20,4 +20,4 @@ pub use fuzz::exercise_server;
 pub use handshake::authenticate;
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
 pub use sabotage::Sabotage;
-pub use world::{FaultRates, Report, World, WorldConfig};
+pub use world::{first_divergence, FaultRates, Report, Step, World, WorldConfig};

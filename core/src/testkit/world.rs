@@ -111,6 +111,9 @@ pub struct WorldConfig {
     pub no_dedup: bool,
     /// Test-only: the server runs overlapping mutations in any order.
     pub no_overlap_gate: bool,
+    /// Record every step in [`Report::steps`] (costs memory; for finding
+    /// where two runs of a seed diverge).
+    pub record_steps: bool,
     /// The workload stops submitting after this many IOs (faults go on
     /// until `run_for`): bounds the work of a run whose drawn latencies are
     /// tiny, as the VOPR bounds its runs by ticks.
@@ -154,6 +157,7 @@ impl WorldConfig {
             no_dedup: false,
             no_overlap_gate: false,
             ios_max: u64::MAX,
+            record_steps: false,
             keepalive_interval: defaults.keepalive_interval,
             channel_timeout: defaults.channel_timeout,
             resend_min: defaults.resend_min,
@@ -182,8 +186,31 @@ pub struct Report {
     pub server: ServerStats,
     /// Hash of everything that happened, in order (determinism check).
     pub trace_hash: u64,
+    /// With [`WorldConfig::record_steps`]: every step's virtual time,
+    /// event and running hash, to find where two runs of a seed diverge.
+    pub steps: Vec<Step>,
     /// Virtual time simulated.
     pub virtual_time: Duration,
+}
+
+/// One step of a run, as [`Report::steps`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Virtual time, in nanoseconds.
+    pub at_nanos: u64,
+    /// The event's kind.
+    pub event: &'static str,
+    /// The run's hash after the step.
+    pub hash: u64,
+}
+
+/// The first step where two recordings of one seed differ: its index and
+/// each run's step there (`None` where a run had ended).
+pub fn first_divergence(a: &[Step], b: &[Step]) -> Option<(usize, Option<Step>, Option<Step>)> {
+    let n = a.len().max(b.len());
+    (0..n)
+        .find(|&i| a.get(i) != b.get(i))
+        .map(|i| (i, a.get(i).copied(), b.get(i).copied()))
 }
 
 #[derive(Debug)]
@@ -219,6 +246,24 @@ impl Ev {
             Ev::PartitionEnds => 11,
             Ev::HealAll => 13,
             Ev::DiskLand { .. } => 14,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Ev::ClientTimer => "client timer",
+            Ev::ServerTimer => "server timer",
+            Ev::Connected { .. } => "connected",
+            Ev::ToServer { .. } => "frame to server",
+            Ev::ToClient { .. } => "frame to client",
+            Ev::ServerSideClosed { .. } => "server side closed",
+            Ev::ClientSideClosed { .. } => "client side closed",
+            Ev::DiskLand { .. } => "disk op lands",
+            Ev::DiskDone { .. } => "disk op completes",
+            Ev::FaultTick => "fault tick",
+            Ev::ServerStart => "server start",
+            Ev::PartitionEnds => "partition ends",
+            Ev::HealAll => "heal",
         }
     }
 }
@@ -296,6 +341,7 @@ pub struct World {
     faults: BTreeMap<&'static str, u64>,
     ios: u64,
     hash: u64,
+    steps: Vec<Step>,
 }
 
 impl World {
@@ -369,6 +415,7 @@ impl World {
             faults: BTreeMap::new(),
             ios: 0,
             hash: 0xcbf2_9ce4_8422_2325,
+            steps: Vec::new(),
             cfg,
         }
     }
@@ -433,8 +480,16 @@ impl World {
             self.server_now = self.server_clock(self.now);
             self.mix(s.at.as_nanos());
             self.mix(s.ev.code());
+            let event = s.ev.name();
             self.dispatch(s.ev);
             self.drain();
+            if self.cfg.record_steps {
+                self.steps.push(Step {
+                    at_nanos: self.now.as_nanos(),
+                    event,
+                    hash: self.hash,
+                });
+            }
             self.check_bounds();
             self.check_engines();
             if !self.faulty && self.outstanding.is_empty() {
@@ -455,6 +510,7 @@ impl World {
             client: self.client.stats().clone(),
             server,
             trace_hash: self.hash,
+            steps: self.steps,
             virtual_time: self.now - Instant::ZERO,
         }
     }

@@ -4,7 +4,7 @@
 
 use braid_core::testkit::Report;
 use braid_core::testkit::Sabotage;
-use braid_sim_tests::{describe, run_sabotaged, scenario, SCENARIOS};
+use braid_sim_tests::{describe, divergence, run_sabotaged, scenario, SCENARIOS};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -288,6 +288,9 @@ fn main() -> ExitCode {
         let seed = o.report.seed;
         if let Some((a, b)) = o.nondeterministic {
             println!("seed {seed}: NONDETERMINISTIC trace {a:#x} then {b:#x}");
+            if let Some(d) = divergence(&args.scenario, seed, args.virtual_secs, &args.sabotage) {
+                println!("  {d}");
+            }
         }
         for v in o.report.violations.iter().take(3) {
             println!("seed {seed}: {v}");
