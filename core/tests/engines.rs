@@ -490,6 +490,21 @@ fn half_open_connections_are_closed_after_the_handshake_timeout() {
 }
 
 #[test]
+fn the_server_wakes_exactly_when_a_timer_is_due_and_never_when_idle() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    assert_eq!(server.poll_timeout(), None, "nothing to time");
+    let t0 = Instant::ZERO + Duration::from_millis(3);
+    server.connection_opened(1, t0);
+    // The handshake deadline, exactly (no periodic sweep).
+    assert_eq!(server.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+    server.connection_closed(1, t0);
+    // A stale timer may fire once, finds nothing and leaves none behind.
+    server.handle_timeout(t0 + Duration::from_secs(10));
+    assert!(server.poll_action().is_none());
+    assert_eq!(server.poll_timeout(), None);
+}
+
+#[test]
 fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();

@@ -329,7 +329,7 @@ fn deep_queue(c: &mut WorldConfig) {
 #[test]
 fn without_the_restart_gate_the_checker_fails() {
     teeth(
-        60..66,
+        8..12,
         deep_queue,
         |c| Off::NoRestartGate.apply(c),
         |v| matches!(v, Violation::ReadMismatch { .. }),

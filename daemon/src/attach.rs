@@ -111,7 +111,10 @@ fn status_of(e: &IoError) -> Status {
         IoErrorKind::ReadOnly => Status::ReadOnly,
         IoErrorKind::Invalid => Status::Invalid,
         IoErrorKind::Unsupported => Status::Unsupported,
-        IoErrorKind::Media | IoErrorKind::TimedOut | IoErrorKind::Unknown(_) => Status::Io,
+        IoErrorKind::Media
+        | IoErrorKind::TimedOut
+        | IoErrorKind::Closed
+        | IoErrorKind::Unknown(_) => Status::Io,
     }
 }
 

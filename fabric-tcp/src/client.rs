@@ -148,7 +148,7 @@ impl Client {
     pub async fn io(&self, io: IoRequest) -> Result<Bytes, IoError> {
         // Only reachable if the driver task is gone (the client was closed).
         let gone = IoError {
-            kind: braid_core::client::IoErrorKind::Unknown(0),
+            kind: braid_core::client::IoErrorKind::Closed,
             export: String::new(),
             op: io.op,
             offset: io.offset,
@@ -383,8 +383,8 @@ impl Driver {
             }
             Notice::ChannelUp { ch, .. } => tracing::debug!(%ch, "channel up"),
             Notice::ChannelDown { ch, reason, moved } => {
-                *self.last_error.lock().unwrap() = reason.clone();
-                tracing::info!(%ch, reason, moved, "channel down");
+                *self.last_error.lock().unwrap() = reason.to_string();
+                tracing::info!(%ch, %reason, moved, "channel down");
             }
             Notice::AuthFailed { ch, detail } => {
                 *self.last_error.lock().unwrap() = detail.clone();

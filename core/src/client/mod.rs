@@ -11,9 +11,11 @@ mod channel;
 mod config;
 mod dirty;
 mod journal;
+mod reason;
 
 pub use channel::ChannelId;
 pub use config::{ClientConfig, Policy, Sabotage};
+pub use reason::DownReason;
 
 use crate::auth::{self, NONCE_LEN};
 use crate::limits::ConfigError;
@@ -140,6 +142,8 @@ pub enum IoErrorKind {
     Unsupported,
     /// Not completed within the configured IO timeout.
     TimedOut,
+    /// The client was closed (its driver is gone) before the IO finished.
+    Closed,
     /// The server answered with a status this version does not know.
     Unknown(u32),
 }
@@ -195,7 +199,7 @@ pub enum Notice {
         /// Which.
         ch: ChannelId,
         /// Why.
-        reason: String,
+        reason: DownReason,
         /// Requests moved off it.
         moved: usize,
     },
@@ -296,6 +300,19 @@ struct Session {
     boot_id: u64,
     info: ExportInfo,
     max_inflight: u32,
+}
+
+/// A channel timer, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum ChannelTimer {
+    /// Silent too long with something outstanding: the channel is dead.
+    Dead,
+    /// The handshake took too long.
+    Handshake,
+    /// Quiet: probe it.
+    Keepalive,
+    /// Idle and allowed to connect again.
+    Reconnect,
 }
 
 /// The sans-IO client.
@@ -588,10 +605,11 @@ impl ClientEngine {
     /// The transport for `ch` closed or could not connect, for `reason`
     /// (reported in the channel-down notice).
     pub fn channel_failed(&mut self, ch: ChannelId, reason: impl Into<String>, now: Instant) {
+        let reason = DownReason::Transport(reason.into());
         if let Some(slot) = self.current(ch) {
             if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
                 // Refused or reset: back off, or a down server gets hammered.
-                self.fail_channel(slot, reason.into(), now, true);
+                self.fail_channel(slot, reason, now, true);
             }
         }
         self.pump(now);
@@ -622,7 +640,7 @@ impl ClientEngine {
             }
             Err(e) => {
                 self.stats.corrupt_frames += 1;
-                self.fail_channel(slot, format!("bad frame: {e}"), now, true);
+                self.fail_channel(slot, DownReason::BadFrame(e), now, true);
             }
         }
         self.pump(now);
@@ -630,40 +648,21 @@ impl ClientEngine {
 
     /// When to call [`ClientEngine::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = [self.journal.next_resend(), self.journal.next_io_deadline()]
+        let channels = (0..self.channels.len())
+            .flat_map(|slot| self.channel_timers(slot))
+            .flatten()
+            .map(|(at, _)| at);
+        [self.journal.next_resend(), self.journal.next_io_deadline()]
             .into_iter()
             .flatten()
-            .min();
-        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
-        for (slot, c) in self.channels.iter().enumerate() {
-            match &c.state {
-                ChanState::Idle { retry_at } => {
-                    if *retry_at != Instant::FAR_FUTURE && self.may_connect(slot) {
-                        consider(*retry_at);
-                    }
-                }
-                ChanState::Connecting { since }
-                | ChanState::AwaitChallenge { since, .. }
-                | ChanState::AwaitWelcome { since, .. } => {
-                    consider(*since + self.config.handshake_timeout)
-                }
-                ChanState::Ready => {
-                    if c.ping.is_none() {
-                        consider(c.last_rx + self.config.keepalive_interval);
-                    }
-                    if c.ping.is_some() || c.inflight > 0 {
-                        consider(c.last_rx + self.config.channel_timeout);
-                    }
-                }
-            }
-        }
-        next
+            .chain(channels)
+            .min()
     }
 
     /// Time passed: run whatever timers are due.
     pub fn handle_timeout(&mut self, now: Instant) {
         for slot in 0..self.channels.len() {
-            self.channel_timers(slot, now);
+            self.run_channel_timer(slot, now);
         }
         while let Some(id) = self.journal.pop_due_deadline(now) {
             self.fail_entry(id, IoErrorKind::TimedOut);
@@ -674,39 +673,70 @@ impl ClientEngine {
         self.pump(now);
     }
 
-    fn channel_timers(&mut self, slot: usize, now: Instant) {
+    /// The channel's timers, from its state: the one table both
+    /// [`ClientEngine::poll_timeout`] and [`ClientEngine::handle_timeout`]
+    /// read, so a deadline is computed in one place.
+    fn channel_timers(&self, slot: usize) -> [Option<(Instant, ChannelTimer)>; 2] {
         let c = &self.channels[slot];
-        match c.state.clone() {
-            ChanState::Idle { retry_at } => {
-                if retry_at <= now && self.may_connect(slot) {
-                    self.connect(slot, now);
-                }
-            }
+        match &c.state {
+            ChanState::Idle { retry_at } => [
+                (*retry_at != Instant::FAR_FUTURE && self.may_connect(slot))
+                    .then_some((*retry_at, ChannelTimer::Reconnect)),
+                None,
+            ],
             ChanState::Connecting { since }
             | ChanState::AwaitChallenge { since, .. }
-            | ChanState::AwaitWelcome { since, .. } => {
-                if now - since >= self.config.handshake_timeout {
-                    self.fail_channel(slot, "handshake timed out".into(), now, true);
-                }
+            | ChanState::AwaitWelcome { since, .. } => [
+                Some((
+                    *since + self.config.handshake_timeout,
+                    ChannelTimer::Handshake,
+                )),
+                None,
+            ],
+            ChanState::Ready => [
+                (c.ping.is_some() || c.inflight > 0)
+                    .then(|| (c.last_rx + self.config.channel_timeout, ChannelTimer::Dead)),
+                c.ping.is_none().then(|| {
+                    (
+                        c.last_rx + self.config.keepalive_interval,
+                        ChannelTimer::Keepalive,
+                    )
+                }),
+            ],
+        }
+    }
+
+    /// Fires the channel's most urgent due timer (a dead channel is not
+    /// also probed).
+    fn run_channel_timer(&mut self, slot: usize, now: Instant) {
+        let due = self
+            .channel_timers(slot)
+            .into_iter()
+            .flatten()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, timer)| timer)
+            .min();
+        match due {
+            None => {}
+            Some(ChannelTimer::Reconnect) => self.connect(slot, now),
+            Some(ChannelTimer::Handshake) => {
+                self.fail_channel(slot, DownReason::HandshakeTimeout, now, true)
             }
-            ChanState::Ready => {
-                let silent = now - c.last_rx;
-                if (c.ping.is_some() || c.inflight > 0) && silent >= self.config.channel_timeout {
-                    let why = format!("silent for {} ms", silent.as_millis());
-                    self.fail_channel(slot, why, now, true);
-                } else if c.ping.is_none() && silent >= self.config.keepalive_interval {
-                    let token = self.next_ping;
-                    self.next_ping += 1;
-                    self.channels[slot].ping = Some((token, now));
-                    self.stats.pings += 1;
-                    let ch = self.id_of(slot);
-                    self.send_msg(ch, &Message::Ping { token });
-                }
+            Some(ChannelTimer::Dead) => {
+                let silent = now - self.channels[slot].last_rx;
+                self.fail_channel(slot, DownReason::Silent(silent), now, true);
+            }
+            Some(ChannelTimer::Keepalive) => {
+                let token = self.next_ping;
+                self.next_ping += 1;
+                self.channels[slot].ping = Some((token, now));
+                self.stats.pings += 1;
+                let ch = self.id_of(slot);
+                self.send_msg(ch, &Message::Ping { token });
             }
         }
     }
 
-    /// A request aged past its deadline: send it again, elsewhere if we can.
     fn age(&mut self, id: u64, now: Instant) {
         if self.config.sabotage.no_resend {
             self.journal.park_resend(id);
@@ -780,10 +810,7 @@ impl ClientEngine {
                 | ChanState::AwaitWelcome { session_id, .. },
                 Message::Reject(r),
             ) => self.on_reject(slot, session_id, r, now),
-            (_, other) => {
-                let why = format!("unexpected {:?} from server", other.kind());
-                self.fail_channel(slot, why, now, true)
-            }
+            (_, other) => self.fail_channel(slot, DownReason::Unexpected(other.kind()), now, true),
         }
     }
 
@@ -809,12 +836,7 @@ impl ClientEngine {
             let detail = "server could not prove it holds our key".to_string();
             self.actions
                 .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
-            return self.fail_channel(
-                slot,
-                "authentication failed: the server does not hold our key for this key id".into(),
-                now,
-                true,
-            );
+            return self.fail_channel(slot, DownReason::ServerNotAuthenticated, now, true);
         }
         let client_proof = auth::client_proof(&self.config.key, &transcript);
         self.channels[slot].state = ChanState::AwaitWelcome {
@@ -833,7 +855,7 @@ impl ClientEngine {
                 if self.session.is_some_and(|s| s.id == asked) {
                     self.lose_session(now);
                 }
-                self.fail_channel(slot, "session unknown to server".into(), now, false);
+                self.fail_channel(slot, DownReason::SessionUnknown, now, false);
                 self.channels[slot].failures = 0;
                 self.channels[slot].state = ChanState::Idle { retry_at: now };
                 return;
@@ -849,25 +871,24 @@ impl ClientEngine {
                     .push_back(ClientAction::Notice(Notice::Rejected { ch, code, message }));
             }
         }
-        self.fail_channel(
-            slot,
-            format!("server refused the handshake: {:?} ({})", r.code, r.message),
-            now,
-            true,
-        );
+        let reason = DownReason::Rejected {
+            code: r.code,
+            message: r.message,
+        };
+        self.fail_channel(slot, reason, now, true);
     }
 
     fn on_welcome(&mut self, slot: usize, asked: u64, w: Welcome, now: Instant) {
         let current = self.session.map(|s| s.id);
         if asked != 0 && (w.session_id != asked || current != Some(asked)) {
             // Joined a session we no longer use: leave it.
-            return self.fail_channel(slot, "joined a stale session".into(), now, false);
+            return self.fail_channel(slot, DownReason::StaleSession, now, false);
         }
         if asked == 0 {
             if current.is_some() {
                 let ch = self.id_of(slot);
                 self.send_msg(ch, &Message::Goodbye);
-                return self.fail_channel(slot, "second session refused".into(), now, false);
+                return self.fail_channel(slot, DownReason::SecondSession, now, false);
             }
             self.start_session(w.clone(), now);
         }
@@ -1011,7 +1032,7 @@ impl ClientEngine {
             && reply.status == Status::Ok
             && reply.payload.len() != entry.len as usize
         {
-            self.fail_channel(slot, "read reply of the wrong length".into(), now, true);
+            self.fail_channel(slot, DownReason::BadReadLength, now, true);
             return;
         }
         if let EntryState::Sent { ch, at, .. } = entry.state {
@@ -1103,7 +1124,7 @@ impl ClientEngine {
 
     /// Closes a channel, moves its requests to the others, and schedules a
     /// reconnect (with backoff when `backoff`).
-    fn fail_channel(&mut self, slot: usize, reason: String, now: Instant, backoff: bool) {
+    fn fail_channel(&mut self, slot: usize, reason: DownReason, now: Instant, backoff: bool) {
         let ch = self.id_of(slot);
         self.stats.channel_failures += 1;
         let moved = self.journal.sent_on(slot as u16);

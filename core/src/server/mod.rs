@@ -20,12 +20,7 @@ use crate::Instant;
 use bytes::Bytes;
 use overlap::OverlapGate;
 use session::{Admission, Session};
-use std::collections::{BTreeMap, VecDeque};
-use std::time::Duration;
-
-/// How often the engine wants a wake-up to sweep its timers while it has
-/// connections or sessions. Its timers are all seconds long.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Identifies one backend operation until it completes.
 pub type OpToken = u64;
@@ -199,8 +194,20 @@ enum ConnState {
 #[derive(Debug)]
 struct Conn {
     state: ConnState,
-    opened: Instant,
     last_rx: Instant,
+}
+
+/// A server timer. Each is armed where its state begins and checked
+/// again when it fires (a connection that spoke since, a session that was
+/// joined again), so the table never needs updating on the hot path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The connection must have finished its handshake.
+    Handshake(ConnId),
+    /// The bound connection must have spoken since.
+    Idle(ConnId),
+    /// The orphaned session's linger is over.
+    Linger(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -224,7 +231,7 @@ pub struct ServerEngine {
     next_token: OpToken,
     actions: VecDeque<ServerAction>,
     stats: ServerStats,
-    next_sweep: Option<Instant>,
+    timers: BTreeSet<(Instant, Timer)>,
 }
 
 impl ServerEngine {
@@ -246,7 +253,7 @@ impl ServerEngine {
             next_token: 1,
             actions: VecDeque::new(),
             stats: ServerStats::default(),
-            next_sweep: None,
+            timers: BTreeSet::new(),
         })
     }
 
@@ -302,7 +309,6 @@ impl ServerEngine {
     /// other, the overlap gates hold exactly the mutations in the backend,
     /// and every bound holds. O(state); simulators call it after every step.
     pub fn check(&self) -> Result<(), String> {
-        use std::collections::BTreeSet;
         if self.sessions.len() > self.config.max_sessions {
             return Err(format!(
                 "{} sessions, max_sessions is {}",
@@ -361,6 +367,27 @@ impl ServerEngine {
                 }
             }
         }
+        // Every state a timer guards has its timer (else a silent
+        // connection or an abandoned session would stay forever).
+        let armed: BTreeSet<Timer> = self.timers.iter().map(|(_, t)| *t).collect();
+        for (id, c) in &self.conns {
+            let needs = match c.state {
+                ConnState::AwaitHello | ConnState::AwaitAuth { .. } => Some(Timer::Handshake(*id)),
+                ConnState::Bound { .. } => Some(Timer::Idle(*id)),
+                ConnState::Closed => None,
+            };
+            if let Some(t) = needs.filter(|t| !armed.contains(t)) {
+                return Err(format!("conn {id} in {:?} has no {t:?} timer", c.state));
+            }
+        }
+        for s in self.sessions.values() {
+            if s.orphaned_since.is_some()
+                && s.ops_in_backend == 0
+                && !armed.contains(&Timer::Linger(s.id))
+            {
+                return Err(format!("orphaned session {:#x} has no linger timer", s.id));
+            }
+        }
         if let Some(o) = self
             .ops
             .values()
@@ -414,7 +441,7 @@ impl ServerEngine {
 
     /// When to call [`ServerEngine::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_sweep
+        self.timers.first().map(|(at, _)| *at)
     }
 
     /// A transport connection was accepted.
@@ -424,11 +451,11 @@ impl ServerEngine {
             conn,
             Conn {
                 state: ConnState::AwaitHello,
-                opened: now,
                 last_rx: now,
             },
         );
-        self.arm_sweep(now);
+        self.timers
+            .insert((now + self.config.handshake_timeout, Timer::Handshake(conn)));
     }
 
     /// The transport connection is gone (reset, EOF, or after our Close).
@@ -490,6 +517,11 @@ impl ServerEngine {
             return;
         };
         session.ops_in_backend -= 1;
+        if let (0, Some(since)) = (session.ops_in_backend, session.orphaned_since) {
+            // Its linger timer skipped it while it was busy.
+            let at = since + self.config.session_linger;
+            self.timers.insert((at, Timer::Linger(info.session_id)));
+        }
         let (status, data) = match result {
             Ok(data) => (Status::Ok, data),
             Err(status) => (status, Bytes::new()),
@@ -508,46 +540,57 @@ impl ServerEngine {
         }
     }
 
-    /// Sweeps timers: handshake and idle timeouts, lingering sessions.
+    /// Runs the timers that are due: handshake and idle timeouts,
+    /// lingering sessions. Each is checked against the state it guards,
+    /// and re-armed if that state moved its deadline.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let handshake_deadline = self.config.handshake_timeout;
-        let idle = self.config.idle_timeout;
-        let expired: Vec<(ConnId, CloseReason)> = self
-            .conns
-            .iter()
-            .filter_map(|(id, c)| match c.state {
-                ConnState::AwaitHello | ConnState::AwaitAuth { .. }
-                    if now - c.opened >= handshake_deadline =>
-                {
-                    Some((*id, CloseReason::HandshakeTimeout))
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            match timer {
+                Timer::Handshake(conn) => {
+                    let pending = self.conns.get(&conn).is_some_and(|c| {
+                        matches!(c.state, ConnState::AwaitHello | ConnState::AwaitAuth { .. })
+                    });
+                    if pending {
+                        self.close(conn, CloseReason::HandshakeTimeout, now);
+                    }
                 }
-                ConnState::Bound { .. } if now - c.last_rx >= idle => {
-                    Some((*id, CloseReason::Idle))
+                Timer::Idle(conn) => {
+                    let Some(c) = self.conns.get(&conn) else {
+                        continue;
+                    };
+                    if !matches!(c.state, ConnState::Bound { .. }) {
+                        continue;
+                    }
+                    let deadline = c.last_rx + self.config.idle_timeout;
+                    if deadline <= now {
+                        self.close(conn, CloseReason::Idle, now);
+                    } else {
+                        self.timers.insert((deadline, Timer::Idle(conn)));
+                    }
                 }
-                _ => None,
-            })
-            .collect();
-        for (conn, reason) in expired {
-            self.close(conn, reason, now);
-        }
-        let linger = self.config.session_linger;
-        let gone: Vec<u64> = self
-            .sessions
-            .values()
-            .filter(|s| s.ops_in_backend == 0)
-            .filter(|s| s.orphaned_since.is_some_and(|t| now - t >= linger))
-            .map(|s| s.id)
-            .collect();
-        for id in gone {
-            self.free_session(id);
-        }
-        self.next_sweep = None;
-        self.arm_sweep(now);
-    }
-
-    fn arm_sweep(&mut self, now: Instant) {
-        if self.next_sweep.is_none() && (!self.conns.is_empty() || !self.sessions.is_empty()) {
-            self.next_sweep = Some(now + SWEEP_INTERVAL);
+                Timer::Linger(id) => {
+                    let Some(s) = self.sessions.get(&id) else {
+                        continue;
+                    };
+                    // Joined again: no timer until it is orphaned again.
+                    // Still busy: backend_complete re-arms it when idle.
+                    if s.ops_in_backend > 0 {
+                        continue;
+                    }
+                    match s.orphaned_since {
+                        Some(t) if now - t >= self.config.session_linger => self.free_session(id),
+                        Some(t) => {
+                            let again = t + self.config.session_linger;
+                            self.timers.insert((again, Timer::Linger(id)));
+                        }
+                        None => {}
+                    }
+                }
+            }
         }
     }
 
@@ -594,6 +637,8 @@ impl ServerEngine {
             s.conns.retain(|c| *c != conn);
             if s.conns.is_empty() {
                 s.orphaned_since = Some(now);
+                self.timers
+                    .insert((now + self.config.session_linger, Timer::Linger(session_id)));
             }
         }
     }
@@ -757,6 +802,8 @@ impl ServerEngine {
         session.conns.push(conn);
         session.orphaned_since = None;
         self.conns.get_mut(&conn).unwrap().state = ConnState::Bound { session_id };
+        self.timers
+            .insert((now + self.config.idle_timeout, Timer::Idle(conn)));
         self.stats.handshakes += 1;
         let e = &self.config.exports[export];
         let mut export_flags = EXPORT_SEND_FLUSH | EXPORT_SEND_FUA;
