@@ -121,7 +121,18 @@ impl ExportSpec {
 
 pub(crate) fn load(path: &Path) -> Result<FileConfig, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    parse(&text).map_err(|e| format!("config {}: {e}", path.display()))
+}
+
+/// A configuration file's text: its syntax, its fields and every export's
+/// checks (sizes, `shared` only with `read_only`), before anything is
+/// opened or created.
+pub(crate) fn parse(text: &str) -> Result<FileConfig, String> {
+    let config: FileConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+    for spec in &config.export {
+        spec.check()?;
+    }
+    Ok(config)
 }
 
 /// Locks `DATA_DIR/serve.lock` for as long as the returned file lives and
@@ -272,9 +283,67 @@ pub(crate) fn create_key_file(path: &Path) -> Result<(), String> {
     .map_err(|e| format!("key file {}: {e}", path.display()))
 }
 
+/// What the fuzz target `config_parsers` holds every input to (as a TOML
+/// file, an `--export` flag and a size); CI runs it over seeded random
+/// inputs in the tests below.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn exercise_parsers(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(c) = parse(&text) {
+        for e in &c.export {
+            let size = e.create_size().expect("parse checked it");
+            assert!(size.is_none_or(|s| s > 0 && s % u64::from(EXPORT_BLOCK_SIZE) == 0));
+            assert!(!e.shared || e.read_only);
+        }
+    }
+    if let Ok(e) = ExportSpec::parse_flag(&text) {
+        assert!(!e.name.is_empty() && !e.path.as_os_str().is_empty());
+        assert!(e.check().is_ok());
+    }
+    let _ = parse_size(&text);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parsers_take_arbitrary_input() {
+        let mut rng = braid_core::rng::SplitMix64::new(9);
+        let pieces: &[&str] = &[
+            "[[export]]\n",
+            "name = \"a\"\n",
+            "path = \"/tmp/x\"\n",
+            "size = \"",
+            "12345",
+            "1G",
+            "\"\n",
+            "read_only = true\n",
+            "shared = true\n",
+            "listen = [\"",
+            "=",
+            ",",
+            "size=",
+            "ro",
+            "shared",
+            "direct",
+            "0",
+            "99999999999999999999T",
+            "\u{0}",
+            "é",
+            "nbd_allow_insecure = true\n",
+            "x=/p",
+        ];
+        for _ in 0..3000 {
+            let mut text = String::new();
+            for _ in 0..rng.below(12) {
+                text.push_str(pieces[rng.below(pieces.len() as u64) as usize]);
+            }
+            exercise_parsers(text.as_bytes());
+            let raw: Vec<u8> = (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect();
+            exercise_parsers(&raw);
+        }
+    }
 
     #[test]
     fn sizes_parse_with_units_and_refuse_nonsense() {

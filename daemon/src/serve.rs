@@ -88,9 +88,6 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     }
     let keys = config::read_keys(&key_file)?;
     let mut specs: Vec<ExportSpec> = file.export;
-    for spec in &specs {
-        spec.check()?;
-    }
     for e in &args.exports {
         specs.push(ExportSpec::parse_flag(e)?);
     }

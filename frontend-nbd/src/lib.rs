@@ -14,12 +14,16 @@
 
 #![deny(missing_docs)]
 
+#[cfg(any(test, feature = "fuzzing"))]
+mod fuzz;
 mod listener;
 mod negotiate;
 mod proto;
 mod target;
 mod transmit;
 
+#[cfg(any(test, feature = "fuzzing"))]
+pub use fuzz::exercise_nbd;
 pub use listener::NbdListener;
 pub use target::{BackendTarget, Completion, ExtentsCompletion, Target};
 
