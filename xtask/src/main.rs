@@ -33,6 +33,11 @@ commands:
             braid's NBD face against nbdinfo, nbdsh, qemu-img, qemu-io,
             nbdcopy, fio and (in ../shared/tools/vmlab) the kernel's
             nbd-client: `cargo xtask conformance [--host-only|--vm-only]`
+  mutants   mutation testing of the engines with cargo-mutants (installs
+            it if missing): each mutant of the named files (default: the
+            exactly-once and ordering code) must fail the engine tests and
+            invariant sweeps. `cargo xtask mutants [FILE...]`; results in
+            target/mutants/mutants.out (caught.txt, missed.txt)
   soak      real braid processes under a fault proxy and kill -9, with the
             verifier throughout: `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         "soak" => soak(&rest),
         "sim" => sim(&rest),
         "conformance" => conformance(&rest),
+        "mutants" => mutants(&rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -283,6 +289,42 @@ fn madsim_sim(extra: &[String]) -> Result<(), String> {
         ])
         .args(rest);
     run("madsim sweep (real fabric-tcp drivers)", cmd)
+}
+
+/// The engine files whose every mutant a sweep should catch, smallest
+/// first; `cargo xtask mutants FILE...` picks others.
+const MUTANT_FILES: &[&str] = &[
+    "core/src/server/overlap.rs",
+    "core/src/server/session.rs",
+    "core/src/client/dirty.rs",
+    "core/src/client/journal.rs",
+];
+
+fn mutants(extra: &[String]) -> Result<(), String> {
+    let installed = cargo()
+        .args(["mutants", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        let mut install = cargo();
+        install.args(["install", "cargo-mutants", "--locked"]);
+        run("install cargo-mutants", install)?;
+    }
+    let files: Vec<String> = if extra.is_empty() {
+        MUTANT_FILES.iter().map(|f| f.to_string()).collect()
+    } else {
+        extra.to_vec()
+    };
+    let mut cmd = cargo();
+    cmd.args(["mutants", "--package", "braid-core", "--profile", CHECKED]);
+    cmd.args(["--output", "target/mutants", "--no-shuffle"]);
+    for f in &files {
+        cmd.args(["--file", f]);
+    }
+    // The test: the engine tests, the seeded invariant sweeps with their
+    // teeth, and the unit tests of the file itself.
+    cmd.args(["--", "--lib", "--test", "engines", "--test", "invariants"]);
+    run("mutation testing", cmd)
 }
 
 /// The build `ci` makes, so after `ci` it is a no-op (building only the
