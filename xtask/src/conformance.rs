@@ -510,40 +510,12 @@ fn tls_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), Stri
         return Ok(());
     }
     let dir = work.join("tls");
-    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let nbd_port = free_port();
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let _server = spawn(
-        braid,
-        &s(&[
-            "serve",
-            "--tls",
-            "--data-dir",
-            &dir.display().to_string(),
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--export",
-            &format!("disk0={},size=64M", dir.join("disk0.img").display()),
-            "--nbd",
-            &format!("127.0.0.1:{nbd_port}"),
-        ]),
-        &dir.join("serve.log"),
-        "braid serve --tls",
-    )?;
-    wait_for(&dir.join("tls-cert.pem"), "braid serve --tls")?;
+    let (_server, nbd_port) = tls_nbd_server(braid, &dir, &["--tls"], "braid serve --tls")?;
     // libnbd (GnuTLS) wants a directory holding ca-cert.pem: the server's
     // self-signed certificate is its own CA.
     let certs = dir.join("client-certs");
     fs::create_dir_all(&certs).map_err(|e| e.to_string())?;
     fs::copy(dir.join("tls-cert.pem"), certs.join("ca-cert.pem")).map_err(|e| e.to_string())?;
-    // The NBD listener comes up just after the certificate is written.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("braid serve --tls: NBD port never opened".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let tls_uri = format!(
         "nbds://localhost:{nbd_port}/disk0?tls-certificates={}",
         certs.display()
@@ -577,39 +549,17 @@ fn client_certificate_check(
         "nbdinfo without a client certificate is refused, with one it gets in",
     );
     let dir = first.join("client-ca");
-    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let (cert, key) = (first.join("tls-cert.pem"), first.join("tls-key.pem"));
-    let nbd_port = free_port();
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let _server = spawn(
-        braid,
-        &s(&[
-            "serve",
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-            "--tls-client-ca",
-            &cert.display().to_string(),
-            "--data-dir",
-            &dir.display().to_string(),
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--export",
-            &format!("disk0={},size=64M", dir.join("disk0.img").display()),
-            "--nbd",
-            &format!("127.0.0.1:{nbd_port}"),
-        ]),
-        &dir.join("serve.log"),
-        "braid serve --tls-client-ca",
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_err() {
-        if Instant::now() > deadline {
-            return Err("braid serve --tls-client-ca: NBD port never opened".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (cert_arg, key_arg) = (cert.display().to_string(), key.display().to_string());
+    let tls = [
+        "--tls-cert",
+        &cert_arg,
+        "--tls-key",
+        &key_arg,
+        "--tls-client-ca",
+        &cert_arg,
+    ];
+    let (_server, nbd_port) = tls_nbd_server(braid, &dir, &tls, "braid serve --tls-client-ca")?;
     let uri = |d: &Path| {
         format!(
             "nbds://localhost:{nbd_port}/disk0?tls-certificates={}",
@@ -636,6 +586,39 @@ fn client_certificate_check(
     };
     report.add(target, clause, what, v);
     Ok(())
+}
+
+/// A `braid serve` with `tls` flags and a 64 MiB export, also on NBD; its
+/// NBD port once it accepts connections.
+fn tls_nbd_server(
+    braid: &Path,
+    dir: &Path,
+    tls: &[&str],
+    name: &'static str,
+) -> Result<(Daemon, u16), String> {
+    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let nbd_port = free_port();
+    let mut args: Vec<String> = vec!["serve".into()];
+    args.extend(tls.iter().map(|a| a.to_string()));
+    args.extend([
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--export".into(),
+        format!("disk0={},size=64M", dir.join("disk0.img").display()),
+        "--nbd".into(),
+        format!("127.0.0.1:{nbd_port}"),
+    ]);
+    let server = spawn(braid, &args, &dir.join("serve.log"), name)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", nbd_port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{name}: NBD port never opened"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((server, nbd_port))
 }
 
 fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Result<(), String> {
