@@ -7,7 +7,6 @@ use braid_core::client::IoRequest;
 use braid_core::rng::SplitMix64;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -140,6 +139,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     }
     let deadline = started + Duration::from_secs_f64(args.time);
     let mut last = (Instant::now(), 0u64, 0u64);
+    let mut line = crate::progress::ProgressLine::new();
     while Instant::now() < deadline {
         tokio::time::sleep(
             Duration::from_millis(1000).min(deadline.saturating_duration_since(Instant::now())),
@@ -150,24 +150,23 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
             shared.bytes.load(Ordering::Relaxed),
         );
         let dt = last.0.elapsed().as_secs_f64().max(1e-9);
-        eprint!(
-            "\r  {:>5.1}s  {:>9.0} IOPS  {:>8.1} MiB/s  errors {}   ",
+        line.show(format_args!(
+            "  {:>5.1}s  {:>9.0} IOPS  {:>8.1} MiB/s  errors {}",
             started.elapsed().as_secs_f64(),
             (ios - last.1) as f64 / dt,
             (bytes - last.2) as f64 / dt / (1 << 20) as f64,
             shared.errors.load(Ordering::Relaxed)
-        );
-        let _ = std::io::stderr().flush();
+        ));
         last = (Instant::now(), ios, bytes);
     }
     shared.stop.store(true, Ordering::Relaxed);
+    line.finish();
     let mut hist = Histogram::new();
     for w in workers {
         hist.merge(&w.await.map_err(|e| e.to_string())?);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time() - cpu_start;
-    eprintln!();
     let ios = hist.count();
     println!(
         "\n{ios} IOs in {elapsed:.1}s: {:.0} IOPS, {:.1} MiB/s, client CPU {:.1} µs/IO, errors {}",

@@ -9,6 +9,7 @@ mod demo;
 mod faultproxy;
 mod histogram;
 mod nbd;
+mod progress;
 mod serve;
 mod soak;
 mod status;

@@ -9,7 +9,6 @@ use braid_core::rng::SplitMix64;
 use braid_fabric_tcp::Client;
 use clap::Args;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -238,10 +237,10 @@ impl Summary {
     }
 }
 
-fn line(started: Instant, rig: &Rig) {
+fn line(out: &mut crate::progress::ProgressLine, started: Instant, rig: &Rig) {
     let s = rig.client.status().stats;
-    eprint!(
-        "\r  {:>6.1}s  IOs {:>8}  failures {}  errors {}  failovers {}  resends {}  session resets {}   ",
+    out.show(format_args!(
+        "  {:>6.1}s  IOs {:>8}  failures {}  errors {}  failovers {}  resends {}  session resets {}",
         started.elapsed().as_secs_f64(),
         rig.progress.ios(),
         rig.progress.failures.load(Ordering::Relaxed),
@@ -249,8 +248,7 @@ fn line(started: Instant, rig: &Rig) {
         s.failovers,
         s.resends,
         s.session_resets
-    );
-    let _ = std::io::stderr().flush();
+    ));
 }
 
 pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
@@ -261,6 +259,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
     let mut rig = Rig::start().await?;
     let started = Instant::now();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut out = crate::progress::ProgressLine::new();
     if let Some(n) = args.measure_failover {
         println!("braid soak: measuring failover over {n} black-holed channels (seed {seed})");
         let mut times = Vec::new();
@@ -273,9 +272,9 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
             }
             tokio::time::sleep(Duration::from_millis(2500)).await;
             times.push(rig.progress.worst_between(t0, Instant::now()));
-            line(started, &rig);
+            line(&mut out, started, &rig);
         }
-        eprintln!();
+        out.finish();
         times.sort();
         let pct = |p: f64| times[((p / 100.0) * (times.len() - 1) as f64).round() as usize];
         println!(
@@ -329,13 +328,13 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
             if let Some(k) = kind {
                 *faults.entry(k).or_default() += 1;
             }
-            line(started, &rig);
+            line(&mut out, started, &rig);
         }
         // Faults stop; the verifier goes on a little so the end state is
         // checked too.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        line(started, &rig);
-        eprintln!();
+        line(&mut out, started, &rig);
+        out.finish();
     }
     let summary = rig.finish().await?;
     println!("\nsoak summary (seed {seed}):");

@@ -8,7 +8,6 @@ use braid_core::rng::SplitMix64;
 use braid_fabric_tcp::Client;
 use bytes::Bytes;
 use clap::Args;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -293,14 +292,15 @@ pub(crate) async fn run(args: VerifyArgs) -> Result<(), String> {
     let task = tokio::spawn(workload(client.clone(), blocks, args.qd, progress.clone()));
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.time);
+    let mut line = crate::progress::ProgressLine::new();
     while Instant::now() < deadline {
         tokio::time::sleep(
             Duration::from_millis(500).min(deadline.saturating_duration_since(Instant::now())),
         )
         .await;
         let s = client.status();
-        eprint!(
-            "\r  {:>5.1}s  reads {:>8} writes {:>8} flushes {:>6}  failures {}  errors {}  failovers {}  session resets {}   ",
+        line.show(format_args!(
+            "  {:>5.1}s  reads {:>8} writes {:>8} flushes {:>6}  failures {}  errors {}  failovers {}  session resets {}",
             started.elapsed().as_secs_f64(),
             progress.reads.load(Ordering::Relaxed),
             progress.writes.load(Ordering::Relaxed),
@@ -309,12 +309,11 @@ pub(crate) async fn run(args: VerifyArgs) -> Result<(), String> {
             progress.errors.load(Ordering::Relaxed),
             s.stats.failovers,
             s.stats.session_resets,
-        );
-        let _ = std::io::stderr().flush();
+        ));
     }
     progress.stop.store(true, Ordering::Relaxed);
     task.await.map_err(|e| e.to_string())?;
-    eprintln!();
+    line.finish();
     let (failures, errors) = (
         progress.failures.load(Ordering::Relaxed),
         progress.errors.load(Ordering::Relaxed),
