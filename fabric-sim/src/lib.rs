@@ -33,4 +33,4 @@ mod world;
 #[cfg(madsim)]
 pub use braid_core::testkit::Sabotage;
 #[cfg(madsim)]
-pub use world::{run, run_sabotaged, Report, Scenario};
+pub use world::{first_divergence, run, run_sabotaged, Report, Scenario};

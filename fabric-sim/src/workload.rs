@@ -26,6 +26,9 @@ pub(crate) struct Outcome {
     pub longest: Duration,
     /// Folded over every completion: equal seeds give equal traces.
     pub trace: u64,
+    /// (virtual nanoseconds since the start, `trace`) after each IO, so
+    /// two runs that differ can be compared step by step.
+    pub steps: Vec<(u64, u64)>,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -114,6 +117,7 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
         out.ios += 1;
         let since = began.duration_since(start).as_nanos() as u64;
         out.trace = mix(mix(out.trace, since), roll ^ (at << 8) ^ (n << 40));
+        out.steps.push((since, out.trace));
         match result {
             Ok(data) => {
                 if expect_error {
@@ -208,6 +212,7 @@ pub(crate) async fn shared_worker(client: Client, plan: SharedPlan) -> Outcome {
         out.ios += 1;
         let since = tokio::time::Instant::now().duration_since(start).as_nanos() as u64;
         out.trace = mix(mix(out.trace, since), roll ^ (first << 8) ^ (count << 40));
+        out.steps.push((since, out.trace));
         let mut checker = plan.checker.lock().unwrap();
         match &result {
             Ok(data) => checker.complete(io_id, Ok(&data[..]), fua),

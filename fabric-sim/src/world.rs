@@ -128,6 +128,34 @@ pub struct Report {
     /// A digest of every completion and its virtual time: equal seeds give
     /// equal hashes.
     pub trace_hash: u64,
+    /// Each worker's steps (see `first_divergence`).
+    pub steps: Vec<Vec<(u64, u64)>>,
+}
+
+/// Where two runs of one seed first part: the worker and IO whose trace
+/// differs earliest in virtual time.
+pub fn first_divergence(a: &Report, b: &Report) -> Option<String> {
+    let workers = a.steps.len().max(b.steps.len());
+    let mut first: Option<(u64, usize, usize)> = None;
+    for w in 0..workers {
+        let (x, y) = (a.steps.get(w), b.steps.get(w));
+        let (x, y) = (x.map_or(&[][..], |v| &v[..]), y.map_or(&[][..], |v| &v[..]));
+        let Some(i) = (0..x.len().max(y.len())).find(|&i| x.get(i) != y.get(i)) else {
+            continue;
+        };
+        let at = x.get(i).or(y.get(i)).map_or(0, |s| s.0);
+        if first.is_none_or(|f| at < f.0) {
+            first = Some((at, w, i));
+        }
+    }
+    first.map(|(at, w, i)| {
+        format!(
+            "first divergence: worker {w}, IO {i}, at {:.6}s virtual ({:?} then {:?})",
+            at as f64 / 1e9,
+            a.steps.get(w).and_then(|v| v.get(i)),
+            b.steps.get(w).and_then(|v| v.get(i)),
+        )
+    })
 }
 
 impl Report {
@@ -148,6 +176,7 @@ impl Report {
             replayed_extents: 0,
             longest_io: Duration::ZERO,
             trace_hash: 0,
+            steps: Vec::new(),
         }
     }
 }
@@ -447,7 +476,9 @@ async fn simulate(
                         no_space_errors,
                         longest,
                         trace,
+                        steps,
                     } = o;
+                    report.steps.push(steps);
                     report.ios += ios;
                     report.media_errors += media_errors;
                     report.no_space_errors += no_space_errors;
@@ -600,4 +631,23 @@ async fn inject(
         }
     }
     faults
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_earliest_differing_step_is_named() {
+        let mut a = Report::empty(1, Scenario::Steady);
+        a.steps = vec![vec![(10, 1), (20, 2), (30, 3)], vec![(15, 7), (25, 8)]];
+        let mut b = a.clone();
+        assert_eq!(first_divergence(&a, &b), None);
+        b.steps[0][2].1 = 99; // worker 0 parts at 30 ns
+        b.steps[1][1].1 = 99; // worker 1 parts at 25 ns: earlier
+        let d = first_divergence(&a, &b).unwrap();
+        assert!(d.contains("worker 1, IO 1"), "{d}");
+        b.steps[1].truncate(1); // a run that stopped early parts there too
+        assert!(first_divergence(&a, &b).unwrap().contains("worker 1, IO 1"));
+    }
 }

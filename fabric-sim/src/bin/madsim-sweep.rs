@@ -17,7 +17,7 @@ fn main() {
 
 #[cfg(madsim)]
 mod sweep {
-    use braid_fabric_sim::{run_sabotaged, Report, Sabotage, Scenario};
+    use braid_fabric_sim::{first_divergence, run_sabotaged, Report, Sabotage, Scenario};
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::time::{Duration, Instant};
@@ -124,8 +124,14 @@ mod sweep {
                         let again = catch(scenario, seed, secs, sabotage);
                         if (again.trace_hash, again.ios) != (report.trace_hash, report.ios) {
                             problems.push(format!(
-                                "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs",
-                                report.trace_hash, report.ios, again.trace_hash, again.ios
+                                "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs; {}",
+                                report.trace_hash,
+                                report.ios,
+                                again.trace_hash,
+                                again.ios,
+                                first_divergence(&report, &again).unwrap_or_else(|| {
+                                    "the steps agree (only totals differ)".into()
+                                })
                             ));
                         }
                     }
