@@ -156,6 +156,7 @@ fn ci() -> Result<(), String> {
         "10",
         "--check-determinism",
     ]))?;
+    madsim_unit_tests()?;
     for (sabotage, scenario) in [("no-replay", "power-loss"), ("no-dedup", "partitions")] {
         sim(&args(&[
             "--madsim",
@@ -325,6 +326,16 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     // teeth, and the unit tests of the file itself.
     cmd.args(["--", "--lib", "--test", "engines", "--test", "invariants"]);
     run("mutation testing", cmd)
+}
+
+/// fabric-sim's own unit tests, which exist only under `--cfg madsim`.
+fn madsim_unit_tests() -> Result<(), String> {
+    let mut cmd = cargo();
+    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    cmd.env("RUSTFLAGS", format!("{flags} --cfg madsim").trim())
+        .env("CARGO_TARGET_DIR", root().join("target").join("madsim"))
+        .args(["test", "--profile", CHECKED, "--package", "braid-fabric-sim", "--lib"]);
+    run("fabric-sim unit tests (madsim)", cmd)
 }
 
 /// The build `ci` makes, so after `ci` it is a no-op (building only the
