@@ -273,22 +273,19 @@ fn conformance(extra: &[String]) -> Result<(), String> {
 /// the normal build is not invalidated.
 fn madsim_sim(extra: &[String]) -> Result<(), String> {
     let rest: Vec<&String> = extra.iter().filter(|a| *a != "--madsim").collect();
-    let mut cmd = cargo();
-    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-    cmd.env("RUSTFLAGS", format!("{flags} --cfg madsim").trim())
-        .env("CARGO_TARGET_DIR", root().join("target").join("madsim"))
-        .args([
-            "run",
-            "--profile",
-            CHECKED,
-            "--quiet",
-            "--package",
-            "braid-fabric-sim",
-            "--bin",
-            "madsim-sweep",
-            "--",
-        ])
-        .args(rest);
+    let mut cmd = madsim_cargo();
+    cmd.args([
+        "run",
+        "--profile",
+        CHECKED,
+        "--quiet",
+        "--package",
+        "braid-fabric-sim",
+        "--bin",
+        "madsim-sweep",
+        "--",
+    ])
+    .args(rest);
     run("madsim sweep (real fabric-tcp drivers)", cmd)
 }
 
@@ -330,12 +327,25 @@ fn mutants(extra: &[String]) -> Result<(), String> {
 
 /// fabric-sim's own unit tests, which exist only under `--cfg madsim`.
 fn madsim_unit_tests() -> Result<(), String> {
+    let mut cmd = madsim_cargo();
+    cmd.args([
+        "test",
+        "--profile",
+        CHECKED,
+        "--package",
+        "braid-fabric-sim",
+        "--lib",
+    ]);
+    run("fabric-sim unit tests (madsim)", cmd)
+}
+
+/// Cargo with every crate built under `--cfg madsim`, in its own target dir.
+fn madsim_cargo() -> Command {
     let mut cmd = cargo();
     let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
     cmd.env("RUSTFLAGS", format!("{flags} --cfg madsim").trim())
-        .env("CARGO_TARGET_DIR", root().join("target").join("madsim"))
-        .args(["test", "--profile", CHECKED, "--package", "braid-fabric-sim", "--lib"]);
-    run("fabric-sim unit tests (madsim)", cmd)
+        .env("CARGO_TARGET_DIR", root().join("target").join("madsim"));
+    cmd
 }
 
 /// The build `ci` makes, so after `ci` it is a no-op (building only the
