@@ -323,9 +323,12 @@ impl Driver {
                         }
                     }
                     ClientAction::Send(ch, frame) => {
-                        if let Some(w) = self.writers.get(&ch) {
-                            // The client bounds what it has in flight itself.
-                            let _ = w.send(frame);
+                        let refused = self.writers.get(&ch).is_some_and(|w| !w.send(frame));
+                        if refused {
+                            // Twice the journal's bytes unsent: the
+                            // connection is stuck (or gone). Fail over.
+                            let why = "send queue full: the connection is not draining";
+                            self.engine.channel_failed(ch, why, self.clock.now());
                         }
                     }
                     ClientAction::Complete(c) => completions.push(c),
