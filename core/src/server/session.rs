@@ -217,6 +217,36 @@ mod tests {
     }
 
     #[test]
+    fn exec_seq_numbers_successful_mutations_only() {
+        let mut s = Session::new(1, 0);
+        for id in 1..=4 {
+            s.admit(id, 1, Op::Write, 1, 100);
+        }
+        assert_eq!(s.cached(), 4);
+        assert_eq!(s.in_progress().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(s.complete(1, Op::Read, Status::Ok).0, 0, "reads get none");
+        assert_eq!(
+            s.complete(2, Op::Write, Status::Io).0,
+            0,
+            "failures get none"
+        );
+        assert_eq!(s.complete(3, Op::Write, Status::Ok).0, 1);
+        assert_eq!(s.complete(4, Op::Trim, Status::Ok).0, 2);
+        assert_eq!(s.in_progress().count(), 0, "all four answered");
+    }
+
+    #[test]
+    fn check_sees_ids_outside_the_window() {
+        let mut s = Session::new(1, 0);
+        s.admit(5, 5, Op::Write, 1, 100);
+        s.check(100).unwrap();
+        s.floor = 6; // as if the floor moved without pruning
+        assert!(s.check(100).unwrap_err().contains("below floor"));
+        s.floor = 0;
+        assert!(s.check(5).unwrap_err().contains("outside the window"));
+    }
+
+    #[test]
     fn resent_read_runs_again() {
         let mut s = Session::new(1, 0);
         assert_eq!(s.admit(1, 1, Op::Read, 1, 100), Admission::Execute);
