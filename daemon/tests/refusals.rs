@@ -3,18 +3,10 @@
 //! that is not whole blocks, NBD to the network without TLS.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-const BRAID: &str = env!("CARGO_BIN_EXE_braid");
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::{wait_for, Killed, BRAID};
 
 fn serve(dir: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(BRAID);
@@ -32,18 +24,6 @@ fn refused(mut cmd: Command) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(!out.status.success(), "it started: {err}");
     err
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -202,34 +202,25 @@ fn sim(extra: &[String]) -> Result<(), String> {
         return madsim_sim(extra);
     }
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--profile",
-        CHECKED,
-        "--quiet",
-        "--package",
-        "braid-sim-tests",
-        "--bin",
-        "sim",
-        "--",
-    ]);
+    run_checked(&mut cmd, "braid-sim-tests", Some("sim"));
     cmd.args(extra);
     run("simulation sweep", cmd)
 }
 
+/// `cargo run` of a package's binary in the checked profile; what follows
+/// goes to the binary.
+fn run_checked(cmd: &mut Command, package: &str, bin: Option<&str>) {
+    cmd.args(["run", "--profile", CHECKED, "--quiet", "--package", package]);
+    if let Some(bin) = bin {
+        cmd.args(["--bin", bin]);
+    }
+    cmd.arg("--");
+}
+
 fn soak(extra: &[String]) -> Result<(), String> {
     let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--profile",
-        CHECKED,
-        "--quiet",
-        "--package",
-        "braid",
-        "--",
-        "soak",
-    ]);
-    cmd.args(extra);
+    run_checked(&mut cmd, "braid", None);
+    cmd.arg("soak").args(extra);
     run("soak", cmd)
 }
 
@@ -274,18 +265,8 @@ fn conformance(extra: &[String]) -> Result<(), String> {
 fn madsim_sim(extra: &[String]) -> Result<(), String> {
     let rest: Vec<&String> = extra.iter().filter(|a| *a != "--madsim").collect();
     let mut cmd = madsim_cargo();
-    cmd.args([
-        "run",
-        "--profile",
-        CHECKED,
-        "--quiet",
-        "--package",
-        "braid-fabric-sim",
-        "--bin",
-        "madsim-sweep",
-        "--",
-    ])
-    .args(rest);
+    run_checked(&mut cmd, "braid-fabric-sim", Some("madsim-sweep"));
+    cmd.args(rest);
     run("madsim sweep (real fabric-tcp drivers)", cmd)
 }
 

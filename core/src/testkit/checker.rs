@@ -203,9 +203,12 @@ impl Checker {
         self.tick
     }
 
-    fn traces(&self, first: u64, count: u64) -> bool {
+    /// Whether an event of `op` on `first..first + count` is traced (a
+    /// FLUSH touches every sector). False unless tracing is on, so the
+    /// sweeps build no trace text.
+    fn traces(&self, op: Op, first: u64, count: u64) -> bool {
         self.trace_sector
-            .is_some_and(|t| t >= first && t < first + count)
+            .is_some_and(|t| op == Op::Flush || (t >= first && t < first + count))
     }
 
     /// Prints a line about the traced sector (see `BRAID_TRACE_SECTOR`).
@@ -224,7 +227,7 @@ impl Checker {
         let tick = self.next_tick();
         let first = offset / SECTOR as u64;
         let count = u64::from(len) / SECTOR as u64;
-        if self.traces(first, count) || op == Op::Flush {
+        if self.traces(op, first, count) {
             self.trace(format_args!("submit {id} {op:?}"));
         }
         let content = match op {
@@ -291,7 +294,7 @@ impl Checker {
         if rec.op == Op::Read {
             self.reads_outstanding.remove(&(rec.submit, id));
         }
-        if self.traces(rec.first, rec.count) || rec.op == Op::Flush {
+        if self.traces(rec.op, rec.first, rec.count) {
             let got = match (&result, self.trace_sector) {
                 (Ok(d), Some(t)) if rec.op == Op::Read => {
                     let i = (t - rec.first) as usize;
@@ -451,7 +454,7 @@ impl Checker {
         }
         let Some(data) = data else { return };
         let first = offset / SECTOR as u64;
-        if self.traces(first, (data.len() / SECTOR) as u64) {
+        if self.traces(Op::Write, first, (data.len() / SECTOR) as u64) {
             let t = self.trace_sector.unwrap_or(0);
             let i = (t - first) as usize;
             let tag = sector_tag(&data[i * SECTOR..(i + 1) * SECTOR], t);
