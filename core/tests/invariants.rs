@@ -4,7 +4,9 @@
 //! replays it.
 
 use braid_core::client::Sabotage;
-use braid_core::testkit::{FaultRates, Report, Sabotage as Off, Violation, World, WorldConfig};
+use braid_core::testkit::{
+    Fault, FaultRates, Report, Sabotage as Off, Violation, World, WorldConfig,
+};
 use std::time::Duration;
 
 fn run(seed: u64, shape: impl Fn(&mut WorldConfig)) -> Report {
@@ -107,7 +109,7 @@ fn partitions_heal_without_errors() {
             ..FaultRates::none()
         }),
     );
-    assert!(total(&reports, |r| *r.faults.get("partition").unwrap_or(&0)) > 0);
+    assert!(total(&reports, |r| *r.faults.get(&Fault::Partition).unwrap_or(&0)) > 0);
 }
 
 #[test]
@@ -152,14 +154,14 @@ fn slow_disk_causes_no_errors() {
 fn every_fault_class_at_once() {
     let reports = sweep("all faults", 100..140, |_| {});
     for class in [
-        "frame lost",
-        "frame corrupted",
-        "channel reset",
-        "server crash",
-        "power loss",
+        Fault::FrameLost,
+        Fault::FrameCorrupted,
+        Fault::ChannelReset,
+        Fault::ServerCrash,
+        Fault::PowerLoss,
     ] {
         assert!(
-            total(&reports, |r| *r.faults.get(class).unwrap_or(&0)) > 0,
+            total(&reports, |r| *r.faults.get(&class).unwrap_or(&0)) > 0,
             "{class} never injected"
         );
     }

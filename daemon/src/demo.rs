@@ -31,7 +31,7 @@ pub(crate) fn run(args: DemoArgs) -> ExitCode {
     let started = Instant::now();
     let mut total_ios = 0;
     let mut failed_runs = Vec::new();
-    let mut faults = std::collections::BTreeMap::<&str, u64>::new();
+    let mut faults = std::collections::BTreeMap::<braid_core::testkit::Fault, u64>::new();
     let (mut failovers, mut resends, mut dups, mut resets, mut replays, mut errors) =
         (0, 0, 0, 0, 0, 0);
     let mut virtual_secs = 0.0;
@@ -42,7 +42,7 @@ pub(crate) fn run(args: DemoArgs) -> ExitCode {
         total_ios += report.ios;
         virtual_secs += report.virtual_time.as_secs_f64();
         for (k, v) in &report.faults {
-            *faults.entry(k).or_default() += v;
+            *faults.entry(*k).or_default() += v;
         }
         failovers += report.client.failovers;
         resends += report.client.resends;

@@ -31,6 +31,6 @@ mod workload;
 mod world;
 
 #[cfg(madsim)]
-pub use braid_core::testkit::Sabotage;
+pub use braid_core::testkit::{Fault, Sabotage, Scenario};
 #[cfg(madsim)]
-pub use world::{first_divergence, run, run_sabotaged, Report, Scenario};
+pub use world::{first_divergence, run, run_sabotaged, Report};

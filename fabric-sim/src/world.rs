@@ -9,7 +9,7 @@ use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_core::testkit::{MemDisk, Sabotage};
+use braid_core::testkit::{Fault, Level, MemDisk, Sabotage, Scenario};
 use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, Runtime};
@@ -29,73 +29,6 @@ const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
 /// timeout is infinite, so nothing else would notice).
 const STALL_LIMIT: Duration = Duration::from_secs(30);
 
-/// What the fault plan may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scenario {
-    /// No faults: the baseline every fault run is compared with.
-    Steady,
-    /// Both directions between client and server cut, then restored.
-    Partitions,
-    /// Server process killed and restarted; its disk keeps the page cache.
-    ServerCrash,
-    /// Server killed with its disk's volatile cache lost, then restarted.
-    PowerLoss,
-    /// The server stops running (a long GC pause, a stuck disk), then goes on.
-    Stalls,
-    /// A few blocks fail every access with a media error.
-    DiskErrors,
-    /// The server's disk fills up for a while, then has room again.
-    DiskFull,
-    /// The server's disk answers in tens to hundreds of ms for a while.
-    SlowDisk,
-    /// The client process stops (a stopped or starved daemon), then goes on.
-    ClientStall,
-    /// Every fault above, mixed.
-    AllFaults,
-    /// Three client nodes, two exports (two clients share one), every
-    /// fault mixed.
-    ManyClients,
-}
-
-impl Scenario {
-    /// Every scenario.
-    pub const ALL: [Scenario; 11] = [
-        Scenario::Steady,
-        Scenario::Partitions,
-        Scenario::ServerCrash,
-        Scenario::PowerLoss,
-        Scenario::Stalls,
-        Scenario::DiskErrors,
-        Scenario::DiskFull,
-        Scenario::SlowDisk,
-        Scenario::ClientStall,
-        Scenario::AllFaults,
-        Scenario::ManyClients,
-    ];
-
-    /// Its name on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Scenario::Steady => "steady",
-            Scenario::Partitions => "partitions",
-            Scenario::ServerCrash => "server-crash",
-            Scenario::PowerLoss => "power-loss",
-            Scenario::Stalls => "stalls",
-            Scenario::DiskErrors => "disk-errors",
-            Scenario::DiskFull => "disk-full",
-            Scenario::SlowDisk => "slow-disk",
-            Scenario::ClientStall => "client-stall",
-            Scenario::AllFaults => "all-faults",
-            Scenario::ManyClients => "many-clients",
-        }
-    }
-
-    /// By name.
-    pub fn parse(name: &str) -> Option<Scenario> {
-        Scenario::ALL.into_iter().find(|s| s.name() == name)
-    }
-}
-
 /// What one seed did.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -112,7 +45,7 @@ pub struct Report {
     /// Broken promises; empty on a good run.
     pub violations: Vec<String>,
     /// Faults injected, by kind.
-    pub faults: BTreeMap<&'static str, u64>,
+    pub faults: BTreeMap<Fault, u64>,
     /// Requests resent after aging out.
     pub resends: u64,
     /// Requests moved off failed channels.
@@ -186,7 +119,7 @@ impl Report {
 /// Each run gets a thread of its own: std's `HashMap` seeds its hasher
 /// from per-thread keys drawn once, so a second run on the same thread
 /// would iterate maps in another order and stop being a replay.
-pub fn run(scenario: Scenario, seed: u64, virtual_secs: u64) -> Report {
+pub fn run(scenario: Scenario, seed: u64, virtual_secs: f64) -> Report {
     run_sabotaged(scenario, seed, virtual_secs, &[])
 }
 
@@ -194,15 +127,20 @@ pub fn run(scenario: Scenario, seed: u64, virtual_secs: u64) -> Report {
 pub fn run_sabotaged(
     scenario: Scenario,
     seed: u64,
-    virtual_secs: u64,
+    virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Report {
+    assert!(
+        scenario.runs_at(Level::Madsim),
+        "scenario {scenario} has no madsim world (it runs at the engine level)"
+    );
+    let run_for = Duration::from_secs_f64(virtual_secs);
     let sabotage = sabotage.to_vec();
     let run = move || {
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
-        rt.set_time_limit(Duration::from_secs(virtual_secs + 300));
-        rt.block_on(simulate(scenario, seed, virtual_secs, sabotage))
+        rt.set_time_limit(run_for + Duration::from_secs(300));
+        rt.block_on(simulate(scenario, seed, run_for, sabotage))
     };
     match std::thread::spawn(run).join() {
         Ok(report) => report,
@@ -259,7 +197,7 @@ fn layout(scenario: Scenario) -> (usize, Vec<ClientSpec>) {
 async fn simulate(
     scenario: Scenario,
     seed: u64,
-    virtual_secs: u64,
+    run_for: Duration,
     sabotage: Vec<Sabotage>,
 ) -> Report {
     let handle = Handle::current();
@@ -386,7 +324,7 @@ async fn simulate(
             )
             .await
             .map_err(|e| e.to_string())?;
-            let until = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
+            let until = tokio::time::Instant::now() + run_for;
             let per = blocks / workers_each;
             let tasks: Vec<_> = (0..workers_each)
                 .map(|w| {
@@ -458,7 +396,7 @@ async fn simulate(
         full: &full,
         slow: &slow,
     };
-    let faults = inject(scenario, &mut rng, &targets, virtual_secs).await;
+    let faults = inject(scenario, &mut rng, &targets, run_for).await;
 
     let mut report = Report {
         faults,
@@ -527,8 +465,8 @@ async fn inject(
     scenario: Scenario,
     rng: &mut SplitMix64,
     targets: &Targets<'_>,
-    virtual_secs: u64,
-) -> BTreeMap<&'static str, u64> {
+    run_for: Duration,
+) -> BTreeMap<Fault, u64> {
     let Targets {
         handle,
         server,
@@ -539,7 +477,7 @@ async fn inject(
     } = *targets;
     let mut faults = BTreeMap::new();
     let net = NetSim::current();
-    let end = tokio::time::Instant::now() + Duration::from_secs(virtual_secs);
+    let end = tokio::time::Instant::now() + run_for;
     let quiet = Duration::from_secs(2);
     let ms =
         |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
@@ -548,25 +486,27 @@ async fn inject(
         if tokio::time::Instant::now() + quiet >= end {
             break;
         }
-        let kinds: &[&'static str] = match scenario {
-            Scenario::Steady | Scenario::DiskErrors => &[],
-            Scenario::Partitions => &["partition", "one-way loss"],
-            Scenario::ServerCrash => &["server crash + restart"],
-            Scenario::PowerLoss => &["power loss + restart"],
-            Scenario::Stalls => &["server stall"],
-            Scenario::DiskFull => &["disk full"],
-            Scenario::SlowDisk => &["disk latency spike"],
-            Scenario::ClientStall => &["client stall"],
+        let kinds: &[Fault] = match scenario {
+            Scenario::Partitions => &[Fault::Partition, Fault::OneWayLoss],
+            Scenario::Crash => &[Fault::ServerCrash],
+            Scenario::PowerLoss => &[Fault::PowerLoss],
+            Scenario::Stalls => &[Fault::ServerStall],
+            Scenario::DiskFull => &[Fault::DiskFull],
+            Scenario::SlowDisk => &[Fault::DiskStall],
+            Scenario::ClientStall => &[Fault::ClientStall],
             Scenario::AllFaults | Scenario::ManyClients => &[
-                "partition",
-                "one-way loss",
-                "server crash + restart",
-                "power loss + restart",
-                "server stall",
-                "disk full",
-                "disk latency spike",
-                "client stall",
+                Fault::Partition,
+                Fault::OneWayLoss,
+                Fault::ServerCrash,
+                Fault::PowerLoss,
+                Fault::ServerStall,
+                Fault::DiskFull,
+                Fault::DiskStall,
+                Fault::ClientStall,
             ],
+            // Steady, DiskErrors (bad blocks from the start), and the
+            // engine-only scenarios run_sabotaged refused.
+            _ => &[],
         };
         if kinds.is_empty() {
             continue;
@@ -576,14 +516,14 @@ async fn inject(
         let client = clients[rng.below(clients.len() as u64) as usize];
         *faults.entry(kind).or_insert(0) += 1;
         match kind {
-            "partition" => {
+            Fault::Partition => {
                 net.clog_link(client, server);
                 net.clog_link(server, client);
                 tokio::time::sleep(ms(rng, 200, 3000)).await;
                 net.unclog_link(client, server);
                 net.unclog_link(server, client);
             }
-            "one-way loss" => {
+            Fault::OneWayLoss => {
                 // Either direction: requests held back on the way in can
                 // arrive after the client gave up on their channel.
                 let (from, to) = if rng.chance(0.5) {
@@ -595,12 +535,12 @@ async fn inject(
                 tokio::time::sleep(ms(rng, 200, 2000)).await;
                 net.unclog_link(from, to);
             }
-            "server crash + restart" => {
+            Fault::ServerCrash => {
                 handle.kill(server);
                 tokio::time::sleep(ms(rng, 50, 1500)).await;
                 handle.restart(server);
             }
-            "power loss + restart" => {
+            Fault::PowerLoss => {
                 handle.kill(server);
                 for disk in disks {
                     disk.lock().unwrap().lose_power();
@@ -608,26 +548,27 @@ async fn inject(
                 tokio::time::sleep(ms(rng, 50, 1500)).await;
                 handle.restart(server);
             }
-            "disk full" => {
+            Fault::DiskFull => {
                 full.store(true, Ordering::SeqCst);
                 tokio::time::sleep(ms(rng, 100, 1500)).await;
                 full.store(false, Ordering::SeqCst);
             }
-            "disk latency spike" => {
+            Fault::DiskStall => {
                 slow.store(true, Ordering::SeqCst);
                 tokio::time::sleep(ms(rng, 300, 2500)).await;
                 slow.store(false, Ordering::SeqCst);
             }
-            "client stall" => {
+            Fault::ClientStall => {
                 handle.pause(client);
                 tokio::time::sleep(ms(rng, 100, 2500)).await;
                 handle.resume(client);
             }
-            _ => {
+            Fault::ServerStall => {
                 handle.pause(server);
                 tokio::time::sleep(ms(rng, 100, 2500)).await;
                 handle.resume(server);
             }
+            engine_only => unreachable!("{engine_only} is drawn only from the lists above"),
         }
     }
     faults

@@ -3,57 +3,19 @@
 //! tests pin the seeds of every bug found.
 
 use braid_core::client::Policy;
-use braid_core::testkit::{FaultRates, Sabotage, WorldConfig};
+use braid_core::testkit::{FaultRates, Sabotage, Scenario, WorldConfig};
 use std::time::Duration;
 
-/// Every scenario, with what it stresses.
-pub const SCENARIOS: &[(&str, &str)] = &[
-    (
-        "all-faults",
-        "every fault class at once, 4 channels, mixed IO (the default)",
-    ),
-    (
-        "steady",
-        "no faults: the baseline every other scenario is compared with",
-    ),
-    ("frames", "lost, duplicated, corrupted and reordered frames"),
-    ("channel-churn", "channel resets and black holes"),
-    (
-        "partitions",
-        "the server unreachable for up to a second at a time",
-    ),
-    ("crash", "server process crashes and restarts"),
-    ("power-loss", "server power loss: the disk cache is lost"),
-    ("slow-disk", "disk stalls up to a second"),
-    (
-        "disk-errors",
-        "media errors on a range: clear errors there, nothing lost elsewhere",
-    ),
-    ("one-channel", "every fault class with a single channel"),
-    (
-        "deep-queue",
-        "every fault class at queue depth 64 over a small disk",
-    ),
-    (
-        "swarm",
-        "the whole shape drawn from the seed: channels, queue depth, disk size, timers, server limits, latencies, and which fault classes are on at what rates",
-    ),
-    (
-        "clock-skew",
-        "every fault class with the server's clock up to an hour ahead, running 10% fast or slow",
-    ),
-];
-
-/// The world for `name` and `seed`, running `virtual_secs` of faulty
-/// workload; `None` for an unknown name.
-pub fn scenario(name: &str, seed: u64, virtual_secs: f64) -> Option<WorldConfig> {
+/// The world for `scenario` and `seed`, running `virtual_secs` of faulty
+/// workload; `None` for a scenario only the madsim level has.
+pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<WorldConfig> {
     let mut c = WorldConfig::new(seed);
     c.run_for = Duration::from_secs_f64(virtual_secs);
     let only = |f: FaultRates| f;
-    match name {
-        "all-faults" => {}
-        "steady" => c.faults = FaultRates::none(),
-        "frames" => {
+    match scenario {
+        Scenario::AllFaults => {}
+        Scenario::Steady => c.faults = FaultRates::none(),
+        Scenario::Frames => {
             c.faults = only(FaultRates {
                 loss: 0.03,
                 duplicate: 0.03,
@@ -61,64 +23,66 @@ pub fn scenario(name: &str, seed: u64, virtual_secs: f64) -> Option<WorldConfig>
                 ..FaultRates::none()
             })
         }
-        "channel-churn" => {
+        Scenario::ChannelChurn => {
             c.faults = only(FaultRates {
                 kill_channel_per_sec: 3.0,
                 blackhole_per_sec: 2.0,
                 ..FaultRates::none()
             })
         }
-        "partitions" => {
+        Scenario::Partitions => {
             c.faults = only(FaultRates {
                 partition_per_sec: 1.0,
                 ..FaultRates::none()
             })
         }
-        "crash" => {
+        Scenario::Crash => {
             c.faults = only(FaultRates {
                 crash_per_sec: 1.0,
                 ..FaultRates::none()
             })
         }
-        "power-loss" => {
+        Scenario::PowerLoss => {
             c.faults = only(FaultRates {
                 power_loss_per_sec: 1.0,
                 ..FaultRates::none()
             })
         }
-        "slow-disk" => {
+        Scenario::SlowDisk => {
             c.faults = only(FaultRates {
                 disk_stall_per_sec: 2.0,
                 ..FaultRates::none()
             })
         }
-        "disk-errors" => c.faults = FaultRates::none(),
-        "one-channel" => c.channels = 1,
-        "deep-queue" => {
+        Scenario::DiskErrors => c.faults = FaultRates::none(),
+        Scenario::OneChannel => c.channels = 1,
+        Scenario::DeepQueue => {
             c.queue_depth = 64;
             c.disk_sectors = 64;
         }
-        "swarm" => c = swarm(seed, virtual_secs),
-        "clock-skew" => {
+        Scenario::Swarm => c = swarm(seed, virtual_secs),
+        Scenario::ClockSkew => {
             // Drawn from the seed, apart from the world's own stream.
             let mut rng = braid_core::rng::SplitMix64::new(seed ^ 0xc10c_5ce3);
             let offset = Duration::from_millis(rng.below(3_600_000));
             let rate = 0.9 + rng.below(2001) as f64 / 10_000.0;
             c.server_clock = (offset, rate);
         }
-        _ => return None,
+        Scenario::Stalls | Scenario::DiskFull | Scenario::ClientStall | Scenario::ManyClients => {
+            return None
+        }
     }
     Some(c)
 }
 
 /// Whether a scenario injects media errors (so IO errors are expected).
-pub fn expects_errors(name: &str) -> bool {
-    name == "disk-errors"
+pub fn expects_errors(scenario: Scenario) -> bool {
+    scenario == Scenario::DiskErrors
 }
 
 /// Byte ranges that fail in `disk-errors`.
-pub fn bad_ranges(name: &str) -> Vec<(u64, u64)> {
-    if expects_errors(name) {
+pub fn bad_ranges(scenario: Scenario) -> Vec<(u64, u64)> {
+    if expects_errors(scenario) {
         vec![(8 * 512, 16 * 512)]
     } else {
         Vec::new()
@@ -126,31 +90,35 @@ pub fn bad_ranges(name: &str) -> Vec<(u64, u64)> {
 }
 
 /// Builds and runs one seed of a scenario.
-pub fn run(name: &str, seed: u64, virtual_secs: f64) -> Option<braid_core::testkit::Report> {
-    run_sabotaged(name, seed, virtual_secs, &[])
+pub fn run(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: f64,
+) -> Option<braid_core::testkit::Report> {
+    run_sabotaged(scenario, seed, virtual_secs, &[])
 }
 
 /// [`run`] with safety mechanisms switched off.
 pub fn run_sabotaged(
-    name: &str,
+    scenario: Scenario,
     seed: u64,
     virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Option<braid_core::testkit::Report> {
-    run_with(name, seed, virtual_secs, sabotage, false)
+    run_with(scenario, seed, virtual_secs, sabotage, false)
 }
 
 /// Where two runs of a seed first differ: runs it twice recording every
 /// step, and names the step, its virtual time and each run's event there.
 /// `None` if the recordings agree.
 pub fn divergence(
-    name: &str,
+    scenario: Scenario,
     seed: u64,
     virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Option<String> {
-    let a = run_with(name, seed, virtual_secs, sabotage, true)?;
-    let b = run_with(name, seed, virtual_secs, sabotage, true)?;
+    let a = run_with(scenario, seed, virtual_secs, sabotage, true)?;
+    let b = run_with(scenario, seed, virtual_secs, sabotage, true)?;
     let (i, x, y) = braid_core::testkit::first_divergence(&a.steps, &b.steps)?;
     let show = |s: Option<braid_core::testkit::Step>| match s {
         Some(s) => format!(
@@ -170,21 +138,21 @@ pub fn divergence(
 }
 
 fn run_with(
-    name: &str,
+    scenario: Scenario,
     seed: u64,
     virtual_secs: f64,
     sabotage: &[Sabotage],
     record_steps: bool,
 ) -> Option<braid_core::testkit::Report> {
-    let mut cfg = scenario(name, seed, virtual_secs)?;
+    let mut cfg = self::scenario(scenario, seed, virtual_secs)?;
     cfg.record_steps = record_steps;
     for s in sabotage {
         s.apply(&mut cfg);
     }
     let mut world = braid_core::testkit::World::new(cfg);
-    if expects_errors(name) {
+    if expects_errors(scenario) {
         world.allow_errors();
-        world.set_bad_ranges(bad_ranges(name));
+        world.set_bad_ranges(bad_ranges(scenario));
     }
     Some(world.run())
 }

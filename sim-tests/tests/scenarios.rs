@@ -1,11 +1,12 @@
 //! Every scenario passes a handful of seeds, and the seeds of bugs found
 //! stay pinned here as regressions.
 
-use braid_sim_tests::{run, SCENARIOS};
+use braid_core::testkit::{Level, Scenario};
+use braid_sim_tests::run;
 
 #[test]
 fn every_scenario_holds_its_invariants() {
-    for (name, _) in SCENARIOS {
+    for name in Scenario::at(Level::Engine) {
         for seed in 0..3 {
             let r = run(name, seed, 3.0).unwrap();
             assert!(
@@ -20,47 +21,92 @@ fn every_scenario_holds_its_invariants() {
 
 #[test]
 fn disk_errors_surface_as_errors_and_nothing_else() {
-    let r = run("disk-errors", 1, 2.0).unwrap();
+    let r = run(Scenario::DiskErrors, 1, 2.0).unwrap();
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     assert!(r.client.failed > 0);
 }
 
 /// Seeds that found bugs during development, with what they found. Each
 /// must stay clean.
-const REGRESSIONS: &[(&str, u64, f64, &str)] = &[
+const REGRESSIONS: &[(Scenario, u64, f64, &str)] = &[
     // Found once the checker held a sector to what a read saw and the disk
     // landed writes before completing them. A read saw an unanswered
     // write; power loss took it; a new read ran before its resend landed.
     (
-        "all-faults",
+        Scenario::AllFaults,
         190,
         5.0,
         "read older than an earlier read (restart gate)",
     ),
-    ("all-faults", 21, 5.0, "read older than an earlier read"),
-    ("all-faults", 156, 5.0, "read older than an earlier read"),
-    ("all-faults", 249, 5.0, "read older than an earlier read"),
+    (
+        Scenario::AllFaults,
+        21,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::AllFaults,
+        156,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::AllFaults,
+        249,
+        5.0,
+        "read older than an earlier read",
+    ),
     // Two overlapping writes executed in one order, answered in the
     // other; a FLUSH freed the later one only, and replay put the earlier
     // one over it (flush frontier, overlap order).
     (
-        "deep-queue",
+        Scenario::DeepQueue,
         64,
         5.0,
         "replay put older data over flushed data",
     ),
-    ("deep-queue", 5, 5.0, "read older than an earlier read"),
-    ("deep-queue", 15, 5.0, "read older than an earlier read"),
-    ("deep-queue", 81, 5.0, "read older than an earlier read"),
-    ("deep-queue", 102, 5.0, "read older than an earlier read"),
-    ("deep-queue", 108, 5.0, "read older than an earlier read"),
-    ("deep-queue", 118, 5.0, "read older than an earlier read"),
+    (
+        Scenario::DeepQueue,
+        5,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::DeepQueue,
+        15,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::DeepQueue,
+        81,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::DeepQueue,
+        102,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::DeepQueue,
+        108,
+        5.0,
+        "read older than an earlier read",
+    ),
+    (
+        Scenario::DeepQueue,
+        118,
+        5.0,
+        "read older than an earlier read",
+    ),
 ];
 
 #[test]
 fn pinned_regression_seeds_stay_fixed() {
     for (name, seed, secs, what) in REGRESSIONS {
-        let r = run(name, *seed, *secs).unwrap();
+        let r = run(*name, *seed, *secs).unwrap();
         assert!(
             r.violations.is_empty(),
             "regression {what} (scenario {name} seed {seed}) is back: {}",
@@ -73,7 +119,7 @@ fn pinned_regression_seeds_stay_fixed() {
 fn a_divergence_is_reported_at_its_first_step() {
     use braid_core::testkit::{first_divergence, World};
     let record = || {
-        let mut c = braid_sim_tests::scenario("all-faults", 11, 1.0).unwrap();
+        let mut c = braid_sim_tests::scenario(Scenario::AllFaults, 11, 1.0).unwrap();
         c.record_steps = true;
         World::new(c).run()
     };
@@ -81,7 +127,7 @@ fn a_divergence_is_reported_at_its_first_step() {
     assert!(a.steps.len() > 100, "a run has steps");
     assert_eq!(first_divergence(&a.steps, &b.steps), None, "a seed replays");
     assert_eq!(
-        braid_sim_tests::divergence("all-faults", 11, 1.0, &[]),
+        braid_sim_tests::divergence(Scenario::AllFaults, 11, 1.0, &[]),
         None
     );
     // A run that went another way from step 57 on is reported there.

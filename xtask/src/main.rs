@@ -150,6 +150,8 @@ fn ci() -> Result<(), String> {
     // and each of two safety mechanisms switched off must be caught.
     sim(&args(&[
         "--madsim",
+        "--scenario",
+        "all",
         "--seeds",
         "10",
         "--virtual-secs",

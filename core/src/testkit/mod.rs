@@ -12,6 +12,8 @@ mod fuzz;
 mod handshake;
 mod pattern;
 mod sabotage;
+mod sweep;
+mod vocabulary;
 mod world;
 
 pub use checker::{Checker, Violation};
@@ -20,4 +22,6 @@ pub use fuzz::exercise_server;
 pub use handshake::authenticate;
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
 pub use sabotage::Sabotage;
+pub use sweep::{SweepArgs, SweepCommand, SWEEP_USAGE};
+pub use vocabulary::{Fault, Level, Scenario};
 pub use world::{first_divergence, FaultRates, Report, Step, World, WorldConfig};

@@ -3,6 +3,7 @@
 use super::checker::{Checker, Violation};
 use super::disk::MemDisk;
 use super::pattern::{stamp, SECTOR};
+use super::vocabulary::Fault;
 use crate::auth::Key;
 use crate::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, IoRequest, Policy, Sabotage,
@@ -179,7 +180,7 @@ pub struct Report {
     /// IOs completed.
     pub ios: u64,
     /// Faults injected, by class.
-    pub faults: BTreeMap<&'static str, u64>,
+    pub faults: BTreeMap<Fault, u64>,
     /// Client counters.
     pub client: ClientStats,
     /// Server counters, summed over restarts.
@@ -338,7 +339,7 @@ pub struct World {
     outstanding: BTreeMap<u64, IoRequest>,
     client_timer: Option<Instant>,
     server_timer: Option<Instant>,
-    faults: BTreeMap<&'static str, u64>,
+    faults: BTreeMap<Fault, u64>,
     ios: u64,
     hash: u64,
     steps: Vec<Step>,
@@ -459,7 +460,7 @@ impl World {
         lo + Duration::from_nanos(self.rng.below(span + 1))
     }
 
-    fn count_fault(&mut self, what: &'static str) {
+    fn count_fault(&mut self, what: Fault) {
         *self.faults.entry(what).or_default() += 1;
     }
 
@@ -732,18 +733,18 @@ impl World {
             (0.0, 0.0, 0.0)
         };
         if self.rng.chance(loss) {
-            self.count_fault("frame lost");
+            self.count_fault(Fault::FrameLost);
             return;
         }
         if self.rng.chance(corrupt) {
-            self.count_fault("frame corrupted");
+            self.count_fault(Fault::FrameCorrupted);
             let mut v = frame.to_vec();
             let bit = self.rng.below(v.len() as u64 * 8);
             v[(bit / 8) as usize] ^= 1 << (bit % 8);
             frame = Bytes::from(v);
         }
         let copies = if self.rng.chance(dup) {
-            self.count_fault("frame duplicated");
+            self.count_fault(Fault::FrameDuplicated);
             2
         } else {
             1
@@ -861,7 +862,7 @@ impl World {
         let outage = (Duration::from_millis(1), f.outage_max);
         if self.rng.chance(p(f.kill_channel_per_sec)) {
             if let Some(conn) = self.pick_link() {
-                self.count_fault("channel reset");
+                self.count_fault(Fault::ChannelReset);
                 let ch = self.links[&conn].ch;
                 self.links.get_mut(&conn).unwrap().closing = true;
                 let boot = self.boot;
@@ -873,27 +874,27 @@ impl World {
         }
         if self.rng.chance(p(f.blackhole_per_sec)) {
             if let Some(conn) = self.pick_link() {
-                self.count_fault("channel black-holed");
+                self.count_fault(Fault::ChannelBlackholed);
                 self.links.get_mut(&conn).unwrap().blackholed = true;
             }
         }
         if self.server_up && !self.partitioned && self.rng.chance(p(f.partition_per_sec)) {
-            self.count_fault("partition");
+            self.count_fault(Fault::Partition);
             self.partitioned = true;
             let d = self.between(outage);
             self.schedule(d, Ev::PartitionEnds);
         }
         if self.rng.chance(p(f.disk_stall_per_sec)) {
-            self.count_fault("disk stall");
+            self.count_fault(Fault::DiskStall);
             let d = self.between(outage);
             self.disk_stalled_until = self.disk_stalled_until.max(self.now + d);
         }
         if self.server_up && self.rng.chance(p(f.crash_per_sec)) {
-            self.count_fault("server crash");
+            self.count_fault(Fault::ServerCrash);
             self.checker.trace(format_args!("SERVER CRASH"));
             self.stop_server(false);
         } else if self.server_up && self.rng.chance(p(f.power_loss_per_sec)) {
-            self.count_fault("power loss");
+            self.count_fault(Fault::PowerLoss);
             self.stop_server(true);
         }
     }

@@ -1,5 +1,5 @@
-//! Seeded sweeps of the madsim world: `cargo xtask sim --madsim [--seeds N
-//! | --seed S] [--scenario X] [--virtual-secs T] [--check-determinism]`.
+//! Seeded sweeps of the madsim world: `cargo xtask sim --madsim`, with the
+//! engine sweep's flags (`SweepArgs`).
 
 #[cfg(not(madsim))]
 fn main() {
@@ -17,95 +17,44 @@ fn main() {
 
 #[cfg(madsim)]
 mod sweep {
-    use braid_fabric_sim::{first_divergence, run_sabotaged, Report, Sabotage, Scenario};
+    use braid_core::testkit::{
+        Fault, Level, Sabotage, Scenario, SweepArgs, SweepCommand, SWEEP_USAGE,
+    };
+    use braid_fabric_sim::{first_divergence, run_sabotaged, Report};
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::time::{Duration, Instant};
 
-    const USAGE: &str =
-        "usage: madsim-sweep [--seeds N [--first F] | --seed S] [--scenario NAME|all] \
-                         [--virtual-secs T] [--check-determinism] [--jobs J] \
-                         [--sabotage NAME[,NAME] --expect-violation] [--list]";
-
-    fn die(msg: &str) -> ! {
-        eprintln!("{msg}\n{USAGE}");
-        std::process::exit(2)
-    }
-
     pub(crate) fn main() -> i32 {
-        let mut seeds: Vec<u64> = Vec::new();
-        let (mut count, mut first) = (20u64, 1u64);
-        let mut scenarios: Vec<Scenario> = Scenario::ALL.to_vec();
-        let mut secs = 10u64;
-        let mut determinism = false;
-        let mut jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut sabotage: Vec<Sabotage> = Vec::new();
-        let mut expect_violation = false;
-        let mut args = std::env::args().skip(1);
-        let num = |v: Option<String>| -> u64 {
-            v.and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| die("expected a number"))
-        };
-        while let Some(a) = args.next() {
-            match a.as_str() {
-                "--seeds" => count = num(args.next()),
-                "--first" => first = num(args.next()),
-                "--seed" => seeds.push(num(args.next())),
-                "--virtual-secs" => secs = num(args.next()),
-                "--check-determinism" => determinism = true,
-                "--jobs" => jobs = num(args.next()).max(1) as usize,
-                "--expect-violation" => expect_violation = true,
-                "--sabotage" => {
-                    let name = args
-                        .next()
-                        .unwrap_or_else(|| die("--sabotage needs a name"));
-                    for name in name.split(',') {
-                        sabotage.push(
-                            Sabotage::parse(name)
-                                .unwrap_or_else(|| die(&format!("no sabotage {name:?}"))),
-                        );
-                    }
-                }
-                "--scenario" => {
-                    let name = args
-                        .next()
-                        .unwrap_or_else(|| die("--scenario needs a name"));
-                    if name != "all" {
-                        scenarios = vec![Scenario::parse(&name)
-                            .unwrap_or_else(|| die(&format!("no scenario {name:?}")))];
-                    }
-                }
-                "--list" => {
-                    for s in Scenario::ALL {
-                        println!("{}", s.name());
-                    }
-                    return 0;
-                }
-                _ => die(&format!("unknown argument {a:?}")),
+        let args = match SweepArgs::parse(Level::Madsim, std::env::args().skip(1)) {
+            Ok(SweepCommand::Run(a)) => a,
+            Ok(SweepCommand::Print(text)) => {
+                print!("{text}");
+                return 0;
             }
-        }
-        if seeds.is_empty() {
-            seeds = (first..first + count).collect();
-        }
+            Err(e) => {
+                eprintln!("madsim-sweep: {e}\n{SWEEP_USAGE}");
+                return 2;
+            }
+        };
+        let SweepArgs {
+            jobs,
+            determinism,
+            expect_violation,
+            virtual_secs: secs,
+            ..
+        } = args;
+        let sabotage = args.sabotage.clone();
         // A panicking run is reported with its seed in the summary; the
         // default hook's backtrace per run would bury it.
         std::panic::set_hook(Box::new(|_| {}));
-        let runs: Vec<(Scenario, u64)> = seeds
-            .iter()
-            .flat_map(|s| scenarios.iter().map(move |sc| (*sc, *s)))
-            .collect();
-        println!(
-            "madsim sweep: {} runs ({} seeds x {} scenarios) x {secs} virtual s, real fabric-tcp drivers{}",
-            runs.len(),
-            seeds.len(),
-            scenarios.len(),
-            if determinism { ", each run twice" } else { "" }
-        );
+        let runs = args.runs();
+        println!("{} (real fabric-tcp drivers)", args.banner());
         let started = Instant::now();
         let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
         let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
         let mut expected_errors = (0u64, 0u64);
-        let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
         let mut longest = Duration::ZERO;
         let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -152,7 +101,7 @@ mod sweep {
                 totals.5 += report.replayed_extents;
                 longest = longest.max(report.longest_io);
                 for (k, v) in &report.faults {
-                    *faults.entry(k).or_insert(0) += v;
+                    *faults.entry(*k).or_insert(0) += v;
                 }
                 if !problems.is_empty() {
                     failures.push((i, report, problems));
@@ -180,7 +129,7 @@ mod sweep {
         failures.sort_by_key(|f| f.0);
         println!();
         let wall = started.elapsed().as_secs_f64();
-        let virtual_total = runs.len() as f64 * secs as f64 * if determinism { 2.0 } else { 1.0 };
+        let virtual_total = runs.len() as f64 * secs * if determinism { 2.0 } else { 1.0 };
         println!("IOs checked              {}", totals.0);
         for (k, v) in &faults {
             println!("fault: {k:<19} {v}");
@@ -206,11 +155,7 @@ mod sweep {
             for p in problems.iter().take(if expect_violation { 2 } else { 5 }) {
                 println!("  {p}");
             }
-            println!(
-                "  replay: cargo xtask sim --madsim --scenario {} --seed {} --virtual-secs {secs}",
-                r.scenario.name(),
-                r.seed
-            );
+            println!("  replay: {}", args.replay(r.scenario, r.seed));
         }
         if expect_violation {
             // Teeth: with a safety mechanism off, the sweep must notice.
@@ -226,7 +171,7 @@ mod sweep {
 
     /// A run that panics (a deadlock hitting the time limit, a driver
     /// bug) is a failed run, not a failed sweep.
-    fn catch(scenario: Scenario, seed: u64, secs: u64, sabotage: &[Sabotage]) -> Report {
+    fn catch(scenario: Scenario, seed: u64, secs: f64, sabotage: &[Sabotage]) -> Report {
         std::panic::catch_unwind(|| run_sabotaged(scenario, seed, secs, sabotage)).unwrap_or_else(
             |e| {
                 let msg = e

@@ -1,0 +1,279 @@
+//! One vocabulary for both simulation levels: the scenarios a sweep runs
+//! and the faults a run injects, named the same way whether the engines
+//! run in the seeded world here or the real drivers run on madsim. A
+//! scenario names the levels that implement it, so asking a level for one
+//! it lacks is an error naming the level that has it.
+
+use std::fmt;
+
+/// Where a simulated run executes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Level {
+    /// The engines in the single-threaded seeded world (`sim-tests`).
+    Engine,
+    /// The real fabric-tcp drivers on madsim (`fabric-sim`).
+    Madsim,
+}
+
+impl Level {
+    /// The command-line spelling (`cargo xtask sim` or `sim --madsim`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Engine => "engine",
+            Level::Madsim => "madsim",
+        }
+    }
+
+    /// The flag that selects this level in `cargo xtask sim`.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Level::Engine => "",
+            Level::Madsim => " --madsim",
+        }
+    }
+}
+
+const BOTH: &[Level] = &[Level::Engine, Level::Madsim];
+const ENGINE: &[Level] = &[Level::Engine];
+const MADSIM: &[Level] = &[Level::Madsim];
+
+/// A named shape of faulty world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scenario {
+    /// Every fault class the level has, mixed.
+    AllFaults,
+    /// No faults.
+    Steady,
+    /// Lost, duplicated, corrupted and reordered frames.
+    Frames,
+    /// Channel resets and black holes.
+    ChannelChurn,
+    /// The server unreachable for a while.
+    Partitions,
+    /// Server process crashes and restarts.
+    Crash,
+    /// Server power loss: the disk's volatile cache is lost.
+    PowerLoss,
+    /// The server process stops running for a while.
+    Stalls,
+    /// The disk stalls or answers slowly for a while.
+    SlowDisk,
+    /// Media errors on some blocks.
+    DiskErrors,
+    /// The disk fills up, then has room again.
+    DiskFull,
+    /// The client process stops for a while.
+    ClientStall,
+    /// Every fault class over a single channel.
+    OneChannel,
+    /// Every fault class at queue depth 64 over a small disk.
+    DeepQueue,
+    /// The whole shape of the world drawn from the seed.
+    Swarm,
+    /// The server's clock offset and running fast or slow.
+    ClockSkew,
+    /// Several clients, two exports, every fault mixed.
+    ManyClients,
+}
+
+impl Scenario {
+    /// Every scenario, at any level.
+    pub const ALL: [Scenario; 17] = [
+        Scenario::AllFaults,
+        Scenario::Steady,
+        Scenario::Frames,
+        Scenario::ChannelChurn,
+        Scenario::Partitions,
+        Scenario::Crash,
+        Scenario::PowerLoss,
+        Scenario::Stalls,
+        Scenario::SlowDisk,
+        Scenario::DiskErrors,
+        Scenario::DiskFull,
+        Scenario::ClientStall,
+        Scenario::OneChannel,
+        Scenario::DeepQueue,
+        Scenario::Swarm,
+        Scenario::ClockSkew,
+        Scenario::ManyClients,
+    ];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::AllFaults => "all-faults",
+            Scenario::Steady => "steady",
+            Scenario::Frames => "frames",
+            Scenario::ChannelChurn => "channel-churn",
+            Scenario::Partitions => "partitions",
+            Scenario::Crash => "crash",
+            Scenario::PowerLoss => "power-loss",
+            Scenario::Stalls => "stalls",
+            Scenario::SlowDisk => "slow-disk",
+            Scenario::DiskErrors => "disk-errors",
+            Scenario::DiskFull => "disk-full",
+            Scenario::ClientStall => "client-stall",
+            Scenario::OneChannel => "one-channel",
+            Scenario::DeepQueue => "deep-queue",
+            Scenario::Swarm => "swarm",
+            Scenario::ClockSkew => "clock-skew",
+            Scenario::ManyClients => "many-clients",
+        }
+    }
+
+    /// By command-line name.
+    pub fn parse(name: &str) -> Option<Scenario> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// What it stresses, for `--list`.
+    pub fn about(self) -> &'static str {
+        match self {
+            Scenario::AllFaults => "every fault class the level has, mixed (the default)",
+            Scenario::Steady => "no faults: the baseline every other scenario is compared with",
+            Scenario::Frames => "lost, duplicated, corrupted and reordered frames",
+            Scenario::ChannelChurn => "channel resets and black holes",
+            Scenario::Partitions => {
+                "client and server cut off for up to a few seconds (at the madsim level one way, too)"
+            }
+            Scenario::Crash => "server process crashes and restarts; the disk keeps its cache",
+            Scenario::PowerLoss => "server power loss: the disk's volatile cache is lost",
+            Scenario::Stalls => "the server process stops running (a long pause), then goes on",
+            Scenario::SlowDisk => "the disk stalls or answers in hundreds of ms for a while",
+            Scenario::DiskErrors => {
+                "media errors on some blocks: clear errors there, nothing lost elsewhere"
+            }
+            Scenario::DiskFull => "the disk fills up for a while, then has room again",
+            Scenario::ClientStall => "the client process stops (a starved daemon), then goes on",
+            Scenario::OneChannel => "every fault class with a single channel",
+            Scenario::DeepQueue => "every fault class at queue depth 64 over a small disk",
+            Scenario::Swarm => {
+                "the whole shape drawn from the seed: channels, queue depth, disk size, timers, \
+                 server limits, latencies, and which fault classes are on at what rates"
+            }
+            Scenario::ClockSkew => {
+                "every fault class with the server's clock up to an hour ahead, 10% fast or slow"
+            }
+            Scenario::ManyClients => {
+                "three client nodes over two exports (two share one), every fault mixed"
+            }
+        }
+    }
+
+    /// The levels that implement it.
+    pub fn levels(self) -> &'static [Level] {
+        match self {
+            Scenario::AllFaults
+            | Scenario::Steady
+            | Scenario::Partitions
+            | Scenario::Crash
+            | Scenario::PowerLoss
+            | Scenario::SlowDisk
+            | Scenario::DiskErrors => BOTH,
+            Scenario::Frames
+            | Scenario::ChannelChurn
+            | Scenario::OneChannel
+            | Scenario::DeepQueue
+            | Scenario::Swarm
+            | Scenario::ClockSkew => ENGINE,
+            Scenario::Stalls
+            | Scenario::DiskFull
+            | Scenario::ClientStall
+            | Scenario::ManyClients => MADSIM,
+        }
+    }
+
+    /// Whether `level` implements it.
+    pub fn runs_at(self, level: Level) -> bool {
+        self.levels().contains(&level)
+    }
+
+    /// Every scenario `level` implements.
+    pub fn at(level: Level) -> Vec<Scenario> {
+        Self::ALL.into_iter().filter(|s| s.runs_at(level)).collect()
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+/// A fault a run injected, counted in its report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fault {
+    /// A frame dropped on the link.
+    FrameLost,
+    /// A frame's bytes changed on the link.
+    FrameCorrupted,
+    /// A frame delivered twice.
+    FrameDuplicated,
+    /// One channel reset.
+    ChannelReset,
+    /// One channel silently dropping everything.
+    ChannelBlackholed,
+    /// Client and server cut off from each other both ways.
+    Partition,
+    /// One direction between client and server cut.
+    OneWayLoss,
+    /// The server process killed and restarted.
+    ServerCrash,
+    /// The server killed with its disk's volatile cache lost, restarted.
+    PowerLoss,
+    /// The server process paused.
+    ServerStall,
+    /// The disk slow or stalled.
+    DiskStall,
+    /// The disk out of space.
+    DiskFull,
+    /// The client process paused.
+    ClientStall,
+}
+
+impl Fault {
+    /// How reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::FrameLost => "frame lost",
+            Fault::FrameCorrupted => "frame corrupted",
+            Fault::FrameDuplicated => "frame duplicated",
+            Fault::ChannelReset => "channel reset",
+            Fault::ChannelBlackholed => "channel black-holed",
+            Fault::Partition => "partition",
+            Fault::OneWayLoss => "one-way loss",
+            Fault::ServerCrash => "server crash",
+            Fault::PowerLoss => "power loss",
+            Fault::ServerStall => "server stall",
+            Fault::DiskStall => "disk stall",
+            Fault::DiskFull => "disk full",
+            Fault::ClientStall => "client stall",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_every_scenario_runs_somewhere() {
+        for s in Scenario::ALL {
+            assert_eq!(Scenario::parse(s.name()), Some(s));
+            assert!(!s.levels().is_empty(), "{s} runs at no level");
+            assert!(!s.about().is_empty());
+        }
+        let mut names: Vec<_> = Scenario::ALL.iter().map(|s| s.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Scenario::ALL.len());
+        assert!(Scenario::at(Level::Engine).contains(&Scenario::Swarm));
+        assert!(!Scenario::at(Level::Madsim).contains(&Scenario::Swarm));
+    }
+}
