@@ -162,7 +162,7 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
 
 /// Sectors of the zone every shared worker of one client writes and reads
 /// at once (the last blocks of the export).
-pub(crate) const SHARED_ZONE_BLOCKS: u64 = 8;
+pub(crate) const SHARED_ZONE_BLOCKS: u64 = 2;
 
 /// One worker of several that share a zone: their IOs overlap while in
 /// flight, as a filesystem's or database's do with O_DIRECT, so what a read

@@ -22,7 +22,7 @@ use std::time::Duration;
 const SIZE: u64 = 8 << 20;
 const WORKERS: u64 = 8;
 /// Workers of one client overlapping in its shared zone.
-const SHARED_WORKERS: u64 = 16;
+const SHARED_WORKERS: u64 = 32;
 const PORT: u16 = 7410;
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
 /// An IO slower than this is a liveness violation (braid's default IO

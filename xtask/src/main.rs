@@ -146,8 +146,7 @@ fn ci() -> Result<(), String> {
         "3",
         "--check-determinism",
     ]))?;
-    // The real fabric-tcp drivers on madsim: every scenario, replayed twice,
-    // and each of two safety mechanisms switched off must be caught.
+    // The real fabric-tcp drivers on madsim: every scenario, replayed twice.
     sim(&args(&[
         "--madsim",
         "--scenario",
@@ -159,11 +158,18 @@ fn ci() -> Result<(), String> {
         "--check-determinism",
     ]))?;
     madsim_unit_tests()?;
-    for (sabotage, scenario) in [("no-replay", "power-loss"), ("no-dedup", "partitions")] {
+    // Teeth at the madsim level: each mechanism switched off must be
+    // noticed within a few seeds of its scenario.
+    for (sabotage, scenario, seeds) in [
+        ("no-replay", "power-loss", "5"),
+        ("no-dedup", "partitions", "5"),
+        ("no-restart-gate", "all-faults", "8"),
+        ("no-overlap-order", "all-faults", "8"),
+    ] {
         sim(&args(&[
             "--madsim",
             "--seeds",
-            "5",
+            seeds,
             "--scenario",
             scenario,
             "--sabotage",
