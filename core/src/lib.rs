@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod latency;
 pub mod limits;
 pub mod rng;
 pub mod server;

@@ -31,6 +31,9 @@ pub(crate) struct AttachArgs {
     /// [default: DATA_DIR/EXPORT.attach.sock].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9411).
+    #[arg(long)]
+    metrics: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +178,11 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     // Before connecting: a second attach of one volume must not take the
     // first one's sockets over.
     crate::control::ensure_unused(&control)?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::MetricsListener::bind)
+        .transpose()?;
     let client = args.client.connect().await?;
     let info = client.info();
     let nbd_addrs = if args.nbd.is_empty() {
@@ -229,6 +237,10 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     }
     println!("status:   braid status --control {}", control.display());
     println!("detach:   braid detach --control {}", control.display());
+    if let Some(m) = metrics {
+        println!("metrics:  {}", m.url());
+        m.serve_client(client.clone(), export.clone());
+    }
     {
         let (client, stop, uris, server) = (
             client.clone(),

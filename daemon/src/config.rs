@@ -32,6 +32,8 @@ pub(crate) struct FileConfig {
     pub(crate) control: Option<PathBuf>,
     /// Also serve every export over NBD on these addresses (as --nbd).
     pub(crate) nbd: Option<Vec<String>>,
+    /// Serve Prometheus metrics on this address (as --metrics).
+    pub(crate) metrics: Option<String>,
     /// As --nbd-allow-insecure: NBD without TLS on a network address.
     #[serde(default)]
     pub(crate) nbd_allow_insecure: bool,

@@ -8,6 +8,7 @@ mod control;
 mod demo;
 mod faultproxy;
 mod histogram;
+mod metrics;
 mod nbd;
 mod progress;
 mod serve;

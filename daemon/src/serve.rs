@@ -41,6 +41,9 @@ pub(crate) struct ServeArgs {
     /// no authentication: anyone who connects reads and writes every export.
     #[arg(long)]
     nbd_allow_insecure: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
+    #[arg(long)]
+    metrics: Option<String>,
     /// Runtime threads for connections and TLS (the protocol engine is one
     /// task; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
@@ -150,6 +153,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .or(file.control)
         .unwrap_or_else(|| data_dir.join("control.sock"));
     crate::control::ensure_unused(&control)?;
+    let metrics = args
+        .metrics
+        .or(file.metrics)
+        .map(|a| crate::metrics::MetricsListener::bind(&a))
+        .transpose()?;
 
     let mut tls_hint = String::new();
     let security = if args.tls || args.tls_cert.is_some() || args.tls_client_ca.is_some() {
@@ -211,6 +219,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     println!("try:      braid bench  --server {local} {key_arg}");
     println!("          braid verify --server {local} {key_arg}");
     println!("status:   braid status --control {}", control.display());
+    if let Some(m) = &metrics {
+        println!("metrics:  {}", m.url());
+    }
 
     let backend = Arc::new(FileBackend::new(files));
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
@@ -259,6 +270,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         backend,
         shutdown,
         move |server| {
+            if let Some(m) = metrics {
+                m.serve_server(server.clone(), export_info.clone());
+            }
             status::serve_control(control, server, export_info);
         },
     )

@@ -8,6 +8,7 @@ use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
     IoRequest, Notice, SubmitError,
 };
+use braid_core::latency::OpLatency;
 use braid_core::wire::{self, RejectCode};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
@@ -30,6 +31,8 @@ pub struct ClientStatus {
     pub dirty_bytes: u64,
     /// Current session and server boot id.
     pub session: Option<(u64, u64)>,
+    /// Per operation, from submission to completion.
+    pub latency: OpLatency,
 }
 
 /// Why [`Client::connect`] gave up.
@@ -350,10 +353,16 @@ impl Driver {
             s.stats.clone_from(self.engine.stats());
             // The channel list allocates: refresh it at most every 100 ms,
             // as the server does its session list, not on every event.
-            if self.channels_refreshed.elapsed() >= Duration::from_millis(100) {
+            // A channel going up or down shows at once.
+            let ready = self.engine.ready_channels();
+            if self.channels_refreshed.elapsed() >= Duration::from_millis(100)
+                || s.channels.iter().filter(|c| c.1).count() != ready
+            {
                 s.channels = self.engine.channel_summary();
                 self.channels_refreshed = tokio::time::Instant::now();
             }
+            // A fixed-size copy (under a kilobyte): fresh for every scrape.
+            s.latency = *self.engine.latency();
             s.journaled = self.engine.journal_len();
             s.dirty_bytes = self.engine.dirty_bytes();
             s.session = self.engine.session();

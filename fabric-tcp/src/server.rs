@@ -4,6 +4,7 @@
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent};
 use crate::ServerSecurity;
+use braid_core::latency::OpLatency;
 use braid_core::server::{
     Backend, ConnId, ServerAction, ServerEngine, ServerStats, SessionSummary,
 };
@@ -29,6 +30,8 @@ pub struct ServerStatus {
     pub backend_inflight: usize,
     /// Per session.
     pub session_list: Vec<SessionSummary>,
+    /// Per export, per operation.
+    pub latency: Vec<OpLatency>,
 }
 
 /// Unsent reply bytes one connection may hold before the server decides
@@ -44,7 +47,8 @@ enum Event {
     Secured(ConnId, conn::Writer),
 }
 
-/// A running server.
+/// A running server: a handle to its status, cheap to clone.
+#[derive(Clone)]
 pub struct Server {
     status: Arc<Mutex<ServerStatus>>,
     local_addr: SocketAddr,
@@ -87,6 +91,7 @@ impl Server {
         let mut next_conn: ConnId = 1;
         let mut draining = false;
         let mut last_list = tokio::time::Instant::now();
+        let mut listed_counts = (0, 0);
         tokio::pin!(shutdown);
         loop {
             crate::check_engine("server", || engine.check());
@@ -211,10 +216,20 @@ impl Server {
                 s.sessions = engine.session_count();
                 s.connections = engine.connection_count();
                 s.backend_inflight = engine.backend_inflight();
+                // Fixed-size copies (under a kilobyte per export), so a
+                // scrape never misses the last requests before a quiet spell.
+                s.latency.clear();
+                s.latency.extend_from_slice(engine.latency());
                 // The per-session list allocates: refresh it at most every
-                // 100 ms rather than per event.
-                if last_list.elapsed() >= std::time::Duration::from_millis(100) {
+                // 100 ms rather than per event, and whenever a session or a
+                // connection came or went (else the last change before a
+                // quiet spell would stay unseen).
+                let counts = (s.sessions, s.connections);
+                if last_list.elapsed() >= std::time::Duration::from_millis(100)
+                    || counts != listed_counts
+                {
                     s.session_list = engine.sessions();
+                    listed_counts = counts;
                     last_list = tokio::time::Instant::now();
                 }
             }

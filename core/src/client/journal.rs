@@ -31,8 +31,8 @@ pub(crate) enum EntryState {
 /// Who gets the completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
-    /// The frontend's tag.
-    User(u64),
+    /// The frontend's tag, and when it submitted the IO.
+    User(u64, Instant),
     /// A FLUSH the engine issued to shrink the dirty window.
     DirtyFlush,
     /// A rewrite of unflushed data after a server restart.
@@ -130,7 +130,7 @@ impl Journal {
     pub(crate) fn insert(&mut self, entry: Entry) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        if let Origin::User(_) = entry.origin {
+        if let Origin::User(..) = entry.origin {
             self.user_count += 1;
             self.user_bytes += entry.payload.len() as u64;
         }
@@ -215,7 +215,7 @@ impl Journal {
     pub(crate) fn remove(&mut self, id: u64) -> Option<Entry> {
         let entry = self.entries.remove(&id)?;
         self.leave_sent(id, &entry);
-        if let Origin::User(_) = entry.origin {
+        if let Origin::User(..) = entry.origin {
             self.user_count -= 1;
             self.user_bytes -= entry.payload.len() as u64;
         }
@@ -439,7 +439,7 @@ impl Journal {
         let user: Vec<&Entry> = self
             .entries
             .values()
-            .filter(|e| matches!(e.origin, Origin::User(_)))
+            .filter(|e| matches!(e.origin, Origin::User(..)))
             .collect();
         let count = |f: &dyn Fn(&Entry) -> bool| self.entries.values().filter(|e| f(e)).count();
         let expect = |what: &str, counted: u64, kept: u64| {

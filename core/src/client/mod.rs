@@ -18,6 +18,7 @@ pub use config::{ClientConfig, Policy, Sabotage};
 pub use reason::DownReason;
 
 use crate::auth::{self, NONCE_LEN};
+use crate::latency::OpLatency;
 use crate::limits::ConfigError;
 use crate::rng::{SecretRng, SplitMix64};
 use crate::wire::{self, *};
@@ -336,6 +337,7 @@ pub struct ClientEngine {
     next_ping: u64,
     actions: VecDeque<ClientAction>,
     stats: ClientStats,
+    latency: OpLatency,
     closing: bool,
 }
 
@@ -361,6 +363,7 @@ impl ClientEngine {
             next_ping: 1,
             actions: VecDeque::new(),
             stats: ClientStats::default(),
+            latency: OpLatency::default(),
             closing: false,
             config,
         })
@@ -374,6 +377,12 @@ impl ClientEngine {
     /// Counters so far.
     pub fn stats(&self) -> &ClientStats {
         &self.stats
+    }
+
+    /// From the frontend's submission to its completion, per operation
+    /// (failover, resends and replay included).
+    pub fn latency(&self) -> &OpLatency {
+        &self.latency
     }
 
     /// The export, once a session exists.
@@ -533,7 +542,7 @@ impl ClientEngine {
             flags |= FLAG_NO_UNMAP;
         }
         self.journal.insert(Entry {
-            origin: Origin::User(user),
+            origin: Origin::User(user, now),
             op: io.op,
             offset: io.offset,
             len: io.len,
@@ -665,7 +674,7 @@ impl ClientEngine {
             self.run_channel_timer(slot, now);
         }
         while let Some(id) = self.journal.pop_due_deadline(now) {
-            self.fail_entry(id, IoErrorKind::TimedOut);
+            self.fail_entry(id, IoErrorKind::TimedOut, now);
         }
         while let Some(id) = self.journal.pop_due_resend(now) {
             self.age(id, now);
@@ -1054,7 +1063,7 @@ impl ClientEngine {
             Status::Ok => Ok(reply.payload),
             other => Err(status_kind(other)),
         };
-        self.finish(entry, result);
+        self.finish(entry, result, now);
     }
 
     fn record_success(&mut self, entry: &Entry, exec_seq: u64) {
@@ -1081,10 +1090,12 @@ impl ClientEngine {
         }
     }
 
-    fn finish(&mut self, entry: Entry, result: Result<Bytes, IoErrorKind>) {
-        let Origin::User(user) = entry.origin else {
+    fn finish(&mut self, entry: Entry, result: Result<Bytes, IoErrorKind>, now: Instant) {
+        let Origin::User(user, submitted) = entry.origin else {
             return;
         };
+        self.latency
+            .record(entry.op, now.saturating_since(submitted));
         let result = result.map_err(|kind| IoError {
             kind,
             export: self.config.export.clone(),
@@ -1101,7 +1112,7 @@ impl ClientEngine {
             .push_back(ClientAction::Complete(Completion { user, result }));
     }
 
-    fn fail_entry(&mut self, id: u64, kind: IoErrorKind) {
+    fn fail_entry(&mut self, id: u64, kind: IoErrorKind, now: Instant) {
         if let Some(entry) = self.journal.remove(id) {
             if let EntryState::Sent { ch, .. } = entry.state {
                 self.release_inflight(ch);
@@ -1109,7 +1120,7 @@ impl ClientEngine {
             if entry.op.mutates() {
                 self.journal.release_held();
             }
-            self.finish(entry, Err(kind));
+            self.finish(entry, Err(kind), now);
         }
     }
 

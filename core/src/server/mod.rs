@@ -13,6 +13,7 @@ pub use config::{ExportConfig, ServerConfig};
 pub use session::ConnId;
 
 use crate::auth::{self, NONCE_LEN};
+use crate::latency::OpLatency;
 use crate::limits::ConfigError;
 use crate::rng::SecretRng;
 use crate::wire::{self, *};
@@ -217,6 +218,8 @@ struct OpInfo {
     op: Op,
     export: usize,
     mutation_range: Option<(u64, u64)>,
+    /// When the request was admitted (its wait at the overlap gate counts).
+    issued_at: Instant,
 }
 
 /// The sans-IO server.
@@ -231,6 +234,8 @@ pub struct ServerEngine {
     next_token: OpToken,
     actions: VecDeque<ServerAction>,
     stats: ServerStats,
+    /// Per export, per operation: from admission to the backend's answer.
+    latency: Vec<OpLatency>,
     timers: BTreeSet<(Instant, Timer)>,
 }
 
@@ -243,6 +248,7 @@ impl ServerEngine {
             .iter()
             .map(|_| OverlapGate::default())
             .collect();
+        let latency = vec![OpLatency::default(); config.exports.len()];
         Ok(ServerEngine {
             rng: SecretRng::new(config.rng_seed),
             config,
@@ -253,6 +259,7 @@ impl ServerEngine {
             next_token: 1,
             actions: VecDeque::new(),
             stats: ServerStats::default(),
+            latency,
             timers: BTreeSet::new(),
         })
     }
@@ -265,6 +272,13 @@ impl ServerEngine {
     /// Counters so far.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Per export (in configuration order), per operation: from admitting
+    /// a request to the backend's answer (a wait at the overlap gate
+    /// included).
+    pub fn latency(&self) -> &[OpLatency] {
+        &self.latency
     }
 
     /// Live sessions.
@@ -501,11 +515,14 @@ impl ServerEngine {
         &mut self,
         token: OpToken,
         result: Result<Bytes, Status>,
-        _now: Instant,
+        now: Instant,
     ) {
         let Some(info) = self.ops.remove(&token) else {
             return;
         };
+        if let Some(l) = self.latency.get_mut(info.export) {
+            l.record(info.op, now.saturating_since(info.issued_at));
+        }
         if info.mutation_range.is_some() && !self.config.sabotage_no_overlap_gate {
             let released = self.gates[info.export].finish(token, |r| r.token);
             for req in released {
@@ -666,7 +683,7 @@ impl ServerEngine {
             (ConnState::AwaitAuth { .. }, Message::Auth(auth)) => self.on_auth(conn, auth, now),
             (ConnState::Bound { session_id }, Message::Request(req)) => {
                 let sid = *session_id;
-                self.on_request(conn, sid, req)
+                self.on_request(conn, sid, req, now)
             }
             (ConnState::Bound { .. }, Message::Ping { token }) => {
                 self.send(conn, &Message::Pong { token })
@@ -840,7 +857,7 @@ impl ServerEngine {
         }
     }
 
-    fn on_request(&mut self, conn: ConnId, session_id: u64, req: Request) {
+    fn on_request(&mut self, conn: ConnId, session_id: u64, req: Request, now: Instant) {
         self.stats.requests += 1;
         let window = self.config.id_window;
         let session = self
@@ -883,12 +900,12 @@ impl ServerEngine {
                     return;
                 }
                 session.ops_in_backend += 1;
-                self.issue(session_id, export, req);
+                self.issue(session_id, export, req, now);
             }
         }
     }
 
-    fn issue(&mut self, session_id: u64, export: usize, req: Request) {
+    fn issue(&mut self, session_id: u64, export: usize, req: Request, now: Instant) {
         let token = self.next_token;
         self.next_token += 1;
         let fua = req.flags & FLAG_FUA != 0;
@@ -929,6 +946,7 @@ impl ServerEngine {
                 op: req.op,
                 export,
                 mutation_range,
+                issued_at: now,
             },
         );
         let backend = BackendRequest {

@@ -1,6 +1,11 @@
 //! What the daemon's process tests share: the binary, a child that is
-//! killed when the test ends, and waiting for a daemon's socket or file.
+//! killed when the test ends, waiting for a daemon's socket or file, a
+//! free port, and the smallest NBD client. Not every test uses each.
 
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -28,4 +33,80 @@ pub fn wait_for(path: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The smallest NBD client: fixed newstyle, GO, simple replies.
+pub struct Nbd(pub UnixStream);
+
+impl Nbd {
+    pub fn connect(path: &Path, export: &str) -> (Nbd, u64) {
+        let mut s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend_from_slice(&7u32.to_be_bytes());
+        opt.extend_from_slice(&(4 + export.len() as u32 + 2).to_be_bytes());
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        opt.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&opt).unwrap();
+        let mut size = 0;
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).unwrap();
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0; len as usize];
+            s.read_exact(&mut d).unwrap();
+            match ty {
+                1 => break,
+                3 if d[..2] == [0, 0] => size = u64::from_be_bytes(d[2..10].try_into().unwrap()),
+                3 => {}
+                other => panic!("GO refused: {other:#x}"),
+            }
+        }
+        (Nbd(s), size)
+    }
+
+    /// One request; returns (error, data).
+    pub fn io(&mut self, cmd: u16, offset: u64, len: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&cmd.to_be_bytes());
+        r.extend_from_slice(&7u64.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(data);
+        self.0.write_all(&r).unwrap();
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let mut d = vec![
+            0;
+            if cmd == 0 && error == 0 {
+                len as usize
+            } else {
+                0
+            }
+        ];
+        self.0.read_exact(&mut d).unwrap();
+        (error, d)
+    }
+}
+
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }

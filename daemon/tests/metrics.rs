@@ -1,0 +1,210 @@
+//! `--metrics` as an operator uses it: a server under load and an
+//! attached volume, each scraped over HTTP and parsed with a real
+//! Prometheus text parser.
+
+use prometheus_parse::{Scrape, Value};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+mod common;
+use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
+
+/// One HTTP GET; returns (status line, content type, body).
+fn get(port: u16, path: &str) -> (String, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: braid\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header");
+    let status = head.lines().next().unwrap().to_string();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_string();
+    (status, content_type, body.to_string())
+}
+
+fn scrape(port: u16) -> Scrape {
+    let (status, content_type, body) = get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(content_type.starts_with("application/openmetrics-text"));
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of `metric` whose labels include every pair of `labels`.
+fn value(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no {metric} {labels:?}"));
+    match &sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+        other => panic!("{metric}: {other:?}"),
+    }
+}
+
+/// The bucket counts of a histogram: (upper bound, cumulative count).
+fn histogram(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64)> {
+    let sample = s
+        .samples
+        .iter()
+        .find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no histogram {metric} {labels:?}"));
+    match &sample.value {
+        Value::Histogram(b) => b.iter().map(|h| (h.less_than, h.count)).collect(),
+        other => panic!("{metric}: {other:?}"),
+    }
+}
+
+fn serve(dir: &Path, port: u16, metrics: u16) -> Killed {
+    Killed(
+        Command::new(BRAID)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics", &format!("127.0.0.1:{metrics}"), "--export"])
+            .arg(format!(
+                "disk0={},size=64M",
+                dir.join("disk0.img").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (port, server_metrics, client_metrics) = (free_port(), free_port(), free_port());
+    let _server = serve(d, port, server_metrics);
+    wait_for(&d.join("control.sock"));
+    let idle = scrape(server_metrics);
+    assert_eq!(value(&idle, "braid_server_requests_total", &[]), 0.0);
+    assert_eq!(
+        value(&idle, "braid_export_size_bytes", &[("export", "disk0")]),
+        (64 << 20) as f64
+    );
+
+    // Load: braid bench writing for a second, scraped while it runs.
+    let mut bench = Killed(
+        Command::new(BRAID)
+            .args([
+                "bench",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--key-file",
+            ])
+            .arg(d.join("keys.toml"))
+            .args(["--rw", "randwrite", "--qd", "8", "--time", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut busy = None;
+    for _ in 0..400 {
+        let s = scrape(server_metrics);
+        if value(&s, "braid_server_sessions", &[]) >= 1.0
+            && value(&s, "braid_server_requests_total", &[]) > 0.0
+        {
+            busy = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let busy = busy.expect("a scrape during the bench saw its session and requests");
+    assert!(value(&busy, "braid_export_sessions", &[("export", "disk0")]) >= 1.0);
+    assert!(value(&busy, "braid_export_channels", &[("export", "disk0")]) >= 1.0);
+    assert!(bench.0.wait().unwrap().success());
+
+    let after = scrape(server_metrics);
+    let requests = value(&after, "braid_server_requests_total", &[]);
+    assert!(requests > value(&busy, "braid_server_requests_total", &[]));
+    let writes = histogram(
+        &after,
+        "braid_server_op_latency_seconds",
+        &[("export", "disk0"), ("op", "write")],
+    );
+    let total = writes.last().unwrap();
+    assert!(total.0.is_infinite() && total.1 > 0.0, "{writes:?}");
+    assert!(
+        writes.windows(2).all(|w| w[0].1 <= w[1].1),
+        "cumulative: {writes:?}"
+    );
+    assert_eq!(writes.len(), 22, "21 bounds and +Inf");
+    assert_eq!(
+        value(&after, "braid_server_sessions", &[]),
+        0.0,
+        "the bench left"
+    );
+    assert_eq!(
+        value(&after, "braid_export_sessions", &[("export", "disk0")]),
+        0.0
+    );
+
+    // An attached volume: IO through NBD shows in the client's metrics.
+    let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
+    let _attach = Killed(
+        Command::new(BRAID)
+            .args([
+                "attach",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--key-file",
+            ])
+            .arg(d.join("keys.toml"))
+            .arg("--nbd")
+            .arg(&sock)
+            .arg("--control")
+            .arg(&control)
+            .args(["--metrics", &format!("127.0.0.1:{client_metrics}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&control);
+    let (mut nbd, _) = Nbd::connect(&sock, "disk0");
+    let data = pattern(7, 64 << 10);
+    for i in 0..10 {
+        assert_eq!(nbd.io(1, i << 16, data.len() as u32, &data).0, 0);
+    }
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    assert_eq!(nbd.io(0, 0, data.len() as u32, &[]).1, data);
+    assert_eq!(nbd.io(4, 0, 4096, &[]).0, 0, "TRIM");
+    let c = scrape(client_metrics);
+    assert_eq!(value(&c, "braid_client_channels_up", &[]), 4.0);
+    assert_eq!(value(&c, "braid_client_failed_total", &[]), 0.0);
+    assert!(value(&c, "braid_client_completed_total", &[]) >= 13.0);
+    for (op, at_least) in [
+        ("write", 10.0),
+        ("flush", 1.0),
+        ("read", 1.0),
+        ("trim", 1.0),
+    ] {
+        let h = histogram(
+            &c,
+            "braid_client_io_latency_seconds",
+            &[("export", "disk0"), ("op", op)],
+        );
+        assert!(h.last().unwrap().1 >= at_least, "{op}: {h:?}");
+    }
+    for ch in ["0", "1", "2", "3"] {
+        assert_eq!(
+            value(&c, "braid_client_channel_up", &[("channel", ch)]),
+            1.0
+        );
+    }
+    let (status, _, _) = get(client_metrics, "/nothing");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}
