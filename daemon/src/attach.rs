@@ -249,15 +249,34 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             args.client.server.clone(),
         );
         let export = export.clone();
-        crate::control::serve(control.clone(), move |command| match command {
-            "status" => document(&client, &server, &export, &uris),
-            "detach" => {
-                stop.notify_one();
-                serde_json::json!({"detaching": export})
+        crate::control::serve(control.clone(), move |command| {
+            use crate::control::now;
+            match command {
+                "status" => return now(document(&client, &server, &export, &uris)),
+                "detach" => {
+                    stop.notify_one();
+                    return now(serde_json::json!({"detaching": export}));
+                }
+                _ => {}
             }
-            other => {
-                serde_json::json!({"error": format!("unknown command {other:?} (attach answers: status, detach)")})
+            if let Some(settings) = command.strip_prefix("set ") {
+                let tuning = match crate::tuning::parse_client(settings) {
+                    Ok(t) => t,
+                    Err(e) => return now(serde_json::json!({ "error": e })),
+                };
+                let client = client.clone();
+                return Box::pin(async move {
+                    match client.tune(tuning).await {
+                        Ok(()) => serde_json::json!({
+                            "tuning": crate::tuning::client_json(&client.status().tuning)
+                        }),
+                        Err(e) => serde_json::json!({ "error": e }),
+                    }
+                });
             }
+            now(serde_json::json!({
+                "error": format!("unknown command {command:?} (attach answers: status, detach, set KEY=VALUE...)")
+            }))
         });
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -314,6 +333,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
         "session_resets": st.session_resets,
         "replayed_extents": st.replayed_extents,
         "busy": st.busy,
+        "tuning": crate::tuning::client_json(&s.tuning),
     })
 }
 
@@ -363,6 +383,10 @@ pub(crate) fn print_status(v: &serde_json::Value) {
     ];
     for (label, key) in rows {
         println!("  {label:<34} {}", v[key].as_u64().unwrap_or(0));
+    }
+    if let Some(t) = v["tuning"].as_object() {
+        let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  settings (braid set): {}", settings.join(" "));
     }
 }
 

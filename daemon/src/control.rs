@@ -44,12 +44,18 @@ fn peer_pid(stream: &std::os::unix::net::UnixStream) -> Option<i32> {
     (rc == 0 && cred.pid > 0).then_some(cred.pid)
 }
 
+/// An answer, ready now or once the engine has acted on the command.
+pub(crate) type Answer =
+    std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send>>;
+
+/// An answer that is ready now.
+pub(crate) fn now(v: serde_json::Value) -> Answer {
+    Box::pin(std::future::ready(v))
+}
+
 /// Answers commands on `path` with `handler(command)`. A missing socket
 /// only costs `braid status`, so failing to bind is a warning.
-pub(crate) fn serve(
-    path: PathBuf,
-    handler: impl Fn(&str) -> serde_json::Value + Send + Sync + 'static,
-) {
+pub(crate) fn serve(path: PathBuf, handler: impl Fn(&str) -> Answer + Send + Sync + 'static) {
     // Only a socket may be replaced (a stale one from a killed daemon).
     if std::fs::symlink_metadata(&path)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
@@ -70,20 +76,25 @@ pub(crate) fn serve(
             // A peer that sends nothing gets the status after a short wait.
             let read = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
-                BufReader::new(rd.take(256)).read_line(&mut line),
+                BufReader::new(rd.take(1024)).read_line(&mut line),
             )
             .await;
             let command = match read {
                 Ok(Ok(_)) => line.trim().to_string(),
                 _ => "status".to_string(),
             };
-            let doc = handler(if command.is_empty() {
+            let answer = handler(if command.is_empty() {
                 "status"
             } else {
                 &command
             });
-            let _ = wr.write_all(doc.to_string().as_bytes()).await;
-            let _ = wr.shutdown().await;
+            // Off the accept loop: a command waiting on the engine holds up
+            // no one else's `braid status`.
+            tokio::spawn(async move {
+                let doc = answer.await;
+                let _ = wr.write_all(doc.to_string().as_bytes()).await;
+                let _ = wr.shutdown().await;
+            });
         }
     });
 }

@@ -14,6 +14,7 @@ mod progress;
 mod serve;
 mod soak;
 mod status;
+mod tuning;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,9 @@ enum Cmd {
     Detach(attach::DetachArgs),
     /// Show a running server's sessions or an attached volume's channels.
     Status(status::StatusArgs),
+    /// Change a running server's or attached volume's settings (channels,
+    /// timers, limits) without a restart.
+    Set(tuning::SetArgs),
     /// Start a server, a fault proxy and a verifying client; reset, black-hole
     /// and corrupt channels and kill -9 the server under live IO; report.
     Demo(demo::DemoArgs),
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
         Cmd::Bench(args) => runtime.block_on(bench::run(args)),
         Cmd::Verify(args) => runtime.block_on(verify::run(args)),
         Cmd::Status(args) => runtime.block_on(status::run(args)),
+        Cmd::Set(args) => runtime.block_on(tuning::run(args)),
         Cmd::Attach(args) => runtime.block_on(attach::run(args)),
         Cmd::Detach(args) => runtime.block_on(attach::detach(args)),
     };

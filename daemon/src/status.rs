@@ -6,11 +6,29 @@ use std::path::PathBuf;
 
 /// Answers `status` on the server's control socket.
 pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String, u64)>) {
-    crate::control::serve(path, move |command| match command {
-        "status" => document(&server, &exports),
-        other => {
-            serde_json::json!({"error": format!("unknown command {other:?} (a server answers: status)")})
+    use crate::control::now;
+    crate::control::serve(path, move |command| {
+        if command == "status" {
+            return now(document(&server, &exports));
         }
+        if let Some(settings) = command.strip_prefix("set ") {
+            let tuning = match crate::tuning::parse_server(settings) {
+                Ok(t) => t,
+                Err(e) => return now(serde_json::json!({ "error": e })),
+            };
+            let server = server.clone();
+            return Box::pin(async move {
+                match server.tune(tuning).await {
+                    Ok(()) => serde_json::json!({
+                        "tuning": crate::tuning::server_json(&server.status().tuning)
+                    }),
+                    Err(e) => serde_json::json!({ "error": e }),
+                }
+            });
+        }
+        now(serde_json::json!({
+            "error": format!("unknown command {command:?} (a server answers: status, set KEY=VALUE...)")
+        }))
     });
 }
 
@@ -44,6 +62,8 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
         "handshakes": st.handshakes,
         "sessions_created": st.sessions_created,
         "sessions_freed": st.sessions_freed,
+        "overload_dropped": st.overload_dropped,
+        "tuning": crate::tuning::server_json(&s.tuning),
     })
 }
 
@@ -95,6 +115,10 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     ];
     for (label, key) in rows {
         println!("  {label:<38} {}", v[key].as_u64().unwrap_or(0));
+    }
+    if let Some(t) = v["tuning"].as_object() {
+        let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  settings (braid set): {}", settings.join(" "));
     }
     for x in v["session_list"].as_array().into_iter().flatten() {
         println!(

@@ -5,8 +5,8 @@ use crate::clock::Clock;
 use crate::conn::{self, ConnEvent};
 use crate::ClientSecurity;
 use braid_core::client::{
-    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ExportInfo, IoError,
-    IoRequest, Notice, SubmitError,
+    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ClientTuning, ExportInfo,
+    IoError, IoRequest, Notice, SubmitError,
 };
 use braid_core::latency::OpLatency;
 use braid_core::wire::{self, RejectCode};
@@ -33,6 +33,8 @@ pub struct ClientStatus {
     pub session: Option<(u64, u64)>,
     /// Per operation, from submission to completion.
     pub latency: OpLatency,
+    /// The tunable settings in force.
+    pub tuning: ClientTuning,
 }
 
 /// Why [`Client::connect`] gave up.
@@ -60,6 +62,7 @@ type Reply = oneshot::Sender<Result<Bytes, IoError>>;
 
 enum Cmd {
     Io(IoRequest, Reply),
+    Tune(ClientTuning, oneshot::Sender<Result<(), String>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -97,7 +100,10 @@ impl Client {
     ) -> Result<Client, ConnectError> {
         let addr = addr.into();
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
-        let status = Arc::new(Mutex::new(ClientStatus::default()));
+        let status = Arc::new(Mutex::new(ClientStatus {
+            tuning: ClientTuning::of(&config),
+            ..ClientStatus::default()
+        }));
         let (ready_tx, ready_rx) = oneshot::channel();
         let last_error = Arc::new(Mutex::new(String::from("no answer yet")));
         let engine = ClientEngine::new(config).map_err(|e| ConnectError {
@@ -169,6 +175,19 @@ impl Client {
         self.status.lock().unwrap().clone()
     }
 
+    /// Applies runtime tuning between two events of the engine: IO in
+    /// flight goes on (requests on removed channels move to the others).
+    /// Refused values change nothing; the error names the field.
+    pub async fn tune(&self, tuning: ClientTuning) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the volume is detaching".to_string();
+        self.cmds
+            .send(Cmd::Tune(tuning, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// Leaves the session for good (the server frees it).
     pub async fn close(self) {
         let (tx, rx) = oneshot::channel();
@@ -226,6 +245,17 @@ impl Driver {
                 Some(ev) = conn_rx.recv() => self.conn_event(ev),
                 cmd = cmds.recv(), if accepting => match cmd {
                     Some(Cmd::Io(io, reply)) => self.submit(io, reply),
+                    Some(Cmd::Tune(tuning, reply)) => {
+                        let result = self
+                            .engine
+                            .tune(&tuning, self.clock.now())
+                            .map_err(|e| e.to_string());
+                        if result.is_ok() {
+                            tracing::info!(?tuning, "volume retuned");
+                            self.status.lock().unwrap().tuning = ClientTuning::of(self.engine.config());
+                        }
+                        let _ = reply.send(result);
+                    }
                     Some(Cmd::Close(done)) => {
                         self.engine.close();
                         closing = Some(done);

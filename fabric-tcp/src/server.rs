@@ -6,7 +6,7 @@ use crate::conn::{self, ConnEvent};
 use crate::ServerSecurity;
 use braid_core::latency::OpLatency;
 use braid_core::server::{
-    Backend, ConnId, ServerAction, ServerEngine, ServerStats, SessionSummary,
+    Backend, ConnId, ServerAction, ServerEngine, ServerStats, ServerTuning, SessionSummary,
 };
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// A snapshot of the server for `braid status`.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +32,8 @@ pub struct ServerStatus {
     pub session_list: Vec<SessionSummary>,
     /// Per export, per operation.
     pub latency: Vec<OpLatency>,
+    /// The tunable limits in force.
+    pub tuning: ServerTuning,
 }
 
 /// Unsent reply bytes one connection may hold before the server decides
@@ -45,13 +47,16 @@ enum Event {
     /// A TLS handshake finished: the connection's writer.
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     Secured(ConnId, conn::Writer),
+    /// An operator's runtime tuning; the answer says whether it applied.
+    Tune(ServerTuning, oneshot::Sender<Result<(), String>>),
 }
 
-/// A running server: a handle to its status, cheap to clone.
+/// A running server: a handle to its status and tuning, cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     status: Arc<Mutex<ServerStatus>>,
     local_addr: SocketAddr,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl Server {
@@ -65,6 +70,17 @@ impl Server {
         self.status.lock().unwrap().clone()
     }
 
+    /// Applies runtime tuning between two events of the engine, so nothing
+    /// in flight is disturbed; refused values change nothing and the error
+    /// names the field.
+    pub async fn tune(&self, tuning: ServerTuning) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.events
+            .send(Event::Tune(tuning, tx))
+            .map_err(|_| "the server is stopping".to_string())?;
+        rx.await.map_err(|_| "the server is stopping".to_string())?
+    }
+
     /// Serves `listener` until `shutdown` completes, then stops accepting,
     /// lets backend operations in flight finish and their replies go out,
     /// and returns.
@@ -76,16 +92,20 @@ impl Server {
         shutdown: impl Future<Output = ()>,
         on_start: impl FnOnce(Server),
     ) -> std::io::Result<()> {
-        let status = Arc::new(Mutex::new(ServerStatus::default()));
+        let status = Arc::new(Mutex::new(ServerStatus {
+            tuning: ServerTuning::of(engine.config()),
+            ..ServerStatus::default()
+        }));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         on_start(Server {
             status: status.clone(),
             local_addr: listener.local_addr()?,
+            events: tx.clone(),
         });
         let clock = Clock::new();
         // A request a little over the limit still decodes, so its sender
         // gets INVALID for that request instead of losing the channel.
         let max_payload = engine.config().max_payload as usize + OVERSIZE_ANSWERED;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ConnId>>();
         let mut writers: HashMap<ConnId, conn::Writer> = HashMap::new();
         let mut next_conn: ConnId = 1;
@@ -149,14 +169,14 @@ impl Server {
                     tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
                     draining = true;
                 }
-                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock),
+                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock, &status),
                 Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 handle_conn(&mut engine, &mut writers, ev, &clock);
             }
             while let Ok(ev) = rx.try_recv() {
-                handle(&mut engine, &mut writers, ev, &clock);
+                handle(&mut engine, &mut writers, ev, &clock, &status);
             }
             while let Some(action) = engine.poll_action() {
                 match action {
@@ -266,11 +286,20 @@ fn handle(
     writers: &mut HashMap<ConnId, conn::Writer>,
     ev: Event,
     clock: &Clock,
+    status: &Mutex<ServerStatus>,
 ) {
     match ev {
         Event::BackendDone(token, result) => engine.backend_complete(token, result, clock.now()),
         Event::Secured(conn, writer) => {
             writers.insert(conn, writer);
+        }
+        Event::Tune(tuning, reply) => {
+            let result = engine.tune(&tuning).map_err(|e| e.to_string());
+            if result.is_ok() {
+                tracing::info!(?tuning, "server retuned");
+                status.lock().unwrap().tuning = ServerTuning::of(engine.config());
+            }
+            let _ = reply.send(result);
         }
     }
 }

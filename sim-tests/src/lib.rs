@@ -2,7 +2,8 @@
 //! the seed and the virtual run time; `cargo xtask sim` sweeps them, and the
 //! tests pin the seeds of every bug found.
 
-use braid_core::client::Policy;
+use braid_core::client::{ClientTuning, Policy};
+use braid_core::server::ServerTuning;
 use braid_core::testkit::{FaultRates, Sabotage, Scenario, WorldConfig};
 use std::time::Duration;
 
@@ -217,6 +218,33 @@ pub fn swarm(seed: u64, virtual_secs: f64) -> WorldConfig {
         let rate = 0.9 + rng.below(2001) as f64 / 10_000.0;
         c.server_clock = (offset, rate);
     }
+    // An operator retuning the volume and the server mid-run.
+    let run_ms = c.run_for.as_millis() as u64;
+    for _ in 0..rng.below(3) {
+        let at = ms(rng.below(run_ms.max(1)));
+        let mut pick = |choices: &[u64]| choices[rng.below(choices.len() as u64) as usize];
+        let keepalive = ms(pick(&[50, 100, 200, 500]));
+        let resend_min = ms(pick(&[20, 50, 200, 500]));
+        let client = ClientTuning {
+            channels: Some(pick(&[1, 2, 3, 4, 6, 8]) as usize),
+            policy: Some(match pick(&[0, 1, 2]) {
+                0 => Policy::LeastInflight,
+                1 => Policy::RoundRobin,
+                _ => Policy::LowestLatency,
+            }),
+            keepalive_interval: Some(keepalive),
+            channel_timeout: Some(keepalive * pick(&[2, 3, 4, 6]) as u32),
+            resend_min: Some(resend_min),
+            resend_max: Some(resend_min * pick(&[1, 2, 4, 10]) as u32),
+        };
+        let server = ServerTuning {
+            max_inflight: Some(pick(&[1, 2, 4, 8, 16, 64, 256]) as u32),
+            max_channels_per_session: Some(pick(&[1, 2, 8, 64]) as usize),
+            session_linger: Some(ms(pick(&[100, 1_000, 30_000]))),
+            ..ServerTuning::default()
+        };
+        c.tunings.push((at, client, server));
+    }
     c
 }
 
@@ -242,7 +270,7 @@ pub fn describe(c: &WorldConfig) -> String {
     format!(
         "channels={} qd={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
          server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
-         keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}]",
+         keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}] tunings=[{}]",
         c.channels,
         c.queue_depth,
         c.disk_sectors,
@@ -262,7 +290,16 @@ pub fn describe(c: &WorldConfig) -> String {
         f.outage_max,
         c.server_clock.0,
         c.server_clock.1,
-        on.join(" ")
+        on.join(" "),
+        c.tunings
+            .iter()
+            .map(|(at, cl, sv)| format!(
+                "at {at:?}: channels={:?} policy={:?} keepalive={:?} timeout={:?} resend={:?}..{:?} server max_inflight={:?} max_channels={:?} linger={:?}",
+                cl.channels, cl.policy, cl.keepalive_interval, cl.channel_timeout, cl.resend_min, cl.resend_max,
+                sv.max_inflight, sv.max_channels_per_session, sv.session_linger
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
     )
 }
 

@@ -12,10 +12,12 @@ mod config;
 mod dirty;
 mod journal;
 mod reason;
+mod tuning;
 
 pub use channel::ChannelId;
 pub use config::{ClientConfig, Policy, Sabotage};
 pub use reason::DownReason;
+pub use tuning::ClientTuning;
 
 use crate::auth::{self, NONCE_LEN};
 use crate::latency::OpLatency;
@@ -374,6 +376,52 @@ impl ClientEngine {
         &self.config
     }
 
+    /// Applies `tuning` if the configuration it makes is sound (else
+    /// nothing changes and the error names the field). Added channels
+    /// connect now; removed ones (the highest slots) hand their requests
+    /// in flight to the rest, which the server's exactly-once makes safe.
+    pub fn tune(&mut self, tuning: &ClientTuning, now: Instant) -> Result<(), ConfigError> {
+        let next = tuning.applied_to(&self.config);
+        next.validate()?;
+        let (before, after) = (self.channels.len(), next.channels);
+        self.config = next;
+        if after > before {
+            self.channels.resize_with(after, Channel::new);
+        }
+        for slot in (after..before).rev() {
+            self.retire_channel(slot);
+        }
+        if after < before {
+            self.channels.truncate(after);
+            if self.leader.is_some_and(|l| l as usize >= after) {
+                self.leader = None;
+            }
+            self.rr_cursor %= after;
+        }
+        self.pump(now);
+        Ok(())
+    }
+
+    /// Closes the channel in `slot` for good and requeues its requests.
+    fn retire_channel(&mut self, slot: usize) {
+        let ch = self.id_of(slot);
+        let moved = self.journal.sent_on(slot as u16);
+        for id in &moved {
+            self.journal.requeue(*id);
+        }
+        self.stats.failovers += moved.len() as u64;
+        self.channels[slot].inflight = 0;
+        if !matches!(self.channels[slot].state, ChanState::Idle { .. }) {
+            self.actions.push_back(ClientAction::Close(ch));
+        }
+        self.actions
+            .push_back(ClientAction::Notice(Notice::ChannelDown {
+                ch,
+                reason: DownReason::Retired,
+                moved: moved.len(),
+            }));
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> &ClientStats {
         &self.stats
@@ -581,10 +629,15 @@ impl ClientEngine {
 
     /// The driver connected the transport for `ch`.
     pub fn channel_connected(&mut self, ch: ChannelId, now: Instant) {
-        let Some(slot) = self.current(ch) else { return };
-        if !matches!(self.channels[slot].state, ChanState::Connecting { .. }) {
+        let wanted = self
+            .current(ch)
+            .filter(|&slot| matches!(self.channels[slot].state, ChanState::Connecting { .. }));
+        let Some(slot) = wanted else {
+            // Given up on (timed out, retired) while it connected: the
+            // driver must not keep it open.
+            self.actions.push_back(ClientAction::Close(ch));
             return;
-        }
+        };
         let mut nonce = [0u8; NONCE_LEN];
         self.secret.fill(&mut nonce);
         let session_id = self.session.map_or(0, |s| s.id);

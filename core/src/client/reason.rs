@@ -38,6 +38,9 @@ pub enum DownReason {
     SecondSession,
     /// A read's answer had the wrong length.
     BadReadLength,
+    /// Runtime tuning lowered the channel count; its requests moved to the
+    /// channels that remain.
+    Retired,
 }
 
 impl fmt::Display for DownReason {
@@ -58,6 +61,7 @@ impl fmt::Display for DownReason {
             DownReason::StaleSession => f.write_str("joined a stale session"),
             DownReason::SecondSession => f.write_str("second session refused"),
             DownReason::BadReadLength => f.write_str("read reply of the wrong length"),
+            DownReason::Retired => f.write_str("retired: the channel count was lowered"),
         }
     }
 }

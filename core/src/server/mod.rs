@@ -7,10 +7,12 @@ mod backend;
 mod config;
 mod overlap;
 mod session;
+mod tuning;
 
 pub use backend::{Backend, Extent};
 pub use config::{ExportConfig, ServerConfig};
 pub use session::ConnId;
+pub use tuning::ServerTuning;
 
 use crate::auth::{self, NONCE_LEN};
 use crate::latency::OpLatency;
@@ -236,6 +238,9 @@ pub struct ServerEngine {
     stats: ServerStats,
     /// Per export, per operation: from admission to the backend's answer.
     latency: Vec<OpLatency>,
+    /// The highest `max_sessions` and `max_channels_per_session` ever in
+    /// force: what `check()` may see after tuning lowered them.
+    admitted_limits: (usize, usize),
     timers: BTreeSet<(Instant, Timer)>,
 }
 
@@ -249,6 +254,7 @@ impl ServerEngine {
             .map(|_| OverlapGate::default())
             .collect();
         let latency = vec![OpLatency::default(); config.exports.len()];
+        let admitted_limits = (config.max_sessions, config.max_channels_per_session);
         Ok(ServerEngine {
             rng: SecretRng::new(config.rng_seed),
             config,
@@ -260,6 +266,7 @@ impl ServerEngine {
             actions: VecDeque::new(),
             stats: ServerStats::default(),
             latency,
+            admitted_limits,
             timers: BTreeSet::new(),
         })
     }
@@ -267,6 +274,33 @@ impl ServerEngine {
     /// The configuration in force.
     pub fn config(&self) -> &ServerConfig {
         &self.config
+    }
+
+    /// Applies `tuning` if the configuration it makes is sound (else
+    /// nothing changes and the error names the field). Shorter idle and
+    /// linger timers take effect at once.
+    pub fn tune(&mut self, tuning: &ServerTuning) -> Result<(), ConfigError> {
+        let next = tuning.applied_to(&self.config);
+        next.validate()?;
+        self.config = next;
+        self.admitted_limits.0 = self.admitted_limits.0.max(self.config.max_sessions);
+        self.admitted_limits.1 = self
+            .admitted_limits
+            .1
+            .max(self.config.max_channels_per_session);
+        for (&conn, c) in &self.conns {
+            if matches!(c.state, ConnState::Bound { .. }) {
+                let at = c.last_rx + self.config.idle_timeout;
+                self.timers.insert((at, Timer::Idle(conn)));
+            }
+        }
+        for (&id, s) in &self.sessions {
+            if let (Some(since), 0) = (s.orphaned_since, s.ops_in_backend) {
+                let at = since + self.config.session_linger;
+                self.timers.insert((at, Timer::Linger(id)));
+            }
+        }
+        Ok(())
     }
 
     /// Counters so far.
@@ -323,11 +357,12 @@ impl ServerEngine {
     /// other, the overlap gates hold exactly the mutations in the backend,
     /// and every bound holds. O(state); simulators call it after every step.
     pub fn check(&self) -> Result<(), String> {
-        if self.sessions.len() > self.config.max_sessions {
+        // Lowering a limit at run time leaves what it already admitted.
+        let (max_sessions, max_channels) = self.admitted_limits;
+        if self.sessions.len() > max_sessions {
             return Err(format!(
-                "{} sessions, max_sessions is {}",
+                "{} sessions, max_sessions has been at most {max_sessions}",
                 self.sessions.len(),
-                self.config.max_sessions
             ));
         }
         let in_backend: BTreeSet<(u64, u64)> = self
@@ -353,7 +388,7 @@ impl ServerEngine {
                     s.id
                 ));
             }
-            if s.conns.len() > self.config.max_channels_per_session {
+            if s.conns.len() > max_channels {
                 return Err(format!("session {:#x}: {} channels", s.id, s.conns.len()));
             }
             for c in &s.conns {
@@ -809,7 +844,8 @@ impl ServerEngine {
             while id == 0 || self.sessions.contains_key(&id) {
                 id = self.rng.next_u64();
             }
-            self.sessions.insert(id, Session::new(id, export));
+            self.sessions
+                .insert(id, Session::new(id, export, self.config.max_inflight));
             self.stats.sessions_created += 1;
             (id, false)
         } else {
@@ -839,7 +875,10 @@ impl ServerEngine {
             export_size: e.size,
             block_size: e.block_size,
             max_payload: self.config.max_payload,
-            max_inflight: self.config.max_inflight,
+            max_inflight: self
+                .sessions
+                .get(&session_id)
+                .map_or(self.config.max_inflight, |s| s.max_inflight),
             id_window: self.config.id_window,
             export_flags,
             flags: if resumed { WELCOME_RESUMED } else { 0 },
@@ -888,7 +927,7 @@ impl ServerEngine {
                 // requests a client's IO timeout abandoned while they ran.
                 // Dropped and forgotten, not refused: an honest client
                 // resends after aging, so overload never becomes an error.
-                if session.ops_in_backend >= 2 * self.config.max_inflight as usize {
+                if session.ops_in_backend >= 2 * session.max_inflight as usize {
                     session.forget(req.id);
                     self.stats.overload_dropped += 1;
                     return;

@@ -48,10 +48,13 @@ pub(crate) struct Session {
     pub(crate) orphaned_since: Option<Instant>,
     pub(crate) ops_in_backend: usize,
     pub(crate) leaving: bool,
+    /// Requests it may have outstanding, as announced when it was created
+    /// (tuning the server changes it for new sessions only).
+    pub(crate) max_inflight: u32,
 }
 
 impl Session {
-    pub(crate) fn new(id: u64, export: usize) -> Self {
+    pub(crate) fn new(id: u64, export: usize, max_inflight: u32) -> Self {
         Session {
             id,
             export,
@@ -62,6 +65,7 @@ impl Session {
             orphaned_since: None,
             ops_in_backend: 0,
             leaving: false,
+            max_inflight,
         }
     }
 
@@ -199,7 +203,7 @@ mod tests {
 
     #[test]
     fn resent_write_gets_recorded_result_and_stale_copy_is_dropped() {
-        let mut s = Session::new(1, 0);
+        let mut s = Session::new(1, 0, 64);
         assert_eq!(s.admit(5, 5, Op::Write, 1, 100), Admission::Execute);
         assert_eq!(s.admit(5, 5, Op::Write, 2, 100), Admission::Joined);
         assert_eq!(s.complete(5, Op::Write, Status::Ok), (1, Some(2)));
@@ -218,7 +222,7 @@ mod tests {
 
     #[test]
     fn exec_seq_numbers_successful_mutations_only() {
-        let mut s = Session::new(1, 0);
+        let mut s = Session::new(1, 0, 64);
         for id in 1..=4 {
             s.admit(id, 1, Op::Write, 1, 100);
         }
@@ -237,7 +241,7 @@ mod tests {
 
     #[test]
     fn check_sees_ids_outside_the_window() {
-        let mut s = Session::new(1, 0);
+        let mut s = Session::new(1, 0, 64);
         s.admit(5, 5, Op::Write, 1, 100);
         s.check(100).unwrap();
         s.floor = 6; // as if the floor moved without pruning
@@ -248,7 +252,7 @@ mod tests {
 
     #[test]
     fn resent_read_runs_again() {
-        let mut s = Session::new(1, 0);
+        let mut s = Session::new(1, 0, 64);
         assert_eq!(s.admit(1, 1, Op::Read, 1, 100), Admission::Execute);
         s.complete(1, Op::Read, Status::Ok);
         assert_eq!(s.admit(1, 1, Op::Read, 1, 100), Admission::Execute);

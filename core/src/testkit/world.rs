@@ -6,12 +6,13 @@ use super::pattern::{stamp, SECTOR};
 use super::vocabulary::Fault;
 use crate::auth::Key;
 use crate::client::{
-    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, IoRequest, Policy, Sabotage,
+    ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ClientTuning, IoRequest,
+    Policy, Sabotage,
 };
 use crate::rng::SplitMix64;
 use crate::server::{
     BackendOp, BackendRequest, ConnId, ExportConfig, ServerAction, ServerConfig, ServerEngine,
-    ServerStats,
+    ServerStats, ServerTuning,
 };
 use crate::Instant;
 use bytes::Bytes;
@@ -135,6 +136,9 @@ pub struct WorldConfig {
     /// and runs `rate` times as fast (1.0: no skew). braid's frames carry
     /// no timestamps, so each side's timers must work on its own clock.
     pub server_clock: (Duration, f64),
+    /// Runtime tuning at virtual times after the start, as an operator's
+    /// `braid set` would do it: (when, client changes, server changes).
+    pub tunings: Vec<(Duration, ClientTuning, ServerTuning)>,
 }
 
 impl WorldConfig {
@@ -166,6 +170,7 @@ impl WorldConfig {
             server_max_inflight: 256,
             server_max_payload: 1 << 20,
             server_clock: (Duration::ZERO, 1.0),
+            tunings: Vec::new(),
         }
     }
 }
@@ -229,6 +234,7 @@ enum Ev {
     ServerStart,
     PartitionEnds,
     HealAll,
+    Tune(usize),
 }
 
 impl Ev {
@@ -247,6 +253,7 @@ impl Ev {
             Ev::PartitionEnds => 11,
             Ev::HealAll => 13,
             Ev::DiskLand { .. } => 14,
+            Ev::Tune(_) => 15,
         }
     }
 
@@ -265,6 +272,7 @@ impl Ev {
             Ev::ServerStart => "server start",
             Ev::PartitionEnds => "partition ends",
             Ev::HealAll => "heal",
+            Ev::Tune(_) => "runtime tuning",
         }
     }
 }
@@ -471,6 +479,9 @@ impl World {
         self.schedule(Duration::ZERO, Ev::ClientTimer);
         self.schedule(FAULT_TICK, Ev::FaultTick);
         self.schedule(self.cfg.run_for, Ev::HealAll);
+        for i in 0..self.cfg.tunings.len() {
+            self.schedule(self.cfg.tunings[i].0, Ev::Tune(i));
+        }
         self.client_timer = Some(self.now);
         self.fill_queue();
         while let Some(Reverse(s)) = self.queue.pop() {
@@ -585,6 +596,23 @@ impl World {
             Ev::FaultTick => self.fault_tick(),
             Ev::ServerStart => self.start_server(),
             Ev::PartitionEnds => self.partitioned = false,
+            Ev::Tune(i) => {
+                let (_, client, server) = self.cfg.tunings[i].clone();
+                if let Err(e) = self.client.tune(&client, self.now) {
+                    self.checker.report(Violation::Internal {
+                        engine: "client",
+                        what: format!("tuning refused: {e}"),
+                    });
+                }
+                if self.server_up {
+                    if let Err(e) = self.server.tune(&server) {
+                        self.checker.report(Violation::Internal {
+                            engine: "server",
+                            what: format!("tuning refused: {e}"),
+                        });
+                    }
+                }
+            }
             Ev::HealAll => {
                 self.faulty = false;
                 self.partitioned = false;

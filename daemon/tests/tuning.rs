@@ -1,0 +1,228 @@
+//! `braid set` as an operator uses it: an attached volume's channels grow
+//! and shrink while IO runs through NBD, its timers change, the server's
+//! limits change and the next client feels them; bad values are refused
+//! with the field named and change nothing.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
+
+fn braid(args: &[&str], control: &Path) -> Output {
+    Command::new(BRAID)
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap()
+}
+
+fn status(control: &Path) -> serde_json::Value {
+    let out = braid(&["status", "--json"], control);
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn set(control: &Path, settings: &[&str]) -> Output {
+    let mut args = vec!["set"];
+    args.extend_from_slice(settings);
+    braid(&args, control)
+}
+
+/// Waits until the volume has `n` channels, all up.
+fn channels_up(control: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = status(control);
+        let channels = v["channels"].as_array().unwrap();
+        let up = channels.iter().filter(|c| c["state"] == "up").count();
+        if channels.len() == n && up == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {n} channels up: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn attach(d: &Path, port: u16, name: &str) -> (Killed, std::path::PathBuf, std::path::PathBuf) {
+    let (sock, control) = (
+        d.join(format!("{name}.sock")),
+        d.join(format!("{name}.ctl")),
+    );
+    let child = Command::new(BRAID)
+        .args([
+            "attach",
+            "--server",
+            &format!("127.0.0.1:{port}"),
+            "--key-file",
+        ])
+        .arg(d.join("keys.toml"))
+        .arg("--nbd")
+        .arg(&sock)
+        .arg("--control")
+        .arg(&control)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    wait_for(&control);
+    (child, sock, control)
+}
+
+#[test]
+fn every_knob_changes_under_load_with_no_io_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let server_control = d.join("control.sock");
+    let _server = Killed(
+        Command::new(BRAID)
+            .args(["serve", "--data-dir"])
+            .arg(d)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--export"])
+            .arg(format!("disk0={},size=64M", d.join("disk0.img").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&server_control);
+    let (_attach, sock, control) = attach(d, port, "vol");
+    channels_up(&control, 4);
+
+    // IO the whole time: writes, then reads that must return them.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let io = {
+        let (stop, done, sock) = (stop.clone(), done.clone(), sock.clone());
+        std::thread::spawn(move || {
+            let (mut nbd, _) = Nbd::connect(&sock, "disk0");
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let data = pattern(round as u8, 64 << 10);
+                let at = (round % 512) << 16;
+                assert_eq!(nbd.io(1, at, data.len() as u32, &data).0, 0, "write");
+                let (e, back) = nbd.io(0, at, data.len() as u32, &[]);
+                assert_eq!(e, 0, "read");
+                assert!(back == data, "round {round}: read back what was written");
+                round += 1;
+                done.store(round, Ordering::Relaxed);
+            }
+        })
+    };
+    let progressed = |since: u64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while done.load(Ordering::Relaxed) < since + 20 {
+            assert!(Instant::now() < deadline, "IO stalled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    for (n, policy) in [
+        (8, "round-robin"),
+        (2, "lowest-latency"),
+        (4, "least-inflight"),
+    ] {
+        let out = set(
+            &control,
+            &[&format!("channels={n}"), &format!("policy={policy}")],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        channels_up(&control, n);
+        assert_eq!(status(&control)["tuning"]["policy"], policy);
+        progressed(done.load(Ordering::Relaxed));
+    }
+    let out = set(
+        &control,
+        &[
+            "keepalive_interval=100ms",
+            "channel_timeout=500ms",
+            "resend_min=100ms",
+            "resend_max=1s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = &status(&control)["tuning"];
+    assert_eq!(
+        (
+            &t["keepalive_interval_ms"],
+            &t["channel_timeout_ms"],
+            &t["resend_min_ms"],
+            &t["resend_max_ms"]
+        ),
+        (&100.into(), &500.into(), &100.into(), &1000.into()),
+        "{t}"
+    );
+    progressed(done.load(Ordering::Relaxed));
+
+    // Refused: named, and nothing changed.
+    for (bad, field) in [
+        ("channels=0", "channels"),
+        ("keepalive_interval=2s", "channel_timeout"),
+        ("resend_min=0ms", "resend_min"),
+        ("nonsense=1", "channels, policy"),
+    ] {
+        let out = set(&control, &[bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(field), "{bad}: {err}");
+    }
+    assert_eq!(status(&control)["tuning"]["channels"], 4);
+
+    // The server: limits change, and the next client feels them.
+    let out = set(
+        &server_control,
+        &[
+            "max_channels_per_session=2",
+            "max_inflight=16",
+            "session_linger=5s",
+            "idle_timeout=20s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = &status(&server_control)["tuning"];
+    assert_eq!(
+        (&t["max_channels_per_session"], &t["max_inflight"]),
+        (&2.into(), &16.into()),
+        "{t}"
+    );
+    let out = set(&server_control, &["max_inflight=1000000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("id_window"), "{err}");
+    let (_second, _, second_control) = attach(d, port, "second");
+    std::thread::sleep(Duration::from_millis(500));
+    let v = status(&second_control);
+    let up = v["channels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "up")
+        .count();
+    assert_eq!(
+        up, 2,
+        "the server admits 2 channels per new session now: {v}"
+    );
+    // The first volume kept the 4 it had.
+    channels_up(&control, 4);
+
+    stop.store(true, Ordering::Relaxed);
+    io.join().expect("no IO error and every read matched");
+    let v = status(&control);
+    assert_eq!(v["failed"], 0, "{v}");
+}
