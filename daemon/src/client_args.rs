@@ -81,6 +81,26 @@ impl ClientArgs {
         .map_err(|e| e.to_string())
     }
 
+    /// What `braid conformance` needs to reach the server.
+    pub(crate) fn target(
+        &self,
+        read_only_export: Option<String>,
+    ) -> Result<crate::conformance::Target, String> {
+        let key_file = self
+            .key_file
+            .clone()
+            .unwrap_or_else(|| config::default_data_dir().join("keys.toml"));
+        let (key_id, key) = config::client_key(&key_file, self.key_id.as_deref())?;
+        Ok(crate::conformance::Target {
+            addr: self.server.clone(),
+            security: self.security()?,
+            key_id,
+            key,
+            export: self.export.clone(),
+            read_only_export,
+        })
+    }
+
     fn security(&self) -> Result<ClientSecurity, String> {
         let Some(ca) = &self.tls_ca else {
             return Ok(ClientSecurity::Plain);

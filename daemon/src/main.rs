@@ -4,6 +4,7 @@ mod attach;
 mod bench;
 mod client_args;
 mod config;
+mod conformance;
 mod control;
 mod demo;
 mod faultproxy;
@@ -44,6 +45,9 @@ enum Cmd {
     Detach(attach::DetachArgs),
     /// Show a running server's sessions or an attached volume's channels.
     Status(status::StatusArgs),
+    /// Check any braid server against every numbered clause of the
+    /// protocol (docs/PROTOCOL.md); exits 1 on any failure.
+    Conformance(conformance::ConformanceArgs),
     /// Change a running server's or attached volume's settings (channels,
     /// timers, limits) without a restart.
     Set(tuning::SetArgs),
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         Cmd::Verify(args) => runtime.block_on(verify::run(args)),
         Cmd::Status(args) => runtime.block_on(status::run(args)),
         Cmd::Set(args) => runtime.block_on(tuning::run(args)),
+        Cmd::Conformance(args) => runtime.block_on(conformance::run(args)),
         Cmd::Attach(args) => runtime.block_on(attach::run(args)),
         Cmd::Detach(args) => runtime.block_on(attach::detach(args)),
     };

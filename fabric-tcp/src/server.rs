@@ -273,6 +273,9 @@ fn handle_conn(
 ) {
     match ev {
         ConnEvent::Frame(conn, frame) => engine.handle_frame(conn, frame, clock.now()),
+        ConnEvent::Closed(_, why)
+            if why.starts_with("bad frame")
+                && engine.config().defect == Some(braid_core::server::Defect::KeepBadFrames) => {}
         ConnEvent::Closed(conn, why) => {
             tracing::debug!(conn, why, "connection closed");
             writers.remove(&conn);

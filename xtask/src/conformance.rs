@@ -246,6 +246,14 @@ fn host_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> R
         "braid attach",
     )?;
     wait_for(&attach_sock, "braid attach")?;
+    protocol_check(
+        report,
+        braid,
+        "braid/tcp",
+        braid_port,
+        &dir,
+        &["--read-only-export", "ro"],
+    );
 
     let tcp = format!("nbd://127.0.0.1:{nbd_port}");
     let targets = [
@@ -510,7 +518,21 @@ fn tls_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), Stri
         return Ok(());
     }
     let dir = work.join("tls");
-    let (_server, nbd_port) = tls_nbd_server(braid, &dir, &["--tls"], "braid serve --tls")?;
+    let (_server, nbd_port, braid_port) =
+        tls_nbd_server(braid, &dir, &["--tls"], "braid serve --tls")?;
+    protocol_check(
+        report,
+        braid,
+        "braid/tls",
+        braid_port,
+        &dir,
+        &[
+            "--tls-ca",
+            &dir.join("tls-cert.pem").display().to_string(),
+            "--tls-name",
+            "localhost",
+        ],
+    );
     // libnbd (GnuTLS) wants a directory holding ca-cert.pem: the server's
     // self-signed certificate is its own CA.
     let certs = dir.join("client-certs");
@@ -559,7 +581,7 @@ fn client_certificate_check(
         "--tls-client-ca",
         &cert_arg,
     ];
-    let (_server, nbd_port) = tls_nbd_server(braid, &dir, &tls, "braid serve --tls-client-ca")?;
+    let (_server, nbd_port, _) = tls_nbd_server(braid, &dir, &tls, "braid serve --tls-client-ca")?;
     let uri = |d: &Path| {
         format!(
             "nbds://localhost:{nbd_port}/disk0?tls-certificates={}",
@@ -595,16 +617,16 @@ fn tls_nbd_server(
     dir: &Path,
     tls: &[&str],
     name: &'static str,
-) -> Result<(Daemon, u16), String> {
+) -> Result<(Daemon, u16, u16), String> {
     fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let nbd_port = free_port();
+    let (nbd_port, braid_port) = (free_port(), free_port());
     let mut args: Vec<String> = vec!["serve".into()];
     args.extend(tls.iter().map(|a| a.to_string()));
     args.extend([
         "--data-dir".into(),
         dir.display().to_string(),
         "--listen".into(),
-        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{braid_port}"),
         "--export".into(),
         format!("disk0={},size=64M", dir.join("disk0.img").display()),
         "--nbd".into(),
@@ -618,7 +640,36 @@ fn tls_nbd_server(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((server, nbd_port))
+    Ok((server, nbd_port, braid_port))
+}
+
+/// `braid conformance` against a braid server: braid's own protocol,
+/// clause by clause (docs/PROTOCOL.md); one row, the checker's table in
+/// its failure.
+fn protocol_check(
+    report: &mut Report,
+    braid: &Path,
+    target: &str,
+    port: u16,
+    dir: &Path,
+    extra: &[&str],
+) {
+    let mut cmd = Command::new(braid);
+    cmd.args([
+        "conformance",
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--key-file",
+    ])
+    .arg(dir.join("keys.toml"))
+    .args(extra);
+    let v = verdict(&mut cmd, |o| contains_all(o, &["0 fail"]));
+    report.add(
+        target,
+        "PROTOCOL.md [2.1]..[7.1]",
+        "braid conformance: every numbered clause of braid's protocol",
+        v,
+    );
 }
 
 fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Result<(), String> {

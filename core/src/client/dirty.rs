@@ -234,6 +234,30 @@ mod tests {
     }
 
     #[test]
+    fn check_notices_a_wrong_total_and_entries_outside_the_generations() {
+        let mut w = DirtyWindow::default();
+        w.acknowledged(0, 1, 0, 8, data(b'A', 8));
+        w.acknowledged(0, 2, 8, 8, data(b'B', 8));
+        w.check().unwrap();
+        w.bytes += 1;
+        assert!(w.check().unwrap_err().contains("bytes"));
+        w.bytes -= 1;
+        let gen = w.gen;
+        let entry = w.entries.values_mut().next().unwrap();
+        entry.gen = gen + 1;
+        assert!(
+            w.check().unwrap_err().contains("generation"),
+            "from the future"
+        );
+        let entry = w.entries.values_mut().next().unwrap();
+        entry.gen = 0;
+        assert!(
+            w.check().unwrap_err().contains("generation"),
+            "never counted"
+        );
+    }
+
+    #[test]
     fn a_flush_covers_what_executed_before_what_it_covers() {
         let mut w = DirtyWindow::default();
         // The server ran B (seq 1) then A (seq 2) on one range; A's answer

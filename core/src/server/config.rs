@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// Test-only: run overlapping mutations in any order (no overlap gate).
     #[doc(hidden)]
     pub sabotage_no_overlap_gate: bool,
+    /// Test-only: one deliberately broken clause of the protocol, for the
+    /// conformance checker's teeth.
+    #[doc(hidden)]
+    pub defect: Option<super::Defect>,
 }
 
 impl ServerConfig {
@@ -98,6 +102,7 @@ impl ServerConfig {
             session_linger: Duration::from_secs(300),
             sabotage_no_dedup: false,
             sabotage_no_overlap_gate: false,
+            defect: None,
         }
     }
 }

@@ -5,12 +5,14 @@
 
 mod backend;
 mod config;
+mod defect;
 mod overlap;
 mod session;
 mod tuning;
 
 pub use backend::{Backend, Extent};
 pub use config::{ExportConfig, ServerConfig};
+pub use defect::Defect;
 pub use session::ConnId;
 pub use tuning::ServerTuning;
 
@@ -536,9 +538,15 @@ impl ServerEngine {
             {
                 // The header (and so the id) is sound: ask for the request
                 // again rather than execute damaged data.
+                if self.broken(Defect::CloseOnCorruptPayload) {
+                    let e = DecodeError::PayloadChecksum { kind, id };
+                    return self.close(conn, CloseReason::BadFrame(e), now);
+                }
                 self.stats.corrupt_payloads += 1;
                 self.send(conn, &reply(id, Status::Corrupt, 0, Bytes::new()));
             }
+            Err(DecodeError::UnknownKind(_) | DecodeError::Malformed(_))
+                if self.broken(Defect::IgnoreMalformed) => {}
             Err(e) => self.close(conn, CloseReason::BadFrame(e), now),
         }
     }
@@ -582,6 +590,11 @@ impl ServerEngine {
             self.stats.error_replies += 1;
         }
         let (exec_seq, preferred) = session.complete(info.request_id, info.op, status);
+        let (exec_seq, data) = match self.config.defect {
+            Some(Defect::NoExecSeq) => (0, data),
+            Some(Defect::ShortReads) if data.len() > 512 => (exec_seq, data.slice(512..)),
+            _ => (exec_seq, data),
+        };
         let target = preferred.and_then(|p| session.route(Some(p)));
         let leaving = session.leaving && session.ops_in_backend == 0;
         if let Some(conn) = target {
@@ -646,6 +659,10 @@ impl ServerEngine {
         }
     }
 
+    fn broken(&self, defect: Defect) -> bool {
+        self.config.defect == Some(defect)
+    }
+
     fn send(&mut self, conn: ConnId, msg: &Message) {
         self.actions.push_back(ServerAction::Send {
             conn,
@@ -671,6 +688,11 @@ impl ServerEngine {
     }
 
     fn reject(&mut self, conn: ConnId, code: RejectCode, message: &str, now: Instant) {
+        let code = if self.broken(Defect::GenericRejects) {
+            RejectCode::Malformed
+        } else {
+            code
+        };
         if code == RejectCode::AuthFailed {
             self.stats.auth_failures += 1;
         }
@@ -721,11 +743,19 @@ impl ServerEngine {
                 self.on_request(conn, sid, req, now)
             }
             (ConnState::Bound { .. }, Message::Ping { token }) => {
+                let token = token.wrapping_add(u64::from(self.broken(Defect::WrongPongToken)));
                 self.send(conn, &Message::Pong { token })
             }
             (ConnState::Bound { session_id }, Message::Goodbye) => {
                 let sid = *session_id;
-                self.on_goodbye(sid)
+                if !self.broken(Defect::IgnoreGoodbye) {
+                    self.on_goodbye(sid)
+                }
+            }
+            (ConnState::AwaitAuth { .. }, Message::Request(req))
+                if self.broken(Defect::ServeBeforeWelcome) =>
+            {
+                self.send(conn, &reply(req.id, Status::Ok, 0, Bytes::new()))
             }
             (_, other) => {
                 let what = match other.kind() {
@@ -770,7 +800,9 @@ impl ServerEngine {
             return self.reject(conn, code, "cannot join that session", now);
         }
         let mut server_nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut server_nonce);
+        if !self.broken(Defect::FixedServerNonce) {
+            self.rng.fill(&mut server_nonce);
+        }
         let transcript = auth::Transcript {
             key_id: &hello.key_id,
             export: &hello.export,
@@ -779,7 +811,10 @@ impl ServerEngine {
             server_nonce: &server_nonce,
             boot_id: self.config.boot_id,
         };
-        let server_proof = auth::server_proof(&self.config.keys[key].1, &transcript);
+        let mut server_proof = auth::server_proof(&self.config.keys[key].1, &transcript);
+        if self.broken(Defect::WrongServerProof) {
+            server_proof[0] ^= 1;
+        }
         self.send(
             conn,
             &Message::Challenge(Challenge {
@@ -808,6 +843,7 @@ impl ServerEngine {
             Some(s) if s.export == export && !s.leaving => {
                 (s.conns.len() >= self.config.max_channels_per_session).then_some(RejectCode::Busy)
             }
+            None if self.broken(Defect::AdoptUnknownSessions) => None,
             _ => Some(RejectCode::SessionUnknown),
         }
     }
@@ -832,14 +868,18 @@ impl ServerEngine {
             boot_id: self.config.boot_id,
         };
         let expected = auth::client_proof(&self.config.keys[key].1, &transcript);
-        if !auth::proofs_equal(&expected, &auth_msg.client_proof) {
+        if !auth::proofs_equal(&expected, &auth_msg.client_proof)
+            && !self.broken(Defect::AcceptAnyProof)
+        {
             return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
         }
         // The session may have gone while the proof was in flight.
         if let Some(code) = self.check_join(hello.session_id, export) {
             return self.reject(conn, code, "cannot join that session", now);
         }
-        let (session_id, resumed) = if hello.session_id == 0 {
+        let adopt = self.broken(Defect::AdoptUnknownSessions)
+            && !self.sessions.contains_key(&hello.session_id);
+        let (session_id, resumed) = if hello.session_id == 0 || adopt {
             let mut id = 0;
             while id == 0 || self.sessions.contains_key(&id) {
                 id = self.rng.next_u64();
@@ -904,12 +944,19 @@ impl ServerEngine {
             .get_mut(&session_id)
             .expect("bound connections have a session");
         let mut admission = session.admit(req.id, req.floor, req.op, conn, window);
-        if self.config.sabotage_no_dedup
+        if (self.config.sabotage_no_dedup || self.config.defect == Some(Defect::ExecuteDuplicates))
             && matches!(admission, Admission::Joined | Admission::Recorded { .. })
         {
             admission = Admission::Execute;
         }
+        if self.config.defect == Some(Defect::NoWindowCheck) && admission == Admission::OutOfWindow
+        {
+            admission = Admission::Execute;
+        }
         match admission {
+            Admission::Stale if self.config.defect == Some(Defect::AnswerStale) => {
+                self.send(conn, &reply(req.id, Status::Invalid, 0, Bytes::new()))
+            }
             Admission::Stale => self.stats.stale_dropped += 1,
             Admission::Joined => self.stats.joined += 1,
             Admission::OutOfWindow => {
@@ -918,7 +965,11 @@ impl ServerEngine {
             }
             Admission::Recorded { status, exec_seq } => {
                 self.stats.recorded_replies += 1;
-                self.send(conn, &reply(req.id, status, exec_seq, Bytes::new()));
+                let to = match self.config.defect {
+                    Some(Defect::ReplyOnFirstChannel) => session.conns[0],
+                    _ => conn,
+                };
+                self.send(to, &reply(req.id, status, exec_seq, Bytes::new()));
             }
             Admission::Execute => {
                 let export = session.export;
@@ -1032,7 +1083,9 @@ fn validate(config: &ServerConfig, export: usize, req: &Request) -> Result<(), S
         };
     }
     let block = u64::from(e.block_size);
-    if req.length == 0 || req.offset % block != 0 || u64::from(req.length) % block != 0 {
+    if (req.length == 0 || req.offset % block != 0 || u64::from(req.length) % block != 0)
+        && config.defect != Some(Defect::NoAlignmentCheck)
+    {
         return Err(Status::Invalid);
     }
     if req.length > config.max_payload {
@@ -1043,12 +1096,15 @@ fn validate(config: &ServerConfig, export: usize, req: &Request) -> Result<(), S
         .checked_add(u64::from(req.length))
         .is_none_or(|end| end > e.size)
     {
-        return Err(Status::OutOfRange);
+        return Err(match config.defect {
+            Some(Defect::WrongRangeStatus) => Status::Invalid,
+            _ => Status::OutOfRange,
+        });
     }
     if req.op == Op::Write && req.payload.len() != req.length as usize {
         return Err(Status::Invalid);
     }
-    if req.op.mutates() && e.read_only {
+    if req.op.mutates() && e.read_only && config.defect != Some(Defect::IgnoreReadOnly) {
         return Err(Status::ReadOnly);
     }
     match req.op {
