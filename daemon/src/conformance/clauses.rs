@@ -30,7 +30,7 @@ pub(crate) const CLAUSES: &[(&str, &str, Check)] = &[
     ("2.2", "unknown kinds, bad bodies, unknown flags, stray payloads close the connection", |t| Box::pin(malformed_frames_close(t))),
     ("2.3", "a request with a bad payload CRC is answered CORRUPT, not executed, and the channel stays", |t| Box::pin(corrupt_payload(t))),
     ("3.1", "refused handshakes get REJECT with their own code", |t| Box::pin(reject_codes(t))),
-    ("3.2", "misaligned, empty, oversized, out-of-range and read-only requests get their status; the channel stays", |t| Box::pin(request_validation(t))),
+    ("3.2", "misaligned, empty, oversized, out-of-range, read-only requests and ranged FLUSHes get their status; the channel stays", |t| Box::pin(request_validation(t))),
     ("3.3", "READ returns what was written; exec_seq numbers successful mutations from 1", |t| Box::pin(read_back_and_exec_seq(t))),
     ("3.4", "PING is answered with PONG carrying its token", |t| Box::pin(ping_pong(t))),
     ("3.5", "GOODBYE ends the session and closes its channels", |t| Box::pin(goodbye(t))),
@@ -305,8 +305,17 @@ async fn request_validation(t: &Target) -> Outcome {
                 return Err(format!("{what}: {:?}, not {want:?}", r.status));
             }
         }
+        let flush = p
+            .call(request(Op::Flush, id + 1, 0, 0, bs, Bytes::new()))
+            .await?;
+        if flush.status != Status::Invalid {
+            return Err(format!(
+                "a FLUSH with a length: {:?}, not Invalid",
+                flush.status
+            ));
+        }
         let ok = p
-            .call(request(Op::Read, id + 1, 0, 0, bs, Bytes::new()))
+            .call(request(Op::Read, id + 2, 0, 0, bs, Bytes::new()))
             .await?;
         if ok.status != Status::Ok {
             return Err(format!(
