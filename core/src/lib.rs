@@ -16,6 +16,7 @@ pub mod limits;
 pub mod rng;
 pub mod server;
 pub mod time;
+pub mod volume;
 pub mod wire;
 
 #[cfg(feature = "testkit")]

@@ -1,0 +1,12 @@
+//! Volumes over several exports (and servers): the map from volume bytes
+//! to legs. Sans-IO like the engines: each leg is an ordinary client
+//! session; this layer only says where bytes go.
+
+mod map;
+mod regions;
+
+pub use map::{Copy, LegInfo, MapError, Segment, VolumeMap, VolumeSpec};
+pub use regions::DirtyRegions;
+
+#[cfg(test)]
+mod proptests;
