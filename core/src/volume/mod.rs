@@ -2,11 +2,15 @@
 //! to legs. Sans-IO like the engines: each leg is an ordinary client
 //! session; this layer only says where bytes go.
 
+mod engine;
 mod map;
 mod regions;
 
+pub use engine::{LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeSabotage};
 pub use map::{Copy, LegInfo, MapError, Segment, VolumeMap, VolumeSpec};
 pub use regions::DirtyRegions;
 
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod tests;

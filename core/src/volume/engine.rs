@@ -1,0 +1,1156 @@
+//! The volume engine: frontend IO in, IO for each leg's session out
+//! (sans-IO, like the client engine each leg runs). It fans mutations out
+//! to mirror legs and acknowledges at quorum, reads only from legs in sync
+//! for the region, marks each leg's dirty-region log before a write leaves
+//! (and has it made stable first), and resyncs a returning leg region by
+//! region under a rate limit while IO goes on. docs/VOLUMES.md has the
+//! design; this is its core.
+
+use super::map::{Segment, VolumeMap};
+use super::regions::DirtyRegions;
+use crate::client::{IoErrorKind, IoRequest};
+use crate::wire::Op;
+use crate::Instant;
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// Where a leg stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegState {
+    /// Holds every acknowledged write: reads may go here.
+    InSync,
+    /// Failed or unreachable: writes skip it (its log marks them).
+    Away,
+    /// Suspended by the operator: as `Away` until resumed.
+    Suspended,
+    /// Back, waiting for IO abandoned while it was away to finish before
+    /// resync may start (a late copy must not land after a resync copy).
+    Draining,
+    /// Being copied to: regions below `cursor` are in sync.
+    Resyncing {
+        /// The first region not yet copied.
+        cursor: u64,
+    },
+}
+
+/// What the engine asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeAction {
+    /// Send `io` on leg `leg`'s session; answer with
+    /// [`VolumeEngine::leg_complete`] and `token`.
+    LegIo {
+        /// Which leaf of the map.
+        leg: usize,
+        /// Names the IO in the answer.
+        token: u64,
+        /// The IO, in the leg's own offsets.
+        io: IoRequest,
+    },
+    /// Make every leg's dirty log (`VolumeEngine::log`) stable, then call
+    /// [`VolumeEngine::logs_stable`] with `generation`.
+    PersistLogs {
+        /// What the persisted logs include.
+        generation: u64,
+    },
+    /// A frontend IO finished.
+    Complete {
+        /// The frontend's tag.
+        user: u64,
+        /// Read data, or why it failed.
+        result: Result<Bytes, IoErrorKind>,
+    },
+    /// A leg changed state.
+    LegChanged {
+        /// Which leaf.
+        leg: usize,
+        /// Its new state.
+        state: LegState,
+    },
+}
+
+/// Tunables.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Bytes per dirty-log region.
+    pub region: u64,
+    /// Resync bandwidth, bytes per second.
+    pub resync_rate: u64,
+    /// Largest IO sent to a leg (the legs' smallest max payload); frontend
+    /// IO must not be larger.
+    pub max_leg_io: u64,
+    #[doc(hidden)]
+    pub sabotage: VolumeSabotage,
+}
+
+/// Safety mechanisms tests switch off to show the checks notice.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VolumeSabotage {
+    /// Never mark the dirty-region log: a returning leg is copied nothing.
+    pub no_dirty_log: bool,
+    /// Read from any leg, in sync or not.
+    pub no_in_sync_gate: bool,
+    /// Send a mutation to one copy only.
+    pub no_fan_out: bool,
+}
+
+impl Default for VolumeConfig {
+    fn default() -> Self {
+        VolumeConfig {
+            region: 1 << 20,
+            resync_rate: 64 << 20,
+            max_leg_io: 1 << 20,
+            sabotage: VolumeSabotage::default(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Leg {
+    state: LegState,
+    /// Its IO not yet answered, abandoned copies included.
+    outstanding: usize,
+    /// Part of a mirror (a single-copy leaf is never skipped).
+    mirrored: bool,
+    /// The sets of leaves holding the same bytes as this one (one set per
+    /// distinct way the map pairs it).
+    copy_sets: Vec<Vec<usize>>,
+}
+
+#[derive(Debug)]
+enum PartState {
+    /// Not started: its IO waits for a locked region, or is being set up.
+    New,
+    /// Marked; waiting for the logs of this generation to be stable.
+    Persisting(u64),
+    /// Waiting for a leg it may use (every copy away, or none readable).
+    Stalled,
+    /// Copies on the wire.
+    Sent {
+        acked: usize,
+        needed: usize,
+        /// Copies (legs) not yet answered and not abandoned.
+        waiting: BTreeSet<usize>,
+    },
+    Done,
+}
+
+#[derive(Debug)]
+struct Part {
+    seg: Segment,
+    state: PartState,
+    /// For a read, the legs already tried.
+    tried: BTreeSet<usize>,
+    /// Counted in its IO's `unacked` as done.
+    acknowledged: bool,
+    /// Legs it made lagging (acknowledged without them) in `lagging`.
+    lagging: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct VolIo {
+    user: u64,
+    io: IoRequest,
+    parts: Vec<Part>,
+    /// Parts not yet acknowledged (quorum reached, or read done).
+    unacked: usize,
+    /// Parts not yet finished (every copy answered or abandoned).
+    unfinished: usize,
+    error: Option<IoErrorKind>,
+    read: Vec<u8>,
+    /// Regions this IO counts as busy in.
+    regions: Vec<u64>,
+    completed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Copy { io: u64, part: usize },
+    ResyncRead { run: u64, piece: usize },
+    ResyncWrite { run: u64, piece: usize },
+    Flush { io: u64 },
+}
+
+/// One region being copied to a leg.
+#[derive(Debug)]
+struct Resync {
+    /// Numbers the copy, so answers from one given up are not taken for
+    /// another's.
+    run: u64,
+    leg: usize,
+    region: u64,
+    /// (source leg, source offset, target offset, len, data once read).
+    pieces: Vec<(usize, u64, u64, u64, Option<Bytes>)>,
+    left: usize,
+    started: bool,
+}
+
+/// Cuts a segment of an IO at `offset` where volume regions end.
+fn split_at_regions(seg: Segment, offset: u64, region: u64) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let (mut at, end) = (seg.at, seg.at + seg.len);
+    while at < end {
+        let volume = offset + at;
+        let len = (region - volume % region).min(end - at);
+        let delta = at - seg.at;
+        out.push(Segment {
+            at,
+            len,
+            copies: seg
+                .copies
+                .iter()
+                .map(|c| super::map::Copy {
+                    leaf: c.leaf,
+                    offset: c.offset + delta,
+                })
+                .collect(),
+            quorum: seg.quorum,
+        });
+        at += len;
+    }
+    out
+}
+
+/// The volume engine.
+#[derive(Debug)]
+pub struct VolumeEngine {
+    map: VolumeMap,
+    config: VolumeConfig,
+    legs: Vec<Leg>,
+    logs: Vec<DirtyRegions>,
+    ios: BTreeMap<u64, VolIo>,
+    next_io: u64,
+    tokens: BTreeMap<u64, (usize, Token)>,
+    next_token: u64,
+    /// Parts (io, part) in flight per region.
+    busy: BTreeMap<u64, usize>,
+    /// Regions being copied: new mutations touching them wait.
+    locked: BTreeSet<u64>,
+    /// IOs held (unmarked) because they touch a locked region.
+    held: VecDeque<u64>,
+    /// Logs changed since the last persist began.
+    log_generation: u64,
+    persisting: Option<u64>,
+    stable_generation: u64,
+    resync: Option<Resync>,
+    resync_runs: u64,
+    resync_not_before: Instant,
+    /// (leg, region): acknowledged mutations the leg has not answered
+    /// yet (quorum writes). Reads avoid such a leg for that region.
+    lagging: BTreeMap<(usize, u64), usize>,
+    /// Flushes waiting for any leg to be usable.
+    stalled_flushes: Vec<u64>,
+    /// The time of the latest input.
+    now: Instant,
+    actions: VecDeque<VolumeAction>,
+}
+
+impl VolumeEngine {
+    /// An engine over `map`, every leg in sync, logs clean. `logs` from a
+    /// previous run (read back from stable storage) may be given per leg;
+    /// their marks make those legs resync before they serve reads.
+    pub fn new(
+        map: VolumeMap,
+        config: VolumeConfig,
+        logs: Option<Vec<DirtyRegions>>,
+    ) -> Result<Self, String> {
+        let n = map.leaves().len();
+        let mut mirrored = vec![false; n];
+        if let Some(q) = map
+            .map(0, map.size())
+            .iter()
+            .find_map(|s| s.quorum.filter(|q| *q < s.copies.len()))
+        {
+            return Err(format!(
+                "a write quorum of {q} below the number of legs is not supported yet: \
+                 a leg that misses an acknowledged write must then not serve reads of it"
+            ));
+        }
+        let mut copy_sets: Vec<BTreeSet<Vec<usize>>> = vec![BTreeSet::new(); n];
+        for seg in map.map(0, map.size()) {
+            if seg.copies.len() > 1 {
+                let set: Vec<usize> = seg.copies.iter().map(|c| c.leaf).collect();
+                for c in &seg.copies {
+                    mirrored[c.leaf] = true;
+                    copy_sets[c.leaf].insert(set.clone());
+                }
+            }
+        }
+        let logs = match logs {
+            Some(l) if l.len() == n => l,
+            Some(l) => return Err(format!("{} logs for {n} legs", l.len())),
+            None => (0..n)
+                .map(|_| DirtyRegions::new(map.size(), config.region))
+                .collect::<Result<_, _>>()?,
+        };
+        let legs = (0..n)
+            .map(|i| Leg {
+                state: if logs[i].dirty_count() > 0 && mirrored[i] {
+                    LegState::Resyncing { cursor: 0 }
+                } else {
+                    LegState::InSync
+                },
+                outstanding: 0,
+                mirrored: mirrored[i],
+                copy_sets: copy_sets[i].iter().cloned().collect(),
+            })
+            .collect();
+        Ok(VolumeEngine {
+            map,
+            config,
+            legs,
+            logs,
+            ios: BTreeMap::new(),
+            next_io: 1,
+            tokens: BTreeMap::new(),
+            next_token: 1,
+            busy: BTreeMap::new(),
+            locked: BTreeSet::new(),
+            held: VecDeque::new(),
+            log_generation: 0,
+            persisting: None,
+            stable_generation: 0,
+            resync: None,
+            resync_runs: 0,
+            resync_not_before: Instant::ZERO,
+            lagging: BTreeMap::new(),
+            stalled_flushes: Vec::new(),
+            now: Instant::ZERO,
+            actions: VecDeque::new(),
+        })
+    }
+
+    /// The map.
+    pub fn map(&self) -> &VolumeMap {
+        &self.map
+    }
+
+    /// Leg `leg`'s state.
+    pub fn leg_state(&self, leg: usize) -> LegState {
+        self.legs[leg].state
+    }
+
+    /// Leg `leg`'s dirty-region log (for persisting and status).
+    pub fn log(&self, leg: usize) -> &DirtyRegions {
+        &self.logs[leg]
+    }
+
+    /// The next action.
+    pub fn poll_action(&mut self) -> Option<VolumeAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`VolumeEngine::handle_timeout`] wants to run (resync pacing).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let waiting = self.resync.is_none()
+            && self
+                .legs
+                .iter()
+                .any(|l| matches!(l.state, LegState::Resyncing { .. }));
+        waiting.then_some(self.resync_not_before)
+    }
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        self.drive_resync();
+    }
+
+    /// A frontend IO. The caller checked range and alignment against the
+    /// map's size and block size.
+    pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) {
+        self.now = now;
+        debug_assert!(u64::from(io.len) <= self.config.max_leg_io);
+        let id = self.next_io;
+        self.next_io += 1;
+        let parts = if io.op == Op::Flush {
+            Vec::new()
+        } else {
+            // One region per part: whether a leg may take or serve a
+            // piece is decided per region, so no piece straddles two.
+            let region = self.logs[0].region_size();
+            self.map
+                .map(io.offset, u64::from(io.len))
+                .into_iter()
+                .flat_map(|seg| split_at_regions(seg, io.offset, region))
+                .map(|seg| Part {
+                    seg,
+                    state: PartState::New,
+                    tried: BTreeSet::new(),
+                    acknowledged: false,
+                    lagging: Vec::new(),
+                })
+                .collect()
+        };
+        let n = parts.len();
+        let read = if io.op == Op::Read {
+            vec![0; io.len as usize]
+        } else {
+            Vec::new()
+        };
+        self.ios.insert(
+            id,
+            VolIo {
+                user,
+                io,
+                parts,
+                unacked: n,
+                unfinished: n,
+                error: None,
+                read,
+                regions: Vec::new(),
+                completed: false,
+            },
+        );
+        self.start(id);
+    }
+
+    /// Starts (or, after a lock, restarts) an IO.
+    fn start(&mut self, id: u64) {
+        let io = &self.ios[&id];
+        let op = io.io.op;
+        if op == Op::Flush {
+            return self.start_flush(id);
+        }
+        if op.mutates() {
+            let span = self.region_span(io.io.offset, u64::from(io.io.len));
+            if span.clone().any(|r| self.locked.contains(&r)) {
+                self.held.push_back(id);
+                return;
+            }
+            let regions: Vec<u64> = span.collect();
+            for r in &regions {
+                *self.busy.entry(*r).or_default() += 1;
+            }
+            // Write intent on every mirrored copy's log; a new mark must
+            // be stable before the write leaves.
+            let mut marked = false;
+            let io = self.ios.get_mut(&id).expect("just looked up");
+            for part in &io.parts {
+                if part.seg.copies.len() < 2 || self.config.sabotage.no_dirty_log {
+                    continue;
+                }
+                for c in &part.seg.copies {
+                    marked |= self.logs[c.leaf].mark(io.io.offset + part.seg.at, part.seg.len);
+                }
+            }
+            io.regions = regions;
+            if marked {
+                self.log_generation += 1;
+                let generation = self.log_generation;
+                for part in &mut io.parts {
+                    part.state = PartState::Persisting(generation);
+                }
+                self.persist();
+                return;
+            }
+        }
+        for p in 0..self.ios[&id].parts.len() {
+            self.send_part(id, p);
+        }
+    }
+
+    fn region_span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        self.logs[0].span(offset, len)
+    }
+
+    fn persist(&mut self) {
+        if self.persisting.is_none() && self.stable_generation < self.log_generation {
+            self.persisting = Some(self.log_generation);
+            self.actions.push_back(VolumeAction::PersistLogs {
+                generation: self.log_generation,
+            });
+        }
+    }
+
+    /// The logs as of `generation` are stable.
+    pub fn logs_stable(&mut self, generation: u64, now: Instant) {
+        self.now = now;
+        if self.persisting != Some(generation) {
+            return;
+        }
+        self.persisting = None;
+        self.stable_generation = generation;
+        let ready: Vec<(u64, usize)> = self
+            .ios
+            .iter()
+            .flat_map(|(id, io)| {
+                io.parts.iter().enumerate().filter_map(move |(p, part)| {
+                    matches!(part.state, PartState::Persisting(g) if g <= generation)
+                        .then_some((*id, p))
+                })
+            })
+            .collect();
+        for (id, p) in ready {
+            self.send_part(id, p);
+        }
+        self.persist();
+    }
+
+    /// Whether `leg` may receive a mutation to, or serve a read of,
+    /// volume region `region`.
+    fn usable(&self, leg: usize, region: u64) -> bool {
+        match self.legs[leg].state {
+            LegState::InSync => true,
+            LegState::Resyncing { cursor } => region < cursor,
+            _ => !self.legs[leg].mirrored,
+        }
+    }
+
+    fn send_part(&mut self, id: u64, p: usize) {
+        let io = &self.ios[&id];
+        let part = &io.parts[p];
+        let start = io.io.offset + part.seg.at;
+        let region_size = self.logs[0].region_size();
+        let regions = start / region_size..=(start + part.seg.len - 1) / region_size;
+        let (op, fua, no_unmap) = (io.io.op, io.io.fua, io.io.no_unmap);
+        if op == Op::Read {
+            // Every region the piece touches must be in sync on the leg.
+            let choice = part
+                .seg
+                .copies
+                .iter()
+                .find(|c| {
+                    !part.tried.contains(&c.leaf)
+                        && (self.config.sabotage.no_in_sync_gate
+                            || regions.clone().all(|r| {
+                                self.usable(c.leaf, r) && !self.lagging.contains_key(&(c.leaf, r))
+                            }))
+                })
+                .copied();
+            let Some(c) = choice else {
+                self.ios.get_mut(&id).unwrap().parts[p].state = PartState::Stalled;
+                return;
+            };
+            let len = part.seg.len as u32;
+            self.issue(
+                c.leaf,
+                Token::Copy { io: id, part: p },
+                IoRequest::read(c.offset, len),
+            );
+            let part = &mut self.ios.get_mut(&id).unwrap().parts[p];
+            part.tried.insert(c.leaf);
+            part.state = PartState::Sent {
+                acked: 0,
+                needed: 1,
+                waiting: [c.leaf].into(),
+            };
+            return;
+        }
+        let targets: Vec<_> = part
+            .seg
+            .copies
+            .iter()
+            .filter(|c| regions.clone().all(|r| self.usable(c.leaf, r)))
+            .take(if self.config.sabotage.no_fan_out {
+                1
+            } else {
+                usize::MAX
+            })
+            .copied()
+            .collect();
+        if targets.is_empty() {
+            self.ios.get_mut(&id).unwrap().parts[p].state = PartState::Stalled;
+            return;
+        }
+        let quorum = part.seg.quorum.unwrap_or(usize::MAX);
+        let data = io.io.data.clone();
+        let (at, len) = (part.seg.at as usize, part.seg.len as usize);
+        let mut waiting = BTreeSet::new();
+        for c in &targets {
+            let leg_io = IoRequest {
+                op,
+                offset: c.offset,
+                len: len as u32,
+                fua,
+                no_unmap,
+                data: if op == Op::Write {
+                    data.slice(at..at + len)
+                } else {
+                    Bytes::new()
+                },
+            };
+            self.issue(c.leaf, Token::Copy { io: id, part: p }, leg_io);
+            waiting.insert(c.leaf);
+        }
+        let needed = quorum.min(targets.len());
+        self.ios.get_mut(&id).unwrap().parts[p].state = PartState::Sent {
+            acked: 0,
+            needed,
+            waiting,
+        };
+    }
+
+    fn issue(&mut self, leg: usize, what: Token, io: IoRequest) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.tokens.insert(token, (leg, what));
+        self.legs[leg].outstanding += 1;
+        self.actions
+            .push_back(VolumeAction::LegIo { leg, token, io });
+        token
+    }
+
+    fn start_flush(&mut self, id: u64) {
+        let legs: Vec<usize> = (0..self.legs.len())
+            .filter(|l| {
+                matches!(
+                    self.legs[*l].state,
+                    LegState::InSync | LegState::Resyncing { .. }
+                ) || !self.legs[*l].mirrored
+            })
+            .collect();
+        let io = self.ios.get_mut(&id).expect("submitted");
+        io.unacked = legs.len();
+        io.unfinished = legs.len();
+        if legs.is_empty() {
+            // Nothing usable: wait, as a disk would, for a leg to return.
+            self.stalled_flushes.push(id);
+            return;
+        }
+        for leg in legs {
+            self.issue(leg, Token::Flush { io: id }, IoRequest::flush());
+        }
+    }
+
+    /// A leg answered IO `token`.
+    pub fn leg_complete(&mut self, token: u64, result: Result<Bytes, IoErrorKind>, now: Instant) {
+        self.now = now;
+        let Some((leg, what)) = self.tokens.remove(&token) else {
+            return;
+        };
+        self.legs[leg].outstanding -= 1;
+        match what {
+            Token::Copy { io, part } => self.copy_done(io, part, leg, result),
+            Token::Flush { io } => {
+                if let Some(v) = self.ios.get_mut(&io) {
+                    if let Err(e) = result {
+                        if self.legs[leg].mirrored {
+                            self.set_state(leg, LegState::Away);
+                        } else {
+                            v.error.get_or_insert(e);
+                        }
+                    }
+                    let v = self.ios.get_mut(&io).unwrap();
+                    v.unacked -= 1;
+                    v.unfinished -= 1;
+                    self.finish_if_done(io);
+                }
+            }
+            Token::ResyncRead { run, piece } => self.resync_read_done(run, piece, result),
+            Token::ResyncWrite { run, .. } => self.resync_write_done(run, leg, result),
+        }
+        if self.legs[leg].state == LegState::Draining && self.legs[leg].outstanding == 0 {
+            self.set_state(leg, LegState::Resyncing { cursor: 0 });
+            self.drive_resync();
+        }
+        // A lagging leg caught up, or a copy freed a read: retry waiters.
+        self.retry_stalled();
+    }
+
+    fn copy_done(&mut self, id: u64, p: usize, leg: usize, result: Result<Bytes, IoErrorKind>) {
+        // A failing copy drops its leg only if the others hold its bytes;
+        // the last copy's errors are the IO's, as a single disk's are.
+        let leave = self.can_leave(leg);
+        let Some(io) = self.ios.get_mut(&id) else {
+            return;
+        };
+        let is_read = io.io.op == Op::Read;
+        let part = &mut io.parts[p];
+        let (at, mirrored) = (part.seg.at as usize, part.seg.copies.len() > 1);
+        let every_copy_tried = part.seg.copies.iter().all(|c| part.tried.contains(&c.leaf));
+        let PartState::Sent {
+            acked,
+            needed,
+            waiting,
+        } = &mut part.state
+        else {
+            return;
+        };
+        if !waiting.remove(&leg) {
+            return; // abandoned when the leg went away
+        }
+        let mut leg_failed = false;
+        match result {
+            Ok(data) => {
+                *acked += 1;
+                if is_read {
+                    io.read[at..at + data.len()].copy_from_slice(&data);
+                }
+            }
+            Err(e) if mirrored && leave => {
+                leg_failed = true;
+                if is_read && !every_copy_tried {
+                    // Another copy serves it; this leg resyncs later.
+                    self.set_state(leg, LegState::Away);
+                    return self.send_part(id, p);
+                }
+                *needed = (*needed).min(*acked + waiting.len());
+                if *needed == 0 {
+                    io.error.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                io.error.get_or_insert(e);
+                *needed = 0;
+                if mirrored && !is_read {
+                    // The last copy in sync refused the write: the IO fails,
+                    // and legs that took it must be copied back from this
+                    // one, so every leg converges on the old bytes.
+                    let others: Vec<usize> = part
+                        .seg
+                        .copies
+                        .iter()
+                        .map(|c| c.leaf)
+                        .filter(|&l| l != leg)
+                        .collect();
+                    for other in others {
+                        self.set_state(other, LegState::Away);
+                    }
+                }
+            }
+        }
+        if leg_failed {
+            self.set_state(leg, LegState::Away);
+        }
+        self.part_progress(id, p);
+    }
+
+    /// Acknowledges and finishes a part as its copies answer.
+    fn part_progress(&mut self, id: u64, p: usize) {
+        let region_size = self.logs[0].region_size();
+        let Some(io) = self.ios.get_mut(&id) else {
+            return;
+        };
+        let offset = io.io.offset;
+        let part = &mut io.parts[p];
+        let PartState::Sent {
+            acked,
+            needed,
+            waiting,
+        } = &part.state
+        else {
+            return;
+        };
+        let start = offset + part.seg.at;
+        let regions = start / region_size..=(start + part.seg.len - 1) / region_size;
+        if *acked >= *needed && !part.acknowledged {
+            part.acknowledged = true;
+            io.unacked -= 1;
+            // Acknowledged without these legs: reads avoid them here.
+            if io.io.op.mutates() {
+                part.lagging = waiting.iter().copied().collect();
+                for leg in &part.lagging {
+                    for r in regions.clone() {
+                        *self.lagging.entry((*leg, r)).or_default() += 1;
+                    }
+                }
+            }
+        }
+        // Legs that answered (or were abandoned) stop lagging.
+        let still: Vec<usize> = part
+            .lagging
+            .iter()
+            .copied()
+            .filter(|l| waiting.contains(l))
+            .collect();
+        for leg in part.lagging.iter().filter(|l| !still.contains(l)) {
+            for r in regions.clone() {
+                let n = self.lagging.get_mut(&(*leg, r)).expect("counted");
+                *n -= 1;
+                if *n == 0 {
+                    self.lagging.remove(&(*leg, r));
+                }
+            }
+        }
+        part.lagging = still;
+        if waiting.is_empty() {
+            if !part.acknowledged {
+                part.acknowledged = true;
+                io.unacked -= 1;
+            }
+            part.state = PartState::Done;
+            io.unfinished -= 1;
+        }
+        self.finish_if_done(id);
+    }
+
+    fn finish_if_done(&mut self, id: u64) {
+        let Some(io) = self.ios.get_mut(&id) else {
+            return;
+        };
+        if io.unacked == 0 && !io.completed {
+            io.completed = true;
+            let result = match io.error {
+                Some(e) => Err(e),
+                None => Ok(Bytes::from(std::mem::take(&mut io.read))),
+            };
+            self.actions.push_back(VolumeAction::Complete {
+                user: io.user,
+                result,
+            });
+        }
+        if io.unfinished == 0 {
+            let io = self.ios.remove(&id).expect("present");
+            for r in io.regions {
+                let n = self.busy.get_mut(&r).expect("counted");
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(&r);
+                    self.region_quiet(r);
+                    if self.resync.as_ref().is_some_and(|x| x.region == r) {
+                        self.continue_resync();
+                    }
+                }
+            }
+        }
+    }
+
+    /// No mutation is in flight in region `r`: legs that hold it lose
+    /// their write-intent mark (lazily: a stale mark costs only a copy).
+    fn region_quiet(&mut self, r: u64) {
+        for leg in 0..self.legs.len() {
+            let holds = match self.legs[leg].state {
+                LegState::InSync => true,
+                LegState::Resyncing { cursor } => r < cursor,
+                _ => false,
+            };
+            if holds && self.legs[leg].mirrored {
+                self.logs[leg].clear(r);
+            }
+        }
+    }
+
+    fn set_state(&mut self, leg: usize, state: LegState) {
+        if self.legs[leg].state == state {
+            return;
+        }
+        self.legs[leg].state = state;
+        self.actions
+            .push_back(VolumeAction::LegChanged { leg, state });
+        if matches!(state, LegState::Away | LegState::Suspended) {
+            self.abandon(leg);
+            // A copy to or from it is given up (and tried again later):
+            // its region must not stay locked while the leg is gone.
+            let involved = self
+                .resync
+                .as_ref()
+                .is_some_and(|r| r.leg == leg || r.pieces.iter().any(|p| p.0 == leg));
+            if involved {
+                let r = self.resync.take().expect("checked");
+                self.locked.remove(&r.region);
+                self.release_held();
+            }
+        }
+    }
+
+    /// Stops waiting for `leg`'s copies: parts complete on the others.
+    fn abandon(&mut self, leg: usize) {
+        let affected: Vec<(u64, usize)> = self
+            .ios
+            .iter()
+            .flat_map(|(id, io)| {
+                io.parts
+                    .iter()
+                    .enumerate()
+                    .filter_map(move |(p, part)| match &part.state {
+                        PartState::Sent { waiting, .. }
+                            if waiting.contains(&leg) && part.seg.copies.len() > 1 =>
+                        {
+                            Some((*id, p))
+                        }
+                        _ => None,
+                    })
+            })
+            .collect();
+        for (id, p) in affected {
+            let io = self.ios.get_mut(&id).unwrap();
+            let is_read = io.io.op == Op::Read;
+            if let PartState::Sent {
+                acked,
+                needed,
+                waiting,
+            } = &mut io.parts[p].state
+            {
+                waiting.remove(&leg);
+                *needed = (*needed).min(*acked + waiting.len()).max(1);
+            }
+            if is_read {
+                // Re-sent elsewhere; the away leg's answer is ignored.
+                let done = matches!(&self.ios[&id].parts[p].state, PartState::Sent { acked, .. } if *acked > 0);
+                if !done {
+                    self.send_part(id, p);
+                    continue;
+                }
+            }
+            self.part_progress(id, p);
+        }
+    }
+
+    /// Whether every byte `leg` holds is also on a leg in sync, so IO can
+    /// go on without it. The last copy never leaves: IO waits on it (or
+    /// fails with its errors), as on a single disk.
+    fn can_leave(&self, leg: usize) -> bool {
+        self.legs[leg].mirrored
+            && self.legs[leg].copy_sets.iter().all(|set| {
+                set.iter()
+                    .any(|&l| l != leg && self.legs[l].state == LegState::InSync)
+            })
+    }
+
+    /// Leg `leg`'s session failed (or stayed down past the driver's
+    /// patience). Its IO goes on without it if the others hold every byte.
+    pub fn leg_failed(&mut self, leg: usize) {
+        if !matches!(self.legs[leg].state, LegState::Away | LegState::Suspended)
+            && self.can_leave(leg)
+        {
+            self.set_state(leg, LegState::Away);
+        }
+    }
+
+    /// Leg `leg` is reachable again: resync what it missed.
+    pub fn leg_returned(&mut self, leg: usize, now: Instant) {
+        self.now = now;
+        if self.legs[leg].state != LegState::Away {
+            return;
+        }
+        self.set_state(leg, LegState::Draining);
+        if self.legs[leg].outstanding == 0 {
+            self.set_state(leg, LegState::Resyncing { cursor: 0 });
+        }
+        self.drive_resync();
+        self.retry_stalled();
+    }
+
+    /// The operator suspends leg `leg` (IO goes to the other legs).
+    pub fn suspend(&mut self, leg: usize) -> Result<(), String> {
+        if !self.legs[leg].mirrored {
+            return Err(format!(
+                "leg {} is not mirrored: suspending it would stop IO",
+                self.map.leaves()[leg]
+            ));
+        }
+        if !self.can_leave(leg) {
+            return Err(format!(
+                "leg {} holds bytes no leg in sync has",
+                self.map.leaves()[leg]
+            ));
+        }
+        self.set_state(leg, LegState::Suspended);
+        Ok(())
+    }
+
+    /// The operator resumes a suspended leg.
+    pub fn resume(&mut self, leg: usize, now: Instant) {
+        self.now = now;
+        if self.legs[leg].state == LegState::Suspended {
+            self.legs[leg].state = LegState::Away;
+            self.leg_returned(leg, now);
+        }
+    }
+
+    fn retry_stalled(&mut self) {
+        let stalled: Vec<(u64, usize)> = self
+            .ios
+            .iter()
+            .flat_map(|(id, io)| {
+                io.parts.iter().enumerate().filter_map(move |(p, part)| {
+                    matches!(part.state, PartState::Stalled).then_some((*id, p))
+                })
+            })
+            .collect();
+        for (id, p) in stalled {
+            self.send_part(id, p);
+        }
+        for id in std::mem::take(&mut self.stalled_flushes) {
+            self.start_flush(id);
+        }
+    }
+
+    fn drive_resync(&mut self) {
+        let now = self.now;
+        if self.resync.is_some() || now < self.resync_not_before {
+            return;
+        }
+        let Some((leg, cursor)) = self
+            .legs
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| match l.state {
+                LegState::Resyncing { cursor } => Some((i, cursor)),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        let Some(region) = self.logs[leg].dirty_from(cursor).next() else {
+            self.set_state(leg, LegState::InSync);
+            self.retry_stalled();
+            return self.drive_resync();
+        };
+        self.set_state(leg, LegState::Resyncing { cursor: region });
+        self.locked.insert(region);
+        let size = self.logs[leg].region_size();
+        let (start, end) = (region * size, ((region + 1) * size).min(self.map.size()));
+        let mut pieces = Vec::new();
+        for seg in self.map.map(start, end - start) {
+            let Some(target) = seg.copies.iter().find(|c| c.leaf == leg) else {
+                continue;
+            };
+            let Some(source) = seg
+                .copies
+                .iter()
+                .find(|c| c.leaf != leg && self.legs[c.leaf].state == LegState::InSync)
+            else {
+                // No in-sync source now: look again in a while.
+                self.locked.remove(&region);
+                self.resync_not_before = now + Duration::from_millis(100);
+                return;
+            };
+            let mut at = 0;
+            while at < seg.len {
+                let len = (seg.len - at).min(self.config.max_leg_io);
+                pieces.push((
+                    source.leaf,
+                    source.offset + at,
+                    target.offset + at,
+                    len,
+                    None,
+                ));
+                at += len;
+            }
+        }
+        let left = pieces.len();
+        self.resync_runs += 1;
+        self.resync = Some(Resync {
+            run: self.resync_runs,
+            leg,
+            region,
+            pieces,
+            left,
+            started: false,
+        });
+        self.continue_resync();
+    }
+
+    /// Starts the copy once no mutation is in flight in the region.
+    fn continue_resync(&mut self) {
+        let Some(r) = &self.resync else { return };
+        if r.started || self.busy.contains_key(&r.region) {
+            return;
+        }
+        if r.pieces.is_empty() {
+            return self.resync_region_done();
+        }
+        let run = r.run;
+        let reads: Vec<(usize, usize, u64, u64)> = r
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.0, p.1, p.3))
+            .collect();
+        self.resync.as_mut().unwrap().started = true;
+        for (i, src, off, len) in reads {
+            self.issue(
+                src,
+                Token::ResyncRead { run, piece: i },
+                IoRequest::read(off, len as u32),
+            );
+        }
+    }
+
+    fn resync_read_done(&mut self, run: u64, piece: usize, result: Result<Bytes, IoErrorKind>) {
+        let Some(r) = self.resync.as_mut().filter(|r| r.run == run) else {
+            return;
+        };
+        match result {
+            Ok(data) => {
+                let (_, _, target_offset, _, slot) = &mut r.pieces[piece];
+                *slot = Some(data.clone());
+                let (leg, off) = (r.leg, *target_offset);
+                self.issue(
+                    leg,
+                    Token::ResyncWrite { run, piece },
+                    IoRequest::write(off, data, false),
+                );
+            }
+            Err(_) => {
+                // The source failed: give the region up for now.
+                let r = self.resync.take().unwrap();
+                self.locked.remove(&r.region);
+                self.resync_not_before = self.now + Duration::from_millis(100);
+                self.release_held();
+            }
+        }
+    }
+
+    fn resync_write_done(&mut self, run: u64, leg: usize, result: Result<Bytes, IoErrorKind>) {
+        let Some(r) = self.resync.as_mut().filter(|r| r.run == run) else {
+            return;
+        };
+        if result.is_err() {
+            return self.set_state(leg, LegState::Away);
+        }
+        r.left -= 1;
+        if r.left == 0 {
+            self.resync_region_done();
+        }
+    }
+
+    fn resync_region_done(&mut self) {
+        let now = self.now;
+        let r = self.resync.take().expect("a resync");
+        self.logs[r.leg].clear(r.region);
+        self.locked.remove(&r.region);
+        self.set_state(
+            r.leg,
+            LegState::Resyncing {
+                cursor: r.region + 1,
+            },
+        );
+        let bytes: u64 = r.pieces.iter().map(|p| p.3).sum();
+        let nanos = bytes.saturating_mul(1_000_000_000) / self.config.resync_rate.max(1);
+        self.resync_not_before = now + Duration::from_nanos(nanos);
+        self.release_held();
+        self.retry_stalled();
+        self.drive_resync();
+    }
+
+    fn release_held(&mut self) {
+        let held: Vec<u64> = self.held.drain(..).collect();
+        for id in held {
+            self.start(id);
+        }
+    }
+
+    /// Called after every input in tests: a busy region is never locked
+    /// while its copy runs, and counts match the IOs.
+    pub fn check(&self) -> Result<(), String> {
+        let mut busy: BTreeMap<u64, usize> = BTreeMap::new();
+        for io in self.ios.values() {
+            for r in &io.regions {
+                *busy.entry(*r).or_default() += 1;
+            }
+        }
+        if busy != self.busy {
+            return Err(format!("busy regions {:?}, IOs say {:?}", self.busy, busy));
+        }
+        if let Some(r) = &self.resync {
+            if r.started && self.busy.contains_key(&r.region) {
+                return Err(format!(
+                    "region {} copied while mutations run in it",
+                    r.region
+                ));
+            }
+        }
+        let outstanding: usize = self.legs.iter().map(|l| l.outstanding).sum();
+        if outstanding != self.tokens.len() {
+            return Err(format!(
+                "{outstanding} leg IOs counted, {} tokens",
+                self.tokens.len()
+            ));
+        }
+        Ok(())
+    }
+}
