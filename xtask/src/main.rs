@@ -304,7 +304,16 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     };
     let mut cmd = cargo();
     cmd.args(["mutants", "--package", "braid-core", "--profile", CHECKED]);
-    cmd.args(["--output", "target/mutants", "--no-shuffle"]);
+    // A mutant that breaks liveness runs the sweeps to their virtual-time
+    // limits; two and a half minutes (about three times a clean run)
+    // calls it caught instead of waiting out cargo-mutants' default.
+    cmd.args([
+        "--output",
+        "target/mutants",
+        "--no-shuffle",
+        "--timeout",
+        "150",
+    ]);
     for f in &files {
         cmd.args(["--file", f]);
     }
