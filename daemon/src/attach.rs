@@ -4,7 +4,7 @@
 //! from it. `braid detach` asks it to finish in-flight IO and leave.
 
 use crate::client_args::ClientArgs;
-use braid_core::client::{IoError, IoErrorKind, IoRequest};
+use braid_core::client::{IoErrorKind, IoRequest};
 use braid_core::server::{BackendOp, Extent};
 use braid_core::wire::{Op, Status, EXPORT_READ_ONLY};
 use braid_fabric_tcp::Client;
@@ -34,6 +34,10 @@ pub(crate) struct AttachArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9411).
     #[arg(long)]
     metrics: Option<String>,
+    /// Attach a volume over several exports (mirror, stripe, linear)
+    /// described in this TOML file instead of one export.
+    #[arg(long, conflicts_with = "metrics")]
+    volume: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -47,10 +51,32 @@ pub(crate) struct DetachArgs {
 /// the original request.
 type PartBuilder = Box<dyn Fn(u64, u32, usize) -> IoRequest>;
 
-/// NBD requests carried by a braid [`Client`]. Requests longer than the
-/// server's largest payload are split and the parts run in parallel.
+/// Where an attached volume's IO goes: one export's session, or a volume
+/// over several legs.
+#[derive(Clone)]
+enum Sink {
+    Export(Client),
+    Legs(braid_fabric_tcp::Volume),
+}
+
+impl Sink {
+    async fn io(&self, io: IoRequest) -> Result<Bytes, IoErrorKind> {
+        match self {
+            Sink::Export(c) => c.io(io).await.map_err(|e| {
+                tracing::warn!(error = %e, "IO failed");
+                e.kind
+            }),
+            Sink::Legs(v) => v.io(io).await.inspect_err(|kind| {
+                tracing::warn!(error = ?kind, "volume IO failed");
+            }),
+        }
+    }
+}
+
+/// NBD requests carried by a braid [`Client`] or volume. Requests longer
+/// than the largest payload are split and the parts run in parallel.
 struct VolumeTarget {
-    client: Client,
+    sink: Sink,
     max_part: u32,
 }
 
@@ -106,9 +132,8 @@ impl VolumeTarget {
     }
 }
 
-fn status_of(e: &IoError) -> Status {
-    tracing::warn!(error = %e, "IO failed");
-    match e.kind {
+fn status_of(kind: IoErrorKind) -> Status {
+    match kind {
         IoErrorKind::NoSpace => Status::NoSpace,
         IoErrorKind::OutOfRange => Status::OutOfRange,
         IoErrorKind::ReadOnly => Status::ReadOnly,
@@ -124,10 +149,10 @@ fn status_of(e: &IoError) -> Status {
 impl Target for VolumeTarget {
     fn submit(&self, _export: usize, op: BackendOp, done: Completion) {
         let mut parts = self.parts(op);
-        let client = self.client.clone();
+        let client = self.sink.clone();
         if parts.len() == 1 {
             let io = parts.pop().unwrap();
-            tokio::spawn(async move { done(client.io(io).await.map_err(|e| status_of(&e))) });
+            tokio::spawn(async move { done(client.io(io).await.map_err(status_of)) });
             return;
         }
         tokio::spawn(async move {
@@ -150,7 +175,7 @@ impl Target for VolumeTarget {
                 match r {
                     Ok(part) if is_read => data.extend_from_slice(&part),
                     Ok(_) => {}
-                    Err(e) => return done(Err(status_of(&e))),
+                    Err(e) => return done(Err(status_of(e))),
                 }
             }
             done(Ok(if is_read { data.freeze() } else { Bytes::new() }))
@@ -170,6 +195,9 @@ impl Target for VolumeTarget {
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
+    if let Some(path) = args.volume.clone() {
+        return run_volume(args, path).await;
+    }
     let export = args.client.export.clone();
     let data_dir = crate::config::default_data_dir();
     let control = args
@@ -201,7 +229,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         ..NbdExport::new(export.clone(), info.size, 0)
     };
     let target: Arc<dyn Target> = Arc::new(VolumeTarget {
-        client: client.clone(),
+        sink: Sink::Export(client.clone()),
         // Whole blocks, and at least one (a server that allowed less
         // would accept no request at all).
         max_part: (info.max_payload - info.max_payload % info.block_size).max(info.block_size),
@@ -400,4 +428,190 @@ pub(crate) async fn detach(args: DetachArgs) -> Result<(), String> {
         v["detaching"].as_str().unwrap_or("?")
     );
     Ok(())
+}
+
+/// `braid attach --volume FILE`: every leg's session, the volume driver
+/// over them, and the NBD face.
+async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
+    use braid_core::volume::{LegInfo, VolumeMap};
+    let file = crate::volume::VolumeFile::load(&path)?;
+    let data_dir = crate::config::default_data_dir();
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
+    crate::control::ensure_unused(&control)?;
+    let mut clients = std::collections::HashMap::new();
+    let mut infos = std::collections::HashMap::new();
+    let mut max_payload = u32::MAX;
+    for leg in &file.legs {
+        let mut c = args.client.clone();
+        c.server = leg.server.clone();
+        c.export = leg.export.clone();
+        if leg.key_file.is_some() {
+            c.key_file = leg.key_file.clone();
+        }
+        let client = c
+            .connect()
+            .await
+            .map_err(|e| format!("leg {:?} ({} on {}): {e}", leg.name, leg.export, leg.server))?;
+        let i = client.info();
+        max_payload = max_payload.min(i.max_payload - i.max_payload % i.block_size);
+        infos.insert(
+            leg.name.clone(),
+            LegInfo {
+                size: i.size,
+                block_size: i.block_size,
+                read_only: i.flags & EXPORT_READ_ONLY != 0,
+            },
+        );
+        clients.insert(leg.name.clone(), client);
+    }
+    let map = VolumeMap::new(&file.spec()?, |n| infos.get(n).copied())
+        .map_err(|e| format!("volume {}: {e}", path.display()))?;
+    let mut config = file.config()?;
+    config.max_leg_io = u64::from(max_payload);
+    let store = Arc::new(crate::volume::FileLogStore {
+        dir: data_dir.clone(),
+        volume: file.name.clone(),
+    });
+    let legs: Vec<Client> = clients.values().cloned().collect();
+    let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
+    let nbd_addrs = if args.nbd.is_empty() {
+        vec![data_dir
+            .join(format!("{}.nbd.sock", file.name))
+            .display()
+            .to_string()]
+    } else {
+        args.nbd.clone()
+    };
+    let nbd_export = NbdExport {
+        block_min: volume.block_size(),
+        ..NbdExport::new(file.name.clone(), volume.size(), 0)
+    };
+    let target: Arc<dyn Target> = Arc::new(VolumeTarget {
+        sink: Sink::Legs(volume.clone()),
+        max_part: max_payload,
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for addr in &nbd_addrs {
+        let config = NbdConfig::new(vec![nbd_export.clone()]);
+        let (uri, task) = crate::nbd::start(
+            addr,
+            &file.name,
+            config,
+            target.clone(),
+            args.nbd_allow_insecure,
+            stop_rx.clone(),
+        )
+        .await?;
+        println!("nbd:      {uri}");
+        tasks.push(task);
+    }
+    println!(
+        "braid volume {:?} ({}) over {} legs attached",
+        file.name,
+        crate::config::human_size(volume.size()),
+        file.legs.len()
+    );
+    println!("status:   braid status --control {}", control.display());
+    let stop = Arc::new(Notify::new());
+    {
+        let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());
+        crate::control::serve(control.clone(), move |command| {
+            use crate::control::now;
+            let words: Vec<&str> = command.split_whitespace().collect();
+            match words.as_slice() {
+                ["status"] => now(volume_document(&volume, &name)),
+                ["detach"] => {
+                    stop.notify_one();
+                    now(serde_json::json!({ "detaching": name }))
+                }
+                ["suspend", leg] | ["resume", leg] => {
+                    let (volume, leg, suspend) =
+                        (volume.clone(), leg.to_string(), words[0] == "suspend");
+                    Box::pin(async move {
+                        let r = if suspend {
+                            volume.suspend(&leg).await
+                        } else {
+                            volume.resume(&leg).await
+                        };
+                        match r {
+                            Ok(()) => {
+                                serde_json::json!({ "leg": leg, "done": words_done(suspend) })
+                            }
+                            Err(e) => serde_json::json!({ "error": e }),
+                        }
+                    })
+                }
+                _ => now(serde_json::json!({
+                    "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG)")
+                })),
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
+        _ = stop.notified() => tracing::info!("detach requested"),
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    for c in legs {
+        c.close().await;
+    }
+    for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
+        let _ = std::fs::remove_file(addr);
+    }
+    let _ = std::fs::remove_file(&control);
+    println!("braid attach: volume detached");
+    Ok(())
+}
+
+fn words_done(suspend: bool) -> &'static str {
+    if suspend {
+        "suspended"
+    } else {
+        "resuming"
+    }
+}
+
+fn volume_document(volume: &braid_fabric_tcp::Volume, name: &str) -> serde_json::Value {
+    let s = volume.status();
+    serde_json::json!({
+        "role": "volume",
+        "name": name,
+        "size": volume.size(),
+        "legs": s.legs.iter().map(|(leg, state, dirty, regions)| serde_json::json!({
+            "name": leg,
+            "state": state.map(|st| format!("{st:?}")),
+            "dirty_regions": dirty,
+            "regions": regions,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `braid status` for a volume.
+pub(crate) fn print_volume_status(v: &serde_json::Value) {
+    println!(
+        "braid volume {} ({})",
+        v["name"].as_str().unwrap_or("?"),
+        crate::config::human_size(v["size"].as_u64().unwrap_or(0))
+    );
+    for l in v["legs"].as_array().into_iter().flatten() {
+        println!(
+            "  leg {:<10} {:<28} {} of {} regions to copy",
+            l["name"].as_str().unwrap_or("?"),
+            l["state"].as_str().unwrap_or("?"),
+            l["dirty_regions"],
+            l["regions"]
+        );
+    }
 }

@@ -17,6 +17,7 @@ mod soak;
 mod status;
 mod tuning;
 mod verify;
+mod volume;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

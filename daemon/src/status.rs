@@ -91,6 +91,10 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         crate::attach::print_status(&v);
         return Ok(());
     }
+    if v["role"] == "volume" {
+        crate::attach::print_volume_status(&v);
+        return Ok(());
+    }
     println!("braid server on {}", v["listen"].as_str().unwrap_or("?"));
     for e in v["exports"].as_array().into_iter().flatten() {
         println!(

@@ -19,6 +19,7 @@ pub mod client;
 pub mod server;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod volume;
 
 pub use client::{Client, ClientStatus, ConnectError};
 
@@ -34,6 +35,7 @@ fn check_engine(engine: &str, check: impl FnOnce() -> Result<(), String>) {
     }
 }
 pub use server::{Server, ServerStatus};
+pub use volume::{LogStore, Volume, VolumeStatus};
 
 /// How a server protects its channels.
 #[derive(Clone, Default)]

@@ -1,0 +1,155 @@
+//! `braid attach --volume` as a user runs it: a mirror over two real
+//! servers, one killed under IO and started again; the volume keeps
+//! serving, the returning leg is resynced, and both legs end identical.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
+
+fn serve(dir: &Path, port: u16) -> Killed {
+    Killed(
+        Command::new(BRAID)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--export"])
+            .arg(format!(
+                "disk0={},size=16M",
+                dir.join("disk0.img").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn status(control: &Path) -> serde_json::Value {
+    let out = Command::new(BRAID)
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn leg_state(control: &Path, leg: &str) -> String {
+    let v = status(control);
+    v["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == leg)
+        .map(|l| l["state"].as_str().unwrap_or("").to_string())
+        .unwrap()
+}
+
+fn wait_state(control: &Path, leg: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = leg_state(control, leg);
+        if s.starts_with(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leg {leg} never {want}: {}",
+            status(control)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_mirror_keeps_serving_through_a_server_kill_and_resyncs_the_leg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db, state) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("state"),
+    );
+    for d in [&da, &db, &state] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let _a = serve(&da, pa);
+    let mut b = serve(&db, pb);
+    wait_for(&da.join("keys.toml"));
+    wait_for(&db.join("keys.toml"));
+    let spec = dir.path().join("v.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "v"
+region = "64KiB"
+leg_timeout = "300ms"
+[[leg]]
+name = "a"
+server = "127.0.0.1:{pa}"
+export = "disk0"
+key_file = "{}"
+[[leg]]
+name = "b"
+server = "127.0.0.1:{pb}"
+export = "disk0"
+key_file = "{}"
+[map]
+mirror = ["a", "b"]
+"#,
+            da.join("keys.toml").display(),
+            db.join("keys.toml").display()
+        ),
+    )
+    .unwrap();
+    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let _attach = Killed(
+        Command::new(BRAID)
+            .env("STATE_DIRECTORY", &state)
+            .args(["attach", "--volume"])
+            .arg(&spec)
+            .arg("--nbd")
+            .arg(&sock)
+            .arg("--control")
+            .arg(&control)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&control);
+    let (mut nbd, size) = Nbd::connect(&sock, "v");
+    assert_eq!(size, 16 << 20);
+    let first = pattern(1, 1 << 20);
+    assert_eq!(nbd.io(1, 0, first.len() as u32, &first).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+
+    // kill -9 leg b's server: writes go on, on a alone.
+    drop(b);
+    let second = pattern(2, 1 << 20);
+    assert_eq!(nbd.io(1, 4 << 20, second.len() as u32, &second).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    wait_state(&control, "b", "Away");
+    let dirty = status(&control)["legs"][1]["dirty_regions"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        dirty >= 16,
+        "the megabyte written without b is marked: {dirty} regions"
+    );
+    assert!(state.join("v.b.dirty").exists(), "the log is on disk");
+
+    // b returns: only what it missed is copied, and it is back in sync.
+    b = serve(&db, pb);
+    wait_state(&control, "b", "InSync");
+    let (e, back) = nbd.io(0, 4 << 20, second.len() as u32, &[]);
+    assert_eq!((e, back == second), (0, true));
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    let (fa, fb) = (
+        std::fs::read(da.join("disk0.img")).unwrap(),
+        std::fs::read(db.join("disk0.img")).unwrap(),
+    );
+    assert!(fa == fb, "both legs hold the same bytes");
+    drop(b);
+}
