@@ -172,6 +172,8 @@ pub(crate) struct SharedPlan {
     pub id: u64,
     /// First byte of the zone on the export.
     pub zone_start: u64,
+    /// Its size in sectors.
+    pub zone_sectors: u64,
     pub checker: std::sync::Arc<std::sync::Mutex<braid_core::testkit::Checker>>,
     /// Numbers IOs across the workers of one zone (the checker's ids).
     pub next_io: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -179,10 +181,30 @@ pub(crate) struct SharedPlan {
     pub until: tokio::time::Instant,
 }
 
-pub(crate) async fn shared_worker(client: Client, plan: SharedPlan) -> Outcome {
+/// A block device a shared worker drives: one export's client, or a
+/// volume over several.
+pub(crate) trait Device: Clone + Send + Sync + 'static {
+    fn io(&self, io: IoRequest) -> impl std::future::Future<Output = Result<Bytes, String>> + Send;
+}
+
+impl Device for Client {
+    async fn io(&self, io: IoRequest) -> Result<Bytes, String> {
+        Client::io(self, io).await.map_err(|e| e.to_string())
+    }
+}
+
+impl Device for braid_fabric_tcp::Volume {
+    async fn io(&self, io: IoRequest) -> Result<Bytes, String> {
+        braid_fabric_tcp::Volume::io(self, io)
+            .await
+            .map_err(|e| format!("{e:?}"))
+    }
+}
+
+pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Outcome {
     use braid_core::testkit::{stamp, SECTOR};
     use std::sync::atomic::Ordering;
-    let sectors = SHARED_ZONE_BLOCKS * BLOCK / SECTOR as u64;
+    let sectors = plan.zone_sectors;
     let mut rng = SplitMix64::new(plan.seed ^ plan.id.wrapping_mul(0xa076_1d64_78bd_642f));
     let mut out = Outcome::default();
     let start = tokio::time::Instant::now();
@@ -208,7 +230,7 @@ pub(crate) async fn shared_worker(client: Client, plan: SharedPlan) -> Outcome {
             (rel, len)
         };
         plan.checker.lock().unwrap().submit(io_id, op, c_off, c_len);
-        let result = client.io(io).await;
+        let result = Device::io(&client, io).await;
         out.ios += 1;
         let since = tokio::time::Instant::now().duration_since(start).as_nanos() as u64;
         out.trace = mix(mix(out.trace, since), roll ^ (first << 8) ^ (count << 40));
@@ -216,7 +238,7 @@ pub(crate) async fn shared_worker(client: Client, plan: SharedPlan) -> Outcome {
         let mut checker = plan.checker.lock().unwrap();
         match &result {
             Ok(data) => checker.complete(io_id, Ok(&data[..]), fua),
-            Err(e) => checker.complete(io_id, Err(e.to_string()), fua),
+            Err(e) => checker.complete(io_id, Err(e.clone()), fua),
         }
     }
     out

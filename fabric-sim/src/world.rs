@@ -54,6 +54,10 @@ pub struct Report {
     pub duplicates_dropped: u64,
     /// Server sessions lost and replaced.
     pub session_resets: u64,
+    /// Volume legs left behind (the mirror scenario).
+    pub legs_left: u64,
+    /// Regions copied to returning legs (the mirror scenario).
+    pub regions_resynced: u64,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
     /// The slowest IO, in virtual time.
@@ -106,6 +110,8 @@ impl Report {
             failovers: 0,
             duplicates_dropped: 0,
             session_resets: 0,
+            legs_left: 0,
+            regions_resynced: 0,
             replayed_extents: 0,
             longest_io: Duration::ZERO,
             trace_hash: 0,
@@ -140,6 +146,9 @@ pub fn run_sabotaged(
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
         rt.set_time_limit(run_for + Duration::from_secs(300));
+        if scenario == Scenario::Mirror {
+            return rt.block_on(crate::mirror::simulate(seed, run_for, sabotage));
+        }
         rt.block_on(simulate(scenario, seed, run_for, sabotage))
     };
     match std::thread::spawn(run).join() {
@@ -148,7 +157,7 @@ pub fn run_sabotaged(
     }
 }
 
-fn seed_bytes(seed: u64, salt: u64) -> [u8; 32] {
+pub(crate) fn seed_bytes(seed: u64, salt: u64) -> [u8; 32] {
     let mut rng = SplitMix64::new(seed ^ salt);
     let mut out = [0u8; 32];
     for chunk in out.chunks_mut(8) {
@@ -340,8 +349,8 @@ async fn simulate(
                     tokio::spawn(worker(client.clone(), plan))
                 })
                 .collect();
+            let sectors = SHARED_ZONE_BLOCKS * BLOCK / braid_core::testkit::SECTOR as u64;
             let checker = zone.map(|_| {
-                let sectors = SHARED_ZONE_BLOCKS * BLOCK / braid_core::testkit::SECTOR as u64;
                 let mut c = braid_core::testkit::Checker::new(sectors);
                 c.errors_allowed = errors_expected;
                 Arc::new(Mutex::new(c))
@@ -355,6 +364,7 @@ async fn simulate(
                             let plan = SharedPlan {
                                 id: (c as u64) << 8 | 0x80 | w,
                                 zone_start,
+                                zone_sectors: sectors,
                                 checker: checker.clone(),
                                 next_io: next_io.clone(),
                                 seed,

@@ -30,6 +30,8 @@ pub trait LogStore: Send + Sync + 'static {
 pub struct VolumeStatus {
     /// Per leg: name, state, regions marked dirty, regions in all.
     pub legs: Vec<(String, Option<LegState>, usize, u64)>,
+    /// What the engine did.
+    pub stats: braid_core::volume::VolumeStats,
 }
 
 enum Cmd {
@@ -276,6 +278,7 @@ impl Driver {
             }
         }
         let mut s = self.status.lock().unwrap();
+        s.stats = self.engine.stats();
         s.legs = (0..self.names.len())
             .map(|l| {
                 let log = self.engine.log(l);

@@ -69,9 +69,11 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
             let rate = 0.9 + rng.below(2001) as f64 / 10_000.0;
             c.server_clock = (offset, rate);
         }
-        Scenario::Stalls | Scenario::DiskFull | Scenario::ClientStall | Scenario::ManyClients => {
-            return None
-        }
+        Scenario::Stalls
+        | Scenario::DiskFull
+        | Scenario::ClientStall
+        | Scenario::ManyClients
+        | Scenario::Mirror => return None,
     }
     Some(c)
 }

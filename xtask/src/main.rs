@@ -165,6 +165,9 @@ fn ci() -> Result<(), String> {
         ("no-dedup", "partitions", "5"),
         ("no-restart-gate", "all-faults", "8"),
         ("no-overlap-order", "all-faults", "8"),
+        ("no-dirty-log", "mirror", "4"),
+        ("no-in-sync-gate", "mirror", "4"),
+        ("no-fan-out", "mirror", "4"),
     ] {
         sim(&args(&[
             "--madsim",

@@ -27,11 +27,18 @@ pub enum Sabotage {
     NoFlushFrontier,
     /// The server runs overlapping mutations in any order.
     NoOverlapGate,
+    /// A volume never marks its dirty-region logs (returning legs are
+    /// copied nothing).
+    NoDirtyLog,
+    /// A volume reads from legs not in sync.
+    NoInSyncGate,
+    /// A volume sends each write to one mirror leg only.
+    NoFanOut,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 8] = [
+    pub const ALL: [Sabotage; 11] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -40,6 +47,9 @@ impl Sabotage {
         Sabotage::NoRestartGate,
         Sabotage::NoFlushFrontier,
         Sabotage::NoOverlapGate,
+        Sabotage::NoDirtyLog,
+        Sabotage::NoInSyncGate,
+        Sabotage::NoFanOut,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -53,6 +63,9 @@ impl Sabotage {
             Sabotage::NoRestartGate => "no-restart-gate",
             Sabotage::NoFlushFrontier => "no-flush-frontier",
             Sabotage::NoOverlapGate => "no-overlap-gate",
+            Sabotage::NoDirtyLog => "no-dirty-log",
+            Sabotage::NoInSyncGate => "no-in-sync-gate",
+            Sabotage::NoFanOut => "no-fan-out",
         }
     }
 
@@ -84,7 +97,22 @@ impl Sabotage {
             Sabotage::NoOverlapOrder => s.no_overlap_order = true,
             Sabotage::NoRestartGate => s.no_restart_gate = true,
             Sabotage::NoFlushFrontier => s.no_flush_frontier = true,
-            Sabotage::NoDedup | Sabotage::NoOverlapGate => {}
+            Sabotage::NoDedup
+            | Sabotage::NoOverlapGate
+            | Sabotage::NoDirtyLog
+            | Sabotage::NoInSyncGate
+            | Sabotage::NoFanOut => {}
+        }
+    }
+
+    /// Switches the mechanism off in a volume's configuration (no effect
+    /// for the others).
+    pub fn apply_volume(self, v: &mut crate::volume::VolumeSabotage) {
+        match self {
+            Sabotage::NoDirtyLog => v.no_dirty_log = true,
+            Sabotage::NoInSyncGate => v.no_in_sync_gate = true,
+            Sabotage::NoFanOut => v.no_fan_out = true,
+            _ => {}
         }
     }
 

@@ -74,11 +74,13 @@ pub enum Scenario {
     ClockSkew,
     /// Several clients, two exports, every fault mixed.
     ManyClients,
+    /// A volume mirrored over three servers, faults on the legs.
+    Mirror,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 17] = [
+    pub const ALL: [Scenario; 18] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -96,6 +98,7 @@ impl Scenario {
         Scenario::Swarm,
         Scenario::ClockSkew,
         Scenario::ManyClients,
+        Scenario::Mirror,
     ];
 
     /// The command-line name.
@@ -118,6 +121,7 @@ impl Scenario {
             Scenario::Swarm => "swarm",
             Scenario::ClockSkew => "clock-skew",
             Scenario::ManyClients => "many-clients",
+            Scenario::Mirror => "mirror",
         }
     }
 
@@ -157,6 +161,10 @@ impl Scenario {
             Scenario::ManyClients => {
                 "three client nodes over two exports (two share one), every fault mixed"
             }
+            Scenario::Mirror => {
+                "a volume mirrored over three server nodes; legs crash, lose power, are cut off \
+                 or stall, overlapping; reads checked, legs converge after"
+            }
         }
     }
 
@@ -179,7 +187,8 @@ impl Scenario {
             Scenario::Stalls
             | Scenario::DiskFull
             | Scenario::ClientStall
-            | Scenario::ManyClients => MADSIM,
+            | Scenario::ManyClients
+            | Scenario::Mirror => MADSIM,
         }
     }
 

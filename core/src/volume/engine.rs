@@ -212,6 +212,17 @@ fn split_at_regions(seg: Segment, offset: u64, region: u64) -> Vec<Segment> {
     out
 }
 
+/// What the engine did, for status and the simulators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Times a leg was left behind (failed, unreachable or suspended).
+    pub legs_left: u64,
+    /// Regions copied to returning legs.
+    pub regions_resynced: u64,
+    /// Bytes copied doing so.
+    pub bytes_resynced: u64,
+}
+
 /// The volume engine.
 #[derive(Debug)]
 pub struct VolumeEngine {
@@ -243,6 +254,7 @@ pub struct VolumeEngine {
     stalled_flushes: Vec<u64>,
     /// The time of the latest input.
     now: Instant,
+    stats: VolumeStats,
     actions: VecDeque<VolumeAction>,
 }
 
@@ -317,6 +329,7 @@ impl VolumeEngine {
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
             now: Instant::ZERO,
+            stats: VolumeStats::default(),
             actions: VecDeque::new(),
         })
     }
@@ -324,6 +337,11 @@ impl VolumeEngine {
     /// The map.
     pub fn map(&self) -> &VolumeMap {
         &self.map
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> VolumeStats {
+        self.stats
     }
 
     /// Leg `leg`'s state.
@@ -830,6 +848,7 @@ impl VolumeEngine {
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
         if matches!(state, LegState::Away | LegState::Suspended) {
+            self.stats.legs_left += 1;
             self.abandon(leg);
             // A copy to or from it is given up (and tried again later):
             // its region must not stay locked while the leg is gone.
@@ -1101,6 +1120,8 @@ impl VolumeEngine {
     fn resync_region_done(&mut self) {
         let now = self.now;
         let r = self.resync.take().expect("a resync");
+        self.stats.regions_resynced += 1;
+        self.stats.bytes_resynced += r.pieces.iter().map(|p| p.3).sum::<u64>();
         self.logs[r.leg].clear(r.region);
         self.locked.remove(&r.region);
         self.set_state(

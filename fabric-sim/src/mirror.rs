@@ -1,0 +1,334 @@
+//! The `mirror` scenario: a volume mirrored over three server nodes, the
+//! real volume driver over a real client per leg, and faults on the legs
+//! one at a time or overlapping (crash, power loss, partition, stall).
+//! Every read is judged by the checker; once the faults heal, every leg
+//! must be back in sync and hold the same bytes.
+
+use crate::disk::SimDisk;
+use crate::workload::{shared_worker, Outcome, SharedPlan, BLOCK};
+use crate::world::Report;
+use braid_core::auth::Key;
+use braid_core::client::ClientConfig;
+use braid_core::rng::SplitMix64;
+use braid_core::server::{BackendOp, ExportConfig, ServerConfig, ServerEngine};
+use braid_core::testkit::{Fault, MemDisk, Sabotage, Scenario, SECTOR};
+use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
+use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Server, ServerSecurity, Volume};
+use madsim::net::NetSim;
+use madsim::runtime::Handle;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const LEGS: usize = 3;
+const SIZE: u64 = 1 << 20;
+const PORT: u16 = 7410;
+const WORKERS: u64 = 12;
+
+fn server_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1 + i as u8))
+}
+
+/// Logs kept in memory (the client node never restarts in this scenario).
+#[derive(Default)]
+struct MemLogs(Mutex<HashMap<String, Vec<u8>>>);
+
+impl LogStore for MemLogs {
+    fn load(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.lock().unwrap().get(name).cloned()
+    }
+
+    fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        let mut m = self.0.lock().unwrap();
+        for (k, v) in logs {
+            m.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    }
+}
+
+pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotage>) -> Report {
+    let handle = Handle::current();
+    let mut rng = SplitMix64::new(seed ^ 0x3141_5926);
+    let key = Key::new(crate::world::seed_bytes(seed, 1).to_vec());
+    let disks: Vec<Arc<Mutex<MemDisk>>> = (0..LEGS)
+        .map(|_| Arc::new(Mutex::new(MemDisk::new(SIZE))))
+        .collect();
+    let mut servers = Vec::new();
+    for (i, disk) in disks.iter().enumerate() {
+        let (disk, key) = (disk.clone(), key.clone());
+        let boots = Arc::new(AtomicU64::new(0));
+        let node = handle
+            .create_node()
+            .name(format!("server{i}"))
+            .ip(server_ip(i))
+            .init(move || {
+                let (disk, key) = (disk.clone(), key.clone());
+                let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    let config = ServerConfig::new(
+                        seed.rotate_left(i as u32 + 3) ^ boot,
+                        crate::world::seed_bytes(seed, 50 + 8 * i as u64 + boot),
+                        vec![("sim".into(), key)],
+                        vec![ExportConfig::new("disk0", SIZE)],
+                    );
+                    let listener =
+                        tokio::net::TcpListener::bind(SocketAddr::new(server_ip(i), PORT))
+                            .await
+                            .expect("bind the simulated server");
+                    let _ = Server::run(
+                        listener,
+                        ServerSecurity::Plain,
+                        ServerEngine::new(config).expect("a valid config"),
+                        Arc::new(SimDisk {
+                            disks: vec![disk],
+                            full: Arc::new(AtomicBool::new(false)),
+                            slow: Arc::new(AtomicBool::new(false)),
+                            rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
+                        }),
+                        std::future::pending(),
+                        |_| {},
+                    )
+                    .await;
+                }
+            })
+            .build();
+        servers.push(node.id());
+    }
+
+    let client_node = handle
+        .create_node()
+        .name("client")
+        .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 100)))
+        .build();
+    let work = client_node.spawn(async move {
+        let mut legs = HashMap::new();
+        for i in 0..LEGS {
+            let config = ClientConfig::new(
+                "disk0",
+                "sim",
+                key.clone(),
+                crate::world::seed_bytes(seed, 200 + i as u64),
+            );
+            let client = Client::connect(
+                SocketAddr::new(server_ip(i), PORT).to_string(),
+                ClientSecurity::Plain,
+                config,
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            legs.insert(format!("leg{i}"), client);
+        }
+        let spec = VolumeSpec::Mirror {
+            quorum: None,
+            legs: (0..LEGS)
+                .map(|i| VolumeSpec::Export(format!("leg{i}")))
+                .collect(),
+        };
+        let map = VolumeMap::new(&spec, |_| {
+            Some(LegInfo {
+                size: SIZE,
+                block_size: 512,
+                read_only: false,
+            })
+        })
+        .map_err(|e| e.to_string())?;
+        let mut config = VolumeConfig {
+            region: 64 << 10,
+            resync_rate: 16 << 20,
+            max_leg_io: 256 << 10,
+            ..VolumeConfig::default()
+        };
+        for s in &sabotage {
+            s.apply_volume(&mut config.sabotage);
+        }
+        let volume = Volume::start(
+            map,
+            legs,
+            config,
+            Arc::new(MemLogs::default()),
+            Duration::from_secs(1),
+        )?;
+        let sectors = SIZE / SECTOR as u64;
+        let mut checker = braid_core::testkit::Checker::new(sectors);
+        // The last copy in sync may report a media error; none are injected.
+        checker.errors_allowed = false;
+        let checker = Arc::new(Mutex::new(checker));
+        let next_io = Arc::new(AtomicU64::new(1));
+        let until = tokio::time::Instant::now() + run_for;
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let plan = SharedPlan {
+                    id: 0x80 | w,
+                    zone_start: 0,
+                    zone_sectors: sectors,
+                    checker: checker.clone(),
+                    next_io: next_io.clone(),
+                    seed,
+                    until,
+                };
+                tokio::spawn(shared_worker(volume.clone(), plan))
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+        }
+        // Healed: every leg must come back in sync.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = volume.status();
+            if s.legs.iter().all(|l| l.1 == Some(LegState::InSync)) {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("legs never back in sync: {:?}", s.legs));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A FLUSH through the volume, so every leg's cache is on media.
+        let _ = crate::workload::Device::io(&volume, braid_core::client::IoRequest::flush()).await;
+        let checker = checker.lock().unwrap();
+        outcomes.push(Outcome {
+            violations: checker
+                .violations()
+                .iter()
+                .map(|v| format!("volume: {v}"))
+                .collect(),
+            ..Outcome::default()
+        });
+        Ok::<_, String>((outcomes, volume.status().stats))
+    });
+
+    let faults = inject(
+        &handle,
+        &mut rng,
+        &servers,
+        client_node.id(),
+        &disks,
+        run_for,
+    )
+    .await;
+    let mut report = Report {
+        faults,
+        ..Report::empty(seed, Scenario::Mirror)
+    };
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    match work.await {
+        Ok(Ok((outcomes, stats))) => {
+            report.legs_left = stats.legs_left;
+            report.regions_resynced = stats.regions_resynced;
+            for o in outcomes {
+                report.ios += o.ios;
+                report.violations.extend(o.violations);
+                report.longest_io = report.longest_io.max(o.longest);
+                report.steps.push(o.steps);
+                hash = (hash ^ o.trace).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        Ok(Err(e)) => report.violations.push(format!("client: {e}")),
+        Err(e) => report.violations.push(format!("client node: {e}")),
+    }
+    // Every leg holds the same bytes.
+    let contents: Vec<_> = disks
+        .iter()
+        .map(|d| {
+            d.lock().unwrap().apply(&BackendOp::Read {
+                offset: 0,
+                len: SIZE as u32,
+            })
+        })
+        .collect();
+    for (i, c) in contents.iter().enumerate().skip(1) {
+        if c != &contents[0] {
+            report.violations.push(format!(
+                "convergence: leg{i} differs from leg0 after the faults healed"
+            ));
+        }
+    }
+    report.trace_hash = hash ^ report.ios;
+    if report.ios == 0 {
+        report.violations.push("liveness: no IO completed".into());
+    }
+    report
+}
+
+/// Faults on the legs until two seconds before the end.
+async fn inject(
+    handle: &Handle,
+    rng: &mut SplitMix64,
+    servers: &[madsim::task::NodeId],
+    client: madsim::task::NodeId,
+    disks: &[Arc<Mutex<MemDisk>>],
+    run_for: Duration,
+) -> BTreeMap<Fault, u64> {
+    let mut faults = BTreeMap::new();
+    let net = NetSim::current();
+    let end = tokio::time::Instant::now() + run_for;
+    let ms =
+        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
+    let mut pending = Vec::new();
+    // Faults on different legs overlap; on one leg they take turns.
+    let turns: Vec<Arc<tokio::sync::Mutex<()>>> =
+        servers.iter().map(|_| Default::default()).collect();
+    loop {
+        tokio::time::sleep(ms(rng, 200, 1500)).await;
+        if tokio::time::Instant::now() + Duration::from_secs(2) >= end {
+            break;
+        }
+        let i = rng.below(servers.len() as u64) as usize;
+        let server = servers[i];
+        let kind = [
+            Fault::ServerCrash,
+            Fault::PowerLoss,
+            Fault::Partition,
+            Fault::ServerStall,
+        ][rng.below(4) as usize];
+        *faults.entry(kind).or_insert(0) += 1;
+        let hold = ms(rng, 100, 3000);
+        // Faults overlap: each heals in its own task.
+        let (handle, net, disk, turn) = (
+            handle.clone(),
+            net.clone(),
+            disks[i].clone(),
+            turns[i].clone(),
+        );
+        pending.push(tokio::spawn(async move {
+            let _turn = turn.lock().await;
+            match kind {
+                Fault::ServerCrash => {
+                    handle.kill(server);
+                    tokio::time::sleep(hold).await;
+                    handle.restart(server);
+                }
+                Fault::PowerLoss => {
+                    handle.kill(server);
+                    disk.lock().unwrap().lose_power();
+                    tokio::time::sleep(hold).await;
+                    handle.restart(server);
+                }
+                Fault::Partition => {
+                    net.clog_link(client, server);
+                    net.clog_link(server, client);
+                    tokio::time::sleep(hold).await;
+                    net.unclog_link(client, server);
+                    net.unclog_link(server, client);
+                }
+                _ => {
+                    handle.pause(server);
+                    tokio::time::sleep(hold).await;
+                    handle.resume(server);
+                }
+            }
+        }));
+    }
+    for p in pending {
+        let _ = p.await;
+    }
+    faults
+}
+
+const _: () = assert!(BLOCK == 4096);
