@@ -307,18 +307,8 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             }))
         });
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("SIGTERM handler: {e}"))?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
-        _ = stop.notified() => tracing::info!("detach requested"),
-    }
     // NBD clients' in-flight requests finish first, then the session ends.
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::client_args::print_channels(&client);
     client.close().await;
     for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
@@ -553,17 +543,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
             }
         });
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| format!("SIGTERM handler: {e}"))?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
-        _ = stop.notified() => tracing::info!("detach requested"),
-    }
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = t.await;
-    }
+    wait_then_drain(&stop, stop_tx, tasks).await?;
     for c in legs {
         c.close().await;
     }
@@ -614,4 +594,25 @@ pub(crate) fn print_volume_status(v: &serde_json::Value) {
             l["regions"]
         );
     }
+}
+
+/// Waits for SIGTERM, ^C or `braid detach`, then stops the NBD listeners
+/// and waits for their in-flight requests.
+async fn wait_then_drain(
+    stop: &Notify,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), String> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("SIGTERM handler: {e}"))?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: detaching"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
+        _ = stop.notified() => tracing::info!("detach requested"),
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
 }

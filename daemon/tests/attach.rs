@@ -1,36 +1,19 @@
 //! `braid attach` as a user runs it: real processes, an NBD client on the
 //! unix socket, and the server killed and restarted under it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
-
-fn serve(dir: &Path, port: u16) -> Killed {
-    Killed(
-        Command::new(BRAID)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--export"])
-            .arg(format!(
-                "disk0={},size=64M",
-                dir.join("disk0.img").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
+use common::{free_port, pattern, serve, wait_for, Killed, Nbd, BRAID};
 
 #[test]
 fn an_attached_volume_survives_a_server_kill_and_detaches_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let d: PathBuf = dir.path().to_path_buf();
     let port = free_port();
-    let mut server = serve(&d, port);
+    let mut server = serve(&d, port, "64M", &[]);
     wait_for(&d.join("keys.toml"));
     let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
     let mut attach = Killed(
@@ -62,7 +45,7 @@ fn an_attached_volume_survives_a_server_kill_and_detaches_cleanly() {
 
     // kill -9 the server and start it again on the same port and files.
     drop(server);
-    server = serve(&d, port);
+    server = serve(&d, port, "64M", &[]);
     let second = pattern(2, 256 << 10);
     assert_eq!(nbd.io(1, 8 << 20, second.len() as u32, &second).0, 0);
     let (e, back) = nbd.io(0, 1 << 20, first.len() as u32, &[]);

@@ -5,12 +5,11 @@
 use prometheus_parse::{Scrape, Value};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
+use common::{free_port, pattern, serve, wait_for, Killed, Nbd, BRAID};
 
 /// One HTTP GET; returns (status line, content type, body).
 fn get(port: u16, path: &str) -> (String, String, String) {
@@ -63,30 +62,13 @@ fn histogram(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Vec<(f64, f64
     }
 }
 
-fn serve(dir: &Path, port: u16, metrics: u16) -> Killed {
-    Killed(
-        Command::new(BRAID)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--metrics", &format!("127.0.0.1:{metrics}"), "--export"])
-            .arg(format!(
-                "disk0={},size=64M",
-                dir.join("disk0.img").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 #[test]
 fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (port, server_metrics, client_metrics) = (free_port(), free_port(), free_port());
-    let _server = serve(d, port, server_metrics);
+    let metrics_addr = format!("127.0.0.1:{server_metrics}");
+    let _server = serve(d, port, "64M", &["--metrics", &metrics_addr]);
     wait_for(&d.join("control.sock"));
     let idle = scrape(server_metrics);
     assert_eq!(value(&idle, "braid_server_requests_total", &[]), 0.0);

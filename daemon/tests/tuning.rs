@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
+use common::{free_port, pattern, serve, status, wait_for, Killed, Nbd, BRAID};
 
 fn braid(args: &[&str], control: &Path) -> Output {
     Command::new(BRAID)
@@ -19,12 +19,6 @@ fn braid(args: &[&str], control: &Path) -> Output {
         .arg(control)
         .output()
         .unwrap()
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    let out = braid(&["status", "--json"], control);
-    assert!(out.status.success());
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn set(control: &Path, settings: &[&str]) -> Output {
@@ -80,17 +74,7 @@ fn every_knob_changes_under_load_with_no_io_error() {
     let d = dir.path();
     let port = free_port();
     let server_control = d.join("control.sock");
-    let _server = Killed(
-        Command::new(BRAID)
-            .args(["serve", "--data-dir"])
-            .arg(d)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--export"])
-            .arg(format!("disk0={},size=64M", d.join("disk0.img").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _server = serve(d, port, "64M", &[]);
     wait_for(&server_control);
     let (_attach, sock, control) = attach(d, port, "vol");
     channels_up(&control, 4);

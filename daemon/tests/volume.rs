@@ -7,33 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, wait_for, Killed, Nbd, BRAID};
-
-fn serve(dir: &Path, port: u16) -> Killed {
-    Killed(
-        Command::new(BRAID)
-            .args(["serve", "--data-dir"])
-            .arg(dir)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--export"])
-            .arg(format!(
-                "disk0={},size=16M",
-                dir.join("disk0.img").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    let out = Command::new(BRAID)
-        .args(["status", "--json", "--control"])
-        .arg(control)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::{free_port, pattern, serve, status, wait_for, Killed, Nbd, BRAID};
 
 fn leg_state(control: &Path, leg: &str) -> String {
     let v = status(control);
@@ -74,8 +48,8 @@ fn a_mirror_keeps_serving_through_a_server_kill_and_resyncs_the_leg() {
         std::fs::create_dir_all(d).unwrap();
     }
     let (pa, pb) = (free_port(), free_port());
-    let _a = serve(&da, pa);
-    let mut b = serve(&db, pb);
+    let _a = serve(&da, pa, "16M", &[]);
+    let mut b = serve(&db, pb, "16M", &[]);
     wait_for(&da.join("keys.toml"));
     wait_for(&db.join("keys.toml"));
     let spec = dir.path().join("v.toml");
@@ -141,7 +115,7 @@ mirror = ["a", "b"]
     assert!(state.join("v.b.dirty").exists(), "the log is on disk");
 
     // b returns: only what it missed is copied, and it is back in sync.
-    b = serve(&db, pb);
+    b = serve(&db, pb, "16M", &[]);
     wait_state(&control, "b", "InSync");
     let (e, back) = nbd.io(0, 4 << 20, second.len() as u32, &[]);
     assert_eq!((e, back == second), (0, true));

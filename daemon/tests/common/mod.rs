@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BRAID: &str = env!("CARGO_BIN_EXE_braid");
@@ -33,6 +33,42 @@ pub fn wait_for(path: &Path) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `braid serve` of one export `disk0` of `size` in `dir` on `port`, with
+/// `extra` flags, its output discarded.
+pub fn serve(dir: &Path, port: u16, size: &str, extra: &[&str]) -> Killed {
+    Killed(
+        Command::new(BRAID)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .arg("--export")
+            .arg(format!(
+                "disk0={},size={size}",
+                dir.join("disk0.img").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// `braid status --json` of the process behind `control`.
+pub fn status(control: &Path) -> serde_json::Value {
+    let out = Command::new(BRAID)
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 pub fn free_port() -> u16 {
