@@ -124,15 +124,23 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
         "cumulative: {writes:?}"
     );
     assert_eq!(writes.len(), 22, "21 bounds and +Inf");
-    assert_eq!(
-        value(&after, "braid_server_sessions", &[]),
-        0.0,
-        "the bench left"
-    );
-    assert_eq!(
-        value(&after, "braid_export_sessions", &[("export", "disk0")]),
-        0.0
-    );
+    // The bench's GOODBYE frees its session a moment after it exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = scrape(server_metrics);
+        if value(&s, "braid_server_sessions", &[]) == 0.0 {
+            assert_eq!(
+                value(&s, "braid_export_sessions", &[("export", "disk0")]),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench's session never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // An attached volume: IO through NBD shows in the client's metrics.
     let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
