@@ -451,11 +451,12 @@ impl Journal {
         };
         expect("user_count", user.len() as u64, self.user_count as u64)?;
         let bytes: u64 = user.iter().map(|e| e.payload.len() as u64).sum();
-        expect("user_bytes", bytes, self.user_bytes)?;
+        // Through the accessors the engine decides with, not the fields.
+        expect("user_bytes", bytes, self.user_bytes())?;
         let sent = count(&|e| matches!(e.state, EntryState::Sent { .. }));
-        expect("sent", sent as u64, self.sent as u64)?;
+        expect("sent", sent as u64, self.sent() as u64)?;
         let replays = count(&|e| e.origin == Origin::Replay);
-        expect("replays", replays as u64, self.replays as u64)?;
+        expect("replays", replays as u64, self.replays_pending() as u64)?;
         let dirty = count(&|e| e.origin == Origin::DirtyFlush);
         expect("dirty_flushes", dirty as u64, self.dirty_flushes as u64)?;
         expect(
