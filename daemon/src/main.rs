@@ -46,6 +46,8 @@ enum Cmd {
     Detach(attach::DetachArgs),
     /// Show a running server's sessions or an attached volume's channels.
     Status(status::StatusArgs),
+    /// Suspend or resume one leg of an attached volume.
+    Volume(volume::VolumeArgs),
     /// Check any braid server against every numbered clause of the
     /// protocol (docs/PROTOCOL.md); exits 1 on any failure.
     Conformance(conformance::ConformanceArgs),
@@ -106,6 +108,7 @@ fn main() -> ExitCode {
         Cmd::Status(args) => runtime.block_on(status::run(args)),
         Cmd::Set(args) => runtime.block_on(tuning::run(args)),
         Cmd::Conformance(args) => runtime.block_on(conformance::run(args)),
+        Cmd::Volume(args) => runtime.block_on(volume::run(args)),
         Cmd::Attach(args) => runtime.block_on(attach::run(args)),
         Cmd::Detach(args) => runtime.block_on(attach::detach(args)),
     };

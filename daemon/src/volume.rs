@@ -263,3 +263,28 @@ export = "disk0"
         assert!(e.contains("same export"), "{e}");
     }
 }
+
+/// `braid volume suspend|resume LEG`: DST's suspend, on an attached
+/// volume's control socket.
+#[derive(clap::Args, Debug)]
+pub(crate) struct VolumeArgs {
+    /// `suspend` (IO goes on without the leg) or `resume` (the leg
+    /// resyncs what it missed, then serves again).
+    #[arg(value_parser = ["suspend", "resume"])]
+    action: String,
+    /// The leg's name in the volume file.
+    leg: String,
+    /// The attached volume's control socket.
+    #[arg(long)]
+    control: PathBuf,
+}
+
+pub(crate) async fn run(args: VolumeArgs) -> Result<(), String> {
+    let v =
+        crate::control::request(&args.control, &format!("{} {}", args.action, args.leg)).await?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(e.to_string());
+    }
+    println!("leg {}: {}", args.leg, v["done"].as_str().unwrap_or("done"));
+    Ok(())
+}

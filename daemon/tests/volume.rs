@@ -125,5 +125,27 @@ mirror = ["a", "b"]
         std::fs::read(db.join("disk0.img")).unwrap(),
     );
     assert!(fa == fb, "both legs hold the same bytes");
+
+    // DST's suspend: leg a out of service, IO on b alone, then back.
+    let volume = |action: &str, leg: &str| {
+        Command::new(BRAID)
+            .args(["volume", action, leg, "--control"])
+            .arg(&control)
+            .output()
+            .unwrap()
+    };
+    assert!(volume("suspend", "a").status.success());
+    wait_state(&control, "a", "Suspended");
+    let third = pattern(3, 256 << 10);
+    assert_eq!(nbd.io(1, 8 << 20, third.len() as u32, &third).0, 0);
+    let refused = volume("suspend", "b");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no leg in sync"),
+        "the last leg in sync cannot be suspended"
+    );
+    assert!(volume("resume", "a").status.success());
+    wait_state(&control, "a", "InSync");
+    let (e, back) = nbd.io(0, 8 << 20, third.len() as u32, &[]);
+    assert_eq!((e, back == third), (0, true));
     drop(b);
 }
