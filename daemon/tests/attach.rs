@@ -2,11 +2,11 @@
 //! unix socket, and the server killed and restarted under it.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, serve, wait_for, Killed, Nbd, BRAID};
+use common::{attach, free_port, pattern, serve, wait_for, Nbd, BRAID};
 
 #[test]
 fn an_attached_volume_survives_a_server_kill_and_detaches_cleanly() {
@@ -16,25 +16,15 @@ fn an_attached_volume_survives_a_server_kill_and_detaches_cleanly() {
     let mut server = serve(&d, port, "64M", &[]);
     wait_for(&d.join("keys.toml"));
     let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
-    let mut attach = Killed(
-        Command::new(BRAID)
-            .args([
-                "attach",
-                "--server",
-                &format!("127.0.0.1:{port}"),
-                "--key-file",
-            ])
-            .arg(d.join("keys.toml"))
-            .arg("--nbd")
-            .arg(&sock)
-            .arg("--control")
-            .arg(&control)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let server_addr = format!("127.0.0.1:{port}");
+    let keys = d.join("keys.toml");
+    let keys = keys.to_str().unwrap();
+    let mut attach = attach(
+        &["--server", &server_addr, "--key-file", keys],
+        &sock,
+        &control,
+        &[],
     );
-    wait_for(&control);
     let (mut nbd, size) = Nbd::connect(&sock, "disk0");
     assert_eq!(size, 64 << 20);
 

@@ -144,26 +144,24 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
 
     // An attached volume: IO through NBD shows in the client's metrics.
     let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
-    let _attach = Killed(
-        Command::new(BRAID)
-            .args([
-                "attach",
-                "--server",
-                &format!("127.0.0.1:{port}"),
-                "--key-file",
-            ])
-            .arg(d.join("keys.toml"))
-            .arg("--nbd")
-            .arg(&sock)
-            .arg("--control")
-            .arg(&control)
-            .args(["--metrics", &format!("127.0.0.1:{client_metrics}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let (server_addr, metrics_addr) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{client_metrics}"),
     );
-    wait_for(&control);
+    let keys = d.join("keys.toml");
+    let _attach = common::attach(
+        &[
+            "--server",
+            &server_addr,
+            "--key-file",
+            keys.to_str().unwrap(),
+            "--metrics",
+            &metrics_addr,
+        ],
+        &sock,
+        &control,
+        &[],
+    );
     let (mut nbd, _) = Nbd::connect(&sock, "disk0");
     let data = pattern(7, 64 << 10);
     for i in 0..10 {

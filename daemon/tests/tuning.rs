@@ -4,7 +4,7 @@
 //! with the field named and change nothing.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,24 +47,13 @@ fn attach(d: &Path, port: u16, name: &str) -> (Killed, std::path::PathBuf, std::
         d.join(format!("{name}.sock")),
         d.join(format!("{name}.ctl")),
     );
-    let child = Command::new(BRAID)
-        .args([
-            "attach",
-            "--server",
-            &format!("127.0.0.1:{port}"),
-            "--key-file",
-        ])
-        .arg(d.join("keys.toml"))
-        .arg("--nbd")
-        .arg(&sock)
-        .arg("--control")
-        .arg(&control)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    wait_for(&control);
+    let (server, keys) = (format!("127.0.0.1:{port}"), d.join("keys.toml"));
+    let child = common::attach(
+        &["--server", &server, "--key-file", keys.to_str().unwrap()],
+        &sock,
+        &control,
+        &[],
+    );
     (child, sock, control)
 }
 

@@ -3,11 +3,11 @@
 //! serving, the returning leg is resynced, and both legs end identical.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, serve, status, wait_for, Killed, Nbd, BRAID};
+use common::{free_port, pattern, serve, status, wait_for, Nbd, BRAID};
 
 fn leg_state(control: &Path, leg: &str) -> String {
     let v = status(control);
@@ -78,21 +78,12 @@ mirror = ["a", "b"]
     )
     .unwrap();
     let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
-    let _attach = Killed(
-        Command::new(BRAID)
-            .env("STATE_DIRECTORY", &state)
-            .args(["attach", "--volume"])
-            .arg(&spec)
-            .arg("--nbd")
-            .arg(&sock)
-            .arg("--control")
-            .arg(&control)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _attach = common::attach(
+        &["--volume", spec.to_str().unwrap()],
+        &sock,
+        &control,
+        &[("STATE_DIRECTORY", &state)],
     );
-    wait_for(&control);
     let (mut nbd, size) = Nbd::connect(&sock, "v");
     assert_eq!(size, 16 << 20);
     let first = pattern(1, 1 << 20);

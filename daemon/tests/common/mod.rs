@@ -56,6 +56,29 @@ pub fn serve(dir: &Path, port: u16, size: &str, extra: &[&str]) -> Killed {
     )
 }
 
+/// `braid attach ARGS --nbd SOCK --control CONTROL` with `env`, output
+/// discarded; returns once its control socket exists.
+pub fn attach(args: &[&str], sock: &Path, control: &Path, env: &[(&str, &Path)]) -> Killed {
+    let mut cmd = Command::new(BRAID);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .arg("attach")
+        .args(args)
+        .arg("--nbd")
+        .arg(sock)
+        .arg("--control")
+        .arg(control)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    wait_for(control);
+    child
+}
+
 /// `braid status --json` of the process behind `control`.
 pub fn status(control: &Path) -> serde_json::Value {
     let out = Command::new(BRAID)
