@@ -5,7 +5,7 @@
 //! must be back in sync and hold the same bytes.
 
 use crate::disk::SimDisk;
-use crate::workload::{shared_worker, Outcome, SharedPlan, BLOCK};
+use crate::workload::{shared_worker, SharedPlan, BLOCK};
 use crate::world::Report;
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
@@ -191,15 +191,7 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         }
         // A FLUSH through the volume, so every leg's cache is on media.
         let _ = crate::workload::Device::io(&volume, braid_core::client::IoRequest::flush()).await;
-        let checker = checker.lock().unwrap();
-        outcomes.push(Outcome {
-            violations: checker
-                .violations()
-                .iter()
-                .map(|v| format!("volume: {v}"))
-                .collect(),
-            ..Outcome::default()
-        });
+        outcomes.push(crate::workload::checker_outcome(&checker, "volume"));
         Ok::<_, String>((outcomes, volume.status().stats))
     });
 

@@ -181,6 +181,23 @@ pub(crate) struct SharedPlan {
     pub until: tokio::time::Instant,
 }
 
+/// The checker's findings as an outcome, each prefixed with `what`.
+pub(crate) fn checker_outcome(
+    checker: &std::sync::Mutex<braid_core::testkit::Checker>,
+    what: &str,
+) -> Outcome {
+    Outcome {
+        violations: checker
+            .lock()
+            .unwrap()
+            .violations()
+            .iter()
+            .map(|v| format!("{what}: {v}"))
+            .collect(),
+        ..Outcome::default()
+    }
+}
+
 /// A block device a shared worker drives: one export's client, or a
 /// volume over several.
 pub(crate) trait Device: Clone + Send + Sync + 'static {

@@ -380,15 +380,7 @@ async fn simulate(
                 outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
             }
             if let Some(checker) = checker {
-                let checker = checker.lock().unwrap();
-                outcomes.push(Outcome {
-                    violations: checker
-                        .violations()
-                        .iter()
-                        .map(|v| format!("shared zone: {v}"))
-                        .collect(),
-                    ..Outcome::default()
-                });
+                outcomes.push(crate::workload::checker_outcome(&checker, "shared zone"));
             }
             let status = client.status();
             client.close().await;

@@ -282,6 +282,15 @@ impl World {
         );
     }
 
+    /// No violation, and every mirror converged.
+    fn assert_clean(&self, seed: u64) {
+        if let Some(v) = self.checker.violations().first() {
+            panic!("seed {seed}: {v}");
+        }
+        self.converged()
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+
     /// Every copy of every byte is the same.
     fn converged(&self) -> Result<(), String> {
         let map = self.engine.map();
@@ -348,12 +357,7 @@ fn mirror(n: usize) -> VolumeSpec {
 fn mirrors_hold_reads_and_converge_through_every_fault() {
     for seed in 0..40 {
         let w = run(mirror(2 + (seed as usize % 2)), seed, 3_000);
-        assert!(
-            w.checker.violations().is_empty(),
-            "seed {seed}: {}",
-            w.checker.violations()[0]
-        );
-        w.converged().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        w.assert_clean(seed);
         assert!(w.completed > 500, "seed {seed}: only {} IOs", w.completed);
     }
 }
@@ -379,12 +383,7 @@ fn stripes_of_mirrors_hold_too() {
     let stripe_of_mirrors = stripe_of_mirrors();
     for seed in 0..20 {
         let w = run(stripe_of_mirrors.clone(), seed, 3_000);
-        assert!(
-            w.checker.violations().is_empty(),
-            "seed {seed}: {}",
-            w.checker.violations()[0]
-        );
-        w.converged().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        w.assert_clean(seed);
     }
 }
 
@@ -433,12 +432,7 @@ fn sweep() {
     for seed in 0..n {
         for spec in [mirror(2 + (seed as usize % 2)), stripe_of_mirrors()] {
             let w = run(spec, seed, 3_000);
-            assert!(
-                w.checker.violations().is_empty(),
-                "seed {seed}: {}",
-                w.checker.violations()[0]
-            );
-            w.converged().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            w.assert_clean(seed);
         }
     }
 }
