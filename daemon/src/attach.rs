@@ -36,7 +36,7 @@ pub(crate) struct AttachArgs {
     metrics: Option<String>,
     /// Attach a volume over several exports (mirror, stripe, linear)
     /// described in this TOML file instead of one export.
-    #[arg(long, conflicts_with = "metrics")]
+    #[arg(long)]
     volume: Option<PathBuf>,
 }
 
@@ -433,6 +433,11 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
     crate::control::ensure_unused(&control)?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::metrics::MetricsListener::bind)
+        .transpose()?;
     let mut clients = std::collections::HashMap::new();
     let mut infos = std::collections::HashMap::new();
     let mut max_payload = u32::MAX;
@@ -508,6 +513,10 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         file.legs.len()
     );
     println!("status:   braid status --control {}", control.display());
+    if let Some(m) = metrics {
+        println!("metrics:  {}", m.url());
+        m.serve_volume(volume.clone());
+    }
     let stop = Arc::new(Notify::new());
     {
         let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());

@@ -376,6 +376,65 @@ impl Collector for ClientMetrics {
     }
 }
 
+/// What an attached volume's scrape reads.
+struct VolumeMetrics {
+    volume: braid_fabric_tcp::Volume,
+}
+
+impl std::fmt::Debug for VolumeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VolumeMetrics")
+    }
+}
+
+impl Collector for VolumeMetrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), Error> {
+        let s = self.volume.status();
+        let mut out = Out(encoder);
+        out.counter(
+            "braid_volume_legs_left",
+            "Times a leg was left behind (failed, unreachable or suspended).",
+            s.stats.legs_left,
+        )?;
+        out.counter(
+            "braid_volume_regions_resynced",
+            "Regions copied to returning legs.",
+            s.stats.regions_resynced,
+        )?;
+        out.counter(
+            "braid_volume_bytes_resynced",
+            "Bytes copied to returning legs.",
+            s.stats.bytes_resynced,
+        )?;
+        let leg = |name: &str| vec![("leg", name.to_string())];
+        let in_sync: Vec<(Labels, f64)> = s
+            .legs
+            .iter()
+            .map(|(n, st, _, _)| {
+                let v = matches!(st, Some(braid_core::volume::LegState::InSync));
+                (leg(n), f64::from(u8::from(v)))
+            })
+            .collect();
+        out.gauges(
+            "braid_volume_leg_in_sync",
+            "1 while the leg holds every acknowledged write.",
+            None,
+            &in_sync,
+        )?;
+        let dirty: Vec<(Labels, f64)> = s
+            .legs
+            .iter()
+            .map(|(n, _, d, _)| (leg(n), *d as f64))
+            .collect();
+        out.gauges(
+            "braid_volume_leg_dirty_regions",
+            "Regions the leg may lack (still to copy to it).",
+            None,
+            &dirty,
+        )
+    }
+}
+
 fn registry(collector: impl Collector) -> Arc<Registry> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(collector));
@@ -414,6 +473,11 @@ impl MetricsListener {
     /// Serves an attached volume's metrics.
     pub(crate) fn serve_client(self, client: Client, export: String) {
         self.spawn(registry(ClientMetrics { client, export }));
+    }
+
+    /// Serves a volume's metrics.
+    pub(crate) fn serve_volume(self, volume: braid_fabric_tcp::Volume) {
+        self.spawn(registry(VolumeMetrics { volume }));
     }
 
     fn spawn(self, registry: Arc<Registry>) {

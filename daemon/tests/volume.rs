@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{free_port, pattern, serve, status, wait_for, Nbd, BRAID};
 
+/// The metrics text (the metrics test parses it properly; here a line
+/// or two is enough).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: braid\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 fn leg_state(control: &Path, leg: &str) -> String {
     let v = status(control);
     v["legs"]
@@ -78,8 +89,15 @@ mirror = ["a", "b"]
     )
     .unwrap();
     let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _attach = common::attach(
-        &["--volume", spec.to_str().unwrap()],
+        &[
+            "--volume",
+            spec.to_str().unwrap(),
+            "--metrics",
+            &metrics_addr,
+        ],
         &sock,
         &control,
         &[("STATE_DIRECTORY", &state)],
@@ -110,6 +128,17 @@ mirror = ["a", "b"]
     wait_state(&control, "b", "InSync");
     let (e, back) = nbd.io(0, 4 << 20, second.len() as u32, &[]);
     assert_eq!((e, back == second), (0, true));
+    let text = scrape(metrics_port);
+    assert!(
+        text.contains("braid_volume_leg_in_sync{leg=\"b\"} 1"),
+        "{text}"
+    );
+    let resynced = text
+        .lines()
+        .find_map(|l| l.strip_prefix("braid_volume_regions_resynced_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!(resynced >= 16.0, "{text}");
     assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
     let (fa, fb) = (
         std::fs::read(da.join("disk0.img")).unwrap(),
