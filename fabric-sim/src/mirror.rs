@@ -291,7 +291,10 @@ async fn inject(
         pending.push(tokio::spawn(async move {
             let _turn = turn.lock().await;
             if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                eprintln!("{:?} fault {kind} on server{i} for {hold:?}", tokio::time::Instant::now());
+                eprintln!(
+                    "{:?} fault {kind} on server{i} for {hold:?}",
+                    tokio::time::Instant::now()
+                );
             }
             match kind {
                 Fault::ServerCrash => {
