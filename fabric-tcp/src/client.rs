@@ -155,6 +155,16 @@ impl Client {
 
     /// One IO. Waits (rather than fails) through transient faults.
     pub async fn io(&self, io: IoRequest) -> Result<Bytes, IoError> {
+        self.enqueue(io).await.await
+    }
+
+    /// Hands `io` to the client now and returns what waits for its answer:
+    /// IOs enqueued one after another reach the engine in that order (so
+    /// overlapping writes apply in it), however their answers are awaited.
+    pub async fn enqueue(
+        &self,
+        io: IoRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, IoError>> + Send + 'static {
         // Only reachable if the driver task is gone (the client was closed).
         let gone = IoError {
             kind: braid_core::client::IoErrorKind::Closed,
@@ -164,10 +174,13 @@ impl Client {
             len: io.len,
         };
         let (tx, rx) = oneshot::channel();
-        if self.cmds.send(Cmd::Io(io, tx)).await.is_err() {
-            return Err(gone);
+        let sent = self.cmds.send(Cmd::Io(io, tx)).await.is_ok();
+        async move {
+            if !sent {
+                return Err(gone);
+            }
+            rx.await.unwrap_or(Err(gone))
         }
-        rx.await.unwrap_or(Err(gone))
     }
 
     /// A fresh snapshot.

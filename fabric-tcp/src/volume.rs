@@ -102,6 +102,7 @@ impl Volume {
         let driver = Driver {
             engine,
             clients,
+            queues: Vec::new(),
             names: names.clone(),
             store,
             waiters: HashMap::new(),
@@ -174,6 +175,8 @@ impl Volume {
 struct Driver {
     engine: VolumeEngine,
     clients: Vec<Client>,
+    /// Per leg: IO to hand to its client, in order.
+    queues: Vec<mpsc::UnboundedSender<(u64, IoRequest)>>,
     names: Vec<String>,
     store: Arc<dyn LogStore>,
     waiters: HashMap<u64, oneshot::Sender<Result<Bytes, IoErrorKind>>>,
@@ -187,6 +190,21 @@ struct Driver {
 impl Driver {
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
         let (tx, mut events) = mpsc::unbounded_channel::<Event>();
+        for client in &self.clients {
+            let (queue, mut pending) = mpsc::unbounded_channel::<(u64, IoRequest)>();
+            let (client, tx) = (client.clone(), tx.clone());
+            tokio::spawn(async move {
+                while let Some((token, io)) = pending.recv().await {
+                    let answer = client.enqueue(io).await;
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let result = answer.await.map_err(|e| e.kind);
+                        let _ = tx.send(Event::LegDone(token, result));
+                    });
+                }
+            });
+            self.queues.push(queue);
+        }
         let clock = Clock::new();
         let mut health = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -251,11 +269,10 @@ impl Driver {
         while let Some(a) = self.engine.poll_action() {
             match a {
                 VolumeAction::LegIo { leg, token, io } => {
-                    let (client, tx) = (self.clients[leg].clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let result = client.io(io).await.map_err(|e| e.kind);
-                        let _ = tx.send(Event::LegDone(token, result));
-                    });
+                    // Through the leg's queue, in the engine's order: a
+                    // task per IO would let two overlapping writes reach
+                    // the leg in either order, and legs would diverge.
+                    let _ = self.queues[leg].send((token, io));
                 }
                 VolumeAction::PersistLogs { generation } => {
                     let logs: Vec<(String, Vec<u8>)> = (0..self.names.len())

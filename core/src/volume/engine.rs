@@ -38,7 +38,10 @@ pub enum LegState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeAction {
     /// Send `io` on leg `leg`'s session; answer with
-    /// [`VolumeEngine::leg_complete`] and `token`.
+    /// [`VolumeEngine::leg_complete`] and `token`. Each leg's IO must reach
+    /// its session in the order the engine emits it: legs apply
+    /// overlapping writes in arrival order, and two legs given them in
+    /// different orders diverge.
     LegIo {
         /// Which leaf of the map.
         leg: usize,
