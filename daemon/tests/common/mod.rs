@@ -63,6 +63,14 @@ pub fn attach(args: &[&str], sock: &Path, control: &Path, env: &[(&str, &Path)])
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // BRAID_TEST_LOG_DIR keeps each attach's log, for a failure to read.
+    let log = match std::env::var_os("BRAID_TEST_LOG_DIR") {
+        Some(dir) => {
+            let name = control.file_name().unwrap().to_string_lossy().to_string();
+            Stdio::from(std::fs::File::create(Path::new(&dir).join(format!("{name}.log"))).unwrap())
+        }
+        None => Stdio::null(),
+    };
     let child = cmd
         .arg("attach")
         .args(args)
@@ -71,7 +79,7 @@ pub fn attach(args: &[&str], sock: &Path, control: &Path, env: &[(&str, &Path)])
         .arg("--control")
         .arg(control)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     let child = Killed(child);
@@ -94,12 +102,22 @@ pub fn status(control: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A port for a child to listen on. Each test process takes ports from a
+/// block of its own (by pid): binding port 0 and dropping it let two test
+/// processes running at once be handed the same port, and one test's
+/// client then reached the other test's server.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1_500) as u16 * 20;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 20, "a test process needs more than 20 ports");
+        let port = base + n;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The smallest NBD client: fixed newstyle, GO, simple replies.
