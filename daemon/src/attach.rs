@@ -293,13 +293,11 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
                     Err(e) => return now(serde_json::json!({ "error": e })),
                 };
                 let client = client.clone();
-                return Box::pin(async move {
-                    match client.tune(tuning).await {
-                        Ok(()) => serde_json::json!({
-                            "tuning": crate::tuning::client_json(&client.status().tuning)
-                        }),
-                        Err(e) => serde_json::json!({ "error": e }),
-                    }
+                return crate::control::later(async move {
+                    client.tune(tuning).await?;
+                    Ok(
+                        serde_json::json!({ "tuning": crate::tuning::client_json(&client.status().tuning) }),
+                    )
                 });
             }
             now(serde_json::json!({
@@ -311,10 +309,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::client_args::print_channels(&client);
     client.close().await;
-    for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
-        let _ = std::fs::remove_file(addr);
-    }
-    let _ = std::fs::remove_file(&control);
+    remove_sockets(&nbd_addrs, &control);
     println!("braid attach: detached");
     Ok(())
 }
@@ -532,18 +527,13 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
                 ["suspend", leg] | ["resume", leg] => {
                     let (volume, leg, suspend) =
                         (volume.clone(), leg.to_string(), words[0] == "suspend");
-                    Box::pin(async move {
-                        let r = if suspend {
-                            volume.suspend(&leg).await
+                    crate::control::later(async move {
+                        if suspend {
+                            volume.suspend(&leg).await?;
                         } else {
-                            volume.resume(&leg).await
-                        };
-                        match r {
-                            Ok(()) => {
-                                serde_json::json!({ "leg": leg, "done": words_done(suspend) })
-                            }
-                            Err(e) => serde_json::json!({ "error": e }),
+                            volume.resume(&leg).await?;
                         }
+                        Ok(serde_json::json!({ "leg": leg, "done": words_done(suspend) }))
                     })
                 }
                 _ => now(serde_json::json!({
@@ -556,10 +546,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     for c in legs {
         c.close().await;
     }
-    for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
-        let _ = std::fs::remove_file(addr);
-    }
-    let _ = std::fs::remove_file(&control);
+    remove_sockets(&nbd_addrs, &control);
     println!("braid attach: volume detached");
     Ok(())
 }
@@ -624,4 +611,12 @@ async fn wait_then_drain(
         let _ = t.await;
     }
     Ok(())
+}
+
+/// The NBD unix sockets and the control socket, gone after a detach.
+fn remove_sockets(nbd_addrs: &[String], control: &std::path::Path) {
+    for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
+        let _ = std::fs::remove_file(addr);
+    }
+    let _ = std::fs::remove_file(control);
 }

@@ -48,6 +48,16 @@ fn peer_pid(stream: &std::os::unix::net::UnixStream) -> Option<i32> {
 pub(crate) type Answer =
     std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value> + Send>>;
 
+/// An answer once `work` is done: its document, or `{"error": …}`.
+pub(crate) fn later(
+    work: impl std::future::Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+) -> Answer {
+    Box::pin(async move {
+        work.await
+            .unwrap_or_else(|e| serde_json::json!({ "error": e }))
+    })
+}
+
 /// An answer that is ready now.
 pub(crate) fn now(v: serde_json::Value) -> Answer {
     Box::pin(std::future::ready(v))

@@ -17,13 +17,11 @@ pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String,
                 Err(e) => return now(serde_json::json!({ "error": e })),
             };
             let server = server.clone();
-            return Box::pin(async move {
-                match server.tune(tuning).await {
-                    Ok(()) => serde_json::json!({
-                        "tuning": crate::tuning::server_json(&server.status().tuning)
-                    }),
-                    Err(e) => serde_json::json!({ "error": e }),
-                }
+            return crate::control::later(async move {
+                server.tune(tuning).await?;
+                Ok(
+                    serde_json::json!({ "tuning": crate::tuning::server_json(&server.status().tuning) }),
+                )
             });
         }
         now(serde_json::json!({
