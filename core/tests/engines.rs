@@ -49,6 +49,8 @@ struct Pair {
     to_client: VecDeque<(ChannelId, Bytes)>,
     completions: Vec<Completion>,
     notices: Vec<Notice>,
+    /// How many times the client said Room.
+    rooms: usize,
     disk: Vec<u8>,
 }
 
@@ -65,6 +67,7 @@ impl Pair {
             to_client: VecDeque::new(),
             completions: Vec::new(),
             notices: Vec::new(),
+            rooms: 0,
             disk: vec![0; MIB as usize],
         }
     }
@@ -103,6 +106,7 @@ impl Pair {
                     }
                     ClientAction::Complete(c) => self.completions.push(c),
                     ClientAction::Notice(n) => self.notices.push(n),
+                    ClientAction::Room => self.rooms += 1,
                 }
             }
             while let Some(a) = self.server.poll_action() {
@@ -505,10 +509,71 @@ fn the_server_wakes_exactly_when_a_timer_is_due_and_never_when_idle() {
 }
 
 #[test]
+fn close_finishes_io_in_flight_and_flushes_before_goodbye() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let data = Bytes::from(vec![0xC3; 4096]);
+    p.io(1, IoRequest::write(0, data.clone(), false)).unwrap();
+    p.client.submit(2, IoRequest::read(0, 4096), p.now).unwrap();
+    let backend_ops = p.server.stats().backend_ops;
+    p.client.close(p.now);
+    assert!(
+        !p.client.is_closed(),
+        "a read is in flight and a write unflushed"
+    );
+    assert!(matches!(
+        p.client.submit(3, IoRequest::read(0, 512), p.now),
+        Err(SubmitError::Invalid(_))
+    ));
+    p.drive();
+    assert!(p.client.is_closed());
+    assert_eq!(p.completions.len(), 1);
+    assert_eq!(p.completions[0].result.as_ref().unwrap(), &data);
+    assert_eq!(
+        p.server.stats().backend_ops,
+        backend_ops + 2,
+        "the read, then the client's own FLUSH of the write"
+    );
+    assert_eq!(p.client.stats().dirty_flushes, 1);
+    assert_eq!(p.server.session_count(), 0, "GOODBYE after the flush");
+}
+
+#[test]
+fn abandon_fails_what_is_unfinished_and_reports_unflushed_bytes() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    p.io(1, IoRequest::write(0, Bytes::from(vec![1; 4096]), false))
+        .unwrap();
+    // The server never hears of this one.
+    p.client.submit(2, IoRequest::read(0, 512), p.now).unwrap();
+    p.client.close(p.now);
+    let unflushed = p.client.abandon(p.now);
+    assert!(
+        unflushed >= 4096,
+        "the unflushed write is reported: {unflushed}"
+    );
+    assert!(p.client.is_closed());
+    p.client
+        .check()
+        .expect("nothing left pointing at closed channels");
+    let failed: Vec<Completion> = std::iter::from_fn(|| p.client.poll_action())
+        .filter_map(|a| match a {
+            ClientAction::Complete(c) => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        failed[0].result.as_ref().unwrap_err().kind,
+        IoErrorKind::Closed
+    );
+}
+
+#[test]
 fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();
-    p.client.close();
+    p.client.close(p.now);
     p.drive();
     assert_eq!(p.server.session_count(), 0);
     assert_eq!(p.server.stats().sessions_freed, 1);
@@ -563,6 +628,71 @@ fn back_pressure_refuses_io_beyond_the_journal_bound() {
         Err(SubmitError::Busy)
     );
     assert_eq!(client.journal_len(), 3, "no channel is up: nothing grows");
+}
+
+#[test]
+fn a_write_refused_for_a_full_dirty_window_hears_room_with_nothing_in_flight() {
+    // A QD1 writer that never flushes: the dirty window fills, the next
+    // write is refused, and the only thing in flight is the client's own
+    // FLUSH, which completes no user IO. Without Room its driver would
+    // wait forever (seen as a hung NBD write under `braid attach`).
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.max_dirty_bytes = 4096;
+    let mut p = Pair::new(cfg);
+    p.drive();
+    let data = Bytes::from(vec![0x5A; 4096]);
+    p.io(1, IoRequest::write(0, data.clone(), false)).unwrap();
+    assert_eq!(
+        p.client
+            .submit(2, IoRequest::write(4096, data.clone(), false), p.now),
+        Err(SubmitError::Busy)
+    );
+    assert_eq!(p.rooms, 0);
+    p.drive();
+    assert!(p.completions.is_empty(), "no user IO was in flight");
+    assert_eq!(p.rooms, 1, "the window drained: say so once");
+    p.io(2, IoRequest::write(4096, data, false)).unwrap();
+    // Reads never wait for the dirty window, so they are never refused
+    // for it and never owed a Room.
+    p.io(3, IoRequest::read(0, 4096)).unwrap();
+    assert_eq!(p.rooms, 1);
+}
+
+#[test]
+fn a_request_refused_for_a_full_journal_hears_room_when_one_completes() {
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.max_queued = 2;
+    let mut p = Pair::new(cfg);
+    for user in 0..2 {
+        p.client
+            .submit(user, IoRequest::read(0, 512), p.now)
+            .unwrap();
+    }
+    assert_eq!(
+        p.client.submit(2, IoRequest::read(0, 512), p.now),
+        Err(SubmitError::Busy)
+    );
+    p.drive();
+    assert_eq!((p.completions.len(), p.rooms), (2, 1));
+    p.io(2, IoRequest::read(0, 512)).unwrap();
+}
+
+#[test]
+fn a_write_larger_than_the_journal_is_invalid_not_busy_forever() {
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.max_journal_bytes = 4096;
+    let mut client = ClientEngine::new(cfg).expect("a valid config");
+    assert!(matches!(
+        client.submit(
+            1,
+            IoRequest::write(0, Bytes::from(vec![1; 8192]), false),
+            Instant::ZERO
+        ),
+        Err(SubmitError::Invalid(_))
+    ));
+    assert!(client
+        .poll_action()
+        .is_none_or(|a| !matches!(a, ClientAction::Room)));
 }
 
 #[test]

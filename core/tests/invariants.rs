@@ -364,6 +364,25 @@ fn without_overlap_order_or_the_flush_frontier_the_checker_fails() {
     );
 }
 
+/// A driver that holds a refused IO until Room (as fabric-tcp does), with
+/// a dirty window of one write: every other write is refused until the
+/// client's own FLUSH drains the window.
+fn held_behind_a_small_window(c: &mut WorldConfig) {
+    c.hold_refused = true;
+    c.max_dirty_bytes = 4096;
+    c.faults = FaultRates::none();
+}
+
+#[test]
+fn without_room_a_driver_holding_a_refused_io_hangs() {
+    teeth(
+        0..4,
+        held_behind_a_small_window,
+        |c| Off::NoRoom.apply(c),
+        |v| matches!(v, Violation::Liveness { .. }),
+    );
+}
+
 mod shapes {
     use super::*;
     use braid_core::client::Policy;

@@ -41,6 +41,11 @@ pub(crate) struct ClientArgs {
     /// a disk).
     #[arg(long)]
     pub(crate) io_timeout: Option<f64>,
+    /// Acknowledged writes kept until a FLUSH makes them durable, to
+    /// replay after a server power loss (e.g. 64M): the memory the client
+    /// may hold for them. When it is full, writes wait for a FLUSH.
+    #[arg(long, default_value = "64M")]
+    pub(crate) dirty_window: String,
     /// Use TLS, trusting this CA or the server's self-signed certificate.
     #[arg(long)]
     pub(crate) tls_ca: Option<PathBuf>,
@@ -71,6 +76,8 @@ impl ClientArgs {
             PolicyArg::LowestLatency => Policy::LowestLatency,
         };
         c.io_timeout = self.io_timeout.map(Duration::from_secs_f64);
+        c.max_dirty_bytes =
+            config::parse_size(&self.dirty_window).map_err(|e| format!("--dirty-window: {e}"))?;
         Client::connect(
             self.server.clone(),
             self.security()?,

@@ -105,6 +105,8 @@ impl Rig {
             channels: 4,
             policy: PolicyArg::LeastInflight,
             io_timeout: None,
+            // Small, so writes also wait for the window under the faults.
+            dirty_window: "1M".into(),
             tls_ca: None,
             tls_name: None,
             tls_client_cert: None,

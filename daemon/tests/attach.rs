@@ -79,3 +79,60 @@ fn an_attached_volume_survives_a_server_kill_and_detaches_cleanly() {
     assert!(!sock.exists() && !control.exists(), "sockets removed");
     drop(server);
 }
+
+#[test]
+fn a_writer_that_never_flushes_gets_past_a_full_dirty_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let d: PathBuf = dir.path().to_path_buf();
+    let port = free_port();
+    let _server = serve(&d, port, "64M", &[]);
+    wait_for(&d.join("keys.toml"));
+    let server_addr = format!("127.0.0.1:{port}");
+    let keys = d.join("keys.toml");
+    let keys = keys.to_str().unwrap();
+
+    // Too small to hold one write: refused before anything starts.
+    let out = Command::new(BRAID)
+        .args(["attach", "--server", &server_addr, "--key-file", keys])
+        .args(["--dirty-window", "1K", "--nbd"])
+        .arg(d.join("refused.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("max_dirty_bytes"),
+        "{err}"
+    );
+
+    // One write at a time, never a FLUSH, with room for one write: every
+    // other write is refused until the client's own FLUSH drains the
+    // window, and nothing of the writer's is in flight to wake it.
+    let (sock, control) = (d.join("nbd.sock"), d.join("attach.sock"));
+    let _attach = attach(
+        &[
+            "--server",
+            &server_addr,
+            "--key-file",
+            keys,
+            "--dirty-window",
+            "64K",
+        ],
+        &sock,
+        &control,
+        &[],
+    );
+    let (mut nbd, _) = Nbd::connect(&sock, "disk0");
+    for round in 0..200u64 {
+        let data = pattern(round as u8, 64 << 10);
+        assert_eq!(
+            nbd.io(1, (round % 64) << 16, 64 << 10, &data).0,
+            0,
+            "write {round}"
+        );
+    }
+    let (e, back) = nbd.io(0, 0, 64 << 10, &[]);
+    assert_eq!((e, back == pattern(192, 64 << 10)), (0, true));
+    let v = common::status(&control);
+    assert!(v["busy"].as_u64().unwrap() > 0, "the window filled: {v}");
+    assert_eq!(v["failed"], 0, "{v}");
+}

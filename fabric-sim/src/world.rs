@@ -28,6 +28,8 @@ const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
 /// An IO slower than this is a liveness violation (braid's default IO
 /// timeout is infinite, so nothing else would notice).
 const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// Each client's dirty window.
+const DIRTY_WINDOW: u64 = 32 << 10;
 
 /// What one seed did.
 #[derive(Debug, Clone)]
@@ -322,6 +324,10 @@ async fn simulate(
                 key,
                 seed_bytes(seed, 100 + c as u64),
             );
+            // A window of a few writes: the workers' writes outrun their
+            // flushes, so the driver holds refused IO and waits for Room
+            // in every scenario (with the 64 MiB default it never would).
+            config.max_dirty_bytes = DIRTY_WINDOW;
             for s in &sabotage {
                 s.apply_client(&mut config);
             }

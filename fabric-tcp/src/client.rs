@@ -201,7 +201,9 @@ impl Client {
         rx.await.map_err(|_| gone())?
     }
 
-    /// Leaves the session for good (the server frees it).
+    /// Leaves the session for good (the server frees it) once IO in flight
+    /// has finished and acknowledged writes are flushed; gives up on the
+    /// server after `CLOSE_PATIENCE`.
     pub async fn close(self) {
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::Close(tx)).await.is_ok() {
@@ -217,7 +219,7 @@ struct Driver {
     clock: Clock,
     writers: HashMap<ChannelId, conn::Writer>,
     waiters: HashMap<u64, Reply>,
-    /// Submissions the engine refused with Busy, retried after completions.
+    /// Submissions the engine refused with Busy, retried when it says Room.
     held: VecDeque<(u64, IoRequest)>,
     next_user: u64,
     status: Arc<Mutex<ClientStatus>>,
@@ -231,21 +233,43 @@ struct Driver {
 /// Submissions held beyond the engine's own bound before callers wait.
 const HELD_MAX: usize = 64;
 
+/// How long a close waits for IO in flight and the final flush. Long
+/// enough to ride out a server restart; an operator detaching from a dead
+/// server is told what was given up.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(30);
+
 impl Driver {
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
         let (conn_tx, mut conn_rx) = mpsc::unbounded_channel::<ConnEvent<ChannelId>>();
         self.engine.handle_timeout(self.clock.now());
-        let mut closing: Option<oneshot::Sender<()>> = None;
+        // Who waits for the close, and when to stop waiting for the server.
+        let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
         loop {
             self.process(&ev_tx, &conn_tx);
             crate::check_engine("client", || self.engine.check());
-            if let Some(done) = closing.take() {
-                let _ = done.send(());
-                return;
+            if let Some((done, give_up_at)) = closing.take() {
+                if !self.engine.is_closed() && tokio::time::Instant::now() >= give_up_at {
+                    let unflushed = self.engine.abandon(self.clock.now());
+                    tracing::warn!(
+                        export = %self.engine.config().export,
+                        unflushed_bytes = unflushed,
+                        "closed without the server: in-flight IO failed, and acknowledged writes \
+                         not yet flushed may be lost if the server loses power"
+                    );
+                    self.process(&ev_tx, &conn_tx);
+                }
+                if self.engine.is_closed() {
+                    let _ = done.send(());
+                    return;
+                }
+                closing = Some((done, give_up_at));
             }
-            let deadline = self.clock.deadline(self.engine.poll_timeout());
-            let accepting = self.held.len() < HELD_MAX;
+            let mut deadline = self.clock.deadline(self.engine.poll_timeout());
+            if let Some((_, give_up_at)) = &closing {
+                deadline = deadline.min(*give_up_at);
+            }
+            let accepting = self.held.len() < HELD_MAX && closing.is_none();
             // Biased, in a fixed order, so a seed replays exactly under the
             // simulator (an unbiased select draws from tokio's own RNG):
             // timers first, then what the network and connection tasks
@@ -269,20 +293,28 @@ impl Driver {
                         }
                         let _ = reply.send(result);
                     }
-                    Some(Cmd::Close(done)) => {
-                        self.engine.close();
-                        closing = Some(done);
-                    }
-                    None => {
-                        self.engine.close();
-                        closing = Some(oneshot::channel().0);
-                    }
+                    Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
+                    None => closing = Some(self.start_close(oneshot::channel().0)),
                 },
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 self.conn_event(ev);
             }
         }
+    }
+
+    /// Starts leaving: IO not yet in the engine fails (its callers see
+    /// Closed), the rest finishes and is flushed, for at most
+    /// `CLOSE_PATIENCE`.
+    fn start_close(
+        &mut self,
+        done: oneshot::Sender<()>,
+    ) -> (oneshot::Sender<()>, tokio::time::Instant) {
+        for (user, _) in self.held.drain(..) {
+            self.waiters.remove(&user);
+        }
+        self.engine.close(self.clock.now());
+        (done, tokio::time::Instant::now() + CLOSE_PATIENCE)
     }
 
     fn submit(&mut self, io: IoRequest, reply: Reply) {
@@ -359,6 +391,7 @@ impl Driver {
         conn_tx: &mpsc::UnboundedSender<ConnEvent<ChannelId>>,
     ) {
         let mut completions = Vec::new();
+        let mut room = false;
         loop {
             while let Some(action) = self.engine.poll_action() {
                 match action {
@@ -379,11 +412,11 @@ impl Driver {
                     }
                     ClientAction::Complete(c) => completions.push(c),
                     ClientAction::Notice(n) => self.notice(n),
+                    ClientAction::Room => room = true,
                 }
             }
-            // Completions made room: submissions held back may go now.
             let before = self.held.len();
-            if !completions.is_empty() && before > 0 {
+            if std::mem::take(&mut room) && before > 0 {
                 self.retry_held();
             }
             if self.held.len() == before {

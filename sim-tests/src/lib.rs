@@ -247,6 +247,8 @@ pub fn swarm(seed: u64, virtual_secs: f64) -> WorldConfig {
         };
         c.tunings.push((at, client, server));
     }
+    // Drawn last, so every earlier draw of a seed stays what it was.
+    c.hold_refused = rng.chance(0.5);
     c
 }
 
@@ -270,11 +272,12 @@ pub fn describe(c: &WorldConfig) -> String {
         }
     }
     format!(
-        "channels={} qd={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
+        "channels={} qd={} hold_refused={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
          server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
          keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}] tunings=[{}]",
         c.channels,
         c.queue_depth,
+        c.hold_refused,
         c.disk_sectors,
         c.io_sectors_max,
         c.max_dirty_bytes,

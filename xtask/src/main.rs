@@ -168,6 +168,7 @@ fn ci() -> Result<(), String> {
         ("no-dirty-log", "mirror", "4"),
         ("no-in-sync-gate", "mirror", "4"),
         ("no-fan-out", "mirror", "4"),
+        ("no-room", "steady", "2"),
     ] {
         sim(&args(&[
             "--madsim",

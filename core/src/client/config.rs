@@ -37,6 +37,8 @@ pub struct Sabotage {
     /// Free only what a FLUSH covered by acknowledgement, not what the
     /// server executed before it.
     pub no_flush_frontier: bool,
+    /// Never say Room after refusing an IO with Busy.
+    pub no_room: bool,
 }
 
 /// Everything the client engine needs; defaults suit production.

@@ -111,7 +111,9 @@ impl IoRequest {
 /// Why submit refused an IO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubmitError {
-    /// The journal or dirty window is full: retry after a completion.
+    /// The journal or dirty window is full: retry after the engine
+    /// emits [`ClientAction::Room`] (a completion alone does not make
+    /// room: a finished write grows the dirty window).
     Busy,
     /// The request is inconsistent (the message says how).
     Invalid(&'static str),
@@ -120,7 +122,7 @@ pub enum SubmitError {
 impl fmt::Display for SubmitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SubmitError::Busy => f.write_str("client queue full, retry after a completion"),
+            SubmitError::Busy => f.write_str("client queue full, retry when there is room"),
             SubmitError::Invalid(why) => write!(f, "invalid request: {why}"),
         }
     }
@@ -249,6 +251,10 @@ pub enum ClientAction {
     Complete(Completion),
     /// Something to log.
     Notice(Notice),
+    /// The request [`ClientEngine::submit`] last refused with Busy would
+    /// now be accepted: submit what was held back. Emitted once per
+    /// refusal, and only after every other pending action.
+    Room,
 }
 
 /// The export as the server described it.
@@ -340,7 +346,31 @@ pub struct ClientEngine {
     actions: VecDeque<ClientAction>,
     stats: ClientStats,
     latency: OpLatency,
-    closing: bool,
+    leaving: Leaving,
+    /// What the request last refused with Busy needed, until there is
+    /// room for it and [`ClientAction::Room`] says so. A driver may have
+    /// nothing else in flight to wake it (the dirty window drains by an
+    /// internal FLUSH, which completes no user IO).
+    refused: Option<Need>,
+}
+
+/// Where the client is in leaving its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leaving {
+    /// Not leaving.
+    No,
+    /// [`ClientEngine::close`] was called: no new IO; what is in flight
+    /// finishes and the dirty window is flushed before GOODBYE.
+    Draining,
+    /// GOODBYE sent (or the client gave up): every channel closed for good.
+    Closed,
+}
+
+/// What one submission needs from the client's bounds.
+#[derive(Debug, Clone, Copy)]
+struct Need {
+    bytes: u64,
+    mutates: bool,
 }
 
 impl ClientEngine {
@@ -366,7 +396,8 @@ impl ClientEngine {
             actions: VecDeque::new(),
             stats: ClientStats::default(),
             latency: OpLatency::default(),
-            closing: false,
+            leaving: Leaving::No,
+            refused: None,
             config,
         })
     }
@@ -547,12 +578,27 @@ impl ClientEngine {
     /// The next action for the driver, in order.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<ClientAction> {
-        self.actions.pop_front()
+        if let Some(action) = self.actions.pop_front() {
+            return Some(action);
+        }
+        let need = self.refused?;
+        if self.fits(need) && !self.config.sabotage.no_room {
+            self.refused = None;
+            return Some(ClientAction::Room);
+        }
+        None
+    }
+
+    /// Whether the journal and the dirty window have room for `need`.
+    fn fits(&self, need: Need) -> bool {
+        self.journal.user_count() < self.config.max_queued
+            && self.journal.user_bytes() + need.bytes <= self.config.max_journal_bytes
+            && !(need.mutates && self.dirty.bytes() >= self.config.max_dirty_bytes)
     }
 
     /// Submits an IO; its [`Completion`] carries `user`.
     pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) -> Result<(), SubmitError> {
-        if self.closing {
+        if self.leaving != Leaving::No {
             return Err(SubmitError::Invalid("client is closing"));
         }
         match io.op {
@@ -574,11 +620,19 @@ impl ClientEngine {
                 return Err(SubmitError::Invalid("longer than the server's max payload"));
             }
         }
-        if self.journal.user_count() >= self.config.max_queued
-            || self.journal.user_bytes() + io.data.len() as u64 > self.config.max_journal_bytes
-            || (io.op.mutates() && self.dirty.bytes() >= self.config.max_dirty_bytes)
-        {
+        let need = Need {
+            bytes: io.data.len() as u64,
+            mutates: io.op.mutates(),
+        };
+        if need.bytes > self.config.max_journal_bytes {
+            // No amount of waiting makes room for it.
+            return Err(SubmitError::Invalid(
+                "longer than the client's max_journal_bytes",
+            ));
+        }
+        if !self.fits(need) {
             self.stats.busy += 1;
+            self.refused = Some(need);
             self.maybe_flush_dirty();
             return Err(SubmitError::Busy);
         }
@@ -608,10 +662,56 @@ impl ClientEngine {
         Ok(())
     }
 
-    /// Leaves the session for good: the server frees its state. Pending IO
-    /// is abandoned (the caller should drain first).
-    pub fn close(&mut self) {
-        self.closing = true;
+    /// Starts leaving the session for good. New IO is refused; IO in
+    /// flight finishes; then writes acknowledged but not yet flushed are
+    /// flushed (after GOODBYE the server frees the session, and a power
+    /// loss could no longer be repaired by replay), and GOODBYE goes out.
+    /// [`ClientEngine::is_closed`] says when; a driver that cannot wait
+    /// calls [`ClientEngine::abandon`].
+    pub fn close(&mut self, now: Instant) {
+        if self.leaving == Leaving::No {
+            self.leaving = Leaving::Draining;
+            self.pump(now);
+        }
+    }
+
+    /// Whether the client has left: GOODBYE sent after everything in
+    /// flight finished and was flushed, or given up by
+    /// [`ClientEngine::abandon`].
+    pub fn is_closed(&self) -> bool {
+        self.leaving == Leaving::Closed
+    }
+
+    /// Leaves at once, without waiting for the server (it is unreachable,
+    /// or the caller's patience ran out): every unfinished IO fails with
+    /// [`IoErrorKind::Closed`], and writes acknowledged but not yet
+    /// flushed are no longer the client's to replay. Returns their bytes,
+    /// for the caller to report.
+    pub fn abandon(&mut self, now: Instant) -> u64 {
+        let unfinished: Vec<u64> = self.journal.entries.keys().copied().collect();
+        for id in unfinished {
+            self.fail_entry(id, IoErrorKind::Closed, now);
+        }
+        let unflushed = self.dirty.bytes();
+        self.leave();
+        unflushed
+    }
+
+    /// Once draining has nothing left in flight: flushes what is still
+    /// dirty, then says GOODBYE.
+    fn drain_for_close(&mut self) {
+        if self.leaving != Leaving::Draining || self.journal.len() > 0 {
+            return;
+        }
+        if self.dirty.bytes() > 0 {
+            self.issue_dirty_flush();
+        } else {
+            self.leave();
+        }
+    }
+
+    fn leave(&mut self) {
+        self.leaving = Leaving::Closed;
         if let Some(slot) = self.channels.iter().position(Channel::is_ready) {
             let ch = self.id_of(slot);
             self.send_msg(ch, &Message::Goodbye);
@@ -1239,7 +1339,8 @@ impl ClientEngine {
     }
 
     fn may_connect(&self, slot: usize) -> bool {
-        !self.closing && (self.session.is_some() || self.leader.is_none_or(|l| l as usize == slot))
+        self.leaving != Leaving::Closed
+            && (self.session.is_some() || self.leader.is_none_or(|l| l as usize == slot))
     }
 
     fn connect(&mut self, slot: usize, now: Instant) {
@@ -1296,7 +1397,8 @@ impl ClientEngine {
 
     /// Sends whatever may go now.
     fn pump(&mut self, now: Instant) {
-        if !self.closing {
+        self.drain_for_close();
+        if self.leaving != Leaving::Closed {
             for slot in 0..self.channels.len() {
                 if let ChanState::Idle { retry_at } = self.channels[slot].state {
                     if retry_at <= now && self.may_connect(slot) {
@@ -1333,7 +1435,15 @@ impl ClientEngine {
 
     /// Keeps the dirty window from filling: past half of it, flush.
     fn maybe_flush_dirty(&mut self) {
-        if self.dirty.bytes() * 2 < self.config.max_dirty_bytes || self.journal.has_dirty_flush() {
+        if self.dirty.bytes() * 2 >= self.config.max_dirty_bytes {
+            self.issue_dirty_flush();
+        }
+    }
+
+    /// A FLUSH of the engine's own for the dirty window, unless one is
+    /// already on its way.
+    fn issue_dirty_flush(&mut self) {
+        if self.journal.has_dirty_flush() {
             return;
         }
         self.stats.dirty_flushes += 1;

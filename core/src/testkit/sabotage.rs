@@ -34,11 +34,14 @@ pub enum Sabotage {
     NoInSyncGate,
     /// A volume sends each write to one mirror leg only.
     NoFanOut,
+    /// The client never says Room after refusing an IO with Busy, so a
+    /// driver holding that IO waits forever.
+    NoRoom,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 11] = [
+    pub const ALL: [Sabotage; 12] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -50,6 +53,7 @@ impl Sabotage {
         Sabotage::NoDirtyLog,
         Sabotage::NoInSyncGate,
         Sabotage::NoFanOut,
+        Sabotage::NoRoom,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -66,6 +70,7 @@ impl Sabotage {
             Sabotage::NoDirtyLog => "no-dirty-log",
             Sabotage::NoInSyncGate => "no-in-sync-gate",
             Sabotage::NoFanOut => "no-fan-out",
+            Sabotage::NoRoom => "no-room",
         }
     }
 
@@ -97,6 +102,7 @@ impl Sabotage {
             Sabotage::NoOverlapOrder => s.no_overlap_order = true,
             Sabotage::NoRestartGate => s.no_restart_gate = true,
             Sabotage::NoFlushFrontier => s.no_flush_frontier = true,
+            Sabotage::NoRoom => s.no_room = true,
             Sabotage::NoDedup
             | Sabotage::NoOverlapGate
             | Sabotage::NoDirtyLog

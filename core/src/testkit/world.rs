@@ -7,7 +7,7 @@ use super::vocabulary::Fault;
 use crate::auth::Key;
 use crate::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ClientTuning, IoRequest,
-    Policy, Sabotage,
+    Policy, Sabotage, SubmitError,
 };
 use crate::rng::SplitMix64;
 use crate::server::{
@@ -139,6 +139,12 @@ pub struct WorldConfig {
     /// Runtime tuning at virtual times after the start, as an operator's
     /// `braid set` would do it: (when, client changes, server changes).
     pub tunings: Vec<(Duration, ClientTuning, ServerTuning)>,
+    /// How the workload meets Busy. True: as the production driver does,
+    /// it submits nothing more until the client says Room, so a lost
+    /// wake-up hangs the run and shows as a liveness violation. False: it
+    /// draws another IO at the next event (an unordered driver; the
+    /// queue stays deeper, which the teeth runs rely on).
+    pub hold_refused: bool,
 }
 
 impl WorldConfig {
@@ -171,6 +177,7 @@ impl WorldConfig {
             server_max_payload: 1 << 20,
             server_clock: (Duration::ZERO, 1.0),
             tunings: Vec::new(),
+            hold_refused: false,
         }
     }
 }
@@ -345,6 +352,10 @@ pub struct World {
     checker: Checker,
     next_op: u64,
     outstanding: BTreeMap<u64, IoRequest>,
+    /// The client said Busy and `hold_refused` is on: submit nothing
+    /// more until it says Room, then `held` first.
+    blocked: bool,
+    held: Option<IoRequest>,
     client_timer: Option<Instant>,
     server_timer: Option<Instant>,
     faults: BTreeMap<Fault, u64>,
@@ -419,6 +430,8 @@ impl World {
             checker,
             next_op: 1,
             outstanding: BTreeMap::new(),
+            blocked: false,
+            held: None,
             client_timer: None,
             server_timer: None,
             faults: BTreeMap::new(),
@@ -504,11 +517,11 @@ impl World {
             }
             self.check_bounds();
             self.check_engines();
-            if !self.faulty && self.outstanding.is_empty() {
+            if !self.faulty && self.outstanding.is_empty() && self.held.is_none() {
                 break;
             }
         }
-        let outstanding = self.outstanding.len();
+        let outstanding = self.outstanding.len() + usize::from(self.held.is_some());
         if outstanding > 0 {
             self.checker.report(Violation::Liveness { outstanding });
         }
@@ -650,7 +663,7 @@ impl World {
                 break;
             }
         }
-        if self.faulty {
+        if self.faulty || self.held.is_some() {
             self.fill_queue();
             while let Some(a) = self.client.poll_action() {
                 self.client_action(a);
@@ -714,6 +727,7 @@ impl World {
                 self.checker.complete(c.user, result, io.fua);
             }
             ClientAction::Notice(_) => {}
+            ClientAction::Room => self.blocked = false,
         }
     }
 
@@ -848,20 +862,46 @@ impl World {
     }
 
     fn fill_queue(&mut self) {
+        if self.blocked {
+            return;
+        }
+        // A held IO goes first, and even after the faults stop: the
+        // driver owes it to its caller.
+        if let Some(io) = self.held.take() {
+            if !self.try_submit(io) {
+                return;
+            }
+        }
         while self.faulty
             && self.outstanding.len() < self.cfg.queue_depth
             && self.next_op <= self.cfg.ios_max
         {
             let io = self.next_io();
-            let id = self.next_op;
-            match self.client.submit(id, io.clone(), self.now) {
-                Ok(()) => {
-                    self.next_op += 1;
-                    self.checker.submit(id, io.op, io.offset, io.len);
-                    self.outstanding.insert(id, io);
-                }
-                Err(_) => break,
+            if !self.try_submit(io) {
+                break;
             }
+        }
+    }
+
+    /// Submits `io` as the next operation; false if the client refused it
+    /// (then, with `hold_refused`, it is held until Room).
+    fn try_submit(&mut self, io: IoRequest) -> bool {
+        let id = self.next_op;
+        match self.client.submit(id, io.clone(), self.now) {
+            Ok(()) => {
+                self.next_op += 1;
+                self.checker.submit(id, io.op, io.offset, io.len);
+                self.outstanding.insert(id, io);
+                true
+            }
+            Err(SubmitError::Busy) => {
+                if self.cfg.hold_refused {
+                    self.held = Some(io);
+                    self.blocked = true;
+                }
+                false
+            }
+            Err(SubmitError::Invalid(_)) => false,
         }
     }
 

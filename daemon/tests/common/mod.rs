@@ -35,8 +35,20 @@ pub fn wait_for(path: &Path) {
     }
 }
 
+/// Where a child's log goes: a file named `NAME.log` in
+/// BRAID_TEST_LOG_DIR when that is set (for a failure to read), else
+/// nowhere.
+fn log_for(name: &str) -> Stdio {
+    match std::env::var_os("BRAID_TEST_LOG_DIR") {
+        Some(dir) => {
+            Stdio::from(std::fs::File::create(Path::new(&dir).join(format!("{name}.log"))).unwrap())
+        }
+        None => Stdio::null(),
+    }
+}
+
 /// `braid serve` of one export `disk0` of `size` in `dir` on `port`, with
-/// `extra` flags, its output discarded.
+/// `extra` flags, its log kept only as `log_for` says.
 pub fn serve(dir: &Path, port: u16, size: &str, extra: &[&str]) -> Killed {
     Killed(
         Command::new(BRAID)
@@ -50,7 +62,7 @@ pub fn serve(dir: &Path, port: u16, size: &str, extra: &[&str]) -> Killed {
                 dir.join("disk0.img").display()
             ))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_for(&format!("serve-{port}")))
             .spawn()
             .unwrap(),
     )
@@ -63,14 +75,7 @@ pub fn attach(args: &[&str], sock: &Path, control: &Path, env: &[(&str, &Path)])
     for (k, v) in env {
         cmd.env(k, v);
     }
-    // BRAID_TEST_LOG_DIR keeps each attach's log, for a failure to read.
-    let log = match std::env::var_os("BRAID_TEST_LOG_DIR") {
-        Some(dir) => {
-            let name = control.file_name().unwrap().to_string_lossy().to_string();
-            Stdio::from(std::fs::File::create(Path::new(&dir).join(format!("{name}.log"))).unwrap())
-        }
-        None => Stdio::null(),
-    };
+    let log = log_for(&control.file_name().unwrap().to_string_lossy());
     let child = cmd
         .arg("attach")
         .args(args)
