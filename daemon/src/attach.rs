@@ -19,8 +19,11 @@ use tokio::sync::Notify;
 pub(crate) struct AttachArgs {
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    ublk: crate::ublk::UblkArgs,
     /// Serve the volume over NBD on this unix socket path or TCP
-    /// host:port; repeatable [default: DATA_DIR/EXPORT.nbd.sock].
+    /// host:port; repeatable [default without --ublk:
+    /// DATA_DIR/EXPORT.nbd.sock].
     #[arg(long)]
     nbd: Vec<String>,
     /// Allow --nbd on a TCP address other machines reach (NBD has no
@@ -213,7 +216,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         .transpose()?;
     let client = args.client.connect().await?;
     let info = client.info();
-    let nbd_addrs = if args.nbd.is_empty() {
+    let nbd_addrs = if args.nbd.is_empty() && !args.ublk.wanted() {
         std::fs::create_dir_all(&data_dir)
             .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
         vec![data_dir
@@ -252,11 +255,31 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         uris.push(uri);
         tasks.push(task);
     }
+    let volume = crate::ublk::Volume {
+        size: info.size,
+        block_size: info.block_size,
+        read_only: nbd_export.read_only,
+    };
+    let device = match crate::ublk::maybe_create(&args.ublk, volume, target.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            client.close().await;
+            remove_sockets(&nbd_addrs, &control);
+            return Err(e);
+        }
+    };
+    let block_device = device
+        .as_ref()
+        .map(|d| d.block_path().display().to_string());
     println!(
         "braid volume {export:?} ({}) from {} attached",
         crate::config::human_size(info.size),
         args.client.server
     );
+    if let Some(path) = &block_device {
+        println!("device:   {path}");
+    }
     for (uri, addr) in uris.iter().zip(&nbd_addrs) {
         println!("nbd:      {uri}");
         if addr.contains('/') {
@@ -276,11 +299,15 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             uris.clone(),
             args.client.server.clone(),
         );
-        let export = export.clone();
+        let (export, block_device) = (export.clone(), block_device.clone());
         crate::control::serve(control.clone(), move |command| {
             use crate::control::now;
             match command {
-                "status" => return now(document(&client, &server, &export, &uris)),
+                "status" => {
+                    let mut doc = document(&client, &server, &export, &uris);
+                    doc["ublk"] = block_device.clone().into();
+                    return now(doc);
+                }
                 "detach" => {
                     stop.notify_one();
                     return now(serde_json::json!({"detaching": export}));
@@ -305,8 +332,10 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             }))
         });
     }
-    // NBD clients' in-flight requests finish first, then the session ends.
+    // NBD clients' and the block device's in-flight requests finish
+    // first, then the session ends.
     wait_then_drain(&stop, stop_tx, tasks).await?;
+    crate::ublk::remove(device).await;
     crate::client_args::print_channels(&client);
     client.close().await;
     remove_sockets(&nbd_addrs, &control);
@@ -469,7 +498,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     });
     let legs: Vec<Client> = clients.values().cloned().collect();
     let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
-    let nbd_addrs = if args.nbd.is_empty() {
+    let nbd_addrs = if args.nbd.is_empty() && !args.ublk.wanted() {
         vec![data_dir
             .join(format!("{}.nbd.sock", file.name))
             .display()
@@ -501,12 +530,34 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         println!("nbd:      {uri}");
         tasks.push(task);
     }
+    let geometry = crate::ublk::Volume {
+        size: volume.size(),
+        block_size: volume.block_size(),
+        read_only: false,
+    };
+    let device = match crate::ublk::maybe_create(&args.ublk, geometry, target.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            for c in legs {
+                c.close().await;
+            }
+            remove_sockets(&nbd_addrs, &control);
+            return Err(e);
+        }
+    };
+    let block_device = device
+        .as_ref()
+        .map(|d| d.block_path().display().to_string());
     println!(
         "braid volume {:?} ({}) over {} legs attached",
         file.name,
         crate::config::human_size(volume.size()),
         file.legs.len()
     );
+    if let Some(path) = &block_device {
+        println!("device:   {path}");
+    }
     println!("status:   braid status --control {}", control.display());
     if let Some(m) = metrics {
         println!("metrics:  {}", m.url());
@@ -515,11 +566,16 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     let stop = Arc::new(Notify::new());
     {
         let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());
+        let block_device = block_device.clone();
         crate::control::serve(control.clone(), move |command| {
             use crate::control::now;
             let words: Vec<&str> = command.split_whitespace().collect();
             match words.as_slice() {
-                ["status"] => now(volume_document(&volume, &name)),
+                ["status"] => {
+                    let mut doc = volume_document(&volume, &name);
+                    doc["ublk"] = block_device.clone().into();
+                    now(doc)
+                }
                 ["detach"] => {
                     stop.notify_one();
                     now(serde_json::json!({ "detaching": name }))
@@ -543,6 +599,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         });
     }
     wait_then_drain(&stop, stop_tx, tasks).await?;
+    crate::ublk::remove(device).await;
     for c in legs {
         c.close().await;
     }

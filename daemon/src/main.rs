@@ -16,6 +16,7 @@ mod serve;
 mod soak;
 mod status;
 mod tuning;
+mod ublk;
 mod verify;
 mod volume;
 

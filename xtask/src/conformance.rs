@@ -6,7 +6,9 @@
 //! qemu-img, qemu-io, nbdcopy and fio with verification. VM part: the
 //! kernel's nbd-client in `../shared/tools/vmlab`: mkfs.ext4, mount, write,
 //! fsck, straight to `braid serve` and through `braid attach` with the
-//! server killed under it. Every row names the spec clause it checks; the
+//! server killed under it; and `braid attach --ublk` (conformance/ublk.sh:
+//! /dev/ublkbN with raw IO, discard, fio verify, ext4 across a server
+//! kill, detach), in the same boot. Every row names the spec clause it checks; the
 //! run fails on any failed row. Missing tools fail the run under CI (the
 //! `CI` environment variable) and are skipped elsewhere.
 
@@ -690,14 +692,14 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
     }
     let dir = work.join("vm");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let script = root.join("xtask/conformance/kernel_nbd.sh");
-    eprintln!("==> booting the VM for the kernel nbd-client checks (about a minute under TCG)");
+    let scripts = root.join("xtask/conformance");
+    eprintln!("==> booting the VM for the kernel nbd-client and ublk checks (about two minutes under TCG)");
     let o = output(
         Command::new(&vmlab)
             .arg("run")
             .arg(root)
             .arg("bash")
-            .arg(&script)
+            .arg(scripts.join("vm.sh"))
             .arg(braid)
             .arg(&dir)
             .env("VMLAB_TIMEOUT", "900"),
@@ -705,12 +707,17 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
     let out = text(&o);
     let mut rows = 0;
     for line in out.lines() {
-        if let Some(r) = line.strip_prefix("ok ") {
-            rows += 1;
-            report.add(target, "kernel nbd-client", r, Verdict::Pass);
+        let (row, verdict) = if let Some(r) = line.strip_prefix("ok ") {
+            (r, Verdict::Pass)
         } else if let Some(r) = line.strip_prefix("FAIL ") {
-            rows += 1;
-            report.add(target, "kernel nbd-client", r, Verdict::Fail(String::new()));
+            (r, Verdict::Fail(String::new()))
+        } else {
+            continue;
+        };
+        rows += 1;
+        match row.strip_prefix("ublk: ") {
+            Some(r) => report.add("vm/ublk", "ublk block device", r, verdict),
+            None => report.add(target, "kernel nbd-client", row, verdict),
         }
     }
     if !o.status.success() || rows == 0 {
