@@ -209,6 +209,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     // Before connecting: a second attach of one volume must not take the
     // first one's sockets over.
     crate::control::ensure_unused(&control)?;
+    crate::ublk::preflight(&args.ublk)?;
     let metrics = args
         .metrics
         .as_deref()
@@ -332,6 +333,10 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             }))
         });
     }
+    crate::systemd::ready(&match &block_device {
+        Some(path) => format!("volume {export} attached as {path}"),
+        None => format!("volume {export} attached over NBD"),
+    });
     // NBD clients' and the block device's in-flight requests finish
     // first, then the session ends.
     wait_then_drain(&stop, stop_tx, tasks).await?;
@@ -457,6 +462,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
     crate::control::ensure_unused(&control)?;
+    crate::ublk::preflight(&args.ublk)?;
     let metrics = args
         .metrics
         .as_deref()
@@ -598,6 +604,10 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
             }
         });
     }
+    crate::systemd::ready(&match &block_device {
+        Some(path) => format!("volume {} attached as {path}", file.name),
+        None => format!("volume {} attached over NBD", file.name),
+    });
     wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::ublk::remove(device).await;
     for c in legs {
@@ -663,6 +673,7 @@ async fn wait_then_drain(
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
         _ = stop.notified() => tracing::info!("detach requested"),
     }
+    crate::systemd::stopping();
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;

@@ -15,6 +15,7 @@ mod progress;
 mod serve;
 mod soak;
 mod status;
+mod systemd;
 mod tuning;
 mod ublk;
 mod verify;

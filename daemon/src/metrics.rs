@@ -132,6 +132,7 @@ impl Collector for ServerMetrics {
             ("braid_server_sessions_freed", "Sessions whose state was freed.", st.sessions_freed),
             ("braid_server_requests", "Requests received, every copy.", st.requests),
             ("braid_server_backend_ops", "Backend operations issued.", st.backend_ops),
+            ("braid_server_fua_requests", "Requests admitted with FUA.", st.fua_requests),
             ("braid_server_recorded_replies", "Resent requests answered from the result cache.", st.recorded_replies),
             ("braid_server_joined", "Resent requests joined to one still executing.", st.joined),
             ("braid_server_stale_dropped", "Stale copies dropped (id below the client's floor).", st.stale_dropped),

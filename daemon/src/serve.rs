@@ -260,6 +260,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             _ = term.recv() => tracing::info!("SIGTERM: draining"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
         }
+        crate::systemd::stopping();
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
@@ -273,6 +274,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             if let Some(m) = metrics {
                 m.serve_server(server.clone(), export_info.clone());
             }
+            crate::systemd::ready(&format!(
+                "serving {} export(s) on {}",
+                export_info.len(),
+                server.local_addr()
+            ));
             status::serve_control(control, server, export_info);
         },
     )

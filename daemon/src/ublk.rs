@@ -51,6 +51,14 @@ impl Target for OnRuntime {
     }
 }
 
+/// Before connecting to anything: can this process make the device?
+pub(crate) fn preflight(args: &UblkArgs) -> Result<(), String> {
+    if args.wanted() {
+        braid_frontend_ublk::check_available().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// What the device needs to know of the volume.
 pub(crate) struct Volume {
     pub(crate) size: u64,

@@ -23,10 +23,16 @@ impl Control {
             .write(true)
             .open(CONTROL_PATH)
             .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("{CONTROL_PATH}: {e} (is the ublk_drv module loaded? `modprobe ublk_drv`; Linux 6.0 or later)"),
-                )
+                let fix = match e.kind() {
+                    io::ErrorKind::PermissionDenied => {
+                        "creating block devices needs root (or CAP_SYS_ADMIN)"
+                    }
+                    io::ErrorKind::NotFound => {
+                        "is the ublk_drv module loaded? `modprobe ublk_drv` (Linux 6.0 or later)"
+                    }
+                    _ => "ublk needs Linux 6.0 or later with ublk_drv loaded",
+                };
+                io::Error::new(e.kind(), format!("{CONTROL_PATH}: {e} ({fix})"))
             })?;
         let ring = IoUring::builder().build(4)?;
         Ok(Control { file, ring })

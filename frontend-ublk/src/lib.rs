@@ -173,6 +173,12 @@ fn step<T>(what: impl Into<String>, r: io::Result<T>) -> Result<T, UblkError> {
     })
 }
 
+/// Whether this process can make ublk devices here (the driver is loaded
+/// and the control device opens); the error names the fix.
+pub fn check_available() -> Result<(), UblkError> {
+    step("open the control device", ctrl::Control::open()).map(drop)
+}
+
 /// A running /dev/ublkbN.
 pub struct Device {
     id: u32,

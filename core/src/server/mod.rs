@@ -164,6 +164,8 @@ pub struct ServerStats {
     pub requests: u64,
     /// Backend operations issued.
     pub backend_ops: u64,
+    /// Requests admitted with FUA (durable before their answer).
+    pub fua_requests: u64,
     /// Resent requests answered from the result cache.
     pub recorded_replies: u64,
     /// Resent requests joined to one still executing.
@@ -999,6 +1001,7 @@ impl ServerEngine {
         let token = self.next_token;
         self.next_token += 1;
         let fua = req.flags & FLAG_FUA != 0;
+        self.stats.fua_requests += u64::from(fua);
         let len = req.length;
         let op = match req.op {
             Op::Read => BackendOp::Read {

@@ -1094,6 +1094,7 @@ fn add_stats(total: &mut ServerStats, s: &ServerStats) {
     total.sessions_freed += s.sessions_freed;
     total.requests += s.requests;
     total.backend_ops += s.backend_ops;
+    total.fua_requests += s.fua_requests;
     total.recorded_replies += s.recorded_replies;
     total.joined += s.joined;
     total.stale_dropped += s.stale_dropped;
