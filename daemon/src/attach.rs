@@ -260,6 +260,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         size: info.size,
         block_size: info.block_size,
         read_only: nbd_export.read_only,
+        max_request: info.max_payload,
     };
     let device = match crate::ublk::maybe_create(&args.ublk, volume, target.clone()).await {
         Ok(d) => d,
@@ -540,6 +541,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         size: volume.size(),
         block_size: volume.block_size(),
         read_only: false,
+        max_request: max_payload,
     };
     let device = match crate::ublk::maybe_create(&args.ublk, geometry, target.clone()).await {
         Ok(d) => d,

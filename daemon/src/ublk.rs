@@ -64,6 +64,9 @@ pub(crate) struct Volume {
     pub(crate) size: u64,
     pub(crate) block_size: u32,
     pub(crate) read_only: bool,
+    /// The largest braid request: the device's requests are kept no
+    /// larger, so each is one braid request.
+    pub(crate) max_request: u32,
 }
 
 /// With --ublk, creates the device and returns once /dev/ublkbN exists.
@@ -82,6 +85,8 @@ pub(crate) async fn maybe_create(
     }
     config.depth = args.depth;
     config.read_only = volume.read_only;
+    let whole_pages = volume.max_request - volume.max_request % 4096;
+    config.max_io_bytes = config.max_io_bytes.min(whole_pages.max(4096));
     let target = Arc::new(OnRuntime {
         target,
         runtime: Handle::current(),

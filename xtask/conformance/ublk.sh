@@ -238,7 +238,7 @@ if modprobe dm-mod 2>/dev/null && modprobe loop 2>/dev/null && command -v dmsetu
   SERVER=$!
   wait_for 60 test -e "$WORK/srv2/keys.toml"
   "$BRAID" attach --server 127.0.0.1:7461 --key-file "$WORK/srv2/keys.toml" --export bad \
-    --ublk --control "$WORK/bad.ctl" >"$LOGS/ublk-attach-bad.log" 2>&1 &
+    --ublk --io-timeout 3 --control "$WORK/bad.ctl" >"$LOGS/ublk-attach-bad.log" 2>&1 &
   ATTACH=$!
   if wait_for 60 grep -q '^device:' "$LOGS/ublk-attach-bad.log"; then
     DEV=$(awk '/^device:/ {print $2}' "$LOGS/ublk-attach-bad.log")
@@ -253,6 +253,18 @@ if modprobe dm-mod 2>/dev/null && modprobe loop 2>/dev/null && command -v dmsetu
       ok "the rest of the device works on after the error"
     else
       fail "IO outside the failing blocks after the error"
+    fi
+    # A server that never answers: with --io-timeout 3 the read fails
+    # (EIO) instead of waiting, and the device works once it answers.
+    kill -STOP "$SERVER"
+    timeout 30 dd if="$DEV" of=/dev/null bs=4k skip=300 count=1 iflag=direct status=none 2>"$WORK/to.err"
+    rc=$?
+    kill -CONT "$SERVER"
+    if [ "$rc" != 0 ] && [ "$rc" != 124 ] && grep -q "Input/output error" "$WORK/to.err" &&
+       dd if="$DEV" of=/dev/null bs=4k skip=300 count=1 iflag=direct status=none; then
+      ok "--io-timeout: a stopped server's read fails with EIO, and IO works when it answers again"
+    else
+      fail "--io-timeout with a stopped server: dd status $rc, $(cat "$WORK/to.err")"
     fi
   else
     fail "attach --ublk of an export on device-mapper: $(tail -3 "$LOGS/ublk-attach-bad.log")"
