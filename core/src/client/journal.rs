@@ -146,9 +146,9 @@ impl Journal {
         if entry.origin == Origin::Replay {
             self.replays += 1;
         }
-        if entry.gating {
-            self.gating += 1;
-        }
+        // Only gate_unresolved_mutations gates, and only entries already
+        // here: the gating count starts at insertion with nothing to add.
+        debug_assert!(!entry.gating, "entry {id} inserted already gating");
         let class = Self::class_of(&entry);
         self.entries.insert(id, entry);
         self.queue_of(class).push_back(id);
