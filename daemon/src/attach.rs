@@ -453,7 +453,7 @@ pub(crate) async fn detach(args: DetachArgs) -> Result<(), String> {
 /// `braid attach --volume FILE`: every leg's session, the volume driver
 /// over them, and the NBD face.
 async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
-    use braid_core::volume::{LegInfo, VolumeMap};
+    use braid_core::volume::VolumeMap;
     let file = crate::volume::VolumeFile::load(&path)?;
     let data_dir = crate::config::default_data_dir();
     std::fs::create_dir_all(&data_dir)
@@ -472,31 +472,65 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     let mut clients = std::collections::HashMap::new();
     let mut infos = std::collections::HashMap::new();
     let mut max_payload = u32::MAX;
-    for leg in &file.legs {
-        let mut c = args.client.clone();
-        c.server = leg.server.clone();
-        c.export = leg.export.clone();
-        if leg.key_file.is_some() {
-            c.key_file = leg.key_file.clone();
-        }
-        let client = c
-            .connect()
-            .await
-            .map_err(|e| format!("leg {:?} ({} on {}): {e}", leg.name, leg.export, leg.server))?;
+    // Legs whose server does not answer now: a mirror attaches without
+    // them, and they are resynced when they return.
+    let mut down = Vec::new();
+    let mut reached = None;
+    // Every leg at once: one that is down costs its connect timeout once,
+    // not once per leg before it.
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, leg) in file.legs.iter().enumerate() {
+        let c = leg_args(&args.client, leg);
+        attempts.spawn(async move { (i, c.connect().await) });
+    }
+    let mut answers = attempts.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    for (leg, (_, answer)) in file.legs.iter().zip(answers) {
+        let client = match answer {
+            Ok(client) => client,
+            Err(e) => {
+                let why = format!("leg {:?} ({} on {}): {e}", leg.name, leg.export, leg.server);
+                down.push((leg, why));
+                continue;
+            }
+        };
         let i = client.info();
+        reached.get_or_insert(i);
         max_payload = max_payload.min(i.max_payload - i.max_payload % i.block_size);
-        infos.insert(
-            leg.name.clone(),
-            LegInfo {
-                size: i.size,
-                block_size: i.block_size,
-                read_only: i.flags & EXPORT_READ_ONLY != 0,
-            },
-        );
+        infos.insert(leg.name.clone(), leg_info(&i));
         clients.insert(leg.name.clone(), client);
+    }
+    let Some(like) = reached else {
+        let whys: Vec<String> = down.into_iter().map(|(_, why)| why).collect();
+        return Err(format!(
+            "no leg of the volume answers:\n  {}",
+            whys.join("\n  ")
+        ));
+    };
+    // A mirror's legs are alike: the first leg reached stands in for the
+    // ones that were not, until they answer and show their own.
+    for (leg, _) in &down {
+        infos.insert(leg.name.clone(), leg_info(&like));
     }
     let map = VolumeMap::new(&file.spec()?, |n| infos.get(n).copied())
         .map_err(|e| format!("volume {}: {e}", path.display()))?;
+    for (leg, why) in &down {
+        let leaf = map.leaves().iter().position(|n| *n == leg.name);
+        let mirrored = map
+            .map(0, map.size())
+            .iter()
+            .filter(|seg| seg.copies.iter().any(|c| Some(c.leaf) == leaf))
+            .all(|seg| seg.copies.len() > 1);
+        if !mirrored {
+            return Err(format!(
+                "{why}\n(it holds data no other leg has: the volume cannot attach without it)"
+            ));
+        }
+        eprintln!("braid attach: {why}\n  attaching without it: it is resynced when it answers");
+        let c = leg_args(&args.client, leg);
+        let client = c.connect_later(like)?;
+        clients.insert(leg.name.clone(), client);
+    }
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
     let store = Arc::new(crate::volume::FileLogStore {
@@ -618,6 +652,25 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     remove_sockets(&nbd_addrs, &control);
     println!("braid attach: volume detached");
     Ok(())
+}
+
+/// The client flags for one leg of a volume file.
+fn leg_args(base: &ClientArgs, leg: &crate::volume::LegFile) -> ClientArgs {
+    let mut c = base.clone();
+    c.server = leg.server.clone();
+    c.export = leg.export.clone();
+    if leg.key_file.is_some() {
+        c.key_file = leg.key_file.clone();
+    }
+    c
+}
+
+fn leg_info(i: &braid_core::client::ExportInfo) -> braid_core::volume::LegInfo {
+    braid_core::volume::LegInfo {
+        size: i.size,
+        block_size: i.block_size,
+        read_only: i.flags & EXPORT_READ_ONLY != 0,
+    }
 }
 
 fn words_done(suspend: bool) -> &'static str {

@@ -61,7 +61,29 @@ pub(crate) struct ClientArgs {
 }
 
 impl ClientArgs {
+    /// A client that returns at once, taking `expected` as its export,
+    /// and connects in the background (a mirror leg that is down now).
+    pub(crate) fn connect_later(
+        &self,
+        expected: braid_core::client::ExportInfo,
+    ) -> Result<Client, String> {
+        let config = self.config()?;
+        Client::connect_later(self.server.clone(), self.security()?, config, expected)
+            .map_err(|e| e.to_string())
+    }
+
     pub(crate) async fn connect(&self) -> Result<Client, String> {
+        Client::connect(
+            self.server.clone(),
+            self.security()?,
+            self.config()?,
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    fn config(&self) -> Result<ClientConfig, String> {
         let key_file = self
             .key_file
             .clone()
@@ -78,14 +100,7 @@ impl ClientArgs {
         c.io_timeout = self.io_timeout.map(Duration::from_secs_f64);
         c.max_dirty_bytes =
             config::parse_size(&self.dirty_window).map_err(|e| format!("--dirty-window: {e}"))?;
-        Client::connect(
-            self.server.clone(),
-            self.security()?,
-            c,
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|e| e.to_string())
+        Ok(c)
     }
 
     /// What `braid conformance` needs to reach the server.

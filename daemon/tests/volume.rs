@@ -169,3 +169,89 @@ mirror = ["a", "b"]
     assert_eq!((e, back == third), (0, true));
     drop(b);
 }
+
+#[test]
+fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db, state) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("state"),
+    );
+    for d in [&da, &db, &state] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let _a = serve(&da, pa, "16M", &[]);
+    wait_for(&da.join("keys.toml"));
+    // b's server is not running when the volume attaches. Its key file is
+    // a's (the same key serves both once b starts).
+    std::fs::copy(da.join("keys.toml"), db.join("keys.toml")).unwrap();
+    let spec = dir.path().join("v.toml");
+    let write_spec = |map: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                r#"name = "v"
+region = "64KiB"
+leg_timeout = "300ms"
+[[leg]]
+name = "a"
+server = "127.0.0.1:{pa}"
+export = "disk0"
+key_file = "{keys}"
+[[leg]]
+name = "b"
+server = "127.0.0.1:{pb}"
+export = "disk0"
+key_file = "{keys}"
+[map]
+{map}
+"#,
+                keys = da.join("keys.toml").display(),
+            ),
+        )
+        .unwrap()
+    };
+
+    // Linear: b holds data nobody else has, so attaching without it is
+    // refused, naming the leg.
+    write_spec(r#"linear = ["a", "b"]"#);
+    let out = Command::new(BRAID)
+        .args(["attach", "--volume", spec.to_str().unwrap(), "--nbd"])
+        .arg(dir.path().join("refused.sock"))
+        .env("STATE_DIRECTORY", &state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("leg \"b\"") && err.contains("no other leg"),
+        "{err}"
+    );
+
+    write_spec(r#"mirror = ["a", "b"]"#);
+    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let _attach = common::attach(
+        &["--volume", spec.to_str().unwrap()],
+        &sock,
+        &control,
+        &[("STATE_DIRECTORY", &state)],
+    );
+    let (mut nbd, size) = Nbd::connect(&sock, "v");
+    assert_eq!(size, 16 << 20);
+    let data = pattern(7, 1 << 20);
+    assert_eq!(nbd.io(1, 2 << 20, data.len() as u32, &data).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    wait_state(&control, "b", "Away");
+
+    // b's server starts: the leg is reached, resynced and in sync.
+    let _b = serve(&db, pb, "16M", &[]);
+    wait_state(&control, "b", "InSync");
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    let (fa, fb) = (
+        std::fs::read(da.join("disk0.img")).unwrap(),
+        std::fs::read(db.join("disk0.img")).unwrap(),
+    );
+    assert!(fa == fb, "both legs hold the same bytes");
+    assert_eq!(&fb[2 << 20..3 << 20], &data[..]);
+}

@@ -92,13 +92,20 @@ impl Client {
     /// Connects to the server at `addr` (host:port) and waits until the
     /// session is up or `wait` has passed. Once connected, the client
     /// reconnects and fails over by itself for as long as it lives.
-    pub async fn connect(
-        addr: impl Into<String>,
+    #[allow(clippy::type_complexity)]
+    fn spawn(
+        addr: String,
         security: ClientSecurity,
         config: ClientConfig,
-        wait: Duration,
-    ) -> Result<Client, ConnectError> {
-        let addr = addr.into();
+    ) -> Result<
+        (
+            mpsc::Sender<Cmd>,
+            Arc<Mutex<ClientStatus>>,
+            oneshot::Receiver<Result<ExportInfo, String>>,
+            Arc<Mutex<String>>,
+        ),
+        ConnectError,
+    > {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(ClientStatus {
             tuning: ClientTuning::of(&config),
@@ -128,6 +135,18 @@ impl Client {
             last_error: last_error.clone(),
         };
         tokio::spawn(driver.run(cmd_rx));
+        Ok((cmd_tx, status, ready_rx, last_error))
+    }
+
+    /// Connects and waits up to `wait` for the first session.
+    pub async fn connect(
+        addr: impl Into<String>,
+        security: ClientSecurity,
+        config: ClientConfig,
+        wait: Duration,
+    ) -> Result<Client, ConnectError> {
+        let addr = addr.into();
+        let (cmd_tx, status, ready_rx, last_error) = Self::spawn(addr.clone(), security, config)?;
         match tokio::time::timeout(wait, ready_rx).await {
             Ok(Ok(Ok(info))) => Ok(Client {
                 cmds: cmd_tx,
@@ -146,6 +165,48 @@ impl Client {
                 Err(ConnectError { addr, detail })
             }
         }
+    }
+
+    /// A client that does not wait for its server: it returns at once,
+    /// taking `expected` as the export's description, and keeps
+    /// connecting in the background while its IO waits. For a mirror leg
+    /// whose server is down when the volume attaches. If the server, once
+    /// reached, describes a different export (or refuses the client for
+    /// good), the client closes and its IO fails, so the volume leaves
+    /// that leg out.
+    pub fn connect_later(
+        addr: impl Into<String>,
+        security: ClientSecurity,
+        config: ClientConfig,
+        expected: ExportInfo,
+    ) -> Result<Client, ConnectError> {
+        let addr = addr.into();
+        let export = config.export.clone();
+        let (cmd_tx, status, ready_rx, _) = Self::spawn(addr.clone(), security, config)?;
+        let closer = cmd_tx.clone();
+        tokio::spawn(async move {
+            let why = match ready_rx.await {
+                Ok(Ok(info))
+                    if (info.size, info.block_size) == (expected.size, expected.block_size) =>
+                {
+                    tracing::info!(%addr, export, "reached the server at last");
+                    return;
+                }
+                Ok(Ok(info)) => format!(
+                    "its export is {} bytes in {}-byte blocks, the volume expects {} in {}",
+                    info.size, info.block_size, expected.size, expected.block_size
+                ),
+                Ok(Err(detail)) => detail,
+                Err(_) => return,
+            };
+            tracing::error!(%addr, export, why, "leaving this server out");
+            let _ = closer.send(Cmd::Close(oneshot::channel().0)).await;
+        });
+        Ok(Client {
+            cmds: cmd_tx,
+            info: expected,
+            status,
+        })
     }
 
     /// The export as the server described it.
