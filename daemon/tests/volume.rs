@@ -255,3 +255,79 @@ key_file = "{keys}"
     assert!(fa == fb, "both legs hold the same bytes");
     assert_eq!(&fb[2 << 20..3 << 20], &data[..]);
 }
+
+#[test]
+fn a_late_leg_whose_server_has_another_export_is_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db, state, logs) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("state"),
+        dir.path().join("logs"),
+    );
+    for d in [&da, &db, &state, &logs] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let _a = serve(&da, pa, "16M", &[]);
+    wait_for(&da.join("keys.toml"));
+    std::fs::copy(da.join("keys.toml"), db.join("keys.toml")).unwrap();
+    let spec = dir.path().join("v.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "v"
+region = "64KiB"
+leg_timeout = "300ms"
+[[leg]]
+name = "a"
+server = "127.0.0.1:{pa}"
+export = "disk0"
+key_file = "{keys}"
+[[leg]]
+name = "b"
+server = "127.0.0.1:{pb}"
+export = "disk0"
+key_file = "{keys}"
+[map]
+mirror = ["a", "b"]
+"#,
+            keys = da.join("keys.toml").display(),
+        ),
+    )
+    .unwrap();
+    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let log = std::fs::File::create(logs.join("attach.log")).unwrap();
+    let _attach = common::Killed(
+        Command::new(BRAID)
+            .args(["attach", "--volume", spec.to_str().unwrap(), "--nbd"])
+            .arg(&sock)
+            .arg("--control")
+            .arg(&control)
+            .env("STATE_DIRECTORY", &state)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&control);
+    // b answers at last, with an export of another size.
+    let _b = serve(&db, pb, "8M", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(logs.join("attach.log"))
+        .unwrap()
+        .contains("leaving this server out")
+    {
+        assert!(Instant::now() < deadline, "the mismatch was never reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(logs.join("attach.log")).unwrap();
+    assert!(text.contains("8388608 bytes"), "{text}");
+    // The volume goes on, on a.
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    let data = pattern(9, 256 << 10);
+    assert_eq!(nbd.io(1, 0, data.len() as u32, &data).0, 0);
+    let (e, back) = nbd.io(0, 0, data.len() as u32, &[]);
+    assert_eq!((e, back == data), (0, true));
+    assert!(!leg_state(&control, "b").starts_with("InSync"));
+}
