@@ -331,3 +331,90 @@ mirror = ["a", "b"]
     assert_eq!((e, back == data), (0, true));
     assert!(!leg_state(&control, "b").starts_with("InSync"));
 }
+
+#[test]
+fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db, state) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("state"),
+    );
+    for d in [&da, &db, &state] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let (pa, pb) = (free_port(), free_port());
+    let _a = serve(&da, pa, "16M", &[]);
+    let mut b = serve(&db, pb, "16M", &[]);
+    wait_for(&da.join("keys.toml"));
+    wait_for(&db.join("keys.toml"));
+    let spec = dir.path().join("v.toml");
+    // A slow resync (1 MiB/s), so the restart lands in the middle of it.
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "v"
+region = "64KiB"
+resync_rate = "1MiB"
+leg_timeout = "300ms"
+[[leg]]
+name = "a"
+server = "127.0.0.1:{pa}"
+export = "disk0"
+key_file = "{}"
+[[leg]]
+name = "b"
+server = "127.0.0.1:{pb}"
+export = "disk0"
+key_file = "{}"
+[map]
+mirror = ["a", "b"]
+"#,
+            da.join("keys.toml").display(),
+            db.join("keys.toml").display()
+        ),
+    )
+    .unwrap();
+    let start = |n: u32| {
+        let (sock, control) = (
+            dir.path().join(format!("v{n}.sock")),
+            dir.path().join(format!("v{n}.ctl")),
+        );
+        let attach = common::attach(
+            &["--volume", spec.to_str().unwrap()],
+            &sock,
+            &control,
+            &[("STATE_DIRECTORY", &state)],
+        );
+        (attach, sock, control)
+    };
+    let (attach, sock, control) = start(1);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    drop(b);
+    let missed = pattern(5, 4 << 20);
+    assert_eq!(nbd.io(1, 2 << 20, missed.len() as u32, &missed).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    wait_state(&control, "b", "Away");
+    b = serve(&db, pb, "16M", &[]);
+    wait_state(&control, "b", "Resyncing");
+
+    // kill -9 in the middle of the copy; a new attach reads the logs.
+    drop(nbd);
+    drop(attach);
+    let (_attach, sock, control) = start(2);
+    let s = leg_state(&control, "b");
+    assert!(
+        !s.starts_with("InSync"),
+        "b must not be trusted before its copy ends: {s}"
+    );
+    wait_state(&control, "b", "InSync");
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    let (fa, fb) = (
+        std::fs::read(da.join("disk0.img")).unwrap(),
+        std::fs::read(db.join("disk0.img")).unwrap(),
+    );
+    assert!(fb[2 << 20..6 << 20] == missed[..], "b holds what it missed");
+    assert!(fa == fb, "both legs hold the same bytes");
+    drop(b);
+}

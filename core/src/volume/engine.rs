@@ -299,6 +299,18 @@ impl VolumeEngine {
                 .map(|_| DirtyRegions::new(map.size(), config.region))
                 .collect::<Result<_, _>>()?,
         };
+        let mut logs = logs;
+        let trusted = Self::trusted_after_restart(&logs, &copy_sets, &mirrored);
+        for (i, log) in logs.iter_mut().enumerate() {
+            if trusted[i] {
+                // The source of its copy sets: its intent marks name
+                // regions the others copy from it, not the other way.
+                for r in log.dirty_from(0).collect::<Vec<_>>() {
+                    log.clear(r);
+                }
+            }
+            log.set_behind(mirrored[i] && !trusted[i] && log.dirty_count() > 0);
+        }
         let legs = (0..n)
             .map(|i| Leg {
                 state: if logs[i].dirty_count() > 0 && mirrored[i] {
@@ -335,6 +347,40 @@ impl VolumeEngine {
             stats: VolumeStats::default(),
             actions: VecDeque::new(),
         })
+    }
+
+    /// Which legs a restarted client trusts as they are. A leg whose log
+    /// says it was behind copies its marked regions from a trusted leg. Of
+    /// legs that were in sync, marks are only write intent: a write that
+    /// may have been in flight when the client died, and whichever
+    /// version a leg holds is acceptable (it was never acknowledged, or
+    /// every leg had it). But the legs must agree, so in each copy set the
+    /// first leg in sync is the source and the others with marks copy
+    /// from it. If every leg of a set was behind (a log lost or torn), the
+    /// first is trusted rather than none: a volume that never serves again
+    /// helps no one.
+    fn trusted_after_restart(
+        logs: &[DirtyRegions],
+        copy_sets: &[BTreeSet<Vec<usize>>],
+        mirrored: &[bool],
+    ) -> Vec<bool> {
+        let n = logs.len();
+        let sets: BTreeSet<&Vec<usize>> = copy_sets.iter().flatten().collect();
+        let mut trusted: Vec<bool> = (0..n)
+            .map(|i| !mirrored[i] || logs[i].dirty_count() == 0)
+            .collect();
+        for set in sets {
+            if set.iter().any(|&l| trusted[l]) {
+                continue;
+            }
+            let source = set
+                .iter()
+                .copied()
+                .find(|&l| !logs[l].behind())
+                .unwrap_or(set[0]);
+            trusted[source] = true;
+        }
+        trusted
     }
 
     /// The map.
@@ -848,6 +894,9 @@ impl VolumeEngine {
             return;
         }
         self.legs[leg].state = state;
+        // Stored with the next log write, which comes before any write
+        // the leg misses.
+        self.logs[leg].set_behind(self.legs[leg].mirrored && state != LegState::InSync);
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
         if matches!(state, LegState::Away | LegState::Suspended) {

@@ -10,8 +10,11 @@
 /// What a log file starts with.
 const MAGIC: [u8; 4] = *b"BRDL";
 const VERSION: u8 = 1;
-/// magic, version, 3 reserved, region size, volume size.
+/// magic, version, flags, 2 reserved, region size, volume size.
 const HEADER: usize = 4 + 1 + 3 + 8 + 8;
+/// Flag: the leg was behind the others when the log was stored, so its
+/// marks are writes it missed; without it they are only write intent.
+const FLAG_BEHIND: u8 = 1;
 
 /// Regions of one leg that may be behind the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,7 @@ pub struct DirtyRegions {
     volume_size: u64,
     words: Vec<u64>,
     dirty: usize,
+    behind: bool,
 }
 
 impl DirtyRegions {
@@ -37,7 +41,21 @@ impl DirtyRegions {
             volume_size,
             words: vec![0; regions.div_ceil(64) as usize],
             dirty: 0,
+            behind: false,
         })
+    }
+
+    /// Whether the leg is behind the others (away, suspended, resyncing):
+    /// its marks are then writes it missed, which another leg holds. A
+    /// leg in sync has only write-intent marks: after a client crash its
+    /// bytes there are as good as any other leg's.
+    pub fn behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Records whether the leg is behind (stored with the marks).
+    pub fn set_behind(&mut self, behind: bool) {
+        self.behind = behind;
     }
 
     /// Bytes per region.
@@ -106,7 +124,8 @@ impl DirtyRegions {
         let mut v = Vec::with_capacity(HEADER + self.words.len() * 8 + 4);
         v.extend_from_slice(&MAGIC);
         v.push(VERSION);
-        v.extend_from_slice(&[0; 3]);
+        v.push(if self.behind { FLAG_BEHIND } else { 0 });
+        v.extend_from_slice(&[0; 2]);
         v.extend_from_slice(&self.region.to_le_bytes());
         v.extend_from_slice(&self.volume_size.to_le_bytes());
         for w in &self.words {
@@ -133,6 +152,7 @@ impl DirtyRegions {
         let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
         let (region, volume_size) = (u64_at(8), u64_at(16));
         let mut log = DirtyRegions::new(volume_size, region)?;
+        log.behind = body[5] & FLAG_BEHIND != 0;
         let words = &body[HEADER..];
         if words.len() != log.words.len() * 8 {
             return Err(format!(
@@ -174,6 +194,9 @@ mod tests {
         assert_eq!(log.dirty_count(), 2);
         let back = DirtyRegions::decode(&log.encode()).unwrap();
         assert_eq!(back, log);
+        assert!(!back.behind());
+        log.set_behind(true);
+        assert!(DirtyRegions::decode(&log.encode()).unwrap().behind());
     }
 
     #[test]

@@ -459,3 +459,56 @@ fn each_safety_mechanism_switched_off_is_caught() {
         );
     }
 }
+
+#[test]
+fn after_a_client_restart_a_leg_that_was_in_sync_is_the_source() {
+    // Region 3 is marked on both legs' logs. On a leg that was in sync
+    // that is write intent (a write in flight when the client died); on
+    // one that was behind it is a write the leg missed. Before the
+    // `behind` flag both legs resynced, from nowhere, for ever (found by
+    // killing `braid attach` -9 mid-resync, daemon/tests/volume.rs).
+    let spec = VolumeSpec::Mirror {
+        quorum: None,
+        legs: vec![e("a"), e("b")],
+    };
+    let info = |_: &str| {
+        Some(LegInfo {
+            size: 1 << 20,
+            block_size: 512,
+            read_only: false,
+        })
+    };
+    let map = VolumeMap::new(&spec, info).unwrap();
+    let config = VolumeConfig {
+        region: 64 << 10,
+        ..VolumeConfig::default()
+    };
+    let mut intent = DirtyRegions::new(1 << 20, 64 << 10).unwrap();
+    intent.mark(3 * (64 << 10), 1);
+    let mut missed = intent.clone();
+    missed.set_behind(true);
+    let states = |logs: Vec<DirtyRegions>| {
+        let e = VolumeEngine::new(map.clone(), config.clone(), Some(logs)).unwrap();
+        e.check().unwrap();
+        (
+            matches!(e.leg_state(0), LegState::InSync),
+            matches!(e.leg_state(1), LegState::InSync),
+            e.log(0).dirty_count() + e.log(1).dirty_count(),
+        )
+    };
+    assert_eq!(
+        states(vec![intent.clone(), missed.clone()]),
+        (true, false, 1)
+    );
+    assert_eq!(
+        states(vec![missed.clone(), intent.clone()]),
+        (false, true, 1)
+    );
+    // Both in sync: they must still agree, so the first is the source.
+    assert_eq!(
+        states(vec![intent.clone(), intent.clone()]),
+        (true, false, 1)
+    );
+    // Both behind (a lost log): one is trusted rather than none.
+    assert_eq!(states(vec![missed.clone(), missed]), (true, false, 1));
+}
