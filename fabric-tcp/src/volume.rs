@@ -111,6 +111,7 @@ impl Volume {
             leg_timeout,
             down_since: vec![None; names.len()],
             reported_down: vec![false; names.len()],
+            retry_at: vec![None; names.len()],
         };
         tokio::spawn(driver.run(rx));
         Ok(Volume {
@@ -185,7 +186,15 @@ struct Driver {
     leg_timeout: Duration,
     down_since: Vec<Option<tokio::time::Instant>>,
     reported_down: Vec<bool>,
+    /// Legs left behind for their errors (a full disk, media errors)
+    /// while still reachable: when to try them again, and the backoff.
+    retry_at: Vec<Option<(tokio::time::Instant, Duration)>>,
 }
+
+/// The first wait before a leg that failed IO while reachable is tried
+/// again; doubled on each failure up to `RETRY_MAX`.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Driver {
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
@@ -248,8 +257,11 @@ impl Driver {
                 self.down_since[leg] = None;
                 if self.reported_down[leg] {
                     self.reported_down[leg] = false;
+                    self.retry_at[leg] = None;
                     tracing::info!(leg = self.names[leg], "leg reachable again: resyncing");
                     self.engine.leg_returned(leg, now);
+                } else {
+                    self.retry_errored(leg, now);
                 }
             } else {
                 let since = *self.down_since[leg].get_or_insert_with(tokio::time::Instant::now);
@@ -262,6 +274,32 @@ impl Driver {
                     self.engine.leg_failed(leg);
                 }
             }
+        }
+    }
+
+    /// A reachable leg the engine left behind for its errors (its disk
+    /// was full, or failed writes) is tried again with backoff: the resync
+    /// copies what it missed, and if it still fails it is left again.
+    fn retry_errored(&mut self, leg: usize, now: braid_core::Instant) {
+        if self.engine.leg_state(leg) != LegState::Away {
+            if self.engine.leg_state(leg) == LegState::InSync {
+                self.retry_at[leg] = None;
+            }
+            return;
+        }
+        let clock = tokio::time::Instant::now();
+        match self.retry_at[leg] {
+            None => self.retry_at[leg] = Some((clock + RETRY_MIN, RETRY_MIN)),
+            Some((at, wait)) if clock >= at => {
+                let next = (wait * 2).min(RETRY_MAX);
+                self.retry_at[leg] = Some((clock + next, next));
+                tracing::info!(
+                    leg = self.names[leg],
+                    "leg left behind for errors: trying it again"
+                );
+                self.engine.leg_returned(leg, now);
+            }
+            Some(_) => {}
         }
     }
 
