@@ -380,6 +380,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
         "channel_failures": st.channel_failures,
         "session_resets": st.session_resets,
         "replayed_extents": st.replayed_extents,
+        "replay_retries": st.replay_retries,
         "busy": st.busy,
         "tuning": crate::tuning::client_json(&s.tuning),
     })
@@ -428,6 +429,7 @@ pub(crate) fn print_status(v: &serde_json::Value) {
         ("channel failures", "channel_failures"),
         ("server sessions replaced", "session_resets"),
         ("extents replayed", "replayed_extents"),
+        ("replays refused and retried", "replay_retries"),
     ];
     for (label, key) in rows {
         println!("  {label:<34} {}", v[key].as_u64().unwrap_or(0));

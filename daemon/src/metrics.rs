@@ -297,6 +297,11 @@ impl Collector for ClientMetrics {
                 "Unflushed extents rewritten after server restarts.",
                 st.replayed_extents,
             ),
+            (
+                "braid_client_replay_retries",
+                "Rewrites the restarted server refused, held and sent again.",
+                st.replay_retries,
+            ),
             ("braid_client_pings", "Keep-alive probes sent.", st.pings),
             (
                 "braid_client_dirty_flushes",

@@ -284,15 +284,6 @@ async fn inject(
         }
         let i = rng.below(servers.len() as u64) as usize;
         let server = servers[i];
-        // A full leg is drawn only with BRAID_MIRROR_DISK_FULL set: with it,
-        // seed 77 of 0..100 finds a read that saw data older than an
-        // acknowledged write (an open bug, docs/VOLUMES.md), so CI's
-        // seeds leave it out until that is fixed.
-        let kinds = if std::env::var_os("BRAID_MIRROR_DISK_FULL").is_some() {
-            6
-        } else {
-            5
-        };
         let kind = [
             Fault::ServerCrash,
             Fault::PowerLoss,
@@ -300,7 +291,7 @@ async fn inject(
             Fault::ServerStall,
             Fault::DiskStall,
             Fault::DiskFull,
-        ][rng.below(kinds) as usize];
+        ][rng.below(6) as usize];
         *faults.entry(kind).or_insert(0) += 1;
         let hold = ms(rng, 100, 3000);
         // Faults overlap: each heals in its own task.
@@ -370,10 +361,13 @@ mod tests {
 
     /// Seeds where legs diverged (or a read went back) while the driver
     /// handed each leg its IO from a task per request: two overlapping
-    /// writes reached the legs in different orders.
+    /// writes reached the legs in different orders (28, 67, 126, 147,
+    /// 162). And 77: leg 0 lost power with an acknowledged write unflushed
+    /// and came back with its disk full, so the client's replay was
+    /// refused and dropped; a read then saw the older data.
     #[test]
     fn pinned_seeds_converge() {
-        for seed in [28, 67, 126, 147, 162] {
+        for seed in [28, 67, 77, 126, 147, 162] {
             let r = crate::world::run(Scenario::Mirror, seed, 10.0);
             assert!(
                 r.violations.is_empty(),

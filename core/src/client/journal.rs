@@ -88,6 +88,11 @@ pub(crate) struct Journal {
     /// FLUSHes the engine issued for the dirty window (counted, because
     /// pump asks on every call once the window is half full).
     dirty_flushes: usize,
+    /// Replays the server refused (its disk full after a restart, say):
+    /// acknowledged data that must still land. They go again, under new
+    /// ids, when the engine's retry timer says; until then the journal
+    /// stays in its replay phase, so no other request overtakes them.
+    held_replays: Vec<Entry>,
 }
 
 impl Journal {
@@ -176,7 +181,7 @@ impl Journal {
     /// Which entries may be sent now: replays first, then what a restarted
     /// server left unanswered, then everything else.
     fn phase(&self) -> Phase {
-        if self.replays > 0 {
+        if self.replays > 0 || !self.held_replays.is_empty() {
             Phase::Replay
         } else if self.gating > 0 {
             Phase::Gating
@@ -545,6 +550,34 @@ impl Journal {
             .map(|(id, _)| *id)
             .collect();
         self.replay_queue.clear();
-        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+        let mut taken: Vec<Entry> = std::mem::take(&mut self.held_replays);
+        taken.extend(ids.into_iter().filter_map(|id| self.remove(id)));
+        taken
+    }
+
+    /// Keeps a replay the server refused, to send again later.
+    pub(crate) fn hold_replay(&mut self, mut entry: Entry) {
+        debug_assert_eq!(entry.origin, Origin::Replay);
+        entry.state = EntryState::Queued;
+        entry.sends = 0;
+        entry.tried = 0;
+        self.held_replays.push(entry);
+    }
+
+    /// Replays waiting to be sent again.
+    pub(crate) fn held_replays(&self) -> usize {
+        self.held_replays.len()
+    }
+
+    /// Sends the held replays again, under new ids.
+    pub(crate) fn release_held_replays(&mut self) {
+        for entry in std::mem::take(&mut self.held_replays) {
+            self.insert(entry);
+        }
+    }
+
+    /// Forgets the held replays (the client gives up on its server).
+    pub(crate) fn drop_held_replays(&mut self) -> usize {
+        std::mem::take(&mut self.held_replays).len()
     }
 }

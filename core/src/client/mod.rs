@@ -295,6 +295,8 @@ pub struct ClientStats {
     pub session_resets: u64,
     /// Unflushed extents rewritten after server restarts.
     pub replayed_extents: u64,
+    /// Replays the server refused, held and sent again later.
+    pub replay_retries: u64,
     /// Keep-alive probes sent.
     pub pings: u64,
     /// FLUSHes issued to bound the dirty window.
@@ -347,6 +349,11 @@ pub struct ClientEngine {
     stats: ClientStats,
     latency: OpLatency,
     leaving: Leaving,
+    /// When replays the server refused go again, and the wait before the
+    /// next try (doubling from resend_min to resend_max; zero after a
+    /// replay succeeds).
+    replay_retry_at: Option<Instant>,
+    replay_backoff: Duration,
     /// What the request last refused with Busy needed, until there is
     /// room for it and [`ClientAction::Room`] says so. A driver may have
     /// nothing else in flight to wake it (the dirty window drains by an
@@ -397,6 +404,8 @@ impl ClientEngine {
             stats: ClientStats::default(),
             latency: OpLatency::default(),
             leaving: Leaving::No,
+            replay_retry_at: None,
+            replay_backoff: Duration::ZERO,
             refused: None,
             config,
         })
@@ -692,6 +701,8 @@ impl ClientEngine {
         for id in unfinished {
             self.fail_entry(id, IoErrorKind::Closed, now);
         }
+        self.journal.drop_held_replays();
+        self.replay_retry_at = None;
         let unflushed = self.dirty.bytes();
         self.leave();
         unflushed
@@ -700,7 +711,10 @@ impl ClientEngine {
     /// Once draining has nothing left in flight: flushes what is still
     /// dirty, then says GOODBYE.
     fn drain_for_close(&mut self) {
-        if self.leaving != Leaving::Draining || self.journal.len() > 0 {
+        if self.leaving != Leaving::Draining
+            || self.journal.len() > 0
+            || self.journal.held_replays() > 0
+        {
             return;
         }
         if self.dirty.bytes() > 0 {
@@ -814,11 +828,15 @@ impl ClientEngine {
             .flat_map(|slot| self.channel_timers(slot))
             .flatten()
             .map(|(at, _)| at);
-        [self.journal.next_resend(), self.journal.next_io_deadline()]
-            .into_iter()
-            .flatten()
-            .chain(channels)
-            .min()
+        [
+            self.journal.next_resend(),
+            self.journal.next_io_deadline(),
+            self.replay_retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(channels)
+        .min()
     }
 
     /// Time passed: run whatever timers are due.
@@ -831,6 +849,10 @@ impl ClientEngine {
         }
         while let Some(id) = self.journal.pop_due_resend(now) {
             self.age(id, now);
+        }
+        if self.replay_retry_at.is_some_and(|t| t <= now) {
+            self.replay_retry_at = None;
+            self.journal.release_held_replays();
         }
         self.pump(now);
     }
@@ -1208,6 +1230,21 @@ impl ClientEngine {
         }
         if entry.op.mutates() {
             self.journal.release_held();
+        }
+        if entry.origin == Origin::Replay {
+            if reply.status != Status::Ok {
+                // Acknowledged data the server could not take (its disk
+                // full after the restart, say): it must still land, and
+                // nothing may read past it, so it waits and goes again.
+                self.replay_backoff =
+                    (self.replay_backoff * 2).clamp(self.config.resend_min, self.config.resend_max);
+                let at = now + self.replay_backoff;
+                self.replay_retry_at = Some(self.replay_retry_at.map_or(at, |t| t.min(at)));
+                self.stats.replay_retries += 1;
+                self.journal.hold_replay(entry);
+                return;
+            }
+            self.replay_backoff = Duration::ZERO;
         }
         if reply.status == Status::Ok {
             self.record_success(&entry, reply.exec_seq);
