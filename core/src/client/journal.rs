@@ -581,3 +581,49 @@ impl Journal {
         std::mem::take(&mut self.held_replays).len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn write(at: u64) -> Entry {
+        Entry {
+            origin: Origin::User(at, Instant::ZERO),
+            op: Op::Write,
+            offset: at,
+            len: 512,
+            flags: 0,
+            payload: Bytes::from(vec![1; 512]),
+            state: EntryState::Queued,
+            sends: 0,
+            tried: 0,
+            cover_gen: None,
+            gating: false,
+            io_deadline: None,
+        }
+    }
+
+    #[test]
+    fn every_send_is_counted_and_each_channel_tried_is_remembered() {
+        // The backoff grows with `sends`, and a resend avoids the slots in
+        // `tried`: neither shows in a sweep's verdicts (found missed by
+        // mutation testing), so they are pinned here.
+        let mut j = Journal::new();
+        let id = j.insert(write(0));
+        assert_eq!(j.next_to_send(true, true), Some(id));
+        let (a, b) = (
+            ChannelId { slot: 1, gen: 1 },
+            ChannelId { slot: 70, gen: 1 },
+        );
+        let t = Instant::ZERO + Duration::from_millis(1);
+        j.mark_sent(id, a, t, t + Duration::from_secs(1));
+        assert_eq!(j.resent(id, b, t, t + Duration::from_secs(2)), Some(a));
+        assert_eq!(j.resent(id, b, t, t + Duration::from_secs(4)), Some(b));
+        let e = &j.entries[&id];
+        assert_eq!(e.sends, 3, "one first send and two resends");
+        // Slot 70 shares a bit with slot 6 (64 bits): never bit 0 or 1 alone.
+        assert_eq!(e.tried, (1 << 1) | (1 << (70 % 64)));
+        j.check().unwrap();
+    }
+}
