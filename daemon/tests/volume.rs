@@ -47,29 +47,41 @@ fn wait_state(control: &Path, leg: &str, want: &str) {
     }
 }
 
-#[test]
-fn a_mirror_keeps_serving_through_a_server_kill_and_resyncs_the_leg() {
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db, state) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("state"),
-    );
-    for d in [&da, &db, &state] {
-        std::fs::create_dir_all(d).unwrap();
+/// A temporary dir with `a`, `b` (the two servers' data dirs) and
+/// `state` (the attach's), and a port for each server.
+struct Rig {
+    dir: tempfile::TempDir,
+    ports: (u16, u16),
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["a", "b", "state"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        Rig {
+            dir,
+            ports: (free_port(), free_port()),
+        }
     }
-    let (pa, pb) = (free_port(), free_port());
-    let _a = serve(&da, pa, "16M", &[]);
-    let mut b = serve(&db, pb, "16M", &[]);
-    wait_for(&da.join("keys.toml"));
-    wait_for(&db.join("keys.toml"));
-    let spec = dir.path().join("v.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"name = "v"
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// v.toml: legs a and b (each with its own server's key file), the
+    /// `map` line, and `extra` settings.
+    fn volume_file(&self, map: &str, extra: &str) -> std::path::PathBuf {
+        let (pa, pb) = self.ports;
+        let spec = self.path("v.toml");
+        std::fs::write(
+            &spec,
+            format!(
+                r#"name = "v"
 region = "64KiB"
 leg_timeout = "300ms"
+{extra}
 [[leg]]
 name = "a"
 server = "127.0.0.1:{pa}"
@@ -81,14 +93,28 @@ server = "127.0.0.1:{pb}"
 export = "disk0"
 key_file = "{}"
 [map]
-mirror = ["a", "b"]
+{map}
 "#,
-            da.join("keys.toml").display(),
-            db.join("keys.toml").display()
-        ),
-    )
-    .unwrap();
-    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+                self.path("a").join("keys.toml").display(),
+                self.path("b").join("keys.toml").display()
+            ),
+        )
+        .unwrap();
+        spec
+    }
+}
+
+#[test]
+fn a_mirror_keeps_serving_through_a_server_kill_and_resyncs_the_leg() {
+    let rig = Rig::new();
+    let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
+    let (pa, pb) = rig.ports;
+    let _a = serve(&da, pa, "16M", &[]);
+    let mut b = serve(&db, pb, "16M", &[]);
+    wait_for(&da.join("keys.toml"));
+    wait_for(&db.join("keys.toml"));
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
+    let (sock, control) = (rig.path("v.sock"), rig.path("v.ctl"));
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _attach = common::attach(
@@ -172,54 +198,21 @@ mirror = ["a", "b"]
 
 #[test]
 fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db, state) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("state"),
-    );
-    for d in [&da, &db, &state] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let (pa, pb) = (free_port(), free_port());
+    let rig = Rig::new();
+    let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
+    let (pa, pb) = rig.ports;
     let _a = serve(&da, pa, "16M", &[]);
     wait_for(&da.join("keys.toml"));
     // b's server is not running when the volume attaches. Its key file is
     // a's (the same key serves both once b starts).
     std::fs::copy(da.join("keys.toml"), db.join("keys.toml")).unwrap();
-    let spec = dir.path().join("v.toml");
-    let write_spec = |map: &str| {
-        std::fs::write(
-            &spec,
-            format!(
-                r#"name = "v"
-region = "64KiB"
-leg_timeout = "300ms"
-[[leg]]
-name = "a"
-server = "127.0.0.1:{pa}"
-export = "disk0"
-key_file = "{keys}"
-[[leg]]
-name = "b"
-server = "127.0.0.1:{pb}"
-export = "disk0"
-key_file = "{keys}"
-[map]
-{map}
-"#,
-                keys = da.join("keys.toml").display(),
-            ),
-        )
-        .unwrap()
-    };
 
     // Linear: b holds data nobody else has, so attaching without it is
     // refused, naming the leg.
-    write_spec(r#"linear = ["a", "b"]"#);
+    let spec = rig.volume_file(r#"linear = ["a", "b"]"#, "");
     let out = Command::new(BRAID)
         .args(["attach", "--volume", spec.to_str().unwrap(), "--nbd"])
-        .arg(dir.path().join("refused.sock"))
+        .arg(rig.path("refused.sock"))
         .env("STATE_DIRECTORY", &state)
         .output()
         .unwrap();
@@ -229,8 +222,8 @@ key_file = "{keys}"
         "{err}"
     );
 
-    write_spec(r#"mirror = ["a", "b"]"#);
-    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
+    let (sock, control) = (rig.path("v.sock"), rig.path("v.ctl"));
     let _attach = common::attach(
         &["--volume", spec.to_str().unwrap()],
         &sock,
@@ -258,45 +251,16 @@ key_file = "{keys}"
 
 #[test]
 fn a_late_leg_whose_server_has_another_export_is_left_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db, state, logs) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("state"),
-        dir.path().join("logs"),
-    );
-    for d in [&da, &db, &state, &logs] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let (pa, pb) = (free_port(), free_port());
+    let rig = Rig::new();
+    let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
+    let logs = rig.path("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let (pa, pb) = rig.ports;
     let _a = serve(&da, pa, "16M", &[]);
     wait_for(&da.join("keys.toml"));
     std::fs::copy(da.join("keys.toml"), db.join("keys.toml")).unwrap();
-    let spec = dir.path().join("v.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            r#"name = "v"
-region = "64KiB"
-leg_timeout = "300ms"
-[[leg]]
-name = "a"
-server = "127.0.0.1:{pa}"
-export = "disk0"
-key_file = "{keys}"
-[[leg]]
-name = "b"
-server = "127.0.0.1:{pb}"
-export = "disk0"
-key_file = "{keys}"
-[map]
-mirror = ["a", "b"]
-"#,
-            keys = da.join("keys.toml").display(),
-        ),
-    )
-    .unwrap();
-    let (sock, control) = (dir.path().join("v.sock"), dir.path().join("v.ctl"));
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
+    let (sock, control) = (rig.path("v.sock"), rig.path("v.ctl"));
     let log = std::fs::File::create(logs.join("attach.log")).unwrap();
     let _attach = common::Killed(
         Command::new(BRAID)
@@ -334,51 +298,19 @@ mirror = ["a", "b"]
 
 #[test]
 fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let (da, db, state) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("state"),
-    );
-    for d in [&da, &db, &state] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let (pa, pb) = (free_port(), free_port());
+    let rig = Rig::new();
+    let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
+    let (pa, pb) = rig.ports;
     let _a = serve(&da, pa, "16M", &[]);
     let mut b = serve(&db, pb, "16M", &[]);
     wait_for(&da.join("keys.toml"));
     wait_for(&db.join("keys.toml"));
-    let spec = dir.path().join("v.toml");
     // A slow resync (1 MiB/s), so the restart lands in the middle of it.
-    std::fs::write(
-        &spec,
-        format!(
-            r#"name = "v"
-region = "64KiB"
-resync_rate = "1MiB"
-leg_timeout = "300ms"
-[[leg]]
-name = "a"
-server = "127.0.0.1:{pa}"
-export = "disk0"
-key_file = "{}"
-[[leg]]
-name = "b"
-server = "127.0.0.1:{pb}"
-export = "disk0"
-key_file = "{}"
-[map]
-mirror = ["a", "b"]
-"#,
-            da.join("keys.toml").display(),
-            db.join("keys.toml").display()
-        ),
-    )
-    .unwrap();
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "resync_rate = \"1MiB\"");
     let start = |n: u32| {
         let (sock, control) = (
-            dir.path().join(format!("v{n}.sock")),
-            dir.path().join(format!("v{n}.ctl")),
+            rig.path(&format!("v{n}.sock")),
+            rig.path(&format!("v{n}.ctl")),
         );
         let attach = common::attach(
             &["--volume", spec.to_str().unwrap()],
