@@ -66,6 +66,18 @@ impl Rig {
         }
     }
 
+    /// Both servers, 16 MiB each, once their key files exist.
+    fn serve_both(&self) -> (common::Killed, common::Killed) {
+        let (a, b) = (self.path("a"), self.path("b"));
+        let servers = (
+            serve(&a, self.ports.0, "16M", &[]),
+            serve(&b, self.ports.1, "16M", &[]),
+        );
+        wait_for(&a.join("keys.toml"));
+        wait_for(&b.join("keys.toml"));
+        servers
+    }
+
     fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
@@ -108,11 +120,8 @@ key_file = "{}"
 fn a_mirror_keeps_serving_through_a_server_kill_and_resyncs_the_leg() {
     let rig = Rig::new();
     let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
-    let (pa, pb) = rig.ports;
-    let _a = serve(&da, pa, "16M", &[]);
-    let mut b = serve(&db, pb, "16M", &[]);
-    wait_for(&da.join("keys.toml"));
-    wait_for(&db.join("keys.toml"));
+    let pb = rig.ports.1;
+    let (_a, mut b) = rig.serve_both();
     let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
     let (sock, control) = (rig.path("v.sock"), rig.path("v.ctl"));
     let metrics_port = free_port();
@@ -300,11 +309,8 @@ fn a_late_leg_whose_server_has_another_export_is_left_out() {
 fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart() {
     let rig = Rig::new();
     let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
-    let (pa, pb) = rig.ports;
-    let _a = serve(&da, pa, "16M", &[]);
-    let mut b = serve(&db, pb, "16M", &[]);
-    wait_for(&da.join("keys.toml"));
-    wait_for(&db.join("keys.toml"));
+    let pb = rig.ports.1;
+    let (_a, mut b) = rig.serve_both();
     // A slow resync (1 MiB/s), so the restart lands in the middle of it.
     let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "resync_rate = \"1MiB\"");
     let start = |n: u32| {
