@@ -271,9 +271,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             return Err(e);
         }
     };
-    let block_device = device
-        .as_ref()
-        .map(|d| d.block_path().display().to_string());
+    let block_device = crate::ublk::path_of(&device);
     println!(
         "braid volume {export:?} ({}) from {} attached",
         crate::config::human_size(info.size),
@@ -334,10 +332,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             }))
         });
     }
-    crate::systemd::ready(&match &block_device {
-        Some(path) => format!("volume {export} attached as {path}"),
-        None => format!("volume {export} attached over NBD"),
-    });
+    notify_attached(&export, &block_device);
     // NBD clients' and the block device's in-flight requests finish
     // first, then the session ends.
     wait_then_drain(&stop, stop_tx, tasks).await?;
@@ -590,9 +585,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
             return Err(e);
         }
     };
-    let block_device = device
-        .as_ref()
-        .map(|d| d.block_path().display().to_string());
+    let block_device = crate::ublk::path_of(&device);
     println!(
         "braid volume {:?} ({}) over {} legs attached",
         file.name,
@@ -642,10 +635,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
             }
         });
     }
-    crate::systemd::ready(&match &block_device {
-        Some(path) => format!("volume {} attached as {path}", file.name),
-        None => format!("volume {} attached over NBD", file.name),
-    });
+    notify_attached(&file.name, &block_device);
     wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::ublk::remove(device).await;
     for c in legs {
@@ -654,6 +644,14 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     remove_sockets(&nbd_addrs, &control);
     println!("braid attach: volume detached");
     Ok(())
+}
+
+/// READY=1 for systemd, naming what the volume is served as.
+fn notify_attached(name: &str, block_device: &Option<String>) {
+    crate::systemd::ready(&match block_device {
+        Some(path) => format!("volume {name} attached as {path}"),
+        None => format!("volume {name} attached over NBD"),
+    });
 }
 
 /// The client flags for one leg of a volume file.

@@ -107,6 +107,13 @@ pub(crate) async fn maybe_create(
     .map_err(|e| e.to_string())
 }
 
+/// /dev/ublkbN of the device, if there is one, for output and status.
+pub(crate) fn path_of(device: &Option<Device>) -> Option<String> {
+    device
+        .as_ref()
+        .map(|d| d.block_path().display().to_string())
+}
+
 /// Removes the device, if there is one, once the kernel's requests in
 /// flight are answered.
 pub(crate) async fn remove(device: Option<Device>) {

@@ -128,6 +128,11 @@ impl Journal {
         self.entries.len()
     }
 
+    /// Nothing unfinished: no entry, and no refused replay held back.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.entries.is_empty() && self.held_replays.is_empty()
+    }
+
     pub(crate) fn has_dirty_flush(&self) -> bool {
         self.dirty_flushes > 0
     }
@@ -564,11 +569,6 @@ impl Journal {
         self.held_replays.push(entry);
     }
 
-    /// Replays waiting to be sent again.
-    pub(crate) fn held_replays(&self) -> usize {
-        self.held_replays.len()
-    }
-
     /// Sends the held replays again, under new ids.
     pub(crate) fn release_held_replays(&mut self) {
         for entry in std::mem::take(&mut self.held_replays) {
@@ -577,8 +577,8 @@ impl Journal {
     }
 
     /// Forgets the held replays (the client gives up on its server).
-    pub(crate) fn drop_held_replays(&mut self) -> usize {
-        std::mem::take(&mut self.held_replays).len()
+    pub(crate) fn drop_held_replays(&mut self) {
+        self.held_replays.clear();
     }
 }
 

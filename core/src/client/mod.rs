@@ -711,10 +711,7 @@ impl ClientEngine {
     /// Once draining has nothing left in flight: flushes what is still
     /// dirty, then says GOODBYE.
     fn drain_for_close(&mut self) {
-        if self.leaving != Leaving::Draining
-            || self.journal.len() > 0
-            || self.journal.held_replays() > 0
-        {
+        if self.leaving != Leaving::Draining || !self.journal.is_idle() {
             return;
         }
         if self.dirty.bytes() > 0 {
