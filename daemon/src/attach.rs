@@ -534,7 +534,6 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         dir: data_dir.clone(),
         volume: file.name.clone(),
     });
-    let legs: Vec<Client> = clients.values().cloned().collect();
     let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
     let nbd_addrs = if args.nbd.is_empty() && !args.ublk.wanted() {
         vec![data_dir
@@ -578,9 +577,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         Ok(d) => d,
         Err(e) => {
             let _ = stop_tx.send(true);
-            for c in legs {
-                c.close().await;
-            }
+            volume.close().await;
             remove_sockets(&nbd_addrs, &control);
             return Err(e);
         }
@@ -604,6 +601,7 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     {
         let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());
         let block_device = block_device.clone();
+        let (client_args, volume_path) = (args.client.clone(), path.clone());
         crate::control::serve(control.clone(), move |command| {
             use crate::control::now;
             let words: Vec<&str> = command.split_whitespace().collect();
@@ -629,8 +627,24 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
                         Ok(serde_json::json!({ "leg": leg, "done": words_done(suspend) }))
                     })
                 }
+                ["migrate", leg, server, options @ ..] => {
+                    let request = MigrateRequest::parse(leg, server, options);
+                    let (volume, client_args, path) =
+                        (volume.clone(), client_args.clone(), volume_path.clone());
+                    crate::control::later(async move {
+                        let (from, new) = request?;
+                        start_migration(&volume, &client_args, &path, &from, new).await
+                    })
+                }
+                ["cancel-migration"] => {
+                    let volume = volume.clone();
+                    crate::control::later(async move {
+                        volume.cancel_migration().await?;
+                        Ok(serde_json::json!({ "done": "rolled back" }))
+                    })
+                }
                 _ => now(serde_json::json!({
-                    "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG)")
+                    "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG, migrate LEG SERVER [export=E] [name=N] [key-file=F], cancel-migration)")
                 })),
             }
         });
@@ -638,12 +652,80 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     notify_attached(&file.name, &block_device);
     wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::ublk::remove(device).await;
-    for c in legs {
-        c.close().await;
-    }
+    volume.close().await;
     remove_sockets(&nbd_addrs, &control);
     println!("braid attach: volume detached");
     Ok(())
+}
+
+/// `migrate LEG SERVER [export=E] [name=N] [key-file=F]` as the control
+/// socket receives it.
+struct MigrateRequest;
+
+impl MigrateRequest {
+    fn parse(
+        leg: &str,
+        server: &str,
+        options: &[&str],
+    ) -> Result<(String, crate::volume::NewLeg), String> {
+        let mut new = crate::volume::NewLeg {
+            name: crate::volume::next_leg_name(leg),
+            server: server.to_string(),
+            export: String::new(),
+            key_file: None,
+        };
+        for o in options {
+            match o.split_once('=') {
+                Some(("export", v)) => new.export = v.to_string(),
+                Some(("name", v)) => new.name = v.to_string(),
+                Some(("key-file", v)) => new.key_file = Some(v.into()),
+                _ => return Err(format!("migrate: unknown option {o:?}")),
+            }
+        }
+        Ok((leg.to_string(), new))
+    }
+}
+
+/// Connects the new leg (as the volume's other legs connect) and hands it
+/// to the volume, which copies and switches; the switch rewrites the
+/// volume file.
+async fn start_migration(
+    volume: &braid_fabric_tcp::Volume,
+    base: &ClientArgs,
+    path: &std::path::Path,
+    from: &str,
+    mut new: crate::volume::NewLeg,
+) -> Result<serde_json::Value, String> {
+    let file = crate::volume::VolumeFile::load(path)?;
+    let old = file
+        .legs
+        .iter()
+        .find(|l| l.name == from)
+        .ok_or_else(|| format!("the volume file has no leg {from:?}"))?;
+    if new.export.is_empty() {
+        new.export = old.export.clone();
+    }
+    if new.key_file.is_none() {
+        new.key_file = old.key_file.clone();
+    }
+    file.check_replacement(from, &new)?;
+    let leg = crate::volume::LegFile {
+        name: new.name.clone(),
+        server: new.server.clone(),
+        export: new.export.clone(),
+        key_file: new.key_file.clone(),
+    };
+    let client = leg_args(base, &leg).connect().await.map_err(|e| {
+        format!(
+            "new leg {:?} ({} on {}): {e}",
+            new.name, new.export, new.server
+        )
+    })?;
+    let (path, from_name, to) = (path.to_path_buf(), from.to_string(), new.name.clone());
+    let store: braid_fabric_tcp::StoreMap =
+        Arc::new(move || crate::volume::replace_leg(&path, &from_name, &new));
+    volume.migrate(from, &to, client, store).await?;
+    Ok(serde_json::json!({ "from": from, "to": to }))
 }
 
 /// READY=1 for systemd, naming what the volume is served as.
@@ -687,6 +769,14 @@ fn volume_document(volume: &braid_fabric_tcp::Volume, name: &str) -> serde_json:
         "role": "volume",
         "name": name,
         "size": volume.size(),
+        "migration": s.migration.as_ref().map(|(from, to, switching)| serde_json::json!({
+            "from": from, "to": to, "switching": switching,
+        })),
+        "migration_error": s.migration_error,
+        "legs_left": s.stats.legs_left,
+        "regions_resynced": s.stats.regions_resynced,
+        "bytes_resynced": s.stats.bytes_resynced,
+        "migrations": s.stats.migrations,
         "legs": s.legs.iter().map(|(leg, state, dirty, regions)| serde_json::json!({
             "name": leg,
             "state": state.map(|st| format!("{st:?}")),
@@ -712,6 +802,25 @@ pub(crate) fn print_volume_status(v: &serde_json::Value) {
             l["regions"]
         );
     }
+    if let Some(m) = v["migration"].as_object() {
+        println!(
+            "  migrating {} to {}{}",
+            m["from"].as_str().unwrap_or("?"),
+            m["to"].as_str().unwrap_or("?"),
+            if m["switching"] == true {
+                ": switching over"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "  legs left behind {}, regions resynced {} ({}), migrations {}",
+        v["legs_left"],
+        v["regions_resynced"],
+        crate::config::human_size(v["bytes_resynced"].as_u64().unwrap_or(0)),
+        v["migrations"]
+    );
 }
 
 /// Waits for SIGTERM, ^C or `braid detach`, then stops the NBD listeners

@@ -162,6 +162,107 @@ impl VolumeFile {
     }
 }
 
+/// A leg that replaces another once a migration switches over.
+#[derive(Debug, Clone)]
+pub(crate) struct NewLeg {
+    pub(crate) name: String,
+    pub(crate) server: String,
+    pub(crate) export: String,
+    pub(crate) key_file: Option<PathBuf>,
+}
+
+impl VolumeFile {
+    /// Checks that `new` may replace leg `from`: `from` is a leg, and no
+    /// other leg has `new`'s name or export.
+    pub(crate) fn check_replacement(&self, from: &str, new: &NewLeg) -> Result<(), String> {
+        if !self.legs.iter().any(|l| l.name == from) {
+            return Err(format!("the volume file has no leg {from:?}"));
+        }
+        if let Some(o) = self.legs.iter().find(|l| l.name == new.name) {
+            return Err(format!("the volume already has a leg named {:?}", o.name));
+        }
+        if let Some(o) = self
+            .legs
+            .iter()
+            .find(|l| l.server == new.server && l.export == new.export)
+        {
+            return Err(format!(
+                "leg {:?} is already {} on {}",
+                o.name, new.export, new.server
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The default name of the leg that replaces `leg`: `a` becomes `a.1`,
+/// `a.1` becomes `a.2`.
+pub(crate) fn next_leg_name(leg: &str) -> String {
+    match leg.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{base}.{}", n.parse::<u64>().unwrap_or(0) + 1)
+        }
+        _ => format!("{leg}.1"),
+    }
+}
+
+/// Rewrites the volume file at `path` with leg `from` replaced by `new`
+/// (its `[[leg]]` table and every mention in `[map]`), keeping the rest
+/// of the file as the operator wrote it. Atomic: written aside, synced,
+/// renamed over, directory synced. A restart then opens the new leg.
+pub(crate) fn replace_leg(path: &Path, from: &str, new: &NewLeg) -> Result<(), String> {
+    let at = |e: String| format!("volume {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
+    let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e| at(format!("{e}")))?;
+    let legs = doc
+        .get_mut("leg")
+        .and_then(|l| l.as_array_of_tables_mut())
+        .ok_or_else(|| at("no [[leg]] tables".into()))?;
+    let leg = legs
+        .iter_mut()
+        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(from))
+        .ok_or_else(|| at(format!("no leg {from:?}")))?;
+    leg["name"] = toml_edit::value(new.name.as_str());
+    leg["server"] = toml_edit::value(new.server.as_str());
+    leg["export"] = toml_edit::value(new.export.as_str());
+    if let Some(k) = &new.key_file {
+        leg["key_file"] = toml_edit::value(k.display().to_string());
+    }
+    fn rename(item: &mut toml_edit::Value, from: &str, to: &str) {
+        match item {
+            toml_edit::Value::String(s) if s.value() == from => *item = to.into(),
+            toml_edit::Value::Array(a) => a.iter_mut().for_each(|v| rename(v, from, to)),
+            toml_edit::Value::InlineTable(t) => t.iter_mut().for_each(|(_, v)| rename(v, from, to)),
+            _ => {}
+        }
+    }
+    let map = doc
+        .get_mut("map")
+        .and_then(|m| m.as_table_like_mut())
+        .ok_or_else(|| at("no [map]".into()))?;
+    for (_, item) in map.iter_mut() {
+        if let Some(v) = item.as_value_mut() {
+            rename(v, from, &new.name);
+        }
+    }
+    let aside = path.with_extension("toml.new");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&aside)?;
+        f.write_all(doc.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&aside, path)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        std::fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+    };
+    write().map_err(|e| at(e.to_string()))?;
+    // What was written must read back as a volume with the new leg.
+    let back = VolumeFile::load(path)?;
+    if !back.legs.iter().any(|l| l.name == new.name) {
+        return Err(at(format!("leg {:?} missing after the rewrite", new.name)));
+    }
+    Ok(())
+}
+
 fn check_legs_named(spec: &VolumeSpec, legs: &[LegFile]) -> Result<(), String> {
     match spec {
         VolumeSpec::Export(name) => {
@@ -262,29 +363,227 @@ export = "disk0"
         let e = parse(&format!("{twice}[map]\nmirror = [\"a\", \"b\"]\n")).unwrap_err();
         assert!(e.contains("same export"), "{e}");
     }
+
+    #[test]
+    fn a_migrated_leg_replaces_the_old_one_in_the_file_and_comments_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.toml");
+        let text = format!(
+            "# the operator's note\n{LEGS}[map]\n# stripe of one mirror\nstripe = {{ chunk = \"64KiB\", legs = [\"a\", \"b\"] }}\n"
+        );
+        std::fs::write(&p, &text).unwrap();
+        let v = VolumeFile::load(&p).unwrap();
+        let new = NewLeg {
+            name: "c".into(),
+            server: "h3:7410".into(),
+            export: "disk9".into(),
+            key_file: None,
+        };
+        let taken = NewLeg {
+            server: "h2:7410".into(),
+            export: "disk0".into(),
+            ..new.clone()
+        };
+        assert!(v
+            .check_replacement("a", &taken)
+            .unwrap_err()
+            .contains("already disk0 on h2"));
+        assert!(v
+            .check_replacement("z", &new)
+            .unwrap_err()
+            .contains("no leg \"z\""));
+        v.check_replacement("a", &new).unwrap();
+        replace_leg(&p, "a", &new).unwrap();
+        let after = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            after.contains("# the operator's note") && after.contains("# stripe of one mirror")
+        );
+        let v = VolumeFile::load(&p).unwrap();
+        assert_eq!(
+            v.spec().unwrap(),
+            VolumeSpec::Stripe {
+                chunk: 65536,
+                legs: vec![
+                    VolumeSpec::Export("c".into()),
+                    VolumeSpec::Export("b".into())
+                ]
+            }
+        );
+        let c = v.legs.iter().find(|l| l.name == "c").unwrap();
+        assert_eq!((c.server.as_str(), c.export.as_str()), ("h3:7410", "disk9"));
+        assert!(!v.legs.iter().any(|l| l.name == "a"));
+        assert_eq!(next_leg_name("a"), "a.1");
+        assert_eq!(next_leg_name("a.1"), "a.2");
+        assert_eq!(next_leg_name("disk.x"), "disk.x.1");
+    }
 }
 
-/// `braid volume suspend|resume LEG`: DST's suspend, on an attached
-/// volume's control socket.
+/// `braid volume ...`: operations on an attached volume, through its
+/// control socket.
 #[derive(clap::Args, Debug)]
 pub(crate) struct VolumeArgs {
-    /// `suspend` (IO goes on without the leg) or `resume` (the leg
-    /// resyncs what it missed, then serves again).
-    #[arg(value_parser = ["suspend", "resume"])]
-    action: String,
-    /// The leg's name in the volume file.
-    leg: String,
+    #[command(subcommand)]
+    action: VolumeAction,
     /// The attached volume's control socket.
-    #[arg(long)]
-    control: PathBuf,
+    #[arg(long, global = true)]
+    control: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum VolumeAction {
+    /// DST's suspend: IO goes on without the leg (a mirror leg whose
+    /// bytes another leg in sync holds).
+    Suspend {
+        /// The leg's name in the volume file.
+        leg: String,
+    },
+    /// The suspended leg resyncs what it missed, then serves again.
+    Resume {
+        /// The leg's name in the volume file.
+        leg: String,
+    },
+    /// Copies a leg to another export (a new server) while the volume is
+    /// in use, then switches to it: the volume file is rewritten to name
+    /// the new leg and the old one's session is closed. Shows progress
+    /// until done.
+    Migrate {
+        /// The leg to move.
+        leg: String,
+        /// The new server's address (HOST:PORT).
+        server: String,
+        /// The export on the new server (default: the old leg's).
+        #[arg(long)]
+        export: Option<String>,
+        /// The new leg's name in the volume file (default: LEG.N).
+        #[arg(long)]
+        name: Option<String>,
+        /// The client key for the new server (default: the old leg's).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Return once the copy has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Rolls the running migration back (the old leg stays).
+    Cancel,
 }
 
 pub(crate) async fn run(args: VolumeArgs) -> Result<(), String> {
-    let v =
-        crate::control::request(&args.control, &format!("{} {}", args.action, args.leg)).await?;
-    if let Some(e) = v["error"].as_str() {
-        return Err(e.to_string());
+    let control = args.control.ok_or(
+        "--control SOCKET is needed: the attached volume's control socket (braid attach prints it)",
+    )?;
+    let ask = |command: String| {
+        let control = control.clone();
+        async move {
+            let v = crate::control::request(&control, &command).await?;
+            match v["error"].as_str() {
+                Some(e) => Err(e.to_string()),
+                None => Ok(v),
+            }
+        }
+    };
+    match args.action {
+        VolumeAction::Suspend { leg } => {
+            ask(format!("suspend {leg}")).await?;
+            println!("leg {leg}: suspended");
+        }
+        VolumeAction::Resume { leg } => {
+            ask(format!("resume {leg}")).await?;
+            println!("leg {leg}: resuming (it resyncs what it missed)");
+        }
+        VolumeAction::Cancel => {
+            ask("cancel-migration".into()).await?;
+            println!("migration rolled back");
+        }
+        VolumeAction::Migrate {
+            leg,
+            server,
+            export,
+            name,
+            key_file,
+            no_wait,
+        } => {
+            let key = key_file.as_ref().map(|k| k.display().to_string());
+            let words = [
+                Some(&leg),
+                Some(&server),
+                export.as_ref(),
+                name.as_ref(),
+                key.as_ref(),
+            ];
+            if words
+                .into_iter()
+                .flatten()
+                .any(|w| w.contains(char::is_whitespace) || w.is_empty())
+            {
+                return Err(
+                    "leg, server, export, name and key file may not be empty or hold spaces".into(),
+                );
+            }
+            let mut command = format!("migrate {leg} {server}");
+            for (flag, v) in [("export", export), ("name", name), ("key-file", key)] {
+                if let Some(v) = v {
+                    command.push_str(&format!(" {flag}={v}"));
+                }
+            }
+            let v = ask(command).await?;
+            let to = v["to"].as_str().unwrap_or("?").to_string();
+            println!("migrating leg {leg} to {to} ({server})");
+            if !no_wait {
+                follow_migration(&control, &leg, &to).await?;
+            }
+        }
     }
-    println!("leg {}: {}", args.leg, v["done"].as_str().unwrap_or("done"));
     Ok(())
+}
+
+/// Shows the new leg's copy until the migration switches over (or ends
+/// otherwise).
+async fn follow_migration(control: &Path, from: &str, to: &str) -> Result<(), String> {
+    let mut line = crate::progress::ProgressLine::new();
+    // The regions to copy: the most seen marked (a stripe leg holds only
+    // some of the volume's regions).
+    let mut total = 0;
+    loop {
+        let v = crate::control::request(control, "status").await?;
+        let legs = v["legs"].as_array().cloned().unwrap_or_default();
+        let leg = |name: &str| {
+            legs.iter()
+                .find(|l| l["name"] == name && l["state"] != "Retired")
+        };
+        match (&v["migration"], leg(to)) {
+            (serde_json::Value::Null, Some(_)) if leg(from).is_none() => {
+                line.finish();
+                println!("leg {from} migrated to {to}: the volume file names {to} now");
+                return Ok(());
+            }
+            (serde_json::Value::Null, _) => {
+                line.finish();
+                let why = v["migration_error"]
+                    .as_str()
+                    .unwrap_or("it was rolled back");
+                return Err(format!(
+                    "the migration of {from} to {to} did not finish: {why}"
+                ));
+            }
+            (m, Some(l)) => {
+                let left = l["dirty_regions"].as_u64().unwrap_or(0);
+                total = total.max(left);
+                let regions = total.max(1);
+                let done = total - left;
+                let phase = if m["switching"] == true {
+                    "switching over"
+                } else {
+                    "copying"
+                };
+                line.show(format_args!(
+                    "{phase}: {done}/{regions} regions ({:.0}%), {} resynced in all",
+                    done as f64 * 100.0 / regions as f64,
+                    crate::config::human_size(v["bytes_resynced"].as_u64().unwrap_or(0))
+                ));
+            }
+            (_, None) => return Err(format!("the volume has no leg {to}")),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

@@ -356,3 +356,116 @@ fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart()
     assert!(fa == fb, "both legs hold the same bytes");
     drop(b);
 }
+
+#[test]
+fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
+    let rig = Rig::new();
+    let (dc, state) = (rig.path("c"), rig.path("state"));
+    std::fs::create_dir_all(&dc).unwrap();
+    let pc = free_port();
+    let (_a, _b) = rig.serve_both();
+    let _c = serve(&dc, pc, "16M", &[]);
+    wait_for(&dc.join("keys.toml"));
+    // A stripe: leg a is the only copy of half the volume. A slow copy
+    // (4 MiB/s), so writes land before, during and after it.
+    let spec = rig.volume_file(
+        r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
+        "resync_rate = \"4MiB\"",
+    );
+    let start = |n: u32| {
+        let (sock, control) = (
+            rig.path(&format!("v{n}.sock")),
+            rig.path(&format!("v{n}.ctl")),
+        );
+        let attach = common::attach(
+            &["--volume", spec.to_str().unwrap()],
+            &sock,
+            &control,
+            &[("STATE_DIRECTORY", &state)],
+        );
+        (attach, sock, control)
+    };
+    let (attach, sock, control) = start(1);
+    let (mut nbd, size) = Nbd::connect(&sock, "v");
+    assert_eq!(size, 32 << 20);
+    let mut model = vec![0u8; size as usize];
+    let mut write = |nbd: &mut Nbd, n: u64| {
+        let offset = (n * 7919 % 500) * (64 << 10);
+        let data = pattern(n as u8, 64 << 10);
+        assert_eq!(nbd.io(1, offset, data.len() as u32, &data).0, 0);
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    };
+    for n in 0..40 {
+        write(&mut nbd, n);
+    }
+    let migrate = |args: &[&str]| {
+        let mut c = Command::new(BRAID);
+        c.args(["volume", "migrate"])
+            .args(args)
+            .arg("--control")
+            .arg(&control);
+        c
+    };
+    // Refused before anything is copied: an export already in the volume.
+    let b_addr = format!("127.0.0.1:{}", rig.ports.1);
+    let out = migrate(&["a", &b_addr]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already disk0 on"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let c_addr = format!("127.0.0.1:{pc}");
+    let keys = dc.join("keys.toml");
+    let mut child = migrate(&["a", &c_addr, "--key-file", keys.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut n = 40;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ok = loop {
+        write(&mut nbd, n);
+        n += 1;
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.success();
+        }
+        assert!(Instant::now() < deadline, "the migration never finished");
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(ok && out.contains("migrated to a.1"), "{out}");
+    assert!(n > 60, "writes went on during the copy: {n}");
+    for k in n..n + 20 {
+        write(&mut nbd, k);
+    }
+    let v = status(&control);
+    assert_eq!(v["migrations"], 1, "{v}");
+    assert_eq!(leg_state(&control, "a"), "Retired");
+    wait_state(&control, "a.1", "InSync");
+    let read_all = |nbd: &mut Nbd| {
+        let mut all = Vec::new();
+        for off in (0..size).step_by(1 << 20) {
+            let (e, data) = nbd.io(0, off, 1 << 20, &[]);
+            assert_eq!(e, 0);
+            all.extend(data);
+        }
+        all
+    };
+    assert!(
+        read_all(&mut nbd) == model,
+        "the volume reads back as written"
+    );
+    let file = std::fs::read_to_string(&spec).unwrap();
+    assert!(
+        file.contains(&format!("server = \"{c_addr}\"")) && file.contains("\"a.1\", \"b\""),
+        "{file}"
+    );
+
+    // A restart opens the new leg, and the volume is whole.
+    drop(nbd);
+    drop(attach);
+    let (_attach, sock, control) = start(2);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    assert_eq!(leg_state(&control, "a.1"), "InSync");
+    assert!(read_all(&mut nbd) == model, "after restart, too");
+}

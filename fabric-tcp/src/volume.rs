@@ -32,17 +32,36 @@ pub struct VolumeStatus {
     pub legs: Vec<(String, Option<LegState>, usize, u64)>,
     /// What the engine did.
     pub stats: braid_core::volume::VolumeStats,
+    /// The migration running: (from, to, switching over).
+    pub migration: Option<(String, String, bool)>,
+    /// Why the last migration ended without switching, if it did.
+    pub migration_error: Option<String>,
 }
+
+/// Makes a finished migration last: stores the volume's description with
+/// leg `from` replaced by the new one (for `braid attach`, the volume
+/// file rewritten), durably, before the old leg is let go.
+pub type StoreMap = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 enum Cmd {
     Io(IoRequest, oneshot::Sender<Result<Bytes, IoErrorKind>>),
-    Suspend(usize, oneshot::Sender<Result<(), String>>),
-    Resume(usize),
+    Suspend(String, oneshot::Sender<Result<(), String>>),
+    Resume(String, oneshot::Sender<Result<(), String>>),
+    Migrate {
+        from: String,
+        to: String,
+        client: Client,
+        store: StoreMap,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Cancel(oneshot::Sender<Result<(), String>>),
+    Close(oneshot::Sender<()>),
 }
 
 enum Event {
     LegDone(u64, Result<Bytes, IoErrorKind>),
     Stored(u64, Result<(), String>),
+    MapStored(Result<(), String>),
 }
 
 /// A volume over several legs: cheap to clone.
@@ -51,7 +70,6 @@ pub struct Volume {
     cmds: mpsc::Sender<Cmd>,
     size: u64,
     block_size: u32,
-    names: Arc<Vec<String>>,
     status: Arc<Mutex<VolumeStatus>>,
 }
 
@@ -99,26 +117,26 @@ impl Volume {
         let engine = VolumeEngine::new(map, config, any.then_some(logs))?;
         let (tx, rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(VolumeStatus::default()));
-        let driver = Driver {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let mut driver = Driver {
             engine,
-            clients,
-            queues: Vec::new(),
-            names: names.clone(),
+            legs: Vec::new(),
             store,
+            store_map: None,
             waiters: HashMap::new(),
             next_user: 1,
             status: status.clone(),
             leg_timeout,
-            down_since: vec![None; names.len()],
-            reported_down: vec![false; names.len()],
-            retry_at: vec![None; names.len()],
+            events: events_tx,
         };
-        tokio::spawn(driver.run(rx));
+        for (name, client) in names.into_iter().zip(clients) {
+            driver.add_leg(name, client);
+        }
+        tokio::spawn(driver.run(rx, events));
         Ok(Volume {
             cmds: tx,
             size,
             block_size,
-            names: Arc::new(names),
             status,
         })
     }
@@ -143,28 +161,53 @@ impl Volume {
         rx.await.unwrap_or(Err(IoErrorKind::Closed))
     }
 
-    fn leg(&self, name: &str) -> Result<usize, String> {
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .ok_or_else(|| format!("no leg {name:?} (legs: {})", self.names.join(", ")))
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the volume is closing".to_string();
+        self.cmds.send(cmd(tx)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
     }
 
     /// Takes leg `name` out of service (IO goes to the other legs).
     pub async fn suspend(&self, name: &str) -> Result<(), String> {
-        let leg = self.leg(name)?;
-        let (tx, rx) = oneshot::channel();
-        let _ = self.cmds.send(Cmd::Suspend(leg, tx)).await;
-        rx.await.map_err(|_| "the volume is closing".to_string())?
+        self.ask(|tx| Cmd::Suspend(name.to_string(), tx)).await?
     }
 
     /// Returns a suspended leg to service (it resyncs what it missed).
     pub async fn resume(&self, name: &str) -> Result<(), String> {
-        let leg = self.leg(name)?;
-        self.cmds
-            .send(Cmd::Resume(leg))
-            .await
-            .map_err(|_| "the volume is closing".to_string())
+        self.ask(|tx| Cmd::Resume(name.to_string(), tx)).await?
+    }
+
+    /// Starts moving leg `from`'s bytes to the export `client` is attached
+    /// to, named `to` from then on, while IO goes on. Returns once the
+    /// copy has started; `status().migration` follows it. When the new leg
+    /// holds every byte, `store` makes the switch durable and the old
+    /// leg's session is closed.
+    pub async fn migrate(
+        &self,
+        from: &str,
+        to: &str,
+        client: Client,
+        store: StoreMap,
+    ) -> Result<(), String> {
+        self.ask(|reply| Cmd::Migrate {
+            from: from.to_string(),
+            to: to.to_string(),
+            client,
+            store,
+            reply,
+        })
+        .await?
+    }
+
+    /// Rolls the running migration back (before it switches over).
+    pub async fn cancel_migration(&self) -> Result<(), String> {
+        self.ask(Cmd::Cancel).await?
+    }
+
+    /// Closes every leg's session (each flushes and says goodbye).
+    pub async fn close(&self) {
+        let _ = self.ask(Cmd::Close).await;
     }
 
     /// A fresh snapshot.
@@ -173,22 +216,32 @@ impl Volume {
     }
 }
 
+/// One leg as the driver keeps it.
+struct LegSlot {
+    name: String,
+    client: Client,
+    /// IO to hand to its client, in order.
+    queue: mpsc::UnboundedSender<(u64, IoRequest)>,
+    down_since: Option<tokio::time::Instant>,
+    reported_down: bool,
+    /// Left behind for its errors (a full disk, media errors) while still
+    /// reachable: when to try it again, and the backoff.
+    retry_at: Option<(tokio::time::Instant, Duration)>,
+    /// Retired and its session closed.
+    closed: bool,
+}
+
 struct Driver {
     engine: VolumeEngine,
-    clients: Vec<Client>,
-    /// Per leg: IO to hand to its client, in order.
-    queues: Vec<mpsc::UnboundedSender<(u64, IoRequest)>>,
-    names: Vec<String>,
+    legs: Vec<LegSlot>,
     store: Arc<dyn LogStore>,
+    /// The running migration's way to make its switch last.
+    store_map: Option<StoreMap>,
     waiters: HashMap<u64, oneshot::Sender<Result<Bytes, IoErrorKind>>>,
     next_user: u64,
     status: Arc<Mutex<VolumeStatus>>,
     leg_timeout: Duration,
-    down_since: Vec<Option<tokio::time::Instant>>,
-    reported_down: Vec<bool>,
-    /// Legs left behind for their errors (a full disk, media errors)
-    /// while still reachable: when to try them again, and the backoff.
-    retry_at: Vec<Option<(tokio::time::Instant, Duration)>>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 /// The first wait before a leg that failed IO while reachable is tried
@@ -197,27 +250,54 @@ const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Driver {
-    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
-        let (tx, mut events) = mpsc::unbounded_channel::<Event>();
-        for client in &self.clients {
-            let (queue, mut pending) = mpsc::unbounded_channel::<(u64, IoRequest)>();
-            let (client, tx) = (client.clone(), tx.clone());
-            tokio::spawn(async move {
-                while let Some((token, io)) = pending.recv().await {
-                    let answer = client.enqueue(io).await;
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let result = answer.await.map_err(|e| e.kind);
-                        let _ = tx.send(Event::LegDone(token, result));
-                    });
-                }
-            });
-            self.queues.push(queue);
-        }
+    /// A leg's client, fed through one queue in the engine's order.
+    fn add_leg(&mut self, name: String, client: Client) {
+        let (queue, mut pending) = mpsc::unbounded_channel::<(u64, IoRequest)>();
+        let (c, tx) = (client.clone(), self.events.clone());
+        tokio::spawn(async move {
+            while let Some((token, io)) = pending.recv().await {
+                let answer = c.enqueue(io).await;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let result = answer.await.map_err(|e| e.kind);
+                    let _ = tx.send(Event::LegDone(token, result));
+                });
+            }
+        });
+        self.legs.push(LegSlot {
+            name,
+            client,
+            queue,
+            down_since: None,
+            reported_down: false,
+            retry_at: None,
+            closed: false,
+        });
+    }
+
+    /// The leg named `name`, among those not retired.
+    fn leg(&self, name: &str) -> Result<usize, String> {
+        let live: Vec<usize> = (0..self.legs.len())
+            .filter(|&i| self.engine.leg_state(i) != LegState::Retired)
+            .collect();
+        live.iter()
+            .copied()
+            .find(|&i| self.legs[i].name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = live.iter().map(|&i| self.legs[i].name.as_str()).collect();
+                format!("no leg {name:?} (legs: {})", names.join(", "))
+            })
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut events: mpsc::UnboundedReceiver<Event>,
+    ) {
         let clock = Clock::new();
         let mut health = tokio::time::interval(Duration::from_millis(100));
         loop {
-            self.drain(&tx);
+            self.drain();
             let deadline = clock.deadline(self.engine.poll_timeout());
             tokio::select! {
                 biased;
@@ -229,6 +309,24 @@ impl Driver {
                         // Writes wait rather than go out unrecorded.
                         Err(e) => tracing::error!(error = %e, "dirty log not stored; writes wait"),
                     },
+                    Event::MapStored(Ok(())) => {
+                        self.store_map = None;
+                        self.engine.map_stored(clock.now());
+                        tracing::info!("migration switched over: the old leg is retired");
+                    }
+                    Event::MapStored(Err(e)) => {
+                        // Both legs keep every write meanwhile; try again.
+                        tracing::error!(error = %e, "migration: the new map was not stored; trying again in 1 s");
+                        let tx = self.events.clone();
+                        let store = self.store_map.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            if let Some(store) = store {
+                                let result = tokio::task::spawn_blocking(move || store()).await;
+                                let _ = tx.send(Event::MapStored(result.unwrap_or_else(|e| Err(e.to_string()))));
+                            }
+                        });
+                    }
                 },
                 _ = health.tick() => self.check_legs(clock.now()),
                 cmd = cmds.recv() => match cmd {
@@ -238,39 +336,105 @@ impl Driver {
                         self.waiters.insert(user, reply);
                         self.engine.submit(user, io, clock.now());
                     }
-                    Some(Cmd::Suspend(leg, reply)) => {
-                        let _ = reply.send(self.engine.suspend(leg));
+                    Some(Cmd::Suspend(name, reply)) => {
+                        let _ = reply.send(self.leg(&name).and_then(|leg| self.engine.suspend(leg)));
                     }
-                    Some(Cmd::Resume(leg)) => self.engine.resume(leg, clock.now()),
+                    Some(Cmd::Resume(name, reply)) => {
+                        let _ = reply.send(self.leg(&name).map(|leg| self.engine.resume(leg, clock.now())));
+                    }
+                    Some(Cmd::Migrate { from, to, client, store, reply }) => {
+                        let _ = reply.send(self.migrate(&from, to, client, store, clock.now()));
+                    }
+                    Some(Cmd::Cancel(reply)) => {
+                        let result = self.engine.cancel_migration(clock.now());
+                        if result.is_ok() {
+                            self.store_map = None;
+                            self.status.lock().unwrap().migration_error =
+                                Some("cancelled by the operator".into());
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Some(Cmd::Close(reply)) => {
+                        let clients: Vec<Client> = self
+                            .legs
+                            .iter()
+                            .filter(|l| !l.closed)
+                            .map(|l| l.client.clone())
+                            .collect();
+                        tokio::spawn(async move {
+                            for c in clients {
+                                c.close().await;
+                            }
+                            let _ = reply.send(());
+                        });
+                    }
                     None => return,
                 },
             }
         }
     }
 
+    fn migrate(
+        &mut self,
+        from: &str,
+        to: String,
+        client: Client,
+        store: StoreMap,
+        now: braid_core::Instant,
+    ) -> Result<(), String> {
+        let from = self.leg(from)?;
+        if self.legs.iter().any(|l| l.name == to) {
+            return Err(format!("the volume already has a leg named {to:?}"));
+        }
+        let i = client.info();
+        let info = braid_core::volume::LegInfo {
+            size: i.size,
+            block_size: i.block_size,
+            read_only: i.flags & braid_core::wire::EXPORT_READ_ONLY != 0,
+        };
+        let index = self.engine.migrate(from, &to, info, now)?;
+        debug_assert_eq!(index, self.legs.len());
+        tracing::info!(from = self.legs[from].name, to, "migration started");
+        self.add_leg(to, client);
+        self.store_map = Some(store);
+        self.status.lock().unwrap().migration_error = None;
+        Ok(())
+    }
+
     /// A leg whose channels are all down past `leg_timeout` is failed;
-    /// one that has channels again is back.
+    /// one that has channels again is back. A retired leg's session is
+    /// closed once its last IO is answered.
     fn check_legs(&mut self, now: braid_core::Instant) {
-        for leg in 0..self.clients.len() {
-            let up = self.clients[leg].status().channels.iter().any(|c| c.1);
+        for leg in 0..self.legs.len() {
+            if self.engine.leg_state(leg) == LegState::Retired {
+                let slot = &mut self.legs[leg];
+                if !slot.closed && self.engine.leg_outstanding(leg) == 0 {
+                    slot.closed = true;
+                    tracing::info!(leg = slot.name, "leg retired: closing its session");
+                    let client = slot.client.clone();
+                    tokio::spawn(client.close());
+                }
+                continue;
+            }
+            let slot = &mut self.legs[leg];
+            let up = slot.client.status().channels.iter().any(|c| c.1);
             if up {
-                self.down_since[leg] = None;
-                if self.reported_down[leg] {
-                    self.reported_down[leg] = false;
-                    self.retry_at[leg] = None;
-                    tracing::info!(leg = self.names[leg], "leg reachable again: resyncing");
+                slot.down_since = None;
+                if slot.reported_down {
+                    slot.reported_down = false;
+                    slot.retry_at = None;
+                    tracing::info!(leg = slot.name, "leg reachable again: resyncing");
                     self.engine.leg_returned(leg, now);
                 } else {
                     self.retry_errored(leg, now);
                 }
             } else {
-                let since = *self.down_since[leg].get_or_insert_with(tokio::time::Instant::now);
-                if !self.reported_down[leg] && since.elapsed() >= self.leg_timeout {
-                    self.reported_down[leg] = true;
-                    tracing::warn!(
-                        leg = self.names[leg],
-                        "leg unreachable: IO goes on without it"
-                    );
+                let since = *slot
+                    .down_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                if !slot.reported_down && since.elapsed() >= self.leg_timeout {
+                    slot.reported_down = true;
+                    tracing::warn!(leg = slot.name, "leg unreachable: IO goes on without it");
                     self.engine.leg_failed(leg);
                 }
             }
@@ -281,20 +445,21 @@ impl Driver {
     /// was full, or failed writes) is tried again with backoff: the resync
     /// copies what it missed, and if it still fails it is left again.
     fn retry_errored(&mut self, leg: usize, now: braid_core::Instant) {
+        let slot = &mut self.legs[leg];
         if self.engine.leg_state(leg) != LegState::Away {
             if self.engine.leg_state(leg) == LegState::InSync {
-                self.retry_at[leg] = None;
+                slot.retry_at = None;
             }
             return;
         }
         let clock = tokio::time::Instant::now();
-        match self.retry_at[leg] {
-            None => self.retry_at[leg] = Some((clock + RETRY_MIN, RETRY_MIN)),
+        match slot.retry_at {
+            None => slot.retry_at = Some((clock + RETRY_MIN, RETRY_MIN)),
             Some((at, wait)) if clock >= at => {
                 let next = (wait * 2).min(RETRY_MAX);
-                self.retry_at[leg] = Some((clock + next, next));
+                slot.retry_at = Some((clock + next, next));
                 tracing::info!(
-                    leg = self.names[leg],
+                    leg = slot.name,
                     "leg left behind for errors: trying it again"
                 );
                 self.engine.leg_returned(leg, now);
@@ -303,23 +468,40 @@ impl Driver {
         }
     }
 
-    fn drain(&mut self, tx: &mpsc::UnboundedSender<Event>) {
+    fn drain(&mut self) {
         while let Some(a) = self.engine.poll_action() {
             match a {
                 VolumeAction::LegIo { leg, token, io } => {
                     // Through the leg's queue, in the engine's order: a
                     // task per IO would let two overlapping writes reach
                     // the leg in either order, and legs would diverge.
-                    let _ = self.queues[leg].send((token, io));
+                    let _ = self.legs[leg].queue.send((token, io));
                 }
                 VolumeAction::PersistLogs { generation } => {
-                    let logs: Vec<(String, Vec<u8>)> = (0..self.names.len())
-                        .map(|l| (self.names[l].clone(), self.engine.log(l).encode()))
-                        .collect();
-                    let (store, tx) = (self.store.clone(), tx.clone());
+                    let logs = self.encoded_logs();
+                    let (store, tx) = (self.store.clone(), self.events.clone());
                     tokio::task::spawn_blocking(move || {
                         let result = store.store(&logs).map_err(|e| e.to_string());
                         let _ = tx.send(Event::Stored(generation, result));
+                    });
+                }
+                VolumeAction::StoreMap { from, to } => {
+                    tracing::info!(
+                        from = self.legs[from].name,
+                        to = self.legs[to].name,
+                        "migration copied: storing the new map"
+                    );
+                    // The new leg's log first (clean now), so a restart on
+                    // the new map does not copy it again.
+                    let logs = self.encoded_logs();
+                    let (store, tx) = (self.store.clone(), self.events.clone());
+                    let map = self.store_map.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let result = store
+                            .store(&logs)
+                            .map_err(|e| format!("dirty logs: {e}"))
+                            .and_then(|()| map.map_or(Ok(()), |m| m()));
+                        let _ = tx.send(Event::MapStored(result));
                     });
                 }
                 VolumeAction::Complete { user, result } => {
@@ -328,22 +510,36 @@ impl Driver {
                     }
                 }
                 VolumeAction::LegChanged { leg, state } => {
-                    tracing::info!(leg = self.names[leg], ?state, "leg state");
+                    tracing::info!(leg = self.legs[leg].name, ?state, "leg state");
                 }
             }
         }
         let mut s = self.status.lock().unwrap();
         s.stats = self.engine.stats();
-        s.legs = (0..self.names.len())
+        s.migration = self.engine.migration().map(|m| {
+            (
+                self.legs[m.from].name.clone(),
+                self.legs[m.to].name.clone(),
+                m.switching,
+            )
+        });
+        s.legs = (0..self.legs.len())
             .map(|l| {
                 let log = self.engine.log(l);
                 (
-                    self.names[l].clone(),
+                    self.legs[l].name.clone(),
                     Some(self.engine.leg_state(l)),
                     log.dirty_count(),
                     log.regions(),
                 )
             })
             .collect();
+    }
+
+    fn encoded_logs(&self) -> Vec<(String, Vec<u8>)> {
+        (0..self.legs.len())
+            .filter(|&l| self.engine.leg_state(l) != LegState::Retired)
+            .map(|l| (self.legs[l].name.clone(), self.engine.log(l).encode()))
+            .collect()
     }
 }

@@ -308,6 +308,9 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     };
     let mut cmd = cargo();
     cmd.args(["mutants", "--package", "braid-core", "--profile", CHECKED]);
+    // nextest stops at the first failing test: a caught mutant costs its
+    // build and one test, not the whole suite.
+    cmd.args(["--test-tool", "nextest"]);
     // A mutant that breaks liveness runs the sweeps to their virtual-time
     // limits; two and a half minutes (about three times a clean run)
     // calls it caught instead of waiting out cargo-mutants' default.

@@ -32,6 +32,23 @@ pub enum LegState {
         /// The first region not yet copied.
         cursor: u64,
     },
+    /// Out of the map: migrated away from, or the target of a migration
+    /// rolled back. No new IO goes here.
+    Retired,
+}
+
+/// A leg being copied to a new export (`braid volume migrate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    /// The leg whose bytes move.
+    pub from: usize,
+    /// The new leg (the map's last leaf when it started).
+    pub to: usize,
+    /// `to` holds every byte and the driver is storing the map that names
+    /// it instead of `from` ([`VolumeAction::StoreMap`]). From here on
+    /// `to` is treated as the map after the switch will treat it: it may
+    /// leave only if another leg (not `from`) holds its bytes.
+    pub switching: bool,
 }
 
 /// What the engine asks its driver to do.
@@ -62,6 +79,16 @@ pub enum VolumeAction {
         user: u64,
         /// Read data, or why it failed.
         result: Result<Bytes, IoErrorKind>,
+    },
+    /// A migration's new leg holds every byte: durably store the
+    /// volume's description naming leg `to` where it named `from` (so a
+    /// restart opens the new leg), then call [`VolumeEngine::map_stored`].
+    /// Until then writes go to both.
+    StoreMap {
+        /// The leg moved away from.
+        from: usize,
+        /// Its replacement.
+        to: usize,
     },
     /// A leg changed state.
     LegChanged {
@@ -224,6 +251,8 @@ pub struct VolumeStats {
     pub regions_resynced: u64,
     /// Bytes copied doing so.
     pub bytes_resynced: u64,
+    /// Migrations finished (the old leg retired).
+    pub migrations: u64,
 }
 
 /// The volume engine.
@@ -250,6 +279,7 @@ pub struct VolumeEngine {
     resync: Option<Resync>,
     resync_runs: u64,
     resync_not_before: Instant,
+    migration: Option<Migration>,
     /// (leg, region): acknowledged mutations the leg has not answered
     /// yet (quorum writes). Reads avoid such a leg for that region.
     lagging: BTreeMap<(usize, u64), usize>,
@@ -341,6 +371,7 @@ impl VolumeEngine {
             resync: None,
             resync_runs: 0,
             resync_not_before: Instant::ZERO,
+            migration: None,
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
             now: Instant::ZERO,
@@ -401,6 +432,136 @@ impl VolumeEngine {
     /// Leg `leg`'s dirty-region log (for persisting and status).
     pub fn log(&self, leg: usize) -> &DirtyRegions {
         &self.logs[leg]
+    }
+
+    /// Leg IO sent and not yet answered (a retired leg's session may close
+    /// once this is zero).
+    pub fn leg_outstanding(&self, leg: usize) -> usize {
+        self.legs[leg].outstanding
+    }
+
+    /// The migration running, if any.
+    pub fn migration(&self) -> Option<Migration> {
+        self.migration
+    }
+
+    /// Starts copying leg `from` to the new export `name` (whose session
+    /// is up and described it as `info`), while IO goes on: the new leg
+    /// takes every write to a region already copied and is read from only
+    /// once in sync. Returns the new leg's index. When it holds every byte
+    /// the engine asks for the map to be stored ([`VolumeAction::StoreMap`])
+    /// and, once it is, retires `from`.
+    pub fn migrate(
+        &mut self,
+        from: usize,
+        name: &str,
+        info: super::map::LegInfo,
+        now: Instant,
+    ) -> Result<usize, String> {
+        self.now = now;
+        let old = &self.map.leaves()[from];
+        if let Some(m) = self.migration {
+            return Err(format!(
+                "leg {} is already being migrated to {}",
+                self.map.leaves()[m.from],
+                self.map.leaves()[m.to]
+            ));
+        }
+        if self.legs[from].state == LegState::Retired {
+            return Err(format!("leg {old} is retired"));
+        }
+        let map = self
+            .map
+            .migrating(from, name, info)
+            .map_err(|e| e.to_string())?;
+        let to = map.leaves().len() - 1;
+        let mut log = DirtyRegions::new(map.size(), self.logs[0].region_size())?;
+        for seg in map.map(0, map.size()) {
+            if seg.copies.iter().any(|c| c.leaf == from) {
+                log.mark(seg.at, seg.len);
+            }
+        }
+        log.set_behind(true);
+        self.logs.push(log);
+        self.legs.push(Leg {
+            state: LegState::Resyncing { cursor: 0 },
+            outstanding: 0,
+            mirrored: true,
+            copy_sets: Vec::new(),
+        });
+        self.map = map;
+        self.refresh_copy_sets();
+        self.migration = Some(Migration {
+            from,
+            to,
+            switching: false,
+        });
+        self.actions.push_back(VolumeAction::LegChanged {
+            leg: to,
+            state: LegState::Resyncing { cursor: 0 },
+        });
+        self.drive_resync();
+        Ok(to)
+    }
+
+    /// The map naming the new leg is stored: `from` retires, and the
+    /// migration is done.
+    pub fn map_stored(&mut self, now: Instant) {
+        self.now = now;
+        let Some(m) = self.migration.filter(|m| m.switching) else {
+            return;
+        };
+        self.migration = None;
+        self.map = self.map.migration_ended(m.to);
+        self.refresh_copy_sets();
+        self.stats.migrations += 1;
+        self.set_state(m.from, LegState::Retired);
+        self.retry_stalled();
+    }
+
+    /// Rolls a migration back before the switch: the new leg retires and
+    /// `from` holds its bytes alone again, as before.
+    pub fn cancel_migration(&mut self, now: Instant) -> Result<(), String> {
+        self.now = now;
+        let Some(m) = self.migration else {
+            return Err("no migration is running".into());
+        };
+        if m.switching {
+            return Err(format!(
+                "the migration to {} is switching over: too late to cancel",
+                self.map.leaves()[m.to]
+            ));
+        }
+        self.migration = None;
+        self.map = self.map.migration_ended(m.from);
+        self.refresh_copy_sets();
+        self.set_state(m.to, LegState::Retired);
+        if !self.legs[m.from].mirrored {
+            // Write intent marked while it had a second copy.
+            for r in self.logs[m.from].dirty_from(0).collect::<Vec<_>>() {
+                self.logs[m.from].clear(r);
+            }
+        }
+        self.retry_stalled();
+        Ok(())
+    }
+
+    /// Which legs are mirrored, and with whom, under the current map.
+    fn refresh_copy_sets(&mut self) {
+        let n = self.legs.len();
+        let mut sets: Vec<BTreeSet<Vec<usize>>> = vec![BTreeSet::new(); n];
+        for seg in self.map.map(0, self.map.size()) {
+            if seg.copies.len() > 1 {
+                let set: Vec<usize> = seg.copies.iter().map(|c| c.leaf).collect();
+                for c in &seg.copies {
+                    sets[c.leaf].insert(set.clone());
+                }
+            }
+        }
+        for (leg, sets) in self.legs.iter_mut().zip(sets) {
+            leg.mirrored = !sets.is_empty();
+            leg.copy_sets = sets.into_iter().collect();
+        }
     }
 
     /// The next action.
@@ -561,6 +722,7 @@ impl VolumeEngine {
         match self.legs[leg].state {
             LegState::InSync => true,
             LegState::Resyncing { cursor } => region < cursor,
+            LegState::Retired => false,
             _ => !self.legs[leg].mirrored,
         }
     }
@@ -661,11 +823,10 @@ impl VolumeEngine {
 
     fn start_flush(&mut self, id: u64) {
         let legs: Vec<usize> = (0..self.legs.len())
-            .filter(|l| {
-                matches!(
-                    self.legs[*l].state,
-                    LegState::InSync | LegState::Resyncing { .. }
-                ) || !self.legs[*l].mirrored
+            .filter(|l| match self.legs[*l].state {
+                LegState::InSync | LegState::Resyncing { .. } => true,
+                LegState::Retired => false,
+                _ => !self.legs[*l].mirrored,
             })
             .collect();
         let io = self.ios.get_mut(&id).expect("submitted");
@@ -890,7 +1051,8 @@ impl VolumeEngine {
     }
 
     fn set_state(&mut self, leg: usize, state: LegState) {
-        if self.legs[leg].state == state {
+        // Retired is for good: answers to IO sent before may still fail.
+        if self.legs[leg].state == state || self.legs[leg].state == LegState::Retired {
             return;
         }
         self.legs[leg].state = state;
@@ -899,8 +1061,13 @@ impl VolumeEngine {
         self.logs[leg].set_behind(self.legs[leg].mirrored && state != LegState::InSync);
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
-        if matches!(state, LegState::Away | LegState::Suspended) {
-            self.stats.legs_left += 1;
+        if matches!(
+            state,
+            LegState::Away | LegState::Suspended | LegState::Retired
+        ) {
+            if state != LegState::Retired {
+                self.stats.legs_left += 1;
+            }
             self.abandon(leg);
             // A copy to or from it is given up (and tried again later):
             // its region must not stay locked while the leg is gone.
@@ -963,10 +1130,17 @@ impl VolumeEngine {
     /// go on without it. The last copy never leaves: IO waits on it (or
     /// fails with its errors), as on a single disk.
     fn can_leave(&self, leg: usize) -> bool {
+        // A switching migration's new leg leaves only as it could once
+        // the old leg is gone: the stored map may already name it alone.
+        let retiring = self
+            .migration
+            .filter(|m| m.switching && m.to == leg)
+            .map(|m| m.from);
         self.legs[leg].mirrored
             && self.legs[leg].copy_sets.iter().all(|set| {
-                set.iter()
-                    .any(|&l| l != leg && self.legs[l].state == LegState::InSync)
+                set.iter().any(|&l| {
+                    l != leg && Some(l) != retiring && self.legs[l].state == LegState::InSync
+                })
             })
     }
 
@@ -996,6 +1170,9 @@ impl VolumeEngine {
 
     /// The operator suspends leg `leg` (IO goes to the other legs).
     pub fn suspend(&mut self, leg: usize) -> Result<(), String> {
+        if self.legs[leg].state == LegState::Retired {
+            return Err(format!("leg {} is retired", self.map.leaves()[leg]));
+        }
         if !self.legs[leg].mirrored {
             return Err(format!(
                 "leg {} is not mirrored: suspending it would stop IO",
@@ -1057,6 +1234,15 @@ impl VolumeEngine {
         };
         let Some(region) = self.logs[leg].dirty_from(cursor).next() else {
             self.set_state(leg, LegState::InSync);
+            if let Some(m) = self
+                .migration
+                .as_mut()
+                .filter(|m| m.to == leg && !m.switching)
+            {
+                m.switching = true;
+                let (from, to) = (m.from, m.to);
+                self.actions.push_back(VolumeAction::StoreMap { from, to });
+            }
             self.retry_stalled();
             return self.drive_resync();
         };
@@ -1214,6 +1400,27 @@ impl VolumeEngine {
                 return Err(format!(
                     "region {} copied while mutations run in it",
                     r.region
+                ));
+            }
+        }
+        for (i, leg) in self.legs.iter().enumerate() {
+            if (leg.state == LegState::Retired) == self.map.holds(i) {
+                return Err(format!(
+                    "leg {i} is {:?} but the map {} it",
+                    leg.state,
+                    if self.map.holds(i) {
+                        "holds"
+                    } else {
+                        "leaves out"
+                    }
+                ));
+            }
+        }
+        if let Some(m) = self.migration {
+            if m.switching && self.legs[m.to].state != LegState::InSync {
+                return Err(format!(
+                    "switching to leg {} while it is {:?}",
+                    m.to, self.legs[m.to].state
                 ));
             }
         }

@@ -87,6 +87,12 @@ enum Node {
         quorum: Option<usize>,
         legs: Vec<Node>,
     },
+    /// A leaf being copied to a new export: both hold its bytes, as a
+    /// mirror's legs do, until the old one is retired.
+    Migrating {
+        from: usize,
+        to: usize,
+    },
 }
 
 /// A validated volume.
@@ -94,6 +100,8 @@ enum Node {
 pub struct VolumeMap {
     root: Node,
     leaves: Vec<String>,
+    /// Each leaf's size, as its WELCOME said.
+    leaf_sizes: Vec<u64>,
     size: u64,
     block_size: u32,
 }
@@ -111,12 +119,69 @@ impl VolumeMap {
         if size == 0 {
             return Err(MapError("the volume has no bytes".into()));
         }
+        let leaf_sizes = leaves
+            .iter()
+            .map(|n| info(n).map_or(0, |i| i.size))
+            .collect();
         Ok(VolumeMap {
             root,
             leaves,
+            leaf_sizes,
             size,
             block_size: block_size.unwrap_or(512),
         })
+    }
+
+    /// The map while leaf `from` is copied to the new export `name`
+    /// (appended as the last leaf): every byte of `from` has a second
+    /// copy there. The new export must match `from` in size and block
+    /// size, be writable and not be in the map already.
+    pub fn migrating(&self, from: usize, name: &str, info: LegInfo) -> Result<VolumeMap, MapError> {
+        let err = |s: String| Err(MapError(s));
+        let Some(old) = self.leaves.get(from) else {
+            return err(format!("no leaf {from}"));
+        };
+        if self.leaves.iter().any(|l| l == name) {
+            return err(format!("export {name:?} is already in the volume"));
+        }
+        if !contains_leaf(&self.root, from) {
+            return err(format!("export {old:?} is no longer in the volume"));
+        }
+        if info.read_only {
+            return err(format!("export {name:?} is read-only"));
+        }
+        if info.block_size != self.block_size {
+            return err(format!(
+                "export {name:?} has {}-byte blocks, the volume {}",
+                info.block_size, self.block_size
+            ));
+        }
+        if info.size != self.leaf_sizes[from] {
+            return err(format!(
+                "export {name:?} holds {} bytes, {old:?} {}: a migration needs the same size",
+                info.size, self.leaf_sizes[from]
+            ));
+        }
+        let to = self.leaves.len();
+        let mut next = self.clone();
+        next.leaves.push(name.to_string());
+        next.leaf_sizes.push(info.size);
+        next.root = replace_leaf(&self.root, from, &Node::Migrating { from, to });
+        Ok(next)
+    }
+
+    /// The map once the migration of `from` ended: `keep` (`from` to
+    /// roll back, the new leaf to finish) holds the bytes alone. The other
+    /// leaf keeps its index but no segment names it again.
+    pub fn migration_ended(&self, keep: usize) -> VolumeMap {
+        let mut next = self.clone();
+        next.root = end_migration(&self.root, keep);
+        next
+    }
+
+    /// Whether some segment names leaf `leaf`.
+    pub fn holds(&self, leaf: usize) -> bool {
+        contains_leaf(&self.root, leaf)
     }
 
     /// Bytes the volume holds.
@@ -255,6 +320,59 @@ fn build(
     }
 }
 
+fn contains_leaf(node: &Node, leaf: usize) -> bool {
+    match node {
+        Node::Leaf(l) => *l == leaf,
+        Node::Migrating { from, to } => *from == leaf || *to == leaf,
+        Node::Linear(parts) => parts.iter().any(|(_, n)| contains_leaf(n, leaf)),
+        Node::Stripe { legs, .. } | Node::Mirror { legs, .. } => {
+            legs.iter().any(|n| contains_leaf(n, leaf))
+        }
+    }
+}
+
+fn replace_leaf(node: &Node, leaf: usize, with: &Node) -> Node {
+    match node {
+        Node::Leaf(l) if *l == leaf => with.clone(),
+        Node::Leaf(_) | Node::Migrating { .. } => node.clone(),
+        Node::Linear(parts) => Node::Linear(
+            parts
+                .iter()
+                .map(|(start, n)| (*start, replace_leaf(n, leaf, with)))
+                .collect(),
+        ),
+        Node::Stripe { chunk, legs } => Node::Stripe {
+            chunk: *chunk,
+            legs: legs.iter().map(|n| replace_leaf(n, leaf, with)).collect(),
+        },
+        Node::Mirror { quorum, legs } => Node::Mirror {
+            quorum: *quorum,
+            legs: legs.iter().map(|n| replace_leaf(n, leaf, with)).collect(),
+        },
+    }
+}
+
+fn end_migration(node: &Node, keep: usize) -> Node {
+    match node {
+        Node::Migrating { from, to } if *from == keep || *to == keep => Node::Leaf(keep),
+        Node::Leaf(_) | Node::Migrating { .. } => node.clone(),
+        Node::Linear(parts) => Node::Linear(
+            parts
+                .iter()
+                .map(|(start, n)| (*start, end_migration(n, keep)))
+                .collect(),
+        ),
+        Node::Stripe { chunk, legs } => Node::Stripe {
+            chunk: *chunk,
+            legs: legs.iter().map(|n| end_migration(n, keep)).collect(),
+        },
+        Node::Mirror { quorum, legs } => Node::Mirror {
+            quorum: *quorum,
+            legs: legs.iter().map(|n| end_migration(n, keep)).collect(),
+        },
+    }
+}
+
 fn map_node(node: &Node, offset: u64, len: u64, at: u64, out: &mut Vec<Segment>) {
     if len == 0 {
         return;
@@ -267,6 +385,18 @@ fn map_node(node: &Node, offset: u64, len: u64, at: u64, out: &mut Vec<Segment>)
                 leaf: *leaf,
                 offset,
             }],
+            quorum: None,
+        }),
+        Node::Migrating { from, to } => out.push(Segment {
+            at,
+            len,
+            copies: vec![
+                Copy {
+                    leaf: *from,
+                    offset,
+                },
+                Copy { leaf: *to, offset },
+            ],
             quorum: None,
         }),
         Node::Linear(parts) => {
@@ -314,17 +444,18 @@ fn map_node(node: &Node, offset: u64, len: u64, at: u64, out: &mut Vec<Segment>)
             cuts.dedup();
             for w in cuts.windows(2) {
                 let (lo, hi) = (w[0], w[1]);
+                // A leg being migrated has two copies; every one counts.
                 let copies = per_leg
                     .iter()
-                    .map(|segs| {
+                    .flat_map(|segs| {
                         let s = segs
                             .iter()
                             .find(|s| s.at <= lo && lo < s.at + s.len)
                             .expect("every leg covers the whole range");
-                        Copy {
-                            leaf: s.copies[0].leaf,
-                            offset: s.copies[0].offset + (lo - s.at),
-                        }
+                        s.copies.iter().map(move |c| Copy {
+                            leaf: c.leaf,
+                            offset: c.offset + (lo - s.at),
+                        })
                     })
                     .collect();
                 out.push(Segment {
@@ -441,6 +572,49 @@ mod tests {
                     offset: 4096
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_migrating_leaf_has_two_copies_until_the_migration_ends() {
+        let spec = VolumeSpec::Mirror {
+            quorum: None,
+            legs: vec![
+                VolumeSpec::Stripe {
+                    chunk: 4096,
+                    legs: vec![e("a"), e("b")],
+                },
+                VolumeSpec::Stripe {
+                    chunk: 4096,
+                    legs: vec![e("c"), e("d")],
+                },
+            ],
+        };
+        let m = VolumeMap::new(&spec, info(1 << 20)).unwrap();
+        let same = LegInfo {
+            size: 1 << 20,
+            block_size: 512,
+            read_only: false,
+        };
+        let moving = m.migrating(1, "n", same).unwrap();
+        assert_eq!(moving.leaves()[4], "n");
+        let s = moving.map(4096, 4096);
+        let leaves: Vec<usize> = s[0].copies.iter().map(|c| c.leaf).collect();
+        assert_eq!(leaves, vec![1, 4, 3]);
+        assert_eq!(s[0].copies[1].offset, s[0].copies[0].offset);
+        let done = moving.migration_ended(4);
+        assert!(!done.holds(1) && done.holds(4));
+        let leaves: Vec<usize> = done.map(4096, 4096)[0]
+            .copies
+            .iter()
+            .map(|c| c.leaf)
+            .collect();
+        assert_eq!(leaves, vec![4, 3]);
+        let back = moving.migration_ended(1);
+        assert_eq!(back.map(0, 1 << 21), m.map(0, 1 << 21));
+        assert!(
+            done.migrating(1, "x", same).is_err(),
+            "a retired leaf cannot move"
         );
     }
 

@@ -6,7 +6,9 @@ mod engine;
 mod map;
 mod regions;
 
-pub use engine::{LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeSabotage, VolumeStats};
+pub use engine::{
+    LegState, Migration, VolumeAction, VolumeConfig, VolumeEngine, VolumeSabotage, VolumeStats,
+};
 pub use map::{Copy, LegInfo, MapError, Segment, VolumeMap, VolumeSpec};
 pub use regions::DirtyRegions;
 

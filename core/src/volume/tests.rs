@@ -22,6 +22,10 @@ struct World {
     /// Legs whose server is unreachable: their IO waits.
     down: Vec<bool>,
     persist: Option<u64>,
+    /// A migration's switch waits for its map to be stored.
+    store_map: bool,
+    /// Migrations started, finished and rolled back.
+    migrations: (u64, u64, u64),
     checker: Checker,
     now: Instant,
     rng: SplitMix64,
@@ -67,6 +71,8 @@ impl World {
             pending: Vec::new(),
             down: vec![false; n],
             persist: None,
+            store_map: false,
+            migrations: (0, 0, 0),
             checker,
             now: Instant::ZERO,
             rng: SplitMix64::new(seed),
@@ -100,6 +106,7 @@ impl World {
             match a {
                 VolumeAction::LegIo { leg, token, io } => self.pending.push((token, leg, io)),
                 VolumeAction::PersistLogs { generation } => self.persist = Some(generation),
+                VolumeAction::StoreMap { .. } => self.store_map = true,
                 VolumeAction::Complete { user, result } => {
                     self.completed += 1;
                     let fua = self.fua.remove(&user).unwrap_or(false);
@@ -217,6 +224,11 @@ impl World {
             30..=84 => {
                 self.answer_one(faults);
             }
+            85..=86 if self.store_map => {
+                self.store_map = false;
+                self.migrations.1 += 1;
+                self.engine.map_stored(self.now);
+            }
             85..=89 => {
                 if let Some(g) = self.persist.take() {
                     self.engine.logs_stable(g, self.now);
@@ -246,9 +258,43 @@ impl World {
                 let leg = self.rng.below(n as u64) as usize;
                 self.engine.resume(leg, self.now);
             }
+            99 if faults => self.migrate_or_cancel(),
+
             _ => self.engine.handle_timeout(self.now),
         }
         self.drain();
+    }
+
+    /// Starts moving a random leg to a new one (full of junk a read must
+    /// never see), or rolls the running migration back.
+    fn migrate_or_cancel(&mut self) {
+        if self.engine.migration().is_some() {
+            if self.rng.chance(0.02) && self.engine.cancel_migration(self.now).is_ok() {
+                self.migrations.2 += 1;
+            }
+            return;
+        }
+        let held: Vec<usize> = (0..self.legs.len())
+            .filter(|&l| self.engine.leg_state(l) != LegState::Retired)
+            .collect();
+        let from = held[self.rng.below(held.len() as u64) as usize];
+        let info = LegInfo {
+            size: LEAF,
+            block_size: 512,
+            read_only: false,
+        };
+        let name = format!("new{}", self.legs.len());
+        if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
+            eprintln!("{:?} migrate leg{from} to {name}", self.now);
+        }
+        let to = self
+            .engine
+            .migrate(from, &name, info, self.now)
+            .expect("no migration was running");
+        assert_eq!(to, self.legs.len());
+        self.legs.push(vec![0xee; LEAF as usize]);
+        self.down.push(false);
+        self.migrations.0 += 1;
     }
 
     /// Heals every fault and lets everything finish, resync included.
@@ -265,12 +311,27 @@ impl World {
                 self.engine.logs_stable(g, self.now);
                 progressed = true;
             }
+            if std::mem::take(&mut self.store_map) {
+                self.migrations.1 += 1;
+                self.engine.map_stored(self.now);
+                progressed = true;
+            }
             progressed |= self.answer_one(false);
             self.now = self.now + Duration::from_millis(1);
             self.engine.handle_timeout(self.now);
             self.drain();
-            let synced = (0..self.legs.len()).all(|l| self.engine.leg_state(l) == LegState::InSync);
-            if !progressed && self.pending.is_empty() && synced && self.persist.is_none() {
+            let synced = (0..self.legs.len()).all(|l| {
+                matches!(
+                    self.engine.leg_state(l),
+                    LegState::InSync | LegState::Retired
+                )
+            });
+            if !progressed
+                && self.pending.is_empty()
+                && synced
+                && self.persist.is_none()
+                && self.engine.migration().is_none()
+            {
                 return;
             }
         }
@@ -376,6 +437,38 @@ fn stripe_of_mirrors() -> VolumeSpec {
             },
         ],
     }
+}
+
+#[test]
+fn legs_migrate_under_io_and_faults_and_the_volume_stays_whole() {
+    // Mirrored legs and legs that are the only copy (linear, stripe):
+    // each migration either finishes (the old leg retired) or is rolled
+    // back, and every read sees the last acknowledged write throughout.
+    let linear_of_stripe = VolumeSpec::Linear(vec![
+        e("l0"),
+        VolumeSpec::Stripe {
+            chunk: 8192,
+            legs: vec![e("s0"), e("s1")],
+        },
+    ]);
+    let mut totals = (0, 0, 0);
+    for seed in 0..24 {
+        let spec = match seed % 3 {
+            0 => mirror(2),
+            1 => stripe_of_mirrors(),
+            _ => linear_of_stripe.clone(),
+        };
+        let w = run(spec, seed, 6_000);
+        w.assert_clean(seed);
+        totals.0 += w.migrations.0;
+        totals.1 += w.migrations.1;
+        totals.2 += w.migrations.2;
+    }
+    let (started, finished, cancelled) = totals;
+    assert!(
+        finished >= 15 && cancelled >= 3 && started == finished + cancelled,
+        "migrations started {started}, finished {finished}, rolled back {cancelled}"
+    );
 }
 
 #[test]
@@ -511,4 +604,81 @@ fn after_a_client_restart_a_leg_that_was_in_sync_is_the_source() {
     );
     // Both behind (a lost log): one is trusted rather than none.
     assert_eq!(states(vec![missed.clone(), missed]), (true, false, 1));
+}
+
+#[test]
+fn a_switching_migration_keeps_its_new_leg_as_the_map_after_the_switch_will() {
+    // Leg s0 of a stripe is the only copy of its bytes. Once its
+    // replacement holds everything the stored map may name only the new
+    // leg, so from then on the new leg may not be left behind: a write
+    // acknowledged without it would be lost if the client restarted.
+    let spec = VolumeSpec::Stripe {
+        chunk: 8192,
+        legs: vec![e("s0"), e("s1")],
+    };
+    let mut w = World::new(spec, 3);
+    let info = LegInfo {
+        size: LEAF,
+        block_size: 512,
+        read_only: false,
+    };
+    let bad = |size, block_size, read_only| LegInfo {
+        size,
+        block_size,
+        read_only,
+    };
+    for (wrong, needle) in [
+        (bad(LEAF * 2, 512, false), "same size"),
+        (bad(LEAF, 4096, false), "4096-byte blocks"),
+        (bad(LEAF, 512, true), "read-only"),
+    ] {
+        let err = w.engine.migrate(0, "n", wrong, w.now).unwrap_err();
+        assert!(err.contains(needle), "{err}");
+    }
+    let err = w.engine.migrate(0, "s1", info, w.now).unwrap_err();
+    assert!(err.contains("already in the volume"), "{err}");
+    let to = w.engine.migrate(0, "n", info, w.now).unwrap();
+    w.legs.push(vec![0xee; LEAF as usize]);
+    w.down.push(false);
+    assert!(w
+        .engine
+        .migrate(1, "m", info, w.now)
+        .unwrap_err()
+        .contains("already"));
+    // Copy until the engine asks for the map.
+    for _ in 0..100_000 {
+        if w.store_map {
+            break;
+        }
+        w.now = w.now + Duration::from_millis(1);
+        w.engine.handle_timeout(w.now);
+        w.drain();
+        while w.answer_one(false) {
+            w.drain();
+        }
+    }
+    assert!(w.store_map, "the new leg never got in sync");
+    assert_eq!(w.engine.migration().map(|m| m.switching), Some(true));
+    w.engine.leg_failed(to);
+    w.drain();
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    assert!(w.engine.suspend(to).is_err());
+    assert!(w
+        .engine
+        .cancel_migration(w.now)
+        .unwrap_err()
+        .contains("too late"));
+    w.engine.map_stored(w.now);
+    w.drain();
+    assert_eq!(w.engine.leg_state(0), LegState::Retired);
+    assert_eq!(w.engine.migration(), None);
+    assert_eq!(w.engine.stats().migrations, 1);
+    let map = w.engine.map();
+    assert!(!map.holds(0) && map.holds(to));
+    assert!(map
+        .map(0, map.size())
+        .iter()
+        .all(|s| s.copies.len() == 1 && s.copies[0].leaf != 0));
+    // Every byte s0 held is now on the new leg.
+    assert_eq!(w.legs[to], w.legs[0]);
 }
