@@ -2,7 +2,10 @@
 //! real volume driver over a real client per leg, and faults on the legs
 //! one at a time or overlapping (crash, power loss, partition, stall).
 //! Every read is judged by the checker; once the faults heal, every leg
-//! must be back in sync and hold the same bytes.
+//! must be back in sync and hold the same bytes. The `migrate` scenario
+//! adds a fourth server node and moves one leg to it mid-run, with every
+//! node (the new one too) taking faults: the migration must finish, and
+//! the legs the volume ends with must converge.
 
 use crate::disk::SimDisk;
 use crate::workload::{shared_worker, SharedPlan, BLOCK};
@@ -49,17 +52,25 @@ impl LogStore for MemLogs {
     }
 }
 
-pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotage>) -> Report {
+pub(crate) async fn simulate(
+    scenario: Scenario,
+    seed: u64,
+    run_for: Duration,
+    sabotage: Vec<Sabotage>,
+) -> Report {
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x3141_5926);
     let key = Key::new(crate::world::seed_bytes(seed, 1).to_vec());
-    let disks: Vec<Arc<Mutex<MemDisk>>> = (0..LEGS)
+    let migrate = scenario == Scenario::Migrate;
+    // The migration's target is one more server node.
+    let nodes = LEGS + usize::from(migrate);
+    let disks: Vec<Arc<Mutex<MemDisk>>> = (0..nodes)
         .map(|_| Arc::new(Mutex::new(MemDisk::new(SIZE))))
         .collect();
     // Per leg: its disk is full, its disk is slow. Outside the server
     // node, so they outlast its crashes.
     type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
-    let disk_flags: Vec<Flags> = (0..LEGS).map(|_| Flags::default()).collect();
+    let disk_flags: Vec<Flags> = (0..nodes).map(|_| Flags::default()).collect();
     let mut servers = Vec::new();
     for (i, disk) in disks.iter().enumerate() {
         let (disk, key) = (disk.clone(), key.clone());
@@ -109,6 +120,12 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         .name("client")
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 100)))
         .build();
+    // When, from which leg, and whether the first store of the new map
+    // fails (the driver must try again, writing to both meanwhile).
+    let migration = migrate.then(|| {
+        let at = Duration::from_millis(500 + rng.below(run_for.as_millis() as u64 / 2));
+        (at, rng.below(LEGS as u64) as usize, rng.chance(0.5))
+    });
     let work = client_node.spawn(async move {
         let mut legs = HashMap::new();
         for i in 0..LEGS {
@@ -158,6 +175,55 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
             Arc::new(MemLogs::default()),
             Duration::from_secs(1),
         )?;
+        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            let volume = volume.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let s = volume.status();
+                    eprintln!(
+                        "{:?} legs {:?} migration {:?}",
+                        tokio::time::Instant::now(),
+                        s.legs,
+                        s.migration
+                    );
+                }
+            });
+        }
+        let mover = migration.map(|(at, from, fail_first)| {
+            let (volume, key) = (volume.clone(), key.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(at).await;
+                let config =
+                    ClientConfig::new("disk0", "sim", key, crate::world::seed_bytes(seed, 300));
+                // The new server may be down right now: connecting waits.
+                let client = Client::connect(
+                    SocketAddr::new(server_ip(LEGS), PORT).to_string(),
+                    ClientSecurity::Plain,
+                    config,
+                    Duration::from_secs(60),
+                )
+                .await
+                .map_err(|e| format!("migration: {e}"))?;
+                let stores = Arc::new(AtomicU64::new(0));
+                let store: braid_fabric_tcp::StoreMap = Arc::new(move || {
+                    if stores.fetch_add(1, Ordering::SeqCst) == 0 && fail_first {
+                        return Err("the map store failed once (injected)".into());
+                    }
+                    Ok(())
+                });
+                if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+                    eprintln!(
+                        "{:?} migrate leg{from} to leg{LEGS}",
+                        tokio::time::Instant::now()
+                    );
+                }
+                volume
+                    .migrate(&format!("leg{from}"), &format!("leg{LEGS}"), client, store)
+                    .await
+                    .map_err(|e| format!("migration refused: {e}"))
+            })
+        });
         let sectors = SIZE / SECTOR as u64;
         let mut checker = braid_core::testkit::Checker::new(sectors);
         // The last copy in sync may report a media error; none are injected.
@@ -186,22 +252,40 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         for t in tasks {
             outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
         }
-        // Healed: every leg must come back in sync.
+        if let Some(m) = mover {
+            m.await.map_err(|e| format!("migration task: {e}"))??;
+        }
+        // Healed: every leg must come back in sync, a migration finished.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let s = volume.status();
-            if s.legs.iter().all(|l| l.1 == Some(LegState::InSync)) {
+            let settled = s
+                .legs
+                .iter()
+                .all(|l| matches!(l.1, Some(LegState::InSync | LegState::Retired)));
+            if settled && s.migration.is_none() {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(format!("legs never back in sync: {:?}", s.legs));
+                return Err(format!(
+                    "legs never back in sync: {:?}, migration {:?}",
+                    s.legs, s.migration
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let retired: Vec<usize> = volume
+            .status()
+            .legs
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.1 == Some(LegState::Retired))
+            .map(|(i, _)| i)
+            .collect();
         // A FLUSH through the volume, so every leg's cache is on media.
         let _ = crate::workload::Device::io(&volume, braid_core::client::IoRequest::flush()).await;
         outcomes.push(crate::workload::checker_outcome(&checker, "volume"));
-        Ok::<_, String>((outcomes, volume.status().stats))
+        Ok::<_, String>((outcomes, volume.status().stats, retired))
     });
 
     let faults = inject(
@@ -216,13 +300,22 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
     .await;
     let mut report = Report {
         faults,
-        ..Report::empty(seed, Scenario::Mirror)
+        ..Report::empty(seed, scenario)
     };
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut retired = Vec::new();
     match work.await {
-        Ok(Ok((outcomes, stats))) => {
+        Ok(Ok((outcomes, stats, gone))) => {
             report.legs_left = stats.legs_left;
             report.regions_resynced = stats.regions_resynced;
+            report.migrations = stats.migrations;
+            retired = gone;
+            if migrate && (stats.migrations != 1 || retired.len() != 1) {
+                report.violations.push(format!(
+                    "migration: {} finished, legs retired {retired:?}",
+                    stats.migrations
+                ));
+            }
             for o in outcomes {
                 report.ios += o.ios;
                 report.violations.extend(o.violations);
@@ -234,20 +327,24 @@ pub(crate) async fn simulate(seed: u64, run_for: Duration, sabotage: Vec<Sabotag
         Ok(Err(e)) => report.violations.push(format!("client: {e}")),
         Err(e) => report.violations.push(format!("client node: {e}")),
     }
-    // Every leg holds the same bytes.
-    let contents: Vec<_> = disks
+    // Every leg the volume ends with holds the same bytes.
+    let contents: Vec<(usize, _)> = disks
         .iter()
-        .map(|d| {
-            d.lock().unwrap().apply(&BackendOp::Read {
+        .enumerate()
+        .filter(|(i, _)| !retired.contains(i))
+        .map(|(i, d)| {
+            let bytes = d.lock().unwrap().apply(&BackendOp::Read {
                 offset: 0,
                 len: SIZE as u32,
-            })
+            });
+            (i, bytes)
         })
         .collect();
-    for (i, c) in contents.iter().enumerate().skip(1) {
-        if c != &contents[0] {
+    for (i, c) in contents.iter().skip(1) {
+        if c != &contents[0].1 {
             report.violations.push(format!(
-                "convergence: leg{i} differs from leg0 after the faults healed"
+                "convergence: leg{i} differs from leg{} after the faults healed",
+                contents[0].0
             ));
         }
     }
@@ -379,5 +476,20 @@ mod tests {
                 "mirror seed {seed} resynced nothing"
             );
         }
+    }
+
+    /// 271: during the switch the new leg's disk filled and it left, then
+    /// the other legs left trusting the leg being retired; retiring it
+    /// left no leg in sync and the volume hung.
+    #[test]
+    fn pinned_migration_seed_finishes() {
+        let seed = 271;
+        let r = crate::world::run(Scenario::Migrate, seed, 10.0);
+        assert!(
+            r.violations.is_empty(),
+            "migrate seed {seed}: {:?}",
+            r.violations
+        );
+        assert_eq!(r.migrations, 1, "migrate seed {seed}");
     }
 }

@@ -79,6 +79,8 @@ pub struct Report {
     pub legs_left: u64,
     /// Regions copied to returning legs (the mirror scenario).
     pub regions_resynced: u64,
+    /// Volume legs migrated to a new server.
+    pub migrations: u64,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
     /// The slowest IO, in virtual time.
@@ -133,6 +135,7 @@ impl Report {
             session_resets: 0,
             legs_left: 0,
             regions_resynced: 0,
+            migrations: 0,
             replayed_extents: 0,
             longest_io: Duration::ZERO,
             trace_hash: 0,
@@ -167,8 +170,8 @@ pub fn run_sabotaged(
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
         rt.set_time_limit(run_for + Duration::from_secs(300));
-        if scenario == Scenario::Mirror {
-            return rt.block_on(crate::mirror::simulate(seed, run_for, sabotage));
+        if matches!(scenario, Scenario::Mirror | Scenario::Migrate) {
+            return rt.block_on(crate::mirror::simulate(scenario, seed, run_for, sabotage));
         }
         rt.block_on(simulate(scenario, seed, run_for, sabotage))
     };

@@ -73,7 +73,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::DiskFull
         | Scenario::ClientStall
         | Scenario::ManyClients
-        | Scenario::Mirror => return None,
+        | Scenario::Mirror
+        | Scenario::Migrate => return None,
     }
     Some(c)
 }

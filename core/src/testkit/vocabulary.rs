@@ -76,11 +76,13 @@ pub enum Scenario {
     ManyClients,
     /// A volume mirrored over three servers, faults on the legs.
     Mirror,
+    /// The mirror, with one leg migrated to a fourth server under faults.
+    Migrate,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 18] = [
+    pub const ALL: [Scenario; 19] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -99,6 +101,7 @@ impl Scenario {
         Scenario::ClockSkew,
         Scenario::ManyClients,
         Scenario::Mirror,
+        Scenario::Migrate,
     ];
 
     /// The command-line name.
@@ -122,6 +125,7 @@ impl Scenario {
             Scenario::ClockSkew => "clock-skew",
             Scenario::ManyClients => "many-clients",
             Scenario::Mirror => "mirror",
+            Scenario::Migrate => "migrate",
         }
     }
 
@@ -165,6 +169,11 @@ impl Scenario {
                 "a volume mirrored over three server nodes; legs crash, lose power, are cut off \
                  or stall, overlapping; reads checked, legs converge after"
             }
+            Scenario::Migrate => {
+                "the mirror, with one leg migrated to a fourth server node mid-run while \
+                 every node (the new one too) takes faults; the migration must finish, \
+                 reads checked, the final legs converge"
+            }
         }
     }
 
@@ -188,7 +197,8 @@ impl Scenario {
             | Scenario::DiskFull
             | Scenario::ClientStall
             | Scenario::ManyClients
-            | Scenario::Mirror => MADSIM,
+            | Scenario::Mirror
+            | Scenario::Migrate => MADSIM,
         }
     }
 

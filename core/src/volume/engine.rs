@@ -46,8 +46,8 @@ pub struct Migration {
     pub to: usize,
     /// `to` holds every byte and the driver is storing the map that names
     /// it instead of `from` ([`VolumeAction::StoreMap`]). From here on
-    /// `to` is treated as the map after the switch will treat it: it may
-    /// leave only if another leg (not `from`) holds its bytes.
+    /// legs are treated as the map after the switch will treat them: a
+    /// leg may leave only if another leg, not `from`, holds its bytes.
     pub switching: bool,
 }
 
@@ -1130,12 +1130,12 @@ impl VolumeEngine {
     /// go on without it. The last copy never leaves: IO waits on it (or
     /// fails with its errors), as on a single disk.
     fn can_leave(&self, leg: usize) -> bool {
-        // A switching migration's new leg leaves only as it could once
-        // the old leg is gone: the stored map may already name it alone.
-        let retiring = self
-            .migration
-            .filter(|m| m.switching && m.to == leg)
-            .map(|m| m.from);
+        // While a migration switches, the stored map may already leave
+        // the old leg out: it vouches for no one, or once it retires a
+        // copy set could be left with no leg in sync (found by madsim:
+        // the new leg's disk filled, the others left trusting the old
+        // leg, and retiring it left nothing to copy from).
+        let retiring = self.migration.filter(|m| m.switching).map(|m| m.from);
         self.legs[leg].mirrored
             && self.legs[leg].copy_sets.iter().all(|set| {
                 set.iter().any(|&l| {
@@ -1416,12 +1416,17 @@ impl VolumeEngine {
                 ));
             }
         }
-        if let Some(m) = self.migration {
-            if m.switching && self.legs[m.to].state != LegState::InSync {
-                return Err(format!(
-                    "switching to leg {} while it is {:?}",
-                    m.to, self.legs[m.to].state
-                ));
+        if let Some(m) = self.migration.filter(|m| m.switching) {
+            for set in &self.legs[m.from].copy_sets {
+                if !set
+                    .iter()
+                    .any(|&l| l != m.from && self.legs[l].state == LegState::InSync)
+                {
+                    return Err(format!(
+                        "switching away from leg {} while it is the only leg in sync of {set:?}",
+                        m.from
+                    ));
+                }
             }
         }
         let outstanding: usize = self.legs.iter().map(|l| l.outstanding).sum();

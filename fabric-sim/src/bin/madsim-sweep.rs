@@ -53,7 +53,7 @@ mod sweep {
         let started = Instant::now();
         let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
         let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut volume_totals = (0u64, 0u64);
+        let mut volume_totals = (0u64, 0u64, 0u64);
         let mut expected_errors = (0u64, 0u64);
         let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
         let mut longest = Duration::ZERO;
@@ -102,6 +102,7 @@ mod sweep {
                 totals.5 += report.replayed_extents;
                 volume_totals.0 += report.legs_left;
                 volume_totals.1 += report.regions_resynced;
+                volume_totals.2 += report.migrations;
                 longest = longest.max(report.longest_io);
                 for (k, v) in &report.faults {
                     *faults.entry(*k).or_insert(0) += v;
@@ -146,9 +147,10 @@ mod sweep {
         println!("duplicates dropped       {}", totals.3);
         println!("sessions replaced        {}", totals.4);
         println!("extents replayed         {}", totals.5);
-        if volume_totals != (0, 0) {
+        if volume_totals != (0, 0, 0) {
             println!("volume legs left behind  {}", volume_totals.0);
             println!("volume regions resynced  {}", volume_totals.1);
+            println!("volume legs migrated     {}", volume_totals.2);
         }
         println!("slowest IO               {longest:?} (virtual)");
         println!(
