@@ -14,6 +14,7 @@ mod nbd;
 mod progress;
 mod serve;
 mod soak;
+mod soak_volume;
 mod status;
 mod systemd;
 mod tuning;

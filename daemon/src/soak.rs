@@ -28,6 +28,11 @@ pub(crate) struct SoakArgs {
     /// report how long IO took to flow again.
     #[arg(long)]
     measure_failover: Option<usize>,
+    /// Soak a volume over several servers instead of one export: legs
+    /// killed and restarted, channels black-holed, a live migration to a
+    /// spare server, resync and mirror costs measured.
+    #[arg(long, value_enum)]
+    volume: Option<crate::soak_volume::VolumeShape>,
 }
 
 /// A server process, a proxy in front of it, and a verifying client.
@@ -41,12 +46,12 @@ struct Rig {
     workload: tokio::task::JoinHandle<()>,
 }
 
-fn free_port() -> Result<u16, String> {
+pub(crate) fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String> {
+pub(crate) async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -257,6 +262,9 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
     let seed = args
         .seed
         .unwrap_or_else(|| u64::from_le_bytes(crate::config::random_bytes().unwrap_or([1; 8])));
+    if let Some(shape) = args.volume {
+        return crate::soak_volume::run(shape, args.duration, seed).await;
+    }
     let mut rng = SplitMix64::new(seed);
     let mut rig = Rig::start().await?;
     let started = Instant::now();

@@ -183,7 +183,37 @@ impl Progress {
 }
 
 /// Runs the verifying workload until `progress.stop` is set.
-pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: Arc<Progress>) {
+/// What the verifier drives: one export's client, or a volume over
+/// several.
+pub(crate) trait BlockDevice: Clone + Send + Sync + 'static {
+    /// One IO; the error says what failed.
+    fn submit(
+        &self,
+        io: IoRequest,
+    ) -> impl std::future::Future<Output = Result<Bytes, String>> + Send;
+}
+
+impl BlockDevice for Client {
+    async fn submit(&self, io: IoRequest) -> Result<Bytes, String> {
+        self.io(io).await.map_err(|e| e.to_string())
+    }
+}
+
+impl BlockDevice for braid_fabric_tcp::Volume {
+    async fn submit(&self, io: IoRequest) -> Result<Bytes, String> {
+        let (op, offset, len) = (io.op, io.offset, io.len);
+        self.io(io)
+            .await
+            .map_err(|e| format!("volume {op:?} at {offset}+{len}: {e:?}"))
+    }
+}
+
+pub(crate) async fn workload(
+    client: impl BlockDevice,
+    blocks: u64,
+    qd: usize,
+    progress: Arc<Progress>,
+) {
     let run = u64::from_le_bytes(crate::config::random_bytes().unwrap_or([7; 8]));
     progress
         .started
@@ -202,7 +232,7 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
                 ops += 1;
                 if ops % 97 == 0 {
                     let t = Instant::now();
-                    let r = client.io(IoRequest::flush()).await;
+                    let r = client.submit(IoRequest::flush()).await;
                     progress.observe(t);
                     match r {
                         Ok(_) => progress.flushes.fetch_add(1, Ordering::Relaxed),
@@ -237,7 +267,7 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
                     let fua = rng.chance(0.1);
                     let t = Instant::now();
                     let r = client
-                        .io(IoRequest::write(
+                        .submit(IoRequest::write(
                             offset,
                             block_data(run, block, generation),
                             fua,
@@ -256,7 +286,7 @@ pub(crate) async fn workload(client: Client, blocks: u64, qd: usize, progress: A
                     }
                 } else {
                     let t = Instant::now();
-                    let r = client.io(IoRequest::read(offset, BLOCK as u32)).await;
+                    let r = client.submit(IoRequest::read(offset, BLOCK as u32)).await;
                     progress.observe(t);
                     match r {
                         Ok(data) => {

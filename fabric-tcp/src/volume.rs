@@ -55,12 +55,15 @@ enum Cmd {
         reply: oneshot::Sender<Result<(), String>>,
     },
     Cancel(oneshot::Sender<Result<(), String>>),
+    InFlight(oneshot::Sender<Vec<String>>),
     Close(oneshot::Sender<()>),
 }
 
 enum Event {
     LegDone(u64, Result<Bytes, IoErrorKind>),
     Stored(u64, Result<(), String>),
+    /// Store the logs of this generation again (the last try failed).
+    StoreAgain(u64),
     MapStored(Result<(), String>),
 }
 
@@ -205,6 +208,11 @@ impl Volume {
         self.ask(Cmd::Cancel).await?
     }
 
+    /// Every IO in the engine, with where each part stands (diagnostics).
+    pub async fn in_flight(&self) -> Vec<String> {
+        self.ask(Cmd::InFlight).await.unwrap_or_default()
+    }
+
     /// Closes every leg's session (each flushes and says goodbye).
     pub async fn close(&self) {
         let _ = self.ask(Cmd::Close).await;
@@ -306,9 +314,19 @@ impl Driver {
                     Event::LegDone(token, result) => self.engine.leg_complete(token, result, clock.now()),
                     Event::Stored(generation, result) => match result {
                         Ok(()) => self.engine.logs_stable(generation, clock.now()),
-                        // Writes wait rather than go out unrecorded.
-                        Err(e) => tracing::error!(error = %e, "dirty log not stored; writes wait"),
+                        Err(e) => {
+                            // Writes wait rather than go out unrecorded, and
+                            // the store is tried again (a full disk frees up).
+                            tracing::error!(error = %e, "dirty log not stored; writes wait; trying again in 1 s");
+                            let tx = self.events.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                let _ = tx.send(Event::StoreAgain(generation));
+                            });
+                        }
                     },
+                    // The logs now hold at least what that generation did.
+                    Event::StoreAgain(generation) => self.store_logs(generation),
                     Event::MapStored(Ok(())) => {
                         self.store_map = None;
                         self.engine.map_stored(clock.now());
@@ -353,6 +371,18 @@ impl Driver {
                                 Some("cancelled by the operator".into());
                         }
                         let _ = reply.send(result);
+                    }
+                    Some(Cmd::InFlight(reply)) => {
+                        let mut v = self.engine.in_flight();
+                        v.extend((0..self.legs.len()).map(|l| {
+                            format!(
+                                "leg {} {:?} outstanding {}",
+                                self.legs[l].name,
+                                self.engine.leg_state(l),
+                                self.engine.leg_outstanding(l)
+                            )
+                        }));
+                        let _ = reply.send(v);
                     }
                     Some(Cmd::Close(reply)) => {
                         let clients: Vec<Client> = self
@@ -477,30 +507,22 @@ impl Driver {
                     // the leg in either order, and legs would diverge.
                     let _ = self.legs[leg].queue.send((token, io));
                 }
-                VolumeAction::PersistLogs { generation } => {
-                    let logs = self.encoded_logs();
-                    let (store, tx) = (self.store.clone(), self.events.clone());
-                    tokio::task::spawn_blocking(move || {
-                        let result = store.store(&logs).map_err(|e| e.to_string());
-                        let _ = tx.send(Event::Stored(generation, result));
-                    });
-                }
+                VolumeAction::PersistLogs { generation } => self.store_logs(generation),
                 VolumeAction::StoreMap { from, to } => {
                     tracing::info!(
                         from = self.legs[from].name,
                         to = self.legs[to].name,
                         "migration copied: storing the new map"
                     );
-                    // The new leg's log first (clean now), so a restart on
-                    // the new map does not copy it again.
-                    let logs = self.encoded_logs();
-                    let (store, tx) = (self.store.clone(), self.events.clone());
+                    // Only the map: the logs are stored by one writer at a
+                    // time (two at once raced on the same files, the soak
+                    // found, and writes waited for ever). The new leg's
+                    // stored log may still say it is behind; a restart on
+                    // the new map then copies those regions once more.
+                    let tx = self.events.clone();
                     let map = self.store_map.clone();
                     tokio::task::spawn_blocking(move || {
-                        let result = store
-                            .store(&logs)
-                            .map_err(|e| format!("dirty logs: {e}"))
-                            .and_then(|()| map.map_or(Ok(()), |m| m()));
+                        let result = map.map_or(Ok(()), |m| m());
                         let _ = tx.send(Event::MapStored(result));
                     });
                 }
@@ -534,6 +556,17 @@ impl Driver {
                 )
             })
             .collect();
+    }
+
+    /// Stores every leg's log as it is now, and reports it as `generation`
+    /// (the engine asks for one store at a time).
+    fn store_logs(&self, generation: u64) {
+        let logs = self.encoded_logs();
+        let (store, tx) = (self.store.clone(), self.events.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = store.store(&logs).map_err(|e| e.to_string());
+            let _ = tx.send(Event::Stored(generation, result));
+        });
     }
 
     fn encoded_logs(&self) -> Vec<(String, Vec<u8>)> {

@@ -39,7 +39,8 @@ commands:
             invariant sweeps. `cargo xtask mutants [FILE...]`; results in
             target/mutants/mutants.out (caught.txt, missed.txt)
   soak      real braid processes under a fault proxy and kill -9, with the
-            verifier throughout: `cargo xtask soak [--duration SECS]
+            verifier throughout (`--volume mirror3|mirror2|stripe`: a volume
+            over several servers, with a live migration): `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
 ";
 
@@ -181,7 +182,10 @@ fn ci() -> Result<(), String> {
             "--expect-violation",
         ]))?;
     }
-    soak(&args(&["--duration", "20"]))
+    soak(&args(&["--duration", "20"]))?;
+    // Three servers and a spare under kill -9, black holes and a live
+    // migration, the verifier on the volume throughout.
+    soak(&args(&["--volume", "mirror3", "--duration", "20"]))
 }
 
 fn test(extra: &[String]) -> Result<(), String> {

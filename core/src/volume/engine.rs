@@ -1085,6 +1085,27 @@ impl VolumeEngine {
 
     /// Stops waiting for `leg`'s copies: parts complete on the others.
     fn abandon(&mut self, leg: usize) {
+        // Its FLUSHes too: what it acknowledged is on the legs still in
+        // sync (they flush), and it is resynced before it serves again.
+        // Waiting would hold every FLUSH for as long as it is away (the
+        // soak saw a 10 s stall with a server down for 10 s).
+        let flushes: Vec<(u64, u64)> = self
+            .tokens
+            .iter()
+            .filter_map(|(t, (l, what))| match what {
+                Token::Flush { io } if *l == leg && self.legs[leg].mirrored => Some((*t, *io)),
+                _ => None,
+            })
+            .collect();
+        for (token, io) in flushes {
+            self.tokens.remove(&token);
+            self.legs[leg].outstanding -= 1;
+            if let Some(v) = self.ios.get_mut(&io) {
+                v.unacked -= 1;
+                v.unfinished -= 1;
+                self.finish_if_done(io);
+            }
+        }
         let affected: Vec<(u64, usize)> = self
             .ios
             .iter()
@@ -1115,7 +1136,11 @@ impl VolumeEngine {
                 *needed = (*needed).min(*acked + waiting.len()).max(1);
             }
             if is_read {
-                // Re-sent elsewhere; the away leg's answer is ignored.
+                // Re-sent elsewhere; the away leg's answer is ignored. It
+                // left; it did not fail this read, so once back it may
+                // serve it (else a read whose every copy left in turn
+                // waits for ever, as when the last is retired).
+                self.ios.get_mut(&id).unwrap().parts[p].tried.remove(&leg);
                 let done = matches!(&self.ios[&id].parts[p].state, PartState::Sent { acked, .. } if *acked > 0);
                 if !done {
                     self.send_part(id, p);
@@ -1381,6 +1406,33 @@ impl VolumeEngine {
         for id in held {
             self.start(id);
         }
+    }
+
+    /// Every frontend IO not finished, with its parts' states: what to
+    /// look at when IO seems stuck.
+    pub fn in_flight(&self) -> Vec<String> {
+        self.ios
+            .iter()
+            .map(|(id, io)| {
+                let parts: Vec<String> = io
+                    .parts
+                    .iter()
+                    .map(|p| {
+                        let copies: Vec<usize> = p.seg.copies.iter().map(|c| c.leaf).collect();
+                        format!("{:?} copies {copies:?} tried {:?}", p.state, p.tried)
+                    })
+                    .collect();
+                format!(
+                    "io {id} {:?} {}+{} unacked {} unfinished {}: {}",
+                    io.io.op,
+                    io.io.offset,
+                    io.io.len,
+                    io.unacked,
+                    io.unfinished,
+                    parts.join("; ")
+                )
+            })
+            .collect()
     }
 
     /// Called after every input in tests: a busy region is never locked

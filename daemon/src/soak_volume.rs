@@ -1,0 +1,518 @@
+//! `braid soak --volume mirror3` (or `mirror2`, `stripe`): real `braid
+//! serve` processes behind fault proxies, a volume over them driven in
+//! this process exactly as `braid attach --volume` drives it, and the
+//! verifier on the volume throughout. First one leg's server is killed for
+//! ten seconds under load and its resync timed; then servers are killed
+//! (one at a time) and restarted, channels black-holed, reset and stalled,
+//! while one leg migrates live to a spare server. At the end the legs the
+//! volume ends with must hold the same bytes, and for mirrors the IOPS of
+//! one export, a 2-way and a 3-way mirror are measured in the same run.
+
+use crate::client_args::{ClientArgs, PolicyArg};
+use crate::faultproxy::FaultProxy;
+use crate::soak::{free_port, spawn_server};
+use crate::verify::{self, Progress};
+use braid_core::rng::SplitMix64;
+use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
+use braid_fabric_tcp::{Client, Volume};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::Child;
+
+/// The volume the soak builds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum VolumeShape {
+    /// Two legs, each a full copy.
+    Mirror2,
+    /// Three legs, each a full copy.
+    Mirror3,
+    /// Three legs, 64 KiB chunks dealt round-robin (no copy: a leg's
+    /// server down means its IO waits).
+    Stripe,
+}
+
+impl VolumeShape {
+    fn legs(self) -> usize {
+        match self {
+            VolumeShape::Mirror2 => 2,
+            VolumeShape::Mirror3 | VolumeShape::Stripe => 3,
+        }
+    }
+
+    fn mirrored(self) -> bool {
+        self != VolumeShape::Stripe
+    }
+
+    fn spec(self, legs: &[String]) -> VolumeSpec {
+        let exports = legs.iter().map(|l| VolumeSpec::Export(l.clone())).collect();
+        match self {
+            VolumeShape::Stripe => VolumeSpec::Stripe {
+                chunk: 64 << 10,
+                legs: exports,
+            },
+            _ => VolumeSpec::Mirror {
+                quorum: None,
+                legs: exports,
+            },
+        }
+    }
+}
+
+/// How long a leg's server may be unreachable before IO goes on without it.
+const LEG_TIMEOUT: Duration = Duration::from_secs(1);
+/// The absence whose resync is timed.
+const AWAY: Duration = Duration::from_secs(10);
+/// Seconds of load per row of the IOPS comparison.
+const COST_SECS: f64 = 5.0;
+/// 4 KiB blocks the verifier exercises (32 MiB).
+const BLOCKS: u64 = 8192;
+
+/// One `braid serve` process and the fault proxy in front of it.
+struct Node {
+    dir: PathBuf,
+    port: u16,
+    server: Option<Child>,
+    proxy: FaultProxy,
+    proxy_addr: String,
+}
+
+impl Node {
+    async fn start(root: &Path, i: usize) -> Result<Node, String> {
+        let dir = root.join(format!("server{i}"));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let port = free_port()?;
+        let server = spawn_server(&dir, port).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let proxy_addr = listener
+            .local_addr()
+            .map_err(|e| e.to_string())?
+            .to_string();
+        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{port}"));
+        Ok(Node {
+            dir,
+            port,
+            server: Some(server),
+            proxy,
+            proxy_addr,
+        })
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.start_kill(); // SIGKILL
+            let _ = c.wait().await;
+        }
+    }
+
+    async fn restart(&mut self) -> Result<(), String> {
+        self.server = Some(spawn_server(&self.dir, self.port).await?);
+        Ok(())
+    }
+
+    async fn connect(&self) -> Result<Client, String> {
+        ClientArgs {
+            server: self.proxy_addr.clone(),
+            key_file: Some(self.dir.join("keys.toml")),
+            key_id: None,
+            export: "disk0".into(),
+            channels: 2,
+            policy: PolicyArg::LeastInflight,
+            io_timeout: None,
+            dirty_window: "1M".into(),
+            tls_ca: None,
+            tls_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        }
+        .connect()
+        .await
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.join("disk0.img")
+    }
+}
+
+fn leg_name(i: usize) -> String {
+    format!("leg{i}")
+}
+
+/// A volume over `clients` (named `leg0`...), logs in `root`.
+fn start_volume(
+    shape: VolumeShape,
+    clients: Vec<(String, Client)>,
+    root: &Path,
+    name: &str,
+) -> Result<Volume, String> {
+    let names: Vec<String> = clients.iter().map(|c| c.0.clone()).collect();
+    let infos: HashMap<String, LegInfo> = clients
+        .iter()
+        .map(|(n, c)| {
+            let i = c.info();
+            let info = LegInfo {
+                size: i.size,
+                block_size: i.block_size,
+                read_only: false,
+            };
+            (n.clone(), info)
+        })
+        .collect();
+    let max_payload = clients
+        .iter()
+        .map(|(_, c)| c.info().max_payload)
+        .min()
+        .unwrap_or(1 << 20);
+    let map = VolumeMap::new(&shape.spec(&names), |n| infos.get(n).copied())
+        .map_err(|e| e.to_string())?;
+    let config = VolumeConfig {
+        max_leg_io: u64::from(max_payload),
+        ..VolumeConfig::default()
+    };
+    let store = Arc::new(crate::volume::FileLogStore {
+        dir: root.to_path_buf(),
+        volume: name.to_string(),
+    });
+    Volume::start(
+        map,
+        clients.into_iter().collect(),
+        config,
+        store,
+        LEG_TIMEOUT,
+    )
+}
+
+fn leg_state(volume: &Volume, leg: &str) -> Option<LegState> {
+    volume
+        .status()
+        .legs
+        .iter()
+        .rev()
+        .find(|l| l.0 == leg)
+        .and_then(|l| l.1)
+}
+
+/// Waits until every leg is in sync (or retired) and no migration runs.
+async fn settled(volume: &Volume, patience: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let s = volume.status();
+        let synced = s
+            .legs
+            .iter()
+            .all(|l| matches!(l.1, Some(LegState::InSync | LegState::Retired)));
+        if synced && s.migration.is_none() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "legs not back in sync after {patience:?}: {:?}, migration {:?}",
+                s.legs, s.migration
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// IOs per second of the verifier on `device` over `secs`.
+async fn iops(device: impl verify::BlockDevice, secs: f64) -> (f64, u64) {
+    let progress = Arc::new(Progress::default());
+    let task = tokio::spawn(verify::workload(device, BLOCKS, 16, progress.clone()));
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    progress.stop.store(true, Ordering::Relaxed);
+    let _ = task.await;
+    let bad = progress.errors.load(Ordering::Relaxed) + progress.failures.load(Ordering::Relaxed);
+    (progress.ios() as f64 / secs, bad)
+}
+
+pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<(), String> {
+    let mut rng = SplitMix64::new(seed);
+    let root = std::env::temp_dir().join(format!("braid-soak-volume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+    let n = shape.legs();
+    println!(
+        "braid soak --volume {shape:?}: {n} servers and a spare, {duration}s of faults, seed {seed} \
+         (replay: braid soak --volume {} --seed {seed})",
+        format!("{shape:?}").to_lowercase()
+    );
+    // Every node at once; the spare (the last) is the migration's target.
+    let mut nodes = Vec::new();
+    for i in 0..=n {
+        nodes.push(Node::start(&root, i).await?);
+    }
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().take(n).enumerate() {
+        clients.push((leg_name(i), node.connect().await?));
+    }
+    let volume = start_volume(shape, clients, &root, "soak")?;
+    let progress = Arc::new(Progress::default());
+    let workload = tokio::spawn(verify::workload(
+        volume.clone(),
+        BLOCKS,
+        16,
+        progress.clone(),
+    ));
+    let started = Instant::now();
+    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut out = crate::progress::ProgressLine::new();
+    let show = |out: &mut crate::progress::ProgressLine, what: &str| {
+        let s = volume.status();
+        out.show(format_args!(
+            "  {:>6.1}s  {what:<22} IOs {:>8}  failures {}  errors {}  legs left {}  resynced {}",
+            started.elapsed().as_secs_f64(),
+            progress.ios(),
+            progress.failures.load(Ordering::Relaxed),
+            progress.errors.load(Ordering::Relaxed),
+            s.stats.legs_left,
+            crate::config::human_size(s.stats.bytes_resynced)
+        ));
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 1. One leg away ten seconds under load, then its resync timed.
+    let mut resync = None;
+    if shape.mirrored() {
+        nodes[1].kill().await;
+        *faults.entry("server kill -9 (10 s away)").or_default() += 1;
+        let until = Instant::now() + AWAY;
+        while Instant::now() < until {
+            show(&mut out, "leg1 away");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let before = volume.status().stats;
+        nodes[1].restart().await?;
+        let back = Instant::now();
+        while leg_state(&volume, "leg1") != Some(LegState::InSync) {
+            if back.elapsed() > Duration::from_secs(120) {
+                return Err(format!(
+                    "leg1 not in sync 120 s after its return: {:?}",
+                    volume.status().legs
+                ));
+            }
+            show(&mut out, "leg1 resyncing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = volume.status().stats;
+        resync = Some((
+            back.elapsed(),
+            after.regions_resynced - before.regions_resynced,
+            after.bytes_resynced - before.bytes_resynced,
+        ));
+    }
+
+    // 2. Mixed faults, with a live migration of leg0 to the spare.
+    let faults_from = Instant::now();
+    let end = faults_from + Duration::from_secs_f64(duration);
+    let migrate_at = faults_from + Duration::from_secs_f64(duration / 3.0);
+    let spare = n;
+    let mut migration: Option<(Instant, Option<Duration>)> = None;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1000))).await;
+        if migration.is_none() && Instant::now() >= migrate_at {
+            let client = nodes[spare].connect().await?;
+            let store: braid_fabric_tcp::StoreMap = Arc::new(|| Ok(()));
+            volume
+                .migrate("leg0", &leg_name(spare), client, store)
+                .await
+                .map_err(|e| format!("migration refused: {e}"))?;
+            migration = Some((Instant::now(), None));
+        }
+        if let Some((t0, done @ None)) = &mut migration {
+            if volume.status().migration.is_none() {
+                *done = Some(t0.elapsed());
+            }
+        }
+        // Faults on the legs in use: the spare once it is one.
+        let candidates = if migration.is_some() { n + 1 } else { n };
+        let i = rng.below(candidates as u64) as usize;
+        let r = rng.next_u64();
+        let kind = match rng.below(100) {
+            0..=24 => {
+                nodes[i].kill().await;
+                tokio::time::sleep(Duration::from_millis(200 + rng.below(2300))).await;
+                nodes[i].restart().await?;
+                Some("server kill -9 + restart")
+            }
+            25..=44 => nodes[i]
+                .proxy
+                .blackhole_one(r)
+                .then_some("channel black-holed"),
+            45..=64 => nodes[i].proxy.reset_one(r).then_some("channel reset"),
+            65..=79 => {
+                let d = Duration::from_millis(100 + rng.below(1400));
+                nodes[i].proxy.stall_one(r, d).then_some("channel stalled")
+            }
+            _ => (nodes[i].proxy.reset_all() > 0).then_some("all of a leg's channels reset"),
+        };
+        if let Some(k) = kind {
+            *faults.entry(k).or_default() += 1;
+        }
+        show(&mut out, "faults");
+    }
+    // 3. Faults over: everything back in sync, the migration done, and
+    // the verifier on a little longer so the end state is checked too.
+    let healing = Instant::now();
+    while settled(&volume, Duration::from_millis(1)).await.is_err() {
+        if healing.elapsed() > Duration::from_secs(180) {
+            settled(&volume, Duration::ZERO).await?;
+        }
+        show(&mut out, "healing");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if let Some((t0, done @ None)) = &mut migration {
+        *done = Some(t0.elapsed());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    show(&mut out, "done");
+    out.finish();
+    progress.stop.store(true, Ordering::Relaxed);
+    // Every IO must end: one that does not is a liveness bug, shown with
+    // where it waits.
+    let mut workload = workload;
+    if tokio::time::timeout(Duration::from_secs(30), &mut workload)
+        .await
+        .is_err()
+    {
+        for line in volume.in_flight().await {
+            println!("  stuck: {line}");
+        }
+        return Err(format!(
+            "IO still in flight 30 s after the load stopped (replay: braid soak --volume {} --seed {seed})",
+            format!("{shape:?}").to_lowercase()
+        ));
+    }
+    let _ = verify::BlockDevice::submit(&volume, braid_core::client::IoRequest::flush()).await;
+    let status = volume.status();
+    let final_legs: Vec<usize> = status
+        .legs
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.1 != Some(LegState::Retired))
+        .map(|(i, _)| i)
+        .collect();
+    let mut diverged = Vec::new();
+    if shape.mirrored() {
+        let first = std::fs::read(nodes[final_legs[0]].image()).map_err(|e| e.to_string())?;
+        for &l in &final_legs[1..] {
+            let other = std::fs::read(nodes[l].image()).map_err(|e| e.to_string())?;
+            if other != first {
+                diverged.push(format!("leg{l} differs from leg{}", final_legs[0]));
+            }
+        }
+    }
+    volume.close().await;
+    drop(volume);
+
+    // 4. What a mirror costs: the same verifier on one export, a 2-way
+    // and a 3-way mirror, over the legs now in sync, in this run.
+    let mut cost = Vec::new();
+    if shape.mirrored() {
+        let c: Vec<Client> = {
+            let mut v = Vec::new();
+            for &l in &final_legs {
+                v.push(nodes[l].connect().await?);
+            }
+            v
+        };
+        cost.push(("one export", iops(c[0].clone(), COST_SECS).await));
+        for ways in 2..=c.len() {
+            let legs = (0..ways).map(|i| (leg_name(i), c[i].clone())).collect();
+            let v = start_volume(shape, legs, &root, &format!("cost{ways}"))?;
+            let label = if ways == 2 {
+                "2-way mirror"
+            } else {
+                "3-way mirror"
+            };
+            cost.push((label, iops(v.clone(), COST_SECS).await));
+            v.close().await;
+        }
+        for client in c {
+            client.close().await;
+        }
+    }
+    for node in &mut nodes {
+        node.kill().await;
+    }
+    let _ = std::fs::remove_dir_all(&root);
+
+    let errors = progress.errors.load(Ordering::Relaxed);
+    let failures = progress.failures.load(Ordering::Relaxed);
+    println!("\nvolume soak summary ({shape:?}, seed {seed}):");
+    println!("  {:<40} {:>10}", "IOs completed", progress.ios());
+    println!(
+        "  {:<40} {:>10}",
+        "reads verified",
+        progress.reads.load(Ordering::Relaxed)
+    );
+    for (k, v) in &faults {
+        println!("  fault: {k:<33} {v:>10}");
+    }
+    println!(
+        "  {:<40} {:>10}",
+        "legs left behind", status.stats.legs_left
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "regions resynced", status.stats.regions_resynced
+    );
+    println!(
+        "  {:<40} {:>10}",
+        "bytes resynced",
+        crate::config::human_size(status.stats.bytes_resynced)
+    );
+    if let Some((t, regions, bytes)) = resync {
+        println!(
+            "  {:<40} {:>7} ms   ({regions} regions, {})",
+            "resync after 10 s away under load",
+            t.as_millis(),
+            crate::config::human_size(bytes)
+        );
+    }
+    match migration {
+        Some((_, Some(t))) => println!(
+            "  {:<40} {:>7} ms   (leg0 to leg{spare}, {} leg, under faults)",
+            "live migration",
+            t.as_millis(),
+            crate::config::human_size(256 << 20)
+        ),
+        _ => println!(
+            "  live migration                           not started (the run was too short)"
+        ),
+    }
+    println!(
+        "  {:<40} {:>7} ms",
+        "longest IO stall",
+        progress.worst().as_millis()
+    );
+    for (label, (rate, bad)) in &cost {
+        println!("  IOPS, verifier qd16, {label:<19} {rate:>10.0}   ({bad} errors)");
+    }
+    println!(
+        "  {:<40} {:>10}   (must be 0)",
+        "IO errors surfaced", errors
+    );
+    println!(
+        "  {:<40} {:>10}   (must be 0)",
+        "verification failures", failures
+    );
+    for p in progress.first_problems.lock().unwrap().iter() {
+        println!("    {p}");
+    }
+    for d in &diverged {
+        println!("  divergence: {d}");
+    }
+    let migrated = status.stats.migrations == 1 || migration.is_none();
+    if errors == 0 && failures == 0 && diverged.is_empty() && migrated {
+        Ok(())
+    } else {
+        Err(format!(
+            "volume soak failed (replay: braid soak --volume {} --seed {seed})",
+            format!("{shape:?}").to_lowercase()
+        ))
+    }
+}
