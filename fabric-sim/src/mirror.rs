@@ -230,7 +230,12 @@ pub(crate) async fn simulate(
         checker.errors_allowed = false;
         // Except a full disk on the last leg in sync: its writes fail with
         // NoSpace, as one full disk's do (the other legs are away then).
-        checker.allowed_error = Some("NoSpace");
+        checker.allowed_errors = vec!["NoSpace"];
+        if scenario == Scenario::MirrorErrors {
+            // Bad blocks on the last leg in sync fail IO there, as on one
+            // disk.
+            checker.allowed_errors.push("Media");
+        }
         let checker = Arc::new(Mutex::new(checker));
         let next_io = Arc::new(AtomicU64::new(1));
         let until = tokio::time::Instant::now() + run_for;
@@ -288,7 +293,13 @@ pub(crate) async fn simulate(
         Ok::<_, String>((outcomes, volume.status().stats, retired))
     });
 
-    let faults = inject(
+    // Bad blocks come from their own stream, so the other faults of a
+    // seed stay as they are in `mirror`.
+    let media = (scenario == Scenario::MirrorErrors).then(|| {
+        let disks = disks.clone();
+        tokio::spawn(inject_media_errors(seed, disks, run_for))
+    });
+    let mut faults = inject(
         &handle,
         &mut rng,
         &servers,
@@ -298,6 +309,10 @@ pub(crate) async fn simulate(
         run_for,
     )
     .await;
+    if let Some(m) = media {
+        let n = m.await.unwrap_or(0);
+        faults.insert(Fault::MediaErrors, n);
+    }
     let mut report = Report {
         faults,
         ..Report::empty(seed, scenario)
@@ -448,6 +463,33 @@ async fn inject(
         let _ = p.await;
     }
     faults
+}
+
+/// Bad blocks on one leg at a time (64 KiB of its disk, for up to three
+/// seconds) until two seconds before the end; returns how many.
+async fn inject_media_errors(seed: u64, disks: Vec<Arc<Mutex<MemDisk>>>, run_for: Duration) -> u64 {
+    let mut rng = SplitMix64::new(seed ^ 0x0bad_b10c);
+    let end = tokio::time::Instant::now() + run_for;
+    let mut count = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(1300))).await;
+        let hold = Duration::from_millis(100 + rng.below(2900));
+        if tokio::time::Instant::now() + hold + Duration::from_secs(2) >= end {
+            return count;
+        }
+        let leg = rng.below(LEGS as u64) as usize;
+        let start = rng.below(SIZE / (64 << 10)) * (64 << 10);
+        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            eprintln!(
+                "{:?} fault media errors on server{leg} at {start}+64K for {hold:?}",
+                tokio::time::Instant::now()
+            );
+        }
+        disks[leg].lock().unwrap().bad_ranges = vec![(start, start + (64 << 10))];
+        tokio::time::sleep(hold).await;
+        disks[leg].lock().unwrap().bad_ranges.clear();
+        count += 1;
+    }
 }
 
 const _: () = assert!(BLOCK == 4096);

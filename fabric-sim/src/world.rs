@@ -170,7 +170,10 @@ pub fn run_sabotaged(
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
         rt.set_time_limit(run_for + Duration::from_secs(300));
-        if matches!(scenario, Scenario::Mirror | Scenario::Migrate) {
+        if matches!(
+            scenario,
+            Scenario::Mirror | Scenario::Migrate | Scenario::MirrorErrors
+        ) {
             return rt.block_on(crate::mirror::simulate(scenario, seed, run_for, sabotage));
         }
         rt.block_on(simulate(scenario, seed, run_for, sabotage))

@@ -74,7 +74,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::ClientStall
         | Scenario::ManyClients
         | Scenario::Mirror
-        | Scenario::Migrate => return None,
+        | Scenario::Migrate
+        | Scenario::MirrorErrors => return None,
     }
     Some(c)
 }

@@ -150,10 +150,11 @@ pub struct Checker {
     violations: Vec<Violation>,
     /// Errors are expected (injected disk errors, finite IO timeout).
     pub errors_allowed: bool,
-    /// Errors whose text contains this are expected (and no others):
-    /// a mirror whose last leg in sync is full fails writes with NoSpace,
-    /// as one full disk does.
-    pub allowed_error: Option<&'static str>,
+    /// Errors whose text contains one of these are expected (and no
+    /// others): a mirror whose last leg in sync is full fails writes with
+    /// NoSpace, as one full disk does (and with Media where it has bad
+    /// blocks).
+    pub allowed_errors: Vec<&'static str>,
     /// `BRAID_TRACE_SECTOR=N`: print every event touching sector N (to
     /// explain a violation found by a sweep).
     trace_sector: Option<u64>,
@@ -176,7 +177,7 @@ impl Checker {
             reads_outstanding: BTreeSet::new(),
             violations: Vec::new(),
             errors_allowed: false,
-            allowed_error: None,
+            allowed_errors: Vec::new(),
             trace_sector: std::env::var("BRAID_TRACE_SECTOR")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -317,7 +318,7 @@ impl Checker {
             Ok(d) => d,
             Err(error) => {
                 let expected =
-                    self.errors_allowed || self.allowed_error.is_some_and(|a| error.contains(a));
+                    self.errors_allowed || self.allowed_errors.iter().any(|a| error.contains(a));
                 if !expected {
                     self.report(Violation::UnexpectedError { op: id, error });
                 }

@@ -78,11 +78,13 @@ pub enum Scenario {
     Mirror,
     /// The mirror, with one leg migrated to a fourth server under faults.
     Migrate,
+    /// The mirror, with bad blocks appearing on legs and healing.
+    MirrorErrors,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 19] = [
+    pub const ALL: [Scenario; 20] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -102,6 +104,7 @@ impl Scenario {
         Scenario::ManyClients,
         Scenario::Mirror,
         Scenario::Migrate,
+        Scenario::MirrorErrors,
     ];
 
     /// The command-line name.
@@ -126,6 +129,7 @@ impl Scenario {
             Scenario::ManyClients => "many-clients",
             Scenario::Mirror => "mirror",
             Scenario::Migrate => "migrate",
+            Scenario::MirrorErrors => "mirror-errors",
         }
     }
 
@@ -174,6 +178,11 @@ impl Scenario {
                  every node (the new one too) takes faults; the migration must finish, \
                  reads checked, the final legs converge"
             }
+            Scenario::MirrorErrors => {
+                "the mirror, with bad blocks appearing on one leg at a time (reads and writes \
+                 there fail with media errors) and healing, on top of its other faults; the \
+                 volume hides them while another leg is in sync"
+            }
         }
     }
 
@@ -198,7 +207,8 @@ impl Scenario {
             | Scenario::ClientStall
             | Scenario::ManyClients
             | Scenario::Mirror
-            | Scenario::Migrate => MADSIM,
+            | Scenario::Migrate
+            | Scenario::MirrorErrors => MADSIM,
         }
     }
 
@@ -248,6 +258,8 @@ pub enum Fault {
     DiskFull,
     /// The client process paused.
     ClientStall,
+    /// Bad blocks on a disk for a while (media errors there).
+    MediaErrors,
 }
 
 impl Fault {
@@ -267,6 +279,7 @@ impl Fault {
             Fault::DiskStall => "disk stall",
             Fault::DiskFull => "disk full",
             Fault::ClientStall => "client stall",
+            Fault::MediaErrors => "media errors",
         }
     }
 }
