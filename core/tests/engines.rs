@@ -235,6 +235,11 @@ fn handshake_brings_every_channel_up_in_one_session() {
     assert_eq!(p.client.ready_channels(), 2);
     assert_eq!(p.server.session_count(), 1);
     assert_eq!(p.server.stats().handshakes, 2);
+    let (session, boot) = p.client.session().expect("a session");
+    assert!(p.notices.iter().any(|n| matches!(
+        n,
+        Notice::SessionStarted { session_id: s, boot_id: b, .. } if (*s, *b) == (session, boot)
+    )));
     let info = p.client.export_info().unwrap();
     assert_eq!((info.size, info.block_size), (MIB, 512));
     assert!(p.notices.iter().any(|n| matches!(
@@ -261,6 +266,22 @@ fn data_written_reads_back_and_every_op_works() {
     assert!(back[..1536].iter().all(|b| *b == 0));
     assert!(back[1536..].iter().all(|b| *b == 0xAB));
     assert_eq!(p.client.stats().completed, 6);
+    // Each operation's latency is counted where it was timed: by the
+    // client from submission to completion, by the server per export.
+    for (op, n) in [
+        (Op::Read, 2),
+        (Op::Write, 1),
+        (Op::Flush, 1),
+        (Op::Trim, 1),
+        (Op::WriteZeroes, 1),
+    ] {
+        assert_eq!(p.client.latency().get(op).count(), n, "client {op:?}");
+        assert_eq!(p.server.latency()[0].get(op).count(), n, "server {op:?}");
+    }
+    // The other exports saw nothing.
+    for l in &p.server.latency()[1..] {
+        assert_eq!(l.get(Op::Read).count() + l.get(Op::Write).count(), 0);
+    }
 }
 
 #[test]
@@ -292,10 +313,17 @@ fn refused_requests_fail_with_clear_errors_and_the_session_goes_on() {
         p.client.submit(5, IoRequest::read(0, 0), p.now),
         Err(SubmitError::Invalid("zero-length request"))
     );
+    let long = p.client.submit(6, IoRequest::read(0, 2 << 20), p.now);
     assert_eq!(
-        p.client.submit(6, IoRequest::read(0, 2 << 20), p.now),
+        long,
         Err(SubmitError::Invalid("longer than the server's max payload"))
     );
+    // What a frontend logs says why, and what to do about Busy.
+    assert_eq!(
+        long.unwrap_err().to_string(),
+        "invalid request: longer than the server's max payload"
+    );
+    assert!(SubmitError::Busy.to_string().contains("retry"));
 }
 
 #[test]

@@ -328,9 +328,10 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     for f in &files {
         cmd.args(["--file", f]);
     }
-    // The test: the engine tests, the seeded invariant sweeps with their
-    // teeth, and the unit tests of the file itself.
-    cmd.args(["--", "--lib", "--test", "engines", "--test", "invariants"]);
+    // The test: every test of braid-core: the engine tests, the seeded
+    // invariant sweeps with their teeth, the tuning and configuration
+    // tests, and the unit tests of the file itself (with only the first
+    // two, every mutant of runtime tuning went unnoticed).
     run("mutation testing", cmd)
 }
 
