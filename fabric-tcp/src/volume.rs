@@ -135,6 +135,9 @@ impl Volume {
         for (name, client) in names.into_iter().zip(clients) {
             driver.add_leg(name, client);
         }
+        // Before anyone asks: an empty snapshot would read as "every leg
+        // in sync" (the madsim restart scenario settled on it at once).
+        driver.publish_status();
         tokio::spawn(driver.run(rx, events));
         Ok(Volume {
             cmds: tx,
@@ -536,6 +539,10 @@ impl Driver {
                 }
             }
         }
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
         let mut s = self.status.lock().unwrap();
         s.stats = self.engine.stats();
         s.migration = self.engine.migration().map(|m| {

@@ -75,7 +75,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::ManyClients
         | Scenario::Mirror
         | Scenario::Migrate
-        | Scenario::MirrorErrors => return None,
+        | Scenario::MirrorErrors
+        | Scenario::MirrorRestart => return None,
     }
     Some(c)
 }

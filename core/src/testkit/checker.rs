@@ -155,6 +155,11 @@ pub struct Checker {
     /// NoSpace, as one full disk does (and with Media where it has bad
     /// blocks).
     pub allowed_errors: Vec<&'static str>,
+    /// A read that saw a write not yet acknowledged does not pin that
+    /// write: it may still be undone. True for a volume whose client
+    /// restarts: legs may disagree on a write in flight at the crash, and
+    /// the restart makes them agree on either version (docs/VOLUMES.md).
+    pub unacked_reads_may_revert: bool,
     /// `BRAID_TRACE_SECTOR=N`: print every event touching sector N (to
     /// explain a violation found by a sweep).
     trace_sector: Option<u64>,
@@ -178,6 +183,7 @@ impl Checker {
             violations: Vec::new(),
             errors_allowed: false,
             allowed_errors: Vec::new(),
+            unacked_reads_may_revert: false,
             trace_sector: std::env::var("BRAID_TRACE_SECTOR")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -416,6 +422,9 @@ impl Checker {
     /// unnoticed.
     fn observed(&mut self, sector: u64, got: SectorContent, submit: u64) {
         let m = &mut self.sectors[sector as usize];
+        if self.unacked_reads_may_revert && !m.possible.iter().any(|p| p.1 == got) {
+            return;
+        }
         m.possible.retain(|p| p.2 > submit || p.1 == got);
     }
 

@@ -80,11 +80,13 @@ pub enum Scenario {
     Migrate,
     /// The mirror, with bad blocks appearing on legs and healing.
     MirrorErrors,
+    /// The mirror, with the client killed and restarted mid-run.
+    MirrorRestart,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -105,6 +107,7 @@ impl Scenario {
         Scenario::Mirror,
         Scenario::Migrate,
         Scenario::MirrorErrors,
+        Scenario::MirrorRestart,
     ];
 
     /// The command-line name.
@@ -130,6 +133,7 @@ impl Scenario {
             Scenario::Mirror => "mirror",
             Scenario::Migrate => "migrate",
             Scenario::MirrorErrors => "mirror-errors",
+            Scenario::MirrorRestart => "mirror-restart",
         }
     }
 
@@ -183,6 +187,10 @@ impl Scenario {
                  there fail with media errors) and healing, on top of its other faults; the \
                  volume hides them while another leg is in sync"
             }
+            Scenario::MirrorRestart => {
+                "the mirror, with the client node killed mid-run and restarted on its dirty \
+                 logs (often mid-resync): IO in flight is lost, nothing acknowledged is"
+            }
         }
     }
 
@@ -208,7 +216,8 @@ impl Scenario {
             | Scenario::ManyClients
             | Scenario::Mirror
             | Scenario::Migrate
-            | Scenario::MirrorErrors => MADSIM,
+            | Scenario::MirrorErrors
+            | Scenario::MirrorRestart => MADSIM,
         }
     }
 
@@ -260,6 +269,8 @@ pub enum Fault {
     ClientStall,
     /// Bad blocks on a disk for a while (media errors there).
     MediaErrors,
+    /// The client process killed and restarted.
+    ClientCrash,
 }
 
 impl Fault {
@@ -280,6 +291,7 @@ impl Fault {
             Fault::DiskFull => "disk full",
             Fault::ClientStall => "client stall",
             Fault::MediaErrors => "media errors",
+            Fault::ClientCrash => "client crash",
         }
     }
 }
