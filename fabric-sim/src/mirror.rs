@@ -172,6 +172,7 @@ pub(crate) async fn simulate(
     // The client killed and restarted mid-run (its own random stream).
     let restarter = restart.then(|| {
         let (handle, client) = (handle.clone(), client_node.id());
+        let checker = checker.clone();
         let mut rng = SplitMix64::new(seed ^ 0x00c1_1e47);
         tokio::spawn(async move {
             let span = run_for.as_millis() as u64 - 4000;
@@ -180,6 +181,7 @@ pub(crate) async fn simulate(
                 eprintln!("{:?} client kill -9", tokio::time::Instant::now());
             }
             handle.kill(client);
+            checker.lock().unwrap().unflushed_may_revert();
             tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
             handle.restart(client);
         })
@@ -197,11 +199,14 @@ pub(crate) async fn simulate(
         client_node.id(),
         &disks,
         &disk_flags,
-        // No power loss with a client restart: see docs/VOLUMES.md (a leg
-        // that loses power while the client is down loses its unflushed
-        // writes, which only the dead client could have replayed, and the
-        // legs diverge).
-        (run_for, !restart),
+        // No power loss with a client restart yet: a leg that loses power
+        // while the client is down can lose unflushed writes another leg
+        // kept, and the restart may trust it (docs/VOLUMES.md, seeds 34
+        // and 90 with `BRAID_RESTART_POWER_LOSS=1`).
+        (
+            run_for,
+            !restart || std::env::var_os("BRAID_RESTART_POWER_LOSS").is_some(),
+        ),
     )
     .await;
     if let Some(m) = media {
@@ -663,6 +668,21 @@ mod tests {
                 r.violations
             );
         }
+    }
+
+    /// Known to fail, kept as the next step's target (docs/VOLUMES.md):
+    /// 90: leg 0 was cut off when the client died, the dead client's
+    /// writes to it still in the network; the restarted client trusted
+    /// leg 0, copied its regions to the others, then those old writes
+    /// landed on leg 0 alone. The servers need to fence a dead client's
+    /// sessions before a restart resyncs. (34, with
+    /// `BRAID_RESTART_POWER_LOSS=1`: the leg trusted after the restart
+    /// had lost power and its unflushed writes meanwhile.)
+    #[test]
+    #[ignore = "known gap: old sessions are not fenced after a client restart"]
+    fn known_restart_gaps() {
+        let r = crate::world::run(Scenario::MirrorRestart, 90, 10.0);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
     }
 
     /// 271: during the switch the new leg's disk filled and it left, then

@@ -501,6 +501,21 @@ impl Checker {
         }
     }
 
+    /// A volume's client died: a leg that then loses power loses the
+    /// acknowledged writes it had not flushed, with no client left to
+    /// replay them, and the restart may take that leg's bytes. So every
+    /// acknowledged write no FLUSH made durable may be undone, as on one
+    /// disk that loses power (the contract for unflushed writes).
+    pub fn unflushed_may_revert(&mut self) {
+        for m in &mut self.sectors {
+            for c in m.durable.clone() {
+                if !m.possible.iter().any(|p| p.1 == c) {
+                    m.possible.push((0, c, 0));
+                }
+            }
+        }
+    }
+
     /// The server lost power; `media` is what its disk kept.
     pub fn power_lost(&mut self, media: &[u8]) {
         if let Some(t) = self.trace_sector {

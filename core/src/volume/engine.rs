@@ -192,6 +192,9 @@ struct VolIo {
     /// Regions this IO counts as busy in.
     regions: Vec<u64>,
     completed: bool,
+    /// A FLUSH: the regions with unflushed writes when it was submitted
+    /// (and their `unflushed` numbers), whose marks it may clear.
+    covers: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +288,12 @@ pub struct VolumeEngine {
     lagging: BTreeMap<(usize, u64), usize>,
     /// Flushes waiting for any leg to be usable.
     stalled_flushes: Vec<u64>,
+    /// Regions whose last writes completed but no FLUSH has covered yet,
+    /// each with a number that changes on every such write. Their marks
+    /// stay: if the client dies and a leg then loses power, the leg loses
+    /// them, and only a mark makes the restart copy the region.
+    unflushed: BTreeMap<u64, u64>,
+    unflushed_seq: u64,
     /// The time of the latest input.
     now: Instant,
     stats: VolumeStats,
@@ -374,6 +383,8 @@ impl VolumeEngine {
             migration: None,
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
+            unflushed: BTreeMap::new(),
+            unflushed_seq: 0,
             now: Instant::ZERO,
             stats: VolumeStats::default(),
             actions: VecDeque::new(),
@@ -629,6 +640,7 @@ impl VolumeEngine {
                 read,
                 regions: Vec::new(),
                 completed: false,
+                covers: Vec::new(),
             },
         );
         self.start(id);
@@ -822,6 +834,8 @@ impl VolumeEngine {
     }
 
     fn start_flush(&mut self, id: u64) {
+        let covers: Vec<(u64, u64)> = self.unflushed.iter().map(|(r, n)| (*r, *n)).collect();
+        self.ios.get_mut(&id).expect("submitted").covers = covers;
         let legs: Vec<usize> = (0..self.legs.len())
             .filter(|l| match self.legs[*l].state {
                 LegState::InSync | LegState::Resyncing { .. } => true,
@@ -1021,6 +1035,23 @@ impl VolumeEngine {
         }
         if io.unfinished == 0 {
             let io = self.ios.remove(&id).expect("present");
+            if io.io.op == Op::Flush && io.error.is_none() {
+                for (r, n) in &io.covers {
+                    if self.unflushed.get(r) == Some(n) {
+                        self.unflushed.remove(r);
+                        if !self.busy.contains_key(r) {
+                            self.region_quiet(*r);
+                        }
+                    }
+                }
+            }
+            let durable = io.io.fua && io.error.is_none();
+            for &r in &io.regions {
+                if !durable && io.io.op.mutates() {
+                    self.unflushed_seq += 1;
+                    self.unflushed.insert(r, self.unflushed_seq);
+                }
+            }
             for r in io.regions {
                 let n = self.busy.get_mut(&r).expect("counted");
                 *n -= 1;
@@ -1038,6 +1069,9 @@ impl VolumeEngine {
     /// No mutation is in flight in region `r`: legs that hold it lose
     /// their write-intent mark (lazily: a stale mark costs only a copy).
     fn region_quiet(&mut self, r: u64) {
+        if self.unflushed.contains_key(&r) {
+            return;
+        }
         for leg in 0..self.legs.len() {
             let holds = match self.legs[leg].state {
                 LegState::InSync => true,
@@ -1354,7 +1388,10 @@ impl VolumeEngine {
                 self.issue(
                     leg,
                     Token::ResyncWrite { run, piece },
-                    IoRequest::write(off, data, false),
+                    // FUA: the copy must outlast a power loss of the leg
+                    // even if the client dies before the next FLUSH, since
+                    // the leg's mark is cleared when the copy lands.
+                    IoRequest::write(off, data, true),
                 );
             }
             Err(_) => {

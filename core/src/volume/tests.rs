@@ -852,3 +852,40 @@ fn a_read_whose_legs_left_is_served_when_one_returns_even_after_a_migration() {
     );
     assert!(w.checker.violations().is_empty());
 }
+
+#[test]
+fn a_write_intent_mark_stays_until_a_flush_covers_the_write() {
+    // A leg that loses power after the client died loses what it had not
+    // flushed; only a mark left in the log makes the restart copy that
+    // region, so the mark outlives the write until a FLUSH (or FUA).
+    let mut w = World::new(mirror(2), 17);
+    let finish = |w: &mut World| {
+        for _ in 0..100 {
+            if let Some(g) = w.persist.take() {
+                w.engine.logs_stable(g, w.now);
+            }
+            w.drain();
+            while w.answer_one(false) {
+                w.drain();
+            }
+        }
+    };
+    w.checker.submit(1, Op::Write, 0, 4096);
+    w.engine
+        .submit(1, IoRequest::write(0, stamp(1, 0, 8), false), w.now);
+    finish(&mut w);
+    assert_eq!(w.completed, 1);
+    assert_eq!(w.engine.log(0).dirty_count(), 1, "unflushed: marked");
+    w.checker.submit(2, Op::Flush, 0, 0);
+    w.engine.submit(2, IoRequest::flush(), w.now);
+    finish(&mut w);
+    assert_eq!(w.completed, 2);
+    assert_eq!(w.engine.log(0).dirty_count(), 0, "flushed: clear");
+    // FUA is durable at once.
+    w.checker.submit(3, Op::Write, 65536, 4096);
+    w.engine
+        .submit(3, IoRequest::write(65536, stamp(3, 128, 8), true), w.now);
+    finish(&mut w);
+    assert_eq!(w.engine.log(1).dirty_count(), 0, "FUA: clear");
+    assert!(w.checker.violations().is_empty());
+}
