@@ -412,10 +412,25 @@ impl Collector for VolumeMetrics {
             "Bytes copied to returning legs.",
             s.stats.bytes_resynced,
         )?;
+        out.counter(
+            "braid_volume_migrations",
+            "Legs migrated to another export (braid volume migrate), switch done.",
+            s.stats.migrations,
+        )?;
+        out.gauges(
+            "braid_volume_migrating",
+            "1 while a leg is being migrated.",
+            None,
+            &[(Vec::new(), f64::from(u8::from(s.migration.is_some())))],
+        )?;
         let leg = |name: &str| vec![("leg", name.to_string())];
-        let in_sync: Vec<(Labels, f64)> = s
-            .legs
-            .iter()
+        // A retired leg (migrated away from) is no longer the volume's.
+        let live = || {
+            s.legs
+                .iter()
+                .filter(|l| l.1 != Some(braid_core::volume::LegState::Retired))
+        };
+        let in_sync: Vec<(Labels, f64)> = live()
             .map(|(n, st, _, _)| {
                 let v = matches!(st, Some(braid_core::volume::LegState::InSync));
                 (leg(n), f64::from(u8::from(v)))
@@ -427,11 +442,7 @@ impl Collector for VolumeMetrics {
             None,
             &in_sync,
         )?;
-        let dirty: Vec<(Labels, f64)> = s
-            .legs
-            .iter()
-            .map(|(n, _, d, _)| (leg(n), *d as f64))
-            .collect();
+        let dirty: Vec<(Labels, f64)> = live().map(|(n, _, d, _)| (leg(n), *d as f64)).collect();
         out.gauges(
             "braid_volume_leg_dirty_regions",
             "Regions the leg may lack (still to copy to it).",

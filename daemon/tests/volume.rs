@@ -22,10 +22,12 @@ fn scrape(port: u16) -> String {
 
 fn leg_state(control: &Path, leg: &str) -> String {
     let v = status(control);
+    // The newest leg of that name (a retired one may share it).
     v["legs"]
         .as_array()
         .unwrap()
         .iter()
+        .rev()
         .find(|l| l["name"] == leg)
         .map(|l| l["state"].as_str().unwrap_or("").to_string())
         .unwrap()
@@ -372,13 +374,20 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
         r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
         "resync_rate = \"4MiB\"",
     );
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let start = |n: u32| {
         let (sock, control) = (
             rig.path(&format!("v{n}.sock")),
             rig.path(&format!("v{n}.ctl")),
         );
         let attach = common::attach(
-            &["--volume", spec.to_str().unwrap()],
+            &[
+                "--volume",
+                spec.to_str().unwrap(),
+                "--metrics",
+                &metrics_addr,
+            ],
             &sock,
             &control,
             &[("STATE_DIRECTORY", &state)],
@@ -417,6 +426,35 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
 
     let c_addr = format!("127.0.0.1:{pc}");
     let keys = dc.join("keys.toml");
+    // Started and rolled back: the old leg stays, the file is untouched.
+    let before = std::fs::read_to_string(&spec).unwrap();
+    let out = migrate(&[
+        "a",
+        &c_addr,
+        "--key-file",
+        keys.to_str().unwrap(),
+        "--no-wait",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BRAID)
+        .args(["volume", "cancel", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("rolled back"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leg_state(&control, "a"), "InSync");
+    assert_eq!(status(&control)["migration"], serde_json::Value::Null);
+    assert_eq!(std::fs::read_to_string(&spec).unwrap(), before);
     let mut child = migrate(&["a", &c_addr, "--key-file", keys.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -440,8 +478,21 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     }
     let v = status(&control);
     assert_eq!(v["migrations"], 1, "{v}");
+    let text = scrape(metrics_port);
+    assert!(text.contains("braid_volume_migrations_total 1"), "{text}");
+    assert!(text.contains("braid_volume_migrating 0"), "{text}");
+    assert!(
+        !text.contains("leg=\"a\"") && text.contains("braid_volume_leg_in_sync{leg=\"a.1\"} 1"),
+        "the retired leg is gone from the gauges: {text}"
+    );
     assert_eq!(leg_state(&control, "a"), "Retired");
     wait_state(&control, "a.1", "InSync");
+    let legs = status(&control)["legs"].clone();
+    let new = legs.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        new["dirty_regions"], 0,
+        "the only copy has nothing to copy: {legs}"
+    );
     let read_all = |nbd: &mut Nbd| {
         let mut all = Vec::new();
         for off in (0..size).step_by(1 << 20) {

@@ -416,7 +416,8 @@ impl Driver {
         now: braid_core::Instant,
     ) -> Result<(), String> {
         let from = self.leg(from)?;
-        if self.legs.iter().any(|l| l.name == to) {
+        // A retired leg's name may be used again (a migration rolled back).
+        if self.leg(&to).is_ok() {
             return Err(format!("the volume already has a leg named {to:?}"));
         }
         let i = client.info();

@@ -547,12 +547,6 @@ impl VolumeEngine {
         self.map = self.map.migration_ended(m.from);
         self.refresh_copy_sets();
         self.set_state(m.to, LegState::Retired);
-        if !self.legs[m.from].mirrored {
-            // Write intent marked while it had a second copy.
-            for r in self.logs[m.from].dirty_from(0).collect::<Vec<_>>() {
-                self.logs[m.from].clear(r);
-            }
-        }
         self.retry_stalled();
         Ok(())
     }
@@ -569,9 +563,18 @@ impl VolumeEngine {
                 }
             }
         }
-        for (leg, sets) in self.legs.iter_mut().zip(sets) {
+        for (i, (leg, sets)) in self.legs.iter_mut().zip(sets).enumerate() {
             leg.mirrored = !sets.is_empty();
             leg.copy_sets = sets.into_iter().collect();
+            if !leg.mirrored {
+                // The only copy now: its marks (write intent from while it
+                // had a second) mean nothing, and status would show them
+                // as regions to copy.
+                let log = &mut self.logs[i];
+                for r in log.dirty_from(0).collect::<Vec<_>>() {
+                    log.clear(r);
+                }
+            }
         }
     }
 

@@ -141,7 +141,9 @@ impl VolumeMap {
         let Some(old) = self.leaves.get(from) else {
             return err(format!("no leaf {from}"));
         };
-        if self.leaves.iter().any(|l| l == name) {
+        // A retired leaf's name (a migration rolled back) may come again.
+        let in_use = |(i, l): (usize, &String)| l == name && contains_leaf(&self.root, i);
+        if self.leaves.iter().enumerate().any(in_use) {
             return err(format!("export {name:?} is already in the volume"));
         }
         if !contains_leaf(&self.root, from) {
