@@ -35,23 +35,62 @@ pub(crate) struct SoakArgs {
     volume: Option<crate::soak_volume::VolumeShape>,
 }
 
+/// One `braid serve` process on a port, which the soaks kill -9 and
+/// start again on the same data dir.
+pub(crate) struct ServerProcess {
+    pub(crate) dir: PathBuf,
+    pub(crate) port: u16,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    pub(crate) async fn start(dir: PathBuf) -> Result<ServerProcess, String> {
+        let port = free_port()?;
+        let child = Some(spawn_server(&dir, port).await?);
+        Ok(ServerProcess { dir, port, child })
+    }
+
+    /// kill -9, and wait for it to be gone.
+    pub(crate) async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill(); // SIGKILL
+            let _ = c.wait().await;
+        }
+    }
+
+    pub(crate) async fn restart(&mut self) -> Result<(), String> {
+        self.child = Some(spawn_server(&self.dir, self.port).await?);
+        Ok(())
+    }
+
+    /// SIGTERM: the server drains and exits on its own (5 s at most).
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        }
+    }
+}
+
 /// A server process, a proxy in front of it, and a verifying client.
 struct Rig {
     dir: PathBuf,
-    server_port: u16,
-    server: Option<Child>,
+    server: ServerProcess,
     proxy: FaultProxy,
     client: Client,
     progress: Arc<Progress>,
     workload: tokio::task::JoinHandle<()>,
 }
 
-pub(crate) fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-pub(crate) async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String> {
+async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -95,8 +134,8 @@ impl Rig {
         let dir = std::env::temp_dir().join(format!("braid-soak-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let server_port = free_port()?;
-        let server = spawn_server(&dir, server_port).await?;
+        let server = ServerProcess::start(dir.clone()).await?;
+        let server_port = server.port;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -122,8 +161,7 @@ impl Rig {
         let workload = tokio::spawn(verify::workload(client.clone(), 8192, 16, progress.clone()));
         Ok(Rig {
             dir,
-            server_port,
-            server: Some(server),
+            server,
             proxy,
             client,
             progress,
@@ -132,15 +170,11 @@ impl Rig {
     }
 
     async fn kill_server(&mut self) {
-        if let Some(mut c) = self.server.take() {
-            let _ = c.start_kill(); // SIGKILL
-            let _ = c.wait().await;
-        }
+        self.server.kill().await;
     }
 
     async fn restart_server(&mut self) -> Result<(), String> {
-        self.server = Some(spawn_server(&self.dir, self.server_port).await?);
-        Ok(())
+        self.server.restart().await
     }
 
     async fn finish(mut self) -> Result<Summary, String> {
@@ -148,14 +182,7 @@ impl Rig {
         let _ = self.workload.await;
         let stats = self.client.status().stats;
         self.client.close().await;
-        if let Some(mut c) = self.server.take() {
-            // SIGTERM: the server drains and exits on its own.
-            if let Some(pid) = c.id() {
-                // SAFETY: plain kill(2) on our own child's pid.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
-        }
+        self.server.stop().await;
         let _ = std::fs::remove_dir_all(&self.dir);
         let p = &self.progress;
         Ok(Summary {

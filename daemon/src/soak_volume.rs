@@ -10,7 +10,7 @@
 
 use crate::client_args::{ClientArgs, PolicyArg};
 use crate::faultproxy::FaultProxy;
-use crate::soak::{free_port, spawn_server};
+use crate::soak::ServerProcess;
 use crate::verify::{self, Progress};
 use braid_core::rng::SplitMix64;
 use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::process::Child;
 
 /// The volume the soak builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -72,9 +71,7 @@ const BLOCKS: u64 = 8192;
 
 /// One `braid serve` process and the fault proxy in front of it.
 struct Node {
-    dir: PathBuf,
-    port: u16,
-    server: Option<Child>,
+    server: ServerProcess,
     proxy: FaultProxy,
     proxy_addr: String,
 }
@@ -83,8 +80,7 @@ impl Node {
     async fn start(root: &Path, i: usize) -> Result<Node, String> {
         let dir = root.join(format!("server{i}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let port = free_port()?;
-        let server = spawn_server(&dir, port).await?;
+        let server = ServerProcess::start(dir).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -92,32 +88,26 @@ impl Node {
             .local_addr()
             .map_err(|e| e.to_string())?
             .to_string();
-        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{port}"));
+        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{}", server.port));
         Ok(Node {
-            dir,
-            port,
-            server: Some(server),
+            server,
             proxy,
             proxy_addr,
         })
     }
 
     async fn kill(&mut self) {
-        if let Some(mut c) = self.server.take() {
-            let _ = c.start_kill(); // SIGKILL
-            let _ = c.wait().await;
-        }
+        self.server.kill().await;
     }
 
     async fn restart(&mut self) -> Result<(), String> {
-        self.server = Some(spawn_server(&self.dir, self.port).await?);
-        Ok(())
+        self.server.restart().await
     }
 
     async fn connect(&self) -> Result<Client, String> {
         ClientArgs {
             server: self.proxy_addr.clone(),
-            key_file: Some(self.dir.join("keys.toml")),
+            key_file: Some(self.server.dir.join("keys.toml")),
             key_id: None,
             export: "disk0".into(),
             channels: 2,
@@ -134,7 +124,7 @@ impl Node {
     }
 
     fn image(&self) -> PathBuf {
-        self.dir.join("disk0.img")
+        self.server.dir.join("disk0.img")
     }
 }
 

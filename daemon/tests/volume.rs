@@ -84,6 +84,25 @@ impl Rig {
         self.dir.path().join(name)
     }
 
+    /// `braid attach --volume SPEC` (run `n`, with its own NBD socket and
+    /// control socket, the shared state dir) and `extra` flags.
+    fn attach(
+        &self,
+        n: u32,
+        spec: &Path,
+        extra: &[&str],
+    ) -> (common::Killed, std::path::PathBuf, std::path::PathBuf) {
+        let (sock, control) = (
+            self.path(&format!("v{n}.sock")),
+            self.path(&format!("v{n}.ctl")),
+        );
+        let mut args = vec!["--volume", spec.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let state = self.path("state");
+        let attach = common::attach(&args, &sock, &control, &[("STATE_DIRECTORY", &state)]);
+        (attach, sock, control)
+    }
+
     /// v.toml: legs a and b (each with its own server's key file), the
     /// `map` line, and `extra` settings.
     fn volume_file(&self, map: &str, extra: &str) -> std::path::PathBuf {
@@ -310,24 +329,12 @@ fn a_late_leg_whose_server_has_another_export_is_left_out() {
 #[test]
 fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart() {
     let rig = Rig::new();
-    let (da, db, state) = (rig.path("a"), rig.path("b"), rig.path("state"));
+    let (da, db) = (rig.path("a"), rig.path("b"));
     let pb = rig.ports.1;
     let (_a, mut b) = rig.serve_both();
     // A slow resync (1 MiB/s), so the restart lands in the middle of it.
     let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "resync_rate = \"1MiB\"");
-    let start = |n: u32| {
-        let (sock, control) = (
-            rig.path(&format!("v{n}.sock")),
-            rig.path(&format!("v{n}.ctl")),
-        );
-        let attach = common::attach(
-            &["--volume", spec.to_str().unwrap()],
-            &sock,
-            &control,
-            &[("STATE_DIRECTORY", &state)],
-        );
-        (attach, sock, control)
-    };
+    let start = |n: u32| rig.attach(n, &spec, &[]);
     let (attach, sock, control) = start(1);
     let (mut nbd, _) = Nbd::connect(&sock, "v");
     drop(b);
@@ -362,7 +369,7 @@ fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart()
 #[test]
 fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let rig = Rig::new();
-    let (dc, state) = (rig.path("c"), rig.path("state"));
+    let dc = rig.path("c");
     std::fs::create_dir_all(&dc).unwrap();
     let pc = free_port();
     let (_a, _b) = rig.serve_both();
@@ -376,24 +383,7 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     );
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    let start = |n: u32| {
-        let (sock, control) = (
-            rig.path(&format!("v{n}.sock")),
-            rig.path(&format!("v{n}.ctl")),
-        );
-        let attach = common::attach(
-            &[
-                "--volume",
-                spec.to_str().unwrap(),
-                "--metrics",
-                &metrics_addr,
-            ],
-            &sock,
-            &control,
-            &[("STATE_DIRECTORY", &state)],
-        );
-        (attach, sock, control)
-    };
+    let start = |n: u32| rig.attach(n, &spec, &["--metrics", &metrics_addr]);
     let (attach, sock, control) = start(1);
     let (mut nbd, size) = Nbd::connect(&sock, "v");
     assert_eq!(size, 32 << 20);

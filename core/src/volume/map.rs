@@ -479,6 +479,24 @@ mod tests {
         VolumeSpec::Export(name.into())
     }
 
+    /// A mirror of two stripes: a and b in 4 KiB chunks, c and d in
+    /// `chunk`-byte ones.
+    fn mirror_of_stripes(chunk: u64) -> VolumeSpec {
+        VolumeSpec::Mirror {
+            quorum: None,
+            legs: vec![
+                VolumeSpec::Stripe {
+                    chunk: 4096,
+                    legs: vec![e("a"), e("b")],
+                },
+                VolumeSpec::Stripe {
+                    chunk,
+                    legs: vec![e("c"), e("d")],
+                },
+            ],
+        }
+    }
+
     fn info(size: u64) -> impl Fn(&str) -> Option<LegInfo> {
         move |name: &str| {
             (!name.starts_with("missing")).then_some(LegInfo {
@@ -544,19 +562,7 @@ mod tests {
 
     #[test]
     fn a_mirror_of_stripes_cuts_at_every_legs_boundaries() {
-        let spec = VolumeSpec::Mirror {
-            quorum: None,
-            legs: vec![
-                VolumeSpec::Stripe {
-                    chunk: 4096,
-                    legs: vec![e("a"), e("b")],
-                },
-                VolumeSpec::Stripe {
-                    chunk: 8192,
-                    legs: vec![e("c"), e("d")],
-                },
-            ],
-        };
+        let spec = mirror_of_stripes(8192);
         let m = VolumeMap::new(&spec, info(1 << 20)).unwrap();
         let s = m.map(0, 16384);
         let cuts: Vec<(u64, u64)> = s.iter().map(|x| (x.at, x.len)).collect();
@@ -579,19 +585,7 @@ mod tests {
 
     #[test]
     fn a_migrating_leaf_has_two_copies_until_the_migration_ends() {
-        let spec = VolumeSpec::Mirror {
-            quorum: None,
-            legs: vec![
-                VolumeSpec::Stripe {
-                    chunk: 4096,
-                    legs: vec![e("a"), e("b")],
-                },
-                VolumeSpec::Stripe {
-                    chunk: 4096,
-                    legs: vec![e("c"), e("d")],
-                },
-            ],
-        };
+        let spec = mirror_of_stripes(4096);
         let m = VolumeMap::new(&spec, info(1 << 20)).unwrap();
         let same = LegInfo {
             size: 1 << 20,

@@ -39,6 +39,15 @@ fn e(name: &str) -> VolumeSpec {
     VolumeSpec::Export(name.into())
 }
 
+/// What every leaf of the world says it is.
+fn leaf_info() -> LegInfo {
+    LegInfo {
+        size: LEAF,
+        block_size: 512,
+        read_only: false,
+    }
+}
+
 impl World {
     fn new(spec: VolumeSpec, seed: u64) -> World {
         World::sabotaged(spec, seed, VolumeSabotage::default())
@@ -280,6 +289,36 @@ impl World {
         from[self.rng.below(from.len() as u64) as usize]
     }
 
+    /// Starts moving leg `from` to a new leg `name`, whose disk starts
+    /// full of junk a read must never see. Returns the new leg.
+    fn migrate_to_new(&mut self, from: usize, name: &str) -> usize {
+        let to = self
+            .engine
+            .migrate(from, name, leaf_info(), self.now)
+            .expect("no migration was running");
+        assert_eq!(to, self.legs.len());
+        self.legs.push(vec![0xee; LEAF as usize]);
+        self.down.push(false);
+        to
+    }
+
+    /// Answers everything until the migration's new leg is in sync and the
+    /// engine asks for the map to be stored.
+    fn copy_until_switch(&mut self) {
+        for _ in 0..100_000 {
+            if self.store_map {
+                return;
+            }
+            self.now = self.now + Duration::from_millis(1);
+            self.engine.handle_timeout(self.now);
+            self.drain();
+            while self.answer_one(false) {
+                self.drain();
+            }
+        }
+        panic!("the new leg never got in sync");
+    }
+
     /// Starts moving a random leg to a new one (full of junk a read must
     /// never see), or rolls the running migration back.
     fn migrate_or_cancel(&mut self) {
@@ -293,22 +332,11 @@ impl World {
             .filter(|&l| self.engine.leg_state(l) != LegState::Retired)
             .collect();
         let from = held[self.rng.below(held.len() as u64) as usize];
-        let info = LegInfo {
-            size: LEAF,
-            block_size: 512,
-            read_only: false,
-        };
         let name = format!("new{}", self.legs.len());
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
             eprintln!("{:?} migrate leg{from} to {name}", self.now);
         }
-        let to = self
-            .engine
-            .migrate(from, &name, info, self.now)
-            .expect("no migration was running");
-        assert_eq!(to, self.legs.len());
-        self.legs.push(vec![0xee; LEAF as usize]);
-        self.down.push(false);
+        self.migrate_to_new(from, &name);
         self.migrations.0 += 1;
     }
 
@@ -632,11 +660,7 @@ fn a_switching_migration_keeps_its_new_leg_as_the_map_after_the_switch_will() {
         legs: vec![e("s0"), e("s1")],
     };
     let mut w = World::new(spec, 3);
-    let info = LegInfo {
-        size: LEAF,
-        block_size: 512,
-        read_only: false,
-    };
+    let info = leaf_info();
     let bad = |size, block_size, read_only| LegInfo {
         size,
         block_size,
@@ -652,27 +676,14 @@ fn a_switching_migration_keeps_its_new_leg_as_the_map_after_the_switch_will() {
     }
     let err = w.engine.migrate(0, "s1", info, w.now).unwrap_err();
     assert!(err.contains("already in the volume"), "{err}");
-    let to = w.engine.migrate(0, "n", info, w.now).unwrap();
-    w.legs.push(vec![0xee; LEAF as usize]);
-    w.down.push(false);
+    let to = w.migrate_to_new(0, "n");
     assert!(w
         .engine
         .migrate(1, "m", info, w.now)
         .unwrap_err()
         .contains("already"));
     // Copy until the engine asks for the map.
-    for _ in 0..100_000 {
-        if w.store_map {
-            break;
-        }
-        w.now = w.now + Duration::from_millis(1);
-        w.engine.handle_timeout(w.now);
-        w.drain();
-        while w.answer_one(false) {
-            w.drain();
-        }
-    }
-    assert!(w.store_map, "the new leg never got in sync");
+    w.copy_until_switch();
     assert_eq!(w.engine.migration().map(|m| m.switching), Some(true));
     w.engine.leg_failed(to);
     w.drain();
@@ -705,26 +716,8 @@ fn while_a_migration_switches_the_old_leg_vouches_for_no_one() {
     // held its bytes), then m1 left too, trusting m0, the leg about to be
     // retired. Retiring it left no leg in sync and the volume hung.
     let mut w = World::new(mirror(2), 5);
-    let info = LegInfo {
-        size: LEAF,
-        block_size: 512,
-        read_only: false,
-    };
-    let to = w.engine.migrate(0, "new", info, w.now).unwrap();
-    w.legs.push(vec![0xee; LEAF as usize]);
-    w.down.push(false);
-    for _ in 0..100_000 {
-        if w.store_map {
-            break;
-        }
-        w.now = w.now + Duration::from_millis(1);
-        w.engine.handle_timeout(w.now);
-        w.drain();
-        while w.answer_one(false) {
-            w.drain();
-        }
-    }
-    assert!(w.store_map, "the new leg never got in sync");
+    let to = w.migrate_to_new(0, "new");
+    w.copy_until_switch();
     w.engine.leg_failed(to);
     w.drain();
     assert_eq!(w.engine.leg_state(to), LegState::Away, "m1 holds its bytes");
@@ -773,11 +766,7 @@ fn a_read_whose_legs_left_is_served_when_one_returns_even_after_a_migration() {
     // from because they left (not because they failed it) must be tried
     // again once back: before, the read waited for ever once m0 retired.
     let mut w = World::new(mirror(3), 13);
-    let info = LegInfo {
-        size: LEAF,
-        block_size: 512,
-        read_only: false,
-    };
+    let info = leaf_info();
     // The read's copies go unanswered (held aside) wherever it is sent.
     let mut held = Vec::new();
     let hold = |w: &mut World, held: &mut Vec<(u64, usize, IoRequest)>| {
