@@ -169,14 +169,6 @@ impl Rig {
         })
     }
 
-    async fn kill_server(&mut self) {
-        self.server.kill().await;
-    }
-
-    async fn restart_server(&mut self) -> Result<(), String> {
-        self.server.restart().await
-    }
-
     async fn finish(mut self) -> Result<Summary, String> {
         self.progress.stop.store(true, Ordering::Relaxed);
         let _ = self.workload.await;
@@ -356,9 +348,9 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
                     rig.proxy.drop_one_way(r, way).then_some("one-way drop")
                 }
                 _ => {
-                    rig.kill_server().await;
+                    rig.server.kill().await;
                     tokio::time::sleep(Duration::from_millis(100 + rng.below(700))).await;
-                    rig.restart_server().await?;
+                    rig.server.restart().await?;
                     Some("server kill -9 + restart")
                 }
             };
@@ -411,11 +403,11 @@ pub(crate) async fn demo() -> Result<(), String> {
     *faults.entry("byte corrupted").or_default() += 2;
     step(started, "flipped a bit each way on two channels");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    rig.kill_server().await;
+    rig.server.kill().await;
     *faults.entry("server kill -9 + restart").or_default() += 1;
     step(started, "kill -9 the server process");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    rig.restart_server().await?;
+    rig.server.restart().await?;
     step(
         started,
         "server restarted (new boot id); client renegotiates and replays",

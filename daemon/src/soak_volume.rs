@@ -96,14 +96,6 @@ impl Node {
         })
     }
 
-    async fn kill(&mut self) {
-        self.server.kill().await;
-    }
-
-    async fn restart(&mut self) -> Result<(), String> {
-        self.server.restart().await
-    }
-
     async fn connect(&self) -> Result<Client, String> {
         ClientArgs {
             server: self.proxy_addr.clone(),
@@ -267,7 +259,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
     // 1. One leg away ten seconds under load, then its resync timed.
     let mut resync = None;
     if shape.mirrored() {
-        nodes[1].kill().await;
+        nodes[1].server.kill().await;
         *faults.entry("server kill -9 (10 s away)").or_default() += 1;
         let until = Instant::now() + AWAY;
         while Instant::now() < until {
@@ -275,7 +267,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let before = volume.status().stats;
-        nodes[1].restart().await?;
+        nodes[1].server.restart().await?;
         let back = Instant::now();
         while leg_state(&volume, "leg1") != Some(LegState::InSync) {
             if back.elapsed() > Duration::from_secs(120) {
@@ -323,9 +315,9 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
         let r = rng.next_u64();
         let kind = match rng.below(100) {
             0..=24 => {
-                nodes[i].kill().await;
+                nodes[i].server.kill().await;
                 tokio::time::sleep(Duration::from_millis(200 + rng.below(2300))).await;
-                nodes[i].restart().await?;
+                nodes[i].server.restart().await?;
                 Some("server kill -9 + restart")
             }
             25..=44 => nodes[i]
@@ -426,7 +418,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
         }
     }
     for node in &mut nodes {
-        node.kill().await;
+        node.server.kill().await;
     }
     let _ = std::fs::remove_dir_all(&root);
 
