@@ -61,6 +61,33 @@ pub(crate) struct Entry {
     pub(crate) io_deadline: Option<Instant>,
 }
 
+impl Entry {
+    /// A request about to be queued for its first send.
+    pub(crate) fn new(
+        origin: Origin,
+        op: Op,
+        offset: u64,
+        len: u32,
+        flags: u16,
+        payload: Bytes,
+    ) -> Entry {
+        Entry {
+            origin,
+            op,
+            offset,
+            len,
+            flags,
+            payload,
+            state: EntryState::Queued,
+            sends: 0,
+            tried: 0,
+            cover_gen: None,
+            gating: false,
+            io_deadline: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
     pub(crate) entries: BTreeMap<u64, Entry>,
@@ -588,20 +615,15 @@ mod tests {
     use std::time::Duration;
 
     fn write(at: u64) -> Entry {
-        Entry {
-            origin: Origin::User(at, Instant::ZERO),
-            op: Op::Write,
-            offset: at,
-            len: 512,
-            flags: 0,
-            payload: Bytes::from(vec![1; 512]),
-            state: EntryState::Queued,
-            sends: 0,
-            tried: 0,
-            cover_gen: None,
-            gating: false,
-            io_deadline: None,
-        }
+        let payload = Bytes::from(vec![1; 512]);
+        Entry::new(
+            Origin::User(at, Instant::ZERO),
+            Op::Write,
+            at,
+            512,
+            0,
+            payload,
+        )
     }
 
     #[test]

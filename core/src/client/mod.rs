@@ -652,20 +652,16 @@ impl ClientEngine {
         if io.no_unmap {
             flags |= FLAG_NO_UNMAP;
         }
-        self.journal.insert(Entry {
-            origin: Origin::User(user, now),
-            op: io.op,
-            offset: io.offset,
-            len: io.len,
+        let mut entry = Entry::new(
+            Origin::User(user, now),
+            io.op,
+            io.offset,
+            io.len,
             flags,
-            payload: io.data,
-            state: EntryState::Queued,
-            sends: 0,
-            tried: 0,
-            cover_gen: None,
-            gating: false,
-            io_deadline: self.config.io_timeout.map(|t| now + t),
-        });
+            io.data,
+        );
+        entry.io_deadline = self.config.io_timeout.map(|t| now + t);
+        self.journal.insert(entry);
         self.stats.submitted += 1;
         self.pump(now);
         Ok(())
@@ -1159,20 +1155,14 @@ impl ClientEngine {
                     Some(d) => (Op::Write, d.slice(at as usize..at as usize + len as usize)),
                     None => (Op::WriteZeroes, Bytes::new()),
                 };
-                self.journal.insert(Entry {
-                    origin: Origin::Replay,
+                self.journal.insert(Entry::new(
+                    Origin::Replay,
                     op,
-                    offset: ext.offset + at,
+                    ext.offset + at,
                     len,
-                    flags: 0,
+                    0,
                     payload,
-                    state: EntryState::Queued,
-                    sends: 0,
-                    tried: 0,
-                    cover_gen: None,
-                    gating: false,
-                    io_deadline: None,
-                });
+                ));
                 at += u64::from(len);
                 count += 1;
             }
@@ -1481,20 +1471,14 @@ impl ClientEngine {
             return;
         }
         self.stats.dirty_flushes += 1;
-        self.journal.insert(Entry {
-            origin: Origin::DirtyFlush,
-            op: Op::Flush,
-            offset: 0,
-            len: 0,
-            flags: 0,
-            payload: Bytes::new(),
-            state: EntryState::Queued,
-            sends: 0,
-            tried: 0,
-            cover_gen: None,
-            gating: false,
-            io_deadline: None,
-        });
+        self.journal.insert(Entry::new(
+            Origin::DirtyFlush,
+            Op::Flush,
+            0,
+            0,
+            0,
+            Bytes::new(),
+        ));
     }
 
     fn transmit(&mut self, id: u64, ch: ChannelId) {
