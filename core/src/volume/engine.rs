@@ -245,6 +245,21 @@ fn split_at_regions(seg: Segment, offset: u64, region: u64) -> Vec<Segment> {
     out
 }
 
+/// Per leaf of `map`, the sets of leaves holding the same bytes (one per
+/// distinct way the map pairs it; none for a leaf that is the only copy).
+fn copy_sets(map: &VolumeMap) -> Vec<BTreeSet<Vec<usize>>> {
+    let mut sets = vec![BTreeSet::new(); map.leaves().len()];
+    for seg in map.map(0, map.size()) {
+        if seg.copies.len() > 1 {
+            let set: Vec<usize> = seg.copies.iter().map(|c| c.leaf).collect();
+            for c in &seg.copies {
+                sets[c.leaf].insert(set.clone());
+            }
+        }
+    }
+    sets
+}
+
 /// What the engine did, for status and the simulators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VolumeStats {
@@ -310,7 +325,6 @@ impl VolumeEngine {
         logs: Option<Vec<DirtyRegions>>,
     ) -> Result<Self, String> {
         let n = map.leaves().len();
-        let mut mirrored = vec![false; n];
         if let Some(q) = map
             .map(0, map.size())
             .iter()
@@ -321,16 +335,8 @@ impl VolumeEngine {
                  a leg that misses an acknowledged write must then not serve reads of it"
             ));
         }
-        let mut copy_sets: Vec<BTreeSet<Vec<usize>>> = vec![BTreeSet::new(); n];
-        for seg in map.map(0, map.size()) {
-            if seg.copies.len() > 1 {
-                let set: Vec<usize> = seg.copies.iter().map(|c| c.leaf).collect();
-                for c in &seg.copies {
-                    mirrored[c.leaf] = true;
-                    copy_sets[c.leaf].insert(set.clone());
-                }
-            }
-        }
+        let copy_sets = copy_sets(&map);
+        let mirrored: Vec<bool> = copy_sets.iter().map(|s| !s.is_empty()).collect();
         let logs = match logs {
             Some(l) if l.len() == n => l,
             Some(l) => return Err(format!("{} logs for {n} legs", l.len())),
@@ -553,16 +559,7 @@ impl VolumeEngine {
 
     /// Which legs are mirrored, and with whom, under the current map.
     fn refresh_copy_sets(&mut self) {
-        let n = self.legs.len();
-        let mut sets: Vec<BTreeSet<Vec<usize>>> = vec![BTreeSet::new(); n];
-        for seg in self.map.map(0, self.map.size()) {
-            if seg.copies.len() > 1 {
-                let set: Vec<usize> = seg.copies.iter().map(|c| c.leaf).collect();
-                for c in &seg.copies {
-                    sets[c.leaf].insert(set.clone());
-                }
-            }
-        }
+        let sets = copy_sets(&self.map);
         for (i, (leg, sets)) in self.legs.iter_mut().zip(sets).enumerate() {
             leg.mirrored = !sets.is_empty();
             leg.copy_sets = sets.into_iter().collect();
