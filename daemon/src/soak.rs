@@ -75,11 +75,55 @@ impl ServerProcess {
     }
 }
 
+/// A server process and the fault proxy every client goes through.
+pub(crate) struct ProxiedServer {
+    pub(crate) server: ServerProcess,
+    pub(crate) proxy: FaultProxy,
+    proxy_addr: String,
+}
+
+impl ProxiedServer {
+    /// `braid serve` on `dir` (which must exist), and a proxy before it.
+    pub(crate) async fn start(dir: PathBuf) -> Result<ProxiedServer, String> {
+        let server = ServerProcess::start(dir).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{}", server.port));
+        Ok(ProxiedServer {
+            server,
+            proxy,
+            proxy_addr: proxy_addr.to_string(),
+        })
+    }
+
+    /// A client of its export over `channels` channels, through the proxy.
+    pub(crate) async fn connect(&self, channels: usize) -> Result<Client, String> {
+        ClientArgs {
+            server: self.proxy_addr.clone(),
+            key_file: Some(self.server.dir.join("keys.toml")),
+            key_id: None,
+            export: "disk0".into(),
+            channels,
+            policy: PolicyArg::LeastInflight,
+            io_timeout: None,
+            // Small, so writes also wait for the window under the faults.
+            dirty_window: "1M".into(),
+            tls_ca: None,
+            tls_name: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+        }
+        .connect()
+        .await
+    }
+}
+
 /// A server process, a proxy in front of it, and a verifying client.
 struct Rig {
     dir: PathBuf,
-    server: ServerProcess,
-    proxy: FaultProxy,
+    node: ProxiedServer,
     client: Client,
     progress: Arc<Progress>,
     workload: tokio::task::JoinHandle<()>,
@@ -134,35 +178,13 @@ impl Rig {
         let dir = std::env::temp_dir().join(format!("braid-soak-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let server = ServerProcess::start(dir.clone()).await?;
-        let server_port = server.port;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let proxy_addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{server_port}"));
-        let args = ClientArgs {
-            server: proxy_addr.to_string(),
-            key_file: Some(dir.join("keys.toml")),
-            key_id: None,
-            export: "disk0".into(),
-            channels: 4,
-            policy: PolicyArg::LeastInflight,
-            io_timeout: None,
-            // Small, so writes also wait for the window under the faults.
-            dirty_window: "1M".into(),
-            tls_ca: None,
-            tls_name: None,
-            tls_client_cert: None,
-            tls_client_key: None,
-        };
-        let client = args.connect().await?;
+        let node = ProxiedServer::start(dir.clone()).await?;
+        let client = node.connect(4).await?;
         let progress = Arc::new(Progress::default());
         let workload = tokio::spawn(verify::workload(client.clone(), 8192, 16, progress.clone()));
         Ok(Rig {
             dir,
-            server,
-            proxy,
+            node,
             client,
             progress,
             workload,
@@ -174,7 +196,7 @@ impl Rig {
         let _ = self.workload.await;
         let stats = self.client.status().stats;
         self.client.close().await;
-        self.server.stop().await;
+        self.node.server.stop().await;
         let _ = std::fs::remove_dir_all(&self.dir);
         let p = &self.progress;
         Ok(Summary {
@@ -296,7 +318,7 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
         let baseline = rig.progress.worst_between(started, Instant::now());
         for _ in 0..n {
             let t0 = Instant::now();
-            if rig.proxy.blackhole_one(rng.next_u64()) {
+            if rig.node.proxy.blackhole_one(rng.next_u64()) {
                 *faults.entry("channel black-holed").or_default() += 1;
             }
             tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -324,18 +346,24 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
             tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
             let r = rng.next_u64();
             let kind = match rng.below(100) {
-                0..=19 => rig.proxy.reset_one(r).then_some("channel reset"),
-                20..=27 => (rig.proxy.reset_all() > 0).then_some("all channels reset"),
+                0..=19 => rig.node.proxy.reset_one(r).then_some("channel reset"),
+                20..=27 => (rig.node.proxy.reset_all() > 0).then_some("all channels reset"),
                 28..=42 => {
                     let d = Duration::from_millis(100 + rng.below(1400));
-                    rig.proxy.stall_one(r, d).then_some("channel stalled")
+                    rig.node.proxy.stall_one(r, d).then_some("channel stalled")
                 }
-                43..=54 => rig.proxy.blackhole_one(r).then_some("channel black-holed"),
+                43..=54 => rig
+                    .node
+                    .proxy
+                    .blackhole_one(r)
+                    .then_some("channel black-holed"),
                 55..=64 => rig
+                    .node
                     .proxy
                     .corrupt_one(r, Way::ToServer)
                     .then_some("byte corrupted (to server)"),
                 65..=74 => rig
+                    .node
                     .proxy
                     .corrupt_one(r, Way::ToClient)
                     .then_some("byte corrupted (to client)"),
@@ -345,12 +373,15 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
                     } else {
                         Way::ToClient
                     };
-                    rig.proxy.drop_one_way(r, way).then_some("one-way drop")
+                    rig.node
+                        .proxy
+                        .drop_one_way(r, way)
+                        .then_some("one-way drop")
                 }
                 _ => {
-                    rig.server.kill().await;
+                    rig.node.server.kill().await;
                     tokio::time::sleep(Duration::from_millis(100 + rng.below(700))).await;
-                    rig.server.restart().await?;
+                    rig.node.server.restart().await?;
                     Some("server kill -9 + restart")
                 }
             };
@@ -387,33 +418,33 @@ pub(crate) async fn demo() -> Result<(), String> {
         "client connected over 4 channels; verifier writing and checking blocks",
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n = rig.proxy.reset_all();
+    let n = rig.node.proxy.reset_all();
     *faults.entry("all channels reset").or_default() += 1;
     step(started, &format!("reset all {n} connections"));
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    rig.proxy.blackhole_one(1);
+    rig.node.proxy.blackhole_one(1);
     *faults.entry("channel black-holed").or_default() += 1;
     step(
         started,
         "black-holed one channel (it goes silent, no reset)",
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    rig.proxy.corrupt_one(2, Way::ToServer);
-    rig.proxy.corrupt_one(3, Way::ToClient);
+    rig.node.proxy.corrupt_one(2, Way::ToServer);
+    rig.node.proxy.corrupt_one(3, Way::ToClient);
     *faults.entry("byte corrupted").or_default() += 2;
     step(started, "flipped a bit each way on two channels");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    rig.server.kill().await;
+    rig.node.server.kill().await;
     *faults.entry("server kill -9 + restart").or_default() += 1;
     step(started, "kill -9 the server process");
     tokio::time::sleep(Duration::from_millis(700)).await;
-    rig.server.restart().await?;
+    rig.node.server.restart().await?;
     step(
         started,
         "server restarted (new boot id); client renegotiates and replays",
     );
     tokio::time::sleep(Duration::from_millis(2000)).await;
-    rig.proxy.stall_one(4, Duration::from_millis(1000));
+    rig.node.proxy.stall_one(4, Duration::from_millis(1000));
     *faults.entry("channel stalled").or_default() += 1;
     step(started, "stalled one channel for 1 s");
     tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -8,15 +8,13 @@
 //! volume ends with must hold the same bytes, and for mirrors the IOPS of
 //! one export, a 2-way and a 3-way mirror are measured in the same run.
 
-use crate::client_args::{ClientArgs, PolicyArg};
-use crate::faultproxy::FaultProxy;
-use crate::soak::ServerProcess;
+use crate::soak::ProxiedServer;
 use crate::verify::{self, Progress};
 use braid_core::rng::SplitMix64;
 use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
 use braid_fabric_tcp::{Client, Volume};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,56 +67,15 @@ const COST_SECS: f64 = 5.0;
 /// 4 KiB blocks the verifier exercises (32 MiB).
 const BLOCKS: u64 = 8192;
 
-/// One `braid serve` process and the fault proxy in front of it.
-struct Node {
-    server: ServerProcess,
-    proxy: FaultProxy,
-    proxy_addr: String,
+/// Server `i`'s data dir under `root`, with its server and proxy.
+async fn start_node(root: &Path, i: usize) -> Result<ProxiedServer, String> {
+    let dir = root.join(format!("server{i}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    ProxiedServer::start(dir).await
 }
 
-impl Node {
-    async fn start(root: &Path, i: usize) -> Result<Node, String> {
-        let dir = root.join(format!("server{i}"));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let server = ServerProcess::start(dir).await?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| e.to_string())?;
-        let proxy_addr = listener
-            .local_addr()
-            .map_err(|e| e.to_string())?
-            .to_string();
-        let proxy = FaultProxy::start(listener, format!("127.0.0.1:{}", server.port));
-        Ok(Node {
-            server,
-            proxy,
-            proxy_addr,
-        })
-    }
-
-    async fn connect(&self) -> Result<Client, String> {
-        ClientArgs {
-            server: self.proxy_addr.clone(),
-            key_file: Some(self.server.dir.join("keys.toml")),
-            key_id: None,
-            export: "disk0".into(),
-            channels: 2,
-            policy: PolicyArg::LeastInflight,
-            io_timeout: None,
-            dirty_window: "1M".into(),
-            tls_ca: None,
-            tls_name: None,
-            tls_client_cert: None,
-            tls_client_key: None,
-        }
-        .connect()
-        .await
-    }
-
-    fn image(&self) -> PathBuf {
-        self.server.dir.join("disk0.img")
-    }
-}
+/// A leg's client: two channels through its proxy.
+const LEG_CHANNELS: usize = 2;
 
 fn leg_name(i: usize) -> String {
     format!("leg{i}")
@@ -225,11 +182,11 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
     // Every node at once; the spare (the last) is the migration's target.
     let mut nodes = Vec::new();
     for i in 0..=n {
-        nodes.push(Node::start(&root, i).await?);
+        nodes.push(start_node(&root, i).await?);
     }
     let mut clients = Vec::new();
     for (i, node) in nodes.iter().take(n).enumerate() {
-        clients.push((leg_name(i), node.connect().await?));
+        clients.push((leg_name(i), node.connect(LEG_CHANNELS).await?));
     }
     let volume = start_volume(shape, clients, &root, "soak")?;
     let progress = Arc::new(Progress::default());
@@ -296,7 +253,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(1000))).await;
         if migration.is_none() && Instant::now() >= migrate_at {
-            let client = nodes[spare].connect().await?;
+            let client = nodes[spare].connect(LEG_CHANNELS).await?;
             let store: braid_fabric_tcp::StoreMap = Arc::new(|| Ok(()));
             volume
                 .migrate("leg0", &leg_name(spare), client, store)
@@ -379,9 +336,11 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
         .collect();
     let mut diverged = Vec::new();
     if shape.mirrored() {
-        let first = std::fs::read(nodes[final_legs[0]].image()).map_err(|e| e.to_string())?;
+        let first = std::fs::read(nodes[final_legs[0]].server.dir.join("disk0.img"))
+            .map_err(|e| e.to_string())?;
         for &l in &final_legs[1..] {
-            let other = std::fs::read(nodes[l].image()).map_err(|e| e.to_string())?;
+            let other =
+                std::fs::read(nodes[l].server.dir.join("disk0.img")).map_err(|e| e.to_string())?;
             if other != first {
                 diverged.push(format!("leg{l} differs from leg{}", final_legs[0]));
             }
@@ -397,7 +356,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
         let c: Vec<Client> = {
             let mut v = Vec::new();
             for &l in &final_legs {
-                v.push(nodes[l].connect().await?);
+                v.push(nodes[l].connect(LEG_CHANNELS).await?);
             }
             v
         };
