@@ -294,6 +294,14 @@ pub struct VolumeEngine {
     log_generation: u64,
     persisting: Option<u64>,
     stable_generation: u64,
+    /// The log generation recording the last mirrored leg that fell out
+    /// of sync. No write or FLUSH is acknowledged before it is stable: a
+    /// restarted client trusts a leg whose stored log does not say it was
+    /// behind, so an acknowledged write it missed would be lost (madsim
+    /// mirror-restart seed 103: a leg's disk filled under a write, the
+    /// write was acknowledged from the others, the client died before the
+    /// log said so, and the restart copied the leg's older data over).
+    behind_generation: u64,
     resync: Option<Resync>,
     resync_runs: u64,
     resync_not_before: Instant,
@@ -346,6 +354,10 @@ impl VolumeEngine {
         };
         let mut logs = logs;
         let trusted = Self::trusted_after_restart(&logs, &copy_sets, &mirrored);
+        // A leg this run starts behind must be stored as behind before any
+        // write it misses is acknowledged, or the next restart could trust
+        // it again.
+        let mut newly_behind = false;
         for (i, log) in logs.iter_mut().enumerate() {
             if trusted[i] {
                 // The source of its copy sets: its intent marks name
@@ -354,7 +366,9 @@ impl VolumeEngine {
                     log.clear(r);
                 }
             }
-            log.set_behind(mirrored[i] && !trusted[i] && log.dirty_count() > 0);
+            let behind = mirrored[i] && !trusted[i] && log.dirty_count() > 0;
+            newly_behind |= behind && !log.behind();
+            log.set_behind(behind);
         }
         let legs = (0..n)
             .map(|i| Leg {
@@ -368,7 +382,7 @@ impl VolumeEngine {
                 copy_sets: copy_sets[i].iter().cloned().collect(),
             })
             .collect();
-        Ok(VolumeEngine {
+        let mut engine = VolumeEngine {
             map,
             config,
             legs,
@@ -380,9 +394,10 @@ impl VolumeEngine {
             busy: BTreeMap::new(),
             locked: BTreeSet::new(),
             held: VecDeque::new(),
-            log_generation: 0,
+            log_generation: u64::from(newly_behind),
             persisting: None,
             stable_generation: 0,
+            behind_generation: u64::from(newly_behind),
             resync: None,
             resync_runs: 0,
             resync_not_before: Instant::ZERO,
@@ -394,7 +409,9 @@ impl VolumeEngine {
             now: Instant::ZERO,
             stats: VolumeStats::default(),
             actions: VecDeque::new(),
-        })
+        };
+        engine.persist();
+        Ok(engine)
     }
 
     /// Which legs a restarted client trusts as they are. A leg whose log
@@ -712,6 +729,17 @@ impl VolumeEngine {
         }
         self.persisting = None;
         self.stable_generation = generation;
+        if generation >= self.behind_generation {
+            let held: Vec<u64> = self
+                .ios
+                .iter()
+                .filter(|(_, io)| io.unacked == 0 && !io.completed)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in held {
+                self.finish_if_done(id);
+            }
+        }
         let ready: Vec<(u64, usize)> = self
             .ios
             .iter()
@@ -1022,6 +1050,12 @@ impl VolumeEngine {
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
+        let durability = io.io.op.mutates() || io.io.op == Op::Flush;
+        if durability && io.unacked == 0 && self.stable_generation < self.behind_generation {
+            // Answered by the legs, held until the logs say which leg
+            // missed it (see `behind_generation`).
+            return;
+        }
         if io.unacked == 0 && !io.completed {
             io.completed = true;
             let result = match io.error {
@@ -1089,10 +1123,14 @@ impl VolumeEngine {
         if self.legs[leg].state == state || self.legs[leg].state == LegState::Retired {
             return;
         }
+        let was_in_sync = self.legs[leg].state == LegState::InSync;
         self.legs[leg].state = state;
-        // Stored with the next log write, which comes before any write
-        // the leg misses.
         self.logs[leg].set_behind(self.legs[leg].mirrored && state != LegState::InSync);
+        if was_in_sync && self.legs[leg].mirrored && state != LegState::InSync {
+            self.log_generation += 1;
+            self.behind_generation = self.log_generation;
+            self.persist();
+        }
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
         if matches!(
