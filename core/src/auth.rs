@@ -41,6 +41,8 @@ pub struct Transcript<'a> {
     pub export: &'a str,
     /// The session the client asked to join (0 for a new one).
     pub session_id: u64,
+    /// The client's owner and epoch: a forged epoch could fence the owner.
+    pub owner_epoch: (u64, u64),
     /// The client's fresh nonce.
     pub client_nonce: &'a [u8; NONCE_LEN],
     /// The server's fresh nonce.
@@ -58,6 +60,8 @@ fn prove(key: &Key, role: &[u8], t: &Transcript<'_>) -> [u8; PROOF_LEN] {
         mac.update(field);
     }
     mac.update(&t.session_id.to_le_bytes());
+    mac.update(&t.owner_epoch.0.to_le_bytes());
+    mac.update(&t.owner_epoch.1.to_le_bytes());
     mac.update(t.client_nonce);
     mac.update(t.server_nonce);
     mac.update(&t.boot_id.to_le_bytes());
@@ -88,6 +92,7 @@ mod tests {
             key_id: "client",
             export: "disk0",
             session_id: 0,
+            owner_epoch: (0, 0),
             client_nonce: cn,
             server_nonce: sn,
             boot_id: 9,

@@ -405,6 +405,8 @@ fn hello(
         features: 0,
         session_id: 0,
         client_nonce: nonce,
+        owner: 0,
+        epoch: 0,
         key_id: "alice".into(),
         export: "disk0".into(),
     });
@@ -439,6 +441,7 @@ fn a_recorded_handshake_cannot_be_replayed() {
         key_id: "alice",
         export: "disk0",
         session_id: 0,
+        owner_epoch: (0, 0),
         client_nonce: &nonce,
         server_nonce: &c1.server_nonce,
         boot_id: c1.boot_id,
@@ -942,4 +945,155 @@ fn a_client_ignoring_max_inflight_cannot_pin_server_memory() {
         server.cached_results() <= 8,
         "dropped requests are forgotten, not remembered"
     );
+}
+
+fn write_request(id: u64, offset: u64, byte: u8) -> Message {
+    Message::Request(Request {
+        op: Op::Write,
+        id,
+        floor: 1,
+        offset,
+        length: 512,
+        flags: 0,
+        remote: None,
+        payload: Bytes::from(vec![byte; 512]),
+    })
+}
+
+#[test]
+fn a_newer_run_fences_the_older_and_waits_for_its_backend_work() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let key = Key::new(*b"alice's key");
+    let now = Instant::ZERO;
+    let owner = 0x5eed;
+    server.connection_opened(1, now);
+    assert!(braid_core::testkit::authenticate_as(
+        &mut server,
+        1,
+        ("alice", &key),
+        "disk0",
+        (owner, 1),
+        now
+    ));
+    assert!(matches!(drain(&mut server)[..], [Message::Welcome(_)]));
+    server.handle_frame(1, wire::encode(&write_request(1, 0, 0xaa)).to_bytes(), now);
+    let Some(ServerAction::Backend(old_write)) = server.poll_action() else {
+        panic!("the write reaches the backend")
+    };
+    // Run 2 of the same client: run 1's channel closes at once, but its
+    // write is still in the backend, so run 2 is not welcomed yet.
+    server.connection_opened(2, now);
+    assert!(braid_core::testkit::authenticate_as(
+        &mut server,
+        2,
+        ("alice", &key),
+        "disk0",
+        (owner, 2),
+        now
+    ));
+    let actions: Vec<ServerAction> = std::iter::from_fn(|| server.poll_action()).collect();
+    assert!(
+        matches!(
+            &actions[..],
+            [ServerAction::Close {
+                conn: 1,
+                reason: CloseReason::Fenced
+            }]
+        ),
+        "{actions:?}"
+    );
+    server.check().unwrap();
+    assert_eq!(server.stats().sessions_fenced, 1);
+    // A frame of run 1 arriving late lands nowhere.
+    server.handle_frame(1, wire::encode(&write_request(2, 0, 0xbb)).to_bytes(), now);
+    assert!(server.poll_action().is_none());
+    server.backend_complete(old_write.token, Ok(Bytes::new()), now);
+    let answers: Vec<(ConnId, Message)> = std::iter::from_fn(|| server.poll_action())
+        .filter_map(|a| match a {
+            ServerAction::Send { conn, frame } => {
+                Some((conn, wire::decode(frame.to_bytes()).unwrap()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(&answers[..], [(2, Message::Welcome(w))] if w.flags & WELCOME_RESUMED == 0),
+        "run 2 is welcomed once run 1's write finished, and run 1 hears nothing: {answers:?}"
+    );
+    server.check().unwrap();
+    assert_eq!(server.session_count(), 1);
+    // Run 1 cannot come back beside run 2: refused at its HELLO.
+    server.connection_opened(3, now);
+    let hello = Message::Hello(Hello {
+        version_min: 1,
+        version_max: 1,
+        features: 0,
+        session_id: 0,
+        client_nonce: [3; 16],
+        owner,
+        epoch: 1,
+        key_id: "alice".into(),
+        export: "disk0".into(),
+    });
+    server.handle_frame(3, wire::encode(&hello).to_bytes(), now);
+    let refused = drain(&mut server);
+    assert!(
+        matches!(&refused[..], [Message::Reject(r)] if r.code == RejectCode::Fenced),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_fenced_client_fails_its_io_and_takes_no_more() {
+    let mut config = client_config("disk0", "alice", b"alice's key");
+    config.identity = Some(Identity { owner: 9, epoch: 1 });
+    let mut pair = Pair::new(config);
+    let first = IoRequest::write(0, Bytes::from(vec![1u8; 512]), false);
+    pair.io(1, first).expect("run 1 writes");
+    // Run 2 appears (the operator started the client again elsewhere).
+    pair.server.connection_opened(999, pair.now);
+    assert!(braid_core::testkit::authenticate_as(
+        &mut pair.server,
+        999,
+        ("alice", &Key::new(*b"alice's key")),
+        "disk0",
+        (9, 2),
+        pair.now
+    ));
+    pair.client
+        .submit(
+            2,
+            IoRequest::write(512, Bytes::from(vec![2u8; 512]), false),
+            pair.now,
+        )
+        .expect("accepted while run 1 does not know yet");
+    for _ in 0..20 {
+        pair.advance(Duration::from_millis(500));
+    }
+    assert!(pair.client.is_fenced());
+    let failed = pair
+        .completions
+        .iter()
+        .find(|c| c.user == 2)
+        .expect("completed");
+    assert_eq!(
+        failed.result.as_ref().map_err(|e| e.kind),
+        Err(IoErrorKind::Fenced)
+    );
+    assert_eq!(
+        &pair.disk[512..1024],
+        &[0u8; 512][..],
+        "nothing of run 1 lands"
+    );
+    assert!(pair.notices.iter().any(|n| matches!(
+        n,
+        Notice::Rejected {
+            code: RejectCode::Fenced,
+            ..
+        }
+    )));
+    assert!(pair
+        .client
+        .submit(3, IoRequest::read(0, 512), pair.now)
+        .is_err());
 }

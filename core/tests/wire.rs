@@ -17,6 +17,8 @@ fn vector_messages() -> Vec<(&'static str, Message)> {
                 features: 0,
                 session_id: 0,
                 client_nonce: [0x11; 16],
+                owner: 0x0a0b_0c0d_0e0f_1011,
+                epoch: 3,
                 key_id: "client".into(),
                 export: "disk0".into(),
             }),
@@ -371,17 +373,29 @@ fn any_message() -> impl Strategy<Value = Message> {
         any::<u32>(),
         any::<u64>(),
         any::<[u8; 16]>(),
+        any::<(u64, u64)>(),
         name(),
         name(),
     )
         .prop_map(
-            |(version_min, version_max, features, session_id, client_nonce, key_id, export)| {
+            |(
+                version_min,
+                version_max,
+                features,
+                session_id,
+                client_nonce,
+                (owner, epoch),
+                key_id,
+                export,
+            )| {
                 Message::Hello(Hello {
                     version_min,
                     version_max,
                     features,
                     session_id,
                     client_nonce,
+                    owner,
+                    epoch,
                     key_id,
                     export,
                 })

@@ -145,6 +145,7 @@ fn status_of(kind: IoErrorKind) -> Status {
         IoErrorKind::Media
         | IoErrorKind::TimedOut
         | IoErrorKind::Closed
+        | IoErrorKind::Fenced
         | IoErrorKind::Unknown(_) => Status::Io,
     }
 }
@@ -449,7 +450,7 @@ pub(crate) async fn detach(args: DetachArgs) -> Result<(), String> {
 
 /// `braid attach --volume FILE`: every leg's session, the volume driver
 /// over them, and the NBD face.
-async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
+async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
     use braid_core::volume::VolumeMap;
     let file = crate::volume::VolumeFile::load(&path)?;
     let data_dir = crate::config::default_data_dir();
@@ -460,6 +461,27 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
     crate::control::ensure_unused(&control)?;
+    let store = Arc::new(crate::volume::FileLogStore {
+        dir: data_dir.clone(),
+        volume: file.name.clone(),
+    });
+    // Before any leg connects: the legs' servers then end every session
+    // an earlier run of this volume left (docs/PROTOCOL.md §7.3).
+    let fresh_owner = u64::from_le_bytes(crate::config::random_bytes().map_err(|e| e.to_string())?);
+    let run = braid_fabric_tcp::next_run(&*store, fresh_owner).map_err(|e| {
+        format!(
+            "volume {}: storing its run in {}: {e}",
+            file.name,
+            data_dir.display()
+        )
+    })?;
+    tracing::info!(
+        volume = file.name,
+        owner = format_args!("{:#x}", run.owner),
+        epoch = run.epoch,
+        "volume run claimed"
+    );
+    args.client.identity = Some(run);
     crate::ublk::preflight(&args.ublk)?;
     let metrics = args
         .metrics
@@ -530,10 +552,6 @@ async fn run_volume(args: AttachArgs, path: PathBuf) -> Result<(), String> {
     }
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
-    let store = Arc::new(crate::volume::FileLogStore {
-        dir: data_dir.clone(),
-        volume: file.name.clone(),
-    });
     let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
     let nbd_addrs = if args.nbd.is_empty() && !args.ublk.wanted() {
         vec![data_dir

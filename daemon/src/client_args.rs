@@ -58,6 +58,10 @@ pub(crate) struct ClientArgs {
     /// Client certificate's private key (PEM).
     #[arg(long, requires = "tls_client_cert")]
     pub(crate) tls_client_key: Option<PathBuf>,
+    /// Which run of a client with state across runs this is (a volume's):
+    /// servers fence the earlier runs' sessions.
+    #[arg(skip)]
+    pub(crate) identity: Option<braid_core::client::Identity>,
 }
 
 impl ClientArgs {
@@ -98,6 +102,7 @@ impl ClientArgs {
             PolicyArg::LowestLatency => Policy::LowestLatency,
         };
         c.io_timeout = self.io_timeout.map(Duration::from_secs_f64);
+        c.identity = self.identity;
         c.max_dirty_bytes =
             config::parse_size(&self.dirty_window).map_err(|e| format!("--dirty-window: {e}"))?;
         Ok(c)

@@ -114,6 +114,7 @@ impl ProxiedServer {
             tls_name: None,
             tls_client_cert: None,
             tls_client_key: None,
+            identity: None,
         }
         .connect()
         .await

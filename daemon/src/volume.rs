@@ -293,6 +293,11 @@ impl FileLogStore {
     fn path(&self, leg: &str) -> PathBuf {
         self.dir.join(format!("{}.{leg}.dirty", self.volume))
     }
+
+    /// `DIR/VOLUME.run`: which run of the volume's client this is.
+    fn identity_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.run", self.volume))
+    }
 }
 
 impl braid_fabric_tcp::LogStore for FileLogStore {
@@ -302,15 +307,29 @@ impl braid_fabric_tcp::LogStore for FileLogStore {
 
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
         for (leg, bytes) in logs {
-            let path = self.path(leg);
-            let aside = path.with_extension("dirty.new");
-            let mut f = std::fs::File::create(&aside)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&aside, &path)?;
+            replace_file(&self.path(leg), bytes)?;
         }
         std::fs::File::open(&self.dir)?.sync_all()
     }
+
+    fn load_identity(&self) -> Option<Vec<u8>> {
+        std::fs::read(self.identity_path()).ok()
+    }
+
+    fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
+        replace_file(&self.identity_path(), bytes)?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// Writes `bytes` aside, syncs, renames over `path` (the caller syncs the
+/// directory).
+fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let aside = path.with_extension("new");
+    let mut f = std::fs::File::create(&aside)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&aside, path)
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ fn check_engine(engine: &str, check: impl FnOnce() -> Result<(), String>) {
     }
 }
 pub use server::{Server, ServerStatus};
-pub use volume::{LogStore, StoreMap, Volume, VolumeStatus};
+pub use volume::{next_run, LogStore, StoreMap, Volume, VolumeStatus};
 
 /// How a server protects its channels.
 #[derive(Clone, Default)]

@@ -7,7 +7,7 @@
 
 use crate::client::Client;
 use crate::clock::Clock;
-use braid_core::client::{IoErrorKind, IoRequest};
+use braid_core::client::{Identity, IoErrorKind, IoRequest};
 use braid_core::volume::{
     DirtyRegions, LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeMap,
 };
@@ -23,6 +23,25 @@ pub trait LogStore: Send + Sync + 'static {
     fn load(&self, name: &str) -> Option<Vec<u8>>;
     /// Stores every leg's log durably (returns once on stable storage).
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()>;
+    /// The stored identity of the volume's last run, if any.
+    fn load_identity(&self) -> Option<Vec<u8>>;
+    /// Stores this run's identity durably.
+    fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+/// Claims the volume's next run: its legs' clients carry this identity,
+/// so each leg's server ends the sessions of every earlier run (a killed
+/// process's writes still in the network must not land after this run
+/// resyncs). Stored before any leg connects. `fresh_owner` names the
+/// volume's client if no earlier run was stored.
+pub fn next_run(store: &dyn LogStore, fresh_owner: u64) -> std::io::Result<Identity> {
+    let stored = store.load_identity();
+    let run = Identity::next_run(stored.as_deref(), fresh_owner);
+    if stored.is_some() && run.epoch == 1 {
+        tracing::warn!("the volume's stored identity is unreadable: earlier runs are not fenced");
+    }
+    store.store_identity(&run.encode())?;
+    Ok(run)
 }
 
 /// A snapshot for status output.

@@ -324,6 +324,8 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
         features: 0,
         session_id: 0,
         client_nonce: nonce,
+        owner: 0,
+        epoch: 0,
         key_id: "test".into(),
         export: "disk0".into(),
     });
@@ -346,6 +348,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
         key_id: "test",
         export: "disk0",
         session_id: 0,
+        owner_epoch: (0, 0),
         client_nonce: &nonce,
         server_nonce: &c.server_nonce,
         boot_id: c.boot_id,

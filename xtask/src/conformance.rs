@@ -668,7 +668,7 @@ fn protocol_check(
     let v = verdict(&mut cmd, |o| contains_all(o, &["0 fail"]));
     report.add(
         target,
-        "PROTOCOL.md [2.1]..[7.1]",
+        "PROTOCOL.md [2.1]..[7.3]",
         "braid conformance: every numbered clause of braid's protocol",
         v,
     );

@@ -41,6 +41,55 @@ pub struct Sabotage {
     pub no_room: bool,
 }
 
+/// Who a client is across its restarts. A server that sees a session opened
+/// with a higher `epoch` of the same `owner` ends the owner's older
+/// sessions on that export, so a dead run's frames still in the network
+/// land nowhere (docs/PROTOCOL.md §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Stable across runs, unique per client (not 0).
+    pub owner: u64,
+    /// Higher for every new run (stored before the run connects).
+    pub epoch: u64,
+}
+
+impl Identity {
+    /// Bytes stored between runs.
+    pub const ENCODED_LEN: usize = 16;
+
+    /// The run after the one `stored` describes; the first run of a new
+    /// `owner` if nothing readable was stored (an old run then goes
+    /// unfenced: say so where it happens).
+    pub fn next_run(stored: Option<&[u8]>, owner: u64) -> Identity {
+        match stored.and_then(Identity::decode) {
+            Some(last) => Identity {
+                owner: last.owner,
+                epoch: last.epoch + 1,
+            },
+            None => Identity {
+                owner: owner.max(1),
+                epoch: 1,
+            },
+        }
+    }
+
+    /// Owner then epoch, little-endian.
+    pub fn encode(&self) -> [u8; Identity::ENCODED_LEN] {
+        let mut b = [0u8; Identity::ENCODED_LEN];
+        b[..8].copy_from_slice(&self.owner.to_le_bytes());
+        b[8..].copy_from_slice(&self.epoch.to_le_bytes());
+        b
+    }
+
+    /// What [`Identity::encode`] wrote, if `b` is that.
+    pub fn decode(b: &[u8]) -> Option<Identity> {
+        let b: &[u8; Identity::ENCODED_LEN] = b.try_into().ok()?;
+        let owner = u64::from_le_bytes(b[..8].try_into().unwrap());
+        let epoch = u64::from_le_bytes(b[8..].try_into().unwrap());
+        (owner != 0 && epoch < u64::MAX).then_some(Identity { owner, epoch })
+    }
+}
+
 /// Everything the client engine needs; defaults suit production.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -84,6 +133,9 @@ pub struct ClientConfig {
     pub io_timeout: Option<Duration>,
     /// Seed for nonces and jitter (OS randomness in production).
     pub rng_seed: [u8; 32],
+    /// Who this run is, for fencing older runs; `None` (default): an
+    /// anonymous client, never fenced.
+    pub identity: Option<Identity>,
     #[doc(hidden)]
     pub sabotage: Sabotage,
 }
@@ -115,6 +167,7 @@ impl ClientConfig {
             reconnect_max: Duration::from_secs(2),
             io_timeout: None,
             rng_seed,
+            identity: None,
             sabotage: Sabotage::default(),
         }
     }
@@ -175,9 +228,44 @@ impl ClientConfig {
             self.reconnect_min,
             TIMER_MAX,
         );
+        c.require(
+            self.identity.is_none_or(|i| i.owner != 0),
+            "identity",
+            || "owner 0 means anonymous: leave identity unset".into(),
+        );
         if let Some(t) = self.io_timeout {
             c.duration(t, "io_timeout", ms, limits::TIMER_MAX * 365);
         }
         c.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Identity;
+
+    #[test]
+    fn each_run_has_a_higher_epoch_of_the_same_owner() {
+        let first = Identity::next_run(None, 77);
+        assert_eq!(
+            first,
+            Identity {
+                owner: 77,
+                epoch: 1
+            }
+        );
+        let second = Identity::next_run(Some(&first.encode()), 5);
+        assert_eq!(
+            second,
+            Identity {
+                owner: 77,
+                epoch: 2
+            }
+        );
+        assert_eq!(
+            Identity::next_run(Some(b"torn"), 5),
+            Identity { owner: 5, epoch: 1 }
+        );
+        assert_eq!(Identity::next_run(None, 0).owner, 1, "owner 0 is anonymous");
     }
 }

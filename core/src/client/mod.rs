@@ -15,7 +15,7 @@ mod reason;
 mod tuning;
 
 pub use channel::ChannelId;
-pub use config::{ClientConfig, Policy, Sabotage};
+pub use config::{ClientConfig, Identity, Policy, Sabotage};
 pub use reason::DownReason;
 pub use tuning::ClientTuning;
 
@@ -149,6 +149,9 @@ pub enum IoErrorKind {
     TimedOut,
     /// The client was closed (its driver is gone) before the IO finished.
     Closed,
+    /// A newer run of this client (same identity, higher epoch) took the
+    /// export over: this run may write no more.
+    Fenced,
     /// The server answered with a status this version does not know.
     Unknown(u32),
 }
@@ -349,6 +352,8 @@ pub struct ClientEngine {
     stats: ClientStats,
     latency: OpLatency,
     leaving: Leaving,
+    /// A server said a newer run of this client holds the export.
+    fenced: bool,
     /// When replays the server refused go again, and the wait before the
     /// next try (doubling from resend_min to resend_max; zero after a
     /// replay succeeds).
@@ -404,6 +409,7 @@ impl ClientEngine {
             stats: ClientStats::default(),
             latency: OpLatency::default(),
             leaving: Leaving::No,
+            fenced: false,
             replay_retry_at: None,
             replay_backoff: Duration::ZERO,
             refused: None,
@@ -607,6 +613,11 @@ impl ClientEngine {
 
     /// Submits an IO; its [`Completion`] carries `user`.
     pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) -> Result<(), SubmitError> {
+        if self.fenced {
+            return Err(SubmitError::Invalid(
+                "a newer run of this client took the export over",
+            ));
+        }
         if self.leaving != Leaving::No {
             return Err(SubmitError::Invalid("client is closing"));
         }
@@ -680,6 +691,12 @@ impl ClientEngine {
         }
     }
 
+    /// Whether a server fenced this run: a newer run of the same client
+    /// identity holds the export, and this one has closed for good.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
     /// Whether the client has left: GOODBYE sent after everything in
     /// flight finished and was flushed, or given up by
     /// [`ClientEngine::abandon`].
@@ -702,6 +719,19 @@ impl ClientEngine {
         let unflushed = self.dirty.bytes();
         self.leave();
         unflushed
+    }
+
+    /// Superseded by a newer run: every unfinished IO fails with
+    /// [`IoErrorKind::Fenced`] and the client closes for good.
+    fn fence(&mut self, now: Instant) {
+        let unfinished: Vec<u64> = self.journal.entries.keys().copied().collect();
+        for id in unfinished {
+            self.fail_entry(id, IoErrorKind::Fenced, now);
+        }
+        self.journal.drop_held_replays();
+        self.replay_retry_at = None;
+        self.fenced = true;
+        self.leave();
     }
 
     /// Once draining has nothing left in flight: flushes what is still
@@ -754,12 +784,15 @@ impl ClientEngine {
             session_id,
         };
         self.channels[slot].last_rx = now;
+        let (owner, epoch) = self.config.identity.map_or((0, 0), |i| (i.owner, i.epoch));
         let hello = Hello {
             version_min: u16::from(VERSION),
             version_max: u16::from(VERSION),
             features: 0,
             session_id,
             client_nonce: nonce,
+            owner,
+            epoch,
             key_id: self.config.key_id.clone(),
             export: self.config.export.clone(),
         };
@@ -1003,6 +1036,7 @@ impl ClientEngine {
             key_id: &self.config.key_id,
             export: &self.config.export,
             session_id,
+            owner_epoch: self.config.identity.map_or((0, 0), |i| (i.owner, i.epoch)),
             client_nonce: &nonce,
             server_nonce: &c.server_nonce,
             boot_id: c.boot_id,
@@ -1041,6 +1075,19 @@ impl ClientEngine {
                 let detail = format!("server refused our key: {}", r.message);
                 self.actions
                     .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
+            }
+            RejectCode::Fenced => {
+                // A newer run of this client holds the export: anything this
+                // run still sends could overwrite what the newer one wrote.
+                let message = r.message.clone();
+                self.actions
+                    .push_back(ClientAction::Notice(Notice::Rejected {
+                        ch,
+                        code: r.code,
+                        message,
+                    }));
+                self.fence(now);
+                return;
             }
             code => {
                 let message = r.message.clone();

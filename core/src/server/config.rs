@@ -73,6 +73,10 @@ pub struct ServerConfig {
     /// Test-only: run overlapping mutations in any order (no overlap gate).
     #[doc(hidden)]
     pub sabotage_no_overlap_gate: bool,
+    /// Test-only: never end a client's older sessions when a newer run of
+    /// it opens one (a dead run's frames may then land after the new run's).
+    #[doc(hidden)]
+    pub sabotage_no_fencing: bool,
     /// Test-only: one deliberately broken clause of the protocol, for the
     /// conformance checker's teeth.
     #[doc(hidden)]
@@ -102,6 +106,7 @@ impl ServerConfig {
             session_linger: Duration::from_secs(300),
             sabotage_no_dedup: false,
             sabotage_no_overlap_gate: false,
+            sabotage_no_fencing: false,
             defect: None,
         }
     }

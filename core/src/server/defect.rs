@@ -50,4 +50,8 @@ pub enum Defect {
     ReplyOnFirstChannel,
     /// [3.5]: GOODBYE is ignored: the session lives on.
     IgnoreGoodbye,
+    /// [7.2]: a newer run of a client leaves its older sessions open.
+    KeepOlderRuns,
+    /// [7.3]: an older run of a client may open a session beside a newer.
+    AcceptOlderRuns,
 }

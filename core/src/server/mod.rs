@@ -107,6 +107,8 @@ pub enum CloseReason {
     Idle,
     /// The session ended (Goodbye or expiry).
     SessionEnded,
+    /// A newer run of the session's client opened a session on the export.
+    Fenced,
 }
 
 /// What the driver must do next.
@@ -178,6 +180,9 @@ pub struct ServerStats {
     pub protocol_errors: u64,
     /// Requests answered with an error status.
     pub error_replies: u64,
+    /// Sessions ended because a newer run of their client (a higher
+    /// epoch of the same owner) opened a session on the export.
+    pub sessions_fenced: u64,
     /// Requests dropped because their session already had twice
     /// `max_inflight` executing (the client resends them).
     pub overload_dropped: u64,
@@ -191,6 +196,14 @@ enum ConnState {
         export: usize,
         key: usize,
         server_nonce: [u8; NONCE_LEN],
+    },
+    /// Authenticated, creating a session whose owner's older sessions
+    /// were fenced and still have operations in the backend: welcomed
+    /// once they finish, so nothing of the old run lands after the new
+    /// run's first request.
+    AwaitFence {
+        hello: Hello,
+        export: usize,
     },
     Bound {
         session_id: u64,
@@ -425,7 +438,9 @@ impl ServerEngine {
         let armed: BTreeSet<Timer> = self.timers.iter().map(|(_, t)| *t).collect();
         for (id, c) in &self.conns {
             let needs = match c.state {
-                ConnState::AwaitHello | ConnState::AwaitAuth { .. } => Some(Timer::Handshake(*id)),
+                ConnState::AwaitHello
+                | ConnState::AwaitAuth { .. }
+                | ConnState::AwaitFence { .. } => Some(Timer::Handshake(*id)),
                 ConnState::Bound { .. } => Some(Timer::Idle(*id)),
                 ConnState::Closed => None,
             };
@@ -439,6 +454,18 @@ impl ServerEngine {
                 && !armed.contains(&Timer::Linger(s.id))
             {
                 return Err(format!("orphaned session {:#x} has no linger timer", s.id));
+            }
+        }
+        for (id, c) in &self.conns {
+            if let ConnState::AwaitFence { hello, export } = &c.state {
+                if !self.fence_draining(hello.owner, *export) {
+                    return Err(format!("conn {id} waits for a fence with nothing draining"));
+                }
+            }
+        }
+        for s in self.sessions.values() {
+            if s.fenced && !s.leaving {
+                return Err(format!("fenced session {:#x} is not leaving", s.id));
             }
         }
         if let Some(o) = self
@@ -603,7 +630,7 @@ impl ServerEngine {
             self.send(conn, &reply(info.request_id, status, exec_seq, data));
         }
         if leaving {
-            self.free_session(info.session_id);
+            self.free_session(info.session_id, now);
         }
     }
 
@@ -619,7 +646,12 @@ impl ServerEngine {
             match timer {
                 Timer::Handshake(conn) => {
                     let pending = self.conns.get(&conn).is_some_and(|c| {
-                        matches!(c.state, ConnState::AwaitHello | ConnState::AwaitAuth { .. })
+                        matches!(
+                            c.state,
+                            ConnState::AwaitHello
+                                | ConnState::AwaitAuth { .. }
+                                | ConnState::AwaitFence { .. }
+                        )
                     });
                     if pending {
                         self.close(conn, CloseReason::HandshakeTimeout, now);
@@ -649,7 +681,9 @@ impl ServerEngine {
                         continue;
                     }
                     match s.orphaned_since {
-                        Some(t) if now - t >= self.config.session_linger => self.free_session(id),
+                        Some(t) if now - t >= self.config.session_linger => {
+                            self.free_session(id, now)
+                        }
                         Some(t) => {
                             let again = t + self.config.session_linger;
                             self.timers.insert((again, Timer::Linger(id)));
@@ -719,7 +753,7 @@ impl ServerEngine {
         }
     }
 
-    fn free_session(&mut self, id: u64) {
+    fn free_session(&mut self, id: u64, now: Instant) {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
@@ -732,6 +766,87 @@ impl ServerEngine {
                     reason: CloseReason::SessionEnded,
                 });
             }
+        }
+        if s.fenced && !self.fence_draining(s.owner_epoch.0, s.export) {
+            self.welcome_fence_waiters(s.owner_epoch.0, s.export, now);
+        }
+    }
+
+    /// Whether a session of `owner` on `export` runs with a higher epoch
+    /// than `epoch` (the asking client is an older run, e.g. a process
+    /// presumed dead).
+    fn newer_run(&self, owner: u64, epoch: u64, export: usize) -> bool {
+        owner != 0
+            && !self.broken(Defect::AcceptOlderRuns)
+            && self
+                .sessions
+                .values()
+                .any(|s| s.export == export && s.owner_epoch.0 == owner && s.owner_epoch.1 > epoch)
+    }
+
+    /// Ends every session of `owner` on `export` older than `epoch`: their
+    /// channels close at once, so frames of a dead run still in the
+    /// network land nowhere; their backend operations finish first.
+    fn fence_older(&mut self, owner: u64, epoch: u64, export: usize, now: Instant) {
+        let older: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                s.export == export
+                    && s.owner_epoch.0 == owner
+                    && s.owner_epoch.1 < epoch
+                    && !s.fenced
+            })
+            .map(|s| s.id)
+            .collect();
+        for id in older {
+            self.stats.sessions_fenced += 1;
+            let s = self.sessions.get_mut(&id).unwrap();
+            s.fenced = true;
+            s.leaving = true;
+            let conns = std::mem::take(&mut s.conns);
+            let idle = s.ops_in_backend == 0;
+            for conn in conns {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.state = ConnState::Closed;
+                    self.actions.push_back(ServerAction::Close {
+                        conn,
+                        reason: CloseReason::Fenced,
+                    });
+                }
+            }
+            if idle {
+                self.free_session(id, now);
+            }
+        }
+    }
+
+    /// Whether a fenced session of `owner` on `export` still has
+    /// operations in the backend.
+    fn fence_draining(&self, owner: u64, export: usize) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.fenced && s.export == export && s.owner_epoch.0 == owner)
+    }
+
+    fn welcome_fence_waiters(&mut self, owner: u64, export: usize, now: Instant) {
+        let waiting: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(&c.state, ConnState::AwaitFence { hello, export: e }
+                    if hello.owner == owner && *e == export)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in waiting {
+            let c = self.conns.get_mut(&conn).unwrap();
+            let ConnState::AwaitFence { hello, export } =
+                std::mem::replace(&mut c.state, ConnState::AwaitHello)
+            else {
+                unreachable!("filtered on AwaitFence")
+            };
+            self.open_session(conn, hello, export, now);
         }
     }
 
@@ -751,7 +866,7 @@ impl ServerEngine {
             (ConnState::Bound { session_id }, Message::Goodbye) => {
                 let sid = *session_id;
                 if !self.broken(Defect::IgnoreGoodbye) {
-                    self.on_goodbye(sid)
+                    self.on_goodbye(sid, now)
                 }
             }
             (ConnState::AwaitAuth { .. }, Message::Request(req))
@@ -798,8 +913,11 @@ impl ServerEngine {
         else {
             return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
         };
-        if let Some(code) = self.check_join(hello.session_id, export) {
+        if let Some(code) = self.check_join(&hello, export) {
             return self.reject(conn, code, "cannot join that session", now);
+        }
+        if self.newer_run(hello.owner, hello.epoch, export) {
+            return self.reject(conn, RejectCode::Fenced, FENCED, now);
         }
         let mut server_nonce = [0u8; NONCE_LEN];
         if !self.broken(Defect::FixedServerNonce) {
@@ -809,6 +927,7 @@ impl ServerEngine {
             key_id: &hello.key_id,
             export: &hello.export,
             session_id: hello.session_id,
+            owner_epoch: (hello.owner, hello.epoch),
             client_nonce: &hello.client_nonce,
             server_nonce: &server_nonce,
             boot_id: self.config.boot_id,
@@ -836,13 +955,19 @@ impl ServerEngine {
         };
     }
 
-    /// Whether a channel may join `session_id` (0: create) on `export`.
-    fn check_join(&self, session_id: u64, export: usize) -> Option<RejectCode> {
-        if session_id == 0 {
+    /// Whether the channel `hello` opens may join its session (0: create
+    /// one) on `export`. A session is joined only by the run of the client
+    /// that created it.
+    fn check_join(&self, hello: &Hello, export: usize) -> Option<RejectCode> {
+        if hello.session_id == 0 {
             return (self.sessions.len() >= self.config.max_sessions).then_some(RejectCode::Busy);
         }
-        match self.sessions.get(&session_id) {
-            Some(s) if s.export == export && !s.leaving => {
+        match self.sessions.get(&hello.session_id) {
+            Some(s)
+                if s.export == export
+                    && !s.leaving
+                    && s.owner_epoch == (hello.owner, hello.epoch) =>
+            {
                 (s.conns.len() >= self.config.max_channels_per_session).then_some(RejectCode::Busy)
             }
             None if self.broken(Defect::AdoptUnknownSessions) => None,
@@ -865,6 +990,7 @@ impl ServerEngine {
             key_id: &hello.key_id,
             export: &hello.export,
             session_id: hello.session_id,
+            owner_epoch: (hello.owner, hello.epoch),
             client_nonce: &hello.client_nonce,
             server_nonce: &server_nonce,
             boot_id: self.config.boot_id,
@@ -876,7 +1002,30 @@ impl ServerEngine {
             return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
         }
         // The session may have gone while the proof was in flight.
-        if let Some(code) = self.check_join(hello.session_id, export) {
+        if let Some(code) = self.check_join(&hello, export) {
+            return self.reject(conn, code, "cannot join that session", now);
+        }
+        if hello.session_id == 0 && hello.owner != 0 {
+            if self.newer_run(hello.owner, hello.epoch, export) {
+                return self.reject(conn, RejectCode::Fenced, FENCED, now);
+            }
+            if !self.config.sabotage_no_fencing && !self.broken(Defect::KeepOlderRuns) {
+                self.fence_older(hello.owner, hello.epoch, export, now);
+            }
+            if self.fence_draining(hello.owner, export) {
+                self.conns.get_mut(&conn).unwrap().state = ConnState::AwaitFence { hello, export };
+                return;
+            }
+        }
+        self.open_session(conn, hello, export, now);
+    }
+
+    /// Creates or joins the session `hello` asked for and welcomes the
+    /// channel into it.
+    fn open_session(&mut self, conn: ConnId, hello: Hello, export: usize, now: Instant) {
+        // A fence that drained while other waiters were welcomed may have
+        // let the limits or the session change.
+        if let Some(code) = self.check_join(&hello, export) {
             return self.reject(conn, code, "cannot join that session", now);
         }
         let adopt = self.broken(Defect::AdoptUnknownSessions)
@@ -886,8 +1035,11 @@ impl ServerEngine {
             while id == 0 || self.sessions.contains_key(&id) {
                 id = self.rng.next_u64();
             }
-            self.sessions
-                .insert(id, Session::new(id, export, self.config.max_inflight));
+            let owner_epoch = (hello.owner, hello.epoch);
+            self.sessions.insert(
+                id,
+                Session::new(id, export, owner_epoch, self.config.max_inflight),
+            );
             self.stats.sessions_created += 1;
             (id, false)
         } else {
@@ -928,13 +1080,13 @@ impl ServerEngine {
         self.send(conn, &Message::Welcome(welcome));
     }
 
-    fn on_goodbye(&mut self, session_id: u64) {
+    fn on_goodbye(&mut self, session_id: u64, now: Instant) {
         let Some(s) = self.sessions.get_mut(&session_id) else {
             return;
         };
         s.leaving = true;
         if s.ops_in_backend == 0 {
-            self.free_session(session_id);
+            self.free_session(session_id, now);
         }
     }
 
@@ -1060,6 +1212,8 @@ impl ServerEngine {
         }
     }
 }
+
+const FENCED: &str = "a newer run of this client holds the export";
 
 fn reply(id: u64, status: Status, exec_seq: u64, payload: Bytes) -> Message {
     Message::Reply(Reply {

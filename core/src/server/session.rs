@@ -41,6 +41,11 @@ pub(crate) enum Admission {
 pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) export: usize,
+    /// The client's owner and epoch from its HELLO ((0, 0): anonymous).
+    pub(crate) owner_epoch: (u64, u64),
+    /// Ended by a newer run of its owner: it takes no more channels, and
+    /// the newer session waits for its backend operations to finish.
+    pub(crate) fenced: bool,
     pub(crate) conns: Vec<ConnId>,
     floor: u64,
     entries: BTreeMap<u64, Entry>,
@@ -54,10 +59,12 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(id: u64, export: usize, max_inflight: u32) -> Self {
+    pub(crate) fn new(id: u64, export: usize, owner_epoch: (u64, u64), max_inflight: u32) -> Self {
         Session {
             id,
             export,
+            owner_epoch,
+            fenced: false,
             conns: Vec::new(),
             floor: 0,
             entries: BTreeMap::new(),
@@ -203,7 +210,7 @@ mod tests {
 
     #[test]
     fn resent_write_gets_recorded_result_and_stale_copy_is_dropped() {
-        let mut s = Session::new(1, 0, 64);
+        let mut s = Session::new(1, 0, (0, 0), 64);
         assert_eq!(s.admit(5, 5, Op::Write, 1, 100), Admission::Execute);
         assert_eq!(s.admit(5, 5, Op::Write, 2, 100), Admission::Joined);
         assert_eq!(s.complete(5, Op::Write, Status::Ok), (1, Some(2)));
@@ -222,7 +229,7 @@ mod tests {
 
     #[test]
     fn exec_seq_numbers_successful_mutations_only() {
-        let mut s = Session::new(1, 0, 64);
+        let mut s = Session::new(1, 0, (0, 0), 64);
         for id in 1..=4 {
             s.admit(id, 1, Op::Write, 1, 100);
         }
@@ -241,7 +248,7 @@ mod tests {
 
     #[test]
     fn check_sees_ids_outside_the_window() {
-        let mut s = Session::new(1, 0, 64);
+        let mut s = Session::new(1, 0, (0, 0), 64);
         s.admit(5, 5, Op::Write, 1, 100);
         s.check(100).unwrap();
         s.floor = 6; // as if the floor moved without pruning
@@ -252,7 +259,7 @@ mod tests {
 
     #[test]
     fn resent_read_runs_again() {
-        let mut s = Session::new(1, 0, 64);
+        let mut s = Session::new(1, 0, (0, 0), 64);
         assert_eq!(s.admit(1, 1, Op::Read, 1, 100), Admission::Execute);
         s.complete(1, Op::Read, Status::Ok);
         assert_eq!(s.admit(1, 1, Op::Read, 1, 100), Admission::Execute);

@@ -504,14 +504,61 @@ impl Checker {
     /// A volume's client died: a leg that then loses power loses the
     /// acknowledged writes it had not flushed, with no client left to
     /// replay them, and the restart may take that leg's bytes. So every
-    /// acknowledged write no FLUSH made durable may be undone, as on one
-    /// disk that loses power (the contract for unflushed writes).
+    /// acknowledged write no FLUSH made durable may be undone, to any
+    /// version since the last durable one, as on one disk that loses
+    /// power (the contract for unflushed writes).
     pub fn unflushed_may_revert(&mut self) {
+        self.trace(format_args!("CLIENT CRASH: unflushed writes may revert"));
+        self.run_ended();
         for m in &mut self.sectors {
-            for c in m.durable.clone() {
+            // Any version since the last durable one: a disk that loses
+            // power may have written some of its cached writes and not
+            // others (madsim mirror-restart seed 622 with power loss).
+            let mut since: Vec<SectorContent> = m.durable.clone();
+            for w in &m.history {
+                let o = &self.ops[w];
+                if o.op.mutates() && o.ack.is_some_and(|a| a > m.durable_tick) {
+                    since.push(o.content);
+                }
+            }
+            for c in since {
                 if !m.possible.iter().any(|p| p.1 == c) {
                     m.possible.push((0, c, 0));
                 }
+            }
+        }
+    }
+
+    /// The client process died with IO outstanding: its reads and FLUSHes
+    /// never answer, and each of its mutations either landed or did not,
+    /// *now*. A later run must not see one land after the run's own
+    /// writes to the same sectors (servers fence the dead run's sessions
+    /// before the new run uses them), so from here on a mutation of the
+    /// dead run counts as finished: possible until overwritten, never in
+    /// flight for a read the new run submits.
+    fn run_ended(&mut self) {
+        let tick = self.next_tick();
+        let unanswered: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.ack.is_none() && !o.failed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in unanswered {
+            let o = self.ops.get_mut(&id).expect("listed");
+            if o.op.mutates() {
+                o.ack = Some(tick);
+                let (first, count, content) = (o.first, o.count, o.content);
+                for s in first..first + count {
+                    let m = &mut self.sectors[s as usize];
+                    if !m.possible.iter().any(|p| p.1 == content) {
+                        m.possible.push((id, content, tick));
+                    }
+                }
+            } else {
+                o.failed = true;
+                let submit = o.submit;
+                self.reads_outstanding.remove(&(submit, id));
             }
         }
     }

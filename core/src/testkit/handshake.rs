@@ -17,6 +17,18 @@ pub fn authenticate(
     export: &str,
     now: Instant,
 ) -> bool {
+    authenticate_as(server, conn, (key_id, key), export, (0, 0), now)
+}
+
+/// [`authenticate`] for a client with an identity: `(owner, epoch)`.
+pub fn authenticate_as(
+    server: &mut ServerEngine,
+    conn: ConnId,
+    (key_id, key): (&str, &Key),
+    export: &str,
+    (owner, epoch): (u64, u64),
+    now: Instant,
+) -> bool {
     let nonce = [9u8; NONCE_LEN];
     let hello = Message::Hello(wire::Hello {
         version_min: 1,
@@ -24,6 +36,8 @@ pub fn authenticate(
         features: 0,
         session_id: 0,
         client_nonce: nonce,
+        owner,
+        epoch,
         key_id: key_id.into(),
         export: export.into(),
     });
@@ -41,6 +55,7 @@ pub fn authenticate(
         key_id,
         export,
         session_id: 0,
+        owner_epoch: (owner, epoch),
         client_nonce: &nonce,
         server_nonce: &c.server_nonce,
         boot_id: c.boot_id,

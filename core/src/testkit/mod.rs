@@ -19,7 +19,7 @@ mod world;
 pub use checker::{Checker, Violation};
 pub use disk::MemDisk;
 pub use fuzz::exercise_server;
-pub use handshake::authenticate;
+pub use handshake::{authenticate, authenticate_as};
 pub use pattern::{sector_tag, stamp, SectorContent, SECTOR};
 pub use sabotage::Sabotage;
 pub use sweep::{SweepArgs, SweepCommand, SWEEP_USAGE};

@@ -37,11 +37,15 @@ pub enum Sabotage {
     /// The client never says Room after refusing an IO with Busy, so a
     /// driver holding that IO waits forever.
     NoRoom,
+    /// The server never ends a client's older sessions when a newer run
+    /// of it opens one, so a dead run's writes may land after the new
+    /// run's.
+    NoFencing,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 12] = [
+    pub const ALL: [Sabotage; 13] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -54,6 +58,7 @@ impl Sabotage {
         Sabotage::NoInSyncGate,
         Sabotage::NoFanOut,
         Sabotage::NoRoom,
+        Sabotage::NoFencing,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -71,6 +76,7 @@ impl Sabotage {
             Sabotage::NoInSyncGate => "no-in-sync-gate",
             Sabotage::NoFanOut => "no-fan-out",
             Sabotage::NoRoom => "no-room",
+            Sabotage::NoFencing => "no-fencing",
         }
     }
 
@@ -105,6 +111,7 @@ impl Sabotage {
             Sabotage::NoRoom => s.no_room = true,
             Sabotage::NoDedup
             | Sabotage::NoOverlapGate
+            | Sabotage::NoFencing
             | Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut => {}
@@ -128,6 +135,7 @@ impl Sabotage {
         match self {
             Sabotage::NoDedup => c.sabotage_no_dedup = true,
             Sabotage::NoOverlapGate => c.sabotage_no_overlap_gate = true,
+            Sabotage::NoFencing => c.sabotage_no_fencing = true,
             _ => {}
         }
     }

@@ -177,6 +177,8 @@ pub fn encode(msg: &Message) -> OutFrame {
             b.u32(h.features);
             b.u64(h.session_id);
             b.put(&h.client_nonce);
+            b.u64(h.owner);
+            b.u64(h.epoch);
             b.name(&h.key_id);
             b.name(&h.export);
         }
@@ -381,6 +383,8 @@ pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
                 features: r.u32()?,
                 session_id: r.u64()?,
                 client_nonce: r.array::<NONCE_LEN>()?,
+                owner: r.u64()?,
+                epoch: r.u64()?,
                 key_id: r.name()?,
                 export: r.name()?,
             };

@@ -132,6 +132,11 @@ pub struct Hello {
     pub session_id: u64,
     /// Fresh client nonce.
     pub client_nonce: [u8; NONCE_LEN],
+    /// Who the client is across restarts (0: anonymous, never fenced).
+    pub owner: u64,
+    /// Which run of `owner` this is: a session opened with a higher epoch
+    /// ends the owner's older sessions on that export (docs/PROTOCOL.md §7).
+    pub epoch: u64,
     /// Which pre-shared key the client holds.
     pub key_id: String,
     /// Which export it wants.
@@ -200,6 +205,8 @@ pub enum RejectCode {
     Malformed,
     /// The server is shutting down.
     ShuttingDown,
+    /// A newer run of the same client (a higher epoch) holds the export.
+    Fenced,
     /// A code this version does not know.
     Other(u32),
 }
@@ -215,6 +222,7 @@ impl RejectCode {
             RejectCode::Busy => 5,
             RejectCode::Malformed => 6,
             RejectCode::ShuttingDown => 7,
+            RejectCode::Fenced => 8,
             RejectCode::Other(c) => c,
         }
     }
@@ -229,6 +237,7 @@ impl RejectCode {
             5 => RejectCode::Busy,
             6 => RejectCode::Malformed,
             7 => RejectCode::ShuttingDown,
+            8 => RejectCode::Fenced,
             other => RejectCode::Other(other),
         }
     }

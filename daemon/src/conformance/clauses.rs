@@ -43,6 +43,8 @@ pub(crate) const CLAUSES: &[(&str, &str, Check)] = &[
     ("6.3", "ids below the floor are dropped silently", |t| Box::pin(stale_ids(t))),
     ("6.4", "ids past floor + id_window are answered INVALID", |t| Box::pin(window(t))),
     ("7.1", "a HELLO naming an unknown session gets SESSION_UNKNOWN", |t| Box::pin(unknown_session(t))),
+    ("7.2", "a client's newer run ends its older run's sessions", |t| Box::pin(newer_run_fences(t))),
+    ("7.3", "an older run gets FENCED beside a newer one; equal runs are left alone", |t| Box::pin(older_run_refused(t))),
 ];
 
 fn outcome(r: Result<(), String>) -> Outcome {
@@ -232,6 +234,8 @@ fn hello(t: &Target) -> wire::Hello {
         features: 0,
         session_id: 0,
         client_nonce: fresh_nonce(),
+        owner: 0,
+        epoch: 0,
         key_id: t.key_id.clone(),
         export: t.export.clone(),
     }
@@ -478,6 +482,7 @@ async fn server_proof(t: &Target) -> Outcome {
                 key_id: &t.key_id,
                 export: &t.export,
                 session_id: 0,
+                owner_epoch: (0, 0),
                 client_nonce: &nonce,
                 server_nonce: &c.server_nonce,
                 boot_id: c.boot_id,
@@ -687,6 +692,71 @@ async fn unknown_session(t: &Target) -> Outcome {
                 }
                 other => Err(format!(
                     "joining an unknown session got {}",
+                    describe(&other)
+                )),
+            }
+        }
+        .await,
+    )
+}
+
+/// A client identity no other probe (or client) uses.
+fn fresh_owner() -> Result<u64, String> {
+    Ok(u64::from_le_bytes(crate::config::random_bytes().map_err(|e| e.to_string())?) | 1)
+}
+
+fn welcomed(answer: Recv, what: &str) -> Result<Welcome, String> {
+    match answer {
+        Recv::Msg(Message::Welcome(w)) => Ok(w),
+        other => Err(format!(
+            "{what}: expected WELCOME, got {}",
+            describe(&other)
+        )),
+    }
+}
+
+async fn newer_run_fences(t: &Target) -> Outcome {
+    outcome(
+        async {
+            let owner = fresh_owner()?;
+            let (mut old, answer) = Probe::handshake_as(t, 0, (owner, 1)).await?;
+            let w = welcomed(answer, "run 1")?;
+            let (_new, answer) = Probe::handshake_as(t, 0, (owner, 2)).await?;
+            welcomed(answer, "run 2")?;
+            if !old.closes_within(PROMPT).await {
+                return Err("run 1's channel stayed open after run 2's session began".into());
+            }
+            let (_, answer) = Probe::handshake_as(t, w.session_id, (owner, 1)).await?;
+            match answer {
+                Recv::Msg(Message::Reject(r)) if r.code == RejectCode::SessionUnknown => Ok(()),
+                other => Err(format!(
+                    "rejoining run 1's session got {}",
+                    describe(&other)
+                )),
+            }
+        }
+        .await,
+    )
+}
+
+async fn older_run_refused(t: &Target) -> Outcome {
+    outcome(
+        async {
+            let owner = fresh_owner()?;
+            let (mut first, answer) = Probe::handshake_as(t, 0, (owner, 2)).await?;
+            welcomed(answer, "run 2")?;
+            let (_, answer) = Probe::handshake_as(t, 0, (owner, 1)).await?;
+            match answer {
+                Recv::Msg(Message::Reject(r)) if r.code == RejectCode::Fenced => {}
+                other => return Err(format!("run 1 beside run 2 got {}", describe(&other))),
+            }
+            let (_second, answer) = Probe::handshake_as(t, 0, (owner, 2)).await?;
+            welcomed(answer, "a second session of run 2")?;
+            first.send(&Message::Ping { token: 72 }).await?;
+            match first.recv(PROMPT).await {
+                Recv::Msg(Message::Pong { token: 72 }) => Ok(()),
+                other => Err(format!(
+                    "run 2's first session, after its second began: PING got {}",
                     describe(&other)
                 )),
             }

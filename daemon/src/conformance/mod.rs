@@ -37,7 +37,7 @@ pub(crate) async fn run(args: ConformanceArgs) -> Result<(), String> {
     for c in &args.clauses {
         if !CLAUSES.iter().any(|(n, _, _)| n == c) {
             return Err(format!(
-                "no clause {c} (PROTOCOL.md numbers them [2.1] to [7.1])"
+                "no clause {c} (PROTOCOL.md numbers them [2.1] to [7.3])"
             ));
         }
     }

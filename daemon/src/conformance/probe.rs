@@ -133,23 +133,37 @@ impl Probe {
         session_id: u64,
         nonce: [u8; NONCE_LEN],
     ) -> Result<Challenge, String> {
-        self.send(&Message::Hello(Hello {
-            version_min: 1,
-            version_max: 1,
-            features: 0,
-            session_id,
-            client_nonce: nonce,
-            key_id: t.key_id.clone(),
-            export: export.to_string(),
-        }))
-        .await?;
-        match self.recv(PROMPT).await {
+        match self.hello_as(t, export, session_id, nonce, (0, 0)).await? {
             Recv::Msg(Message::Challenge(c)) => Ok(c),
             other => Err(format!(
                 "HELLO: expected CHALLENGE, got {}",
                 describe(&other)
             )),
         }
+    }
+
+    /// Sends HELLO as run `epoch` of client `owner`; returns the answer.
+    pub(crate) async fn hello_as(
+        &mut self,
+        t: &Target,
+        export: &str,
+        session_id: u64,
+        nonce: [u8; NONCE_LEN],
+        (owner, epoch): (u64, u64),
+    ) -> Result<Recv, String> {
+        self.send(&Message::Hello(Hello {
+            version_min: 1,
+            version_max: 1,
+            features: 0,
+            session_id,
+            client_nonce: nonce,
+            owner,
+            epoch,
+            key_id: t.key_id.clone(),
+            export: export.to_string(),
+        }))
+        .await?;
+        Ok(self.recv(PROMPT).await)
     }
 
     /// The client proof for a CHALLENGE.
@@ -160,12 +174,25 @@ impl Probe {
         nonce: &[u8; NONCE_LEN],
         c: &Challenge,
     ) -> [u8; auth::PROOF_LEN] {
+        Probe::proof_as(t, export, session_id, nonce, c, (0, 0))
+    }
+
+    /// [`Probe::proof`] for run `owner_epoch` of a client.
+    pub(crate) fn proof_as(
+        t: &Target,
+        export: &str,
+        session_id: u64,
+        nonce: &[u8; NONCE_LEN],
+        c: &Challenge,
+        owner_epoch: (u64, u64),
+    ) -> [u8; auth::PROOF_LEN] {
         auth::client_proof(
             &t.key,
             &auth::Transcript {
                 key_id: &t.key_id,
                 export,
                 session_id,
+                owner_epoch,
                 client_nonce: nonce,
                 server_nonce: &c.server_nonce,
                 boot_id: c.boot_id,
@@ -189,6 +216,30 @@ impl Probe {
             Recv::Msg(Message::Welcome(w)) => Ok((p, w)),
             other => Err(format!("AUTH: expected WELCOME, got {}", describe(&other))),
         }
+    }
+
+    /// A full handshake as run `owner_epoch` of a client, into
+    /// `session_id` (0: a new session) on the target's export: the
+    /// channel and the server's last answer (WELCOME, or REJECT at HELLO
+    /// or AUTH).
+    pub(crate) async fn handshake_as(
+        t: &Target,
+        session_id: u64,
+        owner_epoch: (u64, u64),
+    ) -> Result<(Probe, Recv), String> {
+        let mut p = Probe::open(t).await?;
+        let nonce = fresh_nonce();
+        let c = match p
+            .hello_as(t, &t.export, session_id, nonce, owner_epoch)
+            .await?
+        {
+            Recv::Msg(Message::Challenge(c)) => c,
+            other => return Ok((p, other)),
+        };
+        let client_proof = Probe::proof_as(t, &t.export, session_id, &nonce, &c, owner_epoch);
+        p.send(&Message::Auth(Auth { client_proof })).await?;
+        let answer = p.recv(PROMPT).await;
+        Ok((p, answer))
     }
 
     /// A new session on the target's export.

@@ -100,6 +100,8 @@ async fn every_clause_fails_against_a_server_with_it_broken() {
         (Defect::AnswerStale, "6.3"),
         (Defect::NoWindowCheck, "6.4"),
         (Defect::AdoptUnknownSessions, "7.1"),
+        (Defect::KeepOlderRuns, "7.2"),
+        (Defect::AcceptOlderRuns, "7.3"),
     ];
     let covered: std::collections::BTreeSet<&str> = cases.iter().map(|c| c.1).collect();
     let all: std::collections::BTreeSet<&str> = CLAUSES.iter().map(|c| c.0).collect();

@@ -26,6 +26,17 @@ mod sweep {
     use std::time::{Duration, Instant};
 
     pub(crate) fn main() -> i32 {
+        // The drivers' own logs (leg states, resyncs, migrations), in
+        // order with the checker's trace; a polling task would change the
+        // schedule being traced.
+        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .without_time()
+                .with_ansi(false)
+                .with_target(false)
+                .init();
+        }
         let args = match SweepArgs::parse(Level::Madsim, std::env::args().skip(1)) {
             Ok(SweepCommand::Run(a)) => a,
             Ok(SweepCommand::Print(text)) => {
