@@ -238,14 +238,7 @@ pub(crate) async fn simulate(
         client_node.id(),
         &disks,
         &disk_flags,
-        // No power loss with a client restart yet: a leg that loses power
-        // while the client is down can lose unflushed writes another leg
-        // kept, and the restart may trust it (docs/VOLUMES.md, seeds 34
-        // and 90 with `BRAID_RESTART_POWER_LOSS=1`).
-        (
-            run_for,
-            !restart || std::env::var_os("BRAID_RESTART_POWER_LOSS").is_some(),
-        ),
+        run_for,
     )
     .await;
     if let Some(m) = media {
@@ -550,7 +543,7 @@ async fn inject(
     client: madsim::task::NodeId,
     disks: &[Arc<Mutex<MemDisk>>],
     disk_flags: &[(Arc<AtomicBool>, Arc<AtomicBool>)],
-    (run_for, power_loss): (Duration, bool),
+    run_for: Duration,
 ) -> BTreeMap<Fault, u64> {
     let mut faults = BTreeMap::new();
     let net = NetSim::current();
@@ -570,11 +563,7 @@ async fn inject(
         let server = servers[i];
         let kind = [
             Fault::ServerCrash,
-            if power_loss {
-                Fault::PowerLoss
-            } else {
-                Fault::ServerCrash
-            },
+            Fault::PowerLoss,
             Fault::Partition,
             Fault::ServerStall,
             Fault::DiskStall,

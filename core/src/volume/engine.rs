@@ -199,10 +199,24 @@ struct VolIo {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {
-    Copy { io: u64, part: usize },
-    ResyncRead { run: u64, piece: usize },
-    ResyncWrite { run: u64, piece: usize },
-    Flush { io: u64 },
+    Copy {
+        io: u64,
+        part: usize,
+    },
+    ResyncRead {
+        run: u64,
+        piece: usize,
+    },
+    ResyncWrite {
+        run: u64,
+        piece: usize,
+    },
+    Flush {
+        io: u64,
+    },
+    /// A restarted client's FLUSH of a leg it trusts, before anything is
+    /// read from or copied off that leg.
+    Settle,
 }
 
 /// One region being copied to a leg.
@@ -302,6 +316,14 @@ pub struct VolumeEngine {
     /// write was acknowledged from the others, the client died before the
     /// log said so, and the restart copied the leg's older data over).
     behind_generation: u64,
+    /// After a restart: the FLUSHes of trusted legs still outstanding.
+    /// What the dead run wrote may sit in a trusted leg's cache; copied to
+    /// the other legs and then lost to a power cut, it would leave the
+    /// legs disagreeing with no mark to repair it. Until they land no IO
+    /// runs and nothing is copied.
+    settling: BTreeSet<u64>,
+    /// User IO submitted while settling, in order.
+    parked: VecDeque<(u64, IoRequest)>,
     resync: Option<Resync>,
     resync_runs: u64,
     resync_not_before: Instant,
@@ -345,6 +367,7 @@ impl VolumeEngine {
         }
         let copy_sets = copy_sets(&map);
         let mirrored: Vec<bool> = copy_sets.iter().map(|s| !s.is_empty()).collect();
+        let restarted = logs.is_some();
         let logs = match logs {
             Some(l) if l.len() == n => l,
             Some(l) => return Err(format!("{} logs for {n} legs", l.len())),
@@ -398,6 +421,8 @@ impl VolumeEngine {
             persisting: None,
             stable_generation: 0,
             behind_generation: u64::from(newly_behind),
+            settling: BTreeSet::new(),
+            parked: VecDeque::new(),
             resync: None,
             resync_runs: 0,
             resync_not_before: Instant::ZERO,
@@ -411,7 +436,26 @@ impl VolumeEngine {
             actions: VecDeque::new(),
         };
         engine.persist();
+        if restarted {
+            for leg in (0..n).filter(|&l| trusted[l] && mirrored[l]) {
+                let token = engine.issue(leg, Token::Settle, IoRequest::flush());
+                engine.settling.insert(token);
+            }
+        }
         Ok(engine)
+    }
+
+    /// The trusted legs' FLUSHes landed (or their legs left): run what
+    /// waited.
+    fn settled(&mut self) {
+        if !self.settling.is_empty() {
+            return;
+        }
+        let now = self.now;
+        for (user, io) in std::mem::take(&mut self.parked) {
+            self.submit(user, io, now);
+        }
+        self.drive_resync();
     }
 
     /// Which legs a restarted client trusts as they are. A leg whose log
@@ -599,7 +643,12 @@ impl VolumeEngine {
 
     /// When [`VolumeEngine::handle_timeout`] wants to run (resync pacing).
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // Not while settling: nothing may start then, and a deadline
+        // already past would have the driver call back at once, forever
+        // (`braid attach` restarted mid-resync spun so, starving the
+        // answer that would have ended the settling).
         let waiting = self.resync.is_none()
+            && self.settling.is_empty()
             && self
                 .legs
                 .iter()
@@ -617,6 +666,10 @@ impl VolumeEngine {
     /// map's size and block size.
     pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) {
         self.now = now;
+        if !self.settling.is_empty() {
+            self.parked.push_back((user, io));
+            return;
+        }
         debug_assert!(u64::from(io.len) <= self.config.max_leg_io);
         let id = self.next_io;
         self.next_io += 1;
@@ -910,6 +963,12 @@ impl VolumeEngine {
             }
             Token::ResyncRead { run, piece } => self.resync_read_done(run, piece, result),
             Token::ResyncWrite { run, .. } => self.resync_write_done(run, leg, result),
+            Token::Settle => {
+                // An error leaves the leg as it is: a FLUSH the backend
+                // refused is the leg's own failure, as on one disk.
+                self.settling.remove(&token);
+                self.settled();
+            }
         }
         if self.legs[leg].state == LegState::Draining && self.legs[leg].outstanding == 0 {
             self.set_state(leg, LegState::Resyncing { cursor: 0 });
@@ -1157,6 +1216,22 @@ impl VolumeEngine {
 
     /// Stops waiting for `leg`'s copies: parts complete on the others.
     fn abandon(&mut self, leg: usize) {
+        let settles: Vec<u64> = self
+            .tokens
+            .iter()
+            .filter(|(t, (l, what))| {
+                *l == leg && matches!(what, Token::Settle) && self.settling.contains(t)
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in &settles {
+            self.tokens.remove(token);
+            self.settling.remove(token);
+            self.legs[leg].outstanding -= 1;
+        }
+        if !settles.is_empty() {
+            self.settled();
+        }
         // Its FLUSHes too: what it acknowledged is on the legs still in
         // sync (they flush), and it is resynced before it serves again.
         // Waiting would hold every FLUSH for as long as it is away (the
@@ -1315,7 +1390,7 @@ impl VolumeEngine {
 
     fn drive_resync(&mut self) {
         let now = self.now;
-        if self.resync.is_some() || now < self.resync_not_before {
+        if self.resync.is_some() || now < self.resync_not_before || !self.settling.is_empty() {
             return;
         }
         let Some((leg, cursor)) = self
@@ -1513,6 +1588,21 @@ impl VolumeEngine {
     /// Called after every input in tests: a busy region is never locked
     /// while its copy runs, and counts match the IOs.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(t) = self
+            .settling
+            .iter()
+            .find(|t| !matches!(self.tokens.get(t), Some((_, Token::Settle))))
+        {
+            return Err(format!(
+                "settling on token {t}, which is no FLUSH in flight"
+            ));
+        }
+        if self.settling.is_empty() && !self.parked.is_empty() {
+            return Err(format!(
+                "{} IOs parked with nothing settling",
+                self.parked.len()
+            ));
+        }
         let mut busy: BTreeMap<u64, usize> = BTreeMap::new();
         for io in self.ios.values() {
             for r in &io.regions {

@@ -924,3 +924,57 @@ fn a_write_a_leg_missed_is_acknowledged_only_once_the_log_says_so() {
     w.drain();
     assert_eq!(w.completed, 1, "acknowledged once the log is stable");
 }
+
+#[test]
+fn a_restarted_volume_flushes_the_legs_it_trusts_before_any_io_or_copy() {
+    // What the dead run wrote may sit in the trusted leg's cache. Copied
+    // to the other leg, then lost to a power cut on the trusted one, it
+    // would leave the legs disagreeing with no mark left to repair them.
+    let spec = VolumeSpec::Mirror {
+        quorum: None,
+        legs: vec![e("a"), e("b")],
+    };
+    let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
+    let config = VolumeConfig {
+        region: 16 << 10,
+        ..VolumeConfig::default()
+    };
+    let mut intent = DirtyRegions::new(LEAF, 16 << 10).unwrap();
+    intent.mark(0, 1);
+    let mut missed = intent.clone();
+    missed.set_behind(true);
+    let mut engine = VolumeEngine::new(map, config, Some(vec![intent, missed])).unwrap();
+    let mut actions: Vec<VolumeAction> = std::iter::from_fn(|| engine.poll_action()).collect();
+    let settle = actions.iter().find_map(|a| match a {
+        VolumeAction::LegIo { leg: 0, token, io } if io.op == Op::Flush => Some(*token),
+        _ => None,
+    });
+    let Some(settle) = settle else {
+        panic!("a FLUSH of the trusted leg first: {actions:?}")
+    };
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, VolumeAction::LegIo { io, .. } if io.op != Op::Flush)),
+        "nothing is copied before it lands: {actions:?}"
+    );
+    engine.submit(1, IoRequest::read(0, 4096), Instant::ZERO);
+    engine.check().unwrap();
+    assert!(engine.poll_action().is_none(), "the read waits too");
+    assert_eq!(
+        engine.poll_timeout(),
+        None,
+        "no timer while settling (a past one would spin the driver)"
+    );
+    engine.leg_complete(settle, Ok(bytes::Bytes::new()), Instant::ZERO);
+    engine.check().unwrap();
+    actions = std::iter::from_fn(|| engine.poll_action()).collect();
+    let reads_to_a = actions
+        .iter()
+        .filter(|a| matches!(a, VolumeAction::LegIo { leg: 0, io, .. } if io.op == Op::Read))
+        .count();
+    assert_eq!(
+        reads_to_a, 2,
+        "the user's read and the copy of region 0 go to the trusted leg: {actions:?}"
+    );
+}
