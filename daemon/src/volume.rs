@@ -56,7 +56,22 @@ enum MapNode {
     Leg(String),
     Linear { linear: Vec<MapNode> },
     Stripe { stripe: StripeNode },
-    Mirror { mirror: Vec<MapNode> },
+    Mirror { mirror: MirrorNode },
+}
+
+/// `mirror = [legs]`, or `mirror = { quorum = N, legs = [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MirrorNode {
+    Legs(Vec<MapNode>),
+    WithQuorum(QuorumNode),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuorumNode {
+    quorum: usize,
+    legs: Vec<MapNode>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,9 +134,26 @@ impl VolumeFile {
                 MapNode::Linear { linear } => {
                     VolumeSpec::Linear(linear.iter().map(node).collect::<Result<_, _>>()?)
                 }
-                MapNode::Mirror { mirror } => VolumeSpec::Mirror {
+                MapNode::Mirror {
+                    mirror: MirrorNode::Legs(legs),
+                } => VolumeSpec::Mirror {
                     quorum: None,
-                    legs: mirror.iter().map(node).collect::<Result<_, _>>()?,
+                    legs: legs.iter().map(node).collect::<Result<_, _>>()?,
+                },
+                MapNode::Mirror {
+                    mirror: MirrorNode::WithQuorum(q),
+                } if q.quorum == 0 || q.quorum > q.legs.len() => {
+                    return Err(format!(
+                        "mirror quorum {} is outside 1 to {} (its legs)",
+                        q.quorum,
+                        q.legs.len()
+                    ))
+                }
+                MapNode::Mirror {
+                    mirror: MirrorNode::WithQuorum(q),
+                } => VolumeSpec::Mirror {
+                    quorum: Some(q.quorum),
+                    legs: q.legs.iter().map(node).collect::<Result<_, _>>()?,
                 },
                 MapNode::Stripe { stripe } => VolumeSpec::Stripe {
                     chunk: crate::config::parse_size(&stripe.chunk)?,
@@ -376,6 +408,22 @@ export = "disk0"
             v.spec().unwrap(),
             VolumeSpec::Stripe { chunk: 65536, .. }
         ));
+        let v = parse(&format!(
+            "{LEGS}[map]\nmirror = {{ quorum = 1, legs = [\"a\", \"b\"] }}\n"
+        ))
+        .unwrap();
+        assert!(matches!(
+            v.spec().unwrap(),
+            VolumeSpec::Mirror {
+                quorum: Some(1),
+                ..
+            }
+        ));
+        let e = parse(&format!(
+            "{LEGS}[map]\nmirror = {{ quorum = 3, legs = [\"a\", \"b\"] }}\n"
+        ))
+        .unwrap_err();
+        assert!(e.contains("quorum 3"), "{e}");
         let e = parse(&format!("{LEGS}[map]\nmirror = [\"a\", \"c\"]\n")).unwrap_err();
         assert!(e.contains("\"c\""), "{e}");
         let twice = LEGS.replace("server = \"h2:7410\"", "server = \"h1:7410\"");

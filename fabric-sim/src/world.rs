@@ -172,7 +172,11 @@ pub fn run_sabotaged(
         rt.set_time_limit(run_for + Duration::from_secs(300));
         if matches!(
             scenario,
-            Scenario::Mirror | Scenario::Migrate | Scenario::MirrorErrors | Scenario::MirrorRestart
+            Scenario::Mirror
+                | Scenario::Migrate
+                | Scenario::MirrorErrors
+                | Scenario::MirrorRestart
+                | Scenario::MirrorQuorum
         ) {
             return rt.block_on(crate::mirror::simulate(scenario, seed, run_for, sabotage));
         }

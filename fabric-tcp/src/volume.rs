@@ -333,7 +333,10 @@ impl Driver {
                 biased;
                 _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(clock.now()),
                 Some(ev) = events.recv() => match ev {
-                    Event::LegDone(token, result) => self.engine.leg_complete(token, result, clock.now()),
+                    Event::LegDone(token, result) => {
+                        tracing::trace!(token, ok = result.is_ok(), "leg io done");
+                        self.engine.leg_complete(token, result, clock.now())
+                    }
                     Event::Stored(generation, result) => match result {
                         Ok(()) => self.engine.logs_stable(generation, clock.now()),
                         Err(e) => {
@@ -525,6 +528,7 @@ impl Driver {
         while let Some(a) = self.engine.poll_action() {
             match a {
                 VolumeAction::LegIo { leg, token, io } => {
+                    tracing::trace!(leg = self.legs[leg].name, token, op = ?io.op, io.offset, io.len, "leg io");
                     // Through the leg's queue, in the engine's order: a
                     // task per IO would let two overlapping writes reach
                     // the leg in either order, and legs would diverge.

@@ -76,7 +76,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::Mirror
         | Scenario::Migrate
         | Scenario::MirrorErrors
-        | Scenario::MirrorRestart => return None,
+        | Scenario::MirrorRestart
+        | Scenario::MirrorQuorum => return None,
     }
     Some(c)
 }

@@ -125,6 +125,7 @@ impl Sabotage {
             Sabotage::NoDirtyLog => v.no_dirty_log = true,
             Sabotage::NoInSyncGate => v.no_in_sync_gate = true,
             Sabotage::NoFanOut => v.no_fan_out = true,
+            Sabotage::NoFlushBarrier => v.no_flush_barrier = true,
             _ => {}
         }
     }

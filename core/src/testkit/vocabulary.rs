@@ -82,11 +82,13 @@ pub enum Scenario {
     MirrorErrors,
     /// The mirror, with the client killed and restarted mid-run.
     MirrorRestart,
+    /// The restarting mirror, acknowledging writes at a quorum of two.
+    MirrorQuorum,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 21] = [
+    pub const ALL: [Scenario; 22] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -108,6 +110,7 @@ impl Scenario {
         Scenario::Migrate,
         Scenario::MirrorErrors,
         Scenario::MirrorRestart,
+        Scenario::MirrorQuorum,
     ];
 
     /// The command-line name.
@@ -134,6 +137,7 @@ impl Scenario {
             Scenario::Migrate => "migrate",
             Scenario::MirrorErrors => "mirror-errors",
             Scenario::MirrorRestart => "mirror-restart",
+            Scenario::MirrorQuorum => "mirror-quorum",
         }
     }
 
@@ -191,6 +195,11 @@ impl Scenario {
                 "the mirror, with the client node killed mid-run and restarted on its dirty \
                  logs (often mid-resync): IO in flight is lost, nothing acknowledged is"
             }
+            Scenario::MirrorQuorum => {
+                "mirror-restart with writes acknowledged once two of the three legs have \
+                 them: a leg left lagging must not serve the write, nor be trusted after \
+                 the restart"
+            }
         }
     }
 
@@ -217,7 +226,8 @@ impl Scenario {
             | Scenario::Mirror
             | Scenario::Migrate
             | Scenario::MirrorErrors
-            | Scenario::MirrorRestart => MADSIM,
+            | Scenario::MirrorRestart
+            | Scenario::MirrorQuorum => MADSIM,
         }
     }
 

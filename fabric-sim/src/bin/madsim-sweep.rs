@@ -30,7 +30,14 @@ mod sweep {
         // order with the checker's trace; a polling task would change the
         // schedule being traced.
         if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            let detail = std::env::var("BRAID_TRACE_VOLUME").is_ok_and(|v| v == "trace");
+            use tracing_subscriber::filter::LevelFilter;
             tracing_subscriber::fmt()
+                .with_max_level(if detail {
+                    LevelFilter::TRACE
+                } else {
+                    LevelFilter::INFO
+                })
                 .with_writer(std::io::stderr)
                 .without_time()
                 .with_ansi(false)
