@@ -510,3 +510,51 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     assert_eq!(leg_state(&control, "a.1"), "InSync");
     assert!(read_all(&mut nbd) == model, "after restart, too");
 }
+
+/// Sends `sig` (STOP, CONT) to the server process.
+fn signal(server: &common::Killed, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(server.0.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+#[test]
+fn a_quorum_mirror_acknowledges_writes_while_one_server_is_stopped() {
+    let rig = Rig::new();
+    let (da, db) = (rig.path("a"), rig.path("b"));
+    let (_a, b) = rig.serve_both();
+    let spec = rig.volume_file(r#"mirror = { quorum = 1, legs = ["a", "b"] }"#, "");
+    // b must not be left behind for being slow: only the quorum lets
+    // writes go on without it.
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("leg_timeout = \"300ms\"", "leg_timeout = \"600s\"");
+    std::fs::write(&spec, text).unwrap();
+    let (_attach, sock, control) = rig.attach(1, &spec, &[]);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    signal(&b, "STOP");
+    let data = pattern(7, 1 << 20);
+    assert_eq!(
+        nbd.io(1, 0, data.len() as u32, &data).0,
+        0,
+        "acknowledged by a alone while b's server cannot answer"
+    );
+    let (e, back) = nbd.io(0, 0, data.len() as u32, &[]);
+    assert_eq!((e, back == data), (0, true), "read from a, not from b");
+    assert!(
+        leg_state(&control, "b").starts_with("InSync"),
+        "b lags; it did not leave"
+    );
+    signal(&b, "CONT");
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH, which b answers too");
+    let (fa, fb) = (
+        std::fs::read(da.join("disk0.img")).unwrap(),
+        std::fs::read(db.join("disk0.img")).unwrap(),
+    );
+    assert!(fb[..1 << 20] == data[..], "b caught up");
+    assert!(fa == fb, "both legs hold the same bytes");
+}
