@@ -960,21 +960,27 @@ fn write_request(id: u64, offset: u64, byte: u8) -> Message {
     })
 }
 
+/// Opens `conn` and authenticates it as run `epoch` of alice's client
+/// `owner` on disk0; whether a CHALLENGE came.
+fn open_as(server: &mut ServerEngine, conn: ConnId, (owner, epoch): (u64, u64)) -> bool {
+    server.connection_opened(conn, Instant::ZERO);
+    let key = Key::new(*b"alice's key");
+    braid_core::testkit::authenticate_as(
+        server,
+        conn,
+        ("alice", &key),
+        "disk0",
+        (owner, epoch),
+        Instant::ZERO,
+    )
+}
+
 #[test]
 fn a_newer_run_fences_the_older_and_waits_for_its_backend_work() {
     let mut server = ServerEngine::new(server_config()).expect("a valid config");
-    let key = Key::new(*b"alice's key");
     let now = Instant::ZERO;
     let owner = 0x5eed;
-    server.connection_opened(1, now);
-    assert!(braid_core::testkit::authenticate_as(
-        &mut server,
-        1,
-        ("alice", &key),
-        "disk0",
-        (owner, 1),
-        now
-    ));
+    assert!(open_as(&mut server, 1, (owner, 1)));
     assert!(matches!(drain(&mut server)[..], [Message::Welcome(_)]));
     server.handle_frame(1, wire::encode(&write_request(1, 0, 0xaa)).to_bytes(), now);
     let Some(ServerAction::Backend(old_write)) = server.poll_action() else {
@@ -982,15 +988,7 @@ fn a_newer_run_fences_the_older_and_waits_for_its_backend_work() {
     };
     // Run 2 of the same client: run 1's channel closes at once, but its
     // write is still in the backend, so run 2 is not welcomed yet.
-    server.connection_opened(2, now);
-    assert!(braid_core::testkit::authenticate_as(
-        &mut server,
-        2,
-        ("alice", &key),
-        "disk0",
-        (owner, 2),
-        now
-    ));
+    assert!(open_as(&mut server, 2, (owner, 2)));
     let actions: Vec<ServerAction> = std::iter::from_fn(|| server.poll_action()).collect();
     assert!(
         matches!(
@@ -1051,15 +1049,7 @@ fn a_fenced_client_fails_its_io_and_takes_no_more() {
     let first = IoRequest::write(0, Bytes::from(vec![1u8; 512]), false);
     pair.io(1, first).expect("run 1 writes");
     // Run 2 appears (the operator started the client again elsewhere).
-    pair.server.connection_opened(999, pair.now);
-    assert!(braid_core::testkit::authenticate_as(
-        &mut pair.server,
-        999,
-        ("alice", &Key::new(*b"alice's key")),
-        "disk0",
-        (9, 2),
-        pair.now
-    ));
+    assert!(open_as(&mut pair.server, 999, (9, 2)));
     pair.client
         .submit(
             2,

@@ -48,6 +48,16 @@ fn leaf_info() -> LegInfo {
     }
 }
 
+/// The world's volume tunables (small regions, so IO spans several).
+fn world_config() -> VolumeConfig {
+    VolumeConfig {
+        region: 16 << 10,
+        resync_rate: 8 << 20,
+        max_leg_io: 64 << 10,
+        sabotage: VolumeSabotage::default(),
+    }
+}
+
 impl World {
     fn new(spec: VolumeSpec, seed: u64) -> World {
         World::sabotaged(spec, seed, VolumeSabotage::default())
@@ -65,10 +75,8 @@ impl World {
         let n = map.leaves().len();
         let sectors = map.size() / SECTOR as u64;
         let config = VolumeConfig {
-            region: 16 << 10,
-            resync_rate: 8 << 20,
-            max_leg_io: 64 << 10,
             sabotage,
+            ..world_config()
         };
         // Media errors on the last copy of a region reach the frontend, as
         // a single disk's do; the checker then allows either outcome.
@@ -338,6 +346,34 @@ impl World {
         }
         self.migrate_to_new(from, &name);
         self.migrations.0 += 1;
+    }
+
+    /// Submits a 4 KiB write of `byte` at `offset` and lets its
+    /// write-intent marks become stable, so its copies go out.
+    fn write_marked(&mut self, user: u64, offset: u64, byte: u8) {
+        let data = bytes::Bytes::from(vec![byte; 4096]);
+        self.engine
+            .submit(user, IoRequest::write(offset, data, false), self.now);
+        self.drain();
+        let marks = self.persist.take().expect("write intent is stored first");
+        self.engine.logs_stable(marks, self.now);
+        self.drain();
+    }
+
+    /// Answers the pending copy on `leg` successfully.
+    fn answer_leg(&mut self, leg: usize) {
+        let at = self.pending.iter().position(|p| p.1 == leg).unwrap();
+        let (token, _, _) = self.pending.remove(at);
+        self.engine
+            .leg_complete(token, Ok(bytes::Bytes::new()), self.now);
+    }
+
+    /// A client restarted on the logs as they would be stored now.
+    fn restarted(&self) -> VolumeEngine {
+        let stored: Vec<DirtyRegions> = (0..self.legs.len())
+            .map(|i| DirtyRegions::decode(&self.engine.log(i).encode()).unwrap())
+            .collect();
+        VolumeEngine::new(self.engine.map().clone(), world_config(), Some(stored)).unwrap()
     }
 
     /// Heals every fault and lets everything finish, resync included.
@@ -894,31 +930,16 @@ fn a_write_a_leg_missed_is_acknowledged_only_once_the_log_says_so() {
     // died before the log said the first leg was behind, and the restart
     // trusted that leg and copied its older data over the write.
     let mut w = World::new(mirror(2), 14);
-    let data = bytes::Bytes::from(vec![7u8; 4096]);
-    w.engine.submit(1, IoRequest::write(0, data, false), w.now);
-    w.drain();
-    let marks = w.persist.take().expect("write intent is stored first");
-    w.engine.logs_stable(marks, w.now);
-    w.drain();
+    w.write_marked(1, 0, 7);
     assert_eq!(w.pending.len(), 2, "one copy per leg");
     w.engine.leg_failed(0);
-    let (token, _, _) = w.pending.iter().find(|p| p.1 == 1).cloned().unwrap();
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.answer_leg(1);
     w.drain();
     assert_eq!(w.completed, 0, "held until leg 0 is stored as behind");
     let leaving = w.persist.take().expect("leg 0 leaving is stored");
     // What a restart would load once that store lands: leg 1 is the
     // source, leg 0 copies from it.
-    let stored: Vec<DirtyRegions> = (0..2)
-        .map(|i| DirtyRegions::decode(&w.engine.log(i).encode()).unwrap())
-        .collect();
-    let config = VolumeConfig {
-        region: 16 << 10,
-        resync_rate: 8 << 20,
-        max_leg_io: 64 << 10,
-        sabotage: VolumeSabotage::default(),
-    };
-    let restarted = VolumeEngine::new(w.engine.map().clone(), config, Some(stored)).unwrap();
+    let restarted = w.restarted();
     assert_eq!(restarted.leg_state(0), LegState::Resyncing { cursor: 0 });
     assert_eq!(restarted.leg_state(1), LegState::InSync);
     w.engine.logs_stable(leaving, w.now);
@@ -1006,40 +1027,23 @@ fn quorum_mirrors_hold_reads_and_converge_through_every_fault() {
 #[test]
 fn a_write_acknowledged_at_quorum_leaves_the_slow_leg_behind_in_the_stored_log() {
     let mut w = World::new(mirror_with_quorum(3, 2), 15);
-    let data = bytes::Bytes::from(vec![9u8; 4096]);
-    w.engine.submit(1, IoRequest::write(0, data, false), w.now);
-    w.drain();
-    let marks = w.persist.take().expect("write intent first");
-    w.engine.logs_stable(marks, w.now);
-    w.drain();
+    w.write_marked(1, 0, 9);
     assert_eq!(w.pending.len(), 3);
-    for leg in [0, 1] {
-        let (token, _, _) = w.pending.iter().find(|p| p.1 == leg).cloned().unwrap();
-        w.pending.retain(|p| p.0 != token);
-        w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
-    }
+    w.answer_leg(0);
+    w.answer_leg(1);
     w.drain();
     assert_eq!(w.completed, 0, "held until leg 2 is stored as behind");
     let flagged = w.persist.take().expect("leg 2 lagging is stored");
-    let stored: Vec<DirtyRegions> = (0..3)
-        .map(|i| DirtyRegions::decode(&w.engine.log(i).encode()).unwrap())
-        .collect();
+    // A restart from the logs as now stored copies leg 2's region from a
+    // leg that has the write.
+    let restarted = w.restarted();
+    assert_eq!(restarted.leg_state(0), LegState::InSync);
+    assert_eq!(restarted.leg_state(2), LegState::Resyncing { cursor: 0 });
     w.engine.logs_stable(flagged, w.now);
     w.drain();
     assert_eq!(w.completed, 1, "acknowledged at quorum, before leg 2");
-    // A restart now copies leg 2's region from a leg that has the write.
-    let config = VolumeConfig {
-        region: 16 << 10,
-        resync_rate: 8 << 20,
-        max_leg_io: 64 << 10,
-        sabotage: VolumeSabotage::default(),
-    };
-    let restarted = VolumeEngine::new(w.engine.map().clone(), config, Some(stored)).unwrap();
-    assert_eq!(restarted.leg_state(0), LegState::InSync);
-    assert_eq!(restarted.leg_state(2), LegState::Resyncing { cursor: 0 });
     // Leg 2 lands the write: it is in step again.
-    let (token, _, _) = w.pending.pop().unwrap();
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.answer_leg(2);
     w.drain();
     assert!(!w.engine.log(2).behind());
     w.engine.check().unwrap();
