@@ -710,28 +710,28 @@ impl ClientEngine {
     /// flushed are no longer the client's to replay. Returns their bytes,
     /// for the caller to report.
     pub fn abandon(&mut self, now: Instant) -> u64 {
+        let unflushed = self.dirty.bytes();
+        self.fail_all_and_leave(IoErrorKind::Closed, now);
+        unflushed
+    }
+
+    /// Fails every unfinished IO with `kind`, gives up the replays it
+    /// holds, and leaves.
+    fn fail_all_and_leave(&mut self, kind: IoErrorKind, now: Instant) {
         let unfinished: Vec<u64> = self.journal.entries.keys().copied().collect();
         for id in unfinished {
-            self.fail_entry(id, IoErrorKind::Closed, now);
+            self.fail_entry(id, kind, now);
         }
         self.journal.drop_held_replays();
         self.replay_retry_at = None;
-        let unflushed = self.dirty.bytes();
         self.leave();
-        unflushed
     }
 
     /// Superseded by a newer run: every unfinished IO fails with
     /// [`IoErrorKind::Fenced`] and the client closes for good.
     fn fence(&mut self, now: Instant) {
-        let unfinished: Vec<u64> = self.journal.entries.keys().copied().collect();
-        for id in unfinished {
-            self.fail_entry(id, IoErrorKind::Fenced, now);
-        }
-        self.journal.drop_held_replays();
-        self.replay_retry_at = None;
         self.fenced = true;
-        self.leave();
+        self.fail_all_and_leave(IoErrorKind::Fenced, now);
     }
 
     /// Once draining has nothing left in flight: flushes what is still

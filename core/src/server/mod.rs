@@ -758,17 +758,20 @@ impl ServerEngine {
             return;
         };
         self.stats.sessions_freed += 1;
-        for conn in s.conns {
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.state = ConnState::Closed;
-                self.actions.push_back(ServerAction::Close {
-                    conn,
-                    reason: CloseReason::SessionEnded,
-                });
-            }
-        }
+        self.close_conns(s.conns, CloseReason::SessionEnded);
         if s.fenced && !self.fence_draining(s.owner_epoch.0, s.export) {
             self.welcome_fence_waiters(s.owner_epoch.0, s.export, now);
+        }
+    }
+
+    /// Closes a session's channels for `reason` (the session lets them go).
+    fn close_conns(&mut self, conns: Vec<ConnId>, reason: CloseReason) {
+        for conn in conns {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.state = ConnState::Closed;
+                let reason = reason.clone();
+                self.actions.push_back(ServerAction::Close { conn, reason });
+            }
         }
     }
 
@@ -806,15 +809,7 @@ impl ServerEngine {
             s.leaving = true;
             let conns = std::mem::take(&mut s.conns);
             let idle = s.ops_in_backend == 0;
-            for conn in conns {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.state = ConnState::Closed;
-                    self.actions.push_back(ServerAction::Close {
-                        conn,
-                        reason: CloseReason::Fenced,
-                    });
-                }
-            }
+            self.close_conns(conns, CloseReason::Fenced);
             if idle {
                 self.free_session(id, now);
             }
