@@ -8,6 +8,7 @@
 
 mod codec;
 mod message;
+pub mod onesided;
 mod stream;
 
 pub use codec::{decode, encode, DecodeError, OutFrame};

@@ -1,0 +1,15 @@
+//! braid over RDMA: each channel is one reliable-connected queue pair.
+//! Frames travel as SEND messages of their head only; payloads move
+//! one-sided, the server RDMA-READing a WRITE's data from the client's
+//! registered buffer and RDMA-WRITing a READ's data into it, so an IO
+//! costs two messages (docs/PROTOCOL.md §9.2), as in RNBD.
+//!
+//! [`link`] and [`arena`] hold the channel's logic and its registered
+//! memory accounting, sans-IO and tested on any host. The verbs driver
+//! (feature `verbs`, which needs cmake and clang to build and rdma-core at
+//! run time) executes what they ask for.
+
+#![deny(missing_docs)]
+
+pub mod arena;
+pub mod link;

@@ -1,0 +1,480 @@
+//! What one RDMA channel does with frames, without touching verbs: the
+//! engines hand it and take from it stream-form frames; it turns them into
+//! messages of head only plus one-sided moves of the payload, and back
+//! (docs/PROTOCOL.md §9.2). The verbs driver executes the [`Work`] it asks
+//! for, in order, and tells it what completed.
+//!
+//! A channel is as transparent as a stream: frames reach the engine in
+//! the order they were sent, even when one must wait for registered memory
+//! or for its data to be fetched.
+
+use crate::arena::{Arena, Extent};
+use braid_core::wire::onesided::{self, Carried};
+use braid_core::wire::{Kind, OutFrame, RemoteBuf, PREFIX_LEN};
+use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+
+/// What the driver must do, in the order given.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Work {
+    /// Copy `data` into the region at `extent`.
+    Fill {
+        /// Where.
+        extent: Extent,
+        /// What.
+        data: Bytes,
+    },
+    /// SEND this message.
+    Send(Vec<u8>),
+    /// RDMA-READ `extent.len` bytes of the peer's `remote` into `extent`,
+    /// then call [`ServerLink::fetched`] with `token`.
+    Fetch {
+        /// Names the fetch in [`ServerLink::fetched`].
+        token: u64,
+        /// Local destination.
+        extent: Extent,
+        /// The peer's buffer.
+        remote: RemoteBuf,
+    },
+    /// RDMA-WRITE `extent` into the peer's `remote`, then free `extent`
+    /// once the write completes.
+    Place {
+        /// Local source.
+        extent: Extent,
+        /// The peer's buffer.
+        remote: RemoteBuf,
+    },
+    /// Give the engine the frame `head` followed by the bytes at `payload`
+    /// (copied out before the next call into the link; the link frees
+    /// the extent when it says so).
+    Deliver {
+        /// Prefix and body, stream form.
+        head: Vec<u8>,
+        /// The payload, in registered memory.
+        payload: Option<Extent>,
+    },
+    /// Free this extent (its payload was copied out).
+    Free(Extent),
+}
+
+/// The peer broke the rules of §9.2: the channel must close.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkError(pub String);
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LinkError {}
+
+/// Where the client's region sits, as the server must name it.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    /// Virtual address of the region's first byte.
+    pub base: u64,
+    /// Remote key the server uses to reach it.
+    pub rkey: u32,
+}
+
+/// A client buffer named to the server, kept until every copy of the
+/// request sent on this channel is answered (or the channel closes), so
+/// no late one-sided write can land in memory reused for another request.
+#[derive(Debug)]
+struct Named {
+    extent: Extent,
+    sent: u32,
+}
+
+/// The client end of one channel.
+#[derive(Debug)]
+pub struct ClientLink {
+    region: Region,
+    named: HashMap<u64, Named>,
+    /// Frames waiting for registered memory, and every frame after them.
+    waiting: VecDeque<OutFrame>,
+}
+
+impl ClientLink {
+    /// A link naming buffers in `region`.
+    pub fn new(region: Region) -> ClientLink {
+        ClientLink {
+            region,
+            named: HashMap::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Frames waiting for registered memory.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Sends a stream-form frame from the engine.
+    pub fn send(&mut self, frame: OutFrame, arena: &mut Arena, out: &mut Vec<Work>) {
+        self.waiting.push_back(frame);
+        self.retry(arena, out);
+    }
+
+    /// Sends what waited, in order, while memory lasts (call it when
+    /// another channel freed some).
+    pub fn retry(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
+        while let Some(frame) = self.waiting.front() {
+            let head = frame.head();
+            let kind = Kind::from_u8(head[5]);
+            if !matches!(kind, Some(Kind::Read | Kind::Write)) {
+                out.push(Work::Send(head.to_vec()));
+                self.waiting.pop_front();
+                continue;
+            }
+            let id = u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap());
+            let length =
+                u32::from_le_bytes(head[PREFIX_LEN + 24..PREFIX_LEN + 28].try_into().unwrap());
+            let extent = match self.named.get_mut(&id) {
+                // Sent again on this channel: the same buffer, so whichever
+                // copy the server answers lands where we look.
+                Some(named) => {
+                    named.sent += 1;
+                    named.extent
+                }
+                None => {
+                    let Some(extent) = arena.alloc(length) else {
+                        return;
+                    };
+                    self.named.insert(id, Named { extent, sent: 1 });
+                    extent
+                }
+            };
+            let remote = RemoteBuf {
+                addr: self.region.base + extent.offset,
+                rkey: self.region.rkey,
+            };
+            let message = onesided::attach_remote(head, remote)
+                .expect("the engine sends stream-form requests");
+            let frame = self.waiting.pop_front().unwrap();
+            if !frame.payload.is_empty() {
+                out.push(Work::Fill {
+                    extent,
+                    data: frame.payload,
+                });
+            }
+            out.push(Work::Send(message));
+        }
+    }
+
+    /// A message arrived from the server.
+    pub fn received(
+        &mut self,
+        message: &[u8],
+        arena: &mut Arena,
+        out: &mut Vec<Work>,
+    ) -> Result<(), LinkError> {
+        let carried = onesided::inspect(message)
+            .map_err(|e| LinkError(format!("message from the server: {e}")))?;
+        match carried {
+            Carried::Reply { id, payload_len } => {
+                let Some(named) = self.named.get_mut(&id) else {
+                    if payload_len > 0 {
+                        return Err(LinkError(format!(
+                            "reply {id} says it placed {payload_len} bytes in no buffer we named"
+                        )));
+                    }
+                    out.push(Work::Deliver {
+                        head: message.to_vec(),
+                        payload: None,
+                    });
+                    return Ok(());
+                };
+                if payload_len > named.extent.len {
+                    return Err(LinkError(format!(
+                        "reply {id} placed {payload_len} bytes in a {}-byte buffer",
+                        named.extent.len
+                    )));
+                }
+                let payload = (payload_len > 0).then_some(Extent {
+                    offset: named.extent.offset,
+                    len: payload_len,
+                });
+                out.push(Work::Deliver {
+                    head: message.to_vec(),
+                    payload,
+                });
+                named.sent = named.sent.saturating_sub(1);
+                if named.sent == 0 {
+                    let extent = named.extent;
+                    self.named.remove(&id);
+                    arena.free(extent);
+                }
+                Ok(())
+            }
+            Carried::Plain => {
+                out.push(Work::Deliver {
+                    head: message.to_vec(),
+                    payload: None,
+                });
+                Ok(())
+            }
+            Carried::Remote { id, .. } => Err(LinkError(format!(
+                "the server sent request {id} naming a buffer"
+            ))),
+        }
+    }
+
+    /// The channel is gone (its queue pair can touch no memory now):
+    /// every buffer it named returns to the arena.
+    pub fn close(&mut self, arena: &mut Arena) {
+        for (_, named) in self.named.drain() {
+            arena.free(named.extent);
+        }
+        self.waiting.clear();
+    }
+
+    /// Registered bytes this channel holds.
+    pub fn held(&self) -> u64 {
+        self.named.values().map(|n| n.extent.len as u64).sum()
+    }
+
+    /// Internal consistency: every named buffer is still expected.
+    pub fn check(&self) -> Result<(), String> {
+        for (id, named) in &self.named {
+            if named.sent == 0 {
+                return Err(format!("request {id} answered but its buffer kept"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An incoming frame on its way to the engine.
+#[derive(Debug)]
+enum Arriving {
+    Ready(Vec<u8>),
+    /// A WRITE whose data is not here yet.
+    Fetching {
+        token: u64,
+        head: Vec<u8>,
+        extent: Option<Extent>,
+        remote: RemoteBuf,
+        len: u32,
+        done: bool,
+    },
+}
+
+/// The server end of one channel.
+#[derive(Debug, Default)]
+pub struct ServerLink {
+    /// In arrival order: nothing overtakes a WRITE still fetching.
+    arriving: VecDeque<Arriving>,
+    next_token: u64,
+    /// READs whose data goes one-sided: id -> the client's buffer and
+    /// how many copies of the request await a reply.
+    reads: HashMap<u64, (RemoteBuf, u32, u32)>,
+    /// Replies waiting for registered memory, and every reply after them.
+    replies: VecDeque<OutFrame>,
+}
+
+impl ServerLink {
+    /// A fresh link.
+    pub fn new() -> ServerLink {
+        ServerLink::default()
+    }
+
+    /// A message arrived from the client.
+    pub fn received(
+        &mut self,
+        message: &[u8],
+        arena: &mut Arena,
+        out: &mut Vec<Work>,
+    ) -> Result<(), LinkError> {
+        match onesided::inspect(message) {
+            Ok(Carried::Remote {
+                kind: Kind::Write,
+                payload_len,
+                remote,
+                stream_head,
+                ..
+            }) => {
+                self.next_token += 1;
+                self.arriving.push_back(Arriving::Fetching {
+                    token: self.next_token,
+                    head: stream_head,
+                    extent: None,
+                    remote,
+                    len: payload_len,
+                    done: false,
+                });
+            }
+            Ok(Carried::Remote {
+                id,
+                length,
+                remote,
+                stream_head,
+                ..
+            }) => {
+                let entry = self.reads.entry(id).or_insert((remote, length, 0));
+                *entry = (remote, length, entry.2 + 1);
+                self.arriving.push_back(Arriving::Ready(stream_head));
+            }
+            // Anything else goes to the engine as it came: a malformed
+            // frame is the engine's to refuse, with the same rules as on
+            // a stream (it closes the connection).
+            Ok(Carried::Reply { .. } | Carried::Plain) | Err(_) => {
+                self.arriving.push_back(Arriving::Ready(message.to_vec()))
+            }
+        }
+        self.progress(arena, out);
+        Ok(())
+    }
+
+    /// A fetch finished: its data is in its extent.
+    pub fn fetched(&mut self, token: u64, arena: &mut Arena, out: &mut Vec<Work>) {
+        for a in self.arriving.iter_mut() {
+            if let Arriving::Fetching { token: t, done, .. } = a {
+                if *t == token {
+                    *done = true;
+                }
+            }
+        }
+        self.progress(arena, out);
+    }
+
+    /// Starts fetches that have memory now, and delivers what is ready
+    /// from the front (call it too when another channel freed memory).
+    pub fn progress(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
+        // Fetch in arrival order, so memory goes to the oldest first.
+        for a in self.arriving.iter_mut() {
+            if let Arriving::Fetching {
+                token,
+                extent: extent @ None,
+                remote,
+                len,
+                ..
+            } = a
+            {
+                let Some(got) = arena.alloc(*len) else { break };
+                *extent = Some(got);
+                out.push(Work::Fetch {
+                    token: *token,
+                    extent: got,
+                    remote: *remote,
+                });
+            }
+        }
+        while let Some(front) = self.arriving.front() {
+            match front {
+                Arriving::Ready(_) => {
+                    let Some(Arriving::Ready(head)) = self.arriving.pop_front() else {
+                        unreachable!()
+                    };
+                    out.push(Work::Deliver {
+                        head,
+                        payload: None,
+                    });
+                }
+                Arriving::Fetching { done: true, .. } => {
+                    let Some(Arriving::Fetching {
+                        head,
+                        extent: Some(extent),
+                        ..
+                    }) = self.arriving.pop_front()
+                    else {
+                        unreachable!("a fetch is done only once it had memory")
+                    };
+                    out.push(Work::Deliver {
+                        head,
+                        payload: Some(extent),
+                    });
+                    out.push(Work::Free(extent));
+                }
+                Arriving::Fetching { .. } => break,
+            }
+        }
+        self.flush_replies(arena, out);
+    }
+
+    /// Sends a stream-form frame from the engine.
+    pub fn send(
+        &mut self,
+        frame: OutFrame,
+        arena: &mut Arena,
+        out: &mut Vec<Work>,
+    ) -> Result<(), LinkError> {
+        if !frame.payload.is_empty() {
+            let head = frame.head();
+            if Kind::from_u8(head[5]) != Some(Kind::Reply) {
+                return Err(LinkError("a payload on a frame other than a reply".into()));
+            }
+            let id = u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap());
+            let named = self.reads.get(&id);
+            if named.is_none_or(|(_, length, _)| frame.payload.len() > *length as usize) {
+                return Err(LinkError(format!(
+                    "read {id}: {} bytes of data and no client buffer that big",
+                    frame.payload.len()
+                )));
+            }
+        }
+        self.replies.push_back(frame);
+        self.flush_replies(arena, out);
+        Ok(())
+    }
+
+    fn flush_replies(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
+        while let Some(frame) = self.replies.front() {
+            let head = frame.head();
+            let reply_id = (Kind::from_u8(head[5]) == Some(Kind::Reply))
+                .then(|| u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap()));
+            let named = reply_id.and_then(|id| self.reads.get(&id).map(|n| (id, *n)));
+            if !frame.payload.is_empty() {
+                let Some(extent) = arena.alloc(frame.payload.len() as u32) else {
+                    return;
+                };
+                let (_, (remote, _, _)) = named.expect("checked in send");
+                let frame = self.replies.pop_front().unwrap();
+                out.push(Work::Fill {
+                    extent,
+                    data: frame.payload.clone(),
+                });
+                out.push(Work::Place { extent, remote });
+                out.push(Work::Send(frame.head().to_vec()));
+            } else {
+                let frame = self.replies.pop_front().unwrap();
+                out.push(Work::Send(frame.head().to_vec()));
+            }
+            if let Some((id, _)) = named {
+                let left = self.reads.get_mut(&id).map(|n| {
+                    n.2 -= 1;
+                    n.2
+                });
+                if left == Some(0) {
+                    self.reads.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The channel is gone: memory held for fetches returns to the arena.
+    /// (Extents of placements in flight are freed by their completions,
+    /// which a dead queue pair still reports, flushed.)
+    pub fn close(&mut self, arena: &mut Arena) {
+        for a in self.arriving.drain(..) {
+            if let Arriving::Fetching {
+                extent: Some(e), ..
+            } = a
+            {
+                arena.free(e);
+            }
+        }
+        self.reads.clear();
+        self.replies.clear();
+    }
+
+    /// Frames held back for a fetch or for memory.
+    pub fn waiting(&self) -> usize {
+        self.arriving.len() + self.replies.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,434 @@
+//! Both ends of a channel wired together over simulated memory and a
+//! simulated queue pair, with a toy server engine behind: what the engines
+//! exchange must be exactly what a stream would have carried.
+
+use super::*;
+use braid_core::wire::{decode, encode, Message, Op, Reply, Request, Status};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const CLIENT_BASE: u64 = 0x10_0000;
+const RKEY: u32 = 77;
+
+/// One queue pair and the memory on both sides. Completions come back in
+/// the order work was posted, as on a reliable connection.
+struct Pair {
+    client: ClientLink,
+    client_arena: Arena,
+    client_mem: Vec<u8>,
+    server: ServerLink,
+    server_arena: Arena,
+    server_mem: Vec<u8>,
+    to_server: VecDeque<Vec<u8>>,
+    to_client: VecDeque<Vec<u8>>,
+    fetches: VecDeque<(u64, Extent, RemoteBuf)>,
+    /// Frames as the server engine got them, and as the client engine did.
+    server_got: Vec<Bytes>,
+    client_got: Vec<Bytes>,
+}
+
+impl Pair {
+    fn new(client_bytes: u64, server_bytes: u64) -> Pair {
+        Pair {
+            client: ClientLink::new(Region {
+                base: CLIENT_BASE,
+                rkey: RKEY,
+            }),
+            client_arena: Arena::new(client_bytes),
+            client_mem: vec![0; client_bytes as usize],
+            server: ServerLink::new(),
+            server_arena: Arena::new(server_bytes),
+            server_mem: vec![0; server_bytes as usize],
+            to_server: VecDeque::new(),
+            to_client: VecDeque::new(),
+            fetches: VecDeque::new(),
+            server_got: Vec::new(),
+            client_got: Vec::new(),
+        }
+    }
+
+    fn client_send(&mut self, frame: OutFrame) {
+        let mut out = Vec::new();
+        self.client.send(frame, &mut self.client_arena, &mut out);
+        self.run_client(out);
+    }
+
+    fn server_send(&mut self, frame: OutFrame) {
+        let mut out = Vec::new();
+        self.server
+            .send(frame, &mut self.server_arena, &mut out)
+            .unwrap();
+        self.run_server(out);
+    }
+
+    fn run_client(&mut self, out: Vec<Work>) {
+        for w in out {
+            match w {
+                Work::Fill { extent, data } => {
+                    let at = extent.offset as usize;
+                    self.client_mem[at..at + data.len()].copy_from_slice(&data);
+                }
+                Work::Send(m) => self.to_server.push_back(m),
+                Work::Deliver { head, payload } => {
+                    let mut frame = head;
+                    if let Some(e) = payload {
+                        let at = e.offset as usize;
+                        frame.extend_from_slice(&self.client_mem[at..at + e.len as usize]);
+                    }
+                    self.client_got.push(Bytes::from(frame));
+                }
+                Work::Free(e) => self.client_arena.free(e),
+                other => panic!("client asked for {other:?}"),
+            }
+        }
+    }
+
+    fn run_server(&mut self, out: Vec<Work>) {
+        for w in out {
+            match w {
+                Work::Fill { extent, data } => {
+                    let at = extent.offset as usize;
+                    self.server_mem[at..at + data.len()].copy_from_slice(&data);
+                }
+                Work::Send(m) => self.to_client.push_back(m),
+                Work::Fetch {
+                    token,
+                    extent,
+                    remote,
+                } => self.fetches.push_back((token, extent, remote)),
+                Work::Place { extent, remote } => {
+                    assert_eq!(remote.rkey, RKEY);
+                    let from = extent.offset as usize;
+                    let to = (remote.addr - CLIENT_BASE) as usize;
+                    let n = extent.len as usize;
+                    let data = self.server_mem[from..from + n].to_vec();
+                    self.client_mem[to..to + n].copy_from_slice(&data);
+                    self.server_arena.free(extent);
+                }
+                Work::Deliver { head, payload } => {
+                    let mut frame = head;
+                    if let Some(e) = payload {
+                        let at = e.offset as usize;
+                        frame.extend_from_slice(&self.server_mem[at..at + e.len as usize]);
+                    }
+                    self.server_got.push(Bytes::from(frame));
+                }
+                Work::Free(e) => self.server_arena.free(e),
+            }
+        }
+    }
+
+    /// One step of the fabric: `which` picks among what can happen.
+    fn step(&mut self, which: usize) -> bool {
+        let mut ready = Vec::new();
+        if !self.to_server.is_empty() {
+            ready.push(0);
+        }
+        if !self.to_client.is_empty() {
+            ready.push(1);
+        }
+        if !self.fetches.is_empty() {
+            ready.push(2);
+        }
+        if ready.is_empty() {
+            return false;
+        }
+        let mut out = Vec::new();
+        match ready[which % ready.len()] {
+            0 => {
+                let m = self.to_server.pop_front().unwrap();
+                self.server
+                    .received(&m, &mut self.server_arena, &mut out)
+                    .unwrap();
+                self.run_server(out);
+            }
+            1 => {
+                let m = self.to_client.pop_front().unwrap();
+                self.client
+                    .received(&m, &mut self.client_arena, &mut out)
+                    .unwrap();
+                self.run_client(out);
+                // Memory came back: what waited may go.
+                let mut out = Vec::new();
+                self.client.retry(&mut self.client_arena, &mut out);
+                self.run_client(out);
+            }
+            _ => {
+                let (token, extent, remote) = self.fetches.pop_front().unwrap();
+                assert_eq!(remote.rkey, RKEY);
+                let from = (remote.addr - CLIENT_BASE) as usize;
+                let to = extent.offset as usize;
+                let n = extent.len as usize;
+                let data = self.client_mem[from..from + n].to_vec();
+                self.server_mem[to..to + n].copy_from_slice(&data);
+                self.server.fetched(token, &mut self.server_arena, &mut out);
+                self.run_server(out);
+            }
+        }
+        // As the driver does after every completion: memory freed by one
+        // piece of work may let waiting ones go.
+        let mut out = Vec::new();
+        self.server.progress(&mut self.server_arena, &mut out);
+        self.run_server(out);
+        true
+    }
+}
+
+fn write(id: u64, offset: u64, data: Vec<u8>) -> OutFrame {
+    encode(&Message::Request(Request {
+        op: Op::Write,
+        id,
+        floor: 0,
+        offset,
+        length: data.len() as u32,
+        flags: 0,
+        remote: None,
+        payload: Bytes::from(data),
+    }))
+}
+
+fn read(id: u64, offset: u64, length: u32) -> OutFrame {
+    encode(&Message::Request(Request {
+        op: Op::Read,
+        id,
+        floor: 0,
+        offset,
+        length,
+        flags: 0,
+        remote: None,
+        payload: Bytes::new(),
+    }))
+}
+
+fn trim(id: u64, offset: u64, length: u32) -> OutFrame {
+    encode(&Message::Request(Request {
+        op: Op::Trim,
+        id,
+        floor: 0,
+        offset,
+        length,
+        flags: 0,
+        remote: None,
+        payload: Bytes::new(),
+    }))
+}
+
+fn reply(id: u64, data: Vec<u8>) -> OutFrame {
+    encode(&Message::Reply(Reply {
+        id,
+        status: Status::Ok,
+        exec_seq: 0,
+        payload: Bytes::from(data),
+    }))
+}
+
+#[test]
+fn a_write_and_a_read_cost_two_messages_each_and_carry_their_data() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+    p.client_send(write(1, 4096, data.clone()));
+    p.client_send(read(2, 0, 8192));
+    assert_eq!(
+        p.to_server.len(),
+        2,
+        "one message per request, data stays put"
+    );
+    while p.step(0) {}
+    assert_eq!(p.server_got.len(), 2);
+    let Message::Request(w) = decode(p.server_got[0].clone()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (w.op, w.remote, &w.payload[..]),
+        (Op::Write, None, &data[..])
+    );
+    let Message::Request(r) = decode(p.server_got[1].clone()).unwrap() else {
+        panic!()
+    };
+    assert_eq!((r.op, r.remote, r.length), (Op::Read, None, 8192));
+    p.server_send(reply(1, vec![]));
+    p.server_send(reply(2, data.clone()));
+    assert_eq!(p.to_client.len(), 2, "one message per reply");
+    while p.step(0) {}
+    let Message::Reply(got) = decode(p.client_got[1].clone()).unwrap() else {
+        panic!()
+    };
+    assert_eq!((got.id, &got.payload[..]), (2, &data[..]));
+    assert_eq!((p.client_arena.in_use(), p.server_arena.in_use()), (0, 0));
+}
+
+#[test]
+fn nothing_overtakes_a_write_still_being_fetched() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(write(1, 0, vec![1; 4096]));
+    p.client_send(trim(2, 0, 4096));
+    p.step(0);
+    p.step(0);
+    assert!(p.server_got.is_empty(), "the TRIM waits behind the WRITE");
+    p.step(0); // the fetch
+    let ops: Vec<Op> = p
+        .server_got
+        .iter()
+        .map(|f| match decode(f.clone()).unwrap() {
+            Message::Request(r) => r.op,
+            m => panic!("{m:?}"),
+        })
+        .collect();
+    assert_eq!(ops, [Op::Write, Op::Trim]);
+}
+
+#[test]
+fn a_request_that_waits_for_memory_holds_back_the_ones_after_it() {
+    let mut p = Pair::new(8192, 1 << 20);
+    p.client_send(write(1, 0, vec![1; 8192]));
+    p.client_send(write(2, 0, vec![2; 4096]));
+    p.client_send(trim(3, 0, 4096));
+    assert_eq!((p.to_server.len(), p.client.waiting()), (1, 2));
+    while p.step(0) {}
+    p.server_send(reply(1, vec![]));
+    while p.step(1) {}
+    assert_eq!(p.client.waiting(), 0, "freed memory let both go, in order");
+    while p.step(0) {}
+    assert_eq!(p.server_got.len(), 3);
+}
+
+#[test]
+fn a_request_sent_twice_on_one_channel_names_one_buffer_until_both_are_answered() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(read(5, 0, 4096));
+    p.client_send(read(5, 0, 4096));
+    let named: Vec<_> = p
+        .to_server
+        .iter()
+        .map(|m| match onesided::inspect(m).unwrap() {
+            Carried::Remote { remote, .. } => remote,
+            c => panic!("{c:?}"),
+        })
+        .collect();
+    assert_eq!(named[0], named[1]);
+    while p.step(0) {}
+    p.server_send(reply(5, vec![9; 4096]));
+    while p.step(0) {}
+    assert_eq!(
+        p.client_arena.in_use(),
+        4096,
+        "the second copy may still be answered"
+    );
+    p.server_send(reply(5, vec![9; 4096]));
+    while p.step(0) {}
+    assert_eq!(p.client_arena.in_use(), 0);
+    assert_eq!(p.client_got.len(), 2);
+}
+
+#[test]
+fn a_reply_claiming_data_in_a_buffer_never_named_closes_the_channel() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    let bogus = reply(9, vec![1; 4096]);
+    let mut out = Vec::new();
+    let err = p
+        .client
+        .received(bogus.head(), &mut p.client_arena, &mut out)
+        .unwrap_err();
+    assert!(err.0.contains("no buffer"), "{err}");
+    // And the server refuses to place data for a read nobody named.
+    let err = p
+        .server
+        .send(reply(9, vec![1; 4096]), &mut p.server_arena, &mut out)
+        .unwrap_err();
+    assert!(err.0.contains("no client buffer"), "{err}");
+}
+
+#[test]
+fn closing_returns_every_buffer() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(write(1, 0, vec![1; 4096]));
+    p.client_send(read(2, 0, 4096));
+    p.step(0);
+    assert!(p.client_arena.in_use() > 0 && p.server_arena.in_use() > 0);
+    p.client.close(&mut p.client_arena);
+    p.server.close(&mut p.server_arena);
+    assert_eq!((p.client_arena.in_use(), p.server_arena.in_use()), (0, 0));
+    p.client_arena.check().unwrap();
+    p.server_arena.check().unwrap();
+}
+
+proptest! {
+    /// Random writes and reads of random sizes through tight arenas, with
+    /// the fabric's events in random order: the server engine sees the
+    /// frames a stream would carry, in order, the client reads back what
+    /// the toy disk holds, and all memory comes back.
+    #[test]
+    fn the_channel_is_as_transparent_as_a_stream(
+        ops in proptest::collection::vec((any::<bool>(), 0u64..16, 1u32..5, any::<u8>()), 1..40),
+        schedule in proptest::collection::vec(0usize..3, 0..400),
+    ) {
+        let mut p = Pair::new(16 * 4096, 12 * 4096);
+        let mut disk: BTreeMap<u64, u8> = BTreeMap::new();
+        let mut sent = Vec::new();
+        for (i, (is_write, block, blocks, fill)) in ops.iter().enumerate() {
+            let id = i as u64 + 1;
+            let frame = if *is_write {
+                write(id, block * 4096, vec![*fill; (*blocks * 4096) as usize])
+            } else {
+                read(id, block * 4096, blocks * 4096)
+            };
+            sent.push(frame.to_bytes());
+            p.client_send(frame);
+        }
+        let mut schedule = schedule.into_iter();
+        let mut served = 0;
+        loop {
+            // The toy engine answers what reached it, at once.
+            while served < p.server_got.len() {
+                let frame = p.server_got[served].clone();
+                prop_assert_eq!(&frame, &sent[served], "the engine got what a stream carries");
+                let Message::Request(r) = decode(frame).unwrap() else { panic!() };
+                let blocks = r.length as u64 / 4096;
+                let answer = if r.op == Op::Write {
+                    for b in 0..blocks {
+                        disk.insert(r.offset / 4096 + b, r.payload[0]);
+                    }
+                    vec![]
+                } else {
+                    let mut data = Vec::new();
+                    for b in 0..blocks {
+                        let v = disk.get(&(r.offset / 4096 + b)).copied().unwrap_or(0);
+                        data.extend(std::iter::repeat_n(v, 4096));
+                    }
+                    data
+                };
+                served += 1;
+                p.server_send(reply(r.id, answer));
+            }
+            if !p.step(schedule.next().unwrap_or(0)) {
+                break;
+            }
+            p.client_arena.check().unwrap();
+            p.server_arena.check().unwrap();
+        }
+        prop_assert_eq!(served, ops.len());
+        prop_assert_eq!(p.client_got.len(), ops.len());
+        // Requests reach the server in order and are answered at once, so
+        // a read sees every write sent before it.
+        let mut model: BTreeMap<u64, u8> = BTreeMap::new();
+        let replies: HashMap<u64, Bytes> = p.client_got.iter().map(|f| match decode(f.clone()).unwrap() {
+            Message::Reply(r) => (r.id, r.payload),
+            m => panic!("{m:?}"),
+        }).collect();
+        for (i, (is_write, block, blocks, fill)) in ops.iter().enumerate() {
+            if *is_write {
+                for b in 0..*blocks as u64 {
+                    model.insert(block + b, *fill);
+                }
+            } else {
+                let got = &replies[&(i as u64 + 1)];
+                for b in 0..*blocks as u64 {
+                    let want = model.get(&(block + b)).copied().unwrap_or(0);
+                    prop_assert_eq!(got[(b * 4096) as usize], want);
+                }
+            }
+        }
+        prop_assert_eq!(p.client_arena.in_use(), 0);
+        prop_assert_eq!(p.server_arena.in_use(), 0);
+    }
+}
