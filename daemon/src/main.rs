@@ -12,6 +12,7 @@ mod histogram;
 mod metrics;
 mod nbd;
 mod progress;
+mod rdma;
 mod serve;
 mod soak;
 mod soak_volume;
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    rdma::register_dialer();
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy

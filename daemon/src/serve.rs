@@ -41,6 +41,11 @@ pub(crate) struct ServeArgs {
     /// no authentication: anyone who connects reads and writes every export.
     #[arg(long)]
     nbd_allow_insecure: bool,
+    /// Also accept braid channels over RDMA (rdma_cm, reliable-connected
+    /// queue pairs) on this address of an RDMA device, e.g. 192.168.1.5:7410;
+    /// repeatable. Needs a braid built with `--features rdma`.
+    #[arg(long)]
+    rdma: Vec<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
@@ -148,6 +153,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let rdma = crate::rdma::bind(&args.rdma)?;
     let control = args
         .control
         .or(file.control)
@@ -271,6 +277,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         backend,
         shutdown,
         move |server| {
+            rdma.serve(&server);
             if let Some(m) = metrics {
                 m.serve_server(server.clone(), export_info.clone());
             }

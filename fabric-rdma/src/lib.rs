@@ -13,3 +13,5 @@
 
 pub mod arena;
 pub mod link;
+#[cfg(feature = "verbs")]
+pub mod verbs;

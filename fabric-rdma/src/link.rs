@@ -165,12 +165,7 @@ impl ClientLink {
     }
 
     /// A message arrived from the server.
-    pub fn received(
-        &mut self,
-        message: &[u8],
-        arena: &mut Arena,
-        out: &mut Vec<Work>,
-    ) -> Result<(), LinkError> {
+    pub fn received(&mut self, message: &[u8], out: &mut Vec<Work>) -> Result<(), LinkError> {
         let carried = onesided::inspect(message)
             .map_err(|e| LinkError(format!("message from the server: {e}")))?;
         match carried {
@@ -203,9 +198,11 @@ impl ClientLink {
                 });
                 named.sent = named.sent.saturating_sub(1);
                 if named.sent == 0 {
-                    let extent = named.extent;
+                    // Freed by the driver once it copied the data out:
+                    // another channel sharing the arena must not get it
+                    // back before.
+                    out.push(Work::Free(named.extent));
                     self.named.remove(&id);
-                    arena.free(extent);
                 }
                 Ok(())
             }

@@ -3,6 +3,7 @@
 
 use crate::clock::Clock;
 use crate::conn::{self, ConnEvent};
+use crate::fabric::{self, Endpoint};
 use crate::ClientSecurity;
 use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ClientTuning, ExportInfo,
@@ -117,9 +118,13 @@ impl Client {
             addr: addr.clone(),
             detail: e.to_string(),
         })?;
+        let endpoints = fabric::parse_endpoints(&addr).map_err(|detail| ConnectError {
+            addr: addr.clone(),
+            detail,
+        })?;
         let driver = Driver {
             engine,
-            addr: addr.clone(),
+            endpoints,
             security,
             clock: Clock::new(),
             writers: HashMap::new(),
@@ -275,7 +280,8 @@ impl Client {
 
 struct Driver {
     engine: ClientEngine,
-    addr: String,
+    /// The paths to the server; channel slot `k` takes path `k mod n`.
+    endpoints: Vec<Endpoint>,
     security: ClientSecurity,
     clock: Clock,
     writers: HashMap<ChannelId, conn::Writer>,
@@ -563,7 +569,8 @@ impl Driver {
         ev_tx: mpsc::UnboundedSender<Event>,
         conn_tx: mpsc::UnboundedSender<ConnEvent<ChannelId>>,
     ) {
-        let addr = self.addr.clone();
+        let endpoint = &self.endpoints[ch.slot as usize % self.endpoints.len()];
+        let addr = endpoint.addr.clone();
         let timeout = self.engine.config().handshake_timeout;
         // Replies carry at most the negotiated payload, never more than the
         // wire format's cap.
@@ -574,6 +581,20 @@ impl Driver {
         let queue_limit = 2
             * (cfg.max_journal_bytes as usize
                 + cfg.max_queued * (wire::PREFIX_LEN + wire::MAX_BODY_LEN));
+        if let Some(scheme) = &endpoint.scheme {
+            let dialer = fabric::dialer(scheme).expect("checked when the address was read");
+            let dialing = dialer.dial(&addr, ch, queue_limit, conn_tx);
+            let shown = endpoint.to_string();
+            tokio::spawn(async move {
+                let ev = match tokio::time::timeout(timeout, dialing).await {
+                    Ok(Ok(writer)) => Event::Up(ch, writer),
+                    Ok(Err(e)) => Event::Failed(ch, format!("connect {shown}: {e}")),
+                    Err(_) => Event::Failed(ch, format!("connect {shown}: timed out")),
+                };
+                let _ = ev_tx.send(ev);
+            });
+            return;
+        }
         let security = self.security.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {

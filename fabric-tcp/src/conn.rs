@@ -1,5 +1,7 @@
-//! One transport connection: a reader task that splits the stream into
-//! frames, and a writer task that sends frames in batches.
+//! One transport connection as the drivers see it: frames in as
+//! [`ConnEvent`]s, frames out through a [`Writer`]. For a stream, a reader
+//! task splits it into frames and a writer task sends frames in batches;
+//! other fabrics (RDMA) make their channels out of the same two parts.
 
 use braid_core::wire::{FrameReader, OutFrame};
 use bytes::Bytes;
@@ -11,14 +13,17 @@ use tokio::sync::mpsc;
 
 /// What the engine task hears from a connection.
 #[derive(Debug)]
-pub(crate) enum ConnEvent<K> {
+pub enum ConnEvent<K> {
+    /// A whole stream-form frame.
     Frame(K, Bytes),
+    /// The connection is gone, and why.
     Closed(K, String),
 }
 
 /// What the engine task tells a connection's writer.
 #[derive(Debug)]
-pub(crate) enum Outgoing {
+pub enum Outgoing {
+    /// Send this frame.
     Frame(OutFrame),
     /// Send what is queued, then close.
     Close,
@@ -30,15 +35,52 @@ const BATCH: usize = 64;
 /// A connection's outgoing queue, which knows how many bytes it holds, so
 /// a peer that stops reading cannot make it grow without bound.
 #[derive(Debug, Clone)]
-pub(crate) struct Writer {
+pub struct Writer {
     tx: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<AtomicUsize>,
     limit: usize,
 }
 
+/// The other end of a [`Writer`]: what the connection's sender takes
+/// frames from, saying when their bytes have left.
+#[derive(Debug)]
+pub struct Outbox {
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// The next frame (or Close); None once every Writer is gone.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        self.rx.recv().await
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        self.rx.try_recv().ok()
+    }
+
+    /// `bytes` of frames taken from here have been sent.
+    pub fn sent(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 impl Writer {
+    /// A queue refusing frames past `limit` unsent bytes, and its outbox.
+    pub fn new(limit: usize) -> (Writer, Outbox) {
+        let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let writer = Writer {
+            tx,
+            queued: queued.clone(),
+            limit,
+        };
+        (writer, Outbox { rx, queued })
+    }
+
     /// Queues a frame; false if the peer is too far behind (or gone).
-    pub(crate) fn send(&self, frame: OutFrame) -> bool {
+    pub fn send(&self, frame: OutFrame) -> bool {
         let n = frame.len();
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > self.limit {
             self.queued.fetch_sub(n, Ordering::Relaxed);
@@ -48,7 +90,7 @@ impl Writer {
     }
 
     /// Sends what is queued, then closes.
-    pub(crate) fn close(&self) {
+    pub fn close(&self) {
         let _ = self.tx.send(Outgoing::Close);
     }
 }
@@ -67,13 +109,7 @@ where
     K: Copy + Send + std::fmt::Debug + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let writer = Writer {
-        tx,
-        queued: queued.clone(),
-        limit: queue_limit,
-    };
+    let (writer, mut outbox) = Writer::new(queue_limit);
     let reader_events = events.clone();
     let reader = tokio::spawn(async move {
         let mut frames = FrameReader::new(max_payload);
@@ -108,21 +144,21 @@ where
         let mut batch: Vec<OutFrame> = Vec::with_capacity(BATCH);
         let mut closing = false;
         let why = loop {
-            match rx.recv().await {
+            match outbox.recv().await {
                 Some(Outgoing::Frame(f)) => batch.push(f),
                 Some(Outgoing::Close) | None => closing = true,
             }
             while !closing && batch.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(Outgoing::Frame(f)) => batch.push(f),
-                    Ok(Outgoing::Close) => closing = true,
-                    Err(_) => break,
+                match outbox.try_recv() {
+                    Some(Outgoing::Frame(f)) => batch.push(f),
+                    Some(Outgoing::Close) => closing = true,
+                    None => break,
                 }
             }
             if let Err(e) = write_all_frames(&mut wr, &batch).await {
                 break format!("write: {e}");
             }
-            queued.fetch_sub(batch.iter().map(OutFrame::len).sum(), Ordering::Relaxed);
+            outbox.sent(batch.iter().map(OutFrame::len).sum());
             batch.clear();
             if closing {
                 let _ = wr.shutdown().await;

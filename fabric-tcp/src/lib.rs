@@ -13,7 +13,8 @@
 #![cfg_attr(madsim, allow(deprecated))]
 
 mod clock;
-mod conn;
+pub mod conn;
+pub mod fabric;
 
 pub mod client;
 pub mod server;

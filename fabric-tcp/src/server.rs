@@ -49,7 +49,14 @@ enum Event {
     Secured(ConnId, conn::Writer),
     /// An operator's runtime tuning; the answer says whether it applied.
     Tune(ServerTuning, oneshot::Sender<Result<(), String>>),
+    /// A connection another fabric accepted (see [`Server::adopt`]).
+    Adopt(Adoption),
 }
+
+/// Starts a connection accepted by another fabric: given its id and where
+/// its frames go, returns the writer that takes its replies.
+pub type Adoption =
+    Box<dyn FnOnce(ConnId, mpsc::UnboundedSender<ConnEvent<ConnId>>) -> conn::Writer + Send>;
 
 /// A running server: a handle to its status and tuning, cheap to clone.
 #[derive(Clone)]
@@ -68,6 +75,12 @@ impl Server {
     /// A fresh snapshot.
     pub fn status(&self) -> ServerStatus {
         self.status.lock().unwrap().clone()
+    }
+
+    /// Serves a connection another fabric (RDMA) accepted, like one from
+    /// the TCP listener; false if the server is stopping.
+    pub fn adopt(&self, start: Adoption) -> bool {
+        self.events.send(Event::Adopt(start)).is_ok()
     }
 
     /// Applies runtime tuning between two events of the engine, so nothing
@@ -169,14 +182,22 @@ impl Server {
                     tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
                     draining = true;
                 }
-                Some(ev) = rx.recv() => handle(&mut engine, &mut writers, ev, &clock, &status),
+                Some(ev) = rx.recv() => {
+                    let adopting = Adopting { next_conn: &mut next_conn, conn_tx: &conn_tx, draining };
+                    handle(&mut engine, &mut writers, ev, &clock, &status, adopting);
+                }
                 Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, ev, &clock),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 handle_conn(&mut engine, &mut writers, ev, &clock);
             }
             while let Ok(ev) = rx.try_recv() {
-                handle(&mut engine, &mut writers, ev, &clock, &status);
+                let adopting = Adopting {
+                    next_conn: &mut next_conn,
+                    conn_tx: &conn_tx,
+                    draining,
+                };
+                handle(&mut engine, &mut writers, ev, &clock, &status, adopting);
             }
             while let Some(action) = engine.poll_action() {
                 match action {
@@ -284,17 +305,34 @@ fn handle_conn(
     }
 }
 
+/// What starting an adopted connection needs from the server loop.
+struct Adopting<'a> {
+    next_conn: &'a mut ConnId,
+    conn_tx: &'a mpsc::UnboundedSender<ConnEvent<ConnId>>,
+    draining: bool,
+}
+
 fn handle(
     engine: &mut ServerEngine,
     writers: &mut HashMap<ConnId, conn::Writer>,
     ev: Event,
     clock: &Clock,
     status: &Mutex<ServerStatus>,
+    adopting: Adopting<'_>,
 ) {
     match ev {
         Event::BackendDone(token, result) => engine.backend_complete(token, result, clock.now()),
         Event::Secured(conn, writer) => {
             writers.insert(conn, writer);
+        }
+        // Stopping: the fabric's connection is dropped unstarted.
+        Event::Adopt(_) if adopting.draining => {}
+        Event::Adopt(start) => {
+            let conn = *adopting.next_conn;
+            *adopting.next_conn += 1;
+            tracing::debug!(conn, "connection adopted from another fabric");
+            engine.connection_opened(conn, clock.now());
+            writers.insert(conn, start(conn, adopting.conn_tx.clone()));
         }
         Event::Tune(tuning, reply) => {
             let result = engine.tune(&tuning).map_err(|e| e.to_string());

@@ -144,9 +144,7 @@ impl Pair {
             }
             1 => {
                 let m = self.to_client.pop_front().unwrap();
-                self.client
-                    .received(&m, &mut self.client_arena, &mut out)
-                    .unwrap();
+                self.client.received(&m, &mut out).unwrap();
                 self.run_client(out);
                 // Memory came back: what waited may go.
                 let mut out = Vec::new();
@@ -325,10 +323,7 @@ fn a_reply_claiming_data_in_a_buffer_never_named_closes_the_channel() {
     let mut p = Pair::new(1 << 20, 1 << 20);
     let bogus = reply(9, vec![1; 4096]);
     let mut out = Vec::new();
-    let err = p
-        .client
-        .received(bogus.head(), &mut p.client_arena, &mut out)
-        .unwrap_err();
+    let err = p.client.received(bogus.head(), &mut out).unwrap_err();
     assert!(err.0.contains("no buffer"), "{err}");
     // And the server refuses to place data for a read nobody named.
     let err = p

@@ -1,0 +1,58 @@
+//! The RDMA fabric, when this braid was built with it (`--features rdma`):
+//! `braid serve --rdma ADDR` listeners and `rdma://` server addresses.
+//! Without it, both are refused with a clear error.
+
+#[cfg(feature = "rdma")]
+use braid_fabric_rdma::verbs::{RdmaDialer, RdmaListener, DEFAULT_REGION};
+use braid_fabric_tcp::Server;
+
+/// Listeners bound before the server starts.
+pub(crate) struct Listeners {
+    #[cfg(feature = "rdma")]
+    bound: Vec<RdmaListener>,
+}
+
+/// Binds every `--rdma` address, or says why not.
+pub(crate) fn bind(addrs: &[String]) -> Result<Listeners, String> {
+    #[cfg(feature = "rdma")]
+    {
+        let mut bound = Vec::new();
+        for a in addrs {
+            let addr: std::net::SocketAddr = a
+                .parse()
+                .map_err(|e| format!("--rdma {a}: {e} (an IP address and port)"))?;
+            bound.push(RdmaListener::bind(addr, DEFAULT_REGION)?);
+            tracing::info!(%addr, "accepting braid channels over RDMA");
+        }
+        Ok(Listeners { bound })
+    }
+    #[cfg(not(feature = "rdma"))]
+    match addrs.first() {
+        Some(a) => Err(format!(
+            "--rdma {a}: this braid was built without RDMA (cargo build --features rdma)"
+        )),
+        None => Ok(Listeners {}),
+    }
+}
+
+impl Listeners {
+    /// Starts accepting for `server`.
+    pub(crate) fn serve(self, server: &Server) {
+        #[cfg(feature = "rdma")]
+        for l in self.bound {
+            l.serve(server.clone());
+        }
+        #[cfg(not(feature = "rdma"))]
+        let _ = server;
+    }
+}
+
+/// Lets `rdma://` server addresses open channels (a no-op without RDMA:
+/// such an address is then refused when it is read).
+pub(crate) fn register_dialer() {
+    #[cfg(feature = "rdma")]
+    braid_fabric_tcp::fabric::register(
+        "rdma",
+        std::sync::Arc::new(RdmaDialer::new(DEFAULT_REGION)),
+    );
+}

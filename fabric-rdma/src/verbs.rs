@@ -1,0 +1,866 @@
+//! The verbs driver: rdma_cm connects reliable-connected queue pairs, and
+//! one task per channel executes what its [`link`](crate::link) asks for.
+//! Registered memory is one region per protection domain, registered when
+//! the first channel on that device opens; head messages use a small ring
+//! of their own per channel.
+
+use crate::arena::{Arena, Extent, ALIGN};
+use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
+use braid_core::client::ChannelId;
+use braid_core::server::ConnId;
+use braid_core::wire::{MAX_BODY_LEN, MAX_PAYLOAD_LEN, PREFIX_LEN};
+use braid_fabric_tcp::conn::{ConnEvent, Outbox, Outgoing, Writer};
+use braid_fabric_tcp::fabric::{Dialer, Dialing};
+use braid_fabric_tcp::Server;
+use bytes::Bytes;
+use sideway::ibverbs::completion::{
+    BasicCompletionQueue, CompletionChannel, CompletionQueue, GenericCompletionQueue,
+    WorkCompletionStatus,
+};
+use sideway::ibverbs::device_context::DeviceContext;
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairState, SetScatterGatherEntry,
+    WorkRequestFlags,
+};
+use sideway::ibverbs::AccessFlags;
+use sideway::rdmacm::communication_manager::{
+    ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
+};
+use std::alloc::Layout;
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, Notify};
+
+/// Bytes of one head slot: the longest prefix and body fit.
+const HEAD_SLOT: usize = 1024;
+const _: () = assert!(PREFIX_LEN + MAX_BODY_LEN <= HEAD_SLOT);
+/// Receives kept posted per channel; a peer sending faster waits (RNR
+/// retries are unlimited), it is never refused.
+const RECV_DEPTH: usize = 128;
+/// Head messages in flight per channel.
+const SEND_SLOTS: usize = 128;
+/// Work requests in flight on a send queue (sends, fetches, placements).
+const SEND_QUEUE: usize = 256;
+/// One-sided reads a queue pair may have outstanding, at most.
+const READ_DEPTH: u8 = 16;
+/// How long address and route resolution may take.
+const RESOLVE: Duration = Duration::from_secs(2);
+
+/// Registered memory for payloads: the least that holds one largest
+/// payload, and the default for a session or a server.
+pub const MIN_REGION: u64 = MAX_PAYLOAD_LEN as u64 + ALIGN;
+/// Default registered memory per client session and per server.
+pub const DEFAULT_REGION: u64 = 64 << 20;
+
+/// Page-aligned memory registered with the NIC.
+struct Registered {
+    ptr: *mut u8,
+    layout: Layout,
+    mr: Option<Arc<MemoryRegion>>,
+}
+
+// The memory is only touched through raw copies the channel tasks
+// serialise with the arena (an extent belongs to one task at a time).
+unsafe impl Send for Registered {}
+unsafe impl Sync for Registered {}
+
+impl Registered {
+    fn new(
+        pd: &Arc<ProtectionDomain>,
+        len: usize,
+        access: AccessFlags,
+    ) -> Result<Registered, String> {
+        let layout = Layout::from_size_align(len, ALIGN as usize).map_err(|e| e.to_string())?;
+        // SAFETY: len > 0 (callers ask for at least one slot).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(format!("cannot allocate {len} bytes to register"));
+        }
+        // SAFETY: ptr is valid for len bytes until Drop, which deregisters first.
+        let mr = unsafe { pd.reg_mr(ptr as usize, len, access) };
+        match mr {
+            Ok(mr) => Ok(Registered {
+                ptr,
+                layout,
+                mr: Some(mr),
+            }),
+            Err(e) => {
+                unsafe { std::alloc::dealloc(ptr, layout) };
+                Err(format!("registering {len} bytes: {e}"))
+            }
+        }
+    }
+
+    fn mr(&self) -> &MemoryRegion {
+        self.mr.as_ref().unwrap()
+    }
+
+    fn addr(&self, offset: usize) -> u64 {
+        self.ptr as u64 + offset as u64
+    }
+
+    fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.layout.size());
+        // SAFETY: in bounds; the extent is this task's alone.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) }
+    }
+
+    fn read(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.layout.size());
+        // SAFETY: in bounds; the extent is this task's alone.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.mr.take();
+        // SAFETY: allocated with this layout in new, deregistered above.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// One device's protection domain and its payload region.
+struct Domain {
+    pd: Arc<ProtectionDomain>,
+    region: Registered,
+    arena: Mutex<Arena>,
+    /// Woken whenever memory returns to the arena.
+    freed: Notify,
+}
+
+impl Domain {
+    fn free(&self, extent: Extent) {
+        self.arena.lock().unwrap().free(extent);
+        self.freed.notify_waiters();
+    }
+}
+
+/// Domains by device, created on first use.
+struct Domains {
+    bytes: u64,
+    /// Clients let the server reach their region; a server's is its own.
+    remote_access: bool,
+    by_device: Mutex<HashMap<usize, Arc<Domain>>>,
+}
+
+impl Domains {
+    fn new(bytes: u64, remote_access: bool) -> Domains {
+        Domains {
+            bytes: bytes.max(MIN_REGION),
+            remote_access,
+            by_device: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn for_device(&self, ctx: &Arc<DeviceContext>) -> Result<Arc<Domain>, String> {
+        let key = Arc::as_ptr(ctx) as usize;
+        let mut all = self.by_device.lock().unwrap();
+        if let Some(d) = all.get(&key) {
+            return Ok(d.clone());
+        }
+        let pd = ctx
+            .alloc_pd()
+            .map_err(|e| format!("allocating a protection domain: {e}"))?;
+        let access = if self.remote_access {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
+        } else {
+            AccessFlags::LocalWrite
+        };
+        let region = Registered::new(&pd, self.bytes as usize, access)?;
+        let d = Arc::new(Domain {
+            pd,
+            region,
+            arena: Mutex::new(Arena::new(self.bytes)),
+            freed: Notify::new(),
+        });
+        all.insert(key, d.clone());
+        Ok(d)
+    }
+}
+
+/// A queue pair with its completion queue and head ring.
+struct Channel {
+    /// First, so it is deregistered before its descriptor closes.
+    cq_fd: AsyncFd<RawFd>,
+    qp: BasicQueuePair,
+    cq: Arc<BasicCompletionQueue>,
+    comp: Arc<CompletionChannel>,
+    heads: Registered,
+}
+
+impl Channel {
+    fn new(ctx: &Arc<DeviceContext>, domain: &Domain) -> Result<Channel, String> {
+        let comp = CompletionChannel::new(ctx).map_err(|e| format!("completion channel: {e}"))?;
+        comp.set_nonblocking(true)
+            .map_err(|e| format!("completion channel: {e}"))?;
+        let cq = ctx
+            .create_cq_builder()
+            .setup_cqe((RECV_DEPTH + SEND_QUEUE) as u32)
+            .setup_comp_channel(&comp, 0)
+            .build()
+            .map_err(|e| format!("completion queue: {e}"))?;
+        let qp = domain
+            .pd
+            .create_qp_builder()
+            .setup_max_send_wr(SEND_QUEUE as u32)
+            .setup_max_recv_wr(RECV_DEPTH as u32)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .setup_send_cq(GenericCompletionQueue::from(cq.clone()))
+            .setup_recv_cq(GenericCompletionQueue::from(cq.clone()))
+            .build()
+            .map_err(|e| format!("queue pair: {e}"))?;
+        let heads = Registered::new(
+            &domain.pd,
+            (RECV_DEPTH + SEND_SLOTS) * HEAD_SLOT,
+            AccessFlags::LocalWrite,
+        )?;
+        // SAFETY: `comp` owns the descriptor and outlives `cq_fd` (field order).
+        let cq_fd = unsafe { AsyncFd::register(comp.as_raw_fd()) }
+            .map_err(|e| format!("completion fd: {e}"))?;
+        // SAFETY: the CQ lives as long as this Channel.
+        let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(cq.cq().as_ptr(), 0) };
+        if rc != 0 {
+            return Err(format!("arming completions: error {rc}"));
+        }
+        Ok(Channel {
+            qp,
+            cq,
+            comp,
+            cq_fd,
+            heads,
+        })
+    }
+
+    /// INIT, then receives posted, then RTR and RTS as rdma_cm computed
+    /// them, with room for several one-sided reads at once.
+    fn init(&mut self, id: &Identifier, remote_access: bool) -> Result<(), String> {
+        let mut attr = id
+            .get_qp_attr(QueuePairState::Init)
+            .map_err(|e| format!("queue pair INIT: {e}"))?;
+        attr.setup_access_flags(if remote_access {
+            AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
+        } else {
+            AccessFlags::LocalWrite
+        });
+        self.qp
+            .modify(&attr)
+            .map_err(|e| format!("queue pair INIT: {e}"))?;
+        for slot in 0..RECV_DEPTH {
+            self.post_recv(slot)?;
+        }
+        Ok(())
+    }
+
+    fn ready(&mut self, id: &Identifier) -> Result<(), String> {
+        let mut attr = id
+            .get_qp_attr(QueuePairState::ReadyToReceive)
+            .map_err(|e| format!("queue pair RTR: {e}"))?;
+        attr.setup_max_dest_read_atomic(READ_DEPTH);
+        self.qp
+            .modify(&attr)
+            .map_err(|e| format!("queue pair RTR: {e}"))?;
+        let mut attr = id
+            .get_qp_attr(QueuePairState::ReadyToSend)
+            .map_err(|e| format!("queue pair RTS: {e}"))?;
+        attr.setup_max_read_atomic(READ_DEPTH);
+        self.qp
+            .modify(&attr)
+            .map_err(|e| format!("queue pair RTS: {e}"))
+    }
+
+    fn post_recv(&mut self, slot: usize) -> Result<(), String> {
+        let mut guard = self.qp.start_post_recv();
+        let wr = guard.construct_wr(wr_id(WR_RECV, slot as u64));
+        // SAFETY: the slot lies in the registered head ring.
+        unsafe {
+            wr.setup_sge(
+                self.heads.mr().lkey(),
+                self.heads.addr(slot * HEAD_SLOT),
+                HEAD_SLOT as u32,
+            )
+        };
+        guard.post().map_err(|e| format!("posting a receive: {e}"))
+    }
+}
+
+/// Work request ids: the kind in the top byte, a receive slot or a
+/// send-queue sequence number below.
+const WR_RECV: u64 = 1;
+const WR_SEND: u64 = 2;
+
+fn wr_id(kind: u64, value: u64) -> u64 {
+    kind << 56 | value
+}
+
+/// Either end's channel logic.
+enum End {
+    Client(ClientLink),
+    Server(ServerLink),
+}
+
+/// Waits for `want` on an rdma_cm event channel; any other event is the
+/// reason it failed.
+async fn expect(
+    ec: &Arc<EventChannel>,
+    fd: &AsyncFd<RawFd>,
+    want: EventType,
+) -> Result<(), String> {
+    let event = next_event(ec, fd).await?;
+    let (got, status) = (event.event_type(), event.status());
+    let _ = event.ack();
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "{got:?} (status {status}) while waiting for {want:?}"
+        ))
+    }
+}
+
+async fn next_event(ec: &Arc<EventChannel>, fd: &AsyncFd<RawFd>) -> Result<Event, String> {
+    loop {
+        let mut ready = fd.readable().await.map_err(|e| format!("rdma_cm: {e}"))?;
+        match ec.get_cm_event() {
+            Ok(event) => return Ok(event),
+            Err(e) if matches!(e.0, GetEventErrorKind::NoEvent) => ready.clear_ready(),
+            Err(e) => return Err(format!("rdma_cm: {e}")),
+        }
+    }
+}
+
+fn event_channel() -> Result<(Arc<EventChannel>, AsyncFd<RawFd>), String> {
+    let ec = EventChannel::new().map_err(|e| {
+        format!("rdma_cm: {e} (is rdma-core installed and an RDMA device present?)")
+    })?;
+    ec.set_nonblocking(true)
+        .map_err(|e| format!("rdma_cm: {e}"))?;
+    // SAFETY: every holder of `fd` also holds `ec` (or an id holding it),
+    // which owns the descriptor, and drops `fd` first.
+    let fd = unsafe { AsyncFd::register(ec.as_raw_fd()) }.map_err(|e| format!("rdma_cm: {e}"))?;
+    Ok((ec, fd))
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))
+}
+
+/// Opens client channels over RDMA (`rdma://host:port`).
+pub struct RdmaDialer {
+    domains: Arc<Domains>,
+}
+
+impl RdmaDialer {
+    /// A dialer whose sessions share `region_bytes` of registered memory
+    /// per device (at least [`MIN_REGION`]).
+    pub fn new(region_bytes: u64) -> RdmaDialer {
+        RdmaDialer {
+            domains: Arc::new(Domains::new(region_bytes, true)),
+        }
+    }
+}
+
+impl Dialer for RdmaDialer {
+    fn dial(
+        &self,
+        addr: &str,
+        ch: ChannelId,
+        queue_limit: usize,
+        events: mpsc::UnboundedSender<ConnEvent<ChannelId>>,
+    ) -> Dialing {
+        let domains = self.domains.clone();
+        let addr = addr.to_string();
+        Box::pin(async move {
+            let dst = resolve(&addr)?;
+            let (ec, fd) = event_channel()?;
+            let id = ec
+                .create_id(PortSpace::Tcp)
+                .map_err(|e| format!("rdma_cm id: {e}"))?;
+            id.resolve_addr(None, dst, RESOLVE)
+                .map_err(|e| format!("no RDMA route to {dst}: {e}"))?;
+            expect(&ec, &fd, EventType::AddressResolved)
+                .await
+                .map_err(|e| format!("no RDMA route to {dst}: {e}"))?;
+            id.resolve_route(RESOLVE)
+                .map_err(|e| format!("no RDMA route to {dst}: {e}"))?;
+            expect(&ec, &fd, EventType::RouteResolved)
+                .await
+                .map_err(|e| format!("no RDMA route to {dst}: {e}"))?;
+            let ctx = id
+                .get_device_context()
+                .ok_or_else(|| format!("no RDMA device reaches {dst}"))?;
+            let domain = domains.for_device(&ctx)?;
+            let mut channel = Channel::new(&ctx, &domain)?;
+            channel.init(&id, true)?;
+            {
+                let mut param = ConnectionParameter::default();
+                param.setup_qp_number(channel.qp.qp_number());
+                id.connect(param).map_err(|e| format!("connect: {e}"))?;
+            }
+            expect(&ec, &fd, EventType::ConnectResponse).await?;
+            channel.ready(&id)?;
+            id.establish().map_err(|e| format!("establish: {e}"))?;
+            let region = Region {
+                base: domain.region.addr(0),
+                rkey: domain.region.mr().rkey(),
+            };
+            let (writer, outbox) = Writer::new(queue_limit);
+            // The client's own event channel says when the server leaves.
+            let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let why = loop {
+                    match next_event(&ec, &fd).await {
+                        Ok(ev) => {
+                            let t = ev.event_type();
+                            let _ = ev.ack();
+                            if matches!(t, EventType::Disconnected | EventType::DeviceRemoval) {
+                                break format!("{t:?}");
+                            }
+                        }
+                        Err(e) => break e,
+                    }
+                };
+                let _ = gone_tx.send(why);
+                drop(fd);
+                drop(ec);
+            });
+            tokio::spawn(run(
+                End::Client(ClientLink::new(region)),
+                channel,
+                domain,
+                id,
+                outbox,
+                gone_rx,
+                move |ev| events.send(ev.map_key(ch)).is_ok(),
+            ));
+            Ok(writer)
+        })
+    }
+}
+
+/// A connection event before the engine's key is attached.
+enum Heard {
+    Frame(Bytes),
+    Closed(String),
+}
+
+impl Heard {
+    fn map_key<K>(self, key: K) -> ConnEvent<K> {
+        match self {
+            Heard::Frame(f) => ConnEvent::Frame(key, f),
+            Heard::Closed(why) => ConnEvent::Closed(key, why),
+        }
+    }
+}
+
+/// An rdma_cm listener, bound before the server starts so a bad address
+/// stops `braid serve` at once.
+pub struct RdmaListener {
+    addr: SocketAddr,
+    ec: Arc<EventChannel>,
+    fd: AsyncFd<RawFd>,
+    id: Arc<Identifier>,
+    region_bytes: u64,
+}
+
+impl RdmaListener {
+    /// Listens on `addr`; the server's payload staging is `region_bytes`
+    /// of registered memory per device (at least [`MIN_REGION`]).
+    pub fn bind(addr: SocketAddr, region_bytes: u64) -> Result<RdmaListener, String> {
+        let (ec, fd) = event_channel()?;
+        let id = ec
+            .create_id(PortSpace::Tcp)
+            .map_err(|e| format!("rdma_cm id: {e}"))?;
+        id.bind_addr(addr).map_err(|e| {
+            format!("RDMA listen on {addr}: {e} (no RDMA device has this address?)")
+        })?;
+        id.listen(64)
+            .map_err(|e| format!("RDMA listen on {addr}: {e}"))?;
+        Ok(RdmaListener {
+            addr,
+            ec,
+            fd,
+            id,
+            region_bytes,
+        })
+    }
+
+    /// Accepts channels for `server` until it stops.
+    pub fn serve(self, server: Server) {
+        let RdmaListener {
+            addr,
+            ec,
+            fd,
+            id,
+            region_bytes,
+        } = self;
+        tokio::spawn(serve(addr, ec, fd, id, region_bytes, server));
+    }
+}
+
+async fn serve(
+    addr: SocketAddr,
+    ec: Arc<EventChannel>,
+    fd: AsyncFd<RawFd>,
+    id: Arc<Identifier>,
+    region_bytes: u64,
+    server: Server,
+) {
+    let domains = Domains::new(region_bytes, false);
+    {
+        // Keep the listening id alive as long as the task.
+        let _listener = id;
+        let mut accepting: HashMap<usize, (Arc<Identifier>, Channel, Arc<Domain>)> = HashMap::new();
+        let mut live: HashMap<usize, mpsc::UnboundedSender<String>> = HashMap::new();
+        loop {
+            let event = match next_event(&ec, &fd).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(%addr, error = e, "RDMA listener stopped");
+                    return;
+                }
+            };
+            let kind = event.event_type();
+            let Some(cm) = event.cm_id() else {
+                let _ = event.ack();
+                continue;
+            };
+            let key = Arc::as_ptr(&cm) as usize;
+            let _ = event.ack();
+            match kind {
+                EventType::ConnectRequest => match accept(&cm, &domains) {
+                    Ok((channel, domain)) => {
+                        accepting.insert(key, (cm, channel, domain));
+                    }
+                    // Dropping the request's id refuses it.
+                    Err(e) => tracing::warn!(%addr, error = e, "RDMA connection refused"),
+                },
+                EventType::Established => {
+                    let Some((cm, channel, domain)) = accepting.remove(&key) else {
+                        continue;
+                    };
+                    let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+                    live.insert(key, gone_tx);
+                    let started = server.adopt(Box::new(move |conn: ConnId, events| {
+                        let (writer, outbox) = Writer::new(64 << 20);
+                        tokio::spawn(run(
+                            End::Server(ServerLink::new()),
+                            channel,
+                            domain,
+                            cm,
+                            outbox,
+                            gone_rx,
+                            move |ev| events.send(ev.map_key(conn)).is_ok(),
+                        ));
+                        writer
+                    }));
+                    if !started {
+                        return;
+                    }
+                }
+                EventType::Disconnected | EventType::DeviceRemoval | EventType::TimewaitExit => {
+                    accepting.remove(&key);
+                    if let Some(gone) = live.remove(&key) {
+                        let _ = gone.send(format!("{kind:?}"));
+                    }
+                }
+                other => {
+                    accepting.remove(&key);
+                    tracing::debug!(?other, "rdma_cm event");
+                }
+            }
+            live.retain(|_, gone| !gone.is_closed());
+        }
+    }
+}
+
+fn accept(cm: &Arc<Identifier>, domains: &Domains) -> Result<(Channel, Arc<Domain>), String> {
+    let ctx = cm
+        .get_device_context()
+        .ok_or("connection request without a device")?;
+    let domain = domains.for_device(&ctx)?;
+    let mut channel = Channel::new(&ctx, &domain)?;
+    channel.init(cm, false)?;
+    channel.ready(cm)?;
+    let mut param = ConnectionParameter::default();
+    param.setup_qp_number(channel.qp.qp_number());
+    cm.accept(param).map_err(|e| format!("accept: {e}"))?;
+    Ok((channel, domain))
+}
+
+/// What a send-queue slot is doing.
+enum Posted {
+    Send(usize),
+    Fetch(u64),
+    Place(Extent),
+}
+
+/// One channel's life: frames from the engine out, messages and
+/// completions in, until the peer leaves, a work request fails, or the
+/// engine closes it.
+async fn run(
+    mut end: End,
+    mut ch: Channel,
+    domain: Arc<Domain>,
+    id: Arc<Identifier>,
+    mut outbox: Outbox,
+    mut gone: mpsc::UnboundedReceiver<String>,
+    emit: impl Fn(Heard) -> bool,
+) {
+    let mut state = State {
+        free_slots: (0..SEND_SLOTS).collect(),
+        posted: HashMap::new(),
+        next_wr: 0,
+        backlog: VecDeque::new(),
+    };
+    let why = loop {
+        let closing;
+        tokio::select! {
+            biased;
+            ready = ch.cq_fd.readable() => {
+                let Ok(mut ready) = ready else { break "completion channel failed".to_string() };
+                ready.clear_ready();
+                if let Err(e) = completions(&mut ch, &mut end, &domain, &mut state, &emit) {
+                    break e;
+                }
+                continue;
+            }
+            why = gone.recv() => break why.unwrap_or_else(|| "listener gone".into()),
+            _ = domain.freed.notified() => {
+                let mut out = Vec::new();
+                {
+                    let mut arena = domain.arena.lock().unwrap();
+                    match &mut end {
+                        End::Client(l) => l.retry(&mut arena, &mut out),
+                        End::Server(l) => l.progress(&mut arena, &mut out),
+                    }
+                }
+                if let Err(e) = execute(&mut ch, &domain, &mut state, out, &emit) {
+                    break e;
+                }
+                continue;
+            }
+            msg = outbox.recv(), if state.backlog.is_empty() => {
+                closing = !matches!(msg, Some(Outgoing::Frame(_)));
+                if let Some(Outgoing::Frame(frame)) = msg {
+                    outbox.sent(frame.len());
+                    let mut out = Vec::new();
+                    let sent = {
+                        let mut arena = domain.arena.lock().unwrap();
+                        match &mut end {
+                            End::Client(l) => {
+                                l.send(frame, &mut arena, &mut out);
+                                Ok(())
+                            }
+                            End::Server(l) => l.send(frame, &mut arena, &mut out),
+                        }
+                    };
+                    if let Err(LinkError(e)) = sent {
+                        break e;
+                    }
+                    if let Err(e) = execute(&mut ch, &domain, &mut state, out, &emit) {
+                        break e;
+                    }
+                }
+            }
+        }
+        if closing {
+            break "closed".to_string();
+        }
+    };
+    let _ = id.disconnect();
+    // The queue pair goes with `ch`: nothing can touch our memory after.
+    drop(ch);
+    {
+        let mut arena = domain.arena.lock().unwrap();
+        match &mut end {
+            End::Client(l) => l.close(&mut arena),
+            End::Server(l) => l.close(&mut arena),
+        }
+        for (_, p) in state.posted.drain() {
+            if let Posted::Place(e) = p {
+                arena.free(e);
+            }
+        }
+    }
+    domain.freed.notify_waiters();
+    emit(Heard::Closed(why));
+}
+
+struct State {
+    free_slots: Vec<usize>,
+    posted: HashMap<u64, Posted>,
+    next_wr: u64,
+    /// Work waiting for a send slot or send-queue room, in order.
+    backlog: VecDeque<Work>,
+}
+
+fn completions(
+    ch: &mut Channel,
+    end: &mut End,
+    domain: &Domain,
+    state: &mut State,
+    emit: &impl Fn(Heard) -> bool,
+) -> Result<(), String> {
+    // SAFETY: the CQ and its channel live as long as `ch`.
+    unsafe {
+        let mut cq = std::ptr::null_mut();
+        let mut ctx = std::ptr::null_mut();
+        if rdma_mummy_sys::ibv_get_cq_event(ch.comp.comp_channel().as_ptr(), &mut cq, &mut ctx) == 0
+        {
+            rdma_mummy_sys::ibv_ack_cq_events(cq, 1);
+        }
+        rdma_mummy_sys::ibv_req_notify_cq(ch.cq.cq().as_ptr(), 0);
+    }
+    loop {
+        let mut done = Vec::new();
+        if let Ok(poller) = ch.cq.start_poll() {
+            for wc in poller {
+                done.push((wc.wr_id(), wc.status(), wc.byte_len()));
+            }
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        for (wr, status, len) in done {
+            if status != WorkCompletionStatus::Success as u32 {
+                let status: WorkCompletionStatus = status.into();
+                return Err(format!("work request failed: {status:?}"));
+            }
+            let mut out = Vec::new();
+            match wr >> 56 {
+                WR_RECV => {
+                    let slot = (wr & 0xff_ffff) as usize;
+                    let message = ch.heads.read(slot * HEAD_SLOT, len as usize).to_vec();
+                    ch.post_recv(slot)?;
+                    let mut arena = domain.arena.lock().unwrap();
+                    match end {
+                        End::Client(l) => l.received(&message, &mut out).map_err(|e| e.0)?,
+                        End::Server(l) => l
+                            .received(&message, &mut arena, &mut out)
+                            .map_err(|e| e.0)?,
+                    }
+                }
+                _ => match state.posted.remove(&wr) {
+                    Some(Posted::Send(slot)) => state.free_slots.push(slot),
+                    Some(Posted::Fetch(token)) => {
+                        if let End::Server(l) = end {
+                            l.fetched(token, &mut domain.arena.lock().unwrap(), &mut out);
+                        }
+                    }
+                    Some(Posted::Place(extent)) => domain.free(extent),
+                    None => return Err(format!("completion for unknown work request {wr:#x}")),
+                },
+            }
+            execute(ch, domain, state, out, emit)?;
+        }
+    }
+}
+
+fn execute(
+    ch: &mut Channel,
+    domain: &Domain,
+    state: &mut State,
+    work: Vec<Work>,
+    emit: &impl Fn(Heard) -> bool,
+) -> Result<(), String> {
+    state.backlog.extend(work);
+    while let Some(w) = state.backlog.front() {
+        let needs_slot = matches!(w, Work::Send(_));
+        let needs_queue = matches!(w, Work::Send(_) | Work::Fetch { .. } | Work::Place { .. });
+        if (needs_slot && state.free_slots.is_empty())
+            || (needs_queue && state.posted.len() >= SEND_QUEUE)
+        {
+            return Ok(());
+        }
+        let w = state.backlog.pop_front().unwrap();
+        match w {
+            Work::Fill { extent, data } => domain.region.write(extent.offset as usize, &data),
+            Work::Deliver { head, payload } => {
+                let mut frame = head;
+                if let Some(e) = payload {
+                    frame.extend_from_slice(domain.region.read(e.offset as usize, e.len as usize));
+                }
+                if !emit(Heard::Frame(Bytes::from(frame))) {
+                    return Err("engine gone".into());
+                }
+            }
+            Work::Free(extent) => domain.free(extent),
+            Work::Send(message) => {
+                let slot = state.free_slots.pop().unwrap();
+                let at = (RECV_DEPTH + slot) * HEAD_SLOT;
+                ch.heads.write(at, &message);
+                let wr = next_wr(state, Posted::Send(slot));
+                let mut guard = ch.qp.start_post_send();
+                let h = guard
+                    .construct_wr(wr, WorkRequestFlags::Signaled)
+                    .setup_send();
+                // SAFETY: the slot lies in the registered head ring.
+                unsafe {
+                    h.setup_sge(
+                        ch.heads.mr().lkey(),
+                        ch.heads.addr(at),
+                        message.len() as u32,
+                    )
+                };
+                guard.post().map_err(|e| format!("posting a send: {e}"))?;
+            }
+            Work::Fetch {
+                token,
+                extent,
+                remote,
+            } => {
+                let wr = next_wr(state, Posted::Fetch(token));
+                let mut guard = ch.qp.start_post_send();
+                let h = guard
+                    .construct_wr(wr, WorkRequestFlags::Signaled)
+                    .setup_read(remote.rkey, remote.addr);
+                // SAFETY: the extent lies in the registered region.
+                unsafe {
+                    h.setup_sge(
+                        domain.region.mr().lkey(),
+                        domain.region.addr(extent.offset as usize),
+                        extent.len,
+                    )
+                };
+                guard.post().map_err(|e| format!("posting a fetch: {e}"))?;
+            }
+            Work::Place { extent, remote } => {
+                let wr = next_wr(state, Posted::Place(extent));
+                let mut guard = ch.qp.start_post_send();
+                let h = guard
+                    .construct_wr(wr, WorkRequestFlags::Signaled)
+                    .setup_write(remote.rkey, remote.addr);
+                // SAFETY: the extent lies in the registered region.
+                unsafe {
+                    h.setup_sge(
+                        domain.region.mr().lkey(),
+                        domain.region.addr(extent.offset as usize),
+                        extent.len,
+                    )
+                };
+                guard
+                    .post()
+                    .map_err(|e| format!("posting a placement: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn next_wr(state: &mut State, what: Posted) -> u64 {
+    state.next_wr = (state.next_wr + 1) & 0xff_ffff_ffff_ffff;
+    let wr = wr_id(WR_SEND, state.next_wr);
+    state.posted.insert(wr, what);
+    wr
+}
