@@ -361,6 +361,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
         "channels": s.channels.iter().map(|(id, ready, inflight, rtt)| serde_json::json!({
             "id": id.to_string(),
             "state": if *ready { "up" } else { "down" },
+            "path": s.path_of(*id),
             "inflight": inflight,
             "rtt_us": rtt.map(|r| r.as_micros() as u64),
         })).collect::<Vec<_>>(),
@@ -406,9 +407,10 @@ pub(crate) fn print_status(v: &serde_json::Value) {
             .as_u64()
             .map_or("-".to_string(), |r| format!("{r} µs"));
         println!(
-            "    {:<10} {:<5} in flight {:<4} rtt {rtt}",
+            "    {:<10} {:<5} {:<24} in flight {:<4} rtt {rtt}",
             c["id"].as_str().unwrap_or("?"),
             c["state"].as_str().unwrap_or("?"),
+            c["path"].as_str().unwrap_or("?"),
             c["inflight"]
         );
     }

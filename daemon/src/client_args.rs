@@ -158,8 +158,9 @@ pub(crate) fn print_channels(client: &Client) {
             format!("{:.0} µs", r.as_secs_f64() * 1e6)
         });
         println!(
-            "  {ch:<8} {:<6} in flight {inflight:<4} rtt {rtt}",
-            if *ready { "up" } else { "down" }
+            "  {ch:<8} {:<6} {:<24} in flight {inflight:<4} rtt {rtt}",
+            if *ready { "up" } else { "down" },
+            s.path_of(*ch)
         );
     }
     let st = &s.stats;

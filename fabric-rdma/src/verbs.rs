@@ -348,7 +348,32 @@ fn event_channel() -> Result<(Arc<EventChannel>, AsyncFd<RawFd>), String> {
     Ok((ec, fd))
 }
 
-fn resolve(addr: &str) -> Result<SocketAddr, String> {
+/// Reads `host:port`, also an IPv6 link-local address scoped by interface
+/// name (`[fe80::1%eth0]:7410`), which pins the path to that interface.
+pub fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Some((scoped, port)) = addr
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+    {
+        if let Some((ip, scope)) = scoped.split_once('%') {
+            let ip: std::net::Ipv6Addr = ip.parse().map_err(|e| format!("{addr}: {e}"))?;
+            let port: u16 = port.parse().map_err(|e| format!("{addr}: port: {e}"))?;
+            let scope_id = match scope.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => {
+                    let name = std::ffi::CString::new(scope).map_err(|e| format!("{addr}: {e}"))?;
+                    // SAFETY: a NUL-terminated name; the call only reads it.
+                    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+                        0 => return Err(format!("{addr}: no interface {scope:?}")),
+                        n => n,
+                    }
+                }
+            };
+            return Ok(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip, port, 0, scope_id,
+            )));
+        }
+    }
     addr.to_socket_addrs()
         .map_err(|e| format!("{addr}: {e}"))?
         .next()
@@ -358,6 +383,7 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
 /// Opens client channels over RDMA (`rdma://host:port`).
 pub struct RdmaDialer {
     domains: Arc<Domains>,
+    forge: bool,
 }
 
 impl RdmaDialer {
@@ -366,6 +392,17 @@ impl RdmaDialer {
     pub fn new(region_bytes: u64) -> RdmaDialer {
         RdmaDialer {
             domains: Arc::new(Domains::new(region_bytes, true)),
+            forge: false,
+        }
+    }
+
+    /// A hostile client for tests: every buffer it names lies past the end
+    /// of its registration, as a forged REMOTE_BUF would. The server's
+    /// one-sided access must fail for that channel alone.
+    pub fn forging(region_bytes: u64) -> RdmaDialer {
+        RdmaDialer {
+            forge: true,
+            ..RdmaDialer::new(region_bytes)
         }
     }
 }
@@ -380,6 +417,7 @@ impl Dialer for RdmaDialer {
     ) -> Dialing {
         let domains = self.domains.clone();
         let addr = addr.to_string();
+        let forge = self.forge;
         Box::pin(async move {
             let dst = resolve(&addr)?;
             let (ec, fd) = event_channel()?;
@@ -411,7 +449,7 @@ impl Dialer for RdmaDialer {
             channel.ready(&id)?;
             id.establish().map_err(|e| format!("establish: {e}"))?;
             let region = Region {
-                base: domain.region.addr(0),
+                base: domain.region.addr(0) + if forge { domains.bytes } else { 0 },
                 rkey: domain.region.mr().rkey(),
             };
             let (writer, outbox) = Writer::new(queue_limit);
@@ -419,12 +457,17 @@ impl Dialer for RdmaDialer {
             let (gone_tx, gone_rx) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 let why = loop {
-                    match next_event(&ec, &fd).await {
+                    let ev = tokio::select! {
+                        ev = next_event(&ec, &fd) => ev,
+                        // The channel ended first: nothing left to watch.
+                        _ = gone_tx.closed() => break String::new(),
+                    };
+                    match ev {
                         Ok(ev) => {
                             let t = ev.event_type();
                             let _ = ev.ack();
                             if matches!(t, EventType::Disconnected | EventType::DeviceRemoval) {
-                                break format!("{t:?}");
+                                break format!("rdma_cm: {t:?}");
                             }
                         }
                         Err(e) => break e,
@@ -531,6 +574,7 @@ async fn serve(
                 }
             };
             let kind = event.event_type();
+            tracing::debug!(?kind, status = event.status(), "rdma_cm event");
             let Some(cm) = event.cm_id() else {
                 let _ = event.ack();
                 continue;
@@ -678,6 +722,7 @@ async fn run(
             break "closed".to_string();
         }
     };
+    tracing::debug!(why, "RDMA channel ends");
     let _ = id.disconnect();
     // The queue pair goes with `ch`: nothing can touch our memory after.
     drop(ch);

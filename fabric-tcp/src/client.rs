@@ -36,6 +36,19 @@ pub struct ClientStatus {
     pub latency: OpLatency,
     /// The tunable settings in force.
     pub tuning: ClientTuning,
+    /// Per channel slot: the path (fabric and address) its latest
+    /// connection took.
+    pub paths: Vec<(u16, String)>,
+}
+
+impl ClientStatus {
+    /// The path (fabric and address) a channel uses.
+    pub fn path_of(&self, ch: ChannelId) -> &str {
+        self.paths
+            .iter()
+            .find(|(slot, _)| *slot == ch.slot)
+            .map_or("", |(_, p)| p.as_str())
+    }
 }
 
 /// Why [`Client::connect`] gave up.
@@ -280,7 +293,8 @@ impl Client {
 
 struct Driver {
     engine: ClientEngine,
-    /// The paths to the server; channel slot `k` takes path `k mod n`.
+    /// The paths to the server; channel slot `k` keeps to path `k mod n`
+    /// once a session exists.
     endpoints: Vec<Endpoint>,
     security: ClientSecurity,
     clock: Clock,
@@ -569,7 +583,21 @@ impl Driver {
         ev_tx: mpsc::UnboundedSender<Event>,
         conn_tx: mpsc::UnboundedSender<ConnEvent<ChannelId>>,
     ) {
-        let endpoint = &self.endpoints[ch.slot as usize % self.endpoints.len()];
+        // A channel keeps to its own path once a session exists, so it
+        // returns there when a dead path comes back. Before that, each new
+        // attempt tries the next path: a session must not wait for the
+        // one path that is down.
+        let n = self.endpoints.len();
+        let path = match self.engine.session() {
+            Some(_) => ch.slot as usize % n,
+            None => (ch.slot as usize + ch.gen.saturating_sub(1) as usize) % n,
+        };
+        let endpoint = &self.endpoints[path];
+        {
+            let mut st = self.status.lock().unwrap();
+            st.paths.retain(|(slot, _)| *slot != ch.slot);
+            st.paths.push((ch.slot, endpoint.to_string()));
+        }
         let addr = endpoint.addr.clone();
         let timeout = self.engine.config().handshake_timeout;
         // Replies carry at most the negotiated payload, never more than the

@@ -1,8 +1,10 @@
 //! Which fabric each channel of a client takes. A server address list
 //! such as `rdma://10.0.0.1:7000,10.0.0.1:7001` names several paths to one
-//! server: channel `k` always dials path `k mod n`, so when one path dies
-//! its channels keep failing to connect while the others carry the IO,
-//! and they come back by themselves when it returns. TCP (and TLS) is
+//! server: once a session exists, channel `k` always dials path `k mod n`,
+//! so when one path dies its channels keep failing to connect while the
+//! others carry the IO, and they come back by themselves when it returns
+//! (before the first session, attempts rotate over the paths, so a dead
+//! first path cannot keep the session from starting). TCP (and TLS) is
 //! built in; other fabrics register a [`Dialer`] for their scheme.
 
 use crate::conn::{ConnEvent, Writer};
