@@ -367,6 +367,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
         })).collect::<Vec<_>>(),
         "journaled": s.journaled,
         "dirty_bytes": s.dirty_bytes,
+        "rdma_memory": crate::rdma::memory_json(),
         "submitted": st.submitted,
         "completed": st.completed,
         "failed": st.failed,
@@ -401,6 +402,7 @@ pub(crate) fn print_status(v: &serde_json::Value) {
             s["server_boot"].as_str().unwrap_or("?")
         );
     }
+    crate::rdma::print_memory(&v["rdma_memory"]);
     println!("  channels:");
     for c in v["channels"].as_array().into_iter().flatten() {
         let rtt = c["rtt_us"]

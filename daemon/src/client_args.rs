@@ -58,6 +58,11 @@ pub(crate) struct ClientArgs {
     /// Client certificate's private key (PEM).
     #[arg(long, requires = "tls_client_cert")]
     pub(crate) tls_client_key: Option<PathBuf>,
+    /// Registered memory, in MiB per RDMA device, for buffers named to
+    /// servers over `rdma://` paths (at least 33: one largest payload)
+    /// [default: 64].
+    #[arg(long, value_name = "MIB")]
+    pub(crate) rdma_memory: Option<u64>,
     /// Which run of a client with state across runs this is (a volume's):
     /// servers fence the earlier runs' sessions.
     #[arg(skip)]
@@ -88,6 +93,7 @@ impl ClientArgs {
     }
 
     fn config(&self) -> Result<ClientConfig, String> {
+        crate::rdma::register_dialer(crate::rdma::region_bytes(self.rdma_memory))?;
         let key_file = self
             .key_file
             .clone()

@@ -80,7 +80,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    rdma::register_dialer();
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy

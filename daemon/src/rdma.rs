@@ -3,7 +3,7 @@
 //! Without it, both are refused with a clear error.
 
 #[cfg(feature = "rdma")]
-use braid_fabric_rdma::verbs::{RdmaDialer, RdmaListener, DEFAULT_REGION};
+use braid_fabric_rdma::verbs::{RdmaDialer, RdmaListener};
 use braid_fabric_tcp::Server;
 
 /// Listeners bound before the server starts.
@@ -12,18 +12,28 @@ pub(crate) struct Listeners {
     bound: Vec<RdmaListener>,
 }
 
+/// Registered memory, in MiB, from `--rdma-memory`.
+pub(crate) fn region_bytes(mib: Option<u64>) -> u64 {
+    mib.map_or(DEFAULT_REGION_BYTES, |m| m << 20)
+}
+
+/// The default registered memory per device, client or server.
+pub(crate) const DEFAULT_REGION_BYTES: u64 = 64 << 20;
+
 /// Binds every `--rdma` address, or says why not.
-pub(crate) fn bind(addrs: &[String]) -> Result<Listeners, String> {
+pub(crate) fn bind(addrs: &[String], region: u64) -> Result<Listeners, String> {
     #[cfg(feature = "rdma")]
     {
         let mut bound = Vec::new();
         for a in addrs {
             let addr = braid_fabric_rdma::verbs::resolve(a).map_err(|e| format!("--rdma {e}"))?;
-            bound.push(RdmaListener::bind(addr, DEFAULT_REGION)?);
+            bound.push(RdmaListener::bind(addr, region).map_err(|e| format!("--rdma {a}: {e}"))?);
             tracing::info!(%addr, "accepting braid channels over RDMA");
         }
         Ok(Listeners { bound })
     }
+    #[cfg(not(feature = "rdma"))]
+    let _ = region;
     #[cfg(not(feature = "rdma"))]
     match addrs.first() {
         Some(a) => Err(format!(
@@ -45,19 +55,64 @@ impl Listeners {
     }
 }
 
-/// Lets `rdma://` server addresses open channels (a no-op without RDMA:
-/// such an address is then refused when it is read).
-pub(crate) fn register_dialer() {
+/// Lets `rdma://` server addresses open channels with `region` bytes of
+/// registered memory per device (a no-op without RDMA: such an address is
+/// then refused when it is read).
+pub(crate) fn register_dialer(region: u64) -> Result<(), String> {
+    // One dialer, and so one registered region per device, for the whole
+    // process: every session of a volume's legs shares it.
+    static REGISTERED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut registered = REGISTERED.lock().unwrap();
+    if *registered {
+        return Ok(());
+    }
     #[cfg(feature = "rdma")]
     {
         // The conformance check's hostile client (xtask/conformance/rdma.sh):
         // it names buffers outside its registration.
         let dialer = if std::env::var_os("BRAID_TEST_RDMA_FORGE").is_some() {
             tracing::warn!("BRAID_TEST_RDMA_FORGE: naming forged remote buffers");
-            RdmaDialer::forging(DEFAULT_REGION)
+            RdmaDialer::forging(region)
         } else {
-            RdmaDialer::new(DEFAULT_REGION)
-        };
+            RdmaDialer::new(region)
+        }
+        .map_err(|e| format!("--rdma-memory: {e}"))?;
         braid_fabric_tcp::fabric::register("rdma", std::sync::Arc::new(dialer));
+    }
+    #[cfg(not(feature = "rdma"))]
+    let _ = region;
+    *registered = true;
+    Ok(())
+}
+
+/// Registered RDMA memory of this process, for status documents.
+pub(crate) fn memory_json() -> serde_json::Value {
+    #[cfg(feature = "rdma")]
+    let list: Vec<serde_json::Value> = braid_fabric_rdma::verbs::registered_memory()
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "side": m.side,
+                "devices": m.devices,
+                "per_device": m.per_device,
+                "in_use": m.in_use,
+            })
+        })
+        .collect();
+    #[cfg(not(feature = "rdma"))]
+    let list: Vec<serde_json::Value> = Vec::new();
+    serde_json::Value::Array(list)
+}
+
+/// Prints what [`memory_json`] gave, if anything.
+pub(crate) fn print_memory(v: &serde_json::Value) {
+    for m in v.as_array().into_iter().flatten() {
+        println!(
+            "  RDMA registered memory ({}): {} in use of {} per device, {} device(s)",
+            m["side"].as_str().unwrap_or("?"),
+            crate::config::human_size(m["in_use"].as_u64().unwrap_or(0)),
+            crate::config::human_size(m["per_device"].as_u64().unwrap_or(0)),
+            m["devices"]
+        );
     }
 }

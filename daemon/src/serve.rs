@@ -46,6 +46,10 @@ pub(crate) struct ServeArgs {
     /// repeatable. Needs a braid built with `--features rdma`.
     #[arg(long)]
     rdma: Vec<String>,
+    /// Registered memory, in MiB per RDMA device, for payloads moving
+    /// one-sided (at least 33: one largest payload) [default: 64].
+    #[arg(long, value_name = "MIB")]
+    rdma_memory: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
@@ -153,7 +157,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let rdma = crate::rdma::bind(&args.rdma)?;
+    let rdma = crate::rdma::bind(&args.rdma, crate::rdma::region_bytes(args.rdma_memory))?;
     let control = args
         .control
         .or(file.control)

@@ -114,6 +114,7 @@ impl ProxiedServer {
             tls_name: None,
             tls_client_cert: None,
             tls_client_key: None,
+            rdma_memory: None,
             identity: None,
         }
         .connect()

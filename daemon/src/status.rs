@@ -63,6 +63,7 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
         "sessions_freed": st.sessions_freed,
         "overload_dropped": st.overload_dropped,
         "tuning": crate::tuning::server_json(&s.tuning),
+        "rdma_memory": crate::rdma::memory_json(),
     })
 }
 
@@ -124,6 +125,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  settings (braid set): {}", settings.join(" "));
     }
+    crate::rdma::print_memory(&v["rdma_memory"]);
     for x in v["session_list"].as_array().into_iter().flatten() {
         println!(
             "  session {} export {} channels {} remembered results {} backend ops {}{}",

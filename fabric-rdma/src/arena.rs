@@ -11,16 +11,11 @@ pub const ALIGN: u64 = 4096;
 /// A byte range of the region, handed out by [`Arena::alloc`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Extent {
-    /// Offset from the start of the region.
+    /// Offset from the start of the region (page-aligned, after the
+    /// arena's head room).
     pub offset: u64,
-    /// Bytes asked for (the arena reserves it rounded up to [`ALIGN`]).
+    /// Bytes asked for.
     pub len: u32,
-}
-
-impl Extent {
-    fn reserved(&self) -> u64 {
-        (self.len as u64).div_ceil(ALIGN) * ALIGN
-    }
 }
 
 /// First-fit over free ranges kept merged, so freeing everything always
@@ -28,6 +23,9 @@ impl Extent {
 #[derive(Debug)]
 pub struct Arena {
     capacity: u64,
+    /// Bytes reserved before every extent, so a frame's head can be put
+    /// right in front of its payload and the two handed on as one buffer.
+    head_room: u64,
     /// Free ranges: start -> length, never adjacent.
     free: BTreeMap<u64, u64>,
     in_use: u64,
@@ -37,13 +35,21 @@ pub struct Arena {
 impl Arena {
     /// An arena over `capacity` bytes (rounded down to [`ALIGN`]).
     pub fn new(capacity: u64) -> Arena {
+        Arena::with_head_room(capacity, 0)
+    }
+
+    /// An arena that keeps `head_room` bytes (rounded up to [`ALIGN`]) free
+    /// in front of every extent.
+    pub fn with_head_room(capacity: u64, head_room: u64) -> Arena {
         let capacity = capacity / ALIGN * ALIGN;
+        let head_room = head_room.div_ceil(ALIGN) * ALIGN;
         let mut free = BTreeMap::new();
         if capacity > 0 {
             free.insert(0, capacity);
         }
         Arena {
             capacity,
+            head_room,
             free,
             in_use: 0,
             extents: 0,
@@ -60,9 +66,14 @@ impl Arena {
         self.in_use
     }
 
+    /// Bytes an extent of `len` takes from the region.
+    fn reserved(&self, len: u32) -> u64 {
+        self.head_room + (len as u64).div_ceil(ALIGN) * ALIGN
+    }
+
     /// Whether `len` bytes could ever fit, however much is freed.
     pub fn fits_at_all(&self, len: u32) -> bool {
-        len > 0 && (len as u64).div_ceil(ALIGN) * ALIGN <= self.capacity
+        len > 0 && self.reserved(len) <= self.capacity
     }
 
     /// Reserves `len` bytes (`len > 0`), or None while they do not fit.
@@ -70,8 +81,7 @@ impl Arena {
         if len == 0 {
             return None;
         }
-        let extent = Extent { offset: 0, len };
-        let want = extent.reserved();
+        let want = self.reserved(len);
         let (&start, &size) = self.free.iter().find(|(_, &size)| size >= want)?;
         self.free.remove(&start);
         if size > want {
@@ -79,13 +89,16 @@ impl Arena {
         }
         self.in_use += want;
         self.extents += 1;
-        Some(Extent { offset: start, len })
+        Some(Extent {
+            offset: start + self.head_room,
+            len,
+        })
     }
 
     /// Returns an extent this arena handed out.
     pub fn free(&mut self, extent: Extent) {
-        let mut start = extent.offset;
-        let mut size = extent.reserved();
+        let mut start = extent.offset - self.head_room;
+        let mut size = self.reserved(extent.len);
         debug_assert!(start + size <= self.capacity, "extent outside the arena");
         self.in_use -= size;
         self.extents -= 1;
@@ -184,19 +197,25 @@ mod tests {
     proptest! {
         #[test]
         fn extents_never_overlap_and_the_books_always_balance(
+            room in prop::sample::select(vec![0u32, 1, 4096]),
             steps in proptest::collection::vec((any::<bool>(), 1u32..40_000, any::<prop::sample::Index>()), 1..200)
         ) {
-            let mut arena = Arena::new(64 * ALIGN);
+            let mut arena = Arena::with_head_room(64 * ALIGN, room as u64);
             let mut held: Vec<Extent> = Vec::new();
             for (alloc, len, pick) in steps {
                 if alloc || held.is_empty() {
                     if let Some(e) = arena.alloc(len) {
                         for h in &held {
-                            let apart = e.offset + e.reserved() <= h.offset
-                                || h.offset + h.reserved() <= e.offset;
+                            let span = |x: &Extent| {
+                                let start = x.offset - arena.head_room;
+                                (start, start + arena.reserved(x.len))
+                            };
+                            let ((es, ee), (hs, he)) = (span(&e), span(h));
+                            let apart = ee <= hs || he <= es;
                             prop_assert!(apart, "{e:?} overlaps {h:?}");
                         }
                         prop_assert_eq!(e.offset % ALIGN, 0);
+                        prop_assert!(e.offset >= arena.head_room);
                         held.push(e);
                     }
                 } else {
@@ -209,7 +228,8 @@ mod tests {
                 arena.free(e);
             }
             prop_assert_eq!(arena.in_use(), 0);
-            prop_assert!(arena.alloc(64 * ALIGN as u32).is_some());
+            let whole = (64 * ALIGN - arena.head_room) as u32;
+            prop_assert!(arena.alloc(whole).is_some());
         }
     }
 }

@@ -45,14 +45,19 @@ pub enum Work {
         /// The peer's buffer.
         remote: RemoteBuf,
     },
-    /// Give the engine the frame `head` followed by the bytes at `payload`
-    /// (copied out before the next call into the link; the link frees
-    /// the extent when it says so).
+    /// Give the engine the frame `head` followed by the bytes at `payload`.
+    /// If `owned`, the frame takes the extent: the driver may put the head
+    /// in the head room before it and hand the engine the registered
+    /// memory itself, freeing the extent when the engine drops the frame.
+    /// Otherwise the driver copies the payload out before the next call
+    /// into the link, which frees the extent later.
     Deliver {
         /// Prefix and body, stream form.
         head: Vec<u8>,
-        /// The payload, in registered memory.
-        payload: Option<Extent>,
+        /// The payload: the first `.1` bytes of the extent `.0`.
+        payload: Option<(Extent, u32)>,
+        /// Whether the frame now owns the payload's extent.
+        owned: bool,
     },
     /// Free this extent (its payload was copied out).
     Free(Extent),
@@ -179,6 +184,7 @@ impl ClientLink {
                     out.push(Work::Deliver {
                         head: message.to_vec(),
                         payload: None,
+                        owned: false,
                     });
                     return Ok(());
                 };
@@ -188,21 +194,32 @@ impl ClientLink {
                         named.extent.len
                     )));
                 }
-                let payload = (payload_len > 0).then_some(Extent {
-                    offset: named.extent.offset,
-                    len: payload_len,
-                });
-                out.push(Work::Deliver {
-                    head: message.to_vec(),
-                    payload,
-                });
                 named.sent = named.sent.saturating_sub(1);
-                if named.sent == 0 {
-                    // Freed by the driver once it copied the data out:
-                    // another channel sharing the arena must not get it
-                    // back before.
-                    out.push(Work::Free(named.extent));
+                // The last copy answered: no placement can come any more,
+                // so the frame may own the buffer (and the engine read the
+                // data where the server put it). Else it is copied out and
+                // the buffer stays named.
+                let owned = named.sent == 0;
+                let extent = named.extent;
+                if owned {
                     self.named.remove(&id);
+                }
+                match (payload_len > 0, owned) {
+                    (true, _) => out.push(Work::Deliver {
+                        head: message.to_vec(),
+                        payload: Some((extent, payload_len)),
+                        owned,
+                    }),
+                    (false, owned) => {
+                        out.push(Work::Deliver {
+                            head: message.to_vec(),
+                            payload: None,
+                            owned: false,
+                        });
+                        if owned {
+                            out.push(Work::Free(extent));
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -210,6 +227,7 @@ impl ClientLink {
                 out.push(Work::Deliver {
                     head: message.to_vec(),
                     payload: None,
+                    owned: false,
                 });
                 Ok(())
             }
@@ -368,6 +386,7 @@ impl ServerLink {
                     out.push(Work::Deliver {
                         head,
                         payload: None,
+                        owned: false,
                     });
                 }
                 Arriving::Fetching { done: true, .. } => {
@@ -381,9 +400,9 @@ impl ServerLink {
                     };
                     out.push(Work::Deliver {
                         head,
-                        payload: Some(extent),
+                        payload: Some((extent, extent.len)),
+                        owned: true,
                     });
-                    out.push(Work::Free(extent));
                 }
                 Arriving::Fetching { .. } => break,
             }

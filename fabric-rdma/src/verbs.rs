@@ -53,7 +53,7 @@ const READ_DEPTH: u8 = 16;
 const RESOLVE: Duration = Duration::from_secs(2);
 
 /// Registered memory for payloads: the least that holds one largest
-/// payload, and the default for a session or a server.
+/// payload and its head room.
 pub const MIN_REGION: u64 = MAX_PAYLOAD_LEN as u64 + ALIGN;
 /// Default registered memory per client session and per server.
 pub const DEFAULT_REGION: u64 = 64 << 20;
@@ -142,6 +142,27 @@ impl Domain {
     }
 }
 
+/// A frame lent straight out of registered memory; its extent returns to
+/// the arena when the last user of the frame drops it.
+struct Lent {
+    domain: Arc<Domain>,
+    extent: Extent,
+    start: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.domain.region.read(self.start, self.len)
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.domain.free(self.extent);
+    }
+}
+
 /// Domains by device, created on first use.
 struct Domains {
     bytes: u64,
@@ -150,13 +171,64 @@ struct Domains {
     by_device: Mutex<HashMap<usize, Arc<Domain>>>,
 }
 
+/// Every process-wide set of domains, for [`registered_memory`].
+static ALL_DOMAINS: Mutex<Vec<std::sync::Weak<Domains>>> = Mutex::new(Vec::new());
+
+/// Registered memory of this process, for status output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisteredMemory {
+    /// "server" (staging for one-sided moves) or "client" (named buffers).
+    pub side: &'static str,
+    /// Devices with a region.
+    pub devices: usize,
+    /// Bytes registered per device (the configured limit).
+    pub per_device: u64,
+    /// Bytes held by payloads in flight, over all devices.
+    pub in_use: u64,
+}
+
+/// What every listener and dialer of this process has registered.
+pub fn registered_memory() -> Vec<RegisteredMemory> {
+    let mut all = ALL_DOMAINS.lock().unwrap();
+    all.retain(|d| d.strong_count() > 0);
+    all.iter()
+        .filter_map(|d| d.upgrade())
+        .map(|d| {
+            let devices = d.by_device.lock().unwrap();
+            RegisteredMemory {
+                side: if d.remote_access { "client" } else { "server" },
+                devices: devices.len(),
+                per_device: d.bytes,
+                in_use: devices
+                    .values()
+                    .map(|x| x.arena.lock().unwrap().in_use())
+                    .sum(),
+            }
+        })
+        .collect()
+}
+
+/// Refuses a registered-memory limit that cannot hold one largest payload.
+pub fn check_region(bytes: u64) -> Result<u64, String> {
+    if bytes < MIN_REGION {
+        return Err(format!(
+            "registered memory of {} MiB cannot hold one largest payload: at least {} MiB",
+            bytes >> 20,
+            MIN_REGION.div_ceil(1 << 20)
+        ));
+    }
+    Ok(bytes)
+}
+
 impl Domains {
-    fn new(bytes: u64, remote_access: bool) -> Domains {
-        Domains {
-            bytes: bytes.max(MIN_REGION),
+    fn new(bytes: u64, remote_access: bool) -> Result<Arc<Domains>, String> {
+        let d = Arc::new(Domains {
+            bytes: check_region(bytes)?,
             remote_access,
             by_device: Mutex::new(HashMap::new()),
-        }
+        });
+        ALL_DOMAINS.lock().unwrap().push(Arc::downgrade(&d));
+        Ok(d)
     }
 
     fn for_device(&self, ctx: &Arc<DeviceContext>) -> Result<Arc<Domain>, String> {
@@ -177,7 +249,7 @@ impl Domains {
         let d = Arc::new(Domain {
             pd,
             region,
-            arena: Mutex::new(Arena::new(self.bytes)),
+            arena: Mutex::new(Arena::with_head_room(self.bytes, HEAD_SLOT as u64)),
             freed: Notify::new(),
         });
         all.insert(key, d.clone());
@@ -388,22 +460,22 @@ pub struct RdmaDialer {
 
 impl RdmaDialer {
     /// A dialer whose sessions share `region_bytes` of registered memory
-    /// per device (at least [`MIN_REGION`]).
-    pub fn new(region_bytes: u64) -> RdmaDialer {
-        RdmaDialer {
-            domains: Arc::new(Domains::new(region_bytes, true)),
+    /// per device (at least [`MIN_REGION`], else the error says so).
+    pub fn new(region_bytes: u64) -> Result<RdmaDialer, String> {
+        Ok(RdmaDialer {
+            domains: Domains::new(region_bytes, true)?,
             forge: false,
-        }
+        })
     }
 
     /// A hostile client for tests: every buffer it names lies past the end
     /// of its registration, as a forged REMOTE_BUF would. The server's
     /// one-sided access must fail for that channel alone.
-    pub fn forging(region_bytes: u64) -> RdmaDialer {
-        RdmaDialer {
+    pub fn forging(region_bytes: u64) -> Result<RdmaDialer, String> {
+        Ok(RdmaDialer {
             forge: true,
-            ..RdmaDialer::new(region_bytes)
-        }
+            ..RdmaDialer::new(region_bytes)?
+        })
     }
 }
 
@@ -520,6 +592,7 @@ impl RdmaListener {
     /// Listens on `addr`; the server's payload staging is `region_bytes`
     /// of registered memory per device (at least [`MIN_REGION`]).
     pub fn bind(addr: SocketAddr, region_bytes: u64) -> Result<RdmaListener, String> {
+        check_region(region_bytes)?;
         let (ec, fd) = event_channel()?;
         let id = ec
             .create_id(PortSpace::Tcp)
@@ -559,7 +632,13 @@ async fn serve(
     region_bytes: u64,
     server: Server,
 ) {
-    let domains = Domains::new(region_bytes, false);
+    let domains = match Domains::new(region_bytes, false) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(%addr, error = e, "RDMA listener stopped");
+            return;
+        }
+    };
     {
         // Keep the listening id alive as long as the task.
         let _listener = id;
@@ -753,7 +832,7 @@ struct State {
 fn completions(
     ch: &mut Channel,
     end: &mut End,
-    domain: &Domain,
+    domain: &Arc<Domain>,
     state: &mut State,
     emit: &impl Fn(Heard) -> bool,
 ) -> Result<(), String> {
@@ -814,7 +893,7 @@ fn completions(
 
 fn execute(
     ch: &mut Channel,
-    domain: &Domain,
+    domain: &Arc<Domain>,
     state: &mut State,
     work: Vec<Work>,
     emit: &impl Fn(Heard) -> bool,
@@ -831,12 +910,35 @@ fn execute(
         let w = state.backlog.pop_front().unwrap();
         match w {
             Work::Fill { extent, data } => domain.region.write(extent.offset as usize, &data),
-            Work::Deliver { head, payload } => {
-                let mut frame = head;
-                if let Some(e) = payload {
-                    frame.extend_from_slice(domain.region.read(e.offset as usize, e.len as usize));
-                }
-                if !emit(Heard::Frame(Bytes::from(frame))) {
+            Work::Deliver {
+                head,
+                payload,
+                owned,
+            } => {
+                let frame = match payload {
+                    None => Bytes::from(head),
+                    // Zero-copy: the head goes into the room before the
+                    // data, and the engine (and the backend or frontend
+                    // behind it) reads the registered memory itself.
+                    Some((extent, len)) if owned => {
+                        let start = extent.offset as usize - head.len();
+                        domain.region.write(start, &head);
+                        Bytes::from_owner(Lent {
+                            domain: domain.clone(),
+                            extent,
+                            start,
+                            len: head.len() + len as usize,
+                        })
+                    }
+                    Some((extent, len)) => {
+                        let mut frame = head;
+                        frame.extend_from_slice(
+                            domain.region.read(extent.offset as usize, len as usize),
+                        );
+                        Bytes::from(frame)
+                    }
+                };
+                if !emit(Heard::Frame(frame)) {
                     return Err("engine gone".into());
                 }
             }

@@ -29,6 +29,10 @@ step() { echo "-- $*" >&2; }
 CLI=""
 TCP=127.0.0.1:7410
 mkdir -p "$WORK/srv" "$LOGS" /mnt/r
+if timeout 10 "$BRAID" serve --rdma 127.0.0.1:1 --data-dir "$WORK/probe" 2>&1 | grep -q "built without RDMA"; then
+  echo "SKIP rdma: the RDMA fabric checks"
+  exit 0
+fi
 
 setup() {
   modprobe rdma_rxe && modprobe rdma_ucm && modprobe veth || return 1
@@ -62,7 +66,9 @@ start_server() {
 verify() {
   local log=$LOGS/rdma-$1.log
   shift
-  $CLI "$BRAID" verify --key-file "$WORK/srv/keys.toml" "$@" >"$log" 2>&1
+  # Bounded: a verify whose server never comes back would wait forever,
+  # as a disk does.
+  timeout 120 $CLI "$BRAID" verify --key-file "$WORK/srv/keys.toml" "$@" >"$log" 2>&1
 }
 clean() { grep -q "0 verification failures, 0 IO errors" "$1"; }
 
@@ -77,6 +83,15 @@ fi
 LL=$(link_local vB)
 RDMA="rdma://[$LL%vA]:7411"
 start_server || { fail "braid serve --rdma did not start: $(tail -5 "$LOGS/rdma-serve.log")"; exit 1; }
+
+if "$BRAID" serve --data-dir "$WORK/small" --listen 127.0.0.1:7499 --rdma "[$LL%vB]:7412" \
+     --rdma-memory 16 >"$LOGS/rdma-small.log" 2>&1; then
+  fail "a server with 16 MiB of registered memory started"
+elif grep -q "cannot hold one largest payload: at least 33 MiB" "$LOGS/rdma-small.log"; then
+  ok "registered memory too small for one payload (--rdma-memory 16) is refused with the least that works"
+else
+  fail "--rdma-memory 16: $(cat "$LOGS/rdma-small.log")"
+fi
 
 step "1. verify over RDMA only"
 verify only --server "$RDMA" --channels 2 --time 8
@@ -153,6 +168,13 @@ if modprobe nbd nbds_max=4; then
      fsck.ext4 -fn /dev/nbd2 >"$LOGS/rdma-fsck.log" 2>&1 &&
      mount /dev/nbd2 /mnt/r && [ "$(sha256sum </mnt/r/f)" = "$sha" ]; then
     ok "kernel nbd-client over braid attach over RDMA: mkfs.ext4, mount, 16 MiB written, fsck clean, read back intact"
+    "$BRAID" status --control "$WORK/attach.ctl" >"$LOGS/rdma-attach-status.txt" 2>&1
+    if grep -q "RDMA registered memory (client): .* of 64.0 MiB per device" "$LOGS/rdma-attach-status.txt" &&
+       grep -q "up .*rdma://" "$LOGS/rdma-attach-status.txt"; then
+      ok "braid status of the attach shows its channels' RDMA path and its registered memory"
+    else
+      fail "attach status: $(cat "$LOGS/rdma-attach-status.txt")"
+    fi
   else
     fail "nbd over RDMA: $(tail -5 "$LOGS/rdma-attach.log") $(cat "$LOGS/rdma-nbd-client.log")"
   fi

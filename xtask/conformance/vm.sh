@@ -6,4 +6,5 @@
 here=$(dirname "$0")
 bash "$here/kernel_nbd.sh" "$1" "$2"; nbd=$?
 bash "$here/ublk.sh" "$1" "$2"; ublk=$?
-exit $((nbd | ublk))
+bash "$here/rdma.sh" "$1" "$2"; rdma=$?
+exit $((nbd | ublk | rdma))

@@ -693,7 +693,7 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
     let dir = work.join("vm");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let scripts = root.join("xtask/conformance");
-    eprintln!("==> booting the VM for the kernel nbd-client and ublk checks (about two minutes under TCG)");
+    eprintln!("==> booting the VM for the kernel nbd-client, ublk and RDMA checks (about five minutes under TCG)");
     let o = output(
         Command::new(&vmlab)
             .arg("run")
@@ -711,13 +711,29 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
             (r, Verdict::Pass)
         } else if let Some(r) = line.strip_prefix("FAIL ") {
             (r, Verdict::Fail(String::new()))
+        } else if let Some(r) = line.strip_prefix("SKIP ") {
+            let why = "built without the RDMA fabric (needs cmake and clang)".to_string();
+            (
+                r,
+                if in_ci() {
+                    Verdict::Fail(why)
+                } else {
+                    Verdict::Skip(why)
+                },
+            )
         } else {
+            if let Some(f) = line.strip_prefix("figure ") {
+                println!("figure: {f}");
+            }
             continue;
         };
         rows += 1;
-        match row.strip_prefix("ublk: ") {
-            Some(r) => report.add("vm/ublk", "ublk block device", r, verdict),
-            None => report.add(target, "kernel nbd-client", row, verdict),
+        if let Some(r) = row.strip_prefix("ublk: ") {
+            report.add("vm/ublk", "ublk block device", r, verdict);
+        } else if let Some(r) = row.strip_prefix("rdma: ") {
+            report.add("vm/rdma", "RDMA fabric (soft-RoCE)", r, verdict);
+        } else {
+            report.add(target, "kernel nbd-client", row, verdict);
         }
     }
     if !o.status.success() || rows == 0 {
