@@ -13,7 +13,7 @@
 #     on over TCP, and the RDMA channels come back when the path does;
 #  5. a client naming forged remote buffers: only its own channels fail;
 #  6. the kernel's nbd-client through `braid attach` over RDMA: mkfs.ext4,
-#     mount, write, fsck;
+#     mount, write, fsck; and fio verify on /dev/ublkbN over RDMA;
 #  7. the RDMA link down under load (ip link set down): IO goes on over TCP.
 # Then, as figures (timings under TCG mean little): QD32 4k reads over RDMA
 # and over TCP on the same kind of veth link, with server CPU per IO.
@@ -184,6 +184,27 @@ if modprobe nbd nbds_max=4; then
   wait "$A"
 else
   fail "modprobe nbd"
+fi
+
+step "6b. ublk through braid attach over RDMA"
+if modprobe ublk_drv; then
+  "$BRAID" attach --server "$RDMA" --key-file "$WORK/srv/keys.toml" --export disk1 \
+    --ublk --queues 2 --depth 64 --control "$WORK/ublk.ctl" >"$LOGS/rdma-ublk.log" 2>&1 &
+  U=$!
+  for _ in $(seq 1 600); do grep -q '^device:' "$LOGS/rdma-ublk.log" && break; sleep 0.1; done
+  DEV=$(awk '/^device:/ {print $2}' "$LOGS/rdma-ublk.log")
+  if [ -b "${DEV:-/nonexistent}" ] &&
+     fio --name=rdma-ublk --filename="$DEV" --rw=randrw --bsrange=4k-256k --size=64M \
+       --ioengine=io_uring --iodepth=32 --direct=1 --verify=crc32c --verify_fatal=1 \
+       --do_verify=1 --output="$LOGS/rdma-ublk-fio.log" >/dev/null 2>&1; then
+    ok "ublk through braid attach over RDMA: fio randrw io_uring QD32 4k-256k O_DIRECT, every block verifies"
+  else
+    fail "ublk over RDMA: $(tail -5 "$LOGS/rdma-ublk.log") $(tail -5 "$LOGS/rdma-ublk-fio.log" 2>/dev/null)"
+  fi
+  "$BRAID" detach --control "$WORK/ublk.ctl" >/dev/null 2>&1
+  wait "$U"
+else
+  fail "modprobe ublk_drv"
 fi
 
 step "figures: QD32 4k random reads, RDMA and TCP"
