@@ -13,5 +13,6 @@
 
 pub mod arena;
 pub mod link;
+pub mod queue;
 #[cfg(feature = "verbs")]
 pub mod verbs;

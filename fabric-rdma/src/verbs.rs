@@ -6,9 +6,10 @@
 
 use crate::arena::{Arena, Extent, ALIGN};
 use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
+use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
 use braid_core::client::ChannelId;
 use braid_core::server::ConnId;
-use braid_core::wire::{MAX_BODY_LEN, MAX_PAYLOAD_LEN, PREFIX_LEN};
+use braid_core::wire::{RemoteBuf, MAX_BODY_LEN, MAX_PAYLOAD_LEN, PREFIX_LEN};
 use braid_fabric_tcp::conn::{ConnEvent, Outbox, Outgoing, Writer};
 use braid_fabric_tcp::fabric::{Dialer, Dialing};
 use braid_fabric_tcp::Server;
@@ -29,7 +30,7 @@ use sideway::rdmacm::communication_manager::{
     ConnectionParameter, Event, EventChannel, EventType, GetEventErrorKind, Identifier, PortSpace,
 };
 use std::alloc::Layout;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -350,7 +351,7 @@ impl Channel {
 
     fn post_recv(&mut self, slot: usize) -> Result<(), String> {
         let mut guard = self.qp.start_post_recv();
-        let wr = guard.construct_wr(wr_id(WR_RECV, slot as u64));
+        let wr = guard.construct_wr(recv_id(slot));
         // SAFETY: the slot lies in the registered head ring.
         unsafe {
             wr.setup_sge(
@@ -363,19 +364,21 @@ impl Channel {
     }
 }
 
-/// Work request ids: the kind in the top byte, a receive slot or a
-/// send-queue sequence number below.
-const WR_RECV: u64 = 1;
-const WR_SEND: u64 = 2;
-
-fn wr_id(kind: u64, value: u64) -> u64 {
-    kind << 56 | value
-}
-
 /// Either end's channel logic.
 enum End {
     Client(ClientLink),
     Server(ServerLink),
+}
+
+impl End {
+    /// Lets what waited for registered memory go, if it fits now.
+    fn retry(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
+        match self {
+            End::Client(l) if l.waiting() > 0 => l.retry(arena, out),
+            End::Server(l) if l.waiting() > 0 => l.progress(arena, out),
+            _ => {}
+        }
+    }
 }
 
 /// Waits for `want` on an rdma_cm event channel; any other event is the
@@ -721,13 +724,6 @@ fn accept(cm: &Arc<Identifier>, domains: &Domains) -> Result<(Channel, Arc<Domai
     Ok((channel, domain))
 }
 
-/// What a send-queue slot is doing.
-enum Posted {
-    Send(usize),
-    Fetch(u64),
-    Place(Extent),
-}
-
 /// One channel's life: frames from the engine out, messages and
 /// completions in, until the peer leaves, a work request fails, or the
 /// engine closes it.
@@ -740,40 +736,32 @@ async fn run(
     mut gone: mpsc::UnboundedReceiver<String>,
     emit: impl Fn(Heard) -> bool,
 ) {
-    let mut state = State {
-        free_slots: (0..SEND_SLOTS).collect(),
-        posted: HashMap::new(),
-        next_wr: 0,
-        backlog: VecDeque::new(),
-    };
+    let mut queue = SendQueue::new(SEND_SLOTS, SEND_QUEUE);
     let why = loop {
+        // Armed before looking, so memory another channel frees from now
+        // on wakes this one even while it is busy below.
+        let freed = domain.freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        let mut out = Vec::new();
+        end.retry(&mut domain.arena.lock().unwrap(), &mut out);
+        if let Err(e) = execute(&mut ch, &domain, &mut queue, out, &emit) {
+            break e;
+        }
         let closing;
         tokio::select! {
             biased;
             ready = ch.cq_fd.readable() => {
                 let Ok(mut ready) = ready else { break "completion channel failed".to_string() };
                 ready.clear_ready();
-                if let Err(e) = completions(&mut ch, &mut end, &domain, &mut state, &emit) {
+                if let Err(e) = completions(&mut ch, &mut end, &domain, &mut queue, &emit) {
                     break e;
                 }
                 continue;
             }
             why = gone.recv() => break why.unwrap_or_else(|| "listener gone".into()),
-            _ = domain.freed.notified() => {
-                let mut out = Vec::new();
-                {
-                    let mut arena = domain.arena.lock().unwrap();
-                    match &mut end {
-                        End::Client(l) => l.retry(&mut arena, &mut out),
-                        End::Server(l) => l.progress(&mut arena, &mut out),
-                    }
-                }
-                if let Err(e) = execute(&mut ch, &domain, &mut state, out, &emit) {
-                    break e;
-                }
-                continue;
-            }
-            msg = outbox.recv(), if state.backlog.is_empty() => {
+            _ = &mut freed => continue,
+            msg = outbox.recv(), if !queue.is_backed_up() => {
                 closing = !matches!(msg, Some(Outgoing::Frame(_)));
                 if let Some(Outgoing::Frame(frame)) = msg {
                     outbox.sent(frame.len());
@@ -791,7 +779,7 @@ async fn run(
                     if let Err(LinkError(e)) = sent {
                         break e;
                     }
-                    if let Err(e) = execute(&mut ch, &domain, &mut state, out, &emit) {
+                    if let Err(e) = execute(&mut ch, &domain, &mut queue, out, &emit) {
                         break e;
                     }
                 }
@@ -811,29 +799,19 @@ async fn run(
             End::Client(l) => l.close(&mut arena),
             End::Server(l) => l.close(&mut arena),
         }
-        for (_, p) in state.posted.drain() {
-            if let Posted::Place(e) = p {
-                arena.free(e);
-            }
+        for e in queue.close() {
+            arena.free(e);
         }
     }
     domain.freed.notify_waiters();
     emit(Heard::Closed(why));
 }
 
-struct State {
-    free_slots: Vec<usize>,
-    posted: HashMap<u64, Posted>,
-    next_wr: u64,
-    /// Work waiting for a send slot or send-queue room, in order.
-    backlog: VecDeque<Work>,
-}
-
 fn completions(
     ch: &mut Channel,
     end: &mut End,
     domain: &Arc<Domain>,
-    state: &mut State,
+    queue: &mut SendQueue,
     emit: &impl Fn(Heard) -> bool,
 ) -> Result<(), String> {
     // SAFETY: the CQ and its channel live as long as `ch`.
@@ -862,31 +840,39 @@ fn completions(
                 return Err(format!("work request failed: {status:?}"));
             }
             let mut out = Vec::new();
-            match wr >> 56 {
-                WR_RECV => {
-                    let slot = (wr & 0xff_ffff) as usize;
-                    let message = ch.heads.read(slot * HEAD_SLOT, len as usize).to_vec();
-                    ch.post_recv(slot)?;
-                    let mut arena = domain.arena.lock().unwrap();
-                    match end {
-                        End::Client(l) => l.received(&message, &mut out).map_err(|e| e.0)?,
-                        End::Server(l) => l
-                            .received(&message, &mut arena, &mut out)
-                            .map_err(|e| e.0)?,
-                    }
+            if let Some(slot) = recv_slot(wr) {
+                let message = ch.heads.read(slot * HEAD_SLOT, len as usize).to_vec();
+                ch.post_recv(slot)?;
+                let mut arena = domain.arena.lock().unwrap();
+                match end {
+                    End::Client(l) => l.received(&message, &mut out).map_err(|e| e.0)?,
+                    End::Server(l) => l
+                        .received(&message, &mut arena, &mut out)
+                        .map_err(|e| e.0)?,
                 }
-                _ => match state.posted.remove(&wr) {
-                    Some(Posted::Send(slot)) => state.free_slots.push(slot),
-                    Some(Posted::Fetch(token)) => {
+            } else {
+                match queue.completed(wr)? {
+                    Completed::Sent => {}
+                    Completed::Fetched(token) => {
                         if let End::Server(l) = end {
                             l.fetched(token, &mut domain.arena.lock().unwrap(), &mut out);
                         }
                     }
-                    Some(Posted::Place(extent)) => domain.free(extent),
-                    None => return Err(format!("completion for unknown work request {wr:#x}")),
-                },
+                    Completed::Placed(extent) => domain.free(extent),
+                }
             }
-            execute(ch, domain, state, out, emit)?;
+            execute(ch, domain, queue, out, emit)?;
+            if cfg!(debug_assertions) {
+                queue
+                    .check(SEND_SLOTS)
+                    .map_err(|e| format!("send queue inconsistent: {e}"))?;
+                domain
+                    .arena
+                    .lock()
+                    .unwrap()
+                    .check()
+                    .map_err(|e| format!("arena inconsistent: {e}"))?;
+            }
         }
     }
 }
@@ -894,27 +880,21 @@ fn completions(
 fn execute(
     ch: &mut Channel,
     domain: &Arc<Domain>,
-    state: &mut State,
+    queue: &mut SendQueue,
     work: Vec<Work>,
     emit: &impl Fn(Heard) -> bool,
 ) -> Result<(), String> {
-    state.backlog.extend(work);
-    while let Some(w) = state.backlog.front() {
-        let needs_slot = matches!(w, Work::Send(_));
-        let needs_queue = matches!(w, Work::Send(_) | Work::Fetch { .. } | Work::Place { .. });
-        if (needs_slot && state.free_slots.is_empty())
-            || (needs_queue && state.posted.len() >= SEND_QUEUE)
-        {
-            return Ok(());
-        }
-        let w = state.backlog.pop_front().unwrap();
-        match w {
-            Work::Fill { extent, data } => domain.region.write(extent.offset as usize, &data),
-            Work::Deliver {
+    queue.push(work);
+    while let Some(step) = queue.next_step() {
+        match step {
+            Step::Local(Work::Fill { extent, data }) => {
+                domain.region.write(extent.offset as usize, &data)
+            }
+            Step::Local(Work::Deliver {
                 head,
                 payload,
                 owned,
-            } => {
+            }) => {
                 let frame = match payload {
                     None => Bytes::from(head),
                     // Zero-copy: the head goes into the room before the
@@ -942,12 +922,11 @@ fn execute(
                     return Err("engine gone".into());
                 }
             }
-            Work::Free(extent) => domain.free(extent),
-            Work::Send(message) => {
-                let slot = state.free_slots.pop().unwrap();
+            Step::Local(Work::Free(extent)) => domain.free(extent),
+            Step::Local(other) => unreachable!("the send queue posts {other:?} itself"),
+            Step::Send { wr, slot, message } => {
                 let at = (RECV_DEPTH + slot) * HEAD_SLOT;
                 ch.heads.write(at, &message);
-                let wr = next_wr(state, Posted::Send(slot));
                 let mut guard = ch.qp.start_post_send();
                 let h = guard
                     .construct_wr(wr, WorkRequestFlags::Signaled)
@@ -962,52 +941,42 @@ fn execute(
                 };
                 guard.post().map_err(|e| format!("posting a send: {e}"))?;
             }
-            Work::Fetch {
-                token,
-                extent,
-                remote,
-            } => {
-                let wr = next_wr(state, Posted::Fetch(token));
-                let mut guard = ch.qp.start_post_send();
-                let h = guard
-                    .construct_wr(wr, WorkRequestFlags::Signaled)
-                    .setup_read(remote.rkey, remote.addr);
-                // SAFETY: the extent lies in the registered region.
-                unsafe {
-                    h.setup_sge(
-                        domain.region.mr().lkey(),
-                        domain.region.addr(extent.offset as usize),
-                        extent.len,
-                    )
-                };
-                guard.post().map_err(|e| format!("posting a fetch: {e}"))?;
+            Step::Fetch { wr, extent, remote } => {
+                post_one_sided(ch, domain, wr, extent, remote, true)?
             }
-            Work::Place { extent, remote } => {
-                let wr = next_wr(state, Posted::Place(extent));
-                let mut guard = ch.qp.start_post_send();
-                let h = guard
-                    .construct_wr(wr, WorkRequestFlags::Signaled)
-                    .setup_write(remote.rkey, remote.addr);
-                // SAFETY: the extent lies in the registered region.
-                unsafe {
-                    h.setup_sge(
-                        domain.region.mr().lkey(),
-                        domain.region.addr(extent.offset as usize),
-                        extent.len,
-                    )
-                };
-                guard
-                    .post()
-                    .map_err(|e| format!("posting a placement: {e}"))?;
+            Step::Place { wr, extent, remote } => {
+                post_one_sided(ch, domain, wr, extent, remote, false)?
             }
         }
     }
     Ok(())
 }
 
-fn next_wr(state: &mut State, what: Posted) -> u64 {
-    state.next_wr = (state.next_wr + 1) & 0xff_ffff_ffff_ffff;
-    let wr = wr_id(WR_SEND, state.next_wr);
-    state.posted.insert(wr, what);
-    wr
+/// Posts an RDMA READ of the peer's `remote` into `extent` (`fetch`), or
+/// an RDMA WRITE of `extent` to it.
+fn post_one_sided(
+    ch: &mut Channel,
+    domain: &Domain,
+    wr: u64,
+    extent: Extent,
+    remote: RemoteBuf,
+    fetch: bool,
+) -> Result<(), String> {
+    let mut guard = ch.qp.start_post_send();
+    let h = guard.construct_wr(wr, WorkRequestFlags::Signaled);
+    let h = if fetch {
+        h.setup_read(remote.rkey, remote.addr)
+    } else {
+        h.setup_write(remote.rkey, remote.addr)
+    };
+    // SAFETY: the extent lies in the registered region.
+    unsafe {
+        h.setup_sge(
+            domain.region.mr().lkey(),
+            domain.region.addr(extent.offset as usize),
+            extent.len,
+        )
+    };
+    let what = if fetch { "fetch" } else { "placement" };
+    guard.post().map_err(|e| format!("posting a {what}: {e}"))
 }

@@ -71,6 +71,17 @@ verify() {
   timeout 120 $CLI "$BRAID" verify --key-file "$WORK/srv/keys.toml" "$@" >"$log" 2>&1
 }
 clean() { grep -q "0 verification failures, 0 IO errors" "$1"; }
+# under_fault LOGNAME CUT HEAL: a 30 s verify of a mixed session, with CUT
+# run after 5 s and HEAL 10 s later.
+under_fault() {
+  verify "$1" --server "$RDMA,$TCP" --channels 4 --time 30 &
+  local v=$!
+  sleep 5
+  eval "$2"
+  sleep 10
+  eval "$3"
+  wait "$v"
+}
 
 server_cpu_ticks() { awk '{print $14 + $15}' "/proc/$SERVER/stat"; }
 
@@ -126,13 +137,9 @@ else
 fi
 
 step "4. the RDMA path drops every packet for 10 s under load, TCP on its own path"
-verify blackhole --server "$RDMA,$TCP" --channels 4 --time 30 &
-V=$!
-sleep 5
-tc qdisc add dev vA root netem loss 100% && tc qdisc add dev vB root netem loss 100%
-sleep 10
-tc qdisc del dev vA root; tc qdisc del dev vB root
-wait "$V"
+under_fault blackhole \
+  "tc qdisc add dev vA root netem loss 100%; tc qdisc add dev vB root netem loss 100%" \
+  "tc qdisc del dev vA root; tc qdisc del dev vB root"
 if clean "$LOGS/rdma-blackhole.log" && grep -q "up .*rdma://" "$LOGS/rdma-blackhole.log" &&
    grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-blackhole.log"; then
   ok "RDMA path silent 10 s under load: its IO was resent over TCP (0 verification failures, 0 IO errors), RDMA channels up again at the end"
@@ -221,13 +228,7 @@ for path in "$RDMA" "$TCP"; do
 done
 
 step "7. the RDMA link down under load (last: soft-RoCE in this kernel leaves its CM queue pair in error after a port flap with MADs in flight, so no RDMA connection works after it)"
-verify linkdown --server "$RDMA,$TCP" --channels 4 --time 30 &
-V=$!
-sleep 5
-ip link set vA down
-sleep 10
-ip link set vA up
-wait "$V"
+under_fault linkdown "ip link set vA down" "ip link set vA up"
 if clean "$LOGS/rdma-linkdown.log" && grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-linkdown.log"; then
   ok "ip link set down of the RDMA link for 10 s under load: its IO failed over to TCP, 0 verification failures, 0 IO errors"
 else

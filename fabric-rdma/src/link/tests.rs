@@ -64,26 +64,18 @@ impl Pair {
     fn run_client(&mut self, out: Vec<Work>) {
         for w in out {
             match w {
-                Work::Fill { extent, data } => {
-                    let at = extent.offset as usize;
-                    self.client_mem[at..at + data.len()].copy_from_slice(&data);
-                }
+                Work::Fill { extent, data } => fill(&mut self.client_mem, extent, &data),
                 Work::Send(m) => self.to_server.push_back(m),
                 Work::Deliver {
                     head,
                     payload,
                     owned,
                 } => {
-                    let mut frame = head;
-                    if let Some((e, n)) = payload {
-                        let at = e.offset as usize;
-                        frame.extend_from_slice(&self.client_mem[at..at + n as usize]);
-                        // As if the engine dropped the frame at once.
-                        if owned {
-                            self.client_arena.free(e);
-                        }
+                    self.client_got.push(frame(&self.client_mem, head, payload));
+                    // As if the engine dropped the frame at once.
+                    if let (Some((e, _)), true) = (payload, owned) {
+                        self.client_arena.free(e);
                     }
-                    self.client_got.push(Bytes::from(frame));
                 }
                 Work::Free(e) => self.client_arena.free(e),
                 other => panic!("client asked for {other:?}"),
@@ -94,10 +86,7 @@ impl Pair {
     fn run_server(&mut self, out: Vec<Work>) {
         for w in out {
             match w {
-                Work::Fill { extent, data } => {
-                    let at = extent.offset as usize;
-                    self.server_mem[at..at + data.len()].copy_from_slice(&data);
-                }
+                Work::Fill { extent, data } => fill(&mut self.server_mem, extent, &data),
                 Work::Send(m) => self.to_client.push_back(m),
                 Work::Fetch {
                     token,
@@ -118,14 +107,11 @@ impl Pair {
                     payload,
                     owned,
                 } => {
-                    let mut frame = head;
-                    if let Some((e, n)) = payload {
-                        let at = e.offset as usize;
-                        frame.extend_from_slice(&self.server_mem[at..at + n as usize]);
+                    self.server_got.push(frame(&self.server_mem, head, payload));
+                    if let Some((e, _)) = payload {
                         assert!(owned, "the server hands fetched data on");
                         self.server_arena.free(e);
                     }
-                    self.server_got.push(Bytes::from(frame));
                 }
                 Work::Free(e) => self.server_arena.free(e),
             }
@@ -184,6 +170,22 @@ impl Pair {
         self.run_server(out);
         true
     }
+}
+
+/// What a Fill does to one side's memory.
+fn fill(mem: &mut [u8], extent: Extent, data: &[u8]) {
+    let at = extent.offset as usize;
+    mem[at..at + data.len()].copy_from_slice(data);
+}
+
+/// The frame a Deliver hands the engine, read out of one side's memory.
+fn frame(mem: &[u8], head: Vec<u8>, payload: Option<(Extent, u32)>) -> Bytes {
+    let mut frame = head;
+    if let Some((e, n)) = payload {
+        let at = e.offset as usize;
+        frame.extend_from_slice(&mem[at..at + n as usize]);
+    }
+    Bytes::from(frame)
 }
 
 fn write(id: u64, offset: u64, data: Vec<u8>) -> OutFrame {
