@@ -276,7 +276,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     println!(
         "braid volume {export:?} ({}) from {} attached",
         crate::config::human_size(info.size),
-        args.client.server
+        args.client.server()
     );
     if let Some(path) = &block_device {
         println!("device:   {path}");
@@ -298,7 +298,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             client.clone(),
             stop.clone(),
             uris.clone(),
-            args.client.server.clone(),
+            args.client.server(),
         );
         let (export, block_device) = (export.clone(), block_device.clone());
         crate::control::serve(control.clone(), move |command| {
@@ -761,7 +761,7 @@ fn notify_attached(name: &str, block_device: &Option<String>) {
 /// The client flags for one leg of a volume file.
 fn leg_args(base: &ClientArgs, leg: &crate::volume::LegFile) -> ClientArgs {
     let mut c = base.clone();
-    c.server = leg.server.clone();
+    c.servers = vec![leg.server.clone()];
     c.export = leg.export.clone();
     if leg.key_file.is_some() {
         c.key_file = leg.key_file.clone();

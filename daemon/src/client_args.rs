@@ -19,9 +19,11 @@ pub(crate) enum PolicyArg {
 
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ClientArgs {
-    /// Server address host:port.
-    #[arg(long, default_value = config::DEFAULT_LISTEN)]
-    pub(crate) server: String,
+    /// Server address host:port; `rdma://host:port` for RDMA. Repeatable
+    /// (or comma-separated): paths to one server, whose channels share one
+    /// session (PROTOCOL.md §9.2).
+    #[arg(long = "server", value_name = "ADDR", default_value = config::DEFAULT_LISTEN, action = clap::ArgAction::Append)]
+    pub(crate) servers: Vec<String>,
     /// Key file (the server's, or a copy) [default: DATA_DIR/keys.toml].
     #[arg(long)]
     pub(crate) key_file: Option<PathBuf>,
@@ -70,6 +72,11 @@ pub(crate) struct ClientArgs {
 }
 
 impl ClientArgs {
+    /// Every path given, as the one address list the client reads.
+    pub(crate) fn server(&self) -> String {
+        self.servers.join(",")
+    }
+
     /// A client that returns at once, taking `expected` as its export,
     /// and connects in the background (a mirror leg that is down now).
     pub(crate) fn connect_later(
@@ -77,13 +84,13 @@ impl ClientArgs {
         expected: braid_core::client::ExportInfo,
     ) -> Result<Client, String> {
         let config = self.config()?;
-        Client::connect_later(self.server.clone(), self.security()?, config, expected)
+        Client::connect_later(self.server(), self.security()?, config, expected)
             .map_err(|e| e.to_string())
     }
 
     pub(crate) async fn connect(&self) -> Result<Client, String> {
         Client::connect(
-            self.server.clone(),
+            self.server(),
             self.security()?,
             self.config()?,
             Duration::from_secs(10),
@@ -125,7 +132,7 @@ impl ClientArgs {
             .unwrap_or_else(|| config::default_data_dir().join("keys.toml"));
         let (key_id, key) = config::client_key(&key_file, self.key_id.as_deref())?;
         Ok(crate::conformance::Target {
-            addr: self.server.clone(),
+            addr: self.server(),
             security: self.security()?,
             key_id,
             key,
@@ -138,10 +145,11 @@ impl ClientArgs {
         let Some(ca) = &self.tls_ca else {
             return Ok(ClientSecurity::Plain);
         };
-        let host = self
-            .server
-            .rsplit_once(':')
-            .map_or(self.server.as_str(), |(h, _)| h);
+        // The name on the certificate: the first path's host.
+        let server = self.server();
+        let first = server.split(',').next().unwrap_or_default();
+        let first = first.split_once("://").map_or(first, |(_, a)| a);
+        let host = first.rsplit_once(':').map_or(first, |(h, _)| h);
         let name = self
             .tls_name
             .clone()

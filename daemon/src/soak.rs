@@ -101,7 +101,7 @@ impl ProxiedServer {
     /// A client of its export over `channels` channels, through the proxy.
     pub(crate) async fn connect(&self, channels: usize) -> Result<Client, String> {
         ClientArgs {
-            server: self.proxy_addr.clone(),
+            servers: vec![self.proxy_addr.clone()],
             key_file: Some(self.server.dir.join("keys.toml")),
             key_id: None,
             export: "disk0".into(),

@@ -113,7 +113,7 @@ else
 fi
 
 step "2. one session over RDMA and TCP"
-verify mixed --server "$RDMA,$TCP" --channels 4 --time 8
+verify mixed --server "$RDMA" --server "$TCP" --channels 4 --time 8
 if clean "$LOGS/rdma-mixed.log" && grep -q "up .*rdma://" "$LOGS/rdma-mixed.log" &&
    grep -q "up .*127.0.0.1:7410" "$LOGS/rdma-mixed.log"; then
   ok "one session with 2 RDMA and 2 TCP channels: 0 verification failures, 0 IO errors"
