@@ -188,43 +188,29 @@ fn frame(mem: &[u8], head: Vec<u8>, payload: Option<(Extent, u32)>) -> Bytes {
     Bytes::from(frame)
 }
 
-fn write(id: u64, offset: u64, data: Vec<u8>) -> OutFrame {
+fn request(op: Op, id: u64, offset: u64, length: u32, payload: Vec<u8>) -> OutFrame {
     encode(&Message::Request(Request {
-        op: Op::Write,
+        op,
         id,
         floor: 0,
         offset,
-        length: data.len() as u32,
+        length,
         flags: 0,
         remote: None,
-        payload: Bytes::from(data),
+        payload: Bytes::from(payload),
     }))
+}
+
+fn write(id: u64, offset: u64, data: Vec<u8>) -> OutFrame {
+    request(Op::Write, id, offset, data.len() as u32, data)
 }
 
 fn read(id: u64, offset: u64, length: u32) -> OutFrame {
-    encode(&Message::Request(Request {
-        op: Op::Read,
-        id,
-        floor: 0,
-        offset,
-        length,
-        flags: 0,
-        remote: None,
-        payload: Bytes::new(),
-    }))
+    request(Op::Read, id, offset, length, Vec::new())
 }
 
 fn trim(id: u64, offset: u64, length: u32) -> OutFrame {
-    encode(&Message::Request(Request {
-        op: Op::Trim,
-        id,
-        floor: 0,
-        offset,
-        length,
-        flags: 0,
-        remote: None,
-        payload: Bytes::new(),
-    }))
+    request(Op::Trim, id, offset, length, Vec::new())
 }
 
 fn reply(id: u64, data: Vec<u8>) -> OutFrame {
