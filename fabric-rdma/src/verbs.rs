@@ -814,11 +814,15 @@ fn completions(
     queue: &mut SendQueue,
     emit: &impl Fn(Heard) -> bool,
 ) -> Result<(), String> {
+    // Take every event the (non-blocking) channel holds, so none is left
+    // behind the edge the reactor saw; re-arm, then poll, so a completion
+    // arriving in between is not missed.
     // SAFETY: the CQ and its channel live as long as `ch`.
     unsafe {
         let mut cq = std::ptr::null_mut();
         let mut ctx = std::ptr::null_mut();
-        if rdma_mummy_sys::ibv_get_cq_event(ch.comp.comp_channel().as_ptr(), &mut cq, &mut ctx) == 0
+        while rdma_mummy_sys::ibv_get_cq_event(ch.comp.comp_channel().as_ptr(), &mut cq, &mut ctx)
+            == 0
         {
             rdma_mummy_sys::ibv_ack_cq_events(cq, 1);
         }
