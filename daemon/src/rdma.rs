@@ -14,11 +14,8 @@ pub(crate) struct Listeners {
 
 /// Registered memory, in MiB, from `--rdma-memory`.
 pub(crate) fn region_bytes(mib: Option<u64>) -> u64 {
-    mib.map_or(DEFAULT_REGION_BYTES, |m| m << 20)
+    mib.map_or(braid_fabric_rdma::DEFAULT_REGION, |m| m << 20)
 }
-
-/// The default registered memory per device, client or server.
-pub(crate) const DEFAULT_REGION_BYTES: u64 = 64 << 20;
 
 /// Binds every `--rdma` address, or says why not.
 pub(crate) fn bind(addrs: &[String], region: u64) -> Result<Listeners, String> {

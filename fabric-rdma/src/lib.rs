@@ -11,6 +11,12 @@
 
 #![deny(missing_docs)]
 
+/// Registered memory for payloads: the least that holds one largest
+/// payload and its head room.
+pub const MIN_REGION: u64 = braid_core::wire::MAX_PAYLOAD_LEN as u64 + arena::ALIGN;
+/// Default registered memory per device, for a client process or a server.
+pub const DEFAULT_REGION: u64 = 64 << 20;
+
 pub mod arena;
 pub mod link;
 pub mod queue;

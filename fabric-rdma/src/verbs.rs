@@ -7,9 +7,10 @@
 use crate::arena::{Arena, Extent, ALIGN};
 use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
+use crate::MIN_REGION;
 use braid_core::client::ChannelId;
 use braid_core::server::ConnId;
-use braid_core::wire::{RemoteBuf, MAX_BODY_LEN, MAX_PAYLOAD_LEN, PREFIX_LEN};
+use braid_core::wire::{RemoteBuf, MAX_BODY_LEN, PREFIX_LEN};
 use braid_fabric_tcp::conn::{ConnEvent, Outbox, Outgoing, Writer};
 use braid_fabric_tcp::fabric::{Dialer, Dialing};
 use braid_fabric_tcp::Server;
@@ -52,12 +53,6 @@ const SEND_QUEUE: usize = 256;
 const READ_DEPTH: u8 = 16;
 /// How long address and route resolution may take.
 const RESOLVE: Duration = Duration::from_secs(2);
-
-/// Registered memory for payloads: the least that holds one largest
-/// payload and its head room.
-pub const MIN_REGION: u64 = MAX_PAYLOAD_LEN as u64 + ALIGN;
-/// Default registered memory per client session and per server.
-pub const DEFAULT_REGION: u64 = 64 << 20;
 
 /// Page-aligned memory registered with the NIC.
 struct Registered {
