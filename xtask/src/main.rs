@@ -36,8 +36,10 @@ commands:
   mutants   mutation testing of the engines with cargo-mutants (installs
             it if missing): each mutant of the named files (default: the
             exactly-once and ordering code) must fail the engine tests and
-            invariant sweeps. `cargo xtask mutants [FILE...]`; results in
-            target/mutants/mutants.out (caught.txt, missed.txt)
+            invariant sweeps. `cargo xtask mutants [FILE...] [--shard K/N]
+            [--output DIR]` (flags go to cargo-mutants; --shard samples
+            every Nth mutant); results in target/mutants/mutants.out
+            (caught.txt, missed.txt)
   soak      real braid processes under a fault proxy and kill -9, with the
             verifier throughout (`--volume mirror3|mirror2|stripe`: a volume
             over several servers, with a live migration): `cargo xtask soak [--duration SECS]
@@ -306,13 +308,34 @@ fn mutants(extra: &[String]) -> Result<(), String> {
         install.args(["install", "cargo-mutants", "--locked"]);
         run("install cargo-mutants", install)?;
     }
-    let files: Vec<String> = if extra.is_empty() {
-        MUTANT_FILES.iter().map(|f| f.to_string()).collect()
+    // Flags (and the value after each) go to cargo-mutants; the rest are files.
+    let mut files = Vec::new();
+    let mut flags = Vec::new();
+    let mut args = extra.iter();
+    while let Some(a) = args.next() {
+        if a.starts_with("--") {
+            flags.push(a.clone());
+            if !a.contains('=') {
+                flags.extend(args.next().cloned());
+            }
+        } else {
+            files.push(a.clone());
+        }
+    }
+    if files.is_empty() {
+        files = MUTANT_FILES.iter().map(|f| f.to_string()).collect();
+    }
+    let output = if flags.iter().any(|f| f.starts_with("--output")) {
+        None
     } else {
-        extra.to_vec()
+        Some("target/mutants")
     };
     let mut cmd = cargo();
-    cmd.args(["mutants", "--package", "braid-core", "--profile", CHECKED]);
+    // The sim profile's assertions, built incrementally without debug info:
+    // a mutant rebuilds in about 2 s instead of 30-190 s.
+    cmd.args(["mutants", "--package", "braid-core", "--profile", "mutants"]);
+    // Sampling takes every Nth mutant, so a shard spreads over the files.
+    cmd.args(["--sharding", "round-robin"]);
     // nextest stops at the first failing test: a caught mutant costs its
     // build and one test, not the whole suite.
     cmd.args(["--test-tool", "nextest"]);
@@ -321,16 +344,12 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     // out cargo-mutants' default. Relative, not fixed: with every core
     // test a clean run takes 90 s on an idle 2-core machine, and a fixed
     // 150 s called mutants "timeouts" when the machine was merely busy.
-    cmd.args([
-        "--output",
-        "target/mutants",
-        "--no-shuffle",
-        "--timeout-multiplier",
-        "3",
-    ]);
+    cmd.args(["--no-shuffle", "--timeout-multiplier", "3"]);
+    cmd.args(output.iter().flat_map(|o| ["--output", o]));
     for f in &files {
         cmd.args(["--file", f]);
     }
+    cmd.args(&flags);
     // The test: every test of braid-core: the engine tests, the seeded
     // invariant sweeps with their teeth, the tuning and configuration
     // tests, and the unit tests of the file itself (with only the first

@@ -648,4 +648,70 @@ mod tests {
         assert_eq!(e.tried, (1 << 1) | (1 << (70 % 64)));
         j.check().unwrap();
     }
+
+    #[test]
+    fn every_counter_the_journal_reports_follows_its_entries() {
+        // Admission, the in-flight bound, the floor and the stats read these
+        // counters; a sweep passes with any of them stuck at 0 or 1 (found
+        // by mutation testing: the engine's own check reads them too), so
+        // each is pinned to the entries it counts.
+        let mut j = Journal::new();
+        assert_eq!((j.floor(), j.len(), j.sent()), (1, 0, 0));
+        let first = j.insert(write(0));
+        let second = j.insert(write(4096));
+        let replay = j.insert(Entry::new(
+            Origin::Replay,
+            Op::Write,
+            8192,
+            512,
+            0,
+            Bytes::from(vec![2; 512]),
+        ));
+        let flush = j.insert(Entry::new(
+            Origin::DirtyFlush,
+            Op::Flush,
+            0,
+            0,
+            0,
+            Bytes::new(),
+        ));
+        assert_eq!(j.len(), 4);
+        assert_eq!(
+            j.user_count(),
+            2,
+            "the replay and the flush are the engine's"
+        );
+        assert_eq!(j.user_bytes(), 1024);
+        assert_eq!(j.replays_pending(), 1);
+        assert!(j.has_dirty_flush());
+        assert_eq!(j.floor(), first);
+
+        let ch = ChannelId { slot: 0, gen: 1 };
+        let t = Instant::ZERO + Duration::from_millis(1);
+        assert_eq!(j.next_to_send(true, true), Some(replay));
+        assert_eq!(j.next_to_send(true, true), None, "a replay goes alone");
+        j.mark_sent(replay, ch, t, t + Duration::from_secs(1));
+        assert_eq!(j.sent(), 1);
+        j.remove(replay);
+        assert_eq!((j.sent(), j.replays_pending()), (0, 0));
+        let mut sent = 0;
+        while let Some(id) = j.next_to_send(true, true) {
+            j.mark_sent(id, ch, t, t + Duration::from_secs(1));
+            sent += 1;
+            assert_eq!(j.sent(), sent);
+        }
+        assert_eq!(sent, 2, "both writes; the flush waits for them");
+        j.check().unwrap();
+
+        j.remove(first);
+        j.remove(flush);
+        assert_eq!(j.floor(), second);
+        assert_eq!((j.len(), j.user_count(), j.user_bytes()), (1, 1, 512));
+        assert_eq!(j.replays_pending(), 0);
+        assert!(!j.has_dirty_flush());
+        j.check().unwrap();
+        j.remove(second);
+        assert_eq!((j.floor(), j.len(), j.sent()), (5, 0, 0));
+        j.check().unwrap();
+    }
 }
