@@ -68,6 +68,8 @@ fn main() -> ExitCode {
         "sim" => sim(&rest),
         "conformance" => conformance(&rest),
         "mutants" => mutants(&rest),
+        // The echo side of the bench's TCP ping-pong floor, in its own process.
+        "__pingpong-echo" => peers::pingpong_echo(),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())
@@ -315,7 +317,14 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     while let Some(a) = args.next() {
         if a.starts_with("--") {
             flags.push(a.clone());
-            if !a.contains('=') {
+            // A flag's value follows it, unless what follows is another
+            // flag or a file (--in-place takes none).
+            let valued = !a.contains('=')
+                && args
+                    .as_slice()
+                    .first()
+                    .is_some_and(|v| !v.starts_with("--") && !v.ends_with(".rs"));
+            if valued {
                 flags.extend(args.next().cloned());
             }
         } else {
@@ -335,7 +344,9 @@ fn mutants(extra: &[String]) -> Result<(), String> {
     // a mutant rebuilds in about 2 s instead of 30-190 s.
     cmd.args(["mutants", "--package", "braid-core", "--profile", "mutants"]);
     // Sampling takes every Nth mutant, so a shard spreads over the files.
-    cmd.args(["--sharding", "round-robin"]);
+    if flags.iter().any(|f| f.starts_with("--shard")) {
+        cmd.args(["--sharding", "round-robin"]);
+    }
     // nextest stops at the first failing test: a caught mutant costs its
     // build and one test, not the whole suite.
     cmd.args(["--test-tool", "nextest"]);

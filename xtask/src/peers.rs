@@ -1,19 +1,56 @@
 //! `cargo xtask bench --peers`: braid's NBD face against nbdkit (file
 //! plugin), qemu-nbd and nbd-server, each serving the same kind of file
 //! (1 GiB on tmpfs), over TCP and a unix socket, measured in the same run
-//! by `../shared/tools/peerbench` (fio's nbd engine). Prints one table with
-//! braid's ratio to the best peer per workload.
+//! by `../shared/tools/peerbench` (fio's nbd engine). Beside them: the
+//! limit (fio's io_uring engine straight on the file), braid's own
+//! protocol (`braid bench`), the client path (fio over NBD into `braid
+//! attach`, which carries the IO to `braid serve`), a bare TCP ping-pong as
+//! the floor under QD1 latency, CPU per IO for every row and the resident
+//! memory of the braid processes.
+
+mod floor;
+mod proto;
+mod rss;
+mod table;
+
+pub(crate) use floor::echo as pingpong_echo;
 
 use crate::free_port;
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--only SERVER,...] [--transport tcp|unix|both]";
+const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--only SERVER,...] [--transport tcp|unix|both]
+  SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
+          proto (braid bench), limit (fio on the file), floor (TCP ping-pong)";
 
-const SERVERS: [&str; 4] = ["braid", "nbdkit", "qemu-nbd", "nbd-server"];
+/// What fio reaches over NBD.
+const NBD_SERVERS: [&str; 5] = ["braid", "nbdkit", "qemu-nbd", "nbd-server", "attach"];
+/// Every column, in table order.
+const COLUMNS: [&str; 8] = [
+    "limit",
+    "braid",
+    "nbdkit",
+    "qemu-nbd",
+    "nbd-server",
+    "proto",
+    "attach",
+    "floor",
+];
+
+/// peerbench's workloads, in its order.
+pub(crate) const WORKLOADS: [&str; 7] = [
+    "randread-4k-qd1",
+    "randread-4k-qd32",
+    "randwrite-4k-qd1",
+    "randwrite-4k-qd32",
+    "seqread-1m-qd8",
+    "seqwrite-1m-qd8",
+    "randread-4k-qd32-j4",
+];
 
 /// A server under test, stopped when dropped: our child, or (nbd-server,
 /// which serves more than one client only as a daemon) a pid from its
@@ -21,13 +58,26 @@ const SERVERS: [&str; 4] = ["braid", "nbdkit", "qemu-nbd", "nbd-server"];
 enum Killed {
     Child(Child),
     Daemon(u32),
+    /// A shell leading its own process group (braid serve and braid
+    /// attach): peerbench charges it and its children, and the whole group
+    /// goes at the end.
+    Group(Child),
 }
 
 impl Killed {
     fn pid(&self) -> u32 {
         match self {
-            Killed::Child(c) => c.id(),
+            Killed::Child(c) | Killed::Group(c) => c.id(),
             Killed::Daemon(pid) => *pid,
+        }
+    }
+
+    /// The braid processes whose memory the table reports, by name.
+    fn braid_pids(&self) -> Vec<(String, u32)> {
+        match self {
+            Killed::Child(c) => vec![("serve".into(), c.id())],
+            Killed::Group(c) => children(c.id()),
+            Killed::Daemon(_) => Vec::new(),
         }
     }
 }
@@ -42,8 +92,71 @@ impl Drop for Killed {
             Killed::Daemon(pid) => {
                 let _ = Command::new("kill").arg(pid.to_string()).status();
             }
+            Killed::Group(c) => {
+                let _ = Command::new("kill")
+                    .args(["-TERM", "--", &format!("-{}", c.id())])
+                    .status();
+                let _ = c.wait();
+            }
         }
     }
+}
+
+/// One field of /proc/PID/stat after the command name (0 is the state).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    Some(
+        rest.split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// The braid children of `parent`, named by their subcommand.
+fn children(parent: u32) -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if stat_fields(pid).and_then(|f| f.first().copied()) != Some(u64::from(parent)) {
+            continue;
+        }
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if let Some(sub) = args.get(1).and_then(|a| std::str::from_utf8(a).ok()) {
+            found.push((sub.to_string(), pid));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// CPU clock ticks (user + system) of `pid` and its live children.
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
+    // Fields after the state: ppid is 0, utime 10, stime 11.
+    let own = stat_fields(pid).map_or(0, |f| f[10] + f[11]);
+    own + children(pid)
+        .iter()
+        .filter_map(|&(_, c)| stat_fields(c))
+        .map(|f| f[10] + f[11])
+        .sum::<u64>()
+}
+
+/// Clock ticks per second (USER_HZ).
+pub(crate) fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// Starts `server` on a fresh 1 GiB file; returns it and its URI.
@@ -69,11 +182,32 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
     };
     let img_s = img.display().to_string();
     let mut cmd = match server {
+        "attach" => {
+            // The client path: the server exports the file over braid's
+            // protocol only, and fio reaches it through braid attach.
+            let listen = format!("127.0.0.1:{}", free_port());
+            let sh = |p: &Path| p.display().to_string();
+            let script = format!(
+                "'{braid}' serve --data-dir '{dir}' --listen {listen} --export 'disk0={img_s}' &\n\
+                 until [ -s '{dir}/keys.toml' ]; do sleep 0.1; done\n\
+                 '{braid}' attach --server {listen} --export disk0 --key-file '{dir}/keys.toml' \
+                 --nbd '{addr}' --control '{dir}/attach.ctl' &\n\
+                 wait",
+                braid = sh(braid),
+                dir = sh(&sdir),
+            );
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]).process_group(0);
+            c
+        }
         "braid" => {
+            // braid's own protocol listens here too; proto's rows use it.
+            let listen = format!("127.0.0.1:{}", free_port());
+            fs::write(sdir.join("listen"), &listen).map_err(|e| e.to_string())?;
             let mut c = Command::new(braid);
             c.args(["serve", "--data-dir"])
                 .arg(&sdir)
-                .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+                .args(["--listen", &listen])
                 .args(["--export", &format!("disk0={img_s}"), "--nbd", &addr]);
             c
         }
@@ -132,7 +266,9 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         .map_err(|e| {
             format!("{server}: {e} (install peers with ../shared/tools/peerbench --install-only)")
         })?;
-    let killed = if server == "nbd-server" {
+    let killed = if server == "attach" {
+        Killed::Group(child)
+    } else if server == "nbd-server" {
         // It forks into the background; the pid file names the daemon.
         let mut child = child;
         let _ = child.wait();
@@ -171,16 +307,34 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
     }
 }
 
-/// One peerbench line: workload, IOPS, MiB/s, mean and p99 latency (µs),
-/// client and server CPU (% of one core).
-#[derive(Clone, Debug)]
-struct Row {
-    iops: f64,
-    mib: f64,
-    lat: f64,
-    srv: f64,
+/// One workload's figures: IOPS, MiB/s, mean, median and p99 latency
+/// (µs), client and server CPU (% of one core).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Row {
+    pub(crate) iops: f64,
+    pub(crate) mib: f64,
+    pub(crate) lat: f64,
+    pub(crate) p50: Option<f64>,
+    pub(crate) p99: f64,
+    pub(crate) cli: f64,
+    pub(crate) srv: f64,
 }
 
+impl Row {
+    /// Client and server CPU per IO, in µs: the figure that transfers to
+    /// a machine where they do not share two cores.
+    pub(crate) fn cpu_per_io(&self) -> f64 {
+        if self.iops > 0.0 {
+            (self.cli + self.srv) / 100.0 / self.iops * 1e6
+        } else {
+            0.0
+        }
+    }
+}
+
+/// peerbench's lines (with CPU columns): workload, IOPS, MiB/s, mean and
+/// p99 latency, client, server and other CPU. File mode prefixes the
+/// workload with the engine ("io_uring-randread-4k-qd1").
 fn parse(out: &str) -> BTreeMap<String, Row> {
     let mut rows = BTreeMap::new();
     for line in out.lines().filter(|l| !l.starts_with('#')) {
@@ -189,12 +343,16 @@ fn parse(out: &str) -> BTreeMap<String, Row> {
             continue;
         }
         let num = |i: usize| f[i].parse::<f64>().unwrap_or(0.0);
+        let name = f[0].strip_prefix("io_uring-").unwrap_or(f[0]);
         rows.insert(
-            f[0].to_string(),
+            name.to_string(),
             Row {
                 iops: num(1),
                 mib: num(2),
                 lat: num(3),
+                p50: None,
+                p99: num(4),
+                cli: num(5),
                 srv: num(6),
             },
         );
@@ -202,9 +360,28 @@ fn parse(out: &str) -> BTreeMap<String, Row> {
     rows
 }
 
+/// Resident size of one braid process through one column's run.
+pub(crate) struct Memory {
+    pub(crate) column: String,
+    pub(crate) transport: &'static str,
+    pub(crate) process: String,
+    pub(crate) idle_kib: u64,
+    pub(crate) peak_kib: u64,
+}
+
+/// Everything one run measured.
+#[derive(Default)]
+pub(crate) struct Results {
+    /// (transport is unix, column) -> workload -> figures.
+    pub(crate) rows: BTreeMap<(bool, String), BTreeMap<String, Row>>,
+    pub(crate) floor: Option<floor::Floor>,
+    /// Resident memory of the braid processes per column and transport.
+    pub(crate) memory: Vec<Memory>,
+}
+
 pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
     let mut runtime = "5".to_string();
-    let mut only: Vec<String> = SERVERS.iter().map(|s| s.to_string()).collect();
+    let mut only: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     let mut transports = vec![false, true];
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -230,19 +407,92 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             _ => return Err(USAGE.into()),
         }
     }
+    if let Some(bad) = only.iter().find(|c| !COLUMNS.contains(&c.as_str())) {
+        return Err(format!("unknown column {bad:?}\n{USAGE}"));
+    }
     let peerbench = root.join("../shared/tools/peerbench");
     if !peerbench.exists() {
         return Err(format!("{} not found", peerbench.display()));
     }
+    let seconds: f64 = runtime.parse().map_err(|_| USAGE)?;
     // tmpfs, as the anchor figures: the medium is the page cache either way.
     let dir = PathBuf::from("/dev/shm/braid-peerbench");
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut results: BTreeMap<(bool, String), BTreeMap<String, Row>> = BTreeMap::new();
+    let mut results = Results::default();
+    let wanted = |c: &str| only.iter().any(|o| o == c);
+    if wanted("floor") {
+        eprintln!("==> floor: TCP ping-pong between two processes ({runtime} s per shape)");
+        let f = floor::measure(std::time::Duration::from_secs_f64(seconds))?;
+        eprintln!(
+            "read-shaped p50 {:.1} µs, write-shaped p50 {:.1} µs",
+            f.read_p50, f.write_p50
+        );
+        results.floor = Some(f);
+    }
+    if wanted("limit") {
+        eprintln!("==> limit: fio io_uring straight on the file ({runtime} s per workload)");
+        let img = dir.join("limit.img");
+        fs::File::create(&img)
+            .and_then(|f| f.set_len(1 << 30))
+            .map_err(|e| format!("{}: {e}", img.display()))?;
+        let out = Command::new(&peerbench)
+            .args([
+                "--runtime",
+                &runtime,
+                "--cpu",
+                "--engines",
+                "io_uring",
+                "--file",
+            ])
+            .arg(&img)
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| format!("peerbench: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprint!("{text}");
+        let _ = fs::remove_file(&img);
+        for unix in [false, true] {
+            results.rows.insert((unix, "limit".into()), parse(&text));
+        }
+    }
+    if wanted("proto") {
+        eprintln!("==> proto: braid bench over braid's protocol ({runtime} s per workload)");
+        let (daemon, _) = start("braid", false, &dir, braid)?;
+        let sdir = dir.join("braid-tcp");
+        let listen = fs::read_to_string(sdir.join("listen")).map_err(|e| e.to_string())?;
+        let sampler = rss::PeakSampler::start(vec![daemon.pid()]);
+        let idle = rss::rss_kib(daemon.pid()).unwrap_or(0);
+        let rows = proto::run(
+            braid,
+            listen.trim(),
+            &sdir.join("keys.toml"),
+            daemon.pid(),
+            &runtime,
+        )?;
+        let peak = sampler.finish();
+        results.memory.push(Memory {
+            column: "proto".into(),
+            transport: "tcp",
+            process: "serve".into(),
+            idle_kib: idle,
+            peak_kib: peak[0],
+        });
+        // braid's protocol runs over TCP only: no unix rows.
+        results
+            .rows
+            .insert((false, "proto".into()), rows.into_iter().collect());
+    }
     for &unix in &transports {
-        for server in only.iter() {
+        for server in NBD_SERVERS.iter().filter(|s| wanted(s)) {
             let t = if unix { "unix" } else { "tcp" };
             eprintln!("==> {server} over {t} ({runtime} s per workload)");
             let (daemon, uri) = start(server, unix, &dir, braid)?;
+            let braids = daemon.braid_pids();
+            let idle: Vec<u64> = braids
+                .iter()
+                .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
+                .collect();
+            let sampler = rss::PeakSampler::start(braids.iter().map(|&(_, p)| p).collect());
             let out = Command::new(&peerbench)
                 .args(["--runtime", &runtime, "--jobs", "4", "--server-pid"])
                 .arg(daemon.pid().to_string())
@@ -250,71 +500,26 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
                 .stderr(Stdio::inherit())
                 .output()
                 .map_err(|e| format!("peerbench: {e}"))?;
+            let peak = sampler.finish();
+            for (((process, _), idle_kib), peak_kib) in braids.into_iter().zip(idle).zip(peak) {
+                results.memory.push(Memory {
+                    column: server.to_string(),
+                    transport: t,
+                    process,
+                    idle_kib,
+                    peak_kib,
+                });
+            }
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
             eprint!("{text}");
-            results.insert((unix, server.clone()), parse(&text));
+            results
+                .rows
+                .insert((unix, server.to_string()), parse(&text));
             drop(daemon);
         }
     }
     let _ = fs::remove_dir_all(&dir);
-    print_table(&results, &only, &transports);
+    let columns: Vec<&str> = COLUMNS.iter().copied().filter(|c| wanted(c)).collect();
+    table::print(&results, &columns, &transports);
     Ok(())
-}
-
-fn print_table(
-    results: &BTreeMap<(bool, String), BTreeMap<String, Row>>,
-    servers: &[String],
-    transports: &[bool],
-) {
-    let workloads = [
-        "randread-4k-qd1",
-        "randread-4k-qd32",
-        "randwrite-4k-qd1",
-        "randwrite-4k-qd32",
-        "seqread-1m-qd8",
-        "seqwrite-1m-qd8",
-        "randread-4k-qd32-j4",
-    ];
-    println!();
-    print!("{:<6} {:<22}", "", "workload (IOPS; MiB/s)");
-    for s in servers {
-        print!(" {s:>11}");
-    }
-    println!(" {:>7} {:>10}", "braid/", "braid srv");
-    print!("{:<6} {:<22}", "", "");
-    for _ in servers {
-        print!(" {:>11}", "");
-    }
-    println!(" {:>7} {:>10}", "best", "CPU, lat");
-    for &unix in transports {
-        let t = if unix { "unix" } else { "tcp" };
-        for w in workloads {
-            let seq = w.starts_with("seq");
-            let value = |s: &str| {
-                results
-                    .get(&(unix, s.to_string()))
-                    .and_then(|r| r.get(w))
-                    .map(|r| if seq { r.mib } else { r.iops })
-            };
-            print!("{t:<6} {w:<22}");
-            for s in servers {
-                match value(s) {
-                    Some(v) => print!(" {v:>11.0}"),
-                    None => print!(" {:>11}", "-"),
-                }
-            }
-            let best_peer = servers
-                .iter()
-                .filter(|s| *s != "braid")
-                .filter_map(|s| value(s))
-                .fold(0.0f64, f64::max);
-            let braid = results.get(&(unix, "braid".into())).and_then(|r| r.get(w));
-            match (value("braid"), braid) {
-                (Some(b), Some(r)) if best_peer > 0.0 => {
-                    println!(" {:>6.2}x {:>4.0}% {:>4.0}µs", b / best_peer, r.srv, r.lat)
-                }
-                _ => println!(),
-            }
-        }
-    }
 }

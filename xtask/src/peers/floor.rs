@@ -1,0 +1,103 @@
+//! The floor under braid's QD1 latency: a bare TCP ping-pong between two
+//! processes on this machine, with the sizes of a 4 KiB read (a small
+//! request, a 4 KiB reply) and of a 4 KiB write (the reverse). Nothing can
+//! answer a request over loopback TCP faster than this.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bytes of a request's or reply's head, about braid's frame head.
+const REQUEST_HEAD: usize = 64;
+const REPLY_HEAD: usize = 32;
+const BLOCK: usize = 4096;
+
+/// The echo side, run as `xtask __pingpong-echo` in its own process: prints
+/// its port, then answers each request (8 bytes: request payload length,
+/// reply length; then the payload) with the asked number of bytes.
+pub(crate) fn echo() -> Result<(), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    println!("{port}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; BLOCK + REQUEST_HEAD];
+    let reply = vec![0u8; BLOCK + REPLY_HEAD];
+    loop {
+        let mut head = [0u8; 8];
+        if conn.read_exact(&mut head).is_err() {
+            return Ok(()); // the measuring side is done
+        }
+        let ask = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
+        let answer = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
+        if ask > buf.len() || answer > reply.len() {
+            return Err(format!("ping-pong: request for {ask}/{answer} bytes"));
+        }
+        conn.read_exact(&mut buf[..ask])
+            .map_err(|e| e.to_string())?;
+        conn.write_all(&reply[..answer])
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Median round trip (µs) of read-shaped and write-shaped
+/// exchanges, `runtime` each.
+pub(crate) struct Floor {
+    pub(crate) read_p50: f64,
+    pub(crate) write_p50: f64,
+}
+
+pub(crate) fn measure(runtime: Duration) -> Result<Floor, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .arg("__pingpong-echo")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("ping-pong echo: {e}"))?;
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .map_err(|e| e.to_string())?;
+    let result = (|| {
+        let port: u16 = port.trim().parse().map_err(|_| "ping-pong: no port")?;
+        let mut conn = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        conn.set_nodelay(true).map_err(|e| e.to_string())?;
+        let read = exchange(&mut conn, REQUEST_HEAD, BLOCK + REPLY_HEAD, runtime)?;
+        let write = exchange(&mut conn, BLOCK + REQUEST_HEAD, REPLY_HEAD, runtime)?;
+        Ok(Floor {
+            read_p50: read,
+            write_p50: write,
+        })
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// QD1 round trips for `runtime`; returns the median in µs.
+fn exchange(
+    conn: &mut TcpStream,
+    ask: usize,
+    answer: usize,
+    runtime: Duration,
+) -> Result<f64, String> {
+    let mut request = vec![0u8; 8 + ask];
+    request[..4].copy_from_slice(&(ask as u32).to_le_bytes());
+    request[4..8].copy_from_slice(&(answer as u32).to_le_bytes());
+    let mut reply = vec![0u8; answer];
+    let mut samples = Vec::new();
+    let end = Instant::now() + runtime;
+    while Instant::now() < end {
+        let t = Instant::now();
+        conn.write_all(&request).map_err(|e| e.to_string())?;
+        conn.read_exact(&mut reply).map_err(|e| e.to_string())?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    let mid = samples
+        .get(samples.len() / 2)
+        .ok_or("ping-pong: no samples")?;
+    Ok(mid.as_secs_f64() * 1e6)
+}

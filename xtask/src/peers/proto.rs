@@ -1,0 +1,111 @@
+//! braid's own protocol in the peer table: `braid bench` with the same
+//! workloads against a `braid serve`, so the cost of the NBD translation
+//! shows beside the NBD rows.
+
+use super::{cpu_ticks, Row, WORKLOADS};
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+/// `braid bench` arguments for each peerbench workload: the j4 row's four
+/// connections at QD32 are four channels at QD128.
+fn bench_args(workload: &str) -> Option<[&'static str; 8]> {
+    let (rw, bs, qd, channels) = match workload {
+        "randread-4k-qd1" => ("randread", "4k", "1", "4"),
+        "randread-4k-qd32" => ("randread", "4k", "32", "4"),
+        "randwrite-4k-qd1" => ("randwrite", "4k", "1", "4"),
+        "randwrite-4k-qd32" => ("randwrite", "4k", "32", "4"),
+        "seqread-1m-qd8" => ("read", "1M", "8", "4"),
+        "seqwrite-1m-qd8" => ("write", "1M", "8", "4"),
+        "randread-4k-qd32-j4" => ("randread", "4k", "128", "4"),
+        _ => return None,
+    };
+    Some(["--rw", rw, "--bs", bs, "--qd", qd, "--channels", channels])
+}
+
+/// Runs every workload through `braid bench` against the server `pid`
+/// listening on `addr`.
+pub(crate) fn run(
+    braid: &Path,
+    addr: &str,
+    keys: &Path,
+    server_pid: u32,
+    runtime: &str,
+) -> Result<Vec<(String, Row)>, String> {
+    let mut rows = Vec::new();
+    for w in WORKLOADS {
+        let Some(args) = bench_args(w) else { continue };
+        let ticks = cpu_ticks(server_pid);
+        let started = Instant::now();
+        let out = Command::new(braid)
+            .args(["bench", "--server", addr, "--export", "disk0", "--key-file"])
+            .arg(keys)
+            .args(args)
+            .args(["--time", runtime])
+            .output()
+            .map_err(|e| format!("braid bench: {e}"))?;
+        let wall = started.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "braid bench {w}: {}{text}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let mut row =
+            parse(&text).ok_or_else(|| format!("braid bench {w}: no summary in\n{text}"))?;
+        row.srv = (cpu_ticks(server_pid) - ticks) as f64 / super::clock_ticks() * 100.0 / wall;
+        eprintln!(
+            "braid-proto {w:<22} {:>10.0} {:>9.1} {:>10.1} {:>10.1} {:>6.0} {:>6.0}",
+            row.iops, row.mib, row.lat, row.p99, row.cli, row.srv
+        );
+        rows.push((w.to_string(), row));
+    }
+    Ok(rows)
+}
+
+/// The summary lines of `braid bench`: "N IOs in Ts: X IOPS, Y MiB/s, client
+/// CPU Z µs/IO, errors E" and "latency µs: mean M  p50 P ... p99 Q ...".
+fn parse(text: &str) -> Option<Row> {
+    let summary = text.lines().find(|l| l.contains(" IOPS, "))?;
+    let number_before = |line: &str, unit: &str| -> Option<f64> {
+        let end = line.find(unit)?;
+        line[..end].split_whitespace().last()?.parse().ok()
+    };
+    let iops = number_before(summary, " IOPS")?;
+    let mib = number_before(summary, " MiB/s")?;
+    let cli_per_io = number_before(summary, " µs/IO")?;
+    let latency = text.lines().find(|l| l.starts_with("latency µs:"))?;
+    let after = |key: &str| -> Option<f64> {
+        let at = latency.find(key)? + key.len();
+        latency[at..].split_whitespace().next()?.parse().ok()
+    };
+    Some(Row {
+        iops,
+        mib,
+        lat: after("mean ")?,
+        p50: after("p50 "),
+        p99: after("p99 ")?,
+        cli: cli_per_io * iops / 1e6 * 100.0,
+        srv: 0.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_bench_summary() {
+        let text = "\n1000 IOs in 2.0s: 500 IOPS, 1.9 MiB/s, client CPU 40.0 µs/IO, errors 0\n\
+                    latency µs: mean 60  p50 55  p90 70  p99 120  p99.9 300  max 900\n";
+        let row = super::parse(text).unwrap();
+        assert_eq!(
+            (row.iops, row.mib, row.lat, row.p99),
+            (500.0, 1.9, 60.0, 120.0)
+        );
+        assert_eq!(row.p50, Some(55.0));
+        assert!(
+            (row.cli - 2.0).abs() < 1e-9,
+            "40 µs × 500/s is 2% of a core"
+        );
+    }
+}

@@ -1,0 +1,137 @@
+//! The peer table: throughput, CPU per IO and latency per workload and
+//! column, then the QD1 floor and the braid processes' memory.
+
+use super::{Results, Row, WORKLOADS};
+
+const PEERS: [&str; 3] = ["nbdkit", "qemu-nbd", "nbd-server"];
+
+pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
+    let numeric: Vec<&str> = columns.iter().copied().filter(|c| *c != "floor").collect();
+    let get = |unix: bool, column: &str, w: &str| -> Option<&Row> {
+        results.rows.get(&(unix, column.to_string()))?.get(w)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    };
+    let best_peer = |unix: bool, w: &str, pick: &dyn Fn(&Row) -> f64| {
+        PEERS
+            .iter()
+            .filter_map(|p| get(unix, p, w).map(pick))
+            .reduce(f64::max)
+    };
+
+    println!();
+    println!(
+        "throughput: IOPS (MiB/s for seq); limit = fio io_uring on the file, proto = braid bench,"
+    );
+    println!("attach = fio over NBD into braid attach, which carries the IO to braid serve");
+    header(&numeric, &["braid/best", "attach/braid"]);
+    for &unix in transports {
+        for w in WORKLOADS {
+            let seq = w.starts_with("seq");
+            let value = |r: &Row| if seq { r.mib } else { r.iops };
+            let mut line = lead(unix, w);
+            for c in &numeric {
+                line += &cell(get(unix, c, w).map(value), 0);
+            }
+            let braid = get(unix, "braid", w).map(value);
+            line += &format!(" {:>12}", ratio(braid, best_peer(unix, w, &value)));
+            line += &format!(" {:>12}", ratio(get(unix, "attach", w).map(value), braid));
+            println!("{line}");
+        }
+    }
+
+    println!();
+    println!("CPU per IO, client + server (µs; fio is the client of every NBD row,");
+    println!("attach's server side is braid attach and braid serve together)");
+    header(&numeric, &["braid/best"]);
+    for &unix in transports {
+        for w in WORKLOADS {
+            let mut line = lead(unix, w);
+            for c in &numeric {
+                line += &cell(get(unix, c, w).map(Row::cpu_per_io), 1);
+            }
+            // Less CPU is better: the best peer is the least.
+            let least = PEERS
+                .iter()
+                .filter_map(|p| get(unix, p, w).map(Row::cpu_per_io))
+                .reduce(f64::min);
+            line += &format!(
+                " {:>12}",
+                ratio(get(unix, "braid", w).map(Row::cpu_per_io), least)
+            );
+            println!("{line}");
+        }
+    }
+
+    println!();
+    println!("latency: mean / p99 (µs)");
+    header(&numeric, &[]);
+    for &unix in transports {
+        for w in WORKLOADS {
+            let mut line = lead(unix, w);
+            for c in &numeric {
+                let v = get(unix, c, w).map(|r| format!("{:.0}/{:.0}", r.lat, r.p99));
+                line += &format!(" {:>11}", v.unwrap_or_else(|| "-".into()));
+            }
+            println!("{line}");
+        }
+    }
+
+    if let Some(f) = &results.floor {
+        println!();
+        println!(
+            "QD1 floor, bare TCP ping-pong between two processes, p50: read-shaped {:.1} µs, write-shaped {:.1} µs",
+            f.read_p50, f.write_p50
+        );
+        for (w, floor) in [
+            ("randread-4k-qd1", f.read_p50),
+            ("randwrite-4k-qd1", f.write_p50),
+        ] {
+            if let Some(p50) = get(false, "proto", w).and_then(|r| r.p50) {
+                println!(
+                    "  braid protocol {w} p50 {p50:.0} µs: {:.2}x the floor",
+                    p50 / floor
+                );
+            }
+        }
+    }
+
+    if !results.memory.is_empty() {
+        println!();
+        println!("resident memory of braid processes (MiB, idle -> peak over the run):");
+        for m in &results.memory {
+            println!(
+                "  {:<7} {:<4} braid {:<7} {:>7.1} -> {:>7.1}",
+                m.column,
+                m.transport,
+                m.process,
+                m.idle_kib as f64 / 1024.0,
+                m.peak_kib as f64 / 1024.0
+            );
+        }
+    }
+}
+
+fn header(columns: &[&str], ratios: &[&str]) {
+    let mut line = format!("{:<6} {:<22}", "", "workload");
+    for c in columns {
+        line += &format!(" {c:>11}");
+    }
+    for r in ratios {
+        line += &format!(" {r:>12}");
+    }
+    println!("{line}");
+}
+
+fn lead(unix: bool, workload: &str) -> String {
+    format!("{:<6} {workload:<22}", if unix { "unix" } else { "tcp" })
+}
+
+fn cell(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) => format!(" {v:>11.decimals$}"),
+        None => format!(" {:>11}", "-"),
+    }
+}
