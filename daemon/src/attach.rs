@@ -156,7 +156,12 @@ impl Target for VolumeTarget {
         let client = self.sink.clone();
         if parts.len() == 1 {
             let io = parts.pop().unwrap();
-            tokio::spawn(async move { done(client.io(io).await.map_err(status_of)) });
+            crate::busy_poll::mark();
+            tokio::spawn(async move {
+                let r = client.io(io).await;
+                crate::busy_poll::mark();
+                done(r.map_err(status_of))
+            });
             return;
         }
         tokio::spawn(async move {
@@ -199,6 +204,7 @@ impl Target for VolumeTarget {
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
+    crate::busy_poll::start(std::time::Duration::from_micros(args.client.poll_us));
     if let Some(path) = args.volume.clone() {
         return run_volume(args, path).await;
     }

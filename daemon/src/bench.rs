@@ -121,7 +121,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
                     IoRequest::read(block * bs, bs as u32)
                 };
                 let t = Instant::now();
-                match client.io(io).await {
+                let result = client.io(io).await;
+                crate::busy_poll::mark();
+                match result {
                     Ok(_) => {
                         hist.record(t.elapsed());
                         shared.ios.fetch_add(1, Ordering::Relaxed);

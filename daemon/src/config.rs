@@ -34,6 +34,8 @@ pub(crate) struct FileConfig {
     pub(crate) nbd: Option<Vec<String>>,
     /// Serve Prometheus metrics on this address (as --metrics).
     pub(crate) metrics: Option<String>,
+    /// As --poll-us: microseconds of socket polling after each IO.
+    pub(crate) poll_us: Option<u64>,
     /// As --nbd-allow-insecure: NBD without TLS on a network address.
     #[serde(default)]
     pub(crate) nbd_allow_insecure: bool,

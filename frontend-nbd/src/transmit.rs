@@ -268,8 +268,27 @@ pub(crate) async fn transmit(
                 let _ = tx.send((replier.error(EINVAL, &msg), permit));
                 continue;
             }
-            let mut buf = BytesMut::zeroed(req.len as usize);
-            if let Err(e) = rd.read_exact(&mut buf).await {
+            // Read into spare capacity: zeroing a 1 MiB buffer first cost
+            // as much as a copy (perf: memset was 9% of a sequential run).
+            let len = req.len as usize;
+            let mut buf = BytesMut::with_capacity(len);
+            let mut failed = None;
+            while buf.len() < len {
+                let want = len - buf.len();
+                let mut window = (&mut buf).limit(want);
+                match rd.read_buf(&mut window).await {
+                    Ok(0) => {
+                        failed = Some(std::io::ErrorKind::UnexpectedEof.into());
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
                 break Err(e);
             }
             payload = buf.freeze();

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         "conformance" => conformance(&rest),
         "mutants" => mutants(&rest),
         // The echo side of the bench's TCP ping-pong floor, in its own process.
-        "__pingpong-echo" => peers::pingpong_echo(),
+        "__pingpong-echo" => peers::pingpong_echo(&rest),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
             Ok(())

@@ -73,11 +73,11 @@ impl Killed {
     }
 
     /// The braid processes whose memory the table reports, by name.
-    fn braid_pids(&self) -> Vec<(String, u32)> {
+    fn braid_pids(&self, server: &str) -> Vec<(String, u32)> {
         match self {
-            Killed::Child(c) => vec![("serve".into(), c.id())],
+            Killed::Child(c) if server == "braid" => vec![("serve".into(), c.id())],
             Killed::Group(c) => children(c.id()),
-            Killed::Daemon(_) => Vec::new(),
+            Killed::Child(_) | Killed::Daemon(_) => Vec::new(),
         }
     }
 }
@@ -487,7 +487,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             let t = if unix { "unix" } else { "tcp" };
             eprintln!("==> {server} over {t} ({runtime} s per workload)");
             let (daemon, uri) = start(server, unix, &dir, braid)?;
-            let braids = daemon.braid_pids();
+            let braids = daemon.braid_pids(server);
             let idle: Vec<u64> = braids
                 .iter()
                 .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))

@@ -1,7 +1,10 @@
 //! The floor under braid's QD1 latency: a bare TCP ping-pong between two
 //! processes on this machine, with the sizes of a 4 KiB read (a small
-//! request, a 4 KiB reply) and of a 4 KiB write (the reverse). Nothing can
-//! answer a request over loopback TCP faster than this.
+//! request, a 4 KiB reply) and of a 4 KiB write (the reverse), measured
+//! twice: with blocking sockets (each side sleeps until the other's bytes
+//! arrive, as the NBD peers do) and with both sides spinning on
+//! non-blocking sockets (what braid's polling window approaches). Nothing
+//! answers a request over loopback TCP faster than the second.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,21 +16,24 @@ const REQUEST_HEAD: usize = 64;
 const REPLY_HEAD: usize = 32;
 const BLOCK: usize = 4096;
 
-/// The echo side, run as `xtask __pingpong-echo` in its own process: prints
-/// its port, then answers each request (8 bytes: request payload length,
-/// reply length; then the payload) with the asked number of bytes.
-pub(crate) fn echo() -> Result<(), String> {
+/// The echo side, run as `xtask __pingpong-echo [poll]` in its own
+/// process: prints its port, then answers each request (8 bytes: request
+/// payload length, reply length; then the payload) with the asked number
+/// of bytes.
+pub(crate) fn echo(args: &[String]) -> Result<(), String> {
+    let poll = args.iter().any(|a| a == "poll");
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     println!("{port}");
     std::io::stdout().flush().map_err(|e| e.to_string())?;
     let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
     conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    conn.set_nonblocking(poll).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; BLOCK + REQUEST_HEAD];
     let reply = vec![0u8; BLOCK + REPLY_HEAD];
     loop {
         let mut head = [0u8; 8];
-        if conn.read_exact(&mut head).is_err() {
+        if read_exact(&mut conn, &mut head).is_err() {
             return Ok(()); // the measuring side is done
         }
         let ask = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
@@ -35,24 +41,62 @@ pub(crate) fn echo() -> Result<(), String> {
         if ask > buf.len() || answer > reply.len() {
             return Err(format!("ping-pong: request for {ask}/{answer} bytes"));
         }
-        conn.read_exact(&mut buf[..ask])
-            .map_err(|e| e.to_string())?;
-        conn.write_all(&reply[..answer])
-            .map_err(|e| e.to_string())?;
+        read_exact(&mut conn, &mut buf[..ask])?;
+        write_all(&mut conn, &reply[..answer])?;
     }
 }
 
-/// Median round trip (µs) of read-shaped and write-shaped
-/// exchanges, `runtime` each.
+/// `read_exact` that spins through `WouldBlock` on a non-blocking socket.
+fn read_exact(conn: &mut TcpStream, mut buf: &mut [u8]) -> Result<(), String> {
+    while !buf.is_empty() {
+        match conn.read(buf) {
+            Ok(0) => return Err("ping-pong: closed".into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` that spins through `WouldBlock` on a non-blocking socket.
+fn write_all(conn: &mut TcpStream, mut buf: &[u8]) -> Result<(), String> {
+    while !buf.is_empty() {
+        match conn.write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Median round trip (µs) of read-shaped and write-shaped exchanges,
+/// sleeping and polling.
 pub(crate) struct Floor {
     pub(crate) read_p50: f64,
     pub(crate) write_p50: f64,
+    pub(crate) read_p50_polling: f64,
+    pub(crate) write_p50_polling: f64,
 }
 
 pub(crate) fn measure(runtime: Duration) -> Result<Floor, String> {
+    let (read_p50, write_p50) = measure_one(runtime, false)?;
+    let (read_p50_polling, write_p50_polling) = measure_one(runtime, true)?;
+    Ok(Floor {
+        read_p50,
+        write_p50,
+        read_p50_polling,
+        write_p50_polling,
+    })
+}
+
+/// Read-shaped and write-shaped medians, `runtime` each.
+fn measure_one(runtime: Duration, poll: bool) -> Result<(f64, f64), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .arg("__pingpong-echo")
+        .args(poll.then_some("poll"))
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("ping-pong echo: {e}"))?;
@@ -64,12 +108,10 @@ pub(crate) fn measure(runtime: Duration) -> Result<Floor, String> {
         let port: u16 = port.trim().parse().map_err(|_| "ping-pong: no port")?;
         let mut conn = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         conn.set_nodelay(true).map_err(|e| e.to_string())?;
+        conn.set_nonblocking(poll).map_err(|e| e.to_string())?;
         let read = exchange(&mut conn, REQUEST_HEAD, BLOCK + REPLY_HEAD, runtime)?;
         let write = exchange(&mut conn, BLOCK + REQUEST_HEAD, REPLY_HEAD, runtime)?;
-        Ok(Floor {
-            read_p50: read,
-            write_p50: write,
-        })
+        Ok((read, write))
     })();
     let _ = child.kill();
     let _ = child.wait();
@@ -91,8 +133,8 @@ fn exchange(
     let end = Instant::now() + runtime;
     while Instant::now() < end {
         let t = Instant::now();
-        conn.write_all(&request).map_err(|e| e.to_string())?;
-        conn.read_exact(&mut reply).map_err(|e| e.to_string())?;
+        write_all(conn, &request)?;
+        read_exact(conn, &mut reply)?;
         samples.push(t.elapsed());
     }
     samples.sort();

@@ -82,17 +82,18 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
     if let Some(f) = &results.floor {
         println!();
         println!(
-            "QD1 floor, bare TCP ping-pong between two processes, p50: read-shaped {:.1} µs, write-shaped {:.1} µs",
-            f.read_p50, f.write_p50
+            "QD1 floor, bare TCP ping-pong between two processes, p50 (µs): sleeping read-shaped {:.1}, write-shaped {:.1}; polling {:.1}, {:.1}",
+            f.read_p50, f.write_p50, f.read_p50_polling, f.write_p50_polling
         );
-        for (w, floor) in [
-            ("randread-4k-qd1", f.read_p50),
-            ("randwrite-4k-qd1", f.write_p50),
+        for (w, sleeping, polling) in [
+            ("randread-4k-qd1", f.read_p50, f.read_p50_polling),
+            ("randwrite-4k-qd1", f.write_p50, f.write_p50_polling),
         ] {
             if let Some(p50) = get(false, "proto", w).and_then(|r| r.p50) {
                 println!(
-                    "  braid protocol {w} p50 {p50:.0} µs: {:.2}x the floor",
-                    p50 / floor
+                    "  braid protocol {w} p50 {p50:.0} µs: {:.2}x the sleeping floor, {:.2}x the polling floor",
+                    p50 / sleeping,
+                    p50 / polling
                 );
             }
         }
