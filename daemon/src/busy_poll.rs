@@ -21,6 +21,12 @@ pub(crate) const DEFAULT_WINDOW_US: u64 = 200;
 static ACTIVITY: AtomicU64 = AtomicU64::new(0);
 static SLEEPING: AtomicBool = AtomicBool::new(false);
 static WAKE: Notify = Notify::const_new();
+
+/// Activity is judged over this period...
+const BUSY_PERIOD: Duration = Duration::from_millis(1);
+/// ...and more marks than this in one means IO comes faster than a wake-up
+/// costs (a mark every 15 µs): polling is then left off for a period.
+const BUSY_MARKS: u64 = 64;
 static STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Marks IO activity: polling goes on for the window after the last mark.
@@ -42,18 +48,34 @@ pub(crate) fn start(window: Duration) {
     tokio::spawn(async move {
         let mut seen = ACTIVITY.load(Ordering::Relaxed);
         let mut last = Instant::now();
+        let mut period = (last, 0u64);
         loop {
+            let now = Instant::now();
             let now_seen = ACTIVITY.load(Ordering::Relaxed);
             if now_seen != seen {
+                period.1 += now_seen - seen;
                 seen = now_seen;
-                last = Instant::now();
+                last = now;
             }
-            if last.elapsed() < window {
+            let elapsed = now.duration_since(period.0);
+            if elapsed >= BUSY_PERIOD {
+                let busy = period.1 * BUSY_PERIOD.as_nanos() as u64
+                    >= BUSY_MARKS * elapsed.as_nanos() as u64;
+                period = (now, 0);
+                if busy {
+                    // IO arrives faster than a wake-up costs: the runtime
+                    // seldom sleeps anyway, and spinning between events
+                    // would only add work. Look again after a period.
+                    tokio::time::sleep(BUSY_PERIOD).await;
+                    continue;
+                }
+            }
+            if now.duration_since(last) < window {
                 // A yielded task is run again only after the runtime has
                 // polled its IO driver without blocking: this loop turns
-                // epoll's sleep into a spin while IO is near.
-                // And the core goes to any other runnable thread first:
-                // spinning must not slow the processes it shares cores with.
+                // epoll's sleep into a spin while IO is near. And the core
+                // goes to any other runnable thread first: spinning must
+                // not slow the processes it shares cores with.
                 std::thread::yield_now();
                 tokio::task::yield_now().await;
             } else {
@@ -64,6 +86,7 @@ pub(crate) fn start(window: Duration) {
                 }
                 SLEEPING.store(false, Ordering::Relaxed);
                 last = Instant::now();
+                period = (last, 0);
             }
         }
     });
