@@ -23,7 +23,10 @@ commands:
             go to criterion (e.g. `cargo xtask bench -- round`).
             `cargo xtask bench --peers [--runtime S] [--only braid,nbdkit]
             [--transport tcp|unix|both]`: braid's NBD face against nbdkit,
-            qemu-nbd and nbd-server with ../shared/tools/peerbench (fio)
+            qemu-nbd and nbd-server with ../shared/tools/peerbench (fio),
+            beside the limit, braid bench, braid attach and a TCP floor;
+            `cargo xtask bench --memory-soak SECS`: resident memory of
+            braid serve and attach under QD32 x4 for SECS seconds
   sim       seeded simulation sweeps with invariant checks; arguments go
             to the runner (`cargo xtask sim --help`). With --madsim: the
             real fabric-tcp drivers on madsim (`cargo xtask sim --madsim
@@ -251,6 +254,15 @@ fn bench(extra: &[String]) -> Result<(), String> {
         build_workspace("release")?;
         let root = root();
         return peers::run(extra, &root, &conformance::braid_binary(&root, "release"));
+    }
+    if let Some(at) = extra.iter().position(|a| a == "--memory-soak") {
+        let seconds = extra
+            .get(at + 1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("usage: cargo xtask bench --memory-soak SECS")?;
+        build_workspace("release")?;
+        let root = root();
+        return peers::memory_soak(seconds, &conformance::braid_binary(&root, "release"));
     }
     let mut cmd = cargo();
     cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);

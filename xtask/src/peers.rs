@@ -9,11 +9,13 @@
 //! memory of the braid processes.
 
 mod floor;
+mod memory_soak;
 mod proto;
 mod rss;
 mod table;
 
 pub(crate) use floor::echo as pingpong_echo;
+pub(crate) use memory_soak::run as memory_soak;
 
 use crate::free_port;
 use std::collections::BTreeMap;
