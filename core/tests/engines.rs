@@ -313,6 +313,17 @@ fn refused_requests_fail_with_clear_errors_and_the_session_goes_on() {
         p.client.submit(5, IoRequest::read(0, 0), p.now),
         Err(SubmitError::Invalid("zero-length request"))
     );
+    for ranged in [(0, 512), (512, 0)] {
+        let flush = IoRequest {
+            offset: ranged.0,
+            len: ranged.1,
+            ..IoRequest::flush()
+        };
+        assert_eq!(
+            p.client.submit(7, flush, p.now),
+            Err(SubmitError::Invalid("flush has no range"))
+        );
+    }
     let long = p.client.submit(6, IoRequest::read(0, 2 << 20), p.now);
     assert_eq!(
         long,
@@ -798,6 +809,7 @@ fn server_restart_is_detected_and_unflushed_data_replayed() {
         0,
         "a completed flush empties the dirty window"
     );
+    assert_eq!(p.client.replays_pending(), 0, "the replay is done");
 }
 
 #[test]

@@ -36,6 +36,8 @@ fn channels_grow_and_shrink_under_load_without_errors() {
     assert_eq!(r.client.failed, 0);
     // 4 at the start, 4 added, 2 added back after dropping to 2.
     assert_eq!(r.client.handshakes, 10, "{:?}", r.client);
+    // No faults: every failover is a request a retired channel handed on.
+    assert!(r.client.failovers > 0, "{:?}", r.client);
     assert!(r.ios > 1_000);
 }
 

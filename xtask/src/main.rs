@@ -25,6 +25,8 @@ commands:
             [--transport tcp|unix|both]`: braid's NBD face against nbdkit,
             qemu-nbd and nbd-server with ../shared/tools/peerbench (fio),
             beside the limit, braid bench, braid attach and a TCP floor;
+            `cargo xtask bench --scale [--runtime S]`: braid's protocol with
+            1-8 channels and 1-16 clients, server CPU per row;
             `cargo xtask bench --memory-soak SECS`: resident memory of
             braid serve and attach under QD32 x4 for SECS seconds
   sim       seeded simulation sweeps with invariant checks; arguments go
@@ -254,6 +256,15 @@ fn bench(extra: &[String]) -> Result<(), String> {
         build_workspace("release")?;
         let root = root();
         return peers::run(extra, &root, &conformance::braid_binary(&root, "release"));
+    }
+    if extra.iter().any(|a| a == "--scale") {
+        let runtime = match extra.iter().position(|a| a == "--runtime") {
+            Some(at) => extra.get(at + 1).ok_or("--runtime SECS")?.clone(),
+            None => "5".into(),
+        };
+        build_workspace("release")?;
+        let root = root();
+        return peers::scale(&conformance::braid_binary(&root, "release"), &runtime);
     }
     if let Some(at) = extra.iter().position(|a| a == "--memory-soak") {
         let seconds = extra

@@ -12,10 +12,12 @@ mod floor;
 mod memory_soak;
 mod proto;
 mod rss;
+mod scale;
 mod table;
 
 pub(crate) use floor::echo as pingpong_echo;
 pub(crate) use memory_soak::run as memory_soak;
+pub(crate) use scale::run as scale;
 
 use crate::free_port;
 use std::collections::BTreeMap;

@@ -442,7 +442,8 @@ impl ClientEngine {
             if self.leader.is_some_and(|l| l as usize >= after) {
                 self.leader = None;
             }
-            self.rr_cursor %= after;
+            // rr_cursor needs no wrap: pick_channel takes it modulo the
+            // channel count (mutation testing showed the wrap changed nothing).
         }
         self.pump(now);
         Ok(())

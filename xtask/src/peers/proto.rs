@@ -66,7 +66,7 @@ pub(crate) fn run(
 
 /// The summary lines of `braid bench`: "N IOs in Ts: X IOPS, Y MiB/s, client
 /// CPU Z µs/IO, errors E" and "latency µs: mean M  p50 P ... p99 Q ...".
-fn parse(text: &str) -> Option<Row> {
+pub(super) fn parse(text: &str) -> Option<Row> {
     let summary = text.lines().find(|l| l.contains(" IOPS, "))?;
     let number_before = |line: &str, unit: &str| -> Option<f64> {
         let end = line.find(unit)?;
