@@ -313,6 +313,14 @@ fn refused_requests_fail_with_clear_errors_and_the_session_goes_on() {
         p.client.submit(5, IoRequest::read(0, 0), p.now),
         Err(SubmitError::Invalid("zero-length request"))
     );
+    let short = IoRequest {
+        len: 1024,
+        ..IoRequest::write(0, Bytes::from(vec![1; 512]), false)
+    };
+    assert_eq!(
+        p.client.submit(8, short, p.now),
+        Err(SubmitError::Invalid("write data length differs from len"))
+    );
     for ranged in [(0, 512), (512, 0)] {
         let flush = IoRequest {
             offset: ranged.0,
@@ -335,6 +343,29 @@ fn refused_requests_fail_with_clear_errors_and_the_session_goes_on() {
         "invalid request: longer than the server's max payload"
     );
     assert!(SubmitError::Busy.to_string().contains("retry"));
+}
+
+#[test]
+fn a_garbled_frame_to_the_client_is_counted_and_its_channel_replaced() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let ch = *p.conns.keys().next().unwrap();
+    let before = p.client.stats().corrupt_frames;
+    p.client
+        .handle_frame(ch, Bytes::from_static(&[0xEE; 64]), p.now);
+    assert_eq!(p.client.stats().corrupt_frames, before + 1);
+    p.advance(Duration::from_millis(100));
+    assert!(p.notices.iter().any(|n| matches!(
+        n,
+        Notice::ChannelDown {
+            reason: DownReason::BadFrame(_),
+            ..
+        }
+    )));
+    assert!(
+        p.io(1, IoRequest::read(0, 512)).is_ok(),
+        "the session goes on over the other channels"
+    );
 }
 
 #[test]
@@ -677,6 +708,17 @@ fn back_pressure_refuses_io_beyond_the_journal_bound() {
         Err(SubmitError::Busy)
     );
     assert_eq!(client.journal_len(), 3, "no channel is up: nothing grows");
+    assert_eq!(client.journal_bytes(), 0, "reads journal no payload");
+    let mut cfg = client_config("disk0", "alice", b"alice's key");
+    cfg.max_queued = 8;
+    let mut writer = ClientEngine::new(cfg).expect("a valid config");
+    for user in 0..3 {
+        let data = Bytes::from(vec![7; 512]);
+        writer
+            .submit(user, IoRequest::write(0, data, false), now)
+            .unwrap();
+    }
+    assert_eq!(writer.journal_bytes(), 3 * 512, "the payloads journaled");
 }
 
 #[test]
