@@ -157,11 +157,27 @@ impl Target for VolumeTarget {
         if parts.len() == 1 {
             let io = parts.pop().unwrap();
             crate::busy_poll::mark();
-            tokio::spawn(async move {
-                let r = client.io(io).await;
+            let Sink::Export(export) = &client else {
+                tokio::spawn(async move {
+                    let r = client.io(io).await;
+                    crate::busy_poll::mark();
+                    done(r.map_err(status_of))
+                });
+                return;
+            };
+            // The answer goes straight to the NBD reply: no task per IO.
+            let answer: braid_fabric_tcp::IoCallback = Box::new(move |r| {
                 crate::busy_poll::mark();
-                done(r.map_err(status_of))
+                done(r.map_err(|e| {
+                    tracing::warn!(error = %e, "IO failed");
+                    status_of(e.kind)
+                }))
             });
+            if let Err((io, answer)) = export.try_io_with(io, answer) {
+                // The driver's queue is full: wait for room in a task.
+                let export = export.clone();
+                tokio::spawn(async move { answer(export.io(io).await) });
+            }
             return;
         }
         tokio::spawn(async move {

@@ -72,7 +72,38 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
-type Reply = oneshot::Sender<Result<Bytes, IoError>>;
+/// What hears an IO's answer when the caller does not await it: called once,
+/// on the client's driver task, so it must not block.
+pub type IoCallback = Box<dyn FnOnce(Result<Bytes, IoError>) + Send>;
+
+/// Who hears an IO's answer: a waiting task, or a callback (no task per IO).
+/// Dropped unanswered (the client closed), a callback hears `gone`.
+struct Reply(Option<ReplyTo>);
+
+enum ReplyTo {
+    Once(oneshot::Sender<Result<Bytes, IoError>>),
+    Call(IoCallback, IoError),
+}
+
+impl Reply {
+    fn send(mut self, result: Result<Bytes, IoError>) {
+        match self.0.take() {
+            Some(ReplyTo::Once(tx)) => {
+                let _ = tx.send(result);
+            }
+            Some(ReplyTo::Call(done, _)) => done(result),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(ReplyTo::Call(done, gone)) = self.0.take() {
+            done(Err(gone));
+        }
+    }
+}
 
 enum Cmd {
     Io(IoRequest, Reply),
@@ -253,12 +284,49 @@ impl Client {
             len: io.len,
         };
         let (tx, rx) = oneshot::channel();
-        let sent = self.cmds.send(Cmd::Io(io, tx)).await.is_ok();
+        let sent = self
+            .cmds
+            .send(Cmd::Io(io, Reply(Some(ReplyTo::Once(tx)))))
+            .await
+            .is_ok();
         async move {
             if !sent {
                 return Err(gone);
             }
             rx.await.unwrap_or(Err(gone))
+        }
+    }
+
+    /// Hands `io` to the client with `done` to hear its answer, without a
+    /// task waiting for it (a frontend saves a task and a channel per IO).
+    /// Order is kept as with [`Client::enqueue`]. If the driver's queue is
+    /// full, or the client is gone, both come back: the caller awaits
+    /// [`Client::io`] instead.
+    pub fn try_io_with(
+        &self,
+        io: IoRequest,
+        done: IoCallback,
+    ) -> Result<(), (IoRequest, IoCallback)> {
+        let gone = IoError {
+            kind: braid_core::client::IoErrorKind::Closed,
+            export: String::new(),
+            op: io.op,
+            offset: io.offset,
+            len: io.len,
+        };
+        match self
+            .cmds
+            .try_send(Cmd::Io(io, Reply(Some(ReplyTo::Call(done, gone)))))
+        {
+            Ok(()) => Ok(()),
+            Err(
+                mpsc::error::TrySendError::Full(Cmd::Io(io, mut reply))
+                | mpsc::error::TrySendError::Closed(Cmd::Io(io, mut reply)),
+            ) => match reply.0.take() {
+                Some(ReplyTo::Call(done, _)) => Err((io, done)),
+                _ => unreachable!("the callback just put there"),
+            },
+            Err(_) => unreachable!("only an IO was sent"),
         }
     }
 
@@ -341,6 +409,9 @@ impl Driver {
                     self.process(&ev_tx, &conn_tx);
                 }
                 if self.engine.is_closed() {
+                    // Refuse IO before saying closed: whoever hears it may
+                    // submit at once and must be told, not queued.
+                    cmds.close();
                     let _ = done.send(());
                     return;
                 }
@@ -426,7 +497,7 @@ impl Driver {
                         len: io.len,
                     };
                     if let Some(w) = self.waiters.remove(&user) {
-                        let _ = w.send(Err(err));
+                        w.send(Err(err));
                     }
                 }
             }
@@ -526,7 +597,7 @@ impl Driver {
         }
         for c in completions {
             if let Some(w) = self.waiters.remove(&c.user) {
-                let _ = w.send(c.result);
+                w.send(c.result);
             }
         }
     }

@@ -22,7 +22,7 @@ pub mod server;
 pub mod tls;
 pub mod volume;
 
-pub use client::{Client, ClientStatus, ConnectError};
+pub use client::{Client, ClientStatus, ConnectError, IoCallback};
 
 /// In checked builds (tests, sweeps, the madsim world, soak: the `sim`
 /// profile), the engine's own consistency check after every step of its

@@ -125,6 +125,51 @@ async fn io_flows_over_four_tcp_channels() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_hears_its_answer_and_a_closed_client_hands_the_io_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let client = connect(
+        addr,
+        ClientSecurity::Plain,
+        b"test key",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let data = Bytes::from(vec![0x3C; 4096]);
+    let (tx, rx) = oneshot::channel();
+    let write = IoRequest::write(8192, data.clone(), false);
+    let sent = client.try_io_with(write, Box::new(move |r| drop(tx.send(r))));
+    assert!(sent.is_ok(), "an idle client has room");
+    rx.await.unwrap().unwrap();
+    let (tx, rx) = oneshot::channel();
+    let read = IoRequest::read(8192, 4096);
+    assert!(client
+        .try_io_with(read, Box::new(move |r| drop(tx.send(r))))
+        .is_ok());
+    assert_eq!(
+        rx.await.unwrap().unwrap(),
+        data,
+        "the callback got the data"
+    );
+
+    let closed = client.clone();
+    client.close().await;
+    let (tx, mut rx) = oneshot::channel::<()>();
+    let back = closed.try_io_with(
+        IoRequest::read(0, 512),
+        Box::new(move |_| {
+            let _ = tx.send(());
+        }),
+    );
+    let (io, answer) = back.expect_err("a closed client hands the IO back");
+    assert_eq!((io.offset, io.len), (0, 512));
+    assert!(rx.try_recv().is_err(), "nothing answered yet");
+    answer(Ok(Bytes::new()));
+    rx.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_is_invisible_to_the_client() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d");
