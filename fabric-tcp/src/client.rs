@@ -97,6 +97,17 @@ impl Reply {
     }
 }
 
+/// What an IO hears when the client is gone before answering it.
+fn closed_error(io: &IoRequest) -> IoError {
+    IoError {
+        kind: braid_core::client::IoErrorKind::Closed,
+        export: String::new(),
+        op: io.op,
+        offset: io.offset,
+        len: io.len,
+    }
+}
+
 impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(ReplyTo::Call(done, gone)) = self.0.take() {
@@ -276,13 +287,7 @@ impl Client {
         io: IoRequest,
     ) -> impl std::future::Future<Output = Result<Bytes, IoError>> + Send + 'static {
         // Only reachable if the driver task is gone (the client was closed).
-        let gone = IoError {
-            kind: braid_core::client::IoErrorKind::Closed,
-            export: String::new(),
-            op: io.op,
-            offset: io.offset,
-            len: io.len,
-        };
+        let gone = closed_error(&io);
         let (tx, rx) = oneshot::channel();
         let sent = self
             .cmds
@@ -307,13 +312,7 @@ impl Client {
         io: IoRequest,
         done: IoCallback,
     ) -> Result<(), (IoRequest, IoCallback)> {
-        let gone = IoError {
-            kind: braid_core::client::IoErrorKind::Closed,
-            export: String::new(),
-            op: io.op,
-            offset: io.offset,
-            len: io.len,
-        };
+        let gone = closed_error(&io);
         match self
             .cmds
             .try_send(Cmd::Io(io, Reply(Some(ReplyTo::Call(done, gone)))))
