@@ -220,7 +220,6 @@ impl Target for VolumeTarget {
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
-    crate::busy_poll::start(std::time::Duration::from_micros(args.client.poll_us));
     if let Some(path) = args.volume.clone() {
         return run_volume(args, path).await;
     }

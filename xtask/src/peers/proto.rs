@@ -37,9 +37,7 @@ pub(crate) fn run(
         let Some(args) = bench_args(w) else { continue };
         let ticks = cpu_ticks(server_pid);
         let started = Instant::now();
-        let out = Command::new(braid)
-            .args(["bench", "--server", addr, "--export", "disk0", "--key-file"])
-            .arg(keys)
+        let out = bench_command(braid, addr, keys)
             .args(args)
             .args(["--time", runtime])
             .output()
@@ -62,6 +60,14 @@ pub(crate) fn run(
         rows.push((w.to_string(), row));
     }
     Ok(rows)
+}
+
+/// `braid bench` against export disk0 of the server at `addr`.
+pub(super) fn bench_command(braid: &Path, addr: &str, keys: &Path) -> Command {
+    let mut cmd = Command::new(braid);
+    cmd.args(["bench", "--server", addr, "--export", "disk0", "--key-file"])
+        .arg(keys);
+    cmd
 }
 
 /// The summary lines of `braid bench`: "N IOs in Ts: X IOPS, Y MiB/s, client

@@ -7,7 +7,7 @@
 
 use super::{clock_ticks, cpu_ticks, start};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 pub(crate) fn run(braid: &Path, runtime: &str) -> Result<(), String> {
@@ -63,16 +63,7 @@ fn measure(
     let started = Instant::now();
     let children: Vec<_> = (0..clients)
         .map(|_| {
-            Command::new(braid)
-                .args([
-                    "bench",
-                    "--server",
-                    listen.trim(),
-                    "--export",
-                    "disk0",
-                    "--key-file",
-                ])
-                .arg(keys)
+            super::proto::bench_command(braid, listen.trim(), keys)
                 .args(["--rw", "randread", "--bs", "4k", "--qd", "32"])
                 .args(["--channels", &channels.to_string(), "--time", runtime])
                 .stdout(Stdio::piped())
