@@ -9,8 +9,8 @@
 //! or for its data to be fetched.
 
 use crate::arena::{Arena, Extent};
-use braid_core::wire::onesided::{self, Carried};
-use braid_core::wire::{Kind, OutFrame, RemoteBuf, PREFIX_LEN};
+use braid_core::wire::onesided::{self, Carried, Window};
+use braid_core::wire::{encode, Kind, Message, OutFrame, RemoteBuf, Reply, Status, PREFIX_LEN};
 use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -80,6 +80,8 @@ impl std::error::Error for LinkError {}
 pub struct Region {
     /// Virtual address of the region's first byte.
     pub base: u64,
+    /// Bytes registered from `base`.
+    pub len: u64,
     /// Remote key the server uses to reach it.
     pub rkey: u32,
 }
@@ -91,6 +93,9 @@ pub struct Region {
 struct Named {
     extent: Extent,
     sent: u32,
+    /// Named outside the region (a forging test client): every copy
+    /// names the same wrong address.
+    forged: bool,
 }
 
 /// The client end of one channel.
@@ -100,6 +105,13 @@ pub struct ClientLink {
     named: HashMap<u64, Named>,
     /// Frames waiting for registered memory, and every frame after them.
     waiting: VecDeque<OutFrame>,
+    /// Whether the WINDOW message went out (the first call to `retry` or
+    /// `send` sends it, ahead of every frame).
+    announced: bool,
+    /// A hostile client for tests: every second buffer it names lies
+    /// past the end of its registration.
+    forge: bool,
+    named_so_far: u64,
 }
 
 impl ClientLink {
@@ -109,6 +121,18 @@ impl ClientLink {
             region,
             named: HashMap::new(),
             waiting: VecDeque::new(),
+            announced: false,
+            forge: false,
+            named_so_far: 0,
+        }
+    }
+
+    /// A link that names every second buffer outside `region`, as a
+    /// forged REMOTE_BUF would: only those requests may fail.
+    pub fn forging(region: Region) -> ClientLink {
+        ClientLink {
+            forge: true,
+            ..ClientLink::new(region)
         }
     }
 
@@ -126,6 +150,15 @@ impl ClientLink {
     /// Sends what waited, in order, while memory lasts (call it when
     /// another channel freed some).
     pub fn retry(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
+        if !self.announced {
+            self.announced = true;
+            let window = Window {
+                base: self.region.base,
+                len: self.region.len,
+                rkey: self.region.rkey,
+            };
+            out.push(Work::Send(window.message()));
+        }
         while let Some(frame) = self.waiting.front() {
             let head = frame.head();
             let kind = Kind::from_u8(head[5]);
@@ -137,23 +170,30 @@ impl ClientLink {
             let id = u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap());
             let length =
                 u32::from_le_bytes(head[PREFIX_LEN + 24..PREFIX_LEN + 28].try_into().unwrap());
-            let extent = match self.named.get_mut(&id) {
+            let (extent, forged) = match self.named.get_mut(&id) {
                 // Sent again on this channel: the same buffer, so whichever
                 // copy the server answers lands where we look.
                 Some(named) => {
                     named.sent += 1;
-                    named.extent
+                    (named.extent, named.forged)
                 }
                 None => {
                     let Some(extent) = arena.alloc(length) else {
                         return;
                     };
-                    self.named.insert(id, Named { extent, sent: 1 });
-                    extent
+                    self.named_so_far += 1;
+                    let forged = self.forge && self.named_so_far % 2 == 0;
+                    let named = Named {
+                        extent,
+                        sent: 1,
+                        forged,
+                    };
+                    self.named.insert(id, named);
+                    (extent, forged)
                 }
             };
             let remote = RemoteBuf {
-                addr: self.region.base + extent.offset,
+                addr: self.region.base + extent.offset + if forged { self.region.len } else { 0 },
                 rkey: self.region.rkey,
             };
             let message = onesided::attach_remote(head, remote)
@@ -234,6 +274,7 @@ impl ClientLink {
             Carried::Remote { id, .. } => Err(LinkError(format!(
                 "the server sent request {id} naming a buffer"
             ))),
+            Carried::Window(_) => Err(LinkError("the server sent a window".into())),
         }
     }
 
@@ -280,6 +321,10 @@ enum Arriving {
 /// The server end of one channel.
 #[derive(Debug, Default)]
 pub struct ServerLink {
+    /// What the client lets us reach, once its first message said so.
+    window: Option<Window>,
+    /// Requests answered INVALID for naming memory outside the window.
+    refused: u64,
     /// In arrival order: nothing overtakes a WRITE still fetching.
     arriving: VecDeque<Arriving>,
     next_token: u64,
@@ -303,7 +348,45 @@ impl ServerLink {
         arena: &mut Arena,
         out: &mut Vec<Work>,
     ) -> Result<(), LinkError> {
-        match onesided::inspect(message) {
+        let carried = onesided::inspect(message);
+        if let Ok(Carried::Remote {
+            kind,
+            id,
+            length,
+            payload_len,
+            remote,
+            ..
+        }) = carried
+        {
+            let moves = if kind == Kind::Write {
+                payload_len
+            } else {
+                length
+            };
+            if !self.window.is_some_and(|w| w.holds(remote, moves)) {
+                // Posting it would fail on the NIC and take the queue pair,
+                // and every request on it, down with it: only this request
+                // fails, and it never reaches the engine.
+                // Sent at once, not queued with the engine's replies: it
+                // must not count as the answer to an honest copy of the
+                // same request still waiting for its data.
+                self.refused += 1;
+                let refusal = encode(&Message::Reply(Reply {
+                    id,
+                    status: Status::Invalid,
+                    exec_seq: 0,
+                    payload: Bytes::new(),
+                }));
+                out.push(Work::Send(refusal.head().to_vec()));
+                return Ok(());
+            }
+        }
+        match carried {
+            Ok(Carried::Window(w)) => {
+                if self.window.replace(w).is_some() {
+                    return Err(LinkError("a second window on one channel".into()));
+                }
+            }
             Ok(Carried::Remote {
                 kind: Kind::Write,
                 payload_len,
@@ -489,6 +572,12 @@ impl ServerLink {
     /// Frames held back for a fetch or for memory.
     pub fn waiting(&self) -> usize {
         self.arriving.len() + self.replies.len()
+    }
+
+    /// Requests answered INVALID so far for naming memory outside the
+    /// client's window.
+    pub fn refused(&self) -> u64 {
+        self.refused
     }
 }
 

@@ -466,9 +466,9 @@ impl RdmaDialer {
         })
     }
 
-    /// A hostile client for tests: every buffer it names lies past the end
-    /// of its registration, as a forged REMOTE_BUF would. The server's
-    /// one-sided access must fail for that channel alone.
+    /// A hostile client for tests: every second buffer it names lies past
+    /// the end of its registration, as a forged REMOTE_BUF would. Only
+    /// those requests may fail, and nothing else on the server.
     pub fn forging(region_bytes: u64) -> Result<RdmaDialer, String> {
         Ok(RdmaDialer {
             forge: true,
@@ -519,8 +519,14 @@ impl Dialer for RdmaDialer {
             channel.ready(&id)?;
             id.establish().map_err(|e| format!("establish: {e}"))?;
             let region = Region {
-                base: domain.region.addr(0) + if forge { domains.bytes } else { 0 },
+                base: domain.region.addr(0),
+                len: domains.bytes,
                 rkey: domain.region.mr().rkey(),
+            };
+            let link = if forge {
+                ClientLink::forging(region)
+            } else {
+                ClientLink::new(region)
             };
             let (writer, outbox) = Writer::new(queue_limit);
             // The client's own event channel says when the server leaves.
@@ -548,7 +554,7 @@ impl Dialer for RdmaDialer {
                 drop(ec);
             });
             tokio::spawn(run(
-                End::Client(ClientLink::new(region)),
+                End::Client(link),
                 channel,
                 domain,
                 id,
@@ -845,9 +851,20 @@ fn completions(
                 let mut arena = domain.arena.lock().unwrap();
                 match end {
                     End::Client(l) => l.received(&message, &mut out).map_err(|e| e.0)?,
-                    End::Server(l) => l
-                        .received(&message, &mut arena, &mut out)
-                        .map_err(|e| e.0)?,
+                    End::Server(l) => {
+                        let refused = l.refused();
+                        l.received(&message, &mut arena, &mut out)
+                            .map_err(|e| e.0)?;
+                        // Warned at every power of two, so a hostile client
+                        // cannot flood the log.
+                        if l.refused() > refused && l.refused().is_power_of_two() {
+                            tracing::warn!(
+                                refused = l.refused(),
+                                "a request named client memory outside the window the client \
+                                 registered: answered INVALID, the channel stays up"
+                            );
+                        }
+                    }
                 }
             } else {
                 match queue.completed(wr)? {

@@ -11,13 +11,57 @@
 
 use super::codec::{header_ok, parse_prefix};
 use super::message::{Kind, RemoteBuf, FLAG_REMOTE_BUF};
-use super::{DecodeError, PREFIX_LEN};
+use super::{DecodeError, MAGIC, PREFIX_LEN, VERSION};
 
 /// Body length of a request with and without its remote buffer.
 const REQUEST_BODY: usize = 32;
 const REQUEST_BODY_REMOTE: usize = 48;
 /// Where a request's flags sit in its body.
 const FLAGS_AT: usize = 28;
+
+/// Kind byte of the WINDOW message, which only a message transport
+/// carries (the codec knows no such kind, so on a stream it is refused
+/// like any unknown one).
+pub const WINDOW_KIND: u8 = 0x33;
+const WINDOW_BODY: usize = 24;
+
+/// The memory a client lets the server reach one-sided on a channel: its
+/// first message names it, so the server can answer a request naming a
+/// buffer outside it INVALID instead of posting an access the NIC would
+/// refuse by killing the queue pair (and every request on the channel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Virtual address of the first byte.
+    pub base: u64,
+    /// Bytes from `base`.
+    pub len: u64,
+    /// Remote key of the registration.
+    pub rkey: u32,
+}
+
+impl Window {
+    /// Whether `len` bytes at `remote` lie inside the window.
+    pub fn holds(&self, remote: RemoteBuf, len: u32) -> bool {
+        let end = remote.addr.checked_add(len as u64);
+        let limit = self.base.checked_add(self.len);
+        remote.rkey == self.rkey
+            && remote.addr >= self.base
+            && matches!((end, limit), (Some(e), Some(l)) if e <= l)
+    }
+
+    /// The WINDOW message naming it.
+    pub fn message(&self) -> Vec<u8> {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[0..4].copy_from_slice(&MAGIC);
+        prefix[4] = VERSION;
+        prefix[5] = WINDOW_KIND;
+        let mut body = [0u8; WINDOW_BODY];
+        body[0..8].copy_from_slice(&self.base.to_le_bytes());
+        body[8..16].copy_from_slice(&self.len.to_le_bytes());
+        body[16..20].copy_from_slice(&self.rkey.to_le_bytes());
+        with_body(&prefix, &body)
+    }
+}
 
 /// What a received message is, as far as moving its payload goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +90,8 @@ pub enum Carried {
         /// Bytes of data placed.
         payload_len: u32,
     },
+    /// The memory the client lets the server reach (never an engine's).
+    Window(Window),
     /// Any other frame: no payload anywhere.
     Plain,
 }
@@ -64,6 +110,16 @@ pub fn inspect(message: &[u8]) -> Result<Carried, DecodeError> {
     let body = &message[PREFIX_LEN..];
     let le64 = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap());
     let le32 = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
+    if prefix.kind == WINDOW_KIND {
+        if prefix.body_len != WINDOW_BODY || prefix.payload_len != 0 {
+            return Err(DecodeError::Malformed("window of the wrong size"));
+        }
+        return Ok(Carried::Window(Window {
+            base: le64(0),
+            len: le64(8),
+            rkey: le32(16),
+        }));
+    }
     let kind = Kind::from_u8(prefix.kind).ok_or(DecodeError::UnknownKind(prefix.kind))?;
     let payload_len = prefix.payload_len as u32;
     match kind {
@@ -139,6 +195,28 @@ fn with_body(prefix: &[u8], body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_travels_whole_and_holds_only_what_lies_inside_it() {
+        let w = Window {
+            base: 0x1000,
+            len: 0x4000,
+            rkey: 5,
+        };
+        assert_eq!(inspect(&w.message()), Ok(Carried::Window(w)));
+        // On a stream it is no frame at all.
+        assert!(crate::wire::decode(Bytes::from(w.message())).is_err());
+        let at = |addr, rkey| RemoteBuf { addr, rkey };
+        assert!(w.holds(at(0x1000, 5), 0x4000));
+        assert!(w.holds(at(0x4000, 5), 0x1000));
+        assert!(!w.holds(at(0x4000, 5), 0x1001), "one byte past the end");
+        assert!(!w.holds(at(0xfff, 5), 1), "one byte before the start");
+        assert!(!w.holds(at(0x1000, 6), 1), "another key");
+        assert!(!w.holds(at(u64::MAX, 5), 2), "an address that wraps");
+        let mut garbled = w.message();
+        garbled[PREFIX_LEN] ^= 1;
+        assert_eq!(inspect(&garbled), Err(DecodeError::HeaderChecksum));
+    }
     use crate::wire::{decode, encode, Message, Op, Reply, Request, Status, FLAG_FUA};
     use bytes::Bytes;
 

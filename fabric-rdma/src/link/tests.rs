@@ -29,9 +29,22 @@ struct Pair {
 
 impl Pair {
     fn new(client_bytes: u64, server_bytes: u64) -> Pair {
+        let mut p = Pair::unannounced(client_bytes, server_bytes);
+        // The client's window goes first, as the driver sends it.
+        let mut out = Vec::new();
+        p.client.retry(&mut p.client_arena, &mut out);
+        p.run_client(out);
+        assert_eq!(p.to_server.len(), 1);
+        p.step(0);
+        assert!(p.server_got.is_empty(), "the window is no engine's");
+        p
+    }
+
+    fn unannounced(client_bytes: u64, server_bytes: u64) -> Pair {
         Pair {
             client: ClientLink::new(Region {
                 base: CLIENT_BASE,
+                len: client_bytes,
                 rkey: RKEY,
             }),
             client_arena: Arena::with_head_room(client_bytes, 4096),
@@ -333,6 +346,107 @@ fn a_reply_claiming_data_in_a_buffer_never_named_closes_the_channel() {
         .send(reply(9, vec![1; 4096]), &mut p.server_arena, &mut out)
         .unwrap_err();
     assert!(err.0.contains("no client buffer"), "{err}");
+}
+
+#[test]
+fn a_request_naming_memory_outside_the_window_fails_alone() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client = ClientLink::forging(Region {
+        base: CLIENT_BASE,
+        len: 1 << 20,
+        rkey: RKEY,
+    });
+    let mut out = Vec::new();
+    p.client.retry(&mut p.client_arena, &mut out);
+    assert!(matches!(&out[..], [Work::Send(_)]), "{out:?}");
+    // The forging link's window is this channel's second: refused.
+    let err = p
+        .server
+        .received(
+            &match &out[0] {
+                Work::Send(m) => m.clone(),
+                _ => unreachable!(),
+            },
+            &mut p.server_arena,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert!(err.0.contains("second window"), "{err}");
+    // Honest and forged buffers alternate, on writes and reads alike.
+    for id in 1..=4 {
+        if id % 2 == 1 {
+            p.client_send(write(id, 0, vec![id as u8; 4096]));
+        } else {
+            p.client_send(read(id, 0, 4096));
+        }
+    }
+    while p.step(0) {}
+    let reached: Vec<u64> = p
+        .server_got
+        .iter()
+        .map(|f| match decode(f.clone()).unwrap() {
+            Message::Request(r) => r.id,
+            m => panic!("{m:?}"),
+        })
+        .collect();
+    assert_eq!(reached, [1, 3], "forged requests never reach the engine");
+    assert_eq!(p.server.refused(), 2);
+    p.server_send(reply(1, vec![]));
+    p.server_send(reply(3, vec![]));
+    while p.step(0) {}
+    let mut answers: Vec<(u64, Status)> = p
+        .client_got
+        .iter()
+        .map(|f| match decode(f.clone()).unwrap() {
+            Message::Reply(r) => (r.id, r.status),
+            m => panic!("{m:?}"),
+        })
+        .collect();
+    answers.sort_by_key(|a| a.0);
+    assert_eq!(
+        answers,
+        [
+            (1, Status::Ok),
+            (2, Status::Invalid),
+            (3, Status::Ok),
+            (4, Status::Invalid)
+        ]
+    );
+    assert_eq!((p.client_arena.in_use(), p.server_arena.in_use()), (0, 0));
+}
+
+#[test]
+fn a_forged_copy_of_a_read_leaves_the_honest_copy_its_answer() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(read(7, 0, 4096));
+    while p.step(0) {}
+    assert_eq!(p.server_got.len(), 1);
+    let forged = onesided::attach_remote(
+        read(7, 0, 4096).head(),
+        RemoteBuf {
+            addr: CLIENT_BASE + (2 << 20),
+            rkey: RKEY,
+        },
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    p.server
+        .received(&forged, &mut p.server_arena, &mut out)
+        .unwrap();
+    assert_eq!(p.server.refused(), 1);
+    // The engine's answer to the honest copy still finds its buffer.
+    p.server_send(reply(7, vec![3; 4096]));
+    assert!(p.to_client.len() == 1);
+}
+
+#[test]
+fn without_a_window_every_one_sided_request_is_refused() {
+    let mut p = Pair::unannounced(1 << 20, 1 << 20);
+    p.client.announced = true;
+    p.client_send(write(1, 0, vec![1; 4096]));
+    while p.step(0) {}
+    assert!(p.server_got.is_empty());
+    assert_eq!(p.server.refused(), 1);
 }
 
 #[test]
