@@ -542,15 +542,30 @@ fn garbage_on_one_connection_leaves_other_sessions_alone() {
     });
     p.server
         .handle_frame(903, wire::encode(&early).to_bytes(), p.now);
+    // A server's message, sent by a client.
+    p.server.connection_opened(904, p.now);
+    let pong = Message::Pong { token: 7 };
+    p.server
+        .handle_frame(904, wire::encode(&pong).to_bytes(), p.now);
     let mut closed = Vec::new();
     while let Some(a) = p.server.poll_action() {
-        if let ServerAction::Close { conn, .. } = a {
-            closed.push(conn);
+        if let ServerAction::Close { conn, reason } = a {
+            closed.push((conn, reason));
         }
     }
-    closed.sort();
-    assert_eq!(closed, vec![900, 901, 902, 903]);
-    assert_eq!(p.server.stats().protocol_errors, before + 4);
+    closed.sort_by_key(|c| c.0);
+    let conns: Vec<ConnId> = closed.iter().map(|c| c.0).collect();
+    assert_eq!(conns, vec![900, 901, 902, 903, 904]);
+    assert_eq!(
+        closed[3].1,
+        CloseReason::ProtocolViolation("request before the handshake finished")
+    );
+    assert_eq!(
+        closed[4].1,
+        CloseReason::ProtocolViolation("server-to-client message sent by the client"),
+        "the reason says what was wrong"
+    );
+    assert_eq!(p.server.stats().protocol_errors, before + 5);
     assert!(
         p.io(1, IoRequest::read(0, 512)).is_ok(),
         "the real session is untouched"
@@ -1016,17 +1031,69 @@ fn write_request(id: u64, offset: u64, byte: u8) -> Message {
 
 /// Opens `conn` and authenticates it as run `epoch` of alice's client
 /// `owner` on disk0; whether a CHALLENGE came.
-fn open_as(server: &mut ServerEngine, conn: ConnId, (owner, epoch): (u64, u64)) -> bool {
+fn open_as(server: &mut ServerEngine, conn: ConnId, run: (u64, u64)) -> bool {
+    open_on(server, conn, "disk0", run)
+}
+
+/// Like [`open_as`], on `export`.
+fn open_on(
+    server: &mut ServerEngine,
+    conn: ConnId,
+    export: &str,
+    (owner, epoch): (u64, u64),
+) -> bool {
     server.connection_opened(conn, Instant::ZERO);
     let key = Key::new(*b"alice's key");
     braid_core::testkit::authenticate_as(
         server,
         conn,
         ("alice", &key),
-        "disk0",
+        export,
         (owner, epoch),
         Instant::ZERO,
     )
+}
+
+#[test]
+fn a_newer_run_fences_only_its_own_client_on_its_own_export() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let now = Instant::ZERO;
+    let (alice, bob) = (0x5eed, 0xb0b);
+    assert!(open_on(&mut server, 1, "disk0", (alice, 1)));
+    assert!(open_on(&mut server, 2, "disk0", (bob, 1)));
+    assert!(open_on(&mut server, 3, "plain", (alice, 1)));
+    drain(&mut server);
+    server.handle_frame(2, wire::encode(&write_request(1, 0, 0xb0)).to_bytes(), now);
+    let Some(ServerAction::Backend(bobs_write)) = server.poll_action() else {
+        panic!("bob's write reaches the backend")
+    };
+    assert_eq!(server.backend_inflight(), 1);
+    assert!(open_on(&mut server, 4, "disk0", (alice, 2)));
+    let actions: Vec<ServerAction> = std::iter::from_fn(|| server.poll_action()).collect();
+    let closed: Vec<ConnId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            ServerAction::Close { conn, reason } => {
+                assert_eq!(*reason, CloseReason::Fenced);
+                Some(*conn)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        closed,
+        [1],
+        "bob, and alice on another export, keep their sessions"
+    );
+    assert_eq!(server.stats().sessions_fenced, 1);
+    assert_eq!(server.session_count(), 3);
+    server.backend_complete(bobs_write.token, Ok(Bytes::new()), now);
+    assert_eq!(server.backend_inflight(), 0);
+    assert!(
+        matches!(&drain(&mut server)[..], [Message::Reply(r)] if r.id == 1 && r.status == Status::Ok),
+        "bob's session still answers"
+    );
+    server.check().unwrap();
 }
 
 #[test]
