@@ -1,5 +1,5 @@
 use crate::lock::{lock, LockMode};
-use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::server::{Backend, BackendOp, Extent, ReadStaging, StagedBuffer};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::fs::File;
@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// How to open an export's file.
 #[derive(Debug, Clone, Default)]
@@ -44,6 +45,24 @@ pub struct ExportFile {
     /// for a device. These filesystems refuse RWF_NOWAIT (EOPNOTSUPP), yet
     /// every read and write of theirs can run inline.
     memory_backed: bool,
+    /// Where reads would rather land (a fabric's registered memory).
+    staging: Staging,
+}
+
+/// A fabric's read buffers, if it offered any.
+#[derive(Default)]
+struct Staging(Option<Arc<dyn ReadStaging>>);
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "staged" } else { "heap" })
+    }
+}
+
+impl Staging {
+    fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
+        self.0.as_ref()?.buffer(len)
+    }
 }
 
 /// Whether `file` lives on a filesystem with no device under it.
@@ -124,6 +143,7 @@ impl ExportFile {
             no_nowait_read: AtomicBool::new(false),
             no_nowait_write: AtomicBool::new(false),
             memory_backed,
+            staging: Staging::default(),
         })
     }
 
@@ -148,6 +168,10 @@ impl ExportFile {
             let (mut v, off) = aligned(len);
             self.file.read_exact_at(&mut v[off..off + len], offset)?;
             return Ok(Bytes::from(v).slice(off..off + len));
+        }
+        if let Some(mut buf) = self.staging.buffer(len) {
+            read_exact(&self.file, buf.bytes_mut(), offset)?;
+            return Ok(buf.into_bytes());
         }
         read_fresh(&self.file, len, offset).map(Bytes::from)
     }
@@ -254,11 +278,14 @@ impl ExportFile {
 
         let (result, unsupported_flag) = match op {
             BackendOp::Read { offset, len } if !self.no_nowait_read.load(Ordering::Relaxed) => {
-                let mut buf = vec![0u8; *len as usize];
-                let r = pread_nowait(&self.file, &mut buf, *offset);
+                let mut buf = match self.staging.buffer(*len as usize) {
+                    Some(staged) => ReadBuf::Staged(staged),
+                    None => ReadBuf::Heap(vec![0u8; *len as usize]),
+                };
+                let r = pread_nowait(&self.file, buf.as_mut(), *offset);
                 match r {
                     // Partly cached: the pool redoes the whole read.
-                    Ok(n) if n == buf.len() => return Some(Ok(Bytes::from(buf))),
+                    Ok(n) if n == *len as usize => return Some(Ok(buf.into_bytes())),
                     Ok(_) => return None,
                     Err(e) => (e, &self.no_nowait_read),
                 }
@@ -426,6 +453,45 @@ fn pwrite_dsync(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
 
 /// `len` bytes at `offset` into a new buffer that is never zeroed first:
 /// for a 1 MiB read the memset cost as much as the copy itself.
+/// A read's destination: a fabric's staged buffer or the heap.
+enum ReadBuf {
+    Staged(Box<dyn StagedBuffer>),
+    Heap(Vec<u8>),
+}
+
+impl ReadBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            ReadBuf::Staged(b) => b.bytes_mut(),
+            ReadBuf::Heap(v) => v,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            ReadBuf::Staged(b) => b.into_bytes(),
+            ReadBuf::Heap(v) => Bytes::from(v),
+        }
+    }
+}
+
+/// Fills `buf` from `offset`; the error names where a short file ended.
+fn read_exact(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "read of {} bytes at offset {offset} ran past the end",
+                    buf.len()
+                ),
+            )
+        } else {
+            e
+        }
+    })
+}
+
 fn read_fresh(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
@@ -552,6 +618,16 @@ impl FileBackend {
     /// A backend over these files, in the order of the server's exports.
     pub fn new(exports: Vec<ExportFile>) -> Self {
         FileBackend { exports }
+    }
+
+    /// Reads (not O_DIRECT ones, which keep their aligned heap buffers)
+    /// land in `staging` while it has room: an RDMA listener's registered
+    /// memory, from which their data is placed without a copy.
+    pub fn with_read_staging(mut self, staging: Arc<dyn ReadStaging>) -> Self {
+        for e in &mut self.exports {
+            e.staging = Staging(Some(staging.clone()));
+        }
+        self
     }
 
     /// The exports.
@@ -748,6 +824,88 @@ mod tests {
             fast_only: false,
         };
         f.execute(&slow).unwrap();
+    }
+
+    /// Read buffers out of a fixed number of slots, counting those lent.
+    struct Slots {
+        free: std::sync::Mutex<usize>,
+        lent: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct Slot {
+        data: Vec<u8>,
+        lent: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl ReadStaging for Slots {
+        fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
+            let mut free = self.free.lock().unwrap();
+            *free = free.checked_sub(1)?;
+            self.lent.fetch_add(1, Ordering::Relaxed);
+            // Stale contents, as registered memory has: reads overwrite.
+            Some(Box::new(Slot {
+                data: vec![0xEE; len],
+                lent: self.lent.clone(),
+            }))
+        }
+    }
+
+    impl StagedBuffer for Slot {
+        fn bytes_mut(&mut self) -> &mut [u8] {
+            &mut self.data
+        }
+        fn into_bytes(self: Box<Self>) -> Bytes {
+            Bytes::from_owner(*self)
+        }
+    }
+
+    impl AsRef<[u8]> for Slot {
+        fn as_ref(&self) -> &[u8] {
+            &self.data
+        }
+    }
+
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.lent.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn reads_land_in_staged_buffers_while_there_are_any_then_on_the_heap() {
+        let (_dir, f) = export(1 << 20);
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(data.clone()),
+            fua: false,
+        })
+        .unwrap();
+        let lent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let staging = Arc::new(Slots {
+            free: std::sync::Mutex::new(2),
+            lent: lent.clone(),
+        });
+        let backend = FileBackend::new(vec![f]).with_read_staging(staging);
+        let read = |offset: u64, len: u32| {
+            let op = BackendOp::Read { offset, len };
+            backend
+                .try_execute_now(0, &op)
+                .unwrap_or_else(|| backend.execute(0, &op))
+        };
+        let a = read(0, 4096).unwrap();
+        let b = read(8192, 65536 - 8192).unwrap();
+        assert_eq!(lent.load(Ordering::Relaxed), 2, "both reads are staged");
+        assert_eq!((&a[..], &b[..]), (&data[..4096], &data[8192..]));
+        // Out of slots: the heap, same bytes.
+        let c = read(4096, 4096).unwrap();
+        assert_eq!(&c[..], &data[4096..8192]);
+        drop((a, b));
+        assert_eq!(lent.load(Ordering::Relaxed), 0, "dropped data goes back");
+        // A read past the end fails and returns its buffer.
+        let err = read((1 << 20) - 4096, 8192).unwrap_err();
+        assert_eq!(err, Status::Io);
+        assert_eq!(lent.load(Ordering::Relaxed), 0);
     }
 
     #[test]

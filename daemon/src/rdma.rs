@@ -41,6 +41,17 @@ pub(crate) fn bind(addrs: &[String], region: u64) -> Result<Listeners, String> {
 }
 
 impl Listeners {
+    /// The first listener's registered memory, for the backend to read
+    /// into (docs/PERFORMANCE.md counts the copy it saves).
+    pub(crate) fn read_staging(
+        &self,
+    ) -> Option<std::sync::Arc<dyn braid_core::server::ReadStaging>> {
+        #[cfg(feature = "rdma")]
+        return self.bound.first().map(|l| l.read_staging());
+        #[cfg(not(feature = "rdma"))]
+        None
+    }
+
     /// Starts accepting for `server`.
     pub(crate) fn serve(self, server: &Server) {
         #[cfg(feature = "rdma")]
@@ -93,6 +104,8 @@ pub(crate) fn memory_json() -> serde_json::Value {
                 "devices": m.devices,
                 "per_device": m.per_device,
                 "in_use": m.in_use,
+                "reads_placed_in_place": m.reads_placed_in_place,
+                "reads_copied": m.reads_copied,
             })
         })
         .collect();
@@ -111,5 +124,11 @@ pub(crate) fn print_memory(v: &serde_json::Value) {
             crate::config::human_size(m["per_device"].as_u64().unwrap_or(0)),
             m["devices"]
         );
+        if m["side"] == "server" {
+            println!(
+                "  RDMA reads placed from the backend's buffer: {}, copied into registered memory first: {}",
+                m["reads_placed_in_place"], m["reads_copied"]
+            );
+        }
     }
 }

@@ -243,7 +243,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .or(file.poll_us)
         .unwrap_or(crate::busy_poll::DEFAULT_WINDOW_US);
     crate::busy_poll::start(std::time::Duration::from_micros(poll_us));
-    let backend = Arc::new(crate::busy_poll::Polled(FileBackend::new(files)));
+    let mut files = FileBackend::new(files);
+    if let Some(staging) = rdma.read_staging() {
+        files = files.with_read_staging(staging);
+    }
+    let backend = Arc::new(crate::busy_poll::Polled(files));
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
     let mut nbd_tasks = Vec::new();
     let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports

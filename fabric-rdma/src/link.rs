@@ -37,13 +37,17 @@ pub enum Work {
         /// The peer's buffer.
         remote: RemoteBuf,
     },
-    /// RDMA-WRITE `extent` into the peer's `remote`, then free `extent`
-    /// once the write completes.
+    /// RDMA-WRITE `extent` into the peer's `remote`; once the write
+    /// completes, free `extent`, or drop `held` if it owns the extent.
     Place {
         /// Local source.
         extent: Extent,
         /// The peer's buffer.
         remote: RemoteBuf,
+        /// The frame payload whose memory `extent` is (data the backend
+        /// read straight into registered memory), kept until the write
+        /// completes; `None` if the link allocated `extent` itself.
+        held: Option<Bytes>,
     },
     /// Give the engine the frame `head` followed by the bytes at `payload`.
     /// If `owned`, the frame takes the extent: the driver may put the head
@@ -331,8 +335,10 @@ pub struct ServerLink {
     /// READs whose data goes one-sided: id -> the client's buffer and
     /// how many copies of the request await a reply.
     reads: HashMap<u64, (RemoteBuf, u32, u32)>,
-    /// Replies waiting for registered memory, and every reply after them.
-    replies: VecDeque<OutFrame>,
+    /// Replies waiting for registered memory, and every reply after them,
+    /// each with where its data already sits in registered memory, if it
+    /// does.
+    replies: VecDeque<(OutFrame, Option<u64>)>,
 }
 
 impl ServerLink {
@@ -500,6 +506,19 @@ impl ServerLink {
         arena: &mut Arena,
         out: &mut Vec<Work>,
     ) -> Result<(), LinkError> {
+        self.send_staged(frame, None, arena, out)
+    }
+
+    /// Sends a frame whose payload, if `staged_at` says so, already sits
+    /// in registered memory at that offset (the backend read into it):
+    /// it is placed from there, with no copy.
+    pub fn send_staged(
+        &mut self,
+        frame: OutFrame,
+        staged_at: Option<u64>,
+        arena: &mut Arena,
+        out: &mut Vec<Work>,
+    ) -> Result<(), LinkError> {
         if !frame.payload.is_empty() {
             let head = frame.head();
             if Kind::from_u8(head[5]) != Some(Kind::Reply) {
@@ -514,31 +533,49 @@ impl ServerLink {
                 )));
             }
         }
-        self.replies.push_back(frame);
+        let staged_at = staged_at.filter(|_| !frame.payload.is_empty());
+        self.replies.push_back((frame, staged_at));
         self.flush_replies(arena, out);
         Ok(())
     }
 
     fn flush_replies(&mut self, arena: &mut Arena, out: &mut Vec<Work>) {
-        while let Some(frame) = self.replies.front() {
+        while let Some((frame, staged_at)) = self.replies.front() {
             let head = frame.head();
             let reply_id = (Kind::from_u8(head[5]) == Some(Kind::Reply))
                 .then(|| u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap()));
             let named = reply_id.and_then(|id| self.reads.get(&id).map(|n| (id, *n)));
-            if !frame.payload.is_empty() {
+            if let Some(offset) = *staged_at {
+                let (_, (remote, _, _)) = named.expect("checked in send");
+                let (frame, _) = self.replies.pop_front().unwrap();
+                let extent = Extent {
+                    offset,
+                    len: frame.payload.len() as u32,
+                };
+                out.push(Work::Place {
+                    extent,
+                    remote,
+                    held: Some(frame.payload.clone()),
+                });
+                out.push(Work::Send(frame.head().to_vec()));
+            } else if !frame.payload.is_empty() {
                 let Some(extent) = arena.alloc(frame.payload.len() as u32) else {
                     return;
                 };
                 let (_, (remote, _, _)) = named.expect("checked in send");
-                let frame = self.replies.pop_front().unwrap();
+                let (frame, _) = self.replies.pop_front().unwrap();
                 out.push(Work::Fill {
                     extent,
                     data: frame.payload.clone(),
                 });
-                out.push(Work::Place { extent, remote });
+                out.push(Work::Place {
+                    extent,
+                    remote,
+                    held: None,
+                });
                 out.push(Work::Send(frame.head().to_vec()));
             } else {
-                let frame = self.replies.pop_front().unwrap();
+                let (frame, _) = self.replies.pop_front().unwrap();
                 out.push(Work::Send(frame.head().to_vec()));
             }
             if let Some((id, _)) = named {
@@ -555,8 +592,11 @@ impl ServerLink {
 
     /// The channel is gone: memory held for fetches returns to the arena.
     /// (Extents of placements in flight are freed by their completions,
-    /// which a dead queue pair still reports, flushed.)
-    pub fn close(&mut self, arena: &mut Arena) {
+    /// which a dead queue pair still reports, flushed.) Returns the replies
+    /// never sent, for the caller to drop once it let go of the arena: a
+    /// staged payload returns its memory to the arena itself.
+    #[must_use = "drop them after releasing the arena"]
+    pub fn close(&mut self, arena: &mut Arena) -> Vec<OutFrame> {
         for a in self.arriving.drain(..) {
             if let Arriving::Fetching {
                 extent: Some(e), ..
@@ -566,7 +606,7 @@ impl ServerLink {
             }
         }
         self.reads.clear();
-        self.replies.clear();
+        self.replies.drain(..).map(|(frame, _)| frame).collect()
     }
 
     /// Frames held back for a fetch or for memory.

@@ -7,6 +7,7 @@
 use crate::arena::Extent;
 use crate::link::Work;
 use braid_core::wire::RemoteBuf;
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 
 /// Work request ids carry their kind in the top byte: a receive names its
@@ -27,11 +28,14 @@ pub fn recv_slot(wr: u64) -> Option<usize> {
 }
 
 /// What a send-queue work request was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Posted {
     Send(usize),
     Fetch(u64),
     Place(Extent),
+    /// A placement out of memory a frame owns: the frame goes when the
+    /// write does.
+    PlaceHeld(Bytes),
 }
 
 /// One step for the driver, in order.
@@ -78,6 +82,9 @@ pub enum Completed {
     Fetched(u64),
     /// A placement finished: free its extent.
     Placed(Extent),
+    /// A placement out of a frame's memory finished: here is the frame's
+    /// payload, to drop once the arena is not held.
+    Released(Bytes),
 }
 
 /// Head slots, send-queue room and the work waiting for them.
@@ -144,8 +151,15 @@ impl SendQueue {
                 extent,
                 remote,
             },
-            Work::Place { extent, remote } => Step::Place {
-                wr: self.post(Posted::Place(extent)),
+            Work::Place {
+                extent,
+                remote,
+                held,
+            } => Step::Place {
+                wr: self.post(match held {
+                    Some(payload) => Posted::PlaceHeld(payload),
+                    None => Posted::Place(extent),
+                }),
                 extent,
                 remote,
             },
@@ -173,21 +187,27 @@ impl SendQueue {
             }
             Some(Posted::Fetch(token)) => Ok(Completed::Fetched(token)),
             Some(Posted::Place(extent)) => Ok(Completed::Placed(extent)),
+            Some(Posted::PlaceHeld(payload)) => Ok(Completed::Released(payload)),
             None => Err(format!("completion for unknown work request {wr:#x}")),
         }
     }
 
     /// The queue pair is gone: the extents of placements it never
-    /// finished, to free. (Fetches' extents belong to the link.)
-    pub fn close(&mut self) -> Vec<Extent> {
-        self.backlog.clear();
-        self.posted
-            .drain()
-            .filter_map(|(_, p)| match p {
-                Posted::Place(e) => Some(e),
-                _ => None,
-            })
-            .collect()
+    /// finished, to free, and the work and payloads it still held, to drop
+    /// once the arena is not held (a staged payload frees itself into it).
+    /// (Fetches' extents belong to the link.)
+    pub fn close(&mut self) -> (Vec<Extent>, Vec<Work>, Vec<Bytes>) {
+        let backlog = self.backlog.drain(..).collect();
+        let mut extents = Vec::new();
+        let mut held = Vec::new();
+        for (_, p) in self.posted.drain() {
+            match p {
+                Posted::Place(e) => extents.push(e),
+                Posted::PlaceHeld(b) => held.push(b),
+                _ => {}
+            }
+        }
+        (extents, backlog, held)
     }
 
     /// Internal consistency: every slot is free or in flight, exactly once.
@@ -221,7 +241,6 @@ impl SendQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use proptest::prelude::*;
 
     const REMOTE: RemoteBuf = RemoteBuf {
@@ -325,6 +344,12 @@ mod tests {
             Work::Place {
                 extent: extent(3),
                 remote: REMOTE,
+                held: None,
+            },
+            Work::Place {
+                extent: extent(5),
+                remote: REMOTE,
+                held: Some(Bytes::from_static(b"staged")),
             },
             Work::Fill {
                 extent: extent(4),
@@ -332,8 +357,27 @@ mod tests {
             },
         ]);
         q.next_step().unwrap();
-        assert_eq!(q.close(), vec![extent(3)]);
+        q.next_step().unwrap();
+        let (extents, backlog, held) = q.close();
+        assert_eq!(extents, vec![extent(3)]);
+        assert_eq!(held, vec![Bytes::from_static(b"staged")]);
+        assert_eq!(backlog.len(), 1, "the fill never ran");
         assert!(!q.is_backed_up());
+    }
+
+    #[test]
+    fn a_placement_out_of_a_frame_hands_the_frame_back_when_done() {
+        let mut q = SendQueue::new(4, 4);
+        q.push([Work::Place {
+            extent: extent(2),
+            remote: REMOTE,
+            held: Some(Bytes::from_static(b"data")),
+        }]);
+        let wr = wr_of(&q.next_step().unwrap()).unwrap();
+        assert_eq!(
+            q.completed(wr),
+            Ok(Completed::Released(Bytes::from_static(b"data")))
+        );
     }
 
     #[test]

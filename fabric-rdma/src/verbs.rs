@@ -9,7 +9,7 @@ use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
 use crate::MIN_REGION;
 use braid_core::client::ChannelId;
-use braid_core::server::ConnId;
+use braid_core::server::{ConnId, ReadStaging, StagedBuffer};
 use braid_core::wire::{RemoteBuf, MAX_BODY_LEN, PREFIX_LEN};
 use braid_fabric_tcp::conn::{ConnEvent, Outbox, Outgoing, Writer};
 use braid_fabric_tcp::fabric::{Dialer, Dialing};
@@ -34,6 +34,7 @@ use std::alloc::Layout;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -112,6 +113,12 @@ impl Registered {
         // SAFETY: in bounds; the extent is this task's alone.
         unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
     }
+
+    /// Where `bytes` sit in the region, if they lie wholly inside it.
+    fn offset_of(&self, bytes: &[u8]) -> Option<u64> {
+        let start = (bytes.as_ptr() as usize).checked_sub(self.ptr as usize)?;
+        (start + bytes.len() <= self.layout.size()).then_some(start as u64)
+    }
 }
 
 impl Drop for Registered {
@@ -129,6 +136,10 @@ struct Domain {
     arena: Mutex<Arena>,
     /// Woken whenever memory returns to the arena.
     freed: Notify,
+    /// READ data placed straight from the backend's buffer, and copied
+    /// into registered memory first (server side).
+    placed_in_place: AtomicU64,
+    placed_copied: AtomicU64,
 }
 
 impl Domain {
@@ -159,6 +170,53 @@ impl Drop for Lent {
     }
 }
 
+impl StagedBuffer for Lent {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let region = &self.domain.region;
+        assert!(self.start + self.len <= region.layout.size());
+        // SAFETY: in bounds, initialised (the region is allocated zeroed),
+        // and the extent is this buffer's alone until it is dropped.
+        unsafe { std::slice::from_raw_parts_mut(region.ptr.add(self.start), self.len) }
+    }
+
+    fn into_bytes(self: Box<Self>) -> Bytes {
+        Bytes::from_owner(*self)
+    }
+}
+
+/// The server's registered memory as a backend's read buffers: a READ's
+/// data the backend reads straight into it is placed from there, with no
+/// copy. Until an RDMA channel opened a domain, there is none to offer.
+struct ServerStaging {
+    domains: Arc<Domains>,
+}
+
+impl ReadStaging for ServerStaging {
+    fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
+        // One device serves nearly every server; with several, reads land
+        // in the first one's memory, and the others' channels copy them.
+        let domain = self
+            .domains
+            .by_device
+            .lock()
+            .unwrap()
+            .values()
+            .next()?
+            .clone();
+        let extent = domain
+            .arena
+            .lock()
+            .unwrap()
+            .alloc(u32::try_from(len).ok()?)?;
+        Some(Box::new(Lent {
+            start: extent.offset as usize,
+            len,
+            domain,
+            extent,
+        }))
+    }
+}
+
 /// Domains by device, created on first use.
 struct Domains {
     bytes: u64,
@@ -181,6 +239,11 @@ pub struct RegisteredMemory {
     pub per_device: u64,
     /// Bytes held by payloads in flight, over all devices.
     pub in_use: u64,
+    /// READ replies whose data was placed from the backend's own buffer
+    /// (no copy), and those copied into registered memory first.
+    pub reads_placed_in_place: u64,
+    /// See `reads_placed_in_place`.
+    pub reads_copied: u64,
 }
 
 /// What every listener and dialer of this process has registered.
@@ -198,6 +261,14 @@ pub fn registered_memory() -> Vec<RegisteredMemory> {
                 in_use: devices
                     .values()
                     .map(|x| x.arena.lock().unwrap().in_use())
+                    .sum(),
+                reads_placed_in_place: devices
+                    .values()
+                    .map(|x| x.placed_in_place.load(Ordering::Relaxed))
+                    .sum(),
+                reads_copied: devices
+                    .values()
+                    .map(|x| x.placed_copied.load(Ordering::Relaxed))
                     .sum(),
             }
         })
@@ -247,6 +318,8 @@ impl Domains {
             region,
             arena: Mutex::new(Arena::with_head_room(self.bytes, HEAD_SLOT as u64)),
             freed: Notify::new(),
+            placed_in_place: AtomicU64::new(0),
+            placed_copied: AtomicU64::new(0),
         });
         all.insert(key, d.clone());
         Ok(d)
@@ -589,7 +662,7 @@ pub struct RdmaListener {
     ec: Arc<EventChannel>,
     fd: AsyncFd<RawFd>,
     id: Arc<Identifier>,
-    region_bytes: u64,
+    domains: Arc<Domains>,
 }
 
 impl RdmaListener {
@@ -611,7 +684,16 @@ impl RdmaListener {
             ec,
             fd,
             id,
-            region_bytes,
+            domains: Domains::new(region_bytes, false)?,
+        })
+    }
+
+    /// The listener's registered memory as read buffers for the backend
+    /// (`FileBackend::with_read_staging`), so READ data is placed without
+    /// a copy.
+    pub fn read_staging(&self) -> Arc<dyn ReadStaging> {
+        Arc::new(ServerStaging {
+            domains: self.domains.clone(),
         })
     }
 
@@ -622,9 +704,9 @@ impl RdmaListener {
             ec,
             fd,
             id,
-            region_bytes,
+            domains,
         } = self;
-        tokio::spawn(serve(addr, ec, fd, id, region_bytes, server));
+        tokio::spawn(serve(addr, ec, fd, id, domains, server));
     }
 }
 
@@ -633,16 +715,9 @@ async fn serve(
     ec: Arc<EventChannel>,
     fd: AsyncFd<RawFd>,
     id: Arc<Identifier>,
-    region_bytes: u64,
+    domains: Arc<Domains>,
     server: Server,
 ) {
-    let domains = match Domains::new(region_bytes, false) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(%addr, error = e, "RDMA listener stopped");
-            return;
-        }
-    };
     {
         // Keep the listening id alive as long as the task.
         let _listener = id;
@@ -767,6 +842,10 @@ async fn run(
                 if let Some(Outgoing::Frame(frame)) = msg {
                     outbox.sent(frame.len());
                     let mut out = Vec::new();
+                    // A staged payload frees itself into the arena when its
+                    // last owner drops it: never let that be the link,
+                    // under the arena's lock (say, refusing the frame).
+                    let payload = frame.payload.clone();
                     let sent = {
                         let mut arena = domain.arena.lock().unwrap();
                         match &mut end {
@@ -774,9 +853,20 @@ async fn run(
                                 l.send(frame, &mut arena, &mut out);
                                 Ok(())
                             }
-                            End::Server(l) => l.send(frame, &mut arena, &mut out),
+                            End::Server(l) => {
+                                let staged = domain.region.offset_of(&frame.payload);
+                                if !frame.payload.is_empty() {
+                                    let count = match staged {
+                                        Some(_) => &domain.placed_in_place,
+                                        None => &domain.placed_copied,
+                                    };
+                                    count.fetch_add(1, Ordering::Relaxed);
+                                }
+                                l.send_staged(frame, staged, &mut arena, &mut out)
+                            }
                         }
                     };
+                    drop(payload);
                     if let Err(LinkError(e)) = sent {
                         break e;
                     }
@@ -794,16 +884,23 @@ async fn run(
     let _ = id.disconnect();
     // The queue pair goes with `ch`: nothing can touch our memory after.
     drop(ch);
-    {
+    // Frames and payloads are dropped after the arena is let go: a staged
+    // payload frees its memory into it.
+    let (placing, backlog, held) = queue.close();
+    let unsent = {
         let mut arena = domain.arena.lock().unwrap();
-        match &mut end {
-            End::Client(l) => l.close(&mut arena),
-            End::Server(l) => l.close(&mut arena),
-        }
-        for e in queue.close() {
+        for e in placing {
             arena.free(e);
         }
-    }
+        match &mut end {
+            End::Client(l) => {
+                l.close(&mut arena);
+                Vec::new()
+            }
+            End::Server(l) => l.close(&mut arena),
+        }
+    };
+    drop((unsent, backlog, held));
     domain.freed.notify_waiters();
     emit(Heard::Closed(why));
 }
@@ -875,6 +972,7 @@ fn completions(
                         }
                     }
                     Completed::Placed(extent) => domain.free(extent),
+                    Completed::Released(payload) => drop(payload),
                 }
             }
             execute(ch, domain, queue, out, emit)?;

@@ -106,14 +106,25 @@ impl Pair {
                     extent,
                     remote,
                 } => self.fetches.push_back((token, extent, remote)),
-                Work::Place { extent, remote } => {
+                Work::Place {
+                    extent,
+                    remote,
+                    held,
+                } => {
                     assert_eq!(remote.rkey, RKEY);
                     let from = extent.offset as usize;
                     let to = (remote.addr - CLIENT_BASE) as usize;
                     let n = extent.len as usize;
-                    let data = self.server_mem[from..from + n].to_vec();
+                    let data = match &held {
+                        // Staged: the frame's payload is that memory.
+                        Some(payload) => payload.to_vec(),
+                        None => self.server_mem[from..from + n].to_vec(),
+                    };
+                    assert_eq!(data.len(), n);
                     self.client_mem[to..to + n].copy_from_slice(&data);
-                    self.server_arena.free(extent);
+                    if held.is_none() {
+                        self.server_arena.free(extent);
+                    }
                 }
                 Work::Deliver {
                     head,
@@ -450,6 +461,55 @@ fn without_a_window_every_one_sided_request_is_refused() {
 }
 
 #[test]
+fn data_the_backend_read_into_registered_memory_is_placed_from_there() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(read(4, 0, 8192));
+    while p.step(0) {}
+    let data = Bytes::from(vec![0x5a; 8192]);
+    let mut out = Vec::new();
+    p.server
+        .send_staged(
+            encode(&Message::Reply(Reply {
+                id: 4,
+                status: Status::Ok,
+                exec_seq: 0,
+                payload: data.clone(),
+            })),
+            Some(3 * 4096),
+            &mut p.server_arena,
+            &mut out,
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            &out[..],
+            [Work::Place { extent, held: Some(h), .. }, Work::Send(_)]
+                if extent.offset == 3 * 4096 && extent.len == 8192 && *h == data
+        ),
+        "no fill, no memory of the link's own: {out:?}"
+    );
+    assert_eq!(p.server_arena.in_use(), 0);
+    p.run_server(out);
+    while p.step(0) {}
+    let Message::Reply(got) = decode(p.client_got[0].clone()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(got.payload, data);
+}
+
+#[test]
+fn closing_hands_back_the_replies_never_sent() {
+    // No room for the reply's data: it waits, and closing returns it.
+    let mut p = Pair::new(1 << 20, 4096);
+    p.client_send(read(1, 0, 8192));
+    while p.step(0) {}
+    p.server_send(reply(1, vec![1; 8192]));
+    assert_eq!(p.server.waiting(), 1);
+    let unsent = p.server.close(&mut p.server_arena);
+    assert_eq!(unsent.len(), 1);
+}
+
+#[test]
 fn closing_returns_every_buffer() {
     let mut p = Pair::new(1 << 20, 1 << 20);
     p.client_send(write(1, 0, vec![1; 4096]));
@@ -457,7 +517,8 @@ fn closing_returns_every_buffer() {
     p.step(0);
     assert!(p.client_arena.in_use() > 0 && p.server_arena.in_use() > 0);
     p.client.close(&mut p.client_arena);
-    p.server.close(&mut p.server_arena);
+    let unsent = p.server.close(&mut p.server_arena);
+    assert!(unsent.is_empty());
     assert_eq!((p.client_arena.in_use(), p.server_arena.in_use()), (0, 0));
     p.client_arena.check().unwrap();
     p.server_arena.check().unwrap();
