@@ -1054,6 +1054,86 @@ fn open_on(
     )
 }
 
+/// Every backend operation the server asks for, answered at once.
+fn run_backend(server: &mut ServerEngine, now: Instant) -> (Vec<BackendOp>, Vec<Message>) {
+    let (mut ops, mut sent) = (Vec::new(), Vec::new());
+    while let Some(a) = server.poll_action() {
+        match a {
+            ServerAction::Backend(req) => {
+                ops.push(req.op.clone());
+                server.backend_complete(req.token, Ok(Bytes::new()), now);
+            }
+            ServerAction::Send { frame, .. } => sent.push(wire::decode(frame.to_bytes()).unwrap()),
+            _ => {}
+        }
+    }
+    (ops, sent)
+}
+
+#[test]
+fn a_request_seen_again_is_answered_from_its_record_not_executed_again() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let now = Instant::ZERO;
+    assert!(open_as(&mut server, 1, (7, 1)));
+    drain(&mut server);
+    let first = wire::encode(&write_request(1, 0, 0xaa)).to_bytes();
+    server.handle_frame(1, first.clone(), now);
+    let (ops, _) = run_backend(&mut server, now);
+    assert_eq!(ops.len(), 1);
+    server.handle_frame(1, wire::encode(&write_request(2, 0, 0xbb)).to_bytes(), now);
+    assert_eq!(run_backend(&mut server, now).0.len(), 1);
+    // Write 1 again (a resend that crossed its reply): executing it now
+    // would put 0xaa back over the newer 0xbb.
+    server.handle_frame(1, first, now);
+    let (ops, sent) = run_backend(&mut server, now);
+    assert!(ops.is_empty(), "executed again: {ops:?}");
+    assert!(
+        matches!(&sent[..], [Message::Reply(r)] if r.id == 1 && r.status == Status::Ok),
+        "{sent:?}"
+    );
+    // An id past the window the server remembers (floor 1 + id_window)
+    // could never be told from a duplicate later: refused, not executed.
+    let far = u64::from(server_config().id_window) + 1;
+    server.handle_frame(
+        1,
+        wire::encode(&write_request(far, 0, 0xcc)).to_bytes(),
+        now,
+    );
+    let (ops, sent) = run_backend(&mut server, now);
+    assert!(ops.is_empty(), "executed out of window: {ops:?}");
+    assert!(
+        matches!(&sent[..], [Message::Reply(r)] if r.id == far && r.status == Status::Invalid),
+        "{sent:?}"
+    );
+    server.check().unwrap();
+}
+
+#[test]
+fn write_zeroes_may_unmap_unless_the_client_says_no_unmap() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let now = Instant::ZERO;
+    assert!(open_as(&mut server, 1, (7, 1)));
+    drain(&mut server);
+    for (id, flags, may) in [(1, 0, true), (2, FLAG_NO_UNMAP, false)] {
+        let zeroes = Message::Request(Request {
+            op: Op::WriteZeroes,
+            id,
+            floor: 1,
+            offset: 0,
+            length: 4096,
+            flags,
+            remote: None,
+            payload: Bytes::new(),
+        });
+        server.handle_frame(1, wire::encode(&zeroes).to_bytes(), now);
+        let (ops, _) = run_backend(&mut server, now);
+        assert!(
+            matches!(&ops[..], [BackendOp::WriteZeroes { may_unmap, .. }] if *may_unmap == may),
+            "flags {flags:#x}: {ops:?}"
+        );
+    }
+}
+
 #[test]
 fn a_newer_run_fences_only_its_own_client_on_its_own_export() {
     let mut server = ServerEngine::new(server_config()).expect("a valid config");
@@ -1085,8 +1165,17 @@ fn a_newer_run_fences_only_its_own_client_on_its_own_export() {
         [1],
         "bob, and alice on another export, keep their sessions"
     );
+    // Clients without an identity (owner 0) are no one's older run, even
+    // when one of them sends an epoch.
+    assert!(open_on(&mut server, 5, "disk0", (0, 0)));
+    assert!(open_on(&mut server, 6, "disk0", (0, 5)));
+    assert!(
+        !std::iter::from_fn(|| server.poll_action())
+            .any(|a| matches!(a, ServerAction::Close { .. })),
+        "an anonymous session was fenced"
+    );
+    assert_eq!(server.session_count(), 5);
     assert_eq!(server.stats().sessions_fenced, 1);
-    assert_eq!(server.session_count(), 3);
     server.backend_complete(bobs_write.token, Ok(Bytes::new()), now);
     assert_eq!(server.backend_inflight(), 0);
     assert!(
