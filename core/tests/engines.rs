@@ -54,6 +54,8 @@ struct Pair {
     disk: Vec<u8>,
     /// While set, every mutation fails with NO_SPACE.
     full: bool,
+    /// Tokens of the pings the client sent, in order.
+    ping_tokens: Vec<u64>,
 }
 
 impl Pair {
@@ -72,6 +74,7 @@ impl Pair {
             rooms: 0,
             disk: vec![0; MIB as usize],
             full: false,
+            ping_tokens: Vec::new(),
         }
     }
 
@@ -103,8 +106,12 @@ impl Pair {
                         }
                     }
                     ClientAction::Send(ch, f) => {
+                        let f = f.to_bytes();
+                        if let Ok(Message::Ping { token }) = wire::decode(f.clone()) {
+                            self.ping_tokens.push(token);
+                        }
                         if let Some(conn) = self.conns.get(&ch) {
-                            self.to_server.push_back((*conn, f.to_bytes()));
+                            self.to_server.push_back((*conn, f));
                         }
                     }
                     ClientAction::Complete(c) => self.completions.push(c),
@@ -255,9 +262,18 @@ fn handshake_brings_every_channel_up_in_one_session() {
 fn data_written_reads_back_and_every_op_works() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();
+    let rtts = |p: &Pair| {
+        p.client
+            .channel_summary()
+            .iter()
+            .filter(|c| c.3.is_some())
+            .count()
+    };
+    assert_eq!(rtts(&p), 0, "nothing measured yet");
     let data = Bytes::from(vec![0xAB; 4096]);
     p.io(1, IoRequest::write(8192, data.clone(), false))
         .unwrap();
+    assert_eq!(rtts(&p), 1, "a reply times its channel's round trip");
     assert_eq!(p.io(2, IoRequest::read(8192, 4096)).unwrap(), data);
     p.io(3, IoRequest::flush()).unwrap();
     p.io(4, IoRequest::trim(8192, 1024)).unwrap();
@@ -694,6 +710,16 @@ fn a_quiet_channel_is_pinged_and_a_silent_one_declared_dead() {
     p.drive();
     p.advance(Duration::from_millis(250));
     assert!(p.client.stats().pings >= 2, "one ping per quiet channel");
+    p.advance(Duration::from_millis(250));
+    let mut tokens = p.ping_tokens.clone();
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(
+        tokens.len(),
+        p.ping_tokens.len(),
+        "every ping its own token, so a late pong answers only its own: {:?}",
+        p.ping_tokens
+    );
     assert_eq!(p.client.ready_channels(), 2, "pongs keep them alive");
     // Now the server goes silent: frames to it vanish.
     let pings = p.client.stats().pings;
