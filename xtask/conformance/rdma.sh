@@ -40,8 +40,14 @@ setup() {
   ip link add vA type veth peer name vB
   ip addr add 10.9.0.1/24 dev vA && ip link set vA up
   ip addr add 10.9.0.2/24 dev vB && ip link set vB up
+  # A second pair for the link-down row, so whatever state soft-RoCE is
+  # left in by the rows before it (row 4) cannot decide that row.
+  ip link add vC type veth peer name vD
+  ip addr add 10.9.1.1/24 dev vC && ip link set vC up
+  ip addr add 10.9.1.2/24 dev vD && ip link set vD up
   sleep 2
-  rdma link add rxeA type rxe netdev vA && rdma link add rxeB type rxe netdev vB
+  rdma link add rxeA type rxe netdev vA && rdma link add rxeB type rxe netdev vB &&
+    rdma link add rxeC type rxe netdev vC && rdma link add rxeD type rxe netdev vD
 }
 # The RDMA path: the server on vB's link-local address, the client reaching
 # it through vA (the scope pins the route to the veth, not loopback, so
@@ -49,7 +55,7 @@ setup() {
 link_local() { ip -6 addr show dev "$1" | awk '/inet6 fe80/{print $2}' | cut -d/ -f1; }
 
 start_server() {
-  "$BRAID" serve --data-dir "$WORK/srv" --listen "$TCP" --rdma "[$LL%vB]:7411" \
+  "$BRAID" serve --data-dir "$WORK/srv" --listen "$TCP" --rdma "[$LL%vB]:7411" --rdma "[$LL2%vD]:7411" \
     --export "disk0=$WORK/srv/disk0.img,size=128M" \
     --export "disk1=$WORK/srv/disk1.img,size=256M" \
     >>"$LOGS/rdma-serve.log" 2>&1 &
@@ -71,15 +77,15 @@ verify() {
   timeout 120 $CLI "$BRAID" verify --key-file "$WORK/srv/keys.toml" "$@" >"$log" 2>&1
 }
 clean() { grep -q "0 verification failures, 0 IO errors" "$1"; }
-# under_fault LOGNAME CUT HEAL: a 30 s verify of a mixed session, with CUT
-# run after 5 s and HEAL 10 s later.
+# under_fault LOGNAME RDMA-ADDRESS CUT HEAL: a 30 s verify of a mixed
+# session, with CUT run after 5 s and HEAL 10 s later.
 under_fault() {
-  verify "$1" --server "$RDMA,$TCP" --channels 4 --time 30 &
+  verify "$1" --server "$2,$TCP" --channels 4 --time 30 &
   local v=$!
   sleep 5
-  eval "$2"
-  sleep 10
   eval "$3"
+  sleep 10
+  eval "$4"
   wait "$v"
 }
 
@@ -93,6 +99,8 @@ fi
 : >"$LOGS/rdma-serve.log"
 LL=$(link_local vB)
 RDMA="rdma://[$LL%vA]:7411"
+LL2=$(link_local vD)
+RDMA2="rdma://[$LL2%vC]:7411"
 start_server || { fail "braid serve --rdma did not start: $(tail -5 "$LOGS/rdma-serve.log")"; exit 1; }
 
 if "$BRAID" serve --data-dir "$WORK/small" --listen 127.0.0.1:7499 --rdma "[$LL%vB]:7412" \
@@ -134,17 +142,6 @@ if clean "$LOGS/rdma-restart.log" && grep -q "session resets [1-9]\|[1-9][0-9]* 
   ok "kill -9 and restart of the server under verify over RDMA: session replaced, 0 verification failures, 0 IO errors"
 else
   fail "server restart under RDMA: $(tail -8 "$LOGS/rdma-restart.log")"
-fi
-
-step "4. the RDMA path drops every packet for 10 s under load, TCP on its own path"
-under_fault blackhole \
-  "tc qdisc add dev vA root netem loss 100%; tc qdisc add dev vB root netem loss 100%" \
-  "tc qdisc del dev vA root; tc qdisc del dev vB root"
-if clean "$LOGS/rdma-blackhole.log" && grep -q "up .*rdma://" "$LOGS/rdma-blackhole.log" &&
-   grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-blackhole.log"; then
-  ok "RDMA path silent 10 s under load: its IO was resent over TCP (0 verification failures, 0 IO errors), RDMA channels up again at the end"
-else
-  fail "RDMA path blackholed: $(tail -10 "$LOGS/rdma-blackhole.log")"
 fi
 
 step "5. a client naming forged remote buffers"
@@ -232,16 +229,32 @@ done
 # The backend reads into the server's registered memory, so READ data is
 # placed with no copy (a full staging area falls back to copying).
 "$BRAID" status --control "$WORK/srv/control.sock" >"$LOGS/rdma-serve-status.txt" 2>&1
-placed=$(grep -o "placed from the backend's buffer: [0-9]*" "$LOGS/rdma-serve-status.txt" | grep -o "[0-9]*$")
-copied=$(grep -o "copied into registered memory first: [0-9]*" "$LOGS/rdma-serve-status.txt" | grep -o "[0-9]*$")
+# One line per listener: summed.
+sum_of() { grep -o "$1 [0-9]*" "$LOGS/rdma-serve-status.txt" | grep -o "[0-9]*$" | awk '{s += $1} END {print s + 0}'; }
+placed=$(sum_of "placed from the backend's buffer:")
+copied=$(sum_of "copied into registered memory first:")
 if [ "${placed:-0}" -gt 0 ] && [ "${copied:-1}" -lt "${placed:-0}" ]; then
   ok "READ data placed straight from the backend's buffer: $placed replies, $copied copied first"
 else
   fail "zero-copy reads: $(cat "$LOGS/rdma-serve-status.txt")"
 fi
 
+# Rows 4 and 7 run last, 7 on its own veth pair: soft-RoCE sometimes
+# leaves rdma_cm on a device unable to connect again after its path was
+# dead (seen after row 4 in about one run in eight, after row 7 always).
+step "4. the RDMA path drops every packet for 10 s under load, TCP on its own path"
+under_fault blackhole "$RDMA" \
+  "tc qdisc add dev vA root netem loss 100%; tc qdisc add dev vB root netem loss 100%" \
+  "tc qdisc del dev vA root; tc qdisc del dev vB root"
+if clean "$LOGS/rdma-blackhole.log" && grep -q "up .*rdma://" "$LOGS/rdma-blackhole.log" &&
+   grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-blackhole.log"; then
+  ok "RDMA path silent 10 s under load: its IO was resent over TCP (0 verification failures, 0 IO errors), RDMA channels up again at the end"
+else
+  fail "RDMA path blackholed: $(tail -10 "$LOGS/rdma-blackhole.log")"
+fi
+
 step "7. the RDMA link down under load (last: soft-RoCE in this kernel leaves its CM queue pair in error after a port flap with MADs in flight, so no RDMA connection works after it)"
-under_fault linkdown "ip link set vA down" "ip link set vA up"
+under_fault linkdown "$RDMA2" "ip link set vC down" "ip link set vC up"
 if clean "$LOGS/rdma-linkdown.log" && grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-linkdown.log"; then
   ok "ip link set down of the RDMA link for 10 s under load: its IO failed over to TCP, 0 verification failures, 0 IO errors"
 else
