@@ -56,6 +56,10 @@ struct Pair {
     full: bool,
     /// Tokens of the pings the client sent, in order.
     ping_tokens: Vec<u64>,
+    /// Requests the client sent on each connection, and the connections
+    /// whose frames vanish (both ways).
+    sent_to: BTreeMap<ConnId, usize>,
+    blackhole: std::collections::BTreeSet<ConnId>,
 }
 
 impl Pair {
@@ -75,6 +79,8 @@ impl Pair {
             disk: vec![0; MIB as usize],
             full: false,
             ping_tokens: Vec::new(),
+            sent_to: BTreeMap::new(),
+            blackhole: Default::default(),
         }
     }
 
@@ -107,11 +113,17 @@ impl Pair {
                     }
                     ClientAction::Send(ch, f) => {
                         let f = f.to_bytes();
-                        if let Ok(Message::Ping { token }) = wire::decode(f.clone()) {
+                        let decoded = wire::decode(f.clone());
+                        if let Ok(Message::Ping { token }) = decoded {
                             self.ping_tokens.push(token);
                         }
                         if let Some(conn) = self.conns.get(&ch) {
-                            self.to_server.push_back((*conn, f));
+                            if let Ok(Message::Request(_)) = decoded {
+                                *self.sent_to.entry(*conn).or_default() += 1;
+                            }
+                            if !self.blackhole.contains(conn) {
+                                self.to_server.push_back((*conn, f));
+                            }
                         }
                     }
                     ClientAction::Complete(c) => self.completions.push(c),
@@ -124,7 +136,9 @@ impl Pair {
                 match a {
                     ServerAction::Send { conn, frame } => {
                         if let Some(ch) = self.chans.get(&conn) {
-                            self.to_client.push_back((*ch, frame.to_bytes()));
+                            if !self.blackhole.contains(&conn) {
+                                self.to_client.push_back((*ch, frame.to_bytes()));
+                            }
                         }
                     }
                     ServerAction::Close { conn, .. } => {
@@ -702,6 +716,83 @@ fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
     p.now = p.now + Duration::from_secs(2);
     p.server.handle_timeout(p.now);
     assert_eq!(p.server.session_count(), 0);
+}
+
+#[test]
+fn overlapping_writes_go_out_one_at_a_time() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    // Nothing comes back, so whatever may go out, goes out now.
+    let conns: Vec<ConnId> = p.conns.values().copied().collect();
+    p.blackhole.extend(conns);
+    for (user, offset) in [(1, 0), (2, 512), (3, 8192)] {
+        p.client
+            .submit(
+                user,
+                IoRequest::write(offset, Bytes::from(vec![user as u8; 1024]), false),
+                p.now,
+            )
+            .unwrap();
+    }
+    p.drive();
+    assert_eq!(
+        p.sent_to.values().sum::<usize>(),
+        2,
+        "the write overlapping an unanswered one waits; the disjoint one goes"
+    );
+}
+
+#[test]
+fn a_suspect_channel_still_carries_io_when_it_is_the_only_one_up() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let conn_of = |p: &Pair, slot: u16| {
+        p.conns
+            .iter()
+            .find(|(ch, _)| ch.slot == slot)
+            .map(|(ch, conn)| (*ch, *conn))
+            .unwrap()
+    };
+    let (_, a) = conn_of(&p, 0);
+    p.blackhole.insert(a);
+    // Later than the last frame the channel brought.
+    p.advance(Duration::from_millis(10));
+    // Round robin puts one of two writes on the silent channel.
+    for user in 1..=2 {
+        p.client
+            .submit(
+                user,
+                IoRequest::write(user * 4096, Bytes::from(vec![user as u8; 512]), false),
+                p.now,
+            )
+            .unwrap();
+    }
+    p.drive();
+    assert_eq!(
+        p.completions.len(),
+        1,
+        "one write is lost on the silent channel"
+    );
+    // It ages, goes again on the other channel, and the silent one is
+    // suspect from now on.
+    p.advance(Duration::from_millis(250));
+    assert_eq!(p.completions.len(), 2);
+    assert_eq!(p.client.ready_channels(), 2);
+    // The trusted channel breaks; the suspect one is all that is up.
+    let (b_ch, b) = conn_of(&p, 1);
+    p.conns.remove(&b_ch);
+    p.chans.remove(&b);
+    p.server.connection_closed(b, p.now);
+    p.client.channel_closed(b_ch, p.now);
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 1);
+    let before = p.sent_to.get(&a).copied().unwrap_or(0);
+    p.client.submit(9, IoRequest::read(0, 512), p.now).unwrap();
+    p.drive();
+    assert!(
+        p.sent_to.get(&a).copied().unwrap_or(0) > before,
+        "IO waits for the reconnect instead of trying the channel that is up"
+    );
 }
 
 #[test]
