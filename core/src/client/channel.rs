@@ -137,4 +137,33 @@ mod tests {
         r.sample(Duration::from_secs(30));
         assert_eq!(r.rto(min, max), max);
     }
+
+    #[test]
+    fn a_channel_is_named_by_slot_and_generation() {
+        let ch = ChannelId { slot: 3, gen: 7 };
+        assert_eq!(
+            (format!("{ch}"), format!("{ch:?}")),
+            ("ch3.7".into(), "ch3.7".into())
+        );
+    }
+
+    #[test]
+    fn the_resend_timeout_follows_rfc_6298() {
+        let ms = Duration::from_millis;
+        let mut rtt = RttEstimator::default();
+        assert_eq!(
+            rtt.rto(ms(200), ms(5000)),
+            ms(200),
+            "no sample yet: the floor"
+        );
+        // First sample R: SRTT = R, RTTVAR = R/2, RTO = SRTT + 4 RTTVAR.
+        rtt.sample(ms(100));
+        assert_eq!(rtt.srtt(), Some(ms(100)));
+        assert_eq!(rtt.rto(ms(10), ms(5000)), ms(300));
+        // Then RTTVAR = 3/4 RTTVAR + 1/4 |SRTT - R|, SRTT = 7/8 SRTT + 1/8 R.
+        rtt.sample(ms(180));
+        assert_eq!(rtt.srtt(), Some(ms(110)));
+        assert_eq!(rtt.rto(ms(10), ms(5000)), ms(110 + 4 * (150 + 80) / 4));
+        assert_eq!(rtt.rto(ms(10), ms(200)), ms(200), "capped");
+    }
 }
