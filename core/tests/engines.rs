@@ -1260,6 +1260,13 @@ fn a_newer_run_fences_only_its_own_client_on_its_own_export() {
     assert!(open_on(&mut server, 2, "disk0", (bob, 1)));
     assert!(open_on(&mut server, 3, "plain", (alice, 1)));
     drain(&mut server);
+    let mut exports: Vec<String> = server.sessions().into_iter().map(|s| s.export).collect();
+    exports.sort();
+    assert_eq!(
+        exports,
+        ["disk0", "disk0", "plain"],
+        "one summary per session"
+    );
     server.handle_frame(2, wire::encode(&write_request(1, 0, 0xb0)).to_bytes(), now);
     let Some(ServerAction::Backend(bobs_write)) = server.poll_action() else {
         panic!("bob's write reaches the backend")
