@@ -1188,6 +1188,32 @@ fn run_backend(server: &mut ServerEngine, now: Instant) -> (Vec<BackendOp>, Vec<
 }
 
 #[test]
+fn a_hello_without_a_version_in_common_is_refused() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let now = Instant::ZERO;
+    for (conn, (min, max)) in [(1, (2, 3)), (2, (0, 0))] {
+        server.connection_opened(conn, now);
+        let hello = Message::Hello(Hello {
+            version_min: min,
+            version_max: max,
+            features: 0,
+            session_id: 0,
+            client_nonce: [1; 16],
+            owner: 0,
+            epoch: 0,
+            key_id: "alice".into(),
+            export: "disk0".into(),
+        });
+        server.handle_frame(conn, wire::encode(&hello).to_bytes(), now);
+        let answer = drain(&mut server);
+        assert!(
+            matches!(&answer[..], [Message::Reject(r)] if r.code == RejectCode::VersionMismatch),
+            "versions {min}..={max}: {answer:?}"
+        );
+    }
+}
+
+#[test]
 fn a_request_seen_again_is_answered_from_its_record_not_executed_again() {
     let mut server = ServerEngine::new(server_config()).expect("a valid config");
     let now = Instant::ZERO;
