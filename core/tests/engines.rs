@@ -464,14 +464,9 @@ fn unknown_key_id_and_unknown_export_are_refused() {
 }
 
 /// Runs a handshake by hand so a test can record and replay it.
-fn hello(
-    server: &mut ServerEngine,
-    conn: ConnId,
-    nonce: [u8; 16],
-    now: Instant,
-) -> Option<Challenge> {
-    server.connection_opened(conn, now);
-    let msg = Message::Hello(Hello {
+/// alice's HELLO for disk0, version 1, no identity, no session.
+fn alice_hello(nonce: [u8; 16]) -> Hello {
+    Hello {
         version_min: 1,
         version_max: 1,
         features: 0,
@@ -481,7 +476,17 @@ fn hello(
         epoch: 0,
         key_id: "alice".into(),
         export: "disk0".into(),
-    });
+    }
+}
+
+fn hello(
+    server: &mut ServerEngine,
+    conn: ConnId,
+    nonce: [u8; 16],
+    now: Instant,
+) -> Option<Challenge> {
+    server.connection_opened(conn, now);
+    let msg = Message::Hello(alice_hello(nonce));
     server.handle_frame(conn, wire::encode(&msg).to_bytes(), now);
     match server.poll_action() {
         Some(ServerAction::Send { frame, .. }) => match wire::decode(frame.to_bytes()).unwrap() {
@@ -1196,13 +1201,7 @@ fn a_hello_without_a_version_in_common_is_refused() {
         let hello = Message::Hello(Hello {
             version_min: min,
             version_max: max,
-            features: 0,
-            session_id: 0,
-            client_nonce: [1; 16],
-            owner: 0,
-            epoch: 0,
-            key_id: "alice".into(),
-            export: "disk0".into(),
+            ..alice_hello([1; 16])
         });
         server.handle_frame(conn, wire::encode(&hello).to_bytes(), now);
         let answer = drain(&mut server);
@@ -1383,15 +1382,9 @@ fn a_newer_run_fences_the_older_and_waits_for_its_backend_work() {
     // Run 1 cannot come back beside run 2: refused at its HELLO.
     server.connection_opened(3, now);
     let hello = Message::Hello(Hello {
-        version_min: 1,
-        version_max: 1,
-        features: 0,
-        session_id: 0,
-        client_nonce: [3; 16],
         owner,
         epoch: 1,
-        key_id: "alice".into(),
-        export: "disk0".into(),
+        ..alice_hello([3; 16])
     });
     server.handle_frame(3, wire::encode(&hello).to_bytes(), now);
     let refused = drain(&mut server);
