@@ -1,5 +1,6 @@
 use crate::lock::{lock, LockMode};
-use braid_core::server::{Backend, BackendOp, Extent, ReadStaging, StagedBuffer};
+use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::fs::File;
@@ -46,20 +47,20 @@ pub struct ExportFile {
     /// every read and write of theirs can run inline.
     memory_backed: bool,
     /// Where reads would rather land (a fabric's registered memory).
-    staging: Staging,
+    staging: ReadBuffers,
 }
 
 /// A fabric's read buffers, if it offered any.
 #[derive(Default)]
-struct Staging(Option<Arc<dyn ReadStaging>>);
+struct ReadBuffers(Option<Arc<dyn Staging>>);
 
-impl std::fmt::Debug for Staging {
+impl std::fmt::Debug for ReadBuffers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() { "staged" } else { "heap" })
     }
 }
 
-impl Staging {
+impl ReadBuffers {
     fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
         self.0.as_ref()?.buffer(len)
     }
@@ -143,7 +144,7 @@ impl ExportFile {
             no_nowait_read: AtomicBool::new(false),
             no_nowait_write: AtomicBool::new(false),
             memory_backed,
-            staging: Staging::default(),
+            staging: ReadBuffers::default(),
         })
     }
 
@@ -623,9 +624,9 @@ impl FileBackend {
     /// Reads (not O_DIRECT ones, which keep their aligned heap buffers)
     /// land in `staging` while it has room: an RDMA listener's registered
     /// memory, from which their data is placed without a copy.
-    pub fn with_read_staging(mut self, staging: Arc<dyn ReadStaging>) -> Self {
+    pub fn with_read_staging(mut self, staging: Arc<dyn Staging>) -> Self {
         for e in &mut self.exports {
-            e.staging = Staging(Some(staging.clone()));
+            e.staging = ReadBuffers(Some(staging.clone()));
         }
         self
     }
@@ -837,7 +838,7 @@ mod tests {
         lent: Arc<std::sync::atomic::AtomicUsize>,
     }
 
-    impl ReadStaging for Slots {
+    impl Staging for Slots {
         fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
             let mut free = self.free.lock().unwrap();
             *free = free.checked_sub(1)?;

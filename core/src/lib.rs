@@ -15,6 +15,7 @@ pub mod latency;
 pub mod limits;
 pub mod rng;
 pub mod server;
+pub mod staging;
 pub mod time;
 pub mod volume;
 pub mod wire;

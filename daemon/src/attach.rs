@@ -213,6 +213,10 @@ impl Target for VolumeTarget {
         done(Ok(vec![Extent { len, hole: false }]))
     }
 
+    fn write_staging(&self) -> Option<Arc<dyn braid_core::staging::Staging>> {
+        crate::rdma::write_staging()
+    }
+
     fn fast_zero(&self) -> bool {
         // A braid WRITE_ZEROES cannot promise to be fast.
         false

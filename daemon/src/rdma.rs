@@ -43,9 +43,7 @@ pub(crate) fn bind(addrs: &[String], region: u64) -> Result<Listeners, String> {
 impl Listeners {
     /// The first listener's registered memory, for the backend to read
     /// into (docs/PERFORMANCE.md counts the copy it saves).
-    pub(crate) fn read_staging(
-        &self,
-    ) -> Option<std::sync::Arc<dyn braid_core::server::ReadStaging>> {
+    pub(crate) fn read_staging(&self) -> Option<std::sync::Arc<dyn braid_core::staging::Staging>> {
         #[cfg(feature = "rdma")]
         return self.bound.first().map(|l| l.read_staging());
         #[cfg(not(feature = "rdma"))]
@@ -85,12 +83,27 @@ pub(crate) fn register_dialer(region: u64) -> Result<(), String> {
             RdmaDialer::new(region)
         }
         .map_err(|e| format!("--rdma-memory: {e}"))?;
+        let _ = WRITE_STAGING.set(dialer.write_staging());
         braid_fabric_tcp::fabric::register("rdma", std::sync::Arc::new(dialer));
     }
     #[cfg(not(feature = "rdma"))]
     let _ = region;
     *registered = true;
     Ok(())
+}
+
+#[cfg(feature = "rdma")]
+static WRITE_STAGING: std::sync::OnceLock<std::sync::Arc<dyn braid_core::staging::Staging>> =
+    std::sync::OnceLock::new();
+
+/// The client's registered memory for the frontends to receive WRITE data
+/// into, once `rdma://` addresses can be dialed (it lends nothing until a
+/// channel opened on a device).
+pub(crate) fn write_staging() -> Option<std::sync::Arc<dyn braid_core::staging::Staging>> {
+    #[cfg(feature = "rdma")]
+    return WRITE_STAGING.get().cloned();
+    #[cfg(not(feature = "rdma"))]
+    None
 }
 
 /// Registered RDMA memory of this process, for status documents.
@@ -106,6 +119,9 @@ pub(crate) fn memory_json() -> serde_json::Value {
                 "in_use": m.in_use,
                 "reads_placed_in_place": m.reads_placed_in_place,
                 "reads_copied": m.reads_copied,
+                "staging_per_device": m.staging_per_device,
+                "writes_in_place": m.writes_in_place,
+                "writes_copied": m.writes_copied,
             })
         })
         .collect();
@@ -128,6 +144,13 @@ pub(crate) fn print_memory(v: &serde_json::Value) {
             println!(
                 "  RDMA reads placed from the backend's buffer: {}, copied into registered memory first: {}",
                 m["reads_placed_in_place"], m["reads_copied"]
+            );
+        } else {
+            println!(
+                "  RDMA writes fetched from where the frontend received them: {}, copied into registered memory first: {} ({} per device set apart for them)",
+                m["writes_in_place"],
+                m["writes_copied"],
+                crate::config::human_size(m["staging_per_device"].as_u64().unwrap_or(0)),
             );
         }
     }

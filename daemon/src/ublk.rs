@@ -49,6 +49,10 @@ impl Target for OnRuntime {
         let _entered = self.runtime.enter();
         self.target.submit(0, op, done);
     }
+
+    fn write_staging(&self) -> Option<Arc<dyn braid_core::staging::Staging>> {
+        self.target.write_staging()
+    }
 }
 
 /// Before connecting to anything: can this process make the device?

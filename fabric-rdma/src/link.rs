@@ -65,6 +65,10 @@ pub enum Work {
     },
     /// Free this extent (its payload was copied out).
     Free(Extent),
+    /// Drop this payload, which lay in registered memory the server may
+    /// no longer touch (not while holding the arena: dropping it may free
+    /// its memory).
+    Release(Bytes),
 }
 
 /// The peer broke the rules of §9.2: the channel must close.
@@ -92,14 +96,49 @@ pub struct Region {
 
 /// A client buffer named to the server, kept until every copy of the
 /// request sent on this channel is answered (or the channel closes), so
-/// no late one-sided write can land in memory reused for another request.
+/// no late one-sided move can touch memory reused for another request.
 #[derive(Debug)]
 struct Named {
-    extent: Extent,
+    memory: Memory,
     sent: u32,
     /// Named outside the region (a forging test client): every copy
     /// names the same wrong address.
     forged: bool,
+}
+
+/// Where a named buffer's bytes are.
+#[derive(Debug)]
+enum Memory {
+    /// An extent the link took from the arena (and, for a WRITE, filled).
+    Allocated(Extent),
+    /// A WRITE's payload that already sat in registered memory at
+    /// `offset` (the frontend received it there): named in place, and
+    /// kept alive until the server can no longer fetch it.
+    Staged { offset: u64, payload: Bytes },
+}
+
+impl Memory {
+    fn offset(&self) -> u64 {
+        match self {
+            Memory::Allocated(e) => e.offset,
+            Memory::Staged { offset, .. } => *offset,
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Memory::Allocated(e) => e.len as u64,
+            Memory::Staged { payload, .. } => payload.len() as u64,
+        }
+    }
+
+    /// What the driver must do once nothing can touch it any more.
+    fn release(self) -> Work {
+        match self {
+            Memory::Allocated(e) => Work::Free(e),
+            Memory::Staged { payload, .. } => Work::Release(payload),
+        }
+    }
 }
 
 /// The client end of one channel.
@@ -107,8 +146,9 @@ struct Named {
 pub struct ClientLink {
     region: Region,
     named: HashMap<u64, Named>,
-    /// Frames waiting for registered memory, and every frame after them.
-    waiting: VecDeque<OutFrame>,
+    /// Frames waiting for registered memory, and every frame after them,
+    /// each with where its payload already sits in the region, if it does.
+    waiting: VecDeque<(OutFrame, Option<u64>)>,
     /// Whether the WINDOW message went out (the first call to `retry` or
     /// `send` sends it, ahead of every frame).
     announced: bool,
@@ -116,6 +156,8 @@ pub struct ClientLink {
     /// past the end of its registration.
     forge: bool,
     named_so_far: u64,
+    writes_in_place: u64,
+    writes_copied: u64,
 }
 
 impl ClientLink {
@@ -128,6 +170,8 @@ impl ClientLink {
             announced: false,
             forge: false,
             named_so_far: 0,
+            writes_in_place: 0,
+            writes_copied: 0,
         }
     }
 
@@ -147,8 +191,32 @@ impl ClientLink {
 
     /// Sends a stream-form frame from the engine.
     pub fn send(&mut self, frame: OutFrame, arena: &mut Arena, out: &mut Vec<Work>) {
-        self.waiting.push_back(frame);
+        self.send_staged(frame, None, arena, out)
+    }
+
+    /// Sends a frame whose payload, if `staged_at` says so, already sits
+    /// in the region at that offset (a WRITE the frontend received into
+    /// registered memory): the server fetches it from there, with no copy.
+    /// The payload must not be memory `arena` hands out: the link drops
+    /// its hold on it while the caller may hold the arena.
+    pub fn send_staged(
+        &mut self,
+        frame: OutFrame,
+        staged_at: Option<u64>,
+        arena: &mut Arena,
+        out: &mut Vec<Work>,
+    ) {
+        let staged_at = staged_at.filter(|at| {
+            !frame.payload.is_empty() && at + frame.payload.len() as u64 <= self.region.len
+        });
+        self.waiting.push_back((frame, staged_at));
         self.retry(arena, out);
+    }
+
+    /// WRITE payloads named where they sat, and those copied into
+    /// registered memory first.
+    pub fn writes_named(&self) -> (u64, u64) {
+        (self.writes_in_place, self.writes_copied)
     }
 
     /// Sends what waited, in order, while memory lasts (call it when
@@ -163,7 +231,7 @@ impl ClientLink {
             };
             out.push(Work::Send(window.message()));
         }
-        while let Some(frame) = self.waiting.front() {
+        while let Some((frame, staged_at)) = self.waiting.front() {
             let head = frame.head();
             let kind = Kind::from_u8(head[5]);
             if !matches!(kind, Some(Kind::Read | Kind::Write)) {
@@ -174,41 +242,53 @@ impl ClientLink {
             let id = u64::from_le_bytes(head[PREFIX_LEN..PREFIX_LEN + 8].try_into().unwrap());
             let length =
                 u32::from_le_bytes(head[PREFIX_LEN + 24..PREFIX_LEN + 28].try_into().unwrap());
-            let (extent, forged) = match self.named.get_mut(&id) {
+            let (offset, forged) = match self.named.get_mut(&id) {
                 // Sent again on this channel: the same buffer, so whichever
                 // copy the server answers lands where we look.
                 Some(named) => {
                     named.sent += 1;
-                    (named.extent, named.forged)
+                    (named.memory.offset(), named.forged)
                 }
                 None => {
-                    let Some(extent) = arena.alloc(length) else {
-                        return;
+                    let memory = match staged_at {
+                        Some(offset) if kind == Some(Kind::Write) => Memory::Staged {
+                            offset: *offset,
+                            payload: frame.payload.clone(),
+                        },
+                        _ => match arena.alloc(length) {
+                            Some(extent) => Memory::Allocated(extent),
+                            None => return,
+                        },
                     };
                     self.named_so_far += 1;
                     let forged = self.forge && self.named_so_far % 2 == 0;
+                    let offset = memory.offset();
+                    if let (Memory::Allocated(extent), false) = (&memory, frame.payload.is_empty())
+                    {
+                        out.push(Work::Fill {
+                            extent: *extent,
+                            data: frame.payload.clone(),
+                        });
+                        self.writes_copied += 1;
+                    } else if !frame.payload.is_empty() {
+                        self.writes_in_place += 1;
+                    }
                     let named = Named {
-                        extent,
+                        memory,
                         sent: 1,
                         forged,
                     };
                     self.named.insert(id, named);
-                    (extent, forged)
+                    (offset, forged)
                 }
             };
             let remote = RemoteBuf {
-                addr: self.region.base + extent.offset + if forged { self.region.len } else { 0 },
+                addr: self.region.base + offset + if forged { self.region.len } else { 0 },
                 rkey: self.region.rkey,
             };
             let message = onesided::attach_remote(head, remote)
                 .expect("the engine sends stream-form requests");
-            let frame = self.waiting.pop_front().unwrap();
-            if !frame.payload.is_empty() {
-                out.push(Work::Fill {
-                    extent,
-                    data: frame.payload,
-                });
-            }
+            self.waiting.pop_front();
             out.push(Work::Send(message));
         }
     }
@@ -232,10 +312,15 @@ impl ClientLink {
                     });
                     return Ok(());
                 };
-                if payload_len > named.extent.len {
+                let placed_in = match &named.memory {
+                    Memory::Allocated(extent) => Some(*extent),
+                    Memory::Staged { .. } => None,
+                };
+                if payload_len as u64 > placed_in.map_or(0, |e| e.len as u64) {
                     return Err(LinkError(format!(
-                        "reply {id} placed {payload_len} bytes in a {}-byte buffer",
-                        named.extent.len
+                        "reply {id} placed {payload_len} bytes in a {}-byte {}buffer",
+                        named.memory.len(),
+                        if placed_in.is_none() { "WRITE's " } else { "" }
                     )));
                 }
                 named.sent = named.sent.saturating_sub(1);
@@ -244,24 +329,23 @@ impl ClientLink {
                 // data where the server put it). Else it is copied out and
                 // the buffer stays named.
                 let owned = named.sent == 0;
-                let extent = named.extent;
-                if owned {
-                    self.named.remove(&id);
-                }
-                match (payload_len > 0, owned) {
-                    (true, _) => out.push(Work::Deliver {
-                        head: message.to_vec(),
-                        payload: Some((extent, payload_len)),
-                        owned,
-                    }),
-                    (false, owned) => {
+                let named = if owned { self.named.remove(&id) } else { None };
+                match (placed_in, payload_len > 0) {
+                    (Some(extent), true) => {
+                        out.push(Work::Deliver {
+                            head: message.to_vec(),
+                            payload: Some((extent, payload_len)),
+                            owned,
+                        });
+                    }
+                    _ => {
                         out.push(Work::Deliver {
                             head: message.to_vec(),
                             payload: None,
                             owned: false,
                         });
-                        if owned {
-                            out.push(Work::Free(extent));
+                        if let Some(named) = named {
+                            out.push(named.memory.release());
                         }
                     }
                 }
@@ -283,17 +367,23 @@ impl ClientLink {
     }
 
     /// The channel is gone (its queue pair can touch no memory now):
-    /// every buffer it named returns to the arena.
-    pub fn close(&mut self, arena: &mut Arena) {
+    /// every buffer it allocated returns to the arena. Staged payloads and
+    /// unsent frames come back, to be dropped once the arena is let go.
+    pub fn close(&mut self, arena: &mut Arena) -> Vec<Bytes> {
+        let mut held = Vec::new();
         for (_, named) in self.named.drain() {
-            arena.free(named.extent);
+            match named.memory {
+                Memory::Allocated(extent) => arena.free(extent),
+                Memory::Staged { payload, .. } => held.push(payload),
+            }
         }
-        self.waiting.clear();
+        held.extend(self.waiting.drain(..).map(|(frame, _)| frame.payload));
+        held
     }
 
     /// Registered bytes this channel holds.
     pub fn held(&self) -> u64 {
-        self.named.values().map(|n| n.extent.len as u64).sum()
+        self.named.values().map(|n| n.memory.len()).sum()
     }
 
     /// Internal consistency: every named buffer is still expected.

@@ -9,7 +9,8 @@ use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
 use crate::MIN_REGION;
 use braid_core::client::ChannelId;
-use braid_core::server::{ConnId, ReadStaging, StagedBuffer};
+use braid_core::server::ConnId;
+use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::{RemoteBuf, MAX_BODY_LEN, PREFIX_LEN};
 use braid_fabric_tcp::conn::{ConnEvent, Outbox, Outgoing, Writer};
 use braid_fabric_tcp::fabric::{Dialer, Dialing};
@@ -134,12 +135,23 @@ struct Domain {
     pd: Arc<ProtectionDomain>,
     region: Registered,
     arena: Mutex<Arena>,
+    /// A client's frontends receive WRITE data here, past the arena's
+    /// part of the region, so the server fetches it where it landed. Kept
+    /// apart from the arena so payloads that wait to be sent can never
+    /// take the memory the requests ahead of them need.
+    staging: Mutex<Arena>,
+    /// Where the staging part starts in the region.
+    staging_base: u64,
     /// Woken whenever memory returns to the arena.
     freed: Notify,
     /// READ data placed straight from the backend's buffer, and copied
     /// into registered memory first (server side).
     placed_in_place: AtomicU64,
     placed_copied: AtomicU64,
+    /// WRITE data fetched from where the frontend received it, and copied
+    /// into registered memory first (client side).
+    writes_in_place: AtomicU64,
+    writes_copied: AtomicU64,
 }
 
 impl Domain {
@@ -147,13 +159,34 @@ impl Domain {
         self.arena.lock().unwrap().free(extent);
         self.freed.notify_waiters();
     }
+
+    /// A buffer of `len` bytes from the arena or from the staging part.
+    fn lend(self: &Arc<Self>, len: usize, staged: bool) -> Option<Lent> {
+        let n = u32::try_from(len).ok()?;
+        let (extent, start) = if staged {
+            let e = self.staging.lock().unwrap().alloc(n)?;
+            (e, self.staging_base + e.offset)
+        } else {
+            let e = self.arena.lock().unwrap().alloc(n)?;
+            (e, e.offset)
+        };
+        Some(Lent {
+            domain: self.clone(),
+            extent,
+            staged,
+            start: start as usize,
+            len,
+        })
+    }
 }
 
 /// A frame lent straight out of registered memory; its extent returns to
-/// the arena when the last user of the frame drops it.
+/// the arena (or the staging part) when the last user of the frame drops
+/// it.
 struct Lent {
     domain: Arc<Domain>,
     extent: Extent,
+    staged: bool,
     start: usize,
     len: usize,
 }
@@ -166,7 +199,11 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        self.domain.free(self.extent);
+        if self.staged {
+            self.domain.staging.lock().unwrap().free(self.extent);
+        } else {
+            self.domain.free(self.extent);
+        }
     }
 }
 
@@ -191,29 +228,25 @@ struct ServerStaging {
     domains: Arc<Domains>,
 }
 
-impl ReadStaging for ServerStaging {
+impl Staging for ServerStaging {
     fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
-        // One device serves nearly every server; with several, reads land
-        // in the first one's memory, and the others' channels copy them.
-        let domain = self
-            .domains
-            .by_device
-            .lock()
-            .unwrap()
-            .values()
-            .next()?
-            .clone();
-        let extent = domain
-            .arena
-            .lock()
-            .unwrap()
-            .alloc(u32::try_from(len).ok()?)?;
-        Some(Box::new(Lent {
-            start: extent.offset as usize,
-            len,
-            domain,
-            extent,
-        }))
+        let lent = self.domains.first()?.lend(len, false)?;
+        Some(Box::new(lent))
+    }
+}
+
+/// The client's staging part as buffers for the frontends' WRITE data,
+/// so the server fetches it where it was received. Until an RDMA channel
+/// opened a domain (or if the region is too small to split), there is
+/// none to offer.
+struct ClientStaging {
+    domains: Arc<Domains>,
+}
+
+impl Staging for ClientStaging {
+    fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
+        let lent = self.domains.first()?.lend(len, true)?;
+        Some(Box::new(lent))
     }
 }
 
@@ -244,6 +277,14 @@ pub struct RegisteredMemory {
     pub reads_placed_in_place: u64,
     /// See `reads_placed_in_place`.
     pub reads_copied: u64,
+    /// Bytes of each device's region set apart for the frontends' WRITE
+    /// data (client side).
+    pub staging_per_device: u64,
+    /// WRITE data the server fetched from where the frontend received it
+    /// (no copy), and that copied into registered memory first.
+    pub writes_in_place: u64,
+    /// See `writes_in_place`.
+    pub writes_copied: u64,
 }
 
 /// What every listener and dialer of this process has registered.
@@ -260,7 +301,19 @@ pub fn registered_memory() -> Vec<RegisteredMemory> {
                 per_device: d.bytes,
                 in_use: devices
                     .values()
-                    .map(|x| x.arena.lock().unwrap().in_use())
+                    .map(|x| x.arena.lock().unwrap().in_use() + x.staging.lock().unwrap().in_use())
+                    .sum(),
+                staging_per_device: devices
+                    .values()
+                    .next()
+                    .map_or(0, |x| x.staging.lock().unwrap().capacity()),
+                writes_in_place: devices
+                    .values()
+                    .map(|x| x.writes_in_place.load(Ordering::Relaxed))
+                    .sum(),
+                writes_copied: devices
+                    .values()
+                    .map(|x| x.writes_copied.load(Ordering::Relaxed))
                     .sum(),
                 reads_placed_in_place: devices
                     .values()
@@ -288,6 +341,13 @@ pub fn check_region(bytes: u64) -> Result<u64, String> {
 }
 
 impl Domains {
+    /// The domain staging lends from. One device serves nearly every
+    /// process; with several, payloads land in the first one's memory,
+    /// and the others' channels copy them.
+    fn first(&self) -> Option<Arc<Domain>> {
+        self.by_device.lock().unwrap().values().next().cloned()
+    }
+
     fn new(bytes: u64, remote_access: bool) -> Result<Arc<Domains>, String> {
         let d = Arc::new(Domains {
             bytes: check_region(bytes)?,
@@ -313,13 +373,23 @@ impl Domains {
             AccessFlags::LocalWrite
         };
         let region = Registered::new(&pd, self.bytes as usize, access)?;
+        let staging_bytes = if self.remote_access {
+            crate::staging_share(self.bytes)
+        } else {
+            0
+        };
+        let arena_bytes = self.bytes - staging_bytes;
         let d = Arc::new(Domain {
             pd,
             region,
-            arena: Mutex::new(Arena::with_head_room(self.bytes, HEAD_SLOT as u64)),
+            arena: Mutex::new(Arena::with_head_room(arena_bytes, HEAD_SLOT as u64)),
+            staging: Mutex::new(Arena::new(staging_bytes)),
+            staging_base: arena_bytes,
             freed: Notify::new(),
             placed_in_place: AtomicU64::new(0),
             placed_copied: AtomicU64::new(0),
+            writes_in_place: AtomicU64::new(0),
+            writes_copied: AtomicU64::new(0),
         });
         all.insert(key, d.clone());
         Ok(d)
@@ -550,6 +620,16 @@ impl RdmaDialer {
     }
 }
 
+impl RdmaDialer {
+    /// Registered memory for the frontends to receive WRITE data into
+    /// (see [`Staging`]): the server then fetches it with no copy.
+    pub fn write_staging(&self) -> Arc<dyn Staging> {
+        Arc::new(ClientStaging {
+            domains: self.domains.clone(),
+        })
+    }
+}
+
 impl Dialer for RdmaDialer {
     fn dial(
         &self,
@@ -691,7 +771,7 @@ impl RdmaListener {
     /// The listener's registered memory as read buffers for the backend
     /// (`FileBackend::with_read_staging`), so READ data is placed without
     /// a copy.
-    pub fn read_staging(&self) -> Arc<dyn ReadStaging> {
+    pub fn read_staging(&self) -> Arc<dyn Staging> {
         Arc::new(ServerStaging {
             domains: self.domains.clone(),
         })
@@ -850,7 +930,16 @@ async fn run(
                         let mut arena = domain.arena.lock().unwrap();
                         match &mut end {
                             End::Client(l) => {
-                                l.send(frame, &mut arena, &mut out);
+                                let staged = domain.region.offset_of(&frame.payload);
+                                let before = l.writes_named();
+                                l.send_staged(frame, staged, &mut arena, &mut out);
+                                let after = l.writes_named();
+                                domain
+                                    .writes_in_place
+                                    .fetch_add(after.0 - before.0, Ordering::Relaxed);
+                                domain
+                                    .writes_copied
+                                    .fetch_add(after.1 - before.1, Ordering::Relaxed);
                                 Ok(())
                             }
                             End::Server(l) => {
@@ -893,11 +982,8 @@ async fn run(
             arena.free(e);
         }
         match &mut end {
-            End::Client(l) => {
-                l.close(&mut arena);
-                Vec::new()
-            }
-            End::Server(l) => l.close(&mut arena),
+            End::Client(l) => l.close(&mut arena),
+            End::Server(l) => l.close(&mut arena).into_iter().map(|f| f.payload).collect(),
         }
     };
     drop((unsent, backlog, held));
@@ -1020,6 +1106,7 @@ fn execute(
                         Bytes::from_owner(Lent {
                             domain: domain.clone(),
                             extent,
+                            staged: false,
                             start,
                             len: head.len() + len as usize,
                         })
@@ -1037,6 +1124,7 @@ fn execute(
                 }
             }
             Step::Local(Work::Free(extent)) => domain.free(extent),
+            Step::Local(Work::Release(payload)) => drop(payload),
             Step::Local(other) => unreachable!("the send queue posts {other:?} itself"),
             Step::Send { wr, slot, message } => {
                 let at = (RECV_DEPTH + slot) * HEAD_SLOT;

@@ -2,6 +2,7 @@
 //! a braid volume reached over the network.
 
 use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -25,6 +26,13 @@ pub trait Target: Send + Sync + 'static {
     /// Whether WRITE_ZEROES can honour FAST_ZERO (fail at once with
     /// `Unsupported` rather than write zeroes slowly).
     fn fast_zero(&self) -> bool;
+
+    /// Where WRITE data should be received, if the target would rather
+    /// have it somewhere other than the heap (RDMA's registered memory:
+    /// the server then fetches it with no copy).
+    fn write_staging(&self) -> Option<Arc<dyn Staging>> {
+        None
+    }
 }
 
 /// A local [`Backend`]: what `braid serve --nbd` uses. Operations the

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -420,5 +421,179 @@ async fn a_flooding_client_is_held_to_the_in_flight_budget() {
         target.most_outstanding.load(SeqCst) <= 4096,
         "{} requests were taken in at once",
         target.most_outstanding.load(SeqCst)
+    );
+}
+
+/// Staging that lends heap buffers of at most `largest` bytes, remembering
+/// where each one lies so the target can tell staged data from the heap's.
+struct Lender {
+    largest: usize,
+    lent: Arc<std::sync::Mutex<std::collections::HashSet<usize>>>,
+}
+
+struct Loan {
+    data: Vec<u8>,
+    lent: Arc<std::sync::Mutex<std::collections::HashSet<usize>>>,
+}
+
+impl AsRef<[u8]> for Loan {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        self.lent
+            .lock()
+            .unwrap()
+            .remove(&(self.data.as_ptr() as usize));
+    }
+}
+
+impl braid_core::staging::StagedBuffer for Loan {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
+    fn into_bytes(self: Box<Self>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(*self)
+    }
+}
+
+impl braid_core::staging::Staging for Lender {
+    fn buffer(&self, len: usize) -> Option<Box<dyn braid_core::staging::StagedBuffer>> {
+        if len > self.largest {
+            return None;
+        }
+        let data = vec![0u8; len];
+        self.lent.lock().unwrap().insert(data.as_ptr() as usize);
+        Some(Box::new(Loan {
+            data,
+            lent: self.lent.clone(),
+        }))
+    }
+}
+
+/// A file-backed target that offers staging and counts the WRITEs whose
+/// data arrived in it.
+struct Staged {
+    inner: braid_frontend_nbd::BackendTarget,
+    staging: Arc<Lender>,
+    writes_staged: std::sync::atomic::AtomicUsize,
+    writes_heap: std::sync::atomic::AtomicUsize,
+}
+
+impl braid_frontend_nbd::Target for Staged {
+    fn submit(
+        &self,
+        export: usize,
+        op: braid_core::server::BackendOp,
+        done: braid_frontend_nbd::Completion,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if let braid_core::server::BackendOp::Write { data, .. } = &op {
+            let staged = self
+                .staging
+                .lent
+                .lock()
+                .unwrap()
+                .contains(&(data.as_ptr() as usize));
+            let count = if staged {
+                &self.writes_staged
+            } else {
+                &self.writes_heap
+            };
+            count.fetch_add(1, SeqCst);
+        }
+        self.inner.submit(export, op, done)
+    }
+
+    fn allocation(
+        &self,
+        export: usize,
+        offset: u64,
+        len: u64,
+        done: braid_frontend_nbd::ExtentsCompletion,
+    ) {
+        self.inner.allocation(export, offset, len, done)
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.inner.fast_zero()
+    }
+
+    fn write_staging(&self) -> Option<Arc<dyn braid_core::staging::Staging>> {
+        Some(self.staging.clone())
+    }
+}
+
+/// WRITE data is received straight into the buffers the target stages
+/// (RDMA's registered memory, for `braid attach`), or onto the heap when
+/// staging has none that big; both land intact, and every staged buffer
+/// comes back.
+#[tokio::test]
+async fn write_data_is_received_into_the_targets_staging() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let (backend, exports) = exports(dir.path());
+    let target = Arc::new(Staged {
+        inner: braid_frontend_nbd::BackendTarget(backend),
+        staging: Arc::new(Lender {
+            largest: 16384,
+            lent: Default::default(),
+        }),
+        writes_staged: Default::default(),
+        writes_heap: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(braid_frontend_nbd::serve(
+        listener.into(),
+        braid_frontend_nbd::NbdConfig::new(exports),
+        target.clone(),
+        std::future::pending(),
+    ));
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    let block = |h: u64, len: usize| -> Vec<u8> {
+        (0..len).map(|i| (i as u64 * 31 + h * 7) as u8).collect()
+    };
+    let sizes = [4096usize, 16384, 65536, 512, 8192];
+    let mut at = 0u64;
+    for (h, &len) in sizes.iter().enumerate() {
+        request(
+            &mut s,
+            1,
+            0,
+            h as u64,
+            at,
+            len as u32,
+            &block(h as u64, len),
+        )
+        .await;
+        at += len as u64;
+    }
+    for _ in sizes {
+        assert_eq!(reply(&mut s, 0).await.1, 0);
+    }
+    assert_eq!(
+        (
+            target.writes_staged.load(SeqCst),
+            target.writes_heap.load(SeqCst)
+        ),
+        (4, 1),
+        "the 64 KiB write is bigger than any staged buffer"
+    );
+    let mut at = 0u64;
+    for (h, &len) in sizes.iter().enumerate() {
+        request(&mut s, 0, 0, 100 + h as u64, at, len as u32, &[]).await;
+        let (_, error, data) = reply(&mut s, len).await;
+        assert_eq!(error, 0);
+        assert!(data == block(h as u64, len), "write {h} read back wrong");
+        at += len as u64;
+    }
+    assert!(
+        target.staging.lent.lock().unwrap().is_empty(),
+        "every buffer came back"
     );
 }

@@ -11,6 +11,7 @@ mod queue;
 mod sys;
 
 use braid_core::server::BackendOp;
+use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::fmt;
@@ -30,6 +31,13 @@ pub type Completion = Box<dyn FnOnce(Result<Bytes, Status>) + Send>;
 pub trait Target: Send + Sync + 'static {
     /// Runs `op`; `done` gets the data of a read, or an empty buffer.
     fn submit(&self, op: BackendOp, done: Completion);
+
+    /// Where WRITE data should be copied out of the kernel's buffer, if
+    /// not the heap (RDMA's registered memory: the server then fetches it
+    /// from there, with no second copy).
+    fn write_staging(&self) -> Option<Arc<dyn Staging>> {
+        None
+    }
 }
 
 /// The device as the kernel should see it.
@@ -334,6 +342,7 @@ impl Device {
                 depth: info.queue_depth,
                 buf_bytes: info.max_io_buf_bytes,
                 cdev: cdev.clone(),
+                staging: target.write_staging(),
                 target: target.clone(),
             };
             let spawned = std::thread::Builder::new()

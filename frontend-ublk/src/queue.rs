@@ -9,6 +9,7 @@
 use crate::sys::{self, IoCmd, IoDesc};
 use crate::{Completion, Target};
 use braid_core::server::BackendOp;
+use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
@@ -30,6 +31,8 @@ pub(crate) struct Queue {
     pub(crate) buf_bytes: u32,
     pub(crate) cdev: Arc<File>,
     pub(crate) target: Arc<dyn Target>,
+    /// The target's buffers for WRITE data, asked for once per queue.
+    pub(crate) staging: Option<Arc<dyn Staging>>,
 }
 
 /// Each tag's IO buffer, page aligned, in one allocation. Shared with the
@@ -267,11 +270,14 @@ fn dispatch(
             // before completing the fetch, and will not touch it again
             // until the commit.
             let data = unsafe { std::slice::from_raw_parts(buf, len as usize) };
-            BackendOp::Write {
-                offset,
-                data: Bytes::copy_from_slice(data),
-                fua,
-            }
+            let data = match q.staging.as_ref().and_then(|s| s.buffer(data.len())) {
+                Some(mut staged) => {
+                    staged.bytes_mut().copy_from_slice(data);
+                    staged.into_bytes()
+                }
+                None => Bytes::copy_from_slice(data),
+            };
+            BackendOp::Write { offset, data, fua }
         }
         sys::IO_OP_FLUSH => BackendOp::Flush,
         sys::IO_OP_DISCARD => BackendOp::Trim { offset, len, fua },

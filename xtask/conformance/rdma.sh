@@ -162,6 +162,20 @@ else
   fail "forged remote buffer (forger rc $forged): $(tail -6 "$LOGS/rdma-forge.log"); honest: $(tail -4 "$LOGS/rdma-honest.log")"
 fi
 
+# The attach's frontends receive WRITE data into the client's registered
+# memory, and the server fetches it from there: no copy on the client
+# (one copied first means that memory was full at that moment).
+writes_zero_copy() {
+  local in_place copied
+  in_place=$(grep -o "writes fetched from where the frontend received them: [0-9]*" "$1" | grep -o "[0-9]*$")
+  copied=$(grep -o "writes fetched from where .* copied into registered memory first: [0-9]*" "$1" | grep -o "[0-9]*$")
+  if [ "${in_place:-0}" -gt 0 ] && [ "${copied:-1}" -lt "${in_place:-0}" ]; then
+    ok "$2 over RDMA: WRITE data fetched from where it was received: $in_place writes, $copied copied first"
+  else
+    fail "zero-copy writes through $2: $(cat "$1")"
+  fi
+}
+
 step "6. kernel nbd-client through braid attach over RDMA"
 if modprobe nbd nbds_max=4; then
   $CLI "$BRAID" attach --server "$RDMA" --key-file "$WORK/srv/keys.toml" --export disk1 \
@@ -182,6 +196,7 @@ if modprobe nbd nbds_max=4; then
     else
       fail "attach status: $(cat "$LOGS/rdma-attach-status.txt")"
     fi
+    writes_zero_copy "$LOGS/rdma-attach-status.txt" "the NBD face"
   else
     fail "nbd over RDMA: $(tail -5 "$LOGS/rdma-attach.log") $(cat "$LOGS/rdma-nbd-client.log")"
   fi
@@ -205,6 +220,8 @@ if modprobe ublk_drv; then
        --ioengine=io_uring --iodepth=32 --direct=1 --verify=crc32c --verify_fatal=1 \
        --do_verify=1 --output="$LOGS/rdma-ublk-fio.log" >/dev/null 2>&1; then
     ok "ublk through braid attach over RDMA: fio randrw io_uring QD32 4k-256k O_DIRECT, every block verifies"
+    "$BRAID" status --control "$WORK/ublk.ctl" >"$LOGS/rdma-ublk-status.txt" 2>&1
+    writes_zero_copy "$LOGS/rdma-ublk-status.txt" "the ublk face"
   else
     fail "ublk over RDMA: $(tail -5 "$LOGS/rdma-ublk.log") $(tail -5 "$LOGS/rdma-ublk-fio.log" 2>/dev/null)"
   fi

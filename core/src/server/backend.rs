@@ -48,26 +48,6 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// Memory a fabric would rather have read data land in: RDMA moves a
-/// READ's data to the client straight out of memory it registered, so a
-/// backend that reads into such a buffer saves the copy into it. Drivers
-/// and backends work without one (then reads land on the heap).
-pub trait ReadStaging: Send + Sync + 'static {
-    /// A buffer of exactly `len` bytes, or `None` when there is no room
-    /// (the backend then reads onto the heap).
-    fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>>;
-}
-
-/// One buffer from a [`ReadStaging`]: filled by the backend, then handed
-/// on as the read's data. Dropped unused, it returns to its staging.
-pub trait StagedBuffer: Send {
-    /// The bytes to fill (initialised memory; its old contents mean
-    /// nothing).
-    fn bytes_mut(&mut self) -> &mut [u8];
-    /// The filled buffer as a read's data.
-    fn into_bytes(self: Box<Self>) -> Bytes;
-}
-
 /// A run of bytes with one allocation state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {

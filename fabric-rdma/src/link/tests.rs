@@ -16,6 +16,11 @@ struct Pair {
     client: ClientLink,
     client_arena: Arena,
     client_mem: Vec<u8>,
+    /// The client's staging part, past the arena's: the frontend received
+    /// these WRITEs' data there (keyed by the payload's address).
+    staging: Arena,
+    staging_base: u64,
+    staged_live: HashMap<usize, Extent>,
     server: ServerLink,
     server_arena: Arena,
     server_mem: Vec<u8>,
@@ -29,7 +34,17 @@ struct Pair {
 
 impl Pair {
     fn new(client_bytes: u64, server_bytes: u64) -> Pair {
+        Pair::staged(client_bytes, 0, server_bytes)
+    }
+
+    /// A client region of `client_bytes` for the link's own buffers and
+    /// `staging_bytes` after them for WRITE data received in place.
+    fn staged(client_bytes: u64, staging_bytes: u64, server_bytes: u64) -> Pair {
         let mut p = Pair::unannounced(client_bytes, server_bytes);
+        p.client.region.len += staging_bytes;
+        p.client_mem
+            .resize((client_bytes + staging_bytes) as usize, 0);
+        p.staging = Arena::new(staging_bytes);
         // The client's window goes first, as the driver sends it.
         let mut out = Vec::new();
         p.client.retry(&mut p.client_arena, &mut out);
@@ -49,6 +64,9 @@ impl Pair {
             }),
             client_arena: Arena::with_head_room(client_bytes, 4096),
             client_mem: vec![0; client_bytes as usize],
+            staging: Arena::new(0),
+            staging_base: client_bytes,
+            staged_live: HashMap::new(),
             server: ServerLink::new(),
             server_arena: Arena::with_head_room(server_bytes, 4096),
             server_mem: vec![0; server_bytes as usize],
@@ -64,6 +82,42 @@ impl Pair {
         let mut out = Vec::new();
         self.client.send(frame, &mut self.client_arena, &mut out);
         self.run_client(out);
+    }
+
+    /// Sends a WRITE as a frontend that received its data into staging
+    /// would; with no room there, as any other frame.
+    fn client_send_staged(&mut self, frame: OutFrame) {
+        let Some(extent) = self.staging.alloc(frame.payload.len() as u32) else {
+            return self.client_send(frame);
+        };
+        let at = self.staging_base + extent.offset;
+        fill(
+            &mut self.client_mem,
+            Extent {
+                offset: at,
+                len: extent.len,
+            },
+            &frame.payload,
+        );
+        self.staged_live
+            .insert(frame.payload.as_ptr() as usize, extent);
+        let mut out = Vec::new();
+        self.client
+            .send_staged(frame, Some(at), &mut self.client_arena, &mut out);
+        self.run_client(out);
+    }
+
+    /// The link let go of a staged payload: as if it held the last
+    /// reference, the memory is reused at once (scribbled over, so a
+    /// fetch that still came would carry the wrong data).
+    fn release_staged(&mut self, payload: &Bytes) {
+        let extent = self
+            .staged_live
+            .remove(&(payload.as_ptr() as usize))
+            .expect("released a payload that was never staged, or twice");
+        let at = (self.staging_base + extent.offset) as usize;
+        self.client_mem[at..at + extent.len as usize].fill(0xee);
+        self.staging.free(extent);
     }
 
     fn server_send(&mut self, frame: OutFrame) {
@@ -91,6 +145,7 @@ impl Pair {
                     }
                 }
                 Work::Free(e) => self.client_arena.free(e),
+                Work::Release(payload) => self.release_staged(&payload),
                 other => panic!("client asked for {other:?}"),
             }
         }
@@ -138,6 +193,7 @@ impl Pair {
                     }
                 }
                 Work::Free(e) => self.server_arena.free(e),
+                Work::Release(_) => panic!("the server link releases nothing"),
             }
         }
     }
@@ -181,6 +237,16 @@ impl Pair {
                 let from = (remote.addr - CLIENT_BASE) as usize;
                 let to = extent.offset as usize;
                 let n = extent.len as usize;
+                if from as u64 >= self.staging_base {
+                    let base = self.staging_base as usize;
+                    assert!(
+                        self.staged_live.values().any(|e| {
+                            let at = base + e.offset as usize;
+                            at <= from && from + n <= at + e.len as usize
+                        }),
+                        "a fetch from staged memory the link had let go"
+                    );
+                }
                 let data = self.client_mem[from..from + n].to_vec();
                 self.server_mem[to..to + n].copy_from_slice(&data);
                 self.server.fetched(token, &mut self.server_arena, &mut out);
@@ -524,6 +590,115 @@ fn closing_returns_every_buffer() {
     p.server_arena.check().unwrap();
 }
 
+fn remote_of(message: &[u8]) -> RemoteBuf {
+    match onesided::inspect(message).unwrap() {
+        Carried::Remote { remote, .. } => remote,
+        c => panic!("{c:?}"),
+    }
+}
+
+#[test]
+fn a_write_received_into_registered_memory_is_fetched_from_there() {
+    let mut p = Pair::staged(1 << 20, 1 << 20, 1 << 20);
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+    let mut out = Vec::new();
+    let frame = write(1, 0, data.clone());
+    let payload = frame.payload.clone();
+    p.staged_live
+        .insert(payload.as_ptr() as usize, p.staging.alloc(8192).unwrap());
+    let at = p.staging_base;
+    p.client_mem[at as usize..at as usize + 8192].copy_from_slice(&data);
+    p.client
+        .send_staged(frame, Some(at), &mut p.client_arena, &mut out);
+    assert!(
+        matches!(&out[..], [Work::Send(m)] if remote_of(m).addr == CLIENT_BASE + at),
+        "no fill, named where it lies: {out:?}"
+    );
+    assert_eq!(p.client_arena.in_use(), 0, "no memory of the link's own");
+    assert_eq!(p.client.held(), 8192);
+    assert_eq!(p.client.writes_named(), (1, 0));
+    p.run_client(out);
+    while p.step(0) {}
+    let Message::Request(w) = decode(p.server_got[0].clone()).unwrap() else {
+        panic!()
+    };
+    assert_eq!(&w.payload[..], &data[..]);
+    assert_eq!(p.staged_live.len(), 1, "held until answered");
+    p.server_send(reply(1, vec![]));
+    while p.step(0) {}
+    assert!(p.staged_live.is_empty(), "let go once answered");
+    assert_eq!(p.client.held(), 0);
+    // A copied write still counts as copied.
+    p.client_send(write(2, 0, vec![1; 4096]));
+    assert_eq!(p.client.writes_named(), (1, 1));
+}
+
+#[test]
+fn a_staged_write_sent_twice_is_held_until_both_copies_are_answered() {
+    let mut p = Pair::staged(1 << 20, 1 << 20, 1 << 20);
+    let frame = write(3, 0, vec![4; 4096]);
+    p.client_send_staged(frame.clone());
+    // The engine resends the same frame (same payload) on this channel.
+    let at = p.staging_base + p.staged_live[&(frame.payload.as_ptr() as usize)].offset;
+    let mut out = Vec::new();
+    p.client
+        .send_staged(frame, Some(at), &mut p.client_arena, &mut out);
+    p.run_client(out);
+    let remotes: Vec<_> = p.to_server.iter().map(|m| remote_of(m)).collect();
+    assert_eq!(remotes[0], remotes[1]);
+    assert_eq!(p.client.writes_named(), (1, 0), "named once");
+    while p.step(0) {}
+    p.server_send(reply(3, vec![]));
+    while p.step(0) {}
+    assert_eq!(p.staged_live.len(), 1, "the second copy may still fetch");
+    p.server_send(reply(3, vec![]));
+    while p.step(0) {}
+    assert!(p.staged_live.is_empty());
+}
+
+#[test]
+fn a_reply_placing_data_in_a_writes_buffer_closes_the_channel() {
+    let mut p = Pair::staged(1 << 20, 1 << 20, 1 << 20);
+    p.client_send_staged(write(1, 0, vec![1; 4096]));
+    while p.step(0) {}
+    let mut out = Vec::new();
+    let placed = reply(1, vec![0; 4096]);
+    let err = p.client.received(placed.head(), &mut out).unwrap_err();
+    assert!(err.0.contains("WRITE's buffer"), "{err}");
+}
+
+#[test]
+fn a_staged_offset_past_the_region_is_copied_instead() {
+    let mut p = Pair::staged(1 << 20, 4096, 1 << 20);
+    let mut out = Vec::new();
+    let at = p.staging_base;
+    p.client.send_staged(
+        write(1, 0, vec![1; 8192]),
+        Some(at),
+        &mut p.client_arena,
+        &mut out,
+    );
+    assert!(
+        matches!(&out[..], [Work::Fill { .. }, Work::Send(_)]),
+        "{out:?}"
+    );
+    assert_eq!(p.client.writes_named(), (0, 1));
+}
+
+#[test]
+fn closing_hands_back_staged_payloads_and_unsent_frames() {
+    // Room in the arena for one read: the write behind it waits.
+    let mut p = Pair::staged(8192, 1 << 20, 1 << 20);
+    p.client_send_staged(write(1, 0, vec![1; 4096]));
+    p.client_send(read(2, 0, 4096));
+    p.client_send(read(3, 0, 4096));
+    assert_eq!(p.client.waiting(), 1);
+    let held = p.client.close(&mut p.client_arena);
+    assert_eq!(held.len(), 2, "the staged payload and the waiting read's");
+    assert_eq!(p.client_arena.in_use(), 0);
+    p.client_arena.check().unwrap();
+}
+
 proptest! {
     /// Random writes and reads of random sizes through tight arenas, with
     /// the fabric's events in random order: the server engine sees the
@@ -533,8 +708,10 @@ proptest! {
     fn the_channel_is_as_transparent_as_a_stream(
         ops in proptest::collection::vec((any::<bool>(), 0u64..16, 1u32..5, any::<u8>()), 1..40),
         schedule in proptest::collection::vec(0usize..3, 0..400),
+        staged in proptest::collection::vec(any::<bool>(), 40),
     ) {
-        let mut p = Pair::new(16 * 4096, 12 * 4096);
+        // Staging is tight too: some staged writes find no room there.
+        let mut p = Pair::staged(16 * 4096, 8 * 4096, 12 * 4096);
         let mut disk: BTreeMap<u64, u8> = BTreeMap::new();
         let mut sent = Vec::new();
         for (i, (is_write, block, blocks, fill)) in ops.iter().enumerate() {
@@ -545,7 +722,11 @@ proptest! {
                 read(id, block * 4096, blocks * 4096)
             };
             sent.push(frame.to_bytes());
-            p.client_send(frame);
+            if *is_write && staged[i] {
+                p.client_send_staged(frame);
+            } else {
+                p.client_send(frame);
+            }
         }
         let mut schedule = schedule.into_iter();
         let mut served = 0;
@@ -602,5 +783,7 @@ proptest! {
         }
         prop_assert_eq!(p.client_arena.in_use(), 0);
         prop_assert_eq!(p.server_arena.in_use(), 0);
+        prop_assert!(p.staged_live.is_empty(), "every staged payload let go");
+        prop_assert_eq!(p.staging.in_use(), 0);
     }
 }
