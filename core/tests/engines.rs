@@ -250,6 +250,20 @@ fn check_fires_when_a_counter_is_corrupted() {
 }
 
 #[test]
+fn a_session_listing_another_sessions_channel_is_caught_by_check() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    assert!(open_on(&mut server, 1, "disk0", (1, 1)));
+    assert!(open_on(&mut server, 2, "disk0", (2, 1)));
+    assert_eq!(server.session_count(), 2);
+    server.check().expect("consistent before");
+    server.corrupt_bindings_for_test();
+    let e = server
+        .check()
+        .expect_err("a channel bound elsewhere is seen");
+    assert!(e.contains("lists conn"), "{e}");
+}
+
+#[test]
 fn handshake_brings_every_channel_up_in_one_session() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();

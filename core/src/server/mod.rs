@@ -513,6 +513,21 @@ impl ServerEngine {
         }
     }
 
+    /// Makes one session also list a channel bound to another, so tests
+    /// can see [`ServerEngine::check`] hold a session's channels to it.
+    #[cfg(feature = "testkit")]
+    #[doc(hidden)]
+    pub fn corrupt_bindings_for_test(&mut self) {
+        let mut ids: Vec<u64> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
+        if let [a, b, ..] = ids[..] {
+            let theirs = self.sessions[&b].conns.first().copied();
+            if let (Some(c), Some(s)) = (theirs, self.sessions.get_mut(&a)) {
+                s.conns.push(c);
+            }
+        }
+    }
+
     /// The next action for the driver, in order.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<ServerAction> {
@@ -929,7 +944,10 @@ impl ServerEngine {
         };
         let mut server_proof = auth::server_proof(&self.config.keys[key].1, &transcript);
         if self.broken(Defect::WrongServerProof) {
-            server_proof[0] ^= 1;
+            // Always a different byte: the defect is never by chance a
+            // no-op (mutation testing turned `^= 1` into `|= 1`, which was,
+            // whenever bit 0 was set).
+            server_proof[0] = server_proof[0].wrapping_add(1);
         }
         self.send(
             conn,

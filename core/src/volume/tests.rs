@@ -33,6 +33,39 @@ struct World {
     /// Per user IO: its fua flag, for the checker.
     fua: std::collections::BTreeMap<u64, bool>,
     completed: u64,
+    /// Largest IO the engine sends a leg (the read-back's piece size).
+    max_leg_io: u64,
+    swarm: Swarm,
+}
+
+/// Which fault classes a world injects and how large its IO gets. Swarm
+/// testing: most seeds run every class at once; a swarm seed switches
+/// some off, so the ones left on happen in patterns the full mix rarely
+/// reaches (a leg that fails and is never suspended, a migration with no
+/// media errors around it...).
+#[derive(Debug, Clone, Copy)]
+struct Swarm {
+    max_sectors: u64,
+    leg_down: bool,
+    leg_up: bool,
+    suspend: bool,
+    resume: bool,
+    migrate: bool,
+    media_errors: bool,
+}
+
+impl Default for Swarm {
+    fn default() -> Swarm {
+        Swarm {
+            max_sectors: 32,
+            leg_down: true,
+            leg_up: true,
+            suspend: true,
+            resume: true,
+            migrate: true,
+            media_errors: true,
+        }
+    }
 }
 
 fn e(name: &str) -> VolumeSpec {
@@ -72,8 +105,6 @@ impl World {
             })
         })
         .unwrap();
-        let n = map.leaves().len();
-        let sectors = map.size() / SECTOR as u64;
         let mut config = VolumeConfig {
             sabotage,
             ..world_config()
@@ -83,6 +114,52 @@ impl World {
             // several pieces, each to its own place.
             config.region = 2 * config.max_leg_io;
         }
+        World::build(map, seed, config, Swarm::default())
+    }
+
+    /// A world whose shape the seed draws too: the volume's layout, its
+    /// tunables, the IO sizes and which fault classes are on. Returns
+    /// the shape as text for failure messages.
+    fn swarm(seed: u64) -> (World, String) {
+        let mut draw = SplitMix64::new(seed ^ 0x5741_524d);
+        let mut pick = |n: usize| draw.below(n as u64) as usize;
+        let specs = [
+            ("mirror of 2", mirror(2)),
+            ("mirror of 3", mirror(3)),
+            ("mirror of 3, quorum 2", mirror_with_quorum(3, 2)),
+            ("mirror of 3, quorum 1", mirror_with_quorum(3, 1)),
+            ("stripe of mirrors", stripe_of_mirrors()),
+        ];
+        let (name, spec) = specs[pick(specs.len())].clone();
+        let max_leg_io = [16u64 << 10, 32 << 10, 64 << 10, 128 << 10][pick(4)];
+        let regions: Vec<u64> = (12..=18)
+            .map(|b| 1u64 << b)
+            .filter(|r| *r <= 4 * max_leg_io)
+            .collect();
+        let config = VolumeConfig {
+            region: regions[pick(regions.len())],
+            resync_rate: [256u64 << 10, 8 << 20, 1 << 30][pick(3)],
+            max_leg_io,
+            sabotage: VolumeSabotage::default(),
+        };
+        let swarm = Swarm {
+            max_sectors: [1, 8, 32, (max_leg_io / 512).min(128)][pick(4)],
+            leg_down: pick(2) == 0,
+            leg_up: pick(2) == 0,
+            suspend: pick(2) == 0,
+            resume: pick(2) == 0,
+            migrate: pick(2) == 0,
+            media_errors: pick(2) == 0,
+        };
+        let shape = format!("{name}, {config:?}, {swarm:?}");
+        let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
+        (World::build(map, seed, config, swarm), shape)
+    }
+
+    fn build(map: VolumeMap, seed: u64, config: VolumeConfig, swarm: Swarm) -> World {
+        let n = map.leaves().len();
+        let sectors = map.size() / SECTOR as u64;
+        let max_leg_io = config.max_leg_io;
         // Media errors on the last copy of a region reach the frontend, as
         // a single disk's do; the checker then allows either outcome.
         let mut checker = Checker::new(sectors);
@@ -101,6 +178,8 @@ impl World {
             next_user: 1,
             fua: Default::default(),
             completed: 0,
+            max_leg_io,
+            swarm,
         }
     }
 
@@ -147,7 +226,7 @@ impl World {
 
     fn submit(&mut self) {
         let size = self.engine.map().size();
-        let sectors = (1 + self.rng.below(32)).min(size / 512);
+        let sectors = (1 + self.rng.below(self.swarm.max_sectors)).min(size / 512);
         let first = self.rng.below(size / 512 - sectors + 1);
         let (offset, len) = (first * 512, (sectors * 512) as u32);
         let user = self.next_user;
@@ -206,7 +285,11 @@ impl World {
                 self.now, io.op, io.offset, io.len
             );
         }
-        let result = if media_errors && io.op != Op::Flush && self.rng.chance(0.01) {
+        let result = if media_errors
+            && self.swarm.media_errors
+            && io.op != Op::Flush
+            && self.rng.chance(0.01)
+        {
             Err(IoErrorKind::Media)
         } else {
             let mem = &mut self.legs[leg];
@@ -255,7 +338,7 @@ impl World {
                     self.engine.logs_stable(g, self.now);
                 }
             }
-            90..=93 if faults => {
+            90..=93 if faults && self.swarm.leg_down => {
                 let leg = self.pick(false);
                 if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
                     eprintln!("{:?} leg{leg} down", self.now);
@@ -263,7 +346,7 @@ impl World {
                 self.down[leg] = true;
                 self.engine.leg_failed(leg);
             }
-            94..=96 if faults => {
+            94..=96 if faults && self.swarm.leg_up => {
                 // A leg that is down comes back (or any, if none is).
                 let leg = self.pick(true);
                 if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
@@ -272,15 +355,15 @@ impl World {
                 self.down[leg] = false;
                 self.engine.leg_returned(leg, self.now);
             }
-            97 if faults => {
+            97 if faults && self.swarm.suspend => {
                 let leg = self.pick(false);
                 let _ = self.engine.suspend(leg);
             }
-            98 if faults => {
+            98 if faults && self.swarm.resume => {
                 let leg = self.pick(false);
                 self.engine.resume(leg, self.now);
             }
-            99 if faults => self.migrate_or_cancel(),
+            99 if faults && self.swarm.migrate => self.migrate_or_cancel(),
 
             _ => self.engine.handle_timeout(self.now),
         }
@@ -477,7 +560,11 @@ fn run(spec: VolumeSpec, seed: u64, steps: usize) -> World {
 }
 
 fn run_sabotaged(spec: VolumeSpec, seed: u64, steps: usize, sabotage: VolumeSabotage) -> World {
-    let mut w = World::sabotaged(spec, seed, sabotage);
+    run_world(World::sabotaged(spec, seed, sabotage), steps)
+}
+
+/// Runs `steps` steps with faults, settles, and reads everything back.
+fn run_world(mut w: World, steps: usize) -> World {
     for _ in 0..steps {
         w.step(true);
     }
@@ -486,7 +573,7 @@ fn run_sabotaged(spec: VolumeSpec, seed: u64, steps: usize, sabotage: VolumeSabo
     let size = w.engine.map().size();
     let mut at = 0;
     while at < size {
-        let len = (size - at).min(64 << 10) as u32;
+        let len = (size - at).min(w.max_leg_io) as u32;
         let user = w.next_user;
         w.next_user += 1;
         w.checker.submit(user, Op::Read, at, len);
@@ -619,6 +706,24 @@ fn sweep() {
         for spec in [mirror(2 + (seed as usize % 2)), stripe_of_mirrors()] {
             let w = run(spec, seed, 3_000);
             w.assert_clean(seed);
+        }
+    }
+}
+
+/// Swarm seeds: every shape the world can draw holds its reads and
+/// converges. `SWARM_SEEDS=N` runs more (CI runs 24).
+#[test]
+fn swarm_shapes_hold_reads_and_converge() {
+    let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
+    for seed in 0..n {
+        let (w, shape) = World::swarm(seed);
+        let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
+            .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
+        if let Some(v) = w.checker.violations().first() {
+            panic!("swarm seed {seed} ({shape}): {v}");
+        }
+        if let Err(e) = w.converged() {
+            panic!("swarm seed {seed} ({shape}): {e}");
         }
     }
 }
