@@ -5,7 +5,6 @@ use crate::config;
 use crate::histogram::Histogram;
 use braid_core::client::IoRequest;
 use braid_core::rng::SplitMix64;
-use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -91,7 +90,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         errors: 0.into(),
         stop: false.into(),
     });
-    let payload = Bytes::from((0..bs).map(|i| (i * 131 % 251) as u8).collect::<Vec<u8>>());
+    // One payload every write sends: in registered memory when the
+    // channels are RDMA ones, so no write is copied.
+    let payload = crate::rdma::payload(bs as usize, |b| {
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = (i * 131 % 251) as u8;
+        }
+    });
     let started = Instant::now();
     let cpu_start = cpu_time();
     let mut workers = Vec::new();

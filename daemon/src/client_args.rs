@@ -188,4 +188,5 @@ pub(crate) fn print_channels(client: &Client) {
         "protocol: {} resent, {} failed over, {} duplicates dropped, {} channel failures, {} session resets, {} extents replayed",
         st.resends, st.failovers, st.duplicates_dropped, st.channel_failures, st.session_resets, st.replayed_extents
     );
+    crate::rdma::print_memory(&crate::rdma::memory_json());
 }

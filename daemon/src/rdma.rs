@@ -106,6 +106,19 @@ pub(crate) fn write_staging() -> Option<std::sync::Arc<dyn braid_core::staging::
     None
 }
 
+/// A payload of `len` bytes filled by `fill`, in the client's registered
+/// memory when there is room (an `rdma://` channel then names it where it
+/// is, with no copy), else on the heap.
+pub(crate) fn payload(len: usize, fill: impl FnOnce(&mut [u8])) -> bytes::Bytes {
+    if let Some(mut staged) = write_staging().and_then(|s| s.buffer(len)) {
+        fill(staged.bytes_mut());
+        return staged.into_bytes();
+    }
+    let mut heap = vec![0u8; len];
+    fill(&mut heap);
+    bytes::Bytes::from(heap)
+}
+
 /// Registered RDMA memory of this process, for status documents.
 pub(crate) fn memory_json() -> serde_json::Value {
     #[cfg(feature = "rdma")]
@@ -147,7 +160,7 @@ pub(crate) fn print_memory(v: &serde_json::Value) {
             );
         } else {
             println!(
-                "  RDMA writes fetched from where the frontend received them: {}, copied into registered memory first: {} ({} per device set apart for them)",
+                "  RDMA WRITE data fetched where it was put (no copy): {}, copied into registered memory first: {} ({} per device set apart for it)",
                 m["writes_in_place"],
                 m["writes_copied"],
                 crate::config::human_size(m["staging_per_device"].as_u64().unwrap_or(0)),

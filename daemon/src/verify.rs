@@ -32,21 +32,21 @@ pub(crate) struct VerifyArgs {
 /// One block's content: magic, block number, generation, run id, then a
 /// pattern, and a CRC32C over all of it in the last four bytes.
 fn block_data(run: u64, block: u64, generation: u64) -> Bytes {
-    let mut b = vec![0u8; BLOCK];
-    b[..8].copy_from_slice(MAGIC);
-    b[8..16].copy_from_slice(&block.to_le_bytes());
-    b[16..24].copy_from_slice(&generation.to_le_bytes());
-    b[24..32].copy_from_slice(&run.to_le_bytes());
-    let mut x = run ^ block.rotate_left(17) ^ generation.rotate_left(41);
-    for chunk in b[32..BLOCK - 4].chunks_mut(8) {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    let crc = crc(&b[..BLOCK - 4]);
-    b[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
-    Bytes::from(b)
+    crate::rdma::payload(BLOCK, |b| {
+        b[..8].copy_from_slice(MAGIC);
+        b[8..16].copy_from_slice(&block.to_le_bytes());
+        b[16..24].copy_from_slice(&generation.to_le_bytes());
+        b[24..32].copy_from_slice(&run.to_le_bytes());
+        let mut x = run ^ block.rotate_left(17) ^ generation.rotate_left(41);
+        for chunk in b[32..BLOCK - 4].chunks_mut(8) {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let crc = crc(&b[..BLOCK - 4]);
+        b[BLOCK - 4..].copy_from_slice(&crc.to_le_bytes());
+    })
 }
 
 const BLOCK: usize = 4096;
