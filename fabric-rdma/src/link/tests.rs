@@ -787,3 +787,60 @@ proptest! {
         prop_assert_eq!(p.staging.in_use(), 0);
     }
 }
+
+proptest! {
+    /// The queue pair dies at a random point of random traffic: closing
+    /// both ends gives back every extent either arena lent and every
+    /// staged payload the client link held, whatever was in flight.
+    #[test]
+    fn a_channel_closed_at_any_point_gives_back_all_its_memory(
+        ops in proptest::collection::vec((any::<bool>(), 0u64..16, 1u32..5, any::<bool>()), 1..30),
+        schedule in proptest::collection::vec(0usize..3, 0..200),
+    ) {
+        let mut p = Pair::staged(16 * 4096, 8 * 4096, 12 * 4096);
+        for (i, (is_write, block, blocks, staged)) in ops.iter().enumerate() {
+            let id = i as u64 + 1;
+            if *is_write {
+                let frame = write(id, block * 4096, vec![id as u8; (*blocks * 4096) as usize]);
+                if *staged {
+                    p.client_send_staged(frame);
+                } else {
+                    p.client_send(frame);
+                }
+            } else {
+                p.client_send(read(id, block * 4096, blocks * 4096));
+            }
+        }
+        let mut served = 0;
+        for which in schedule {
+            while served < p.server_got.len() {
+                let Message::Request(r) = decode(p.server_got[served].clone()).unwrap() else {
+                    panic!()
+                };
+                served += 1;
+                let data = if r.op == Op::Read { vec![0; r.length as usize] } else { vec![] };
+                p.server_send(reply(r.id, data));
+            }
+            if !p.step(which) {
+                break;
+            }
+        }
+        // The queue pair is gone: nothing more moves.
+        p.fetches.clear();
+        p.to_server.clear();
+        p.to_client.clear();
+        for payload in p.client.close(&mut p.client_arena) {
+            if p.staged_live.contains_key(&(payload.as_ptr() as usize)) {
+                p.release_staged(&payload);
+            }
+        }
+        drop(p.server.close(&mut p.server_arena));
+        prop_assert_eq!(p.client_arena.in_use(), 0);
+        prop_assert_eq!(p.server_arena.in_use(), 0);
+        prop_assert!(p.staged_live.is_empty(), "a staged payload was never given back");
+        prop_assert_eq!(p.staging.in_use(), 0);
+        prop_assert_eq!(p.client.held(), 0);
+        p.client_arena.check().unwrap();
+        p.server_arena.check().unwrap();
+    }
+}
