@@ -185,8 +185,8 @@ pub(crate) fn print_channels(client: &Client) {
     }
     let st = &s.stats;
     println!(
-        "protocol: {} resent, {} failed over, {} duplicates dropped, {} channel failures, {} session resets, {} extents replayed",
-        st.resends, st.failovers, st.duplicates_dropped, st.channel_failures, st.session_resets, st.replayed_extents
+        "protocol: {} resent, {} failed over, {} duplicates dropped, {} channel failures, {} session resets, {} extents replayed, {} corrupt frames",
+        st.resends, st.failovers, st.duplicates_dropped, st.channel_failures, st.session_resets, st.replayed_extents, st.corrupt_frames
     );
     crate::rdma::print_memory(&crate::rdma::memory_json());
 }

@@ -1095,6 +1095,9 @@ fn execute(
                 payload,
                 owned,
             }) => {
+                if let Some((extent, len)) = payload {
+                    damage_for_test(domain, extent, len);
+                }
                 let frame = match payload {
                     None => Bytes::from(head),
                     // Zero-copy: the head goes into the room before the
@@ -1152,6 +1155,34 @@ fn execute(
         }
     }
     Ok(())
+}
+
+/// `BRAID_TEST_RDMA_CORRUPT=N` (the conformance check's): every Nth
+/// payload moved one-sided has a byte flipped before the engine sees it,
+/// as a memory or PCIe error on this host would, so braid's CRC must
+/// catch it and the request be asked again.
+fn damage_for_test(domain: &Domain, extent: Extent, len: u32) {
+    static EVERY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let every = *EVERY.get_or_init(|| {
+        let n = std::env::var("BRAID_TEST_RDMA_CORRUPT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if n > 0 {
+            tracing::warn!(
+                every = n,
+                "BRAID_TEST_RDMA_CORRUPT: damaging one-sided payloads"
+            );
+        }
+        n
+    });
+    if every == 0 || len == 0 || (SEEN.fetch_add(1, Ordering::Relaxed) + 1) % every != 0 {
+        return;
+    }
+    let at = extent.offset as usize + (len as usize - 1) / 2;
+    let byte = domain.region.read(at, 1)[0];
+    domain.region.write(at, &[!byte]);
 }
 
 /// Posts an RDMA READ of the peer's `remote` into `extent` (`fetch`), or

@@ -178,6 +178,18 @@ else
   fail "forged remote buffer (forger rc $forged): $(tail -6 "$LOGS/rdma-forge.log"); honest: $(tail -4 "$LOGS/rdma-honest.log")"
 fi
 
+step "5b. damaged one-sided payloads"
+# Soft-RoCE's ICRC drops what the wire damages, so the damage is made
+# where braid's CRC is the only guard: in the client's memory, after the
+# server's RDMA WRITE placed a READ's data there (every 5th payload).
+BRAID_TEST_RDMA_CORRUPT=5 verify damaged --server "$RDMA" --channels 2 --time 6
+damaged=$(grep -o "[0-9]* corrupt frames" "$LOGS/rdma-damaged.log" | grep -o "^[0-9]*")
+if clean "$LOGS/rdma-damaged.log" && [ "${damaged:-0}" -gt 0 ]; then
+  ok "one-sided payloads damaged in memory (every 5th): braid's CRC caught $damaged and the reads were asked again: 0 verification failures, 0 IO errors"
+else
+  fail "damaged one-sided payloads: $(tail -8 "$LOGS/rdma-damaged.log")"
+fi
+
 step "6. kernel nbd-client through braid attach over RDMA"
 if modprobe nbd nbds_max=4; then
   $CLI "$BRAID" attach --server "$RDMA" --key-file "$WORK/srv/keys.toml" --export disk1 \

@@ -347,6 +347,31 @@ fn a_write_and_a_read_cost_two_messages_each_and_carry_their_data() {
     assert_eq!((p.client_arena.in_use(), p.server_arena.in_use()), (0, 0));
 }
 
+/// One-sided data carries no checksum of its own on the way: the CRC the
+/// request carries is what catches a damaged fetch (PROTOCOL.md §9.2), and
+/// the engine answers CORRUPT.
+#[test]
+fn a_write_damaged_between_the_memories_fails_its_crc_at_the_server() {
+    let mut p = Pair::new(1 << 20, 1 << 20);
+    p.client_send(write(1, 0, vec![0x42; 4096]));
+    p.step(0);
+    assert_eq!(p.fetches.len(), 1);
+    let (_, _, remote) = p.fetches[0];
+    p.client_mem[(remote.addr - CLIENT_BASE) as usize + 100] ^= 0x10;
+    p.step(0);
+    assert!(
+        matches!(
+            decode(p.server_got[0].clone()),
+            Err(braid_core::wire::DecodeError::PayloadChecksum {
+                kind: braid_core::wire::Kind::Write,
+                id: 1
+            })
+        ),
+        "{:?}",
+        decode(p.server_got[0].clone())
+    );
+}
+
 #[test]
 fn nothing_overtakes_a_write_still_being_fetched() {
     let mut p = Pair::new(1 << 20, 1 << 20);
