@@ -221,31 +221,21 @@ impl StagedBuffer for Lent {
     }
 }
 
-/// The server's registered memory as a backend's read buffers: a READ's
-/// data the backend reads straight into it is placed from there, with no
-/// copy. Until an RDMA channel opened a domain, there is none to offer.
-struct ServerStaging {
+/// Registered memory lent as payload buffers, so a one-sided move takes
+/// the payload from where it was made, with no copy: on a server the
+/// arena itself, for the backend's READ data; on a client the staging
+/// part, for the frontends' WRITE data. Until an RDMA channel opened a
+/// domain (or if a client's region is too small to split), there is none
+/// to offer.
+struct DomainStaging {
     domains: Arc<Domains>,
+    /// From the client's staging part, not the arena.
+    staged: bool,
 }
 
-impl Staging for ServerStaging {
+impl Staging for DomainStaging {
     fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
-        let lent = self.domains.first()?.lend(len, false)?;
-        Some(Box::new(lent))
-    }
-}
-
-/// The client's staging part as buffers for the frontends' WRITE data,
-/// so the server fetches it where it was received. Until an RDMA channel
-/// opened a domain (or if the region is too small to split), there is
-/// none to offer.
-struct ClientStaging {
-    domains: Arc<Domains>,
-}
-
-impl Staging for ClientStaging {
-    fn buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
-        let lent = self.domains.first()?.lend(len, true)?;
+        let lent = self.domains.first()?.lend(len, self.staged)?;
         Some(Box::new(lent))
     }
 }
@@ -624,8 +614,9 @@ impl RdmaDialer {
     /// Registered memory for the frontends to receive WRITE data into
     /// (see [`Staging`]): the server then fetches it with no copy.
     pub fn write_staging(&self) -> Arc<dyn Staging> {
-        Arc::new(ClientStaging {
+        Arc::new(DomainStaging {
             domains: self.domains.clone(),
+            staged: true,
         })
     }
 }
@@ -772,8 +763,9 @@ impl RdmaListener {
     /// (`FileBackend::with_read_staging`), so READ data is placed without
     /// a copy.
     pub fn read_staging(&self) -> Arc<dyn Staging> {
-        Arc::new(ServerStaging {
+        Arc::new(DomainStaging {
             domains: self.domains.clone(),
+            staged: false,
         })
     }
 
