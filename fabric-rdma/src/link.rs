@@ -263,15 +263,17 @@ impl ClientLink {
                     self.named_so_far += 1;
                     let forged = self.forge && self.named_so_far % 2 == 0;
                     let offset = memory.offset();
-                    if let (Memory::Allocated(extent), false) = (&memory, frame.payload.is_empty())
-                    {
-                        out.push(Work::Fill {
-                            extent: *extent,
-                            data: frame.payload.clone(),
-                        });
-                        self.writes_copied += 1;
-                    } else if !frame.payload.is_empty() {
-                        self.writes_in_place += 1;
+                    if !frame.payload.is_empty() {
+                        match &memory {
+                            Memory::Allocated(extent) => {
+                                out.push(Work::Fill {
+                                    extent: *extent,
+                                    data: frame.payload.clone(),
+                                });
+                                self.writes_copied += 1;
+                            }
+                            Memory::Staged { .. } => self.writes_in_place += 1,
+                        }
                     }
                     let named = Named {
                         memory,
