@@ -285,6 +285,12 @@ pub fn registered_memory() -> Vec<RegisteredMemory> {
         .filter_map(|d| d.upgrade())
         .map(|d| {
             let devices = d.by_device.lock().unwrap();
+            let total = |counter: fn(&Domain) -> &AtomicU64| -> u64 {
+                devices
+                    .values()
+                    .map(|x| counter(x).load(Ordering::Relaxed))
+                    .sum()
+            };
             RegisteredMemory {
                 side: if d.remote_access { "client" } else { "server" },
                 devices: devices.len(),
@@ -297,22 +303,10 @@ pub fn registered_memory() -> Vec<RegisteredMemory> {
                     .values()
                     .next()
                     .map_or(0, |x| x.staging.lock().unwrap().capacity()),
-                writes_in_place: devices
-                    .values()
-                    .map(|x| x.writes_in_place.load(Ordering::Relaxed))
-                    .sum(),
-                writes_copied: devices
-                    .values()
-                    .map(|x| x.writes_copied.load(Ordering::Relaxed))
-                    .sum(),
-                reads_placed_in_place: devices
-                    .values()
-                    .map(|x| x.placed_in_place.load(Ordering::Relaxed))
-                    .sum(),
-                reads_copied: devices
-                    .values()
-                    .map(|x| x.placed_copied.load(Ordering::Relaxed))
-                    .sum(),
+                writes_in_place: total(|x| &x.writes_in_place),
+                writes_copied: total(|x| &x.writes_copied),
+                reads_placed_in_place: total(|x| &x.placed_in_place),
+                reads_copied: total(|x| &x.placed_copied),
             }
         })
         .collect()
