@@ -96,7 +96,7 @@ fn check(data: &[u8], run: u64, block: u64, expected: u64) -> Result<(), String>
     let r = u64::from_le_bytes(data[24..32].try_into().unwrap());
     if at != block || r != run {
         return Err(format!(
-            "block {block}: holds block {at} of run {r:#x} (misdirected)"
+            "block {block}: holds block {at} (generation {generation}) of run {r:#x} (misdirected)"
         ));
     }
     if generation != expected {
@@ -266,14 +266,19 @@ pub(crate) async fn workload(
                     let generation = acked + 1;
                     let fua = rng.chance(0.1);
                     let t = Instant::now();
+                    let data = block_data(run, block, generation);
                     let r = client
-                        .submit(IoRequest::write(
-                            offset,
-                            block_data(run, block, generation),
-                            fua,
-                        ))
+                        .submit(IoRequest::write(offset, data.clone(), fua))
                         .await;
                     progress.observe(t);
+                    // The buffer may sit in memory shared with the fabric
+                    // (registered for RDMA): if anything wrote into it while
+                    // the write was in flight, the server may have stored
+                    // that instead, so say so here, where it happened.
+                    if let Err(p) = check(&data, run, block, generation) {
+                        progress.failures.fetch_add(1, Ordering::Relaxed);
+                        progress.problem(format!("write buffer changed in flight: {p}"));
+                    }
                     match r {
                         Ok(_) => {
                             state.lock().unwrap()[block as usize].0 = generation;
