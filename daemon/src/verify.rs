@@ -52,14 +52,19 @@ fn block_data(run: u64, block: u64, generation: u64) -> Bytes {
 const BLOCK: usize = 4096;
 
 fn crc(b: &[u8]) -> u32 {
-    // A plain CRC32C, independent of the protocol's, so a codec bug cannot
-    // hide itself.
+    // CRC-32 (IEEE), computed here so a codec bug cannot hide itself, and
+    // deliberately not the protocol's CRC32C: a block ending in the CRC32C
+    // of the rest has the same CRC32C as every other such block (the
+    // CRC's residue), so the protocol's payload checksum could not tell
+    // one verify block from another, and data that went astray between
+    // two of them would pass it (it did: misdirected blocks over RDMA
+    // when a one-sided read completed with stale data).
     let mut c = !0u32;
     for &byte in b {
         c ^= u32::from(byte);
         for _ in 0..8 {
             c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
+                (c >> 1) ^ 0xEDB8_8320
             } else {
                 c >> 1
             };
@@ -298,7 +303,21 @@ pub(crate) async fn workload(
                             progress.reads.fetch_add(1, Ordering::Relaxed);
                             if let Err(p) = check(&data, run, block, acked) {
                                 progress.failures.fetch_add(1, Ordering::Relaxed);
-                                progress.problem(p);
+                                // The block is still claimed, so nothing wrote
+                                // it since: a second read tells a wrong read
+                                // (the data went astray on its way back) from
+                                // wrong data stored.
+                                let again = client
+                                    .submit(IoRequest::read(offset, BLOCK as u32))
+                                    .await
+                                    .map_err(|e| format!("failed: {e}"))
+                                    .and_then(|d| check(&d, run, block, acked));
+                                progress.problem(match again {
+                                    Ok(()) => {
+                                        format!("{p}; read again: right (the read went astray)")
+                                    }
+                                    Err(q) => format!("{p}; read again: {q}"),
+                                });
                             }
                         }
                         Err(e) => {
@@ -390,6 +409,17 @@ mod tests {
             check(&good, 1, 5, 0).is_err(),
             "data of this run where none was acknowledged"
         );
-        assert_eq!(crc(b"123456789"), 0xE306_9283, "CRC32C check value");
+        assert_eq!(crc(b"123456789"), 0xCBF4_3926, "CRC-32 check value");
+    }
+
+    /// The protocol's payload checksum must tell verify blocks apart, or a
+    /// block that went astray would pass it: with a CRC32C of the rest in
+    /// their last bytes, every block had the same CRC32C.
+    #[test]
+    fn blocks_differ_under_the_protocols_payload_checksum() {
+        let crcs: std::collections::HashSet<u32> = (0..64)
+            .map(|b| crc32c::crc32c(&block_data(9, b, 1 + b % 3)))
+            .collect();
+        assert_eq!(crcs.len(), 64);
     }
 }
