@@ -176,6 +176,7 @@ impl Domain {
             staged,
             start: start as usize,
             len,
+            sealed: None,
         })
     }
 }
@@ -189,6 +190,20 @@ struct Lent {
     staged: bool,
     start: usize,
     len: usize,
+    /// Builds with debug assertions: the CRC of the bytes once they were
+    /// handed on as a frame or payload, checked again when the last user
+    /// drops them, so memory written while still lent (another buffer
+    /// over it, a late one-sided move) is caught where it happened.
+    sealed: Option<u32>,
+}
+
+impl Lent {
+    fn seal(mut self) -> Lent {
+        if cfg!(debug_assertions) {
+            self.sealed = Some(crc32c::crc32c(self.as_ref()));
+        }
+        self
+    }
 }
 
 impl AsRef<[u8]> for Lent {
@@ -199,6 +214,22 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
+        if let Some(sealed) = self.sealed {
+            if crc32c::crc32c(self.as_ref()) != sealed {
+                tracing::error!(
+                    offset = self.start,
+                    len = self.len,
+                    staged = self.staged,
+                    "registered memory changed while lent as a payload"
+                );
+                if !std::thread::panicking() {
+                    panic!(
+                        "registered memory at {}+{} (staged: {}) changed while lent as a payload",
+                        self.start, self.len, self.staged
+                    );
+                }
+            }
+        }
         if self.staged {
             self.domain.staging.lock().unwrap().free(self.extent);
         } else {
@@ -217,7 +248,7 @@ impl StagedBuffer for Lent {
     }
 
     fn into_bytes(self: Box<Self>) -> Bytes {
-        Bytes::from_owner(*self)
+        Bytes::from_owner(self.seal())
     }
 }
 
@@ -1092,13 +1123,17 @@ fn execute(
                     Some((extent, len)) if owned => {
                         let start = extent.offset as usize - head.len();
                         domain.region.write(start, &head);
-                        Bytes::from_owner(Lent {
-                            domain: domain.clone(),
-                            extent,
-                            staged: false,
-                            start,
-                            len: head.len() + len as usize,
-                        })
+                        Bytes::from_owner(
+                            Lent {
+                                domain: domain.clone(),
+                                extent,
+                                staged: false,
+                                start,
+                                len: head.len() + len as usize,
+                                sealed: None,
+                            }
+                            .seal(),
+                        )
                     }
                     Some((extent, len)) => {
                         let mut frame = head;
