@@ -36,6 +36,7 @@ pub fn staging_share(region: u64) -> u64 {
 pub mod arena;
 pub mod link;
 pub mod queue;
+pub mod seal;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 

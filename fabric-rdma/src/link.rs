@@ -71,22 +71,6 @@ pub enum Work {
     Release(Bytes),
 }
 
-/// A staged WRITE payload given back: in builds with debug assertions
-/// (tests, the simulator, the VM rows), its bytes must be those the
-/// frame's checksum was made over. Anything that wrote into registered
-/// memory the server could still fetch from (another buffer lent over it,
-/// a late placement) would otherwise pass every check: the server fetches
-/// the new bytes, and the CRC catches them only if they changed after the
-/// frame was made.
-fn unchanged(payload: Bytes, crc: u32) -> Bytes {
-    debug_assert_eq!(
-        crc32c::crc32c(&payload),
-        crc,
-        "a staged WRITE payload changed while the server could fetch it"
-    );
-    payload
-}
-
 /// The peer broke the rules of §9.2: the channel must close.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkError(pub String);
@@ -129,14 +113,8 @@ enum Memory {
     Allocated(Extent),
     /// A WRITE's payload that already sat in registered memory at
     /// `offset` (the frontend received it there): named in place, and
-    /// kept alive until the server can no longer fetch it. `crc` is the
-    /// frame's payload checksum: the bytes must still match it whenever
-    /// the server could have fetched them.
-    Staged {
-        offset: u64,
-        payload: Bytes,
-        crc: u32,
-    },
+    /// kept alive until the server can no longer fetch it.
+    Staged { offset: u64, payload: Bytes },
 }
 
 impl Memory {
@@ -158,7 +136,7 @@ impl Memory {
     fn release(self) -> Work {
         match self {
             Memory::Allocated(e) => Work::Free(e),
-            Memory::Staged { payload, crc, .. } => Work::Release(unchanged(payload, crc)),
+            Memory::Staged { payload, .. } => Work::Release(payload),
         }
     }
 }
@@ -276,7 +254,6 @@ impl ClientLink {
                         Some(offset) if kind == Some(Kind::Write) => Memory::Staged {
                             offset: *offset,
                             payload: frame.payload.clone(),
-                            crc: u32::from_le_bytes(head[12..16].try_into().unwrap()),
                         },
                         _ => match arena.alloc(length) {
                             Some(extent) => Memory::Allocated(extent),
@@ -399,7 +376,7 @@ impl ClientLink {
         for (_, named) in self.named.drain() {
             match named.memory {
                 Memory::Allocated(extent) => arena.free(extent),
-                Memory::Staged { payload, crc, .. } => held.push(unchanged(payload, crc)),
+                Memory::Staged { payload, .. } => held.push(payload),
             }
         }
         held.extend(self.waiting.drain(..).map(|(frame, _)| frame.payload));

@@ -7,6 +7,7 @@
 use crate::arena::{Arena, Extent, ALIGN};
 use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
+use crate::seal::Seal;
 use crate::MIN_REGION;
 use braid_core::client::ChannelId;
 use braid_core::server::ConnId;
@@ -160,6 +161,22 @@ impl Domain {
         self.freed.notify_waiters();
     }
 
+    /// A frame received into `extent` (its head written in the room
+    /// before it from `start`), lent to the engine as it lies.
+    fn delivered(self: &Arc<Self>, extent: Extent, start: usize, len: usize) -> Bytes {
+        Bytes::from_owner(
+            Lent {
+                domain: self.clone(),
+                extent,
+                staged: false,
+                start,
+                len,
+                sealed: None,
+            }
+            .seal(),
+        )
+    }
+
     /// A buffer of `len` bytes from the arena or from the staging part.
     fn lend(self: &Arc<Self>, len: usize, staged: bool) -> Option<Lent> {
         let n = u32::try_from(len).ok()?;
@@ -190,18 +207,14 @@ struct Lent {
     staged: bool,
     start: usize,
     len: usize,
-    /// Builds with debug assertions: the CRC of the bytes once they were
-    /// handed on as a frame or payload, checked again when the last user
-    /// drops them, so memory written while still lent (another buffer
-    /// over it, a late one-sided move) is caught where it happened.
-    sealed: Option<u32>,
+    /// Taken once the bytes are handed on as a frame or payload (builds
+    /// with debug assertions), checked when the last user drops them.
+    sealed: Option<Seal>,
 }
 
 impl Lent {
     fn seal(mut self) -> Lent {
-        if cfg!(debug_assertions) {
-            self.sealed = Some(crc32c::crc32c(self.as_ref()));
-        }
+        self.sealed = Seal::over(self.as_ref());
         self
     }
 }
@@ -214,21 +227,10 @@ impl AsRef<[u8]> for Lent {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        if let Some(sealed) = self.sealed {
-            if crc32c::crc32c(self.as_ref()) != sealed {
-                tracing::error!(
-                    offset = self.start,
-                    len = self.len,
-                    staged = self.staged,
-                    "registered memory changed while lent as a payload"
-                );
-                if !std::thread::panicking() {
-                    panic!(
-                        "registered memory at {}+{} (staged: {}) changed while lent as a payload",
-                        self.start, self.len, self.staged
-                    );
-                }
-            }
+        if let Some(seal) = &self.sealed {
+            seal.check(self.as_ref(), || {
+                format!("at {}+{} (staged: {})", self.start, self.len, self.staged)
+            });
         }
         if self.staged {
             self.domain.staging.lock().unwrap().free(self.extent);
@@ -1123,17 +1125,7 @@ fn execute(
                     Some((extent, len)) if owned => {
                         let start = extent.offset as usize - head.len();
                         domain.region.write(start, &head);
-                        Bytes::from_owner(
-                            Lent {
-                                domain: domain.clone(),
-                                extent,
-                                staged: false,
-                                start,
-                                len: head.len() + len as usize,
-                                sealed: None,
-                            }
-                            .seal(),
-                        )
+                        domain.delivered(extent, start, head.len() + len as usize)
                     }
                     Some((extent, len)) => {
                         let mut frame = head;
