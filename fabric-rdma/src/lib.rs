@@ -35,6 +35,7 @@ pub fn staging_share(region: u64) -> u64 {
 
 pub mod arena;
 pub mod link;
+pub mod mark;
 pub mod queue;
 pub mod seal;
 #[cfg(feature = "verbs")]

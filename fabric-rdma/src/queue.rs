@@ -31,7 +31,7 @@ pub fn recv_slot(wr: u64) -> Option<usize> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Posted {
     Send(usize),
-    Fetch(u64),
+    Fetch(u64, Extent),
     Place(Extent),
     /// A placement out of memory a frame owns: the frame goes when the
     /// write does.
@@ -78,8 +78,13 @@ pub enum Step {
 pub enum Completed {
     /// A SEND left: its slot is free again.
     Sent,
-    /// A fetch finished: tell the link.
-    Fetched(u64),
+    /// A fetch finished: tell the link (`extent` is where it landed).
+    Fetched {
+        /// The link's name for it.
+        token: u64,
+        /// Its destination.
+        extent: Extent,
+    },
     /// A placement finished: free its extent.
     Placed(Extent),
     /// A placement out of a frame's memory finished: here is the frame's
@@ -147,7 +152,7 @@ impl SendQueue {
                 extent,
                 remote,
             } => Step::Fetch {
-                wr: self.post(Posted::Fetch(token)),
+                wr: self.post(Posted::Fetch(token, extent)),
                 extent,
                 remote,
             },
@@ -185,7 +190,7 @@ impl SendQueue {
                 self.free_slots.push(slot);
                 Ok(Completed::Sent)
             }
-            Some(Posted::Fetch(token)) => Ok(Completed::Fetched(token)),
+            Some(Posted::Fetch(token, extent)) => Ok(Completed::Fetched { token, extent }),
             Some(Posted::Place(extent)) => Ok(Completed::Placed(extent)),
             Some(Posted::PlaceHeld(payload)) => Ok(Completed::Released(payload)),
             None => Err(format!("completion for unknown work request {wr:#x}")),
@@ -299,7 +304,10 @@ mod tests {
         );
         assert_eq!(
             q.completed(wr_of(&second).unwrap()),
-            Ok(Completed::Fetched(9))
+            Ok(Completed::Fetched {
+                token: 9,
+                extent: extent(1)
+            })
         );
         assert_eq!(label(&q.next_step().unwrap()), "send 2");
         assert_eq!(label(&q.next_step().unwrap()), "free 16384");

@@ -6,6 +6,7 @@
 
 use crate::arena::{Arena, Extent, ALIGN};
 use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
+use crate::mark;
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
 use crate::seal::Seal;
 use crate::MIN_REGION;
@@ -1035,13 +1036,13 @@ fn completions(
         let mut done = Vec::new();
         if let Ok(poller) = ch.cq.start_poll() {
             for wc in poller {
-                done.push((wc.wr_id(), wc.status(), wc.byte_len()));
+                done.push((wc.wr_id(), wc.status(), wc.byte_len(), wc.opcode()));
             }
         }
         if done.is_empty() {
             return Ok(());
         }
-        for (wr, status, len) in done {
+        for (wr, status, len, opcode) in done {
             if status != WorkCompletionStatus::Success as u32 {
                 let status: WorkCompletionStatus = status.into();
                 return Err(format!("work request failed: {status:?}"));
@@ -1071,7 +1072,10 @@ fn completions(
             } else {
                 match queue.completed(wr)? {
                     Completed::Sent => {}
-                    Completed::Fetched(token) => {
+                    Completed::Fetched { token, extent } => {
+                        if cfg!(debug_assertions) {
+                            check_landed(domain, wr, extent, len, opcode);
+                        }
                         if let End::Server(l) = end {
                             l.fetched(token, &mut domain.arena.lock().unwrap(), &mut out);
                         }
@@ -1160,6 +1164,11 @@ fn execute(
                 guard.post().map_err(|e| format!("posting a send: {e}"))?;
             }
             Step::Fetch { wr, extent, remote } => {
+                if cfg!(debug_assertions) {
+                    for (at, m) in mark::marks(extent.len as usize, wr) {
+                        domain.region.write(extent.offset as usize + at, &m);
+                    }
+                }
                 post_one_sided(ch, domain, wr, extent, remote, true)?
             }
             Step::Place { wr, extent, remote } => {
@@ -1168,6 +1177,28 @@ fn execute(
         }
     }
     Ok(())
+}
+
+/// A fetch reported success: its destination must hold none of the marks
+/// put there before it was posted.
+fn check_landed(domain: &Domain, wr: u64, extent: Extent, byte_len: u32, opcode: u32) {
+    let dest = domain
+        .region
+        .read(extent.offset as usize, extent.len as usize);
+    let left = mark::marks_left(dest, wr);
+    if left > 0 {
+        tracing::error!(
+            wr = format_args!("{wr:#x}"),
+            extent = extent.offset,
+            len = extent.len,
+            byte_len,
+            opcode,
+            marks_left = left,
+            marks = mark::marks(dest.len(), wr).count(),
+            "an RDMA READ reported success but its data did not land: the fabric lost it \
+             (braid's payload CRC refuses what is there)"
+        );
+    }
 }
 
 /// `BRAID_TEST_RDMA_CORRUPT=N` (the conformance check's): every Nth
