@@ -17,20 +17,31 @@ pub(crate) fn region_bytes(mib: Option<u64>) -> u64 {
     mib.map_or(braid_fabric_rdma::DEFAULT_REGION, |m| m << 20)
 }
 
-/// Binds every `--rdma` address, or says why not.
-pub(crate) fn bind(addrs: &[String], region: u64) -> Result<Listeners, String> {
+/// Binds every `--rdma` address, or says why not; `channels` bounds the
+/// channels open over all of them (`--rdma-channels`).
+pub(crate) fn bind(
+    addrs: &[String],
+    region: u64,
+    channels: Option<usize>,
+) -> Result<Listeners, String> {
+    let channels = channels.unwrap_or(braid_fabric_rdma::limit::DEFAULT_CHANNELS);
     #[cfg(feature = "rdma")]
     {
+        let limit = braid_fabric_rdma::limit::ChannelLimit::new(channels)
+            .map_err(|e| format!("--rdma-channels: {e}"))?;
         let mut bound = Vec::new();
         for a in addrs {
             let addr = braid_fabric_rdma::verbs::resolve(a).map_err(|e| format!("--rdma {e}"))?;
-            bound.push(RdmaListener::bind(addr, region).map_err(|e| format!("--rdma {a}: {e}"))?);
+            bound.push(
+                RdmaListener::bind(addr, region, limit.clone())
+                    .map_err(|e| format!("--rdma {a}: {e}"))?,
+            );
             tracing::info!(%addr, "accepting braid channels over RDMA");
         }
         Ok(Listeners { bound })
     }
     #[cfg(not(feature = "rdma"))]
-    let _ = region;
+    let _ = (region, channels);
     #[cfg(not(feature = "rdma"))]
     match addrs.first() {
         Some(a) => Err(format!(
@@ -135,6 +146,9 @@ pub(crate) fn memory_json() -> serde_json::Value {
                 "staging_per_device": m.staging_per_device,
                 "writes_in_place": m.writes_in_place,
                 "writes_copied": m.writes_copied,
+                "channels_open": m.channels_open,
+                "channel_limit": m.channel_limit,
+                "head_ring_bytes": braid_fabric_rdma::limit::HEAD_RING_BYTES,
             })
         })
         .collect();
@@ -154,6 +168,16 @@ pub(crate) fn print_memory(v: &serde_json::Value) {
             m["devices"]
         );
         if m["side"] == "server" {
+            let (open, limit) = (
+                m["channels_open"].as_u64().unwrap_or(0),
+                m["channel_limit"].as_u64().unwrap_or(0),
+            );
+            let ring = m["head_ring_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "  RDMA channels: {open} open of at most {limit} (their message rings: {} of {})",
+                crate::config::human_size(open * ring),
+                crate::config::human_size(limit * ring),
+            );
             println!(
                 "  RDMA reads placed from the backend's buffer: {}, copied into registered memory first: {}",
                 m["reads_placed_in_place"], m["reads_copied"]

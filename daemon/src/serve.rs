@@ -50,6 +50,12 @@ pub(crate) struct ServeArgs {
     /// one-sided (at least 33: one largest payload) [default: 64].
     #[arg(long, value_name = "MIB")]
     rdma_memory: Option<u64>,
+    /// RDMA channels open at once, over all --rdma addresses: each pins a
+    /// 256 KiB ring of message buffers from the moment a peer asks to
+    /// connect, so past this a connection request is rejected [default:
+    /// 256].
+    #[arg(long, value_name = "N")]
+    rdma_channels: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
@@ -162,7 +168,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let rdma = crate::rdma::bind(&args.rdma, crate::rdma::region_bytes(args.rdma_memory))?;
+    let rdma = crate::rdma::bind(
+        &args.rdma,
+        crate::rdma::region_bytes(args.rdma_memory),
+        args.rdma_channels,
+    )?;
     let control = args
         .control
         .or(file.control)

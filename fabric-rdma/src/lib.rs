@@ -34,6 +34,7 @@ pub fn staging_share(region: u64) -> u64 {
 }
 
 pub mod arena;
+pub mod limit;
 pub mod link;
 pub mod mark;
 pub mod queue;

@@ -5,6 +5,7 @@
 //! of their own per channel.
 
 use crate::arena::{Arena, Extent, ALIGN};
+use crate::limit::{ChannelLimit, ChannelSlot, HEAD_RING_BYTES};
 use crate::link::{ClientLink, LinkError, Region, ServerLink, Work};
 use crate::mark;
 use crate::queue::{recv_id, recv_slot, Completed, SendQueue, Step};
@@ -46,6 +47,7 @@ use tokio::sync::{mpsc, Notify};
 /// Bytes of one head slot: the longest prefix and body fit.
 const HEAD_SLOT: usize = 1024;
 const _: () = assert!(PREFIX_LEN + MAX_BODY_LEN <= HEAD_SLOT);
+const _: () = assert!(((RECV_DEPTH + SEND_SLOTS) * HEAD_SLOT) as u64 == HEAD_RING_BYTES);
 /// Receives kept posted per channel; a peer sending faster waits (RNR
 /// retries are unlimited), it is never refused.
 const RECV_DEPTH: usize = 128;
@@ -280,6 +282,8 @@ struct Domains {
     /// Clients let the server reach their region; a server's is its own.
     remote_access: bool,
     by_device: Mutex<HashMap<usize, Arc<Domain>>>,
+    /// A server's bound on open channels (each pins a head ring).
+    channels: Option<Arc<ChannelLimit>>,
 }
 
 /// Every process-wide set of domains, for [`registered_memory`].
@@ -309,6 +313,11 @@ pub struct RegisteredMemory {
     pub writes_in_place: u64,
     /// See `writes_in_place`.
     pub writes_copied: u64,
+    /// Channels open now and the most allowed at once (server side; each
+    /// pins a head ring of [`HEAD_RING_BYTES`]).
+    pub channels_open: usize,
+    /// See `channels_open`; 0 on a client.
+    pub channel_limit: usize,
 }
 
 /// What every listener and dialer of this process has registered.
@@ -341,6 +350,8 @@ pub fn registered_memory() -> Vec<RegisteredMemory> {
                 writes_copied: total(|x| &x.writes_copied),
                 reads_placed_in_place: total(|x| &x.placed_in_place),
                 reads_copied: total(|x| &x.placed_copied),
+                channels_open: d.channels.as_ref().map_or(0, |l| l.open()),
+                channel_limit: d.channels.as_ref().map_or(0, |l| l.limit()),
             }
         })
         .collect()
@@ -366,11 +377,16 @@ impl Domains {
         self.by_device.lock().unwrap().values().next().cloned()
     }
 
-    fn new(bytes: u64, remote_access: bool) -> Result<Arc<Domains>, String> {
+    fn new(
+        bytes: u64,
+        remote_access: bool,
+        channels: Option<Arc<ChannelLimit>>,
+    ) -> Result<Arc<Domains>, String> {
         let d = Arc::new(Domains {
             bytes: check_region(bytes)?,
             remote_access,
             by_device: Mutex::new(HashMap::new()),
+            channels,
         });
         ALL_DOMAINS.lock().unwrap().push(Arc::downgrade(&d));
         Ok(d)
@@ -622,7 +638,7 @@ impl RdmaDialer {
     /// per device (at least [`MIN_REGION`], else the error says so).
     pub fn new(region_bytes: u64) -> Result<RdmaDialer, String> {
         Ok(RdmaDialer {
-            domains: Domains::new(region_bytes, true)?,
+            domains: Domains::new(region_bytes, true, None)?,
             forge: false,
         })
     }
@@ -687,7 +703,18 @@ impl Dialer for RdmaDialer {
                 param.setup_qp_number(channel.qp.qp_number());
                 id.connect(param).map_err(|e| format!("connect: {e}"))?;
             }
-            expect(&ec, &fd, EventType::ConnectResponse).await?;
+            expect(&ec, &fd, EventType::ConnectResponse)
+                .await
+                .map_err(|e| {
+                    if e.starts_with("Rejected") {
+                        format!(
+                            "the server at {dst} refused the RDMA channel ({e}): it is at its \
+                             limit of RDMA channels (its log says so) or cannot serve RDMA now"
+                        )
+                    } else {
+                        e
+                    }
+                })?;
             channel.ready(&id)?;
             id.establish().map_err(|e| format!("establish: {e}"))?;
             let region = Region {
@@ -766,8 +793,13 @@ pub struct RdmaListener {
 
 impl RdmaListener {
     /// Listens on `addr`; the server's payload staging is `region_bytes`
-    /// of registered memory per device (at least [`MIN_REGION`]).
-    pub fn bind(addr: SocketAddr, region_bytes: u64) -> Result<RdmaListener, String> {
+    /// of registered memory per device (at least [`MIN_REGION`]), and its
+    /// channels count against `channels`, which its other listeners share.
+    pub fn bind(
+        addr: SocketAddr,
+        region_bytes: u64,
+        channels: Arc<ChannelLimit>,
+    ) -> Result<RdmaListener, String> {
         check_region(region_bytes)?;
         let (ec, fd) = event_channel()?;
         let id = ec
@@ -783,7 +815,7 @@ impl RdmaListener {
             ec,
             fd,
             id,
-            domains: Domains::new(region_bytes, false)?,
+            domains: Domains::new(region_bytes, false, Some(channels))?,
         })
     }
 
@@ -821,8 +853,11 @@ async fn serve(
     {
         // Keep the listening id alive as long as the task.
         let _listener = id;
-        let mut accepting: HashMap<usize, (Arc<Identifier>, Channel, Arc<Domain>)> = HashMap::new();
+        type Accepting = (Arc<Identifier>, Channel, Arc<Domain>, Option<ChannelSlot>);
+        let mut accepting: HashMap<usize, Accepting> = HashMap::new();
         let mut live: HashMap<usize, mpsc::UnboundedSender<String>> = HashMap::new();
+        // Connection requests refused at the channel limit so far.
+        let mut at_limit = 0u64;
         loop {
             let event = match next_event(&ec, &fd).await {
                 Ok(e) => e,
@@ -840,22 +875,37 @@ async fn serve(
             let key = Arc::as_ptr(&cm) as usize;
             let _ = event.ack();
             match kind {
-                EventType::ConnectRequest => match accept(&cm, &domains) {
-                    Ok((channel, domain)) => {
-                        accepting.insert(key, (cm, channel, domain));
+                EventType::ConnectRequest => {
+                    // Taken before anything is registered for the channel.
+                    let slot = match domains.channels.as_ref().map(|l| l.take()).transpose() {
+                        Ok(slot) => slot,
+                        Err(e) => {
+                            // Dropping the request's id rejects it. Warned
+                            // at every power of two, so a peer that keeps
+                            // asking cannot flood the log.
+                            at_limit += 1;
+                            if at_limit.is_power_of_two() {
+                                tracing::warn!(%addr, refused = at_limit, error = e, "RDMA connection refused");
+                            }
+                            continue;
+                        }
+                    };
+                    match accept(&cm, &domains) {
+                        Ok((channel, domain)) => {
+                            accepting.insert(key, (cm, channel, domain, slot));
+                        }
+                        Err(e) => tracing::warn!(%addr, error = e, "RDMA connection refused"),
                     }
-                    // Dropping the request's id refuses it.
-                    Err(e) => tracing::warn!(%addr, error = e, "RDMA connection refused"),
-                },
+                }
                 EventType::Established => {
-                    let Some((cm, channel, domain)) = accepting.remove(&key) else {
+                    let Some((cm, channel, domain, slot)) = accepting.remove(&key) else {
                         continue;
                     };
                     let (gone_tx, gone_rx) = mpsc::unbounded_channel();
                     live.insert(key, gone_tx);
                     let started = server.adopt(Box::new(move |conn: ConnId, events| {
                         let (writer, outbox) = Writer::new(64 << 20);
-                        tokio::spawn(run(
+                        let channel_run = run(
                             End::Server(ServerLink::new()),
                             channel,
                             domain,
@@ -863,7 +913,12 @@ async fn serve(
                             outbox,
                             gone_rx,
                             move |ev| events.send(ev.map_key(conn)).is_ok(),
-                        ));
+                        );
+                        tokio::spawn(async move {
+                            channel_run.await;
+                            // Its head ring is deregistered by now.
+                            drop(slot);
+                        });
                         writer
                     }));
                     if !started {

@@ -195,6 +195,35 @@ else
   fail "forged remote buffer (forger rc $forged): $(tail -6 "$LOGS/rdma-forge.log"); honest: $(tail -4 "$LOGS/rdma-honest.log")"
 fi
 
+step "5a. a server at its limit of RDMA channels"
+# Each channel pins a ring of message buffers from the moment a peer asks
+# to connect, before it says who it is: past --rdma-channels the server
+# rejects the request, and the client is told why. A client asking for 4
+# channels of a server that allows 2 gets 2, and its IO runs on them.
+mkdir -p "$WORK/capped"
+"$BRAID" serve --data-dir "$WORK/capped" --listen 127.0.0.1:7420 --rdma "[$LL%vB]:7412" \
+  --rdma-channels 2 --export "disk0=$WORK/capped/disk0.img,size=64M" >"$LOGS/rdma-capped-serve.log" 2>&1 &
+CAPPED=$!
+for _ in $(seq 1 300); do
+  grep -q "accepting braid channels over RDMA" "$LOGS/rdma-capped-serve.log" 2>/dev/null && break
+  sleep 0.1
+done
+timeout 120 $CLI "$BRAID" verify --key-file "$WORK/capped/keys.toml" --server "rdma://[$LL%vA]:7412" \
+  --export disk0 --channels 4 --time 8 >"$LOGS/rdma-capped.log" 2>&1 &
+V=$!
+sleep 5
+"$BRAID" status --control "$WORK/capped/control.sock" >"$LOGS/rdma-capped-status.txt" 2>&1
+wait "$V"
+kill "$CAPPED"; wait "$CAPPED" 2>/dev/null
+if clean "$LOGS/rdma-capped.log" &&
+   grep -q "refused the RDMA channel" "$LOGS/rdma-capped.log" &&
+   grep -q "at the server's limit of 2 RDMA channels" "$LOGS/rdma-capped-serve.log" &&
+   grep -q "RDMA channels: 2 open of at most 2" "$LOGS/rdma-capped-status.txt"; then
+  ok "a server at its limit of RDMA channels (--rdma-channels 2) rejects a client's third and fourth, which says why; braid status shows 2 open of at most 2, and the client's IO verified on the two it got (0 failures, 0 errors)"
+else
+  fail "RDMA channel limit: client: $(grep -m2 -E "refused|verification failures" "$LOGS/rdma-capped.log") server: $(grep -m1 "refused" "$LOGS/rdma-capped-serve.log") status: $(grep "RDMA channels" "$LOGS/rdma-capped-status.txt")"
+fi
+
 step "5b. damaged one-sided payloads"
 # Soft-RoCE's ICRC drops what the wire damages, so the damage is made
 # where braid's CRC is the only guard: in the client's memory, after the
