@@ -523,15 +523,20 @@ fn read_fresh(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// `preadv2` with RWF_NOWAIT: EAGAIN rather than wait for the disk.
-fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// `preadv2` with RWF_NOWAIT into `len` bytes at `dst`: EAGAIN rather
+/// than wait for the disk.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes, and not read or written
+/// by anything else during the call.
+unsafe fn preadv2_nowait(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
     let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
+        iov_base: dst as *mut libc::c_void,
+        iov_len: len,
     };
     retry_eintr(|| {
-        // SAFETY: iov points into `buf`, valid and exclusively borrowed for
-        // the call; the fd is open (borrowed from `file`).
+        // SAFETY: iov is valid as the caller promised; the fd is open
+        // (borrowed from `file`).
         unsafe {
             libc::preadv2(
                 file.as_raw_fd(),
@@ -544,28 +549,18 @@ fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     })
 }
 
-/// [`pread_nowait`] into a fresh buffer of up to `len` bytes, not zeroed
+/// [`preadv2_nowait`] into `buf`.
+fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: `buf` is exclusively borrowed for the call.
+    unsafe { preadv2_nowait(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// [`preadv2_nowait`] into a fresh buffer of up to `len` bytes, not zeroed
 /// first: the vector holds what was read.
 fn pread_nowait_fresh(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
-    let spare = buf.spare_capacity_mut();
-    let iov = libc::iovec {
-        iov_base: spare.as_mut_ptr() as *mut libc::c_void,
-        iov_len: spare.len(),
-    };
-    let n = retry_eintr(|| {
-        // SAFETY: iov points into the vector's unused capacity, which it
-        // owns; preadv2 writes at most `len` bytes there; the fd is open.
-        unsafe {
-            libc::preadv2(
-                file.as_raw_fd(),
-                &iov,
-                1,
-                offset as libc::off_t,
-                libc::RWF_NOWAIT,
-            )
-        }
-    })?;
+    // SAFETY: the vector's unused capacity is its own, `len` bytes long.
+    let n = unsafe { preadv2_nowait(file, buf.as_mut_ptr(), len, offset)? };
     // SAFETY: preadv2 initialised the first `n` (<= len) bytes.
     unsafe { buf.set_len(n) };
     Ok(buf)
