@@ -553,6 +553,17 @@ impl End {
     }
 }
 
+/// The next rdma_cm event's type and status, acknowledged.
+async fn next_kind(
+    ec: &Arc<EventChannel>,
+    fd: &AsyncFd<RawFd>,
+) -> Result<(EventType, i32), String> {
+    let event = next_event(ec, fd).await?;
+    let kind = (event.event_type(), event.status());
+    let _ = event.ack();
+    Ok(kind)
+}
+
 /// Waits for `want` on an rdma_cm event channel; any other event is the
 /// reason it failed.
 async fn expect(
@@ -560,9 +571,7 @@ async fn expect(
     fd: &AsyncFd<RawFd>,
     want: EventType,
 ) -> Result<(), String> {
-    let event = next_event(ec, fd).await?;
-    let (got, status) = (event.event_type(), event.status());
-    let _ = event.ack();
+    let (got, status) = next_kind(ec, fd).await?;
     if got == want {
         Ok(())
     } else {
@@ -703,18 +712,23 @@ impl Dialer for RdmaDialer {
                 param.setup_qp_number(channel.qp.qp_number());
                 id.connect(param).map_err(|e| format!("connect: {e}"))?;
             }
-            expect(&ec, &fd, EventType::ConnectResponse)
-                .await
-                .map_err(|e| {
-                    if e.starts_with("Rejected") {
-                        format!(
-                            "the server at {dst} refused the RDMA channel ({e}): it is at its \
-                             limit of RDMA channels (its log says so) or cannot serve RDMA now"
-                        )
-                    } else {
-                        e
+            {
+                match next_kind(&ec, &fd).await? {
+                    (EventType::ConnectResponse, _) => {}
+                    (EventType::Rejected, status) => {
+                        return Err(format!(
+                            "the server at {dst} refused the RDMA channel (rejected, status \
+                             {status}): it is at its limit of RDMA channels (its log says so) \
+                             or cannot serve RDMA now"
+                        ))
                     }
-                })?;
+                    (other, status) => {
+                        return Err(format!(
+                            "{other:?} (status {status}) while waiting for ConnectResponse"
+                        ))
+                    }
+                }
+            }
             channel.ready(&id)?;
             id.establish().map_err(|e| format!("establish: {e}"))?;
             let region = Region {
