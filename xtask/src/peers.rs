@@ -27,9 +27,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--only SERVER,...] [--transport tcp|unix|both]
+const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both]
   SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
-          proto (braid bench), limit (fio on the file), floor (TCP ping-pong)";
+          proto (braid bench), limit (fio on the file), floor (TCP ping-pong)
+  N: measure every column N times (default 1), the columns taking turns, and report
+     each cell's median round: on shared cores one run can be off by 2x";
 
 /// What fio reaches over NBD.
 const NBD_SERVERS: [&str; 5] = ["braid", "nbdkit", "qemu-nbd", "nbd-server", "attach"];
@@ -407,6 +409,7 @@ pub(crate) struct Results {
 
 pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
     let mut runtime = "5".to_string();
+    let mut rounds = 1usize;
     let mut only: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     let mut transports = vec![false, true];
     let mut it = args.iter();
@@ -414,6 +417,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         match a.as_str() {
             "--peers" => {}
             "--runtime" => runtime = it.next().ok_or(USAGE)?.clone(),
+            "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).ok_or(USAGE)?,
             "--only" => {
                 only = it
                     .next()
@@ -441,11 +445,65 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         return Err(format!("{} not found", peerbench.display()));
     }
     let seconds: f64 = runtime.parse().map_err(|_| USAGE)?;
+    if rounds == 0 {
+        return Err(USAGE.into());
+    }
     // tmpfs, as the anchor figures: the medium is the page cache either way.
     let dir = PathBuf::from("/dev/shm/braid-peerbench");
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut results = Results::default();
     let wanted = |c: &str| only.iter().any(|o| o == c);
+    let plan = Plan {
+        runtime: &runtime,
+        seconds,
+        transports: &transports,
+        wanted: &wanted,
+        dir: &dir,
+        peerbench: &peerbench,
+        braid,
+    };
+    let mut measured = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("==== round {round} of {rounds}");
+        }
+        measured.push(measure(&plan)?);
+    }
+    let results = median_round(measured);
+    let _ = fs::remove_dir_all(&dir);
+    let columns: Vec<&str> = COLUMNS.iter().copied().filter(|c| wanted(c)).collect();
+    if rounds > 1 {
+        println!(
+            "each cell: the round with the median IOPS of {rounds} (its CPU and latency \
+             with it); floor: the median; memory: the highest peak"
+        );
+    }
+    table::print(&results, &columns, &transports);
+    Ok(())
+}
+
+/// What one round measures, and with what.
+struct Plan<'a> {
+    runtime: &'a str,
+    seconds: f64,
+    transports: &'a [bool],
+    wanted: &'a dyn Fn(&str) -> bool,
+    dir: &'a Path,
+    peerbench: &'a Path,
+    braid: &'a Path,
+}
+
+/// Every wanted column, once.
+fn measure(plan: &Plan<'_>) -> Result<Results, String> {
+    let Plan {
+        runtime,
+        seconds,
+        transports,
+        wanted,
+        dir,
+        peerbench,
+        braid,
+    } = *plan;
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut results = Results::default();
     if wanted("floor") {
         eprintln!("==> floor: TCP ping-pong between two processes ({runtime} s per shape)");
         let f = floor::measure(std::time::Duration::from_secs_f64(seconds))?;
@@ -459,10 +517,10 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         eprintln!("==> limit: fio io_uring straight on the file ({runtime} s per workload)");
         let img = dir.join("limit.img");
         filled_image(&img)?;
-        let out = Command::new(&peerbench)
+        let out = Command::new(peerbench)
             .args([
                 "--runtime",
-                &runtime,
+                runtime,
                 "--cpu",
                 "--engines",
                 "io_uring",
@@ -481,7 +539,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     }
     if wanted("proto") {
         eprintln!("==> proto: braid bench over braid's protocol ({runtime} s per workload)");
-        let (daemon, _) = start("braid", false, &dir, braid)?;
+        let (daemon, _) = start("braid", false, dir, braid)?;
         let sdir = dir.join("braid-tcp");
         let listen = fs::read_to_string(sdir.join("listen")).map_err(|e| e.to_string())?;
         let sampler = rss::PeakSampler::start(vec![daemon.pid()]);
@@ -491,7 +549,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             listen.trim(),
             &sdir.join("keys.toml"),
             daemon.pid(),
-            &runtime,
+            runtime,
         )?;
         let peak = sampler.finish();
         results.memory.push(Memory {
@@ -506,19 +564,19 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             .rows
             .insert((false, "proto".into()), rows.into_iter().collect());
     }
-    for &unix in &transports {
+    for &unix in transports {
         for server in NBD_SERVERS.iter().filter(|s| wanted(s)) {
             let t = if unix { "unix" } else { "tcp" };
             eprintln!("==> {server} over {t} ({runtime} s per workload)");
-            let (daemon, uri) = start(server, unix, &dir, braid)?;
+            let (daemon, uri) = start(server, unix, dir, braid)?;
             let braids = daemon.braid_pids(server);
             let idle: Vec<u64> = braids
                 .iter()
                 .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
                 .collect();
             let sampler = rss::PeakSampler::start(braids.iter().map(|&(_, p)| p).collect());
-            let out = Command::new(&peerbench)
-                .args(["--runtime", &runtime, "--jobs", "4", "--server-pid"])
+            let out = Command::new(peerbench)
+                .args(["--runtime", runtime, "--jobs", "4", "--server-pid"])
                 .arg(daemon.pid().to_string())
                 .arg(&uri)
                 .stderr(Stdio::inherit())
@@ -542,8 +600,98 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
             drop(daemon);
         }
     }
-    let _ = fs::remove_dir_all(&dir);
-    let columns: Vec<&str> = COLUMNS.iter().copied().filter(|c| wanted(c)).collect();
-    table::print(&results, &columns, &transports);
-    Ok(())
+    Ok(results)
+}
+
+/// One table out of several rounds: each cell is the round with the median
+/// IOPS (so its CPU and latency come from the same run), the floor is the
+/// median of each shape, and memory keeps the highest peak seen.
+fn median_round(mut rounds: Vec<Results>) -> Results {
+    let mut combined = Results::default();
+    let keys: Vec<(bool, String)> = rounds[0].rows.keys().cloned().collect();
+    for key in keys {
+        let workloads: Vec<String> = rounds[0].rows[&key].keys().cloned().collect();
+        let mut cells = BTreeMap::new();
+        for w in workloads {
+            let mut seen: Vec<Row> = rounds
+                .iter()
+                .filter_map(|r| r.rows.get(&key).and_then(|rows| rows.get(&w)).cloned())
+                .collect();
+            seen.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let middle = seen.len() / 2;
+            cells.insert(w, seen.swap_remove(middle));
+        }
+        combined.rows.insert(key, cells);
+    }
+    let floors: Vec<&floor::Floor> = rounds.iter().filter_map(|r| r.floor.as_ref()).collect();
+    if !floors.is_empty() {
+        let median = |shape: fn(&floor::Floor) -> f64| {
+            let mut v: Vec<f64> = floors.iter().map(|f| shape(f)).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        combined.floor = Some(floor::Floor {
+            read_p50: median(|f| f.read_p50),
+            write_p50: median(|f| f.write_p50),
+            read_p50_polling: median(|f| f.read_p50_polling),
+            write_p50_polling: median(|f| f.write_p50_polling),
+        });
+    }
+    combined.memory = std::mem::take(&mut rounds[0].memory);
+    for later in &rounds[1..] {
+        for m in &later.memory {
+            let same = |c: &&mut Memory| {
+                c.column == m.column && c.transport == m.transport && c.process == m.process
+            };
+            if let Some(first) = combined.memory.iter_mut().find(same) {
+                first.peak_kib = first.peak_kib.max(m.peak_kib);
+            }
+        }
+    }
+    combined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(iops: f64, srv: f64, floor_p50: f64, peak_kib: u64) -> Results {
+        let row = Row {
+            iops,
+            srv,
+            ..Row::default()
+        };
+        let mut results = Results::default();
+        let cells = BTreeMap::from([("randread-4k-qd1".to_string(), row)]);
+        results.rows.insert((false, "braid".into()), cells);
+        results.floor = Some(floor::Floor {
+            read_p50: floor_p50,
+            write_p50: floor_p50,
+            read_p50_polling: floor_p50,
+            write_p50_polling: floor_p50,
+        });
+        results.memory.push(Memory {
+            column: "braid".into(),
+            transport: "tcp",
+            process: "serve".into(),
+            idle_kib: 100,
+            peak_kib,
+        });
+        results
+    }
+
+    #[test]
+    fn each_cell_is_its_median_round_whole_and_memory_keeps_the_highest_peak() {
+        let combined = median_round(vec![
+            round(30_000.0, 90.0, 9.0, 500),
+            round(10_000.0, 50.0, 12.0, 900),
+            round(20_000.0, 70.0, 7.0, 700),
+        ]);
+        let cell = &combined.rows[&(false, "braid".to_string())]["randread-4k-qd1"];
+        assert_eq!(cell.iops, 20_000.0);
+        assert_eq!(cell.srv, 70.0, "CPU comes from the same round as the IOPS");
+        assert_eq!(combined.floor.unwrap().read_p50, 9.0);
+        assert_eq!(combined.memory.len(), 1);
+        assert_eq!(combined.memory[0].peak_kib, 900);
+    }
 }
