@@ -389,6 +389,7 @@ fn parse(out: &str) -> BTreeMap<String, Row> {
 }
 
 /// Resident size of one braid process through one column's run.
+#[derive(Clone)]
 pub(crate) struct Memory {
     pub(crate) column: String,
     pub(crate) transport: &'static str,
@@ -467,7 +468,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         }
         measured.push(measure(&plan)?);
     }
-    let results = median_round(measured);
+    let results = median_round(&measured);
     let _ = fs::remove_dir_all(&dir);
     let columns: Vec<&str> = COLUMNS.iter().copied().filter(|c| wanted(c)).collect();
     if rounds > 1 {
@@ -477,6 +478,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         );
     }
     table::print(&results, &columns, &transports);
+    table::print_round_ratios(&measured, &transports);
     Ok(())
 }
 
@@ -606,7 +608,7 @@ fn measure(plan: &Plan<'_>) -> Result<Results, String> {
 /// One table out of several rounds: each cell is the round with the median
 /// IOPS (so its CPU and latency come from the same run), the floor is the
 /// median of each shape, and memory keeps the highest peak seen.
-fn median_round(mut rounds: Vec<Results>) -> Results {
+fn median_round(rounds: &[Results]) -> Results {
     let mut combined = Results::default();
     let keys: Vec<(bool, String)> = rounds[0].rows.keys().cloned().collect();
     for key in keys {
@@ -626,9 +628,8 @@ fn median_round(mut rounds: Vec<Results>) -> Results {
     let floors: Vec<&floor::Floor> = rounds.iter().filter_map(|r| r.floor.as_ref()).collect();
     if !floors.is_empty() {
         let median = |shape: fn(&floor::Floor) -> f64| {
-            let mut v: Vec<f64> = floors.iter().map(|f| shape(f)).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
+            let v: Vec<f64> = floors.iter().map(|f| shape(f)).collect();
+            table::median(&v).unwrap_or(0.0)
         };
         combined.floor = Some(floor::Floor {
             read_p50: median(|f| f.read_p50),
@@ -637,14 +638,15 @@ fn median_round(mut rounds: Vec<Results>) -> Results {
             write_p50_polling: median(|f| f.write_p50_polling),
         });
     }
-    combined.memory = std::mem::take(&mut rounds[0].memory);
-    for later in &rounds[1..] {
-        for m in &later.memory {
+    for (i, round) in rounds.iter().enumerate() {
+        for m in &round.memory {
             let same = |c: &&mut Memory| {
                 c.column == m.column && c.transport == m.transport && c.process == m.process
             };
-            if let Some(first) = combined.memory.iter_mut().find(same) {
-                first.peak_kib = first.peak_kib.max(m.peak_kib);
+            match combined.memory.iter_mut().find(same) {
+                Some(seen) => seen.peak_kib = seen.peak_kib.max(m.peak_kib),
+                None if i == 0 => combined.memory.push(m.clone()),
+                None => {}
             }
         }
     }
@@ -682,7 +684,7 @@ mod tests {
 
     #[test]
     fn each_cell_is_its_median_round_whole_and_memory_keeps_the_highest_peak() {
-        let combined = median_round(vec![
+        let combined = median_round(&[
             round(30_000.0, 90.0, 9.0, 500),
             round(10_000.0, 50.0, 12.0, 900),
             round(20_000.0, 70.0, 7.0, 700),

@@ -136,3 +136,99 @@ fn cell(v: Option<f64>, decimals: usize) -> String {
         None => format!(" {:>11}", "-"),
     }
 }
+
+/// braid's NBD face over the best peer, and attach over braid, in each
+/// round and their median: on shared cores a round's columns share its
+/// noise, so a ratio within a round is steadier than a ratio of medians.
+pub(crate) fn print_round_ratios(rounds: &[Results], transports: &[bool]) {
+    if rounds.len() < 2 {
+        return;
+    }
+    println!();
+    println!("throughput ratios in each round, then their median");
+    println!(
+        "{:<6} {:<22} {:>24} {:>8} {:>24} {:>8}",
+        "", "workload", "braid/best per round", "median", "attach/braid per round", "median"
+    );
+    for &unix in transports {
+        for w in WORKLOADS {
+            let (best, attach): (Vec<f64>, Vec<f64>) = rounds
+                .iter()
+                .map(|r| round_ratios(r, unix, w))
+                .fold((Vec::new(), Vec::new()), |(mut b, mut a), (rb, ra)| {
+                    b.extend(rb);
+                    a.extend(ra);
+                    (b, a)
+                });
+            println!(
+                "{} {:>24} {:>8} {:>24} {:>8}",
+                lead(unix, w),
+                listed(&best),
+                median(&best).map_or("-".into(), |m| format!("{m:.2}x")),
+                listed(&attach),
+                median(&attach).map_or("-".into(), |m| format!("{m:.2}x")),
+            );
+        }
+    }
+}
+
+/// One round's braid/best and attach/braid throughput for workload `w`.
+fn round_ratios(r: &Results, unix: bool, w: &str) -> (Option<f64>, Option<f64>) {
+    let seq = w.starts_with("seq");
+    let value = |column: &str| {
+        let row = r.rows.get(&(unix, column.to_string()))?.get(w)?;
+        Some(if seq { row.mib } else { row.iops })
+    };
+    let best = PEERS.iter().filter_map(|p| value(p)).reduce(f64::max);
+    let over = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let braid = value("braid");
+    (over(braid, best), over(value("attach"), braid))
+}
+
+fn listed(ratios: &[f64]) -> String {
+    if ratios.is_empty() {
+        return "-".into();
+    }
+    let parts: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    parts.join(" ")
+}
+
+pub(crate) fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn a_rounds_ratios_are_braid_over_its_best_peer_and_attach_over_braid() {
+        let mut r = Results::default();
+        for (column, iops) in [
+            ("braid", 90.0),
+            ("nbdkit", 100.0),
+            ("qemu-nbd", 60.0),
+            ("attach", 45.0),
+        ] {
+            let row = Row {
+                iops,
+                ..Row::default()
+            };
+            let cells = BTreeMap::from([("randread-4k-qd1".to_string(), row)]);
+            r.rows.insert((true, column.into()), cells);
+        }
+        assert_eq!(
+            round_ratios(&r, true, "randread-4k-qd1"),
+            (Some(0.9), Some(0.5))
+        );
+        assert_eq!(round_ratios(&r, false, "randread-4k-qd1"), (None, None));
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[]), None);
+    }
+}
