@@ -49,6 +49,29 @@ fn codec(c: &mut Criterion) {
         b.iter(|| black_box(decode(encode(black_box(&read)).to_bytes()).unwrap()))
     });
     g.finish();
+
+    // A payload's CRC is most of a large frame's cost (the socket copies
+    // are the kernel's): measured per byte.
+    let large = 1 << 20;
+    let req = Message::Request(Request {
+        op: Op::Write,
+        length: large as u32,
+        payload: Bytes::from((0..large).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>()),
+        ..match &req {
+            Message::Request(r) => r.clone(),
+            _ => unreachable!(),
+        }
+    });
+    let mut g = c.benchmark_group("codec 1 MiB");
+    g.throughput(Throughput::Bytes(large as u64));
+    g.bench_function("encode write 1M", |b| {
+        b.iter(|| black_box(encode(black_box(&req))))
+    });
+    let bytes = encode(&req).to_bytes();
+    g.bench_function("decode write 1M", |b| {
+        b.iter(|| black_box(decode(black_box(bytes.clone())).unwrap()))
+    });
+    g.finish();
 }
 
 struct Connected {

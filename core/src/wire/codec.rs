@@ -165,6 +165,16 @@ impl BodyWriter {
     }
 }
 
+/// The CRC32C of a payload. Payloads are nearly all of a frame's bytes, so
+/// this takes the fastest implementation: crc-fast folds with VPCLMULQDQ
+/// where the CPU has it (`cargo bench -p braid-core --bench engine --
+/// codec`, 1 MiB: 18.1 µs against the crc32c crate's 37.5 µs; 4 KiB write
+/// encode 165 against 261 ns). The same checksum as the crc32c crate,
+/// which the short header CRCs keep using (a test holds them equal).
+fn payload_crc(payload: &[u8]) -> u32 {
+    crc_fast::crc32_iscsi(payload)
+}
+
 /// Encodes a message. Names longer than 255 bytes are truncated; callers
 /// validate configuration before it reaches the wire.
 pub fn encode(msg: &Message) -> OutFrame {
@@ -241,7 +251,7 @@ pub fn encode(msg: &Message) -> OutFrame {
     prefix[5] = msg.kind() as u8;
     prefix[6..8].copy_from_slice(&(body.len() as u16).to_le_bytes());
     prefix[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    prefix[12..16].copy_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    prefix[12..16].copy_from_slice(&payload_crc(&payload).to_le_bytes());
     let header_crc = crc32c::crc32c_append(crc32c::crc32c(&prefix[..16]), body);
     prefix[16..20].copy_from_slice(&header_crc.to_le_bytes());
 
@@ -367,7 +377,7 @@ pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
         at: 0,
     };
     let payload = frame.slice(head_len..);
-    let payload_ok = crc32c::crc32c(&payload) == prefix.payload_crc;
+    let payload_ok = payload_crc(&payload) == prefix.payload_crc;
     let no_payload = |p: &Bytes| {
         if p.is_empty() {
             Ok(())
@@ -493,4 +503,42 @@ pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
         no_payload(&payload)?;
     }
     Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// Every peer computes payload CRCs with the crc32c crate or another
+    /// CRC32C: the fast path must agree on every length, including the
+    /// short tails and the sizes where its folding loops change.
+    #[test]
+    fn the_payload_crc_is_crc32c_at_every_length() {
+        let mut rng = SplitMix64::new(7);
+        let data: Vec<u8> = (0..(1 << 20) + 3).map(|_| rng.next_u64() as u8).collect();
+        let mut lengths: Vec<usize> = (0..=300).collect();
+        lengths.extend([
+            511,
+            512,
+            1023,
+            1024,
+            4095,
+            4096,
+            4097,
+            65536,
+            1 << 20,
+            (1 << 20) + 3,
+        ]);
+        for len in lengths {
+            for start in [0, 1, 3] {
+                let slice = &data[start.min(data.len() - len)..][..len];
+                assert_eq!(
+                    payload_crc(slice),
+                    crc32c::crc32c(slice),
+                    "length {len} at {start}"
+                );
+            }
+        }
+    }
 }
