@@ -473,8 +473,9 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     let columns: Vec<&str> = COLUMNS.iter().copied().filter(|c| wanted(c)).collect();
     if rounds > 1 {
         println!(
-            "each cell: the round with the median IOPS of {rounds} (its CPU and latency \
-             with it); floor: the median; memory: the highest peak"
+            "each cell: the round with the median IOPS of {rounds}, the lower of the middle \
+             two for an even count (its CPU and latency with it); floor: the median; \
+             memory: the highest peak"
         );
     }
     table::print(&results, &columns, &transports);
@@ -606,8 +607,9 @@ fn measure(plan: &Plan<'_>) -> Result<Results, String> {
 }
 
 /// One table out of several rounds: each cell is the round with the median
-/// IOPS (so its CPU and latency come from the same run), the floor is the
-/// median of each shape, and memory keeps the highest peak seen.
+/// IOPS (the lower middle of an even count; its CPU and latency come from
+/// the same run), the floor is the median of each shape, and memory keeps
+/// the highest peak seen.
 fn median_round(rounds: &[Results]) -> Results {
     let mut combined = Results::default();
     let keys: Vec<(bool, String)> = rounds[0].rows.keys().cloned().collect();
@@ -620,7 +622,9 @@ fn median_round(rounds: &[Results]) -> Results {
                 .filter_map(|r| r.rows.get(&key).and_then(|rows| rows.get(&w)).cloned())
                 .collect();
             seen.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-            let middle = seen.len() / 2;
+            // Of an even count, the lower middle: a whole round's figures
+            // must stay together, and the table should not flatter.
+            let middle = (seen.len() - 1) / 2;
             cells.insert(w, seen.swap_remove(middle));
         }
         combined.rows.insert(key, cells);

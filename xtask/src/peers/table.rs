@@ -196,10 +196,16 @@ fn listed(ratios: &[f64]) -> String {
     parts.join(" ")
 }
 
+/// The middle value; of an even count, the mean of the two middle ones.
 pub(crate) fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +235,11 @@ mod tests {
         );
         assert_eq!(round_ratios(&r, false, "randread-4k-qd1"), (None, None));
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(
+            median(&[0.5, 1.5]),
+            Some(1.0),
+            "not the larger of two rounds"
+        );
         assert_eq!(median(&[]), None);
     }
 }
