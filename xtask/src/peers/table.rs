@@ -14,12 +14,6 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
         _ => "-".into(),
     };
-    let best_peer = |unix: bool, w: &str, pick: &dyn Fn(&Row) -> f64| {
-        PEERS
-            .iter()
-            .filter_map(|p| get(unix, p, w).map(pick))
-            .reduce(f64::max)
-    };
 
     println!();
     println!(
@@ -35,9 +29,10 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
             for c in &numeric {
                 line += &cell(get(unix, c, w).map(value), 0);
             }
-            let braid = get(unix, "braid", w).map(value);
-            line += &format!(" {:>12}", ratio(braid, best_peer(unix, w, &value)));
-            line += &format!(" {:>12}", ratio(get(unix, "attach", w).map(value), braid));
+            let (over_best, attach_over_braid) = round_ratios(results, unix, w);
+            let shown = |r: Option<f64>| r.map_or("-".into(), |r| format!("{r:.2}x"));
+            line += &format!(" {:>12}", shown(over_best));
+            line += &format!(" {:>12}", shown(attach_over_braid));
             println!("{line}");
         }
     }
