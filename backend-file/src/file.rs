@@ -1,5 +1,5 @@
 use crate::lock::{lock, LockMode};
-use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
 use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -29,7 +29,8 @@ pub struct OpenOptions {
 /// One open export.
 #[derive(Debug)]
 pub struct ExportFile {
-    file: File,
+    /// Shared with replies that `sendfile` from it.
+    file: Arc<File>,
     path: PathBuf,
     size: u64,
     is_block_device: bool,
@@ -134,7 +135,7 @@ impl ExportFile {
         }
         let memory_backed = !is_block_device && on_memory_filesystem(&file);
         Ok(ExportFile {
-            file,
+            file: Arc::new(file),
             path,
             size,
             is_block_device,
@@ -251,6 +252,24 @@ impl ExportFile {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// The file to `sendfile` `[offset, offset + len)` from, if every page
+    /// of it is cached now (always, on tmpfs): the kernel then sends the
+    /// page cache's own pages, with no copy through this process. Not for
+    /// O_DIRECT exports, which promise to bypass the cache, nor where the
+    /// kernel cannot tell (before Linux 6.5): a miss would block the loop.
+    pub fn splice_source(&self, offset: u64, len: u32) -> Option<SpliceSource> {
+        let end = offset.checked_add(u64::from(len))?;
+        if self.direct || end > self.size {
+            return None;
+        }
+        let cached =
+            self.memory_backed || crate::cache::all_cached(&self.file, offset, u64::from(len))?;
+        cached.then(|| SpliceSource {
+            file: self.file.clone(),
+            offset,
+        })
     }
 
     /// Performs `op` if the kernel can do it without blocking: a buffered
@@ -673,6 +692,10 @@ impl Backend for FileBackend {
         Some(f.try_execute_now(op)?.map_err(|e| failed(f, op, &e)))
     }
 
+    fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        self.exports.get(export)?.splice_source(offset, len)
+    }
+
     fn allocation(&self, export: usize, offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
         let Some(f) = self.exports.get(export) else {
             return Err(Status::Invalid);
@@ -705,6 +728,36 @@ mod tests {
         )
         .unwrap();
         (dir, f)
+    }
+
+    #[test]
+    fn only_a_cached_range_inside_the_export_is_offered_to_sendfile() {
+        let (dir, f) = export(4 << 20);
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![9u8; 1 << 20]),
+            fua: false,
+        })
+        .unwrap();
+        let src = f.splice_source(4096, 512 << 10);
+        if f.memory_backed || crate::cache::all_cached(&f.file, 0, 4096).is_some() {
+            let src = src.expect("just written, so cached");
+            assert_eq!(src.offset, 4096);
+            assert!(Arc::ptr_eq(&src.file, &f.file));
+        } else {
+            assert!(src.is_none(), "the kernel cannot tell: never offered");
+        }
+        assert!(
+            f.splice_source((4 << 20) - 4096, 8192).is_none(),
+            "past the end"
+        );
+        assert!(f.splice_source(u64::MAX - 10, 100).is_none(), "overflowing");
+        if !f.memory_backed {
+            // Sparse and never touched: reading it would wait for the disk
+            // (or at least for a page to be made).
+            assert!(f.splice_source(3 << 20, 64 << 10).is_none());
+        }
+        drop(dir);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 #![deny(missing_docs)]
 
+mod cache;
 mod file;
 pub mod lock;
 

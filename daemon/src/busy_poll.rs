@@ -5,7 +5,7 @@
 //! braid's whole path; at QD1 every IO pays it once per process it crosses.
 //! An idle daemon does not spin: the window starts at each IO.
 
-use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -131,6 +131,11 @@ impl<B: Backend> Backend for Polled<B> {
 
     fn allocation(&self, export: usize, offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
         self.0.allocation(export, offset, len)
+    }
+
+    fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        mark();
+        self.0.splice_source(export, offset, len)
     }
 }
 

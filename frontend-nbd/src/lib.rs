@@ -19,6 +19,7 @@ mod fuzz;
 mod listener;
 mod negotiate;
 mod proto;
+mod socket;
 mod target;
 mod transmit;
 
@@ -36,7 +37,8 @@ use tokio::task::JoinSet;
 
 /// Any byte stream a connection runs over: TCP, a unix socket, or TLS on
 /// either after STARTTLS.
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+/// `Any` lets transmission find a plain socket again (for `sendfile`).
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
 pub(crate) type BoxStream = Box<dyn Stream>;
 

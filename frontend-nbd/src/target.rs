@@ -1,7 +1,7 @@
 //! Where NBD requests go: a server's own backend, or (for `braid attach`)
 //! a braid volume reached over the network.
 
-use braid_core::server::{Backend, BackendOp, Extent};
+use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
 use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -33,6 +33,13 @@ pub trait Target: Send + Sync + 'static {
     fn write_staging(&self) -> Option<Arc<dyn Staging>> {
         None
     }
+
+    /// Where a READ of `[offset, offset + len)` can be sent from with
+    /// `sendfile`, if the target keeps it in a file whose pages are cached
+    /// now (see [`Backend::splice_source`]). Must not block.
+    fn splice_read(&self, _export: usize, _offset: u64, _len: u32) -> Option<SpliceSource> {
+        None
+    }
 }
 
 /// A local [`Backend`]: what `braid serve --nbd` uses. Operations the
@@ -56,5 +63,9 @@ impl Target for BackendTarget {
 
     fn fast_zero(&self) -> bool {
         true
+    }
+
+    fn splice_read(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        self.0.splice_source(export, offset, len)
     }
 }

@@ -3,9 +3,10 @@
 
 use crate::negotiate::{protocol_error, Negotiated};
 use crate::proto::*;
+use crate::socket::{self, ReplySink};
 use crate::target::Target;
 use crate::NbdExport;
-use braid_core::server::{BackendOp, Extent};
+use braid_core::server::{BackendOp, Extent, SpliceSource};
 use braid_core::staging::StagedBuffer;
 use braid_core::wire::Status;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,11 +24,18 @@ const INFLIGHT_KIB: u32 = 64 * 1024;
 /// 4096 in flight per connection).
 const REQUEST_MIN_KIB: u32 = 16;
 
+/// READs at least this large are sent with `sendfile` where they can be
+/// (a plain socket, a file whose pages are cached): below it the extra
+/// system call for the header costs more than the copy it saves.
+const SENDFILE_MIN: u32 = 64 * 1024;
+
 /// One reply, ready to send: a header and an optional payload sent after
-/// it without copying.
+/// it without copying, or (for a large READ) the file range the kernel
+/// sends its payload from.
 struct Reply {
     head: BytesMut,
     data: Bytes,
+    file: Option<(SpliceSource, usize)>,
 }
 
 /// How one request's replies are framed.
@@ -43,7 +51,11 @@ impl Replier {
         head.put_u32(SIMPLE_REPLY_MAGIC);
         head.put_u32(error);
         head.put_u64(self.handle);
-        Reply { head, data }
+        Reply {
+            head,
+            data,
+            file: None,
+        }
     }
 
     fn chunk(self, ty: u16, payload_len: usize, extra: usize) -> BytesMut {
@@ -76,6 +88,7 @@ impl Replier {
         Reply {
             head,
             data: Bytes::new(),
+            file: None,
         }
     }
 
@@ -86,13 +99,38 @@ impl Replier {
         if data.is_empty() {
             // Nothing to cover: a zero-length read.
             let head = self.chunk(REPLY_TYPE_NONE, 0, 0);
-            return Reply { head, data };
+            return Reply {
+                head,
+                data,
+                file: None,
+            };
         }
         // One content chunk, marked final: nothing can fail once the data
         // is in hand.
         let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + data.len(), 8);
         head.put_u64(offset);
-        Reply { head, data }
+        Reply {
+            head,
+            data,
+            file: None,
+        }
+    }
+
+    /// A READ's reply whose `len` bytes of data the writer sends from
+    /// `src` (never zero-length: those take [`Replier::read_data`]).
+    fn read_file(self, offset: u64, src: SpliceSource, len: usize) -> Reply {
+        let head = if self.structured {
+            let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + len, 8);
+            head.put_u64(offset);
+            head
+        } else {
+            self.simple(0, Bytes::new()).head
+        };
+        Reply {
+            head,
+            data: Bytes::new(),
+            file: Some((src, len)),
+        }
     }
 
     fn block_status(self, extents: &[Extent], req_one: bool, len: u32) -> Reply {
@@ -126,6 +164,7 @@ impl Replier {
         Reply {
             head,
             data: Bytes::new(),
+            file: None,
         }
     }
 }
@@ -186,7 +225,8 @@ pub(crate) async fn transmit(
     } = n;
     let fast_zero = target.fast_zero();
     let staging = target.write_staging();
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = socket::split(stream);
+    let send_files = wr.can_send_file();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let writer = tokio::spawn(async move {
@@ -194,12 +234,10 @@ pub(crate) async fn transmit(
         // Each reply's budget goes back once it is written (the permit is
         // dropped at the end of its iteration).
         while let Some((r, _budget)) = rx.recv().await {
-            wr.write_all(&r.head).await?;
-            wr.write_all(&r.data).await?;
+            write_reply(&mut wr, &r).await?;
             // Batch whatever else is ready into the same write.
             while let Ok((r, _budget)) = rx.try_recv() {
-                wr.write_all(&r.head).await?;
-                wr.write_all(&r.data).await?;
+                write_reply(&mut wr, &r).await?;
             }
             wr.flush().await?;
         }
@@ -338,6 +376,15 @@ pub(crate) async fn transmit(
                 continue;
             }
         };
+        if let BackendOp::Read { offset, len } = op {
+            let spliced = (send_files && len >= SENDFILE_MIN)
+                .then(|| target.splice_read(export.backend_index, offset, len))
+                .flatten();
+            if let Some(src) = spliced {
+                let _ = tx.send((replier.read_file(offset, src, len as usize), permit));
+                continue;
+            }
+        }
         let tx = tx.clone();
         let name = export.name.clone();
         let (cmd, offset, len) = (req.cmd, req.offset, req.len);
@@ -365,6 +412,19 @@ pub(crate) async fn transmit(
     drop(tx);
     let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
     ended.and(written)
+}
+
+/// Writes one reply into the buffer; one sent from a file flushes what is
+/// buffered first (its header with it) and then has the kernel send the
+/// data.
+async fn write_reply(wr: &mut BufWriter<ReplySink>, r: &Reply) -> io::Result<()> {
+    wr.write_all(&r.head).await?;
+    wr.write_all(&r.data).await?;
+    if let Some((src, len)) = &r.file {
+        wr.flush().await?;
+        wr.get_mut().send_file(src, *len).await?;
+    }
+    Ok(())
 }
 
 /// Validates a request against the export and what was negotiated. The

@@ -6,6 +6,8 @@
 use super::BackendOp;
 use crate::wire::Status;
 use bytes::Bytes;
+use std::fs::File;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Storage behind the exports, indexed like [`super::ServerConfig::exports`].
@@ -46,6 +48,24 @@ pub trait Backend: Send + Sync + 'static {
     fn allocation(&self, _export: usize, _offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
         Ok(vec![Extent { len, hole: false }])
     }
+
+    /// Where the kernel can send `len` bytes of export `export` from
+    /// `offset` to a socket with `sendfile`, with no copy through this
+    /// process, if it can do so now without waiting for a device: the
+    /// bytes are all in the page cache. A protocol without payload
+    /// checksums (NBD on a plain socket) answers large reads this way.
+    fn splice_source(&self, _export: usize, _offset: u64, _len: u32) -> Option<SpliceSource> {
+        None
+    }
+}
+
+/// A file and where an export's bytes start in it, for `sendfile`.
+#[derive(Debug, Clone)]
+pub struct SpliceSource {
+    /// The export's backing file, open for reading.
+    pub file: Arc<File>,
+    /// The file offset of the first byte asked for.
+    pub offset: u64,
 }
 
 /// A run of bytes with one allocation state.

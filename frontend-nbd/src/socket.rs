@@ -1,0 +1,187 @@
+//! A connection's two directions once negotiation is over. On a plain TCP
+//! or unix socket the reply side can also `sendfile` a READ's data
+//! straight from the backing file's page cache, which costs the server no
+//! copy (TCP) or one instead of two (a unix socket). Under TLS the bytes
+//! must pass through the encryption, so replies are always written.
+
+use crate::BoxStream;
+use braid_core::server::SpliceSource;
+use std::any::Any;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
+use tokio::net::{tcp, unix, TcpStream, UnixStream};
+
+/// Where a connection's replies go.
+pub(crate) enum ReplySink {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+    Other(WriteHalf<BoxStream>),
+}
+
+/// Where a connection's requests come from.
+pub(crate) enum RequestSource {
+    Tcp(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
+    Other(ReadHalf<BoxStream>),
+}
+
+/// Splits `stream` into its two directions, keeping the socket itself
+/// reachable where it is a plain one.
+pub(crate) fn split(stream: BoxStream) -> (RequestSource, ReplySink) {
+    let kind: &dyn Any = &*stream;
+    if kind.is::<TcpStream>() || kind.is::<UnixStream>() {
+        let stream: Box<dyn Any + Send> = stream;
+        return match stream.downcast::<TcpStream>() {
+            Ok(tcp) => {
+                let (rd, wr) = tcp.into_split();
+                (RequestSource::Tcp(rd), ReplySink::Tcp(wr))
+            }
+            Err(stream) => {
+                let unix = stream
+                    .downcast::<UnixStream>()
+                    .unwrap_or_else(|_| unreachable!("checked just above"));
+                let (rd, wr) = unix.into_split();
+                (RequestSource::Unix(rd), ReplySink::Unix(wr))
+            }
+        };
+    }
+    let (rd, wr) = tokio::io::split(stream);
+    (RequestSource::Other(rd), ReplySink::Other(wr))
+}
+
+impl ReplySink {
+    /// Whether [`ReplySink::send_file`] works here.
+    pub(crate) fn can_send_file(&self) -> bool {
+        !matches!(self, ReplySink::Other(_))
+    }
+
+    /// Sends `len` bytes of `src`'s file from its offset with `sendfile`,
+    /// waiting while the socket is full. Anything written before must have
+    /// been flushed. A file shorter than promised is an error: the reply's
+    /// header already announced `len` bytes, so the connection cannot go on.
+    pub(crate) async fn send_file(&mut self, src: &SpliceSource, len: usize) -> io::Result<()> {
+        let mut offset = src.offset;
+        let mut left = len;
+        while left > 0 {
+            let sent = match &*self {
+                ReplySink::Tcp(w) => {
+                    let s: &TcpStream = w.as_ref();
+                    s.writable().await?;
+                    s.try_io(Interest::WRITABLE, || sendfile(s, src, &mut offset, left))
+                }
+                ReplySink::Unix(w) => {
+                    let s: &UnixStream = w.as_ref();
+                    s.writable().await?;
+                    s.try_io(Interest::WRITABLE, || sendfile(s, src, &mut offset, left))
+                }
+                ReplySink::Other(_) => {
+                    return Err(io::Error::other("sendfile needs a plain socket"));
+                }
+            };
+            match sent {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the backing file ends before offset {offset} \
+                             ({left} bytes of a READ still to send)"
+                        ),
+                    ))
+                }
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `sendfile` call, moving `offset` past what it sent.
+fn sendfile(
+    socket: &impl AsRawFd,
+    src: &SpliceSource,
+    offset: &mut u64,
+    len: usize,
+) -> io::Result<usize> {
+    let mut off = *offset as libc::off_t;
+    loop {
+        // SAFETY: both fds are open (borrowed for the call); `off` is ours.
+        let n = unsafe { libc::sendfile(socket.as_raw_fd(), src.file.as_raw_fd(), &mut off, len) };
+        if n >= 0 {
+            *offset = off as u64;
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl AsyncRead for RequestSource {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            RequestSource::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            RequestSource::Unix(r) => Pin::new(r).poll_read(cx, buf),
+            RequestSource::Other(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ReplySink {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ReplySink::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            ReplySink::Unix(w) => Pin::new(w).poll_write(cx, buf),
+            ReplySink::Other(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ReplySink::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            ReplySink::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            ReplySink::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ReplySink::Tcp(w) => w.is_write_vectored(),
+            ReplySink::Unix(w) => w.is_write_vectored(),
+            ReplySink::Other(w) => w.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReplySink::Tcp(w) => Pin::new(w).poll_flush(cx),
+            ReplySink::Unix(w) => Pin::new(w).poll_flush(cx),
+            ReplySink::Other(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReplySink::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            ReplySink::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            ReplySink::Other(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}

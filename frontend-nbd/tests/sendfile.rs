@@ -1,0 +1,190 @@
+//! Large READs sent with `sendfile` from the backing file's page cache:
+//! the bytes, framing and order are the same as for copied replies, over
+//! TCP and unix sockets, in simple and structured replies; a backing file
+//! that turns out shorter than the export closes the connection rather
+//! than send a reply it cannot finish.
+
+mod common;
+
+use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
+use braid_core::server::{BackendOp, SpliceSource};
+use braid_frontend_nbd::{
+    serve, BackendTarget, Completion, ExtentsCompletion, NbdConfig, NbdExport, NbdListener, Target,
+};
+use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, UnixStream};
+
+/// A file target that counts the READs it offered to `sendfile`, and can
+/// offer a different file for them (one shorter than the export).
+struct Counting {
+    inner: BackendTarget,
+    spliced: Arc<AtomicUsize>,
+    short: Option<Arc<std::fs::File>>,
+}
+
+impl Target for Counting {
+    fn submit(&self, export: usize, op: BackendOp, done: Completion) {
+        self.inner.submit(export, op, done)
+    }
+    fn allocation(&self, export: usize, offset: u64, len: u64, done: ExtentsCompletion) {
+        self.inner.allocation(export, offset, len, done)
+    }
+    fn fast_zero(&self) -> bool {
+        self.inner.fast_zero()
+    }
+    fn splice_read(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        let src = match &self.short {
+            Some(file) => Some(SpliceSource {
+                file: file.clone(),
+                offset,
+            }),
+            None => self.inner.splice_read(export, offset, len),
+        };
+        if src.is_some() {
+            self.spliced.fetch_add(1, Ordering::Relaxed);
+        }
+        src
+    }
+}
+
+/// A directory on tmpfs, where every page is cached, so large READs are
+/// always offered to `sendfile` (on a disk it depends on the page cache).
+fn memory_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap()
+}
+
+/// Serves a SIZE export filled with a known pattern; returns the pattern
+/// and the counter of spliced READs.
+fn start_counting(
+    dir: &std::path::Path,
+    listener: NbdListener,
+    short: Option<Arc<std::fs::File>>,
+) -> (Vec<u8>, Arc<AtomicUsize>) {
+    let path = dir.join("disk");
+    let pattern: Vec<u8> = (0..SIZE as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&path, &pattern).unwrap();
+    let file = ExportFile::open(&path, &OpenOptions::default()).unwrap();
+    let spliced = Arc::new(AtomicUsize::new(0));
+    let target = Counting {
+        inner: BackendTarget(Arc::new(FileBackend::new(vec![file]))),
+        spliced: spliced.clone(),
+        short,
+    };
+    tokio::spawn(serve(
+        listener,
+        NbdConfig::new(vec![NbdExport::new("disk0", SIZE, 0)]),
+        Arc::new(target),
+        std::future::pending(),
+    ));
+    (pattern, spliced)
+}
+
+/// Reads in flight together: large ones (spliced), a small one between
+/// them (copied), one ending at the export's end, one unaligned.
+const READS: [(u64, u32); 5] = [
+    (0, 1 << 20),
+    (4096, 4096),
+    ((1 << 20) + 512, 3 << 20),
+    (SIZE - (64 << 10), 64 << 10),
+    (12345, (64 << 10) + 1),
+];
+
+#[tokio::test]
+async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
+    let dir = memory_dir();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pattern, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), None);
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    for (h, (offset, len)) in READS.iter().enumerate() {
+        request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
+    }
+    // Simple replies carry no length: answers come in the order sent here
+    // because each is answered inline, so each is read at its own size.
+    for (h, (offset, len)) in READS.iter().enumerate() {
+        let (handle, error, data) = reply(&mut s, *len as usize).await;
+        assert_eq!((handle, error), (h as u64, 0));
+        let at = *offset as usize;
+        assert!(data == pattern[at..at + *len as usize], "read {h} differs");
+    }
+    assert_eq!(
+        spliced.load(Ordering::Relaxed),
+        4,
+        "every READ of 64 KiB or more"
+    );
+    // The connection goes on as before.
+    request(&mut s, 0, 0, 99, 8192, 4096, &[]).await;
+    assert_eq!(reply(&mut s, 4096).await.2, pattern[8192..12288]);
+}
+
+#[tokio::test]
+async fn large_structured_reads_over_a_unix_socket_carry_their_offsets() {
+    let dir = memory_dir();
+    let path = dir.path().join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let (pattern, spliced) = start_counting(dir.path(), listener, None);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    greet(&mut s).await;
+    option(&mut s, 8, &[]).await;
+    assert_eq!(option_reply(&mut s).await.1, 1, "STRUCTURED_REPLY acked");
+    go(&mut s, "disk0").await;
+    for (h, (offset, len)) in READS.iter().enumerate() {
+        request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
+    }
+    for _ in READS {
+        let AnyReply::Chunk {
+            flags,
+            ty,
+            handle,
+            payload,
+        } = any_reply(&mut s).await
+        else {
+            panic!("a structured READ answered with a simple reply");
+        };
+        let (offset, len) = READS[handle as usize];
+        assert_eq!((ty, flags & 1), (1, 1), "one final OFFSET_DATA chunk");
+        assert_eq!(u64::from_be_bytes(payload[..8].try_into().unwrap()), offset);
+        let at = offset as usize;
+        assert!(
+            payload[8..] == pattern[at..at + len as usize],
+            "read {handle} differs"
+        );
+    }
+    assert_eq!(spliced.load(Ordering::Relaxed), 4);
+}
+
+#[tokio::test]
+async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
+    let dir = memory_dir();
+    let short = dir.path().join("short");
+    std::fs::write(&short, vec![5u8; 100 << 10]).unwrap();
+    let short = Arc::new(std::fs::File::open(&short).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), Some(short));
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    request(&mut s, 0, 0, 1, 0, 1 << 20, &[]).await;
+    // The header promised 1 MiB; 100 KiB exist. The server must not send
+    // anything else in their place: the stream ends after the file does.
+    let mut got = Vec::new();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("the connection is closed, not left hanging")
+        .unwrap_or(got.len());
+    assert_eq!(
+        n,
+        16 + (100 << 10),
+        "the header and the file's bytes, then the end"
+    );
+    assert!(got[16..].iter().all(|b| *b == 5));
+    assert_eq!(spliced.load(Ordering::Relaxed), 1);
+    // Other connections are served as before.
+    let (mut other, _, _) = connect(addr, "disk0").await;
+    request(&mut other, 0, 0, 2, 0, 4096, &[]).await;
+    assert_eq!(reply(&mut other, 4096).await.1, 0);
+}
