@@ -404,6 +404,8 @@ pub(crate) struct Results {
     /// (transport is unix, column) -> workload -> figures.
     pub(crate) rows: BTreeMap<(bool, String), BTreeMap<String, Row>>,
     pub(crate) floor: Option<floor::Floor>,
+    /// braid's QD1 p50 paired with the polling floor just before it.
+    pub(crate) floor_pairs: Option<floor::Pairs>,
     /// Resident memory of the braid processes per column and transport.
     pub(crate) memory: Vec<Memory>,
 }
@@ -483,6 +485,9 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     Ok(())
 }
 
+/// Floor-then-braid pairs per QD1 shape and round (1 s each).
+const FLOOR_PAIRS: usize = 4;
+
 /// What one round measures, and with what.
 struct Plan<'a> {
     runtime: &'a str,
@@ -554,6 +559,13 @@ fn measure(plan: &Plan<'_>) -> Result<Results, String> {
             daemon.pid(),
             runtime,
         )?;
+        if wanted("floor") {
+            eprintln!("==> floor pairs: polling ping-pong, then braid bench at QD1, {FLOOR_PAIRS} times per shape");
+            let pairs = floor::pairs(FLOOR_PAIRS, std::time::Duration::from_secs(1), |write| {
+                proto::qd1_p50(braid, listen.trim(), &sdir.join("keys.toml"), write)
+            })?;
+            results.floor_pairs = Some(pairs);
+        }
         let peak = sampler.finish();
         results.memory.push(Memory {
             column: "proto".into(),
@@ -642,6 +654,14 @@ fn median_round(rounds: &[Results]) -> Results {
             write_p50_polling: median(|f| f.write_p50_polling),
         });
     }
+    for round in rounds {
+        if let Some(p) = &round.floor_pairs {
+            combined
+                .floor_pairs
+                .get_or_insert_with(Default::default)
+                .extend(p);
+        }
+    }
     for (i, round) in rounds.iter().enumerate() {
         for m in &round.memory {
             let same = |c: &&mut Memory| {
@@ -676,6 +696,10 @@ mod tests {
             read_p50_polling: floor_p50,
             write_p50_polling: floor_p50,
         });
+        results.floor_pairs = Some(floor::Pairs {
+            read: vec![(floor_p50, 2.0 * floor_p50)],
+            write: vec![],
+        });
         results.memory.push(Memory {
             column: "braid".into(),
             transport: "tcp",
@@ -697,6 +721,9 @@ mod tests {
         assert_eq!(cell.iops, 20_000.0);
         assert_eq!(cell.srv, 70.0, "CPU comes from the same round as the IOPS");
         assert_eq!(combined.floor.unwrap().read_p50, 9.0);
+        let pairs = combined.floor_pairs.unwrap();
+        assert_eq!(pairs.read.len(), 3, "every round's pairs count");
+        assert_eq!(floor::median_ratio(&pairs.read), Some(2.0));
         assert_eq!(combined.memory.len(), 1);
         assert_eq!(combined.memory[0].peak_kib, 900);
     }

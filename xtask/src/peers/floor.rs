@@ -93,6 +93,18 @@ pub(crate) fn measure(runtime: Duration) -> Result<Floor, String> {
 
 /// Read-shaped and write-shaped medians, `runtime` each.
 fn measure_one(runtime: Duration, poll: bool) -> Result<(f64, f64), String> {
+    with_echo(poll, |conn| {
+        let read = exchange(conn, REQUEST_HEAD, BLOCK + REPLY_HEAD, runtime)?;
+        let write = exchange(conn, BLOCK + REQUEST_HEAD, REPLY_HEAD, runtime)?;
+        Ok((read, write))
+    })
+}
+
+/// Runs `exchanges` against a fresh echo process, then ends it.
+fn with_echo<T>(
+    poll: bool,
+    exchanges: impl FnOnce(&mut TcpStream) -> Result<T, String>,
+) -> Result<T, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .arg("__pingpong-echo")
@@ -109,13 +121,64 @@ fn measure_one(runtime: Duration, poll: bool) -> Result<(f64, f64), String> {
         let mut conn = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
         conn.set_nodelay(true).map_err(|e| e.to_string())?;
         conn.set_nonblocking(poll).map_err(|e| e.to_string())?;
-        let read = exchange(&mut conn, REQUEST_HEAD, BLOCK + REPLY_HEAD, runtime)?;
-        let write = exchange(&mut conn, BLOCK + REQUEST_HEAD, REPLY_HEAD, runtime)?;
-        Ok((read, write))
+        exchanges(&mut conn)
     })();
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+/// braid's QD1 p50 beside the polling floor measured just before it,
+/// (floor, braid) in µs per pair. On these shared vCPUs the machine
+/// changes speed between runs seconds apart (the same ping-pong measures
+/// 9 or 15 µs), so a ratio is only fair within a pair; the floor measured
+/// once per round, minutes from the braid row, mixed the two speeds.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Pairs {
+    pub(crate) read: Vec<(f64, f64)>,
+    pub(crate) write: Vec<(f64, f64)>,
+}
+
+impl Pairs {
+    /// Every pair of `other` after these.
+    pub(crate) fn extend(&mut self, other: &Pairs) {
+        self.read.extend_from_slice(&other.read);
+        self.write.extend_from_slice(&other.write);
+    }
+}
+
+/// `count` pairs of each shape, each a polling floor of `runtime` and then
+/// `braid_p50(write)`, braid's QD1 p50 of that shape.
+pub(crate) fn pairs(
+    count: usize,
+    runtime: Duration,
+    mut braid_p50: impl FnMut(bool) -> Result<f64, String>,
+) -> Result<Pairs, String> {
+    let mut out = Pairs::default();
+    for _ in 0..count {
+        for write in [false, true] {
+            let (ask, answer) = if write {
+                (BLOCK + REQUEST_HEAD, REPLY_HEAD)
+            } else {
+                (REQUEST_HEAD, BLOCK + REPLY_HEAD)
+            };
+            let floor = with_echo(true, |conn| exchange(conn, ask, answer, runtime))?;
+            let braid = braid_p50(write)?;
+            let shape = if write { &mut out.write } else { &mut out.read };
+            shape.push((floor, braid));
+        }
+    }
+    Ok(out)
+}
+
+/// The median of braid / floor over `pairs`.
+pub(crate) fn median_ratio(pairs: &[(f64, f64)]) -> Option<f64> {
+    let ratios: Vec<f64> = pairs
+        .iter()
+        .filter(|(floor, _)| *floor > 0.0)
+        .map(|(floor, braid)| braid / floor)
+        .collect();
+    super::table::median(&ratios)
 }
 
 /// QD1 round trips for `runtime`; returns the median in µs.
@@ -142,4 +205,29 @@ fn exchange(
         .get(samples.len() / 2)
         .ok_or("ping-pong: no samples")?;
     Ok(mid.as_secs_f64() * 1e6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pairs_ratio_is_braid_over_the_floor_beside_it() {
+        // Slow machine, fast machine, slow: each braid run is judged
+        // against its own floor, not against the other speed's.
+        let pairs = [(15.0, 24.0), (9.0, 16.2), (15.0, 22.5)];
+        let median = median_ratio(&pairs).unwrap();
+        assert!((median - 1.6).abs() < 1e-9, "{median}");
+        assert_eq!(median_ratio(&[]), None);
+        assert_eq!(median_ratio(&[(0.0, 10.0)]), None, "no floor, no ratio");
+        let mut all = Pairs {
+            read: pairs.to_vec(),
+            write: vec![],
+        };
+        all.extend(&Pairs {
+            read: vec![(10.0, 30.0)],
+            write: vec![(12.0, 18.0)],
+        });
+        assert_eq!((all.read.len(), all.write.len()), (4, 1));
+    }
 }

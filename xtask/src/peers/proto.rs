@@ -62,6 +62,25 @@ pub(crate) fn run(
     Ok(rows)
 }
 
+/// braid's QD1 p50 (µs) for 4 KiB random reads or writes over one second.
+pub(crate) fn qd1_p50(braid: &Path, addr: &str, keys: &Path, write: bool) -> Result<f64, String> {
+    let w = if write {
+        "randwrite-4k-qd1"
+    } else {
+        "randread-4k-qd1"
+    };
+    let args = bench_args(w).expect("a QD1 workload");
+    let out = bench_command(braid, addr, keys)
+        .args(args)
+        .args(["--time", "1"])
+        .output()
+        .map_err(|e| format!("braid bench: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse(&text)
+        .and_then(|row| row.p50)
+        .ok_or_else(|| format!("braid bench {w}: no p50 in\n{text}"))
+}
+
 /// `braid bench` against export disk0 of the server at `addr`.
 pub(super) fn bench_command(braid: &Path, addr: &str, keys: &Path) -> Command {
     let mut cmd = Command::new(braid);

@@ -94,6 +94,28 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
         }
     }
 
+    if let Some(pairs) = &results.floor_pairs {
+        println!(
+            "  paired (the polling floor measured just before each 1 s braid run, so both see the machine at one speed):"
+        );
+        for (w, shape) in [
+            ("randread-4k-qd1", &pairs.read),
+            ("randwrite-4k-qd1", &pairs.write),
+        ] {
+            let each: Vec<String> = shape
+                .iter()
+                .map(|(floor, braid)| format!("{braid:.0}/{floor:.1}"))
+                .collect();
+            if let Some(m) = super::floor::median_ratio(shape) {
+                println!(
+                    "  braid protocol {w}: median {m:.2}x the polling floor over {} pairs (braid/floor µs: {})",
+                    shape.len(),
+                    each.join(" ")
+                );
+            }
+        }
+    }
+
     if !results.memory.is_empty() {
         println!();
         println!("resident memory of braid processes (MiB, idle -> peak over the run):");
