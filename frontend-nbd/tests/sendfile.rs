@@ -188,3 +188,26 @@ async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
     request(&mut other, 0, 0, 2, 0, 4096, &[]).await;
     assert_eq!(reply(&mut other, 4096).await.1, 0);
 }
+
+#[tokio::test]
+async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
+    let dir = memory_dir();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pattern, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), None);
+    let (mut leaving, _, _) = connect(addr, "disk0").await;
+    // More than the sockets hold: the server is still sending when the
+    // client goes.
+    for h in 0..8u64 {
+        request(&mut leaving, 0, 0, h, h << 20, 4 << 20, &[]).await;
+    }
+    let mut some = vec![0u8; 100_000];
+    leaving.read_exact(&mut some).await.unwrap();
+    drop(leaving);
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    request(&mut s, 0, 0, 1, 5 << 20, 2 << 20, &[]).await;
+    let (_, error, data) = reply(&mut s, 2 << 20).await;
+    assert_eq!(error, 0);
+    assert!(data == pattern[5 << 20..7 << 20]);
+    assert!(spliced.load(Ordering::Relaxed) >= 2);
+}
