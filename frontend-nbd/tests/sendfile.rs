@@ -84,6 +84,17 @@ fn start_counting(
     (pattern, spliced)
 }
 
+/// [`start_counting`] on a fresh TCP port: its address as well.
+async fn start_counting_tcp(
+    dir: &std::path::Path,
+    short: Option<Arc<std::fs::File>>,
+) -> (std::net::SocketAddr, Vec<u8>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (pattern, spliced) = start_counting(dir, NbdListener::Tcp(listener), short);
+    (addr, pattern, spliced)
+}
+
 /// Reads in flight together: large ones (spliced), a small one between
 /// them (copied), one ending at the export's end, one unaligned.
 const READS: [(u64, u32); 5] = [
@@ -97,9 +108,7 @@ const READS: [(u64, u32); 5] = [
 #[tokio::test]
 async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
     let dir = memory_dir();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (pattern, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), None);
+    let (addr, pattern, spliced) = start_counting_tcp(dir.path(), None).await;
     let (mut s, _, _) = connect(addr, "disk0").await;
     for (h, (offset, len)) in READS.iter().enumerate() {
         request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
@@ -164,9 +173,7 @@ async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
     let short = dir.path().join("short");
     std::fs::write(&short, vec![5u8; 100 << 10]).unwrap();
     let short = Arc::new(std::fs::File::open(&short).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), Some(short));
+    let (addr, _, spliced) = start_counting_tcp(dir.path(), Some(short)).await;
     let (mut s, _, _) = connect(addr, "disk0").await;
     request(&mut s, 0, 0, 1, 0, 1 << 20, &[]).await;
     // The header promised 1 MiB; 100 KiB exist. The server must not send
@@ -192,9 +199,7 @@ async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
 #[tokio::test]
 async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
     let dir = memory_dir();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (pattern, spliced) = start_counting(dir.path(), NbdListener::Tcp(listener), None);
+    let (addr, pattern, spliced) = start_counting_tcp(dir.path(), None).await;
     let (mut leaving, _, _) = connect(addr, "disk0").await;
     // More than the sockets hold: the server is still sending when the
     // client goes.
