@@ -148,9 +148,6 @@ where
                 Some(Outgoing::Frame(f)) => batch.push(f),
                 Some(Outgoing::Close) | None => closing = true,
             }
-            if std::env::var_os("BRAID_YIELD").is_some() {
-                tokio::task::yield_now().await;
-            }
             while !closing && batch.len() < BATCH {
                 match outbox.try_recv() {
                     Some(Outgoing::Frame(f)) => batch.push(f),
