@@ -229,15 +229,16 @@ pub(crate) async fn transmit(
     let send_files = wr.can_send_file();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
+    let export_name = export.name.clone();
     let writer = tokio::spawn(async move {
         let mut wr = BufWriter::with_capacity(256 * 1024, wr);
         // Each reply's budget goes back once it is written (the permit is
         // dropped at the end of its iteration).
         while let Some((r, _budget)) = rx.recv().await {
-            write_reply(&mut wr, &r).await?;
+            write_reply(&mut wr, &r, &export_name).await?;
             // Batch whatever else is ready into the same write.
             while let Ok((r, _budget)) = rx.try_recv() {
-                write_reply(&mut wr, &r).await?;
+                write_reply(&mut wr, &r, &export_name).await?;
             }
             wr.flush().await?;
         }
@@ -417,12 +418,19 @@ pub(crate) async fn transmit(
 /// Writes one reply into the buffer; one sent from a file flushes what is
 /// buffered first (its header with it) and then has the kernel send the
 /// data.
-async fn write_reply(wr: &mut BufWriter<ReplySink>, r: &Reply) -> io::Result<()> {
+async fn write_reply(wr: &mut BufWriter<ReplySink>, r: &Reply, export: &str) -> io::Result<()> {
     wr.write_all(&r.head).await?;
     wr.write_all(&r.data).await?;
     if let Some((src, len)) = &r.file {
         wr.flush().await?;
-        wr.get_mut().send_file(src, *len).await?;
+        wr.get_mut().send_file(src, *len).await.map_err(|e| {
+            let e = io::Error::new(e.kind(), format!("export {export}: READ by sendfile: {e}"));
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // The file, not the client: the operator must hear of it.
+                tracing::warn!(error = %e, "closing an NBD connection mid-reply");
+            }
+            e
+        })?;
     }
     Ok(())
 }
