@@ -93,10 +93,7 @@ impl Replier {
     }
 
     fn read_data(self, offset: u64, data: Bytes) -> Reply {
-        if !self.structured {
-            return self.simple(0, data);
-        }
-        if data.is_empty() {
+        if self.structured && data.is_empty() {
             // Nothing to cover: a zero-length read.
             let head = self.chunk(REPLY_TYPE_NONE, 0, 0);
             return Reply {
@@ -105,12 +102,8 @@ impl Replier {
                 file: None,
             };
         }
-        // One content chunk, marked final: nothing can fail once the data
-        // is in hand.
-        let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + data.len(), 8);
-        head.put_u64(offset);
         Reply {
-            head,
+            head: self.read_head(offset, data.len()),
             data,
             file: None,
         }
@@ -119,18 +112,23 @@ impl Replier {
     /// A READ's reply whose `len` bytes of data the writer sends from
     /// `src` (never zero-length: those take [`Replier::read_data`]).
     fn read_file(self, offset: u64, src: SpliceSource, len: usize) -> Reply {
-        let head = if self.structured {
-            let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + len, 8);
-            head.put_u64(offset);
-            head
-        } else {
-            self.simple(0, Bytes::new()).head
-        };
         Reply {
-            head,
+            head: self.read_head(offset, len),
             data: Bytes::new(),
             file: Some((src, len)),
         }
+    }
+
+    /// The header in front of `len` bytes of READ data: a simple reply, or
+    /// one content chunk marked final (nothing can fail once the data is
+    /// in hand).
+    fn read_head(self, offset: u64, len: usize) -> BytesMut {
+        if !self.structured {
+            return self.simple(0, Bytes::new()).head;
+        }
+        let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + len, 8);
+        head.put_u64(offset);
+        head
     }
 
     fn block_status(self, extents: &[Extent], req_one: bool, len: u32) -> Reply {

@@ -37,21 +37,8 @@ pub(crate) fn run(
         let Some(args) = bench_args(w) else { continue };
         let ticks = cpu_ticks(server_pid);
         let started = Instant::now();
-        let out = bench_command(braid, addr, keys)
-            .args(args)
-            .args(["--time", runtime])
-            .output()
-            .map_err(|e| format!("braid bench: {e}"))?;
+        let mut row = bench(braid, addr, keys, w, &args, runtime)?;
         let wall = started.elapsed().as_secs_f64();
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(format!(
-                "braid bench {w}: {}{text}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let mut row =
-            parse(&text).ok_or_else(|| format!("braid bench {w}: no summary in\n{text}"))?;
         row.srv = (cpu_ticks(server_pid) - ticks) as f64 / super::clock_ticks() * 100.0 / wall;
         eprintln!(
             "braid-proto {w:<22} {:>10.0} {:>9.1} {:>10.1} {:>10.1} {:>6.0} {:>6.0}",
@@ -70,15 +57,33 @@ pub(crate) fn qd1_p50(braid: &Path, addr: &str, keys: &Path, write: bool) -> Res
         "randread-4k-qd1"
     };
     let args = bench_args(w).expect("a QD1 workload");
+    bench(braid, addr, keys, w, &args, "1")?
+        .p50
+        .ok_or_else(|| format!("braid bench {w}: no p50"))
+}
+
+/// One `braid bench` run of workload `w` for `seconds`, its summary read.
+fn bench(
+    braid: &Path,
+    addr: &str,
+    keys: &Path,
+    w: &str,
+    args: &[&str],
+    seconds: &str,
+) -> Result<Row, String> {
     let out = bench_command(braid, addr, keys)
         .args(args)
-        .args(["--time", "1"])
+        .args(["--time", seconds])
         .output()
         .map_err(|e| format!("braid bench: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse(&text)
-        .and_then(|row| row.p50)
-        .ok_or_else(|| format!("braid bench {w}: no p50 in\n{text}"))
+    if !out.status.success() {
+        return Err(format!(
+            "braid bench {w}: {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse(&text).ok_or_else(|| format!("braid bench {w}: no summary in\n{text}"))
 }
 
 /// `braid bench` against export disk0 of the server at `addr`.
