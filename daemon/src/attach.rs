@@ -152,22 +152,23 @@ fn status_of(kind: IoErrorKind) -> Status {
 
 impl Target for VolumeTarget {
     fn submit(&self, _export: usize, op: BackendOp, done: Completion) {
+        let bytes = crate::busy_poll::data_len(&op);
         let mut parts = self.parts(op);
         let client = self.sink.clone();
         if parts.len() == 1 {
             let io = parts.pop().unwrap();
-            crate::busy_poll::mark();
+            crate::busy_poll::mark_io(bytes);
             let Sink::Export(export) = &client else {
                 tokio::spawn(async move {
                     let r = client.io(io).await;
-                    crate::busy_poll::mark();
+                    crate::busy_poll::mark_io(bytes);
                     done(r.map_err(status_of))
                 });
                 return;
             };
             // The answer goes straight to the NBD reply: no task per IO.
             let answer: braid_fabric_tcp::IoCallback = Box::new(move |r| {
-                crate::busy_poll::mark();
+                crate::busy_poll::mark_io(bytes);
                 done(r.map_err(|e| {
                     tracing::warn!(error = %e, "IO failed");
                     status_of(e.kind)

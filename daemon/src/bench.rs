@@ -127,7 +127,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
                 };
                 let t = Instant::now();
                 let result = client.io(io).await;
-                crate::busy_poll::mark();
+                crate::busy_poll::mark_io(bs as usize);
                 match result {
                     Ok(_) => {
                         hist.record(t.elapsed());

@@ -482,6 +482,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     }
     table::print(&results, &columns, &transports);
     table::print_round_ratios(&measured, &transports);
+    table::print_client_path(&measured, &transports);
     Ok(())
 }
 

@@ -189,6 +189,42 @@ pub(crate) fn print_round_ratios(rounds: &[Results], transports: &[bool]) {
     }
 }
 
+/// What a client machine pays for braid's failover: fio through `braid
+/// attach` (NBD over a local unix socket, then braid's protocol over TCP)
+/// over fio over NBD straight to the server across TCP, the network a
+/// client would otherwise cross. Per round and median; both transports
+/// must have run.
+pub(crate) fn print_client_path(rounds: &[Results], transports: &[bool]) {
+    if !(transports.contains(&true) && transports.contains(&false)) {
+        return;
+    }
+    println!();
+    println!("client path: attach over unix (then braid's protocol over TCP) / braid's NBD face over TCP");
+    println!("{:<29} {:>24} {:>8}", "workload", "per round", "median");
+    for w in WORKLOADS {
+        let ratios: Vec<f64> = rounds.iter().filter_map(|r| client_path(r, w)).collect();
+        println!(
+            "{:<29} {:>24} {:>8}",
+            w,
+            listed(&ratios),
+            median(&ratios).map_or("-".into(), |m| format!("{m:.2}x")),
+        );
+    }
+}
+
+/// One round's attach over unix / braid's NBD face over TCP for `w`.
+fn client_path(r: &Results, w: &str) -> Option<f64> {
+    let seq = w.starts_with("seq");
+    let value = |unix: bool, column: &str| {
+        let row = r.rows.get(&(unix, column.to_string()))?.get(w)?;
+        Some(if seq { row.mib } else { row.iops })
+    };
+    match (value(true, "attach"), value(false, "braid")) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
 /// One round's braid/best and attach/braid throughput for workload `w`.
 fn round_ratios(r: &Results, unix: bool, w: &str) -> (Option<f64>, Option<f64>) {
     let seq = w.starts_with("seq");
@@ -251,6 +287,20 @@ mod tests {
             (Some(0.9), Some(0.5))
         );
         assert_eq!(round_ratios(&r, false, "randread-4k-qd1"), (None, None));
+        assert_eq!(client_path(&r, "randread-4k-qd1"), None, "no TCP row");
+        let tcp_braid = Row {
+            iops: 60.0,
+            ..Row::default()
+        };
+        r.rows.insert(
+            (false, "braid".into()),
+            BTreeMap::from([("randread-4k-qd1".to_string(), tcp_braid)]),
+        );
+        assert_eq!(
+            client_path(&r, "randread-4k-qd1"),
+            Some(0.75),
+            "attach over unix against braid's NBD face over TCP"
+        );
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(
             median(&[0.5, 1.5]),
