@@ -9,7 +9,8 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum PolicyArg {
-    /// Fewest requests outstanding (default).
+    /// Fewest requests outstanding, keeping the last channel while it is
+    /// within 8 of the fewest (default).
     LeastInflight,
     /// Rotate.
     RoundRobin,
