@@ -763,10 +763,7 @@ fn overlapping_writes_go_out_one_at_a_time() {
 
 #[test]
 fn a_suspect_channel_still_carries_io_when_it_is_the_only_one_up() {
-    let mut config = client_config("disk0", "alice", b"alice's key");
-    // Least-in-flight would keep both writes on one channel.
-    config.policy = braid_core::client::Policy::RoundRobin;
-    let mut p = Pair::new(config);
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();
     let conn_of = |p: &Pair, slot: u16| {
         p.conns
@@ -815,33 +812,6 @@ fn a_suspect_channel_still_carries_io_when_it_is_the_only_one_up() {
         p.sent_to.get(&a).copied().unwrap_or(0) > before,
         "IO waits for the reconnect instead of trying the channel that is up"
     );
-}
-
-#[test]
-fn requests_handed_over_together_share_a_channel_until_it_is_well_ahead() {
-    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
-    p.drive();
-    let submit_reads = |p: &mut Pair, users: std::ops::Range<u64>| {
-        for user in users {
-            p.client
-                .submit(user, IoRequest::read(user * 512, 512), p.now)
-                .unwrap();
-        }
-        p.drive();
-    };
-    // Four at once: one channel carries them, so one write sends them.
-    submit_reads(&mut p, 1..5);
-    let mut counts: Vec<usize> = p.sent_to.values().copied().collect();
-    counts.sort();
-    assert_eq!(counts.last(), Some(&4), "{counts:?}");
-    assert_eq!(counts.iter().sum::<usize>(), 4);
-    // Twenty at once: the first channel takes them until it is 8 ahead of
-    // the other (its ninth), then the other takes the rest.
-    p.sent_to.clear();
-    submit_reads(&mut p, 5..25);
-    let mut counts: Vec<usize> = p.sent_to.values().copied().collect();
-    counts.sort();
-    assert_eq!(counts, vec![9, 11], "both channels carry a share");
 }
 
 #[test]

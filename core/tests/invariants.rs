@@ -323,11 +323,6 @@ fn without_the_flush_barrier_the_checker_fails() {
 // (seeds found by `cargo xtask sim --scenario deep-queue --sabotage ...`).
 
 fn deep_queue(c: &mut WorldConfig) {
-    // Least-in-flight keeps consecutive requests on one channel while it
-    // can, so overlapping writes seldom race there; round robin sends each
-    // to the next channel, as least-in-flight does once it moves on, and
-    // finds what a missing ordering mechanism breaks in few seeds.
-    c.policy = braid_core::client::Policy::RoundRobin;
     c.queue_depth = 64;
     c.disk_sectors = 64;
     c.run_for = Duration::from_secs(5);
@@ -336,7 +331,7 @@ fn deep_queue(c: &mut WorldConfig) {
 #[test]
 fn without_the_restart_gate_the_checker_fails() {
     teeth(
-        4..8,
+        8..12,
         deep_queue,
         |c| Off::NoRestartGate.apply(c),
         |v| matches!(v, Violation::ReadMismatch { .. }),
@@ -359,7 +354,7 @@ fn without_overlap_order_at_either_end_the_checker_fails() {
 #[test]
 fn without_overlap_order_or_the_flush_frontier_the_checker_fails() {
     teeth(
-        16..20,
+        0..8,
         deep_queue,
         |c| {
             Off::NoOverlapOrder.apply(c);

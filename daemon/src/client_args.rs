@@ -9,8 +9,7 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum PolicyArg {
-    /// Fewest requests outstanding, keeping the last channel while it is
-    /// within 8 of the fewest (default).
+    /// Fewest requests outstanding (default).
     LeastInflight,
     /// Rotate.
     RoundRobin,

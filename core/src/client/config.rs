@@ -9,9 +9,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Policy {
     /// Send to the channel with the fewest requests outstanding (default):
-    /// a slow or stalled channel stops attracting work by itself. The
-    /// channel used last keeps taking requests while it is at most 8 above
-    /// the fewest, so requests handed over together go out in one write.
+    /// a slow or stalled channel stops attracting work by itself.
     #[default]
     LeastInflight,
     /// Rotate through live channels.

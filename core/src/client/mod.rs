@@ -33,12 +33,6 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
-/// How many requests above the least loaded channel the last one used may
-/// be and still take the next (least-in-flight policy): enough for the
-/// handful a frontend hands over at once, few enough that a slow channel
-/// soon stops attracting work.
-const STICKY_SLACK: u32 = 8;
-
 /// A block IO from the frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoRequest {
@@ -1446,8 +1440,6 @@ impl ClientEngine {
     }
 
     /// Chooses a ready channel, avoiding the `tried` slots if possible.
-    /// Least-in-flight keeps the last channel while it is at most
-    /// [`STICKY_SLACK`] requests above the least loaded one.
     fn pick_channel(&mut self, tried: u64) -> Option<usize> {
         let n = self.channels.len();
         let start = self.rr_cursor;
@@ -1463,19 +1455,7 @@ impl ClientEngine {
             let mut it = candidates(avoid).filter(|s| ready(&this.channels[*s]));
             match this.config.policy {
                 Policy::RoundRobin => it.next(),
-                Policy::LeastInflight => {
-                    let least = it.min_by_key(|s| this.channels[*s].inflight)?;
-                    // Requests handed over together go out together: the
-                    // last channel keeps them while it is within a few of
-                    // the least loaded, so its writer sends them in one
-                    // write instead of each channel sending one.
-                    let last = (start + n - 1) % n;
-                    let sticks = avoid & (1 << last) == 0
-                        && ready(&this.channels[last])
-                        && this.channels[last].inflight
-                            <= this.channels[least].inflight + STICKY_SLACK;
-                    Some(if sticks { last } else { least })
-                }
+                Policy::LeastInflight => it.min_by_key(|s| this.channels[*s].inflight),
                 Policy::LowestLatency => it.min_by_key(|s| {
                     let c = &this.channels[*s];
                     (c.rtt.srtt().unwrap_or(Duration::ZERO), c.inflight)
