@@ -3,6 +3,12 @@
 //! write, trim or write-zeroes it saw acknowledged. braid promises that an
 //! acknowledged write survives server crashes and power loss (the client
 //! replays its unflushed window), so this holds through every fault.
+//!
+//! A mutation that failed may still have landed, as on any block device:
+//! its first copy can reach the disk before the server crashes, and the
+//! resend to the restarted server find the disk full. Its blocks then hold
+//! the old content or the failed one's until a read says which (the
+//! engine-level checker allows the same).
 
 use braid_core::client::{IoErrorKind, IoRequest};
 use braid_core::rng::SplitMix64;
@@ -75,8 +81,9 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
         until,
     } = plan;
     let mut rng = SplitMix64::new(seed ^ id.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    // Generation per block; a block's generation names its content.
-    let mut model = vec![0u64; count as usize];
+    // The generations each block may hold (one, unless a mutation on it
+    // failed since a read last looked); a generation names its content.
+    let mut model = vec![vec![0u64]; count as usize];
     let mut next_generation = 1u64;
     let mut out = Outcome::default();
     let start = tokio::time::Instant::now();
@@ -127,30 +134,39 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
                 }
                 if let Some(generation) = effect {
                     for b in 0..n {
-                        model[(at + b) as usize] = generation;
+                        model[(at + b) as usize] = vec![generation];
                     }
                 } else if roll < 40 && !touches_bad {
                     for b in 0..n {
-                        let want = content(first + at + b, model[(at + b) as usize], 1);
+                        let may = &mut model[(at + b) as usize];
                         let got = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
-                        if got != &want[..] {
-                            out.violations.push(format!(
-                                "worker {id}: block {} read back something other than generation {}",
+                        match may
+                            .iter()
+                            .find(|g| got == &content(first + at + b, **g, 1)[..])
+                        {
+                            // Seen: the other candidates were overwritten.
+                            Some(&seen) => *may = vec![seen],
+                            None => out.violations.push(format!(
+                                "worker {id}: block {} read back something other than generation {:?}",
                                 first + at + b,
-                                model[(at + b) as usize]
-                            ));
+                                may
+                            )),
                         }
                     }
                     out.trace = mix(out.trace, data.iter().map(|x| u64::from(*x)).sum());
                 }
             }
-            // The disk checks the whole range before changing anything, so
-            // a failed mutation leaves the model as it was.
-            Err(e) if expect_error && e.kind == IoErrorKind::Media => out.media_errors += 1,
-            // A full disk fails that one mutation and changes nothing; the
-            // error is the disk's, so it must reach the caller.
+            // The disk checks the whole range before changing anything, but
+            // an earlier copy of the mutation may have landed (see above).
+            Err(e) if expect_error && e.kind == IoErrorKind::Media => {
+                out.media_errors += 1;
+                may_have_landed(&mut model, at, n, effect);
+            }
+            // A full disk fails that one mutation; the error is the disk's,
+            // so it must reach the caller.
             Err(e) if may_fill && effect.is_some() && e.kind == IoErrorKind::NoSpace => {
-                out.no_space_errors += 1
+                out.no_space_errors += 1;
+                may_have_landed(&mut model, at, n, effect);
             }
             Err(e) => out
                 .violations
@@ -158,6 +174,16 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
         }
     }
     out
+}
+
+/// A mutation of blocks `at..at + n` failed: they may hold its content too.
+fn may_have_landed(model: &mut [Vec<u64>], at: u64, n: u64, effect: Option<u64>) {
+    let Some(generation) = effect else { return };
+    for may in &mut model[at as usize..(at + n) as usize] {
+        if !may.contains(&generation) {
+            may.push(generation);
+        }
+    }
 }
 
 /// Sectors of the zone every shared worker of one client writes and reads

@@ -173,7 +173,6 @@ fn ci() -> Result<(), String> {
         ("no-replay", "power-loss", "5"),
         ("no-dedup", "partitions", "5"),
         ("no-restart-gate", "all-faults", "8"),
-        ("no-overlap-order", "all-faults", "8"),
         ("no-dirty-log", "mirror", "4"),
         ("no-in-sync-gate", "mirror", "4"),
         ("no-fan-out", "mirror", "4"),
