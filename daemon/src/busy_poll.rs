@@ -165,7 +165,11 @@ impl<B: Backend> Backend for Polled<B> {
     }
 
     fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
-        mark_io(len as usize);
+        // A spliced READ of any size keeps polling: over a unix socket a
+        // 1 MiB reply leaves in several sends, each waiting for the client
+        // to drain the socket, and sleeping through each wait cost 30% of
+        // 1 MiB reads at QD8 (3507-3641 against 2361-2589 IOPS).
+        mark();
         self.0.splice_source(export, offset, len)
     }
 }
