@@ -214,31 +214,35 @@ pub(crate) fn print_client_path(rounds: &[Results], transports: &[bool]) {
 
 /// One round's attach over unix / braid's NBD face over TCP for `w`.
 fn client_path(r: &Results, w: &str) -> Option<f64> {
-    let seq = w.starts_with("seq");
-    let value = |unix: bool, column: &str| {
-        let row = r.rows.get(&(unix, column.to_string()))?.get(w)?;
-        Some(if seq { row.mib } else { row.iops })
-    };
-    match (value(true, "attach"), value(false, "braid")) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    }
+    over(
+        throughput(r, true, "attach", w),
+        throughput(r, false, "braid", w),
+    )
 }
 
 /// One round's braid/best and attach/braid throughput for workload `w`.
 fn round_ratios(r: &Results, unix: bool, w: &str) -> (Option<f64>, Option<f64>) {
-    let seq = w.starts_with("seq");
-    let value = |column: &str| {
-        let row = r.rows.get(&(unix, column.to_string()))?.get(w)?;
-        Some(if seq { row.mib } else { row.iops })
-    };
+    let value = |column: &str| throughput(r, unix, column, w);
     let best = PEERS.iter().filter_map(|p| value(p)).reduce(f64::max);
-    let over = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    };
     let braid = value("braid");
     (over(braid, best), over(value("attach"), braid))
+}
+
+/// A cell's throughput in one round: IOPS, or MiB/s for sequential work.
+fn throughput(r: &Results, unix: bool, column: &str, w: &str) -> Option<f64> {
+    let row = r.rows.get(&(unix, column.to_string()))?.get(w)?;
+    Some(if w.starts_with("seq") {
+        row.mib
+    } else {
+        row.iops
+    })
+}
+
+fn over(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
 }
 
 fn listed(ratios: &[f64]) -> String {
