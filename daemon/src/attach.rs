@@ -222,6 +222,10 @@ impl Target for VolumeTarget {
         // A braid WRITE_ZEROES cannot promise to be fast.
         false
     }
+
+    fn client_wait(&self) {
+        crate::busy_poll::client_wait()
+    }
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {

@@ -44,8 +44,8 @@ const TURNS_PER_YIELD: u32 = 8;
 /// while spinning between such IOs takes a core from the copies of the
 /// processes it shares cores with. Alternating runs, 1 MiB through
 /// `braid attach` at QD8 (see PERFORMANCE.md): with no polling, `braid
-/// serve`'s CPU per write fell from 520-560 µs to 365-375 µs. READs
-/// answered by sendfile are the exception (`Polled::splice_source`).
+/// serve`'s CPU per write fell from 520-560 µs to 365-375 µs. A transfer that
+/// waits for its client polls through the wait ([`client_wait`]).
 pub(crate) const LARGE_IO: usize = 256 * 1024;
 
 /// Marks activity of an IO moving `bytes` of data (0 for one that moves
@@ -68,6 +68,16 @@ pub(crate) fn data_len(op: &BackendOp) -> usize {
         BackendOp::Write { data, .. } => data.len(),
         _ => 0,
     }
+}
+
+/// Marks an NBD connection waiting for its client in the middle of a
+/// transfer (`Target::client_wait`): whatever the IO's size, the process
+/// polls through the wait. Over a unix socket a 1 MiB READ's reply leaves
+/// in several sends, each waiting for fio to read the last, and sleeping
+/// through each wait cost 30% of 1 MiB reads at QD8 (3507-3641 against
+/// 2361-2589 IOPS).
+pub(crate) fn client_wait() {
+    mark();
 }
 
 /// Marks IO activity: polling goes on for the window after the last mark.
@@ -166,11 +176,6 @@ impl<B: Backend> Backend for Polled<B> {
     }
 
     fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
-        // A spliced READ of any size keeps polling: over a unix socket a
-        // 1 MiB reply leaves in several sends, each waiting for the client
-        // to drain the socket, and sleeping through each wait cost 30% of
-        // 1 MiB reads at QD8 (3507-3641 against 2361-2589 IOPS).
-        mark();
         self.0.splice_source(export, offset, len)
     }
 }

@@ -272,7 +272,10 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     if let ServerSecurity::Tls(acceptor) = &security {
         nbd_config = nbd_config.with_tls(acceptor.clone(), true);
     }
-    let nbd_target = Arc::new(braid_frontend_nbd::BackendTarget(backend.clone()));
+    let nbd_target = Arc::new(
+        braid_frontend_nbd::BackendTarget::new(backend.clone())
+            .on_client_wait(crate::busy_poll::client_wait),
+    );
     let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
     for nbd_addr in args.nbd.iter().chain(file.nbd.iter().flatten()) {
         let (uri, task) = crate::nbd::start(

@@ -14,8 +14,14 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
 
-/// Where a connection's replies go.
-pub(crate) enum ReplySink {
+/// Where a connection's replies go. Every time a reply finds the socket
+/// full it calls its `waiting` hook (see `Target::client_wait`).
+pub(crate) struct ReplySink {
+    socket: SinkSocket,
+    waiting: Box<dyn Fn() + Send + Sync>,
+}
+
+enum SinkSocket {
     Tcp(tcp::OwnedWriteHalf),
     Unix(unix::OwnedWriteHalf),
     Other(WriteHalf<BoxStream>),
@@ -29,33 +35,42 @@ pub(crate) enum RequestSource {
 }
 
 /// Splits `stream` into its two directions, keeping the socket itself
-/// reachable where it is a plain one.
-pub(crate) fn split(stream: BoxStream) -> (RequestSource, ReplySink) {
+/// reachable where it is a plain one; the reply side calls `waiting` when
+/// it must wait for the client.
+pub(crate) fn split(
+    stream: BoxStream,
+    waiting: Box<dyn Fn() + Send + Sync>,
+) -> (RequestSource, ReplySink) {
+    let (source, socket) = split_socket(stream);
+    (source, ReplySink { socket, waiting })
+}
+
+fn split_socket(stream: BoxStream) -> (RequestSource, SinkSocket) {
     let kind: &dyn Any = &*stream;
     if kind.is::<TcpStream>() || kind.is::<UnixStream>() {
         let stream: Box<dyn Any + Send> = stream;
         return match stream.downcast::<TcpStream>() {
             Ok(tcp) => {
                 let (rd, wr) = tcp.into_split();
-                (RequestSource::Tcp(rd), ReplySink::Tcp(wr))
+                (RequestSource::Tcp(rd), SinkSocket::Tcp(wr))
             }
             Err(stream) => {
                 let unix = stream
                     .downcast::<UnixStream>()
                     .unwrap_or_else(|_| unreachable!("checked just above"));
                 let (rd, wr) = unix.into_split();
-                (RequestSource::Unix(rd), ReplySink::Unix(wr))
+                (RequestSource::Unix(rd), SinkSocket::Unix(wr))
             }
         };
     }
     let (rd, wr) = tokio::io::split(stream);
-    (RequestSource::Other(rd), ReplySink::Other(wr))
+    (RequestSource::Other(rd), SinkSocket::Other(wr))
 }
 
 impl ReplySink {
     /// Whether [`ReplySink::send_file`] works here.
     pub(crate) fn can_send_file(&self) -> bool {
-        !matches!(self, ReplySink::Other(_))
+        !matches!(self.socket, SinkSocket::Other(_))
     }
 
     /// Sends `len` bytes of `src`'s file from its offset with `sendfile`,
@@ -66,18 +81,18 @@ impl ReplySink {
         let mut offset = src.offset;
         let mut left = len;
         while left > 0 {
-            let sent = match &*self {
-                ReplySink::Tcp(w) => {
+            let sent = match &self.socket {
+                SinkSocket::Tcp(w) => {
                     let s: &TcpStream = w.as_ref();
                     s.writable().await?;
                     s.try_io(Interest::WRITABLE, || sendfile(s, src, &mut offset, left))
                 }
-                ReplySink::Unix(w) => {
+                SinkSocket::Unix(w) => {
                     let s: &UnixStream = w.as_ref();
                     s.writable().await?;
                     s.try_io(Interest::WRITABLE, || sendfile(s, src, &mut offset, left))
                 }
-                ReplySink::Other(_) => {
+                SinkSocket::Other(_) => {
                     return Err(io::Error::other("sendfile needs a plain socket"));
                 }
             };
@@ -92,7 +107,7 @@ impl ReplySink {
                     ))
                 }
                 Ok(n) => left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => (self.waiting)(),
                 Err(e) => return Err(e),
             }
         }
@@ -136,17 +151,29 @@ impl AsyncRead for RequestSource {
     }
 }
 
+impl ReplySink {
+    /// Passes on `poll`, calling the hook if the socket is full.
+    fn waited<T>(&self, poll: Poll<T>) -> Poll<T> {
+        if poll.is_pending() {
+            (self.waiting)();
+        }
+        poll
+    }
+}
+
 impl AsyncWrite for ReplySink {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ReplySink::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            ReplySink::Unix(w) => Pin::new(w).poll_write(cx, buf),
-            ReplySink::Other(w) => Pin::new(w).poll_write(cx, buf),
-        }
+        let this = self.get_mut();
+        let poll = match &mut this.socket {
+            SinkSocket::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            SinkSocket::Unix(w) => Pin::new(w).poll_write(cx, buf),
+            SinkSocket::Other(w) => Pin::new(w).poll_write(cx, buf),
+        };
+        this.waited(poll)
     }
 
     fn poll_write_vectored(
@@ -154,34 +181,38 @@ impl AsyncWrite for ReplySink {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ReplySink::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            ReplySink::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            ReplySink::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
+        let this = self.get_mut();
+        let poll = match &mut this.socket {
+            SinkSocket::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            SinkSocket::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+            SinkSocket::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+        };
+        this.waited(poll)
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            ReplySink::Tcp(w) => w.is_write_vectored(),
-            ReplySink::Unix(w) => w.is_write_vectored(),
-            ReplySink::Other(w) => w.is_write_vectored(),
+        match &self.socket {
+            SinkSocket::Tcp(w) => w.is_write_vectored(),
+            SinkSocket::Unix(w) => w.is_write_vectored(),
+            SinkSocket::Other(w) => w.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReplySink::Tcp(w) => Pin::new(w).poll_flush(cx),
-            ReplySink::Unix(w) => Pin::new(w).poll_flush(cx),
-            ReplySink::Other(w) => Pin::new(w).poll_flush(cx),
-        }
+        let this = self.get_mut();
+        let poll = match &mut this.socket {
+            SinkSocket::Tcp(w) => Pin::new(w).poll_flush(cx),
+            SinkSocket::Unix(w) => Pin::new(w).poll_flush(cx),
+            SinkSocket::Other(w) => Pin::new(w).poll_flush(cx),
+        };
+        this.waited(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReplySink::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            ReplySink::Unix(w) => Pin::new(w).poll_shutdown(cx),
-            ReplySink::Other(w) => Pin::new(w).poll_shutdown(cx),
+        match &mut self.get_mut().socket {
+            SinkSocket::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            SinkSocket::Unix(w) => Pin::new(w).poll_shutdown(cx),
+            SinkSocket::Other(w) => Pin::new(w).poll_shutdown(cx),
         }
     }
 }

@@ -40,24 +40,54 @@ pub trait Target: Send + Sync + 'static {
     fn splice_read(&self, _export: usize, _offset: u64, _len: u32) -> Option<SpliceSource> {
         None
     }
+
+    /// Called each time a connection must wait for its client in the
+    /// middle of a transfer: a reply that finds the socket full (a large
+    /// READ leaves in several sends, each once the client has read the
+    /// last), or a WRITE whose data is still arriving. A process that
+    /// polls for IO can keep polling through such waits, where sleeping
+    /// would cost a wake-up for every part of the transfer.
+    fn client_wait(&self) {}
 }
 
 /// A local [`Backend`]: what `braid serve --nbd` uses. Operations the
 /// backend can finish without blocking run inline; the rest go to tokio's
 /// blocking pool, as in the braid server driver.
-pub struct BackendTarget(pub Arc<dyn Backend>);
+pub struct BackendTarget {
+    backend: Arc<dyn Backend>,
+    client_wait: fn(),
+}
+
+impl BackendTarget {
+    /// Serves `backend`'s exports.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        BackendTarget {
+            backend,
+            client_wait: || {},
+        }
+    }
+
+    /// Calls `hook` whenever a connection waits for its client in the
+    /// middle of a transfer (see [`Target::client_wait`]).
+    pub fn on_client_wait(self, hook: fn()) -> Self {
+        BackendTarget {
+            client_wait: hook,
+            ..self
+        }
+    }
+}
 
 impl Target for BackendTarget {
     fn submit(&self, export: usize, op: BackendOp, done: Completion) {
-        if let Some(result) = self.0.try_execute_now(export, &op) {
+        if let Some(result) = self.backend.try_execute_now(export, &op) {
             return done(result);
         }
-        let backend = self.0.clone();
+        let backend = self.backend.clone();
         tokio::task::spawn_blocking(move || done(backend.execute(export, &op)));
     }
 
     fn allocation(&self, export: usize, offset: u64, len: u64, done: ExtentsCompletion) {
-        let backend = self.0.clone();
+        let backend = self.backend.clone();
         tokio::task::spawn_blocking(move || done(backend.allocation(export, offset, len)));
     }
 
@@ -66,6 +96,10 @@ impl Target for BackendTarget {
     }
 
     fn splice_read(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
-        self.0.splice_source(export, offset, len)
+        self.backend.splice_source(export, offset, len)
+    }
+
+    fn client_wait(&self) {
+        (self.client_wait)()
     }
 }

@@ -10,6 +10,7 @@ use braid_core::server::{BackendOp, Extent, SpliceSource};
 use braid_core::staging::StagedBuffer;
 use braid_core::wire::Status;
 use bytes::{BufMut, Bytes, BytesMut};
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -223,7 +224,8 @@ pub(crate) async fn transmit(
     } = n;
     let fast_zero = target.fast_zero();
     let staging = target.write_staging();
-    let (rd, wr) = socket::split(stream);
+    let waiting = target.clone();
+    let (rd, wr) = socket::split(stream, Box::new(move || waiting.client_wait()));
     let send_files = wr.can_send_file();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
@@ -309,8 +311,8 @@ pub(crate) async fn transmit(
             }
             let len = req.len as usize;
             let received = match staging.as_ref().and_then(|s| s.buffer(len)) {
-                Some(staged) => receive_staged(&mut rd, staged).await,
-                None => receive(&mut rd, len).await,
+                Some(staged) => noting_waits(receive_staged(&mut rd, staged), &*target).await,
+                None => noting_waits(receive(&mut rd, len), &*target).await,
             };
             match received {
                 Ok(data) => payload = data,
@@ -541,6 +543,19 @@ fn check(
             req_one: r.flags & CMD_FLAG_REQ_ONE != 0,
         },
     })
+}
+
+/// Runs `transfer`, telling `target` each time it waits for the client.
+async fn noting_waits<F: Future>(transfer: F, target: &dyn Target) -> F::Output {
+    let mut transfer = std::pin::pin!(transfer);
+    std::future::poll_fn(|cx| {
+        let poll = transfer.as_mut().poll(cx);
+        if poll.is_pending() {
+            target.client_wait();
+        }
+        poll
+    })
+    .await
 }
 
 /// A WRITE's data, read onto the heap.

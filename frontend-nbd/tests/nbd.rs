@@ -287,7 +287,7 @@ async fn shutdown_answers_in_flight_requests_before_closing() {
     let server = tokio::spawn(braid_frontend_nbd::serve(
         listener.into(),
         braid_frontend_nbd::NbdConfig::new(exports),
-        std::sync::Arc::new(braid_frontend_nbd::BackendTarget(backend)),
+        std::sync::Arc::new(braid_frontend_nbd::BackendTarget::new(backend)),
         async {
             let _ = stopped.await;
         },
@@ -538,7 +538,7 @@ async fn write_data_is_received_into_the_targets_staging() {
     let dir = tempfile::tempdir().unwrap();
     let (backend, exports) = exports(dir.path());
     let target = Arc::new(Staged {
-        inner: braid_frontend_nbd::BackendTarget(backend),
+        inner: braid_frontend_nbd::BackendTarget::new(backend),
         staging: Arc::new(Lender {
             largest: 16384,
             lent: Default::default(),

@@ -2,7 +2,8 @@
 //! the bytes, framing and order are the same as for copied replies, over
 //! TCP and unix sockets, in simple and structured replies; a backing file
 //! that turns out shorter than the export closes the connection rather
-//! than send a reply it cannot finish.
+//! than send a reply it cannot finish. A transfer that has to wait for its
+//! client in the middle tells the target (the daemon polls through it).
 
 mod common;
 
@@ -14,14 +15,16 @@ use braid_frontend_nbd::{
 use common::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixStream};
 
-/// A file target that counts the READs it offered to `sendfile`, and can
-/// offer a different file for them (one shorter than the export).
+/// A file target that counts the READs it offered to `sendfile` and the
+/// times a reply waited for its client, and can offer a different file
+/// for READs (one shorter than the export).
 struct Counting {
     inner: BackendTarget,
     spliced: Arc<AtomicUsize>,
+    waits: Arc<AtomicUsize>,
     short: Option<Arc<std::fs::File>>,
 }
 
@@ -48,6 +51,9 @@ impl Target for Counting {
         }
         src
     }
+    fn client_wait(&self) {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A directory on tmpfs, where every page is cached, so large READs are
@@ -57,12 +63,12 @@ fn memory_dir() -> tempfile::TempDir {
 }
 
 /// Serves a SIZE export filled with a known pattern; returns the pattern
-/// and the counter of spliced READs.
+/// and the counters of spliced READs and of waits.
 fn start_counting(
     dir: &std::path::Path,
     listener: NbdListener,
     short: Option<Arc<std::fs::File>>,
-) -> (Vec<u8>, Arc<AtomicUsize>) {
+) -> (Vec<u8>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let path = dir.join("disk");
     let pattern: Vec<u8> = (0..SIZE as u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -70,9 +76,11 @@ fn start_counting(
     std::fs::write(&path, &pattern).unwrap();
     let file = ExportFile::open(&path, &OpenOptions::default()).unwrap();
     let spliced = Arc::new(AtomicUsize::new(0));
+    let waits = Arc::new(AtomicUsize::new(0));
     let target = Counting {
-        inner: BackendTarget(Arc::new(FileBackend::new(vec![file]))),
+        inner: BackendTarget::new(Arc::new(FileBackend::new(vec![file]))),
         spliced: spliced.clone(),
+        waits: waits.clone(),
         short,
     };
     tokio::spawn(serve(
@@ -81,7 +89,7 @@ fn start_counting(
         Arc::new(target),
         std::future::pending(),
     ));
-    (pattern, spliced)
+    (pattern, spliced, waits)
 }
 
 /// [`start_counting`] on a fresh TCP port: its address as well.
@@ -91,7 +99,7 @@ async fn start_counting_tcp(
 ) -> (std::net::SocketAddr, Vec<u8>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (pattern, spliced) = start_counting(dir, NbdListener::Tcp(listener), short);
+    let (pattern, spliced, _) = start_counting(dir, NbdListener::Tcp(listener), short);
     (addr, pattern, spliced)
 }
 
@@ -136,7 +144,7 @@ async fn large_structured_reads_over_a_unix_socket_carry_their_offsets() {
     let dir = memory_dir();
     let path = dir.path().join("nbd.sock");
     let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
-    let (pattern, spliced) = start_counting(dir.path(), listener, None);
+    let (pattern, spliced, _) = start_counting(dir.path(), listener, None);
     let mut s = UnixStream::connect(&path).await.unwrap();
     greet(&mut s).await;
     option(&mut s, 8, &[]).await;
@@ -215,4 +223,61 @@ async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
     assert_eq!(error, 0);
     assert!(data == pattern[5 << 20..7 << 20]);
     assert!(spliced.load(Ordering::Relaxed) >= 2);
+}
+
+/// A reply bigger than the client's socket holds waits for the client to
+/// read, and tells the target each time (the daemon polls through such
+/// waits instead of sleeping); replies that fit never wait. The test's
+/// runtime has one thread, so the client reads nothing while the server
+/// sends: the socket is sure to fill.
+#[tokio::test]
+async fn a_reply_that_waits_for_its_client_tells_the_target() {
+    let dir = memory_dir();
+    let path = dir.path().join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let (pattern, _, waits) = start_counting(dir.path(), listener, None);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    greet(&mut s).await;
+    go(&mut s, "disk0").await;
+    for h in 0..4u64 {
+        request(&mut s, 0, 0, h, h * 4096, 4096, &[]).await;
+        assert_eq!(reply(&mut s, 4096).await.1, 0);
+    }
+    assert_eq!(waits.load(Ordering::Relaxed), 0, "small replies never wait");
+    request(&mut s, 0, 0, 9, 0, 8 << 20, &[]).await;
+    let (handle, error, data) = reply(&mut s, 8 << 20).await;
+    assert_eq!((handle, error), (9, 0));
+    assert!(data == pattern[..8 << 20]);
+    assert!(
+        waits.load(Ordering::Relaxed) >= 1,
+        "8 MiB cannot leave without the client reading"
+    );
+}
+
+/// A WRITE whose data arrives in two parts tells the target that it waits
+/// for the rest, and then lands whole.
+#[tokio::test]
+async fn a_write_whose_data_is_still_arriving_tells_the_target() {
+    let dir = memory_dir();
+    let path = dir.path().join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let (_, _, waits) = start_counting(dir.path(), listener, None);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    greet(&mut s).await;
+    go(&mut s, "disk0").await;
+    let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 + 3) as u8).collect();
+    request(&mut s, 1, 0, 1, 8192, data.len() as u32, &data[..20_000]).await;
+    // Nothing times this: the server has the first part and must wait, so
+    // the count moves once it has run.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while waits.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the server said it waits for the rest of the data");
+    s.write_all(&data[20_000..]).await.unwrap();
+    assert_eq!(reply(&mut s, 0).await, (1, 0, vec![]));
+    request(&mut s, 0, 0, 2, 8192, data.len() as u32, &[]).await;
+    assert!(reply(&mut s, data.len()).await.2 == data);
 }

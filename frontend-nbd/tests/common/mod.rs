@@ -57,7 +57,7 @@ pub fn start_with(
     tokio::spawn(serve(
         listener,
         config,
-        Arc::new(BackendTarget(backend)),
+        Arc::new(BackendTarget::new(backend)),
         std::future::pending(),
     ));
 }
