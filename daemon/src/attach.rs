@@ -224,7 +224,7 @@ impl Target for VolumeTarget {
     }
 
     fn client_wait(&self) {
-        crate::busy_poll::client_wait()
+        crate::busy_poll::transfer_wait()
     }
 }
 

@@ -45,7 +45,7 @@ const TURNS_PER_YIELD: u32 = 8;
 /// processes it shares cores with. Alternating runs, 1 MiB through
 /// `braid attach` at QD8 (see PERFORMANCE.md): with no polling, `braid
 /// serve`'s CPU per write fell from 520-560 µs to 365-375 µs. A transfer that
-/// waits for its client polls through the wait ([`client_wait`]).
+/// waits for its client polls through the wait ([`transfer_wait`]).
 pub(crate) const LARGE_IO: usize = 256 * 1024;
 
 /// Marks activity of an IO moving `bytes` of data (0 for one that moves
@@ -70,13 +70,14 @@ pub(crate) fn data_len(op: &BackendOp) -> usize {
     }
 }
 
-/// Marks an NBD connection waiting for its client in the middle of a
-/// transfer (`Target::client_wait`): whatever the IO's size, the process
-/// polls through the wait. Over a unix socket a 1 MiB READ's reply leaves
-/// in several sends, each waiting for fio to read the last, and sleeping
+/// Marks a connection waiting for its peer in the middle of a transfer
+/// (an NBD face's `Target::client_wait`, braid's protocol through
+/// `conn::on_peer_wait`): whatever the IO's size, the process polls
+/// through the wait. Over a unix socket a 1 MiB READ's reply leaves in
+/// several sends, each waiting for fio to read the last, and sleeping
 /// through each wait cost 30% of 1 MiB reads at QD8 (3507-3641 against
 /// 2361-2589 IOPS).
-pub(crate) fn client_wait() {
+pub(crate) fn transfer_wait() {
     mark();
 }
 
@@ -95,6 +96,7 @@ pub(crate) fn start(window: Duration) {
     if window.is_zero() || STARTED.swap(true, Ordering::Relaxed) {
         return;
     }
+    braid_fabric_tcp::conn::on_peer_wait(transfer_wait);
     tracing::debug!(window_us = window.as_micros() as u64, "polling after IO");
     tokio::spawn(async move {
         let mut seen = ACTIVITY.load(Ordering::Relaxed);

@@ -274,7 +274,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     }
     let nbd_target = Arc::new(
         braid_frontend_nbd::BackendTarget::new(backend.clone())
-            .on_client_wait(crate::busy_poll::client_wait),
+            .on_client_wait(crate::busy_poll::transfer_wait),
     );
     let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
     for nbd_addr in args.nbd.iter().chain(file.nbd.iter().flatten()) {

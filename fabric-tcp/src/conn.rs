@@ -32,6 +32,35 @@ pub enum Outgoing {
 /// Most frames gathered into one vectored write.
 const BATCH: usize = 64;
 
+/// Called each time a connection waits for its peer in the middle of a
+/// transfer (see [`on_peer_wait`]); a no-op until set.
+static PEER_WAIT: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Has every connection of this process call `hook` each time it must wait
+/// for its peer in the middle of a transfer: frames that find the socket
+/// full, or a frame whose rest has not arrived. A process that polls for
+/// IO can keep polling through such waits, where sleeping would cost a
+/// wake-up for every part of a large frame. Set once; later calls change
+/// nothing.
+pub fn on_peer_wait(hook: fn()) {
+    let _ = PEER_WAIT.set(hook);
+}
+
+/// Polls `transfer`, calling the peer-wait hook each time it must wait.
+async fn noting_waits<F: std::future::Future>(transfer: F) -> F::Output {
+    let mut transfer = std::pin::pin!(transfer);
+    std::future::poll_fn(|cx| {
+        let poll = transfer.as_mut().poll(cx);
+        if poll.is_pending() {
+            if let Some(hook) = PEER_WAIT.get() {
+                hook();
+            }
+        }
+        poll
+    })
+    .await
+}
+
 /// A connection's outgoing queue, which knows how many bytes it holds, so
 /// a peer that stops reading cannot make it grow without bound.
 #[derive(Debug, Clone)]
@@ -114,7 +143,14 @@ where
     let reader = tokio::spawn(async move {
         let mut frames = FrameReader::new(max_payload);
         let why = loop {
-            match rd.read_buf(frames.buffer()).await {
+            // Waiting for the next frame is idleness; waiting for the rest
+            // of one is a transfer still under way.
+            let read = if frames.buffer().is_empty() {
+                rd.read_buf(frames.buffer()).await
+            } else {
+                noting_waits(rd.read_buf(frames.buffer())).await
+            };
+            match read {
                 Ok(0) => break "closed by peer".to_string(),
                 Ok(_) => {}
                 Err(e) => break format!("read: {e}"),
@@ -192,7 +228,7 @@ async fn write_all_frames<W: AsyncWrite + Unpin>(
         for p in &parts[first + 1..] {
             slices.push(IoSlice::new(p));
         }
-        let mut n = wr.write_vectored(&slices).await?;
+        let mut n = noting_waits(wr.write_vectored(&slices)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -208,5 +244,83 @@ async fn write_all_frames<W: AsyncWrite + Unpin>(
             }
         }
     }
-    wr.flush().await
+    noting_waits(wr.flush()).await
+}
+
+/// A connection tells the process each time it waits for its peer in the
+/// middle of a transfer: a frame whose rest has not arrived, and frames
+/// that find the socket full; not while it merely waits for the next
+/// frame. (The hook is set once per process: no other test of this crate
+/// opens a connection.)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use braid_core::wire::{self, Message, Op, Request};
+    use std::time::Duration;
+
+    static WAITS: AtomicUsize = AtomicUsize::new(0);
+
+    fn count_wait() {
+        WAITS.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn write_frame(len: usize) -> wire::OutFrame {
+        wire::encode(&Message::Request(Request {
+            op: Op::Write,
+            id: 1,
+            floor: 0,
+            offset: 0,
+            length: len as u32,
+            flags: 0,
+            remote: None,
+            payload: Bytes::from(vec![0x5a; len]),
+        }))
+    }
+
+    /// Yields until the count passes `above` (nothing here is timed: the other
+    /// side has done its part, so the count moves once the connection runs).
+    async fn waits_pass(above: usize) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while WAITS.load(Ordering::Relaxed) <= above {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the connection said it waits for its peer");
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_mid_transfer_tells_the_process() {
+        on_peer_wait(count_wait);
+        // A pipe smaller than one frame: the writer must wait for the reader.
+        let (near, mut far) = tokio::io::duplex(16 << 10);
+        let (events, mut heard) = mpsc::unbounded_channel();
+        let writer = spawn(near, 0u8, 1 << 20, 8 << 20, events);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            WAITS.load(Ordering::Relaxed),
+            0,
+            "waiting for a first frame is no transfer"
+        );
+
+        let frame = write_frame(256 << 10).to_bytes();
+        far.write_all(&frame[..1000]).await.unwrap();
+        waits_pass(0).await;
+        far.write_all(&frame[1000..]).await.unwrap();
+        match heard.recv().await {
+            Some(ConnEvent::Frame(0u8, got)) => assert!(got == frame, "the frame arrives whole"),
+            other => panic!("expected the frame, got {other:?}"),
+        }
+
+        let before = WAITS.load(Ordering::Relaxed);
+        let out = write_frame(256 << 10);
+        let expected = out.to_bytes();
+        assert!(writer.send(out));
+        waits_pass(before).await;
+        let mut got = vec![0u8; expected.len()];
+        far.read_exact(&mut got).await.unwrap();
+        assert!(got == expected, "the frame leaves whole");
+    }
 }
