@@ -44,8 +44,8 @@ const TURNS_PER_YIELD: u32 = 8;
 /// while spinning between such IOs takes a core from the copies of the
 /// processes it shares cores with. Alternating runs, 1 MiB through
 /// `braid attach` at QD8 (see PERFORMANCE.md): with no polling, `braid
-/// serve`'s CPU per write fell from 520-560 µs to 365-375 µs. A transfer that
-/// waits for its client polls through the wait ([`transfer_wait`]).
+/// serve`'s CPU per write fell from 520-560 µs to 365-375 µs. A transfer
+/// that waits for its peer polls through the wait ([`transfer_wait`]).
 pub(crate) const LARGE_IO: usize = 256 * 1024;
 
 /// Marks activity of an IO moving `bytes` of data (0 for one that moves

@@ -73,6 +73,14 @@ impl ReplySink {
         !matches!(self.socket, SinkSocket::Other(_))
     }
 
+    /// Passes on `poll`, calling the hook if the socket is full.
+    fn waited<T>(&self, poll: Poll<T>) -> Poll<T> {
+        if poll.is_pending() {
+            (self.waiting)();
+        }
+        poll
+    }
+
     /// Sends `len` bytes of `src`'s file from its offset with `sendfile`,
     /// waiting while the socket is full. Anything written before must have
     /// been flushed. A file shorter than promised is an error: the reply's
@@ -148,16 +156,6 @@ impl AsyncRead for RequestSource {
             RequestSource::Unix(r) => Pin::new(r).poll_read(cx, buf),
             RequestSource::Other(r) => Pin::new(r).poll_read(cx, buf),
         }
-    }
-}
-
-impl ReplySink {
-    /// Passes on `poll`, calling the hook if the socket is full.
-    fn waited<T>(&self, poll: Poll<T>) -> Poll<T> {
-        if poll.is_pending() {
-            (self.waiting)();
-        }
-        poll
     }
 }
 
