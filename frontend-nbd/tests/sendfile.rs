@@ -225,6 +225,18 @@ async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
     assert!(spliced.load(Ordering::Relaxed) >= 2);
 }
 
+/// [`start_counting`] on a unix socket in `dir`, and a client connected
+/// to "disk0" (simple replies); the pattern and the counter of waits.
+async fn connect_counting_unix(dir: &std::path::Path) -> (UnixStream, Vec<u8>, Arc<AtomicUsize>) {
+    let path = dir.join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let (pattern, _, waits) = start_counting(dir, listener, None);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    greet(&mut s).await;
+    go(&mut s, "disk0").await;
+    (s, pattern, waits)
+}
+
 /// A reply bigger than the client's socket holds waits for the client to
 /// read, and tells the target each time (the daemon polls through such
 /// waits instead of sleeping); replies that fit never wait. The test's
@@ -233,12 +245,7 @@ async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
 #[tokio::test]
 async fn a_reply_that_waits_for_its_client_tells_the_target() {
     let dir = memory_dir();
-    let path = dir.path().join("nbd.sock");
-    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
-    let (pattern, _, waits) = start_counting(dir.path(), listener, None);
-    let mut s = UnixStream::connect(&path).await.unwrap();
-    greet(&mut s).await;
-    go(&mut s, "disk0").await;
+    let (mut s, pattern, waits) = connect_counting_unix(dir.path()).await;
     for h in 0..4u64 {
         request(&mut s, 0, 0, h, h * 4096, 4096, &[]).await;
         assert_eq!(reply(&mut s, 4096).await.1, 0);
@@ -259,12 +266,7 @@ async fn a_reply_that_waits_for_its_client_tells_the_target() {
 #[tokio::test]
 async fn a_write_whose_data_is_still_arriving_tells_the_target() {
     let dir = memory_dir();
-    let path = dir.path().join("nbd.sock");
-    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
-    let (_, _, waits) = start_counting(dir.path(), listener, None);
-    let mut s = UnixStream::connect(&path).await.unwrap();
-    greet(&mut s).await;
-    go(&mut s, "disk0").await;
+    let (mut s, _, waits) = connect_counting_unix(dir.path()).await;
     let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 + 3) as u8).collect();
     request(&mut s, 1, 0, 1, 8192, data.len() as u32, &data[..20_000]).await;
     // Nothing times this: the server has the first part and must wait, so
