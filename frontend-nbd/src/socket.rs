@@ -159,6 +159,17 @@ impl AsyncRead for RequestSource {
     }
 }
 
+impl SinkSocket {
+    /// The socket as a writer, whichever kind it is.
+    fn writer(&mut self) -> Pin<&mut (dyn AsyncWrite + Unpin + Send)> {
+        match self {
+            SinkSocket::Tcp(w) => Pin::new(w),
+            SinkSocket::Unix(w) => Pin::new(w),
+            SinkSocket::Other(w) => Pin::new(w),
+        }
+    }
+}
+
 impl AsyncWrite for ReplySink {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -166,11 +177,7 @@ impl AsyncWrite for ReplySink {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let poll = match &mut this.socket {
-            SinkSocket::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            SinkSocket::Unix(w) => Pin::new(w).poll_write(cx, buf),
-            SinkSocket::Other(w) => Pin::new(w).poll_write(cx, buf),
-        };
+        let poll = this.socket.writer().poll_write(cx, buf);
         this.waited(poll)
     }
 
@@ -180,11 +187,7 @@ impl AsyncWrite for ReplySink {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let poll = match &mut this.socket {
-            SinkSocket::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            SinkSocket::Unix(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            SinkSocket::Other(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        };
+        let poll = this.socket.writer().poll_write_vectored(cx, bufs);
         this.waited(poll)
     }
 
@@ -198,19 +201,11 @@ impl AsyncWrite for ReplySink {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let poll = match &mut this.socket {
-            SinkSocket::Tcp(w) => Pin::new(w).poll_flush(cx),
-            SinkSocket::Unix(w) => Pin::new(w).poll_flush(cx),
-            SinkSocket::Other(w) => Pin::new(w).poll_flush(cx),
-        };
+        let poll = this.socket.writer().poll_flush(cx);
         this.waited(poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().socket {
-            SinkSocket::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            SinkSocket::Unix(w) => Pin::new(w).poll_shutdown(cx),
-            SinkSocket::Other(w) => Pin::new(w).poll_shutdown(cx),
-        }
+        self.get_mut().socket.writer().poll_shutdown(cx)
     }
 }
