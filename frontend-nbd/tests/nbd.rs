@@ -605,3 +605,81 @@ async fn write_data_is_received_into_the_targets_staging() {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
+
+/// WRITE payloads are read partly from the connection's buffer and partly
+/// straight from the socket, and after a large WRITE the next header is
+/// read on its own: whichever way each request arrives (pipelined in one
+/// burst, or a header alone with its payload in pieces after a pause),
+/// every byte lands where it was sent.
+#[tokio::test]
+async fn writes_of_every_size_land_whole_however_they_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path()).await;
+    let (s, _, _) = connect(addr, "disk0").await;
+    let (mut rd, mut wr) = s.into_split();
+    let fill = |seed: u64, len: usize| -> Vec<u8> {
+        (0..len as u64)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11 ^ seed) as u8)
+            .collect()
+    };
+    let mut image = vec![0u8; 8 << 20];
+    // A small WRITE's header brings the next ones into the buffer: the
+    // 64 KiB payload after it is read from there, and so is the header
+    // after that.
+    let sizes = [
+        1 << 20,
+        4096,
+        64 << 10,
+        4096,
+        (256 << 10) + 512,
+        64 << 10,
+        512,
+        2 << 20,
+        4096,
+        128 << 10,
+    ];
+    let mut burst = Vec::new();
+    let mut at = 0usize;
+    for (h, &len) in sizes.iter().enumerate() {
+        let data = fill(h as u64, len);
+        image[at..at + len].copy_from_slice(&data);
+        request(&mut burst, 1, 0, h as u64, at as u64, len as u32, &data).await;
+        at += len;
+    }
+    // One burst, written while the replies are read (it is larger than
+    // the socket buffers).
+    let sending = tokio::spawn(async move {
+        wr.write_all(&burst).await.unwrap();
+        wr
+    });
+    for _ in sizes {
+        assert_eq!(reply(&mut rd, 0).await.1, 0);
+    }
+    let mut wr = sending.await.unwrap();
+    // Each of these follows an answered large WRITE, so the server's
+    // buffer is empty: a header alone, then its payload in two pieces.
+    for (h, len) in [(20u64, 192 << 10), (21, 4096), (22, 1 << 20)] {
+        let data = fill(h, len);
+        image[at..at + len].copy_from_slice(&data);
+        request(&mut wr, 1, 0, h, at as u64, len as u32, &[]).await;
+        tokio::task::yield_now().await;
+        wr.write_all(&data[..len / 3]).await.unwrap();
+        tokio::task::yield_now().await;
+        wr.write_all(&data[len / 3..]).await.unwrap();
+        assert_eq!(reply(&mut rd, 0).await, (h, 0, vec![]));
+        at += len;
+    }
+    let mut read_at = 0usize;
+    while read_at < at {
+        let len = (at - read_at).min(1 << 20);
+        request(&mut wr, 0, 0, 99, read_at as u64, len as u32, &[]).await;
+        let (_, error, data) = reply(&mut rd, len).await;
+        assert_eq!(error, 0);
+        assert!(
+            data == image[read_at..read_at + len],
+            "bytes at {read_at}..{} read back wrong",
+            read_at + len
+        );
+        read_at += len;
+    }
+}
