@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// How to open an export's file.
 #[derive(Debug, Clone, Default)]
@@ -49,6 +49,14 @@ pub struct ExportFile {
     memory_backed: bool,
     /// Where reads would rather land (a fabric's registered memory).
     staging: ReadBuffers,
+    /// Buffered writes to a regular file take turns here. The kernel
+    /// serialises them anyway (tmpfs, ext4, xfs and btrfs hold the inode
+    /// lock exclusively for a buffered write), but its waiters spin on the
+    /// lock while its holder copies: with four channels of 1 MiB writes,
+    /// 8% of the server's CPU was `rwsem_spin_on_owner`. Waiting here
+    /// sleeps instead. `None` for O_DIRECT and block devices, whose writes
+    /// do run in parallel.
+    write_turn: Option<Mutex<()>>,
 }
 
 /// A fabric's read buffers, if it offered any.
@@ -146,6 +154,7 @@ impl ExportFile {
             no_nowait_write: AtomicBool::new(false),
             memory_backed,
             staging: ReadBuffers::default(),
+            write_turn: (!opts.direct && !is_block_device).then(Mutex::default),
         })
     }
 
@@ -196,7 +205,14 @@ impl ExportFile {
                 Err(e) => return Err(e),
             }
         }
-        self.file.write_all_at(data, offset)?;
+        {
+            // Not held through a sync: other writes need not wait for it.
+            let _turn = self
+                .write_turn
+                .as_ref()
+                .map(|turn| turn.lock().unwrap_or_else(PoisonError::into_inner));
+            self.file.write_all_at(data, offset)?;
+        }
         if fua {
             self.file.sync_data()?;
         }
