@@ -1,13 +1,15 @@
 //! `cargo xtask bench --peers`: braid's NBD face against nbdkit (file
 //! plugin), qemu-nbd and nbd-server, each serving the same kind of file
 //! (1 GiB on tmpfs), over TCP and a unix socket, measured in the same run
-//! by `../shared/tools/peerbench` (fio's nbd engine). Beside them: the
-//! limit (fio's io_uring engine straight on the file), braid's own
-//! protocol (`braid bench`), the client path (fio over NBD into `braid
+//! by fio's nbd engine with `../shared/tools/peerbench`'s workloads, every
+//! server up at once and each workload run against each in turn. Beside
+//! them: the limit (fio's io_uring engine straight on the file), braid's
+//! own protocol (`braid bench`), the client path (fio over NBD into `braid
 //! attach`, which carries the IO to `braid serve`), a bare TCP ping-pong as
 //! the floor under QD1 latency, CPU per IO for every row and the resident
 //! memory of the braid processes.
 
+mod fio;
 mod floor;
 mod memory_soak;
 mod proto;
@@ -30,8 +32,9 @@ use std::time::{Duration, Instant};
 const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both]
   SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
           proto (braid bench), limit (fio on the file), floor (TCP ping-pong)
-  N: measure every column N times (default 1), the columns taking turns, and report
-     each cell's median round: on shared cores one run can be off by 2x";
+  N: measure every column N times (default 1) and report each cell's median round:
+     on shared cores one run can be off by 2x. Within a round every NBD server is up
+     at once and each workload runs against each in turn, seconds apart";
 
 /// What fio reaches over NBD.
 const NBD_SERVERS: [&str; 5] = ["braid", "nbdkit", "qemu-nbd", "nbd-server", "attach"];
@@ -65,7 +68,7 @@ enum Killed {
     Child(Child),
     Daemon(u32),
     /// A shell leading its own process group (braid serve and braid
-    /// attach): peerbench charges it and its children, and the whole group
+    /// attach): the table charges it and its children, and the whole group
     /// goes at the end.
     Group(Child),
 }
@@ -468,7 +471,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         if rounds > 1 {
             eprintln!("==== round {round} of {rounds}");
         }
-        measured.push(measure(&plan)?);
+        measured.push(measure(&plan, round)?);
     }
     let results = median_round(&measured);
     let _ = fs::remove_dir_all(&dir);
@@ -501,7 +504,7 @@ struct Plan<'a> {
 }
 
 /// Every wanted column, once.
-fn measure(plan: &Plan<'_>) -> Result<Results, String> {
+fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
     let Plan {
         runtime,
         seconds,
@@ -581,39 +584,59 @@ fn measure(plan: &Plan<'_>) -> Result<Results, String> {
             .insert((false, "proto".into()), rows.into_iter().collect());
     }
     for &unix in transports {
-        for server in NBD_SERVERS.iter().filter(|s| wanted(s)) {
-            let t = if unix { "unix" } else { "tcp" };
-            eprintln!("==> {server} over {t} ({runtime} s per workload)");
+        let servers: Vec<&str> = NBD_SERVERS.iter().copied().filter(|s| wanted(s)).collect();
+        if servers.is_empty() {
+            continue;
+        }
+        let t = if unix { "unix" } else { "tcp" };
+        eprintln!(
+            "==> over {t}: {} serving at once, each workload run against each in turn ({runtime} s per run)",
+            servers.join(", ")
+        );
+        let mut live = Vec::with_capacity(servers.len());
+        for &server in &servers {
             let (daemon, uri) = start(server, unix, dir, braid)?;
             let braids = daemon.braid_pids(server);
             let idle: Vec<u64> = braids
                 .iter()
                 .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
                 .collect();
-            let sampler = rss::PeakSampler::start(braids.iter().map(|&(_, p)| p).collect());
-            let out = Command::new(peerbench)
-                .args(["--runtime", runtime, "--jobs", "4", "--server-pid"])
-                .arg(daemon.pid().to_string())
-                .arg(&uri)
-                .stderr(Stdio::inherit())
-                .output()
-                .map_err(|e| format!("peerbench: {e}"))?;
-            let peak = sampler.finish();
-            for (((process, _), idle_kib), peak_kib) in braids.into_iter().zip(idle).zip(peak) {
+            live.push((server, daemon, uri, braids, idle));
+        }
+        let sampler = rss::PeakSampler::start(
+            live.iter()
+                .flat_map(|(_, _, _, braids, _)| braids.iter().map(|&(_, p)| p))
+                .collect(),
+        );
+        for (i, workload) in WORKLOADS.iter().enumerate() {
+            // Whoever goes first changes from workload to workload and
+            // round to round, so no server always follows the same one.
+            for k in 0..live.len() {
+                let (server, daemon, uri, _, _) = &live[(k + i + round) % live.len()];
+                let report = dir.join(format!("{server}-{t}-{workload}.json"));
+                let row = fio::run(workload, uri, daemon.pid(), runtime, &report)?;
+                eprintln!(
+                    "{server:<10} {t:<4} {workload:<22} {:>10.0} IOPS {:>9.1} MiB/s  mean {:>8.1} µs  p99 {:>8.1} µs  cpu fio {:>4.0}% server {:>4.0}%",
+                    row.iops, row.mib, row.lat, row.p99, row.cli, row.srv
+                );
+                results
+                    .rows
+                    .entry((unix, server.to_string()))
+                    .or_default()
+                    .insert(workload.to_string(), row);
+            }
+        }
+        let mut peaks = sampler.finish().into_iter();
+        for (server, _, _, braids, idle) in &live {
+            for ((process, _), &idle_kib) in braids.iter().zip(idle) {
                 results.memory.push(Memory {
                     column: server.to_string(),
                     transport: t,
-                    process,
+                    process: process.clone(),
                     idle_kib,
-                    peak_kib,
+                    peak_kib: peaks.next().unwrap_or(0),
                 });
             }
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            eprint!("{text}");
-            results
-                .rows
-                .insert((unix, server.to_string()), parse(&text));
-            drop(daemon);
         }
     }
     Ok(results)
