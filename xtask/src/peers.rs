@@ -147,15 +147,28 @@ fn children(parent: u32) -> Vec<(String, u32)> {
     found
 }
 
-/// CPU clock ticks (user + system) of `pid` and its live children.
+/// CPU clock ticks (user + system) of `pid`, of its children it has
+/// reaped, and of those still there: nbd-server forks a process per client,
+/// which is gone by the time a run is charged.
 pub(crate) fn cpu_ticks(pid: u32) -> u64 {
-    // Fields after the state: ppid is 0, utime 10, stime 11.
-    let own = stat_fields(pid).map_or(0, |f| f[10] + f[11]);
-    own + children(pid)
-        .iter()
-        .filter_map(|&(_, c)| stat_fields(c))
-        .map(|f| f[10] + f[11])
-        .sum::<u64>()
+    // Fields after the state: ppid is 0, utime 10, stime 11, cutime 12,
+    // cstime 13.
+    let own = stat_fields(pid).map_or(0, |f| f[10] + f[11] + f[12] + f[13]);
+    let mut children = 0;
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(f) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+            .and_then(stat_fields)
+        else {
+            continue;
+        };
+        if f.first() == Some(&u64::from(pid)) {
+            children += f[10] + f[11];
+        }
+    }
+    own + children
 }
 
 /// Clock ticks per second (USER_HZ).
