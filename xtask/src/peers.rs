@@ -126,17 +126,7 @@ fn stat_fields(pid: u32) -> Option<Vec<u64>> {
 /// The braid children of `parent`, named by their subcommand.
 fn children(parent: u32) -> Vec<(String, u32)> {
     let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if stat_fields(pid).and_then(|f| f.first().copied()) != Some(u64::from(parent)) {
-            continue;
-        }
+    for (pid, _) in child_stats(parent) {
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         if let Some(sub) = args.get(1).and_then(|a| std::str::from_utf8(a).ok()) {
@@ -147,6 +137,24 @@ fn children(parent: u32) -> Vec<(String, u32)> {
     found
 }
 
+/// Every process whose parent is `parent`, with its stat fields.
+fn child_stats(parent: u32) -> Vec<(u32, Vec<u64>)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid).filter(|f| f.first() == Some(&u64::from(parent))) {
+            found.push((pid, f));
+        }
+    }
+    found
+}
+
 /// CPU clock ticks (user + system) of `pid`, of its children it has
 /// reaped, and of those still there: nbd-server forks a process per client,
 /// which is gone by the time a run is charged.
@@ -154,21 +162,10 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the state: ppid is 0, utime 10, stime 11, cutime 12,
     // cstime 13.
     let own = stat_fields(pid).map_or(0, |f| f[10] + f[11] + f[12] + f[13]);
-    let mut children = 0;
-    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(f) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-            .and_then(stat_fields)
-        else {
-            continue;
-        };
-        if f.first() == Some(&u64::from(pid)) {
-            children += f[10] + f[11];
-        }
-    }
-    own + children
+    own + child_stats(pid)
+        .iter()
+        .map(|(_, f)| f[10] + f[11])
+        .sum::<u64>()
 }
 
 /// Clock ticks per second (USER_HZ).
