@@ -126,14 +126,7 @@ fn wait_for(path: &Path, what: &str) -> Result<(), String> {
 /// Deterministic, incompressible test data.
 fn pattern(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    (0..len).map(|_| crate::xorshift64(&mut x) as u8).collect()
 }
 
 fn spawn(braid: &Path, args: &[String], log: &Path, name: &'static str) -> Result<Daemon, String> {

@@ -456,6 +456,15 @@ fn build_workspace(profile: &str) -> Result<(), String> {
     run("build every crate and target", build)
 }
 
+/// One step of xorshift64: cheap deterministic data and orders, never zero
+/// from a nonzero state.
+pub(crate) fn xorshift64(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
 /// A TCP port nothing listens on right now (for servers the checks start).
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -21,7 +21,7 @@ pub(crate) use floor::echo as pingpong_echo;
 pub(crate) use memory_soak::run as memory_soak;
 pub(crate) use scale::run as scale;
 
-use crate::free_port;
+use crate::{free_port, xorshift64};
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -191,11 +191,8 @@ fn filled_image(path: &Path) -> Result<(), String> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..1024 {
         for word in chunk.chunks_exact_mut(8) {
-            // xorshift64: cheap, and no block of it is all zeroes.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
+            // No block of it is all zeroes.
+            word.copy_from_slice(&xorshift64(&mut x).to_le_bytes());
         }
         file.write_all(&chunk).map_err(fail)?;
     }
@@ -611,16 +608,27 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
                 .iter()
                 .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
                 .collect();
-            live.push((server, daemon, uri, braids, idle));
+            live.push(Serving {
+                server,
+                daemon,
+                uri,
+                braids,
+                idle,
+            });
         }
         let sampler = rss::PeakSampler::start(
             live.iter()
-                .flat_map(|(_, _, _, braids, _)| braids.iter().map(|&(_, p)| p))
+                .flat_map(|s| s.braids.iter().map(|&(_, p)| p))
                 .collect(),
         );
         for (i, workload) in WORKLOADS.iter().enumerate() {
             for k in turns(live.len(), round * WORKLOADS.len() + i) {
-                let (server, daemon, uri, _, _) = &live[k];
+                let Serving {
+                    server,
+                    daemon,
+                    uri,
+                    ..
+                } = &live[k];
                 let report = dir.join(format!("{server}-{t}-{workload}.json"));
                 let row = fio::run(workload, uri, daemon.pid(), runtime, &report)?;
                 eprintln!(
@@ -635,10 +643,10 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
             }
         }
         let mut peaks = sampler.finish().into_iter();
-        for (server, _, _, braids, idle) in &live {
-            for ((process, _), &idle_kib) in braids.iter().zip(idle) {
+        for s in &live {
+            for ((process, _), &idle_kib) in s.braids.iter().zip(&s.idle) {
                 results.memory.push(Memory {
-                    column: server.to_string(),
+                    column: s.server.to_string(),
                     transport: t,
                     process: process.clone(),
                     idle_kib,
@@ -650,6 +658,16 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
     Ok(results)
 }
 
+/// An NBD server up for a round of the table.
+struct Serving<'a> {
+    server: &'a str,
+    daemon: Killed,
+    uri: String,
+    /// Its braid processes, by subcommand, and their idle resident KiB.
+    braids: Vec<(String, u32)>,
+    idle: Vec<u64>,
+}
+
 /// The order `n` servers take one workload in, different for each `seed`
 /// (a round's workload): a rotation would change who goes first but keep
 /// each server right behind the same one, and a heavy run can leave the
@@ -658,12 +676,9 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
 fn turns(n: usize, seed: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mut x = (seed as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    // A fixed shuffle per seed, so a table can be rerun.
     for i in (1..n).rev() {
-        // xorshift64: a fixed shuffle per seed, so a table can be rerun.
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
+        order.swap(i, (xorshift64(&mut x) % (i as u64 + 1)) as usize);
     }
     order
 }
