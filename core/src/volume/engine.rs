@@ -190,7 +190,8 @@ struct VolIo {
     /// Parts not yet finished (every copy answered or abandoned).
     unfinished: usize,
     error: Option<IoErrorKind>,
-    read: Vec<u8>,
+    /// For a read, each part's data as it arrived (by part index).
+    read: Vec<Option<Bytes>>,
     /// Regions this IO counts as busy in.
     regions: Vec<u64>,
     completed: bool,
@@ -259,6 +260,35 @@ fn split_at_regions(seg: Segment, offset: u64, region: u64) -> Vec<Segment> {
         at += len;
     }
     out
+}
+
+/// A read's data from its parts' answers: a part that is the whole IO is
+/// handed on as it arrived, else the parts are laid out in one buffer.
+/// Copying every read into a zeroed buffer cost a mirror's `braid attach`
+/// 23% of its CPU on 1 MiB reads (perf: memset 8%, memmove 15%).
+fn assemble_read(len: usize, parts: &[Part], mut pieces: Vec<Option<Bytes>>) -> Bytes {
+    if let [Some(whole)] = pieces.as_slice() {
+        if whole.len() == len {
+            return pieces.pop().flatten().expect("one piece");
+        }
+    }
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_unstable_by_key(|&p| parts[p].seg.at);
+    let mut buf = bytes::BytesMut::with_capacity(len);
+    for p in order {
+        let Some(data) = pieces[p].take() else {
+            continue;
+        };
+        let at = (parts[p].seg.at as usize).min(len);
+        if buf.len() < at {
+            // Not reached by a well-formed answer; zeros, as a fresh buffer had.
+            buf.resize(at, 0);
+        }
+        buf.truncate(at);
+        buf.extend_from_slice(&data[..data.len().min(len - at)]);
+    }
+    buf.resize(len, 0);
+    buf.freeze()
 }
 
 /// Per leaf of `map`, the sets of leaves holding the same bytes (one per
@@ -714,7 +744,7 @@ impl VolumeEngine {
         };
         let n = parts.len();
         let read = if io.op == Op::Read {
-            vec![0; io.len as usize]
+            vec![None; n]
         } else {
             Vec::new()
         };
@@ -1049,7 +1079,7 @@ impl VolumeEngine {
         };
         let is_read = io.io.op == Op::Read;
         let part = &mut io.parts[p];
-        let (at, mirrored) = (part.seg.at as usize, part.seg.copies.len() > 1);
+        let mirrored = part.seg.copies.len() > 1;
         let every_copy_tried = part.seg.copies.iter().all(|c| part.tried.contains(&c.leaf));
         let PartState::Sent {
             acked,
@@ -1067,7 +1097,7 @@ impl VolumeEngine {
             Ok(data) => {
                 *acked += 1;
                 if is_read {
-                    io.read[at..at + data.len()].copy_from_slice(&data);
+                    io.read[p] = Some(data);
                 }
             }
             Err(_) if mirrored && !is_read && part.acknowledged => {
@@ -1220,7 +1250,12 @@ impl VolumeEngine {
             io.completed = true;
             let result = match io.error {
                 Some(e) => Err(e),
-                None => Ok(Bytes::from(std::mem::take(&mut io.read))),
+                None if io.io.op == Op::Read => Ok(assemble_read(
+                    io.io.len as usize,
+                    &io.parts,
+                    std::mem::take(&mut io.read),
+                )),
+                None => Ok(Bytes::new()),
             };
             self.actions.push_back(VolumeAction::Complete {
                 user: io.user,
