@@ -24,7 +24,8 @@ commands:
             `cargo xtask bench --peers [--runtime S] [--only braid,nbdkit]
             [--transport tcp|unix|both]`: braid's NBD face against nbdkit,
             qemu-nbd and nbd-server with ../shared/tools/peerbench (fio),
-            beside the limit, braid bench, braid attach and a TCP floor;
+            beside the limit, braid bench, braid attach (one export and a
+            2-way mirror) and a TCP floor;
             `cargo xtask bench --scale [--runtime S]`: braid's protocol with
             1-8 channels and 1-16 clients, server CPU per row;
             `cargo xtask bench --memory-soak SECS`: resident memory of

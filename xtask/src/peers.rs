@@ -5,7 +5,9 @@
 //! server up at once and each workload run against each in turn. Beside
 //! them: the limit (fio's io_uring engine straight on the file), braid's
 //! own protocol (`braid bench`), the client path (fio over NBD into `braid
-//! attach`, which carries the IO to `braid serve`), a bare TCP ping-pong as
+//! attach`, which carries the IO to `braid serve`), the same through a
+//! 2-way mirror (`braid attach --volume` over two servers), a bare TCP
+//! ping-pong as
 //! the floor under QD1 latency, CPU per IO for every row and the resident
 //! memory of the braid processes.
 
@@ -31,15 +33,23 @@ use std::time::{Duration, Instant};
 
 const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both]
   SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
+          mirror (fio into braid attach --volume, a 2-way mirror over two braid serve),
           proto (braid bench), limit (fio on the file), floor (TCP ping-pong)
   N: measure every column N times (default 1) and report each cell's median round:
      on shared cores one run can be off by 2x. Within a round every NBD server is up
      at once and each workload runs against each in turn, seconds apart";
 
 /// What fio reaches over NBD.
-const NBD_SERVERS: [&str; 5] = ["braid", "nbdkit", "qemu-nbd", "nbd-server", "attach"];
+const NBD_SERVERS: [&str; 6] = [
+    "braid",
+    "nbdkit",
+    "qemu-nbd",
+    "nbd-server",
+    "attach",
+    "mirror",
+];
 /// Every column, in table order.
-const COLUMNS: [&str; 8] = [
+const COLUMNS: [&str; 9] = [
     "limit",
     "braid",
     "nbdkit",
@@ -47,6 +57,7 @@ const COLUMNS: [&str; 8] = [
     "nbd-server",
     "proto",
     "attach",
+    "mirror",
     "floor",
 ];
 
@@ -68,8 +79,8 @@ enum Killed {
     Child(Child),
     Daemon(u32),
     /// A shell leading its own process group (braid serve and braid
-    /// attach): the table charges it and its children, and the whole group
-    /// goes at the end.
+    /// attach, or two braid serve and a volume's braid attach): the table
+    /// charges it and its children, and the whole group goes at the end.
     Group(Child),
 }
 
@@ -134,6 +145,15 @@ fn children(parent: u32) -> Vec<(String, u32)> {
         }
     }
     found.sort();
+    // A mirror's two servers: the table keeps one memory row per name.
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, _) in &mut found {
+        let n = seen.entry(name.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            *name = format!("{name} {n}");
+        }
+    }
     found
 }
 
@@ -238,6 +258,51 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
             c.args(["-c", &script]).process_group(0);
             c
         }
+        "mirror" => {
+            // What a mirror costs over attach's one export: every write
+            // goes to both servers, a read to one. Both legs start as the
+            // same bytes, so the volume starts in sync.
+            let second = sdir.join("disk1.img");
+            filled_image(&second)?;
+            let sh = |p: &Path| p.display().to_string();
+            let legs = [
+                ("a", img_s.clone(), free_port()),
+                ("b", sh(&second), free_port()),
+            ];
+            let mut volume = "name = \"disk0\"\nleg_timeout = \"3s\"\n".to_string();
+            let mut servers = String::new();
+            for (leg, image, port) in &legs {
+                let leg_dir = sdir.join(leg);
+                fs::create_dir_all(&leg_dir).map_err(|e| e.to_string())?;
+                let keys = leg_dir.join("keys.toml");
+                volume += &format!(
+                    "[[leg]]\nname = \"{leg}\"\nserver = \"127.0.0.1:{port}\"\nexport = \"disk0\"\nkey_file = \"{}\"\n",
+                    sh(&keys)
+                );
+                servers += &format!(
+                    "'{braid}' serve --data-dir '{leg_dir}' --listen 127.0.0.1:{port} --export 'disk0={image}' &\n\
+                     until [ -s '{keys}' ]; do sleep 0.1; done\n",
+                    braid = sh(braid),
+                    leg_dir = sh(&leg_dir),
+                    keys = sh(&keys),
+                );
+            }
+            volume += "[map]\nmirror = [\"a\", \"b\"]\n";
+            let toml = sdir.join("volume.toml");
+            fs::write(&toml, volume).map_err(|e| e.to_string())?;
+            // The volume's dirty-region logs go to the data dir.
+            let script = format!(
+                "{servers}STATE_DIRECTORY='{dir}' '{braid}' attach --volume '{toml}' \
+                 --nbd '{addr}' --control '{dir}/attach.ctl' &\n\
+                 wait",
+                braid = sh(braid),
+                dir = sh(&sdir),
+                toml = sh(&toml),
+            );
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]).process_group(0);
+            c
+        }
         "braid" => {
             // braid's own protocol listens here too; proto's rows use it.
             let listen = format!("127.0.0.1:{}", free_port());
@@ -304,7 +369,7 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         .map_err(|e| {
             format!("{server}: {e} (install peers with ../shared/tools/peerbench --install-only)")
         })?;
-    let killed = if server == "attach" {
+    let killed = if matches!(server, "attach" | "mirror") {
         Killed::Group(child)
     } else if server == "nbd-server" {
         // It forks into the background; the pid file names the daemon.
@@ -493,6 +558,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     table::print(&results, &columns, &transports);
     table::print_round_ratios(&measured, &transports);
     table::print_client_path(&measured, &transports);
+    table::print_mirror_cost(&measured, &transports);
     Ok(())
 }
 

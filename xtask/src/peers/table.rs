@@ -212,6 +212,46 @@ pub(crate) fn print_client_path(rounds: &[Results], transports: &[bool]) {
     }
 }
 
+/// What a 2-way mirror costs over one export: fio through `braid attach
+/// --volume` (writes to both servers, reads from one) over fio through
+/// `braid attach`, on the same transport. Per round and median.
+pub(crate) fn print_mirror_cost(rounds: &[Results], transports: &[bool]) {
+    if !rounds
+        .iter()
+        .any(|r| r.rows.keys().any(|(_, c)| c == "mirror"))
+    {
+        return;
+    }
+    println!();
+    println!("a 2-way mirror: mirror / attach (each through braid attach; a mirror writes to both servers)");
+    println!(
+        "{:<6} {:<22} {:>24} {:>8}",
+        "", "workload", "per round", "median"
+    );
+    for &unix in transports {
+        for w in WORKLOADS {
+            let ratios: Vec<f64> = rounds
+                .iter()
+                .filter_map(|r| mirror_cost(r, unix, w))
+                .collect();
+            println!(
+                "{} {:>24} {:>8}",
+                lead(unix, w),
+                listed(&ratios),
+                median(&ratios).map_or("-".into(), |m| format!("{m:.2}x")),
+            );
+        }
+    }
+}
+
+/// One round's mirror / attach on one transport for `w`.
+fn mirror_cost(r: &Results, unix: bool, w: &str) -> Option<f64> {
+    over(
+        throughput(r, unix, "mirror", w),
+        throughput(r, unix, "attach", w),
+    )
+}
+
 /// One round's attach over unix / braid's NBD face over TCP for `w`.
 fn client_path(r: &Results, w: &str) -> Option<f64> {
     over(
@@ -304,6 +344,26 @@ mod tests {
             client_path(&r, "randread-4k-qd1"),
             Some(0.75),
             "attach over unix against braid's NBD face over TCP"
+        );
+        assert_eq!(
+            mirror_cost(&r, true, "randread-4k-qd1"),
+            None,
+            "no mirror row"
+        );
+        r.rows.insert(
+            (true, "mirror".into()),
+            BTreeMap::from([(
+                "randread-4k-qd1".to_string(),
+                Row {
+                    iops: 36.0,
+                    ..Row::default()
+                },
+            )]),
+        );
+        assert_eq!(
+            mirror_cost(&r, true, "randread-4k-qd1"),
+            Some(0.8),
+            "mirror over attach on the same transport"
         );
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(
