@@ -5,10 +5,17 @@
 //! client completion, with the backend answering at once. It measures the
 //! protocol's CPU cost, not IO: the only data copies are the checksum passes
 //! and the one concatenation a transport would do when reading a frame.
+//!
+//! The volume round trip runs one IO through a 2-way mirror's engine alone
+//! (the legs answer at once): what a mirror adds on top of each leg's own
+//! client engine.
 
 use braid_core::auth::Key;
 use braid_core::client::{ChannelId, ClientAction, ClientConfig, ClientEngine, IoRequest};
 use braid_core::server::{BackendOp, ExportConfig, ServerAction, ServerConfig, ServerEngine};
+use braid_core::volume::{
+    LegInfo, VolumeAction, VolumeConfig, VolumeEngine, VolumeMap, VolumeSpec,
+};
 use braid_core::wire::{decode, encode, Message, Op, Request};
 use braid_core::Instant;
 use bytes::Bytes;
@@ -230,5 +237,90 @@ fn engines(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, engines);
+/// A 2-way mirror over two 1 GiB legs, both in sync.
+fn mirror() -> VolumeEngine {
+    let spec = VolumeSpec::Mirror {
+        quorum: None,
+        legs: vec![
+            VolumeSpec::Export("a".into()),
+            VolumeSpec::Export("b".into()),
+        ],
+    };
+    let map = VolumeMap::new(&spec, |_| {
+        Some(LegInfo {
+            size: 1 << 30,
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .unwrap();
+    VolumeEngine::new(map, VolumeConfig::default(), None).unwrap()
+}
+
+/// Submits `io` and answers every leg IO at once (reads with `data`)
+/// until the volume completes it.
+fn volume_round_trip(v: &mut VolumeEngine, user: u64, io: IoRequest, data: &Bytes, now: Instant) {
+    v.submit(user, io, now);
+    loop {
+        let mut answered = false;
+        while let Some(action) = v.poll_action() {
+            match action {
+                VolumeAction::LegIo { token, io, .. } => {
+                    let answer = if io.op == Op::Read {
+                        data.slice(..io.len as usize)
+                    } else {
+                        Bytes::new()
+                    };
+                    v.leg_complete(token, Ok(answer), now);
+                    answered = true;
+                }
+                VolumeAction::PersistLogs { generation } => {
+                    v.logs_stable(generation, now);
+                    answered = true;
+                }
+                VolumeAction::Complete { user: done, result } => {
+                    assert_eq!(done, user);
+                    black_box(result.unwrap());
+                    return;
+                }
+                VolumeAction::StoreMap { .. } | VolumeAction::LegChanged { .. } => {}
+            }
+        }
+        assert!(answered, "the volume stopped short of completing IO {user}");
+    }
+}
+
+fn volume(c: &mut Criterion) {
+    let mut g = c.benchmark_group("volume round trip, 2-way mirror");
+    g.throughput(Throughput::Elements(1));
+    let data = Bytes::from(vec![9u8; 1 << 20]);
+    let block = data.slice(..BLOCK);
+    let mut v = mirror();
+    let now = Instant::ZERO;
+    let mut user = 0;
+    g.bench_function("read 4k", |b| {
+        b.iter(|| {
+            user += 1;
+            let io = IoRequest::read((user % 1000) * 4096, BLOCK as u32);
+            volume_round_trip(&mut v, user, io, &data, now)
+        })
+    });
+    g.bench_function("write 4k", |b| {
+        b.iter(|| {
+            user += 1;
+            let io = IoRequest::write((user % 1000) * 4096, block.clone(), false);
+            volume_round_trip(&mut v, user, io, &data, now)
+        })
+    });
+    g.bench_function("read 1M", |b| {
+        b.iter(|| {
+            user += 1;
+            let io = IoRequest::read((user % 1000) << 20, 1 << 20);
+            volume_round_trip(&mut v, user, io, &data, now)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, engines, volume);
 criterion_main!(benches);
