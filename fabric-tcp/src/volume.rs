@@ -1,7 +1,8 @@
 //! The volume driver: one [`VolumeEngine`] in one task, over a [`Client`]
 //! per leg (each with its own channels, failover and replay). Leg IO goes
-//! to the legs' clients in the engine's order; a leg whose channels stay down past
-//! `leg_timeout` is reported failed, and reported back when it returns.
+//! to the legs' clients in the engine's order; a leg whose channels stay
+//! down past `leg_timeout` is reported failed, and reported back when it
+//! returns.
 //! Dirty logs are made stable through a [`LogStore`] before the writes
 //! they cover go out.
 
@@ -551,9 +552,9 @@ impl Driver {
                     // In the engine's order: two overlapping writes
                     // reaching a leg in either order would let legs
                     // diverge. Straight to the client when nothing waits
-                    // in the leg's queue: through the queue task and a
-                    // task per answer, a mirror's 4k reads at QD1 took 16
-                    // us more than one export's.
+                    // in the leg's queue: the queue task's hop and a task
+                    // spawned per answer cost a mirror's braid attach 2-3
+                    // us of CPU per 4k IO (PERFORMANCE.md).
                     let slot = &self.legs[leg];
                     let io = if slot.queued.load(Ordering::Acquire) == 0 {
                         match slot.client.try_io_with(io, answer_to(&self.events, token)) {
