@@ -219,6 +219,54 @@ fn filled_image(path: &Path) -> Result<(), String> {
     file.flush().map_err(fail)
 }
 
+/// fio's way into a 2-way mirror, to show what a mirror costs over
+/// attach's one export (every write goes to both servers, a read to one):
+/// two `braid serve`, each on its own copy of the image, and `braid attach
+/// --volume` over them serving NBD at `addr`, all under one shell.
+fn mirror_command(braid: &Path, sdir: &Path, img_s: &str, addr: &str) -> Result<Command, String> {
+    // Both legs start as the same bytes, so the volume starts in sync.
+    let second = sdir.join("disk1.img");
+    filled_image(&second)?;
+    let sh = |p: &Path| p.display().to_string();
+    let legs = [
+        ("a", img_s.to_string(), free_port()),
+        ("b", sh(&second), free_port()),
+    ];
+    let mut volume = "name = \"disk0\"\nleg_timeout = \"3s\"\n".to_string();
+    let mut servers = String::new();
+    for (leg, image, port) in &legs {
+        let leg_dir = sdir.join(leg);
+        fs::create_dir_all(&leg_dir).map_err(|e| e.to_string())?;
+        let keys = leg_dir.join("keys.toml");
+        volume += &format!(
+            "[[leg]]\nname = \"{leg}\"\nserver = \"127.0.0.1:{port}\"\nexport = \"disk0\"\nkey_file = \"{}\"\n",
+            sh(&keys)
+        );
+        servers += &format!(
+            "'{braid}' serve --data-dir '{leg_dir}' --listen 127.0.0.1:{port} --export 'disk0={image}' &\n\
+             until [ -s '{keys}' ]; do sleep 0.1; done\n",
+            braid = sh(braid),
+            leg_dir = sh(&leg_dir),
+            keys = sh(&keys),
+        );
+    }
+    volume += "[map]\nmirror = [\"a\", \"b\"]\n";
+    let toml = sdir.join("volume.toml");
+    fs::write(&toml, volume).map_err(|e| e.to_string())?;
+    // The volume's dirty-region logs go to the data dir.
+    let script = format!(
+        "{servers}STATE_DIRECTORY='{dir}' '{braid}' attach --volume '{toml}' \
+         --nbd '{addr}' --control '{dir}/attach.ctl' &\n\
+         wait",
+        braid = sh(braid),
+        dir = sh(sdir),
+        toml = sh(&toml),
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script]).process_group(0);
+    Ok(c)
+}
+
 /// Starts `server` on a fresh 1 GiB file of data; returns it and its URI.
 fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, String), String> {
     let sdir = dir.join(format!("{server}-{}", if unix { "unix" } else { "tcp" }));
@@ -258,51 +306,7 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
             c.args(["-c", &script]).process_group(0);
             c
         }
-        "mirror" => {
-            // What a mirror costs over attach's one export: every write
-            // goes to both servers, a read to one. Both legs start as the
-            // same bytes, so the volume starts in sync.
-            let second = sdir.join("disk1.img");
-            filled_image(&second)?;
-            let sh = |p: &Path| p.display().to_string();
-            let legs = [
-                ("a", img_s.clone(), free_port()),
-                ("b", sh(&second), free_port()),
-            ];
-            let mut volume = "name = \"disk0\"\nleg_timeout = \"3s\"\n".to_string();
-            let mut servers = String::new();
-            for (leg, image, port) in &legs {
-                let leg_dir = sdir.join(leg);
-                fs::create_dir_all(&leg_dir).map_err(|e| e.to_string())?;
-                let keys = leg_dir.join("keys.toml");
-                volume += &format!(
-                    "[[leg]]\nname = \"{leg}\"\nserver = \"127.0.0.1:{port}\"\nexport = \"disk0\"\nkey_file = \"{}\"\n",
-                    sh(&keys)
-                );
-                servers += &format!(
-                    "'{braid}' serve --data-dir '{leg_dir}' --listen 127.0.0.1:{port} --export 'disk0={image}' &\n\
-                     until [ -s '{keys}' ]; do sleep 0.1; done\n",
-                    braid = sh(braid),
-                    leg_dir = sh(&leg_dir),
-                    keys = sh(&keys),
-                );
-            }
-            volume += "[map]\nmirror = [\"a\", \"b\"]\n";
-            let toml = sdir.join("volume.toml");
-            fs::write(&toml, volume).map_err(|e| e.to_string())?;
-            // The volume's dirty-region logs go to the data dir.
-            let script = format!(
-                "{servers}STATE_DIRECTORY='{dir}' '{braid}' attach --volume '{toml}' \
-                 --nbd '{addr}' --control '{dir}/attach.ctl' &\n\
-                 wait",
-                braid = sh(braid),
-                dir = sh(&sdir),
-                toml = sh(&toml),
-            );
-            let mut c = Command::new("sh");
-            c.args(["-c", &script]).process_group(0);
-            c
-        }
+        "mirror" => mirror_command(braid, &sdir, &img_s, &addr)?,
         "braid" => {
             // braid's own protocol listens here too; proto's rows use it.
             let listen = format!("127.0.0.1:{}", free_port());
