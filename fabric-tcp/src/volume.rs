@@ -302,15 +302,15 @@ impl Driver {
         let (c, tx, left) = (client.clone(), self.events.clone(), queued.clone());
         tokio::spawn(async move {
             while let Some((token, io)) = pending.recv().await {
-                if let Err((io, _)) = c.try_io_with(io, answer_to(&tx, token)) {
-                    let answer = c.enqueue(io).await;
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let result = answer.await.map_err(|e| e.kind);
-                        let _ = tx.send(Event::LegDone(token, result));
-                    });
-                }
+                // Only IO the client had no room for comes here: wait
+                // for room, in order.
+                let answer = c.enqueue(io).await;
                 left.fetch_sub(1, Ordering::AcqRel);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let result = answer.await.map_err(|e| e.kind);
+                    let _ = tx.send(Event::LegDone(token, result));
+                });
             }
         });
         self.legs.push(LegSlot {
