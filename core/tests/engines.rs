@@ -10,6 +10,7 @@ use braid_core::wire::{self, *};
 use braid_core::Instant;
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
@@ -1261,6 +1262,57 @@ fn a_request_seen_again_is_answered_from_its_record_not_executed_again() {
         matches!(&sent[..], [Message::Reply(r)] if r.id == far && r.status == Status::Invalid),
         "{sent:?}"
     );
+    server.check().unwrap();
+}
+
+/// A read the driver answers from a file goes out as a frame that names
+/// the file; the same read asked for again (its last reply may have
+/// failed its checksum because the file changed under it) is not offered
+/// the file again, so it cannot be starved by a busy region.
+#[test]
+fn a_read_asked_for_again_is_answered_from_memory() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let now = Instant::ZERO;
+    assert!(open_as(&mut server, 1, (7, 1)));
+    drain(&mut server);
+    let read = wire::encode(&Message::Request(Request {
+        op: Op::Read,
+        id: 1,
+        floor: 1,
+        offset: 0,
+        length: 4096,
+        flags: 0,
+        remote: None,
+        payload: Bytes::new(),
+    }))
+    .to_bytes();
+    let file = Arc::new(std::fs::File::open("/dev/zero").unwrap());
+    for attempt in 0..3 {
+        server.handle_frame(1, read.clone(), now);
+        let Some(ServerAction::Backend(req)) = server.poll_action() else {
+            panic!("attempt {attempt}: no backend read");
+        };
+        match (attempt, server.file_reply_conn(req.token)) {
+            (0, Some(1)) => {
+                let data = wire::FileSlice {
+                    file: file.clone(),
+                    offset: 0,
+                    len: 4096,
+                };
+                server.backend_complete_from_file(req.token, data, 0x5EED, now);
+                let Some(ServerAction::Send { conn: 1, frame }) = server.poll_action() else {
+                    panic!("no reply");
+                };
+                assert_eq!(frame.file_payload().map(|f| f.len), Some(4096));
+                assert_eq!(frame.len(), frame.head().len() + 4096);
+            }
+            (0, other) => panic!("a first read may go from a file on conn 1, got {other:?}"),
+            (_, None) => server.backend_complete(req.token, Ok(Bytes::from(vec![0; 4096])), now),
+            (_, Some(conn)) => panic!("attempt {attempt} offered the file again (conn {conn})"),
+        }
+        drain(&mut server);
+    }
+    assert_eq!(server.stats().file_replies, 1);
     server.check().unwrap();
 }
 

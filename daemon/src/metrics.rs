@@ -139,6 +139,7 @@ impl Collector for ServerMetrics {
             ("braid_server_corrupt_payloads", "Requests whose payload failed its checksum.", st.corrupt_payloads),
             ("braid_server_protocol_errors", "Connections closed for bad frames or protocol violations.", st.protocol_errors),
             ("braid_server_error_replies", "Requests answered with an error status.", st.error_replies),
+            ("braid_server_file_replies", "Read replies sent from the page cache without a copy (sendfile).", st.file_replies),
             ("braid_server_overload_dropped", "Requests dropped because their session had twice max_inflight executing (the client resends them).", st.overload_dropped),
         ] {
             out.counter(name, help, v)?;

@@ -62,6 +62,7 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
         "sessions_created": st.sessions_created,
         "sessions_freed": st.sessions_freed,
         "overload_dropped": st.overload_dropped,
+        "file_replies": st.file_replies,
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })
@@ -109,6 +110,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         ("requests received", "requests"),
         ("backend operations", "backend_ops"),
         ("requests with FUA", "fua_requests"),
+        ("read replies sent from the page cache", "file_replies"),
         ("backend operations running", "backend_inflight"),
         ("resent requests answered from cache", "recorded_replies"),
         ("resent requests joined in flight", "joined"),

@@ -2,13 +2,17 @@
 //! [`ConnEvent`]s, frames out through a [`Writer`]. For a stream, a reader
 //! task splits it into frames and a writer task sends frames in batches;
 //! other fabrics (RDMA) make their channels out of the same two parts.
+//! A frame whose payload is in a file ([`FileSlice`]) leaves a plain TCP
+//! socket by `sendfile`; any other link reads the bytes in first.
 
-use braid_core::wire::{FrameReader, OutFrame};
+use braid_core::wire::{FileSlice, FrameReader, OutFrame};
 use bytes::Bytes;
-use std::io::IoSlice;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
 
 /// What the engine task hears from a connection.
@@ -124,6 +128,121 @@ impl Writer {
     }
 }
 
+/// Reads a frame's file payload into memory, for a link that cannot send
+/// from a file.
+pub fn fill_file_payload(frame: &mut OutFrame) -> io::Result<()> {
+    let Some(data) = frame.file_payload() else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; data.len as usize];
+    data.file
+        .read_exact_at(&mut buf, data.offset)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "reading {} bytes at {} for a reply: {e}",
+                    data.len, data.offset
+                ),
+            )
+        })?;
+    frame
+        .fill_file_payload(Bytes::from(buf))
+        .map_err(|_| io::Error::other("a file payload changed length"))
+}
+
+/// How a connection's writer sends a payload that is in a file.
+pub(crate) trait SendFile {
+    /// Sends `data`'s bytes after everything written so far.
+    fn send_file(&mut self, data: &FileSlice) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Any stream (TLS, a test's pipe): the bytes pass through memory.
+impl<S: AsyncWrite + Send> SendFile for WriteHalf<S> {
+    async fn send_file(&mut self, data: &FileSlice) -> io::Result<()> {
+        let mut buf = vec![0u8; data.len as usize];
+        data.file.read_exact_at(&mut buf, data.offset)?;
+        noting_waits(self.write_all(&buf)).await
+    }
+}
+
+/// A plain TCP socket: straight from the page cache.
+#[cfg(not(madsim))]
+impl SendFile for tokio::net::tcp::OwnedWriteHalf {
+    async fn send_file(&mut self, data: &FileSlice) -> io::Result<()> {
+        let socket: &tokio::net::TcpStream = self.as_ref();
+        let mut offset = data.offset;
+        let mut left = data.len as usize;
+        while left > 0 {
+            socket.writable().await?;
+            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sendfile(socket, &data.file, &mut offset, left)
+            });
+            match sent {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ends before offset {offset} ({left} bytes of a reply unsent)"
+                        ),
+                    ))
+                }
+                Ok(n) => left -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Some(hook) = PEER_WAIT.get() {
+                        hook();
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `sendfile(2)` of up to `len` bytes of `file` from `offset` to
+/// `socket`, moving `offset` past what it sent.
+#[cfg(not(madsim))]
+fn sendfile(
+    socket: &impl std::os::unix::io::AsRawFd,
+    file: &std::fs::File,
+    offset: &mut u64,
+    len: usize,
+) -> io::Result<usize> {
+    use std::os::unix::io::AsRawFd;
+    let mut off = *offset as libc::off_t;
+    loop {
+        // SAFETY: both fds are open (borrowed for the call); `off` is ours.
+        let n = unsafe { libc::sendfile(socket.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+        if n >= 0 {
+            *offset = off as u64;
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Starts the reader and writer of a plain TCP connection, whose writer
+/// sends file payloads with `sendfile`; returns the writer's queue, which
+/// refuses frames past `queue_limit` unsent bytes.
+#[cfg(not(madsim))]
+pub(crate) fn spawn_tcp<K>(
+    stream: tokio::net::TcpStream,
+    key: K,
+    max_payload: usize,
+    queue_limit: usize,
+    events: mpsc::UnboundedSender<ConnEvent<K>>,
+) -> Writer
+where
+    K: Copy + Send + std::fmt::Debug + 'static,
+{
+    let (rd, wr) = stream.into_split();
+    spawn_halves(rd, wr, key, max_payload, queue_limit, events)
+}
+
 /// Starts the reader and writer of `stream`; returns the writer's queue,
 /// which refuses frames past `queue_limit` unsent bytes.
 pub(crate) fn spawn<S, K>(
@@ -137,7 +256,23 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
     K: Copy + Send + std::fmt::Debug + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    spawn_halves(rd, wr, key, max_payload, queue_limit, events)
+}
+
+fn spawn_halves<R, W, K>(
+    mut rd: R,
+    mut wr: W,
+    key: K,
+    max_payload: usize,
+    queue_limit: usize,
+    events: mpsc::UnboundedSender<ConnEvent<K>>,
+) -> Writer
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + SendFile + Unpin + Send + 'static,
+    K: Copy + Send + std::fmt::Debug + 'static,
+{
     let (writer, mut outbox) = Writer::new(queue_limit);
     let reader_events = events.clone();
     let reader = tokio::spawn(async move {
@@ -207,12 +342,31 @@ where
     writer
 }
 
-/// Writes every frame, header and payload as separate slices of one
-/// vectored write, resuming after partial writes.
-async fn write_all_frames<W: AsyncWrite + Unpin>(
+/// Writes every frame: heads and payloads in memory as separate slices of
+/// vectored writes, payloads in files by [`SendFile`].
+async fn write_all_frames<W: AsyncWrite + SendFile + Unpin>(
     wr: &mut W,
     frames: &[OutFrame],
-) -> std::io::Result<()> {
+) -> io::Result<()> {
+    let mut from = 0;
+    for (at, frame) in frames.iter().enumerate() {
+        if let Some(data) = frame.file_payload() {
+            // Up to and including this frame's head.
+            write_vectored_all(wr, &frames[from..=at]).await?;
+            wr.send_file(data).await?;
+            from = at + 1;
+        }
+    }
+    write_vectored_all(wr, &frames[from..]).await?;
+    noting_waits(wr.flush()).await
+}
+
+/// Writes the heads and in-memory payloads of `frames` as one vectored
+/// write, resuming after partial writes.
+async fn write_vectored_all<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frames: &[OutFrame],
+) -> io::Result<()> {
     let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
     for f in frames {
         parts.push(f.head());
@@ -244,7 +398,7 @@ async fn write_all_frames<W: AsyncWrite + Unpin>(
             }
         }
     }
-    noting_waits(wr.flush()).await
+    Ok(())
 }
 
 /// A connection tells the process each time it waits for its peer in the

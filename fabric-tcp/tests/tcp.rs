@@ -3,7 +3,10 @@
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::auth::Key;
 use braid_core::client::{ClientConfig, IoRequest};
-use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
+use braid_core::server::{
+    Backend, BackendOp, ExportConfig, ServerConfig, ServerEngine, SpliceSource,
+};
+use braid_core::wire::Status;
 use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
 use bytes::Bytes;
 use std::net::SocketAddr;
@@ -40,6 +43,23 @@ async fn start_secure_server(
     )
     .unwrap();
     let backend = Arc::new(FileBackend::new(vec![file]));
+    let (local, stop, task, _server) = serve(addr, backend, boot_id, security).await;
+    (local, stop, task)
+}
+
+/// Serves export disk0 of `backend` on `addr`; returns its address, a
+/// trigger that shuts it down, its task and its handle.
+async fn serve(
+    addr: &str,
+    backend: Arc<dyn Backend>,
+    boot_id: u64,
+    security: ServerSecurity,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+    Server,
+) {
     let config = ServerConfig::new(
         boot_id,
         [boot_id as u8; 32],
@@ -49,6 +69,7 @@ async fn start_secure_server(
     let listener = TcpListener::bind(addr).await.unwrap();
     let local = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (started_tx, started) = oneshot::channel::<Server>();
     let task = tokio::spawn(async move {
         Server::run(
             listener,
@@ -58,12 +79,154 @@ async fn start_secure_server(
             async {
                 let _ = stop_rx.await;
             },
-            |_s: Server| {},
+            |s: Server| {
+                let _ = started_tx.send(s);
+            },
         )
         .await
         .unwrap();
     });
-    (local, stop_tx, task)
+    (local, stop_tx, task, started.await.unwrap())
+}
+
+/// A file backend that says every range of its file is in the page cache,
+/// so large reads may go by `sendfile` whatever the test's file system.
+struct AllCached {
+    files: FileBackend,
+    file: Arc<std::fs::File>,
+}
+
+impl AllCached {
+    fn open(path: &Path) -> Arc<AllCached> {
+        let export = ExportFile::open(
+            path,
+            &OpenOptions {
+                create_size: Some(SIZE),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Arc::new(AllCached {
+            files: FileBackend::new(vec![export]),
+            file: Arc::new(std::fs::File::open(path).unwrap()),
+        })
+    }
+}
+
+impl Backend for AllCached {
+    fn execute(&self, export: usize, op: &BackendOp) -> Result<Bytes, Status> {
+        self.files.execute(export, op)
+    }
+
+    fn splice_source(&self, _export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        (offset + u64::from(len) <= SIZE).then(|| SpliceSource {
+            file: self.file.clone(),
+            offset,
+        })
+    }
+}
+
+/// Large reads on a plain connection leave straight from the file, with
+/// their checksum taken as they were read; small ones, and every read over
+/// TLS, go through memory. The data is the same either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_go_from_the_file_and_arrive_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = AllCached::open(&dir.path().join("d"));
+    let (addr, _stop, _task, server) =
+        serve("127.0.0.1:0", backend.clone(), 1, ServerSecurity::Plain).await;
+    let client = connect(
+        addr,
+        ClientSecurity::Plain,
+        b"test key",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let data: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect();
+    let data = Bytes::from(data);
+    for at in (0..3 << 20).step_by(1 << 20) {
+        let piece = data.slice(at..at + (1 << 20));
+        client
+            .io(IoRequest::write((1 << 20) + at as u64, piece, true))
+            .await
+            .unwrap();
+    }
+
+    let mut expected_file_replies = 0;
+    for (offset, len) in [
+        (1 << 20, 1 << 20),
+        (3 << 20, 300 << 10),
+        (1 << 20, 64 << 10),
+    ] {
+        let got = client.io(IoRequest::read(offset, len)).await.unwrap();
+        let at = (offset - (1 << 20)) as usize;
+        assert!(
+            got == data.slice(at..at + len as usize),
+            "{len} bytes at {offset}"
+        );
+        if len >= 128 << 10 {
+            expected_file_replies += 1;
+        }
+    }
+    let stats = server.status().stats;
+    assert_eq!(stats.file_replies, expected_file_replies);
+    assert_eq!(client.status().stats.corrupt_frames, 0);
+
+    // Reads racing writes to the same region: a reply sent from the file
+    // may carry bytes newer than its checksum; the client then asks again.
+    // Every read completes with bytes the writes put there (a read racing
+    // a write may mix them: the page cache gives no atomicity).
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for round in 0..150u8 {
+                let data = Bytes::from(vec![round; 1 << 20]);
+                client.io(IoRequest::write(0, data, false)).await.unwrap();
+            }
+        })
+    };
+    let mut reads = 0;
+    while !writer.is_finished() || reads == 0 {
+        let got = client.io(IoRequest::read(0, 1 << 20)).await.unwrap();
+        assert_eq!(got.len(), 1 << 20);
+        if let Some(at) = got.iter().position(|b| *b >= 150) {
+            panic!("byte {at} is {}, which no write put there", got[at]);
+        }
+        reads += 1;
+    }
+    writer.await.unwrap();
+    // A read asked for again is answered from memory: one retry at most.
+    let retried = client.status().stats.corrupt_frames;
+    assert!(retried <= reads, "{retried} retries for {reads} reads");
+    assert!(server.status().stats.file_replies >= expected_file_replies + reads);
+
+    #[cfg(feature = "tls")]
+    {
+        let (c, k) = (dir.path().join("s.pem"), dir.path().join("s.key"));
+        braid_fabric_tcp::tls::generate_self_signed(&["localhost".into()], &c, &k).unwrap();
+        let acceptor = braid_fabric_tcp::tls::acceptor(&c, &k, None).unwrap();
+        let (addr, _stop, _task, server) =
+            serve("127.0.0.1:0", backend, 2, ServerSecurity::Tls(acceptor)).await;
+        let (connector, name) = braid_fabric_tcp::tls::connector(&c, "localhost", None).unwrap();
+        let client = connect(
+            addr,
+            ClientSecurity::Tls(connector, name),
+            b"test key",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        let got = client.io(IoRequest::read(1 << 20, 1 << 20)).await.unwrap();
+        assert!(got == data.slice(..1 << 20), "1 MiB over TLS");
+        assert_eq!(
+            server.status().stats.file_replies,
+            0,
+            "TLS must see the bytes"
+        );
+    }
 }
 
 fn client_config(key: &[u8]) -> ClientConfig {

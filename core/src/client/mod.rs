@@ -288,7 +288,10 @@ pub struct ClientStats {
     pub failovers: u64,
     /// Answers for requests already answered, dropped.
     pub duplicates_dropped: u64,
-    /// Frames from the server that failed checksums.
+    /// Frames from the server that failed checksums. Besides damage on
+    /// the way, a large read that raced a write to its range can land
+    /// here once, when the server sent its reply from the page cache
+    /// (the read is asked for again and answered from memory).
     pub corrupt_frames: u64,
     /// Channels declared failed.
     pub channel_failures: u64,

@@ -186,6 +186,9 @@ pub struct ServerStats {
     /// Requests dropped because their session already had twice
     /// `max_inflight` executing (the client resends them).
     pub overload_dropped: u64,
+    /// Read replies whose data went from the page cache to the socket
+    /// without a copy through the server (`sendfile`).
+    pub file_replies: u64,
 }
 
 #[derive(Debug)]
@@ -230,6 +233,12 @@ enum Timer {
     Linger(u64),
 }
 
+/// A finished read's data: in memory, or in a file with its checksum.
+enum ReadData {
+    Memory(Bytes),
+    File(wire::FileSlice, u32),
+}
+
 #[derive(Debug, Clone)]
 struct OpInfo {
     session_id: u64,
@@ -239,6 +248,8 @@ struct OpInfo {
     mutation_range: Option<(u64, u64)>,
     /// When the request was admitted (its wait at the overlap gate counts).
     issued_at: Instant,
+    /// The request was answered before (a read resent): see `on_request`.
+    asked_again: bool,
 }
 
 /// The sans-IO server.
@@ -604,6 +615,42 @@ impl ServerEngine {
         result: Result<Bytes, Status>,
         now: Instant,
     ) {
+        self.complete_op(token, result.map(ReadData::Memory), now);
+    }
+
+    /// Where the reply to backend operation `token` would go now, if that
+    /// reply may carry its data straight from a file (see
+    /// [`ServerEngine::backend_complete_from_file`]): a driver that can
+    /// send from a file on that connection may then do so. `None` when the
+    /// engine must see the data (a configured defect changes it), the read
+    /// is one asked for again, or the reply has nowhere to go.
+    pub fn file_reply_conn(&self, token: OpToken) -> Option<ConnId> {
+        if self.config.defect.is_some() {
+            return None;
+        }
+        let info = self.ops.get(&token).filter(|info| !info.asked_again)?;
+        let session = self.sessions.get(&info.session_id)?;
+        session.route(session.reply_to(info.request_id))
+    }
+
+    /// The backend finished the read `token`, whose data the reply takes
+    /// from `data` when it is sent, with `crc` the payload checksum of those
+    /// bytes as the driver read them. The reply may go to a connection the
+    /// driver cannot send files on (the one [`ServerEngine::file_reply_conn`]
+    /// named closed meanwhile): such a driver reads the bytes into the
+    /// frame first ([`wire::OutFrame::fill_file_payload`]).
+    pub fn backend_complete_from_file(
+        &mut self,
+        token: OpToken,
+        data: wire::FileSlice,
+        crc: u32,
+        now: Instant,
+    ) {
+        self.stats.file_replies += 1;
+        self.complete_op(token, Ok(ReadData::File(data, crc)), now);
+    }
+
+    fn complete_op(&mut self, token: OpToken, result: Result<ReadData, Status>, now: Instant) {
         let Some(info) = self.ops.remove(&token) else {
             return;
         };
@@ -628,21 +675,31 @@ impl ServerEngine {
         }
         let (status, data) = match result {
             Ok(data) => (Status::Ok, data),
-            Err(status) => (status, Bytes::new()),
+            Err(status) => (status, ReadData::Memory(Bytes::new())),
         };
         if status != Status::Ok {
             self.stats.error_replies += 1;
         }
         let (exec_seq, preferred) = session.complete(info.request_id, info.op, status);
-        let (exec_seq, data) = match self.config.defect {
-            Some(Defect::NoExecSeq) => (0, data),
-            Some(Defect::ShortReads) if data.len() > 512 => (exec_seq, data.slice(512..)),
-            _ => (exec_seq, data),
+        let (exec_seq, data) = match (self.config.defect, data) {
+            (Some(Defect::NoExecSeq), data) => (0, data),
+            (Some(Defect::ShortReads), ReadData::Memory(data)) if data.len() > 512 => {
+                (exec_seq, ReadData::Memory(data.slice(512..)))
+            }
+            (_, data) => (exec_seq, data),
         };
         let target = preferred.and_then(|p| session.route(Some(p)));
         let leaving = session.leaving && session.ops_in_backend == 0;
         if let Some(conn) = target {
-            self.send(conn, &reply(info.request_id, status, exec_seq, data));
+            let frame = match data {
+                ReadData::Memory(data) => {
+                    wire::encode(&reply(info.request_id, status, exec_seq, data))
+                }
+                ReadData::File(data, crc) => {
+                    wire::encode_reply_from_file(info.request_id, status, exec_seq, data, crc)
+                }
+            };
+            self.actions.push_back(ServerAction::Send { conn, frame });
         }
         if leaving {
             self.free_session(info.session_id, now);
@@ -1110,6 +1167,10 @@ impl ServerEngine {
             .sessions
             .get_mut(&session_id)
             .expect("bound connections have a session");
+        // A read asked for again: perhaps its last reply, sent from a file,
+        // met a write and failed its checksum. This time it goes through
+        // memory, so a region rewritten without pause cannot starve it.
+        let asked_again = session.answered(req.id);
         let mut admission = session.admit(req.id, req.floor, req.op, conn, window);
         if (self.config.sabotage_no_dedup || self.config.defect == Some(Defect::ExecuteDuplicates))
             && matches!(admission, Admission::Joined | Admission::Recorded { .. })
@@ -1157,12 +1218,19 @@ impl ServerEngine {
                     return;
                 }
                 session.ops_in_backend += 1;
-                self.issue(session_id, export, req, now);
+                self.issue(session_id, export, req, asked_again, now);
             }
         }
     }
 
-    fn issue(&mut self, session_id: u64, export: usize, req: Request, now: Instant) {
+    fn issue(
+        &mut self,
+        session_id: u64,
+        export: usize,
+        req: Request,
+        asked_again: bool,
+        now: Instant,
+    ) {
         let token = self.next_token;
         self.next_token += 1;
         let fua = req.flags & FLAG_FUA != 0;
@@ -1205,6 +1273,7 @@ impl ServerEngine {
                 export,
                 mutation_range,
                 issued_at: now,
+                asked_again,
             },
         );
         let backend = BackendRequest {

@@ -124,6 +124,21 @@ impl Session {
         }
     }
 
+    /// Whether request `id` has been answered already (a resent copy).
+    pub(crate) fn answered(&self, id: u64) -> bool {
+        self.entries
+            .get(&id)
+            .is_some_and(|e| matches!(e.state, EntryState::Done { .. }))
+    }
+
+    /// The channel a request still executing will be answered on.
+    pub(crate) fn reply_to(&self, id: u64) -> Option<ConnId> {
+        match self.entries.get(&id)?.state {
+            EntryState::InProgress { reply_to } => Some(reply_to),
+            EntryState::Done { .. } => None,
+        }
+    }
+
     /// Forgets an admitted request that was not executed, so a later copy
     /// is treated as new.
     pub(crate) fn forget(&mut self, id: u64) {

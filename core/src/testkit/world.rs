@@ -1102,4 +1102,5 @@ fn add_stats(total: &mut ServerStats, s: &ServerStats) {
     total.protocol_errors += s.protocol_errors;
     total.error_replies += s.error_replies;
     total.overload_dropped += s.overload_dropped;
+    total.file_replies += s.file_replies;
 }

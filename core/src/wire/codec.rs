@@ -6,6 +6,8 @@ use super::{MAGIC, MAX_BODY_LEN, MAX_NAME_LEN, MAX_PAYLOAD_LEN, PREFIX_LEN, VERS
 use crate::auth::{NONCE_LEN, PROOF_LEN};
 use bytes::Bytes;
 use std::fmt;
+use std::fs::File;
+use std::sync::Arc;
 
 /// Body length of an IO request without / with a remote buffer.
 const REQUEST_BODY_LEN: usize = 32;
@@ -67,6 +69,21 @@ pub struct OutFrame {
     head: Head,
     /// The payload (write data or read data), possibly empty.
     pub payload: Bytes,
+    /// Or the payload's bytes are in a file: see [`encode_reply_from_file`].
+    file: Option<FileSlice>,
+}
+
+/// Bytes of a file a frame carries as its payload, for a driver to send
+/// with `sendfile` straight from the page cache: no copy through the
+/// process (over TCP the socket takes references to the cached pages).
+#[derive(Debug, Clone)]
+pub struct FileSlice {
+    /// The file, open for reading.
+    pub file: Arc<File>,
+    /// Where the bytes start in it.
+    pub offset: u64,
+    /// How many.
+    pub len: u32,
 }
 
 #[derive(Clone)]
@@ -86,7 +103,28 @@ impl OutFrame {
 
     /// Total length on the wire.
     pub fn len(&self) -> usize {
-        self.head().len() + self.payload.len()
+        let from_file = self.file.as_ref().map_or(0, |f| f.len as usize);
+        self.head().len() + self.payload.len() + from_file
+    }
+
+    /// The file bytes that are this frame's payload, if they are to be
+    /// sent from a file; they follow [`OutFrame::head`] on the wire.
+    pub fn file_payload(&self) -> Option<&FileSlice> {
+        self.file.as_ref()
+    }
+
+    /// Puts a file payload's bytes, read by the driver, in memory, for a
+    /// link that cannot send from a file (TLS, RDMA). Refuses bytes of
+    /// another length: the head already announced the payload's.
+    pub fn fill_file_payload(&mut self, data: Bytes) -> Result<(), Bytes> {
+        match &self.file {
+            Some(f) if f.len as usize == data.len() => {
+                self.file = None;
+                self.payload = data;
+                Ok(())
+            }
+            _ => Err(data),
+        }
     }
 
     /// Never true: a frame has at least its prefix.
@@ -95,7 +133,12 @@ impl OutFrame {
     }
 
     /// The whole frame in one buffer (copies; for tests and datagram sinks).
+    /// A frame whose payload is still in a file must be filled first.
     pub fn to_bytes(&self) -> Bytes {
+        assert!(
+            self.file.is_none(),
+            "to_bytes on a frame whose payload is in a file"
+        );
         let mut v = Vec::with_capacity(self.len());
         v.extend_from_slice(self.head());
         v.extend_from_slice(&self.payload);
@@ -108,6 +151,7 @@ impl fmt::Debug for OutFrame {
         f.debug_struct("OutFrame")
             .field("head_len", &self.head().len())
             .field("payload_len", &self.payload.len())
+            .field("file", &self.file)
             .finish()
     }
 }
@@ -175,11 +219,77 @@ fn payload_crc(payload: &[u8]) -> u32 {
     crc_fast::crc32_iscsi(payload)
 }
 
+/// A payload CRC computed piece by piece, for payload bytes that are never
+/// in memory all at once (a reply sent from a file).
+pub struct PayloadCrc(crc_fast::Digest);
+
+impl PayloadCrc {
+    /// Nothing hashed yet.
+    pub fn new() -> PayloadCrc {
+        PayloadCrc(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi))
+    }
+
+    /// Hashes the next bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The checksum of everything hashed.
+    pub fn finish(&self) -> u32 {
+        self.0.finalize() as u32
+    }
+}
+
+impl Default for PayloadCrc {
+    fn default() -> Self {
+        PayloadCrc::new()
+    }
+}
+
 /// Encodes a message. Names longer than 255 bytes are truncated; callers
 /// validate configuration before it reaches the wire.
 pub fn encode(msg: &Message) -> OutFrame {
+    let payload = match msg {
+        Message::Request(r) => r.payload.clone(),
+        Message::Reply(r) => r.payload.clone(),
+        _ => Bytes::new(),
+    };
+    let head = encode_head(msg, payload.len(), payload_crc(&payload));
+    OutFrame {
+        head,
+        payload,
+        file: None,
+    }
+}
+
+/// Encodes a reply whose data the driver sends from `data` (see
+/// [`FileSlice`]); `crc` is the payload CRC of those bytes as they were
+/// read. Should the file change before they leave, the client sees a
+/// payload checksum mismatch and asks again, as for any damaged reply.
+pub fn encode_reply_from_file(
+    id: u64,
+    status: Status,
+    exec_seq: u64,
+    data: FileSlice,
+    crc: u32,
+) -> OutFrame {
+    let msg = Message::Reply(Reply {
+        id,
+        status,
+        exec_seq,
+        payload: Bytes::new(),
+    });
+    OutFrame {
+        head: encode_head(&msg, data.len as usize, crc),
+        payload: Bytes::new(),
+        file: Some(data),
+    }
+}
+
+/// The prefix and body of `msg`, announcing a payload of `payload_len`
+/// bytes with checksum `crc` (the message's own payload is not looked at).
+fn encode_head(msg: &Message, payload_len: usize, crc: u32) -> Head {
     let mut b = BodyWriter::new();
-    let mut payload = Bytes::new();
     match msg {
         Message::Hello(h) => {
             b.u16(h.version_min);
@@ -232,14 +342,12 @@ pub fn encode(msg: &Message) -> OutFrame {
                 b.u32(rb.rkey);
                 b.u32(0);
             }
-            payload = r.payload.clone();
         }
         Message::Reply(r) => {
             b.u64(r.id);
             b.u32(r.status.code());
             b.u32(0);
             b.u64(r.exec_seq);
-            payload = r.payload.clone();
         }
         Message::Ping { token } | Message::Pong { token } => b.u64(*token),
         Message::Goodbye => {}
@@ -250,13 +358,13 @@ pub fn encode(msg: &Message) -> OutFrame {
     prefix[4] = VERSION;
     prefix[5] = msg.kind() as u8;
     prefix[6..8].copy_from_slice(&(body.len() as u16).to_le_bytes());
-    prefix[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    prefix[12..16].copy_from_slice(&payload_crc(&payload).to_le_bytes());
+    prefix[8..12].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    prefix[12..16].copy_from_slice(&crc.to_le_bytes());
     let header_crc = crc32c::crc32c_append(crc32c::crc32c(&prefix[..16]), body);
     prefix[16..20].copy_from_slice(&header_crc.to_le_bytes());
 
     let head_len = PREFIX_LEN + body.len();
-    let head = if head_len <= INLINE_HEAD {
+    if head_len <= INLINE_HEAD {
         let mut buf = [0u8; INLINE_HEAD];
         buf[..PREFIX_LEN].copy_from_slice(&prefix);
         buf[PREFIX_LEN..head_len].copy_from_slice(body);
@@ -269,8 +377,7 @@ pub fn encode(msg: &Message) -> OutFrame {
         v.extend_from_slice(&prefix);
         v.extend_from_slice(body);
         Head::Heap(v)
-    };
-    OutFrame { head, payload }
+    }
 }
 
 /// The fields of a prefix, read without trusting them yet.
@@ -540,5 +647,73 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A payload hashed in pieces of any size has the checksum of the whole.
+    #[test]
+    fn a_payload_crc_taken_piece_by_piece_is_the_whole_ones() {
+        let mut rng = SplitMix64::new(11);
+        let data: Vec<u8> = (0..(1 << 20) + 5).map(|_| rng.next_u64() as u8).collect();
+        for piece in [1, 7, 4096, 65536, 300_000] {
+            let mut crc = PayloadCrc::new();
+            for chunk in data.chunks(piece) {
+                crc.update(chunk);
+            }
+            assert_eq!(crc.finish(), payload_crc(&data), "pieces of {piece}");
+        }
+        assert_eq!(PayloadCrc::new().finish(), payload_crc(&[]));
+    }
+
+    /// A reply sent from a file is, once its bytes are read in, the very
+    /// frame the same reply encodes to from memory.
+    #[test]
+    fn a_reply_from_a_file_is_the_same_frame_as_from_memory() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut file = tempfile().unwrap();
+        file.write_all(&[0xEE; 4096]).unwrap();
+        file.write_all(&data).unwrap();
+        let slice = FileSlice {
+            file: Arc::new(file),
+            offset: 4096,
+            len: data.len() as u32,
+        };
+        let mut from_file = encode_reply_from_file(9, Status::Ok, 3, slice, payload_crc(&data));
+        let from_memory = encode(&Message::Reply(Reply {
+            id: 9,
+            status: Status::Ok,
+            exec_seq: 3,
+            payload: Bytes::from(data.clone()),
+        }));
+        assert_eq!(from_file.head(), from_memory.head());
+        assert_eq!(from_file.len(), from_memory.len());
+        assert!(from_file.payload.is_empty());
+        assert_eq!(from_file.file_payload().map(|f| f.len), Some(300_000));
+
+        assert!(
+            from_file
+                .fill_file_payload(Bytes::from_static(b"short"))
+                .is_err(),
+            "bytes of another length are refused"
+        );
+        from_file.fill_file_payload(Bytes::from(data)).unwrap();
+        assert!(from_file.file_payload().is_none());
+        assert_eq!(from_file.to_bytes(), from_memory.to_bytes());
+    }
+
+    /// A temporary file, gone when closed.
+    fn tempfile() -> std::io::Result<File> {
+        let path = std::env::temp_dir().join(format!(
+            "braid-codec-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        Ok(file)
     }
 }

@@ -11,7 +11,9 @@ mod message;
 pub mod onesided;
 mod stream;
 
-pub use codec::{decode, encode, DecodeError, OutFrame};
+pub use codec::{
+    decode, encode, encode_reply_from_file, DecodeError, FileSlice, OutFrame, PayloadCrc,
+};
 pub use message::*;
 pub use stream::FrameReader;
 
