@@ -509,6 +509,43 @@ proptest! {
         prop_assert_eq!(got, msgs);
         prop_assert_eq!(reader.pending(), 0);
     }
+
+    /// The payload checksum the reader takes piece by piece, whatever the
+    /// pieces, gives the verdict decoding the whole frame gives, on sound
+    /// payloads and on damaged ones.
+    #[test]
+    fn a_checksum_taken_as_bytes_arrive_agrees_with_decoding(
+        msgs in prop::collection::vec(any_message(), 1..8),
+        cuts in prop::collection::vec(1usize..700, 1..40),
+        flip in any::<Option<(prop::sample::Index, u8)>>(),
+    ) {
+        let mut stream = Vec::new();
+        let mut payloads = Vec::new();
+        for m in &msgs {
+            let frame = encode(m);
+            let start = stream.len() + frame.head().len();
+            stream.extend_from_slice(&frame.to_bytes());
+            payloads.extend(start..stream.len());
+        }
+        if let (Some((at, bit)), false) = (flip, payloads.is_empty()) {
+            stream[payloads[at.index(payloads.len())]] ^= 1 << (bit % 8);
+        }
+        let mut reader = FrameReader::new(1 << 20);
+        let (mut checked, mut whole) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        let mut cut = cuts.iter().cycle();
+        while at < stream.len() {
+            let n = (*cut.next().unwrap()).min(stream.len() - at);
+            reader.extend(&stream[at..at + n]);
+            at += n;
+            while let Some(frame) = reader.next_checked_frame().unwrap() {
+                whole.push(decode(frame.clone().into_bytes()));
+                checked.push(decode_in(frame));
+            }
+        }
+        prop_assert_eq!(checked.len(), msgs.len());
+        prop_assert_eq!(checked, whole);
+    }
 }
 
 #[test]

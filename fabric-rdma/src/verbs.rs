@@ -789,7 +789,7 @@ enum Heard {
 impl Heard {
     fn map_key<K>(self, key: K) -> ConnEvent<K> {
         match self {
-            Heard::Frame(f) => ConnEvent::Frame(key, f),
+            Heard::Frame(f) => ConnEvent::Frame(key, f.into()),
             Heard::Closed(why) => ConnEvent::Closed(key, why),
         }
     }

@@ -5,7 +5,7 @@
 //! A frame whose payload is in a file ([`FileSlice`]) leaves a plain TCP
 //! socket by `sendfile`; any other link reads the bytes in first.
 
-use braid_core::wire::{FileSlice, FrameReader, OutFrame};
+use braid_core::wire::{FileSlice, FrameReader, InFrame, OutFrame};
 use bytes::Bytes;
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum ConnEvent<K> {
     /// A whole stream-form frame.
-    Frame(K, Bytes),
+    Frame(K, InFrame),
     /// The connection is gone, and why.
     Closed(K, String),
 }
@@ -292,7 +292,7 @@ where
             }
             let mut failed = None;
             loop {
-                match frames.next_frame() {
+                match frames.next_checked_frame() {
                     Ok(Some(frame)) => {
                         if reader_events.send(ConnEvent::Frame(key, frame)).is_err() {
                             return;
@@ -464,7 +464,9 @@ mod tests {
         waits_pass(0).await;
         far.write_all(&frame[1000..]).await.unwrap();
         match heard.recv().await {
-            Some(ConnEvent::Frame(0u8, got)) => assert!(got == frame, "the frame arrives whole"),
+            Some(ConnEvent::Frame(0u8, got)) => {
+                assert!(got.into_bytes() == frame, "the frame arrives whole")
+            }
             other => panic!("expected the frame, got {other:?}"),
         }
 

@@ -822,7 +822,7 @@ impl ClientEngine {
     }
 
     /// One whole frame arrived on `ch`.
-    pub fn handle_frame(&mut self, ch: ChannelId, frame: Bytes, now: Instant) {
+    pub fn handle_frame(&mut self, ch: ChannelId, frame: impl Into<wire::InFrame>, now: Instant) {
         let Some(slot) = self.current(ch) else { return };
         if matches!(
             self.channels[slot].state,
@@ -832,7 +832,7 @@ impl ClientEngine {
         }
         self.channels[slot].last_rx = now;
         self.channels[slot].suspect = false;
-        match wire::decode(frame) {
+        match wire::decode_in(frame.into()) {
             Ok(msg) => self.handle_message(slot, msg, now),
             Err(DecodeError::PayloadChecksum {
                 kind: Kind::Reply,

@@ -574,7 +574,7 @@ impl ServerEngine {
     }
 
     /// One whole frame arrived on `conn`.
-    pub fn handle_frame(&mut self, conn: ConnId, frame: Bytes, now: Instant) {
+    pub fn handle_frame(&mut self, conn: ConnId, frame: impl Into<InFrame>, now: Instant) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -582,7 +582,7 @@ impl ServerEngine {
             return;
         }
         c.last_rx = now;
-        match wire::decode(frame) {
+        match wire::decode_in(frame.into()) {
             Ok(msg) => self.handle_message(conn, msg, now),
             Err(DecodeError::PayloadChecksum { kind, id })
                 if matches!(c.state, ConnState::Bound { .. })

@@ -219,8 +219,10 @@ fn payload_crc(payload: &[u8]) -> u32 {
     crc_fast::crc32_iscsi(payload)
 }
 
-/// A payload CRC computed piece by piece, for payload bytes that are never
-/// in memory all at once (a reply sent from a file).
+/// A payload CRC computed piece by piece: for payload bytes that are never
+/// in memory all at once (a reply sent from a file), or that arrive over
+/// time (see [`super::FrameReader`]).
+#[derive(Debug, Clone)]
 pub struct PayloadCrc(crc_fast::Digest);
 
 impl PayloadCrc {
@@ -464,9 +466,53 @@ impl<'a> BodyReader<'a> {
     }
 }
 
+/// A frame as received: its bytes, and whether its payload's checksum
+/// was already verified on the way in ([`super::FrameReader`] does so as
+/// the bytes arrive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFrame {
+    bytes: Bytes,
+    payload_ok: Option<bool>,
+}
+
+impl InFrame {
+    /// Bytes whose payload checksum `payload_ok` says whether they match.
+    pub(super) fn checked(bytes: Bytes, payload_ok: bool) -> InFrame {
+        InFrame {
+            bytes,
+            payload_ok: Some(payload_ok),
+        }
+    }
+
+    /// The frame's bytes.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+}
+
+/// Bytes nobody has checked yet.
+impl From<Bytes> for InFrame {
+    fn from(bytes: Bytes) -> InFrame {
+        InFrame {
+            bytes,
+            payload_ok: None,
+        }
+    }
+}
+
 /// Decodes exactly one frame. The payload of the returned message shares
 /// `frame`'s memory.
 pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
+    decode_in(frame.into())
+}
+
+/// [`decode`], taking the payload checksum's verdict from the frame where
+/// it was already verified.
+pub fn decode_in(frame: InFrame) -> Result<Message, DecodeError> {
+    let InFrame {
+        bytes: frame,
+        payload_ok,
+    } = frame;
     let prefix = parse_prefix(&frame)?;
     let head_len = PREFIX_LEN + prefix.body_len;
     if frame.len() < head_len {
@@ -484,7 +530,7 @@ pub fn decode(frame: Bytes) -> Result<Message, DecodeError> {
         at: 0,
     };
     let payload = frame.slice(head_len..);
-    let payload_ok = payload_crc(&payload) == prefix.payload_crc;
+    let payload_ok = payload_ok.unwrap_or_else(|| payload_crc(&payload) == prefix.payload_crc);
     let no_payload = |p: &Bytes| {
         if p.is_empty() {
             Ok(())

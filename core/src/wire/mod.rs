@@ -12,7 +12,8 @@ pub mod onesided;
 mod stream;
 
 pub use codec::{
-    decode, encode, encode_reply_from_file, DecodeError, FileSlice, OutFrame, PayloadCrc,
+    decode, decode_in, encode, encode_reply_from_file, DecodeError, FileSlice, InFrame, OutFrame,
+    PayloadCrc,
 };
 pub use message::*;
 pub use stream::FrameReader;
