@@ -130,7 +130,7 @@ impl Writer {
 
 /// Reads a frame's file payload into memory, for a link that cannot send
 /// from a file.
-pub fn fill_file_payload(frame: &mut OutFrame) -> io::Result<()> {
+pub(crate) fn fill_file_payload(frame: &mut OutFrame) -> io::Result<()> {
     let Some(data) = frame.file_payload() else {
         return Ok(());
     };

@@ -6,9 +6,9 @@ use crate::conn::{self, ConnEvent};
 use crate::ServerSecurity;
 use braid_core::latency::OpLatency;
 use braid_core::server::{
-    Backend, ConnId, ServerAction, ServerEngine, ServerStats, ServerTuning, SessionSummary,
+    Backend, BackendOp, BackendRequest, ConnId, ServerAction, ServerEngine, ServerStats,
+    ServerTuning, SessionSummary,
 };
-use braid_core::server::{BackendOp, BackendRequest};
 use braid_core::wire::{FileSlice, PayloadCrc, Status};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -220,7 +220,9 @@ impl Server {
                 match action {
                     ServerAction::Send { conn, mut frame } => {
                         if frame.file_payload().is_some() && !file_conns.contains(&conn) {
-                            // Meant for a connection that has closed since.
+                            // The engine routes a reply where `file_reply_conn`
+                            // said it would; should that ever be another
+                            // kind of link, the bytes go through memory.
                             if let Err(e) = conn::fill_file_payload(&mut frame) {
                                 tracing::warn!(conn, error = %e, "cannot send a reply");
                                 continue;
