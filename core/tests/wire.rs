@@ -494,18 +494,10 @@ proptest! {
         msgs in prop::collection::vec(any_message(), 1..8), cuts in prop::collection::vec(1usize..64, 1..40)
     ) {
         let stream: Vec<u8> = msgs.iter().flat_map(|m| encode(m).to_bytes().to_vec()).collect();
-        let mut reader = FrameReader::new(1 << 20);
         let mut got = Vec::new();
-        let mut at = 0;
-        let mut cut = cuts.iter().cycle();
-        while at < stream.len() {
-            let n = (*cut.next().unwrap()).min(stream.len() - at);
-            reader.extend(&stream[at..at + n]);
-            at += n;
-            while let Some(frame) = reader.next_frame().unwrap() {
-                got.push(decode(frame).unwrap());
-            }
-        }
+        let reader = read_in_cuts(&stream, &cuts, |frame| {
+            got.push(decode(frame.into_bytes()).unwrap())
+        });
         prop_assert_eq!(got, msgs);
         prop_assert_eq!(reader.pending(), 0);
     }
@@ -530,22 +522,31 @@ proptest! {
         if let (Some((at, bit)), false) = (flip, payloads.is_empty()) {
             stream[payloads[at.index(payloads.len())]] ^= 1 << (bit % 8);
         }
-        let mut reader = FrameReader::new(1 << 20);
         let (mut checked, mut whole) = (Vec::new(), Vec::new());
-        let mut at = 0;
-        let mut cut = cuts.iter().cycle();
-        while at < stream.len() {
-            let n = (*cut.next().unwrap()).min(stream.len() - at);
-            reader.extend(&stream[at..at + n]);
-            at += n;
-            while let Some(frame) = reader.next_checked_frame().unwrap() {
-                whole.push(decode(frame.clone().into_bytes()));
-                checked.push(decode_in(frame));
-            }
-        }
+        read_in_cuts(&stream, &cuts, |frame| {
+            whole.push(decode(frame.clone().into_bytes()));
+            checked.push(decode_in(frame));
+        });
         prop_assert_eq!(checked.len(), msgs.len());
         prop_assert_eq!(checked, whole);
     }
+}
+
+/// Feeds `stream` to a frame reader in pieces of the sizes in `cuts`
+/// (repeated as needed), handing `each` every frame as soon as it is whole.
+fn read_in_cuts(stream: &[u8], cuts: &[usize], mut each: impl FnMut(InFrame)) -> FrameReader {
+    let mut reader = FrameReader::new(1 << 20);
+    let mut at = 0;
+    let mut cut = cuts.iter().cycle();
+    while at < stream.len() {
+        let n = (*cut.next().unwrap()).min(stream.len() - at);
+        reader.extend(&stream[at..at + n]);
+        at += n;
+        while let Some(frame) = reader.next_checked_frame().unwrap() {
+            each(frame);
+        }
+    }
+    reader
 }
 
 #[test]

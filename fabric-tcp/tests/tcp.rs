@@ -34,17 +34,21 @@ async fn start_secure_server(
     boot_id: u64,
     security: ServerSecurity,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
-    let file = ExportFile::open(
+    let backend = Arc::new(FileBackend::new(vec![export_file(path)]));
+    let (local, stop, task, _server) = serve(addr, backend, boot_id, security).await;
+    (local, stop, task)
+}
+
+/// The export file at `path`, created at [`SIZE`] if it is not there.
+fn export_file(path: &Path) -> ExportFile {
+    ExportFile::open(
         path,
         &OpenOptions {
             create_size: Some(SIZE),
             ..Default::default()
         },
     )
-    .unwrap();
-    let backend = Arc::new(FileBackend::new(vec![file]));
-    let (local, stop, task, _server) = serve(addr, backend, boot_id, security).await;
-    (local, stop, task)
+    .unwrap()
 }
 
 /// Serves export disk0 of `backend` on `addr`; returns its address, a
@@ -98,16 +102,8 @@ struct AllCached {
 
 impl AllCached {
     fn open(path: &Path) -> Arc<AllCached> {
-        let export = ExportFile::open(
-            path,
-            &OpenOptions {
-                create_size: Some(SIZE),
-                ..Default::default()
-            },
-        )
-        .unwrap();
         Arc::new(AllCached {
-            files: FileBackend::new(vec![export]),
+            files: FileBackend::new(vec![export_file(path)]),
             file: Arc::new(std::fs::File::open(path).unwrap()),
         })
     }
