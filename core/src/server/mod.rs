@@ -646,7 +646,6 @@ impl ServerEngine {
         crc: u32,
         now: Instant,
     ) {
-        self.stats.file_replies += 1;
         self.complete_op(token, Ok(ReadData::File(data, crc)), now);
     }
 
@@ -696,6 +695,7 @@ impl ServerEngine {
                     wire::encode(&reply(info.request_id, status, exec_seq, data))
                 }
                 ReadData::File(data, crc) => {
+                    self.stats.file_replies += 1;
                     wire::encode_reply_from_file(info.request_id, status, exec_seq, data, crc)
                 }
             };
