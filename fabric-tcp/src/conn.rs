@@ -134,6 +134,14 @@ pub(crate) fn fill_file_payload(frame: &mut OutFrame) -> io::Result<()> {
     let Some(data) = frame.file_payload() else {
         return Ok(());
     };
+    let buf = read_file_slice(data)?;
+    frame
+        .fill_file_payload(Bytes::from(buf))
+        .map_err(|_| io::Error::other("a file payload changed length"))
+}
+
+/// A file payload's bytes, read into memory.
+fn read_file_slice(data: &FileSlice) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; data.len as usize];
     data.file
         .read_exact_at(&mut buf, data.offset)
@@ -146,9 +154,7 @@ pub(crate) fn fill_file_payload(frame: &mut OutFrame) -> io::Result<()> {
                 ),
             )
         })?;
-    frame
-        .fill_file_payload(Bytes::from(buf))
-        .map_err(|_| io::Error::other("a file payload changed length"))
+    Ok(buf)
 }
 
 /// How a connection's writer sends a payload that is in a file.
@@ -160,8 +166,7 @@ pub(crate) trait SendFile {
 /// Any stream (TLS, a test's pipe): the bytes pass through memory.
 impl<S: AsyncWrite + Send> SendFile for WriteHalf<S> {
     async fn send_file(&mut self, data: &FileSlice) -> io::Result<()> {
-        let mut buf = vec![0u8; data.len as usize];
-        data.file.read_exact_at(&mut buf, data.offset)?;
+        let buf = read_file_slice(data)?;
         noting_waits(self.write_all(&buf)).await
     }
 }
