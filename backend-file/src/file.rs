@@ -1,5 +1,5 @@
 use crate::lock::{lock, LockMode};
-use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
+use braid_core::server::{Backend, BackendOp, Extent, IoQueue, SpliceSource};
 use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -87,7 +87,7 @@ fn on_memory_filesystem(file: &File) -> bool {
 
 /// Alignment O_DIRECT needs on every device we meet (logical block sizes
 /// are 512 or 4096).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// A zeroed buffer of `len` bytes whose start is DIRECT_ALIGN-aligned, as a
 /// window into a slightly larger allocation (so it becomes `Bytes` without
@@ -171,6 +171,18 @@ impl ExportFile {
     /// Whether it is a raw block device.
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
+    }
+
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub(crate) fn staged_buffer(&self, len: usize) -> Option<Box<dyn StagedBuffer>> {
+        self.staging.buffer(len)
     }
 
     fn read(&self, offset: u64, len: u32) -> io::Result<Bytes> {
@@ -667,23 +679,51 @@ fn status_of(e: &io::Error) -> Status {
     }
 }
 
+/// How operations that may wait for a device are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngine {
+    /// On a pool of threads, one blocked per operation.
+    #[default]
+    Threads,
+    /// On io_uring, started and collected by the driver loop (the pool
+    /// where io_uring is unavailable, and for zeroing and TRIM).
+    Uring,
+}
+
 /// Every export of a server.
 #[derive(Debug)]
 pub struct FileBackend {
-    exports: Vec<ExportFile>,
+    /// Shared with the io_uring queues, which keep the files open while
+    /// their operations are in flight.
+    exports: Arc<[ExportFile]>,
+    engine: IoEngine,
+    /// Set once io_uring proved unavailable, so it is reported once.
+    no_uring: AtomicBool,
 }
 
 impl FileBackend {
     /// A backend over these files, in the order of the server's exports.
     pub fn new(exports: Vec<ExportFile>) -> Self {
-        FileBackend { exports }
+        FileBackend {
+            exports: exports.into(),
+            engine: IoEngine::default(),
+            no_uring: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs operations that may wait for a device on `engine`.
+    pub fn with_io_engine(mut self, engine: IoEngine) -> Self {
+        self.engine = engine;
+        self
     }
 
     /// Reads (not O_DIRECT ones, which keep their aligned heap buffers)
     /// land in `staging` while it has room: an RDMA listener's registered
     /// memory, from which their data is placed without a copy.
     pub fn with_read_staging(mut self, staging: Arc<dyn Staging>) -> Self {
-        for e in &mut self.exports {
+        let exports = Arc::get_mut(&mut self.exports)
+            .expect("read staging is set before the backend is shared");
+        for e in exports {
             e.staging = ReadBuffers(Some(staging.clone()));
         }
         self
@@ -712,6 +752,21 @@ impl Backend for FileBackend {
         self.exports.get(export)?.splice_source(offset, len)
     }
 
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
+        if self.engine != IoEngine::Uring || self.no_uring.load(Ordering::Relaxed) {
+            return None;
+        }
+        match crate::queue::FileQueue::new(self.exports.clone()) {
+            Ok(q) => Some(Box::new(q)),
+            Err(e) => {
+                if !self.no_uring.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "io_uring unavailable: operations that may wait for a device run on threads");
+                }
+                None
+            }
+        }
+    }
+
     fn allocation(&self, export: usize, offset: u64, len: u64) -> Result<Vec<Extent>, Status> {
         let Some(f) = self.exports.get(export) else {
             return Err(Status::Invalid);
@@ -723,7 +778,7 @@ impl Backend for FileBackend {
     }
 }
 
-fn failed(f: &ExportFile, op: &BackendOp, e: &io::Error) -> Status {
+pub(crate) fn failed(f: &ExportFile, op: &BackendOp, e: &io::Error) -> Status {
     let status = status_of(e);
     tracing::warn!(export = %f.path.display(), ?op, error = %e, ?status, "backend operation failed");
     status

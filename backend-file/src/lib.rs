@@ -8,11 +8,17 @@
 //! WRITE_ZEROES uses `FALLOCATE_FL_ZERO_RANGE`; both fall back to writing
 //! zeroes where the filesystem or device cannot. Errors map to protocol
 //! statuses: ENOSPC fails only that request with NO_SPACE.
+//!
+//! Operations that may wait for a device run either on the caller's thread
+//! ([`FileBackend`] as a [`braid_core::server::Backend`], from a pool) or
+//! on io_uring ([`IoEngine::Uring`]: a driver loop starts them on its own
+//! queue and collects them when the kernel is done).
 
 #![deny(missing_docs)]
 
 mod cache;
 mod file;
 pub mod lock;
+mod queue;
 
-pub use file::{ExportFile, FileBackend, OpenOptions};
+pub use file::{ExportFile, FileBackend, IoEngine, OpenOptions};

@@ -5,9 +5,10 @@
 //! braid's whole path; at QD1 every IO pays it once per process it crosses.
 //! An idle daemon does not spin: the window starts at each IO.
 
-use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
+use braid_core::server::{Backend, BackendOp, Extent, IoQueue, SpliceSource};
 use braid_core::wire::Status;
 use bytes::Bytes;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -179,6 +180,50 @@ impl<B: Backend> Backend for Polled<B> {
 
     fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
         self.0.splice_source(export, offset, len)
+    }
+
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
+        Some(Box::new(PolledQueue {
+            queue: self.0.io_queue()?,
+            large: HashSet::new(),
+        }))
+    }
+}
+
+/// A backend's queue whose operations mark activity as they finish, as
+/// those on the pool do.
+struct PolledQueue {
+    queue: Box<dyn IoQueue>,
+    /// Operations in flight that move [`LARGE_IO`] or more.
+    large: HashSet<u64>,
+}
+
+impl IoQueue for PolledQueue {
+    fn ready_fd(&self) -> std::os::fd::RawFd {
+        self.queue.ready_fd()
+    }
+
+    fn start(&mut self, export: usize, op: BackendOp, tag: u64) -> Result<(), BackendOp> {
+        let large = !extends_window(data_len(&op));
+        self.queue.start(export, op, tag)?;
+        if large {
+            self.large.insert(tag);
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) {
+        self.queue.submit()
+    }
+
+    fn collect(&mut self, done: &mut dyn FnMut(u64, Result<Bytes, Status>)) {
+        let large = &mut self.large;
+        self.queue.collect(&mut |tag, result| {
+            if !large.remove(&tag) {
+                mark();
+            }
+            done(tag, result)
+        })
     }
 }
 

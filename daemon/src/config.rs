@@ -36,6 +36,8 @@ pub(crate) struct FileConfig {
     pub(crate) metrics: Option<String>,
     /// As --poll-us: microseconds of socket polling after each IO.
     pub(crate) poll_us: Option<u64>,
+    /// As --io-engine: "threads" or "uring".
+    pub(crate) io_engine: Option<IoEngineArg>,
     /// As --nbd-allow-insecure: NBD without TLS on a network address.
     #[serde(default)]
     pub(crate) nbd_allow_insecure: bool,
@@ -307,6 +309,27 @@ pub(crate) fn exercise_parsers(data: &[u8]) {
     let _ = parse_size(&text);
 }
 
+/// How backend operations that may wait for a device run (`--io-engine`,
+/// `io_engine` in the config file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum IoEngineArg {
+    /// A pool thread blocked on each.
+    Threads,
+    /// io_uring, on the protocol engine's loop.
+    #[default]
+    Uring,
+}
+
+impl From<IoEngineArg> for braid_backend_file::IoEngine {
+    fn from(e: IoEngineArg) -> Self {
+        match e {
+            IoEngineArg::Threads => braid_backend_file::IoEngine::Threads,
+            IoEngineArg::Uring => braid_backend_file::IoEngine::Uring,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,5 +415,22 @@ mod tests {
         fs::write(&p, "listen = [\"127.0.0.1:1\"]\n[[export]]\nname = \"a\"\npath = \"/tmp/a\"\nsize = \"1G\"\n").unwrap();
         let c = load(&p).unwrap();
         assert_eq!(c.export[0].size.as_deref(), Some("1G"));
+    }
+
+    #[test]
+    fn the_io_engine_is_one_of_two_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("braid.toml");
+        for (text, engine) in [
+            ("threads", IoEngineArg::Threads),
+            ("uring", IoEngineArg::Uring),
+        ] {
+            fs::write(&p, format!("io_engine = \"{text}\"\n")).unwrap();
+            assert_eq!(load(&p).unwrap().io_engine, Some(engine));
+        }
+        fs::write(&p, "io_engine = \"epoll\"\n").unwrap();
+        let e = load(&p).unwrap_err();
+        assert!(e.contains("epoll") && e.contains("uring"), "{e}");
+        assert_eq!(IoEngineArg::default(), IoEngineArg::Uring);
     }
 }

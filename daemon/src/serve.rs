@@ -1,6 +1,6 @@
 //! `braid serve`: exports files or block devices to braid clients.
 
-use crate::config::{self, ExportSpec, FileConfig};
+use crate::config::{self, ExportSpec, FileConfig, IoEngineArg};
 use crate::status;
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
@@ -68,6 +68,15 @@ pub(crate) struct ServeArgs {
     /// up to one core while IO flows); 0 turns it off [default: 200].
     #[arg(long, value_name = "US")]
     poll_us: Option<u64>,
+    /// How braid's protocol runs backend operations that may wait for a
+    /// device (uncached reads, O_DIRECT, writes the kernel would not take
+    /// at once, FLUSH): `uring` starts them on io_uring from the protocol
+    /// engine's loop and collects them when done (where the kernel refuses
+    /// io_uring, and for zeroing, TRIM and buffered FUA writes, threads
+    /// run them); `threads` blocks a pool thread on each. The NBD face
+    /// always uses threads [default: uring].
+    #[arg(long, value_name = "ENGINE")]
+    io_engine: Option<IoEngineArg>,
     /// Serve over TLS. Without --tls-cert, a self-signed certificate for
     /// localhost and the listen address is created in DATA_DIR on first use.
     #[arg(long)]
@@ -253,7 +262,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .or(file.poll_us)
         .unwrap_or(crate::busy_poll::DEFAULT_WINDOW_US);
     crate::busy_poll::start(std::time::Duration::from_micros(poll_us));
-    let mut files = FileBackend::new(files);
+    let io_engine = args.io_engine.or(file.io_engine).unwrap_or_default();
+    let mut files = FileBackend::new(files).with_io_engine(io_engine.into());
     if let Some(staging) = rdma.read_staging() {
         files = files.with_read_staging(staging);
     }

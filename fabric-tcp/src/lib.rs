@@ -2,8 +2,10 @@
 //!
 //! Each engine lives in one task that owns it; connection tasks feed it
 //! frames and write what it emits, with vectored writes so payloads are
-//! never copied into frames. Backend operations run on tokio's blocking
-//! pool, so one slow IO never holds up another. Nothing here decides
+//! never copied into frames. Backend operations that may wait for a device
+//! run on the backend's io_uring, started and collected by the server's
+//! loop, or else on tokio's blocking pool: one slow IO never holds up
+//! another. Nothing here decides
 //! protocol behaviour: that is all in `braid-core`.
 
 #![deny(missing_docs)]
@@ -13,6 +15,7 @@
 #![cfg_attr(madsim, allow(deprecated))]
 
 mod clock;
+mod completions;
 pub mod conn;
 pub mod fabric;
 

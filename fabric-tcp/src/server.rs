@@ -136,6 +136,10 @@ impl Server {
         let mut draining = false;
         let mut last_list = tokio::time::Instant::now();
         let mut listed_counts = (0, 0);
+        let (mut completions, readiness) = match crate::completions::Completions::open(&*backend) {
+            Some((c, r)) => (Some(c), Some(r)),
+            None => (None, None),
+        };
         tokio::pin!(shutdown);
         loop {
             crate::check_engine("server", || engine.check());
@@ -203,7 +207,11 @@ impl Server {
                     let adopting = Adopting { next_conn: &mut next_conn, conn_tx: &conn_tx, draining };
                     handle(&mut engine, &mut writers, ev, &clock, &status, adopting);
                 }
+                _ = crate::completions::ready(readiness.as_ref()) => {}
                 Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, &mut file_conns, ev, &clock),
+            }
+            if let Some(c) = completions.as_mut() {
+                c.collect(&mut |token, result| engine.backend_complete(token, result, clock.now()));
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 handle_conn(&mut engine, &mut writers, &mut file_conns, ev, &clock);
@@ -276,14 +284,24 @@ impl Server {
                             engine.backend_complete(req.token, result, clock.now());
                             continue;
                         }
-                        let backend = backend.clone();
-                        let tx = tx.clone();
+                        let op = match completions.as_mut() {
+                            Some(c) => match c.start(req.export, req.op, req.token) {
+                                Ok(()) => continue,
+                                Err(op) => op,
+                            },
+                            None => req.op,
+                        };
+                        let (backend, tx, export, token) =
+                            (backend.clone(), tx.clone(), req.export, req.token);
                         tokio::task::spawn_blocking(move || {
-                            let result = backend.execute(req.export, &req.op);
-                            let _ = tx.send(Event::BackendDone(req.token, result));
+                            let result = backend.execute(export, &op);
+                            let _ = tx.send(Event::BackendDone(token, result));
                         });
                     }
                 }
+            }
+            if let Some(c) = completions.as_mut() {
+                c.submit();
             }
             {
                 let mut s = status.lock().unwrap();

@@ -7,6 +7,7 @@ use super::BackendOp;
 use crate::wire::Status;
 use bytes::Bytes;
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,34 @@ pub trait Backend: Send + Sync + 'static {
     fn splice_source(&self, _export: usize, _offset: u64, _len: u32) -> Option<SpliceSource> {
         None
     }
+
+    /// A queue on which a driver loop can start operations that would
+    /// otherwise wait on a pool thread, and collect them when the kernel
+    /// has finished them (io_uring): no thread waits on each operation.
+    /// Each loop asks for its own; `None` means use the pool.
+    fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
+        None
+    }
+}
+
+/// Operations a driver loop starts and later collects, with no thread
+/// blocked on any of them (see [`Backend::io_queue`]).
+pub trait IoQueue: Send {
+    /// A descriptor that polls readable while finished operations wait to
+    /// be collected.
+    fn ready_fd(&self) -> RawFd;
+
+    /// Queues `op` on `export`, to be reported under `tag`. Gives `op`
+    /// back when this queue does not run that kind of operation or is
+    /// full: the caller runs it on the pool instead.
+    fn start(&mut self, export: usize, op: BackendOp, tag: u64) -> Result<(), BackendOp>;
+
+    /// Hands everything queued since the last call to the kernel: one
+    /// system call for all the operations a loop turn started.
+    fn submit(&mut self);
+
+    /// Calls `done` with each operation that finished, once each.
+    fn collect(&mut self, done: &mut dyn FnMut(u64, Result<Bytes, Status>));
 }
 
 /// A file and where an export's bytes start in it, for `sendfile`.
