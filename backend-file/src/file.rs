@@ -8,7 +8,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 /// How to open an export's file.
@@ -141,7 +141,8 @@ impl ExportFile {
                 size = want;
             }
         }
-        let memory_backed = !is_block_device && on_memory_filesystem(&file);
+        // A regular file only: /dev/full and friends live on devtmpfs too.
+        let memory_backed = meta.file_type().is_file() && on_memory_filesystem(&file);
         Ok(ExportFile {
             file: Arc::new(file),
             path,
@@ -175,6 +176,10 @@ impl ExportFile {
 
     pub(crate) fn is_direct(&self) -> bool {
         self.direct
+    }
+
+    pub(crate) fn is_memory_backed(&self) -> bool {
+        self.memory_backed
     }
 
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
@@ -699,6 +704,8 @@ pub struct FileBackend {
     engine: IoEngine,
     /// Set once io_uring proved unavailable, so it is reported once.
     no_uring: AtomicBool,
+    /// Operations its io_uring queues started.
+    ring_ops: Arc<AtomicU64>,
 }
 
 impl FileBackend {
@@ -708,6 +715,7 @@ impl FileBackend {
             exports: exports.into(),
             engine: IoEngine::default(),
             no_uring: AtomicBool::new(false),
+            ring_ops: Arc::default(),
         }
     }
 
@@ -727,6 +735,11 @@ impl FileBackend {
             e.staging = ReadBuffers(Some(staging.clone()));
         }
         self
+    }
+
+    /// How many operations went to io_uring (see [`IoEngine::Uring`]).
+    pub fn ops_on_io_uring(&self) -> u64 {
+        self.ring_ops.load(Ordering::Relaxed)
     }
 
     /// The exports.
@@ -756,7 +769,7 @@ impl Backend for FileBackend {
         if self.engine != IoEngine::Uring || self.no_uring.load(Ordering::Relaxed) {
             return None;
         }
-        match crate::queue::FileQueue::new(self.exports.clone()) {
+        match crate::queue::FileQueue::new(self.exports.clone(), self.ring_ops.clone()) {
             Ok(q) => Some(Box::new(q)),
             Err(e) => {
                 if !self.no_uring.swap(true, Ordering::Relaxed) {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Submission slots, and the most operations in flight at once (the
@@ -28,6 +29,8 @@ pub struct FileQueue {
     free: Vec<usize>,
     /// SQEs pushed since the last `submit`.
     queued: usize,
+    /// Operations started here, shared with the backend's other queues.
+    started: Arc<AtomicU64>,
 }
 
 struct Pending {
@@ -90,7 +93,7 @@ impl ReadInto {
 impl FileQueue {
     /// A ring of its own; fails where io_uring is missing or forbidden
     /// (old kernels, `kernel.io_uring_disabled`, seccomp).
-    pub(crate) fn new(exports: Arc<[ExportFile]>) -> io::Result<Self> {
+    pub(crate) fn new(exports: Arc<[ExportFile]>, started: Arc<AtomicU64>) -> io::Result<Self> {
         let ring = IoUring::builder().build(ENTRIES)?;
         Ok(FileQueue {
             ring,
@@ -98,6 +101,7 @@ impl FileQueue {
             pending: Vec::new(),
             free: Vec::new(),
             queued: 0,
+            started,
         })
     }
 
@@ -206,6 +210,13 @@ impl IoQueue for FileQueue {
         let Some(f) = self.exports.get(export) else {
             return Err(op);
         };
+        // On tmpfs nothing waits for a device, so there is no wait to take
+        // off a thread; io_uring would hand the copy to one of its workers
+        // all the same. 1 MiB writes at QD8 over NBD: 2197-2405 IOPS
+        // against 2229-2548 on the pool.
+        if f.is_memory_backed() {
+            return Err(op);
+        }
         if self.in_flight() >= ENTRIES as usize || self.ring.submission().is_full() {
             return Err(op);
         }
@@ -261,6 +272,7 @@ impl IoQueue for FileQueue {
             op,
         });
         if self.push(slot) {
+            self.started.fetch_add(1, Ordering::Relaxed);
             Ok(())
         } else {
             Err(self.finish(slot).op)
@@ -346,15 +358,15 @@ mod tests {
     use std::collections::HashMap;
 
     fn queue_over(exports: Vec<ExportFile>) -> FileQueue {
-        FileQueue::new(exports.into()).expect("io_uring")
+        FileQueue::new(exports.into(), Arc::default()).expect("io_uring")
     }
 
     /// Starts every op (tag = index) and waits for all their answers.
     fn run(q: &mut FileQueue, ops: Vec<BackendOp>) -> Vec<Result<Bytes, Status>> {
         let n = ops.len();
         for (tag, op) in ops.into_iter().enumerate() {
-            if let Err(op) = q.start(0, op, tag as u64) {
-                panic!("op {tag} was given back: {op:?}");
+            if q.start(0, op, tag as u64).is_err() {
+                panic!("op {tag} was given back");
             }
         }
         let mut answers = HashMap::new();
@@ -479,6 +491,25 @@ mod tests {
         }
         assert!(q.start(1, BackendOp::Flush, 1).is_err(), "no export 1");
         assert_eq!(q.in_flight(), 0);
+    }
+
+    #[test]
+    fn nothing_on_tmpfs_goes_to_the_ring() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let f = file(&dir, 4 << 20, false).unwrap();
+        if !f.is_memory_backed() {
+            return;
+        }
+        let mut q = queue_over(vec![f]);
+        let big = BackendOp::Write {
+            offset: 0,
+            data: pattern(1 << 20, 2),
+            fua: false,
+        };
+        assert_eq!(q.start(0, big.clone(), 1), Err(big));
+        assert_eq!(q.start(0, BackendOp::Flush, 2), Err(BackendOp::Flush));
     }
 
     #[test]

@@ -68,13 +68,13 @@ pub(crate) struct ServeArgs {
     /// up to one core while IO flows); 0 turns it off [default: 200].
     #[arg(long, value_name = "US")]
     poll_us: Option<u64>,
-    /// How braid's protocol runs backend operations that may wait for a
-    /// device (uncached reads, O_DIRECT, writes the kernel would not take
-    /// at once, FLUSH): `uring` starts them on io_uring from the protocol
-    /// engine's loop and collects them when done (where the kernel refuses
-    /// io_uring, and for zeroing, TRIM and buffered FUA writes, threads
-    /// run them); `threads` blocks a pool thread on each. The NBD face
-    /// always uses threads [default: uring].
+    /// How backend operations that may wait for a device run (uncached
+    /// reads, O_DIRECT, writes the kernel would not take at once, FLUSH):
+    /// `uring` starts them on io_uring and collects them when done, from
+    /// the protocol engine's loop (and from one task for the NBD face);
+    /// where the kernel refuses io_uring, and for zeroing, TRIM and
+    /// buffered FUA writes, threads run them. `threads` blocks a pool
+    /// thread on each [default: uring].
     #[arg(long, value_name = "ENGINE")]
     io_engine: Option<IoEngineArg>,
     /// Serve over TLS. Without --tls-cert, a self-signed certificate for
@@ -282,10 +282,12 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     if let ServerSecurity::Tls(acceptor) = &security {
         nbd_config = nbd_config.with_tls(acceptor.clone(), true);
     }
-    let nbd_target = Arc::new(
-        braid_frontend_nbd::BackendTarget::new(backend.clone())
-            .on_client_wait(crate::busy_poll::transfer_wait),
-    );
+    let mut nbd_target = braid_frontend_nbd::BackendTarget::new(backend.clone())
+        .on_client_wait(crate::busy_poll::transfer_wait);
+    if !args.nbd.is_empty() || file.nbd.as_ref().is_some_and(|n| !n.is_empty()) {
+        nbd_target = nbd_target.with_io_queue();
+    }
+    let nbd_target = Arc::new(nbd_target);
     let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
     for nbd_addr in args.nbd.iter().chain(file.nbd.iter().flatten()) {
         let (uri, task) = crate::nbd::start(

@@ -19,6 +19,7 @@ mod fuzz;
 mod listener;
 mod negotiate;
 mod proto;
+mod ring;
 mod socket;
 mod target;
 mod transmit;

@@ -51,11 +51,13 @@ pub trait Target: Send + Sync + 'static {
 }
 
 /// A local [`Backend`]: what `braid serve --nbd` uses. Operations the
-/// backend can finish without blocking run inline; the rest go to tokio's
-/// blocking pool, as in the braid server driver.
+/// backend can finish without blocking run inline; the rest go to its
+/// io_uring if it has one and [`BackendTarget::with_io_queue`] asked for
+/// it, else to tokio's blocking pool, as in the braid server driver.
 pub struct BackendTarget {
     backend: Arc<dyn Backend>,
     client_wait: fn(),
+    ring: Option<crate::ring::Ring>,
 }
 
 impl BackendTarget {
@@ -64,6 +66,17 @@ impl BackendTarget {
         BackendTarget {
             backend,
             client_wait: || {},
+            ring: None,
+        }
+    }
+
+    /// Runs what may wait for a device on the backend's io_uring (see
+    /// [`Backend::io_queue`]), owned by a task spawned on the current
+    /// runtime; without one, on the pool.
+    pub fn with_io_queue(self) -> Self {
+        BackendTarget {
+            ring: crate::ring::Ring::spawn(self.backend.clone()),
+            ..self
         }
     }
 
@@ -82,6 +95,13 @@ impl Target for BackendTarget {
         if let Some(result) = self.backend.try_execute_now(export, &op) {
             return done(result);
         }
+        let (op, done) = match &self.ring {
+            Some(ring) => match ring.submit(export, op, done) {
+                Ok(()) => return,
+                Err(back) => back,
+            },
+            None => (op, done),
+        };
         let backend = self.backend.clone();
         tokio::task::spawn_blocking(move || done(backend.execute(export, &op)));
     }
