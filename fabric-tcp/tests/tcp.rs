@@ -131,14 +131,7 @@ async fn large_reads_go_from_the_file_and_arrive_intact() {
     let backend = AllCached::open(&dir.path().join("d"));
     let (addr, _stop, _task, server) =
         serve("127.0.0.1:0", backend.clone(), 1, ServerSecurity::Plain).await;
-    let client = connect(
-        addr,
-        ClientSecurity::Plain,
-        b"test key",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let client = plain_client(addr).await;
     let data: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
         .collect();
@@ -230,6 +223,18 @@ fn client_config(key: &[u8]) -> ClientConfig {
 }
 
 /// A client of export disk0 with the test key id and `key`.
+/// A client of `addr` over plain TCP with the test key.
+async fn plain_client(addr: SocketAddr) -> Client {
+    connect(
+        addr,
+        ClientSecurity::Plain,
+        b"test key",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
 async fn connect(
     addr: impl ToString,
     security: ClientSecurity,
@@ -256,14 +261,7 @@ async fn operations_on_io_uring_arrive_intact() {
     let backend = Arc::new(FileBackend::new(vec![file]).with_io_engine(IoEngine::Uring));
     let (addr, _stop, _task, _server) =
         serve("127.0.0.1:0", backend.clone(), 1, ServerSecurity::Plain).await;
-    let client = connect(
-        addr,
-        ClientSecurity::Plain,
-        b"test key",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let client = plain_client(addr).await;
     let piece = |i: u64, len: usize| -> Bytes {
         (0..len)
             .map(|b| (b as u64 * 7 + i * 13) as u8)
@@ -368,14 +366,7 @@ async fn io_flows_over_four_tcp_channels() {
 async fn a_callback_hears_its_answer_and_a_closed_client_hands_the_io_back() {
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let client = connect(
-        addr,
-        ClientSecurity::Plain,
-        b"test key",
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let client = plain_client(addr).await;
     let data = Bytes::from(vec![0x3C; 4096]);
     let (tx, rx) = oneshot::channel();
     let write = IoRequest::write(8192, data.clone(), false);
