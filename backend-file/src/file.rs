@@ -737,6 +737,18 @@ impl FileBackend {
         self
     }
 
+    /// What runs operations that may wait for a device: "uring",
+    /// "threads", or "threads (io_uring refused)" when the kernel said no.
+    pub fn io_engine_in_use(&self) -> &'static str {
+        match self.engine {
+            IoEngine::Threads => "threads",
+            IoEngine::Uring if self.no_uring.load(Ordering::Relaxed) => {
+                "threads (io_uring refused)"
+            }
+            IoEngine::Uring => "uring",
+        }
+    }
+
     /// How many operations went to io_uring (see [`IoEngine::Uring`]).
     pub fn ops_on_io_uring(&self) -> u64 {
         self.ring_ops.load(Ordering::Relaxed)

@@ -111,6 +111,7 @@ impl Out<'_> {
 struct ServerMetrics {
     server: Server,
     exports: Vec<(String, u64)>,
+    backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -140,6 +141,7 @@ impl Collector for ServerMetrics {
             ("braid_server_protocol_errors", "Connections closed for bad frames or protocol violations.", st.protocol_errors),
             ("braid_server_error_replies", "Requests answered with an error status.", st.error_replies),
             ("braid_server_file_replies", "Read replies sent from the page cache without a copy (sendfile).", st.file_replies),
+            ("braid_server_io_uring_ops", "Backend operations started on io_uring rather than a pool thread.", self.backend.0.ops_on_io_uring()),
             ("braid_server_overload_dropped", "Requests dropped because their session had twice max_inflight executing (the client resends them).", st.overload_dropped),
         ] {
             out.counter(name, help, v)?;
@@ -484,8 +486,17 @@ impl MetricsListener {
     }
 
     /// Serves a server's metrics (from a task on the current runtime).
-    pub(crate) fn serve_server(self, server: Server, exports: Vec<(String, u64)>) {
-        self.spawn(registry(ServerMetrics { server, exports }));
+    pub(crate) fn serve_server(
+        self,
+        server: Server,
+        exports: Vec<(String, u64)>,
+        backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
+    ) {
+        self.spawn(registry(ServerMetrics {
+            server,
+            exports,
+            backend,
+        }));
     }
 
     /// Serves an attached volume's metrics.

@@ -317,19 +317,19 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         listener,
         security,
         ServerEngine::new(server_config).map_err(|e| e.to_string())?,
-        backend,
+        backend.clone(),
         shutdown,
         move |server| {
             rdma.serve(&server);
             if let Some(m) = metrics {
-                m.serve_server(server.clone(), export_info.clone());
+                m.serve_server(server.clone(), export_info.clone(), backend.clone());
             }
             crate::systemd::ready(&format!(
                 "serving {} export(s) on {}",
                 export_info.len(),
                 server.local_addr()
             ));
-            status::serve_control(control, server, export_info);
+            status::serve_control(control, server, export_info, backend);
         },
     )
     .await

@@ -1,15 +1,23 @@
 //! `braid status` and the control socket that answers it.
 
+use crate::busy_poll::Polled;
+use braid_backend_file::FileBackend;
 use braid_fabric_tcp::Server;
 use clap::Args;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Answers `status` on the server's control socket.
-pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String, u64)>) {
+pub(crate) fn serve_control(
+    path: PathBuf,
+    server: Server,
+    exports: Vec<(String, u64)>,
+    backend: Arc<Polled<FileBackend>>,
+) {
     use crate::control::now;
     crate::control::serve(path, move |command| {
         if command == "status" {
-            return now(document(&server, &exports));
+            return now(document(&server, &exports, &backend.0));
         }
         if let Some(settings) = command.strip_prefix("set ") {
             let tuning = match crate::tuning::parse_server(settings) {
@@ -30,7 +38,11 @@ pub(crate) fn serve_control(path: PathBuf, server: Server, exports: Vec<(String,
     });
 }
 
-fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
+fn document(
+    server: &Server,
+    exports: &[(String, u64)],
+    backend: &FileBackend,
+) -> serde_json::Value {
     let s = server.status();
     let st = &s.stats;
     serde_json::json!({
@@ -63,6 +75,8 @@ fn document(server: &Server, exports: &[(String, u64)]) -> serde_json::Value {
         "sessions_freed": st.sessions_freed,
         "overload_dropped": st.overload_dropped,
         "file_replies": st.file_replies,
+        "io_engine": backend.io_engine_in_use(),
+        "io_uring_ops": backend.ops_on_io_uring(),
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })
@@ -111,6 +125,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         ("backend operations", "backend_ops"),
         ("requests with FUA", "fua_requests"),
         ("read replies sent from the page cache", "file_replies"),
+        ("backend operations on io_uring", "io_uring_ops"),
         ("backend operations running", "backend_inflight"),
         ("resent requests answered from cache", "recorded_replies"),
         ("resent requests joined in flight", "joined"),
@@ -123,6 +138,11 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     for (label, key) in rows {
         println!("  {label:<38} {}", v[key].as_u64().unwrap_or(0));
     }
+    println!(
+        "  {:<38} {}",
+        "backend IO that may wait (--io-engine)",
+        v["io_engine"].as_str().unwrap_or("?")
+    );
     if let Some(t) = v["tuning"].as_object() {
         let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  settings (braid set): {}", settings.join(" "));

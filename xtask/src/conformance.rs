@@ -354,6 +354,7 @@ fn host_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> R
     }
 
     tls_checks(report, braid, work)?;
+    direct_io_checks(report, braid, work)?;
     Ok(())
 }
 
@@ -500,6 +501,112 @@ fn copy_checks(report: &mut Report, target: &str, uri: &str, dir: &Path) -> Resu
         );
         report.add(target, clause, what, v);
     }
+    Ok(())
+}
+
+/// An O_DIRECT export, whose every operation waits for the device and so
+/// runs on io_uring (the default engine): braid's protocol and the NBD face
+/// both read back what they wrote, and the server says io_uring ran them.
+fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), String> {
+    let target = "serve/direct";
+    let (clause, what) = (
+        "--io-engine uring, O_DIRECT export",
+        "braid verify, then fio randrw 4k-1M QD32 over NBD with every block verified; braid status counts io_uring operations",
+    );
+    if !need(report, &["fio"], target, clause, what) {
+        return Ok(());
+    }
+    let dir = work.join("direct");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let port = free_port();
+    let unix = dir.join("nbd.sock");
+    let control = dir.join("control.sock");
+    let args: Vec<String> = [
+        "serve",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--export",
+        &format!("disk0={},size=64M,direct", dir.join("disk0.img").display()),
+        "--nbd",
+        &unix.display().to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let log = dir.join("serve.log");
+    let _server = spawn(braid, &args, &log, "braid serve --export ...,direct")?;
+    if let Err(e) = wait_for(&unix, "braid serve") {
+        let why = fs::read_to_string(&log).unwrap_or_default();
+        let v = if why.contains("Invalid argument") {
+            Verdict::Skip("this file system refuses O_DIRECT".into())
+        } else {
+            Verdict::Fail(format!("{e}\n{why}"))
+        };
+        report.add(target, clause, what, v);
+        return Ok(());
+    }
+    let mut v = verdict(
+        Command::new(braid)
+            .args([
+                "verify",
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--key-file",
+            ])
+            .arg(dir.join("keys.toml"))
+            .args(["--time", "3", "--qd", "16"]),
+        |o| contains_all(o, &["0 verification failures, 0 IO errors"]),
+    );
+    if v == Verdict::Pass {
+        v = verdict(
+            Command::new("fio").args([
+                "--name=direct",
+                "--ioengine=nbd",
+                &format!("--uri=nbd+unix:///disk0?socket={}", unix.display()),
+                "--rw=randrw",
+                "--bsrange=4k-1m",
+                "--size=32m",
+                "--iodepth=32",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--verify_state_save=0",
+                "--output-format=terse",
+            ]),
+            |o| {
+                if o.contains("verify:") || o.contains("bad magic") {
+                    Err("fio reported a verification failure".into())
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+    if v == Verdict::Pass {
+        v = verdict(
+            Command::new(braid)
+                .args(["status", "--json", "--control"])
+                .arg(&control),
+            |o| {
+                let ops = o
+                    .split("\"io_uring_ops\":")
+                    .nth(1)
+                    .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if o.contains("io_uring refused") {
+                    Err("the kernel refused io_uring".into())
+                } else if ops == 0 {
+                    Err(format!("no operation ran on io_uring: {o}"))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+    report.add(target, clause, what, v);
     Ok(())
 }
 
