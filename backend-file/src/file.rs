@@ -777,6 +777,15 @@ impl Backend for FileBackend {
         self.exports.get(export)?.splice_source(offset, len)
     }
 
+    fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
+        self.engine == IoEngine::Uring
+            && !self.no_uring.load(Ordering::Relaxed)
+            && self
+                .exports
+                .get(export)
+                .is_some_and(|f| crate::queue::takes(f, op))
+    }
+
     fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         if self.engine != IoEngine::Uring || self.no_uring.load(Ordering::Relaxed) {
             return None;

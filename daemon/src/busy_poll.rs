@@ -182,6 +182,10 @@ impl<B: Backend> Backend for Polled<B> {
         self.0.splice_source(export, offset, len)
     }
 
+    fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
+        self.0.io_queue_takes(export, op)
+    }
+
     fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         Some(Box::new(PolledQueue {
             queue: self.0.io_queue()?,

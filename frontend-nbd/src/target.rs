@@ -96,11 +96,13 @@ impl Target for BackendTarget {
             return done(result);
         }
         let (op, done) = match &self.ring {
-            Some(ring) => match ring.submit(export, op, done) {
-                Ok(()) => return,
-                Err(back) => back,
-            },
-            None => (op, done),
+            Some(ring) if self.backend.io_queue_takes(export, &op) => {
+                match ring.submit(export, op, done) {
+                    Ok(()) => return,
+                    Err(back) => back,
+                }
+            }
+            _ => (op, done),
         };
         let backend = self.backend.clone();
         tokio::task::spawn_blocking(move || done(backend.execute(export, &op)));

@@ -66,6 +66,13 @@ pub trait Backend: Send + Sync + 'static {
     fn io_queue(&self) -> Option<Box<dyn IoQueue>> {
         None
     }
+
+    /// Whether this backend's queues would run `op` on `export` (rather
+    /// than give it back for the pool): a driver whose queue lives on
+    /// another task asks first, so what the queue refuses takes no hop.
+    fn io_queue_takes(&self, _export: usize, _op: &BackendOp) -> bool {
+        false
+    }
 }
 
 /// Operations a driver loop starts and later collects, with no thread
