@@ -474,30 +474,15 @@ fn copy_checks(report: &mut Report, target: &str, uri: &str, dir: &Path) -> Resu
         "fio nbd engine: random writes at QD16, every block verified",
     );
     if need(report, &["fio"], target, clause, what) {
-        let v = verdict(
-            Command::new("fio").args([
-                "--name=conformance",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
+        let v = fio_verified(
+            uri,
+            &[
                 "--rw=randwrite",
                 "--bs=4k",
                 "--size=16m",
                 "--offset=40m",
                 "--iodepth=16",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                // Else fio leaves local-conformance-0-verify.state in the cwd.
-                "--verify_state_save=0",
-                "--output-format=terse",
-            ]),
-            |o| {
-                if o.contains("verify:") || o.contains("bad magic") {
-                    Err("fio reported a verification failure".into())
-                } else {
-                    Ok(())
-                }
-            },
+            ],
         );
         report.add(target, clause, what, v);
     }
@@ -560,28 +545,14 @@ fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<()
         |o| contains_all(o, &["0 verification failures, 0 IO errors"]),
     );
     if v == Verdict::Pass {
-        v = verdict(
-            Command::new("fio").args([
-                "--name=direct",
-                "--ioengine=nbd",
-                &format!("--uri=nbd+unix:///disk0?socket={}", unix.display()),
+        v = fio_verified(
+            &format!("nbd+unix:///disk0?socket={}", unix.display()),
+            &[
                 "--rw=randrw",
                 "--bsrange=4k-1m",
                 "--size=32m",
                 "--iodepth=32",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                "--output-format=terse",
-            ]),
-            |o| {
-                if o.contains("verify:") || o.contains("bad magic") {
-                    Err("fio reported a verification failure".into())
-                } else {
-                    Ok(())
-                }
-            },
+            ],
         );
     }
     if v == Verdict::Pass {
@@ -608,6 +579,35 @@ fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<()
     }
     report.add(target, clause, what, v);
     Ok(())
+}
+
+/// fio's nbd engine on `uri` running the `job` options, every block it
+/// wrote read back and checked.
+fn fio_verified(uri: &str, job: &[&str]) -> Verdict {
+    verdict(
+        Command::new("fio")
+            .args([
+                "--name=conformance",
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+            ])
+            .args(job)
+            .args([
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                // Else fio leaves local-conformance-0-verify.state in the cwd.
+                "--verify_state_save=0",
+                "--output-format=terse",
+            ]),
+        |o| {
+            if o.contains("verify:") || o.contains("bad magic") {
+                Err("fio reported a verification failure".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
 }
 
 fn tls_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), String> {
