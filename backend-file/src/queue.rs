@@ -44,6 +44,17 @@ struct Pending {
     op: BackendOp,
 }
 
+impl Pending {
+    /// The bytes the operation moves in all.
+    fn want(&self) -> usize {
+        match (&self.io, &self.op) {
+            (Io::Read(_), BackendOp::Read { len, .. }) => *len as usize,
+            (Io::Write { data, .. }, _) => data.len(),
+            _ => 0,
+        }
+    }
+}
+
 enum Io {
     /// Into memory that stays put until the read completes.
     Read(ReadInto),
@@ -115,13 +126,10 @@ impl FileQueue {
         let f = &self.exports[p.export];
         let fd = types::Fd(f.raw_fd());
         let at = p.op_offset + p.done as u64;
+        let want = p.want();
         let entry = match &mut p.io {
             Io::Read(into) => {
-                let len = match &p.op {
-                    BackendOp::Read { len, .. } => *len as usize,
-                    _ => unreachable!("a read's op is a read"),
-                };
-                let (ptr, len) = into.window(len);
+                let (ptr, len) = into.window(want);
                 // SAFETY (for the kernel's write): the buffer is owned by
                 // this pending entry, which lives until the CQE arrives.
                 opcode::Read::new(fd, unsafe { ptr.add(p.done) }, (len - p.done) as u32)
@@ -165,14 +173,10 @@ impl FileQueue {
             let e = io::Error::from_raw_os_error(-res);
             return Some(Err(failed(f, &p.op, &e)));
         }
-        let want = match &p.io {
-            Io::Read(_) => match &p.op {
-                BackendOp::Read { len, .. } => *len as usize,
-                _ => unreachable!("a read's op is a read"),
-            },
-            Io::Write { data, .. } => data.len(),
-            Io::Flush => return Some(Ok(Bytes::new())),
-        };
+        if matches!(p.io, Io::Flush) {
+            return Some(Ok(Bytes::new()));
+        }
+        let want = p.want();
         if res == 0 {
             let e = io::Error::new(
                 io::ErrorKind::UnexpectedEof,
