@@ -4,7 +4,7 @@
 mod conformance;
 mod peers;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
@@ -22,10 +22,12 @@ commands:
   bench     criterion benchmarks of the codec and engines; extra arguments
             go to criterion (e.g. `cargo xtask bench -- round`).
             `cargo xtask bench --peers [--runtime S] [--only braid,nbdkit]
-            [--transport tcp|unix|both]`: braid's NBD face against nbdkit,
+            [--transport tcp|unix|both] [--vm]`: braid's NBD face against nbdkit,
             qemu-nbd and nbd-server with ../shared/tools/peerbench (fio),
-            beside the limit, braid bench, braid attach (one export and a
-            2-way mirror) and a TCP floor;
+            beside the limit, braid bench, braid attach (one export, a
+            2-way mirror, and --ublk where the kernel has ublk) and a TCP
+            floor; --vm runs it in ../shared/tools/vmlab (ublk, timings
+            under TCG mean little);
             `cargo xtask bench --scale [--runtime S]`: braid's protocol with
             1-8 channels and 1-16 clients, server CPU per row;
             `cargo xtask bench --memory-soak SECS`: resident memory of
@@ -252,10 +254,19 @@ fn soak(extra: &[String]) -> Result<(), String> {
 
 fn bench(extra: &[String]) -> Result<(), String> {
     if extra.iter().any(|a| a == "--peers") {
+        let root = root();
+        // Inside the VM: the host built the binary, and there is no cargo.
+        if let Some(at) = extra.iter().position(|a| a == "--braid") {
+            let braid = extra.get(at + 1).ok_or("--braid PATH")?;
+            return peers::run(extra, &root, Path::new(braid));
+        }
         // Speed is measured as users build it: release, assertions off.
         build_workspace("release")?;
-        let root = root();
-        return peers::run(extra, &root, &conformance::braid_binary(&root, "release"));
+        let braid = conformance::braid_binary(&root, "release");
+        if extra.iter().any(|a| a == "--vm") {
+            return peers::run_in_vm(extra, &root, &braid);
+        }
+        return peers::run(extra, &root, &braid);
     }
     if extra.iter().any(|a| a == "--scale") {
         let runtime = match extra.iter().position(|a| a == "--runtime") {

@@ -6,10 +6,11 @@
 //! them: the limit (fio's io_uring engine straight on the file), braid's
 //! own protocol (`braid bench`), the client path (fio over NBD into `braid
 //! attach`, which carries the IO to `braid serve`), the same through a
-//! 2-way mirror (`braid attach --volume` over two servers), a bare TCP
-//! ping-pong as
-//! the floor under QD1 latency, CPU per IO for every row and the resident
-//! memory of the braid processes.
+//! 2-way mirror (`braid attach --volume` over two servers), the client
+//! path as a block device (fio on /dev/ublkbN of `braid attach --ublk`,
+//! where the kernel has ublk), a bare TCP ping-pong as the floor under QD1
+//! latency, CPU per IO for every row and the resident memory of the braid
+//! processes.
 
 mod fio;
 mod floor;
@@ -31,25 +32,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both]
+const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both] [--vm]
   SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
           mirror (fio into braid attach --volume, a 2-way mirror over two braid serve),
+          ublk (fio's io_uring engine on /dev/ublkbN of braid attach --ublk; TCP pass only,
+          needs ublk_drv and root: left out by default where the kernel has none),
           proto (braid bench), limit (fio on the file), floor (TCP ping-pong)
   N: measure every column N times (default 1) and report each cell's median round:
      on shared cores one run can be off by 2x. Within a round every NBD server is up
      at once and each workload runs against each in turn, seconds apart";
 
-/// What fio reaches over NBD.
-const NBD_SERVERS: [&str; 6] = [
+/// What fio reaches in a transport's pass: NBD servers, and the ublk
+/// device (its link to the server is TCP, so it runs in the TCP pass only).
+const SERVED: [&str; 7] = [
     "braid",
     "nbdkit",
     "qemu-nbd",
     "nbd-server",
     "attach",
     "mirror",
+    "ublk",
 ];
 /// Every column, in table order.
-const COLUMNS: [&str; 9] = [
+const COLUMNS: [&str; 10] = [
     "limit",
     "braid",
     "nbdkit",
@@ -57,6 +62,7 @@ const COLUMNS: [&str; 9] = [
     "nbd-server",
     "proto",
     "attach",
+    "ublk",
     "mirror",
     "floor",
 ];
@@ -307,6 +313,24 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
             c
         }
         "mirror" => mirror_command(braid, &sdir, &img_s, &addr)?,
+        "ublk" => {
+            // The client path as a block device: fio on /dev/ublkbN, which
+            // braid attach carries over braid's protocol to the server.
+            let listen = format!("127.0.0.1:{}", free_port());
+            let sh = |p: &Path| p.display().to_string();
+            let script = format!(
+                "'{braid}' serve --data-dir '{dir}' --listen {listen} --export 'disk0={img_s}' &\n\
+                 until [ -s '{dir}/keys.toml' ]; do sleep 0.1; done\n\
+                 '{braid}' attach --server {listen} --export disk0 --key-file '{dir}/keys.toml' \
+                 --ublk --control '{dir}/attach.ctl' > '{dir}/attach.out' &\n\
+                 wait",
+                braid = sh(braid),
+                dir = sh(&sdir),
+            );
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]).process_group(0);
+            c
+        }
         "braid" => {
             // braid's own protocol listens here too; proto's rows use it.
             let listen = format!("127.0.0.1:{}", free_port());
@@ -373,7 +397,7 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         .map_err(|e| {
             format!("{server}: {e} (install peers with ../shared/tools/peerbench --install-only)")
         })?;
-    let killed = if matches!(server, "attach" | "mirror") {
+    let killed = if matches!(server, "attach" | "mirror" | "ublk") {
         Killed::Group(child)
     } else if server == "nbd-server" {
         // It forks into the background; the pid file names the daemon.
@@ -395,8 +419,11 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
     } else {
         Killed::Child(child)
     };
-    // Ready when an NBD client gets through the handshake.
     let deadline = Instant::now() + Duration::from_secs(30);
+    if server == "ublk" {
+        return ublk_device(&sdir, deadline).map(|dev| (killed, dev));
+    }
+    // Ready when an NBD client gets through the handshake.
     loop {
         let ok = Command::new("nbdinfo")
             .args(["--size", &uri])
@@ -409,6 +436,45 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
         }
         if Instant::now() > deadline {
             return Err(format!("{server} never answered on {uri}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether this process can make ublk devices: the kernel has ublk_drv
+/// (loaded here if it is not) and we may open its control device.
+fn ublk_available() -> bool {
+    let _ = Command::new("modprobe")
+        .arg("ublk_drv")
+        .stderr(Stdio::null())
+        .status();
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/ublk-control")
+        .is_ok()
+}
+
+/// The block device `braid attach --ublk` announced in `sdir`, once it
+/// is there.
+fn ublk_device(sdir: &Path, deadline: Instant) -> Result<String, String> {
+    let out = sdir.join("attach.out");
+    loop {
+        let announced = fs::read_to_string(&out).unwrap_or_default();
+        if let Some(dev) = announced
+            .lines()
+            .find_map(|l| l.strip_prefix("device:"))
+            .map(str::trim)
+            .filter(|dev| Path::new(dev).exists())
+        {
+            return Ok(dev.to_string());
+        }
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(sdir.join("server.log")).unwrap_or_default();
+            return Err(format!(
+                "braid attach --ublk announced no device:\n{}",
+                log.lines().rev().take(10).collect::<Vec<_>>().join("\n")
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -499,6 +565,10 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         match a.as_str() {
             "--peers" => {}
             "--runtime" => runtime = it.next().ok_or(USAGE)?.clone(),
+            // The binary the host built, when the table runs in the VM.
+            "--braid" => {
+                it.next().ok_or(USAGE)?;
+            }
             "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).ok_or(USAGE)?,
             "--only" => {
                 only = it
@@ -521,6 +591,20 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     }
     if let Some(bad) = only.iter().find(|c| !COLUMNS.contains(&c.as_str())) {
         return Err(format!("unknown column {bad:?}\n{USAGE}"));
+    }
+    if only.iter().any(|c| c == "ublk") && !ublk_available() {
+        if !args.iter().any(|a| a == "--only") {
+            eprintln!(
+                "==> no ublk column: this kernel has no ublk_drv, or we may not use it (root)"
+            );
+            only.retain(|c| c != "ublk");
+        } else {
+            return Err(
+                "ublk: no /dev/ublk-control to open (modprobe ublk_drv, as root; \
+                 Linux 6.0 or later)"
+                    .into(),
+            );
+        }
     }
     let peerbench = root.join("../shared/tools/peerbench");
     if !peerbench.exists() {
@@ -561,9 +645,52 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     }
     table::print(&results, &columns, &transports);
     table::print_round_ratios(&measured, &transports);
-    table::print_client_path(&measured, &transports);
+    table::print_client_path(&measured);
     table::print_mirror_cost(&measured, &transports);
     Ok(())
+}
+
+/// The table inside `../shared/tools/vmlab`'s VM, whose kernel has
+/// ublk_drv: the binaries built here run there, with the host's programs
+/// (fio, nbdkit, ...). Timings under TCG emulation mean little; the
+/// ratios between columns of one run, and that every column works under
+/// load, are what it shows.
+pub(crate) fn run_in_vm(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
+    let vmlab = root.join("../shared/tools/vmlab");
+    let xtask = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let dir_of = |p: &Path| p.parent().map(|d| d.display().to_string());
+    let shares: Vec<String> = [dir_of(braid), dir_of(&xtask)]
+        .into_iter()
+        .flatten()
+        .chain([root.join("../shared").display().to_string()])
+        .collect();
+    let inner: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--vm")
+        .collect();
+    let command = format!(
+        "{} bench {} --braid {}",
+        xtask.display(),
+        inner.join(" "),
+        braid.display()
+    );
+    eprintln!("==> booting the VM (a 6.12 kernel with ublk_drv) for: {command}");
+    let status = Command::new(&vmlab)
+        .arg("run")
+        .arg(root)
+        .arg(&command)
+        // Each served column holds a 1 GiB image on the guest's tmpfs.
+        .env("VMLAB_MEM", "8192")
+        .env("VMLAB_SHARES", shares.join(":"))
+        .env("VMLAB_TIMEOUT", "3600")
+        .status()
+        .map_err(|e| format!("{}: {e}", vmlab.display()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the table in the VM: vmlab exited {status}"))
+    }
 }
 
 /// Floor-then-braid pairs per QD1 shape and round (1 s each).
@@ -661,7 +788,11 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
             .insert((false, "proto".into()), rows.into_iter().collect());
     }
     for &unix in transports {
-        let servers: Vec<&str> = NBD_SERVERS.iter().copied().filter(|s| wanted(s)).collect();
+        let servers: Vec<&str> = SERVED
+            .iter()
+            .copied()
+            .filter(|&s| wanted(s) && !(unix && s == "ublk"))
+            .collect();
         if servers.is_empty() {
             continue;
         }

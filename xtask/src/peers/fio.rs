@@ -45,7 +45,22 @@ for j in d['jobs']:
 print(iops, bw / 1048576, (lat_w / n if n else 0) / 1000, p99 / 1000, cli)
 "#;
 
-/// Runs `workload` against `uri` for `runtime` seconds (after a second of
+/// How fio reaches `uri`: an NBD URI through its nbd engine, or a block
+/// device (a path) through io_uring, bypassing the client's page cache so
+/// every IO reaches the device's server.
+fn target_args(uri: &str) -> Vec<String> {
+    if uri.starts_with('/') {
+        vec![
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+            format!("--filename={uri}"),
+        ]
+    } else {
+        vec!["--ioengine=nbd".into(), format!("--uri={uri}")]
+    }
+}
+
+/// Runs `workload` against `uri` (or a block device's path) for `runtime` seconds (after a second of
 /// ramp), charging `server_pid` and its children with the server's CPU;
 /// fio's JSON report goes to `report`.
 pub(crate) fn run(
@@ -61,7 +76,7 @@ pub(crate) fn run(
     let started = Instant::now();
     let out = Command::new("fio")
         .arg(format!("--name={workload}"))
-        .args(["--ioengine=nbd", &format!("--uri={uri}")])
+        .args(target_args(uri))
         .arg(format!("--numjobs={jobs}"))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={bs}"))
@@ -137,5 +152,15 @@ mod tests {
         );
         assert_eq!(shape("seqwrite-1m-qd8"), Some(("write", "1M", 8, 1)));
         assert_eq!(shape("nonsense"), None);
+    }
+
+    #[test]
+    fn a_block_device_is_reached_with_direct_io_and_a_uri_over_nbd() {
+        let device = target_args("/dev/ublkb0");
+        assert!(device.contains(&"--direct=1".to_string()), "{device:?}");
+        assert!(device.contains(&"--filename=/dev/ublkb0".to_string()));
+        assert!(!device.iter().any(|a| a.starts_with("--uri")));
+        let nbd = target_args("nbd://127.0.0.1:10809/disk0");
+        assert_eq!(nbd, ["--ioengine=nbd", "--uri=nbd://127.0.0.1:10809/disk0"]);
     }
 }

@@ -19,7 +19,10 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
     println!(
         "throughput: IOPS (MiB/s for seq); limit = fio io_uring on the file, proto = braid bench,"
     );
-    println!("attach = fio over NBD into braid attach, which carries the IO to braid serve");
+    println!("attach = fio over NBD into braid attach, which carries the IO to braid serve,");
+    println!(
+        "ublk = fio (io_uring, O_DIRECT) on /dev/ublkbN of braid attach --ublk (TCP pass only)"
+    );
     header(&numeric, &["braid/best", "attach/braid"]);
     for &unix in transports {
         for w in WORKLOADS {
@@ -190,27 +193,44 @@ pub(crate) fn print_round_ratios(rounds: &[Results], transports: &[bool]) {
 }
 
 /// What a client machine pays for braid's failover: fio through `braid
-/// attach` (NBD over a local unix socket, then braid's protocol over TCP)
-/// over fio over NBD straight to the server across TCP, the network a
-/// client would otherwise cross. Per round and median; both transports
-/// must have run.
-pub(crate) fn print_client_path(rounds: &[Results], transports: &[bool]) {
-    if !(transports.contains(&true) && transports.contains(&false)) {
-        return;
-    }
-    println!();
-    println!("client path: attach over unix (then braid's protocol over TCP) / braid's NBD face over TCP");
-    println!("{:<29} {:>24} {:>8}", "workload", "per round", "median");
-    for w in WORKLOADS {
-        let ratios: Vec<f64> = rounds.iter().filter_map(|r| client_path(r, w)).collect();
-        println!(
-            "{:<29} {:>24} {:>8}",
-            w,
-            listed(&ratios),
-            median(&ratios).map_or("-".into(), |m| format!("{m:.2}x")),
-        );
+/// attach` (NBD over a local unix socket, then braid's protocol over TCP),
+/// and fio on the block device of `braid attach --ublk`, each over fio
+/// over NBD straight to the server across TCP, the network a client would
+/// otherwise cross. Per round and median, for what ran.
+pub(crate) fn print_client_path(rounds: &[Results]) {
+    let ways: [(&str, ClientPath); 2] = [
+        (
+            "client path: attach over unix (then braid's protocol over TCP) / braid's NBD face over TCP",
+            client_path,
+        ),
+        (
+            "client path as a block device: ublk (then braid's protocol over TCP) / braid's NBD face over TCP",
+            ublk_path,
+        ),
+    ];
+    for (title, way) in ways {
+        let shown: Vec<(&str, Vec<f64>)> = WORKLOADS
+            .iter()
+            .map(|&w| (w, rounds.iter().filter_map(|r| way(r, w)).collect()))
+            .collect();
+        if shown.iter().all(|(_, ratios)| ratios.is_empty()) {
+            continue;
+        }
+        println!();
+        println!("{title}");
+        println!("{:<29} {:>24} {:>8}", "workload", "per round", "median");
+        for (w, ratios) in shown {
+            println!(
+                "{:<29} {:>24} {:>8}",
+                w,
+                listed(&ratios),
+                median(&ratios).map_or("-".into(), |m| format!("{m:.2}x")),
+            );
+        }
     }
 }
+
+type ClientPath = fn(&Results, &str) -> Option<f64>;
 
 /// What a 2-way mirror costs over one export: fio through `braid attach
 /// --volume` (writes to both servers, reads from one) over fio through
@@ -256,6 +276,14 @@ fn mirror_cost(r: &Results, unix: bool, w: &str) -> Option<f64> {
 fn client_path(r: &Results, w: &str) -> Option<f64> {
     over(
         throughput(r, true, "attach", w),
+        throughput(r, false, "braid", w),
+    )
+}
+
+/// One round's ublk device / braid's NBD face over TCP for `w`.
+fn ublk_path(r: &Results, w: &str) -> Option<f64> {
+    over(
+        throughput(r, false, "ublk", w),
         throughput(r, false, "braid", w),
     )
 }
@@ -349,6 +377,22 @@ mod tests {
             mirror_cost(&r, true, "randread-4k-qd1"),
             None,
             "no mirror row"
+        );
+        assert_eq!(ublk_path(&r, "randread-4k-qd1"), None, "no ublk row");
+        r.rows.insert(
+            (false, "ublk".into()),
+            BTreeMap::from([(
+                "randread-4k-qd1".to_string(),
+                Row {
+                    iops: 48.0,
+                    ..Row::default()
+                },
+            )]),
+        );
+        assert_eq!(
+            ublk_path(&r, "randread-4k-qd1"),
+            Some(0.8),
+            "the ublk device against braid's NBD face over TCP"
         );
         r.rows.insert(
             (true, "mirror".into()),
