@@ -1,3 +1,4 @@
+use crate::block_crcs::BlockCrcs;
 use crate::lock::{lock, LockMode};
 use braid_core::server::{Backend, BackendOp, Extent, IoQueue, SpliceSource};
 use braid_core::staging::{StagedBuffer, Staging};
@@ -57,6 +58,9 @@ pub struct ExportFile {
     /// sleeps instead. `None` for O_DIRECT and block devices, whose writes
     /// do run in parallel.
     write_turn: Option<Mutex<()>>,
+    /// Checksums of blocks large cached reads hashed, for the next read of
+    /// them. `None` for a shared export: someone else may write the file.
+    crcs: Option<BlockCrcs>,
 }
 
 /// A fabric's read buffers, if it offered any.
@@ -156,6 +160,7 @@ impl ExportFile {
             memory_backed,
             staging: ReadBuffers::default(),
             write_turn: (!opts.direct && !is_block_device).then(Mutex::default),
+            crcs: (!opts.shared).then(BlockCrcs::default),
         })
     }
 
@@ -356,7 +361,10 @@ impl ExportFile {
                 data,
                 fua: false,
             } if !self.no_nowait_write.load(Ordering::Relaxed) => {
-                match pwrite_nowait(&self.file, data, *offset) {
+                self.changing(op);
+                let written = pwrite_nowait(&self.file, data, *offset);
+                self.changing(op);
+                match written {
                     Ok(n) if n == data.len() => return Some(Ok(Bytes::new())),
                     // A short write: the pool writes it all again (same data).
                     Ok(_) => return None,
@@ -375,8 +383,35 @@ impl ExportFile {
         Some(Err(result))
     }
 
+    /// The payload checksum of `len` bytes from `offset`, for a reply that
+    /// leaves by `sendfile` (see [`ExportFile::splice_source`]): combined
+    /// from the blocks' checksums where an earlier read kept them, the rest
+    /// read and hashed.
+    pub fn payload_crc(&self, offset: u64, len: u32) -> io::Result<u32> {
+        match &self.crcs {
+            Some(crcs) => crcs.checksum(&self.file, offset, len),
+            None => BlockCrcs::read_and_hash(&self.file, offset, len),
+        }
+    }
+
+    /// Call before and after `op` changes the file: checksums kept of its
+    /// range go.
+    pub(crate) fn changing(&self, op: &BackendOp) {
+        let (Some(crcs), Some((offset, len))) = (&self.crcs, changed_range(op)) else {
+            return;
+        };
+        crcs.changing(offset, len);
+    }
+
     /// Performs one operation.
     pub fn execute(&self, op: &BackendOp) -> io::Result<Bytes> {
+        self.changing(op);
+        let result = self.execute_unmarked(op);
+        self.changing(op);
+        result
+    }
+
+    fn execute_unmarked(&self, op: &BackendOp) -> io::Result<Bytes> {
         match op {
             BackendOp::Read { offset, len } => self.read(*offset, *len),
             BackendOp::Write { offset, data, fua } => {
@@ -618,6 +653,17 @@ fn pread_nowait_fresh(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8
     Ok(buf)
 }
 
+/// The bytes `op` may change, as (offset, length).
+fn changed_range(op: &BackendOp) -> Option<(u64, u64)> {
+    match op {
+        BackendOp::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+        BackendOp::Trim { offset, len, .. } | BackendOp::WriteZeroes { offset, len, .. } => {
+            Some((*offset, u64::from(*len)))
+        }
+        BackendOp::Read { .. } | BackendOp::Flush => None,
+    }
+}
+
 /// `pwritev2` with RWF_NOWAIT: EAGAIN rather than wait for writeback.
 fn pwrite_nowait(file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
     // The kernel only reads through this iovec; iovec has no const form.
@@ -777,6 +823,10 @@ impl Backend for FileBackend {
         self.exports.get(export)?.splice_source(offset, len)
     }
 
+    fn payload_crc(&self, export: usize, offset: u64, len: u32) -> Option<u32> {
+        self.exports.get(export)?.payload_crc(offset, len).ok()
+    }
+
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
         self.engine == IoEngine::Uring
             && !self.no_uring.load(Ordering::Relaxed)
@@ -833,6 +883,62 @@ mod tests {
         )
         .unwrap();
         (dir, f)
+    }
+
+    #[test]
+    fn kept_checksums_follow_every_change_to_the_file() {
+        let (_dir, f) = export(1 << 20);
+        let whole = || {
+            let bytes = f
+                .execute(&BackendOp::Read {
+                    offset: 0,
+                    len: 1 << 20,
+                })
+                .unwrap();
+            let mut crc = braid_core::wire::PayloadCrc::new();
+            crc.update(&bytes);
+            crc.finish()
+        };
+        assert_eq!(f.payload_crc(0, 1 << 20).unwrap(), whole());
+        let block = Bytes::from(vec![0xA5; 8192]);
+        let changes = [
+            BackendOp::Write {
+                offset: 4096,
+                data: block.clone(),
+                fua: false,
+            },
+            BackendOp::Write {
+                offset: 65536,
+                data: block.clone(),
+                fua: true,
+            },
+            BackendOp::Trim {
+                offset: 4096,
+                len: 4096,
+                fua: false,
+            },
+            BackendOp::WriteZeroes {
+                offset: 65536,
+                len: 4096,
+                fua: false,
+                may_unmap: false,
+                fast_only: false,
+            },
+        ];
+        for op in &changes {
+            f.execute(op).unwrap();
+            assert_eq!(f.payload_crc(0, 1 << 20).unwrap(), whole(), "after {op:?}");
+        }
+        // The inline path, where the kernel takes the write at once.
+        let now = BackendOp::Write {
+            offset: 8192,
+            data: Bytes::from(vec![0x3C; 4096]),
+            fua: false,
+        };
+        if let Some(done) = f.try_execute_now(&now) {
+            done.unwrap();
+            assert_eq!(f.payload_crc(0, 1 << 20).unwrap(), whole(), "inline");
+        }
     }
 
     #[test]

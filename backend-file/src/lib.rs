@@ -16,6 +16,7 @@
 
 #![deny(missing_docs)]
 
+mod block_crcs;
 mod cache;
 mod file;
 pub mod lock;

@@ -182,6 +182,10 @@ impl<B: Backend> Backend for Polled<B> {
         self.0.splice_source(export, offset, len)
     }
 
+    fn payload_crc(&self, export: usize, offset: u64, len: u32) -> Option<u32> {
+        self.0.payload_crc(export, offset, len)
+    }
+
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
         self.0.io_queue_takes(export, op)
     }

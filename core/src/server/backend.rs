@@ -59,6 +59,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The payload checksum (CRC32C, as [`crate::wire::PayloadCrc`]) of
+    /// `len` bytes of export `export` from `offset`, for a reply sent from
+    /// its [`Backend::splice_source`], if this backend can give it more
+    /// cheaply than reading the bytes (checksums it kept). `None`: the
+    /// driver reads and hashes them.
+    fn payload_crc(&self, _export: usize, _offset: u64, _len: u32) -> Option<u32> {
+        None
+    }
+
     /// A queue on which a driver loop can start operations that would
     /// otherwise wait on a pool thread, and collect them when the kernel
     /// has finished them (io_uring): no thread waits on each operation.
