@@ -9,10 +9,9 @@ use braid_core::server::{
     Backend, BackendOp, BackendRequest, ConnId, ServerAction, ServerEngine, ServerStats,
     ServerTuning, SessionSummary,
 };
-use braid_core::wire::{FileSlice, PayloadCrc, Status};
+use braid_core::wire::{FileSlice, Status};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -46,9 +45,6 @@ const OVERSIZE_ANSWERED: usize = 4096;
 /// READs at least this large are answered from the page cache by
 /// `sendfile` where the connection allows it (see [`file_reply`]).
 const FILE_REPLY_MIN: u32 = 128 * 1024;
-/// The piece of a file reply read at a time for its checksum: small enough
-/// to stay in the core's cache between the read and the CRC.
-const CHECKSUM_PIECE: usize = 64 * 1024;
 
 enum Event {
     BackendDone(u64, Result<Bytes, Status>),
@@ -131,7 +127,6 @@ impl Server {
         let mut writers: HashMap<ConnId, conn::Writer> = HashMap::new();
         // Connections whose writer sends file payloads with `sendfile`.
         let mut file_conns: HashSet<ConnId> = HashSet::new();
-        let mut checksum_buf = vec![0u8; CHECKSUM_PIECE];
         let mut next_conn: ConnId = 1;
         let mut draining = false;
         let mut last_list = tokio::time::Instant::now();
@@ -272,8 +267,7 @@ impl Server {
                             });
                             continue;
                         }
-                        if let Some((data, crc)) =
-                            file_reply(&engine, &req, &*backend, &file_conns, &mut checksum_buf)
+                        if let Some((data, crc)) = file_reply(&engine, &req, &*backend, &file_conns)
                         {
                             engine.backend_complete_from_file(req.token, data, crc, clock.now());
                             continue;
@@ -339,19 +333,18 @@ impl Server {
 }
 
 /// A large READ whose data is all in the page cache, to be answered on a
-/// connection that can `sendfile`: the backend gives its checksum (from
-/// checksums of its blocks it kept), or the data is read here only to
-/// compute it, in cache-sized pieces, and the socket then takes it
-/// straight from the page cache. That saves the copy into the socket (a
-/// quarter of the server's CPU on 1 MiB reads) and the reply buffer. A
-/// write landing in between changes the bytes sent but not the checksum,
-/// so the client sees a damaged reply and asks again, as for any other.
+/// connection that can `sendfile`: the backend gives its checksum
+/// (combined from checksums it kept of the data's blocks, or read once to
+/// hash it), and the socket then takes the data straight from the page
+/// cache. That saves the copy into the socket (a quarter of the server's
+/// CPU on 1 MiB reads) and the reply buffer. A write landing in between
+/// changes the bytes sent but not the checksum, so the client sees a
+/// damaged reply and asks again, as for any other.
 fn file_reply(
     engine: &ServerEngine,
     req: &BackendRequest,
     backend: &dyn Backend,
     file_conns: &HashSet<ConnId>,
-    checksum_buf: &mut [u8],
 ) -> Option<(FileSlice, u32)> {
     let BackendOp::Read { offset, len } = req.op else {
         return None;
@@ -360,11 +353,8 @@ fn file_reply(
         return None;
     }
     let source = backend.splice_source(req.export, offset, len)?;
-    let crc = match backend.payload_crc(req.export, offset, len) {
-        Some(crc) => crc,
-        // Unreadable now: the ordinary path reports it properly.
-        None => checksum(&source.file, source.offset, len, checksum_buf).ok()?,
-    };
+    // Unreadable now: the ordinary path reports it properly.
+    let crc = backend.payload_crc(req.export, offset, len)?;
     Some((
         FileSlice {
             file: source.file,
@@ -373,22 +363,6 @@ fn file_reply(
         },
         crc,
     ))
-}
-
-/// The payload checksum of `len` bytes of `file` from `offset`, read
-/// through `buf`.
-fn checksum(file: &File, mut offset: u64, len: u32, buf: &mut [u8]) -> std::io::Result<u32> {
-    use std::os::unix::fs::FileExt;
-    let mut crc = PayloadCrc::new();
-    let mut left = len as usize;
-    while left > 0 {
-        let piece = &mut buf[..left.min(CHECKSUM_PIECE)];
-        file.read_exact_at(piece, offset)?;
-        crc.update(piece);
-        offset += piece.len() as u64;
-        left -= piece.len();
-    }
-    Ok(crc.finish())
 }
 
 fn handle_conn(

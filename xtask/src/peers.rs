@@ -225,6 +225,26 @@ fn filled_image(path: &Path) -> Result<(), String> {
     file.flush().map_err(fail)
 }
 
+/// `braid serve` on `img` (braid's protocol only) and `braid attach`
+/// with `face` (how fio reaches it) in front of it, under one shell; what
+/// attach prints goes to `attach.out` in `sdir`.
+fn attached(braid: &Path, sdir: &Path, img: &str, face: &str) -> Command {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let sh = |p: &Path| p.display().to_string();
+    let script = format!(
+        "'{braid}' serve --data-dir '{dir}' --listen {listen} --export 'disk0={img}' &\n\
+         until [ -s '{dir}/keys.toml' ]; do sleep 0.1; done\n\
+         '{braid}' attach --server {listen} --export disk0 --key-file '{dir}/keys.toml' \
+         {face} --control '{dir}/attach.ctl' > '{dir}/attach.out' &\n\
+         wait",
+        braid = sh(braid),
+        dir = sh(sdir),
+    );
+    let mut c = Command::new("sh");
+    c.args(["-c", &script]).process_group(0);
+    c
+}
+
 /// fio's way into a 2-way mirror, to show what a mirror costs over
 /// attach's one export (every write goes to both servers, a read to one):
 /// two `braid serve`, each on its own copy of the image, and `braid attach
@@ -294,43 +314,12 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
     };
     let img_s = img.display().to_string();
     let mut cmd = match server {
-        "attach" => {
-            // The client path: the server exports the file over braid's
-            // protocol only, and fio reaches it through braid attach.
-            let listen = format!("127.0.0.1:{}", free_port());
-            let sh = |p: &Path| p.display().to_string();
-            let script = format!(
-                "'{braid}' serve --data-dir '{dir}' --listen {listen} --export 'disk0={img_s}' &\n\
-                 until [ -s '{dir}/keys.toml' ]; do sleep 0.1; done\n\
-                 '{braid}' attach --server {listen} --export disk0 --key-file '{dir}/keys.toml' \
-                 --nbd '{addr}' --control '{dir}/attach.ctl' &\n\
-                 wait",
-                braid = sh(braid),
-                dir = sh(&sdir),
-            );
-            let mut c = Command::new("sh");
-            c.args(["-c", &script]).process_group(0);
-            c
-        }
+        // The client path: the server exports the file over braid's
+        // protocol only, and fio reaches it through braid attach.
+        "attach" => attached(braid, &sdir, &img_s, &format!("--nbd '{addr}'")),
         "mirror" => mirror_command(braid, &sdir, &img_s, &addr)?,
-        "ublk" => {
-            // The client path as a block device: fio on /dev/ublkbN, which
-            // braid attach carries over braid's protocol to the server.
-            let listen = format!("127.0.0.1:{}", free_port());
-            let sh = |p: &Path| p.display().to_string();
-            let script = format!(
-                "'{braid}' serve --data-dir '{dir}' --listen {listen} --export 'disk0={img_s}' &\n\
-                 until [ -s '{dir}/keys.toml' ]; do sleep 0.1; done\n\
-                 '{braid}' attach --server {listen} --export disk0 --key-file '{dir}/keys.toml' \
-                 --ublk --control '{dir}/attach.ctl' > '{dir}/attach.out' &\n\
-                 wait",
-                braid = sh(braid),
-                dir = sh(&sdir),
-            );
-            let mut c = Command::new("sh");
-            c.args(["-c", &script]).process_group(0);
-            c
-        }
+        // The client path as a block device: fio on /dev/ublkbN.
+        "ublk" => attached(braid, &sdir, &img_s, "--ublk"),
         "braid" => {
             // braid's own protocol listens here too; proto's rows use it.
             let listen = format!("127.0.0.1:{}", free_port());

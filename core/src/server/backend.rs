@@ -60,10 +60,10 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// The payload checksum (CRC32C, as [`crate::wire::PayloadCrc`]) of
-    /// `len` bytes of export `export` from `offset`, for a reply sent from
-    /// its [`Backend::splice_source`], if this backend can give it more
-    /// cheaply than reading the bytes (checksums it kept). `None`: the
-    /// driver reads and hashes them.
+    /// `len` bytes of export `export` from `offset`, for a reply braid's
+    /// protocol sends from [`Backend::splice_source`] (a backend may keep
+    /// checksums of its blocks rather than read them again). `None`: it
+    /// cannot now, and the reply goes the ordinary way, through memory.
     fn payload_crc(&self, _export: usize, _offset: u64, _len: u32) -> Option<u32> {
         None
     }
