@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 /// The unit checksums are kept for.
@@ -35,6 +36,8 @@ const PIECE: usize = 64 * 1024;
 #[derive(Debug, Default)]
 pub(crate) struct BlockCrcs {
     inner: Mutex<Inner>,
+    /// Blocks whose kept checksum spared reading them.
+    reused: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +60,11 @@ impl Region {
 }
 
 impl BlockCrcs {
+    /// How many blocks a kept checksum spared reading.
+    pub(crate) fn reused(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
+    }
+
     /// `[offset, offset + len)` is about to change, or has just changed:
     /// call both times.
     pub(crate) fn changing(&self, offset: u64, len: u64) {
@@ -105,6 +113,8 @@ impl BlockCrcs {
                 .collect();
             (inner.epoch, crcs)
         };
+        let known = crcs.iter().filter(|c| c.is_some()).count();
+        self.reused.fetch_add(known as u64, Ordering::Relaxed);
         let mut hashed = Vec::new();
         let mut at = 0;
         while at < crcs.len() {
@@ -292,10 +302,12 @@ mod tests {
         let kept = crcs.inner.lock().unwrap().regions.len();
         assert_eq!(kept, 1, "256 blocks, one region");
         // A part of what was hashed, now answered from the map alone.
+        assert_eq!(crcs.reused(), 0);
         assert_eq!(
             crcs.checksum(&f, 8192, 128 * 1024).unwrap(),
             crc_of(&bytes[8192..8192 + 128 * 1024])
         );
+        assert_eq!(crcs.reused(), 32, "none of its 32 blocks read");
 
         // Written behind the map's back: the kept checksum is stale, which
         // is what the client's check then catches. Through `changing`, the

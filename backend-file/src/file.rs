@@ -394,6 +394,12 @@ impl ExportFile {
         }
     }
 
+    /// How many 4 KiB blocks of file replies were not read for their
+    /// checksum, because one was kept (see [`ExportFile::payload_crc`]).
+    pub fn checksums_reused(&self) -> u64 {
+        self.crcs.as_ref().map_or(0, BlockCrcs::reused)
+    }
+
     /// Call before and after `op` changes the file: checksums kept of its
     /// range go.
     pub(crate) fn changing(&self, op: &BackendOp) {
@@ -798,6 +804,12 @@ impl FileBackend {
     /// How many operations went to io_uring (see [`IoEngine::Uring`]).
     pub fn ops_on_io_uring(&self) -> u64 {
         self.ring_ops.load(Ordering::Relaxed)
+    }
+
+    /// Blocks of file replies whose kept checksum spared reading them, over
+    /// every export.
+    pub fn checksums_reused(&self) -> u64 {
+        self.exports.iter().map(ExportFile::checksums_reused).sum()
     }
 
     /// The exports.

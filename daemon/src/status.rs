@@ -77,6 +77,7 @@ fn document(
         "file_replies": st.file_replies,
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
+        "checksums_reused": backend.checksums_reused(),
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })
@@ -125,6 +126,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         ("backend operations", "backend_ops"),
         ("requests with FUA", "fua_requests"),
         ("read replies sent from the page cache", "file_replies"),
+        ("  4 KiB blocks not read for a checksum", "checksums_reused"),
         ("backend operations on io_uring", "io_uring_ops"),
         ("backend operations running", "backend_inflight"),
         ("resent requests answered from cache", "recorded_replies"),

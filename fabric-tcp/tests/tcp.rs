@@ -206,6 +206,10 @@ async fn large_reads_go_from_the_file_and_arrive_intact() {
         retried,
         "no checksum outlived the bytes it was kept for"
     );
+    assert!(
+        backend.files.checksums_reused() >= 3 * 256,
+        "the last reads were not read again for their checksums"
+    );
 
     #[cfg(feature = "tls")]
     {
