@@ -13,7 +13,6 @@ use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
 use io_uring::{opcode, types, IoUring};
-use std::alloc::Layout;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,11 +34,15 @@ pub(crate) struct Queue {
     pub(crate) staging: Option<Arc<dyn Staging>>,
 }
 
-/// Each tag's IO buffer, page aligned, in one allocation. Shared with the
-/// completions in flight so it outlives every one of them.
+/// Each tag's IO buffer, page aligned, in one anonymous mapping. Shared
+/// with the completions in flight so it outlives every one of them. Its
+/// pages are the kernel's zero page until an IO first touches them: a
+/// zeroed allocation with page alignment is zeroed by hand, which made
+/// every buffer of every tag resident at once (128 MiB with two queues of
+/// 128 tags, before any IO).
 struct Buffers {
     base: *mut u8,
-    layout: Layout,
+    len: usize,
     each: usize,
 }
 
@@ -52,14 +55,29 @@ unsafe impl Sync for Buffers {}
 impl Buffers {
     fn new(depth: u16, each: u32) -> io::Result<Buffers> {
         let each = each as usize;
-        let layout = Layout::from_size_align(each * depth as usize, 4096)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        // SAFETY: the layout has a non-zero size (depth and each >= 1).
-        let base = unsafe { std::alloc::alloc_zeroed(layout) };
-        if base.is_null() {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        let len = each
+            .checked_mul(depth as usize)
+            .filter(|&len| len > 0)
+            .ok_or_else(|| io::Error::other("no room for IO buffers"))?;
+        // SAFETY: a fresh private anonymous mapping; unmapped in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
         }
-        Ok(Buffers { base, layout, each })
+        Ok(Buffers {
+            base: base.cast(),
+            len,
+            each,
+        })
     }
 
     fn of(&self, tag: u16) -> *mut u8 {
@@ -70,8 +88,10 @@ impl Buffers {
 
 impl Drop for Buffers {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.base, self.layout) }
+        // SAFETY: mapped in `new` with this length.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
     }
 }
 
