@@ -39,7 +39,8 @@ pub(crate) struct Queue {
 /// pages are the kernel's zero page until an IO first touches them: a
 /// zeroed allocation with page alignment is zeroed by hand, which made
 /// every buffer of every tag resident at once (128 MiB with two queues of
-/// 128 tags, before any IO).
+/// 128 tags, before any IO). A buffer's pages stay resident once an IO
+/// used them, so memory follows the largest IO each tag has carried.
 struct Buffers {
     base: *mut u8,
     len: usize,
@@ -72,6 +73,13 @@ impl Buffers {
         };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
+        }
+        // A tag's first small IO would otherwise fault in a 2 MiB huge page
+        // (four tags' buffers): after 3 s of 4 KiB reads at QD32, 36 MiB
+        // resident for 1 MiB of IO buffers used. Failure costs only memory.
+        // SAFETY: advice on the mapping just made.
+        unsafe {
+            libc::madvise(base, len, libc::MADV_NOHUGEPAGE);
         }
         Ok(Buffers {
             base: base.cast(),
