@@ -75,10 +75,29 @@ impl BlockCrcs {
         }
         let first = offset / BLOCK;
         let end = offset.saturating_add(len).div_ceil(BLOCK);
-        for block in first..end {
-            let (region, i) = (block / REGION_BLOCKS, (block % REGION_BLOCKS) as usize);
-            if let Some(r) = inner.regions.get_mut(&region) {
+        let (low, high) = (first / REGION_BLOCKS, (end - 1) / REGION_BLOCKS);
+        let forget = |region: u64, r: &mut Region| {
+            let base = region * REGION_BLOCKS;
+            let from = first.max(base) - base;
+            let to = end.min(base + REGION_BLOCKS) - base;
+            for i in from as usize..to as usize {
                 r.known[i / 64] &= !(1 << (i % 64));
+            }
+        };
+        // A TRIM of a whole device spans billions of blocks: walk the
+        // regions kept, not the range, when they are fewer.
+        if high - low >= inner.regions.len() as u64 {
+            inner.regions.retain(|&region, r| {
+                if (low..=high).contains(&region) {
+                    forget(region, r);
+                }
+                r.known.iter().any(|&w| w != 0)
+            });
+        } else {
+            for region in low..=high {
+                if let Some(r) = inner.regions.get_mut(&region) {
+                    forget(region, r);
+                }
             }
         }
     }
@@ -335,6 +354,33 @@ mod tests {
         );
         crcs.checksum_then(&f, 0, 256 * 1024, || {}).unwrap();
         assert_eq!(crcs.inner.lock().unwrap().regions.len(), 1);
+    }
+
+    #[test]
+    fn a_change_forgets_exactly_the_blocks_it_touches() {
+        let bytes = data(2 << 20, 5);
+        let (_dir, f) = file_of(&bytes);
+        let crcs = BlockCrcs::default();
+        crcs.checksum(&f, 0, 2 << 20).unwrap();
+        let known = |crcs: &BlockCrcs| -> u32 {
+            let inner = crcs.inner.lock().unwrap();
+            inner
+                .regions
+                .values()
+                .map(|r| r.known.iter().map(|w| w.count_ones()).sum::<u32>())
+                .sum()
+        };
+        assert_eq!(known(&crcs), 512);
+        // Bytes 4095..4097 straddle blocks 0 and 1.
+        crcs.changing(4095, 2);
+        assert_eq!(known(&crcs), 510);
+        // Across the two regions' boundary: blocks 255 and 256.
+        crcs.changing((1 << 20) - 1, 2);
+        assert_eq!(known(&crcs), 508);
+        // A TRIM of a whole (huge) device, walked region by region kept.
+        crcs.changing(0, 1 << 50);
+        assert_eq!(known(&crcs), 0);
+        assert!(crcs.inner.lock().unwrap().regions.is_empty());
     }
 
     #[test]
