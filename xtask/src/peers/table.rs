@@ -338,6 +338,17 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    /// One round's cells of a column: a QD1 read at `iops`.
+    fn qd1_read(iops: f64) -> BTreeMap<String, Row> {
+        BTreeMap::from([(
+            "randread-4k-qd1".to_string(),
+            Row {
+                iops,
+                ..Row::default()
+            },
+        )])
+    }
+
     #[test]
     fn a_rounds_ratios_are_braid_over_its_best_peer_and_attach_over_braid() {
         let mut r = Results::default();
@@ -347,12 +358,7 @@ mod tests {
             ("qemu-nbd", 60.0),
             ("attach", 45.0),
         ] {
-            let row = Row {
-                iops,
-                ..Row::default()
-            };
-            let cells = BTreeMap::from([("randread-4k-qd1".to_string(), row)]);
-            r.rows.insert((true, column.into()), cells);
+            r.rows.insert((true, column.into()), qd1_read(iops));
         }
         assert_eq!(
             round_ratios(&r, true, "randread-4k-qd1"),
@@ -360,14 +366,7 @@ mod tests {
         );
         assert_eq!(round_ratios(&r, false, "randread-4k-qd1"), (None, None));
         assert_eq!(client_path(&r, "randread-4k-qd1"), None, "no TCP row");
-        let tcp_braid = Row {
-            iops: 60.0,
-            ..Row::default()
-        };
-        r.rows.insert(
-            (false, "braid".into()),
-            BTreeMap::from([("randread-4k-qd1".to_string(), tcp_braid)]),
-        );
+        r.rows.insert((false, "braid".into()), qd1_read(60.0));
         assert_eq!(
             client_path(&r, "randread-4k-qd1"),
             Some(0.75),
@@ -379,31 +378,13 @@ mod tests {
             "no mirror row"
         );
         assert_eq!(ublk_path(&r, "randread-4k-qd1"), None, "no ublk row");
-        r.rows.insert(
-            (false, "ublk".into()),
-            BTreeMap::from([(
-                "randread-4k-qd1".to_string(),
-                Row {
-                    iops: 48.0,
-                    ..Row::default()
-                },
-            )]),
-        );
+        r.rows.insert((false, "ublk".into()), qd1_read(48.0));
         assert_eq!(
             ublk_path(&r, "randread-4k-qd1"),
             Some(0.8),
             "the ublk device against braid's NBD face over TCP"
         );
-        r.rows.insert(
-            (true, "mirror".into()),
-            BTreeMap::from([(
-                "randread-4k-qd1".to_string(),
-                Row {
-                    iops: 36.0,
-                    ..Row::default()
-                },
-            )]),
-        );
+        r.rows.insert((true, "mirror".into()), qd1_read(36.0));
         assert_eq!(
             mirror_cost(&r, true, "randread-4k-qd1"),
             Some(0.8),
