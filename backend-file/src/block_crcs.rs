@@ -181,53 +181,57 @@ impl Inner {
     }
 }
 
-/// Reads `blocks` whole blocks from `offset` a piece at a time and hands
-/// each block's checksum to `each` with its index.
+/// Reads `blocks` whole blocks from `offset` and hands each block's
+/// checksum to `each` with its index.
 fn hash_blocks(
     file: &File,
     offset: u64,
     blocks: usize,
     mut each: impl FnMut(usize, u32),
 ) -> io::Result<()> {
-    SCRATCH.with(|scratch| {
-        let mut buf = scratch.borrow_mut();
-        buf.resize(PIECE, 0);
-        let per_piece = PIECE / BLOCK as usize;
-        let mut done = 0;
-        while done < blocks {
-            let n = (blocks - done).min(per_piece);
-            let piece = &mut buf[..n * BLOCK as usize];
-            file.read_exact_at(piece, offset + (done as u64) * BLOCK)?;
-            for (i, block) in piece.chunks_exact(BLOCK as usize).enumerate() {
-                let mut crc = PayloadCrc::new();
-                crc.update(block);
-                each(done + i, crc.finish());
-            }
-            done += n;
+    let mut index = 0;
+    in_pieces(file, offset, blocks as u64 * BLOCK, |piece| {
+        for block in piece.chunks_exact(BLOCK as usize) {
+            let mut crc = PayloadCrc::new();
+            crc.update(block);
+            each(index, crc.finish());
+            index += 1;
         }
-        Ok(())
     })
 }
 
 impl BlockCrcs {
     /// The checksum of `len` bytes of `file` from `offset`, read and
     /// hashed, nothing kept.
-    pub(crate) fn read_and_hash(file: &File, mut offset: u64, len: u32) -> io::Result<u32> {
-        SCRATCH.with(|scratch| {
-            let mut buf = scratch.borrow_mut();
-            buf.resize(PIECE, 0);
-            let mut crc = PayloadCrc::new();
-            let mut left = len as usize;
-            while left > 0 {
-                let piece = &mut buf[..left.min(PIECE)];
-                file.read_exact_at(piece, offset)?;
-                crc.update(piece);
-                offset += piece.len() as u64;
-                left -= piece.len();
-            }
-            Ok(crc.finish())
-        })
+    pub(crate) fn read_and_hash(file: &File, offset: u64, len: u32) -> io::Result<u32> {
+        let mut crc = PayloadCrc::new();
+        in_pieces(file, offset, u64::from(len), |piece| crc.update(piece))?;
+        Ok(crc.finish())
     }
+}
+
+/// Reads `len` bytes of `file` from `offset` into this thread's scratch
+/// buffer, [`PIECE`] bytes at a time (whole blocks, since `PIECE` is a
+/// multiple of [`BLOCK`]), handing each piece to `take`.
+fn in_pieces(
+    file: &File,
+    mut offset: u64,
+    len: u64,
+    mut take: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.resize(PIECE, 0);
+        let mut left = len;
+        while left > 0 {
+            let piece = &mut buf[..left.min(PIECE as u64) as usize];
+            file.read_exact_at(piece, offset)?;
+            take(piece);
+            offset += piece.len() as u64;
+            left -= piece.len() as u64;
+        }
+        Ok(())
+    })
 }
 
 thread_local! {
