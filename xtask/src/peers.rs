@@ -15,6 +15,7 @@
 mod fio;
 mod floor;
 mod memory_soak;
+mod pairs;
 mod proto;
 mod rss;
 mod scale;
@@ -32,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--only SERVER,...] [--transport tcp|unix|both] [--vm]
+const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds N] [--pairs P] [--only SERVER,...] [--transport tcp|unix|both] [--vm]
   SERVER: braid nbdkit qemu-nbd nbd-server (NBD servers), attach (fio into braid attach),
           mirror (fio into braid attach --volume, a 2-way mirror over two braid serve),
           ublk (fio's io_uring engine on /dev/ublkbN of braid attach --ublk; TCP pass only,
@@ -40,7 +41,9 @@ const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds
           proto (braid bench), limit (fio on the file), floor (TCP ping-pong)
   N: measure every column N times (default 1) and report each cell's median round:
      on shared cores one run can be off by 2x. Within a round every NBD server is up
-     at once and each workload runs against each in turn, seconds apart";
+     at once and each workload runs against each in turn, seconds apart
+  P: after each round's runs, run braid and that round's best peer back to back P times
+     per workload (the order alternating) and report braid/best per pair (default 0)";
 
 /// What fio reaches in a transport's pass: NBD servers, and the ublk
 /// device (its link to the server is TCP, so it runs in the TCP pass only).
@@ -542,11 +545,14 @@ pub(crate) struct Results {
     pub(crate) floor_pairs: Option<floor::Pairs>,
     /// Resident memory of the braid processes per column and transport.
     pub(crate) memory: Vec<Memory>,
+    /// braid against the round's best peer, back to back.
+    pub(crate) pairs: Vec<pairs::Pair>,
 }
 
 pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
     let mut runtime = "5".to_string();
     let mut rounds = 1usize;
+    let mut pair_count = 0usize;
     let mut only: Vec<String> = COLUMNS.iter().map(|s| s.to_string()).collect();
     let mut transports = vec![false, true];
     let mut it = args.iter();
@@ -559,6 +565,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
                 it.next().ok_or(USAGE)?;
             }
             "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).ok_or(USAGE)?,
+            "--pairs" => pair_count = it.next().and_then(|n| n.parse().ok()).ok_or(USAGE)?,
             "--only" => {
                 only = it
                     .next()
@@ -614,6 +621,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
         dir: &dir,
         peerbench: &peerbench,
         braid,
+        pairs: pair_count,
     };
     let mut measured = Vec::with_capacity(rounds);
     for round in 1..=rounds {
@@ -636,6 +644,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     table::print_round_ratios(&measured, &transports);
     table::print_client_path(&measured);
     table::print_mirror_cost(&measured, &transports);
+    pairs::print(&results.pairs);
     Ok(())
 }
 
@@ -694,6 +703,8 @@ struct Plan<'a> {
     dir: &'a Path,
     peerbench: &'a Path,
     braid: &'a Path,
+    /// Back-to-back runs of braid and the best peer per workload.
+    pairs: usize,
 }
 
 /// Every wanted column, once.
@@ -706,6 +717,7 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
         dir,
         peerbench,
         braid,
+        pairs,
     } = *plan;
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut results = Results::default();
@@ -832,6 +844,9 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
                     .insert(workload.to_string(), row);
             }
         }
+        if pairs > 0 {
+            run_pairs(&mut results, &live, unix, pairs, runtime, dir)?;
+        }
         let mut peaks = sampler.finish().into_iter();
         for s in &live {
             for ((process, _), &idle_kib) in s.braids.iter().zip(&s.idle) {
@@ -846,6 +861,62 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
         }
     }
     Ok(results)
+}
+
+/// Runs braid and this round's best peer back to back `count` times per
+/// workload over one transport, the order alternating.
+fn run_pairs(
+    results: &mut Results,
+    live: &[Serving<'_>],
+    unix: bool,
+    count: usize,
+    runtime: &str,
+    dir: &Path,
+) -> Result<(), String> {
+    let Some(braid) = live.iter().find(|s| s.server == "braid") else {
+        return Ok(());
+    };
+    let t = if unix { "unix" } else { "tcp" };
+    eprintln!(
+        "==> pairs over {t}: braid and the best peer back to back, {count} times per workload"
+    );
+    for workload in WORKLOADS {
+        let Some(best) = pairs::best_peer(results, unix, workload) else {
+            continue;
+        };
+        let Some(peer) = live.iter().find(|s| s.server == best) else {
+            continue;
+        };
+        for index in 0..count {
+            let order = if pairs::braid_first(index) {
+                [braid, peer]
+            } else {
+                [peer, braid]
+            };
+            let mut iops = [0.0; 2];
+            for s in order {
+                let report = dir.join(format!("pair-{}-{t}-{workload}.json", s.server));
+                let row = fio::run(workload, &s.uri, s.daemon.pid(), runtime, &report)?;
+                iops[usize::from(s.server != "braid")] = row.iops;
+            }
+            if iops[1] > 0.0 {
+                let ratio = iops[0] / iops[1];
+                eprintln!(
+                    "pair {} {t:<4} {workload:<22} braid {:>10.0} {best:<10} {:>10.0} IOPS  {ratio:.2}x",
+                    index + 1,
+                    iops[0],
+                    iops[1]
+                );
+                results.pairs.push(pairs::Pair {
+                    unix,
+                    workload: workload.to_string(),
+                    peer: best.to_string(),
+                    ratio,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An NBD server up for a round of the table.
@@ -917,6 +988,9 @@ fn median_round(rounds: &[Results]) -> Results {
                 .extend(p);
         }
     }
+    for round in rounds {
+        combined.pairs.extend(round.pairs.iter().cloned());
+    }
     for (i, round) in rounds.iter().enumerate() {
         for m in &round.memory {
             let same = |c: &&mut Memory| {
@@ -962,6 +1036,12 @@ mod tests {
             idle_kib: 100,
             peak_kib,
         });
+        results.pairs.push(pairs::Pair {
+            unix: false,
+            workload: "randread-4k-qd1".into(),
+            peer: "nbdkit".into(),
+            ratio: iops / 20_000.0,
+        });
         results
     }
 
@@ -986,7 +1066,7 @@ mod tests {
     }
 
     #[test]
-    fn each_cell_is_its_median_round_whole_and_memory_keeps_the_highest_peak() {
+    fn each_cell_is_its_median_round_whole_memory_keeps_the_highest_peak_and_every_pair_counts() {
         let combined = median_round(&[
             round(30_000.0, 90.0, 9.0, 500),
             round(10_000.0, 50.0, 12.0, 900),
@@ -1001,5 +1081,11 @@ mod tests {
         assert_eq!(floor::median_ratio(&pairs.read), Some(2.0));
         assert_eq!(combined.memory.len(), 1);
         assert_eq!(combined.memory[0].peak_kib, 900);
+        let ratios: Vec<f64> = combined.pairs.iter().map(|p| p.ratio).collect();
+        assert_eq!(
+            ratios,
+            [1.5, 0.5, 1.0],
+            "every round's pairs, in round order"
+        );
     }
 }

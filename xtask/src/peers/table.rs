@@ -3,7 +3,7 @@
 
 use super::{Results, Row, WORKLOADS};
 
-const PEERS: [&str; 3] = ["nbdkit", "qemu-nbd", "nbd-server"];
+pub(crate) const PEERS: [&str; 3] = ["nbdkit", "qemu-nbd", "nbd-server"];
 
 pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
     let numeric: Vec<&str> = columns.iter().copied().filter(|c| *c != "floor").collect();
