@@ -4,7 +4,7 @@
 //! apart. A pair is two runs seconds apart, the order alternating from
 //! pair to pair, so neither side always runs second.
 
-use super::table::{median, PEERS};
+use super::table::{lead, listed, median, PEERS};
 use super::{Results, WORKLOADS};
 use std::collections::BTreeMap;
 
@@ -91,13 +91,11 @@ pub(crate) fn print(pairs: &[Pair]) {
         "", "workload", "peer", "per pair", "median"
     );
     for row in rows {
-        let listed: Vec<String> = row.ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "{:<6} {:<22} {:<22} {:>30} {:>7.2}x",
-            if row.unix { "unix" } else { "tcp" },
-            row.workload,
+            "{} {:<22} {:>30} {:>7.2}x",
+            lead(row.unix, row.workload),
             row.peers,
-            listed.join(" "),
+            listed(&row.ratios),
             row.median
         );
     }

@@ -146,7 +146,7 @@ fn header(columns: &[&str], ratios: &[&str]) {
     println!("{line}");
 }
 
-fn lead(unix: bool, workload: &str) -> String {
+pub(crate) fn lead(unix: bool, workload: &str) -> String {
     format!("{:<6} {workload:<22}", if unix { "unix" } else { "tcp" })
 }
 
@@ -313,7 +313,7 @@ fn over(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
-fn listed(ratios: &[f64]) -> String {
+pub(crate) fn listed(ratios: &[f64]) -> String {
     if ratios.is_empty() {
         return "-".into();
     }
