@@ -575,3 +575,34 @@ fn oversized_payloads_are_refused() {
     reader.extend(&encode(&big).to_bytes());
     assert_eq!(reader.next_frame(), Err(DecodeError::BadLength));
 }
+
+#[test]
+fn the_reader_says_how_much_of_a_frame_is_still_to_come() {
+    let reply = |fill: u8| {
+        encode(&Message::Reply(Reply {
+            id: 7,
+            status: Status::Ok,
+            exec_seq: 0,
+            payload: Bytes::from(vec![fill; 300_000]),
+        }))
+        .to_bytes()
+    };
+    let (first, second) = (reply(1), reply(2));
+    let mut reader = FrameReader::new(1 << 20);
+    assert_eq!(reader.awaited(), 0, "nothing parsed yet");
+    reader.extend(&first[..10]);
+    assert_eq!(reader.next_frame(), Ok(None));
+    assert_eq!(reader.awaited(), 0, "the head is not in yet");
+    reader.extend(&first[10..100_000]);
+    assert_eq!(reader.next_frame(), Ok(None));
+    assert_eq!(reader.awaited(), first.len() - 100_000);
+    // The rest of the first and the start of the second.
+    reader.extend(&first[100_000..]);
+    reader.extend(&second[..second.len() - 5]);
+    assert!(reader.next_frame().unwrap().is_some());
+    assert_eq!(reader.next_frame(), Ok(None));
+    assert_eq!(reader.awaited(), 5);
+    reader.extend(&second[second.len() - 5..]);
+    assert!(reader.next_frame().unwrap().is_some());
+    assert_eq!(reader.awaited(), 0, "whole frames leave nothing awaited");
+}

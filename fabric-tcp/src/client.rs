@@ -699,6 +699,11 @@ impl Driver {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
                     let writer = match security {
+                        #[cfg(not(madsim))]
+                        ClientSecurity::Plain => {
+                            conn::spawn_tcp(stream, ch, max_payload, queue_limit, conn_tx)
+                        }
+                        #[cfg(madsim)]
                         ClientSecurity::Plain => {
                             conn::spawn(stream, ch, max_payload, queue_limit, conn_tx)
                         }

@@ -603,14 +603,11 @@ mod tls {
     }
 }
 
-/// A peer that authenticates, floods large reads and never reads the
-/// replies is cut off; everyone else keeps working.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
-    use braid_core::wire::{self, Auth, Hello, Message, Op, Request};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+/// A raw connection to the server at `addr`, past Hello and Auth as
+/// session 0 with the test key: frames are the caller's to write.
+async fn raw_session(addr: SocketAddr) -> tokio::net::TcpStream {
+    use braid_core::wire::{self, Auth, Hello, Message};
+    use tokio::io::AsyncWriteExt;
     let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let nonce = [4u8; 16];
     let hello = Message::Hello(Hello {
@@ -628,15 +625,7 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
         .await
         .unwrap();
     let mut reader = wire::FrameReader::new(1 << 20);
-    let challenge = loop {
-        if let Some(f) = reader.next_frame().unwrap() {
-            break wire::decode(f).unwrap();
-        }
-        let mut buf = [0u8; 4096];
-        let n = sock.read(&mut buf).await.unwrap();
-        reader.extend(&buf[..n]);
-    };
-    let Message::Challenge(c) = challenge else {
+    let Some(Message::Challenge(c)) = raw_frame(&mut sock, &mut reader).await else {
         panic!("expected a challenge")
     };
     let t = braid_core::auth::Transcript {
@@ -657,6 +646,88 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
     )
     .await
     .unwrap();
+    let welcome = raw_frame(&mut sock, &mut reader).await;
+    assert!(
+        matches!(welcome, Some(Message::Welcome(_))),
+        "expected a welcome, got {welcome:?}"
+    );
+    sock
+}
+
+/// The next frame on a raw connection, `None` once the server closed it.
+async fn raw_frame(
+    sock: &mut tokio::net::TcpStream,
+    reader: &mut braid_core::wire::FrameReader,
+) -> Option<braid_core::wire::Message> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(f) = reader.next_frame().unwrap() {
+            return Some(braid_core::wire::decode(f).unwrap());
+        }
+        let mut buf = [0u8; 4096];
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => reader.extend(&buf[..n]),
+        }
+    }
+}
+
+/// A large frame's reader is woken only once the frame is whole (the
+/// receive low-water mark): a WRITE whose data comes in two parts with a
+/// pause between is still answered, and one whose sender closes halfway
+/// ends the connection instead of leaving it waiting for bytes that will
+/// never come.
+#[tokio::test]
+async fn a_large_frame_arriving_in_parts_or_cut_short_is_never_left_waiting() {
+    use braid_core::wire::{self, Message, Op, Request};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let write = |id: u64| {
+        wire::encode(&Message::Request(Request {
+            op: Op::Write,
+            id,
+            floor: 1,
+            offset: 0,
+            length: 1 << 20,
+            flags: 0,
+            remote: None,
+            payload: Bytes::from(vec![id as u8; 1 << 20]),
+        }))
+        .to_bytes()
+    };
+    let mut sock = raw_session(addr).await;
+    let mut reader = wire::FrameReader::new(1 << 20);
+    let first = write(1);
+    sock.write_all(&first[..100 << 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sock.write_all(&first[100 << 10..]).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), raw_frame(&mut sock, &mut reader))
+        .await
+        .expect("the WRITE is answered once its last part arrives");
+    let Some(Message::Reply(r)) = answered else {
+        panic!("expected a reply, got {answered:?}")
+    };
+    assert_eq!((r.id, r.status), (1, Status::Ok));
+
+    let second = write(2);
+    sock.write_all(&second[..300 << 10]).await.unwrap();
+    sock.shutdown().await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), raw_frame(&mut sock, &mut reader))
+        .await
+        .expect("the server closes the connection");
+    assert!(ended.is_none(), "no answer to half a WRITE: {ended:?}");
+}
+
+/// A peer that authenticates, floods large reads and never reads the
+/// replies is cut off; everyone else keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
+    use braid_core::wire::{self, Message, Op, Request};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let mut sock = raw_session(addr).await;
     // 400 reads of 1 MiB, never reading a byte back: far past the send
     // queue bound.
     let mut cut_off = false;

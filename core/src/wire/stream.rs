@@ -104,6 +104,15 @@ impl FrameReader {
         Ok(Some(InFrame::checked(frame, payload_ok)))
     }
 
+    /// Bytes still to arrive before the frame at the front is whole: 0
+    /// when no frame's head has been parsed yet (call after
+    /// [`FrameReader::next_checked_frame`] returned `None`).
+    pub fn awaited(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| {
+            (p.head_len + p.prefix.payload_len).saturating_sub(self.buf.len())
+        })
+    }
+
     /// Bytes buffered but not yet returned as frames.
     pub fn pending(&self) -> usize {
         self.buf.remaining()
