@@ -68,9 +68,22 @@ fn split_socket(stream: BoxStream) -> (RequestSource, SinkSocket) {
 }
 
 impl ReplySink {
-    /// Whether [`ReplySink::send_file`] works here.
+    /// Whether READs should go by [`ReplySink::send_file`] here: on a unix
+    /// socket and on TCP to another machine. To a TCP peer on this machine
+    /// the client's receive is the only copy either way, and sendfile made
+    /// it slower: it then reads the page cache cold where our copy leaves
+    /// the data warm in the shared cache, and the page-sized pieces cut the
+    /// stream into about twice the segments, each a wake-up (1 MiB reads at
+    /// QD8 over loopback: 1470-1500 MiB/s with sendfile, 1950-2080
+    /// without, Linux 6.18).
     pub(crate) fn can_send_file(&self) -> bool {
-        !matches!(self.socket, SinkSocket::Other(_))
+        match &self.socket {
+            SinkSocket::Unix(_) => true,
+            SinkSocket::Tcp(w) => !w
+                .peer_addr()
+                .is_ok_and(|peer| peer.ip().to_canonical().is_loopback()),
+            SinkSocket::Other(_) => false,
+        }
     }
 
     /// Passes on `poll`, calling the hook if the socket is full.
@@ -142,6 +155,31 @@ fn sendfile(
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+impl RequestSource {
+    /// Asks the kernel to wake this connection only once `bytes` can be
+    /// read (1: as soon as any can): `SO_RCVLOWAT`, which the kernel caps
+    /// at half the largest receive buffer (growing the buffer to fit).
+    /// Unix sockets ignore it when polled, so only TCP sets it. A failure
+    /// costs only the wake-ups it would have saved.
+    pub(crate) fn set_low_water(&self, bytes: usize) {
+        let RequestSource::Tcp(r) = self else {
+            return;
+        };
+        let socket: &TcpStream = r.as_ref();
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is open (borrowed); the option is a plain int.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
     }
 }
 

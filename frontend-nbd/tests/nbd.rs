@@ -609,8 +609,9 @@ async fn write_data_is_received_into_the_targets_staging() {
 /// WRITE payloads are read partly from the connection's buffer and partly
 /// straight from the socket, and after a large WRITE the next header is
 /// read on its own: whichever way each request arrives (pipelined in one
-/// burst, or a header alone with its payload in pieces after a pause),
-/// every byte lands where it was sent.
+/// burst, a header alone with its payload in pieces, or a header with part
+/// of its payload and the rest after a pause), every byte lands where it
+/// was sent.
 #[tokio::test]
 async fn writes_of_every_size_land_whole_however_they_arrive() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,6 +668,21 @@ async fn writes_of_every_size_land_whole_however_they_arrive() {
         tokio::task::yield_now().await;
         wr.write_all(&data[len / 3..]).await.unwrap();
         assert_eq!(reply(&mut rd, 0).await, (h, 0, vec![]));
+        at += len;
+    }
+    // A header with the start of its payload, then the rest after a pause:
+    // the server holds part of the payload when it starts waiting for the
+    // rest, and must be woken for what is left, however much that is.
+    for (h, len, first) in [(23u64, 1 << 20, 300 << 10), (24, 512 << 10, 200 << 10)] {
+        let data = fill(h, len);
+        image[at..at + len].copy_from_slice(&data);
+        request(&mut wr, 1, 0, h, at as u64, len as u32, &data[..first]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        wr.write_all(&data[first..]).await.unwrap();
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(10), reply(&mut rd, 0))
+            .await
+            .expect("the WRITE is answered once its last bytes arrive");
+        assert_eq!(answered, (h, 0, vec![]));
         at += len;
     }
     let mut read_at = 0usize;

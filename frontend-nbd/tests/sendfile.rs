@@ -1,8 +1,9 @@
 //! Large READs sent with `sendfile` from the backing file's page cache:
 //! the bytes, framing and order are the same as for copied replies, over
-//! TCP and unix sockets, in simple and structured replies; a backing file
-//! that turns out shorter than the export closes the connection rather
-//! than send a reply it cannot finish. A transfer that has to wait for its
+//! TCP (to other machines: loopback peers get copies) and unix sockets, in
+//! simple and structured replies; a backing file that turns out shorter
+//! than the export closes the connection rather than send a reply it
+//! cannot finish. A transfer that has to wait for its
 //! client in the middle tells the target (the daemon polls through it).
 
 mod common;
@@ -13,6 +14,7 @@ use braid_frontend_nbd::{
     serve, BackendTarget, Completion, ExtentsCompletion, NbdConfig, NbdExport, NbdListener, Target,
 };
 use common::*;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,15 +94,44 @@ fn start_counting(
     (pattern, spliced, waits)
 }
 
-/// [`start_counting`] on a fresh TCP port: its address as well.
-async fn start_counting_tcp(
+/// [`start_counting`] on a fresh TCP port of `ip`: its address as well.
+async fn start_counting_tcp_on(
+    ip: IpAddr,
     dir: &std::path::Path,
     short: Option<Arc<std::fs::File>>,
 ) -> (std::net::SocketAddr, Vec<u8>, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (pattern, spliced, _) = start_counting(dir, NbdListener::Tcp(listener), short);
     (addr, pattern, spliced)
+}
+
+/// [`start_counting_tcp_on`] this machine's address toward the network, so
+/// READs go by `sendfile` as they do for clients on other machines (the
+/// server copies for loopback peers). `None`, said on stderr, where the
+/// machine has no such address; CI always has one.
+async fn start_counting_tcp(
+    dir: &std::path::Path,
+    short: Option<Arc<std::fs::File>>,
+) -> Option<(std::net::SocketAddr, Vec<u8>, Arc<AtomicUsize>)> {
+    let Some(ip) = outward_address() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI machines have an address besides loopback"
+        );
+        eprintln!("no address besides loopback here: TCP sendfile not exercised");
+        return None;
+    };
+    Some(start_counting_tcp_on(ip, dir, short).await)
+}
+
+/// The source address this machine would use toward a documentation
+/// address (a UDP "connect" sends nothing), if it is not loopback.
+fn outward_address() -> Option<IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("203.0.113.1:9").ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
 /// Reads in flight together: large ones (spliced), a small one between
@@ -116,7 +147,9 @@ const READS: [(u64, u32); 5] = [
 #[tokio::test]
 async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
     let dir = memory_dir();
-    let (addr, pattern, spliced) = start_counting_tcp(dir.path(), None).await;
+    let Some((addr, pattern, spliced)) = start_counting_tcp(dir.path(), None).await else {
+        return;
+    };
     let (mut s, _, _) = connect(addr, "disk0").await;
     for (h, (offset, len)) in READS.iter().enumerate() {
         request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
@@ -137,6 +170,28 @@ async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
     // The connection goes on as before.
     request(&mut s, 0, 0, 99, 8192, 4096, &[]).await;
     assert_eq!(reply(&mut s, 4096).await.2, pattern[8192..12288]);
+}
+
+#[tokio::test]
+async fn large_reads_to_a_client_on_loopback_are_copied() {
+    let dir = memory_dir();
+    let (addr, pattern, spliced) =
+        start_counting_tcp_on(IpAddr::from([127, 0, 0, 1]), dir.path(), None).await;
+    let (mut s, _, _) = connect(addr, "disk0").await;
+    for (h, (offset, len)) in READS.iter().enumerate() {
+        request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
+    }
+    for (h, (offset, len)) in READS.iter().enumerate() {
+        let (handle, error, data) = reply(&mut s, *len as usize).await;
+        assert_eq!((handle, error), (h as u64, 0));
+        let at = *offset as usize;
+        assert!(data == pattern[at..at + *len as usize], "read {h} differs");
+    }
+    assert_eq!(
+        spliced.load(Ordering::Relaxed),
+        0,
+        "no READ went by sendfile"
+    );
 }
 
 #[tokio::test]
@@ -181,7 +236,9 @@ async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
     let short = dir.path().join("short");
     std::fs::write(&short, vec![5u8; 100 << 10]).unwrap();
     let short = Arc::new(std::fs::File::open(&short).unwrap());
-    let (addr, _, spliced) = start_counting_tcp(dir.path(), Some(short)).await;
+    let Some((addr, _, spliced)) = start_counting_tcp(dir.path(), Some(short)).await else {
+        return;
+    };
     let (mut s, _, _) = connect(addr, "disk0").await;
     request(&mut s, 0, 0, 1, 0, 1 << 20, &[]).await;
     // The header promised 1 MiB; 100 KiB exist. The server must not send
@@ -207,7 +264,9 @@ async fn a_backing_file_shorter_than_a_spliced_read_closes_the_connection() {
 #[tokio::test]
 async fn a_client_leaving_in_the_middle_of_spliced_reads_costs_nobody_else() {
     let dir = memory_dir();
-    let (addr, pattern, spliced) = start_counting_tcp(dir.path(), None).await;
+    let Some((addr, pattern, spliced)) = start_counting_tcp(dir.path(), None).await else {
+        return;
+    };
     let (mut leaving, _, _) = connect(addr, "disk0").await;
     // More than the sockets hold: the server is still sending when the
     // client goes.
