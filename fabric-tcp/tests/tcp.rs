@@ -654,6 +654,23 @@ async fn raw_session(addr: SocketAddr) -> tokio::net::TcpStream {
     sock
 }
 
+/// A request frame of 1 MiB at offset 0 (with `payload` for a WRITE),
+/// encoded for a raw connection.
+fn raw_request(op: braid_core::wire::Op, id: u64, payload: Bytes) -> Bytes {
+    use braid_core::wire::{encode, Message, Request};
+    encode(&Message::Request(Request {
+        op,
+        id,
+        floor: 1,
+        offset: 0,
+        length: 1 << 20,
+        flags: 0,
+        remote: None,
+        payload,
+    }))
+    .to_bytes()
+}
+
 /// The next frame on a raw connection, `None` once the server closed it.
 async fn raw_frame(
     sock: &mut tokio::net::TcpStream,
@@ -679,23 +696,11 @@ async fn raw_frame(
 /// never come.
 #[tokio::test]
 async fn a_large_frame_arriving_in_parts_or_cut_short_is_never_left_waiting() {
-    use braid_core::wire::{self, Message, Op, Request};
+    use braid_core::wire::{self, Message, Op};
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
-    let write = |id: u64| {
-        wire::encode(&Message::Request(Request {
-            op: Op::Write,
-            id,
-            floor: 1,
-            offset: 0,
-            length: 1 << 20,
-            flags: 0,
-            remote: None,
-            payload: Bytes::from(vec![id as u8; 1 << 20]),
-        }))
-        .to_bytes()
-    };
+    let write = |id: u64| raw_request(Op::Write, id, Bytes::from(vec![id as u8; 1 << 20]));
     let mut sock = raw_session(addr).await;
     let mut reader = wire::FrameReader::new(1 << 20);
     let first = write(1);
@@ -723,7 +728,7 @@ async fn a_large_frame_arriving_in_parts_or_cut_short_is_never_left_waiting() {
 /// replies is cut off; everyone else keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
-    use braid_core::wire::{self, Message, Op, Request};
+    use braid_core::wire::Op;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let dir = tempfile::tempdir().unwrap();
     let (addr, _stop, _task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
@@ -732,18 +737,8 @@ async fn a_peer_that_stops_reading_is_cut_off_and_others_are_untouched() {
     // queue bound.
     let mut cut_off = false;
     for id in 1..=400u64 {
-        let req = Message::Request(Request {
-            op: Op::Read,
-            id,
-            floor: 1,
-            offset: 0,
-            length: 1 << 20,
-            flags: 0,
-            remote: None,
-            payload: Bytes::new(),
-        });
         if sock
-            .write_all(&wire::encode(&req).to_bytes())
+            .write_all(&raw_request(Op::Read, id, Bytes::new()))
             .await
             .is_err()
         {

@@ -144,12 +144,9 @@ const READS: [(u64, u32); 5] = [
     (12345, (64 << 10) + 1),
 ];
 
-#[tokio::test]
-async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
-    let dir = memory_dir();
-    let Some((addr, pattern, spliced)) = start_counting_tcp(dir.path(), None).await else {
-        return;
-    };
+/// Connects to `addr`, sends every READ of [`READS`] at once and checks
+/// each answer against `pattern`; returns the connection.
+async fn read_all_of_reads(addr: std::net::SocketAddr, pattern: &[u8]) -> tokio::net::TcpStream {
     let (mut s, _, _) = connect(addr, "disk0").await;
     for (h, (offset, len)) in READS.iter().enumerate() {
         request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
@@ -162,6 +159,16 @@ async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
         let at = *offset as usize;
         assert!(data == pattern[at..at + *len as usize], "read {h} differs");
     }
+    s
+}
+
+#[tokio::test]
+async fn large_reads_over_tcp_come_from_the_page_cache_byte_for_byte() {
+    let dir = memory_dir();
+    let Some((addr, pattern, spliced)) = start_counting_tcp(dir.path(), None).await else {
+        return;
+    };
+    let mut s = read_all_of_reads(addr, &pattern).await;
     assert_eq!(
         spliced.load(Ordering::Relaxed),
         4,
@@ -177,16 +184,7 @@ async fn large_reads_to_a_client_on_loopback_are_copied() {
     let dir = memory_dir();
     let (addr, pattern, spliced) =
         start_counting_tcp_on(IpAddr::from([127, 0, 0, 1]), dir.path(), None).await;
-    let (mut s, _, _) = connect(addr, "disk0").await;
-    for (h, (offset, len)) in READS.iter().enumerate() {
-        request(&mut s, 0, 0, h as u64, *offset, *len, &[]).await;
-    }
-    for (h, (offset, len)) in READS.iter().enumerate() {
-        let (handle, error, data) = reply(&mut s, *len as usize).await;
-        assert_eq!((handle, error), (h as u64, 0));
-        let at = *offset as usize;
-        assert!(data == pattern[at..at + *len as usize], "read {h} differs");
-    }
+    read_all_of_reads(addr, &pattern).await;
     assert_eq!(
         spliced.load(Ordering::Relaxed),
         0,
