@@ -159,6 +159,13 @@ fn sendfile(
 }
 
 impl RequestSource {
+    /// Whether the client can go on sending large requests while the
+    /// server is busy with one: a TCP connection's receive buffer grows to
+    /// megabytes, a unix socket's holds about 200 KiB.
+    pub(crate) fn buffers_large_requests(&self) -> bool {
+        matches!(self, RequestSource::Tcp(_))
+    }
+
     /// Asks the kernel to wake this connection only once `bytes` can be
     /// read (1: as soon as any can): `SO_RCVLOWAT`, which the kernel caps
     /// at half the largest receive buffer (growing the buffer to fit).

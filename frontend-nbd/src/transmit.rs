@@ -232,6 +232,7 @@ pub(crate) async fn transmit(
     let waiting = target.clone();
     let (rd, wr) = socket::split(stream, Box::new(move || waiting.client_wait()));
     let send_files = wr.can_send_file();
+    let large_writes_inline = rd.buffers_large_requests();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let export_name = export.name.clone();
@@ -408,24 +409,32 @@ pub(crate) async fn transmit(
         let tx = tx.clone();
         let name = export.name.clone();
         let (cmd, offset, len) = (req.cmd, req.offset, req.len);
-        target.submit(
-            export.backend_index,
-            op,
-            Box::new(move |result| {
-                let reply = match result {
-                    Ok(data) if cmd == CMD_READ => replier.read_data(offset, data),
-                    Ok(_) => replier.ok(),
-                    Err(status) => replier.error(
-                        errno(status),
-                        &format!(
-                            "export {name}: {} at offset {offset} length {len}: {status:?}",
-                            cmd_name(cmd)
-                        ),
+        let done: crate::Completion = Box::new(move |result| {
+            let reply = match result {
+                Ok(data) if cmd == CMD_READ => replier.read_data(offset, data),
+                Ok(_) => replier.ok(),
+                Err(status) => replier.error(
+                    errno(status),
+                    &format!(
+                        "export {name}: {} at offset {offset} length {len}: {status:?}",
+                        cmd_name(cmd)
                     ),
-                };
-                let _ = tx.send((reply, permit));
-            }),
-        );
+                ),
+            };
+            let _ = tx.send((reply, permit));
+        });
+        // A large WRITE is written from here when the kernel takes it at
+        // once and the client can keep sending meanwhile: its data is
+        // still in this core's cache. 1 MiB writes at QD8 over TCP, five
+        // alternations: 2080-2377 -> 2214-2526 MiB/s, server CPU per MiB
+        // about 470 -> 385 us. (Small ones always are: see the target.)
+        if large_writes_inline && after_large_write {
+            if let Some(result) = target.try_now(export.backend_index, &op) {
+                done(result);
+                continue;
+            }
+        }
+        target.submit(export.backend_index, op, done);
     };
     // Every completion holds a sender: the writer ends after the last
     // outstanding request is answered.
