@@ -57,9 +57,16 @@ pub trait Target: Send + Sync + 'static {
     fn client_wait(&self) {}
 }
 
-/// WRITEs up to this size run inline when the backend can take them at
-/// once; larger ones go to the ring or the pool.
-const INLINE_WRITE_MAX: usize = 64 * 1024;
+/// WRITEs over this size are large: the connection reads the next header
+/// on its own after one (see the transmit loop), and the server keeps
+/// them off the connection's thread unless the socket buffers enough for
+/// the client to go on sending meanwhile (see [`BackendTarget::submit`]).
+const LARGE_WRITE: usize = 64 * 1024;
+
+/// Whether a WRITE of `len` bytes is large (see [`LARGE_WRITE`]).
+pub(crate) fn is_large_write(len: usize) -> bool {
+    len > LARGE_WRITE
+}
 
 /// A local [`Backend`]: what `braid serve --nbd` uses. Operations the
 /// backend can finish without blocking run inline; the rest go to its
@@ -110,7 +117,7 @@ impl Target for BackendTarget {
         // the client waiting. Connections that buffer more (TCP) ask
         // `try_now` first.
         let large_write =
-            matches!(&op, BackendOp::Write { data, .. } if data.len() > INLINE_WRITE_MAX);
+            matches!(&op, BackendOp::Write { data, .. } if is_large_write(data.len()));
         if !large_write {
             if let Some(result) = self.backend.try_execute_now(export, &op) {
                 return done(result);

@@ -30,11 +30,6 @@ const REQUEST_MIN_KIB: u32 = 16;
 /// system call for the header costs more than the copy it saves.
 const SENDFILE_MIN: u32 = 64 * 1024;
 
-/// WRITEs at least this large are followed by a header read on its own
-/// (see the transmit loop): at this size one more system call per request
-/// costs less than copying the buffered start of the next payload.
-const LARGE_WRITE: usize = 64 * 1024;
-
 /// One reply, ready to send: a header and an optional payload sent after
 /// it without copying, or (for a large READ) the file range the kernel
 /// sends its payload from.
@@ -329,7 +324,7 @@ pub(crate) async fn transmit(
                 continue;
             }
             let len = req.len as usize;
-            after_large_write = len >= LARGE_WRITE;
+            after_large_write = crate::target::is_large_write(len);
             let received = match staging.as_ref().and_then(|s| s.buffer(len)) {
                 Some(staged) => noting_waits(receive_staged(&mut rd, staged), &*target).await,
                 None => noting_waits(receive(&mut rd, len), &*target).await,
