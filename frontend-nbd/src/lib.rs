@@ -23,6 +23,7 @@ mod ring;
 mod socket;
 mod target;
 mod transmit;
+mod whole_read;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::exercise_nbd;

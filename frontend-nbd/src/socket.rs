@@ -10,9 +10,14 @@ use std::any::Any;
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadHalf, WriteHalf};
 use tokio::net::{tcp, unix, TcpStream, UnixStream};
+
+/// How often a blocked [`ReplySink::write_all_blocking`] checks whether
+/// its connection was abandoned.
+const ABANDON_CHECK_MS: libc::c_int = 100;
 
 /// Where a connection's replies go. Every time a reply finds the socket
 /// full it calls its `waiting` hook (see `Target::client_wait`).
@@ -84,6 +89,77 @@ impl ReplySink {
                 .is_ok_and(|peer| peer.ip().to_canonical().is_loopback()),
             SinkSocket::Other(_) => false,
         }
+    }
+
+    /// Whether this is a plain TCP socket, which
+    /// [`ReplySink::write_all_blocking`] can write to.
+    pub(crate) fn is_tcp(&self) -> bool {
+        matches!(self.socket, SinkSocket::Tcp(_))
+    }
+
+    /// Writes all of `bufs` from a thread that may block, sleeping in
+    /// `poll` while the socket is full; gives up once `abandoned` is set
+    /// (the connection's task is gone and nobody will read the reply). The
+    /// caller must hold the connection's writer so replies do not
+    /// interleave. A plain TCP socket only.
+    pub(crate) fn write_all_blocking(
+        &self,
+        mut bufs: &mut [io::IoSlice<'_>],
+        abandoned: &AtomicBool,
+    ) -> io::Result<()> {
+        let SinkSocket::Tcp(w) = &self.socket else {
+            return Err(io::Error::other("blocking writes need a plain TCP socket"));
+        };
+        let fd = AsRef::<TcpStream>::as_ref(w).as_raw_fd();
+        while !bufs.is_empty() {
+            // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible
+            // with iovec on unix, and `bufs` outlives the call.
+            let sent = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = bufs.as_mut_ptr().cast();
+                msg.msg_iovlen = bufs.len() as _;
+                libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
+            };
+            if sent >= 0 {
+                io::IoSlice::advance_slices(&mut bufs, sent as usize);
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    if abandoned.load(Ordering::Acquire) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "the connection was closed while a reply was being sent",
+                        ));
+                    }
+                    let mut pollfd = libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // Wakes now and then to notice an abandoned connection.
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pollfd, 1, ABANDON_CHECK_MS) };
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends both directions of the socket at once, so a connection whose
+    /// reply stream broke mid-reply stops taking requests.
+    pub(crate) fn shut_down(&self) {
+        let fd = match &self.socket {
+            SinkSocket::Tcp(w) => AsRef::<TcpStream>::as_ref(w).as_raw_fd(),
+            SinkSocket::Unix(w) => AsRef::<UnixStream>::as_ref(w).as_raw_fd(),
+            SinkSocket::Other(_) => return,
+        };
+        // SAFETY: the fd is open (borrowed). A failure leaves the socket
+        // as it was; the error that led here is reported anyway.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     }
 
     /// Passes on `poll`, calling the hook if the socket is full.

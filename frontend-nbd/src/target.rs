@@ -48,6 +48,14 @@ pub trait Target: Send + Sync + 'static {
         None
     }
 
+    /// The backend behind this target when it runs on this machine and
+    /// may be called from any thread (see [`Backend::execute`]), so a
+    /// connection can run a large READ whole, reading and sending it, on a
+    /// thread that may block. `None` where IO completes elsewhere.
+    fn local_backend(&self) -> Option<Arc<dyn Backend>> {
+        None
+    }
+
     /// Called each time a connection must wait for its client in the
     /// middle of a transfer: a reply that finds the socket full (a large
     /// READ leaves in several sends, each once the client has read the
@@ -151,6 +159,10 @@ impl Target for BackendTarget {
 
     fn splice_read(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
         self.backend.splice_source(export, offset, len)
+    }
+
+    fn local_backend(&self) -> Option<Arc<dyn Backend>> {
+        Some(self.backend.clone())
     }
 
     fn client_wait(&self) {

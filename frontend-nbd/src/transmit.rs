@@ -5,6 +5,7 @@ use crate::negotiate::{protocol_error, Negotiated};
 use crate::proto::*;
 use crate::socket::{self, ReplySink, RequestSource};
 use crate::target::Target;
+use crate::whole_read::{SharedWriter, WholeReads, WHOLE_READ_MIN};
 use crate::NbdExport;
 use braid_core::server::{BackendOp, Extent, SpliceSource};
 use braid_core::staging::StagedBuffer;
@@ -229,21 +230,43 @@ pub(crate) async fn transmit(
     let send_files = wr.can_send_file();
     let large_writes_inline = rd.buffers_large_requests();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
+    let is_tcp = wr.is_tcp();
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let export_name = export.name.clone();
+    let shared: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        256 * 1024,
+        wr,
+    )));
+    // Where sendfile is not used on a TCP socket (a client on this
+    // machine) large READs run whole on pool threads instead.
+    let whole_reads = (!send_files)
+        .then(|| WholeReads::new(&export.name, target.local_backend(), &shared, is_tcp))
+        .flatten();
+    let (whole_reads, _abandon) = whole_reads.unzip();
+    let sink = shared;
     let writer = tokio::spawn(async move {
-        let mut wr = BufWriter::with_capacity(256 * 1024, wr);
-        // Each reply's budget goes back once it is written (the permit is
-        // dropped at the end of its iteration).
-        while let Some((r, _budget)) = rx.recv().await {
-            write_reply(&mut wr, &r, &export_name).await?;
-            // Batch whatever else is ready into the same write.
-            while let Ok((r, _budget)) = rx.try_recv() {
+        let written = async {
+            // Each reply's budget goes back once it is written (the permit
+            // is dropped at the end of its iteration).
+            while let Some((r, _budget)) = rx.recv().await {
+                let mut wr = sink.lock().await;
                 write_reply(&mut wr, &r, &export_name).await?;
+                // Batch whatever else is ready into the same write.
+                while let Ok((r, _budget)) = rx.try_recv() {
+                    write_reply(&mut wr, &r, &export_name).await?;
+                }
+                wr.flush().await?;
             }
-            wr.flush().await?;
+            sink.lock().await.shutdown().await
         }
-        wr.shutdown().await
+        .await;
+        if written.is_err() {
+            // A reply left half-sent: the stream cannot go on. Pool
+            // threads sending large READs share the socket, so it is
+            // ended here rather than when the last user lets go of it.
+            sink.lock().await.get_ref().shut_down();
+        }
+        written
     });
     let budget = Arc::new(Semaphore::new(INFLIGHT_KIB as usize));
     let mut after_large_write = false;
@@ -418,6 +441,17 @@ pub(crate) async fn transmit(
             };
             let _ = tx.send((reply, permit));
         });
+        let done = match (&whole_reads, &op) {
+            (Some(whole), BackendOp::Read { offset, len }) if *len >= WHOLE_READ_MIN => {
+                let offset = *offset;
+                let head = move |len| replier.read_head(offset, len);
+                match whole.try_spawn(export.backend_index, offset, *len, head, done) {
+                    Ok(()) => continue,
+                    Err(done) => done,
+                }
+            }
+            _ => done,
+        };
         // A large WRITE is written from here when the kernel takes it at
         // once and the client can keep sending meanwhile: its data is
         // still in this core's cache. 1 MiB writes at QD8 over TCP, five
@@ -435,7 +469,11 @@ pub(crate) async fn transmit(
     // outstanding request is answered.
     drop(tx);
     let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    ended.and(written)
+    let sent_whole = match whole_reads.and_then(|w| w.failure()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    };
+    ended.and(written).and(sent_whole)
 }
 
 /// Writes one reply into the buffer; one sent from a file flushes what is

@@ -1,0 +1,182 @@
+//! Large READs to a client on this machine over TCP (no sendfile) are read
+//! and sent whole on a pool thread while the connection reads on: their
+//! replies and the small ones sent meanwhile never interleave, a READ
+//! that fails there is answered with its error, and a client that leaves
+//! without reading its replies costs nobody else anything. Over a unix
+//! socket large READs still go by sendfile.
+
+mod common;
+
+use braid_backend_file::FileBackend;
+use braid_core::server::{Backend, BackendOp, SpliceSource};
+use braid_core::wire::Status;
+use braid_frontend_nbd::{serve, BackendTarget, NbdConfig, NbdListener};
+use bytes::Bytes;
+use common::*;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixStream};
+
+const LARGE: u32 = 1 << 20;
+const SMALL: u32 = 4096;
+/// READs here fail in the backend, whichever way they run.
+const FAILING: u64 = 12 << 20;
+const EIO: u32 = 5;
+
+/// The file backend, counting the large READs it ran on a thread that may
+/// block (`execute`) and failing those at [`FAILING`].
+struct Recording {
+    inner: Arc<FileBackend>,
+    large_executed: Arc<AtomicUsize>,
+}
+
+fn reads_failing(op: &BackendOp) -> bool {
+    matches!(op, BackendOp::Read { offset, .. } if *offset == FAILING)
+}
+
+impl Backend for Recording {
+    fn execute(&self, export: usize, op: &BackendOp) -> Result<Bytes, Status> {
+        if matches!(op, BackendOp::Read { len, .. } if *len == LARGE) {
+            self.large_executed.fetch_add(1, Ordering::Relaxed);
+        }
+        if reads_failing(op) {
+            return Err(Status::Io);
+        }
+        self.inner.execute(export, op)
+    }
+    fn try_execute_now(&self, export: usize, op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        if reads_failing(op) {
+            return Some(Err(Status::Io));
+        }
+        self.inner.try_execute_now(export, op)
+    }
+    fn splice_source(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
+        if offset == FAILING {
+            return None;
+        }
+        self.inner.splice_source(export, offset, len)
+    }
+}
+
+fn byte_at(pos: u64) -> u8 {
+    (pos.wrapping_mul(2_654_435_761) >> 13) as u8
+}
+
+/// Serves disk0 (filled with a pattern) from tmpfs on `listener`; returns
+/// the count of large READs run on a pool thread.
+fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Arc<AtomicUsize> {
+    let (backend, exports) = exports(dir);
+    let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("disk0"))
+        .unwrap()
+        .write_all_at(&pattern, 0)
+        .unwrap();
+    let large_executed = Arc::new(AtomicUsize::new(0));
+    let recording = Recording {
+        inner: backend,
+        large_executed: large_executed.clone(),
+    };
+    tokio::spawn(serve(
+        listener,
+        NbdConfig::new(exports),
+        Arc::new(BackendTarget::new(Arc::new(recording))),
+        std::future::pending(),
+    ));
+    large_executed
+}
+
+/// Pipelines eight large READs with a small one after each and one large
+/// READ that fails, then checks every reply: framing, handle, data.
+async fn read_mixed(s: &mut (impl Io + ?Sized)) {
+    greet(s).await;
+    go(s, "disk0").await;
+    let mut asked: HashMap<u64, (u64, u32)> = HashMap::new();
+    for n in 0..8u64 {
+        let large = (n, (n * u64::from(LARGE), LARGE));
+        let small = (
+            100 + n,
+            (n * u64::from(LARGE) + 3 * u64::from(SMALL), SMALL),
+        );
+        for (handle, (offset, len)) in [large, small] {
+            request(s, 0, 0, handle, offset, len, &[]).await;
+            asked.insert(handle, (offset, len));
+        }
+    }
+    request(s, 0, 0, 50, FAILING, LARGE, &[]).await;
+    for _ in 0..asked.len() + 1 {
+        assert_eq!(s.read_u32().await.unwrap(), 0x6744_6698, "reply magic");
+        let error = s.read_u32().await.unwrap();
+        let handle = s.read_u64().await.unwrap();
+        if handle == 50 {
+            assert_eq!(error, EIO, "the failed READ answered with EIO");
+            continue;
+        }
+        assert_eq!(error, 0, "READ {handle} succeeded");
+        let (offset, len) = asked.remove(&handle).expect("a handle asked for, once");
+        let mut data = vec![0; len as usize];
+        s.read_exact(&mut data).await.unwrap();
+        let expected: Vec<u8> = (offset..offset + u64::from(len)).map(byte_at).collect();
+        assert!(data == expected, "READ {handle}'s bytes");
+    }
+    assert!(asked.is_empty(), "every READ answered");
+}
+
+#[tokio::test]
+async fn large_reads_over_loopback_tcp_run_whole_on_a_pool_thread() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let executed = start_recording(dir.path(), NbdListener::Tcp(listener));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    read_mixed(&mut s).await;
+    // One runs elsewhere at a time, the first always; the rest are read
+    // where they arrive while it runs.
+    assert!(
+        executed.load(Ordering::Relaxed) >= 1,
+        "large READs ran on a pool thread"
+    );
+}
+
+#[tokio::test]
+async fn large_reads_over_a_unix_socket_still_go_by_sendfile() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let executed = start_recording(dir.path(), listener);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    read_mixed(&mut s).await;
+    assert_eq!(executed.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_without_reading_costs_others_nothing() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let executed = start_recording(dir.path(), NbdListener::Tcp(listener));
+    let mut rude = tokio::net::TcpStream::connect(addr).await.unwrap();
+    greet(&mut rude).await;
+    go(&mut rude, "disk0").await;
+    // More replies than the sockets' buffers hold: a sender blocks.
+    for n in 0..48u64 {
+        let offset = (n % 8) * u64::from(LARGE);
+        request(&mut rude, 0, 0, n, offset, LARGE, &[]).await;
+    }
+    let started = async {
+        while executed.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), started)
+        .await
+        .expect("a large READ went to a pool thread");
+    rude.shutdown().await.unwrap();
+    drop(rude);
+    let mut polite = tokio::net::TcpStream::connect(addr).await.unwrap();
+    read_mixed(&mut polite).await;
+}
