@@ -233,17 +233,16 @@ pub(crate) async fn transmit(
     let is_tcp = wr.is_tcp();
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let export_name = export.name.clone();
-    let shared: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+    let sink: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
         256 * 1024,
         wr,
     )));
     // Where sendfile is not used on a TCP socket (a client on this
-    // machine) large READs run whole on pool threads instead.
+    // machine) large READs run whole on a pool thread, one at a time.
     let whole_reads = (!send_files)
-        .then(|| WholeReads::new(&export.name, target.local_backend(), &shared, is_tcp))
+        .then(|| WholeReads::new(&export.name, target.local_backend(), &sink, is_tcp))
         .flatten();
     let (whole_reads, _abandon) = whole_reads.unzip();
-    let sink = shared;
     let writer = tokio::spawn(async move {
         let written = async {
             // Each reply's budget goes back once it is written (the permit
@@ -469,10 +468,7 @@ pub(crate) async fn transmit(
     // outstanding request is answered.
     drop(tx);
     let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    let sent_whole = match whole_reads.and_then(|w| w.failure()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    };
+    let sent_whole = whole_reads.and_then(|w| w.failure()).map_or(Ok(()), Err);
     ended.and(written).and(sent_whole)
 }
 

@@ -90,6 +90,13 @@ fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Arc<AtomicUs
     large_executed
 }
 
+/// [`start_recording`] on a loopback TCP port; returns its address too.
+async fn start_recording_tcp(dir: &std::path::Path) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, start_recording(dir, NbdListener::Tcp(listener)))
+}
+
 /// Pipelines eight large READs with a small one after each and one large
 /// READ that fails, then checks every reply: framing, handle, data.
 async fn read_mixed(s: &mut (impl Io + ?Sized)) {
@@ -129,9 +136,7 @@ async fn read_mixed(s: &mut (impl Io + ?Sized)) {
 #[tokio::test]
 async fn large_reads_over_loopback_tcp_run_whole_on_a_pool_thread() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let executed = start_recording(dir.path(), NbdListener::Tcp(listener));
+    let (addr, executed) = start_recording_tcp(dir.path()).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     read_mixed(&mut s).await;
     // One runs elsewhere at a time, the first always; the rest are read
@@ -156,9 +161,7 @@ async fn large_reads_over_a_unix_socket_still_go_by_sendfile() {
 #[tokio::test]
 async fn a_client_that_leaves_without_reading_costs_others_nothing() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let executed = start_recording(dir.path(), NbdListener::Tcp(listener));
+    let (addr, executed) = start_recording_tcp(dir.path()).await;
     let mut rude = tokio::net::TcpStream::connect(addr).await.unwrap();
     greet(&mut rude).await;
     go(&mut rude, "disk0").await;
