@@ -184,6 +184,7 @@ impl Client {
             clock: Clock::new(),
             writers: HashMap::new(),
             waiters: HashMap::new(),
+            outgoing: conn::Gathered::new(),
             held: VecDeque::new(),
             next_user: 1,
             status: status.clone(),
@@ -367,6 +368,8 @@ struct Driver {
     clock: Clock,
     writers: HashMap<ChannelId, conn::Writer>,
     waiters: HashMap<u64, Reply>,
+    /// Frames the engine emitted, per channel, not yet sent.
+    outgoing: conn::Gathered<ChannelId>,
     /// Submissions the engine refused with Busy, retried when it says Room.
     held: VecDeque<(u64, IoRequest)>,
     next_user: u64,
@@ -395,6 +398,12 @@ impl Driver {
         let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
         loop {
             self.process(&ev_tx, &conn_tx);
+            // Nothing else has come in meanwhile (at low depth, nearly
+            // always): the frames leave now rather than after another
+            // round of the loop.
+            if conn_rx.is_empty() && cmds.is_empty() {
+                self.send_gathered();
+            }
             crate::check_engine("client", || self.engine.check());
             if let Some((done, give_up_at)) = closing.take() {
                 if !self.engine.is_closed() && tokio::time::Instant::now() >= give_up_at {
@@ -408,6 +417,7 @@ impl Driver {
                     self.process(&ev_tx, &conn_tx);
                 }
                 if self.engine.is_closed() {
+                    self.send_gathered();
                     // Refuse IO before saying closed: whoever hears it may
                     // submit at once and must be told, not queued.
                     cmds.close();
@@ -447,6 +457,9 @@ impl Driver {
                     Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
                     None => closing = Some(self.start_close(oneshot::channel().0)),
                 },
+                // Last: frames wait while anything else is ready, so those
+                // of IOs submitted together leave together.
+                _ = std::future::ready(()), if !self.outgoing.is_empty() => self.send_gathered(),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 self.conn_event(ev);
@@ -549,16 +562,15 @@ impl Driver {
                     ClientAction::Connect(ch) => self.connect(ch, ev_tx.clone(), conn_tx.clone()),
                     ClientAction::Close(ch) => {
                         if let Some(w) = self.writers.remove(&ch) {
+                            if let Some(frames) = self.outgoing.of(ch) {
+                                let _ = w.send_all(frames);
+                            }
                             w.close();
                         }
                     }
                     ClientAction::Send(ch, frame) => {
-                        let refused = self.writers.get(&ch).is_some_and(|w| !w.send(frame));
-                        if refused {
-                            // Twice the journal's bytes unsent: the
-                            // connection is stuck (or gone). Fail over.
-                            let why = "send queue full: the connection is not draining";
-                            self.engine.channel_failed(ch, why, self.clock.now());
+                        if self.writers.contains_key(&ch) {
+                            self.outgoing.push(ch, frame);
                         }
                     }
                     ClientAction::Complete(c) => completions.push(c),
@@ -599,6 +611,20 @@ impl Driver {
                 w.send(c.result);
             }
         }
+    }
+
+    /// Sends each channel's frames gathered since the loop last had
+    /// nothing else to do, in one go per channel.
+    fn send_gathered(&mut self) {
+        for (ch, frames) in self.outgoing.each() {
+            if self.writers.get(&ch).is_some_and(|w| !w.send_all(frames)) {
+                // Twice the journal's bytes unsent: the connection is
+                // stuck (or gone). Fail over.
+                let why = "send queue full: the connection is not draining";
+                self.engine.channel_failed(ch, why, self.clock.now());
+            }
+        }
+        self.outgoing.clear();
     }
 
     fn notice(&mut self, n: Notice) {

@@ -5,6 +5,7 @@
 //! A frame whose payload is in a file ([`FileSlice`]) leaves a plain TCP
 //! socket by `sendfile`; any other link reads the bytes in first.
 
+use crate::direct::{Direct, Sent};
 use braid_core::wire::{FileSlice, FrameReader, InFrame, OutFrame};
 use bytes::{BufMut, Bytes};
 use std::future::Future;
@@ -65,32 +66,62 @@ async fn noting_waits<F: std::future::Future>(transfer: F) -> F::Output {
     .await
 }
 
+/// What a [`Writer`] queues for the connection's sender.
+#[derive(Debug)]
+enum Queued {
+    Out(Outgoing),
+    /// A direct send left bytes in the tail (see [`crate::direct`]).
+    Wake,
+}
+
 /// A connection's outgoing queue, which knows how many bytes it holds, so
 /// a peer that stops reading cannot make it grow without bound.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// Unsent bytes: queued, in the sender's hands, or in the tail.
     queued: Arc<AtomicUsize>,
     limit: usize,
+    /// A plain TCP socket, which [`Writer::send_all`] may write itself.
+    direct: Option<Arc<Direct>>,
 }
 
 /// The other end of a [`Writer`]: what the connection's sender takes
 /// frames from, saying when their bytes have left.
 #[derive(Debug)]
 pub struct Outbox {
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    rx: mpsc::UnboundedReceiver<Queued>,
     queued: Arc<AtomicUsize>,
 }
 
 impl Outbox {
     /// The next frame (or Close); None once every Writer is gone.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        self.rx.recv().await
+        loop {
+            match self.rx.recv().await? {
+                Queued::Out(out) => return Some(out),
+                Queued::Wake => {}
+            }
+        }
     }
 
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        self.rx.try_recv().ok()
+        loop {
+            match self.rx.try_recv().ok()? {
+                Queued::Out(out) => return Some(out),
+                Queued::Wake => {}
+            }
+        }
+    }
+
+    /// The next frame, Close, or a wake-up for the tail (None); ends
+    /// (`Some(None)` never follows) once every Writer is gone.
+    async fn recv_or_wake(&mut self) -> Option<Option<Outgoing>> {
+        match self.rx.recv().await? {
+            Queued::Out(out) => Some(Some(out)),
+            Queued::Wake => Some(None),
+        }
     }
 
     /// `bytes` of frames taken from here have been sent.
@@ -102,12 +133,13 @@ impl Outbox {
 impl Writer {
     /// A queue refusing frames past `limit` unsent bytes, and its outbox.
     pub fn new(limit: usize) -> (Writer, Outbox) {
-        let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+        let (tx, rx) = mpsc::unbounded_channel::<Queued>();
         let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer {
             tx,
             queued: queued.clone(),
             limit,
+            direct: None,
         };
         (writer, Outbox { rx, queued })
     }
@@ -119,12 +151,107 @@ impl Writer {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             return false;
         }
-        self.tx.send(Outgoing::Frame(frame)).is_ok()
+        self.tx.send(Queued::Out(Outgoing::Frame(frame))).is_ok()
+    }
+
+    /// Sends `frames` (emptying it), in order, after everything given
+    /// before; false if the peer is too far behind (or gone). On a plain
+    /// TCP socket with nothing else unsent they go out here and now, in
+    /// one `sendmsg`, rather than through the writer task: an engine loop
+    /// gives each connection its frames of one pass at once.
+    pub fn send_all(&self, frames: &mut Vec<OutFrame>) -> bool {
+        if let Some(direct) = &self.direct {
+            let total: usize = frames.iter().map(OutFrame::len).sum();
+            // Claiming the count from zero is what makes this sender the
+            // only one: anyone else now finds bytes unsent and queues.
+            if total <= self.limit
+                && direct.takes(frames)
+                && self
+                    .queued
+                    .compare_exchange(0, total, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                let sent = direct.send(frames);
+                frames.clear();
+                return match sent {
+                    Sent::All => {
+                        self.queued.fetch_sub(total, Ordering::Relaxed);
+                        true
+                    }
+                    Sent::Part(n) => {
+                        self.queued.fetch_sub(n, Ordering::Relaxed);
+                        self.tx.send(Queued::Wake).is_ok()
+                    }
+                };
+            }
+        }
+        frames.drain(..).all(|f| self.send(f))
     }
 
     /// Sends what is queued, then closes.
     pub fn close(&self) {
-        let _ = self.tx.send(Outgoing::Close);
+        if let Some(direct) = &self.direct {
+            direct.close();
+        }
+        let _ = self.tx.send(Queued::Out(Outgoing::Close));
+    }
+}
+
+/// The frames an engine loop emits until it has nothing else to do,
+/// gathered per connection so that each connection's leave together
+/// ([`Writer::send_all`]): one `sendmsg` per connection where frames went
+/// one by one to the writer task, which gathered them itself while the
+/// engine's task ran.
+#[derive(Debug)]
+pub(crate) struct Gathered<K> {
+    conns: Vec<(K, Vec<OutFrame>)>,
+}
+
+/// Connections a pass keeps room for between passes; beyond it the room
+/// is given back.
+const GATHERED_CONNS_KEPT: usize = 64;
+
+impl<K: Copy + PartialEq> Gathered<K> {
+    pub(crate) fn new() -> Self {
+        Gathered { conns: Vec::new() }
+    }
+
+    pub(crate) fn push(&mut self, key: K, frame: OutFrame) {
+        match self.conns.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, frames)) => frames.push(frame),
+            None => self.conns.push((key, vec![frame])),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.conns.iter().all(|(_, frames)| frames.is_empty())
+    }
+
+    /// `key`'s frames so far (to send before its connection closes).
+    pub(crate) fn of(&mut self, key: K) -> Option<&mut Vec<OutFrame>> {
+        self.conns
+            .iter_mut()
+            .find(|(k, frames)| *k == key && !frames.is_empty())
+            .map(|(_, frames)| frames)
+    }
+
+    /// Every connection's frames, to send; whatever is left in them
+    /// (a connection without a writer) goes at [`Gathered::clear`].
+    pub(crate) fn each(&mut self) -> impl Iterator<Item = (K, &mut Vec<OutFrame>)> {
+        if self.conns.len() > GATHERED_CONNS_KEPT {
+            self.conns.retain(|(_, frames)| !frames.is_empty());
+        }
+        self.conns
+            .iter_mut()
+            .filter(|(_, frames)| !frames.is_empty())
+            .map(|(k, frames)| (*k, frames))
+    }
+
+    /// Drops what was not sent.
+    pub(crate) fn clear(&mut self) {
+        for (_, frames) in &mut self.conns {
+            frames.clear();
+        }
     }
 }
 
@@ -293,8 +420,17 @@ pub(crate) fn spawn_tcp<K>(
 where
     K: Copy + Send + std::fmt::Debug + 'static,
 {
+    use std::os::fd::AsFd;
+    // Without a duplicate the writer task sends everything, as on any link.
+    let direct = match stream.as_fd().try_clone_to_owned() {
+        Ok(fd) => Some(Arc::new(Direct::new(fd))),
+        Err(e) => {
+            tracing::debug!(error = %e, "no duplicate of the socket: every frame goes through the writer task");
+            None
+        }
+    };
     let (rd, wr) = stream.into_split();
-    spawn_halves(rd, wr, key, max_payload, queue_limit, events)
+    spawn_halves(rd, wr, key, max_payload, queue_limit, events, direct)
 }
 
 /// Starts the reader and writer of `stream`; returns the writer's queue,
@@ -311,7 +447,7 @@ where
     K: Copy + Send + std::fmt::Debug + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    spawn_halves(rd, wr, key, max_payload, queue_limit, events)
+    spawn_halves(rd, wr, key, max_payload, queue_limit, events, None)
 }
 
 fn spawn_halves<R, W, K>(
@@ -321,13 +457,15 @@ fn spawn_halves<R, W, K>(
     max_payload: usize,
     queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
+    direct: Option<Arc<Direct>>,
 ) -> Writer
 where
     R: AsyncRead + LowWater + Unpin + Send + 'static,
     W: AsyncWrite + SendFile + Unpin + Send + 'static,
     K: Copy + Send + std::fmt::Debug + 'static,
 {
-    let (writer, mut outbox) = Writer::new(queue_limit);
+    let (mut writer, mut outbox) = Writer::new(queue_limit);
+    writer.direct = direct.clone();
     let reader_events = events.clone();
     let reader = tokio::spawn(async move {
         let mut frames = FrameReader::new(max_payload);
@@ -377,9 +515,10 @@ where
         let mut batch: Vec<OutFrame> = Vec::with_capacity(BATCH);
         let mut closing = false;
         let why = loop {
-            match outbox.recv().await {
-                Some(Outgoing::Frame(f)) => batch.push(f),
-                Some(Outgoing::Close) | None => closing = true,
+            match outbox.recv_or_wake().await {
+                Some(Some(Outgoing::Frame(f))) => batch.push(f),
+                Some(None) => {}
+                Some(Some(Outgoing::Close)) | None => closing = true,
             }
             while !closing && batch.len() < BATCH {
                 match outbox.try_recv() {
@@ -388,10 +527,27 @@ where
                     None => break,
                 }
             }
-            if let Err(e) = write_all_frames(&mut wr, &batch).await {
+            // What direct sends left goes ahead of what was queued.
+            let tail = direct
+                .as_ref()
+                .map(|d| d.start_writing())
+                .unwrap_or_default();
+            let written = async {
+                let parts: Vec<&[u8]> = tail.iter().map(|piece| &piece[..]).collect();
+                write_parts(&mut wr, &parts).await?;
+                write_all_frames(&mut wr, &batch).await
+            }
+            .await;
+            if let Some(d) = &direct {
+                d.done_writing();
+            }
+            if let Err(e) = written {
                 break format!("write: {e}");
             }
-            outbox.sent(batch.iter().map(OutFrame::len).sum());
+            outbox.sent(
+                tail.iter().map(Bytes::len).sum::<usize>()
+                    + batch.iter().map(OutFrame::len).sum::<usize>(),
+            );
             batch.clear();
             if closing {
                 let _ = wr.shutdown().await;
@@ -436,6 +592,11 @@ async fn write_vectored_all<W: AsyncWrite + Unpin>(
             parts.push(&f.payload);
         }
     }
+    write_parts(wr, &parts).await
+}
+
+/// Writes `parts` in vectored writes, resuming after partial writes.
+async fn write_parts<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&[u8]]) -> io::Result<()> {
     let mut first = 0;
     let mut offset = 0;
     while first < parts.len() {
@@ -466,8 +627,8 @@ async fn write_vectored_all<W: AsyncWrite + Unpin>(
 /// A connection tells the process each time it waits for its peer in the
 /// middle of a transfer: a frame whose rest has not arrived, and frames
 /// that find the socket full; not while it merely waits for the next
-/// frame. (The hook is set once per process: no other test of this crate
-/// opens a connection.)
+/// frame. (The hook is set once per process: tests that open connections
+/// take turns.)
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,6 +636,8 @@ mod tests {
     use std::time::Duration;
 
     static WAITS: AtomicUsize = AtomicUsize::new(0);
+    /// Held by each test that opens a connection, whose waits would count.
+    static CONNECTIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     fn count_wait() {
         WAITS.fetch_add(1, Ordering::Relaxed);
@@ -507,7 +670,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_waiting_mid_transfer_tells_the_process() {
+        let _turn = CONNECTIONS.lock().await;
         on_peer_wait(count_wait);
+        let at_start = WAITS.load(Ordering::Relaxed);
         // A pipe smaller than one frame: the writer must wait for the reader.
         let (near, mut far) = tokio::io::duplex(16 << 10);
         let (events, mut heard) = mpsc::unbounded_channel();
@@ -517,13 +682,13 @@ mod tests {
         }
         assert_eq!(
             WAITS.load(Ordering::Relaxed),
-            0,
+            at_start,
             "waiting for a first frame is no transfer"
         );
 
         let frame = write_frame(256 << 10).to_bytes();
         far.write_all(&frame[..1000]).await.unwrap();
-        waits_pass(0).await;
+        waits_pass(at_start).await;
         far.write_all(&frame[1000..]).await.unwrap();
         match heard.recv().await {
             Some(ConnEvent::Frame(0u8, got)) => {
@@ -540,5 +705,116 @@ mod tests {
         let mut got = vec![0u8; expected.len()];
         far.read_exact(&mut got).await.unwrap();
         assert!(got == expected, "the frame leaves whole");
+    }
+
+    /// Frames given to a plain TCP connection directly and through the
+    /// queue, alone and in groups, more than the socket holds: the peer
+    /// reads every byte, in the order given, without a later frame or a
+    /// close to push the last ones out. On one thread the writer task runs
+    /// only between rounds, so it finds a direct send's tail and queued
+    /// frames together; on two it runs beside the direct sends.
+    #[cfg(not(madsim))]
+    async fn mixed_sends_arrive_whole_and_in_order() {
+        let _turn = CONNECTIONS.lock().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (near, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (mut far, _) = accepted.unwrap();
+        let near = near.unwrap();
+        // Small buffers, so that direct sends fill the socket and leave tails.
+        small_buffer(&near, libc::SO_SNDBUF);
+        small_buffer(&far, libc::SO_RCVBUF);
+        let (events, _heard) = mpsc::unbounded_channel();
+        let writer = spawn_tcp(near, 0u8, 1 << 20, 1 << 30, events);
+
+        let sizes = [0, 100, 4096, 300 << 10, 1 << 20];
+        let mut groups: Vec<Vec<OutFrame>> = (0..120usize)
+            .map(|round| {
+                (0..1 + round % 3)
+                    .map(|k| write_frame(sizes[(round + k) % sizes.len()]))
+                    .collect()
+            })
+            .collect();
+        // Last, more than the socket holds, given to an idle connection:
+        // only the writer task's wake-up can send the rest.
+        let last = vec![write_frame(1 << 20), write_frame(1 << 20)];
+        groups.push(last.clone());
+        let expected: Vec<u8> = groups.iter().flatten().flat_map(|f| f.to_bytes()).collect();
+        let total = expected.len();
+        // The peer reads as the frames go, so the socket fills and drains.
+        let reading = tokio::spawn(async move {
+            let mut got = vec![0u8; total];
+            far.read_exact(&mut got).await.map(|_| got)
+        });
+        let (mut given_directly, mut left_tails) = (0, 0);
+        groups.pop();
+        for (round, group) in groups.into_iter().enumerate() {
+            if round % 4 == 3 {
+                for f in group {
+                    assert!(writer.send(f));
+                }
+            } else {
+                let idle = writer.queued.load(Ordering::Relaxed) == 0;
+                let mut group = group;
+                assert!(writer.send_all(&mut group));
+                assert!(group.is_empty(), "send_all takes every frame");
+                if idle {
+                    given_directly += 1;
+                    left_tails += usize::from(writer.queued.load(Ordering::Relaxed) > 0);
+                }
+            }
+            if round % 7 == 6 {
+                tokio::task::yield_now().await;
+            }
+        }
+        while writer.queued.load(Ordering::Relaxed) > 0 {
+            tokio::task::yield_now().await;
+        }
+        let mut last = last;
+        assert!(writer.send_all(&mut last));
+        assert!(
+            writer.queued.load(Ordering::Relaxed) > 0,
+            "the last group left a tail"
+        );
+        assert!(
+            given_directly > 0 && left_tails > 0,
+            "the cases under test happened: {given_directly} groups sent directly, {left_tails} left tails"
+        );
+        let got = tokio::time::timeout(Duration::from_secs(10), reading)
+            .await
+            .expect("every byte arrives without a push")
+            .unwrap()
+            .unwrap();
+        assert!(got == expected, "every byte, in the order given");
+    }
+
+    #[cfg(not(madsim))]
+    fn small_buffer(socket: &tokio::net::TcpStream, option: libc::c_int) {
+        use std::os::fd::AsRawFd;
+        let bytes: libc::c_int = 64 << 10;
+        // SAFETY: the fd is open (borrowed); the option is a plain int.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt");
+    }
+
+    #[cfg(not(madsim))]
+    #[tokio::test]
+    async fn mixed_sends_on_one_thread_arrive_whole_and_in_order() {
+        mixed_sends_arrive_whole_and_in_order().await
+    }
+
+    #[cfg(not(madsim))]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn mixed_sends_on_two_threads_arrive_whole_and_in_order() {
+        mixed_sends_arrive_whole_and_in_order().await
     }
 }

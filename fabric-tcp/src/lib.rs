@@ -17,6 +17,7 @@
 mod clock;
 mod completions;
 pub mod conn;
+mod direct;
 pub mod fabric;
 
 pub mod client;

@@ -136,6 +136,7 @@ impl Server {
             None => (None, None),
         };
         tokio::pin!(shutdown);
+        let mut replies = conn::Gathered::new();
         loop {
             crate::check_engine("server", || engine.check());
             let deadline = clock.deadline(engine.poll_timeout());
@@ -204,6 +205,11 @@ impl Server {
                 }
                 _ = crate::completions::ready(readiness.as_ref()) => {}
                 Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, &mut file_conns, ev, &clock),
+                // Last: replies wait while anything else is ready, so
+                // those of requests read together leave together.
+                _ = std::future::ready(()), if !replies.is_empty() => {
+                    send_replies(&mut replies, &mut engine, &mut writers, &mut file_conns, &clock);
+                }
             }
             if let Some(c) = completions.as_mut() {
                 c.collect(&mut |token, result| engine.backend_complete(token, result, clock.now()));
@@ -231,24 +237,16 @@ impl Server {
                                 continue;
                             }
                         }
-                        if let Some(w) = writers.get(&conn) {
-                            if !w.send(frame) {
-                                // The peer stopped reading: its replies would
-                                // pile up here. Its client resends elsewhere.
-                                tracing::warn!(
-                                    conn,
-                                    "closing a connection that stopped reading its replies"
-                                );
-                                w.close();
-                                writers.remove(&conn);
-                                file_conns.remove(&conn);
-                                engine.connection_closed(conn, clock.now());
-                            }
+                        if writers.contains_key(&conn) {
+                            replies.push(conn, frame);
                         }
                     }
                     ServerAction::Close { conn, reason } => {
                         tracing::debug!(conn, ?reason, "closing connection");
                         if let Some(w) = writers.remove(&conn) {
+                            if let Some(frames) = replies.of(conn) {
+                                let _ = w.send_all(frames);
+                            }
                             w.close();
                         }
                         file_conns.remove(&conn);
@@ -294,6 +292,18 @@ impl Server {
                     }
                 }
             }
+            // Nothing else has come in meanwhile (at low depth, nearly
+            // always): the replies leave now rather than after another
+            // round of the loop.
+            if conn_rx.is_empty() && rx.is_empty() {
+                send_replies(
+                    &mut replies,
+                    &mut engine,
+                    &mut writers,
+                    &mut file_conns,
+                    &clock,
+                );
+            }
             if let Some(c) = completions.as_mut() {
                 c.submit();
             }
@@ -321,6 +331,13 @@ impl Server {
                 }
             }
             if draining && engine.backend_inflight() == 0 {
+                send_replies(
+                    &mut replies,
+                    &mut engine,
+                    &mut writers,
+                    &mut file_conns,
+                    &clock,
+                );
                 for (_, w) in writers.drain() {
                     w.close();
                 }
@@ -363,6 +380,35 @@ fn file_reply(
         },
         crc,
     ))
+}
+
+/// Sends each connection's replies gathered since the loop last had
+/// nothing else to do, in one go per connection. A connection refusing
+/// them (its peer stopped reading: they would pile up here) is closed,
+/// and its client resends elsewhere.
+fn send_replies(
+    replies: &mut conn::Gathered<ConnId>,
+    engine: &mut ServerEngine,
+    writers: &mut HashMap<ConnId, conn::Writer>,
+    file_conns: &mut HashSet<ConnId>,
+    clock: &Clock,
+) {
+    for (conn, frames) in replies.each() {
+        let Some(w) = writers.get(&conn) else {
+            continue;
+        };
+        if !w.send_all(frames) {
+            tracing::warn!(
+                conn,
+                "closing a connection that stopped reading its replies"
+            );
+            w.close();
+            writers.remove(&conn);
+            file_conns.remove(&conn);
+            engine.connection_closed(conn, clock.now());
+        }
+    }
+    replies.clear();
 }
 
 fn handle_conn(
