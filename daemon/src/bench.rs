@@ -47,6 +47,79 @@ struct Shared {
     stop: AtomicBool,
 }
 
+/// One of the IOs kept in flight: each answer, heard on the client's
+/// driver task, records its latency and hands the next IO over at once. A
+/// task per IO in flight, woken by each answer and then waking the driver
+/// with the next request, put two task hops on every IO's path that no
+/// frontend pays (the NBD and ublk faces hand IO over the same way).
+struct Chain {
+    rng: SplitMix64,
+    seq: u64,
+    hist: Histogram,
+    rw: Rw,
+    bs: u64,
+    blocks: u64,
+    payload: bytes::Bytes,
+    client: braid_fabric_tcp::Client,
+    shared: Arc<Shared>,
+    /// Where the histogram goes once the run stops.
+    finished: tokio::sync::mpsc::UnboundedSender<Histogram>,
+}
+
+impl Chain {
+    fn next_io(&mut self) -> IoRequest {
+        let block = match self.rw {
+            Rw::Read | Rw::Write => {
+                self.seq = (self.seq + 1) % self.blocks;
+                self.seq
+            }
+            _ => self.rng.below(self.blocks),
+        };
+        let write = match self.rw {
+            Rw::Randwrite | Rw::Write => true,
+            Rw::Randrw => self.rng.chance(0.5),
+            _ => false,
+        };
+        if write {
+            IoRequest::write(block * self.bs, self.payload.clone(), false)
+        } else {
+            IoRequest::read(block * self.bs, self.bs as u32)
+        }
+    }
+
+    /// Issues the next IO, or hands the histogram back once stopped.
+    fn issue(mut self: Box<Self>) {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            let Chain { hist, finished, .. } = *self;
+            let _ = finished.send(hist);
+            return;
+        }
+        let io = self.next_io();
+        let client = self.client.clone();
+        let t = Instant::now();
+        let answered: braid_fabric_tcp::IoCallback = Box::new(move |result| {
+            crate::busy_poll::mark_io(self.bs as usize);
+            match result {
+                Ok(_) => {
+                    self.hist.record(t.elapsed());
+                    self.shared.ios.fetch_add(1, Ordering::Relaxed);
+                    self.shared.bytes.fetch_add(self.bs, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    if self.shared.errors.fetch_add(1, Ordering::Relaxed) < 5 {
+                        eprintln!("\nIO error: {e}");
+                    }
+                }
+            }
+            self.issue();
+        });
+        // The driver's queue is full: wait for room on a task of its own.
+        if let Err((io, answered)) = client.try_io_with(io, answered) {
+            tokio::spawn(async move { answered(client.io(io).await) });
+        }
+    }
+}
+
 fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes into the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -99,51 +172,23 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     });
     let started = Instant::now();
     let cpu_start = cpu_time();
-    let mut workers = Vec::new();
+    let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel();
     for w in 0..args.qd {
-        let (client, shared, payload) = (client.clone(), shared.clone(), payload.clone());
-        let rw = args.rw;
-        workers.push(tokio::spawn(async move {
-            let mut rng = SplitMix64::new(0x5EED ^ w as u64);
-            let mut hist = Histogram::new();
-            let mut seq = (w as u64 * blocks / 64) % blocks;
-            while !shared.stop.load(Ordering::Relaxed) {
-                let block = match rw {
-                    Rw::Read | Rw::Write => {
-                        seq = (seq + 1) % blocks;
-                        seq
-                    }
-                    _ => rng.below(blocks),
-                };
-                let write = match rw {
-                    Rw::Randwrite | Rw::Write => true,
-                    Rw::Randrw => rng.chance(0.5),
-                    _ => false,
-                };
-                let io = if write {
-                    IoRequest::write(block * bs, payload.clone(), false)
-                } else {
-                    IoRequest::read(block * bs, bs as u32)
-                };
-                let t = Instant::now();
-                let result = client.io(io).await;
-                crate::busy_poll::mark_io(bs as usize);
-                match result {
-                    Ok(_) => {
-                        hist.record(t.elapsed());
-                        shared.ios.fetch_add(1, Ordering::Relaxed);
-                        shared.bytes.fetch_add(bs, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        if shared.errors.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("\nIO error: {e}");
-                        }
-                    }
-                }
-            }
-            hist
-        }));
+        let chain = Chain {
+            rng: SplitMix64::new(0x5EED ^ w as u64),
+            seq: (w as u64 * blocks / 64) % blocks,
+            hist: Histogram::new(),
+            rw: args.rw,
+            bs,
+            blocks,
+            payload: payload.clone(),
+            client: client.clone(),
+            shared: shared.clone(),
+            finished: finished_tx.clone(),
+        };
+        Box::new(chain).issue();
     }
+    drop(finished_tx);
     let deadline = started + Duration::from_secs_f64(args.time);
     let mut last = (Instant::now(), 0u64, 0u64);
     let mut line = crate::progress::ProgressLine::new();
@@ -169,8 +214,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     shared.stop.store(true, Ordering::Relaxed);
     line.finish();
     let mut hist = Histogram::new();
-    for w in workers {
-        hist.merge(&w.await.map_err(|e| e.to_string())?);
+    while let Some(chain_hist) = finished.recv().await {
+        hist.merge(&chain_hist);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time() - cpu_start;
