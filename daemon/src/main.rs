@@ -82,6 +82,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    raise_descriptor_limit();
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy
@@ -123,6 +124,33 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("braid: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A TCP connection holds two descriptors (the socket, and the duplicate
+/// its engine loop sends on), so the usual soft limit of 1024 would cap a
+/// server near 500 connections. Nothing here uses `select(2)`, so the soft
+/// limit goes up to the hard one (524288 under systemd), as a daemon's
+/// should.
+fn raise_descriptor_limit() {
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let was = limit.rlim_cur;
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+            tracing::debug!(
+                from = was,
+                to = limit.rlim_max,
+                "raised the open-file limit"
+            );
+        } else {
+            tracing::warn!(limit = was, "cannot raise the open-file limit");
         }
     }
 }

@@ -157,8 +157,8 @@ impl Writer {
     /// Sends `frames` (emptying it), in order, after everything given
     /// before; false if the peer is too far behind (or gone). On a plain
     /// TCP socket with nothing else unsent they go out here and now, in
-    /// one `sendmsg`, rather than through the writer task: an engine loop
-    /// gives each connection its frames of one pass at once.
+    /// one `sendmsg`, rather than through the writer task (an engine loop
+    /// gives each connection the frames it gathered, see [`Gathered`]).
     pub fn send_all(&self, frames: &mut Vec<OutFrame>) -> bool {
         if let Some(direct) = &self.direct {
             let total: usize = frames.iter().map(OutFrame::len).sum();
@@ -207,8 +207,8 @@ pub(crate) struct Gathered<K> {
     conns: Vec<(K, Vec<OutFrame>)>,
 }
 
-/// Connections a pass keeps room for between passes; beyond it the room
-/// is given back.
+/// Connections whose room [`Gathered`] keeps while they have no frames;
+/// beyond it the room is given back.
 const GATHERED_CONNS_KEPT: usize = 64;
 
 impl<K: Copy + PartialEq> Gathered<K> {
