@@ -169,3 +169,29 @@ fn keep_payload_buffers_mapped() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    fn descriptor_limit() -> libc::rlimit {
+        // SAFETY: getrlimit only writes into the struct given.
+        unsafe {
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit
+        }
+    }
+
+    #[test]
+    fn the_open_file_limit_goes_up_to_the_hard_one() {
+        let hard = descriptor_limit().rlim_max;
+        // From a low soft limit, as a login shell's 1024 would be.
+        let low = libc::rlimit {
+            rlim_cur: hard.min(256),
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit only reads the struct given.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &low) }, 0);
+        super::raise_descriptor_limit();
+        assert_eq!(descriptor_limit().rlim_cur, hard);
+    }
+}
