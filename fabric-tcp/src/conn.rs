@@ -714,7 +714,7 @@ mod tests {
     /// only between rounds, so it finds a direct send's tail and queued
     /// frames together; on two it runs beside the direct sends.
     #[cfg(not(madsim))]
-    async fn mixed_sends_arrive_whole_and_in_order() {
+    async fn mixed_sends_arrive_whole_and_in_order(one_thread: bool) {
         let _turn = CONNECTIONS.lock().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -773,8 +773,9 @@ mod tests {
         }
         let mut last = last;
         assert!(writer.send_all(&mut last));
+        // On two threads the woken writer task may already have sent it.
         assert!(
-            writer.queued.load(Ordering::Relaxed) > 0,
+            !one_thread || writer.queued.load(Ordering::Relaxed) > 0,
             "the last group left a tail"
         );
         assert!(
@@ -809,12 +810,12 @@ mod tests {
     #[cfg(not(madsim))]
     #[tokio::test]
     async fn mixed_sends_on_one_thread_arrive_whole_and_in_order() {
-        mixed_sends_arrive_whole_and_in_order().await
+        mixed_sends_arrive_whole_and_in_order(true).await
     }
 
     #[cfg(not(madsim))]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn mixed_sends_on_two_threads_arrive_whole_and_in_order() {
-        mixed_sends_arrive_whole_and_in_order().await
+        mixed_sends_arrive_whole_and_in_order(false).await
     }
 }
