@@ -778,8 +778,10 @@ mod tests {
             !one_thread || writer.queued.load(Ordering::Relaxed) > 0,
             "the last group left a tail"
         );
+        // On two threads the writer task may drain the socket between
+        // any two sends, so which cases occur is up to the scheduler there.
         assert!(
-            given_directly > 0 && left_tails > 0,
+            given_directly > 0 && (!one_thread || left_tails > 0),
             "the cases under test happened: {given_directly} groups sent directly, {left_tails} left tails"
         );
         let got = tokio::time::timeout(Duration::from_secs(10), reading)
