@@ -235,6 +235,31 @@ fn engines(c: &mut Criterion) {
         )
     });
     g.finish();
+
+    // Each write in a deep queue asks whether an earlier unanswered write
+    // overlaps it: the cost of that question as the queue grows.
+    let mut g = c.benchmark_group("engine batch of 128 writes");
+    g.throughput(Throughput::Elements(128));
+    g.bench_function("qd128 write 4k", |b| {
+        b.iter_batched(
+            || (),
+            |_| {
+                for _ in 0..128 {
+                    user += 1;
+                    p.client
+                        .submit(
+                            user,
+                            IoRequest::write((user % 1000) * 4096, data.clone(), false),
+                            p.now,
+                        )
+                        .unwrap();
+                }
+                drive(&mut p, 128, &data);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
 }
 
 /// A 2-way mirror over two 1 GiB legs, both in sync.
