@@ -213,48 +213,38 @@ fn engines(c: &mut Criterion) {
 
     // Many IOs in flight at once: the journal and the server's result cache
     // hold 128 entries while the batch completes.
-    let mut g = c.benchmark_group("engine batch of 128 reads");
-    g.throughput(Throughput::Elements(128));
-    g.bench_function("qd128 read 4k", |b| {
-        b.iter_batched(
-            || (),
-            |_| {
-                for _ in 0..128 {
-                    user += 1;
-                    p.client
-                        .submit(
-                            user,
-                            IoRequest::read((user % 1000) * 4096, BLOCK as u32),
-                            p.now,
-                        )
-                        .unwrap();
-                }
-                drive(&mut p, 128, &data);
-            },
-            BatchSize::SmallInput,
-        )
+    batch_of_128(c, "reads", &mut p, &mut user, &data, |at| {
+        IoRequest::read(at, BLOCK as u32)
     });
-    g.finish();
-
     // Each write in a deep queue asks whether an earlier unanswered write
     // overlaps it: the cost of that question as the queue grows.
-    let mut g = c.benchmark_group("engine batch of 128 writes");
+    batch_of_128(c, "writes", &mut p, &mut user, &data, |at| {
+        IoRequest::write(at, data.clone(), false)
+    });
+}
+
+/// 128 IOs made by `io` (given an offset) submitted at once, then driven
+/// until all have completed.
+fn batch_of_128(
+    c: &mut Criterion,
+    what: &str,
+    p: &mut Connected,
+    user: &mut u64,
+    data: &Bytes,
+    io: impl Fn(u64) -> IoRequest,
+) {
+    let mut g = c.benchmark_group(format!("engine batch of 128 {what}"));
     g.throughput(Throughput::Elements(128));
-    g.bench_function("qd128 write 4k", |b| {
+    g.bench_function(format!("qd128 {} 4k", what.trim_end_matches('s')), |b| {
         b.iter_batched(
             || (),
             |_| {
                 for _ in 0..128 {
-                    user += 1;
-                    p.client
-                        .submit(
-                            user,
-                            IoRequest::write((user % 1000) * 4096, data.clone(), false),
-                            p.now,
-                        )
-                        .unwrap();
+                    *user += 1;
+                    let request = io((*user % 1000) * 4096);
+                    p.client.submit(*user, request, p.now).unwrap();
                 }
-                drive(&mut p, 128, &data);
+                drive(p, 128, data);
             },
             BatchSize::SmallInput,
         )
