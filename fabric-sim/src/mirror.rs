@@ -114,6 +114,7 @@ pub(crate) async fn simulate(
                             full,
                             slow,
                             rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
+                            late_completions: false,
                         }),
                         std::future::pending(),
                         |_| {},

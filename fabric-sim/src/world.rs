@@ -311,6 +311,7 @@ async fn simulate(
                             full,
                             slow,
                             rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
+                            late_completions: true,
                         }),
                         std::future::pending(),
                         |_| {},

@@ -172,19 +172,18 @@ fn ci() -> Result<(), String> {
     madsim_unit_tests()?;
     // Teeth at the madsim level: each mechanism switched off must be
     // noticed within a few seeds of its scenario.
-    // The restart gate's window is narrow on the real drivers: since the
-    // engine loops send each connection's frames together (session 28),
-    // 120 seeds of 20 virtual seconds found it once, in seed 86, and 40
-    // of 10 not at all. The engine-level sweep and invariant tests hold
-    // it over many more.
+    // The restart gate's window needs a write seen but unanswered when
+    // the power goes: about one power-loss seed in 16 opens it (see
+    // fabric-sim's disk), so it runs a hundred, where a single pinned
+    // seed would lose its teeth with any change to the drivers' timing.
     for (sabotage, scenario, first, seeds, virtual_secs) in [
         ("no-replay", "power-loss", "0", "5", "10"),
         ("no-dedup", "partitions", "0", "5", "10"),
-        ("no-restart-gate", "all-faults", "80", "8", "20"),
+        ("no-restart-gate", "power-loss", "0", "100", "20"),
         ("no-dirty-log", "mirror", "0", "4", "10"),
         ("no-in-sync-gate", "mirror", "0", "4", "10"),
         ("no-fan-out", "mirror", "0", "4", "10"),
-        ("no-room", "steady", "0", "2", "10"),
+        ("no-room", "steady", "0", "10", "10"),
     ] {
         sim(&args(&[
             "--madsim",
