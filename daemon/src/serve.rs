@@ -313,11 +313,18 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    Server::run(
+    let engine = ServerEngine::new(server_config).map_err(|e| e.to_string())?;
+    let backend_for_status = backend.clone();
+    // A task of its own rather than the future `block_on` drives: a
+    // connection's reader task wakes it, and a woken task runs next,
+    // where the runtime polls its IO driver once more before it comes
+    // back to a woken `block_on` future (an `epoll_wait` between each
+    // request's read and its handling).
+    let serving = tokio::spawn(Server::run(
         listener,
         security,
-        ServerEngine::new(server_config).map_err(|e| e.to_string())?,
-        backend.clone(),
+        engine,
+        backend_for_status,
         shutdown,
         move |server| {
             rdma.serve(&server);
@@ -331,9 +338,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             ));
             status::serve_control(control, server, export_info, backend);
         },
-    )
-    .await
-    .map_err(|e| format!("server: {e}"))?;
+    ));
+    serving
+        .await
+        .map_err(|e| format!("server task: {e}"))?
+        .map_err(|e| format!("server: {e}"))?;
     // NBD connections drain too: in-flight requests finish, then close.
     let _ = nbd_stop.send(true);
     for t in nbd_tasks {
