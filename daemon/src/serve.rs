@@ -314,7 +314,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
     let engine = ServerEngine::new(server_config).map_err(|e| e.to_string())?;
-    let backend_for_status = backend.clone();
+    let served_backend = backend.clone();
     // A task of its own rather than the future `block_on` drives: a
     // connection's reader task wakes it, and a woken task runs next,
     // where the runtime polls its IO driver once more before it comes
@@ -324,7 +324,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         listener,
         security,
         engine,
-        backend_for_status,
+        served_backend,
         shutdown,
         move |server| {
             rdma.serve(&server);

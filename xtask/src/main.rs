@@ -176,21 +176,19 @@ fn ci() -> Result<(), String> {
     // the power goes: about one power-loss seed in 16 opens it (see
     // fabric-sim's disk), so it runs a hundred, where a single pinned
     // seed would lose its teeth with any change to the drivers' timing.
-    for (sabotage, scenario, first, seeds, virtual_secs) in [
-        ("no-replay", "power-loss", "0", "5", "10"),
-        ("no-dedup", "partitions", "0", "5", "10"),
-        ("no-restart-gate", "power-loss", "0", "100", "20"),
-        ("no-dirty-log", "mirror", "0", "4", "10"),
-        ("no-in-sync-gate", "mirror", "0", "4", "10"),
-        ("no-fan-out", "mirror", "0", "4", "10"),
-        ("no-room", "steady", "0", "10", "10"),
+    for (sabotage, scenario, seeds, virtual_secs) in [
+        ("no-replay", "power-loss", "5", "10"),
+        ("no-dedup", "partitions", "5", "10"),
+        ("no-restart-gate", "power-loss", "100", "20"),
+        ("no-dirty-log", "mirror", "4", "10"),
+        ("no-in-sync-gate", "mirror", "4", "10"),
+        ("no-fan-out", "mirror", "4", "10"),
+        ("no-room", "steady", "10", "10"),
     ] {
         sim(&args(&[
             "--madsim",
             "--seeds",
             seeds,
-            "--first",
-            first,
             "--virtual-secs",
             virtual_secs,
             "--scenario",
