@@ -333,6 +333,10 @@ pub(crate) async fn simulate(
     if report.ios == 0 {
         report.violations.push("liveness: no IO completed".into());
     }
+    let nodes = servers.into_iter().chain([client_node.id()]);
+    report
+        .violations
+        .extend(crate::world::tear_down(&handle, nodes).await);
     report
 }
 
