@@ -510,7 +510,7 @@ pub(crate) async fn tear_down(
     let metrics = handle.metrics();
     (metrics.num_tasks() != 0).then(|| {
         format!(
-            "harness: {} tasks outlived their killed nodes, and their memory the run: {}",
+            "harness: {} tasks outlived their killed nodes, and would keep their memory past the run: {}",
             metrics.num_tasks(),
             metrics
                 .num_tasks_by_node_by_spawn()
