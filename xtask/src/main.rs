@@ -138,6 +138,7 @@ fn ci() -> Result<(), String> {
     clippy.args(["--", "-D", "warnings"]);
     run("clippy", clippy)?;
     build_like_ci()?;
+    check_fuzz_targets()?;
     test(&[])?;
     conformance(&[])?;
     let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -472,6 +473,20 @@ fn build_workspace(profile: &str) -> Result<(), String> {
     ]);
     build.args(rdma_features()?);
     run("build every crate and target", build)
+}
+
+/// The fuzz targets live outside the workspace (cargo-fuzz builds them on
+/// nightly with sanitizers), so nothing else compiles them: until session
+/// 31 one had stopped building unnoticed. Checking them on stable, with the
+/// cfg cargo-fuzz sets, keeps them in step with the code they include.
+fn check_fuzz_targets() -> Result<(), String> {
+    let mut check = cargo();
+    check.args(["check", "--manifest-path", "fuzz/Cargo.toml", "--bins"]);
+    // Their own target dir: the cfg changes every crate's flags, and would
+    // otherwise throw away the workspace's build.
+    check.env("CARGO_TARGET_DIR", "target/fuzz-check");
+    check.env("RUSTFLAGS", "--cfg fuzzing -D warnings");
+    run("fuzz targets check", check)
 }
 
 /// One step of xorshift64: cheap deterministic data and orders, never zero
