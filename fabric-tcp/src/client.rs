@@ -1,7 +1,7 @@
 //! The client driver: runs a [`ClientEngine`] over TCP channels to one
 //! server and offers an async `io()` to frontends.
 
-use crate::clock::Clock;
+use crate::clock::{Alarm, Clock};
 use crate::conn::{self, ConnEvent};
 use crate::fabric::{self, Endpoint};
 use crate::ClientSecurity;
@@ -396,6 +396,7 @@ impl Driver {
         self.engine.handle_timeout(self.clock.now());
         // Who waits for the close, and when to stop waiting for the server.
         let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
+        let mut alarm = Alarm::new(&self.clock);
         loop {
             self.process(&ev_tx, &conn_tx);
             // Nothing else has come in meanwhile (at low depth, nearly
@@ -430,6 +431,7 @@ impl Driver {
             if let Some((_, give_up_at)) = &closing {
                 deadline = deadline.min(*give_up_at);
             }
+            alarm.set(deadline);
             let accepting = self.held.len() < HELD_MAX && closing.is_none();
             // Biased, in a fixed order, so a seed replays exactly under the
             // simulator (an unbiased select draws from tokio's own RNG):
@@ -438,7 +440,7 @@ impl Driver {
             // due, and completions only arrive for IO already submitted.
             tokio::select! {
                 biased;
-                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(self.clock.now()),
+                _ = alarm.rung() => self.engine.handle_timeout(self.clock.now()),
                 Some(ev) = ev_rx.recv() => self.event(ev),
                 Some(ev) = conn_rx.recv() => self.conn_event(ev),
                 cmd = cmds.recv(), if accepting => match cmd {

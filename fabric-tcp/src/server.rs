@@ -1,7 +1,7 @@
 //! The server driver: accepts TCP connections and runs a
 //! [`ServerEngine`] and a [`Backend`] behind them.
 
-use crate::clock::Clock;
+use crate::clock::{Alarm, Clock};
 use crate::conn::{self, ConnEvent};
 use crate::ServerSecurity;
 use braid_core::latency::OpLatency;
@@ -137,9 +137,10 @@ impl Server {
         };
         tokio::pin!(shutdown);
         let mut replies = conn::Gathered::new();
+        let mut alarm = Alarm::new(&clock);
         loop {
             crate::check_engine("server", || engine.check());
-            let deadline = clock.deadline(engine.poll_timeout());
+            alarm.set(clock.deadline(engine.poll_timeout()));
             // Biased, in a fixed order, so a seed replays exactly under the
             // simulator: timers (only when due), new connections (rare,
             // and never kept waiting behind a busy client), shutdown,
@@ -147,7 +148,7 @@ impl Server {
             // starve: everything ahead of them is bounded by them.
             tokio::select! {
                 biased;
-                _ = tokio::time::sleep_until(deadline) => engine.handle_timeout(clock.now()),
+                _ = alarm.rung() => engine.handle_timeout(clock.now()),
                 accepted = listener.accept(), if !draining => match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);

@@ -7,7 +7,7 @@
 //! they cover go out.
 
 use crate::client::Client;
-use crate::clock::Clock;
+use crate::clock::{Alarm, Clock};
 use braid_core::client::{Identity, IoErrorKind, IoRequest};
 use braid_core::volume::{
     DirtyRegions, LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeMap,
@@ -346,12 +346,13 @@ impl Driver {
     ) {
         let clock = Clock::new();
         let mut health = tokio::time::interval(Duration::from_millis(100));
+        let mut alarm = Alarm::new(&clock);
         loop {
             self.drain();
-            let deadline = clock.deadline(self.engine.poll_timeout());
+            alarm.set(clock.deadline(self.engine.poll_timeout()));
             tokio::select! {
                 biased;
-                _ = tokio::time::sleep_until(deadline) => self.engine.handle_timeout(clock.now()),
+                _ = alarm.rung() => self.engine.handle_timeout(clock.now()),
                 Some(ev) = events.recv() => match ev {
                     Event::LegDone(token, result) => {
                         tracing::trace!(token, ok = result.is_ok(), "leg io done");
