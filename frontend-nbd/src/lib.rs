@@ -24,6 +24,7 @@ mod socket;
 mod target;
 mod transmit;
 mod whole_read;
+mod whole_send;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::exercise_nbd;

@@ -91,26 +91,38 @@ impl ReplySink {
         }
     }
 
-    /// Whether this is a plain TCP socket, which
-    /// [`ReplySink::write_all_blocking`] can write to.
+    /// Whether this is a plain TCP socket.
     pub(crate) fn is_tcp(&self) -> bool {
         matches!(self.socket, SinkSocket::Tcp(_))
+    }
+
+    /// Whether this is a plain unix socket.
+    pub(crate) fn is_unix(&self) -> bool {
+        matches!(self.socket, SinkSocket::Unix(_))
+    }
+
+    /// The socket's descriptor, where it is a plain one.
+    fn fd(&self) -> Option<std::os::unix::io::RawFd> {
+        match &self.socket {
+            SinkSocket::Tcp(w) => Some(AsRef::<TcpStream>::as_ref(w).as_raw_fd()),
+            SinkSocket::Unix(w) => Some(AsRef::<UnixStream>::as_ref(w).as_raw_fd()),
+            SinkSocket::Other(_) => None,
+        }
     }
 
     /// Writes all of `bufs` from a thread that may block, sleeping in
     /// `poll` while the socket is full; gives up once `abandoned` is set
     /// (the connection's task is gone and nobody will read the reply). The
     /// caller must hold the connection's writer so replies do not
-    /// interleave. A plain TCP socket only.
+    /// interleave. A plain socket only.
     pub(crate) fn write_all_blocking(
         &self,
         mut bufs: &mut [io::IoSlice<'_>],
         abandoned: &AtomicBool,
     ) -> io::Result<()> {
-        let SinkSocket::Tcp(w) = &self.socket else {
-            return Err(io::Error::other("blocking writes need a plain TCP socket"));
+        let Some(fd) = self.fd() else {
+            return Err(io::Error::other("blocking writes need a plain socket"));
         };
-        let fd = AsRef::<TcpStream>::as_ref(w).as_raw_fd();
         while !bufs.is_empty() {
             // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible
             // with iovec on unix, and `bufs` outlives the call.
@@ -152,11 +164,7 @@ impl ReplySink {
     /// Ends both directions of the socket at once, so a connection whose
     /// reply stream broke mid-reply stops taking requests.
     pub(crate) fn shut_down(&self) {
-        let fd = match &self.socket {
-            SinkSocket::Tcp(w) => AsRef::<TcpStream>::as_ref(w).as_raw_fd(),
-            SinkSocket::Unix(w) => AsRef::<UnixStream>::as_ref(w).as_raw_fd(),
-            SinkSocket::Other(_) => return,
-        };
+        let Some(fd) = self.fd() else { return };
         // SAFETY: the fd is open (borrowed). A failure leaves the socket
         // as it was; the error that led here is reported anyway.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };

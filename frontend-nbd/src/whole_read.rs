@@ -48,7 +48,7 @@ pub(crate) struct WholeReads {
 
 /// Sets the flag when the connection's task ends or is dropped, so a pool
 /// thread waiting for the client to make room gives up.
-pub(crate) struct AbandonOnDrop(Arc<AtomicBool>);
+pub(crate) struct AbandonOnDrop(pub(crate) Arc<AtomicBool>);
 
 impl Drop for AbandonOnDrop {
     fn drop(&mut self) {

@@ -4,13 +4,21 @@
 //! that fails there is answered with its error, and a client that leaves
 //! without reading its replies costs nobody else anything. Over a unix
 //! socket large READs still go by sendfile.
+//!
+//! A target with no backend here (`braid attach`) answers READs with data
+//! in memory; the large ones are sent from a pool thread. The same holds
+//! for them: whole replies, errors answered, a client that leaves costs
+//! nobody else anything.
 
 mod common;
 
 use braid_backend_file::FileBackend;
+use braid_core::server::Extent;
 use braid_core::server::{Backend, BackendOp, SpliceSource};
 use braid_core::wire::Status;
-use braid_frontend_nbd::{serve, BackendTarget, NbdConfig, NbdListener};
+use braid_frontend_nbd::{
+    serve, BackendTarget, Completion, ExtentsCompletion, NbdConfig, NbdExport, NbdListener, Target,
+};
 use bytes::Bytes;
 use common::*;
 use std::collections::HashMap;
@@ -182,4 +190,97 @@ async fn a_client_that_leaves_without_reading_costs_others_nothing() {
     drop(rude);
     let mut polite = tokio::net::TcpStream::connect(addr).await.unwrap();
     read_mixed(&mut polite).await;
+}
+
+/// A target like `braid attach`'s: no backend here, READs answered later
+/// from another task with the pattern's bytes (or an error at
+/// [`FAILING`]), as replies arrive from a server.
+struct Remote;
+
+impl Target for Remote {
+    fn submit(&self, _export: usize, op: BackendOp, done: Completion) {
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            done(match op {
+                BackendOp::Read { offset, .. } if offset == FAILING => Err(Status::Io),
+                BackendOp::Read { offset, len } => Ok((offset..offset + u64::from(len))
+                    .map(byte_at)
+                    .collect::<Vec<u8>>()
+                    .into()),
+                _ => Err(Status::Unsupported),
+            })
+        });
+    }
+
+    fn allocation(&self, _export: usize, _offset: u64, len: u64, done: ExtentsCompletion) {
+        done(Ok(vec![Extent { len, hole: false }]))
+    }
+
+    fn fast_zero(&self) -> bool {
+        false
+    }
+}
+
+/// Serves [`Remote`] as disk0 on a unix socket in `dir`; returns its path.
+async fn start_remote(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("remote.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    tokio::spawn(serve(
+        listener,
+        NbdConfig::new(vec![NbdExport::new("disk0", SIZE, 0)]),
+        Arc::new(Remote),
+        std::future::pending(),
+    ));
+    path
+}
+
+#[tokio::test]
+async fn large_reads_from_memory_arrive_whole_between_small_ones() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = start_remote(dir.path()).await;
+    let clients = async {
+        for _ in 0..3 {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            read_mixed(&mut s).await;
+            // One at a time: each finds the previous one's sender gone.
+            for n in 0..3u64 {
+                let offset = n * u64::from(LARGE) + 512;
+                request(&mut s, 0, 0, 200 + n, offset, LARGE, &[]).await;
+                assert_eq!(s.read_u32().await.unwrap(), 0x6744_6698, "reply magic");
+                assert_eq!(s.read_u32().await.unwrap(), 0, "READ succeeded");
+                assert_eq!(s.read_u64().await.unwrap(), 200 + n, "its handle");
+                let mut data = vec![0; LARGE as usize];
+                s.read_exact(&mut data).await.unwrap();
+                let expected: Vec<u8> = (offset..offset + u64::from(LARGE)).map(byte_at).collect();
+                assert!(data == expected, "READ {n}'s bytes");
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), clients)
+        .await
+        .expect("every reply sent");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_without_reading_large_replies_from_memory_costs_others_nothing() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = start_remote(dir.path()).await;
+    let mut rude = UnixStream::connect(&path).await.unwrap();
+    greet(&mut rude).await;
+    go(&mut rude, "disk0").await;
+    // Far more than the socket's buffer holds: the sender blocks on it.
+    for n in 0..48u64 {
+        let offset = (n % 8) * u64::from(LARGE);
+        request(&mut rude, 0, 0, n, offset, LARGE, &[]).await;
+    }
+    // Some of the replies have started: the socket holds their first bytes.
+    assert_eq!(rude.read_u32().await.unwrap(), 0x6744_6698, "reply magic");
+    drop(rude);
+    let polite = async {
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        read_mixed(&mut s).await;
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), polite)
+        .await
+        .expect("another client is served while the first one's replies are abandoned");
 }
