@@ -73,27 +73,31 @@ fn split_socket(stream: BoxStream) -> (RequestSource, SinkSocket) {
 }
 
 impl ReplySink {
-    /// Whether READs should go by [`ReplySink::send_file`] here: on a unix
-    /// socket and on TCP to another machine. To a TCP peer on this machine
-    /// the client's receive is the only copy either way, and sendfile made
-    /// it slower: it then reads the page cache cold where our copy leaves
-    /// the data warm in the shared cache, and the page-sized pieces cut the
-    /// stream into about twice the segments, each a wake-up (1 MiB reads at
-    /// QD8 over loopback: 1470-1500 MiB/s with sendfile, 1950-2080
-    /// without, Linux 6.18).
+    /// Whether READs should go by [`ReplySink::send_file`] here: on TCP to
+    /// another machine. A peer on this machine (loopback TCP, any unix
+    /// socket) makes the only copy either way, and sendfile made it
+    /// slower: the client then reads the page cache cold, where our copy
+    /// leaves the data warm in the shared cache, and the client is the
+    /// process that bounds the run. 1 MiB reads at QD8 over loopback TCP:
+    /// 1470-1500 MiB/s with sendfile, 1950-2080 without (Linux 6.18,
+    /// where the page-sized pieces also cut the stream into twice the
+    /// segments); over a unix socket, three alternations on session 32's
+    /// machine: 1246-1506 with sendfile (fio at 92-94% of a core, 39% of
+    /// the machine's samples its copy out of the socket), 1961-2531
+    /// copied by a pool thread (see `whole_read`).
     pub(crate) fn can_send_file(&self) -> bool {
         match &self.socket {
-            SinkSocket::Unix(_) => true,
             SinkSocket::Tcp(w) => !w
                 .peer_addr()
                 .is_ok_and(|peer| peer.ip().to_canonical().is_loopback()),
-            SinkSocket::Other(_) => false,
+            SinkSocket::Unix(_) | SinkSocket::Other(_) => false,
         }
     }
 
-    /// Whether this is a plain TCP socket.
-    pub(crate) fn is_tcp(&self) -> bool {
-        matches!(self.socket, SinkSocket::Tcp(_))
+    /// Whether this is a plain TCP or unix socket, which
+    /// [`ReplySink::write_all_blocking`] can write to.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.fd().is_some()
     }
 
     /// Whether this is a plain unix socket.

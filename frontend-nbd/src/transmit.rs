@@ -243,17 +243,17 @@ pub(crate) async fn transmit(
     let send_files = wr.can_send_file();
     let large_writes_inline = rd.buffers_large_requests();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
-    let is_tcp = wr.is_tcp();
+    let plain_socket = wr.is_plain();
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let export_name = export.name.clone();
     let sink: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
         256 * 1024,
         wr,
     )));
-    // Where sendfile is not used on a TCP socket (a client on this
+    // Where sendfile is not used on a plain socket (a client on this
     // machine) large READs run whole on a pool thread, one at a time.
     let whole_reads = (!send_files)
-        .then(|| WholeReads::new(&export.name, target.local_backend(), &sink, is_tcp))
+        .then(|| WholeReads::new(&export.name, target.local_backend(), &sink, plain_socket))
         .flatten();
     let (whole_reads, _abandon) = whole_reads.unzip();
     // Where the target has no backend here (`braid attach`), large READs'

@@ -58,16 +58,16 @@ impl Drop for AbandonOnDrop {
 
 impl WholeReads {
     /// Large READs for a connection whose replies go to `writer`, if they
-    /// can run whole here: on a plain TCP socket (the blocking send needs
-    /// its fd) to a local backend. The guard must live as long as the
+    /// can run whole here: on a plain socket (the blocking send needs its
+    /// fd) to a local backend. The guard must live as long as the
     /// connection's task.
     pub(crate) fn new(
         export_name: &str,
         backend: Option<Arc<dyn Backend>>,
         writer: &SharedWriter,
-        is_tcp: bool,
+        plain_socket: bool,
     ) -> Option<(WholeReads, AbandonOnDrop)> {
-        let backend = backend.filter(|_| is_tcp)?;
+        let backend = backend.filter(|_| plain_socket)?;
         let abandoned = Arc::new(AtomicBool::new(false));
         let reads = WholeReads {
             export_name: export_name.into(),

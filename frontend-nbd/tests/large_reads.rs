@@ -2,8 +2,8 @@
 //! and sent whole on a pool thread while the connection reads on: their
 //! replies and the small ones sent meanwhile never interleave, a READ
 //! that fails there is answered with its error, and a client that leaves
-//! without reading its replies costs nobody else anything. Over a unix
-//! socket large READs still go by sendfile.
+//! without reading its replies costs nobody else anything. The same over
+//! a unix socket, whose client is on this machine too.
 //!
 //! A target with no backend here (`braid attach`) answers READs with data
 //! in memory; the large ones are sent from a pool thread. The same holds
@@ -156,14 +156,17 @@ async fn large_reads_over_loopback_tcp_run_whole_on_a_pool_thread() {
 }
 
 #[tokio::test]
-async fn large_reads_over_a_unix_socket_still_go_by_sendfile() {
+async fn large_reads_over_a_unix_socket_run_whole_on_a_pool_thread() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let path = dir.path().join("nbd.sock");
     let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
     let executed = start_recording(dir.path(), listener);
     let mut s = UnixStream::connect(&path).await.unwrap();
     read_mixed(&mut s).await;
-    assert_eq!(executed.load(Ordering::Relaxed), 0);
+    assert!(
+        executed.load(Ordering::Relaxed) >= 1,
+        "large READs ran on a pool thread"
+    );
 }
 
 #[tokio::test]
