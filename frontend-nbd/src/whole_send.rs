@@ -36,12 +36,15 @@ struct Queue {
 }
 
 /// One connection's large READ replies, sent from a pool thread.
-pub(crate) struct WholeSends {
+pub(crate) struct WholeSends(Arc<Shared>);
+
+/// What the connection and the pool thread draining its queue share.
+struct Shared {
     export_name: Arc<str>,
     writer: SharedWriter,
-    queue: Arc<Mutex<Queue>>,
+    queue: Mutex<Queue>,
     abandoned: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<io::Error>>>,
+    failure: Mutex<Option<io::Error>>,
 }
 
 impl WholeSends {
@@ -60,13 +63,14 @@ impl WholeSends {
             return None;
         }
         let abandoned = Arc::new(AtomicBool::new(false));
-        let sends = WholeSends {
+        let shared = Shared {
             export_name: export_name.into(),
             writer: writer.clone(),
-            queue: Arc::default(),
+            queue: Mutex::default(),
             abandoned: abandoned.clone(),
-            failure: Arc::default(),
+            failure: Mutex::default(),
         };
+        let sends = WholeSends(Arc::new(shared));
         Some((Arc::new(sends), AbandonOnDrop(abandoned)))
     }
 
@@ -80,7 +84,7 @@ impl WholeSends {
         offset: u64,
         keep: K,
     ) {
-        let mut queue = self.queue.lock().unwrap();
+        let mut queue = self.0.queue.lock().unwrap();
         queue.replies.push_back(Queued {
             head,
             data,
@@ -92,33 +96,19 @@ impl WholeSends {
         }
         queue.draining = true;
         drop(queue);
-        let drainer = Drainer {
-            export_name: self.export_name.clone(),
-            writer: self.writer.clone(),
-            queue: self.queue.clone(),
-            abandoned: self.abandoned.clone(),
-            failure: self.failure.clone(),
-        };
-        tokio::task::spawn_blocking(move || drainer.run());
+        let shared = self.0.clone();
+        tokio::task::spawn_blocking(move || shared.drain());
     }
 
     /// The first failure to send a reply, if any: the connection's error.
     pub(crate) fn failure(&self) -> Option<io::Error> {
-        self.failure.lock().unwrap().take()
+        self.0.failure.lock().unwrap().take()
     }
 }
 
-/// What the pool thread draining a connection's queue holds.
-struct Drainer {
-    export_name: Arc<str>,
-    writer: SharedWriter,
-    queue: Arc<Mutex<Queue>>,
-    abandoned: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<io::Error>>>,
-}
-
-impl Drainer {
-    fn run(self) {
+impl Shared {
+    /// Sends queued replies until none is left; runs on a pool thread.
+    fn drain(&self) {
         loop {
             let next = {
                 let mut queue = self.queue.lock().unwrap();
