@@ -112,24 +112,8 @@ impl WholeReads {
                 }
             };
             let head = head(data.len());
-            let wr = writer.blocking_lock();
-            // The writer task flushes before it lets go, so its buffer is
-            // empty unless its last write failed: the stream is broken.
-            let sent = if wr.buffer().is_empty() {
-                let mut bufs = [io::IoSlice::new(&head), io::IoSlice::new(&data)];
-                wr.get_ref().write_all_blocking(&mut bufs, &abandoned)
-            } else {
-                Err(io::Error::other("an earlier reply was left half-written"))
-            };
-            if let Err(e) = sent {
-                let e = io::Error::new(
-                    e.kind(),
-                    format!("export {export_name}: READ at offset {offset} length {len}: {e}"),
-                );
-                wr.get_ref().shut_down();
-                failure.lock().unwrap().get_or_insert(e);
-            }
-            drop(wr);
+            let what = || format!("export {export_name}: READ at offset {offset} length {len}");
+            send_whole(&writer, &head, &data, &abandoned, &failure, what);
             running.fetch_sub(1, Ordering::AcqRel);
             drop(done);
         });
@@ -139,5 +123,32 @@ impl WholeReads {
     /// The first failure to send a reply, if any: the connection's error.
     pub(crate) fn failure(&self) -> Option<io::Error> {
         self.failure.lock().unwrap().take()
+    }
+}
+
+/// Writes one whole reply, `head` then `data`, under the connection's
+/// writer lock from a thread that may block; a failure (named by `what`)
+/// ends the connection and is kept for its task to report.
+pub(crate) fn send_whole(
+    writer: &SharedWriter,
+    head: &[u8],
+    data: &[u8],
+    abandoned: &AtomicBool,
+    failure: &Mutex<Option<io::Error>>,
+    what: impl FnOnce() -> String,
+) {
+    let wr = writer.blocking_lock();
+    // The writer task flushes before it lets go, so its buffer is empty
+    // unless its last write failed: the stream is broken.
+    let sent = if wr.buffer().is_empty() {
+        let mut bufs = [io::IoSlice::new(head), io::IoSlice::new(data)];
+        wr.get_ref().write_all_blocking(&mut bufs, abandoned)
+    } else {
+        Err(io::Error::other("an earlier reply was left half-written"))
+    };
+    if let Err(e) = sent {
+        let e = io::Error::new(e.kind(), format!("{}: {e}", what()));
+        wr.get_ref().shut_down();
+        failure.lock().unwrap().get_or_insert(e);
     }
 }

@@ -12,7 +12,7 @@
 //! joins the queue.
 
 use crate::socket::ReplySink;
-use crate::whole_read::{AbandonOnDrop, SharedWriter};
+use crate::whole_read::{send_whole, AbandonOnDrop, SharedWriter};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io;
@@ -130,27 +130,21 @@ impl Shared {
         if self.failure.lock().unwrap().is_some() {
             return;
         }
-        let wr = self.writer.blocking_lock();
-        // The writer task flushes before it lets go, so its buffer is
-        // empty unless its last write failed: the stream is broken.
-        let sent = if wr.buffer().is_empty() {
-            let mut bufs = [io::IoSlice::new(&reply.head), io::IoSlice::new(&reply.data)];
-            wr.get_ref().write_all_blocking(&mut bufs, &self.abandoned)
-        } else {
-            Err(io::Error::other("an earlier reply was left half-written"))
+        let what = || {
+            format!(
+                "export {}: READ at offset {} length {}",
+                self.export_name,
+                reply.offset,
+                reply.data.len()
+            )
         };
-        if let Err(e) = sent {
-            let e = io::Error::new(
-                e.kind(),
-                format!(
-                    "export {}: READ at offset {} length {}: {e}",
-                    self.export_name,
-                    reply.offset,
-                    reply.data.len()
-                ),
-            );
-            wr.get_ref().shut_down();
-            self.failure.lock().unwrap().get_or_insert(e);
-        }
+        send_whole(
+            &self.writer,
+            &reply.head,
+            &reply.data,
+            &self.abandoned,
+            &self.failure,
+            what,
+        );
     }
 }
