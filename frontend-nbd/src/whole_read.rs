@@ -5,14 +5,17 @@
 //! 19%, and 19% delivering the segments to the client's socket). With one
 //! READ at a time whole on a pool thread and the next ones read by the
 //! connection's thread meanwhile, one READ's read overlaps another's send,
-//! and each READ's data is still in the sending core's cache.
+//! and each READ's data is still in the sending core's cache. READs of a
+//! MiB or more instead wait for the pool thread, in order: see
+//! [`WHOLE_QUEUE_MIN`].
 
 use crate::socket::ReplySink;
 use crate::target::Completion;
 use braid_core::server::{Backend, BackendOp};
 use bytes::BytesMut;
+use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::io::BufWriter;
 
@@ -27,23 +30,62 @@ pub(crate) type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<ReplySink>>>;
 /// than at 64.
 pub(crate) const WHOLE_READ_MIN: u32 = 64 * 1024;
 
-/// Large READs of one connection running whole at a time; the next ones
-/// are read where they arrive (and sent by the writer task) meanwhile.
-/// Two streams of reads and sends is what overlaps; more only added
-/// switching between threads on two cores (perf: 12% in
+/// Large READs of one connection running whole at a time; smaller ones
+/// that find it busy are read where they arrive (and sent by the writer
+/// task) meanwhile. Two streams of reads and sends is what overlaps; more
+/// only added switching between threads on two cores (perf: 12% in
 /// `finish_task_switch`). 1 MiB READs at QD8, two alternations: inline
 /// 1932-1990 MiB/s; one at a time 2145-2156; two 2010-2072; unbounded
 /// 1848-1861.
 const WHOLE_READS_AT_ONCE: usize = 1;
 
+/// READs at least this large that find the pool thread busy wait for it
+/// in the connection's queue, rather than run beside it. Sent by the
+/// writer task, such a reply leaves in pieces as the socket makes room,
+/// each wait polled, while the pool thread blocks on the same socket; the
+/// two senders then cost more CPU than one sending everything. fio, 1 MiB
+/// READs at QD8 against `braid serve`, four alternations, MiB/s (server
+/// CPU): over a unix socket, sequential 1381-1971 -> 1948-2233, random
+/// 1370-1768 -> 1687-2189; over loopback TCP, sequential 1728-1967 (111-
+/// 115%) -> 1818-2193 (98-102%), random 2023-2417 (113-119%) -> 2062-2236
+/// (94-103%); nbd-server over unix beside them 1790-2118. Below this the
+/// two streams win: 256 KiB over TCP 2126-2249 overlapping, 1693-1765
+/// queued; 64 KiB over unix 1495-1614 against 732-871.
+pub(crate) const WHOLE_QUEUE_MIN: u32 = 1 << 20;
+
+/// Makes a READ's reply header for the length of data read.
+type ReplyHead = Box<dyn FnOnce(usize) -> BytesMut + Send>;
+
+/// A large READ to run whole.
+struct WholeRead {
+    export: usize,
+    offset: u64,
+    len: u32,
+    head: ReplyHead,
+    done: Completion,
+}
+
+#[derive(Default)]
+struct Runs {
+    /// READs of [`WHOLE_QUEUE_MIN`] or more waiting for a pool thread, in
+    /// the order they arrived. Not empty only while
+    /// [`WHOLE_READS_AT_ONCE`] threads run: the last to finish takes them.
+    waiting: VecDeque<WholeRead>,
+    /// Pool threads running this connection's READs.
+    running: usize,
+}
+
 /// What a connection needs to run large READs whole elsewhere.
-pub(crate) struct WholeReads {
+pub(crate) struct WholeReads(Arc<Shared>);
+
+/// What the connection and the pool threads running its READs share.
+struct Shared {
     export_name: Arc<str>,
     backend: Arc<dyn Backend>,
     writer: SharedWriter,
     abandoned: Arc<AtomicBool>,
-    running: Arc<AtomicUsize>,
-    failure: Arc<Mutex<Option<io::Error>>>,
+    runs: Mutex<Runs>,
+    failure: Mutex<Option<io::Error>>,
 }
 
 /// Sets the flag when the connection's task ends or is dropped, so a pool
@@ -69,22 +111,23 @@ impl WholeReads {
     ) -> Option<(WholeReads, AbandonOnDrop)> {
         let backend = backend.filter(|_| plain_socket)?;
         let abandoned = Arc::new(AtomicBool::new(false));
-        let reads = WholeReads {
+        let shared = Shared {
             export_name: export_name.into(),
             backend,
             writer: writer.clone(),
             abandoned: abandoned.clone(),
-            running: Arc::default(),
-            failure: Arc::default(),
+            runs: Mutex::default(),
+            failure: Mutex::default(),
         };
-        Some((reads, AbandonOnDrop(abandoned)))
+        Some((WholeReads(Arc::new(shared)), AbandonOnDrop(abandoned)))
     }
 
     /// Reads `[offset, offset + len)` of `export` and sends it behind the
     /// header `head(len)` makes, on a pool thread. A failed read is
     /// answered through `done`, which is dropped (its budget given back)
     /// once the reply is sent. If [`WHOLE_READS_AT_ONCE`] are running
-    /// already, `done` comes back: the caller runs the READ its usual way.
+    /// already, a READ of [`WHOLE_QUEUE_MIN`] or more waits for them and a
+    /// smaller one's `done` comes back: the caller runs it its usual way.
     pub(crate) fn try_spawn(
         &self,
         export: usize,
@@ -93,36 +136,88 @@ impl WholeReads {
         head: impl FnOnce(usize) -> BytesMut + Send + 'static,
         done: Completion,
     ) -> Result<(), Completion> {
-        if self.running.fetch_add(1, Ordering::AcqRel) >= WHOLE_READS_AT_ONCE {
-            self.running.fetch_sub(1, Ordering::AcqRel);
-            return Err(done);
+        let read = WholeRead {
+            export,
+            offset,
+            len,
+            head: Box::new(head),
+            done,
+        };
+        let mut runs = self.0.runs.lock().unwrap();
+        if runs.running >= WHOLE_READS_AT_ONCE {
+            if len < WHOLE_QUEUE_MIN {
+                return Err(read.done);
+            }
+            runs.waiting.push_back(read);
+            return Ok(());
         }
-        let running = self.running.clone();
-        let export_name = self.export_name.clone();
-        let backend = self.backend.clone();
-        let writer = self.writer.clone();
-        let abandoned = self.abandoned.clone();
-        let failure = self.failure.clone();
-        tokio::task::spawn_blocking(move || {
-            let data = match backend.execute(export, &BackendOp::Read { offset, len }) {
-                Ok(data) => data,
-                Err(status) => {
-                    running.fetch_sub(1, Ordering::AcqRel);
-                    return done(Err(status));
-                }
-            };
-            let head = head(data.len());
-            let what = || format!("export {export_name}: READ at offset {offset} length {len}");
-            send_whole(&writer, &head, &data, &abandoned, &failure, what);
-            running.fetch_sub(1, Ordering::AcqRel);
-            drop(done);
-        });
+        runs.running += 1;
+        drop(runs);
+        let shared = self.0.clone();
+        tokio::task::spawn_blocking(move || shared.run(read));
         Ok(())
     }
 
     /// The first failure to send a reply, if any: the connection's error.
     pub(crate) fn failure(&self) -> Option<io::Error> {
-        self.failure.lock().unwrap().take()
+        self.0.failure.lock().unwrap().take()
+    }
+}
+
+impl Shared {
+    /// Runs `read`, then those that queued meanwhile, on a pool thread.
+    fn run(&self, mut read: WholeRead) {
+        loop {
+            self.read_and_send(read);
+            let mut runs = self.runs.lock().unwrap();
+            // Decided under the lock: a READ queued after this finds a
+            // thread free and starts one.
+            match runs.waiting.pop_front() {
+                Some(next) => read = next,
+                None => {
+                    runs.running -= 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_and_send(&self, read: WholeRead) {
+        let WholeRead {
+            export,
+            offset,
+            len,
+            head,
+            done,
+        } = read;
+        // A connection that has ended or failed reads nothing more; its
+        // READs' budgets go back as they are dropped.
+        if self.abandoned.load(Ordering::Acquire) || self.failure.lock().unwrap().is_some() {
+            return;
+        }
+        let data = match self
+            .backend
+            .execute(export, &BackendOp::Read { offset, len })
+        {
+            Ok(data) => data,
+            Err(status) => return done(Err(status)),
+        };
+        let head = head(data.len());
+        let what = || {
+            format!(
+                "export {}: READ at offset {offset} length {len}",
+                self.export_name
+            )
+        };
+        send_whole(
+            &self.writer,
+            &head,
+            &data,
+            &self.abandoned,
+            &self.failure,
+            what,
+        );
+        drop(done);
     }
 }
 

@@ -35,10 +35,30 @@ const FAILING: u64 = 12 << 20;
 const EIO: u32 = 5;
 
 /// The file backend, counting the large READs it ran on a thread that may
-/// block (`execute`) and failing those at [`FAILING`].
+/// block (`execute`) and those the connection's thread tried itself
+/// (`try_execute_now`), and failing those at [`FAILING`].
 struct Recording {
     inner: Arc<FileBackend>,
+    counts: Counts,
+}
+
+#[derive(Clone, Default)]
+struct Counts {
     large_executed: Arc<AtomicUsize>,
+    large_tried_inline: Arc<AtomicUsize>,
+}
+
+impl Counts {
+    fn executed(&self) -> usize {
+        self.large_executed.load(Ordering::Relaxed)
+    }
+    fn tried_inline(&self) -> usize {
+        self.large_tried_inline.load(Ordering::Relaxed)
+    }
+}
+
+fn is_large_read(op: &BackendOp) -> bool {
+    matches!(op, BackendOp::Read { len, .. } if *len == LARGE)
 }
 
 fn reads_failing(op: &BackendOp) -> bool {
@@ -47,8 +67,8 @@ fn reads_failing(op: &BackendOp) -> bool {
 
 impl Backend for Recording {
     fn execute(&self, export: usize, op: &BackendOp) -> Result<Bytes, Status> {
-        if matches!(op, BackendOp::Read { len, .. } if *len == LARGE) {
-            self.large_executed.fetch_add(1, Ordering::Relaxed);
+        if is_large_read(op) {
+            self.counts.large_executed.fetch_add(1, Ordering::Relaxed);
         }
         if reads_failing(op) {
             return Err(Status::Io);
@@ -56,6 +76,11 @@ impl Backend for Recording {
         self.inner.execute(export, op)
     }
     fn try_execute_now(&self, export: usize, op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        if is_large_read(op) {
+            self.counts
+                .large_tried_inline
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if reads_failing(op) {
             return Some(Err(Status::Io));
         }
@@ -74,8 +99,8 @@ fn byte_at(pos: u64) -> u8 {
 }
 
 /// Serves disk0 (filled with a pattern) from tmpfs on `listener`; returns
-/// the count of large READs run on a pool thread.
-fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Arc<AtomicUsize> {
+/// the counts of where its large READs ran.
+fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Counts {
     let (backend, exports) = exports(dir);
     let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
     std::fs::File::options()
@@ -84,10 +109,10 @@ fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Arc<AtomicUs
         .unwrap()
         .write_all_at(&pattern, 0)
         .unwrap();
-    let large_executed = Arc::new(AtomicUsize::new(0));
+    let counts = Counts::default();
     let recording = Recording {
         inner: backend,
-        large_executed: large_executed.clone(),
+        counts: counts.clone(),
     };
     tokio::spawn(serve(
         listener,
@@ -95,15 +120,18 @@ fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Arc<AtomicUs
         Arc::new(BackendTarget::new(Arc::new(recording))),
         std::future::pending(),
     ));
-    large_executed
+    counts
 }
 
 /// [`start_recording`] on a loopback TCP port; returns its address too.
-async fn start_recording_tcp(dir: &std::path::Path) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+async fn start_recording_tcp(dir: &std::path::Path) -> (std::net::SocketAddr, Counts) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     (addr, start_recording(dir, NbdListener::Tcp(listener)))
 }
+
+/// Large READs [`read_mixed`] asks for, the failing one included.
+const LARGE_READS_MIXED: usize = 9;
 
 /// Pipelines eight large READs with a small one after each and one large
 /// READ that fails, then checks every reply: framing, handle, data.
@@ -144,14 +172,24 @@ async fn read_mixed(s: &mut (impl Io + ?Sized)) {
 #[tokio::test]
 async fn large_reads_over_loopback_tcp_run_whole_on_a_pool_thread() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let (addr, executed) = start_recording_tcp(dir.path()).await;
+    let (addr, counts) = start_recording_tcp(dir.path()).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     read_mixed(&mut s).await;
-    // One runs elsewhere at a time, the first always; the rest are read
-    // where they arrive while it runs.
-    assert!(
-        executed.load(Ordering::Relaxed) >= 1,
-        "large READs ran on a pool thread"
+    assert_all_ran_whole(&counts);
+}
+
+/// READs of a MiB run on the pool thread one after another, those that
+/// found it busy waiting for it: none ran on the connection's thread.
+fn assert_all_ran_whole(counts: &Counts) {
+    assert_eq!(
+        counts.executed(),
+        LARGE_READS_MIXED,
+        "every large READ ran on a pool thread"
+    );
+    assert_eq!(
+        counts.tried_inline(),
+        0,
+        "no large READ ran on the connection's thread"
     );
 }
 
@@ -160,19 +198,16 @@ async fn large_reads_over_a_unix_socket_run_whole_on_a_pool_thread() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
     let path = dir.path().join("nbd.sock");
     let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
-    let executed = start_recording(dir.path(), listener);
+    let counts = start_recording(dir.path(), listener);
     let mut s = UnixStream::connect(&path).await.unwrap();
     read_mixed(&mut s).await;
-    assert!(
-        executed.load(Ordering::Relaxed) >= 1,
-        "large READs ran on a pool thread"
-    );
+    assert_all_ran_whole(&counts);
 }
 
 #[tokio::test]
 async fn a_client_that_leaves_without_reading_costs_others_nothing() {
     let dir = tempfile::tempdir_in("/dev/shm").unwrap();
-    let (addr, executed) = start_recording_tcp(dir.path()).await;
+    let (addr, counts) = start_recording_tcp(dir.path()).await;
     let mut rude = tokio::net::TcpStream::connect(addr).await.unwrap();
     greet(&mut rude).await;
     go(&mut rude, "disk0").await;
@@ -182,7 +217,7 @@ async fn a_client_that_leaves_without_reading_costs_others_nothing() {
         request(&mut rude, 0, 0, n, offset, LARGE, &[]).await;
     }
     let started = async {
-        while executed.load(Ordering::Relaxed) == 0 {
+        while counts.executed() == 0 {
             tokio::task::yield_now().await;
         }
     };
