@@ -23,6 +23,7 @@ mod ring;
 mod socket;
 mod target;
 mod transmit;
+mod turns;
 mod whole_read;
 mod whole_send;
 

@@ -11,9 +11,9 @@
 
 use crate::socket::ReplySink;
 use crate::target::Completion;
+use crate::turns::{Offer, Turns};
 use braid_core::server::{Backend, BackendOp};
 use bytes::BytesMut;
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,15 +29,6 @@ pub(crate) type SharedWriter = Arc<tokio::sync::Mutex<BufWriter<ReplySink>>>;
 /// at 256 KiB; 128 KiB 789-1079, 1117-1145, 965-988. At 16 KiB no better
 /// than at 64.
 pub(crate) const WHOLE_READ_MIN: u32 = 64 * 1024;
-
-/// Large READs of one connection running whole at a time; smaller ones
-/// that find it busy are read where they arrive (and sent by the writer
-/// task) meanwhile. Two streams of reads and sends is what overlaps; more
-/// only added switching between threads on two cores (perf: 12% in
-/// `finish_task_switch`). 1 MiB READs at QD8, two alternations: inline
-/// 1932-1990 MiB/s; one at a time 2145-2156; two 2010-2072; unbounded
-/// 1848-1861.
-const WHOLE_READS_AT_ONCE: usize = 1;
 
 /// READs at least this large that find the pool thread busy wait for it
 /// in the connection's queue, rather than run beside it. Sent by the
@@ -65,26 +56,23 @@ struct WholeRead {
     done: Completion,
 }
 
-#[derive(Default)]
-struct Runs {
-    /// READs of [`WHOLE_QUEUE_MIN`] or more waiting for a pool thread, in
-    /// the order they arrived. Not empty only while
-    /// [`WHOLE_READS_AT_ONCE`] threads run: the last to finish takes them.
-    waiting: VecDeque<WholeRead>,
-    /// Pool threads running this connection's READs.
-    running: usize,
-}
-
 /// What a connection needs to run large READs whole elsewhere.
 pub(crate) struct WholeReads(Arc<Shared>);
 
-/// What the connection and the pool threads running its READs share.
+/// What the connection and the pool thread running its READs share.
 struct Shared {
     export_name: Arc<str>,
     backend: Arc<dyn Backend>,
     writer: SharedWriter,
     abandoned: Arc<AtomicBool>,
-    runs: Mutex<Runs>,
+    /// One large READ of the connection runs whole at a time; smaller
+    /// ones that find it busy are read where they arrive (and sent by the
+    /// writer task) meanwhile. Two streams of reads and sends is what
+    /// overlaps; more only added switching between threads on two cores
+    /// (perf: 12% in `finish_task_switch`). 1 MiB READs at QD8, two
+    /// alternations: inline 1932-1990 MiB/s; one at a time 2145-2156; two
+    /// 2010-2072; unbounded 1848-1861.
+    turns: Turns<WholeRead>,
     failure: Mutex<Option<io::Error>>,
 }
 
@@ -116,7 +104,7 @@ impl WholeReads {
             backend,
             writer: writer.clone(),
             abandoned: abandoned.clone(),
-            runs: Mutex::default(),
+            turns: Turns::default(),
             failure: Mutex::default(),
         };
         Some((WholeReads(Arc::new(shared)), AbandonOnDrop(abandoned)))
@@ -125,9 +113,9 @@ impl WholeReads {
     /// Reads `[offset, offset + len)` of `export` and sends it behind the
     /// header `head(len)` makes, on a pool thread. A failed read is
     /// answered through `done`, which is dropped (its budget given back)
-    /// once the reply is sent. If [`WHOLE_READS_AT_ONCE`] are running
-    /// already, a READ of [`WHOLE_QUEUE_MIN`] or more waits for them and a
-    /// smaller one's `done` comes back: the caller runs it its usual way.
+    /// once the reply is sent. If one is running already, a READ of
+    /// [`WHOLE_QUEUE_MIN`] or more waits for it and a smaller one's `done`
+    /// comes back: the caller runs it its usual way.
     pub(crate) fn try_spawn(
         &self,
         export: usize,
@@ -143,19 +131,17 @@ impl WholeReads {
             head: Box::new(head),
             done,
         };
-        let mut runs = self.0.runs.lock().unwrap();
-        if runs.running >= WHOLE_READS_AT_ONCE {
-            if len < WHOLE_QUEUE_MIN {
-                return Err(read.done);
+        match self.0.turns.offer(read, len >= WHOLE_QUEUE_MIN) {
+            Offer::Start(read) => {
+                let shared = self.0.clone();
+                tokio::task::spawn_blocking(move || {
+                    shared.turns.run(read, |read| shared.read_and_send(read))
+                });
+                Ok(())
             }
-            runs.waiting.push_back(read);
-            return Ok(());
+            Offer::Queued => Ok(()),
+            Offer::Busy(read) => Err(read.done),
         }
-        runs.running += 1;
-        drop(runs);
-        let shared = self.0.clone();
-        tokio::task::spawn_blocking(move || shared.run(read));
-        Ok(())
     }
 
     /// The first failure to send a reply, if any: the connection's error.
@@ -165,23 +151,6 @@ impl WholeReads {
 }
 
 impl Shared {
-    /// Runs `read`, then those that queued meanwhile, on a pool thread.
-    fn run(&self, mut read: WholeRead) {
-        loop {
-            self.read_and_send(read);
-            let mut runs = self.runs.lock().unwrap();
-            // Decided under the lock: a READ queued after this finds a
-            // thread free and starts one.
-            match runs.waiting.pop_front() {
-                Some(next) => read = next,
-                None => {
-                    runs.running -= 1;
-                    return;
-                }
-            }
-        }
-    }
-
     fn read_and_send(&self, read: WholeRead) {
         let WholeRead {
             export,

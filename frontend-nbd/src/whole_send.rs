@@ -12,9 +12,9 @@
 //! joins the queue.
 
 use crate::socket::ReplySink;
+use crate::turns::{Offer, Turns};
 use crate::whole_read::{send_whole, AbandonOnDrop, SharedWriter};
 use bytes::{Bytes, BytesMut};
-use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -28,13 +28,6 @@ struct Queued {
     keep: Box<dyn Send>,
 }
 
-#[derive(Default)]
-struct Queue {
-    replies: VecDeque<Queued>,
-    /// A pool thread is draining `replies`.
-    draining: bool,
-}
-
 /// One connection's large READ replies, sent from a pool thread.
 pub(crate) struct WholeSends(Arc<Shared>);
 
@@ -42,7 +35,7 @@ pub(crate) struct WholeSends(Arc<Shared>);
 struct Shared {
     export_name: Arc<str>,
     writer: SharedWriter,
-    queue: Mutex<Queue>,
+    turns: Turns<Queued>,
     abandoned: Arc<AtomicBool>,
     failure: Mutex<Option<io::Error>>,
 }
@@ -66,7 +59,7 @@ impl WholeSends {
         let shared = Shared {
             export_name: export_name.into(),
             writer: writer.clone(),
-            queue: Mutex::default(),
+            turns: Turns::default(),
             abandoned: abandoned.clone(),
             failure: Mutex::default(),
         };
@@ -84,20 +77,21 @@ impl WholeSends {
         offset: u64,
         keep: K,
     ) {
-        let mut queue = self.0.queue.lock().unwrap();
-        queue.replies.push_back(Queued {
+        let reply = Queued {
             head,
             data,
             offset,
             keep: Box::new(keep),
-        });
-        if queue.draining {
-            return;
+        };
+        if let Offer::Start(reply) = self.0.turns.offer(reply, true) {
+            let shared = self.0.clone();
+            tokio::task::spawn_blocking(move || {
+                shared.turns.run(reply, |reply| {
+                    shared.send(&reply);
+                    drop(reply.keep);
+                })
+            });
         }
-        queue.draining = true;
-        drop(queue);
-        let shared = self.0.clone();
-        tokio::task::spawn_blocking(move || shared.drain());
     }
 
     /// The first failure to send a reply, if any: the connection's error.
@@ -107,23 +101,6 @@ impl WholeSends {
 }
 
 impl Shared {
-    /// Sends queued replies until none is left; runs on a pool thread.
-    fn drain(&self) {
-        loop {
-            let next = {
-                let mut queue = self.queue.lock().unwrap();
-                let next = queue.replies.pop_front();
-                // Decided under the lock: a reply queued after this sees
-                // no drainer and starts one.
-                queue.draining = next.is_some();
-                next
-            };
-            let Some(reply) = next else { return };
-            self.send(&reply);
-            drop(reply.keep);
-        }
-    }
-
     /// Writes one reply under the connection's writer lock, blocking; a
     /// failure ends the connection and is kept for its task to report.
     fn send(&self, reply: &Queued) {
