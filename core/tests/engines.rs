@@ -738,6 +738,65 @@ fn goodbye_frees_the_session_and_linger_expiry_frees_an_abandoned_one() {
     assert_eq!(p.server.session_count(), 0);
 }
 
+/// Requests the client sent on each connection since `before`, largest
+/// count first.
+fn sent_since(p: &Pair, before: &BTreeMap<ConnId, usize>) -> Vec<usize> {
+    let mut counts: Vec<usize> = p
+        .conns
+        .values()
+        .map(|c| p.sent_to.get(c).copied().unwrap_or(0) - before.get(c).copied().unwrap_or(0))
+        .collect();
+    counts.sort_unstable_by(|a, b| b.cmp(a));
+    counts
+}
+
+#[test]
+fn small_requests_stay_on_one_channel_until_it_is_well_ahead() {
+    let mut config = client_config("disk0", "alice", b"alice's key");
+    config.channels = 4;
+    let mut p = Pair::new(config);
+    p.drive();
+    // Nothing comes back: every request stays in flight.
+    let conns: Vec<ConnId> = p.conns.values().copied().collect();
+    assert_eq!(conns.len(), 4);
+    p.blackhole.extend(conns);
+    let mut user = 0;
+    let mut read = |p: &mut Pair, len: u32| {
+        user += 1;
+        p.client
+            .submit(user, IoRequest::read(0, len), p.now)
+            .unwrap();
+    };
+    for _ in 0..4 {
+        read(&mut p, 1 << 20);
+    }
+    p.drive();
+    assert_eq!(
+        sent_since(&p, &BTreeMap::new()),
+        [1, 1, 1, 1],
+        "large requests go to the least loaded channel each"
+    );
+    let before = p.sent_to.clone();
+    for _ in 0..10 {
+        read(&mut p, 4096);
+    }
+    p.drive();
+    assert_eq!(
+        sent_since(&p, &before),
+        [10, 0, 0, 0],
+        "a burst of small requests leaves on one channel"
+    );
+    for _ in 0..24 {
+        read(&mut p, 4096);
+    }
+    p.drive();
+    assert_eq!(
+        sent_since(&p, &before),
+        [16, 16, 2, 0],
+        "a channel takes small requests until it is 16 ahead of the least loaded"
+    );
+}
+
 #[test]
 fn overlapping_writes_go_out_one_at_a_time() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
@@ -764,7 +823,10 @@ fn overlapping_writes_go_out_one_at_a_time() {
 
 #[test]
 fn a_suspect_channel_still_carries_io_when_it_is_the_only_one_up() {
-    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    let mut config = client_config("disk0", "alice", b"alice's key");
+    // Least-in-flight would keep both small writes on one channel.
+    config.policy = Policy::RoundRobin;
+    let mut p = Pair::new(config);
     p.drive();
     let conn_of = |p: &Pair, slot: u16| {
         p.conns

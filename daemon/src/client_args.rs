@@ -9,7 +9,9 @@ use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum PolicyArg {
-    /// Fewest requests outstanding (default).
+    /// Fewest requests outstanding (default); small requests stay on one
+    /// channel while it is within 16 of the least loaded, so a burst
+    /// leaves in one send.
     LeastInflight,
     /// Rotate.
     RoundRobin,

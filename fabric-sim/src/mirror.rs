@@ -410,6 +410,8 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             crate::world::seed_bytes(seed, 200 + i as u64 + 16 * boot),
         );
         config.identity = Some(run);
+        // The pinned seeds below were found with every request spread.
+        config.sticky_slack = 0;
         // As `braid attach` does: a leg that does not answer is attached
         // without, and resynced when it does.
         let addr = SocketAddr::new(server_ip(i), PORT).to_string();
@@ -466,6 +468,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             let mut config =
                 ClientConfig::new("disk0", "sim", key, crate::world::seed_bytes(seed, 300));
             config.identity = Some(run);
+            config.sticky_slack = 0;
             // The new server may be down right now: connecting waits.
             let client = Client::connect(
                 SocketAddr::new(server_ip(LEGS), PORT).to_string(),

@@ -115,6 +115,19 @@ pub fn run_sabotaged(
     run_with(scenario, seed, virtual_secs, sabotage, false)
 }
 
+/// [`run`] as the client ran when the pinned seeds were found: every
+/// request to the least loaded channel (`sticky_slack` 0), so a seed
+/// replays the very run that found its bug.
+pub fn run_as_found(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: f64,
+) -> Option<braid_core::testkit::Report> {
+    let mut cfg = self::scenario(scenario, seed, virtual_secs)?;
+    cfg.sticky_slack = 0;
+    Some(world(scenario, cfg).run())
+}
+
 /// Where two runs of a seed first differ: runs it twice recording every
 /// step, and names the step, its virtual time and each run's event there.
 /// `None` if the recordings agree.
@@ -156,12 +169,16 @@ fn run_with(
     for s in sabotage {
         s.apply(&mut cfg);
     }
+    Some(world(scenario, cfg).run())
+}
+
+fn world(scenario: Scenario, cfg: WorldConfig) -> braid_core::testkit::World {
     let mut world = braid_core::testkit::World::new(cfg);
     if expects_errors(scenario) {
         world.allow_errors();
         world.set_bad_ranges(bad_ranges(scenario));
     }
-    Some(world.run())
+    world
 }
 
 /// A world whose every knob is drawn from the seed, as TigerBeetle's VOPR
@@ -253,6 +270,7 @@ pub fn swarm(seed: u64, virtual_secs: f64) -> WorldConfig {
     }
     // Drawn last, so every earlier draw of a seed stays what it was.
     c.hold_refused = rng.chance(0.5);
+    c.sticky_slack = [0, 1, 4, 16, 64][rng.below(5) as usize];
     c
 }
 
@@ -277,7 +295,7 @@ pub fn describe(c: &WorldConfig) -> String {
     }
     format!(
         "channels={} qd={} hold_refused={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
-         server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
+         sticky_slack={} server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
          keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}] tunings=[{}]",
         c.channels,
         c.queue_depth,
@@ -286,6 +304,7 @@ pub fn describe(c: &WorldConfig) -> String {
         c.io_sectors_max,
         c.max_dirty_bytes,
         c.policy,
+        c.sticky_slack,
         c.server_max_inflight,
         c.server_max_payload,
         c.link_delay.0,

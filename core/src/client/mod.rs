@@ -33,6 +33,12 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
+/// Requests up to this size stay on the channel the last one went to
+/// (under [`Policy::LeastInflight`], see [`ClientConfig::sticky_slack`]),
+/// so a burst leaves in one send and the server reads it in one receive;
+/// larger ones spread for bandwidth.
+const STICKY_MAX_LEN: u32 = 64 * 1024;
+
 /// A block IO from the frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoRequest {
@@ -350,6 +356,9 @@ pub struct ClientEngine {
     /// The channel creating a new session (only one may).
     leader: Option<u16>,
     rr_cursor: usize,
+    /// The channel the last small request went to: small requests stay on
+    /// it while it is within `sticky_slack` of the least loaded.
+    sticky: Option<usize>,
     next_ping: u64,
     actions: VecDeque<ClientAction>,
     stats: ClientStats,
@@ -407,6 +416,7 @@ impl ClientEngine {
             epoch: 0,
             leader: None,
             rr_cursor: 0,
+            sticky: None,
             next_ping: 1,
             actions: VecDeque::new(),
             stats: ClientStats::default(),
@@ -965,7 +975,8 @@ impl ClientEngine {
                 }
             }
         }
-        let Some(slot) = self.pick_channel(tried) else {
+        // A resend goes where it is least likely to wait: no stickiness.
+        let Some(slot) = self.pick_channel(tried, false) else {
             // Nowhere to send it: wait for a channel, keep it journaled.
             if let Some(old) = self.journal.requeue(id) {
                 self.release_inflight(old);
@@ -1443,7 +1454,7 @@ impl ClientEngine {
     }
 
     /// Chooses a ready channel, avoiding the `tried` slots if possible.
-    fn pick_channel(&mut self, tried: u64) -> Option<usize> {
+    fn pick_channel(&mut self, tried: u64, small: bool) -> Option<usize> {
         let n = self.channels.len();
         let start = self.rr_cursor;
         // Suspect channels only when nothing else is ready.
@@ -1465,7 +1476,23 @@ impl ClientEngine {
                 }),
             }
         };
-        let slot = choose(self, tried).or_else(|| choose(self, 0))?;
+        let mut slot = choose(self, tried).or_else(|| choose(self, 0))?;
+        // A burst of small requests stays on one channel: one send for
+        // all of them, one receive at the server, one reply send back.
+        // The slot may be gone since: channels shrink when retuned.
+        let sticky = self.sticky.filter(|s| *s < n && *s != slot);
+        if let (Policy::LeastInflight, true, Some(last)) = (self.config.policy, small, sticky) {
+            let c = &self.channels[last];
+            if tried & (1 << last) == 0
+                && ready(c)
+                && c.inflight < self.channels[slot].inflight + self.config.sticky_slack
+            {
+                slot = last;
+            }
+        }
+        if small {
+            self.sticky = Some(slot);
+        }
         self.rr_cursor = (slot + 1) % n;
         Some(slot)
     }
@@ -1490,7 +1517,8 @@ impl ClientEngine {
                 break;
             };
             let tried = self.journal.entries[&id].tried;
-            let Some(slot) = self.pick_channel(tried) else {
+            let small = self.journal.entries[&id].len <= STICKY_MAX_LEN;
+            let Some(slot) = self.pick_channel(tried, small) else {
                 self.journal.unpop(id);
                 break;
             };

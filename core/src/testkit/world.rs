@@ -105,6 +105,8 @@ pub struct WorldConfig {
     pub disk_latency: (Duration, Duration),
     /// Channel selection.
     pub policy: Policy,
+    /// The client's `sticky_slack` (0: every request to the least loaded).
+    pub sticky_slack: u32,
     /// Client dirty window.
     pub max_dirty_bytes: u64,
     /// Test-only client sabotage.
@@ -163,6 +165,7 @@ impl WorldConfig {
             link_delay: (Duration::from_micros(20), Duration::from_micros(400)),
             disk_latency: (Duration::from_micros(10), Duration::from_micros(300)),
             policy: Policy::LeastInflight,
+            sticky_slack: defaults.sticky_slack,
             max_dirty_bytes: 32 * 1024,
             sabotage: Sabotage::default(),
             no_dedup: false,
@@ -396,6 +399,7 @@ impl World {
         let mut cc = ClientConfig::new(EXPORT, KEY_ID, key.clone(), client_seed);
         cc.channels = cfg.channels;
         cc.policy = cfg.policy;
+        cc.sticky_slack = cfg.sticky_slack;
         cc.max_dirty_bytes = cfg.max_dirty_bytes;
         cc.max_queued = cfg.queue_depth.max(1);
         cc.sabotage = cfg.sabotage;
