@@ -798,6 +798,42 @@ fn small_requests_stay_on_one_channel_until_it_is_well_ahead() {
 }
 
 #[test]
+fn small_requests_leave_a_channel_that_has_gone_quiet() {
+    let mut config = client_config("disk0", "alice", b"alice's key");
+    config.channels = 4;
+    let mut p = Pair::new(config);
+    p.drive();
+    p.client.submit(1, IoRequest::read(0, 4096), p.now).unwrap();
+    p.drive();
+    let (&first, _) = p.sent_to.iter().find(|(_, n)| **n == 1).unwrap();
+    // The channel that carried the first read falls silent.
+    p.blackhole.insert(first);
+    p.client.submit(2, IoRequest::read(0, 4096), p.now).unwrap();
+    p.drive();
+    assert_eq!(
+        p.sent_to[&first], 2,
+        "an answering channel keeps the next one"
+    );
+    p.advance(Duration::from_millis(5));
+    let before = p.sent_to.clone();
+    for user in 3..=5 {
+        p.client
+            .submit(user, IoRequest::read(0, 4096), p.now)
+            .unwrap();
+    }
+    p.drive();
+    assert_eq!(
+        p.sent_to[&first], 2,
+        "a silent channel takes no more by stickiness"
+    );
+    assert_eq!(
+        sent_since(&p, &before),
+        [3, 0, 0, 0],
+        "the burst moves on together to one other channel"
+    );
+}
+
+#[test]
 fn overlapping_writes_go_out_one_at_a_time() {
     let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
     p.drive();

@@ -86,6 +86,8 @@ pub(crate) struct Channel {
     pub(crate) gen: u32,
     pub(crate) state: ChanState,
     pub(crate) inflight: u32,
+    /// When `inflight` last rose from zero.
+    pub(crate) busy_since: Instant,
     pub(crate) last_rx: Instant,
     pub(crate) ping: Option<(u64, Instant)>,
     pub(crate) rtt: RttEstimator,
@@ -104,6 +106,7 @@ impl Channel {
                 retry_at: Instant::ZERO,
             },
             inflight: 0,
+            busy_since: Instant::ZERO,
             last_rx: Instant::ZERO,
             ping: None,
             rtt: RttEstimator::default(),
@@ -114,6 +117,22 @@ impl Channel {
 
     pub(crate) fn is_ready(&self) -> bool {
         matches!(self.state, ChanState::Ready)
+    }
+
+    /// Counts one more request in flight here.
+    pub(crate) fn carry(&mut self, now: Instant) {
+        if self.inflight == 0 {
+            self.busy_since = now;
+        }
+        self.inflight += 1;
+    }
+
+    /// How long the channel has had something to answer and said nothing.
+    pub(crate) fn silent_while_busy(&self, now: Instant) -> Duration {
+        if self.inflight == 0 {
+            return Duration::ZERO;
+        }
+        now - self.last_rx.max(self.busy_since)
     }
 }
 

@@ -39,6 +39,11 @@ use std::time::Duration;
 /// larger ones spread for bandwidth.
 const STICKY_MAX_LEN: u32 = 64 * 1024;
 
+/// A channel with requests outstanding that has said nothing for twice its
+/// smoothed round trip (and at least this) takes no more by stickiness:
+/// a stalling channel must not collect a burst before aging notices.
+const STICKY_QUIET_MIN: Duration = Duration::from_millis(1);
+
 /// A block IO from the frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoRequest {
@@ -976,7 +981,7 @@ impl ClientEngine {
             }
         }
         // A resend goes where it is least likely to wait: no stickiness.
-        let Some(slot) = self.pick_channel(tried, false) else {
+        let Some(slot) = self.pick_channel(tried, false, now) else {
             // Nowhere to send it: wait for a channel, keep it journaled.
             if let Some(old) = self.journal.requeue(id) {
                 self.release_inflight(old);
@@ -996,7 +1001,7 @@ impl ClientEngine {
         if let Some(old) = self.journal.resent(id, ch, now, resend_at) {
             self.release_inflight(old);
         }
-        self.channels[slot].inflight += 1;
+        self.channels[slot].carry(now);
         self.transmit(id, ch);
     }
 
@@ -1454,7 +1459,7 @@ impl ClientEngine {
     }
 
     /// Chooses a ready channel, avoiding the `tried` slots if possible.
-    fn pick_channel(&mut self, tried: u64, small: bool) -> Option<usize> {
+    fn pick_channel(&mut self, tried: u64, small: bool, now: Instant) -> Option<usize> {
         let n = self.channels.len();
         let start = self.rr_cursor;
         // Suspect channels only when nothing else is ready.
@@ -1483,8 +1488,11 @@ impl ClientEngine {
         let sticky = self.sticky.filter(|s| *s < n && *s != slot);
         if let (Policy::LeastInflight, true, Some(last)) = (self.config.policy, small, sticky) {
             let c = &self.channels[last];
+            let quiet_limit = c.rtt.srtt().map_or(Duration::ZERO, |rtt| rtt * 2);
+            let answering = c.silent_while_busy(now) <= quiet_limit.max(STICKY_QUIET_MIN);
             if tried & (1 << last) == 0
                 && ready(c)
+                && answering
                 && c.inflight < self.channels[slot].inflight + self.config.sticky_slack
             {
                 slot = last;
@@ -1518,7 +1526,7 @@ impl ClientEngine {
             };
             let tried = self.journal.entries[&id].tried;
             let small = self.journal.entries[&id].len <= STICKY_MAX_LEN;
-            let Some(slot) = self.pick_channel(tried, small) else {
+            let Some(slot) = self.pick_channel(tried, small, now) else {
                 self.journal.unpop(id);
                 break;
             };
@@ -1530,7 +1538,7 @@ impl ClientEngine {
                 e.cover_gen = Some(self.dirty.gen());
             }
             self.journal.mark_sent(id, ch, now, resend_at);
-            self.channels[slot].inflight += 1;
+            self.channels[slot].carry(now);
             self.transmit(id, ch);
         }
         self.maybe_flush_dirty();
