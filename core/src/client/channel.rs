@@ -46,6 +46,10 @@ pub(crate) enum ChanState {
     Ready,
 }
 
+/// The shortest silence that makes a busy channel not answering: below it,
+/// timer and scheduling noise, not a stall.
+const QUIET_LIMIT_MIN: Duration = Duration::from_millis(1);
+
 /// Smoothed RTT as in RFC 6298.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct RttEstimator {
@@ -127,12 +131,15 @@ impl Channel {
         self.inflight += 1;
     }
 
-    /// How long the channel has had something to answer and said nothing.
-    pub(crate) fn silent_while_busy(&self, now: Instant) -> Duration {
+    /// False once the channel has had something to answer and said
+    /// nothing for twice its smoothed round trip (at least
+    /// `QUIET_LIMIT_MIN`).
+    pub(crate) fn is_answering(&self, now: Instant) -> bool {
         if self.inflight == 0 {
-            return Duration::ZERO;
+            return true;
         }
-        now - self.last_rx.max(self.busy_since)
+        let limit = self.rtt.srtt().map_or(Duration::ZERO, |rtt| rtt * 2);
+        now - self.last_rx.max(self.busy_since) <= limit.max(QUIET_LIMIT_MIN)
     }
 }
 

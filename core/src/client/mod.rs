@@ -39,11 +39,6 @@ use std::time::Duration;
 /// larger ones spread for bandwidth.
 const STICKY_MAX_LEN: u32 = 64 * 1024;
 
-/// A channel with requests outstanding that has said nothing for twice its
-/// smoothed round trip (and at least this) takes no more by stickiness:
-/// a stalling channel must not collect a burst before aging notices.
-const STICKY_QUIET_MIN: Duration = Duration::from_millis(1);
-
 /// A block IO from the frontend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoRequest {
@@ -1488,12 +1483,12 @@ impl ClientEngine {
         let sticky = self.sticky.filter(|s| *s < n && *s != slot);
         if let (Policy::LeastInflight, true, Some(last)) = (self.config.policy, small, sticky) {
             let c = &self.channels[last];
-            let quiet_limit = c.rtt.srtt().map_or(Duration::ZERO, |rtt| rtt * 2);
-            let answering = c.silent_while_busy(now) <= quiet_limit.max(STICKY_QUIET_MIN);
+            // A stalling channel must not collect a burst before aging
+            // notices it.
             if tried & (1 << last) == 0
                 && ready(c)
-                && answering
                 && c.inflight < self.channels[slot].inflight + self.config.sticky_slack
+                && c.is_answering(now)
             {
                 slot = last;
             }
