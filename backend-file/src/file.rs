@@ -1,6 +1,7 @@
 use crate::block_crcs::BlockCrcs;
 use crate::lock::{lock, LockMode};
-use braid_core::server::{Backend, BackendOp, Extent, IoQueue, SpliceSource};
+use crate::mapping::Mappings;
+use braid_core::server::{Backend, BackendOp, Extent, IoQueue, MappedRange, SpliceSource};
 use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -61,6 +62,11 @@ pub struct ExportFile {
     /// Checksums of blocks large cached reads hashed, for the next read of
     /// them. `None` for a shared export: someone else may write the file.
     crcs: Option<BlockCrcs>,
+    /// Windows of the file mapped to send large READs from. `None` for
+    /// O_DIRECT exports, which promise to bypass the cache, and for files
+    /// that are neither regular nor block devices (mapping `/dev/zero`
+    /// maps fresh memory, not the device).
+    mappings: Option<Mappings>,
 }
 
 /// A fabric's read buffers, if it offered any.
@@ -161,6 +167,8 @@ impl ExportFile {
             staging: ReadBuffers::default(),
             write_turn: (!opts.direct && !is_block_device).then(Mutex::default),
             crcs: (!opts.shared).then(BlockCrcs::default),
+            mappings: (!opts.direct && (is_block_device || meta.file_type().is_file()))
+                .then(Mappings::default),
         })
     }
 
@@ -308,6 +316,24 @@ impl ExportFile {
             file: self.file.clone(),
             offset,
         })
+    }
+
+    /// `[offset, offset + len)` mapped, if every page of it is cached now
+    /// (as for [`ExportFile::splice_source`]): an uncached range is read
+    /// faster by one `pread`, with the kernel's readahead, than by the
+    /// mapping's page faults.
+    pub fn mapped_source(&self, offset: u64, len: u32) -> Option<MappedRange> {
+        let mappings = self.mappings.as_ref()?;
+        let end = offset.checked_add(u64::from(len))?;
+        if end > self.size {
+            return None;
+        }
+        let cached =
+            self.memory_backed || crate::cache::all_cached(&self.file, offset, u64::from(len))?;
+        if !cached {
+            return None;
+        }
+        mappings.range(&self.file, self.size, offset, len)
     }
 
     /// Performs `op` if the kernel can do it without blocking: a buffered
@@ -833,6 +859,10 @@ impl Backend for FileBackend {
 
     fn payload_crc(&self, export: usize, offset: u64, len: u32) -> Option<u32> {
         self.exports.get(export)?.payload_crc(offset, len).ok()
+    }
+
+    fn mapped_source(&self, export: usize, offset: u64, len: u32) -> Option<MappedRange> {
+        self.exports.get(export)?.mapped_source(offset, len)
     }
 
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {

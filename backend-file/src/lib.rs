@@ -20,6 +20,7 @@ mod block_crcs;
 mod cache;
 mod file;
 pub mod lock;
+mod mapping;
 mod queue;
 
 pub use file::{ExportFile, FileBackend, IoEngine, OpenOptions};

@@ -5,7 +5,7 @@
 //! braid's whole path; at QD1 every IO pays it once per process it crosses.
 //! An idle daemon does not spin: the window starts at each IO.
 
-use braid_core::server::{Backend, BackendOp, Extent, IoQueue, SpliceSource};
+use braid_core::server::{Backend, BackendOp, Extent, IoQueue, MappedRange, SpliceSource};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -172,6 +172,10 @@ impl<B: Backend> Backend for Polled<B> {
 
     fn payload_crc(&self, export: usize, offset: u64, len: u32) -> Option<u32> {
         self.0.payload_crc(export, offset, len)
+    }
+
+    fn mapped_source(&self, export: usize, offset: u64, len: u32) -> Option<MappedRange> {
+        self.0.mapped_source(export, offset, len)
     }
 
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {

@@ -118,26 +118,32 @@ impl ReplySink {
     /// `poll` while the socket is full; gives up once `abandoned` is set
     /// (the connection's task is gone and nobody will read the reply). The
     /// caller must hold the connection's writer so replies do not
-    /// interleave. A plain socket only.
+    /// interleave, and keep every buffer alive and mapped. The buffers
+    /// are raw iovecs because one may be a file's mapping, which only the
+    /// kernel may read (see `MappedRange`). A plain socket only.
     pub(crate) fn write_all_blocking(
         &self,
-        mut bufs: &mut [io::IoSlice<'_>],
+        mut bufs: &mut [libc::iovec],
         abandoned: &AtomicBool,
     ) -> io::Result<()> {
         let Some(fd) = self.fd() else {
             return Err(io::Error::other("blocking writes need a plain socket"));
         };
-        while !bufs.is_empty() {
-            // SAFETY: a zeroed msghdr is valid; IoSlice is ABI-compatible
-            // with iovec on unix, and `bufs` outlives the call.
+        while let Some(first) = bufs.first() {
+            if first.iov_len == 0 {
+                bufs = &mut bufs[1..];
+                continue;
+            }
+            // SAFETY: a zeroed msghdr is valid; the caller keeps every
+            // buffer alive for the call.
             let sent = unsafe {
                 let mut msg: libc::msghdr = std::mem::zeroed();
-                msg.msg_iov = bufs.as_mut_ptr().cast();
+                msg.msg_iov = bufs.as_mut_ptr();
                 msg.msg_iovlen = bufs.len() as _;
                 libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL)
             };
             if sent >= 0 {
-                io::IoSlice::advance_slices(&mut bufs, sent as usize);
+                bufs = advance(bufs, sent as usize);
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -222,6 +228,22 @@ impl ReplySink {
         }
         Ok(())
     }
+}
+
+/// `bufs` less their first `n` bytes: whole iovecs dropped, the next one
+/// started later.
+fn advance(bufs: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+    let mut skip = 0;
+    while skip < bufs.len() && n >= bufs[skip].iov_len {
+        n -= bufs[skip].iov_len;
+        skip += 1;
+    }
+    let rest = &mut bufs[skip..];
+    if let Some(first) = rest.first_mut() {
+        first.iov_base = (first.iov_base as *mut u8).wrapping_add(n).cast();
+        first.iov_len -= n;
+    }
+    rest
 }
 
 /// One `sendfile` call, moving `offset` past what it sent.

@@ -12,7 +12,7 @@
 use crate::socket::ReplySink;
 use crate::target::Completion;
 use crate::turns::{Offer, Turns};
-use braid_core::server::{Backend, BackendOp};
+use braid_core::server::{Backend, BackendOp, MappedRange};
 use bytes::BytesMut;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -164,6 +164,27 @@ impl Shared {
         if self.abandoned.load(Ordering::Acquire) || self.failure.lock().unwrap().is_some() {
             return;
         }
+        let what = || {
+            format!(
+                "export {}: READ at offset {offset} length {len}",
+                self.export_name
+            )
+        };
+        // Cached bytes go from the file's mapping: the kernel copies them
+        // once, into the socket.
+        if let Some(mapped) = self.backend.mapped_source(export, offset, len) {
+            let head = head(mapped.len());
+            let data = ReplyData::Mapped(&mapped);
+            send_whole(
+                &self.writer,
+                &head,
+                data,
+                &self.abandoned,
+                &self.failure,
+                what,
+            );
+            return drop(done);
+        }
         let data = match self
             .backend
             .execute(export, &BackendOp::Read { offset, len })
@@ -172,21 +193,38 @@ impl Shared {
             Err(status) => return done(Err(status)),
         };
         let head = head(data.len());
-        let what = || {
-            format!(
-                "export {}: READ at offset {offset} length {len}",
-                self.export_name
-            )
-        };
+        let data = ReplyData::Memory(&data);
         send_whole(
             &self.writer,
             &head,
-            &data,
+            data,
             &self.abandoned,
             &self.failure,
             what,
         );
         drop(done);
+    }
+}
+
+/// A reply's data: in memory, or in the backing file's mapping.
+pub(crate) enum ReplyData<'a> {
+    Memory(&'a [u8]),
+    Mapped(&'a MappedRange),
+}
+
+impl ReplyData<'_> {
+    fn iovec(&self) -> libc::iovec {
+        match self {
+            ReplyData::Memory(data) => iovec(data.as_ptr(), data.len()),
+            ReplyData::Mapped(range) => iovec(range.addr(), range.len()),
+        }
+    }
+}
+
+fn iovec(base: *const u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: base as *mut libc::c_void,
+        iov_len: len,
     }
 }
 
@@ -196,7 +234,7 @@ impl Shared {
 pub(crate) fn send_whole(
     writer: &SharedWriter,
     head: &[u8],
-    data: &[u8],
+    data: ReplyData<'_>,
     abandoned: &AtomicBool,
     failure: &Mutex<Option<io::Error>>,
     what: impl FnOnce() -> String,
@@ -205,13 +243,22 @@ pub(crate) fn send_whole(
     // The writer task flushes before it lets go, so its buffer is empty
     // unless its last write failed: the stream is broken.
     let sent = if wr.buffer().is_empty() {
-        let mut bufs = [io::IoSlice::new(head), io::IoSlice::new(data)];
+        let mut bufs = [iovec(head.as_ptr(), head.len()), data.iovec()];
         wr.get_ref().write_all_blocking(&mut bufs, abandoned)
     } else {
         Err(io::Error::other("an earlier reply was left half-written"))
     };
     if let Err(e) = sent {
-        let e = io::Error::new(e.kind(), format!("{}: {e}", what()));
+        let e = match (&data, e.raw_os_error()) {
+            // The header has gone and the data cannot follow: the
+            // connection ends, and its client asks again elsewhere.
+            (ReplyData::Mapped(_), Some(libc::EFAULT)) => io::Error::other(format!(
+                "{}: the backing file shrank under the export while its mapped pages were \
+                 being sent ({e})",
+                what()
+            )),
+            _ => io::Error::new(e.kind(), format!("{}: {e}", what())),
+        };
         wr.get_ref().shut_down();
         failure.lock().unwrap().get_or_insert(e);
     }

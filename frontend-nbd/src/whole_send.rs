@@ -13,7 +13,7 @@
 
 use crate::socket::ReplySink;
 use crate::turns::{Offer, Turns};
-use crate::whole_read::{send_whole, AbandonOnDrop, SharedWriter};
+use crate::whole_read::{send_whole, AbandonOnDrop, ReplyData, SharedWriter};
 use bytes::{Bytes, BytesMut};
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -118,7 +118,7 @@ impl Shared {
         send_whole(
             &self.writer,
             &reply.head,
-            &reply.data,
+            ReplyData::Memory(&reply.data),
             &self.abandoned,
             &self.failure,
             what,

@@ -1,9 +1,11 @@
-//! Large READs to a client on this machine over TCP (no sendfile) are read
-//! and sent whole on a pool thread while the connection reads on: their
-//! replies and the small ones sent meanwhile never interleave, a READ
-//! that fails there is answered with its error, and a client that leaves
-//! without reading its replies costs nobody else anything. The same over
-//! a unix socket, whose client is on this machine too.
+//! Large READs to a client on this machine over TCP (no sendfile) are sent
+//! whole on a pool thread, from the file's mapping when cached, while the
+//! connection reads on: their replies and the small ones sent meanwhile
+//! never interleave, a READ that fails there is answered with its error,
+//! and a client that leaves without reading its replies costs nobody else
+//! anything. The same over a unix socket, whose client is on this machine
+//! too. A file shrunk behind the server's back ends the connection whose
+//! READ was being sent from the lost pages, and nothing else.
 //!
 //! A target with no backend here (`braid attach`) answers READs with data
 //! in memory; the large ones are sent from a pool thread. The same holds
@@ -14,7 +16,7 @@ mod common;
 
 use braid_backend_file::FileBackend;
 use braid_core::server::Extent;
-use braid_core::server::{Backend, BackendOp, SpliceSource};
+use braid_core::server::{Backend, BackendOp, MappedRange, SpliceSource};
 use braid_core::wire::Status;
 use braid_frontend_nbd::{
     serve, BackendTarget, Completion, ExtentsCompletion, NbdConfig, NbdExport, NbdListener, Target,
@@ -35,8 +37,9 @@ const FAILING: u64 = 12 << 20;
 const EIO: u32 = 5;
 
 /// The file backend, counting the large READs it ran on a thread that may
-/// block (`execute`) and those the connection's thread tried itself
-/// (`try_execute_now`), and failing those at [`FAILING`].
+/// block (`execute`), those it offered mapped (`mapped_source`) and those
+/// the connection's thread tried itself (`try_execute_now`), and failing
+/// those at [`FAILING`].
 struct Recording {
     inner: Arc<FileBackend>,
     counts: Counts,
@@ -46,6 +49,7 @@ struct Recording {
 struct Counts {
     large_executed: Arc<AtomicUsize>,
     large_tried_inline: Arc<AtomicUsize>,
+    large_mapped: Arc<AtomicUsize>,
 }
 
 impl Counts {
@@ -54,6 +58,13 @@ impl Counts {
     }
     fn tried_inline(&self) -> usize {
         self.large_tried_inline.load(Ordering::Relaxed)
+    }
+    fn mapped(&self) -> usize {
+        self.large_mapped.load(Ordering::Relaxed)
+    }
+    /// Large READs that went to a pool thread, either way.
+    fn whole(&self) -> usize {
+        self.executed() + self.mapped()
     }
 }
 
@@ -91,6 +102,16 @@ impl Backend for Recording {
             return None;
         }
         self.inner.splice_source(export, offset, len)
+    }
+    fn mapped_source(&self, export: usize, offset: u64, len: u32) -> Option<MappedRange> {
+        if offset == FAILING {
+            return None;
+        }
+        let mapped = self.inner.mapped_source(export, offset, len);
+        if mapped.is_some() && len == LARGE {
+            self.counts.large_mapped.fetch_add(1, Ordering::Relaxed);
+        }
+        mapped
     }
 }
 
@@ -180,11 +201,17 @@ async fn large_reads_over_loopback_tcp_run_whole_on_a_pool_thread() {
 
 /// READs of a MiB run on the pool thread one after another, those that
 /// found it busy waiting for it: none ran on the connection's thread.
+/// Every one that succeeded (all cached, on tmpfs) went from the mapping.
 fn assert_all_ran_whole(counts: &Counts) {
     assert_eq!(
-        counts.executed(),
+        counts.whole(),
         LARGE_READS_MIXED,
         "every large READ ran on a pool thread"
+    );
+    assert_eq!(
+        counts.mapped(),
+        LARGE_READS_MIXED - 1,
+        "every cached large READ was sent from the file's mapping"
     );
     assert_eq!(
         counts.tried_inline(),
@@ -217,7 +244,7 @@ async fn a_client_that_leaves_without_reading_costs_others_nothing() {
         request(&mut rude, 0, 0, n, offset, LARGE, &[]).await;
     }
     let started = async {
-        while counts.executed() == 0 {
+        while counts.whole() == 0 {
             tokio::task::yield_now().await;
         }
     };
@@ -228,6 +255,46 @@ async fn a_client_that_leaves_without_reading_costs_others_nothing() {
     drop(rude);
     let mut polite = tokio::net::TcpStream::connect(addr).await.unwrap();
     read_mixed(&mut polite).await;
+}
+
+#[tokio::test]
+async fn a_file_shrunk_under_the_export_ends_only_the_connection_sending_from_it() {
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let path = dir.path().join("nbd.sock");
+    let listener = NbdListener::bind(path.to_str().unwrap()).await.unwrap();
+    let counts = start_recording(dir.path(), listener);
+    let mut s = UnixStream::connect(&path).await.unwrap();
+    greet(&mut s).await;
+    go(&mut s, "disk0").await;
+    // Out of contract (the export is locked), but a daemon serving other
+    // clients must survive it: a user-space read of the lost pages would
+    // be SIGBUS, the kernel's copy into the socket fails instead.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("disk0"))
+        .unwrap();
+    file.set_len(0).unwrap();
+    request(&mut s, 0, 0, 1, 0, LARGE, &[]).await;
+    let mut reply = Vec::new();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut reply),
+    )
+    .await
+    .expect("the connection ended");
+    assert!(got.is_ok());
+    assert_eq!(counts.mapped(), 1, "the READ was sent from the mapping");
+    assert!(
+        reply.len() < 16 + LARGE as usize,
+        "no whole reply of the lost bytes ({} bytes arrived)",
+        reply.len()
+    );
+    // The file back as it was: a new connection reads it all.
+    file.set_len(SIZE).unwrap();
+    let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
+    file.write_all_at(&pattern, 0).unwrap();
+    let mut again = UnixStream::connect(&path).await.unwrap();
+    read_mixed(&mut again).await;
 }
 
 /// A target like `braid attach`'s: no backend here, READs answered later

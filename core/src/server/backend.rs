@@ -68,6 +68,16 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Where `len` bytes of export `export` from `offset` lie mapped into
+    /// this process's memory (the page cache's own pages), if they are all
+    /// cached now: a driver whose protocol has no payload checksum can then
+    /// hand them to the kernel to copy into a socket, one copy where a read
+    /// into a buffer and a send make two. The send may still wait for the
+    /// mapping's pages, so only a thread that may block sends from it.
+    fn mapped_source(&self, _export: usize, _offset: u64, _len: u32) -> Option<MappedRange> {
+        None
+    }
+
     /// A queue on which a driver loop can start operations that would
     /// otherwise wait on a pool thread, and collect them when the kernel
     /// has finished them (io_uring): no thread waits on each operation.
@@ -111,6 +121,60 @@ pub struct SpliceSource {
     pub file: Arc<File>,
     /// The file offset of the first byte asked for.
     pub offset: u64,
+}
+
+/// Part of a file mapped into memory, kept mapped while any
+/// [`MappedRange`] in it lives.
+pub trait MappedWindow: Send + Sync {
+    /// The address of the window's first byte.
+    fn base(&self) -> *const u8;
+    /// How many bytes from [`MappedWindow::base`] are mapped.
+    fn mapped_len(&self) -> usize;
+}
+
+/// Bytes of an export in a [`MappedWindow`], for the kernel to read: a
+/// file shrunk behind the server's back turns a read of the lost pages
+/// into SIGBUS in user space, but only into a failed copy (EFAULT) inside
+/// a system call. So this hands out an address for an iovec, never a
+/// slice.
+#[derive(Clone)]
+pub struct MappedRange {
+    window: Arc<dyn MappedWindow>,
+    start: usize,
+    len: usize,
+}
+
+impl MappedRange {
+    /// `len` bytes from `start` into `window`; `None` if they do not all
+    /// lie in it.
+    pub fn new(window: Arc<dyn MappedWindow>, start: usize, len: usize) -> Option<MappedRange> {
+        (start.checked_add(len)? <= window.mapped_len()).then_some(MappedRange {
+            window,
+            start,
+            len,
+        })
+    }
+
+    /// The address of the first byte, for a system call only.
+    pub fn addr(&self) -> *const u8 {
+        self.window.base().wrapping_add(self.start)
+    }
+
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for MappedRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedRange({:p}, {} bytes)", self.addr(), self.len)
+    }
 }
 
 /// A run of bytes with one allocation state.

@@ -6,13 +6,44 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// VmRSS of `pid` in KiB, if it is alive.
+/// Resident KiB of `pid`, if it is alive: VmRSS less the pages of files
+/// it maps shared and read-only. `braid serve` maps its exports' files
+/// that way to send large READs from (backend-file's `mapping.rs`); those
+/// pages are the page cache's, there whether or not it maps them, and
+/// counted once by the kernel however many processes map them.
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    Some(own_resident_kib(&smaps))
+}
+
+/// The sum of `Rss:` over the mappings of `smaps` that are not shared
+/// read-only mappings of a file.
+fn own_resident_kib(smaps: &str) -> u64 {
+    let mut counted = true;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if counted {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+            continue;
+        }
+        // A mapping's first line: "start-end perms offset dev inode path".
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if range.contains('-') && range.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let path = fields.nth(3).unwrap_or("");
+            counted = !(perms == "r--s" && path.starts_with('/'));
+        }
+    }
+    kib
 }
 
 /// Samples the peak resident size of some processes until stopped.
@@ -42,5 +73,28 @@ impl PeakSampler {
     pub(crate) fn finish(self) -> Vec<u64> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_resident_kib;
+
+    #[test]
+    fn a_shared_read_only_file_mapping_is_not_counted() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/braid
+Size:               1024 kB
+Rss:                 800 kB
+7f0000000000-7f0040000000 r--s 00000000 00:1a 99 /dev/shm/b/disk.img
+Size:            1048576 kB
+Rss:              809408 kB
+7f1000000000-7f1000100000 rw-p 00000000 00:00 0 
+Size:               1024 kB
+Rss:                 900 kB
+7f2000000000-7f2000010000 rw-s 00000000 00:0e 17 anon_inode:[io_uring]
+Rss:                  64 kB
+";
+        assert_eq!(own_resident_kib(smaps), 800 + 900 + 64);
     }
 }

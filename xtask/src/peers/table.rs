@@ -121,7 +121,10 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
 
     if !results.memory.is_empty() {
         println!();
-        println!("resident memory of braid processes (MiB, idle -> peak over the run):");
+        println!(
+            "resident memory of braid processes (MiB, idle -> peak over the run; \
+             not counting the export files they map to send from):"
+        );
         for m in &results.memory {
             println!(
                 "  {:<7} {:<4} braid {:<7} {:>7.1} -> {:>7.1}",
