@@ -175,7 +175,10 @@ impl<B: Backend> Backend for Polled<B> {
     }
 
     fn mapped_source(&self, export: usize, offset: u64, len: u32) -> Option<MappedRange> {
-        self.0.mapped_source(export, offset, len)
+        // Asked for only to send the range at once, so it is the READ.
+        let mapped = self.0.mapped_source(export, offset, len)?;
+        mark_io(mapped.len());
+        Some(mapped)
     }
 
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
