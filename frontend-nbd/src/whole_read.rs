@@ -172,28 +172,22 @@ impl Shared {
         };
         // Cached bytes go from the file's mapping: the kernel copies them
         // once, into the socket.
-        if let Some(mapped) = self.backend.mapped_source(export, offset, len) {
-            let head = head(mapped.len());
-            let data = ReplyData::Mapped(&mapped);
-            send_whole(
-                &self.writer,
-                &head,
-                data,
-                &self.abandoned,
-                &self.failure,
-                what,
-            );
-            return drop(done);
-        }
-        let data = match self
-            .backend
-            .execute(export, &BackendOp::Read { offset, len })
-        {
-            Ok(data) => data,
-            Err(status) => return done(Err(status)),
+        let mapped = self.backend.mapped_source(export, offset, len);
+        let read;
+        let data = match &mapped {
+            Some(range) => ReplyData::Mapped(range),
+            None => match self
+                .backend
+                .execute(export, &BackendOp::Read { offset, len })
+            {
+                Ok(bytes) => {
+                    read = bytes;
+                    ReplyData::Memory(&read)
+                }
+                Err(status) => return done(Err(status)),
+            },
         };
         let head = head(data.len());
-        let data = ReplyData::Memory(&data);
         send_whole(
             &self.writer,
             &head,
@@ -213,6 +207,13 @@ pub(crate) enum ReplyData<'a> {
 }
 
 impl ReplyData<'_> {
+    fn len(&self) -> usize {
+        match self {
+            ReplyData::Memory(data) => data.len(),
+            ReplyData::Mapped(range) => range.len(),
+        }
+    }
+
     fn iovec(&self) -> libc::iovec {
         match self {
             ReplyData::Memory(data) => iovec(data.as_ptr(), data.len()),
