@@ -318,19 +318,17 @@ impl ExportFile {
         })
     }
 
-    /// `[offset, offset + len)` mapped, if every page of it is cached now
-    /// (as for [`ExportFile::splice_source`]): an uncached range is read
-    /// faster by one `pread`, with the kernel's readahead, than by the
-    /// mapping's page faults.
+    /// `[offset, offset + len)` mapped, if the kernel says every page of
+    /// it is cached now: an uncached range is read faster by one `pread`,
+    /// with the kernel's readahead, than by the mapping's page faults. On
+    /// tmpfs too, unlike [`ExportFile::splice_source`]: there a page
+    /// faulted in through a mapping is allocated, where `pread` of a hole
+    /// returns zeroes and allocates nothing, so a sparse export read
+    /// through its mapping would fill the machine's memory.
     pub fn mapped_source(&self, offset: u64, len: u32) -> Option<MappedRange> {
         let mappings = self.mappings.as_ref()?;
         let end = offset.checked_add(u64::from(len))?;
-        if end > self.size {
-            return None;
-        }
-        let cached =
-            self.memory_backed || crate::cache::all_cached(&self.file, offset, u64::from(len))?;
-        if !cached {
+        if end > self.size || !crate::cache::all_cached(&self.file, offset, u64::from(len))? {
             return None;
         }
         mappings.range(&self.file, self.size, offset, len)
@@ -1323,6 +1321,40 @@ mod tests {
             .unwrap();
         assert!(back[..512].iter().all(|b| *b == 0));
         assert!(back[512..].iter().all(|b| *b == 0xCD));
+    }
+
+    #[test]
+    fn a_hole_on_tmpfs_is_not_mapped_so_reading_it_allocates_nothing() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return; // no tmpfs here
+        };
+        let opts = OpenOptions {
+            create_size: Some(4 << 20),
+            ..Default::default()
+        };
+        let f = ExportFile::open(dir.path().join("disk"), &opts).unwrap();
+        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
+            return; // not tmpfs, or a kernel before cachestat
+        }
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![5; 1 << 20]),
+            fua: false,
+        })
+        .unwrap();
+        assert!(
+            f.mapped_source(0, 1 << 20).is_some(),
+            "written bytes are mapped"
+        );
+        // tmpfs would allocate a hole's pages on a fault through the map.
+        assert!(
+            f.mapped_source(2 << 20, 1 << 20).is_none(),
+            "a hole is read"
+        );
+        assert!(
+            f.mapped_source(512 << 10, 1 << 20).is_none(),
+            "partly a hole"
+        );
     }
 
     #[test]
