@@ -7,7 +7,8 @@
 //! connection's thread meanwhile, one READ's read overlaps another's send,
 //! and each READ's data is still in the sending core's cache. READs of a
 //! MiB or more instead wait for the pool thread, in order: see
-//! [`WHOLE_QUEUE_MIN`].
+//! [`WHOLE_QUEUE_MIN`]; those whose pages are cached are sent from the
+//! export file's mapping, one copy instead of two.
 
 use crate::socket::ReplySink;
 use crate::target::Completion;
