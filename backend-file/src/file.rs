@@ -1,7 +1,9 @@
 use crate::block_crcs::BlockCrcs;
 use crate::lock::{lock, LockMode};
 use crate::mapping::Mappings;
-use braid_core::server::{Backend, BackendOp, Extent, IoQueue, MappedRange, SpliceSource};
+use braid_core::server::{
+    Backend, BackendOp, Extent, IoQueue, MappedRange, MappedSink, SpliceSource,
+};
 use braid_core::staging::{StagedBuffer, Staging};
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -61,7 +63,7 @@ pub struct ExportFile {
     write_turn: Option<Mutex<()>>,
     /// Checksums of blocks large cached reads hashed, for the next read of
     /// them. `None` for a shared export: someone else may write the file.
-    crcs: Option<BlockCrcs>,
+    crcs: Option<Arc<BlockCrcs>>,
     /// Windows of the file mapped to send large READs from. `None` for
     /// O_DIRECT exports, which promise to bypass the cache, and for files
     /// that are neither regular nor block devices (mapping `/dev/zero`
@@ -166,9 +168,10 @@ impl ExportFile {
             memory_backed,
             staging: ReadBuffers::default(),
             write_turn: (!opts.direct && !is_block_device).then(Mutex::default),
-            crcs: (!opts.shared).then(BlockCrcs::default),
+            crcs: (!opts.shared).then(Arc::default),
+            // Writable only where WRITEs may be received into the mapping.
             mappings: (!opts.direct && (is_block_device || meta.file_type().is_file()))
-                .then(Mappings::default),
+                .then(|| Mappings::new(memory_backed && !opts.read_only)),
         })
     }
 
@@ -334,6 +337,36 @@ impl ExportFile {
         mappings.range(&self.file, self.size, offset, len)
     }
 
+    /// `[offset, offset + len)` mapped for a WRITE's payload to be received
+    /// straight into, on tmpfs or ramfs only, and only where every page is
+    /// in memory already: writing such a page through the mapping neither
+    /// waits nor allocates. On a disk's filesystem a write fault may wait
+    /// (a page under writeback, dirty throttling, a block to allocate) on
+    /// the connection's own thread, where `pwritev2` with RWF_NOWAIT says
+    /// so and the write goes to the pool. On tmpfs a hole's page would be
+    /// allocated by the fault, and a full filesystem would show only as a
+    /// failed copy. Checksums kept of the range go now, and again once the
+    /// sink is dropped.
+    pub fn mapped_sink(&self, offset: u64, len: u32) -> Option<MappedSink> {
+        if !self.memory_backed {
+            return None;
+        }
+        let mappings = self.mappings.as_ref()?;
+        let end = offset.checked_add(u64::from(len))?;
+        if end > self.size || !crate::cache::all_cached(&self.file, offset, u64::from(len))? {
+            return None;
+        }
+        let range = mappings.range(&self.file, self.size, offset, len)?;
+        let crcs = self.crcs.clone();
+        let changing = move || {
+            if let Some(crcs) = &crcs {
+                crcs.changing(offset, u64::from(len));
+            }
+        };
+        changing.clone()();
+        MappedSink::new(range, Box::new(changing))
+    }
+
     /// Performs `op` if the kernel can do it without blocking: a buffered
     /// read whose data is all in the page cache, or a buffered write that
     /// needs no writeback throttling (`RWF_NOWAIT`). `None`: use
@@ -417,7 +450,7 @@ impl ExportFile {
     /// How many 4 KiB blocks of file replies were not read for their
     /// checksum, because one was kept (see [`ExportFile::payload_crc`]).
     pub fn checksums_reused(&self) -> u64 {
-        self.crcs.as_ref().map_or(0, BlockCrcs::reused)
+        self.crcs.as_deref().map_or(0, BlockCrcs::reused)
     }
 
     /// Call before and after `op` changes the file: checksums kept of its
@@ -861,6 +894,10 @@ impl Backend for FileBackend {
 
     fn mapped_source(&self, export: usize, offset: u64, len: u32) -> Option<MappedRange> {
         self.exports.get(export)?.mapped_source(offset, len)
+    }
+
+    fn mapped_sink(&self, export: usize, offset: u64, len: u32) -> Option<MappedSink> {
+        self.exports.get(export)?.mapped_sink(offset, len)
     }
 
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {
@@ -1355,6 +1392,122 @@ mod tests {
             f.mapped_source(512 << 10, 1 << 20).is_none(),
             "partly a hole"
         );
+    }
+
+    /// Has the kernel receive `data` into `sink` from a socket, as the NBD
+    /// face does: this process never writes the mapping itself.
+    fn receive_into(sink: &MappedSink, data: &[u8]) {
+        use std::io::Write;
+        let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = {
+            let data = data.to_vec();
+            std::thread::spawn(move || a.write_all(&data).unwrap())
+        };
+        let mut got = 0;
+        while got < sink.len() {
+            // SAFETY: the rest of the sink, which stays mapped meanwhile.
+            let n = unsafe {
+                libc::recv(
+                    b.as_raw_fd(),
+                    sink.addr().add(got).cast(),
+                    sink.len() - got,
+                    0,
+                )
+            };
+            assert!(n > 0, "{}", io::Error::last_os_error());
+            got += n as usize;
+        }
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_write_received_into_the_mapping_lands_in_the_file_and_drops_kept_checksums() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return; // no tmpfs here
+        };
+        let opts = OpenOptions {
+            create_size: Some(4 << 20),
+            ..Default::default()
+        };
+        let f = ExportFile::open(dir.path().join("disk"), &opts).unwrap();
+        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
+            return; // not tmpfs, or a kernel before cachestat
+        }
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![7; 2 << 20]),
+            fua: false,
+        })
+        .unwrap();
+        // A read over braid's protocol keeps the blocks' checksums.
+        let old_crc = f.payload_crc(0, 2 << 20).unwrap();
+        let sink = f
+            .mapped_sink(1 << 20, 1 << 20)
+            .expect("cached pages take a WRITE");
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        receive_into(&sink, &data);
+        drop(sink);
+        let back = f
+            .execute(&BackendOp::Read {
+                offset: 1 << 20,
+                len: 1 << 20,
+            })
+            .unwrap();
+        assert!(back == data, "the bytes received are the file's");
+        let mut fresh = braid_core::wire::PayloadCrc::new();
+        fresh.update(&[7; 1 << 20]);
+        fresh.update(&data);
+        let new_crc = f.payload_crc(0, 2 << 20).unwrap();
+        assert_ne!(new_crc, old_crc);
+        assert_eq!(new_crc, fresh.finish(), "no checksum outlived the write");
+    }
+
+    #[test]
+    fn only_cached_pages_of_a_writable_tmpfs_export_take_writes_through_the_mapping() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return; // no tmpfs here
+        };
+        let path = dir.path().join("disk");
+        let opts = OpenOptions {
+            create_size: Some(4 << 20),
+            ..Default::default()
+        };
+        let f = ExportFile::open(&path, &opts).unwrap();
+        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
+            return; // not tmpfs, or a kernel before cachestat
+        }
+        f.execute(&BackendOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![1; 1 << 20]),
+            fua: false,
+        })
+        .unwrap();
+        assert!(f.mapped_sink(0, 1 << 20).is_some());
+        // A hole's page would be allocated by the fault, and a full tmpfs
+        // would show only as a failed copy.
+        assert!(f.mapped_sink(2 << 20, 1 << 20).is_none(), "a hole");
+        assert!(f.mapped_sink(512 << 10, 1 << 20).is_none(), "partly a hole");
+        assert!(f.mapped_sink(4 << 20, 4096).is_none(), "past the end");
+        drop(f);
+        let read_only = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let f = ExportFile::open(&path, &read_only).unwrap();
+        assert!(f.mapped_sink(0, 1 << 20).is_none(), "a read-only export");
+        assert!(f.mapped_source(0, 1 << 20).is_some(), "which still sends");
+        // On a disk a write fault may wait for the device.
+        let disk = tempfile::tempdir_in(".").unwrap();
+        let f = ExportFile::open(disk.path().join("disk"), &opts).unwrap();
+        if !f.is_memory_backed() {
+            f.execute(&BackendOp::Write {
+                offset: 0,
+                data: Bytes::from(vec![1; 1 << 20]),
+                fua: false,
+            })
+            .unwrap();
+            assert!(f.mapped_sink(0, 1 << 20).is_none(), "a file on a disk");
+        }
     }
 
     #[test]

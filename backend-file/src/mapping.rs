@@ -1,7 +1,9 @@
 //! An export's file mapped into memory a window at a time, so a large
 //! READ to a client on this machine is copied once, by the kernel, from
 //! the page cache straight into the socket, where reading it into a buffer
-//! and sending that copies it twice.
+//! and sending that copies it twice. On tmpfs a writable export's windows
+//! take large WRITEs the same way, from the socket straight into the file
+//! (see `ExportFile::mapped_sink`).
 //!
 //! Windows stay mapped: mapping a range for one READ and unmapping it
 //! after cost as much as the copy it saved (a C test of 1 MiB sends into a
@@ -30,10 +32,12 @@ pub(crate) const WINDOWS_KEPT: usize = 4;
 struct Window {
     base: *mut libc::c_void,
     len: usize,
+    writable: bool,
 }
 
-// SAFETY: the window is a read-only shared mapping that only the kernel
-// reads (see `MappedRange`); its address can move between threads.
+// SAFETY: the window is a shared mapping that only the kernel reads and
+// writes (see `MappedRange` and `MappedSink`); its address can move
+// between threads.
 unsafe impl Send for Window {}
 // SAFETY: as above; nothing in it changes after it is made.
 unsafe impl Sync for Window {}
@@ -45,6 +49,10 @@ impl MappedWindow for Window {
 
     fn mapped_len(&self) -> usize {
         self.len
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
     }
 }
 
@@ -62,6 +70,8 @@ pub(crate) struct Mappings {
     kept: Mutex<Vec<(u64, Arc<Window>)>>,
     /// Set once the file refused to be mapped, so it is not asked again.
     unmappable: AtomicBool,
+    /// Windows are mapped for writing too (the file is open for writing).
+    writable: bool,
 }
 
 impl std::fmt::Debug for Mappings {
@@ -72,6 +82,14 @@ impl std::fmt::Debug for Mappings {
 }
 
 impl Mappings {
+    /// Windows mapped for reading, and for writing too if `writable`.
+    pub(crate) fn new(writable: bool) -> Mappings {
+        Mappings {
+            writable,
+            ..Mappings::default()
+        }
+    }
+
     /// `[offset, offset + len)` of `file` (of `size` bytes) in a mapped
     /// window, mapping the window if need be; `None` if the range crosses
     /// a window's end or the file cannot be mapped.
@@ -100,7 +118,7 @@ impl Mappings {
                 window
             }
             None => {
-                let window = match map(file, start, WINDOW.min(size - start)) {
+                let window = match map(file, start, WINDOW.min(size - start), self.writable) {
                     Ok(w) => Arc::new(w),
                     Err(e) => {
                         if !self.unmappable.swap(true, Ordering::Relaxed) {
@@ -127,18 +145,24 @@ impl Mappings {
     }
 }
 
-/// Maps `len` bytes of `file` from `start` (page-aligned) for reading.
-fn map(file: &File, start: u64, len: u64) -> std::io::Result<Window> {
+/// Maps `len` bytes of `file` from `start` (page-aligned) for reading,
+/// and for writing if `writable`.
+fn map(file: &File, start: u64, len: u64, writable: bool) -> std::io::Result<Window> {
     let len = usize::try_from(len).map_err(std::io::Error::other)?;
     let offset = libc::off_t::try_from(start).map_err(std::io::Error::other)?;
-    // SAFETY: a fresh shared read-only mapping of an open file; the kernel
-    // picks the address. Nothing in this process reads it (see the module
+    let protection = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: a fresh shared mapping of an open file; the kernel picks the
+    // address. Nothing in this process reads or writes it (see the module
     // docs), so a file shrunk under it cannot raise SIGBUS here.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ,
+            protection,
             libc::MAP_SHARED,
             file.as_raw_fd(),
             offset,
@@ -147,7 +171,11 @@ fn map(file: &File, start: u64, len: u64) -> std::io::Result<Window> {
     if base == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(Window { base, len })
+    Ok(Window {
+        base,
+        len,
+        writable,
+    })
 }
 
 #[cfg(test)]
@@ -190,7 +218,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_of(dir.path(), 1 << 20);
         file.write_all_at(&[1u8; 4096], 8192).unwrap();
-        let maps = Mappings::default();
+        let maps = Mappings::new(false);
         let range = maps.range(&file, 1 << 20, 8192, 4096).unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         assert_eq!(send(&range, &a).unwrap(), 4096);
@@ -211,7 +239,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = WINDOW + (1 << 20);
         let file = file_of(dir.path(), size);
-        let maps = Mappings::default();
+        let maps = Mappings::new(false);
         assert!(maps.range(&file, size, size - 4096, 8192).is_none());
         assert!(maps.range(&file, size, WINDOW - 4096, 8192).is_none());
         assert!(maps.range(&file, size, 0, 0).is_none());
@@ -225,7 +253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let size = WINDOW * (WINDOWS_KEPT as u64 + 2);
         let file = file_of(dir.path(), size);
-        let maps = Mappings::default();
+        let maps = Mappings::new(false);
         let first = maps.range(&file, size, 0, 4096).unwrap();
         for w in 1..=WINDOWS_KEPT as u64 + 1 {
             maps.range(&file, size, w * WINDOW, 4096).unwrap();
@@ -245,7 +273,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file_of(dir.path(), 1 << 20);
         file.write_all_at(&[3u8; 1 << 20], 0).unwrap();
-        let maps = Mappings::default();
+        let maps = Mappings::new(false);
         let range = maps.range(&file, 1 << 20, 0, 1 << 20).unwrap();
         file.set_len(0).unwrap();
         let (a, _b) = UnixStream::pair().unwrap();

@@ -5,7 +5,9 @@
 //! braid's whole path; at QD1 every IO pays it once per process it crosses.
 //! An idle daemon does not spin: the window starts at each IO.
 
-use braid_core::server::{Backend, BackendOp, Extent, IoQueue, MappedRange, SpliceSource};
+use braid_core::server::{
+    Backend, BackendOp, Extent, IoQueue, MappedRange, MappedSink, SpliceSource,
+};
 use braid_core::wire::Status;
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -179,6 +181,13 @@ impl<B: Backend> Backend for Polled<B> {
         let mapped = self.0.mapped_source(export, offset, len)?;
         mark_io(mapped.len());
         Some(mapped)
+    }
+
+    fn mapped_sink(&self, export: usize, offset: u64, len: u32) -> Option<MappedSink> {
+        // Asked for only to receive the WRITE's payload at once.
+        let sink = self.0.mapped_sink(export, offset, len)?;
+        mark_io(sink.len());
+        Some(sink)
     }
 
     fn io_queue_takes(&self, export: usize, op: &BackendOp) -> bool {

@@ -5,7 +5,7 @@
 //! must pass through the encryption, so replies are always written.
 
 use crate::BoxStream;
-use braid_core::server::SpliceSource;
+use braid_core::server::{MappedSink, SpliceSource};
 use std::any::Any;
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -297,6 +297,65 @@ impl RequestSource {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
+    }
+}
+
+impl RequestSource {
+    /// Receives up to `len` bytes into `sink` from byte `at` on, waiting
+    /// until some arrive; 0 at the end of the stream. The kernel writes
+    /// the mapping itself, so a file shrunk under it fails the call with
+    /// EFAULT (after the bytes it did take, which the next call reports).
+    /// A plain socket only.
+    pub(crate) async fn receive_mapped(
+        &mut self,
+        sink: &MappedSink,
+        at: usize,
+        len: usize,
+    ) -> io::Result<usize> {
+        assert!(at.checked_add(len).is_some_and(|end| end <= sink.len()));
+        let recv = |fd: std::os::unix::io::RawFd| {
+            // SAFETY: `[at, at + len)` lies in the sink (checked above),
+            // which keeps its window mapped while borrowed; the fd is open.
+            let n = unsafe { libc::recv(fd, sink.addr().add(at).cast(), len, 0) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        };
+        loop {
+            let got = match self {
+                RequestSource::Tcp(r) => {
+                    let s: &TcpStream = r.as_ref();
+                    s.readable().await?;
+                    s.try_io(Interest::READABLE, || recv(s.as_raw_fd()))
+                }
+                RequestSource::Unix(r) => {
+                    let s: &UnixStream = r.as_ref();
+                    s.readable().await?;
+                    s.try_io(Interest::READABLE, || recv(s.as_raw_fd()))
+                }
+                RequestSource::Other(_) => {
+                    return Err(io::Error::other(
+                        "receiving into a mapping needs a plain socket",
+                    ));
+                }
+            };
+            match got {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                got => return got,
+            }
+        }
+    }
+
+    /// Whether this is a plain TCP or unix socket, which
+    /// [`RequestSource::receive_mapped`] can read.
+    pub(crate) fn is_plain(&self) -> bool {
+        !matches!(self, RequestSource::Other(_))
     }
 }
 

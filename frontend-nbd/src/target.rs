@@ -1,7 +1,7 @@
 //! Where NBD requests go: a server's own backend, or (for `braid attach`)
 //! a braid volume reached over the network.
 
-use braid_core::server::{Backend, BackendOp, Extent, SpliceSource};
+use braid_core::server::{Backend, BackendOp, Extent, MappedSink, SpliceSource};
 use braid_core::staging::Staging;
 use braid_core::wire::Status;
 use bytes::Bytes;
@@ -45,6 +45,12 @@ pub trait Target: Send + Sync + 'static {
     /// its size (see [`Backend::try_execute_now`]); `None` if it cannot, or
     /// if the target has no such shortcut.
     fn try_now(&self, _export: usize, _op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        None
+    }
+
+    /// Where a WRITE of `[offset, offset + len)` can be received straight
+    /// into the file (see [`Backend::mapped_sink`]). Must not block.
+    fn mapped_write(&self, _export: usize, _offset: u64, _len: u32) -> Option<MappedSink> {
         None
     }
 
@@ -159,6 +165,10 @@ impl Target for BackendTarget {
 
     fn splice_read(&self, export: usize, offset: u64, len: u32) -> Option<SpliceSource> {
         self.backend.splice_source(export, offset, len)
+    }
+
+    fn mapped_write(&self, export: usize, offset: u64, len: u32) -> Option<MappedSink> {
+        self.backend.mapped_sink(export, offset, len)
     }
 
     fn local_backend(&self) -> Option<Arc<dyn Backend>> {

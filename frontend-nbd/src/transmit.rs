@@ -8,7 +8,7 @@ use crate::target::Target;
 use crate::whole_read::{SharedWriter, WholeReads, WHOLE_READ_MIN};
 use crate::whole_send::WholeSends;
 use crate::NbdExport;
-use braid_core::server::{BackendOp, Extent, SpliceSource};
+use braid_core::server::{BackendOp, Extent, MappedSink, SpliceSource};
 use braid_core::staging::StagedBuffer;
 use braid_core::wire::Status;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -343,6 +343,9 @@ pub(crate) async fn transmit(
             break Ok(());
         };
         let mut payload = Bytes::new();
+        // Bytes of a WRITE received straight into the file before the
+        // kernel could take no more there; `payload` holds the rest.
+        let mut received_mapped = 0usize;
         after_large_write = false;
         if req.cmd == CMD_WRITE {
             if req.len > export.block_max {
@@ -367,6 +370,31 @@ pub(crate) async fn transmit(
             }
             let len = req.len as usize;
             after_large_write = crate::target::is_large_write(len);
+            let sink = (after_large_write && rd.buffer().is_empty() && rd.get_ref().is_plain())
+                .then(|| mapped_write(&*target, &export, &req, structured))
+                .flatten();
+            if let Some(sink) = sink {
+                match noting_waits(receive_mapped(rd.get_mut(), &sink), &*target).await {
+                    Ok(()) => {
+                        drop(sink);
+                        let _ = tx.send((replier.ok(), permit));
+                        continue;
+                    }
+                    Err((got, e)) if e.raw_os_error() == Some(libc::EFAULT) => {
+                        // The file's pages took no more (it shrank behind
+                        // the export's back): the rest goes the ordinary
+                        // way, whose write says what is wrong.
+                        tracing::warn!(
+                            export = %export.name,
+                            offset = req.offset + got as u64,
+                            "a WRITE's payload could not be received into the file's mapping: writing the rest from memory"
+                        );
+                        received_mapped = got;
+                    }
+                    Err((_, e)) => break Err(e),
+                }
+            }
+            let len = len - received_mapped;
             let received = match staging.as_ref().and_then(|s| s.buffer(len)) {
                 Some(staged) => noting_waits(receive_staged(&mut rd, staged), &*target).await,
                 None => noting_waits(receive(&mut rd, len), &*target).await,
@@ -406,7 +434,7 @@ pub(crate) async fn transmit(
                 continue;
             }
             Action::Io(BackendOp::Write { offset, fua, .. }) => BackendOp::Write {
-                offset,
+                offset: offset + received_mapped as u64,
                 data: payload,
                 fua,
             },
@@ -634,6 +662,26 @@ fn check(
     })
 }
 
+/// Where the target would have `req`'s payload received straight into its
+/// file (see [`Target::mapped_write`]): a large WRITE that passed the
+/// checks, without FUA (the mapping promises nothing durable).
+fn mapped_write(
+    target: &dyn Target,
+    export: &NbdExport,
+    req: &Request,
+    structured: bool,
+) -> Option<MappedSink> {
+    if req.cmd != CMD_WRITE || req.flags & CMD_FLAG_FUA != 0 {
+        return None;
+    }
+    match check(export, req, structured, false, false) {
+        Ok(Action::Io(BackendOp::Write { offset, .. })) => {
+            target.mapped_write(export.backend_index, offset, req.len)
+        }
+        _ => None,
+    }
+}
+
 /// Runs `transfer`, telling `target` each time it waits for the client.
 async fn noting_waits<F: Future>(transfer: F, target: &dyn Target) -> F::Output {
     let mut transfer = std::pin::pin!(transfer);
@@ -675,36 +723,81 @@ async fn receive_staged(
 /// wake-ups held back until it has all arrived.
 const LOW_WATER_MIN: usize = 128 * 1024;
 
-/// Reads the next `len` bytes of the socket into `dst`. Over TCP each of a
-/// 1 MiB WRITE's 17-30 segments would wake the connection (and on loopback
-/// the client's core pays for each wake-up too): the receive low-water
-/// mark wakes it once they are all in. The mark follows what is still
-/// missing after every read, so a wake-up is never promised for bytes
-/// that are not coming.
+/// Reads the next `len` bytes of the socket into `dst`.
 async fn read_payload(
     socket: &mut RequestSource,
     dst: &mut impl BufMut,
     len: usize,
 ) -> io::Result<()> {
-    let mut mark = 1;
+    let mut low_water = LowWater::new();
     let mut got = 0;
     while got < len {
         let want = len - got;
-        let wanted = if want >= LOW_WATER_MIN { want } else { 1 };
-        if wanted != mark {
-            socket.set_low_water(wanted);
-            mark = wanted;
-        }
+        low_water.expect(socket, want);
         let mut window = (&mut *dst).limit(want);
         match socket.read_buf(&mut window).await? {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
             n => got += n,
         }
     }
-    if mark != 1 {
-        socket.set_low_water(1);
-    }
+    low_water.reset(socket);
     Ok(())
+}
+
+/// Receives a WRITE's whole payload from the socket straight into `sink`,
+/// the export's file. `Err` says how many bytes went in before it.
+async fn receive_mapped(
+    socket: &mut RequestSource,
+    sink: &MappedSink,
+) -> Result<(), (usize, io::Error)> {
+    let len = sink.len();
+    let mut low_water = LowWater::new();
+    let mut got = 0;
+    while got < len {
+        low_water.expect(socket, len - got);
+        match socket.receive_mapped(sink, got, len - got).await {
+            Ok(0) => return Err((got, io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) => {
+                // The connection may go on (see the transmit loop).
+                low_water.reset(socket);
+                return Err((got, e));
+            }
+        }
+    }
+    low_water.reset(socket);
+    Ok(())
+}
+
+/// A connection's receive low-water mark through one payload. Over TCP
+/// each of a 1 MiB WRITE's 17-30 segments would wake the connection (and
+/// on loopback the client's core pays for each wake-up too): the mark
+/// wakes it once they are all in. It follows what is still missing after
+/// every read, so a wake-up is never promised for bytes that are not
+/// coming, and goes back to 1 when the payload is in.
+struct LowWater {
+    mark: usize,
+}
+
+impl LowWater {
+    fn new() -> LowWater {
+        LowWater { mark: 1 }
+    }
+
+    /// `missing` bytes of the payload are still to come.
+    fn expect(&mut self, socket: &RequestSource, missing: usize) {
+        let wanted = if missing >= LOW_WATER_MIN { missing } else { 1 };
+        if wanted != self.mark {
+            socket.set_low_water(wanted);
+            self.mark = wanted;
+        }
+    }
+
+    fn reset(self, socket: &RequestSource) {
+        if self.mark != 1 {
+            socket.set_low_water(1);
+        }
+    }
 }
 
 /// Moves what the request reader already holds of the next `len` bytes

@@ -78,6 +78,18 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Where a WRITE of `len` bytes to export `export` at `offset` can be
+    /// received straight into the page cache's own pages, mapped into this
+    /// process, if writing them can neither wait for a device nor need new
+    /// space: a driver whose protocol has no payload checksum then has the
+    /// kernel copy the payload from the socket into the file, one copy
+    /// where a receive into a buffer and a write make two. The range
+    /// counts as changing until the sink is dropped. A WRITE cut off
+    /// mid-payload leaves its range partly written, as a device does.
+    fn mapped_sink(&self, _export: usize, _offset: u64, _len: u32) -> Option<MappedSink> {
+        None
+    }
+
     /// A queue on which a driver loop can start operations that would
     /// otherwise wait on a pool thread, and collect them when the kernel
     /// has finished them (io_uring): no thread waits on each operation.
@@ -130,6 +142,11 @@ pub trait MappedWindow: Send + Sync {
     fn base(&self) -> *const u8;
     /// How many bytes from [`MappedWindow::base`] are mapped.
     fn mapped_len(&self) -> usize;
+    /// Whether the kernel may write into the window (a shared writable
+    /// mapping: what it writes lands in the file).
+    fn writable(&self) -> bool {
+        false
+    }
 }
 
 /// Bytes of an export in a [`MappedWindow`], for the kernel to read: a
@@ -168,6 +185,60 @@ impl MappedRange {
     /// Whether it holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// Bytes of an export in a writable [`MappedWindow`], for the kernel to
+/// receive a WRITE's payload into (see [`Backend::mapped_sink`]). Like
+/// [`MappedRange`] it hands out an address, never a slice: a file shrunk
+/// behind the server's back fails the receive with EFAULT where a write
+/// from user space would raise SIGBUS. Dropping it tells the backend the
+/// range has finished changing.
+pub struct MappedSink {
+    range: MappedRange,
+    finished: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl MappedSink {
+    /// `range`, which must lie in a writable window; `finished` runs when
+    /// the sink is dropped, once the payload is in or the receive failed.
+    pub fn new(
+        range: MappedRange,
+        finished: Box<dyn FnOnce() + Send + Sync>,
+    ) -> Option<MappedSink> {
+        range.window.writable().then_some(MappedSink {
+            range,
+            finished: Some(finished),
+        })
+    }
+
+    /// The address of the first byte, for a system call only.
+    pub fn addr(&self) -> *mut u8 {
+        self.range.addr().cast_mut()
+    }
+
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        self.range.len
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.range.len == 0
+    }
+}
+
+impl Drop for MappedSink {
+    fn drop(&mut self) {
+        if let Some(finished) = self.finished.take() {
+            finished();
+        }
+    }
+}
+
+impl std::fmt::Debug for MappedSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedSink({:p}, {} bytes)", self.addr(), self.len())
     }
 }
 

@@ -10,7 +10,7 @@ mod overlap;
 mod session;
 mod tuning;
 
-pub use backend::{Backend, Extent, IoQueue, MappedRange, MappedWindow, SpliceSource};
+pub use backend::{Backend, Extent, IoQueue, MappedRange, MappedSink, MappedWindow, SpliceSource};
 pub use config::{ExportConfig, ServerConfig};
 pub use defect::Defect;
 pub use session::ConnId;
