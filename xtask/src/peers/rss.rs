@@ -7,17 +7,19 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Resident KiB of `pid`, if it is alive: VmRSS less the pages of files
-/// it maps shared and read-only. `braid serve` maps its exports' files
-/// that way to send large READs from (backend-file's `mapping.rs`); those
-/// pages are the page cache's, there whether or not it maps them, and
-/// counted once by the kernel however many processes map them.
+/// it maps shared. `braid serve` maps its exports' files that way to send
+/// large READs from, and on tmpfs to receive large WRITEs into
+/// (backend-file's `mapping.rs`); those pages are the page cache's, there
+/// whether or not it maps them, and counted once by the kernel however
+/// many processes map them. Shared memory that only looks like a file
+/// (memfd, shared anonymous memory, System V segments) is counted.
 pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     Some(own_resident_kib(&smaps))
 }
 
 /// The sum of `Rss:` over the mappings of `smaps` that are not shared
-/// read-only mappings of a file.
+/// mappings of a file.
 fn own_resident_kib(smaps: &str) -> u64 {
     let mut counted = true;
     let mut kib = 0;
@@ -40,7 +42,10 @@ fn own_resident_kib(smaps: &str) -> u64 {
         };
         if range.contains('-') && range.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             let path = fields.nth(3).unwrap_or("");
-            counted = !(perms == "r--s" && path.starts_with('/'));
+            let memory = ["/memfd:", "/dev/zero", "/SYSV"]
+                .iter()
+                .any(|p| path.starts_with(p));
+            counted = !(perms.ends_with('s') && path.starts_with('/') && !memory);
         }
     }
     kib
@@ -81,7 +86,7 @@ mod tests {
     use super::own_resident_kib;
 
     #[test]
-    fn a_shared_read_only_file_mapping_is_not_counted() {
+    fn a_shared_file_mapping_is_not_counted_but_shared_memory_is() {
         let smaps = "\
 55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/braid
 Size:               1024 kB
@@ -94,7 +99,13 @@ Size:               1024 kB
 Rss:                 900 kB
 7f2000000000-7f2000010000 rw-s 00000000 00:0e 17 anon_inode:[io_uring]
 Rss:                  64 kB
+7f3000000000-7f3040000000 rw-s 40000000 00:1a 99 /dev/shm/b/disk.img
+Rss:              524288 kB
+7f4000000000-7f4000100000 rw-s 00000000 00:01 5 /memfd:staging (deleted)
+Rss:                 512 kB
+7f5000000000-7f5000100000 rw-s 00000000 00:01 6 /dev/zero (deleted)
+Rss:                 256 kB
 ";
-        assert_eq!(own_resident_kib(smaps), 800 + 900 + 64);
+        assert_eq!(own_resident_kib(smaps), 800 + 900 + 64 + 512 + 256);
     }
 }

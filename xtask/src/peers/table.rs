@@ -123,7 +123,7 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
         println!();
         println!(
             "resident memory of braid processes (MiB, idle -> peak over the run; \
-             not counting the export files they map to send from):"
+             not counting the export files they map to send from and receive into):"
         );
         for m in &results.memory {
             println!(
