@@ -69,6 +69,9 @@ pub struct ExportFile {
     /// that are neither regular nor block devices (mapping `/dev/zero`
     /// maps fresh memory, not the device).
     mappings: Option<Mappings>,
+    /// Ranges handed out of `mappings` to send from / receive into.
+    mapped_reads: AtomicU64,
+    mapped_writes: AtomicU64,
 }
 
 /// A fabric's read buffers, if it offered any.
@@ -172,6 +175,8 @@ impl ExportFile {
             // Writable only where WRITEs may be received into the mapping.
             mappings: (!opts.direct && (is_block_device || meta.file_type().is_file()))
                 .then(|| Mappings::new(memory_backed && !opts.read_only)),
+            mapped_reads: AtomicU64::new(0),
+            mapped_writes: AtomicU64::new(0),
         })
     }
 
@@ -334,7 +339,9 @@ impl ExportFile {
         if end > self.size || !crate::cache::all_cached(&self.file, offset, u64::from(len))? {
             return None;
         }
-        mappings.range(&self.file, self.size, offset, len)
+        let range = mappings.range(&self.file, self.size, offset, len)?;
+        self.mapped_reads.fetch_add(1, Ordering::Relaxed);
+        Some(range)
     }
 
     /// `[offset, offset + len)` mapped for a WRITE's payload to be received
@@ -363,8 +370,20 @@ impl ExportFile {
                 crcs.changing(offset, u64::from(len));
             }
         };
-        changing.clone()();
-        MappedSink::new(range, Box::new(changing))
+        let sink = MappedSink::new(range, Box::new(changing.clone()))?;
+        changing();
+        self.mapped_writes.fetch_add(1, Ordering::Relaxed);
+        Some(sink)
+    }
+
+    /// How many ranges were handed out to send READs from and to receive
+    /// WRITEs into (see [`ExportFile::mapped_source`] and
+    /// [`ExportFile::mapped_sink`]).
+    pub fn mapped_transfers(&self) -> (u64, u64) {
+        (
+            self.mapped_reads.load(Ordering::Relaxed),
+            self.mapped_writes.load(Ordering::Relaxed),
+        )
     }
 
     /// Performs `op` if the kernel can do it without blocking: a buffered
@@ -863,6 +882,15 @@ impl FileBackend {
     /// every export.
     pub fn checksums_reused(&self) -> u64 {
         self.exports.iter().map(ExportFile::checksums_reused).sum()
+    }
+
+    /// READs sent from and WRITEs received into the exports' mappings,
+    /// over every export.
+    pub fn mapped_transfers(&self) -> (u64, u64) {
+        self.exports
+            .iter()
+            .map(ExportFile::mapped_transfers)
+            .fold((0, 0), |(r, w), (er, ew)| (r + er, w + ew))
     }
 
     /// The exports.

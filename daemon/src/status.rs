@@ -78,6 +78,8 @@ fn document(
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
         "checksums_reused": backend.checksums_reused(),
+        "nbd_reads_mapped": backend.mapped_transfers().0,
+        "nbd_writes_mapped": backend.mapped_transfers().1,
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })
@@ -128,6 +130,11 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         ("read replies sent from the page cache", "file_replies"),
         ("  4 KiB blocks not read for a checksum", "checksums_reused"),
         ("backend operations on io_uring", "io_uring_ops"),
+        ("NBD READs sent from the file's mapping", "nbd_reads_mapped"),
+        (
+            "NBD WRITEs received into the file's mapping",
+            "nbd_writes_mapped",
+        ),
         ("backend operations running", "backend_inflight"),
         ("resent requests answered from cache", "recorded_replies"),
         ("resent requests joined in flight", "joined"),

@@ -355,6 +355,7 @@ fn host_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> R
 
     tls_checks(report, braid, work)?;
     direct_io_checks(report, braid, work)?;
+    tmpfs_checks(report, braid, work)?;
     Ok(())
 }
 
@@ -561,12 +562,7 @@ fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<()
                 .args(["status", "--json", "--control"])
                 .arg(&control),
             |o| {
-                let ops = o
-                    .split("\"io_uring_ops\":")
-                    .nth(1)
-                    .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
+                let ops = count_in(o, "io_uring_ops");
                 if o.contains("io_uring refused") {
                     Err("the kernel refused io_uring".into())
                 } else if ops == 0 {
@@ -608,6 +604,123 @@ fn fio_verified(uri: &str, job: &[&str]) -> Verdict {
             }
         },
     )
+}
+
+/// An export on tmpfs whose pages are all in memory: large READs leave
+/// from the file's mapping and large WRITEs are received straight into it
+/// (backend-file's `mapping.rs`). Real clients write and read it back over
+/// TCP and a unix socket, and the server says both mapped paths ran.
+fn tmpfs_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), String> {
+    let target = "serve/tmpfs";
+    let (clause, what) = (
+        "NBD_CMD_WRITE / NBD_CMD_READ from and into the file's mapping",
+        "fio 1 MiB writes and randrw 4k-1M, every block verified, nbdcopy in and back; braid status counts mapped READs and WRITEs",
+    );
+    if !need(report, &["fio", "nbdcopy"], target, clause, what) {
+        return Ok(());
+    }
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        report.add(target, clause, what, Verdict::Skip("no /dev/shm".into()));
+        return Ok(());
+    }
+    let dir = work.join("tmpfs");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let image_dir = shm.join(format!("braid-conformance-{}", std::process::id()));
+    fs::create_dir_all(&image_dir).map_err(|e| format!("{}: {e}", image_dir.display()))?;
+    let v = tmpfs_run(braid, &dir, &image_dir);
+    let _ = fs::remove_dir_all(&image_dir);
+    report.add(target, clause, what, v?);
+    Ok(())
+}
+
+fn tmpfs_run(braid: &Path, dir: &Path, image_dir: &Path) -> Result<Verdict, String> {
+    // Written whole, so every page is in memory (a hole takes the
+    // ordinary path).
+    let image = image_dir.join("disk0.img");
+    fs::write(&image, pattern(64 << 20, 0x7e57)).map_err(|e| e.to_string())?;
+    let src = dir.join("src.img");
+    fs::write(&src, pattern(64 << 20, 0xc0de)).map_err(|e| e.to_string())?;
+    let port = free_port();
+    let unix = dir.join("nbd.sock");
+    let control = dir.join("control.sock");
+    let args: Vec<String> = [
+        "serve",
+        "--data-dir",
+        &dir.display().to_string(),
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--export",
+        &format!("disk0={}", image.display()),
+        "--nbd",
+        &format!("127.0.0.1:{port}"),
+        "--nbd",
+        &unix.display().to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let _server = spawn(braid, &args, &dir.join("serve.log"), "braid serve (tmpfs)")?;
+    wait_for(&unix, "braid serve")?;
+    let tcp = format!("nbd://127.0.0.1:{port}/disk0");
+    let unix_uri = format!("nbd+unix:///disk0?socket={}", unix.display());
+    let mut v = fio_verified(
+        &tcp,
+        &["--rw=write", "--bs=1m", "--size=32m", "--iodepth=8"],
+    );
+    if v == Verdict::Pass {
+        v = fio_verified(
+            &unix_uri,
+            &[
+                "--rw=randrw",
+                "--bsrange=4k-1m",
+                "--size=32m",
+                "--offset=32m",
+                "--iodepth=32",
+            ],
+        );
+    }
+    if v == Verdict::Pass {
+        let back = dir.join("nbdcopy-back.img");
+        v = verdict(Command::new("nbdcopy").arg(&src).arg(&tcp), |_| Ok(()));
+        if v == Verdict::Pass {
+            v = verdict(
+                Command::new("nbdcopy").arg(&unix_uri).arg(&back),
+                |_| Ok(()),
+            );
+        }
+        if v == Verdict::Pass {
+            v = same_prefix(&src, &back, 64 << 20);
+        }
+    }
+    if v == Verdict::Pass {
+        v = verdict(
+            Command::new(braid)
+                .args(["status", "--json", "--control"])
+                .arg(&control),
+            |o| {
+                let (reads, writes) = (
+                    count_in(o, "nbd_reads_mapped"),
+                    count_in(o, "nbd_writes_mapped"),
+                );
+                if reads == 0 || writes == 0 {
+                    Err(format!("READs sent from the mapping {reads}, WRITEs received into it {writes}: {o}"))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+    }
+    Ok(v)
+}
+
+/// The number after `"key":` in a JSON document, 0 if there is none.
+fn count_in(json: &str, key: &str) -> u64 {
+    json.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn tls_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<(), String> {
