@@ -1388,19 +1388,24 @@ mod tests {
         assert!(back[512..].iter().all(|b| *b == 0xCD));
     }
 
-    #[test]
-    fn a_hole_on_tmpfs_is_not_mapped_so_reading_it_allocates_nothing() {
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-            return; // no tmpfs here
-        };
+    /// A sparse 4 MiB export on tmpfs, where the kernel can say which
+    /// pages are cached (`cachestat`); `None` where it cannot.
+    fn tmpfs_export() -> Option<(tempfile::TempDir, ExportFile)> {
+        let dir = tempfile::tempdir_in("/dev/shm").ok()?;
         let opts = OpenOptions {
             create_size: Some(4 << 20),
             ..Default::default()
         };
         let f = ExportFile::open(dir.path().join("disk"), &opts).unwrap();
-        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
-            return; // not tmpfs, or a kernel before cachestat
-        }
+        let cachestat = crate::cache::all_cached(&f.file, 0, 1).is_some();
+        (f.is_memory_backed() && cachestat).then_some((dir, f))
+    }
+
+    #[test]
+    fn a_hole_on_tmpfs_is_not_mapped_so_reading_it_allocates_nothing() {
+        let Some((_dir, f)) = tmpfs_export() else {
+            return; // no tmpfs here, or a kernel before cachestat
+        };
         f.execute(&BackendOp::Write {
             offset: 0,
             data: Bytes::from(vec![5; 1 << 20]),
@@ -1450,17 +1455,9 @@ mod tests {
 
     #[test]
     fn a_write_received_into_the_mapping_lands_in_the_file_and_drops_kept_checksums() {
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-            return; // no tmpfs here
+        let Some((_dir, f)) = tmpfs_export() else {
+            return; // no tmpfs here, or a kernel before cachestat
         };
-        let opts = OpenOptions {
-            create_size: Some(4 << 20),
-            ..Default::default()
-        };
-        let f = ExportFile::open(dir.path().join("disk"), &opts).unwrap();
-        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
-            return; // not tmpfs, or a kernel before cachestat
-        }
         f.execute(&BackendOp::Write {
             offset: 0,
             data: Bytes::from(vec![7; 2 << 20]),
@@ -1492,18 +1489,10 @@ mod tests {
 
     #[test]
     fn only_cached_pages_of_a_writable_tmpfs_export_take_writes_through_the_mapping() {
-        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
-            return; // no tmpfs here
+        let Some((dir, f)) = tmpfs_export() else {
+            return; // no tmpfs here, or a kernel before cachestat
         };
         let path = dir.path().join("disk");
-        let opts = OpenOptions {
-            create_size: Some(4 << 20),
-            ..Default::default()
-        };
-        let f = ExportFile::open(&path, &opts).unwrap();
-        if !f.is_memory_backed() || crate::cache::all_cached(&f.file, 0, 1).is_none() {
-            return; // not tmpfs, or a kernel before cachestat
-        }
         f.execute(&BackendOp::Write {
             offset: 0,
             data: Bytes::from(vec![1; 1 << 20]),
@@ -1526,6 +1515,10 @@ mod tests {
         assert!(f.mapped_source(0, 1 << 20).is_some(), "which still sends");
         // On a disk a write fault may wait for the device.
         let disk = tempfile::tempdir_in(".").unwrap();
+        let opts = OpenOptions {
+            create_size: Some(4 << 20),
+            ..Default::default()
+        };
         let f = ExportFile::open(disk.path().join("disk"), &opts).unwrap();
         if !f.is_memory_backed() {
             f.execute(&BackendOp::Write {

@@ -490,6 +490,21 @@ fn copy_checks(report: &mut Report, target: &str, uri: &str, dir: &Path) -> Resu
     Ok(())
 }
 
+/// `braid serve` with its data in `dir`, braid's protocol on `port`, one
+/// `export` and an NBD face on each of `nbd`.
+fn serve_args(dir: &Path, port: u16, export: &str, nbd: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = ["serve", "--data-dir", &dir.display().to_string()]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(["--listen".into(), format!("127.0.0.1:{port}")]);
+    args.extend(["--export".into(), export.to_string()]);
+    for face in nbd {
+        args.extend(["--nbd".into(), face.clone()]);
+    }
+    args
+}
+
 /// An O_DIRECT export, whose every operation waits for the device and so
 /// runs on io_uring (the default engine): braid's protocol and the NBD face
 /// both read back what they wrote, and the server says io_uring ran them.
@@ -507,20 +522,8 @@ fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<()
     let port = free_port();
     let unix = dir.join("nbd.sock");
     let control = dir.join("control.sock");
-    let args: Vec<String> = [
-        "serve",
-        "--data-dir",
-        &dir.display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--export",
-        &format!("disk0={},size=64M,direct", dir.join("disk0.img").display()),
-        "--nbd",
-        &unix.display().to_string(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let export = format!("disk0={},size=64M,direct", dir.join("disk0.img").display());
+    let args = serve_args(&dir, port, &export, &[unix.display().to_string()]);
     let log = dir.join("serve.log");
     let _server = spawn(braid, &args, &log, "braid serve --export ...,direct")?;
     if let Err(e) = wait_for(&unix, "braid serve") {
@@ -644,22 +647,9 @@ fn tmpfs_run(braid: &Path, dir: &Path, image_dir: &Path) -> Result<Verdict, Stri
     let port = free_port();
     let unix = dir.join("nbd.sock");
     let control = dir.join("control.sock");
-    let args: Vec<String> = [
-        "serve",
-        "--data-dir",
-        &dir.display().to_string(),
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--export",
-        &format!("disk0={}", image.display()),
-        "--nbd",
-        &format!("127.0.0.1:{port}"),
-        "--nbd",
-        &unix.display().to_string(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
+    let export = format!("disk0={}", image.display());
+    let nbd = [format!("127.0.0.1:{port}"), unix.display().to_string()];
+    let args = serve_args(dir, free_port(), &export, &nbd);
     let _server = spawn(braid, &args, &dir.join("serve.log"), "braid serve (tmpfs)")?;
     wait_for(&unix, "braid serve")?;
     let tcp = format!("nbd://127.0.0.1:{port}/disk0");
