@@ -560,21 +560,16 @@ fn direct_io_checks(report: &mut Report, braid: &Path, work: &Path) -> Result<()
         );
     }
     if v == Verdict::Pass {
-        v = verdict(
-            Command::new(braid)
-                .args(["status", "--json", "--control"])
-                .arg(&control),
-            |o| {
-                let ops = count_in(o, "io_uring_ops");
-                if o.contains("io_uring refused") {
-                    Err("the kernel refused io_uring".into())
-                } else if ops == 0 {
-                    Err(format!("no operation ran on io_uring: {o}"))
-                } else {
-                    Ok(())
-                }
-            },
-        );
+        v = server_status(braid, &control, |o| {
+            let ops = count_in(o, "io_uring_ops");
+            if o.contains("io_uring refused") {
+                Err("the kernel refused io_uring".into())
+            } else if ops == 0 {
+                Err(format!("no operation ran on io_uring: {o}"))
+            } else {
+                Ok(())
+            }
+        });
     }
     report.add(target, clause, what, v);
     Ok(())
@@ -684,24 +679,36 @@ fn tmpfs_run(braid: &Path, dir: &Path, image_dir: &Path) -> Result<Verdict, Stri
         }
     }
     if v == Verdict::Pass {
-        v = verdict(
-            Command::new(braid)
-                .args(["status", "--json", "--control"])
-                .arg(&control),
-            |o| {
-                let (reads, writes) = (
-                    count_in(o, "nbd_reads_mapped"),
-                    count_in(o, "nbd_writes_mapped"),
-                );
-                if reads == 0 || writes == 0 {
-                    Err(format!("READs sent from the mapping {reads}, WRITEs received into it {writes}: {o}"))
-                } else {
-                    Ok(())
-                }
-            },
-        );
+        v = server_status(braid, &control, |o| {
+            let (reads, writes) = (
+                count_in(o, "nbd_reads_mapped"),
+                count_in(o, "nbd_writes_mapped"),
+            );
+            if reads == 0 || writes == 0 {
+                Err(format!(
+                    "READs sent from the mapping {reads}, WRITEs received into it {writes}: {o}"
+                ))
+            } else {
+                Ok(())
+            }
+        });
     }
     Ok(v)
+}
+
+/// `braid status --json` of the server whose control socket is `control`,
+/// judged by `check`.
+fn server_status(
+    braid: &Path,
+    control: &Path,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Verdict {
+    verdict(
+        Command::new(braid)
+            .args(["status", "--json", "--control"])
+            .arg(control),
+        check,
+    )
 }
 
 /// The number after `"key":` in a JSON document, 0 if there is none.
