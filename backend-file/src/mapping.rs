@@ -70,7 +70,8 @@ pub(crate) struct Mappings {
     kept: Mutex<Vec<(u64, Arc<Window>)>>,
     /// Set once the file refused to be mapped, so it is not asked again.
     unmappable: AtomicBool,
-    /// Windows are mapped for writing too (the file is open for writing).
+    /// Windows are mapped for writing too: only where WRITEs may be
+    /// received into them (a writable export on tmpfs or ramfs).
     writable: bool,
 }
 
