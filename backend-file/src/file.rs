@@ -334,14 +334,20 @@ impl ExportFile {
     /// returns zeroes and allocates nothing, so a sparse export read
     /// through its mapping would fill the machine's memory.
     pub fn mapped_source(&self, offset: u64, len: u32) -> Option<MappedRange> {
+        let range = self.mapped_if_cached(offset, len)?;
+        self.mapped_reads.fetch_add(1, Ordering::Relaxed);
+        Some(range)
+    }
+
+    /// `[offset, offset + len)` in a mapped window, if it lies in the
+    /// export and the kernel says every page of it is cached now.
+    fn mapped_if_cached(&self, offset: u64, len: u32) -> Option<MappedRange> {
         let mappings = self.mappings.as_ref()?;
         let end = offset.checked_add(u64::from(len))?;
         if end > self.size || !crate::cache::all_cached(&self.file, offset, u64::from(len))? {
             return None;
         }
-        let range = mappings.range(&self.file, self.size, offset, len)?;
-        self.mapped_reads.fetch_add(1, Ordering::Relaxed);
-        Some(range)
+        mappings.range(&self.file, self.size, offset, len)
     }
 
     /// `[offset, offset + len)` mapped for a WRITE's payload to be received
@@ -358,12 +364,7 @@ impl ExportFile {
         if !self.memory_backed {
             return None;
         }
-        let mappings = self.mappings.as_ref()?;
-        let end = offset.checked_add(u64::from(len))?;
-        if end > self.size || !crate::cache::all_cached(&self.file, offset, u64::from(len))? {
-            return None;
-        }
-        let range = mappings.range(&self.file, self.size, offset, len)?;
+        let range = self.mapped_if_cached(offset, len)?;
         let crcs = self.crcs.clone();
         let changing = move || {
             if let Some(crcs) = &crcs {

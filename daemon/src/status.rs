@@ -45,6 +45,7 @@ fn document(
 ) -> serde_json::Value {
     let s = server.status();
     let st = &s.stats;
+    let (mapped_reads, mapped_writes) = backend.mapped_transfers();
     serde_json::json!({
         "role": "server",
         "listen": server.local_addr().to_string(),
@@ -78,8 +79,8 @@ fn document(
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
         "checksums_reused": backend.checksums_reused(),
-        "nbd_reads_mapped": backend.mapped_transfers().0,
-        "nbd_writes_mapped": backend.mapped_transfers().1,
+        "nbd_reads_mapped": mapped_reads,
+        "nbd_writes_mapped": mapped_writes,
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })

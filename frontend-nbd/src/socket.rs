@@ -298,9 +298,7 @@ impl RequestSource {
             )
         };
     }
-}
 
-impl RequestSource {
     /// Receives up to `len` bytes into `sink` from byte `at` on, waiting
     /// until some arrive; 0 at the end of the stream. The kernel writes
     /// the mapping itself, so a file shrunk under it fails the call with
