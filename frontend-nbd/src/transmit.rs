@@ -44,6 +44,10 @@ const SENDFILE_MIN: u32 = 64 * 1024;
 /// -> 1125-1467.
 const WHOLE_SEND_MIN: usize = 512 * 1024;
 
+/// Replies gathered into one write at most: two slices each, far under
+/// the kernel's 1024 per `writev`.
+const REPLY_BATCH: usize = 64;
+
 /// One reply, ready to send: a header and an optional payload sent after
 /// it without copying, or (for a large READ) the file range the kernel
 /// sends its payload from.
@@ -267,12 +271,24 @@ pub(crate) async fn transmit(
         let written = async {
             // Each reply's budget goes back once it is written (the permit
             // is dropped at the end of its iteration).
-            while let Some((r, _budget)) = rx.recv().await {
+            let mut batch = Vec::with_capacity(REPLY_BATCH);
+            while let Some(first) = rx.recv().await {
                 let mut wr = sink.lock().await;
-                write_reply(&mut wr, &r, &export_name).await?;
-                // Batch whatever else is ready into the same write.
-                while let Ok((r, _budget)) = rx.try_recv() {
-                    write_reply(&mut wr, &r, &export_name).await?;
+                batch.push(first);
+                // Whatever else is ready goes in the same write.
+                loop {
+                    while batch.len() < REPLY_BATCH {
+                        match rx.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let full = batch.len() == REPLY_BATCH;
+                    write_replies(&mut wr, &batch, &export_name).await?;
+                    batch.clear();
+                    if !full {
+                        break;
+                    }
                 }
                 wr.flush().await?;
             }
@@ -532,6 +548,57 @@ pub(crate) async fn transmit(
     ended.and(written).and(sent_whole).and(sent_from_memory)
 }
 
+/// Writes a batch of replies (their budgets go back when the batch is
+/// dropped). On a plain socket each
+/// reply's header and data go from where they are, in as few `writev`s as
+/// the socket allows; the buffer, empty between batches, is only used
+/// under TLS, where every write becomes a record and small ones must be
+/// gathered first. Copying 4 KiB READ replies into the buffer was 5% of
+/// `braid attach`'s samples under fio's 4k random reads at QD32 x4.
+async fn write_replies(
+    wr: &mut BufWriter<ReplySink>,
+    batch: &[(Reply, OwnedSemaphorePermit)],
+    export: &str,
+) -> io::Result<()> {
+    if !wr.get_ref().is_plain() {
+        for (r, _) in batch {
+            write_reply(wr, r, export).await?;
+        }
+        return Ok(());
+    }
+    debug_assert!(wr.buffer().is_empty(), "flushed after every batch");
+    let mut slices = Vec::with_capacity(2 * batch.len());
+    for (r, _) in batch {
+        slices.push(io::IoSlice::new(&r.head));
+        if !r.data.is_empty() {
+            slices.push(io::IoSlice::new(&r.data));
+        }
+        if let Some((src, len)) = &r.file {
+            // Its data follows from the file, after all that is before it.
+            write_all_vectored(wr.get_mut(), &mut slices).await?;
+            send_reply_file(wr.get_mut(), src, *len, export).await?;
+        }
+    }
+    write_all_vectored(wr.get_mut(), &mut slices).await
+}
+
+/// Writes every byte of `slices` (and empties it).
+async fn write_all_vectored(
+    wr: &mut ReplySink,
+    slices: &mut Vec<io::IoSlice<'_>>,
+) -> io::Result<()> {
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        let n = wr.write_vectored(left).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut left, n);
+    }
+    slices.clear();
+    Ok(())
+}
+
 /// Writes one reply into the buffer; one sent from a file flushes what is
 /// buffered first (its header with it) and then has the kernel send the
 /// data.
@@ -540,16 +607,26 @@ async fn write_reply(wr: &mut BufWriter<ReplySink>, r: &Reply, export: &str) -> 
     wr.write_all(&r.data).await?;
     if let Some((src, len)) = &r.file {
         wr.flush().await?;
-        wr.get_mut().send_file(src, *len).await.map_err(|e| {
-            let e = io::Error::new(e.kind(), format!("export {export}: READ by sendfile: {e}"));
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                // The file, not the client: the operator must hear of it.
-                tracing::warn!(error = %e, "closing an NBD connection mid-reply");
-            }
-            e
-        })?;
+        send_reply_file(wr.get_mut(), src, *len, export).await?;
     }
     Ok(())
+}
+
+/// Sends a READ reply's data from the file; its header must be sent.
+async fn send_reply_file(
+    sink: &mut ReplySink,
+    src: &SpliceSource,
+    len: usize,
+    export: &str,
+) -> io::Result<()> {
+    sink.send_file(src, len).await.map_err(|e| {
+        let e = io::Error::new(e.kind(), format!("export {export}: READ by sendfile: {e}"));
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            // The file, not the client: the operator must hear of it.
+            tracing::warn!(error = %e, "closing an NBD connection mid-reply");
+        }
+        e
+    })
 }
 
 /// Validates a request against the export and what was negotiated. The
