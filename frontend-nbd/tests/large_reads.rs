@@ -129,13 +129,7 @@ fn byte_at(pos: u64) -> u8 {
 /// the counts of where its large READs ran.
 fn start_recording(dir: &std::path::Path, listener: NbdListener) -> Counts {
     let (backend, exports) = exports(dir);
-    let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
-    std::fs::File::options()
-        .write(true)
-        .open(dir.join("disk0"))
-        .unwrap()
-        .write_all_at(&pattern, 0)
-        .unwrap();
+    fill_disk0(dir, byte_at);
     let counts = Counts::default();
     let recording = Recording {
         inner: backend,

@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, UnixStream};
 
@@ -20,16 +19,6 @@ const EINVAL: u32 = 22;
 
 fn byte_at(pos: u64) -> u8 {
     (pos.wrapping_mul(0x9E37_79B9) >> 11) as u8
-}
-
-fn fill(dir: &std::path::Path) {
-    let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
-    std::fs::File::options()
-        .write(true)
-        .open(dir.join("disk0"))
-        .unwrap()
-        .write_all_at(&pattern, 0)
-        .unwrap();
 }
 
 /// What READ `n` asks for: its offset and length, and whether it must
@@ -84,7 +73,7 @@ async fn pipelined_replies_over_a_unix_socket_arrive_whole() {
         .await
         .unwrap();
     start_with(dir.path(), listener, |c| c);
-    fill(dir.path());
+    fill_disk0(dir.path(), byte_at);
     let s = UnixStream::connect(&path).await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(60), pipeline(s))
         .await
@@ -101,7 +90,7 @@ async fn pipelined_replies_over_tcp_arrive_whole() {
         braid_frontend_nbd::NbdListener::Tcp(listener),
         |c| c,
     );
-    fill(dir.path());
+    fill_disk0(dir.path(), byte_at);
     let s = tokio::net::TcpStream::connect(addr).await.unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(60), pipeline(s))
         .await

@@ -46,6 +46,18 @@ pub fn exports(dir: &std::path::Path) -> (Arc<FileBackend>, Vec<NbdExport>) {
     (backend, exports)
 }
 
+/// Writes `byte_at(pos)` at every position of disk0 in `dir`.
+pub fn fill_disk0(dir: &std::path::Path, byte_at: impl Fn(u64) -> u8) {
+    use std::os::unix::fs::FileExt;
+    let pattern: Vec<u8> = (0..SIZE).map(byte_at).collect();
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("disk0"))
+        .unwrap()
+        .write_all_at(&pattern, 0)
+        .unwrap();
+}
+
 /// Serves the two exports on `listener` with `config` applied.
 pub fn start_with(
     dir: &std::path::Path,
