@@ -597,29 +597,14 @@ async fn write_vectored_all<W: AsyncWrite + Unpin>(
 
 /// Writes `parts` in vectored writes, resuming after partial writes.
 async fn write_parts<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[&[u8]]) -> io::Result<()> {
-    let mut first = 0;
-    let mut offset = 0;
-    while first < parts.len() {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() - first);
-        slices.push(IoSlice::new(&parts[first][offset..]));
-        for p in &parts[first + 1..] {
-            slices.push(IoSlice::new(p));
-        }
-        let mut n = noting_waits(wr.write_vectored(&slices)).await?;
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        let n = noting_waits(wr.write_vectored(left)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let left = parts[first].len() - offset;
-            if n >= left {
-                n -= left;
-                first += 1;
-                offset = 0;
-            } else {
-                offset += n;
-                n = 0;
-            }
-        }
+        IoSlice::advance_slices(&mut left, n);
     }
     Ok(())
 }
