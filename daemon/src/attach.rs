@@ -11,7 +11,7 @@ use braid_fabric_tcp::Client;
 use braid_frontend_nbd::{Completion, ExtentsCompletion, NbdConfig, NbdExport, Target};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -273,6 +273,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     let mut uris = Vec::new();
     let mut tasks = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut owned = Vec::new();
     for addr in &nbd_addrs {
         let config = NbdConfig::new(vec![nbd_export.clone()]);
         let (uri, task) = crate::nbd::start(
@@ -284,6 +285,9 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             stop_rx.clone(),
         )
         .await?;
+        if addr.contains('/') {
+            owned.extend(crate::control::OwnedSocket::claim(Path::new(addr)));
+        }
         uris.push(uri);
         tasks.push(task);
     }
@@ -298,7 +302,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         Err(e) => {
             let _ = stop_tx.send(true);
             client.close().await;
-            remove_sockets(&nbd_addrs, &control);
+            remove_sockets(owned);
             return Err(e);
         }
     };
@@ -331,7 +335,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             args.client.server(),
         );
         let (export, block_device) = (export.clone(), block_device.clone());
-        crate::control::serve(control.clone(), move |command| {
+        owned.extend(crate::control::serve(control.clone(), move |command| {
             use crate::control::now;
             match command {
                 "status" => {
@@ -361,7 +365,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             now(serde_json::json!({
                 "error": format!("unknown command {command:?} (attach answers: status, detach, set KEY=VALUE...)")
             }))
-        });
+        }));
     }
     notify_attached(&export, &block_device);
     // NBD clients' and the block device's in-flight requests finish
@@ -370,7 +374,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
     crate::ublk::remove(device).await;
     crate::client_args::print_channels(&client);
     client.close().await;
-    remove_sockets(&nbd_addrs, &control);
+    remove_sockets(owned);
     println!("braid attach: detached");
     Ok(())
 }
@@ -605,6 +609,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut owned = Vec::new();
     for addr in &nbd_addrs {
         let config = NbdConfig::new(vec![nbd_export.clone()]);
         let (uri, task) = crate::nbd::start(
@@ -616,6 +621,9 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
             stop_rx.clone(),
         )
         .await?;
+        if addr.contains('/') {
+            owned.extend(crate::control::OwnedSocket::claim(Path::new(addr)));
+        }
         println!("nbd:      {uri}");
         tasks.push(task);
     }
@@ -630,7 +638,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         Err(e) => {
             let _ = stop_tx.send(true);
             volume.close().await;
-            remove_sockets(&nbd_addrs, &control);
+            remove_sockets(owned);
             return Err(e);
         }
     };
@@ -654,7 +662,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());
         let block_device = block_device.clone();
         let (client_args, volume_path) = (args.client.clone(), path.clone());
-        crate::control::serve(control.clone(), move |command| {
+        owned.extend(crate::control::serve(control.clone(), move |command| {
             use crate::control::now;
             let words: Vec<&str> = command.split_whitespace().collect();
             match words.as_slice() {
@@ -699,13 +707,13 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
                     "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG, migrate LEG SERVER [export=E] [name=N] [key-file=F], cancel-migration)")
                 })),
             }
-        });
+        }));
     }
     notify_attached(&file.name, &block_device);
     wait_then_drain(&stop, stop_tx, tasks).await?;
     crate::ublk::remove(device).await;
     volume.close().await;
-    remove_sockets(&nbd_addrs, &control);
+    remove_sockets(owned);
     println!("braid attach: volume detached");
     Ok(())
 }
@@ -898,9 +906,8 @@ async fn wait_then_drain(
 }
 
 /// The NBD unix sockets and the control socket, gone after a detach.
-fn remove_sockets(nbd_addrs: &[String], control: &std::path::Path) {
-    for addr in nbd_addrs.iter().filter(|a| a.contains('/')) {
-        let _ = std::fs::remove_file(addr);
+fn remove_sockets(owned: Vec<crate::control::OwnedSocket>) {
+    for socket in owned {
+        socket.remove();
     }
-    let _ = std::fs::remove_file(control);
 }

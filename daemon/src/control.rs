@@ -63,9 +63,50 @@ pub(crate) fn now(v: serde_json::Value) -> Answer {
     Box::pin(std::future::ready(v))
 }
 
-/// Answers commands on `path` with `handler(command)`. A missing socket
-/// only costs `braid status`, so failing to bind is a warning.
-pub(crate) fn serve(path: PathBuf, handler: impl Fn(&str) -> Answer + Send + Sync + 'static) {
+/// A unix socket this process bound. At exit it is removed only while its
+/// path still names it: a daemon started on the same path while this one
+/// drained (the path answered no more, so `ensure_unused` let it bind) has
+/// its own socket there, and deleting that would cut it off.
+#[derive(Debug)]
+pub(crate) struct OwnedSocket {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl OwnedSocket {
+    /// The socket at `path`, which this process has just bound.
+    pub(crate) fn claim(path: &Path) -> Option<OwnedSocket> {
+        Some(OwnedSocket {
+            path: path.to_path_buf(),
+            identity: identity(path)?,
+        })
+    }
+
+    /// Removes the path if it still names this socket.
+    pub(crate) fn remove(self) {
+        if identity(&self.path) == Some(self.identity) {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            tracing::info!(path = %self.path.display(), "socket path taken over by another process: left in place");
+        }
+    }
+}
+
+/// Which file `path` names now (device and inode), without following a link.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Answers commands on `path` with `handler(command)`, and returns the
+/// socket to remove at exit. A missing socket only costs `braid status`,
+/// so failing to bind is a warning.
+pub(crate) fn serve(
+    path: PathBuf,
+    handler: impl Fn(&str) -> Answer + Send + Sync + 'static,
+) -> Option<OwnedSocket> {
     // Only a socket may be replaced (a stale one from a killed daemon).
     if std::fs::symlink_metadata(&path)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
@@ -76,9 +117,10 @@ pub(crate) fn serve(path: PathBuf, handler: impl Fn(&str) -> Answer + Send + Syn
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no control socket: braid status will not work");
-            return;
+            return None;
         }
     };
+    let owned = OwnedSocket::claim(&path);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (rd, mut wr) = stream.into_split();
@@ -107,6 +149,7 @@ pub(crate) fn serve(path: PathBuf, handler: impl Fn(&str) -> Answer + Send + Syn
             });
         }
     });
+    owned
 }
 
 /// Sends `command` to the process behind `path` and returns its answer.
@@ -127,4 +170,31 @@ pub(crate) async fn request(path: &Path, command: &str) -> Result<serde_json::Va
         .await
         .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("control socket sent bad JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_exiting_daemon_removes_its_socket_but_not_a_successors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("attach.sock");
+
+        let _first = UnixListener::bind(&path).unwrap();
+        OwnedSocket::claim(&path).unwrap().remove();
+        assert!(!path.exists(), "its own socket is removed");
+
+        let _draining = UnixListener::bind(&path).unwrap();
+        let draining = OwnedSocket::claim(&path).unwrap();
+        // A successor replaced the path while the first one drained.
+        std::fs::remove_file(&path).unwrap();
+        let _successor = UnixListener::bind(&path).unwrap();
+        draining.remove();
+        assert!(
+            std::os::unix::net::UnixStream::connect(&path).is_ok(),
+            "the successor's socket is still reachable"
+        );
+    }
 }

@@ -15,7 +15,9 @@ pub(crate) fn serve_control(
     backend: Arc<Polled<FileBackend>>,
 ) {
     use crate::control::now;
-    crate::control::serve(path, move |command| {
+    // The server leaves its control socket at exit (the next start
+    // replaces a stale one).
+    let _ = crate::control::serve(path, move |command| {
         if command == "status" {
             return now(document(&server, &exports, &backend.0));
         }
