@@ -4,7 +4,7 @@
 //! machine changes speed from one minute to the next, and a ratio is only
 //! fair between runs seconds apart.
 
-use super::{cpu_ticks, Row};
+use super::{cpu_ticks, steal, Row};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -73,6 +73,7 @@ pub(crate) fn run(
     let (rw, bs, qd, jobs) =
         shape(workload).ok_or_else(|| format!("unknown workload {workload}"))?;
     let ticks = cpu_ticks(server_pid);
+    let stolen = steal::Window::start();
     let started = Instant::now();
     let out = Command::new("fio")
         .arg(format!("--name={workload}"))
@@ -96,6 +97,7 @@ pub(crate) fn run(
         .map_err(|e| format!("fio: {e}"))?;
     let wall = started.elapsed().as_secs_f64();
     let srv = (cpu_ticks(server_pid) - ticks) as f64 / super::clock_ticks() * 100.0 / wall;
+    let steal = stolen.percent();
     if !out.status.success() {
         return Err(format!(
             "fio {workload} against {uri}: {}",
@@ -136,7 +138,31 @@ pub(crate) fn run(
         p99,
         cli,
         srv,
+        steal,
     })
+}
+
+/// [`run`], taken again while the hypervisor took more than
+/// [`steal::LIMIT_PERCENT`] of the machine's CPU during it; the run that
+/// lost the least is kept. `label` names the cell in the log.
+pub(crate) fn run_least_stolen(
+    workload: &str,
+    uri: &str,
+    server_pid: u32,
+    runtime: &str,
+    report: &Path,
+    label: &str,
+) -> Result<Row, String> {
+    let (row, _) = steal::least_stolen(
+        || run(workload, uri, server_pid, runtime, report).map(|r| (r.clone(), r.steal)),
+        |attempt, lost| {
+            eprintln!(
+                "{label}: {lost:.0}% of the CPU stolen by the hypervisor, running it again ({attempt} of {})",
+                steal::ATTEMPTS - 1
+            )
+        },
+    )?;
+    Ok(row)
 }
 
 #[cfg(test)]

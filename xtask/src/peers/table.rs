@@ -77,6 +77,23 @@ pub(crate) fn print(results: &Results, columns: &[&str], transports: &[bool]) {
         }
     }
 
+    println!();
+    println!(
+        "steal: the machine's CPU the hypervisor took during each kept run (%; a run over {:.0}% was taken again, up to {} runs, and the least stolen kept)",
+        super::steal::LIMIT_PERCENT,
+        super::steal::ATTEMPTS
+    );
+    header(&numeric, &[]);
+    for &unix in transports {
+        for w in WORKLOADS {
+            let mut line = lead(unix, w);
+            for c in &numeric {
+                line += &cell(get(unix, c, w).map(|r| r.steal), 0);
+            }
+            println!("{line}");
+        }
+    }
+
     if let Some(f) = &results.floor {
         println!();
         println!(

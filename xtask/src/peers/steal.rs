@@ -1,0 +1,137 @@
+//! CPU time the hypervisor gave to someone else while a run was measured.
+//!
+//! The development machines are VMs whose two vCPUs share their host. In
+//! a run where the host takes a third of the CPU time (Linux counts it as
+//! "steal" in `/proc/stat`), every process's CPU per IO rises and the
+//! throughput can fall to a quarter, whichever server is running: the
+//! "slow mode" earlier notes saw and could not name. A run taken in it is
+//! measured again, and the run that lost the least is the one kept.
+
+use std::fs;
+
+/// Steal (as a share of all the machine's CPU time over a run) above
+/// which the run is taken again: quiet runs measured under 1%, slow ones
+/// 30-45% (session 40).
+pub(crate) const LIMIT_PERCENT: f64 = 5.0;
+
+/// Runs of one cell at most, the first included.
+pub(crate) const ATTEMPTS: usize = 3;
+
+/// The machine's CPU time so far, in clock ticks: (stolen, all).
+fn sample() -> Option<(u64, u64)> {
+    parse_cpu_line(&fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// `/proc/stat`'s first line, "cpu  user nice system idle iowait irq
+/// softirq steal guest guest_nice": steal is the eighth figure, and guest
+/// time is already inside user and nice.
+fn parse_cpu_line(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let figures: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let steal = *figures.get(7)?;
+    let all = figures.iter().take(8).sum();
+    Some((steal, all))
+}
+
+/// A span of time over which steal is counted.
+pub(crate) struct Window(Option<(u64, u64)>);
+
+impl Window {
+    pub(crate) fn start() -> Self {
+        Window(sample())
+    }
+
+    /// Percent of the machine's CPU time stolen since `start` (0 where
+    /// `/proc/stat` cannot be read).
+    pub(crate) fn percent(&self) -> f64 {
+        match (self.0, sample()) {
+            (Some((s0, a0)), Some((s1, a1))) if a1 > a0 => {
+                (s1.saturating_sub(s0)) as f64 * 100.0 / (a1 - a0) as f64
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Runs `measure` until a run loses at most [`LIMIT_PERCENT`] to steal or
+/// [`ATTEMPTS`] runs are done, and keeps the run that lost the least.
+/// `measure` returns the run's result and its steal; `retried` hears of
+/// each run that is taken again.
+pub(crate) fn least_stolen<T>(
+    mut measure: impl FnMut() -> Result<(T, f64), String>,
+    mut retried: impl FnMut(usize, f64),
+) -> Result<(T, f64), String> {
+    let mut kept = measure()?;
+    for attempt in 1..ATTEMPTS {
+        if kept.1 <= LIMIT_PERCENT {
+            break;
+        }
+        retried(attempt, kept.1);
+        let again = measure()?;
+        if again.1 < kept.1 {
+            kept = again;
+        }
+    }
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_figure_of_the_machine_line_and_guest_time_is_not_counted_twice() {
+        let stat = "cpu  100 5 50 800 10 0 5 30 7 0\ncpu0 50 2 25 400 5 0 2 15 3 0\n";
+        assert_eq!(parse_cpu_line(stat), Some((30, 1000)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3\n"), None);
+        assert_eq!(
+            parse_cpu_line("cpu  1 2 3 4\n"),
+            None,
+            "a kernel without steal"
+        );
+    }
+
+    #[test]
+    fn a_stolen_run_is_taken_again_and_the_least_stolen_is_kept() {
+        let mut steals = vec![40.0, 12.0, 30.0].into_iter();
+        let mut runs = 0;
+        let mut heard = Vec::new();
+        let kept = least_stolen(
+            || {
+                runs += 1;
+                let s = steals.next().unwrap();
+                Ok((runs, s))
+            },
+            |attempt, s| heard.push((attempt, s)),
+        )
+        .unwrap();
+        assert_eq!(kept, (2, 12.0), "the second run lost the least");
+        assert_eq!(runs, ATTEMPTS);
+        assert_eq!(heard, [(1, 40.0), (2, 12.0)]);
+    }
+
+    #[test]
+    fn a_quiet_run_is_kept_at_once() {
+        let mut runs = 0;
+        let kept = least_stolen(
+            || {
+                runs += 1;
+                Ok(((), 0.4))
+            },
+            |_, _| panic!("a quiet run is not taken again"),
+        )
+        .unwrap();
+        assert_eq!(kept.1, 0.4);
+        assert_eq!(runs, 1);
+    }
+
+    #[test]
+    fn a_failed_run_is_an_error_not_a_retry() {
+        let r: Result<((), f64), String> = least_stolen(|| Err("fio failed".into()), |_, _| {});
+        assert_eq!(r.unwrap_err(), "fio failed");
+    }
+}
