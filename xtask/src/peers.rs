@@ -901,6 +901,7 @@ fn run_pairs(
                 [peer, braid]
             };
             let mut iops = [0.0; 2];
+            let mut stolen = [0.0; 2];
             for s in order {
                 let report = dir.join(format!("pair-{}-{t}-{workload}.json", s.server));
                 let label = format!("pair {} {} {t} {workload}", index + 1, s.server);
@@ -913,14 +914,17 @@ fn run_pairs(
                     &label,
                 )?;
                 iops[usize::from(s.server != "braid")] = row.iops;
+                stolen[usize::from(s.server != "braid")] = row.steal;
             }
             if iops[1] > 0.0 {
                 let ratio = iops[0] / iops[1];
                 eprintln!(
-                    "pair {} {t:<4} {workload:<22} braid {:>10.0} {best:<10} {:>10.0} IOPS  {ratio:.2}x",
+                    "pair {} {t:<4} {workload:<22} braid {:>10.0} {best:<10} {:>10.0} IOPS  {ratio:.2}x  steal {:.0}% and {:.0}%",
                     index + 1,
                     iops[0],
-                    iops[1]
+                    iops[1],
+                    stolen[0],
+                    stolen[1]
                 );
                 results.pairs.push(pairs::Pair {
                     unix,

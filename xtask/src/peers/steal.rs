@@ -8,6 +8,7 @@
 //! measured again, and the run that lost the least is the one kept.
 
 use std::fs;
+use std::time::{Duration, Instant};
 
 /// Steal (as a share of all the machine's CPU time over a run) above
 /// which the run is taken again: quiet runs measured under 1%, slow ones
@@ -57,13 +58,51 @@ impl Window {
     }
 }
 
+/// How long a stolen run's retry waits at most for the host to calm down.
+const QUIET_PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits, up to [`QUIET_PATIENCE`], until a short spin on every vCPU
+/// loses at most [`LIMIT_PERCENT`] to steal. An idle VM shows none (an
+/// idle vCPU is not waiting for the host), so the probe keeps every vCPU
+/// busy while it counts. Returns the last probe's steal.
+fn wait_for_quiet() -> f64 {
+    let started = Instant::now();
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    loop {
+        let window = Window::start();
+        let until = Instant::now() + Duration::from_millis(300);
+        std::thread::scope(|s| {
+            for _ in 0..vcpus {
+                s.spawn(|| {
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                });
+            }
+        });
+        let lost = window.percent();
+        if lost <= LIMIT_PERCENT || started.elapsed() >= QUIET_PATIENCE {
+            return lost;
+        }
+    }
+}
+
 /// Runs `measure` until a run loses at most [`LIMIT_PERCENT`] to steal or
-/// [`ATTEMPTS`] runs are done, and keeps the run that lost the least.
+/// [`ATTEMPTS`] runs are done, and keeps the run that lost the least;
+/// before each retry it waits a while for the host to calm down.
 /// `measure` returns the run's result and its steal; `retried` hears of
 /// each run that is taken again.
 pub(crate) fn least_stolen<T>(
+    measure: impl FnMut() -> Result<(T, f64), String>,
+    retried: impl FnMut(usize, f64),
+) -> Result<(T, f64), String> {
+    least_stolen_waiting(measure, retried, wait_for_quiet)
+}
+
+fn least_stolen_waiting<T>(
     mut measure: impl FnMut() -> Result<(T, f64), String>,
     mut retried: impl FnMut(usize, f64),
+    mut settle: impl FnMut() -> f64,
 ) -> Result<(T, f64), String> {
     let mut kept = measure()?;
     for attempt in 1..ATTEMPTS {
@@ -71,6 +110,7 @@ pub(crate) fn least_stolen<T>(
             break;
         }
         retried(attempt, kept.1);
+        settle();
         let again = measure()?;
         if again.1 < kept.1 {
             kept = again;
@@ -100,29 +140,36 @@ mod tests {
         let mut steals = vec![40.0, 12.0, 30.0].into_iter();
         let mut runs = 0;
         let mut heard = Vec::new();
-        let kept = least_stolen(
+        let mut settled = 0;
+        let kept = least_stolen_waiting(
             || {
                 runs += 1;
                 let s = steals.next().unwrap();
                 Ok((runs, s))
             },
             |attempt, s| heard.push((attempt, s)),
+            || {
+                settled += 1;
+                0.0
+            },
         )
         .unwrap();
         assert_eq!(kept, (2, 12.0), "the second run lost the least");
         assert_eq!(runs, ATTEMPTS);
+        assert_eq!(settled, ATTEMPTS - 1, "each retry waits for quiet first");
         assert_eq!(heard, [(1, 40.0), (2, 12.0)]);
     }
 
     #[test]
     fn a_quiet_run_is_kept_at_once() {
         let mut runs = 0;
-        let kept = least_stolen(
+        let kept = least_stolen_waiting(
             || {
                 runs += 1;
                 Ok(((), 0.4))
             },
             |_, _| panic!("a quiet run is not taken again"),
+            || panic!("a quiet run does not wait"),
         )
         .unwrap();
         assert_eq!(kept.1, 0.4);
@@ -131,7 +178,8 @@ mod tests {
 
     #[test]
     fn a_failed_run_is_an_error_not_a_retry() {
-        let r: Result<((), f64), String> = least_stolen(|| Err("fio failed".into()), |_, _| {});
+        let r: Result<((), f64), String> =
+            least_stolen_waiting(|| Err("fio failed".into()), |_, _| {}, || 0.0);
         assert_eq!(r.unwrap_err(), "fio failed");
     }
 }
