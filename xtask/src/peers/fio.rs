@@ -153,16 +153,9 @@ pub(crate) fn run_least_stolen(
     report: &Path,
     label: &str,
 ) -> Result<Row, String> {
-    let (row, _) = steal::least_stolen(
-        || run(workload, uri, server_pid, runtime, report).map(|r| (r.clone(), r.steal)),
-        |attempt, lost| {
-            eprintln!(
-                "{label}: {lost:.0}% of the CPU stolen by the hypervisor, running it again ({attempt} of {})",
-                steal::ATTEMPTS - 1
-            )
-        },
-    )?;
-    Ok(row)
+    steal::least_stolen(label, || {
+        run(workload, uri, server_pid, runtime, report).map(|r| (r.clone(), r.steal))
+    })
 }
 
 #[cfg(test)]

@@ -64,8 +64,8 @@ const QUIET_PATIENCE: Duration = Duration::from_secs(20);
 /// Waits, up to [`QUIET_PATIENCE`], until a short spin on every vCPU
 /// loses at most [`LIMIT_PERCENT`] to steal. An idle VM shows none (an
 /// idle vCPU is not waiting for the host), so the probe keeps every vCPU
-/// busy while it counts. Returns the last probe's steal.
-fn wait_for_quiet() -> f64 {
+/// busy while it counts.
+fn wait_for_quiet() {
     let started = Instant::now();
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     loop {
@@ -80,43 +80,46 @@ fn wait_for_quiet() -> f64 {
                 });
             }
         });
-        let lost = window.percent();
-        if lost <= LIMIT_PERCENT || started.elapsed() >= QUIET_PATIENCE {
-            return lost;
+        if window.percent() <= LIMIT_PERCENT || started.elapsed() >= QUIET_PATIENCE {
+            return;
         }
     }
 }
 
 /// Runs `measure` until a run loses at most [`LIMIT_PERCENT`] to steal or
 /// [`ATTEMPTS`] runs are done, and keeps the run that lost the least;
-/// before each retry it waits a while for the host to calm down.
-/// `measure` returns the run's result and its steal; `retried` hears of
-/// each run that is taken again.
+/// before each retry it says so (naming the run by `label`) and waits a
+/// while for the host to calm down. `measure` returns the run's result
+/// and its steal.
 pub(crate) fn least_stolen<T>(
+    label: &str,
     measure: impl FnMut() -> Result<(T, f64), String>,
-    retried: impl FnMut(usize, f64),
-) -> Result<(T, f64), String> {
-    least_stolen_waiting(measure, retried, wait_for_quiet)
+) -> Result<T, String> {
+    least_stolen_settling(label, measure, wait_for_quiet)
 }
 
-fn least_stolen_waiting<T>(
+fn least_stolen_settling<T>(
+    label: &str,
     mut measure: impl FnMut() -> Result<(T, f64), String>,
-    mut retried: impl FnMut(usize, f64),
-    mut settle: impl FnMut() -> f64,
-) -> Result<(T, f64), String> {
+    mut settle: impl FnMut(),
+) -> Result<T, String> {
     let mut kept = measure()?;
     for attempt in 1..ATTEMPTS {
         if kept.1 <= LIMIT_PERCENT {
             break;
         }
-        retried(attempt, kept.1);
+        eprintln!(
+            "{label}: {:.0}% of the CPU stolen by the hypervisor, running it again ({attempt} of {})",
+            kept.1,
+            ATTEMPTS - 1
+        );
         settle();
         let again = measure()?;
         if again.1 < kept.1 {
             kept = again;
         }
     }
-    Ok(kept)
+    Ok(kept.0)
 }
 
 #[cfg(test)]
@@ -136,50 +139,43 @@ mod tests {
     }
 
     #[test]
-    fn a_stolen_run_is_taken_again_and_the_least_stolen_is_kept() {
+    fn a_stolen_run_is_taken_again_after_settling_and_the_least_stolen_is_kept() {
         let mut steals = vec![40.0, 12.0, 30.0].into_iter();
         let mut runs = 0;
-        let mut heard = Vec::new();
         let mut settled = 0;
-        let kept = least_stolen_waiting(
+        let kept = least_stolen_settling(
+            "test",
             || {
                 runs += 1;
-                let s = steals.next().unwrap();
-                Ok((runs, s))
+                Ok((runs, steals.next().unwrap()))
             },
-            |attempt, s| heard.push((attempt, s)),
-            || {
-                settled += 1;
-                0.0
-            },
+            || settled += 1,
         )
         .unwrap();
-        assert_eq!(kept, (2, 12.0), "the second run lost the least");
+        assert_eq!(kept, 2, "the second run lost the least");
         assert_eq!(runs, ATTEMPTS);
         assert_eq!(settled, ATTEMPTS - 1, "each retry waits for quiet first");
-        assert_eq!(heard, [(1, 40.0), (2, 12.0)]);
     }
 
     #[test]
     fn a_quiet_run_is_kept_at_once() {
         let mut runs = 0;
-        let kept = least_stolen_waiting(
+        let kept = least_stolen_settling(
+            "test",
             || {
                 runs += 1;
-                Ok(((), 0.4))
+                Ok((runs, 0.4))
             },
-            |_, _| panic!("a quiet run is not taken again"),
             || panic!("a quiet run does not wait"),
         )
         .unwrap();
-        assert_eq!(kept.1, 0.4);
-        assert_eq!(runs, 1);
+        assert_eq!((kept, runs), (1, 1));
     }
 
     #[test]
     fn a_failed_run_is_an_error_not_a_retry() {
-        let r: Result<((), f64), String> =
-            least_stolen_waiting(|| Err("fio failed".into()), |_, _| {}, || 0.0);
+        let r: Result<(), String> =
+            least_stolen_settling("test", || Err("fio failed".into()), || panic!("no retry"));
         assert_eq!(r.unwrap_err(), "fio failed");
     }
 }
