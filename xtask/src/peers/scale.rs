@@ -62,48 +62,33 @@ fn measure(
     let label = format!("{clients} client(s) x {channels} channel(s)");
     steal::least_stolen(&label, || {
         let stolen = steal::Window::start();
-        let figures = measure_once(braid, listen, keys, server, clients, channels, runtime)?;
-        Ok((figures, stolen.percent()))
-    })
-}
-
-fn measure_once(
-    braid: &Path,
-    listen: &str,
-    keys: &Path,
-    server: u32,
-    clients: usize,
-    channels: usize,
-    runtime: &str,
-) -> Result<(f64, f64), String> {
-    let ticks = cpu_ticks(server);
-    let started = Instant::now();
-    let children: Vec<_> = (0..clients)
-        .map(|_| {
-            super::proto::bench_command(braid, listen.trim(), keys)
-                .args(["--rw", "randread", "--bs", "4k", "--qd", "32"])
-                .args(["--channels", &channels.to_string(), "--time", runtime])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("braid bench: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    let mut iops = 0.0;
-    for child in children {
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(format!("braid bench failed:\n{text}"));
+        let ticks = cpu_ticks(server);
+        let started = Instant::now();
+        let children: Vec<_> = (0..clients)
+            .map(|_| {
+                super::proto::bench_command(braid, listen.trim(), keys)
+                    .args(["--rw", "randread", "--bs", "4k", "--qd", "32"])
+                    .args(["--channels", &channels.to_string(), "--time", runtime])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("braid bench: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut iops = 0.0;
+        for child in children {
+            let out = child.wait_with_output().map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if !out.status.success() {
+                return Err(format!("braid bench failed:\n{text}"));
+            }
+            iops += super::proto::parse(&text)
+                .ok_or_else(|| format!("braid bench: no summary in\n{text}"))?
+                .iops;
         }
-        iops += super::proto::parse(&text)
-            .ok_or_else(|| format!("braid bench: no summary in\n{text}"))?
-            .iops;
-    }
-    let wall = started.elapsed().as_secs_f64();
-    let srv = (cpu_ticks(server) - ticks) as f64 / clock_ticks() * 100.0 / wall;
-    eprintln!(
-        "{clients} client(s) x {channels} channel(s): {iops:.0} IOPS, server {srv:.0}% of a core"
-    );
-    Ok((iops, srv))
+        let wall = started.elapsed().as_secs_f64();
+        let srv = (cpu_ticks(server) - ticks) as f64 / clock_ticks() * 100.0 / wall;
+        eprintln!("{label}: {iops:.0} IOPS, server {srv:.0}% of a core");
+        Ok(((iops, srv), stolen.percent()))
+    })
 }
