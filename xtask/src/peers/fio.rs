@@ -63,7 +63,7 @@ fn target_args(uri: &str) -> Vec<String> {
 /// Runs `workload` against `uri` (or a block device's path) for `runtime` seconds (after a second of
 /// ramp), charging `server_pid` and its children with the server's CPU;
 /// fio's JSON report goes to `report`.
-pub(crate) fn run(
+fn run(
     workload: &str,
     uri: &str,
     server_pid: u32,
@@ -73,7 +73,6 @@ pub(crate) fn run(
     let (rw, bs, qd, jobs) =
         shape(workload).ok_or_else(|| format!("unknown workload {workload}"))?;
     let ticks = cpu_ticks(server_pid);
-    let stolen = steal::Window::start();
     let started = Instant::now();
     let out = Command::new("fio")
         .arg(format!("--name={workload}"))
@@ -97,7 +96,6 @@ pub(crate) fn run(
         .map_err(|e| format!("fio: {e}"))?;
     let wall = started.elapsed().as_secs_f64();
     let srv = (cpu_ticks(server_pid) - ticks) as f64 / super::clock_ticks() * 100.0 / wall;
-    let steal = stolen.percent();
     if !out.status.success() {
         return Err(format!(
             "fio {workload} against {uri}: {}",
@@ -138,7 +136,7 @@ pub(crate) fn run(
         p99,
         cli,
         srv,
-        steal,
+        steal: 0.0,
     })
 }
 
@@ -153,9 +151,9 @@ pub(crate) fn run_least_stolen(
     report: &Path,
     label: &str,
 ) -> Result<Row, String> {
-    steal::least_stolen(label, || {
-        run(workload, uri, server_pid, runtime, report).map(|r| (r.clone(), r.steal))
-    })
+    let (row, steal) =
+        steal::least_stolen(label, || run(workload, uri, server_pid, runtime, report))?;
+    Ok(Row { steal, ..row })
 }
 
 #[cfg(test)]

@@ -35,16 +35,15 @@ pub(crate) fn run(
     let mut rows = Vec::new();
     for w in WORKLOADS {
         let Some(args) = bench_args(w) else { continue };
-        let row = steal::least_stolen(&format!("braid-proto {w}"), || {
+        let (row, steal) = steal::least_stolen(&format!("braid-proto {w}"), || {
             let ticks = cpu_ticks(server_pid);
-            let stolen = steal::Window::start();
             let started = Instant::now();
             let mut row = bench(braid, addr, keys, w, &args, runtime)?;
             let wall = started.elapsed().as_secs_f64();
             row.srv = (cpu_ticks(server_pid) - ticks) as f64 / super::clock_ticks() * 100.0 / wall;
-            row.steal = stolen.percent();
-            Ok((row.clone(), row.steal))
+            Ok(row)
         })?;
+        let row = Row { steal, ..row };
         eprintln!(
             "braid-proto {w:<22} {:>10.0} {:>9.1} {:>10.1} {:>10.1} {:>6.0} {:>6.0}  steal {:>3.0}%",
             row.iops, row.mib, row.lat, row.p99, row.cli, row.srv, row.steal
