@@ -915,12 +915,16 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
             .env("VMLAB_TIMEOUT", "900"),
     )?;
     let out = text(&o);
+    let stdout = String::from_utf8_lossy(&o.stdout);
     let mut rows = 0;
-    for line in out.lines() {
+    let mut failed_rows = 0;
+    let mut lines = stdout.lines().peekable();
+    while let Some(line) = lines.next() {
         let (row, verdict) = if let Some(r) = line.strip_prefix("ok ") {
             (r, Verdict::Pass)
         } else if let Some(r) = line.strip_prefix("FAIL ") {
-            (r, Verdict::Fail(String::new()))
+            failed_rows += 1;
+            (r, Verdict::Fail(fail_detail(&mut lines)))
         } else if let Some(r) = line.strip_prefix("SKIP ") {
             let why = "built without the RDMA fabric (needs cmake and clang)".to_string();
             (
@@ -938,15 +942,18 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
             continue;
         };
         rows += 1;
+        let row = strip_ansi(row);
         if let Some(r) = row.strip_prefix("ublk: ") {
             report.add("vm/ublk", "ublk block device", r, verdict);
         } else if let Some(r) = row.strip_prefix("rdma: ") {
             report.add("vm/rdma", "RDMA fabric (soft-RoCE)", r, verdict);
         } else {
-            report.add(target, "kernel nbd-client", row, verdict);
+            report.add(target, "kernel nbd-client", &row, verdict);
         }
     }
-    if !o.status.success() || rows == 0 {
+    // A failed row already says what went wrong; the VM's whole tail is
+    // for a script that stopped without saying (CI shows only so much).
+    if (!o.status.success() && failed_rows == 0) || rows == 0 {
         report.add(
             target,
             clause,
@@ -955,6 +962,44 @@ fn vm_checks(report: &mut Report, root: &Path, braid: &Path, work: &Path) -> Res
         );
     }
     Ok(())
+}
+
+/// The lines a VM script printed after a FAIL row (the log tail its
+/// message quotes), up to the next row, without colours: they are what
+/// a reader of CI's output needs to tell why, so they go with the row.
+fn fail_detail<'a>(lines: &mut std::iter::Peekable<impl Iterator<Item = &'a str>>) -> String {
+    let mut detail = Vec::new();
+    while let Some(next) = lines.peek() {
+        if ["ok ", "FAIL ", "SKIP ", "figure "]
+            .iter()
+            .any(|p| next.starts_with(p))
+        {
+            break;
+        }
+        let next = strip_ansi(lines.next().unwrap_or_default());
+        if !next.trim().is_empty() && detail.len() < 40 {
+            detail.push(next);
+        }
+    }
+    detail.join("\n")
+}
+
+/// `tracing`'s colour escapes (ESC [ ... m) make CI's text unreadable.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn tail(s: &str, lines: usize) -> String {
@@ -968,4 +1013,28 @@ pub(crate) fn braid_binary(root: &Path, profile: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     dir.join(profile).join("braid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_vm_row_keeps_the_lines_it_quoted_without_colours() {
+        let out = "ok rdma: first\nFAIL rdma: link down: \x1b[2mchannel down\x1b[0m\n\n\
+                   verified 9 reads: 2 verification failures, 0 IO errors\n\
+                   protocol: 0 resent\nfigure rdma: x\nok rdma: last\n";
+        let mut lines = out.lines().peekable();
+        assert_eq!(lines.next(), Some("ok rdma: first"));
+        assert!(lines.next().is_some_and(|l| l.starts_with("FAIL ")));
+        assert_eq!(
+            fail_detail(&mut lines),
+            "verified 9 reads: 2 verification failures, 0 IO errors\nprotocol: 0 resent"
+        );
+        assert_eq!(lines.next(), Some("figure rdma: x"));
+        assert_eq!(
+            strip_ansi("link down: \x1b[2mchannel down\x1b[0m"),
+            "link down: channel down"
+        );
+    }
 }
