@@ -185,6 +185,71 @@ impl Progress {
             v.push(p);
         }
     }
+
+    /// A verification failure: counted, and listed even when ten IO
+    /// errors came first (a run that expects errors, like the forging
+    /// client's, must still show what did not verify).
+    fn mismatch(&self, p: String) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let mut v = self.first_problems.lock().unwrap();
+        if v.len() < 20 {
+            v.push(p);
+        }
+    }
+}
+
+/// What the verifier knows of one block's content.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BlockState {
+    /// The generation last acknowledged (or seen, once a failed write
+    /// was read back).
+    acked: u64,
+    /// A write that failed: a block device promises nothing of the
+    /// range a failed write covered, so it may or may not have landed
+    /// (over several channels, the copy of a write that failed may have
+    /// raced one that was stored). The next read pins which.
+    unsure: Option<u64>,
+    /// An IO is on the block, so nothing else may touch it.
+    busy: bool,
+}
+
+impl BlockState {
+    /// Above every generation that may be stored, so no two writes of
+    /// a block carry the same one.
+    fn next_generation(&self) -> u64 {
+        self.acked.max(self.unsure.unwrap_or(0)) + 1
+    }
+
+    fn written(&mut self, generation: u64) {
+        self.acked = generation;
+        self.unsure = None;
+    }
+
+    fn write_failed(&mut self, generation: u64) {
+        self.unsure = Some(generation);
+    }
+
+    /// After a failed write, which of the two generations a read found
+    /// becomes the one every later read must find (so two copies that
+    /// disagree, as mirror legs could, are still caught): the new state,
+    /// or the generation to check against when the read fits neither.
+    fn read(&self, data: &[u8], run: u64, block: u64) -> Result<Self, u64> {
+        let Some(unsure) = self.unsure else {
+            return Err(self.acked);
+        };
+        let pinned = |acked| Self {
+            acked,
+            unsure: None,
+            busy: true,
+        };
+        if check(data, run, block, self.acked).is_ok() {
+            Ok(pinned(self.acked))
+        } else if check(data, run, block, unsure).is_ok() {
+            Ok(pinned(unsure))
+        } else {
+            Err(self.acked)
+        }
+    }
 }
 
 /// Runs the verifying workload until `progress.stop` is set.
@@ -225,8 +290,7 @@ pub(crate) async fn workload(
         .lock()
         .unwrap()
         .get_or_insert_with(Instant::now);
-    // Per block: last acknowledged generation, and whether an IO is on it.
-    let state = Arc::new(Mutex::new(vec![(0u64, false); blocks as usize]));
+    let state = Arc::new(Mutex::new(vec![BlockState::default(); blocks as usize]));
     let mut workers = Vec::new();
     for w in 0..qd {
         let (client, state, progress) = (client.clone(), state.clone(), progress.clone());
@@ -254,21 +318,22 @@ pub(crate) async fn workload(
                     let mut found = None;
                     for _ in 0..8 {
                         let b = rng.below(blocks);
-                        if !s[b as usize].1 {
-                            s[b as usize].1 = true;
-                            found = Some((b, s[b as usize].0));
+                        let block = &mut s[b as usize];
+                        if !block.busy {
+                            block.busy = true;
+                            found = Some((b, *block));
                             break;
                         }
                     }
                     found
                 };
-                let Some((block, acked)) = claimed else {
+                let Some((block, known)) = claimed else {
                     tokio::task::yield_now().await;
                     continue;
                 };
                 let offset = block * BLOCK as u64;
                 if rng.chance(0.4) {
-                    let generation = acked + 1;
+                    let generation = known.next_generation();
                     let fua = rng.chance(0.1);
                     let t = Instant::now();
                     let data = block_data(run, block, generation);
@@ -281,15 +346,16 @@ pub(crate) async fn workload(
                     // the write was in flight, the server may have stored
                     // that instead, so say so here, where it happened.
                     if let Err(p) = check(&data, run, block, generation) {
-                        progress.failures.fetch_add(1, Ordering::Relaxed);
-                        progress.problem(format!("write buffer changed in flight: {p}"));
+                        progress.mismatch(format!("write buffer changed in flight: {p}"));
                     }
+                    let mut s = state.lock().unwrap();
                     match r {
                         Ok(_) => {
-                            state.lock().unwrap()[block as usize].0 = generation;
+                            s[block as usize].written(generation);
                             progress.writes.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
+                            s[block as usize].write_failed(generation);
                             progress.problem(format!("write failed: {e}"));
                             progress.errors.fetch_add(1, Ordering::Relaxed);
                         }
@@ -301,8 +367,14 @@ pub(crate) async fn workload(
                     match r {
                         Ok(data) => {
                             progress.reads.fetch_add(1, Ordering::Relaxed);
+                            let acked = match known.read(&data, run, block) {
+                                Ok(found) => {
+                                    state.lock().unwrap()[block as usize] = found;
+                                    found.acked
+                                }
+                                Err(acked) => acked,
+                            };
                             if let Err(p) = check(&data, run, block, acked) {
-                                progress.failures.fetch_add(1, Ordering::Relaxed);
                                 // The block is still claimed, so nothing wrote
                                 // it since: a second read tells a wrong read
                                 // (the data went astray on its way back) from
@@ -312,7 +384,7 @@ pub(crate) async fn workload(
                                     .await
                                     .map_err(|e| format!("failed: {e}"))
                                     .and_then(|d| check(&d, run, block, acked));
-                                progress.problem(match again {
+                                progress.mismatch(match again {
                                     Ok(()) => {
                                         format!("{p}; read again: right (the read went astray)")
                                     }
@@ -326,7 +398,7 @@ pub(crate) async fn workload(
                         }
                     }
                 }
-                state.lock().unwrap()[block as usize].1 = false;
+                state.lock().unwrap()[block as usize].busy = false;
             }
         }));
     }
@@ -410,6 +482,34 @@ mod tests {
             "data of this run where none was acknowledged"
         );
         assert_eq!(crc(b"123456789"), 0xCBF4_3926, "CRC-32 check value");
+    }
+
+    /// A failed write may or may not have landed; the first read pins
+    /// which, and a later read of the other is a failure again.
+    #[test]
+    fn a_failed_write_is_either_generation_until_a_read_pins_one() {
+        let mut b = BlockState {
+            acked: 2,
+            ..Default::default()
+        };
+        b.write_failed(3);
+        assert_eq!(b.next_generation(), 4);
+        let landed = block_data(1, 5, 3);
+        let pinned = b.read(&landed, 1, 5).unwrap();
+        assert_eq!((pinned.acked, pinned.unsure), (3, None));
+        assert_eq!(pinned.read(&block_data(1, 5, 2), 1, 5), Err(3));
+        let old = b.read(&block_data(1, 5, 2), 1, 5).unwrap();
+        assert_eq!((old.acked, old.unsure), (2, None));
+        assert_eq!(
+            b.read(&block_data(1, 5, 1), 1, 5),
+            Err(2),
+            "neither generation"
+        );
+        let mut fresh = BlockState::default();
+        fresh.write_failed(1);
+        assert_eq!(fresh.read(&block_data(1, 5, 1), 1, 5).unwrap().acked, 1);
+        fresh.written(4);
+        assert_eq!((fresh.acked, fresh.unsure), (4, None));
     }
 
     /// The protocol's payload checksum must tell verify blocks apart, or a

@@ -648,7 +648,21 @@ impl Driver {
                     let _ = tx.send(Ok(info));
                 }
             }
-            Notice::ChannelUp { ch, .. } => tracing::debug!(%ch, "channel up"),
+            Notice::ChannelUp { ch, .. } => {
+                // Paired with "channel down": an operator (and the VM's
+                // fault rows) can tell when, and on which path, IO has
+                // somewhere to go again.
+                let path = self
+                    .status
+                    .lock()
+                    .unwrap()
+                    .paths
+                    .iter()
+                    .find(|(slot, _)| *slot == ch.slot)
+                    .map(|(_, path)| path.clone())
+                    .unwrap_or_default();
+                tracing::info!(%ch, path, "channel up");
+            }
             Notice::ChannelDown { ch, reason, moved } => {
                 *self.last_error.lock().unwrap() = reason.to_string();
                 tracing::info!(%ch, %reason, moved, "channel down");

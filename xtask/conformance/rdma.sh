@@ -87,15 +87,36 @@ verify() {
   timeout 120 $CLI "$BRAID" verify --key-file "$WORK/srv/keys.toml" "$@" >"$log" 2>&1
 }
 clean() { grep -q "0 verification failures, 0 IO errors" "$1"; }
-# under_fault LOGNAME RDMA-ADDRESS CUT HEAL: a 30 s verify of a mixed
-# session, with CUT run after 5 s and HEAL 10 s later.
+# table_up LOG PATH: the channel table a run ends with has a channel up on
+# PATH (not the "channel up" lines logged on the way).
+table_up() { grep -Eq "^ +ch[0-9]+\.[0-9]+ up +$2" "$1"; }
+# under_fault LOGNAME RDMA-ADDRESS CUT HEAL: a 40 s verify of a mixed
+# session, with CUT run once an RDMA channel is up and has carried IO for
+# 2 s, and HEAL 10 s later. A fixed 5 s wait was not enough: under TCG a
+# fresh soft-RoCE device's first RDMA handshake can time out, and then no
+# IO was on RDMA when the link went down (CI failed so: 0 resent). If no
+# RDMA channel comes up in 25 s, the cut is not made and rdma_never_up
+# says so in the row's message, with the QP table.
 under_fault() {
-  verify "$1" --server "$2,$TCP" --channels 4 --time 30 &
+  local log=$LOGS/rdma-$1.log
+  verify "$1" --server "$2,$TCP" --channels 4 --time 40 &
   local v=$!
-  sleep 5
-  eval "$3"
-  sleep 10
-  eval "$4"
+  rdma_never_up=""
+  local waited=0
+  until grep -q "channel up.*rdma://" "$log" 2>/dev/null; do
+    if [ "$waited" -ge 250 ]; then
+      rdma_never_up="no RDMA channel came up in 25 s, so the path was never cut; QP table: $(rdma res show qp 2>&1 | tr '\n' ' ')"
+      break
+    fi
+    sleep 0.1
+    waited=$((waited + 1))
+  done
+  if [ -z "$rdma_never_up" ]; then
+    sleep 2
+    eval "$3"
+    sleep 10
+    eval "$4"
+  fi
   wait "$v"
 }
 
@@ -154,7 +175,7 @@ writes_zero_copy() {
 
 step "1. verify over RDMA only"
 verify only --server "$RDMA" --channels 2 --time 8
-if clean "$LOGS/rdma-only.log" && grep -q "up .*rdma://" "$LOGS/rdma-only.log"; then
+if clean "$LOGS/rdma-only.log" && table_up "$LOGS/rdma-only.log" "rdma://"; then
   ok "braid verify over RDMA only (2 RC queue pairs): 0 verification failures, 0 IO errors"
 else
   fail "verify over RDMA only: $(tail -8 "$LOGS/rdma-only.log")"
@@ -163,8 +184,8 @@ writes_zero_copy "$LOGS/rdma-only.log" "braid verify"
 
 step "2. one session over RDMA and TCP"
 verify mixed --server "$RDMA" --server "$TCP" --channels 4 --time 8
-if clean "$LOGS/rdma-mixed.log" && grep -q "up .*rdma://" "$LOGS/rdma-mixed.log" &&
-   grep -q "up .*127.0.0.1:7410" "$LOGS/rdma-mixed.log"; then
+if clean "$LOGS/rdma-mixed.log" && table_up "$LOGS/rdma-mixed.log" "rdma://" &&
+   table_up "$LOGS/rdma-mixed.log" "127.0.0.1:7410"; then
   ok "one session with 2 RDMA and 2 TCP channels: 0 verification failures, 0 IO errors"
 else
   fail "mixed RDMA+TCP session: $(tail -8 "$LOGS/rdma-mixed.log")"
@@ -194,13 +215,16 @@ BRAID_TEST_RDMA_FORGE=1 timeout 60 $CLI "$BRAID" verify --key-file "$WORK/srv/ke
 forged=$?
 wait "$V"
 # The forger names every second buffer outside its window: those requests
-# fail INVALID, the rest verify, and its channels never go down.
+# fail INVALID, the rest verify, and no channel goes down for it (a first
+# handshake that timed out under TCG is not the forging's doing: CI's
+# VM once took longer than the handshake allows while the host was busy).
+dropped=$(grep "channel down" "$LOGS/rdma-forge.log" | grep -vc "handshake timed out")
 if [ "$forged" != 0 ] && grep -q "verified [1-9][0-9]* reads .*: 0 verification failures, [1-9][0-9]* IO errors" "$LOGS/rdma-forge.log" &&
-   grep -q "0 channel failures" "$LOGS/rdma-forge.log" &&
+   [ "$dropped" -eq 0 ] &&
    clean "$LOGS/rdma-honest.log" && kill -0 "$SERVER" 2>/dev/null; then
-  ok "forged remote buffers fail only their own requests (INVALID; the forger's other requests verified, 0 channel failures); another session verified 0 failures, 0 errors meanwhile"
+  ok "forged remote buffers fail only their own requests (INVALID; the forger's other requests verified, no channel dropped); another session verified 0 failures, 0 errors meanwhile"
 else
-  fail "forged remote buffer (forger rc $forged): $(tail -6 "$LOGS/rdma-forge.log"); honest: $(tail -4 "$LOGS/rdma-honest.log")"
+  fail "forged remote buffer (forger rc $forged, $dropped channels dropped): $(grep -v "failed: Invalid" "$LOGS/rdma-forge.log" | tail -12); honest: $(tail -4 "$LOGS/rdma-honest.log")"
 fi
 
 step "5a. a server at its limit of RDMA channels"
@@ -340,13 +364,13 @@ under_fault blackhole "$RDMA" \
 # RDMA-only runs after it (the QP table says, when it must wait, whether
 # soft-RoCE broke its CM queue pair or was only slow).
 returned=""
-if grep -q "up .*rdma://" "$LOGS/rdma-blackhole.log"; then
+if table_up "$LOGS/rdma-blackhole.log" "rdma://"; then
   returned="at the end of the run"
 else
   rdma res show qp >"$LOGS/rdma-blackhole-qp.txt" 2>&1
   for try in 1 2 3; do
     verify blackhole-after --server "$RDMA" --channels 2 --time 5
-    if clean "$LOGS/rdma-blackhole-after.log" && grep -q "up .*rdma://" "$LOGS/rdma-blackhole-after.log"; then
+    if clean "$LOGS/rdma-blackhole-after.log" && table_up "$LOGS/rdma-blackhole-after.log" "rdma://"; then
       returned="in RDMA-only run $try after it"
       break
     fi
@@ -368,7 +392,7 @@ if clean "$LOGS/rdma-blackhole.log" && [ -n "$returned" ] &&
    grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-blackhole.log"; then
   ok "RDMA path silent 10 s under load: its IO was resent over TCP (0 verification failures, 0 IO errors), $back"
 else
-  fail "RDMA path blackholed: $(tail -10 "$LOGS/rdma-blackhole.log") qp: $(cat "$LOGS/rdma-blackhole-qp.txt" 2>/dev/null)"
+  fail "RDMA path blackholed: $rdma_never_up $(tail -10 "$LOGS/rdma-blackhole.log") qp: $(cat "$LOGS/rdma-blackhole-qp.txt" 2>/dev/null)"
 fi
 
 step "7. the RDMA link down under load (last: soft-RoCE in this kernel leaves its CM queue pair in error after a port flap with MADs in flight, so no RDMA connection works after it)"
@@ -376,7 +400,7 @@ under_fault linkdown "$RDMA2" "ip link set vC down" "ip link set vC up"
 if clean "$LOGS/rdma-linkdown.log" && grep -Eq "[1-9][0-9]* (resent|failed over)" "$LOGS/rdma-linkdown.log"; then
   ok "ip link set down of the RDMA link for 10 s under load: its IO failed over to TCP, 0 verification failures, 0 IO errors"
 else
-  fail "RDMA link down: $(tail -10 "$LOGS/rdma-linkdown.log")"
+  fail "RDMA link down: $rdma_never_up $(tail -10 "$LOGS/rdma-linkdown.log")"
 fi
 
 # Soft-RoCE under loss was seen to complete an RDMA READ as a success,
