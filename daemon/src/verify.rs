@@ -204,10 +204,12 @@ struct BlockState {
     /// The generation last acknowledged (or seen, once a failed write
     /// was read back).
     acked: u64,
-    /// A write that failed: a block device promises nothing of the
-    /// range a failed write covered, so it may or may not have landed
-    /// (over several channels, the copy of a write that failed may have
-    /// raced one that was stored). The next read pins which.
+    /// The newest write that failed: a block device promises nothing of
+    /// the range a failed write covered, so it may or may not have
+    /// landed (over several channels, the copy of a write that failed
+    /// may have raced one that was stored). Every generation from
+    /// `acked` to this one may be stored (those between failed too);
+    /// the next read pins which.
     unsure: Option<u64>,
     /// An IO is on the block, so nothing else may touch it.
     busy: bool,
@@ -229,26 +231,23 @@ impl BlockState {
         self.unsure = Some(generation);
     }
 
-    /// After a failed write, which of the two generations a read found
-    /// becomes the one every later read must find (so two copies that
-    /// disagree, as mirror legs could, are still caught): the new state,
-    /// or the generation to check against when the read fits neither.
+    /// After failed writes, the generation a read found becomes the one
+    /// every later read must find (so two copies that disagree, as
+    /// mirror legs could, are still caught): the new state, or the
+    /// generation to check against when the read fits none that may be
+    /// stored.
     fn read(&self, data: &[u8], run: u64, block: u64) -> Result<Self, u64> {
         let Some(unsure) = self.unsure else {
             return Err(self.acked);
         };
-        let pinned = |acked| Self {
-            acked,
-            unsure: None,
-            busy: true,
-        };
-        if check(data, run, block, self.acked).is_ok() {
-            Ok(pinned(self.acked))
-        } else if check(data, run, block, unsure).is_ok() {
-            Ok(pinned(unsure))
-        } else {
-            Err(self.acked)
-        }
+        (self.acked..=unsure)
+            .find(|generation| check(data, run, block, *generation).is_ok())
+            .map(|acked| Self {
+                acked,
+                unsure: None,
+                busy: true,
+            })
+            .ok_or(self.acked)
     }
 }
 
@@ -505,6 +504,11 @@ mod tests {
             Err(2),
             "neither generation"
         );
+        // Two failed writes in a row: either may have landed.
+        let mut twice = b;
+        twice.write_failed(twice.next_generation());
+        assert_eq!(twice.read(&landed, 1, 5).unwrap().acked, 3);
+        assert_eq!(twice.read(&block_data(1, 5, 4), 1, 5).unwrap().acked, 4);
         let mut fresh = BlockState::default();
         fresh.write_failed(1);
         assert_eq!(fresh.read(&block_data(1, 5, 1), 1, 5).unwrap().acked, 1);
