@@ -347,14 +347,13 @@ pub(crate) async fn workload(
                     if let Err(p) = check(&data, run, block, generation) {
                         progress.mismatch(format!("write buffer changed in flight: {p}"));
                     }
-                    let mut s = state.lock().unwrap();
                     match r {
                         Ok(_) => {
-                            s[block as usize].written(generation);
+                            state.lock().unwrap()[block as usize].written(generation);
                             progress.writes.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
-                            s[block as usize].write_failed(generation);
+                            state.lock().unwrap()[block as usize].write_failed(generation);
                             progress.problem(format!("write failed: {e}"));
                             progress.errors.fetch_add(1, Ordering::Relaxed);
                         }
