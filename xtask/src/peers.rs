@@ -44,7 +44,8 @@ const USAGE: &str = "usage: cargo xtask bench --peers [--runtime SECS] [--rounds
      on shared cores one run can be off by 2x. Within a round every NBD server is up
      at once and each workload runs against each in turn, seconds apart
   P: after each round's runs, run braid and that round's best peer back to back P times
-     per workload (the order alternating) and report braid/best per pair (default 0)";
+     per workload (the order alternating) and report braid/best per pair (default 0); in
+     the unix pass, attach over unix and braid's NBD face over TCP the same way (the client path)";
 
 /// What fio reaches in a transport's pass: NBD servers, and the ublk
 /// device (its link to the server is TCP, so it runs in the TCP pass only).
@@ -333,6 +334,14 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
                 .arg(&sdir)
                 .args(["--listen", &listen])
                 .args(["--export", &format!("disk0={img_s}"), "--nbd", &addr]);
+            if unix {
+                // The face over TCP as well, which the client path's pairs
+                // run against beside attach over unix (see `run_client_pairs`).
+                let face = format!("127.0.0.1:{}", free_port());
+                fs::write(sdir.join("tcp-uri"), format!("nbd://{face}/disk0"))
+                    .map_err(|e| e.to_string())?;
+                c.args(["--nbd", &face]);
+            }
             c
         }
         "nbdkit" => {
@@ -552,6 +561,8 @@ pub(crate) struct Results {
     pub(crate) memory: Vec<Memory>,
     /// braid against the round's best peer, back to back.
     pub(crate) pairs: Vec<pairs::Pair>,
+    /// attach over unix against braid's NBD face over TCP, back to back.
+    pub(crate) client_pairs: Vec<pairs::Pair>,
 }
 
 pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), String> {
@@ -650,6 +661,7 @@ pub(crate) fn run(args: &[String], root: &Path, braid: &Path) -> Result<(), Stri
     table::print_client_path(&measured);
     table::print_mirror_cost(&measured, &transports);
     pairs::print(&results.pairs);
+    pairs::print_client(&results.client_pairs);
     Ok(())
 }
 
@@ -853,6 +865,9 @@ fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
         }
         if pairs > 0 {
             run_pairs(&mut results, &live, unix, pairs, runtime, dir)?;
+            if unix {
+                run_client_pairs(&mut results, &live, pairs, runtime, dir)?;
+            }
         }
         let mut peaks = sampler.finish().into_iter();
         for s in &live {
@@ -895,27 +910,11 @@ fn run_pairs(
             continue;
         };
         for index in 0..count {
-            let order = if pairs::braid_first(index) {
-                [braid, peer]
-            } else {
-                [peer, braid]
-            };
-            let mut iops = [0.0; 2];
-            let mut stolen = [0.0; 2];
-            for s in order {
-                let report = dir.join(format!("pair-{}-{t}-{workload}.json", s.server));
-                let label = format!("pair {} {} {t} {workload}", index + 1, s.server);
-                let row = fio::run_least_stolen(
-                    workload,
-                    &s.uri,
-                    s.daemon.pid(),
-                    runtime,
-                    &report,
-                    &label,
-                )?;
-                iops[usize::from(s.server != "braid")] = row.iops;
-                stolen[usize::from(s.server != "braid")] = row.steal;
-            }
+            let sides = [
+                (braid.server, braid.uri.as_str(), braid.daemon.pid()),
+                (peer.server, peer.uri.as_str(), peer.daemon.pid()),
+            ];
+            let (iops, stolen) = back_to_back(sides, index, workload, runtime, dir, t)?;
             if iops[1] > 0.0 {
                 let ratio = iops[0] / iops[1];
                 eprintln!(
@@ -936,6 +935,88 @@ fn run_pairs(
         }
     }
     Ok(())
+}
+
+/// The client path's figure, measured as the peers' are: fio through
+/// `braid attach` over unix and fio over TCP straight to braid's NBD face,
+/// back to back `count` times per workload, the order alternating. Its
+/// per-round ratio sets runs of two transports' passes against each other,
+/// minutes apart, and on these shared cores a slow spell in between moved
+/// it by a third (session 41: QD1 reads 0.59x and 0.67x in full tables,
+/// 0.96x with only braid and attach running).
+fn run_client_pairs(
+    results: &mut Results,
+    live: &[Serving<'_>],
+    count: usize,
+    runtime: &str,
+    dir: &Path,
+) -> Result<(), String> {
+    let attach = live.iter().find(|s| s.server == "attach");
+    let face = live.iter().find(|s| s.server == "braid");
+    let (Some(attach), Some(face)) = (attach, face) else {
+        return Ok(());
+    };
+    let tcp_uri = fs::read_to_string(dir.join("braid-unix").join("tcp-uri"))
+        .map_err(|e| format!("braid's NBD face over TCP: {e}"))?;
+    eprintln!(
+        "==> client path pairs: attach over unix and braid's NBD face over TCP back to back, {count} times per workload"
+    );
+    for workload in WORKLOADS {
+        for index in 0..count {
+            let sides = [
+                ("attach", attach.uri.as_str(), attach.daemon.pid()),
+                ("braid", tcp_uri.trim(), face.daemon.pid()),
+            ];
+            let (iops, stolen) = back_to_back(sides, index, workload, runtime, dir, "client")?;
+            if iops[1] > 0.0 {
+                let ratio = iops[0] / iops[1];
+                eprintln!(
+                    "pair {} client {workload:<22} attach {:>10.0} face/tcp {:>10.0} IOPS  {ratio:.2}x  steal {:.0}% and {:.0}%",
+                    index + 1,
+                    iops[0],
+                    iops[1],
+                    stolen[0],
+                    stolen[1]
+                );
+                results.client_pairs.push(pairs::Pair {
+                    unix: true,
+                    workload: workload.to_string(),
+                    peer: "braid".into(),
+                    ratio,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One pair: fio on each of two sides (name, URI, the pid charged as its
+/// server), the first side first in even pairs and second in odd ones.
+/// IOPS and steal come back in the sides' order.
+fn back_to_back(
+    sides: [(&str, &str, u32); 2],
+    index: usize,
+    workload: &str,
+    runtime: &str,
+    dir: &Path,
+    pass: &str,
+) -> Result<([f64; 2], [f64; 2]), String> {
+    let order = if pairs::braid_first(index) {
+        [0, 1]
+    } else {
+        [1, 0]
+    };
+    let mut iops = [0.0; 2];
+    let mut stolen = [0.0; 2];
+    for i in order {
+        let (server, uri, pid) = sides[i];
+        let report = dir.join(format!("pair-{server}-{pass}-{workload}.json"));
+        let label = format!("pair {} {server} {pass} {workload}", index + 1);
+        let row = fio::run_least_stolen(workload, uri, pid, runtime, &report, &label)?;
+        iops[i] = row.iops;
+        stolen[i] = row.steal;
+    }
+    Ok((iops, stolen))
 }
 
 /// An NBD server up for a round of the table.
@@ -1009,6 +1090,9 @@ fn median_round(rounds: &[Results]) -> Results {
     }
     for round in rounds {
         combined.pairs.extend(round.pairs.iter().cloned());
+        combined
+            .client_pairs
+            .extend(round.client_pairs.iter().cloned());
     }
     for (i, round) in rounds.iter().enumerate() {
         for m in &round.memory {

@@ -32,7 +32,8 @@ pub(crate) fn best_peer(results: &Results, unix: bool, workload: &str) -> Option
         .map(|(p, _)| p)
 }
 
-/// Whether braid runs first in pair `index`: every other pair.
+/// Whether a pair's first side (braid; attach on the client path) runs
+/// first in pair `index`: every other pair.
 pub(crate) fn braid_first(index: usize) -> bool {
     index.is_multiple_of(2)
 }
@@ -95,6 +96,28 @@ pub(crate) fn print(pairs: &[Pair]) {
             "{} {:<22} {:>30} {:>7.2}x",
             lead(row.unix, row.workload),
             row.peers,
+            listed(&row.ratios),
+            row.median
+        );
+    }
+}
+
+/// The client path's pairs: attach over unix / braid's NBD face over TCP,
+/// per workload.
+pub(crate) fn print_client(pairs: &[Pair]) {
+    let rows = summary(pairs);
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "client path, back to back: attach over unix / braid's NBD face over TCP (order alternating)"
+    );
+    println!("{:<29} {:>30} {:>8}", "workload", "per pair", "median");
+    for row in rows {
+        println!(
+            "{:<29} {:>30} {:>7.2}x",
+            row.workload,
             listed(&row.ratios),
             row.median
         );
