@@ -914,17 +914,7 @@ fn run_pairs(
                 (braid.server, braid.uri.as_str(), braid.daemon.pid()),
                 (peer.server, peer.uri.as_str(), peer.daemon.pid()),
             ];
-            let (iops, stolen) = back_to_back(sides, index, workload, runtime, dir, t)?;
-            if iops[1] > 0.0 {
-                let ratio = iops[0] / iops[1];
-                eprintln!(
-                    "pair {} {t:<4} {workload:<22} braid {:>10.0} {best:<10} {:>10.0} IOPS  {ratio:.2}x  steal {:.0}% and {:.0}%",
-                    index + 1,
-                    iops[0],
-                    iops[1],
-                    stolen[0],
-                    stolen[1]
-                );
+            if let Some(ratio) = back_to_back(sides, index, workload, runtime, dir, t)? {
                 results.pairs.push(pairs::Pair {
                     unix,
                     workload: workload.to_string(),
@@ -967,17 +957,7 @@ fn run_client_pairs(
                 ("attach", attach.uri.as_str(), attach.daemon.pid()),
                 ("braid", tcp_uri.trim(), face.daemon.pid()),
             ];
-            let (iops, stolen) = back_to_back(sides, index, workload, runtime, dir, "client")?;
-            if iops[1] > 0.0 {
-                let ratio = iops[0] / iops[1];
-                eprintln!(
-                    "pair {} client {workload:<22} attach {:>10.0} face/tcp {:>10.0} IOPS  {ratio:.2}x  steal {:.0}% and {:.0}%",
-                    index + 1,
-                    iops[0],
-                    iops[1],
-                    stolen[0],
-                    stolen[1]
-                );
+            if let Some(ratio) = back_to_back(sides, index, workload, runtime, dir, "client")? {
                 results.client_pairs.push(pairs::Pair {
                     unix: true,
                     workload: workload.to_string(),
@@ -992,7 +972,8 @@ fn run_client_pairs(
 
 /// One pair: fio on each of two sides (name, URI, the pid charged as its
 /// server), the first side first in even pairs and second in odd ones.
-/// IOPS and steal come back in the sides' order.
+/// Logs both and returns the first side's throughput over the second's
+/// (`None` if the second did no IO).
 fn back_to_back(
     sides: [(&str, &str, u32); 2],
     index: usize,
@@ -1000,7 +981,7 @@ fn back_to_back(
     runtime: &str,
     dir: &Path,
     pass: &str,
-) -> Result<([f64; 2], [f64; 2]), String> {
+) -> Result<Option<f64>, String> {
     let order = if pairs::braid_first(index) {
         [0, 1]
     } else {
@@ -1016,7 +997,21 @@ fn back_to_back(
         iops[i] = row.iops;
         stolen[i] = row.steal;
     }
-    Ok((iops, stolen))
+    if iops[1] <= 0.0 {
+        return Ok(None);
+    }
+    let ratio = iops[0] / iops[1];
+    eprintln!(
+        "pair {} {pass:<6} {workload:<22} {:<10} {:>10.0} {:<10} {:>10.0} IOPS  {ratio:.2}x  steal {:.0}% and {:.0}%",
+        index + 1,
+        sides[0].0,
+        iops[0],
+        sides[1].0,
+        iops[1],
+        stolen[0],
+        stolen[1]
+    );
+    Ok(Some(ratio))
 }
 
 /// An NBD server up for a round of the table.
