@@ -982,7 +982,7 @@ fn back_to_back(
     dir: &Path,
     pass: &str,
 ) -> Result<Option<f64>, String> {
-    let order = if pairs::braid_first(index) {
+    let order = if pairs::first_side_first(index) {
         [0, 1]
     } else {
         [1, 0]

@@ -32,9 +32,9 @@ pub(crate) fn best_peer(results: &Results, unix: bool, workload: &str) -> Option
         .map(|(p, _)| p)
 }
 
-/// Whether a pair's first side (braid; attach on the client path) runs
-/// first in pair `index`: every other pair.
-pub(crate) fn braid_first(index: usize) -> bool {
+/// Whether a pair's first side (braid against a peer; attach on the
+/// client path) runs first in pair `index`: every other pair.
+pub(crate) fn first_side_first(index: usize) -> bool {
     index.is_multiple_of(2)
 }
 
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn the_order_alternates_from_pair_to_pair() {
-        let firsts: Vec<bool> = (0..4).map(braid_first).collect();
+        let firsts: Vec<bool> = (0..4).map(first_side_first).collect();
         assert_eq!(firsts, [true, false, true, false]);
     }
 
