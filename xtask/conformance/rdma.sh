@@ -96,9 +96,8 @@ table_up() { grep -Eq "^ +ch[0-9]+\.[0-9]+ up +$2" "$1"; }
 # fresh soft-RoCE device's first RDMA handshake can time out, and then no
 # IO is on RDMA when the link goes down (0 resent: most likely why a CI
 # run failed the link-down row; VM runs where RDMA was not up showed just
-# that). If no
-# RDMA channel comes up in 25 s, the cut is not made and rdma_never_up
-# says so in the row's message, with the QP table.
+# that). If no RDMA channel comes up in 25 s, the cut is not made and
+# rdma_never_up says so in the row's message, with the QP table.
 under_fault() {
   local log=$LOGS/rdma-$1.log
   verify "$1" --server "$2,$TCP" --channels 4 --time 40 &
