@@ -280,7 +280,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
             addr,
             &export,
             config,
-            target.clone(),
+            braid_frontend_nbd::Placement::here(target.clone()),
             args.nbd_allow_insecure,
             stop_rx.clone(),
         )
@@ -616,7 +616,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
             addr,
             &file.name,
             config,
-            target.clone(),
+            braid_frontend_nbd::Placement::here(target.clone()),
             args.nbd_allow_insecure,
             stop_rx.clone(),
         )

@@ -1,13 +1,13 @@
 //! Starting an NBD listener for `braid serve --nbd` and `braid attach --nbd`.
 
-use braid_frontend_nbd::{NbdConfig, NbdListener, Target};
-use std::sync::Arc;
+use braid_frontend_nbd::{NbdConfig, NbdListener, Placement};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 /// Binds `addr` (TCP host:port or a unix socket path) and serves `config`
-/// there until `stop` turns true, then drains. Returns the URI of `export`
-/// on it and the task, which ends once the drain is done.
+/// there, each connection where `placement` puts it, until `stop` turns
+/// true, then drains. Returns the URI of `export` on it and the task, which
+/// ends once the drain is done.
 ///
 /// NBD has no authentication of its own: a TCP address other machines can
 /// reach is refused unless TLS is on (and so, with a client CA, client
@@ -16,7 +16,7 @@ pub(crate) async fn start(
     addr: &str,
     export: &str,
     config: NbdConfig,
-    target: Arc<dyn Target>,
+    placement: Placement,
     allow_insecure: bool,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(String, JoinHandle<()>), String> {
@@ -43,7 +43,7 @@ pub(crate) async fn start(
         let until = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = braid_frontend_nbd::serve(listener, config, target, until).await {
+        if let Err(e) = braid_frontend_nbd::serve(listener, config, placement, until).await {
             tracing::error!(error = %e, "NBD listener failed");
         }
     });

@@ -18,6 +18,7 @@
 mod fuzz;
 mod listener;
 mod negotiate;
+mod placement;
 mod proto;
 mod ring;
 mod socket;
@@ -30,8 +31,11 @@ mod whole_send;
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::exercise_nbd;
 pub use listener::NbdListener;
+pub use placement::Placement;
 pub use target::{BackendTarget, Completion, ExtentsCompletion, Target};
 
+use listener::Accepted;
+use placement::Placed;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,13 +125,16 @@ const DRAIN_MAX: Duration = Duration::from_secs(30);
 /// Serves NBD on `listener` until `shutdown` completes, then lets every
 /// connection finish its in-flight requests (up to 30 s) and returns. Each
 /// connection is independent: a misbehaving client loses only its own.
+/// Connections run where `placement` puts them (an `Arc<dyn Target>`: on
+/// this runtime).
 pub async fn serve(
     listener: NbdListener,
     config: NbdConfig,
-    target: Arc<dyn Target>,
+    placement: impl Into<Placement>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let config = Arc::new(config);
+    let placement = placement.into();
     let (down_tx, down_rx) = watch::channel(false);
     let mut sessions = JoinSet::new();
     tokio::pin!(shutdown);
@@ -135,12 +142,8 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let (config, target, down) = (config.clone(), target.clone(), down_rx.clone());
-                    sessions.spawn(async move {
-                        if let Err(e) = run(stream, &config, target, down).await {
-                            tracing::debug!(%peer, error = %e, "NBD connection ended");
-                        }
-                    });
+                    let (config, down) = (config.clone(), down_rx.clone());
+                    spawn_connection(&mut sessions, placement.place(), stream, peer, config, down);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "NBD accept failed");
@@ -163,6 +166,50 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// Runs a connection where it was placed, registering its socket with
+/// that runtime first if it is not the one that accepted it.
+fn spawn_connection(
+    sessions: &mut JoinSet<()>,
+    placed: Placed,
+    stream: Accepted,
+    peer: String,
+    config: Arc<NbdConfig>,
+    down: watch::Receiver<bool>,
+) {
+    let Some(runtime) = placed.runtime.clone() else {
+        sessions.spawn(connection(stream.boxed(), peer, config, placed, down));
+        return;
+    };
+    let socket = match stream.detach() {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "NBD connection dropped: its socket could not leave the accepting runtime");
+            return;
+        }
+    };
+    let moved = async move {
+        match socket.register() {
+            Ok(stream) => connection(stream, peer, config, placed, down).await,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "NBD connection dropped: its socket could not join its runtime")
+            }
+        }
+    };
+    sessions.spawn_on(moved, &runtime);
+}
+
+async fn connection(
+    stream: BoxStream,
+    peer: String,
+    config: Arc<NbdConfig>,
+    placed: Placed,
+    down: watch::Receiver<bool>,
+) {
+    if let Err(e) = run(stream, &config, placed.target.clone(), down).await {
+        tracing::debug!(%peer, error = %e, "NBD connection ended");
+    }
 }
 
 async fn run(

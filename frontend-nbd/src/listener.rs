@@ -4,7 +4,7 @@
 use crate::BoxStream;
 use std::io;
 use std::path::Path;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 /// A bound NBD listening socket.
 pub enum NbdListener {
@@ -65,18 +65,60 @@ impl NbdListener {
         })
     }
 
-    pub(crate) async fn accept(&self) -> io::Result<(BoxStream, String)> {
+    pub(crate) async fn accept(&self) -> io::Result<(Accepted, String)> {
         match self {
             NbdListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Box::new(s), peer.to_string()))
+                Ok((Accepted::Tcp(s), peer.to_string()))
             }
             NbdListener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                Ok((Box::new(s), "unix".into()))
+                Ok((Accepted::Unix(s), "unix".into()))
             }
         }
+    }
+}
+
+/// A connection just accepted, still registered with the accepting
+/// runtime's reactor.
+pub(crate) enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Accepted {
+    /// The stream, to run on the accepting runtime.
+    pub(crate) fn boxed(self) -> BoxStream {
+        match self {
+            Accepted::Tcp(s) => Box::new(s),
+            Accepted::Unix(s) => Box::new(s),
+        }
+    }
+
+    /// The socket, released from the accepting runtime so that another
+    /// can take it up ([`Detached::register`]).
+    pub(crate) fn detach(self) -> io::Result<Detached> {
+        Ok(match self {
+            Accepted::Tcp(s) => Detached::Tcp(s.into_std()?),
+            Accepted::Unix(s) => Detached::Unix(s.into_std()?),
+        })
+    }
+}
+
+/// A connection's socket between two runtimes (still non-blocking).
+pub(crate) enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Detached {
+    /// Registers the socket with the current runtime's reactor.
+    pub(crate) fn register(self) -> io::Result<BoxStream> {
+        Ok(match self {
+            Detached::Tcp(s) => Box::new(TcpStream::from_std(s)?),
+            Detached::Unix(s) => Box::new(UnixStream::from_std(s)?),
+        })
     }
 }
 
