@@ -10,6 +10,7 @@ use braid_core::server::{
 };
 use braid_core::wire::Status;
 use bytes::Bytes;
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,11 +22,29 @@ use tokio::sync::Notify;
 /// a fifth of a millisecond after its last IO.
 pub(crate) const DEFAULT_WINDOW_US: u64 = 200;
 
-static ACTIVITY: AtomicU64 = AtomicU64::new(0);
-static SLEEPING: AtomicBool = AtomicBool::new(false);
-static WAKE: Notify = Notify::const_new();
+/// One runtime's poller: the activity that keeps it spinning and the
+/// wake-up of its sleep. The process's main runtime has [`PROCESS`]; a
+/// runtime of its own (the NBD face's threads) gets one from
+/// [`Poller::for_thread`], so IO on it spins that runtime only.
+pub(crate) struct Poller {
+    activity: AtomicU64,
+    sleeping: AtomicBool,
+    wake: Notify,
+    started: AtomicBool,
+}
 
-static STARTED: AtomicBool = AtomicBool::new(false);
+static PROCESS: Poller = Poller::new();
+
+thread_local! {
+    /// The poller that IO on this thread marks, if not [`PROCESS`].
+    static THREAD_POLLER: Cell<Option<&'static Poller>> = const { Cell::new(None) };
+}
+
+/// The poller IO on this thread marks.
+fn current() -> &'static Poller {
+    THREAD_POLLER.with(Cell::get).unwrap_or(&PROCESS)
+}
+
 /// The core goes to other runnable threads once in this many turns: every
 /// turn made each turn cost a scheduler call, so IO was seen later.
 /// Medians of 4-5 alternating runs, 4k random reads at QD1: fio through
@@ -81,23 +100,64 @@ pub(crate) fn transfer_wait() {
 
 /// Marks IO activity: polling goes on for the window after the last mark.
 fn mark() {
-    ACTIVITY.fetch_add(1, Ordering::Relaxed);
-    if SLEEPING.load(Ordering::Relaxed) {
-        SLEEPING.store(false, Ordering::Relaxed);
-        WAKE.notify_one();
+    current().mark();
+}
+
+/// Spawns the process's poller on the current runtime, once per process;
+/// a zero window spawns nothing.
+pub(crate) fn start(window: Duration) {
+    if PROCESS.start(window) {
+        braid_fabric_tcp::conn::on_peer_wait(transfer_wait);
     }
 }
 
-/// Spawns the poller on the current runtime, once per process; a zero
-/// window spawns nothing.
-pub(crate) fn start(window: Duration) {
-    if window.is_zero() || STARTED.swap(true, Ordering::Relaxed) {
-        return;
+impl Poller {
+    const fn new() -> Poller {
+        Poller {
+            activity: AtomicU64::new(0),
+            sleeping: AtomicBool::new(false),
+            wake: Notify::const_new(),
+            started: AtomicBool::new(false),
+        }
     }
-    braid_fabric_tcp::conn::on_peer_wait(transfer_wait);
-    tracing::debug!(window_us = window.as_micros() as u64, "polling after IO");
-    tokio::spawn(async move {
-        let mut seen = ACTIVITY.load(Ordering::Relaxed);
+
+    /// A poller for a runtime of its own: IO on the calling thread marks
+    /// it from now on, and so does IO on every thread that calls this with
+    /// the returned poller ([`Poller::mark_here`]; the runtime's blocking
+    /// pool threads, from its `on_thread_start`). It lives as long as the
+    /// process, as such runtimes do.
+    pub(crate) fn for_thread() -> &'static Poller {
+        let poller: &'static Poller = Box::leak(Box::new(Poller::new()));
+        poller.mark_here();
+        poller
+    }
+
+    /// IO on the calling thread marks this poller.
+    pub(crate) fn mark_here(&'static self) {
+        THREAD_POLLER.with(|p| p.set(Some(self)));
+    }
+
+    fn mark(&self) {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        if self.sleeping.load(Ordering::Relaxed) {
+            self.sleeping.store(false, Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Spawns this poller on the current runtime, once; a zero window
+    /// spawns nothing. Whether it spawned.
+    pub(crate) fn start(&'static self, window: Duration) -> bool {
+        if window.is_zero() || self.started.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        tracing::debug!(window_us = window.as_micros() as u64, "polling after IO");
+        tokio::spawn(self.spin(window));
+        true
+    }
+
+    async fn spin(&self, window: Duration) {
+        let mut seen = self.activity.load(Ordering::Relaxed);
         let mut last = Instant::now();
         let mut turns = 0u32;
         // Polling goes on under load too. Until session 26 it stepped
@@ -111,7 +171,7 @@ pub(crate) fn start(window: Duration) {
         // (random writes 53-65k -> 63-64k).
         loop {
             let now = Instant::now();
-            let now_seen = ACTIVITY.load(Ordering::Relaxed);
+            let now_seen = self.activity.load(Ordering::Relaxed);
             if now_seen != seen {
                 seen = now_seen;
                 last = now;
@@ -128,16 +188,16 @@ pub(crate) fn start(window: Duration) {
                 }
                 tokio::task::yield_now().await;
             } else {
-                let woken = WAKE.notified();
-                SLEEPING.store(true, Ordering::Relaxed);
-                if ACTIVITY.load(Ordering::Relaxed) == seen {
+                let woken = self.wake.notified();
+                self.sleeping.store(true, Ordering::Relaxed);
+                if self.activity.load(Ordering::Relaxed) == seen {
                     woken.await;
                 }
-                SLEEPING.store(false, Ordering::Relaxed);
+                self.sleeping.store(false, Ordering::Relaxed);
                 last = Instant::now();
             }
         }
-    });
+    }
 }
 
 /// A backend whose every operation marks activity: the server polls for the
@@ -287,24 +347,24 @@ mod tests {
     fn every_backend_operation_marks_activity_and_answers_unchanged() {
         let polled = Polled(Answers);
         let op = BackendOp::Flush;
-        let before = ACTIVITY.load(Ordering::Relaxed);
+        let before = PROCESS.activity.load(Ordering::Relaxed);
         assert_eq!(polled.execute(0, &op).unwrap(), Bytes::from_static(b"pool"));
         assert_eq!(polled.try_execute_now(0, &op), Some(Err(Status::NoSpace)));
-        assert!(ACTIVITY.load(Ordering::Relaxed) >= before + 2);
+        assert!(PROCESS.activity.load(Ordering::Relaxed) >= before + 2);
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_sleeping_poller_wakes_on_activity_and_sleeps_again_after_the_window() {
         start(Duration::from_micros(50));
         // Idle: the poller parks itself (nothing marks activity here).
-        while !SLEEPING.load(Ordering::Relaxed) {
+        while !PROCESS.sleeping.load(Ordering::Relaxed) {
             tokio::task::yield_now().await;
         }
         mark();
-        assert!(!SLEEPING.load(Ordering::Relaxed), "a mark wakes it");
+        assert!(!PROCESS.sleeping.load(Ordering::Relaxed), "a mark wakes it");
         // Awake, it spins through its window, then parks again: a daemon
         // without IO does not spin.
-        while !SLEEPING.load(Ordering::Relaxed) {
+        while !PROCESS.sleeping.load(Ordering::Relaxed) {
             tokio::task::yield_now().await;
         }
     }

@@ -36,6 +36,8 @@ pub(crate) struct FileConfig {
     pub(crate) metrics: Option<String>,
     /// As --poll-us: microseconds of socket polling after each IO.
     pub(crate) poll_us: Option<u64>,
+    /// As --nbd-threads: threads for NBD connections.
+    pub(crate) nbd_threads: Option<usize>,
     /// As --io-engine: "threads" or "uring".
     pub(crate) io_engine: Option<IoEngineArg>,
     /// As --nbd-allow-insecure: NBD without TLS on a network address.

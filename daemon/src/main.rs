@@ -12,6 +12,7 @@ mod faultproxy;
 mod histogram;
 mod metrics;
 mod nbd;
+mod nbd_threads;
 mod progress;
 mod rdma;
 mod serve;

@@ -63,6 +63,10 @@ pub(crate) struct ServeArgs {
     /// task; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// Threads for NBD connections (--nbd): each connection runs on one, the
+    /// one with the fewest when it connects [default: one per CPU].
+    #[arg(long, value_name = "N")]
+    nbd_threads: Option<usize>,
     /// Microseconds to keep polling the sockets after each IO instead of
     /// sleeping (saves a thread wake-up per request at low queue depth, for
     /// up to one core while IO flows); 0 turns it off [default: 200].
@@ -97,6 +101,16 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         Some(p) => config::load(p)?,
         None => FileConfig::default(),
     };
+    let nbd_thread_count = args
+        .nbd_threads
+        .or(file.nbd_threads)
+        .unwrap_or_else(crate::nbd_threads::default_count);
+    if nbd_thread_count == 0 {
+        return Err(
+            "--nbd-threads (nbd_threads) must be at least 1: each NBD connection runs on one"
+                .into(),
+        );
+    }
     let data_dir = args
         .data_dir
         .or(file.data_dir)
@@ -282,25 +296,31 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     if let ServerSecurity::Tls(acceptor) = &security {
         nbd_config = nbd_config.with_tls(acceptor.clone(), true);
     }
-    let mut nbd_target = braid_frontend_nbd::BackendTarget::new(backend.clone())
-        .on_client_wait(crate::busy_poll::transfer_wait);
-    if !args.nbd.is_empty() || file.nbd.as_ref().is_some_and(|n| !n.is_empty()) {
-        nbd_target = nbd_target.with_io_queue();
-    }
-    let nbd_target = Arc::new(nbd_target);
+    let nbd_addrs: Vec<&String> = args.nbd.iter().chain(file.nbd.iter().flatten()).collect();
+    let nbd_threads = if nbd_addrs.is_empty() {
+        None
+    } else {
+        Some(crate::nbd_threads::NbdThreads::start(
+            nbd_thread_count,
+            backend.clone(),
+            std::time::Duration::from_micros(poll_us),
+        )?)
+    };
     let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
-    for nbd_addr in args.nbd.iter().chain(file.nbd.iter().flatten()) {
-        let (uri, task) = crate::nbd::start(
-            nbd_addr,
-            &exports[0].name,
-            nbd_config.clone(),
-            nbd_target.clone(),
-            nbd_allow_insecure,
-            nbd_stopped.clone(),
-        )
-        .await?;
-        println!("nbd:      {uri} (try: qemu-img info {uri})");
-        nbd_tasks.push(task);
+    if let Some(threads) = &nbd_threads {
+        for nbd_addr in &nbd_addrs {
+            let (uri, task) = crate::nbd::start(
+                nbd_addr,
+                &exports[0].name,
+                nbd_config.clone(),
+                threads.placement(),
+                nbd_allow_insecure,
+                nbd_stopped.clone(),
+            )
+            .await?;
+            println!("nbd:      {uri} (try: qemu-img info {uri})");
+            nbd_tasks.push(task);
+        }
     }
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -348,6 +368,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     for t in nbd_tasks {
         let _ = t.await;
     }
+    drop(nbd_threads);
     println!("braid serve: drained and stopped");
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `braid serve` refuses, before it writes anything, what would corrupt a
 //! disk or expose it: a second server on one data dir or one file, a size
-//! that is not whole blocks, NBD to the network without TLS.
+//! that is not whole blocks, NBD to the network without TLS; and settings
+//! it cannot run with.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -99,6 +100,15 @@ fn sizes_must_be_whole_blocks_and_nothing_is_created_otherwise() {
     assert!(!img.exists(), "the refused export's file was created");
     let err = refused(serve(dir.path(), &["--export", "w=/tmp/w.img,shared"]));
     assert!(err.contains("needs 'ro'"), "{err}");
+}
+
+#[test]
+fn nbd_needs_a_thread_to_run_on_and_nothing_is_created_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused(serve(dir.path(), &["--nbd-threads", "0"]));
+    assert!(err.contains("--nbd-threads"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "refused, it created {left:?}");
 }
 
 #[test]
