@@ -121,11 +121,11 @@ impl Poller {
         }
     }
 
-    /// A poller for a runtime of its own: IO on the calling thread marks
-    /// it from now on, and so does IO on every thread that calls this with
-    /// the returned poller ([`Poller::mark_here`]; the runtime's blocking
-    /// pool threads, from its `on_thread_start`). It lives as long as the
-    /// process, as such runtimes do.
+    /// A poller for a runtime of its own. IO on the calling thread marks
+    /// it from now on, as does IO on any thread that calls
+    /// [`Poller::mark_here`] on it (the runtime's blocking pool threads,
+    /// from its `on_thread_start`). It lives as long as the process, as
+    /// such runtimes do.
     pub(crate) fn for_thread() -> &'static Poller {
         let poller: &'static Poller = Box::leak(Box::new(Poller::new()));
         poller.mark_here();

@@ -59,8 +59,9 @@ pub(crate) struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
-    /// Runtime threads for connections and TLS (the protocol engine is one
-    /// task; backend IO has its own thread pool).
+    /// Runtime threads for braid-protocol connections and TLS (the protocol
+    /// engine is one task; NBD connections run on --nbd-threads; backend IO
+    /// has its own thread pool).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
     /// Threads for NBD connections (--nbd): each connection runs on one, the
