@@ -336,6 +336,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
     let engine = ServerEngine::new(server_config).map_err(|e| e.to_string())?;
     let served_backend = backend.clone();
+    let nbd_placement = nbd_threads.as_ref().map(|t| t.placement());
     // A task of its own rather than the future `block_on` drives: a
     // connection's reader task wakes it, and a woken task runs next,
     // where the runtime polls its IO driver once more before it comes
@@ -357,7 +358,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 export_info.len(),
                 server.local_addr()
             ));
-            status::serve_control(control, server, export_info, backend);
+            status::serve_control(control, server, export_info, backend, nbd_placement);
         },
     ));
     serving

@@ -3,6 +3,7 @@
 use crate::busy_poll::Polled;
 use braid_backend_file::FileBackend;
 use braid_fabric_tcp::Server;
+use braid_frontend_nbd::Placement;
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,13 +14,14 @@ pub(crate) fn serve_control(
     server: Server,
     exports: Vec<(String, u64)>,
     backend: Arc<Polled<FileBackend>>,
+    nbd: Option<Placement>,
 ) {
     use crate::control::now;
     // The server leaves its control socket at exit (the next start
     // replaces a stale one).
     let _ = crate::control::serve(path, move |command| {
         if command == "status" {
-            return now(document(&server, &exports, &backend.0));
+            return now(document(&server, &exports, &backend.0, nbd.as_ref()));
         }
         if let Some(settings) = command.strip_prefix("set ") {
             let tuning = match crate::tuning::parse_server(settings) {
@@ -44,6 +46,7 @@ fn document(
     server: &Server,
     exports: &[(String, u64)],
     backend: &FileBackend,
+    nbd: Option<&Placement>,
 ) -> serde_json::Value {
     let s = server.status();
     let st = &s.stats;
@@ -83,6 +86,8 @@ fn document(
         "checksums_reused": backend.checksums_reused(),
         "nbd_reads_mapped": mapped_reads,
         "nbd_writes_mapped": mapped_writes,
+        // Per NBD thread, in order; null without --nbd.
+        "nbd_connections": nbd.map(Placement::connections),
         "tuning": crate::tuning::server_json(&s.tuning),
         "rdma_memory": crate::rdma::memory_json(),
     })
@@ -155,6 +160,16 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         "backend IO that may wait (--io-engine)",
         v["io_engine"].as_str().unwrap_or("?")
     );
+    if let Some(per_thread) = v["nbd_connections"].as_array() {
+        let counts: Vec<u64> = per_thread.iter().map(|c| c.as_u64().unwrap_or(0)).collect();
+        let listed: Vec<String> = counts.iter().map(u64::to_string).collect();
+        println!(
+            "  {:<38} {} (per thread: {})",
+            "NBD connections",
+            counts.iter().sum::<u64>(),
+            listed.join(" ")
+        );
+    }
     if let Some(t) = v["tuning"].as_object() {
         let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  settings (braid set): {}", settings.join(" "));
