@@ -84,6 +84,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     raise_descriptor_limit();
+    if matches!(cli.command, Cmd::Status(_) | Cmd::Set(_)) {
+        end_quietly_on_a_closed_stdout();
+    }
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy
@@ -126,6 +129,19 @@ fn main() -> ExitCode {
             eprintln!("braid: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `braid status | head`: the report ends quietly when its reader stops
+/// reading, as any Unix filter's does, where Rust's default (SIGPIPE
+/// ignored) made the next `println!` panic. Only for the commands that just
+/// print a report: the others write to sockets, where a peer that has gone
+/// must be an error to handle, not a signal that kills the process.
+fn end_quietly_on_a_closed_stdout() {
+    // SAFETY: restores the default disposition of one signal, before any
+    // other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
