@@ -112,6 +112,7 @@ struct ServerMetrics {
     server: Server,
     exports: Vec<(String, u64)>,
     backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
+    nbd: Option<braid_frontend_nbd::Placement>,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -160,6 +161,20 @@ impl Collector for ServerMetrics {
             "Backend operations running.",
             s.backend_inflight as i64,
         )?;
+        if let Some(nbd) = &self.nbd {
+            let per_thread: Vec<(Labels, f64)> = nbd
+                .connections()
+                .into_iter()
+                .enumerate()
+                .map(|(thread, n)| (vec![("thread", thread.to_string())], n as f64))
+                .collect();
+            out.gauges(
+                "braid_server_nbd_connections",
+                "Open NBD connections per NBD thread (--nbd-threads).",
+                None,
+                &per_thread,
+            )?;
+        }
         let per_export =
             |f: &dyn Fn(&braid_core::server::SessionSummary) -> f64| -> Vec<(Labels, f64)> {
                 self.exports
@@ -494,11 +509,13 @@ impl MetricsListener {
         server: Server,
         exports: Vec<(String, u64)>,
         backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
+        nbd: Option<braid_frontend_nbd::Placement>,
     ) {
         self.spawn(registry(ServerMetrics {
             server,
             exports,
             backend,
+            nbd,
         }));
     }
 

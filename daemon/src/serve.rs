@@ -351,7 +351,12 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         move |server| {
             rdma.serve(&server);
             if let Some(m) = metrics {
-                m.serve_server(server.clone(), export_info.clone(), backend.clone());
+                m.serve_server(
+                    server.clone(),
+                    export_info.clone(),
+                    backend.clone(),
+                    nbd_placement.clone(),
+                );
             }
             crate::systemd::ready(&format!(
                 "serving {} export(s) on {}",

@@ -3,30 +3,11 @@
 //! Prometheus text parser.
 
 use prometheus_parse::{Scrape, Value};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{free_port, pattern, serve, wait_for, Killed, Nbd, BRAID};
-
-/// One HTTP GET; returns (status line, content type, body).
-fn get(port: u16, path: &str) -> (String, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: braid\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a header");
-    let status = head.lines().next().unwrap().to_string();
-    let content_type = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Type: "))
-        .unwrap_or("")
-        .to_string();
-    (status, content_type, body.to_string())
-}
+use common::{free_port, get, pattern, serve, wait_for, Killed, Nbd, BRAID};
 
 fn scrape(port: u16) -> Scrape {
     let (status, content_type, body) = get(port, "/metrics");

@@ -1,11 +1,11 @@
 //! `braid serve --nbd-threads`: NBD connections spread over the threads,
 //! each to the one serving the fewest, all of them seeing one export; and
-//! `braid status` counts them per thread.
+//! `braid status` and the metrics count them per thread.
 
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, serve, status, wait_for, Nbd};
+use common::{free_port, get, pattern, serve, status, wait_for, Nbd};
 
 fn nbd_connections(control: &std::path::Path) -> Vec<u64> {
     let v = status(control);
@@ -18,11 +18,20 @@ fn connections_spread_over_the_nbd_threads_and_share_one_export() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     let sock_arg = sock.to_str().unwrap();
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let _server = serve(
         dir.path(),
         free_port(),
         "16MiB",
-        &["--nbd", sock_arg, "--nbd-threads", "2"],
+        &[
+            "--nbd",
+            sock_arg,
+            "--nbd-threads",
+            "2",
+            "--metrics",
+            &metrics_addr,
+        ],
     );
     let control = dir.path().join("control.sock");
     wait_for(&control);
@@ -77,4 +86,13 @@ fn connections_spread_over_the_nbd_threads_and_share_one_export() {
         printed.contains("NBD connections") && printed.contains("2 (per thread: 1 1)"),
         "{printed}"
     );
+    let (_, _, scraped) = get(metrics_port, "/metrics");
+    for thread in ["0", "1"] {
+        let series = format!("braid_server_nbd_connections{{thread=\"{thread}\"}} ");
+        let value = scraped
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("no {series:?} in\n{scraped}"));
+        assert_eq!(value.parse::<f64>().unwrap(), 1.0, "{series}");
+    }
 }

@@ -1,6 +1,7 @@
 //! What the daemon's process tests share: the binary, a child that is
 //! killed when the test ends, waiting for a daemon's socket or file, a
-//! free port, and the smallest NBD client. Not every test uses each.
+//! free port, the smallest NBD client and one HTTP GET. Not every test
+//! uses each.
 
 #![allow(dead_code)]
 
@@ -191,4 +192,21 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
         .collect()
+}
+
+/// One HTTP GET; returns (status line, content type, body).
+pub fn get(port: u16, path: &str) -> (String, String, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: braid\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header");
+    let status = head.lines().next().unwrap().to_string();
+    let content_type = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Type: "))
+        .unwrap_or("")
+        .to_string();
+    (status, content_type, body.to_string())
 }
