@@ -64,8 +64,9 @@ pub(crate) struct ServeArgs {
     /// has its own thread pool).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
-    /// Threads for NBD connections (--nbd): each connection runs on one, the
-    /// one with the fewest when it connects [default: one per CPU].
+    /// Threads for NBD connections (--nbd): each connection runs on one,
+    /// the one with the fewest when it connects [default: one per CPU, at
+    /// least 8].
     #[arg(long, value_name = "N")]
     nbd_threads: Option<usize>,
     /// Microseconds to keep polling the sockets after each IO instead of
