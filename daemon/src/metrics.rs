@@ -49,6 +49,19 @@ impl Out<'_> {
         )
     }
 
+    fn seconds_counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        v: std::time::Duration,
+    ) -> Result<(), Error> {
+        let c = ConstCounter::new(v.as_secs_f64());
+        c.encode(
+            self.0
+                .encode_descriptor(name, help, None, c.metric_type())?,
+        )
+    }
+
     fn gauge(&mut self, name: &str, help: &str, v: i64) -> Result<(), Error> {
         let g = ConstGauge::new(v);
         g.encode(
@@ -150,6 +163,16 @@ impl Collector for ServerMetrics {
         ] {
             out.counter(name, help, v)?;
         }
+        out.counter(
+            "braid_server_engine_turns",
+            "Times the protocol engine's task woke to work.",
+            s.engine_turns,
+        )?;
+        out.seconds_counter(
+            "braid_server_engine_busy_seconds",
+            "Wall time the protocol engine's task spent working; its rate near 1 means that one task limits the server.",
+            s.engine_busy,
+        )?;
         out.gauge("braid_server_sessions", "Live sessions.", s.sessions as i64)?;
         out.gauge(
             "braid_server_connections",

@@ -81,6 +81,8 @@ fn document(
         "sessions_freed": st.sessions_freed,
         "overload_dropped": st.overload_dropped,
         "file_replies": st.file_replies,
+        "engine_busy_us": u64::try_from(s.engine_busy.as_micros()).unwrap_or(u64::MAX),
+        "engine_turns": s.engine_turns,
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
         "checksums_reused": backend.checksums_reused(),
@@ -159,6 +161,12 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         "  {:<38} {}",
         "backend IO that may wait (--io-engine)",
         v["io_engine"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  {:<38} {:.1} s in {} turns",
+        "protocol engine's task busy",
+        v["engine_busy_us"].as_u64().unwrap_or(0) as f64 / 1e6,
+        v["engine_turns"].as_u64().unwrap_or(0)
     );
     if let Some(per_thread) = v["nbd_connections"].as_array() {
         let counts: Vec<u64> = per_thread.iter().map(|c| c.as_u64().unwrap_or(0)).collect();

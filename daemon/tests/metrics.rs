@@ -50,6 +50,7 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
     let (port, server_metrics, client_metrics) = (free_port(), free_port(), free_port());
     let metrics_addr = format!("127.0.0.1:{server_metrics}");
     let _server = serve(d, port, "64M", &["--metrics", &metrics_addr]);
+    let started = std::time::Instant::now();
     wait_for(&d.join("control.sock"));
     let idle = scrape(server_metrics);
     assert_eq!(value(&idle, "braid_server_requests_total", &[]), 0.0);
@@ -93,6 +94,18 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
     let after = scrape(server_metrics);
     let requests = value(&after, "braid_server_requests_total", &[]);
     assert!(requests > value(&busy, "braid_server_requests_total", &[]));
+    // The engine's one task worked for the bench, and never longer than
+    // the server has been up: it is one task, its turns do not overlap.
+    let engine_busy = value(&after, "braid_server_engine_busy_seconds_total", &[]);
+    assert!(engine_busy > value(&idle, "braid_server_engine_busy_seconds_total", &[]));
+    assert!(
+        engine_busy < started.elapsed().as_secs_f64(),
+        "{engine_busy}"
+    );
+    assert!(
+        value(&after, "braid_server_engine_turns_total", &[])
+            > value(&busy, "braid_server_engine_turns_total", &[])
+    );
     let writes = histogram(
         &after,
         "braid_server_op_latency_seconds",

@@ -35,6 +35,13 @@ pub struct ServerStatus {
     pub latency: Vec<OpLatency>,
     /// The tunable limits in force.
     pub tuning: ServerTuning,
+    /// Wall time the engine's task has spent working, from each wake-up to
+    /// its next wait: all of it, against the time passed, says the one
+    /// task is what limits the server (time the thread was descheduled
+    /// mid-turn counts too).
+    pub engine_busy: std::time::Duration,
+    /// How many times the engine's task woke to work.
+    pub engine_turns: u64,
 }
 
 /// Unsent reply bytes one connection may hold before the server decides
@@ -45,6 +52,17 @@ const OVERSIZE_ANSWERED: usize = 4096;
 /// READs at least this large are answered from the page cache by
 /// `sendfile` where the connection allows it (see [`file_reply`]).
 const FILE_REPLY_MIN: u32 = 128 * 1024;
+
+/// What woke the engine's task.
+enum Woken {
+    Alarm,
+    Accepted(std::io::Result<(tokio::net::TcpStream, SocketAddr)>),
+    Shutdown,
+    Event(Event),
+    Completions,
+    Conn(ConnEvent<ConnId>),
+    Replies,
+}
 
 enum Event {
     BackendDone(u64, Result<Bytes, Status>),
@@ -138,6 +156,8 @@ impl Server {
         tokio::pin!(shutdown);
         let mut replies = conn::Gathered::new();
         let mut alarm = Alarm::new(&clock);
+        let mut engine_busy = std::time::Duration::ZERO;
+        let mut turns: u64 = 0;
         loop {
             crate::check_engine("server", || engine.check());
             alarm.set(clock.deadline(engine.poll_timeout()));
@@ -146,70 +166,124 @@ impl Server {
             // and never kept waiting behind a busy client), shutdown,
             // finished backend operations, then frames. Frames cannot
             // starve: everything ahead of them is bounded by them.
-            tokio::select! {
+            let woken = tokio::select! {
                 biased;
-                _ = alarm.rung() => engine.handle_timeout(clock.now()),
-                accepted = listener.accept(), if !draining => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let conn = next_conn;
-                        next_conn += 1;
-                        tracing::debug!(conn, %peer, "connection accepted");
-                        engine.connection_opened(conn, clock.now());
-                        match &security {
-                            #[cfg(not(madsim))]
-                            ServerSecurity::Plain => {
-                                writers.insert(conn, conn::spawn_tcp(stream, conn, max_payload, SEND_QUEUE_MAX, conn_tx.clone()));
-                                file_conns.insert(conn);
-                            }
-                            #[cfg(madsim)]
-                            ServerSecurity::Plain => {
-                                writers.insert(conn, conn::spawn(stream, conn, max_payload, SEND_QUEUE_MAX, conn_tx.clone()));
-                            }
-                            #[cfg(feature = "tls")]
-                            ServerSecurity::Tls(acceptor) => {
-                                // Off the engine loop: a slow or hostile TLS
-                                // handshake holds up nobody else.
-                                let (acceptor, tx, conn_tx) = (acceptor.clone(), tx.clone(), conn_tx.clone());
-                                let limit = engine.config().handshake_timeout;
-                                tokio::spawn(async move {
-                                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                                        Ok(Ok(tls)) => {
-                                            let w = conn::spawn(tls, conn, max_payload, SEND_QUEUE_MAX, conn_tx);
-                                            let _ = tx.send(Event::Secured(conn, w));
-                                        }
-                                        Ok(Err(e)) => {
-                                            let _ = conn_tx.send(ConnEvent::Closed(conn, format!("TLS: {e}")));
-                                        }
-                                        Err(_) => {
-                                            let _ = conn_tx.send(ConnEvent::Closed(conn, "TLS handshake timed out".into()));
-                                        }
-                                    }
-                                });
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        // Out of descriptors and the like: keep serving the
-                        // sessions we have, try again shortly.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                },
-                _ = &mut shutdown, if !draining => {
-                    tracing::info!(inflight = engine.backend_inflight(), "shutting down: draining backend operations");
-                    draining = true;
-                }
-                Some(ev) = rx.recv() => {
-                    let adopting = Adopting { next_conn: &mut next_conn, conn_tx: &conn_tx, draining };
-                    handle(&mut engine, &mut writers, ev, &clock, &status, adopting);
-                }
-                _ = crate::completions::ready(readiness.as_ref()) => {}
-                Some(ev) = conn_rx.recv() => handle_conn(&mut engine, &mut writers, &mut file_conns, ev, &clock),
+                _ = alarm.rung() => Woken::Alarm,
+                accepted = listener.accept(), if !draining => Woken::Accepted(accepted),
+                _ = &mut shutdown, if !draining => Woken::Shutdown,
+                Some(ev) = rx.recv() => Woken::Event(ev),
+                _ = crate::completions::ready(readiness.as_ref()) => Woken::Completions,
+                Some(ev) = conn_rx.recv() => Woken::Conn(ev),
                 // Last: replies wait while anything else is ready, so
                 // those of requests read together leave together.
-                _ = std::future::ready(()), if !replies.is_empty() => {
-                    send_replies(&mut replies, &mut engine, &mut writers, &mut file_conns, &clock);
+                _ = std::future::ready(()), if !replies.is_empty() => Woken::Replies,
+            };
+            let mut turn_started = tokio::time::Instant::now();
+            turns += 1;
+            match woken {
+                Woken::Alarm => engine.handle_timeout(clock.now()),
+                Woken::Accepted(Ok((stream, peer))) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = next_conn;
+                    next_conn += 1;
+                    tracing::debug!(conn, %peer, "connection accepted");
+                    engine.connection_opened(conn, clock.now());
+                    match &security {
+                        #[cfg(not(madsim))]
+                        ServerSecurity::Plain => {
+                            writers.insert(
+                                conn,
+                                conn::spawn_tcp(
+                                    stream,
+                                    conn,
+                                    max_payload,
+                                    SEND_QUEUE_MAX,
+                                    conn_tx.clone(),
+                                ),
+                            );
+                            file_conns.insert(conn);
+                        }
+                        #[cfg(madsim)]
+                        ServerSecurity::Plain => {
+                            writers.insert(
+                                conn,
+                                conn::spawn(
+                                    stream,
+                                    conn,
+                                    max_payload,
+                                    SEND_QUEUE_MAX,
+                                    conn_tx.clone(),
+                                ),
+                            );
+                        }
+                        #[cfg(feature = "tls")]
+                        ServerSecurity::Tls(acceptor) => {
+                            // Off the engine loop: a slow or hostile TLS
+                            // handshake holds up nobody else.
+                            let (acceptor, tx, conn_tx) =
+                                (acceptor.clone(), tx.clone(), conn_tx.clone());
+                            let limit = engine.config().handshake_timeout;
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                    Ok(Ok(tls)) => {
+                                        let w = conn::spawn(
+                                            tls,
+                                            conn,
+                                            max_payload,
+                                            SEND_QUEUE_MAX,
+                                            conn_tx,
+                                        );
+                                        let _ = tx.send(Event::Secured(conn, w));
+                                    }
+                                    Ok(Err(e)) => {
+                                        let _ = conn_tx
+                                            .send(ConnEvent::Closed(conn, format!("TLS: {e}")));
+                                    }
+                                    Err(_) => {
+                                        let _ = conn_tx.send(ConnEvent::Closed(
+                                            conn,
+                                            "TLS handshake timed out".into(),
+                                        ));
+                                    }
+                                }
+                            });
+                        }
+                    }
+                }
+                Woken::Accepted(Err(e)) => {
+                    // Out of descriptors and the like: keep serving the
+                    // sessions we have, try again shortly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    turn_started = tokio::time::Instant::now();
+                }
+                Woken::Shutdown => {
+                    tracing::info!(
+                        inflight = engine.backend_inflight(),
+                        "shutting down: draining backend operations"
+                    );
+                    draining = true;
+                }
+                Woken::Event(ev) => {
+                    let adopting = Adopting {
+                        next_conn: &mut next_conn,
+                        conn_tx: &conn_tx,
+                        draining,
+                    };
+                    handle(&mut engine, &mut writers, ev, &clock, &status, adopting);
+                }
+                Woken::Completions => {}
+                Woken::Conn(ev) => {
+                    handle_conn(&mut engine, &mut writers, &mut file_conns, ev, &clock)
+                }
+                Woken::Replies => {
+                    send_replies(
+                        &mut replies,
+                        &mut engine,
+                        &mut writers,
+                        &mut file_conns,
+                        &clock,
+                    );
                 }
             }
             if let Some(c) = completions.as_mut() {
@@ -308,8 +382,11 @@ impl Server {
             if let Some(c) = completions.as_mut() {
                 c.submit();
             }
+            engine_busy += turn_started.elapsed();
             {
                 let mut s = status.lock().unwrap();
+                s.engine_busy = engine_busy;
+                s.engine_turns = turns;
                 s.stats.clone_from(engine.stats());
                 s.sessions = engine.session_count();
                 s.connections = engine.connection_count();
