@@ -414,6 +414,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
         "replayed_extents": st.replayed_extents,
         "replay_retries": st.replay_retries,
         "busy": st.busy,
+        "driver_busy_us": u64::try_from(s.driver_busy.as_micros()).unwrap_or(u64::MAX),
         "tuning": crate::tuning::client_json(&s.tuning),
     })
 }
@@ -468,6 +469,11 @@ pub(crate) fn print_status(v: &serde_json::Value) {
     for (label, key) in rows {
         println!("  {label:<34} {}", v[key].as_u64().unwrap_or(0));
     }
+    println!(
+        "  {:<34} {:.1} s",
+        "driver task busy",
+        v["driver_busy_us"].as_u64().unwrap_or(0) as f64 / 1e6
+    );
     if let Some(t) = v["tuning"].as_object() {
         let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  settings (braid set): {}", settings.join(" "));

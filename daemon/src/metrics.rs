@@ -360,6 +360,11 @@ impl Collector for ClientMetrics {
         ] {
             out.counter(name, help, v)?;
         }
+        out.seconds_counter(
+            "braid_client_driver_busy_seconds",
+            "Wall time the client driver's task spent working (IO completions handed on included); its rate near 1 means that one task limits the volume.",
+            s.driver_busy,
+        )?;
         let ready = s.channels.iter().filter(|c| c.1).count();
         out.gauge(
             "braid_client_channels",

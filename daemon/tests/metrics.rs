@@ -143,6 +143,7 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
         format!("127.0.0.1:{client_metrics}"),
     );
     let keys = d.join("keys.toml");
+    let attach_started = std::time::Instant::now();
     let _attach = common::attach(
         &[
             "--server",
@@ -168,6 +169,13 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
     assert_eq!(value(&c, "braid_client_channels_up", &[]), 4.0);
     assert_eq!(value(&c, "braid_client_failed_total", &[]), 0.0);
     assert!(value(&c, "braid_client_completed_total", &[]) >= 13.0);
+    // The driver's one task worked for those IOs, for no longer than the
+    // volume has been attached.
+    let driver_busy = value(&c, "braid_client_driver_busy_seconds_total", &[]);
+    assert!(
+        driver_busy > 0.0 && driver_busy < attach_started.elapsed().as_secs_f64(),
+        "{driver_busy}"
+    );
     for (op, at_least) in [
         ("write", 10.0),
         ("flush", 1.0),

@@ -39,6 +39,11 @@ pub struct ClientStatus {
     /// Per channel slot: the path (fabric and address) its latest
     /// connection took.
     pub paths: Vec<(u16, String)>,
+    /// Wall time the driver's task has spent working, from each wake-up
+    /// to its next wait (the completions it hands callers included):
+    /// all of it, against the time passed, says that one task is what
+    /// limits the client.
+    pub driver_busy: Duration,
 }
 
 impl ClientStatus {
@@ -192,6 +197,7 @@ impl Client {
             channels_refreshed: tokio::time::Instant::now()
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or_else(tokio::time::Instant::now),
+            busy: Duration::ZERO,
             ready: Some(ready_tx),
             last_error: last_error.clone(),
         };
@@ -375,10 +381,20 @@ struct Driver {
     next_user: u64,
     status: Arc<Mutex<ClientStatus>>,
     channels_refreshed: tokio::time::Instant,
+    busy: Duration,
     /// Answers `connect`: the export once a session exists, or why the
     /// server refused us for good.
     ready: Option<oneshot::Sender<Result<ExportInfo, String>>>,
     last_error: Arc<Mutex<String>>,
+}
+
+/// What woke the driver's task.
+enum Woken {
+    Alarm,
+    Event(Event),
+    Conn(ConnEvent<ChannelId>),
+    Cmd(Option<Cmd>),
+    Send,
 }
 
 /// Submissions held beyond the engine's own bound before callers wait.
@@ -397,6 +413,7 @@ impl Driver {
         // Who waits for the close, and when to stop waiting for the server.
         let mut closing: Option<(oneshot::Sender<()>, tokio::time::Instant)> = None;
         let mut alarm = Alarm::new(&self.clock);
+        let mut turn_started: Option<tokio::time::Instant> = None;
         loop {
             self.process(&ev_tx, &conn_tx);
             // Nothing else has come in meanwhile (at low depth, nearly
@@ -438,12 +455,25 @@ impl Driver {
             // timers first, then what the network and connection tasks
             // said, then new IO. Nothing starves: timers fire only when
             // due, and completions only arrive for IO already submitted.
-            tokio::select! {
+            if let Some(started) = turn_started.take() {
+                self.busy += started.elapsed();
+            }
+            let woken = tokio::select! {
                 biased;
-                _ = alarm.rung() => self.engine.handle_timeout(self.clock.now()),
-                Some(ev) = ev_rx.recv() => self.event(ev),
-                Some(ev) = conn_rx.recv() => self.conn_event(ev),
-                cmd = cmds.recv(), if accepting => match cmd {
+                _ = alarm.rung() => Woken::Alarm,
+                Some(ev) = ev_rx.recv() => Woken::Event(ev),
+                Some(ev) = conn_rx.recv() => Woken::Conn(ev),
+                cmd = cmds.recv(), if accepting => Woken::Cmd(cmd),
+                // Last: frames wait while anything else is ready, so those
+                // of IOs submitted together leave together.
+                _ = std::future::ready(()), if !self.outgoing.is_empty() => Woken::Send,
+            };
+            turn_started = Some(tokio::time::Instant::now());
+            match woken {
+                Woken::Alarm => self.engine.handle_timeout(self.clock.now()),
+                Woken::Event(ev) => self.event(ev),
+                Woken::Conn(ev) => self.conn_event(ev),
+                Woken::Cmd(cmd) => match cmd {
                     Some(Cmd::Io(io, reply)) => self.submit(io, reply),
                     Some(Cmd::Tune(tuning, reply)) => {
                         let result = self
@@ -452,16 +482,15 @@ impl Driver {
                             .map_err(|e| e.to_string());
                         if result.is_ok() {
                             tracing::info!(?tuning, "volume retuned");
-                            self.status.lock().unwrap().tuning = ClientTuning::of(self.engine.config());
+                            self.status.lock().unwrap().tuning =
+                                ClientTuning::of(self.engine.config());
                         }
                         let _ = reply.send(result);
                     }
                     Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
                     None => closing = Some(self.start_close(oneshot::channel().0)),
                 },
-                // Last: frames wait while anything else is ready, so those
-                // of IOs submitted together leave together.
-                _ = std::future::ready(()), if !self.outgoing.is_empty() => self.send_gathered(),
+                Woken::Send => self.send_gathered(),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 self.conn_event(ev);
@@ -607,6 +636,7 @@ impl Driver {
             s.journaled = self.engine.journal_len();
             s.dirty_bytes = self.engine.dirty_bytes();
             s.session = self.engine.session();
+            s.driver_busy = self.busy;
         }
         for c in completions {
             if let Some(w) = self.waiters.remove(&c.user) {
