@@ -450,14 +450,14 @@ impl Driver {
             }
             alarm.set(deadline);
             let accepting = self.held.len() < HELD_MAX && closing.is_none();
+            if let Some(started) = turn_started.take() {
+                self.busy += started.elapsed();
+            }
             // Biased, in a fixed order, so a seed replays exactly under the
             // simulator (an unbiased select draws from tokio's own RNG):
             // timers first, then what the network and connection tasks
             // said, then new IO. Nothing starves: timers fire only when
             // due, and completions only arrive for IO already submitted.
-            if let Some(started) = turn_started.take() {
-                self.busy += started.elapsed();
-            }
             let woken = tokio::select! {
                 biased;
                 _ = alarm.rung() => Woken::Alarm,
