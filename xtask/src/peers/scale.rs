@@ -4,8 +4,9 @@
 //! with the server's CPU beside each row, and how busy the protocol
 //! engine's one task was (`engine_busy_us` in `braid status`): a row where
 //! that nears 100% is where the task saturates. The IOPS at which it would
-//! (the row's IOPS over its busy fraction) is the server's ceiling on a
-//! machine whose cores are not shared with the clients, as here they are.
+//! (the IOs the benches completed over the task's busy seconds) is the
+//! server's ceiling on a machine whose cores are not shared with the
+//! clients, as here they are.
 
 use super::{clock_ticks, cpu_ticks, start, steal};
 use std::path::Path;
