@@ -70,6 +70,16 @@ impl LatencyHistogram {
     pub fn sum(&self) -> Duration {
         Duration::from_nanos(self.sum_nanos)
     }
+
+    /// Adds `other`'s observations (another engine's, for one view of a
+    /// server that runs several).
+    pub fn add(&mut self, other: &LatencyHistogram) {
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets) {
+            *mine += theirs;
+        }
+        self.count += other.count;
+        self.sum_nanos = self.sum_nanos.saturating_add(other.sum_nanos);
+    }
 }
 
 /// One histogram per operation.
@@ -98,6 +108,13 @@ impl OpLatency {
     /// The histogram of `op`.
     pub fn get(&self, op: Op) -> &LatencyHistogram {
         &self.0[Self::index(op)]
+    }
+
+    /// Adds `other`'s observations, operation by operation.
+    pub fn add(&mut self, other: &OpLatency) {
+        for (mine, theirs) in self.0.iter_mut().zip(&other.0) {
+            mine.add(theirs);
+        }
     }
 }
 
@@ -131,6 +148,27 @@ mod tests {
             h.sum(),
             us(8 + 9 + 16 + 17 + 1000) + Duration::from_secs(60)
         );
+    }
+
+    #[test]
+    fn adding_histograms_is_recording_both_sets() {
+        let us = Duration::from_micros;
+        let (mut a, mut b, mut both) = (
+            OpLatency::default(),
+            OpLatency::default(),
+            OpLatency::default(),
+        );
+        for (d, op) in [(us(5), Op::Read), (us(300), Op::Write)] {
+            a.record(op, d);
+            both.record(op, d);
+        }
+        for (d, op) in [(us(40), Op::Read), (us(9000), Op::Flush)] {
+            b.record(op, d);
+            both.record(op, d);
+        }
+        a.add(&b);
+        assert_eq!(a, both);
+        assert_eq!(a.get(Op::Read).count(), 2);
     }
 
     #[test]

@@ -8,12 +8,14 @@ mod config;
 mod defect;
 mod overlap;
 mod session;
+mod shard;
 mod tuning;
 
 pub use backend::{Backend, Extent, IoQueue, MappedRange, MappedSink, MappedWindow, SpliceSource};
 pub use config::{ExportConfig, ServerConfig};
 pub use defect::Defect;
 pub use session::ConnId;
+pub use shard::engine_for;
 pub use tuning::ServerTuning;
 
 use crate::auth::{self, NONCE_LEN};
@@ -25,6 +27,7 @@ use crate::Instant;
 use bytes::Bytes;
 use overlap::OverlapGate;
 use session::{Admission, Session};
+use shard::Shard;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Identifies one backend operation until it completes.
@@ -191,6 +194,50 @@ pub struct ServerStats {
     pub file_replies: u64,
 }
 
+impl ServerStats {
+    /// Adds `other`'s counts (another engine's, for one view of a server
+    /// that runs several).
+    pub fn add(&mut self, other: &ServerStats) {
+        // Destructured, so a counter added later cannot be left out.
+        let ServerStats {
+            connections,
+            handshakes,
+            auth_failures,
+            sessions_created,
+            sessions_freed,
+            requests,
+            backend_ops,
+            fua_requests,
+            recorded_replies,
+            joined,
+            stale_dropped,
+            corrupt_payloads,
+            protocol_errors,
+            error_replies,
+            sessions_fenced,
+            overload_dropped,
+            file_replies,
+        } = other;
+        self.connections += connections;
+        self.handshakes += handshakes;
+        self.auth_failures += auth_failures;
+        self.sessions_created += sessions_created;
+        self.sessions_freed += sessions_freed;
+        self.requests += requests;
+        self.backend_ops += backend_ops;
+        self.fua_requests += fua_requests;
+        self.recorded_replies += recorded_replies;
+        self.joined += joined;
+        self.stale_dropped += stale_dropped;
+        self.corrupt_payloads += corrupt_payloads;
+        self.protocol_errors += protocol_errors;
+        self.error_replies += error_replies;
+        self.sessions_fenced += sessions_fenced;
+        self.overload_dropped += overload_dropped;
+        self.file_replies += file_replies;
+    }
+}
+
 #[derive(Debug)]
 enum ConnState {
     AwaitHello,
@@ -270,6 +317,11 @@ pub struct ServerEngine {
     /// force: what `check()` may see after tuning lowered them.
     admitted_limits: (usize, usize),
     timers: BTreeSet<(Instant, Timer)>,
+    /// Where this engine sits among its server's (see [`engine_for`]).
+    shard: Shard,
+    /// Sessions the server's other engines hold, as their driver last
+    /// said: `max_sessions` bounds the server, not each engine.
+    sessions_elsewhere: usize,
 }
 
 impl ServerEngine {
@@ -296,7 +348,30 @@ impl ServerEngine {
             latency,
             admitted_limits,
             timers: BTreeSet::new(),
+            shard: Shard::ALONE,
+            sessions_elsewhere: 0,
         })
+    }
+
+    /// Makes this engine number `index` of `count` serving one server:
+    /// it then creates only sessions whose ids [`engine_for`] routes back
+    /// to it. Call before the first connection.
+    pub fn set_shard(&mut self, index: usize, count: usize) {
+        assert!(index < count, "engine {index} of {count}");
+        assert!(self.sessions.is_empty(), "set_shard after sessions exist");
+        self.shard = Shard {
+            index: index as u64,
+            count: count as u64,
+        };
+    }
+
+    /// Tells the engine how many sessions the server's other engines hold
+    /// now, so that a new session past `max_sessions` for the whole server
+    /// is refused. Engines running at once can each admit one before
+    /// hearing of the other's: the bound may be passed by one session per
+    /// engine for as long as that takes.
+    pub fn set_sessions_elsewhere(&mut self, sessions: usize) {
+        self.sessions_elsewhere = sessions;
     }
 
     /// The configuration in force.
@@ -391,6 +466,12 @@ impl ServerEngine {
             return Err(format!(
                 "{} sessions, max_sessions has been at most {max_sessions}",
                 self.sessions.len(),
+            ));
+        }
+        if let Some(id) = self.sessions.keys().find(|&&id| !self.shard.owns(id)) {
+            return Err(format!(
+                "session {id:#x} is on engine {} of {}, which its id does not name",
+                self.shard.index, self.shard.count
             ));
         }
         let in_backend: BTreeSet<(u64, u64)> = self
@@ -1030,7 +1111,8 @@ impl ServerEngine {
     /// that created it.
     fn check_join(&self, hello: &Hello, export: usize) -> Option<RejectCode> {
         if hello.session_id == 0 {
-            return (self.sessions.len() >= self.config.max_sessions).then_some(RejectCode::Busy);
+            let server_wide = self.sessions.len() + self.sessions_elsewhere;
+            return (server_wide >= self.config.max_sessions).then_some(RejectCode::Busy);
         }
         match self.sessions.get(&hello.session_id) {
             Some(s)
@@ -1102,7 +1184,8 @@ impl ServerEngine {
             && !self.sessions.contains_key(&hello.session_id);
         let (session_id, resumed) = if hello.session_id == 0 || adopt {
             let mut id = 0;
-            while id == 0 || self.sessions.contains_key(&id) {
+            // Alone, every id is this engine's: the draws are as before.
+            while id == 0 || self.sessions.contains_key(&id) || !self.shard.owns(id) {
                 id = self.rng.next_u64();
             }
             let owner_epoch = (hello.owner, hello.epoch);
