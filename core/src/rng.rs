@@ -57,6 +57,16 @@ impl SecretRng {
         SecretRng { seed, counter: 0 }
     }
 
+    /// Generator number `stream` under `seed`: streams never repeat each
+    /// other's output (each starts 2^48 blocks past the one before), and
+    /// stream 0 is [`SecretRng::new`]'s.
+    pub fn stream(seed: [u8; 32], stream: u16) -> Self {
+        SecretRng {
+            seed,
+            counter: u64::from(stream) << 48,
+        }
+    }
+
     /// Fills `out` with fresh unpredictable bytes.
     pub fn fill(&mut self, out: &mut [u8]) {
         for chunk in out.chunks_mut(32) {

@@ -9,7 +9,7 @@ use braid_core::Instant;
 
 fn engine(index: usize, count: usize, max_sessions: usize) -> ServerEngine {
     let mut config = ServerConfig::new(
-        0x5AAD + index as u64,
+        0x5AAD,
         [3; 32],
         vec![("alice".into(), Key::new(*b"alice's key"))],
         vec![ExportConfig::new("disk0", 1 << 20)],
@@ -111,4 +111,20 @@ fn max_sessions_counts_the_other_engines_sessions() {
 #[should_panic(expected = "engine 2 of 2")]
 fn an_engine_index_past_the_count_is_refused() {
     engine(2, 2, 4);
+}
+
+#[test]
+fn engines_built_from_one_configuration_never_share_a_nonce() {
+    let (mut a, mut b) = (engine(0, 2, 8), engine(1, 2, 8));
+    let mut nonces = std::collections::HashSet::new();
+    for conn in 1..=20 {
+        for e in [&mut a, &mut b] {
+            match hello_answer(e, conn) {
+                Message::Challenge(c) => {
+                    assert!(nonces.insert(c.server_nonce), "a nonce handed out twice")
+                }
+                other => panic!("no CHALLENGE: {other:?}"),
+            }
+        }
+    }
 }

@@ -90,9 +90,9 @@ fn main() -> ExitCode {
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy
-    // servers.
+    // servers, and `serve --engines N`, whose engines need a thread each.
     let threads = match &cli.command {
-        Cmd::Serve(args) => args.threads.max(1),
+        Cmd::Serve(args) => args.threads.max(args.engines).max(1),
         _ => 1,
     };
     let mut builder = if threads == 1 {

@@ -59,11 +59,18 @@ pub(crate) struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
-    /// Runtime threads for braid-protocol connections and TLS (the protocol
-    /// engine is one task; NBD connections run on --nbd-threads; backend IO
-    /// has its own thread pool).
+    /// Runtime threads for braid-protocol connections and TLS (each
+    /// protocol engine is one task; NBD connections run on --nbd-threads;
+    /// backend IO has its own thread pool). At least --engines.
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// Protocol engines: each is one task holding its own sessions, so a
+    /// server with many clients is not limited to what one task can do
+    /// (`braid status` shows each engine's busy time). One session always
+    /// stays on one engine; so do all the runs of one client on one
+    /// export. With one engine, one thread may run everything.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub(crate) engines: usize,
     /// Threads for NBD connections (--nbd): each connection runs on one,
     /// the one with the fewest when it connects [default: one per CPU, at
     /// least 8].
@@ -335,7 +342,13 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    let engine = ServerEngine::new(server_config).map_err(|e| e.to_string())?;
+    if !(1..=64).contains(&args.engines) {
+        return Err(format!("--engines {}: must be 1 to 64", args.engines));
+    }
+    let engines = (0..args.engines)
+        .map(|_| ServerEngine::new(server_config.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     let served_backend = backend.clone();
     let nbd_placement = nbd_threads.as_ref().map(|t| t.placement());
     // A task of its own rather than the future `block_on` drives: a
@@ -343,10 +356,10 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     // where the runtime polls its IO driver once more before it comes
     // back to a woken `block_on` future (an `epoll_wait` between each
     // request's read and its handling).
-    let serving = tokio::spawn(Server::run(
+    let serving = tokio::spawn(Server::run_engines(
         listener,
         security,
-        engine,
+        engines,
         served_backend,
         shutdown,
         move |server| {

@@ -83,6 +83,11 @@ fn document(
         "file_replies": st.file_replies,
         "engine_busy_us": u64::try_from(s.engine_busy.as_micros()).unwrap_or(u64::MAX),
         "engine_turns": s.engine_turns,
+        // Per engine (--engines), in order; the two above are their sums.
+        "engines": s.engines.iter().map(|e| serde_json::json!({
+            "busy_us": u64::try_from(e.busy.as_micros()).unwrap_or(u64::MAX),
+            "turns": e.turns,
+        })).collect::<Vec<_>>(),
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
         "checksums_reused": backend.checksums_reused(),
@@ -168,6 +173,13 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         v["engine_busy_us"].as_u64().unwrap_or(0) as f64 / 1e6,
         v["engine_turns"].as_u64().unwrap_or(0)
     );
+    if let Some(engines) = v["engines"].as_array().filter(|e| e.len() > 1) {
+        let each: Vec<String> = engines
+            .iter()
+            .map(|e| format!("{:.1} s", e["busy_us"].as_u64().unwrap_or(0) as f64 / 1e6))
+            .collect();
+        println!("  {:<38} {}", "  per engine", each.join(", "));
+    }
     if let Some(per_thread) = v["nbd_connections"].as_array() {
         let counts: Vec<u64> = per_thread.iter().map(|c| c.as_u64().unwrap_or(0)).collect();
         let listed: Vec<String> = counts.iter().map(u64::to_string).collect();

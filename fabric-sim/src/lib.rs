@@ -35,4 +35,4 @@ mod world;
 #[cfg(madsim)]
 pub use braid_core::testkit::{Fault, Sabotage, Scenario};
 #[cfg(madsim)]
-pub use world::{first_divergence, run, run_sabotaged, Report};
+pub use world::{first_divergence, run, run_sabotaged, run_with_engines, Report};

@@ -67,6 +67,7 @@ pub(crate) async fn simulate(
     seed: u64,
     run_for: Duration,
     sabotage: Vec<Sabotage>,
+    engines: usize,
 ) -> Report {
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x3141_5926);
@@ -105,10 +106,12 @@ pub(crate) async fn simulate(
                         tokio::net::TcpListener::bind(SocketAddr::new(server_ip(i), PORT))
                             .await
                             .expect("bind the simulated server");
-                    let _ = Server::run(
+                    let _ = Server::run_engines(
                         listener,
                         ServerSecurity::Plain,
-                        ServerEngine::new(config).expect("a valid config"),
+                        (0..engines)
+                            .map(|_| ServerEngine::new(config.clone()).expect("a valid config"))
+                            .collect(),
                         Arc::new(SimDisk {
                             disks: vec![disk],
                             full,

@@ -161,6 +161,19 @@ pub fn run_sabotaged(
     virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Report {
+    run_with_engines(scenario, seed, virtual_secs, sabotage, 1)
+}
+
+/// [`run_sabotaged`] with every server running `engines` protocol engines
+/// (`braid serve --engines`). With one, the runs are those of
+/// [`run_sabotaged`], seed for seed.
+pub fn run_with_engines(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: f64,
+    sabotage: &[Sabotage],
+    engines: usize,
+) -> Report {
     assert!(
         scenario.runs_at(Level::Madsim),
         "scenario {scenario} has no madsim world (it runs at the engine level)"
@@ -179,9 +192,11 @@ pub fn run_sabotaged(
                 | Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
         ) {
-            return rt.block_on(crate::mirror::simulate(scenario, seed, run_for, sabotage));
+            return rt.block_on(crate::mirror::simulate(
+                scenario, seed, run_for, sabotage, engines,
+            ));
         }
-        rt.block_on(simulate(scenario, seed, run_for, sabotage))
+        rt.block_on(simulate(scenario, seed, run_for, sabotage, engines))
     };
     match std::thread::spawn(run).join() {
         Ok(report) => report,
@@ -240,6 +255,7 @@ async fn simulate(
     seed: u64,
     run_for: Duration,
     sabotage: Vec<Sabotage>,
+    engines: usize,
 ) -> Report {
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x5eed_fa17);
@@ -303,10 +319,12 @@ async fn simulate(
                     let listener = tokio::net::TcpListener::bind(SocketAddr::new(SERVER_IP, PORT))
                         .await
                         .expect("bind the simulated server");
-                    let _ = Server::run(
+                    let _ = Server::run_engines(
                         listener,
                         ServerSecurity::Plain,
-                        ServerEngine::new(config).expect("a valid config"),
+                        (0..engines)
+                            .map(|_| ServerEngine::new(config.clone()).expect("a valid config"))
+                            .collect(),
                         Arc::new(SimDisk {
                             disks,
                             full,
@@ -663,6 +681,25 @@ mod tests {
         let r = run_sabotaged(Scenario::AllFaults, 3, 10.0, &[Sabotage::NoOverlapOrder]);
         assert!(r.no_space_errors > 0, "the disk filled in this run");
         assert!(r.violations.is_empty(), "{:?}", r.violations);
+    }
+
+    /// Servers of three engines, their sessions spread by the acceptor:
+    /// clients on two exports (many-clients) and every fault at once.
+    #[test]
+    fn three_engines_hold_every_invariant() {
+        for (scenario, seed) in [
+            (Scenario::ManyClients, 95_000),
+            (Scenario::ManyClients, 95_001),
+            (Scenario::AllFaults, 95_002),
+        ] {
+            let r = run_with_engines(scenario, seed, 10.0, &[], 3);
+            assert!(r.ios > 0, "{scenario} seed {seed}: no IO checked");
+            assert!(
+                r.violations.is_empty(),
+                "{scenario} seed {seed}: {:?}",
+                r.violations
+            );
+        }
     }
 
     #[test]

@@ -408,12 +408,13 @@ fn sendfile(
 
 /// Starts the reader and writer of a plain TCP connection, whose writer
 /// sends file payloads with `sendfile`; returns the writer's queue, which
-/// refuses frames past `queue_limit` unsent bytes.
+/// refuses frames past `queue_limit` unsent bytes. Frames already in
+/// `frames`' buffer (read by whoever accepted the connection) come first.
 #[cfg(not(madsim))]
 pub(crate) fn spawn_tcp<K>(
     stream: tokio::net::TcpStream,
     key: K,
-    max_payload: usize,
+    frames: FrameReader,
     queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
 ) -> Writer
@@ -430,15 +431,16 @@ where
         }
     };
     let (rd, wr) = stream.into_split();
-    spawn_halves(rd, wr, key, max_payload, queue_limit, events, direct)
+    spawn_halves(rd, wr, key, frames, queue_limit, events, direct)
 }
 
 /// Starts the reader and writer of `stream`; returns the writer's queue,
-/// which refuses frames past `queue_limit` unsent bytes.
+/// which refuses frames past `queue_limit` unsent bytes. Frames already in
+/// `frames`' buffer come first.
 pub(crate) fn spawn<S, K>(
     stream: S,
     key: K,
-    max_payload: usize,
+    frames: FrameReader,
     queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
 ) -> Writer
@@ -447,14 +449,14 @@ where
     K: Copy + Send + std::fmt::Debug + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
-    spawn_halves(rd, wr, key, max_payload, queue_limit, events, None)
+    spawn_halves(rd, wr, key, frames, queue_limit, events, None)
 }
 
 fn spawn_halves<R, W, K>(
     mut rd: R,
     mut wr: W,
     key: K,
-    max_payload: usize,
+    mut frames: FrameReader,
     queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
     direct: Option<Arc<Direct>>,
@@ -468,13 +470,15 @@ where
     writer.direct = direct.clone();
     let reader_events = events.clone();
     let reader = tokio::spawn(async move {
-        let mut frames = FrameReader::new(max_payload);
         let mut low_water = 1;
+        let mut handed_over = !frames.buffer().is_empty();
         let why = loop {
             // Waiting for the next frame is idleness; waiting for the rest
             // of one is a transfer still under way.
             let mut window = frames.buffer().limit(READ_CHUNK);
-            let read = if window.get_ref().is_empty() {
+            let read = if std::mem::take(&mut handed_over) {
+                Ok(window.get_ref().len())
+            } else if window.get_ref().is_empty() {
                 rd.read_buf(&mut window).await
             } else {
                 noting_waits(rd.read_buf(&mut window)).await
@@ -661,7 +665,7 @@ mod tests {
         // A pipe smaller than one frame: the writer must wait for the reader.
         let (near, mut far) = tokio::io::duplex(16 << 10);
         let (events, mut heard) = mpsc::unbounded_channel();
-        let writer = spawn(near, 0u8, 1 << 20, 8 << 20, events);
+        let writer = spawn(near, 0u8, FrameReader::new(1 << 20), 8 << 20, events);
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
@@ -711,7 +715,7 @@ mod tests {
         small_buffer(&near, libc::SO_SNDBUF);
         small_buffer(&far, libc::SO_RCVBUF);
         let (events, _heard) = mpsc::unbounded_channel();
-        let writer = spawn_tcp(near, 0u8, 1 << 20, 1 << 30, events);
+        let writer = spawn_tcp(near, 0u8, FrameReader::new(1 << 20), 1 << 30, events);
 
         let sizes = [0, 100, 4096, 300 << 10, 1 << 20];
         let mut groups: Vec<Vec<OutFrame>> = (0..120usize)

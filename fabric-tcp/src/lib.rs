@@ -18,6 +18,7 @@ mod clock;
 mod completions;
 pub mod conn;
 mod direct;
+mod engines;
 pub mod fabric;
 
 pub mod client;

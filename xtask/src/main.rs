@@ -28,8 +28,9 @@ commands:
             2-way mirror, and --ublk where the kernel has ublk) and a TCP
             floor; --vm runs it in ../shared/tools/vmlab (ublk, timings
             under TCG mean little);
-            `cargo xtask bench --scale [--runtime S]`: braid's protocol with
-            1-8 channels and 1-16 clients, server CPU per row;
+            `cargo xtask bench --scale [--runtime S] [--engines 1,2]`:
+            braid's protocol with 1-8 channels and 1-16 clients, server
+            CPU and engine busy time per row, for each engine count;
             `cargo xtask bench --memory-soak SECS`: resident memory of
             braid serve and attach under QD32 x4 for SECS seconds
   sim       seeded simulation sweeps with invariant checks; arguments go
@@ -170,6 +171,22 @@ fn ci() -> Result<(), String> {
         "10",
         "--check-determinism",
     ]))?;
+    // The same with every server running three engines, sessions spread
+    // over them by the acceptor (`braid serve --engines`).
+    sim(&args(&[
+        "--madsim",
+        "--scenario",
+        "all",
+        "--seeds",
+        "5",
+        "--first",
+        "1000",
+        "--virtual-secs",
+        "10",
+        "--engines",
+        "3",
+        "--check-determinism",
+    ]))?;
     madsim_unit_tests()?;
     // Teeth at the madsim level: each mechanism switched off must be
     // noticed within a few seeds of its scenario.
@@ -280,9 +297,22 @@ fn bench(extra: &[String]) -> Result<(), String> {
             Some(at) => extra.get(at + 1).ok_or("--runtime SECS")?.clone(),
             None => "5".into(),
         };
+        let engines: Vec<usize> = match extra.iter().position(|a| a == "--engines") {
+            Some(at) => extra
+                .get(at + 1)
+                .ok_or("--engines N[,N]")?
+                .split(',')
+                .map(|n| n.parse().map_err(|e| format!("--engines {n:?}: {e}")))
+                .collect::<Result<_, String>>()?,
+            None => vec![1, 2],
+        };
         build_workspace("release")?;
         let root = root();
-        return peers::scale(&conformance::braid_binary(&root, "release"), &runtime);
+        return peers::scale(
+            &conformance::braid_binary(&root, "release"),
+            &runtime,
+            &engines,
+        );
     }
     if let Some(at) = extra.iter().position(|a| a == "--memory-soak") {
         let seconds = extra

@@ -300,6 +300,17 @@ fn mirror_command(braid: &Path, sdir: &Path, img_s: &str, addr: &str) -> Result<
 
 /// Starts `server` on a fresh 1 GiB file of data; returns it and its URI.
 fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, String), String> {
+    start_with(server, unix, dir, braid, &[])
+}
+
+/// [`start`], with `serve_extra` added to `braid serve`'s flags.
+fn start_with(
+    server: &str,
+    unix: bool,
+    dir: &Path,
+    braid: &Path,
+    serve_extra: &[String],
+) -> Result<(Killed, String), String> {
     let sdir = dir.join(format!("{server}-{}", if unix { "unix" } else { "tcp" }));
     let _ = fs::remove_dir_all(&sdir);
     fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
@@ -333,7 +344,8 @@ fn start(server: &str, unix: bool, dir: &Path, braid: &Path) -> Result<(Killed, 
             c.args(["serve", "--data-dir"])
                 .arg(&sdir)
                 .args(["--listen", &listen])
-                .args(["--export", &format!("disk0={img_s}"), "--nbd", &addr]);
+                .args(["--export", &format!("disk0={img_s}"), "--nbd", &addr])
+                .args(serve_extra);
             if unix {
                 // The face over TCP as well, which the client path's pairs
                 // run against beside attach over unix (see `run_client_pairs`).

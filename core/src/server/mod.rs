@@ -363,6 +363,10 @@ impl ServerEngine {
             index: index as u64,
             count: count as u64,
         };
+        // Engines built from one configuration must not hand out the same
+        // nonces: a handshake recorded on one would replay on another.
+        let stream = u16::try_from(index).expect("fewer than 65536 engines");
+        self.rng = SecretRng::stream(self.config.rng_seed, stream);
     }
 
     /// Tells the engine how many sessions the server's other engines hold

@@ -9,7 +9,7 @@ use super::vocabulary::{Level, Scenario};
 pub const SWEEP_USAGE: &str = "\
 usage: cargo xtask sim [--madsim] [--seeds N [--first F] | --seed S]...
                        [--scenario NAME[,NAME]|all] [--virtual-secs T]
-                       [--check-determinism] [--jobs J]
+                       [--check-determinism] [--jobs J] [--engines E]
                        [--sabotage NAME[,NAME] --expect-violation] [--list]
 
   --madsim             the real fabric-tcp drivers on madsim instead of the
@@ -22,6 +22,8 @@ usage: cargo xtask sim [--madsim] [--seeds N [--first F] | --seed S]...
   --check-determinism  run everything twice and compare; name the first step
                        where two runs part
   --jobs J             worker threads (default: every core)
+  --engines E          with --madsim: each server runs E protocol engines
+                       (`braid serve --engines`), sessions spread over them
   --sabotage A[,B]     switch safety mechanisms off (--list names them)
   --expect-violation   succeed only if some run finds a violation (with
                        --sabotage: the checks notice the missing mechanism)
@@ -46,6 +48,8 @@ pub struct SweepArgs {
     pub sabotage: Vec<Sabotage>,
     /// Succeed only if some run finds a violation.
     pub expect_violation: bool,
+    /// Protocol engines each simulated server runs (madsim level only).
+    pub engines: usize,
 }
 
 /// What the command line asked for.
@@ -72,6 +76,7 @@ impl SweepArgs {
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
             sabotage: Vec::new(),
             expect_violation: false,
+            engines: 1,
         };
         let (mut first, mut count) = (0u64, 100u64);
         let mut it = args.into_iter();
@@ -97,6 +102,9 @@ impl SweepArgs {
                 "--check-determinism" => a.determinism = true,
                 "--expect-violation" => a.expect_violation = true,
                 "--jobs" => a.jobs = number(value()?, "--jobs")?.max(1) as usize,
+                "--engines" if level == Level::Madsim => {
+                    a.engines = number(value()?, "--engines")?.clamp(1, 64) as usize
+                }
                 "--sabotage" => {
                     for name in value()?.split(',') {
                         a.sabotage.push(
@@ -128,11 +136,20 @@ impl SweepArgs {
     /// The command that replays one run of this sweep.
     pub fn replay(&self, scenario: Scenario, seed: u64) -> String {
         format!(
-            "cargo xtask sim{} --scenario {scenario} --seed {seed} --virtual-secs {}{}",
+            "cargo xtask sim{} --scenario {scenario} --seed {seed} --virtual-secs {}{}{}",
             self.level.flag(),
             self.virtual_secs,
-            self.sabotage_flag(" --sabotage ")
+            self.sabotage_flag(" --sabotage "),
+            self.engines_flag(),
         )
+    }
+
+    /// ` --engines N` when the servers run more than one engine.
+    pub fn engines_flag(&self) -> String {
+        if self.engines == 1 {
+            return String::new();
+        }
+        format!(" --engines {}", self.engines)
     }
 
     /// `prefix` and the sabotaged mechanisms' names, or nothing.
@@ -154,7 +171,7 @@ impl SweepArgs {
             _ => format!("{:?}", self.seeds),
         };
         format!(
-            "{} sweep: {} runs (seeds {seeds} x scenarios {}), {} virtual s each, {} jobs{}{}",
+            "{} sweep: {} runs (seeds {seeds} x scenarios {}), {} virtual s each, {} jobs{}{}{}",
             self.level.name(),
             self.seeds.len() * self.scenarios.len(),
             names.join(","),
@@ -165,7 +182,8 @@ impl SweepArgs {
             } else {
                 ""
             },
-            self.sabotage_flag(", sabotage ")
+            self.sabotage_flag(", sabotage "),
+            self.engines_flag(),
         )
     }
 }

@@ -20,7 +20,7 @@ mod sweep {
     use braid_core::testkit::{
         Fault, Level, Sabotage, Scenario, SweepArgs, SweepCommand, SWEEP_USAGE,
     };
-    use braid_fabric_sim::{first_divergence, run_sabotaged, Report};
+    use braid_fabric_sim::{first_divergence, run_with_engines, Report};
     use std::collections::BTreeMap;
     use std::io::Write;
     use std::time::{Duration, Instant};
@@ -60,6 +60,7 @@ mod sweep {
             determinism,
             expect_violation,
             virtual_secs: secs,
+            engines,
             ..
         } = args;
         let sabotage = args.sabotage.clone();
@@ -86,10 +87,10 @@ mod sweep {
                     let Some(&(scenario, seed)) = runs.get(i) else {
                         break;
                     };
-                    let report = catch(scenario, seed, secs, sabotage);
+                    let report = catch(scenario, seed, secs, sabotage, engines);
                     let mut problems = report.violations.clone();
                     if determinism && problems.is_empty() {
-                        let again = catch(scenario, seed, secs, sabotage);
+                        let again = catch(scenario, seed, secs, sabotage, engines);
                         if (again.trace_hash, again.ios) != (report.trace_hash, report.ios) {
                             problems.push(format!(
                                 "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs; {}",
@@ -198,9 +199,15 @@ mod sweep {
 
     /// A run that panics (a deadlock hitting the time limit, a driver
     /// bug) is a failed run, not a failed sweep.
-    fn catch(scenario: Scenario, seed: u64, secs: f64, sabotage: &[Sabotage]) -> Report {
-        std::panic::catch_unwind(|| run_sabotaged(scenario, seed, secs, sabotage)).unwrap_or_else(
-            |e| {
+    fn catch(
+        scenario: Scenario,
+        seed: u64,
+        secs: f64,
+        sabotage: &[Sabotage],
+        engines: usize,
+    ) -> Report {
+        std::panic::catch_unwind(|| run_with_engines(scenario, seed, secs, sabotage, engines))
+            .unwrap_or_else(|e| {
                 let msg = e
                     .downcast_ref::<String>()
                     .cloned()
@@ -210,7 +217,6 @@ mod sweep {
                     violations: vec![format!("panicked: {msg}")],
                     ..Report::empty(seed, scenario)
                 }
-            },
-        )
+            })
     }
 }
