@@ -28,7 +28,7 @@ pub(crate) fn run(braid: &Path, runtime: &str, engine_counts: &[usize]) -> Resul
     println!();
     println!("scale: 4k random read, QD32 per client, braid's protocol over TCP");
     println!(
-        "{:<36} {:>10} {:>12} {:>14} {:>12} {:>14} {:>12}",
+        "{:<42} {:>10} {:>12} {:>14} {:>12} {:>14} {:>12}",
         "", "IOPS", "server CPU", "server µs/IO", "busiest eng.", "engine µs/IO", "engine cap"
     );
     for (engines, rows) in tables {
@@ -39,7 +39,7 @@ pub(crate) fn run(braid: &Path, runtime: &str, engine_counts: &[usize]) -> Resul
             let busiest = row.engine_busy_secs.iter().copied().fold(0.0, f64::max);
             let all: f64 = row.engine_busy_secs.iter().sum();
             println!(
-                "{:<36} {:>10.0} {:>11.0}% {:>14.1} {:>11.0}% {:>14.2} {:>12.0}",
+                "{:<42} {:>10.0} {:>11.0}% {:>14.1} {:>11.0}% {:>14.2} {:>12.0}",
                 format!("{engines} engine(s), {name}"),
                 row.iops,
                 row.server_cpu_secs * 100.0 / row.wall,
