@@ -15,6 +15,7 @@ mod nbd;
 mod nbd_threads;
 mod progress;
 mod rdma;
+mod runtime_thread;
 mod serve;
 mod soak;
 mod soak_volume;
@@ -90,9 +91,9 @@ fn main() -> ExitCode {
     // One engine runs in one task either way; a single-threaded runtime
     // saves a cross-thread wake-up per hop (measured: QD32 randread 31k ->
     // 39k IOPS here). Only `serve --threads N` asks for more, for TLS-heavy
-    // servers, and `serve --engines N`, whose engines need a thread each.
+    // servers (`serve --engines N` gives each engine a thread of its own).
     let threads = match &cli.command {
-        Cmd::Serve(args) => args.threads.max(args.engines).max(1),
+        Cmd::Serve(args) => args.threads.max(1),
         _ => 1,
     };
     let mut builder = if threads == 1 {

@@ -12,7 +12,6 @@
 //! fell from 163-165k to 147-159k, its CPU per IO up from 6.0 to 6.8-8.0
 //! µs: work-stealing moves a connection's tasks between the workers.
 
-use crate::busy_poll::Poller;
 use braid_core::server::Backend;
 use braid_frontend_nbd::{BackendTarget, Placement, Target};
 use std::sync::Arc;
@@ -80,39 +79,11 @@ fn spawn(
     poll: Duration,
     stopped: oneshot::Receiver<()>,
 ) -> Result<(Handle, Arc<dyn Target>), String> {
-    let (ready, started) = std::sync::mpsc::channel();
-    let name = format!("braid-nbd-{index}");
-    std::thread::Builder::new()
-        .name(name.clone())
-        .spawn(move || {
-            let poller = Poller::for_thread();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                // The blocking pool's threads finish backend operations of
-                // this runtime's connections: their marks keep this
-                // runtime polling, not the main one.
-                .on_thread_start(move || poller.mark_here())
-                .build();
-            let runtime = match runtime {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = ready.send(Err(format!("cannot start a runtime: {e}")));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                poller.start(poll);
-                let target = BackendTarget::new(backend)
-                    .on_client_wait(crate::busy_poll::transfer_wait)
-                    .with_io_queue();
-                let target: Arc<dyn Target> = Arc::new(target);
-                let _ = ready.send(Ok((Handle::current(), target)));
-                let _ = stopped.await;
-            });
-        })
-        .map_err(|e| format!("NBD thread {name}: {e}"))?;
-    started
-        .recv()
-        .map_err(|_| format!("NBD thread {name} ended before it started"))?
-        .map_err(|e| format!("NBD thread {name}: {e}"))
+    crate::runtime_thread::start(format!("braid-nbd-{index}"), poll, stopped, move || {
+        let target = BackendTarget::new(backend)
+            .on_client_wait(crate::busy_poll::transfer_wait)
+            .with_io_queue();
+        Arc::new(target) as Arc<dyn Target>
+    })
+    .map_err(|e| format!("NBD {e}"))
 }

@@ -4,7 +4,7 @@ use crate::config::{self, ExportSpec, FileConfig, IoEngineArg};
 use crate::status;
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_fabric_tcp::{Server, ServerSecurity};
+use braid_fabric_tcp::{EngineSpawner, Server, ServerSecurity};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,16 +59,17 @@ pub(crate) struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9410).
     #[arg(long)]
     metrics: Option<String>,
-    /// Runtime threads for braid-protocol connections and TLS (each
-    /// protocol engine is one task; NBD connections run on --nbd-threads;
-    /// backend IO has its own thread pool). At least --engines.
+    /// Runtime threads for braid-protocol connections and TLS (with one
+    /// protocol engine, it is one task there; NBD connections run on
+    /// --nbd-threads; backend IO has its own thread pool).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
-    /// Protocol engines: each is one task holding its own sessions, so a
-    /// server with many clients is not limited to what one task can do
-    /// (`braid status` shows each engine's busy time). One session always
-    /// stays on one engine; so do all the runs of one client on one
-    /// export. With one engine, one thread may run everything.
+    /// Protocol engines: each holds its own sessions, and with more than
+    /// one each runs on a thread of its own with its connections, so a
+    /// server with many clients is not limited to what one engine's task
+    /// can do (`braid status` shows each engine's busy time). One session
+    /// always stays on one engine; so do all the runs of one client on one
+    /// export.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub(crate) engines: usize,
     /// Threads for NBD connections (--nbd): each connection runs on one,
@@ -106,6 +107,9 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
+    if !(1..=64).contains(&args.engines) {
+        return Err(format!("--engines {}: must be 1 to 64", args.engines));
+    }
     let file = match &args.config {
         Some(p) => config::load(p)?,
         None => FileConfig::default(),
@@ -342,13 +346,19 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    if !(1..=64).contains(&args.engines) {
-        return Err(format!("--engines {}: must be 1 to 64", args.engines));
-    }
     let engines = (0..args.engines)
         .map(|_| ServerEngine::new(server_config.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
+    // One engine shares the main runtime's thread with everything else, as
+    // it always has; several get a thread each.
+    let (engine_spawner, engine_stops) = if args.engines > 1 {
+        let (spawner, stops) =
+            engine_threads(args.engines, std::time::Duration::from_micros(poll_us))?;
+        (Some(spawner), stops)
+    } else {
+        (None, Vec::new())
+    };
     let served_backend = backend.clone();
     let nbd_placement = nbd_threads.as_ref().map(|t| t.placement());
     // A task of its own rather than the future `block_on` drives: a
@@ -360,6 +370,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         listener,
         security,
         engines,
+        engine_spawner,
         served_backend,
         shutdown,
         move |server| {
@@ -390,6 +401,30 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         let _ = t.await;
     }
     drop(nbd_threads);
+    drop(engine_stops);
     println!("braid serve: drained and stopped");
     Ok(())
+}
+
+/// A thread with a runtime of its own per protocol engine, each polling
+/// for `poll` after its IO: an engine and its connections' tasks then
+/// stay on one thread (no cross-thread wake-up per request, as with one
+/// engine), while the engines share the machine's cores. Dropping the
+/// senders stops the threads.
+fn engine_threads(
+    count: usize,
+    poll: std::time::Duration,
+) -> Result<(EngineSpawner, Vec<tokio::sync::oneshot::Sender<()>>), String> {
+    let mut handles = Vec::with_capacity(count);
+    let mut stops = Vec::with_capacity(count);
+    for index in 0..count {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let name = format!("braid-engine-{index}");
+        let (handle, ()) = crate::runtime_thread::start(name, poll, stopped, || ())
+            .map_err(|e| format!("protocol engine {e}"))?;
+        handles.push(handle);
+        stops.push(stop);
+    }
+    let spawner: EngineSpawner = Arc::new(move |index, task| handles[index].spawn(task));
+    Ok((spawner, stops))
 }

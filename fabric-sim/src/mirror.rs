@@ -112,6 +112,7 @@ pub(crate) async fn simulate(
                         (0..engines)
                             .map(|_| ServerEngine::new(config.clone()).expect("a valid config"))
                             .collect(),
+                        None,
                         Arc::new(SimDisk {
                             disks: vec![disk],
                             full,

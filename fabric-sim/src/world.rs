@@ -325,6 +325,7 @@ async fn simulate(
                         (0..engines)
                             .map(|_| ServerEngine::new(config.clone()).expect("a valid config"))
                             .collect(),
+                        None,
                         Arc::new(SimDisk {
                             disks,
                             full,

@@ -32,6 +32,22 @@ pub(crate) struct Handoff {
     pub(crate) frames: FrameReader,
 }
 
+impl Handoff {
+    /// The same connection, registered with the runtime this runs on: the
+    /// acceptor's runtime registered it, and an engine on a runtime of its
+    /// own must be woken by its own. (A TLS stream stays with the
+    /// acceptor's runtime, which then wakes the engine's tasks for it.)
+    pub(crate) fn rehomed(self) -> std::io::Result<Handoff> {
+        let Handoff { stream, frames } = self;
+        let stream = match stream {
+            #[cfg(not(madsim))]
+            Accepted::Plain(s) => Accepted::Plain(TcpStream::from_std(s.into_std()?)?),
+            other => other,
+        };
+        Ok(Handoff { stream, frames })
+    }
+}
+
 /// What the acceptor must hold connections to.
 #[derive(Clone, Copy)]
 pub(crate) struct Limits {

@@ -40,7 +40,7 @@ fn check_engine(engine: &str, check: impl FnOnce() -> Result<(), String>) {
         }
     }
 }
-pub use server::{Server, ServerStatus};
+pub use server::{EngineSpawner, EngineTask, Server, ServerStatus};
 pub use volume::{next_run, LogStore, StoreMap, Volume, VolumeStatus};
 
 /// How a server protects its channels.

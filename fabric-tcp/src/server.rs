@@ -136,6 +136,16 @@ pub struct Server {
     adopted: Arc<AtomicU64>,
 }
 
+/// An engine's task, for an [`EngineSpawner`] to start.
+pub type EngineTask = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+
+/// Starts engine number `index`'s task (and so the tasks of its
+/// connections) where the caller wants it. A single-threaded runtime per
+/// engine keeps each session's reads, backend operations and replies on
+/// one thread; without a spawner the engines share the caller's runtime.
+pub type EngineSpawner =
+    Arc<dyn Fn(usize, EngineTask) -> tokio::task::JoinHandle<std::io::Result<()>> + Send + Sync>;
+
 /// Adopted connections of a server with several engines are numbered from
 /// here; each engine numbers its own from its index up, in steps of the
 /// engine count, and never gets this far.
@@ -205,6 +215,7 @@ impl Server {
             listener,
             security,
             vec![engine],
+            None,
             backend,
             shutdown,
             on_start,
@@ -220,11 +231,12 @@ impl Server {
     /// (see [`braid_core::server::engine_for`]). With one, its task also
     /// accepts connections; with several, an acceptor task reads each
     /// connection's first frame and hands the connection to the engine it
-    /// names.
+    /// names, and `spawner` (if given) says where each engine's task runs.
     pub async fn run_engines(
         listener: TcpListener,
         security: ServerSecurity,
         mut engines: Vec<ServerEngine>,
+        spawner: Option<EngineSpawner>,
         backend: Arc<dyn Backend>,
         shutdown: impl Future<Output = ()>,
         on_start: impl FnOnce(Server),
@@ -282,9 +294,14 @@ impl Server {
         for l in loops {
             let (stop, stopped) = oneshot::channel::<()>();
             stops.push(stop);
-            tasks.push(tokio::spawn(run_engine(l, None, async move {
+            let index = l.index;
+            let task: EngineTask = Box::pin(run_engine(l, None, async move {
                 let _ = stopped.await;
-            })));
+            }));
+            tasks.push(match &spawner {
+                Some(spawn) => spawn(index, task),
+                None => tokio::spawn(task),
+            });
         }
         engines::accept(
             &listener,
@@ -793,12 +810,16 @@ fn handle(
             writers.insert(conn, start(conn, starting.conn_tx.clone()));
         }
         Event::Handoff(handoff) => {
+            let handoff = match handoff.rehomed() {
+                Ok(h) => h,
+                Err(e) => return tracing::warn!(error = %e, "cannot take over a connection"),
+            };
             let conn = starting.next();
             tracing::debug!(conn, "connection handed over by the acceptor");
             engine.connection_opened(conn, clock.now());
             start_conn(
                 conn,
-                *handoff,
+                handoff,
                 starting.conn_tx,
                 writers,
                 starting.file_conns,
