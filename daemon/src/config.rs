@@ -38,6 +38,8 @@ pub(crate) struct FileConfig {
     pub(crate) poll_us: Option<u64>,
     /// As --nbd-threads: threads for NBD connections.
     pub(crate) nbd_threads: Option<usize>,
+    /// As --engines: protocol engines, each on a thread of its own.
+    pub(crate) engines: Option<usize>,
     /// As --io-engine: "threads" or "uring".
     pub(crate) io_engine: Option<IoEngineArg>,
     /// As --nbd-allow-insecure: NBD without TLS on a network address.

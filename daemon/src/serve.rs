@@ -69,9 +69,9 @@ pub(crate) struct ServeArgs {
     /// server with many clients is not limited to what one engine's task
     /// can do (`braid status` shows each engine's busy time). One session
     /// always stays on one engine; so do all the runs of one client on one
-    /// export.
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    pub(crate) engines: usize,
+    /// export [default: 1].
+    #[arg(long, value_name = "N")]
+    engines: Option<usize>,
     /// Threads for NBD connections (--nbd): each connection runs on one,
     /// the one with the fewest when it connects [default: one per CPU, at
     /// least 8].
@@ -107,13 +107,16 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
-    if !(1..=64).contains(&args.engines) {
-        return Err(format!("--engines {}: must be 1 to 64", args.engines));
-    }
     let file = match &args.config {
         Some(p) => config::load(p)?,
         None => FileConfig::default(),
     };
+    let engine_count = args.engines.or(file.engines).unwrap_or(1);
+    if !(1..=64).contains(&engine_count) {
+        return Err(format!(
+            "--engines (engines) {engine_count}: must be 1 to 64"
+        ));
+    }
     let nbd_thread_count = args
         .nbd_threads
         .or(file.nbd_threads)
@@ -346,15 +349,15 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    let engines = (0..args.engines)
+    let engines = (0..engine_count)
         .map(|_| ServerEngine::new(server_config.clone()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     // One engine shares the main runtime's thread with everything else, as
     // it always has; several get a thread each.
-    let (engine_spawner, engine_stops) = if args.engines > 1 {
+    let (engine_spawner, engine_stops) = if engine_count > 1 {
         let (spawner, stops) =
-            engine_threads(args.engines, std::time::Duration::from_micros(poll_us))?;
+            engine_threads(engine_count, std::time::Duration::from_micros(poll_us))?;
         (Some(spawner), stops)
     } else {
         (None, Vec::new())

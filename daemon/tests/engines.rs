@@ -136,5 +136,5 @@ fn an_engine_count_out_of_range_is_refused_with_its_reason() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--engines 0"), "{stderr}");
+    assert!(stderr.contains("--engines (engines) 0"), "{stderr}");
 }

@@ -192,6 +192,45 @@ else
   fail "mixed RDMA+TCP session: $(tail -8 "$LOGS/rdma-mixed.log")"
 fi
 
+step "2b. a server of two engines: a session over RDMA and TCP, another over RDMA only"
+# Each connection goes to the engine its first frame names: an adopted
+# RDMA channel and a TCP channel of one session must meet on one engine.
+mkdir -p "$WORK/eng"
+"$BRAID" serve --data-dir "$WORK/eng" --key-file "$WORK/srv/keys.toml" --engines 2 \
+  --listen 127.0.0.1:7420 --rdma "[$LL%vB]:7413" \
+  --export "disk0=$WORK/eng/disk0.img,size=64M" --export "disk1=$WORK/eng/disk1.img,size=64M" \
+  >"$LOGS/rdma-engines-serve.log" 2>&1 &
+ENGINES_SERVER=$!
+engines_up=""
+for _ in $(seq 1 300); do
+  if grep -q "accepting braid channels over RDMA" "$LOGS/rdma-engines-serve.log" 2>/dev/null &&
+     (exec 3<>/dev/tcp/127.0.0.1/7420) 2>/dev/null; then
+    engines_up=1
+    break
+  fi
+  sleep 0.1
+done
+if [ -z "$engines_up" ]; then
+  fail "braid serve --engines 2 --rdma did not start: $(tail -5 "$LOGS/rdma-engines-serve.log")"
+else
+  verify engines-mixed --server "rdma://[$LL%vA]:7413" --server 127.0.0.1:7420 --channels 4 --time 8 &
+  M=$!
+  verify engines-rdma --server "rdma://[$LL%vA]:7413" --export disk1 --channels 2 --time 8
+  wait "$M"
+  engines=$("$BRAID" status --json --control "$WORK/eng/control.sock" 2>/dev/null |
+    grep -o '"busy_us"' | wc -l)
+  if clean "$LOGS/rdma-engines-mixed.log" && table_up "$LOGS/rdma-engines-mixed.log" "rdma://" &&
+     table_up "$LOGS/rdma-engines-mixed.log" "127.0.0.1:7420" &&
+     clean "$LOGS/rdma-engines-rdma.log" && table_up "$LOGS/rdma-engines-rdma.log" "rdma://" &&
+     [ "$engines" = 2 ]; then
+    ok "two engines (--engines 2): a session of 2 RDMA and 2 TCP channels and one of 2 RDMA channels, 0 verification failures, 0 IO errors"
+  else
+    fail "--engines 2 over RDMA ($engines engines in status): $(tail -4 "$LOGS/rdma-engines-mixed.log") / $(tail -4 "$LOGS/rdma-engines-rdma.log")"
+  fi
+fi
+kill "$ENGINES_SERVER" 2>/dev/null
+wait "$ENGINES_SERVER" 2>/dev/null
+
 step "3. kill -9 of the server under verification over RDMA"
 verify restart --server "$RDMA" --channels 2 --time 20 &
 V=$!
