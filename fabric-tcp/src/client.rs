@@ -770,35 +770,22 @@ impl Driver {
             match tokio::time::timeout(timeout, TcpStream::connect(&addr)).await {
                 Ok(Ok(stream)) => {
                     let _ = stream.set_nodelay(true);
+                    let frames = wire::FrameReader::new(max_payload);
                     let writer = match security {
                         #[cfg(not(madsim))]
-                        ClientSecurity::Plain => conn::spawn_tcp(
-                            stream,
-                            ch,
-                            wire::FrameReader::new(max_payload),
-                            queue_limit,
-                            conn_tx,
-                        ),
+                        ClientSecurity::Plain => {
+                            conn::spawn_tcp(stream, ch, frames, queue_limit, conn_tx)
+                        }
                         #[cfg(madsim)]
-                        ClientSecurity::Plain => conn::spawn(
-                            stream,
-                            ch,
-                            wire::FrameReader::new(max_payload),
-                            queue_limit,
-                            conn_tx,
-                        ),
+                        ClientSecurity::Plain => {
+                            conn::spawn(stream, ch, frames, queue_limit, conn_tx)
+                        }
                         #[cfg(feature = "tls")]
                         ClientSecurity::Tls(connector, name) => {
                             match tokio::time::timeout(timeout, connector.connect(name, stream))
                                 .await
                             {
-                                Ok(Ok(tls)) => conn::spawn(
-                                    tls,
-                                    ch,
-                                    wire::FrameReader::new(max_payload),
-                                    queue_limit,
-                                    conn_tx,
-                                ),
+                                Ok(Ok(tls)) => conn::spawn(tls, ch, frames, queue_limit, conn_tx),
                                 Ok(Err(e)) => {
                                     // A certificate problem does not fix itself.
                                     let why = format!("TLS with {addr}: {e}");
