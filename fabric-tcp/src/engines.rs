@@ -63,7 +63,9 @@ pub(crate) struct Limits {
 const HELLO_MAX: usize = PREFIX_LEN + MAX_BODY_LEN;
 
 /// Accepts connections until `shutdown`, each on a task of its own until
-/// its first frame names its engine.
+/// its first frame names its engine. Stops too if an engine's task ends
+/// (it panicked): its clients would be routed to it forever, so the
+/// server stops, as a server of one engine does when that one ends.
 pub(crate) async fn accept(
     listener: &TcpListener,
     security: &ServerSecurity,
@@ -72,12 +74,26 @@ pub(crate) async fn accept(
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut gone: Vec<_> = engines
+        .iter()
+        .map(|e| Box::pin(e.events.closed()))
+        .collect();
+    let any_gone = std::future::poll_fn(|cx| {
+        match gone.iter_mut().position(|g| g.as_mut().poll(cx).is_ready()) {
+            Some(index) => std::task::Poll::Ready(index),
+            None => std::task::Poll::Pending,
+        }
+    });
+    tokio::pin!(any_gone);
     // New anonymous sessions take the engines in turn.
     let turn = Arc::new(AtomicUsize::new(0));
     loop {
         let accepted = tokio::select! {
             biased;
             _ = &mut shutdown => return,
+            index = &mut any_gone => {
+                return tracing::error!(engine = index, "a protocol engine stopped: stopping the server");
+            }
             accepted = listener.accept() => accepted,
         };
         match accepted {

@@ -183,7 +183,11 @@ impl SweepArgs {
                 ""
             },
             self.sabotage_flag(", sabotage "),
-            self.engines_flag(),
+            if self.engines == 1 {
+                String::new()
+            } else {
+                format!(", {} engines per server", self.engines)
+            },
         )
     }
 }

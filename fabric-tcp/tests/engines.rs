@@ -1,0 +1,149 @@
+//! A server of several engines over real loopback sockets: clients on
+//! every engine, and an engine that dies taking the server down with it
+//! rather than leaving its clients routed to nothing.
+
+use braid_core::auth::Key;
+use braid_core::client::{ClientConfig, IoRequest};
+use braid_core::server::{Backend, BackendOp, ExportConfig, ServerConfig, ServerEngine};
+use braid_core::wire::Status;
+use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const SIZE: u64 = 16 << 20;
+
+/// Blocks in memory; a write of `trip` bytes panics on the engine's own
+/// task (the inline path), as a bug in an engine would.
+struct Tripwire {
+    blocks: Mutex<HashMap<u64, Bytes>>,
+    trip: Option<usize>,
+}
+
+impl Backend for Tripwire {
+    fn execute(&self, _export: usize, op: &BackendOp) -> Result<Bytes, Status> {
+        let mut blocks = self.blocks.lock().unwrap();
+        match op {
+            BackendOp::Write { offset, data, .. } => {
+                blocks.insert(*offset, data.clone());
+                Ok(Bytes::new())
+            }
+            BackendOp::Read { offset, len } => Ok(blocks
+                .get(offset)
+                .filter(|d| d.len() == *len as usize)
+                .cloned()
+                .unwrap_or_else(|| Bytes::from(vec![0; *len as usize]))),
+            _ => Ok(Bytes::new()),
+        }
+    }
+
+    fn try_execute_now(&self, export: usize, op: &BackendOp) -> Option<Result<Bytes, Status>> {
+        if let (BackendOp::Write { data, .. }, Some(trip)) = (op, self.trip) {
+            assert_ne!(data.len(), trip, "the tripwire");
+        }
+        Some(self.execute(export, op))
+    }
+}
+
+/// Serves disk0 of `backend` with `engines` engines; its address, a
+/// trigger that stops it and its task's outcome.
+async fn serve(
+    engines: usize,
+    backend: Arc<dyn Backend>,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let config = ServerConfig::new(
+        5,
+        [5; 32],
+        vec![("test".into(), Key::new(*b"test key"))],
+        vec![ExportConfig::new("disk0", SIZE)],
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let engines = (0..engines)
+        .map(|_| ServerEngine::new(config.clone()).unwrap())
+        .collect();
+    let task = tokio::spawn(Server::run_engines(
+        listener,
+        ServerSecurity::Plain,
+        engines,
+        None,
+        backend,
+        async {
+            let _ = stopped.await;
+        },
+        |_| {},
+    ));
+    (addr, stop, task)
+}
+
+async fn client(addr: SocketAddr, seed: u8) -> Client {
+    let config = ClientConfig::new("disk0", "test", Key::new(b"test key".to_vec()), [seed; 32]);
+    Client::connect(
+        addr.to_string(),
+        ClientSecurity::Plain,
+        config,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_every_engine_read_back_what_they_wrote() {
+    let backend = Arc::new(Tripwire {
+        blocks: Mutex::default(),
+        trip: None,
+    });
+    let (addr, stop, task) = serve(3, backend).await;
+    let mut clients = Vec::new();
+    for seed in 0..6u8 {
+        clients.push(client(addr, seed).await);
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let data = Bytes::from(vec![i as u8 + 1; 4096]);
+        c.io(IoRequest::write(i as u64 * 4096, data, false))
+            .await
+            .unwrap();
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let got = c.io(IoRequest::read(i as u64 * 4096, 4096)).await.unwrap();
+        assert_eq!(got, Bytes::from(vec![i as u8 + 1; 4096]), "client {i}");
+    }
+    drop(clients);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server drains and stops")
+        .unwrap()
+        .expect("a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_dies_stops_the_server() {
+    let backend = Arc::new(Tripwire {
+        blocks: Mutex::default(),
+        trip: Some(512),
+    });
+    let (addr, _stop, task) = serve(2, backend).await;
+    let c = client(addr, 1).await;
+    // The engine panics handling it; the write is never answered.
+    let write = c.io(IoRequest::write(0, Bytes::from(vec![7; 512]), false));
+    let _ = tokio::time::timeout(Duration::from_millis(500), write).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server stopped rather than serve on without an engine")
+        .unwrap();
+    assert!(
+        outcome.is_err(),
+        "the dead engine's panic is the server's error"
+    );
+}
