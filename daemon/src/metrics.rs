@@ -70,6 +70,21 @@ impl Out<'_> {
         )
     }
 
+    fn seconds_counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        rows: &[(Labels, std::time::Duration)],
+    ) -> Result<(), Error> {
+        let mut family =
+            self.0
+                .encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Counter)?;
+        for (labels, v) in rows {
+            ConstCounter::new(v.as_secs_f64()).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
     fn gauges(
         &mut self,
         name: &str,
@@ -172,6 +187,30 @@ impl Collector for ServerMetrics {
             "braid_server_engine_busy_seconds",
             "Wall time the protocol engine's task spent working; its rate near 1 means that one task limits the server.",
             s.engine_busy,
+        )?;
+        let engine = |i: usize| vec![("engine", i.to_string())];
+        let busy: Vec<(Labels, std::time::Duration)> = s
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (engine(i), e.busy))
+            .collect();
+        out.seconds_counters(
+            "braid_engine_busy",
+            "Wall time each protocol engine's task spent working (--engines); one near a rate of 1 limits the sessions it holds.",
+            &busy,
+        )?;
+        let sessions: Vec<(Labels, f64)> = s
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (engine(i), e.sessions as f64))
+            .collect();
+        out.gauges(
+            "braid_engine_sessions",
+            "Live sessions each protocol engine holds.",
+            None,
+            &sessions,
         )?;
         out.gauge("braid_server_sessions", "Live sessions.", s.sessions as i64)?;
         out.gauge(

@@ -87,6 +87,7 @@ fn document(
         "engines": s.engines.iter().map(|e| serde_json::json!({
             "busy_us": u64::try_from(e.busy.as_micros()).unwrap_or(u64::MAX),
             "turns": e.turns,
+            "sessions": e.sessions,
         })).collect::<Vec<_>>(),
         "io_engine": backend.io_engine_in_use(),
         "io_uring_ops": backend.ops_on_io_uring(),
@@ -176,7 +177,13 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     if let Some(engines) = v["engines"].as_array().filter(|e| e.len() > 1) {
         let each: Vec<String> = engines
             .iter()
-            .map(|e| format!("{:.1} s", e["busy_us"].as_u64().unwrap_or(0) as f64 / 1e6))
+            .map(|e| {
+                format!(
+                    "{:.1} s ({} sessions)",
+                    e["busy_us"].as_u64().unwrap_or(0) as f64 / 1e6,
+                    e["sessions"].as_u64().unwrap_or(0)
+                )
+            })
             .collect();
         println!("  {:<38} {}", "  per engine", each.join(", "));
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 mod common;
-use common::{free_port, serve, status, wait_for, Killed, BRAID};
+use common::{free_port, get, serve, status, wait_for, Killed, BRAID};
 
 const EXPORTS: [&str; 3] = ["disk0", "disk1", "disk2"];
 
@@ -73,8 +73,9 @@ fn serve_engines(d: &Path, port: u16, engines: &str, extra: &[&str]) -> Killed {
 fn three_engines_each_serve_a_client_whose_data_checks_out() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let _server = serve_engines(d, port, "3", &[]);
+    let (port, metrics) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let _server = serve_engines(d, port, "3", &["--metrics", &metrics_addr]);
     let control = d.join("control.sock");
     let idle = engine_loads(&control);
     assert_eq!(idle.len(), 3, "one entry per engine: {idle:?}");
@@ -98,6 +99,23 @@ fn three_engines_each_serve_a_client_whose_data_checks_out() {
         v["engine_turns"].as_u64(),
         Some(total),
         "the sum of the engines"
+    );
+
+    // Each engine's busy time is its own series in the metrics.
+    let (_, _, body) = get(metrics, "/metrics");
+    for i in 0..3 {
+        let series = format!("braid_engine_busy_seconds_total{{engine=\"{i}\"}} ");
+        let value: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+            .parse()
+            .unwrap();
+        assert!(value > 0.0, "engine {i} busy {value} s");
+    }
+    assert!(
+        body.contains("braid_engine_sessions{engine=\"2\"} 0"),
+        "{body}"
     );
 }
 

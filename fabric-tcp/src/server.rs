@@ -56,6 +56,8 @@ pub struct EngineLoad {
     pub busy: std::time::Duration,
     /// Wake-ups.
     pub turns: u64,
+    /// Live sessions it holds.
+    pub sessions: usize,
 }
 
 impl ServerStatus {
@@ -607,6 +609,7 @@ async fn run_engine(
             s.engines[0] = EngineLoad {
                 busy: engine_busy,
                 turns,
+                sessions: engine.session_count(),
             };
             s.stats.clone_from(engine.stats());
             s.sessions = engine.session_count();
