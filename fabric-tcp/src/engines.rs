@@ -100,31 +100,7 @@ pub(crate) async fn accept(
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let (security, engines, turn) = (security.clone(), engines.clone(), turn.clone());
-                tokio::spawn(async move {
-                    let read = tokio::time::timeout(
-                        limits.handshake,
-                        first_frame_of(stream, &security, limits.max_payload, engines.len()),
-                    )
-                    .await;
-                    match read {
-                        Ok(Ok((handoff, engine))) => {
-                            let engine = engine.unwrap_or_else(|| {
-                                turn.fetch_add(1, Ordering::Relaxed) % engines.len()
-                            });
-                            tracing::debug!(%peer, engine, "connection accepted");
-                            // A stopping engine drops it, closing it.
-                            let _ = engines[engine]
-                                .events
-                                .send(Event::Handoff(Box::new(handoff)));
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "connection ended before its first frame")
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "no first frame within the handshake timeout")
-                        }
-                    }
-                });
+                tokio::spawn(hand_over(stream, peer, security, engines, turn, limits));
             }
             Err(e) => {
                 // Out of descriptors and the like: the engines keep serving
@@ -133,6 +109,36 @@ pub(crate) async fn accept(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Reads `stream`'s first frame and hands the connection to the engine
+/// it names (an anonymous new session: the engine whose `turn` it is).
+async fn hand_over(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    security: ServerSecurity,
+    engines: Arc<[EngineSlot]>,
+    turn: Arc<AtomicUsize>,
+    limits: Limits,
+) {
+    let read = tokio::time::timeout(
+        limits.handshake,
+        first_frame_of(stream, &security, limits.max_payload, engines.len()),
+    )
+    .await;
+    match read {
+        Ok(Ok((handoff, engine))) => {
+            let engine =
+                engine.unwrap_or_else(|| turn.fetch_add(1, Ordering::Relaxed) % engines.len());
+            tracing::debug!(%peer, engine, "connection accepted");
+            // A stopping engine drops it, closing it.
+            let _ = engines[engine]
+                .events
+                .send(Event::Handoff(Box::new(handoff)));
+        }
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "connection ended before its first frame"),
+        Err(_) => tracing::debug!(%peer, "no first frame within the handshake timeout"),
     }
 }
 

@@ -233,7 +233,8 @@ impl Server {
     /// (see [`braid_core::server::engine_for`]). With one, its task also
     /// accepts connections; with several, an acceptor task reads each
     /// connection's first frame and hands the connection to the engine it
-    /// names, and `spawner` (if given) says where each engine's task runs.
+    /// names, and `spawner` (if given) says where each engine's task runs
+    /// (a single engine runs on the caller's task).
     pub async fn run_engines(
         listener: TcpListener,
         security: ServerSecurity,
