@@ -477,6 +477,7 @@ where
             // of one is a transfer still under way.
             let mut window = frames.buffer().limit(READ_CHUNK);
             let read = if std::mem::take(&mut handed_over) {
+                // What the acceptor read stands for this turn's read.
                 Ok(window.get_ref().len())
             } else if window.get_ref().is_empty() {
                 rd.read_buf(&mut window).await

@@ -22,6 +22,7 @@
 //! A client's own overlapping writes, the order its replay after a server
 //! restart depends on, are all on its session's engine.
 
+use crate::rng::SplitMix64;
 use crate::wire::Hello;
 
 /// Which engine of `count` must take the connection whose first frame is
@@ -35,7 +36,10 @@ pub fn engine_for(hello: &Hello, count: usize) -> Option<usize> {
         return Some((hello.session_id % count) as usize);
     }
     if hello.owner != 0 {
-        return Some((mix(hello.owner ^ name_hash(&hello.export)) % count) as usize);
+        // SplitMix64's output: owners that differ in a few low bits still
+        // spread over the engines.
+        let spread = SplitMix64::new(hello.owner ^ name_hash(&hello.export)).next_u64();
+        return Some((spread % count) as usize);
     }
     None
 }
@@ -46,14 +50,6 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
-}
-
-/// SplitMix64's finaliser: owners that differ in a few low bits still
-/// spread over the engines.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Where one engine sits among its server's engines.
