@@ -349,10 +349,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     };
     let export_info: Vec<(String, u64)> =
         exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    let engines = (0..engine_count)
-        .map(|_| ServerEngine::new(server_config.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let engines = ServerEngine::several(&server_config, engine_count).map_err(|e| e.to_string())?;
     // One engine shares the main runtime's thread with everything else, as
     // it always has; several get a thread each.
     let (engine_spawner, engine_stops) = if engine_count > 1 {

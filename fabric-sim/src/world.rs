@@ -322,9 +322,7 @@ async fn simulate(
                     let _ = Server::run_engines(
                         listener,
                         ServerSecurity::Plain,
-                        (0..engines)
-                            .map(|_| ServerEngine::new(config.clone()).expect("a valid config"))
-                            .collect(),
+                        ServerEngine::several(&config, engines).expect("a valid config"),
                         None,
                         Arc::new(SimDisk {
                             disks,

@@ -68,9 +68,7 @@ async fn serve(
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let engines = (0..engines)
-        .map(|_| ServerEngine::new(config.clone()).unwrap())
-        .collect();
+    let engines = ServerEngine::several(&config, engines).unwrap();
     let task = tokio::spawn(Server::run_engines(
         listener,
         ServerSecurity::Plain,

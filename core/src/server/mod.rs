@@ -353,6 +353,13 @@ impl ServerEngine {
         })
     }
 
+    /// `count` engines of one configuration, for a server that runs
+    /// several (its driver tells each its place with
+    /// [`ServerEngine::set_shard`]).
+    pub fn several(config: &ServerConfig, count: usize) -> Result<Vec<Self>, ConfigError> {
+        (0..count).map(|_| Self::new(config.clone())).collect()
+    }
+
     /// Makes this engine number `index` of `count` serving one server:
     /// it then creates only sessions whose ids [`engine_for`] routes back
     /// to it. Call before the first connection.

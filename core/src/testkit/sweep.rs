@@ -145,7 +145,7 @@ impl SweepArgs {
     }
 
     /// ` --engines N` when the servers run more than one engine.
-    pub fn engines_flag(&self) -> String {
+    fn engines_flag(&self) -> String {
         if self.engines == 1 {
             return String::new();
         }
