@@ -5,6 +5,8 @@
 //! pass through a small task that does the same.
 
 use crate::conn::ConnEvent;
+#[cfg(feature = "tls")]
+use crate::movable::MovableTcp;
 use crate::server::{Adoption, EngineSlot, Event};
 use crate::ServerSecurity;
 use braid_core::server::{engine_for, ConnId};
@@ -21,7 +23,7 @@ use tokio::sync::mpsc;
 pub(crate) enum Accepted {
     Plain(TcpStream),
     #[cfg(feature = "tls")]
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<MovableTcp>>),
 }
 
 /// A connection for an engine to serve, with what was read of it so far.
@@ -35,13 +37,18 @@ pub(crate) struct Handoff {
 impl Handoff {
     /// The same connection, registered with the runtime this runs on: the
     /// acceptor's runtime registered it, and an engine on a runtime of its
-    /// own must be woken by its own. (A TLS stream stays with the
-    /// acceptor's runtime, which then wakes the engine's tasks for it.)
+    /// own must be woken by its own, not across threads.
     pub(crate) fn rehomed(self) -> std::io::Result<Handoff> {
         let Handoff { stream, frames } = self;
         let stream = match stream {
             #[cfg(not(madsim))]
             Accepted::Plain(s) => Accepted::Plain(TcpStream::from_std(s.into_std()?)?),
+            #[cfg(all(feature = "tls", not(madsim)))]
+            Accepted::Tls(mut tls) => {
+                tls.get_mut().0.rehome()?;
+                Accepted::Tls(tls)
+            }
+            #[allow(unreachable_patterns)]
             other => other,
         };
         Ok(Handoff { stream, frames })
@@ -165,7 +172,7 @@ async fn first_frame_of(
         }
         #[cfg(feature = "tls")]
         ServerSecurity::Tls(acceptor) => {
-            let mut tls = acceptor.accept(stream).await?;
+            let mut tls = acceptor.accept(MovableTcp::new(stream)).await?;
             let (frames, engine) = read_first_frame(&mut tls, max_payload, engines).await?;
             Ok((
                 Handoff {

@@ -20,6 +20,8 @@ pub mod conn;
 mod direct;
 mod engines;
 pub mod fabric;
+#[cfg(feature = "tls")]
+mod movable;
 
 pub mod client;
 pub mod server;
