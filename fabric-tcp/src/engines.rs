@@ -9,8 +9,8 @@ use crate::conn::ConnEvent;
 use crate::movable::MovableTcp;
 use crate::server::{Adoption, EngineSlot, Event};
 use crate::ServerSecurity;
-use braid_core::server::{engine_for, ConnId};
-use braid_core::wire::{self, FrameReader, InFrame, Message, MAX_BODY_LEN, PREFIX_LEN};
+use braid_core::server::{engine_for_frame, ConnId};
+use braid_core::wire::{FrameReader, MAX_BODY_LEN, PREFIX_LEN};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -199,19 +199,10 @@ async fn read_first_frame<S: AsyncRead + Unpin>(
         let mut probe = FrameReader::new(max_payload);
         probe.buffer().extend_from_slice(frames.buffer());
         match probe.next_checked_frame() {
-            Ok(Some(frame)) => return Ok((frames, engine_of(frame, engines))),
+            Ok(Some(frame)) => return Ok((frames, engine_for_frame(frame, engines))),
             Ok(None) if frames.buffer().len() < HELLO_MAX => {}
             Ok(None) | Err(_) => return Ok((frames, None)),
         }
-    }
-}
-
-/// The engine a first frame names: a HELLO's, else none in particular
-/// (the engine will refuse it).
-fn engine_of(frame: InFrame, engines: usize) -> Option<usize> {
-    match wire::decode_in(frame) {
-        Ok(Message::Hello(hello)) => engine_for(&hello, engines),
-        _ => None,
     }
 }
 
@@ -236,7 +227,7 @@ pub(crate) fn adopt(conn: ConnId, start: Adoption, engines: Arc<[EngineSlot]>, l
         };
         // An anonymous new session: any engine will do.
         let engine =
-            engine_of(first.clone(), engines.len()).unwrap_or(conn as usize % engines.len());
+            engine_for_frame(first.clone(), engines.len()).unwrap_or(conn as usize % engines.len());
         let slot = &engines[engine];
         let conns = slot.conns.clone();
         if slot

@@ -112,7 +112,20 @@ pub fn run_sabotaged(
     virtual_secs: f64,
     sabotage: &[Sabotage],
 ) -> Option<braid_core::testkit::Report> {
-    run_with(scenario, seed, virtual_secs, sabotage, false)
+    run_with_engines(scenario, seed, virtual_secs, sabotage, 1)
+}
+
+/// [`run_sabotaged`] with the server running `engines` protocol engines
+/// (`braid serve --engines`). With one, the runs are those of
+/// [`run_sabotaged`], seed for seed.
+pub fn run_with_engines(
+    scenario: Scenario,
+    seed: u64,
+    virtual_secs: f64,
+    sabotage: &[Sabotage],
+    engines: usize,
+) -> Option<braid_core::testkit::Report> {
+    run_with(scenario, seed, virtual_secs, sabotage, engines, false)
 }
 
 /// [`run`] as the client ran when the pinned seeds were found: every
@@ -136,9 +149,10 @@ pub fn divergence(
     seed: u64,
     virtual_secs: f64,
     sabotage: &[Sabotage],
+    engines: usize,
 ) -> Option<String> {
-    let a = run_with(scenario, seed, virtual_secs, sabotage, true)?;
-    let b = run_with(scenario, seed, virtual_secs, sabotage, true)?;
+    let a = run_with(scenario, seed, virtual_secs, sabotage, engines, true)?;
+    let b = run_with(scenario, seed, virtual_secs, sabotage, engines, true)?;
     let (i, x, y) = braid_core::testkit::first_divergence(&a.steps, &b.steps)?;
     let show = |s: Option<braid_core::testkit::Step>| match s {
         Some(s) => format!(
@@ -162,10 +176,12 @@ fn run_with(
     seed: u64,
     virtual_secs: f64,
     sabotage: &[Sabotage],
+    engines: usize,
     record_steps: bool,
 ) -> Option<braid_core::testkit::Report> {
     let mut cfg = self::scenario(scenario, seed, virtual_secs)?;
     cfg.record_steps = record_steps;
+    cfg.engines = engines;
     for s in sabotage {
         s.apply(&mut cfg);
     }

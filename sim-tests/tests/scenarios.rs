@@ -2,7 +2,7 @@
 //! stay pinned here as regressions.
 
 use braid_core::testkit::{Level, Scenario};
-use braid_sim_tests::{run, run_as_found};
+use braid_sim_tests::{run, run_as_found, run_with_engines};
 
 #[test]
 fn every_scenario_holds_its_invariants() {
@@ -24,6 +24,27 @@ fn disk_errors_surface_as_errors_and_nothing_else() {
     let r = run(Scenario::DiskErrors, 1, 2.0).unwrap();
     assert!(r.violations.is_empty(), "{:?}", r.violations);
     assert!(r.client.failed > 0);
+}
+
+/// A server of three engines, as `braid serve --engines 3` runs it: each
+/// connection reaches the engine its first frame names, so every join
+/// finds its session (the world reports one that does not) through
+/// resets, corruption and restarts.
+#[test]
+fn three_engines_route_every_join_to_its_session() {
+    for name in [Scenario::AllFaults, Scenario::Swarm, Scenario::ChannelChurn] {
+        for seed in 0..3 {
+            let r = run_with_engines(name, seed, 3.0, &[], 3).unwrap();
+            assert!(
+                r.violations.is_empty(),
+                "scenario {name} seed {seed}: {}",
+                r.violations[0]
+            );
+            assert!(r.ios > 0, "scenario {name} seed {seed} did no IO");
+        }
+    }
+    let churn = run_with_engines(Scenario::ChannelChurn, 0, 3.0, &[], 3).unwrap();
+    assert!(churn.server.joined > 0, "channels rejoined their session");
 }
 
 /// Seeds that found bugs during development, with what they found. Each
@@ -132,7 +153,7 @@ fn a_divergence_is_reported_at_its_first_step() {
     assert!(a.steps.len() > 100, "a run has steps");
     assert_eq!(first_divergence(&a.steps, &b.steps), None, "a seed replays");
     assert_eq!(
-        braid_sim_tests::divergence(Scenario::AllFaults, 11, 1.0, &[]),
+        braid_sim_tests::divergence(Scenario::AllFaults, 11, 1.0, &[], 1),
         None
     );
     // A run that went another way from step 57 on is reported there.

@@ -160,6 +160,21 @@ fn ci() -> Result<(), String> {
         "3",
         "--check-determinism",
     ]))?;
+    // Swarm again with the server as three engines: every join must reach
+    // the engine that holds its session.
+    sim(&args(&[
+        "--scenario",
+        "swarm",
+        "--seeds",
+        "100",
+        "--first",
+        "5000",
+        "--virtual-secs",
+        "3",
+        "--engines",
+        "3",
+        "--check-determinism",
+    ]))?;
     // The real fabric-tcp drivers on madsim: every scenario, replayed twice.
     sim(&args(&[
         "--madsim",

@@ -15,7 +15,7 @@ pub use backend::{Backend, Extent, IoQueue, MappedRange, MappedSink, MappedWindo
 pub use config::{ExportConfig, ServerConfig};
 pub use defect::Defect;
 pub use session::ConnId;
-pub use shard::engine_for;
+pub use shard::{engine_for, engine_for_frame};
 pub use tuning::ServerTuning;
 
 use crate::auth::{self, NONCE_LEN};

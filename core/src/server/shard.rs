@@ -23,7 +23,7 @@
 //! restart depends on, are all on its session's engine.
 
 use crate::rng::SplitMix64;
-use crate::wire::Hello;
+use crate::wire::{decode_in, Hello, InFrame, Message};
 
 /// Which engine of `count` must take the connection whose first frame is
 /// `hello`; `None` when any may (a new anonymous session).
@@ -42,6 +42,19 @@ pub fn engine_for(hello: &Hello, count: usize) -> Option<usize> {
         return Some((spread % count) as usize);
     }
     None
+}
+
+/// The engine of `count` that must take the connection whose first frame
+/// is `frame`: [`engine_for`] its HELLO; `None` (any engine) for anything
+/// else, which whichever engine gets it refuses.
+pub fn engine_for_frame(frame: impl Into<InFrame>, count: usize) -> Option<usize> {
+    if count <= 1 {
+        return Some(0);
+    }
+    match decode_in(frame.into()) {
+        Ok(Message::Hello(hello)) => engine_for(&hello, count),
+        _ => None,
+    }
 }
 
 /// FNV-1a: stable across builds and processes, unlike std's hasher, so a

@@ -22,8 +22,8 @@ usage: cargo xtask sim [--madsim] [--seeds N [--first F] | --seed S]...
   --check-determinism  run everything twice and compare; name the first step
                        where two runs part
   --jobs J             worker threads (default: every core)
-  --engines E          with --madsim: each server runs E protocol engines
-                       (`braid serve --engines`), sessions spread over them
+  --engines E          each server runs E protocol engines (`braid serve
+                       --engines`), connections routed by their first frame
   --sabotage A[,B]     switch safety mechanisms off (--list names them)
   --expect-violation   succeed only if some run finds a violation (with
                        --sabotage: the checks notice the missing mechanism)
@@ -48,7 +48,7 @@ pub struct SweepArgs {
     pub sabotage: Vec<Sabotage>,
     /// Succeed only if some run finds a violation.
     pub expect_violation: bool,
-    /// Protocol engines each simulated server runs (madsim level only).
+    /// Protocol engines each simulated server runs.
     pub engines: usize,
 }
 
@@ -102,9 +102,7 @@ impl SweepArgs {
                 "--check-determinism" => a.determinism = true,
                 "--expect-violation" => a.expect_violation = true,
                 "--jobs" => a.jobs = number(value()?, "--jobs")?.max(1) as usize,
-                "--engines" if level == Level::Madsim => {
-                    a.engines = number(value()?, "--engines")?.clamp(1, 64) as usize
-                }
+                "--engines" => a.engines = number(value()?, "--engines")?.clamp(1, 64) as usize,
                 "--sabotage" => {
                     for name in value()?.split(',') {
                         a.sabotage.push(

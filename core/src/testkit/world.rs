@@ -11,9 +11,10 @@ use crate::client::{
 };
 use crate::rng::SplitMix64;
 use crate::server::{
-    BackendOp, BackendRequest, ConnId, ExportConfig, ServerAction, ServerConfig, ServerEngine,
-    ServerStats, ServerTuning,
+    engine_for_frame, BackendOp, BackendRequest, ConnId, ExportConfig, ServerAction, ServerConfig,
+    ServerEngine, ServerStats, ServerTuning,
 };
+use crate::wire::{decode_in, Message};
 use crate::Instant;
 use bytes::Bytes;
 use std::cmp::Reverse;
@@ -141,6 +142,10 @@ pub struct WorldConfig {
     /// Runtime tuning at virtual times after the start, as an operator's
     /// `braid set` would do it: (when, client changes, server changes).
     pub tunings: Vec<(Duration, ClientTuning, ServerTuning)>,
+    /// Protocol engines the server runs (`braid serve --engines`): each
+    /// connection goes to the one its first frame names, as the driver's
+    /// acceptor routes it.
+    pub engines: usize,
     /// How the workload meets Busy. True: as the production driver does,
     /// it submits nothing more until the client says Room, so a lost
     /// wake-up hangs the run and shows as a liveness violation. False: it
@@ -180,6 +185,7 @@ impl WorldConfig {
             server_max_payload: 1 << 20,
             server_clock: (Duration::ZERO, 1.0),
             tunings: Vec::new(),
+            engines: 1,
             hold_refused: false,
         }
     }
@@ -238,8 +244,8 @@ enum Ev {
     ToClient { conn: ConnId, frame: Bytes },
     ServerSideClosed { conn: ConnId, boot: u64 },
     ClientSideClosed { ch: ChannelId },
-    DiskLand { token: u64, boot: u64 },
-    DiskDone { token: u64, boot: u64 },
+    DiskLand { op: DiskOpId, boot: u64 },
+    DiskDone { op: DiskOpId, boot: u64 },
     FaultTick,
     ServerStart,
     PartitionEnds,
@@ -319,6 +325,14 @@ struct DiskOp {
     landed: Option<Result<Bytes, crate::wire::Status>>,
 }
 
+/// A backend operation: the engine that asked for it, and its token
+/// there (each engine numbers its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct DiskOpId {
+    engine: usize,
+    token: u64,
+}
+
 struct Link {
     ch: ChannelId,
     blackholed: bool,
@@ -339,13 +353,18 @@ pub struct World {
     seq: u64,
     queue: BinaryHeap<Reverse<Scheduled>>,
     client: ClientEngine,
-    server: ServerEngine,
+    /// The server's engines; one unless `engines` says more.
+    servers: Vec<ServerEngine>,
+    /// The engine serving each connection, from its first frame on.
+    conn_engine: BTreeMap<ConnId, usize>,
+    /// Whose turn the next new anonymous session is.
+    next_anonymous: usize,
     server_stats: ServerStats,
     server_up: bool,
     boot: u64,
     disk: MemDisk,
     /// Backend operations in flight, with their result once they landed.
-    disk_ops: BTreeMap<u64, DiskOp>,
+    disk_ops: BTreeMap<DiskOpId, DiskOp>,
     disk_stalled_until: Instant,
     links: BTreeMap<ConnId, Link>,
     by_ch: BTreeMap<ChannelId, ConnId>,
@@ -408,8 +427,7 @@ impl World {
         cc.resend_min = cfg.resend_min;
         cc.resend_max = cfg.resend_max;
         let boot = rng.next_u64();
-        let server = ServerEngine::new(Self::server_config(&cfg, boot, server_seed, key))
-            .expect("a valid config");
+        let servers = Self::engines(&cfg, boot, server_seed, key);
         let disk = MemDisk::new(cfg.disk_sectors * SECTOR as u64);
         let checker = Checker::new(cfg.disk_sectors);
         World {
@@ -419,7 +437,9 @@ impl World {
             seq: 0,
             queue: BinaryHeap::new(),
             client: ClientEngine::new(cc).expect("a valid config"),
-            server,
+            servers,
+            conn_engine: BTreeMap::new(),
+            next_anonymous: 0,
             server_stats: ServerStats::default(),
             server_up: true,
             boot,
@@ -444,6 +464,16 @@ impl World {
             steps: Vec::new(),
             cfg,
         }
+    }
+
+    /// The server's engines for one boot, as the daemon builds them.
+    fn engines(cfg: &WorldConfig, boot: u64, seed: [u8; 32], key: Key) -> Vec<ServerEngine> {
+        let config = Self::server_config(cfg, boot, seed, key);
+        let mut engines = ServerEngine::several(&config, cfg.engines).expect("a valid config");
+        for (index, engine) in engines.iter_mut().enumerate() {
+            engine.set_shard(index, cfg.engines);
+        }
+        engines
     }
 
     fn server_config(cfg: &WorldConfig, boot: u64, seed: [u8; 32], key: Key) -> ServerConfig {
@@ -530,7 +560,9 @@ impl World {
             self.checker.report(Violation::Liveness { outstanding });
         }
         let mut server = self.server_stats.clone();
-        add_stats(&mut server, self.server.stats());
+        for engine in &self.servers {
+            server.add(engine.stats());
+        }
         Report {
             seed: self.cfg.seed,
             violations: self.checker.violations().to_vec(),
@@ -553,7 +585,9 @@ impl World {
             Ev::ServerTimer => {
                 self.server_timer = None;
                 if self.server_up {
-                    self.server.handle_timeout(self.server_now);
+                    for engine in &mut self.servers {
+                        engine.handle_timeout(self.server_now);
+                    }
                 }
             }
             Ev::Connected { ch, boot } => {
@@ -572,13 +606,19 @@ impl World {
                     },
                 );
                 self.by_ch.insert(ch, conn);
-                self.server.connection_opened(conn, self.server_now);
+                if self.servers.len() == 1 {
+                    // Alone, the engine takes the connection as it opens;
+                    // several wait for its first frame to name theirs.
+                    self.conn_engine.insert(conn, 0);
+                    self.servers[0].connection_opened(conn, self.server_now);
+                }
                 self.client.channel_connected(ch, self.now);
             }
             Ev::ToServer { conn, frame } => {
                 if self.server_up && self.links.contains_key(&conn) {
                     self.mix(frame.len() as u64);
-                    self.server.handle_frame(conn, frame, self.server_now);
+                    let engine = self.engine_of(conn, &frame);
+                    self.servers[engine].handle_frame(conn, frame, self.server_now);
                 }
             }
             Ev::ToClient { conn, frame } => {
@@ -590,7 +630,9 @@ impl World {
             }
             Ev::ServerSideClosed { conn, boot } => {
                 if self.server_up && boot == self.boot {
-                    self.server.connection_closed(conn, self.server_now);
+                    if let Some(engine) = self.conn_engine.remove(&conn) {
+                        self.servers[engine].connection_closed(conn, self.server_now);
+                    }
                 }
                 self.remove_link(conn);
             }
@@ -600,14 +642,14 @@ impl World {
                 }
                 self.client.channel_closed(ch, self.now);
             }
-            Ev::DiskLand { token, boot } => {
+            Ev::DiskLand { op, boot } => {
                 if boot == self.boot && self.server_up {
-                    self.land_disk_op(token);
+                    self.land_disk_op(op);
                 }
             }
-            Ev::DiskDone { token, boot } => {
+            Ev::DiskDone { op, boot } => {
                 if boot == self.boot && self.server_up {
-                    self.finish_disk_op(token);
+                    self.finish_disk_op(op);
                 }
             }
             Ev::FaultTick => self.fault_tick(),
@@ -622,11 +664,13 @@ impl World {
                     });
                 }
                 if self.server_up {
-                    if let Err(e) = self.server.tune(&server) {
-                        self.checker.report(Violation::Internal {
-                            engine: "server",
-                            what: format!("tuning refused: {e}"),
-                        });
+                    for engine in 0..self.servers.len() {
+                        if let Err(e) = self.servers[engine].tune(&server) {
+                            self.checker.report(Violation::Internal {
+                                engine: "server",
+                                what: format!("tuning refused by engine {engine}: {e}"),
+                            });
+                        }
                     }
                 }
             }
@@ -638,6 +682,61 @@ impl World {
                     self.start_server();
                 }
             }
+        }
+    }
+
+    /// The engine serving `conn`, whose next frame is `frame`: the first
+    /// frame chooses it, as the driver's acceptor does, and the engine is
+    /// told of the connection then.
+    fn engine_of(&mut self, conn: ConnId, frame: &Bytes) -> usize {
+        let engine = match self.conn_engine.get(&conn) {
+            Some(&engine) => engine,
+            None => {
+                let count = self.servers.len();
+                let engine = engine_for_frame(frame.clone(), count).unwrap_or_else(|| {
+                    let turn = self.next_anonymous;
+                    self.next_anonymous = (turn + 1) % count;
+                    turn
+                });
+                self.check_join_route(frame, engine);
+                self.conn_engine.insert(conn, engine);
+                self.servers[engine].connection_opened(conn, self.server_now);
+                engine
+            }
+        };
+        if self.servers.len() > 1 {
+            let elsewhere = (self.servers.iter().map(ServerEngine::session_count))
+                .enumerate()
+                .filter(|&(other, _)| other != engine)
+                .map(|(_, sessions)| sessions)
+                .sum();
+            self.servers[engine].set_sessions_elsewhere(elsewhere);
+        }
+        engine
+    }
+
+    /// A connection joining a session must reach the engine that holds
+    /// it: anywhere else the join is refused as for a session long gone,
+    /// and the client starts over in a new one.
+    fn check_join_route(&mut self, first: &Bytes, routed: usize) {
+        let Ok(Message::Hello(hello)) = decode_in(first.clone().into()) else {
+            return;
+        };
+        if hello.session_id == 0 {
+            return;
+        }
+        let holder = self
+            .servers
+            .iter()
+            .position(|e| e.sessions().iter().any(|s| s.id == hello.session_id));
+        if let Some(holder) = holder.filter(|&h| h != routed) {
+            self.checker.report(Violation::Internal {
+                engine: "server",
+                what: format!(
+                    "a join of session {:#x} went to engine {routed}; engine {holder} holds it",
+                    hello.session_id
+                ),
+            });
         }
     }
 
@@ -656,12 +755,14 @@ impl World {
                 any = true;
                 self.client_action(a);
             }
-            while self.server_up {
-                let Some(a) = self.server.poll_action() else {
-                    break;
-                };
-                any = true;
-                self.server_action(a);
+            for engine in 0..self.servers.len() {
+                while self.server_up {
+                    let Some(a) = self.servers[engine].poll_action() else {
+                        break;
+                    };
+                    any = true;
+                    self.server_action(engine, a);
+                }
             }
             if !any {
                 break;
@@ -681,7 +782,12 @@ impl World {
             }
         }
         if self.server_up {
-            if let Some(t) = self.server.poll_timeout() {
+            let next = self
+                .servers
+                .iter_mut()
+                .filter_map(|e| e.poll_timeout())
+                .min();
+            if let Some(t) = next {
                 if self.server_timer.is_none_or(|c| t < c) {
                     self.server_timer = Some(t);
                     let after = self.world_time_of_server(t).saturating_since(self.now);
@@ -735,7 +841,7 @@ impl World {
         }
     }
 
-    fn server_action(&mut self, a: ServerAction) {
+    fn server_action(&mut self, engine: usize, a: ServerAction) {
         match a {
             ServerAction::Send { conn, frame } => {
                 if self.links.get(&conn).is_some_and(|l| !l.closing) {
@@ -751,18 +857,23 @@ impl World {
                         self.schedule(after, Ev::ClientSideClosed { ch });
                     }
                 }
-                self.server.connection_closed(conn, self.server_now);
+                self.conn_engine.remove(&conn);
+                self.servers[engine].connection_closed(conn, self.server_now);
             }
             ServerAction::Backend(req) => {
                 let mut latency = self.between(self.cfg.disk_latency);
                 if self.disk_stalled_until > self.now {
                     latency += self.disk_stalled_until - self.now;
                 }
-                let (token, boot) = (req.token, self.boot);
+                let op = DiskOpId {
+                    engine,
+                    token: req.token,
+                };
+                let boot = self.boot;
                 let lands = Duration::from_nanos(self.rng.below(latency.as_nanos() as u64 + 1));
-                self.disk_ops.insert(token, DiskOp { req, landed: None });
-                self.schedule(lands, Ev::DiskLand { token, boot });
-                self.schedule(latency, Ev::DiskDone { token, boot });
+                self.disk_ops.insert(op, DiskOp { req, landed: None });
+                self.schedule(lands, Ev::DiskLand { op, boot });
+                self.schedule(latency, Ev::DiskDone { op, boot });
             }
         }
     }
@@ -812,27 +923,27 @@ impl World {
         }
     }
 
-    fn land_disk_op(&mut self, token: u64) {
-        let Some(req) = self.disk_ops.get(&token).map(|o| o.req.clone()) else {
+    fn land_disk_op(&mut self, id: DiskOpId) {
+        let Some(req) = self.disk_ops.get(&id).map(|o| o.req.clone()) else {
             return;
         };
         let result = self.apply(&req);
-        if let Some(op) = self.disk_ops.get_mut(&token) {
+        if let Some(op) = self.disk_ops.get_mut(&id) {
             op.landed = Some(result);
         }
     }
 
-    fn finish_disk_op(&mut self, token: u64) {
+    fn finish_disk_op(&mut self, id: DiskOpId) {
         // Landing is scheduled no later than completion, and events at one
         // instant run in the order scheduled.
         let Some(DiskOp {
             landed: Some(result),
             ..
-        }) = self.disk_ops.remove(&token)
+        }) = self.disk_ops.remove(&id)
         else {
-            unreachable!("disk op {token} completes before it landed");
+            unreachable!("disk op {id:?} completes before it landed");
         };
-        self.server.backend_complete(token, result, self.server_now);
+        self.servers[id.engine].backend_complete(id.token, result, self.server_now);
     }
 
     fn apply(&mut self, req: &BackendRequest) -> Result<Bytes, crate::wire::Status> {
@@ -1003,7 +1114,10 @@ impl World {
             let d = self.between(self.cfg.link_delay);
             self.schedule(d, Ev::ClientSideClosed { ch });
         }
-        add_stats(&mut self.server_stats, self.server.stats());
+        for engine in &self.servers {
+            self.server_stats.add(engine.stats());
+        }
+        self.conn_engine.clear();
         self.server_up = false;
         self.server_timer = None;
         let down = self.between((Duration::from_millis(1), self.cfg.faults.outage_max));
@@ -1020,8 +1134,7 @@ impl World {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
         let key = Key::new(b"simulated pre-shared key".to_vec());
-        self.server = ServerEngine::new(Self::server_config(&self.cfg, self.boot, seed, key))
-            .expect("a valid config");
+        self.servers = Self::engines(&self.cfg, self.boot, seed, key);
         self.server_up = true;
     }
 
@@ -1035,11 +1148,13 @@ impl World {
             });
         }
         if self.server_up {
-            if let Err(what) = self.server.check() {
-                self.checker.report(Violation::Internal {
-                    engine: "server",
-                    what,
-                });
+            for engine in 0..self.servers.len() {
+                if let Err(what) = self.servers[engine].check() {
+                    self.checker.report(Violation::Internal {
+                        engine: "server",
+                        what: format!("engine {engine}: {what}"),
+                    });
+                }
             }
         }
     }
@@ -1076,35 +1191,18 @@ impl World {
             }
         }
         if self.server_up {
-            let sc = self.server.config();
-            let bound = self.server.session_count() as u64 * u64::from(sc.id_window);
-            let value = self.server.cached_results() as u64;
-            if value > bound {
-                self.checker.report(Violation::Bound {
-                    what: "server cached results",
-                    value,
-                    bound,
-                });
+            for engine in &self.servers {
+                let window = u64::from(engine.config().id_window);
+                let bound = engine.session_count() as u64 * window;
+                let value = engine.cached_results() as u64;
+                if value > bound {
+                    self.checker.report(Violation::Bound {
+                        what: "server cached results",
+                        value,
+                        bound,
+                    });
+                }
             }
         }
     }
-}
-
-fn add_stats(total: &mut ServerStats, s: &ServerStats) {
-    total.connections += s.connections;
-    total.handshakes += s.handshakes;
-    total.auth_failures += s.auth_failures;
-    total.sessions_created += s.sessions_created;
-    total.sessions_freed += s.sessions_freed;
-    total.requests += s.requests;
-    total.backend_ops += s.backend_ops;
-    total.fua_requests += s.fua_requests;
-    total.recorded_replies += s.recorded_replies;
-    total.joined += s.joined;
-    total.stale_dropped += s.stale_dropped;
-    total.corrupt_payloads += s.corrupt_payloads;
-    total.protocol_errors += s.protocol_errors;
-    total.error_replies += s.error_replies;
-    total.overload_dropped += s.overload_dropped;
-    total.file_replies += s.file_replies;
 }

@@ -4,7 +4,7 @@
 //! ([`SweepArgs`]).
 
 use braid_core::testkit::{Level, Report, Scenario, SweepArgs, SweepCommand};
-use braid_sim_tests::{describe, divergence, run_sabotaged, scenario};
+use braid_sim_tests::{describe, divergence, run_with_engines, scenario};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -51,15 +51,20 @@ fn main() -> ExitCode {
                 results.clone(),
                 runs.clone(),
             );
-            let (secs, det, sabotage) =
-                (args.virtual_secs, args.determinism, args.sabotage.clone());
+            let (secs, det, sabotage, engines) = (
+                args.virtual_secs,
+                args.determinism,
+                args.sabotage.clone(),
+                args.engines,
+            );
             std::thread::spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&(sc, seed)) = runs.get(i as usize) else {
                     return;
                 };
                 let run = |seed| {
-                    run_sabotaged(sc, seed, secs, &sabotage).expect("parse checked the level")
+                    run_with_engines(sc, seed, secs, &sabotage, engines)
+                        .expect("parse checked the level")
                 };
                 let report = run(seed);
                 let nondeterministic = if det {
@@ -183,7 +188,7 @@ fn main() -> ExitCode {
         let (sc, seed) = (o.scenario, o.report.seed);
         if let Some((a, b)) = o.nondeterministic {
             println!("{sc} seed {seed}: NONDETERMINISTIC trace {a:#x} then {b:#x}");
-            if let Some(d) = divergence(sc, seed, args.virtual_secs, &args.sabotage) {
+            if let Some(d) = divergence(sc, seed, args.virtual_secs, &args.sabotage, args.engines) {
                 println!("  {d}");
             }
         }
