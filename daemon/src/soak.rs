@@ -32,6 +32,23 @@ pub(crate) struct SoakArgs {
     /// spare server, resync and mirror costs measured.
     #[arg(long, value_enum)]
     volume: Option<crate::soak_volume::VolumeShape>,
+    /// Protocol engines each soaked server runs (`braid serve --engines`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    engines: u16,
+}
+
+impl SoakArgs {
+    /// The command line that runs this soak again.
+    fn replay(&self, seed: u64) -> String {
+        let mut line = format!("braid soak --seed {seed}");
+        if let Some(shape) = self.volume {
+            line += &format!(" --volume {}", format!("{shape:?}").to_lowercase());
+        }
+        if self.engines > 1 {
+            line += &format!(" --engines {}", self.engines);
+        }
+        line
+    }
 }
 
 /// One `braid serve` process on a port, which the soaks kill -9 and
@@ -39,14 +56,20 @@ pub(crate) struct SoakArgs {
 pub(crate) struct ServerProcess {
     pub(crate) dir: PathBuf,
     pub(crate) port: u16,
+    engines: u16,
     child: Option<Child>,
 }
 
 impl ServerProcess {
-    pub(crate) async fn start(dir: PathBuf) -> Result<ServerProcess, String> {
+    pub(crate) async fn start(dir: PathBuf, engines: u16) -> Result<ServerProcess, String> {
         let port = free_port()?;
-        let child = Some(spawn_server(&dir, port).await?);
-        Ok(ServerProcess { dir, port, child })
+        let child = Some(spawn_server(&dir, port, engines).await?);
+        Ok(ServerProcess {
+            dir,
+            port,
+            engines,
+            child,
+        })
     }
 
     /// kill -9, and wait for it to be gone.
@@ -58,7 +81,7 @@ impl ServerProcess {
     }
 
     pub(crate) async fn restart(&mut self) -> Result<(), String> {
-        self.child = Some(spawn_server(&self.dir, self.port).await?);
+        self.child = Some(spawn_server(&self.dir, self.port, self.engines).await?);
         Ok(())
     }
 
@@ -111,9 +134,10 @@ pub(crate) struct ProxiedServer {
 }
 
 impl ProxiedServer {
-    /// `braid serve` on `dir` (which must exist), and a proxy before it.
-    pub(crate) async fn start(dir: PathBuf) -> Result<ProxiedServer, String> {
-        let server = ServerProcess::start(dir).await?;
+    /// `braid serve` of `engines` engines on `dir` (which must exist), and
+    /// a proxy before it.
+    pub(crate) async fn start(dir: PathBuf, engines: u16) -> Result<ProxiedServer, String> {
+        let server = ServerProcess::start(dir, engines).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -167,7 +191,7 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String> {
+async fn spawn_server(dir: &std::path::Path, port: u16, engines: u16) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -179,6 +203,8 @@ async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String>
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--engines",
+            &engines.to_string(),
             "--data-dir",
         ])
         .arg(dir)
@@ -209,11 +235,11 @@ async fn spawn_server(dir: &std::path::Path, port: u16) -> Result<Child, String>
 }
 
 impl Rig {
-    async fn start() -> Result<Rig, String> {
+    async fn start(engines: u16) -> Result<Rig, String> {
         let dir = std::env::temp_dir().join(format!("braid-soak-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let node = ProxiedServer::start(dir.clone()).await?;
+        let node = ProxiedServer::start(dir.clone(), engines).await?;
         let client = node.connect(4).await?;
         let progress = Arc::new(Progress::default());
         let workload = tokio::spawn(verify::workload(client.clone(), 8192, 16, progress.clone()));
@@ -339,10 +365,12 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
         .seed
         .unwrap_or_else(|| u64::from_le_bytes(crate::config::random_bytes().unwrap_or([1; 8])));
     if let Some(shape) = args.volume {
-        return crate::soak_volume::run(shape, args.duration, seed).await;
+        let replay = args.replay(seed);
+        return crate::soak_volume::run(shape, args.duration, seed, args.engines, &replay).await;
     }
+    let replay = args.replay(seed);
     let mut rng = SplitMix64::new(seed);
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start(args.engines).await?;
     let started = Instant::now();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let mut out = crate::progress::ProgressLine::new();
@@ -373,8 +401,12 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
         );
     } else {
         println!(
-            "braid soak: {}s of faults, seed {seed} (replay: braid soak --seed {seed})",
-            args.duration
+            "braid soak: {}s of faults, seed {seed}{} (replay: {replay})",
+            args.duration,
+            match args.engines {
+                1 => String::new(),
+                n => format!(", a server of {n} engines"),
+            }
         );
         let end = started + Duration::from_secs_f64(args.duration);
         while Instant::now() < end {
@@ -437,14 +469,14 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
     if summary.ok() {
         Ok(())
     } else {
-        Err(format!("soak failed (replay: braid soak --seed {seed})"))
+        Err(format!("soak failed (replay: {replay})"))
     }
 }
 
 /// `braid demo`: a short scripted tour of the same machinery, narrated.
 pub(crate) async fn demo() -> Result<(), String> {
     println!("braid demo: a real `braid serve` process, a fault proxy, and a verifying client\n");
-    let mut rig = Rig::start().await?;
+    let mut rig = Rig::start(1).await?;
     let started = Instant::now();
     let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
     let step = |t: Instant, what: &str| println!("[{:>5.1}s] {what}", t.elapsed().as_secs_f64());

@@ -68,10 +68,10 @@ const COST_SECS: f64 = 5.0;
 const BLOCKS: u64 = 8192;
 
 /// Server `i`'s data dir under `root`, with its server and proxy.
-async fn start_node(root: &Path, i: usize) -> Result<ProxiedServer, String> {
+async fn start_node(root: &Path, i: usize, engines: u16) -> Result<ProxiedServer, String> {
     let dir = root.join(format!("server{i}"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    ProxiedServer::start(dir).await
+    ProxiedServer::start(dir, engines).await
 }
 
 /// A leg's client: two channels through its proxy.
@@ -168,7 +168,15 @@ async fn iops(device: impl verify::BlockDevice, secs: f64) -> (f64, u64) {
     (progress.ios() as f64 / secs, bad)
 }
 
-pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<(), String> {
+/// Soaks a volume of `shape`, each server of `engines` engines; `replay`
+/// is the command line that runs this soak again.
+pub(crate) async fn run(
+    shape: VolumeShape,
+    duration: f64,
+    seed: u64,
+    engines: u16,
+    replay: &str,
+) -> Result<(), String> {
     let mut rng = SplitMix64::new(seed);
     let root = std::env::temp_dir().join(format!("braid-soak-volume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
@@ -176,13 +184,12 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
     let n = shape.legs();
     println!(
         "braid soak --volume {shape:?}: {n} servers and a spare, {duration}s of faults, seed {seed} \
-         (replay: braid soak --volume {} --seed {seed})",
-        format!("{shape:?}").to_lowercase()
+         (replay: {replay})"
     );
     // Every node at once; the spare (the last) is the migration's target.
     let mut nodes = Vec::new();
     for i in 0..=n {
-        nodes.push(start_node(&root, i).await?);
+        nodes.push(start_node(&root, i, engines).await?);
     }
     let mut clients = Vec::new();
     for (i, node) in nodes.iter().take(n).enumerate() {
@@ -321,8 +328,7 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
             println!("  stuck: {line}");
         }
         return Err(format!(
-            "IO still in flight 30 s after the load stopped (replay: braid soak --volume {} --seed {seed})",
-            format!("{shape:?}").to_lowercase()
+            "IO still in flight 30 s after the load stopped (replay: {replay})"
         ));
     }
     let _ = verify::BlockDevice::submit(&volume, braid_core::client::IoRequest::flush()).await;
@@ -451,9 +457,6 @@ pub(crate) async fn run(shape: VolumeShape, duration: f64, seed: u64) -> Result<
     if errors == 0 && failures == 0 && diverged.is_empty() && migrated {
         Ok(())
     } else {
-        Err(format!(
-            "volume soak failed (replay: braid soak --volume {} --seed {seed})",
-            format!("{shape:?}").to_lowercase()
-        ))
+        Err(format!("volume soak failed (replay: {replay})"))
     }
 }

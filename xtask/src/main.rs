@@ -232,6 +232,8 @@ fn ci() -> Result<(), String> {
         ]))?;
     }
     soak(&args(&["--duration", "20"]))?;
+    // The same with the server as three engines, under kill -9 too.
+    soak(&args(&["--duration", "15", "--engines", "3"]))?;
     // Three servers and a spare under kill -9, black holes and a live
     // migration, the verifier on the volume throughout.
     soak(&args(&["--volume", "mirror3", "--duration", "20"]))
