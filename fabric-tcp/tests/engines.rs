@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -59,12 +60,26 @@ async fn serve(
     oneshot::Sender<()>,
     tokio::task::JoinHandle<std::io::Result<()>>,
 ) {
-    let config = ServerConfig::new(
+    serve_with(engines, backend, |_| {}).await
+}
+
+/// [`serve`] with the configuration changed by `tweak`.
+async fn serve_with(
+    engines: usize,
+    backend: Arc<dyn Backend>,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let mut config = ServerConfig::new(
         5,
         [5; 32],
         vec![("test".into(), Key::new(*b"test key"))],
         vec![ExportConfig::new("disk0", SIZE)],
     );
+    tweak(&mut config);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -144,4 +159,61 @@ async fn an_engine_that_dies_stops_the_server() {
         outcome.is_err(),
         "the dead engine's panic is the server's error"
     );
+}
+
+/// Waits for the server to close `conn`: true if it did within `limit`.
+async fn closed_within(conn: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let drained = async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, drained).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_hello_are_closed_and_the_rest_served() {
+    let backend = Arc::new(Tripwire {
+        blocks: Mutex::default(),
+        trip: None,
+    });
+    let (addr, stop, task) = serve_with(2, backend, |c| {
+        c.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // Silent; half a frame prefix, then silent; bytes that are no frame.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial.write_all(&[0x42; 5]).await.unwrap();
+    let mut garbage = tokio::net::TcpStream::connect(addr).await.unwrap();
+    garbage.write_all(&[0xff; 200]).await.unwrap();
+    let c = client(addr, 9).await;
+    let data = Bytes::from(vec![9; 4096]);
+    c.io(IoRequest::write(0, data.clone(), false))
+        .await
+        .unwrap();
+    assert_eq!(c.io(IoRequest::read(0, 4096)).await.unwrap(), data);
+    for (what, conn) in [
+        ("silent", &mut silent),
+        ("half a prefix", &mut partial),
+        ("garbage", &mut garbage),
+    ] {
+        assert!(
+            closed_within(conn, Duration::from_secs(10)).await,
+            "a {what} connection is closed"
+        );
+    }
+    // The client's session is untouched by them.
+    assert_eq!(c.io(IoRequest::read(0, 4096)).await.unwrap(), data);
+    drop(c);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server drains and stops")
+        .unwrap()
+        .expect("a clean stop");
 }
