@@ -98,6 +98,19 @@ async fn serve_with(
     (addr, stop, task)
 }
 
+/// Stops the server [`serve`] started; it must drain and stop cleanly.
+async fn stop_cleanly(
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server drains and stops")
+        .unwrap()
+        .expect("a clean stop");
+}
+
 async fn client(addr: SocketAddr, seed: u8) -> Client {
     let config = ClientConfig::new("disk0", "test", Key::new(b"test key".to_vec()), [seed; 32]);
     Client::connect(
@@ -132,12 +145,7 @@ async fn clients_on_every_engine_read_back_what_they_wrote() {
         assert_eq!(got, Bytes::from(vec![i as u8 + 1; 4096]), "client {i}");
     }
     drop(clients);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("the server drains and stops")
-        .unwrap()
-        .expect("a clean stop");
+    stop_cleanly(stop, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,10 +218,5 @@ async fn connections_without_a_hello_are_closed_and_the_rest_served() {
     // The client's session is untouched by them.
     assert_eq!(c.io(IoRequest::read(0, 4096)).await.unwrap(), data);
     drop(c);
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("the server drains and stops")
-        .unwrap()
-        .expect("a clean stop");
+    stop_cleanly(stop, task).await;
 }
