@@ -364,11 +364,10 @@ pub(crate) async fn run(args: SoakArgs) -> Result<(), String> {
     let seed = args
         .seed
         .unwrap_or_else(|| u64::from_le_bytes(crate::config::random_bytes().unwrap_or([1; 8])));
+    let replay = args.replay(seed);
     if let Some(shape) = args.volume {
-        let replay = args.replay(seed);
         return crate::soak_volume::run(shape, args.duration, seed, args.engines, &replay).await;
     }
-    let replay = args.replay(seed);
     let mut rng = SplitMix64::new(seed);
     let mut rig = Rig::start(args.engines).await?;
     let started = Instant::now();

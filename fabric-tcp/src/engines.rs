@@ -48,6 +48,7 @@ impl Handoff {
                 tls.get_mut().0.rehome()?;
                 Accepted::Tls(tls)
             }
+            // Under madsim there is one runtime: nothing to move.
             #[allow(unreachable_patterns)]
             other => other,
         };

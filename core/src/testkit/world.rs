@@ -782,11 +782,7 @@ impl World {
             }
         }
         if self.server_up {
-            let next = self
-                .servers
-                .iter_mut()
-                .filter_map(|e| e.poll_timeout())
-                .min();
+            let next = self.servers.iter().filter_map(|e| e.poll_timeout()).min();
             if let Some(t) = next {
                 if self.server_timer.is_none_or(|c| t < c) {
                     self.server_timer = Some(t);
