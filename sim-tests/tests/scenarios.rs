@@ -41,10 +41,11 @@ fn three_engines_route_every_join_to_its_session() {
                 r.violations[0]
             );
             assert!(r.ios > 0, "scenario {name} seed {seed} did no IO");
+            if name == Scenario::ChannelChurn {
+                assert!(r.server.joined > 0, "seed {seed}: channels rejoined");
+            }
         }
     }
-    let churn = run_with_engines(Scenario::ChannelChurn, 0, 3.0, &[], 3).unwrap();
-    assert!(churn.server.joined > 0, "channels rejoined their session");
 }
 
 /// Seeds that found bugs during development, with what they found. Each
