@@ -216,6 +216,10 @@ fn ci() -> Result<(), String> {
         ("no-dirty-log", "mirror", "4", "10"),
         ("no-in-sync-gate", "mirror", "4", "10"),
         ("no-fan-out", "mirror", "4", "10"),
+        // 7 of the first 200 seeds end with a leg holding a dead run's
+        // late writes (5 of them seeds where those writes are held until
+        // the new run has its session there).
+        ("no-fencing", "mirror-restart", "200", "10"),
         ("no-room", "steady", "10", "10"),
     ] {
         sim(&args(&[

@@ -281,6 +281,9 @@ pub enum Fault {
     MediaErrors,
     /// The client process killed and restarted.
     ClientCrash,
+    /// A killed client's frames held in the network until its next run
+    /// had opened its session on that server, then delivered.
+    LateFrames,
 }
 
 impl Fault {
@@ -302,6 +305,7 @@ impl Fault {
             Fault::ClientStall => "client stall",
             Fault::MediaErrors => "media errors",
             Fault::ClientCrash => "client crash",
+            Fault::LateFrames => "dead run's frames late",
         }
     }
 }
