@@ -80,6 +80,18 @@ impl Sabotage {
         }
     }
 
+    /// Whether only a volume exercises the mechanism: its own, or
+    /// fencing, which needs the owner and epoch only a volume's runs send.
+    pub fn needs_a_volume(self) -> bool {
+        matches!(
+            self,
+            Sabotage::NoDirtyLog
+                | Sabotage::NoInSyncGate
+                | Sabotage::NoFanOut
+                | Sabotage::NoFencing
+        )
+    }
+
     /// By command-line name.
     pub fn parse(name: &str) -> Option<Sabotage> {
         Self::ALL.into_iter().find(|s| s.name() == name)

@@ -120,6 +120,17 @@ impl SweepArgs {
         if a.seeds.is_empty() {
             a.seeds = (first..first.saturating_add(count)).collect();
         }
+        // A mechanism no chosen scenario exercises would be switched off
+        // in nothing, and the sweep would pass for the wrong reason.
+        if let Some(s) = a.sabotage.iter().find(|s| s.needs_a_volume()) {
+            if !a.scenarios.iter().any(|sc| sc.runs_a_volume()) {
+                return Err(format!(
+                    "--sabotage {}: only a volume scenario exercises it (mirror, migrate, \
+                     mirror-errors, mirror-restart, mirror-quorum; `cargo xtask sim --madsim`)",
+                    s.name()
+                ));
+            }
+        }
         Ok(SweepCommand::Run(a))
     }
 
@@ -276,5 +287,29 @@ mod tests {
         let all = parse(Level::Engine, "--scenario all").unwrap();
         assert_eq!(all.scenarios, Scenario::at(Level::Engine));
         assert!(parse(Level::Engine, "--madsim").is_err());
+    }
+
+    #[test]
+    fn a_volume_mechanism_is_switched_off_only_where_a_volume_runs() {
+        for name in [
+            "no-fencing",
+            "no-dirty-log",
+            "no-in-sync-gate",
+            "no-fan-out",
+        ] {
+            let e = parse(Level::Engine, &format!("--scenario all --sabotage {name}")).unwrap_err();
+            assert!(e.contains("only a volume scenario"), "{name}: {e}");
+            let e = parse(
+                Level::Madsim,
+                &format!("--scenario crash --sabotage {name}"),
+            );
+            assert!(e.is_err(), "{name}");
+            let ok = parse(
+                Level::Madsim,
+                &format!("--scenario crash,mirror-restart --sabotage {name}"),
+            );
+            assert!(ok.is_ok(), "{name}: {ok:?}");
+        }
+        assert!(parse(Level::Engine, "--scenario all --sabotage no-replay").is_ok());
     }
 }

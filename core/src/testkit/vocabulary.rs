@@ -231,6 +231,19 @@ impl Scenario {
         }
     }
 
+    /// Whether it runs a volume (`braid attach --volume`'s driver) over
+    /// several servers.
+    pub fn runs_a_volume(self) -> bool {
+        matches!(
+            self,
+            Scenario::Mirror
+                | Scenario::Migrate
+                | Scenario::MirrorErrors
+                | Scenario::MirrorRestart
+                | Scenario::MirrorQuorum
+        )
+    }
+
     /// Whether `level` implements it.
     pub fn runs_at(self, level: Level) -> bool {
         self.levels().contains(&level)
