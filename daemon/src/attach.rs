@@ -505,6 +505,8 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
     crate::control::ensure_unused(&control)?;
+    // Before the run is claimed: a refused second run changes nothing.
+    let _volume_lock = crate::volume::lock_volume(&data_dir, &file.name)?;
     let store = Arc::new(crate::volume::FileLogStore {
         dir: data_dir.clone(),
         volume: file.name.clone(),

@@ -314,6 +314,32 @@ fn check_legs_named(spec: &VolumeSpec, legs: &[LegFile]) -> Result<(), String> {
     }
 }
 
+/// Locks `DIR/VOLUME.lock` for as long as the returned file lives: one
+/// run of a volume per data dir. A second run would claim the next epoch
+/// (fencing the first on the legs it reaches while the first goes on
+/// writing to the others) and overwrite the first's dirty logs, so a
+/// crash would resync too little. The lock goes with the process, kill -9
+/// included.
+pub(crate) fn lock_volume(dir: &Path, volume: &str) -> Result<std::fs::File, String> {
+    let path = dir.join(format!("{volume}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("volume {volume}: lock {}: {e}", path.display()))?;
+    braid_backend_file::lock::lock(&file, &path, braid_backend_file::lock::LockMode::Exclusive)
+        .map_err(|e| {
+            format!(
+                "volume {volume}: {e} (another `braid attach --volume` runs this volume with \
+                 data dir {}; stop it first)",
+                dir.display()
+            )
+        })?;
+    Ok(file)
+}
+
 /// Dirty logs as files: `DIR/VOLUME.LEG.dirty`, replaced atomically
 /// (written aside, synced, renamed, directory synced).
 pub(crate) struct FileLogStore {
@@ -386,6 +412,23 @@ name = "b"
 server = "h2:7410"
 export = "disk0"
 "#;
+
+    #[test]
+    fn a_volume_runs_once_per_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = lock_volume(dir.path(), "v").unwrap();
+        let e = lock_volume(dir.path(), "v").unwrap_err();
+        assert!(
+            e.starts_with("volume v:")
+                && e.contains("in use")
+                && e.contains("braid attach --volume"),
+            "{e}"
+        );
+        // Another volume in the same data dir is its own.
+        let _other = lock_volume(dir.path(), "w").unwrap();
+        drop(first);
+        lock_volume(dir.path(), "v").unwrap();
+    }
 
     #[test]
     fn maps_parse_and_bad_ones_are_named() {

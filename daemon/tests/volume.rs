@@ -277,6 +277,28 @@ fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
     );
     assert!(fa == fb, "both legs hold the same bytes");
     assert_eq!(&fb[2 << 20..3 << 20], &data[..]);
+
+    // A second run of the volume on the same data dir, with sockets of its
+    // own, is refused before it claims a run: the first keeps its epoch
+    // (nothing fenced) and its IO goes on.
+    let run = std::fs::read(state.join("v.run")).unwrap();
+    // Bounded: a second run that wrongly starts would serve forever.
+    let out = Command::new("timeout")
+        .args(["20", BRAID, "attach", "--volume", spec.to_str().unwrap(), "--nbd"])
+        .arg(rig.path("second.sock"))
+        .arg("--control")
+        .arg(rig.path("second.ctl"))
+        .env("STATE_DIRECTORY", &state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("volume v:") && err.contains("in use by braid"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(state.join("v.run")).unwrap(), run);
+    assert_eq!(nbd.io(1, 0, data.len() as u32, &data).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
 }
 
 #[test]
