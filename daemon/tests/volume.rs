@@ -284,7 +284,14 @@ fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
     let run = std::fs::read(state.join("v.run")).unwrap();
     // Bounded: a second run that wrongly starts would serve forever.
     let out = Command::new("timeout")
-        .args(["20", BRAID, "attach", "--volume", spec.to_str().unwrap(), "--nbd"])
+        .args([
+            "20",
+            BRAID,
+            "attach",
+            "--volume",
+            spec.to_str().unwrap(),
+            "--nbd",
+        ])
         .arg(rig.path("second.sock"))
         .arg("--control")
         .arg(rig.path("second.ctl"))

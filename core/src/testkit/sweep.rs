@@ -124,10 +124,16 @@ impl SweepArgs {
         // in nothing, and the sweep would pass for the wrong reason.
         if let Some(s) = a.sabotage.iter().find(|s| s.needs_a_volume()) {
             if !a.scenarios.iter().any(|sc| sc.runs_a_volume()) {
+                let volumes: Vec<&str> = Scenario::ALL
+                    .into_iter()
+                    .filter(|sc| sc.runs_a_volume())
+                    .map(|sc| sc.name())
+                    .collect();
                 return Err(format!(
-                    "--sabotage {}: only a volume scenario exercises it (mirror, migrate, \
-                     mirror-errors, mirror-restart, mirror-quorum; `cargo xtask sim --madsim`)",
-                    s.name()
+                    "--sabotage {}: only a volume scenario exercises it ({}; `cargo xtask sim \
+                     --madsim`)",
+                    s.name(),
+                    volumes.join(", ")
                 ));
             }
         }
