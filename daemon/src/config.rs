@@ -145,24 +145,36 @@ pub(crate) fn parse(text: &str) -> Result<FileConfig, String> {
     Ok(config)
 }
 
-/// Locks `DATA_DIR/serve.lock` for as long as the returned file lives and
-/// writes our pid into it for people reading the directory.
-pub(crate) fn lock_data_dir(dir: &Path) -> Result<fs::File, String> {
-    let path = dir.join("serve.lock");
-    let mut f = fs::OpenOptions::new()
+/// Opens `path` (made if missing) and locks it for as long as the returned
+/// file lives. `in_use` says what it means that another process holds it.
+pub(crate) fn hold_lock(
+    path: &Path,
+    in_use: impl FnOnce(&std::io::Error) -> String,
+) -> Result<fs::File, String> {
+    let f = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("data dir lock {}: {e}", path.display()))?;
-    braid_backend_file::lock::lock(&f, &path, braid_backend_file::lock::LockMode::Exclusive)
-        .map_err(|e| {
-            format!(
-                "data dir {}: {e} (another braid serve uses it; give this one its own --data-dir)",
-                dir.display()
-            )
+        .open(path)
+        .map_err(|e| format!("lock {}: {e}", path.display()))?;
+    braid_backend_file::lock::lock(&f, path, braid_backend_file::lock::LockMode::Exclusive)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => in_use(&e),
+            _ => e.to_string(),
         })?;
+    Ok(f)
+}
+
+/// Locks `DATA_DIR/serve.lock` for as long as the returned file lives and
+/// writes our pid into it for people reading the directory.
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<fs::File, String> {
+    let mut f = hold_lock(&dir.join("serve.lock"), |e| {
+        format!(
+            "data dir {}: {e} (another braid serve uses it; give this one its own --data-dir)",
+            dir.display()
+        )
+    })?;
     let _ = f.set_len(0);
     let _ = writeln!(f, "{}", std::process::id());
     Ok(f)

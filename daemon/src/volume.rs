@@ -321,23 +321,14 @@ fn check_legs_named(spec: &VolumeSpec, legs: &[LegFile]) -> Result<(), String> {
 /// crash would resync too little. The lock goes with the process, kill -9
 /// included.
 pub(crate) fn lock_volume(dir: &Path, volume: &str) -> Result<std::fs::File, String> {
-    let path = dir.join(format!("{volume}.lock"));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("volume {volume}: lock {}: {e}", path.display()))?;
-    braid_backend_file::lock::lock(&file, &path, braid_backend_file::lock::LockMode::Exclusive)
-        .map_err(|e| {
-            format!(
-                "volume {volume}: {e} (another `braid attach --volume` runs this volume with \
-                 data dir {}; stop it first)",
-                dir.display()
-            )
-        })?;
-    Ok(file)
+    crate::config::hold_lock(&dir.join(format!("{volume}.lock")), |e| {
+        format!(
+            "{e} (another `braid attach --volume` runs this volume with data dir {}; stop it \
+             first)",
+            dir.display()
+        )
+    })
+    .map_err(|e| format!("volume {volume}: {e}"))
 }
 
 /// Dirty logs as files: `DIR/VOLUME.LEG.dirty`, replaced atomically

@@ -103,6 +103,24 @@ impl Rig {
         (attach, sock, control)
     }
 
+    /// `braid attach --volume SPEC` with sockets named `name` and the
+    /// shared state dir, which must refuse to start: what it said.
+    /// Bounded, as one that wrongly starts would serve forever.
+    fn refused_attach(&self, spec: &Path, name: &str) -> String {
+        let out = Command::new("timeout")
+            .args(["20", BRAID, "attach", "--volume", spec.to_str().unwrap()])
+            .arg("--nbd")
+            .arg(self.path(&format!("{name}.sock")))
+            .arg("--control")
+            .arg(self.path(&format!("{name}.ctl")))
+            .env("STATE_DIRECTORY", self.path("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        err
+    }
+
     /// v.toml: legs a and b (each with its own server's key file), the
     /// `map` line, and `extra` settings.
     fn volume_file(&self, map: &str, extra: &str) -> std::path::PathBuf {
@@ -240,15 +258,9 @@ fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
     // Linear: b holds data nobody else has, so attaching without it is
     // refused, naming the leg.
     let spec = rig.volume_file(r#"linear = ["a", "b"]"#, "");
-    let out = Command::new(BRAID)
-        .args(["attach", "--volume", spec.to_str().unwrap(), "--nbd"])
-        .arg(rig.path("refused.sock"))
-        .env("STATE_DIRECTORY", &state)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = rig.refused_attach(&spec, "refused");
     assert!(
-        !out.status.success() && err.contains("leg \"b\"") && err.contains("no other leg"),
+        err.contains("leg \"b\"") && err.contains("no other leg"),
         "{err}"
     );
 
@@ -282,25 +294,9 @@ fn a_mirror_attaches_with_a_leg_down_and_resyncs_it_when_it_answers() {
     // own, is refused before it claims a run: the first keeps its epoch
     // (nothing fenced) and its IO goes on.
     let run = std::fs::read(state.join("v.run")).unwrap();
-    // Bounded: a second run that wrongly starts would serve forever.
-    let out = Command::new("timeout")
-        .args([
-            "20",
-            BRAID,
-            "attach",
-            "--volume",
-            spec.to_str().unwrap(),
-            "--nbd",
-        ])
-        .arg(rig.path("second.sock"))
-        .arg("--control")
-        .arg(rig.path("second.ctl"))
-        .env("STATE_DIRECTORY", &state)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = rig.refused_attach(&spec, "second");
     assert!(
-        !out.status.success() && err.contains("volume v:") && err.contains("in use by braid"),
+        err.contains("volume v:") && err.contains("in use by braid"),
         "{err}"
     );
     assert_eq!(std::fs::read(state.join("v.run")).unwrap(), run);
