@@ -184,14 +184,7 @@ pub fn run_with_engines(
         let mut rt = Runtime::with_seed_and_config(seed, madsim::Config::default());
         // Far beyond any healthy run: a deadlock ends as a panic, not a hang.
         rt.set_time_limit(run_for + Duration::from_secs(300));
-        if matches!(
-            scenario,
-            Scenario::Mirror
-                | Scenario::Migrate
-                | Scenario::MirrorErrors
-                | Scenario::MirrorRestart
-                | Scenario::MirrorQuorum
-        ) {
+        if scenario.runs_a_volume() {
             return rt.block_on(crate::mirror::simulate(
                 scenario, seed, run_for, sabotage, engines,
             ));
