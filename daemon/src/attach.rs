@@ -841,6 +841,7 @@ fn volume_document(volume: &braid_fabric_tcp::Volume, name: &str) -> serde_json:
             "from": from, "to": to, "switching": switching,
         })),
         "migration_error": s.migration_error,
+        "fenced_by": s.fenced_by,
         "legs_left": s.stats.legs_left,
         "regions_resynced": s.stats.regions_resynced,
         "bytes_resynced": s.stats.bytes_resynced,
@@ -861,6 +862,9 @@ pub(crate) fn print_volume_status(v: &serde_json::Value) {
         v["name"].as_str().unwrap_or("?"),
         crate::config::human_size(v["size"].as_u64().unwrap_or(0))
     );
+    if let Some(leg) = v["fenced_by"].as_str() {
+        println!("  stopped: a newer run of this volume holds leg {leg}; every IO fails here");
+    }
     for l in v["legs"].as_array().into_iter().flatten() {
         println!(
             "  leg {:<10} {:<28} {} of {} regions to copy",

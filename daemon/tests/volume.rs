@@ -583,3 +583,65 @@ fn a_quorum_mirror_acknowledges_writes_while_one_server_is_stopped() {
     assert!(fb[..1 << 20] == data[..], "b caught up");
     assert!(fa == fb, "both legs hold the same bytes");
 }
+
+#[test]
+fn a_run_fenced_on_one_leg_writes_to_no_leg_after() {
+    // A copy of the data dir attached elsewhere while this run still
+    // runs: the newer run reaches leg a but not b. This run must stop on
+    // both, not go on writing to b behind the newer run's back.
+    let rig = Rig::new();
+    let (_a, _b) = rig.serve_both();
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
+    let (_older, sock, control) = rig.attach(1, &spec, &[]);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    let data = pattern(5, 64 << 10);
+    assert_eq!(nbd.io(1, 0, data.len() as u32, &data).0, 0);
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+
+    let copy = rig.path("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(rig.path("state")).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let out_of_reach = std::fs::read_to_string(&spec).unwrap().replace(
+        &format!("127.0.0.1:{}", rig.ports.1),
+        &format!("127.0.0.1:{}", free_port()),
+    );
+    let spec2 = rig.path("v2.toml");
+    std::fs::write(&spec2, out_of_reach).unwrap();
+    let (sock2, control2) = (rig.path("v2.sock"), rig.path("v2.ctl"));
+    let _newer = common::attach(
+        &["--volume", spec2.to_str().unwrap()],
+        &sock2,
+        &control2,
+        &[("STATE_DIRECTORY", &copy)],
+    );
+    let (mut newer, _) = Nbd::connect(&sock2, "v");
+
+    // The older run's next write hears FENCED from a: it fails, and so
+    // does every write after it, none of them reaching b.
+    let b_image = rig.path("b").join("disk0.img");
+    let before = std::fs::read(&b_image).unwrap();
+    let fresh = pattern(6, 64 << 10);
+    assert_ne!(nbd.io(1, 1 << 20, fresh.len() as u32, &fresh).0, 0);
+    for at in [2u64 << 20, 3 << 20] {
+        assert_ne!(nbd.io(1, at, fresh.len() as u32, &fresh).0, 0);
+        let after = std::fs::read(&b_image).unwrap();
+        let range = at as usize..at as usize + fresh.len();
+        assert_eq!(
+            after[range.clone()],
+            before[range],
+            "a fenced run wrote to b"
+        );
+    }
+    assert_ne!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    let v = status(&control);
+    assert_eq!(v["fenced_by"], "a", "{v}");
+
+    // The newer run serves on.
+    assert_eq!(newer.io(1, 4 << 20, fresh.len() as u32, &fresh).0, 0);
+    assert_eq!(newer.io(0, 0, data.len() as u32, &[]), (0, data));
+}

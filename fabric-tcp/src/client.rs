@@ -44,6 +44,9 @@ pub struct ClientStatus {
     /// all of it, against the time passed, says that one task is what
     /// limits the client.
     pub driver_busy: Duration,
+    /// A server answered FENCED: a newer run of this client holds the
+    /// export, and this one has closed for good.
+    pub fenced: bool,
 }
 
 impl ClientStatus {
@@ -530,10 +533,17 @@ impl Driver {
                     self.held.push_front((user, io));
                     return;
                 }
-                Err(SubmitError::Invalid(why)) => {
-                    tracing::warn!(why, "IO refused");
+                Err(refused @ (SubmitError::Invalid(_) | SubmitError::Fenced)) => {
+                    // A fenced client said so once, when it was fenced.
+                    let kind = match refused {
+                        SubmitError::Fenced => braid_core::client::IoErrorKind::Fenced,
+                        _ => {
+                            tracing::warn!(%refused, "IO refused");
+                            braid_core::client::IoErrorKind::Invalid
+                        }
+                    };
                     let err = IoError {
-                        kind: braid_core::client::IoErrorKind::Invalid,
+                        kind,
                         export: self.engine.config().export.clone(),
                         op: io.op,
                         offset: io.offset,
@@ -637,6 +647,7 @@ impl Driver {
             s.dirty_bytes = self.engine.dirty_bytes();
             s.session = self.engine.session();
             s.driver_busy = self.busy;
+            s.fenced = self.engine.is_fenced();
         }
         for c in completions {
             if let Some(w) = self.waiters.remove(&c.user) {

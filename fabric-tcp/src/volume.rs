@@ -57,6 +57,9 @@ pub struct VolumeStatus {
     pub migration: Option<(String, String, bool)>,
     /// Why the last migration ended without switching, if it did.
     pub migration_error: Option<String>,
+    /// The leg whose server answered FENCED: a newer run of the volume
+    /// holds it, and this run has stopped.
+    pub fenced_by: Option<String>,
 }
 
 /// Makes a finished migration last: stores the volume's description with
@@ -482,6 +485,9 @@ impl Driver {
     /// one that has channels again is back. A retired leg's session is
     /// closed once its last IO is answered.
     fn check_legs(&mut self, now: braid_core::Instant) {
+        if self.engine.fenced_by().is_some() {
+            return;
+        }
         for leg in 0..self.legs.len() {
             if self.engine.leg_state(leg) == LegState::Retired {
                 let slot = &mut self.legs[leg];
@@ -494,7 +500,15 @@ impl Driver {
                 continue;
             }
             let slot = &mut self.legs[leg];
-            let up = slot.client.status().channels.iter().any(|c| c.1);
+            let status = slot.client.status();
+            if status.fenced {
+                // Fenced while no IO of ours was on it: its channels are
+                // down for good, and reporting it merely unreachable would
+                // have the others go on without it.
+                self.engine.leg_fenced(leg);
+                return;
+            }
+            let up = status.channels.iter().any(|c| c.1);
             if up {
                 slot.down_since = None;
                 if slot.reported_down {
@@ -597,12 +611,34 @@ impl Driver {
                 }
             }
         }
+        if let Some(leg) = self.engine.fenced_by() {
+            self.stop_fenced(leg);
+        }
         self.publish_status();
+    }
+
+    /// The engine stopped for good: a newer run holds leg `leg`. Every
+    /// leg's session is let go (the servers free them; the fenced one is
+    /// closed already), once.
+    fn stop_fenced(&mut self, leg: usize) {
+        if self.legs.iter().all(|l| l.closed) {
+            return;
+        }
+        tracing::error!(
+            leg = self.legs[leg].name,
+            "a newer run of this volume holds this leg: this run has stopped on every leg, \
+             and its IO fails (is a copy of its data dir attached elsewhere?)"
+        );
+        for slot in self.legs.iter_mut().filter(|l| !l.closed) {
+            slot.closed = true;
+            tokio::spawn(slot.client.clone().close());
+        }
     }
 
     fn publish_status(&self) {
         let mut s = self.status.lock().unwrap();
         s.stats = self.engine.stats();
+        s.fenced_by = self.engine.fenced_by().map(|l| self.legs[l].name.clone());
         s.migration = self.engine.migration().map(|m| {
             (
                 self.legs[m.from].name.clone(),

@@ -123,6 +123,9 @@ pub enum SubmitError {
     Busy,
     /// The request is inconsistent (the message says how).
     Invalid(&'static str),
+    /// A newer run of this client took the export over: this one has
+    /// closed for good ([`IoErrorKind::Fenced`]).
+    Fenced,
 }
 
 impl fmt::Display for SubmitError {
@@ -130,6 +133,7 @@ impl fmt::Display for SubmitError {
         match self {
             SubmitError::Busy => f.write_str("client queue full, retry when there is room"),
             SubmitError::Invalid(why) => write!(f, "invalid request: {why}"),
+            SubmitError::Fenced => f.write_str("a newer run of this client took the export over"),
         }
     }
 }
@@ -628,9 +632,7 @@ impl ClientEngine {
     /// Submits an IO; its [`Completion`] carries `user`.
     pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) -> Result<(), SubmitError> {
         if self.fenced {
-            return Err(SubmitError::Invalid(
-                "a newer run of this client took the export over",
-            ));
+            return Err(SubmitError::Fenced);
         }
         if self.leaving != Leaving::No {
             return Err(SubmitError::Invalid("client is closing"));

@@ -1012,7 +1012,7 @@ impl World {
                 }
                 false
             }
-            Err(SubmitError::Invalid(_)) => false,
+            Err(SubmitError::Invalid(_) | SubmitError::Fenced) => false,
         }
     }
 

@@ -379,6 +379,9 @@ pub struct VolumeEngine {
     /// The time of the latest input.
     now: Instant,
     stats: VolumeStats,
+    /// The leg that answered FENCED: a newer run of this volume holds it,
+    /// and this run sends nothing more to any leg (`fence`).
+    fenced: Option<usize>,
     actions: VecDeque<VolumeAction>,
 }
 
@@ -483,6 +486,7 @@ impl VolumeEngine {
             unflushed_seq: 0,
             now: Instant::ZERO,
             stats: VolumeStats::default(),
+            fenced: None,
             actions: VecDeque::new(),
         };
         engine.persist();
@@ -552,6 +556,12 @@ impl VolumeEngine {
         self.stats
     }
 
+    /// The leg that answered FENCED, if one did: a newer run of this
+    /// volume took it over, and every IO of this run fails from then on.
+    pub fn fenced_by(&self) -> Option<usize> {
+        self.fenced
+    }
+
     /// Leg `leg`'s state.
     pub fn leg_state(&self, leg: usize) -> LegState {
         self.legs[leg].state
@@ -587,6 +597,7 @@ impl VolumeEngine {
         now: Instant,
     ) -> Result<usize, String> {
         self.now = now;
+        self.refuse_if_fenced()?;
         let old = &self.map.leaves()[from];
         if let Some(m) = self.migration {
             return Err(format!(
@@ -636,6 +647,9 @@ impl VolumeEngine {
     /// migration is done.
     pub fn map_stored(&mut self, now: Instant) {
         self.now = now;
+        if self.fenced.is_some() {
+            return;
+        }
         let Some(m) = self.migration.filter(|m| m.switching) else {
             return;
         };
@@ -651,6 +665,7 @@ impl VolumeEngine {
     /// `from` holds its bytes alone again, as before.
     pub fn cancel_migration(&mut self, now: Instant) -> Result<(), String> {
         self.now = now;
+        self.refuse_if_fenced()?;
         let Some(m) = self.migration else {
             return Err("no migration is running".into());
         };
@@ -698,6 +713,7 @@ impl VolumeEngine {
         // (`braid attach` restarted mid-resync spun so, starving the
         // answer that would have ended the settling).
         let waiting = self.resync.is_none()
+            && self.fenced.is_none()
             && self.settling.is_empty()
             && self
                 .legs
@@ -709,6 +725,9 @@ impl VolumeEngine {
     /// Time passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        if self.fenced.is_some() {
+            return;
+        }
         self.drive_resync();
     }
 
@@ -716,6 +735,13 @@ impl VolumeEngine {
     /// map's size and block size.
     pub fn submit(&mut self, user: u64, io: IoRequest, now: Instant) {
         self.now = now;
+        if self.fenced.is_some() {
+            self.actions.push_back(VolumeAction::Complete {
+                user,
+                result: Err(IoErrorKind::Fenced),
+            });
+            return;
+        }
         if !self.settling.is_empty() {
             self.parked.push_back((user, io));
             return;
@@ -827,7 +853,7 @@ impl VolumeEngine {
     /// The logs as of `generation` are stable.
     pub fn logs_stable(&mut self, generation: u64, now: Instant) {
         self.now = now;
-        if self.persisting != Some(generation) {
+        if self.fenced.is_some() || self.persisting != Some(generation) {
             return;
         }
         self.persisting = None;
@@ -1036,6 +1062,13 @@ impl VolumeEngine {
             return;
         };
         self.legs[leg].outstanding -= 1;
+        if self.fenced.is_some() {
+            return;
+        }
+        if matches!(result, Err(IoErrorKind::Fenced)) {
+            self.fence(leg);
+            return;
+        }
         match what {
             Token::Copy { io, part } => self.copy_done(io, part, leg, result),
             Token::Flush { io } => {
@@ -1068,6 +1101,68 @@ impl VolumeEngine {
         }
         // A lagging leg caught up, or a copy freed a read: retry waiters.
         self.retry_stalled();
+    }
+
+    /// Leg `leg`'s server answered FENCED: a newer run of this volume (the
+    /// same owner at a higher epoch) holds it. Dropping only that leg, as
+    /// for any other error, would let this run go on writing to the legs
+    /// the newer run has not reached yet; the newer run's log knows
+    /// nothing of those writes, so its resync would never repair them and
+    /// the legs would disagree. So the whole run stops here: every IO not
+    /// yet answered fails, as does every IO after it, and nothing more
+    /// goes to any leg, logs included (the run they record is over).
+    fn fence(&mut self, leg: usize) {
+        self.fenced = Some(leg);
+        for action in std::mem::take(&mut self.actions) {
+            match action {
+                VolumeAction::LegIo { leg, token, .. } => {
+                    self.tokens.remove(&token);
+                    self.legs[leg].outstanding -= 1;
+                }
+                VolumeAction::PersistLogs { .. } | VolumeAction::StoreMap { .. } => {}
+                kept @ (VolumeAction::Complete { .. } | VolumeAction::LegChanged { .. }) => {
+                    self.actions.push_back(kept)
+                }
+            }
+        }
+        let unanswered = std::mem::take(&mut self.ios)
+            .into_values()
+            .filter(|io| !io.completed)
+            .map(|io| io.user);
+        let parked = std::mem::take(&mut self.parked)
+            .into_iter()
+            .map(|(user, _)| user);
+        for user in unanswered.chain(parked).collect::<Vec<_>>() {
+            self.actions.push_back(VolumeAction::Complete {
+                user,
+                result: Err(IoErrorKind::Fenced),
+            });
+        }
+        self.busy.clear();
+        self.locked.clear();
+        self.held.clear();
+        self.settling.clear();
+        self.stalled_flushes.clear();
+        self.barrier_flushes.clear();
+        self.lagging.clear();
+        self.resync = None;
+        self.persisting = None;
+    }
+
+    /// Leg `leg`'s client was fenced while none of this engine's IO was
+    /// on it (idle, or away): as if an IO had been answered FENCED.
+    pub fn leg_fenced(&mut self, leg: usize) {
+        if self.fenced.is_none() {
+            self.fence(leg);
+        }
+    }
+
+    /// An operator's command to a fenced run.
+    fn refuse_if_fenced(&self) -> Result<(), String> {
+        if self.fenced.is_some() {
+            return Err("a newer run of this volume took it over: this run has stopped".into());
+        }
+        Ok(())
     }
 
     fn copy_done(&mut self, id: u64, p: usize, leg: usize, result: Result<Bytes, IoErrorKind>) {
@@ -1458,6 +1553,9 @@ impl VolumeEngine {
     /// Leg `leg`'s session failed (or stayed down past the driver's
     /// patience). Its IO goes on without it if the others hold every byte.
     pub fn leg_failed(&mut self, leg: usize) {
+        if self.fenced.is_some() {
+            return;
+        }
         if !matches!(self.legs[leg].state, LegState::Away | LegState::Suspended)
             && self.can_leave(leg)
         {
@@ -1468,7 +1566,7 @@ impl VolumeEngine {
     /// Leg `leg` is reachable again: resync what it missed.
     pub fn leg_returned(&mut self, leg: usize, now: Instant) {
         self.now = now;
-        if self.legs[leg].state != LegState::Away {
+        if self.fenced.is_some() || self.legs[leg].state != LegState::Away {
             return;
         }
         self.set_state(leg, LegState::Draining);
@@ -1481,6 +1579,7 @@ impl VolumeEngine {
 
     /// The operator suspends leg `leg` (IO goes to the other legs).
     pub fn suspend(&mut self, leg: usize) -> Result<(), String> {
+        self.refuse_if_fenced()?;
         if self.legs[leg].state == LegState::Retired {
             return Err(format!("leg {} is retired", self.map.leaves()[leg]));
         }
@@ -1503,7 +1602,7 @@ impl VolumeEngine {
     /// The operator resumes a suspended leg.
     pub fn resume(&mut self, leg: usize, now: Instant) {
         self.now = now;
-        if self.legs[leg].state == LegState::Suspended {
+        if self.fenced.is_none() && self.legs[leg].state == LegState::Suspended {
             self.legs[leg].state = LegState::Away;
             self.leg_returned(leg, now);
         }

@@ -1247,3 +1247,62 @@ fn a_read_never_sees_what_the_last_in_sync_leg_then_refused() {
     let w = run(mirror(3), 13, 3_000);
     w.assert_clean(13);
 }
+
+#[test]
+fn a_run_fenced_on_one_leg_stops_on_every_leg() {
+    // A newer run of this volume (started from a copy of its data dir
+    // while this one was paused) has reached leg 0 but not leg 1. Dropping
+    // only leg 0, as for any other error, this run would go on writing to
+    // leg 1, and the newer run's log would never know to repair that.
+    let mut w = World::new(mirror(2), 21);
+    w.write_marked(1, 0, 7);
+    w.engine.submit(2, IoRequest::read(65536, 4096), w.now);
+    w.drain();
+    assert_eq!(w.pending.len(), 3, "a copy per leg and the read");
+    let actions = |w: &mut World| std::iter::from_fn(|| w.engine.poll_action()).collect::<Vec<_>>();
+    let fenced = |user| VolumeAction::Complete {
+        user,
+        result: Err(IoErrorKind::Fenced),
+    };
+
+    let at = w
+        .pending
+        .iter()
+        .position(|p| p.1 == 0 && p.2.op == Op::Write)
+        .unwrap();
+    let (token, _, _) = w.pending.remove(at);
+    w.engine
+        .leg_complete(token, Err(IoErrorKind::Fenced), w.now);
+    assert_eq!(w.engine.fenced_by(), Some(0));
+    assert_eq!(
+        actions(&mut w),
+        [fenced(1), fenced(2)],
+        "nothing unanswered is left"
+    );
+    w.engine.check().unwrap();
+
+    // What was already on the wire still answers; nothing comes of it.
+    for (token, _, _) in std::mem::take(&mut w.pending) {
+        w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    }
+    assert_eq!(actions(&mut w), []);
+    assert_eq!(
+        (w.engine.leg_outstanding(0), w.engine.leg_outstanding(1)),
+        (0, 0)
+    );
+
+    // Nothing new reaches any leg, the logs included.
+    w.engine.submit(
+        3,
+        IoRequest::write(131072, bytes::Bytes::from(vec![9; 4096]), false),
+        w.now,
+    );
+    w.engine.submit(4, IoRequest::flush(), w.now);
+    w.engine.leg_failed(1);
+    w.engine.leg_returned(1, w.now);
+    w.engine.handle_timeout(w.now + Duration::from_secs(1));
+    assert_eq!(actions(&mut w), [fenced(3), fenced(4)]);
+    assert_eq!(w.engine.poll_timeout(), None);
+    assert!(w.engine.suspend(1).unwrap_err().contains("newer run"));
+    w.engine.check().unwrap();
+}
