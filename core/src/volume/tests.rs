@@ -426,6 +426,11 @@ impl World {
     /// Starts moving a random leg to a new one (full of junk a read must
     /// never see), or rolls the running migration back.
     fn migrate_or_cancel(&mut self) {
+        if self.engine.fenced_by().is_some() {
+            let refused = self.engine.migrate(0, "late", leaf_info(), self.now);
+            assert!(refused.is_err(), "a fenced run started a migration");
+            return;
+        }
         if self.engine.migration().is_some() {
             if self.rng.chance(0.02) && self.engine.cancel_migration(self.now).is_ok() {
                 self.migrations.2 += 1;
@@ -1305,4 +1310,60 @@ fn a_run_fenced_on_one_leg_stops_on_every_leg() {
     assert_eq!(w.engine.poll_timeout(), None);
     assert!(w.engine.suspend(1).unwrap_err().contains("newer run"));
     w.engine.check().unwrap();
+}
+
+/// A newer run may take a leg over at any moment: wherever the engine
+/// stands (resyncing, migrating, settling, writes waiting for their
+/// marks), the first FENCED answer ends the run whole. Nothing more goes
+/// to any leg, its logs included, every IO is answered, and no read
+/// before it saw anything wrong.
+#[test]
+fn a_fence_at_any_moment_ends_the_run_whole() {
+    for seed in 0..24 {
+        let (mut w, shape) = World::swarm(seed);
+        let steps = 200 + w.rng.below(2_800);
+        for _ in 0..steps {
+            w.step(true);
+        }
+        let leg = if w.pending.is_empty() {
+            let leg = w.pick(false);
+            w.engine.leg_fenced(leg);
+            leg
+        } else {
+            let (token, leg, _) = w
+                .pending
+                .remove(w.rng.below(w.pending.len() as u64) as usize);
+            w.engine
+                .leg_complete(token, Err(IoErrorKind::Fenced), w.now);
+            leg
+        };
+        w.drain();
+        assert_eq!(w.engine.fenced_by(), Some(leg), "seed {seed} ({shape})");
+        w.persist = None;
+        let on_the_wire: std::collections::BTreeSet<u64> = w.pending.iter().map(|p| p.0).collect();
+        for _ in 0..1_000 {
+            w.step(true);
+            assert!(
+                w.pending.iter().all(|p| on_the_wire.contains(&p.0)) && w.persist.is_none(),
+                "seed {seed} ({shape}): a fenced run sent leg IO or stored its logs"
+            );
+        }
+        w.down.fill(false);
+        while w.answer_one(false) {
+            w.drain();
+        }
+        assert_eq!(
+            w.completed,
+            w.next_user - 1,
+            "seed {seed} ({shape}): IO left unanswered"
+        );
+        assert!(
+            (0..w.legs.len()).all(|l| w.engine.leg_outstanding(l) == 0),
+            "seed {seed} ({shape})"
+        );
+        assert_eq!(w.engine.poll_timeout(), None, "seed {seed} ({shape})");
+        if let Some(v) = w.checker.violations().first() {
+            panic!("seed {seed} ({shape}): {v}");
+        }
+    }
 }
