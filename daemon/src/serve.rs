@@ -1,12 +1,14 @@
 //! `braid serve`: exports files or block devices to braid clients.
 
 use crate::config::{self, ExportSpec, FileConfig, IoEngineArg};
+use crate::nbd_threads::NbdThreads;
 use crate::status;
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
 use braid_fabric_tcp::{EngineSpawner, Server, ServerSecurity};
 use clap::Args;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Args, Debug, Default)]
@@ -164,42 +166,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
             shared: false,
         });
     }
-    let mut files = Vec::new();
-    let mut exports = Vec::new();
-    for spec in &specs {
-        if exports.iter().any(|e: &ExportConfig| e.name == spec.name) {
-            return Err(format!("export {:?} is configured twice", spec.name));
-        }
-        let opts = OpenOptions {
-            create_size: spec.create_size()?,
-            read_only: spec.read_only,
-            direct: spec.direct,
-            shared: spec.shared,
-        };
-        let f = ExportFile::open(&spec.path, &opts)
-            .map_err(|e| format!("export {:?}: {e}", spec.name))?;
-        let block = u64::from(config::EXPORT_BLOCK_SIZE);
-        let size = f.size() - f.size() % block;
-        if size != f.size() {
-            tracing::warn!(
-                export = %spec.name,
-                path = %spec.path.display(),
-                "the last {} bytes are not a whole {block}-byte block and are not exported",
-                f.size() - size
-            );
-        }
-        if size == 0 {
-            return Err(format!(
-                "export {:?}: {} is empty (give it a size)",
-                spec.name,
-                spec.path.display()
-            ));
-        }
-        let mut e = ExportConfig::new(spec.name.clone(), size);
-        e.read_only = spec.read_only;
-        exports.push(e);
-        files.push(f);
-    }
+    let (exports, files) = open_exports(&specs)?;
     let boot_id = u64::from_le_bytes(config::random_bytes().map_err(|e| e.to_string())?);
     let seed = config::random_bytes().map_err(|e| e.to_string())?;
     let server_config = ServerConfig::new(boot_id, seed, keys.clone(), exports.clone());
@@ -223,70 +190,19 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .map(|a| crate::metrics::MetricsListener::bind(&a))
         .transpose()?;
 
-    let mut tls_hint = String::new();
-    let security = if args.tls || args.tls_cert.is_some() || args.tls_client_ca.is_some() {
-        let (cert, key) = match (args.tls_cert, args.tls_key) {
-            (Some(c), Some(k)) => (c, k),
-            _ => {
-                let (c, k) = (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem"));
-                if !c.exists() {
-                    let names = vec!["localhost".to_string(), local.ip().to_string()];
-                    braid_fabric_tcp::tls::generate_self_signed(&names, &c, &k)?;
-                    tracing::info!(cert = %c.display(), "created a self-signed TLS certificate");
-                }
-                (c, k)
-            }
-        };
-        tls_hint = format!(" --tls-ca {}", cert.display());
-        if let Some(ca) = &args.tls_client_ca {
-            tls_hint.push_str(&format!(
-                " --tls-client-cert CERT --tls-client-key KEY (signed by {})",
-                ca.display()
-            ));
-        }
-        ServerSecurity::Tls(braid_fabric_tcp::tls::acceptor(
-            &cert,
-            &key,
-            args.tls_client_ca.as_deref(),
-        )?)
-    } else {
-        if !local.ip().is_loopback() {
-            tracing::warn!(
-                %local,
-                "serving without TLS on an address other machines reach: the handshake is \
-                 authenticated, but an on-path attacker can change data after it (use --tls)"
-            );
-        }
-        ServerSecurity::Plain
-    };
-    println!("braid serving {} export(s) on {local}", exports.len());
-    for (e, f) in exports.iter().zip(&files) {
-        let kind = if f.is_block_device() {
-            "block device"
-        } else {
-            "file"
-        };
-        let ro = if e.read_only { ", read-only" } else { "" };
-        println!(
-            "  {:<10} {:>10}  {} ({kind}{ro})",
-            e.name,
-            config::human_size(e.size),
-            f.path().display()
-        );
-    }
-    println!(
-        "key file: {} (key id {:?}; clients need a copy)",
-        key_file.display(),
-        keys[0].0
-    );
+    let (security, tls_hint) = server_security(
+        args.tls,
+        args.tls_cert.zip(args.tls_key),
+        args.tls_client_ca.as_deref(),
+        &data_dir,
+        local,
+    )?;
     let key_arg = format!("--key-file {}{tls_hint}", key_file.display());
-    println!("try:      braid bench  --server {local} {key_arg}");
-    println!("          braid verify --server {local} {key_arg}");
+    print_banner(local, &exports, &files, &key_file, &keys[0].0, &key_arg);
     println!("status:   braid status --control {}", control.display());
     if let Some(m) = &metrics {
         println!("metrics:  {}", m.url());
     }
-
     let poll_us = args
         .poll_us
         .or(file.poll_us)
@@ -299,45 +215,20 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     }
     let backend = Arc::new(crate::busy_poll::Polled(files));
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
-    let mut nbd_tasks = Vec::new();
-    let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
-        .iter()
-        .enumerate()
-        .map(|(i, e)| braid_frontend_nbd::NbdExport {
-            read_only: e.read_only,
-            ..braid_frontend_nbd::NbdExport::new(e.name.clone(), e.size, i)
-        })
-        .collect();
-    let mut nbd_config = braid_frontend_nbd::NbdConfig::new(nbd_exports);
-    if let ServerSecurity::Tls(acceptor) = &security {
-        nbd_config = nbd_config.with_tls(acceptor.clone(), true);
-    }
     let nbd_addrs: Vec<&String> = args.nbd.iter().chain(file.nbd.iter().flatten()).collect();
-    let nbd_threads = if nbd_addrs.is_empty() {
-        None
-    } else {
-        Some(crate::nbd_threads::NbdThreads::start(
-            nbd_thread_count,
-            backend.clone(),
-            std::time::Duration::from_micros(poll_us),
-        )?)
-    };
-    let nbd_allow_insecure = args.nbd_allow_insecure || file.nbd_allow_insecure;
-    if let Some(threads) = &nbd_threads {
-        for nbd_addr in &nbd_addrs {
-            let (uri, task) = crate::nbd::start(
-                nbd_addr,
-                &exports[0].name,
-                nbd_config.clone(),
-                threads.placement(),
-                nbd_allow_insecure,
-                nbd_stopped.clone(),
-            )
-            .await?;
-            println!("nbd:      {uri} (try: qemu-img info {uri})");
-            nbd_tasks.push(task);
-        }
-    }
+    let (nbd_threads, nbd_tasks) = start_nbd_face(
+        &nbd_addrs,
+        &exports,
+        &security,
+        NbdFaceSettings {
+            backend: backend.clone(),
+            threads: nbd_thread_count,
+            poll: std::time::Duration::from_micros(poll_us),
+            allow_insecure: args.nbd_allow_insecure || file.nbd_allow_insecure,
+        },
+        nbd_stopped,
+    )
+    .await?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -427,4 +318,171 @@ fn engine_threads(
     }
     let spawner: EngineSpawner = Arc::new(move |index, task| handles[index].spawn(task));
     Ok((spawner, stops))
+}
+
+/// Opens every configured export (creating files given a size), each cut
+/// to whole blocks.
+fn open_exports(specs: &[ExportSpec]) -> Result<(Vec<ExportConfig>, Vec<ExportFile>), String> {
+    let mut files = Vec::new();
+    let mut exports: Vec<ExportConfig> = Vec::new();
+    for spec in specs {
+        if exports.iter().any(|e| e.name == spec.name) {
+            return Err(format!("export {:?} is configured twice", spec.name));
+        }
+        let opts = OpenOptions {
+            create_size: spec.create_size()?,
+            read_only: spec.read_only,
+            direct: spec.direct,
+            shared: spec.shared,
+        };
+        let f = ExportFile::open(&spec.path, &opts)
+            .map_err(|e| format!("export {:?}: {e}", spec.name))?;
+        let block = u64::from(config::EXPORT_BLOCK_SIZE);
+        let size = f.size() - f.size() % block;
+        if size != f.size() {
+            tracing::warn!(
+                export = %spec.name,
+                path = %spec.path.display(),
+                "the last {} bytes are not a whole {block}-byte block and are not exported",
+                f.size() - size
+            );
+        }
+        if size == 0 {
+            return Err(format!(
+                "export {:?}: {} is empty (give it a size)",
+                spec.name,
+                spec.path.display()
+            ));
+        }
+        let mut e = ExportConfig::new(spec.name.clone(), size);
+        e.read_only = spec.read_only;
+        exports.push(e);
+        files.push(f);
+    }
+    Ok((exports, files))
+}
+
+/// TLS if asked for (a self-signed certificate made in `data_dir` when
+/// none is given), else plain with a warning off loopback; and what a
+/// client's command line needs to add for it.
+fn server_security(
+    tls: bool,
+    cert_and_key: Option<(PathBuf, PathBuf)>,
+    client_ca: Option<&Path>,
+    data_dir: &Path,
+    local: SocketAddr,
+) -> Result<(ServerSecurity, String), String> {
+    if !(tls || cert_and_key.is_some() || client_ca.is_some()) {
+        if !local.ip().is_loopback() {
+            tracing::warn!(
+                %local,
+                "serving without TLS on an address other machines reach: the handshake is \
+                 authenticated, but an on-path attacker can change data after it (use --tls)"
+            );
+        }
+        return Ok((ServerSecurity::Plain, String::new()));
+    }
+    let (cert, key) = match cert_and_key {
+        Some(given) => given,
+        None => {
+            let (c, k) = (data_dir.join("tls-cert.pem"), data_dir.join("tls-key.pem"));
+            if !c.exists() {
+                let names = vec!["localhost".to_string(), local.ip().to_string()];
+                braid_fabric_tcp::tls::generate_self_signed(&names, &c, &k)?;
+                tracing::info!(cert = %c.display(), "created a self-signed TLS certificate");
+            }
+            (c, k)
+        }
+    };
+    let mut hint = format!(" --tls-ca {}", cert.display());
+    if let Some(ca) = client_ca {
+        hint.push_str(&format!(
+            " --tls-client-cert CERT --tls-client-key KEY (signed by {})",
+            ca.display()
+        ));
+    }
+    let acceptor = braid_fabric_tcp::tls::acceptor(&cert, &key, client_ca)?;
+    Ok((ServerSecurity::Tls(acceptor), hint))
+}
+
+/// What is served, and the commands that reach it.
+fn print_banner(
+    local: SocketAddr,
+    exports: &[ExportConfig],
+    files: &[ExportFile],
+    key_file: &Path,
+    key_id: &str,
+    key_arg: &str,
+) {
+    println!("braid serving {} export(s) on {local}", exports.len());
+    for (e, f) in exports.iter().zip(files) {
+        let kind = if f.is_block_device() {
+            "block device"
+        } else {
+            "file"
+        };
+        let ro = if e.read_only { ", read-only" } else { "" };
+        println!(
+            "  {:<10} {:>10}  {} ({kind}{ro})",
+            e.name,
+            config::human_size(e.size),
+            f.path().display()
+        );
+    }
+    println!(
+        "key file: {} (key id {key_id:?}; clients need a copy)",
+        key_file.display(),
+    );
+    println!("try:      braid bench  --server {local} {key_arg}");
+    println!("          braid verify --server {local} {key_arg}");
+}
+
+/// How the NBD face runs.
+struct NbdFaceSettings {
+    backend: Arc<dyn braid_core::server::Backend>,
+    threads: usize,
+    poll: std::time::Duration,
+    allow_insecure: bool,
+}
+
+/// The NBD face (`--nbd`), if any address asks for it: its threads, and a
+/// listener per address, each ending once `stopped` says so.
+async fn start_nbd_face(
+    addrs: &[&String],
+    exports: &[ExportConfig],
+    security: &ServerSecurity,
+    settings: NbdFaceSettings,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Option<NbdThreads>, Vec<tokio::task::JoinHandle<()>>), String> {
+    if addrs.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let nbd_exports: Vec<braid_frontend_nbd::NbdExport> = exports
+        .iter()
+        .enumerate()
+        .map(|(i, e)| braid_frontend_nbd::NbdExport {
+            read_only: e.read_only,
+            ..braid_frontend_nbd::NbdExport::new(e.name.clone(), e.size, i)
+        })
+        .collect();
+    let mut config = braid_frontend_nbd::NbdConfig::new(nbd_exports);
+    if let ServerSecurity::Tls(acceptor) = security {
+        config = config.with_tls(acceptor.clone(), true);
+    }
+    let threads = NbdThreads::start(settings.threads, settings.backend, settings.poll)?;
+    let mut tasks = Vec::new();
+    for addr in addrs {
+        let (uri, task) = crate::nbd::start(
+            addr,
+            &exports[0].name,
+            config.clone(),
+            threads.placement(),
+            settings.allow_insecure,
+            stopped.clone(),
+        )
+        .await?;
+        println!("nbd:      {uri} (try: qemu-img info {uri})");
+        tasks.push(task);
+    }
+    Ok((Some(threads), tasks))
 }
