@@ -11,6 +11,7 @@ use braid_fabric_tcp::Client;
 use braid_frontend_nbd::{Completion, ExtentsCompletion, NbdConfig, NbdExport, Target};
 use bytes::{Bytes, BytesMut};
 use clap::Args;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::Notify;
@@ -495,7 +496,6 @@ pub(crate) async fn detach(args: DetachArgs) -> Result<(), String> {
 /// `braid attach --volume FILE`: every leg's session, the volume driver
 /// over them, and the NBD face.
 async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
-    use braid_core::volume::VolumeMap;
     let file = crate::volume::VolumeFile::load(&path)?;
     let data_dir = crate::config::default_data_dir();
     std::fs::create_dir_all(&data_dir)
@@ -513,20 +513,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
     });
     // Before any leg connects: the legs' servers then end every session
     // an earlier run of this volume left (docs/PROTOCOL.md §7.3).
-    let fresh_owner = u64::from_le_bytes(crate::config::random_bytes().map_err(|e| e.to_string())?);
-    let run = braid_fabric_tcp::next_run(&*store, fresh_owner).map_err(|e| {
-        format!(
-            "volume {}: storing its run in {}: {e}",
-            file.name,
-            data_dir.display()
-        )
-    })?;
-    tracing::info!(
-        volume = file.name,
-        owner = format_args!("{:#x}", run.owner),
-        epoch = run.epoch,
-        "volume run claimed"
-    );
+    let run = claim_run(&*store, &file.name, &data_dir)?;
     args.client.identity = Some(run);
     crate::ublk::preflight(&args.ublk)?;
     let metrics = args
@@ -534,68 +521,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .as_deref()
         .map(crate::metrics::MetricsListener::bind)
         .transpose()?;
-    let mut clients = std::collections::HashMap::new();
-    let mut infos = std::collections::HashMap::new();
-    let mut max_payload = u32::MAX;
-    // Legs whose server does not answer now: a mirror attaches without
-    // them, and they are resynced when they return.
-    let mut down = Vec::new();
-    let mut reached = None;
-    // Every leg at once: one that is down costs its connect timeout once,
-    // not once per leg before it.
-    let mut attempts = tokio::task::JoinSet::new();
-    for (i, leg) in file.legs.iter().enumerate() {
-        let c = leg_args(&args.client, leg);
-        attempts.spawn(async move { (i, c.connect().await) });
-    }
-    let mut answers = attempts.join_all().await;
-    answers.sort_by_key(|(i, _)| *i);
-    for (leg, (_, answer)) in file.legs.iter().zip(answers) {
-        let client = match answer {
-            Ok(client) => client,
-            Err(e) => {
-                let why = format!("leg {:?} ({} on {}): {e}", leg.name, leg.export, leg.server);
-                down.push((leg, why));
-                continue;
-            }
-        };
-        let i = client.info();
-        reached.get_or_insert(i);
-        max_payload = max_payload.min(i.max_payload - i.max_payload % i.block_size);
-        infos.insert(leg.name.clone(), leg_info(&i));
-        clients.insert(leg.name.clone(), client);
-    }
-    let Some(like) = reached else {
-        let whys: Vec<String> = down.into_iter().map(|(_, why)| why).collect();
-        return Err(format!(
-            "no leg of the volume answers:\n  {}",
-            whys.join("\n  ")
-        ));
-    };
-    // A mirror's legs are alike: the first leg reached stands in for the
-    // ones that were not, until they answer and show their own.
-    for (leg, _) in &down {
-        infos.insert(leg.name.clone(), leg_info(&like));
-    }
-    let map = VolumeMap::new(&file.spec()?, |n| infos.get(n).copied())
-        .map_err(|e| format!("volume {}: {e}", path.display()))?;
-    for (leg, why) in &down {
-        let leaf = map.leaves().iter().position(|n| *n == leg.name);
-        let mirrored = map
-            .map(0, map.size())
-            .iter()
-            .filter(|seg| seg.copies.iter().any(|c| Some(c.leaf) == leaf))
-            .all(|seg| seg.copies.len() > 1);
-        if !mirrored {
-            return Err(format!(
-                "{why}\n(it holds data no other leg has: the volume cannot attach without it)"
-            ));
-        }
-        eprintln!("braid attach: {why}\n  attaching without it: it is resynced when it answers");
-        let c = leg_args(&args.client, leg);
-        let client = c.connect_later(like)?;
-        clients.insert(leg.name.clone(), client);
-    }
+    let (map, clients, max_payload) = connect_legs(&file, &path, &args.client).await?;
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
     let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
@@ -922,4 +848,104 @@ fn remove_sockets(owned: Vec<crate::control::OwnedSocket>) {
     for socket in owned {
         socket.remove();
     }
+}
+
+/// Connects every leg of `file` at once. A mirrored leg whose server does
+/// not answer is attached without (its client keeps trying, and it is
+/// resynced when it answers); any other is an error naming it. Returns
+/// the map (legs not reached take a reached leg's geometry until their
+/// own server shows theirs), a client per leg, and the largest IO every
+/// reached leg takes.
+async fn connect_legs(
+    file: &crate::volume::VolumeFile,
+    path: &Path,
+    client_args: &ClientArgs,
+) -> Result<(braid_core::volume::VolumeMap, HashMap<String, Client>, u32), String> {
+    use braid_core::volume::VolumeMap;
+    let mut clients = HashMap::new();
+    let mut infos = HashMap::new();
+    let mut max_payload = u32::MAX;
+    // Legs whose server does not answer now: a mirror attaches without
+    // them, and they are resynced when they return.
+    let mut down = Vec::new();
+    let mut reached = None;
+    // Every leg at once: one that is down costs its connect timeout once,
+    // not once per leg before it.
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, leg) in file.legs.iter().enumerate() {
+        let c = leg_args(client_args, leg);
+        attempts.spawn(async move { (i, c.connect().await) });
+    }
+    let mut answers = attempts.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    for (leg, (_, answer)) in file.legs.iter().zip(answers) {
+        let client = match answer {
+            Ok(client) => client,
+            Err(e) => {
+                let why = format!("leg {:?} ({} on {}): {e}", leg.name, leg.export, leg.server);
+                down.push((leg, why));
+                continue;
+            }
+        };
+        let i = client.info();
+        reached.get_or_insert(i);
+        max_payload = max_payload.min(i.max_payload - i.max_payload % i.block_size);
+        infos.insert(leg.name.clone(), leg_info(&i));
+        clients.insert(leg.name.clone(), client);
+    }
+    let Some(like) = reached else {
+        let whys: Vec<String> = down.into_iter().map(|(_, why)| why).collect();
+        return Err(format!(
+            "no leg of the volume answers:\n  {}",
+            whys.join("\n  ")
+        ));
+    };
+    // A mirror's legs are alike: the first leg reached stands in for the
+    // ones that were not, until they answer and show their own.
+    for (leg, _) in &down {
+        infos.insert(leg.name.clone(), leg_info(&like));
+    }
+    let map = VolumeMap::new(&file.spec()?, |n| infos.get(n).copied())
+        .map_err(|e| format!("volume {}: {e}", path.display()))?;
+    for (leg, why) in &down {
+        let leaf = map.leaves().iter().position(|n| *n == leg.name);
+        let mirrored = map
+            .map(0, map.size())
+            .iter()
+            .filter(|seg| seg.copies.iter().any(|c| Some(c.leaf) == leaf))
+            .all(|seg| seg.copies.len() > 1);
+        if !mirrored {
+            return Err(format!(
+                "{why}\n(it holds data no other leg has: the volume cannot attach without it)"
+            ));
+        }
+        eprintln!("braid attach: {why}\n  attaching without it: it is resynced when it answers");
+        let c = leg_args(client_args, leg);
+        let client = c.connect_later(like)?;
+        clients.insert(leg.name.clone(), client);
+    }
+    Ok((map, clients, max_payload))
+}
+
+/// Claims this run of volume `name`: the next epoch after the one stored
+/// in `data_dir`, stored durably.
+fn claim_run(
+    store: &dyn braid_fabric_tcp::LogStore,
+    name: &str,
+    data_dir: &Path,
+) -> Result<braid_core::client::Identity, String> {
+    let fresh_owner = u64::from_le_bytes(crate::config::random_bytes().map_err(|e| e.to_string())?);
+    let run = braid_fabric_tcp::next_run(store, fresh_owner).map_err(|e| {
+        format!(
+            "volume {name}: storing its run in {}: {e}",
+            data_dir.display()
+        )
+    })?;
+    tracing::info!(
+        volume = name,
+        owner = format_args!("{:#x}", run.owner),
+        epoch = run.epoch,
+        "volume run claimed"
+    );
+    Ok(run)
 }
