@@ -30,6 +30,10 @@ const SIZE: u64 = 1 << 20;
 const PORT: u16 = 7410;
 const WORKERS: u64 = 12;
 
+/// Per leg: its disk is full, its disk is slow. Outside the server node,
+/// so they outlast its crashes.
+type DiskFlags = (Arc<AtomicBool>, Arc<AtomicBool>);
+
 fn server_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1 + i as u8))
 }
@@ -78,58 +82,8 @@ pub(crate) async fn simulate(
     let disks: Vec<Arc<Mutex<MemDisk>>> = (0..nodes)
         .map(|_| Arc::new(Mutex::new(MemDisk::new(SIZE))))
         .collect();
-    // Per leg: its disk is full, its disk is slow. Outside the server
-    // node, so they outlast its crashes.
-    type Flags = (Arc<AtomicBool>, Arc<AtomicBool>);
-    let disk_flags: Vec<Flags> = (0..nodes).map(|_| Flags::default()).collect();
-    let mut servers = Vec::new();
-    for (i, disk) in disks.iter().enumerate() {
-        let (disk, key, sabotage) = (disk.clone(), key.clone(), sabotage.clone());
-        let (full, slow) = disk_flags[i].clone();
-        let boots = Arc::new(AtomicU64::new(0));
-        let node = handle
-            .create_node()
-            .name(format!("server{i}"))
-            .ip(server_ip(i))
-            .init(move || {
-                let (disk, key, sabotage) = (disk.clone(), key.clone(), sabotage.clone());
-                let (full, slow) = (full.clone(), slow.clone());
-                let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    let mut config = ServerConfig::new(
-                        seed.rotate_left(i as u32 + 3) ^ boot,
-                        crate::world::seed_bytes(seed, 50 + 8 * i as u64 + boot),
-                        vec![("sim".into(), key)],
-                        vec![ExportConfig::new("disk0", SIZE)],
-                    );
-                    for s in &sabotage {
-                        s.apply_server(&mut config);
-                    }
-                    let listener =
-                        tokio::net::TcpListener::bind(SocketAddr::new(server_ip(i), PORT))
-                            .await
-                            .expect("bind the simulated server");
-                    let _ = Server::run_engines(
-                        listener,
-                        ServerSecurity::Plain,
-                        ServerEngine::several(&config, engines).expect("a valid config"),
-                        None,
-                        Arc::new(SimDisk {
-                            disks: vec![disk],
-                            full,
-                            slow,
-                            rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
-                            late_completions: false,
-                        }),
-                        std::future::pending(),
-                        |_| {},
-                    )
-                    .await;
-                }
-            })
-            .build();
-        servers.push(node.id());
-    }
+    let disk_flags: Vec<DiskFlags> = (0..nodes).map(|_| DiskFlags::default()).collect();
+    let servers = start_servers(&handle, seed, &key, &sabotage, engines, &disks, &disk_flags);
 
     let client_node = handle
         .create_node()
@@ -183,95 +137,14 @@ pub(crate) async fn simulate(
     let work = (!restart).then(|| client_node.spawn(client_body(ctx.clone())));
     // The client killed and restarted mid-run (its own random stream).
     let restarter = restart.then(|| {
-        let (handle, client) = (handle.clone(), client_node.id());
-        let checker = checker.clone();
-        let mut rng = SplitMix64::new(seed ^ 0x00c1_1e47);
-        // In half the seeds one leg is cut off as the client dies, with
-        // its writes still in the network, and the cut heals after the
-        // restarted client is running: the dead run's frames then arrive
-        // late, which only fencing makes harmless (seed 90 found it).
-        let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
-        let cut = (cut_rng.below(2) == 0).then(|| servers[cut_rng.below(LEGS as u64) as usize]);
-        // In half of those the dead run's frames are held until the new
-        // run has its session on that leg. madsim holds a link between
-        // two nodes, where a real network holds one connection's segments
-        // and lets a new connection's through; so the new run starts on a
-        // second client node, and only the dead run's link stays cut.
-        let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
-        let late = cut.is_some() && late_rng.below(2) == 0;
-        let (client_now, boot) = (client_now.clone(), client_boot(ctx.clone(), done.clone()));
-        tokio::spawn(async move {
-            let net = NetSim::current();
-            let span = run_for.as_millis() as u64 - 4000;
-            let draw = rng.below(span);
-            // Late seeds kill the client in the run's last few seconds, so
-            // what the held writes put back has had the new run's writes
-            // before it and has few after it to hide it (400 seeds with
-            // fencing off: 3 of 106 late seeds failed when killed in the
-            // first 2.5 s, 10 when in the last 4.5-3 s, 8 in the last
-            // 3.5-2.5 s). madsim retries a held frame at doubling
-            // intervals, so they land within about twice as long as they
-            // were held, while the run still checks.
-            let kill_at = if late { span.saturating_sub(500) + draw % 1500 } else { 1500 + draw };
-            tokio::time::sleep(Duration::from_millis(kill_at)).await;
-            if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                eprintln!(
-                    "{:?} client kill -9 (cut off: {cut:?}, frames held until the next run: {late})",
-                    tokio::time::Instant::now()
-                );
-            }
-            if let Some(server) = cut {
-                // A little before the kill, so frames sent meanwhile are
-                // held in the network (those sent earlier arrive anyway).
-                // The node, not the link: a partition fault on the same
-                // link would otherwise heal it early. Late seeds hold the
-                // dead run's link only (a partition fault there may heal
-                // it early: that seed then tests less).
-                if late {
-                    net.clog_link(client, server);
-                    net.clog_link(server, client);
-                } else {
-                    net.clog_node(server);
-                }
-                tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
-            }
-            handle.kill(client);
-            checker.lock().unwrap().unflushed_may_revert();
-            tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
-            if late {
-                let again = handle
-                    .create_node()
-                    .name("client-again")
-                    .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 101)))
-                    .init(boot)
-                    .build();
-                *client_now.lock().unwrap() = again.id();
-            } else {
-                handle.restart(client);
-            }
-            match cut {
-                Some(server) if late => {
-                    // The new run connects to every leg at once; its
-                    // session there ends the dead run's before these
-                    // frames arrive.
-                    tokio::time::sleep(Duration::from_millis(500 + late_rng.below(1500))).await;
-                    net.unclog_link(client, server);
-                    net.unclog_link(server, client);
-                }
-                Some(server) => {
-                    // The restarted client attaches without the leg
-                    // meanwhile (as `braid attach` does) and resyncs it on
-                    // return. The held frames land on their next retry
-                    // (madsim doubles the interval); with fencing off some
-                    // of these seeds fail too (46 and 154 of the first
-                    // 200), but the late seeds are the ones made for it.
-                    tokio::time::sleep(Duration::from_millis(1000 + cut_rng.below(3000))).await;
-                    net.unclog_node(server);
-                }
-                None => {}
-            }
-            (cut.is_some(), late)
-        })
+        kill_and_restart(
+            &handle,
+            client_node.id(),
+            &servers,
+            &client_now,
+            &ctx,
+            done.clone(),
+        )
     });
     // Bad blocks come from their own stream, so the other faults of a
     // seed stay as they are in `mirror`.
@@ -342,6 +215,204 @@ pub(crate) async fn simulate(
         Err(e) => report.violations.push(format!("client node: {e}")),
     }
     // Every leg the volume ends with holds the same bytes.
+    report.violations.extend(divergence(&disks, &retired));
+    if restart {
+        // The first boot's workers died with it: count what the checker
+        // saw complete instead.
+        let c = checker.lock().unwrap();
+        report.ios = next_io.load(Ordering::SeqCst) - 1 - c.outstanding() as u64;
+    }
+    report.trace_hash = hash ^ report.ios;
+    if report.ios == 0 {
+        report.violations.push("liveness: no IO completed".into());
+    }
+    let moved = *client_now.lock().unwrap();
+    let nodes = servers
+        .into_iter()
+        .chain([client_node.id()])
+        .chain((moved != client_node.id()).then_some(moved));
+    report
+        .violations
+        .extend(crate::world::tear_down(&handle, nodes).await);
+    report
+}
+
+/// A server node per disk, each serving it as export `disk0` (its disks'
+/// full and slow flags outlast its crashes), in node order.
+fn start_servers(
+    handle: &Handle,
+    seed: u64,
+    key: &Key,
+    sabotage: &[Sabotage],
+    engines: usize,
+    disks: &[Arc<Mutex<MemDisk>>],
+    disk_flags: &[DiskFlags],
+) -> Vec<madsim::task::NodeId> {
+    let mut servers = Vec::new();
+    for (i, disk) in disks.iter().enumerate() {
+        let (disk, key, sabotage) = (disk.clone(), key.clone(), sabotage.to_vec());
+        let (full, slow) = disk_flags[i].clone();
+        let boots = Arc::new(AtomicU64::new(0));
+        let node = handle
+            .create_node()
+            .name(format!("server{i}"))
+            .ip(server_ip(i))
+            .init(move || {
+                let (disk, key, sabotage) = (disk.clone(), key.clone(), sabotage.clone());
+                let (full, slow) = (full.clone(), slow.clone());
+                let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    let mut config = ServerConfig::new(
+                        seed.rotate_left(i as u32 + 3) ^ boot,
+                        crate::world::seed_bytes(seed, 50 + 8 * i as u64 + boot),
+                        vec![("sim".into(), key)],
+                        vec![ExportConfig::new("disk0", SIZE)],
+                    );
+                    for s in &sabotage {
+                        s.apply_server(&mut config);
+                    }
+                    let listener =
+                        tokio::net::TcpListener::bind(SocketAddr::new(server_ip(i), PORT))
+                            .await
+                            .expect("bind the simulated server");
+                    let _ = Server::run_engines(
+                        listener,
+                        ServerSecurity::Plain,
+                        ServerEngine::several(&config, engines).expect("a valid config"),
+                        None,
+                        Arc::new(SimDisk {
+                            disks: vec![disk],
+                            full,
+                            slow,
+                            rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
+                            late_completions: false,
+                        }),
+                        std::future::pending(),
+                        |_| {},
+                    )
+                    .await;
+                }
+            })
+            .build();
+        servers.push(node.id());
+    }
+
+    servers
+}
+
+/// Kills the client node once, mid-run, and boots the volume's next run
+/// (on the same node, or in late seeds on a second one): in half the
+/// seeds one leg is cut off as the client dies, and in half of those the
+/// dead run's frames to it are held until the new run has its session
+/// there. Returns whether a leg was cut off, and whether its frames were
+/// held.
+fn kill_and_restart(
+    handle: &Handle,
+    client: madsim::task::NodeId,
+    servers: &[madsim::task::NodeId],
+    client_now: &Arc<Mutex<madsim::task::NodeId>>,
+    ctx: &ClientCtx,
+    done: Arc<Mutex<Option<ClientResult>>>,
+) -> tokio::task::JoinHandle<(bool, bool)> {
+    let (handle, checker, seed, run_for) =
+        (handle.clone(), ctx.checker.clone(), ctx.seed, ctx.run_for);
+    let mut rng = SplitMix64::new(seed ^ 0x00c1_1e47);
+    // In half the seeds one leg is cut off as the client dies, with
+    // its writes still in the network, and the cut heals after the
+    // restarted client is running: the dead run's frames then arrive
+    // late, which only fencing makes harmless (seed 90 found it).
+    let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
+    let cut = (cut_rng.below(2) == 0).then(|| servers[cut_rng.below(LEGS as u64) as usize]);
+    // In half of those the dead run's frames are held until the new
+    // run has its session on that leg. madsim holds a link between
+    // two nodes, where a real network holds one connection's segments
+    // and lets a new connection's through; so the new run starts on a
+    // second client node, and only the dead run's link stays cut.
+    let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
+    let late = cut.is_some() && late_rng.below(2) == 0;
+    let (client_now, boot) = (client_now.clone(), client_boot(ctx.clone(), done));
+    tokio::spawn(async move {
+        let net = NetSim::current();
+        let span = run_for.as_millis() as u64 - 4000;
+        let draw = rng.below(span);
+        // Late seeds kill the client in the run's last few seconds, so
+        // what the held writes put back has had the new run's writes
+        // before it and has few after it to hide it (400 seeds with
+        // fencing off: 3 of 106 late seeds failed when killed in the
+        // first 2.5 s, 10 when in the last 4.5-3 s, 8 in the last
+        // 3.5-2.5 s). madsim retries a held frame at doubling
+        // intervals, so they land within about twice as long as they
+        // were held, while the run still checks.
+        let kill_at = if late {
+            span.saturating_sub(500) + draw % 1500
+        } else {
+            1500 + draw
+        };
+        tokio::time::sleep(Duration::from_millis(kill_at)).await;
+        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            eprintln!(
+                "{:?} client kill -9 (cut off: {cut:?}, frames held until the next run: {late})",
+                tokio::time::Instant::now()
+            );
+        }
+        if let Some(server) = cut {
+            // A little before the kill, so frames sent meanwhile are
+            // held in the network (those sent earlier arrive anyway).
+            // The node, not the link: a partition fault on the same
+            // link would otherwise heal it early. Late seeds hold the
+            // dead run's link only (a partition fault there may heal
+            // it early: that seed then tests less).
+            if late {
+                net.clog_link(client, server);
+                net.clog_link(server, client);
+            } else {
+                net.clog_node(server);
+            }
+            tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
+        }
+        handle.kill(client);
+        checker.lock().unwrap().unflushed_may_revert();
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
+        if late {
+            let again = handle
+                .create_node()
+                .name("client-again")
+                .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 101)))
+                .init(boot)
+                .build();
+            *client_now.lock().unwrap() = again.id();
+        } else {
+            handle.restart(client);
+        }
+        match cut {
+            Some(server) if late => {
+                // The new run connects to every leg at once; its
+                // session there ends the dead run's before these
+                // frames arrive.
+                tokio::time::sleep(Duration::from_millis(500 + late_rng.below(1500))).await;
+                net.unclog_link(client, server);
+                net.unclog_link(server, client);
+            }
+            Some(server) => {
+                // The restarted client attaches without the leg
+                // meanwhile (as `braid attach` does) and resyncs it on
+                // return. The held frames land on their next retry
+                // (madsim doubles the interval); with fencing off some
+                // of these seeds fail too (46 and 154 of the first
+                // 200), but the late seeds are the ones made for it.
+                tokio::time::sleep(Duration::from_millis(1000 + cut_rng.below(3000))).await;
+                net.unclog_node(server);
+            }
+            None => {}
+        }
+        (cut.is_some(), late)
+    })
+}
+
+/// Where the disks of the legs the volume ends with (all but `retired`)
+/// differ from the first of them.
+fn divergence(disks: &[Arc<Mutex<MemDisk>>], retired: &[usize]) -> Vec<String> {
+    let mut violations = Vec::new();
     let contents: Vec<(usize, _)> = disks
         .iter()
         .enumerate()
@@ -366,32 +437,14 @@ pub(crate) async fn simulate(
                 }),
                 _ => None,
             };
-            report.violations.push(format!(
+            violations.push(format!(
                 "convergence: leg{i} differs from leg{} after the faults healed (first at {})",
                 contents[0].0,
                 at.unwrap_or_else(|| "an unreadable disk".into())
             ));
         }
     }
-    if restart {
-        // The first boot's workers died with it: count what the checker
-        // saw complete instead.
-        let c = checker.lock().unwrap();
-        report.ios = next_io.load(Ordering::SeqCst) - 1 - c.outstanding() as u64;
-    }
-    report.trace_hash = hash ^ report.ios;
-    if report.ios == 0 {
-        report.violations.push("liveness: no IO completed".into());
-    }
-    let moved = *client_now.lock().unwrap();
-    let nodes = servers
-        .into_iter()
-        .chain([client_node.id()])
-        .chain((moved != client_node.id()).then_some(moved));
-    report
-        .violations
-        .extend(crate::world::tear_down(&handle, nodes).await);
-    report
+    violations
 }
 
 /// What the client node needs, on each boot.
@@ -633,7 +686,7 @@ async fn inject(
     servers: &[madsim::task::NodeId],
     client: &Arc<Mutex<madsim::task::NodeId>>,
     disks: &[Arc<Mutex<MemDisk>>],
-    disk_flags: &[(Arc<AtomicBool>, Arc<AtomicBool>)],
+    disk_flags: &[DiskFlags],
     run_for: Duration,
 ) -> BTreeMap<Fault, u64> {
     let mut faults = BTreeMap::new();
