@@ -219,6 +219,22 @@ struct Request {
     len: u32,
 }
 
+impl Request {
+    fn parse(h: &[u8; 28]) -> io::Result<Request> {
+        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
+        if magic != REQUEST_MAGIC {
+            return Err(protocol_error(format!("bad request magic {magic:#x}")));
+        }
+        Ok(Request {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            cmd: u16::from_be_bytes([h[6], h[7]]),
+            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            len: u32::from_be_bytes(h[24..28].try_into().unwrap()),
+        })
+    }
+}
+
 /// What to do with a request that passed the checks.
 enum Action {
     /// Answer success at once (CACHE, zero-length IO).
@@ -248,7 +264,7 @@ pub(crate) async fn transmit(
     let large_writes_inline = rd.buffers_large_requests();
     let mut rd = BufReader::with_capacity(128 * 1024, rd);
     let plain_socket = wr.is_plain();
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
+    let (tx, rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
     let export_name = export.name.clone();
     let sink: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
         256 * 1024,
@@ -267,42 +283,7 @@ pub(crate) async fn transmit(
         None => WholeSends::new(&export.name, sink.lock().await.get_ref(), &sink),
     };
     let (whole_sends, _abandon_sends) = whole_sends.unzip();
-    let writer = tokio::spawn(async move {
-        let written = async {
-            // Each reply's budget goes back once it is written (the permits
-            // are dropped as the batch is cleared).
-            let mut batch = Vec::with_capacity(REPLY_BATCH);
-            while let Some(first) = rx.recv().await {
-                let mut wr = sink.lock().await;
-                batch.push(first);
-                // Whatever else is ready goes in the same write.
-                loop {
-                    while batch.len() < REPLY_BATCH {
-                        match rx.try_recv() {
-                            Ok(next) => batch.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    let full = batch.len() == REPLY_BATCH;
-                    write_replies(&mut wr, &batch, &export_name).await?;
-                    batch.clear();
-                    if !full {
-                        break;
-                    }
-                }
-                wr.flush().await?;
-            }
-            sink.lock().await.shutdown().await
-        }
-        .await;
-        if written.is_err() {
-            // A reply left half-sent: the stream cannot go on. Pool
-            // threads sending large READs share the socket, so it is
-            // ended here rather than when the last user lets go of it.
-            sink.lock().await.get_ref().shut_down();
-        }
-        written
-    });
+    let writer = tokio::spawn(write_replies_until_done(rx, sink, export_name));
     let budget = Arc::new(Semaphore::new(INFLIGHT_KIB as usize));
     let mut after_large_write = false;
     let ended = loop {
@@ -331,17 +312,10 @@ pub(crate) async fn transmit(
                 Err(e)
             };
         }
-        let magic = u32::from_be_bytes(h[0..4].try_into().unwrap());
-        if magic != REQUEST_MAGIC {
+        let req = match Request::parse(&h) {
+            Ok(req) => req,
             // Cannot find the next request: a hard disconnect.
-            break Err(protocol_error(format!("bad request magic {magic:#x}")));
-        }
-        let req = Request {
-            flags: u16::from_be_bytes([h[4], h[5]]),
-            cmd: u16::from_be_bytes([h[6], h[7]]),
-            handle: u64::from_be_bytes(h[8..16].try_into().unwrap()),
-            offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
-            len: u32::from_be_bytes(h[24..28].try_into().unwrap()),
+            Err(e) => break Err(e),
         };
         let replier = Replier {
             handle: req.handle,
@@ -487,34 +461,13 @@ pub(crate) async fn transmit(
                 continue;
             }
         }
-        let tx = tx.clone();
-        let name = export.name.clone();
-        let (cmd, offset, len) = (req.cmd, req.offset, req.len);
-        let whole_sends = whole_sends.clone();
-        let done: crate::Completion = Box::new(move |result| {
-            let reply = match result {
-                Ok(data) if cmd == CMD_READ && data.len() >= WHOLE_SEND_MIN => {
-                    if let Some(whole) = &whole_sends {
-                        // The reply's budget and a sender (which keeps the
-                        // writer task from closing the socket) go with it.
-                        let head = replier.read_head(offset, data.len());
-                        whole.send(head, data, offset, (permit, tx.clone()));
-                        return;
-                    }
-                    replier.read_data(offset, data)
-                }
-                Ok(data) if cmd == CMD_READ => replier.read_data(offset, data),
-                Ok(_) => replier.ok(),
-                Err(status) => replier.error(
-                    errno(status),
-                    &format!(
-                        "export {name}: {} at offset {offset} length {len}: {status:?}",
-                        cmd_name(cmd)
-                    ),
-                ),
-            };
-            let _ = tx.send((reply, permit));
-        });
+        let done = reply_when_done(
+            &req,
+            replier,
+            &export.name,
+            whole_sends.clone(),
+            (permit, tx.clone()),
+        );
         let done = match (&whole_reads, &op) {
             (Some(whole), BackendOp::Read { offset, len }) if *len >= WHOLE_READ_MIN => {
                 let offset = *offset;
@@ -546,6 +499,91 @@ pub(crate) async fn transmit(
     let sent_whole = whole_reads.and_then(|w| w.failure()).map_or(Ok(()), Err);
     let sent_from_memory = whole_sends.and_then(|w| w.failure()).map_or(Ok(()), Err);
     ended.and(written).and(sent_whole).and(sent_from_memory)
+}
+
+/// The connection's writer: replies as they come, batched into as few
+/// writes as are ready, each reply's budget given back once written;
+/// ends when every sender is gone (each completion holds one).
+async fn write_replies_until_done(
+    mut rx: mpsc::UnboundedReceiver<(Reply, OwnedSemaphorePermit)>,
+    sink: SharedWriter,
+    export_name: String,
+) -> io::Result<()> {
+    let written = async {
+        // Each reply's budget goes back once it is written (the permits
+        // are dropped as the batch is cleared).
+        let mut batch = Vec::with_capacity(REPLY_BATCH);
+        while let Some(first) = rx.recv().await {
+            let mut wr = sink.lock().await;
+            batch.push(first);
+            // Whatever else is ready goes in the same write.
+            loop {
+                while batch.len() < REPLY_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let full = batch.len() == REPLY_BATCH;
+                write_replies(&mut wr, &batch, &export_name).await?;
+                batch.clear();
+                if !full {
+                    break;
+                }
+            }
+            wr.flush().await?;
+        }
+        sink.lock().await.shutdown().await
+    }
+    .await;
+    if written.is_err() {
+        // A reply left half-sent: the stream cannot go on. Pool
+        // threads sending large READs share the socket, so it is
+        // ended here rather than when the last user lets go of it.
+        sink.lock().await.get_ref().shut_down();
+    }
+    written
+}
+
+/// The completion of request `req`'s backend IO: its reply, with the
+/// request's budget, to the writer (a large READ's data through
+/// `whole_sends` where there is one).
+fn reply_when_done(
+    req: &Request,
+    replier: Replier,
+    name: &str,
+    whole_sends: Option<Arc<WholeSends>>,
+    (permit, tx): (
+        OwnedSemaphorePermit,
+        mpsc::UnboundedSender<(Reply, OwnedSemaphorePermit)>,
+    ),
+) -> crate::Completion {
+    let name = name.to_string();
+    let (cmd, offset, len) = (req.cmd, req.offset, req.len);
+    Box::new(move |result| {
+        let reply = match result {
+            Ok(data) if cmd == CMD_READ && data.len() >= WHOLE_SEND_MIN => {
+                if let Some(whole) = &whole_sends {
+                    // The reply's budget and a sender (which keeps the
+                    // writer task from closing the socket) go with it.
+                    let head = replier.read_head(offset, data.len());
+                    whole.send(head, data, offset, (permit, tx.clone()));
+                    return;
+                }
+                replier.read_data(offset, data)
+            }
+            Ok(data) if cmd == CMD_READ => replier.read_data(offset, data),
+            Ok(_) => replier.ok(),
+            Err(status) => replier.error(
+                errno(status),
+                &format!(
+                    "export {name}: {} at offset {offset} length {len}: {status:?}",
+                    cmd_name(cmd)
+                ),
+            ),
+        };
+        let _ = tx.send((reply, permit));
+    })
 }
 
 /// Writes a batch of replies. On a plain socket each reply's header and
