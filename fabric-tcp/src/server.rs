@@ -375,8 +375,7 @@ async fn run_engine(
     let mut next_conn: ConnId = index as ConnId + 1;
     let conn_step = count as ConnId;
     let mut draining = false;
-    let mut last_list = tokio::time::Instant::now();
-    let mut listed_counts = (0, 0);
+    let mut listed = (tokio::time::Instant::now(), (0, 0));
     let (mut completions, readiness) = match crate::completions::Completions::open(&*backend) {
         Some((c, r)) => (Some(c), Some(r)),
         None => (None, None),
@@ -439,33 +438,14 @@ async fn run_engine(
                     ServerSecurity::Tls(acceptor) => {
                         // Off the engine loop: a slow or hostile TLS
                         // handshake holds up nobody else.
-                        let (acceptor, tx, conn_tx) =
-                            (acceptor.clone(), tx.clone(), conn_tx.clone());
-                        let limit = engine.config().handshake_timeout;
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => {
-                                    let w = conn::spawn(
-                                        tls,
-                                        conn,
-                                        FrameReader::new(max_payload),
-                                        SEND_QUEUE_MAX,
-                                        conn_tx,
-                                    );
-                                    let _ = tx.send(Event::Secured(conn, w));
-                                }
-                                Ok(Err(e)) => {
-                                    let _ =
-                                        conn_tx.send(ConnEvent::Closed(conn, format!("TLS: {e}")));
-                                }
-                                Err(_) => {
-                                    let _ = conn_tx.send(ConnEvent::Closed(
-                                        conn,
-                                        "TLS handshake timed out".into(),
-                                    ));
-                                }
-                            }
-                        });
+                        tokio::spawn(secure(
+                            acceptor.clone(),
+                            stream,
+                            conn,
+                            engine.config().handshake_timeout,
+                            FrameReader::new(max_payload),
+                            (tx.clone(), conn_tx.clone()),
+                        ));
                     }
                 }
             }
@@ -547,44 +527,15 @@ async fn run_engine(
                     }
                     file_conns.remove(&conn);
                 }
-                ServerAction::Backend(req) => {
-                    if let Some(delay) = backend.latency(req.export, &req.op) {
-                        let (backend, tx) = (backend.clone(), tx.clone());
-                        let reported = backend.completion_delay(req.export, &req.op);
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let result = backend.execute(req.export, &req.op);
-                            if !reported.is_zero() {
-                                tokio::time::sleep(reported).await;
-                            }
-                            let _ = tx.send(Event::BackendDone(req.token, result));
-                        });
-                        continue;
-                    }
-                    if let Some((data, crc)) = file_reply(&engine, &req, &*backend, &file_conns) {
-                        engine.backend_complete_from_file(req.token, data, crc, clock.now());
-                        continue;
-                    }
-                    // Cached reads and unthrottled writes finish here and
-                    // now; anything that might block goes to the pool.
-                    if let Some(result) = backend.try_execute_now(req.export, &req.op) {
-                        engine.backend_complete(req.token, result, clock.now());
-                        continue;
-                    }
-                    let op = match completions.as_mut() {
-                        Some(c) => match c.start(req.export, req.op, req.token) {
-                            Ok(()) => continue,
-                            Err(op) => op,
-                        },
-                        None => req.op,
-                    };
-                    let (backend, tx, export, token) =
-                        (backend.clone(), tx.clone(), req.export, req.token);
-                    tokio::task::spawn_blocking(move || {
-                        let result = backend.execute(export, &op);
-                        let _ = tx.send(Event::BackendDone(token, result));
-                    });
-                }
+                ServerAction::Backend(req) => start_backend_op(
+                    req,
+                    &mut engine,
+                    &backend,
+                    completions.as_mut(),
+                    &file_conns,
+                    &tx,
+                    &clock,
+                ),
             }
         }
         // Nothing else has come in meanwhile (at low depth, nearly
@@ -603,36 +554,7 @@ async fn run_engine(
             c.submit();
         }
         engine_busy += turn_started.elapsed();
-        {
-            let mut s = status.lock().unwrap();
-            s.engine_busy = engine_busy;
-            s.engine_turns = turns;
-            s.engines[0] = EngineLoad {
-                busy: engine_busy,
-                turns,
-                sessions: engine.session_count(),
-            };
-            s.stats.clone_from(engine.stats());
-            s.sessions = engine.session_count();
-            s.connections = engine.connection_count();
-            s.backend_inflight = engine.backend_inflight();
-            // Fixed-size copies (under a kilobyte per export), so a
-            // scrape never misses the last requests before a quiet spell.
-            s.latency.clear();
-            s.latency.extend_from_slice(engine.latency());
-            // The per-session list allocates: refresh it at most every
-            // 100 ms rather than per event, and whenever a session or a
-            // connection came or went (else the last change before a
-            // quiet spell would stay unseen).
-            let counts = (s.sessions, s.connections);
-            if last_list.elapsed() >= std::time::Duration::from_millis(100)
-                || counts != listed_counts
-            {
-                s.session_list = engine.sessions();
-                listed_counts = counts;
-                last_list = tokio::time::Instant::now();
-            }
-        }
+        publish_status(&status, &engine, (engine_busy, turns), &mut listed);
         if let Some(counts) = &session_counts {
             counts[index].store(engine.session_count(), Ordering::Relaxed);
         }
@@ -651,6 +573,119 @@ async fn run_engine(
             tokio::task::yield_now().await;
             return Ok(());
         }
+    }
+}
+
+/// The TLS handshake of accepted connection `conn`, within `limit`: the
+/// secured connection goes to the engine loop, a failed one is closed.
+#[cfg(feature = "tls")]
+async fn secure(
+    acceptor: crate::tls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    conn: ConnId,
+    limit: std::time::Duration,
+    frames: FrameReader,
+    (tx, conn_tx): (
+        mpsc::UnboundedSender<Event>,
+        mpsc::UnboundedSender<ConnEvent<ConnId>>,
+    ),
+) {
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let w = conn::spawn(tls, conn, frames, SEND_QUEUE_MAX, conn_tx);
+            let _ = tx.send(Event::Secured(conn, w));
+        }
+        Ok(Err(e)) => {
+            let _ = conn_tx.send(ConnEvent::Closed(conn, format!("TLS: {e}")));
+        }
+        Err(_) => {
+            let _ = conn_tx.send(ConnEvent::Closed(conn, "TLS handshake timed out".into()));
+        }
+    }
+}
+
+/// Starts request `req`'s backend operation the cheapest way it can run:
+/// with the simulator's latency, straight from the file into the reply,
+/// at once where nothing blocks, on io_uring, or on the pool.
+fn start_backend_op(
+    req: BackendRequest,
+    engine: &mut ServerEngine,
+    backend: &Arc<dyn Backend>,
+    completions: Option<&mut crate::completions::Completions>,
+    file_conns: &HashSet<ConnId>,
+    tx: &mpsc::UnboundedSender<Event>,
+    clock: &Clock,
+) {
+    if let Some(delay) = backend.latency(req.export, &req.op) {
+        let (backend, tx) = (backend.clone(), tx.clone());
+        let reported = backend.completion_delay(req.export, &req.op);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = backend.execute(req.export, &req.op);
+            if !reported.is_zero() {
+                tokio::time::sleep(reported).await;
+            }
+            let _ = tx.send(Event::BackendDone(req.token, result));
+        });
+        return;
+    }
+    if let Some((data, crc)) = file_reply(engine, &req, &**backend, file_conns) {
+        engine.backend_complete_from_file(req.token, data, crc, clock.now());
+        return;
+    }
+    // Cached reads and unthrottled writes finish here and
+    // now; anything that might block goes to the pool.
+    if let Some(result) = backend.try_execute_now(req.export, &req.op) {
+        engine.backend_complete(req.token, result, clock.now());
+        return;
+    }
+    let op = match completions {
+        Some(c) => match c.start(req.export, req.op, req.token) {
+            Ok(()) => return,
+            Err(op) => op,
+        },
+        None => req.op,
+    };
+    let (backend, tx, export, token) = (backend.clone(), tx.clone(), req.export, req.token);
+    tokio::task::spawn_blocking(move || {
+        let result = backend.execute(export, &op);
+        let _ = tx.send(Event::BackendDone(token, result));
+    });
+}
+
+/// The engine's figures for `braid status` and metrics after a turn;
+/// `listed` is when the session list was last refreshed, and the counts
+/// it had.
+fn publish_status(
+    status: &Mutex<ServerStatus>,
+    engine: &ServerEngine,
+    (engine_busy, turns): (std::time::Duration, u64),
+    listed: &mut (tokio::time::Instant, (usize, usize)),
+) {
+    let mut s = status.lock().unwrap();
+    s.engine_busy = engine_busy;
+    s.engine_turns = turns;
+    s.engines[0] = EngineLoad {
+        busy: engine_busy,
+        turns,
+        sessions: engine.session_count(),
+    };
+    s.stats.clone_from(engine.stats());
+    s.sessions = engine.session_count();
+    s.connections = engine.connection_count();
+    s.backend_inflight = engine.backend_inflight();
+    // Fixed-size copies (under a kilobyte per export), so a
+    // scrape never misses the last requests before a quiet spell.
+    s.latency.clear();
+    s.latency.extend_from_slice(engine.latency());
+    // The per-session list allocates: refresh it at most every
+    // 100 ms rather than per event, and whenever a session or a
+    // connection came or went (else the last change before a
+    // quiet spell would stay unseen).
+    let counts = (s.sessions, s.connections);
+    if listed.0.elapsed() >= std::time::Duration::from_millis(100) || counts != listed.1 {
+        s.session_list = engine.sessions();
+        *listed = (tokio::time::Instant::now(), counts);
     }
 }
 
