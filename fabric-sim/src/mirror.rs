@@ -398,7 +398,7 @@ fn kill_and_restart(
                 // meanwhile (as `braid attach` does) and resyncs it on
                 // return. The held frames land on their next retry
                 // (madsim doubles the interval); with fencing off some
-                // of these seeds fail too (46 and 154 of the first
+                // of these seeds fail too (46, 154 and 174 of the first
                 // 200), but the late seeds are the ones made for it.
                 tokio::time::sleep(Duration::from_millis(1000 + cut_rng.below(3000))).await;
                 net.unclog_node(server);
@@ -863,7 +863,10 @@ mod tests {
     /// off here changed nothing.
     #[test]
     fn late_frames_of_a_dead_run_are_fenced_off() {
-        for seed in [62, 66, 125] {
+        // Re-pinned when the volume driver gained a task per leg (to
+        // hear of a fence at once), which moved madsim's schedule: 62 and
+        // 125 no longer fail without fencing, 98 and 149 do.
+        for seed in [66, 98, 149] {
             let r = crate::world::run(Scenario::MirrorRestart, seed, 10.0);
             assert_eq!(r.faults.get(&Fault::LateFrames), Some(&1), "seed {seed}");
             assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);

@@ -17,7 +17,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// A snapshot of the client for status output.
 #[derive(Debug, Clone, Default)]
@@ -44,9 +44,6 @@ pub struct ClientStatus {
     /// all of it, against the time passed, says that one task is what
     /// limits the client.
     pub driver_busy: Duration,
-    /// A server answered FENCED: a newer run of this client holds the
-    /// export, and this one has closed for good.
-    pub fenced: bool,
 }
 
 impl ClientStatus {
@@ -144,6 +141,8 @@ pub struct Client {
     cmds: mpsc::Sender<Cmd>,
     info: ExportInfo,
     status: Arc<Mutex<ClientStatus>>,
+    /// Turns true when a server fences this run (see [`Client::when_fenced`]).
+    fenced: watch::Receiver<bool>,
 }
 
 impl fmt::Debug for Client {
@@ -167,6 +166,7 @@ impl Client {
             Arc<Mutex<ClientStatus>>,
             oneshot::Receiver<Result<ExportInfo, String>>,
             Arc<Mutex<String>>,
+            watch::Receiver<bool>,
         ),
         ConnectError,
     > {
@@ -177,6 +177,7 @@ impl Client {
         }));
         let (ready_tx, ready_rx) = oneshot::channel();
         let last_error = Arc::new(Mutex::new(String::from("no answer yet")));
+        let (fenced_tx, fenced) = watch::channel(false);
         let engine = ClientEngine::new(config).map_err(|e| ConnectError {
             addr: addr.clone(),
             detail: e.to_string(),
@@ -203,9 +204,10 @@ impl Client {
             busy: Duration::ZERO,
             ready: Some(ready_tx),
             last_error: last_error.clone(),
+            fenced: fenced_tx,
         };
         tokio::spawn(driver.run(cmd_rx));
-        Ok((cmd_tx, status, ready_rx, last_error))
+        Ok((cmd_tx, status, ready_rx, last_error, fenced))
     }
 
     /// Connects and waits up to `wait` for the first session.
@@ -216,12 +218,14 @@ impl Client {
         wait: Duration,
     ) -> Result<Client, ConnectError> {
         let addr = addr.into();
-        let (cmd_tx, status, ready_rx, last_error) = Self::spawn(addr.clone(), security, config)?;
+        let (cmd_tx, status, ready_rx, last_error, fenced) =
+            Self::spawn(addr.clone(), security, config)?;
         match tokio::time::timeout(wait, ready_rx).await {
             Ok(Ok(Ok(info))) => Ok(Client {
                 cmds: cmd_tx,
                 info,
                 status,
+                fenced,
             }),
             // Refused for good (wrong key, no such export): say so now
             // rather than retry until the wait runs out.
@@ -252,7 +256,7 @@ impl Client {
     ) -> Result<Client, ConnectError> {
         let addr = addr.into();
         let export = config.export.clone();
-        let (cmd_tx, status, ready_rx, _) = Self::spawn(addr.clone(), security, config)?;
+        let (cmd_tx, status, ready_rx, _, fenced) = Self::spawn(addr.clone(), security, config)?;
         let closer = cmd_tx.clone();
         tokio::spawn(async move {
             let why = match ready_rx.await {
@@ -276,7 +280,17 @@ impl Client {
             cmds: cmd_tx,
             info: expected,
             status,
+            fenced,
         })
+    }
+
+    /// Resolves to true once a server fences this client (a newer run of
+    /// its identity took the export over; it has closed for good), or to
+    /// false if the client ends otherwise. Holds no part of the client, so
+    /// waiting on it keeps nothing open.
+    pub fn when_fenced(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut fenced = self.fenced.clone();
+        async move { fenced.wait_for(|f| *f).await.is_ok() }
     }
 
     /// The export as the server described it.
@@ -389,6 +403,8 @@ struct Driver {
     /// server refused us for good.
     ready: Option<oneshot::Sender<Result<ExportInfo, String>>>,
     last_error: Arc<Mutex<String>>,
+    /// Told once the engine is fenced.
+    fenced: watch::Sender<bool>,
 }
 
 /// What woke the driver's task.
@@ -647,7 +663,10 @@ impl Driver {
             s.dirty_bytes = self.engine.dirty_bytes();
             s.session = self.engine.session();
             s.driver_busy = self.busy;
-            s.fenced = self.engine.is_fenced();
+        }
+        if self.engine.is_fenced() {
+            self.fenced
+                .send_if_modified(|f| !std::mem::replace(f, true));
         }
         for c in completions {
             if let Some(w) = self.waiters.remove(&c.user) {

@@ -89,6 +89,8 @@ enum Event {
     /// Store the logs of this generation again (the last try failed).
     StoreAgain(u64),
     MapStored(Result<(), String>),
+    /// A leg's client was fenced (perhaps with none of our IO on it).
+    LegFenced(usize),
 }
 
 /// A volume over several legs: cheap to clone.
@@ -300,6 +302,16 @@ impl Driver {
     /// A leg's client, with a task to hand it IO in the engine's order
     /// when its queue is full.
     fn add_leg(&mut self, name: String, client: Client) {
+        // Fenced while idle, or while away, a leg's client has no IO of
+        // ours to fail with FENCED; its channels just stay down, and
+        // reported unreachable the leg would be dropped alone while the
+        // others take this run's writes. Told at once instead.
+        let (fenced, events, leg) = (client.when_fenced(), self.events.clone(), self.legs.len());
+        tokio::spawn(async move {
+            if fenced.await {
+                let _ = events.send(Event::LegFenced(leg));
+            }
+        });
         let (queue, mut pending) = mpsc::unbounded_channel::<(u64, IoRequest)>();
         let queued = Arc::new(AtomicUsize::new(0));
         let (c, tx, left) = (client.clone(), self.events.clone(), queued.clone());
@@ -376,6 +388,7 @@ impl Driver {
                     },
                     // The logs now hold at least what that generation did.
                     Event::StoreAgain(generation) => self.store_logs(generation),
+                    Event::LegFenced(leg) => self.engine.leg_fenced(leg),
                     Event::MapStored(Ok(())) => {
                         self.store_map = None;
                         self.engine.map_stored(clock.now());
@@ -500,15 +513,7 @@ impl Driver {
                 continue;
             }
             let slot = &mut self.legs[leg];
-            let status = slot.client.status();
-            if status.fenced {
-                // Fenced while no IO of ours was on it: its channels are
-                // down for good, and reporting it merely unreachable would
-                // have the others go on without it.
-                self.engine.leg_fenced(leg);
-                return;
-            }
-            let up = status.channels.iter().any(|c| c.1);
+            let up = slot.client.status().channels.iter().any(|c| c.1);
             if up {
                 slot.down_since = None;
                 if slot.reported_down {
