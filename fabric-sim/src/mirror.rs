@@ -13,10 +13,10 @@ use crate::world::Report;
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
-use braid_core::server::{BackendOp, ExportConfig, ServerConfig, ServerEngine};
+use braid_core::server::{BackendOp, ExportConfig, ServerConfig};
 use braid_core::testkit::{Fault, MemDisk, Sabotage, Scenario, SECTOR};
 use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
-use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Server, ServerSecurity, Volume};
+use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Volume};
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
 use std::collections::{BTreeMap, HashMap};
@@ -262,35 +262,20 @@ fn start_servers(
                 let (full, slow) = (full.clone(), slow.clone());
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
                 async move {
-                    let mut config = ServerConfig::new(
+                    let config = ServerConfig::new(
                         seed.rotate_left(i as u32 + 3) ^ boot,
                         crate::world::seed_bytes(seed, 50 + 8 * i as u64 + boot),
                         vec![("sim".into(), key)],
                         vec![ExportConfig::new("disk0", SIZE)],
                     );
-                    for s in &sabotage {
-                        s.apply_server(&mut config);
-                    }
-                    let listener =
-                        tokio::net::TcpListener::bind(SocketAddr::new(server_ip(i), PORT))
-                            .await
-                            .expect("bind the simulated server");
-                    let _ = Server::run_engines(
-                        listener,
-                        ServerSecurity::Plain,
-                        ServerEngine::several(&config, engines).expect("a valid config"),
-                        None,
-                        Arc::new(SimDisk {
-                            disks: vec![disk],
-                            full,
-                            slow,
-                            rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
-                            late_completions: false,
-                        }),
-                        std::future::pending(),
-                        |_| {},
-                    )
-                    .await;
+                    let disk = SimDisk {
+                        disks: vec![disk],
+                        full,
+                        slow,
+                        rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
+                        late_completions: false,
+                    };
+                    crate::world::serve_sim(server_ip(i), config, &sabotage, engines, disk).await;
                 }
             })
             .build();

@@ -300,34 +300,20 @@ async fn simulate(
                     let exports = (0..disks.len())
                         .map(|i| ExportConfig::new(format!("disk{i}"), SIZE))
                         .collect();
-                    let mut config = ServerConfig::new(
+                    let config = ServerConfig::new(
                         seed.rotate_left(17) ^ boot,
                         seed_bytes(seed, 2 + boot),
                         vec![("sim".into(), key)],
                         exports,
                     );
-                    for s in &sabotage {
-                        s.apply_server(&mut config);
-                    }
-                    let listener = tokio::net::TcpListener::bind(SocketAddr::new(SERVER_IP, PORT))
-                        .await
-                        .expect("bind the simulated server");
-                    let _ = Server::run_engines(
-                        listener,
-                        ServerSecurity::Plain,
-                        ServerEngine::several(&config, engines).expect("a valid config"),
-                        None,
-                        Arc::new(SimDisk {
-                            disks,
-                            full,
-                            slow,
-                            rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
-                            late_completions: true,
-                        }),
-                        std::future::pending(),
-                        |_| {},
-                    )
-                    .await;
+                    let disk = SimDisk {
+                        disks,
+                        full,
+                        slow,
+                        rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
+                        late_completions: true,
+                    };
+                    serve_sim(SERVER_IP, config, &sabotage, engines, disk).await;
                 }
             })
             .build()
@@ -655,6 +641,33 @@ async fn inject(
         }
     }
     faults
+}
+
+/// A simulated server node's one life: `config` with `sabotage` applied,
+/// `engines` engines over `disk`, listening on `ip` until the node dies.
+pub(crate) async fn serve_sim(
+    ip: IpAddr,
+    mut config: ServerConfig,
+    sabotage: &[Sabotage],
+    engines: usize,
+    disk: SimDisk,
+) {
+    for s in sabotage {
+        s.apply_server(&mut config);
+    }
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, PORT))
+        .await
+        .expect("bind the simulated server");
+    let _ = Server::run_engines(
+        listener,
+        ServerSecurity::Plain,
+        ServerEngine::several(&config, engines).expect("a valid config"),
+        None,
+        Arc::new(disk),
+        std::future::pending(),
+        |_| {},
+    )
+    .await;
 }
 
 #[cfg(test)]
