@@ -1115,9 +1115,9 @@ impl VolumeEngine {
         self.fenced = Some(leg);
         for action in std::mem::take(&mut self.actions) {
             match action {
-                VolumeAction::LegIo { leg, token, .. } => {
+                VolumeAction::LegIo { leg: to, token, .. } => {
                     self.tokens.remove(&token);
-                    self.legs[leg].outstanding -= 1;
+                    self.legs[to].outstanding -= 1;
                 }
                 VolumeAction::PersistLogs { .. } | VolumeAction::StoreMap { .. } => {}
                 kept @ (VolumeAction::Complete { .. } | VolumeAction::LegChanged { .. }) => {
