@@ -286,11 +286,9 @@ fn start_servers(
 }
 
 /// Kills the client node once, mid-run, and boots the volume's next run
-/// (on the same node, or in late seeds on a second one): in half the
-/// seeds one leg is cut off as the client dies, and in half of those the
-/// dead run's frames to it are held until the new run has its session
-/// there. Returns whether a leg was cut off, and whether its frames were
-/// held.
+/// (on the same node, or in late seeds on a second one). Returns whether
+/// a leg was cut off as the client died, and whether the dead run's
+/// frames to it were held until the new run had its session there.
 fn kill_and_restart(
     handle: &Handle,
     client: madsim::task::NodeId,

@@ -633,8 +633,8 @@ fn start_backend_op(
         engine.backend_complete_from_file(req.token, data, crc, clock.now());
         return;
     }
-    // Cached reads and unthrottled writes finish here and
-    // now; anything that might block goes to the pool.
+    // Cached reads and unthrottled writes finish here and now; anything
+    // that might block goes to the pool.
     if let Some(result) = backend.try_execute_now(req.export, &req.op) {
         engine.backend_complete(req.token, result, clock.now());
         return;
