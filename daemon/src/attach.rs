@@ -869,16 +869,8 @@ async fn connect_legs(
     // them, and they are resynced when they return.
     let mut down = Vec::new();
     let mut reached = None;
-    // Every leg at once: one that is down costs its connect timeout once,
-    // not once per leg before it.
-    let mut attempts = tokio::task::JoinSet::new();
-    for (i, leg) in file.legs.iter().enumerate() {
-        let c = leg_args(client_args, leg);
-        attempts.spawn(async move { (i, c.connect().await) });
-    }
-    let mut answers = attempts.join_all().await;
-    answers.sort_by_key(|(i, _)| *i);
-    for (leg, (_, answer)) in file.legs.iter().zip(answers) {
+    let answers = answers_of_legs(file, client_args).await?;
+    for (leg, answer) in file.legs.iter().zip(answers) {
         let client = match answer {
             Ok(client) => client,
             Err(e) => {
@@ -908,13 +900,7 @@ async fn connect_legs(
     let map = VolumeMap::new(&file.spec()?, |n| infos.get(n).copied())
         .map_err(|e| format!("volume {}: {e}", path.display()))?;
     for (leg, why) in &down {
-        let leaf = map.leaves().iter().position(|n| *n == leg.name);
-        let mirrored = map
-            .map(0, map.size())
-            .iter()
-            .filter(|seg| seg.copies.iter().any(|c| Some(c.leaf) == leaf))
-            .all(|seg| seg.copies.len() > 1);
-        if !mirrored {
+        if holds_only_copy(&map, &leg.name) {
             return Err(format!(
                 "{why}\n(it holds data no other leg has: the volume cannot attach without it)"
             ));
@@ -925,6 +911,74 @@ async fn connect_legs(
         clients.insert(leg.name.clone(), client);
     }
     Ok((map, clients, max_payload))
+}
+
+/// Every leg's connect attempt, all at once, so a leg that is down costs
+/// its connect patience once, not once per leg before it. Once a leg has
+/// answered, legs still silent `leg_timeout` later (at least a second)
+/// are given up on if each is mirrored: the volume attaches without them
+/// rather than wait out the patience for a server that may be gone, and
+/// they are resynced when they answer. A leg that holds the only copy of
+/// some byte is waited for to the end. The answers come in leg order.
+async fn answers_of_legs(
+    file: &crate::volume::VolumeFile,
+    client_args: &ClientArgs,
+) -> Result<Vec<Result<Client, String>>, String> {
+    use tokio::time::{sleep_until, Duration, Instant};
+    let grace = file.leg_timeout()?.max(Duration::from_secs(1));
+    let spec = file.spec()?;
+    let mut attempts = tokio::task::JoinSet::new();
+    for (i, leg) in file.legs.iter().enumerate() {
+        let c = leg_args(client_args, leg);
+        attempts.spawn(async move { (i, c.connect().await) });
+    }
+    let mut answers: Vec<Option<Result<Client, String>>> = file.legs.iter().map(|_| None).collect();
+    // The first leg to answer: when, which, and the map drawn with its
+    // geometry for every leg (which legs are mirrored does not depend on
+    // their sizes).
+    let mut first: Option<(Instant, usize, Option<braid_core::volume::VolumeMap>)> = None;
+    loop {
+        let give_up_at = first.as_ref().and_then(|(at, _, map)| {
+            let map = map.as_ref()?;
+            let mut silent = file.legs.iter().zip(&answers).filter(|(_, a)| a.is_none());
+            silent
+                .all(|(leg, _)| !holds_only_copy(map, &leg.name))
+                .then_some(*at + grace)
+        });
+        let next = tokio::select! {
+            next = attempts.join_next() => next,
+            _ = sleep_until(give_up_at.unwrap_or_else(Instant::now)), if give_up_at.is_some() => break,
+        };
+        let Some(joined) = next else { break };
+        let (i, answer) = joined.map_err(|e| format!("connecting the legs: {e}"))?;
+        if let (None, Ok(client)) = (&first, &answer) {
+            let like = leg_info(&client.info());
+            let map = braid_core::volume::VolumeMap::new(&spec, |_| Some(like)).ok();
+            first = Some((Instant::now(), i, map));
+        }
+        answers[i] = Some(answer);
+    }
+    attempts.abort_all();
+    let first_leg = first.map_or("", |(_, i, _)| file.legs[i].name.as_str());
+    Ok(answers
+        .into_iter()
+        .map(|a| {
+            a.unwrap_or_else(|| {
+                Err(format!(
+                    "no answer {grace:?} after leg {first_leg:?} answered"
+                ))
+            })
+        })
+        .collect())
+}
+
+/// Whether some byte of the volume lives on leg `name` alone.
+fn holds_only_copy(map: &braid_core::volume::VolumeMap, name: &str) -> bool {
+    let leaf = map.leaves().iter().position(|n| n.as_str() == name);
+    map.map(0, map.size())
+        .iter()
+        .filter(|seg| seg.copies.iter().any(|c| Some(c.leaf) == leaf))
+        .any(|seg| seg.copies.len() < 2)
 }
 
 /// Claims this run of volume `name`: the next epoch after the one stored

@@ -330,6 +330,13 @@ fn a_late_leg_whose_server_has_another_export_is_left_out() {
             .unwrap(),
     );
     wait_for(&control);
+    // b's server is not running: the volume did not wait out the connect
+    // patience for it, only the leg timeout (at least a second) after a.
+    let log = std::fs::read_to_string(logs.join("attach.log")).unwrap();
+    assert!(
+        log.contains(r#"leg "b""#) && log.contains(r#"no answer 1s after leg "a" answered"#),
+        "{log}"
+    );
     // b answers at last, with an export of another size.
     let _b = serve(&db, pb, "8M", &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
