@@ -478,6 +478,139 @@ fn unknown_key_id_and_unknown_export_are_refused() {
     )));
 }
 
+fn keys(table: &[(&str, &[u8])]) -> Vec<(String, Key)> {
+    table
+        .iter()
+        .map(|(id, k)| (id.to_string(), Key::new(k.to_vec())))
+        .collect()
+}
+
+#[test]
+fn a_withdrawn_key_closes_its_channels_and_given_back_resumes_the_session() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 2);
+    let first = Bytes::from(vec![0xA1; 4096]);
+    p.io(1, IoRequest::write(0, first.clone(), false)).unwrap();
+    let session = p.client.session();
+
+    // A table the server cannot use changes nothing.
+    assert!(p.server.set_keys(Vec::new(), p.now).is_err());
+    assert!(p.server.poll_action().is_none());
+
+    // alice's key withdrawn: both her channels close at once, and her
+    // reconnects are refused.
+    let change = p
+        .server
+        .set_keys(keys(&[("bob", b"bob's key")]), p.now)
+        .unwrap();
+    assert_eq!(
+        change,
+        KeyChange {
+            added: vec![],
+            withdrawn: vec!["alice".into()],
+            channels_closed: 2
+        }
+    );
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 0);
+    assert_eq!(p.server.session_count(), 1, "the session lingers");
+    // A write submitted meanwhile waits rather than fails.
+    let second = Bytes::from(vec![0xB2; 4096]);
+    p.client
+        .submit(2, IoRequest::write(4096, second.clone(), false), p.now)
+        .unwrap();
+    p.advance(Duration::from_millis(300));
+    assert!(p.completions.is_empty());
+    assert_eq!(p.client.ready_channels(), 0);
+    assert!(p
+        .notices
+        .iter()
+        .any(|n| matches!(n, Notice::AuthFailed { .. })));
+
+    // Given back within the linger: the same session resumes, and the
+    // write lands once.
+    let change = p
+        .server
+        .set_keys(
+            keys(&[("alice", b"alice's key"), ("bob", b"bob's key")]),
+            p.now,
+        )
+        .unwrap();
+    assert_eq!(change.added, ["alice"]);
+    assert!(change.withdrawn.is_empty());
+    p.advance(Duration::from_secs(2));
+    assert_eq!(p.client.ready_channels(), 2);
+    assert_eq!(p.client.session(), session, "the session resumed");
+    assert_eq!(p.server.stats().sessions_created, 1);
+    let done = p.completions.remove(0);
+    assert_eq!((done.user, done.result.is_ok()), (2, true));
+    assert_eq!(
+        p.io(3, IoRequest::read(0, 8192)).unwrap(),
+        [first, second].concat()
+    );
+    assert_eq!(p.server.stats().channels_revoked, 2);
+
+    // The same id with other bytes is a withdrawn key too.
+    let change = p
+        .server
+        .set_keys(
+            keys(&[("alice", b"alice's new key"), ("bob", b"bob's key")]),
+            p.now,
+        )
+        .unwrap();
+    assert_eq!(
+        (change.withdrawn, change.channels_closed),
+        (vec!["alice".into()], 2)
+    );
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 0);
+}
+
+#[test]
+fn a_key_withdrawn_between_challenge_and_proof_fails_the_proof() {
+    let mut server = ServerEngine::new(server_config()).expect("a valid config");
+    let key = Key::new(*b"alice's key");
+    let (nonce, now) = ([3; 16], Instant::ZERO);
+    for (conn, table) in [
+        (1, keys(&[("bob", b"bob's key")])),
+        (2, keys(&[("alice", b"alice's other key")])),
+    ] {
+        server
+            .set_keys(keys(&[("alice", b"alice's key")]), now)
+            .unwrap();
+        let c = hello(&mut server, conn, nonce, now).unwrap();
+        let change = server.set_keys(table, now).unwrap();
+        assert_eq!(
+            change.channels_closed, 0,
+            "a handshake is not a channel yet"
+        );
+        let t = braid_core::auth::Transcript {
+            key_id: "alice",
+            export: "disk0",
+            session_id: 0,
+            owner_epoch: (0, 0),
+            client_nonce: &nonce,
+            server_nonce: &c.server_nonce,
+            boot_id: c.boot_id,
+        };
+        let auth = Message::Auth(Auth {
+            client_proof: braid_core::auth::client_proof(&key, &t),
+        });
+        server.handle_frame(conn, wire::encode(&auth).to_bytes(), now);
+        let replies = drain(&mut server);
+        assert!(
+            replies
+                .iter()
+                .any(|m| matches!(m, Message::Reject(r) if r.code == RejectCode::AuthFailed)),
+            "{replies:?}"
+        );
+        server.check().unwrap();
+    }
+    assert_eq!(server.session_count(), 0);
+    assert_eq!(server.stats().auth_failures, 2);
+}
+
 /// Runs a handshake by hand so a test can record and replay it.
 /// alice's HELLO for disk0, version 1, no identity, no session.
 fn alice_hello(nonce: [u8; 16]) -> Hello {

@@ -287,7 +287,20 @@ pub fn swarm(seed: u64, virtual_secs: f64) -> WorldConfig {
     // Drawn last, so every earlier draw of a seed stays what it was.
     c.hold_refused = rng.chance(0.5);
     c.sticky_slack = [0, 1, 4, 16, 64][rng.below(5) as usize];
+    // An operator withdrawing the client's key for a while, some outages
+    // longer than the session linger a tuning above may set (100 ms, 1 s),
+    // so the session expires while the client cannot reach it.
+    if rng.chance(0.3) {
+        for _ in 0..1 + rng.below(2) {
+            let at = ms(rng.below(run_ms.max(1)));
+            c.key_withdrawals.push((at, ms(pick_key_outage(&mut rng))));
+        }
+    }
     c
+}
+
+fn pick_key_outage(rng: &mut braid_core::rng::SplitMix64) -> u64 {
+    [10, 200, 1_500, 4_000][rng.below(4) as usize]
 }
 
 /// One line naming every drawn knob of a world, printed with its seed.
@@ -312,7 +325,7 @@ pub fn describe(c: &WorldConfig) -> String {
     format!(
         "channels={} qd={} hold_refused={} disk_sectors={} io_sectors_max={} dirty_bytes={} policy={:?} \
          sticky_slack={} server_max_inflight={} server_max_payload={} link_delay={:?}..{:?} disk_latency={:?}..{:?} \
-         keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}] tunings=[{}]",
+         keepalive={:?} channel_timeout={:?} resend={:?}..{:?} outage_max={:?} clock={:?}x{} faults=[{}] tunings=[{}] key_withdrawals={:?}",
         c.channels,
         c.queue_depth,
         c.hold_refused,
@@ -343,7 +356,8 @@ pub fn describe(c: &WorldConfig) -> String {
                 sv.max_inflight, sv.max_channels_per_session, sv.session_linger
             ))
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; "),
+        c.key_withdrawals
     )
 }
 

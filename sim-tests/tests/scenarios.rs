@@ -173,3 +173,38 @@ fn a_divergence_is_reported_at_its_first_step() {
         Some((i, None))
     );
 }
+
+/// The operator withdraws the client's key twice under every fault class,
+/// the second time for longer than the session linger it set just
+/// before: each channel that used the key closes at once, the session
+/// expires while the client cannot reach it, and once the key is back no
+/// IO is lost or applied twice (the checker's invariants).
+#[test]
+fn a_withdrawn_key_closes_its_channels_and_loses_no_io() {
+    use braid_core::client::ClientTuning;
+    use braid_core::server::ServerTuning;
+    use braid_core::testkit::{Fault, World};
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    for seed in 0..4 {
+        let mut c = braid_sim_tests::scenario(Scenario::AllFaults, seed, 5.0).unwrap();
+        c.key_withdrawals = vec![(ms(500), ms(300)), (ms(2_000), ms(1_500))];
+        let linger = ServerTuning {
+            session_linger: Some(ms(500)),
+            ..ServerTuning::default()
+        };
+        c.tunings.push((ms(1_900), ClientTuning::default(), linger));
+        let r = World::new(c).run();
+        assert!(r.violations.is_empty(), "seed {seed}: {}", r.violations[0]);
+        assert_eq!(r.faults.get(&Fault::KeyWithdrawn), Some(&2), "seed {seed}");
+        assert!(
+            r.server.channels_revoked > 0,
+            "seed {seed}: no channel closed"
+        );
+        assert!(
+            r.client.session_resets > 0,
+            "seed {seed}: the session outlived its linger"
+        );
+        assert!(r.ios > 1_000, "seed {seed}: {} IOs", r.ios);
+    }
+}

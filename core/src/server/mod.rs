@@ -6,6 +6,7 @@
 mod backend;
 mod config;
 mod defect;
+mod keys;
 mod overlap;
 mod session;
 mod shard;
@@ -14,6 +15,7 @@ mod tuning;
 pub use backend::{Backend, Extent, IoQueue, MappedRange, MappedSink, MappedWindow, SpliceSource};
 pub use config::{ExportConfig, ServerConfig};
 pub use defect::Defect;
+pub use keys::KeyChange;
 pub use session::ConnId;
 pub use shard::{engine_for, engine_for_frame};
 pub use tuning::ServerTuning;
@@ -112,6 +114,9 @@ pub enum CloseReason {
     SessionEnded,
     /// A newer run of the session's client opened a session on the export.
     Fenced,
+    /// The key the channel authenticated with is no longer one the server
+    /// holds (see [`ServerEngine::set_keys`]).
+    KeyRevoked,
 }
 
 /// What the driver must do next.
@@ -192,6 +197,9 @@ pub struct ServerStats {
     /// Read replies whose data went from the page cache to the socket
     /// without a copy through the server (`sendfile`).
     pub file_replies: u64,
+    /// Channels closed because the key they authenticated with was
+    /// withdrawn or replaced.
+    pub channels_revoked: u64,
 }
 
 impl ServerStats {
@@ -217,6 +225,7 @@ impl ServerStats {
             sessions_fenced,
             overload_dropped,
             file_replies,
+            channels_revoked,
         } = other;
         self.connections += connections;
         self.handshakes += handshakes;
@@ -235,6 +244,7 @@ impl ServerStats {
         self.sessions_fenced += sessions_fenced;
         self.overload_dropped += overload_dropped;
         self.file_replies += file_replies;
+        self.channels_revoked += channels_revoked;
     }
 }
 
@@ -244,7 +254,6 @@ enum ConnState {
     AwaitAuth {
         hello: Hello,
         export: usize,
-        key: usize,
         server_nonce: [u8; NONCE_LEN],
     },
     /// Authenticated, creating a session whose owner's older sessions
@@ -265,6 +274,9 @@ enum ConnState {
 struct Conn {
     state: ConnState,
     last_rx: Instant,
+    /// The key its HELLO named, once the server held that key: a channel
+    /// is closed when the key is withdrawn (see [`ServerEngine::set_keys`]).
+    key_id: Option<String>,
 }
 
 /// A server timer. Each is armed where its state begins and checked
@@ -536,6 +548,23 @@ impl ServerEngine {
                 }
             }
         }
+        // A channel past its challenge speaks with a key the server holds:
+        // withdrawing a key closes the channels that used it.
+        for (id, c) in &self.conns {
+            if matches!(
+                c.state,
+                ConnState::AwaitFence { .. } | ConnState::Bound { .. }
+            ) && !c
+                .key_id
+                .as_ref()
+                .is_some_and(|k| self.config.keys.iter().any(|(held, _)| held == k))
+            {
+                return Err(format!(
+                    "conn {id} in {:?} authenticated with key {:?}, which the server does not hold",
+                    c.state, c.key_id
+                ));
+            }
+        }
         // Every state a timer guards has its timer (else a silent
         // connection or an abandoned session would stay forever).
         let armed: BTreeSet<Timer> = self.timers.iter().map(|(_, t)| *t).collect();
@@ -650,6 +679,7 @@ impl ServerEngine {
             Conn {
                 state: ConnState::AwaitHello,
                 last_rx: now,
+                key_id: None,
             },
         );
         self.timers
@@ -1092,6 +1122,7 @@ impl ServerEngine {
             boot_id: self.config.boot_id,
         };
         let mut server_proof = auth::server_proof(&self.config.keys[key].1, &transcript);
+        self.conns.get_mut(&conn).unwrap().key_id = Some(hello.key_id.clone());
         if self.broken(Defect::WrongServerProof) {
             // Always a different byte: the defect is never by chance a
             // no-op (mutation testing turned `^= 1` into `|= 1`, which was,
@@ -1112,7 +1143,6 @@ impl ServerEngine {
         self.conns.get_mut(&conn).unwrap().state = ConnState::AwaitAuth {
             hello,
             export,
-            key,
             server_nonce,
         };
     }
@@ -1143,11 +1173,16 @@ impl ServerEngine {
         let ConnState::AwaitAuth {
             hello,
             export,
-            key,
             server_nonce,
         } = std::mem::replace(&mut c.state, ConnState::AwaitHello)
         else {
             unreachable!("on_auth is only called in AwaitAuth")
+        };
+        // Looked up again: the key table may have changed since the
+        // challenge (a key withdrawn, or given new bytes the client's
+        // proof then fails against).
+        let Some((_, key)) = self.config.keys.iter().find(|(id, _)| *id == hello.key_id) else {
+            return self.reject(conn, RejectCode::AuthFailed, "authentication failed", now);
         };
         let transcript = auth::Transcript {
             key_id: &hello.key_id,
@@ -1158,7 +1193,7 @@ impl ServerEngine {
             server_nonce: &server_nonce,
             boot_id: self.config.boot_id,
         };
-        let expected = auth::client_proof(&self.config.keys[key].1, &transcript);
+        let expected = auth::client_proof(key, &transcript);
         if !auth::proofs_equal(&expected, &auth_msg.client_proof)
             && !self.broken(Defect::AcceptAnyProof)
         {

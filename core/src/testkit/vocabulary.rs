@@ -297,6 +297,9 @@ pub enum Fault {
     /// A killed client's frames held in the network until its next run
     /// had opened its session on that server, then delivered.
     LateFrames,
+    /// The client's key withdrawn from the server by its operator for a
+    /// while, then given back.
+    KeyWithdrawn,
 }
 
 impl Fault {
@@ -319,6 +322,7 @@ impl Fault {
             Fault::MediaErrors => "media errors",
             Fault::ClientCrash => "client crash",
             Fault::LateFrames => "dead run's frames late",
+            Fault::KeyWithdrawn => "key withdrawn",
         }
     }
 }

@@ -142,6 +142,11 @@ pub struct WorldConfig {
     /// Runtime tuning at virtual times after the start, as an operator's
     /// `braid set` would do it: (when, client changes, server changes).
     pub tunings: Vec<(Duration, ClientTuning, ServerTuning)>,
+    /// The client's key withdrawn from the server at virtual times after
+    /// the start, each for a while, as an operator rotating keys by
+    /// mistake would: (when, for how long). The server holds another
+    /// client's key meanwhile, so its table is never empty.
+    pub key_withdrawals: Vec<(Duration, Duration)>,
     /// Protocol engines the server runs (`braid serve --engines`): each
     /// connection goes to the one its first frame names, as the driver's
     /// acceptor routes it.
@@ -185,6 +190,7 @@ impl WorldConfig {
             server_max_payload: 1 << 20,
             server_clock: (Duration::ZERO, 1.0),
             tunings: Vec::new(),
+            key_withdrawals: Vec::new(),
             engines: 1,
             hold_refused: false,
         }
@@ -251,6 +257,8 @@ enum Ev {
     PartitionEnds,
     HealAll,
     Tune(usize),
+    KeyWithdrawn,
+    KeyReturned,
 }
 
 impl Ev {
@@ -270,6 +278,8 @@ impl Ev {
             Ev::HealAll => 13,
             Ev::DiskLand { .. } => 14,
             Ev::Tune(_) => 15,
+            Ev::KeyWithdrawn => 16,
+            Ev::KeyReturned => 17,
         }
     }
 
@@ -289,6 +299,8 @@ impl Ev {
             Ev::PartitionEnds => "partition ends",
             Ev::HealAll => "heal",
             Ev::Tune(_) => "runtime tuning",
+            Ev::KeyWithdrawn => "key withdrawn",
+            Ev::KeyReturned => "key given back",
         }
     }
 }
@@ -341,6 +353,7 @@ struct Link {
 
 const FAULT_TICK: Duration = Duration::from_millis(50);
 const KEY_ID: &str = "sim";
+const SIM_KEY: &[u8] = b"simulated pre-shared key";
 const EXPORT: &str = "disk0";
 
 /// One seeded run.
@@ -362,6 +375,8 @@ pub struct World {
     server_stats: ServerStats,
     server_up: bool,
     boot: u64,
+    /// Withdrawals of the client's key in force (they may overlap).
+    keys_withdrawn: usize,
     disk: MemDisk,
     /// Backend operations in flight, with their result once they landed.
     disk_ops: BTreeMap<DiskOpId, DiskOp>,
@@ -414,7 +429,7 @@ impl World {
         };
         let (client_seed, server_seed) = (seed32(), seed32());
         let server_start = Instant::from_nanos(cfg.server_clock.0.as_nanos() as u64);
-        let key = Key::new(b"simulated pre-shared key".to_vec());
+        let key = Key::new(SIM_KEY.to_vec());
         let mut cc = ClientConfig::new(EXPORT, KEY_ID, key.clone(), client_seed);
         cc.channels = cfg.channels;
         cc.policy = cfg.policy;
@@ -443,6 +458,7 @@ impl World {
             server_stats: ServerStats::default(),
             server_up: true,
             boot,
+            keys_withdrawn: 0,
             disk,
             disk_ops: BTreeMap::new(),
             disk_stalled_until: Instant::ZERO,
@@ -528,6 +544,11 @@ impl World {
         self.schedule(self.cfg.run_for, Ev::HealAll);
         for i in 0..self.cfg.tunings.len() {
             self.schedule(self.cfg.tunings[i].0, Ev::Tune(i));
+        }
+        for i in 0..self.cfg.key_withdrawals.len() {
+            let (at, lasting) = self.cfg.key_withdrawals[i];
+            self.schedule(at, Ev::KeyWithdrawn);
+            self.schedule(at + lasting, Ev::KeyReturned);
         }
         self.client_timer = Some(self.now);
         self.fill_queue();
@@ -674,7 +695,18 @@ impl World {
                     }
                 }
             }
+            Ev::KeyWithdrawn => {
+                self.count_fault(Fault::KeyWithdrawn);
+                self.keys_withdrawn += 1;
+                self.give_server_keys();
+            }
+            Ev::KeyReturned => {
+                self.keys_withdrawn = self.keys_withdrawn.saturating_sub(1);
+                self.give_server_keys();
+            }
             Ev::HealAll => {
+                self.keys_withdrawn = 0;
+                self.give_server_keys();
                 self.faulty = false;
                 self.partitioned = false;
                 self.disk_stalled_until = self.now;
@@ -1129,9 +1161,35 @@ impl World {
         for chunk in seed.chunks_mut(8) {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
-        let key = Key::new(b"simulated pre-shared key".to_vec());
+        let key = Key::new(SIM_KEY.to_vec());
         self.servers = Self::engines(&self.cfg, self.boot, seed, key);
         self.server_up = true;
+        // A restarted server reads its operator's key file as it is now.
+        self.give_server_keys();
+    }
+
+    /// Gives every server engine the key table in force: the client's
+    /// key, or (while it is withdrawn) only another client's.
+    fn give_server_keys(&mut self) {
+        if !self.server_up {
+            return;
+        }
+        let table = if self.keys_withdrawn > 0 {
+            vec![(
+                "another client".to_string(),
+                Key::new(b"not yours".to_vec()),
+            )]
+        } else {
+            vec![(KEY_ID.to_string(), Key::new(SIM_KEY.to_vec()))]
+        };
+        for engine in 0..self.servers.len() {
+            if let Err(e) = self.servers[engine].set_keys(table.clone(), self.server_now) {
+                self.checker.report(Violation::Internal {
+                    engine: "server",
+                    what: format!("key table refused by engine {engine}: {e}"),
+                });
+            }
+        }
     }
 
     /// Each engine's own consistency check, after every step: a broken

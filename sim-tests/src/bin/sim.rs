@@ -123,6 +123,7 @@ fn main() -> ExitCode {
     let mut faults: BTreeMap<braid_core::testkit::Fault, u64> = BTreeMap::new();
     let (mut ios, mut virt, mut failovers, mut resends, mut dups, mut resets, mut replays) =
         (0, 0.0, 0, 0, 0, 0, 0);
+    let mut revoked = 0;
     for o in &outcomes {
         let r = &o.report;
         ios += r.ios;
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
             + r.server.stale_dropped;
         resets += r.client.session_resets;
         replays += r.client.replayed_extents;
+        revoked += r.server.channels_revoked;
         for (k, v) in &r.faults {
             *faults.entry(*k).or_default() += v;
         }
@@ -151,6 +153,7 @@ fn main() -> ExitCode {
     println!("duplicates dropped      {dups}");
     println!("server sessions replaced {resets}");
     println!("unflushed extents replayed {replays}");
+    println!("channels closed, key withdrawn {revoked}");
     println!(
         "speed                   {:.0} simulated s per wall s, {:.0} runs per minute (wall {wall:.1}s, {} jobs)",
         virt * runs / wall,
