@@ -400,6 +400,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
             "inflight": inflight,
             "rtt_us": rtt.map(|r| r.as_micros() as u64),
         })).collect::<Vec<_>>(),
+        "last_channel_error": client.last_error(),
         "journaled": s.journaled,
         "dirty_bytes": s.dirty_bytes,
         "rdma_memory": crate::rdma::memory_json(),
@@ -450,6 +451,17 @@ pub(crate) fn print_status(v: &serde_json::Value) {
             c["state"].as_str().unwrap_or("?"),
             c["path"].as_str().unwrap_or("?"),
             c["inflight"]
+        );
+    }
+    if v["channels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["state"] != "up")
+    {
+        println!(
+            "  last channel error: {}",
+            v["last_channel_error"].as_str().unwrap_or("?")
         );
     }
     let rows = [

@@ -15,6 +15,7 @@ mod nbd;
 mod nbd_threads;
 mod progress;
 mod rdma;
+mod reload;
 mod runtime_thread;
 mod serve;
 mod soak;
@@ -61,6 +62,9 @@ enum Cmd {
     /// Change a running server's or attached volume's settings (channels,
     /// timers, limits) without a restart.
     Set(tuning::SetArgs),
+    /// Make a running server reread its key file (as SIGHUP does): new
+    /// keys work at once, and channels of withdrawn ones close.
+    Reload(reload::ReloadArgs),
     /// Start a server, a fault proxy and a verifying client; reset, black-hole
     /// and corrupt channels and kill -9 the server under live IO; report.
     Demo(demo::DemoArgs),
@@ -85,7 +89,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     raise_descriptor_limit();
-    if matches!(cli.command, Cmd::Status(_) | Cmd::Set(_)) {
+    if matches!(cli.command, Cmd::Status(_) | Cmd::Set(_) | Cmd::Reload(_)) {
         end_quietly_on_a_closed_stdout();
     }
     // One engine runs in one task either way; a single-threaded runtime
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         Cmd::Verify(args) => runtime.block_on(verify::run(args)),
         Cmd::Status(args) => runtime.block_on(status::run(args)),
         Cmd::Set(args) => runtime.block_on(tuning::run(args)),
+        Cmd::Reload(args) => runtime.block_on(reload::run(args)),
         Cmd::Conformance(args) => runtime.block_on(conformance::run(args)),
         Cmd::Volume(args) => runtime.block_on(volume::run(args)),
         Cmd::Attach(args) => runtime.block_on(attach::run(args)),

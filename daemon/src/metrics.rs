@@ -158,6 +158,7 @@ impl Collector for ServerMetrics {
             ("braid_server_connections_accepted", "Connections accepted.", st.connections),
             ("braid_server_handshakes", "Handshakes completed.", st.handshakes),
             ("braid_server_auth_failures", "Handshakes refused for a bad key or proof.", st.auth_failures),
+            ("braid_server_channels_revoked", "Channels closed because the key they authenticated with was withdrawn or replaced.", st.channels_revoked),
             ("braid_server_sessions_created", "Sessions created.", st.sessions_created),
             ("braid_server_sessions_freed", "Sessions whose state was freed.", st.sessions_freed),
             ("braid_server_requests", "Requests received, every copy.", st.requests),

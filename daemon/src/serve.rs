@@ -251,6 +251,10 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         (None, Vec::new())
     };
     let served_backend = backend.clone();
+    // Before the server is ready: a reload sent once systemd hears READY
+    // must find the handler, not SIGHUP's default, which ends the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("SIGHUP handler: {e}"))?;
     let nbd_placement = nbd_threads.as_ref().map(|t| t.placement());
     // A task of its own rather than the future `block_on` drives: a
     // connection's reader task wakes it, and a woken task runs next,
@@ -266,6 +270,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         shutdown,
         move |server| {
             rdma.serve(&server);
+            tokio::spawn(crate::reload::keys_on_hangup(
+                hangups,
+                server.clone(),
+                key_file.clone(),
+            ));
             if let Some(m) = metrics {
                 m.serve_server(
                     server.clone(),
@@ -279,7 +288,14 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 export_info.len(),
                 server.local_addr()
             ));
-            status::serve_control(control, server, export_info, backend, nbd_placement);
+            status::serve_control(
+                control,
+                server,
+                key_file,
+                export_info,
+                backend,
+                nbd_placement,
+            );
         },
     ));
     serving

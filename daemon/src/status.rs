@@ -8,10 +8,11 @@ use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// Answers `status` on the server's control socket.
+/// Answers `status`, `set` and `reload` on the server's control socket.
 pub(crate) fn serve_control(
     path: PathBuf,
     server: Server,
+    key_file: PathBuf,
     exports: Vec<(String, u64)>,
     backend: Arc<Polled<FileBackend>>,
     nbd: Option<Placement>,
@@ -22,6 +23,13 @@ pub(crate) fn serve_control(
     let _ = crate::control::serve(path, move |command| {
         if command == "status" {
             return now(document(&server, &exports, &backend.0, nbd.as_ref()));
+        }
+        if command == "reload" {
+            let (server, key_file) = (server.clone(), key_file.clone());
+            return crate::control::later(async move {
+                let said = crate::reload::keys(&server, &key_file).await?;
+                Ok(serde_json::json!({ "keys": said }))
+            });
         }
         if let Some(settings) = command.strip_prefix("set ") {
             let tuning = match crate::tuning::parse_server(settings) {
@@ -37,7 +45,7 @@ pub(crate) fn serve_control(
             });
         }
         now(serde_json::json!({
-            "error": format!("unknown command {command:?} (a server answers: status, set KEY=VALUE...)")
+            "error": format!("unknown command {command:?} (a server answers: status, set KEY=VALUE..., reload)")
         }))
     });
 }
@@ -75,6 +83,7 @@ fn document(
         "corrupt_payloads": st.corrupt_payloads,
         "protocol_errors": st.protocol_errors,
         "auth_failures": st.auth_failures,
+        "channels_revoked": st.channels_revoked,
         "error_replies": st.error_replies,
         "handshakes": st.handshakes,
         "sessions_created": st.sessions_created,
@@ -159,6 +168,7 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         ("error replies", "error_replies"),
         ("protocol errors (connections closed)", "protocol_errors"),
         ("authentication failures", "auth_failures"),
+        ("channels closed: their key withdrawn", "channels_revoked"),
     ];
     for (label, key) in rows {
         println!("  {label:<38} {}", v[key].as_u64().unwrap_or(0));

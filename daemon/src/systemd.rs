@@ -12,6 +12,12 @@ pub(crate) fn ready(status: &str) {
     ));
 }
 
+/// Tells systemd the daemon is rereading its configuration; `ready`
+/// follows once it has.
+pub(crate) fn reloading() {
+    notify("RELOADING=1");
+}
+
 /// Tells systemd the daemon is draining and will exit.
 pub(crate) fn stopping() {
     notify("STOPPING=1");

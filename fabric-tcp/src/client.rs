@@ -143,6 +143,8 @@ pub struct Client {
     status: Arc<Mutex<ClientStatus>>,
     /// Turns true when a server fences this run (see [`Client::when_fenced`]).
     fenced: watch::Receiver<bool>,
+    /// Why a channel last went down or was refused.
+    last_error: Arc<Mutex<String>>,
 }
 
 impl fmt::Debug for Client {
@@ -226,6 +228,7 @@ impl Client {
                 info,
                 status,
                 fenced,
+                last_error,
             }),
             // Refused for good (wrong key, no such export): say so now
             // rather than retry until the wait runs out.
@@ -256,7 +259,8 @@ impl Client {
     ) -> Result<Client, ConnectError> {
         let addr = addr.into();
         let export = config.export.clone();
-        let (cmd_tx, status, ready_rx, _, fenced) = Self::spawn(addr.clone(), security, config)?;
+        let (cmd_tx, status, ready_rx, last_error, fenced) =
+            Self::spawn(addr.clone(), security, config)?;
         let closer = cmd_tx.clone();
         tokio::spawn(async move {
             let why = match ready_rx.await {
@@ -281,6 +285,7 @@ impl Client {
             info: expected,
             status,
             fenced,
+            last_error,
         })
     }
 
@@ -291,6 +296,13 @@ impl Client {
     pub fn when_fenced(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
         let mut fenced = self.fenced.clone();
         async move { fenced.wait_for(|f| *f).await.is_ok() }
+    }
+
+    /// Why a channel last went down or the server last refused one
+    /// ("no answer yet" before any did): what an operator needs when the
+    /// channels are down, e.g. "server refused our key: ...".
+    pub fn last_error(&self) -> String {
+        self.last_error.lock().unwrap().clone()
     }
 
     /// The export as the server described it.

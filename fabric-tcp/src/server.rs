@@ -5,9 +5,10 @@ use crate::clock::{Alarm, Clock};
 use crate::conn::{self, ConnEvent};
 use crate::engines::{self, Accepted, Handoff};
 use crate::ServerSecurity;
+use braid_core::auth::Key;
 use braid_core::latency::OpLatency;
 use braid_core::server::{
-    Backend, BackendOp, BackendRequest, ConnId, ServerAction, ServerEngine, ServerStats,
+    Backend, BackendOp, BackendRequest, ConnId, KeyChange, ServerAction, ServerEngine, ServerStats,
     ServerTuning, SessionSummary,
 };
 use braid_core::wire::{FileSlice, FrameReader, InFrame, Status};
@@ -104,6 +105,11 @@ pub(crate) enum Event {
     Secured(ConnId, conn::Writer),
     /// An operator's runtime tuning; the answer says whether it applied.
     Tune(ServerTuning, oneshot::Sender<Result<(), String>>),
+    /// A new table of pre-shared keys; the answer says what it changed.
+    SetKeys(
+        Vec<(String, Key)>,
+        oneshot::Sender<Result<KeyChange, String>>,
+    ),
     /// A connection another fabric accepted (see [`Server::adopt`]).
     Adopt(Adoption),
     /// A connection the acceptor of a server with several engines read
@@ -202,6 +208,32 @@ impl Server {
             result = result.and(answer);
         }
         result
+    }
+
+    /// Replaces every engine's pre-shared keys between two of its events
+    /// (see [`ServerEngine::set_keys`]): channels that authenticated with
+    /// a withdrawn key close. A table an engine refuses changes nothing
+    /// anywhere, as every engine checks it against the same configuration.
+    /// The change is summed over the engines.
+    pub async fn set_keys(&self, keys: Vec<(String, Key)>) -> Result<KeyChange, String> {
+        let mut answers = Vec::with_capacity(self.engines.len());
+        for e in self.engines.iter() {
+            let (tx, rx) = oneshot::channel();
+            e.events
+                .send(Event::SetKeys(keys.clone(), tx))
+                .map_err(|_| "the server is stopping".to_string())?;
+            answers.push(rx);
+        }
+        let mut change = KeyChange::default();
+        for rx in answers {
+            let one = rx
+                .await
+                .map_err(|_| "the server is stopping".to_string())??;
+            change.added = one.added;
+            change.withdrawn = one.withdrawn;
+            change.channels_closed += one.channels_closed;
+        }
+        Ok(change)
     }
 
     /// Serves `listener` with one engine; see [`Server::run_engines`].
@@ -869,6 +901,12 @@ fn handle(
             engine.connection_opened(conn, clock.now());
             writers.insert(conn, writer);
             engine.handle_frame(conn, first, clock.now());
+        }
+        Event::SetKeys(keys, reply) => {
+            let result = engine
+                .set_keys(keys, clock.now())
+                .map_err(|e| e.to_string());
+            let _ = reply.send(result);
         }
         Event::Tune(tuning, reply) => {
             let result = engine.tune(&tuning).map_err(|e| e.to_string());

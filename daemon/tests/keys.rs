@@ -1,0 +1,154 @@
+//! Keys changed while `braid serve` runs, as an operator does it: a key
+//! added to the key file works after `braid reload`; one removed is
+//! withdrawn on SIGHUP and its client's channels close while other
+//! clients go on; given back, the client resumes and its waiting write
+//! lands once; a key file that does not parse changes nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{free_port, pattern, serve, status, wait_for, Killed, Nbd, BRAID};
+
+fn reload(control: &Path) -> Output {
+    Command::new(BRAID)
+        .args(["reload", "--control"])
+        .arg(control)
+        .output()
+        .unwrap()
+}
+
+fn reloaded(control: &Path) -> String {
+    let out = reload(control);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
+/// Polls `control`'s status until `done` holds (a daemon's state changes
+/// on its own time), up to a deadline.
+fn wait_status(control: &Path, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = status(control);
+        if done(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never {what}: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn all_up(v: &serde_json::Value) -> bool {
+    let channels = v["channels"].as_array().unwrap();
+    !channels.is_empty() && channels.iter().all(|c| c["state"] == "up")
+}
+
+fn attach(d: &Path, port: u16, name: &str, key_file: &Path) -> (Killed, std::path::PathBuf) {
+    let (sock, control) = (
+        d.join(format!("{name}.sock")),
+        d.join(format!("{name}.ctl")),
+    );
+    let server = format!("127.0.0.1:{port}");
+    let child = common::attach(
+        &["--server", &server, "--key-file", key_file.to_str().unwrap()],
+        &sock,
+        &control,
+        &[],
+    );
+    (child, control)
+}
+
+#[test]
+fn keys_are_added_withdrawn_and_given_back_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let server_control = d.join("control.sock");
+    let server = serve(d, port, "16M", &[]);
+    wait_for(&server_control);
+    let keys = d.join("keys.toml");
+    let first = std::fs::read_to_string(&keys).unwrap();
+    // alice has the server's first key; bob's is new.
+    let alice_keys = d.join("alice.toml");
+    std::fs::write(&alice_keys, &first).unwrap();
+    let bob_line = format!("bob = \"{}\"\n", "b0".repeat(32));
+    let bob_keys = d.join("bob.toml");
+    std::fs::write(&bob_keys, &bob_line).unwrap();
+
+    let (_alice, alice) = attach(d, port, "alice", &alice_keys);
+    let (mut a, _) = Nbd::connect(&d.join("alice.sock"), "disk0");
+    let one = pattern(1, 64 << 10);
+    assert_eq!(a.io(1, 0, one.len() as u32, &one).0, 0);
+
+    // bob's key added: `braid reload` says so, and bob attaches.
+    std::fs::write(&keys, format!("{first}{bob_line}")).unwrap();
+    let said = reloaded(&server_control);
+    assert!(said.contains("2 held; added bob"), "{said}");
+    let (_bob, bob) = attach(d, port, "bob", &bob_keys);
+    let (mut b, _) = Nbd::connect(&d.join("bob.sock"), "disk0");
+    let two = pattern(2, 64 << 10);
+    assert_eq!(b.io(1, 1 << 20, two.len() as u32, &two).0, 0);
+
+    // alice's key withdrawn by SIGHUP: her channels close and stay down,
+    // refused; bob goes on.
+    std::fs::write(&keys, &bob_line).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_status(&server_control, "closed alice's channels", |v| {
+        v["channels_revoked"].as_u64() > Some(0)
+    });
+    wait_status(&alice, "refused alice's key", |v| {
+        !all_up(v) && v["last_channel_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("AuthFailed"))
+    });
+    let revoked = status(&server_control)["channels_revoked"].as_u64().unwrap();
+    assert_eq!(b.io(1, 2 << 20, two.len() as u32, &two).0, 0, "bob goes on");
+    assert!(all_up(&status(&bob)));
+    // alice writes while refused: the write waits, journaled.
+    let three = pattern(3, 64 << 10);
+    let writer = {
+        let three = three.clone();
+        std::thread::spawn(move || a.io(1, 64 << 10, three.len() as u32, &three).0)
+    };
+    wait_status(&alice, "journaled alice's write", |v| {
+        v["journaled"].as_u64() > Some(0)
+    });
+
+    // Given back: alice's session resumes and her write lands, once.
+    std::fs::write(&keys, format!("{first}{bob_line}")).unwrap();
+    let said = reloaded(&server_control);
+    assert!(said.contains("added default"), "{said}");
+    assert_eq!(writer.join().unwrap(), 0, "alice's waiting write");
+    wait_status(&alice, "alice's channels up", all_up);
+    let v = status(&alice);
+    assert_eq!(v["session_resets"], 0, "the session resumed: {v}");
+    let (mut a, _) = Nbd::connect(&d.join("alice.sock"), "disk0");
+    let (e, back) = a.io(0, 0, 128 << 10, &[]);
+    assert_eq!(e, 0);
+    assert!(back[..64 << 10] == one[..] && back[64 << 10..] == three[..]);
+    assert_eq!(
+        status(&server_control)["channels_revoked"].as_u64(),
+        Some(revoked),
+        "nothing more was closed"
+    );
+
+    // A key file that does not parse is refused, naming the file, and
+    // changes nothing.
+    std::fs::write(&keys, "bob = \"not hex\"\n").unwrap();
+    let out = reload(&server_control);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("keys.toml") && err.contains("hex"), "{err}");
+    assert_eq!(a.io(1, 0, one.len() as u32, &one).0, 0, "alice still served");
+    assert_eq!(b.io(1, 0, one.len() as u32, &one).0, 0, "bob still served");
+}
