@@ -56,7 +56,12 @@ fn attach(d: &Path, port: u16, name: &str, key_file: &Path) -> (Killed, std::pat
     );
     let server = format!("127.0.0.1:{port}");
     let child = common::attach(
-        &["--server", &server, "--key-file", key_file.to_str().unwrap()],
+        &[
+            "--server",
+            &server,
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ],
         &sock,
         &control,
         &[],
@@ -107,11 +112,14 @@ fn keys_are_added_withdrawn_and_given_back_while_serving() {
         v["channels_revoked"].as_u64() > Some(0)
     });
     wait_status(&alice, "refused alice's key", |v| {
-        !all_up(v) && v["last_channel_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("AuthFailed"))
+        !all_up(v)
+            && v["last_channel_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("AuthFailed"))
     });
-    let revoked = status(&server_control)["channels_revoked"].as_u64().unwrap();
+    let revoked = status(&server_control)["channels_revoked"]
+        .as_u64()
+        .unwrap();
     assert_eq!(b.io(1, 2 << 20, two.len() as u32, &two).0, 0, "bob goes on");
     assert!(all_up(&status(&bob)));
     // alice writes while refused: the write waits, journaled.
@@ -149,6 +157,10 @@ fn keys_are_added_withdrawn_and_given_back_while_serving() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("keys.toml") && err.contains("hex"), "{err}");
-    assert_eq!(a.io(1, 0, one.len() as u32, &one).0, 0, "alice still served");
+    assert_eq!(
+        a.io(1, 0, one.len() as u32, &one).0,
+        0,
+        "alice still served"
+    );
     assert_eq!(b.io(1, 0, one.len() as u32, &one).0, 0, "bob still served");
 }

@@ -275,7 +275,8 @@ fn start_servers(
                         rng: Mutex::new(SplitMix64::new(seed ^ (boot << 8) ^ i as u64)),
                         late_completions: false,
                     };
-                    crate::world::serve_sim(server_ip(i), config, &sabotage, engines, disk).await;
+                    crate::world::serve_sim(server_ip(i), config, &sabotage, engines, disk, |_| {})
+                        .await;
                 }
             })
             .build();

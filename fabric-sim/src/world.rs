@@ -2,6 +2,7 @@
 //! fabric-tcp drivers on both, a fault plan from the seed, and the checks.
 
 use crate::disk::SimDisk;
+use crate::keys::{OperatorKeys, KEY_ID};
 use crate::workload::{
     shared_worker, worker, Outcome, Plan, SharedPlan, BLOCK, SHARED_ZONE_BLOCKS,
 };
@@ -84,6 +85,8 @@ pub struct Report {
     pub migrations: u64,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
+    /// Channels the server closed when the client's key was withdrawn.
+    pub channels_revoked: u64,
     /// The slowest IO, in virtual time.
     pub longest_io: Duration,
     /// A digest of every completion and its virtual time: equal seeds give
@@ -138,6 +141,7 @@ impl Report {
             regions_resynced: 0,
             migrations: 0,
             replayed_extents: 0,
+            channels_revoked: 0,
             longest_io: Duration::ZERO,
             trace_hash: 0,
             steps: Vec::new(),
@@ -272,14 +276,15 @@ async fn simulate(
         Scenario::DiskFull | Scenario::AllFaults | Scenario::ManyClients
     );
     let key = Key::new(seed_bytes(seed, 1).to_vec());
+    let keys = Arc::new(OperatorKeys::new(key.clone()));
 
     let boots = Arc::new(AtomicU64::new(0));
     let server = {
-        let (disks, full, slow, key, boots, sabotage) = (
+        let (disks, full, slow, keys, boots, sabotage) = (
             disks.clone(),
             full.clone(),
             slow.clone(),
-            key.clone(),
+            keys.clone(),
             boots.clone(),
             sabotage.clone(),
         );
@@ -288,11 +293,11 @@ async fn simulate(
             .name("server")
             .ip(SERVER_IP)
             .init(move || {
-                let (disks, full, slow, key, sabotage) = (
+                let (disks, full, slow, keys, sabotage) = (
                     disks.clone(),
                     full.clone(),
                     slow.clone(),
-                    key.clone(),
+                    keys.clone(),
                     sabotage.clone(),
                 );
                 let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
@@ -303,7 +308,7 @@ async fn simulate(
                     let config = ServerConfig::new(
                         seed.rotate_left(17) ^ boot,
                         seed_bytes(seed, 2 + boot),
-                        vec![("sim".into(), key)],
+                        keys.table(),
                         exports,
                     );
                     let disk = SimDisk {
@@ -313,7 +318,10 @@ async fn simulate(
                         rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
                         late_completions: true,
                     };
-                    serve_sim(SERVER_IP, config, &sabotage, engines, disk).await;
+                    serve_sim(SERVER_IP, config, &sabotage, engines, disk, |server| {
+                        keys.serving(server)
+                    })
+                    .await;
                 }
             })
             .build()
@@ -348,7 +356,7 @@ async fn simulate(
         works.push(node.spawn(async move {
             let mut config = ClientConfig::new(
                 format!("disk{export}"),
-                "sim",
+                KEY_ID,
                 key,
                 seed_bytes(seed, 100 + c as u64),
             );
@@ -430,11 +438,13 @@ async fn simulate(
         disks: &disks,
         full: &full,
         slow: &slow,
+        keys: &keys,
     };
     let faults = inject(scenario, &mut rng, &targets, run_for).await;
 
     let mut report = Report {
         faults,
+        channels_revoked: keys.channels_revoked(),
         ..Report::empty(seed, scenario)
     };
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
@@ -526,6 +536,7 @@ struct Targets<'a> {
     disks: &'a [Arc<Mutex<MemDisk>>],
     full: &'a AtomicBool,
     slow: &'a AtomicBool,
+    keys: &'a OperatorKeys,
 }
 
 /// Draws and applies faults until two seconds before the end (so the last
@@ -543,6 +554,7 @@ async fn inject(
         disks,
         full,
         slow,
+        keys,
     } = *targets;
     let mut faults = BTreeMap::new();
     let net = NetSim::current();
@@ -563,6 +575,12 @@ async fn inject(
             Scenario::DiskFull => &[Fault::DiskFull],
             Scenario::SlowDisk => &[Fault::DiskStall],
             Scenario::ClientStall => &[Fault::ClientStall],
+            Scenario::KeyWithdrawn => &[
+                Fault::KeyWithdrawn,
+                Fault::KeyWithdrawn,
+                Fault::ServerCrash,
+                Fault::Partition,
+            ],
             Scenario::AllFaults | Scenario::ManyClients => &[
                 Fault::Partition,
                 Fault::OneWayLoss,
@@ -632,6 +650,11 @@ async fn inject(
                 tokio::time::sleep(ms(rng, 100, 2500)).await;
                 handle.resume(client);
             }
+            Fault::KeyWithdrawn => {
+                keys.withdraw().await;
+                tokio::time::sleep(ms(rng, 100, 3000)).await;
+                keys.give_back().await;
+            }
             Fault::ServerStall => {
                 handle.pause(server);
                 tokio::time::sleep(ms(rng, 100, 2500)).await;
@@ -651,6 +674,7 @@ pub(crate) async fn serve_sim(
     sabotage: &[Sabotage],
     engines: usize,
     disk: SimDisk,
+    on_start: impl FnOnce(Server),
 ) {
     for s in sabotage {
         s.apply_server(&mut config);
@@ -665,7 +689,7 @@ pub(crate) async fn serve_sim(
         None,
         Arc::new(disk),
         std::future::pending(),
-        |_| {},
+        on_start,
     )
     .await;
 }
@@ -705,6 +729,24 @@ mod tests {
                 r.violations
             );
         }
+    }
+
+    /// The real server driver's `set_keys`, reached as `braid reload`
+    /// reaches it: the client's channels close when its key is withdrawn,
+    /// its reconnects are refused until the key is back, and its IO then
+    /// goes on with nothing lost or applied twice (the workers' checks),
+    /// through server crashes that boot with the key file as it is then.
+    #[test]
+    fn a_withdrawn_key_closes_the_clients_channels_and_loses_nothing() {
+        let mut revoked = 0;
+        for seed in 0..4 {
+            let r = run(Scenario::KeyWithdrawn, seed, 10.0);
+            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+            assert!(r.ios > 0, "seed {seed}: no IO checked");
+            assert!(r.faults.get(&Fault::KeyWithdrawn) > Some(&0), "seed {seed}");
+            revoked += r.channels_revoked;
+        }
+        assert!(revoked > 0, "no withdrawal closed a channel");
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
             c.disk_sectors = 64;
         }
         Scenario::Swarm => c = swarm(seed, virtual_secs),
+        Scenario::KeyWithdrawn => key_withdrawals(&mut c),
         Scenario::ClockSkew => {
             // Drawn from the seed, apart from the world's own stream.
             let mut rng = braid_core::rng::SplitMix64::new(seed ^ 0xc10c_5ce3);
@@ -80,6 +81,28 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorQuorum => return None,
     }
     Some(c)
+}
+
+/// Two to four withdrawals of the client's key at times drawn from the
+/// seed, each for 10 ms to 4 s, among every fault class; in half the
+/// seeds the session linger is cut to 500 ms first, so some withdrawals
+/// outlast the session. A stream of its own keeps the world's untouched.
+fn key_withdrawals(c: &mut WorldConfig) {
+    let mut rng = braid_core::rng::SplitMix64::new(c.seed ^ 0x6b65_7973);
+    let run_ms = c.run_for.as_millis() as u64;
+    let ms = Duration::from_millis;
+    for _ in 0..2 + rng.below(3) {
+        let at = ms(rng.below(run_ms.max(1)));
+        c.key_withdrawals.push((at, ms(pick_key_outage(&mut rng))));
+    }
+    if rng.chance(0.5) {
+        let linger = ServerTuning {
+            session_linger: Some(ms(500)),
+            ..ServerTuning::default()
+        };
+        c.tunings
+            .push((Duration::ZERO, ClientTuning::default(), linger));
+    }
 }
 
 /// Whether a scenario injects media errors (so IO errors are expected).

@@ -84,11 +84,14 @@ pub enum Scenario {
     MirrorRestart,
     /// The restarting mirror, acknowledging writes at a quorum of two.
     MirrorQuorum,
+    /// The client's key withdrawn from the server for a while, then given
+    /// back, among crashes and partitions.
+    KeyWithdrawn,
 }
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 22] = [
+    pub const ALL: [Scenario; 23] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -111,6 +114,7 @@ impl Scenario {
         Scenario::MirrorErrors,
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
+        Scenario::KeyWithdrawn,
     ];
 
     /// The command-line name.
@@ -138,6 +142,7 @@ impl Scenario {
             Scenario::MirrorErrors => "mirror-errors",
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
+            Scenario::KeyWithdrawn => "key-withdrawn",
         }
     }
 
@@ -200,6 +205,11 @@ impl Scenario {
                  them: a leg left lagging must not serve the write, nor be trusted after \
                  the restart"
             }
+            Scenario::KeyWithdrawn => {
+                "the operator withdraws the client's key (its channels close, reconnects are \
+                 refused) for up to seconds, sometimes past the session linger, then gives it \
+                 back; server crashes and partitions meanwhile; nothing lost or applied twice"
+            }
         }
     }
 
@@ -212,7 +222,8 @@ impl Scenario {
             | Scenario::Crash
             | Scenario::PowerLoss
             | Scenario::SlowDisk
-            | Scenario::DiskErrors => BOTH,
+            | Scenario::DiskErrors
+            | Scenario::KeyWithdrawn => BOTH,
             Scenario::Frames
             | Scenario::ChannelChurn
             | Scenario::OneChannel

@@ -72,6 +72,7 @@ mod sweep {
         let started = Instant::now();
         let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
         let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut revoked = 0u64;
         let mut volume_totals = (0u64, 0u64, 0u64);
         let mut expected_errors = (0u64, 0u64);
         let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
@@ -119,6 +120,7 @@ mod sweep {
                 totals.3 += report.duplicates_dropped;
                 totals.4 += report.session_resets;
                 totals.5 += report.replayed_extents;
+                revoked += report.channels_revoked;
                 volume_totals.0 += report.legs_left;
                 volume_totals.1 += report.regions_resynced;
                 volume_totals.2 += report.migrations;
@@ -166,6 +168,9 @@ mod sweep {
         println!("duplicates dropped       {}", totals.3);
         println!("sessions replaced        {}", totals.4);
         println!("extents replayed         {}", totals.5);
+        if revoked > 0 {
+            println!("channels closed, key withdrawn {revoked}");
+        }
         if volume_totals != (0, 0, 0) {
             println!("volume legs left behind  {}", volume_totals.0);
             println!("volume regions resynced  {}", volume_totals.1);
