@@ -567,6 +567,82 @@ fn a_withdrawn_key_closes_its_channels_and_given_back_resumes_the_session() {
     assert_eq!(p.client.ready_channels(), 0);
 }
 
+/// A key rotated with no outage: the server holds the old and the new,
+/// the client takes the new for its next handshakes, the old is
+/// withdrawn, and the client's channels come back under the new one in
+/// the same session, IO going on.
+#[test]
+fn a_key_rotates_with_the_session_kept() {
+    let mut p = Pair::new(client_config("disk0", "alice", b"alice's key"));
+    p.drive();
+    let both = keys(&[("alice", b"alice's key"), ("carol", b"carol's key")]);
+    p.server.set_keys(both, p.now).unwrap();
+    let one = Bytes::from(vec![0x11; 4096]);
+    p.io(1, IoRequest::write(0, one.clone(), false)).unwrap();
+    assert!(p
+        .client
+        .set_key(String::new(), Key::new(*b"no id"))
+        .is_err());
+
+    // A channel added now sends its HELLO under alice's key; the client
+    // takes carol's before the challenge comes: that handshake still
+    // proves alice's, and only later ones use carol's.
+    let tuning = ClientTuning {
+        channels: Some(3),
+        ..ClientTuning::default()
+    };
+    p.client.tune(&tuning, p.now).unwrap();
+    while let Some(a) = p.client.poll_action() {
+        match a {
+            ClientAction::Connect(ch) => {
+                let conn = p.next_conn;
+                p.next_conn += 1;
+                p.conns.insert(ch, conn);
+                p.chans.insert(conn, ch);
+                p.server.connection_opened(conn, p.now);
+                p.client.channel_connected(ch, p.now);
+            }
+            ClientAction::Send(ch, f) => p.to_server.push_back((p.conns[&ch], f.to_bytes())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(p.to_server.len(), 1, "the new channel's HELLO");
+    p.client
+        .set_key("carol".into(), Key::new(*b"carol's key"))
+        .unwrap();
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 3);
+    assert!(
+        !p.notices
+            .iter()
+            .any(|n| matches!(n, Notice::AuthFailed { .. })),
+        "{:?}",
+        p.notices
+    );
+
+    // alice's key withdrawn: every channel closes and comes back under
+    // carol's, in the same session.
+    let session = p.client.session();
+    let change = p
+        .server
+        .set_keys(keys(&[("carol", b"carol's key")]), p.now)
+        .unwrap();
+    assert_eq!(change.channels_closed, 3);
+    p.drive();
+    assert_eq!(p.client.ready_channels(), 0);
+    p.advance(Duration::from_secs(1));
+    assert_eq!(p.client.ready_channels(), 3);
+    assert_eq!(p.client.session(), session);
+    let two = Bytes::from(vec![0x22; 4096]);
+    p.io(2, IoRequest::write(4096, two.clone(), false)).unwrap();
+    assert_eq!(
+        p.io(3, IoRequest::read(0, 8192)).unwrap(),
+        [one, two].concat()
+    );
+    assert_eq!(p.server.stats().sessions_created, 1);
+    assert_eq!(p.server.stats().auth_failures, 0);
+}
+
 #[test]
 fn a_key_withdrawn_between_challenge_and_proof_fails_the_proof() {
     let mut server = ServerEngine::new(server_config()).expect("a valid config");

@@ -328,12 +328,23 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
         println!("metrics:  {}", m.url());
         m.serve_client(client.clone(), export.clone());
     }
+    // Before the control socket answers and systemd hears READY: a
+    // reload sent then must find the handler, not SIGHUP's default, which
+    // ends the process.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("SIGHUP handler: {e}"))?;
+    let (reloaded, client_args) = (client.clone(), args.client.clone());
+    tokio::spawn(crate::reload::on_hangup(hangups, move || {
+        let (client, client_args) = (reloaded.clone(), client_args.clone());
+        async move { crate::reload::client_key(&client, &client_args).await }
+    }));
     {
-        let (client, stop, uris, server) = (
+        let (client, stop, uris, server, client_args) = (
             client.clone(),
             stop.clone(),
             uris.clone(),
             args.client.server(),
+            args.client.clone(),
         );
         let (export, block_device) = (export.clone(), block_device.clone());
         owned.extend(crate::control::serve(control.clone(), move |command| {
@@ -347,6 +358,13 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
                 "detach" => {
                     stop.notify_one();
                     return now(serde_json::json!({"detaching": export}));
+                }
+                "reload" => {
+                    let (client, client_args) = (client.clone(), client_args.clone());
+                    return crate::control::later(async move {
+                        let said = crate::reload::client_key(&client, &client_args).await?;
+                        Ok(serde_json::json!({ "keys": said }))
+                    });
                 }
                 _ => {}
             }
@@ -364,7 +382,7 @@ pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {
                 });
             }
             now(serde_json::json!({
-                "error": format!("unknown command {command:?} (attach answers: status, detach, set KEY=VALUE...)")
+                "error": format!("unknown command {command:?} (attach answers: status, detach, set KEY=VALUE..., reload)")
             }))
         }));
     }
@@ -400,6 +418,7 @@ fn document(client: &Client, server: &str, export: &str, uris: &[String]) -> ser
             "inflight": inflight,
             "rtt_us": rtt.map(|r| r.as_micros() as u64),
         })).collect::<Vec<_>>(),
+        "key_id": s.key_id,
         "last_channel_error": client.last_error(),
         "journaled": s.journaled,
         "dirty_bytes": s.dirty_bytes,
@@ -439,6 +458,7 @@ pub(crate) fn print_status(v: &serde_json::Value) {
             s["server_boot"].as_str().unwrap_or("?")
         );
     }
+    println!("  key {}", v["key_id"].as_str().unwrap_or("?"));
     crate::rdma::print_memory(&v["rdma_memory"]);
     println!("  channels:");
     for c in v["channels"].as_array().into_iter().flatten() {

@@ -107,13 +107,22 @@ impl ClientArgs {
         .map_err(|e| e.to_string())
     }
 
+    /// The key file this client reads its key from.
+    pub(crate) fn key_file(&self) -> std::path::PathBuf {
+        self.key_file
+            .clone()
+            .unwrap_or_else(|| config::default_data_dir().join("keys.toml"))
+    }
+
+    /// The key id and key this client authenticates with, as its key
+    /// file holds them now.
+    pub(crate) fn key(&self) -> Result<(String, braid_core::auth::Key), String> {
+        config::client_key(&self.key_file(), self.key_id.as_deref())
+    }
+
     fn config(&self) -> Result<ClientConfig, String> {
         crate::rdma::register_dialer(crate::rdma::region_bytes(self.rdma_memory))?;
-        let key_file = self
-            .key_file
-            .clone()
-            .unwrap_or_else(|| config::default_data_dir().join("keys.toml"));
-        let (key_id, key) = config::client_key(&key_file, self.key_id.as_deref())?;
+        let (key_id, key) = self.key()?;
         let seed = config::random_bytes().map_err(|e| e.to_string())?;
         let mut c = ClientConfig::new(self.export.clone(), key_id, key, seed);
         c.channels = self.channels.clamp(1, 64);

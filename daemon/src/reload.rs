@@ -1,20 +1,25 @@
-//! Rereading the server's key file while it serves: on SIGHUP (systemd's
-//! `ExecReload`) or `braid reload`, which prints what changed. A key file
-//! that does not parse, or leaves no key, changes nothing.
+//! Rereading key files while serving: on SIGHUP (systemd's `ExecReload`)
+//! or `braid reload`, which prints what changed. `braid serve` rereads its
+//! key table; `braid attach` of one export rereads its own key, used from
+//! its next handshake, so a key rotates with no outage. A key file that
+//! does not parse, or leaves no key, changes nothing.
 
+use crate::client_args::ClientArgs;
 use braid_core::server::KeyChange;
-use braid_fabric_tcp::Server;
+use braid_fabric_tcp::{Client, Server};
 use clap::Args;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub(crate) struct ReloadArgs {
-    /// The control socket of `braid serve` [default: DATA_DIR/control.sock].
+    /// The control socket of `braid serve` [default: DATA_DIR/control.sock]
+    /// or of `braid attach` (of one export).
     #[arg(long)]
     control: Option<PathBuf>,
 }
 
-/// `braid reload`: the server rereads its key file; prints the change.
+/// `braid reload`: the daemon rereads its key file; prints the change.
 pub(crate) async fn run(args: ReloadArgs) -> Result<(), String> {
     let path = args
         .control
@@ -59,20 +64,34 @@ fn describe(key_file: &Path, held: usize, change: &KeyChange) -> String {
     said
 }
 
-/// Rereads the key file at every SIGHUP for as long as the server runs.
-/// `hangups` is made before the server says it is ready, so a reload sent
+/// Rereads an attached export's key file into its client, and says so in
+/// one line: the key is used from the client's next handshake (channels
+/// up stay up on the key they proved).
+pub(crate) async fn client_key(client: &Client, args: &ClientArgs) -> Result<String, String> {
+    let (key_id, key) = args.key()?;
+    client.set_key(key_id.clone(), key).await?;
+    let said = format!(
+        "key {key_id} reread from {}: used from the next handshake",
+        args.key_file().display()
+    );
+    tracing::info!("{said}");
+    Ok(said)
+}
+
+/// Runs `reload` at every SIGHUP for as long as the daemon runs.
+/// `hangups` is made before the daemon says it is ready, so a reload sent
 /// right after can never kill it (SIGHUP's default).
-pub(crate) async fn keys_on_hangup(
-    mut hangups: tokio::signal::unix::Signal,
-    server: Server,
-    key_file: PathBuf,
-) {
+pub(crate) async fn on_hangup<F, R>(mut hangups: tokio::signal::unix::Signal, reload: R)
+where
+    R: Fn() -> F,
+    F: Future<Output = Result<String, String>>,
+{
     while hangups.recv().await.is_some() {
         crate::systemd::reloading();
-        match keys(&server, &key_file).await {
+        match reload().await {
             Ok(said) => crate::systemd::ready(&said),
             Err(e) => {
-                tracing::error!("SIGHUP: {e}; the keys in force are unchanged");
+                tracing::error!("SIGHUP: {e}; the key in force is unchanged");
                 crate::systemd::ready(&format!("reload failed, keys unchanged: {e}"));
             }
         }

@@ -270,11 +270,11 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         shutdown,
         move |server| {
             rdma.serve(&server);
-            tokio::spawn(crate::reload::keys_on_hangup(
-                hangups,
-                server.clone(),
-                key_file.clone(),
-            ));
+            let (reloaded, keys) = (server.clone(), key_file.clone());
+            tokio::spawn(crate::reload::on_hangup(hangups, move || {
+                let (server, keys) = (reloaded.clone(), keys.clone());
+                async move { crate::reload::keys(&server, &keys).await }
+            }));
             if let Some(m) = metrics {
                 m.serve_server(
                     server.clone(),

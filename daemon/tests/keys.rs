@@ -164,3 +164,103 @@ fn keys_are_added_withdrawn_and_given_back_while_serving() {
     );
     assert_eq!(b.io(1, 0, one.len() as u32, &one).0, 0, "bob still served");
 }
+
+/// A key rotated with no outage, as an operator does it: the server
+/// holds the old key and the new, the attached client rereads its key
+/// file (SIGHUP), the old key is withdrawn; the client's channels come
+/// back under the new key in the same session while a writer runs the
+/// whole time without one error.
+#[test]
+fn a_key_rotates_under_io_with_no_error() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let server_control = d.join("control.sock");
+    let _server = serve(d, port, "16M", &[]);
+    wait_for(&server_control);
+    let keys = d.join("keys.toml");
+    let old = std::fs::read_to_string(&keys).unwrap();
+    let client_keys = d.join("client.toml");
+    std::fs::write(&client_keys, &old).unwrap();
+    let (client, control) = attach(d, port, "c", &client_keys);
+    wait_status(&control, "all channels up", all_up);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, rounds, sock) = (stop.clone(), rounds.clone(), d.join("c.sock"));
+        std::thread::spawn(move || {
+            let (mut nbd, _) = Nbd::connect(&sock, "disk0");
+            let mut round = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let data = pattern(round as u8, 16 << 10);
+                let at = (round % 256) * (16 << 10);
+                assert_eq!(
+                    nbd.io(1, at, data.len() as u32, &data).0,
+                    0,
+                    "write {round}"
+                );
+                let (e, back) = nbd.io(0, at, data.len() as u32, &[]);
+                assert!(e == 0 && back == data, "read {round}");
+                round += 1;
+                rounds.store(round, Ordering::Relaxed);
+            }
+        })
+    };
+    let progressed = || {
+        let since = rounds.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while rounds.load(Ordering::Relaxed) < since + 20 {
+            assert!(
+                Instant::now() < deadline,
+                "IO stalled: {}",
+                status(&control)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    progressed();
+
+    // The server takes the new key beside the old.
+    let new_line = format!("rotated = \"{}\"\n", "7e".repeat(32));
+    std::fs::write(&keys, format!("{old}{new_line}")).unwrap();
+    assert!(reloaded(&server_control).contains("added rotated"));
+    // The client's key file now holds only the new key: SIGHUP.
+    std::fs::write(&client_keys, &new_line).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &client.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_status(&control, "took the new key", |v| v["key_id"] == "rotated");
+    // `braid reload` on the attach does what SIGHUP did, and says so; the
+    // channels stay up.
+    let said = reloaded(&control);
+    assert!(said.contains("key rotated reread"), "{said}");
+    assert!(all_up(&status(&control)));
+    progressed();
+
+    // The old key withdrawn: every channel closes, and returns under the
+    // new key in the same session.
+    std::fs::write(&keys, &new_line).unwrap();
+    let said = reloaded(&server_control);
+    assert!(said.contains("withdrawn default (4 channel"), "{said}");
+    progressed();
+    wait_status(&control, "all channels back up", all_up);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let v = status(&control);
+    assert_eq!(
+        (v["session_resets"].as_u64(), v["failed"].as_u64()),
+        (Some(0), Some(0)),
+        "{v}"
+    );
+    let s = status(&server_control);
+    assert_eq!(
+        s["auth_failures"], 0,
+        "no handshake used a key the server lacked: {s}"
+    );
+    assert_eq!(s["channels_revoked"], 4);
+}

@@ -5,6 +5,7 @@ use crate::clock::{Alarm, Clock};
 use crate::conn::{self, ConnEvent};
 use crate::fabric::{self, Endpoint};
 use crate::ClientSecurity;
+use braid_core::auth::Key;
 use braid_core::client::{
     ChannelId, ClientAction, ClientConfig, ClientEngine, ClientStats, ClientTuning, ExportInfo,
     IoError, IoRequest, Notice, SubmitError,
@@ -36,6 +37,8 @@ pub struct ClientStatus {
     pub latency: OpLatency,
     /// The tunable settings in force.
     pub tuning: ClientTuning,
+    /// The key id new channels authenticate with.
+    pub key_id: String,
     /// Per channel slot: the path (fabric and address) its latest
     /// connection took.
     pub paths: Vec<(u16, String)>,
@@ -124,6 +127,7 @@ impl Drop for Reply {
 enum Cmd {
     Io(IoRequest, Reply),
     Tune(ClientTuning, oneshot::Sender<Result<(), String>>),
+    SetKey(String, Key, oneshot::Sender<Result<(), String>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -175,6 +179,7 @@ impl Client {
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(ClientStatus {
             tuning: ClientTuning::of(&config),
+            key_id: config.key_id.clone(),
             ..ClientStatus::default()
         }));
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -383,6 +388,18 @@ impl Client {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Authenticates with `key` under `key_id` from the next handshake on
+    /// (see [`ClientEngine::set_key`]): channels up stay up.
+    pub async fn set_key(&self, key_id: String, key: Key) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the volume is detaching".to_string();
+        self.cmds
+            .send(Cmd::SetKey(key_id, key, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
     /// Leaves the session for good (the server frees it) once IO in flight
     /// has finished and acknowledged writes are flushed; gives up on the
     /// server after `CLOSE_PATIENCE`.
@@ -515,6 +532,16 @@ impl Driver {
                             tracing::info!(?tuning, "volume retuned");
                             self.status.lock().unwrap().tuning =
                                 ClientTuning::of(self.engine.config());
+                        }
+                        let _ = reply.send(result);
+                    }
+                    Some(Cmd::SetKey(key_id, key, reply)) => {
+                        let result = self
+                            .engine
+                            .set_key(key_id.clone(), key)
+                            .map_err(|e| e.to_string());
+                        if result.is_ok() {
+                            self.status.lock().unwrap().key_id = key_id;
                         }
                         let _ = reply.send(result);
                     }

@@ -1,6 +1,6 @@
 //! One channel's state as the client sees it.
 
-use crate::auth::NONCE_LEN;
+use crate::auth::{Key, NONCE_LEN};
 use crate::Instant;
 use std::fmt;
 use std::time::Duration;
@@ -34,11 +34,13 @@ pub(crate) enum ChanState {
     Idle { retry_at: Instant },
     /// Waiting for the driver to report the transport connected.
     Connecting { since: Instant },
-    /// Hello sent.
+    /// Hello sent, naming `key`'s id: the proofs use that key even if
+    /// the engine is given another before the challenge comes.
     AwaitChallenge {
         since: Instant,
         nonce: [u8; NONCE_LEN],
         session_id: u64,
+        key: Box<(String, Key)>,
     },
     /// Auth sent.
     AwaitWelcome { since: Instant, session_id: u64 },

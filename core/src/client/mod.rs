@@ -19,7 +19,7 @@ pub use config::{ClientConfig, Identity, Policy, Sabotage};
 pub use reason::DownReason;
 pub use tuning::ClientTuning;
 
-use crate::auth::{self, NONCE_LEN};
+use crate::auth::{self, Key, NONCE_LEN};
 use crate::latency::OpLatency;
 use crate::limits::ConfigError;
 use crate::rng::{SecretRng, SplitMix64};
@@ -466,6 +466,19 @@ impl ClientEngine {
         Ok(())
     }
 
+    /// Authenticates with `key` under `key_id` from the next handshake on
+    /// (a key rotated in the client's key file). Channels already up stay
+    /// up; a handshake under way finishes with the key it named. Refused
+    /// (nothing changes) if the id is not one a server could hold.
+    pub fn set_key(&mut self, key_id: String, key: Key) -> Result<(), ConfigError> {
+        let mut next = self.config.clone();
+        next.key_id = key_id;
+        next.key = key;
+        next.validate()?;
+        self.config = next;
+        Ok(())
+    }
+
     /// Closes the channel in `slot` for good and requeues its requests.
     fn retire_channel(&mut self, slot: usize) {
         let ch = self.id_of(slot);
@@ -794,10 +807,12 @@ impl ClientEngine {
         let mut nonce = [0u8; NONCE_LEN];
         self.secret.fill(&mut nonce);
         let session_id = self.session.map_or(0, |s| s.id);
+        let key = Box::new((self.config.key_id.clone(), self.config.key.clone()));
         self.channels[slot].state = ChanState::AwaitChallenge {
             since: now,
             nonce,
             session_id,
+            key,
         };
         self.channels[slot].last_rx = now;
         let (owner, epoch) = self.config.identity.map_or((0, 0), |i| (i.owner, i.epoch));
@@ -1025,10 +1040,13 @@ impl ClientEngine {
             }
             (
                 ChanState::AwaitChallenge {
-                    nonce, session_id, ..
+                    nonce,
+                    session_id,
+                    key,
+                    ..
                 },
                 Message::Challenge(ch),
-            ) => self.on_challenge(slot, nonce, session_id, ch, now),
+            ) => self.on_challenge(slot, (nonce, session_id, *key), ch, now),
             (ChanState::AwaitWelcome { session_id, .. }, Message::Welcome(w)) => {
                 self.on_welcome(slot, session_id, w, now)
             }
@@ -1041,16 +1059,18 @@ impl ClientEngine {
         }
     }
 
+    /// `hello` is what the channel's HELLO carried: its nonce, the session
+    /// it asked for, and the key it named.
     fn on_challenge(
         &mut self,
         slot: usize,
-        nonce: [u8; NONCE_LEN],
-        session_id: u64,
+        hello: ([u8; NONCE_LEN], u64, (String, Key)),
         c: Challenge,
         now: Instant,
     ) {
+        let (nonce, session_id, (key_id, key)) = hello;
         let transcript = auth::Transcript {
-            key_id: &self.config.key_id,
+            key_id: &key_id,
             export: &self.config.export,
             session_id,
             owner_epoch: self.config.identity.map_or((0, 0), |i| (i.owner, i.epoch)),
@@ -1058,7 +1078,7 @@ impl ClientEngine {
             server_nonce: &c.server_nonce,
             boot_id: c.boot_id,
         };
-        let expected = auth::server_proof(&self.config.key, &transcript);
+        let expected = auth::server_proof(&key, &transcript);
         let ch = self.id_of(slot);
         if c.version != u16::from(VERSION) || !auth::proofs_equal(&expected, &c.server_proof) {
             let detail = "server could not prove it holds our key".to_string();
@@ -1066,7 +1086,7 @@ impl ClientEngine {
                 .push_back(ClientAction::Notice(Notice::AuthFailed { ch, detail }));
             return self.fail_channel(slot, DownReason::ServerNotAuthenticated, now, true);
         }
-        let client_proof = auth::client_proof(&self.config.key, &transcript);
+        let client_proof = auth::client_proof(&key, &transcript);
         self.channels[slot].state = ChanState::AwaitWelcome {
             since: now,
             session_id,
