@@ -554,6 +554,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         .map(crate::metrics::MetricsListener::bind)
         .transpose()?;
     let (map, clients, max_payload) = connect_legs(&file, &path, &args.client).await?;
+    let leg_clients: crate::reload::LegClients = Arc::new(std::sync::Mutex::new(clients.clone()));
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
     let volume = braid_fabric_tcp::Volume::start(map, clients, config, store, file.leg_timeout()?)?;
@@ -623,6 +624,15 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
         println!("metrics:  {}", m.url());
         m.serve_volume(volume.clone());
     }
+    // Before the control socket answers and systemd hears READY (see
+    // `run`).
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("SIGHUP handler: {e}"))?;
+    let (legs, client_args, volume_path) = (leg_clients.clone(), args.client.clone(), path.clone());
+    tokio::spawn(crate::reload::on_hangup(hangups, move || {
+        let (legs, client_args, path) = (legs.clone(), client_args.clone(), volume_path.clone());
+        async move { crate::reload::leg_keys(&legs, &client_args, &path).await }
+    }));
     let stop = Arc::new(Notify::new());
     {
         let (volume, stop, name) = (volume.clone(), stop.clone(), file.name.clone());
@@ -655,11 +665,29 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
                 }
                 ["migrate", leg, server, options @ ..] => {
                     let request = MigrateRequest::parse(leg, server, options);
-                    let (volume, client_args, path) =
-                        (volume.clone(), client_args.clone(), volume_path.clone());
+                    let (volume, client_args, path, legs) = (
+                        volume.clone(),
+                        client_args.clone(),
+                        volume_path.clone(),
+                        leg_clients.clone(),
+                    );
                     crate::control::later(async move {
                         let (from, new) = request?;
-                        start_migration(&volume, &client_args, &path, &from, new).await
+                        let at = Migration {
+                            volume: &volume,
+                            base: &client_args,
+                            path: &path,
+                            legs: &legs,
+                        };
+                        start_migration(at, &from, new).await
+                    })
+                }
+                ["reload"] => {
+                    let (legs, client_args, path) =
+                        (leg_clients.clone(), client_args.clone(), volume_path.clone());
+                    crate::control::later(async move {
+                        let said = crate::reload::leg_keys(&legs, &client_args, &path).await?;
+                        Ok(serde_json::json!({ "keys": said }))
                     })
                 }
                 ["cancel-migration"] => {
@@ -670,7 +698,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
                     })
                 }
                 _ => now(serde_json::json!({
-                    "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG, migrate LEG SERVER [export=E] [name=N] [key-file=F], cancel-migration)")
+                    "error": format!("unknown command {command:?} (a volume answers: status, detach, suspend LEG, resume LEG, migrate LEG SERVER [export=E] [name=N] [key-file=F], cancel-migration, reload)")
                 })),
             }
         }));
@@ -712,16 +740,31 @@ impl MigrateRequest {
     }
 }
 
+/// What a migration started from the control socket works on.
+struct Migration<'a> {
+    volume: &'a braid_fabric_tcp::Volume,
+    /// The client flags every leg starts from.
+    base: &'a ClientArgs,
+    /// The volume file.
+    path: &'a Path,
+    /// Every leg's client, for `reload`; the new leg's joins them.
+    legs: &'a crate::reload::LegClients,
+}
+
 /// Connects the new leg (as the volume's other legs connect) and hands it
 /// to the volume, which copies and switches; the switch rewrites the
 /// volume file.
 async fn start_migration(
-    volume: &braid_fabric_tcp::Volume,
-    base: &ClientArgs,
-    path: &std::path::Path,
+    at: Migration<'_>,
     from: &str,
     mut new: crate::volume::NewLeg,
 ) -> Result<serde_json::Value, String> {
+    let Migration {
+        volume,
+        base,
+        path,
+        legs,
+    } = at;
     let file = crate::volume::VolumeFile::load(path)?;
     let old = file
         .legs
@@ -750,6 +793,7 @@ async fn start_migration(
     let (path, from_name, to) = (path.to_path_buf(), from.to_string(), new.name.clone());
     let store: braid_fabric_tcp::StoreMap =
         Arc::new(move || crate::volume::replace_leg(&path, &from_name, &new));
+    legs.lock().unwrap().insert(to.clone(), client.clone());
     volume.migrate(from, &to, client, store).await?;
     Ok(serde_json::json!({ "from": from, "to": to }))
 }
@@ -763,7 +807,7 @@ fn notify_attached(name: &str, block_device: &Option<String>) {
 }
 
 /// The client flags for one leg of a volume file.
-fn leg_args(base: &ClientArgs, leg: &crate::volume::LegFile) -> ClientArgs {
+pub(crate) fn leg_args(base: &ClientArgs, leg: &crate::volume::LegFile) -> ClientArgs {
     let mut c = base.clone();
     c.servers = vec![leg.server.clone()];
     c.export = leg.export.clone();

@@ -1,20 +1,22 @@
 //! Rereading key files while serving: on SIGHUP (systemd's `ExecReload`)
 //! or `braid reload`, which prints what changed. `braid serve` rereads its
-//! key table; `braid attach` of one export rereads its own key, used from
-//! its next handshake, so a key rotates with no outage. A key file that
-//! does not parse, or leaves no key, changes nothing.
+//! key table; `braid attach` rereads its key (a volume, each leg's), used
+//! from the next handshake, so a key rotates with no outage. A key file
+//! that does not parse, or leaves no key, changes nothing.
 
 use crate::client_args::ClientArgs;
 use braid_core::server::KeyChange;
 use braid_fabric_tcp::{Client, Server};
 use clap::Args;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Args)]
 pub(crate) struct ReloadArgs {
     /// The control socket of `braid serve` [default: DATA_DIR/control.sock]
-    /// or of `braid attach` (of one export).
+    /// or of `braid attach` (an export or a volume).
     #[arg(long)]
     control: Option<PathBuf>,
 }
@@ -74,6 +76,48 @@ pub(crate) async fn client_key(client: &Client, args: &ClientArgs) -> Result<Str
         "key {key_id} reread from {}: used from the next handshake",
         args.key_file().display()
     );
+    tracing::info!("{said}");
+    Ok(said)
+}
+
+/// Every leg client of an attached volume by leg name, a migration's new
+/// leg included once it starts.
+pub(crate) type LegClients = Arc<Mutex<HashMap<String, Client>>>;
+
+/// Rereads the key file of every leg the volume file at `path` names into
+/// that leg's client (used from its next handshake), and says so in one
+/// line. Every key is read before any is used: a leg's key file that does
+/// not parse changes no leg.
+pub(crate) async fn leg_keys(
+    legs: &LegClients,
+    base: &ClientArgs,
+    path: &Path,
+) -> Result<String, String> {
+    let file = crate::volume::VolumeFile::load(path)?;
+    let mut keys = Vec::new();
+    for leg in &file.legs {
+        let args = crate::attach::leg_args(base, leg);
+        let key = args.key().map_err(|e| format!("leg {:?}: {e}", leg.name))?;
+        keys.push((leg.name.clone(), key, args.key_file()));
+    }
+    let mut said = Vec::new();
+    for (name, (key_id, key), key_file) in keys {
+        let client = legs.lock().unwrap().get(&name).cloned();
+        let Some(client) = client else {
+            return Err(format!(
+                "leg {name:?} has no client (is the volume file newer than this run?)"
+            ));
+        };
+        client
+            .set_key(key_id.clone(), key)
+            .await
+            .map_err(|e| format!("leg {name:?}: {e}"))?;
+        said.push(format!(
+            "leg {name}: key {key_id} from {}",
+            key_file.display()
+        ));
+    }
+    let said = format!("{}; used from each leg's next handshake", said.join("; "));
     tracing::info!("{said}");
     Ok(said)
 }

@@ -652,3 +652,78 @@ fn a_run_fenced_on_one_leg_writes_to_no_leg_after() {
     assert_eq!(newer.io(1, 4 << 20, fresh.len() as u32, &fresh).0, 0);
     assert_eq!(newer.io(0, 0, data.len() as u32, &[]), (0, data));
 }
+
+/// A volume's legs reread their key files on `braid reload` (as on
+/// SIGHUP): leg a's key is rotated, its server withdraws the old one, and
+/// the leg's channels come back under the new key while the volume
+/// serves; a leg key file that does not parse changes no leg.
+#[test]
+fn a_volume_leg_key_rotates_while_the_volume_serves() {
+    let rig = Rig::new();
+    let (_a, _b) = rig.serve_both();
+    let spec = rig.volume_file(r#"mirror = ["a", "b"]"#, "");
+    let (_attach, sock, control) = rig.attach(1, &spec, &[]);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    let data = pattern(9, 256 << 10);
+    assert_eq!(nbd.io(1, 0, data.len() as u32, &data).0, 0);
+    wait_state(&control, "a", "InSync");
+    wait_state(&control, "b", "InSync");
+    let reload = |control: &Path| {
+        let out = Command::new(BRAID)
+            .args(["reload", "--control"])
+            .arg(control)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), said + &err)
+    };
+
+    // Leg a's key file (which its server reads too) now holds only a new
+    // key: the volume takes it for leg a's next handshakes.
+    let keys_a = rig.path("a").join("keys.toml");
+    std::fs::write(&keys_a, format!("rotated = \"{}\"\n", "5a".repeat(32))).unwrap();
+    let (ok, said) = reload(&control);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains("leg a: key rotated") && said.contains("leg b: key default"),
+        "{said}"
+    );
+    // Server a rereads it: the old key is withdrawn, and leg a's channels
+    // return under the new one.
+    let server_a = rig.path("a").join("control.sock");
+    let (ok, said) = reload(&server_a);
+    assert!(ok && said.contains("withdrawn default"), "{said}");
+    for round in 0..20u64 {
+        let at = (round % 8) * (256 << 10);
+        assert_eq!(
+            nbd.io(1, at, data.len() as u32, &data).0,
+            0,
+            "write {round}"
+        );
+        let (e, back) = nbd.io(0, at, data.len() as u32, &[]);
+        assert!(e == 0 && back == data, "read {round}");
+    }
+    wait_state(&control, "a", "InSync");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&server_a)["connections"].as_u64() < Some(1) {
+        assert!(Instant::now() < deadline, "leg a never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = status(&server_a);
+    assert_eq!(
+        s["auth_failures"], 0,
+        "leg a reconnected under the new key: {s}"
+    );
+    assert!(s["channels_revoked"].as_u64() > Some(0), "{s}");
+
+    // Leg b's key file broken: the reload is refused, naming the leg.
+    std::fs::write(rig.path("b").join("keys.toml"), "default = \"zz\"\n").unwrap();
+    let (ok, said) = reload(&control);
+    assert!(!ok && said.contains("leg \"b\""), "{said}");
+    assert_eq!(
+        nbd.io(1, 0, data.len() as u32, &data).0,
+        0,
+        "the volume serves"
+    );
+}
