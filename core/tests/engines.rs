@@ -94,14 +94,7 @@ impl Pair {
             while let Some(a) = self.client.poll_action() {
                 busy = true;
                 match a {
-                    ClientAction::Connect(ch) => {
-                        let conn = self.next_conn;
-                        self.next_conn += 1;
-                        self.conns.insert(ch, conn);
-                        self.chans.insert(conn, ch);
-                        self.server.connection_opened(conn, self.now);
-                        self.client.channel_connected(ch, self.now);
-                    }
+                    ClientAction::Connect(ch) => self.connect(ch),
                     ClientAction::Close(ch) => {
                         if let Some(conn) = self.conns.remove(&ch) {
                             // A graceful close: what was sent arrives first.
@@ -178,6 +171,16 @@ impl Pair {
             }
         }
         panic!("the engines never went quiet");
+    }
+
+    /// The transport of `ch` connects: a new connection on the server.
+    fn connect(&mut self, ch: ChannelId) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(ch, conn);
+        self.chans.insert(conn, ch);
+        self.server.connection_opened(conn, self.now);
+        self.client.channel_connected(ch, self.now);
     }
 
     fn apply(&mut self, op: &BackendOp) -> Result<Bytes, Status> {
@@ -594,14 +597,7 @@ fn a_key_rotates_with_the_session_kept() {
     p.client.tune(&tuning, p.now).unwrap();
     while let Some(a) = p.client.poll_action() {
         match a {
-            ClientAction::Connect(ch) => {
-                let conn = p.next_conn;
-                p.next_conn += 1;
-                p.conns.insert(ch, conn);
-                p.chans.insert(conn, ch);
-                p.server.connection_opened(conn, p.now);
-                p.client.channel_connected(ch, p.now);
-            }
+            ClientAction::Connect(ch) => p.connect(ch),
             ClientAction::Send(ch, f) => p.to_server.push_back((p.conns[&ch], f.to_bytes())),
             other => panic!("unexpected {other:?}"),
         }
@@ -661,18 +657,7 @@ fn a_key_withdrawn_between_challenge_and_proof_fails_the_proof() {
             change.channels_closed, 0,
             "a handshake is not a channel yet"
         );
-        let t = braid_core::auth::Transcript {
-            key_id: "alice",
-            export: "disk0",
-            session_id: 0,
-            owner_epoch: (0, 0),
-            client_nonce: &nonce,
-            server_nonce: &c.server_nonce,
-            boot_id: c.boot_id,
-        };
-        let auth = Message::Auth(Auth {
-            client_proof: braid_core::auth::client_proof(&key, &t),
-        });
+        let auth = alice_auth(&key, nonce, &c);
         server.handle_frame(conn, wire::encode(&auth).to_bytes(), now);
         let replies = drain(&mut server);
         assert!(
@@ -721,6 +706,23 @@ fn hello(
     }
 }
 
+/// The AUTH answering challenge `c` to [`alice_hello`] with `nonce`,
+/// proved with `key`.
+fn alice_auth(key: &Key, nonce: [u8; 16], c: &Challenge) -> Message {
+    let t = braid_core::auth::Transcript {
+        key_id: "alice",
+        export: "disk0",
+        session_id: 0,
+        owner_epoch: (0, 0),
+        client_nonce: &nonce,
+        server_nonce: &c.server_nonce,
+        boot_id: c.boot_id,
+    };
+    Message::Auth(Auth {
+        client_proof: braid_core::auth::client_proof(key, &t),
+    })
+}
+
 fn drain(server: &mut ServerEngine) -> Vec<Message> {
     let mut out = Vec::new();
     while let Some(a) = server.poll_action() {
@@ -738,18 +740,7 @@ fn a_recorded_handshake_cannot_be_replayed() {
     let nonce = [5; 16];
     let now = Instant::ZERO;
     let c1 = hello(&mut server, 1, nonce, now).unwrap();
-    let t = braid_core::auth::Transcript {
-        key_id: "alice",
-        export: "disk0",
-        session_id: 0,
-        owner_epoch: (0, 0),
-        client_nonce: &nonce,
-        server_nonce: &c1.server_nonce,
-        boot_id: c1.boot_id,
-    };
-    let recorded = wire::encode(&Message::Auth(Auth {
-        client_proof: braid_core::auth::client_proof(&key, &t),
-    }));
+    let recorded = wire::encode(&alice_auth(&key, nonce, &c1));
     server.handle_frame(1, recorded.to_bytes(), now);
     assert!(
         drain(&mut server)

@@ -5,28 +5,15 @@
 //! lands once; a key file that does not parse changes nothing.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, serve, status, wait_for, Killed, Nbd, BRAID};
-
-fn reload(control: &Path) -> Output {
-    Command::new(BRAID)
-        .args(["reload", "--control"])
-        .arg(control)
-        .output()
-        .unwrap()
-}
+use common::{free_port, pattern, reload, serve, status, wait_for, Killed, Nbd};
 
 fn reloaded(control: &Path) -> String {
-    let out = reload(control);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, said) = reload(control);
+    assert!(ok, "{said}");
     said
 }
 
@@ -49,23 +36,8 @@ fn all_up(v: &serde_json::Value) -> bool {
     !channels.is_empty() && channels.iter().all(|c| c["state"] == "up")
 }
 
-fn attach(d: &Path, port: u16, name: &str, key_file: &Path) -> (Killed, std::path::PathBuf) {
-    let (sock, control) = (
-        d.join(format!("{name}.sock")),
-        d.join(format!("{name}.ctl")),
-    );
-    let server = format!("127.0.0.1:{port}");
-    let child = common::attach(
-        &[
-            "--server",
-            &server,
-            "--key-file",
-            key_file.to_str().unwrap(),
-        ],
-        &sock,
-        &control,
-        &[],
-    );
+fn attach(d: &Path, port: u16, name: &str, keys: &Path) -> (Killed, std::path::PathBuf) {
+    let (child, _, control) = common::attach_export(d, port, name, keys);
     (child, control)
 }
 
@@ -153,10 +125,11 @@ fn keys_are_added_withdrawn_and_given_back_while_serving() {
     // A key file that does not parse is refused, naming the file, and
     // changes nothing.
     std::fs::write(&keys, "bob = \"not hex\"\n").unwrap();
-    let out = reload(&server_control);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("keys.toml") && err.contains("hex"), "{err}");
+    let (ok, err) = reload(&server_control);
+    assert!(
+        !ok && err.contains("keys.toml") && err.contains("hex"),
+        "{err}"
+    );
     assert_eq!(
         a.io(1, 0, one.len() as u32, &one).0,
         0,

@@ -56,18 +56,7 @@ fn wait_for_channels(control: &Path, done: impl Fn(usize, usize) -> bool, what: 
 }
 
 fn attach(d: &Path, port: u16, name: &str) -> (Killed, std::path::PathBuf, std::path::PathBuf) {
-    let (sock, control) = (
-        d.join(format!("{name}.sock")),
-        d.join(format!("{name}.ctl")),
-    );
-    let (server, keys) = (format!("127.0.0.1:{port}"), d.join("keys.toml"));
-    let child = common::attach(
-        &["--server", &server, "--key-file", keys.to_str().unwrap()],
-        &sock,
-        &control,
-        &[],
-    );
-    (child, sock, control)
+    common::attach_export(d, port, name, &d.join("keys.toml"))
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{free_port, pattern, serve, status, wait_for, Nbd, BRAID};
+use common::{free_port, pattern, reload, serve, status, wait_for, Nbd, BRAID};
 
 /// The metrics text (the metrics test parses it properly; here a line
 /// or two is enough).
@@ -668,16 +668,6 @@ fn a_volume_leg_key_rotates_while_the_volume_serves() {
     assert_eq!(nbd.io(1, 0, data.len() as u32, &data).0, 0);
     wait_state(&control, "a", "InSync");
     wait_state(&control, "b", "InSync");
-    let reload = |control: &Path| {
-        let out = Command::new(BRAID)
-            .args(["reload", "--control"])
-            .arg(control)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout).into_owned();
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.success(), said + &err)
-    };
 
     // Leg a's key file (which its server reads too) now holds only a new
     // key: the volume takes it for leg a's next handshakes.

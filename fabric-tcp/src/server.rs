@@ -192,22 +192,12 @@ impl Server {
     /// nothing in flight is disturbed; refused values change nothing and
     /// the error names the field.
     pub async fn tune(&self, tuning: ServerTuning) -> Result<(), String> {
-        let mut answers = Vec::with_capacity(self.engines.len());
-        for e in self.engines.iter() {
-            let (tx, rx) = oneshot::channel();
-            e.events
-                .send(Event::Tune(tuning.clone(), tx))
-                .map_err(|_| "the server is stopping".to_string())?;
-            answers.push(rx);
-        }
         // Every engine checks the same values against the same
         // configuration, so they all agree.
-        let mut result = Ok(());
-        for rx in answers {
-            let answer = rx.await.map_err(|_| "the server is stopping".to_string())?;
-            result = result.and(answer);
-        }
-        result
+        let answers = self
+            .ask_every_engine(|reply| Event::Tune(tuning.clone(), reply))
+            .await?;
+        answers.into_iter().collect()
     }
 
     /// Replaces every engine's pre-shared keys between two of its events
@@ -216,24 +206,38 @@ impl Server {
     /// anywhere, as every engine checks it against the same configuration.
     /// The change is summed over the engines.
     pub async fn set_keys(&self, keys: Vec<(String, Key)>) -> Result<KeyChange, String> {
-        let mut answers = Vec::with_capacity(self.engines.len());
-        for e in self.engines.iter() {
-            let (tx, rx) = oneshot::channel();
-            e.events
-                .send(Event::SetKeys(keys.clone(), tx))
-                .map_err(|_| "the server is stopping".to_string())?;
-            answers.push(rx);
-        }
+        let answers = self
+            .ask_every_engine(|reply| Event::SetKeys(keys.clone(), reply))
+            .await?;
         let mut change = KeyChange::default();
-        for rx in answers {
-            let one = rx
-                .await
-                .map_err(|_| "the server is stopping".to_string())??;
+        for one in answers {
+            let one = one?;
             change.added = one.added;
             change.withdrawn = one.withdrawn;
             change.channels_closed += one.channels_closed;
         }
         Ok(change)
+    }
+
+    /// Sends every engine the event `ask` makes around a reply channel,
+    /// then waits for every answer: all the events are queued before the
+    /// first answer is awaited, so the engines work on them together.
+    async fn ask_every_engine<T>(
+        &self,
+        ask: impl Fn(oneshot::Sender<T>) -> Event,
+    ) -> Result<Vec<T>, String> {
+        let stopping = || "the server is stopping".to_string();
+        let mut answers = Vec::with_capacity(self.engines.len());
+        for e in self.engines.iter() {
+            let (tx, rx) = oneshot::channel();
+            e.events.send(ask(tx)).map_err(|_| stopping())?;
+            answers.push(rx);
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for rx in answers {
+            out.push(rx.await.map_err(|_| stopping())?);
+        }
+        Ok(out)
     }
 
     /// Serves `listener` with one engine; see [`Server::run_engines`].

@@ -93,6 +93,44 @@ pub fn attach(args: &[&str], sock: &Path, control: &Path, env: &[(&str, &Path)])
     child
 }
 
+/// `braid attach --server 127.0.0.1:PORT --key-file KEYS` of export
+/// disk0, with its NBD socket and control socket named `name` in `d`;
+/// returns once it serves, with those two paths.
+pub fn attach_export(
+    d: &Path,
+    port: u16,
+    name: &str,
+    keys: &Path,
+) -> (Killed, std::path::PathBuf, std::path::PathBuf) {
+    let (sock, control) = (
+        d.join(format!("{name}.sock")),
+        d.join(format!("{name}.ctl")),
+    );
+    let server = format!("127.0.0.1:{port}");
+    let child = attach(
+        &["--server", &server, "--key-file", keys.to_str().unwrap()],
+        &sock,
+        &control,
+        &[],
+    );
+    (child, sock, control)
+}
+
+/// `braid reload --control CONTROL`: whether it succeeded, and what it
+/// printed (stdout, then stderr).
+pub fn reload(control: &Path) -> (bool, String) {
+    let out = Command::new(BRAID)
+        .args(["reload", "--control"])
+        .arg(control)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    (
+        out.status.success(),
+        said + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// `braid status --json` of the process behind `control`.
 pub fn status(control: &Path) -> serde_json::Value {
     let out = Command::new(BRAID)
