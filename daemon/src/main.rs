@@ -62,8 +62,9 @@ enum Cmd {
     /// Change a running server's or attached volume's settings (channels,
     /// timers, limits) without a restart.
     Set(tuning::SetArgs),
-    /// Make a running server reread its key file (as SIGHUP does): new
-    /// keys work at once, and channels of withdrawn ones close.
+    /// Make a running server or attach reread its key file (as SIGHUP
+    /// does): a server's new keys work at once and channels of withdrawn
+    /// ones close; an attach uses its new key from the next handshake.
     Reload(reload::ReloadArgs),
     /// Start a server, a fault proxy and a verifying client; reset, black-hole
     /// and corrupt channels and kill -9 the server under live IO; report.

@@ -135,8 +135,8 @@ where
         match reload().await {
             Ok(said) => crate::systemd::ready(&said),
             Err(e) => {
-                tracing::error!("SIGHUP: {e}; the key in force is unchanged");
-                crate::systemd::ready(&format!("reload failed, keys unchanged: {e}"));
+                tracing::error!("SIGHUP: {e}; nothing changed");
+                crate::systemd::ready(&format!("reload failed, nothing changed: {e}"));
             }
         }
     }

@@ -83,6 +83,7 @@ fn document(
         "corrupt_payloads": st.corrupt_payloads,
         "protocol_errors": st.protocol_errors,
         "auth_failures": st.auth_failures,
+        "keys": s.key_ids,
         "channels_revoked": st.channels_revoked,
         "error_replies": st.error_replies,
         "handshakes": st.handshakes,
@@ -146,6 +147,13 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
             crate::config::human_size(e["size"].as_u64().unwrap_or(0))
         );
     }
+    let keys: Vec<&str> = v["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str())
+        .collect();
+    println!("  keys held: {}", keys.join(", "));
     let rows = [
         ("sessions", "sessions"),
         ("connections (channels)", "connections"),

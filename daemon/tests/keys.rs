@@ -67,6 +67,10 @@ fn keys_are_added_withdrawn_and_given_back_while_serving() {
     std::fs::write(&keys, format!("{first}{bob_line}")).unwrap();
     let said = reloaded(&server_control);
     assert!(said.contains("2 held; added bob"), "{said}");
+    assert_eq!(
+        status(&server_control)["keys"],
+        serde_json::json!(["bob", "default"])
+    );
     let (_bob, bob) = attach(d, port, "bob", &bob_keys);
     let (mut b, _) = Nbd::connect(&d.join("bob.sock"), "disk0");
     let two = pattern(2, 64 << 10);

@@ -38,6 +38,9 @@ pub struct ServerStatus {
     pub latency: Vec<OpLatency>,
     /// The tunable limits in force.
     pub tuning: ServerTuning,
+    /// The ids of the pre-shared keys it holds (every engine holds the
+    /// same).
+    pub key_ids: Vec<String>,
     /// Wall time the engine's task has spent working, from each wake-up to
     /// its next wait: all of it, against the time passed, says the one
     /// task is what limits the server (time the thread was descheduled
@@ -76,6 +79,10 @@ impl ServerStatus {
         self.engine_turns += other.engine_turns;
         self.engines.extend_from_slice(&other.engines);
     }
+}
+
+fn key_ids(config: &braid_core::server::ServerConfig) -> Vec<String> {
+    config.keys.iter().map(|(id, _)| id.clone()).collect()
 }
 
 /// Unsent reply bytes one connection may hold before the server decides
@@ -294,6 +301,7 @@ impl Server {
             engine.set_shard(index, count);
             let status = Arc::new(Mutex::new(ServerStatus {
                 tuning: ServerTuning::of(engine.config()),
+                key_ids: key_ids(engine.config()),
                 engines: vec![EngineLoad::default()],
                 ..ServerStatus::default()
             }));
@@ -910,6 +918,7 @@ fn handle(
             let result = engine
                 .set_keys(keys, clock.now())
                 .map_err(|e| e.to_string());
+            status.lock().unwrap().key_ids = key_ids(engine.config());
             let _ = reply.send(result);
         }
         Event::Tune(tuning, reply) => {
