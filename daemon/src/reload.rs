@@ -1,11 +1,13 @@
 //! Rereading key files while serving: on SIGHUP (systemd's `ExecReload`)
 //! or `braid reload`, which prints what changed. `braid serve` rereads its
-//! key table; `braid attach` rereads its key (a volume, each leg's), used
-//! from the next handshake, so a key rotates with no outage. A key file
-//! that does not parse, or leaves no key, changes nothing.
+//! key table and its TLS certificate; `braid attach` rereads its key (a
+//! volume, each leg's), used from the next handshake, so a key rotates
+//! with no outage. A key file that does not parse, or leaves no key,
+//! changes nothing.
 
 use crate::client_args::ClientArgs;
 use braid_core::server::KeyChange;
+use braid_fabric_tcp::tls::ServerCert;
 use braid_fabric_tcp::{Client, Server};
 use clap::Args;
 use std::collections::HashMap;
@@ -34,9 +36,41 @@ pub(crate) async fn run(args: ReloadArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// What `braid serve` rereads: its key file, and its TLS certificate and
+/// key when it serves TLS.
+#[derive(Clone)]
+pub(crate) struct ServerFiles {
+    pub(crate) key_file: PathBuf,
+    pub(crate) cert: Option<Arc<ServerCert>>,
+}
+
+/// Rereads the server's key file, then its TLS certificate, and says
+/// what changed in one line (logged, and what `braid reload` prints).
+/// A key file that does not parse changes nothing; a certificate that
+/// does not (or a key that does not match it) leaves the one served.
+pub(crate) async fn server(server: &Server, files: &ServerFiles) -> Result<String, String> {
+    let said = keys(server, &files.key_file).await?;
+    let Some(cert) = &files.cert else {
+        return Ok(said);
+    };
+    match cert.reload() {
+        Ok(()) => {
+            let said = format!(
+                "{said}; TLS certificate reread from {}, served from the next handshake",
+                cert.cert_path().display()
+            );
+            tracing::info!("{said}");
+            Ok(said)
+        }
+        Err(e) => Err(format!(
+            "{said}; the TLS certificate served is unchanged: {e}"
+        )),
+    }
+}
+
 /// Rereads `key_file` into every engine of `server`, and says what
 /// changed in one line (logged, and what `braid reload` prints).
-pub(crate) async fn keys(server: &Server, key_file: &Path) -> Result<String, String> {
+async fn keys(server: &Server, key_file: &Path) -> Result<String, String> {
     let keys = crate::config::read_keys(key_file)?;
     let held = keys.len();
     let change = server

@@ -5,6 +5,7 @@ use crate::nbd_threads::NbdThreads;
 use crate::status;
 use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
+use braid_fabric_tcp::tls::ServerCert;
 use braid_fabric_tcp::{EngineSpawner, Server, ServerSecurity};
 use clap::Args;
 use std::net::SocketAddr;
@@ -190,7 +191,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         .map(|a| crate::metrics::MetricsListener::bind(&a))
         .transpose()?;
 
-    let (security, tls_hint) = server_security(
+    let (security, tls_hint, served_cert) = server_security(
         args.tls,
         args.tls_cert.zip(args.tls_key),
         args.tls_client_ca.as_deref(),
@@ -270,10 +271,14 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         shutdown,
         move |server| {
             rdma.serve(&server);
-            let (reloaded, keys) = (server.clone(), key_file.clone());
+            let reread = crate::reload::ServerFiles {
+                key_file: key_file.clone(),
+                cert: served_cert,
+            };
+            let (reloaded, files) = (server.clone(), reread.clone());
             tokio::spawn(crate::reload::on_hangup(hangups, move || {
-                let (server, keys) = (reloaded.clone(), keys.clone());
-                async move { crate::reload::keys(&server, &keys).await }
+                let (server, files) = (reloaded.clone(), files.clone());
+                async move { crate::reload::server(&server, &files).await }
             }));
             if let Some(m) = metrics {
                 m.serve_server(
@@ -288,14 +293,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
                 export_info.len(),
                 server.local_addr()
             ));
-            status::serve_control(
-                control,
-                server,
-                key_file,
-                export_info,
-                backend,
-                nbd_placement,
-            );
+            status::serve_control(control, server, reread, export_info, backend, nbd_placement);
         },
     ));
     serving
@@ -387,7 +385,7 @@ fn server_security(
     client_ca: Option<&Path>,
     data_dir: &Path,
     local: SocketAddr,
-) -> Result<(ServerSecurity, String), String> {
+) -> Result<(ServerSecurity, String, Option<Arc<ServerCert>>), String> {
     if !(tls || cert_and_key.is_some() || client_ca.is_some()) {
         if !local.ip().is_loopback() {
             tracing::warn!(
@@ -396,7 +394,7 @@ fn server_security(
                  authenticated, but an on-path attacker can change data after it (use --tls)"
             );
         }
-        return Ok((ServerSecurity::Plain, String::new()));
+        return Ok((ServerSecurity::Plain, String::new(), None));
     }
     let (cert, key) = match cert_and_key {
         Some(given) => given,
@@ -417,8 +415,8 @@ fn server_security(
             ca.display()
         ));
     }
-    let acceptor = braid_fabric_tcp::tls::acceptor(&cert, &key, client_ca)?;
-    Ok((ServerSecurity::Tls(acceptor), hint))
+    let (acceptor, served) = braid_fabric_tcp::tls::reloadable_acceptor(&cert, &key, client_ca)?;
+    Ok((ServerSecurity::Tls(acceptor), hint, Some(served)))
 }
 
 /// What is served, and the commands that reach it.

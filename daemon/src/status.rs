@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub(crate) fn serve_control(
     path: PathBuf,
     server: Server,
-    key_file: PathBuf,
+    reread: crate::reload::ServerFiles,
     exports: Vec<(String, u64)>,
     backend: Arc<Polled<FileBackend>>,
     nbd: Option<Placement>,
@@ -25,9 +25,9 @@ pub(crate) fn serve_control(
             return now(document(&server, &exports, &backend.0, nbd.as_ref()));
         }
         if command == "reload" {
-            let (server, key_file) = (server.clone(), key_file.clone());
+            let (server, reread) = (server.clone(), reread.clone());
             return crate::control::later(async move {
-                let said = crate::reload::keys(&server, &key_file).await?;
+                let said = crate::reload::server(&server, &reread).await?;
                 Ok(serde_json::json!({ "keys": said }))
             });
         }

@@ -4,8 +4,9 @@
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use std::path::Path;
-use std::sync::Arc;
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -45,6 +46,16 @@ pub fn acceptor(
     key_path: &Path,
     client_ca: Option<&Path>,
 ) -> Result<TlsAcceptor, String> {
+    Ok(reloadable_acceptor(cert, key_path, client_ca)?.0)
+}
+
+/// [`acceptor`], and the handle that swaps its certificate and key for
+/// what their files hold now ([`ServerCert::reload`]).
+pub fn reloadable_acceptor(
+    cert: &Path,
+    key_path: &Path,
+    client_ca: Option<&Path>,
+) -> Result<(TlsAcceptor, Arc<ServerCert>), String> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -60,10 +71,56 @@ pub fn acceptor(
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder
-        .with_single_cert(certs(cert)?, key(key_path)?)
-        .map_err(|e| format!("TLS certificate: {e}"))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    let served = Arc::new(ServerCert {
+        current: RwLock::new(Arc::new(certified_key(cert, key_path)?)),
+        cert: cert.to_path_buf(),
+        key: key_path.to_path_buf(),
+    });
+    let config = builder.with_cert_resolver(served.clone());
+    Ok((TlsAcceptor::from(Arc::new(config)), served))
+}
+
+fn certified_key(cert: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
+    CertifiedKey::from_der(certs(cert)?, key(key_path)?, &provider()).map_err(|e| {
+        format!(
+            "TLS certificate {} with key {}: {e}",
+            cert.display(),
+            key_path.display()
+        )
+    })
+}
+
+/// A server's certificate and key, replaceable while it serves (a
+/// certificate renewed before it expires): each TLS handshake takes the
+/// one current when it starts, so connections already secured keep
+/// theirs.
+#[derive(Debug)]
+pub struct ServerCert {
+    current: RwLock<Arc<CertifiedKey>>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ServerCert {
+    /// Reads the certificate and key files again and serves them from
+    /// the next handshake on. Files that do not parse, or a key that does
+    /// not match the certificate, change nothing.
+    pub fn reload(&self) -> Result<(), String> {
+        let fresh = certified_key(&self.cert, &self.key)?;
+        *self.current.write().unwrap() = Arc::new(fresh);
+        Ok(())
+    }
+
+    /// The certificate file it reads.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap().clone())
+    }
 }
 
 /// A client side: the CA (or the server's own self-signed certificate) to
