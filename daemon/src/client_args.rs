@@ -158,7 +158,9 @@ impl ClientArgs {
         })
     }
 
-    fn security(&self) -> Result<ClientSecurity, String> {
+    /// How this client protects its channels, from its TLS files as they
+    /// are now.
+    pub(crate) fn security(&self) -> Result<ClientSecurity, String> {
         let Some(ca) = &self.tls_ca else {
             return Ok(ClientSecurity::Plain);
         };

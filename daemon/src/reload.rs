@@ -8,7 +8,7 @@
 use crate::client_args::ClientArgs;
 use braid_core::server::KeyChange;
 use braid_fabric_tcp::tls::ServerCert;
-use braid_fabric_tcp::{Client, Server};
+use braid_fabric_tcp::{Client, ClientSecurity, Server};
 use clap::Args;
 use std::collections::HashMap;
 use std::future::Future;
@@ -100,16 +100,24 @@ fn describe(key_file: &Path, held: usize, change: &KeyChange) -> String {
     said
 }
 
-/// Rereads an attached export's key file into its client, and says so in
-/// one line: the key is used from the client's next handshake (channels
-/// up stay up on the key they proved).
+/// Rereads an attached export's key file (and TLS CA, client certificate
+/// and key) into its client, and says so in one line: they are used from
+/// the client's next connection (channels up stay up on what they
+/// proved).
 pub(crate) async fn client_key(client: &Client, args: &ClientArgs) -> Result<String, String> {
     let (key_id, key) = args.key()?;
+    // Read before anything is used: TLS files that do not parse change
+    // nothing either.
+    let security = args.security()?;
     client.set_key(key_id.clone(), key).await?;
-    let said = format!(
+    let mut said = format!(
         "key {key_id} reread from {}: used from the next handshake",
         args.key_file().display()
     );
+    if let (ClientSecurity::Tls(..), Some(ca)) = (&security, &args.tls_ca) {
+        said += &format!("; TLS CA reread from {}", ca.display());
+    }
+    client.set_security(security).await?;
     tracing::info!("{said}");
     Ok(said)
 }
@@ -118,10 +126,10 @@ pub(crate) async fn client_key(client: &Client, args: &ClientArgs) -> Result<Str
 /// leg included once it starts.
 pub(crate) type LegClients = Arc<Mutex<HashMap<String, Client>>>;
 
-/// Rereads the key file of every leg the volume file at `path` names into
-/// that leg's client (used from its next handshake), and says so in one
-/// line. Every key is read before any is used: a leg's key file that does
-/// not parse changes no leg.
+/// Rereads the key file (and TLS CA) of every leg the volume file at
+/// `path` names into that leg's client (used from its next handshake),
+/// and says so in one line. Every file is read before any is used: a
+/// leg's file that does not parse changes no leg.
 pub(crate) async fn leg_keys(
     legs: &LegClients,
     base: &ClientArgs,
@@ -132,10 +140,13 @@ pub(crate) async fn leg_keys(
     for leg in &file.legs {
         let args = crate::attach::leg_args(base, leg);
         let key = args.key().map_err(|e| format!("leg {:?}: {e}", leg.name))?;
-        keys.push((leg.name.clone(), key, args.key_file()));
+        let security = args
+            .security()
+            .map_err(|e| format!("leg {:?}: {e}", leg.name))?;
+        keys.push((leg.name.clone(), key, security, args.key_file()));
     }
     let mut said = Vec::new();
-    for (name, (key_id, key), key_file) in keys {
+    for (name, (key_id, key), security, key_file) in keys {
         let client = legs.lock().unwrap().get(&name).cloned();
         let Some(client) = client else {
             return Err(format!(
@@ -144,6 +155,10 @@ pub(crate) async fn leg_keys(
         };
         client
             .set_key(key_id.clone(), key)
+            .await
+            .map_err(|e| format!("leg {name:?}: {e}"))?;
+        client
+            .set_security(security)
             .await
             .map_err(|e| format!("leg {name:?}: {e}"))?;
         said.push(format!(

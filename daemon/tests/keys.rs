@@ -245,14 +245,15 @@ fn a_key_rotates_under_io_with_no_error() {
 /// A TLS certificate renewed while `braid serve` runs: `braid reload`
 /// serves the new one from the next handshake, channels secured under
 /// the old one stay up, and a certificate file that does not parse
-/// leaves the one served.
+/// leaves the one served. A client's CA file renewed and reread is what
+/// its next connections trust.
 #[test]
 fn a_tls_certificate_renews_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let port = free_port();
     let server_control = d.join("control.sock");
-    let _server = serve(d, port, "16M", &["--tls"]);
+    let server = serve(d, port, "16M", &["--tls"]);
     wait_for(&server_control);
     let (cert, key) = (d.join("tls-cert.pem"), d.join("tls-key.pem"));
     let old_ca = d.join("old-ca.pem");
@@ -308,7 +309,6 @@ fn a_tls_certificate_renews_while_serving() {
     assert!(e == 0 && back == data);
     assert!(all_up(&status(&old_control)));
     assert_eq!(old_nbd.io(1, 1 << 20, data.len() as u32, &data).0, 0);
-
     // A broken certificate file: refused, and the renewed one is served.
     std::fs::write(&cert, "not a certificate\n").unwrap();
     let (ok, said) = reload(&server_control);
@@ -319,5 +319,20 @@ fn a_tls_certificate_renews_while_serving() {
     let (_again, again_sock, _) = tls_attach("again", &new_ca);
     let (mut again_nbd, _) = Nbd::connect(&again_sock, "disk0");
     let (e, back) = again_nbd.io(0, 1 << 20, data.len() as u32, &[]);
+    assert!(e == 0 && back == data);
+
+    // The old client's CA file renewed and reread, then the server
+    // restarted (so no TLS session can be resumed): the old client's
+    // channels come back only if they trust the renewed certificate.
+    std::fs::copy(&new_ca, &cert).unwrap();
+    std::fs::copy(&new_ca, &old_ca).unwrap();
+    let said = reloaded(&old_control);
+    assert!(said.contains("TLS CA reread"), "{said}");
+    drop(server);
+    let _server = serve(d, port, "16M", &["--tls"]);
+    wait_status(&old_control, "channels back under the renewed CA", |v| {
+        all_up(v) && v["session_resets"].as_u64() > Some(0)
+    });
+    let (e, back) = old_nbd.io(0, 1 << 20, data.len() as u32, &[]);
     assert!(e == 0 && back == data);
 }

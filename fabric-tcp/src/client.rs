@@ -128,6 +128,7 @@ enum Cmd {
     Io(IoRequest, Reply),
     Tune(ClientTuning, oneshot::Sender<Result<(), String>>),
     SetKey(String, Key, oneshot::Sender<Result<(), String>>),
+    SetSecurity(ClientSecurity, oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
 }
 
@@ -400,6 +401,19 @@ impl Client {
         rx.await.map_err(|_| gone())?
     }
 
+    /// Protects connections made from now on with `security` (a CA or
+    /// client certificate renewed); connections already secured keep
+    /// theirs.
+    pub async fn set_security(&self, security: ClientSecurity) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || "the volume is detaching".to_string();
+        self.cmds
+            .send(Cmd::SetSecurity(security, tx))
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
     /// Leaves the session for good (the server frees it) once IO in flight
     /// has finished and acknowledged writes are flushed; gives up on the
     /// server after `CLOSE_PATIENCE`.
@@ -544,6 +558,10 @@ impl Driver {
                             self.status.lock().unwrap().key_id = key_id;
                         }
                         let _ = reply.send(result);
+                    }
+                    Some(Cmd::SetSecurity(security, reply)) => {
+                        self.security = security;
+                        let _ = reply.send(());
                     }
                     Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
                     None => closing = Some(self.start_close(oneshot::channel().0)),
