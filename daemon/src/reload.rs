@@ -1,9 +1,9 @@
-//! Rereading key files while serving: on SIGHUP (systemd's `ExecReload`)
-//! or `braid reload`, which prints what changed. `braid serve` rereads its
-//! key table and its TLS certificate; `braid attach` rereads its key (a
-//! volume, each leg's), used from the next handshake, so a key rotates
-//! with no outage. A key file that does not parse, or leaves no key,
-//! changes nothing.
+//! Rereading key and TLS files while serving: on SIGHUP (systemd's
+//! `ExecReload`) or `braid reload`, which prints what changed. `braid
+//! serve` rereads its key table and its TLS certificate and key; `braid
+//! attach` rereads its key and TLS files (a volume, each leg's), used from
+//! the next connection, so a key rotates with no outage. A file that does
+//! not parse changes nothing.
 
 use crate::client_args::ClientArgs;
 use braid_core::server::KeyChange;
@@ -23,7 +23,8 @@ pub(crate) struct ReloadArgs {
     control: Option<PathBuf>,
 }
 
-/// `braid reload`: the daemon rereads its key file; prints the change.
+/// `braid reload`: the daemon rereads its key and TLS files; prints what
+/// changed.
 pub(crate) async fn run(args: ReloadArgs) -> Result<(), String> {
     let path = args
         .control
