@@ -380,37 +380,33 @@ impl Client {
     /// flight goes on (requests on removed channels move to the others).
     /// Refused values change nothing; the error names the field.
     pub async fn tune(&self, tuning: ClientTuning) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || "the volume is detaching".to_string();
-        self.cmds
-            .send(Cmd::Tune(tuning, tx))
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.ask_driver(|reply| Cmd::Tune(tuning, reply)).await?
     }
 
     /// Authenticates with `key` under `key_id` from the next handshake on
     /// (see [`ClientEngine::set_key`]): channels up stay up.
     pub async fn set_key(&self, key_id: String, key: Key) -> Result<(), String> {
-        let (tx, rx) = oneshot::channel();
-        let gone = || "the volume is detaching".to_string();
-        self.cmds
-            .send(Cmd::SetKey(key_id, key, tx))
-            .await
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.ask_driver(|reply| Cmd::SetKey(key_id, key, reply))
+            .await?
     }
 
     /// Protects connections made from now on with `security` (a CA or
     /// client certificate renewed); connections already secured keep
     /// theirs.
     pub async fn set_security(&self, security: ClientSecurity) -> Result<(), String> {
+        self.ask_driver(|reply| Cmd::SetSecurity(security, reply))
+            .await
+    }
+
+    /// Sends the driver the command `ask` makes around a reply channel,
+    /// and waits for the answer.
+    async fn ask_driver<T>(
+        &self,
+        ask: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
         let gone = || "the volume is detaching".to_string();
-        self.cmds
-            .send(Cmd::SetSecurity(security, tx))
-            .await
-            .map_err(|_| gone())?;
+        self.cmds.send(ask(tx)).await.map_err(|_| gone())?;
         rx.await.map_err(|_| gone())
     }
 
