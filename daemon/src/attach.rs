@@ -643,7 +643,7 @@ async fn run_volume(mut args: AttachArgs, path: PathBuf) -> Result<(), String> {
             let words: Vec<&str> = command.split_whitespace().collect();
             match words.as_slice() {
                 ["status"] => {
-                    let mut doc = volume_document(&volume, &name);
+                    let mut doc = volume_document(&volume, &name, &leg_clients);
                     doc["ublk"] = block_device.clone().into();
                     now(doc)
                 }
@@ -833,8 +833,13 @@ fn words_done(suspend: bool) -> &'static str {
     }
 }
 
-fn volume_document(volume: &braid_fabric_tcp::Volume, name: &str) -> serde_json::Value {
+fn volume_document(
+    volume: &braid_fabric_tcp::Volume,
+    name: &str,
+    clients: &crate::reload::LegClients,
+) -> serde_json::Value {
     let s = volume.status();
+    let clients = clients.lock().unwrap().clone();
     serde_json::json!({
         "role": "volume",
         "name": name,
@@ -853,6 +858,8 @@ fn volume_document(volume: &braid_fabric_tcp::Volume, name: &str) -> serde_json:
             "state": state.map(|st| format!("{st:?}")),
             "dirty_regions": dirty,
             "regions": regions,
+            "key_id": clients.get(leg).map(|c| c.status().key_id),
+            "last_channel_error": clients.get(leg).map(Client::last_error),
         })).collect::<Vec<_>>(),
     })
 }
@@ -875,6 +882,12 @@ pub(crate) fn print_volume_status(v: &serde_json::Value) {
             l["dirty_regions"],
             l["regions"]
         );
+        // Why a leg is away, when its channels said.
+        if !l["state"].as_str().is_some_and(|s| s.starts_with("InSync")) {
+            if let Some(e) = l["last_channel_error"].as_str() {
+                println!("             last channel error: {e}");
+            }
+        }
     }
     if let Some(m) = v["migration"].as_object() {
         println!(

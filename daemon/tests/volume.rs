@@ -679,6 +679,16 @@ fn a_volume_leg_key_rotates_while_the_volume_serves() {
         said.contains("leg a: key rotated") && said.contains("leg b: key default"),
         "{said}"
     );
+    let keys: Vec<_> = status(&control)["legs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["key_id"].clone())
+        .collect();
+    assert_eq!(
+        keys,
+        [serde_json::json!("rotated"), serde_json::json!("default")]
+    );
     // Server a rereads it: the old key is withdrawn, and leg a's channels
     // return under the new one.
     let server_a = rig.path("a").join("control.sock");
