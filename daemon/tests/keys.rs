@@ -41,14 +41,21 @@ fn attach(d: &Path, port: u16, name: &str, keys: &Path) -> (Killed, std::path::P
     (child, control)
 }
 
+/// `braid serve` of a 16 MiB disk0 in `d` with `extra` flags, once its
+/// control socket answers: the server, its port and its control socket.
+fn start_server(d: &Path, extra: &[&str]) -> (Killed, u16, std::path::PathBuf) {
+    let port = free_port();
+    let server = serve(d, port, "16M", extra);
+    let control = d.join("control.sock");
+    wait_for(&control);
+    (server, port, control)
+}
+
 #[test]
 fn keys_are_added_withdrawn_and_given_back_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let server_control = d.join("control.sock");
-    let server = serve(d, port, "16M", &[]);
-    wait_for(&server_control);
+    let (server, port, server_control) = start_server(d, &[]);
     let keys = d.join("keys.toml");
     let first = std::fs::read_to_string(&keys).unwrap();
     // alice has the server's first key; bob's is new.
@@ -153,10 +160,7 @@ fn a_key_rotates_under_io_with_no_error() {
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let server_control = d.join("control.sock");
-    let _server = serve(d, port, "16M", &[]);
-    wait_for(&server_control);
+    let (_server, port, server_control) = start_server(d, &[]);
     let keys = d.join("keys.toml");
     let old = std::fs::read_to_string(&keys).unwrap();
     let client_keys = d.join("client.toml");
@@ -174,13 +178,7 @@ fn a_key_rotates_under_io_with_no_error() {
             while !stop.load(Ordering::Relaxed) {
                 let data = pattern(round as u8, 16 << 10);
                 let at = (round % 256) * (16 << 10);
-                assert_eq!(
-                    nbd.io(1, at, data.len() as u32, &data).0,
-                    0,
-                    "write {round}"
-                );
-                let (e, back) = nbd.io(0, at, data.len() as u32, &[]);
-                assert!(e == 0 && back == data, "read {round}");
+                nbd.round_trip(at, &data, round);
                 round += 1;
                 rounds.store(round, Ordering::Relaxed);
             }
@@ -251,10 +249,7 @@ fn a_key_rotates_under_io_with_no_error() {
 fn a_tls_certificate_renews_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = free_port();
-    let server_control = d.join("control.sock");
-    let server = serve(d, port, "16M", &["--tls"]);
-    wait_for(&server_control);
+    let (server, port, server_control) = start_server(d, &["--tls"]);
     let (cert, key) = (d.join("tls-cert.pem"), d.join("tls-key.pem"));
     let old_ca = d.join("old-ca.pem");
     std::fs::copy(&cert, &old_ca).unwrap();

@@ -696,13 +696,7 @@ fn a_volume_leg_key_rotates_while_the_volume_serves() {
     assert!(ok && said.contains("withdrawn default"), "{said}");
     for round in 0..20u64 {
         let at = (round % 8) * (256 << 10);
-        assert_eq!(
-            nbd.io(1, at, data.len() as u32, &data).0,
-            0,
-            "write {round}"
-        );
-        let (e, back) = nbd.io(0, at, data.len() as u32, &[]);
-        assert!(e == 0 && back == data, "read {round}");
+        nbd.round_trip(at, &data, round);
     }
     wait_state(&control, "a", "InSync");
     let deadline = Instant::now() + Duration::from_secs(20);

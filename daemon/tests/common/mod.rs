@@ -168,6 +168,18 @@ pub fn free_port() -> u16 {
 pub struct Nbd(pub UnixStream);
 
 impl Nbd {
+    /// Writes `data` at `at` and reads it back, asserting both succeed and
+    /// the read returns what was written (`round` names it in a failure).
+    pub fn round_trip(&mut self, at: u64, data: &[u8], round: u64) {
+        assert_eq!(
+            self.io(1, at, data.len() as u32, data).0,
+            0,
+            "write {round}"
+        );
+        let (e, back) = self.io(0, at, data.len() as u32, &[]);
+        assert!(e == 0 && back == data, "read {round}");
+    }
+
     pub fn connect(path: &Path, export: &str) -> (Nbd, u64) {
         let mut s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
