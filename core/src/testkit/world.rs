@@ -354,6 +354,16 @@ struct Link {
 const FAULT_TICK: Duration = Duration::from_millis(50);
 const KEY_ID: &str = "sim";
 const SIM_KEY: &[u8] = b"simulated pre-shared key";
+
+/// The operator's key file with `withdrawals` withdrawals of the client's
+/// key in force: the client's key, or only another client's.
+fn key_table(withdrawals: usize) -> Vec<(String, Key)> {
+    if withdrawals > 0 {
+        vec![("another client".into(), Key::new(b"not yours".to_vec()))]
+    } else {
+        vec![(KEY_ID.into(), Key::new(SIM_KEY.to_vec()))]
+    }
+}
 const EXPORT: &str = "disk0";
 
 /// One seeded run.
@@ -442,7 +452,7 @@ impl World {
         cc.resend_min = cfg.resend_min;
         cc.resend_max = cfg.resend_max;
         let boot = rng.next_u64();
-        let servers = Self::engines(&cfg, boot, server_seed, key);
+        let servers = Self::engines(&cfg, boot, server_seed, key_table(0));
         let disk = MemDisk::new(cfg.disk_sectors * SECTOR as u64);
         let checker = Checker::new(cfg.disk_sectors);
         World {
@@ -483,8 +493,13 @@ impl World {
     }
 
     /// The server's engines for one boot, as the daemon builds them.
-    fn engines(cfg: &WorldConfig, boot: u64, seed: [u8; 32], key: Key) -> Vec<ServerEngine> {
-        let config = Self::server_config(cfg, boot, seed, key);
+    fn engines(
+        cfg: &WorldConfig,
+        boot: u64,
+        seed: [u8; 32],
+        keys: Vec<(String, Key)>,
+    ) -> Vec<ServerEngine> {
+        let config = Self::server_config(cfg, boot, seed, keys);
         let mut engines = ServerEngine::several(&config, cfg.engines).expect("a valid config");
         for (index, engine) in engines.iter_mut().enumerate() {
             engine.set_shard(index, cfg.engines);
@@ -492,9 +507,14 @@ impl World {
         engines
     }
 
-    fn server_config(cfg: &WorldConfig, boot: u64, seed: [u8; 32], key: Key) -> ServerConfig {
+    fn server_config(
+        cfg: &WorldConfig,
+        boot: u64,
+        seed: [u8; 32],
+        keys: Vec<(String, Key)>,
+    ) -> ServerConfig {
         let export = ExportConfig::new(EXPORT, cfg.disk_sectors * SECTOR as u64);
-        let mut sc = ServerConfig::new(boot, seed, vec![(KEY_ID.to_string(), key)], vec![export]);
+        let mut sc = ServerConfig::new(boot, seed, keys, vec![export]);
         sc.sabotage_no_dedup = cfg.no_dedup;
         sc.sabotage_no_overlap_gate = cfg.no_overlap_gate;
         sc.max_inflight = cfg.server_max_inflight;
@@ -705,8 +725,10 @@ impl World {
                 self.give_server_keys();
             }
             Ev::HealAll => {
-                self.keys_withdrawn = 0;
-                self.give_server_keys();
+                if self.keys_withdrawn > 0 {
+                    self.keys_withdrawn = 0;
+                    self.give_server_keys();
+                }
                 self.faulty = false;
                 self.partitioned = false;
                 self.disk_stalled_until = self.now;
@@ -1161,27 +1183,18 @@ impl World {
         for chunk in seed.chunks_mut(8) {
             chunk.copy_from_slice(&self.rng.next_u64().to_le_bytes());
         }
-        let key = Key::new(SIM_KEY.to_vec());
-        self.servers = Self::engines(&self.cfg, self.boot, seed, key);
-        self.server_up = true;
         // A restarted server reads its operator's key file as it is now.
-        self.give_server_keys();
+        let keys = key_table(self.keys_withdrawn);
+        self.servers = Self::engines(&self.cfg, self.boot, seed, keys);
+        self.server_up = true;
     }
 
-    /// Gives every server engine the key table in force: the client's
-    /// key, or (while it is withdrawn) only another client's.
+    /// Gives every server engine the key table in force.
     fn give_server_keys(&mut self) {
         if !self.server_up {
             return;
         }
-        let table = if self.keys_withdrawn > 0 {
-            vec![(
-                "another client".to_string(),
-                Key::new(b"not yours".to_vec()),
-            )]
-        } else {
-            vec![(KEY_ID.to_string(), Key::new(SIM_KEY.to_vec()))]
-        };
+        let table = key_table(self.keys_withdrawn);
         for engine in 0..self.servers.len() {
             if let Err(e) = self.servers[engine].set_keys(table.clone(), self.server_now) {
                 self.checker.report(Violation::Internal {
