@@ -20,6 +20,8 @@ mod listener;
 mod negotiate;
 mod placement;
 mod proto;
+mod receive;
+mod reply;
 mod ring;
 mod socket;
 mod target;
@@ -27,6 +29,7 @@ mod transmit;
 mod turns;
 mod whole_read;
 mod whole_send;
+mod writer;
 
 #[cfg(any(test, feature = "fuzzing"))]
 pub use fuzz::exercise_nbd;

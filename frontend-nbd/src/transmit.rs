@@ -3,20 +3,22 @@
 
 use crate::negotiate::{protocol_error, Negotiated};
 use crate::proto::*;
-use crate::socket::{self, ReplySink, RequestSource};
+use crate::receive::{noting_waits, receive, receive_mapped, receive_staged};
+use crate::reply::{errno, Replier, Reply};
+use crate::socket::{self, RequestSource};
 use crate::target::Target;
-use crate::whole_read::{SharedWriter, WholeReads, WHOLE_READ_MIN};
+use crate::whole_read::{AbandonOnDrop, SharedWriter, WholeReads, WHOLE_READ_MIN};
 use crate::whole_send::WholeSends;
+use crate::writer::write_replies_until_done;
 use crate::NbdExport;
-use braid_core::server::{BackendOp, Extent, MappedSink, SpliceSource};
-use braid_core::staging::StagedBuffer;
-use braid_core::wire::Status;
-use bytes::{BufMut, Bytes, BytesMut};
-use std::future::Future;
+use braid_core::server::{BackendOp, MappedSink};
+use braid_core::staging::Staging;
+use bytes::Bytes;
 use std::io;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 /// Bytes of requests and replies one connection may have in flight (in
 /// KiB permits). A client that pipelines more waits for answers, so no
@@ -43,159 +45,6 @@ const SENDFILE_MIN: u32 = 64 * 1024;
 /// READs 957-1082 -> 815-1055; from 256 KiB up, 256 KiB READs 1335-1379
 /// -> 1125-1467.
 const WHOLE_SEND_MIN: usize = 512 * 1024;
-
-/// Replies gathered into one write at most: two slices each, far under
-/// the kernel's 1024 per `writev`.
-const REPLY_BATCH: usize = 64;
-
-/// One reply, ready to send: a header and an optional payload sent after
-/// it without copying, or (for a large READ) the file range the kernel
-/// sends its payload from.
-struct Reply {
-    head: BytesMut,
-    data: Bytes,
-    file: Option<(SpliceSource, usize)>,
-}
-
-/// How one request's replies are framed.
-#[derive(Clone, Copy)]
-struct Replier {
-    handle: u64,
-    structured: bool,
-}
-
-impl Replier {
-    fn simple(self, error: u32, data: Bytes) -> Reply {
-        let mut head = BytesMut::with_capacity(16);
-        head.put_u32(SIMPLE_REPLY_MAGIC);
-        head.put_u32(error);
-        head.put_u64(self.handle);
-        Reply {
-            head,
-            data,
-            file: None,
-        }
-    }
-
-    fn chunk(self, ty: u16, payload_len: usize, extra: usize) -> BytesMut {
-        let mut head = BytesMut::with_capacity(20 + extra);
-        head.put_u32(STRUCTURED_REPLY_MAGIC);
-        head.put_u16(REPLY_FLAG_DONE);
-        head.put_u16(ty);
-        head.put_u64(self.handle);
-        head.put_u32(payload_len as u32);
-        head
-    }
-
-    fn ok(self) -> Reply {
-        // "If structured replies have been negotiated, a simple reply MAY
-        // be used as a reply to any request other than READ" without data.
-        self.simple(0, Bytes::new())
-    }
-
-    fn error(self, error: u32, message: &str) -> Reply {
-        if !self.structured {
-            return self.simple(error, Bytes::new());
-        }
-        // "The server SHOULD prefer sending errors via a structured reply,
-        // as the error can then be accompanied by a string."
-        let msg = &message.as_bytes()[..message.len().min(STRING_MAX)];
-        let mut head = self.chunk(REPLY_TYPE_ERROR, 6 + msg.len(), 6 + msg.len());
-        head.put_u32(error);
-        head.put_u16(msg.len() as u16);
-        head.put_slice(msg);
-        Reply {
-            head,
-            data: Bytes::new(),
-            file: None,
-        }
-    }
-
-    fn read_data(self, offset: u64, data: Bytes) -> Reply {
-        if self.structured && data.is_empty() {
-            // Nothing to cover: a zero-length read.
-            let head = self.chunk(REPLY_TYPE_NONE, 0, 0);
-            return Reply {
-                head,
-                data,
-                file: None,
-            };
-        }
-        Reply {
-            head: self.read_head(offset, data.len()),
-            data,
-            file: None,
-        }
-    }
-
-    /// A READ's reply whose `len` bytes of data the writer sends from
-    /// `src` (never zero-length: those take [`Replier::read_data`]).
-    fn read_file(self, offset: u64, src: SpliceSource, len: usize) -> Reply {
-        Reply {
-            head: self.read_head(offset, len),
-            data: Bytes::new(),
-            file: Some((src, len)),
-        }
-    }
-
-    /// The header in front of `len` bytes of READ data: a simple reply, or
-    /// one content chunk marked final (nothing can fail once the data is
-    /// in hand).
-    fn read_head(self, offset: u64, len: usize) -> BytesMut {
-        if !self.structured {
-            return self.simple(0, Bytes::new()).head;
-        }
-        let mut head = self.chunk(REPLY_TYPE_OFFSET_DATA, 8 + len, 8);
-        head.put_u64(offset);
-        head
-    }
-
-    fn block_status(self, extents: &[Extent], req_one: bool, len: u32) -> Reply {
-        let mut descriptors: Vec<(u32, u32)> = Vec::new();
-        let mut covered = 0u64;
-        for e in extents {
-            let n = e.len.min(u64::from(len) - covered) as u32;
-            if n == 0 {
-                break;
-            }
-            // Holes in a file read as zeroes (the backend contract).
-            let flags = if e.hole { STATE_HOLE | STATE_ZERO } else { 0 };
-            descriptors.push((n, flags));
-            covered += u64::from(n);
-            if req_one || descriptors.len() == EXTENTS_MAX {
-                break;
-            }
-        }
-        if descriptors.is_empty() {
-            // "The server MUST return at least one status descriptor"; 0 is
-            // always a safe status.
-            descriptors.push((len, 0));
-        }
-        let payload = 4 + 8 * descriptors.len();
-        let mut head = self.chunk(REPLY_TYPE_BLOCK_STATUS, payload, payload);
-        head.put_u32(BASE_ALLOCATION_ID);
-        for (n, flags) in descriptors {
-            head.put_u32(n);
-            head.put_u32(flags);
-        }
-        Reply {
-            head,
-            data: Bytes::new(),
-            file: None,
-        }
-    }
-}
-
-fn errno(status: Status) -> u32 {
-    match status {
-        Status::Ok => 0,
-        Status::NoSpace => ENOSPC,
-        Status::ReadOnly => EPERM,
-        Status::Invalid | Status::OutOfRange => EINVAL,
-        Status::Unsupported => ENOTSUP,
-        _ => EIO,
-    }
-}
 
 fn cmd_name(cmd: u16) -> &'static str {
     match cmd {
@@ -245,53 +94,171 @@ enum Action {
     },
 }
 
+/// Where a reply goes: the writer task, with the request's budget, given
+/// back once the reply is written.
+type Replies = mpsc::UnboundedSender<(Reply, OwnedSemaphorePermit)>;
+
+/// Serves one negotiated connection until the client disconnects, the
+/// stream fails, or the server shuts down; every request taken in is
+/// answered before it returns.
 pub(crate) async fn transmit(
     n: Negotiated,
     target: Arc<dyn Target>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let Negotiated {
-        stream,
-        export,
-        structured,
-        block_status,
-    } = n;
-    let fast_zero = target.fast_zero();
-    let staging = target.write_staging();
-    let waiting = target.clone();
-    let (rd, wr) = socket::split(stream, Box::new(move || waiting.client_wait()));
-    let send_files = wr.can_send_file();
-    let large_writes_inline = rd.buffers_large_requests();
-    let mut rd = BufReader::with_capacity(128 * 1024, rd);
-    let plain_socket = wr.is_plain();
-    let (tx, rx) = mpsc::unbounded_channel::<(Reply, OwnedSemaphorePermit)>();
-    let export_name = export.name.clone();
-    let sink: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
-        256 * 1024,
-        wr,
-    )));
-    // Where sendfile is not used on a plain socket (a client on this
-    // machine) large READs run whole on a pool thread, one at a time.
-    let whole_reads = (!send_files)
-        .then(|| WholeReads::new(&export.name, target.local_backend(), &sink, plain_socket))
-        .flatten();
-    let (whole_reads, _abandon) = whole_reads.unzip();
-    // Where the target has no backend here (`braid attach`), large READs'
-    // data is sent to a unix socket from a pool thread.
-    let whole_sends = match target.local_backend() {
-        Some(_) => None,
-        None => WholeSends::new(&export.name, sink.lock().await.get_ref(), &sink),
-    };
-    let (whole_sends, _abandon_sends) = whole_sends.unzip();
-    let writer = tokio::spawn(write_replies_until_done(rx, sink, export_name));
-    let budget = Arc::new(Semaphore::new(INFLIGHT_KIB as usize));
-    let mut after_large_write = false;
+    let (mut conn, writer, _abandon) = Connection::open(n, target).await;
     let ended = loop {
+        let req = match conn.next_request(&mut shutdown).await {
+            Ok(Some(req)) => req,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        // Budget is taken before the payload is read and given back only
+        // once the reply is written: a client that floods requests, or
+        // stops reading replies, stalls its own connection, not the server.
+        let Some(permit) = conn.take_budget(&req).await else {
+            break Ok(());
+        };
+        conn.after_large_write = false;
+        let admitted = if req.cmd == CMD_WRITE {
+            match conn.receive_write(&req, permit).await {
+                Ok(Payload::Received(admitted)) => admitted,
+                Ok(Payload::Answered) => continue,
+                Ok(Payload::ClientGone) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        } else {
+            Admitted::without_data(permit)
+        };
+        if req.cmd == CMD_DISC {
+            // "The server MUST handle all outstanding requests" and close.
+            break Ok(());
+        }
+        conn.dispatch(&req, admitted);
+    };
+    conn.finish(ended, writer).await
+}
+
+/// One connection's request side: what was negotiated, the target its
+/// requests run on, and the ways a request's data may travel.
+struct Connection {
+    rd: BufReader<RequestSource>,
+    export: NbdExport,
+    target: Arc<dyn Target>,
+    structured: bool,
+    block_status: bool,
+    fast_zero: bool,
+    staging: Option<Arc<dyn Staging>>,
+    send_files: bool,
+    large_writes_inline: bool,
+    whole_reads: Option<WholeReads>,
+    whole_sends: Option<Arc<WholeSends>>,
+    replies: Replies,
+    budget: Arc<Semaphore>,
+    /// The request just read was a large WRITE.
+    after_large_write: bool,
+}
+
+/// A request's budget, and its WRITE payload once received.
+struct Admitted {
+    permit: OwnedSemaphorePermit,
+    data: Bytes,
+    /// Bytes of the payload received straight into the file (the head of
+    /// it); `data` holds the rest.
+    received_mapped: usize,
+}
+
+impl Admitted {
+    fn without_data(permit: OwnedSemaphorePermit) -> Admitted {
+        Admitted {
+            permit,
+            data: Bytes::new(),
+            received_mapped: 0,
+        }
+    }
+}
+
+/// What became of a WRITE's payload.
+enum Payload {
+    Received(Admitted),
+    /// Refused or written whole already, its reply queued.
+    Answered,
+    /// The client left in the middle of it.
+    ClientGone,
+}
+
+/// What lives as long as the connection's task: a pool thread still
+/// sending for it gives up once these are dropped.
+type Abandon = (Option<AbandonOnDrop>, Option<AbandonOnDrop>);
+
+impl Connection {
+    /// Splits the stream, starts the writer task and picks the ways large
+    /// requests take on this socket.
+    async fn open(
+        n: Negotiated,
+        target: Arc<dyn Target>,
+    ) -> (Connection, JoinHandle<io::Result<()>>, Abandon) {
+        let Negotiated {
+            stream,
+            export,
+            structured,
+            block_status,
+        } = n;
+        let waiting = target.clone();
+        let (rd, wr) = socket::split(stream, Box::new(move || waiting.client_wait()));
+        let send_files = wr.can_send_file();
+        let large_writes_inline = rd.buffers_large_requests();
+        let plain_socket = wr.is_plain();
+        let (replies, rx) = mpsc::unbounded_channel();
+        let sink: SharedWriter = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+            256 * 1024,
+            wr,
+        )));
+        // Where sendfile is not used on a plain socket (a client on this
+        // machine) large READs run whole on a pool thread, one at a time.
+        let whole_reads = (!send_files)
+            .then(|| WholeReads::new(&export.name, target.local_backend(), &sink, plain_socket))
+            .flatten();
+        let (whole_reads, abandon_reads) = whole_reads.unzip();
+        // Where the target has no backend here (`braid attach`), large
+        // READs' data is sent to a unix socket from a pool thread.
+        let whole_sends = match target.local_backend() {
+            Some(_) => None,
+            None => WholeSends::new(&export.name, sink.lock().await.get_ref(), &sink),
+        };
+        let (whole_sends, abandon_sends) = whole_sends.unzip();
+        let writer = tokio::spawn(write_replies_until_done(rx, sink, export.name.clone()));
+        let conn = Connection {
+            rd: BufReader::with_capacity(128 * 1024, rd),
+            fast_zero: target.fast_zero(),
+            staging: target.write_staging(),
+            export,
+            target,
+            structured,
+            block_status,
+            send_files,
+            large_writes_inline,
+            whole_reads,
+            whole_sends,
+            replies,
+            budget: Arc::new(Semaphore::new(INFLIGHT_KIB as usize)),
+            after_large_write: false,
+        };
+        (conn, writer, (abandon_reads, abandon_sends))
+    }
+
+    /// The next request's header; `None` once the client has gone or the
+    /// server is shutting down.
+    async fn next_request(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> io::Result<Option<Request>> {
         let mut h = [0u8; 28];
         // After a large WRITE the next request is likely another: its
         // header is read alone, so the reader's buffer does not take in
         // the start of its payload only to copy it out again.
-        let unbuffered = after_large_write && rd.buffer().is_empty();
+        let unbuffered = self.after_large_write && self.rd.buffer().is_empty();
+        let rd = &mut self.rd;
         let header = async {
             if unbuffered {
                 rd.get_mut().read_exact(&mut h).await
@@ -303,177 +270,210 @@ pub(crate) async fn transmit(
             r = header => r,
             // "On a server shutdown, the server SHOULD wait for inflight
             // requests to be serviced": stop taking new ones and drain.
-            _ = shutdown.wait_for(|down| *down) => break Ok(()),
+            _ = shutdown.wait_for(|down| *down) => return Ok(None),
         };
-        if let Err(e) = read {
-            break if e.kind() == io::ErrorKind::UnexpectedEof {
-                Ok(())
-            } else {
-                Err(e)
-            };
+        match read {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
         }
-        let req = match Request::parse(&h) {
-            Ok(req) => req,
-            // Cannot find the next request: a hard disconnect.
-            Err(e) => break Err(e),
-        };
-        let replier = Replier {
-            handle: req.handle,
-            structured,
-        };
-        // Budget is taken before the payload is read and given back only
-        // once the reply is written: a client that floods requests, or
-        // stops reading replies, stalls its own connection, not the server.
-        let kib = if matches!(req.cmd, CMD_READ | CMD_WRITE) && req.len <= export.block_max {
+        // A bad header leaves no way to find the next request: a hard
+        // disconnect.
+        Request::parse(&h).map(Some)
+    }
+
+    /// The request's share of the connection's budget, waited for; `None`
+    /// if the budget is closed.
+    async fn take_budget(&mut self, req: &Request) -> Option<OwnedSemaphorePermit> {
+        let kib = if matches!(req.cmd, CMD_READ | CMD_WRITE) && req.len <= self.export.block_max {
             (req.len / 1024).clamp(REQUEST_MIN_KIB, INFLIGHT_KIB)
         } else {
             REQUEST_MIN_KIB
         };
-        let Ok(permit) = budget.clone().acquire_many_owned(kib).await else {
-            break Ok(());
-        };
-        let mut payload = Bytes::new();
-        // Bytes of a WRITE received straight into the file before the
-        // kernel could take no more there; `payload` holds the rest.
-        let mut received_mapped = 0usize;
-        after_large_write = false;
-        if req.cmd == CMD_WRITE {
-            if req.len > export.block_max {
-                // Skip the data to stay in step, then refuse: the client
-                // keeps its connection.
-                let skipped = tokio::io::copy(
-                    &mut (&mut rd).take(u64::from(req.len)),
-                    &mut tokio::io::sink(),
-                )
-                .await;
-                match skipped {
-                    Ok(n) if n == u64::from(req.len) => {}
-                    Ok(_) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-                let msg = format!(
-                    "export {}: WRITE of {} bytes is over the {}-byte maximum",
-                    export.name, req.len, export.block_max
-                );
-                let _ = tx.send((replier.error(EINVAL, &msg), permit));
-                continue;
-            }
-            let len = req.len as usize;
-            after_large_write = crate::target::is_large_write(len);
-            let sink = (after_large_write && rd.buffer().is_empty() && rd.get_ref().is_plain())
-                .then(|| mapped_write(&*target, &export, &req, structured))
+        self.budget.clone().acquire_many_owned(kib).await.ok()
+    }
+
+    /// Takes in a WRITE's payload: straight into the file where the target
+    /// can, else into a staged buffer or onto the heap.
+    async fn receive_write(
+        &mut self,
+        req: &Request,
+        permit: OwnedSemaphorePermit,
+    ) -> io::Result<Payload> {
+        let replier = self.replier(req);
+        if req.len > self.export.block_max {
+            return self.refuse_oversized_write(req, replier, permit).await;
+        }
+        let len = req.len as usize;
+        self.after_large_write = crate::target::is_large_write(len);
+        let mut received_mapped = 0;
+        let sink =
+            (self.after_large_write && self.rd.buffer().is_empty() && self.rd.get_ref().is_plain())
+                .then(|| mapped_write(&*self.target, &self.export, req, self.structured))
                 .flatten();
-            if let Some(sink) = sink {
-                match noting_waits(receive_mapped(rd.get_mut(), &sink), &*target).await {
-                    Ok(()) => {
-                        drop(sink);
-                        let _ = tx.send((replier.ok(), permit));
-                        continue;
-                    }
-                    Err((got, e)) if e.raw_os_error() == Some(libc::EFAULT) => {
-                        // The file's pages took no more (it shrank behind
-                        // the export's back): the rest goes the ordinary
-                        // way, whose write says what is wrong.
-                        tracing::warn!(
-                            export = %export.name,
-                            offset = req.offset + got as u64,
-                            "a WRITE's payload could not be received into the file's mapping: writing the rest from memory"
-                        );
-                        received_mapped = got;
-                    }
-                    Err((_, e)) => break Err(e),
+        if let Some(sink) = sink {
+            match noting_waits(receive_mapped(self.rd.get_mut(), &sink), &*self.target).await {
+                Ok(()) => {
+                    drop(sink);
+                    let _ = self.replies.send((replier.ok(), permit));
+                    return Ok(Payload::Answered);
                 }
-            }
-            let len = len - received_mapped;
-            let received = match staging.as_ref().and_then(|s| s.buffer(len)) {
-                Some(staged) => noting_waits(receive_staged(&mut rd, staged), &*target).await,
-                None => noting_waits(receive(&mut rd, len), &*target).await,
-            };
-            match received {
-                Ok(data) => payload = data,
-                Err(e) => break Err(e),
+                Err((got, e)) if e.raw_os_error() == Some(libc::EFAULT) => {
+                    // The file's pages took no more (it shrank behind the
+                    // export's back): the rest goes the ordinary way,
+                    // whose write says what is wrong.
+                    tracing::warn!(
+                        export = %self.export.name,
+                        offset = req.offset + got as u64,
+                        "a WRITE's payload could not be received into the file's mapping: writing the rest from memory"
+                    );
+                    received_mapped = got;
+                }
+                Err((_, e)) => return Err(e),
             }
         }
-        if req.cmd == CMD_DISC {
-            // "The server MUST handle all outstanding requests" and close.
-            break Ok(());
+        let len = len - received_mapped;
+        let target = &*self.target;
+        let data = match self.staging.as_ref().and_then(|s| s.buffer(len)) {
+            Some(staged) => noting_waits(receive_staged(&mut self.rd, staged), target).await?,
+            None => noting_waits(receive(&mut self.rd, len), target).await?,
+        };
+        Ok(Payload::Received(Admitted {
+            permit,
+            data,
+            received_mapped,
+        }))
+    }
+
+    /// Skips an oversized WRITE's data to stay in step, then refuses it:
+    /// the client keeps its connection.
+    async fn refuse_oversized_write(
+        &mut self,
+        req: &Request,
+        replier: Replier,
+        permit: OwnedSemaphorePermit,
+    ) -> io::Result<Payload> {
+        let skipped = tokio::io::copy(
+            &mut (&mut self.rd).take(u64::from(req.len)),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        if skipped != u64::from(req.len) {
+            return Ok(Payload::ClientGone);
         }
-        let action = match check(&export, &req, structured, block_status, fast_zero) {
-            Ok(a) => a,
+        let msg = format!(
+            "export {}: WRITE of {} bytes is over the {}-byte maximum",
+            self.export.name, req.len, self.export.block_max
+        );
+        let _ = self.replies.send((replier.error(EINVAL, &msg), permit));
+        Ok(Payload::Answered)
+    }
+
+    /// Checks a request whose payload is in and starts it: answered at
+    /// once, or run on the target and answered when done.
+    fn dispatch(&mut self, req: &Request, admitted: Admitted) {
+        let replier = self.replier(req);
+        let Admitted {
+            permit,
+            data,
+            received_mapped,
+        } = admitted;
+        let action = check(
+            &self.export,
+            req,
+            self.structured,
+            self.block_status,
+            self.fast_zero,
+        );
+        let op = match action {
             Err((error, why)) => {
                 let msg = format!(
                     "export {}: {} at offset {} length {}: {why}",
-                    export.name,
+                    self.export.name,
                     cmd_name(req.cmd),
                     req.offset,
                     req.len
                 );
                 tracing::debug!(handle = req.handle, error, "{msg}");
-                let _ = tx.send((replier.error(error, &msg), permit));
-                continue;
+                let _ = self.replies.send((replier.error(error, &msg), permit));
+                return;
             }
-        };
-        let op = match action {
-            Action::Done => {
+            Ok(Action::Done) => {
                 let reply = if req.cmd == CMD_READ {
                     replier.read_data(req.offset, Bytes::new())
                 } else {
                     replier.ok()
                 };
-                let _ = tx.send((reply, permit));
-                continue;
+                let _ = self.replies.send((reply, permit));
+                return;
             }
-            Action::Io(BackendOp::Write { offset, fua, .. }) => BackendOp::Write {
+            Ok(Action::BlockStatus { req_one }) => {
+                self.block_status(req, replier, req_one, permit);
+                return;
+            }
+            Ok(Action::Io(BackendOp::Write { offset, fua, .. })) => BackendOp::Write {
                 offset: offset + received_mapped as u64,
-                data: payload,
+                data,
                 fua,
             },
-            Action::Io(op) => op,
-            Action::BlockStatus { req_one } => {
-                let tx = tx.clone();
-                let (name, offset, len) = (export.name.clone(), req.offset, req.len);
-                target.allocation(
-                    export.backend_index,
-                    offset,
-                    u64::from(len),
-                    Box::new(move |result| {
-                        let reply = match result {
-                            Ok(extents) => replier.block_status(&extents, req_one, len),
-                            Err(status) => replier.error(
-                                errno(status),
-                                &format!(
-                                    "export {name}: BLOCK_STATUS at offset {offset}: {status:?}"
-                                ),
-                            ),
-                        };
-                        let _ = tx.send((reply, permit));
-                    }),
-                );
-                continue;
-            }
+            Ok(Action::Io(op)) => op,
         };
+        self.run(req, replier, op, permit);
+    }
+
+    /// Asks the target for a range's allocation and answers with it.
+    fn block_status(
+        &self,
+        req: &Request,
+        replier: Replier,
+        req_one: bool,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let replies = self.replies.clone();
+        let (name, offset, len) = (self.export.name.clone(), req.offset, req.len);
+        self.target.allocation(
+            self.export.backend_index,
+            offset,
+            u64::from(len),
+            Box::new(move |result| {
+                let reply = match result {
+                    Ok(extents) => replier.block_status(&extents, req_one, len),
+                    Err(status) => replier.error(
+                        errno(status),
+                        &format!("export {name}: BLOCK_STATUS at offset {offset}: {status:?}"),
+                    ),
+                };
+                let _ = replies.send((reply, permit));
+            }),
+        );
+    }
+
+    /// Runs a checked IO the cheapest way this connection has for it.
+    fn run(&self, req: &Request, replier: Replier, op: BackendOp, permit: OwnedSemaphorePermit) {
+        let backend = self.export.backend_index;
         if let BackendOp::Read { offset, len } = op {
-            let spliced = (send_files && len >= SENDFILE_MIN)
-                .then(|| target.splice_read(export.backend_index, offset, len))
+            let spliced = (self.send_files && len >= SENDFILE_MIN)
+                .then(|| self.target.splice_read(backend, offset, len))
                 .flatten();
             if let Some(src) = spliced {
-                let _ = tx.send((replier.read_file(offset, src, len as usize), permit));
-                continue;
+                let reply = replier.read_file(offset, src, len as usize);
+                let _ = self.replies.send((reply, permit));
+                return;
             }
         }
         let done = reply_when_done(
-            &req,
+            req,
             replier,
-            &export.name,
-            whole_sends.clone(),
-            (permit, tx.clone()),
+            &self.export.name,
+            self.whole_sends.clone(),
+            (permit, self.replies.clone()),
         );
-        let done = match (&whole_reads, &op) {
+        let done = match (&self.whole_reads, &op) {
             (Some(whole), BackendOp::Read { offset, len }) if *len >= WHOLE_READ_MIN => {
                 let offset = *offset;
                 let head = move |len| replier.read_head(offset, len);
-                match whole.try_spawn(export.backend_index, offset, *len, head, done) {
-                    Ok(()) => continue,
+                match whole.try_spawn(backend, offset, *len, head, done) {
+                    Ok(()) => return,
                     Err(done) => done,
                 }
             }
@@ -484,65 +484,43 @@ pub(crate) async fn transmit(
         // still in this core's cache. 1 MiB writes at QD8 over TCP, five
         // alternations: 2080-2377 -> 2214-2526 MiB/s, server CPU per MiB
         // about 470 -> 385 us. (Small ones always are: see the target.)
-        if large_writes_inline && after_large_write {
-            if let Some(result) = target.try_now(export.backend_index, &op) {
+        if self.large_writes_inline && self.after_large_write {
+            if let Some(result) = self.target.try_now(backend, &op) {
                 done(result);
-                continue;
+                return;
             }
         }
-        target.submit(export.backend_index, op, done);
-    };
-    // Every completion holds a sender: the writer ends after the last
-    // outstanding request is answered.
-    drop(tx);
-    let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
-    let sent_whole = whole_reads.and_then(|w| w.failure()).map_or(Ok(()), Err);
-    let sent_from_memory = whole_sends.and_then(|w| w.failure()).map_or(Ok(()), Err);
-    ended.and(written).and(sent_whole).and(sent_from_memory)
-}
+        self.target.submit(backend, op, done);
+    }
 
-/// The connection's writer: replies as they come, batched into as few
-/// writes as are ready, each reply's budget given back once written;
-/// ends when every sender is gone (each completion holds one).
-async fn write_replies_until_done(
-    mut rx: mpsc::UnboundedReceiver<(Reply, OwnedSemaphorePermit)>,
-    sink: SharedWriter,
-    export_name: String,
-) -> io::Result<()> {
-    let written = async {
-        // Each reply's budget goes back once it is written (the permits
-        // are dropped as the batch is cleared).
-        let mut batch = Vec::with_capacity(REPLY_BATCH);
-        while let Some(first) = rx.recv().await {
-            let mut wr = sink.lock().await;
-            batch.push(first);
-            // Whatever else is ready goes in the same write.
-            loop {
-                while batch.len() < REPLY_BATCH {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let full = batch.len() == REPLY_BATCH;
-                write_replies(&mut wr, &batch, &export_name).await?;
-                batch.clear();
-                if !full {
-                    break;
-                }
-            }
-            wr.flush().await?;
+    fn replier(&self, req: &Request) -> Replier {
+        Replier {
+            handle: req.handle,
+            structured: self.structured,
         }
-        sink.lock().await.shutdown().await
     }
-    .await;
-    if written.is_err() {
-        // A reply left half-sent: the stream cannot go on. Pool
-        // threads sending large READs share the socket, so it is
-        // ended here rather than when the last user lets go of it.
-        sink.lock().await.get_ref().shut_down();
+
+    /// Waits for every request taken in to be answered, and says how the
+    /// connection ended.
+    async fn finish(
+        self,
+        ended: io::Result<()>,
+        writer: JoinHandle<io::Result<()>>,
+    ) -> io::Result<()> {
+        let Connection {
+            replies,
+            whole_reads,
+            whole_sends,
+            ..
+        } = self;
+        // Every completion holds a sender: the writer ends after the last
+        // outstanding request is answered.
+        drop(replies);
+        let written = writer.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+        let sent_whole = whole_reads.and_then(|w| w.failure()).map_or(Ok(()), Err);
+        let sent_from_memory = whole_sends.and_then(|w| w.failure()).map_or(Ok(()), Err);
+        ended.and(written).and(sent_whole).and(sent_from_memory)
     }
-    written
 }
 
 /// The completion of request `req`'s backend IO: its reply, with the
@@ -583,88 +561,6 @@ fn reply_when_done(
             ),
         };
         let _ = tx.send((reply, permit));
-    })
-}
-
-/// Writes a batch of replies. On a plain socket each reply's header and
-/// data go from where they are, in as few `writev`s as the socket allows;
-/// the buffer, empty between batches, is only used under TLS, where every
-/// write becomes a record and small ones must be gathered first. Copying
-/// 4 KiB READ replies into the buffer was 5% of `braid attach`'s samples
-/// under fio's 4k random reads at QD32 x4.
-async fn write_replies(
-    wr: &mut BufWriter<ReplySink>,
-    batch: &[(Reply, OwnedSemaphorePermit)],
-    export: &str,
-) -> io::Result<()> {
-    if !wr.get_ref().is_plain() {
-        for (r, _) in batch {
-            write_reply(wr, r, export).await?;
-        }
-        return Ok(());
-    }
-    debug_assert!(wr.buffer().is_empty(), "flushed after every batch");
-    let mut slices = Vec::with_capacity(2 * batch.len());
-    for (r, _) in batch {
-        slices.push(io::IoSlice::new(&r.head));
-        if !r.data.is_empty() {
-            slices.push(io::IoSlice::new(&r.data));
-        }
-        if let Some((src, len)) = &r.file {
-            // Its data follows from the file, after all that is before it.
-            write_all_vectored(wr.get_mut(), &mut slices).await?;
-            send_reply_file(wr.get_mut(), src, *len, export).await?;
-        }
-    }
-    write_all_vectored(wr.get_mut(), &mut slices).await
-}
-
-/// Writes every byte of `slices` (and empties it). fabric-tcp's
-/// `write_parts` is the same loop with its own wait hook; this crate does
-/// not depend on a fabric, so each keeps its own.
-async fn write_all_vectored(
-    wr: &mut ReplySink,
-    slices: &mut Vec<io::IoSlice<'_>>,
-) -> io::Result<()> {
-    let mut left = &mut slices[..];
-    while !left.is_empty() {
-        let n = wr.write_vectored(left).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        io::IoSlice::advance_slices(&mut left, n);
-    }
-    slices.clear();
-    Ok(())
-}
-
-/// Writes one reply into the buffer; one sent from a file flushes what is
-/// buffered first (its header with it) and then has the kernel send the
-/// data.
-async fn write_reply(wr: &mut BufWriter<ReplySink>, r: &Reply, export: &str) -> io::Result<()> {
-    wr.write_all(&r.head).await?;
-    wr.write_all(&r.data).await?;
-    if let Some((src, len)) = &r.file {
-        wr.flush().await?;
-        send_reply_file(wr.get_mut(), src, *len, export).await?;
-    }
-    Ok(())
-}
-
-/// Sends a READ reply's data from the file; its header must be sent.
-async fn send_reply_file(
-    sink: &mut ReplySink,
-    src: &SpliceSource,
-    len: usize,
-    export: &str,
-) -> io::Result<()> {
-    sink.send_file(src, len).await.map_err(|e| {
-        let e = io::Error::new(e.kind(), format!("export {export}: READ by sendfile: {e}"));
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            // The file, not the client: the operator must hear of it.
-            tracing::warn!(error = %e, "closing an NBD connection mid-reply");
-        }
-        e
     })
 }
 
@@ -796,135 +692,4 @@ fn mapped_write(
         }
         _ => None,
     }
-}
-
-/// Runs `transfer`, telling `target` each time it waits for the client.
-async fn noting_waits<F: Future>(transfer: F, target: &dyn Target) -> F::Output {
-    let mut transfer = std::pin::pin!(transfer);
-    std::future::poll_fn(|cx| {
-        let poll = transfer.as_mut().poll(cx);
-        if poll.is_pending() {
-            target.client_wait();
-        }
-        poll
-    })
-    .await
-}
-
-/// A WRITE's data, read onto the heap.
-async fn receive(rd: &mut BufReader<RequestSource>, len: usize) -> io::Result<Bytes> {
-    // Read into spare capacity: zeroing a 1 MiB buffer first cost as much
-    // as a copy (perf: memset was 9% of a sequential run).
-    let mut buf = BytesMut::with_capacity(len);
-    drain_buffered(rd, &mut buf, len);
-    let rest = len - buf.len();
-    read_payload(rd.get_mut(), &mut buf, rest).await?;
-    Ok(buf.freeze())
-}
-
-/// A WRITE's data, read straight into the target's staged buffer.
-async fn receive_staged(
-    rd: &mut BufReader<RequestSource>,
-    mut staged: Box<dyn StagedBuffer>,
-) -> io::Result<Bytes> {
-    let mut unfilled = staged.bytes_mut();
-    let len = unfilled.len();
-    drain_buffered(rd, &mut unfilled, len);
-    let rest = unfilled.len();
-    read_payload(rd.get_mut(), &mut unfilled, rest).await?;
-    Ok(staged.into_bytes())
-}
-
-/// A payload's rest at least this large is read with the connection's
-/// wake-ups held back until it has all arrived.
-const LOW_WATER_MIN: usize = 128 * 1024;
-
-/// Reads the next `len` bytes of the socket into `dst`.
-async fn read_payload(
-    socket: &mut RequestSource,
-    dst: &mut impl BufMut,
-    len: usize,
-) -> io::Result<()> {
-    let mut low_water = LowWater::new();
-    let mut got = 0;
-    while got < len {
-        let want = len - got;
-        low_water.expect(socket, want);
-        let mut window = (&mut *dst).limit(want);
-        match socket.read_buf(&mut window).await? {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => got += n,
-        }
-    }
-    low_water.reset(socket);
-    Ok(())
-}
-
-/// Receives a WRITE's whole payload from the socket straight into `sink`,
-/// the export's file. `Err` says how many bytes went in before it.
-async fn receive_mapped(
-    socket: &mut RequestSource,
-    sink: &MappedSink,
-) -> Result<(), (usize, io::Error)> {
-    let len = sink.len();
-    let mut low_water = LowWater::new();
-    let mut got = 0;
-    while got < len {
-        low_water.expect(socket, len - got);
-        match socket.receive_mapped(sink, got, len - got).await {
-            Ok(0) => return Err((got, io::ErrorKind::UnexpectedEof.into())),
-            Ok(n) => got += n,
-            Err(e) => {
-                // The connection may go on (see the transmit loop).
-                low_water.reset(socket);
-                return Err((got, e));
-            }
-        }
-    }
-    low_water.reset(socket);
-    Ok(())
-}
-
-/// A connection's receive low-water mark through one payload. Over TCP
-/// each of a 1 MiB WRITE's 17-30 segments would wake the connection (and
-/// on loopback the client's core pays for each wake-up too): the mark
-/// wakes it once they are all in. It follows what is still missing after
-/// every read, so a wake-up is never promised for bytes that are not
-/// coming, and goes back to 1 when the payload is in.
-struct LowWater {
-    mark: usize,
-}
-
-impl LowWater {
-    fn new() -> LowWater {
-        LowWater { mark: 1 }
-    }
-
-    /// `missing` bytes of the payload are still to come.
-    fn expect(&mut self, socket: &RequestSource, missing: usize) {
-        let wanted = if missing >= LOW_WATER_MIN { missing } else { 1 };
-        if wanted != self.mark {
-            socket.set_low_water(wanted);
-            self.mark = wanted;
-        }
-    }
-
-    fn reset(self, socket: &RequestSource) {
-        if self.mark != 1 {
-            socket.set_low_water(1);
-        }
-    }
-}
-
-/// Moves what the request reader already holds of the next `len` bytes
-/// into `dst`. The rest of a payload is read from the socket straight into
-/// its buffer: through the reader, every read shorter than its buffer (a
-/// payload's tail) went into the buffer and was copied out again (perf,
-/// 1 MiB writes: that memcpy was 7% of the server's time, half its socket
-/// copy).
-fn drain_buffered<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, dst: &mut impl BufMut, len: usize) {
-    let buffered = rd.buffer();
-    let n = buffered.len().min(len);
-    dst.put_slice(&buffered[..n]);
-    rd.consume(n);
 }
