@@ -18,6 +18,7 @@ mod clock;
 mod completions;
 pub mod conn;
 mod direct;
+mod engine_loop;
 mod engines;
 pub mod fabric;
 #[cfg(feature = "tls")]
