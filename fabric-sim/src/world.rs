@@ -11,6 +11,7 @@ use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
 use braid_core::testkit::{Fault, Level, MemDisk, Sabotage, Scenario};
+use braid_fabric_tcp::client::ClientStatus;
 use braid_fabric_tcp::{Client, ClientSecurity, Server, ServerSecurity};
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, Runtime};
@@ -257,225 +258,61 @@ async fn simulate(
     let handle = Handle::current();
     let mut rng = SplitMix64::new(seed ^ 0x5eed_fa17);
     let (export_count, clients) = layout(scenario);
-    let mut disks: Vec<MemDisk> = (0..export_count).map(|_| MemDisk::new(SIZE)).collect();
-    // Bad blocks, as block numbers within export 0.
-    let mut bad = Vec::new();
-    if scenario == Scenario::DiskErrors {
-        for _ in 0..3 {
-            let b = rng.below(SIZE / BLOCK);
-            bad.push(b);
-            disks[0].bad_ranges.push((b * BLOCK, (b + 1) * BLOCK));
-        }
-    }
-    let disks: Vec<Arc<Mutex<MemDisk>>> =
-        disks.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
-    let full = Arc::new(AtomicBool::new(false));
-    let slow = Arc::new(AtomicBool::new(false));
-    let may_fill = matches!(
-        scenario,
-        Scenario::DiskFull | Scenario::AllFaults | Scenario::ManyClients
-    );
+    let (disks, bad) = disks_for(scenario, export_count, &mut rng);
     let key = Key::new(seed_bytes(seed, 1).to_vec());
-    let keys = Arc::new(OperatorKeys::new(key.clone()));
-
-    let boots = Arc::new(AtomicU64::new(0));
-    let server = {
-        let (disks, full, slow, keys, boots, sabotage) = (
-            disks.clone(),
-            full.clone(),
-            slow.clone(),
-            keys.clone(),
-            boots.clone(),
-            sabotage.clone(),
-        );
-        handle
-            .create_node()
-            .name("server")
-            .ip(SERVER_IP)
-            .init(move || {
-                let (disks, full, slow, keys, sabotage) = (
-                    disks.clone(),
-                    full.clone(),
-                    slow.clone(),
-                    keys.clone(),
-                    sabotage.clone(),
-                );
-                let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
-                async move {
-                    let exports = (0..disks.len())
-                        .map(|i| ExportConfig::new(format!("disk{i}"), SIZE))
-                        .collect();
-                    let config = ServerConfig::new(
-                        seed.rotate_left(17) ^ boot,
-                        seed_bytes(seed, 2 + boot),
-                        keys.table(),
-                        exports,
-                    );
-                    let disk = SimDisk {
-                        disks,
-                        full,
-                        slow,
-                        rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
-                        late_completions: true,
-                    };
-                    serve_sim(SERVER_IP, config, &sabotage, engines, disk, |server| {
-                        keys.serving(server)
-                    })
-                    .await;
-                }
-            })
-            .build()
+    let shared = ServerShared {
+        disks,
+        full: Arc::new(AtomicBool::new(false)),
+        slow: Arc::new(AtomicBool::new(false)),
+        keys: Arc::new(OperatorKeys::new(key.clone())),
+        boots: Arc::new(AtomicU64::new(0)),
     };
-
-    let mut client_nodes = Vec::new();
-    let mut works = Vec::new();
-    let workers_each = WORKERS / clients.len() as u64;
-    for (c, spec) in clients.iter().enumerate() {
-        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2 + c as u8));
-        let node = handle
-            .create_node()
-            .name(format!("client{c}"))
-            .ip(ip)
-            .build();
-        let bad: Vec<u64> = if spec.export == 0 {
-            bad.clone()
-        } else {
-            Vec::new()
-        };
-        let sabotage = sabotage.clone();
-        let small_window = small_dirty_window(scenario, c);
-        let (key, export, first, blocks, zone) = (
-            key.clone(),
-            spec.export,
-            spec.first_block,
-            spec.blocks,
-            spec.shared_zone,
-        );
-        // Media errors and a full disk are expected where injected.
-        let errors_expected = may_fill || scenario == Scenario::DiskErrors;
-        works.push(node.spawn(async move {
-            let mut config = ClientConfig::new(
-                format!("disk{export}"),
-                KEY_ID,
-                key,
-                seed_bytes(seed, 100 + c as u64),
-            );
-            if small_window {
-                config.max_dirty_bytes = SMALL_DIRTY_WINDOW;
-            }
-            for s in &sabotage {
-                s.apply_client(&mut config);
-            }
-            let client = Client::connect(
-                SocketAddr::new(SERVER_IP, PORT).to_string(),
-                ClientSecurity::Plain,
-                config,
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-            let until = tokio::time::Instant::now() + run_for;
-            let per = blocks / workers_each;
-            let tasks: Vec<_> = (0..workers_each)
-                .map(|w| {
-                    let plan = Plan {
-                        id: (c as u64) << 8 | w,
-                        first: first + w * per,
-                        count: per,
-                        bad: bad.clone(),
-                        may_fill,
-                        seed,
-                        until,
-                    };
-                    tokio::spawn(worker(client.clone(), plan))
-                })
-                .collect();
-            let sectors = SHARED_ZONE_BLOCKS * BLOCK / braid_core::testkit::SECTOR as u64;
-            let checker = zone.map(|_| {
-                let mut c = braid_core::testkit::Checker::new(sectors);
-                c.errors_allowed = errors_expected;
-                Arc::new(Mutex::new(c))
-            });
-            let next_io = Arc::new(AtomicU64::new(1));
-            let shared: Vec<_> = zone
-                .zip(checker.clone())
-                .map(|(zone_start, checker)| {
-                    (0..SHARED_WORKERS)
-                        .map(|w| {
-                            let plan = SharedPlan {
-                                id: (c as u64) << 8 | 0x80 | w,
-                                zone_start,
-                                zone_sectors: sectors,
-                                checker: checker.clone(),
-                                next_io: next_io.clone(),
-                                seed,
-                                until,
-                            };
-                            tokio::spawn(shared_worker(client.clone(), plan))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let mut outcomes = Vec::new();
-            for t in tasks.into_iter().chain(shared) {
-                outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
-            }
-            if let Some(checker) = checker {
-                outcomes.push(crate::workload::checker_outcome(&checker, "shared zone"));
-            }
-            let status = client.status();
-            client.close().await;
-            Ok::<_, String>((outcomes, status))
-        }));
-        client_nodes.push(node);
-    }
+    let server = server_node(&handle, seed, &sabotage, engines, &shared);
+    let run = ClientRun {
+        scenario,
+        seed,
+        run_for,
+        sabotage,
+        key,
+        bad,
+        workers_each: WORKERS / clients.len() as u64,
+    };
+    let (client_nodes, works): (Vec<_>, Vec<_>) = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, spec)| {
+            let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2 + c as u8));
+            let node = handle
+                .create_node()
+                .name(format!("client{c}"))
+                .ip(ip)
+                .build();
+            let work = node.spawn(run_client(c, spec, run.clone()));
+            (node, work)
+        })
+        .unzip();
     let client_ids: Vec<_> = client_nodes.iter().map(|n| n.id()).collect();
 
     let targets = Targets {
         handle: &handle,
         server: server.id(),
         clients: &client_ids,
-        disks: &disks,
-        full: &full,
-        slow: &slow,
-        keys: &keys,
+        disks: &shared.disks,
+        full: &shared.full,
+        slow: &shared.slow,
+        keys: &shared.keys,
     };
     let faults = inject(scenario, &mut rng, &targets, run_for).await;
 
     let mut report = Report {
         faults,
-        channels_revoked: keys.channels_revoked(),
+        channels_revoked: shared.keys.channels_revoked(),
         ..Report::empty(seed, scenario)
     };
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for (c, work) in works.into_iter().enumerate() {
         match work.await {
-            Ok(Ok((outcomes, status))) => {
-                for o in outcomes {
-                    let Outcome {
-                        ios,
-                        violations,
-                        media_errors,
-                        no_space_errors,
-                        longest,
-                        trace,
-                        steps,
-                    } = o;
-                    report.steps.push(steps);
-                    report.ios += ios;
-                    report.media_errors += media_errors;
-                    report.no_space_errors += no_space_errors;
-                    report.violations.extend(violations);
-                    report.longest_io = report.longest_io.max(longest);
-                    hash = (hash ^ trace).wrapping_mul(0x0100_0000_01b3);
-                }
-                let st = status.stats;
-                report.resends += st.resends;
-                report.failovers += st.failovers;
-                report.duplicates_dropped += st.duplicates_dropped;
-                report.session_resets += st.session_resets;
-                report.replayed_extents += st.replayed_extents;
-            }
+            Ok(Ok((outcomes, status))) => report.add_client(outcomes, &status, &mut hash),
             Ok(Err(e)) => report.violations.push(format!("client {c}: {e}")),
             Err(e) => report.violations.push(format!("client node {c}: {e}")),
         }
@@ -493,6 +330,242 @@ async fn simulate(
     let nodes = client_ids.into_iter().chain([server.id()]);
     report.violations.extend(tear_down(&handle, nodes).await);
     report
+}
+
+/// The exports' disks, with three bad blocks drawn in export 0 where the
+/// scenario has media errors (their block numbers returned).
+fn disks_for(
+    scenario: Scenario,
+    export_count: usize,
+    rng: &mut SplitMix64,
+) -> (Vec<Arc<Mutex<MemDisk>>>, Vec<u64>) {
+    let mut disks: Vec<MemDisk> = (0..export_count).map(|_| MemDisk::new(SIZE)).collect();
+    let mut bad = Vec::new();
+    if scenario == Scenario::DiskErrors {
+        for _ in 0..3 {
+            let b = rng.below(SIZE / BLOCK);
+            bad.push(b);
+            disks[0].bad_ranges.push((b * BLOCK, (b + 1) * BLOCK));
+        }
+    }
+    let disks = disks.into_iter().map(|d| Arc::new(Mutex::new(d))).collect();
+    (disks, bad)
+}
+
+/// What outlives the server's restarts, shared with the fault injector:
+/// the disks and their switches, the operator's key file, the boot count.
+struct ServerShared {
+    disks: Vec<Arc<Mutex<MemDisk>>>,
+    full: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
+    keys: Arc<OperatorKeys>,
+    boots: Arc<AtomicU64>,
+}
+
+/// The server node: each boot (the first, and every restart after a
+/// crash) serves the disks as they are, with the key file as it is then.
+fn server_node(
+    handle: &Handle,
+    seed: u64,
+    sabotage: &[Sabotage],
+    engines: usize,
+    shared: &ServerShared,
+) -> madsim::runtime::NodeHandle {
+    let ServerShared {
+        disks,
+        full,
+        slow,
+        keys,
+        boots,
+    } = shared;
+    let (disks, full, slow, keys, boots, sabotage) = (
+        disks.clone(),
+        full.clone(),
+        slow.clone(),
+        keys.clone(),
+        boots.clone(),
+        sabotage.to_vec(),
+    );
+    handle
+        .create_node()
+        .name("server")
+        .ip(SERVER_IP)
+        .init(move || {
+            let (disks, full, slow, keys, sabotage) = (
+                disks.clone(),
+                full.clone(),
+                slow.clone(),
+                keys.clone(),
+                sabotage.clone(),
+            );
+            let boot = boots.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                let exports = (0..disks.len())
+                    .map(|i| ExportConfig::new(format!("disk{i}"), SIZE))
+                    .collect();
+                let config = ServerConfig::new(
+                    seed.rotate_left(17) ^ boot,
+                    seed_bytes(seed, 2 + boot),
+                    keys.table(),
+                    exports,
+                );
+                let disk = SimDisk {
+                    disks,
+                    full,
+                    slow,
+                    rng: Mutex::new(SplitMix64::new(seed ^ boot.rotate_left(32))),
+                    late_completions: true,
+                };
+                serve_sim(SERVER_IP, config, &sabotage, engines, disk, |server| {
+                    keys.serving(server)
+                })
+                .await;
+            }
+        })
+        .build()
+}
+
+/// What every client node of a run is given.
+#[derive(Clone)]
+struct ClientRun {
+    scenario: Scenario,
+    seed: u64,
+    run_for: Duration,
+    sabotage: Vec<Sabotage>,
+    key: Key,
+    /// Bad blocks of export 0.
+    bad: Vec<u64>,
+    workers_each: u64,
+}
+
+/// Client node `c`: connects, runs its workers over its blocks (and its
+/// shared zone's, with a checker) until the run ends, and reports what
+/// each saw and the driver's counters.
+async fn run_client(
+    c: usize,
+    spec: ClientSpec,
+    run: ClientRun,
+) -> Result<(Vec<Outcome>, ClientStatus), String> {
+    let ClientRun {
+        scenario,
+        seed,
+        run_for,
+        sabotage,
+        key,
+        bad,
+        workers_each,
+    } = run;
+    let bad = if spec.export == 0 { bad } else { Vec::new() };
+    let may_fill = matches!(
+        scenario,
+        Scenario::DiskFull | Scenario::AllFaults | Scenario::ManyClients
+    );
+    // Media errors and a full disk are expected where injected.
+    let errors_expected = may_fill || scenario == Scenario::DiskErrors;
+    let mut config = ClientConfig::new(
+        format!("disk{}", spec.export),
+        KEY_ID,
+        key,
+        seed_bytes(seed, 100 + c as u64),
+    );
+    if small_dirty_window(scenario, c) {
+        config.max_dirty_bytes = SMALL_DIRTY_WINDOW;
+    }
+    for s in &sabotage {
+        s.apply_client(&mut config);
+    }
+    let client = Client::connect(
+        SocketAddr::new(SERVER_IP, PORT).to_string(),
+        ClientSecurity::Plain,
+        config,
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let until = tokio::time::Instant::now() + run_for;
+    let per = spec.blocks / workers_each;
+    let tasks: Vec<_> = (0..workers_each)
+        .map(|w| {
+            let plan = Plan {
+                id: (c as u64) << 8 | w,
+                first: spec.first_block + w * per,
+                count: per,
+                bad: bad.clone(),
+                may_fill,
+                seed,
+                until,
+            };
+            tokio::spawn(worker(client.clone(), plan))
+        })
+        .collect();
+    let sectors = SHARED_ZONE_BLOCKS * BLOCK / braid_core::testkit::SECTOR as u64;
+    let checker = spec.shared_zone.map(|_| {
+        let mut c = braid_core::testkit::Checker::new(sectors);
+        c.errors_allowed = errors_expected;
+        Arc::new(Mutex::new(c))
+    });
+    let next_io = Arc::new(AtomicU64::new(1));
+    let shared: Vec<_> = spec
+        .shared_zone
+        .zip(checker.clone())
+        .map(|(zone_start, checker)| {
+            (0..SHARED_WORKERS)
+                .map(|w| {
+                    let plan = SharedPlan {
+                        id: (c as u64) << 8 | 0x80 | w,
+                        zone_start,
+                        zone_sectors: sectors,
+                        checker: checker.clone(),
+                        next_io: next_io.clone(),
+                        seed,
+                        until,
+                    };
+                    tokio::spawn(shared_worker(client.clone(), plan))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut outcomes = Vec::new();
+    for t in tasks.into_iter().chain(shared) {
+        outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+    }
+    if let Some(checker) = checker {
+        outcomes.push(crate::workload::checker_outcome(&checker, "shared zone"));
+    }
+    let status = client.status();
+    client.close().await;
+    Ok((outcomes, status))
+}
+
+impl Report {
+    /// Adds one client's workers' outcomes and its driver's counters;
+    /// `hash` gathers the workers' traces.
+    fn add_client(&mut self, outcomes: Vec<Outcome>, status: &ClientStatus, hash: &mut u64) {
+        for o in outcomes {
+            let Outcome {
+                ios,
+                violations,
+                media_errors,
+                no_space_errors,
+                longest,
+                trace,
+                steps,
+            } = o;
+            self.steps.push(steps);
+            self.ios += ios;
+            self.media_errors += media_errors;
+            self.no_space_errors += no_space_errors;
+            self.violations.extend(violations);
+            self.longest_io = self.longest_io.max(longest);
+            *hash = (*hash ^ trace).wrapping_mul(0x0100_0000_01b3);
+        }
+        let st = &status.stats;
+        self.resends += st.resends;
+        self.failovers += st.failovers;
+        self.duplicates_dropped += st.duplicates_dropped;
+        self.session_resets += st.session_resets;
+        self.replayed_extents += st.replayed_extents;
+    }
 }
 
 /// Ends every task of `nodes` before the run's runtime goes, and says so
