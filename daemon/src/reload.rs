@@ -1,6 +1,7 @@
 //! Rereading key and TLS files while serving: on SIGHUP (systemd's
 //! `ExecReload`) or `braid reload`, which prints what changed. `braid
-//! serve` rereads its key table and its TLS certificate and key; `braid
+//! serve` rereads its key table and its TLS certificate, key and client
+//! CA; `braid
 //! attach` rereads its key and TLS files (a volume, each leg's), used from
 //! the next connection, so a key rotates with no outage. A file that does
 //! not parse changes nothing.
@@ -37,8 +38,8 @@ pub(crate) async fn run(args: ReloadArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// What `braid serve` rereads: its key file, and its TLS certificate and
-/// key when it serves TLS.
+/// What `braid serve` rereads: its key file, and its TLS certificate, key
+/// and client CA when it serves TLS.
 #[derive(Clone)]
 pub(crate) struct ServerFiles {
     pub(crate) key_file: PathBuf,
@@ -48,7 +49,8 @@ pub(crate) struct ServerFiles {
 /// Rereads the server's key file, then its TLS certificate, and says
 /// what changed in one line (logged, and what `braid reload` prints).
 /// A key file that does not parse changes nothing; a certificate that
-/// does not (or a key that does not match it) leaves the one served.
+/// does not (or a key that does not match it, or a client CA that does
+/// not parse) leaves the TLS files in use unchanged.
 pub(crate) async fn server(server: &Server, files: &ServerFiles) -> Result<String, String> {
     let said = keys(server, &files.key_file).await?;
     let Some(cert) = &files.cert else {
@@ -56,8 +58,12 @@ pub(crate) async fn server(server: &Server, files: &ServerFiles) -> Result<Strin
     };
     match cert.reload() {
         Ok(()) => {
+            let client_ca = cert
+                .client_ca_path()
+                .map(|ca| format!(" and client CA from {}", ca.display()))
+                .unwrap_or_default();
             let said = format!(
-                "{said}; TLS certificate reread from {}, served from the next handshake",
+                "{said}; TLS certificate reread from {}{client_ca}, used from the next handshake",
                 cert.cert_path().display()
             );
             tracing::info!("{said}");

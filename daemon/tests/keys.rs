@@ -331,3 +331,92 @@ fn a_tls_certificate_renews_while_serving() {
     let (e, back) = old_nbd.io(0, 1 << 20, data.len() as u32, &[]);
     assert!(e == 0 && back == data);
 }
+
+#[test]
+fn a_client_ca_rotates_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let client_cert = |name: &str| {
+        let (c, k) = (
+            d.join(format!("{name}-cert.pem")),
+            d.join(format!("{name}-key.pem")),
+        );
+        braid_fabric_tcp::tls::generate_self_signed(&[name.into()], &c, &k).unwrap();
+        (c, k)
+    };
+    let ((c1, k1), (c2, k2)) = (client_cert("client1"), client_cert("client2"));
+    let ca = d.join("client-ca.pem");
+    std::fs::copy(&c1, &ca).unwrap();
+    let (_server, port, server_control) =
+        start_server(d, &["--tls", "--tls-client-ca", ca.to_str().unwrap()]);
+    let server = format!("127.0.0.1:{port}");
+    let (keys, server_cert) = (d.join("keys.toml"), d.join("tls-cert.pem"));
+    let client_args = |cert: &Path, key: &Path| {
+        [
+            "--server",
+            &server,
+            "--key-file",
+            keys.to_str().unwrap(),
+            "--tls-ca",
+            server_cert.to_str().unwrap(),
+            "--tls-name",
+            "localhost",
+            "--tls-client-cert",
+            cert.to_str().unwrap(),
+            "--tls-client-key",
+            key.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let tls_attach = |name: &str, cert: &Path, key: &Path| {
+        let (sock, control) = (
+            d.join(format!("{name}.sock")),
+            d.join(format!("{name}.ctl")),
+        );
+        let args = client_args(cert, key);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = common::attach(&args, &sock, &control, &[]);
+        (child, sock, control)
+    };
+    let (_one, one_sock, one_control) = tls_attach("one", &c1, &k1);
+    let (mut one, _) = Nbd::connect(&one_sock, "disk0");
+    let data = pattern(6, 64 << 10);
+    assert_eq!(one.io(1, 0, data.len() as u32, &data).0, 0);
+
+    // The CA now signs client2's certificate only.
+    std::fs::copy(&c2, &ca).unwrap();
+    let said = reloaded(&server_control);
+    assert!(said.contains("client CA from"), "{said}");
+    // client1's channels, secured before, go on ...
+    assert!(all_up(&status(&one_control)));
+    let (e, back) = one.io(0, 0, data.len() as u32, &[]);
+    assert!(e == 0 && back == data);
+    // ... but client1 gets no new session.
+    let refused = Command::new(common::BRAID)
+        .arg("bench")
+        .args(client_args(&c1, &k1))
+        .args(["--export", "disk0", "--time", "1"])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && why.contains("alert"),
+        "client1 refused for its certificate: {why}"
+    );
+    // client2 attaches.
+    let (_two, two_sock, _) = tls_attach("two", &c2, &k2);
+    let (mut two, _) = Nbd::connect(&two_sock, "disk0");
+    let (e, back) = two.io(0, 0, data.len() as u32, &[]);
+    assert!(e == 0 && back == data);
+
+    // A CA file that does not parse: refused, and client2 still gets in.
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let (ok, said) = reload(&server_control);
+    assert!(
+        !ok && said.contains("client-ca.pem") && said.contains("unchanged"),
+        "{said}"
+    );
+    let (_again, again_sock, _) = tls_attach("again", &c2, &k2);
+    let (mut again, _) = Nbd::connect(&again_sock, "disk0");
+    assert_eq!(again.io(1, 1 << 20, data.len() as u32, &data).0, 0);
+}

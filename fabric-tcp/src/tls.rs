@@ -2,9 +2,13 @@
 //! inside it unchanged: TLS protects the bytes, braid's handshake proves the
 //! peer holds the key.
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -49,8 +53,8 @@ pub fn acceptor(
     Ok(reloadable_acceptor(cert, key_path, client_ca)?.0)
 }
 
-/// [`acceptor`], and the handle that swaps its certificate and key for
-/// what their files hold now ([`ServerCert::reload`]).
+/// [`acceptor`], and the handle that swaps its certificate, key and
+/// client CA for what their files hold now ([`ServerCert::reload`]).
 pub fn reloadable_acceptor(
     cert: &Path,
     key_path: &Path,
@@ -59,24 +63,26 @@ pub fn reloadable_acceptor(
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match client_ca {
-        Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots(ca)?),
-                provider(),
-            )
-            .build()
-            .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+    let client_ca = match client_ca {
+        Some(path) => Some(Arc::new(ClientCa {
+            current: RwLock::new(client_verifier(path)?),
+            path: path.to_path_buf(),
+        })),
+        None => None,
+    };
+    let builder = match &client_ca {
+        Some(ca) => builder.with_client_cert_verifier(ca.clone()),
         None => builder.with_no_client_auth(),
     };
     let served = Arc::new(ServerCert {
         current: RwLock::new(Arc::new(certified_key(cert, key_path)?)),
         cert: cert.to_path_buf(),
         key: key_path.to_path_buf(),
+        client_ca,
+        sessions: Arc::new(Sessions::new()),
     });
-    let config = builder.with_cert_resolver(served.clone());
+    let mut config = builder.with_cert_resolver(served.clone());
+    config.session_storage = served.sessions.clone();
     Ok((TlsAcceptor::from(Arc::new(config)), served))
 }
 
@@ -90,24 +96,44 @@ fn certified_key(cert: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
     })
 }
 
-/// A server's certificate and key, replaceable while it serves (a
-/// certificate renewed before it expires): each TLS handshake takes the
-/// one current when it starts, so connections already secured keep
-/// theirs.
+fn client_verifier(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .build()
+        .map_err(|e| format!("client CA {}: {e}", ca.display()))
+}
+
+/// A server's certificate and key, and the CA its clients' certificates
+/// must chain to (if it requires them), replaceable while it serves (a
+/// certificate renewed before it expires, a CA rotated): each TLS
+/// handshake uses the ones current when it starts, so connections already
+/// secured keep theirs.
 #[derive(Debug)]
 pub struct ServerCert {
     current: RwLock<Arc<CertifiedKey>>,
     cert: PathBuf,
     key: PathBuf,
+    client_ca: Option<Arc<ClientCa>>,
+    sessions: Arc<Sessions>,
 }
 
 impl ServerCert {
-    /// Reads the certificate and key files again and serves them from
-    /// the next handshake on. Files that do not parse, or a key that does
-    /// not match the certificate, change nothing.
+    /// Reads the certificate, key and client CA files again and uses them
+    /// from the next handshake on. If any file does not parse, or the key
+    /// does not match the certificate, nothing changes. Sessions kept for
+    /// resumption are forgotten: a resumed session is not verified again,
+    /// so a client whose CA was withdrawn could otherwise come back on
+    /// one.
     pub fn reload(&self) -> Result<(), String> {
         let fresh = certified_key(&self.cert, &self.key)?;
+        let verifier = match &self.client_ca {
+            Some(ca) => Some(client_verifier(&ca.path)?),
+            None => None,
+        };
         *self.current.write().unwrap() = Arc::new(fresh);
+        if let (Some(ca), Some(verifier)) = (&self.client_ca, verifier) {
+            *ca.current.write().unwrap() = verifier;
+        }
+        self.sessions.forget_all();
         Ok(())
     }
 
@@ -115,11 +141,124 @@ impl ServerCert {
     pub fn cert_path(&self) -> &Path {
         &self.cert
     }
+
+    /// The client CA file it reads, if client certificates are required.
+    pub fn client_ca_path(&self) -> Option<&Path> {
+        self.client_ca.as_ref().map(|ca| ca.path.as_path())
+    }
 }
 
 impl rustls::server::ResolvesServerCert for ServerCert {
     fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.read().unwrap().clone())
+    }
+}
+
+/// The CA a server requires client certificates to chain to, replaceable
+/// by [`ServerCert::reload`]. Every certificate is checked by the
+/// verifier current when it arrives.
+#[derive(Debug)]
+pub struct ClientCa {
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+    path: PathBuf,
+}
+
+impl ClientCa {
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current.read().unwrap().clone()
+    }
+}
+
+impl ClientCertVerifier for ClientCa {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    /// No CA names go in the certificate request: they would have to
+    /// outlive a reload, and a client with one certificate (braid attach,
+    /// gnutls and OpenSSL clients given one) sends it without them.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.verifier().supported_verify_schemes()
+    }
+}
+
+/// The server's store of TLS sessions for resumption (rustls's memory
+/// cache), emptied when the files it verified clients by change.
+#[derive(Debug)]
+struct Sessions {
+    current: RwLock<Arc<ServerSessionMemoryCache>>,
+}
+
+/// Sessions kept for resumption at most (rustls's default).
+const SESSIONS_KEPT: usize = 256;
+
+impl Sessions {
+    fn new() -> Sessions {
+        Sessions {
+            current: RwLock::new(ServerSessionMemoryCache::new(SESSIONS_KEPT)),
+        }
+    }
+
+    fn forget_all(&self) {
+        *self.current.write().unwrap() = ServerSessionMemoryCache::new(SESSIONS_KEPT);
+    }
+
+    fn store(&self) -> Arc<ServerSessionMemoryCache> {
+        self.current.read().unwrap().clone()
+    }
+}
+
+impl StoresServerSessions for Sessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.store().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.store().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.store().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 

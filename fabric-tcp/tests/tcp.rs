@@ -601,6 +601,69 @@ mod tls {
         .unwrap_err();
         assert!(err.to_string().contains("key"), "{err}");
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_ca_changes_while_serving_and_no_session_resumes_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sc, sk) = cert(dir.path(), "server");
+        let (c1, k1) = cert(dir.path(), "client1");
+        let (c2, k2) = cert(dir.path(), "client2");
+        let ca = dir.path().join("client-ca.pem");
+        std::fs::copy(&c1, &ca).unwrap();
+        let (acceptor, served) = tls::reloadable_acceptor(&sc, &sk, Some(&ca)).unwrap();
+        assert_eq!(served.client_ca_path(), Some(ca.as_path()));
+        let (addr, _stop, _task) = start_secure_server(
+            "127.0.0.1:0",
+            &dir.path().join("d"),
+            1,
+            ServerSecurity::Tls(acceptor),
+        )
+        .await;
+        let wait = Duration::from_secs(2);
+        // One connector throughout: its channels' TLS sessions are kept
+        // for resumption.
+        let first = trusting(&sc, Some((&c1, &k1)));
+        let one = connect(addr.to_string(), first.clone(), b"test key", wait)
+            .await
+            .unwrap();
+        one.io(IoRequest::read(0, 4096)).await.unwrap();
+
+        // The CA now signs client2 only.
+        std::fs::copy(&c2, &ca).unwrap();
+        served.reload().unwrap();
+        // Channels secured before keep going ...
+        one.io(IoRequest::read(0, 4096)).await.unwrap();
+        // ... but client1 gets no new one, not even by resuming a session
+        // it was given under the old CA.
+        let err = connect(addr.to_string(), first, b"test key", wait)
+            .await
+            .err()
+            .expect("client1 refused under the new CA, resumption or not");
+        // The server's alert: the certificate does not verify.
+        assert!(err.to_string().contains("alert"), "{err}");
+        let two = connect(
+            addr.to_string(),
+            trusting(&sc, Some((&c2, &k2))),
+            b"test key",
+            wait,
+        )
+        .await
+        .unwrap();
+        two.io(IoRequest::read(0, 4096)).await.unwrap();
+
+        // A CA file that does not parse changes nothing.
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let err = served.reload().unwrap_err();
+        assert!(err.contains("client-ca.pem"), "{err}");
+        connect(
+            addr.to_string(),
+            trusting(&sc, Some((&c2, &k2))),
+            b"test key",
+            wait,
+        )
+        .await
+        .unwrap();
+    }
 }
 
 /// A raw connection to the server at `addr`, past Hello and Auth as
