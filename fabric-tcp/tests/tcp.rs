@@ -637,8 +637,7 @@ mod tls {
         // it was given under the old CA.
         let err = connect(addr.to_string(), first, b"test key", wait)
             .await
-            .err()
-            .expect("client1 refused under the new CA, resumption or not");
+            .expect_err("client1 refused under the new CA, resumption or not");
         // The server's alert: the certificate does not verify.
         assert!(err.to_string().contains("alert"), "{err}");
         let two = connect(
