@@ -11,6 +11,7 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Args, Debug, Default)]
 pub(crate) struct ServeArgs {
@@ -110,153 +111,78 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
-    let file = match &args.config {
-        Some(p) => config::load(p)?,
-        None => FileConfig::default(),
-    };
-    let engine_count = args.engines.or(file.engines).unwrap_or(1);
-    if !(1..=64).contains(&engine_count) {
-        return Err(format!(
-            "--engines (engines) {engine_count}: must be 1 to 64"
-        ));
-    }
-    let nbd_thread_count = args
-        .nbd_threads
-        .or(file.nbd_threads)
-        .unwrap_or_else(crate::nbd_threads::default_count);
-    if nbd_thread_count == 0 {
-        return Err(
-            "--nbd-threads (nbd_threads) must be at least 1: each NBD connection runs on one"
-                .into(),
-        );
-    }
-    let data_dir = args
-        .data_dir
-        .or(file.data_dir)
-        .unwrap_or_else(config::default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+    let s = Settings::resolve(args)?;
+    std::fs::create_dir_all(&s.data_dir)
+        .map_err(|e| format!("data dir {}: {e}", s.data_dir.display()))?;
     // Held until exit: a second `braid serve` on this data dir would write
     // the same default export and take over the control socket.
-    let _data_dir_lock = config::lock_data_dir(&data_dir)?;
-    let listen = args
-        .listen
-        .or_else(|| file.listen.as_ref().and_then(|l| l.first().cloned()))
-        .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string());
-    let key_file = args
-        .key_file
-        .or(file.key_file)
-        .unwrap_or_else(|| data_dir.join("keys.toml"));
-    if !key_file.exists() {
-        config::create_key_file(&key_file)?;
-        tracing::info!(path = %key_file.display(), "created a new key file");
-    }
-    let keys = config::read_keys(&key_file)?;
-    let mut specs: Vec<ExportSpec> = file.export;
-    for e in &args.exports {
-        specs.push(ExportSpec::parse_flag(e)?);
-    }
-    let defaulted = specs.is_empty();
-    if defaulted {
-        specs.push(ExportSpec {
-            name: config::DEFAULT_EXPORT.into(),
-            path: data_dir.join("disk0.img"),
-            size: Some(config::DEFAULT_EXPORT_SIZE.to_string()),
-            read_only: false,
-            direct: false,
-            shared: false,
-        });
-    }
-    let (exports, files) = open_exports(&specs)?;
+    let _data_dir_lock = config::lock_data_dir(&s.data_dir)?;
+    let keys = keys_creating(&s.key_file)?;
+    let (exports, files) = open_exports(&s.exports)?;
     let boot_id = u64::from_le_bytes(config::random_bytes().map_err(|e| e.to_string())?);
     let seed = config::random_bytes().map_err(|e| e.to_string())?;
     let server_config = ServerConfig::new(boot_id, seed, keys.clone(), exports.clone());
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| format!("listen on {listen}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let rdma = crate::rdma::bind(
-        &args.rdma,
-        crate::rdma::region_bytes(args.rdma_memory),
-        args.rdma_channels,
-    )?;
-    let control = args
-        .control
-        .or(file.control)
-        .unwrap_or_else(|| data_dir.join("control.sock"));
-    crate::control::ensure_unused(&control)?;
-    let metrics = args
-        .metrics
-        .or(file.metrics)
-        .map(|a| crate::metrics::MetricsListener::bind(&a))
-        .transpose()?;
-
-    let (security, tls_hint, served_cert) = server_security(
-        args.tls,
-        args.tls_cert.zip(args.tls_key),
-        args.tls_client_ca.as_deref(),
-        &data_dir,
+    let Bound {
+        listener,
         local,
-    )?;
-    let key_arg = format!("--key-file {}{tls_hint}", key_file.display());
-    print_banner(local, &exports, &files, &key_file, &keys[0].0, &key_arg);
-    println!("status:   braid status --control {}", control.display());
+        rdma,
+        metrics,
+        security,
+        tls_hint,
+        served_cert,
+    } = Bound::all(&s).await?;
+    let key_arg = format!("--key-file {}{tls_hint}", s.key_file.display());
+    print_banner(local, &exports, &files, &s.key_file, &keys[0].0, &key_arg);
+    println!("status:   braid status --control {}", s.control.display());
     if let Some(m) = &metrics {
         println!("metrics:  {}", m.url());
     }
-    let poll_us = args
-        .poll_us
-        .or(file.poll_us)
-        .unwrap_or(crate::busy_poll::DEFAULT_WINDOW_US);
-    crate::busy_poll::start(std::time::Duration::from_micros(poll_us));
-    let io_engine = args.io_engine.or(file.io_engine).unwrap_or_default();
-    let mut files = FileBackend::new(files).with_io_engine(io_engine.into());
+    crate::busy_poll::start(s.poll);
+    let mut files = FileBackend::new(files).with_io_engine(s.io_engine.into());
     if let Some(staging) = rdma.read_staging() {
         files = files.with_read_staging(staging);
     }
     let backend = Arc::new(crate::busy_poll::Polled(files));
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
-    let nbd_addrs: Vec<&String> = args.nbd.iter().chain(file.nbd.iter().flatten()).collect();
     let (nbd_threads, nbd_tasks) = start_nbd_face(
-        &nbd_addrs,
+        &s.nbd,
         &exports,
         &security,
         NbdFaceSettings {
             backend: backend.clone(),
-            threads: nbd_thread_count,
-            poll: std::time::Duration::from_micros(poll_us),
-            allow_insecure: args.nbd_allow_insecure || file.nbd_allow_insecure,
+            threads: s.nbd_threads,
+            poll: s.poll,
+            allow_insecure: s.nbd_allow_insecure,
         },
         nbd_stopped,
     )
     .await?;
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
-        }
-        crate::systemd::stopping();
-    };
-    let export_info: Vec<(String, u64)> =
-        exports.iter().map(|e| (e.name.clone(), e.size)).collect();
-    let engines = ServerEngine::several(&server_config, engine_count).map_err(|e| e.to_string())?;
+    let engines = ServerEngine::several(&server_config, s.engines).map_err(|e| e.to_string())?;
     // One engine shares the main runtime's thread with everything else, as
     // it always has; several get a thread each.
-    let (engine_spawner, engine_stops) = if engine_count > 1 {
-        let (spawner, stops) =
-            engine_threads(engine_count, std::time::Duration::from_micros(poll_us))?;
+    let (engine_spawner, engine_stops) = if s.engines > 1 {
+        let (spawner, stops) = engine_threads(s.engines, s.poll)?;
         (Some(spawner), stops)
     } else {
         (None, Vec::new())
     };
-    let served_backend = backend.clone();
     // Before the server is ready: a reload sent once systemd hears READY
     // must find the handler, not SIGHUP's default, which ends the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| format!("SIGHUP handler: {e}"))?;
-    let nbd_placement = nbd_threads.as_ref().map(|t| t.placement());
+    let started = Started {
+        rdma,
+        files: crate::reload::ServerFiles {
+            key_file: s.key_file.clone(),
+            cert: served_cert,
+        },
+        hangups,
+        metrics,
+        exports: exports.iter().map(|e| (e.name.clone(), e.size)).collect(),
+        backend: backend.clone(),
+        nbd_placement: nbd_threads.as_ref().map(|t| t.placement()),
+        control: s.control.clone(),
+    };
     // A task of its own rather than the future `block_on` drives: a
     // connection's reader task wakes it, and a woken task runs next,
     // where the runtime polls its IO driver once more before it comes
@@ -267,34 +193,9 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         security,
         engines,
         engine_spawner,
-        served_backend,
-        shutdown,
-        move |server| {
-            rdma.serve(&server);
-            let reread = crate::reload::ServerFiles {
-                key_file: key_file.clone(),
-                cert: served_cert,
-            };
-            let (reloaded, files) = (server.clone(), reread.clone());
-            tokio::spawn(crate::reload::on_hangup(hangups, move || {
-                let (server, files) = (reloaded.clone(), files.clone());
-                async move { crate::reload::server(&server, &files).await }
-            }));
-            if let Some(m) = metrics {
-                m.serve_server(
-                    server.clone(),
-                    export_info.clone(),
-                    backend.clone(),
-                    nbd_placement.clone(),
-                );
-            }
-            crate::systemd::ready(&format!(
-                "serving {} export(s) on {}",
-                export_info.len(),
-                server.local_addr()
-            ));
-            status::serve_control(control, server, reread, export_info, backend, nbd_placement);
-        },
+        backend,
+        stop_requested(),
+        move |server| started.announce(server),
     ));
     serving
         .await
@@ -309,6 +210,222 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     drop(engine_stops);
     println!("braid serve: drained and stopped");
     Ok(())
+}
+
+/// What `braid serve` listens on, bound before anything is served: a
+/// second server on the same address, or a control socket in use, stops
+/// it here.
+struct Bound {
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    rdma: crate::rdma::Listeners,
+    metrics: Option<crate::metrics::MetricsListener>,
+    security: ServerSecurity,
+    /// What a client's command line adds for TLS.
+    tls_hint: String,
+    served_cert: Option<Arc<ServerCert>>,
+}
+
+impl Bound {
+    async fn all(s: &Settings) -> Result<Bound, String> {
+        let listener = tokio::net::TcpListener::bind(&s.listen)
+            .await
+            .map_err(|e| format!("listen on {}: {e}", s.listen))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let rdma = crate::rdma::bind(
+            &s.rdma,
+            crate::rdma::region_bytes(s.rdma_memory),
+            s.rdma_channels,
+        )?;
+        crate::control::ensure_unused(&s.control)?;
+        let metrics = s
+            .metrics
+            .as_deref()
+            .map(crate::metrics::MetricsListener::bind)
+            .transpose()?;
+        let (security, tls_hint, served_cert) = server_security(
+            s.tls,
+            s.tls_cert_and_key.clone(),
+            s.tls_client_ca.as_deref(),
+            &s.data_dir,
+            local,
+        )?;
+        Ok(Bound {
+            listener,
+            local,
+            rdma,
+            metrics,
+            security,
+            tls_hint,
+            served_cert,
+        })
+    }
+}
+
+/// `braid serve`'s settings: each flag, else the configuration file's
+/// value, else the default; checked before anything is opened.
+struct Settings {
+    data_dir: PathBuf,
+    listen: String,
+    key_file: PathBuf,
+    exports: Vec<ExportSpec>,
+    control: PathBuf,
+    metrics: Option<String>,
+    engines: usize,
+    nbd: Vec<String>,
+    nbd_threads: usize,
+    nbd_allow_insecure: bool,
+    poll: Duration,
+    io_engine: IoEngineArg,
+    rdma: Vec<String>,
+    rdma_memory: Option<u64>,
+    rdma_channels: Option<usize>,
+    tls: bool,
+    tls_cert_and_key: Option<(PathBuf, PathBuf)>,
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl Settings {
+    fn resolve(args: ServeArgs) -> Result<Settings, String> {
+        let file = match &args.config {
+            Some(p) => config::load(p)?,
+            None => FileConfig::default(),
+        };
+        let engines = args.engines.or(file.engines).unwrap_or(1);
+        if !(1..=64).contains(&engines) {
+            return Err(format!("--engines (engines) {engines}: must be 1 to 64"));
+        }
+        let nbd_threads = args
+            .nbd_threads
+            .or(file.nbd_threads)
+            .unwrap_or_else(crate::nbd_threads::default_count);
+        if nbd_threads == 0 {
+            return Err(
+                "--nbd-threads (nbd_threads) must be at least 1: each NBD connection runs on one"
+                    .into(),
+            );
+        }
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(config::default_data_dir);
+        let mut exports: Vec<ExportSpec> = file.export;
+        for e in &args.exports {
+            exports.push(ExportSpec::parse_flag(e)?);
+        }
+        if exports.is_empty() {
+            exports.push(ExportSpec {
+                name: config::DEFAULT_EXPORT.into(),
+                path: data_dir.join("disk0.img"),
+                size: Some(config::DEFAULT_EXPORT_SIZE.to_string()),
+                read_only: false,
+                direct: false,
+                shared: false,
+            });
+        }
+        let poll_us = args
+            .poll_us
+            .or(file.poll_us)
+            .unwrap_or(crate::busy_poll::DEFAULT_WINDOW_US);
+        Ok(Settings {
+            listen: args
+                .listen
+                .or_else(|| file.listen.as_ref().and_then(|l| l.first().cloned()))
+                .unwrap_or_else(|| config::DEFAULT_LISTEN.to_string()),
+            key_file: args
+                .key_file
+                .or(file.key_file)
+                .unwrap_or_else(|| data_dir.join("keys.toml")),
+            control: args
+                .control
+                .or(file.control)
+                .unwrap_or_else(|| data_dir.join("control.sock")),
+            metrics: args.metrics.or(file.metrics),
+            nbd: args
+                .nbd
+                .into_iter()
+                .chain(file.nbd.into_iter().flatten())
+                .collect(),
+            nbd_allow_insecure: args.nbd_allow_insecure || file.nbd_allow_insecure,
+            poll: Duration::from_micros(poll_us),
+            io_engine: args.io_engine.or(file.io_engine).unwrap_or_default(),
+            data_dir,
+            exports,
+            engines,
+            nbd_threads,
+            rdma: args.rdma,
+            rdma_memory: args.rdma_memory,
+            rdma_channels: args.rdma_channels,
+            tls: args.tls,
+            tls_cert_and_key: args.tls_cert.zip(args.tls_key),
+            tls_client_ca: args.tls_client_ca,
+        })
+    }
+}
+
+/// The keys in `key_file`, which is created with a new key if missing.
+fn keys_creating(key_file: &Path) -> Result<Vec<(String, braid_core::auth::Key)>, String> {
+    if !key_file.exists() {
+        config::create_key_file(key_file)?;
+        tracing::info!(path = %key_file.display(), "created a new key file");
+    }
+    config::read_keys(key_file)
+}
+
+/// Completes on SIGTERM or Ctrl-C: the server then drains and stops.
+async fn stop_requested() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
+    }
+    crate::systemd::stopping();
+}
+
+/// What starts beside the server once it runs: RDMA, the reload handler,
+/// metrics and the control socket; then systemd hears it is ready.
+struct Started {
+    rdma: crate::rdma::Listeners,
+    files: crate::reload::ServerFiles,
+    hangups: tokio::signal::unix::Signal,
+    metrics: Option<crate::metrics::MetricsListener>,
+    exports: Vec<(String, u64)>,
+    backend: Arc<crate::busy_poll::Polled<FileBackend>>,
+    nbd_placement: Option<braid_frontend_nbd::Placement>,
+    control: PathBuf,
+}
+
+impl Started {
+    fn announce(self, server: Server) {
+        self.rdma.serve(&server);
+        let (reloaded, files) = (server.clone(), self.files.clone());
+        tokio::spawn(crate::reload::on_hangup(self.hangups, move || {
+            let (server, files) = (reloaded.clone(), files.clone());
+            async move { crate::reload::server(&server, &files).await }
+        }));
+        if let Some(m) = self.metrics {
+            m.serve_server(
+                server.clone(),
+                self.exports.clone(),
+                self.backend.clone(),
+                self.nbd_placement.clone(),
+            );
+        }
+        crate::systemd::ready(&format!(
+            "serving {} export(s) on {}",
+            self.exports.len(),
+            server.local_addr()
+        ));
+        status::serve_control(
+            self.control,
+            server,
+            self.files,
+            self.exports,
+            self.backend,
+            self.nbd_placement,
+        );
+    }
 }
 
 /// A thread with a runtime of its own per protocol engine, each polling
@@ -462,7 +579,7 @@ struct NbdFaceSettings {
 /// The NBD face (`--nbd`), if any address asks for it: its threads, and a
 /// listener per address, each ending once `stopped` says so.
 async fn start_nbd_face(
-    addrs: &[&String],
+    addrs: &[String],
     exports: &[ExportConfig],
     security: &ServerSecurity,
     settings: NbdFaceSettings,
