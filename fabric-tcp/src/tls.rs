@@ -6,7 +6,7 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier};
+use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::path::{Path, PathBuf};
@@ -79,10 +79,16 @@ pub fn reloadable_acceptor(
         cert: cert.to_path_buf(),
         key: key_path.to_path_buf(),
         client_ca,
-        sessions: Arc::new(Sessions::new()),
     });
     let mut config = builder.with_cert_resolver(served.clone());
-    config.session_storage = served.sessions.clone();
+    if served.client_ca.is_some() {
+        // A resumed session is not verified again, and a handshake
+        // verified under a CA just withdrawn can still be handed a ticket
+        // after the reload: with client certificates required, every
+        // connection proves its certificate afresh.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Ok((TlsAcceptor::from(Arc::new(config)), served))
 }
 
@@ -113,16 +119,12 @@ pub struct ServerCert {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<Arc<ClientCa>>,
-    sessions: Arc<Sessions>,
 }
 
 impl ServerCert {
     /// Reads the certificate, key and client CA files again and uses them
     /// from the next handshake on. If any file does not parse, or the key
-    /// does not match the certificate, nothing changes. Sessions kept for
-    /// resumption are forgotten: a resumed session is not verified again,
-    /// so a client whose CA was withdrawn could otherwise come back on
-    /// one.
+    /// does not match the certificate, nothing changes.
     pub fn reload(&self) -> Result<(), String> {
         let fresh = certified_key(&self.cert, &self.key)?;
         let verifier = match &self.client_ca {
@@ -133,7 +135,6 @@ impl ServerCert {
         if let (Some(ca), Some(verifier)) = (&self.client_ca, verifier) {
             *ca.current.write().unwrap() = verifier;
         }
-        self.sessions.forget_all();
         Ok(())
     }
 
@@ -215,50 +216,6 @@ impl ClientCertVerifier for ClientCa {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.verifier().supported_verify_schemes()
-    }
-}
-
-/// The server's store of TLS sessions for resumption (rustls's memory
-/// cache), emptied when the files it verified clients by change.
-#[derive(Debug)]
-struct Sessions {
-    current: RwLock<Arc<ServerSessionMemoryCache>>,
-}
-
-/// Sessions kept for resumption at most (rustls's default).
-const SESSIONS_KEPT: usize = 256;
-
-impl Sessions {
-    fn new() -> Sessions {
-        Sessions {
-            current: RwLock::new(ServerSessionMemoryCache::new(SESSIONS_KEPT)),
-        }
-    }
-
-    fn forget_all(&self) {
-        *self.current.write().unwrap() = ServerSessionMemoryCache::new(SESSIONS_KEPT);
-    }
-
-    fn store(&self) -> Arc<ServerSessionMemoryCache> {
-        self.current.read().unwrap().clone()
-    }
-}
-
-impl StoresServerSessions for Sessions {
-    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
-        self.store().put(key, value)
-    }
-
-    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.store().get(key)
-    }
-
-    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.store().take(key)
-    }
-
-    fn can_cache(&self) -> bool {
-        true
     }
 }
 

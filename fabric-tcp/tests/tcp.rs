@@ -620,8 +620,8 @@ mod tls {
         )
         .await;
         let wait = Duration::from_secs(2);
-        // One connector throughout: its channels' TLS sessions are kept
-        // for resumption.
+        // One connector throughout: it would resume a TLS session it was
+        // given before the change, were any kept.
         let first = trusting(&sc, Some((&c1, &k1)));
         let one = connect(addr.to_string(), first.clone(), b"test key", wait)
             .await
