@@ -130,31 +130,50 @@ pub(crate) async fn client_key(client: &Client, args: &ClientArgs) -> Result<Str
 }
 
 /// Every leg client of an attached volume by leg name, a migration's new
-/// leg included once it starts.
-pub(crate) type LegClients = Arc<Mutex<HashMap<String, Client>>>;
+/// leg included once it starts, and that new leg's flags: the volume file
+/// names it only once the migration switches over.
+#[derive(Default)]
+pub(crate) struct Legs {
+    pub(crate) clients: HashMap<String, Client>,
+    pub(crate) joining: Option<(String, ClientArgs)>,
+}
 
-/// Rereads the key file (and TLS CA) of every leg the volume file at
-/// `path` names into that leg's client (used from its next handshake),
-/// and says so in one line. Every file is read before any is used: a
-/// leg's file that does not parse changes no leg.
+pub(crate) type LegClients = Arc<Mutex<Legs>>;
+
+/// Rereads the key file (and TLS CA) of every leg into that leg's client
+/// (used from its next handshake), and says so in one line: the legs the
+/// volume file at `path` names, and a new leg `volume` is migrating to.
+/// Every file is read before any is used: a leg's file that does not
+/// parse changes no leg.
 pub(crate) async fn leg_keys(
     legs: &LegClients,
     base: &ClientArgs,
     path: &Path,
+    volume: &braid_fabric_tcp::Volume,
 ) -> Result<String, String> {
     let file = crate::volume::VolumeFile::load(path)?;
+    let mut named: Vec<(String, ClientArgs)> = file
+        .legs
+        .iter()
+        .map(|leg| (leg.name.clone(), crate::attach::leg_args(base, leg)))
+        .collect();
+    let migrating_to = volume.status().migration.map(|(_, to, _)| to);
+    let joining = legs.lock().unwrap().joining.clone();
+    if let Some((name, args)) = joining {
+        let unnamed = named.iter().all(|(n, _)| *n != name);
+        if unnamed && migrating_to.as_deref() == Some(name.as_str()) {
+            named.push((name, args));
+        }
+    }
     let mut keys = Vec::new();
-    for leg in &file.legs {
-        let args = crate::attach::leg_args(base, leg);
-        let key = args.key().map_err(|e| format!("leg {:?}: {e}", leg.name))?;
-        let security = args
-            .security()
-            .map_err(|e| format!("leg {:?}: {e}", leg.name))?;
-        keys.push((leg.name.clone(), key, security, args.key_file()));
+    for (name, args) in named {
+        let key = args.key().map_err(|e| format!("leg {name:?}: {e}"))?;
+        let security = args.security().map_err(|e| format!("leg {name:?}: {e}"))?;
+        keys.push((name, key, security, args.key_file()));
     }
     let mut said = Vec::new();
     for (name, (key_id, key), security, key_file) in keys {
-        let client = legs.lock().unwrap().get(&name).cloned();
+        let client = legs.lock().unwrap().clients.get(&name).cloned();
         let Some(client) = client else {
             return Err(format!(
                 "leg {name:?} has no client (is the volume file newer than this run?)"
@@ -168,8 +187,13 @@ pub(crate) async fn leg_keys(
             .set_security(security)
             .await
             .map_err(|e| format!("leg {name:?}: {e}"))?;
+        let joining = if migrating_to.as_deref() == Some(name.as_str()) {
+            " (migrating to it)"
+        } else {
+            ""
+        };
         said.push(format!(
-            "leg {name}: key {key_id} from {}",
+            "leg {name}{joining}: key {key_id} from {}",
             key_file.display()
         ));
     }

@@ -464,6 +464,14 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // While it copies (a slow copy: 16 MiB at 4 MiB/s), a reload rereads
+    // the new leg's key file too, though the volume file names it only
+    // once it switches over.
+    let (reloaded, said) = common::reload(&control);
+    assert!(
+        reloaded && said.contains("(migrating to it)") && said.contains(keys.to_str().unwrap()),
+        "{said}"
+    );
     let out = Command::new(BRAID)
         .args(["volume", "cancel", "--control"])
         .arg(&control)

@@ -129,7 +129,7 @@ pub(super) fn volume_document(
     clients: &crate::reload::LegClients,
 ) -> serde_json::Value {
     let s = volume.status();
-    let clients = clients.lock().unwrap().clone();
+    let clients = clients.lock().unwrap().clients.clone();
     serde_json::json!({
         "role": "volume",
         "name": name,

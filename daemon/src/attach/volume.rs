@@ -41,7 +41,11 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
         .map(crate::metrics::MetricsListener::bind)
         .transpose()?;
     let (map, clients, max_payload) = connect_legs(&file, &path, &args.client).await?;
-    let leg_clients: crate::reload::LegClients = Arc::new(std::sync::Mutex::new(clients.clone()));
+    let leg_clients: crate::reload::LegClients =
+        Arc::new(std::sync::Mutex::new(crate::reload::Legs {
+            clients: clients.clone(),
+            joining: None,
+        }));
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
     let volume = Volume::start(map, clients, config, store, file.leg_timeout()?)?;
@@ -102,9 +106,11 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| format!("SIGHUP handler: {e}"))?;
     let (legs, client_args, volume_path) = (leg_clients.clone(), args.client.clone(), path.clone());
+    let reloaded = volume.clone();
     tokio::spawn(crate::reload::on_hangup(hangups, move || {
         let (legs, client_args, path) = (legs.clone(), client_args.clone(), volume_path.clone());
-        async move { crate::reload::leg_keys(&legs, &client_args, &path).await }
+        let volume = reloaded.clone();
+        async move { crate::reload::leg_keys(&legs, &client_args, &path, &volume).await }
     }));
     let detach = Arc::new(Notify::new());
     let controls = VolumeControl {
@@ -185,13 +191,14 @@ impl VolumeControl {
                 })
             }
             ["reload"] => {
-                let (legs, client_args, path) = (
+                let (legs, client_args, path, volume) = (
                     self.legs.clone(),
                     self.client_args.clone(),
                     self.path.clone(),
+                    self.volume.clone(),
                 );
                 later(async move {
-                    let said = crate::reload::leg_keys(&legs, &client_args, &path).await?;
+                    let said = crate::reload::leg_keys(&legs, &client_args, &path, &volume).await?;
                     Ok(serde_json::json!({ "keys": said }))
                 })
             }
@@ -281,7 +288,8 @@ async fn start_migration(
         export: new.export.clone(),
         key_file: new.key_file.clone(),
     };
-    let client = leg_args(base, &leg).connect().await.map_err(|e| {
+    let args = leg_args(base, &leg);
+    let client = args.connect().await.map_err(|e| {
         format!(
             "new leg {:?} ({} on {}): {e}",
             new.name, new.export, new.server
@@ -290,7 +298,11 @@ async fn start_migration(
     let (path, from_name, to) = (path.to_path_buf(), from.to_string(), new.name.clone());
     let store: braid_fabric_tcp::StoreMap =
         Arc::new(move || crate::volume::replace_leg(&path, &from_name, &new));
-    legs.lock().unwrap().insert(to.clone(), client.clone());
+    {
+        let mut legs = legs.lock().unwrap();
+        legs.clients.insert(to.clone(), client.clone());
+        legs.joining = Some((to.clone(), args));
+    }
     volume.migrate(from, &to, client, store).await?;
     Ok(serde_json::json!({ "from": from, "to": to }))
 }
