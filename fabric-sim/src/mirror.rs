@@ -95,22 +95,9 @@ pub(crate) async fn simulate(
         let at = Duration::from_millis(500 + rng.below(run_for.as_millis() as u64 / 2));
         (at, rng.below(LEGS as u64) as usize, rng.chance(0.5))
     });
-    let sectors = SIZE / SECTOR as u64;
-    let mut checker = braid_core::testkit::Checker::new(sectors);
-    // The last copy in sync may report a media error; none are injected.
-    checker.errors_allowed = false;
-    // Except a full disk on the last leg in sync: its writes fail with
-    // NoSpace, as one full disk's do (the other legs are away then).
-    checker.allowed_errors = vec!["NoSpace"];
-    if scenario == Scenario::MirrorErrors {
-        // Bad blocks on the last leg in sync fail IO there, as on one
-        // disk.
-        checker.allowed_errors.push("Media");
-    }
-    let checker = Arc::new(Mutex::new(checker));
-    let next_io = Arc::new(AtomicU64::new(1));
     let restart = matches!(scenario, Scenario::MirrorRestart | Scenario::MirrorQuorum);
-    checker.lock().unwrap().unacked_reads_may_revert = restart;
+    let checker = volume_checker(scenario, restart);
+    let next_io = Arc::new(AtomicU64::new(1));
     let ctx = ClientCtx {
         seed,
         key,
@@ -170,17 +157,16 @@ pub(crate) async fn simulate(
         faults,
         ..Report::empty(seed, scenario)
     };
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut retired = Vec::new();
     if let Some(r) = restarter {
         let (cut, late) = r.await.unwrap_or((false, false));
+        let mut count = |fault| *report.faults.entry(fault).or_insert(0) += 1;
         if cut {
-            *report.faults.entry(Fault::Partition).or_insert(0) += 1;
+            count(Fault::Partition);
         }
         if late {
-            *report.faults.entry(Fault::LateFrames).or_insert(0) += 1;
+            count(Fault::LateFrames);
         }
-        *report.faults.entry(Fault::ClientCrash).or_insert(0) += 1;
+        count(Fault::ClientCrash);
     }
     let result = match work {
         Some(work) => work.await.map_err(|e| e.to_string()),
@@ -191,29 +177,8 @@ pub(crate) async fn simulate(
             tokio::time::sleep(Duration::from_millis(100)).await;
         },
     };
-    match result {
-        Ok(Ok((outcomes, stats, gone))) => {
-            report.legs_left = stats.legs_left;
-            report.regions_resynced = stats.regions_resynced;
-            report.migrations = stats.migrations;
-            retired = gone;
-            if migrate && (stats.migrations != 1 || retired.len() != 1) {
-                report.violations.push(format!(
-                    "migration: {} finished, legs retired {retired:?}",
-                    stats.migrations
-                ));
-            }
-            for o in outcomes {
-                report.ios += o.ios;
-                report.violations.extend(o.violations);
-                report.longest_io = report.longest_io.max(o.longest);
-                report.steps.push(o.steps);
-                hash = (hash ^ o.trace).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        Ok(Err(e)) => report.violations.push(format!("client: {e}")),
-        Err(e) => report.violations.push(format!("client node: {e}")),
-    }
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let retired = report.add_volume_client(result, migrate, &mut hash);
     // Every leg the volume ends with holds the same bytes.
     report.violations.extend(divergence(&disks, &retired));
     if restart {
@@ -235,6 +200,68 @@ pub(crate) async fn simulate(
         .violations
         .extend(crate::world::tear_down(&handle, nodes).await);
     report
+}
+
+/// The checker of every read through the volume: errors only where one
+/// disk would give them (the last leg in sync full, or with bad blocks in
+/// `mirror-errors`); reads of writes not yet acknowledged may go back
+/// where the client restarts.
+fn volume_checker(scenario: Scenario, restart: bool) -> Arc<Mutex<braid_core::testkit::Checker>> {
+    let sectors = SIZE / SECTOR as u64;
+    let mut checker = braid_core::testkit::Checker::new(sectors);
+    // The last copy in sync may report a media error; none are injected.
+    checker.errors_allowed = false;
+    // Except a full disk on the last leg in sync: its writes fail with
+    // NoSpace, as one full disk's do (the other legs are away then).
+    checker.allowed_errors = vec!["NoSpace"];
+    if scenario == Scenario::MirrorErrors {
+        // Bad blocks on the last leg in sync fail IO there, as on one
+        // disk.
+        checker.allowed_errors.push("Media");
+    }
+    checker.unacked_reads_may_revert = restart;
+    Arc::new(Mutex::new(checker))
+}
+
+impl Report {
+    /// Adds what the volume's client reported (`result`: its node's, then
+    /// its own); returns the legs it retired. `hash` gathers the workers'
+    /// traces.
+    fn add_volume_client(
+        &mut self,
+        result: Result<ClientResult, String>,
+        migrate: bool,
+        hash: &mut u64,
+    ) -> Vec<usize> {
+        let (outcomes, stats, retired) = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.violations.push(format!("client: {e}"));
+                return Vec::new();
+            }
+            Err(e) => {
+                self.violations.push(format!("client node: {e}"));
+                return Vec::new();
+            }
+        };
+        self.legs_left = stats.legs_left;
+        self.regions_resynced = stats.regions_resynced;
+        self.migrations = stats.migrations;
+        if migrate && (stats.migrations != 1 || retired.len() != 1) {
+            self.violations.push(format!(
+                "migration: {} finished, legs retired {retired:?}",
+                stats.migrations
+            ));
+        }
+        for o in outcomes {
+            self.ios += o.ios;
+            self.violations.extend(o.violations);
+            self.longest_io = self.longest_io.max(o.longest);
+            self.steps.push(o.steps);
+            *hash = (*hash ^ o.trace).wrapping_mul(0x0100_0000_01b3);
+        }
+        retired
+    }
 }
 
 /// A server node per disk, each serving it as export `disk0` (its disks'
@@ -481,48 +508,110 @@ fn client_boot(
 /// logs from before a restart), the workers until `until`, then the wait
 /// for every leg to be back in sync.
 async fn client_body(ctx: ClientCtx) -> ClientResult {
-    let ClientCtx {
-        seed,
-        key,
-        quorum,
-        sabotage,
-        migration,
-        checker,
-        next_io,
-        logs,
-        boots,
-        run_for,
-        until,
-    } = ctx;
     // A restarted client is a new process: new client nonces.
-    let boot = boots.fetch_add(1, Ordering::SeqCst);
-    if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-        for (leg, bytes) in logs.0.lock().unwrap().iter() {
-            let log = braid_core::volume::DirtyRegions::decode(bytes);
-            eprintln!(
-                "{:?} boot {boot}: stored log {leg}: {:?}",
-                tokio::time::Instant::now(),
-                log.map(|l| (l.behind(), l.dirty_from(0).collect::<Vec<_>>()))
-            );
-        }
+    let boot = ctx.boots.fetch_add(1, Ordering::SeqCst);
+    trace_stored_logs(&ctx.logs, boot);
+    let run = braid_fabric_tcp::next_run(&*ctx.logs, ctx.seed | 1).map_err(|e| e.to_string())?;
+    let legs = connect_legs(&ctx, run, boot).await?;
+    let map = VolumeMap::new(&mirror_spec(ctx.quorum), |_| {
+        Some(LegInfo {
+            size: SIZE,
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    let mut config = VolumeConfig {
+        region: 64 << 10,
+        resync_rate: 16 << 20,
+        max_leg_io: 256 << 10,
+        ..VolumeConfig::default()
+    };
+    for s in &ctx.sabotage {
+        s.apply_volume(&mut config.sabotage);
     }
-    let run = braid_fabric_tcp::next_run(&*logs, seed | 1).map_err(|e| e.to_string())?;
+    let volume = Volume::start(map, legs, config, ctx.logs.clone(), Duration::from_secs(1))?;
+    let mover = ctx.migration.map(|plan| {
+        let (volume, key) = (volume.clone(), ctx.key.clone());
+        tokio::spawn(migrate(volume, key, ctx.seed, run, plan))
+    });
+    let sectors = SIZE / SECTOR as u64;
+    // Fixed from the start when the client restarts; else from now.
+    let until = ctx
+        .until
+        .unwrap_or_else(|| tokio::time::Instant::now() + ctx.run_for);
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let plan = SharedPlan {
+                id: 0x80 | w,
+                zone_start: 0,
+                zone_sectors: sectors,
+                checker: ctx.checker.clone(),
+                next_io: ctx.next_io.clone(),
+                seed: ctx.seed,
+                until,
+            };
+            tokio::spawn(shared_worker(volume.clone(), plan))
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+    }
+    if let Some(m) = mover {
+        m.await.map_err(|e| format!("migration task: {e}"))??;
+    }
+    settle(&volume).await?;
+    let retired: Vec<usize> = volume
+        .status()
+        .legs
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.1 == Some(LegState::Retired))
+        .map(|(i, _)| i)
+        .collect();
+    // A FLUSH through the volume, so every leg's cache is on media.
+    let _ = crate::workload::Device::io(&volume, braid_core::client::IoRequest::flush()).await;
+    outcomes.push(crate::workload::checker_outcome(&ctx.checker, "volume"));
+    Ok((outcomes, volume.status().stats, retired))
+}
+
+/// With BRAID_TRACE_VOLUME set, what each leg's stored log says at boot.
+fn trace_stored_logs(logs: &MemLogs, boot: u64) {
+    if std::env::var_os("BRAID_TRACE_VOLUME").is_none() {
+        return;
+    }
+    for (leg, bytes) in logs.0.lock().unwrap().iter() {
+        let log = braid_core::volume::DirtyRegions::decode(bytes);
+        eprintln!(
+            "{:?} boot {boot}: stored log {leg}: {:?}",
+            tokio::time::Instant::now(),
+            log.map(|l| (l.behind(), l.dirty_from(0).collect::<Vec<_>>()))
+        );
+    }
+}
+
+/// A client per leg, as `braid attach` makes them: a leg that does not
+/// answer is attached without, and resynced when it does.
+async fn connect_legs(
+    ctx: &ClientCtx,
+    run: braid_core::client::Identity,
+    boot: u64,
+) -> Result<HashMap<String, Client>, String> {
     let mut legs = HashMap::new();
     for i in 0..LEGS {
         let mut config = ClientConfig::new(
             "disk0",
             "sim",
-            key.clone(),
-            crate::world::seed_bytes(seed, 200 + i as u64 + 16 * boot),
+            ctx.key.clone(),
+            crate::world::seed_bytes(ctx.seed, 200 + i as u64 + 16 * boot),
         );
         config.identity = Some(run);
         // The pinned seeds below were found with every request spread.
         config.sticky_slack = 0;
-        for s in &sabotage {
+        for s in &ctx.sabotage {
             s.apply_client(&mut config);
         }
-        // As `braid attach` does: a leg that does not answer is attached
-        // without, and resynced when it does.
         let addr = SocketAddr::new(server_ip(i), PORT).to_string();
         let client = match Client::connect(
             addr.clone(),
@@ -546,91 +635,64 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         };
         legs.insert(format!("leg{i}"), client);
     }
-    let spec = VolumeSpec::Mirror {
+    Ok(legs)
+}
+
+/// A mirror over every leg, acknowledging writes once `quorum` legs have
+/// them (every leg in sync when `None`).
+fn mirror_spec(quorum: Option<usize>) -> VolumeSpec {
+    VolumeSpec::Mirror {
         quorum,
         legs: (0..LEGS)
             .map(|i| VolumeSpec::Export(format!("leg{i}")))
             .collect(),
-    };
-    let map = VolumeMap::new(&spec, |_| {
-        Some(LegInfo {
-            size: SIZE,
-            block_size: 512,
-            read_only: false,
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    let mut config = VolumeConfig {
-        region: 64 << 10,
-        resync_rate: 16 << 20,
-        max_leg_io: 256 << 10,
-        ..VolumeConfig::default()
-    };
-    for s in &sabotage {
-        s.apply_volume(&mut config.sabotage);
     }
-    let volume = Volume::start(map, legs, config, logs.clone(), Duration::from_secs(1))?;
-    let mover = migration.map(|(at, from, fail_first)| {
-        let (volume, key) = (volume.clone(), key.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(at).await;
-            let mut config =
-                ClientConfig::new("disk0", "sim", key, crate::world::seed_bytes(seed, 300));
-            config.identity = Some(run);
-            config.sticky_slack = 0;
-            // The new server may be down right now: connecting waits.
-            let client = Client::connect(
-                SocketAddr::new(server_ip(LEGS), PORT).to_string(),
-                ClientSecurity::Plain,
-                config,
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(|e| format!("migration: {e}"))?;
-            let stores = Arc::new(AtomicU64::new(0));
-            let store: braid_fabric_tcp::StoreMap = Arc::new(move || {
-                if stores.fetch_add(1, Ordering::SeqCst) == 0 && fail_first {
-                    return Err("the map store failed once (injected)".into());
-                }
-                Ok(())
-            });
-            if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                eprintln!(
-                    "{:?} migrate leg{from} to leg{LEGS}",
-                    tokio::time::Instant::now()
-                );
-            }
-            volume
-                .migrate(&format!("leg{from}"), &format!("leg{LEGS}"), client, store)
-                .await
-                .map_err(|e| format!("migration refused: {e}"))
-        })
+}
+
+/// The migration of `plan` (when, from which leg, whether the first
+/// store of the new map fails) to the one more server node.
+async fn migrate(
+    volume: Volume,
+    key: Key,
+    seed: u64,
+    run: braid_core::client::Identity,
+    (at, from, fail_first): (Duration, usize, bool),
+) -> Result<(), String> {
+    tokio::time::sleep(at).await;
+    let mut config = ClientConfig::new("disk0", "sim", key, crate::world::seed_bytes(seed, 300));
+    config.identity = Some(run);
+    config.sticky_slack = 0;
+    // The new server may be down right now: connecting waits.
+    let client = Client::connect(
+        SocketAddr::new(server_ip(LEGS), PORT).to_string(),
+        ClientSecurity::Plain,
+        config,
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(|e| format!("migration: {e}"))?;
+    let stores = Arc::new(AtomicU64::new(0));
+    let store: braid_fabric_tcp::StoreMap = Arc::new(move || {
+        if stores.fetch_add(1, Ordering::SeqCst) == 0 && fail_first {
+            return Err("the map store failed once (injected)".into());
+        }
+        Ok(())
     });
-    let sectors = SIZE / SECTOR as u64;
-    // Fixed from the start when the client restarts; else from now.
-    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + run_for);
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let plan = SharedPlan {
-                id: 0x80 | w,
-                zone_start: 0,
-                zone_sectors: sectors,
-                checker: checker.clone(),
-                next_io: next_io.clone(),
-                seed,
-                until,
-            };
-            tokio::spawn(shared_worker(volume.clone(), plan))
-        })
-        .collect();
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+    if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+        eprintln!(
+            "{:?} migrate leg{from} to leg{LEGS}",
+            tokio::time::Instant::now()
+        );
     }
-    if let Some(m) = mover {
-        m.await.map_err(|e| format!("migration task: {e}"))??;
-    }
-    // Healed: every leg must come back in sync, a migration finished.
+    volume
+        .migrate(&format!("leg{from}"), &format!("leg{LEGS}"), client, store)
+        .await
+        .map_err(|e| format!("migration refused: {e}"))
+}
+
+/// Once healed, every leg must come back in sync and a migration finish,
+/// within a minute.
+async fn settle(volume: &Volume) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = volume.status();
@@ -639,7 +701,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             .iter()
             .all(|l| matches!(l.1, Some(LegState::InSync | LegState::Retired)));
         if settled && s.migration.is_none() {
-            break;
+            return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
             return Err(format!(
@@ -649,18 +711,6 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let retired: Vec<usize> = volume
-        .status()
-        .legs
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.1 == Some(LegState::Retired))
-        .map(|(i, _)| i)
-        .collect();
-    // A FLUSH through the volume, so every leg's cache is on media.
-    let _ = crate::workload::Device::io(&volume, braid_core::client::IoRequest::flush()).await;
-    outcomes.push(crate::workload::checker_outcome(&checker, "volume"));
-    Ok((outcomes, volume.status().stats, retired))
 }
 
 /// Faults on the legs until two seconds before the end.
