@@ -177,7 +177,6 @@ pub(crate) async fn run(
     engines: u16,
     replay: &str,
 ) -> Result<(), String> {
-    let mut rng = SplitMix64::new(seed);
     let root = std::env::temp_dir().join(format!("braid-soak-volume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
@@ -196,267 +195,413 @@ pub(crate) async fn run(
         clients.push((leg_name(i), node.connect(LEG_CHANNELS).await?));
     }
     let volume = start_volume(shape, clients, &root, "soak")?;
-    let progress = Arc::new(Progress::default());
-    let workload = tokio::spawn(verify::workload(
-        volume.clone(),
-        BLOCKS,
-        16,
-        progress.clone(),
-    ));
-    let started = Instant::now();
-    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut out = crate::progress::ProgressLine::new();
-    let show = |out: &mut crate::progress::ProgressLine, what: &str| {
-        let s = volume.status();
-        out.show(format_args!(
-            "  {:>6.1}s  {what:<22} IOs {:>8}  failures {}  errors {}  legs left {}  resynced {}",
-            started.elapsed().as_secs_f64(),
-            progress.ios(),
-            progress.failures.load(Ordering::Relaxed),
-            progress.errors.load(Ordering::Relaxed),
-            s.stats.legs_left,
-            crate::config::human_size(s.stats.bytes_resynced)
-        ));
-    };
+    let mut soak = Soak::start(volume, SplitMix64::new(seed));
     tokio::time::sleep(Duration::from_secs(2)).await;
-
     // 1. One leg away ten seconds under load, then its resync timed.
-    let mut resync = None;
-    if shape.mirrored() {
-        nodes[1].server.kill().await;
-        *faults.entry("server kill -9 (10 s away)").or_default() += 1;
-        let until = Instant::now() + AWAY;
-        while Instant::now() < until {
-            show(&mut out, "leg1 away");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let before = volume.status().stats;
-        nodes[1].server.restart().await?;
-        let back = Instant::now();
-        while leg_state(&volume, "leg1") != Some(LegState::InSync) {
-            if back.elapsed() > Duration::from_secs(120) {
-                return Err(format!(
-                    "leg1 not in sync 120 s after its return: {:?}",
-                    volume.status().legs
-                ));
-            }
-            show(&mut out, "leg1 resyncing");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let after = volume.status().stats;
-        resync = Some((
-            back.elapsed(),
-            after.regions_resynced - before.regions_resynced,
-            after.bytes_resynced - before.bytes_resynced,
-        ));
-    }
-
+    let resync = match shape.mirrored() {
+        true => Some(soak.leg_away(&mut nodes[1]).await?),
+        false => None,
+    };
     // 2. Mixed faults, with a live migration of leg0 to the spare.
-    let faults_from = Instant::now();
-    let end = faults_from + Duration::from_secs_f64(duration);
-    let migrate_at = faults_from + Duration::from_secs_f64(duration / 3.0);
-    let spare = n;
-    let mut migration: Option<(Instant, Option<Duration>)> = None;
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(300 + rng.below(1000))).await;
-        if migration.is_none() && Instant::now() >= migrate_at {
-            let client = nodes[spare].connect(LEG_CHANNELS).await?;
-            let store: braid_fabric_tcp::StoreMap = Arc::new(|| Ok(()));
-            volume
-                .migrate("leg0", &leg_name(spare), client, store)
-                .await
-                .map_err(|e| format!("migration refused: {e}"))?;
-            migration = Some((Instant::now(), None));
-        }
-        if let Some((t0, done @ None)) = &mut migration {
-            if volume.status().migration.is_none() {
-                *done = Some(t0.elapsed());
-            }
-        }
-        // Faults on the legs in use: the spare once it is one.
-        let candidates = if migration.is_some() { n + 1 } else { n };
-        let i = rng.below(candidates as u64) as usize;
-        let r = rng.next_u64();
-        let kind = match rng.below(100) {
-            0..=24 => {
-                nodes[i].server.kill().await;
-                tokio::time::sleep(Duration::from_millis(200 + rng.below(2300))).await;
-                nodes[i].server.restart().await?;
-                Some("server kill -9 + restart")
-            }
-            25..=44 => nodes[i]
-                .proxy
-                .blackhole_one(r)
-                .then_some("channel black-holed"),
-            45..=64 => nodes[i].proxy.reset_one(r).then_some("channel reset"),
-            65..=79 => {
-                let d = Duration::from_millis(100 + rng.below(1400));
-                nodes[i].proxy.stall_one(r, d).then_some("channel stalled")
-            }
-            _ => (nodes[i].proxy.reset_all() > 0).then_some("all of a leg's channels reset"),
-        };
-        if let Some(k) = kind {
-            *faults.entry(k).or_default() += 1;
-        }
-        show(&mut out, "faults");
-    }
+    let mut migration = soak.mixed_faults(&mut nodes, duration).await?;
     // 3. Faults over: everything back in sync, the migration done, and
     // the verifier on a little longer so the end state is checked too.
-    let healing = Instant::now();
-    while settled(&volume, Duration::from_millis(1)).await.is_err() {
-        if healing.elapsed() > Duration::from_secs(180) {
-            settled(&volume, Duration::ZERO).await?;
-        }
-        show(&mut out, "healing");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    if let Some((t0, done @ None)) = &mut migration {
-        *done = Some(t0.elapsed());
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    show(&mut out, "done");
-    out.finish();
-    progress.stop.store(true, Ordering::Relaxed);
-    // Every IO must end: one that does not is a liveness bug, shown with
-    // where it waits.
-    let mut workload = workload;
-    if tokio::time::timeout(Duration::from_secs(30), &mut workload)
-        .await
-        .is_err()
-    {
-        for line in volume.in_flight().await {
-            println!("  stuck: {line}");
-        }
-        return Err(format!(
-            "IO still in flight 30 s after the load stopped (replay: {replay})"
-        ));
-    }
-    let _ = verify::BlockDevice::submit(&volume, braid_core::client::IoRequest::flush()).await;
-    let status = volume.status();
-    let final_legs: Vec<usize> = status
-        .legs
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.1 != Some(LegState::Retired))
-        .map(|(i, _)| i)
-        .collect();
-    let mut diverged = Vec::new();
-    if shape.mirrored() {
-        let first = std::fs::read(nodes[final_legs[0]].server.dir.join("disk0.img"))
-            .map_err(|e| e.to_string())?;
-        for &l in &final_legs[1..] {
-            let other =
-                std::fs::read(nodes[l].server.dir.join("disk0.img")).map_err(|e| e.to_string())?;
-            if other != first {
-                diverged.push(format!("leg{l} differs from leg{}", final_legs[0]));
-            }
-        }
-    }
-    volume.close().await;
-    drop(volume);
-
+    soak.heal(&mut migration).await?;
+    let end = soak.stop(replay).await?;
+    let diverged = match shape.mirrored() {
+        true => divergence(&nodes, &end.final_legs)?,
+        false => Vec::new(),
+    };
     // 4. What a mirror costs: the same verifier on one export, a 2-way
     // and a 3-way mirror, over the legs now in sync, in this run.
-    let mut cost = Vec::new();
-    if shape.mirrored() {
-        let c: Vec<Client> = {
-            let mut v = Vec::new();
-            for &l in &final_legs {
-                v.push(nodes[l].connect(LEG_CHANNELS).await?);
-            }
-            v
-        };
-        cost.push(("one export", iops(c[0].clone(), COST_SECS).await));
-        for ways in 2..=c.len() {
-            let legs = (0..ways).map(|i| (leg_name(i), c[i].clone())).collect();
-            let v = start_volume(shape, legs, &root, &format!("cost{ways}"))?;
-            let label = if ways == 2 {
-                "2-way mirror"
-            } else {
-                "3-way mirror"
-            };
-            cost.push((label, iops(v.clone(), COST_SECS).await));
-            v.close().await;
-        }
-        for client in c {
-            client.close().await;
-        }
-    }
+    let cost = match shape.mirrored() {
+        true => mirror_cost(shape, &nodes, &end.final_legs, &root).await?,
+        false => Vec::new(),
+    };
     for node in &mut nodes {
         node.server.kill().await;
     }
     let _ = std::fs::remove_dir_all(&root);
-
-    let errors = progress.errors.load(Ordering::Relaxed);
-    let failures = progress.failures.load(Ordering::Relaxed);
-    println!("\nvolume soak summary ({shape:?}, seed {seed}):");
-    println!("  {:<40} {:>10}", "IOs completed", progress.ios());
-    println!(
-        "  {:<40} {:>10}",
-        "reads verified",
-        progress.reads.load(Ordering::Relaxed)
-    );
-    for (k, v) in &faults {
-        println!("  fault: {k:<33} {v:>10}");
-    }
-    println!(
-        "  {:<40} {:>10}",
-        "legs left behind", status.stats.legs_left
-    );
-    println!(
-        "  {:<40} {:>10}",
-        "regions resynced", status.stats.regions_resynced
-    );
-    println!(
-        "  {:<40} {:>10}",
-        "bytes resynced",
-        crate::config::human_size(status.stats.bytes_resynced)
-    );
-    if let Some((t, regions, bytes)) = resync {
-        println!(
-            "  {:<40} {:>7} ms   ({regions} regions, {})",
-            "resync after 10 s away under load",
-            t.as_millis(),
-            crate::config::human_size(bytes)
-        );
-    }
-    match migration {
-        Some((_, Some(t))) => println!(
-            "  {:<40} {:>7} ms   (leg0 to leg{spare}, {} leg, under faults)",
-            "live migration",
-            t.as_millis(),
-            crate::config::human_size(256 << 20)
-        ),
-        _ => println!(
-            "  live migration                           not started (the run was too short)"
-        ),
-    }
-    println!(
-        "  {:<40} {:>7} ms",
-        "longest IO stall",
-        progress.worst().as_millis()
-    );
-    for (label, (rate, bad)) in &cost {
-        println!("  IOPS, verifier qd16, {label:<19} {rate:>10.0}   ({bad} errors)");
-    }
-    println!(
-        "  {:<40} {:>10}   (must be 0)",
-        "IO errors surfaced", errors
-    );
-    println!(
-        "  {:<40} {:>10}   (must be 0)",
-        "verification failures", failures
-    );
-    for p in progress.first_problems.lock().unwrap().iter() {
-        println!("    {p}");
-    }
-    for d in &diverged {
-        println!("  divergence: {d}");
-    }
-    let migrated = status.stats.migrations == 1 || migration.is_none();
-    if errors == 0 && failures == 0 && diverged.is_empty() && migrated {
+    let summary = Summary {
+        shape,
+        seed,
+        progress: &end.progress,
+        faults: &end.faults,
+        status: &end.status,
+        resync,
+        migration: migration.map(|m| (m.took, n)),
+        cost: &cost,
+        diverged: &diverged,
+    };
+    summary.print();
+    if summary.passed() {
         Ok(())
     } else {
         Err(format!("volume soak failed (replay: {replay})"))
+    }
+}
+
+/// The soak while it runs: the volume under the verifier, the faults
+/// counted, and the progress line.
+struct Soak {
+    volume: Volume,
+    rng: SplitMix64,
+    progress: Arc<Progress>,
+    workload: tokio::task::JoinHandle<()>,
+    started: Instant,
+    faults: BTreeMap<&'static str, u64>,
+    out: crate::progress::ProgressLine,
+}
+
+/// The live migration of leg0 to the spare: when it started, and how
+/// long it took once done.
+struct Migration {
+    started: Instant,
+    took: Option<Duration>,
+}
+
+/// How the soak's load ended.
+struct Ended {
+    progress: Arc<Progress>,
+    faults: BTreeMap<&'static str, u64>,
+    status: braid_fabric_tcp::VolumeStatus,
+    /// The legs the volume ends with.
+    final_legs: Vec<usize>,
+}
+
+impl Soak {
+    fn start(volume: Volume, rng: SplitMix64) -> Soak {
+        let progress = Arc::new(Progress::default());
+        let workload = tokio::spawn(verify::workload(
+            volume.clone(),
+            BLOCKS,
+            16,
+            progress.clone(),
+        ));
+        Soak {
+            volume,
+            rng,
+            progress,
+            workload,
+            started: Instant::now(),
+            faults: BTreeMap::new(),
+            out: crate::progress::ProgressLine::new(),
+        }
+    }
+
+    fn show(&mut self, what: &str) {
+        let s = self.volume.status();
+        self.out.show(format_args!(
+            "  {:>6.1}s  {what:<22} IOs {:>8}  failures {}  errors {}  legs left {}  resynced {}",
+            self.started.elapsed().as_secs_f64(),
+            self.progress.ios(),
+            self.progress.failures.load(Ordering::Relaxed),
+            self.progress.errors.load(Ordering::Relaxed),
+            s.stats.legs_left,
+            crate::config::human_size(s.stats.bytes_resynced)
+        ));
+    }
+
+    fn count(&mut self, fault: &'static str) {
+        *self.faults.entry(fault).or_default() += 1;
+    }
+
+    /// Kills leg1's server for ten seconds under load, restarts it and
+    /// times its resync: how long, regions and bytes.
+    async fn leg_away(&mut self, node: &mut ProxiedServer) -> Result<(Duration, u64, u64), String> {
+        node.server.kill().await;
+        self.count("server kill -9 (10 s away)");
+        let until = Instant::now() + AWAY;
+        while Instant::now() < until {
+            self.show("leg1 away");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let before = self.volume.status().stats;
+        node.server.restart().await?;
+        let back = Instant::now();
+        while leg_state(&self.volume, "leg1") != Some(LegState::InSync) {
+            if back.elapsed() > Duration::from_secs(120) {
+                return Err(format!(
+                    "leg1 not in sync 120 s after its return: {:?}",
+                    self.volume.status().legs
+                ));
+            }
+            self.show("leg1 resyncing");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = self.volume.status().stats;
+        Ok((
+            back.elapsed(),
+            after.regions_resynced - before.regions_resynced,
+            after.bytes_resynced - before.bytes_resynced,
+        ))
+    }
+
+    /// `duration` seconds of faults drawn from the seed on the legs in
+    /// use, leg0 migrating to the spare (the last node) from a third of
+    /// the way in.
+    async fn mixed_faults(
+        &mut self,
+        nodes: &mut [ProxiedServer],
+        duration: f64,
+    ) -> Result<Option<Migration>, String> {
+        let spare = nodes.len() - 1;
+        let faults_from = Instant::now();
+        let end = faults_from + Duration::from_secs_f64(duration);
+        let migrate_at = faults_from + Duration::from_secs_f64(duration / 3.0);
+        let mut migration: Option<Migration> = None;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(300 + self.rng.below(1000))).await;
+            if migration.is_none() && Instant::now() >= migrate_at {
+                let client = nodes[spare].connect(LEG_CHANNELS).await?;
+                let store: braid_fabric_tcp::StoreMap = Arc::new(|| Ok(()));
+                self.volume
+                    .migrate("leg0", &leg_name(spare), client, store)
+                    .await
+                    .map_err(|e| format!("migration refused: {e}"))?;
+                migration = Some(Migration {
+                    started: Instant::now(),
+                    took: None,
+                });
+            }
+            if let Some(m @ Migration { took: None, .. }) = &mut migration {
+                if self.volume.status().migration.is_none() {
+                    m.took = Some(m.started.elapsed());
+                }
+            }
+            // Faults on the legs in use: the spare once it is one.
+            let candidates = if migration.is_some() {
+                spare + 1
+            } else {
+                spare
+            };
+            let i = self.rng.below(candidates as u64) as usize;
+            if let Some(fault) = self.one_fault(&mut nodes[i]).await? {
+                self.count(fault);
+            }
+            self.show("faults");
+        }
+        Ok(migration)
+    }
+
+    /// One fault on `node`, drawn from the seed; what it was, if it took.
+    async fn one_fault(
+        &mut self,
+        node: &mut ProxiedServer,
+    ) -> Result<Option<&'static str>, String> {
+        let rng = &mut self.rng;
+        let r = rng.next_u64();
+        Ok(match rng.below(100) {
+            0..=24 => {
+                node.server.kill().await;
+                tokio::time::sleep(Duration::from_millis(200 + rng.below(2300))).await;
+                node.server.restart().await?;
+                Some("server kill -9 + restart")
+            }
+            25..=44 => node.proxy.blackhole_one(r).then_some("channel black-holed"),
+            45..=64 => node.proxy.reset_one(r).then_some("channel reset"),
+            65..=79 => {
+                let d = Duration::from_millis(100 + rng.below(1400));
+                node.proxy.stall_one(r, d).then_some("channel stalled")
+            }
+            _ => (node.proxy.reset_all() > 0).then_some("all of a leg's channels reset"),
+        })
+    }
+
+    /// Waits (up to three minutes) for every leg to be back in sync and
+    /// the migration done, then keeps the verifier on two seconds more.
+    async fn heal(&mut self, migration: &mut Option<Migration>) -> Result<(), String> {
+        let healing = Instant::now();
+        while settled(&self.volume, Duration::from_millis(1))
+            .await
+            .is_err()
+        {
+            if healing.elapsed() > Duration::from_secs(180) {
+                settled(&self.volume, Duration::ZERO).await?;
+            }
+            self.show("healing");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Some(m @ Migration { took: None, .. }) = migration {
+            m.took = Some(m.started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.show("done");
+        self.out.finish();
+        Ok(())
+    }
+
+    /// Stops the load (every IO must end within 30 s: one that does not
+    /// is a liveness bug, shown with where it waits), flushes and closes
+    /// the volume.
+    async fn stop(mut self, replay: &str) -> Result<Ended, String> {
+        self.progress.stop.store(true, Ordering::Relaxed);
+        if tokio::time::timeout(Duration::from_secs(30), &mut self.workload)
+            .await
+            .is_err()
+        {
+            for line in self.volume.in_flight().await {
+                println!("  stuck: {line}");
+            }
+            return Err(format!(
+                "IO still in flight 30 s after the load stopped (replay: {replay})"
+            ));
+        }
+        let _ =
+            verify::BlockDevice::submit(&self.volume, braid_core::client::IoRequest::flush()).await;
+        let status = self.volume.status();
+        let final_legs = status
+            .legs
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.1 != Some(LegState::Retired))
+            .map(|(i, _)| i)
+            .collect();
+        self.volume.close().await;
+        Ok(Ended {
+            progress: self.progress,
+            faults: self.faults,
+            status,
+            final_legs,
+        })
+    }
+}
+
+/// Which of the mirror's final legs hold other bytes than the first.
+fn divergence(nodes: &[ProxiedServer], final_legs: &[usize]) -> Result<Vec<String>, String> {
+    let image =
+        |l: usize| std::fs::read(nodes[l].server.dir.join("disk0.img")).map_err(|e| e.to_string());
+    let first = image(final_legs[0])?;
+    let mut diverged = Vec::new();
+    for &l in &final_legs[1..] {
+        if image(l)? != first {
+            diverged.push(format!("leg{l} differs from leg{}", final_legs[0]));
+        }
+    }
+    Ok(diverged)
+}
+
+/// The verifier's IOPS on one export, then on a 2-way and a 3-way mirror
+/// over the final legs.
+async fn mirror_cost(
+    shape: VolumeShape,
+    nodes: &[ProxiedServer],
+    final_legs: &[usize],
+    root: &Path,
+) -> Result<Vec<(&'static str, (f64, u64))>, String> {
+    let mut c = Vec::new();
+    for &l in final_legs {
+        c.push(nodes[l].connect(LEG_CHANNELS).await?);
+    }
+    let mut cost = vec![("one export", iops(c[0].clone(), COST_SECS).await)];
+    for ways in 2..=c.len() {
+        let legs = (0..ways).map(|i| (leg_name(i), c[i].clone())).collect();
+        let v = start_volume(shape, legs, root, &format!("cost{ways}"))?;
+        let label = if ways == 2 {
+            "2-way mirror"
+        } else {
+            "3-way mirror"
+        };
+        cost.push((label, iops(v.clone(), COST_SECS).await));
+        v.close().await;
+    }
+    for client in c {
+        client.close().await;
+    }
+    Ok(cost)
+}
+
+/// What the soak found.
+struct Summary<'a> {
+    shape: VolumeShape,
+    seed: u64,
+    progress: &'a Progress,
+    faults: &'a BTreeMap<&'static str, u64>,
+    status: &'a braid_fabric_tcp::VolumeStatus,
+    /// The timed resync: how long, regions, bytes.
+    resync: Option<(Duration, u64, u64)>,
+    /// How long the migration took (if it finished) and the spare's index.
+    migration: Option<(Option<Duration>, usize)>,
+    cost: &'a [(&'static str, (f64, u64))],
+    diverged: &'a [String],
+}
+
+impl Summary<'_> {
+    fn passed(&self) -> bool {
+        let migrated = self.status.stats.migrations == 1 || self.migration.is_none();
+        self.progress.errors.load(Ordering::Relaxed) == 0
+            && self.progress.failures.load(Ordering::Relaxed) == 0
+            && self.diverged.is_empty()
+            && migrated
+    }
+
+    fn print(&self) {
+        let (progress, stats) = (self.progress, &self.status.stats);
+        println!(
+            "\nvolume soak summary ({:?}, seed {}):",
+            self.shape, self.seed
+        );
+        println!("  {:<40} {:>10}", "IOs completed", progress.ios());
+        println!(
+            "  {:<40} {:>10}",
+            "reads verified",
+            progress.reads.load(Ordering::Relaxed)
+        );
+        for (k, v) in self.faults {
+            println!("  fault: {k:<33} {v:>10}");
+        }
+        println!("  {:<40} {:>10}", "legs left behind", stats.legs_left);
+        println!(
+            "  {:<40} {:>10}",
+            "regions resynced", stats.regions_resynced
+        );
+        println!(
+            "  {:<40} {:>10}",
+            "bytes resynced",
+            crate::config::human_size(stats.bytes_resynced)
+        );
+        if let Some((t, regions, bytes)) = self.resync {
+            println!(
+                "  {:<40} {:>7} ms   ({regions} regions, {})",
+                "resync after 10 s away under load",
+                t.as_millis(),
+                crate::config::human_size(bytes)
+            );
+        }
+        match self.migration {
+            Some((Some(t), spare)) => println!(
+                "  {:<40} {:>7} ms   (leg0 to leg{spare}, {} leg, under faults)",
+                "live migration",
+                t.as_millis(),
+                crate::config::human_size(256 << 20)
+            ),
+            _ => println!(
+                "  live migration                           not started (the run was too short)"
+            ),
+        }
+        println!(
+            "  {:<40} {:>7} ms",
+            "longest IO stall",
+            progress.worst().as_millis()
+        );
+        for (label, (rate, bad)) in self.cost {
+            println!("  IOPS, verifier qd16, {label:<19} {rate:>10.0}   ({bad} errors)");
+        }
+        println!(
+            "  {:<40} {:>10}   (must be 0)",
+            "IO errors surfaced",
+            progress.errors.load(Ordering::Relaxed)
+        );
+        println!(
+            "  {:<40} {:>10}   (must be 0)",
+            "verification failures",
+            progress.failures.load(Ordering::Relaxed)
+        );
+        for p in progress.first_problems.lock().unwrap().iter() {
+            println!("    {p}");
+        }
+        for d in self.diverged {
+            println!("  divergence: {d}");
+        }
     }
 }
