@@ -122,24 +122,23 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let boot_id = u64::from_le_bytes(config::random_bytes().map_err(|e| e.to_string())?);
     let seed = config::random_bytes().map_err(|e| e.to_string())?;
     let server_config = ServerConfig::new(boot_id, seed, keys.clone(), exports.clone());
-    let Bound {
-        listener,
-        local,
-        rdma,
-        metrics,
-        security,
-        tls_hint,
-        served_cert,
-    } = Bound::all(&s).await?;
-    let key_arg = format!("--key-file {}{tls_hint}", s.key_file.display());
-    print_banner(local, &exports, &files, &s.key_file, &keys[0].0, &key_arg);
+    let bound = Bound::all(&s).await?;
+    let key_arg = format!("--key-file {}{}", s.key_file.display(), bound.tls_hint);
+    print_banner(
+        bound.local,
+        &exports,
+        &files,
+        &s.key_file,
+        &keys[0].0,
+        &key_arg,
+    );
     println!("status:   braid status --control {}", s.control.display());
-    if let Some(m) = &metrics {
+    if let Some(m) = &bound.metrics {
         println!("metrics:  {}", m.url());
     }
     crate::busy_poll::start(s.poll);
     let mut files = FileBackend::new(files).with_io_engine(s.io_engine.into());
-    if let Some(staging) = rdma.read_staging() {
+    if let Some(staging) = bound.rdma.read_staging() {
         files = files.with_read_staging(staging);
     }
     let backend = Arc::new(crate::busy_poll::Polled(files));
@@ -147,7 +146,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let (nbd_threads, nbd_tasks) = start_nbd_face(
         &s.nbd,
         &exports,
-        &security,
+        &bound.security,
         NbdFaceSettings {
             backend: backend.clone(),
             threads: s.nbd_threads,
@@ -171,13 +170,13 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| format!("SIGHUP handler: {e}"))?;
     let started = Started {
-        rdma,
+        rdma: bound.rdma,
         files: crate::reload::ServerFiles {
             key_file: s.key_file.clone(),
-            cert: served_cert,
+            cert: bound.served_cert,
         },
         hangups,
-        metrics,
+        metrics: bound.metrics,
         exports: exports.iter().map(|e| (e.name.clone(), e.size)).collect(),
         backend: backend.clone(),
         nbd_placement: nbd_threads.as_ref().map(|t| t.placement()),
@@ -189,8 +188,8 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     // back to a woken `block_on` future (an `epoll_wait` between each
     // request's read and its handling).
     let serving = tokio::spawn(Server::run_engines(
-        listener,
-        security,
+        bound.listener,
+        bound.security,
         engines,
         engine_spawner,
         backend,

@@ -640,28 +640,18 @@ mod tls {
             .expect_err("client1 refused under the new CA, resumption or not");
         // The server's alert: the certificate does not verify.
         assert!(err.to_string().contains("alert"), "{err}");
-        let two = connect(
-            addr.to_string(),
-            trusting(&sc, Some((&c2, &k2))),
-            b"test key",
-            wait,
-        )
-        .await
-        .unwrap();
+        let client2 = || {
+            let security = trusting(&sc, Some((&c2, &k2)));
+            connect(addr.to_string(), security, b"test key", wait)
+        };
+        let two = client2().await.unwrap();
         two.io(IoRequest::read(0, 4096)).await.unwrap();
 
         // A CA file that does not parse changes nothing.
         std::fs::write(&ca, "not a certificate\n").unwrap();
         let err = served.reload().unwrap_err();
         assert!(err.contains("client-ca.pem"), "{err}");
-        connect(
-            addr.to_string(),
-            trusting(&sc, Some((&c2, &k2))),
-            b"test key",
-            wait,
-        )
-        .await
-        .unwrap();
+        client2().await.unwrap();
     }
 }
 

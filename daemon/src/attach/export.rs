@@ -1,7 +1,7 @@
 //! `braid attach` of one export: its session, served locally, with a
 //! control socket for status, detach, runtime tuning and reload.
 
-use super::faces::{notify_attached, FaceSettings, Faces};
+use super::faces::{FaceSettings, Faces};
 use super::target::{Sink, VolumeTarget};
 use super::AttachArgs;
 use crate::client_args::ClientArgs;
@@ -111,16 +111,14 @@ pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
         export: export.clone(),
         block_device: block_device.clone(),
     };
-    let control_socket = crate::control::serve(control, move |command| controls.answer(command));
-    notify_attached(&export, &block_device);
+    let answer = move |command: &str| controls.answer(command);
     // NBD clients' and the block device's in-flight requests finish
     // first, then the session ends.
-    faces.serve_until_detached(&detach).await;
+    faces
+        .serve_until_detached(&export, control, answer, &detach)
+        .await;
     crate::client_args::print_channels(&client);
     client.close().await;
-    if let Some(socket) = control_socket {
-        socket.remove();
-    }
     println!("braid attach: detached");
     Ok(())
 }

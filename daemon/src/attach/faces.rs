@@ -2,9 +2,9 @@
 //! unix sockets or TCP, and a ublk block device; and how they are
 //! drained when it detaches.
 
-use crate::control::OwnedSocket;
+use crate::control::{Answer, OwnedSocket};
 use braid_frontend_nbd::{NbdConfig, NbdExport, Target};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -26,7 +26,8 @@ pub(super) struct Faces {
     pub(super) device: Option<braid_frontend_ublk::Device>,
     listeners: Vec<JoinHandle<()>>,
     stop: watch::Sender<bool>,
-    /// The NBD unix sockets, removed once detached.
+    /// The NBD unix sockets and the control socket, removed once
+    /// detached.
     sockets: Vec<OwnedSocket>,
     /// Installed before anything is served: SIGTERM's default would end
     /// the process with IO in flight.
@@ -99,10 +100,20 @@ impl Faces {
         }
     }
 
-    /// Waits for SIGTERM, ^C or `braid detach` (`detach` notified), then
-    /// stops the NBD listeners and waits for their in-flight requests,
-    /// and removes the block device once the kernel's are done.
-    pub(super) async fn serve_until_detached(mut self, detach: &Notify) {
+    /// Answers the control socket at `control` with `answer`, tells
+    /// systemd the volume `name` is attached, and waits for SIGTERM, ^C
+    /// or `braid detach` (`detach` notified). Then the NBD listeners stop
+    /// and their in-flight requests finish, the block device goes once
+    /// the kernel's are done, and so do the sockets.
+    pub(super) async fn serve_until_detached(
+        mut self,
+        name: &str,
+        control: PathBuf,
+        answer: impl Fn(&str) -> Answer + Send + Sync + 'static,
+        detach: &Notify,
+    ) {
+        self.sockets.extend(crate::control::serve(control, answer));
+        notify_attached(name, &self.block_device());
         tokio::select! {
             _ = self.term.recv() => tracing::info!("SIGTERM: detaching"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: detaching"),
@@ -121,7 +132,7 @@ impl Faces {
 }
 
 /// READY=1 for systemd, naming what the volume is served as.
-pub(super) fn notify_attached(name: &str, block_device: &Option<String>) {
+fn notify_attached(name: &str, block_device: &Option<String>) {
     crate::systemd::ready(&match block_device {
         Some(path) => format!("volume {name} attached as {path}"),
         None => format!("volume {name} attached over NBD"),

@@ -2,7 +2,7 @@
 //! over them, served locally, with a control socket that also suspends,
 //! resumes and migrates legs.
 
-use super::faces::{notify_attached, FaceSettings, Faces};
+use super::faces::{FaceSettings, Faces};
 use super::legs::{connect_legs, leg_args};
 use super::target::{Sink, VolumeTarget};
 use super::AttachArgs;
@@ -122,13 +122,11 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
         path: path.clone(),
         legs: leg_clients,
     };
-    let control_socket = crate::control::serve(control, move |command| controls.answer(command));
-    notify_attached(&file.name, &block_device);
-    faces.serve_until_detached(&detach).await;
+    let answer = move |command: &str| controls.answer(command);
+    faces
+        .serve_until_detached(&file.name, control, answer, &detach)
+        .await;
     volume.close().await;
-    if let Some(socket) = control_socket {
-        socket.remove();
-    }
     println!("braid attach: volume detached");
     Ok(())
 }
