@@ -553,6 +553,11 @@ pub(crate) struct MetricsListener(std::net::TcpListener);
 
 impl MetricsListener {
     /// Binds `addr` (`HOST:PORT`).
+    /// The listener `--metrics` asks for, if it does.
+    pub(crate) fn bind_if_asked(addr: Option<&str>) -> Result<Option<Self>, String> {
+        addr.map(Self::bind).transpose()
+    }
+
     pub(crate) fn bind(addr: &str) -> Result<Self, String> {
         let listener = std::net::TcpListener::bind(addr).map_err(|e| {
             format!("--metrics {addr}: {e} (expected HOST:PORT, e.g. 127.0.0.1:9410)")

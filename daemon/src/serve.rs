@@ -237,11 +237,7 @@ impl Bound {
             s.rdma_channels,
         )?;
         crate::control::ensure_unused(&s.control)?;
-        let metrics = s
-            .metrics
-            .as_deref()
-            .map(crate::metrics::MetricsListener::bind)
-            .transpose()?;
+        let metrics = crate::metrics::MetricsListener::bind_if_asked(s.metrics.as_deref())?;
         let (security, tls_hint, served_cert) = server_security(
             s.tls,
             s.tls_cert_and_key.clone(),

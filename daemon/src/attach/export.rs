@@ -23,11 +23,7 @@ pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
     // first one's sockets over.
     crate::control::ensure_unused(&control)?;
     crate::ublk::preflight(&args.ublk)?;
-    let metrics = args
-        .metrics
-        .as_deref()
-        .map(crate::metrics::MetricsListener::bind)
-        .transpose()?;
+    let metrics = crate::metrics::MetricsListener::bind_if_asked(args.metrics.as_deref())?;
     let client = args.client.connect().await?;
     let info = client.info();
     let nbd = if args.nbd.is_empty() && !args.ublk.wanted() {

@@ -35,11 +35,7 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
     let run = claim_run(&*store, &file.name, &data_dir)?;
     args.client.identity = Some(run);
     crate::ublk::preflight(&args.ublk)?;
-    let metrics = args
-        .metrics
-        .as_deref()
-        .map(crate::metrics::MetricsListener::bind)
-        .transpose()?;
+    let metrics = crate::metrics::MetricsListener::bind_if_asked(args.metrics.as_deref())?;
     let (map, clients, max_payload) = connect_legs(&file, &path, &args.client).await?;
     let leg_clients: crate::reload::LegClients =
         Arc::new(std::sync::Mutex::new(crate::reload::Legs {
