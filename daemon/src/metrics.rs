@@ -141,6 +141,8 @@ struct ServerMetrics {
     exports: Vec<(String, u64)>,
     backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
     nbd: Option<braid_frontend_nbd::Placement>,
+    /// The TLS certificate served, reread on reload.
+    cert: Option<Arc<braid_fabric_tcp::tls::ServerCert>>,
 }
 
 impl std::fmt::Debug for ServerMetrics {
@@ -213,6 +215,13 @@ impl Collector for ServerMetrics {
             None,
             &sessions,
         )?;
+        if let Some(not_after) = self.cert.as_ref().and_then(|c| c.not_after()) {
+            out.gauge(
+                "braid_server_tls_cert_not_after",
+                "When the TLS certificate served stops being valid, in seconds since the Unix epoch (alert well before it).",
+                not_after,
+            )?;
+        }
         out.gauge("braid_server_sessions", "Live sessions.", s.sessions as i64)?;
         out.gauge(
             "braid_server_connections",
@@ -583,12 +592,14 @@ impl MetricsListener {
         exports: Vec<(String, u64)>,
         backend: Arc<crate::busy_poll::Polled<braid_backend_file::FileBackend>>,
         nbd: Option<braid_frontend_nbd::Placement>,
+        cert: Option<Arc<braid_fabric_tcp::tls::ServerCert>>,
     ) {
         self.spawn(registry(ServerMetrics {
             server,
             exports,
             backend,
             nbd,
+            cert,
         }));
     }
 

@@ -405,6 +405,7 @@ impl Started {
                 self.exports.clone(),
                 self.backend.clone(),
                 self.nbd_placement.clone(),
+                self.files.cert.clone(),
             );
         }
         crate::systemd::ready(&format!(

@@ -22,7 +22,9 @@ pub(crate) fn serve_control(
     // replaces a stale one).
     let _ = crate::control::serve(path, move |command| {
         if command == "status" {
-            return now(document(&server, &exports, &backend.0, nbd.as_ref()));
+            let mut doc = document(&server, &exports, &backend.0, nbd.as_ref());
+            doc["tls_cert_not_after"] = reread.cert.as_ref().and_then(|c| c.not_after()).into();
+            return now(doc);
         }
         if command == "reload" {
             let (server, reread) = (server.clone(), reread.clone());
@@ -154,6 +156,12 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         .filter_map(|k| k.as_str())
         .collect();
     println!("  keys held: {}", keys.join(", "));
+    if let Some(not_after) = v["tls_cert_not_after"].as_i64() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        println!("  TLS certificate: {}", expiry(not_after, now));
+    }
     let rows = [
         ("sessions", "sessions"),
         ("connections (channels)", "connections"),
@@ -236,4 +244,31 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// How far off a certificate's `not_after` is, both seconds since the
+/// epoch: "expires in 12 days", or "EXPIRED 3 days ago".
+fn expiry(not_after: i64, now: i64) -> String {
+    const DAY: i64 = 86_400;
+    if not_after <= now {
+        return format!("EXPIRED {} days ago", (now - not_after) / DAY);
+    }
+    match (not_after - now) / DAY {
+        0 => format!("expires in {} hours", (not_after - now) / 3600),
+        days => format!("expires in {days} days"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_certificate_expiry_reads_as_days_or_hours() {
+        let now = 1_800_000_000;
+        assert_eq!(
+            super::expiry(now + 30 * 86_400 + 5, now),
+            "expires in 30 days"
+        );
+        assert_eq!(super::expiry(now + 7_200, now), "expires in 2 hours");
+        assert_eq!(super::expiry(now - 3 * 86_400, now), "EXPIRED 3 days ago");
+    }
 }

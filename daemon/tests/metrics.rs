@@ -198,3 +198,35 @@ fn a_server_under_load_and_an_attached_volume_are_scraped_and_parsed() {
     let (status, _, _) = get(client_metrics, "/nothing");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 }
+
+#[test]
+fn a_tls_server_says_when_its_certificate_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (port, metrics) = (free_port(), free_port());
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let _server = serve(d, port, "16M", &["--tls", "--metrics", &metrics_addr]);
+    let control = d.join("control.sock");
+    wait_for(&control);
+    // The certificate braid makes for itself is valid until 4096-01-01.
+    const NOT_AFTER: i64 = 67_090_118_400;
+    let scraped = scrape(metrics);
+    assert_eq!(
+        value(&scraped, "braid_server_tls_cert_not_after", &[]),
+        NOT_AFTER as f64
+    );
+    assert_eq!(
+        common::status(&control)["tls_cert_not_after"].as_i64(),
+        Some(NOT_AFTER)
+    );
+    let out = Command::new(BRAID)
+        .args(["status", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("TLS certificate: expires in 7"),
+        "some 7xx,xxx days from now: {text}"
+    );
+}

@@ -24,6 +24,8 @@ pub mod fabric;
 #[cfg(feature = "tls")]
 mod movable;
 
+#[cfg(feature = "tls")]
+mod cert_dates;
 pub mod client;
 pub mod server;
 #[cfg(feature = "tls")]

@@ -143,6 +143,13 @@ impl ServerCert {
         &self.cert
     }
 
+    /// When the certificate served now stops being valid, in seconds
+    /// since the Unix epoch (`None` if its DER cannot be read).
+    pub fn not_after(&self) -> Option<i64> {
+        let current = self.current.read().unwrap().clone();
+        crate::cert_dates::not_after(current.cert.first()?)
+    }
+
     /// The client CA file it reads, if client certificates are required.
     pub fn client_ca_path(&self) -> Option<&Path> {
         self.client_ca.as_ref().map(|ca| ca.path.as_path())
