@@ -86,6 +86,94 @@ pub(crate) async fn negotiate(
     fast_zero: bool,
     shutting_down: &(dyn Fn() -> bool + Sync),
 ) -> io::Result<Option<Negotiated>> {
+    let client = greet(&mut s).await?;
+    let mut st = State::default();
+    loop {
+        let (option, data) = read_option(&mut s).await?;
+        let tls_required = config.tls_required && !st.tls;
+        match option {
+            OPT_EXPORT_NAME => {
+                // No way to report an error: "the server MUST terminate
+                // the session" (unknown export, or TLS required but not
+                // started).
+                if tls_required {
+                    return Err(protocol_error(
+                        "EXPORT_NAME before STARTTLS on a TLS-only server",
+                    ));
+                }
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(e) = find(&config.exports, &name) else {
+                    return Err(protocol_error(format!(
+                        "EXPORT_NAME for unknown export {name:?}"
+                    )));
+                };
+                let mut b = BytesMut::new();
+                b.put_u64(e.size);
+                b.put_u16(transmission_flags(e, st.structured, fast_zero));
+                if !client.no_zeroes {
+                    b.put_bytes(0, 124);
+                }
+                s.write_all(&b).await?;
+                return Ok(Some(st.chosen(s, e)));
+            }
+            OPT_ABORT => {
+                // "The server MUST reply with NBD_REP_ACK"; the client may
+                // already be gone, which is fine.
+                let _ = reply(&mut s, option, REP_ACK, &[]).await;
+                let _ = s.shutdown().await;
+                return Ok(None);
+            }
+            // "SHOULD error further options (other than ABORT) with
+            // NBD_REP_ERR_SHUTDOWN".
+            _ if shutting_down() => {
+                reply(&mut s, option, REP_ERR_SHUTDOWN, b"server shutting down").await?;
+            }
+            OPT_STARTTLS => {
+                s = match starttls(s, option, &data, config, client.fixed, &mut st).await? {
+                    Some(upgraded) => upgraded,
+                    None => return Ok(None),
+                };
+            }
+            // FORCEDTLS: "it MUST reply with NBD_REP_ERR_TLS_REQD".
+            _ if tls_required => {
+                reply(&mut s, option, REP_ERR_TLS_REQD, b"start TLS first").await?;
+            }
+            OPT_LIST => list(&mut s, &data, config).await?,
+            OPT_INFO | OPT_GO => {
+                let Some(e) = info(&mut s, option, &data, config, &st, fast_zero).await? else {
+                    continue;
+                };
+                if option == OPT_GO {
+                    return Ok(Some(st.chosen(s, e)));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    let why = b"STRUCTURED_REPLY takes no data";
+                    reply(&mut s, option, REP_ERR_INVALID, why).await?;
+                    continue;
+                }
+                st.structured = true;
+                reply(&mut s, option, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(&mut s, option, &data, config, &mut st).await?;
+            }
+            // "the server MUST reply with NBD_REP_ERR_UNSUP" and haggling
+            // goes on.
+            _ => reply(&mut s, option, REP_ERR_UNSUP, b"option not supported").await?,
+        }
+    }
+}
+
+/// What the client's flags asked for.
+struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// The server's greeting, and the client's flags back.
+async fn greet(s: &mut BoxStream) -> io::Result<ClientFlags> {
     let mut hello = BytesMut::with_capacity(18);
     hello.put_u64(NBDMAGIC);
     hello.put_u64(IHAVEOPT);
@@ -99,157 +187,93 @@ pub(crate) async fn negotiate(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let fixed = client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0;
-    let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
-    let mut st = State::default();
-    loop {
-        if s.read_u64().await? != IHAVEOPT {
-            return Err(protocol_error("option without IHAVEOPT"));
-        }
-        let option = s.read_u32().await?;
-        let len = s.read_u32().await?;
-        if len > OPT_LEN_MAX {
-            // A denial-of-service attempt: the spec allows a hard disconnect.
-            return Err(protocol_error(format!("option {option} of {len} bytes")));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data).await?;
-        let tls_required = config.tls_required && !st.tls;
-        if option == OPT_EXPORT_NAME {
-            // No way to report an error: "the server MUST terminate the
-            // session" (unknown export, or TLS required but not started).
-            if tls_required {
-                return Err(protocol_error(
-                    "EXPORT_NAME before STARTTLS on a TLS-only server",
-                ));
-            }
-            let name = String::from_utf8_lossy(&data).into_owned();
-            let Some(e) = find(&config.exports, &name) else {
-                return Err(protocol_error(format!(
-                    "EXPORT_NAME for unknown export {name:?}"
-                )));
-            };
-            let mut b = BytesMut::new();
-            b.put_u64(e.size);
-            b.put_u16(transmission_flags(e, st.structured, fast_zero));
-            if !no_zeroes {
-                b.put_bytes(0, 124);
-            }
-            s.write_all(&b).await?;
-            let block_status = st.structured && st.meta_for.as_ref() == Some(&e.name);
-            return Ok(Some(Negotiated {
-                stream: s,
-                export: e.clone(),
-                structured: st.structured,
-                block_status,
-            }));
-        }
-        if option == OPT_ABORT {
-            // "The server MUST reply with NBD_REP_ACK"; the client may
-            // already be gone, which is fine.
-            let _ = reply(&mut s, option, REP_ACK, &[]).await;
-            let _ = s.shutdown().await;
-            return Ok(None);
-        }
-        if shutting_down() {
-            // "SHOULD error further options (other than ABORT) with
-            // NBD_REP_ERR_SHUTDOWN".
-            reply(&mut s, option, REP_ERR_SHUTDOWN, b"server shutting down").await?;
-            continue;
-        }
-        if option == OPT_STARTTLS {
-            s = match starttls(s, option, &data, config, fixed, &mut st).await? {
-                Some(upgraded) => upgraded,
-                None => return Ok(None),
-            };
-            continue;
-        }
-        if tls_required {
-            // FORCEDTLS: "it MUST reply with NBD_REP_ERR_TLS_REQD".
-            reply(&mut s, option, REP_ERR_TLS_REQD, b"start TLS first").await?;
-            continue;
-        }
-        match option {
-            OPT_LIST => {
-                if !data.is_empty() {
-                    reply(&mut s, option, REP_ERR_INVALID, b"LIST takes no data").await?;
-                    continue;
-                }
-                for e in &config.exports {
-                    let mut d = BytesMut::new();
-                    d.put_u32(e.name.len() as u32);
-                    d.put_slice(e.name.as_bytes());
-                    reply(&mut s, option, REP_SERVER, &d).await?;
-                }
-                reply(&mut s, option, REP_ACK, &[]).await?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some((name, requests)) = parse_info_request(&data) else {
-                    reply(
-                        &mut s,
-                        option,
-                        REP_ERR_INVALID,
-                        b"malformed INFO/GO request",
-                    )
-                    .await?;
-                    continue;
-                };
-                let Some(e) = find(&config.exports, &name) else {
-                    let msg = format!("no export named {name:?}");
-                    reply(&mut s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
-                    continue;
-                };
-                let mut info = BytesMut::new();
-                info.put_u16(INFO_EXPORT);
-                info.put_u64(e.size);
-                info.put_u16(transmission_flags(e, st.structured, fast_zero));
-                reply(&mut s, option, REP_INFO, &info).await?;
-                if requests.contains(&INFO_NAME) {
-                    let mut d = BytesMut::new();
-                    d.put_u16(INFO_NAME);
-                    d.put_slice(e.name.as_bytes());
-                    reply(&mut s, option, REP_INFO, &d).await?;
-                }
-                // Sent whether asked for or not (the spec allows it); a
-                // client that ignores it gets EINVAL for what breaks it.
-                let mut bs = BytesMut::new();
-                bs.put_u16(INFO_BLOCK_SIZE);
-                bs.put_u32(e.block_min);
-                bs.put_u32(BLOCK_PREFERRED.max(e.block_min));
-                bs.put_u32(e.block_max);
-                reply(&mut s, option, REP_INFO, &bs).await?;
-                reply(&mut s, option, REP_ACK, &[]).await?;
-                if option == OPT_GO {
-                    // Contexts chosen for another export do not apply.
-                    let block_status = st.structured && st.meta_for.as_ref() == Some(&e.name);
-                    return Ok(Some(Negotiated {
-                        stream: s,
-                        export: e.clone(),
-                        structured: st.structured,
-                        block_status,
-                    }));
-                }
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    reply(
-                        &mut s,
-                        option,
-                        REP_ERR_INVALID,
-                        b"STRUCTURED_REPLY takes no data",
-                    )
-                    .await?;
-                    continue;
-                }
-                st.structured = true;
-                reply(&mut s, option, REP_ACK, &[]).await?;
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(&mut s, option, &data, config, &mut st).await?;
-            }
-            // "the server MUST reply with NBD_REP_ERR_UNSUP" and haggling
-            // goes on.
-            _ => reply(&mut s, option, REP_ERR_UNSUP, b"option not supported").await?,
+    Ok(ClientFlags {
+        fixed: client_flags & u32::from(FLAG_FIXED_NEWSTYLE) != 0,
+        no_zeroes: client_flags & u32::from(FLAG_NO_ZEROES) != 0,
+    })
+}
+
+/// The next option: its number and data.
+async fn read_option(s: &mut BoxStream) -> io::Result<(u32, Vec<u8>)> {
+    if s.read_u64().await? != IHAVEOPT {
+        return Err(protocol_error("option without IHAVEOPT"));
+    }
+    let option = s.read_u32().await?;
+    let len = s.read_u32().await?;
+    if len > OPT_LEN_MAX {
+        // A denial-of-service attempt: the spec allows a hard disconnect.
+        return Err(protocol_error(format!("option {option} of {len} bytes")));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data).await?;
+    Ok((option, data))
+}
+
+/// LIST: every export's name.
+async fn list(s: &mut BoxStream, data: &[u8], config: &NbdConfig) -> io::Result<()> {
+    if !data.is_empty() {
+        return reply(s, OPT_LIST, REP_ERR_INVALID, b"LIST takes no data").await;
+    }
+    for e in &config.exports {
+        let mut d = BytesMut::new();
+        d.put_u32(e.name.len() as u32);
+        d.put_slice(e.name.as_bytes());
+        reply(s, OPT_LIST, REP_SERVER, &d).await?;
+    }
+    reply(s, OPT_LIST, REP_ACK, &[]).await
+}
+
+/// INFO or GO: the export's size, flags, name if asked, and block sizes;
+/// the export, if the request named one.
+async fn info<'a>(
+    s: &mut BoxStream,
+    option: u32,
+    data: &[u8],
+    config: &'a NbdConfig,
+    st: &State,
+    fast_zero: bool,
+) -> io::Result<Option<&'a NbdExport>> {
+    let Some((name, requests)) = parse_info_request(data) else {
+        reply(s, option, REP_ERR_INVALID, b"malformed INFO/GO request").await?;
+        return Ok(None);
+    };
+    let Some(e) = find(&config.exports, &name) else {
+        let msg = format!("no export named {name:?}");
+        reply(s, option, REP_ERR_UNKNOWN, msg.as_bytes()).await?;
+        return Ok(None);
+    };
+    let mut info = BytesMut::new();
+    info.put_u16(INFO_EXPORT);
+    info.put_u64(e.size);
+    info.put_u16(transmission_flags(e, st.structured, fast_zero));
+    reply(s, option, REP_INFO, &info).await?;
+    if requests.contains(&INFO_NAME) {
+        let mut d = BytesMut::new();
+        d.put_u16(INFO_NAME);
+        d.put_slice(e.name.as_bytes());
+        reply(s, option, REP_INFO, &d).await?;
+    }
+    // Sent whether asked for or not (the spec allows it); a client that
+    // ignores it gets EINVAL for what breaks it.
+    let mut bs = BytesMut::new();
+    bs.put_u16(INFO_BLOCK_SIZE);
+    bs.put_u32(e.block_min);
+    bs.put_u32(BLOCK_PREFERRED.max(e.block_min));
+    bs.put_u32(e.block_max);
+    reply(s, option, REP_INFO, &bs).await?;
+    reply(s, option, REP_ACK, &[]).await?;
+    Ok(Some(e))
+}
+
+impl State {
+    /// Transmission on export `e` with what was agreed: metadata contexts
+    /// chosen for another export do not apply.
+    fn chosen(&self, stream: BoxStream, e: &NbdExport) -> Negotiated {
+        Negotiated {
+            stream,
+            export: e.clone(),
+            structured: self.structured,
+            block_status: self.structured && self.meta_for.as_ref() == Some(&e.name),
         }
     }
 }

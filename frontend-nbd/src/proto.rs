@@ -27,6 +27,7 @@ pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
 pub(crate) const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub(crate) const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub(crate) const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
