@@ -26,24 +26,7 @@ mod sweep {
     use std::time::{Duration, Instant};
 
     pub(crate) fn main() -> i32 {
-        // The drivers' own logs (leg states, resyncs, migrations), in
-        // order with the checker's trace; a polling task would change the
-        // schedule being traced.
-        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-            let detail = std::env::var("BRAID_TRACE_VOLUME").is_ok_and(|v| v == "trace");
-            use tracing_subscriber::filter::LevelFilter;
-            tracing_subscriber::fmt()
-                .with_max_level(if detail {
-                    LevelFilter::TRACE
-                } else {
-                    LevelFilter::INFO
-                })
-                .with_writer(std::io::stderr)
-                .without_time()
-                .with_ansi(false)
-                .with_target(false)
-                .init();
-        }
+        init_tracing();
         let args = match SweepArgs::parse(Level::Madsim, std::env::args().skip(1)) {
             Ok(SweepCommand::Run(a)) => a,
             Ok(SweepCommand::Print(text)) => {
@@ -55,56 +38,92 @@ mod sweep {
                 return 2;
             }
         };
-        let SweepArgs {
-            jobs,
-            determinism,
-            expect_violation,
-            virtual_secs: secs,
-            engines,
-            ..
-        } = args;
-        let sabotage = args.sabotage.clone();
         // A panicking run is reported with its seed in the summary; the
         // default hook's backtrace per run would bury it.
         std::panic::set_hook(Box::new(|_| {}));
         let runs = args.runs();
         println!("{} (real fabric-tcp drivers)", args.banner());
         let started = Instant::now();
-        let mut failures: Vec<(usize, Report, Vec<String>)> = Vec::new();
-        let mut totals = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut revoked = 0u64;
-        let mut volume_totals = (0u64, 0u64, 0u64);
-        let mut expected_errors = (0u64, 0u64);
-        let mut faults: BTreeMap<Fault, u64> = BTreeMap::new();
-        let mut longest = Duration::ZERO;
+        let (totals, mut failures) = run_all(&args, &runs, started);
+        failures.sort_by_key(|f| f.0);
+        println!();
+        let wall = started.elapsed().as_secs_f64();
+        let each = if args.determinism { 2.0 } else { 1.0 };
+        totals.print();
+        println!(
+            "speed                    {:.1} simulated s per wall s, {:.0} runs/min",
+            runs.len() as f64 * args.virtual_secs * each / wall,
+            runs.len() as f64 * 60.0 / wall
+        );
+        println!("violations               {}", failures.len());
+        for (_, r, problems) in &failures {
+            println!("\nFAILED scenario {} seed {}:", r.scenario.name(), r.seed);
+            for p in problems
+                .iter()
+                .take(if args.expect_violation { 2 } else { 5 })
+            {
+                println!("  {p}");
+            }
+            println!("  replay: {}", args.replay(r.scenario, r.seed));
+        }
+        if args.expect_violation {
+            // Teeth: with a safety mechanism off, the sweep must notice.
+            let sabotage = &args.sabotage;
+            if failures.is_empty() {
+                println!("expected a violation with {sabotage:?} switched off, found none");
+                return 1;
+            }
+            println!("as expected, switching off {sabotage:?} was caught");
+            return 0;
+        }
+        i32::from(!failures.is_empty())
+    }
+
+    /// The drivers' own logs (leg states, resyncs, migrations) with
+    /// BRAID_TRACE_VOLUME set, in order with the checker's trace; a
+    /// polling task would change the schedule being traced.
+    fn init_tracing() {
+        let Some(level) = std::env::var_os("BRAID_TRACE_VOLUME") else {
+            return;
+        };
+        use tracing_subscriber::filter::LevelFilter;
+        tracing_subscriber::fmt()
+            .with_max_level(if level == "trace" {
+                LevelFilter::TRACE
+            } else {
+                LevelFilter::INFO
+            })
+            .with_writer(std::io::stderr)
+            .without_time()
+            .with_ansi(false)
+            .with_target(false)
+            .init();
+    }
+
+    /// A run's index, its report, and what was wrong with it.
+    type Failure = (usize, Report, Vec<String>);
+
+    /// Every run on `args.jobs` threads, with a progress bar: what they
+    /// did together, and the runs that failed.
+    fn run_all(
+        args: &SweepArgs,
+        runs: &[(Scenario, u64)],
+        started: Instant,
+    ) -> (Totals, Vec<Failure>) {
+        let mut totals = Totals::default();
+        let mut failures = Vec::new();
         let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Report, Vec<String>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Failure>();
         std::thread::scope(|scope| {
-            for _ in 0..jobs {
-                let (tx, next, runs, sabotage) = (tx.clone(), &next, &runs, &sabotage);
+            for _ in 0..args.jobs {
+                let (tx, next) = (tx.clone(), &next);
                 scope.spawn(move || loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&(scenario, seed)) = runs.get(i) else {
                         break;
                     };
-                    let report = catch(scenario, seed, secs, sabotage, engines);
-                    let mut problems = report.violations.clone();
-                    if determinism && problems.is_empty() {
-                        let again = catch(scenario, seed, secs, sabotage, engines);
-                        if (again.trace_hash, again.ios) != (report.trace_hash, report.ios) {
-                            problems.push(format!(
-                                "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs; {}",
-                                report.trace_hash,
-                                report.ios,
-                                again.trace_hash,
-                                again.ios,
-                                first_divergence(&report, &again).unwrap_or_else(|| {
-                                    "the steps agree (only totals differ)".into()
-                                })
-                            ));
-                        }
-                    }
+                    let (report, problems) = run_one(args, scenario, seed);
                     if tx.send((i, report, problems)).is_err() {
                         break;
                     }
@@ -112,22 +131,7 @@ mod sweep {
             }
             drop(tx);
             for (done, (i, report, problems)) in rx.iter().enumerate() {
-                totals.0 += report.ios;
-                expected_errors.0 += report.media_errors;
-                expected_errors.1 += report.no_space_errors;
-                totals.1 += report.resends;
-                totals.2 += report.failovers;
-                totals.3 += report.duplicates_dropped;
-                totals.4 += report.session_resets;
-                totals.5 += report.replayed_extents;
-                revoked += report.channels_revoked;
-                volume_totals.0 += report.legs_left;
-                volume_totals.1 += report.regions_resynced;
-                volume_totals.2 += report.migrations;
-                longest = longest.max(report.longest_io);
-                for (k, v) in &report.faults {
-                    *faults.entry(*k).or_insert(0) += v;
-                }
+                totals.add(&report);
                 if !problems.is_empty() {
                     failures.push((i, report, problems));
                 }
@@ -151,55 +155,95 @@ mod sweep {
                 let _ = std::io::stdout().flush();
             }
         });
-        failures.sort_by_key(|f| f.0);
-        println!();
-        let wall = started.elapsed().as_secs_f64();
-        let virtual_total = runs.len() as f64 * secs * if determinism { 2.0 } else { 1.0 };
-        println!("IOs checked              {}", totals.0);
-        for (k, v) in &faults {
-            println!("fault: {k:<19} {v}");
-        }
-        println!(
-            "expected errors          {} media (bad blocks), {} no space (disk full)",
-            expected_errors.0, expected_errors.1
-        );
-        println!("requests resent          {}", totals.1);
-        println!("requests failed over     {}", totals.2);
-        println!("duplicates dropped       {}", totals.3);
-        println!("sessions replaced        {}", totals.4);
-        println!("extents replayed         {}", totals.5);
-        if revoked > 0 {
-            println!("channels closed, key withdrawn {revoked}");
-        }
-        if volume_totals != (0, 0, 0) {
-            println!("volume legs left behind  {}", volume_totals.0);
-            println!("volume regions resynced  {}", volume_totals.1);
-            println!("volume legs migrated     {}", volume_totals.2);
-        }
-        println!("slowest IO               {longest:?} (virtual)");
-        println!(
-            "speed                    {:.1} simulated s per wall s, {:.0} runs/min",
-            virtual_total / wall,
-            runs.len() as f64 * 60.0 / wall
-        );
-        println!("violations               {}", failures.len());
-        for (_, r, problems) in &failures {
-            println!("\nFAILED scenario {} seed {}:", r.scenario.name(), r.seed);
-            for p in problems.iter().take(if expect_violation { 2 } else { 5 }) {
-                println!("  {p}");
+        (totals, failures)
+    }
+
+    /// One run, and with `--check-determinism` a second to compare: its
+    /// report and what was wrong with it.
+    fn run_one(args: &SweepArgs, scenario: Scenario, seed: u64) -> (Report, Vec<String>) {
+        let (secs, sabotage, engines) = (args.virtual_secs, &args.sabotage, args.engines);
+        let report = catch(scenario, seed, secs, sabotage, engines);
+        let mut problems = report.violations.clone();
+        if args.determinism && problems.is_empty() {
+            let again = catch(scenario, seed, secs, sabotage, engines);
+            if (again.trace_hash, again.ios) != (report.trace_hash, report.ios) {
+                problems.push(format!(
+                    "nondeterminism: trace {:#x}/{} IOs, then {:#x}/{} IOs; {}",
+                    report.trace_hash,
+                    report.ios,
+                    again.trace_hash,
+                    again.ios,
+                    first_divergence(&report, &again)
+                        .unwrap_or_else(|| "the steps agree (only totals differ)".into())
+                ));
             }
-            println!("  replay: {}", args.replay(r.scenario, r.seed));
         }
-        if expect_violation {
-            // Teeth: with a safety mechanism off, the sweep must notice.
-            if failures.is_empty() {
-                println!("expected a violation with {sabotage:?} switched off, found none");
-                return 1;
+        (report, problems)
+    }
+
+    /// What every run of the sweep did together.
+    #[derive(Default)]
+    struct Totals {
+        ios: u64,
+        media_errors: u64,
+        no_space_errors: u64,
+        resends: u64,
+        failovers: u64,
+        duplicates_dropped: u64,
+        session_resets: u64,
+        replayed_extents: u64,
+        channels_revoked: u64,
+        legs_left: u64,
+        regions_resynced: u64,
+        migrations: u64,
+        longest_io: Duration,
+        faults: BTreeMap<Fault, u64>,
+    }
+
+    impl Totals {
+        fn add(&mut self, r: &Report) {
+            self.ios += r.ios;
+            self.media_errors += r.media_errors;
+            self.no_space_errors += r.no_space_errors;
+            self.resends += r.resends;
+            self.failovers += r.failovers;
+            self.duplicates_dropped += r.duplicates_dropped;
+            self.session_resets += r.session_resets;
+            self.replayed_extents += r.replayed_extents;
+            self.channels_revoked += r.channels_revoked;
+            self.legs_left += r.legs_left;
+            self.regions_resynced += r.regions_resynced;
+            self.migrations += r.migrations;
+            self.longest_io = self.longest_io.max(r.longest_io);
+            for (k, v) in &r.faults {
+                *self.faults.entry(*k).or_insert(0) += v;
             }
-            println!("as expected, switching off {sabotage:?} was caught");
-            return 0;
         }
-        i32::from(!failures.is_empty())
+
+        fn print(&self) {
+            println!("IOs checked              {}", self.ios);
+            for (k, v) in &self.faults {
+                println!("fault: {k:<19} {v}");
+            }
+            println!(
+                "expected errors          {} media (bad blocks), {} no space (disk full)",
+                self.media_errors, self.no_space_errors
+            );
+            println!("requests resent          {}", self.resends);
+            println!("requests failed over     {}", self.failovers);
+            println!("duplicates dropped       {}", self.duplicates_dropped);
+            println!("sessions replaced        {}", self.session_resets);
+            println!("extents replayed         {}", self.replayed_extents);
+            if self.channels_revoked > 0 {
+                println!("channels closed, key withdrawn {}", self.channels_revoked);
+            }
+            if (self.legs_left, self.regions_resynced, self.migrations) != (0, 0, 0) {
+                println!("volume legs left behind  {}", self.legs_left);
+                println!("volume regions resynced  {}", self.regions_resynced);
+                println!("volume legs migrated     {}", self.migrations);
+            }
+            println!("slowest IO               {:?} (virtual)", self.longest_io);
+        }
     }
 
     /// A run that panics (a deadlock hitting the time limit, a driver
