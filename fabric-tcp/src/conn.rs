@@ -437,6 +437,9 @@ where
 /// Starts the reader and writer of `stream`; returns the writer's queue,
 /// which refuses frames past `queue_limit` unsent bytes. Frames already in
 /// `frames`' buffer come first.
+// A plain TCP stream on a real kernel goes through `spawn_tcp`; only TLS,
+// madsim's streams and the tests come here.
+#[cfg(any(feature = "tls", madsim, test))]
 pub(crate) fn spawn<S, K>(
     stream: S,
     key: K,

@@ -138,6 +138,24 @@ fn ci() -> Result<(), String> {
     clippy.args(rdma_features()?);
     clippy.args(["--", "-D", "warnings"]);
     run("clippy", clippy)?;
+    // TLS is a default feature of these two; a build without it must still
+    // compile and lint clean, which the workspace build never tries.
+    let mut without_tls = cargo();
+    without_tls.args([
+        "clippy",
+        "-p",
+        "braid-fabric-tcp",
+        "-p",
+        "braid-frontend-nbd",
+        "--no-default-features",
+        "--all-targets",
+        "--profile",
+        CHECKED,
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run("clippy without TLS", without_tls)?;
     build_like_ci()?;
     check_fuzz_targets()?;
     test(&[])?;
