@@ -222,6 +222,13 @@ impl Collector for ServerMetrics {
                 not_after,
             )?;
         }
+        if let Some(not_after) = self.cert.as_ref().and_then(|c| c.client_ca_not_after()) {
+            out.gauge(
+                "braid_server_tls_client_ca_not_after",
+                "When the first certificate of the client CA expires, in seconds since the Unix epoch: client certificates chained to it stop passing then.",
+                not_after,
+            )?;
+        }
         out.gauge("braid_server_sessions", "Live sessions.", s.sessions as i64)?;
         out.gauge(
             "braid_server_connections",

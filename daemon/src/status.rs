@@ -23,7 +23,9 @@ pub(crate) fn serve_control(
     let _ = crate::control::serve(path, move |command| {
         if command == "status" {
             let mut doc = document(&server, &exports, &backend.0, nbd.as_ref());
-            doc["tls_cert_not_after"] = reread.cert.as_ref().and_then(|c| c.not_after()).into();
+            let cert = reread.cert.as_ref();
+            doc["tls_cert_not_after"] = cert.and_then(|c| c.not_after()).into();
+            doc["tls_client_ca_not_after"] = cert.and_then(|c| c.client_ca_not_after()).into();
             return now(doc);
         }
         if command == "reload" {
@@ -156,11 +158,14 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         .filter_map(|k| k.as_str())
         .collect();
     println!("  keys held: {}", keys.join(", "));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
     if let Some(not_after) = v["tls_cert_not_after"].as_i64() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
         println!("  TLS certificate: {}", expiry(not_after, now));
+    }
+    if let Some(not_after) = v["tls_client_ca_not_after"].as_i64() {
+        println!("  TLS client CA: {}", expiry(not_after, now));
     }
     let rows = [
         ("sessions", "sessions"),

@@ -205,28 +205,43 @@ fn a_tls_server_says_when_its_certificate_expires() {
     let d = dir.path();
     let (port, metrics) = (free_port(), free_port());
     let metrics_addr = format!("127.0.0.1:{metrics}");
-    let _server = serve(d, port, "16M", &["--tls", "--metrics", &metrics_addr]);
+    let (ca, ca_key) = (d.join("client-ca.pem"), d.join("client-ca-key.pem"));
+    braid_fabric_tcp::tls::generate_self_signed(&["client".into()], &ca, &ca_key).unwrap();
+    let ca_arg = ca.to_str().unwrap();
+    let flags = [
+        "--tls",
+        "--tls-client-ca",
+        ca_arg,
+        "--metrics",
+        &metrics_addr,
+    ];
+    let _server = serve(d, port, "16M", &flags);
     let control = d.join("control.sock");
     wait_for(&control);
-    // The certificate braid makes for itself is valid until 4096-01-01.
+    // The certificates braid makes are valid until 4096-01-01.
     const NOT_AFTER: i64 = 67_090_118_400;
     let scraped = scrape(metrics);
-    assert_eq!(
-        value(&scraped, "braid_server_tls_cert_not_after", &[]),
-        NOT_AFTER as f64
-    );
-    assert_eq!(
-        common::status(&control)["tls_cert_not_after"].as_i64(),
-        Some(NOT_AFTER)
-    );
+    let status = common::status(&control);
+    for (metric, field) in [
+        ("braid_server_tls_cert_not_after", "tls_cert_not_after"),
+        (
+            "braid_server_tls_client_ca_not_after",
+            "tls_client_ca_not_after",
+        ),
+    ] {
+        assert_eq!(value(&scraped, metric, &[]), NOT_AFTER as f64, "{metric}");
+        assert_eq!(status[field].as_i64(), Some(NOT_AFTER), "{field}");
+    }
     let out = Command::new(BRAID)
         .args(["status", "--control"])
         .arg(&control)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("TLS certificate: expires in 7"),
-        "some 7xx,xxx days from now: {text}"
-    );
+    for line in [
+        "TLS certificate: expires in 7",
+        "TLS client CA: expires in 7",
+    ] {
+        assert!(text.contains(line), "some 7xx,xxx days from now: {text}");
+    }
 }

@@ -34,8 +34,15 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 }
 
 fn roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    roots_of(certs(path)?, path)
+}
+
+fn roots_of(
+    certs: Vec<CertificateDer<'static>>,
+    path: &Path,
+) -> Result<rustls::RootCertStore, String> {
     let mut store = rustls::RootCertStore::empty();
-    for c in certs(path)? {
+    for c in certs {
         store
             .add(c)
             .map_err(|e| format!("CA {}: {e}", path.display()))?;
@@ -65,7 +72,7 @@ pub fn reloadable_acceptor(
         .map_err(|e| e.to_string())?;
     let client_ca = match client_ca {
         Some(path) => Some(Arc::new(ClientCa {
-            current: RwLock::new(client_verifier(path)?),
+            current: RwLock::new(CaNow::read(path)?),
             path: path.to_path_buf(),
         })),
         None => None,
@@ -102,10 +109,34 @@ fn certified_key(cert: &Path, key_path: &Path) -> Result<CertifiedKey, String> {
     })
 }
 
-fn client_verifier(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-        .build()
-        .map_err(|e| format!("client CA {}: {e}", ca.display()))
+/// What a client CA file holds now: the verifier built from it, and when
+/// the first of its certificates expires (client certificates chained to
+/// it stop passing then, however long they run themselves).
+#[derive(Debug)]
+struct CaNow {
+    verifier: Arc<dyn ClientCertVerifier>,
+    not_after: Option<i64>,
+}
+
+impl CaNow {
+    fn read(ca: &Path) -> Result<Self, String> {
+        let certs = certs(ca)?;
+        // `None` if any of them cannot be read: a date from the rest
+        // would claim more than is known.
+        let not_after = certs
+            .iter()
+            .map(|c| crate::cert_dates::not_after(c))
+            .collect::<Option<Vec<_>>>()
+            .and_then(|dates| dates.into_iter().min());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots_of(certs, ca)?), provider())
+                .build()
+                .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+        Ok(Self {
+            verifier,
+            not_after,
+        })
+    }
 }
 
 /// A server's certificate and key, and the CA its clients' certificates
@@ -127,13 +158,13 @@ impl ServerCert {
     /// does not match the certificate, nothing changes.
     pub fn reload(&self) -> Result<(), String> {
         let fresh = certified_key(&self.cert, &self.key)?;
-        let verifier = match &self.client_ca {
-            Some(ca) => Some(client_verifier(&ca.path)?),
+        let ca_now = match &self.client_ca {
+            Some(ca) => Some(CaNow::read(&ca.path)?),
             None => None,
         };
         *self.current.write().unwrap() = Arc::new(fresh);
-        if let (Some(ca), Some(verifier)) = (&self.client_ca, verifier) {
-            *ca.current.write().unwrap() = verifier;
+        if let (Some(ca), Some(ca_now)) = (&self.client_ca, ca_now) {
+            *ca.current.write().unwrap() = ca_now;
         }
         Ok(())
     }
@@ -154,6 +185,13 @@ impl ServerCert {
     pub fn client_ca_path(&self) -> Option<&Path> {
         self.client_ca.as_ref().map(|ca| ca.path.as_path())
     }
+
+    /// When the first certificate of the client CA held now expires, in
+    /// seconds since the Unix epoch (`None` without a client CA, or if a
+    /// certificate's DER cannot be read).
+    pub fn client_ca_not_after(&self) -> Option<i64> {
+        self.client_ca.as_ref()?.current.read().unwrap().not_after
+    }
 }
 
 impl rustls::server::ResolvesServerCert for ServerCert {
@@ -167,13 +205,13 @@ impl rustls::server::ResolvesServerCert for ServerCert {
 /// verifier current when it arrives.
 #[derive(Debug)]
 pub struct ClientCa {
-    current: RwLock<Arc<dyn ClientCertVerifier>>,
+    current: RwLock<CaNow>,
     path: PathBuf,
 }
 
 impl ClientCa {
     fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        self.current.read().unwrap().clone()
+        self.current.read().unwrap().verifier.clone()
     }
 }
 
@@ -267,4 +305,45 @@ pub fn generate_self_signed(
     k.write_all(ck.signing_key.serialize_pem().as_bytes())
         .map_err(|e| format!("{}: {e}", key_out.display()))?;
     std::fs::write(cert_out, ck.cert.pem()).map_err(|e| format!("{}: {e}", cert_out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate's PEM, valid until the given day.
+    fn pem_expiring(year: i32, month: u8, day: u8) -> String {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn the_client_ca_says_when_its_first_certificate_expires_and_follows_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, ca) = (
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("ca.pem"),
+        );
+        generate_self_signed(&["localhost".into()], &cert, &key).unwrap();
+        // Two CAs in one file: the earlier expiry is the one that bites.
+        let (in_2061, in_2031) = (pem_expiring(2061, 1, 1), pem_expiring(2031, 5, 17));
+        std::fs::write(&ca, format!("{in_2061}{in_2031}")).unwrap();
+        let (_, served) = reloadable_acceptor(&cert, &key, Some(&ca)).unwrap();
+        assert_eq!(served.client_ca_not_after(), Some(1_936_742_400));
+
+        std::fs::write(&ca, &in_2061).unwrap();
+        served.reload().unwrap();
+        assert_eq!(served.client_ca_not_after(), Some(2_871_763_200));
+
+        // A file that does not parse leaves the date with the CA in use.
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        served.reload().unwrap_err();
+        assert_eq!(served.client_ca_not_after(), Some(2_871_763_200));
+
+        let (_, without) = reloadable_acceptor(&cert, &key, None).unwrap();
+        assert_eq!(without.client_ca_not_after(), None);
+    }
 }
