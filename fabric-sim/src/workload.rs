@@ -35,6 +35,9 @@ pub(crate) struct Outcome {
     /// (virtual nanoseconds since the start, `trace`) after each IO, so
     /// two runs that differ can be compared step by step.
     pub steps: Vec<(u64, u64)>,
+    /// When each IO was answered (shared workers only), to tell what went
+    /// on during a fault elsewhere.
+    pub answered_at: Vec<tokio::time::Instant>,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -205,6 +208,9 @@ pub(crate) struct SharedPlan {
     pub next_io: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub seed: u64,
     pub until: tokio::time::Instant,
+    /// Whether it sends FLUSHes, which reach every leg of a volume: a
+    /// worker that should touch one leg only sends reads there instead.
+    pub flushes: bool,
 }
 
 /// The checker's findings as an outcome, each prefixed with `what`.
@@ -262,7 +268,8 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
             0..=39 => IoRequest::read(offset, len),
             40..=69 => IoRequest::write(offset, stamp(io_id, first, count), false),
             70..=77 => IoRequest::write(offset, stamp(io_id, first, count), true),
-            78..=85 => IoRequest::flush(),
+            78..=85 if plan.flushes => IoRequest::flush(),
+            78..=85 => IoRequest::read(offset, len),
             86..=92 => IoRequest::trim(offset, len),
             _ => IoRequest::write_zeroes(offset, len, rng.chance(0.3)),
         };
@@ -273,9 +280,13 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
             (rel, len)
         };
         plan.checker.lock().unwrap().submit(io_id, op, c_off, c_len);
+        let began = tokio::time::Instant::now();
         let result = Device::io(&client, io).await;
         out.ios += 1;
-        let since = tokio::time::Instant::now().duration_since(start).as_nanos() as u64;
+        let answered = tokio::time::Instant::now();
+        out.longest = out.longest.max(answered - began);
+        out.answered_at.push(answered);
+        let since = answered.duration_since(start).as_nanos() as u64;
         out.trace = mix(mix(out.trace, since), roll ^ (first << 8) ^ (count << 40));
         out.steps.push((since, out.trace));
         let mut checker = plan.checker.lock().unwrap();

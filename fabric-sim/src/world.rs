@@ -30,7 +30,7 @@ const PORT: u16 = 7410;
 const SERVER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
 /// An IO slower than this is a liveness violation (braid's default IO
 /// timeout is infinite, so nothing else would notice).
-const STALL_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const STALL_LIMIT: Duration = Duration::from_secs(30);
 /// A dirty window of a few writes: the workers' writes outrun their
 /// flushes, so the driver holds refused IO and waits for Room (with the
 /// 64 MiB default it never would).
@@ -84,6 +84,9 @@ pub struct Report {
     pub regions_resynced: u64,
     /// Volume legs migrated to a new server.
     pub migrations: u64,
+    /// Times a stripe leg's own IO was checked to go on while another
+    /// leg was down (the stripe scenario).
+    pub isolation_checks: u64,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
     /// Channels the server closed when the client's key was withdrawn.
@@ -141,6 +144,7 @@ impl Report {
             legs_left: 0,
             regions_resynced: 0,
             migrations: 0,
+            isolation_checks: 0,
             replayed_extents: 0,
             channels_revoked: 0,
             longest_io: Duration::ZERO,
@@ -519,6 +523,7 @@ async fn run_client(
                         next_io: next_io.clone(),
                         seed,
                         until,
+                        flushes: true,
                     };
                     tokio::spawn(shared_worker(client.clone(), plan))
                 })
@@ -550,6 +555,7 @@ impl Report {
                 longest,
                 trace,
                 steps,
+                answered_at: _,
             } = o;
             self.steps.push(steps);
             self.ios += ios;

@@ -78,7 +78,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::Migrate
         | Scenario::MirrorErrors
         | Scenario::MirrorRestart
-        | Scenario::MirrorQuorum => return None,
+        | Scenario::MirrorQuorum
+        | Scenario::Stripe => return None,
     }
     Some(c)
 }

@@ -80,9 +80,10 @@ impl Sabotage {
         }
     }
 
-    /// Whether only a volume exercises the mechanism: its own, or
-    /// fencing, which needs the owner and epoch only a volume's runs send.
-    pub fn needs_a_volume(self) -> bool {
+    /// Whether only a mirrored volume exercises the mechanism: its own,
+    /// or fencing, which needs the owner and epoch only a volume's runs
+    /// send, and a run restarted (only mirrors are).
+    pub fn needs_a_mirror(self) -> bool {
         matches!(
             self,
             Sabotage::NoDirtyLog

@@ -122,18 +122,18 @@ impl SweepArgs {
         }
         // A mechanism no chosen scenario exercises would be switched off
         // in nothing, and the sweep would pass for the wrong reason.
-        if let Some(s) = a.sabotage.iter().find(|s| s.needs_a_volume()) {
-            if !a.scenarios.iter().any(|sc| sc.runs_a_volume()) {
-                let volumes: Vec<&str> = Scenario::ALL
+        if let Some(s) = a.sabotage.iter().find(|s| s.needs_a_mirror()) {
+            if !a.scenarios.iter().any(|sc| sc.runs_a_mirror()) {
+                let mirrors: Vec<&str> = Scenario::ALL
                     .into_iter()
-                    .filter(|sc| sc.runs_a_volume())
+                    .filter(|sc| sc.runs_a_mirror())
                     .map(|sc| sc.name())
                     .collect();
                 return Err(format!(
-                    "--sabotage {}: only a volume scenario exercises it ({}; `cargo xtask sim \
+                    "--sabotage {}: only a mirror scenario exercises it ({}; `cargo xtask sim \
                      --madsim`)",
                     s.name(),
-                    volumes.join(", ")
+                    mirrors.join(", ")
                 ));
             }
         }
@@ -296,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn a_volume_mechanism_is_switched_off_only_where_a_volume_runs() {
+    fn a_mirror_mechanism_is_switched_off_only_where_a_mirror_runs() {
         for name in [
             "no-fencing",
             "no-dirty-log",
@@ -304,12 +304,16 @@ mod tests {
             "no-fan-out",
         ] {
             let e = parse(Level::Engine, &format!("--scenario all --sabotage {name}")).unwrap_err();
-            assert!(e.contains("only a volume scenario"), "{name}: {e}");
-            let e = parse(
-                Level::Madsim,
-                &format!("--scenario crash --sabotage {name}"),
-            );
-            assert!(e.is_err(), "{name}");
+            assert!(e.contains("only a mirror scenario"), "{name}: {e}");
+            // A stripe runs a volume, but has no second copy to keep in
+            // step and no restart to fence.
+            for alone in ["crash", "stripe"] {
+                let e = parse(
+                    Level::Madsim,
+                    &format!("--scenario {alone} --sabotage {name}"),
+                );
+                assert!(e.is_err(), "{name} with {alone}");
+            }
             let ok = parse(
                 Level::Madsim,
                 &format!("--scenario crash,mirror-restart --sabotage {name}"),

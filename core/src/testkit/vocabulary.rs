@@ -84,6 +84,9 @@ pub enum Scenario {
     MirrorRestart,
     /// The restarting mirror, acknowledging writes at a quorum of two.
     MirrorQuorum,
+    /// A volume striped over three servers, each the only copy of its
+    /// chunks, faults on the legs.
+    Stripe,
     /// The client's key withdrawn from the server for a while, then given
     /// back, among crashes and partitions.
     KeyWithdrawn,
@@ -91,7 +94,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 23] = [
+    pub const ALL: [Scenario; 24] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -114,6 +117,7 @@ impl Scenario {
         Scenario::MirrorErrors,
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
+        Scenario::Stripe,
         Scenario::KeyWithdrawn,
     ];
 
@@ -142,6 +146,7 @@ impl Scenario {
             Scenario::MirrorErrors => "mirror-errors",
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
+            Scenario::Stripe => "stripe",
             Scenario::KeyWithdrawn => "key-withdrawn",
         }
     }
@@ -205,6 +210,11 @@ impl Scenario {
                  them: a leg left lagging must not serve the write, nor be trusted after \
                  the restart"
             }
+            Scenario::Stripe => {
+                "a volume striped over three server nodes, each the only copy of its chunks; \
+                 legs crash, lose power, are cut off, stall or fill, one alone first; IO to a \
+                 leg that is down waits for it, IO to the others goes on; reads checked"
+            }
             Scenario::KeyWithdrawn => {
                 "the operator withdraws the client's key (its channels close, reconnects are \
                  refused) for up to seconds, sometimes past the session linger, then gives it \
@@ -238,13 +248,20 @@ impl Scenario {
             | Scenario::Migrate
             | Scenario::MirrorErrors
             | Scenario::MirrorRestart
-            | Scenario::MirrorQuorum => MADSIM,
+            | Scenario::MirrorQuorum
+            | Scenario::Stripe => MADSIM,
         }
     }
 
     /// Whether it runs a volume (`braid attach --volume`'s driver) over
     /// several servers.
     pub fn runs_a_volume(self) -> bool {
+        self.runs_a_mirror() || self == Scenario::Stripe
+    }
+
+    /// Whether that volume is a mirror, restarted in some, so that its
+    /// dirty logs, in-sync gate, fan-out and fencing are exercised.
+    pub fn runs_a_mirror(self) -> bool {
         matches!(
             self,
             Scenario::Mirror

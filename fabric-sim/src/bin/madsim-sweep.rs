@@ -196,6 +196,7 @@ mod sweep {
         legs_left: u64,
         regions_resynced: u64,
         migrations: u64,
+        isolation_checks: u64,
         longest_io: Duration,
         faults: BTreeMap<Fault, u64>,
     }
@@ -214,6 +215,7 @@ mod sweep {
             self.legs_left += r.legs_left;
             self.regions_resynced += r.regions_resynced;
             self.migrations += r.migrations;
+            self.isolation_checks += r.isolation_checks;
             self.longest_io = self.longest_io.max(r.longest_io);
             for (k, v) in &r.faults {
                 *self.faults.entry(*k).or_insert(0) += v;
@@ -241,6 +243,12 @@ mod sweep {
                 println!("volume legs left behind  {}", self.legs_left);
                 println!("volume regions resynced  {}", self.regions_resynced);
                 println!("volume legs migrated     {}", self.migrations);
+            }
+            if self.isolation_checks > 0 {
+                println!(
+                    "legs' own IO going on while another leg was down: {} checked",
+                    self.isolation_checks
+                );
             }
             println!("slowest IO               {:?} (virtual)", self.longest_io);
         }
