@@ -2,6 +2,7 @@
 //! servers, one killed under IO and started again; the volume keeps
 //! serving, the returning leg is resynced, and both legs end identical.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -560,6 +561,53 @@ fn signal(server: &common::Killed, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill -{sig}");
+}
+
+#[test]
+fn a_stripe_answers_io_to_one_leg_while_the_other_legs_server_is_stopped() {
+    let rig = Rig::new();
+    let db = rig.path("b");
+    let (_a, b) = rig.serve_both();
+    let spec = rig.volume_file(r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#, "");
+    let (_attach, sock, _control) = rig.attach(1, &spec, &[]);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    const CHUNK: u32 = 64 << 10;
+    let (on_a, on_b) = (pattern(3, CHUNK as usize), pattern(4, CHUNK as usize));
+    signal(&b, "STOP");
+    // Chunk 1 lies on b, whose server cannot answer: that write waits ...
+    nbd.send(1, 1, u64::from(CHUNK), CHUNK, &on_b);
+    // ... and IO to chunk 0, on a, is answered meanwhile, out of order.
+    nbd.send(1, 2, 0, CHUNK, &on_a);
+    assert_eq!(nbd.reply(false, 0), (2, 0, Vec::new()), "the write to a");
+    nbd.send(0, 3, 0, CHUNK, &[]);
+    assert_eq!(
+        nbd.reply(true, CHUNK),
+        (3, 0, on_a.clone()),
+        "a read from a"
+    );
+    // b is stopped, so nothing can have answered the write to it.
+    nbd.0.set_nonblocking(true).unwrap();
+    let waiting = nbd.0.read(&mut [0u8; 1]).unwrap_err().kind();
+    assert_eq!(
+        waiting,
+        std::io::ErrorKind::WouldBlock,
+        "the write to b waits"
+    );
+    nbd.0.set_nonblocking(false).unwrap();
+    signal(&b, "CONT");
+    assert_eq!(
+        nbd.reply(false, 0),
+        (1, 0, Vec::new()),
+        "the write to b, once b runs"
+    );
+    let (e, back) = nbd.io(0, u64::from(CHUNK), CHUNK, &[]);
+    assert_eq!((e, back == on_b), (0, true));
+    assert_eq!(nbd.io(3, 0, 0, &[]).0, 0, "FLUSH");
+    let fb = std::fs::read(db.join("disk0.img")).unwrap();
+    assert!(
+        fb[..CHUNK as usize] == on_b[..],
+        "b holds chunk 1 at its start"
+    );
 }
 
 #[test]

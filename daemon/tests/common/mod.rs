@@ -214,27 +214,34 @@ impl Nbd {
 
     /// One request; returns (error, data).
     pub fn io(&mut self, cmd: u16, offset: u64, len: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        self.send(cmd, 7, offset, len, data);
+        let (handle, error, d) = self.reply(cmd == 0, len);
+        assert_eq!(handle, 7);
+        (error, d)
+    }
+
+    /// Sends one request under `handle` without waiting for its reply.
+    pub fn send(&mut self, cmd: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
         let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
         r.extend_from_slice(&0u16.to_be_bytes());
         r.extend_from_slice(&cmd.to_be_bytes());
-        r.extend_from_slice(&7u64.to_be_bytes());
+        r.extend_from_slice(&handle.to_be_bytes());
         r.extend_from_slice(&offset.to_be_bytes());
         r.extend_from_slice(&len.to_be_bytes());
         r.extend_from_slice(data);
         self.0.write_all(&r).unwrap();
+    }
+
+    /// The next simple reply: (handle, error, data), `len` bytes of data
+    /// if it answers a READ that succeeded.
+    pub fn reply(&mut self, read: bool, len: u32) -> (u64, u32, Vec<u8>) {
         let mut h = [0u8; 16];
         self.0.read_exact(&mut h).unwrap();
         let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let mut d = vec![
-            0;
-            if cmd == 0 && error == 0 {
-                len as usize
-            } else {
-                0
-            }
-        ];
+        let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut d = vec![0; if read && error == 0 { len as usize } else { 0 }];
         self.0.read_exact(&mut d).unwrap();
-        (error, d)
+        (handle, error, d)
     }
 }
 
