@@ -232,8 +232,23 @@ struct Resync {
     region: u64,
     /// (source leg, source offset, target offset, len, data once read).
     pieces: Vec<(usize, u64, u64, u64, Option<Bytes>)>,
+    /// The volume ranges (offset, len) the pieces copy: where the region
+    /// has a copy on the leg. Only mutations there wait for the copy. In
+    /// a stripe (of mirrors, or with a leg moving) the rest of the region
+    /// lies on other legs, whose IO must not wait for this leg's source.
+    spans: Vec<(u64, u64)>,
     left: usize,
     started: bool,
+}
+
+impl Resync {
+    /// Whether a mutation of `len` bytes at volume offset `offset` touches
+    /// what this copy writes.
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.spans
+            .iter()
+            .any(|&(at, n)| offset < at + n && at < offset + len)
+    }
 }
 
 /// Cuts a segment of an IO at `offset` where volume regions end.
@@ -800,11 +815,16 @@ impl VolumeEngine {
             return self.start_flush(id);
         }
         if op.mutates() {
-            let span = self.region_span(io.io.offset, u64::from(io.io.len));
-            if span.clone().any(|r| self.locked.contains(&r)) {
+            let (offset, len) = (io.io.offset, u64::from(io.io.len));
+            let copying = self
+                .resync
+                .as_ref()
+                .is_some_and(|r| self.locked.contains(&r.region) && r.overlaps(offset, len));
+            if copying {
                 self.held.push_back(id);
                 return;
             }
+            let span = self.region_span(offset, len);
             let regions: Vec<u64> = span.collect();
             for r in &regions {
                 *self.busy.entry(*r).or_default() += 1;
@@ -1382,9 +1402,9 @@ impl VolumeEngine {
                 if *n == 0 {
                     self.busy.remove(&r);
                     self.region_quiet(r);
-                    if self.resync.as_ref().is_some_and(|x| x.region == r) {
-                        self.continue_resync();
-                    }
+                }
+                if self.resync.as_ref().is_some_and(|x| x.region == r) {
+                    self.continue_resync();
                 }
             }
         }
@@ -1660,11 +1680,12 @@ impl VolumeEngine {
         self.locked.insert(region);
         let size = self.logs[leg].region_size();
         let (start, end) = (region * size, ((region + 1) * size).min(self.map.size()));
-        let mut pieces = Vec::new();
+        let (mut pieces, mut spans) = (Vec::new(), Vec::new());
         for seg in self.map.map(start, end - start) {
             let Some(target) = seg.copies.iter().find(|c| c.leaf == leg) else {
                 continue;
             };
+            spans.push((start + seg.at, seg.len));
             let Some(source) = seg.copies.iter().find(|c| {
                 c.leaf != leg
                     && self.legs[c.leaf].state == LegState::InSync
@@ -1695,16 +1716,24 @@ impl VolumeEngine {
             leg,
             region,
             pieces,
+            spans,
             left,
             started: false,
         });
         self.continue_resync();
     }
 
-    /// Starts the copy once no mutation is in flight in the region.
+    /// Whether a mutation already started touches what `r` copies.
+    fn mutation_under(&self, r: &Resync) -> bool {
+        self.ios
+            .values()
+            .any(|io| !io.regions.is_empty() && r.overlaps(io.io.offset, u64::from(io.io.len)))
+    }
+
+    /// Starts the copy once no mutation of what it copies is in flight.
     fn continue_resync(&mut self) {
         let Some(r) = &self.resync else { return };
-        if r.started || self.busy.contains_key(&r.region) {
+        if r.started || self.mutation_under(r) {
             return;
         }
         if r.pieces.is_empty() {
@@ -1823,8 +1852,8 @@ impl VolumeEngine {
             .collect()
     }
 
-    /// Called after every input in tests: a busy region is never locked
-    /// while its copy runs, and counts match the IOs.
+    /// Called after every input in tests: no mutation of what a copy
+    /// writes runs while the copy does, and counts match the IOs.
     pub fn check(&self) -> Result<(), String> {
         if let Some(t) = self
             .settling
@@ -1851,10 +1880,10 @@ impl VolumeEngine {
             return Err(format!("busy regions {:?}, IOs say {:?}", self.busy, busy));
         }
         if let Some(r) = &self.resync {
-            if r.started && self.busy.contains_key(&r.region) {
+            if r.started && self.mutation_under(r) {
                 return Err(format!(
-                    "region {} copied while mutations run in it",
-                    r.region
+                    "region {} copied to leg {} while a mutation of what it copies runs",
+                    r.region, r.leg
                 ));
             }
         }

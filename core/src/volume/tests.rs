@@ -1367,3 +1367,62 @@ fn a_fence_at_any_moment_ends_the_run_whole() {
         }
     }
 }
+
+#[test]
+fn a_copy_waiting_for_its_source_holds_up_no_other_legs_writes() {
+    // 4 KiB chunks in 16 KiB regions: region 0 holds chunks 0 and 2 of s0,
+    // 1 and 3 of s1. s0 moves to n, and stops answering while region 0
+    // is copied from it.
+    let spec = VolumeSpec::Stripe {
+        chunk: 4096,
+        legs: vec![e("s0"), e("s1")],
+    };
+    let mut w = World::new(spec, 11);
+    let to = w.migrate_to_new(0, "n");
+    w.down[0] = true;
+    w.engine.handle_timeout(w.now);
+    w.drain();
+    let writes_to = |w: &World, legs: &[usize], offset: u64| {
+        w.pending
+            .iter()
+            .any(|(_, leg, io)| legs.contains(leg) && io.op == Op::Write && io.offset == offset)
+    };
+    assert!(
+        w.pending
+            .iter()
+            .any(|(_, leg, io)| *leg == 0 && io.op == Op::Read && io.offset == 0),
+        "the copy of region 0 reads s0: {:?}",
+        w.pending
+    );
+    // Chunk 1 is s1's first: nothing of it is being copied.
+    let block = |b| bytes::Bytes::from(vec![b; 4096]);
+    w.engine
+        .submit(1, IoRequest::write(4096, block(1), false), w.now);
+    w.drain();
+    assert!(writes_to(&w, &[1], 0), "the write to s1 goes out at once");
+    // Chunk 0 is what the copy writes to n: that write waits for it.
+    w.engine
+        .submit(2, IoRequest::write(0, block(2), false), w.now);
+    w.drain();
+    if let Some(marks) = w.persist.take() {
+        w.engine.logs_stable(marks, w.now);
+        w.drain();
+    }
+    assert!(
+        !writes_to(&w, &[0, to], 0),
+        "the write to chunk 0 waits for the copy"
+    );
+    // s0 answers: the copy lands, then the held write goes to both.
+    w.down[0] = false;
+    while w.answer_one(false) {
+        w.drain();
+        if let Some(marks) = w.persist.take() {
+            w.engine.logs_stable(marks, w.now);
+            w.drain();
+        }
+        if writes_to(&w, &[0], 0) && writes_to(&w, &[to], 0) {
+            return;
+        }
+    }
+    panic!("the held write never went out: {:?}", w.pending);
+}
