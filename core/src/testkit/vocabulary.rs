@@ -212,8 +212,9 @@ impl Scenario {
             }
             Scenario::Stripe => {
                 "a volume striped over three server nodes, each the only copy of its chunks; \
-                 legs crash, lose power, are cut off, stall or fill, one alone first; IO to a \
-                 leg that is down waits for it, IO to the others goes on; reads checked"
+                 legs crash, lose power, are cut off, stall or fill, one alone first, and in \
+                 half the seeds one moves to a fourth node; IO to a leg that is down waits for \
+                 it, IO to the others goes on; reads checked"
             }
             Scenario::KeyWithdrawn => {
                 "the operator withdraws the client's key (its channels close, reconnects are \
@@ -260,7 +261,8 @@ impl Scenario {
     }
 
     /// Whether that volume is a mirror, restarted in some, so that its
-    /// dirty logs, in-sync gate, fan-out and fencing are exercised.
+    /// dirty logs, in-sync gate, fan-out and fencing are exercised (a
+    /// stripe has a second copy only while a leg moves).
     pub fn runs_a_mirror(self) -> bool {
         matches!(
             self,
