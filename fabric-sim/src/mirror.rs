@@ -1073,6 +1073,23 @@ const _: () = assert!(BLOCK == 4096);
 mod tests {
     use super::*;
 
+    /// 160046, 160117, 160268: a leg moving, and a copy of one of its
+    /// regions waiting on a source (or target) that had gone quiet held
+    /// up writes to the other legs' chunks in the region, until the
+    /// engine held only what the copy writes.
+    #[test]
+    fn a_moving_stripe_leg_holds_up_no_other_legs_io() {
+        for seed in [160_046, 160_117, 160_268] {
+            let r = crate::world::run(Scenario::Stripe, seed, 10.0);
+            assert!(
+                r.violations.is_empty(),
+                "stripe seed {seed}: {:?}",
+                r.violations
+            );
+            assert_eq!(r.migrations, 1, "stripe seed {seed}");
+        }
+    }
+
     /// 140584: a fault waiting its turn on leg 1 cut its power after
     /// the legs had settled, with writes it had acknowledged still in its
     /// cache; the disks were compared while its client's replay of them
