@@ -251,6 +251,26 @@ impl Resync {
     }
 }
 
+/// An IO's parts under `map`: one region per part, since whether a leg
+/// may take or serve a piece is decided per region, so no piece straddles
+/// two. A FLUSH has none.
+fn plan(map: &VolumeMap, io: &IoRequest, region: u64) -> Vec<Part> {
+    if io.op == Op::Flush {
+        return Vec::new();
+    }
+    map.map(io.offset, u64::from(io.len))
+        .into_iter()
+        .flat_map(|seg| split_at_regions(seg, io.offset, region))
+        .map(|seg| Part {
+            seg,
+            state: PartState::New,
+            tried: BTreeSet::new(),
+            acknowledged: false,
+            lagging: Vec::new(),
+        })
+        .collect()
+}
+
 /// Cuts a segment of an IO at `offset` where volume regions end.
 fn split_at_regions(seg: Segment, offset: u64, region: u64) -> Vec<Segment> {
     let mut out = Vec::new();
@@ -349,7 +369,8 @@ pub struct VolumeEngine {
     busy: BTreeMap<u64, usize>,
     /// Regions being copied: new mutations touching them wait.
     locked: BTreeSet<u64>,
-    /// IOs held (unmarked) because they touch a locked region.
+    /// IOs held (unmarked) because they touch what a copy writes, or an
+    /// earlier read or mutation of theirs has not been answered.
     held: VecDeque<u64>,
     /// Logs changed since the last persist began.
     log_generation: u64,
@@ -698,8 +719,21 @@ impl VolumeEngine {
         Ok(())
     }
 
-    /// Which legs are mirrored, and with whom, under the current map.
+    /// Which legs are mirrored, and with whom, under the current map; and
+    /// the IOs held since before it changed go where it says (held behind
+    /// a read, a write would otherwise miss a leg a migration just added,
+    /// whose copy of the region it does not wait for).
     fn refresh_copy_sets(&mut self) {
+        let region = self.logs[0].region_size();
+        for id in &self.held {
+            let io = self.ios.get_mut(id).expect("held IOs are unanswered");
+            io.parts = plan(&self.map, &io.io, region);
+            let n = io.parts.len();
+            (io.unacked, io.unfinished) = (n, n);
+            if io.io.op == Op::Read {
+                io.read = vec![None; n];
+            }
+        }
         let sets = copy_sets(&self.map);
         for (i, (leg, sets)) in self.legs.iter_mut().zip(sets).enumerate() {
             leg.mirrored = !sets.is_empty();
@@ -764,25 +798,7 @@ impl VolumeEngine {
         debug_assert!(u64::from(io.len) <= self.config.max_leg_io);
         let id = self.next_io;
         self.next_io += 1;
-        let parts = if io.op == Op::Flush {
-            Vec::new()
-        } else {
-            // One region per part: whether a leg may take or serve a
-            // piece is decided per region, so no piece straddles two.
-            let region = self.logs[0].region_size();
-            self.map
-                .map(io.offset, u64::from(io.len))
-                .into_iter()
-                .flat_map(|seg| split_at_regions(seg, io.offset, region))
-                .map(|seg| Part {
-                    seg,
-                    state: PartState::New,
-                    tried: BTreeSet::new(),
-                    acknowledged: false,
-                    lagging: Vec::new(),
-                })
-                .collect()
-        };
+        let parts = plan(&self.map, &io, self.logs[0].region_size());
         let n = parts.len();
         let read = if io.op == Op::Read {
             vec![None; n]
@@ -813,6 +829,10 @@ impl VolumeEngine {
         let op = io.io.op;
         if op == Op::Flush {
             return self.start_flush(id);
+        }
+        if self.ordered_behind(id).is_some() {
+            self.held.push_back(id);
+            return;
         }
         if op.mutates() {
             let (offset, len) = (io.io.offset, u64::from(io.io.len));
@@ -1361,8 +1381,11 @@ impl VolumeEngine {
         // Answered by the legs, held until the logs say which leg missed
         // it (see `behind_generation`); `logs_stable` comes back for it.
         let held = durability && self.stable_generation < self.behind_generation;
+        // Answered: IOs ordered behind it may start.
+        let mut answered = false;
         if io.unacked == 0 && !io.completed && !held {
             io.completed = true;
+            answered = io.io.op != Op::Flush;
             let result = match io.error {
                 Some(e) => Err(e),
                 None if io.io.op == Op::Read => Ok(assemble_read(
@@ -1407,6 +1430,9 @@ impl VolumeEngine {
                     self.continue_resync();
                 }
             }
+        }
+        if answered && !self.held.is_empty() {
+            self.release_held();
         }
     }
 
@@ -1818,8 +1844,39 @@ impl VolumeEngine {
         self.drive_resync();
     }
 
+    /// An earlier IO that `id` must wait for. Overlapping reads and
+    /// mutations run in the order they were submitted: otherwise a read
+    /// may see a write a leg took first that then fails on the legs that
+    /// count, and the data it saw is gone (seed 141285 of mirror-errors:
+    /// the leg that served the read left, and the last in-sync leg's
+    /// disk was full). And overlapping mutations start in that order,
+    /// which is the order every leg's client keeps them in: one held
+    /// (behind a read, or a copy) holds those after it too.
+    fn ordered_behind(&self, id: u64) -> Option<u64> {
+        let io = &self.ios[&id].io;
+        let (offset, end, read) = (io.offset, io.offset + u64::from(io.len), io.op == Op::Read);
+        self.ios
+            .range(..id)
+            .find(|(earlier, e)| {
+                let overlaps = e.io.op != Op::Flush
+                    && e.io.offset < end
+                    && offset < e.io.offset + u64::from(e.io.len);
+                let earlier_read = e.io.op == Op::Read;
+                overlaps
+                    && if earlier_read != read {
+                        !e.completed
+                    } else {
+                        !read && self.held.contains(earlier)
+                    }
+            })
+            .map(|(earlier, _)| *earlier)
+    }
+
     fn release_held(&mut self) {
-        let held: Vec<u64> = self.held.drain(..).collect();
+        let mut held: Vec<u64> = self.held.drain(..).collect();
+        // In submission order, so each sees whether those before it that
+        // it overlaps are held again (see `ordered_behind`).
+        held.sort_unstable();
         for id in held {
             self.start(id);
         }
@@ -1878,6 +1935,17 @@ impl VolumeEngine {
         }
         if busy != self.busy {
             return Err(format!("busy regions {:?}, IOs say {:?}", self.busy, busy));
+        }
+        for (&id, io) in &self.ios {
+            if io.io.op == Op::Flush || self.held.contains(&id) {
+                continue;
+            }
+            if let Some(earlier) = self.ordered_behind(id) {
+                return Err(format!(
+                    "io {id} ({:?}) runs before io {earlier}, which it overlaps, is answered",
+                    io.io.op
+                ));
+            }
         }
         if let Some(r) = &self.resync {
             if r.started && self.mutation_under(r) {
