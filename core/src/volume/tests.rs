@@ -1434,7 +1434,7 @@ fn overlapping_reads_and_writes_run_in_the_order_they_came() {
     // from it, then left; the last leg in sync failed the write (its disk
     // full), and later reads no longer saw what the first one had.
     let mut w = World::new(mirror(2), 5);
-    let mut submit = |w: &mut World, user: u64, io: IoRequest| {
+    let submit = |w: &mut World, user: u64, io: IoRequest| {
         w.checker.submit(user, io.op, io.offset, io.len);
         w.fua.insert(user, false);
         w.engine.submit(user, io, w.now);
@@ -1456,7 +1456,7 @@ fn overlapping_reads_and_writes_run_in_the_order_they_came() {
         }
     };
     submit(&mut w, 1, IoRequest::read(0, 4096));
-    let data = bytes::Bytes::from(stamp(2, 0, 8));
+    let data = stamp(2, 0, 8);
     submit(&mut w, 2, IoRequest::write(0, data, false));
     assert!(
         sent(&w, Op::Read) && !sent(&w, Op::Write),
@@ -1468,11 +1468,7 @@ fn overlapping_reads_and_writes_run_in_the_order_they_came() {
     answer_all(&mut w);
     // The read answered, the write went out, and was answered too.
     assert_eq!(w.completed, 3);
-    submit(
-        &mut w,
-        4,
-        IoRequest::write(0, bytes::Bytes::from(stamp(4, 0, 8)), false),
-    );
+    submit(&mut w, 4, IoRequest::write(0, stamp(4, 0, 8), false));
     assert!(sent(&w, Op::Write));
     submit(&mut w, 5, IoRequest::read(512, 1024));
     assert!(!sent(&w, Op::Read), "the read waits for the write");
