@@ -367,7 +367,8 @@ pub struct VolumeEngine {
     next_token: u64,
     /// Parts (io, part) in flight per region.
     busy: BTreeMap<u64, usize>,
-    /// Regions being copied: new mutations touching them wait.
+    /// Regions being copied: new mutations of what the copy writes
+    /// (`Resync::spans`) wait.
     locked: BTreeSet<u64>,
     /// IOs held (unmarked) because they touch what a copy writes, or an
     /// earlier read or mutation of theirs has not been answered.
@@ -1942,7 +1943,7 @@ impl VolumeEngine {
             }
             if let Some(earlier) = self.ordered_behind(id) {
                 return Err(format!(
-                    "io {id} ({:?}) runs before io {earlier}, which it overlaps, is answered",
+                    "io {id} ({:?}) runs ahead of io {earlier}, which it overlaps",
                     io.io.op
                 ));
             }
