@@ -85,8 +85,10 @@ pub struct Report {
     /// Volume legs migrated to a new server.
     pub migrations: u64,
     /// Times a stripe leg's own IO was checked to go on while another
-    /// leg was down (the stripe scenario).
+    /// leg was down (the striped scenarios).
     pub isolation_checks: u64,
+    /// The longest such leg's own IO paused meanwhile.
+    pub isolation_pause: Duration,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
     /// Channels the server closed when the client's key was withdrawn.
@@ -145,6 +147,7 @@ impl Report {
             regions_resynced: 0,
             migrations: 0,
             isolation_checks: 0,
+            isolation_pause: Duration::ZERO,
             replayed_extents: 0,
             channels_revoked: 0,
             longest_io: Duration::ZERO,

@@ -79,7 +79,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorErrors
         | Scenario::MirrorRestart
         | Scenario::MirrorQuorum
-        | Scenario::Stripe => return None,
+        | Scenario::Stripe
+        | Scenario::StripedMirrors => return None,
     }
     Some(c)
 }

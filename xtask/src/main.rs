@@ -234,6 +234,8 @@ fn ci() -> Result<(), String> {
         ("no-dirty-log", "mirror", "4", "10"),
         ("no-in-sync-gate", "mirror", "4", "10"),
         ("no-fan-out", "mirror", "4", "10"),
+        // The same logs one level down, in each mirror of a stripe.
+        ("no-dirty-log", "striped-mirrors", "4", "10"),
         // 7 of the first 200 seeds end with a leg holding a dead run's
         // late writes (5 of them seeds where those writes are held until
         // the new run has its session there).

@@ -87,6 +87,9 @@ pub enum Scenario {
     /// A volume striped over three servers, each the only copy of its
     /// chunks, faults on the legs.
     Stripe,
+    /// A stripe over two mirrors of two servers each (RAID 10), faults on
+    /// the legs.
+    StripedMirrors,
     /// The client's key withdrawn from the server for a while, then given
     /// back, among crashes and partitions.
     KeyWithdrawn,
@@ -94,7 +97,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 24] = [
+    pub const ALL: [Scenario; 25] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -118,6 +121,7 @@ impl Scenario {
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
         Scenario::Stripe,
+        Scenario::StripedMirrors,
         Scenario::KeyWithdrawn,
     ];
 
@@ -147,6 +151,7 @@ impl Scenario {
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
             Scenario::Stripe => "stripe",
+            Scenario::StripedMirrors => "striped-mirrors",
             Scenario::KeyWithdrawn => "key-withdrawn",
         }
     }
@@ -216,6 +221,12 @@ impl Scenario {
                  half the seeds one moves to a fourth node; IO to a leg that is down waits for \
                  it, IO to the others goes on; reads checked"
             }
+            Scenario::StripedMirrors => {
+                "a volume striped over two mirrors of two server nodes each (RAID 10); every \
+                 node takes the stripe's faults, a whole mirror is down at times, and in half \
+                 the seeds one node's leg moves to a fifth; IO to the other mirror goes on, \
+                 reads checked, each mirror's legs converge after"
+            }
             Scenario::KeyWithdrawn => {
                 "the operator withdraws the client's key (its channels close, reconnects are \
                  refused) for up to seconds, sometimes past the session linger, then gives it \
@@ -250,7 +261,8 @@ impl Scenario {
             | Scenario::MirrorErrors
             | Scenario::MirrorRestart
             | Scenario::MirrorQuorum
-            | Scenario::Stripe => MADSIM,
+            | Scenario::Stripe
+            | Scenario::StripedMirrors => MADSIM,
         }
     }
 
@@ -260,8 +272,8 @@ impl Scenario {
         self.runs_a_mirror() || self == Scenario::Stripe
     }
 
-    /// Whether that volume is a mirror, restarted in some, so that its
-    /// dirty logs, in-sync gate, fan-out and fencing are exercised (a
+    /// Whether that volume is or holds mirrors, restarted in some, so that
+    /// its dirty logs, in-sync gate, fan-out and fencing are exercised (a
     /// stripe has a second copy only while a leg moves).
     pub fn runs_a_mirror(self) -> bool {
         matches!(
@@ -271,6 +283,7 @@ impl Scenario {
                 | Scenario::MirrorErrors
                 | Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
+                | Scenario::StripedMirrors
         )
     }
 

@@ -197,6 +197,7 @@ mod sweep {
         regions_resynced: u64,
         migrations: u64,
         isolation_checks: u64,
+        isolation_pause: Duration,
         longest_io: Duration,
         faults: BTreeMap<Fault, u64>,
     }
@@ -216,6 +217,7 @@ mod sweep {
             self.regions_resynced += r.regions_resynced;
             self.migrations += r.migrations;
             self.isolation_checks += r.isolation_checks;
+            self.isolation_pause = self.isolation_pause.max(r.isolation_pause);
             self.longest_io = self.longest_io.max(r.longest_io);
             for (k, v) in &r.faults {
                 *self.faults.entry(*k).or_insert(0) += v;
@@ -246,8 +248,9 @@ mod sweep {
             }
             if self.isolation_checks > 0 {
                 println!(
-                    "legs' own IO going on while another leg was down: {} checked",
-                    self.isolation_checks
+                    "legs' own IO going on while another leg was down: {} checked, longest \
+                     pause {:?} (virtual)",
+                    self.isolation_checks, self.isolation_pause
                 );
             }
             println!("slowest IO               {:?} (virtual)", self.longest_io);
