@@ -42,7 +42,7 @@ impl SoakArgs {
     fn replay(&self, seed: u64) -> String {
         let mut line = format!("braid soak --seed {seed}");
         if let Some(shape) = self.volume {
-            line += &format!(" --volume {}", format!("{shape:?}").to_lowercase());
+            line += &format!(" --volume {}", shape.name());
         }
         if self.engines > 1 {
             line += &format!(" --engines {}", self.engines);

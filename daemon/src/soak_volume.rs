@@ -29,30 +29,54 @@ pub(crate) enum VolumeShape {
     /// Three legs, 64 KiB chunks dealt round-robin (no copy: a leg's
     /// server down means its IO waits).
     Stripe,
+    /// 64 KiB chunks dealt over two mirrors of two legs each (RAID 10).
+    StripedMirrors,
 }
 
 impl VolumeShape {
-    fn legs(self) -> usize {
+    /// As given to `--volume`.
+    pub(crate) fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// The legs in groups that hold the same bytes: one mirror, or what
+    /// the stripe deals its chunks over.
+    fn groups(self) -> &'static [&'static [usize]] {
         match self {
-            VolumeShape::Mirror2 => 2,
-            VolumeShape::Mirror3 | VolumeShape::Stripe => 3,
+            VolumeShape::Mirror2 => &[&[0, 1]],
+            VolumeShape::Mirror3 => &[&[0, 1, 2]],
+            VolumeShape::Stripe => &[&[0], &[1], &[2]],
+            VolumeShape::StripedMirrors => &[&[0, 1], &[2, 3]],
         }
     }
 
+    fn legs(self) -> usize {
+        self.groups().iter().map(|g| g.len()).sum()
+    }
+
     fn mirrored(self) -> bool {
-        self != VolumeShape::Stripe
+        self.groups().iter().any(|g| g.len() > 1)
     }
 
     fn spec(self, legs: &[String]) -> VolumeSpec {
-        let exports = legs.iter().map(|l| VolumeSpec::Export(l.clone())).collect();
-        match self {
-            VolumeShape::Stripe => VolumeSpec::Stripe {
-                chunk: 64 << 10,
-                legs: exports,
-            },
+        let group = |g: &&[usize]| match g {
+            [one] => VolumeSpec::Export(legs[*one].clone()),
             _ => VolumeSpec::Mirror {
                 quorum: None,
-                legs: exports,
+                legs: g
+                    .iter()
+                    .map(|&i| VolumeSpec::Export(legs[i].clone()))
+                    .collect(),
+            },
+        };
+        match self.groups() {
+            [one] => group(one),
+            groups => VolumeSpec::Stripe {
+                chunk: 64 << 10,
+                legs: groups.iter().map(group).collect(),
             },
         }
     }
@@ -208,14 +232,11 @@ pub(crate) async fn run(
     // the verifier on a little longer so the end state is checked too.
     soak.heal(&mut migration).await?;
     let end = soak.stop(replay).await?;
-    let diverged = match shape.mirrored() {
-        true => divergence(&nodes, &end.final_legs)?,
-        false => Vec::new(),
-    };
+    let diverged = divergence(shape, &nodes, &end.final_legs)?;
     // 4. What a mirror costs: the same verifier on one export, a 2-way
     // and a 3-way mirror, over the legs now in sync, in this run.
     let cost = match shape.mirrored() {
-        true => mirror_cost(shape, &nodes, &end.final_legs, &root).await?,
+        true => mirror_cost(&nodes, &end.final_legs, &root).await?,
         false => Vec::new(),
     };
     for node in &mut nodes {
@@ -467,15 +488,35 @@ impl Soak {
     }
 }
 
-/// Which of the mirror's final legs hold other bytes than the first.
-fn divergence(nodes: &[ProxiedServer], final_legs: &[usize]) -> Result<Vec<String>, String> {
+/// Which of each mirror's final legs hold other bytes than its first.
+/// `final_legs`: the legs the volume ends with, by index in its map (the
+/// spare that leg0 migrated to is the last).
+fn divergence(
+    shape: VolumeShape,
+    nodes: &[ProxiedServer],
+    final_legs: &[usize],
+) -> Result<Vec<String>, String> {
     let image =
         |l: usize| std::fs::read(nodes[l].server.dir.join("disk0.img")).map_err(|e| e.to_string());
-    let first = image(final_legs[0])?;
+    let spare = shape.legs();
     let mut diverged = Vec::new();
-    for &l in &final_legs[1..] {
-        if image(l)? != first {
-            diverged.push(format!("leg{l} differs from leg{}", final_legs[0]));
+    for group in shape.groups() {
+        // The spare holds leg0's copy once leg0 has moved to it.
+        let moved = group.contains(&0).then_some(spare);
+        let legs: Vec<usize> = group
+            .iter()
+            .copied()
+            .chain(moved)
+            .filter(|l| final_legs.contains(l))
+            .collect();
+        let Some((&first, rest)) = legs.split_first() else {
+            continue;
+        };
+        let bytes = image(first)?;
+        for &l in rest {
+            if image(l)? != bytes {
+                diverged.push(format!("leg{l} differs from leg{first}"));
+            }
         }
     }
     Ok(diverged)
@@ -484,7 +525,6 @@ fn divergence(nodes: &[ProxiedServer], final_legs: &[usize]) -> Result<Vec<Strin
 /// The verifier's IOPS on one export, then on a 2-way and a 3-way mirror
 /// over the final legs.
 async fn mirror_cost(
-    shape: VolumeShape,
     nodes: &[ProxiedServer],
     final_legs: &[usize],
     root: &Path,
@@ -494,14 +534,15 @@ async fn mirror_cost(
         c.push(nodes[l].connect(LEG_CHANNELS).await?);
     }
     let mut cost = vec![("one export", iops(c[0].clone(), COST_SECS).await)];
-    for ways in 2..=c.len() {
+    for (ways, label, shape) in [
+        (2, "2-way mirror", VolumeShape::Mirror2),
+        (3, "3-way mirror", VolumeShape::Mirror3),
+    ] {
+        if ways > c.len() {
+            break;
+        }
         let legs = (0..ways).map(|i| (leg_name(i), c[i].clone())).collect();
         let v = start_volume(shape, legs, root, &format!("cost{ways}"))?;
-        let label = if ways == 2 {
-            "2-way mirror"
-        } else {
-            "3-way mirror"
-        };
         cost.push((label, iops(v.clone(), COST_SECS).await));
         v.close().await;
     }
