@@ -381,6 +381,10 @@ impl Report {
             self.violations.extend(violations);
             self.isolation_checks = judged;
             self.isolation_pause = pause;
+            let (violations, judged, pause) = degraded(outages, &answered, until, layout);
+            self.violations.extend(violations);
+            self.degraded_checks = judged;
+            self.degraded_pause = pause;
         }
         for o in outcomes.into_iter().chain(own) {
             self.ios += o.ios;
@@ -1175,6 +1179,70 @@ fn isolation(
     (violations, judged, longest)
 }
 
+/// Longest a mirror's own worker may go unanswered while one of its legs
+/// is unreachable and the others are fine: the leg's channels are given
+/// up after 800 ms of silence (at once when its server refuses them) and
+/// the leg a second later, then IO goes on without it. The longest seen
+/// in 38 such outages of the first 150 seeds was 1.90 s (stalls and
+/// cuts; crashes 1.1 s).
+const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
+
+/// A mirror with one leg unreachable goes on (after it gives the leg up)
+/// instead of waiting for it: for each crash, power loss, cut or stall
+/// of a mirror's leg lasting more than [`DEGRADED_PAUSE`], with no fault
+/// on its other legs then (or healing from one), the mirror's own worker
+/// must not pause longer than that. Faults on the node a leg moves to
+/// are not judged, and count against every mirror. Returns the
+/// violations, how many outages it judged, and the longest pause among
+/// them.
+fn degraded(
+    outages: &[Outage],
+    answered: &[Vec<tokio::time::Instant>],
+    until: tokio::time::Instant,
+    layout: Layout,
+) -> (Vec<String>, u64, Duration) {
+    let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
+    let unreachable = |kind| {
+        matches!(
+            kind,
+            Fault::ServerCrash | Fault::PowerLoss | Fault::Partition | Fault::ServerStall
+        )
+    };
+    for o in outages {
+        if o.leg >= layout.legs()
+            || !unreachable(o.kind)
+            || o.to.duration_since(o.from) <= DEGRADED_PAUSE
+            || o.to > until
+        {
+            continue;
+        }
+        let g = layout.group_of(o.leg);
+        let partners_troubled = outages.iter().any(|p| {
+            p.leg != o.leg
+                && (p.leg >= layout.legs() || layout.group_of(p.leg) == g)
+                && p.from < o.to
+                && p.to + HEALING > o.from
+        });
+        if layout.0[g].len() < 2 || partners_troubled {
+            continue;
+        }
+        judged += 1;
+        let pause = longest_pause(&answered[g], o.from, o.to);
+        longest = longest.max(pause);
+        if pause > DEGRADED_PAUSE {
+            let group = layout.name(g);
+            violations.push(format!(
+                "degraded: {group} answered none of its own IO for {pause:?} of the {:?} leg{} \
+                 was unreachable ({}), with its other legs fine",
+                o.to.duration_since(o.from),
+                o.leg,
+                o.kind
+            ));
+        }
+    }
+    (violations, judged, longest)
+}
+
 /// The longest stretch of `from..to` in which no time of `answered`
 /// (in order) falls.
 fn longest_pause(
@@ -1300,6 +1368,26 @@ mod tests {
                 r.violations
             );
             assert_eq!(r.migrations, 1, "striped-mirrors seed {seed}");
+        }
+    }
+
+    /// A mirror with one leg unreachable for over 2.5 s (cut off,
+    /// stalled, or down) gives it up and goes on: each of these seeds
+    /// judges at least one such outage. With the driver waiting 60 s
+    /// before giving a leg up, all four fail.
+    #[test]
+    fn a_mirror_with_one_leg_unreachable_goes_on_without_it() {
+        for seed in [28, 61, 82, 85] {
+            let r = crate::world::run(Scenario::StripedMirrors, seed, 10.0);
+            assert!(
+                r.violations.is_empty(),
+                "striped-mirrors seed {seed}: {:?}",
+                r.violations
+            );
+            assert!(
+                r.degraded_checks >= 1,
+                "striped-mirrors seed {seed} judged no outage of one mirror leg"
+            );
         }
     }
 

@@ -89,6 +89,11 @@ pub struct Report {
     pub isolation_checks: u64,
     /// The longest such leg's own IO paused meanwhile.
     pub isolation_pause: Duration,
+    /// Times a mirror's own IO was checked to go on while one of its
+    /// legs was unreachable (striped-mirrors).
+    pub degraded_checks: u64,
+    /// The longest such mirror's own IO paused meanwhile.
+    pub degraded_pause: Duration,
     /// Unflushed extents replayed after restarts.
     pub replayed_extents: u64,
     /// Channels the server closed when the client's key was withdrawn.
@@ -148,6 +153,8 @@ impl Report {
             migrations: 0,
             isolation_checks: 0,
             isolation_pause: Duration::ZERO,
+            degraded_checks: 0,
+            degraded_pause: Duration::ZERO,
             replayed_extents: 0,
             channels_revoked: 0,
             longest_io: Duration::ZERO,

@@ -198,6 +198,8 @@ mod sweep {
         migrations: u64,
         isolation_checks: u64,
         isolation_pause: Duration,
+        degraded_checks: u64,
+        degraded_pause: Duration,
         longest_io: Duration,
         faults: BTreeMap<Fault, u64>,
     }
@@ -218,6 +220,8 @@ mod sweep {
             self.migrations += r.migrations;
             self.isolation_checks += r.isolation_checks;
             self.isolation_pause = self.isolation_pause.max(r.isolation_pause);
+            self.degraded_checks += r.degraded_checks;
+            self.degraded_pause = self.degraded_pause.max(r.degraded_pause);
             self.longest_io = self.longest_io.max(r.longest_io);
             for (k, v) in &r.faults {
                 *self.faults.entry(*k).or_insert(0) += v;
@@ -251,6 +255,13 @@ mod sweep {
                     "legs' own IO going on while another leg was down: {} checked, longest \
                      pause {:?} (virtual)",
                     self.isolation_checks, self.isolation_pause
+                );
+            }
+            if self.degraded_checks > 0 {
+                println!(
+                    "mirrors' own IO going on while one of their legs was unreachable: {} \
+                     checked, longest pause {:?} (virtual)",
+                    self.degraded_checks, self.degraded_pause
                 );
             }
             println!("slowest IO               {:?} (virtual)", self.longest_io);
