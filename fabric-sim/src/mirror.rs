@@ -1292,6 +1292,18 @@ const _: () = assert!(BLOCK == 4096);
 mod tests {
     use super::*;
 
+    /// Runs `seed` of `scenario` for 10 virtual seconds; it must hold
+    /// every check.
+    fn clean(scenario: Scenario, seed: u64) -> Report {
+        let r = crate::world::run(scenario, seed, 10.0);
+        assert!(
+            r.violations.is_empty(),
+            "{scenario} seed {seed}: {:?}",
+            r.violations
+        );
+        r
+    }
+
     /// 160046, 160117, 160268: a leg moving, and a copy of one of its
     /// regions waiting on a source (or target) that had gone quiet held
     /// up writes to the other legs' chunks in the region, until the
@@ -1299,12 +1311,7 @@ mod tests {
     #[test]
     fn a_moving_stripe_leg_holds_up_no_other_legs_io() {
         for seed in [160_046, 160_117, 160_268] {
-            let r = crate::world::run(Scenario::Stripe, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "stripe seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::Stripe, seed);
             assert_eq!(r.migrations, 1, "stripe seed {seed}");
         }
     }
@@ -1316,8 +1323,7 @@ mod tests {
     /// volume now runs overlapping reads and writes in submission order.
     #[test]
     fn a_read_never_sees_a_write_that_then_fails() {
-        let r = crate::world::run(Scenario::MirrorErrors, 141_285, 10.0);
-        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        clean(Scenario::MirrorErrors, 141_285);
     }
 
     /// 140584: a fault waiting its turn on leg 1 cut its power after
@@ -1327,8 +1333,7 @@ mod tests {
     /// healed.
     #[test]
     fn the_legs_are_judged_after_the_last_fault_heals() {
-        let r = crate::world::run(Scenario::MirrorErrors, 140_584, 10.0);
-        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        clean(Scenario::MirrorErrors, 140_584);
     }
 
     /// A stripe keeps every read right through its legs' faults, and IO
@@ -1338,12 +1343,7 @@ mod tests {
     #[test]
     fn a_stripe_leg_down_holds_up_only_its_own_io() {
         for seed in [0, 1, 2] {
-            let r = crate::world::run(Scenario::Stripe, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "stripe seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::Stripe, seed);
             assert!(
                 r.isolation_checks >= 2,
                 "stripe seed {seed} judged {} outages",
@@ -1361,12 +1361,7 @@ mod tests {
     #[test]
     fn a_write_stuck_on_one_mirror_holds_up_no_copy_on_the_other() {
         for seed in [191_127, 191_236] {
-            let r = crate::world::run(Scenario::StripedMirrors, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "striped-mirrors seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::StripedMirrors, seed);
             assert_eq!(r.migrations, 1, "striped-mirrors seed {seed}");
         }
     }
@@ -1378,12 +1373,7 @@ mod tests {
     #[test]
     fn a_mirror_with_one_leg_unreachable_goes_on_without_it() {
         for seed in [28, 61, 82, 85] {
-            let r = crate::world::run(Scenario::StripedMirrors, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "striped-mirrors seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::StripedMirrors, seed);
             assert!(
                 r.degraded_checks >= 1,
                 "striped-mirrors seed {seed} judged no outage of one mirror leg"
@@ -1398,12 +1388,7 @@ mod tests {
     #[test]
     fn a_whole_mirror_down_holds_up_only_its_own_chunks() {
         for seed in [0, 1, 2] {
-            let r = crate::world::run(Scenario::StripedMirrors, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "striped-mirrors seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::StripedMirrors, seed);
             assert!(
                 r.isolation_checks >= 2,
                 "striped-mirrors seed {seed} judged {} outages",
@@ -1426,12 +1411,7 @@ mod tests {
     #[test]
     fn pinned_seeds_converge() {
         for seed in [28, 67, 77, 126, 147, 162] {
-            let r = crate::world::run(Scenario::Mirror, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "mirror seed {seed}: {:?}",
-                r.violations
-            );
+            let r = clean(Scenario::Mirror, seed);
             assert!(
                 r.regions_resynced > 0,
                 "mirror seed {seed} resynced nothing"
@@ -1454,12 +1434,7 @@ mod tests {
     #[test]
     fn pinned_restart_seeds_hold() {
         for seed in [4, 90, 103, 201] {
-            let r = crate::world::run(Scenario::MirrorRestart, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "mirror-restart seed {seed}: {:?}",
-                r.violations
-            );
+            clean(Scenario::MirrorRestart, seed);
         }
     }
 
@@ -1504,12 +1479,7 @@ mod tests {
     #[test]
     fn pinned_quorum_seeds_hold() {
         for seed in [34, 41] {
-            let r = crate::world::run(Scenario::MirrorQuorum, seed, 10.0);
-            assert!(
-                r.violations.is_empty(),
-                "mirror-quorum seed {seed}: {:?}",
-                r.violations
-            );
+            clean(Scenario::MirrorQuorum, seed);
         }
     }
 
@@ -1519,12 +1489,7 @@ mod tests {
     #[test]
     fn pinned_migration_seed_finishes() {
         let seed = 271;
-        let r = crate::world::run(Scenario::Migrate, seed, 10.0);
-        assert!(
-            r.violations.is_empty(),
-            "migrate seed {seed}: {:?}",
-            r.violations
-        );
+        let r = clean(Scenario::Migrate, seed);
         assert_eq!(r.migrations, 1, "migrate seed {seed}");
     }
 }
