@@ -26,6 +26,8 @@
 #[cfg(madsim)]
 mod disk;
 #[cfg(madsim)]
+mod judge;
+#[cfg(madsim)]
 mod keys;
 #[cfg(madsim)]
 mod mirror;

@@ -11,15 +11,17 @@
 //! down waits for it, and IO kept to the other legs must go on meanwhile.
 //! `striped-mirrors` stripes it over two mirrors of two nodes each, with
 //! one whole mirror taken down first: the stripe's check between the
-//! mirrors, the mirror's checks within each.
+//! mirrors, the mirror's checks within each. What is judged once a run
+//! is over (besides each read) is in `judge.rs`.
 
 use crate::disk::SimDisk;
+use crate::judge::{degraded, divergence, isolation, Outage};
 use crate::workload::{shared_worker, SharedPlan, BLOCK};
 use crate::world::Report;
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
-use braid_core::server::{BackendOp, ExportConfig, ServerConfig};
+use braid_core::server::{ExportConfig, ServerConfig};
 use braid_core::testkit::{Fault, MemDisk, Sabotage, Scenario, SECTOR};
 use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
 use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Volume};
@@ -32,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Each leg's export.
-const SIZE: u64 = 1 << 20;
+pub(crate) const SIZE: u64 = 1 << 20;
 /// The stripe's chunk: small, so IO often spans two legs.
 const CHUNK: u64 = 4096;
 const PORT: u16 = 7410;
@@ -43,7 +45,7 @@ const WORKERS: u64 = 12;
 /// export), chunk `c` on group `c mod groups` when there are several.
 /// Leg `i` is server node `i`; a leg that moves goes to node `legs()`.
 #[derive(Clone, Copy, Debug)]
-struct Layout(&'static [&'static [usize]]);
+pub(crate) struct Layout(pub(crate) &'static [&'static [usize]]);
 
 impl Layout {
     fn of(scenario: Scenario) -> Layout {
@@ -54,7 +56,7 @@ impl Layout {
         }
     }
 
-    fn legs(self) -> usize {
+    pub(crate) fn legs(self) -> usize {
         self.0.iter().map(|g| g.len()).sum()
     }
 
@@ -65,19 +67,19 @@ impl Layout {
 
     /// The volume's sector that sector `sector` of group `group`'s legs
     /// holds.
-    fn volume_sector(self, group: usize, sector: u64) -> u64 {
+    pub(crate) fn volume_sector(self, group: usize, sector: u64) -> u64 {
         let per_chunk = CHUNK / SECTOR as u64;
         let (chunk, within) = (sector / per_chunk, sector % per_chunk);
         (chunk * self.0.len() as u64 + group as u64) * per_chunk + within
     }
 
     /// Group `group`'s legs, for messages: `leg0` or `leg0+leg1`.
-    fn name(self, group: usize) -> String {
+    pub(crate) fn name(self, group: usize) -> String {
         let legs: Vec<String> = self.0[group].iter().map(|i| format!("leg{i}")).collect();
         legs.join("+")
     }
 
-    fn group_of(self, leg: usize) -> usize {
+    pub(crate) fn group_of(self, leg: usize) -> usize {
         self.0
             .iter()
             .position(|g| g.contains(&leg))
@@ -554,75 +556,6 @@ fn kill_and_restart(
     })
 }
 
-/// Where, in each mirror, the disks of the legs the volume ends with
-/// (all but `retired`; the node a leg `moved_from` went to in its place)
-/// differ from the first of them.
-fn divergence(
-    disks: &[Arc<Mutex<MemDisk>>],
-    layout: Layout,
-    moved_from: Option<usize>,
-    retired: &[usize],
-) -> Vec<String> {
-    let mut violations = Vec::new();
-    for (g, group) in layout.0.iter().enumerate() {
-        let moved_here = moved_from.filter(|&from| layout.group_of(from) == g);
-        let legs: Vec<usize> = group
-            .iter()
-            .copied()
-            .chain(moved_here.map(|_| layout.legs()))
-            .filter(|i| !retired.contains(i))
-            .collect();
-        let zones = Zones::of(layout);
-        let sector = |s| zones.stamped_at(layout.volume_sector(g, s));
-        violations.extend(mirror_divergence(disks, &legs, sector));
-    }
-    violations
-}
-
-/// Where the disks of `legs` differ from the first of them (`sector`:
-/// the sector number stamped in a disk's sector, for messages).
-fn mirror_divergence(
-    disks: &[Arc<Mutex<MemDisk>>],
-    legs: &[usize],
-    sector: impl Fn(u64) -> u64,
-) -> Vec<String> {
-    let mut violations = Vec::new();
-    let contents: Vec<(usize, _)> = legs
-        .iter()
-        .map(|&i| {
-            let d = &disks[i];
-            let bytes = d.lock().unwrap().apply(&BackendOp::Read {
-                offset: 0,
-                len: SIZE as u32,
-            });
-            (i, bytes)
-        })
-        .collect();
-    for (i, c) in contents.iter().skip(1) {
-        if c != &contents[0].1 {
-            let at = match (c, &contents[0].1) {
-                (Ok(a), Ok(b)) => a.iter().zip(b.iter()).position(|(x, y)| x != y).map(|at| {
-                    let s = at / SECTOR;
-                    let held = |d: &[u8]| {
-                        braid_core::testkit::sector_tag(
-                            &d[s * SECTOR..(s + 1) * SECTOR],
-                            sector(s as u64),
-                        )
-                    };
-                    format!("byte {at}, sector {s}: {:?} against {:?}", held(a), held(b))
-                }),
-                _ => None,
-            };
-            violations.push(format!(
-                "convergence: leg{i} differs from leg{} after the faults healed (first at {})",
-                contents[0].0,
-                at.unwrap_or_else(|| "an unreadable disk".into())
-            ));
-        }
-    }
-    violations
-}
-
 /// What the client node needs, on each boot.
 #[derive(Clone)]
 struct ClientCtx {
@@ -674,13 +607,13 @@ type ClientResult = Result<ClientEnd, String>;
 /// for a striped volume one chunk on each group of legs for a worker of
 /// its own (chunk `i` lies on group `i`), which the shared workers leave
 /// alone so that nothing orders one group's IO behind another's.
-struct Zones {
+pub(crate) struct Zones {
     shared: (u64, u64),
     own: Vec<(u64, u64)>,
 }
 
 impl Zones {
-    fn of(layout: Layout) -> Self {
+    pub(crate) fn of(layout: Layout) -> Self {
         let sectors = |bytes: u64| bytes / SECTOR as u64;
         if !layout.striped() {
             return Zones {
@@ -698,7 +631,7 @@ impl Zones {
 
     /// The sector number a worker stamps in the volume's sector `sector`:
     /// its own, counted from the start of its zone.
-    fn stamped_at(&self, sector: u64) -> u64 {
+    pub(crate) fn stamped_at(&self, sector: u64) -> u64 {
         let from = |(start, sectors): (u64, u64)| {
             let first = start / SECTOR as u64;
             (first..first + sectors)
@@ -953,15 +886,6 @@ async fn settle(volume: &Volume) -> Result<(), String> {
     }
 }
 
-/// A fault on one leg, from when it struck until it healed.
-#[derive(Clone, Copy, Debug)]
-struct Outage {
-    leg: usize,
-    kind: Fault,
-    from: tokio::time::Instant,
-    to: tokio::time::Instant,
-}
-
 /// What a fault on one leg acts on.
 #[derive(Clone)]
 struct LegTarget {
@@ -1117,146 +1041,6 @@ async fn inject(
     }
     let outages = outages.lock().unwrap().clone();
     (faults, outages)
-}
-
-/// How long after a fault on a leg heals its IO may still wait: the
-/// client's reconnect backoff (2 s at most) and a resend.
-const HEALING: Duration = Duration::from_secs(5);
-
-/// Longest an untroubled group's own worker may go unanswered while
-/// another group's leg is down: ten times the longest seen in 578 such
-/// pairs of the first 100 seeds of `stripe` and `striped-mirrors` (52 ms).
-const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
-
-/// One server down must not hold up IO to the others (DST's promise): for
-/// each fault of a second or more on one leg, each other group of legs
-/// with no fault on any of its legs then (or healing from one) must have
-/// gone on answering its own worker's IOs meanwhile, never pausing more
-/// than [`ISOLATION_PAUSE`]. `answered[j]`: when group `j`'s own worker's
-/// IOs were answered; `until`: when the workers stopped; `moved_from`:
-/// the leg migrated to node `layout.legs()`, whose group that node's
-/// faults hold up too (written to both while copying, to it alone
-/// after). Returns the violations, how many (outage, group) pairs it
-/// judged, and the longest pause among them.
-fn isolation(
-    outages: &[Outage],
-    answered: &[Vec<tokio::time::Instant>],
-    until: tokio::time::Instant,
-    layout: Layout,
-    moved_from: Option<usize>,
-) -> (Vec<String>, u64, Duration) {
-    let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
-    for o in outages {
-        if o.to.duration_since(o.from) < Duration::from_secs(1) || o.to > until {
-            continue;
-        }
-        for (j, times) in answered.iter().enumerate() {
-            let serves_j = |leg: usize| match leg < layout.legs() {
-                true => layout.group_of(leg) == j,
-                false => moved_from.map(|from| layout.group_of(from)) == Some(j),
-            };
-            let troubled = outages
-                .iter()
-                .any(|p| serves_j(p.leg) && p.from < o.to && p.to + HEALING > o.from);
-            if serves_j(o.leg) || troubled {
-                continue;
-            }
-            judged += 1;
-            let pause = longest_pause(times, o.from, o.to);
-            longest = longest.max(pause);
-            if pause > ISOLATION_PAUSE {
-                let group = layout.name(j);
-                violations.push(format!(
-                    "isolation: {group} answered none of its own IO for {pause:?} of the {:?} \
-                     leg{} was down ({}), with nothing wrong on {group}",
-                    o.to.duration_since(o.from),
-                    o.leg,
-                    o.kind
-                ));
-            }
-        }
-    }
-    (violations, judged, longest)
-}
-
-/// Longest a mirror's own worker may go unanswered while one of its legs
-/// is unreachable and the others are fine: the leg's channels are given
-/// up after 800 ms of silence (at once when its server refuses them) and
-/// the leg a second later, then IO goes on without it. The longest seen
-/// in 38 such outages of the first 150 seeds was 1.90 s (stalls and
-/// cuts; crashes 1.1 s).
-const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
-
-/// A mirror with one leg unreachable goes on (after it gives the leg up)
-/// instead of waiting for it: for each crash, power loss, cut or stall
-/// of a mirror's leg lasting more than [`DEGRADED_PAUSE`], with no fault
-/// on its other legs then (or healing from one), the mirror's own worker
-/// must not pause longer than that. Faults on the node a leg moves to
-/// are not judged, and count against every mirror. Returns the
-/// violations, how many outages it judged, and the longest pause among
-/// them.
-fn degraded(
-    outages: &[Outage],
-    answered: &[Vec<tokio::time::Instant>],
-    until: tokio::time::Instant,
-    layout: Layout,
-) -> (Vec<String>, u64, Duration) {
-    let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
-    let unreachable = |kind| {
-        matches!(
-            kind,
-            Fault::ServerCrash | Fault::PowerLoss | Fault::Partition | Fault::ServerStall
-        )
-    };
-    for o in outages {
-        if o.leg >= layout.legs()
-            || !unreachable(o.kind)
-            || o.to.duration_since(o.from) <= DEGRADED_PAUSE
-            || o.to > until
-        {
-            continue;
-        }
-        let g = layout.group_of(o.leg);
-        let partners_troubled = outages.iter().any(|p| {
-            p.leg != o.leg
-                && (p.leg >= layout.legs() || layout.group_of(p.leg) == g)
-                && p.from < o.to
-                && p.to + HEALING > o.from
-        });
-        if layout.0[g].len() < 2 || partners_troubled {
-            continue;
-        }
-        judged += 1;
-        let pause = longest_pause(&answered[g], o.from, o.to);
-        longest = longest.max(pause);
-        if pause > DEGRADED_PAUSE {
-            let group = layout.name(g);
-            violations.push(format!(
-                "degraded: {group} answered none of its own IO for {pause:?} of the {:?} leg{} \
-                 was unreachable ({}), with its other legs fine",
-                o.to.duration_since(o.from),
-                o.leg,
-                o.kind
-            ));
-        }
-    }
-    (violations, judged, longest)
-}
-
-/// The longest stretch of `from..to` in which no time of `answered`
-/// (in order) falls.
-fn longest_pause(
-    answered: &[tokio::time::Instant],
-    from: tokio::time::Instant,
-    to: tokio::time::Instant,
-) -> Duration {
-    let inside = answered.iter().copied().filter(|t| (from..to).contains(t));
-    let (mut last, mut longest) = (from, Duration::ZERO);
-    for t in inside.chain([to]) {
-        longest = longest.max(t.duration_since(last));
-        last = t;
-    }
-    longest
 }
 
 /// Bad blocks on one leg at a time (64 KiB of its disk, for up to three
