@@ -453,6 +453,31 @@ export = "disk0"
                 ..
             }
         ));
+        // RAID 10: a stripe over two mirrors, written as inline tables.
+        let four = format!(
+            "{LEGS}{}",
+            LEGS.replace("name = \"v\"\n", "")
+                .replace("\"a\"", "\"c\"")
+                .replace("\"b\"", "\"d\"")
+                .replace("h1:", "h3:")
+                .replace("h2:", "h4:")
+        );
+        let v = parse(&format!(
+            "{four}[map]\nstripe = {{ chunk = \"64KiB\", legs = [{{ mirror = [\"a\", \"b\"] }}, \
+             {{ mirror = [\"c\", \"d\"] }}] }}\n"
+        ))
+        .unwrap();
+        let pair = |x: &str, y: &str| VolumeSpec::Mirror {
+            quorum: None,
+            legs: vec![VolumeSpec::Export(x.into()), VolumeSpec::Export(y.into())],
+        };
+        assert_eq!(
+            v.spec().unwrap(),
+            VolumeSpec::Stripe {
+                chunk: 65536,
+                legs: vec![pair("a", "b"), pair("c", "d")]
+            }
+        );
         let e = parse(&format!(
             "{LEGS}[map]\nmirror = {{ quorum = 3, legs = [\"a\", \"b\"] }}\n"
         ))
