@@ -50,9 +50,12 @@ pub(crate) fn isolation(
             continue;
         }
         for (j, times) in answered.iter().enumerate() {
-            let serves_j = |leg: usize| match leg < layout.legs() {
-                true => layout.group_of(leg) == j,
-                false => moved_from.map(|from| layout.group_of(from)) == Some(j),
+            let serves_j = |leg: usize| {
+                if leg < layout.legs() {
+                    layout.group_of(leg) == j
+                } else {
+                    moved_from.map(|from| layout.group_of(from)) == Some(j)
+                }
             };
             let troubled = outages
                 .iter()
@@ -167,7 +170,7 @@ pub(crate) fn divergence(
     moved_from: Option<usize>,
     retired: &[usize],
 ) -> Vec<String> {
-    let mut violations = Vec::new();
+    let (mut violations, zones) = (Vec::new(), Zones::of(layout));
     for (g, group) in layout.0.iter().enumerate() {
         let moved_here = moved_from.filter(|&from| layout.group_of(from) == g);
         let legs: Vec<usize> = group
@@ -176,7 +179,6 @@ pub(crate) fn divergence(
             .chain(moved_here.map(|_| layout.legs()))
             .filter(|i| !retired.contains(i))
             .collect();
-        let zones = Zones::of(layout);
         let sector = |s| zones.stamped_at(layout.volume_sector(g, s));
         violations.extend(mirror_divergence(disks, &legs, sector));
     }

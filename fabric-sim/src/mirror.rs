@@ -988,9 +988,10 @@ async fn inject(
         ][lone.below(4) as usize];
         // The node a leg moves to stands alone; the others, with the
         // rest of their group.
-        let group = match i < layout.legs() {
-            true => layout.0[layout.group_of(i)],
-            false => std::slice::from_ref(&i),
+        let group = if i < layout.legs() {
+            layout.0[layout.group_of(i)]
+        } else {
+            std::slice::from_ref(&i)
         };
         let hold = ms(&mut lone, 1500, 2500);
         *faults.entry(kind).or_insert(0) += group.len() as u64;
