@@ -62,23 +62,7 @@ impl VolumeShape {
     }
 
     fn spec(self, legs: &[String]) -> VolumeSpec {
-        let group = |g: &&[usize]| match g {
-            [one] => VolumeSpec::Export(legs[*one].clone()),
-            _ => VolumeSpec::Mirror {
-                quorum: None,
-                legs: g
-                    .iter()
-                    .map(|&i| VolumeSpec::Export(legs[i].clone()))
-                    .collect(),
-            },
-        };
-        match self.groups() {
-            [one] => group(one),
-            groups => VolumeSpec::Stripe {
-                chunk: 64 << 10,
-                legs: groups.iter().map(group).collect(),
-            },
-        }
+        VolumeSpec::grouped(self.groups(), 64 << 10, None, |i| legs[i].clone())
     }
 }
 

@@ -89,21 +89,7 @@ impl Layout {
     /// The volume: a mirror acknowledging writes once `quorum` legs have
     /// them (every leg in sync when `None`), or a stripe over the groups.
     fn spec(self, quorum: Option<usize>) -> VolumeSpec {
-        let export = |i: &usize| VolumeSpec::Export(format!("leg{i}"));
-        let group = |g: &&[usize]| match g {
-            [one] => export(one),
-            _ => VolumeSpec::Mirror {
-                quorum,
-                legs: g.iter().map(export).collect(),
-            },
-        };
-        match self.0 {
-            [one] => group(one),
-            groups => VolumeSpec::Stripe {
-                chunk: CHUNK,
-                legs: groups.iter().map(group).collect(),
-            },
-        }
+        VolumeSpec::grouped(self.0, CHUNK, quorum, |i| format!("leg{i}"))
     }
 }
 

@@ -30,6 +30,34 @@ pub enum VolumeSpec {
     },
 }
 
+impl VolumeSpec {
+    /// Exports in groups that mirror each other (a group of one is the
+    /// export alone), striped in `chunk`-byte chunks over the groups when
+    /// there are several: one mirror, a stripe, or a stripe of mirrors.
+    /// `name` names export `i`.
+    pub fn grouped(
+        groups: &[&[usize]],
+        chunk: u64,
+        quorum: Option<usize>,
+        name: impl Fn(usize) -> String,
+    ) -> VolumeSpec {
+        let group = |g: &&[usize]| match g {
+            [one] => VolumeSpec::Export(name(*one)),
+            _ => VolumeSpec::Mirror {
+                quorum,
+                legs: g.iter().map(|&i| VolumeSpec::Export(name(i))).collect(),
+            },
+        };
+        match groups {
+            [one] => group(one),
+            _ => VolumeSpec::Stripe {
+                chunk,
+                legs: groups.iter().map(group).collect(),
+            },
+        }
+    }
+}
+
 /// What a leg's WELCOME said about its export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LegInfo {
@@ -477,6 +505,33 @@ mod tests {
 
     fn e(name: &str) -> VolumeSpec {
         VolumeSpec::Export(name.into())
+    }
+
+    #[test]
+    fn grouped_exports_make_a_mirror_a_stripe_or_a_stripe_of_mirrors() {
+        let name = |i: usize| format!("x{i}");
+        let mirror = |legs| VolumeSpec::Mirror {
+            quorum: Some(1),
+            legs,
+        };
+        assert_eq!(
+            VolumeSpec::grouped(&[&[0, 1]], 4096, Some(1), name),
+            mirror(vec![e("x0"), e("x1")])
+        );
+        assert_eq!(
+            VolumeSpec::grouped(&[&[0], &[1]], 4096, Some(1), name),
+            VolumeSpec::Stripe {
+                chunk: 4096,
+                legs: vec![e("x0"), e("x1")]
+            }
+        );
+        assert_eq!(
+            VolumeSpec::grouped(&[&[0, 1], &[2]], 8192, Some(1), name),
+            VolumeSpec::Stripe {
+                chunk: 8192,
+                legs: vec![mirror(vec![e("x0"), e("x1")]), e("x2")]
+            }
+        );
     }
 
     /// A mirror of two stripes: a and b in 4 KiB chunks, c and d in
