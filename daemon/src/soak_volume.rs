@@ -62,7 +62,7 @@ impl VolumeShape {
     }
 
     fn spec(self, legs: &[String]) -> VolumeSpec {
-        VolumeSpec::grouped(self.groups(), 64 << 10, None, |i| legs[i].clone())
+        VolumeSpec::grouped(self.groups(), Some(64 << 10), None, |i| legs[i].clone())
     }
 }
 

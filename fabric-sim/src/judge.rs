@@ -3,7 +3,7 @@
 //! mirror with one leg unreachable went on without it (degraded
 //! service), and that each mirror's legs ended with the same bytes.
 
-use crate::mirror::{Layout, Zones, SIZE};
+use crate::layout::{Layout, Zones};
 use braid_core::server::BackendOp;
 use braid_core::testkit::{Fault, MemDisk, SECTOR};
 use std::sync::{Arc, Mutex};
@@ -31,15 +31,15 @@ const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 /// each fault of a second or more on one leg, each other group of legs
 /// with no fault on any of its legs then (or healing from one) must have
 /// gone on answering its own worker's IOs meanwhile, never pausing more
-/// than [`ISOLATION_PAUSE`]. `answered[j]`: when group `j`'s own worker's
-/// IOs were answered; `until`: when the workers stopped; `moved_from`:
+/// than [`ISOLATION_PAUSE`]. `answered`: each group with a worker of its
+/// own, and when that worker's IOs were answered; `until`: when the workers stopped; `moved_from`:
 /// the leg migrated to node `layout.legs()`, whose group that node's
 /// faults hold up too (written to both while copying, to it alone
 /// after). Returns the violations, how many (outage, group) pairs it
 /// judged, and the longest pause among them.
 pub(crate) fn isolation(
     outages: &[Outage],
-    answered: &[Vec<tokio::time::Instant>],
+    answered: &[(usize, Vec<tokio::time::Instant>)],
     until: tokio::time::Instant,
     layout: Layout,
     moved_from: Option<usize>,
@@ -49,7 +49,7 @@ pub(crate) fn isolation(
         if o.to.duration_since(o.from) < Duration::from_secs(1) || o.to > until {
             continue;
         }
-        for (j, times) in answered.iter().enumerate() {
+        for &(j, ref times) in answered {
             let serves_j = |leg: usize| {
                 if leg < layout.legs() {
                     layout.group_of(leg) == j
@@ -99,7 +99,7 @@ const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
 /// them.
 pub(crate) fn degraded(
     outages: &[Outage],
-    answered: &[Vec<tokio::time::Instant>],
+    answered: &[(usize, Vec<tokio::time::Instant>)],
     until: tokio::time::Instant,
     layout: Layout,
 ) -> (Vec<String>, u64, Duration) {
@@ -125,11 +125,13 @@ pub(crate) fn degraded(
                 && p.from < o.to
                 && p.to + HEALING > o.from
         });
-        if layout.0[g].len() < 2 || partners_troubled {
+        let own = answered.iter().find(|(group, _)| *group == g);
+        let Some((_, times)) = own.filter(|_| layout.groups[g].len() >= 2 && !partners_troubled)
+        else {
             continue;
-        }
+        };
         judged += 1;
-        let pause = longest_pause(&answered[g], o.from, o.to);
+        let pause = longest_pause(times, o.from, o.to);
         longest = longest.max(pause);
         if pause > DEGRADED_PAUSE {
             let group = layout.name(g);
@@ -171,7 +173,7 @@ pub(crate) fn divergence(
     retired: &[usize],
 ) -> Vec<String> {
     let (mut violations, zones) = (Vec::new(), Zones::of(layout));
-    for (g, group) in layout.0.iter().enumerate() {
+    for (g, group) in layout.groups.iter().enumerate() {
         let moved_here = moved_from.filter(|&from| layout.group_of(from) == g);
         let legs: Vec<usize> = group
             .iter()
@@ -180,16 +182,23 @@ pub(crate) fn divergence(
             .filter(|i| !retired.contains(i))
             .collect();
         let sector = |s| zones.stamped_at(layout.volume_sector(g, s));
-        violations.extend(mirror_divergence(disks, &legs, sector));
+        violations.extend(mirror_divergence(
+            disks,
+            &legs,
+            layout.group_size(g),
+            sector,
+        ));
     }
     violations
 }
 
-/// Where the disks of `legs` differ from the first of them (`sector`:
-/// the sector number stamped in a disk's sector, for messages).
+/// Where the first `size` bytes of the disks of `legs` differ from the
+/// first of them (`sector`: the sector number stamped in a disk's
+/// sector, for messages).
 fn mirror_divergence(
     disks: &[Arc<Mutex<MemDisk>>],
     legs: &[usize],
+    size: u64,
     sector: impl Fn(u64) -> u64,
 ) -> Vec<String> {
     let mut violations = Vec::new();
@@ -199,7 +208,7 @@ fn mirror_divergence(
             let d = &disks[i];
             let bytes = d.lock().unwrap().apply(&BackendOp::Read {
                 offset: 0,
-                len: SIZE as u32,
+                len: size as u32,
             });
             (i, bytes)
         })

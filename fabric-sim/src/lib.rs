@@ -30,6 +30,8 @@ mod judge;
 #[cfg(madsim)]
 mod keys;
 #[cfg(madsim)]
+mod layout;
+#[cfg(madsim)]
 mod mirror;
 #[cfg(madsim)]
 mod workload;

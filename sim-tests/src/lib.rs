@@ -80,7 +80,8 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorRestart
         | Scenario::MirrorQuorum
         | Scenario::Stripe
-        | Scenario::StripedMirrors => return None,
+        | Scenario::StripedMirrors
+        | Scenario::Linear => return None,
     }
     Some(c)
 }

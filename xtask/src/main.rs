@@ -236,6 +236,8 @@ fn ci() -> Result<(), String> {
         ("no-fan-out", "mirror", "4", "10"),
         // The same logs one level down, in each mirror of a stripe.
         ("no-dirty-log", "striped-mirrors", "4", "10"),
+        // And writes reaching both legs of the mirror in a linear volume.
+        ("no-fan-out", "linear", "4", "10"),
         // 6 of the first 200 seeds end with a leg holding a dead run's
         // late writes (15 of the first 400; before session 53's change to
         // when a copy may start, 7 and 17).

@@ -90,6 +90,9 @@ pub enum Scenario {
     /// A stripe over two mirrors of two servers each (RAID 10), faults on
     /// the legs.
     StripedMirrors,
+    /// A mirror of two servers and a third server's export of another
+    /// size, one after another (linear), faults on the legs.
+    Linear,
     /// The client's key withdrawn from the server for a while, then given
     /// back, among crashes and partitions.
     KeyWithdrawn,
@@ -97,7 +100,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 25] = [
+    pub const ALL: [Scenario; 26] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -122,6 +125,7 @@ impl Scenario {
         Scenario::MirrorQuorum,
         Scenario::Stripe,
         Scenario::StripedMirrors,
+        Scenario::Linear,
         Scenario::KeyWithdrawn,
     ];
 
@@ -152,6 +156,7 @@ impl Scenario {
             Scenario::MirrorQuorum => "mirror-quorum",
             Scenario::Stripe => "stripe",
             Scenario::StripedMirrors => "striped-mirrors",
+            Scenario::Linear => "linear",
             Scenario::KeyWithdrawn => "key-withdrawn",
         }
     }
@@ -227,6 +232,13 @@ impl Scenario {
                  the seeds one node's leg moves to a fifth; IO to the other mirror goes on, \
                  reads checked, each mirror's legs converge after"
             }
+            Scenario::Linear => {
+                "a volume of a mirror over two server nodes followed (linear) by a third \
+                 node's smaller export, the seam and the sizes off every chunk and region; \
+                 the stripe's faults, one group down alone first, in half the seeds one \
+                 leg moving to a fourth node; IO to the other group goes on, reads checked, \
+                 the mirror's legs converge after"
+            }
             Scenario::KeyWithdrawn => {
                 "the operator withdraws the client's key (its channels close, reconnects are \
                  refused) for up to seconds, sometimes past the session linger, then gives it \
@@ -262,7 +274,8 @@ impl Scenario {
             | Scenario::MirrorRestart
             | Scenario::MirrorQuorum
             | Scenario::Stripe
-            | Scenario::StripedMirrors => MADSIM,
+            | Scenario::StripedMirrors
+            | Scenario::Linear => MADSIM,
         }
     }
 
@@ -284,6 +297,7 @@ impl Scenario {
                 | Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
                 | Scenario::StripedMirrors
+                | Scenario::Linear
         )
     }
 

@@ -33,11 +33,12 @@ pub enum VolumeSpec {
 impl VolumeSpec {
     /// Exports in groups that mirror each other (a group of one is the
     /// export alone), striped in `chunk`-byte chunks over the groups when
-    /// there are several: one mirror, a stripe, or a stripe of mirrors.
+    /// there are several (one after another when `chunk` is `None`): one
+    /// mirror, a stripe or concatenation of exports, or of mirrors.
     /// `name` names export `i`.
     pub fn grouped(
         groups: &[&[usize]],
-        chunk: u64,
+        chunk: Option<u64>,
         quorum: Option<usize>,
         name: impl Fn(usize) -> String,
     ) -> VolumeSpec {
@@ -48,12 +49,14 @@ impl VolumeSpec {
                 legs: g.iter().map(|&i| VolumeSpec::Export(name(i))).collect(),
             },
         };
-        match groups {
-            [one] => group(one),
-            _ => VolumeSpec::Stripe {
+        let legs = || groups.iter().map(group).collect();
+        match (groups, chunk) {
+            ([one], _) => group(one),
+            (_, Some(chunk)) => VolumeSpec::Stripe {
                 chunk,
-                legs: groups.iter().map(group).collect(),
+                legs: legs(),
             },
+            (_, None) => VolumeSpec::Linear(legs()),
         }
     }
 }
@@ -508,29 +511,37 @@ mod tests {
     }
 
     #[test]
-    fn grouped_exports_make_a_mirror_a_stripe_or_a_stripe_of_mirrors() {
+    fn grouped_exports_make_a_mirror_a_stripe_a_concatenation_or_those_of_mirrors() {
         let name = |i: usize| format!("x{i}");
         let mirror = |legs| VolumeSpec::Mirror {
             quorum: Some(1),
             legs,
         };
         assert_eq!(
-            VolumeSpec::grouped(&[&[0, 1]], 4096, Some(1), name),
+            VolumeSpec::grouped(&[&[0, 1]], Some(4096), Some(1), name),
             mirror(vec![e("x0"), e("x1")])
         );
         assert_eq!(
-            VolumeSpec::grouped(&[&[0], &[1]], 4096, Some(1), name),
+            VolumeSpec::grouped(&[&[0], &[1]], Some(4096), Some(1), name),
             VolumeSpec::Stripe {
                 chunk: 4096,
                 legs: vec![e("x0"), e("x1")]
             }
         );
         assert_eq!(
-            VolumeSpec::grouped(&[&[0, 1], &[2]], 8192, Some(1), name),
+            VolumeSpec::grouped(&[&[0, 1], &[2]], Some(8192), Some(1), name),
             VolumeSpec::Stripe {
                 chunk: 8192,
                 legs: vec![mirror(vec![e("x0"), e("x1")]), e("x2")]
             }
+        );
+        assert_eq!(
+            VolumeSpec::grouped(&[&[0, 1], &[2]], None, Some(1), name),
+            VolumeSpec::Linear(vec![mirror(vec![e("x0"), e("x1")]), e("x2")])
+        );
+        assert_eq!(
+            VolumeSpec::grouped(&[&[0, 1]], None, Some(1), name),
+            mirror(vec![e("x0"), e("x1")])
         );
     }
 
