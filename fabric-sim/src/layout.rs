@@ -5,7 +5,7 @@ use braid_core::testkit::{Scenario, SECTOR};
 use braid_core::volume::VolumeSpec;
 
 /// A plain export's size, and each leg's where the layout gives none.
-pub(crate) const SIZE: u64 = 1 << 20;
+const SIZE: u64 = 1 << 20;
 /// The stripe's chunk (small, so IO often spans two groups), and the
 /// size of a group's own zone.
 pub(crate) const CHUNK: u64 = 4096;

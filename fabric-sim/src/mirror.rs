@@ -13,13 +13,13 @@
 //! one whole mirror taken down first: the stripe's check between the
 //! mirrors, the mirror's checks within each. `linear` puts a mirror of
 //! two nodes and a third node's smaller export one after the other,
-//! with the same checks across the seam. The layouts are in
+//! with the same checks across the seam, and bad blocks besides. The layouts are in
 //! `layout.rs`; what is judged once a run is over (besides each read),
 //! in `judge.rs`.
 
 use crate::disk::SimDisk;
 use crate::judge::{degraded, divergence, isolation, Outage};
-use crate::layout::{Layout, Zones, SIZE};
+use crate::layout::{Layout, Zones};
 use crate::workload::{shared_worker, SharedPlan, BLOCK};
 use crate::world::Report;
 use braid_core::auth::Key;
@@ -166,7 +166,7 @@ pub(crate) async fn simulate(
     });
     // Bad blocks come from their own stream, so the other faults of a
     // seed stay as they are in `mirror`.
-    let media = (scenario == Scenario::MirrorErrors).then(|| {
+    let media = bad_blocks(scenario).then(|| {
         let disks = disks.clone();
         tokio::spawn(inject_media_errors(seed, disks, run_for))
     });
@@ -251,6 +251,13 @@ pub(crate) async fn simulate(
     report
 }
 
+/// Whether legs grow bad blocks: in `mirror-errors`, and in `linear`,
+/// where those of the plain export fail IO there and the mirror hides
+/// its own.
+fn bad_blocks(scenario: Scenario) -> bool {
+    matches!(scenario, Scenario::MirrorErrors | Scenario::Linear)
+}
+
 /// The checker of every read through the volume: errors only where one
 /// disk would give them (the last leg in sync full, or with bad blocks in
 /// `mirror-errors`); reads of writes not yet acknowledged may go back
@@ -266,9 +273,9 @@ fn volume_checker(
     // Except a full disk on the last leg in sync: its writes fail with
     // NoSpace, as one full disk's do (the other legs are away then).
     checker.allowed_errors = vec!["NoSpace"];
-    if scenario == Scenario::MirrorErrors {
-        // Bad blocks on the last leg in sync fail IO there, as on one
-        // disk.
+    if bad_blocks(scenario) {
+        // Bad blocks on the last leg in sync (or on a plain export) fail
+        // IO there, as on one disk.
         checker.allowed_errors.push("Media");
     }
     checker.unacked_reads_may_revert = restart;
@@ -331,6 +338,8 @@ impl Report {
         }
         for o in outcomes.into_iter().chain(own.into_iter().map(|(_, o)| o)) {
             self.ios += o.ios;
+            self.media_errors += o.media_errors;
+            self.no_space_errors += o.no_space_errors;
             self.violations.extend(o.violations);
             self.longest_io = self.longest_io.max(o.longest);
             self.steps.push(o.steps);
@@ -949,8 +958,9 @@ async fn inject(
     (faults, outages)
 }
 
-/// Bad blocks on one leg at a time (64 KiB of its disk, for up to three
-/// seconds) until two seconds before the end; returns how many.
+/// Bad blocks on one leg at a time (64 KiB of its disk, at a multiple
+/// of 64 KiB, for up to three seconds) until two seconds before the end;
+/// returns how many.
 async fn inject_media_errors(seed: u64, disks: Vec<Arc<Mutex<MemDisk>>>, run_for: Duration) -> u64 {
     let mut rng = SplitMix64::new(seed ^ 0x0bad_b10c);
     let end = tokio::time::Instant::now() + run_for;
@@ -962,7 +972,8 @@ async fn inject_media_errors(seed: u64, disks: Vec<Arc<Mutex<MemDisk>>>, run_for
             return count;
         }
         let leg = rng.below(disks.len() as u64) as usize;
-        let start = rng.below(SIZE / (64 << 10)) * (64 << 10);
+        let size = disks[leg].lock().unwrap().size();
+        let start = rng.below(size / (64 << 10)) * (64 << 10);
         if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
             eprintln!(
                 "{:?} fault media errors on server{leg} at {start}+64K for {hold:?}",

@@ -289,6 +289,13 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
         let since = answered.duration_since(start).as_nanos() as u64;
         out.trace = mix(mix(out.trace, since), roll ^ (first << 8) ^ (count << 40));
         out.steps.push((since, out.trace));
+        // Whether an error was allowed is the checker's to say (by its
+        // kind's name, as here); these count what reached the caller, for
+        // the sweep's totals.
+        if let Err(e) = &result {
+            out.media_errors += u64::from(e.contains("Media"));
+            out.no_space_errors += u64::from(e.contains("NoSpace"));
+        }
         let mut checker = plan.checker.lock().unwrap();
         match &result {
             Ok(data) => checker.complete(io_id, Ok(&data[..]), fua),
