@@ -15,6 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The soaked server's export (sparse): more than the verifier's 32 MiB.
+pub(crate) const EXPORT_SIZE: u64 = 256 << 20;
+
 #[derive(Args, Debug)]
 pub(crate) struct SoakArgs {
     /// Seconds of faults.
@@ -57,17 +60,24 @@ pub(crate) struct ServerProcess {
     pub(crate) dir: PathBuf,
     pub(crate) port: u16,
     engines: u16,
+    /// Its export's bytes.
+    size: u64,
     child: Option<Child>,
 }
 
 impl ServerProcess {
-    pub(crate) async fn start(dir: PathBuf, engines: u16) -> Result<ServerProcess, String> {
+    pub(crate) async fn start(
+        dir: PathBuf,
+        engines: u16,
+        size: u64,
+    ) -> Result<ServerProcess, String> {
         let port = free_port()?;
-        let child = Some(spawn_server(&dir, port, engines).await?);
+        let child = Some(spawn_server(&dir, port, engines, size).await?);
         Ok(ServerProcess {
             dir,
             port,
             engines,
+            size,
             child,
         })
     }
@@ -81,7 +91,7 @@ impl ServerProcess {
     }
 
     pub(crate) async fn restart(&mut self) -> Result<(), String> {
-        self.child = Some(spawn_server(&self.dir, self.port, self.engines).await?);
+        self.child = Some(spawn_server(&self.dir, self.port, self.engines, self.size).await?);
         Ok(())
     }
 
@@ -134,10 +144,14 @@ pub(crate) struct ProxiedServer {
 }
 
 impl ProxiedServer {
-    /// `braid serve` of `engines` engines on `dir` (which must exist), and
-    /// a proxy before it.
-    pub(crate) async fn start(dir: PathBuf, engines: u16) -> Result<ProxiedServer, String> {
-        let server = ServerProcess::start(dir, engines).await?;
+    /// `braid serve` of `engines` engines on `dir` (which must exist),
+    /// exporting `size` bytes, and a proxy before it.
+    pub(crate) async fn start(
+        dir: PathBuf,
+        engines: u16,
+        size: u64,
+    ) -> Result<ProxiedServer, String> {
+        let server = ServerProcess::start(dir, engines, size).await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| e.to_string())?;
@@ -191,7 +205,12 @@ fn free_port() -> Result<u16, String> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-async fn spawn_server(dir: &std::path::Path, port: u16, engines: u16) -> Result<Child, String> {
+async fn spawn_server(
+    dir: &std::path::Path,
+    port: u16,
+    engines: u16,
+    size: u64,
+) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -210,7 +229,7 @@ async fn spawn_server(dir: &std::path::Path, port: u16, engines: u16) -> Result<
         .arg(dir)
         .arg("--export")
         .arg(format!(
-            "disk0={},size=256M",
+            "disk0={},size={size}",
             dir.join("disk0.img").display()
         ))
         .stdout(Stdio::null())
@@ -239,7 +258,7 @@ impl Rig {
         let dir = std::env::temp_dir().join(format!("braid-soak-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let node = ProxiedServer::start(dir.clone(), engines).await?;
+        let node = ProxiedServer::start(dir.clone(), engines, EXPORT_SIZE).await?;
         let client = node.connect(4).await?;
         let progress = Arc::new(Progress::default());
         let workload = tokio::spawn(verify::workload(client.clone(), 8192, 16, progress.clone()));

@@ -1,4 +1,5 @@
-//! `braid soak --volume mirror3` (or `mirror2`, `stripe`): real `braid
+//! `braid soak --volume mirror3` (or `mirror2`, `stripe`,
+//! `striped-mirrors`, `linear`): real `braid
 //! serve` processes behind fault proxies, a volume over them driven in
 //! this process exactly as `braid attach --volume` drives it, and the
 //! verifier on the volume throughout. First one leg's server is killed for
@@ -31,6 +32,9 @@ pub(crate) enum VolumeShape {
     Stripe,
     /// 64 KiB chunks dealt over two mirrors of two legs each (RAID 10).
     StripedMirrors,
+    /// A mirror of two legs followed by a third, smaller leg; the seam
+    /// falls inside one of the verifier's blocks.
+    Linear,
 }
 
 impl VolumeShape {
@@ -50,6 +54,17 @@ impl VolumeShape {
             VolumeShape::Mirror3 => &[&[0, 1, 2]],
             VolumeShape::Stripe => &[&[0], &[1], &[2]],
             VolumeShape::StripedMirrors => &[&[0, 1], &[2, 3]],
+            VolumeShape::Linear => &[&[0, 1], &[2]],
+        }
+    }
+
+    /// Leg `leg`'s export (the spare's is leg0's, which moves to it).
+    /// Linear legs are small, so the verifier's 32 MiB reach the second.
+    fn leg_size(self, leg: usize) -> u64 {
+        match (self, leg) {
+            (VolumeShape::Linear, 2) => 13 << 20,
+            (VolumeShape::Linear, _) => (20 << 20) + (2 << 10),
+            _ => crate::soak::EXPORT_SIZE,
         }
     }
 
@@ -61,8 +76,15 @@ impl VolumeShape {
         self.groups().iter().any(|g| g.len() > 1)
     }
 
+    /// Every leg has a copy: the cost rows can build mirrors over the
+    /// legs it ends with (all of one size).
+    fn all_mirrored(self) -> bool {
+        self.groups().iter().all(|g| g.len() > 1)
+    }
+
     fn spec(self, legs: &[String]) -> VolumeSpec {
-        VolumeSpec::grouped(self.groups(), Some(64 << 10), None, |i| legs[i].clone())
+        let chunk = (self != VolumeShape::Linear).then_some(64 << 10);
+        VolumeSpec::grouped(self.groups(), chunk, None, |i| legs[i].clone())
     }
 }
 
@@ -75,11 +97,17 @@ const COST_SECS: f64 = 5.0;
 /// 4 KiB blocks the verifier exercises (32 MiB).
 const BLOCKS: u64 = 8192;
 
-/// Server `i`'s data dir under `root`, with its server and proxy.
-async fn start_node(root: &Path, i: usize, engines: u16) -> Result<ProxiedServer, String> {
+/// Server `i`'s data dir under `root`, with its server (exporting
+/// `size` bytes) and proxy.
+async fn start_node(
+    root: &Path,
+    i: usize,
+    engines: u16,
+    size: u64,
+) -> Result<ProxiedServer, String> {
     let dir = root.join(format!("server{i}"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    ProxiedServer::start(dir, engines).await
+    ProxiedServer::start(dir, engines, size).await
 }
 
 /// A leg's client: two channels through its proxy.
@@ -196,7 +224,8 @@ pub(crate) async fn run(
     // Every node at once; the spare (the last) is the migration's target.
     let mut nodes = Vec::new();
     for i in 0..=n {
-        nodes.push(start_node(&root, i, engines).await?);
+        let leg = if i == n { 0 } else { i };
+        nodes.push(start_node(&root, i, engines, shape.leg_size(leg)).await?);
     }
     let mut clients = Vec::new();
     for (i, node) in nodes.iter().take(n).enumerate() {
@@ -219,7 +248,7 @@ pub(crate) async fn run(
     let diverged = divergence(shape, &nodes, &end.final_legs)?;
     // 4. What a mirror costs: the same verifier on one export, a 2-way
     // and a 3-way mirror, over the legs now in sync, in this run.
-    let cost = match shape.mirrored() {
+    let cost = match shape.all_mirrored() {
         true => mirror_cost(&nodes, &end.final_legs, &root).await?,
         false => Vec::new(),
     };
@@ -598,7 +627,7 @@ impl Summary<'_> {
                 "  {:<40} {:>7} ms   (leg0 to leg{spare}, {} leg, under faults)",
                 "live migration",
                 t.as_millis(),
-                crate::config::human_size(256 << 20)
+                crate::config::human_size(self.shape.leg_size(0))
             ),
             _ => println!(
                 "  live migration                           not started (the run was too short)"

@@ -50,7 +50,7 @@ commands:
             every Nth mutant); results in target/mutants/mutants.out
             (caught.txt, missed.txt)
   soak      real braid processes under a fault proxy and kill -9, with the
-            verifier throughout (`--volume mirror3|mirror2|stripe|striped-mirrors`: a volume
+            verifier throughout (`--volume mirror3|mirror2|stripe|striped-mirrors|linear`: a volume
             over several servers, with a live migration): `cargo xtask soak [--duration SECS]
             [--seed S] [--measure-failover N]`
 ";
@@ -265,7 +265,9 @@ fn ci() -> Result<(), String> {
     soak(&args(&["--volume", "mirror3", "--duration", "20"]))?;
     // The same over two mirrors striped (RAID 10): leg1's mirror keeps
     // serving while it is away, leg0 moves within its mirror.
-    soak(&args(&["--volume", "striped-mirrors", "--duration", "15"]))
+    soak(&args(&["--volume", "striped-mirrors", "--duration", "15"]))?;
+    // A mirror and a smaller export concatenated, the seam mid-block.
+    soak(&args(&["--volume", "linear", "--duration", "10"]))
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
