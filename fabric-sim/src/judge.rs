@@ -31,12 +31,14 @@ const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 /// each fault of a second or more on one leg, each other group of legs
 /// with no fault on any of its legs then (or healing from one) must have
 /// gone on answering its own worker's IOs meanwhile, never pausing more
-/// than [`ISOLATION_PAUSE`]. `answered`: each group with a worker of its
-/// own, and when that worker's IOs were answered; `until`: when the workers stopped; `moved_from`:
-/// the leg migrated to node `layout.legs()`, whose group that node's
-/// faults hold up too (written to both while copying, to it alone
-/// after). Returns the violations, how many (outage, group) pairs it
-/// judged, and the longest pause among them.
+/// than [`ISOLATION_PAUSE`]. Bad blocks hold up no IO (it fails at once,
+/// or a mirror leaves the leg), so they do not excuse a group's pause.
+/// `answered`: each group with a worker of its own, and when that
+/// worker's IOs were answered; `until`: when the workers stopped;
+/// `moved_from`: the leg migrated to node `layout.legs()`, whose group
+/// that node's faults hold up too (written to both while copying, to it
+/// alone after). Returns the violations, how many (outage, group) pairs
+/// it judged, and the longest pause among them.
 pub(crate) fn isolation(
     outages: &[Outage],
     answered: &[(usize, Vec<tokio::time::Instant>)],
@@ -57,9 +59,12 @@ pub(crate) fn isolation(
                     moved_from.map(|from| layout.group_of(from)) == Some(j)
                 }
             };
-            let troubled = outages
-                .iter()
-                .any(|p| serves_j(p.leg) && p.from < o.to && p.to + HEALING > o.from);
+            let troubled = outages.iter().any(|p| {
+                serves_j(p.leg)
+                    && p.kind != Fault::MediaErrors
+                    && p.from < o.to
+                    && p.to + HEALING > o.from
+            });
             if serves_j(o.leg) || troubled {
                 continue;
             }
@@ -92,8 +97,9 @@ const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
 /// A mirror with one leg unreachable goes on (after it gives the leg up)
 /// instead of waiting for it: for each crash, power loss, cut or stall
 /// of a mirror's leg lasting more than [`DEGRADED_PAUSE`], with no fault
-/// on its other legs then (or healing from one), the mirror's own worker
-/// must not pause longer than that. Faults on the node a leg moves to
+/// on its other legs then (or healing from one; bad blocks count, for a
+/// leg with them leaves the mirror until resynced), the mirror's own
+/// worker must not pause longer than that. Faults on the node a leg moves to
 /// are not judged, and count against every mirror. Returns the
 /// violations, how many outages it judged, and the longest pause among
 /// them.
