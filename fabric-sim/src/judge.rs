@@ -18,6 +18,14 @@ pub(crate) struct Outage {
     pub(crate) to: tokio::time::Instant,
 }
 
+/// The faults that leave a leg unreachable, rather than slow or full.
+pub(crate) const UNREACHABLE: [Fault; 4] = [
+    Fault::ServerCrash,
+    Fault::PowerLoss,
+    Fault::Partition,
+    Fault::ServerStall,
+];
+
 /// How long after a fault on a leg heals its IO may still wait: the
 /// client's reconnect backoff (2 s at most) and a resend.
 const HEALING: Duration = Duration::from_secs(5);
@@ -110,15 +118,9 @@ pub(crate) fn degraded(
     layout: Layout,
 ) -> (Vec<String>, u64, Duration) {
     let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
-    let unreachable = |kind| {
-        matches!(
-            kind,
-            Fault::ServerCrash | Fault::PowerLoss | Fault::Partition | Fault::ServerStall
-        )
-    };
     for o in outages {
         if o.leg >= layout.legs()
-            || !unreachable(o.kind)
+            || !UNREACHABLE.contains(&o.kind)
             || o.to.duration_since(o.from) <= DEGRADED_PAUSE
             || o.to > until
         {

@@ -41,11 +41,15 @@ pub enum Sabotage {
     /// of it opens one, so a dead run's writes may land after the new
     /// run's.
     NoFencing,
+    /// A volume's driver waits a minute, not a second, before it goes
+    /// on without a leg that does not answer, so a mirror with one leg
+    /// unreachable stops instead of serving from the others.
+    NoLegTimeout,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 13] = [
+    pub const ALL: [Sabotage; 14] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -59,6 +63,7 @@ impl Sabotage {
         Sabotage::NoFanOut,
         Sabotage::NoRoom,
         Sabotage::NoFencing,
+        Sabotage::NoLegTimeout,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -77,12 +82,14 @@ impl Sabotage {
             Sabotage::NoFanOut => "no-fan-out",
             Sabotage::NoRoom => "no-room",
             Sabotage::NoFencing => "no-fencing",
+            Sabotage::NoLegTimeout => "no-leg-timeout",
         }
     }
 
-    /// Whether only a mirrored volume exercises the mechanism: its own,
-    /// or fencing, which needs the owner and epoch only a volume's runs
-    /// send, and a run restarted (only mirrors are).
+    /// Whether only a mirrored volume exercises the mechanism: its own
+    /// (the leg timeout is the madsim driver's), or fencing, which needs
+    /// the owner and epoch only a volume's runs send, and a run
+    /// restarted (only mirrors are).
     pub fn needs_a_mirror(self) -> bool {
         matches!(
             self,
@@ -90,6 +97,7 @@ impl Sabotage {
                 | Sabotage::NoInSyncGate
                 | Sabotage::NoFanOut
                 | Sabotage::NoFencing
+                | Sabotage::NoLegTimeout
         )
     }
 
@@ -125,6 +133,7 @@ impl Sabotage {
             Sabotage::NoDedup
             | Sabotage::NoOverlapGate
             | Sabotage::NoFencing
+            | Sabotage::NoLegTimeout
             | Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut => {}
