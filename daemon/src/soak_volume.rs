@@ -1,13 +1,14 @@
 //! `braid soak --volume mirror3` (or `mirror2`, `stripe`,
-//! `striped-mirrors`, `linear`): real `braid
-//! serve` processes behind fault proxies, a volume over them driven in
-//! this process exactly as `braid attach --volume` drives it, and the
-//! verifier on the volume throughout. First one leg's server is killed for
-//! ten seconds under load and its resync timed; then servers are killed
-//! (one at a time) and restarted, channels black-holed, reset and stalled,
-//! while one leg migrates live to a spare server. At the end the legs the
-//! volume ends with must hold the same bytes, and for mirrors the IOPS of
-//! one export, a 2-way and a 3-way mirror are measured in the same run.
+//! `striped-mirrors`, `linear`): real `braid serve` processes behind
+//! fault proxies, a volume over them driven in this process exactly as
+//! `braid attach --volume` drives it, and the verifier on the volume
+//! throughout. First, where legs have copies, one leg's server is killed
+//! for ten seconds under load and its resync timed; then servers are
+//! killed (one at a time) and restarted, channels black-holed, reset and
+//! stalled, while one leg migrates live to a spare server. At the end each
+//! mirror's legs the volume ends with must hold the same bytes, and where
+//! every leg has a copy the IOPS of one export, a 2-way and a 3-way mirror
+//! are measured in the same run.
 
 use crate::soak::ProxiedServer;
 use crate::verify::{self, Progress};

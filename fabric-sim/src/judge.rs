@@ -107,8 +107,8 @@ const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
 /// of a mirror's leg lasting more than [`DEGRADED_PAUSE`], with no fault
 /// on its other legs then (or healing from one; bad blocks count, for a
 /// leg with them leaves the mirror until resynced), the mirror's own
-/// worker must not pause longer than that. Faults on the node a leg moves to
-/// are not judged, and count against every mirror. Returns the
+/// worker must not pause longer than that. Faults on the node a leg
+/// moves to are not judged, and count against every mirror. Returns the
 /// violations, how many outages it judged, and the longest pause among
 /// them.
 pub(crate) fn degraded(
@@ -133,11 +133,12 @@ pub(crate) fn degraded(
                 && p.from < o.to
                 && p.to + HEALING > o.from
         });
-        let own = answered.iter().find(|(group, _)| *group == g);
-        let Some((_, times)) = own.filter(|_| layout.groups[g].len() >= 2 && !partners_troubled)
-        else {
+        let Some((_, times)) = answered.iter().find(|(group, _)| *group == g) else {
             continue;
         };
+        if layout.groups[g].len() < 2 || partners_troubled {
+            continue;
+        }
         judged += 1;
         let pause = longest_pause(times, o.from, o.to);
         longest = longest.max(pause);

@@ -8,7 +8,7 @@ use braid_core::volume::VolumeSpec;
 const SIZE: u64 = 1 << 20;
 /// The stripe's chunk (small, so IO often spans two groups), and the
 /// size of a group's own zone.
-pub(crate) const CHUNK: u64 = 4096;
+const CHUNK: u64 = 4096;
 
 /// Which server nodes hold which bytes: the volume's legs in groups,
 /// each group's legs mirrors of one another (a group of one is a plain
