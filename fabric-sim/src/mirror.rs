@@ -1050,6 +1050,18 @@ mod tests {
         r
     }
 
+    /// Runs `seed` of `scenario` with `sabotage`: some violation must
+    /// start with `what`.
+    fn caught(scenario: Scenario, seed: u64, sabotage: Sabotage, what: &str) {
+        let r = crate::world::run_sabotaged(scenario, seed, 10.0, &[sabotage]);
+        assert!(
+            r.violations.iter().any(|v| v.starts_with(what)),
+            "{scenario} seed {seed} with {}: {:?}",
+            sabotage.name(),
+            r.violations
+        );
+    }
+
     /// 160046, 160117, 160268: a leg moving, and a copy of one of its
     /// regions waiting on a source (or target) that had gone quiet held
     /// up writes to the other legs' chunks in the region, until the
@@ -1170,17 +1182,7 @@ mod tests {
         for seed in [1, 2, 3] {
             let r = clean(Scenario::Linear, seed);
             assert_eq!(r.degraded_checks, 1, "linear seed {seed}");
-            let r = crate::world::run_sabotaged(
-                Scenario::Linear,
-                seed,
-                10.0,
-                &[Sabotage::NoLegTimeout],
-            );
-            assert!(
-                r.violations.iter().any(|v| v.starts_with("degraded:")),
-                "linear seed {seed} with no-leg-timeout: {:?}",
-                r.violations
-            );
+            caught(Scenario::Linear, seed, Sabotage::NoLegTimeout, "degraded:");
         }
     }
 
@@ -1235,19 +1237,13 @@ mod tests {
         // 52): 98 no longer fails without fencing, 62 and 132 do (and
         // 149 breaks a read before the legs can differ).
         for seed in [62, 66, 132] {
-            let r = crate::world::run(Scenario::MirrorRestart, seed, 10.0);
+            let r = clean(Scenario::MirrorRestart, seed);
             assert_eq!(r.faults.get(&Fault::LateFrames), Some(&1), "seed {seed}");
-            assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
-            let r = crate::world::run_sabotaged(
+            caught(
                 Scenario::MirrorRestart,
                 seed,
-                10.0,
-                &[Sabotage::NoFencing],
-            );
-            assert!(
-                r.violations.iter().any(|v| v.starts_with("convergence")),
-                "seed {seed} without fencing: {:?}",
-                r.violations
+                Sabotage::NoFencing,
+                "convergence",
             );
         }
     }
