@@ -30,6 +30,10 @@ pub(crate) const UNREACHABLE: [Fault; 4] = [
 /// client's reconnect backoff (2 s at most) and a resend.
 const HEALING: Duration = Duration::from_secs(5);
 
+/// Each group of legs with a worker of its own, and when that worker's
+/// IOs were answered, in order.
+pub(crate) type Answered = [(usize, Vec<tokio::time::Instant>)];
+
 /// Longest an untroubled group's own worker may go unanswered while
 /// another group's leg is down: ten times the longest seen in 578 such
 /// pairs of the first 100 seeds of `stripe` and `striped-mirrors` (52 ms).
@@ -41,20 +45,18 @@ const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 /// gone on answering its own worker's IOs meanwhile, never pausing more
 /// than [`ISOLATION_PAUSE`]. Bad blocks hold up no IO (it fails at once,
 /// or a mirror leaves the leg), so they do not excuse a group's pause.
-/// `answered`: each group with a worker of its own, and when that
-/// worker's IOs were answered; `until`: when the workers stopped;
-/// `moved_from`: the leg migrated to node `layout.legs()`, whose group
-/// that node's faults hold up too (written to both while copying, to it
-/// alone after). Returns the violations, how many (outage, group) pairs
-/// it judged, and the longest pause among them.
+/// `until`: when the workers stopped; `moved_from`: the leg migrated to
+/// node `layout.legs()`, whose group that node's faults hold up too
+/// (written to both while copying, to it alone after). Judges (outage,
+/// group) pairs.
 pub(crate) fn isolation(
     outages: &[Outage],
-    answered: &[(usize, Vec<tokio::time::Instant>)],
+    answered: &Answered,
     until: tokio::time::Instant,
     layout: Layout,
     moved_from: Option<usize>,
-) -> (Vec<String>, u64, Duration) {
-    let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
+) -> Verdicts {
+    let mut v = Verdicts::default();
     for o in outages {
         if o.to.duration_since(o.from) < Duration::from_secs(1) || o.to > until {
             continue;
@@ -76,12 +78,9 @@ pub(crate) fn isolation(
             if serves_j(o.leg) || troubled {
                 continue;
             }
-            judged += 1;
-            let pause = longest_pause(times, o.from, o.to);
-            longest = longest.max(pause);
-            if pause > ISOLATION_PAUSE {
+            if let Some(pause) = v.pause_over(times, o, ISOLATION_PAUSE) {
                 let group = layout.name(j);
-                violations.push(format!(
+                v.violations.push(format!(
                     "isolation: {group} answered none of its own IO for {pause:?} of the {:?} \
                      leg{} was down ({}), with nothing wrong on {group}",
                     o.to.duration_since(o.from),
@@ -91,7 +90,7 @@ pub(crate) fn isolation(
             }
         }
     }
-    (violations, judged, longest)
+    v
 }
 
 /// Longest a mirror's own worker may go unanswered while one of its legs
@@ -108,16 +107,15 @@ const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
 /// on its other legs then (or healing from one; bad blocks count, for a
 /// leg with them leaves the mirror until resynced), the mirror's own
 /// worker must not pause longer than that. Faults on the node a leg
-/// moves to are not judged, and count against every mirror. Returns the
-/// violations, how many outages it judged, and the longest pause among
-/// them.
+/// moves to are not judged, and count against every mirror. Judges
+/// outages.
 pub(crate) fn degraded(
     outages: &[Outage],
-    answered: &[(usize, Vec<tokio::time::Instant>)],
+    answered: &Answered,
     until: tokio::time::Instant,
     layout: Layout,
-) -> (Vec<String>, u64, Duration) {
-    let (mut violations, mut judged, mut longest) = (Vec::new(), 0, Duration::ZERO);
+) -> Verdicts {
+    let mut v = Verdicts::default();
     for o in outages {
         if o.leg >= layout.legs()
             || !UNREACHABLE.contains(&o.kind)
@@ -139,12 +137,9 @@ pub(crate) fn degraded(
         if layout.groups[g].len() < 2 || partners_troubled {
             continue;
         }
-        judged += 1;
-        let pause = longest_pause(times, o.from, o.to);
-        longest = longest.max(pause);
-        if pause > DEGRADED_PAUSE {
+        if let Some(pause) = v.pause_over(times, o, DEGRADED_PAUSE) {
             let group = layout.name(g);
-            violations.push(format!(
+            v.violations.push(format!(
                 "degraded: {group} answered none of its own IO for {pause:?} of the {:?} leg{} \
                  was unreachable ({}), with its other legs fine",
                 o.to.duration_since(o.from),
@@ -153,7 +148,33 @@ pub(crate) fn degraded(
             ));
         }
     }
-    (violations, judged, longest)
+    v
+}
+
+/// What a judge of pauses found.
+#[derive(Default)]
+pub(crate) struct Verdicts {
+    pub(crate) violations: Vec<String>,
+    /// How many it judged.
+    pub(crate) judged: u64,
+    /// The longest pause among them.
+    pub(crate) longest: Duration,
+}
+
+impl Verdicts {
+    /// Judges `answered` over outage `o`: the worker's longest pause
+    /// then, if over `limit`.
+    fn pause_over(
+        &mut self,
+        answered: &[tokio::time::Instant],
+        o: &Outage,
+        limit: Duration,
+    ) -> Option<Duration> {
+        self.judged += 1;
+        let pause = longest_pause(answered, o.from, o.to);
+        self.longest = self.longest.max(pause);
+        (pause > limit).then_some(pause)
+    }
 }
 
 /// The longest stretch of `from..to` in which no time of `answered`

@@ -338,15 +338,14 @@ impl Report {
                 .iter()
                 .map(|(group, o)| (*group, o.answered_at.clone()))
                 .collect();
-            let (violations, judged, pause) =
-                isolation(outages, &answered, until, layout, moved_from);
-            self.violations.extend(violations);
-            self.isolation_checks = judged;
-            self.isolation_pause = pause;
-            let (violations, judged, pause) = degraded(outages, &answered, until, layout);
-            self.violations.extend(violations);
-            self.degraded_checks = judged;
-            self.degraded_pause = pause;
+            let apart = isolation(outages, &answered, until, layout, moved_from);
+            self.violations.extend(apart.violations);
+            self.isolation_checks = apart.judged;
+            self.isolation_pause = apart.longest;
+            let degraded = degraded(outages, &answered, until, layout);
+            self.violations.extend(degraded.violations);
+            self.degraded_checks = degraded.judged;
+            self.degraded_pause = degraded.longest;
         }
         for o in outcomes.into_iter().chain(own.into_iter().map(|(_, o)| o)) {
             self.ios += o.ios;
