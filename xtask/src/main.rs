@@ -31,8 +31,9 @@ commands:
             `cargo xtask bench --scale [--runtime S] [--engines 1,2]`:
             braid's protocol with 1-8 channels and 1-16 clients, server
             CPU and engine busy time per row, for each engine count;
-            `cargo xtask bench --memory-soak SECS`: resident memory of
-            braid serve and attach under QD32 x4 for SECS seconds
+            `cargo xtask bench --memory-soak SECS [--mirror]`: resident
+            memory of braid serve and attach (--mirror: attach --volume
+            of a 2-way mirror) under QD32 x4 for SECS seconds
   sim       seeded simulation sweeps with invariant checks; arguments go
             to the runner (`cargo xtask sim --help`). With --madsim: the
             real fabric-tcp drivers on madsim (`cargo xtask sim --madsim
@@ -369,10 +370,15 @@ fn bench(extra: &[String]) -> Result<(), String> {
         let seconds = extra
             .get(at + 1)
             .and_then(|s| s.parse().ok())
-            .ok_or("usage: cargo xtask bench --memory-soak SECS")?;
+            .ok_or("usage: cargo xtask bench --memory-soak SECS [--mirror]")?;
+        let mirror = extra.iter().any(|a| a == "--mirror");
         build_workspace("release")?;
         let root = root();
-        return peers::memory_soak(seconds, &conformance::braid_binary(&root, "release"));
+        return peers::memory_soak(
+            seconds,
+            &conformance::braid_binary(&root, "release"),
+            mirror,
+        );
     }
     let mut cmd = cargo();
     cmd.args(["bench", "--package", "braid-core", "--bench", "engine"]);

@@ -1,7 +1,10 @@
-//! `cargo xtask bench --memory-soak SECS`: braid serve and braid attach
-//! under fio's QD32 x4 random reads and writes through the attached NBD
-//! socket for SECS seconds, their resident size sampled throughout; a
-//! daemon that leaks grows from the first minute to the last.
+//! `cargo xtask bench --memory-soak SECS [--mirror]`: braid serve and
+//! braid attach under fio's QD32 x4 random reads and writes through the
+//! attached NBD socket for SECS seconds, their resident size sampled
+//! throughout; a daemon that leaks grows from the first minute to the
+//! last. With `--mirror` the attach is a 2-way mirror over two braid
+//! serve (`attach --volume`), which runs the volume driver and its dirty
+//! log, not the single-export one.
 
 use super::rss::rss_kib;
 use super::{start, Killed};
@@ -9,13 +12,18 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub(crate) fn run(seconds: u64, braid: &Path) -> Result<(), String> {
+pub(crate) fn run(seconds: u64, braid: &Path, mirror: bool) -> Result<(), String> {
     let dir = Path::new("/dev/shm/braid-memory-soak");
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let (daemon, uri) = start("attach", true, dir, braid)?;
+    let (shape, described) = if mirror {
+        ("mirror", "braid attach --volume, a 2-way mirror")
+    } else {
+        ("attach", "braid attach")
+    };
+    let (daemon, uri) = start(shape, true, dir, braid)?;
     let pids = match &daemon {
-        Killed::Group(_) => daemon.braid_pids("attach"),
-        _ => unreachable!("attach runs as a group"),
+        Killed::Group(_) => daemon.braid_pids(shape),
+        _ => unreachable!("{shape} runs as a group"),
     };
     let idle: Vec<u64> = pids.iter().map(|&(_, p)| rss_kib(p).unwrap_or(0)).collect();
     let mut fio = Command::new("fio")
@@ -65,7 +73,7 @@ pub(crate) fn run(seconds: u64, braid: &Path) -> Result<(), String> {
         _ => return Err("the soak ended before its first sample".into()),
     };
     println!(
-        "memory soak, {seconds} s of fio randrw 4k QD32 x4 through braid attach (unix): {:.0} IOPS, fio errors {errors}",
+        "memory soak, {seconds} s of fio randrw 4k QD32 x4 through {described} (unix): {:.0} IOPS, fio errors {errors}",
         iops(7) + iops(48)
     );
     println!("resident MiB   idle   first minute peak   last minute peak   growth");
