@@ -121,6 +121,10 @@ pub(crate) struct Zones {
     pub(crate) shared: (u64, u64),
     /// Each with the group it lies on.
     pub(crate) own: Vec<(usize, (u64, u64))>,
+    /// Where in the shared zone (sectors from its start) a linear volume
+    /// passes from one group to the next. A stripe's chunks are as small
+    /// as its IOs, so they cross its seams often without being aimed.
+    pub(crate) seams: Vec<u64>,
 }
 
 impl Zones {
@@ -131,6 +135,7 @@ impl Zones {
             return Zones {
                 shared: (0, sectors(size)),
                 own: Vec::new(),
+                seams: Vec::new(),
             };
         }
         let groups = layout.groups.len();
@@ -149,9 +154,17 @@ impl Zones {
         } else {
             (groups as u64 * CHUNK, size)
         };
+        let seams = if layout.linear {
+            (1..groups)
+                .map(|g| sectors((0..g).map(|g| layout.group_size(g)).sum::<u64>() - first))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Zones {
             shared: (first, sectors(last - first)),
             own,
+            seams,
         }
     }
 
@@ -199,6 +212,8 @@ mod tests {
             if layout.linear {
                 let seam = layout.group_size(0);
                 assert!(bytes(zones.shared).contains(&seam), "{scenario}");
+                let into_zone = (seam - zones.shared.0) / SECTOR as u64;
+                assert_eq!(zones.seams, [into_zone], "{scenario}");
                 for &(group, (start, sectors)) in &zones.own {
                     let first = layout.volume_sector(group, 0) * SECTOR as u64;
                     let end = first + layout.group_size(group);

@@ -13,7 +13,9 @@
 //! one whole mirror taken down first: the stripe's check between the
 //! mirrors, the mirror's checks within each. `linear` puts a mirror of
 //! two nodes and a third node's smaller export one after the other,
-//! with the same checks across the seam, and bad blocks on the export.
+//! with the same checks across the seam (a quarter of the shared
+//! workers' IOs aimed across it), and bad blocks on the export, and in
+//! half the seeds on the mirror's legs too.
 //! The layouts are in `layout.rs`; what is judged once a run is over
 //! (besides each read), in `judge.rs`.
 
@@ -119,11 +121,12 @@ pub(crate) async fn simulate(
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 100)));
     let restart = matches!(scenario, Scenario::MirrorRestart | Scenario::MirrorQuorum);
     let zones = Zones::of(layout);
-    let checker = volume_checker(scenario, restart, zones.shared.1);
+    let bad = bad_blocks(scenario, layout, seed);
+    let checker = volume_checker(bad.is_some(), restart, zones.shared.1);
     let own_checkers = zones
         .own
         .iter()
-        .map(|&(_, (_, sectors))| volume_checker(scenario, restart, sectors))
+        .map(|&(_, (_, sectors))| volume_checker(bad.is_some(), restart, sectors))
         .collect();
     let next_io = Arc::new(AtomicU64::new(1));
     let ctx = ClientCtx {
@@ -166,7 +169,7 @@ pub(crate) async fn simulate(
     });
     // Bad blocks come from their own stream, so the other faults of a
     // seed stay as they are in `mirror`.
-    let media = bad_blocks(scenario, layout).map(|legs| {
+    let media = bad.map(|legs| {
         let disks = disks.clone();
         tokio::spawn(inject_media_errors(seed, disks, legs, run_for))
     });
@@ -255,13 +258,16 @@ pub(crate) async fn simulate(
 }
 
 /// Which nodes grow bad blocks: every one in `mirror-errors`, where the
-/// mirror hides them; in `linear` the plain export, whose bad blocks
-/// fail IO there as one disk's would (left off the mirror's legs, whose
-/// trouble would leave few outages for the degraded check to judge).
-fn bad_blocks(scenario: Scenario, layout: Layout) -> Option<Vec<usize>> {
+/// mirror hides them. In `linear` the plain export, whose bad blocks fail
+/// IO there as one disk's would, and the mirror's legs too in the seeds
+/// that take none of them down alone first: in those a leg's bad blocks
+/// would leave its partner's outage nothing for the degraded check to
+/// judge.
+fn bad_blocks(scenario: Scenario, layout: Layout, seed: u64) -> Option<Vec<usize>> {
     let legs = 0..layout.legs();
     match scenario {
         Scenario::MirrorErrors => Some(legs.collect()),
+        Scenario::Linear if lone_mirror_leg_first(seed, layout).is_none() => Some(legs.collect()),
         Scenario::Linear => Some(
             legs.filter(|&leg| layout.groups[layout.group_of(leg)].len() == 1)
                 .collect(),
@@ -270,12 +276,23 @@ fn bad_blocks(scenario: Scenario, layout: Layout) -> Option<Vec<usize>> {
     }
 }
 
+/// Whether seed `seed` first takes one mirror leg down alone for longer
+/// than the mirror may wait for it, its partner in sync, so that the
+/// degraded check has an outage to judge (faults drawn from the mix leave
+/// one in about 1% of seeds): in half the seeds of a linear volume, and
+/// only there, so that the other layouts' pinned seeds keep their
+/// schedules. If so, the rest of that choice's random stream.
+fn lone_mirror_leg_first(seed: u64, layout: Layout) -> Option<SplitMix64> {
+    let mut solo = SplitMix64::new(seed ^ 0x5010_1e90);
+    (layout.linear && solo.chance(0.5)).then_some(solo)
+}
+
 /// The checker of every read through the volume: errors only where one
 /// disk would give them (the last leg in sync full, or with bad blocks
 /// where legs grow them); reads of writes not yet acknowledged may go back
 /// where the client restarts.
 fn volume_checker(
-    scenario: Scenario,
+    bad_blocks: bool,
     restart: bool,
     sectors: u64,
 ) -> Arc<Mutex<braid_core::testkit::Checker>> {
@@ -285,7 +302,7 @@ fn volume_checker(
     // Except a full disk on the last leg in sync: its writes fail with
     // NoSpace, as one full disk's do (the other legs are away then).
     checker.allowed_errors = vec!["NoSpace"];
-    if bad_blocks(scenario, Layout::of(scenario)).is_some() {
+    if bad_blocks {
         // Bad blocks on the last leg in sync (or on a plain export) fail
         // IO there, as on one disk.
         checker.allowed_errors.push("Media");
@@ -624,25 +641,37 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
     let until = ctx
         .until
         .unwrap_or_else(|| tokio::time::Instant::now() + ctx.run_for);
-    let plan = |id: u64, (zone_start, zone_sectors), checker: &Arc<Mutex<_>>, flushes| SharedPlan {
-        id,
-        zone_start,
-        zone_sectors,
-        checker: checker.clone(),
-        next_io: ctx.next_io.clone(),
-        seed: ctx.seed,
-        until,
-        flushes,
-    };
+    let plan =
+        |id: u64, (zone_start, zone_sectors), checker: &Arc<Mutex<_>>, flushes, seams| SharedPlan {
+            id,
+            zone_start,
+            zone_sectors,
+            checker: checker.clone(),
+            next_io: ctx.next_io.clone(),
+            seed: ctx.seed,
+            until,
+            flushes,
+            seams,
+        };
     // A FLUSH waits for every leg: a worker of one leg's own sends none.
     let tasks: Vec<_> = (0..WORKERS)
-        .map(|w| plan(0x80 | w, zones.shared, &ctx.checker, true))
+        .map(|w| {
+            plan(
+                0x80 | w,
+                zones.shared,
+                &ctx.checker,
+                true,
+                zones.seams.clone(),
+            )
+        })
         .chain(
             zones
                 .own
                 .iter()
                 .zip(&ctx.own_checkers)
-                .map(|(&(group, zone), checker)| plan(0x40 | group as u64, zone, checker, false)),
+                .map(|(&(group, zone), checker)| {
+                    plan(0x40 | group as u64, zone, checker, false, Vec::new())
+                }),
         )
         .map(|plan| tokio::spawn(shared_worker(volume.clone(), plan)))
         .collect();
@@ -908,14 +937,7 @@ async fn inject(
         }
     };
     if let Some((seed, layout)) = lone_first {
-        // In half the seeds of `linear`, one mirror leg is first taken
-        // down alone for longer than the mirror may wait for it, its
-        // partner in sync, so the degraded check has an outage to judge
-        // (faults drawn from the mix leave one in about 1% of seeds).
-        // Only there: the other layouts' pinned seeds keep their
-        // schedules.
-        let mut solo = SplitMix64::new(seed ^ 0x5010_1e90);
-        if layout.linear && solo.chance(0.5) {
+        if let Some(mut solo) = lone_mirror_leg_first(seed, layout) {
             tokio::time::sleep(ms(&mut solo, 300, 800)).await;
             let mirrors: Vec<&[usize]> = layout
                 .groups

@@ -211,6 +211,10 @@ pub(crate) struct SharedPlan {
     /// Whether it sends FLUSHes, which reach every leg of a volume: a
     /// worker that should touch one leg only sends reads there instead.
     pub flushes: bool,
+    /// Sectors of the zone where IO splits between groups of legs and
+    /// which IOs at random offsets would rarely cross: a quarter of the
+    /// IOs of two sectors or more are put across one.
+    pub seams: Vec<u64>,
 }
 
 /// The checker's findings as an outcome, each prefixed with `what`.
@@ -260,7 +264,16 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
     while tokio::time::Instant::now() < plan.until {
         let io_id = plan.next_io.fetch_add(1, Ordering::Relaxed);
         let count = 1 + rng.below(8);
-        let first = rng.below(sectors - count + 1);
+        let first = match plan.seams.as_slice() {
+            seams if count > 1 && !seams.is_empty() && rng.below(4) == 0 => {
+                let seam = seams[rng.below(seams.len() as u64) as usize];
+                // Sectors seam - 1 and seam both in the IO.
+                (seam + 1 + rng.below(count - 1))
+                    .saturating_sub(count)
+                    .min(sectors - count)
+            }
+            _ => rng.below(sectors - count + 1),
+        };
         let (rel, len) = (first * SECTOR as u64, (count as usize * SECTOR) as u32);
         let offset = plan.zone_start + rel;
         let roll = rng.below(100);

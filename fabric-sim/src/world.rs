@@ -534,6 +534,7 @@ async fn run_client(
                         seed,
                         until,
                         flushes: true,
+                        seams: Vec::new(),
                     };
                     tokio::spawn(shared_worker(client.clone(), plan))
                 })

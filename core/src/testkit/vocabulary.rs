@@ -235,7 +235,8 @@ impl Scenario {
             Scenario::Linear => {
                 "a volume of a mirror over two server nodes followed (linear) by a third \
                  node's smaller export, the seam and the sizes off every chunk and region; \
-                 the stripe's faults, bad blocks on the export, one group down alone first, \
+                 the stripe's faults, bad blocks on the export (in half the seeds on the \
+                 mirror's legs too), IO aimed across the seam, one group down alone first, \
                  in half the seeds one leg moving to a fourth node; IO to the other group \
                  goes on, reads checked, the mirror's legs converge after"
             }
