@@ -1,9 +1,12 @@
 //! What the volume scenarios judge once a run is over, beyond each
 //! read: that one stripe leg down held up no other (isolation), that a
 //! mirror with one leg unreachable went on without it (degraded
-//! service), and that each mirror's legs ended with the same bytes.
+//! service), that bad blocks reached the user only where no other copy
+//! could serve (masking), and that each mirror's legs ended with the
+//! same bytes.
 
 use crate::layout::{Layout, Zones};
+use crate::workload::Failed;
 use braid_core::server::BackendOp;
 use braid_core::testkit::{Fault, MemDisk, SECTOR};
 use std::sync::{Arc, Mutex};
@@ -145,6 +148,59 @@ pub(crate) fn degraded(
                 o.to.duration_since(o.from),
                 o.leg,
                 o.kind
+            ));
+        }
+    }
+    v
+}
+
+/// A mirror hides one leg's bad blocks while another leg is in sync: a
+/// read goes to another copy, and a write leaves the failing leg behind,
+/// to be copied back. So an IO through the volume may fail with a media
+/// error only if, under its bytes, some group of legs had every leg in
+/// trouble by then, one of them with bad blocks while the IO was out. A
+/// leg is in trouble from its first fault on: back from one, it is not
+/// in sync until copied back, and the copy may take long while its
+/// source is in trouble too (seed 260249 of `mirror-errors`: leg0 was
+/// still being copied back 5 s after its faults, its source's bad blocks
+/// failing the copy). A group of one leg is a plain export, whose bad
+/// blocks are the user's, as one disk's are. The node a leg moved to
+/// stands in for it. Judges failed IOs.
+pub(crate) fn masking(
+    outages: &[Outage],
+    failed: &[Failed],
+    layout: Layout,
+    moved_from: Option<usize>,
+) -> Verdicts {
+    let mut v = Verdicts::default();
+    for f in failed {
+        v.judged += 1;
+        let on = |p: &Outage, leg: usize| {
+            p.leg == leg || (moved_from == Some(leg) && p.leg == layout.legs())
+        };
+        let troubled = |leg: usize| outages.iter().any(|p| on(p, leg) && p.from <= f.answered);
+        let bad_blocks = |leg: usize| {
+            outages.iter().any(|p| {
+                on(p, leg)
+                    && p.kind == Fault::MediaErrors
+                    && p.from <= f.answered
+                    && p.to + HEALING > f.began
+            })
+        };
+        let groups = layout.groups_under(f.offset, f.len);
+        let failing = groups.iter().any(|&g| {
+            let legs = layout.groups[g];
+            legs.iter().all(|&leg| troubled(leg)) && legs.iter().any(|&leg| bad_blocks(leg))
+        });
+        if !failing {
+            let names: Vec<String> = groups.iter().map(|&g| layout.name(g)).collect();
+            v.violations.push(format!(
+                "masking: an IO over bytes {}+{} ({}) failed with a media error at {:?}, \
+                 though no group under it had every leg in trouble and one with bad blocks",
+                f.offset,
+                f.len,
+                names.join(", "),
+                f.answered
             ));
         }
     }

@@ -85,6 +85,33 @@ impl Layout {
         (chunk * self.groups.len() as u64 + group as u64) * per_chunk + within
     }
 
+    /// The groups holding the volume's bytes `offset..offset + len`.
+    pub(crate) fn groups_under(self, offset: u64, len: u64) -> Vec<usize> {
+        let sector = SECTOR as u64;
+        let mut groups: Vec<usize> = (offset / sector..(offset + len).div_ceil(sector))
+            .map(|s| self.group_at(s))
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+
+    /// The group holding the volume's sector `sector`.
+    fn group_at(self, sector: u64) -> usize {
+        if self.linear {
+            let mut end = 0;
+            for g in 0..self.groups.len() {
+                end += self.group_size(g) / SECTOR as u64;
+                if sector < end {
+                    return g;
+                }
+            }
+            return self.groups.len() - 1;
+        }
+        let chunk = sector / (CHUNK / SECTOR as u64);
+        (chunk % self.groups.len() as u64) as usize
+    }
+
     /// Group `group`'s legs, for messages: `leg0` or `leg0+leg1`.
     pub(crate) fn name(self, group: usize) -> String {
         let legs: Vec<String> = self.groups[group]
@@ -189,6 +216,37 @@ impl Zones {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The group a volume sector is found on is the one whose sector
+    /// [`Layout::volume_sector`] puts there, in every volume scenario.
+    #[test]
+    fn every_sector_is_on_the_group_that_holds_it() {
+        for scenario in Scenario::ALL.into_iter().filter(|s| s.runs_a_volume()) {
+            let layout = Layout::of(scenario);
+            for g in 0..layout.groups.len() {
+                let sectors = layout.group_size(g) / SECTOR as u64;
+                let per_chunk = CHUNK / SECTOR as u64;
+                // A striped volume holds whole rounds of chunks only.
+                let held = if layout.linear {
+                    sectors
+                } else {
+                    layout.volume_size() / layout.groups.len() as u64 / SECTOR as u64 / per_chunk
+                        * per_chunk
+                };
+                for s in 0..held {
+                    let at = layout.volume_sector(g, s) * SECTOR as u64;
+                    assert_eq!(
+                        layout.groups_under(at, 512),
+                        [g],
+                        "{scenario} group {g} sector {s}"
+                    );
+                }
+            }
+            let seam_or_chunk = layout.volume_sector(0, layout.group_size(0) / SECTOR as u64 - 1);
+            let across = layout.groups_under(seam_or_chunk * SECTOR as u64, 1024);
+            assert_eq!(across.len(), layout.groups.len().min(2), "{scenario}");
+        }
+    }
 
     /// Each volume scenario's zones lie inside its volume, apart from one
     /// another, the shared one over every seam between groups (where IO

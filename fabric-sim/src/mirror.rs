@@ -20,9 +20,9 @@
 //! (besides each read), in `judge.rs`.
 
 use crate::disk::SimDisk;
-use crate::judge::{degraded, divergence, isolation, Outage, UNREACHABLE};
+use crate::judge::{degraded, divergence, isolation, masking, Outage, UNREACHABLE};
 use crate::layout::{Layout, Zones};
-use crate::workload::{shared_worker, SharedPlan, BLOCK};
+use crate::workload::{shared_worker, Failed, SharedPlan, BLOCK};
 use crate::world::Report;
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
@@ -364,6 +364,13 @@ impl Report {
             self.degraded_checks = degraded.judged;
             self.degraded_pause = degraded.longest;
         }
+        let failed: Vec<Failed> = outcomes
+            .iter()
+            .chain(own.iter().map(|(_, o)| o))
+            .flat_map(|o| o.media_failed.iter().copied())
+            .collect();
+        self.violations
+            .extend(masking(outages, &failed, layout, moved_from).violations);
         for o in outcomes.into_iter().chain(own.into_iter().map(|(_, o)| o)) {
             self.ios += o.ios;
             self.media_errors += o.media_errors;
@@ -1205,6 +1212,30 @@ mod tests {
             assert_eq!(r.degraded_checks, 1, "linear seed {seed}");
             caught(Scenario::Linear, seed, Sabotage::NoLegTimeout, "degraded:");
         }
+    }
+
+    /// A mirror hides one leg's bad blocks while another leg is in sync
+    /// (seeds 0, 4, 5 of `mirror-errors`: no media error reaches the
+    /// user), and with `no-error-failover` they reach the user. And in
+    /// seed 260249 they reach it rightly: leg0 was still being copied back
+    /// 5 s after its faults when leg2, the copy's source and the last leg
+    /// in sync, grew bad blocks; the judge first allowed a leg 5 s to be
+    /// copied back, and blamed the volume.
+    #[test]
+    fn a_mirror_hides_one_legs_bad_blocks_while_another_is_in_sync() {
+        for seed in [0, 4, 5] {
+            let r = clean(Scenario::MirrorErrors, seed);
+            assert!(r.faults.get(&Fault::MediaErrors) > Some(&0), "seed {seed}");
+            assert_eq!(r.media_errors, 0, "mirror-errors seed {seed}");
+            caught(
+                Scenario::MirrorErrors,
+                seed,
+                Sabotage::NoErrorFailover,
+                "masking:",
+            );
+        }
+        let r = clean(Scenario::MirrorErrors, 260249);
+        assert!(r.media_errors > 0, "seed 260249 no longer reaches the case");
     }
 
     /// Seeds where legs diverged (or a read went back) while the driver

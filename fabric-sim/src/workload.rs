@@ -38,6 +38,19 @@ pub(crate) struct Outcome {
     /// When each IO was answered (shared workers only), to tell what went
     /// on during a fault elsewhere.
     pub answered_at: Vec<tokio::time::Instant>,
+    /// The IOs answered with a media error (shared workers only), to
+    /// tell whether a copy elsewhere should have hidden it.
+    pub media_failed: Vec<Failed>,
+}
+
+/// An IO that failed: when it was sent and answered, and the bytes of
+/// the device it covered.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Failed {
+    pub began: tokio::time::Instant,
+    pub answered: tokio::time::Instant,
+    pub offset: u64,
+    pub len: u64,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -308,6 +321,14 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
         if let Err(e) = &result {
             out.media_errors += u64::from(e.contains("Media"));
             out.no_space_errors += u64::from(e.contains("NoSpace"));
+            if e.contains("Media") {
+                out.media_failed.push(Failed {
+                    began,
+                    answered,
+                    offset: plan.zone_start + c_off,
+                    len: u64::from(c_len),
+                });
+            }
         }
         let mut checker = plan.checker.lock().unwrap();
         match &result {

@@ -242,6 +242,9 @@ fn ci() -> Result<(), String> {
         // A mirror going on without a leg that does not answer: half the
         // linear seeds take one mirror leg down alone for 2.7-3.5 s.
         ("no-leg-timeout", "linear", "8", "10"),
+        // Bad blocks on one leg reaching the user while another is in
+        // sync (13 of the first 16 seeds).
+        ("no-error-failover", "mirror-errors", "8", "10"),
         // 6 of the first 200 seeds end with a leg holding a dead run's
         // late writes (15 of the first 400; before session 53's change to
         // when a copy may start, 7 and 17).

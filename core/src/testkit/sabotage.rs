@@ -45,11 +45,15 @@ pub enum Sabotage {
     /// on without a leg that does not answer, so a mirror with one leg
     /// unreachable stops instead of serving from the others.
     NoLegTimeout,
+    /// A mirror answers a leg's media error as the IO's, instead of
+    /// reading from another leg in sync or leaving the failing leg
+    /// behind, so bad blocks on one copy reach the user.
+    NoErrorFailover,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 14] = [
+    pub const ALL: [Sabotage; 15] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -64,6 +68,7 @@ impl Sabotage {
         Sabotage::NoRoom,
         Sabotage::NoFencing,
         Sabotage::NoLegTimeout,
+        Sabotage::NoErrorFailover,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -83,6 +88,7 @@ impl Sabotage {
             Sabotage::NoRoom => "no-room",
             Sabotage::NoFencing => "no-fencing",
             Sabotage::NoLegTimeout => "no-leg-timeout",
+            Sabotage::NoErrorFailover => "no-error-failover",
         }
     }
 
@@ -98,6 +104,7 @@ impl Sabotage {
                 | Sabotage::NoFanOut
                 | Sabotage::NoFencing
                 | Sabotage::NoLegTimeout
+                | Sabotage::NoErrorFailover
         )
     }
 
@@ -134,6 +141,7 @@ impl Sabotage {
             | Sabotage::NoOverlapGate
             | Sabotage::NoFencing
             | Sabotage::NoLegTimeout
+            | Sabotage::NoErrorFailover
             | Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut => {}
@@ -147,6 +155,7 @@ impl Sabotage {
             Sabotage::NoDirtyLog => v.no_dirty_log = true,
             Sabotage::NoInSyncGate => v.no_in_sync_gate = true,
             Sabotage::NoFanOut => v.no_fan_out = true,
+            Sabotage::NoErrorFailover => v.no_error_failover = true,
             Sabotage::NoFlushBarrier => v.no_flush_barrier = true,
             _ => {}
         }

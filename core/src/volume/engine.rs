@@ -125,6 +125,9 @@ pub struct VolumeSabotage {
     pub no_fan_out: bool,
     /// Send a FLUSH before mutations submitted earlier reach the legs.
     pub no_flush_barrier: bool,
+    /// Answer a leg's media error as the IO's, as if no other leg held
+    /// the bytes.
+    pub no_error_failover: bool,
 }
 
 impl Default for VolumeConfig {
@@ -1209,7 +1212,9 @@ impl VolumeEngine {
     fn copy_done(&mut self, id: u64, p: usize, leg: usize, result: Result<Bytes, IoErrorKind>) {
         // A failing copy drops its leg only if the others hold its bytes;
         // the last copy's errors are the IO's, as a single disk's are.
-        let leave = self.can_leave(leg);
+        let sabotaged =
+            self.config.sabotage.no_error_failover && matches!(result, Err(IoErrorKind::Media));
+        let leave = self.can_leave(leg) && !sabotaged;
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
