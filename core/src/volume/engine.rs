@@ -1214,7 +1214,7 @@ impl VolumeEngine {
         // the last copy's errors are the IO's, as a single disk's are.
         let sabotaged =
             self.config.sabotage.no_error_failover && matches!(result, Err(IoErrorKind::Media));
-        let leave = self.can_leave(leg) && !sabotaged;
+        let leave = self.can_leave(leg);
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
@@ -1249,13 +1249,15 @@ impl VolumeEngine {
             }
             Err(e) if mirrored && leave => {
                 leg_failed = true;
-                if is_read && !every_copy_tried {
+                if is_read && !every_copy_tried && !sabotaged {
                     // Another copy serves it; this leg resyncs later.
                     self.set_state(leg, LegState::Away);
                     return self.send_part(id, p);
                 }
                 *needed = (*needed).min(*acked + waiting.len());
-                if *needed == 0 {
+                // Sabotaged, the error is the IO's though another copy
+                // holds the bytes (the leg still leaves, as it should).
+                if *needed == 0 || sabotaged {
                     io.error.get_or_insert(e);
                 }
             }
