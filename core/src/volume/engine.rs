@@ -181,6 +181,9 @@ struct Part {
     acknowledged: bool,
     /// Legs it made lagging (acknowledged without them) in `lagging`.
     lagging: Vec<usize>,
+    /// For a read the last leg in sync failed: the error, its answer if
+    /// no copy it has not tried is still in sync to catch up.
+    failed: Option<IoErrorKind>,
 }
 
 #[derive(Debug)]
@@ -268,6 +271,7 @@ fn plan(map: &VolumeMap, io: &IoRequest, region: u64) -> Vec<Part> {
             seg,
             state: PartState::New,
             tried: BTreeSet::new(),
+            failed: None,
             acknowledged: false,
             lagging: Vec::new(),
         })
@@ -988,7 +992,23 @@ impl VolumeEngine {
                 })
                 .copied();
             let Some(c) = choice else {
-                self.ios.get_mut(&id).unwrap().parts[p].state = PartState::Stalled;
+                let catching_up = part.seg.copies.iter().any(|c| {
+                    !part.tried.contains(&c.leaf) && self.legs[c.leaf].state == LegState::InSync
+                });
+                let io = self.ios.get_mut(&id).unwrap();
+                match io.parts[p].failed {
+                    // No copy left to catch up: the failure stands.
+                    Some(e) if !catching_up => {
+                        io.error.get_or_insert(e);
+                        io.parts[p].state = PartState::Sent {
+                            acked: 0,
+                            needed: 0,
+                            waiting: BTreeSet::new(),
+                        };
+                        self.part_progress(id, p);
+                    }
+                    _ => io.parts[p].state = PartState::Stalled,
+                }
                 return;
             };
             let len = part.seg.len as u32;
@@ -1215,6 +1235,16 @@ impl VolumeEngine {
         let sabotaged =
             self.config.sabotage.no_error_failover && matches!(result, Err(IoErrorKind::Media));
         let leave = self.can_leave(leg);
+        // A read the last leg in sync failed, where another copy is in
+        // sync but for writes acknowledged without it (at quorum) that
+        // have not reached it yet: once they land it holds these bytes.
+        let another_catching_up = self.ios.get(&id).is_some_and(|io| {
+            let part = &io.parts[p];
+            io.io.op == Op::Read
+                && part.seg.copies.iter().any(|c| {
+                    !part.tried.contains(&c.leaf) && self.legs[c.leaf].state == LegState::InSync
+                })
+        });
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
@@ -1260,6 +1290,13 @@ impl VolumeEngine {
                 if *needed == 0 || sabotaged {
                     io.error.get_or_insert(e);
                 }
+            }
+            // It waits for that copy (stalled until the writes land)
+            // rather than fail: a single disk would have had one copy,
+            // but this volume has another in a moment.
+            Err(e) if another_catching_up => {
+                part.failed = Some(e);
+                return self.send_part(id, p);
             }
             Err(e) => {
                 io.error.get_or_insert(e);
@@ -1619,6 +1656,8 @@ impl VolumeEngine {
             && self.can_leave(leg)
         {
             self.set_state(leg, LegState::Away);
+            // A read waiting for it to catch up fails now.
+            self.retry_stalled();
         }
     }
 
@@ -1655,6 +1694,7 @@ impl VolumeEngine {
             ));
         }
         self.set_state(leg, LegState::Suspended);
+        self.retry_stalled();
         Ok(())
     }
 
