@@ -501,6 +501,29 @@ impl World {
         self.drain();
     }
 
+    /// The token of the first `op` pending on `leg`, no longer pending.
+    fn take_pending(&mut self, leg: usize, op: Op) -> u64 {
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.1 == leg && p.2.op == op)
+            .unwrap_or_else(|| panic!("no {op:?} pending on leg {leg}: {:?}", self.pending));
+        self.pending.remove(at).0
+    }
+
+    /// What the engine answered user IO `user`, among the actions it has
+    /// not yet been asked for.
+    fn answer_to(&mut self, user: u64) -> Option<Result<bytes::Bytes, IoErrorKind>> {
+        std::iter::from_fn(|| self.engine.poll_action()).find_map(|a| match a {
+            VolumeAction::Complete { user: u, result } if u == user => Some(result),
+            VolumeAction::LegIo { leg, token, io } => {
+                self.pending.push((token, leg, io));
+                None
+            }
+            _ => None,
+        })
+    }
+
     /// Answers the pending copy on `leg` successfully.
     fn answer_leg(&mut self, leg: usize) {
         let at = self.pending.iter().position(|p| p.1 == leg).unwrap();
@@ -1260,13 +1283,11 @@ fn a_write_acknowledged_at_quorum_leaves_the_slow_leg_behind_in_the_stored_log()
     w.engine.check().unwrap();
 }
 
-#[test]
-fn a_read_the_only_leg_with_a_quorum_write_fails_waits_for_the_lagging_copy() {
-    // Swarm seed 32 (a 3-way mirror at quorum 1): a read failed with a
-    // media error on the one leg that had a write acknowledged at quorum,
-    // while another leg in sync was still writing it; the error went to
-    // the user, though that leg would hold the bytes a moment later.
-    let mut w = World::new(mirror_with_quorum(2, 1), 17);
+/// A 2-way mirror at quorum 1 where leg 0 has a write that leg 1 is still
+/// writing (lagging), and a read of it that leg 0 has just failed with a
+/// media error.
+fn a_read_failed_on_the_only_leg_with_a_quorum_write(seed: u64) -> World {
+    let mut w = World::new(mirror_with_quorum(2, 1), seed);
     w.write_marked(1, 0, 9);
     w.answer_leg(0);
     w.drain();
@@ -1276,31 +1297,31 @@ fn a_read_the_only_leg_with_a_quorum_write_fails_waits_for_the_lagging_copy() {
     assert_eq!(w.completed, 1, "acknowledged at quorum, before leg 1");
     w.engine.submit(2, IoRequest::read(0, 4096), w.now);
     w.drain();
-    let on = |w: &World, leg: usize, op: Op| {
-        w.pending
-            .iter()
-            .position(|p| p.1 == leg && p.2.op == op)
-            .unwrap_or_else(|| panic!("no {op:?} pending on leg {leg}: {:?}", w.pending))
-    };
-    let (token, _, _) = w.pending.remove(on(&w, 0, Op::Read));
+    let token = w.take_pending(0, Op::Read);
     w.engine.leg_complete(token, Err(IoErrorKind::Media), w.now);
-    w.drain();
+    w
+}
+
+#[test]
+fn a_read_the_only_leg_with_a_quorum_write_fails_waits_for_the_lagging_copy() {
+    // Swarm seed 32 (a 3-way mirror at quorum 1): a read failed with a
+    // media error on the one leg that had a write acknowledged at quorum,
+    // while another leg in sync was still writing it; the error went to
+    // the user, though that leg would hold the bytes a moment later.
+    let mut w = a_read_failed_on_the_only_leg_with_a_quorum_write(17);
     assert_eq!(
-        w.completed, 1,
+        w.answer_to(2),
+        None,
         "the read waits for leg 1 rather than failing"
     );
     // Leg 1 lands the write, and then serves the read.
-    let (token, _, _) = w.pending.remove(on(&w, 1, Op::Write));
+    let token = w.take_pending(1, Op::Write);
     w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
-    w.drain();
-    let (token, _, _) = w.pending.remove(on(&w, 1, Op::Read));
+    assert_eq!(w.answer_to(2), None);
+    let token = w.take_pending(1, Op::Read);
     let nines = bytes::Bytes::from(vec![9u8; 4096]);
     w.engine.leg_complete(token, Ok(nines.clone()), w.now);
-    let answer = std::iter::from_fn(|| w.engine.poll_action()).find_map(|a| match a {
-        VolumeAction::Complete { user: 2, result } => Some(result),
-        _ => None,
-    });
-    assert_eq!(answer, Some(Ok(nines)));
+    assert_eq!(w.answer_to(2), Some(Ok(nines)));
     w.engine.check().unwrap();
 }
 
@@ -1309,31 +1330,10 @@ fn a_read_waiting_for_a_lagging_copy_fails_once_that_copy_leaves() {
     // As above, but leg 1 goes away before it lands the write: no copy
     // is left to catch up, and the read fails as one disk's would, rather
     // than waiting for a leg that may never come back.
-    let mut w = World::new(mirror_with_quorum(2, 1), 18);
-    w.write_marked(1, 0, 9);
-    w.answer_leg(0);
-    w.drain();
-    let flagged = w.persist.take().expect("leg 1 lagging is stored");
-    w.engine.logs_stable(flagged, w.now);
-    w.drain();
-    w.engine.submit(2, IoRequest::read(0, 4096), w.now);
-    w.drain();
-    let read = w
-        .pending
-        .iter()
-        .position(|p| p.1 == 0 && p.2.op == Op::Read)
-        .expect("the read goes to leg 0");
-    let (token, _, _) = w.pending.remove(read);
-    w.engine.leg_complete(token, Err(IoErrorKind::Media), w.now);
-    let answer = |w: &mut World| {
-        std::iter::from_fn(|| w.engine.poll_action()).find_map(|a| match a {
-            VolumeAction::Complete { user: 2, result } => Some(result),
-            _ => None,
-        })
-    };
-    assert_eq!(answer(&mut w), None, "it waits while leg 1 catches up");
+    let mut w = a_read_failed_on_the_only_leg_with_a_quorum_write(18);
+    assert_eq!(w.answer_to(2), None, "it waits while leg 1 catches up");
     w.engine.leg_failed(1);
-    assert_eq!(answer(&mut w), Some(Err(IoErrorKind::Media)));
+    assert_eq!(w.answer_to(2), Some(Err(IoErrorKind::Media)));
     w.engine.check().unwrap();
 }
 
