@@ -1345,12 +1345,17 @@ impl VolumeEngine {
         // A write acknowledged at quorum, without the legs still
         // writing it, needs a leg that answered and that no stored log
         // calls behind: a restarted client trusts that one. Else it waits
-        // for every leg, as without a quorum.
+        // for every leg, as without a quorum. A switching migration's old
+        // leg vouches for no one, as in `can_leave`: it is about to
+        // retire, and if a leg the write went on without then failed it,
+        // the old leg would be the only one to hold it (swarm seed 827).
         let mutates = io.io.op.mutates();
+        let retiring = self.migration.filter(|m| m.switching).map(|m| m.from);
         let vouched = !mutates
             || waiting.is_empty()
             || part.seg.copies.iter().any(|c| {
                 !waiting.contains(&c.leaf)
+                    && Some(c.leaf) != retiring
                     && self.legs[c.leaf].state == LegState::InSync
                     && !self.logs[c.leaf].behind()
             });
