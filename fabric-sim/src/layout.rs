@@ -99,14 +99,10 @@ impl Layout {
     /// The group holding the volume's sector `sector`.
     fn group_at(self, sector: u64) -> usize {
         if self.linear {
-            let mut end = 0;
-            for g in 0..self.groups.len() {
-                end += self.group_size(g) / SECTOR as u64;
-                if sector < end {
-                    return g;
-                }
-            }
-            return self.groups.len() - 1;
+            return (0..self.groups.len())
+                .rev()
+                .find(|&g| self.volume_sector(g, 0) <= sector)
+                .unwrap_or(0);
         }
         let chunk = sector / (CHUNK / SECTOR as u64);
         (chunk % self.groups.len() as u64) as usize
@@ -183,7 +179,7 @@ impl Zones {
         };
         let seams = if layout.linear {
             (1..groups)
-                .map(|g| sectors((0..g).map(|g| layout.group_size(g)).sum::<u64>() - first))
+                .map(|g| layout.volume_sector(g, 0) - sectors(first))
                 .collect()
         } else {
             Vec::new()

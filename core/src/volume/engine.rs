@@ -965,6 +965,16 @@ impl VolumeEngine {
         }
     }
 
+    /// Whether a copy of read part `part` that it has not tried is in
+    /// sync: it can serve the read, now or once writes acknowledged
+    /// without it (at quorum) land.
+    fn untried_copy_in_sync(&self, part: &Part) -> bool {
+        part.seg
+            .copies
+            .iter()
+            .any(|c| !part.tried.contains(&c.leaf) && self.legs[c.leaf].state == LegState::InSync)
+    }
+
     fn send_part(&mut self, id: u64, p: usize) {
         self.send_part_now(id, p);
         self.release_barrier_flushes();
@@ -992,9 +1002,7 @@ impl VolumeEngine {
                 })
                 .copied();
             let Some(c) = choice else {
-                let catching_up = part.seg.copies.iter().any(|c| {
-                    !part.tried.contains(&c.leaf) && self.legs[c.leaf].state == LegState::InSync
-                });
+                let catching_up = self.untried_copy_in_sync(part);
                 let io = self.ios.get_mut(&id).unwrap();
                 match io.parts[p].failed {
                     // No copy left to catch up: the failure stands.
@@ -1238,13 +1246,10 @@ impl VolumeEngine {
         // A read the last leg in sync failed, where another copy is in
         // sync but for writes acknowledged without it (at quorum) that
         // have not reached it yet: once they land it holds these bytes.
-        let another_catching_up = self.ios.get(&id).is_some_and(|io| {
-            let part = &io.parts[p];
-            io.io.op == Op::Read
-                && part.seg.copies.iter().any(|c| {
-                    !part.tried.contains(&c.leaf) && self.legs[c.leaf].state == LegState::InSync
-                })
-        });
+        let another_catching_up = self
+            .ios
+            .get(&id)
+            .is_some_and(|io| io.io.op == Op::Read && self.untried_copy_in_sync(&io.parts[p]));
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
