@@ -19,6 +19,18 @@ pub(crate) struct Outage {
     pub(crate) kind: Fault,
     pub(crate) from: tokio::time::Instant,
     pub(crate) to: tokio::time::Instant,
+    /// Bad blocks: the bytes of the leg's disk that had them.
+    pub(crate) bad_bytes: Option<(u64, u64)>,
+}
+
+/// Every leg's state as the volume's engine changed it (which leg, by
+/// its server node; whether in sync).
+#[derive(Default)]
+pub(crate) struct LegHistory {
+    /// Each leg's when the volume started, before any IO.
+    pub(crate) start: Vec<(usize, bool)>,
+    /// Each change, in order, and when.
+    pub(crate) changes: Vec<(tokio::time::Instant, usize, bool)>,
 }
 
 /// The faults that leave a leg unreachable, rather than slow or full.
@@ -157,54 +169,108 @@ pub(crate) fn degraded(
 /// A mirror hides one leg's bad blocks while another leg is in sync: a
 /// read goes to another copy, and a write leaves the failing leg behind,
 /// to be copied back. So an IO through the volume may fail with a media
-/// error only if, under its bytes, some group of legs had every leg in
-/// trouble by then, one of them with bad blocks while the IO was out. A
-/// leg is in trouble from its first fault on: back from one, it is not
-/// in sync until copied back, and the copy may take long while its
-/// source is in trouble too (seed 260249 of `mirror-errors`: leg0 was
-/// still being copied back 5 s after its faults, its source's bad blocks
-/// failing the copy). A group of one leg is a plain export, whose bad
-/// blocks are the user's, as one disk's are. The node a leg moved to
-/// stands in for it. Judges failed IOs.
+/// error only if, under its bytes, some group of legs had at some moment
+/// while the IO was out no leg in sync but those whose bad blocks lay
+/// under the IO's bytes then (so that they may have failed it). A group
+/// of one leg is a plain export, whose bad blocks are the user's, as one
+/// disk's are. The node a leg moved to is one more leg of its group from
+/// when the volume adds it. The engine-level volume world judges the
+/// same from the engine's own state. Judges failed IOs.
 pub(crate) fn masking(
     outages: &[Outage],
     failed: &[Failed],
     layout: Layout,
     moved_from: Option<usize>,
+    history: &LegHistory,
 ) -> Verdicts {
     let mut v = Verdicts::default();
     for f in failed {
         v.judged += 1;
-        let on = |p: &Outage, leg: usize| {
-            p.leg == leg || (moved_from == Some(leg) && p.leg == layout.legs())
-        };
-        let troubled = |leg: usize| outages.iter().any(|p| on(p, leg) && p.from <= f.answered);
-        let bad_blocks = |leg: usize| {
-            outages.iter().any(|p| {
-                on(p, leg)
-                    && p.kind == Fault::MediaErrors
-                    && p.from <= f.answered
-                    && p.to + HEALING > f.began
-            })
-        };
         let groups = layout.groups_under(f.offset, f.len);
         let failing = groups.iter().any(|&g| {
-            let legs = layout.groups[g];
-            legs.iter().all(|&leg| troubled(leg)) && legs.iter().any(|&leg| bad_blocks(leg))
+            let legs: Vec<usize> = layout.groups[g]
+                .iter()
+                .copied()
+                .chain(
+                    moved_from
+                        .filter(|&m| layout.group_of(m) == g)
+                        .map(|_| layout.legs()),
+                )
+                .collect();
+            let sectors: Vec<u64> = layout.group_sectors_under(g, f.offset, f.len).collect();
+            let failed_it = |leg: usize| {
+                outages.iter().any(|p| {
+                    p.leg == leg
+                        && p.from <= f.answered
+                        && p.to >= f.began
+                        && p.bad_bytes.is_some_and(|(from, to)| {
+                            sectors.iter().any(|&s| {
+                                let at = s * SECTOR as u64;
+                                at < to && at + SECTOR as u64 > from
+                            })
+                        })
+                })
+            };
+            let excused: Vec<usize> = legs.iter().copied().filter(|&l| failed_it(l)).collect();
+            no_copy_in_sync_while(history, &legs, &excused, f.began, f.answered)
         });
         if !failing {
             let names: Vec<String> = groups.iter().map(|&g| layout.name(g)).collect();
             v.violations.push(format!(
-                "masking: an IO over bytes {}+{} ({}) failed with a media error at {:?}, \
-                 though no group under it had every leg in trouble and one with bad blocks",
+                "masking: an IO over bytes {}+{} ({}) sent at {:?} failed with a media error \
+                 at {:?}, though every group under it had a leg in sync throughout with no bad \
+                 blocks under the IO",
                 f.offset,
                 f.len,
                 names.join(", "),
+                f.began,
                 f.answered
             ));
         }
     }
     v
+}
+
+/// Whether at some moment in `from..=to` no leg of `legs` but those of
+/// `excused` was in sync. A leg the history has not yet named is not a
+/// copy yet.
+fn no_copy_in_sync_while(
+    history: &LegHistory,
+    legs: &[usize],
+    excused: &[usize],
+    from: tokio::time::Instant,
+    to: tokio::time::Instant,
+) -> bool {
+    let mut in_sync: Vec<usize> = history
+        .start
+        .iter()
+        .filter(|&&(leg, yes)| yes && legs.contains(&leg))
+        .map(|&(leg, _)| leg)
+        .collect();
+    // Each state holds from the change that made it to the next: it
+    // counts if that span meets `from..=to`, ends included, so changes
+    // made at the moment the IO failed count on both sides.
+    let mut began = None;
+    for change in history.changes.iter().map(Some).chain([None]) {
+        if began.is_some_and(|b| b > to) {
+            break;
+        }
+        let ended = change.map(|&(at, _, _)| at);
+        let meets = ended.is_none_or(|e| e >= from);
+        if meets && in_sync.iter().all(|l| excused.contains(l)) {
+            return true;
+        }
+        if let Some(&(at, leg, yes)) = change {
+            if legs.contains(&leg) {
+                in_sync.retain(|&l| l != leg);
+                if yes {
+                    in_sync.push(leg);
+                }
+            }
+            began = Some(at);
+        }
+    }
+    false
 }
 
 /// What a judge of pauses found.

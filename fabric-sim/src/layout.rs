@@ -87,25 +87,51 @@ impl Layout {
 
     /// The groups holding the volume's bytes `offset..offset + len`.
     pub(crate) fn groups_under(self, offset: u64, len: u64) -> Vec<usize> {
-        let sector = SECTOR as u64;
-        let mut groups: Vec<usize> = (offset / sector..(offset + len).div_ceil(sector))
-            .map(|s| self.group_at(s))
+        let mut groups: Vec<usize> = self
+            .sectors_under(offset, len)
+            .map(|s| self.on_group(s).0)
             .collect();
         groups.sort_unstable();
         groups.dedup();
         groups
     }
 
-    /// The group holding the volume's sector `sector`.
-    fn group_at(self, sector: u64) -> usize {
+    /// The sectors of group `group`'s legs that hold the volume's bytes
+    /// `offset..offset + len`.
+    pub(crate) fn group_sectors_under(
+        self,
+        group: usize,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = u64> {
+        self.sectors_under(offset, len)
+            .map(move |s| self.on_group(s))
+            .filter(move |&(g, _)| g == group)
+            .map(|(_, s)| s)
+    }
+
+    fn sectors_under(self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let sector = SECTOR as u64;
+        offset / sector..(offset + len).div_ceil(sector)
+    }
+
+    /// The group holding the volume's sector `sector`, and which sector
+    /// of its legs does: the inverse of [`Layout::volume_sector`].
+    pub(crate) fn on_group(self, sector: u64) -> (usize, u64) {
         if self.linear {
-            return (0..self.groups.len())
+            let group = (0..self.groups.len())
                 .rev()
                 .find(|&g| self.volume_sector(g, 0) <= sector)
                 .unwrap_or(0);
+            return (group, sector - self.volume_sector(group, 0));
         }
-        let chunk = sector / (CHUNK / SECTOR as u64);
-        (chunk % self.groups.len() as u64) as usize
+        let per_chunk = CHUNK / SECTOR as u64;
+        let (chunk, within) = (sector / per_chunk, sector % per_chunk);
+        let groups = self.groups.len() as u64;
+        (
+            (chunk % groups) as usize,
+            chunk / groups * per_chunk + within,
+        )
     }
 
     /// Group `group`'s legs, for messages: `leg0` or `leg0+leg1`.
@@ -213,7 +239,7 @@ impl Zones {
 mod tests {
     use super::*;
 
-    /// The group a volume sector is found on is the one whose sector
+    /// The group and sector a volume sector is found on are the ones
     /// [`Layout::volume_sector`] puts there, in every volume scenario.
     #[test]
     fn every_sector_is_on_the_group_that_holds_it() {
@@ -230,9 +256,14 @@ mod tests {
                         * per_chunk
                 };
                 for s in 0..held {
-                    let at = layout.volume_sector(g, s) * SECTOR as u64;
+                    let at = layout.volume_sector(g, s);
                     assert_eq!(
-                        layout.groups_under(at, 512),
+                        layout.on_group(at),
+                        (g, s),
+                        "{scenario} group {g} sector {s}"
+                    );
+                    assert_eq!(
+                        layout.groups_under(at * SECTOR as u64, 512),
                         [g],
                         "{scenario} group {g} sector {s}"
                     );

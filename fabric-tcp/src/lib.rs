@@ -46,7 +46,7 @@ fn check_engine(engine: &str, check: impl FnOnce() -> Result<(), String>) {
     }
 }
 pub use server::{EngineSpawner, EngineTask, Server, ServerStatus};
-pub use volume::{next_run, LogStore, StoreMap, Volume, VolumeStatus};
+pub use volume::{next_run, LegChange, LogStore, StoreMap, Volume, VolumeStatus};
 
 /// How a server protects its channels.
 #[derive(Clone, Default)]

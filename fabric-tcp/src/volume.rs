@@ -62,6 +62,18 @@ pub struct VolumeStatus {
     pub fenced_by: Option<String>,
 }
 
+/// One leg's new state, as the engine decided it, and when.
+#[derive(Debug, Clone)]
+pub struct LegChange {
+    /// When the engine changed it (for the first of each leg's: when the
+    /// watch began).
+    pub at: tokio::time::Instant,
+    /// The leg's name in the volume's map.
+    pub leg: String,
+    /// What it is now.
+    pub state: LegState,
+}
+
 /// Makes a finished migration last: stores the volume's description with
 /// leg `from` replaced by the new one (for `braid attach`, the volume
 /// file rewritten), durably, before the old leg is let go.
@@ -80,6 +92,7 @@ enum Cmd {
     },
     Cancel(oneshot::Sender<Result<(), String>>),
     InFlight(oneshot::Sender<Vec<String>>),
+    WatchLegs(mpsc::UnboundedSender<LegChange>),
     Close(oneshot::Sender<()>),
 }
 
@@ -157,6 +170,7 @@ impl Volume {
             status: status.clone(),
             leg_timeout,
             events: events_tx,
+            leg_watchers: Vec::new(),
         };
         for (name, client) in names.into_iter().zip(clients) {
             driver.add_leg(name, client);
@@ -242,6 +256,16 @@ impl Volume {
         self.ask(Cmd::InFlight).await.unwrap_or_default()
     }
 
+    /// Every leg's state from now on: first each leg's state now, then
+    /// each change as the engine makes it (a snapshot from
+    /// [`Volume::status`] can miss a leg that left and came back between
+    /// two looks). Empty once the volume closes.
+    pub async fn watch_legs(&self) -> mpsc::UnboundedReceiver<LegChange> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = self.cmds.send(Cmd::WatchLegs(tx)).await;
+        rx
+    }
+
     /// Closes every leg's session (each flushes and says goodbye).
     pub async fn close(&self) {
         let _ = self.ask(Cmd::Close).await;
@@ -283,6 +307,7 @@ struct Driver {
     status: Arc<Mutex<VolumeStatus>>,
     leg_timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
+    leg_watchers: Vec<mpsc::UnboundedSender<LegChange>>,
 }
 
 /// Tells the driver of leg IO `token`'s answer.
@@ -445,6 +470,14 @@ impl Driver {
                             )
                         }));
                         let _ = reply.send(v);
+                    }
+                    Some(Cmd::WatchLegs(watcher)) => {
+                        let now = tokio::time::Instant::now();
+                        for (l, slot) in self.legs.iter().enumerate() {
+                            let state = self.engine.leg_state(l);
+                            let _ = watcher.send(LegChange { at: now, leg: slot.name.clone(), state });
+                        }
+                        self.leg_watchers.push(watcher);
                     }
                     Some(Cmd::Close(reply)) => {
                         let clients: Vec<Client> = self
@@ -613,6 +646,12 @@ impl Driver {
                 }
                 VolumeAction::LegChanged { leg, state } => {
                     tracing::info!(leg = self.legs[leg].name, ?state, "leg state");
+                    let change = LegChange {
+                        at: tokio::time::Instant::now(),
+                        leg: self.legs[leg].name.clone(),
+                        state,
+                    };
+                    self.leg_watchers.retain(|w| w.send(change.clone()).is_ok());
                 }
             }
         }
