@@ -640,7 +640,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         Duration::from_secs(1)
     };
     let volume = Volume::start(map, legs, config, ctx.logs.clone(), leg_timeout)?;
-    let mut leg_changes = volume.watch_legs().await;
+    let mut leg_changes = volume.watch_legs();
     let mover = ctx.migration.map(|plan| {
         let (volume, key) = (volume.clone(), ctx.key.clone());
         let to = ctx.layout.legs();

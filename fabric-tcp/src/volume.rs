@@ -92,7 +92,6 @@ enum Cmd {
     },
     Cancel(oneshot::Sender<Result<(), String>>),
     InFlight(oneshot::Sender<Vec<String>>),
-    WatchLegs(mpsc::UnboundedSender<LegChange>),
     Close(oneshot::Sender<()>),
 }
 
@@ -113,7 +112,12 @@ pub struct Volume {
     size: u64,
     block_size: u32,
     status: Arc<Mutex<VolumeStatus>>,
+    leg_watchers: Watchers,
 }
+
+/// Who hears of each leg's changes. Locked only with the status held, so
+/// that a new watcher's first look and the changes after it line up.
+type Watchers = Arc<Mutex<Vec<mpsc::UnboundedSender<LegChange>>>>;
 
 impl Volume {
     /// Starts the driver over `legs` (name → connected client, in any
@@ -159,6 +163,7 @@ impl Volume {
         let engine = VolumeEngine::new(map, config, any.then_some(logs))?;
         let (tx, rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(VolumeStatus::default()));
+        let leg_watchers = Watchers::default();
         let (events_tx, events) = mpsc::unbounded_channel();
         let mut driver = Driver {
             engine,
@@ -170,7 +175,7 @@ impl Volume {
             status: status.clone(),
             leg_timeout,
             events: events_tx,
-            leg_watchers: Vec::new(),
+            leg_watchers: leg_watchers.clone(),
         };
         for (name, client) in names.into_iter().zip(clients) {
             driver.add_leg(name, client);
@@ -184,6 +189,7 @@ impl Volume {
             size,
             block_size,
             status,
+            leg_watchers,
         })
     }
 
@@ -259,10 +265,18 @@ impl Volume {
     /// Every leg's state from now on: first each leg's state now, then
     /// each change as the engine makes it (a snapshot from
     /// [`Volume::status`] can miss a leg that left and came back between
-    /// two looks). Empty once the volume closes.
-    pub async fn watch_legs(&self) -> mpsc::UnboundedReceiver<LegChange> {
+    /// two looks). The receiver ends when the volume closes.
+    pub fn watch_legs(&self) -> mpsc::UnboundedReceiver<LegChange> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.cmds.send(Cmd::WatchLegs(tx)).await;
+        let status = self.status.lock().unwrap();
+        let at = tokio::time::Instant::now();
+        for (leg, state, _, _) in &status.legs {
+            if let Some(state) = *state {
+                let leg = leg.clone();
+                let _ = tx.send(LegChange { at, leg, state });
+            }
+        }
+        self.leg_watchers.lock().unwrap().push(tx);
         rx
     }
 
@@ -307,7 +321,7 @@ struct Driver {
     status: Arc<Mutex<VolumeStatus>>,
     leg_timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
-    leg_watchers: Vec<mpsc::UnboundedSender<LegChange>>,
+    leg_watchers: Watchers,
 }
 
 /// Tells the driver of leg IO `token`'s answer.
@@ -470,14 +484,6 @@ impl Driver {
                             )
                         }));
                         let _ = reply.send(v);
-                    }
-                    Some(Cmd::WatchLegs(watcher)) => {
-                        let now = tokio::time::Instant::now();
-                        for (l, slot) in self.legs.iter().enumerate() {
-                            let state = self.engine.leg_state(l);
-                            let _ = watcher.send(LegChange { at: now, leg: slot.name.clone(), state });
-                        }
-                        self.leg_watchers.push(watcher);
                     }
                     Some(Cmd::Close(reply)) => {
                         let clients: Vec<Client> = self
@@ -646,12 +652,7 @@ impl Driver {
                 }
                 VolumeAction::LegChanged { leg, state } => {
                     tracing::info!(leg = self.legs[leg].name, ?state, "leg state");
-                    let change = LegChange {
-                        at: tokio::time::Instant::now(),
-                        leg: self.legs[leg].name.clone(),
-                        state,
-                    };
-                    self.leg_watchers.retain(|w| w.send(change.clone()).is_ok());
+                    self.tell_watchers(leg, state);
                 }
             }
         }
@@ -677,6 +678,24 @@ impl Driver {
             slot.closed = true;
             tokio::spawn(slot.client.clone().close());
         }
+    }
+
+    /// Tells the watchers of leg `leg`'s new state, and puts it in the
+    /// status at once, where a new watcher takes its first look.
+    fn tell_watchers(&self, leg: usize, state: LegState) {
+        let mut status = self.status.lock().unwrap();
+        let name = self.legs[leg].name.clone();
+        match status.legs.get_mut(leg) {
+            Some(entry) => entry.1 = Some(state),
+            None => status.legs.push((name.clone(), Some(state), 0, 0)),
+        }
+        let change = LegChange {
+            at: tokio::time::Instant::now(),
+            leg: name,
+            state,
+        };
+        let mut watchers = self.leg_watchers.lock().unwrap();
+        watchers.retain(|w| w.send(change.clone()).is_ok());
     }
 
     fn publish_status(&self) {
