@@ -32,8 +32,10 @@ struct World {
     next_user: u64,
     /// Per user IO: its fua flag, for the checker.
     fua: std::collections::BTreeMap<u64, bool>,
-    /// Per user IO: when it was submitted and the bytes it covers.
-    submitted: std::collections::BTreeMap<u64, (Instant, u64, u64)>,
+    /// Per user IO: when it was submitted and the bytes it covers, and
+    /// whether a media error became its due at some moment since (see
+    /// [`World::unmasked`]).
+    submitted: std::collections::BTreeMap<u64, ((Instant, u64, u64), bool)>,
     /// Per leg: when it last answered with a media error.
     last_media: Vec<Option<Instant>>,
     completed: u64,
@@ -218,7 +220,7 @@ impl World {
                     self.completed += 1;
                     let fua = self.fua.remove(&user).unwrap_or(false);
                     let submitted = self.submitted.remove(&user);
-                    if let (Err(IoErrorKind::Media), Some(sent)) = (&result, submitted) {
+                    if let (Err(IoErrorKind::Media), Some((sent, false))) = (&result, submitted) {
                         if let Some(error) = self.unmasked(sent) {
                             self.checker
                                 .report(Violation::UnexpectedError { op: user, error });
@@ -232,8 +234,31 @@ impl World {
                 VolumeAction::LegChanged { .. } => {}
             }
         }
+        self.excuse_media_errors();
         if let Err(e) = self.engine.check() {
             panic!("volume engine check: {e}");
+        }
+    }
+
+    /// Marks each IO still out for which a media error is now due: the
+    /// engine may decide it at one moment and answer later (once a log
+    /// is stored), when a leg has come back in sync (swarm seed 2432: a
+    /// write failed on the last leg in sync, the legs that took it were
+    /// sent away to be copied back, and one was back before the answer).
+    fn excuse_media_errors(&mut self) {
+        let Some(&last_media) = self.last_media.iter().flatten().max() else {
+            return;
+        };
+        let due: Vec<u64> = self
+            .submitted
+            .iter()
+            .filter(|(_, &(sent, excused))| {
+                !excused && sent.0 <= last_media && self.unmasked(sent).is_none()
+            })
+            .map(|(&user, _)| user)
+            .collect();
+        for user in due {
+            self.submitted.get_mut(&user).expect("listed").1 = true;
         }
     }
 
@@ -267,7 +292,7 @@ impl World {
         }
         self.fua.insert(user, io.fua);
         self.submitted
-            .insert(user, (self.now, c_off, u64::from(c_len)));
+            .insert(user, ((self.now, c_off, u64::from(c_len)), false));
         self.engine.submit(user, io, self.now);
     }
 
@@ -341,8 +366,9 @@ impl World {
 
     /// A mirror hides one copy's media error while another copy is in
     /// sync (invariant 5): an IO (`sent`: when, and its bytes) may fail
-    /// with one only if under some of its bytes every copy is out of
-    /// sync or failed it itself. Else, what went wrong.
+    /// with one only if, at some moment while it was out, under some of
+    /// its bytes every copy was out of sync or had failed it itself
+    /// (this tells whether now is such a moment). Else, what went wrong.
     fn unmasked(&self, (sent, offset, len): (Instant, u64, u64)) -> Option<String> {
         let map = self.engine.map();
         let segments = map.map(offset, len);
@@ -354,8 +380,8 @@ impl World {
         });
         (!failing).then(|| {
             format!(
-                "media error on {offset}+{len}, though a copy of each piece was in sync and \
-                 failed nothing since the IO was sent"
+                "media error on {offset}+{len}, though from when it was sent until answered \
+                 a copy of each piece was in sync and had failed nothing since it was sent"
             )
         })
     }
@@ -782,16 +808,13 @@ fn sweep() {
 /// quorum write while another leg in sync was about to have it; 827, a
 /// quorum write acknowledged by a switching migration's old leg alone,
 /// which the new leg then failed, left the old leg the only one in sync.
+/// And one that found the judge wrong: 2432, a write failed on the last
+/// leg in sync and was answered only once a leg sent away for taking it
+/// was back in sync; the judge looked only at the moment of the answer.
 #[test]
 fn pinned_swarm_seeds_hold() {
-    for seed in [32, 827] {
-        let (w, shape) = World::swarm(seed);
-        let w = run_world(w, 3_000);
-        if let Some(v) = w.checker.violations().first() {
-            panic!("swarm seed {seed} ({shape}): {v}");
-        }
-        w.converged()
-            .unwrap_or_else(|e| panic!("swarm seed {seed} ({shape}): {e}"));
+    for seed in [32, 827, 2432] {
+        swarm_seed_holds(seed);
     }
 }
 
@@ -803,15 +826,20 @@ fn swarm_shapes_hold_reads_and_converge() {
     let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
     let first: u64 = std::env::var("SWARM_FIRST").map_or(0, |s| s.parse().unwrap());
     for seed in first..first + n {
-        let (w, shape) = World::swarm(seed);
-        let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
-            .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
-        if let Some(v) = w.checker.violations().first() {
-            panic!("swarm seed {seed} ({shape}): {v}");
-        }
-        if let Err(e) = w.converged() {
-            panic!("swarm seed {seed} ({shape}): {e}");
-        }
+        swarm_seed_holds(seed);
+    }
+}
+
+/// Runs swarm seed `seed`: no violation, and the legs converge.
+fn swarm_seed_holds(seed: u64) {
+    let (w, shape) = World::swarm(seed);
+    let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
+        .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
+    if let Some(v) = w.checker.violations().first() {
+        panic!("swarm seed {seed} ({shape}): {v}");
+    }
+    if let Err(e) = w.converged() {
+        panic!("swarm seed {seed} ({shape}): {e}");
     }
 }
 
