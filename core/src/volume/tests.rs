@@ -36,8 +36,8 @@ struct World {
     /// whether a media error became its due at some moment since (see
     /// [`World::unmasked`]).
     submitted: std::collections::BTreeMap<u64, ((Instant, u64, u64), bool)>,
-    /// Per leg: when it last answered with a media error.
-    last_media: Vec<Option<Instant>>,
+    /// Per leg: when it last refused an IO (a media error, a full disk).
+    last_refused: Vec<Option<Instant>>,
     completed: u64,
     /// Largest IO the engine sends a leg (the read-back's piece size).
     max_leg_io: u64,
@@ -58,6 +58,8 @@ struct Swarm {
     resume: bool,
     migrate: bool,
     media_errors: bool,
+    /// Writes a leg refuses for a full disk.
+    disk_full: bool,
 }
 
 impl Default for Swarm {
@@ -70,6 +72,7 @@ impl Default for Swarm {
             resume: true,
             migrate: true,
             media_errors: true,
+            disk_full: false,
         }
     }
 }
@@ -136,7 +139,7 @@ impl World {
             ("mirror of 3, quorum 1", mirror_with_quorum(3, 1)),
             ("stripe of mirrors", stripe_of_mirrors()),
         ];
-        let (name, spec) = specs[pick(specs.len())].clone();
+        let (mut name, mut spec) = specs[pick(specs.len())].clone();
         let max_leg_io = [16u64 << 10, 32 << 10, 64 << 10, 128 << 10][pick(4)];
         let regions: Vec<u64> = (12..=18)
             .map(|b| 1u64 << b)
@@ -148,7 +151,7 @@ impl World {
             max_leg_io,
             sabotage: VolumeSabotage::default(),
         };
-        let swarm = Swarm {
+        let mut swarm = Swarm {
             max_sectors: [1, 8, 32, (max_leg_io / 512).min(128)][pick(4)],
             leg_down: pick(2) == 0,
             leg_up: pick(2) == 0,
@@ -156,7 +159,24 @@ impl World {
             resume: pick(2) == 0,
             migrate: pick(2) == 0,
             media_errors: pick(2) == 0,
+            disk_full: false,
         };
+        // Later additions draw from a stream of their own, and only in
+        // half the seeds, the others keeping the shapes they drew before;
+        // its constant leaves the pinned seeds among those (checked by
+        // `pinned_swarm_seeds_hold`).
+        let mut later = SplitMix64::new(seed ^ 0x4c41_544c);
+        if later.chance(0.5) {
+            let specs = [
+                ("mirror then export", mirror_then_export()),
+                ("stripe of quorum mirrors", stripe_of_quorum_mirrors()),
+                ("mirror of 4, quorum 2", mirror_with_quorum(4, 2)),
+            ];
+            if later.chance(0.6) {
+                (name, spec) = specs[later.below(specs.len() as u64) as usize].clone();
+            }
+            swarm.disk_full = later.chance(0.5);
+        }
         let shape = format!("{name}, {config:?}, {swarm:?}");
         let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
         (World::build(map, seed, config, swarm), shape)
@@ -184,7 +204,7 @@ impl World {
             next_user: 1,
             fua: Default::default(),
             submitted: Default::default(),
-            last_media: vec![None; n],
+            last_refused: vec![None; n],
             completed: 0,
             max_leg_io,
             swarm,
@@ -220,7 +240,8 @@ impl World {
                     self.completed += 1;
                     let fua = self.fua.remove(&user).unwrap_or(false);
                     let submitted = self.submitted.remove(&user);
-                    if let (Err(IoErrorKind::Media), Some((sent, false))) = (&result, submitted) {
+                    let refused = matches!(result, Err(IoErrorKind::Media | IoErrorKind::NoSpace));
+                    if let (true, Some((sent, false))) = (refused, submitted) {
                         if let Some(error) = self.unmasked(sent) {
                             self.checker
                                 .report(Violation::UnexpectedError { op: user, error });
@@ -234,26 +255,27 @@ impl World {
                 VolumeAction::LegChanged { .. } => {}
             }
         }
-        self.excuse_media_errors();
+        self.excuse_refusals();
         if let Err(e) = self.engine.check() {
             panic!("volume engine check: {e}");
         }
     }
 
-    /// Marks each IO still out for which a media error is now due: the
+    /// Marks each IO still out for which a media error (or a full disk)
+    /// is now due: the
     /// engine may decide it at one moment and answer later (once a log
     /// is stored), when a leg has come back in sync (swarm seed 2432: a
     /// write failed on the last leg in sync, the legs that took it were
     /// sent away to be copied back, and one was back before the answer).
-    fn excuse_media_errors(&mut self) {
-        let Some(&last_media) = self.last_media.iter().flatten().max() else {
+    fn excuse_refusals(&mut self) {
+        let Some(&last_refused) = self.last_refused.iter().flatten().max() else {
             return;
         };
         let due: Vec<u64> = self
             .submitted
             .iter()
             .filter(|(_, &(sent, excused))| {
-                !excused && sent.0 <= last_media && self.unmasked(sent).is_none()
+                !excused && sent.0 <= last_refused && self.unmasked(sent).is_none()
             })
             .map(|(&user, _)| user)
             .collect();
@@ -331,6 +353,13 @@ impl World {
             && self.rng.chance(0.01)
         {
             Err(IoErrorKind::Media)
+        } else if media_errors
+            && self.swarm.disk_full
+            && io.op.mutates()
+            && io.op != Op::Flush
+            && self.rng.chance(0.01)
+        {
+            Err(IoErrorKind::NoSpace)
         } else {
             let mem = &mut self.legs[leg];
             let range = io.offset as usize..(io.offset + u64::from(io.len)) as usize;
@@ -348,6 +377,9 @@ impl World {
             }
         };
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
+            if let Err(e) = &result {
+                eprintln!("    refused: {e:?}");
+            }
             if let Ok(d) = &result {
                 if d.len() >= 8 {
                     eprintln!(
@@ -357,31 +389,33 @@ impl World {
                 }
             }
         }
-        if matches!(result, Err(IoErrorKind::Media)) {
-            self.last_media[leg] = Some(self.now);
+        if matches!(result, Err(IoErrorKind::Media | IoErrorKind::NoSpace)) {
+            self.last_refused[leg] = Some(self.now);
         }
         self.engine.leg_complete(token, result, self.now);
         true
     }
 
-    /// A mirror hides one copy's media error while another copy is in
-    /// sync (invariant 5): an IO (`sent`: when, and its bytes) may fail
-    /// with one only if, at some moment while it was out, under some of
-    /// its bytes every copy was out of sync or had failed it itself
-    /// (this tells whether now is such a moment). Else, what went wrong.
+    /// A mirror hides one copy's media error or full disk while another
+    /// copy is in sync (invariant 5): an IO (`sent`: when, and its bytes)
+    /// may fail with one only if, at some moment while it was out, under
+    /// some of its bytes every copy was out of sync or had refused it
+    /// itself (this tells whether now is such a moment). Else, what went
+    /// wrong.
     fn unmasked(&self, (sent, offset, len): (Instant, u64, u64)) -> Option<String> {
         let map = self.engine.map();
         let segments = map.map(offset, len);
         let failing = segments.iter().any(|seg| {
             seg.copies.iter().all(|c| {
                 self.engine.leg_state(c.leaf) != LegState::InSync
-                    || self.last_media[c.leaf] >= Some(sent)
+                    || self.last_refused[c.leaf] >= Some(sent)
             })
         });
         (!failing).then(|| {
             format!(
-                "media error on {offset}+{len}, though from when it was sent until answered \
-                 a copy of each piece was in sync and had failed nothing since it was sent"
+                "media error or full disk on {offset}+{len}, though from when it was sent until \
+                 answered a copy of each piece was in sync and had refused nothing since it was \
+                 sent"
             )
         })
     }
@@ -468,7 +502,7 @@ impl World {
         assert_eq!(to, self.legs.len());
         self.legs.push(vec![0xee; LEAF as usize]);
         self.down.push(false);
-        self.last_media.push(None);
+        self.last_refused.push(None);
         to
     }
 
@@ -713,6 +747,35 @@ fn stripe_of_mirrors() -> VolumeSpec {
     }
 }
 
+/// A mirror of two, then a plain export: the export's errors are the
+/// user's, the mirror's are hidden.
+fn mirror_then_export() -> VolumeSpec {
+    VolumeSpec::Linear(vec![
+        VolumeSpec::Mirror {
+            quorum: None,
+            legs: vec![e("m0"), e("m1")],
+        },
+        e("x"),
+    ])
+}
+
+/// Quorum mirrors striped: writes acknowledged at quorum in each.
+fn stripe_of_quorum_mirrors() -> VolumeSpec {
+    VolumeSpec::Stripe {
+        chunk: 8192,
+        legs: vec![
+            VolumeSpec::Mirror {
+                quorum: Some(1),
+                legs: vec![e("a0"), e("a1")],
+            },
+            VolumeSpec::Mirror {
+                quorum: Some(2),
+                legs: vec![e("b0"), e("b1"), e("b2")],
+            },
+        ],
+    }
+}
+
 #[test]
 fn legs_migrate_under_io_and_faults_and_the_volume_stays_whole() {
     // Mirrored legs and legs that are the only copy (linear, stripe):
@@ -813,7 +876,16 @@ fn sweep() {
 /// was back in sync; the judge looked only at the moment of the answer.
 #[test]
 fn pinned_swarm_seeds_hold() {
-    for seed in [32, 827, 2432] {
+    for (seed, shape) in [
+        (32, "mirror of 3, quorum 1,"),
+        (827, "mirror of 3, quorum 1,"),
+        (2432, "mirror of 3, quorum 2,"),
+    ] {
+        let drawn = World::swarm(seed).1;
+        assert!(
+            drawn.starts_with(shape) && drawn.contains("disk_full: false"),
+            "swarm seed {seed} no longer draws its shape: {drawn}"
+        );
         swarm_seed_holds(seed);
     }
 }
@@ -1503,6 +1575,14 @@ fn a_fence_at_any_moment_ends_the_run_whole() {
             leg
         };
         w.drain();
+        if w.engine.fenced_by().is_none() {
+            // That IO was given up on when its leg went away, and the
+            // engine no longer knows whose it was: the driver tells it
+            // too, once the leg's client is fenced (`when_fenced`).
+            assert_ne!(w.engine.leg_state(leg), LegState::InSync, "seed {seed}");
+            w.engine.leg_fenced(leg);
+            w.drain();
+        }
         assert_eq!(w.engine.fenced_by(), Some(leg), "seed {seed} ({shape})");
         w.persist = None;
         let on_the_wire: std::collections::BTreeSet<u64> = w.pending.iter().map(|p| p.0).collect();
