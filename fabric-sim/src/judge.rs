@@ -166,25 +166,26 @@ pub(crate) fn degraded(
     v
 }
 
-/// A mirror hides one leg's bad blocks while another leg is in sync: a
-/// read goes to another copy, and a write leaves the failing leg behind,
-/// to be copied back. So an IO through the volume may fail with a media
-/// error only if, under its bytes, some group of legs had at some moment
-/// while the IO was out no leg in sync but those whose bad blocks lay
-/// under the IO's bytes then (so that they may have failed it). A group
-/// of one leg is a plain export, whose bad blocks are the user's, as one
-/// disk's are. The node a leg moved to is one more leg of its group from
-/// when the volume adds it. The engine-level volume world judges the
-/// same from the engine's own state. Judges failed IOs.
+/// A mirror hides one leg's bad blocks or full disk while another leg is
+/// in sync: a read goes to another copy, and a write leaves the failing
+/// leg behind, to be copied back. So an IO through the volume may fail
+/// with a media error (or a full disk) only if, under its bytes, some
+/// group of legs had at some moment while the IO was out no leg in sync
+/// but those with bad blocks under the IO's bytes (a full disk) then, so
+/// that they may have refused it. A group of one leg is a plain export,
+/// whose bad blocks and full disk are the user's, as one disk's are. The
+/// node a leg moved to is one more leg of its group from when the volume
+/// adds it. The engine-level volume world judges the same from the
+/// engine's own state. Judges refused IOs.
 pub(crate) fn masking(
     outages: &[Outage],
-    failed: &[Failed],
+    refused: &[Failed],
     layout: Layout,
     moved_from: Option<usize>,
     history: &LegHistory,
 ) -> Verdicts {
     let mut v = Verdicts::default();
-    for f in failed {
+    for f in refused {
         v.judged += 1;
         let groups = layout.groups_under(f.offset, f.len);
         let failing = groups.iter().any(|&g| {
@@ -198,28 +199,35 @@ pub(crate) fn masking(
                 )
                 .collect();
             let sectors: Vec<u64> = layout.group_sectors_under(g, f.offset, f.len).collect();
-            let failed_it = |leg: usize| {
-                outages.iter().any(|p| {
-                    p.leg == leg
-                        && p.from <= f.answered
-                        && p.to >= f.began
-                        && p.bad_bytes.is_some_and(|(from, to)| {
-                            sectors.iter().any(|&s| {
-                                let at = s * SECTOR as u64;
-                                at < to && at + SECTOR as u64 > from
-                            })
-                        })
+            let under_the_io = |(from, to): (u64, u64)| {
+                sectors.iter().any(|&s| {
+                    let at = s * SECTOR as u64;
+                    at < to && at + SECTOR as u64 > from
                 })
             };
-            let excused: Vec<usize> = legs.iter().copied().filter(|&l| failed_it(l)).collect();
+            let refused_it = |leg: usize| {
+                outages.iter().any(|p| {
+                    p.leg == leg
+                        && p.kind == f.kind
+                        && p.from <= f.answered
+                        && p.to >= f.began
+                        && p.bad_bytes.is_none_or(under_the_io)
+                })
+            };
+            let excused: Vec<usize> = legs.iter().copied().filter(|&l| refused_it(l)).collect();
             no_copy_in_sync_while(history, &legs, &excused, f.began, f.answered)
         });
         if !failing {
             let names: Vec<String> = groups.iter().map(|&g| layout.name(g)).collect();
+            let what = if f.kind == Fault::DiskFull {
+                "a full disk"
+            } else {
+                "a media error"
+            };
             v.violations.push(format!(
-                "masking: an IO over bytes {}+{} ({}) sent at {:?} failed with a media error \
-                 at {:?}, though every group under it had a leg in sync throughout with no bad \
-                 blocks under the IO",
+                "masking: an IO over bytes {}+{} ({}) sent at {:?} failed with {what} at {:?}, \
+                 though every group under it had a leg in sync throughout that could not have \
+                 refused it",
                 f.offset,
                 f.len,
                 names.join(", "),

@@ -368,7 +368,7 @@ impl Report {
         let failed: Vec<Failed> = outcomes
             .iter()
             .chain(own.iter().map(|(_, o)| o))
-            .flat_map(|o| o.media_failed.iter().copied())
+            .flat_map(|o| o.refused.iter().copied())
             .collect();
         self.violations
             .extend(masking(outages, &failed, layout, moved_from, &legs).violations);
@@ -1257,6 +1257,23 @@ mod tests {
         caught(Scenario::Linear, 5, Sabotage::NoErrorFailover, "masking:");
         let r = clean(Scenario::MirrorErrors, 260249);
         assert!(r.media_errors > 0, "seed 260249 no longer reaches the case");
+    }
+
+    /// A full disk under one leg is hidden the same way: its writes leave
+    /// the leg behind while another is in sync. With `no-error-failover`
+    /// the full disk reaches the user (seeds 1 and 2 of `mirror`).
+    #[test]
+    fn a_mirror_hides_one_legs_full_disk_while_another_is_in_sync() {
+        for seed in [1, 2] {
+            let r = clean(Scenario::Mirror, seed);
+            assert!(r.faults.get(&Fault::DiskFull) > Some(&0), "seed {seed}");
+            caught(
+                Scenario::Mirror,
+                seed,
+                Sabotage::NoErrorFailover,
+                "masking:",
+            );
+        }
     }
 
     /// Seeds where legs diverged (or a read went back) while the driver

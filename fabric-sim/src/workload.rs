@@ -12,6 +12,7 @@
 
 use braid_core::client::{IoErrorKind, IoRequest};
 use braid_core::rng::SplitMix64;
+use braid_core::testkit::Fault;
 use braid_fabric_tcp::Client;
 use bytes::Bytes;
 use std::time::Duration;
@@ -38,19 +39,22 @@ pub(crate) struct Outcome {
     /// When each IO was answered (shared workers only), to tell what went
     /// on during a fault elsewhere.
     pub answered_at: Vec<tokio::time::Instant>,
-    /// The IOs answered with a media error (shared workers only), to
-    /// tell whether a copy elsewhere should have hidden it.
-    pub media_failed: Vec<Failed>,
+    /// The IOs answered with a media error or a full disk (shared
+    /// workers only), to tell whether a copy elsewhere should have hidden
+    /// it.
+    pub refused: Vec<Failed>,
 }
 
-/// An IO that failed: when it was sent and answered, and the bytes of
-/// the device it covered.
+/// An IO that failed: when it was sent and answered, the bytes of the
+/// device it covered, and the fault that refuses IO so
+/// ([`Fault::MediaErrors`] or [`Fault::DiskFull`]).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Failed {
     pub began: tokio::time::Instant,
     pub answered: tokio::time::Instant,
     pub offset: u64,
     pub len: u64,
+    pub kind: Fault,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -321,12 +325,20 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
         if let Err(e) = &result {
             out.media_errors += u64::from(e.contains("Media"));
             out.no_space_errors += u64::from(e.contains("NoSpace"));
-            if e.contains("Media") {
-                out.media_failed.push(Failed {
+            let kind = if e.contains("Media") {
+                Some(Fault::MediaErrors)
+            } else if e.contains("NoSpace") {
+                Some(Fault::DiskFull)
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                out.refused.push(Failed {
                     began,
                     answered,
                     offset: plan.zone_start + c_off,
                     len: u64::from(c_len),
+                    kind,
                 });
             }
         }

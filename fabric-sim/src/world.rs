@@ -567,8 +567,8 @@ impl Report {
                 trace,
                 steps,
                 answered_at: _,
-                // One export's media errors are the checker's to judge.
-                media_failed: _,
+                // One export's refusals are the checker's to judge.
+                refused: _,
             } = o;
             self.steps.push(steps);
             self.ios += ios;

@@ -247,6 +247,8 @@ fn ci() -> Result<(), String> {
         // mirror has bad blocks in half the seeds, 5 of 16).
         ("no-error-failover", "mirror-errors", "8", "10"),
         ("no-error-failover", "linear", "16", "10"),
+        // And a full disk under one leg (4 of these 8).
+        ("no-error-failover", "mirror", "8", "10"),
         // 6 of the first 200 seeds end with a leg holding a dead run's
         // late writes (15 of the first 400; before session 53's change to
         // when a copy may start, 7 and 17).

@@ -45,9 +45,10 @@ pub enum Sabotage {
     /// on without a leg that does not answer, so a mirror with one leg
     /// unreachable stops instead of serving from the others.
     NoLegTimeout,
-    /// A mirror answers a leg's media error as the IO's, instead of
-    /// reading from another leg in sync or leaving the failing leg
-    /// behind, so bad blocks on one copy reach the user.
+    /// A mirror answers a leg's media error or full disk as the IO's,
+    /// instead of reading from another leg in sync or leaving the failing
+    /// leg behind, so bad blocks or a full disk under one copy reach the
+    /// user.
     NoErrorFailover,
 }
 

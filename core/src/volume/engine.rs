@@ -125,8 +125,8 @@ pub struct VolumeSabotage {
     pub no_fan_out: bool,
     /// Send a FLUSH before mutations submitted earlier reach the legs.
     pub no_flush_barrier: bool,
-    /// Answer a leg's media error as the IO's, as if no other leg held
-    /// the bytes.
+    /// Answer a leg's media error or full disk as the IO's, as if no
+    /// other leg held the bytes.
     pub no_error_failover: bool,
 }
 
@@ -1240,8 +1240,8 @@ impl VolumeEngine {
     fn copy_done(&mut self, id: u64, p: usize, leg: usize, result: Result<Bytes, IoErrorKind>) {
         // A failing copy drops its leg only if the others hold its bytes;
         // the last copy's errors are the IO's, as a single disk's are.
-        let sabotaged =
-            self.config.sabotage.no_error_failover && matches!(result, Err(IoErrorKind::Media));
+        let sabotaged = self.config.sabotage.no_error_failover
+            && matches!(result, Err(IoErrorKind::Media | IoErrorKind::NoSpace));
         let leave = self.can_leave(leg);
         // A read the last leg in sync failed, where another copy is in
         // sync but for writes acknowledged without it (at quorum) that
