@@ -501,6 +501,13 @@ impl Checker {
         }
     }
 
+    /// A volume's client died, and no leg lost power: the run's IO still
+    /// out never answers, and each of its mutations landed or did not.
+    pub fn client_died(&mut self) {
+        self.trace(format_args!("CLIENT CRASH"));
+        self.run_ended();
+    }
+
     /// A volume's client died: a leg that then loses power loses the
     /// acknowledged writes it had not flushed, with no client left to
     /// replay them, and the restart may take that leg's bytes. So every

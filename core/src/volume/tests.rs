@@ -22,6 +22,13 @@ struct World {
     /// Legs whose server is unreachable: their IO waits.
     down: Vec<bool>,
     persist: Option<u64>,
+    /// The logs as encoded when the engine asked for the store in
+    /// flight, and as last stored: what a restarted client loads.
+    storing: Option<Vec<Vec<u8>>>,
+    stored: Option<Vec<Vec<u8>>>,
+    /// Client restarts so far.
+    restarts: u64,
+    config: VolumeConfig,
     /// A migration's switch waits for its map to be stored.
     store_map: bool,
     /// Migrations started, finished and rolled back.
@@ -60,6 +67,9 @@ struct Swarm {
     media_errors: bool,
     /// Writes a leg refuses for a full disk.
     disk_full: bool,
+    /// The client dies now and then and a new run starts on the stored
+    /// logs (only without migrations, whose stored map it would need).
+    restart: bool,
 }
 
 impl Default for Swarm {
@@ -73,6 +83,7 @@ impl Default for Swarm {
             migrate: true,
             media_errors: true,
             disk_full: false,
+            restart: false,
         }
     }
 }
@@ -160,6 +171,7 @@ impl World {
             migrate: pick(2) == 0,
             media_errors: pick(2) == 0,
             disk_full: false,
+            restart: false,
         };
         // Later additions draw from a stream of their own, and only in
         // half the seeds, the others keeping the shapes they drew before;
@@ -176,6 +188,7 @@ impl World {
                 (name, spec) = specs[later.below(specs.len() as u64) as usize].clone();
             }
             swarm.disk_full = later.chance(0.5);
+            swarm.restart = !swarm.migrate && later.chance(0.5);
         }
         let shape = format!("{name}, {config:?}, {swarm:?}");
         let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
@@ -190,12 +203,17 @@ impl World {
         // a single disk's do; the checker then allows either outcome.
         let mut checker = Checker::new(sectors);
         checker.errors_allowed = true;
+        checker.unacked_reads_may_revert = swarm.restart;
         World {
-            engine: VolumeEngine::new(map, config, None).unwrap(),
+            engine: VolumeEngine::new(map, config.clone(), None).unwrap(),
             legs: vec![vec![0; LEAF as usize]; n],
             pending: Vec::new(),
             down: vec![false; n],
             persist: None,
+            storing: None,
+            stored: None,
+            restarts: 0,
+            config,
             store_map: false,
             migrations: (0, 0, 0),
             checker,
@@ -234,7 +252,11 @@ impl World {
             }
             match a {
                 VolumeAction::LegIo { leg, token, io } => self.pending.push((token, leg, io)),
-                VolumeAction::PersistLogs { generation } => self.persist = Some(generation),
+                VolumeAction::PersistLogs { generation } => {
+                    self.persist = Some(generation);
+                    let logs = (0..self.legs.len()).map(|l| self.engine.log(l).encode());
+                    self.storing = Some(logs.collect());
+                }
                 VolumeAction::StoreMap { .. } => self.store_map = true,
                 VolumeAction::Complete { user, result } => {
                     self.completed += 1;
@@ -361,20 +383,7 @@ impl World {
         {
             Err(IoErrorKind::NoSpace)
         } else {
-            let mem = &mut self.legs[leg];
-            let range = io.offset as usize..(io.offset + u64::from(io.len)) as usize;
-            match io.op {
-                Op::Read => Ok(bytes::Bytes::copy_from_slice(&mem[range])),
-                Op::Write => {
-                    mem[range].copy_from_slice(&io.data);
-                    Ok(bytes::Bytes::new())
-                }
-                Op::WriteZeroes | Op::Trim => {
-                    mem[range].fill(0);
-                    Ok(bytes::Bytes::new())
-                }
-                Op::Flush => Ok(bytes::Bytes::new()),
-            }
+            Ok(self.carry_out(leg, &io))
         };
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
             if let Err(e) = &result {
@@ -394,6 +403,65 @@ impl World {
         }
         self.engine.leg_complete(token, result, self.now);
         true
+    }
+
+    /// Does `io` on leg `leg`'s bytes; what a read read.
+    fn carry_out(&mut self, leg: usize, io: &IoRequest) -> bytes::Bytes {
+        let mem = &mut self.legs[leg];
+        let range = io.offset as usize..(io.offset + u64::from(io.len)) as usize;
+        match io.op {
+            Op::Read => return bytes::Bytes::copy_from_slice(&mem[range]),
+            Op::Write => mem[range].copy_from_slice(&io.data),
+            Op::WriteZeroes | Op::Trim => mem[range].fill(0),
+            Op::Flush => {}
+        }
+        bytes::Bytes::new()
+    }
+
+    /// The log store in flight lands, if one is: the engine hears so.
+    fn logs_stored(&mut self) -> bool {
+        let Some(generation) = self.persist.take() else {
+            return false;
+        };
+        self.stored = self.storing.take();
+        self.engine.logs_stable(generation, self.now);
+        true
+    }
+
+    /// The client dies and a new run starts on the logs as stored. Each
+    /// leg IO still out lands or not (the servers fence the dead run's
+    /// sessions before the new run's IO reaches them), as does a log
+    /// store in flight; the user IO still out is never answered; legs
+    /// that are down stay down, and the new run starts without them.
+    fn restart(&mut self) {
+        if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
+            eprintln!("{:?} client restart", self.now);
+        }
+        for (_, leg, io) in std::mem::take(&mut self.pending) {
+            if io.op.mutates() && self.rng.chance(0.5) {
+                self.carry_out(leg, &io);
+            }
+        }
+        if self.persist.take().is_some() && self.rng.chance(0.5) {
+            self.stored = self.storing.take();
+        }
+        self.storing = None;
+        self.checker.client_died();
+        self.submitted.clear();
+        self.fua.clear();
+        let logs = self.stored.as_ref().map(|logs| {
+            logs.iter()
+                .map(|bytes| DirtyRegions::decode(bytes).expect("a log this run stored"))
+                .collect()
+        });
+        let map = self.engine.map().clone();
+        self.engine = VolumeEngine::new(map, self.config.clone(), logs).unwrap();
+        for leg in 0..self.legs.len() {
+            if self.down[leg] {
+                self.engine.leg_failed(leg);
+            }
+        }
+        self.restarts += 1;
     }
 
     /// A mirror hides one copy's media error or full disk while another
@@ -433,9 +501,7 @@ impl World {
                 self.engine.map_stored(self.now);
             }
             85..=89 => {
-                if let Some(g) = self.persist.take() {
-                    self.engine.logs_stable(g, self.now);
-                }
+                self.logs_stored();
             }
             90..=93 if faults && self.swarm.leg_down => {
                 let leg = self.pick(false);
@@ -458,6 +524,7 @@ impl World {
                 let leg = self.pick(false);
                 let _ = self.engine.suspend(leg);
             }
+            98 if faults && self.swarm.restart && self.rng.chance(0.05) => self.restart(),
             98 if faults && self.swarm.resume => {
                 let leg = self.pick(false);
                 self.engine.resume(leg, self.now);
@@ -556,8 +623,7 @@ impl World {
         self.engine
             .submit(user, IoRequest::write(offset, data, false), self.now);
         self.drain();
-        let marks = self.persist.take().expect("write intent is stored first");
-        self.engine.logs_stable(marks, self.now);
+        assert!(self.logs_stored(), "write intent is stored first");
         self.drain();
     }
 
@@ -610,10 +676,7 @@ impl World {
         self.drain();
         for _ in 0..2_000_000 {
             let mut progressed = false;
-            if let Some(g) = self.persist.take() {
-                self.engine.logs_stable(g, self.now);
-                progressed = true;
-            }
+            progressed |= self.logs_stored();
             if std::mem::take(&mut self.store_map) {
                 self.migrations.1 += 1;
                 self.engine.map_stored(self.now);
@@ -897,13 +960,13 @@ fn pinned_swarm_seeds_hold() {
 fn swarm_shapes_hold_reads_and_converge() {
     let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
     let first: u64 = std::env::var("SWARM_FIRST").map_or(0, |s| s.parse().unwrap());
-    for seed in first..first + n {
-        swarm_seed_holds(seed);
-    }
+    let restarts: u64 = (first..first + n).map(swarm_seed_holds).sum();
+    assert!(n < 24 || restarts > 0, "no swarm seed restarted its client");
 }
 
-/// Runs swarm seed `seed`: no violation, and the legs converge.
-fn swarm_seed_holds(seed: u64) {
+/// Runs swarm seed `seed`: no violation, and the legs converge. Returns
+/// how often the client restarted.
+fn swarm_seed_holds(seed: u64) -> u64 {
     let (w, shape) = World::swarm(seed);
     let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
         .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
@@ -913,6 +976,7 @@ fn swarm_seed_holds(seed: u64) {
     if let Err(e) = w.converged() {
         panic!("swarm seed {seed} ({shape}): {e}");
     }
+    w.restarts
 }
 
 #[test]
@@ -1558,6 +1622,8 @@ fn a_run_fenced_on_one_leg_stops_on_every_leg() {
 fn a_fence_at_any_moment_ends_the_run_whole() {
     for seed in 0..24 {
         let (mut w, shape) = World::swarm(seed);
+        // The fenced run must stop; a new run after it is another matter.
+        w.swarm.restart = false;
         let steps = 200 + w.rng.below(2_800);
         for _ in 0..steps {
             w.step(true);
