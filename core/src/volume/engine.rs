@@ -703,6 +703,7 @@ impl VolumeEngine {
         self.stats.migrations += 1;
         self.set_state(m.from, LegState::Retired);
         self.retry_stalled();
+        self.finish_held();
     }
 
     /// Rolls a migration back before the switch: the new leg retires and
@@ -907,15 +908,7 @@ impl VolumeEngine {
         self.persisting = None;
         self.stable_generation = generation;
         if generation >= self.behind_generation {
-            let held: Vec<u64> = self
-                .ios
-                .iter()
-                .filter(|(_, io)| io.unacked == 0 && !io.completed)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in held {
-                self.finish_if_done(id);
-            }
+            self.finish_held();
         }
         let ready: Vec<(u64, usize)> = self
             .ios
@@ -1433,14 +1426,53 @@ impl VolumeEngine {
         }
     }
 
+    /// Answers the IOs the legs have answered that were held back.
+    fn finish_held(&mut self) {
+        let held: Vec<u64> = self
+            .ios
+            .iter()
+            .filter(|(_, io)| io.unacked == 0 && !io.completed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            self.finish_if_done(id);
+        }
+    }
+
+    /// While a migration switches, the stored map is the old one until
+    /// the driver says the new one is stored, and a restart meanwhile
+    /// opens the old one, without the new leg. If the old leg left
+    /// meanwhile (suspended, failed, unreachable) and no other leg of the
+    /// old map holds its bytes in sync, the writes it missed are held by
+    /// the new leg alone: they are answered only once the new map is
+    /// stored (swarm seed 806: a linear volume's export moving, suspended
+    /// while switching, and the client restarted on the old map).
+    fn old_map_short(&self) -> bool {
+        let Some(m) = self.migration.filter(|m| m.switching) else {
+            return false;
+        };
+        self.legs[m.from].state != LegState::InSync
+            && !self.legs[m.from].copy_sets.iter().all(|set| {
+                set.iter().any(|&l| {
+                    l != m.from
+                        && l != m.to
+                        && self.legs[l].state == LegState::InSync
+                        && !self.logs[l].behind()
+                })
+            })
+    }
+
     fn finish_if_done(&mut self, id: u64) {
+        let old_map_short = self.old_map_short();
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
         let durability = io.io.op.mutates() || io.io.op == Op::Flush;
         // Answered by the legs, held until the logs say which leg missed
         // it (see `behind_generation`); `logs_stable` comes back for it.
-        let held = durability && self.stable_generation < self.behind_generation;
+        // And held while only the map being stored holds it (see
+        // `old_map_short`); `map_stored` comes back for it.
+        let held = durability && (self.stable_generation < self.behind_generation || old_map_short);
         // Answered: IOs ordered behind it may start.
         let mut answered = false;
         if io.unacked == 0 && !io.completed && !held {
