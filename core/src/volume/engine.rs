@@ -1443,15 +1443,14 @@ impl VolumeEngine {
     /// the driver says the new one is stored, and a restart meanwhile
     /// opens the old one, without the new leg. If the old leg left
     /// meanwhile (suspended, failed, unreachable) and no other leg of the
-    /// old map holds its bytes in sync, the writes it missed are held by
-    /// the new leg alone: they are answered only once the new map is
-    /// stored (swarm seed 806: a linear volume's export moving, suspended
-    /// while switching, and the client restarted on the old map).
-    fn old_map_short(&self) -> bool {
-        let Some(m) = self.migration.filter(|m| m.switching) else {
-            return false;
-        };
-        self.legs[m.from].state != LegState::InSync
+    /// old map holds its bytes in sync, the writes to them it missed are
+    /// held by the new leg alone: they are answered only once the new map
+    /// is stored, while writes elsewhere go on (swarm seed 806: a linear
+    /// volume's export moving, suspended while switching, and the client
+    /// restarted on the old map). Returns that old leg, if so.
+    fn old_map_short(&self) -> Option<usize> {
+        let m = self.migration.filter(|m| m.switching)?;
+        let short = self.legs[m.from].state != LegState::InSync
             && !self.legs[m.from].copy_sets.iter().all(|set| {
                 set.iter().any(|&l| {
                     l != m.from
@@ -1459,7 +1458,8 @@ impl VolumeEngine {
                         && self.legs[l].state == LegState::InSync
                         && !self.logs[l].behind()
                 })
-            })
+            });
+        short.then_some(m.from)
     }
 
     fn finish_if_done(&mut self, id: u64) {
@@ -1467,12 +1467,19 @@ impl VolumeEngine {
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
+        let only_on_the_new_map = io.io.op.mutates()
+            && old_map_short.is_some_and(|from| {
+                io.parts
+                    .iter()
+                    .any(|p| p.seg.copies.iter().any(|c| c.leaf == from))
+            });
         let durability = io.io.op.mutates() || io.io.op == Op::Flush;
         // Answered by the legs, held until the logs say which leg missed
         // it (see `behind_generation`); `logs_stable` comes back for it.
         // And held while only the map being stored holds it (see
         // `old_map_short`); `map_stored` comes back for it.
-        let held = durability && (self.stable_generation < self.behind_generation || old_map_short);
+        let held =
+            (durability && self.stable_generation < self.behind_generation) || only_on_the_new_map;
         // Answered: IOs ordered behind it may start.
         let mut answered = false;
         if io.unacked == 0 && !io.completed && !held {
