@@ -59,7 +59,10 @@ const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 /// with no fault on any of its legs then (or healing from one) must have
 /// gone on answering its own worker's IOs meanwhile, never pausing more
 /// than [`ISOLATION_PAUSE`]. Bad blocks hold up no IO (it fails at once,
-/// or a mirror leaves the leg), so they do not excuse a group's pause.
+/// or a mirror leaves the leg), so they do not excuse a group's pause,
+/// except on the leg that moves: if they send it away while the switch
+/// waits for its map to be stored, writes it missed wait for the store
+/// (seed 350079 of `linear`: 604 ms, the first store failing).
 /// `until`: when the workers stopped; `moved_from`: the leg migrated to
 /// node `layout.legs()`, whose group that node's faults hold up too
 /// (written to both while copying, to it alone after). Judges (outage,
@@ -86,7 +89,7 @@ pub(crate) fn isolation(
             };
             let troubled = outages.iter().any(|p| {
                 serves_j(p.leg)
-                    && p.kind != Fault::MediaErrors
+                    && (p.kind != Fault::MediaErrors || Some(p.leg) == moved_from)
                     && p.from < o.to
                     && p.to + HEALING > o.from
             });

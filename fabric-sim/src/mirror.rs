@@ -1259,6 +1259,16 @@ mod tests {
         assert!(r.media_errors > 0, "seed 260249 no longer reaches the case");
     }
 
+    /// 350079: the export moves, and bad blocks send it away while the
+    /// switch waits for its map (the first store fails): writes to the
+    /// export wait for the store, 604 ms, which the isolation check must
+    /// not take for the export held up by the mirror's stalled leg.
+    #[test]
+    fn a_moving_leg_sent_away_mid_switch_holds_only_its_own_writes() {
+        let r = clean(Scenario::Linear, 350_079);
+        assert_eq!(r.migrations, 1);
+    }
+
     /// A full disk under one leg is hidden the same way: its writes leave
     /// the leg behind while another is in sync. With `no-error-failover`
     /// the full disk reaches the user (seeds 1 and 2 of `mirror`).
