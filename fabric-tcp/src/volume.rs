@@ -265,7 +265,8 @@ impl Volume {
     /// Every leg's state from now on: first each leg's state now, then
     /// each change as the engine makes it (a snapshot from
     /// [`Volume::status`] can miss a leg that left and came back between
-    /// two looks). The receiver ends when the volume closes.
+    /// two looks). The receiver ends once every handle to the volume
+    /// and its driver are gone.
     pub fn watch_legs(&self) -> mpsc::UnboundedReceiver<LegChange> {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = self.status.lock().unwrap();
