@@ -404,6 +404,10 @@ pub struct VolumeEngine {
     resync_runs: u64,
     resync_not_before: Instant,
     migration: Option<Migration>,
+    /// Legs reported failed while a migration switched that could not
+    /// leave then (see `can_leave`): they leave once the new map is
+    /// stored, if they still may, unless they came back meanwhile.
+    failed_mid_switch: BTreeSet<usize>,
     /// (leg, region): acknowledged mutations the leg has not answered
     /// yet (quorum writes). Reads avoid such a leg for that region.
     lagging: BTreeMap<(usize, u64), usize>,
@@ -523,6 +527,7 @@ impl VolumeEngine {
             resync_runs: 0,
             resync_not_before: Instant::ZERO,
             migration: None,
+            failed_mid_switch: BTreeSet::new(),
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
             barrier_flushes: Vec::new(),
@@ -702,6 +707,11 @@ impl VolumeEngine {
         self.refresh_copy_sets();
         self.stats.migrations += 1;
         self.set_state(m.from, LegState::Retired);
+        for leg in std::mem::take(&mut self.failed_mid_switch) {
+            if self.legs[leg].state == LegState::InSync && self.can_leave(leg) {
+                self.set_state(leg, LegState::Away);
+            }
+        }
         self.retry_stalled();
         self.finish_held();
     }
@@ -1682,13 +1692,20 @@ impl VolumeEngine {
         // the old leg out: it vouches for no one, or once it retires a
         // copy set could be left with no leg in sync (found by madsim:
         // the new leg's disk filled, the others left trusting the old
-        // leg, and retiring it left nothing to copy from).
-        let retiring = self.migration.filter(|m| m.switching).map(|m| m.from);
+        // leg, and retiring it left nothing to copy from). And the stored
+        // map may still be the old one, without the new leg: it vouches
+        // for no leg of the old map but the old leg itself (whose writes
+        // it missed wait for the new map, see `old_map_short`), or a
+        // restart on the old map could trust a leg that missed a write
+        // the leaving one held (swarm seed 2090).
+        let switching = self.migration.filter(|m| m.switching);
+        let vouches =
+            |l: usize| switching.is_none_or(|m| l != m.from && (l != m.to || leg == m.from));
         self.legs[leg].mirrored
             && self.legs[leg].copy_sets.iter().all(|set| {
                 set.iter().any(|&l| {
                     l != leg
-                        && Some(l) != retiring
+                        && vouches(l)
                         && self.legs[l].state == LegState::InSync
                         && !self.logs[l].behind()
                 })
@@ -1707,12 +1724,15 @@ impl VolumeEngine {
             self.set_state(leg, LegState::Away);
             // A read waiting for it to catch up fails now.
             self.retry_stalled();
+        } else if self.migration.is_some_and(|m| m.switching) {
+            self.failed_mid_switch.insert(leg);
         }
     }
 
     /// Leg `leg` is reachable again: resync what it missed.
     pub fn leg_returned(&mut self, leg: usize, now: Instant) {
         self.now = now;
+        self.failed_mid_switch.remove(&leg);
         if self.fenced.is_some() || self.legs[leg].state != LegState::Away {
             return;
         }

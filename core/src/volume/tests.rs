@@ -1013,8 +1013,11 @@ fn sweep() {
 /// (the old one suspended) was lost to a restart on the old map. And
 /// one that found the judge wrong: 2432, a write failed on the last leg
 /// in sync and was answered only once a leg sent away for taking it was
-/// back in sync; the judge looked only at the moment of the answer. Each
-/// must still draw its shape, or it no longer replays its case.
+/// back in sync; the judge looked only at the moment of the answer. And
+/// 2090: a leg of a 4-way mirror left mid-switch, the new leg vouching
+/// for it, and a restart on the old map trusted a leg that had missed a
+/// write the leaving one held. Each must still draw its shape, or it no
+/// longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
     let before_later_draws = ["disk_full: false", "restart: false"];
@@ -1027,6 +1030,11 @@ fn pinned_swarm_seeds_hold() {
             "mirror then export,",
             &["migrate: true", "restart: true"][..],
         ),
+        (
+            2090,
+            "mirror of 4, quorum 2,",
+            &["migrate: true", "restart: true"][..],
+        ),
     ] {
         let drawn = World::swarm(seed).1;
         assert!(
@@ -1035,21 +1043,6 @@ fn pinned_swarm_seeds_hold() {
         );
         swarm_seed_holds(seed);
     }
-}
-
-/// Swarm seed 2090, found at the end of session 56 and not yet fixed: a
-/// 4-way mirror at quorum 2 moves leg 3 (away) to a new leg. A write is
-/// acknowledged by leg 2 and the new leg; the switch begins; leg 2 then
-/// leaves, the new leg vouching for it; the client restarts before the
-/// new map is stored. On the old map every leg's log says behind, the
-/// first (leg 0, which missed the write) is trusted, and the write is
-/// lost. While switching, the new leg must not vouch for a leg of the
-/// old map leaving either (see `can_leave`), without sending the new leg
-/// away when the last leg of the old map fails a write.
-#[test]
-#[ignore = "known loss, session 56: a restart on the old map mid-switch"]
-fn swarm_seed_2090_a_restart_mid_switch_keeps_a_write_the_new_leg_vouched_for() {
-    swarm_seed_holds(2090);
 }
 
 /// Swarm seeds: every shape the world can draw holds its reads and
@@ -1280,6 +1273,37 @@ fn while_a_migration_switches_a_write_the_old_leg_missed_waits_for_the_new_map()
     );
     assert_eq!(w.engine.leg_state(2), LegState::Retired);
     assert_eq!(w.engine.leg_state(to), LegState::InSync);
+}
+
+/// Swarm seed 2090: while a migration switches, the new leg is not yet
+/// in the stored map, so it vouches for no leg of the old map leaving
+/// (a restart on the old map would trust a leg that missed what the
+/// leaving one held). A leg reported failed then stays in service until
+/// the new map is stored, and leaves then.
+#[test]
+fn while_a_migration_switches_the_new_leg_vouches_only_for_the_old_one() {
+    let mut w = World::new(mirror(2), 5);
+    let to = w.migrate_to_new(1, "new");
+    w.copy_until_switch();
+    w.engine.leg_failed(0);
+    w.drain();
+    assert_eq!(
+        w.engine.leg_state(0),
+        LegState::InSync,
+        "the new leg vouched for leg 0 before the new map was stored"
+    );
+    assert!(
+        w.engine.suspend(0).is_err(),
+        "suspended on the new leg's word"
+    );
+    w.engine.map_stored(w.now);
+    w.drain();
+    assert_eq!(w.engine.leg_state(1), LegState::Retired);
+    assert_eq!(w.engine.leg_state(0), LegState::Away, "leaves once it may");
+    w.engine.leg_returned(0, w.now);
+    w.settle();
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    w.converged().unwrap();
 }
 
 #[test]
