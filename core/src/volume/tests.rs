@@ -1045,6 +1045,17 @@ fn pinned_swarm_seeds_hold() {
     }
 }
 
+/// Swarm seed 232, found at the end of session 56 and not yet explained:
+/// a mirror then an export, no migrations, full disks and three client
+/// restarts; after settling, the mirror's legs differ at volume offset
+/// 3584. It fails on the engine before the 2090 fix too. Until it is
+/// understood, swarm runs past it need `SWARM_FIRST=233`.
+#[test]
+#[ignore = "known divergence, session 56: restarts with full disks"]
+fn swarm_seed_232_restarts_with_full_disks_converge() {
+    swarm_seed_holds(232);
+}
+
 /// Swarm seeds: every shape the world can draw holds its reads and
 /// converges. `SWARM_SEEDS=N` runs more (CI runs 24), from
 /// `SWARM_FIRST=F` (default 0; one seed: `SWARM_FIRST=S SWARM_SEEDS=1`).
