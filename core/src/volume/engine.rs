@@ -382,6 +382,13 @@ pub struct VolumeEngine {
     held: VecDeque<u64>,
     /// Logs changed since the last persist began.
     log_generation: u64,
+    /// Regions whose latest write-intent mark is not yet known stable,
+    /// with the log generation that records it. A write finding its
+    /// region already marked must still wait for that generation (swarm
+    /// seed 232: a write went out to one leg on a mark whose store was
+    /// in flight, the client died before it landed, and the restart
+    /// trusted both legs' older logs, which said the region was clean).
+    marks_in_flight: BTreeMap<u64, u64>,
     persisting: Option<u64>,
     stable_generation: u64,
     /// The log generation recording the last mirrored leg that fell out
@@ -518,6 +525,7 @@ impl VolumeEngine {
             locked: BTreeSet::new(),
             held: VecDeque::new(),
             log_generation: u64::from(newly_behind),
+            marks_in_flight: BTreeMap::new(),
             persisting: None,
             stable_generation: 0,
             behind_generation: u64::from(newly_behind),
@@ -868,24 +876,38 @@ impl VolumeEngine {
             for r in &regions {
                 *self.busy.entry(*r).or_default() += 1;
             }
-            // Write intent on every mirrored copy's log; a new mark must
-            // be stable before the write leaves.
+            // Write intent on every mirrored copy's log; a mark must be
+            // stable before the write leaves, a new one or one whose
+            // store is still under way.
             let mut marked = false;
+            let mut mirrored = Vec::new();
             let io = self.ios.get_mut(&id).expect("just looked up");
             for part in &io.parts {
                 if part.seg.copies.len() < 2 || self.config.sabotage.no_dirty_log {
                     continue;
                 }
+                let (at, len) = (io.io.offset + part.seg.at, part.seg.len);
                 for c in &part.seg.copies {
-                    marked |= self.logs[c.leaf].mark(io.io.offset + part.seg.at, part.seg.len);
+                    marked |= self.logs[c.leaf].mark(at, len);
                 }
+                mirrored.extend(self.logs[0].span(at, len));
             }
             io.regions = regions;
+            let mut waits_for = mirrored
+                .iter()
+                .filter_map(|r| self.marks_in_flight.get(r).copied())
+                .max()
+                .unwrap_or(0);
             if marked {
                 self.log_generation += 1;
-                let generation = self.log_generation;
+                waits_for = self.log_generation;
+                for r in mirrored {
+                    self.marks_in_flight.insert(r, waits_for);
+                }
+            }
+            if waits_for > self.stable_generation {
                 for part in &mut io.parts {
-                    part.state = PartState::Persisting(generation);
+                    part.state = PartState::Persisting(waits_for);
                 }
                 self.persist();
                 return;
@@ -917,6 +939,7 @@ impl VolumeEngine {
         }
         self.persisting = None;
         self.stable_generation = generation;
+        self.marks_in_flight.retain(|_, g| *g > generation);
         if generation >= self.behind_generation {
             self.finish_held();
         }
@@ -1570,7 +1593,14 @@ impl VolumeEngine {
         }
         let was_in_sync = self.legs[leg].state == LegState::InSync;
         self.legs[leg].state = state;
-        self.logs[leg].set_behind(self.legs[leg].mirrored && state != LegState::InSync);
+        // A leg that comes back in sync while writes acknowledged without
+        // it are still on their way to it stays behind until they land:
+        // else it could vouch for a write only it holds while it lacks
+        // one only another holds, and a failure then leaves no leg with
+        // both (swarm seed 332: a resync finished under such a write,
+        // and both legs of a quorum-1 mirror ended up away).
+        let lags = self.lagging.range((leg, 0)..(leg + 1, 0)).next().is_some();
+        self.logs[leg].set_behind(self.legs[leg].mirrored && (state != LegState::InSync || lags));
         if was_in_sync && self.legs[leg].mirrored && state != LegState::InSync {
             self.log_generation += 1;
             self.behind_generation = self.log_generation;

@@ -439,6 +439,14 @@ impl World {
             return false;
         };
         self.stored = self.storing.take();
+        if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
+            eprintln!("{:?} logs stored, generation {generation}", self.now);
+            let stored = self.stored.iter().flatten();
+            let logs: Vec<DirtyRegions> = stored
+                .map(|(_, b)| DirtyRegions::decode(b).expect("just encoded"))
+                .collect();
+            trace_logs(&logs);
+        }
         self.engine.logs_stable(generation, self.now);
         true
     }
@@ -496,7 +504,7 @@ impl World {
         self.down = was.iter().map(|&i| self.down[i]).collect();
         self.last_refused = was.iter().map(|&i| self.last_refused[i]).collect();
         let region = self.config.region;
-        let logs = self.stored.as_ref().map(|stored| {
+        let logs: Option<Vec<DirtyRegions>> = self.stored.as_ref().map(|stored| {
             map.leaves()
                 .iter()
                 .map(|name| match stored.iter().find(|(n, _)| n == name) {
@@ -505,6 +513,9 @@ impl World {
                 })
                 .collect()
         });
+        if let Some(logs) = &logs {
+            trace_logs(logs);
+        }
         self.engine = VolumeEngine::new(map, self.config.clone(), logs).unwrap();
         for leg in 0..self.legs.len() {
             if self.down[leg] {
@@ -803,6 +814,21 @@ impl World {
     }
 }
 
+/// With `BRAID_TRACE_VOLUME`: each leg's log, its behind flag and first
+/// marked regions.
+fn trace_logs(logs: &[DirtyRegions]) {
+    if std::env::var("BRAID_TRACE_VOLUME").is_err() {
+        return;
+    }
+    for (leg, log) in logs.iter().enumerate() {
+        let marked: Vec<u64> = log.dirty_from(0).take(12).collect();
+        eprintln!(
+            "    log leg{leg}: behind {}, marked {marked:?}",
+            log.behind()
+        );
+    }
+}
+
 fn run(spec: VolumeSpec, seed: u64, steps: usize) -> World {
     run_sabotaged(spec, seed, steps, VolumeSabotage::default())
 }
@@ -1016,8 +1042,11 @@ fn sweep() {
 /// back in sync; the judge looked only at the moment of the answer. And
 /// 2090: a leg of a 4-way mirror left mid-switch, the new leg vouching
 /// for it, and a restart on the old map trusted a leg that had missed a
-/// write the leaving one held. Each must still draw its shape, or it no
-/// longer replays its case.
+/// write the leaving one held. 232: a write went out on a mark whose
+/// store was still under way, and a restart found the region clean on
+/// both legs. 332: a leg finished its resync under a write acknowledged
+/// without it and vouched for the next write alone. Each must still draw
+/// its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
     let before_later_draws = ["disk_full: false", "restart: false"];
@@ -1035,6 +1064,16 @@ fn pinned_swarm_seeds_hold() {
             "mirror of 4, quorum 2,",
             &["migrate: true", "restart: true"][..],
         ),
+        (
+            232,
+            "mirror then export,",
+            &["disk_full: true", "restart: true"][..],
+        ),
+        (
+            332,
+            "stripe of quorum mirrors,",
+            &["media_errors: true", "disk_full: true"][..],
+        ),
     ] {
         let drawn = World::swarm(seed).1;
         assert!(
@@ -1043,28 +1082,6 @@ fn pinned_swarm_seeds_hold() {
         );
         swarm_seed_holds(seed);
     }
-}
-
-/// Swarm seed 232, found at the end of session 56 and not yet explained:
-/// a mirror then an export, no migrations, full disks and three client
-/// restarts; after settling, the mirror's legs differ at volume offset
-/// 3584. It fails on the engine before the 2090 fix too. Until it (and
-/// 332, below) is understood, swarm runs start past them.
-#[test]
-#[ignore = "known divergence, session 56: restarts with full disks"]
-fn swarm_seed_232_restarts_with_full_disks_converge() {
-    swarm_seed_holds(232);
-}
-
-/// Swarm seed 332, found at the end of session 56 and not yet explained:
-/// a stripe of quorum mirrors with media errors, full disks and client
-/// restarts never settles: both legs of one mirror are left resyncing
-/// with no leg in sync to copy from, and its IO stalls. It fails on the
-/// engine before the 2090 fix too.
-#[test]
-#[ignore = "known stall, session 56: restarts leave a mirror no leg in sync"]
-fn swarm_seed_332_restarts_leave_a_mirror_a_leg_in_sync() {
-    swarm_seed_holds(332);
 }
 
 /// Swarm seeds: every shape the world can draw holds its reads and
@@ -1480,6 +1497,30 @@ fn a_write_intent_mark_stays_until_a_flush_covers_the_write() {
 }
 
 #[test]
+fn a_write_to_a_region_whose_mark_is_still_being_stored_waits_for_it() {
+    // Swarm seed 232: a write found its region already marked and went
+    // out, but the store of that mark was still under way; the client
+    // died before it landed, and the restart found the region clean on
+    // both legs while the write had reached one of them.
+    let mut w = World::new(mirror(2), 14);
+    w.engine
+        .submit(1, IoRequest::write(0, stamp(1, 0, 8), false), w.now);
+    w.drain();
+    let marking = w.persist.take().expect("the first write's mark is stored");
+    w.engine
+        .submit(2, IoRequest::write(512, stamp(2, 1, 1), false), w.now);
+    w.drain();
+    assert!(
+        w.pending.is_empty(),
+        "no write leaves before its mark is stable: {:?}",
+        w.pending
+    );
+    w.engine.logs_stable(marking, w.now);
+    w.drain();
+    assert_eq!(w.pending.len(), 4, "both writes, to both legs");
+}
+
+#[test]
 fn a_write_a_leg_missed_is_acknowledged_only_once_the_log_says_so() {
     // Found by madsim (mirror-restart seed 103): a leg's disk filled under
     // a write, the write was acknowledged from the other leg, the client
@@ -1691,6 +1732,60 @@ fn a_read_the_only_leg_with_a_quorum_write_fails_waits_for_the_lagging_copy() {
     let nines = bytes::Bytes::from(vec![9u8; 4096]);
     w.engine.leg_complete(token, Ok(nines.clone()), w.now);
     assert_eq!(w.answer_to(2), Some(Ok(nines)));
+    w.engine.check().unwrap();
+}
+
+#[test]
+fn a_leg_back_in_sync_under_a_write_acknowledged_without_it_stays_behind() {
+    // Swarm seed 332 (quorum 1): leg 0 finished its resync while a write
+    // acknowledged by leg 1 alone was still on its way to it, was counted
+    // in sync and not behind, and vouched alone for a later write leg 1
+    // had not landed. A failure on each leg then left neither holding
+    // every acknowledged write, and both were sent away.
+    let region = world_config().region;
+    let mut w = World::new(mirror_with_quorum(2, 1), 2);
+    // Everything but leg 0's copy of the write at offset 0 lands.
+    let run = |w: &mut World| {
+        for _ in 0..200 {
+            w.now = w.now + Duration::from_millis(1);
+            w.engine.handle_timeout(w.now);
+            w.drain();
+            w.logs_stored();
+            w.drain();
+            let held =
+                |p: &(u64, usize, IoRequest)| p.1 == 0 && p.2.op == Op::Write && p.2.offset == 0;
+            while let Some(i) = w.pending.iter().position(|p| !held(p)) {
+                let (token, leg, io) = w.pending.remove(i);
+                let data = w.carry_out(leg, &io);
+                w.engine.leg_complete(token, Ok(data), w.now);
+                w.drain();
+            }
+        }
+    };
+    w.engine.leg_failed(0);
+    w.engine.submit(
+        1,
+        IoRequest::write(3 * region, stamp(1, 0, 8), false),
+        w.now,
+    );
+    run(&mut w);
+    assert_eq!(w.completed, 1);
+    w.engine.leg_returned(0, w.now);
+    w.drain();
+    assert!(matches!(w.engine.leg_state(0), LegState::Resyncing { cursor } if cursor > 0));
+    w.engine
+        .submit(2, IoRequest::write(0, stamp(2, 0, 8), false), w.now);
+    run(&mut w);
+    assert_eq!(w.completed, 2, "acknowledged by leg 1 alone");
+    assert_eq!(w.engine.leg_state(0), LegState::InSync, "resync done");
+    assert!(
+        w.engine.log(0).behind(),
+        "leg 0 still lacks an acknowledged write"
+    );
+    let token = w.take_pending(0, Op::Write);
+    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.drain();
+    assert!(!w.engine.log(0).behind(), "caught up");
     w.engine.check().unwrap();
 }
 
