@@ -3,7 +3,7 @@
 //! mirror with one leg unreachable went on without it (degraded
 //! service), that bad blocks reached the user only where no other copy
 //! could serve (masking), and that each mirror's legs ended with the
-//! same bytes.
+//! same bytes. And for one export: that a full disk was full then.
 
 use crate::layout::{Layout, Zones};
 use crate::workload::Failed;
@@ -31,6 +31,32 @@ pub(crate) struct LegHistory {
     pub(crate) start: Vec<(usize, bool)>,
     /// Each change, in order, and when.
     pub(crate) changes: Vec<(tokio::time::Instant, usize, bool)>,
+}
+
+/// One export's NO_SPACE answers: each must have come while the disk was
+/// full at some moment between the IO's sending and its answer (`full`:
+/// each time the disk filled, until it had room again). A server that
+/// answered NO_SPACE for anything else (a write refused for a reason of
+/// its own, an answer meant for another request) would pass the reads'
+/// checks, which allow a refused write either outcome.
+pub(crate) fn full_disk_refusals<T: PartialOrd + Copy + std::fmt::Debug>(
+    full: &[(T, T)],
+    refused: &[(T, T, u64, u64)],
+) -> Vec<String> {
+    refused
+        .iter()
+        .filter(|&&(began, answered, ..)| {
+            !full
+                .iter()
+                .any(|&(from, to)| from <= answered && to >= began)
+        })
+        .map(|(began, answered, offset, len)| {
+            format!(
+                "full disk: an IO over bytes {offset}+{len} sent at {began:?} failed with NO_SPACE \
+                 at {answered:?}, though the disk had room throughout"
+            )
+        })
+        .collect()
 }
 
 /// The faults that leave a leg unreachable, rather than slow or full.
@@ -399,4 +425,26 @@ fn mirror_divergence(
         }
     }
     violations
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_excuses_only_the_ios_out_while_it_was_full() {
+        let full = [(10u64, 20u64), (40, 45)];
+        let refused = [
+            (5, 10, 0, 4096),      // answered as it filled
+            (12, 15, 4096, 4096),  // inside
+            (20, 30, 8192, 4096),  // sent as it emptied
+            (1, 50, 12288, 4096),  // out across both
+            (21, 39, 16384, 4096), // between the two: had room
+            (46, 47, 20480, 4096), // after
+        ];
+        let found = full_disk_refusals(&full, &refused);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found[0].contains("16384+4096"));
+        assert!(found[1].contains("20480+4096"));
+    }
 }

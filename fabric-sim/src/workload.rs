@@ -39,9 +39,9 @@ pub(crate) struct Outcome {
     /// When each IO was answered (shared workers only), to tell what went
     /// on during a fault elsewhere.
     pub answered_at: Vec<tokio::time::Instant>,
-    /// The IOs answered with a media error or a full disk (shared
-    /// workers only), to tell whether a copy elsewhere should have hidden
-    /// it.
+    /// The IOs answered with a media error or a full disk (a private
+    /// worker's full disks only), to tell whether the fault was there
+    /// then, or a copy elsewhere should have hidden it.
     pub refused: Vec<Failed>,
 }
 
@@ -186,6 +186,13 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
             // so it must reach the caller.
             Err(e) if may_fill && effect.is_some() && e.kind == IoErrorKind::NoSpace => {
                 out.no_space_errors += 1;
+                out.refused.push(Failed {
+                    began,
+                    answered: tokio::time::Instant::now(),
+                    offset,
+                    len: u64::from(len),
+                    kind: Fault::DiskFull,
+                });
                 may_have_landed(&mut model, at, n, effect);
             }
             Err(e) => out

@@ -4,7 +4,7 @@
 use crate::disk::SimDisk;
 use crate::keys::{OperatorKeys, KEY_ID};
 use crate::workload::{
-    shared_worker, worker, Outcome, Plan, SharedPlan, BLOCK, SHARED_ZONE_BLOCKS,
+    shared_worker, worker, Failed, Outcome, Plan, SharedPlan, BLOCK, SHARED_ZONE_BLOCKS,
 };
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
@@ -316,7 +316,8 @@ async fn simulate(
         slow: &shared.slow,
         keys: &shared.keys,
     };
-    let faults = inject(scenario, &mut rng, &targets, run_for).await;
+    let mut full_windows = Vec::new();
+    let faults = inject(scenario, &mut rng, &targets, run_for, &mut full_windows).await;
 
     let mut report = Report {
         faults,
@@ -324,14 +325,25 @@ async fn simulate(
         ..Report::empty(seed, scenario)
     };
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut refused = Vec::new();
     for (c, work) in works.into_iter().enumerate() {
         match work.await {
-            Ok(Ok((outcomes, status))) => report.add_client(outcomes, &status, &mut hash),
+            Ok(Ok((outcomes, status))) => {
+                report.add_client(outcomes, &status, &mut hash, &mut refused)
+            }
             Ok(Err(e)) => report.violations.push(format!("client {c}: {e}")),
             Err(e) => report.violations.push(format!("client node {c}: {e}")),
         }
     }
     report.trace_hash = hash ^ report.ios;
+    let no_space: Vec<_> = refused
+        .iter()
+        .filter(|f| f.kind == Fault::DiskFull)
+        .map(|f| (f.began, f.answered, f.offset, f.len))
+        .collect();
+    report
+        .violations
+        .extend(crate::judge::full_disk_refusals(&full_windows, &no_space));
     if report.longest_io > STALL_LIMIT {
         report.violations.push(format!(
             "liveness: an IO took {:?} of virtual time",
@@ -555,8 +567,14 @@ async fn run_client(
 
 impl Report {
     /// Adds one client's workers' outcomes and its driver's counters;
-    /// `hash` gathers the workers' traces.
-    fn add_client(&mut self, outcomes: Vec<Outcome>, status: &ClientStatus, hash: &mut u64) {
+    /// `hash` gathers the workers' traces, `refused` their refused IOs.
+    fn add_client(
+        &mut self,
+        outcomes: Vec<Outcome>,
+        status: &ClientStatus,
+        hash: &mut u64,
+        refused: &mut Vec<Failed>,
+    ) {
         for o in outcomes {
             let Outcome {
                 ios,
@@ -567,9 +585,9 @@ impl Report {
                 trace,
                 steps,
                 answered_at: _,
-                // One export's refusals are the checker's to judge.
-                refused: _,
+                refused: mine,
             } = o;
+            refused.extend(mine);
             self.steps.push(steps);
             self.ios += ios;
             self.media_errors += media_errors;
@@ -632,12 +650,14 @@ struct Targets<'a> {
 }
 
 /// Draws and applies faults until two seconds before the end (so the last
-/// one heals while the workload still runs); returns what it did.
+/// one heals while the workload still runs); returns what it did. Each
+/// time the disk filled, until it had room again, goes in `full_windows`.
 async fn inject(
     scenario: Scenario,
     rng: &mut SplitMix64,
     targets: &Targets<'_>,
     run_for: Duration,
+    full_windows: &mut Vec<(tokio::time::Instant, tokio::time::Instant)>,
 ) -> BTreeMap<Fault, u64> {
     let Targets {
         handle,
@@ -728,9 +748,11 @@ async fn inject(
                 handle.restart(server);
             }
             Fault::DiskFull => {
+                let from = tokio::time::Instant::now();
                 full.store(true, Ordering::SeqCst);
                 tokio::time::sleep(ms(rng, 100, 1500)).await;
                 full.store(false, Ordering::SeqCst);
+                full_windows.push((from, tokio::time::Instant::now()));
             }
             Fault::DiskStall => {
                 slow.store(true, Ordering::SeqCst);
