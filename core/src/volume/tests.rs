@@ -2,7 +2,9 @@
 //! failing, erroring, suspended and returning, answers in any order (but
 //! in order per leg for overlapping mutations, as a leg's client keeps
 //! them). The testkit checker judges every read; at the end, with faults
-//! healed, every leg of every mirror holds the same bytes.
+//! healed, every leg of every mirror holds the same bytes. Swarm seeds
+//! also restart the client, and cut legs' power, which takes what a dead
+//! run left in a leg's cache.
 
 use super::*;
 use crate::client::{IoErrorKind, IoRequest};
@@ -16,9 +18,17 @@ const LEAF: u64 = 256 << 10;
 
 struct World {
     engine: VolumeEngine,
+    /// Each leg's bytes as its reads see them.
     legs: Vec<Vec<u8>>,
+    /// Beneath them, what each leg's media holds and what its server
+    /// holds only in its cache: a power cut there keeps some of it.
+    media: Vec<LegMedia>,
     /// (token, leg, io), in issue order.
     pending: Vec<(u64, usize, IoRequest)>,
+    /// Pending mutations a FLUSH issued after them on their leg has
+    /// answered: a leg's client covers what it was given before, so
+    /// their server has them on media when they answer.
+    flushed_ahead: std::collections::BTreeSet<u64>,
     /// Legs whose server is unreachable: their IO waits.
     down: Vec<bool>,
     persist: Option<u64>,
@@ -26,8 +36,13 @@ struct World {
     /// store in flight, and as last stored: what a restarted client loads.
     storing: Option<Vec<(String, Vec<u8>)>>,
     stored: Option<Vec<(String, Vec<u8>)>>,
-    /// Client restarts so far.
+    /// Client restarts so far: the number of the run going on.
     restarts: u64,
+    /// Draws the power cuts (its own stream: worlds without them replay
+    /// as before).
+    power_rng: SplitMix64,
+    /// Writes of dead runs that power cuts took from a leg's cache.
+    lost_to_power: u64,
     config: VolumeConfig,
     /// A migration's switch waits for its map to be stored: (from, to).
     store_map: Option<(usize, usize)>,
@@ -75,6 +90,32 @@ struct Swarm {
     /// The client dies now and then and a new run starts on the stored
     /// logs and volume description.
     restart: bool,
+    /// Legs lose power now and then, and with it what a dead run wrote
+    /// that no FLUSH had covered (a live run's leg clients write theirs
+    /// again). Only with `restart`.
+    power: bool,
+}
+
+/// A leg's media, under its cache.
+#[derive(Clone)]
+struct LegMedia {
+    bytes: Vec<u8>,
+    /// Mutations answered but not yet flushed, in order: the run that
+    /// sent each, where, its bytes, and whether it was FUA.
+    cached: Vec<(u64, usize, Vec<u8>, bool)>,
+}
+
+impl LegMedia {
+    fn new(bytes: Vec<u8>) -> LegMedia {
+        LegMedia {
+            bytes,
+            cached: Vec::new(),
+        }
+    }
+
+    fn apply(bytes: &mut [u8], (_, at, data, _): &(u64, usize, Vec<u8>, bool)) {
+        bytes[*at..*at + data.len()].copy_from_slice(data);
+    }
 }
 
 impl Default for Swarm {
@@ -89,6 +130,7 @@ impl Default for Swarm {
             media_errors: true,
             disk_full: false,
             restart: false,
+            power: false,
         }
     }
 }
@@ -177,6 +219,7 @@ impl World {
             media_errors: pick(2) == 0,
             disk_full: false,
             restart: false,
+            power: false,
         };
         // Later additions draw from a stream of their own, and only in
         // half the seeds, the others keeping the shapes they drew before;
@@ -195,6 +238,9 @@ impl World {
             swarm.disk_full = later.chance(0.5);
             swarm.restart = later.chance(0.5);
         }
+        // Its own stream too, so seeds that draw no power cuts replay
+        // as before; its constant leaves the pinned seeds among those.
+        swarm.power = swarm.restart && SplitMix64::new(seed ^ 0x504f_5783).chance(0.5);
         let shape = format!("{name}, {config:?}, {swarm:?}");
         let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
         (World::build(spec, map, seed, config, swarm), shape)
@@ -218,6 +264,10 @@ impl World {
         World {
             engine: VolumeEngine::new(map, config.clone(), None).unwrap(),
             legs: vec![vec![0; LEAF as usize]; n],
+            media: vec![LegMedia::new(vec![0; LEAF as usize]); n],
+            flushed_ahead: Default::default(),
+            lost_to_power: 0,
+            power_rng: SplitMix64::new(seed ^ 0x5057_5257),
             pending: Vec::new(),
             down: vec![false; n],
             persist: None,
@@ -377,6 +427,13 @@ impl World {
             return false;
         }
         let i = ready[self.rng.below(ready.len() as u64) as usize];
+        if self.pending[i].2.op == Op::Flush {
+            let leg = self.pending[i].1;
+            let before = self.pending[..i]
+                .iter()
+                .filter(|p| p.1 == leg && p.2.op.mutates());
+            self.flushed_ahead.extend(before.map(|p| p.0));
+        }
         let (token, leg, io) = self.pending.remove(i);
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
             eprintln!(
@@ -398,7 +455,7 @@ impl World {
         {
             Err(IoErrorKind::NoSpace)
         } else {
-            Ok(self.carry_out(leg, &io))
+            Ok(self.land(token, leg, &io))
         };
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
             if let Err(e) = &result {
@@ -420,17 +477,61 @@ impl World {
         true
     }
 
+    /// Does leg IO `token` (`io` on leg `leg`); what a read read.
+    fn land(&mut self, token: u64, leg: usize, io: &IoRequest) -> bytes::Bytes {
+        let read = self.carry_out(leg, io);
+        if self.flushed_ahead.remove(&token) && io.op != Op::Flush {
+            self.media[leg].cached.last_mut().expect("just cached").3 = true;
+        }
+        read
+    }
+
     /// Does `io` on leg `leg`'s bytes; what a read read.
     fn carry_out(&mut self, leg: usize, io: &IoRequest) -> bytes::Bytes {
         let mem = &mut self.legs[leg];
         let range = io.offset as usize..(io.offset + u64::from(io.len)) as usize;
         match io.op {
-            Op::Read => return bytes::Bytes::copy_from_slice(&mem[range]),
-            Op::Write => mem[range].copy_from_slice(&io.data),
-            Op::WriteZeroes | Op::Trim => mem[range].fill(0),
-            Op::Flush => {}
+            Op::Read => return bytes::Bytes::copy_from_slice(&mem[range.clone()]),
+            Op::Write => mem[range.clone()].copy_from_slice(&io.data),
+            Op::WriteZeroes | Op::Trim => mem[range.clone()].fill(0),
+            Op::Flush => {
+                let media = &mut self.media[leg];
+                for w in std::mem::take(&mut media.cached) {
+                    LegMedia::apply(&mut media.bytes, &w);
+                }
+            }
+        }
+        if io.op.mutates() && io.op != Op::Flush {
+            let written = (self.restarts, range.start, mem[range].to_vec(), io.fua);
+            self.media[leg].cached.push(written);
         }
         bytes::Bytes::new()
+    }
+
+    /// Leg `leg`'s server loses power: of what dead runs wrote and no
+    /// FLUSH covered, each write reached the media (FUA ones did) or, with
+    /// chance `keep`, not; what this run wrote its leg client sends again.
+    fn power_cut(&mut self, leg: usize, keep: f64) {
+        if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
+            eprintln!("{:?} leg{leg} loses power", self.now);
+        }
+        let media = &mut self.media[leg];
+        let mut live = Vec::new();
+        for w in std::mem::take(&mut media.cached) {
+            if w.0 == self.restarts {
+                live.push(w);
+            } else if w.3 || self.power_rng.chance(keep) {
+                LegMedia::apply(&mut media.bytes, &w);
+            } else {
+                self.lost_to_power += 1;
+            }
+        }
+        let mut seen = media.bytes.clone();
+        for w in &live {
+            LegMedia::apply(&mut seen, w);
+        }
+        media.cached = live;
+        self.legs[leg] = seen;
     }
 
     /// The log store in flight lands, if one is: the engine hears so.
@@ -470,11 +571,14 @@ impl World {
         if std::env::var("BRAID_TRACE_VOLUME").is_ok() {
             eprintln!("{:?} client restart", self.now);
         }
-        for (_, leg, io) in std::mem::take(&mut self.pending) {
-            if io.op.mutates() && self.rng.chance(0.5) {
-                self.carry_out(leg, &io);
+        for (token, leg, io) in std::mem::take(&mut self.pending) {
+            // A FLUSH after it answered: its server had it.
+            let flushed = self.flushed_ahead.contains(&token);
+            if io.op.mutates() && (self.rng.chance(0.5) || flushed) {
+                self.land(token, leg, &io);
             }
         }
+        self.flushed_ahead.clear();
         if self.persist.take().is_some() && self.rng.chance(0.5) {
             self.stored = self.storing.take();
         }
@@ -483,7 +587,11 @@ impl World {
             self.map_stored_now();
         }
         self.store_map = None;
-        self.checker.client_died();
+        if self.swarm.power {
+            self.checker.unflushed_may_revert();
+        } else {
+            self.checker.client_died();
+        }
         self.submitted.clear();
         self.fua.clear();
         let map = VolumeMap::new(&self.spec, |_| Some(leaf_info())).unwrap();
@@ -501,6 +609,7 @@ impl World {
             })
             .collect();
         self.legs = was.iter().map(|&i| self.legs[i].clone()).collect();
+        self.media = was.iter().map(|&i| self.media[i].clone()).collect();
         self.down = was.iter().map(|&i| self.down[i]).collect();
         self.last_refused = was.iter().map(|&i| self.last_refused[i]).collect();
         let region = self.config.region;
@@ -523,6 +632,19 @@ impl World {
             }
         }
         self.restarts += 1;
+    }
+
+    /// The client dies (see [`World::restart`]) and, with power cuts on,
+    /// some legs lose power then too.
+    fn crash(&mut self) {
+        self.restart();
+        if self.swarm.power {
+            for leg in 0..self.legs.len() {
+                if self.power_rng.chance(0.25) {
+                    self.power_cut(leg, 0.5);
+                }
+            }
+        }
     }
 
     /// A mirror hides one copy's media error or full disk while another
@@ -551,6 +673,12 @@ impl World {
 
     fn step(&mut self, faults: bool) {
         self.now = self.now + Duration::from_micros(50 + self.rng.below(500));
+        // After a restart, what the dead run left in a cache is lost to
+        // a power cut until a FLUSH covers it, whenever the cut comes.
+        if faults && self.swarm.power && self.power_rng.chance(0.003) {
+            let leg = self.power_rng.below(self.legs.len() as u64) as usize;
+            self.power_cut(leg, 0.5);
+        }
         match self.rng.below(100) {
             0..=29 => self.submit(),
             30..=84 => {
@@ -559,7 +687,7 @@ impl World {
             // The window between a migration's map store and its news is
             // short: a restart is aimed at it.
             85 if self.swarm.restart && self.store_map.is_some() && self.rng.chance(0.05) => {
-                self.restart()
+                self.crash()
             }
             85 if self.store_map.is_some() && self.rng.chance(0.1) => {
                 self.map_stored_now();
@@ -590,7 +718,7 @@ impl World {
                 let leg = self.pick(false);
                 let _ = self.engine.suspend(leg);
             }
-            98 if faults && self.swarm.restart && self.rng.chance(0.05) => self.restart(),
+            98 if faults && self.swarm.restart && self.rng.chance(0.05) => self.crash(),
             98 if faults && self.swarm.resume => {
                 let leg = self.pick(false);
                 self.engine.resume(leg, self.now);
@@ -634,6 +762,7 @@ impl World {
             .expect("no migration was running");
         assert_eq!(to, self.legs.len());
         self.legs.push(vec![0xee; LEAF as usize]);
+        self.media.push(LegMedia::new(vec![0xee; LEAF as usize]));
         self.down.push(false);
         self.last_refused.push(None);
         to
@@ -1057,22 +1186,22 @@ fn pinned_swarm_seeds_hold() {
         (
             806,
             "mirror then export,",
-            &["migrate: true", "restart: true"][..],
+            &["migrate: true", "restart: true", "power: false"][..],
         ),
         (
             2090,
             "mirror of 4, quorum 2,",
-            &["migrate: true", "restart: true"][..],
+            &["migrate: true", "restart: true", "power: false"][..],
         ),
         (
             232,
             "mirror then export,",
-            &["disk_full: true", "restart: true"][..],
+            &["disk_full: true", "restart: true", "power: false"][..],
         ),
         (
             332,
             "stripe of quorum mirrors,",
-            &["media_errors: true", "disk_full: true"][..],
+            &["media_errors: true", "disk_full: true", "power: false"][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -1091,13 +1220,18 @@ fn pinned_swarm_seeds_hold() {
 fn swarm_shapes_hold_reads_and_converge() {
     let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
     let first: u64 = std::env::var("SWARM_FIRST").map_or(0, |s| s.parse().unwrap());
-    let restarts: u64 = (first..first + n).map(swarm_seed_holds).sum();
+    let (mut restarts, mut lost) = (0, 0);
+    for (r, l) in (first..first + n).map(swarm_seed_holds) {
+        (restarts, lost) = (restarts + r, lost + l);
+    }
     assert!(n < 24 || restarts > 0, "no swarm seed restarted its client");
+    assert!(n < 24 || lost > 0, "no power cut took a dead run's write");
 }
 
 /// Runs swarm seed `seed`: no violation, and the legs converge. Returns
-/// how often the client restarted.
-fn swarm_seed_holds(seed: u64) -> u64 {
+/// how often the client restarted, and how many of a dead run's writes
+/// power cuts took.
+fn swarm_seed_holds(seed: u64) -> (u64, u64) {
     let (w, shape) = World::swarm(seed);
     let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
         .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
@@ -1107,7 +1241,7 @@ fn swarm_seed_holds(seed: u64) -> u64 {
     if let Err(e) = w.converged() {
         panic!("swarm seed {seed} ({shape}): {e}");
     }
-    w.restarts
+    (w.restarts, w.lost_to_power)
 }
 
 #[test]
@@ -1442,6 +1576,7 @@ fn a_read_whose_legs_left_is_served_when_one_returns_even_after_a_migration() {
     late(&mut w, &mut held, 2);
     w.engine.migrate(0, "new", info, w.now).unwrap();
     w.legs.push(vec![0xee; LEAF as usize]);
+    w.media.push(LegMedia::new(vec![0xee; LEAF as usize]));
     w.down.push(false);
     w.engine.leg_returned(2, w.now);
     run_until(&mut w, &mut held, &|w| w.store_map.is_some());
@@ -1518,6 +1653,52 @@ fn a_write_to_a_region_whose_mark_is_still_being_stored_waits_for_it() {
     w.engine.logs_stable(marking, w.now);
     w.drain();
     assert_eq!(w.pending.len(), 4, "both writes, to both legs");
+}
+
+#[test]
+fn a_write_one_leg_loses_to_a_power_cut_after_the_client_died_is_copied_back() {
+    // What the write-intent marks kept until a FLUSH are for: the client
+    // dies with a write acknowledged by both legs and flushed by
+    // neither, and one leg's server then loses power and the write with
+    // it. The restart must copy that region, or the legs disagree.
+    let region = world_config().region;
+    let mut w = World::new(mirror(2), 2);
+    w.swarm.restart = true;
+    w.swarm.power = true;
+    w.checker.unacked_reads_may_revert = true;
+    let finish = |w: &mut World| {
+        for _ in 0..100 {
+            w.logs_stored();
+            w.drain();
+            while w.answer_one(false) {
+                w.drain();
+            }
+        }
+    };
+    // The second write's mark stores the logs again, after the first
+    // write's region went quiet.
+    for (user, at) in [(1, 0), (2, 5 * region)] {
+        w.checker.submit(user, Op::Write, at, 4096);
+        let data = stamp(user, at / 512, 8);
+        w.engine
+            .submit(user, IoRequest::write(at, data, false), w.now);
+        finish(&mut w);
+    }
+    assert_eq!(w.completed, 2);
+    w.restart();
+    w.power_cut(0, 0.0);
+    assert_ne!(w.legs[0][..4096], w.legs[1][..4096], "leg 0 lost the write");
+    w.settle();
+    w.converged().unwrap();
+    w.checker.submit(3, Op::Read, 0, 4096);
+    w.engine.submit(3, IoRequest::read(0, 4096), w.now);
+    finish(&mut w);
+    assert_eq!(w.completed, 3);
+    assert!(
+        w.checker.violations().is_empty(),
+        "{:?}",
+        w.checker.violations()
+    );
 }
 
 #[test]
