@@ -144,6 +144,7 @@ pub(crate) async fn simulate(
         run_for,
         until: restart.then(|| tokio::time::Instant::now() + run_for),
         faults_over: Arc::default(),
+        boots_seen: Arc::default(),
     };
     // Where a restartable client leaves its result.
     let done: Arc<Mutex<Option<ClientResult>>> = Arc::default();
@@ -226,6 +227,18 @@ pub(crate) async fn simulate(
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     let moved_from = migration.map(|(_, from, _)| from);
     let retired = report.add_volume_client(result, layout, moved_from, &mut hash, &outages);
+    // Bad blocks and full disks reach the user only where no copy in
+    // sync could have served, in every boot of the client.
+    for seen in ctx.boots_seen.lock().unwrap().iter_mut() {
+        match seen.history(layout.legs()) {
+            Ok(history) => {
+                let refused = seen.refused.lock().unwrap();
+                let judged = masking(&outages, &refused, layout, moved_from, &history);
+                report.violations.extend(judged.violations);
+            }
+            Err(e) => report.violations.push(format!("client: {e}")),
+        }
+    }
     // Every mirror's legs that the volume ends with hold the same bytes.
     report
         .violations
@@ -330,7 +343,6 @@ impl Report {
             stats,
             retired,
             until,
-            legs,
         } = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -365,13 +377,6 @@ impl Report {
             self.degraded_checks = degraded.judged;
             self.degraded_pause = degraded.longest;
         }
-        let failed: Vec<Failed> = outcomes
-            .iter()
-            .chain(own.iter().map(|(_, o)| o))
-            .flat_map(|o| o.refused.iter().copied())
-            .collect();
-        self.violations
-            .extend(masking(outages, &failed, layout, moved_from, &legs).violations);
         for o in outcomes.into_iter().chain(own.into_iter().map(|(_, o)| o)) {
             self.ios += o.ios;
             self.media_errors += o.media_errors;
@@ -572,6 +577,35 @@ struct ClientCtx {
     /// 140584 of `mirror-errors` lost a leg's cache to power after the
     /// legs had settled, and was compared mid-repair).
     faults_over: Arc<AtomicBool>,
+    /// What each boot's volume did, kept outside the node: a boot the
+    /// restart kills is judged too.
+    boots_seen: Arc<Mutex<Vec<BootSeen>>>,
+}
+
+/// One boot of the client: its volume's leg changes as they are told
+/// (read once the run is over), and the IOs it refused.
+struct BootSeen {
+    legs: tokio::sync::mpsc::UnboundedReceiver<braid_fabric_tcp::LegChange>,
+    refused: Arc<Mutex<Vec<Failed>>>,
+}
+
+impl BootSeen {
+    /// Its legs' states at the start and each change, by leg number
+    /// (the volume names leg `n` "legn").
+    fn history(&mut self, legs: usize) -> Result<LegHistory, String> {
+        let mut history = LegHistory::default();
+        while let Ok(change) = self.legs.try_recv() {
+            let leg = change.leg.strip_prefix("leg").and_then(|n| n.parse().ok());
+            let leg = leg.ok_or_else(|| format!("a leg the volume names {:?}", change.leg))?;
+            let in_sync = change.state == LegState::InSync;
+            if history.start.len() < legs {
+                history.start.push((leg, in_sync));
+            } else {
+                history.changes.push((change.at, leg, in_sync));
+            }
+        }
+        Ok(history)
+    }
 }
 
 /// What the client node reports.
@@ -586,7 +620,6 @@ struct ClientEnd {
     retired: Vec<usize>,
     /// When the workers stopped.
     until: tokio::time::Instant,
-    legs: LegHistory,
 }
 
 type ClientResult = Result<ClientEnd, String>;
@@ -640,7 +673,11 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         Duration::from_secs(1)
     };
     let volume = Volume::start(map, legs, config, ctx.logs.clone(), leg_timeout)?;
-    let mut leg_changes = volume.watch_legs();
+    let refused: Arc<Mutex<Vec<Failed>>> = Arc::default();
+    ctx.boots_seen.lock().unwrap().push(BootSeen {
+        legs: volume.watch_legs(),
+        refused: refused.clone(),
+    });
     let mover = ctx.migration.map(|plan| {
         let (volume, key) = (volume.clone(), ctx.key.clone());
         let to = ctx.layout.legs();
@@ -662,6 +699,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             until,
             flushes,
             seams,
+            refusals_to: Some(refused.clone()),
         };
     // A FLUSH waits for every leg: a worker of one leg's own sends none.
     let tasks: Vec<_> = (0..WORKERS)
@@ -719,24 +757,12 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             &format!("{}'s own zone", layout.name(group)),
         ));
     }
-    let mut legs = LegHistory::default();
-    while let Ok(change) = leg_changes.try_recv() {
-        let leg = change.leg.strip_prefix("leg").and_then(|n| n.parse().ok());
-        let leg = leg.ok_or_else(|| format!("a leg the volume names {:?}", change.leg))?;
-        let in_sync = change.state == LegState::InSync;
-        if legs.start.len() < layout.legs() {
-            legs.start.push((leg, in_sync));
-        } else {
-            legs.changes.push((change.at, leg, in_sync));
-        }
-    }
     Ok(ClientEnd {
         outcomes,
         own,
         stats: volume.status().stats,
         retired,
         until,
-        legs,
     })
 }
 
@@ -1284,6 +1310,23 @@ mod tests {
                 "masking:",
             );
         }
+    }
+
+    /// And in every boot of a client that restarts: the first boot's
+    /// refusals are judged against its own legs' history, though its
+    /// workers die with it. With `no-error-failover`, seed 3 of
+    /// `mirror-restart` hands a full disk to the user in the first boot
+    /// (judging only the last boot missed it).
+    #[test]
+    fn a_restarting_clients_first_boot_is_judged_for_masking_too() {
+        let r = clean(Scenario::MirrorRestart, 3);
+        assert_eq!(r.faults.get(&Fault::ClientCrash), Some(&1));
+        caught(
+            Scenario::MirrorRestart,
+            3,
+            Sabotage::NoErrorFailover,
+            "masking:",
+        );
     }
 
     /// Seeds where legs diverged (or a read went back) while the driver

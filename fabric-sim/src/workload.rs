@@ -239,6 +239,10 @@ pub(crate) struct SharedPlan {
     /// which IOs at random offsets would rarely cross: a quarter of the
     /// IOs of two sectors or more are put across one.
     pub seams: Vec<u64>,
+    /// Where its refused IOs go as they are answered, if not in its
+    /// outcome: outside a client node that may die before the worker
+    /// ends, so the judge still sees them.
+    pub refusals_to: Option<std::sync::Arc<std::sync::Mutex<Vec<Failed>>>>,
 }
 
 /// The checker's findings as an outcome, each prefixed with `what`.
@@ -340,13 +344,17 @@ pub(crate) async fn shared_worker<D: Device>(client: D, plan: SharedPlan) -> Out
                 None
             };
             if let Some(kind) = kind {
-                out.refused.push(Failed {
+                let failed = Failed {
                     began,
                     answered,
                     offset: plan.zone_start + c_off,
                     len: u64::from(c_len),
                     kind,
-                });
+                };
+                match &plan.refusals_to {
+                    Some(to) => to.lock().unwrap().push(failed),
+                    None => out.refused.push(failed),
+                }
             }
         }
         let mut checker = plan.checker.lock().unwrap();

@@ -547,6 +547,7 @@ async fn run_client(
                         until,
                         flushes: true,
                         seams: Vec::new(),
+                        refusals_to: None,
                     };
                     tokio::spawn(shared_worker(client.clone(), plan))
                 })

@@ -249,6 +249,9 @@ fn ci() -> Result<(), String> {
         ("no-error-failover", "linear", "16", "10"),
         // And a full disk under one leg (4 of these 8).
         ("no-error-failover", "mirror", "8", "10"),
+        // In every boot of a client that restarts (5 of these 16; none
+        // when only the last boot's refusals were judged).
+        ("no-error-failover", "mirror-restart", "16", "10"),
         // 5 of the first 200 seeds end with legs differing or a read
         // going back in time (since session 57's wait for marks in
         // flight; 6 before, and 7 before session 53's change to when a
