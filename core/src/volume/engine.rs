@@ -2143,6 +2143,14 @@ impl VolumeEngine {
                 }
             }
         }
+        // Swarm seed 332: a leg short of a write acknowledged without it
+        // must not vouch for another, nor be trusted by a restart.
+        if let Some((leg, r)) = self.lagging.keys().find(|(l, _)| !self.logs[*l].behind()) {
+            return Err(format!(
+                "leg {leg} lags on region {r} (a write acknowledged without it) but its log is \
+                 not behind"
+            ));
+        }
         let outstanding: usize = self.legs.iter().map(|l| l.outstanding).sum();
         if outstanding != self.tokens.len() {
             return Err(format!(
