@@ -1728,6 +1728,20 @@ impl VolumeEngine {
         // it missed wait for the new map, see `old_map_short`), or a
         // restart on the old map could trust a leg that missed a write
         // the leaving one held (swarm seed 2090).
+        //
+        // A leg out of sync (draining or resyncing) needs no one to vouch:
+        // it serves no read, no write was acknowledged on it alone, and
+        // its log already says it is behind (swarm seed 4067: mid-switch,
+        // a resyncing leg's full disk was taken for the last copy's, and
+        // every leg in sync was sent away to be copied back from it).
+        if self.legs[leg].mirrored
+            && matches!(
+                self.legs[leg].state,
+                LegState::Draining | LegState::Resyncing { .. }
+            )
+        {
+            return true;
+        }
         let switching = self.migration.filter(|m| m.switching);
         let vouches =
             |l: usize| switching.is_none_or(|m| l != m.from && (l != m.to || leg == m.from));

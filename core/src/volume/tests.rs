@@ -1174,8 +1174,9 @@ fn sweep() {
 /// write the leaving one held. 232: a write went out on a mark whose
 /// store was still under way, and a restart found the region clean on
 /// both legs. 332: a leg finished its resync under a write acknowledged
-/// without it and vouched for the next write alone. Each must still draw
-/// its shape, or it no longer replays its case.
+/// without it and vouched for the next write alone. 4067: mid-switch, a
+/// resyncing leg's full disk sent every leg in sync away. Each must
+/// still draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
     let before_later_draws = ["disk_full: false", "restart: false"];
@@ -1202,6 +1203,11 @@ fn pinned_swarm_seeds_hold() {
             332,
             "stripe of quorum mirrors,",
             &["media_errors: true", "disk_full: true", "power: false"][..],
+        ),
+        (
+            4067,
+            "mirror of 3,",
+            &["migrate: true", "disk_full: true", "power: false"][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -1477,6 +1483,56 @@ fn while_a_migration_switches_the_new_leg_vouches_only_for_the_old_one() {
     w.settle();
     assert_eq!(w.engine.leg_state(to), LegState::InSync);
     w.converged().unwrap();
+}
+
+#[test]
+fn while_a_migration_switches_a_resyncing_legs_refusal_sends_only_it_away() {
+    // Swarm seed 4067: mid-switch, with the old leg the only leg of the
+    // old map in sync, a resyncing leg's disk was full under a write.
+    // No one could vouch for it leaving, so its refusal was taken for
+    // the last copy's, and the legs in sync that took the write were
+    // sent away to be copied back from it: none was left in sync.
+    let region = world_config().region;
+    let mut w = World::new(mirror(3), 2);
+    w.engine.leg_failed(0);
+    w.engine.leg_failed(1);
+    w.drain();
+    let finish = |w: &mut World| {
+        for _ in 0..100 {
+            w.logs_stored();
+            w.drain();
+            while w.answer_one(false) {
+                w.drain();
+            }
+        }
+    };
+    w.write_marked(1, 3 * region, 7);
+    finish(&mut w);
+    assert_eq!(w.completed, 1);
+    let to = w.migrate_to_new(2, "new");
+    w.copy_until_switch();
+    w.engine.leg_returned(1, w.now);
+    w.drain();
+    assert!(matches!(w.engine.leg_state(1), LegState::Resyncing { cursor } if cursor > 0));
+    w.engine
+        .submit(2, IoRequest::write(0, stamp(2, 0, 8), false), w.now);
+    w.drain();
+    w.logs_stored();
+    w.drain();
+    let token = w.take_pending(1, Op::Write);
+    w.engine
+        .leg_complete(token, Err(IoErrorKind::NoSpace), w.now);
+    w.drain();
+    assert_eq!(
+        w.engine.leg_state(1),
+        LegState::Away,
+        "the refusing leg left"
+    );
+    assert_eq!(w.engine.leg_state(2), LegState::InSync);
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    finish(&mut w);
+    assert_eq!(w.completed, 2, "the write succeeded on the legs in sync");
+    assert!(w.checker.violations().is_empty());
 }
 
 #[test]
