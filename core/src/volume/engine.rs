@@ -1433,8 +1433,7 @@ impl VolumeEngine {
             // Holds every write again: stored with the next log write (a
             // restart before that copies its marked regions, which costs
             // only time).
-            let lags = self.lagging.range((leg, 0)..(leg + 1, 0)).next().is_some();
-            if !lags && self.legs[leg].state == LegState::InSync {
+            if !Self::lags(&self.lagging, leg) && self.legs[leg].state == LegState::InSync {
                 self.logs[leg].set_behind(false);
             }
         }
@@ -1586,6 +1585,12 @@ impl VolumeEngine {
         }
     }
 
+    /// Whether `leg` still lacks a write acknowledged without it (a
+    /// field borrow, as callers hold an IO mutably).
+    fn lags(lagging: &BTreeMap<(usize, u64), usize>, leg: usize) -> bool {
+        lagging.range((leg, 0)..(leg + 1, 0)).next().is_some()
+    }
+
     fn set_state(&mut self, leg: usize, state: LegState) {
         // Retired is for good: answers to IO sent before may still fail.
         if self.legs[leg].state == state || self.legs[leg].state == LegState::Retired {
@@ -1599,8 +1604,8 @@ impl VolumeEngine {
         // one only another holds, and a failure then leaves no leg with
         // both (swarm seed 332: a resync finished under such a write,
         // and both legs of a quorum-1 mirror ended up away).
-        let lags = self.lagging.range((leg, 0)..(leg + 1, 0)).next().is_some();
-        self.logs[leg].set_behind(self.legs[leg].mirrored && (state != LegState::InSync || lags));
+        let behind = state != LegState::InSync || Self::lags(&self.lagging, leg);
+        self.logs[leg].set_behind(self.legs[leg].mirrored && behind);
         if was_in_sync && self.legs[leg].mirrored && state != LegState::InSync {
             self.log_generation += 1;
             self.behind_generation = self.log_generation;
