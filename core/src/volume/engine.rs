@@ -51,6 +51,18 @@ pub struct Migration {
     pub switching: bool,
 }
 
+/// How far a switching migration is from asking for its map to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MapStore {
+    /// The new leg's log still says behind (it lags on a write
+    /// acknowledged without it), or no store has begun since it stopped.
+    AwaitingLog,
+    /// This log generation records the new leg in sync.
+    AwaitingStable(u64),
+    /// [`VolumeAction::StoreMap`] was emitted.
+    Requested,
+}
+
 /// What the engine asks its driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VolumeAction {
@@ -411,6 +423,22 @@ pub struct VolumeEngine {
     resync_runs: u64,
     resync_not_before: Instant,
     migration: Option<Migration>,
+    /// Where a switching migration is on the way to storing its map. The
+    /// map is stored only once a log store recording the new leg in sync
+    /// is stable: the new leg's log starts out saying behind, and a
+    /// restart on the new map that found every leg of a copy set behind
+    /// trusted the first, an away leg lacking acknowledged writes (swarm
+    /// seed 8359).
+    map_store: Option<MapStore>,
+    /// A switching migration's old leg left while no other leg of the old
+    /// map held its bytes in sync: until the new map is stored, its log
+    /// keeps saying it is not behind and the writes it misses are held
+    /// (`old_map_short`). It holds every write acknowledged so far, and a
+    /// restart on the old map must trust it: had its log said behind, as
+    /// the other legs' did, the restart trusted the first, a leg away
+    /// since before writes only the old and new legs took (swarm seed
+    /// 8359, once the map store waited for the new leg's log).
+    old_leg_kept: bool,
     /// Legs reported failed while a migration switched that could not
     /// leave then (see `can_leave`): they leave once the new map is
     /// stored, if they still may, unless they came back meanwhile.
@@ -535,6 +563,8 @@ impl VolumeEngine {
             resync_runs: 0,
             resync_not_before: Instant::ZERO,
             migration: None,
+            map_store: None,
+            old_leg_kept: false,
             failed_mid_switch: BTreeSet::new(),
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
@@ -711,6 +741,8 @@ impl VolumeEngine {
             return;
         };
         self.migration = None;
+        self.map_store = None;
+        self.old_leg_kept = false;
         self.map = self.map.migration_ended(m.to);
         self.refresh_copy_sets();
         self.stats.migrations += 1;
@@ -925,6 +957,11 @@ impl VolumeEngine {
     fn persist(&mut self) {
         if self.persisting.is_none() && self.stable_generation < self.log_generation {
             self.persisting = Some(self.log_generation);
+            if let (Some(MapStore::AwaitingLog), Some(m)) = (self.map_store, self.migration) {
+                if !self.logs[m.to].behind() {
+                    self.map_store = Some(MapStore::AwaitingStable(self.log_generation));
+                }
+            }
             self.actions.push_back(VolumeAction::PersistLogs {
                 generation: self.log_generation,
             });
@@ -940,6 +977,15 @@ impl VolumeEngine {
         self.persisting = None;
         self.stable_generation = generation;
         self.marks_in_flight.retain(|_, g| *g > generation);
+        if let (Some(MapStore::AwaitingStable(g)), Some(m)) = (self.map_store, self.migration) {
+            if g <= generation {
+                self.map_store = Some(MapStore::Requested);
+                self.actions.push_back(VolumeAction::StoreMap {
+                    from: m.from,
+                    to: m.to,
+                });
+            }
+        }
         if generation >= self.behind_generation {
             self.finish_held();
         }
@@ -1380,16 +1426,25 @@ impl VolumeEngine {
         // leg vouches for no one, as in `can_leave`: it is about to
         // retire, and if a leg the write went on without then failed it,
         // the old leg would be the only one to hold it (swarm seed 827).
+        // Nor does the new leg vouch for the old one while no other leg
+        // of the old map could: a restart on the old map would find no
+        // leg that holds the write with a log that says so.
         let mutates = io.io.op.mutates();
-        let retiring = self.migration.filter(|m| m.switching).map(|m| m.from);
+        let switching = self.migration.filter(|m| m.switching);
+        let retiring = switching.map(|m| m.from);
+        let old_leg_unvouched = switching.is_some_and(|m| {
+            waiting.contains(&m.from)
+                && (self.old_leg_kept || !Self::old_map_covered(&self.legs, &self.logs, m))
+        });
         let vouched = !mutates
             || waiting.is_empty()
-            || part.seg.copies.iter().any(|c| {
-                !waiting.contains(&c.leaf)
-                    && Some(c.leaf) != retiring
-                    && self.legs[c.leaf].state == LegState::InSync
-                    && !self.logs[c.leaf].behind()
-            });
+            || (!old_leg_unvouched
+                && part.seg.copies.iter().any(|c| {
+                    !waiting.contains(&c.leaf)
+                        && Some(c.leaf) != retiring
+                        && self.legs[c.leaf].state == LegState::InSync
+                        && !self.logs[c.leaf].behind()
+                }));
         let mut flagged = false;
         if *acked >= *needed && !part.acknowledged && vouched {
             part.acknowledged = true;
@@ -1429,12 +1484,14 @@ impl VolumeEngine {
             caught_up.push(*leg);
         }
         part.lagging = still;
+        let mut back_in_sync = false;
         for leg in caught_up {
             // Holds every write again: stored with the next log write (a
             // restart before that copies its marked regions, which costs
             // only time).
             if !Self::lags(&self.lagging, leg) && self.legs[leg].state == LegState::InSync {
                 self.logs[leg].set_behind(false);
+                back_in_sync = true;
             }
         }
         let finished = waiting.is_empty();
@@ -1450,6 +1507,9 @@ impl VolumeEngine {
             self.log_generation += 1;
             self.behind_generation = self.log_generation;
             self.persist();
+        }
+        if back_in_sync {
+            self.store_new_leg_in_sync();
         }
         self.finish_if_done(id);
         if finished {
@@ -1480,18 +1540,26 @@ impl VolumeEngine {
     /// is stored, while writes elsewhere go on (swarm seed 806: a linear
     /// volume's export moving, suspended while switching, and the client
     /// restarted on the old map). Returns that old leg, if so.
+    ///
+    /// Once that happens the writes stay held until the map is stored,
+    /// even if another leg of the old map comes back in sync (see
+    /// `old_leg_kept`).
     fn old_map_short(&self) -> Option<usize> {
         let m = self.migration.filter(|m| m.switching)?;
-        let short = self.legs[m.from].state != LegState::InSync
-            && !self.legs[m.from].copy_sets.iter().all(|set| {
-                set.iter().any(|&l| {
-                    l != m.from
-                        && l != m.to
-                        && self.legs[l].state == LegState::InSync
-                        && !self.logs[l].behind()
-                })
-            });
+        let short = self.old_leg_kept
+            || (self.legs[m.from].state != LegState::InSync
+                && !Self::old_map_covered(&self.legs, &self.logs, m));
         short.then_some(m.from)
+    }
+
+    /// Whether every copy set of a switching migration's old leg has
+    /// another leg of the old map in sync, whose log does not say behind.
+    fn old_map_covered(legs: &[Leg], logs: &[DirtyRegions], m: Migration) -> bool {
+        legs[m.from].copy_sets.iter().all(|set| {
+            set.iter().any(|&l| {
+                l != m.from && l != m.to && legs[l].state == LegState::InSync && !logs[l].behind()
+            })
+        })
     }
 
     fn finish_if_done(&mut self, id: u64) {
@@ -1587,6 +1655,16 @@ impl VolumeEngine {
 
     /// Whether `leg` still lacks a write acknowledged without it (a
     /// field borrow, as callers hold an IO mutably).
+    /// A switching migration's new leg holds every byte: store a log
+    /// saying so, which its map store waits for.
+    fn store_new_leg_in_sync(&mut self) {
+        let Some(m) = self.migration else { return };
+        if self.map_store == Some(MapStore::AwaitingLog) && !self.logs[m.to].behind() {
+            self.log_generation += 1;
+            self.persist();
+        }
+    }
+
     fn lags(lagging: &BTreeMap<(usize, u64), usize>, leg: usize) -> bool {
         lagging.range((leg, 0)..(leg + 1, 0)).next().is_some()
     }
@@ -1597,7 +1675,16 @@ impl VolumeEngine {
             return;
         }
         let was_in_sync = self.legs[leg].state == LegState::InSync;
+        let old_leg = self
+            .migration
+            .filter(|m| m.switching && m.from == leg && self.legs[leg].mirrored);
+        if let Some(m) = old_leg.filter(|_| state != LegState::Retired && !self.old_leg_kept) {
+            self.old_leg_kept = was_in_sync
+                && state != LegState::InSync
+                && !Self::old_map_covered(&self.legs, &self.logs, m);
+        }
         self.legs[leg].state = state;
+        let keep_log = old_leg.is_some() && self.old_leg_kept;
         // A leg that comes back in sync while writes acknowledged without
         // it are still on their way to it stays behind until they land:
         // else it could vouch for a write only it holds while it lacks
@@ -1605,11 +1692,16 @@ impl VolumeEngine {
         // both (swarm seed 332: a resync finished under such a write,
         // and both legs of a quorum-1 mirror ended up away).
         let behind = state != LegState::InSync || Self::lags(&self.lagging, leg);
-        self.logs[leg].set_behind(self.legs[leg].mirrored && behind);
-        if was_in_sync && self.legs[leg].mirrored && state != LegState::InSync {
+        if !keep_log {
+            self.logs[leg].set_behind(self.legs[leg].mirrored && behind);
+        }
+        if was_in_sync && self.legs[leg].mirrored && state != LegState::InSync && !keep_log {
             self.log_generation += 1;
             self.behind_generation = self.log_generation;
             self.persist();
+        }
+        if state == LegState::InSync {
+            self.store_new_leg_in_sync();
         }
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
@@ -1867,8 +1959,8 @@ impl VolumeEngine {
                 .filter(|m| m.to == leg && !m.switching)
             {
                 m.switching = true;
-                let (from, to) = (m.from, m.to);
-                self.actions.push_back(VolumeAction::StoreMap { from, to });
+                self.map_store = Some(MapStore::AwaitingLog);
+                self.store_new_leg_in_sync();
             }
             self.retry_stalled();
             return self.drive_resync();

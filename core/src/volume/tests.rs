@@ -768,8 +768,8 @@ impl World {
         to
     }
 
-    /// Answers everything until the migration's new leg is in sync and the
-    /// engine asks for the map to be stored.
+    /// Answers everything, log stores included, until the migration's
+    /// new leg is in sync and the engine asks for the map to be stored.
     fn copy_until_switch(&mut self) {
         for _ in 0..100_000 {
             if self.store_map.is_some() {
@@ -778,7 +778,7 @@ impl World {
             self.now = self.now + Duration::from_millis(1);
             self.engine.handle_timeout(self.now);
             self.drain();
-            while self.answer_one(false) {
+            while self.answer_one(false) || self.logs_stored() {
                 self.drain();
             }
         }
@@ -1175,7 +1175,10 @@ fn sweep() {
 /// store was still under way, and a restart found the region clean on
 /// both legs. 332: a leg finished its resync under a write acknowledged
 /// without it and vouched for the next write alone. 4067: mid-switch, a
-/// resyncing leg's full disk sent every leg in sync away. Each must
+/// resyncing leg's full disk sent every leg in sync away. 8359: a
+/// restart mid-switch found every leg of a copy set behind and trusted
+/// one that lacked acknowledged writes (on the new map first; once
+/// that was fixed, on the old map with the old leg gone). Each must
 /// still draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
@@ -1208,6 +1211,11 @@ fn pinned_swarm_seeds_hold() {
             4067,
             "mirror of 3,",
             &["migrate: true", "disk_full: true", "power: false"][..],
+        ),
+        (
+            8359,
+            "mirror of 2,",
+            &["migrate: true", "restart: true", "power: false"][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -1482,6 +1490,110 @@ fn while_a_migration_switches_the_new_leg_vouches_only_for_the_old_one() {
     w.engine.leg_returned(0, w.now);
     w.settle();
     assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    w.converged().unwrap();
+}
+
+/// The stored log of leg `name`, as a restarted client would load it.
+fn stored_log(w: &World, name: &str) -> DirtyRegions {
+    let stored = w.stored.as_ref().expect("logs stored");
+    let (_, bytes) = stored.iter().find(|(n, _)| n == name).expect("its log");
+    DirtyRegions::decode(bytes).unwrap()
+}
+
+/// Swarm seed 8359, first half: a migration's new leg starts with a log
+/// that says behind, and coming in sync did not store it. The map naming
+/// it was stored anyway; a restart on that map found every leg behind (the
+/// other was away) and trusted the away one, which lacked acknowledged
+/// writes. The map store now waits for a log store saying the new leg is
+/// in sync.
+#[test]
+fn a_migrations_map_is_stored_only_after_a_log_saying_its_new_leg_is_in_sync() {
+    let mut w = World::new(mirror(2), 11);
+    w.engine.suspend(0).expect("m1 holds every byte");
+    w.drain();
+    let data = bytes::Bytes::from(vec![0x77; 8192]);
+    w.engine
+        .submit(100, IoRequest::write(0, data, false), w.now);
+    w.drain();
+    while w.answer_one(false) || w.logs_stored() {
+        w.drain();
+    }
+    assert_eq!(w.completed, 1, "m1 alone took it");
+    let to = w.migrate_to_new(1, "new");
+    // A write while the copy runs marks the new leg's log, which is
+    // stored saying behind. Log stores land until it is answered, and
+    // not after.
+    let data = bytes::Bytes::from(vec![0x78; 4096]);
+    w.engine
+        .submit(101, IoRequest::write(0, data, false), w.now);
+    w.drain();
+    for _ in 0..100_000 {
+        if w.engine.leg_state(to) == LegState::InSync {
+            break;
+        }
+        let progressed = w.answer_one(false) || (w.completed < 2 && w.logs_stored());
+        if !progressed {
+            w.now = w.now + Duration::from_millis(1);
+            w.engine.handle_timeout(w.now);
+        }
+        w.drain();
+    }
+    assert_eq!(w.completed, 2, "the write during the copy was answered");
+    assert!(stored_log(&w, "new").behind());
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    assert_eq!(w.store_map, None, "the map store went ahead of the log");
+    while w.store_map.is_none() {
+        assert!(w.logs_stored(), "a log store is under way");
+        w.drain();
+    }
+    assert!(!stored_log(&w, "new").behind());
+    // A restart on the new map trusts the new leg, not the away one.
+    w.map_stored_now();
+    w.store_map = None;
+    w.restart();
+    w.settle();
+    assert_eq!(w.engine.map().leaves(), ["m0", "new"]);
+    assert_eq!(w.legs[1][0], 0x78, "the new leg kept the writes m0 missed");
+    assert_eq!(w.legs[1][4096], 0x77);
+    w.converged().unwrap();
+}
+
+/// Swarm seed 8359, second half: while the map store is in flight, the
+/// old leg leaves with the other leg of the old map away. It holds every
+/// acknowledged write (the ones it misses wait for the new map), so its
+/// log must not say behind: a restart on the old map that found both legs
+/// behind trusted the first, the away one.
+#[test]
+fn while_a_migration_switches_the_old_leg_leaving_alone_stays_trusted_on_the_old_map() {
+    let mut w = World::new(mirror(2), 13);
+    w.engine.suspend(0).expect("m1 holds every byte");
+    w.drain();
+    w.migrate_to_new(1, "new");
+    w.copy_until_switch();
+    let write = |w: &mut World, user, offset, byte| {
+        let data = bytes::Bytes::from(vec![byte; 4096]);
+        w.engine
+            .submit(user, IoRequest::write(offset, data, false), w.now);
+        w.drain();
+        while w.answer_one(false) || w.logs_stored() {
+            w.drain();
+        }
+    };
+    write(&mut w, 100, 8192, 0x5a);
+    assert_eq!(w.completed, 1, "m1 and the new leg took it");
+    w.engine.leg_failed(1);
+    w.drain();
+    assert_eq!(w.engine.leg_state(1), LegState::Away);
+    write(&mut w, 101, 16384, 0xa5);
+    assert_eq!(w.completed, 1, "held while only the new map holds it");
+    assert!(!stored_log(&w, "m1").behind());
+    assert!(stored_log(&w, "m0").behind());
+    // The map store is lost with the client: the restart opens the old map.
+    w.store_map = None;
+    w.restart();
+    w.settle();
+    assert_eq!(w.engine.map().leaves(), ["m0", "m1"]);
+    assert_eq!(w.legs[0][8192], 0x5a, "m0 copied back from m1");
     w.converged().unwrap();
 }
 
