@@ -1597,6 +1597,45 @@ fn while_a_migration_switches_the_old_leg_leaving_alone_stays_trusted_on_the_old
     w.converged().unwrap();
 }
 
+/// The quorum side of seed 8359: mid-switch, with the other leg of the
+/// old map away, a quorum write may not be acknowledged on the new leg's
+/// word alone. The old leg would lag on it, its log would say behind, and
+/// a restart on the old map would find every leg behind.
+#[test]
+fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_map_needs_it() {
+    let spec = VolumeSpec::Mirror {
+        quorum: Some(1),
+        legs: vec![e("m0"), e("m1")],
+    };
+    let mut w = World::new(spec, 17);
+    w.engine.suspend(0).expect("m1 holds every byte");
+    w.drain();
+    let to = w.migrate_to_new(1, "new");
+    w.copy_until_switch();
+    let data = bytes::Bytes::from(vec![0x5a; 4096]);
+    w.engine
+        .submit(100, IoRequest::write(8192, data, false), w.now);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    let token = w.take_pending(to, Op::Write);
+    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    assert_eq!(w.completed, 0, "acknowledged while m1 lagged");
+    assert!(!stored_log(&w, "m1").behind());
+    w.answer_leg(1);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    assert_eq!(w.completed, 1);
+    assert!(!w.engine.log(1).behind());
+}
+
 #[test]
 fn while_a_migration_switches_a_resyncing_legs_refusal_sends_only_it_away() {
     // Swarm seed 4067: mid-switch, with the old leg the only leg of the
