@@ -10,7 +10,7 @@ use crate::client::Client;
 use crate::clock::{Alarm, Clock};
 use braid_core::client::{Identity, IoErrorKind, IoRequest};
 use braid_core::volume::{
-    DirtyRegions, LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeMap,
+    logs_as_stored, LegState, VolumeAction, VolumeConfig, VolumeEngine, VolumeMap,
 };
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -137,30 +137,12 @@ impl Volume {
                     .ok_or_else(|| format!("no client for leg {n:?}"))
             })
             .collect::<Result<_, _>>()?;
-        let mut logs = Vec::new();
-        let mut any = false;
-        for n in &names {
-            match store.load(n).map(|b| DirtyRegions::decode(&b)) {
-                Some(Ok(log))
-                    if log.region_size() == config.region
-                        && log.regions() == map.size().div_ceil(config.region) =>
-                {
-                    any = true;
-                    logs.push(log);
-                }
-                Some(Ok(_)) | Some(Err(_)) => {
-                    // A torn or foreign log: trust nothing, copy everything.
-                    tracing::warn!(leg = n, "dirty log unreadable: the leg is copied in full");
-                    let mut log = DirtyRegions::new(map.size(), config.region)?;
-                    log.mark(0, map.size());
-                    any = true;
-                    logs.push(log);
-                }
-                None => logs.push(DirtyRegions::new(map.size(), config.region)?),
-            }
+        let (logs, unknown) = logs_as_stored(&names, map.size(), config.region, |n| store.load(n))?;
+        for why in unknown {
+            tracing::warn!("dirty log unusable, so the leg is copied in full: {why}");
         }
         let (size, block_size) = (map.size(), map.block_size());
-        let engine = VolumeEngine::new(map, config, any.then_some(logs))?;
+        let engine = VolumeEngine::new(map, config, logs)?;
         let (tx, rx) = mpsc::channel(1024);
         let status = Arc::new(Mutex::new(VolumeStatus::default()));
         let leg_watchers = Watchers::default();

@@ -10,7 +10,7 @@ pub use engine::{
     LegState, Migration, VolumeAction, VolumeConfig, VolumeEngine, VolumeSabotage, VolumeStats,
 };
 pub use map::{Copy, LegInfo, MapError, Segment, VolumeMap, VolumeSpec};
-pub use regions::DirtyRegions;
+pub use regions::{logs_as_stored, DirtyRegions};
 
 #[cfg(test)]
 mod proptests;

@@ -176,6 +176,47 @@ impl DirtyRegions {
     }
 }
 
+/// The logs a run of a volume starts from: each leg's as stored (`load`
+/// gives its bytes by leg name), or `None` if no leg has one (a volume's
+/// first run). A leg whose log is unreadable, foreign (another region or
+/// volume size), or missing while others are there is taken as knowing
+/// nothing: every region marked and behind, so it is copied in full from
+/// a leg whose log is sound, and never the one copied from while such a
+/// leg exists. Also returns why each such leg's log was not used.
+pub fn logs_as_stored(
+    legs: &[String],
+    volume_size: u64,
+    region: u64,
+    mut load: impl FnMut(&str) -> Option<Vec<u8>>,
+) -> Result<(Option<Vec<DirtyRegions>>, Vec<String>), String> {
+    let loaded: Vec<Option<Vec<u8>>> = legs.iter().map(|leg| load(leg)).collect();
+    if loaded.iter().all(Option::is_none) {
+        return Ok((None, Vec::new()));
+    }
+    let mut unknown = Vec::new();
+    let mut logs = Vec::with_capacity(legs.len());
+    for (leg, bytes) in legs.iter().zip(loaded) {
+        let why = match bytes.map(|b| DirtyRegions::decode(&b)) {
+            Some(Ok(log)) if log.region == region && log.volume_size == volume_size => {
+                logs.push(log);
+                continue;
+            }
+            Some(Ok(log)) => format!(
+                "its log is of regions of {} bytes over {} bytes, not {region} over {volume_size}",
+                log.region, log.volume_size
+            ),
+            Some(Err(e)) => e,
+            None => "it has no log, while other legs have".into(),
+        };
+        unknown.push(format!("leg {leg}: {why}"));
+        let mut knows_nothing = DirtyRegions::new(volume_size, region)?;
+        knows_nothing.mark(0, volume_size);
+        knows_nothing.set_behind(true);
+        logs.push(knows_nothing);
+    }
+    Ok((Some(logs), unknown))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +238,35 @@ mod tests {
         assert!(!back.behind());
         log.set_behind(true);
         assert!(DirtyRegions::decode(&log.encode()).unwrap().behind());
+    }
+
+    #[test]
+    fn a_leg_without_a_sound_log_knows_nothing_unless_none_has_one() {
+        let legs: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let (size, region) = (64 << 20, 1 << 20);
+        let (logs, unknown) = logs_as_stored(&legs, size, region, |_| None).unwrap();
+        assert!(logs.is_none() && unknown.is_empty(), "a first run");
+        let mut sound = DirtyRegions::new(size, region).unwrap();
+        sound.mark(3 << 20, 1);
+        let mut torn = sound.encode();
+        torn[HEADER] ^= 1;
+        let foreign = DirtyRegions::new(size, region * 2).unwrap().encode();
+        let (logs, unknown) = logs_as_stored(&legs, size, region, |leg| match leg {
+            "a" => Some(sound.encode()),
+            "b" => Some(torn.clone()),
+            "c" => Some(foreign.clone()),
+            _ => None,
+        })
+        .unwrap();
+        let logs = logs.expect("leg a has one");
+        assert_eq!(logs[0], sound);
+        for log in &logs[1..] {
+            assert!(log.behind() && log.dirty_count() as u64 == log.regions());
+        }
+        assert_eq!(unknown.len(), 3);
+        assert!(unknown[0].starts_with("leg b: ") && unknown[0].contains("checksum"));
+        assert!(unknown[1].starts_with("leg c: ") && unknown[1].contains("2097152"));
+        assert!(unknown[2].starts_with("leg d: ") && unknown[2].contains("no log"));
     }
 
     #[test]

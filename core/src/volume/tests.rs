@@ -41,8 +41,13 @@ struct World {
     /// Draws the power cuts (its own stream: worlds without them replay
     /// as before).
     power_rng: SplitMix64,
+    /// Draws which legs' files a torn log store reached.
+    torn_rng: SplitMix64,
     /// Writes of dead runs that power cuts took from a leg's cache.
     lost_to_power: u64,
+    /// Log stores a restart tore, leaving some legs without their newest
+    /// log.
+    torn_stores: u64,
     config: VolumeConfig,
     /// A migration's switch waits for its map to be stored: (from, to).
     store_map: Option<(usize, usize)>,
@@ -94,6 +99,10 @@ struct Swarm {
     /// that no FLUSH had covered (a live run's leg clients write theirs
     /// again). Only with `restart`.
     power: bool,
+    /// A log store the client died under may have reached some legs'
+    /// files and not others (the daemon writes a file per leg). Only with
+    /// `restart`.
+    torn_logs: bool,
 }
 
 /// A leg's media, under its cache.
@@ -131,6 +140,7 @@ impl Default for Swarm {
             disk_full: false,
             restart: false,
             power: false,
+            torn_logs: false,
         }
     }
 }
@@ -220,6 +230,7 @@ impl World {
             disk_full: false,
             restart: false,
             power: false,
+            torn_logs: false,
         };
         // Later additions draw from a stream of their own, and only in
         // half the seeds, the others keeping the shapes they drew before;
@@ -241,6 +252,7 @@ impl World {
         // Its own stream too, so seeds that draw no power cuts replay
         // as before; its constant leaves the pinned seeds among those.
         swarm.power = swarm.restart && SplitMix64::new(seed ^ 0x504f_5783).chance(0.5);
+        swarm.torn_logs = swarm.restart && SplitMix64::new(seed ^ TORN_DRAW).chance(0.5);
         let shape = format!("{name}, {config:?}, {swarm:?}");
         let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
         (World::build(spec, map, seed, config, swarm), shape)
@@ -267,7 +279,9 @@ impl World {
             media: vec![LegMedia::new(vec![0; LEAF as usize]); n],
             flushed_ahead: Default::default(),
             lost_to_power: 0,
+            torn_stores: 0,
             power_rng: SplitMix64::new(seed ^ 0x5057_5257),
+            torn_rng: SplitMix64::new(seed ^ 0x544f_524e),
             pending: Vec::new(),
             down: vec![false; n],
             persist: None,
@@ -580,7 +594,12 @@ impl World {
         }
         self.flushed_ahead.clear();
         if self.persist.take().is_some() && self.rng.chance(0.5) {
-            self.stored = self.storing.take();
+            let storing = self.storing.take().expect("stored as the store began");
+            self.stored = Some(if self.swarm.torn_logs && self.torn_rng.chance(0.5) {
+                self.torn(storing)
+            } else {
+                storing
+            });
         }
         self.storing = None;
         if self.store_map.is_some() && self.rng.chance(0.5) {
@@ -612,16 +631,14 @@ impl World {
         self.media = was.iter().map(|&i| self.media[i].clone()).collect();
         self.down = was.iter().map(|&i| self.down[i]).collect();
         self.last_refused = was.iter().map(|&i| self.last_refused[i]).collect();
-        let region = self.config.region;
-        let logs: Option<Vec<DirtyRegions>> = self.stored.as_ref().map(|stored| {
-            map.leaves()
-                .iter()
-                .map(|name| match stored.iter().find(|(n, _)| n == name) {
-                    Some((_, bytes)) => DirtyRegions::decode(bytes).expect("a log this run stored"),
-                    None => DirtyRegions::new(map.size(), region).unwrap(),
-                })
-                .collect()
-        });
+        let stored = self.stored.iter().flatten();
+        let (logs, _) = logs_as_stored(map.leaves(), map.size(), self.config.region, |name| {
+            stored
+                .clone()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| b.clone())
+        })
+        .unwrap();
         if let Some(logs) = &logs {
             trace_logs(logs);
         }
@@ -632,6 +649,26 @@ impl World {
             }
         }
         self.restarts += 1;
+    }
+
+    /// What a log store the client died under left: each leg's new log
+    /// or the one before it (none, if it had none).
+    fn torn(&mut self, storing: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+        self.torn_stores += 1;
+        let before = self.stored.take().unwrap_or_default();
+        let mut left: Vec<(String, Vec<u8>)> = before
+            .iter()
+            .filter(|(n, _)| !storing.iter().any(|(s, _)| s == n))
+            .cloned()
+            .collect();
+        for (name, log) in storing {
+            if self.torn_rng.chance(0.5) {
+                left.push((name, log));
+            } else if let Some(old) = before.iter().find(|(n, _)| *n == name) {
+                left.push(old.clone());
+            }
+        }
+        left
     }
 
     /// The client dies (see [`World::restart`]) and, with power cuts on,
@@ -990,6 +1027,10 @@ fn run_world(mut w: World, steps: usize) -> World {
     w
 }
 
+/// Seeds the stream that decides which seeds tear log stores: it leaves
+/// the pinned seeds without (checked by `pinned_swarm_seeds_hold`).
+const TORN_DRAW: u64 = 0x5445_4158;
+
 fn mirror(n: usize) -> VolumeSpec {
     VolumeSpec::Mirror {
         quorum: None,
@@ -1190,17 +1231,32 @@ fn pinned_swarm_seeds_hold() {
         (
             806,
             "mirror then export,",
-            &["migrate: true", "restart: true", "power: false"][..],
+            &[
+                "migrate: true",
+                "restart: true",
+                "power: false",
+                "torn_logs: false",
+            ][..],
         ),
         (
             2090,
             "mirror of 4, quorum 2,",
-            &["migrate: true", "restart: true", "power: false"][..],
+            &[
+                "migrate: true",
+                "restart: true",
+                "power: false",
+                "torn_logs: false",
+            ][..],
         ),
         (
             232,
             "mirror then export,",
-            &["disk_full: true", "restart: true", "power: false"][..],
+            &[
+                "disk_full: true",
+                "restart: true",
+                "power: false",
+                "torn_logs: false",
+            ][..],
         ),
         (
             332,
@@ -1215,7 +1271,12 @@ fn pinned_swarm_seeds_hold() {
         (
             8359,
             "mirror of 2,",
-            &["migrate: true", "restart: true", "power: false"][..],
+            &[
+                "migrate: true",
+                "restart: true",
+                "power: false",
+                "torn_logs: false",
+            ][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -1234,18 +1295,19 @@ fn pinned_swarm_seeds_hold() {
 fn swarm_shapes_hold_reads_and_converge() {
     let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
     let first: u64 = std::env::var("SWARM_FIRST").map_or(0, |s| s.parse().unwrap());
-    let (mut restarts, mut lost) = (0, 0);
-    for (r, l) in (first..first + n).map(swarm_seed_holds) {
-        (restarts, lost) = (restarts + r, lost + l);
+    let (mut restarts, mut lost, mut torn) = (0, 0, 0);
+    for (r, l, t) in (first..first + n).map(swarm_seed_holds) {
+        (restarts, lost, torn) = (restarts + r, lost + l, torn + t);
     }
     assert!(n < 24 || restarts > 0, "no swarm seed restarted its client");
     assert!(n < 24 || lost > 0, "no power cut took a dead run's write");
+    assert!(n < 24 || torn > 0, "no restart tore a log store");
 }
 
 /// Runs swarm seed `seed`: no violation, and the legs converge. Returns
 /// how often the client restarted, and how many of a dead run's writes
 /// power cuts took.
-fn swarm_seed_holds(seed: u64) -> (u64, u64) {
+fn swarm_seed_holds(seed: u64) -> (u64, u64, u64) {
     let (w, shape) = World::swarm(seed);
     let w = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_world(w, 3_000)))
         .unwrap_or_else(|_| panic!("swarm seed {seed} ({shape}) panicked"));
@@ -1255,7 +1317,7 @@ fn swarm_seed_holds(seed: u64) -> (u64, u64) {
     if let Err(e) = w.converged() {
         panic!("swarm seed {seed} ({shape}): {e}");
     }
-    (w.restarts, w.lost_to_power)
+    (w.restarts, w.lost_to_power, w.torn_stores)
 }
 
 #[test]
@@ -1498,6 +1560,44 @@ fn stored_log(w: &World, name: &str) -> DirtyRegions {
     let stored = w.stored.as_ref().expect("logs stored");
     let (_, bytes) = stored.iter().find(|(n, _)| n == name).expect("its log");
     DirtyRegions::decode(bytes).unwrap()
+}
+
+/// A leg's log unreadable (torn, foreign) or missing while the other
+/// legs' are there knows nothing: it is copied to in full, never from.
+/// Before, it was read as marked everywhere but not behind, and as the
+/// first leg of its set it became the source of the copy, though it had
+/// been away: the write only the other leg held was lost.
+#[test]
+fn a_leg_whose_log_is_lost_is_copied_to_never_from() {
+    for damage in ["torn", "missing"] {
+        let mut w = World::new(mirror(2), 19);
+        w.engine.suspend(0).expect("m1 holds every byte");
+        w.drain();
+        let data = bytes::Bytes::from(vec![0x6b; 4096]);
+        w.engine
+            .submit(100, IoRequest::write(8192, data, false), w.now);
+        w.drain();
+        while w.answer_one(false) || w.logs_stored() {
+            w.drain();
+        }
+        assert_eq!(w.completed, 1, "m1 alone took it");
+        let stored = w.stored.as_mut().expect("logs stored");
+        let m0 = stored.iter().position(|(n, _)| n == "m0").unwrap();
+        match damage {
+            "torn" => {
+                let bytes = &mut stored[m0].1;
+                let last = bytes.len() - 1;
+                bytes[last] ^= 0xff;
+            }
+            _ => {
+                stored.remove(m0);
+            }
+        }
+        w.restart();
+        w.settle();
+        assert_eq!(w.legs[0][8192], 0x6b, "{damage}: m0 copied from m1");
+        w.converged().unwrap();
+    }
 }
 
 /// Swarm seed 8359, first half: a migration's new leg starts with a log
