@@ -54,8 +54,9 @@ pub struct Migration {
 /// How far a switching migration is from asking for its map to be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MapStore {
-    /// The new leg's log still says behind (it lags on a write
-    /// acknowledged without it), or no store has begun since it stopped.
+    /// The new leg's log says behind (it lags on a write acknowledged
+    /// without it), or says in sync only in memory: no log store has
+    /// begun since.
     AwaitingLog,
     /// This log generation records the new leg in sync.
     AwaitingStable(u64),
@@ -1653,8 +1654,6 @@ impl VolumeEngine {
         }
     }
 
-    /// Whether `leg` still lacks a write acknowledged without it (a
-    /// field borrow, as callers hold an IO mutably).
     /// A switching migration's new leg holds every byte: store a log
     /// saying so, which its map store waits for.
     fn store_new_leg_in_sync(&mut self) {
@@ -1665,6 +1664,8 @@ impl VolumeEngine {
         }
     }
 
+    /// Whether `leg` still lacks a write acknowledged without it (a
+    /// field borrow, as callers hold an IO mutably).
     fn lags(lagging: &BTreeMap<(usize, u64), usize>, leg: usize) -> bool {
         lagging.range((leg, 0)..(leg + 1, 0)).next().is_some()
     }
