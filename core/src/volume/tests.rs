@@ -860,6 +860,18 @@ impl World {
         self.drain();
     }
 
+    /// Writes `len` bytes of `byte` at `offset` and answers everything,
+    /// log stores included, until nothing is left to answer.
+    fn write_through(&mut self, user: u64, offset: u64, len: usize, byte: u8) {
+        let data = bytes::Bytes::from(vec![byte; len]);
+        self.engine
+            .submit(user, IoRequest::write(offset, data, false), self.now);
+        self.drain();
+        while self.answer_one(false) || self.logs_stored() {
+            self.drain();
+        }
+    }
+
     /// The token of the first `op` pending on `leg`, no longer pending.
     fn take_pending(&mut self, leg: usize, op: Op) -> u64 {
         let at = self
@@ -1562,6 +1574,14 @@ fn stored_log(w: &World, name: &str) -> DirtyRegions {
     DirtyRegions::decode(bytes).unwrap()
 }
 
+/// A world over `spec` (of legs m0 and m1), m0 suspended.
+fn with_m0_suspended(spec: VolumeSpec, seed: u64) -> World {
+    let mut w = World::new(spec, seed);
+    w.engine.suspend(0).expect("m1 holds every byte");
+    w.drain();
+    w
+}
+
 /// A leg's log unreadable (torn, foreign) or missing while the other
 /// legs' are there knows nothing: it is copied to in full, never from.
 /// Before, it was read as marked everywhere but not behind, and as the
@@ -1570,16 +1590,8 @@ fn stored_log(w: &World, name: &str) -> DirtyRegions {
 #[test]
 fn a_leg_whose_log_is_lost_is_copied_to_never_from() {
     for damage in ["torn", "missing"] {
-        let mut w = World::new(mirror(2), 19);
-        w.engine.suspend(0).expect("m1 holds every byte");
-        w.drain();
-        let data = bytes::Bytes::from(vec![0x6b; 4096]);
-        w.engine
-            .submit(100, IoRequest::write(8192, data, false), w.now);
-        w.drain();
-        while w.answer_one(false) || w.logs_stored() {
-            w.drain();
-        }
+        let mut w = with_m0_suspended(mirror(2), 19);
+        w.write_through(100, 8192, 4096, 0x6b);
         assert_eq!(w.completed, 1, "m1 alone took it");
         let stored = w.stored.as_mut().expect("logs stored");
         let m0 = stored.iter().position(|(n, _)| n == "m0").unwrap();
@@ -1608,16 +1620,8 @@ fn a_leg_whose_log_is_lost_is_copied_to_never_from() {
 /// in sync.
 #[test]
 fn a_migrations_map_is_stored_only_after_a_log_saying_its_new_leg_is_in_sync() {
-    let mut w = World::new(mirror(2), 11);
-    w.engine.suspend(0).expect("m1 holds every byte");
-    w.drain();
-    let data = bytes::Bytes::from(vec![0x77; 8192]);
-    w.engine
-        .submit(100, IoRequest::write(0, data, false), w.now);
-    w.drain();
-    while w.answer_one(false) || w.logs_stored() {
-        w.drain();
-    }
+    let mut w = with_m0_suspended(mirror(2), 11);
+    w.write_through(100, 0, 8192, 0x77);
     assert_eq!(w.completed, 1, "m1 alone took it");
     let to = w.migrate_to_new(1, "new");
     // A write while the copy runs marks the new leg's log, which is
@@ -1665,26 +1669,15 @@ fn a_migrations_map_is_stored_only_after_a_log_saying_its_new_leg_is_in_sync() {
 /// behind trusted the first, the away one.
 #[test]
 fn while_a_migration_switches_the_old_leg_leaving_alone_stays_trusted_on_the_old_map() {
-    let mut w = World::new(mirror(2), 13);
-    w.engine.suspend(0).expect("m1 holds every byte");
-    w.drain();
+    let mut w = with_m0_suspended(mirror(2), 13);
     w.migrate_to_new(1, "new");
     w.copy_until_switch();
-    let write = |w: &mut World, user, offset, byte| {
-        let data = bytes::Bytes::from(vec![byte; 4096]);
-        w.engine
-            .submit(user, IoRequest::write(offset, data, false), w.now);
-        w.drain();
-        while w.answer_one(false) || w.logs_stored() {
-            w.drain();
-        }
-    };
-    write(&mut w, 100, 8192, 0x5a);
+    w.write_through(100, 8192, 4096, 0x5a);
     assert_eq!(w.completed, 1, "m1 and the new leg took it");
     w.engine.leg_failed(1);
     w.drain();
     assert_eq!(w.engine.leg_state(1), LegState::Away);
-    write(&mut w, 101, 16384, 0xa5);
+    w.write_through(101, 16384, 4096, 0xa5);
     assert_eq!(w.completed, 1, "held while only the new map holds it");
     assert!(!stored_log(&w, "m1").behind());
     assert!(stored_log(&w, "m0").behind());
@@ -1707,9 +1700,7 @@ fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_ma
         quorum: Some(1),
         legs: vec![e("m0"), e("m1")],
     };
-    let mut w = World::new(spec, 17);
-    w.engine.suspend(0).expect("m1 holds every byte");
-    w.drain();
+    let mut w = with_m0_suspended(spec, 17);
     let to = w.migrate_to_new(1, "new");
     w.copy_until_switch();
     let data = bytes::Bytes::from(vec![0x5a; 4096]);
