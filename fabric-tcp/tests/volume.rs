@@ -4,10 +4,11 @@ use braid_backend_file::{ExportFile, FileBackend, OpenOptions};
 use braid_core::auth::Key;
 use braid_core::client::{ClientConfig, IoRequest};
 use braid_core::server::{ExportConfig, ServerConfig, ServerEngine};
-use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
+use braid_core::volume::{DirtyRegions, LegInfo, LegState, VolumeConfig, VolumeMap, VolumeSpec};
 use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Server, ServerSecurity, Volume};
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,6 +35,155 @@ impl LogStore for MemLogs {
 
     fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
         self.store(&[("\0identity".into(), bytes.to_vec())])
+    }
+}
+
+/// `MemLogs` whose next stores fail after writing only the first leg's
+/// log, as a data dir whose disk fails mid-store would.
+#[derive(Default)]
+struct FailingLogs {
+    logs: MemLogs,
+    fail_next: AtomicUsize,
+    tries: AtomicUsize,
+}
+
+impl LogStore for FailingLogs {
+    fn load(&self, name: &str) -> Option<Vec<u8>> {
+        self.logs.load(name)
+    }
+
+    fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            self.logs.store(&logs[..1])?;
+            return Err(std::io::Error::other("injected: the disk failed mid-store"));
+        }
+        self.logs.store(logs)
+    }
+
+    fn load_identity(&self) -> Option<Vec<u8>> {
+        self.logs.load_identity()
+    }
+
+    fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.logs.store_identity(bytes)
+    }
+}
+
+/// Clients of export disk0 at each of `addrs`, by leg name ("a", "b").
+async fn connect(addrs: &[std::net::SocketAddr], run: u8) -> HashMap<String, Client> {
+    let mut legs = HashMap::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let config =
+            ClientConfig::new("disk0", "test", Key::new(*b"test key"), [run + i as u8; 32]);
+        let client = Client::connect(
+            addr.to_string(),
+            ClientSecurity::Plain,
+            config,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+        legs.insert(["a", "b"][i].to_string(), client);
+    }
+    legs
+}
+
+fn mirror_of_a_and_b() -> VolumeMap {
+    let spec = VolumeSpec::grouped(&[&[0, 1]], None, None, |i| ["a", "b"][i].to_string());
+    VolumeMap::new(&spec, |_| {
+        Some(LegInfo {
+            size: SIZE,
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .unwrap()
+}
+
+/// A log store that fails holds the writes it covers (none goes out
+/// unrecorded) until the store is tried again and works. And the next run,
+/// finding b's log gone while a's is there, copies b in full from a rather
+/// than trusting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_log_store_holds_writes_and_a_lost_log_is_copied_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
+    let config = VolumeConfig {
+        region: 64 << 10,
+        ..VolumeConfig::default()
+    };
+    let logs = Arc::new(FailingLogs::default());
+    let volume = Volume::start(
+        mirror_of_a_and_b(),
+        connect(&addrs, 10).await,
+        config.clone(),
+        logs.clone(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    volume.suspend("b").await.unwrap();
+    let tries = logs.tries.load(Ordering::SeqCst);
+    logs.fail_next.store(1, Ordering::SeqCst);
+    let data = Bytes::from(vec![0x5a; 8192]);
+    volume
+        .io(IoRequest::write(1 << 20, data.clone(), false))
+        .await
+        .unwrap();
+    assert!(
+        logs.tries.load(Ordering::SeqCst) >= tries + 2,
+        "answered only after the failed store was tried again"
+    );
+    assert_eq!(logs.fail_next.load(Ordering::SeqCst), 0);
+    let b_log = logs.logs.load("b").expect("stored once the store worked");
+    assert!(DirtyRegions::decode(&b_log).unwrap().behind());
+    volume.close().await;
+
+    // b's log is lost: the next run must not take b for clean.
+    logs.logs.0.lock().unwrap().remove("b");
+    let volume = Volume::start(
+        mirror_of_a_and_b(),
+        connect(&addrs, 20).await,
+        config,
+        logs.clone(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    every_leg_in_sync(&volume).await;
+    assert_eq!(
+        volume.status().stats.regions_resynced,
+        SIZE / (64 << 10),
+        "b in full"
+    );
+    volume.suspend("a").await.unwrap();
+    assert_eq!(
+        volume.io(IoRequest::read(1 << 20, 8192)).await.unwrap(),
+        data,
+        "b was copied from a"
+    );
+    volume.close().await;
+}
+
+/// Waits until every leg is in sync (10 s at most: a resync of these
+/// few MiB that takes longer is stuck).
+async fn every_leg_in_sync(volume: &Volume) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while volume
+        .status()
+        .legs
+        .iter()
+        .any(|l| l.1 != Some(LegState::InSync))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            volume.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -72,29 +222,9 @@ async fn serve(dir: &std::path::Path, boot_id: u64) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_hears_every_legs_state_then_each_change() {
     let dir = tempfile::tempdir().unwrap();
-    let mut legs = HashMap::new();
-    for (i, name) in ["a", "b"].into_iter().enumerate() {
-        let addr = serve(dir.path(), i as u64 + 1).await;
-        let config = ClientConfig::new("disk0", "test", Key::new(*b"test key"), [i as u8; 32]);
-        let client = Client::connect(
-            addr.to_string(),
-            ClientSecurity::Plain,
-            config,
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-        legs.insert(name.to_string(), client);
-    }
-    let spec = VolumeSpec::grouped(&[&[0, 1]], None, None, |i| ["a", "b"][i].to_string());
-    let map = VolumeMap::new(&spec, |_| {
-        Some(LegInfo {
-            size: SIZE,
-            block_size: 512,
-            read_only: false,
-        })
-    })
-    .unwrap();
+    let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
+    let legs = connect(&addrs, 0).await;
+    let map = mirror_of_a_and_b();
     let config = VolumeConfig {
         region: 64 << 10,
         ..VolumeConfig::default()
@@ -116,20 +246,7 @@ async fn a_watcher_hears_every_legs_state_then_each_change() {
         .await
         .unwrap();
     volume.resume("b").await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while volume
-        .status()
-        .legs
-        .iter()
-        .any(|l| l.1 != Some(LegState::InSync))
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            volume.status()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    every_leg_in_sync(&volume).await;
     let mut seen = Vec::new();
     while let Ok(change) = watch.try_recv() {
         assert_eq!(change.leg, "b", "only b changed: {change:?}");
