@@ -376,10 +376,19 @@ impl Checker {
             let submit_of =
                 |op: u64, ops: &BTreeMap<u64, OpRec>| ops.get(&op).map_or(0, |o| o.submit);
             // Drop values certainly overwritten by a covered write that
-            // started after they were acknowledged.
+            // started after they were acknowledged. Not by one that
+            // failed: the bytes it would have replaced are still there
+            // (engine swarm seed 11901: a write refused for a full disk,
+            // the FLUSH submitted while it was out answered just after,
+            // and the older write it never replaced was taken for lost).
+            let failed =
+                |op: u64, ops: &BTreeMap<u64, OpRec>| ops.get(&op).is_some_and(|o| o.failed);
             vals.retain(|v| {
                 !rec.flush_covers.iter().any(|w| {
-                    covered.iter().any(|c| c.0 == *w) && submit_of(*w, &self.ops) > v.2 && *w != v.0
+                    covered.iter().any(|c| c.0 == *w)
+                        && !failed(*w, &self.ops)
+                        && submit_of(*w, &self.ops) > v.2
+                        && *w != v.0
                 })
             });
             m.durable = vals.iter().map(|v| v.1).collect();
@@ -594,6 +603,47 @@ impl Checker {
                     allowed,
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::stamp;
+
+    /// A FLUSH submitted while a write is out makes that write durable,
+    /// and what it replaced gone for good, but only if it succeeds: a
+    /// write refused (here for a full disk) replaced nothing, so a power
+    /// cut that undoes a later unflushed write leaves the one before.
+    #[test]
+    fn a_flush_makes_a_covered_write_durable_only_if_it_succeeded() {
+        for refused in [true, false] {
+            let mut c = Checker::new(8);
+            c.errors_allowed = true;
+            c.submit(1, Op::Write, 0, 512);
+            c.complete(1, Ok(&[]), false);
+            c.submit(2, Op::Write, 0, 512);
+            c.submit(3, Op::Flush, 0, 0);
+            let answer = if refused {
+                Err("NoSpace".into())
+            } else {
+                Ok(&[][..])
+            };
+            c.complete(2, answer, false);
+            c.complete(3, Ok(&[]), false);
+            // Overwritten, but not flushed: a power cut may undo it.
+            c.submit(4, Op::Write, 0, 512);
+            c.complete(4, Ok(&[]), false);
+            c.unflushed_may_revert();
+            c.submit(5, Op::Read, 0, 512);
+            c.complete(5, Ok(&stamp(1, 0, 1)), false);
+            assert_eq!(
+                c.violations().is_empty(),
+                refused,
+                "refused {refused}: {:?}",
+                c.violations()
+            );
         }
     }
 }

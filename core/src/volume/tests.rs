@@ -1231,7 +1231,10 @@ fn sweep() {
 /// resyncing leg's full disk sent every leg in sync away. 8359: a
 /// restart mid-switch found every leg of a copy set behind and trusted
 /// one that lacked acknowledged writes (on the new map first; once
-/// that was fixed, on the old map with the old leg gone). Each must
+/// that was fixed, on the old map with the old leg gone). And 11901
+/// found the checker wrong: a FLUSH answered just after a write it
+/// covered was refused, and the checker took the write the refused one
+/// never replaced for lost to the power cut that followed. Each must
 /// still draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
@@ -1279,6 +1282,11 @@ fn pinned_swarm_seeds_hold() {
             4067,
             "mirror of 3,",
             &["migrate: true", "disk_full: true", "power: false"][..],
+        ),
+        (
+            11901,
+            "mirror of 3, quorum 1,",
+            &["disk_full: true", "restart: true", "power: true"][..],
         ),
         (
             8359,
