@@ -415,8 +415,12 @@ pub struct VolumeEngine {
     /// After a restart: the FLUSHes of trusted legs still outstanding.
     /// What the dead run wrote may sit in a trusted leg's cache; copied to
     /// the other legs and then lost to a power cut, it would leave the
-    /// legs disagreeing with no mark to repair it. Until they land no IO
-    /// runs and nothing is copied.
+    /// legs disagreeing with no mark to repair it. Until a mirrored leg's
+    /// lands no IO runs and nothing is copied. An unmirrored leg settles
+    /// too, but holds only the IO that would reach it: read from its
+    /// cache and then lost to a power cut, a dead run's write would be
+    /// seen and then unseen (swarm seed 11909), while the other legs'
+    /// bytes have nothing to wait for.
     settling: BTreeSet<u64>,
     /// User IO submitted while settling, in order.
     parked: VecDeque<(u64, IoRequest)>,
@@ -579,7 +583,7 @@ impl VolumeEngine {
         };
         engine.persist();
         if restarted {
-            for leg in (0..n).filter(|&l| trusted[l] && mirrored[l]) {
+            for leg in (0..n).filter(|&l| trusted[l] || !mirrored[l]) {
                 let token = engine.issue(leg, Token::Settle, IoRequest::flush());
                 engine.settling.insert(token);
             }
@@ -587,10 +591,10 @@ impl VolumeEngine {
         Ok(engine)
     }
 
-    /// The trusted legs' FLUSHes landed (or their legs left): run what
-    /// waited.
+    /// A settling FLUSH landed (or its leg left): run what no longer
+    /// waits; the rest parks again, in order.
     fn settled(&mut self) {
-        if !self.settling.is_empty() {
+        if self.mirrored_settling() {
             return;
         }
         let now = self.now;
@@ -598,6 +602,39 @@ impl VolumeEngine {
             self.submit(user, io, now);
         }
         self.drive_resync();
+    }
+
+    fn settling_legs(&self) -> impl Iterator<Item = usize> + '_ {
+        self.settling
+            .iter()
+            .filter_map(|t| self.tokens.get(t).map(|(l, _)| *l))
+    }
+
+    fn mirrored_settling(&self) -> bool {
+        self.settling_legs().any(|l| self.legs[l].mirrored)
+    }
+
+    /// Whether `io` must wait for settling FLUSHes: every IO while a
+    /// mirrored leg settles; else one that reaches a leg still settling
+    /// (a FLUSH reaches every leg), or overlaps an IO parked before it.
+    fn must_park(&self, io: &IoRequest, parts: &[Part]) -> bool {
+        if self.settling.is_empty() {
+            return false;
+        }
+        if self.mirrored_settling() || io.op == Op::Flush {
+            return true;
+        }
+        let settling: BTreeSet<usize> = self.settling_legs().collect();
+        let reaches_settling = parts
+            .iter()
+            .any(|p| p.seg.copies.iter().any(|c| settling.contains(&c.leaf)));
+        let end = io.offset + u64::from(io.len);
+        // Nothing need wait for a parked FLUSH: it covers only what was
+        // answered before it, and covering more does no harm.
+        reaches_settling
+            || self.parked.iter().any(|(_, p)| {
+                p.op != Op::Flush && p.offset < end && io.offset < p.offset + u64::from(p.len)
+            })
     }
 
     /// Which legs a restarted client trusts as they are. A leg whose log
@@ -823,7 +860,7 @@ impl VolumeEngine {
         // answer that would have ended the settling).
         let waiting = self.resync.is_none()
             && self.fenced.is_none()
-            && self.settling.is_empty()
+            && !self.mirrored_settling()
             && self
                 .legs
                 .iter()
@@ -851,14 +888,14 @@ impl VolumeEngine {
             });
             return;
         }
-        if !self.settling.is_empty() {
+        debug_assert!(u64::from(io.len) <= self.config.max_leg_io);
+        let parts = plan(&self.map, &io, self.logs[0].region_size());
+        if self.must_park(&io, &parts) {
             self.parked.push_back((user, io));
             return;
         }
-        debug_assert!(u64::from(io.len) <= self.config.max_leg_io);
         let id = self.next_io;
         self.next_io += 1;
-        let parts = plan(&self.map, &io, self.logs[0].region_size());
         let n = parts.len();
         let read = if io.op == Op::Read {
             vec![None; n]
@@ -1938,7 +1975,7 @@ impl VolumeEngine {
 
     fn drive_resync(&mut self) {
         let now = self.now;
-        if self.resync.is_some() || now < self.resync_not_before || !self.settling.is_empty() {
+        if self.resync.is_some() || now < self.resync_not_before || self.mirrored_settling() {
             return;
         }
         let Some((leg, cursor)) = self
