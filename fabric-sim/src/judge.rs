@@ -89,20 +89,35 @@ const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 /// except on the leg that moves: if they send it away while the switch
 /// waits for its map to be stored, writes it missed wait for the store
 /// (seed 350079 of `linear`: 604 ms, the first store failing).
-/// `until`: when the workers stopped; `moved_from`: the leg migrated to
+/// `window`: when the judged workers ran; `moved_from`: the leg migrated to
 /// node `layout.legs()`, whose group that node's faults hold up too
 /// (written to both while copying, to it alone after). Judges (outage,
 /// group) pairs.
+/// When the workers whose answers are judged ran: from the start of the
+/// boot they ran in (`None`: the client never restarted, so from the
+/// run's start), until they stopped. An outage not wholly inside is not
+/// judged: the answers of a boot a restart killed died with it.
+pub(crate) struct Window {
+    pub(crate) from: Option<tokio::time::Instant>,
+    pub(crate) until: tokio::time::Instant,
+}
+
+impl Window {
+    fn holds(&self, o: &Outage) -> bool {
+        self.from.is_none_or(|from| o.from >= from) && o.to <= self.until
+    }
+}
+
 pub(crate) fn isolation(
     outages: &[Outage],
     answered: &Answered,
-    until: tokio::time::Instant,
+    window: &Window,
     layout: Layout,
     moved_from: Option<usize>,
 ) -> Verdicts {
     let mut v = Verdicts::default();
     for o in outages {
-        if o.to.duration_since(o.from) < Duration::from_secs(1) || o.to > until {
+        if o.to.duration_since(o.from) < Duration::from_secs(1) || !window.holds(o) {
             continue;
         }
         for &(j, ref times) in answered {
@@ -156,7 +171,7 @@ const DEGRADED_PAUSE: Duration = Duration::from_millis(2500);
 pub(crate) fn degraded(
     outages: &[Outage],
     answered: &Answered,
-    until: tokio::time::Instant,
+    window: &Window,
     layout: Layout,
 ) -> Verdicts {
     let mut v = Verdicts::default();
@@ -164,7 +179,7 @@ pub(crate) fn degraded(
         if o.leg >= layout.legs()
             || !UNREACHABLE.contains(&o.kind)
             || o.to.duration_since(o.from) <= DEGRADED_PAUSE
-            || o.to > until
+            || !window.holds(o)
         {
             continue;
         }

@@ -31,7 +31,7 @@ impl Layout {
             sectors: None,
         };
         match scenario {
-            Scenario::Stripe => layout(&[&[0], &[1], &[2]]),
+            Scenario::Stripe | Scenario::StripeRestart => layout(&[&[0], &[1], &[2]]),
             Scenario::StripedMirrors => layout(&[&[0, 1], &[2, 3]]),
             // A mirror grown by a plain export of another size. Neither
             // size is a whole number of chunks or dirty-log regions, so

@@ -15,12 +15,15 @@
 //! two nodes and a third node's smaller export one after the other,
 //! with the same checks across the seam (a quarter of the shared
 //! workers' IOs aimed across it), and bad blocks on the export, and in
-//! half the seeds on the mirror's legs too.
+//! half the seeds on the mirror's legs too. `stripe-restart` kills and
+//! restarts the stripe's client, as `mirror-restart` does the mirror's.
 //! The layouts are in `layout.rs`; what is judged once a run is over
 //! (besides each read), in `judge.rs`.
 
 use crate::disk::SimDisk;
-use crate::judge::{degraded, divergence, isolation, masking, LegHistory, Outage, UNREACHABLE};
+use crate::judge::{
+    degraded, divergence, isolation, masking, LegHistory, Outage, Window, UNREACHABLE,
+};
 use crate::layout::{Layout, Zones};
 use crate::workload::{shared_worker, Failed, SharedPlan, BLOCK};
 use crate::world::Report;
@@ -89,10 +92,15 @@ pub(crate) async fn simulate(
     let mut rng = SplitMix64::new(seed ^ 0x3141_5926);
     let key = Key::new(crate::world::seed_bytes(seed, 1).to_vec());
     let layout = Layout::of(scenario);
+    let restart = matches!(
+        scenario,
+        Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
+    );
     // Half the seeds of several groups move a leg too (their own stream
-    // decides).
+    // decides), unless the client restarts: each boot builds the volume
+    // from the layout, and would start the move again.
     let migrate = scenario == Scenario::Migrate
-        || (layout.grouped() && SplitMix64::new(seed ^ 0x0057_21fe).chance(0.5));
+        || (layout.grouped() && !restart && SplitMix64::new(seed ^ 0x0057_21fe).chance(0.5));
     // When, from which leg, and whether the first store of the new map
     // fails (the driver must try again, writing to both meanwhile).
     let migration = migrate.then(|| {
@@ -119,7 +127,6 @@ pub(crate) async fn simulate(
         .create_node()
         .name("client")
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 100)));
-    let restart = matches!(scenario, Scenario::MirrorRestart | Scenario::MirrorQuorum);
     let zones = Zones::of(layout);
     let bad = bad_blocks(scenario, layout, seed);
     let checker = volume_checker(bad.is_some(), restart, zones.shared.1);
@@ -244,10 +251,14 @@ pub(crate) async fn simulate(
         .violations
         .extend(divergence(&disks, layout, moved_from, &retired));
     if restart {
-        // The first boot's workers died with it: count what the checker
+        // The first boot's workers died with it: count what the checkers
         // saw complete instead.
-        let c = checker.lock().unwrap();
-        report.ios = next_io.load(Ordering::SeqCst) - 1 - c.outstanding() as u64;
+        let outstanding: usize = [&checker]
+            .into_iter()
+            .chain(&ctx.own_checkers)
+            .map(|c| c.lock().unwrap().outstanding())
+            .sum();
+        report.ios = next_io.load(Ordering::SeqCst) - 1 - outstanding as u64;
     }
     report.trace_hash = hash ^ report.ios;
     if report.longest_io > crate::world::STALL_LIMIT {
@@ -342,7 +353,7 @@ impl Report {
             own,
             stats,
             retired,
-            until,
+            window,
         } = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -368,11 +379,11 @@ impl Report {
                 .iter()
                 .map(|(group, o)| (*group, o.answered_at.clone()))
                 .collect();
-            let apart = isolation(outages, &answered, until, layout, moved_from);
+            let apart = isolation(outages, &answered, &window, layout, moved_from);
             self.violations.extend(apart.violations);
             self.isolation_checks = apart.judged;
             self.isolation_pause = apart.longest;
-            let degraded = degraded(outages, &answered, until, layout);
+            let degraded = degraded(outages, &answered, &window, layout);
             self.violations.extend(degraded.violations);
             self.degraded_checks = degraded.judged;
             self.degraded_pause = degraded.longest;
@@ -452,8 +463,11 @@ fn kill_and_restart(
     ctx: &ClientCtx,
     done: Arc<Mutex<Option<ClientResult>>>,
 ) -> tokio::task::JoinHandle<(bool, bool)> {
-    let (handle, checker, seed, run_for) =
-        (handle.clone(), ctx.checker.clone(), ctx.seed, ctx.run_for);
+    let (handle, seed, run_for) = (handle.clone(), ctx.seed, ctx.run_for);
+    let checkers: Vec<_> = [ctx.checker.clone()]
+        .into_iter()
+        .chain(ctx.own_checkers.iter().cloned())
+        .collect();
     let mut rng = SplitMix64::new(seed ^ 0x00c1_1e47);
     // In half the seeds one leg is cut off as the client dies, with
     // its writes still in the network, and the cut heals after the
@@ -510,7 +524,9 @@ fn kill_and_restart(
             tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
         }
         handle.kill(client);
-        checker.lock().unwrap().unflushed_may_revert();
+        for checker in &checkers {
+            checker.lock().unwrap().unflushed_may_revert();
+        }
         tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
         if late {
             let again = handle
@@ -618,8 +634,8 @@ struct ClientEnd {
     stats: braid_core::volume::VolumeStats,
     /// The legs retired.
     retired: Vec<usize>,
-    /// When the workers stopped.
-    until: tokio::time::Instant,
+    /// When its workers ran.
+    window: Window,
 }
 
 type ClientResult = Result<ClientEnd, String>;
@@ -701,6 +717,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             seams,
             refusals_to: Some(refused.clone()),
         };
+    let workers_from = tokio::time::Instant::now();
     // A FLUSH waits for every leg: a worker of one leg's own sends none.
     let tasks: Vec<_> = (0..WORKERS)
         .map(|w| {
@@ -762,7 +779,10 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         own,
         stats: volume.status().stats,
         retired,
-        until,
+        window: Window {
+            from: ctx.until.is_some().then_some(workers_from),
+            until,
+        },
     })
 }
 

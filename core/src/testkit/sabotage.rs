@@ -4,6 +4,7 @@
 //! its checks notice each one missing.
 
 use super::world::WorldConfig;
+use super::Scenario;
 use crate::client::ClientConfig;
 use crate::server::ServerConfig;
 
@@ -93,20 +94,23 @@ impl Sabotage {
         }
     }
 
-    /// Whether only a mirrored volume exercises the mechanism: its own
-    /// (the leg timeout is the madsim driver's), or fencing, which needs
-    /// the owner and epoch only a volume's runs send, and a run
-    /// restarted (only mirrors are).
-    pub fn needs_a_mirror(self) -> bool {
-        matches!(
-            self,
+    /// Whether scenario `scenario` exercises the mechanism: a mirror's
+    /// own only a scenario with a mirror (the leg timeout is the madsim
+    /// driver's), fencing only a volume whose client restarts (it needs
+    /// the owner and epoch only a volume's runs send), the rest any.
+    pub fn exercised_by(self, scenario: Scenario) -> bool {
+        match self {
+            Sabotage::NoFencing => matches!(
+                scenario,
+                Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
+            ),
             Sabotage::NoDirtyLog
-                | Sabotage::NoInSyncGate
-                | Sabotage::NoFanOut
-                | Sabotage::NoFencing
-                | Sabotage::NoLegTimeout
-                | Sabotage::NoErrorFailover
-        )
+            | Sabotage::NoInSyncGate
+            | Sabotage::NoFanOut
+            | Sabotage::NoLegTimeout
+            | Sabotage::NoErrorFailover => scenario.runs_a_mirror(),
+            _ => true,
+        }
     }
 
     /// By command-line name.

@@ -122,20 +122,21 @@ impl SweepArgs {
         }
         // A mechanism no chosen scenario exercises would be switched off
         // in nothing, and the sweep would pass for the wrong reason.
-        if let Some(s) = a.sabotage.iter().find(|s| s.needs_a_mirror()) {
-            if !a.scenarios.iter().any(|sc| sc.runs_a_mirror()) {
-                let mirrors: Vec<&str> = Scenario::ALL
-                    .into_iter()
-                    .filter(|sc| sc.runs_a_mirror())
-                    .map(|sc| sc.name())
-                    .collect();
-                return Err(format!(
-                    "--sabotage {}: only a mirror scenario exercises it ({}; `cargo xtask sim \
-                     --madsim`)",
-                    s.name(),
-                    mirrors.join(", ")
-                ));
-            }
+        if let Some(s) = a
+            .sabotage
+            .iter()
+            .find(|s| !a.scenarios.iter().any(|sc| s.exercised_by(*sc)))
+        {
+            let exercising: Vec<&str> = Scenario::ALL
+                .into_iter()
+                .filter(|sc| s.exercised_by(*sc) && sc.runs_at(level))
+                .map(|sc| sc.name())
+                .collect();
+            return Err(format!(
+                "--sabotage {}: no scenario chosen exercises it (these do: {})",
+                s.name(),
+                exercising.join(", ")
+            ));
         }
         Ok(SweepCommand::Run(a))
     }
@@ -304,7 +305,7 @@ mod tests {
             "no-fan-out",
         ] {
             let e = parse(Level::Engine, &format!("--scenario all --sabotage {name}")).unwrap_err();
-            assert!(e.contains("only a mirror scenario"), "{name}: {e}");
+            assert!(e.contains("no scenario chosen exercises it"), "{name}: {e}");
             // A stripe runs a volume, but has a second copy only while a
             // leg moves (half its seeds) and no restart to fence: with
             // fan-out or the in-sync gate off, 8 stripe seeds passed.
@@ -322,5 +323,14 @@ mod tests {
             assert!(ok.is_ok(), "{name}: {ok:?}");
         }
         assert!(parse(Level::Engine, "--scenario all --sabotage no-replay").is_ok());
+        // Fencing needs a restart, of a stripe as well as of a mirror.
+        let fencing = |scenario: &str| {
+            parse(
+                Level::Madsim,
+                &format!("--scenario {scenario} --sabotage no-fencing"),
+            )
+        };
+        assert!(fencing("stripe-restart").is_ok());
+        assert!(fencing("mirror").is_err());
     }
 }

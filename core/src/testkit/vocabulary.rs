@@ -87,6 +87,8 @@ pub enum Scenario {
     /// A volume striped over three servers, each the only copy of its
     /// chunks, faults on the legs.
     Stripe,
+    /// The stripe, with the client killed and restarted mid-run.
+    StripeRestart,
     /// A stripe over two mirrors of two servers each (RAID 10), faults on
     /// the legs.
     StripedMirrors,
@@ -100,7 +102,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 26] = [
+    pub const ALL: [Scenario; 27] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -124,6 +126,7 @@ impl Scenario {
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
         Scenario::Stripe,
+        Scenario::StripeRestart,
         Scenario::StripedMirrors,
         Scenario::Linear,
         Scenario::KeyWithdrawn,
@@ -155,6 +158,7 @@ impl Scenario {
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
             Scenario::Stripe => "stripe",
+            Scenario::StripeRestart => "stripe-restart",
             Scenario::StripedMirrors => "striped-mirrors",
             Scenario::Linear => "linear",
             Scenario::KeyWithdrawn => "key-withdrawn",
@@ -226,6 +230,12 @@ impl Scenario {
                  half the seeds one moves to a fourth node; IO to a leg that is down waits for \
                  it, IO to the others goes on; reads checked"
             }
+            Scenario::StripeRestart => {
+                "the stripe, with the client node killed mid-run and restarted (no leg moves): \
+                 each leg is the only copy, so what the dead run left in a leg's cache must \
+                 be flushed before the new run serves it, and the dead run's late frames \
+                 fenced off; nothing acknowledged is lost"
+            }
             Scenario::StripedMirrors => {
                 "a volume striped over two mirrors of two server nodes each (RAID 10); every \
                  node takes the stripe's faults, a whole mirror is down at times, and in half \
@@ -275,6 +285,7 @@ impl Scenario {
             | Scenario::MirrorRestart
             | Scenario::MirrorQuorum
             | Scenario::Stripe
+            | Scenario::StripeRestart
             | Scenario::StripedMirrors
             | Scenario::Linear => MADSIM,
         }
@@ -283,7 +294,7 @@ impl Scenario {
     /// Whether it runs a volume (`braid attach --volume`'s driver) over
     /// several servers.
     pub fn runs_a_volume(self) -> bool {
-        self.runs_a_mirror() || self == Scenario::Stripe
+        self.runs_a_mirror() || matches!(self, Scenario::Stripe | Scenario::StripeRestart)
     }
 
     /// Whether that volume is or holds mirrors, restarted in some, so that
