@@ -129,11 +129,14 @@ pub(crate) async fn simulate(
         .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 100)));
     let zones = Zones::of(layout);
     let bad = bad_blocks(scenario, layout, seed);
-    let checker = volume_checker(bad.is_some(), restart, zones.shared.1);
+    // Only legs holding the same bytes can disagree on a write in flight
+    // at the crash; a stripe's reads of such a write must stand.
+    let may_revert = restart && layout.groups.iter().any(|g| g.len() > 1);
+    let checker = volume_checker(bad.is_some(), may_revert, zones.shared.1);
     let own_checkers = zones
         .own
         .iter()
-        .map(|&(_, (_, sectors))| volume_checker(bad.is_some(), restart, sectors))
+        .map(|&(_, (_, sectors))| volume_checker(bad.is_some(), may_revert, sectors))
         .collect();
     let next_io = Arc::new(AtomicU64::new(1));
     let ctx = ClientCtx {
@@ -211,7 +214,8 @@ pub(crate) async fn simulate(
         ..Report::empty(seed, scenario)
     };
     if let Some(r) = restarter {
-        let (cut, late) = r.await.unwrap_or((false, false));
+        let (cut, late, outage) = r.await.unwrap_or((false, false, None));
+        outages.extend(outage);
         let mut count = |fault| *report.faults.entry(fault).or_insert(0) += 1;
         if cut {
             count(Fault::Partition);
@@ -314,10 +318,10 @@ fn lone_mirror_leg_first(seed: u64, layout: Layout) -> Option<SplitMix64> {
 /// The checker of every read through the volume: errors only where one
 /// disk would give them (the last leg in sync full, or with bad blocks
 /// where legs grow them); reads of writes not yet acknowledged may go back
-/// where the client restarts.
+/// if `unacked_may_revert`.
 fn volume_checker(
     bad_blocks: bool,
-    restart: bool,
+    unacked_may_revert: bool,
     sectors: u64,
 ) -> Arc<Mutex<braid_core::testkit::Checker>> {
     let mut checker = braid_core::testkit::Checker::new(sectors);
@@ -331,7 +335,7 @@ fn volume_checker(
         // IO there, as on one disk.
         checker.allowed_errors.push("Media");
     }
-    checker.unacked_reads_may_revert = restart;
+    checker.unacked_reads_may_revert = unacked_may_revert;
     Arc::new(Mutex::new(checker))
 }
 
@@ -454,7 +458,8 @@ fn start_servers(
 /// Kills the client node once, mid-run, and boots the volume's next run
 /// (on the same node, or in late seeds on a second one). Returns whether
 /// a leg was cut off as the client died, and whether the dead run's
-/// frames to it were held until the new run had its session there.
+/// frames to it were held until the new run had its session there; and
+/// if the new run found it cut off too, that outage.
 fn kill_and_restart(
     handle: &Handle,
     client: madsim::task::NodeId,
@@ -462,7 +467,7 @@ fn kill_and_restart(
     client_now: &Arc<Mutex<madsim::task::NodeId>>,
     ctx: &ClientCtx,
     done: Arc<Mutex<Option<ClientResult>>>,
-) -> tokio::task::JoinHandle<(bool, bool)> {
+) -> tokio::task::JoinHandle<(bool, bool, Option<Outage>)> {
     let (handle, seed, run_for) = (handle.clone(), ctx.seed, ctx.run_for);
     let checkers: Vec<_> = [ctx.checker.clone()]
         .into_iter()
@@ -475,7 +480,8 @@ fn kill_and_restart(
     // late, which only fencing makes harmless (seed 90 found it).
     let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
     let legs = ctx.layout.legs() as u64;
-    let cut = (cut_rng.below(2) == 0).then(|| servers[cut_rng.below(legs) as usize]);
+    let cut_leg = (cut_rng.below(2) == 0).then(|| cut_rng.below(legs) as usize);
+    let cut = cut_leg.map(|leg| servers[leg]);
     // In half of those the dead run's frames are held until the new
     // run has its session on that leg. madsim holds a link between
     // two nodes, where a real network holds one connection's segments
@@ -488,6 +494,7 @@ fn kill_and_restart(
         let net = NetSim::current();
         let span = run_for.as_millis() as u64 - 4000;
         let draw = rng.below(span);
+        let mut cut_from = None;
         // Late seeds kill the client in the run's last few seconds, so
         // what the held writes put back has had the new run's writes
         // before it and has few after it to hide it (400 seeds with
@@ -520,6 +527,7 @@ fn kill_and_restart(
                 net.clog_link(server, client);
             } else {
                 net.clog_node(server);
+                cut_from = Some(tokio::time::Instant::now());
             }
             tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
         }
@@ -560,7 +568,15 @@ fn kill_and_restart(
             }
             None => {}
         }
-        (cut.is_some(), late)
+        // The new run judged as any run is: that leg was out meanwhile.
+        let outage = cut_leg.zip(cut_from).map(|(leg, from)| Outage {
+            leg,
+            kind: Fault::Partition,
+            from,
+            to: tokio::time::Instant::now(),
+            bad_bytes: None,
+        });
+        (cut.is_some(), late, outage)
     })
 }
 

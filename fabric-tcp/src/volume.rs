@@ -137,7 +137,16 @@ impl Volume {
                     .ok_or_else(|| format!("no client for leg {n:?}"))
             })
             .collect::<Result<_, _>>()?;
-        let (logs, unknown) = logs_as_stored(&names, map.size(), config.region, |n| store.load(n))?;
+        // `next_run` stored this run's identity: an epoch past the first
+        // says runs came before.
+        let restarted = store
+            .load_identity()
+            .as_deref()
+            .and_then(Identity::decode)
+            .is_some_and(|run| run.epoch > 1);
+        let (logs, unknown) = logs_as_stored(&names, map.size(), config.region, restarted, |n| {
+            store.load(n)
+        })?;
         for why in unknown {
             tracing::warn!("dirty log unusable, so the leg is copied in full: {why}");
         }

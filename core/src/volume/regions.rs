@@ -177,8 +177,12 @@ impl DirtyRegions {
 }
 
 /// The logs a run of a volume starts from: each leg's as stored (`load`
-/// gives its bytes by leg name), or `None` if no leg has one (a volume's
-/// first run). A leg whose log is unreadable, foreign (another region or
+/// gives its bytes by leg name), or `None` if no leg has one and no run
+/// came before (a volume's first run). If runs came before (`restarted`)
+/// but none stored a log, every leg's is clean: nothing was marked, so no
+/// mirrored write went out, but a dead run's unmirrored writes may sit in
+/// a leg's cache, and a restarted engine flushes them before it serves
+/// them (a volume of plain exports never stores a log). A leg whose log is unreadable, foreign (another region or
 /// volume size), or missing while others are there is taken as knowing
 /// nothing: every region marked and behind, so it is copied in full from
 /// a leg whose log is sound, and never the one copied from while such a
@@ -187,11 +191,14 @@ pub fn logs_as_stored(
     legs: &[String],
     volume_size: u64,
     region: u64,
+    restarted: bool,
     mut load: impl FnMut(&str) -> Option<Vec<u8>>,
 ) -> Result<(Option<Vec<DirtyRegions>>, Vec<String>), String> {
     let loaded: Vec<Option<Vec<u8>>> = legs.iter().map(|leg| load(leg)).collect();
     if loaded.iter().all(Option::is_none) {
-        return Ok((None, Vec::new()));
+        let clean = DirtyRegions::new(volume_size, region)?;
+        let logs = restarted.then(|| vec![clean; legs.len()]);
+        return Ok((logs, Vec::new()));
     }
     let mut unknown = Vec::new();
     let mut logs = Vec::with_capacity(legs.len());
@@ -244,14 +251,17 @@ mod tests {
     fn a_leg_without_a_sound_log_knows_nothing_unless_none_has_one() {
         let legs: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
         let (size, region) = (64 << 20, 1 << 20);
-        let (logs, unknown) = logs_as_stored(&legs, size, region, |_| None).unwrap();
+        let (logs, unknown) = logs_as_stored(&legs, size, region, false, |_| None).unwrap();
         assert!(logs.is_none() && unknown.is_empty(), "a first run");
+        let (logs, _) = logs_as_stored(&legs, size, region, true, |_| None).unwrap();
+        let logs = logs.expect("a restart, if none stored a log");
+        assert!(logs.iter().all(|l| l.dirty_count() == 0 && !l.behind()));
         let mut sound = DirtyRegions::new(size, region).unwrap();
         sound.mark(3 << 20, 1);
         let mut torn = sound.encode();
         torn[HEADER] ^= 1;
         let foreign = DirtyRegions::new(size, region * 2).unwrap().encode();
-        let (logs, unknown) = logs_as_stored(&legs, size, region, |leg| match leg {
+        let (logs, unknown) = logs_as_stored(&legs, size, region, false, |leg| match leg {
             "a" => Some(sound.encode()),
             "b" => Some(torn.clone()),
             "c" => Some(foreign.clone()),

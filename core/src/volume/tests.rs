@@ -632,7 +632,8 @@ impl World {
         self.down = was.iter().map(|&i| self.down[i]).collect();
         self.last_refused = was.iter().map(|&i| self.last_refused[i]).collect();
         let stored = self.stored.iter().flatten();
-        let (logs, _) = logs_as_stored(map.leaves(), map.size(), self.config.region, |name| {
+        let region = self.config.region;
+        let (logs, _) = logs_as_stored(map.leaves(), map.size(), region, true, |name| {
             stored
                 .clone()
                 .find(|(n, _)| n == name)
