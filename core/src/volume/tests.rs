@@ -249,6 +249,13 @@ impl World {
             swarm.disk_full = later.chance(0.5);
             swarm.restart = later.chance(0.5);
         }
+        // A volume of plain exports, restarted: no dirty log is ever
+        // stored, and a dead run's writes sit in the legs' caches (its
+        // own stream, whose constant leaves the pinned seeds alone).
+        if SplitMix64::new(seed ^ PLAIN_DRAW).chance(0.125) {
+            (name, spec) = ("stripe of exports", stripe_of_exports());
+            swarm.restart = true;
+        }
         // Its own stream too, so seeds that draw no power cuts replay
         // as before; its constant leaves the pinned seeds among those.
         swarm.power = swarm.restart && SplitMix64::new(seed ^ 0x504f_5783).chance(0.5);
@@ -1044,6 +1051,10 @@ fn run_world(mut w: World, steps: usize) -> World {
 /// the pinned seeds without (checked by `pinned_swarm_seeds_hold`).
 const TORN_DRAW: u64 = 0x5445_4158;
 
+/// Seeds the stream that decides which seeds are a restarted stripe of
+/// plain exports: it leaves the pinned seeds out.
+const PLAIN_DRAW: u64 = 0x504c_4160;
+
 fn mirror(n: usize) -> VolumeSpec {
     VolumeSpec::Mirror {
         quorum: None,
@@ -1104,6 +1115,14 @@ fn mirror_then_export() -> VolumeSpec {
         },
         e("x"),
     ])
+}
+
+/// Three plain exports striped: each the only copy of its chunks.
+fn stripe_of_exports() -> VolumeSpec {
+    VolumeSpec::Stripe {
+        chunk: 8192,
+        legs: vec![e("s0"), e("s1"), e("s2")],
+    }
 }
 
 /// Quorum mirrors striped: writes acknowledged at quorum in each.
