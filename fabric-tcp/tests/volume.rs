@@ -271,3 +271,57 @@ async fn a_watcher_hears_every_legs_state_then_each_change() {
     );
     volume.close().await;
 }
+
+/// A volume of plain exports never stores a dirty log, yet a run after
+/// the first is a restart: what the dead run left in a leg's cache is
+/// flushed before the new run serves it (read, then lost to a power cut,
+/// it would go back in time). A first run sends no such FLUSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_volume_of_plain_exports_flushes_each_leg_before_serving_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
+    let logs = Arc::new(MemLogs::default());
+    let spec = VolumeSpec::grouped(&[&[0], &[1]], None, None, |i| ["a", "b"][i].to_string());
+    let map = VolumeMap::new(&spec, |_| {
+        Some(LegInfo {
+            size: SIZE,
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .unwrap();
+    // What each leg's client sent for a run that reads a block of each.
+    let sent_for_a_read_of_each = |run: u8| {
+        let (logs, map) = (logs.clone(), map.clone());
+        async move {
+            braid_fabric_tcp::next_run(&*logs, 7).unwrap();
+            let legs = connect(&addrs, run).await;
+            let clients: Vec<Client> = ["a", "b"].map(|n| legs[n].clone()).to_vec();
+            let volume = Volume::start(
+                map,
+                legs,
+                VolumeConfig::default(),
+                logs,
+                Duration::from_secs(5),
+            )
+            .unwrap();
+            for at in [0, SIZE] {
+                volume.io(IoRequest::read(at, 4096)).await.unwrap();
+            }
+            let sent: Vec<u64> = clients.iter().map(|c| c.status().stats.submitted).collect();
+            volume.close().await;
+            sent
+        }
+    };
+    assert_eq!(
+        sent_for_a_read_of_each(10).await,
+        vec![1, 1],
+        "a first run: the reads alone"
+    );
+    assert!(logs.load("a").is_none(), "no dirty log was stored");
+    assert_eq!(
+        sent_for_a_read_of_each(20).await,
+        vec![2, 2],
+        "a restart: each leg's FLUSH, then its read"
+    );
+}
