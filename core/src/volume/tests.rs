@@ -951,6 +951,8 @@ impl World {
                 && synced
                 && self.persist.is_none()
                 && self.engine.migration().is_none()
+                // Every IO answered and done with, none kept for ever.
+                && self.engine.in_flight().is_empty()
             {
                 return;
             }
