@@ -2125,25 +2125,33 @@ fn legs_sent(actions: &[VolumeAction], op: Op) -> Vec<usize> {
         .collect()
 }
 
-#[test]
-fn a_restarted_unmirrored_leg_serves_nothing_before_its_flush_and_holds_up_no_other() {
-    // A dead run's write may sit in an export's cache. Read from there
-    // and then lost to a power cut, it would be seen and then unseen
-    // (swarm seed 11909). The other export's bytes need not wait.
-    let spec = VolumeSpec::Linear(vec![e("a"), e("b")]);
+/// An engine over `spec` restarted with every log clean, and the FLUSH
+/// it sent each leg first: (leg, token).
+fn restarted_after_a_clean_stop(spec: VolumeSpec) -> (VolumeEngine, Vec<(usize, u64)>) {
     let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
     let config = VolumeConfig {
         region: 16 << 10,
         ..VolumeConfig::default()
     };
-    let clean = DirtyRegions::new(2 * LEAF, 16 << 10).unwrap();
-    let mut engine = VolumeEngine::new(map, config, Some(vec![clean.clone(), clean])).unwrap();
-    let settles: Vec<(usize, u64)> = std::iter::from_fn(|| engine.poll_action())
+    let clean = DirtyRegions::new(map.size(), config.region).unwrap();
+    let logs = vec![clean; map.leaves().len()];
+    let mut engine = VolumeEngine::new(map, config, Some(logs)).unwrap();
+    let settles = std::iter::from_fn(|| engine.poll_action())
         .filter_map(|a| match a {
             VolumeAction::LegIo { leg, token, io } if io.op == Op::Flush => Some((leg, token)),
             _ => None,
         })
         .collect();
+    (engine, settles)
+}
+
+#[test]
+fn a_restarted_unmirrored_leg_serves_nothing_before_its_flush_and_holds_up_no_other() {
+    // A dead run's write may sit in an export's cache. Read from there
+    // and then lost to a power cut, it would be seen and then unseen
+    // (swarm seed 11909). The other export's bytes need not wait.
+    let (mut engine, settles) =
+        restarted_after_a_clean_stop(VolumeSpec::Linear(vec![e("a"), e("b")]));
     assert_eq!(
         settles.iter().map(|s| s.0).collect::<Vec<_>>(),
         [0, 1],
@@ -2195,25 +2203,11 @@ fn a_restarted_unmirrored_leg_serves_nothing_before_its_flush_and_holds_up_no_ot
 
 #[test]
 fn a_trusted_leg_lost_while_it_settles_is_no_longer_waited_for() {
-    let spec = VolumeSpec::Mirror {
+    // A restart after a clean stop: every leg is trusted and settles.
+    let (mut engine, settles) = restarted_after_a_clean_stop(VolumeSpec::Mirror {
         quorum: None,
         legs: vec![e("a"), e("b"), e("c")],
-    };
-    let map = VolumeMap::new(&spec, |_| Some(leaf_info())).unwrap();
-    let config = VolumeConfig {
-        region: 16 << 10,
-        ..VolumeConfig::default()
-    };
-    // A restart after a clean stop: every leg is trusted and settles.
-    let clean = DirtyRegions::new(LEAF, 16 << 10).unwrap();
-    let logs = vec![clean.clone(), clean.clone(), clean];
-    let mut engine = VolumeEngine::new(map, config, Some(logs)).unwrap();
-    let settles: Vec<(usize, u64)> = std::iter::from_fn(|| engine.poll_action())
-        .filter_map(|a| match a {
-            VolumeAction::LegIo { leg, token, io } if io.op == Op::Flush => Some((leg, token)),
-            _ => None,
-        })
-        .collect();
+    });
     assert_eq!(
         settles.iter().map(|s| s.0).collect::<Vec<_>>(),
         [0, 1, 2],
