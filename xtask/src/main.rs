@@ -258,8 +258,8 @@ fn ci() -> Result<(), String> {
         // copy may start).
         ("no-fencing", "mirror-restart", "200", "10"),
         // A stripe's too: a dead run's late write lands over a newer one
-        // (3 of the first 100 seeds: 2, 77, 94).
-        ("no-fencing", "stripe-restart", "100", "10"),
+        // (3 of the first 200 seeds: 94, 125, 126).
+        ("no-fencing", "stripe-restart", "200", "10"),
         ("no-room", "steady", "10", "10"),
     ] {
         sim(&args(&[
