@@ -80,19 +80,6 @@ pub(crate) type Answered = [(usize, Vec<tokio::time::Instant>)];
 /// pairs of the first 100 seeds of `stripe` and `striped-mirrors` (52 ms).
 const ISOLATION_PAUSE: Duration = Duration::from_millis(500);
 
-/// One server down must not hold up IO to the others (DST's promise): for
-/// each fault of a second or more on one leg, each other group of legs
-/// with no fault on any of its legs then (or healing from one) must have
-/// gone on answering its own worker's IOs meanwhile, never pausing more
-/// than [`ISOLATION_PAUSE`]. Bad blocks hold up no IO (it fails at once,
-/// or a mirror leaves the leg), so they do not excuse a group's pause,
-/// except on the leg that moves: if they send it away while the switch
-/// waits for its map to be stored, writes it missed wait for the store
-/// (seed 350079 of `linear`: 604 ms, the first store failing).
-/// `window`: when the judged workers ran; `moved_from`: the leg migrated to
-/// node `layout.legs()`, whose group that node's faults hold up too
-/// (written to both while copying, to it alone after). Judges (outage,
-/// group) pairs.
 /// When the workers whose answers are judged ran: from the start of the
 /// boot they ran in (`None`: the client never restarted, so from the
 /// run's start), until they stopped. An outage not wholly inside is not
@@ -108,6 +95,19 @@ impl Window {
     }
 }
 
+/// One server down must not hold up IO to the others (DST's promise): for
+/// each fault of a second or more on one leg, each other group of legs
+/// with no fault on any of its legs then (or healing from one) must have
+/// gone on answering its own worker's IOs meanwhile, never pausing more
+/// than [`ISOLATION_PAUSE`]. Bad blocks hold up no IO (it fails at once,
+/// or a mirror leaves the leg), so they do not excuse a group's pause,
+/// except on the leg that moves: if they send it away while the switch
+/// waits for its map to be stored, writes it missed wait for the store
+/// (seed 350079 of `linear`: 604 ms, the first store failing).
+/// `window`: when the judged workers ran; `moved_from`: the leg migrated to
+/// node `layout.legs()`, whose group that node's faults hold up too
+/// (written to both while copying, to it alone after). Judges (outage,
+/// group) pairs.
 pub(crate) fn isolation(
     outages: &[Outage],
     answered: &Answered,

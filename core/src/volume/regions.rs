@@ -182,8 +182,9 @@ impl DirtyRegions {
 /// but none stored a log, every leg's is clean: nothing was marked, so no
 /// mirrored write went out, but a dead run's unmirrored writes may sit in
 /// a leg's cache, and a restarted engine flushes them before it serves
-/// them (a volume of plain exports never stores a log). A leg whose log is unreadable, foreign (another region or
-/// volume size), or missing while others are there is taken as knowing
+/// them (a volume of plain exports never stores a log). A leg whose log
+/// is unreadable, foreign (another region or volume size), or missing
+/// while others are there is taken as knowing
 /// nothing: every region marked and behind, so it is copied in full from
 /// a leg whose log is sound, and never the one copied from while such a
 /// leg exists. Also returns why each such leg's log was not used.
