@@ -92,10 +92,7 @@ pub(crate) async fn simulate(
     let mut rng = SplitMix64::new(seed ^ 0x3141_5926);
     let key = Key::new(crate::world::seed_bytes(seed, 1).to_vec());
     let layout = Layout::of(scenario);
-    let restart = matches!(
-        scenario,
-        Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
-    );
+    let restart = scenario.restarts_its_client();
     // Half the seeds of several groups move a leg too (their own stream
     // decides), unless the client restarts: each boot builds the volume
     // from the layout, and would start the move again.

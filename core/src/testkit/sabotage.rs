@@ -100,10 +100,7 @@ impl Sabotage {
     /// the owner and epoch only a volume's runs send), the rest any.
     pub fn exercised_by(self, scenario: Scenario) -> bool {
         match self {
-            Sabotage::NoFencing => matches!(
-                scenario,
-                Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
-            ),
+            Sabotage::NoFencing => scenario.restarts_its_client(),
             Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut

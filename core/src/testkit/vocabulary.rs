@@ -297,6 +297,15 @@ impl Scenario {
         self.runs_a_mirror() || matches!(self, Scenario::Stripe | Scenario::StripeRestart)
     }
 
+    /// Whether its volume's client is killed and restarted mid-run (so
+    /// that its runs fence each other).
+    pub fn restarts_its_client(self) -> bool {
+        matches!(
+            self,
+            Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
+        )
+    }
+
     /// Whether that volume is or holds mirrors, restarted in some, so that
     /// its dirty logs, in-sync gate, fan-out and fencing are exercised (a
     /// stripe has a second copy only while a leg moves).
