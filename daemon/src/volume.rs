@@ -350,8 +350,8 @@ impl FileLogStore {
 }
 
 impl braid_fabric_tcp::LogStore for FileLogStore {
-    fn load(&self, name: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.path(name)).ok()
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        read_if_stored(&self.path(name))
     }
 
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
@@ -361,13 +361,27 @@ impl braid_fabric_tcp::LogStore for FileLogStore {
         std::fs::File::open(&self.dir)?.sync_all()
     }
 
-    fn load_identity(&self) -> Option<Vec<u8>> {
-        std::fs::read(self.identity_path()).ok()
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
+        read_if_stored(&self.identity_path())
     }
 
     fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
         replace_file(&self.identity_path(), bytes)?;
         std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// `None` only if `path` does not exist; any other failure to read it is
+/// an error naming it (a file that is there but cannot be read is not a
+/// volume's first run).
+fn read_if_stored(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        )),
     }
 }
 
@@ -403,6 +417,30 @@ name = "b"
 server = "h2:7410"
 export = "disk0"
 "#;
+
+    #[test]
+    fn a_log_never_stored_is_none_and_one_unreadable_is_an_error_naming_it() {
+        use braid_fabric_tcp::LogStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileLogStore {
+            dir: dir.path().to_path_buf(),
+            volume: "v".into(),
+        };
+        assert!(store.load("a").unwrap().is_none());
+        assert!(store.load_identity().unwrap().is_none());
+        store.store(&[("a".into(), b"log".to_vec())]).unwrap();
+        assert_eq!(store.load("a").unwrap().unwrap(), b"log");
+        // A directory where the file should be: there, but unreadable (as
+        // an EIO or EACCES would leave it; root reads through modes).
+        std::fs::create_dir(dir.path().join("v.b.dirty")).unwrap();
+        std::fs::create_dir(dir.path().join("v.run")).unwrap();
+        let err = store.load("b").unwrap_err().to_string();
+        assert!(err.contains("v.b.dirty"), "{err}");
+        let err = braid_fabric_tcp::next_run(&store, 9)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("v.run"), "{err}");
+    }
 
     #[test]
     fn a_volume_runs_once_per_data_dir() {

@@ -59,8 +59,8 @@ fn server_ip(i: usize) -> IpAddr {
 struct MemLogs(Mutex<HashMap<String, Vec<u8>>>, Mutex<Option<Vec<u8>>>);
 
 impl LogStore for MemLogs {
-    fn load(&self, name: &str) -> Option<Vec<u8>> {
-        self.0.lock().unwrap().get(name).cloned()
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.0.lock().unwrap().get(name).cloned())
     }
 
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
@@ -71,8 +71,8 @@ impl LogStore for MemLogs {
         Ok(())
     }
 
-    fn load_identity(&self) -> Option<Vec<u8>> {
-        self.1.lock().unwrap().clone()
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.1.lock().unwrap().clone())
     }
 
     fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {

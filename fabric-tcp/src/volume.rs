@@ -21,12 +21,15 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Where dirty logs live between runs (a file per leg for `braid attach`).
 pub trait LogStore: Send + Sync + 'static {
-    /// The stored log of leg `name`, if any.
-    fn load(&self, name: &str) -> Option<Vec<u8>>;
+    /// The stored log of leg `name`; `None` only if none was ever stored
+    /// (a store that cannot tell errs: a volume would otherwise take its
+    /// legs for new, and resync nothing).
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>>;
     /// Stores every leg's log durably (returns once on stable storage).
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()>;
-    /// The stored identity of the volume's last run, if any.
-    fn load_identity(&self) -> Option<Vec<u8>>;
+    /// The stored identity of the volume's last run; `None` only if none
+    /// was ever stored.
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>>;
     /// Stores this run's identity durably.
     fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()>;
 }
@@ -37,10 +40,13 @@ pub trait LogStore: Send + Sync + 'static {
 /// resyncs). Stored before any leg connects. `fresh_owner` names the
 /// volume's client if no earlier run was stored.
 pub fn next_run(store: &dyn LogStore, fresh_owner: u64) -> std::io::Result<Identity> {
-    let stored = store.load_identity();
+    let stored = store.load_identity()?;
     let run = Identity::next_run(stored.as_deref(), fresh_owner);
-    if stored.is_some() && run.epoch == 1 {
-        tracing::warn!("the volume's stored identity is unreadable: earlier runs are not fenced");
+    if stored.is_some_and(|b| Identity::decode(&b).is_none()) {
+        tracing::warn!(
+            "the volume's stored identity is unreadable: earlier runs are not fenced, and every \
+             leg is flushed before it serves"
+        );
     }
     store.store_identity(&run.encode())?;
     Ok(run)
@@ -141,11 +147,14 @@ impl Volume {
         // says runs came before.
         let restarted = store
             .load_identity()
+            .map_err(|e| format!("reading the volume's run identity: {e}"))?
             .as_deref()
             .and_then(Identity::decode)
-            .is_some_and(|run| run.epoch > 1);
+            .is_some_and(|run| run.restarted());
         let (logs, unknown) = logs_as_stored(&names, map.size(), config.region, restarted, |n| {
-            store.load(n)
+            store
+                .load(n)
+                .map_err(|e| format!("reading the dirty log of leg {n}: {e}"))
         })?;
         for why in unknown {
             tracing::warn!("dirty log unusable, so the leg is copied in full: {why}");

@@ -20,8 +20,8 @@ const SIZE: u64 = 4 << 20;
 struct MemLogs(Mutex<HashMap<String, Vec<u8>>>);
 
 impl LogStore for MemLogs {
-    fn load(&self, name: &str) -> Option<Vec<u8>> {
-        self.0.lock().unwrap().get(name).cloned()
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        Ok(self.0.lock().unwrap().get(name).cloned())
     }
 
     fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
@@ -29,7 +29,7 @@ impl LogStore for MemLogs {
         Ok(())
     }
 
-    fn load_identity(&self) -> Option<Vec<u8>> {
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
         self.load("\0identity")
     }
 
@@ -48,7 +48,7 @@ struct FailingLogs {
 }
 
 impl LogStore for FailingLogs {
-    fn load(&self, name: &str) -> Option<Vec<u8>> {
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
         self.logs.load(name)
     }
 
@@ -65,7 +65,7 @@ impl LogStore for FailingLogs {
         self.logs.store(logs)
     }
 
-    fn load_identity(&self) -> Option<Vec<u8>> {
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
         self.logs.load_identity()
     }
 
@@ -139,7 +139,11 @@ async fn a_failed_log_store_holds_writes_and_a_lost_log_is_copied_to() {
         "answered only after the failed store was tried again"
     );
     assert_eq!(logs.fail_next.load(Ordering::SeqCst), 0);
-    let b_log = logs.logs.load("b").expect("stored once the store worked");
+    let b_log = logs
+        .logs
+        .load("b")
+        .unwrap()
+        .expect("stored once the store worked");
     assert!(DirtyRegions::decode(&b_log).unwrap().behind());
     volume.close().await;
 
@@ -318,10 +322,74 @@ async fn a_restarted_volume_of_plain_exports_flushes_each_leg_before_serving_it(
         vec![1, 1],
         "a first run: the reads alone"
     );
-    assert!(logs.load("a").is_none(), "no dirty log was stored");
+    assert!(logs.load("a").unwrap().is_none(), "no dirty log was stored");
     assert_eq!(
         sent_for_a_read_of_each(20).await,
         vec![2, 2],
         "a restart: each leg's FLUSH, then its read"
+    );
+    logs.store_identity(b"torn").unwrap();
+    assert_eq!(
+        sent_for_a_read_of_each(30).await,
+        vec![2, 2],
+        "an unreadable identity still says runs came before"
+    );
+}
+
+/// `MemLogs` that cannot read leg b's log, as a data dir with a bad
+/// sector under it would not.
+#[derive(Default)]
+struct UnreadableLogOfB(MemLogs);
+
+impl LogStore for UnreadableLogOfB {
+    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match name {
+            "b" => Err(std::io::Error::other("injected: Input/output error")),
+            _ => self.0.load(name),
+        }
+    }
+
+    fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        self.0.store(logs)
+    }
+
+    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
+        self.0.load_identity()
+    }
+
+    fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.store_identity(bytes)
+    }
+}
+
+/// A log that is there but cannot be read is not "no log": read as none
+/// (and a first run), a mirror would take legs that disagree for in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_read_stops_the_volume_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
+    let legs = connect(&addrs, 10).await;
+    let spec = VolumeSpec::grouped(&[&[0, 1]], None, None, |i| ["a", "b"][i].to_string());
+    let map = VolumeMap::new(&spec, |_| {
+        Some(LegInfo {
+            size: SIZE,
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .unwrap();
+    let logs = Arc::new(UnreadableLogOfB::default());
+    let err = Volume::start(
+        map,
+        legs,
+        VolumeConfig::default(),
+        logs,
+        Duration::from_secs(5),
+    )
+    .err()
+    .expect("leg b's log could not be read");
+    assert!(
+        err.contains("dirty log of leg b") && err.contains("Input/output error"),
+        "{err}"
     );
 }

@@ -62,19 +62,25 @@ impl Identity {
     pub const ENCODED_LEN: usize = 16;
 
     /// The run after the one `stored` describes; the first run of a new
-    /// `owner` if nothing readable was stored (an old run then goes
-    /// unfenced: say so where it happens).
+    /// `owner` if nothing was stored. If what was stored is unreadable, a
+    /// new `owner` at epoch 2: an old run then goes unfenced (say so where
+    /// it happens), but the epoch still says runs came before, so what
+    /// they left unflushed is settled before this run serves it.
     pub fn next_run(stored: Option<&[u8]>, owner: u64) -> Identity {
-        match stored.and_then(Identity::decode) {
-            Some(last) => Identity {
+        let owner = owner.max(1);
+        match stored.map(Identity::decode) {
+            Some(Some(last)) => Identity {
                 owner: last.owner,
                 epoch: last.epoch + 1,
             },
-            None => Identity {
-                owner: owner.max(1),
-                epoch: 1,
-            },
+            Some(None) => Identity { owner, epoch: 2 },
+            None => Identity { owner, epoch: 1 },
         }
+    }
+
+    /// Whether runs of the volume came before this one.
+    pub fn restarted(&self) -> bool {
+        self.epoch > 1
     }
 
     /// Owner then epoch, little-endian.
@@ -273,10 +279,14 @@ mod tests {
                 epoch: 2
             }
         );
+        assert!(!first.restarted() && second.restarted());
+        let after_torn = Identity::next_run(Some(b"torn"), 5);
         assert_eq!(
-            Identity::next_run(Some(b"torn"), 5),
-            Identity { owner: 5, epoch: 1 }
+            after_torn,
+            Identity { owner: 5, epoch: 2 },
+            "a new owner, but not a first run"
         );
+        assert!(after_torn.restarted());
         assert_eq!(Identity::next_run(None, 0).owner, 1, "owner 0 is anonymous");
     }
 }

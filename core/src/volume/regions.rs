@@ -187,15 +187,18 @@ impl DirtyRegions {
 /// while others are there is taken as knowing
 /// nothing: every region marked and behind, so it is copied in full from
 /// a leg whose log is sound, and never the one copied from while such a
-/// leg exists. Also returns why each such leg's log was not used.
+/// leg exists. Also returns why each such leg's log was not used. A log
+/// that could not be read at all (`load` errs) fails the whole load: only
+/// a store that knows nothing was stored may say `None`.
 pub fn logs_as_stored(
     legs: &[String],
     volume_size: u64,
     region: u64,
     restarted: bool,
-    mut load: impl FnMut(&str) -> Option<Vec<u8>>,
+    mut load: impl FnMut(&str) -> Result<Option<Vec<u8>>, String>,
 ) -> Result<(Option<Vec<DirtyRegions>>, Vec<String>), String> {
-    let loaded: Vec<Option<Vec<u8>>> = legs.iter().map(|leg| load(leg)).collect();
+    let loaded: Vec<Option<Vec<u8>>> =
+        legs.iter().map(|leg| load(leg)).collect::<Result<_, _>>()?;
     if loaded.iter().all(Option::is_none) {
         let clean = DirtyRegions::new(volume_size, region)?;
         let logs = restarted.then(|| vec![clean; legs.len()]);
@@ -252,9 +255,9 @@ mod tests {
     fn a_leg_without_a_sound_log_knows_nothing_unless_none_has_one() {
         let legs: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
         let (size, region) = (64 << 20, 1 << 20);
-        let (logs, unknown) = logs_as_stored(&legs, size, region, false, |_| None).unwrap();
+        let (logs, unknown) = logs_as_stored(&legs, size, region, false, |_| Ok(None)).unwrap();
         assert!(logs.is_none() && unknown.is_empty(), "a first run");
-        let (logs, _) = logs_as_stored(&legs, size, region, true, |_| None).unwrap();
+        let (logs, _) = logs_as_stored(&legs, size, region, true, |_| Ok(None)).unwrap();
         let logs = logs.expect("a restart, if none stored a log");
         assert!(logs.iter().all(|l| l.dirty_count() == 0 && !l.behind()));
         let mut sound = DirtyRegions::new(size, region).unwrap();
@@ -263,10 +266,10 @@ mod tests {
         torn[HEADER] ^= 1;
         let foreign = DirtyRegions::new(size, region * 2).unwrap().encode();
         let (logs, unknown) = logs_as_stored(&legs, size, region, false, |leg| match leg {
-            "a" => Some(sound.encode()),
-            "b" => Some(torn.clone()),
-            "c" => Some(foreign.clone()),
-            _ => None,
+            "a" => Ok(Some(sound.encode())),
+            "b" => Ok(Some(torn.clone())),
+            "c" => Ok(Some(foreign.clone())),
+            _ => Ok(None),
         })
         .unwrap();
         let logs = logs.expect("leg a has one");
@@ -278,6 +281,15 @@ mod tests {
         assert!(unknown[0].starts_with("leg b: ") && unknown[0].contains("checksum"));
         assert!(unknown[1].starts_with("leg c: ") && unknown[1].contains("2097152"));
         assert!(unknown[2].starts_with("leg d: ") && unknown[2].contains("no log"));
+        let unreadable = logs_as_stored(&legs, size, region, false, |leg| match leg {
+            "c" => Err("leg c: Input/output error".into()),
+            _ => Ok(None),
+        });
+        assert_eq!(
+            unreadable.unwrap_err(),
+            "leg c: Input/output error",
+            "not a first run: one log could not be read"
+        );
     }
 
     #[test]

@@ -641,10 +641,10 @@ impl World {
         let stored = self.stored.iter().flatten();
         let region = self.config.region;
         let (logs, _) = logs_as_stored(map.leaves(), map.size(), region, true, |name| {
-            stored
+            Ok(stored
                 .clone()
                 .find(|(n, _)| n == name)
-                .map(|(_, b)| b.clone())
+                .map(|(_, b)| b.clone()))
         })
         .unwrap();
         if let Some(logs) = &logs {

@@ -44,7 +44,8 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
         }));
     let mut config = file.config()?;
     config.max_leg_io = u64::from(max_payload);
-    let volume = Volume::start(map, clients, config, store, file.leg_timeout()?)?;
+    let volume = Volume::start(map, clients, config, store, file.leg_timeout()?)
+        .map_err(|e| format!("volume {}: {e}", file.name))?;
     let nbd = if args.nbd.is_empty() && !args.ublk.wanted() {
         vec![data_dir
             .join(format!("{}.nbd.sock", file.name))
@@ -319,7 +320,7 @@ fn claim_run(
     let fresh_owner = u64::from_le_bytes(crate::config::random_bytes().map_err(|e| e.to_string())?);
     let run = braid_fabric_tcp::next_run(store, fresh_owner).map_err(|e| {
         format!(
-            "volume {name}: storing its run in {}: {e}",
+            "volume {name}: claiming its run in {}: {e}",
             data_dir.display()
         )
     })?;
