@@ -2724,3 +2724,33 @@ fn overlapping_reads_and_writes_run_in_the_order_they_came() {
         w.checker.violations()
     );
 }
+
+#[test]
+fn a_read_sent_to_a_leg_before_its_migration_is_answered_by_it_after_it_retires() {
+    // A read of s0, an export with no other copy, is sent before s0 moves
+    // to a new leg and answered only after s0 retired. Its part has one
+    // copy: retiring s0 must not give it up as it would a mirrored
+    // part's (there is no other copy it planned, so it would stall for
+    // ever); s0's answer, which the driver keeps s0's session open for,
+    // serves it.
+    let mut w = World::new(stripe_of_exports(), 17);
+    w.checker.submit(1, Op::Read, 0, 4096);
+    w.engine.submit(1, IoRequest::read(0, 4096), w.now);
+    w.drain();
+    let (token, leg, io) = w.pending.pop().expect("the read went out");
+    assert!(w.pending.is_empty() && leg == 0 && io.op == Op::Read);
+    w.migrate_to_new(0, "new");
+    w.copy_until_switch();
+    w.store_map = None;
+    w.engine.map_stored(w.now);
+    w.drain();
+    assert_eq!(w.engine.leg_state(0), LegState::Retired);
+    assert_eq!(w.engine.leg_outstanding(0), 1, "s0's session stays for it");
+    let data = w.carry_out(0, &io);
+    w.engine.leg_complete(token, Ok(data), w.now);
+    w.drain();
+    assert_eq!(w.completed, 1, "{:?}", w.engine.in_flight());
+    assert_eq!(w.engine.leg_outstanding(0), 0);
+    w.settle();
+    assert!(w.checker.violations().is_empty());
+}
