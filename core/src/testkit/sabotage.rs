@@ -51,11 +51,20 @@ pub enum Sabotage {
     /// leg behind, so bad blocks or a full disk under one copy reach the
     /// user.
     NoErrorFailover,
+    /// A restarted volume serves from every leg at once, before a FLUSH
+    /// has made what the dead run left in each leg's cache stable, so a
+    /// power cut can take back what a read already saw (or what a copy
+    /// took to the other legs).
+    NoSettle,
+    /// A volume clears a quiet region's write-intent mark before a FLUSH
+    /// covered its writes, so a leg that loses them to a power cut after
+    /// the client died is never copied back.
+    NoUnflushedMarks,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 15] = [
+    pub const ALL: [Sabotage; 17] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -71,6 +80,8 @@ impl Sabotage {
         Sabotage::NoFencing,
         Sabotage::NoLegTimeout,
         Sabotage::NoErrorFailover,
+        Sabotage::NoSettle,
+        Sabotage::NoUnflushedMarks,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -91,16 +102,23 @@ impl Sabotage {
             Sabotage::NoFencing => "no-fencing",
             Sabotage::NoLegTimeout => "no-leg-timeout",
             Sabotage::NoErrorFailover => "no-error-failover",
+            Sabotage::NoSettle => "no-settle",
+            Sabotage::NoUnflushedMarks => "no-unflushed-marks",
         }
     }
 
     /// Whether scenario `scenario` exercises the mechanism: a mirror's
     /// own only a scenario with a mirror (the leg timeout is the madsim
     /// driver's), fencing only a volume whose client restarts (it needs
-    /// the owner and epoch only a volume's runs send), the rest any.
+    /// the owner and epoch only a volume's runs send), as does settling;
+    /// marks kept until flushed a mirror whose client restarts. The rest
+    /// any.
     pub fn exercised_by(self, scenario: Scenario) -> bool {
         match self {
-            Sabotage::NoFencing => scenario.restarts_its_client(),
+            Sabotage::NoFencing | Sabotage::NoSettle => scenario.restarts_its_client(),
+            Sabotage::NoUnflushedMarks => {
+                scenario.restarts_its_client() && scenario.runs_a_mirror()
+            }
             Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut
@@ -146,7 +164,9 @@ impl Sabotage {
             | Sabotage::NoErrorFailover
             | Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
-            | Sabotage::NoFanOut => {}
+            | Sabotage::NoFanOut
+            | Sabotage::NoSettle
+            | Sabotage::NoUnflushedMarks => {}
         }
     }
 
@@ -159,6 +179,8 @@ impl Sabotage {
             Sabotage::NoFanOut => v.no_fan_out = true,
             Sabotage::NoErrorFailover => v.no_error_failover = true,
             Sabotage::NoFlushBarrier => v.no_flush_barrier = true,
+            Sabotage::NoSettle => v.no_settle = true,
+            Sabotage::NoUnflushedMarks => v.no_unflushed_marks = true,
             _ => {}
         }
     }

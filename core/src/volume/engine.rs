@@ -141,6 +141,13 @@ pub struct VolumeSabotage {
     /// Answer a leg's media error or full disk as the IO's, as if no
     /// other leg held the bytes.
     pub no_error_failover: bool,
+    /// On restart, serve from every leg at once: no FLUSH first makes
+    /// what a dead run left in a leg's cache stable.
+    pub no_settle: bool,
+    /// Clear a quiet region's mark even if no FLUSH covered its writes,
+    /// so a power cut after the client died can undo one leg's copy
+    /// with no mark left to repair it.
+    pub no_unflushed_marks: bool,
 }
 
 impl Default for VolumeConfig {
@@ -582,7 +589,7 @@ impl VolumeEngine {
             actions: VecDeque::new(),
         };
         engine.persist();
-        if restarted {
+        if restarted && !engine.config.sabotage.no_settle {
             for leg in (0..n).filter(|&l| trusted[l] || !mirrored[l]) {
                 let token = engine.issue(leg, Token::Settle, IoRequest::flush());
                 engine.settling.insert(token);
@@ -1676,7 +1683,7 @@ impl VolumeEngine {
     /// No mutation is in flight in region `r`: legs that hold it lose
     /// their write-intent mark (lazily: a stale mark costs only a copy).
     fn region_quiet(&mut self, r: u64) {
-        if self.unflushed.contains_key(&r) {
+        if self.unflushed.contains_key(&r) && !self.config.sabotage.no_unflushed_marks {
             return;
         }
         for leg in 0..self.legs.len() {
