@@ -94,7 +94,13 @@ async fn connect(addrs: &[std::net::SocketAddr], run: u8) -> HashMap<String, Cli
 }
 
 fn mirror_of_a_and_b() -> VolumeMap {
-    let spec = VolumeSpec::grouped(&[&[0, 1]], None, None, |i| ["a", "b"][i].to_string());
+    map_of_a_and_b(&[&[0, 1]])
+}
+
+/// Legs a and b (indices 0 and 1) grouped as `groups`: one group is a
+/// mirror, one leg per group a linear volume.
+fn map_of_a_and_b(groups: &[&[usize]]) -> VolumeMap {
+    let spec = VolumeSpec::grouped(groups, None, None, |i| ["a", "b"][i].to_string());
     VolumeMap::new(&spec, |_| {
         Some(LegInfo {
             size: SIZE,
@@ -285,15 +291,7 @@ async fn a_restarted_volume_of_plain_exports_flushes_each_leg_before_serving_it(
     let dir = tempfile::tempdir().unwrap();
     let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
     let logs = Arc::new(MemLogs::default());
-    let spec = VolumeSpec::grouped(&[&[0], &[1]], None, None, |i| ["a", "b"][i].to_string());
-    let map = VolumeMap::new(&spec, |_| {
-        Some(LegInfo {
-            size: SIZE,
-            block_size: 512,
-            read_only: false,
-        })
-    })
-    .unwrap();
+    let map = map_of_a_and_b(&[&[0], &[1]]);
     // What each leg's client sent for a run that reads a block of each.
     let sent_for_a_read_of_each = |run: u8| {
         let (logs, map) = (logs.clone(), map.clone());
@@ -369,18 +367,9 @@ async fn a_log_that_cannot_be_read_stops_the_volume_from_starting() {
     let dir = tempfile::tempdir().unwrap();
     let addrs = [serve(dir.path(), 1).await, serve(dir.path(), 2).await];
     let legs = connect(&addrs, 10).await;
-    let spec = VolumeSpec::grouped(&[&[0, 1]], None, None, |i| ["a", "b"][i].to_string());
-    let map = VolumeMap::new(&spec, |_| {
-        Some(LegInfo {
-            size: SIZE,
-            block_size: 512,
-            read_only: false,
-        })
-    })
-    .unwrap();
     let logs = Arc::new(UnreadableLogOfB::default());
     let err = Volume::start(
-        map,
+        mirror_of_a_and_b(),
         legs,
         VolumeConfig::default(),
         logs,
