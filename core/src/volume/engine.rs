@@ -128,7 +128,7 @@ pub struct VolumeConfig {
 
 /// Safety mechanisms tests switch off to show the checks notice.
 #[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VolumeSabotage {
     /// Never mark the dirty-region log: a returning leg is copied nothing.
     pub no_dirty_log: bool,

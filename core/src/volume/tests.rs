@@ -1404,8 +1404,8 @@ fn pinned_swarm_seeds_hold() {
 /// Swarm seeds: every shape the world can draw holds its reads and
 /// converges. `SWARM_SEEDS=N` runs more (CI runs 24), from
 /// `SWARM_FIRST=F` (default 0; one seed: `SWARM_FIRST=S SWARM_SEEDS=1`).
-/// `SWARM_SABOTAGE=NAME` switches a mechanism off instead and lists the
-/// seeds that catch it (at least one must).
+/// `SWARM_SABOTAGE=NAME` (`no-settle`, ...) switches a volume mechanism
+/// off instead and lists the seeds that catch it (at least one must).
 #[test]
 fn swarm_shapes_hold_reads_and_converge() {
     let n: u64 = std::env::var("SWARM_SEEDS").map_or(24, |s| s.parse().unwrap());
@@ -1431,19 +1431,18 @@ fn swarm_shapes_hold_reads_and_converge() {
     assert!(n < 24 || torn > 0, "no restart tore a log store");
 }
 
-/// The mechanism `name` switched off (the sabotage's field name).
+/// The volume mechanism the sweeps call `name` (`no-settle`, ...)
+/// switched off.
 fn sabotage_named(name: &str) -> VolumeSabotage {
     let mut s = VolumeSabotage::default();
-    *match name {
-        "no_dirty_log" => &mut s.no_dirty_log,
-        "no_in_sync_gate" => &mut s.no_in_sync_gate,
-        "no_fan_out" => &mut s.no_fan_out,
-        "no_flush_barrier" => &mut s.no_flush_barrier,
-        "no_error_failover" => &mut s.no_error_failover,
-        "no_settle" => &mut s.no_settle,
-        "no_unflushed_marks" => &mut s.no_unflushed_marks,
-        _ => panic!("no sabotage {name:?}"),
-    } = true;
+    crate::testkit::Sabotage::parse(name)
+        .unwrap_or_else(|| panic!("no sabotage {name:?}"))
+        .apply_volume(&mut s);
+    assert_ne!(
+        s,
+        VolumeSabotage::default(),
+        "{name} is no volume mechanism"
+    );
     s
 }
 
@@ -1488,8 +1487,8 @@ fn swarm_seed_holds(seed: u64) -> (u64, u64, u64) {
 #[test]
 fn the_swarm_catches_a_restarts_mechanisms_switched_off() {
     for (name, seeds) in [
-        ("no_settle", &[14, 16][..]),
-        ("no_unflushed_marks", &[19][..]),
+        ("no-settle", &[14, 16][..]),
+        ("no-unflushed-marks", &[19][..]),
     ] {
         let sabotage = sabotage_named(name);
         assert!(
