@@ -97,7 +97,8 @@ struct Swarm {
     restart: bool,
     /// Legs lose power now and then, and with it what a dead run wrote
     /// that no FLUSH had covered (a live run's leg clients write theirs
-    /// again). Only with `restart`.
+    /// again), and the client dies once more just before the run settles
+    /// (see `run_world`). Only with `restart`.
     power: bool,
     /// A log store the client died under may have reached some legs'
     /// files and not others (the daemon writes a file per leg). Only with
@@ -107,10 +108,6 @@ struct Swarm {
     /// a dead run's writes in the legs' caches for longer, as a workload
     /// that rarely syncs does).
     flush_every: u64,
-    /// The client dies once more just before the run settles, so what
-    /// that crash and its power cuts leave is judged with no later write
-    /// to cover it. Only with `power`.
-    crash_at_end: bool,
 }
 
 /// A leg's media, under its cache.
@@ -150,7 +147,6 @@ impl Default for Swarm {
             power: false,
             torn_logs: false,
             flush_every: 10,
-            crash_at_end: false,
         }
     }
 }
@@ -247,7 +243,6 @@ impl World {
             power: false,
             torn_logs: false,
             flush_every: 10,
-            crash_at_end: false,
         };
         // Later additions draw from a stream of their own, and only in
         // half the seeds, the others keeping the shapes they drew before;
@@ -277,7 +272,6 @@ impl World {
         // as before; its constant leaves the pinned seeds among those.
         swarm.power = swarm.restart && SplitMix64::new(seed ^ 0x504f_5783).chance(0.5);
         swarm.torn_logs = swarm.restart && SplitMix64::new(seed ^ TORN_DRAW).chance(0.5);
-        swarm.crash_at_end = swarm.power;
         if swarm.power && SplitMix64::new(seed ^ LAZY_DRAW).chance(0.5) {
             swarm.flush_every = 100;
         }
@@ -1061,7 +1055,7 @@ fn run_world(mut w: World, steps: usize) -> World {
     for _ in 0..steps {
         w.step(true);
     }
-    if w.swarm.crash_at_end {
+    if w.swarm.power {
         // The new run reads what the dead one left before legs lose power
         // again: a read (or a copy) of a leg's cache no FLUSH has made
         // stable would then go back in time (or leave legs disagreeing).
@@ -1482,7 +1476,7 @@ fn swarm_seed_holds(seed: u64) -> (u64, u64, u64) {
 /// CI runs anyway. Measured with `SWARM_SABOTAGE=NAME SWARM_SEEDS=300`
 /// (session 60): settling caught in 19 of the first 300 seeds (14 and 16
 /// among them), marks kept until flushed in 4 (19 among them), both in
-/// seeds that crash once more at the end (`Swarm::crash_at_end`). If a
+/// seeds that crash once more at the end (those with power cuts). If a
 /// change moves them, measure again and list seeds that catch.
 #[test]
 fn the_swarm_catches_a_restarts_mechanisms_switched_off() {
