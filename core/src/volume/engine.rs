@@ -1793,12 +1793,17 @@ impl VolumeEngine {
         // Its FLUSHes too: what it acknowledged is on the legs still in
         // sync (they flush), and it is resynced before it serves again.
         // Waiting would hold every FLUSH for as long as it is away (the
-        // soak saw a 10 s stall with a server down for 10 s).
+        // soak saw a 10 s stall with a server down for 10 s). A retired
+        // leg's successor got every byte it held by FUA copies, or by
+        // writes sent to both, which later FLUSHes reach.
+        let retired = self.legs[leg].state == LegState::Retired;
         let flushes: Vec<(u64, u64)> = self
             .tokens
             .iter()
             .filter_map(|(t, (l, what))| match what {
-                Token::Flush { io } if *l == leg && self.legs[leg].mirrored => Some((*t, *io)),
+                Token::Flush { io } if *l == leg && (self.legs[leg].mirrored || retired) => {
+                    Some((*t, *io))
+                }
                 _ => None,
             })
             .collect();
@@ -1815,12 +1820,14 @@ impl VolumeEngine {
             .ios
             .iter()
             .flat_map(|(id, io)| {
+                let read = io.io.op == Op::Read;
                 io.parts
                     .iter()
                     .enumerate()
                     .filter_map(move |(p, part)| match &part.state {
                         PartState::Sent { waiting, .. }
-                            if waiting.contains(&leg) && part.seg.copies.len() > 1 =>
+                            if waiting.contains(&leg)
+                                && (part.seg.copies.len() > 1 || retired && read) =>
                         {
                             Some((*id, p))
                         }
@@ -1828,6 +1835,13 @@ impl VolumeEngine {
                     })
             })
             .collect();
+        if retired {
+            for &(id, p) in &affected {
+                if self.ios[&id].io.op == Op::Read {
+                    self.replan_on_current_map(id, p);
+                }
+            }
+        }
         for (id, p) in affected {
             let io = self.ios.get_mut(&id).unwrap();
             let is_read = io.io.op == Op::Read;
@@ -1853,6 +1867,32 @@ impl VolumeEngine {
                 }
             }
             self.part_progress(id, p);
+        }
+        if retired {
+            // Nothing out on it matters any more (the map no longer names
+            // it, and its parts went elsewhere above): its session may
+            // close now rather than wait on a server that may never
+            // answer, and answers that still come are not ours.
+            self.tokens.retain(|_, (l, _)| *l != leg);
+            self.legs[leg].outstanding = 0;
+        }
+    }
+
+    /// Gives a part the copies the current map names for its bytes. A
+    /// read planned before a migration names only the leg that has since
+    /// retired; its successor holds the same bytes at the same offsets
+    /// (a migration keeps the map's shape), so the part stays one piece.
+    /// Waiting on the retired leg instead would hang the read for good if
+    /// that leg's server never answers again.
+    fn replan_on_current_map(&mut self, id: u64, p: usize) {
+        let io = &self.ios[&id];
+        let seg = &io.parts[p].seg;
+        let mut now = self.map.map(io.io.offset + seg.at, seg.len);
+        debug_assert!(now.len() == 1 && now[0].len == seg.len, "{now:?}");
+        if let [one] = now.as_mut_slice() {
+            let part = &mut self.ios.get_mut(&id).unwrap().parts[p];
+            part.seg.copies = std::mem::take(&mut one.copies);
+            part.seg.quorum = one.quorum;
         }
     }
 
