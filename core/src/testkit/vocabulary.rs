@@ -208,7 +208,8 @@ impl Scenario {
             Scenario::Migrate => {
                 "the mirror, with one leg migrated to a fourth server node mid-run while \
                  every node (the new one too) takes faults; the migration must finish, \
-                 reads checked, the final legs converge"
+                 reads checked, the final legs converge; in half the seeds the old leg's \
+                 server is shut down for good as it retires"
             }
             Scenario::MirrorErrors => {
                 "the mirror, with bad blocks appearing on one leg at a time (reads and writes \
@@ -378,6 +379,9 @@ pub enum Fault {
     /// The client's key withdrawn from the server by its operator for a
     /// while, then given back.
     KeyWithdrawn,
+    /// A migrated leg's server shut down for good as soon as the
+    /// migration switched over (the operator decommissions it).
+    RetiredLegGone,
 }
 
 impl Fault {
@@ -401,6 +405,7 @@ impl Fault {
             Fault::ClientCrash => "client crash",
             Fault::LateFrames => "dead run's frames late",
             Fault::KeyWithdrawn => "key withdrawn",
+            Fault::RetiredLegGone => "retired leg's server gone",
         }
     }
 }
