@@ -43,6 +43,11 @@ struct World {
     power_rng: SplitMix64,
     /// Draws which legs' files a torn log store reached.
     torn_rng: SplitMix64,
+    /// Draws whether a retired leg's server is shut down for good (it
+    /// never answers what is still out on it).
+    gone_rng: SplitMix64,
+    /// Retired legs whose server was shut down so.
+    gone: u64,
     /// Writes of dead runs that power cuts took from a leg's cache.
     lost_to_power: u64,
     /// Log stores a restart tore, leaving some legs without their newest
@@ -304,6 +309,8 @@ impl World {
             torn_stores: 0,
             power_rng: SplitMix64::new(seed ^ 0x5057_5257),
             torn_rng: SplitMix64::new(seed ^ 0x544f_524e),
+            gone_rng: SplitMix64::new(seed ^ 0x474f_4e45),
+            gone: 0,
             pending: Vec::new(),
             down: vec![false; n],
             persist: None,
@@ -600,10 +607,32 @@ impl World {
 
     /// The map store in flight lands: the stored description names the
     /// new leg where it named the old one.
-    fn map_stored_now(&mut self) {
+    fn map_stored_now(&mut self) -> usize {
         let (from, to) = self.store_map.take().expect("a map store in flight");
         let leaves = self.engine.map().leaves();
         self.spec = renamed(&self.spec, &leaves[from], &leaves[to]);
+        from
+    }
+
+    /// The map store in flight lands and the engine hears of it: the old
+    /// leg retires. In half the switches its server is then shut down
+    /// for good, and what is still out on it is never answered: nothing
+    /// may wait on it (before session 61 a FLUSH did, for ever).
+    fn switch_over(&mut self) {
+        let from = self.map_stored_now();
+        self.migrations.1 += 1;
+        self.engine.map_stored(self.now);
+        if self.gone_rng.chance(0.5) {
+            self.gone += 1;
+            let (gone, kept) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.1 == from);
+            self.pending = kept;
+            let gone: Vec<(u64, usize, IoRequest)> = gone;
+            for (token, ..) in gone {
+                self.flushed_ahead.remove(&token);
+            }
+        }
     }
 
     /// The client dies and a new run starts on the volume's description
@@ -759,11 +788,7 @@ impl World {
             85 if self.swarm.restart && self.store_map.is_some() && self.rng.chance(0.05) => {
                 self.crash()
             }
-            85 if self.store_map.is_some() && self.rng.chance(0.1) => {
-                self.map_stored_now();
-                self.migrations.1 += 1;
-                self.engine.map_stored(self.now);
-            }
+            85 if self.store_map.is_some() && self.rng.chance(0.1) => self.switch_over(),
             85..=89 => {
                 self.logs_stored();
             }
@@ -956,9 +981,7 @@ impl World {
             let mut progressed = false;
             progressed |= self.logs_stored();
             if self.store_map.is_some() {
-                self.map_stored_now();
-                self.migrations.1 += 1;
-                self.engine.map_stored(self.now);
+                self.switch_over();
                 progressed = true;
             }
             progressed |= self.answer_one(false);
@@ -1197,6 +1220,7 @@ fn legs_migrate_under_io_and_faults_and_the_volume_stays_whole() {
     // Mirrored legs and legs that are the only copy (linear, stripe):
     // each migration either finishes (the old leg retired) or is rolled
     // back, and every read sees the last acknowledged write throughout.
+    // About half the retired legs' servers are then gone for good.
     let linear_of_stripe = VolumeSpec::Linear(vec![
         e("l0"),
         VolumeSpec::Stripe {
@@ -1204,7 +1228,7 @@ fn legs_migrate_under_io_and_faults_and_the_volume_stays_whole() {
             legs: vec![e("s0"), e("s1")],
         },
     ]);
-    let mut totals = (0, 0, 0);
+    let (mut totals, mut gone) = ((0, 0, 0), 0);
     for seed in 0..24 {
         let spec = match seed % 3 {
             0 => mirror(2),
@@ -1216,11 +1240,16 @@ fn legs_migrate_under_io_and_faults_and_the_volume_stays_whole() {
         totals.0 += w.migrations.0;
         totals.1 += w.migrations.1;
         totals.2 += w.migrations.2;
+        gone += w.gone;
     }
     let (started, finished, cancelled) = totals;
     assert!(
         finished >= 15 && cancelled >= 3 && started == finished + cancelled,
         "migrations started {started}, finished {finished}, rolled back {cancelled}"
+    );
+    assert!(
+        gone > 0 && gone < finished,
+        "{gone} of {finished} retired legs' servers gone"
     );
 }
 
