@@ -2893,6 +2893,75 @@ fn overlapping_reads_and_writes_run_in_the_order_they_came() {
 }
 
 #[test]
+fn a_leg_leaving_touches_no_read_out_on_another_leg() {
+    // Reads of the plain export x and of the mirror's leg m0 are out
+    // when the other mirror leg, m1, leaves. Only the parts waiting on
+    // the leaving leg are its business: taken up too, each of these
+    // would look for a copy it has not tried and is in sync, find none
+    // (x is its only copy, m1 just left) and stall, deaf to the answer
+    // on its way.
+    let mut w = World::new(mirror_then_export(), 5);
+    for (user, offset) in [(1, LEAF), (2, 0)] {
+        w.checker.submit(user, Op::Read, offset, 4096);
+        w.engine.submit(user, IoRequest::read(offset, 4096), w.now);
+    }
+    w.drain();
+    let out = std::mem::take(&mut w.pending);
+    let legs: Vec<usize> = out.iter().map(|p| p.1).collect();
+    assert_eq!(legs, [2, 0], "to x, and to m0");
+    w.engine.leg_failed(1);
+    w.drain();
+    assert_eq!(w.engine.leg_state(1), LegState::Away);
+    assert!(w.pending.is_empty(), "sent again: {:?}", w.pending);
+    for (token, leg, io) in out {
+        let data = w.carry_out(leg, &io);
+        w.engine.leg_complete(token, Ok(data), w.now);
+    }
+    w.drain();
+    assert_eq!(w.completed, 2, "{:?}", w.engine.in_flight());
+    w.settle();
+    assert!(w.checker.violations().is_empty());
+}
+
+#[test]
+fn a_read_sent_to_a_leg_before_its_migration_is_served_after_the_leg_fails_mid_switch() {
+    // As below, but s0's server goes down while the switch waits for its
+    // map store, so s0 leaves (the new leg holds its bytes) before it
+    // retires. The read, planned when s0 was its only copy, must still
+    // be waiting on s0 when s0 retires, to be planned afresh then: taken
+    // off s0 as it left, it would find no copy to go to and stall for
+    // good, the retiring giving it no second look.
+    let mut w = World::new(stripe_of_exports(), 17);
+    w.checker.submit(1, Op::Read, 0, 4096);
+    w.engine.submit(1, IoRequest::read(0, 4096), w.now);
+    w.drain();
+    let (_, leg, _) = w.pending.pop().expect("the read went out");
+    assert!(w.pending.is_empty() && leg == 0);
+    let new = w.migrate_to_new(0, "new");
+    w.copy_until_switch();
+    w.engine.leg_failed(0);
+    w.drain();
+    assert_eq!(
+        w.engine.leg_state(0),
+        LegState::Away,
+        "the new leg holds its bytes"
+    );
+    w.store_map = None;
+    w.engine.map_stored(w.now);
+    w.drain();
+    let resent = w.pending.iter().position(|p| p.1 == new);
+    let (token, leg, io) = w
+        .pending
+        .remove(resent.expect("the read went to the new leg"));
+    let data = w.carry_out(leg, &io);
+    w.engine.leg_complete(token, Ok(data), w.now);
+    w.drain();
+    assert_eq!(w.completed, 1, "{:?}", w.engine.in_flight());
+    w.settle();
+    assert!(w.checker.violations().is_empty());
+}
+
+#[test]
 fn a_read_and_a_flush_sent_to_a_leg_before_its_migration_do_not_wait_on_it_once_it_retires() {
     // A read and a FLUSH of s0, an export with no other copy, are sent
     // before s0 moves to a new leg, and s0's server never answers them.
