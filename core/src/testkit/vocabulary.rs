@@ -218,7 +218,9 @@ impl Scenario {
             }
             Scenario::MirrorRestart => {
                 "the mirror, with the client node killed mid-run and restarted on its dirty \
-                 logs (often mid-resync): IO in flight is lost, nothing acknowledged is"
+                 logs (often mid-resync): IO in flight is lost, nothing acknowledged is; in \
+                 half the seeds killed again as its workers stop, the run after reading \
+                 everything back across power cuts"
             }
             Scenario::MirrorQuorum => {
                 "mirror-restart with writes acknowledged once two of the three legs have \
@@ -235,7 +237,8 @@ impl Scenario {
                 "the stripe, with the client node killed mid-run and restarted (no leg moves): \
                  each leg is the only copy, so what the dead run left in a leg's cache must \
                  be flushed before the new run serves it, and the dead run's late frames \
-                 fenced off; nothing acknowledged is lost"
+                 fenced off; nothing acknowledged is lost; the crash at the end as in \
+                 mirror-restart"
             }
             Scenario::StripedMirrors => {
                 "a volume striped over two mirrors of two server nodes each (RAID 10); every \
