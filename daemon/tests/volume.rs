@@ -330,7 +330,7 @@ fn a_late_leg_whose_server_has_another_export_is_left_out() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&control);
+    common::wait_for_showing(&control, &logs.join("attach.log"));
     // b's server is not running: the volume did not wait out the connect
     // patience for it, only the leg timeout (at least a second) after a.
     let log = std::fs::read_to_string(logs.join("attach.log")).unwrap();

@@ -23,6 +23,22 @@ impl Drop for Killed {
     }
 }
 
+/// As [`wait_for`], showing the log at `log` if `path` never appears.
+pub fn wait_for_showing(path: &Path, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            panic!(
+                "{} never appeared; {}:\n{text}",
+                path.display(),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Polls for `path` to appear, up to a deadline (process start-up).
 pub fn wait_for(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -147,21 +163,60 @@ pub fn status(control: &Path) -> serde_json::Value {
 }
 
 /// A port for a child to listen on. Each test process takes ports from a
-/// block of its own (by pid): binding port 0 and dropping it let two test
-/// processes running at once be handed the same port, and one test's
-/// client then reached the other test's server.
+/// block of 20 of its own, held by a lock file for as long as it runs:
+/// binding port 0 and dropping it let two test processes running at once
+/// be handed the same port, and one test's client then reached the other
+/// test's server; blocks picked by pid alone could still meet. The blocks
+/// lie below Linux's ephemeral range (32768 up), where the kernel picks
+/// the local port of every outgoing connection: a port checked free
+/// there could be taken by one before the child binds it.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 1_500) as u16 * 20;
+    let base = port_block();
     loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        assert!(n < 20, "a test process needs more than 20 ports");
+        assert!(
+            n < PORTS_PER_BLOCK,
+            "a test process needs more than 20 ports"
+        );
         let port = base + n;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
+}
+
+const PORTS_PER_BLOCK: u16 = 20;
+
+/// The first port of this process's block, locked on first use.
+fn port_block() -> u16 {
+    static HELD: std::sync::OnceLock<(u16, std::fs::File)> = std::sync::OnceLock::new();
+    HELD.get_or_init(|| {
+        let (first_port, ephemeral) = (20_000u16, 32_768u16);
+        let blocks = u32::from((ephemeral - first_port) / PORTS_PER_BLOCK);
+        let start = std::process::id() % blocks;
+        for i in 0..blocks {
+            let block = (start + i) % blocks;
+            let path = std::env::temp_dir().join(format!("braid-test-ports-{block}.lock"));
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            // Released when this process exits, however it ends (flock,
+            // not File::try_lock: the workspace's MSRV predates it).
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked == 0 {
+                return (first_port + block as u16 * PORTS_PER_BLOCK, file);
+            }
+        }
+        panic!("every block of test ports is held by another test process");
+    })
+    .0
 }
 
 /// The smallest NBD client: fixed newstyle, GO, simple replies.
