@@ -55,22 +55,58 @@ const WORKERS: u64 = 12;
 /// once more at the end: it leaves the pinned restart seeds out.
 const END_CRASH_DRAW: u64 = 0x454e_5525;
 
-/// A leg's server losing power: killed, its disk's cache lost, and
-/// started again a moment later (a node restarted at once can find its
-/// port still held by the one killed).
+/// How long a server the end crash cuts power to stays down.
+const POWER_CUT_HOLD: Duration = Duration::from_millis(50);
+
+/// One leg's server node and its disk, as the faults, the end crash and
+/// the operator act on them.
 #[derive(Clone)]
-struct PowerCut {
+struct LegServer {
     handle: Handle,
-    server: madsim::task::NodeId,
+    node: madsim::task::NodeId,
     disk: Arc<Mutex<MemDisk>>,
+    /// Shut down for good: a fault that struck before must not bring it
+    /// back when it heals.
+    gone: Arc<AtomicBool>,
 }
 
-impl PowerCut {
-    async fn strike(&self) {
-        self.handle.kill(self.server);
+impl LegServer {
+    /// Killed, started again after `hold`.
+    async fn crash(&self, hold: Duration) {
+        self.handle.kill(self.node);
+        tokio::time::sleep(hold).await;
+        self.restart_unless_gone();
+    }
+
+    /// Killed with its disk's cache lost, started again after `hold` (a
+    /// node restarted at once can find its port still held by the one
+    /// killed).
+    async fn lose_power(&self, hold: Duration) {
+        self.handle.kill(self.node);
         self.disk.lock().unwrap().lose_power();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.handle.restart(self.server);
+        tokio::time::sleep(hold).await;
+        self.restart_unless_gone();
+    }
+
+    /// Paused, resumed after `hold`.
+    async fn stall(&self, hold: Duration) {
+        self.handle.pause(self.node);
+        tokio::time::sleep(hold).await;
+        if !self.gone.load(Ordering::SeqCst) {
+            self.handle.resume(self.node);
+        }
+    }
+
+    fn restart_unless_gone(&self) {
+        if !self.gone.load(Ordering::SeqCst) {
+            self.handle.restart(self.node);
+        }
+    }
+
+    /// Shut down for good, as an operator decommissions a server.
+    fn decommission(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.handle.kill(self.node);
     }
 }
 
@@ -148,14 +184,12 @@ pub(crate) async fn simulate(
         .collect();
     let disk_flags: Vec<DiskFlags> = disks.iter().map(|_| DiskFlags::default()).collect();
     let servers = start_servers(&handle, seed, &key, &sabotage, engines, &disks, &disk_flags);
-    let gone: Vec<Arc<AtomicBool>> = disks.iter().map(|_| Arc::default()).collect();
-    // Each leg's server losing power on the spot: killed, its disk's
-    // cache lost, started again.
-    let power_cuts: Vec<PowerCut> = (0..disks.len())
-        .map(|i| PowerCut {
+    let leg_servers: Vec<LegServer> = (0..disks.len())
+        .map(|i| LegServer {
             handle: handle.clone(),
-            server: servers[i],
+            node: servers[i],
             disk: disks[i].clone(),
+            gone: Arc::default(),
         })
         .collect();
     // In half the seeds that move a leg (their own stream decides) the
@@ -163,13 +197,7 @@ pub(crate) async fn simulate(
     // nothing the volume does after may wait on it.
     let decommission = migration
         .filter(|_| SplitMix64::new(seed ^ 0x0de0_c0de).chance(0.5))
-        .map(|(_, from, _)| {
-            let (handle, server, gone) = (handle.clone(), servers[from], gone[from].clone());
-            Arc::new(move || {
-                gone.store(true, Ordering::SeqCst);
-                handle.kill(server);
-            }) as Arc<dyn Fn() + Send + Sync>
-        });
+        .map(|(_, from, _)| leg_servers[from].clone());
 
     let client_node = handle
         .create_node()
@@ -198,7 +226,7 @@ pub(crate) async fn simulate(
         decommission,
         end_crash: restart && SplitMix64::new(seed ^ END_CRASH_DRAW).chance(0.5),
         workers_stopped: Arc::default(),
-        power_cuts,
+        leg_servers: leg_servers.clone(),
         end_power_cuts: Arc::default(),
         checker: checker.clone(),
         next_io: next_io.clone(),
@@ -240,13 +268,10 @@ pub(crate) async fn simulate(
     });
     let targets: Vec<LegTarget> = (0..disks.len())
         .map(|i| LegTarget {
-            handle: handle.clone(),
             net: NetSim::current(),
-            server: servers[i],
+            server: leg_servers[i].clone(),
             client: client_now.clone(),
-            disk: disks[i].clone(),
             flags: disk_flags[i].clone(),
-            gone: gone[i].clone(),
         })
         .collect();
     let started = tokio::time::Instant::now();
@@ -295,7 +320,7 @@ pub(crate) async fn simulate(
             tokio::time::sleep(Duration::from_millis(100)).await;
         },
     };
-    if gone.iter().any(|g| g.load(Ordering::SeqCst)) {
+    if leg_servers.iter().any(|l| l.gone.load(Ordering::SeqCst)) {
         report.faults.insert(Fault::RetiredLegGone, 1);
     }
     let cuts = ctx.end_power_cuts.load(Ordering::SeqCst);
@@ -558,7 +583,7 @@ fn kill_and_restart(
     let late = cut.is_some() && late_rng.below(2) == 0;
     let (client_now, boot) = (client_now.clone(), client_boot(ctx.clone(), done));
     let (end_crash, workers_stopped) = (ctx.end_crash, ctx.workers_stopped.clone());
-    let (power_cuts, strikes_over) = (ctx.power_cuts.clone(), ctx.strikes_over.clone());
+    let (leg_servers, strikes_over) = (ctx.leg_servers.clone(), ctx.strikes_over.clone());
     tokio::spawn(async move {
         let net = NetSim::current();
         let span = run_for.as_millis() as u64 - 4000;
@@ -659,9 +684,9 @@ fn kill_and_restart(
             // cache the dead run left is lost or kept whole.
             let mut power_rng = SplitMix64::new(seed ^ 0x0e4d_c0a7);
             let mut cuts = 0;
-            for cut in &power_cuts {
+            for leg in &leg_servers {
                 if power_rng.chance(0.5) {
-                    cut.strike().await;
+                    leg.lose_power(POWER_CUT_HOLD).await;
                     cuts += 1;
                 }
             }
@@ -693,16 +718,16 @@ struct ClientCtx {
     quorum: Option<usize>,
     sabotage: Vec<Sabotage>,
     migration: Option<(Duration, usize, bool)>,
-    /// Shuts the migrated leg's server down for good, once it retired.
-    decommission: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The migrated leg's server, to shut down for good once it retired.
+    decommission: Option<LegServer>,
     /// The restarted client is killed again as its workers stop, with
     /// writes left unflushed; the run after it reads everything back
     /// across power cuts (see [`read_back_across_power_cuts`]).
     end_crash: bool,
     /// Set by the boot that is to be killed so, once its workers stopped.
     workers_stopped: Arc<AtomicBool>,
-    /// Per leg: its server loses power on the spot.
-    power_cuts: Vec<PowerCut>,
+    /// Each leg's server, for the end crash's power cuts.
+    leg_servers: Vec<LegServer>,
     /// Power cuts the last boot made between its read-backs.
     end_power_cuts: Arc<AtomicU64>,
     checker: Arc<Mutex<braid_core::testkit::Checker>>,
@@ -830,7 +855,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         let to = ctx.layout.legs();
         tokio::spawn(migrate(volume, key, ctx.seed, run, plan, to))
     });
-    if let (Some(shut_down), Some((_, from, _))) = (ctx.decommission.clone(), ctx.migration) {
+    if let (Some(old_server), Some((_, from, _))) = (ctx.decommission.clone(), ctx.migration) {
         let mut legs = volume.watch_legs();
         let old = format!("leg{from}");
         tokio::spawn(async move {
@@ -842,7 +867,7 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
                             change.at
                         );
                     }
-                    return shut_down();
+                    return old_server.decommission();
                 }
             }
         });
@@ -960,7 +985,7 @@ async fn read_back_across_power_cuts(
     }
     read_back(volume, ctx, zones).await;
     let mut rng = SplitMix64::new(ctx.seed ^ 0x0e4d_0b5e);
-    for (leg, cut) in ctx.power_cuts.iter().enumerate() {
+    for (leg, server) in ctx.leg_servers.iter().enumerate() {
         if rng.chance(0.5) {
             if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
                 eprintln!(
@@ -968,7 +993,7 @@ async fn read_back_across_power_cuts(
                     tokio::time::Instant::now()
                 );
             }
-            cut.strike().await;
+            server.lose_power(POWER_CUT_HOLD).await;
             ctx.end_power_cuts.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -1137,16 +1162,11 @@ async fn settle(volume: &Volume) -> Result<(), String> {
 /// What a fault on one leg acts on.
 #[derive(Clone)]
 struct LegTarget {
-    handle: Handle,
     net: Arc<NetSim>,
-    server: madsim::task::NodeId,
+    server: LegServer,
     /// The node the client runs on now.
     client: Arc<Mutex<madsim::task::NodeId>>,
-    disk: Arc<Mutex<MemDisk>>,
     flags: DiskFlags,
-    /// Shut down for good: a fault that struck before must not bring it
-    /// back when it heals.
-    gone: Arc<AtomicBool>,
 }
 
 impl LegTarget {
@@ -1154,17 +1174,8 @@ impl LegTarget {
     async fn strike(&self, kind: Fault, hold: Duration) {
         let (full, slow) = &self.flags;
         match kind {
-            Fault::ServerCrash => {
-                self.handle.kill(self.server);
-                tokio::time::sleep(hold).await;
-                self.restart_unless_gone();
-            }
-            Fault::PowerLoss => {
-                self.handle.kill(self.server);
-                self.disk.lock().unwrap().lose_power();
-                tokio::time::sleep(hold).await;
-                self.restart_unless_gone();
-            }
+            Fault::ServerCrash => self.server.crash(hold).await,
+            Fault::PowerLoss => self.server.lose_power(hold).await,
             Fault::DiskFull => {
                 full.store(true, Ordering::SeqCst);
                 tokio::time::sleep(hold).await;
@@ -1176,26 +1187,14 @@ impl LegTarget {
                 slow.store(false, Ordering::SeqCst);
             }
             Fault::Partition => {
-                let client = *self.client.lock().unwrap();
-                self.net.clog_link(client, self.server);
-                self.net.clog_link(self.server, client);
+                let (client, server) = (*self.client.lock().unwrap(), self.server.node);
+                self.net.clog_link(client, server);
+                self.net.clog_link(server, client);
                 tokio::time::sleep(hold).await;
-                self.net.unclog_link(client, self.server);
-                self.net.unclog_link(self.server, client);
+                self.net.unclog_link(client, server);
+                self.net.unclog_link(server, client);
             }
-            _ => {
-                self.handle.pause(self.server);
-                tokio::time::sleep(hold).await;
-                if !self.gone.load(Ordering::SeqCst) {
-                    self.handle.resume(self.server);
-                }
-            }
-        }
-    }
-
-    fn restart_unless_gone(&self) {
-        if !self.gone.load(Ordering::SeqCst) {
-            self.handle.restart(self.server);
+            _ => self.server.stall(hold).await,
         }
     }
 }
