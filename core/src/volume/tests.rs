@@ -605,8 +605,6 @@ impl World {
         true
     }
 
-    /// The map store in flight lands: the stored description names the
-    /// new leg where it named the old one.
     /// The engine hears that the map store in flight landed (the spec
     /// left as it was: a test that asks this restarts no client after).
     fn map_store_lands(&mut self) {
@@ -624,6 +622,8 @@ impl World {
         self.drain();
     }
 
+    /// The map store in flight lands: the stored description names the
+    /// new leg where it named the old one. Returns the old leg.
     fn map_stored_now(&mut self) -> usize {
         let (from, to) = self.store_map.take().expect("a map store in flight");
         let leaves = self.engine.map().leaves();
@@ -641,14 +641,13 @@ impl World {
         self.engine.map_stored(self.now);
         if self.gone_rng.chance(0.5) {
             self.gone += 1;
-            let (gone, kept) = std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|p| p.1 == from);
-            self.pending = kept;
-            let gone: Vec<(u64, usize, IoRequest)> = gone;
-            for (token, ..) in gone {
-                self.flushed_ahead.remove(&token);
-            }
+            let flushed_ahead = &mut self.flushed_ahead;
+            self.pending.retain(|(token, leg, _)| {
+                if *leg == from {
+                    flushed_ahead.remove(token);
+                }
+                *leg != from
+            });
         }
     }
 

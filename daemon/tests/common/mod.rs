@@ -23,33 +23,33 @@ impl Drop for Killed {
     }
 }
 
+/// Polls for `path` to appear, up to a deadline (process start-up).
+pub fn wait_for(path: &Path) {
+    assert!(appeared(path), "{} never appeared", path.display());
+}
+
 /// As [`wait_for`], showing the log at `log` if `path` never appears.
 pub fn wait_for_showing(path: &Path, log: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        if Instant::now() >= deadline {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            panic!(
-                "{} never appeared; {}:\n{text}",
-                path.display(),
-                log.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !appeared(path) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        panic!(
+            "{} never appeared; {}:\n{text}",
+            path.display(),
+            log.display()
+        );
     }
 }
 
-/// Polls for `path` to appear, up to a deadline (process start-up).
-pub fn wait_for(path: &Path) {
+/// Whether `path` exists within 20 s.
+fn appeared(path: &Path) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    true
 }
 
 /// Where a child's log goes: a file named `NAME.log` in
