@@ -90,30 +90,46 @@ clean() { grep -q "0 verification failures, 0 IO errors" "$1"; }
 # table_up LOG PATH: the channel table a run ends with has a channel up on
 # PATH (not the "channel up" lines logged on the way).
 table_up() { grep -Eq "^ +ch[0-9]+\.[0-9]+ up +$2" "$1"; }
+# rdma_up_now LOG: how many channels the verify logging to LOG has up on
+# RDMA at this moment (each channel's last "channel up"/"channel down").
+rdma_up_now() {
+  sed 's/\x1b\[[0-9;]*m//g' "$1" 2>/dev/null | awk '
+    /channel (up|down)/ && match($0, /ch=[^ ]+/) {
+      c = substr($0, RSTART, RLENGTH)
+      up[c] = ($0 ~ /channel up/ && $0 ~ /rdma:\/\//)
+    }
+    END { n = 0; for (c in up) n += up[c]; print n }'
+}
 # under_fault LOGNAME RDMA-ADDRESS CUT HEAL: a 40 s verify of a mixed
-# session, with CUT run once an RDMA channel is up and has carried IO for
-# 2 s, and HEAL 10 s later. A fixed 5 s wait was not enough: under TCG a
-# fresh soft-RoCE device's first RDMA handshake can time out, and then no
-# IO is on RDMA when the link goes down (0 resent: most likely why a CI
-# run failed the link-down row; VM runs where RDMA was not up showed just
-# that). If no RDMA channel comes up in 25 s, the cut is not made and
-# rdma_never_up says so in the row's message, with the QP table.
+# session, with CUT run once an RDMA channel has been up for 2 s without
+# a break, and HEAL 10 s later. A fixed 5 s wait was not enough: under
+# TCG a fresh soft-RoCE device's first RDMA handshake can time out, and
+# then no IO is on RDMA when the link goes down (0 resent). Waiting for
+# the first "channel up" on RDMA was not enough either: a CI run's RDMA
+# channel came up, went down again, and kept timing out on its
+# reconnects, so the cut 2 s later found none on RDMA. If no RDMA channel
+# stays up 2 s within 25 s, the cut is not made and rdma_never_up says so
+# in the row's message, with the QP table.
 under_fault() {
   local log=$LOGS/rdma-$1.log
   verify "$1" --server "$2,$TCP" --channels 4 --time 40 &
   local v=$!
   rdma_never_up=""
-  local waited=0
-  until grep -q "channel up.*rdma://" "$log" 2>/dev/null; do
+  local waited=0 steady=0
+  while [ "$steady" -lt 20 ]; do
     if [ "$waited" -ge 250 ]; then
-      rdma_never_up="no RDMA channel came up in 25 s, so the path was never cut; QP table: $(rdma res show qp 2>&1 | tr '\n' ' ')"
+      rdma_never_up="no RDMA channel stayed up 2 s within 25 s, so the path was never cut; QP table: $(rdma res show qp 2>&1 | tr '\n' ' ')"
       break
+    fi
+    if [ "$(rdma_up_now "$log")" -gt 0 ]; then
+      steady=$((steady + 1))
+    else
+      steady=0
     fi
     sleep 0.1
     waited=$((waited + 1))
   done
   if [ -z "$rdma_never_up" ]; then
-    sleep 2
     eval "$3"
     sleep 10
     eval "$4"
