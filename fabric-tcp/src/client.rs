@@ -130,6 +130,7 @@ enum Cmd {
     SetKey(String, Key, oneshot::Sender<Result<(), String>>),
     SetSecurity(ClientSecurity, oneshot::Sender<()>),
     Close(oneshot::Sender<()>),
+    LetGo(oneshot::Sender<()>),
 }
 
 enum Event {
@@ -419,6 +420,19 @@ impl Client {
             let _ = rx.await;
         }
     }
+
+    /// Leaves at once, for a session whose data is kept elsewhere (a
+    /// volume's retired leg: every byte it held reached its successor):
+    /// unfinished IO fails and nothing is flushed. The server hears
+    /// GOODBYE if a channel is up, so it frees the session now; if its
+    /// server is gone, nothing waits `CLOSE_PATIENCE` on it, and no
+    /// warning says writes may be lost.
+    pub async fn let_go(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::LetGo(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
 }
 
 struct Driver {
@@ -560,6 +574,7 @@ impl Driver {
                         let _ = reply.send(());
                     }
                     Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
+                    Some(Cmd::LetGo(done)) => closing = Some(self.let_go(done)),
                     None => closing = Some(self.start_close(oneshot::channel().0)),
                 },
                 Woken::Send => self.send_gathered(),
@@ -577,11 +592,29 @@ impl Driver {
         &mut self,
         done: oneshot::Sender<()>,
     ) -> (oneshot::Sender<()>, tokio::time::Instant) {
+        self.drop_held();
+        self.engine.close(self.clock.now());
+        (done, tokio::time::Instant::now() + CLOSE_PATIENCE)
+    }
+
+    /// Leaves now (see [`Client::let_go`]): the close that follows finds
+    /// the engine closed and ends at once.
+    fn let_go(&mut self, done: oneshot::Sender<()>) -> (oneshot::Sender<()>, tokio::time::Instant) {
+        self.drop_held();
+        let unflushed = self.engine.abandon(self.clock.now());
+        tracing::debug!(
+            export = %self.engine.config().export,
+            unflushed_bytes = unflushed,
+            "let go: its data is kept elsewhere"
+        );
+        (done, tokio::time::Instant::now())
+    }
+
+    /// IO not yet in the engine fails: its callers see Closed.
+    fn drop_held(&mut self) {
         for (user, _) in self.held.drain(..) {
             self.waiters.remove(&user);
         }
-        self.engine.close(self.clock.now());
-        (done, tokio::time::Instant::now() + CLOSE_PATIENCE)
     }
 
     fn submit(&mut self, io: IoRequest, reply: Reply) {

@@ -536,7 +536,7 @@ impl Driver {
 
     /// A leg whose channels are all down past `leg_timeout` is failed;
     /// one that has channels again is back. A retired leg's session is
-    /// closed once its last IO is answered.
+    /// let go once no volume IO waits on it.
     fn check_legs(&mut self, now: braid_core::Instant) {
         if self.engine.fenced_by().is_some() {
             return;
@@ -546,9 +546,12 @@ impl Driver {
                 let slot = &mut self.legs[leg];
                 if !slot.closed && self.engine.leg_outstanding(leg) == 0 {
                     slot.closed = true;
-                    tracing::info!(leg = slot.name, "leg retired: closing its session");
+                    tracing::info!(leg = slot.name, "leg retired: leaving its session");
+                    // Not a close: its successor holds every byte, so there
+                    // is nothing to flush, and a server shut down after the
+                    // migration must not be waited for.
                     let client = slot.client.clone();
-                    tokio::spawn(client.close());
+                    tokio::spawn(client.let_go());
                 }
                 continue;
             }

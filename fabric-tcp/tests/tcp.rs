@@ -419,6 +419,59 @@ async fn a_callback_hears_its_answer_and_a_closed_client_hands_the_io_back() {
     rx.await.unwrap();
 }
 
+/// A volume lets a retired leg's session go this way: the server frees
+/// the session at once (GOODBYE), with writes not yet flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_let_go_leaves_its_session_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FileBackend::new(vec![export_file(&dir.path().join("d"))]));
+    let (addr, _stop, _task, server) =
+        serve("127.0.0.1:0", backend, 1, ServerSecurity::Plain).await;
+    let client = plain_client(addr).await;
+    client
+        .io(IoRequest::write(0, Bytes::from(vec![7; 4096]), false))
+        .await
+        .unwrap();
+    assert_eq!(server.status().sessions, 1);
+    client.clone().let_go().await;
+    let mut waited = Duration::ZERO;
+    while server.status().sessions > 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the server still holds the session"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += Duration::from_millis(10);
+    }
+    let handed_back = client.try_io_with(IoRequest::read(0, 512), Box::new(|_| {}));
+    assert!(handed_back.is_err(), "a client let go takes no more IO");
+}
+
+/// A close waits up to 30 s for a server that is gone, to flush what it
+/// acknowledged; a let go does not (a retired leg's server may be shut
+/// down for good once the migration is over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_let_go_does_not_wait_for_a_server_that_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, stop, task) = start_server("127.0.0.1:0", &dir.path().join("d"), 1).await;
+    let client = plain_client(addr).await;
+    client
+        .io(IoRequest::write(0, Bytes::from(vec![7; 4096]), false))
+        .await
+        .unwrap();
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let unanswered = {
+        let c = client.clone();
+        tokio::spawn(async move { c.io(IoRequest::read(0, 4096)).await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), client.let_go())
+        .await
+        .expect("let go returns without the server (a close would wait 30 s)");
+    let failed = unanswered.await.unwrap().unwrap_err();
+    assert!(failed.to_string().contains("Closed"), "{failed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_restart_is_invisible_to_the_client() {
     let dir = tempfile::tempdir().unwrap();
