@@ -32,6 +32,8 @@ mod keys;
 #[cfg(madsim)]
 mod layout;
 #[cfg(madsim)]
+mod logs;
+#[cfg(madsim)]
 mod mirror;
 #[cfg(madsim)]
 mod workload;

@@ -19,7 +19,9 @@
 //! with the same checks across the seam (a quarter of the shared
 //! workers' IOs aimed across it), and bad blocks on the export, and in
 //! half the seeds on the mirror's legs too. `stripe-restart` kills and
-//! restarts the stripe's client, as `mirror-restart` does the mirror's;
+//! restarts the stripe's client, as `mirror-restart` does the mirror's
+//! (in half of the mirror's seeds, in the middle of a log store:
+//! `logs.rs`);
 //! in half the seeds of each the restarted client is killed again as its
 //! workers stop, and the run after it reads everything back across power
 //! cuts (`read_back_across_power_cuts`).
@@ -31,6 +33,7 @@ use crate::judge::{
     degraded, divergence, isolation, masking, LegHistory, Outage, Window, UNREACHABLE,
 };
 use crate::layout::{Layout, Zones};
+use crate::logs::MemLogs;
 use crate::workload::{shared_worker, Failed, SharedPlan, BLOCK};
 use crate::world::Report;
 use braid_core::auth::Key;
@@ -39,7 +42,7 @@ use braid_core::rng::SplitMix64;
 use braid_core::server::{ExportConfig, ServerConfig};
 use braid_core::testkit::{Fault, MemDisk, Sabotage, Scenario};
 use braid_core::volume::{LegInfo, LegState, VolumeConfig, VolumeMap};
-use braid_fabric_tcp::{Client, ClientSecurity, LogStore, Volume};
+use braid_fabric_tcp::{Client, ClientSecurity, Volume};
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
 use std::collections::{BTreeMap, HashMap};
@@ -54,6 +57,11 @@ const WORKERS: u64 = 12;
 /// Seeds the stream that decides which restarting seeds crash the client
 /// once more at the end: it leaves the pinned restart seeds out.
 const END_CRASH_DRAW: u64 = 0x454e_5525;
+
+/// Seeds the stream that decides which restarting seeds kill the client
+/// mid-run in the middle of a log store: it leaves the pinned restart
+/// seeds out.
+const TORN_STORE_DRAW: u64 = 0x544f_524e_0b29;
 
 /// How long a server the end crash cuts power to stays down.
 const POWER_CUT_HOLD: Duration = Duration::from_millis(50);
@@ -116,34 +124,6 @@ type DiskFlags = (Arc<AtomicBool>, Arc<AtomicBool>);
 
 fn server_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1 + i as u8))
-}
-
-/// Logs and the run's identity kept in memory outside the client node, so
-/// they outlast its restarts.
-#[derive(Default)]
-struct MemLogs(Mutex<HashMap<String, Vec<u8>>>, Mutex<Option<Vec<u8>>>);
-
-impl LogStore for MemLogs {
-    fn load(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(self.0.lock().unwrap().get(name).cloned())
-    }
-
-    fn store(&self, logs: &[(String, Vec<u8>)]) -> std::io::Result<()> {
-        let mut m = self.0.lock().unwrap();
-        for (k, v) in logs {
-            m.insert(k.clone(), v.clone());
-        }
-        Ok(())
-    }
-
-    fn load_identity(&self) -> std::io::Result<Option<Vec<u8>>> {
-        Ok(self.1.lock().unwrap().clone())
-    }
-
-    fn store_identity(&self, bytes: &[u8]) -> std::io::Result<()> {
-        *self.1.lock().unwrap() = Some(bytes.to_vec());
-        Ok(())
-    }
 }
 
 pub(crate) async fn simulate(
@@ -295,17 +275,20 @@ pub(crate) async fn simulate(
         ..Report::empty(seed, scenario)
     };
     if let Some(r) = restarter {
-        let (cut, late, outage, end) = r.await.unwrap_or((false, false, None, None));
-        outages.extend(outage);
+        let restarts = r.await.unwrap_or_default();
+        outages.extend(restarts.outage);
         let mut count = |fault, n| *report.faults.entry(fault).or_insert(0) += n;
-        if cut {
+        if restarts.cut {
             count(Fault::Partition, 1);
         }
-        if late {
+        if restarts.late {
             count(Fault::LateFrames, 1);
         }
+        if restarts.torn {
+            count(Fault::TornLogStore, 1);
+        }
         count(Fault::ClientCrash, 1);
-        if let Some(cuts) = end {
+        if let Some(cuts) = restarts.end_power_cuts {
             count(Fault::ClientCrash, 1);
             count(Fault::PowerLoss, cuts);
         }
@@ -547,11 +530,25 @@ fn start_servers(
     servers
 }
 
+/// What [`kill_and_restart`] did.
+#[derive(Default)]
+struct Restarts {
+    /// A leg was cut off as the client died.
+    cut: bool,
+    /// The dead run's frames to it were held until the new run had its
+    /// session there.
+    late: bool,
+    /// The client died in the middle of a log store.
+    torn: bool,
+    /// The new run found that leg cut off too.
+    outage: Option<Outage>,
+    /// The client was killed again at the end, and this many legs lost
+    /// power then.
+    end_power_cuts: Option<u64>,
+}
+
 /// Kills the client node once, mid-run, and boots the volume's next run
-/// (on the same node, or in late seeds on a second one). Returns whether
-/// a leg was cut off as the client died, and whether the dead run's
-/// frames to it were held until the new run had its session there; and
-/// if the new run found it cut off too, that outage.
+/// (on the same node, or in late seeds on a second one).
 fn kill_and_restart(
     handle: &Handle,
     client: madsim::task::NodeId,
@@ -559,7 +556,7 @@ fn kill_and_restart(
     client_now: &Arc<Mutex<madsim::task::NodeId>>,
     ctx: &ClientCtx,
     done: Arc<Mutex<Option<ClientResult>>>,
-) -> tokio::task::JoinHandle<(bool, bool, Option<Outage>, Option<u64>)> {
+) -> tokio::task::JoinHandle<Restarts> {
     let (handle, seed, run_for) = (handle.clone(), ctx.seed, ctx.run_for);
     let checkers: Vec<_> = [ctx.checker.clone()]
         .into_iter()
@@ -584,6 +581,12 @@ fn kill_and_restart(
     let (client_now, boot) = (client_now.clone(), client_boot(ctx.clone(), done));
     let (end_crash, workers_stopped) = (ctx.end_crash, ctx.workers_stopped.clone());
     let (leg_servers, strikes_over) = (ctx.leg_servers.clone(), ctx.strikes_over.clone());
+    // In half the seeds the client dies in the middle of storing its
+    // legs' logs (the first store after the drawn moment). Only copies
+    // keep logs: a stripe of single legs stores none.
+    let mirrored = ctx.layout.groups.iter().any(|g| g.len() > 1);
+    let tear = mirrored && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
+    let logs = ctx.logs.clone();
     tokio::spawn(async move {
         let net = NetSim::current();
         let span = run_for.as_millis() as u64 - 4000;
@@ -625,7 +628,22 @@ fn kill_and_restart(
             }
             tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
         }
-        handle.kill(client);
+        let mut torn = false;
+        if tear {
+            logs.tear_next_store(client, SplitMix64::new(seed ^ 0x0054_4541));
+            // Under the workers' writes a store comes with nearly every
+            // change of a leg's marks; a run with none for a second (a
+            // leg out for long, the workers waiting) dies as the others.
+            torn = tokio::time::timeout(Duration::from_secs(1), logs.torn())
+                .await
+                .is_ok();
+            if !torn {
+                logs.tear_no_store();
+            }
+        }
+        if !torn {
+            handle.kill(client);
+        }
         for checker in &checkers {
             checker.lock().unwrap().unflushed_may_revert();
         }
@@ -700,7 +718,13 @@ fn kill_and_restart(
             handle.restart(node);
             end = Some(cuts);
         }
-        (cut.is_some(), late, outage, end)
+        Restarts {
+            cut: cut.is_some(),
+            late,
+            torn,
+            outage,
+            end_power_cuts: end,
+        }
     })
 }
 
@@ -1037,8 +1061,8 @@ fn trace_stored_logs(logs: &MemLogs, boot: u64) {
     if std::env::var_os("BRAID_TRACE_VOLUME").is_none() {
         return;
     }
-    for (leg, bytes) in logs.0.lock().unwrap().iter() {
-        let log = braid_core::volume::DirtyRegions::decode(bytes);
+    for (leg, bytes) in logs.stored() {
+        let log = braid_core::volume::DirtyRegions::decode(&bytes);
         eprintln!(
             "{:?} boot {boot}: stored log {leg}: {:?}",
             tokio::time::Instant::now(),
@@ -1677,12 +1701,14 @@ mod tests {
     }
 
     /// The pinned restart seeds keep the runs they were pinned for: none
-    /// draws the crash at the end.
+    /// draws the crash at the end, nor the death in a log store.
     #[test]
-    fn pinned_restart_seeds_do_not_crash_at_the_end() {
+    fn pinned_restart_seeds_do_not_crash_at_the_end_or_in_a_store() {
         for seed in [3, 4, 7, 34, 41, 66, 90, 103, 201, 281, 308, 643] {
-            let drawn = SplitMix64::new(seed ^ END_CRASH_DRAW).chance(0.5);
-            assert!(!drawn, "seed {seed}");
+            for draw in [END_CRASH_DRAW, TORN_STORE_DRAW] {
+                let drawn = SplitMix64::new(seed ^ draw).chance(0.5);
+                assert!(!drawn, "seed {seed}, draw {draw:#x}");
+            }
         }
     }
 
@@ -1716,6 +1742,17 @@ mod tests {
                 Some(&1),
                 "{scenario} seed {seed}"
             );
+        }
+    }
+
+    /// The client dies in the middle of a log store: each leg keeps its
+    /// new log or its old one, and the driver never heard the store
+    /// return. The restarted client must still read every write back.
+    #[test]
+    fn a_client_killed_in_the_middle_of_a_log_store_restarts_whole() {
+        for seed in [1, 8] {
+            let r = clean(Scenario::MirrorRestart, seed);
+            assert_eq!(r.faults.get(&Fault::TornLogStore), Some(&1), "seed {seed}");
         }
     }
 

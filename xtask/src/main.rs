@@ -252,10 +252,11 @@ fn ci() -> Result<(), String> {
         // In every boot of a client that restarts (5 of these 16; none
         // when only the last boot's refusals were judged).
         ("no-error-failover", "mirror-restart", "16", "10"),
-        // 5 of the first 200 seeds end with legs differing or a read
-        // going back in time (since session 57's wait for marks in
-        // flight; 6 before, and 7 before session 53's change to when a
-        // copy may start).
+        // 6 of the first 200 seeds end with legs differing or a read
+        // going back in time (35, 66, 98, 125, 149, 192 since session
+        // 62's kills in a log store; 5 from session 57's wait for marks
+        // in flight; 6 before, and 7 before session 53's change to when
+        // a copy may start).
         ("no-fencing", "mirror-restart", "200", "10"),
         // A stripe's too: a dead run's late write lands over a newer one
         // (2 of the first 200 seeds since session 61's crash at the end:

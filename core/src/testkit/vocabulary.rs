@@ -385,6 +385,9 @@ pub enum Fault {
     /// A migrated leg's server shut down for good as soon as the
     /// migration switched over (the operator decommissions it).
     RetiredLegGone,
+    /// The client killed part way through storing its legs' dirty logs:
+    /// each leg kept its new log or its old one.
+    TornLogStore,
 }
 
 impl Fault {
@@ -409,6 +412,7 @@ impl Fault {
             Fault::LateFrames => "dead run's frames late",
             Fault::KeyWithdrawn => "key withdrawn",
             Fault::RetiredLegGone => "retired leg's server gone",
+            Fault::TornLogStore => "log store torn",
         }
     }
 }
