@@ -218,9 +218,10 @@ impl Scenario {
             }
             Scenario::MirrorRestart => {
                 "the mirror, with the client node killed mid-run and restarted on its dirty \
-                 logs (often mid-resync): IO in flight is lost, nothing acknowledged is; in \
-                 half the seeds killed again as its workers stop, the run after reading \
-                 everything back across power cuts"
+                 logs (often mid-resync; in half the seeds in the middle of storing them, \
+                 each leg's log left new or old): IO in flight is lost, nothing acknowledged \
+                 is; in half the seeds killed again as its workers stop, the run after \
+                 reading everything back across power cuts"
             }
             Scenario::MirrorQuorum => {
                 "mirror-restart with writes acknowledged once two of the three legs have \
