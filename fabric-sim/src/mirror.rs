@@ -868,6 +868,8 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
     } else {
         Duration::from_secs(1)
     };
+    // Kept to see that a retired leg's session is let go.
+    let leg_clients = legs.clone();
     let volume = Volume::start(map, legs, config, ctx.logs.clone(), leg_timeout)?;
     let refused: Arc<Mutex<Vec<Failed>>> = Arc::default();
     ctx.boots_seen.lock().unwrap().push(BootSeen {
@@ -963,6 +965,9 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     settle(&volume).await?;
+    if let Some((_, from, _)) = ctx.migration {
+        retired_leg_let_go(&volume, &leg_clients, from).await?;
+    }
     let retired: Vec<usize> = volume
         .status()
         .legs
@@ -990,6 +995,33 @@ async fn client_body(ctx: ClientCtx) -> ClientResult {
             until,
         },
     })
+}
+
+/// A migrated leg's session is let go once it retires: nothing is left
+/// reconnecting to its server, which may be gone for good (a close would
+/// wait 30 s for it, and warn of writes lost that its successor holds).
+async fn retired_leg_let_go(
+    volume: &Volume,
+    leg_clients: &HashMap<String, Client>,
+    from: usize,
+) -> Result<(), String> {
+    let old = format!("leg{from}");
+    let retired = volume
+        .status()
+        .legs
+        .iter()
+        .any(|l| l.0 == old && l.1 == Some(LegState::Retired));
+    let Some(client) = leg_clients.get(&old).filter(|_| retired) else {
+        return Ok(());
+    };
+    // The driver lets go on its next look at the legs (every 100 ms).
+    for _ in 0..20 {
+        if client.has_left() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{old} retired, but its session is still open"))
 }
 
 /// The run after the end crash: reads every zone back, cuts each leg's

@@ -372,6 +372,13 @@ impl Client {
         }
     }
 
+    /// Whether the client has left for good ([`Client::close`] or
+    /// [`Client::let_go`] done): its channels are closed and it takes no
+    /// more IO.
+    pub fn has_left(&self) -> bool {
+        self.cmds.is_closed()
+    }
+
     /// A fresh snapshot.
     pub fn status(&self) -> ClientStatus {
         self.status.lock().unwrap().clone()
