@@ -130,6 +130,51 @@ struct OpRec {
 /// (op, content, acknowledged at)
 type Possible = (u64, SectorContent, u64);
 
+/// A write a FLUSH covered, as that FLUSH's durable values in one sector
+/// see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Covered {
+    /// Answered OK, or never to be answered (its run died): the FLUSH's
+    /// answer promised it durable.
+    Replaced,
+    /// Refused: it replaced nothing.
+    Refused,
+    /// Not answered yet: taken as replacing until refused.
+    Waiting,
+}
+
+/// What a FLUSH made durable in one sector while a write it covered was
+/// still out: if that write is refused after the FLUSH's answer, what it
+/// would have replaced is durable after all.
+#[derive(Debug)]
+struct DurableUntilRefused {
+    sector: usize,
+    /// The FLUSH's submission: the sector's `durable_tick` until a later
+    /// FLUSH decides it.
+    flush_tick: u64,
+    /// The values the FLUSH found possible, before any was replaced.
+    base: Vec<Possible>,
+    /// (op, submitted at, outcome) of each covered write to this sector.
+    covers: Vec<(u64, u64, Covered)>,
+}
+
+impl DurableUntilRefused {
+    /// The durable contents: every value but those a covered write not
+    /// refused certainly overwrote (it started after the value was
+    /// acknowledged).
+    fn durable(&self) -> Vec<SectorContent> {
+        self.base
+            .iter()
+            .filter(|v| {
+                !self.covers.iter().any(|&(w, submit, outcome)| {
+                    outcome != Covered::Refused && submit > v.2 && w != v.0
+                })
+            })
+            .map(|v| v.1)
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct SectorModel {
     possible: Vec<Possible>,
@@ -147,6 +192,8 @@ pub struct Checker {
     sectors: Vec<SectorModel>,
     executed: HashSet<(u64, u64, u64)>,
     reads_outstanding: BTreeSet<(u64, u64)>,
+    /// Sectors a FLUSH decided while writes it covered were still out.
+    durable_until_refused: Vec<DurableUntilRefused>,
     violations: Vec<Violation>,
     /// Errors are expected (injected disk errors, finite IO timeout).
     pub errors_allowed: bool,
@@ -180,6 +227,7 @@ impl Checker {
             sectors: vec![s; sectors as usize],
             executed: HashSet::new(),
             reads_outstanding: BTreeSet::new(),
+            durable_until_refused: Vec::new(),
             violations: Vec::new(),
             errors_allowed: false,
             allowed_errors: Vec::new(),
@@ -329,6 +377,9 @@ impl Checker {
                     self.report(Violation::UnexpectedError { op: id, error });
                 }
                 self.ops.get_mut(&id).unwrap().failed = true;
+                if rec.op.mutates() {
+                    self.decided(id, true);
+                }
                 return;
             }
         };
@@ -340,6 +391,7 @@ impl Checker {
                 self.ops.remove(&id);
             }
             _ => {
+                self.decided(id, false);
                 for s in rec.first..rec.first + rec.count {
                     let m = &mut self.sectors[s as usize];
                     m.possible.retain(|p| p.2 > rec.submit);
@@ -367,33 +419,71 @@ impl Checker {
                 base[s as usize].push((*w, o.content, ack));
             }
         }
-        for (s, mut vals) in base.into_iter().enumerate() {
-            let m = &mut self.sectors[s];
-            if rec.submit <= m.durable_tick {
+        for (s, vals) in base.into_iter().enumerate() {
+            if rec.submit <= self.sectors[s].durable_tick {
                 continue;
             }
-            let covered: Vec<Possible> = vals.clone();
-            let submit_of =
-                |op: u64, ops: &BTreeMap<u64, OpRec>| ops.get(&op).map_or(0, |o| o.submit);
-            // Drop values certainly overwritten by a covered write that
-            // started after they were acknowledged. Not by one that
-            // failed: the bytes it would have replaced are still there
-            // (engine swarm seed 11901: a write refused for a full disk,
-            // the FLUSH submitted while it was out answered just after,
-            // and the older write it never replaced was taken for lost).
-            let failed =
-                |op: u64, ops: &BTreeMap<u64, OpRec>| ops.get(&op).is_some_and(|o| o.failed);
-            vals.retain(|v| {
-                !rec.flush_covers.iter().any(|w| {
-                    covered.iter().any(|c| c.0 == *w)
-                        && !failed(*w, &self.ops)
-                        && submit_of(*w, &self.ops) > v.2
-                        && *w != v.0
+            // Only the covered writes to this sector replace anything.
+            // One refused replaced nothing: the bytes it would have
+            // replaced are still there (engine swarm seed 11901: a write
+            // refused for a full disk, the FLUSH submitted while it was
+            // out answered just after, and the older write it never
+            // replaced was taken for lost). One still out when the FLUSH
+            // is answered may yet be refused: `decided` undoes it then.
+            let covers: Vec<(u64, u64, Covered)> = rec
+                .flush_covers
+                .iter()
+                .filter(|w| vals.iter().any(|v| v.0 == **w))
+                .filter_map(|w| {
+                    let o = self.ops.get(w)?;
+                    let outcome = if o.failed {
+                        Covered::Refused
+                    } else if o.ack.is_some() {
+                        Covered::Replaced
+                    } else {
+                        Covered::Waiting
+                    };
+                    Some((*w, o.submit, outcome))
                 })
-            });
-            m.durable = vals.iter().map(|v| v.1).collect();
+                .collect();
+            let decided = DurableUntilRefused {
+                sector: s,
+                flush_tick: rec.submit,
+                base: vals,
+                covers,
+            };
+            let m = &mut self.sectors[s];
+            m.durable = decided.durable();
             m.durable_tick = rec.submit;
+            if decided.covers.iter().any(|c| c.2 == Covered::Waiting) {
+                self.durable_until_refused.push(decided);
+            }
         }
+    }
+
+    /// Mutation `id` was answered (or its run died): a FLUSH answered
+    /// before it took it as replacing what it overwrote, which holds
+    /// unless it was `refused`.
+    fn decided(&mut self, id: u64, refused: bool) {
+        if self.durable_until_refused.is_empty() {
+            return;
+        }
+        for d in &mut self.durable_until_refused {
+            let Some(c) = d.covers.iter_mut().find(|c| c.0 == id) else {
+                continue;
+            };
+            if refused {
+                c.2 = Covered::Refused;
+                let m = &mut self.sectors[d.sector];
+                if m.durable_tick == d.flush_tick {
+                    m.durable = d.durable();
+                }
+            } else {
+                c.2 = Covered::Replaced;
+            }
+        }
+        self.durable_until_refused
+            .retain(|d| d.covers.iter().any(|c| c.2 == Covered::Waiting));
     }
 
     fn check_read(&mut self, id: u64, rec: &OpRec, data: &[u8]) {
@@ -571,6 +661,8 @@ impl Checker {
                         m.possible.push((id, content, tick));
                     }
                 }
+                // A FLUSH answered before it promised it landed.
+                self.decided(id, false);
             } else {
                 o.failed = true;
                 let submit = o.submit;
@@ -633,6 +725,39 @@ mod tests {
             c.complete(2, answer, false);
             c.complete(3, Ok(&[]), false);
             // Overwritten, but not flushed: a power cut may undo it.
+            c.submit(4, Op::Write, 0, 512);
+            c.complete(4, Ok(&[]), false);
+            c.unflushed_may_revert();
+            c.submit(5, Op::Read, 0, 512);
+            c.complete(5, Ok(&stamp(1, 0, 1)), false);
+            assert_eq!(
+                c.violations().is_empty(),
+                refused,
+                "refused {refused}: {:?}",
+                c.violations()
+            );
+        }
+    }
+
+    /// As above, with the FLUSH answered before the write it covers: the
+    /// write's refusal comes after the FLUSH made what it would have
+    /// replaced durable, and must undo that.
+    #[test]
+    fn a_covered_write_refused_after_its_flush_was_answered_replaced_nothing() {
+        for refused in [true, false] {
+            let mut c = Checker::new(8);
+            c.errors_allowed = true;
+            c.submit(1, Op::Write, 0, 512);
+            c.complete(1, Ok(&[]), false);
+            c.submit(2, Op::Write, 0, 512);
+            c.submit(3, Op::Flush, 0, 0);
+            c.complete(3, Ok(&[]), false);
+            let answer = if refused {
+                Err("NoSpace".into())
+            } else {
+                Ok(&[][..])
+            };
+            c.complete(2, answer, false);
             c.submit(4, Op::Write, 0, 512);
             c.complete(4, Ok(&[]), false);
             c.unflushed_may_revert();
