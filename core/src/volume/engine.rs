@@ -1612,12 +1612,18 @@ impl VolumeEngine {
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
-        let only_on_the_new_map = io.io.op.mutates()
-            && old_map_short.is_some_and(|from| {
-                io.parts
-                    .iter()
-                    .any(|p| p.seg.copies.iter().any(|c| c.leaf == from))
-            });
+        // A FLUSH too: the old leg, away, is not flushed, and on the old
+        // map its cache holds the only copy of writes acknowledged before
+        // it left; a restart on that map after a power cut there would
+        // lose writes this FLUSH had promised (swarm seed 6628).
+        let only_on_the_new_map = old_map_short.is_some_and(|from| {
+            io.io.op == Op::Flush
+                || (io.io.op.mutates()
+                    && io
+                        .parts
+                        .iter()
+                        .any(|p| p.seg.copies.iter().any(|c| c.leaf == from)))
+        });
         let durability = io.io.op.mutates() || io.io.op == Op::Flush;
         // Answered by the legs, held until the logs say which leg missed
         // it (see `behind_generation`); `logs_stable` comes back for it.

@@ -1351,7 +1351,10 @@ fn sweep() {
 /// covered was refused, and the checker took the write the refused one
 /// never replaced for lost to the power cut that followed. 11909: a
 /// restart read a dead run's write from an unmirrored export's cache
-/// before flushing it, and a power cut then took it. Each must still
+/// before flushing it, and a power cut then took it. 6628: mid-switch,
+/// the new leg's full disk sent the old leg away, a FLUSH was answered
+/// without it, and a restart on the old map after a power cut there
+/// lost a write the FLUSH had promised. Each must still
 /// draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
@@ -1428,6 +1431,16 @@ fn pinned_swarm_seeds_hold() {
                 "restart: true",
                 "power: false",
                 "torn_logs: false",
+            ][..],
+        ),
+        (
+            6628,
+            "mirror then export,",
+            &[
+                "migrate: true",
+                "disk_full: true",
+                "restart: true",
+                "power: true",
             ][..],
         ),
     ] {
@@ -1737,6 +1750,48 @@ fn while_a_migration_switches_a_write_the_old_leg_missed_waits_for_the_new_map()
     assert_eq!(
         w.completed,
         answered + 2,
+        "answered once the new map is stored"
+    );
+    assert_eq!(w.engine.leg_state(2), LegState::Retired);
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+}
+
+/// Swarm seed 6628: while a migration switches, a write reaches the old
+/// and the new leg and is answered; then the old leg leaves (here
+/// suspended; there, sent away when the new leg's disk filled). A FLUSH
+/// after reaches the new leg, not the old one, whose cache holds the
+/// only copy of that write on the old map, the one a restart opens
+/// until the new map is stored. The FLUSH is answered only once the new
+/// map is stored: answered before, a restart on the old map after a
+/// power cut there lost the write it had promised durable.
+#[test]
+fn while_a_migration_switches_a_flush_the_old_leg_missed_waits_for_the_new_map() {
+    let mut w = World::new(mirror_then_export(), 3);
+    let to = w.migrate_to_new(2, "new");
+    w.copy_until_switch();
+    w.write_through(100, LEAF + 8192, 4096, 0x5a);
+    let answered = w.completed;
+    w.engine.suspend(2).expect("the new leg holds its bytes");
+    w.drain();
+    w.engine.submit(101, IoRequest::flush(), w.now);
+    w.drain();
+    for _ in 0..10 {
+        while w.answer_one(false) {
+            w.drain();
+        }
+        w.logs_stored();
+        w.drain();
+    }
+    assert!(w.pending.is_empty(), "the legs in service took the FLUSH");
+    assert_eq!(
+        w.completed, answered,
+        "the FLUSH waits while the old map's copy of the write is unflushed"
+    );
+    w.engine.map_stored(w.now);
+    w.drain();
+    assert_eq!(
+        w.completed,
+        answered + 1,
         "answered once the new map is stored"
     );
     assert_eq!(w.engine.leg_state(2), LegState::Retired);
