@@ -423,11 +423,12 @@ pub struct VolumeEngine {
     /// What the dead run wrote may sit in a trusted leg's cache; copied to
     /// the other legs and then lost to a power cut, it would leave the
     /// legs disagreeing with no mark to repair it. Until a mirrored leg's
-    /// lands no IO runs and nothing is copied. An unmirrored leg settles
-    /// too, but holds only the IO that would reach it: read from its
-    /// cache and then lost to a power cut, a dead run's write would be
-    /// seen and then unseen (swarm seed 11909), while the other legs'
-    /// bytes have nothing to wait for.
+    /// lands nothing is copied. An unmirrored leg settles too: read from
+    /// its cache and then lost to a power cut, a dead run's write would
+    /// be seen and then unseen (swarm seed 11909). Either holds only the
+    /// IO to bytes it holds a copy of: the other legs' bytes have nothing
+    /// to wait for (madsim migrate-restart seed 958: an export that began
+    /// to move while it settled held up the mirror beside it too).
     settling: BTreeSet<u64>,
     /// User IO submitted while settling, in order.
     parked: VecDeque<(u64, IoRequest)>,
@@ -601,9 +602,6 @@ impl VolumeEngine {
     /// A settling FLUSH landed (or its leg left): run what no longer
     /// waits; the rest parks again, in order.
     fn settled(&mut self) {
-        if self.mirrored_settling() {
-            return;
-        }
         let now = self.now;
         for (user, io) in std::mem::take(&mut self.parked) {
             self.submit(user, io, now);
@@ -621,14 +619,14 @@ impl VolumeEngine {
         self.settling_legs().any(|l| self.legs[l].mirrored)
     }
 
-    /// Whether `io` must wait for settling FLUSHes: every IO while a
-    /// mirrored leg settles; else one that reaches a leg still settling
-    /// (a FLUSH reaches every leg), or overlaps an IO parked before it.
+    /// Whether `io` must wait for settling FLUSHes: one whose bytes a leg
+    /// still settling holds a copy of (a FLUSH reaches every leg), or
+    /// that overlaps an IO parked before it.
     fn must_park(&self, io: &IoRequest, parts: &[Part]) -> bool {
         if self.settling.is_empty() {
             return false;
         }
-        if self.mirrored_settling() || io.op == Op::Flush {
+        if io.op == Op::Flush {
             return true;
         }
         let settling: BTreeSet<usize> = self.settling_legs().collect();

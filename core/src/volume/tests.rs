@@ -2438,6 +2438,50 @@ fn a_restarted_unmirrored_leg_serves_nothing_before_its_flush_and_holds_up_no_ot
 }
 
 #[test]
+fn an_export_that_starts_to_move_while_it_settles_holds_up_no_other_bytes() {
+    // madsim migrate-restart seed 958: a restarted linear volume, its
+    // export away at the restart, so its settling FLUSH is still out when
+    // the operator moves it. The move gives it a second copy; then the
+    // mirror beside it waited for that FLUSH too (the export's disk was
+    // stalled: 1.1 s without an answer to the mirror's own IO).
+    let (mut engine, settles) = restarted_after_a_clean_stop(VolumeSpec::Linear(vec![
+        VolumeSpec::Mirror {
+            quorum: None,
+            legs: vec![e("a"), e("b")],
+        },
+        e("c"),
+    ]));
+    assert_eq!(
+        settles.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [0, 1, 2],
+        "every leg settles"
+    );
+    for (_, token) in &settles[..2] {
+        engine.leg_complete(*token, Ok(bytes::Bytes::new()), Instant::ZERO);
+    }
+    engine.migrate(2, "d", leaf_info(), Instant::ZERO).unwrap();
+    engine.check().unwrap();
+    let _ = std::iter::from_fn(|| engine.poll_action()).count();
+    engine.submit(1, IoRequest::read(LEAF + 4096, 4096), Instant::ZERO);
+    engine.submit(2, IoRequest::read(0, 4096), Instant::ZERO);
+    engine.check().unwrap();
+    let actions: Vec<VolumeAction> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert_eq!(
+        legs_sent(&actions, Op::Read).len(),
+        1,
+        "the mirror's read goes; the export's waits for its FLUSH: {actions:?}"
+    );
+    assert!(legs_sent(&actions, Op::Read)[0] < 2, "{actions:?}");
+    engine.leg_complete(settles[2].1, Ok(bytes::Bytes::new()), Instant::ZERO);
+    engine.check().unwrap();
+    let actions: Vec<VolumeAction> = std::iter::from_fn(|| engine.poll_action()).collect();
+    assert!(
+        legs_sent(&actions, Op::Read).contains(&2),
+        "the export settled: its read goes: {actions:?}"
+    );
+}
+
+#[test]
 fn a_trusted_leg_lost_while_it_settles_is_no_longer_waited_for() {
     // A restart after a clean stop: every leg is trusted and settles.
     let (mut engine, settles) = restarted_after_a_clean_stop(VolumeSpec::Mirror {
