@@ -36,7 +36,10 @@ impl Layout {
             // A mirror grown by a plain export of another size. Neither
             // size is a whole number of chunks or dirty-log regions, so
             // the seam and the copies' edges fall mid-region.
-            Scenario::Linear => Layout {
+            // The move from the plain export leaves the old map no other
+            // copy of its bytes whenever it is away mid-switch; the move
+            // from a mirror leg, only when its partner is away too.
+            Scenario::Linear | Scenario::MigrateRestart => Layout {
                 groups: &[&[0, 1], &[2]],
                 linear: true,
                 sectors: Some(&[321, 321, 200]),
@@ -152,10 +155,14 @@ impl Layout {
 
     /// The volume: a mirror acknowledging writes once `quorum` legs have
     /// them (every leg in sync when `None`), or the groups striped or
-    /// concatenated.
-    pub(crate) fn spec(self, quorum: Option<usize>) -> VolumeSpec {
+    /// concatenated; leg `i` on server node `node_of(i)`, named for it.
+    pub(crate) fn spec(
+        self,
+        quorum: Option<usize>,
+        node_of: impl Fn(usize) -> usize,
+    ) -> VolumeSpec {
         let chunk = (!self.linear).then_some(CHUNK);
-        VolumeSpec::grouped(self.groups, chunk, quorum, |i| format!("leg{i}"))
+        VolumeSpec::grouped(self.groups, chunk, quorum, |i| format!("leg{}", node_of(i)))
     }
 }
 

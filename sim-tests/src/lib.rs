@@ -79,6 +79,7 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorErrors
         | Scenario::MirrorRestart
         | Scenario::MirrorQuorum
+        | Scenario::MigrateRestart
         | Scenario::Stripe
         | Scenario::StripeRestart
         | Scenario::StripedMirrors

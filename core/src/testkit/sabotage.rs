@@ -60,11 +60,16 @@ pub enum Sabotage {
     /// covered its writes, so a leg that loses them to a power cut after
     /// the client died is never copied back.
     NoUnflushedMarks,
+    /// While a migration switches over and the old map holds some bytes
+    /// only on the old leg, which is away, a volume answers writes to
+    /// them and FLUSHes before the new map is stored: a client that dies
+    /// then restarts on the old map without what they promised.
+    NoOldMapHold,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 17] = [
+    pub const ALL: [Sabotage; 18] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -82,6 +87,7 @@ impl Sabotage {
         Sabotage::NoErrorFailover,
         Sabotage::NoSettle,
         Sabotage::NoUnflushedMarks,
+        Sabotage::NoOldMapHold,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -104,6 +110,7 @@ impl Sabotage {
             Sabotage::NoErrorFailover => "no-error-failover",
             Sabotage::NoSettle => "no-settle",
             Sabotage::NoUnflushedMarks => "no-unflushed-marks",
+            Sabotage::NoOldMapHold => "no-old-map-hold",
         }
     }
 
@@ -111,14 +118,15 @@ impl Sabotage {
     /// own only a scenario with a mirror (the leg timeout is the madsim
     /// driver's), fencing only a volume whose client restarts (it needs
     /// the owner and epoch only a volume's runs send), as does settling;
-    /// marks kept until flushed a mirror whose client restarts. The rest
-    /// any.
+    /// marks kept until flushed a mirror whose client restarts; the old
+    /// map's hold, a volume that restarts mid-switch. The rest any.
     pub fn exercised_by(self, scenario: Scenario) -> bool {
         match self {
             Sabotage::NoFencing | Sabotage::NoSettle => scenario.restarts_its_client(),
             Sabotage::NoUnflushedMarks => {
                 scenario.restarts_its_client() && scenario.runs_a_mirror()
             }
+            Sabotage::NoOldMapHold => scenario == Scenario::MigrateRestart,
             Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut
@@ -166,7 +174,8 @@ impl Sabotage {
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut
             | Sabotage::NoSettle
-            | Sabotage::NoUnflushedMarks => {}
+            | Sabotage::NoUnflushedMarks
+            | Sabotage::NoOldMapHold => {}
         }
     }
 
@@ -181,6 +190,7 @@ impl Sabotage {
             Sabotage::NoFlushBarrier => v.no_flush_barrier = true,
             Sabotage::NoSettle => v.no_settle = true,
             Sabotage::NoUnflushedMarks => v.no_unflushed_marks = true,
+            Sabotage::NoOldMapHold => v.no_old_map_hold = true,
             _ => {}
         }
     }

@@ -84,6 +84,9 @@ pub enum Scenario {
     MirrorRestart,
     /// The restarting mirror, acknowledging writes at a quorum of two.
     MirrorQuorum,
+    /// The restarting mirror with one leg migrated, each boot opening the
+    /// map the last one stored; in half the seeds killed mid-switch.
+    MigrateRestart,
     /// A volume striped over three servers, each the only copy of its
     /// chunks, faults on the legs.
     Stripe,
@@ -102,7 +105,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 27] = [
+    pub const ALL: [Scenario; 28] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -125,6 +128,7 @@ impl Scenario {
         Scenario::MirrorErrors,
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
+        Scenario::MigrateRestart,
         Scenario::Stripe,
         Scenario::StripeRestart,
         Scenario::StripedMirrors,
@@ -157,6 +161,7 @@ impl Scenario {
             Scenario::MirrorErrors => "mirror-errors",
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
+            Scenario::MigrateRestart => "migrate-restart",
             Scenario::Stripe => "stripe",
             Scenario::StripeRestart => "stripe-restart",
             Scenario::StripedMirrors => "striped-mirrors",
@@ -228,6 +233,14 @@ impl Scenario {
                  them: a leg left lagging must not serve the write, nor be trusted after \
                  the restart"
             }
+            Scenario::MigrateRestart => {
+                "mirror-restart with one leg migrated to a fourth server node: each boot \
+                 opens the map the last one stored (the new leg once the switch was stored, \
+                 else the old one, and moves it again); in half the seeds the client is \
+                 killed mid-switch, its first store of the new map failed and the retry \
+                 not yet come, so the next boot must find on the old map every write the \
+                 dead one acknowledged or flushed"
+            }
             Scenario::Stripe => {
                 "a volume striped over three server nodes, each the only copy of its chunks; \
                  legs crash, lose power, are cut off, stall or fill, one alone first, and in \
@@ -289,6 +302,7 @@ impl Scenario {
             | Scenario::MirrorErrors
             | Scenario::MirrorRestart
             | Scenario::MirrorQuorum
+            | Scenario::MigrateRestart
             | Scenario::Stripe
             | Scenario::StripeRestart
             | Scenario::StripedMirrors
@@ -307,7 +321,10 @@ impl Scenario {
     pub fn restarts_its_client(self) -> bool {
         matches!(
             self,
-            Scenario::MirrorRestart | Scenario::MirrorQuorum | Scenario::StripeRestart
+            Scenario::MirrorRestart
+                | Scenario::MirrorQuorum
+                | Scenario::MigrateRestart
+                | Scenario::StripeRestart
         )
     }
 
@@ -322,6 +339,7 @@ impl Scenario {
                 | Scenario::MirrorErrors
                 | Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
+                | Scenario::MigrateRestart
                 | Scenario::StripedMirrors
                 | Scenario::Linear
         )
@@ -389,6 +407,9 @@ pub enum Fault {
     /// The client killed part way through storing its legs' dirty logs:
     /// each leg kept its new log or its old one.
     TornLogStore,
+    /// The client killed while a migration switched over: the first
+    /// store of the new map had failed, its retry not yet come.
+    MidSwitchCrash,
 }
 
 impl Fault {
@@ -414,6 +435,7 @@ impl Fault {
             Fault::KeyWithdrawn => "key withdrawn",
             Fault::RetiredLegGone => "retired leg's server gone",
             Fault::TornLogStore => "log store torn",
+            Fault::MidSwitchCrash => "client killed mid-switch",
         }
     }
 }

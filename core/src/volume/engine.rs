@@ -148,6 +148,10 @@ pub struct VolumeSabotage {
     /// so a power cut after the client died can undo one leg's copy
     /// with no mark left to repair it.
     pub no_unflushed_marks: bool,
+    /// Answer writes to a switching migration's old leg and FLUSHes
+    /// while the old map is short, before the new map is stored: a
+    /// restart on the old map can lose what they promised.
+    pub no_old_map_hold: bool,
 }
 
 impl Default for VolumeConfig {
@@ -1614,14 +1618,15 @@ impl VolumeEngine {
         // map its cache holds the only copy of writes acknowledged before
         // it left; a restart on that map after a power cut there would
         // lose writes this FLUSH had promised (swarm seed 6628).
-        let only_on_the_new_map = old_map_short.is_some_and(|from| {
-            io.io.op == Op::Flush
-                || (io.io.op.mutates()
-                    && io
-                        .parts
-                        .iter()
-                        .any(|p| p.seg.copies.iter().any(|c| c.leaf == from)))
-        });
+        let only_on_the_new_map = !self.config.sabotage.no_old_map_hold
+            && old_map_short.is_some_and(|from| {
+                io.io.op == Op::Flush
+                    || (io.io.op.mutates()
+                        && io
+                            .parts
+                            .iter()
+                            .any(|p| p.seg.copies.iter().any(|c| c.leaf == from)))
+            });
         let durability = io.io.op.mutates() || io.io.op == Op::Flush;
         // Answered by the legs, held until the logs say which leg missed
         // it (see `behind_generation`); `logs_stable` comes back for it.
