@@ -552,6 +552,98 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     assert!(read_all(&mut nbd) == model, "after restart, too");
 }
 
+#[test]
+fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again() {
+    let rig = Rig::new();
+    let dc = rig.path("c");
+    std::fs::create_dir_all(&dc).unwrap();
+    let pc = free_port();
+    let (_a, _b) = rig.serve_both();
+    let _c = serve(&dc, pc, "16M", &[]);
+    wait_for(&dc.join("keys.toml"));
+    // A stripe, so leg a is the only copy of half the volume; a copy of
+    // its 16 MiB at 4 MiB/s, so the kill lands in the middle of it.
+    let spec = rig.volume_file(
+        r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
+        "resync_rate = \"4MiB\"",
+    );
+    let start = |n: u32| rig.attach(n, &spec, &[]);
+    let (attach, sock, control) = start(1);
+    let (mut nbd, size) = Nbd::connect(&sock, "v");
+    let mut model = vec![0u8; size as usize];
+    let write = |nbd: &mut Nbd, model: &mut Vec<u8>, n: u64| {
+        let offset = (n * 7919 % 500) * (64 << 10);
+        let data = pattern(n as u8, 64 << 10);
+        assert_eq!(nbd.io(1, offset, data.len() as u32, &data).0, 0);
+        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    };
+    for n in 0..40 {
+        write(&mut nbd, &mut model, n);
+    }
+    let (c_addr, keys) = (format!("127.0.0.1:{pc}"), dc.join("keys.toml"));
+    let migrate = |control: &Path, wait: bool| {
+        let mut c = Command::new(BRAID);
+        c.args(["volume", "migrate", "a", &c_addr, "--key-file"])
+            .arg(&keys)
+            .arg("--control")
+            .arg(control);
+        if !wait {
+            c.arg("--no-wait");
+        }
+        c.output().unwrap()
+    };
+    let before = std::fs::read_to_string(&spec).unwrap();
+    let out = migrate(&control, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_state(&control, "a.1", "Resyncing");
+    // Written to both legs while the copy runs; acknowledged, so the old
+    // leg must hold them after the restart.
+    for n in 40..60 {
+        write(&mut nbd, &mut model, n);
+    }
+    assert_eq!(status(&control)["migrations"], 0, "still copying");
+
+    // kill -9 in the middle of the copy: the volume file still names a,
+    // so the next run opens a, and the half-copied new leg is nobody's.
+    drop(nbd);
+    drop(attach);
+    assert_eq!(std::fs::read_to_string(&spec).unwrap(), before);
+    let (_attach, sock, control) = start(2);
+    let (mut nbd, _) = Nbd::connect(&sock, "v");
+    wait_state(&control, "a", "InSync");
+    assert_eq!(status(&control)["migration"], serde_json::Value::Null);
+    let read_all = |nbd: &mut Nbd| {
+        let mut all = Vec::new();
+        for off in (0..size).step_by(1 << 20) {
+            let (e, data) = nbd.io(0, off, 1 << 20, &[]);
+            assert_eq!(e, 0);
+            all.extend(data);
+        }
+        all
+    };
+    assert!(read_all(&mut nbd) == model, "the old map holds every write");
+
+    // The same move again, to the same server's export, now holding the
+    // first attempt's half copy: copied whole, and the file follows.
+    let out = migrate(&control, true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in 60..80 {
+        write(&mut nbd, &mut model, n);
+    }
+    assert_eq!(status(&control)["migrations"], 1);
+    assert!(read_all(&mut nbd) == model, "the new leg holds every write");
+    let file = std::fs::read_to_string(&spec).unwrap();
+    assert!(file.contains(&format!("server = \"{c_addr}\"")), "{file}");
+}
+
 /// Sends `sig` (STOP, CONT) to the server process.
 fn signal(server: &common::Killed, sig: &str) {
     let ok = Command::new("kill")
