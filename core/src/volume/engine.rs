@@ -1475,23 +1475,33 @@ impl VolumeEngine {
         // the old leg would be the only one to hold it (swarm seed 827).
         // Nor does the new leg vouch for the old one while no other leg
         // of the old map could: a restart on the old map would find no
-        // leg that holds the write with a log that says so.
+        // leg that holds the write with a log that says so. And until
+        // the new map is stored a restart may open either map, so a leg
+        // of each must vouch: the new leg alone would leave the old map
+        // with every leg that lagged on this write behind, and a restart
+        // trusting the first of them (swarm seed 20548: a quorum-1
+        // mirror, its one leg the old map trusted marked behind by this
+        // very write, and the restart read older data from a leg that
+        // had been away).
         let mutates = io.io.op.mutates();
         let switching = self.migration.filter(|m| m.switching);
-        let retiring = switching.map(|m| m.from);
         let old_leg_unvouched = switching.is_some_and(|m| {
             waiting.contains(&m.from)
                 && (self.old_leg_kept || !Self::old_map_covered(&self.legs, &self.logs, m))
         });
+        let vouches_on_a_map_without = |left_out: Option<usize>| {
+            part.seg.copies.iter().any(|c| {
+                !waiting.contains(&c.leaf)
+                    && Some(c.leaf) != left_out
+                    && self.legs[c.leaf].state == LegState::InSync
+                    && !self.logs[c.leaf].behind()
+            })
+        };
         let vouched = !mutates
             || waiting.is_empty()
             || (!old_leg_unvouched
-                && part.seg.copies.iter().any(|c| {
-                    !waiting.contains(&c.leaf)
-                        && Some(c.leaf) != retiring
-                        && self.legs[c.leaf].state == LegState::InSync
-                        && !self.logs[c.leaf].behind()
-                }));
+                && vouches_on_a_map_without(switching.map(|m| m.from))
+                && switching.is_none_or(|m| vouches_on_a_map_without(Some(m.to))));
         let mut flagged = false;
         if *acked >= *needed && !part.acknowledged && vouched {
             part.acknowledged = true;

@@ -1366,7 +1366,10 @@ fn sweep() {
 /// before flushing it, and a power cut then took it. 6628: mid-switch,
 /// the new leg's full disk sent the old leg away, a FLUSH was answered
 /// without it, and a restart on the old map after a power cut there
-/// lost a write the FLUSH had promised. Each must still
+/// lost a write the FLUSH had promised. 20548: mid-switch, a quorum-1
+/// write was acknowledged on the new leg's word alone, every leg of the
+/// old map lagging on it was marked behind, and a restart on the old map
+/// trusted the first of them, which had been away. Each must still
 /// draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
@@ -1453,6 +1456,16 @@ fn pinned_swarm_seeds_hold() {
                 "disk_full: true",
                 "restart: true",
                 "power: true",
+            ][..],
+        ),
+        (
+            20548,
+            "mirror of 3, quorum 1,",
+            &[
+                "migrate: true",
+                "restart: true",
+                "power: true",
+                "torn_logs: true",
             ][..],
         ),
     ] {
@@ -1990,6 +2003,47 @@ fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_ma
     }
     assert_eq!(w.completed, 1);
     assert!(!w.engine.log(1).behind());
+}
+
+/// Swarm seed 20548: the same with every leg of the old map in service.
+/// A quorum-1 write the new leg alone answered mid-switch was
+/// acknowledged on its word, and every leg of the old map, lagging on
+/// it, was marked behind: a restart on the old map trusted the first of
+/// them, which had been away, and read older data. A leg of the old map
+/// must have it too.
+#[test]
+fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
+    let spec = VolumeSpec::Mirror {
+        quorum: Some(1),
+        legs: vec![e("m0"), e("m1"), e("m2")],
+    };
+    let mut w = World::new(spec, 19);
+    let to = w.migrate_to_new(1, "new");
+    w.copy_until_switch();
+    let data = bytes::Bytes::from(vec![0x5a; 4096]);
+    w.engine
+        .submit(100, IoRequest::write(8192, data, false), w.now);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    let token = w.take_pending(to, Op::Write);
+    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    assert_eq!(w.completed, 0, "acknowledged on the new leg's word alone");
+    for name in ["m0", "m1", "m2"] {
+        assert!(!stored_log(&w, name).behind(), "{name} stored as behind");
+    }
+    w.answer_leg(2);
+    w.drain();
+    while w.logs_stored() {
+        w.drain();
+    }
+    assert_eq!(w.completed, 1, "m2 holds it on both maps");
+    assert!(!w.engine.log(2).behind());
 }
 
 #[test]
