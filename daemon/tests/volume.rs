@@ -81,6 +81,16 @@ impl Rig {
         servers
     }
 
+    /// A third server, `c`, 16 MiB, once its key file exists: the server,
+    /// its port and its data dir.
+    fn serve_a_third(&self) -> (common::Killed, u16, std::path::PathBuf) {
+        let (dc, pc) = (self.path("c"), free_port());
+        std::fs::create_dir_all(&dc).unwrap();
+        let server = serve(&dc, pc, "16M", &[]);
+        wait_for(&dc.join("keys.toml"));
+        (server, pc, dc)
+    }
+
     fn path(&self, name: &str) -> std::path::PathBuf {
         self.dir.path().join(name)
     }
@@ -154,6 +164,26 @@ key_file = "{}"
         .unwrap();
         spec
     }
+}
+
+/// Writes 64 KiB chunk `n` (a pattern of its own, at a place drawn from
+/// `n` among the first 500 chunks) and records it in `model`.
+fn write_chunk(nbd: &mut Nbd, model: &mut [u8], n: u64) {
+    let offset = (n * 7919 % 500) * (64 << 10);
+    let data = pattern(n as u8, 64 << 10);
+    assert_eq!(nbd.io(1, offset, data.len() as u32, &data).0, 0);
+    model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+}
+
+/// The whole volume of `size` bytes, read in 1 MiB pieces.
+fn read_whole(nbd: &mut Nbd, size: u64) -> Vec<u8> {
+    let mut all = Vec::new();
+    for off in (0..size).step_by(1 << 20) {
+        let (e, data) = nbd.io(0, off, 1 << 20, &[]);
+        assert_eq!(e, 0);
+        all.extend(data);
+    }
+    all
 }
 
 #[test]
@@ -402,12 +432,8 @@ fn a_resync_interrupted_by_kill_9_of_attach_resumes_from_the_log_after_restart()
 #[test]
 fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let rig = Rig::new();
-    let dc = rig.path("c");
-    std::fs::create_dir_all(&dc).unwrap();
-    let pc = free_port();
     let (_a, _b) = rig.serve_both();
-    let _c = serve(&dc, pc, "16M", &[]);
-    wait_for(&dc.join("keys.toml"));
+    let (_c, pc, dc) = rig.serve_a_third();
     // A stripe: leg a is the only copy of half the volume. A slow copy
     // (4 MiB/s), so writes land before, during and after it.
     let spec = rig.volume_file(
@@ -421,14 +447,8 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let (mut nbd, size) = Nbd::connect(&sock, "v");
     assert_eq!(size, 32 << 20);
     let mut model = vec![0u8; size as usize];
-    let mut write = |nbd: &mut Nbd, n: u64| {
-        let offset = (n * 7919 % 500) * (64 << 10);
-        let data = pattern(n as u8, 64 << 10);
-        assert_eq!(nbd.io(1, offset, data.len() as u32, &data).0, 0);
-        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-    };
     for n in 0..40 {
-        write(&mut nbd, n);
+        write_chunk(&mut nbd, &mut model, n);
     }
     let migrate = |args: &[&str]| {
         let mut c = Command::new(BRAID);
@@ -493,7 +513,7 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let mut n = 40;
     let deadline = Instant::now() + Duration::from_secs(120);
     let ok = loop {
-        write(&mut nbd, n);
+        write_chunk(&mut nbd, &mut model, n);
         n += 1;
         if let Some(status) = child.try_wait().unwrap() {
             break status.success();
@@ -505,7 +525,7 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     assert!(ok && out.contains("migrated to a.1"), "{out}");
     assert!(n > 60, "writes went on during the copy: {n}");
     for k in n..n + 20 {
-        write(&mut nbd, k);
+        write_chunk(&mut nbd, &mut model, k);
     }
     let v = status(&control);
     assert_eq!(v["migrations"], 1, "{v}");
@@ -524,17 +544,8 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
         new["dirty_regions"], 0,
         "the only copy has nothing to copy: {legs}"
     );
-    let read_all = |nbd: &mut Nbd| {
-        let mut all = Vec::new();
-        for off in (0..size).step_by(1 << 20) {
-            let (e, data) = nbd.io(0, off, 1 << 20, &[]);
-            assert_eq!(e, 0);
-            all.extend(data);
-        }
-        all
-    };
     assert!(
-        read_all(&mut nbd) == model,
+        read_whole(&mut nbd, size) == model,
         "the volume reads back as written"
     );
     let file = std::fs::read_to_string(&spec).unwrap();
@@ -549,18 +560,14 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let (_attach, sock, control) = start(2);
     let (mut nbd, _) = Nbd::connect(&sock, "v");
     assert_eq!(leg_state(&control, "a.1"), "InSync");
-    assert!(read_all(&mut nbd) == model, "after restart, too");
+    assert!(read_whole(&mut nbd, size) == model, "after restart, too");
 }
 
 #[test]
 fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again() {
     let rig = Rig::new();
-    let dc = rig.path("c");
-    std::fs::create_dir_all(&dc).unwrap();
-    let pc = free_port();
     let (_a, _b) = rig.serve_both();
-    let _c = serve(&dc, pc, "16M", &[]);
-    wait_for(&dc.join("keys.toml"));
+    let (_c, pc, dc) = rig.serve_a_third();
     // A stripe, so leg a is the only copy of half the volume; a copy of
     // its 16 MiB at 4 MiB/s, so the kill lands in the middle of it.
     let spec = rig.volume_file(
@@ -571,14 +578,8 @@ fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again(
     let (attach, sock, control) = start(1);
     let (mut nbd, size) = Nbd::connect(&sock, "v");
     let mut model = vec![0u8; size as usize];
-    let write = |nbd: &mut Nbd, model: &mut Vec<u8>, n: u64| {
-        let offset = (n * 7919 % 500) * (64 << 10);
-        let data = pattern(n as u8, 64 << 10);
-        assert_eq!(nbd.io(1, offset, data.len() as u32, &data).0, 0);
-        model[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
-    };
     for n in 0..40 {
-        write(&mut nbd, &mut model, n);
+        write_chunk(&mut nbd, &mut model, n);
     }
     let (c_addr, keys) = (format!("127.0.0.1:{pc}"), dc.join("keys.toml"));
     let migrate = |control: &Path, wait: bool| {
@@ -603,7 +604,7 @@ fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again(
     // Written to both legs while the copy runs; acknowledged, so the old
     // leg must hold them after the restart.
     for n in 40..60 {
-        write(&mut nbd, &mut model, n);
+        write_chunk(&mut nbd, &mut model, n);
     }
     assert_eq!(status(&control)["migrations"], 0, "still copying");
 
@@ -616,16 +617,10 @@ fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again(
     let (mut nbd, _) = Nbd::connect(&sock, "v");
     wait_state(&control, "a", "InSync");
     assert_eq!(status(&control)["migration"], serde_json::Value::Null);
-    let read_all = |nbd: &mut Nbd| {
-        let mut all = Vec::new();
-        for off in (0..size).step_by(1 << 20) {
-            let (e, data) = nbd.io(0, off, 1 << 20, &[]);
-            assert_eq!(e, 0);
-            all.extend(data);
-        }
-        all
-    };
-    assert!(read_all(&mut nbd) == model, "the old map holds every write");
+    assert!(
+        read_whole(&mut nbd, size) == model,
+        "the old map holds every write"
+    );
 
     // The same move again, to the same server's export, now holding the
     // first attempt's half copy: copied whole, and the file follows.
@@ -636,10 +631,13 @@ fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again(
         String::from_utf8_lossy(&out.stderr)
     );
     for n in 60..80 {
-        write(&mut nbd, &mut model, n);
+        write_chunk(&mut nbd, &mut model, n);
     }
     assert_eq!(status(&control)["migrations"], 1);
-    assert!(read_all(&mut nbd) == model, "the new leg holds every write");
+    assert!(
+        read_whole(&mut nbd, size) == model,
+        "the new leg holds every write"
+    );
     let file = std::fs::read_to_string(&spec).unwrap();
     assert!(file.contains(&format!("server = \"{c_addr}\"")), "{file}");
 }

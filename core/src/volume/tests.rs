@@ -958,6 +958,28 @@ impl World {
         }
     }
 
+    /// Submits a 4 KiB write at 8192 and answers it on `leg` alone, every
+    /// log store done before and after.
+    fn write_answered_only_by(&mut self, user: u64, leg: usize) {
+        let data = bytes::Bytes::from(vec![0x5a; 4096]);
+        self.engine
+            .submit(user, IoRequest::write(8192, data, false), self.now);
+        self.store_every_log();
+        let token = self.take_pending(leg, Op::Write);
+        self.engine
+            .leg_complete(token, Ok(bytes::Bytes::new()), self.now);
+        self.store_every_log();
+    }
+
+    /// Drains the engine's actions and completes its log stores until it
+    /// asks for none.
+    fn store_every_log(&mut self) {
+        self.drain();
+        while self.logs_stored() {
+            self.drain();
+        }
+    }
+
     /// The token of the first `op` pending on `leg`, no longer pending.
     fn take_pending(&mut self, leg: usize, op: Op) -> u64 {
         let at = self
@@ -1981,26 +2003,11 @@ fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_ma
     let mut w = with_m0_suspended(spec, 17);
     let to = w.migrate_to_new(1, "new");
     w.copy_until_switch();
-    let data = bytes::Bytes::from(vec![0x5a; 4096]);
-    w.engine
-        .submit(100, IoRequest::write(8192, data, false), w.now);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
-    let token = w.take_pending(to, Op::Write);
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
+    w.write_answered_only_by(100, to);
     assert_eq!(w.completed, 0, "acknowledged while m1 lagged");
     assert!(!stored_log(&w, "m1").behind());
     w.answer_leg(1);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
+    w.store_every_log();
     assert_eq!(w.completed, 1);
     assert!(!w.engine.log(1).behind());
 }
@@ -2020,28 +2027,13 @@ fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
     let mut w = World::new(spec, 19);
     let to = w.migrate_to_new(1, "new");
     w.copy_until_switch();
-    let data = bytes::Bytes::from(vec![0x5a; 4096]);
-    w.engine
-        .submit(100, IoRequest::write(8192, data, false), w.now);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
-    let token = w.take_pending(to, Op::Write);
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
+    w.write_answered_only_by(100, to);
     assert_eq!(w.completed, 0, "acknowledged on the new leg's word alone");
     for name in ["m0", "m1", "m2"] {
         assert!(!stored_log(&w, name).behind(), "{name} stored as behind");
     }
     w.answer_leg(2);
-    w.drain();
-    while w.logs_stored() {
-        w.drain();
-    }
+    w.store_every_log();
     assert_eq!(w.completed, 1, "m2 holds it on both maps");
     assert!(!w.engine.log(2).behind());
 }
