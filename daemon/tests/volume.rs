@@ -81,6 +81,16 @@ impl Rig {
         servers
     }
 
+    /// v.toml: a stripe of a and b, so leg a is the only copy of half
+    /// the volume, copied at 4 MiB/s when it moves, so that writes land
+    /// before, during and after the copy.
+    fn slowly_copied_stripe(&self) -> std::path::PathBuf {
+        self.volume_file(
+            r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
+            "resync_rate = \"4MiB\"",
+        )
+    }
+
     /// A third server, `c`, 16 MiB, once its key file exists: the server,
     /// its port and its data dir.
     fn serve_a_third(&self) -> (common::Killed, u16, std::path::PathBuf) {
@@ -434,12 +444,7 @@ fn a_leg_migrates_to_a_new_server_under_io_and_the_volume_file_follows() {
     let rig = Rig::new();
     let (_a, _b) = rig.serve_both();
     let (_c, pc, dc) = rig.serve_a_third();
-    // A stripe: leg a is the only copy of half the volume. A slow copy
-    // (4 MiB/s), so writes land before, during and after it.
-    let spec = rig.volume_file(
-        r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
-        "resync_rate = \"4MiB\"",
-    );
+    let spec = rig.slowly_copied_stripe();
     let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let start = |n: u32| rig.attach(n, &spec, &["--metrics", &metrics_addr]);
@@ -568,12 +573,8 @@ fn a_migration_interrupted_by_kill_9_of_attach_is_rolled_back_and_can_run_again(
     let rig = Rig::new();
     let (_a, _b) = rig.serve_both();
     let (_c, pc, dc) = rig.serve_a_third();
-    // A stripe, so leg a is the only copy of half the volume; a copy of
-    // its 16 MiB at 4 MiB/s, so the kill lands in the middle of it.
-    let spec = rig.volume_file(
-        r#"stripe = { chunk = "64KiB", legs = ["a", "b"] }"#,
-        "resync_rate = \"4MiB\"",
-    );
+    // The copy of a's 16 MiB takes 4 s: the kill lands in the middle of it.
+    let spec = rig.slowly_copied_stripe();
     let start = |n: u32| rig.attach(n, &spec, &[]);
     let (attach, sock, control) = start(1);
     let (mut nbd, size) = Nbd::connect(&sock, "v");
