@@ -80,6 +80,7 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorRestart
         | Scenario::MirrorQuorum
         | Scenario::MigrateRestart
+        | Scenario::MigrateQuorum
         | Scenario::Stripe
         | Scenario::StripeRestart
         | Scenario::StripedMirrors

@@ -65,11 +65,17 @@ pub enum Sabotage {
     /// them and FLUSHes before the new map is stored: a client that dies
     /// then restarts on the old map without what they promised.
     NoOldMapHold,
+    /// While a migration switches over, a volume acknowledges a write at
+    /// its quorum once a leg of the new map vouches for it, though no
+    /// leg of the old map does: the acknowledgement marks the old map's
+    /// lagging legs behind, and a restart on the old map may trust one
+    /// that lacks the write.
+    NoBothMapsVouch,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 18] = [
+    pub const ALL: [Sabotage; 19] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -88,6 +94,7 @@ impl Sabotage {
         Sabotage::NoSettle,
         Sabotage::NoUnflushedMarks,
         Sabotage::NoOldMapHold,
+        Sabotage::NoBothMapsVouch,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -111,6 +118,7 @@ impl Sabotage {
             Sabotage::NoSettle => "no-settle",
             Sabotage::NoUnflushedMarks => "no-unflushed-marks",
             Sabotage::NoOldMapHold => "no-old-map-hold",
+            Sabotage::NoBothMapsVouch => "no-both-maps-vouch",
         }
     }
 
@@ -126,7 +134,10 @@ impl Sabotage {
             Sabotage::NoUnflushedMarks => {
                 scenario.restarts_its_client() && scenario.runs_a_mirror()
             }
-            Sabotage::NoOldMapHold => scenario == Scenario::MigrateRestart,
+            Sabotage::NoOldMapHold => {
+                matches!(scenario, Scenario::MigrateRestart | Scenario::MigrateQuorum)
+            }
+            Sabotage::NoBothMapsVouch => scenario == Scenario::MigrateQuorum,
             Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut
@@ -175,7 +186,8 @@ impl Sabotage {
             | Sabotage::NoFanOut
             | Sabotage::NoSettle
             | Sabotage::NoUnflushedMarks
-            | Sabotage::NoOldMapHold => {}
+            | Sabotage::NoOldMapHold
+            | Sabotage::NoBothMapsVouch => {}
         }
     }
 
@@ -191,6 +203,7 @@ impl Sabotage {
             Sabotage::NoSettle => v.no_settle = true,
             Sabotage::NoUnflushedMarks => v.no_unflushed_marks = true,
             Sabotage::NoOldMapHold => v.no_old_map_hold = true,
+            Sabotage::NoBothMapsVouch => v.no_both_maps_vouch = true,
             _ => {}
         }
     }

@@ -87,6 +87,10 @@ pub enum Scenario {
     /// The restarting mirror with one leg migrated, each boot opening the
     /// map the last one stored; in half the seeds killed mid-switch.
     MigrateRestart,
+    /// The restarting three-way mirror with one leg migrated, writes
+    /// acknowledged at a quorum drawn from the seed; in half the seeds
+    /// killed mid-switch.
+    MigrateQuorum,
     /// A volume striped over three servers, each the only copy of its
     /// chunks, faults on the legs.
     Stripe,
@@ -105,7 +109,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 28] = [
+    pub const ALL: [Scenario; 29] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -129,6 +133,7 @@ impl Scenario {
         Scenario::MirrorRestart,
         Scenario::MirrorQuorum,
         Scenario::MigrateRestart,
+        Scenario::MigrateQuorum,
         Scenario::Stripe,
         Scenario::StripeRestart,
         Scenario::StripedMirrors,
@@ -162,6 +167,7 @@ impl Scenario {
             Scenario::MirrorRestart => "mirror-restart",
             Scenario::MirrorQuorum => "mirror-quorum",
             Scenario::MigrateRestart => "migrate-restart",
+            Scenario::MigrateQuorum => "migrate-quorum",
             Scenario::Stripe => "stripe",
             Scenario::StripeRestart => "stripe-restart",
             Scenario::StripedMirrors => "striped-mirrors",
@@ -241,6 +247,12 @@ impl Scenario {
                  not yet come, so the next boot must find on the old map every write the \
                  dead one acknowledged or flushed"
             }
+            Scenario::MigrateQuorum => {
+                "migrate-restart over the three-way mirror, writes acknowledged once one \
+                 leg (half the seeds) or two have them: mid-switch, an acknowledgement must \
+                 leave a leg of each map holding the write, so that a boot on either map \
+                 finds it"
+            }
             Scenario::Stripe => {
                 "a volume striped over three server nodes, each the only copy of its chunks; \
                  legs crash, lose power, are cut off, stall or fill, one alone first, and in \
@@ -303,6 +315,7 @@ impl Scenario {
             | Scenario::MirrorRestart
             | Scenario::MirrorQuorum
             | Scenario::MigrateRestart
+            | Scenario::MigrateQuorum
             | Scenario::Stripe
             | Scenario::StripeRestart
             | Scenario::StripedMirrors
@@ -324,6 +337,7 @@ impl Scenario {
             Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
                 | Scenario::MigrateRestart
+                | Scenario::MigrateQuorum
                 | Scenario::StripeRestart
         )
     }
@@ -340,6 +354,7 @@ impl Scenario {
                 | Scenario::MirrorRestart
                 | Scenario::MirrorQuorum
                 | Scenario::MigrateRestart
+                | Scenario::MigrateQuorum
                 | Scenario::StripedMirrors
                 | Scenario::Linear
         )

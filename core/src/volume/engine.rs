@@ -152,6 +152,10 @@ pub struct VolumeSabotage {
     /// while the old map is short, before the new map is stored: a
     /// restart on the old map can lose what they promised.
     pub no_old_map_hold: bool,
+    /// While a migration switches over, acknowledge a quorum write on
+    /// the word of a leg of the new map alone: a restart on the old map
+    /// can trust a leg that lacks it.
+    pub no_both_maps_vouch: bool,
 }
 
 impl Default for VolumeConfig {
@@ -1501,7 +1505,8 @@ impl VolumeEngine {
             || waiting.is_empty()
             || (!old_leg_unvouched
                 && vouches_on_a_map_without(switching.map(|m| m.from))
-                && switching.is_none_or(|m| vouches_on_a_map_without(Some(m.to))));
+                && (self.config.sabotage.no_both_maps_vouch
+                    || switching.is_none_or(|m| vouches_on_a_map_without(Some(m.to)))));
         let mut flagged = false;
         if *acked >= *needed && !part.acknowledged && vouched {
             part.acknowledged = true;
