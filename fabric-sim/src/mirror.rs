@@ -643,7 +643,7 @@ fn kill_and_restart(
     let tear =
         mirrored && !ctx.mid_switch_crash && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
     let logs = ctx.logs.clone();
-    let mut mid_switch = ctx
+    let mid_switch = ctx
         .migration
         .filter(|_| ctx.mid_switch_crash)
         .map(|(_, from, _)| MidSwitch {
@@ -672,11 +672,12 @@ fn kill_and_restart(
         } else {
             1500 + draw
         };
-        let in_switch = match &mut mid_switch {
-            Some(m) => m.wait_for_the_switch(&net, run_for).await,
+        // From here on, only a client that dies mid-switch has one.
+        let mut mid_switch = match mid_switch {
+            Some(mut m) => m.wait_for_the_switch(&net, run_for).await.then_some(m),
             None => {
                 tokio::time::sleep(Duration::from_millis(kill_at)).await;
-                false
+                None
             }
         };
         if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
@@ -720,7 +721,7 @@ fn kill_and_restart(
         for checker in &checkers {
             checker.lock().unwrap().unflushed_may_revert();
         }
-        if let Some(m) = mid_switch.as_mut().filter(|_| in_switch) {
+        if let Some(m) = mid_switch.as_mut() {
             m.maybe_cut_power().await;
         }
         tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
@@ -768,10 +769,8 @@ fn kill_and_restart(
             })
             .into_iter()
             .collect();
-        let mut mid_switch_cuts = (false, false);
-        if let Some(m) = mid_switch.as_mut().filter(|_| in_switch) {
+        if let Some(m) = mid_switch.as_mut() {
             outage.extend(m.heal(&net).await);
-            mid_switch_cuts = (m.cut_from.is_some(), m.power_cut.is_some());
         }
         let mut end = None;
         if end_crash {
@@ -807,7 +806,7 @@ fn kill_and_restart(
             cut: cut.is_some(),
             late,
             torn,
-            mid_switch: in_switch.then_some(mid_switch_cuts),
+            mid_switch: mid_switch.map(|m| (m.cut_from.is_some(), m.power_cut.is_some())),
             outage,
             end_power_cuts: end,
         }
