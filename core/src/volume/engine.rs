@@ -460,6 +460,11 @@ pub struct VolumeEngine {
     /// since before writes only the old and new legs took (swarm seed
     /// 8359, once the map store waited for the new leg's log).
     old_leg_kept: bool,
+    /// A switching migration's old leg refused a write the new leg took
+    /// while it could not leave (no other leg vouched for it yet): as
+    /// with `old_leg_kept`, the old map lacks a write, so its writes and
+    /// FLUSHes are held until the new map is stored (swarm seed 26548).
+    old_leg_refused: bool,
     /// Legs reported failed while a migration switched that could not
     /// leave then (see `can_leave`): they leave once the new map is
     /// stored, if they still may, unless they came back meanwhile.
@@ -586,6 +591,7 @@ impl VolumeEngine {
             migration: None,
             map_store: None,
             old_leg_kept: false,
+            old_leg_refused: false,
             failed_mid_switch: BTreeSet::new(),
             lagging: BTreeMap::new(),
             stalled_flushes: Vec::new(),
@@ -794,6 +800,7 @@ impl VolumeEngine {
         self.migration = None;
         self.map_store = None;
         self.old_leg_kept = false;
+        self.old_leg_refused = false;
         self.map = self.map.migration_ended(m.to);
         self.refresh_copy_sets();
         self.stats.migrations += 1;
@@ -1366,6 +1373,24 @@ impl VolumeEngine {
         let sabotaged = self.config.sabotage.no_error_failover
             && matches!(result, Err(IoErrorKind::Media | IoErrorKind::NoSpace));
         let leave = self.can_leave(leg);
+        // A write a switching migration's old leg refused, which the new
+        // leg takes and which nothing lets the old leg leave over: the
+        // new leg holds it, the old leg is about to retire, and the write
+        // is answered once the new map is stored (`old_leg_refused`).
+        // Failing it instead, the new leg was sent away to be copied back
+        // from the old one, which then retired as the only copy in sync
+        // (swarm seed 26548: a quorum-1 mirror, the old leg's bad block
+        // refused a write the new leg, still catching up on writes
+        // acknowledged without it, had taken).
+        let successor_takes_it = !leave
+            && self.migration.is_some_and(|m| {
+                m.switching
+                    && m.from == leg
+                    && self.legs[m.to].state == LegState::InSync
+                    && self.ios.get(&id).is_some_and(|io| {
+                        io.io.op.mutates() && io.parts[p].seg.copies.iter().any(|c| c.leaf == m.to)
+                    })
+            });
         // A read the last leg in sync failed, where another copy is in
         // sync but for writes acknowledged without it (at quorum) that
         // have not reached it yet: once they land it holds these bytes.
@@ -1416,6 +1441,13 @@ impl VolumeEngine {
                 // Sabotaged, the error is the IO's though another copy
                 // holds the bytes (the leg still leaves, as it should).
                 if *needed == 0 || sabotaged {
+                    io.error.get_or_insert(e);
+                }
+            }
+            Err(e) if successor_takes_it => {
+                *needed = (*needed).min(*acked + waiting.len());
+                self.old_leg_refused = true;
+                if sabotaged {
                     io.error.get_or_insert(e);
                 }
             }
@@ -1609,6 +1641,7 @@ impl VolumeEngine {
     fn old_map_short(&self) -> Option<usize> {
         let m = self.migration.filter(|m| m.switching)?;
         let short = self.old_leg_kept
+            || self.old_leg_refused
             || (self.legs[m.from].state != LegState::InSync
                 && !Self::old_map_covered(&self.legs, &self.logs, m));
         short.then_some(m.from)

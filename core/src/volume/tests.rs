@@ -882,8 +882,14 @@ impl World {
     /// Answers everything, log stores included, until the migration's
     /// new leg is in sync and the engine asks for the map to be stored.
     fn copy_until_switch(&mut self) {
+        self.run_until("the new leg never got in sync", |w| w.store_map.is_some());
+    }
+
+    /// Answers everything, log stores included, a millisecond at a time,
+    /// until `done`.
+    fn run_until(&mut self, stuck: &str, done: impl Fn(&World) -> bool) {
         for _ in 0..100_000 {
-            if self.store_map.is_some() {
+            if done(self) {
                 return;
             }
             self.now = self.now + Duration::from_millis(1);
@@ -893,7 +899,7 @@ impl World {
                 self.drain();
             }
         }
-        panic!("the new leg never got in sync");
+        panic!("{stuck}");
     }
 
     /// Starts moving a random leg to a new one (full of junk a read must
@@ -1391,7 +1397,10 @@ fn sweep() {
 /// lost a write the FLUSH had promised. 20548: mid-switch, a quorum-1
 /// write was acknowledged on the new leg's word alone, every leg of the
 /// old map lagging on it was marked behind, and a restart on the old map
-/// trusted the first of them, which had been away. Each must still
+/// trusted the first of them, which had been away. 26548: mid-switch,
+/// the old leg's bad block refused a write while only its log was not
+/// behind, and the new leg that took the write was sent away, leaving
+/// the old leg to retire as the only copy in sync. Each must still
 /// draw its shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
@@ -1489,6 +1498,11 @@ fn pinned_swarm_seeds_hold() {
                 "power: true",
                 "torn_logs: true",
             ][..],
+        ),
+        (
+            26548,
+            "mirror of 3, quorum 1,",
+            &["migrate: true", "media_errors: true", "restart: true"][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -2039,6 +2053,73 @@ fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
     w.store_every_log();
     assert_eq!(w.completed, 1, "m2 holds it on both maps");
     assert!(!w.engine.log(2).behind());
+}
+
+/// Swarm seed 26548: mid-switch, a quorum-1 mirror's old leg is the only
+/// leg whose log is not behind (the new leg and m0 still lack a write
+/// acknowledged on the old leg's word before the switch), and the old
+/// leg's bad block refuses a write the new leg takes. It cannot leave,
+/// so its refusal was taken for the last copy's: the new leg was sent
+/// away to be copied back from the old one, which was about to retire
+/// as the only copy in sync. The new leg must keep the write, and it is
+/// answered once the new map is stored.
+#[test]
+fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_away() {
+    let spec = VolumeSpec::Mirror {
+        quorum: Some(1),
+        legs: vec![e("m0"), e("m1"), e("m2")],
+    };
+    let mut w = World::new(spec, 5);
+    w.engine.leg_failed(2);
+    w.drain();
+    let to = w.migrate_to_new(1, "new");
+    // Where the copy has been, so the new leg takes the write too.
+    w.run_until(
+        "the copy stopped",
+        |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > 1),
+    );
+    w.engine
+        .submit(100, IoRequest::write(0, stamp(100, 0, 8), false), w.now);
+    w.store_every_log();
+    let token = w.take_pending(1, Op::Write);
+    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.store_every_log();
+    assert_eq!(
+        w.completed, 1,
+        "acknowledged on m1's word before the switch"
+    );
+    let late_m0 = w.take_pending(0, Op::Write);
+    let late_to = w.take_pending(to, Op::Write);
+    // The copy ends; the switch begins, its map store waiting for the
+    // new leg to catch up.
+    w.run_until("the switch never began", |w| {
+        w.engine.migration().is_some_and(|m| m.switching)
+    });
+    assert!(w.store_map.is_none());
+    assert_eq!(w.engine.leg_state(to), LegState::InSync);
+    assert!(w.engine.log(0).behind() && w.engine.log(to).behind());
+    w.engine
+        .submit(101, IoRequest::write(65536, stamp(101, 0, 8), false), w.now);
+    w.store_every_log();
+    let refused = w.take_pending(1, Op::Write);
+    let taken = w.take_pending(to, Op::Write);
+    w.engine.leg_complete(taken, Ok(bytes::Bytes::new()), w.now);
+    w.engine
+        .leg_complete(refused, Err(IoErrorKind::Media), w.now);
+    w.answer_leg(0);
+    w.store_every_log();
+    assert_eq!(w.engine.leg_state(to), LegState::InSync, "the new leg left");
+    assert_eq!(w.completed, 1, "answered before the new map was stored");
+    w.engine
+        .leg_complete(late_m0, Ok(bytes::Bytes::new()), w.now);
+    w.engine
+        .leg_complete(late_to, Ok(bytes::Bytes::new()), w.now);
+    w.store_every_log();
+    w.engine.map_stored(w.now);
+    w.store_every_log();
+    assert_eq!(w.completed, 2, "the new leg's copy answers it");
+    assert_eq!(w.engine.leg_state(1), LegState::Retired);
+    assert!(w.engine.check().is_ok());
 }
 
 #[test]
