@@ -2110,14 +2110,30 @@ fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_awa
     w.store_every_log();
     assert_eq!(w.engine.leg_state(to), LegState::InSync, "the new leg left");
     assert_eq!(w.completed, 1, "answered before the new map was stored");
+    // A read the old leg refuses is no write the new leg took: it waits
+    // for the new leg to catch up on the bytes m0 lags on too.
+    w.engine.submit(102, IoRequest::read(0, 4096), w.now);
+    w.store_every_log();
+    let refused = w.take_pending(1, Op::Read);
+    w.engine
+        .leg_complete(refused, Err(IoErrorKind::Media), w.now);
+    w.store_every_log();
+    assert_eq!(
+        w.completed, 1,
+        "the read ended before the new leg caught up"
+    );
     w.engine
         .leg_complete(late_m0, Ok(bytes::Bytes::new()), w.now);
     w.engine
         .leg_complete(late_to, Ok(bytes::Bytes::new()), w.now);
     w.store_every_log();
+    while w.answer_one(false) {
+        w.drain();
+    }
+    assert_eq!(w.completed, 2, "the new leg serves the read");
     w.engine.map_stored(w.now);
     w.store_every_log();
-    assert_eq!(w.completed, 2, "the new leg's copy answers it");
+    assert_eq!(w.completed, 3, "the new leg's copy answers the write");
     assert_eq!(w.engine.leg_state(1), LegState::Retired);
     assert!(w.engine.check().is_ok());
 }
