@@ -1381,15 +1381,14 @@ impl VolumeEngine {
         // from the old one, which then retired as the only copy in sync
         // (swarm seed 26548: a quorum-1 mirror, the old leg's bad block
         // refused a write the new leg, still catching up on writes
-        // acknowledged without it, had taken).
+        // acknowledged without it, had taken). The new leg is a copy of
+        // every byte the old one holds.
         let successor_takes_it = !leave
             && self.migration.is_some_and(|m| {
                 m.switching
                     && m.from == leg
                     && self.legs[m.to].state == LegState::InSync
-                    && self.ios.get(&id).is_some_and(|io| {
-                        io.io.op.mutates() && io.parts[p].seg.copies.iter().any(|c| c.leaf == m.to)
-                    })
+                    && self.ios.get(&id).is_some_and(|io| io.io.op.mutates())
             });
         // A read the last leg in sync failed, where another copy is in
         // sync but for writes acknowledged without it (at quorum) that
