@@ -1415,6 +1415,10 @@ impl VolumeEngine {
         if !waiting.remove(&leg) {
             return; // abandoned when the leg went away
         }
+        if result.is_err() {
+            // The copies left make up the quorum, if they can.
+            *needed = (*needed).min(*acked + waiting.len());
+        }
         let mut leg_failed = false;
         match result {
             Ok(data) => {
@@ -1436,7 +1440,6 @@ impl VolumeEngine {
                     self.set_state(leg, LegState::Away);
                     return self.send_part(id, p);
                 }
-                *needed = (*needed).min(*acked + waiting.len());
                 // Sabotaged, the error is the IO's though another copy
                 // holds the bytes (the leg still leaves, as it should).
                 if *needed == 0 || sabotaged {
@@ -1444,7 +1447,6 @@ impl VolumeEngine {
                 }
             }
             Err(e) if successor_takes_it => {
-                *needed = (*needed).min(*acked + waiting.len());
                 self.old_leg_refused = true;
                 if sabotaged {
                     io.error.get_or_insert(e);
