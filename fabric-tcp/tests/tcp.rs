@@ -672,7 +672,11 @@ mod tls {
             ServerSecurity::Tls(acceptor),
         )
         .await;
-        let wait = Duration::from_secs(2);
+        // A bound, not a sleep: a connect that succeeds returns as soon
+        // as its session is up (2 s was too short on a loaded CI box).
+        let wait = Duration::from_secs(30);
+        // A refusal is retried until its wait runs out, so it gets less.
+        let refused_within = Duration::from_secs(2);
         // One connector throughout: it would resume a TLS session it was
         // given before the change, were any kept.
         let first = trusting(&sc, Some((&c1, &k1)));
@@ -688,7 +692,7 @@ mod tls {
         one.io(IoRequest::read(0, 4096)).await.unwrap();
         // ... but client1 gets no new one, not even by resuming a session
         // it was given under the old CA.
-        let err = connect(addr.to_string(), first, b"test key", wait)
+        let err = connect(addr.to_string(), first, b"test key", refused_within)
             .await
             .expect_err("client1 refused under the new CA, resumption or not");
         // The server's alert: the certificate does not verify.
