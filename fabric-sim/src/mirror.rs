@@ -1875,20 +1875,26 @@ mod tests {
     /// off.)
     #[test]
     fn a_client_killed_mid_switch_finds_every_flushed_write_on_the_old_map() {
-        for seed in [109, 166] {
-            let r = clean(Scenario::MigrateRestart, seed);
+        killed_mid_switch_and_caught(
+            Scenario::MigrateRestart,
+            &[109, 166],
+            Sabotage::NoOldMapHold,
+        );
+    }
+
+    /// Each of `seeds` is clean, kills the client mid-switch once and
+    /// finishes its migration, and with `sabotage` reads older data after
+    /// the restart.
+    fn killed_mid_switch_and_caught(scenario: Scenario, seeds: &[u64], sabotage: Sabotage) {
+        for &seed in seeds {
+            let r = clean(scenario, seed);
             assert_eq!(
                 r.faults.get(&Fault::MidSwitchCrash),
                 Some(&1),
                 "seed {seed}"
             );
             assert_eq!(r.migrations, 1, "seed {seed}: moved again and switched");
-            caught(
-                Scenario::MigrateRestart,
-                seed,
-                Sabotage::NoOldMapHold,
-                "volume: read correctness:",
-            );
+            caught(scenario, seed, sabotage, "volume: read correctness:");
         }
     }
 
@@ -1902,21 +1908,11 @@ mod tests {
     /// 2 the only one of the first 200 with the fix reverted by hand).
     #[test]
     fn a_quorum_write_acknowledged_mid_switch_is_on_both_maps() {
-        for seed in [2, 210] {
-            let r = clean(Scenario::MigrateQuorum, seed);
-            assert_eq!(
-                r.faults.get(&Fault::MidSwitchCrash),
-                Some(&1),
-                "seed {seed}"
-            );
-            assert_eq!(r.migrations, 1, "seed {seed}: moved again and switched");
-            caught(
-                Scenario::MigrateQuorum,
-                seed,
-                Sabotage::NoBothMapsVouch,
-                "volume: read correctness:",
-            );
-        }
+        killed_mid_switch_and_caught(
+            Scenario::MigrateQuorum,
+            &[2, 210],
+            Sabotage::NoBothMapsVouch,
+        );
     }
 
     /// 350079: the export moves, and bad blocks send it away while the

@@ -1191,6 +1191,14 @@ fn mirror(n: usize) -> VolumeSpec {
     }
 }
 
+/// A mirror of `n` acknowledging writes once one leg has them.
+fn quorum_one_mirror(n: usize) -> VolumeSpec {
+    VolumeSpec::Mirror {
+        quorum: Some(1),
+        legs: (0..n).map(|i| e(&format!("m{i}"))).collect(),
+    }
+}
+
 #[test]
 fn mirrors_hold_reads_and_converge_through_every_fault() {
     for seed in 0..40 {
@@ -2013,10 +2021,7 @@ fn while_a_migration_switches_the_old_leg_leaving_alone_stays_trusted_on_the_old
 /// a restart on the old map would find every leg behind.
 #[test]
 fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_map_needs_it() {
-    let spec = VolumeSpec::Mirror {
-        quorum: Some(1),
-        legs: vec![e("m0"), e("m1")],
-    };
+    let spec = quorum_one_mirror(2);
     let mut w = with_m0_suspended(spec, 17);
     let to = w.migrate_to_new(1, "new");
     w.copy_until_switch();
@@ -2037,10 +2042,7 @@ fn while_a_migration_switches_a_quorum_write_waits_for_the_old_leg_if_the_old_ma
 /// must have it too.
 #[test]
 fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
-    let spec = VolumeSpec::Mirror {
-        quorum: Some(1),
-        legs: vec![e("m0"), e("m1"), e("m2")],
-    };
+    let spec = quorum_one_mirror(3);
     let mut w = World::new(spec, 19);
     let to = w.migrate_to_new(1, "new");
     w.copy_until_switch();
@@ -2065,10 +2067,7 @@ fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
 /// answered once the new map is stored.
 #[test]
 fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_away() {
-    let spec = VolumeSpec::Mirror {
-        quorum: Some(1),
-        legs: vec![e("m0"), e("m1"), e("m2")],
-    };
+    let spec = quorum_one_mirror(3);
     let mut w = World::new(spec, 5);
     w.engine.leg_failed(2);
     w.drain();
