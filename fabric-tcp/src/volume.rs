@@ -740,7 +740,7 @@ impl Driver {
     fn encoded_logs(&self) -> Vec<(String, Vec<u8>)> {
         (0..self.legs.len())
             .filter(|&l| self.engine.leg_state(l) != LegState::Retired)
-            .map(|l| (self.legs[l].name.clone(), self.engine.log(l).encode()))
+            .map(|l| (self.legs[l].name.clone(), self.engine.log_to_store(l)))
             .collect()
     }
 }

@@ -282,8 +282,16 @@ fn ci() -> Result<(), String> {
         // Mid-switch, a quorum write acknowledged on the new map's word
         // alone: a client killed before the store restarts on the old
         // map and trusts a leg without it (seed 2 of these 3; 9 of the
-        // first 400).
-        ("no-both-maps-vouch", "migrate-quorum", "3", "10"),
+        // first 400). A log store's anchor holds that write too, so
+        // only the two off together are caught (since session 65; the
+        // anchor alone is caught in three pinned seeds by fabric-sim's
+        // `a_torn_log_store_leaves_a_leg_clear_in_every_mix`).
+        (
+            "no-both-maps-vouch,no-store-anchor",
+            "migrate-quorum",
+            "3",
+            "10",
+        ),
         ("no-room", "steady", "10", "10"),
     ] {
         sim(&args(&[

@@ -71,11 +71,17 @@ pub enum Sabotage {
     /// lagging legs behind, and a restart on the old map may trust one
     /// that lacks the write.
     NoBothMapsVouch,
+    /// A volume stores one leg fallen behind in the same log store as
+    /// another back in sync, though no leg is clear in both that store
+    /// and the one before: a crash that tears the store, keeping some
+    /// legs' new logs and others' old, can leave every leg behind, and
+    /// the restart trusts one that lacks acknowledged writes.
+    NoStoreAnchor,
 }
 
 impl Sabotage {
     /// Every mechanism.
-    pub const ALL: [Sabotage; 19] = [
+    pub const ALL: [Sabotage; 20] = [
         Sabotage::NoDedup,
         Sabotage::NoResend,
         Sabotage::NoReplay,
@@ -95,6 +101,7 @@ impl Sabotage {
         Sabotage::NoUnflushedMarks,
         Sabotage::NoOldMapHold,
         Sabotage::NoBothMapsVouch,
+        Sabotage::NoStoreAnchor,
     ];
 
     /// The command-line name (`no-dedup`, ...).
@@ -119,6 +126,7 @@ impl Sabotage {
             Sabotage::NoUnflushedMarks => "no-unflushed-marks",
             Sabotage::NoOldMapHold => "no-old-map-hold",
             Sabotage::NoBothMapsVouch => "no-both-maps-vouch",
+            Sabotage::NoStoreAnchor => "no-store-anchor",
         }
     }
 
@@ -126,12 +134,13 @@ impl Sabotage {
     /// own only a scenario with a mirror (the leg timeout is the madsim
     /// driver's), fencing only a volume whose client restarts (it needs
     /// the owner and epoch only a volume's runs send), as does settling;
-    /// marks kept until flushed a mirror whose client restarts; the old
-    /// map's hold, a volume that restarts mid-switch. The rest any.
+    /// marks kept until flushed and a log store's anchor a mirror whose
+    /// client restarts; the old map's hold, a volume that restarts
+    /// mid-switch. The rest any.
     pub fn exercised_by(self, scenario: Scenario) -> bool {
         match self {
             Sabotage::NoFencing | Sabotage::NoSettle => scenario.restarts_its_client(),
-            Sabotage::NoUnflushedMarks => {
+            Sabotage::NoUnflushedMarks | Sabotage::NoStoreAnchor => {
                 scenario.restarts_its_client() && scenario.runs_a_mirror()
             }
             Sabotage::NoOldMapHold => {
@@ -187,7 +196,8 @@ impl Sabotage {
             | Sabotage::NoSettle
             | Sabotage::NoUnflushedMarks
             | Sabotage::NoOldMapHold
-            | Sabotage::NoBothMapsVouch => {}
+            | Sabotage::NoBothMapsVouch
+            | Sabotage::NoStoreAnchor => {}
         }
     }
 
@@ -204,6 +214,7 @@ impl Sabotage {
             Sabotage::NoUnflushedMarks => v.no_unflushed_marks = true,
             Sabotage::NoOldMapHold => v.no_old_map_hold = true,
             Sabotage::NoBothMapsVouch => v.no_both_maps_vouch = true,
+            Sabotage::NoStoreAnchor => v.no_store_anchor = true,
             _ => {}
         }
     }

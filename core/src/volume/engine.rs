@@ -156,6 +156,11 @@ pub struct VolumeSabotage {
     /// the word of a leg of the new map alone: a restart on the old map
     /// can trust a leg that lacks it.
     pub no_both_maps_vouch: bool,
+    /// Store a leg's fall behind in the same log store as another leg's
+    /// return, with no leg of its copy set clear in both that store and
+    /// the one before: a store torn between the two can say every leg
+    /// is behind.
+    pub no_store_anchor: bool,
 }
 
 impl Default for VolumeConfig {
@@ -427,6 +432,18 @@ pub struct VolumeEngine {
     /// write was acknowledged from the others, the client died before the
     /// log said so, and the restart copied the leg's older data over).
     behind_generation: u64,
+    /// Each leg's behind flag as of the last stable log store (as loaded,
+    /// after a restart; every leg behind before a first run's first
+    /// store, as nothing says otherwise).
+    stored_behind: Vec<bool>,
+    /// Each leg's behind flag in the store in flight, or last sent: what
+    /// `log_to_store` writes. It can lag a flag set in memory (see
+    /// `behind_deferred`).
+    storing_behind: Vec<bool>,
+    /// A leg fell behind whose flag the last store sent could not carry
+    /// yet (see `image_to_store`): no write or FLUSH is acknowledged
+    /// until a later store carries it.
+    behind_deferred: bool,
     /// After a restart: the FLUSHes of trusted legs still outstanding.
     /// What the dead run wrote may sit in a trusted leg's cache; copied to
     /// the other legs and then lost to a power cut, it would leave the
@@ -515,6 +532,7 @@ impl VolumeEngine {
                 .collect::<Result<_, _>>()?,
         };
         let mut logs = logs;
+        let stored_behind: Vec<bool> = logs.iter().map(|l| !restarted || l.behind()).collect();
         let mut trusted = Self::trusted_after_restart(&logs, &copy_sets, &mirrored);
         // A source with marks may hold there what no other leg has (or
         // lack what one has: an unflushed write lost to a power cut while
@@ -583,6 +601,9 @@ impl VolumeEngine {
             persisting: None,
             stable_generation: 0,
             behind_generation: u64::from(newly_behind),
+            storing_behind: stored_behind.clone(),
+            stored_behind,
+            behind_deferred: false,
             settling: BTreeSet::new(),
             parked: VecDeque::new(),
             resync: None,
@@ -766,6 +787,8 @@ impl VolumeEngine {
         }
         log.set_behind(true);
         self.logs.push(log);
+        self.stored_behind.push(true);
+        self.storing_behind.push(true);
         self.legs.push(Leg {
             state: LegState::Resyncing { cursor: 0 },
             outstanding: 0,
@@ -810,6 +833,7 @@ impl VolumeEngine {
                 self.set_state(leg, LegState::Away);
             }
         }
+        self.store_deferred_behind();
         self.retry_stalled();
         self.finish_held();
     }
@@ -832,6 +856,7 @@ impl VolumeEngine {
         self.map = self.map.migration_ended(m.from);
         self.refresh_copy_sets();
         self.set_state(m.to, LegState::Retired);
+        self.store_deferred_behind();
         self.retry_stalled();
         Ok(())
     }
@@ -1014,16 +1039,97 @@ impl VolumeEngine {
 
     fn persist(&mut self) {
         if self.persisting.is_none() && self.stable_generation < self.log_generation {
-            self.persisting = Some(self.log_generation);
+            let generation = self.log_generation;
+            self.persisting = Some(generation);
             if let (Some(MapStore::AwaitingLog), Some(m)) = (self.map_store, self.migration) {
                 if !self.logs[m.to].behind() {
-                    self.map_store = Some(MapStore::AwaitingStable(self.log_generation));
+                    self.map_store = Some(MapStore::AwaitingStable(generation));
                 }
             }
-            self.actions.push_back(VolumeAction::PersistLogs {
-                generation: self.log_generation,
-            });
+            let (image, deferred, anchor_coming) = self.image_to_store();
+            self.storing_behind = image;
+            self.actions
+                .push_back(VolumeAction::PersistLogs { generation });
+            if deferred {
+                self.behind_deferred = true;
+                if anchor_coming {
+                    // Once this store is stable, the next can carry it.
+                    self.log_generation += 1;
+                }
+            } else if self.behind_deferred {
+                self.behind_deferred = false;
+                self.behind_generation = self.behind_generation.max(generation);
+            }
         }
+    }
+
+    /// The behind flags the next log store carries: the flags in memory,
+    /// except a leg fallen behind since the last stable store stays not
+    /// behind where no leg of its copy set is clear both in that store
+    /// and now. Each leg's log is its own file, and a store torn by a
+    /// crash keeps any of them new and the others old; unless some leg
+    /// is clear in both, the mix can say every leg is behind, and the
+    /// restart then trusts the first, which may lack acknowledged writes
+    /// (madsim migrate-quorum seeds 2208, 2330, 2952: a leg back in sync
+    /// vouched for a quorum write the only leg clear before it lagged
+    /// on, both in one store, and the tear kept the returning leg's old
+    /// log beside the lagging leg's new one). A leg kept clear this way
+    /// holds every acknowledged write: none is acknowledged without it
+    /// until a store carries its flag (`behind_deferred`), and one can
+    /// once this store, which makes the returning leg clear, is stable.
+    /// Returns the flags, whether any was kept back, and whether some
+    /// such copy set has a leg clear now to anchor the next store.
+    fn image_to_store(&self) -> (Vec<bool>, bool, bool) {
+        let mut image: Vec<bool> = self.logs.iter().map(DirtyRegions::behind).collect();
+        let (mut deferred, mut anchor_coming) = (false, false);
+        if self.config.sabotage.no_store_anchor {
+            return (image, deferred, anchor_coming);
+        }
+        for set in self.sets_a_restart_may_open() {
+            let clear_now = |l: usize| !self.logs[l].behind();
+            if set.iter().any(|&l| clear_now(l) && !self.stored_behind[l]) {
+                continue;
+            }
+            for &l in &set {
+                if !clear_now(l) && !self.stored_behind[l] {
+                    image[l] = false;
+                    deferred = true;
+                    anchor_coming |= set.iter().any(|&l| clear_now(l));
+                }
+            }
+        }
+        (image, deferred, anchor_coming)
+    }
+
+    /// The copy sets a restart may find, each as it would: while a
+    /// migration runs, the old map's (without the new leg), and once it
+    /// switches the new map's too (without the old leg).
+    fn sets_a_restart_may_open(&self) -> BTreeSet<Vec<usize>> {
+        let mut views = BTreeSet::new();
+        for set in self.legs.iter().flat_map(|l| &l.copy_sets) {
+            let without = |gone: usize| set.iter().copied().filter(|&l| l != gone).collect();
+            match self.migration {
+                None => {
+                    views.insert(set.clone());
+                }
+                Some(m) => {
+                    views.insert(without(m.to));
+                    if m.switching {
+                        views.insert(without(m.from));
+                    }
+                }
+            }
+        }
+        views.retain(|v: &Vec<usize>| v.len() > 1);
+        views
+    }
+
+    /// Leg `leg`'s log as the store in flight stores it (see
+    /// `image_to_store`): the driver writes this, not `log`.
+    pub fn log_to_store(&self, leg: usize) -> Vec<u8> {
+        let mut log = self.logs[leg].clone();
+        log.set_behind(self.storing_behind[leg]);
+        log.encode()
     }
 
     /// The logs as of `generation` are stable.
@@ -1034,6 +1140,7 @@ impl VolumeEngine {
         }
         self.persisting = None;
         self.stable_generation = generation;
+        self.stored_behind.clone_from(&self.storing_behind);
         self.marks_in_flight.retain(|_, g| *g > generation);
         if let (Some(MapStore::AwaitingStable(g)), Some(m)) = (self.map_store, self.migration) {
             if g <= generation {
@@ -1604,7 +1711,7 @@ impl VolumeEngine {
             self.persist();
         }
         if back_in_sync {
-            self.store_new_leg_in_sync();
+            self.store_back_in_sync();
         }
         self.finish_if_done(id);
         if finished {
@@ -1681,8 +1788,9 @@ impl VolumeEngine {
         // it (see `behind_generation`); `logs_stable` comes back for it.
         // And held while only the map being stored holds it (see
         // `old_map_short`); `map_stored` comes back for it.
-        let held =
-            (durability && self.stable_generation < self.behind_generation) || only_on_the_new_map;
+        let held = (durability
+            && (self.stable_generation < self.behind_generation || self.behind_deferred))
+            || only_on_the_new_map;
         // Answered: IOs ordered behind it may start.
         let mut answered = false;
         if io.unacked == 0 && !io.completed && !held {
@@ -1756,14 +1864,30 @@ impl VolumeEngine {
         }
     }
 
-    /// A switching migration's new leg holds every byte: store a log
-    /// saying so, which its map store waits for.
-    fn store_new_leg_in_sync(&mut self) {
+    /// A leg is back in sync. A switching migration's new leg then holds
+    /// every byte: store a log saying so, which its map store waits for.
+    fn store_back_in_sync(&mut self) {
+        if self.store_deferred_behind() {
+            return;
+        }
         let Some(m) = self.migration else { return };
         if self.map_store == Some(MapStore::AwaitingLog) && !self.logs[m.to].behind() {
             self.log_generation += 1;
             self.persist();
         }
+    }
+
+    /// A fall behind the last store kept back (see `image_to_store`) may
+    /// now have its anchor: a leg back in sync, or copy sets a restart
+    /// no longer opens. Asks for another log store if one was kept
+    /// back; returns whether.
+    fn store_deferred_behind(&mut self) -> bool {
+        let deferred = self.behind_deferred;
+        if deferred {
+            self.log_generation += 1;
+            self.persist();
+        }
+        deferred
     }
 
     /// Whether `leg` still lacks a write acknowledged without it (a
@@ -1804,7 +1928,7 @@ impl VolumeEngine {
             self.persist();
         }
         if state == LegState::InSync {
-            self.store_new_leg_in_sync();
+            self.store_back_in_sync();
         }
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
@@ -2103,7 +2227,7 @@ impl VolumeEngine {
             {
                 m.switching = true;
                 self.map_store = Some(MapStore::AwaitingLog);
-                self.store_new_leg_in_sync();
+                self.store_back_in_sync();
             }
             self.retry_stalled();
             return self.drive_resync();
