@@ -284,7 +284,7 @@ fn ci() -> Result<(), String> {
         // map and trusts a leg without it (seed 2 of these 3; 9 of the
         // first 400). A log store's anchor holds that write too, so
         // only the two off together are caught (since session 65; the
-        // anchor alone is caught in three pinned seeds by fabric-sim's
+        // anchor alone is caught in two pinned seeds by fabric-sim's
         // `a_torn_log_store_leaves_a_leg_clear_in_every_mix`).
         (
             "no-both-maps-vouch,no-store-anchor",
