@@ -833,7 +833,6 @@ impl VolumeEngine {
                 self.set_state(leg, LegState::Away);
             }
         }
-        self.store_deferred_behind();
         self.retry_stalled();
         self.finish_held();
     }
@@ -856,7 +855,6 @@ impl VolumeEngine {
         self.map = self.map.migration_ended(m.from);
         self.refresh_copy_sets();
         self.set_state(m.to, LegState::Retired);
-        self.store_deferred_behind();
         self.retry_stalled();
         Ok(())
     }
@@ -1046,16 +1044,14 @@ impl VolumeEngine {
                     self.map_store = Some(MapStore::AwaitingStable(generation));
                 }
             }
-            let (image, deferred, anchor_coming) = self.image_to_store();
+            let (image, deferred) = self.image_to_store();
             self.storing_behind = image;
             self.actions
                 .push_back(VolumeAction::PersistLogs { generation });
             if deferred {
+                // Once this store is stable, the next can carry it.
                 self.behind_deferred = true;
-                if anchor_coming {
-                    // Once this store is stable, the next can carry it.
-                    self.log_generation += 1;
-                }
+                self.log_generation += 1;
             } else if self.behind_deferred {
                 self.behind_deferred = false;
                 self.behind_generation = self.behind_generation.max(generation);
@@ -1077,28 +1073,30 @@ impl VolumeEngine {
     /// holds every acknowledged write: none is acknowledged without it
     /// until a store carries its flag (`behind_deferred`), and one can
     /// once this store, which makes the returning leg clear, is stable.
-    /// Returns the flags, whether any was kept back, and whether some
-    /// such copy set has a leg clear now to anchor the next store.
-    fn image_to_store(&self) -> (Vec<bool>, bool, bool) {
+    /// A set with no leg clear now is stored as it is: nothing on it can
+    /// be acknowledged, and holding every write of the volume for it
+    /// would stop the other sets' too. Returns the flags, and whether
+    /// any was kept back.
+    fn image_to_store(&self) -> (Vec<bool>, bool) {
         let mut image: Vec<bool> = self.logs.iter().map(DirtyRegions::behind).collect();
-        let (mut deferred, mut anchor_coming) = (false, false);
+        let mut deferred = false;
         if self.config.sabotage.no_store_anchor {
-            return (image, deferred, anchor_coming);
+            return (image, deferred);
         }
         for set in self.sets_a_restart_may_open() {
             let clear_now = |l: usize| !self.logs[l].behind();
-            if set.iter().any(|&l| clear_now(l) && !self.stored_behind[l]) {
+            let anchored = set.iter().any(|&l| clear_now(l) && !self.stored_behind[l]);
+            if anchored || !set.iter().any(|&l| clear_now(l)) {
                 continue;
             }
             for &l in &set {
                 if !clear_now(l) && !self.stored_behind[l] {
                     image[l] = false;
                     deferred = true;
-                    anchor_coming |= set.iter().any(|&l| clear_now(l));
                 }
             }
         }
-        (image, deferred, anchor_coming)
+        (image, deferred)
     }
 
     /// The copy sets a restart may find, each as it would: while a
@@ -1120,7 +1118,6 @@ impl VolumeEngine {
                 }
             }
         }
-        views.retain(|v: &Vec<usize>| v.len() > 1);
         views
     }
 
@@ -1711,7 +1708,7 @@ impl VolumeEngine {
             self.persist();
         }
         if back_in_sync {
-            self.store_back_in_sync();
+            self.store_new_leg_in_sync();
         }
         self.finish_if_done(id);
         if finished {
@@ -1864,30 +1861,14 @@ impl VolumeEngine {
         }
     }
 
-    /// A leg is back in sync. A switching migration's new leg then holds
-    /// every byte: store a log saying so, which its map store waits for.
-    fn store_back_in_sync(&mut self) {
-        if self.store_deferred_behind() {
-            return;
-        }
+    /// A switching migration's new leg holds every byte: store a log
+    /// saying so, which its map store waits for.
+    fn store_new_leg_in_sync(&mut self) {
         let Some(m) = self.migration else { return };
         if self.map_store == Some(MapStore::AwaitingLog) && !self.logs[m.to].behind() {
             self.log_generation += 1;
             self.persist();
         }
-    }
-
-    /// A fall behind the last store kept back (see `image_to_store`) may
-    /// now have its anchor: a leg back in sync, or copy sets a restart
-    /// no longer opens. Asks for another log store if one was kept
-    /// back; returns whether.
-    fn store_deferred_behind(&mut self) -> bool {
-        let deferred = self.behind_deferred;
-        if deferred {
-            self.log_generation += 1;
-            self.persist();
-        }
-        deferred
     }
 
     /// Whether `leg` still lacks a write acknowledged without it (a
@@ -1928,7 +1909,7 @@ impl VolumeEngine {
             self.persist();
         }
         if state == LegState::InSync {
-            self.store_back_in_sync();
+            self.store_new_leg_in_sync();
         }
         self.actions
             .push_back(VolumeAction::LegChanged { leg, state });
@@ -2227,7 +2208,7 @@ impl VolumeEngine {
             {
                 m.switching = true;
                 self.map_store = Some(MapStore::AwaitingLog);
-                self.store_back_in_sync();
+                self.store_new_leg_in_sync();
             }
             self.retry_stalled();
             return self.drive_resync();

@@ -398,9 +398,11 @@ impl World {
 
     /// A copy set a restart may open (by leg names) in which every leg
     /// could be behind after a crash tore the store of `logs`, keeping
-    /// each leg's new log or the stored one, while the stored logs have
-    /// a leg of it clear. The restart would then trust the first leg,
-    /// which may lack acknowledged writes.
+    /// each leg's new log or the stored one, while the stored logs and
+    /// `logs` each have a leg of it clear. The restart would then trust
+    /// the first leg, which may lack acknowledged writes. (A set with
+    /// no leg clear in `logs` has lost every copy in sync; the restart
+    /// falls back on its first leg whatever the tear.)
     fn store_tears_to_all_behind(&self, logs: &[(String, Vec<u8>)]) -> Option<Vec<String>> {
         let stored = self.stored.as_ref()?;
         let clear = |logs: &[(String, Vec<u8>)], name: &str| {
@@ -430,6 +432,7 @@ impl World {
             .map(|v| v.iter().map(|&l| leaves[l].clone()).collect::<Vec<_>>())
             .find(|v| {
                 v.iter().any(|n| clear(stored, n))
+                    && v.iter().any(|n| clear(logs, n))
                     && !v.iter().any(|n| clear(stored, n) && clear(logs, n))
             })
     }
