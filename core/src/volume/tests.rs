@@ -1010,16 +1010,25 @@ impl World {
         }
     }
 
-    /// Submits a 4 KiB write at 8192 and answers it on `leg` alone, every
-    /// log store done before and after.
-    fn write_answered_only_by(&mut self, user: u64, leg: usize) {
-        let data = bytes::Bytes::from(vec![0x5a; 4096]);
-        self.engine
-            .submit(user, IoRequest::write(8192, data, false), self.now);
+    /// Submits a 4 KiB stamped write at `offset`, stores every log it asks
+    /// for, and answers it on `leg`; the other legs' copies stay pending
+    /// and nothing after the answer is drained.
+    fn write_taken_by(&mut self, user: u64, offset: u64, leg: usize) {
+        self.engine.submit(
+            user,
+            IoRequest::write(offset, stamp(user, 0, 8), false),
+            self.now,
+        );
         self.store_every_log();
         let token = self.take_pending(leg, Op::Write);
         self.engine
             .leg_complete(token, Ok(bytes::Bytes::new()), self.now);
+    }
+
+    /// A 4 KiB write at 8192 answered on `leg` alone, every log store done
+    /// before and after.
+    fn write_answered_only_by(&mut self, user: u64, leg: usize) {
+        self.write_taken_by(user, 8192, leg);
         self.store_every_log();
     }
 
@@ -2126,11 +2135,7 @@ fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_awa
         "the copy stopped",
         |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > 1),
     );
-    w.engine
-        .submit(100, IoRequest::write(0, stamp(100, 0, 8), false), w.now);
-    w.store_every_log();
-    let token = w.take_pending(1, Op::Write);
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.write_taken_by(100, 0, 1);
     w.store_every_log();
     assert_eq!(
         w.completed, 1,
@@ -2197,11 +2202,7 @@ fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_awa
 #[test]
 fn a_log_store_keeps_a_leg_clear_in_it_and_in_the_store_before() {
     let mut w = with_m0_suspended(quorum_one_mirror(3), 23);
-    w.engine
-        .submit(100, IoRequest::write(0, stamp(100, 0, 8), false), w.now);
-    w.store_every_log();
-    let token = w.take_pending(1, Op::Write);
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.write_taken_by(100, 0, 1);
     let late_m2 = w.take_pending(2, Op::Write);
     w.store_every_log();
     assert_eq!(w.completed, 1, "acknowledged on m1's word");
@@ -2211,11 +2212,7 @@ fn a_log_store_keeps_a_leg_clear_in_it_and_in_the_store_before() {
     w.store_every_log();
     assert!(!w.engine.log(2).behind(), "m2 caught up");
     assert!(stored_log(&w, "m2").behind(), "m2's return already stored");
-    w.engine
-        .submit(101, IoRequest::write(8192, stamp(101, 0, 8), false), w.now);
-    w.store_every_log();
-    let token = w.take_pending(2, Op::Write);
-    w.engine.leg_complete(token, Ok(bytes::Bytes::new()), w.now);
+    w.write_taken_by(101, 8192, 2);
     w.drain();
     assert!(w.engine.log(1).behind(), "m1 lags on the write m2 took");
     let storing = |w: &World, name: &str| {
