@@ -53,8 +53,9 @@ use client::{client_body, client_boot, BootSlot, ClientCtx, ClientEnd, ClientRes
 use faults::{bad_blocks, inject, inject_media_errors, LegTarget};
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
-use restart::kill_and_restart;
-use servers::{start_servers, DiskFlags, LegServer};
+use restart::{kill_and_restart, Restarts};
+use servers::start_servers;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,53 +101,15 @@ pub(crate) async fn simulate(
     let key = Key::new(crate::world::seed_bytes(seed, 1).to_vec());
     let layout = Layout::of(scenario);
     let restart = scenario.restarts_its_client();
-    // Half the seeds of several groups move a leg too (their own stream
-    // decides). Of the scenarios whose client restarts only
-    // `migrate-restart` does, so that the others keep their pinned seeds.
-    let restarts_moving = matches!(scenario, Scenario::MigrateRestart | Scenario::MigrateQuorum);
-    let migrate = scenario == Scenario::Migrate
-        || restarts_moving
-        || (layout.grouped() && !restart && SplitMix64::new(seed ^ 0x0057_21fe).chance(0.5));
-    // In half the seeds of a restarting client whose leg moves it dies
-    // mid-switch, after the first store of the new map failed.
-    let mid_switch_crash = restarts_moving && SplitMix64::new(seed ^ MID_SWITCH_DRAW).chance(0.5);
-    // When, from which leg, and how many of the first stores of the new
-    // map fail (the driver must try again, writing to both meanwhile).
-    // A copy under the faults' disk stalls can take seconds: a seed that
-    // is to die in its switch starts it in the run's first quarter.
-    let start_within = run_for.as_millis() as u64 / if mid_switch_crash { 4 } else { 2 };
-    let migration = migrate.then(|| {
-        let at = Duration::from_millis(500 + rng.below(start_within));
-        (
-            at,
-            rng.below(layout.legs() as u64) as usize,
-            if mid_switch_crash {
-                MID_SWITCH_STORE_FAILS
-            } else {
-                u64::from(rng.chance(0.5))
-            },
-        )
-    });
+    let (migration, mid_switch_crash) = draw_migration(scenario, seed, layout, run_for, &mut rng);
     // The migration's target is one more server node, of its leg's size.
     let sizes: Vec<u64> = (0..layout.legs())
         .chain(migration.map(|(_, from, _)| from))
         .map(|leg| layout.leg_size(leg))
         .collect();
-    let disks: Vec<Arc<Mutex<MemDisk>>> = sizes
-        .iter()
-        .map(|&size| Arc::new(Mutex::new(MemDisk::new(size))))
-        .collect();
-    let disk_flags: Vec<DiskFlags> = disks.iter().map(|_| DiskFlags::default()).collect();
-    let servers = start_servers(&handle, seed, &key, &sabotage, engines, &disks, &disk_flags);
-    let leg_servers: Vec<LegServer> = (0..disks.len())
-        .map(|i| LegServer {
-            handle: handle.clone(),
-            node: servers[i],
-            disk: disks[i].clone(),
-            gone: Arc::default(),
-            turn: Arc::default(),
-        })
-        .collect();
+    let (leg_servers, disk_flags) = start_servers(&handle, seed, &key, &sabotage, engines, &sizes);
+    let disks: Vec<_> = leg_servers.iter().map(|l| l.disk.clone()).collect();
+    let servers: Vec<_> = leg_servers.iter().map(|l| l.node).collect();
     // In half the seeds that move a leg (their own stream decides) the
     // operator shuts the old server down for good once it is retired:
     // nothing the volume does after may wait on it.
@@ -175,16 +138,7 @@ pub(crate) async fn simulate(
         key,
         layout,
         own_checkers,
-        quorum: match scenario {
-            Scenario::MirrorQuorum => Some(2),
-            // A quorum of one lets a write be acknowledged on the moving
-            // leg's word or the new one's alone (engine swarm seed
-            // 20548), a quorum of two on one leg of each.
-            Scenario::MigrateQuorum => {
-                Some(1 + usize::from(SplitMix64::new(seed ^ QUORUM_DRAW).chance(0.5)))
-            }
-            _ => None,
-        },
+        quorum: quorum_of(scenario, seed),
         sabotage,
         migration,
         decommission,
@@ -233,12 +187,6 @@ pub(crate) async fn simulate(
             boot_slot.clone(),
         )
     });
-    // Bad blocks come from their own stream, so the other faults of a
-    // seed stay as they are in `mirror`.
-    let media = bad.map(|legs| {
-        let disks = disks.clone();
-        tokio::spawn(inject_media_errors(seed, disks, legs, run_for))
-    });
     let targets: Vec<LegTarget> = (0..disks.len())
         .map(|i| LegTarget {
             net: NetSim::current(),
@@ -247,10 +195,75 @@ pub(crate) async fn simulate(
             flags: disk_flags[i].clone(),
         })
         .collect();
+    let (faults, mut outages) = strike_legs(&targets, &mut rng, seed, layout, bad, run_for).await;
+    ctx.strikes_over.store(true, Ordering::SeqCst);
+    let mut report = Report {
+        faults,
+        ..Report::empty(seed, scenario)
+    };
+    if let Some(r) = restarter {
+        let restarts = r.await.unwrap_or_default();
+        report.count_restarts(&restarts);
+        outages.extend(restarts.outage);
+    }
+    ctx.faults_over.store(true, Ordering::SeqCst);
+    let result = client_result(work, &done).await;
+    if leg_servers.iter().any(|l| l.gone.load(Ordering::SeqCst)) {
+        report.faults.insert(Fault::RetiredLegGone, 1);
+    }
+    let cuts = ctx.end_power_cuts.load(Ordering::SeqCst);
+    if cuts > 0 {
+        *report.faults.entry(Fault::PowerLoss).or_insert(0) += cuts;
+    }
+    let moved_from = migration.map(|(_, from, _)| from);
+    report.judge_client(result, &ctx, &disks, moved_from, &outages, restart);
+    let moved = *client_now.lock().unwrap();
+    let nodes = servers
+        .into_iter()
+        .chain([client_node.id()])
+        .chain((moved != client_node.id()).then_some(moved));
+    report
+        .violations
+        .extend(crate::world::tear_down(&handle, nodes).await);
+    boot_slot.lock().unwrap().take();
+    report
+}
+
+/// The mirror's write quorum in `scenario` (`None`: every live leg).
+fn quorum_of(scenario: Scenario, seed: u64) -> Option<usize> {
+    match scenario {
+        Scenario::MirrorQuorum => Some(2),
+        // A quorum of one lets a write be acknowledged on the moving
+        // leg's word or the new one's alone (engine swarm seed 20548), a
+        // quorum of two on one leg of each.
+        Scenario::MigrateQuorum => {
+            Some(1 + usize::from(SplitMix64::new(seed ^ QUORUM_DRAW).chance(0.5)))
+        }
+        _ => None,
+    }
+}
+
+/// The faults on the legs for `run_for`, drawn from `rng` (and bad
+/// blocks on the legs `bad` names, if any, from a stream of their own):
+/// how many of each kind struck, and when each leg was out.
+async fn strike_legs(
+    targets: &[LegTarget],
+    rng: &mut SplitMix64,
+    seed: u64,
+    layout: Layout,
+    bad: Option<Vec<usize>>,
+    run_for: Duration,
+) -> (BTreeMap<Fault, u64>, Vec<Outage>) {
+    // Bad blocks come from their own stream, so the other faults of a
+    // seed stay as they are in `mirror`.
+    let media = bad.map(|legs| {
+        let disks = targets.iter().map(|t| t.server.disk.clone()).collect();
+        tokio::spawn(inject_media_errors(seed, disks, legs, run_for))
+    });
     let started = tokio::time::Instant::now();
     let (mut faults, mut outages) = inject(
-        &targets,
-        &mut rng,
+        targets,
+        rng,
         layout.grouped().then_some((seed, layout)),
         started + run_for,
     )
@@ -262,37 +275,57 @@ pub(crate) async fn simulate(
         // judges count it as troubled then, as with any other fault.
         outages.extend(bad);
     }
-    ctx.strikes_over.store(true, Ordering::SeqCst);
-    let mut report = Report {
-        faults,
-        ..Report::empty(seed, scenario)
-    };
-    if let Some(r) = restarter {
-        let restarts = r.await.unwrap_or_default();
-        outages.extend(restarts.outage);
-        let mut count = |fault, n| *report.faults.entry(fault).or_insert(0) += n;
-        if restarts.cut {
-            count(Fault::Partition, 1);
-        }
-        if restarts.late {
-            count(Fault::LateFrames, 1);
-        }
-        if restarts.torn {
-            count(Fault::TornLogStore, 1);
-        }
-        if let Some((cut, power)) = restarts.mid_switch {
-            count(Fault::MidSwitchCrash, 1);
-            count(Fault::Partition, u64::from(cut));
-            count(Fault::PowerLoss, u64::from(power));
-        }
-        count(Fault::ClientCrash, 1);
-        if let Some(cuts) = restarts.end_power_cuts {
-            count(Fault::ClientCrash, 1);
-            count(Fault::PowerLoss, cuts);
-        }
-    }
-    ctx.faults_over.store(true, Ordering::SeqCst);
-    let result = match work {
+    (faults, outages)
+}
+
+/// Whether a leg moves, drawn from `seed`'s stream `rng` and streams of
+/// its own: when, from which leg, and how many of the first stores of
+/// the new map fail; and whether the client dies mid-switch.
+fn draw_migration(
+    scenario: Scenario,
+    seed: u64,
+    layout: Layout,
+    run_for: Duration,
+    rng: &mut SplitMix64,
+) -> (Option<(Duration, usize, u64)>, bool) {
+    let restart = scenario.restarts_its_client();
+    // Half the seeds of several groups move a leg too (their own stream
+    // decides). Of the scenarios whose client restarts only
+    // `migrate-restart` does, so that the others keep their pinned seeds.
+    let restarts_moving = matches!(scenario, Scenario::MigrateRestart | Scenario::MigrateQuorum);
+    let migrate = scenario == Scenario::Migrate
+        || restarts_moving
+        || (layout.grouped() && !restart && SplitMix64::new(seed ^ 0x0057_21fe).chance(0.5));
+    // In half the seeds of a restarting client whose leg moves it dies
+    // mid-switch, after the first store of the new map failed.
+    let mid_switch_crash = restarts_moving && SplitMix64::new(seed ^ MID_SWITCH_DRAW).chance(0.5);
+    // When, from which leg, and how many of the first stores of the new
+    // map fail (the driver must try again, writing to both meanwhile).
+    // A copy under the faults' disk stalls can take seconds: a seed that
+    // is to die in its switch starts it in the run's first quarter.
+    let start_within = run_for.as_millis() as u64 / if mid_switch_crash { 4 } else { 2 };
+    let migration = migrate.then(|| {
+        let at = Duration::from_millis(500 + rng.below(start_within));
+        (
+            at,
+            rng.below(layout.legs() as u64) as usize,
+            if mid_switch_crash {
+                MID_SWITCH_STORE_FAILS
+            } else {
+                u64::from(rng.chance(0.5))
+            },
+        )
+    });
+    (migration, mid_switch_crash)
+}
+
+/// What the client reported: from its task (`work`), or from the last
+/// boot of a client that restarts (`done`).
+async fn client_result(
+    work: Option<tokio::task::JoinHandle<ClientResult>>,
+    done: &Mutex<Option<ClientResult>>,
+) -> Result<ClientResult, String> {
+    match work {
         Some(work) => work.await.map_err(|e| e.to_string()),
         None => loop {
             if let Some(r) = done.lock().unwrap().take() {
@@ -300,63 +333,7 @@ pub(crate) async fn simulate(
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         },
-    };
-    if leg_servers.iter().any(|l| l.gone.load(Ordering::SeqCst)) {
-        report.faults.insert(Fault::RetiredLegGone, 1);
     }
-    let cuts = ctx.end_power_cuts.load(Ordering::SeqCst);
-    if cuts > 0 {
-        *report.faults.entry(Fault::PowerLoss).or_insert(0) += cuts;
-    }
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let moved_from = migration.map(|(_, from, _)| from);
-    let retired = report.add_volume_client(result, layout, moved_from, &mut hash, &outages);
-    // Bad blocks and full disks reach the user only where no copy in
-    // sync could have served, in every boot of the client.
-    for seen in ctx.boots_seen.lock().unwrap().iter_mut() {
-        match seen.history(layout.legs()) {
-            Ok(history) => {
-                let refused = seen.refused.lock().unwrap();
-                let judged = masking(&outages, &refused, layout, moved_from, &history);
-                report.violations.extend(judged.violations);
-            }
-            Err(e) => report.violations.push(format!("client: {e}")),
-        }
-    }
-    // Every mirror's legs that the volume ends with hold the same bytes.
-    report
-        .violations
-        .extend(divergence(&disks, layout, moved_from, &retired));
-    if restart {
-        // The first boot's workers died with it: count what the checkers
-        // saw complete instead.
-        let outstanding: usize = [&checker]
-            .into_iter()
-            .chain(&ctx.own_checkers)
-            .map(|c| c.lock().unwrap().outstanding())
-            .sum();
-        report.ios = next_io.load(Ordering::SeqCst) - 1 - outstanding as u64;
-    }
-    report.trace_hash = hash ^ report.ios;
-    if report.longest_io > crate::world::STALL_LIMIT {
-        report.violations.push(format!(
-            "liveness: an IO took {:?} of virtual time",
-            report.longest_io
-        ));
-    }
-    if report.ios == 0 {
-        report.violations.push("liveness: no IO completed".into());
-    }
-    let moved = *client_now.lock().unwrap();
-    let nodes = servers
-        .into_iter()
-        .chain([client_node.id()])
-        .chain((moved != client_node.id()).then_some(moved));
-    report
-        .violations
-        .extend(crate::world::tear_down(&handle, nodes).await);
-    boot_slot.lock().unwrap().take();
-    report
 }
 
 /// The checker of every read through the volume: errors only where one
@@ -448,6 +425,87 @@ impl Report {
             *hash = (*hash ^ o.trace).wrapping_mul(0x0100_0000_01b3);
         }
         retired
+    }
+
+    /// Counts the faults the client's deaths brought.
+    fn count_restarts(&mut self, restarts: &Restarts) {
+        let mut count = |fault, n| *self.faults.entry(fault).or_insert(0) += n;
+        if restarts.cut {
+            count(Fault::Partition, 1);
+        }
+        if restarts.late {
+            count(Fault::LateFrames, 1);
+        }
+        if restarts.torn {
+            count(Fault::TornLogStore, 1);
+        }
+        if let Some((cut, power)) = restarts.mid_switch {
+            count(Fault::MidSwitchCrash, 1);
+            count(Fault::Partition, u64::from(cut));
+            count(Fault::PowerLoss, u64::from(power));
+        }
+        count(Fault::ClientCrash, 1);
+        if let Some(cuts) = restarts.end_power_cuts {
+            count(Fault::ClientCrash, 1);
+            count(Fault::PowerLoss, cuts);
+        }
+    }
+
+    /// Bad blocks and full disks reach the user only where no copy in
+    /// sync could have served, in every boot of the client.
+    fn judge_refusals(&mut self, ctx: &ClientCtx, outages: &[Outage], moved_from: Option<usize>) {
+        let layout = ctx.layout;
+        for seen in ctx.boots_seen.lock().unwrap().iter_mut() {
+            match seen.history(layout.legs()) {
+                Ok(history) => {
+                    let refused = seen.refused.lock().unwrap();
+                    let judged = masking(outages, &refused, layout, moved_from, &history);
+                    self.violations.extend(judged.violations);
+                }
+                Err(e) => self.violations.push(format!("client: {e}")),
+            }
+        }
+    }
+
+    /// Judges what the client reported and the legs it left: the
+    /// checkers' verdicts, each boot's refusals, the legs' bytes, the IOs
+    /// done and the longest.
+    fn judge_client(
+        &mut self,
+        result: Result<ClientResult, String>,
+        ctx: &ClientCtx,
+        disks: &[Arc<Mutex<MemDisk>>],
+        moved_from: Option<usize>,
+        outages: &[Outage],
+        restarted: bool,
+    ) {
+        let layout = ctx.layout;
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let retired = self.add_volume_client(result, layout, moved_from, &mut hash, outages);
+        self.judge_refusals(ctx, outages, moved_from);
+        // Every mirror's legs that the volume ends with hold the same bytes.
+        self.violations
+            .extend(divergence(disks, layout, moved_from, &retired));
+        if restarted {
+            // The first boot's workers died with it: count what the checkers
+            // saw complete instead.
+            let outstanding: usize = [&ctx.checker]
+                .into_iter()
+                .chain(&ctx.own_checkers)
+                .map(|c| c.lock().unwrap().outstanding())
+                .sum();
+            self.ios = ctx.next_io.load(Ordering::SeqCst) - 1 - outstanding as u64;
+        }
+        self.trace_hash = hash ^ self.ios;
+        if self.longest_io > crate::world::STALL_LIMIT {
+            self.violations.push(format!(
+                "liveness: an IO took {:?} of virtual time",
+                self.longest_io
+            ));
+        }
+        if self.ios == 0 {
+            self.violations.push("liveness: no IO completed".into());
+        }
     }
 }
 

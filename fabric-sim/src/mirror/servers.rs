@@ -75,22 +75,24 @@ pub(super) fn server_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1 + i as u8))
 }
 
-/// A server node per disk, each serving it as export `disk0` (its disks'
-/// full and slow flags outlast its crashes), in node order.
+/// A server node per disk size, each serving a disk of it as export
+/// `disk0`, in node order; with each, its disk's full and slow flags
+/// (they outlast its crashes).
 pub(super) fn start_servers(
     handle: &Handle,
     seed: u64,
     key: &Key,
     sabotage: &[Sabotage],
     engines: usize,
-    disks: &[Arc<Mutex<MemDisk>>],
-    disk_flags: &[DiskFlags],
-) -> Vec<madsim::task::NodeId> {
+    sizes: &[u64],
+) -> (Vec<LegServer>, Vec<DiskFlags>) {
     let mut servers = Vec::new();
-    for (i, disk) in disks.iter().enumerate() {
-        let (disk, key, sabotage) = (disk.clone(), key.clone(), sabotage.to_vec());
-        let (full, slow) = disk_flags[i].clone();
-        let size = disk.lock().unwrap().size();
+    let mut flags = Vec::new();
+    for (i, &size) in sizes.iter().enumerate() {
+        let served = Arc::new(Mutex::new(MemDisk::new(size)));
+        let disk_flags = DiskFlags::default();
+        let (disk, key, sabotage) = (served.clone(), key.clone(), sabotage.to_vec());
+        let (full, slow) = disk_flags.clone();
         let boots = Arc::new(AtomicU64::new(0));
         let node = handle
             .create_node()
@@ -119,8 +121,14 @@ pub(super) fn start_servers(
                 }
             })
             .build();
-        servers.push(node.id());
+        servers.push(LegServer {
+            handle: handle.clone(),
+            node: node.id(),
+            disk: served,
+            gone: Arc::default(),
+            turn: Arc::default(),
+        });
+        flags.push(disk_flags);
     }
-
-    servers
+    (servers, flags)
 }
