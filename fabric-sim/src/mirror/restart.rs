@@ -6,9 +6,10 @@ use super::servers::LegServer;
 use super::{MID_SWITCH_STORE_FAILS, POWER_CUT_HOLD, TORN_STORE_DRAW};
 use crate::judge::Outage;
 use braid_core::rng::SplitMix64;
-use braid_core::testkit::Fault;
+use braid_core::testkit::{Checker, Fault};
 use madsim::net::NetSim;
 use madsim::runtime::Handle;
+use madsim::task::NodeId;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -38,61 +39,138 @@ pub(super) struct Restarts {
 /// (on the same node, or in late seeds on a second one).
 pub(super) fn kill_and_restart(
     handle: &Handle,
-    client: madsim::task::NodeId,
-    servers: &[madsim::task::NodeId],
-    client_now: &Arc<Mutex<madsim::task::NodeId>>,
+    client: NodeId,
+    servers: &[NodeId],
+    client_now: &Arc<Mutex<NodeId>>,
     ctx: &ClientCtx,
     boot_slot: BootSlot,
 ) -> tokio::task::JoinHandle<Restarts> {
-    let (handle, seed, run_for) = (handle.clone(), ctx.seed, ctx.run_for);
-    let checkers: Vec<_> = [ctx.checker.clone()]
-        .into_iter()
-        .chain(ctx.own_checkers.iter().cloned())
-        .collect();
-    let mut rng = SplitMix64::new(seed ^ 0x00c1_1e47);
-    // In half the seeds one leg is cut off as the client dies, with
-    // its writes still in the network, and the cut heals after the
-    // restarted client is running: the dead run's frames then arrive
-    // late, which only fencing makes harmless (seed 90 found it).
-    let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
-    let legs = ctx.layout.legs() as u64;
-    // (A seed that dies mid-switch cuts off the old leg its own way.)
-    let cut_leg =
-        (cut_rng.below(2) == 0 && !ctx.mid_switch_crash).then(|| cut_rng.below(legs) as usize);
-    let cut = cut_leg.map(|leg| servers[leg]);
-    // In half of those the dead run's frames are held until the new
-    // run has its session on that leg. madsim holds a link between
-    // two nodes, where a real network holds one connection's segments
-    // and lets a new connection's through; so the new run starts on a
-    // second client node, and only the dead run's link stays cut.
-    let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
-    let late = cut.is_some() && late_rng.below(2) == 0;
-    let (client_now, boot) = (client_now.clone(), client_boot(boot_slot));
-    let (end_crash, workers_stopped) = (ctx.end_crash, ctx.workers_stopped.clone());
-    let (leg_servers, strikes_over) = (ctx.leg_servers.clone(), ctx.strikes_over.clone());
-    // In half the seeds the client dies in the middle of storing its
-    // legs' logs (the first store after the drawn moment). Only copies
-    // keep logs: a stripe of single legs stores none.
-    let mirrored = ctx.layout.groups.iter().any(|g| g.len() > 1);
-    let tear =
-        mirrored && !ctx.mid_switch_crash && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
-    let logs = ctx.logs.clone();
-    let mid_switch = ctx
-        .migration
-        .filter(|_| ctx.mid_switch_crash)
-        .map(|(_, from, _)| MidSwitch {
-            map: ctx.map.clone(),
-            old_leg: from,
-            old: ctx.leg_servers[from].clone(),
-            rng: SplitMix64::new(seed ^ 0x0c07_0ff5),
-            cut_from: None,
-            power_cut: None,
-        });
-    tokio::spawn(async move {
+    let death = Death::draw(handle, client, servers, client_now, ctx, boot_slot);
+    tokio::spawn(death.run())
+}
+
+/// How the client dies mid-run and comes back: drawn before the run
+/// starts, each choice from a stream of its own.
+struct Death {
+    handle: Handle,
+    /// The client's first node.
+    client: NodeId,
+    ctx: ClientCtx,
+    boot_slot: BootSlot,
+    /// The node the client runs on now.
+    client_now: Arc<Mutex<NodeId>>,
+    /// Every checker of the workload: writes not yet flushed may go back
+    /// once the client dies.
+    checkers: Vec<Arc<Mutex<Checker>>>,
+    rng: SplitMix64,
+    cut_rng: SplitMix64,
+    late_rng: SplitMix64,
+    /// The leg cut off as the client dies, and its server.
+    cut: Option<(usize, NodeId)>,
+    /// The dead run's frames to that leg are held until the new run has
+    /// its session there.
+    late: bool,
+    /// The client dies in the middle of a log store.
+    tear: bool,
+    /// The client dies mid-switch, if it is to and the switch comes.
+    mid_switch: Option<MidSwitch>,
+}
+
+impl Death {
+    fn draw(
+        handle: &Handle,
+        client: NodeId,
+        servers: &[NodeId],
+        client_now: &Arc<Mutex<NodeId>>,
+        ctx: &ClientCtx,
+        boot_slot: BootSlot,
+    ) -> Death {
+        let seed = ctx.seed;
+        let checkers = [ctx.checker.clone()]
+            .into_iter()
+            .chain(ctx.own_checkers.iter().cloned())
+            .collect();
+        // In half the seeds one leg is cut off as the client dies, with
+        // its writes still in the network, and the cut heals after the
+        // restarted client is running: the dead run's frames then arrive
+        // late, which only fencing makes harmless (seed 90 found it).
+        let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
+        let legs = ctx.layout.legs() as u64;
+        // (A seed that dies mid-switch cuts off the old leg its own way.)
+        let cut_leg =
+            (cut_rng.below(2) == 0 && !ctx.mid_switch_crash).then(|| cut_rng.below(legs) as usize);
+        // In half of those the dead run's frames are held until the new
+        // run has its session on that leg. madsim holds a link between
+        // two nodes, where a real network holds one connection's segments
+        // and lets a new connection's through; so the new run starts on a
+        // second client node, and only the dead run's link stays cut.
+        let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
+        let late = cut_leg.is_some() && late_rng.below(2) == 0;
+        // In half the seeds the client dies in the middle of storing its
+        // legs' logs (the first store after the drawn moment). Only copies
+        // keep logs: a stripe of single legs stores none.
+        let mirrored = ctx.layout.groups.iter().any(|g| g.len() > 1);
+        let tear = mirrored
+            && !ctx.mid_switch_crash
+            && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
+        let mid_switch = ctx
+            .migration
+            .filter(|_| ctx.mid_switch_crash)
+            .map(|(_, from, _)| MidSwitch {
+                map: ctx.map.clone(),
+                old_leg: from,
+                old: ctx.leg_servers[from].clone(),
+                rng: SplitMix64::new(seed ^ 0x0c07_0ff5),
+                cut_from: None,
+                power_cut: None,
+            });
+        Death {
+            handle: handle.clone(),
+            client,
+            ctx: ctx.clone(),
+            boot_slot,
+            client_now: client_now.clone(),
+            checkers,
+            rng: SplitMix64::new(seed ^ 0x00c1_1e47),
+            cut_rng,
+            late_rng,
+            cut: cut_leg.map(|leg| (leg, servers[leg])),
+            late,
+            tear,
+            mid_switch,
+        }
+    }
+
+    async fn run(mut self) -> Restarts {
         let net = NetSim::current();
-        let span = run_for.as_millis() as u64 - 4000;
-        let draw = rng.below(span);
-        let mut cut_from = None;
+        self.wait_to_kill(&net).await;
+        let (torn, cut_from) = self.kill(&net).await;
+        let mut outage = self.boot_again(&net, cut_from).await;
+        if let Some(m) = self.mid_switch.as_mut() {
+            outage.extend(m.heal(&net).await);
+        }
+        let end_power_cuts = if self.ctx.end_crash {
+            Some(self.end_crash().await)
+        } else {
+            None
+        };
+        Restarts {
+            cut: self.cut.is_some(),
+            late: self.late,
+            torn,
+            mid_switch: self
+                .mid_switch
+                .map(|m| (m.cut_from.is_some(), m.power_cut.is_some())),
+            outage,
+            end_power_cuts,
+        }
+    }
+
+    /// Until the moment drawn, or for a client to die mid-switch, until
+    /// the switch (from here on it has a [`MidSwitch`] only then).
+    async fn wait_to_kill(&mut self, net: &NetSim) {
+        let span = self.ctx.run_for.as_millis() as u64 - 4000;
+        let draw = self.rng.below(span);
         // Late seeds kill the client in the run's last few seconds, so
         // what the held writes put back has had the new run's writes
         // before it and has few after it to hide it (400 seeds with
@@ -101,14 +179,16 @@ pub(super) fn kill_and_restart(
         // 3.5-2.5 s). madsim retries a held frame at doubling
         // intervals, so they land within about twice as long as they
         // were held, while the run still checks.
-        let kill_at = if late {
+        let kill_at = if self.late {
             span.saturating_sub(500) + draw % 1500
         } else {
             1500 + draw
         };
-        // From here on, only a client that dies mid-switch has one.
-        let mut mid_switch = match mid_switch {
-            Some(mut m) => m.wait_for_the_switch(&net, run_for).await.then_some(m),
+        self.mid_switch = match self.mid_switch.take() {
+            Some(mut m) => m
+                .wait_for_the_switch(net, self.ctx.run_for)
+                .await
+                .then_some(m),
             None => {
                 tokio::time::sleep(Duration::from_millis(kill_at)).await;
                 None
@@ -116,29 +196,41 @@ pub(super) fn kill_and_restart(
         };
         if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
             eprintln!(
-                "{:?} client kill -9 (cut off: {cut:?}, frames held until the next run: {late})",
-                tokio::time::Instant::now()
+                "{:?} client kill -9 (cut off: {:?}, frames held until the next run: {})",
+                tokio::time::Instant::now(),
+                self.cut.map(|(_, server)| server),
+                self.late
             );
         }
-        if let Some(server) = cut {
+    }
+
+    /// Cuts the leg off, kills the client (in the middle of a log store
+    /// if it is to tear one), and cuts the old leg's power in a seed
+    /// dying mid-switch: whether a store was torn, and since when the
+    /// leg is cut off (a late seed's link does not count: the new run
+    /// reaches it).
+    async fn kill(&mut self, net: &NetSim) -> (bool, Option<tokio::time::Instant>) {
+        let mut cut_from = None;
+        if let Some((_, server)) = self.cut {
             // A little before the kill, so frames sent meanwhile are
             // held in the network (those sent earlier arrive anyway).
             // The node, not the link: a partition fault on the same
             // link would otherwise heal it early. Late seeds hold the
             // dead run's link only (a partition fault there may heal
             // it early: that seed then tests less).
-            if late {
-                net.clog_link(client, server);
-                net.clog_link(server, client);
+            if self.late {
+                net.clog_link(self.client, server);
+                net.clog_link(server, self.client);
             } else {
                 net.clog_node(server);
                 cut_from = Some(tokio::time::Instant::now());
             }
-            tokio::time::sleep(Duration::from_millis(20 + cut_rng.below(400))).await;
+            tokio::time::sleep(Duration::from_millis(20 + self.cut_rng.below(400))).await;
         }
         let mut torn = false;
-        if tear {
-            logs.tear_next_store(client, SplitMix64::new(seed ^ 0x0054_4541));
+        if self.tear {
+            let logs = &self.ctx.logs;
+            logs.tear_next_store(self.client, SplitMix64::new(self.ctx.seed ^ 0x0054_4541));
             // Under the workers' writes a store comes with nearly every
             // change of a leg's marks; a run with none for a second (a
             // leg out for long, the workers waiting) dies as the others.
@@ -150,51 +242,63 @@ pub(super) fn kill_and_restart(
             }
         }
         if !torn {
-            handle.kill(client);
+            self.handle.kill(self.client);
         }
-        for checker in &checkers {
+        for checker in &self.checkers {
             checker.lock().unwrap().unflushed_may_revert();
         }
-        if let Some(m) = mid_switch.as_mut() {
+        if let Some(m) = self.mid_switch.as_mut() {
             m.maybe_cut_power().await;
         }
-        tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
-        if late {
-            let again = handle
+        (torn, cut_from)
+    }
+
+    /// Boots the next run, and heals the cut once it runs: the leg's
+    /// outage, for the judges (the new run is judged as any run is).
+    async fn boot_again(
+        &mut self,
+        net: &NetSim,
+        cut_from: Option<tokio::time::Instant>,
+    ) -> Vec<Outage> {
+        tokio::time::sleep(Duration::from_millis(100 + self.rng.below(900))).await;
+        if self.late {
+            let again = self
+                .handle
                 .create_node()
                 .name("client-again")
                 .ip(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 101)))
-                .init(boot)
+                .init(client_boot(self.boot_slot.clone()))
                 .build();
-            *client_now.lock().unwrap() = again.id();
+            *self.client_now.lock().unwrap() = again.id();
         } else {
-            handle.restart(client);
+            self.handle.restart(self.client);
         }
-        match cut {
-            Some(server) if late => {
+        match self.cut {
+            Some((_, server)) if self.late => {
                 // The new run connects to every leg at once; its
                 // session there ends the dead run's before these
                 // frames arrive.
-                tokio::time::sleep(Duration::from_millis(500 + late_rng.below(1500))).await;
-                net.unclog_link(client, server);
-                net.unclog_link(server, client);
+                let hold = 500 + self.late_rng.below(1500);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                net.unclog_link(self.client, server);
+                net.unclog_link(server, self.client);
             }
-            Some(server) => {
+            Some((_, server)) => {
                 // The restarted client attaches without the leg
                 // meanwhile (as `braid attach` does) and resyncs it on
                 // return. The held frames land on their next retry
                 // (madsim doubles the interval); with fencing off some
                 // of these seeds fail too (46, 154 and 174 of the first
                 // 200), but the late seeds are the ones made for it.
-                tokio::time::sleep(Duration::from_millis(1000 + cut_rng.below(3000))).await;
+                let hold = 1000 + self.cut_rng.below(3000);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
                 net.unclog_node(server);
             }
             None => {}
         }
-        // The new run judged as any run is: that leg was out meanwhile.
-        let mut outage: Vec<Outage> = cut_leg
+        self.cut
             .zip(cut_from)
-            .map(|(leg, from)| Outage {
+            .map(|((leg, _), from)| Outage {
                 leg,
                 kind: Fault::Partition,
                 from,
@@ -202,49 +306,44 @@ pub(super) fn kill_and_restart(
                 bad_bytes: None,
             })
             .into_iter()
-            .collect();
-        if let Some(m) = mid_switch.as_mut() {
-            outage.extend(m.heal(&net).await);
+            .collect()
+    }
+
+    /// Once the workers have stopped and every fault has healed, kills
+    /// the client again, its last writes unflushed, with each leg losing
+    /// power at even odds (a cache the dead run left is lost or kept
+    /// whole), and boots the run that reads everything back: how many
+    /// legs lost power.
+    async fn end_crash(&mut self) -> u64 {
+        let ctx = &self.ctx;
+        while !ctx.workers_stopped.load(Ordering::SeqCst)
+            || !ctx.strikes_over.load(Ordering::SeqCst)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let mut end = None;
-        if end_crash {
-            while !workers_stopped.load(Ordering::SeqCst) || !strikes_over.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let node = *client_now.lock().unwrap();
-            handle.kill(node);
-            for checker in &checkers {
-                checker.lock().unwrap().unflushed_may_revert();
-            }
-            // Each leg loses power with even odds as the client dies: a
-            // cache the dead run left is lost or kept whole.
-            let mut power_rng = SplitMix64::new(seed ^ 0x0e4d_c0a7);
-            let mut cuts = 0;
-            for leg in &leg_servers {
-                if power_rng.chance(0.5) {
-                    leg.lose_power(POWER_CUT_HOLD).await;
-                    cuts += 1;
-                }
-            }
-            if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                eprintln!(
-                    "{:?} client kill -9 as its workers stop; {cuts} legs lost power",
-                    tokio::time::Instant::now()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100 + rng.below(900))).await;
-            handle.restart(node);
-            end = Some(cuts);
+        let node = *self.client_now.lock().unwrap();
+        self.handle.kill(node);
+        for checker in &self.checkers {
+            checker.lock().unwrap().unflushed_may_revert();
         }
-        Restarts {
-            cut: cut.is_some(),
-            late,
-            torn,
-            mid_switch: mid_switch.map(|m| (m.cut_from.is_some(), m.power_cut.is_some())),
-            outage,
-            end_power_cuts: end,
+        let mut power_rng = SplitMix64::new(ctx.seed ^ 0x0e4d_c0a7);
+        let mut cuts = 0;
+        for leg in &ctx.leg_servers {
+            if power_rng.chance(0.5) {
+                leg.lose_power(POWER_CUT_HOLD).await;
+                cuts += 1;
+            }
         }
-    })
+        if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+            eprintln!(
+                "{:?} client kill -9 as its workers stop; {cuts} legs lost power",
+                tokio::time::Instant::now()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100 + self.rng.below(900))).await;
+        self.handle.restart(node);
+        cuts
+    }
 }
 
 /// The death of a `migrate-restart` client mid-switch, and what it does
