@@ -6,7 +6,7 @@ use super::{PORT, POWER_CUT_HOLD, WORKERS};
 use crate::judge::{LegHistory, Window};
 use crate::layout::{Layout, Zones};
 use crate::logs::MemLogs;
-use crate::workload::{shared_worker, Failed, SharedPlan};
+use crate::workload::{shared_worker, Failed, Outcome, SharedPlan};
 use braid_core::auth::Key;
 use braid_core::client::ClientConfig;
 use braid_core::rng::SplitMix64;
@@ -113,10 +113,10 @@ impl BootSeen {
 /// What the client node reports.
 pub(super) struct ClientEnd {
     /// The shared workers' outcomes, then the checkers'.
-    pub(super) outcomes: Vec<crate::workload::Outcome>,
+    pub(super) outcomes: Vec<Outcome>,
     /// A volume of several groups: the outcomes of the workers of a
     /// group's own zone, each with its group.
-    pub(super) own: Vec<(usize, crate::workload::Outcome)>,
+    pub(super) own: Vec<(usize, Outcome)>,
     pub(super) stats: braid_core::volume::VolumeStats,
     /// The legs retired, by node.
     pub(super) retired: Vec<usize>,
@@ -161,131 +161,23 @@ pub(super) async fn client_body(ctx: ClientCtx) -> ClientResult {
     // boot before stored the switch.
     let switched = ctx.map.switched.load(Ordering::SeqCst);
     let moved_from = ctx.migration.map(|(_, from, _)| from);
-    let node_of = |leg: usize| match moved_from {
-        Some(from) if switched && leg == from => layout.legs(),
-        _ => leg,
-    };
-    let legs = connect_legs(&ctx, run, boot, node_of).await?;
-    let map = VolumeMap::new(&layout.spec(ctx.quorum, node_of), |name| {
-        let node: usize = name.strip_prefix("leg")?.parse().ok()?;
-        // The new leg's node has the size of the leg it replaces.
-        let leg = match moved_from {
-            Some(from) if node == layout.legs() => from,
-            _ => node,
-        };
-        Some(LegInfo {
-            size: layout.leg_size(leg),
-            block_size: 512,
-            read_only: false,
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    let mut config = VolumeConfig {
-        region: 64 << 10,
-        resync_rate: 16 << 20,
-        max_leg_io: 256 << 10,
-        ..VolumeConfig::default()
-    };
-    for s in &ctx.sabotage {
-        s.apply_volume(&mut config.sabotage);
-    }
-    let leg_timeout = if ctx.sabotage.contains(&Sabotage::NoLegTimeout) {
-        Duration::from_secs(60)
-    } else {
-        Duration::from_secs(1)
-    };
-    // Kept to see that a retired leg's session is let go.
-    let leg_clients = legs.clone();
-    let volume = Volume::start(map, legs, config, ctx.logs.clone(), leg_timeout)?;
+    let (volume, leg_clients) = open_volume(&ctx, run, boot, switched).await?;
     let refused: Arc<Mutex<Vec<Failed>>> = Arc::default();
     ctx.boots_seen.lock().unwrap().push(BootSeen {
         legs: volume.watch_legs(),
         refused: refused.clone(),
     });
-    // A boot that opens the old map moves the leg (again, if a boot
-    // before died before its switch was stored: an operator would run
-    // the migration again), later boots soon after they start.
-    let mover = ctx.migration.filter(|_| !switched).map(|plan| {
-        let (volume, key) = (volume.clone(), ctx.key.clone());
-        let plan = match plan {
-            plan if boot == 0 => plan,
-            (_, from, _) => (Duration::from_millis(300), from, 0),
-        };
-        let to = Mover {
-            node: ctx.layout.legs(),
-            boot,
-            map: ctx.map.clone(),
-        };
-        tokio::spawn(migrate(volume, key, ctx.seed, run, plan, to))
-    });
-    if let (Some(old_server), Some((_, from, _))) = (ctx.decommission.clone(), ctx.migration) {
-        let mut legs = volume.watch_legs();
-        let old = format!("leg{from}");
-        tokio::spawn(async move {
-            while let Some(change) = legs.recv().await {
-                if change.leg == old && change.state == LegState::Retired {
-                    if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                        eprintln!(
-                            "{:?} {old} retired: its server shut down for good",
-                            change.at
-                        );
-                    }
-                    return old_server.decommission();
-                }
-            }
-        });
-    }
+    let mover = (!switched)
+        .then(|| start_migration(&ctx, &volume, run, boot))
+        .flatten();
+    decommission_once_retired(&ctx, &volume);
     let zones = Zones::of(ctx.layout);
     // Fixed from the start when the client restarts; else from now.
     let until = ctx
         .until
         .unwrap_or_else(|| tokio::time::Instant::now() + ctx.run_for);
-    let plan =
-        |id: u64, (zone_start, zone_sectors), checker: &Arc<Mutex<_>>, flushes, seams| SharedPlan {
-            id,
-            zone_start,
-            zone_sectors,
-            checker: checker.clone(),
-            next_io: ctx.next_io.clone(),
-            seed: ctx.seed,
-            until,
-            flushes,
-            seams,
-            refusals_to: Some(refused.clone()),
-        };
     let workers_from = tokio::time::Instant::now();
-    // A FLUSH waits for every leg: a worker of one leg's own sends none.
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            plan(
-                0x80 | w,
-                zones.shared,
-                &ctx.checker,
-                true,
-                zones.seams.clone(),
-            )
-        })
-        .chain(
-            zones
-                .own
-                .iter()
-                .zip(&ctx.own_checkers)
-                .map(|(&(group, zone), checker)| {
-                    plan(0x40 | group as u64, zone, checker, false, Vec::new())
-                }),
-        )
-        .map(|plan| tokio::spawn(shared_worker(volume.clone(), plan)))
-        .collect();
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
-    }
-    let own = zones
-        .own
-        .iter()
-        .map(|&(group, _)| group)
-        .zip(outcomes.split_off(WORKERS as usize))
-        .collect();
+    let (mut outcomes, own) = run_workers(&ctx, &volume, &zones, until, refused).await?;
     if let Some(m) = mover {
         m.await.map_err(|e| format!("migration task: {e}"))??;
     }
@@ -334,6 +226,160 @@ pub(super) async fn client_body(ctx: ClientCtx) -> ClientResult {
             until,
         },
     })
+}
+
+/// The volume this boot opens, over a client per leg (`switched`: a
+/// boot before stored the migration's switch), and those clients.
+async fn open_volume(
+    ctx: &ClientCtx,
+    run: braid_core::client::Identity,
+    boot: u64,
+    switched: bool,
+) -> Result<(Volume, HashMap<String, Client>), String> {
+    let layout = ctx.layout;
+    let moved_from = ctx.migration.map(|(_, from, _)| from);
+    let node_of = |leg: usize| match moved_from {
+        Some(from) if switched && leg == from => layout.legs(),
+        _ => leg,
+    };
+    let legs = connect_legs(ctx, run, boot, node_of).await?;
+    let map = VolumeMap::new(&layout.spec(ctx.quorum, node_of), |name| {
+        let node: usize = name.strip_prefix("leg")?.parse().ok()?;
+        // The new leg's node has the size of the leg it replaces.
+        let leg = match moved_from {
+            Some(from) if node == layout.legs() => from,
+            _ => node,
+        };
+        Some(LegInfo {
+            size: layout.leg_size(leg),
+            block_size: 512,
+            read_only: false,
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    let mut config = VolumeConfig {
+        region: 64 << 10,
+        resync_rate: 16 << 20,
+        max_leg_io: 256 << 10,
+        ..VolumeConfig::default()
+    };
+    for s in &ctx.sabotage {
+        s.apply_volume(&mut config.sabotage);
+    }
+    let leg_timeout = if ctx.sabotage.contains(&Sabotage::NoLegTimeout) {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(1)
+    };
+    // Kept to see that a retired leg's session is let go.
+    let leg_clients = legs.clone();
+    let volume = Volume::start(map, legs, config, ctx.logs.clone(), leg_timeout)?;
+    Ok((volume, leg_clients))
+}
+
+/// A boot that opens the old map moves the leg (again, if a boot before
+/// died before its switch was stored: an operator would run the
+/// migration again), later boots soon after they start.
+fn start_migration(
+    ctx: &ClientCtx,
+    volume: &Volume,
+    run: braid_core::client::Identity,
+    boot: u64,
+) -> Option<tokio::task::JoinHandle<Result<(), String>>> {
+    ctx.migration.map(|plan| {
+        let (volume, key) = (volume.clone(), ctx.key.clone());
+        let plan = match plan {
+            plan if boot == 0 => plan,
+            (_, from, _) => (Duration::from_millis(300), from, 0),
+        };
+        let to = Mover {
+            node: ctx.layout.legs(),
+            boot,
+            map: ctx.map.clone(),
+        };
+        tokio::spawn(migrate(volume, key, ctx.seed, run, plan, to))
+    })
+}
+
+/// In the seeds that decommission it, the moved leg's server is shut
+/// down for good the moment the volume retires that leg.
+fn decommission_once_retired(ctx: &ClientCtx, volume: &Volume) {
+    let (Some(old_server), Some((_, from, _))) = (ctx.decommission.clone(), ctx.migration) else {
+        return;
+    };
+    let mut legs = volume.watch_legs();
+    let old = format!("leg{from}");
+    tokio::spawn(async move {
+        while let Some(change) = legs.recv().await {
+            if change.leg == old && change.state == LegState::Retired {
+                if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+                    eprintln!(
+                        "{:?} {old} retired: its server shut down for good",
+                        change.at
+                    );
+                }
+                return old_server.decommission();
+            }
+        }
+    });
+}
+
+/// The workers until `until`: the shared ones over the whole volume, and
+/// one per group of legs over that group's own zone; their outcomes, the
+/// own zones' with their group.
+async fn run_workers(
+    ctx: &ClientCtx,
+    volume: &Volume,
+    zones: &Zones,
+    until: tokio::time::Instant,
+    refused: Arc<Mutex<Vec<Failed>>>,
+) -> Result<(Vec<Outcome>, Vec<(usize, Outcome)>), String> {
+    let plan =
+        |id: u64, (zone_start, zone_sectors), checker: &Arc<Mutex<_>>, flushes, seams| SharedPlan {
+            id,
+            zone_start,
+            zone_sectors,
+            checker: checker.clone(),
+            next_io: ctx.next_io.clone(),
+            seed: ctx.seed,
+            until,
+            flushes,
+            seams,
+            refusals_to: Some(refused.clone()),
+        };
+    // A FLUSH waits for every leg: a worker of one leg's own sends none.
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            plan(
+                0x80 | w,
+                zones.shared,
+                &ctx.checker,
+                true,
+                zones.seams.clone(),
+            )
+        })
+        .chain(
+            zones
+                .own
+                .iter()
+                .zip(&ctx.own_checkers)
+                .map(|(&(group, zone), checker)| {
+                    plan(0x40 | group as u64, zone, checker, false, Vec::new())
+                }),
+        )
+        .map(|plan| tokio::spawn(shared_worker(volume.clone(), plan)))
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.map_err(|e| format!("worker panicked: {e}"))?);
+    }
+    let own = zones
+        .own
+        .iter()
+        .map(|&(group, _)| group)
+        .zip(outcomes.split_off(WORKERS as usize))
+        .collect();
+    Ok((outcomes, own))
 }
 
 /// A migrated leg's session is let go once it retires: nothing is left
