@@ -125,6 +125,23 @@ fn has_nextest() -> bool {
 }
 
 fn ci() -> Result<(), String> {
+    lint()?;
+    build_like_ci()?;
+    check_fuzz_targets()?;
+    test(&[])?;
+    conformance(&[])?;
+    simulations()?;
+    madsim_unit_tests()?;
+    madsim_teeth()?;
+    soaks()
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Formatting and clippy, with and without TLS.
+fn lint() -> Result<(), String> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run("format check", fmt)?;
@@ -156,12 +173,11 @@ fn ci() -> Result<(), String> {
         "-D",
         "warnings",
     ]);
-    run("clippy without TLS", without_tls)?;
-    build_like_ci()?;
-    check_fuzz_targets()?;
-    test(&[])?;
-    conformance(&[])?;
-    let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    run("clippy without TLS", without_tls)
+}
+
+/// The seeded sweeps at both levels, each run twice to check determinism.
+fn simulations() -> Result<(), String> {
     sim(&args(&[
         "--seeds",
         "300",
@@ -220,10 +236,12 @@ fn ci() -> Result<(), String> {
         "--engines",
         "3",
         "--check-determinism",
-    ]))?;
-    madsim_unit_tests()?;
-    // Teeth at the madsim level: each mechanism switched off must be
-    // noticed within a few seeds of its scenario.
+    ]))
+}
+
+/// Teeth at the madsim level: each mechanism switched off must be
+/// noticed within a few seeds of its scenario.
+fn madsim_teeth() -> Result<(), String> {
     // The restart gate's window needs a write seen but unanswered when
     // the power goes: about one power-loss seed in 16 opens it (see
     // fabric-sim's disk), so it runs a hundred, where a single pinned
@@ -307,6 +325,12 @@ fn ci() -> Result<(), String> {
             "--expect-violation",
         ]))?;
     }
+    Ok(())
+}
+
+/// The real daemon under kill -9 and the fault proxy, on one export and
+/// on each volume layout.
+fn soaks() -> Result<(), String> {
     soak(&args(&["--duration", "20"]))?;
     // The same with the server as three engines, under kill -9 too.
     soak(&args(&["--duration", "15", "--engines", "3"]))?;
