@@ -1591,11 +1591,15 @@ impl VolumeEngine {
 
     /// Acknowledges and finishes a part as its copies answer.
     fn part_progress(&mut self, id: u64, p: usize) {
+        let Some(vouched) = self.part_vouched(id, p) else {
+            return;
+        };
         let region_size = self.logs[0].region_size();
         let Some(io) = self.ios.get_mut(&id) else {
             return;
         };
         let offset = io.io.offset;
+        let mutates = io.io.op.mutates();
         let part = &mut io.parts[p];
         let PartState::Sent {
             acked,
@@ -1607,43 +1611,6 @@ impl VolumeEngine {
         };
         let start = offset + part.seg.at;
         let regions = start / region_size..=(start + part.seg.len - 1) / region_size;
-        // A write acknowledged at quorum, without the legs still
-        // writing it, needs a leg that answered and that no stored log
-        // calls behind: a restarted client trusts that one. Else it waits
-        // for every leg, as without a quorum. A switching migration's old
-        // leg vouches for no one, as in `can_leave`: it is about to
-        // retire, and if a leg the write went on without then failed it,
-        // the old leg would be the only one to hold it (swarm seed 827).
-        // Nor does the new leg vouch for the old one while no other leg
-        // of the old map could: a restart on the old map would find no
-        // leg that holds the write with a log that says so. And until
-        // the new map is stored a restart may open either map, so a leg
-        // of each must vouch: the new leg alone would leave the old map
-        // with every leg that lagged on this write behind, and a restart
-        // trusting the first of them (swarm seed 20548: a quorum-1
-        // mirror, its one leg the old map trusted marked behind by this
-        // very write, and the restart read older data from a leg that
-        // had been away).
-        let mutates = io.io.op.mutates();
-        let switching = self.migration.filter(|m| m.switching);
-        let old_leg_unvouched = switching.is_some_and(|m| {
-            waiting.contains(&m.from)
-                && (self.old_leg_kept || !Self::old_map_covered(&self.legs, &self.logs, m))
-        });
-        let vouches_on_a_map_without = |left_out: Option<usize>| {
-            part.seg.copies.iter().any(|c| {
-                !waiting.contains(&c.leaf)
-                    && Some(c.leaf) != left_out
-                    && self.legs[c.leaf].state == LegState::InSync
-                    && !self.logs[c.leaf].behind()
-            })
-        };
-        let vouched = !mutates
-            || waiting.is_empty()
-            || (!old_leg_unvouched
-                && vouches_on_a_map_without(switching.map(|m| m.from))
-                && (self.config.sabotage.no_both_maps_vouch
-                    || switching.is_none_or(|m| vouches_on_a_map_without(Some(m.to)))));
         let mut flagged = false;
         if *acked >= *needed && !part.acknowledged && vouched {
             part.acknowledged = true;
@@ -1715,6 +1682,54 @@ impl VolumeEngine {
             // A copy waiting for this part's bytes may start.
             self.continue_resync();
         }
+    }
+
+    /// Whether part `p` of IO `id` may be acknowledged on the answers
+    /// so far (`None`: it is not in flight). A write acknowledged at
+    /// quorum, without the legs still writing it, needs a leg that
+    /// answered and that no stored log calls behind: a restarted
+    /// client trusts that one. Else it waits for every leg, as
+    /// without a quorum. A switching migration's old leg vouches for
+    /// no one, as in `can_leave`: it is about to retire, and if a leg
+    /// the write went on without then failed it, the old leg would be
+    /// the only one to hold it (swarm seed 827). Nor does the new leg
+    /// vouch for the old one while no other leg of the old map could:
+    /// a restart on the old map would find no leg that holds the
+    /// write with a log that says so. And until the new map is stored
+    /// a restart may open either map, so a leg of each must vouch:
+    /// the new leg alone would leave the old map with every leg that
+    /// lagged on this write behind, and a restart trusting the first
+    /// of them (swarm seed 20548: a quorum-1 mirror, its one leg the
+    /// old map trusted marked behind by this very write, and the
+    /// restart read older data from a leg that had been away).
+    fn part_vouched(&self, id: u64, p: usize) -> Option<bool> {
+        let io = self.ios.get(&id)?;
+        let part = &io.parts[p];
+        let PartState::Sent { waiting, .. } = &part.state else {
+            return None;
+        };
+        let mutates = io.io.op.mutates();
+        let switching = self.migration.filter(|m| m.switching);
+        let old_leg_unvouched = switching.is_some_and(|m| {
+            waiting.contains(&m.from)
+                && (self.old_leg_kept || !Self::old_map_covered(&self.legs, &self.logs, m))
+        });
+        let vouches_on_a_map_without = |left_out: Option<usize>| {
+            part.seg.copies.iter().any(|c| {
+                !waiting.contains(&c.leaf)
+                    && Some(c.leaf) != left_out
+                    && self.legs[c.leaf].state == LegState::InSync
+                    && !self.logs[c.leaf].behind()
+            })
+        };
+        Some(
+            !mutates
+                || waiting.is_empty()
+                || (!old_leg_unvouched
+                    && vouches_on_a_map_without(switching.map(|m| m.from))
+                    && (self.config.sabotage.no_both_maps_vouch
+                        || switching.is_none_or(|m| vouches_on_a_map_without(Some(m.to))))),
+        )
     }
 
     /// Answers the IOs the legs have answered that were held back.
