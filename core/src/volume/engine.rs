@@ -531,47 +531,8 @@ impl VolumeEngine {
                 .map(|_| DirtyRegions::new(map.size(), config.region))
                 .collect::<Result<_, _>>()?,
         };
-        let mut logs = logs;
         let stored_behind: Vec<bool> = logs.iter().map(|l| !restarted || l.behind()).collect();
-        let mut trusted = Self::trusted_after_restart(&logs, &copy_sets, &mirrored);
-        // A source with marks may hold there what no other leg has (or
-        // lack what one has: an unflushed write lost to a power cut while
-        // no client was left to replay it). Its marks are copied to every
-        // other leg of its set, whatever their own logs say, so the legs
-        // agree on the source's version (madsim mirror-quorum seed 34: a
-        // leg resynced before the crash kept a write the source lost).
-        for set in copy_sets.iter().flatten().collect::<BTreeSet<_>>() {
-            let sources: Vec<usize> = set.iter().copied().filter(|&l| trusted[l]).collect();
-            for source in sources {
-                let marked: Vec<u64> = logs[source].dirty_from(0).collect();
-                if marked.is_empty() {
-                    continue;
-                }
-                let size = logs[source].region_size();
-                for &l in set.iter().filter(|&&l| l != source) {
-                    for r in &marked {
-                        logs[l].mark(r * size, 1);
-                    }
-                    trusted[l] = false;
-                }
-            }
-        }
-        // A leg this run starts behind must be stored as behind before any
-        // write it misses is acknowledged, or the next restart could trust
-        // it again.
-        let mut newly_behind = false;
-        for (i, log) in logs.iter_mut().enumerate() {
-            if trusted[i] {
-                // The source of its copy sets: its intent marks name
-                // regions the others copy from it, not the other way.
-                for r in log.dirty_from(0).collect::<Vec<_>>() {
-                    log.clear(r);
-                }
-            }
-            let behind = mirrored[i] && !trusted[i] && log.dirty_count() > 0;
-            newly_behind |= behind && !log.behind();
-            log.set_behind(behind);
-        }
+        let (logs, trusted, newly_behind) = Self::logs_for_this_run(logs, &copy_sets, &mirrored);
         let legs = (0..n)
             .map(|i| Leg {
                 state: if logs[i].dirty_count() > 0 && mirrored[i] {
@@ -632,6 +593,57 @@ impl VolumeEngine {
             }
         }
         Ok(engine)
+    }
+
+    /// The legs' logs as this run starts from those of the last (fresh
+    /// logs on a first start mark nothing), which legs it trusts as the
+    /// source of their copy sets, and whether a leg starts behind that
+    /// was not stored so.
+    fn logs_for_this_run(
+        mut logs: Vec<DirtyRegions>,
+        copy_sets: &[BTreeSet<Vec<usize>>],
+        mirrored: &[bool],
+    ) -> (Vec<DirtyRegions>, Vec<bool>, bool) {
+        let mut trusted = Self::trusted_after_restart(&logs, copy_sets, mirrored);
+        // A source with marks may hold there what no other leg has (or
+        // lack what one has: an unflushed write lost to a power cut while
+        // no client was left to replay it). Its marks are copied to every
+        // other leg of its set, whatever their own logs say, so the legs
+        // agree on the source's version (madsim mirror-quorum seed 34: a
+        // leg resynced before the crash kept a write the source lost).
+        for set in copy_sets.iter().flatten().collect::<BTreeSet<_>>() {
+            let sources: Vec<usize> = set.iter().copied().filter(|&l| trusted[l]).collect();
+            for source in sources {
+                let marked: Vec<u64> = logs[source].dirty_from(0).collect();
+                if marked.is_empty() {
+                    continue;
+                }
+                let size = logs[source].region_size();
+                for &l in set.iter().filter(|&&l| l != source) {
+                    for r in &marked {
+                        logs[l].mark(r * size, 1);
+                    }
+                    trusted[l] = false;
+                }
+            }
+        }
+        // A leg this run starts behind must be stored as behind before any
+        // write it misses is acknowledged, or the next restart could trust
+        // it again.
+        let mut newly_behind = false;
+        for (i, log) in logs.iter_mut().enumerate() {
+            if trusted[i] {
+                // The source of its copy sets: its intent marks name
+                // regions the others copy from it, not the other way.
+                for r in log.dirty_from(0).collect::<Vec<_>>() {
+                    log.clear(r);
+                }
+            }
+            let behind = mirrored[i] && !trusted[i] && log.dirty_count() > 0;
+            newly_behind |= behind && !log.behind();
+            log.set_behind(behind);
+        }
+        (logs, trusted, newly_behind)
     }
 
     /// A settling FLUSH landed (or its leg left): run what no longer
