@@ -1489,23 +1489,7 @@ impl VolumeEngine {
         let sabotaged = self.config.sabotage.no_error_failover
             && matches!(result, Err(IoErrorKind::Media | IoErrorKind::NoSpace));
         let leave = self.can_leave(leg);
-        // A write a switching migration's old leg refused, which the new
-        // leg takes and which nothing lets the old leg leave over: the
-        // new leg holds it, the old leg is about to retire, and the write
-        // is answered once the new map is stored (`old_leg_refused`).
-        // Failing it instead, the new leg was sent away to be copied back
-        // from the old one, which then retired as the only copy in sync
-        // (swarm seed 26548: a quorum-1 mirror, the old leg's bad block
-        // refused a write the new leg, still catching up on writes
-        // acknowledged without it, had taken). The new leg is a copy of
-        // every byte the old one holds.
-        let successor_takes_it = !leave
-            && self.migration.is_some_and(|m| {
-                m.switching
-                    && m.from == leg
-                    && self.legs[m.to].state == LegState::InSync
-                    && self.ios.get(&id).is_some_and(|io| io.io.op.mutates())
-            });
+        let successor_takes_it = !leave && self.successor_takes_it(id, leg);
         // A read the last leg in sync failed, where another copy is in
         // sync but for writes acknowledged without it (at quorum) that
         // have not reached it yet: once they land it holds these bytes.
@@ -1599,6 +1583,25 @@ impl VolumeEngine {
             self.set_state(leg, LegState::Away);
         }
         self.part_progress(id, p);
+    }
+
+    /// Whether a refusal of IO `id` by leg `leg`, which nothing lets it
+    /// leave over, is a write a switching migration's new leg takes from
+    /// it as the old one: the new leg holds it, the old leg is about to
+    /// retire, and the write is answered once the new map is stored
+    /// (`old_leg_refused`). Failing it instead, the new leg was sent away
+    /// to be copied back from the old one, which then retired as the only
+    /// copy in sync (swarm seed 26548: a quorum-1 mirror, the old leg's
+    /// bad block refused a write the new leg, still catching up on writes
+    /// acknowledged without it, had taken). The new leg is a copy of
+    /// every byte the old one holds.
+    fn successor_takes_it(&self, id: u64, leg: usize) -> bool {
+        self.migration.is_some_and(|m| {
+            m.switching
+                && m.from == leg
+                && self.legs[m.to].state == LegState::InSync
+                && self.ios.get(&id).is_some_and(|io| io.io.op.mutates())
+        })
     }
 
     /// Acknowledges and finishes a part as its copies answer.
@@ -1964,6 +1967,22 @@ impl VolumeEngine {
 
     /// Stops waiting for `leg`'s copies: parts complete on the others.
     fn abandon(&mut self, leg: usize) {
+        self.abandon_settles(leg);
+        let retired = self.legs[leg].state == LegState::Retired;
+        self.abandon_flushes(leg, retired);
+        self.abandon_parts(leg, retired);
+        if retired {
+            // Nothing out on it matters any more (the map no longer names
+            // it, and its parts went elsewhere above): its session may
+            // close now rather than wait on a server that may never
+            // answer, and answers that still come are not ours.
+            self.tokens.retain(|_, (l, _)| *l != leg);
+            self.legs[leg].outstanding = 0;
+        }
+    }
+
+    /// Drops leg `leg`'s settling FLUSHes: it is copied before it serves.
+    fn abandon_settles(&mut self, leg: usize) {
         let settles: Vec<u64> = self
             .tokens
             .iter()
@@ -1980,13 +1999,16 @@ impl VolumeEngine {
         if !settles.is_empty() {
             self.settled();
         }
-        // Its FLUSHes too: what it acknowledged is on the legs still in
-        // sync (they flush), and it is resynced before it serves again.
-        // Waiting would hold every FLUSH for as long as it is away (the
-        // soak saw a 10 s stall with a server down for 10 s). A retired
-        // leg's successor got every byte it held by FUA copies, or by
-        // writes sent to both, which later FLUSHes reach.
-        let retired = self.legs[leg].state == LegState::Retired;
+    }
+
+    /// Drops the FLUSHes out on leg `leg`, a mirror's leg or
+    /// `retired`: what it acknowledged is on the legs still in sync
+    /// (they flush), and it is resynced before it serves again.
+    /// Waiting would hold every FLUSH for as long as it is away (the
+    /// soak saw a 10 s stall with a server down for 10 s). A retired
+    /// leg's successor got every byte it held by FUA copies, or by
+    /// writes sent to both, which later FLUSHes reach.
+    fn abandon_flushes(&mut self, leg: usize, retired: bool) {
         let flushes: Vec<(u64, u64)> = self
             .tokens
             .iter()
@@ -2006,6 +2028,13 @@ impl VolumeEngine {
                 self.finish_if_done(io);
             }
         }
+    }
+
+    /// Goes on without leg `leg` in every part still waiting for it: a
+    /// mirrored part's other copies make up its quorum, a read is re-sent
+    /// elsewhere (`retired`: on the current map, as is a retired leg's
+    /// read of a single copy).
+    fn abandon_parts(&mut self, leg: usize, retired: bool) {
         let affected: Vec<(u64, usize)> = self
             .ios
             .iter()
@@ -2057,14 +2086,6 @@ impl VolumeEngine {
                 }
             }
             self.part_progress(id, p);
-        }
-        if retired {
-            // Nothing out on it matters any more (the map no longer names
-            // it, and its parts went elsewhere above): its session may
-            // close now rather than wait on a server that may never
-            // answer, and answers that still come are not ours.
-            self.tokens.retain(|_, (l, _)| *l != leg);
-            self.legs[leg].outstanding = 0;
         }
     }
 
