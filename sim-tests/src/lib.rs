@@ -81,6 +81,7 @@ pub fn scenario(scenario: Scenario, seed: u64, virtual_secs: f64) -> Option<Worl
         | Scenario::MirrorQuorum
         | Scenario::MigrateRestart
         | Scenario::MigrateQuorum
+        | Scenario::MigrateErrors
         | Scenario::Stripe
         | Scenario::StripeRestart
         | Scenario::StripedMirrors

@@ -270,6 +270,10 @@ fn madsim_teeth() -> Result<(), String> {
         // In every boot of a client that restarts (5 of these 16; none
         // when only the last boot's refusals were judged).
         ("no-error-failover", "mirror-restart", "16", "10"),
+        // And where the refusals meet a switch, quorum writes left
+        // lagging and boots on logs (10 of the first 16 seeds, 3 of
+        // these 4).
+        ("no-error-failover", "migrate-errors", "4", "10"),
         // 6 of the first 200 seeds end with legs differing or a read
         // going back in time (35, 66, 98, 125, 149, 192 since session
         // 62's kills in a log store; 5 from session 57's wait for marks

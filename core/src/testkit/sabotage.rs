@@ -144,9 +144,14 @@ impl Sabotage {
                 scenario.restarts_its_client() && scenario.runs_a_mirror()
             }
             Sabotage::NoOldMapHold => {
-                matches!(scenario, Scenario::MigrateRestart | Scenario::MigrateQuorum)
+                matches!(
+                    scenario,
+                    Scenario::MigrateRestart | Scenario::MigrateQuorum | Scenario::MigrateErrors
+                )
             }
-            Sabotage::NoBothMapsVouch => scenario == Scenario::MigrateQuorum,
+            Sabotage::NoBothMapsVouch => {
+                matches!(scenario, Scenario::MigrateQuorum | Scenario::MigrateErrors)
+            }
             Sabotage::NoDirtyLog
             | Sabotage::NoInSyncGate
             | Sabotage::NoFanOut

@@ -91,6 +91,8 @@ pub enum Scenario {
     /// acknowledged at a quorum drawn from the seed; in half the seeds
     /// killed mid-switch.
     MigrateQuorum,
+    /// `MigrateQuorum` with bad blocks appearing on legs and healing.
+    MigrateErrors,
     /// A volume striped over three servers, each the only copy of its
     /// chunks, faults on the legs.
     Stripe,
@@ -109,7 +111,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, at any level.
-    pub const ALL: [Scenario; 29] = [
+    pub const ALL: [Scenario; 30] = [
         Scenario::AllFaults,
         Scenario::Steady,
         Scenario::Frames,
@@ -134,6 +136,7 @@ impl Scenario {
         Scenario::MirrorQuorum,
         Scenario::MigrateRestart,
         Scenario::MigrateQuorum,
+        Scenario::MigrateErrors,
         Scenario::Stripe,
         Scenario::StripeRestart,
         Scenario::StripedMirrors,
@@ -168,6 +171,7 @@ impl Scenario {
             Scenario::MirrorQuorum => "mirror-quorum",
             Scenario::MigrateRestart => "migrate-restart",
             Scenario::MigrateQuorum => "migrate-quorum",
+            Scenario::MigrateErrors => "migrate-errors",
             Scenario::Stripe => "stripe",
             Scenario::StripeRestart => "stripe-restart",
             Scenario::StripedMirrors => "striped-mirrors",
@@ -253,6 +257,12 @@ impl Scenario {
                  leave a leg of each map holding the write, so that a boot on either map \
                  finds it"
             }
+            Scenario::MigrateErrors => {
+                "migrate-quorum with bad blocks appearing on one leg at a time and healing, \
+                 as in mirror-errors: a leg's refusal meets a switch, a write acknowledged \
+                 without a lagging leg, or a boot on logs; the volume hides them while \
+                 another leg is in sync"
+            }
             Scenario::Stripe => {
                 "a volume striped over three server nodes, each the only copy of its chunks; \
                  legs crash, lose power, are cut off, stall or fill, one alone first, and in \
@@ -316,6 +326,7 @@ impl Scenario {
             | Scenario::MirrorQuorum
             | Scenario::MigrateRestart
             | Scenario::MigrateQuorum
+            | Scenario::MigrateErrors
             | Scenario::Stripe
             | Scenario::StripeRestart
             | Scenario::StripedMirrors
@@ -338,6 +349,7 @@ impl Scenario {
                 | Scenario::MirrorQuorum
                 | Scenario::MigrateRestart
                 | Scenario::MigrateQuorum
+                | Scenario::MigrateErrors
                 | Scenario::StripeRestart
         )
     }
@@ -355,6 +367,7 @@ impl Scenario {
                 | Scenario::MirrorQuorum
                 | Scenario::MigrateRestart
                 | Scenario::MigrateQuorum
+                | Scenario::MigrateErrors
                 | Scenario::StripedMirrors
                 | Scenario::Linear
         )

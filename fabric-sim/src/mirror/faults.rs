@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Which nodes grow bad blocks: every one in `mirror-errors`, where the
-/// mirror hides them. In `linear` the plain export, whose bad blocks fail
+/// Which nodes grow bad blocks: every one in `mirror-errors` and
+/// `migrate-errors` (the node a leg moves to aside), where the mirror
+/// hides them. In `linear` the plain export, whose bad blocks fail
 /// IO there as one disk's would, and the mirror's legs too in the seeds
 /// that take none of them down alone first: in those a leg's bad blocks
 /// would leave its partner's outage nothing for the degraded check to
@@ -21,7 +22,7 @@ use std::time::Duration;
 pub(super) fn bad_blocks(scenario: Scenario, layout: Layout, seed: u64) -> Option<Vec<usize>> {
     let legs = 0..layout.legs();
     match scenario {
-        Scenario::MirrorErrors => Some(legs.collect()),
+        Scenario::MirrorErrors | Scenario::MigrateErrors => Some(legs.collect()),
         Scenario::Linear if lone_mirror_leg_first(seed, layout).is_none() => Some(legs.collect()),
         Scenario::Linear => Some(
             legs.filter(|&leg| layout.groups[layout.group_of(leg)].len() == 1)

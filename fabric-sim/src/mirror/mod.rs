@@ -77,7 +77,8 @@ const TORN_STORE_DRAW: u64 = 0x544f_524e_0b29;
 /// client mid-switch.
 const MID_SWITCH_DRAW: u64 = 0x5357_4954_4348;
 
-/// Seeds the stream that decides each `migrate-quorum` seed's quorum.
+/// Seeds the stream that decides each `migrate-quorum` (and
+/// `migrate-errors`) seed's quorum.
 const QUORUM_DRAW: u64 = 0x5155_4f52_554d;
 
 /// How many stores of the new map fail in a seed that kills the client
@@ -236,7 +237,7 @@ fn quorum_of(scenario: Scenario, seed: u64) -> Option<usize> {
         // A quorum of one lets a write be acknowledged on the moving
         // leg's word or the new one's alone (engine swarm seed 20548), a
         // quorum of two on one leg of each.
-        Scenario::MigrateQuorum => {
+        Scenario::MigrateQuorum | Scenario::MigrateErrors => {
             Some(1 + usize::from(SplitMix64::new(seed ^ QUORUM_DRAW).chance(0.5)))
         }
         _ => None,
@@ -292,7 +293,10 @@ fn draw_migration(
     // Half the seeds of several groups move a leg too (their own stream
     // decides). Of the scenarios whose client restarts only
     // `migrate-restart` does, so that the others keep their pinned seeds.
-    let restarts_moving = matches!(scenario, Scenario::MigrateRestart | Scenario::MigrateQuorum);
+    let restarts_moving = matches!(
+        scenario,
+        Scenario::MigrateRestart | Scenario::MigrateQuorum | Scenario::MigrateErrors
+    );
     let migrate = scenario == Scenario::Migrate
         || restarts_moving
         || (layout.grouped() && !restart && SplitMix64::new(seed ^ 0x0057_21fe).chance(0.5));

@@ -435,6 +435,30 @@ fn pinned_quorum_seeds_hold() {
     }
 }
 
+/// The same where the bad blocks meet a migration's switch that the
+/// client dies in, quorum writes left lagging and boots on logs
+/// (`migrate-errors` seeds 4 and 11: killed mid-switch, no media error
+/// reaches the user).
+#[test]
+fn bad_blocks_stay_hidden_through_a_death_mid_switch() {
+    for seed in [4, 11] {
+        let r = clean(Scenario::MigrateErrors, seed);
+        assert!(r.faults.get(&Fault::MediaErrors) > Some(&0), "seed {seed}");
+        assert_eq!(
+            r.faults.get(&Fault::MidSwitchCrash),
+            Some(&1),
+            "seed {seed}"
+        );
+        assert_eq!(r.media_errors, 0, "migrate-errors seed {seed}");
+        caught(
+            Scenario::MigrateErrors,
+            seed,
+            Sabotage::NoErrorFailover,
+            "masking:",
+        );
+    }
+}
+
 /// The operator shuts the old server down for good the moment its
 /// leg retires. Before session 61 a FLUSH still out on it then
 /// waited on it for ever, and so did its worker: each of these
