@@ -45,7 +45,59 @@ pub(super) fn kill_and_restart(
     ctx: &ClientCtx,
     boot_slot: BootSlot,
 ) -> tokio::task::JoinHandle<Restarts> {
-    let death = Death::draw(handle, client, servers, client_now, ctx, boot_slot);
+    let seed = ctx.seed;
+    let checkers = [ctx.checker.clone()]
+        .into_iter()
+        .chain(ctx.own_checkers.iter().cloned())
+        .collect();
+    // In half the seeds one leg is cut off as the client dies, with
+    // its writes still in the network, and the cut heals after the
+    // restarted client is running: the dead run's frames then arrive
+    // late, which only fencing makes harmless (seed 90 found it).
+    let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
+    let legs = ctx.layout.legs() as u64;
+    // (A seed that dies mid-switch cuts off the old leg its own way.)
+    let cut_leg =
+        (cut_rng.below(2) == 0 && !ctx.mid_switch_crash).then(|| cut_rng.below(legs) as usize);
+    // In half of those the dead run's frames are held until the new
+    // run has its session on that leg. madsim holds a link between
+    // two nodes, where a real network holds one connection's segments
+    // and lets a new connection's through; so the new run starts on a
+    // second client node, and only the dead run's link stays cut.
+    let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
+    let late = cut_leg.is_some() && late_rng.below(2) == 0;
+    // In half the seeds the client dies in the middle of storing its
+    // legs' logs (the first store after the drawn moment). Only copies
+    // keep logs: a stripe of single legs stores none.
+    let mirrored = ctx.layout.groups.iter().any(|g| g.len() > 1);
+    let tear =
+        mirrored && !ctx.mid_switch_crash && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
+    let mid_switch = ctx
+        .migration
+        .filter(|_| ctx.mid_switch_crash)
+        .map(|(_, from, _)| MidSwitch {
+            map: ctx.map.clone(),
+            old_leg: from,
+            old: ctx.leg_servers[from].clone(),
+            rng: SplitMix64::new(seed ^ 0x0c07_0ff5),
+            cut_from: None,
+            power_cut: None,
+        });
+    let death = Death {
+        handle: handle.clone(),
+        client,
+        ctx: ctx.clone(),
+        boot_slot,
+        client_now: client_now.clone(),
+        checkers,
+        rng: SplitMix64::new(seed ^ 0x00c1_1e47),
+        cut_rng,
+        late_rng,
+        cut: cut_leg.map(|leg| (leg, servers[leg])),
+        late,
+        tear,
+        mid_switch,
+    };
     tokio::spawn(death.run())
 }
 
@@ -77,70 +129,6 @@ struct Death {
 }
 
 impl Death {
-    fn draw(
-        handle: &Handle,
-        client: NodeId,
-        servers: &[NodeId],
-        client_now: &Arc<Mutex<NodeId>>,
-        ctx: &ClientCtx,
-        boot_slot: BootSlot,
-    ) -> Death {
-        let seed = ctx.seed;
-        let checkers = [ctx.checker.clone()]
-            .into_iter()
-            .chain(ctx.own_checkers.iter().cloned())
-            .collect();
-        // In half the seeds one leg is cut off as the client dies, with
-        // its writes still in the network, and the cut heals after the
-        // restarted client is running: the dead run's frames then arrive
-        // late, which only fencing makes harmless (seed 90 found it).
-        let mut cut_rng = SplitMix64::new(seed ^ 0x0f3e_ce00);
-        let legs = ctx.layout.legs() as u64;
-        // (A seed that dies mid-switch cuts off the old leg its own way.)
-        let cut_leg =
-            (cut_rng.below(2) == 0 && !ctx.mid_switch_crash).then(|| cut_rng.below(legs) as usize);
-        // In half of those the dead run's frames are held until the new
-        // run has its session on that leg. madsim holds a link between
-        // two nodes, where a real network holds one connection's segments
-        // and lets a new connection's through; so the new run starts on a
-        // second client node, and only the dead run's link stays cut.
-        let mut late_rng = SplitMix64::new(seed ^ 0x1a7e_f4a3);
-        let late = cut_leg.is_some() && late_rng.below(2) == 0;
-        // In half the seeds the client dies in the middle of storing its
-        // legs' logs (the first store after the drawn moment). Only copies
-        // keep logs: a stripe of single legs stores none.
-        let mirrored = ctx.layout.groups.iter().any(|g| g.len() > 1);
-        let tear = mirrored
-            && !ctx.mid_switch_crash
-            && SplitMix64::new(seed ^ TORN_STORE_DRAW).chance(0.5);
-        let mid_switch = ctx
-            .migration
-            .filter(|_| ctx.mid_switch_crash)
-            .map(|(_, from, _)| MidSwitch {
-                map: ctx.map.clone(),
-                old_leg: from,
-                old: ctx.leg_servers[from].clone(),
-                rng: SplitMix64::new(seed ^ 0x0c07_0ff5),
-                cut_from: None,
-                power_cut: None,
-            });
-        Death {
-            handle: handle.clone(),
-            client,
-            ctx: ctx.clone(),
-            boot_slot,
-            client_now: client_now.clone(),
-            checkers,
-            rng: SplitMix64::new(seed ^ 0x00c1_1e47),
-            cut_rng,
-            late_rng,
-            cut: cut_leg.map(|leg| (leg, servers[leg])),
-            late,
-            tear,
-            mid_switch,
-        }
-    }
-
     async fn run(mut self) -> Restarts {
         let net = NetSim::current();
         self.wait_to_kill(&net).await;
