@@ -660,17 +660,8 @@ async fn inject(
     run_for: Duration,
     full_windows: &mut Vec<(tokio::time::Instant, tokio::time::Instant)>,
 ) -> BTreeMap<Fault, u64> {
-    let Targets {
-        handle,
-        server,
-        clients,
-        disks,
-        full,
-        slow,
-        keys,
-    } = *targets;
+    let clients = targets.clients;
     let mut faults = BTreeMap::new();
-    let net = NetSim::current();
     let end = tokio::time::Instant::now() + run_for;
     let quiet = Duration::from_secs(2);
     let ms =
@@ -680,34 +671,7 @@ async fn inject(
         if tokio::time::Instant::now() + quiet >= end {
             break;
         }
-        let kinds: &[Fault] = match scenario {
-            Scenario::Partitions => &[Fault::Partition, Fault::OneWayLoss],
-            Scenario::Crash => &[Fault::ServerCrash],
-            Scenario::PowerLoss => &[Fault::PowerLoss],
-            Scenario::Stalls => &[Fault::ServerStall],
-            Scenario::DiskFull => &[Fault::DiskFull],
-            Scenario::SlowDisk => &[Fault::DiskStall],
-            Scenario::ClientStall => &[Fault::ClientStall],
-            Scenario::KeyWithdrawn => &[
-                Fault::KeyWithdrawn,
-                Fault::KeyWithdrawn,
-                Fault::ServerCrash,
-                Fault::Partition,
-            ],
-            Scenario::AllFaults | Scenario::ManyClients => &[
-                Fault::Partition,
-                Fault::OneWayLoss,
-                Fault::ServerCrash,
-                Fault::PowerLoss,
-                Fault::ServerStall,
-                Fault::DiskFull,
-                Fault::DiskStall,
-                Fault::ClientStall,
-            ],
-            // Steady, DiskErrors (bad blocks from the start), and the
-            // engine-only scenarios run_sabotaged refused.
-            _ => &[],
-        };
+        let kinds = fault_kinds(scenario);
         if kinds.is_empty() {
             continue;
         }
@@ -715,70 +679,128 @@ async fn inject(
         // Link faults and client stalls hit one client (of several).
         let client = clients[rng.below(clients.len() as u64) as usize];
         *faults.entry(kind).or_insert(0) += 1;
-        match kind {
-            Fault::Partition => {
-                net.clog_link(client, server);
-                net.clog_link(server, client);
-                tokio::time::sleep(ms(rng, 200, 3000)).await;
-                net.unclog_link(client, server);
-                net.unclog_link(server, client);
-            }
-            Fault::OneWayLoss => {
-                // Either direction: requests held back on the way in can
-                // arrive after the client gave up on their channel.
-                let (from, to) = if rng.chance(0.5) {
-                    (server, client)
-                } else {
-                    (client, server)
-                };
-                net.clog_link(from, to);
-                tokio::time::sleep(ms(rng, 200, 2000)).await;
-                net.unclog_link(from, to);
-            }
-            Fault::ServerCrash => {
-                handle.kill(server);
-                tokio::time::sleep(ms(rng, 50, 1500)).await;
-                handle.restart(server);
-            }
-            Fault::PowerLoss => {
-                handle.kill(server);
-                for disk in disks {
-                    disk.lock().unwrap().lose_power();
-                }
-                tokio::time::sleep(ms(rng, 50, 1500)).await;
-                handle.restart(server);
-            }
-            Fault::DiskFull => {
-                let from = tokio::time::Instant::now();
-                full.store(true, Ordering::SeqCst);
-                tokio::time::sleep(ms(rng, 100, 1500)).await;
-                full.store(false, Ordering::SeqCst);
-                full_windows.push((from, tokio::time::Instant::now()));
-            }
-            Fault::DiskStall => {
-                slow.store(true, Ordering::SeqCst);
-                tokio::time::sleep(ms(rng, 300, 2500)).await;
-                slow.store(false, Ordering::SeqCst);
-            }
-            Fault::ClientStall => {
-                handle.pause(client);
-                tokio::time::sleep(ms(rng, 100, 2500)).await;
-                handle.resume(client);
-            }
-            Fault::KeyWithdrawn => {
-                keys.withdraw().await;
-                tokio::time::sleep(ms(rng, 100, 3000)).await;
-                keys.give_back().await;
-            }
-            Fault::ServerStall => {
-                handle.pause(server);
-                tokio::time::sleep(ms(rng, 100, 2500)).await;
-                handle.resume(server);
-            }
-            engine_only => unreachable!("{engine_only} is drawn only from the lists above"),
-        }
+        strike(kind, client, rng, targets, full_windows).await;
     }
     faults
+}
+
+/// The faults `scenario` draws from (a kind listed twice is drawn twice
+/// as often); none for the scenarios without faults in the mix.
+fn fault_kinds(scenario: Scenario) -> &'static [Fault] {
+    match scenario {
+        Scenario::Partitions => &[Fault::Partition, Fault::OneWayLoss],
+        Scenario::Crash => &[Fault::ServerCrash],
+        Scenario::PowerLoss => &[Fault::PowerLoss],
+        Scenario::Stalls => &[Fault::ServerStall],
+        Scenario::DiskFull => &[Fault::DiskFull],
+        Scenario::SlowDisk => &[Fault::DiskStall],
+        Scenario::ClientStall => &[Fault::ClientStall],
+        Scenario::KeyWithdrawn => &[
+            Fault::KeyWithdrawn,
+            Fault::KeyWithdrawn,
+            Fault::ServerCrash,
+            Fault::Partition,
+        ],
+        Scenario::AllFaults | Scenario::ManyClients => &[
+            Fault::Partition,
+            Fault::OneWayLoss,
+            Fault::ServerCrash,
+            Fault::PowerLoss,
+            Fault::ServerStall,
+            Fault::DiskFull,
+            Fault::DiskStall,
+            Fault::ClientStall,
+        ],
+        // Steady, DiskErrors (bad blocks from the start), and the
+        // engine-only scenarios run_sabotaged refused.
+        _ => &[],
+    }
+}
+
+/// Strikes with `kind` (on `client`'s link or node, where it acts on one)
+/// and heals it after a hold drawn from `rng`; a full disk's window goes
+/// into `full_windows`.
+async fn strike(
+    kind: Fault,
+    client: NodeId,
+    rng: &mut SplitMix64,
+    targets: &Targets<'_>,
+    full_windows: &mut Vec<(tokio::time::Instant, tokio::time::Instant)>,
+) {
+    let Targets {
+        handle,
+        server,
+        disks,
+        full,
+        slow,
+        keys,
+        ..
+    } = *targets;
+    let net = NetSim::current();
+    let ms =
+        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
+    match kind {
+        Fault::Partition => {
+            net.clog_link(client, server);
+            net.clog_link(server, client);
+            tokio::time::sleep(ms(rng, 200, 3000)).await;
+            net.unclog_link(client, server);
+            net.unclog_link(server, client);
+        }
+        Fault::OneWayLoss => {
+            // Either direction: requests held back on the way in can
+            // arrive after the client gave up on their channel.
+            let (from, to) = if rng.chance(0.5) {
+                (server, client)
+            } else {
+                (client, server)
+            };
+            net.clog_link(from, to);
+            tokio::time::sleep(ms(rng, 200, 2000)).await;
+            net.unclog_link(from, to);
+        }
+        Fault::ServerCrash => {
+            handle.kill(server);
+            tokio::time::sleep(ms(rng, 50, 1500)).await;
+            handle.restart(server);
+        }
+        Fault::PowerLoss => {
+            handle.kill(server);
+            for disk in disks {
+                disk.lock().unwrap().lose_power();
+            }
+            tokio::time::sleep(ms(rng, 50, 1500)).await;
+            handle.restart(server);
+        }
+        Fault::DiskFull => {
+            let from = tokio::time::Instant::now();
+            full.store(true, Ordering::SeqCst);
+            tokio::time::sleep(ms(rng, 100, 1500)).await;
+            full.store(false, Ordering::SeqCst);
+            full_windows.push((from, tokio::time::Instant::now()));
+        }
+        Fault::DiskStall => {
+            slow.store(true, Ordering::SeqCst);
+            tokio::time::sleep(ms(rng, 300, 2500)).await;
+            slow.store(false, Ordering::SeqCst);
+        }
+        Fault::ClientStall => {
+            handle.pause(client);
+            tokio::time::sleep(ms(rng, 100, 2500)).await;
+            handle.resume(client);
+        }
+        Fault::KeyWithdrawn => {
+            keys.withdraw().await;
+            tokio::time::sleep(ms(rng, 100, 3000)).await;
+            keys.give_back().await;
+        }
+        Fault::ServerStall => {
+            handle.pause(server);
+            tokio::time::sleep(ms(rng, 100, 2500)).await;
+            handle.resume(server);
+        }
+        engine_only => unreachable!("{engine_only} is drawn only from the lists above"),
+    }
 }
 
 /// A simulated server node's one life: `config` with `sabotage` applied,
