@@ -97,73 +97,8 @@ pub(super) async fn inject(
 ) -> (BTreeMap<Fault, u64>, Vec<Outage>) {
     let mut faults = BTreeMap::new();
     let outages: Arc<Mutex<Vec<Outage>>> = Arc::default();
-    let ms =
-        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
-    let strike = |i: usize, kind: Fault, hold: Duration| {
-        let (target, outages) = (targets[i].clone(), outages.clone());
-        async move {
-            let turn = target.server.turn.clone();
-            let _turn = turn.lock().await;
-            if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
-                eprintln!(
-                    "{:?} fault {kind} on server{i} for {hold:?}",
-                    tokio::time::Instant::now()
-                );
-            }
-            let from = tokio::time::Instant::now();
-            target.strike(kind, hold).await;
-            let to = tokio::time::Instant::now();
-            outages.lock().unwrap().push(Outage {
-                leg: i,
-                kind,
-                from,
-                to,
-                bad_bytes: None,
-            });
-        }
-    };
     if let Some((seed, layout)) = lone_first {
-        if let Some(mut solo) = lone_mirror_leg_first(seed, layout) {
-            tokio::time::sleep(ms(&mut solo, 300, 800)).await;
-            let mirrors: Vec<&[usize]> = layout
-                .groups
-                .iter()
-                .copied()
-                .filter(|g| g.len() > 1)
-                .collect();
-            let group = mirrors[solo.below(mirrors.len() as u64) as usize];
-            let leg = group[solo.below(group.len() as u64) as usize];
-            let kind = UNREACHABLE[solo.below(4) as usize];
-            *faults.entry(kind).or_insert(0) += 1;
-            strike(leg, kind, ms(&mut solo, 2700, 3500)).await;
-        }
-        let mut lone = SplitMix64::new(seed ^ 0x0a1e_0e00);
-        tokio::time::sleep(ms(&mut lone, 300, 800)).await;
-        let i = lone.below(targets.len() as u64) as usize;
-        let kind = UNREACHABLE[lone.below(4) as usize];
-        // The node a leg moves to stands alone; the others, with the
-        // rest of their group.
-        let group = if i < layout.legs() {
-            layout.groups[layout.group_of(i)]
-        } else {
-            std::slice::from_ref(&i)
-        };
-        let hold = ms(&mut lone, 1500, 2500);
-        *faults.entry(kind).or_insert(0) += group.len() as u64;
-        // A lone leg is struck in this task, as before groups existed,
-        // so the stripe's pinned seeds keep their schedules.
-        match group {
-            [leg] => strike(*leg, kind, hold).await,
-            _ => {
-                let together: Vec<_> = group
-                    .iter()
-                    .map(|&leg| tokio::spawn(strike(leg, kind, hold)))
-                    .collect();
-                for t in together {
-                    let _ = t.await;
-                }
-            }
-        }
+        strike_alone_first(targets, &outages, &mut faults, seed, layout).await;
     }
     let mut pending = Vec::new();
     // Faults on different legs overlap; on one leg they take turns.
@@ -184,13 +119,110 @@ pub(super) async fn inject(
         *faults.entry(kind).or_insert(0) += 1;
         let hold = ms(rng, 100, 3000);
         // Faults overlap: each heals in its own task.
-        pending.push(tokio::spawn(strike(i, kind, hold)));
+        pending.push(tokio::spawn(strike_leg(
+            targets[i].clone(),
+            outages.clone(),
+            i,
+            kind,
+            hold,
+        )));
     }
     for p in pending {
         let _ = p.await;
     }
     let outages = outages.lock().unwrap().clone();
     (faults, outages)
+}
+
+/// Milliseconds drawn from `lo` up to `hi`.
+fn ms(rng: &mut SplitMix64, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(lo + rng.below(hi - lo))
+}
+
+/// Strikes leg `i` (`target`) with `kind` once the faults before on it
+/// have healed, heals it after `hold`, and records the outage.
+async fn strike_leg(
+    target: LegTarget,
+    outages: Arc<Mutex<Vec<Outage>>>,
+    i: usize,
+    kind: Fault,
+    hold: Duration,
+) {
+    let turn = target.server.turn.clone();
+    let _turn = turn.lock().await;
+    if std::env::var_os("BRAID_TRACE_VOLUME").is_some() {
+        eprintln!(
+            "{:?} fault {kind} on server{i} for {hold:?}",
+            tokio::time::Instant::now()
+        );
+    }
+    let from = tokio::time::Instant::now();
+    target.strike(kind, hold).await;
+    let to = tokio::time::Instant::now();
+    outages.lock().unwrap().push(Outage {
+        leg: i,
+        kind,
+        from,
+        to,
+        bad_bytes: None,
+    });
+}
+
+/// One group of legs taken down alone, all of its legs together, before
+/// the mix starts (in half the seeds of a linear layout, one mirror leg
+/// alone before that): each from a stream of its own.
+async fn strike_alone_first(
+    targets: &[LegTarget],
+    outages: &Arc<Mutex<Vec<Outage>>>,
+    faults: &mut BTreeMap<Fault, u64>,
+    seed: u64,
+    layout: Layout,
+) {
+    if let Some(mut solo) = lone_mirror_leg_first(seed, layout) {
+        tokio::time::sleep(ms(&mut solo, 300, 800)).await;
+        let mirrors: Vec<&[usize]> = layout
+            .groups
+            .iter()
+            .copied()
+            .filter(|g| g.len() > 1)
+            .collect();
+        let group = mirrors[solo.below(mirrors.len() as u64) as usize];
+        let leg = group[solo.below(group.len() as u64) as usize];
+        let kind = UNREACHABLE[solo.below(4) as usize];
+        *faults.entry(kind).or_insert(0) += 1;
+        let hold = ms(&mut solo, 2700, 3500);
+        strike_leg(targets[leg].clone(), outages.clone(), leg, kind, hold).await;
+    }
+    let mut lone = SplitMix64::new(seed ^ 0x0a1e_0e00);
+    tokio::time::sleep(ms(&mut lone, 300, 800)).await;
+    let i = lone.below(targets.len() as u64) as usize;
+    let kind = UNREACHABLE[lone.below(4) as usize];
+    // The node a leg moves to stands alone; the others, with the
+    // rest of their group.
+    let group = if i < layout.legs() {
+        layout.groups[layout.group_of(i)]
+    } else {
+        std::slice::from_ref(&i)
+    };
+    let hold = ms(&mut lone, 1500, 2500);
+    *faults.entry(kind).or_insert(0) += group.len() as u64;
+    // A lone leg is struck in this task, as before groups existed,
+    // so the stripe's pinned seeds keep their schedules.
+    match group {
+        [leg] => strike_leg(targets[*leg].clone(), outages.clone(), *leg, kind, hold).await,
+        _ => {
+            let together: Vec<_> = group
+                .iter()
+                .map(|&leg| {
+                    let target = targets[leg].clone();
+                    tokio::spawn(strike_leg(target, outages.clone(), leg, kind, hold))
+                })
+                .collect();
+            for t in together {
+                let _ = t.await;
+            }
+        }
+    }
 }
 
 /// Bad blocks on one of `legs` at a time (64 KiB of its disk, at a
