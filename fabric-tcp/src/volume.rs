@@ -408,100 +408,123 @@ impl Driver {
             tokio::select! {
                 biased;
                 _ = alarm.rung() => self.engine.handle_timeout(clock.now()),
-                Some(ev) = events.recv() => match ev {
-                    Event::LegDone(token, result) => {
-                        tracing::trace!(token, ok = result.is_ok(), "leg io done");
-                        self.engine.leg_complete(token, result, clock.now())
-                    }
-                    Event::Stored(generation, result) => match result {
-                        Ok(()) => self.engine.logs_stable(generation, clock.now()),
-                        Err(e) => {
-                            // Writes wait rather than go out unrecorded, and
-                            // the store is tried again (a full disk frees up).
-                            tracing::error!(error = %e, "dirty log not stored; writes wait; trying again in 1 s");
-                            let tx = self.events.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                                let _ = tx.send(Event::StoreAgain(generation));
-                            });
-                        }
-                    },
-                    // The logs now hold at least what that generation did.
-                    Event::StoreAgain(generation) => self.store_logs(generation),
-                    Event::LegFenced(leg) => self.engine.leg_fenced(leg),
-                    Event::MapStored(Ok(())) => {
-                        self.store_map = None;
-                        self.engine.map_stored(clock.now());
-                        tracing::info!("migration switched over: the old leg is retired");
-                    }
-                    Event::MapStored(Err(e)) => {
-                        // Both legs keep every write meanwhile; try again.
-                        tracing::error!(error = %e, "migration: the new map was not stored; trying again in 1 s");
-                        let tx = self.events.clone();
-                        let store = self.store_map.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            if let Some(store) = store {
-                                let result = tokio::task::spawn_blocking(move || store()).await;
-                                let _ = tx.send(Event::MapStored(result.unwrap_or_else(|e| Err(e.to_string()))));
-                            }
-                        });
-                    }
-                },
+                Some(ev) = events.recv() => self.on_event(ev, &clock),
                 _ = health.tick() => self.check_legs(clock.now()),
                 cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Io(io, reply)) => {
-                        let user = self.next_user;
-                        self.next_user += 1;
-                        self.waiters.insert(user, reply);
-                        self.engine.submit(user, io, clock.now());
-                    }
-                    Some(Cmd::Suspend(name, reply)) => {
-                        let _ = reply.send(self.leg(&name).and_then(|leg| self.engine.suspend(leg)));
-                    }
-                    Some(Cmd::Resume(name, reply)) => {
-                        let _ = reply.send(self.leg(&name).map(|leg| self.engine.resume(leg, clock.now())));
-                    }
-                    Some(Cmd::Migrate { from, to, client, store, reply }) => {
-                        let _ = reply.send(self.migrate(&from, to, client, store, clock.now()));
-                    }
-                    Some(Cmd::Cancel(reply)) => {
-                        let result = self.engine.cancel_migration(clock.now());
-                        if result.is_ok() {
-                            self.store_map = None;
-                            self.status.lock().unwrap().migration_error =
-                                Some("cancelled by the operator".into());
-                        }
-                        let _ = reply.send(result);
-                    }
-                    Some(Cmd::InFlight(reply)) => {
-                        let mut v = self.engine.in_flight();
-                        v.extend((0..self.legs.len()).map(|l| {
-                            format!(
-                                "leg {} {:?} outstanding {}",
-                                self.legs[l].name,
-                                self.engine.leg_state(l),
-                                self.engine.leg_outstanding(l)
-                            )
-                        }));
-                        let _ = reply.send(v);
-                    }
-                    Some(Cmd::Close(reply)) => {
-                        let clients: Vec<Client> = self
-                            .legs
-                            .iter()
-                            .filter(|l| !l.closed)
-                            .map(|l| l.client.clone())
-                            .collect();
-                        tokio::spawn(async move {
-                            for c in clients {
-                                c.close().await;
-                            }
-                            let _ = reply.send(());
-                        });
-                    }
+                    Some(cmd) => self.on_command(cmd, &clock),
                     None => return,
                 },
+            }
+        }
+    }
+
+    /// What a leg, a store or a timer reports to the driver.
+    fn on_event(&mut self, ev: Event, clock: &Clock) {
+        match ev {
+            Event::LegDone(token, result) => {
+                tracing::trace!(token, ok = result.is_ok(), "leg io done");
+                self.engine.leg_complete(token, result, clock.now())
+            }
+            Event::Stored(generation, result) => match result {
+                Ok(()) => self.engine.logs_stable(generation, clock.now()),
+                Err(e) => {
+                    // Writes wait rather than go out unrecorded, and
+                    // the store is tried again (a full disk frees up).
+                    tracing::error!(error = %e, "dirty log not stored; writes wait; trying again in 1 s");
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        let _ = tx.send(Event::StoreAgain(generation));
+                    });
+                }
+            },
+            // The logs now hold at least what that generation did.
+            Event::StoreAgain(generation) => self.store_logs(generation),
+            Event::LegFenced(leg) => self.engine.leg_fenced(leg),
+            Event::MapStored(Ok(())) => {
+                self.store_map = None;
+                self.engine.map_stored(clock.now());
+                tracing::info!("migration switched over: the old leg is retired");
+            }
+            Event::MapStored(Err(e)) => {
+                // Both legs keep every write meanwhile; try again.
+                tracing::error!(error = %e, "migration: the new map was not stored; trying again in 1 s");
+                let tx = self.events.clone();
+                let store = self.store_map.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Some(store) = store {
+                        let result = tokio::task::spawn_blocking(move || store()).await;
+                        let _ = tx.send(Event::MapStored(
+                            result.unwrap_or_else(|e| Err(e.to_string())),
+                        ));
+                    }
+                });
+            }
+        }
+    }
+
+    /// What the volume's handle asks of the driver.
+    fn on_command(&mut self, cmd: Cmd, clock: &Clock) {
+        match cmd {
+            Cmd::Io(io, reply) => {
+                let user = self.next_user;
+                self.next_user += 1;
+                self.waiters.insert(user, reply);
+                self.engine.submit(user, io, clock.now());
+            }
+            Cmd::Suspend(name, reply) => {
+                let _ = reply.send(self.leg(&name).and_then(|leg| self.engine.suspend(leg)));
+            }
+            Cmd::Resume(name, reply) => {
+                let _ = reply.send(
+                    self.leg(&name)
+                        .map(|leg| self.engine.resume(leg, clock.now())),
+                );
+            }
+            Cmd::Migrate {
+                from,
+                to,
+                client,
+                store,
+                reply,
+            } => {
+                let _ = reply.send(self.migrate(&from, to, client, store, clock.now()));
+            }
+            Cmd::Cancel(reply) => {
+                let result = self.engine.cancel_migration(clock.now());
+                if result.is_ok() {
+                    self.store_map = None;
+                    self.status.lock().unwrap().migration_error =
+                        Some("cancelled by the operator".into());
+                }
+                let _ = reply.send(result);
+            }
+            Cmd::InFlight(reply) => {
+                let mut v = self.engine.in_flight();
+                v.extend((0..self.legs.len()).map(|l| {
+                    format!(
+                        "leg {} {:?} outstanding {}",
+                        self.legs[l].name,
+                        self.engine.leg_state(l),
+                        self.engine.leg_outstanding(l)
+                    )
+                }));
+                let _ = reply.send(v);
+            }
+            Cmd::Close(reply) => {
+                let clients: Vec<Client> = self
+                    .legs
+                    .iter()
+                    .filter(|l| !l.closed)
+                    .map(|l| l.client.clone())
+                    .collect();
+                tokio::spawn(async move {
+                    for c in clients {
+                        c.close().await;
+                    }
+                    let _ = reply.send(());
+                });
             }
         }
     }
