@@ -456,10 +456,10 @@ where
 }
 
 fn spawn_halves<R, W, K>(
-    mut rd: R,
-    mut wr: W,
+    rd: R,
+    wr: W,
     key: K,
-    mut frames: FrameReader,
+    frames: FrameReader,
     queue_limit: usize,
     events: mpsc::UnboundedSender<ConnEvent<K>>,
     direct: Option<Arc<Direct>>,
@@ -469,103 +469,129 @@ where
     W: AsyncWrite + SendFile + Unpin + Send + 'static,
     K: Copy + Send + std::fmt::Debug + 'static,
 {
-    let (mut writer, mut outbox) = Writer::new(queue_limit);
+    let (mut writer, outbox) = Writer::new(queue_limit);
     writer.direct = direct.clone();
-    let reader_events = events.clone();
-    let reader = tokio::spawn(async move {
-        let mut low_water = 1;
-        let mut handed_over = !frames.buffer().is_empty();
-        let why = loop {
-            // Waiting for the next frame is idleness; waiting for the rest
-            // of one is a transfer still under way.
-            let mut window = frames.buffer().limit(READ_CHUNK);
-            let read = if std::mem::take(&mut handed_over) {
-                // What the acceptor read stands for this turn's read.
-                Ok(window.get_ref().len())
-            } else if window.get_ref().is_empty() {
-                rd.read_buf(&mut window).await
-            } else {
-                noting_waits(rd.read_buf(&mut window)).await
-            };
-            match read {
-                Ok(0) => break "closed by peer".to_string(),
-                Ok(_) => {}
-                Err(e) => break format!("read: {e}"),
-            }
-            let mut failed = None;
-            loop {
-                match frames.next_checked_frame() {
-                    Ok(Some(frame)) => {
-                        if reader_events.send(ConnEvent::Frame(key, frame)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        failed = Some(format!("bad frame: {e}"));
-                        break;
-                    }
-                }
-            }
-            if let Some(why) = failed {
-                break why;
-            }
-            let awaited = frames.awaited();
-            let wanted = if awaited >= LOW_WATER_MIN { awaited } else { 1 };
-            if wanted != low_water {
-                rd.set_low_water(wanted);
-                low_water = wanted;
-            }
-        };
-        let _ = reader_events.send(ConnEvent::Closed(key, why));
-    });
-    tokio::spawn(async move {
-        let mut batch: Vec<OutFrame> = Vec::with_capacity(BATCH);
-        let mut closing = false;
-        let why = loop {
-            match outbox.recv_or_wake().await {
-                Some(Some(Outgoing::Frame(f))) => batch.push(f),
-                Some(None) => {}
-                Some(Some(Outgoing::Close)) | None => closing = true,
-            }
-            while !closing && batch.len() < BATCH {
-                match outbox.try_recv() {
-                    Some(Outgoing::Frame(f)) => batch.push(f),
-                    Some(Outgoing::Close) => closing = true,
-                    None => break,
-                }
-            }
-            // What direct sends left goes ahead of what was queued.
-            let tail = direct
-                .as_ref()
-                .map(|d| d.start_writing())
-                .unwrap_or_default();
-            let written = async {
-                let parts: Vec<&[u8]> = tail.iter().map(|piece| &piece[..]).collect();
-                write_parts(&mut wr, &parts).await?;
-                write_all_frames(&mut wr, &batch).await
-            }
-            .await;
-            if let Some(d) = &direct {
-                d.done_writing();
-            }
-            if let Err(e) = written {
-                break format!("write: {e}");
-            }
-            outbox.sent(
-                tail.iter().map(Bytes::len).sum::<usize>()
-                    + batch.iter().map(OutFrame::len).sum::<usize>(),
-            );
-            batch.clear();
-            if closing {
-                let _ = wr.shutdown().await;
-                break "closed".to_string();
-            }
-        };
-        reader.abort();
-        let _ = events.send(ConnEvent::Closed(key, why));
-    });
+    let reader = tokio::spawn(read_frames(rd, key, frames, events.clone()));
+    tokio::spawn(write_frames(wr, key, outbox, direct, reader, events));
     writer
+}
+
+/// The connection's read half: every whole frame checked and handed to
+/// `events`, then why it closed.
+async fn read_frames<R, K>(
+    mut rd: R,
+    key: K,
+    mut frames: FrameReader,
+    reader_events: mpsc::UnboundedSender<ConnEvent<K>>,
+) where
+    R: AsyncRead + LowWater + Unpin + Send + 'static,
+    K: Copy + Send + std::fmt::Debug + 'static,
+{
+    let mut low_water = 1;
+    let mut handed_over = !frames.buffer().is_empty();
+    let why = loop {
+        // Waiting for the next frame is idleness; waiting for the rest
+        // of one is a transfer still under way.
+        let mut window = frames.buffer().limit(READ_CHUNK);
+        let read = if std::mem::take(&mut handed_over) {
+            // What the acceptor read stands for this turn's read.
+            Ok(window.get_ref().len())
+        } else if window.get_ref().is_empty() {
+            rd.read_buf(&mut window).await
+        } else {
+            noting_waits(rd.read_buf(&mut window)).await
+        };
+        match read {
+            Ok(0) => break "closed by peer".to_string(),
+            Ok(_) => {}
+            Err(e) => break format!("read: {e}"),
+        }
+        let mut failed = None;
+        loop {
+            match frames.next_checked_frame() {
+                Ok(Some(frame)) => {
+                    if reader_events.send(ConnEvent::Frame(key, frame)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(format!("bad frame: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failed {
+            break why;
+        }
+        let awaited = frames.awaited();
+        let wanted = if awaited >= LOW_WATER_MIN { awaited } else { 1 };
+        if wanted != low_water {
+            rd.set_low_water(wanted);
+            low_water = wanted;
+        }
+    };
+    let _ = reader_events.send(ConnEvent::Closed(key, why));
+}
+
+/// The connection's write half: what direct sends left, then the queued
+/// frames in batches, until it closes or a write fails; then the read
+/// half stops and `events` hears why.
+async fn write_frames<W, K>(
+    mut wr: W,
+    key: K,
+    mut outbox: Outbox,
+    direct: Option<Arc<Direct>>,
+    reader: tokio::task::JoinHandle<()>,
+    events: mpsc::UnboundedSender<ConnEvent<K>>,
+) where
+    W: AsyncWrite + SendFile + Unpin + Send + 'static,
+    K: Copy + Send + std::fmt::Debug + 'static,
+{
+    let mut batch: Vec<OutFrame> = Vec::with_capacity(BATCH);
+    let mut closing = false;
+    let why = loop {
+        match outbox.recv_or_wake().await {
+            Some(Some(Outgoing::Frame(f))) => batch.push(f),
+            Some(None) => {}
+            Some(Some(Outgoing::Close)) | None => closing = true,
+        }
+        while !closing && batch.len() < BATCH {
+            match outbox.try_recv() {
+                Some(Outgoing::Frame(f)) => batch.push(f),
+                Some(Outgoing::Close) => closing = true,
+                None => break,
+            }
+        }
+        // What direct sends left goes ahead of what was queued.
+        let tail = direct
+            .as_ref()
+            .map(|d| d.start_writing())
+            .unwrap_or_default();
+        let written = async {
+            let parts: Vec<&[u8]> = tail.iter().map(|piece| &piece[..]).collect();
+            write_parts(&mut wr, &parts).await?;
+            write_all_frames(&mut wr, &batch).await
+        }
+        .await;
+        if let Some(d) = &direct {
+            d.done_writing();
+        }
+        if let Err(e) = written {
+            break format!("write: {e}");
+        }
+        outbox.sent(
+            tail.iter().map(Bytes::len).sum::<usize>()
+                + batch.iter().map(OutFrame::len).sum::<usize>(),
+        );
+        batch.clear();
+        if closing {
+            let _ = wr.shutdown().await;
+            break "closed".to_string();
+        }
+    };
+    reader.abort();
+    let _ = events.send(ConnEvent::Closed(key, why));
 }
 
 /// Writes every frame: heads and payloads in memory as separate slices of
