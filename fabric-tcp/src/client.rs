@@ -552,44 +552,55 @@ impl Driver {
                 Woken::Alarm => self.engine.handle_timeout(self.clock.now()),
                 Woken::Event(ev) => self.event(ev),
                 Woken::Conn(ev) => self.conn_event(ev),
-                Woken::Cmd(cmd) => match cmd {
-                    Some(Cmd::Io(io, reply)) => self.submit(io, reply),
-                    Some(Cmd::Tune(tuning, reply)) => {
-                        let result = self
-                            .engine
-                            .tune(&tuning, self.clock.now())
-                            .map_err(|e| e.to_string());
-                        if result.is_ok() {
-                            tracing::info!(?tuning, "volume retuned");
-                            self.status.lock().unwrap().tuning =
-                                ClientTuning::of(self.engine.config());
-                        }
-                        let _ = reply.send(result);
+                Woken::Cmd(cmd) => {
+                    if let Some(close) = self.command(cmd) {
+                        closing = Some(close);
                     }
-                    Some(Cmd::SetKey(key_id, key, reply)) => {
-                        let result = self
-                            .engine
-                            .set_key(key_id.clone(), key)
-                            .map_err(|e| e.to_string());
-                        if result.is_ok() {
-                            self.status.lock().unwrap().key_id = key_id;
-                        }
-                        let _ = reply.send(result);
-                    }
-                    Some(Cmd::SetSecurity(security, reply)) => {
-                        self.security = security;
-                        let _ = reply.send(());
-                    }
-                    Some(Cmd::Close(done)) => closing = Some(self.start_close(done)),
-                    Some(Cmd::LetGo(done)) => closing = Some(self.let_go(done)),
-                    None => closing = Some(self.start_close(oneshot::channel().0)),
-                },
+                }
                 Woken::Send => self.send_gathered(),
             }
             while let Ok(ev) = conn_rx.try_recv() {
                 self.conn_event(ev);
             }
         }
+    }
+
+    /// Carries out a command from the handle (`None`: every handle is
+    /// gone, so the client closes); a close it starts: who waits for it,
+    /// and when to stop waiting for the server.
+    fn command(&mut self, cmd: Option<Cmd>) -> Option<(oneshot::Sender<()>, tokio::time::Instant)> {
+        match cmd {
+            Some(Cmd::Io(io, reply)) => self.submit(io, reply),
+            Some(Cmd::Tune(tuning, reply)) => {
+                let result = self
+                    .engine
+                    .tune(&tuning, self.clock.now())
+                    .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    tracing::info!(?tuning, "volume retuned");
+                    self.status.lock().unwrap().tuning = ClientTuning::of(self.engine.config());
+                }
+                let _ = reply.send(result);
+            }
+            Some(Cmd::SetKey(key_id, key, reply)) => {
+                let result = self
+                    .engine
+                    .set_key(key_id.clone(), key)
+                    .map_err(|e| e.to_string());
+                if result.is_ok() {
+                    self.status.lock().unwrap().key_id = key_id;
+                }
+                let _ = reply.send(result);
+            }
+            Some(Cmd::SetSecurity(security, reply)) => {
+                self.security = security;
+                let _ = reply.send(());
+            }
+            Some(Cmd::Close(done)) => return Some(self.start_close(done)),
+            Some(Cmd::LetGo(done)) => return Some(self.let_go(done)),
+            None => return Some(self.start_close(oneshot::channel().0)),
+        }
+        None
     }
 
     /// Starts leaving: IO not yet in the engine fails (its callers see
