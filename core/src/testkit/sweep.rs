@@ -10,7 +10,8 @@ pub const SWEEP_USAGE: &str = "\
 usage: cargo xtask sim [--madsim] [--seeds N [--first F] | --seed S]...
                        [--scenario NAME[,NAME]|all] [--virtual-secs T]
                        [--check-determinism] [--jobs J] [--engines E]
-                       [--sabotage NAME[,NAME] --expect-violation] [--list]
+                       [--sabotage NAME[,NAME] --expect-violation]
+                       [--traces FILE] [--list]
 
   --madsim             the real fabric-tcp drivers on madsim instead of the
                        engines in the seeded world
@@ -27,6 +28,9 @@ usage: cargo xtask sim [--madsim] [--seeds N [--first F] | --seed S]...
   --sabotage A[,B]     switch safety mechanisms off (--list names them)
   --expect-violation   succeed only if some run finds a violation (with
                        --sabotage: the checks notice the missing mechanism)
+  --traces FILE        write each run's trace hash and IO count to FILE, a
+                       line a run in a fixed order: a change meant to alter
+                       no run (a refactor) leaves the file the same
 ";
 
 /// A parsed sweep command line.
@@ -50,6 +54,8 @@ pub struct SweepArgs {
     pub expect_violation: bool,
     /// Protocol engines each simulated server runs.
     pub engines: usize,
+    /// Where to write each run's trace hash and IO count.
+    pub traces: Option<std::path::PathBuf>,
 }
 
 /// What the command line asked for.
@@ -77,6 +83,7 @@ impl SweepArgs {
             sabotage: Vec::new(),
             expect_violation: false,
             engines: 1,
+            traces: None,
         };
         let (mut first, mut count) = (0u64, 100u64);
         let mut it = args.into_iter();
@@ -103,6 +110,7 @@ impl SweepArgs {
                 "--expect-violation" => a.expect_violation = true,
                 "--jobs" => a.jobs = number(value()?, "--jobs")?.max(1) as usize,
                 "--engines" => a.engines = number(value()?, "--engines")?.clamp(1, 64) as usize,
+                "--traces" => a.traces = Some(value()?.into()),
                 "--sabotage" => {
                     for name in value()?.split(',') {
                         a.sabotage.push(
@@ -175,6 +183,25 @@ impl SweepArgs {
         }
         let names: Vec<&str> = self.sabotage.iter().map(|s| s.name()).collect();
         format!("{prefix}{}", names.join(","))
+    }
+
+    /// With `--traces`, writes a line per run (scenario, seed, trace hash,
+    /// IOs) to its file, sorted, so that the file does not depend on the
+    /// order the jobs finished in.
+    pub fn write_traces(
+        &self,
+        runs: impl IntoIterator<Item = (Scenario, u64, u64, u64)>,
+    ) -> Result<(), String> {
+        let Some(path) = &self.traces else {
+            return Ok(());
+        };
+        let mut runs: Vec<_> = runs.into_iter().collect();
+        runs.sort();
+        let text: String = runs
+            .iter()
+            .map(|(sc, seed, hash, ios)| format!("{sc} {seed} {hash:#018x} {ios}\n"))
+            .collect();
+        std::fs::write(path, text).map_err(|e| format!("--traces {}: {e}", path.display()))
     }
 
     /// One line describing the sweep, printed before it starts.
@@ -259,6 +286,32 @@ mod tests {
             SweepCommand::Run(a) => Ok(a),
             SweepCommand::Print(_) => Err("printed".into()),
         }
+    }
+
+    #[test]
+    fn traces_are_a_line_a_run_in_an_order_the_jobs_do_not_change() {
+        let path = std::env::temp_dir().join(format!("braid-traces-{}.txt", std::process::id()));
+        let a = parse(
+            Level::Engine,
+            &format!("--seeds 2 --traces {}", path.display()),
+        )
+        .unwrap();
+        assert_eq!(a.traces.as_deref(), Some(path.as_path()));
+        a.write_traces([
+            (Scenario::Steady, 1, 0xab, 7),
+            (Scenario::AllFaults, 3, 1, 2),
+            (Scenario::Steady, 0, 0x1_0000_0000, 3),
+        ])
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            text,
+            "all-faults 3 0x0000000000000001 2\n\
+             steady 0 0x0000000100000000 3\n\
+             steady 1 0x00000000000000ab 7\n"
+        );
+        assert_eq!(parse(Level::Engine, "--seeds 2").unwrap().traces, None);
     }
 
     #[test]

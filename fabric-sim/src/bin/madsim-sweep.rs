@@ -47,6 +47,10 @@ mod sweep {
         let (totals, mut failures) = run_all(&args, &runs, started);
         failures.sort_by_key(|f| f.0);
         println!();
+        if let Err(e) = args.write_traces(totals.traces.iter().copied()) {
+            eprintln!("madsim-sweep: {e}");
+            return 2;
+        }
         let wall = started.elapsed().as_secs_f64();
         let each = if args.determinism { 2.0 } else { 1.0 };
         totals.print();
@@ -202,10 +206,13 @@ mod sweep {
         degraded_pause: Duration,
         longest_io: Duration,
         faults: BTreeMap<Fault, u64>,
+        /// Each run's scenario, seed, trace hash and IOs, for `--traces`.
+        traces: Vec<(Scenario, u64, u64, u64)>,
     }
 
     impl Totals {
         fn add(&mut self, r: &Report) {
+            self.traces.push((r.scenario, r.seed, r.trace_hash, r.ios));
             self.ios += r.ios;
             self.media_errors += r.media_errors;
             self.no_space_errors += r.no_space_errors;

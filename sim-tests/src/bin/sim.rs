@@ -40,6 +40,14 @@ fn main() -> ExitCode {
     let mut outcomes = run_all(&args, runs);
     let wall = started.elapsed().as_secs_f64();
     outcomes.sort_by_key(|o| (o.scenario, o.report.seed));
+    let traces = outcomes.iter().map(|o| {
+        let r = &o.report;
+        (o.scenario, r.seed, r.trace_hash, r.ios)
+    });
+    if let Err(e) = args.write_traces(traces) {
+        eprintln!("sim: {e}");
+        return ExitCode::from(2);
+    }
     Totals::of(&outcomes).print(&args, wall);
     let failing: Vec<&Outcome> = outcomes
         .iter()
