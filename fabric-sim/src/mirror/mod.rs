@@ -90,6 +90,9 @@ const MID_SWITCH_STORE_FAILS: u64 = 4;
 /// How long a server the end crash cuts power to stays down.
 const POWER_CUT_HOLD: Duration = Duration::from_millis(50);
 
+/// One run of a volume scenario from `seed`: the leg servers, the client
+/// (killed and booted again where the scenario restarts it), the faults,
+/// and the judges' verdicts.
 pub(crate) async fn simulate(
     scenario: Scenario,
     seed: u64,
