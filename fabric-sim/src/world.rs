@@ -650,6 +650,11 @@ struct Targets<'a> {
     keys: &'a OperatorKeys,
 }
 
+/// A time drawn from `rng` of `lo` up to `hi` milliseconds.
+pub(crate) fn between_ms(rng: &mut SplitMix64, lo: u64, hi: u64) -> Duration {
+    Duration::from_millis(lo + rng.below(hi - lo))
+}
+
 /// Draws and applies faults until two seconds before the end (so the last
 /// one heals while the workload still runs); returns what it did. Each
 /// time the disk filled, until it had room again, goes in `full_windows`.
@@ -664,10 +669,8 @@ async fn inject(
     let mut faults = BTreeMap::new();
     let end = tokio::time::Instant::now() + run_for;
     let quiet = Duration::from_secs(2);
-    let ms =
-        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
     loop {
-        tokio::time::sleep(ms(rng, 300, 2000)).await;
+        tokio::time::sleep(between_ms(rng, 300, 2000)).await;
         if tokio::time::Instant::now() + quiet >= end {
             break;
         }
@@ -737,13 +740,11 @@ async fn strike(
         ..
     } = *targets;
     let net = NetSim::current();
-    let ms =
-        |rng: &mut SplitMix64, lo: u64, hi: u64| Duration::from_millis(lo + rng.below(hi - lo));
     match kind {
         Fault::Partition => {
             net.clog_link(client, server);
             net.clog_link(server, client);
-            tokio::time::sleep(ms(rng, 200, 3000)).await;
+            tokio::time::sleep(between_ms(rng, 200, 3000)).await;
             net.unclog_link(client, server);
             net.unclog_link(server, client);
         }
@@ -756,12 +757,12 @@ async fn strike(
                 (client, server)
             };
             net.clog_link(from, to);
-            tokio::time::sleep(ms(rng, 200, 2000)).await;
+            tokio::time::sleep(between_ms(rng, 200, 2000)).await;
             net.unclog_link(from, to);
         }
         Fault::ServerCrash => {
             handle.kill(server);
-            tokio::time::sleep(ms(rng, 50, 1500)).await;
+            tokio::time::sleep(between_ms(rng, 50, 1500)).await;
             handle.restart(server);
         }
         Fault::PowerLoss => {
@@ -769,34 +770,34 @@ async fn strike(
             for disk in disks {
                 disk.lock().unwrap().lose_power();
             }
-            tokio::time::sleep(ms(rng, 50, 1500)).await;
+            tokio::time::sleep(between_ms(rng, 50, 1500)).await;
             handle.restart(server);
         }
         Fault::DiskFull => {
             let from = tokio::time::Instant::now();
             full.store(true, Ordering::SeqCst);
-            tokio::time::sleep(ms(rng, 100, 1500)).await;
+            tokio::time::sleep(between_ms(rng, 100, 1500)).await;
             full.store(false, Ordering::SeqCst);
             full_windows.push((from, tokio::time::Instant::now()));
         }
         Fault::DiskStall => {
             slow.store(true, Ordering::SeqCst);
-            tokio::time::sleep(ms(rng, 300, 2500)).await;
+            tokio::time::sleep(between_ms(rng, 300, 2500)).await;
             slow.store(false, Ordering::SeqCst);
         }
         Fault::ClientStall => {
             handle.pause(client);
-            tokio::time::sleep(ms(rng, 100, 2500)).await;
+            tokio::time::sleep(between_ms(rng, 100, 2500)).await;
             handle.resume(client);
         }
         Fault::KeyWithdrawn => {
             keys.withdraw().await;
-            tokio::time::sleep(ms(rng, 100, 3000)).await;
+            tokio::time::sleep(between_ms(rng, 100, 3000)).await;
             keys.give_back().await;
         }
         Fault::ServerStall => {
             handle.pause(server);
-            tokio::time::sleep(ms(rng, 100, 2500)).await;
+            tokio::time::sleep(between_ms(rng, 100, 2500)).await;
             handle.resume(server);
         }
         engine_only => unreachable!("{engine_only} is drawn only from the lists above"),

@@ -74,6 +74,13 @@ pub(super) struct ClientCtx {
     pub(super) boots_seen: Arc<Mutex<Vec<BootSeen>>>,
 }
 
+impl ClientCtx {
+    /// The leg that moves to node `layout.legs()`, if one does.
+    pub(super) fn moved_from(&self) -> Option<usize> {
+        self.migration.map(|(_, from, _)| from)
+    }
+}
+
 /// The volume's map as `braid attach` keeps it in its volume file: the
 /// layout's, or once a migration's switch is stored, with the new leg in
 /// the old one's place. Outside the client node: it outlasts restarts.
@@ -160,7 +167,7 @@ pub(super) async fn client_body(ctx: ClientCtx) -> ClientResult {
     // The map this boot opens: the new leg in the old one's place once a
     // boot before stored the switch.
     let switched = ctx.map.switched.load(Ordering::SeqCst);
-    let moved_from = ctx.migration.map(|(_, from, _)| from);
+    let moved_from = ctx.moved_from();
     let (volume, leg_clients) = open_volume(&ctx, run, boot, switched).await?;
     let refused: Arc<Mutex<Vec<Failed>>> = Arc::default();
     ctx.boots_seen.lock().unwrap().push(BootSeen {
@@ -237,7 +244,7 @@ async fn open_volume(
     switched: bool,
 ) -> Result<(Volume, HashMap<String, Client>), String> {
     let layout = ctx.layout;
-    let moved_from = ctx.migration.map(|(_, from, _)| from);
+    let moved_from = ctx.moved_from();
     let node_of = |leg: usize| match moved_from {
         Some(from) if switched && leg == from => layout.legs(),
         _ => leg,

@@ -4,6 +4,7 @@
 use super::servers::{DiskFlags, LegServer};
 use crate::judge::{Outage, UNREACHABLE};
 use crate::layout::Layout;
+use crate::world::between_ms;
 use braid_core::rng::SplitMix64;
 use braid_core::testkit::{Fault, MemDisk, Scenario};
 use madsim::net::NetSim;
@@ -103,7 +104,7 @@ pub(super) async fn inject(
     let mut pending = Vec::new();
     // Faults on different legs overlap; on one leg they take turns.
     loop {
-        tokio::time::sleep(ms(rng, 200, 1500)).await;
+        tokio::time::sleep(between_ms(rng, 200, 1500)).await;
         if tokio::time::Instant::now() + Duration::from_secs(2) >= end {
             break;
         }
@@ -117,7 +118,7 @@ pub(super) async fn inject(
             Fault::DiskFull,
         ][rng.below(6) as usize];
         *faults.entry(kind).or_insert(0) += 1;
-        let hold = ms(rng, 100, 3000);
+        let hold = between_ms(rng, 100, 3000);
         // Faults overlap: each heals in its own task.
         pending.push(tokio::spawn(strike_leg(
             targets[i].clone(),
@@ -132,11 +133,6 @@ pub(super) async fn inject(
     }
     let outages = outages.lock().unwrap().clone();
     (faults, outages)
-}
-
-/// Milliseconds drawn from `lo` up to `hi`.
-fn ms(rng: &mut SplitMix64, lo: u64, hi: u64) -> Duration {
-    Duration::from_millis(lo + rng.below(hi - lo))
 }
 
 /// Strikes leg `i` (`target`) with `kind` once the faults before on it
@@ -179,7 +175,7 @@ async fn strike_alone_first(
     layout: Layout,
 ) {
     if let Some(mut solo) = lone_mirror_leg_first(seed, layout) {
-        tokio::time::sleep(ms(&mut solo, 300, 800)).await;
+        tokio::time::sleep(between_ms(&mut solo, 300, 800)).await;
         let mirrors: Vec<&[usize]> = layout
             .groups
             .iter()
@@ -190,11 +186,11 @@ async fn strike_alone_first(
         let leg = group[solo.below(group.len() as u64) as usize];
         let kind = UNREACHABLE[solo.below(4) as usize];
         *faults.entry(kind).or_insert(0) += 1;
-        let hold = ms(&mut solo, 2700, 3500);
+        let hold = between_ms(&mut solo, 2700, 3500);
         strike_leg(targets[leg].clone(), outages.clone(), leg, kind, hold).await;
     }
     let mut lone = SplitMix64::new(seed ^ 0x0a1e_0e00);
-    tokio::time::sleep(ms(&mut lone, 300, 800)).await;
+    tokio::time::sleep(between_ms(&mut lone, 300, 800)).await;
     let i = lone.below(targets.len() as u64) as usize;
     let kind = UNREACHABLE[lone.below(4) as usize];
     // The node a leg moves to stands alone; the others, with the
@@ -204,7 +200,7 @@ async fn strike_alone_first(
     } else {
         std::slice::from_ref(&i)
     };
-    let hold = ms(&mut lone, 1500, 2500);
+    let hold = between_ms(&mut lone, 1500, 2500);
     *faults.entry(kind).or_insert(0) += group.len() as u64;
     // A lone leg is struck in this task, as before groups existed,
     // so the stripe's pinned seeds keep their schedules.

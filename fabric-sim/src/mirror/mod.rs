@@ -219,7 +219,7 @@ pub(crate) async fn simulate(
     if cuts > 0 {
         *report.faults.entry(Fault::PowerLoss).or_insert(0) += cuts;
     }
-    let moved_from = migration.map(|(_, from, _)| from);
+    let moved_from = ctx.moved_from();
     report.judge_client(result, &ctx, &disks, moved_from, &outages, restart);
     let moved = *client_now.lock().unwrap();
     let nodes = servers
