@@ -2265,6 +2265,14 @@ impl VolumeEngine {
         self.locked.insert(region);
         let size = self.logs[leg].region_size();
         let (start, end) = (region * size, ((region + 1) * size).min(self.map.size()));
+        // Never a switching migration's old leg that refused a write the
+        // new leg took: it lacks that write until it retires (swarm seed
+        // 48797: a resyncing leg copied its stale bytes, and once the old
+        // leg retired served them as in sync).
+        let refused_old_leg = self
+            .migration
+            .filter(|m| m.switching && self.old_leg_refused)
+            .map(|m| m.from);
         let (mut pieces, mut spans) = (Vec::new(), Vec::new());
         for seg in self.map.map(start, end - start) {
             let Some(target) = seg.copies.iter().find(|c| c.leaf == leg) else {
@@ -2273,6 +2281,7 @@ impl VolumeEngine {
             spans.push((start + seg.at, seg.len));
             let Some(source) = seg.copies.iter().find(|c| {
                 c.leaf != leg
+                    && Some(c.leaf) != refused_old_leg
                     && self.legs[c.leaf].state == LegState::InSync
                     && !self.lagging.contains_key(&(c.leaf, region))
             }) else {

@@ -1041,6 +1041,19 @@ impl World {
         }
     }
 
+    /// Carries out the first `op` pending on `leg` on its bytes and
+    /// answers it.
+    fn land_pending(&mut self, leg: usize, op: Op) {
+        let at = self
+            .pending
+            .iter()
+            .position(|p| p.1 == leg && p.2.op == op)
+            .unwrap_or_else(|| panic!("no {op:?} pending on leg {leg}: {:?}", self.pending));
+        let (token, _, io) = self.pending.remove(at);
+        let read = self.land(token, leg, &io);
+        self.engine.leg_complete(token, Ok(read), self.now);
+    }
+
     /// The token of the first `op` pending on `leg`, no longer pending.
     fn take_pending(&mut self, leg: usize, op: Op) -> u64 {
         let at = self
@@ -1463,8 +1476,11 @@ fn sweep() {
 /// trusted the first of them, which had been away. 26548: mid-switch,
 /// the old leg's bad block refused a write while only its log was not
 /// behind, and the new leg that took the write was sent away, leaving
-/// the old leg to retire as the only copy in sync. Each must still
-/// draw its shape, or it no longer replays its case.
+/// the old leg to retire as the only copy in sync. 48797: mid-switch,
+/// the old leg's bad block refused a zeroing the new leg took, and a
+/// resyncing leg copied the old leg's stale bytes there, then served
+/// them in sync once the old leg retired. Each must still draw its
+/// shape, or it no longer replays its case.
 #[test]
 fn pinned_swarm_seeds_hold() {
     let before_later_draws = ["disk_full: false", "restart: false"];
@@ -1566,6 +1582,11 @@ fn pinned_swarm_seeds_hold() {
             26548,
             "mirror of 3, quorum 1,",
             &["migrate: true", "media_errors: true", "restart: true"][..],
+        ),
+        (
+            48797,
+            "mirror of 3, quorum 1,",
+            &["leg_up: true", "migrate: true", "media_errors: true"][..],
         ),
     ] {
         let drawn = World::swarm(seed).1;
@@ -2188,6 +2209,58 @@ fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_awa
     w.store_every_log();
     assert_eq!(w.completed, 3, "the new leg's copy answers the write");
     assert_eq!(w.engine.leg_state(1), LegState::Retired);
+    assert!(w.engine.check().is_ok());
+}
+
+/// Swarm seed 48797: mid-switch, the old leg's bad block refused a write
+/// the new leg took, which then waits for the new map; a leg resyncing
+/// meanwhile copied that region from the old leg, got its stale bytes,
+/// and served them in sync once the old leg retired. Nothing is copied
+/// from such an old leg.
+#[test]
+fn while_a_migration_switches_nothing_is_copied_from_an_old_leg_that_refused_a_write() {
+    let at = 3 * world_config().region;
+    let mut w = with_m0_suspended(quorum_one_mirror(3), 29);
+    w.engine.leg_failed(2);
+    w.drain();
+    let to = w.migrate_to_new(1, "new");
+    w.run_until(
+        "the copy stopped",
+        |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > 0),
+    );
+    // Acknowledged on m1's word: the new leg lags on it, so it cannot
+    // vouch for m1 leaving, and m1 is the only leg of the old map left.
+    w.write_taken_by(100, 0, 1);
+    let late = w.take_pending(to, Op::Write);
+    w.store_every_log();
+    assert_eq!(w.completed, 1);
+    w.run_until("the switch never began", |w| {
+        w.engine.migration().is_some_and(|m| m.switching)
+    });
+    w.engine
+        .submit(101, IoRequest::write(at, stamp(101, 0, 8), false), w.now);
+    w.store_every_log();
+    let refused = w.take_pending(1, Op::Write);
+    w.engine
+        .leg_complete(refused, Err(IoErrorKind::Media), w.now);
+    w.land_pending(to, Op::Write);
+    w.engine.leg_complete(late, Ok(bytes::Bytes::new()), w.now);
+    w.store_every_log();
+    assert_eq!(w.engine.leg_state(1), LegState::InSync, "m1 left");
+    assert_eq!(w.completed, 1, "answered before the new map was stored");
+    w.engine.leg_returned(2, w.now);
+    w.run_until("m2 never got back in sync", |w| {
+        w.engine.leg_state(2) == LegState::InSync
+    });
+    w.engine.map_stored(w.now);
+    w.store_every_log();
+    assert_eq!(w.completed, 2);
+    assert_eq!(w.engine.leg_state(1), LegState::Retired);
+    let held = &w.legs[2][at as usize..][..4096];
+    assert!(
+        held == &stamp(101, 0, 8)[..],
+        "m2 copied the old leg's stale bytes"
+    );
     assert!(w.engine.check().is_ok());
 }
 
