@@ -931,6 +931,19 @@ impl World {
         self.run_until("the new leg never got in sync", |w| w.store_map.is_some());
     }
 
+    /// m2 away and m1 moving to a new leg, copied past region `past`, so
+    /// that the new leg takes writes there too: the new leg.
+    fn m1_moving_with_m2_away(&mut self, past: u64) -> usize {
+        self.engine.leg_failed(2);
+        self.drain();
+        let to = self.migrate_to_new(1, "new");
+        self.run_until(
+            "the copy stopped",
+            |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > past),
+        );
+        to
+    }
+
     /// Answers everything, log stores included, a millisecond at a time,
     /// until `done`.
     fn run_until(&mut self, stuck: &str, done: impl Fn(&World) -> bool) {
@@ -2148,14 +2161,7 @@ fn while_a_migration_switches_a_quorum_write_needs_a_leg_of_each_map() {
 fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_away() {
     let spec = quorum_one_mirror(3);
     let mut w = World::new(spec, 5);
-    w.engine.leg_failed(2);
-    w.drain();
-    let to = w.migrate_to_new(1, "new");
-    // Where the copy has been, so the new leg takes the write too.
-    w.run_until(
-        "the copy stopped",
-        |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > 1),
-    );
+    let to = w.m1_moving_with_m2_away(1);
     w.write_taken_by(100, 0, 1);
     w.store_every_log();
     assert_eq!(
@@ -2221,13 +2227,7 @@ fn while_a_migration_switches_the_old_legs_refusal_does_not_send_the_new_leg_awa
 fn while_a_migration_switches_nothing_is_copied_from_an_old_leg_that_refused_a_write() {
     let at = 3 * world_config().region;
     let mut w = with_m0_suspended(quorum_one_mirror(3), 29);
-    w.engine.leg_failed(2);
-    w.drain();
-    let to = w.migrate_to_new(1, "new");
-    w.run_until(
-        "the copy stopped",
-        |w| matches!(w.engine.leg_state(to), LegState::Resyncing { cursor } if cursor > 0),
-    );
+    let to = w.m1_moving_with_m2_away(0);
     // Acknowledged on m1's word: the new leg lags on it, so it cannot
     // vouch for m1 leaving, and m1 is the only leg of the old map left.
     w.write_taken_by(100, 0, 1);
