@@ -3,7 +3,7 @@
 use crate::client_args::{print_channels, ClientArgs};
 use crate::config;
 use crate::histogram::Histogram;
-use braid_core::client::IoRequest;
+use braid_core::client::{ExportInfo, IoRequest};
 use braid_core::rng::SplitMix64;
 use clap::{Args, ValueEnum};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -132,16 +132,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     let bs = config::parse_size(&args.bs)?;
     let client = args.client.connect().await?;
     let info = client.info();
-    if bs == 0 || bs % u64::from(info.block_size) != 0 || bs > u64::from(info.max_payload) {
-        return Err(format!(
-            "--bs {} must be a multiple of {} up to {}",
-            args.bs, info.block_size, info.max_payload
-        ));
-    }
-    let span = match &args.span {
-        Some(s) => config::parse_size(s)?.min(info.size),
-        None => info.size.min(1 << 30),
-    };
+    let span = span_of(&args, bs, &info)?;
     let blocks = span / bs;
     if blocks == 0 {
         return Err("the export is smaller than one block".into());
@@ -163,6 +154,55 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         errors: 0.into(),
         stop: false.into(),
     });
+    let started = Instant::now();
+    let cpu_start = cpu_time();
+    let mut finished = start_chains(&args, &client, &shared, bs, blocks);
+    show_progress(
+        &shared,
+        started,
+        started + Duration::from_secs_f64(args.time),
+    )
+    .await;
+    shared.stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::new();
+    while let Some(chain_hist) = finished.recv().await {
+        hist.merge(&chain_hist);
+    }
+    let errors = shared.errors.load(Ordering::Relaxed);
+    print_results(&hist, started.elapsed(), cpu_time() - cpu_start, bs, errors);
+    print_channels(&client);
+    client.close().await;
+    if errors > 0 {
+        return Err(format!("{errors} IOs failed"));
+    }
+    Ok(())
+}
+
+/// The bytes of the export to touch, with `bs` checked against what the
+/// export takes.
+fn span_of(args: &BenchArgs, bs: u64, info: &ExportInfo) -> Result<u64, String> {
+    if bs == 0 || bs % u64::from(info.block_size) != 0 || bs > u64::from(info.max_payload) {
+        return Err(format!(
+            "--bs {} must be a multiple of {} up to {}",
+            args.bs, info.block_size, info.max_payload
+        ));
+    }
+    let span = match &args.span {
+        Some(s) => config::parse_size(s)?.min(info.size),
+        None => info.size.min(1 << 30),
+    };
+    Ok(span)
+}
+
+/// `--qd` chains of IO; each sends its histogram to the returned
+/// receiver once `shared.stop` is set.
+fn start_chains(
+    args: &BenchArgs,
+    client: &braid_fabric_tcp::Client,
+    shared: &Arc<Shared>,
+    bs: u64,
+    blocks: u64,
+) -> tokio::sync::mpsc::UnboundedReceiver<Histogram> {
     // One payload every write sends: in registered memory when the
     // channels are RDMA ones, so no write is copied.
     let payload = crate::rdma::payload(bs as usize, |b| {
@@ -170,9 +210,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
             *x = (i * 131 % 251) as u8;
         }
     });
-    let started = Instant::now();
-    let cpu_start = cpu_time();
-    let (finished_tx, mut finished) = tokio::sync::mpsc::unbounded_channel();
+    let (finished_tx, finished) = tokio::sync::mpsc::unbounded_channel();
     for w in 0..args.qd {
         let chain = Chain {
             rng: SplitMix64::new(0x5EED ^ w as u64),
@@ -188,8 +226,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         };
         Box::new(chain).issue();
     }
-    drop(finished_tx);
-    let deadline = started + Duration::from_secs_f64(args.time);
+    finished
+}
+
+/// A line a second with the last second's rates, until `deadline`.
+async fn show_progress(shared: &Shared, started: Instant, deadline: Instant) {
     let mut last = (Instant::now(), 0u64, 0u64);
     let mut line = crate::progress::ProgressLine::new();
     while Instant::now() < deadline {
@@ -211,21 +252,19 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         ));
         last = (Instant::now(), ios, bytes);
     }
-    shared.stop.store(true, Ordering::Relaxed);
     line.finish();
-    let mut hist = Histogram::new();
-    while let Some(chain_hist) = finished.recv().await {
-        hist.merge(&chain_hist);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_time() - cpu_start;
+}
+
+/// The run's rates, client CPU per IO, latency percentiles and a
+/// histogram by octave.
+fn print_results(hist: &Histogram, elapsed: Duration, cpu: Duration, bs: u64, errors: u64) {
+    let elapsed = elapsed.as_secs_f64();
     let ios = hist.count();
     println!(
-        "\n{ios} IOs in {elapsed:.1}s: {:.0} IOPS, {:.1} MiB/s, client CPU {:.1} µs/IO, errors {}",
+        "\n{ios} IOs in {elapsed:.1}s: {:.0} IOPS, {:.1} MiB/s, client CPU {:.1} µs/IO, errors {errors}",
         ios as f64 / elapsed,
         (ios * bs) as f64 / elapsed / (1 << 20) as f64,
         cpu.as_secs_f64() * 1e6 / ios.max(1) as f64,
-        shared.errors.load(Ordering::Relaxed)
     );
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
@@ -243,11 +282,4 @@ pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
         let bar = "#".repeat(((n * 50) / peak).max(1) as usize);
         println!("  ≥{:>8.0} µs {:>9} {bar}", us(low), n);
     }
-    print_channels(&client);
-    let errors = shared.errors.load(Ordering::Relaxed);
-    client.close().await;
-    if errors > 0 {
-        return Err(format!("{errors} IOs failed"));
-    }
-    Ok(())
 }

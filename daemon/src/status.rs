@@ -143,6 +143,23 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         crate::attach::print_volume_status(&v);
         return Ok(());
     }
+    print_server(&v);
+    Ok(())
+}
+
+/// The server's document as text: what it serves, its counters, its
+/// tasks and settings, then each session.
+fn print_server(v: &serde_json::Value) {
+    print_identity(v);
+    print_counters(v);
+    print_tasks_and_settings(v);
+    crate::rdma::print_memory(&v["rdma_memory"]);
+    print_sessions(v);
+}
+
+/// Where it listens, its exports, the keys it holds and how long its
+/// certificates have left.
+fn print_identity(v: &serde_json::Value) {
     println!("braid server on {}", v["listen"].as_str().unwrap_or("?"));
     for e in v["exports"].as_array().into_iter().flatten() {
         println!(
@@ -167,6 +184,10 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
     if let Some(not_after) = v["tls_client_ca_not_after"].as_i64() {
         println!("  TLS client CA: {}", expiry(not_after, now));
     }
+}
+
+/// The request, backend and error counters, one a line.
+fn print_counters(v: &serde_json::Value) {
     let rows = [
         ("sessions", "sessions"),
         ("connections (channels)", "connections"),
@@ -199,6 +220,11 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         "backend IO that may wait (--io-engine)",
         v["io_engine"].as_str().unwrap_or("?")
     );
+}
+
+/// The engine tasks' busy time, the NBD threads and the settings `braid
+/// set` changes.
+fn print_tasks_and_settings(v: &serde_json::Value) {
     println!(
         "  {:<38} {:.1} s in {} turns",
         "protocol engine's task busy",
@@ -232,7 +258,10 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
         let settings: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  settings (braid set): {}", settings.join(" "));
     }
-    crate::rdma::print_memory(&v["rdma_memory"]);
+}
+
+/// A line per session.
+fn print_sessions(v: &serde_json::Value) {
     for x in v["session_list"].as_array().into_iter().flatten() {
         println!(
             "  session {} export {} channels {} remembered results {} backend ops {}{}",
@@ -248,7 +277,6 @@ pub(crate) async fn run(args: StatusArgs) -> Result<(), String> {
             }
         );
     }
-    Ok(())
 }
 
 /// How far off a certificate's `not_after` is, both seconds since the
