@@ -202,6 +202,19 @@ pub(crate) async fn leg_keys(
     Ok(said)
 }
 
+/// Installs SIGHUP's handler now (its default ends the process), and
+/// runs `reload` at each one from then on: see [`on_hangup`].
+pub(crate) fn on_hangup_spawned<F, R>(reload: R) -> Result<(), String>
+where
+    R: Fn() -> F + Send + 'static,
+    F: Future<Output = Result<String, String>> + Send + 'static,
+{
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("SIGHUP handler: {e}"))?;
+    tokio::spawn(on_hangup(hangups, reload));
+    Ok(())
+}
+
 /// Runs `reload` at every SIGHUP for as long as the daemon runs.
 /// `hangups` is made before the daemon says it is ready, so a reload sent
 /// right after can never kill it (SIGHUP's default).

@@ -15,51 +15,15 @@ use tokio::sync::Notify;
 pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
     let export = args.client.export.clone();
     let data_dir = crate::config::default_data_dir();
-    let control = args
-        .control
-        .clone()
-        .unwrap_or_else(|| data_dir.join(format!("{export}.attach.sock")));
+    let control = args.control_path(&data_dir, &export);
     // Before connecting: a second attach of one volume must not take the
     // first one's sockets over.
     crate::control::ensure_unused(&control)?;
     crate::ublk::preflight(&args.ublk)?;
     let metrics = crate::metrics::MetricsListener::bind_if_asked(args.metrics.as_deref())?;
     let client = args.client.connect().await?;
-    let info = client.info();
-    let nbd = if args.nbd.is_empty() && !args.ublk.wanted() {
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-        vec![data_dir
-            .join(format!("{export}.nbd.sock"))
-            .display()
-            .to_string()]
-    } else {
-        args.nbd.clone()
-    };
-    let read_only = info.flags & EXPORT_READ_ONLY != 0;
-    let target: Arc<dyn Target> = Arc::new(VolumeTarget {
-        sink: Sink::Export(client.clone()),
-        // Whole blocks, and at least one (a server that allowed less
-        // would accept no request at all).
-        max_part: (info.max_payload - info.max_payload % info.block_size).max(info.block_size),
-    });
-    let settings = FaceSettings {
-        nbd: &nbd,
-        nbd_allow_insecure: args.nbd_allow_insecure,
-        ublk: &args.ublk,
-        export: NbdExport {
-            read_only,
-            block_min: info.block_size,
-            ..NbdExport::new(export.clone(), info.size, 0)
-        },
-        geometry: crate::ublk::Volume {
-            size: info.size,
-            block_size: info.block_size,
-            read_only,
-            max_request: info.max_payload,
-        },
-    };
-    let faces = match Faces::start(settings, target).await {
+    let nbd = args.nbd_addresses(&data_dir, &export)?;
+    let faces = match start_faces(&args, &nbd, &client).await {
         Ok(f) => f,
         Err(e) => {
             client.close().await;
@@ -67,22 +31,14 @@ pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
         }
     };
     let block_device = faces.block_device();
-    println!(
-        "braid volume {export:?} ({}) from {} attached",
-        crate::config::human_size(info.size),
-        args.client.server()
+    announce(
+        &args.client,
+        &client,
+        &faces.uris,
+        &nbd,
+        block_device.as_deref(),
+        &control,
     );
-    if let Some(path) = &block_device {
-        println!("device:   {path}");
-    }
-    for (uri, addr) in faces.uris.iter().zip(&nbd) {
-        println!("nbd:      {uri}");
-        if addr.contains('/') {
-            println!("          nbd-client -N {export} -u {addr} /dev/nbd0   (as root)");
-        }
-    }
-    println!("status:   braid status --control {}", control.display());
-    println!("detach:   braid detach --control {}", control.display());
     if let Some(m) = metrics {
         println!("metrics:  {}", m.url());
         m.serve_client(client.clone(), export.clone());
@@ -90,13 +46,11 @@ pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
     // Before the control socket answers and systemd hears READY: a
     // reload sent then must find the handler, not SIGHUP's default, which
     // ends the process.
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| format!("SIGHUP handler: {e}"))?;
     let (reloaded, client_args) = (client.clone(), args.client.clone());
-    tokio::spawn(crate::reload::on_hangup(hangups, move || {
+    crate::reload::on_hangup_spawned(move || {
         let (client, client_args) = (reloaded.clone(), client_args.clone());
         async move { crate::reload::client_key(&client, &client_args).await }
-    }));
+    })?;
     let detach = Arc::new(Notify::new());
     let controls = ExportControl {
         client: client.clone(),
@@ -117,6 +71,65 @@ pub(super) async fn run(args: AttachArgs) -> Result<(), String> {
     client.close().await;
     println!("braid attach: detached");
     Ok(())
+}
+
+/// The export served over NBD at `nbd` and, if asked, as a ublk device,
+/// with the size, block size and writability its server gave.
+async fn start_faces(args: &AttachArgs, nbd: &[String], client: &Client) -> Result<Faces, String> {
+    let info = client.info();
+    let read_only = info.flags & EXPORT_READ_ONLY != 0;
+    let target: Arc<dyn Target> = Arc::new(VolumeTarget {
+        sink: Sink::Export(client.clone()),
+        // Whole blocks, and at least one (a server that allowed less
+        // would accept no request at all).
+        max_part: (info.max_payload - info.max_payload % info.block_size).max(info.block_size),
+    });
+    let settings = FaceSettings {
+        nbd,
+        nbd_allow_insecure: args.nbd_allow_insecure,
+        ublk: &args.ublk,
+        export: NbdExport {
+            read_only,
+            block_min: info.block_size,
+            ..NbdExport::new(args.client.export.clone(), info.size, 0)
+        },
+        geometry: crate::ublk::Volume {
+            size: info.size,
+            block_size: info.block_size,
+            read_only,
+            max_request: info.max_payload,
+        },
+    };
+    Faces::start(settings, target).await
+}
+
+/// Where the attached export is reached and how to see to it, for
+/// whoever started it.
+fn announce(
+    client_args: &ClientArgs,
+    client: &Client,
+    uris: &[String],
+    nbd: &[String],
+    block_device: Option<&str>,
+    control: &std::path::Path,
+) {
+    let export = &client_args.export;
+    println!(
+        "braid volume {export:?} ({}) from {} attached",
+        crate::config::human_size(client.info().size),
+        client_args.server()
+    );
+    if let Some(path) = block_device {
+        println!("device:   {path}");
+    }
+    for (uri, addr) in uris.iter().zip(nbd) {
+        println!("nbd:      {uri}");
+        if addr.contains('/') {
+            println!("          nbd-client -N {export} -u {addr} /dev/nbd0   (as root)");
+        }
+    }
+    println!("status:   braid status --control {}", control.display());
+    println!("detach:   braid detach --control {}", control.display());
 }
 
 /// What the control socket of an attached export answers from.

@@ -12,7 +12,7 @@ mod volume;
 
 use crate::client_args::ClientArgs;
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub(crate) use legs::leg_args;
 pub(crate) use status::{print_status, print_volume_status};
@@ -50,6 +50,29 @@ pub(crate) struct DetachArgs {
     /// The attached volume's control socket.
     #[arg(long)]
     control: PathBuf,
+}
+
+impl AttachArgs {
+    /// `--control`, or its default for the volume or export `name`.
+    fn control_path(&self, data_dir: &Path, name: &str) -> PathBuf {
+        self.control
+            .clone()
+            .unwrap_or_else(|| data_dir.join(format!("{name}.attach.sock")))
+    }
+
+    /// `--nbd`'s addresses; without them or `--ublk`, a unix socket in
+    /// the data dir named for the volume or export `name`.
+    fn nbd_addresses(&self, data_dir: &Path, name: &str) -> Result<Vec<String>, String> {
+        if !self.nbd.is_empty() || self.ublk.wanted() {
+            return Ok(self.nbd.clone());
+        }
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
+        Ok(vec![data_dir
+            .join(format!("{name}.nbd.sock"))
+            .display()
+            .to_string()])
+    }
 }
 
 pub(crate) async fn run(args: AttachArgs) -> Result<(), String> {

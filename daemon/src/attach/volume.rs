@@ -19,10 +19,7 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
     let data_dir = crate::config::default_data_dir();
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("data dir {}: {e}", data_dir.display()))?;
-    let control = args
-        .control
-        .clone()
-        .unwrap_or_else(|| data_dir.join(format!("{}.attach.sock", file.name)));
+    let control = args.control_path(&data_dir, &file.name);
     crate::control::ensure_unused(&control)?;
     // Before the run is claimed: a refused second run changes nothing.
     let _volume_lock = crate::volume::lock_volume(&data_dir, &file.name)?;
@@ -36,79 +33,39 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
     args.client.identity = Some(run);
     crate::ublk::preflight(&args.ublk)?;
     let metrics = crate::metrics::MetricsListener::bind_if_asked(args.metrics.as_deref())?;
-    let (map, clients, max_payload) = connect_legs(&file, &path, &args.client).await?;
-    let leg_clients: crate::reload::LegClients =
-        Arc::new(std::sync::Mutex::new(crate::reload::Legs {
-            clients: clients.clone(),
-            joining: None,
-        }));
-    let mut config = file.config()?;
-    config.max_leg_io = u64::from(max_payload);
-    let volume = Volume::start(map, clients, config, store, file.leg_timeout()?)
-        .map_err(|e| format!("volume {}: {e}", file.name))?;
-    let nbd = if args.nbd.is_empty() && !args.ublk.wanted() {
-        vec![data_dir
-            .join(format!("{}.nbd.sock", file.name))
-            .display()
-            .to_string()]
-    } else {
-        args.nbd.clone()
-    };
-    let target: Arc<dyn Target> = Arc::new(VolumeTarget {
-        sink: Sink::Legs(volume.clone()),
-        max_part: max_payload,
-    });
-    let settings = FaceSettings {
-        nbd: &nbd,
-        nbd_allow_insecure: args.nbd_allow_insecure,
-        ublk: &args.ublk,
-        export: NbdExport {
-            block_min: volume.block_size(),
-            ..NbdExport::new(file.name.clone(), volume.size(), 0)
-        },
-        geometry: crate::ublk::Volume {
-            size: volume.size(),
-            block_size: volume.block_size(),
-            read_only: false,
-            max_request: max_payload,
-        },
-    };
-    let faces = match Faces::start(settings, target).await {
+    let (volume, legs, max_payload) = start_volume(&file, &path, &args.client, store).await?;
+    let nbd = args.nbd_addresses(&data_dir, &file.name)?;
+    let faces = match start_faces(&args, &nbd, &file.name, &volume, max_payload).await {
         Ok(f) => f,
         Err(e) => {
             volume.close().await;
             return Err(e);
         }
     };
-    for uri in &faces.uris {
-        println!("nbd:      {uri}");
-    }
     let block_device = faces.block_device();
-    println!(
-        "braid volume {:?} ({}) over {} legs attached",
-        file.name,
-        crate::config::human_size(volume.size()),
-        file.legs.len()
+    announce(
+        &file,
+        &volume,
+        &faces.uris,
+        block_device.as_deref(),
+        &control,
     );
-    if let Some(path) = &block_device {
-        println!("device:   {path}");
-    }
-    println!("status:   braid status --control {}", control.display());
     if let Some(m) = metrics {
         println!("metrics:  {}", m.url());
         m.serve_volume(volume.clone());
     }
     // Before the control socket answers and systemd hears READY (see
     // the export's attach).
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| format!("SIGHUP handler: {e}"))?;
-    let (legs, client_args, volume_path) = (leg_clients.clone(), args.client.clone(), path.clone());
-    let reloaded = volume.clone();
-    tokio::spawn(crate::reload::on_hangup(hangups, move || {
-        let (legs, client_args, path) = (legs.clone(), client_args.clone(), volume_path.clone());
-        let volume = reloaded.clone();
+    let (reloaded, client_args, volume_path) = (
+        (legs.clone(), volume.clone()),
+        args.client.clone(),
+        path.clone(),
+    );
+    crate::reload::on_hangup_spawned(move || {
+        let ((legs, volume), client_args, path) =
+            (reloaded.clone(), client_args.clone(), volume_path.clone());
         async move { crate::reload::leg_keys(&legs, &client_args, &path, &volume).await }
-    }));
+    })?;
     let detach = Arc::new(Notify::new());
     let controls = VolumeControl {
         volume: volume.clone(),
@@ -117,7 +74,7 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
         block_device: block_device.clone(),
         client_args: args.client.clone(),
         path: path.clone(),
-        legs: leg_clients,
+        legs,
     };
     let answer = move |command: &str| controls.answer(command);
     faces
@@ -126,6 +83,80 @@ pub(super) async fn run(mut args: AttachArgs, path: PathBuf) -> Result<(), Strin
     volume.close().await;
     println!("braid attach: volume detached");
     Ok(())
+}
+
+/// A session on every leg and the volume driver over them; also the
+/// legs' clients, as reloads and migrations change them, and the largest
+/// IO every leg takes.
+async fn start_volume(
+    file: &crate::volume::VolumeFile,
+    path: &Path,
+    client_args: &ClientArgs,
+    store: Arc<crate::volume::FileLogStore>,
+) -> Result<(Volume, crate::reload::LegClients, u32), String> {
+    let (map, clients, max_payload) = connect_legs(file, path, client_args).await?;
+    let legs: crate::reload::LegClients = Arc::new(std::sync::Mutex::new(crate::reload::Legs {
+        clients: clients.clone(),
+        joining: None,
+    }));
+    let mut config = file.config()?;
+    config.max_leg_io = u64::from(max_payload);
+    let volume = Volume::start(map, clients, config, store, file.leg_timeout()?)
+        .map_err(|e| format!("volume {}: {e}", file.name))?;
+    Ok((volume, legs, max_payload))
+}
+
+/// The volume served over NBD at `nbd` and, if asked, as a ublk device.
+async fn start_faces(
+    args: &AttachArgs,
+    nbd: &[String],
+    name: &str,
+    volume: &Volume,
+    max_payload: u32,
+) -> Result<Faces, String> {
+    let target: Arc<dyn Target> = Arc::new(VolumeTarget {
+        sink: Sink::Legs(volume.clone()),
+        max_part: max_payload,
+    });
+    let settings = FaceSettings {
+        nbd,
+        nbd_allow_insecure: args.nbd_allow_insecure,
+        ublk: &args.ublk,
+        export: NbdExport {
+            block_min: volume.block_size(),
+            ..NbdExport::new(name.to_string(), volume.size(), 0)
+        },
+        geometry: crate::ublk::Volume {
+            size: volume.size(),
+            block_size: volume.block_size(),
+            read_only: false,
+            max_request: max_payload,
+        },
+    };
+    Faces::start(settings, target).await
+}
+
+/// Where the attached volume is reached, for whoever started it.
+fn announce(
+    file: &crate::volume::VolumeFile,
+    volume: &Volume,
+    uris: &[String],
+    block_device: Option<&str>,
+    control: &Path,
+) {
+    for uri in uris {
+        println!("nbd:      {uri}");
+    }
+    println!(
+        "braid volume {:?} ({}) over {} legs attached",
+        file.name,
+        crate::config::human_size(volume.size()),
+        file.legs.len()
+    );
+    if let Some(path) = block_device {
+        println!("device:   {path}");
+    }
+    println!("status:   braid status --control {}", control.display());
 }
 
 /// What the control socket of an attached volume answers from.
