@@ -251,7 +251,6 @@ impl BlockState {
     }
 }
 
-/// Runs the verifying workload until `progress.stop` is set.
 /// What the verifier drives: one export's client, or a volume over
 /// several.
 pub(crate) trait BlockDevice: Clone + Send + Sync + 'static {
@@ -277,6 +276,8 @@ impl BlockDevice for braid_fabric_tcp::Volume {
     }
 }
 
+/// Runs the verifying workload until `progress.stop` is set: `qd`
+/// workers, each with one IO in flight on a block no other touches.
 pub(crate) async fn workload(
     client: impl BlockDevice,
     blocks: u64,
@@ -292,116 +293,155 @@ pub(crate) async fn workload(
     let state = Arc::new(Mutex::new(vec![BlockState::default(); blocks as usize]));
     let mut workers = Vec::new();
     for w in 0..qd {
-        let (client, state, progress) = (client.clone(), state.clone(), progress.clone());
-        workers.push(tokio::spawn(async move {
-            let mut rng = SplitMix64::new(run ^ w as u64);
-            let mut ops = 0u64;
-            while !progress.stop.load(Ordering::Relaxed) {
-                ops += 1;
-                if ops % 97 == 0 {
-                    let t = Instant::now();
-                    let r = client.submit(IoRequest::flush()).await;
-                    progress.observe(t);
-                    match r {
-                        Ok(_) => progress.flushes.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            progress.problem(format!("flush failed: {e}"));
-                            progress.errors.fetch_add(1, Ordering::Relaxed)
-                        }
-                    };
-                    continue;
-                }
-                // Claim an idle block so its expected content is exact.
-                let claimed = {
-                    let mut s = state.lock().unwrap();
-                    let mut found = None;
-                    for _ in 0..8 {
-                        let b = rng.below(blocks);
-                        let block = &mut s[b as usize];
-                        if !block.busy {
-                            block.busy = true;
-                            found = Some((b, *block));
-                            break;
-                        }
-                    }
-                    found
-                };
-                let Some((block, known)) = claimed else {
-                    tokio::task::yield_now().await;
-                    continue;
-                };
-                let offset = block * BLOCK as u64;
-                if rng.chance(0.4) {
-                    let generation = known.next_generation();
-                    let fua = rng.chance(0.1);
-                    let t = Instant::now();
-                    let data = block_data(run, block, generation);
-                    let r = client
-                        .submit(IoRequest::write(offset, data.clone(), fua))
-                        .await;
-                    progress.observe(t);
-                    // The buffer may sit in memory shared with the fabric
-                    // (registered for RDMA): if anything wrote into it while
-                    // the write was in flight, the server may have stored
-                    // that instead, so say so here, where it happened.
-                    if let Err(p) = check(&data, run, block, generation) {
-                        progress.mismatch(format!("write buffer changed in flight: {p}"));
-                    }
-                    match r {
-                        Ok(_) => {
-                            state.lock().unwrap()[block as usize].written(generation);
-                            progress.writes.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            state.lock().unwrap()[block as usize].write_failed(generation);
-                            progress.problem(format!("write failed: {e}"));
-                            progress.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                } else {
-                    let t = Instant::now();
-                    let r = client.submit(IoRequest::read(offset, BLOCK as u32)).await;
-                    progress.observe(t);
-                    match r {
-                        Ok(data) => {
-                            progress.reads.fetch_add(1, Ordering::Relaxed);
-                            let acked = match known.read(&data, run, block) {
-                                Ok(found) => {
-                                    state.lock().unwrap()[block as usize] = found;
-                                    found.acked
-                                }
-                                Err(acked) => acked,
-                            };
-                            if let Err(p) = check(&data, run, block, acked) {
-                                // The block is still claimed, so nothing wrote
-                                // it since: a second read tells a wrong read
-                                // (the data went astray on its way back) from
-                                // wrong data stored.
-                                let again = client
-                                    .submit(IoRequest::read(offset, BLOCK as u32))
-                                    .await
-                                    .map_err(|e| format!("failed: {e}"))
-                                    .and_then(|d| check(&d, run, block, acked));
-                                progress.mismatch(match again {
-                                    Ok(()) => {
-                                        format!("{p}; read again: right (the read went astray)")
-                                    }
-                                    Err(q) => format!("{p}; read again: {q}"),
-                                });
-                            }
-                        }
-                        Err(e) => {
-                            progress.problem(format!("read failed: {e}"));
-                            progress.errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                state.lock().unwrap()[block as usize].busy = false;
-            }
-        }));
+        let worker = Worker {
+            client: client.clone(),
+            state: state.clone(),
+            progress: progress.clone(),
+            run,
+            blocks,
+            rng: SplitMix64::new(run ^ w as u64),
+        };
+        workers.push(tokio::spawn(worker.go()));
     }
     for w in workers {
         let _ = w.await;
+    }
+}
+
+/// One of the workload's IOs in flight, again and again.
+struct Worker<C> {
+    client: C,
+    /// Every block's, shared by the workers.
+    state: Arc<Mutex<Vec<BlockState>>>,
+    progress: Arc<Progress>,
+    /// This run's mark in every block it writes.
+    run: u64,
+    blocks: u64,
+    rng: SplitMix64,
+}
+
+impl<C: BlockDevice> Worker<C> {
+    async fn go(mut self) {
+        let mut ops = 0u64;
+        while !self.progress.stop.load(Ordering::Relaxed) {
+            ops += 1;
+            if ops % 97 == 0 {
+                self.flush().await;
+                continue;
+            }
+            let Some((block, known)) = self.claim() else {
+                tokio::task::yield_now().await;
+                continue;
+            };
+            if self.rng.chance(0.4) {
+                self.write(block, known).await;
+            } else {
+                self.read(block, known).await;
+            }
+            self.state.lock().unwrap()[block as usize].busy = false;
+        }
+    }
+
+    async fn flush(&self) {
+        let progress = &self.progress;
+        let t = Instant::now();
+        let r = self.client.submit(IoRequest::flush()).await;
+        progress.observe(t);
+        match r {
+            Ok(_) => progress.flushes.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                progress.problem(format!("flush failed: {e}"));
+                progress.errors.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+    }
+
+    /// An idle block, marked busy so its expected content is exact, and
+    /// what was known of it; none if a few tries found only busy ones.
+    fn claim(&mut self) -> Option<(u64, BlockState)> {
+        let mut s = self.state.lock().unwrap();
+        for _ in 0..8 {
+            let b = self.rng.below(self.blocks);
+            let block = &mut s[b as usize];
+            if !block.busy {
+                block.busy = true;
+                return Some((b, *block));
+            }
+        }
+        None
+    }
+
+    async fn write(&mut self, block: u64, known: BlockState) {
+        let (progress, run) = (&self.progress, self.run);
+        let generation = known.next_generation();
+        let fua = self.rng.chance(0.1);
+        let t = Instant::now();
+        let data = block_data(run, block, generation);
+        let r = self
+            .client
+            .submit(IoRequest::write(block * BLOCK as u64, data.clone(), fua))
+            .await;
+        progress.observe(t);
+        // The buffer may sit in memory shared with the fabric
+        // (registered for RDMA): if anything wrote into it while
+        // the write was in flight, the server may have stored
+        // that instead, so say so here, where it happened.
+        if let Err(p) = check(&data, run, block, generation) {
+            progress.mismatch(format!("write buffer changed in flight: {p}"));
+        }
+        match r {
+            Ok(_) => {
+                self.state.lock().unwrap()[block as usize].written(generation);
+                progress.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.state.lock().unwrap()[block as usize].write_failed(generation);
+                progress.problem(format!("write failed: {e}"));
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn read(&self, block: u64, known: BlockState) {
+        let (progress, run) = (&self.progress, self.run);
+        let offset = block * BLOCK as u64;
+        let t = Instant::now();
+        let r = self
+            .client
+            .submit(IoRequest::read(offset, BLOCK as u32))
+            .await;
+        progress.observe(t);
+        let data = match r {
+            Ok(data) => data,
+            Err(e) => {
+                progress.problem(format!("read failed: {e}"));
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        progress.reads.fetch_add(1, Ordering::Relaxed);
+        let acked = match known.read(&data, run, block) {
+            Ok(found) => {
+                self.state.lock().unwrap()[block as usize] = found;
+                found.acked
+            }
+            Err(acked) => acked,
+        };
+        if let Err(p) = check(&data, run, block, acked) {
+            // The block is still claimed, so nothing wrote it since: a
+            // second read tells a wrong read (the data went astray on its
+            // way back) from wrong data stored.
+            let again = self
+                .client
+                .submit(IoRequest::read(offset, BLOCK as u32))
+                .await
+                .map_err(|e| format!("failed: {e}"))
+                .and_then(|d| check(&d, run, block, acked));
+            progress.mismatch(match again {
+                Ok(()) => format!("{p}; read again: right (the read went astray)"),
+                Err(q) => format!("{p}; read again: {q}"),
+            });
+        }
     }
 }
 
