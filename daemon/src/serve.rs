@@ -137,11 +137,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
         println!("metrics:  {}", m.url());
     }
     crate::busy_poll::start(s.poll);
-    let mut files = FileBackend::new(files).with_io_engine(s.io_engine.into());
-    if let Some(staging) = bound.rdma.read_staging() {
-        files = files.with_read_staging(staging);
-    }
-    let backend = Arc::new(crate::busy_poll::Polled(files));
+    let backend = open_backend(files, &s, &bound);
     let (nbd_stop, nbd_stopped) = tokio::sync::watch::channel(false);
     let (nbd_threads, nbd_tasks) = start_nbd_face(
         &s.nbd,
@@ -157,14 +153,7 @@ pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     )
     .await?;
     let engines = ServerEngine::several(&server_config, s.engines).map_err(|e| e.to_string())?;
-    // One engine shares the main runtime's thread with everything else, as
-    // it always has; several get a thread each.
-    let (engine_spawner, engine_stops) = if s.engines > 1 {
-        let (spawner, stops) = engine_threads(s.engines, s.poll)?;
-        (Some(spawner), stops)
-    } else {
-        (None, Vec::new())
-    };
+    let (engine_spawner, engine_stops) = engine_runtimes(&s)?;
     // Before the server is ready: a reload sent once systemd hears READY
     // must find the handler, not SIGHUP's default, which ends the process.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -421,6 +410,34 @@ impl Started {
             self.backend,
             self.nbd_placement,
         );
+    }
+}
+
+/// The exports' files, on the IO engine asked for, with RDMA's read
+/// staging when there is one, polled as `--poll-us` says.
+fn open_backend(
+    files: Vec<ExportFile>,
+    s: &Settings,
+    bound: &Bound,
+) -> Arc<crate::busy_poll::Polled<FileBackend>> {
+    let mut files = FileBackend::new(files).with_io_engine(s.io_engine.into());
+    if let Some(staging) = bound.rdma.read_staging() {
+        files = files.with_read_staging(staging);
+    }
+    Arc::new(crate::busy_poll::Polled(files))
+}
+
+/// Where the protocol engines run. One engine shares the main runtime's
+/// thread with everything else, as it always has; several get a thread
+/// each, whose stops end them when dropped.
+fn engine_runtimes(
+    s: &Settings,
+) -> Result<(Option<EngineSpawner>, Vec<tokio::sync::oneshot::Sender<()>>), String> {
+    if s.engines > 1 {
+        let (spawner, stops) = engine_threads(s.engines, s.poll)?;
+        Ok((Some(spawner), stops))
+    } else {
+        Ok((None, Vec::new()))
     }
 }
 
