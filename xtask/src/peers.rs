@@ -329,22 +329,67 @@ fn start_with(
         format!("127.0.0.1:{port}")
     };
     let img_s = img.display().to_string();
-    let mut cmd = match server {
+    let mut cmd = server_command(
+        server,
+        unix,
+        &Endpoint {
+            sdir: &sdir,
+            addr: &addr,
+            port,
+            img: &img_s,
+        },
+        braid,
+        serve_extra,
+    )?;
+    let killed = spawned(server, &mut cmd, &sdir)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    if server == "ublk" {
+        return ublk_device(&sdir, deadline).map(|dev| (killed, dev));
+    }
+    wait_ready(server, &uri, deadline)?;
+    Ok((killed, uri))
+}
+
+/// Where a server under test keeps its files and listens.
+struct Endpoint<'a> {
+    sdir: &'a Path,
+    /// The NBD unix socket's path, or 127.0.0.1:`port`.
+    addr: &'a str,
+    port: u16,
+    /// Its 1 GiB image.
+    img: &'a str,
+}
+
+/// The command that runs `server` on `at`.
+fn server_command(
+    server: &str,
+    unix: bool,
+    at: &Endpoint<'_>,
+    braid: &Path,
+    serve_extra: &[String],
+) -> Result<Command, String> {
+    let Endpoint {
+        sdir,
+        addr,
+        port,
+        img: img_s,
+    } = *at;
+    let cmd = match server {
         // The client path: the server exports the file over braid's
         // protocol only, and fio reaches it through braid attach.
-        "attach" => attached(braid, &sdir, &img_s, &format!("--nbd '{addr}'")),
-        "mirror" => mirror_command(braid, &sdir, &img_s, &addr)?,
+        "attach" => attached(braid, sdir, img_s, &format!("--nbd '{addr}'")),
+        "mirror" => mirror_command(braid, sdir, img_s, addr)?,
         // The client path as a block device: fio on /dev/ublkbN.
-        "ublk" => attached(braid, &sdir, &img_s, "--ublk"),
+        "ublk" => attached(braid, sdir, img_s, "--ublk"),
         "braid" => {
             // braid's own protocol listens here too; proto's rows use it.
             let listen = format!("127.0.0.1:{}", free_port());
             fs::write(sdir.join("listen"), &listen).map_err(|e| e.to_string())?;
             let mut c = Command::new(braid);
             c.args(["serve", "--data-dir"])
-                .arg(&sdir)
+                .arg(sdir)
                 .args(["--listen", &listen])
-                .args(["--export", &format!("disk0={img_s}"), "--nbd", &addr])
+                .args(["--export", &format!("disk0={img_s}"), "--nbd", addr])
                 .args(serve_extra);
             if unix {
                 // The face over TCP as well, which the client path's pairs
@@ -360,11 +405,11 @@ fn start_with(
             let mut c = Command::new("nbdkit");
             c.args(["-f", "--exportname", "disk0"]);
             if unix {
-                c.args(["-U", &addr]);
+                c.args(["-U", addr]);
             } else {
                 c.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
             }
-            c.args(["file", &img_s]);
+            c.args(["file", img_s]);
             c
         }
         "qemu-nbd" => {
@@ -373,11 +418,11 @@ fn start_with(
             // multi-conn advertised, as the others do).
             c.args(["-f", "raw", "-x", "disk0", "-t", "-e", "4"]);
             if unix {
-                c.args(["-k", &addr]);
+                c.args(["-k", addr]);
             } else {
                 c.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
             }
-            c.arg(&img_s);
+            c.arg(img_s);
             c
         }
         "nbd-server" => {
@@ -399,6 +444,12 @@ fn start_with(
         }
         other => return Err(format!("unknown server {other}")),
     };
+    Ok(cmd)
+}
+
+/// `cmd` started, its output in `sdir`'s server.log, as what ends it:
+/// its process group for braid's attach, the daemon nbd-server forks.
+fn spawned(server: &str, cmd: &mut Command, sdir: &Path) -> Result<Killed, String> {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -411,7 +462,7 @@ fn start_with(
         .map_err(|e| {
             format!("{server}: {e} (install peers with ../shared/tools/peerbench --install-only)")
         })?;
-    let killed = if matches!(server, "attach" | "mirror" | "ublk") {
+    Ok(if matches!(server, "attach" | "mirror" | "ublk") {
         Killed::Group(child)
     } else if server == "nbd-server" {
         // It forks into the background; the pid file names the daemon.
@@ -432,21 +483,20 @@ fn start_with(
         }
     } else {
         Killed::Child(child)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    if server == "ublk" {
-        return ublk_device(&sdir, deadline).map(|dev| (killed, dev));
-    }
-    // Ready when an NBD client gets through the handshake.
+    })
+}
+
+/// Waits until an NBD client gets through the handshake at `uri`.
+fn wait_ready(server: &str, uri: &str, deadline: Instant) -> Result<(), String> {
     loop {
         let ok = Command::new("nbdinfo")
-            .args(["--size", &uri])
+            .args(["--size", uri])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if ok {
-            return Ok((killed, uri));
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(format!("{server} never answered on {uri}"));
