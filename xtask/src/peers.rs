@@ -788,163 +788,189 @@ struct Plan<'a> {
 
 /// Every wanted column, once.
 fn measure(plan: &Plan<'_>, round: usize) -> Result<Results, String> {
-    let Plan {
-        runtime,
-        seconds,
-        transports,
-        wanted,
-        dir,
-        peerbench,
-        braid,
-        pairs,
-    } = *plan;
+    let dir = plan.dir;
     fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut results = Results::default();
-    if wanted("floor") {
-        eprintln!("==> floor: TCP ping-pong between two processes ({runtime} s per shape)");
-        let f = floor::measure(std::time::Duration::from_secs_f64(seconds))?;
-        eprintln!(
-            "read-shaped p50 {:.1} µs, write-shaped p50 {:.1} µs",
-            f.read_p50, f.write_p50
-        );
-        results.floor = Some(f);
+    if (plan.wanted)("floor") {
+        measure_floor(plan, &mut results)?;
     }
-    if wanted("limit") {
-        eprintln!("==> limit: fio io_uring straight on the file ({runtime} s per workload)");
-        let img = dir.join("limit.img");
-        filled_image(&img)?;
-        let out = Command::new(peerbench)
-            .args([
-                "--runtime",
-                runtime,
-                "--cpu",
-                "--engines",
-                "io_uring",
-                "--file",
-            ])
-            .arg(&img)
-            .stderr(Stdio::inherit())
-            .output()
-            .map_err(|e| format!("peerbench: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        eprint!("{text}");
-        let _ = fs::remove_file(&img);
-        for unix in [false, true] {
-            results.rows.insert((unix, "limit".into()), parse(&text));
-        }
+    if (plan.wanted)("limit") {
+        measure_limit(plan, &mut results)?;
     }
-    if wanted("proto") {
-        eprintln!("==> proto: braid bench over braid's protocol ({runtime} s per workload)");
-        let (daemon, _) = start("braid", false, dir, braid)?;
-        let sdir = dir.join("braid-tcp");
-        let listen = fs::read_to_string(sdir.join("listen")).map_err(|e| e.to_string())?;
-        let sampler = rss::PeakSampler::start(vec![daemon.pid()]);
-        let idle = rss::rss_kib(daemon.pid()).unwrap_or(0);
-        let rows = proto::run(
-            braid,
-            listen.trim(),
-            &sdir.join("keys.toml"),
-            daemon.pid(),
+    if (plan.wanted)("proto") {
+        measure_proto(plan, &mut results)?;
+    }
+    for &unix in plan.transports {
+        measure_served(plan, round, unix, &mut results)?;
+    }
+    Ok(results)
+}
+
+/// The floor column: a TCP ping-pong between two processes.
+fn measure_floor(plan: &Plan<'_>, results: &mut Results) -> Result<(), String> {
+    let (runtime, seconds) = (plan.runtime, plan.seconds);
+    eprintln!("==> floor: TCP ping-pong between two processes ({runtime} s per shape)");
+    let f = floor::measure(std::time::Duration::from_secs_f64(seconds))?;
+    eprintln!(
+        "read-shaped p50 {:.1} µs, write-shaped p50 {:.1} µs",
+        f.read_p50, f.write_p50
+    );
+    results.floor = Some(f);
+    Ok(())
+}
+
+/// The limit column: fio with io_uring straight on a file, no network.
+fn measure_limit(plan: &Plan<'_>, results: &mut Results) -> Result<(), String> {
+    let (runtime, dir, peerbench) = (plan.runtime, plan.dir, plan.peerbench);
+    eprintln!("==> limit: fio io_uring straight on the file ({runtime} s per workload)");
+    let img = dir.join("limit.img");
+    filled_image(&img)?;
+    let out = Command::new(peerbench)
+        .args([
+            "--runtime",
             runtime,
-        )?;
-        if wanted("floor") {
-            eprintln!("==> floor pairs: polling ping-pong, then braid bench at QD1, {FLOOR_PAIRS} times per shape");
-            let pairs = floor::pairs(FLOOR_PAIRS, std::time::Duration::from_secs(1), |write| {
-                proto::qd1_p50(braid, listen.trim(), &sdir.join("keys.toml"), write)
-            })?;
-            results.floor_pairs = Some(pairs);
-        }
-        let peak = sampler.finish();
-        results.memory.push(Memory {
-            column: "proto".into(),
-            transport: "tcp",
-            process: "serve".into(),
-            idle_kib: idle,
-            peak_kib: peak[0],
-        });
-        // braid's protocol runs over TCP only: no unix rows.
-        results
-            .rows
-            .insert((false, "proto".into()), rows.into_iter().collect());
+            "--cpu",
+            "--engines",
+            "io_uring",
+            "--file",
+        ])
+        .arg(&img)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("peerbench: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprint!("{text}");
+    let _ = fs::remove_file(&img);
+    for unix in [false, true] {
+        results.rows.insert((unix, "limit".into()), parse(&text));
     }
-    for &unix in transports {
-        let servers: Vec<&str> = SERVED
+    Ok(())
+}
+
+/// The proto column: `braid bench` over braid's own protocol, and the
+/// floor's pairs against it when the floor is wanted.
+fn measure_proto(plan: &Plan<'_>, results: &mut Results) -> Result<(), String> {
+    let (runtime, dir, braid, wanted) = (plan.runtime, plan.dir, plan.braid, plan.wanted);
+    eprintln!("==> proto: braid bench over braid's protocol ({runtime} s per workload)");
+    let (daemon, _) = start("braid", false, dir, braid)?;
+    let sdir = dir.join("braid-tcp");
+    let listen = fs::read_to_string(sdir.join("listen")).map_err(|e| e.to_string())?;
+    let sampler = rss::PeakSampler::start(vec![daemon.pid()]);
+    let idle = rss::rss_kib(daemon.pid()).unwrap_or(0);
+    let rows = proto::run(
+        braid,
+        listen.trim(),
+        &sdir.join("keys.toml"),
+        daemon.pid(),
+        runtime,
+    )?;
+    if wanted("floor") {
+        eprintln!("==> floor pairs: polling ping-pong, then braid bench at QD1, {FLOOR_PAIRS} times per shape");
+        let pairs = floor::pairs(FLOOR_PAIRS, std::time::Duration::from_secs(1), |write| {
+            proto::qd1_p50(braid, listen.trim(), &sdir.join("keys.toml"), write)
+        })?;
+        results.floor_pairs = Some(pairs);
+    }
+    let peak = sampler.finish();
+    results.memory.push(Memory {
+        column: "proto".into(),
+        transport: "tcp",
+        process: "serve".into(),
+        idle_kib: idle,
+        peak_kib: peak[0],
+    });
+    // braid's protocol runs over TCP only: no unix rows.
+    results
+        .rows
+        .insert((false, "proto".into()), rows.into_iter().collect());
+    Ok(())
+}
+
+/// Every wanted NBD server over one transport, serving at once, each
+/// workload run against each in turn; then the pairs and memory.
+fn measure_served(
+    plan: &Plan<'_>,
+    round: usize,
+    unix: bool,
+    results: &mut Results,
+) -> Result<(), String> {
+    let (runtime, dir, braid, wanted, pairs) =
+        (plan.runtime, plan.dir, plan.braid, plan.wanted, plan.pairs);
+    let servers: Vec<&str> = SERVED
+        .iter()
+        .copied()
+        .filter(|&s| wanted(s) && !(unix && s == "ublk"))
+        .collect();
+    if servers.is_empty() {
+        return Ok(());
+    }
+    let t = if unix { "unix" } else { "tcp" };
+    eprintln!(
+        "==> over {t}: {} serving at once, each workload run against each in turn ({runtime} s per run)",
+        servers.join(", ")
+    );
+    let mut live = Vec::with_capacity(servers.len());
+    for &server in &servers {
+        let (daemon, uri) = start(server, unix, dir, braid)?;
+        let braids = daemon.braid_pids(server);
+        let idle: Vec<u64> = braids
             .iter()
-            .copied()
-            .filter(|&s| wanted(s) && !(unix && s == "ublk"))
+            .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
             .collect();
-        if servers.is_empty() {
-            continue;
-        }
-        let t = if unix { "unix" } else { "tcp" };
-        eprintln!(
-            "==> over {t}: {} serving at once, each workload run against each in turn ({runtime} s per run)",
-            servers.join(", ")
-        );
-        let mut live = Vec::with_capacity(servers.len());
-        for &server in &servers {
-            let (daemon, uri) = start(server, unix, dir, braid)?;
-            let braids = daemon.braid_pids(server);
-            let idle: Vec<u64> = braids
-                .iter()
-                .map(|&(_, p)| rss::rss_kib(p).unwrap_or(0))
-                .collect();
-            live.push(Serving {
+        live.push(Serving {
+            server,
+            daemon,
+            uri,
+            braids,
+            idle,
+        });
+    }
+    let sampler = rss::PeakSampler::start(
+        live.iter()
+            .flat_map(|s| s.braids.iter().map(|&(_, p)| p))
+            .collect(),
+    );
+    for (i, workload) in WORKLOADS.iter().enumerate() {
+        for k in turns(live.len(), round * WORKLOADS.len() + i) {
+            let Serving {
                 server,
                 daemon,
                 uri,
-                braids,
-                idle,
-            });
-        }
-        let sampler = rss::PeakSampler::start(
-            live.iter()
-                .flat_map(|s| s.braids.iter().map(|&(_, p)| p))
-                .collect(),
-        );
-        for (i, workload) in WORKLOADS.iter().enumerate() {
-            for k in turns(live.len(), round * WORKLOADS.len() + i) {
-                let Serving {
-                    server,
-                    daemon,
-                    uri,
-                    ..
-                } = &live[k];
-                let report = dir.join(format!("{server}-{t}-{workload}.json"));
-                let label = format!("{server} {t} {workload}");
-                let row =
-                    fio::run_least_stolen(workload, uri, daemon.pid(), runtime, &report, &label)?;
-                eprintln!(
-                    "{server:<10} {t:<4} {workload:<22} {:>10.0} IOPS {:>9.1} MiB/s  mean {:>8.1} µs  p99 {:>8.1} µs  cpu fio {:>4.0}% server {:>4.0}%  steal {:>3.0}%",
-                    row.iops, row.mib, row.lat, row.p99, row.cli, row.srv, row.steal
-                );
-                results
-                    .rows
-                    .entry((unix, server.to_string()))
-                    .or_default()
-                    .insert(workload.to_string(), row);
-            }
-        }
-        if pairs > 0 {
-            run_pairs(&mut results, &live, unix, pairs, runtime, dir)?;
-            if unix {
-                run_client_pairs(&mut results, &live, pairs, runtime, dir)?;
-            }
-        }
-        let mut peaks = sampler.finish().into_iter();
-        for s in &live {
-            for ((process, _), &idle_kib) in s.braids.iter().zip(&s.idle) {
-                results.memory.push(Memory {
-                    column: s.server.to_string(),
-                    transport: t,
-                    process: process.clone(),
-                    idle_kib,
-                    peak_kib: peaks.next().unwrap_or(0),
-                });
-            }
+                ..
+            } = &live[k];
+            let report = dir.join(format!("{server}-{t}-{workload}.json"));
+            let label = format!("{server} {t} {workload}");
+            let row = fio::run_least_stolen(workload, uri, daemon.pid(), runtime, &report, &label)?;
+            eprintln!(
+                "{server:<10} {t:<4} {workload:<22} {:>10.0} IOPS {:>9.1} MiB/s  mean {:>8.1} µs  p99 {:>8.1} µs  cpu fio {:>4.0}% server {:>4.0}%  steal {:>3.0}%",
+                row.iops, row.mib, row.lat, row.p99, row.cli, row.srv, row.steal
+            );
+            results
+                .rows
+                .entry((unix, server.to_string()))
+                .or_default()
+                .insert(workload.to_string(), row);
         }
     }
-    Ok(results)
+    if pairs > 0 {
+        run_pairs(results, &live, unix, pairs, runtime, dir)?;
+        if unix {
+            run_client_pairs(results, &live, pairs, runtime, dir)?;
+        }
+    }
+    let mut peaks = sampler.finish().into_iter();
+    for s in &live {
+        for ((process, _), &idle_kib) in s.braids.iter().zip(&s.idle) {
+            results.memory.push(Memory {
+                column: s.server.to_string(),
+                transport: t,
+                process: process.clone(),
+                idle_kib,
+                peak_kib: peaks.next().unwrap_or(0),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Runs braid and this round's best peer back to back `count` times per
