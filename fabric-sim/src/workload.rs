@@ -108,34 +108,15 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
     let mut out = Outcome::default();
     let start = tokio::time::Instant::now();
     while tokio::time::Instant::now() < until {
-        let n = 1 + rng.below(4).min(count - 1);
-        let at = rng.below(count - n + 1);
+        let Drawn {
+            io,
+            at,
+            n,
+            roll,
+            effect,
+        } = Drawn::next(&mut rng, first, count, &mut next_generation);
         let (offset, len) = ((first + at) * BLOCK, (n * BLOCK) as u32);
         let touches_bad = (first + at..first + at + n).any(|b| bad.contains(&b));
-        let roll = rng.below(100);
-        let (io, effect) = match roll {
-            0..=39 => (IoRequest::read(offset, len), None),
-            40..=74 => {
-                let generation = next_generation;
-                next_generation += 1;
-                // A write's content is generation-stamped per block.
-                let mut data = Vec::with_capacity(len as usize);
-                for b in 0..n {
-                    data.extend(content(first + at + b, generation, 1));
-                }
-                let fua = rng.chance(0.2);
-                (
-                    IoRequest::write(offset, Bytes::from(data), fua),
-                    Some(generation),
-                )
-            }
-            75..=84 => (IoRequest::flush(), None),
-            85..=92 => (IoRequest::trim(offset, len), Some(0)),
-            _ => (
-                IoRequest::write_zeroes(offset, len, rng.chance(0.3)),
-                Some(0),
-            ),
-        };
         let op = io.op;
         let expect_error = touches_bad && !(75..=84).contains(&roll);
         let began = tokio::time::Instant::now();
@@ -157,21 +138,8 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
                         model[(at + b) as usize] = vec![generation];
                     }
                 } else if roll < 40 && !touches_bad {
-                    for b in 0..n {
-                        let may = &mut model[(at + b) as usize];
-                        let got = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
-                        match may
-                            .iter()
-                            .find(|g| got == &content(first + at + b, **g, 1)[..])
-                        {
-                            // Seen: the other candidates were overwritten.
-                            Some(&seen) => *may = vec![seen],
-                            None => out.violations.push(format!(
-                                "worker {id}: block {} read back something other than generation {:?}",
-                                first + at + b,
-                                may
-                            )),
-                        }
+                    for wrong in read_back(&mut model, first, (at, n), &data) {
+                        out.violations.push(format!("worker {id}: {wrong}"));
                     }
                     out.trace = mix(out.trace, data.iter().map(|x| u64::from(*x)).sum());
                 }
@@ -201,6 +169,79 @@ pub(crate) async fn worker(client: Client, plan: Plan) -> Outcome {
         }
     }
     out
+}
+
+/// A private worker's next IO: `n` blocks at `at` in its range, the
+/// roll that chose the op, and the generation a mutation leaves there
+/// (0 for zeroes; none for a read or a FLUSH).
+struct Drawn {
+    io: IoRequest,
+    at: u64,
+    n: u64,
+    roll: u64,
+    effect: Option<u64>,
+}
+
+impl Drawn {
+    fn next(rng: &mut SplitMix64, first: u64, count: u64, next_generation: &mut u64) -> Drawn {
+        let n = 1 + rng.below(4).min(count - 1);
+        let at = rng.below(count - n + 1);
+        let (offset, len) = ((first + at) * BLOCK, (n * BLOCK) as u32);
+        let roll = rng.below(100);
+        let (io, effect) = match roll {
+            0..=39 => (IoRequest::read(offset, len), None),
+            40..=74 => {
+                let generation = *next_generation;
+                *next_generation += 1;
+                // A write's content is generation-stamped per block.
+                let mut data = Vec::with_capacity(len as usize);
+                for b in 0..n {
+                    data.extend(content(first + at + b, generation, 1));
+                }
+                let fua = rng.chance(0.2);
+                (
+                    IoRequest::write(offset, Bytes::from(data), fua),
+                    Some(generation),
+                )
+            }
+            75..=84 => (IoRequest::flush(), None),
+            85..=92 => (IoRequest::trim(offset, len), Some(0)),
+            _ => (
+                IoRequest::write_zeroes(offset, len, rng.chance(0.3)),
+                Some(0),
+            ),
+        };
+        Drawn {
+            io,
+            at,
+            n,
+            roll,
+            effect,
+        }
+    }
+}
+
+/// Checks what a read of blocks `at..at + n` of the range from `first`
+/// gave against the generations each may hold, and pins those it saw;
+/// says which blocks held none of them.
+fn read_back(model: &mut [Vec<u64>], first: u64, (at, n): (u64, u64), data: &[u8]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for b in 0..n {
+        let may = &mut model[(at + b) as usize];
+        let got = &data[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+        match may
+            .iter()
+            .find(|g| got == &content(first + at + b, **g, 1)[..])
+        {
+            // Seen: the other candidates were overwritten.
+            Some(&seen) => *may = vec![seen],
+            None => wrong.push(format!(
+                "block {} read back something other than generation {may:?}",
+                first + at + b,
+            )),
+        }
+    }
+    wrong
 }
 
 /// A mutation of blocks `at..at + n` failed: they may hold its content too.
