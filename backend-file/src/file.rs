@@ -72,6 +72,9 @@ pub struct ExportFile {
     /// Ranges handed out of `mappings` to send from / receive into.
     mapped_reads: AtomicU64,
     mapped_writes: AtomicU64,
+    /// WRITEs copied into the mapping once received (see
+    /// [`ExportFile::try_execute_now`]).
+    mapped_copies: AtomicU64,
 }
 
 /// A fabric's read buffers, if it offered any.
@@ -103,6 +106,11 @@ fn on_memory_filesystem(file: &File) -> bool {
 /// Alignment O_DIRECT needs on every device we meet (logical block sizes
 /// are 512 or 4096).
 pub(crate) const DIRECT_ALIGN: usize = 4096;
+
+/// The smallest WRITE copied into the file's mapping rather than
+/// written (see [`ExportFile::try_execute_now`]): below it a `pwrite`
+/// costs no more than the cache check the copy needs first.
+const MAPPED_WRITE_MIN: usize = 64 << 10;
 
 /// A zeroed buffer of `len` bytes whose start is DIRECT_ALIGN-aligned, as a
 /// window into a slightly larger allocation (so it becomes `Bytes` without
@@ -177,6 +185,7 @@ impl ExportFile {
                 .then(|| Mappings::new(memory_backed && !opts.read_only)),
             mapped_reads: AtomicU64::new(0),
             mapped_writes: AtomicU64::new(0),
+            mapped_copies: AtomicU64::new(0),
         })
     }
 
@@ -377,6 +386,12 @@ impl ExportFile {
         Some(sink)
     }
 
+    /// How many WRITEs were copied into the mapping once received (see
+    /// [`ExportFile::try_execute_now`]).
+    pub fn mapped_copies(&self) -> u64 {
+        self.mapped_copies.load(Ordering::Relaxed)
+    }
+
     /// How many ranges were handed out to send READs from and to receive
     /// WRITEs into (see [`ExportFile::mapped_source`] and
     /// [`ExportFile::mapped_sink`]).
@@ -410,6 +425,16 @@ impl ExportFile {
             return None;
         }
         if self.memory_backed {
+            if let BackendOp::Write {
+                offset,
+                data,
+                fua: false,
+            } = op
+            {
+                if self.copied_into_mapping(*offset, data) {
+                    return Some(Ok(Bytes::new()));
+                }
+            }
             return Some(self.execute(op));
         }
 
@@ -454,6 +479,55 @@ impl ExportFile {
             return None;
         }
         Some(Err(result))
+    }
+
+    /// Copies a large WRITE's payload, already received and checked, into
+    /// the export's mapping instead of `pwrite`-ing it: on tmpfs or ramfs
+    /// only, and only where every page is in memory already (see
+    /// [`ExportFile::mapped_sink`]: such a copy neither waits nor
+    /// allocates). The copy skips the `pwrite` path's per-page lookups and
+    /// locks: in a C test on tmpfs, 1 MiB from a buffer in cache into a
+    /// mapping whose pages were mapped before took 96-145 µs, a `pwrite`
+    /// 246-253 µs (`process_vm_writev` into the mapping, which would leave
+    /// the copy to the kernel, 226-284). Whether it did.
+    ///
+    /// Unlike every other use of the mapping, this process writes it
+    /// itself, so a file cut short under it would end the daemon with
+    /// SIGBUS where a system call returns EFAULT. A writable export is
+    /// never `shared`: braid holds its file's lock (`lock.rs`), so only a
+    /// process that ignores the lock could cut it short, in the moment
+    /// between the check of its pages here and the copy.
+    fn copied_into_mapping(&self, offset: u64, data: &[u8]) -> bool {
+        if data.len() < MAPPED_WRITE_MIN {
+            return false;
+        }
+        let Ok(len) = u32::try_from(data.len()) else {
+            return false;
+        };
+        // Writable only where WRITEs may go into it (tmpfs or ramfs).
+        let Some(sink) = self
+            .mapped_if_cached(offset, len)
+            .and_then(|range| MappedSink::new(range, Box::new(|| ())))
+        else {
+            return false;
+        };
+        self.changing_range(offset, u64::from(len));
+        // SAFETY: the range lies in a writable shared mapping of the file
+        // that stays mapped while `sink` holds its window, and is `len`
+        // bytes long; every page is in memory, so the copy cannot fault on
+        // a page to allocate (which would SIGBUS on a full tmpfs). Other
+        // writers of the same bytes (an overlapping WRITE in flight) leave
+        // them undefined, as a block device does.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), sink.addr(), data.len()) };
+        self.changing_range(offset, u64::from(len));
+        self.mapped_copies.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn changing_range(&self, offset: u64, len: u64) {
+        if let Some(crcs) = &self.crcs {
+            crcs.changing(offset, len);
+        }
     }
 
     /// The payload checksum of `len` bytes from `offset`, for a reply that
@@ -892,6 +966,12 @@ impl FileBackend {
             .iter()
             .map(ExportFile::mapped_transfers)
             .fold((0, 0), |(r, w), (er, ew)| (r + er, w + ew))
+    }
+
+    /// WRITEs copied into the exports' mappings once received, over every
+    /// export.
+    pub fn mapped_copies(&self) -> u64 {
+        self.exports.iter().map(ExportFile::mapped_copies).sum()
     }
 
     /// The exports.
@@ -1486,6 +1566,46 @@ mod tests {
         let new_crc = f.payload_crc(0, 2 << 20).unwrap();
         assert_ne!(new_crc, old_crc);
         assert_eq!(new_crc, fresh.finish(), "no checksum outlived the write");
+    }
+
+    #[test]
+    fn a_large_write_on_tmpfs_is_copied_into_the_mapping_and_drops_kept_checksums() {
+        let Some((_dir, f)) = tmpfs_export() else {
+            return; // no tmpfs here, or a kernel before cachestat
+        };
+        let write = |offset: u64, data: Vec<u8>| {
+            f.try_execute_now(&BackendOp::Write {
+                offset,
+                data: Bytes::from(data),
+                fua: false,
+            })
+            .expect("tmpfs never waits")
+            .unwrap();
+        };
+        // Pages not yet in memory are written, not copied: a fault on one
+        // would allocate it.
+        write(0, vec![7; 2 << 20]);
+        assert_eq!(f.mapped_copies(), 0, "a hole is written");
+        let old_crc = f.payload_crc(0, 2 << 20).unwrap();
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        write(1 << 20, data.clone());
+        assert_eq!(f.mapped_copies(), 1, "cached pages take the copy");
+        write(0, vec![9; (64 << 10) - 512]);
+        assert_eq!(f.mapped_copies(), 1, "a small WRITE is written");
+        let back = f
+            .execute(&BackendOp::Read {
+                offset: 1 << 20,
+                len: 1 << 20,
+            })
+            .unwrap();
+        assert!(back == data, "the bytes copied are the file's");
+        let mut fresh = braid_core::wire::PayloadCrc::new();
+        fresh.update(&[9; (64 << 10) - 512]);
+        fresh.update(&[7; (1 << 20) - (64 << 10) + 512]);
+        fresh.update(&data);
+        let new_crc = f.payload_crc(0, 2 << 20).unwrap();
+        assert_ne!(new_crc, old_crc);
+        assert_eq!(new_crc, fresh.finish(), "no checksum outlived the copy");
     }
 
     #[test]

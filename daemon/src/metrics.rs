@@ -177,6 +177,7 @@ impl Collector for ServerMetrics {
             ("braid_server_io_uring_ops", "Backend operations started on io_uring rather than a pool thread.", self.backend.0.ops_on_io_uring()),
             ("braid_server_nbd_reads_mapped", "NBD READs sent to the socket from the export file's mapping (one copy).", self.backend.0.mapped_transfers().0),
             ("braid_server_nbd_writes_mapped", "NBD WRITEs received from the socket into the export file's mapping (one copy).", self.backend.0.mapped_transfers().1),
+            ("braid_server_writes_copied_to_mapping", "WRITEs received into a buffer, then copied into the export file's mapping rather than written (tmpfs, 64 KiB or more).", self.backend.0.mapped_copies()),
             ("braid_server_overload_dropped", "Requests dropped because their session had twice max_inflight executing (the client resends them).", st.overload_dropped),
         ] {
             out.counter(name, help, v)?;

@@ -108,6 +108,7 @@ fn document(
         "checksums_reused": backend.checksums_reused(),
         "nbd_reads_mapped": mapped_reads,
         "nbd_writes_mapped": mapped_writes,
+        "writes_copied_to_mapping": backend.mapped_copies(),
         // Per NBD thread, in order; null without --nbd.
         "nbd_connections": nbd.map(Placement::connections),
         "tuning": crate::tuning::server_json(&s.tuning),
@@ -201,6 +202,10 @@ fn print_counters(v: &serde_json::Value) {
         (
             "NBD WRITEs received into the file's mapping",
             "nbd_writes_mapped",
+        ),
+        (
+            "WRITEs copied into the file's mapping",
+            "writes_copied_to_mapping",
         ),
         ("backend operations running", "backend_inflight"),
         ("resent requests answered from cache", "recorded_replies"),
