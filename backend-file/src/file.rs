@@ -1509,7 +1509,7 @@ mod tests {
     }
 
     /// Has the kernel receive `data` into `sink` from a socket, as the NBD
-    /// face does: this process never writes the mapping itself.
+    /// face does: there the kernel, not this process, writes the mapping.
     fn receive_into(sink: &MappedSink, data: &[u8]) {
         use std::io::Write;
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();

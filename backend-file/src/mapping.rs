@@ -36,8 +36,10 @@ struct Window {
 }
 
 // SAFETY: the window is a shared mapping that only the kernel reads and
-// writes (see `MappedRange` and `MappedSink`); its address can move
-// between threads.
+// writes (see `MappedRange` and `MappedSink`), but for the copies of
+// `ExportFile::copied_into_mapping` (what overlapping WRITEs in flight
+// leave there is undefined, as on any block device); its address can
+// move between threads.
 unsafe impl Send for Window {}
 // SAFETY: as above; nothing in it changes after it is made.
 unsafe impl Sync for Window {}

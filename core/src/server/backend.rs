@@ -192,8 +192,10 @@ impl MappedRange {
 /// receive a WRITE's payload into (see [`Backend::mapped_sink`]). Like
 /// [`MappedRange`] it hands out an address, never a slice: a file shrunk
 /// behind the server's back fails the receive with EFAULT where a write
-/// from user space would raise SIGBUS. Dropping it tells the backend the
-/// range has finished changing.
+/// from user space would raise SIGBUS. (The file backend takes that risk
+/// in one place, for an export whose file it holds locked: its copy of a
+/// checked protocol WRITE into tmpfs, `ExportFile::copied_into_mapping`.)
+/// Dropping it tells the backend the range has finished changing.
 pub struct MappedSink {
     range: MappedRange,
     finished: Option<Box<dyn FnOnce() + Send + Sync>>,
