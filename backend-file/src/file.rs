@@ -550,10 +550,9 @@ impl ExportFile {
     /// Call before and after `op` changes the file: checksums kept of its
     /// range go.
     pub(crate) fn changing(&self, op: &BackendOp) {
-        let (Some(crcs), Some((offset, len))) = (&self.crcs, changed_range(op)) else {
-            return;
-        };
-        crcs.changing(offset, len);
+        if let Some((offset, len)) = changed_range(op) {
+            self.changing_range(offset, len);
+        }
     }
 
     /// Performs one operation.
