@@ -1,6 +1,7 @@
 use crate::block_crcs::BlockCrcs;
 use crate::lock::{lock, LockMode};
 use crate::mapping::Mappings;
+use crate::streaming_copy::copy_streaming;
 use braid_core::server::{
     Backend, BackendOp, Extent, IoQueue, MappedRange, MappedSink, SpliceSource,
 };
@@ -489,7 +490,9 @@ impl ExportFile {
     /// locks: in a C test on tmpfs, 1 MiB from a buffer in cache into a
     /// mapping whose pages were mapped before took 96-145 µs, a `pwrite`
     /// 246-253 µs (`process_vm_writev` into the mapping, which would leave
-    /// the copy to the kernel, 226-284). Whether it did.
+    /// the copy to the kernel, 226-284). Its stores bypass the cache
+    /// ([`copy_streaming`]): the destination is seldom in it, and is not
+    /// read again soon. Whether it did.
     ///
     /// Unlike every other use of the mapping, this process writes it
     /// itself, so a file cut short under it would end the daemon with
@@ -518,7 +521,7 @@ impl ExportFile {
         // a page to allocate (which would SIGBUS on a full tmpfs). Other
         // writers of the same bytes (an overlapping WRITE in flight) leave
         // them undefined, as a block device does.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), sink.addr(), data.len()) };
+        unsafe { copy_streaming(sink.addr(), data) };
         self.changing_range(offset, u64::from(len));
         self.mapped_copies.fetch_add(1, Ordering::Relaxed);
         true

@@ -22,5 +22,6 @@ mod file;
 pub mod lock;
 mod mapping;
 mod queue;
+mod streaming_copy;
 
 pub use file::{ExportFile, FileBackend, IoEngine, OpenOptions};
